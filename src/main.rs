@@ -1,1 +1,164 @@
-fn main(){}
+//! The `dsc` command line: argument parsing, calling the crates, printing. No logic of its
+//! own lives here beyond choosing what to print and the exit code.
+
+mod cli;
+
+use clap::Parser;
+use cli::{Cli, Command, EmitStage, ErrorFormat, InfoFormat, SpecArgs};
+use dsc_lang::diagnostics::{render_json, render_text, Code, Diagnostic};
+use dsc_lang::{Loaded, Spec};
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match &cli.command {
+        Command::Check { spec } => check(&cli, spec),
+        Command::Fmt { spec, check } => fmt(&cli, spec, *check),
+        Command::Info { spec, format } => info(&cli, spec, *format),
+        Command::Compile { spec, emit, output } => compile(&cli, spec, *emit, output.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads and checks a spec, printing its diagnostics; `None` if it has errors.
+fn load(cli: &Cli, args: &SpecArgs) -> Option<(Loaded, Spec)> {
+    tracing::debug!(file = %args.file.display(), overrides = args.set.len(), "loading spec");
+    let mut loaded = dsc_lang::load(&args.file, &args.set);
+    if let Some(spec) = loaded.checked_spec() {
+        let warning = memory_warnings(spec);
+        loaded.diagnostics.extend(warning);
+    }
+    report(cli, &loaded);
+    let spec = loaded.checked_spec()?.clone();
+    Some((loaded, spec))
+}
+
+/// One warning naming the pipeline ranks whose estimated memory exceeds the GPU's.
+fn memory_warnings(spec: &Spec) -> Option<Diagnostic> {
+    let info = dsc_compiler::estimate::info(spec);
+    let over: Vec<_> = info.memory.iter().filter(|rank| !rank.fits).collect();
+    let worst = over.iter().map(|rank| rank.bytes).max()?;
+    let ranks: Vec<String> = over.iter().map(|rank| rank.stage.to_string()).collect();
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    Some(
+        Diagnostic::warning(
+            Code::Memory,
+            format!(
+                "pipeline rank{} {} need{} up to {:.1} GiB, more than the {:.1} GiB of one {}",
+                if ranks.len() == 1 { "" } else { "s" },
+                ranks.join(", "),
+                if ranks.len() == 1 { "s" } else { "" },
+                gib(worst),
+                gib(spec.parallel.gpu.memory_bytes),
+                spec.parallel.gpu.name
+            ),
+        )
+        .with_help(
+            "`dsc info` shows the breakdown; recompute more, lower micro_batch or use more stages",
+        ),
+    )
+}
+
+fn report(cli: &Cli, loaded: &Loaded) {
+    if loaded.diagnostics.is_empty() {
+        return;
+    }
+    let text = match cli.error_format {
+        ErrorFormat::Json => render_json(&loaded.sources, &loaded.diagnostics),
+        ErrorFormat::Human => render_text(
+            &loaded.sources,
+            &loaded.diagnostics,
+            cli.color.enabled(std::io::stderr().is_terminal()),
+        ),
+    };
+    eprint!("{text}");
+    if cli.error_format == ErrorFormat::Human {
+        let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();
+        if errors > 0 {
+            let plural = if errors == 1 { "" } else { "s" };
+            eprintln!("error: {errors} error{plural} in the spec");
+        }
+    }
+}
+
+fn check(cli: &Cli, args: &SpecArgs) -> anyhow::Result<ExitCode> {
+    let Some((_, spec)) = load(cli, args) else {
+        return Ok(ExitCode::FAILURE);
+    };
+    eprintln!(
+        "{}: `{}` is consistent",
+        args.file.display(),
+        spec.model.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fmt(cli: &Cli, args: &SpecArgs, check_only: bool) -> anyhow::Result<ExitCode> {
+    let loaded = dsc_lang::load(&args.file, &args.set);
+    let Some(tree) = loaded.syntax.as_ref().filter(|_| {
+        !loaded
+            .diagnostics
+            .iter()
+            .any(|d| d.code == Code::Syntax || d.code == Code::Input)
+    }) else {
+        report(cli, &loaded);
+        return Ok(ExitCode::FAILURE);
+    };
+    let source = loaded.sources.text(0);
+    let formatted = dsc_lang::format::format_file(tree, source);
+    if check_only {
+        if formatted != source {
+            eprintln!(
+                "{} is not formatted: run `dsc fmt {0}`",
+                args.file.display()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::io::stdout().write_all(formatted.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(cli: &Cli, args: &SpecArgs, format: InfoFormat) -> anyhow::Result<ExitCode> {
+    let Some((_, spec)) = load(cli, args) else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let info = dsc_compiler::estimate::info(&spec);
+    match format {
+        InfoFormat::Text => print!("{info}"),
+        InfoFormat::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compile(
+    cli: &Cli,
+    args: &SpecArgs,
+    emit: EmitStage,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let Some((_, spec)) = load(cli, args) else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let text = match emit {
+        EmitStage::Spec => serde_json::to_string_pretty(&spec)? + "\n",
+    };
+    match output {
+        Some(path) => std::fs::write(path, text)
+            .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -90,7 +90,9 @@ impl LayerRange {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Ffn {
     /// SwiGLU MLP.
-    Dense { intermediate: u64 },
+    Dense {
+        intermediate: u64,
+    },
     Moe(Moe),
 }
 
@@ -146,7 +148,10 @@ pub struct Change {
 
 impl Schedule {
     pub fn constant(value: f64) -> Self {
-        Schedule { first: value, changes: Vec::new() }
+        Schedule {
+            first: value,
+            changes: Vec::new(),
+        }
     }
 }
 
@@ -177,12 +182,72 @@ pub struct Train {
     pub extend: Vec<ExtendPhase>,
 }
 
+impl Train {
+    /// Global batch in sequences once `tokens` have been seen (a ramp is linear in tokens).
+    pub fn batch_at(&self, tokens: f64) -> f64 {
+        match self.batch {
+            Batch::Constant { sequences } => sequences as f64,
+            Batch::Ramp {
+                from,
+                to,
+                over_tokens,
+            } => {
+                let done = (tokens / over_tokens.max(1) as f64).clamp(0.0, 1.0);
+                from as f64 + (to as f64 - from as f64) * done
+            }
+        }
+    }
+
+    /// Tokens seen after `steps` optimizer steps, following the batch ramp (in closed form:
+    /// during a ramp d(tokens)/d(step) = seq_len · batch(tokens), an exponential).
+    pub fn tokens_at_step(&self, steps: f64) -> f64 {
+        let seq = self.seq_len as f64;
+        match self.batch {
+            Batch::Constant { sequences } => steps * sequences as f64 * seq,
+            Batch::Ramp {
+                from,
+                to,
+                over_tokens,
+            } => {
+                let (from, to, over) = (from as f64, to as f64, over_tokens as f64);
+                let k = (to - from) / over;
+                let ramp_steps = if k == 0.0 {
+                    over / (from * seq)
+                } else {
+                    (to / from).ln() / (k * seq)
+                };
+                if steps >= ramp_steps {
+                    over + (steps - ramp_steps) * to * seq
+                } else if k == 0.0 {
+                    steps * from * seq
+                } else {
+                    from / k * ((k * seq * steps).exp() - 1.0)
+                }
+            }
+        }
+    }
+
+    /// A schedule position in tokens.
+    pub fn tokens_at(&self, position: Position) -> f64 {
+        match position {
+            Position::Tokens(t) => t as f64,
+            Position::Steps(s) => self.tokens_at_step(s as f64),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Batch {
-    Constant { sequences: u64 },
+    Constant {
+        sequences: u64,
+    },
     /// Linear ramp in tokens seen, from `from` to `to` sequences over `over_tokens`.
-    Ramp { from: u64, to: u64, over_tokens: u64 },
+    Ramp {
+        from: u64,
+        to: u64,
+        over_tokens: u64,
+    },
 }
 
 impl Batch {
