@@ -594,8 +594,8 @@ impl Checker<'_> {
                 .with_label(
                     self.at("train.micro_batch"),
                     format!(
-                        "{} data-parallel ranks × micro-batches of {}",
-                        par.data.size, t.micro_batch
+                        "{} × micro-batches of {}",
+                        counted(par.data.size, "data-parallel rank", "data-parallel ranks"), t.micro_batch
                     ),
                 )
                 .with_help(format!(
@@ -607,8 +607,8 @@ impl Checker<'_> {
             let micro_batches = batch / per_step;
             let stages = par.pipeline.stages;
             if stages > 1 && micro_batches < stages {
-                let d = Diagnostic::error(Code::Pipeline, format!("{micro_batches} micro-batches per step cannot fill {stages} pipeline stages"))
-                    .with_label(self.at(path), format!("{micro_batches} micro-batches per rank"))
+                let d = Diagnostic::error(Code::Pipeline, format!("{} per step cannot fill {stages} pipeline stages", counted(micro_batches, "micro-batch", "micro-batches")))
+                    .with_label(self.at(path), format!("{} per rank", counted(micro_batches, "micro-batch", "micro-batches")))
                     .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
                     .with_help("raise the batch, lower `micro_batch`, or use fewer stages");
                 self.push(d);
@@ -708,13 +708,13 @@ impl Checker<'_> {
             }
         }
         if pr.gemm == Dtype::E4m3 {
-            for (name, k) in self.gemm_inner_dims() {
-                if !k.is_multiple_of(tile_cols) {
-                    let d = Diagnostic::error(Code::Dimensions, format!("{name} ({k}) is not a multiple of the FP8 tile width {tile_cols}"))
-                        .with_label(self.at("precision.activation_tile"), "tile width")
-                        .with_help("FP8 GEMMs scale each tile of K separately: choose a tile width that divides every GEMM's input size");
-                    self.push(d);
-                }
+            let misfits: Vec<String> =
+                self.gemm_inner_dims().into_iter().filter(|(_, k)| !k.is_multiple_of(tile_cols)).map(|(name, k)| format!("{name} ({k})")).collect();
+            if !misfits.is_empty() {
+                let d = Diagnostic::error(Code::Dimensions, format!("the FP8 tile width {tile_cols} does not divide every GEMM's input size"))
+                    .with_label(self.at("precision.activation_tile"), format!("does not divide {}", misfits.join(", ")))
+                    .with_help("FP8 GEMMs scale each tile of K separately: choose a tile width that divides every GEMM's input size");
+                self.push(d);
             }
         }
         for (path, dtype) in [
@@ -775,8 +775,8 @@ impl Checker<'_> {
             let d = Diagnostic::error(Code::GpuCount, format!("{pp} pipeline stages × {dp} data-parallel ranks = {} GPUs, but the plan has {gpus}", pp * dp))
                 .with_label(self.at("parallel.data.size"), format!("data-parallel size {dp}"))
                 .with_label(self.at("parallel.pipeline"), format!("{pp} stages"))
-                .with_label(self.at("parallel.nodes"), format!("{} nodes × {} GPUs", par.nodes, par.gpus_per_node))
-                .with_help(if gpus.is_multiple_of(pp) { format!("set `data = {{ size = {} }}`", gpus / pp) } else { format!("the stages must divide the {gpus} GPUs") });
+                .with_label(self.at("parallel.nodes"), format!("{} × {} GPUs", counted(par.nodes, "node", "nodes"), par.gpus_per_node))
+                .with_help(if gpus.is_multiple_of(pp) { format!("set `data {{ size = {} }}`", gpus / pp) } else { format!("the stages must divide the {gpus} GPUs") });
             self.push(d);
         }
         if par.pipeline.schedule == PipelineSchedule::Dualpipe && !pp.is_multiple_of(2) {
@@ -875,9 +875,9 @@ impl Checker<'_> {
             };
             if reach > par.expert.max_nodes {
                 let help = if aligned {
-                    format!("keep at most {} groups", par.expert.max_nodes)
+                    format!("set `keep_groups = {}` or raise `max_nodes`", par.expert.max_nodes)
                 } else {
-                    format!("make `groups` a multiple of the {ep_nodes} nodes the experts span, and keep at most {} groups", par.expert.max_nodes)
+                    format!("make `groups` a multiple of the {ep_nodes} nodes the experts span, and set `keep_groups` to at most {}", par.expert.max_nodes)
                 };
                 let d = Diagnostic::error(
                     Code::NodeLimit,
@@ -1040,6 +1040,11 @@ impl Checker<'_> {
             );
         }
     }
+}
+
+/// `1 node`, `2 nodes`.
+fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// A token count for messages: `14.8T`, `469B`, `2.1M`.

@@ -82,6 +82,11 @@ pub struct RangeLit {
 /// rephrased.
 pub fn parse_file(file: FileId, src: &str) -> Result<Block, Diagnostic> {
     precheck(file, src)?;
+    if src.trim().is_empty() {
+        return Err(Diagnostic::error(Code::Input, "the spec is empty")
+            .with_label(Span::new(file, 0, 0), "nothing here")
+            .with_help("a spec has the sections model, train, precision and parallel; models/deepseek-v3-tiny.dsc is a complete example"));
+    }
     let mut pairs = Grammar::parse(Rule::file, src).map_err(|e| syntax_error(file, src, e))?;
     let file_pair = pairs.next().expect("grammar: file");
     let span = Span::new(file, 0, src.len());
@@ -291,6 +296,9 @@ fn syntax_error(file: FileId, src: &str, e: pest::error::Error<Rule>) -> Diagnos
     if src[..pos].matches('{').count() > src[..pos].matches('}').count() && found == "end of file" {
         d = d.with_help("a block is not closed: add the missing `}`");
     }
+    if found == "`=`" {
+        d = d.with_help("is the value of the key before this one missing?");
+    }
     d
 }
 
@@ -308,7 +316,6 @@ fn describe(rule: Rule) -> Option<&'static str> {
         | Rule::name => "a value",
         Rule::EOI => "end of file",
         Rule::unit => "a unit",
-        Rule::change => "`until`",
         _ => return None,
     })
 }

@@ -224,11 +224,15 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// The first entry for `key`; later ones were reported as duplicates and count as used.
     fn find(&mut self, key: &'static str) -> Option<&'a Entry> {
         self.known.push(key);
-        let i = self.block.entries.iter().position(|e| e.key.name == key)?;
-        self.used[i] = true;
-        Some(&self.block.entries[i])
+        let mut first = None;
+        for (i, e) in self.block.entries.iter().enumerate().filter(|(_, e)| e.key.name == key) {
+            self.used[i] = true;
+            first.get_or_insert(e);
+        }
+        first
     }
 
     /// A required key.
