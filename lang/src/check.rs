@@ -595,7 +595,8 @@ impl Checker<'_> {
                     self.at("train.micro_batch"),
                     format!(
                         "{} × micro-batches of {}",
-                        counted(par.data.size, "data-parallel rank", "data-parallel ranks"), t.micro_batch
+                        counted(par.data.size, "data-parallel rank", "data-parallel ranks"),
+                        t.micro_batch
                     ),
                 )
                 .with_help(format!(
@@ -607,10 +608,22 @@ impl Checker<'_> {
             let micro_batches = batch / per_step;
             let stages = par.pipeline.stages;
             if stages > 1 && micro_batches < stages {
-                let d = Diagnostic::error(Code::Pipeline, format!("{} per step cannot fill {stages} pipeline stages", counted(micro_batches, "micro-batch", "micro-batches")))
-                    .with_label(self.at(path), format!("{} per rank", counted(micro_batches, "micro-batch", "micro-batches")))
-                    .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
-                    .with_help("raise the batch, lower `micro_batch`, or use fewer stages");
+                let d = Diagnostic::error(
+                    Code::Pipeline,
+                    format!(
+                        "{} per step cannot fill {stages} pipeline stages",
+                        counted(micro_batches, "micro-batch", "micro-batches")
+                    ),
+                )
+                .with_label(
+                    self.at(path),
+                    format!(
+                        "{} per rank",
+                        counted(micro_batches, "micro-batch", "micro-batches")
+                    ),
+                )
+                .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
+                .with_help("raise the batch, lower `micro_batch`, or use fewer stages");
                 self.push(d);
             } else if par.pipeline.schedule == PipelineSchedule::Dualpipe
                 && !micro_batches.is_multiple_of(2)
@@ -708,8 +721,12 @@ impl Checker<'_> {
             }
         }
         if pr.gemm == Dtype::E4m3 {
-            let misfits: Vec<String> =
-                self.gemm_inner_dims().into_iter().filter(|(_, k)| !k.is_multiple_of(tile_cols)).map(|(name, k)| format!("{name} ({k})")).collect();
+            let misfits: Vec<String> = self
+                .gemm_inner_dims()
+                .into_iter()
+                .filter(|(_, k)| !k.is_multiple_of(tile_cols))
+                .map(|(name, k)| format!("{name} ({k})"))
+                .collect();
             if !misfits.is_empty() {
                 let d = Diagnostic::error(Code::Dimensions, format!("the FP8 tile width {tile_cols} does not divide every GEMM's input size"))
                     .with_label(self.at("precision.activation_tile"), format!("does not divide {}", misfits.join(", ")))
@@ -875,7 +892,10 @@ impl Checker<'_> {
             };
             if reach > par.expert.max_nodes {
                 let help = if aligned {
-                    format!("set `keep_groups = {}` or raise `max_nodes`", par.expert.max_nodes)
+                    format!(
+                        "set `keep_groups = {}` or raise `max_nodes`",
+                        par.expert.max_nodes
+                    )
                 } else {
                     format!("make `groups` a multiple of the {ep_nodes} nodes the experts span, and set `keep_groups` to at most {}", par.expert.max_nodes)
                 };

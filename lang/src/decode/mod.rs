@@ -228,7 +228,13 @@ impl<'a> Fields<'a> {
     fn find(&mut self, key: &'static str) -> Option<&'a Entry> {
         self.known.push(key);
         let mut first = None;
-        for (i, e) in self.block.entries.iter().enumerate().filter(|(_, e)| e.key.name == key) {
+        for (i, e) in self
+            .block
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.key.name == key)
+        {
             self.used[i] = true;
             first.get_or_insert(e);
         }

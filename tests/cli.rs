@@ -1,0 +1,240 @@
+//! The `dsc` command line end to end: snapshots of every printed stage for the shipped
+//! models, the `dsc info` JSON contract, formatting round trips, overrides, and hostile
+//! input (empty, binary, huge, a directory, a missing file), which must give a located
+//! error and exit code 1, never a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const MODELS: [&str; 3] = ["deepseek-v3", "deepseek-v3-bench", "deepseek-v3-tiny"];
+
+fn dsc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsc"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--color", "never"])
+        .args(args)
+        .output()
+        .expect("running dsc")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs dsc and insists that it succeeded.
+fn dsc_ok(args: &[&str]) -> String {
+    let o = dsc(args);
+    assert!(o.status.success(), "dsc {args:?} failed:\n{}", stderr(&o));
+    stdout(&o)
+}
+
+/// Runs dsc and insists that it rejected its input cleanly: exit 1, a coded error, no panic.
+fn dsc_rejects(args: &[&str]) -> String {
+    let o = dsc(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "dsc {args:?}:\n{err}");
+    assert!(!err.contains("panicked"), "dsc {args:?} panicked:\n{err}");
+    assert!(
+        err.contains("error[E"),
+        "dsc {args:?} gave no coded error:\n{err}"
+    );
+    err
+}
+
+fn model(name: &str) -> String {
+    format!("models/{name}.dsc")
+}
+
+#[test]
+fn shipped_models_check_cleanly() {
+    for name in MODELS {
+        let o = dsc(&["check", &model(name)]);
+        assert!(o.status.success(), "{name}:\n{}", stderr(&o));
+        assert!(!stderr(&o).contains("error"), "{name}:\n{}", stderr(&o));
+    }
+}
+
+#[test]
+fn emit_spec_snapshots() {
+    for name in MODELS {
+        insta::assert_snapshot!(
+            format!("spec-{name}"),
+            dsc_ok(&["compile", &model(name), "--emit=spec"])
+        );
+    }
+}
+
+#[test]
+fn info_snapshots() {
+    for name in MODELS {
+        insta::assert_snapshot!(format!("info-{name}"), dsc_ok(&["info", &model(name)]));
+        insta::assert_snapshot!(
+            format!("info-json-{name}"),
+            dsc_ok(&["info", &model(name), "--format", "json"])
+        );
+    }
+}
+
+fn info_json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&dsc_ok(&["info", &model(name), "--format", "json"])).expect("info JSON")
+}
+
+#[test]
+fn info_json_contract_and_deepseek_v3_size() {
+    let info = info_json("deepseek-v3");
+    let params = &info["params"];
+    // SPEC.md: 671,026,419,200 main-model parameters, about 37B activated, MTP 11.6B.
+    assert_eq!(params["total"].as_u64(), Some(671_026_419_200));
+    let activated = params["activated"].as_u64().expect("activated");
+    assert!(
+        (36_500_000_000..38_500_000_000).contains(&activated),
+        "{activated}"
+    );
+    let mtp = params["mtp"].as_u64().expect("mtp");
+    assert!((11_500_000_000..11_700_000_000).contains(&mtp), "{mtp}");
+    assert!(info["flops_per_token"].as_f64().expect("flops") > 0.0);
+    let memory = info["memory"].as_array().expect("memory");
+    assert_eq!(memory.len(), 16, "one entry per pipeline rank");
+    for (i, rank) in memory.iter().enumerate() {
+        assert_eq!(rank["stage"].as_u64(), Some(i as u64));
+        assert!(rank["bytes"].as_u64().expect("bytes") > 0);
+    }
+}
+
+#[test]
+fn formatting_is_idempotent_and_keeps_the_spec() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in MODELS {
+        // The shipped files are in canonical form.
+        dsc_ok(&["fmt", "--check", &model(name)]);
+        // Squash the layout (one entry per line, no alignment), format it back, compare.
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(model(name)))
+            .expect("model");
+        let squashed: String = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
+            .collect();
+        let squashed_path = dir.path().join(format!("{name}.dsc"));
+        std::fs::write(&squashed_path, &squashed).expect("write");
+        let squashed_path = squashed_path.to_str().expect("utf-8 path");
+        let formatted = dsc_ok(&["fmt", squashed_path]);
+        assert_eq!(
+            formatted, text,
+            "{name}: formatting the squashed file gives back the original"
+        );
+        let original = dsc_ok(&["compile", &model(name), "--emit=spec"]);
+        assert_eq!(dsc_ok(&["compile", squashed_path, "--emit=spec"]), original);
+    }
+}
+
+#[test]
+fn overrides_change_the_resolved_spec() {
+    let spec = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["compile", "models/deepseek-v3-tiny.dsc", "--emit=spec"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&dsc_ok(&all)).expect("spec JSON")
+    };
+    let s = spec(&[
+        "--set",
+        "train.seq_len=128",
+        "--set",
+        "model.ffn.1.top_k=3",
+        "--set",
+        "precision.ema={ decay = 0.99 }",
+    ]);
+    assert_eq!(s["train"]["seq_len"], 128);
+    assert_eq!(s["model"]["ffn"][1]["ffn"]["top_k"], 3);
+    assert_eq!(s["precision"]["ema"]["decay"], 0.99);
+    // An override gets the checks a value in the file gets.
+    let err = dsc_rejects(&[
+        "check",
+        "models/deepseek-v3-tiny.dsc",
+        "--set",
+        "model.ffn.1.top_k=9",
+    ]);
+    assert!(err.contains("top-9 of 8 routed experts"), "{err}");
+    let err = dsc_rejects(&[
+        "check",
+        "models/deepseek-v3-tiny.dsc",
+        "--set",
+        "model.vocab",
+    ]);
+    assert!(err.contains("has no `=`"), "{err}");
+}
+
+#[test]
+fn json_diagnostics_are_one_object_per_line() {
+    let o = dsc(&[
+        "check",
+        "tests/ui/several-mistakes.dsc",
+        "--error-format=json",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> = stderr(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let first = &lines[0];
+    assert_eq!(first["severity"], "error");
+    assert_eq!(first["code"], "E0007");
+    assert_eq!(first["file"], "tests/ui/several-mistakes.dsc");
+    assert_eq!(
+        (first["line"].as_u64(), first["column"].as_u64()),
+        (Some(5), Some(15))
+    );
+    assert!(lines
+        .iter()
+        .all(|d| d["message"].is_string() && d["labels"].is_array()));
+}
+
+#[test]
+fn hostile_inputs_are_rejected_with_located_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p.to_str().expect("utf-8 path").to_string()
+    };
+    let err = dsc_rejects(&["check", &write("empty.dsc", b"")]);
+    assert!(err.contains("the spec is empty"), "{err}");
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let err = dsc_rejects(&["check", &write("garbage.dsc", &garbage)]);
+    assert!(err.contains("not UTF-8"), "{err}");
+    let err = dsc_rejects(&["check", &write("nul.dsc", b"model {\0}")]);
+    assert!(err.contains("E0001"), "{err}");
+    let huge = "model { name = \"x\" }\n".repeat(10 * 1024 * 1024 / 21);
+    let err = dsc_rejects(&["check", &write("huge.dsc", huge.as_bytes())]);
+    assert!(err.contains("limited to"), "{err}");
+    let err = dsc_rejects(&["check", dir.path().to_str().expect("utf-8 path")]);
+    assert!(err.contains("is a directory"), "{err}");
+    let err = dsc_rejects(&["info", &dir.path().join("missing.dsc").to_string_lossy()]);
+    assert!(err.contains("cannot read"), "{err}");
+    let err = dsc_rejects(&[
+        "check",
+        &write("overflow.dsc", b"model { vocab = 184467440737095516160 }"),
+    ]);
+    assert!(err.contains("too large"), "{err}");
+}
+
+#[test]
+fn compile_writes_its_output_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("spec.json");
+    dsc_ok(&[
+        "compile",
+        "models/deepseek-v3-tiny.dsc",
+        "--emit=spec",
+        "-o",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("written")).expect("JSON");
+    assert_eq!(written["model"]["name"], "deepseek-v3-tiny");
+}
