@@ -4,11 +4,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "dsc",
-    version,
-    about = "Compile and train DeepSeek-V3-style models from one spec file"
-)]
+#[command(name = "dsc", version, about = "Compile and train DeepSeek-V3-style models from one spec file")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

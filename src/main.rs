@@ -64,9 +64,7 @@ fn memory_warnings(spec: &Spec) -> Option<Diagnostic> {
                 spec.parallel.gpu.name
             ),
         )
-        .with_help(
-            "`dsc info` shows the breakdown; recompute more, lower micro_batch or use more stages",
-        ),
+        .with_help("`dsc info` shows the breakdown; recompute more, lower micro_batch or use more stages"),
     )
 }
 
@@ -76,11 +74,9 @@ fn report(cli: &Cli, loaded: &Loaded) {
     }
     let text = match cli.error_format {
         ErrorFormat::Json => render_json(&loaded.sources, &loaded.diagnostics),
-        ErrorFormat::Human => render_text(
-            &loaded.sources,
-            &loaded.diagnostics,
-            cli.color.enabled(std::io::stderr().is_terminal()),
-        ),
+        ErrorFormat::Human => {
+            render_text(&loaded.sources, &loaded.diagnostics, cli.color.enabled(std::io::stderr().is_terminal()))
+        }
     };
     eprint!("{text}");
     if cli.error_format == ErrorFormat::Human {
@@ -96,22 +92,17 @@ fn check(cli: &Cli, args: &SpecArgs) -> anyhow::Result<ExitCode> {
     let Some((_, spec)) = load(cli, args) else {
         return Ok(ExitCode::FAILURE);
     };
-    eprintln!(
-        "{}: `{}` is consistent",
-        args.file.display(),
-        spec.model.name
-    );
+    eprintln!("{}: `{}` is consistent", args.file.display(), spec.model.name);
     Ok(ExitCode::SUCCESS)
 }
 
 fn fmt(cli: &Cli, args: &SpecArgs, check_only: bool) -> anyhow::Result<ExitCode> {
     let loaded = dsc_lang::load(&args.file, &args.set);
-    let Some(tree) = loaded.syntax.as_ref().filter(|_| {
-        !loaded
-            .diagnostics
-            .iter()
-            .any(|d| d.code == Code::Syntax || d.code == Code::Input)
-    }) else {
+    let Some(tree) = loaded
+        .syntax
+        .as_ref()
+        .filter(|_| !loaded.diagnostics.iter().any(|d| d.code == Code::Syntax || d.code == Code::Input))
+    else {
         report(cli, &loaded);
         return Ok(ExitCode::FAILURE);
     };
@@ -119,10 +110,7 @@ fn fmt(cli: &Cli, args: &SpecArgs, check_only: bool) -> anyhow::Result<ExitCode>
     let formatted = dsc_lang::format::format_file(tree, source);
     if check_only {
         if formatted != source {
-            eprintln!(
-                "{} is not formatted: run `dsc fmt {0}`",
-                args.file.display()
-            );
+            eprintln!("{} is not formatted: run `dsc fmt {0}`", args.file.display());
             return Ok(ExitCode::FAILURE);
         }
         return Ok(ExitCode::SUCCESS);
@@ -143,12 +131,7 @@ fn info(cli: &Cli, args: &SpecArgs, format: InfoFormat) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-fn compile(
-    cli: &Cli,
-    args: &SpecArgs,
-    emit: EmitStage,
-    output: Option<&std::path::Path>,
-) -> anyhow::Result<ExitCode> {
+fn compile(cli: &Cli, args: &SpecArgs, emit: EmitStage, output: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     let Some((_, spec)) = load(cli, args) else {
         return Ok(ExitCode::FAILURE);
     };
@@ -156,8 +139,9 @@ fn compile(
         EmitStage::Spec => serde_json::to_string_pretty(&spec)? + "\n",
     };
     match output {
-        Some(path) => std::fs::write(path, text)
-            .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?,
+        Some(path) => {
+            std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?
+        }
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
     Ok(ExitCode::SUCCESS)

@@ -38,10 +38,7 @@ fn dsc_rejects(args: &[&str]) -> String {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "dsc {args:?}:\n{err}");
     assert!(!err.contains("panicked"), "dsc {args:?} panicked:\n{err}");
-    assert!(
-        err.contains("error[E"),
-        "dsc {args:?} gave no coded error:\n{err}"
-    );
+    assert!(err.contains("error[E"), "dsc {args:?} gave no coded error:\n{err}");
     err
 }
 
@@ -61,10 +58,7 @@ fn shipped_models_check_cleanly() {
 #[test]
 fn emit_spec_snapshots() {
     for name in MODELS {
-        insta::assert_snapshot!(
-            format!("spec-{name}"),
-            dsc_ok(&["compile", &model(name), "--emit=spec"])
-        );
+        insta::assert_snapshot!(format!("spec-{name}"), dsc_ok(&["compile", &model(name), "--emit=spec"]));
     }
 }
 
@@ -72,10 +66,7 @@ fn emit_spec_snapshots() {
 fn info_snapshots() {
     for name in MODELS {
         insta::assert_snapshot!(format!("info-{name}"), dsc_ok(&["info", &model(name)]));
-        insta::assert_snapshot!(
-            format!("info-json-{name}"),
-            dsc_ok(&["info", &model(name), "--format", "json"])
-        );
+        insta::assert_snapshot!(format!("info-json-{name}"), dsc_ok(&["info", &model(name), "--format", "json"]));
     }
 }
 
@@ -90,10 +81,7 @@ fn info_json_contract_and_deepseek_v3_size() {
     // SPEC.md: 671,026,419,200 main-model parameters, about 37B activated, MTP 11.6B.
     assert_eq!(params["total"].as_u64(), Some(671_026_419_200));
     let activated = params["activated"].as_u64().expect("activated");
-    assert!(
-        (36_500_000_000..38_500_000_000).contains(&activated),
-        "{activated}"
-    );
+    assert!((36_500_000_000..38_500_000_000).contains(&activated), "{activated}");
     let mtp = params["mtp"].as_u64().expect("mtp");
     assert!((11_500_000_000..11_700_000_000).contains(&mtp), "{mtp}");
     assert!(info["flops_per_token"].as_f64().expect("flops") > 0.0);
@@ -112,20 +100,14 @@ fn formatting_is_idempotent_and_keeps_the_spec() {
         // The shipped files are in canonical form.
         dsc_ok(&["fmt", "--check", &model(name)]);
         // Squash the layout (one entry per line, no alignment), format it back, compare.
-        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(model(name)))
-            .expect("model");
-        let squashed: String = text
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
-            .collect();
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(model(name))).expect("model");
+        let squashed: String =
+            text.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n").collect();
         let squashed_path = dir.path().join(format!("{name}.dsc"));
         std::fs::write(&squashed_path, &squashed).expect("write");
         let squashed_path = squashed_path.to_str().expect("utf-8 path");
         let formatted = dsc_ok(&["fmt", squashed_path]);
-        assert_eq!(
-            formatted, text,
-            "{name}: formatting the squashed file gives back the original"
-        );
+        assert_eq!(formatted, text, "{name}: formatting the squashed file gives back the original");
         let original = dsc_ok(&["compile", &model(name), "--emit=spec"]);
         assert_eq!(dsc_ok(&["compile", squashed_path, "--emit=spec"]), original);
     }
@@ -150,46 +132,25 @@ fn overrides_change_the_resolved_spec() {
     assert_eq!(s["model"]["ffn"][1]["ffn"]["top_k"], 3);
     assert_eq!(s["precision"]["ema"]["decay"], 0.99);
     // An override gets the checks a value in the file gets.
-    let err = dsc_rejects(&[
-        "check",
-        "models/deepseek-v3-tiny.dsc",
-        "--set",
-        "model.ffn.1.top_k=9",
-    ]);
+    let err = dsc_rejects(&["check", "models/deepseek-v3-tiny.dsc", "--set", "model.ffn.1.top_k=9"]);
     assert!(err.contains("top-9 of 8 routed experts"), "{err}");
-    let err = dsc_rejects(&[
-        "check",
-        "models/deepseek-v3-tiny.dsc",
-        "--set",
-        "model.vocab",
-    ]);
+    let err = dsc_rejects(&["check", "models/deepseek-v3-tiny.dsc", "--set", "model.vocab"]);
     assert!(err.contains("has no `=`"), "{err}");
 }
 
 #[test]
 fn json_diagnostics_are_one_object_per_line() {
-    let o = dsc(&[
-        "check",
-        "tests/ui/several-mistakes.dsc",
-        "--error-format=json",
-    ]);
+    let o = dsc(&["check", "tests/ui/several-mistakes.dsc", "--error-format=json"]);
     assert_eq!(o.status.code(), Some(1));
-    let lines: Vec<serde_json::Value> = stderr(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
-        .collect();
+    let lines: Vec<serde_json::Value> =
+        stderr(&o).lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
     assert_eq!(lines.len(), 3);
     let first = &lines[0];
     assert_eq!(first["severity"], "error");
     assert_eq!(first["code"], "E0007");
     assert_eq!(first["file"], "tests/ui/several-mistakes.dsc");
-    assert_eq!(
-        (first["line"].as_u64(), first["column"].as_u64()),
-        (Some(5), Some(15))
-    );
-    assert!(lines
-        .iter()
-        .all(|d| d["message"].is_string() && d["labels"].is_array()));
+    assert_eq!((first["line"].as_u64(), first["column"].as_u64()), (Some(5), Some(15)));
+    assert!(lines.iter().all(|d| d["message"].is_string() && d["labels"].is_array()));
 }
 
 #[test]
@@ -202,9 +163,7 @@ fn hostile_inputs_are_rejected_with_located_errors() {
     };
     let err = dsc_rejects(&["check", &write("empty.dsc", b"")]);
     assert!(err.contains("the spec is empty"), "{err}");
-    let garbage: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let err = dsc_rejects(&["check", &write("garbage.dsc", &garbage)]);
     assert!(err.contains("not UTF-8"), "{err}");
     let err = dsc_rejects(&["check", &write("nul.dsc", b"model {\0}")]);
@@ -216,10 +175,7 @@ fn hostile_inputs_are_rejected_with_located_errors() {
     assert!(err.contains("is a directory"), "{err}");
     let err = dsc_rejects(&["info", &dir.path().join("missing.dsc").to_string_lossy()]);
     assert!(err.contains("cannot read"), "{err}");
-    let err = dsc_rejects(&[
-        "check",
-        &write("overflow.dsc", b"model { vocab = 184467440737095516160 }"),
-    ]);
+    let err = dsc_rejects(&["check", &write("overflow.dsc", b"model { vocab = 184467440737095516160 }")]);
     assert!(err.contains("too large"), "{err}");
 }
 
@@ -227,13 +183,7 @@ fn hostile_inputs_are_rejected_with_located_errors() {
 fn compile_writes_its_output_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("spec.json");
-    dsc_ok(&[
-        "compile",
-        "models/deepseek-v3-tiny.dsc",
-        "--emit=spec",
-        "-o",
-        out.to_str().expect("utf-8 path"),
-    ]);
+    dsc_ok(&["compile", "models/deepseek-v3-tiny.dsc", "--emit=spec", "-o", out.to_str().expect("utf-8 path")]);
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).expect("written")).expect("JSON");
     assert_eq!(written["model"]["name"], "deepseek-v3-tiny");

@@ -16,17 +16,11 @@ fn dsc_check(file: &Path) -> (Option<i32>, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_dsc"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["check", "--color", "never"])
-        .arg(
-            file.strip_prefix(env!("CARGO_MANIFEST_DIR"))
-                .unwrap_or(file),
-        )
+        .arg(file.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(file))
         .args(args)
         .output()
         .expect("running dsc");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 fn cases() -> Vec<PathBuf> {
@@ -62,9 +56,7 @@ fn every_mistake_gets_its_expected_diagnostics() {
         }
         let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
         if expected != stderr {
-            failures.push(format!(
-                "{name}: output differs\n--- expected\n{expected}\n--- actual\n{stderr}"
-            ));
+            failures.push(format!("{name}: output differs\n--- expected\n{expected}\n--- actual\n{stderr}"));
         }
     }
     assert!(

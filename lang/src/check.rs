@@ -9,11 +9,7 @@ use crate::spec::*;
 
 /// Every problem found in `spec` (errors and warnings).
 pub fn check(spec: &Spec, spans: &SpanMap) -> Vec<Diagnostic> {
-    let mut c = Checker {
-        spec,
-        spans,
-        out: vec![],
-    };
+    let mut c = Checker { spec, spans, out: vec![] };
     c.value_ranges();
     c.ffn_ranges();
     c.attention();
@@ -44,25 +40,14 @@ impl Checker<'_> {
             }
             match p.rfind('.') {
                 Some(i) => p = &p[..i],
-                None => {
-                    return self
-                        .spans
-                        .values()
-                        .next()
-                        .copied()
-                        .unwrap_or(Span::new(0, 0, 0))
-                }
+                None => return self.spans.values().next().copied().unwrap_or(Span::new(0, 0, 0)),
             }
         }
     }
 
     fn error(&mut self, code: Code, path: &str, message: String, label: String, help: &str) {
         let span = self.at(path);
-        self.out.push(
-            Diagnostic::error(code, message)
-                .with_label(span, label)
-                .with_help(help),
-        );
+        self.out.push(Diagnostic::error(code, message).with_label(span, label).with_help(help));
     }
 
     fn push(&mut self, d: Diagnostic) {
@@ -86,18 +71,8 @@ impl Checker<'_> {
         let s = self.spec;
         let positive = |x: f64| x > 0.0 && x.is_finite();
         let m = &s.model;
-        self.require(
-            "model.norm.eps",
-            m.norm_eps,
-            positive(m.norm_eps),
-            "greater than 0",
-        );
-        self.require(
-            "model.init.std",
-            m.init_std,
-            positive(m.init_std),
-            "greater than 0",
-        );
+        self.require("model.norm.eps", m.norm_eps, positive(m.norm_eps), "greater than 0");
+        self.require("model.init.std", m.init_std, positive(m.init_std), "greater than 0");
         self.require(
             "model.attention.rope_theta",
             m.attention.rope_theta,
@@ -130,12 +105,7 @@ impl Checker<'_> {
                     positive(moe.routed_scale),
                     "greater than 0",
                 );
-                self.require(
-                    &format!("{p}.balance_alpha"),
-                    moe.balance_alpha,
-                    moe.balance_alpha >= 0.0,
-                    "at least 0",
-                );
+                self.require(&format!("{p}.balance_alpha"), moe.balance_alpha, moe.balance_alpha >= 0.0, "at least 0");
                 self.schedule_values(&format!("{p}.bias_speed"), &moe.bias_speed);
             }
         }
@@ -144,67 +114,20 @@ impl Checker<'_> {
         }
         let t = &s.train;
         let o = &t.optimizer;
-        self.require(
-            "train.optimizer.beta1",
-            o.beta1,
-            (0.0..1.0).contains(&o.beta1),
-            "in [0, 1)",
-        );
-        self.require(
-            "train.optimizer.beta2",
-            o.beta2,
-            (0.0..1.0).contains(&o.beta2),
-            "in [0, 1)",
-        );
-        self.require(
-            "train.optimizer.eps",
-            o.eps,
-            positive(o.eps),
-            "greater than 0",
-        );
-        self.require(
-            "train.optimizer.weight_decay",
-            o.weight_decay,
-            o.weight_decay >= 0.0,
-            "at least 0",
-        );
-        self.require(
-            "train.grad_clip",
-            t.grad_clip,
-            positive(t.grad_clip),
-            "greater than 0",
-        );
+        self.require("train.optimizer.beta1", o.beta1, (0.0..1.0).contains(&o.beta1), "in [0, 1)");
+        self.require("train.optimizer.beta2", o.beta2, (0.0..1.0).contains(&o.beta2), "in [0, 1)");
+        self.require("train.optimizer.eps", o.eps, positive(o.eps), "greater than 0");
+        self.require("train.optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0.0, "at least 0");
+        self.require("train.grad_clip", t.grad_clip, positive(t.grad_clip), "greater than 0");
         for (i, p) in t.lr.iter().enumerate() {
-            let key = if p.shape == LrShape::Constant {
-                "at"
-            } else {
-                "to"
-            };
-            self.require(
-                &format!("train.lr.{i}.{key}"),
-                p.to,
-                p.to >= 0.0 && p.to.is_finite(),
-                "at least 0",
-            );
+            let key = if p.shape == LrShape::Constant { "at" } else { "to" };
+            self.require(&format!("train.lr.{i}.{key}"), p.to, p.to >= 0.0 && p.to.is_finite(), "at least 0");
         }
         for (group, scale) in &t.lr_scale {
-            let name = serde_json::to_value(group)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
-            self.require(
-                &format!("train.lr_scale.{name}"),
-                *scale,
-                *scale >= 0.0 && scale.is_finite(),
-                "at least 0",
-            );
+            let name = serde_json::to_value(group).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            self.require(&format!("train.lr_scale.{name}"), *scale, *scale >= 0.0 && scale.is_finite(), "at least 0");
         }
-        self.require(
-            "train.data.fim_rate",
-            t.data.fim_rate,
-            (0.0..=1.0).contains(&t.data.fim_rate),
-            "in [0, 1]",
-        );
+        self.require("train.data.fim_rate", t.data.fim_rate, (0.0..=1.0).contains(&t.data.fim_rate), "in [0, 1]");
         for (i, src) in t.data.sources.iter().enumerate() {
             self.require(
                 &format!("train.data.sources.{i}.weight"),
@@ -223,35 +146,16 @@ impl Checker<'_> {
             );
         }
         for (i, e) in t.extend.iter().enumerate() {
-            self.require(
-                &format!("train.extend.{i}.lr"),
-                e.lr,
-                e.lr >= 0.0 && e.lr.is_finite(),
-                "at least 0",
-            );
+            self.require(&format!("train.extend.{i}.lr"), e.lr, e.lr >= 0.0 && e.lr.is_finite(), "at least 0");
         }
         if let Some(ema) = &s.precision.ema {
-            self.require(
-                "precision.ema.decay",
-                ema.decay,
-                ema.decay > 0.0 && ema.decay < 1.0,
-                "in (0, 1)",
-            );
+            self.require("precision.ema.decay", ema.decay, ema.decay > 0.0 && ema.decay < 1.0, "in (0, 1)");
         }
     }
 
     fn schedule_values(&mut self, path: &str, schedule: &Schedule) {
-        let first = if schedule.changes.is_empty() {
-            path.to_string()
-        } else {
-            format!("{path}.first")
-        };
-        self.require(
-            &first,
-            schedule.first,
-            schedule.first >= 0.0 && schedule.first.is_finite(),
-            "at least 0",
-        );
+        let first = if schedule.changes.is_empty() { path.to_string() } else { format!("{path}.first") };
+        self.require(&first, schedule.first, schedule.first >= 0.0 && schedule.first.is_finite(), "at least 0");
         for (i, c) in schedule.changes.iter().enumerate() {
             self.require(
                 &format!("{path}.changes.{i}.value"),
@@ -275,15 +179,9 @@ impl Checker<'_> {
             if r.end > layers {
                 let d = Diagnostic::error(
                     Code::LayerRanges,
-                    format!(
-                        "layer range {}..{} goes past the last layer",
-                        r.start, r.end
-                    ),
+                    format!("layer range {}..{} goes past the last layer", r.start, r.end),
                 )
-                .with_label(
-                    self.at(&path),
-                    format!("the model has {layers} layers: 0..{layers}"),
-                )
+                .with_label(self.at(&path), format!("the model has {layers} layers: 0..{layers}"))
                 .with_label(self.at("model.layers"), "the layer count")
                 .with_help("ranges are half-open: the last layer of `0..61` is 60");
                 self.push(d);
@@ -299,35 +197,20 @@ impl Checker<'_> {
                 }
                 self.push(d.with_help("ranges are half-open: `0..3` then `3..61`"));
             } else if r.start > next {
-                let d = Diagnostic::error(
-                    Code::LayerRanges,
-                    format!("layers {next}..{} have no FFN", r.start),
-                )
-                .with_label(self.at(&path), format!("this range starts at {}", r.start))
-                .with_help(format!(
-                    "start this range at {next}, or add an FFN for layers {next}..{}",
-                    r.start
-                ));
+                let d = Diagnostic::error(Code::LayerRanges, format!("layers {next}..{} have no FFN", r.start))
+                    .with_label(self.at(&path), format!("this range starts at {}", r.start))
+                    .with_help(format!("start this range at {next}, or add an FFN for layers {next}..{}", r.start));
                 self.push(d);
             }
             next = next.max(r.end);
             previous = Some(i);
         }
         if next < layers && !self.spec.model.ffn.is_empty() {
-            let last =
-                previous.map_or("model.ffn".to_string(), |p| format!("model.ffn.{p}.layers"));
-            let d = Diagnostic::error(
-                Code::LayerRanges,
-                format!("layers {next}..{layers} have no FFN"),
-            )
-            .with_label(self.at(&last), format!("the ranges end at {next}"))
-            .with_label(
-                self.at("model.layers"),
-                format!("the model has {layers} layers"),
-            )
-            .with_help(format!(
-                "extend the last range to `..{layers}`, or set `layers = {next}`"
-            ));
+            let last = previous.map_or("model.ffn".to_string(), |p| format!("model.ffn.{p}.layers"));
+            let d = Diagnostic::error(Code::LayerRanges, format!("layers {next}..{layers} have no FFN"))
+                .with_label(self.at(&last), format!("the ranges end at {next}"))
+                .with_label(self.at("model.layers"), format!("the model has {layers} layers"))
+                .with_help(format!("extend the last range to `..{layers}`, or set `layers = {next}`"));
             self.push(d);
         }
         if self.spec.model.ffn.is_empty() {
@@ -359,38 +242,30 @@ impl Checker<'_> {
             let Ffn::Moe(m) = &r.ffn else { continue };
             let p = format!("model.ffn.{i}");
             if m.top_k > m.routed_experts {
-                let d = Diagnostic::error(
-                    Code::Routing,
-                    format!("top-{} of {} routed experts", m.top_k, m.routed_experts),
-                )
-                .with_label(
-                    self.at(&format!("{p}.top_k")),
-                    "more experts per token than there are",
-                )
-                .with_label(
-                    self.at(&format!("{p}.routed_experts")),
-                    "the routed experts",
-                )
-                .with_help("`top_k` must be at most `routed_experts`");
+                let d =
+                    Diagnostic::error(Code::Routing, format!("top-{} of {} routed experts", m.top_k, m.routed_experts))
+                        .with_label(self.at(&format!("{p}.top_k")), "more experts per token than there are")
+                        .with_label(self.at(&format!("{p}.routed_experts")), "the routed experts")
+                        .with_help("`top_k` must be at most `routed_experts`");
                 self.push(d);
                 continue;
             }
             if !m.routed_experts.is_multiple_of(m.groups) {
-                let d = Diagnostic::error(Code::Routing, format!("{} groups do not divide {} experts", m.groups, m.routed_experts))
-                    .with_label(self.at(&format!("{p}.groups")), "this does not divide the experts")
-                    .with_label(self.at(&format!("{p}.routed_experts")), "the routed experts")
-                    .with_help("choose `groups` that divides `routed_experts` (DeepSeek-V3: 256 experts, 8 groups)");
+                let d = Diagnostic::error(
+                    Code::Routing,
+                    format!("{} groups do not divide {} experts", m.groups, m.routed_experts),
+                )
+                .with_label(self.at(&format!("{p}.groups")), "this does not divide the experts")
+                .with_label(self.at(&format!("{p}.routed_experts")), "the routed experts")
+                .with_help("choose `groups` that divides `routed_experts` (DeepSeek-V3: 256 experts, 8 groups)");
                 self.push(d);
                 continue;
             }
             if m.keep_groups > m.groups {
-                let d = Diagnostic::error(
-                    Code::Routing,
-                    format!("keeps {} of {} groups", m.keep_groups, m.groups),
-                )
-                .with_label(self.at(&format!("{p}.keep_groups")), "more than there are")
-                .with_label(self.at(&format!("{p}.groups")), "the groups")
-                .with_help("`keep_groups` must be at most `groups`");
+                let d = Diagnostic::error(Code::Routing, format!("keeps {} of {} groups", m.keep_groups, m.groups))
+                    .with_label(self.at(&format!("{p}.keep_groups")), "more than there are")
+                    .with_label(self.at(&format!("{p}.groups")), "the groups")
+                    .with_help("`keep_groups` must be at most `groups`");
                 self.push(d);
                 continue;
             }
@@ -415,10 +290,7 @@ impl Checker<'_> {
                 .with_label(self.at(&format!("{p}.top_k")), "too many")
                 .with_label(
                     self.at(&format!("{p}.keep_groups")),
-                    format!(
-                        "{} experts remain after group selection",
-                        m.keep_groups * per_group
-                    ),
+                    format!("{} experts remain after group selection", m.keep_groups * per_group),
                 )
                 .with_help("keep more groups or lower `top_k`");
                 self.push(d);
@@ -482,10 +354,7 @@ impl Checker<'_> {
                 self.error(
                     Code::Schedule,
                     &key,
-                    format!(
-                        "LR phase {i} ends at {} tokens, not after its start",
-                        tokens(phase_end)
-                    ),
+                    format!("LR phase {i} ends at {} tokens, not after its start", tokens(phase_end)),
                     format!("the previous phase ends at {} tokens", tokens(end)),
                     "phases follow each other: each must end after the one before",
                 );
@@ -494,11 +363,7 @@ impl Checker<'_> {
             if phase_end > budget * (1.0 + 1e-9) {
                 let d = Diagnostic::error(
                     Code::Schedule,
-                    format!(
-                        "the LR schedule runs past the token budget ({} > {})",
-                        tokens(phase_end),
-                        tokens(budget)
-                    ),
+                    format!("the LR schedule runs past the token budget ({} > {})", tokens(phase_end), tokens(budget)),
                 )
                 .with_label(self.at(&key), "ends after the budget")
                 .with_label(self.at("train.tokens"), "the budget")
@@ -510,10 +375,13 @@ impl Checker<'_> {
         }
         if end < budget * (1.0 - 1e-9) {
             let last = t.lr.len() - 1;
-            let d = Diagnostic::error(Code::Schedule, format!("the LR schedule covers {} of the {}-token budget", tokens(end), tokens(budget)))
-                .with_label(self.at(&format!("train.lr.{last}")), "the last phase ends early")
-                .with_label(self.at("train.tokens"), "the budget")
-                .with_help("add a final phase, or leave out the last phase's `for`/`until` so it runs to the end");
+            let d = Diagnostic::error(
+                Code::Schedule,
+                format!("the LR schedule covers {} of the {}-token budget", tokens(end), tokens(budget)),
+            )
+            .with_label(self.at(&format!("train.lr.{last}")), "the last phase ends early")
+            .with_label(self.at("train.tokens"), "the budget")
+            .with_help("add a final phase, or leave out the last phase's `for`/`until` so it runs to the end");
             self.push(d);
         }
     }
@@ -586,9 +454,7 @@ impl Checker<'_> {
             if !batch.is_multiple_of(per_step) {
                 let d = Diagnostic::error(
                     Code::BatchSize,
-                    format!(
-                        "a batch of {batch} sequences does not split over the data-parallel ranks"
-                    ),
+                    format!("a batch of {batch} sequences does not split over the data-parallel ranks"),
                 )
                 .with_label(self.at(path), format!("not a multiple of {per_step}"))
                 .with_label(
@@ -599,9 +465,7 @@ impl Checker<'_> {
                         t.micro_batch
                     ),
                 )
-                .with_help(format!(
-                    "use a multiple of data-parallel size × micro_batch = {per_step}"
-                ));
+                .with_help(format!("use a multiple of data-parallel size × micro_batch = {per_step}"));
                 self.push(d);
                 continue;
             }
@@ -617,20 +481,18 @@ impl Checker<'_> {
                 )
                 .with_label(
                     self.at(path),
-                    format!(
-                        "{} per rank",
-                        counted(micro_batches, "micro-batch", "micro-batches")
-                    ),
+                    format!("{} per rank", counted(micro_batches, "micro-batch", "micro-batches")),
                 )
                 .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
                 .with_help("raise the batch, lower `micro_batch`, or use fewer stages");
                 self.push(d);
-            } else if par.pipeline.schedule == PipelineSchedule::Dualpipe
-                && !micro_batches.is_multiple_of(2)
-            {
-                let d = Diagnostic::error(Code::Pipeline, format!("DualPipe needs an even number of micro-batches, found {micro_batches}"))
-                    .with_label(self.at(path), "gives an odd count per rank")
-                    .with_help("DualPipe feeds micro-batches from both ends in pairs: make batch / (data size × micro_batch) even");
+            } else if par.pipeline.schedule == PipelineSchedule::Dualpipe && !micro_batches.is_multiple_of(2) {
+                let d = Diagnostic::error(
+                    Code::Pipeline,
+                    format!("DualPipe needs an even number of micro-batches, found {micro_batches}"),
+                )
+                .with_label(self.at(path), "gives an odd count per rank")
+                .with_help("DualPipe feeds micro-batches from both ends in pairs: make their count even");
                 self.push(d);
             }
         }
@@ -656,10 +518,7 @@ impl Checker<'_> {
                 self.error(
                     Code::ContextExtension,
                     &format!("{p}.seq_len"),
-                    format!(
-                        "context extension to {} does not extend {seq}",
-                        phase.seq_len
-                    ),
+                    format!("context extension to {} does not extend {seq}", phase.seq_len),
                     "not longer than before".into(),
                     "each phase must use a longer sequence than the one before",
                 );
@@ -668,10 +527,7 @@ impl Checker<'_> {
             if phase.seq_len as f64 > reach {
                 let d = Diagnostic::error(
                     Code::ContextExtension,
-                    format!(
-                        "sequence {} is beyond YaRN's reach of {}",
-                        phase.seq_len, reach
-                    ),
+                    format!("sequence {} is beyond YaRN's reach of {}", phase.seq_len, reach),
                 )
                 .with_label(self.at(&format!("{p}.seq_len")), "too long")
                 .with_label(
@@ -683,9 +539,12 @@ impl Checker<'_> {
             }
             let dp = self.spec.parallel.data.size;
             if !phase.batch.is_multiple_of(dp) {
-                let d = Diagnostic::warning(Code::BatchSize, format!("a batch of {} sequences splits unevenly over {dp} data-parallel ranks", phase.batch))
-                    .with_label(self.at(&format!("{p}.batch")), format!("not a multiple of {dp}"))
-                    .with_note("ranks get different numbers of sequences; their gradients are weighted accordingly");
+                let d = Diagnostic::warning(
+                    Code::BatchSize,
+                    format!("a batch of {} sequences splits unevenly over {dp} data-parallel ranks", phase.batch),
+                )
+                .with_label(self.at(&format!("{p}.batch")), format!("not a multiple of {dp}"))
+                .with_note("ranks get different numbers of sequences; their gradients are weighted accordingly");
                 self.push(d);
             }
             seq = phase.seq_len;
@@ -706,17 +565,26 @@ impl Checker<'_> {
         }
         let interval = pr.promotion_interval;
         if !interval.is_multiple_of(32) {
-            self.error(Code::PrecisionPolicy, "precision.promotion_interval", format!("promotion every {interval} elements of K does not align with FP8 WGMMA instructions"), "not a multiple of 32".into(), "an FP8 WGMMA consumes 32 elements of K: use 128 (4 WGMMAs)");
+            self.error(
+                Code::PrecisionPolicy,
+                "precision.promotion_interval",
+                format!("promotion every {interval} elements of K does not align with FP8 WGMMA instructions"),
+                "not a multiple of 32".into(),
+                "an FP8 WGMMA consumes 32 elements of K: use 128 (4 WGMMAs)",
+            );
         }
-        for (path, width) in [
-            ("precision.activation_tile", tile_cols),
-            ("precision.weight_block", pr.weight_block[1]),
-        ] {
+        for (path, width) in [("precision.activation_tile", tile_cols), ("precision.weight_block", pr.weight_block[1])]
+        {
             if !width.is_multiple_of(interval) {
-                let d = Diagnostic::error(Code::PrecisionPolicy, format!("scales change every {width} elements of K but partial sums are promoted every {interval}"))
-                    .with_label(self.at(path), format!("{width} is not a multiple of {interval}"))
-                    .with_label(self.at("precision.promotion_interval"), "promotion interval")
-                    .with_help("a scale must stay constant within one promotion interval: make the scaling width a multiple of it");
+                let d = Diagnostic::error(
+                    Code::PrecisionPolicy,
+                    format!("scales change every {width} elements of K but partial sums are promoted every {interval}"),
+                )
+                .with_label(self.at(path), format!("{width} is not a multiple of {interval}"))
+                .with_label(self.at("precision.promotion_interval"), "promotion interval")
+                .with_help(
+                    "a scale must stay constant within one promotion interval: make the scaling width a multiple of it",
+                );
                 self.push(d);
             }
         }
@@ -728,9 +596,12 @@ impl Checker<'_> {
                 .map(|(name, k)| format!("{name} ({k})"))
                 .collect();
             if !misfits.is_empty() {
-                let d = Diagnostic::error(Code::Dimensions, format!("the FP8 tile width {tile_cols} does not divide every GEMM's input size"))
+                let message = format!("the FP8 tile width {tile_cols} does not divide every GEMM's input size");
+                let d = Diagnostic::error(Code::Dimensions, message)
                     .with_label(self.at("precision.activation_tile"), format!("does not divide {}", misfits.join(", ")))
-                    .with_help("FP8 GEMMs scale each tile of K separately: choose a tile width that divides every GEMM's input size");
+                    .with_help(
+                        "FP8 GEMMs scale each tile of K apart: choose a width that divides every GEMM's input size",
+                    );
                 self.push(d);
             }
         }
@@ -771,13 +642,7 @@ impl Checker<'_> {
             let inter = match &r.ffn {
                 Ffn::Dense { intermediate } | Ffn::Moe(Moe { intermediate, .. }) => *intermediate,
             };
-            dims.push((
-                format!(
-                    "the FFN intermediate size of layers {}..{}",
-                    r.layers.start, r.layers.end
-                ),
-                inter,
-            ));
+            dims.push((format!("the FFN intermediate size of layers {}..{}", r.layers.start, r.layers.end), inter));
         }
         dims.dedup_by_key(|d| d.1);
         dims
@@ -789,11 +654,21 @@ impl Checker<'_> {
         let dp = par.data.size;
         let gpus = par.gpus();
         if pp * dp != gpus {
-            let d = Diagnostic::error(Code::GpuCount, format!("{pp} pipeline stages × {dp} data-parallel ranks = {} GPUs, but the plan has {gpus}", pp * dp))
-                .with_label(self.at("parallel.data.size"), format!("data-parallel size {dp}"))
-                .with_label(self.at("parallel.pipeline"), format!("{pp} stages"))
-                .with_label(self.at("parallel.nodes"), format!("{} × {} GPUs", counted(par.nodes, "node", "nodes"), par.gpus_per_node))
-                .with_help(if gpus.is_multiple_of(pp) { format!("set `data {{ size = {} }}`", gpus / pp) } else { format!("the stages must divide the {gpus} GPUs") });
+            let d = Diagnostic::error(
+                Code::GpuCount,
+                format!("{pp} pipeline stages × {dp} data-parallel ranks = {} GPUs, but the plan has {gpus}", pp * dp),
+            )
+            .with_label(self.at("parallel.data.size"), format!("data-parallel size {dp}"))
+            .with_label(self.at("parallel.pipeline"), format!("{pp} stages"))
+            .with_label(
+                self.at("parallel.nodes"),
+                format!("{} × {} GPUs", counted(par.nodes, "node", "nodes"), par.gpus_per_node),
+            )
+            .with_help(if gpus.is_multiple_of(pp) {
+                format!("set `data {{ size = {} }}`", gpus / pp)
+            } else {
+                format!("the stages must divide the {gpus} GPUs")
+            });
             self.push(d);
         }
         if par.pipeline.schedule == PipelineSchedule::Dualpipe && !pp.is_multiple_of(2) {
@@ -828,10 +703,7 @@ impl Checker<'_> {
             self.error(
                 Code::OutOfRange,
                 "parallel.comm_sms",
-                format!(
-                    "{} SMs reserved for communication leave none for compute",
-                    par.comm_sms
-                ),
+                format!("{} SMs reserved for communication leave none for compute", par.comm_sms),
                 format!("the {} has {} SMs", par.gpu.name, par.gpu.sms),
                 "DeepSeek-V3 reserves 20 of 132",
             );
@@ -846,10 +718,13 @@ impl Checker<'_> {
             return;
         }
         if !par.data.size.is_multiple_of(ep) {
-            let d = Diagnostic::error(Code::ExpertParallel, format!("expert-parallel size {ep} does not divide the {} data-parallel ranks", par.data.size))
-                .with_label(self.at("parallel.expert.size"), "EP size")
-                .with_label(self.at("parallel.data.size"), "data-parallel size")
-                .with_help("expert parallelism spreads experts over data-parallel ranks: its size must divide theirs");
+            let d = Diagnostic::error(
+                Code::ExpertParallel,
+                format!("expert-parallel size {ep} does not divide the {} data-parallel ranks", par.data.size),
+            )
+            .with_label(self.at("parallel.expert.size"), "EP size")
+            .with_label(self.at("parallel.data.size"), "data-parallel size")
+            .with_help("expert parallelism spreads experts over data-parallel ranks: its size must divide theirs");
             self.push(d);
             return;
         }
@@ -870,10 +745,7 @@ impl Checker<'_> {
             if !m.routed_experts.is_multiple_of(ep) {
                 let d = Diagnostic::error(
                     Code::ExpertParallel,
-                    format!(
-                        "{} routed experts do not split over {ep} GPUs",
-                        m.routed_experts
-                    ),
+                    format!("{} routed experts do not split over {ep} GPUs", m.routed_experts),
                 )
                 .with_label(self.at("parallel.expert.size"), "EP size")
                 .with_label(self.at(&format!("{p}.routed_experts")), "routed experts")
@@ -883,37 +755,25 @@ impl Checker<'_> {
             }
             // Group-limited routing bounds the nodes a token reaches only when every group
             // lies within one node; otherwise only top-k bounds it.
-            let aligned =
-                m.groups.is_multiple_of(ep_nodes) && m.routed_experts.is_multiple_of(m.groups);
-            let reach = if aligned {
-                m.keep_groups.min(ep_nodes)
-            } else {
-                m.top_k.min(ep_nodes)
-            };
+            let aligned = m.groups.is_multiple_of(ep_nodes) && m.routed_experts.is_multiple_of(m.groups);
+            let reach = if aligned { m.keep_groups.min(ep_nodes) } else { m.top_k.min(ep_nodes) };
             if reach > par.expert.max_nodes {
                 let help = if aligned {
-                    format!(
-                        "set `keep_groups = {}` or raise `max_nodes`",
-                        par.expert.max_nodes
-                    )
+                    format!("set `keep_groups = {}` or raise `max_nodes`", par.expert.max_nodes)
                 } else {
-                    format!("make `groups` a multiple of the {ep_nodes} nodes the experts span, and set `keep_groups` to at most {}", par.expert.max_nodes)
+                    let most = par.expert.max_nodes;
+                    format!(
+                        "make `groups` a multiple of the {ep_nodes} nodes the experts span; set `keep_groups` ≤ {most}"
+                    )
                 };
                 let d = Diagnostic::error(
                     Code::NodeLimit,
-                    format!(
-                        "a token may reach {reach} nodes, but `max_nodes` is {}",
-                        par.expert.max_nodes
-                    ),
+                    format!("a token may reach {reach} nodes, but `max_nodes` is {}", par.expert.max_nodes),
                 )
                 .with_label(self.at("parallel.expert.max_nodes"), "the limit")
                 .with_label(
                     self.at(&format!("{p}.keep_groups")),
-                    if aligned {
-                        "groups kept per token"
-                    } else {
-                        "groups do not map onto nodes"
-                    },
+                    if aligned { "groups kept per token" } else { "groups do not map onto nodes" },
                 )
                 .with_help(help)
                 .with_note(format!(
@@ -937,11 +797,7 @@ impl Checker<'_> {
             self.error(
                 Code::Pipeline,
                 path,
-                format!(
-                    "the layout has {} stages but `stages` is {}",
-                    pipe.layout.len(),
-                    pipe.stages
-                ),
+                format!("the layout has {} stages but `stages` is {}", pipe.layout.len(), pipe.stages),
                 "stage count".into(),
                 "give one list per stage, or leave out `stages`",
             );
@@ -978,22 +834,13 @@ impl Checker<'_> {
                     }
                     StagePart::Layers(r) => {
                         if r.start != next_layer {
-                            let what = if r.start < next_layer {
-                                "is placed twice"
-                            } else {
-                                "is missing"
-                            };
+                            let what = if r.start < next_layer { "is placed twice" } else { "is missing" };
                             let d = Diagnostic::error(
                                 Code::Pipeline,
                                 format!("layer {} {what} in the layout", r.start.min(next_layer)),
                             )
-                            .with_label(
-                                self.at(&pp),
-                                format!("expected a range starting at {next_layer}"),
-                            )
-                            .with_help(
-                                "the stages' layer ranges must follow each other: 0..4, 4..8, ...",
-                            );
+                            .with_label(self.at(&pp), format!("expected a range starting at {next_layer}"))
+                            .with_help("the stages' layer ranges must follow each other: 0..4, 4..8, ...");
                             self.push(d);
                         }
                         next_layer = r.end;
@@ -1016,8 +863,7 @@ impl Checker<'_> {
                             self.error(
                                 Code::Pipeline,
                                 &pp,
-                                "the MTP modules must be on the last stage (they share the head)"
-                                    .into(),
+                                "the MTP modules must be on the last stage (they share the head)".into(),
                                 "here".into(),
                                 "move `mtp` to the last stage",
                             );

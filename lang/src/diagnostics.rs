@@ -9,6 +9,10 @@ use serde::Serialize;
 
 pub type FileId = usize;
 
+/// Help for a file that lacks its sections.
+pub const SECTIONS_HELP: &str =
+    "a spec has the sections model, train, precision and parallel; models/deepseek-v3-tiny.dsc is a complete example";
+
 /// A byte range in one source file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Span {
@@ -35,17 +39,11 @@ impl Sources {
     }
 
     pub fn name(&self, file: FileId) -> &str {
-        self.files
-            .get(file)
-            .map(|f| f.name().as_str())
-            .unwrap_or("<unknown>")
+        self.files.get(file).map(|f| f.name().as_str()).unwrap_or("<unknown>")
     }
 
     pub fn text(&self, file: FileId) -> &str {
-        self.files
-            .get(file)
-            .map(|f| f.source().as_str())
-            .unwrap_or("")
+        self.files.get(file).map(|f| f.source().as_str()).unwrap_or("")
     }
 
     /// One-based line and column of a byte offset.
@@ -124,21 +122,11 @@ impl Diagnostic {
     }
 
     fn new(severity: Severity, code: Code, message: impl Into<String>) -> Self {
-        Diagnostic {
-            severity,
-            code,
-            message: message.into(),
-            labels: vec![],
-            help: vec![],
-            notes: vec![],
-        }
+        Diagnostic { severity, code, message: message.into(), labels: vec![], help: vec![], notes: vec![] }
     }
 
     pub fn with_label(mut self, span: Span, message: impl Into<String>) -> Self {
-        self.labels.push(Label {
-            span,
-            message: message.into(),
-        });
+        self.labels.push(Label { span, message: message.into() });
         self
     }
 
@@ -159,11 +147,7 @@ impl Diagnostic {
 
 /// Renders diagnostics as rustc does; `color` adds ANSI colours (for terminals).
 pub fn render_text(sources: &Sources, diagnostics: &[Diagnostic], color: bool) -> String {
-    let mut buffer = if color {
-        termcolor::Buffer::ansi()
-    } else {
-        termcolor::Buffer::no_color()
-    };
+    let mut buffer = if color { termcolor::Buffer::ansi() } else { termcolor::Buffer::no_color() };
     let config = term::Config::default();
     for d in diagnostics {
         let severity = match d.severity {
@@ -175,20 +159,12 @@ pub fn render_text(sources: &Sources, diagnostics: &[Diagnostic], color: bool) -
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let label = if i == 0 {
-                    CsLabel::primary
-                } else {
-                    CsLabel::secondary
-                };
+                let label = if i == 0 { CsLabel::primary } else { CsLabel::secondary };
                 label(l.span.file, l.span.start..l.span.end).with_message(&l.message)
             })
             .collect();
-        let notes = d
-            .help
-            .iter()
-            .map(|h| format!("help: {h}"))
-            .chain(d.notes.iter().map(|n| format!("note: {n}")))
-            .collect();
+        let notes =
+            d.help.iter().map(|h| format!("help: {h}")).chain(d.notes.iter().map(|n| format!("note: {n}"))).collect();
         let cs = CsDiagnostic::new(severity)
             .with_code(d.code.as_str())
             .with_message(&d.message)
@@ -232,14 +208,7 @@ pub fn render_json(sources: &Sources, diagnostics: &[Diagnostic]) -> String {
             .map(|l| {
                 let (line, column) = sources.line_col(l.span.file, l.span.start);
                 let (end_line, end_column) = sources.line_col(l.span.file, l.span.end);
-                JsonLabel {
-                    file: sources.name(l.span.file),
-                    line,
-                    column,
-                    end_line,
-                    end_column,
-                    message: &l.message,
-                }
+                JsonLabel { file: sources.name(l.span.file), line, column, end_line, end_column, message: &l.message }
             })
             .collect();
         let primary = labels.first();

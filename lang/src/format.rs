@@ -18,12 +18,7 @@ struct Comment {
 
 /// Formats a parsed file; `src` is the text it was parsed from (for comments and blank lines).
 pub fn format_file(tree: &Block, src: &str) -> String {
-    let mut p = Printer {
-        src,
-        comments: comments(src),
-        next: 0,
-        out: String::new(),
-    };
+    let mut p = Printer { src, comments: comments(src), next: 0, out: String::new() };
     p.entries(&tree.entries, 0, src.len());
     let mut out = p.out.trim_end().to_string();
     out.push('\n');
@@ -43,11 +38,7 @@ fn comments(src: &str) -> Vec<Comment> {
                 let end = src[i..].find('\n').map_or(src.len(), |n| i + n);
                 let line_start = src[..i].rfind('\n').map_or(0, |n| n + 1);
                 let own_line = src[line_start..i].trim().is_empty();
-                found.push(Comment {
-                    start: i,
-                    text: src[i..end].trim_end().to_string(),
-                    own_line,
-                });
+                found.push(Comment { start: i, text: src[i..end].trim_end().to_string(), own_line });
                 i = end;
                 continue;
             }
@@ -68,9 +59,7 @@ struct Printer<'a> {
 
 impl Printer<'_> {
     fn has_comments(&self, start: usize, end: usize) -> bool {
-        self.comments[self.next..]
-            .iter()
-            .any(|c| c.start >= start && c.start < end)
+        self.comments[self.next..].iter().any(|c| c.start >= start && c.start < end)
     }
 
     fn indent(&mut self, depth: usize) {
@@ -118,10 +107,7 @@ impl Printer<'_> {
             let before = last_end;
             self.leading_comments(e.span.start, depth, &mut last_end);
             self.blank_line_if_any(last_end, e.span.start);
-            if last_end != before
-                || self.blank_between(last_end, e.span.start)
-                || run_width.is_none()
-            {
+            if last_end != before || self.blank_between(last_end, e.span.start) || run_width.is_none() {
                 run_width = Some(self.run_width(&entries[i..], depth));
             }
             self.indent(depth);
@@ -147,14 +133,9 @@ impl Printer<'_> {
         for e in entries {
             let interrupted = previous_end.is_some_and(|end| {
                 self.blank_between(Some(end), e.span.start)
-                    || self.comments[self.next..]
-                        .iter()
-                        .any(|c| c.own_line && c.start >= end && c.start < e.span.start)
+                    || self.comments[self.next..].iter().any(|c| c.own_line && c.start >= end && c.start < e.span.start)
             });
-            if interrupted
-                || !self.fits_inline(&e.value, depth, e.key.name.len() + 3)
-                || is_plain_block(e)
-            {
+            if interrupted || !self.fits_inline(&e.value, depth, e.key.name.len() + 3) || is_plain_block(e) {
                 break;
             }
             width = width.max(e.key.name.len());
@@ -177,11 +158,7 @@ impl Printer<'_> {
             }
         }
         self.out.push_str(" = ");
-        let used = if inline {
-            align.max(e.key.name.len()) + 3
-        } else {
-            e.key.name.len() + 3
-        };
+        let used = if inline { align.max(e.key.name.len()) + 3 } else { e.key.name.len() + 3 };
         self.value(&e.value, depth, used) && inline
     }
 
@@ -226,10 +203,7 @@ impl Printer<'_> {
     /// Prints `{ ... }` starting `used` columns into its line; returns whether it took one
     /// line.
     fn block(&mut self, block: &Block, depth: usize, used: usize) -> bool {
-        let wrapped = Value {
-            kind: ValueKind::Block(block.clone()),
-            span: block.span,
-        };
+        let wrapped = Value { kind: ValueKind::Block(block.clone()), span: block.span };
         if self.fits_inline(&wrapped, depth, used) {
             self.out.push_str(&inline(&wrapped));
             return true;
@@ -262,12 +236,9 @@ fn flat(v: &Value) -> bool {
 }
 
 fn block_depth(v: &Value) -> usize {
-    let deepest =
-        |values: &mut dyn Iterator<Item = &Value>| values.map(block_depth).max().unwrap_or(0);
+    let deepest = |values: &mut dyn Iterator<Item = &Value>| values.map(block_depth).max().unwrap_or(0);
     match &v.kind {
-        ValueKind::Block(b) | ValueKind::Tagged(_, b) => {
-            1 + deepest(&mut b.entries.iter().map(|e| &e.value))
-        }
+        ValueKind::Block(b) | ValueKind::Tagged(_, b) => 1 + deepest(&mut b.entries.iter().map(|e| &e.value)),
         ValueKind::List(items) => deepest(&mut items.iter()),
         ValueKind::Changes(first, changes) => {
             deepest(&mut std::iter::once(&**first).chain(changes.iter().map(|c| &c.value)))
@@ -284,34 +255,18 @@ fn inline(v: &Value) -> String {
             None => n.literal.clone(),
         },
         ValueKind::String(s) => {
-            let escaped = s
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-                .replace('\t', "\\t");
+            let escaped = s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").replace('\t', "\\t");
             format!("\"{escaped}\"")
         }
         ValueKind::Name(n) => n.clone(),
-        ValueKind::Range(r) => format!(
-            "{}{}{}",
-            r.start,
-            if r.inclusive { "..=" } else { ".." },
-            r.end
-        ),
-        ValueKind::List(items) => format!(
-            "[{}]",
-            items.iter().map(inline).collect::<Vec<_>>().join(", ")
-        ),
+        ValueKind::Range(r) => format!("{}{}{}", r.start, if r.inclusive { "..=" } else { ".." }, r.end),
+        ValueKind::List(items) => format!("[{}]", items.iter().map(inline).collect::<Vec<_>>().join(", ")),
         ValueKind::Block(b) => inline_block(b),
         ValueKind::Tagged(tag, b) => format!("{} {}", tag.name, inline_block(b)),
         ValueKind::Changes(first, changes) => {
             let mut s = inline(first);
             for c in changes {
-                s.push_str(&format!(
-                    " until {} then {}",
-                    inline(&c.at),
-                    inline(&c.value)
-                ));
+                s.push_str(&format!(" until {} then {}", inline(&c.at), inline(&c.value)));
             }
             s
         }

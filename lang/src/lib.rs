@@ -40,13 +40,8 @@ impl Loaded {
 /// Reads, parses, applies `--set key.path=value` overrides, decodes and checks a spec file.
 pub fn load(path: &Path, overrides: &[String]) -> Loaded {
     let name = path.display().to_string();
-    let mut loaded = Loaded {
-        sources: Sources::default(),
-        syntax: None,
-        spec: None,
-        spans: SpanMap::new(),
-        diagnostics: vec![],
-    };
+    let mut loaded =
+        Loaded { sources: Sources::default(), syntax: None, spec: None, spans: SpanMap::new(), diagnostics: vec![] };
     let text = match read_source(path) {
         Ok(text) => text,
         Err(d) => {
@@ -59,13 +54,8 @@ pub fn load(path: &Path, overrides: &[String]) -> Loaded {
 
 /// [`load`] for text that is already in memory (`name` is shown in diagnostics).
 pub fn load_str(name: &str, text: &str, overrides: &[String]) -> Loaded {
-    let loaded = Loaded {
-        sources: Sources::default(),
-        syntax: None,
-        spec: None,
-        spans: SpanMap::new(),
-        diagnostics: vec![],
-    };
+    let loaded =
+        Loaded { sources: Sources::default(), syntax: None, spec: None, spans: SpanMap::new(), diagnostics: vec![] };
     load_text(loaded, name, text.to_string(), overrides)
 }
 
@@ -103,8 +93,7 @@ fn load_text(mut loaded: Loaded, name: &str, text: String, overrides: &[String])
 
 /// Reads a spec file, turning every way that can fail into a diagnostic.
 fn read_source(path: &Path) -> Result<String, Box<Diagnostic>> {
-    let fail =
-        |msg: String, help: &str| Box::new(Diagnostic::error(Code::Input, msg).with_help(help));
+    let fail = |msg: String, help: &str| Box::new(Diagnostic::error(Code::Input, msg).with_help(help));
     let shown = path.display();
     if path.is_dir() {
         return Err(fail(
@@ -112,28 +101,16 @@ fn read_source(path: &Path) -> Result<String, Box<Diagnostic>> {
             "pass a `.dsc` file, e.g. models/deepseek-v3-tiny.dsc",
         ));
     }
-    let meta = std::fs::metadata(path).map_err(|e| {
-        fail(
-            format!("cannot read `{shown}`: {e}"),
-            "check the path; the shipped specs are in models/",
-        )
-    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| fail(format!("cannot read `{shown}`: {e}"), "check the path; the shipped specs are in models/"))?;
     if meta.len() > syntax::MAX_SOURCE_BYTES as u64 {
         return Err(fail(
-            format!(
-                "`{shown}` is {} bytes; specs are limited to {} bytes",
-                meta.len(),
-                syntax::MAX_SOURCE_BYTES
-            ),
+            format!("`{shown}` is {} bytes; specs are limited to {} bytes", meta.len(), syntax::MAX_SOURCE_BYTES),
             "is this the right file? a spec describes one training job in a few hundred lines",
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| {
-        fail(
-            format!("cannot read `{shown}`: {e}"),
-            "check the file's permissions",
-        )
-    })?;
+    let bytes =
+        std::fs::read(path).map_err(|e| fail(format!("cannot read `{shown}`: {e}"), "check the file's permissions"))?;
     String::from_utf8(bytes).map_err(|e| {
         let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = good.iter().filter(|b| **b == b'\n').count() + 1;

@@ -148,10 +148,7 @@ pub struct Change {
 
 impl Schedule {
     pub fn constant(value: f64) -> Self {
-        Schedule {
-            first: value,
-            changes: Vec::new(),
-        }
+        Schedule { first: value, changes: Vec::new() }
     }
 }
 
@@ -187,11 +184,7 @@ impl Train {
     pub fn batch_at(&self, tokens: f64) -> f64 {
         match self.batch {
             Batch::Constant { sequences } => sequences as f64,
-            Batch::Ramp {
-                from,
-                to,
-                over_tokens,
-            } => {
+            Batch::Ramp { from, to, over_tokens } => {
                 let done = (tokens / over_tokens.max(1) as f64).clamp(0.0, 1.0);
                 from as f64 + (to as f64 - from as f64) * done
             }
@@ -204,18 +197,10 @@ impl Train {
         let seq = self.seq_len as f64;
         match self.batch {
             Batch::Constant { sequences } => steps * sequences as f64 * seq,
-            Batch::Ramp {
-                from,
-                to,
-                over_tokens,
-            } => {
+            Batch::Ramp { from, to, over_tokens } => {
                 let (from, to, over) = (from as f64, to as f64, over_tokens as f64);
                 let k = (to - from) / over;
-                let ramp_steps = if k == 0.0 {
-                    over / (from * seq)
-                } else {
-                    (to / from).ln() / (k * seq)
-                };
+                let ramp_steps = if k == 0.0 { over / (from * seq) } else { (to / from).ln() / (k * seq) };
                 if steps >= ramp_steps {
                     over + (steps - ramp_steps) * to * seq
                 } else if k == 0.0 {

@@ -85,7 +85,7 @@ pub fn parse_file(file: FileId, src: &str) -> Result<Block, Diagnostic> {
     if src.trim().is_empty() {
         return Err(Diagnostic::error(Code::Input, "the spec is empty")
             .with_label(Span::new(file, 0, 0), "nothing here")
-            .with_help("a spec has the sections model, train, precision and parallel; models/deepseek-v3-tiny.dsc is a complete example"));
+            .with_help(crate::diagnostics::SECTIONS_HELP));
     }
     let mut pairs = Grammar::parse(Rule::file, src).map_err(|e| syntax_error(file, src, e))?;
     let file_pair = pairs.next().expect("grammar: file");
@@ -101,8 +101,7 @@ pub fn parse_file(file: FileId, src: &str) -> Result<Block, Diagnostic> {
 /// Parses one value (the right-hand side of `--set key.path=value`).
 pub fn parse_value(file: FileId, src: &str) -> Result<Value, Diagnostic> {
     precheck(file, src)?;
-    let mut pairs =
-        Grammar::parse(Rule::lone_value, src).map_err(|e| syntax_error(file, src, e))?;
+    let mut pairs = Grammar::parse(Rule::lone_value, src).map_err(|e| syntax_error(file, src, e))?;
     let lone = pairs.next().expect("grammar: lone_value");
     let value = lone.into_inner().next().expect("grammar: value");
     build_value(file, value)
@@ -119,38 +118,24 @@ fn build_entry(file: FileId, pair: Pair) -> Result<Entry, Diagnostic> {
     let span = span_of(file, &pair);
     let mut inner = pair.into_inner();
     let key_pair = inner.next().expect("grammar: entry key");
-    let key = Ident {
-        name: key_pair.as_str().to_string(),
-        span: span_of(file, &key_pair),
-    };
+    let key = Ident { name: key_pair.as_str().to_string(), span: span_of(file, &key_pair) };
     let rhs = inner.next().expect("grammar: entry value");
     let opens_block = rhs.as_rule() == Rule::block;
     let value = if opens_block {
         let block = build_block(file, rhs)?;
-        Value {
-            span: block.span,
-            kind: ValueKind::Block(block),
-        }
+        Value { span: block.span, kind: ValueKind::Block(block) }
     } else {
         build_value(file, rhs)?
     };
     // pest's span of an entry also covers whitespace and comments after it; the entry ends
     // where its value does.
     let span = Span::new(file, span.start, value.span.end);
-    Ok(Entry {
-        key,
-        value,
-        opens_block,
-        span,
-    })
+    Ok(Entry { key, value, opens_block, span })
 }
 
 fn build_block(file: FileId, pair: Pair) -> Result<Block, Diagnostic> {
     let span = span_of(file, &pair);
-    let entries = pair
-        .into_inner()
-        .map(|p| build_entry(file, p))
-        .collect::<Result<_, _>>()?;
+    let entries = pair.into_inner().map(|p| build_entry(file, p)).collect::<Result<_, _>>()?;
     Ok(Block { entries, span })
 }
 
@@ -173,10 +158,7 @@ fn build_value(file: FileId, pair: Pair) -> Result<Value, Diagnostic> {
     };
     // Like an entry's, the value ends at its last part, not after the comments that follow.
     let span = Span::new(file, start, last.value.span.end);
-    Ok(Value {
-        kind: ValueKind::Changes(Box::new(first), changes),
-        span,
-    })
+    Ok(Value { kind: ValueKind::Changes(Box::new(first), changes), span })
 }
 
 fn build_atom(file: FileId, pair: Pair) -> Result<Value, Diagnostic> {
@@ -185,21 +167,11 @@ fn build_atom(file: FileId, pair: Pair) -> Result<Value, Diagnostic> {
         Rule::tagged => {
             let mut inner = pair.into_inner();
             let tag = inner.next().expect("grammar: tag");
-            let tag = Ident {
-                name: tag.as_str().to_string(),
-                span: span_of(file, &tag),
-            };
-            ValueKind::Tagged(
-                tag,
-                build_block(file, inner.next().expect("grammar: block"))?,
-            )
+            let tag = Ident { name: tag.as_str().to_string(), span: span_of(file, &tag) };
+            ValueKind::Tagged(tag, build_block(file, inner.next().expect("grammar: block"))?)
         }
         Rule::block => ValueKind::Block(build_block(file, pair)?),
-        Rule::list => ValueKind::List(
-            pair.into_inner()
-                .map(|p| build_value(file, p))
-                .collect::<Result<_, _>>()?,
-        ),
+        Rule::list => ValueKind::List(pair.into_inner().map(|p| build_value(file, p)).collect::<Result<_, _>>()?),
         Rule::range => {
             let mut inner = pair.into_inner();
             let bound = |p: Option<Pair>| -> Result<u64, Diagnostic> {
@@ -213,19 +185,12 @@ fn build_atom(file: FileId, pair: Pair) -> Result<Value, Diagnostic> {
             let start = bound(inner.next())?;
             let inclusive = inner.next().expect("grammar: range op").as_str() == "..=";
             let end = bound(inner.next())?;
-            ValueKind::Range(RangeLit {
-                start,
-                end,
-                inclusive,
-            })
+            ValueKind::Range(RangeLit { start, end, inclusive })
         }
         Rule::number => {
             let mut inner = pair.into_inner();
             let literal = inner.next().expect("grammar: literal").as_str().to_string();
-            let unit = inner.next().map(|u| Ident {
-                name: u.as_str().to_string(),
-                span: span_of(file, &u),
-            });
+            let unit = inner.next().map(|u| Ident { name: u.as_str().to_string(), span: span_of(file, &u) });
             ValueKind::Number(Number { literal, unit })
         }
         Rule::string => {
@@ -268,10 +233,7 @@ fn syntax_error(file: FileId, src: &str, e: pest::error::Error<Rule>) -> Diagnos
         pest::error::InputLocation::Pos(p) => p,
         pest::error::InputLocation::Span((s, _)) => s,
     };
-    let end = src[pos..]
-        .chars()
-        .next()
-        .map_or(pos, |c| pos + c.len_utf8());
+    let end = src[pos..].chars().next().map_or(pos, |c| pos + c.len_utf8());
     let expected = match &e.variant {
         pest::error::ErrorVariant::ParsingError { positives, .. } => {
             let mut words: Vec<&str> = positives.iter().filter_map(|r| describe(*r)).collect();
@@ -291,8 +253,7 @@ fn syntax_error(file: FileId, src: &str, e: pest::error::Error<Rule>) -> Diagnos
     } else {
         format!("expected {}, found {found}", join_or(&expected))
     };
-    let mut d =
-        Diagnostic::error(Code::Syntax, message).with_label(Span::new(file, pos, end), "here");
+    let mut d = Diagnostic::error(Code::Syntax, message).with_label(Span::new(file, pos, end), "here");
     if src[..pos].matches('{').count() > src[..pos].matches('}').count() && found == "end of file" {
         d = d.with_help("a block is not closed: add the missing `}`");
     }
@@ -332,16 +293,10 @@ fn precheck(file: FileId, src: &str) -> Result<(), Diagnostic> {
     if src.len() > MAX_SOURCE_BYTES {
         return Err(Diagnostic::error(
             Code::Syntax,
-            format!(
-                "the spec is {} bytes; specs are limited to {} bytes",
-                src.len(),
-                MAX_SOURCE_BYTES
-            ),
+            format!("the spec is {} bytes; specs are limited to {} bytes", src.len(), MAX_SOURCE_BYTES),
         )
         .with_label(Span::new(file, 0, 0), "file starts here")
-        .with_help(
-            "is this the right file? a spec describes one training job in a few hundred lines",
-        ));
+        .with_help("is this the right file? a spec describes one training job in a few hundred lines"));
     }
     let mut depth = 0usize;
     let mut in_string = false;
@@ -358,11 +313,8 @@ fn precheck(file: FileId, src: &str) -> Result<(), Diagnostic> {
             '{' | '[' if !in_string => {
                 depth += 1;
                 if depth > MAX_NESTING {
-                    return Err(Diagnostic::error(
-                        Code::Syntax,
-                        format!("nesting deeper than {MAX_NESTING} levels"),
-                    )
-                    .with_label(Span::new(file, i, i + 1), "too deep here"));
+                    return Err(Diagnostic::error(Code::Syntax, format!("nesting deeper than {MAX_NESTING} levels"))
+                        .with_label(Span::new(file, i, i + 1), "too deep here"));
                 }
             }
             '}' | ']' if !in_string => depth = depth.saturating_sub(1),

@@ -48,26 +48,11 @@ const FRAGMENTS: [&str; 28] = [
 
 #[derive(Debug, Clone)]
 enum Mutation {
-    Delete {
-        at: usize,
-        len: usize,
-    },
-    Insert {
-        at: usize,
-        fragment: usize,
-    },
-    Replace {
-        at: usize,
-        len: usize,
-        fragment: usize,
-    },
-    Duplicate {
-        at: usize,
-        len: usize,
-    },
-    Truncate {
-        at: usize,
-    },
+    Delete { at: usize, len: usize },
+    Insert { at: usize, fragment: usize },
+    Replace { at: usize, len: usize, fragment: usize },
+    Duplicate { at: usize, len: usize },
+    Truncate { at: usize },
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -77,11 +62,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (at.clone(), len.clone()).prop_map(|(at, len)| Mutation::Delete { at, len }),
         (at.clone(), fragment.clone()).prop_map(|(at, fragment)| Mutation::Insert { at, fragment }),
-        (at.clone(), len.clone(), fragment).prop_map(|(at, len, fragment)| Mutation::Replace {
-            at,
-            len,
-            fragment
-        }),
+        (at.clone(), len.clone(), fragment).prop_map(|(at, len, fragment)| Mutation::Replace { at, len, fragment }),
         (at.clone(), len).prop_map(|(at, len)| Mutation::Duplicate { at, len }),
         at.prop_map(|at| Mutation::Truncate { at }),
     ]
@@ -97,12 +78,8 @@ fn boundary(s: &str, i: usize) -> usize {
 }
 
 fn apply(text: &str, m: &Mutation) -> String {
-    let cut = |at: usize, len: usize| {
-        (
-            boundary(text, at % (text.len() + 1)),
-            boundary(text, at % (text.len() + 1) + len),
-        )
-    };
+    let cut =
+        |at: usize, len: usize| (boundary(text, at % (text.len() + 1)), boundary(text, at % (text.len() + 1) + len));
     match *m {
         Mutation::Delete { at, len } => {
             let (a, b) = cut(at, len);
@@ -128,11 +105,7 @@ fn apply(text: &str, m: &Mutation) -> String {
 fn load_and_round_trip(text: &str) -> Result<Option<Spec>, TestCaseError> {
     let started = Instant::now();
     let loaded = load_str("mutant.dsc", text, &[]);
-    prop_assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "loading took {:?}",
-        started.elapsed()
-    );
+    prop_assert!(started.elapsed() < Duration::from_secs(5), "loading took {:?}", started.elapsed());
     let Some(spec) = loaded.checked_spec().cloned() else {
         prop_assert!(loaded.has_errors() || loaded.spec.is_none());
         return Ok(None);
@@ -140,12 +113,7 @@ fn load_and_round_trip(text: &str) -> Result<Option<Spec>, TestCaseError> {
     let tree = loaded.syntax.as_ref().expect("a spec has a tree");
     let formatted = format_file(tree, text);
     let again = load_str("formatted.dsc", &formatted, &[]);
-    prop_assert_eq!(
-        again.checked_spec(),
-        Some(&spec),
-        "formatting changed the spec:\n{}",
-        formatted
-    );
+    prop_assert_eq!(again.checked_spec(), Some(&spec), "formatting changed the spec:\n{}", formatted);
     let twice = format_file(again.syntax.as_ref().expect("tree"), &formatted);
     prop_assert_eq!(&twice, &formatted, "formatting is not idempotent");
     Ok(Some(spec))

@@ -35,9 +35,7 @@ pub fn per_token(model: &Model, seq_len: u64) -> Flops {
     Flops {
         seq_len,
         matmul: TRAINING_PASSES * gemm_forward(&params::main_model(model)),
-        attention: TRAINING_PASSES
-            * model.layers
-            * attention_core_forward(&model.attention, seq_len),
+        attention: TRAINING_PASSES * model.layers * attention_core_forward(&model.attention, seq_len),
         mtp: mtp_training(model, seq_len),
     }
 }
@@ -46,9 +44,7 @@ pub fn per_token(model: &Model, seq_len: u64) -> Flops {
 pub fn training(model: &Model, part: &StagePart, seq_len: u64) -> u64 {
     match part {
         StagePart::Embedding => 0,
-        StagePart::Layers(range) => (range.start..range.end)
-            .map(|layer| layer_training(model, layer, seq_len))
-            .sum(),
+        StagePart::Layers(range) => (range.start..range.end).map(|layer| layer_training(model, layer, seq_len)).sum(),
         StagePart::Head => TRAINING_PASSES * gemm_forward(&params::head(model)),
         StagePart::Mtp => mtp_training(model, seq_len),
     }
@@ -93,15 +89,7 @@ mod tests {
         // Attention core at S = 3: 2·h·(qk+v)·(S+1)/2 = 2·2·5·4/2 = 40. Forward 388, training 1164.
         let spec = testing::tiny_dense();
         let flops = per_token(&spec.model, spec.train.seq_len);
-        assert_eq!(
-            flops,
-            Flops {
-                seq_len: 3,
-                matmul: 3 * 348,
-                attention: 3 * 40,
-                mtp: 0
-            }
-        );
+        assert_eq!(flops, Flops { seq_len: 3, matmul: 3 * 348, attention: 3 * 40, mtp: 0 });
         assert_eq!(flops.total(), 1164);
         assert_eq!(layer_training(&spec.model, 0, 3), 3 * (2 * (74 + 60) + 40));
     }
@@ -120,10 +108,7 @@ mod tests {
         let model = &spec.model;
         let parts = [
             StagePart::Embedding,
-            StagePart::Layers(LayerRange {
-                start: 0,
-                end: model.layers,
-            }),
+            StagePart::Layers(LayerRange { start: 0, end: model.layers }),
             StagePart::Head,
             StagePart::Mtp,
         ];
@@ -137,9 +122,6 @@ mod tests {
         let flops = per_token(&spec.model, spec.train.seq_len);
         // 6 × ~36.6B GEMM weights, plus 3 × 61 × 128·320·4097 of attention, plus MTP.
         assert_eq!(flops.attention, 3 * 61 * 128 * 320 * 4097);
-        assert!(
-            (240e9..270e9).contains(&(flops.total() as f64)),
-            "{flops:?}"
-        );
+        assert!((240e9..270e9).contains(&(flops.total() as f64)), "{flops:?}");
     }
 }

@@ -33,32 +33,19 @@ pub struct RankMemory {
 
 /// Memory of every pipeline rank.
 pub fn per_rank(spec: &Spec, stages: &[Stage]) -> Vec<RankMemory> {
-    (0..stages.len())
-        .map(|rank| rank_memory(spec, stages, rank))
-        .collect()
+    (0..stages.len()).map(|rank| rank_memory(spec, stages, rank)).collect()
 }
 
 fn rank_memory(spec: &Spec, stages: &[Stage], rank: usize) -> RankMemory {
     let held = held_stages(spec.parallel.pipeline.schedule, stages.len(), rank);
-    let resident = held
-        .iter()
-        .map(|&stage| Resident::of(spec, &stages[stage]))
-        .fold(Resident::default(), Add::add);
+    let resident = held.iter().map(|&stage| Resident::of(spec, &stages[stage])).fold(Resident::default(), Add::add);
     let in_flight = in_flight_micro_batches(spec.parallel.pipeline.schedule, stages.len(), rank);
-    let per_micro_batch = held
-        .iter()
-        .map(|&stage| activation_bytes(spec, &stages[stage]))
-        .max()
-        .unwrap_or(0);
+    let per_micro_batch = held.iter().map(|&stage| activation_bytes(spec, &stages[stage])).max().unwrap_or(0);
     let activations = in_flight * per_micro_batch;
     let bytes = resident.weights + resident.grads + resident.optimizer + activations;
     RankMemory {
         stage: rank as u64,
-        parts: held
-            .iter()
-            .map(|&stage| describe(&stages[stage].parts))
-            .collect::<Vec<_>>()
-            .join(" + "),
+        parts: held.iter().map(|&stage| describe(&stages[stage].parts)).collect::<Vec<_>>().join(" + "),
         params: resident.params,
         weights: resident.weights,
         grads: resident.grads,
@@ -101,32 +88,23 @@ impl Resident {
     fn of(spec: &Spec, stage: &Stage) -> Resident {
         let parallel = &spec.parallel;
         let precision = &spec.precision;
-        let all: params::Part = stage
-            .parts
-            .iter()
-            .map(|part| params::part(&spec.model, part))
-            .sum();
+        let all: params::Part = stage.parts.iter().map(|part| params::part(&spec.model, part)).sum();
         let routed = all.params.routed_experts.div_ceil(parallel.expert.size);
         let replicated = all.params.total() - all.params.routed_experts;
         let params = replicated + routed;
         // ZeRO-1 shards the optimizer state over the GPUs that hold the same parameters: all of
         // data parallelism for replicated ones, the expert-data-parallel group for experts.
         let (replicated_shards, routed_shards) = if parallel.data.zero >= 1 {
-            (
-                parallel.data.size,
-                (parallel.data.size / parallel.expert.size).max(1),
-            )
+            (parallel.data.size, (parallel.data.size / parallel.expert.size).max(1))
         } else {
             (1, 1)
         };
-        let optimizer_per_param =
-            precision.master_weights.bytes() + 2 * precision.adam_moments.bytes();
+        let optimizer_per_param = precision.master_weights.bytes() + 2 * precision.adam_moments.bytes();
         Resident {
             params,
             weights: params * compute_weight_bytes(precision.gemm),
             grads: params * precision.grads.bytes(),
-            optimizer: optimizer_per_param
-                * (replicated.div_ceil(replicated_shards) + routed.div_ceil(routed_shards)),
+            optimizer: optimizer_per_param * (replicated.div_ceil(replicated_shards) + routed.div_ceil(routed_shards)),
         }
     }
 }
@@ -151,12 +129,7 @@ fn compute_weight_bytes(gemm: Dtype) -> u64 {
 /// Activation bytes one micro-batch leaves on a stage for its backward pass.
 fn activation_bytes(spec: &Spec, stage: &Stage) -> u64 {
     let tokens = spec.train.micro_batch * spec.train.seq_len;
-    tokens
-        * stage
-            .parts
-            .iter()
-            .map(|part| saved_bytes_per_token(spec, part))
-            .sum::<u64>()
+    tokens * stage.parts.iter().map(|part| saved_bytes_per_token(spec, part)).sum::<u64>()
 }
 
 /// Bytes per token a part saves for its backward pass.
@@ -164,15 +137,11 @@ pub fn saved_bytes_per_token(spec: &Spec, part: &StagePart) -> u64 {
     let saved = Saved::new(spec);
     match part {
         StagePart::Embedding => 0,
-        StagePart::Layers(range) => (range.start..range.end)
-            .map(|layer| saved.block(params::ffn_at(&spec.model, layer)))
-            .sum(),
+        StagePart::Layers(range) => {
+            (range.start..range.end).map(|layer| saved.block(params::ffn_at(&spec.model, layer))).sum()
+        }
         StagePart::Head => saved.head(),
-        StagePart::Mtp => spec
-            .model
-            .mtp
-            .as_ref()
-            .map_or(0, |mtp| mtp.depth * saved.mtp_depth()),
+        StagePart::Mtp => spec.model.mtp.as_ref().map_or(0, |mtp| mtp.depth * saved.mtp_depth()),
     }
 }
 
@@ -188,10 +157,7 @@ struct Saved<'a> {
 
 impl<'a> Saved<'a> {
     fn new(spec: &'a Spec) -> Self {
-        Saved {
-            spec,
-            s: spec.precision.saved_activations.bytes(),
-        }
+        Saved { spec, s: spec.precision.saved_activations.bytes() }
     }
 
     fn recomputes(&self, what: Recompute) -> bool {
@@ -242,8 +208,7 @@ impl<'a> Saved<'a> {
             // Router scores in FP32 (sigmoid / softmax backward), then every expert the token
             // visits: its top-k routed ones and the shared ones.
             Ffn::Moe(moe) => {
-                F32 * moe.routed_experts
-                    + (moe.top_k + moe.shared_experts) * self.expert(moe.intermediate)
+                F32 * moe.routed_experts + (moe.top_k + moe.shared_experts) * self.expert(moe.intermediate)
             }
         };
         residual + self.normed_input() + experts
@@ -257,11 +222,7 @@ impl<'a> Saved<'a> {
         // saved activations (FP8 in DeepSeek-V3's recipe).
         let swiglu_input = self.s * 2 * intermediate;
         // The SwiGLU output, down_proj's input, unless recomputed from the SwiGLU input.
-        let swiglu_output = if self.recomputes(Recompute::Swiglu) {
-            0
-        } else {
-            self.s * intermediate
-        };
+        let swiglu_output = if self.recomputes(Recompute::Swiglu) { 0 } else { self.s * intermediate };
         input + swiglu_input + swiglu_output
     }
 
@@ -290,18 +251,10 @@ mod tests {
         // latents 1536 + 512 + 64, output 2·128·128 + 128·128, log-sum-exp 4·128 = 66,112.
         // MoE FFN: x 2·7168, router 4·256, 9 experts × (7168 + 1·2·2048) = 116,736.
         let spec = testing::deepseek_v3();
-        let layer = |i| {
-            StagePart::Layers(LayerRange {
-                start: i,
-                end: i + 1,
-            })
-        };
+        let layer = |i| StagePart::Layers(LayerRange { start: i, end: i + 1 });
         assert_eq!(saved_bytes_per_token(&spec, &layer(60)), 66_112 + 116_736);
         // Dense FFN: x 2·7168, one "expert" of 7168 + 1·2·18,432.
-        assert_eq!(
-            saved_bytes_per_token(&spec, &layer(0)),
-            66_112 + 14_336 + 44_032
-        );
+        assert_eq!(saved_bytes_per_token(&spec, &layer(0)), 66_112 + 14_336 + 44_032);
         assert_eq!(saved_bytes_per_token(&spec, &StagePart::Head), 14_340);
     }
 
@@ -314,10 +267,7 @@ mod tests {
         spec.precision.recompute.clear();
         // d 4, h 2, qk 3, nope 2, v 2, intermediate 5, s = 2: two normed inputs 2·(2·4),
         // q / k / v 2·2·(3+2+2) = 28, SwiGLU output 2·5.
-        assert_eq!(
-            saved_bytes_per_token(&spec, &layer),
-            recomputed + 16 + 28 + 10
-        );
+        assert_eq!(saved_bytes_per_token(&spec, &layer), recomputed + 16 + 28 + 10);
     }
 
     #[test]
@@ -325,10 +275,7 @@ mod tests {
         let mut spec = testing::deepseek_v3();
         spec.parallel.pipeline.schedule = PipelineSchedule::OneFOneB;
         let memory = per_rank(&spec, &split(&spec));
-        let in_flight: Vec<u64> = memory
-            .iter()
-            .map(|rank| rank.in_flight_micro_batches)
-            .collect();
+        let in_flight: Vec<u64> = memory.iter().map(|rank| rank.in_flight_micro_batches).collect();
         assert_eq!(in_flight, (1..=16).rev().collect::<Vec<u64>>());
     }
 
@@ -339,14 +286,7 @@ mod tests {
         let memory = per_rank(&spec, &stages);
         assert!(memory.iter().all(|rank| rank.in_flight_micro_batches == 17));
         assert_eq!(memory[0].params, memory[15].params);
-        assert_eq!(
-            memory[0].parts,
-            format!(
-                "{} + {}",
-                describe(&stages[0].parts),
-                describe(&stages[15].parts)
-            )
-        );
+        assert_eq!(memory[0].parts, format!("{} + {}", describe(&stages[0].parts), describe(&stages[15].parts)));
     }
 
     #[test]
@@ -356,10 +296,7 @@ mod tests {
         let spec = testing::tiny_dense();
         let memory = &per_rank(&spec, &split(&spec))[0];
         assert_eq!(memory.params, 231);
-        assert_eq!(
-            (memory.weights, memory.grads, memory.optimizer),
-            (462, 924, 1848)
-        );
+        assert_eq!((memory.weights, memory.grads, memory.optimizer), (462, 924, 1848));
         // Saved per token (E4M3, all recomputed): attention x 8, latents 3+2+1, output 2·2·2,
         // o_proj input 2·2, log-sum-exp 4·2 = 34; FFN x 8, input copy 4, SwiGLU input 1·2·5 = 22;
         // head 8 + 4. 3 tokens per micro-batch, 1 in flight.

@@ -96,25 +96,12 @@ mod tests {
             assert!(json["params"][key].is_u64(), "params.{key}");
         }
         assert!(json["flops_per_token"].is_number());
-        for key in [
-            "tokens_per_step",
-            "tokens_per_step_initial",
-            "micro_batches_per_step",
-            "gpu_memory",
-        ] {
+        for key in ["tokens_per_step", "tokens_per_step_initial", "micro_batches_per_step", "gpu_memory"] {
             assert!(json[key].is_u64(), "{key}");
         }
         let rank = &json["memory"][0];
         assert_eq!(rank["stage"], 0);
-        for key in [
-            "params",
-            "weights",
-            "grads",
-            "optimizer",
-            "activations",
-            "in_flight_micro_batches",
-            "bytes",
-        ] {
+        for key in ["params", "weights", "grads", "optimizer", "activations", "in_flight_micro_batches", "bytes"] {
             assert!(rank[key].is_u64(), "memory[0].{key}");
         }
         assert!(rank["parts"].is_string() && rank["fits"].is_boolean());

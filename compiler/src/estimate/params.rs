@@ -75,20 +75,12 @@ pub struct Part {
 impl Part {
     /// GEMM weights every token multiplies by.
     fn gemm(params: Components) -> Part {
-        Part {
-            params,
-            activated: params.total(),
-            activated_matmul: params.total(),
-        }
+        Part { params, activated: params.total(), activated_matmul: params.total() }
     }
 
     /// Parameters every token uses outside a GEMM: embedding rows, norm scales, biases.
     fn non_gemm(params: Components) -> Part {
-        Part {
-            params,
-            activated: params.total(),
-            activated_matmul: 0,
-        }
+        Part { params, activated: params.total(), activated_matmul: 0 }
     }
 }
 
@@ -160,23 +152,12 @@ pub fn part(model: &Model, part: &StagePart) -> Part {
 
 /// Embedding, all layers and head.
 pub fn main_model(model: &Model) -> Part {
-    embedding(model)
-        + layers(
-            model,
-            LayerRange {
-                start: 0,
-                end: model.layers,
-            },
-        )
-        + head(model)
+    embedding(model) + layers(model, LayerRange { start: 0, end: model.layers }) + head(model)
 }
 
 /// `embed_tokens`: one row per vocabulary entry.
 pub fn embedding(model: &Model) -> Part {
-    Part::non_gemm(Components {
-        embedding: model.vocab * model.hidden,
-        ..Components::default()
-    })
+    Part::non_gemm(Components { embedding: model.vocab * model.hidden, ..Components::default() })
 }
 
 /// The final RMSNorm and the (untied) output projection `lm_head`.
@@ -185,23 +166,15 @@ pub fn head(model: &Model) -> Part {
 }
 
 fn output_projection(model: &Model) -> Part {
-    Part::gemm(Components {
-        head: model.hidden * model.vocab,
-        ..Components::default()
-    })
+    Part::gemm(Components { head: model.hidden * model.vocab, ..Components::default() })
 }
 
 fn rmsnorm(dim: u64) -> Part {
-    Part::non_gemm(Components {
-        norms: dim,
-        ..Components::default()
-    })
+    Part::non_gemm(Components { norms: dim, ..Components::default() })
 }
 
 fn layers(model: &Model, range: LayerRange) -> Part {
-    (range.start..range.end)
-        .map(|layer| block(model, ffn_at(model, layer)))
-        .sum()
+    (range.start..range.end).map(|layer| block(model, ffn_at(model, layer))).sum()
 }
 
 /// One Transformer block: input RMSNorm, MLA, post-attention RMSNorm, FFN.
@@ -219,13 +192,8 @@ fn attention(mla: &Mla, d: u64) -> Part {
         + mla.kv_rank * h * (mla.qk_nope_dim + mla.v_dim)
         + h * mla.v_dim * d;
     let latent_norms = mla.q_rank + mla.kv_rank;
-    Part::gemm(Components {
-        attention: projections,
-        ..Components::default()
-    }) + Part::non_gemm(Components {
-        attention: latent_norms,
-        ..Components::default()
-    })
+    Part::gemm(Components { attention: projections, ..Components::default() })
+        + Part::non_gemm(Components { attention: latent_norms, ..Components::default() })
 }
 
 /// gate_proj, up_proj and down_proj of one SwiGLU MLP.
@@ -235,10 +203,9 @@ fn swiglu(d: u64, intermediate: u64) -> u64 {
 
 fn ffn(ffn: &Ffn, d: u64) -> Part {
     match ffn {
-        Ffn::Dense { intermediate } => Part::gemm(Components {
-            dense_ffn: swiglu(d, *intermediate),
-            ..Components::default()
-        }),
+        Ffn::Dense { intermediate } => {
+            Part::gemm(Components { dense_ffn: swiglu(d, *intermediate), ..Components::default() })
+        }
         Ffn::Moe(moe) => self::moe(moe, d),
     }
 }
@@ -246,23 +213,11 @@ fn ffn(ffn: &Ffn, d: u64) -> Part {
 /// Shared experts, routed experts (a token uses `top_k` of them), the gate and the bias.
 fn moe(moe: &Moe, d: u64) -> Part {
     let expert = swiglu(d, moe.intermediate);
-    let shared = Components {
-        shared_experts: moe.shared_experts * expert,
-        ..Components::default()
-    };
-    let gate = Components {
-        router: moe.routed_experts * d,
-        ..Components::default()
-    };
-    let bias = Components {
-        router: moe.routed_experts,
-        ..Components::default()
-    };
+    let shared = Components { shared_experts: moe.shared_experts * expert, ..Components::default() };
+    let gate = Components { router: moe.routed_experts * d, ..Components::default() };
+    let bias = Components { router: moe.routed_experts, ..Components::default() };
     let routed = Part {
-        params: Components {
-            routed_experts: moe.routed_experts * expert,
-            ..Components::default()
-        },
+        params: Components { routed_experts: moe.routed_experts * expert, ..Components::default() },
         activated: moe.top_k * expert,
         activated_matmul: moe.top_k * expert,
     };
@@ -273,14 +228,8 @@ fn moe(moe: &Moe, d: u64) -> Part {
 /// the last layer's FFN, and shared_head.norm.
 pub fn mtp_block(model: &Model) -> Part {
     let d = model.hidden;
-    let norms = Components {
-        mtp: 3 * d,
-        ..Components::default()
-    };
-    let eh_proj = Components {
-        mtp: 2 * d * d,
-        ..Components::default()
-    };
+    let norms = Components { mtp: 3 * d, ..Components::default() };
+    let eh_proj = Components { mtp: 2 * d * d, ..Components::default() };
     Part::non_gemm(norms) + Part::gemm(eh_proj) + block(model, mtp_ffn(model))
 }
 
@@ -289,19 +238,9 @@ pub fn mtp(model: &Model) -> Part {
     let Some(mtp) = &model.mtp else {
         return Part::default();
     };
-    let own_embedding = if mtp.share_embedding {
-        Part::default()
-    } else {
-        embedding(model)
-    };
-    let own_head = if mtp.share_head {
-        Part::default()
-    } else {
-        output_projection(model)
-    };
-    (0..mtp.depth)
-        .map(|_| mtp_block(model) + own_embedding + own_head)
-        .sum()
+    let own_embedding = if mtp.share_embedding { Part::default() } else { embedding(model) };
+    let own_head = if mtp.share_head { Part::default() } else { output_projection(model) };
+    (0..mtp.depth).map(|_| mtp_block(model) + own_embedding + own_head).sum()
 }
 
 #[cfg(test)]
@@ -314,11 +253,7 @@ mod tests {
         let counts = counts(&testing::deepseek_v3().model);
         assert_eq!(counts.total, 671_026_419_200);
         assert_eq!(counts.mtp, 11_610_068_224);
-        assert!(
-            (36_500_000_000..=38_500_000_000).contains(&counts.activated),
-            "{}",
-            counts.activated
-        );
+        assert!((36_500_000_000..=38_500_000_000).contains(&counts.activated), "{}", counts.activated);
     }
 
     #[test]
@@ -350,10 +285,7 @@ mod tests {
         mtp.share_embedding = false;
         mtp.share_head = false;
         mtp.depth = 2;
-        assert_eq!(
-            self::mtp(&model).params.total(),
-            2 * (shared + 2 * 129_280 * 7168)
-        );
+        assert_eq!(self::mtp(&model).params.total(), 2 * (shared + 2 * 129_280 * 7168));
     }
 
     #[test]

@@ -15,12 +15,7 @@ impl fmt::Display for Info {
         let p = &self.params;
         let c = &p.components;
         writeln!(f, "{:LABEL$}{}", "model", self.model)?;
-        param_row(
-            f,
-            "params",
-            p.total,
-            "main model, embedding and head included",
-        )?;
+        param_row(f, "params", p.total, "main model, embedding and head included")?;
         for (label, count) in [
             ("activated", p.activated),
             ("mtp", p.mtp),
@@ -58,38 +53,23 @@ impl fmt::Display for Info {
             "{:LABEL$}{} per step per data-parallel rank (initial {})",
             "micro-batches", self.micro_batches_per_step, self.micro_batches_per_step_initial
         )?;
-        writeln!(
-            f,
-            "{:LABEL$}{} per GPU",
-            "memory",
-            bytes_text(self.gpu_memory)
-        )?;
+        writeln!(f, "{:LABEL$}{} per GPU", "memory", bytes_text(self.gpu_memory))?;
         writeln!(
             f,
             "  {:>4} {:>8} {:>9} {:>9} {:>9} {:>14} {:>9}  {:23} parts",
             "rank", "params", "weights", "grads", "optimizer", "activations", "total", "",
         )?;
-        self.memory
-            .iter()
-            .try_for_each(|rank| memory_row(f, rank, self.gpu_memory))
+        self.memory.iter().try_for_each(|rank| memory_row(f, rank, self.gpu_memory))
     }
 }
 
 fn param_row(f: &mut fmt::Formatter<'_>, label: &str, count: u64, note: &str) -> fmt::Result {
-    let row = format!(
-        "{label:LABEL$}{:>8}  {:>15}  {note}",
-        scaled(count, COUNT),
-        grouped(count)
-    );
+    let row = format!("{label:LABEL$}{:>8}  {:>15}  {note}", scaled(count, COUNT), grouped(count));
     writeln!(f, "{}", row.trim_end())
 }
 
 fn memory_row(f: &mut fmt::Formatter<'_>, rank: &RankMemory, gpu_memory: u64) -> fmt::Result {
-    let status = if rank.fits {
-        "fits".to_string()
-    } else {
-        format!("does not fit ({})", bytes_text(gpu_memory))
-    };
+    let status = if rank.fits { "fits".to_string() } else { format!("does not fit ({})", bytes_text(gpu_memory)) };
     writeln!(
         f,
         "  {:>4} {:>8} {:>9} {:>9} {:>9} {:>9} ×{:<3} {:>9}  {status:23} {}",
@@ -135,30 +115,19 @@ fn flop(n: u64) -> String {
 /// `n` with thousands separators, e.g. "671,026,419,200".
 fn grouped(n: u64) -> String {
     let digits = n.to_string();
-    let groups: Vec<&str> = digits
-        .as_bytes()
-        .rchunks(3)
-        .rev()
-        .map(|group| std::str::from_utf8(group).expect("ASCII digits"))
-        .collect();
+    let groups: Vec<&str> =
+        digits.as_bytes().rchunks(3).rev().map(|group| std::str::from_utf8(group).expect("ASCII digits")).collect();
     groups.join(",")
 }
 
 /// Bytes with a binary unit and one decimal, e.g. "80.0 GiB", "12.5 KiB".
 fn bytes_text(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let power = (1..units.len())
-        .rev()
-        .find(|&p| bytes >= 1u64 << (10 * p))
-        .unwrap_or(0);
+    let power = (1..units.len()).rev().find(|&p| bytes >= 1u64 << (10 * p)).unwrap_or(0);
     if power == 0 {
         return format!("{bytes} B");
     }
-    format!(
-        "{:.1} {}",
-        bytes as f64 / (1u64 << (10 * power)) as f64,
-        units[power]
-    )
+    format!("{:.1} {}", bytes as f64 / (1u64 << (10 * power)) as f64, units[power])
 }
 
 #[cfg(test)]

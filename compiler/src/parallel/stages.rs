@@ -27,11 +27,7 @@ pub fn split(spec: &Spec) -> Vec<Stage> {
     } else {
         pipeline.layout.clone()
     };
-    layout
-        .into_iter()
-        .zip(0..)
-        .map(|(parts, index)| Stage { index, parts })
-        .collect()
+    layout.into_iter().zip(0..).map(|(parts, index)| Stage { index, parts }).collect()
 }
 
 /// A stage's contents for people, e.g. "embedding, layers 0..4" (layer ranges are half-open).
@@ -58,23 +54,14 @@ fn balance(model: &Model, stages: u64, seq_len: u64) -> Vec<Vec<StagePart>> {
         costs.len(),
         model.layers
     );
-    min_max_partition(&costs, stages)
-        .into_iter()
-        .map(|items| stage_parts(model, items))
-        .collect()
+    min_max_partition(&costs, stages).into_iter().map(|items| stage_parts(model, items)).collect()
 }
 
 /// Training FLOPs per token of each item: embedding, each layer, tail.
 fn item_costs(model: &Model, seq_len: u64) -> Vec<u64> {
     let layer_costs = (0..model.layers).map(|layer| flops::layer_training(model, layer, seq_len));
-    let tail: u64 = tail_parts(model)
-        .iter()
-        .map(|part| flops::training(model, part, seq_len))
-        .sum();
-    std::iter::once(0)
-        .chain(layer_costs)
-        .chain(std::iter::once(tail))
-        .collect()
+    let tail: u64 = tail_parts(model).iter().map(|part| flops::training(model, part, seq_len)).sum();
+    std::iter::once(0).chain(layer_costs).chain(std::iter::once(tail)).collect()
 }
 
 fn tail_parts(model: &Model) -> Vec<StagePart> {
@@ -92,10 +79,7 @@ fn stage_parts(model: &Model, items: Range<usize>) -> Vec<StagePart> {
     if items.start == 0 {
         parts.push(StagePart::Embedding);
     }
-    let layers = LayerRange {
-        start: items.start.max(1) as u64 - 1,
-        end: items.end.min(tail) as u64 - 1,
-    };
+    let layers = LayerRange { start: items.start.max(1) as u64 - 1, end: items.end.min(tail) as u64 - 1 };
     if !layers.is_empty() {
         parts.push(StagePart::Layers(layers));
     }
@@ -120,23 +104,15 @@ fn min_max_partition(costs: &[u64], parts: usize) -> Vec<Range<usize>> {
     // (u64::MAX where there are too few items).
     let mut best = vec![prefix.clone()];
     for p in 1..parts {
-        let row = (0..=n)
-            .map(|i| {
-                (p..i)
-                    .map(|j| best[p - 1][j].max(sum(j..i)))
-                    .min()
-                    .unwrap_or(u64::MAX)
-            })
-            .collect();
+        let row = (0..=n).map(|i| (p..i).map(|j| best[p - 1][j].max(sum(j..i))).min().unwrap_or(u64::MAX)).collect();
         best.push(row);
     }
     let bound = best[parts - 1][n];
     let mut ranges = Vec::with_capacity(parts);
     let mut end = n;
     for p in (1..parts).rev() {
-        let start = (p..end)
-            .find(|&j| best[p - 1][j] <= bound && sum(j..end) <= bound)
-            .expect("the optimum is reachable");
+        let start =
+            (p..end).find(|&j| best[p - 1][j] <= bound && sum(j..end) <= bound).expect("the optimum is reachable");
         ranges.push(start..end);
         end = start;
     }
@@ -152,10 +128,7 @@ mod tests {
 
     /// Every layer exactly once, in order; embedding first on stage 0; head (then MTP) last.
     fn assert_covers(model: &Model, stages: &[Stage]) {
-        let parts: Vec<StagePart> = stages
-            .iter()
-            .flat_map(|stage| stage.parts.clone())
-            .collect();
+        let parts: Vec<StagePart> = stages.iter().flat_map(|stage| stage.parts.clone()).collect();
         assert_eq!(parts.first(), Some(&StagePart::Embedding));
         assert_eq!(stages[0].parts[0], StagePart::Embedding);
         let mut next = 0;
@@ -168,10 +141,7 @@ mod tests {
         }
         assert_eq!(next, model.layers);
         assert!(stages.last().unwrap().parts.ends_with(&tail_parts(model)));
-        assert_eq!(
-            parts.len(),
-            stages.iter().map(|s| s.parts.len()).sum::<usize>()
-        );
+        assert_eq!(parts.len(), stages.iter().map(|s| s.parts.len()).sum::<usize>());
     }
 
     #[test]
@@ -191,11 +161,7 @@ mod tests {
     fn partition_matches_brute_force() {
         let costs = [0, 7, 3, 9, 1, 4, 8, 2, 6];
         let largest = |ranges: &[Range<usize>]| {
-            ranges
-                .iter()
-                .map(|range| costs[range.clone()].iter().sum::<u64>())
-                .max()
-                .unwrap()
+            ranges.iter().map(|range| costs[range.clone()].iter().sum::<u64>()).max().unwrap()
         };
         for parts in 1..=costs.len() {
             let ranges = min_max_partition(&costs, parts);
@@ -224,15 +190,8 @@ mod tests {
         let mut spec = testing::deepseek_v3();
         spec.parallel.pipeline.stages = 2;
         let layout = vec![
-            vec![
-                StagePart::Embedding,
-                StagePart::Layers(LayerRange { start: 0, end: 30 }),
-            ],
-            vec![
-                StagePart::Layers(LayerRange { start: 30, end: 61 }),
-                StagePart::Head,
-                StagePart::Mtp,
-            ],
+            vec![StagePart::Embedding, StagePart::Layers(LayerRange { start: 0, end: 30 })],
+            vec![StagePart::Layers(LayerRange { start: 30, end: 61 }), StagePart::Head, StagePart::Mtp],
         ];
         spec.parallel.pipeline.layout = layout.clone();
         let parts: Vec<_> = split(&spec).into_iter().map(|stage| stage.parts).collect();
@@ -250,14 +209,8 @@ mod tests {
 
     #[test]
     fn partition_by_hand() {
-        assert_eq!(
-            min_max_partition(&[0, 5, 5, 5, 5, 9], 3),
-            [0..3, 3..5, 5..6]
-        );
-        assert_eq!(
-            min_max_partition(&[0, 1, 1, 1], 1),
-            [Range { start: 0, end: 4 }]
-        );
+        assert_eq!(min_max_partition(&[0, 5, 5, 5, 5, 9], 3), [0..3, 3..5, 5..6]);
+        assert_eq!(min_max_partition(&[0, 1, 1, 1], 1), [Range { start: 0, end: 4 }]);
         // Ties go to the back: [0, 2 | 2, 2] and [0, 2, 2 | 2] both have max 4.
         assert_eq!(min_max_partition(&[0, 2, 2, 2], 2), [0..2, 2..4]);
     }

@@ -31,9 +31,7 @@ impl Cx {
     /// `tag {`, so that a diagnostic about it does not underline the whole block).
     pub fn decode<T: Decode>(&mut self, v: &Value, path: &str) -> Option<T> {
         let span = match &v.kind {
-            ValueKind::Tagged(_, b) | ValueKind::Block(b) => {
-                Span::new(v.span.file, v.span.start, b.span.start + 1)
-            }
+            ValueKind::Tagged(_, b) | ValueKind::Block(b) => Span::new(v.span.file, v.span.start, b.span.start + 1),
             _ => v.span,
         };
         self.spans.insert(path.to_string(), span);
@@ -46,11 +44,8 @@ impl Cx {
 
     /// Reports that `v` is not what was expected; always `None`.
     pub fn wrong_type<T>(&mut self, v: &Value, expected: &str) -> Option<T> {
-        let mut d = Diagnostic::error(
-            Code::WrongType,
-            format!("expected {expected}, found {}", describe(v)),
-        )
-        .with_label(v.span, format!("expected {expected}"));
+        let mut d = Diagnostic::error(Code::WrongType, format!("expected {expected}, found {}", describe(v)))
+            .with_label(v.span, format!("expected {expected}"));
         if let ValueKind::Name(n) = &v.kind {
             if n.starts_with(|c: char| c.is_ascii_digit()) {
                 d = d.with_help(
@@ -66,29 +61,15 @@ impl Cx {
     /// The entries of a plain `{ ... }` block, anchored at `anchor` for "missing key" errors.
     pub fn fields<'a>(&mut self, v: &'a Value, path: &str) -> Option<Fields<'a>> {
         match &v.kind {
-            ValueKind::Block(block) => {
-                Some(Fields::new(self, block, path, first_line(v.span, block)))
-            }
+            ValueKind::Block(block) => Some(Fields::new(self, block, path, first_line(v.span, block))),
             _ => self.wrong_type(v, "a `{ ... }` block"),
         }
     }
 
     /// A tagged block `tag { ... }` (or a bare `tag` meaning an empty block): which of `tags`
     /// it is, and its fields.
-    pub fn tagged<'a>(
-        &mut self,
-        v: &'a Value,
-        path: &str,
-        tags: &[&'static str],
-    ) -> Option<(usize, Fields<'a>)> {
-        static EMPTY: Block = Block {
-            entries: Vec::new(),
-            span: Span {
-                file: 0,
-                start: 0,
-                end: 0,
-            },
-        };
+    pub fn tagged<'a>(&mut self, v: &'a Value, path: &str, tags: &[&'static str]) -> Option<(usize, Fields<'a>)> {
+        static EMPTY: Block = Block { entries: Vec::new(), span: Span { file: 0, start: 0, end: 0 } };
         let (tag, tag_span, block) = match &v.kind {
             ValueKind::Tagged(tag, block) => (tag.name.as_str(), tag.span, block),
             ValueKind::Name(name) => (name.as_str(), v.span, &EMPTY),
@@ -133,9 +114,7 @@ impl Cx {
         let decimal = match Decimal::parse(&n.literal) {
             Ok(d) => d,
             Err(msg) => {
-                self.report(
-                    Diagnostic::error(Code::BadNumber, msg).with_label(v.span, "this number"),
-                );
+                self.report(Diagnostic::error(Code::BadNumber, msg).with_label(v.span, "this number"));
                 return None;
             }
         };
@@ -167,9 +146,7 @@ impl Cx {
         match d.to_u64() {
             Ok(n) => Some(n),
             Err(msg) => {
-                self.report(
-                    Diagnostic::error(Code::BadNumber, msg).with_label(v.span, "this number"),
-                );
+                self.report(Diagnostic::error(Code::BadNumber, msg).with_label(v.span, "this number"));
                 None
             }
         }
@@ -197,23 +174,14 @@ impl<'a> Fields<'a> {
         for (i, e) in block.entries.iter().enumerate() {
             if let Some(first) = block.entries[..i].iter().find(|p| p.key.name == e.key.name) {
                 cx.report(
-                    Diagnostic::error(
-                        Code::DuplicateKey,
-                        format!("`{}` is given twice", e.key.name),
-                    )
-                    .with_label(e.key.span, "given again here")
-                    .with_label(first.key.span, "first given here")
-                    .with_help("remove one of them"),
+                    Diagnostic::error(Code::DuplicateKey, format!("`{}` is given twice", e.key.name))
+                        .with_label(e.key.span, "given again here")
+                        .with_label(first.key.span, "first given here")
+                        .with_help("remove one of them"),
                 );
             }
         }
-        Fields {
-            block,
-            path: path.to_string(),
-            anchor,
-            used: vec![false; block.entries.len()],
-            known: vec![],
-        }
+        Fields { block, path: path.to_string(), anchor, used: vec![false; block.entries.len()], known: vec![] }
     }
 
     pub fn path(&self, key: &str) -> String {
@@ -228,13 +196,7 @@ impl<'a> Fields<'a> {
     fn find(&mut self, key: &'static str) -> Option<&'a Entry> {
         self.known.push(key);
         let mut first = None;
-        for (i, e) in self
-            .block
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.key.name == key)
-        {
+        for (i, e) in self.block.entries.iter().enumerate().filter(|(_, e)| e.key.name == key) {
             self.used[i] = true;
             first.get_or_insert(e);
         }
@@ -246,11 +208,7 @@ impl<'a> Fields<'a> {
         match self.find(key) {
             Some(e) => cx.decode(&e.value, &self.path(key)),
             None => {
-                let whole = if self.path.is_empty() {
-                    key.to_string()
-                } else {
-                    self.path(key)
-                };
+                let whole = if self.path.is_empty() { key.to_string() } else { self.path(key) };
                 cx.report(
                     Diagnostic::error(Code::MissingKey, format!("missing `{whole}`"))
                         .with_label(self.anchor, format!("this needs `{key}`"))
@@ -285,16 +243,10 @@ impl<'a> Fields<'a> {
             if *used {
                 continue;
             }
-            let where_ = if self.path.is_empty() {
-                "at the top level".to_string()
-            } else {
-                format!("in `{}`", self.path)
-            };
-            let mut d = Diagnostic::error(
-                Code::UnknownKey,
-                format!("unknown key `{}` {where_}", e.key.name),
-            )
-            .with_label(e.key.span, "unknown key");
+            let where_ =
+                if self.path.is_empty() { "at the top level".to_string() } else { format!("in `{}`", self.path) };
+            let mut d = Diagnostic::error(Code::UnknownKey, format!("unknown key `{}` {where_}", e.key.name))
+                .with_label(e.key.span, "unknown key");
             d = match did_you_mean(&e.key.name, &self.known) {
                 Some(s) => d.with_help(format!("did you mean `{s}`?")),
                 None => d.with_help(format!("the keys here are {}", one_of(&self.known))),
@@ -341,10 +293,7 @@ fn describe(v: &Value) -> String {
 
 /// A block's first line, for pointing at it without underlining all of it.
 fn first_line(span: Span, block: &Block) -> Span {
-    let end = block
-        .entries
-        .first()
-        .map_or(span.end, |e| e.span.start.max(span.start + 1));
+    let end = block.entries.first().map_or(span.end, |e| e.span.start.max(span.start + 1));
     Span::new(span.file, span.start, end.min(span.start + 1))
 }
 
@@ -361,10 +310,7 @@ impl Decode for NonZeroU64 {
         let n = cx.whole(v, d)?;
         let nz = NonZeroU64::new(n);
         if nz.is_none() {
-            cx.report(
-                Diagnostic::error(Code::OutOfRange, "this must be at least 1")
-                    .with_label(v.span, "found 0"),
-            );
+            cx.report(Diagnostic::error(Code::OutOfRange, "this must be at least 1").with_label(v.span, "found 0"));
         }
         nz
     }
@@ -403,11 +349,7 @@ impl Decode for Position {
                 cx.report(
                     Diagnostic::error(Code::BadNumber, "a position in training needs a unit")
                         .with_label(v.span, "steps or tokens?")
-                        .with_help(format!(
-                            "write `{} steps` or `{} tokens`",
-                            literal(v),
-                            literal(v)
-                        )),
+                        .with_help(format!("write `{} steps` or `{} tokens`", literal(v), literal(v))),
                 );
                 None
             }
@@ -450,16 +392,9 @@ impl Decode for LayerRange {
         let ValueKind::Range(r) = &v.kind else {
             return cx.wrong_type(v, "a layer range like `0..3`");
         };
-        let end = if r.inclusive {
-            r.end.checked_add(1)
-        } else {
-            Some(r.end)
-        };
+        let end = if r.inclusive { r.end.checked_add(1) } else { Some(r.end) };
         match end {
-            Some(end) if end > r.start => Some(LayerRange {
-                start: r.start,
-                end,
-            }),
+            Some(end) if end > r.start => Some(LayerRange { start: r.start, end }),
             _ => {
                 cx.report(
                     Diagnostic::error(Code::LayerRanges, "empty layer range")
@@ -477,11 +412,8 @@ impl<T: Decode> Decode for Vec<T> {
         let ValueKind::List(items) = &v.kind else {
             return cx.wrong_type(v, "a list `[...]`");
         };
-        let decoded: Vec<Option<T>> = items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| cx.decode(item, &format!("{path}.{i}")))
-            .collect();
+        let decoded: Vec<Option<T>> =
+            items.iter().enumerate().map(|(i, item)| cx.decode(item, &format!("{path}.{i}"))).collect();
         decoded.into_iter().collect()
     }
 }

@@ -41,9 +41,7 @@ impl Decimal {
         let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
         let mut mantissa: u128 = 0;
         for c in int.chars().chain(frac.chars()) {
-            let digit = c
-                .to_digit(10)
-                .ok_or_else(|| format!("`{literal}` is not a number"))?;
+            let digit = c.to_digit(10).ok_or_else(|| format!("`{literal}` is not a number"))?;
             mantissa = mantissa
                 .checked_mul(10)
                 .and_then(|m| m.checked_add(digit as u128))
@@ -51,25 +49,15 @@ impl Decimal {
         }
         let mut scale = frac.len() as i64 - exponent;
         while scale < 0 {
-            mantissa = mantissa
-                .checked_mul(10)
-                .ok_or_else(|| TOO_LARGE.to_string())?;
+            mantissa = mantissa.checked_mul(10).ok_or_else(|| TOO_LARGE.to_string())?;
             scale += 1;
         }
         let scale = u32::try_from(scale).map_err(|_| "number is too small".to_string())?;
-        Decimal {
-            negative,
-            mantissa,
-            scale,
-        }
-        .times_u128(multiplier)
+        Decimal { negative, mantissa, scale }.times_u128(multiplier)
     }
 
     fn times_u128(self, factor: u128) -> Result<Decimal, String> {
-        let mantissa = self
-            .mantissa
-            .checked_mul(factor)
-            .ok_or_else(|| TOO_LARGE.to_string())?;
+        let mantissa = self.mantissa.checked_mul(factor).ok_or_else(|| TOO_LARGE.to_string())?;
         Ok(Decimal { mantissa, ..self })
     }
 
@@ -93,9 +81,7 @@ impl Decimal {
     /// The nearest `f64` (correctly rounded by the standard library's parser).
     pub fn to_f64(self) -> f64 {
         let sign = if self.negative { "-" } else { "" };
-        format!("{sign}{}e-{}", self.mantissa, self.scale)
-            .parse()
-            .unwrap_or(f64::INFINITY)
+        format!("{sign}{}e-{}", self.mantissa, self.scale).parse().unwrap_or(f64::INFINITY)
     }
 }
 
@@ -126,9 +112,7 @@ mod tests {
     #[test]
     fn bad_numbers_are_errors_not_panics() {
         assert!(whole("2.5").unwrap_err().contains("whole"));
-        assert!(whole("18446744073709551616")
-            .unwrap_err()
-            .contains("too large"));
+        assert!(whole("18446744073709551616").unwrap_err().contains("too large"));
         assert_eq!(whole("18446744073709551615"), Ok(u64::MAX));
         assert!(whole("99999999999999999999999999999999999999999").is_err());
         assert!(whole("1e99999999999999999999").is_err());

@@ -15,12 +15,7 @@ pub fn decode_spec(cx: &mut Cx, file: &Block) -> Option<Spec> {
     let precision = f.req(cx, "precision");
     let parallel = f.req(cx, "parallel");
     f.finish(cx);
-    Some(Spec {
-        model: model?,
-        train: train?,
-        precision: precision?,
-        parallel: parallel?,
-    })
+    Some(Spec { model: model?, train: train?, precision: precision?, parallel: parallel? })
 }
 
 fn count(n: Option<NonZeroU64>) -> Option<u64> {
@@ -131,9 +126,7 @@ impl Decode for FfnRange {
         let intermediate = count(f.req(cx, "intermediate"));
         let ffn = if kind == 0 {
             f.finish(cx);
-            Ffn::Dense {
-                intermediate: intermediate?,
-            }
+            Ffn::Dense { intermediate: intermediate? }
         } else {
             let shared_experts = f.or(cx, "shared_experts", 0);
             let routed_experts = count(f.req(cx, "routed_experts"));
@@ -158,10 +151,7 @@ impl Decode for FfnRange {
                 balance_alpha: balance_alpha?,
             })
         };
-        Some(FfnRange {
-            layers: layers?,
-            ffn,
-        })
+        Some(FfnRange { layers: layers?, ffn })
     }
 }
 
@@ -204,16 +194,10 @@ impl Decode for Schedule {
             .map(|(i, c)| {
                 let at = cx.decode(&c.at, &format!("{path}.changes.{i}.at"));
                 let value = cx.decode(&c.value, &format!("{path}.changes.{i}.value"));
-                Some(Change {
-                    at: at?,
-                    value: value?,
-                })
+                Some(Change { at: at?, value: value? })
             })
             .collect();
-        Some(Schedule {
-            first: first?,
-            changes: changes.into_iter().collect::<Option<_>>()?,
-        })
+        Some(Schedule { first: first?, changes: changes.into_iter().collect::<Option<_>>()? })
     }
 }
 
@@ -227,9 +211,7 @@ impl Decode for Train {
         let seed = f.or(cx, "seed", 0);
         let optimizer = f.req(cx, "optimizer");
         let grad_clip = f.req(cx, "grad_clip");
-        let lr = f
-            .req::<Vec<PhaseLit>>(cx, "lr")
-            .map(resolve_constant_phases);
+        let lr = f.req::<Vec<PhaseLit>>(cx, "lr").map(resolve_constant_phases);
         let lr_scale = f.or(cx, "lr_scale", LrScale(vec![]));
         let data = f.req(cx, "data");
         let extend = f.or(cx, "extend", vec![]);
@@ -260,11 +242,7 @@ impl Decode for Batch {
         let to = count(f.req(cx, "to"));
         let over = f.req(cx, "over");
         f.finish(cx);
-        Some(Batch::Ramp {
-            from: from?,
-            to: to?,
-            over_tokens: over.map(|Tokens(t)| t)?,
-        })
+        Some(Batch::Ramp { from: from?, to: to?, over_tokens: over.map(|Tokens(t)| t)? })
     }
 }
 
@@ -296,13 +274,7 @@ impl Decode for AdamW {
         let weight_decay = f.req(cx, "weight_decay");
         let no_decay = f.or(cx, "no_decay", vec![ParamGroup::Norms]);
         f.finish(cx);
-        Some(AdamW {
-            beta1: beta1?,
-            beta2: beta2?,
-            eps: eps?,
-            weight_decay: weight_decay?,
-            no_decay: no_decay?,
-        })
+        Some(AdamW { beta1: beta1?, beta2: beta2?, eps: eps?, weight_decay: weight_decay?, no_decay: no_decay? })
     }
 }
 
@@ -332,10 +304,7 @@ impl Decode for LrScale {
             .entries
             .iter()
             .map(|e| {
-                let key = Value {
-                    kind: ValueKind::Name(e.key.name.clone()),
-                    span: e.key.span,
-                };
+                let key = Value { kind: ValueKind::Name(e.key.name.clone()), span: e.key.span };
                 let group = ParamGroup::decode(&key, cx, path);
                 let scale = cx.decode(&e.value, &format!("{path}.{}", e.key.name));
                 Some((group?, scale?))
@@ -361,11 +330,7 @@ fn resolve_constant_phases(phases: Vec<PhaseLit>) -> Vec<LrPhase> {
         .map(|p| {
             let to = p.to.unwrap_or(previous);
             previous = to;
-            LrPhase {
-                shape: p.shape,
-                end: p.end,
-                to,
-            }
+            LrPhase { shape: p.shape, end: p.end, to }
         })
         .collect()
 }
@@ -377,37 +342,22 @@ impl Decode for PhaseLit {
         let for_ = f.opt(cx, "for");
         let until = f.opt(cx, "until");
         // A constant phase states its value with `at`; the others ramp `to` a value.
-        let to = if shape == LrShape::Constant {
-            f.opt(cx, "at")
-        } else {
-            f.req(cx, "to").map(Some)
-        };
+        let to = if shape == LrShape::Constant { f.opt(cx, "at") } else { f.req(cx, "to").map(Some) };
         f.finish(cx);
         let end = match (for_?, until?) {
             (Some(len), None) => Some(PhaseEnd::For(len)),
             (None, Some(at)) => Some(PhaseEnd::Until(at)),
             (None, None) => None,
             (Some(_), Some(_)) => {
-                let span = cx
-                    .spans
-                    .get(&format!("{path}.until"))
-                    .copied()
-                    .unwrap_or(v.span);
+                let span = cx.spans.get(&format!("{path}.until")).copied().unwrap_or(v.span);
                 cx.report(
-                    Diagnostic::error(
-                        Code::Schedule,
-                        "a phase has either `for` or `until`, not both",
-                    )
-                    .with_label(span, "remove this or `for`"),
+                    Diagnostic::error(Code::Schedule, "a phase has either `for` or `until`, not both")
+                        .with_label(span, "remove this or `for`"),
                 );
                 return None;
             }
         };
-        Some(PhaseLit {
-            shape,
-            end,
-            to: to?,
-        })
+        Some(PhaseLit { shape, end, to: to? })
     }
 }
 
@@ -418,29 +368,18 @@ impl Decode for Data {
         let packing = f.or(cx, "packing", true);
         let fim_rate = f.or(cx, "fim_rate", 0.0);
         f.finish(cx);
-        Some(Data {
-            sources: sources?,
-            packing: packing?,
-            fim_rate: fim_rate?,
-        })
+        Some(Data { sources: sources?, packing: packing?, fim_rate: fim_rate? })
     }
 }
 
 impl Decode for Source {
     fn decode(v: &Value, cx: &mut Cx, path: &str) -> Option<Self> {
         let (kind, mut f) = cx.tagged(v, path, &["files", "synthetic"])?;
-        let path_ = if kind == 0 {
-            f.req(cx, "path")
-        } else {
-            Some(String::new())
-        };
+        let path_ = if kind == 0 { f.req(cx, "path") } else { Some(String::new()) };
         let weight = f.or(cx, "weight", 1.0);
         f.finish(cx);
         Some(match kind {
-            0 => Source::Files {
-                path: path_?,
-                weight: weight?,
-            },
+            0 => Source::Files { path: path_?, weight: weight? },
             _ => Source::Synthetic { weight: weight? },
         })
     }
@@ -454,12 +393,7 @@ impl Decode for ExtendPhase {
         let lr = f.req(cx, "lr");
         let steps = count(f.req(cx, "steps"));
         f.finish(cx);
-        Some(ExtendPhase {
-            seq_len: seq_len?,
-            batch: batch?,
-            lr: lr?,
-            steps: steps?,
-        })
+        Some(ExtendPhase { seq_len: seq_len?, batch: batch?, lr: lr?, steps: steps? })
     }
 }
 
@@ -529,15 +463,8 @@ impl Decode for Parallel {
         let nodes = count(f.or(cx, "nodes", NonZeroU64::MIN));
         let gpus_per_node = count(f.or(cx, "gpus_per_node", NonZeroU64::MIN));
         let gpu = f.req(cx, "gpu");
-        let pipeline = f.or(
-            cx,
-            "pipeline",
-            Pipeline {
-                schedule: PipelineSchedule::OneFOneB,
-                stages: 1,
-                layout: vec![],
-            },
-        );
+        let pipeline =
+            f.or(cx, "pipeline", Pipeline { schedule: PipelineSchedule::OneFOneB, stages: 1, layout: vec![] });
         let expert = f.opt(cx, "expert");
         let data = f.opt(cx, "data");
         let comm_sms = f.or(cx, "comm_sms", 0);
@@ -548,14 +475,8 @@ impl Decode for Parallel {
             nodes,
             gpus_per_node: gpus_per_node?,
             gpu: gpu?,
-            expert: expert?.unwrap_or(ExpertParallel {
-                size: 1,
-                max_nodes: nodes,
-            }),
-            data: data?.unwrap_or(DataParallel {
-                size: (gpus / pipeline.stages.max(1)).max(1),
-                zero: 1,
-            }),
+            expert: expert?.unwrap_or(ExpertParallel { size: 1, max_nodes: nodes }),
+            data: data?.unwrap_or(DataParallel { size: (gpus / pipeline.stages.max(1)).max(1), zero: 1 }),
             pipeline,
             comm_sms: comm_sms?,
         })
@@ -563,11 +484,7 @@ impl Decode for Parallel {
 }
 
 /// The GPUs dsc knows: name, memory, streaming multiprocessors.
-const GPUS: [(&str, u64, u64); 3] = [
-    ("h100", 80 << 30, 132),
-    ("h800", 80 << 30, 132),
-    ("h200", 141_000_000_000, 132),
-];
+const GPUS: [(&str, u64, u64); 3] = [("h100", 80 << 30, 132), ("h800", 80 << 30, 132), ("h200", 141_000_000_000, 132)];
 
 impl Decode for Gpu {
     fn decode(v: &Value, cx: &mut Cx, path: &str) -> Option<Self> {
@@ -576,22 +493,14 @@ impl Decode for Gpu {
         let (name, memory, sms) = GPUS[kind];
         let memory_bytes = f.or(cx, "memory", Bytes(memory));
         f.finish(cx);
-        Some(Gpu {
-            name: name.to_string(),
-            memory_bytes: memory_bytes?.0,
-            sms,
-        })
+        Some(Gpu { name: name.to_string(), memory_bytes: memory_bytes?.0, sms })
     }
 }
 
 impl Decode for Pipeline {
     fn decode(v: &Value, cx: &mut Cx, path: &str) -> Option<Self> {
         let (kind, mut f) = cx.tagged(v, path, &["1f1b", "zb1p", "dualpipe"])?;
-        let schedule = [
-            PipelineSchedule::OneFOneB,
-            PipelineSchedule::Zb1p,
-            PipelineSchedule::Dualpipe,
-        ][kind];
+        let schedule = [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe][kind];
         let stages = f.opt::<NonZeroU64>(cx, "stages");
         let layout: Option<Vec<Vec<StagePart>>> = f.or(cx, "layout", vec![]);
         f.finish(cx);
@@ -608,11 +517,7 @@ impl Decode for Pipeline {
                 return None;
             }
         };
-        Some(Pipeline {
-            schedule,
-            stages,
-            layout,
-        })
+        Some(Pipeline { schedule, stages, layout })
     }
 }
 
@@ -637,10 +542,7 @@ impl Decode for ExpertParallel {
         let size = count(f.req(cx, "size"));
         let max_nodes = count(f.req(cx, "max_nodes"));
         f.finish(cx);
-        Some(ExpertParallel {
-            size: size?,
-            max_nodes: max_nodes?,
-        })
+        Some(ExpertParallel { size: size?, max_nodes: max_nodes? })
     }
 }
 
@@ -650,9 +552,6 @@ impl Decode for DataParallel {
         let size = count(f.req(cx, "size"));
         let zero = f.or(cx, "zero", 1);
         f.finish(cx);
-        Some(DataParallel {
-            size: size?,
-            zero: zero?,
-        })
+        Some(DataParallel { size: size?, zero: zero? })
     }
 }
