@@ -1,5 +1,7 @@
-//! dsc's runtime: executes a compiled plan. It will own the `Backend` trait with its `cpu`
-//! reference and `cuda` implementations, communication (`comm`), the training loop (`train`),
-//! data loading, checkpoints and metrics (DESIGN.md). It is empty until the training graph
-//! exists; the crate is here so that the workspace has its final shape and dependency
-//! direction (`runtime` → `compiler` without MLIR).
+//! dsc's runtime: executes a training graph. `cpu` is the reference backend (op by op, exact
+//! FP8 emulation); `train` holds the training loop's schedules and metrics; `data` the
+//! corpora. The `cuda` backend, communication, checkpoints follow (DESIGN.md).
+
+pub mod cpu;
+pub mod data;
+pub mod train;

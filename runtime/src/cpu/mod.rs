@@ -1,0 +1,5 @@
+//! The CPU backend: the reference that executes a training graph op by op in `f32` (or `f64`
+//! for checks), with exact FP8 and BF16 rounding emulation.
+
+pub mod numerics;
+pub mod real;
