@@ -4,6 +4,7 @@
 //! ([`parallel`]: the split of the model into pipeline stages).
 
 pub mod estimate;
+pub mod graph;
 pub mod parallel;
 
 #[cfg(test)]

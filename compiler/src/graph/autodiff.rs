@@ -1,0 +1,356 @@
+//! Reverse-mode automatic differentiation of graph functions. Each primitive has one VJP rule
+//! ([`vjp_rule`]); the backward graph is generated from them, never written per layer. A call
+//! is differentiated by generating (once per callee) a VJP function that recomputes the
+//! callee's forward and runs its reverse pass, so an instanced layer has one backward
+//! function too, and its activations are recomputed rather than kept across the call.
+//! Discrete ops (top-k, counting, sorting, sign, max) pass no gradient.
+
+use super::ir::{DType, Fp8Gemm, FunctionBuilder, Module, Op, Shape, Tiling, V};
+use std::collections::HashMap;
+
+/// Where the reverse pass starts.
+enum Seed {
+    /// The VJP function takes one cotangent argument per output: `name.vjp(args…, d_outputs…)
+    /// -> (d_args…)`.
+    Cotangents,
+    /// The gradient of output `0` (a scalar loss): `name.grad(args…) -> (outputs…, d_args…)`.
+    Loss,
+}
+
+/// Adds `name.vjp` for function `f` (and for every function it calls), returning its index.
+/// Its outputs are the gradients of `f`'s real-valued arguments, in order.
+pub fn vjp(module: &mut Module, f: usize) -> usize {
+    build(module, f, Seed::Cotangents)
+}
+
+/// Adds `name.grad` for function `f`, whose output 0 is a scalar loss: it returns `f`'s
+/// outputs followed by the gradients of `f`'s real-valued arguments.
+pub fn grad(module: &mut Module, f: usize) -> usize {
+    build(module, f, Seed::Loss)
+}
+
+fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
+    let suffix = match seed {
+        Seed::Cotangents => "vjp",
+        Seed::Loss => "grad",
+    };
+    let name = format!("{}.{suffix}", module.functions[f].name);
+    if let Some(existing) = module.function(&name) {
+        return existing;
+    }
+    // The VJP functions of callees come first, so that calls can refer to them.
+    let mut callee_vjps = HashMap::new();
+    for node in &module.functions[f].nodes.clone() {
+        if let Op::Call(callee) = node.op {
+            callee_vjps.entry(callee).or_insert_with(|| vjp(module, callee));
+        }
+    }
+    let forward = module.functions[f].clone();
+    let mut b = FunctionBuilder::new(module, name);
+    let args: Vec<V> = forward.args.iter().map(|(n, s, d)| b.arg(n.clone(), s.clone(), *d)).collect();
+    // Copy the forward pass.
+    let mut map: Vec<V> = Vec::with_capacity(forward.nodes.len());
+    for node in &forward.nodes {
+        let v = match node.op {
+            Op::Arg(i) => args[i],
+            _ => {
+                let node_args = node.args.iter().map(|a| map[a.index()]).collect();
+                b.push(node.op.clone(), node_args, node.shape.clone(), node.dtype)
+            }
+        };
+        map.push(v);
+    }
+    let outputs: Vec<V> = forward.outputs.iter().map(|o| map[o.index()]).collect();
+    let mut adjoints = Adjoints::default();
+    match seed {
+        Seed::Cotangents => {
+            for (o, name) in outputs.iter().zip(&forward.output_names) {
+                let (shape, dtype) = (b.shape(*o).clone(), b.dtype(*o));
+                let d = b.arg(format!("d_{name}"), shape, dtype);
+                adjoints.add(&mut b, *o, d);
+            }
+        }
+        Seed::Loss => {
+            assert!(b.shape(outputs[0]).is_empty(), "the loss must be a scalar");
+            let one = b.constant(1.0);
+            adjoints.add(&mut b, outputs[0], one);
+            for (o, name) in outputs.iter().zip(&forward.output_names) {
+                b.output(name.clone(), *o);
+            }
+        }
+    }
+    // The reverse pass over the copied forward nodes.
+    let copied: Vec<V> = map.clone();
+    for &v in copied.iter().rev() {
+        let node = b.current().node(v).clone();
+        match node.op {
+            Op::Get(i) => {
+                if let Some(g) = adjoints.take(v) {
+                    adjoints.tuple_part(node.args[0], i, g);
+                }
+            }
+            Op::Call(callee) => {
+                let Some(parts) = adjoints.tuples.remove(&v) else { continue };
+                let callee_fn = &b.module.functions[callee];
+                let outs: Vec<(Shape, DType)> = callee_fn
+                    .outputs
+                    .iter()
+                    .map(|o| (callee_fn.node(*o).shape.clone(), callee_fn.node(*o).dtype))
+                    .collect();
+                let real_args: Vec<usize> =
+                    (0..node.args.len()).filter(|&i| b.dtype(node.args[i]) != DType::I32).collect();
+                let mut call_args = node.args.clone();
+                for (i, (shape, _)) in outs.iter().enumerate() {
+                    let d = match parts.get(&i) {
+                        Some(d) => *d,
+                        None => zeros(&mut b, shape.clone()),
+                    };
+                    call_args.push(d);
+                }
+                let grads = b.call(callee_vjps[&callee], call_args);
+                for (g, &arg) in grads.into_iter().zip(&real_args) {
+                    adjoints.add(&mut b, node.args[arg], g);
+                }
+            }
+            _ => {
+                let Some(g) = adjoints.take(v) else { continue };
+                for (arg, contribution) in vjp_rule(&mut b, v, g) {
+                    adjoints.add(&mut b, arg, contribution);
+                }
+            }
+        }
+    }
+    for (i, (name, shape, dtype)) in forward.args.iter().enumerate() {
+        if *dtype == DType::I32 {
+            continue;
+        }
+        let g = match adjoints.take(args[i]) {
+            Some(g) => g,
+            None => zeros(&mut b, shape.clone()),
+        };
+        b.output(format!("d_{name}"), g);
+    }
+    let function = b.finish();
+    module.add(function)
+}
+
+/// Accumulated adjoints of values, and of the parts of call results.
+#[derive(Default)]
+struct Adjoints {
+    of: HashMap<V, V>,
+    tuples: HashMap<V, HashMap<usize, V>>,
+}
+
+impl Adjoints {
+    fn add(&mut self, b: &mut FunctionBuilder, v: V, g: V) {
+        if b.dtype(v) == DType::I32 {
+            return;
+        }
+        assert_eq!(b.shape(v), b.shape(g), "adjoint shape of {v:?}");
+        let total = match self.of.get(&v) {
+            Some(&previous) => b.add(previous, g),
+            None => g,
+        };
+        self.of.insert(v, total);
+    }
+
+    fn take(&mut self, v: V) -> Option<V> {
+        self.of.remove(&v)
+    }
+
+    fn tuple_part(&mut self, call: V, index: usize, g: V) {
+        self.tuples.entry(call).or_default().insert(index, g);
+    }
+}
+
+fn zeros(b: &mut FunctionBuilder, shape: Shape) -> V {
+    let zero = b.constant(0.0);
+    b.broadcast_to(zero, shape)
+}
+
+/// `g` reduced to the shape of `x` (undoing broadcasting).
+fn reduce_like(b: &mut FunctionBuilder, g: V, x: V) -> V {
+    if b.shape(g) == b.shape(x) {
+        g
+    } else {
+        let shape = b.shape(x).clone();
+        b.sum_to(g, shape)
+    }
+}
+
+/// The VJP of one primitive: for output `y` with adjoint `g`, the contributions to its
+/// arguments' adjoints.
+pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
+    let node = b.current().node(y).clone();
+    let a = &node.args;
+    match &node.op {
+        Op::Arg(_) | Op::Const(_) | Op::Table(_) => vec![],
+        Op::Sign | Op::Max { .. } | Op::Maximum | Op::TopK { .. } | Op::Count { .. } | Op::SortByExpert { .. } => {
+            vec![]
+        }
+        Op::ExpertOffsets { .. } | Op::StopGradient => vec![],
+        Op::Neg => vec![(a[0], b.unary(Op::Neg, g))],
+        Op::Exp => vec![(a[0], b.mul(g, y))],
+        Op::Log => vec![(a[0], b.div(g, a[0]))],
+        Op::Sigmoid => {
+            // σ' = σ(1 − σ)
+            let one = b.constant(1.0);
+            let one_minus = b.sub(one, y);
+            let d = b.mul(y, one_minus);
+            vec![(a[0], b.mul(g, d))]
+        }
+        Op::Silu => {
+            // (x σ(x))' = σ(x)(1 + x(1 − σ(x)))
+            let s = b.unary(Op::Sigmoid, a[0]);
+            let one = b.constant(1.0);
+            let one_minus = b.sub(one, s);
+            let x_one_minus = b.mul(a[0], one_minus);
+            let inner = b.add(one, x_one_minus);
+            let d = b.mul(s, inner);
+            vec![(a[0], b.mul(g, d))]
+        }
+        Op::Rsqrt => {
+            // (x^−½)' = −½ x^−½ / x
+            let ratio = b.div(y, a[0]);
+            let d = b.scale(ratio, -0.5);
+            vec![(a[0], b.mul(g, d))]
+        }
+        Op::Sqrt => {
+            // (√x)' = ½ / √x
+            let half = b.scale(g, 0.5);
+            vec![(a[0], b.div(half, y))]
+        }
+        Op::Square => {
+            let two_x = b.scale(a[0], 2.0);
+            vec![(a[0], b.mul(g, two_x))]
+        }
+        Op::Add => {
+            let (da, db) = (reduce_like(b, g, a[0]), reduce_like(b, g, a[1]));
+            vec![(a[0], da), (a[1], db)]
+        }
+        Op::Sub => {
+            let neg = b.unary(Op::Neg, g);
+            let (da, db) = (reduce_like(b, g, a[0]), reduce_like(b, neg, a[1]));
+            vec![(a[0], da), (a[1], db)]
+        }
+        Op::Mul => {
+            let ga = b.mul(g, a[1]);
+            let gb = b.mul(g, a[0]);
+            let (da, db) = (reduce_like(b, ga, a[0]), reduce_like(b, gb, a[1]));
+            vec![(a[0], da), (a[1], db)]
+        }
+        Op::Div => {
+            // d(a/b) = da/b − a/b² db = (da − y db)/b
+            let ga = b.div(g, a[1]);
+            let gy = b.mul(ga, y);
+            let gb = b.unary(Op::Neg, gy);
+            let (da, db) = (reduce_like(b, ga, a[0]), reduce_like(b, gb, a[1]));
+            vec![(a[0], da), (a[1], db)]
+        }
+        Op::Cast(_) => vec![(a[0], g)],
+        Op::Sum { axis, keep } => {
+            let mut kept = b.shape(a[0]).clone();
+            kept[*axis] = 1;
+            let g = if *keep { g } else { b.reshape(g, kept) };
+            let shape = b.shape(a[0]).clone();
+            vec![(a[0], b.broadcast_to(g, shape))]
+        }
+        Op::SumTo(_) => {
+            let shape = b.shape(a[0]).clone();
+            vec![(a[0], b.broadcast_to(g, shape))]
+        }
+        Op::BroadcastTo(_) => vec![(a[0], reduce_like(b, g, a[0]))],
+        Op::Reshape(_) => {
+            let shape = b.shape(a[0]).clone();
+            vec![(a[0], b.reshape(g, shape))]
+        }
+        Op::Transpose(perm) => {
+            let mut inverse = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inverse[p] = i;
+            }
+            vec![(a[0], b.transpose(g, inverse))]
+        }
+        Op::Slice { axis, start, .. } => {
+            let len = b.shape(a[0])[*axis];
+            let shape = b.shape(a[0]).clone();
+            vec![(a[0], b.push(Op::PadSlice { axis: *axis, start: *start, len }, vec![g], shape, node.dtype))]
+        }
+        Op::PadSlice { axis, start, .. } => {
+            let end = start + b.shape(a[0])[*axis];
+            vec![(a[0], b.slice(g, *axis, *start, end))]
+        }
+        Op::Concat { axis } => {
+            let mut offset = 0;
+            a.iter()
+                .map(|&part| {
+                    let size = b.shape(part)[*axis];
+                    let d = b.slice(g, *axis, offset, offset + size);
+                    offset += size;
+                    (part, d)
+                })
+                .collect()
+        }
+        Op::MatMul { ta, tb, fp8 } => matmul_vjp(b, a[0], a[1], g, *ta, *tb, *fp8),
+        Op::Gather => {
+            let rows = b.shape(a[0])[0];
+            let shape = b.shape(a[0]).clone();
+            vec![(a[0], b.push(Op::ScatterRows { rows }, vec![a[1], g], shape, node.dtype))]
+        }
+        Op::TakeAlong => {
+            let shape = b.shape(a[0]).clone();
+            let n = *shape.last().expect("rank ≥ 1");
+            vec![(a[0], b.push(Op::PutAlong { n }, vec![a[1], g], shape, node.dtype))]
+        }
+        Op::Permute { k } => {
+            let shape = b.shape(a[0]).clone();
+            let op = Op::PermuteGrad { k: *k, tokens: shape[0] };
+            vec![(a[0], b.push(op, vec![g, a[1]], shape, node.dtype))]
+        }
+        Op::GroupedMatMul { tb, fp8 } => {
+            assert!(*tb, "grouped GEMMs keep expert weights as [experts, out, in]");
+            let (xs, w, offsets) = (a[0], a[1], a[2]);
+            let experts = b.shape(w)[0];
+            let dgrad = fp8.map(|f| Fp8Gemm { a: Tiling { outer: 1, k: f.a.k }, ..f });
+            let wgrad =
+                fp8.map(|f| Fp8Gemm { a: Tiling { outer: 1, k: f.a.k }, b: Tiling { outer: 1, k: f.a.k }, ..f });
+            let xs_shape = b.shape(xs).clone();
+            let w_shape = b.shape(w).clone();
+            let dxs = b.push(Op::GroupedMatMul { tb: false, fp8: dgrad }, vec![g, w, offsets], xs_shape, node.dtype);
+            let dw = b.push(Op::GroupedWgrad { experts, fp8: wgrad }, vec![xs, g, offsets], w_shape, node.dtype);
+            vec![(xs, dxs), (w, dw)]
+        }
+        Op::Unpermute { k } => {
+            let (ys, order, gates) = (a[0], a[1], a[2]);
+            let ys_shape = b.shape(ys).clone();
+            let gates_shape = b.shape(gates).clone();
+            let dys = b.push(Op::UnpermuteGradRows { k: *k }, vec![g, order, gates], ys_shape, node.dtype);
+            let dgates = b.push(Op::UnpermuteGradGates { k: *k }, vec![g, ys, order], gates_shape, node.dtype);
+            vec![(ys, dys), (gates, dgates)]
+        }
+        op @ (Op::ScatterRows { .. }
+        | Op::PutAlong { .. }
+        | Op::PermuteGrad { .. }
+        | Op::GroupedWgrad { .. }
+        | Op::UnpermuteGradRows { .. }
+        | Op::UnpermuteGradGates { .. }) => panic!("{} appears only in backward passes", op.name()),
+        Op::Call(_) | Op::Get(_) => unreachable!("calls are differentiated by the caller"),
+    }
+}
+
+/// C = op(A)·op(B). For an FP8 linear layer (A = x, B = W used transposed) the gradients are
+/// FP8 GEMMs too: Dgrad with the forward's tilings, Wgrad with 1×tile groups along the
+/// tokens on both sides.
+fn matmul_vjp(b: &mut FunctionBuilder, x: V, w: V, g: V, ta: bool, tb: bool, fp8: Option<Fp8Gemm>) -> Vec<(V, V)> {
+    let (dgrad, wgrad) = match fp8 {
+        None => (None, None),
+        Some(f) => {
+            assert!(!ta && tb, "only linear-layer GEMMs (x·Wᵀ) run in FP8");
+            let token_tile = Tiling { outer: 1, k: f.a.k };
+            (Some(f), Some(Fp8Gemm { a: token_tile, b: token_tile, promote: f.promote }))
+        }
+    };
+    let dx = if ta { b.matmul(w, g, tb, true, dgrad) } else { b.matmul(g, w, false, !tb, dgrad) };
+    let dw = if tb { b.matmul(g, x, true, ta, wgrad) } else { b.matmul(x, g, !ta, false, wgrad) };
+    vec![(x, dx), (w, dw)]
+}

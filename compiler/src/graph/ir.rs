@@ -1,0 +1,571 @@
+//! The tensor IR: a [`Module`] of [`Function`]s, each a list of single-result [`Node`]s in
+//! topological order with static shapes and dtypes. A function can call another (`Call`
+//! returns a tuple, `Get` projects from it), so a layer is built once and instanced per layer.
+//! [`FunctionBuilder`] appends nodes and infers their shapes; a shape mismatch is a bug in
+//! the builder (the spec was checked before), so it panics.
+
+use serde::Serialize;
+use std::fmt;
+
+pub type Shape = Vec<usize>;
+
+/// Element types of graph values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F64,
+    F32,
+    Bf16,
+    F8e4m3,
+    I32,
+    /// The result of a `Call`: a tuple, read with `Get`.
+    Tuple,
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F64 => "f64",
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F8e4m3 => "f8e4m3",
+            DType::I32 => "i32",
+            DType::Tuple => "tuple",
+        })
+    }
+}
+
+/// A value: the result of the node with this index in its function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct V(pub u32);
+
+impl V {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A scaling group for FP8 quantisation: `outer` rows (or columns) × `k` elements along K.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Tiling {
+    pub outer: usize,
+    pub k: usize,
+}
+
+/// How a GEMM runs in FP8: each operand quantised to E4M3 per scaling group, partial sums
+/// promoted to FP32 every `promote` elements of K.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Fp8Gemm {
+    pub a: Tiling,
+    pub b: Tiling,
+    pub promote: usize,
+}
+
+/// The FP8 recipe for the three GEMMs of a linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Fp8Linear {
+    /// Activation tile, e.g. 1×128.
+    pub tile: usize,
+    /// Weight block, e.g. 128×128.
+    pub block: usize,
+    pub promote: usize,
+}
+
+impl Fp8Linear {
+    /// y = x·Wᵀ: activations per 1×tile along K, weights per block×block.
+    pub fn fprop(self) -> Fp8Gemm {
+        Fp8Gemm {
+            a: Tiling { outer: 1, k: self.tile },
+            b: Tiling { outer: self.block, k: self.block },
+            promote: self.promote,
+        }
+    }
+    /// dx = dy·W: the gradient per 1×tile along K, weights per block×block.
+    pub fn dgrad(self) -> Fp8Gemm {
+        self.fprop()
+    }
+    /// dW = dyᵀ·x: both operands per 1×tile along K, which is the token dimension.
+    pub fn wgrad(self) -> Fp8Gemm {
+        Fp8Gemm { a: Tiling { outer: 1, k: self.tile }, b: Tiling { outer: 1, k: self.tile }, promote: self.promote }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// The function's argument with this index.
+    Arg(usize),
+    /// A scalar constant (shape `[]`, broadcast by the binary ops).
+    Const(f64),
+    /// A constant tensor of the module (`Module::constants`).
+    Table(usize),
+    Neg,
+    Exp,
+    Log,
+    Sigmoid,
+    Silu,
+    Rsqrt,
+    Sqrt,
+    Square,
+    /// −1, 0 or 1; no gradient.
+    Sign,
+    /// Elementwise with numpy broadcasting of trailing dimensions.
+    Add,
+    Sub,
+    Mul,
+    Div,
+    /// Elementwise maximum; no gradient (the optimizer's clipping uses it).
+    Maximum,
+    /// Round to the target type (values stay in the backend's real type).
+    Cast(DType),
+    Sum {
+        axis: usize,
+        keep: bool,
+    },
+    /// No gradient (used for numerically stable softmax, where it cancels).
+    Max {
+        axis: usize,
+        keep: bool,
+    },
+    /// Sums broadcast dimensions away: the transpose of broadcasting.
+    SumTo(Shape),
+    BroadcastTo(Shape),
+    Reshape(Shape),
+    Transpose(Vec<usize>),
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
+    /// Pads a slice back to `len` along `axis` with zeros: the transpose of `Slice`.
+    PadSlice {
+        axis: usize,
+        start: usize,
+        len: usize,
+    },
+    Concat {
+        axis: usize,
+    },
+    /// Batched matrix product over equal leading dimensions, optionally in FP8.
+    MatMul {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
+    /// Rows of a table: (table [n, d], ids [...]) → [..., d].
+    Gather,
+    /// Scatter-add of rows: (ids [...], grad [..., d]) → [rows, d]. The transpose of `Gather`.
+    ScatterRows {
+        rows: usize,
+    },
+    /// Along the last axis: (x [..., n], idx [..., k]) → [..., k].
+    TakeAlong,
+    /// (idx [..., k], grad [..., k]) → [..., n]. The transpose of `TakeAlong`.
+    PutAlong {
+        n: usize,
+    },
+    /// Indices of the k largest along the last axis, largest first, ties to the lower index.
+    TopK {
+        k: usize,
+    },
+    /// Per row, how often each of `bins` values occurs: (idx [n, m]) → [n, bins] reals.
+    Count {
+        bins: usize,
+    },
+    /// Assignment order sorted stably by expert: (idx [t, k]) → [t·k] of flat assignment ids.
+    SortByExpert {
+        experts: usize,
+    },
+    /// Row offsets of each expert in that order: (idx [t, k]) → [experts + 1].
+    ExpertOffsets {
+        experts: usize,
+    },
+    /// Rows for the experts: (x [t, d], order [r]) → [r, d], row i = x[order[i] / k].
+    Permute {
+        k: usize,
+    },
+    /// The transpose of `Permute`: (grad [r, d], order [r]) → [t, d].
+    PermuteGrad {
+        k: usize,
+        tokens: usize,
+    },
+    /// Per expert e, rows offsets[e]..offsets[e+1] of xs times w[e] (transposed if `tb`):
+    /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n].
+    GroupedMatMul {
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
+    /// Weight gradient of `GroupedMatMul`: (xs [r, k], grad [r, n], offsets) → [experts, n, k].
+    GroupedWgrad {
+        experts: usize,
+        fp8: Option<Fp8Gemm>,
+    },
+    /// Weighted combine: (ys [r, d], order [r], gates [t, k]) → [t, d],
+    /// out[a / k] += gates[a] · ys[i] for a = order[i].
+    Unpermute {
+        k: usize,
+    },
+    /// d ys of `Unpermute`: (grad [t, d], order, gates) → [r, d].
+    UnpermuteGradRows {
+        k: usize,
+    },
+    /// d gates of `Unpermute`: (grad [t, d], ys, order) → [t, k].
+    UnpermuteGradGates {
+        k: usize,
+    },
+    StopGradient,
+    /// Calls another function of the module; the result is a tuple.
+    Call(usize),
+    /// Element of a tuple.
+    Get(usize),
+}
+
+impl Op {
+    /// The name in the printed form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Arg(_) => "arg",
+            Op::Const(_) => "const",
+            Op::Table(_) => "table",
+            Op::Neg => "neg",
+            Op::Exp => "exp",
+            Op::Log => "log",
+            Op::Sigmoid => "sigmoid",
+            Op::Silu => "silu",
+            Op::Rsqrt => "rsqrt",
+            Op::Sqrt => "sqrt",
+            Op::Square => "square",
+            Op::Sign => "sign",
+            Op::Add => "add",
+            Op::Sub => "sub",
+            Op::Mul => "mul",
+            Op::Div => "div",
+            Op::Maximum => "maximum",
+            Op::Cast(_) => "cast",
+            Op::Sum { .. } => "sum",
+            Op::Max { .. } => "max",
+            Op::SumTo(_) => "sum_to",
+            Op::BroadcastTo(_) => "broadcast_to",
+            Op::Reshape(_) => "reshape",
+            Op::Transpose(_) => "transpose",
+            Op::Slice { .. } => "slice",
+            Op::PadSlice { .. } => "pad_slice",
+            Op::Concat { .. } => "concat",
+            Op::MatMul { .. } => "matmul",
+            Op::Gather => "gather",
+            Op::ScatterRows { .. } => "scatter_rows",
+            Op::TakeAlong => "take_along",
+            Op::PutAlong { .. } => "put_along",
+            Op::TopK { .. } => "top_k",
+            Op::Count { .. } => "count",
+            Op::SortByExpert { .. } => "sort_by_expert",
+            Op::ExpertOffsets { .. } => "expert_offsets",
+            Op::Permute { .. } => "permute",
+            Op::PermuteGrad { .. } => "permute_grad",
+            Op::GroupedMatMul { .. } => "grouped_matmul",
+            Op::GroupedWgrad { .. } => "grouped_wgrad",
+            Op::Unpermute { .. } => "unpermute",
+            Op::UnpermuteGradRows { .. } => "unpermute_grad_rows",
+            Op::UnpermuteGradGates { .. } => "unpermute_grad_gates",
+            Op::StopGradient => "stop_gradient",
+            Op::Call(_) => "call",
+            Op::Get(_) => "get",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Node {
+    pub op: Op,
+    pub args: Vec<V>,
+    pub shape: Shape,
+    pub dtype: DType,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Function {
+    pub name: String,
+    /// Name, shape and dtype of each argument.
+    pub args: Vec<(String, Shape, DType)>,
+    pub nodes: Vec<Node>,
+    pub outputs: Vec<V>,
+    /// Names of the outputs (for printing and callers).
+    pub output_names: Vec<String>,
+}
+
+impl Function {
+    pub fn node(&self, v: V) -> &Node {
+        &self.nodes[v.index()]
+    }
+}
+
+/// A constant tensor (RoPE tables, causal masks).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Constant {
+    pub name: String,
+    pub shape: Shape,
+    pub data: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Module {
+    pub functions: Vec<Function>,
+    pub constants: Vec<Constant>,
+}
+
+impl Module {
+    pub fn function(&self, name: &str) -> Option<usize> {
+        self.functions.iter().position(|f| f.name == name)
+    }
+
+    /// Adds a function, returning its index.
+    pub fn add(&mut self, f: Function) -> usize {
+        self.functions.push(f);
+        self.functions.len() - 1
+    }
+
+    pub fn add_constant(&mut self, name: impl Into<String>, shape: Shape, data: Vec<f64>) -> usize {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "constant size");
+        self.constants.push(Constant { name: name.into(), shape, data });
+        self.constants.len() - 1
+    }
+}
+
+/// Appends nodes to a function, inferring shapes.
+pub struct FunctionBuilder<'m> {
+    pub module: &'m Module,
+    f: Function,
+}
+
+/// Result shape of numpy-style broadcasting of two shapes.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Shape {
+    let rank = a.len().max(b.len());
+    (0..rank)
+        .map(|i| {
+            let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+            let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+            assert!(da == db || da == 1 || db == 1, "cannot broadcast {a:?} with {b:?}");
+            da.max(db)
+        })
+        .collect()
+}
+
+impl<'m> FunctionBuilder<'m> {
+    pub fn new(module: &'m Module, name: impl Into<String>) -> Self {
+        FunctionBuilder {
+            module,
+            f: Function { name: name.into(), args: vec![], nodes: vec![], outputs: vec![], output_names: vec![] },
+        }
+    }
+
+    pub fn shape(&self, v: V) -> &Shape {
+        &self.f.nodes[v.index()].shape
+    }
+
+    pub fn dtype(&self, v: V) -> DType {
+        self.f.nodes[v.index()].dtype
+    }
+
+    pub fn push(&mut self, op: Op, args: Vec<V>, shape: Shape, dtype: DType) -> V {
+        self.f.nodes.push(Node { op, args, shape, dtype });
+        V(self.f.nodes.len() as u32 - 1)
+    }
+
+    pub fn arg(&mut self, name: impl Into<String>, shape: Shape, dtype: DType) -> V {
+        let index = self.f.args.len();
+        self.f.args.push((name.into(), shape.clone(), dtype));
+        self.push(Op::Arg(index), vec![], shape, dtype)
+    }
+
+    pub fn constant(&mut self, value: f64) -> V {
+        self.push(Op::Const(value), vec![], vec![], DType::F32)
+    }
+
+    pub fn table(&mut self, index: usize) -> V {
+        let shape = self.module.constants[index].shape.clone();
+        self.push(Op::Table(index), vec![], shape, DType::F32)
+    }
+
+    /// A unary op that keeps the shape and dtype.
+    pub fn unary(&mut self, op: Op, x: V) -> V {
+        let (shape, dtype) = (self.shape(x).clone(), self.dtype(x));
+        self.push(op, vec![x], shape, dtype)
+    }
+
+    pub fn binary(&mut self, op: Op, a: V, b: V) -> V {
+        let shape = broadcast_shape(self.shape(a), self.shape(b));
+        let dtype = if self.shape(a).is_empty() { self.dtype(b) } else { self.dtype(a) };
+        self.push(op, vec![a, b], shape, dtype)
+    }
+
+    pub fn add(&mut self, a: V, b: V) -> V {
+        self.binary(Op::Add, a, b)
+    }
+    pub fn sub(&mut self, a: V, b: V) -> V {
+        self.binary(Op::Sub, a, b)
+    }
+    pub fn mul(&mut self, a: V, b: V) -> V {
+        self.binary(Op::Mul, a, b)
+    }
+    pub fn div(&mut self, a: V, b: V) -> V {
+        self.binary(Op::Div, a, b)
+    }
+    pub fn scale(&mut self, x: V, c: f64) -> V {
+        let c = self.constant(c);
+        self.mul(x, c)
+    }
+
+    pub fn cast(&mut self, x: V, to: DType) -> V {
+        let shape = self.shape(x).clone();
+        self.push(Op::Cast(to), vec![x], shape, to)
+    }
+
+    pub fn sum(&mut self, x: V, axis: usize, keep: bool) -> V {
+        let shape = reduced(self.shape(x), axis, keep);
+        let dtype = self.dtype(x);
+        self.push(Op::Sum { axis, keep }, vec![x], shape, dtype)
+    }
+
+    pub fn max(&mut self, x: V, axis: usize, keep: bool) -> V {
+        let shape = reduced(self.shape(x), axis, keep);
+        let dtype = self.dtype(x);
+        self.push(Op::Max { axis, keep }, vec![x], shape, dtype)
+    }
+
+    pub fn mean(&mut self, x: V, axis: usize, keep: bool) -> V {
+        let n = self.shape(x)[axis] as f64;
+        let s = self.sum(x, axis, keep);
+        self.scale(s, 1.0 / n)
+    }
+
+    /// Sum of all elements, shape `[]`.
+    pub fn sum_all(&mut self, x: V) -> V {
+        let dtype = self.dtype(x);
+        self.push(Op::SumTo(vec![]), vec![x], vec![], dtype)
+    }
+
+    pub fn sum_to(&mut self, x: V, shape: Shape) -> V {
+        let dtype = self.dtype(x);
+        self.push(Op::SumTo(shape.clone()), vec![x], shape, dtype)
+    }
+
+    pub fn broadcast_to(&mut self, x: V, shape: Shape) -> V {
+        let dtype = self.dtype(x);
+        self.push(Op::BroadcastTo(shape.clone()), vec![x], shape, dtype)
+    }
+
+    pub fn reshape(&mut self, x: V, shape: Shape) -> V {
+        assert_eq!(self.shape(x).iter().product::<usize>(), shape.iter().product::<usize>(), "reshape size");
+        let dtype = self.dtype(x);
+        self.push(Op::Reshape(shape.clone()), vec![x], shape, dtype)
+    }
+
+    pub fn transpose(&mut self, x: V, perm: Vec<usize>) -> V {
+        let shape = perm.iter().map(|&p| self.shape(x)[p]).collect();
+        let dtype = self.dtype(x);
+        self.push(Op::Transpose(perm), vec![x], shape, dtype)
+    }
+
+    pub fn slice(&mut self, x: V, axis: usize, start: usize, end: usize) -> V {
+        let mut shape = self.shape(x).clone();
+        assert!(start < end && end <= shape[axis], "slice {start}..{end} of {shape:?}");
+        shape[axis] = end - start;
+        let dtype = self.dtype(x);
+        self.push(Op::Slice { axis, start, end }, vec![x], shape, dtype)
+    }
+
+    pub fn concat(&mut self, parts: Vec<V>, axis: usize) -> V {
+        let mut shape = self.shape(parts[0]).clone();
+        shape[axis] = parts.iter().map(|p| self.shape(*p)[axis]).sum();
+        let dtype = self.dtype(parts[0]);
+        self.push(Op::Concat { axis }, parts, shape, dtype)
+    }
+
+    pub fn matmul(&mut self, a: V, b: V, ta: bool, tb: bool, fp8: Option<Fp8Gemm>) -> V {
+        let (sa, sb) = (self.shape(a).clone(), self.shape(b).clone());
+        let r = sa.len();
+        assert!(r >= 2 && sb.len() == r && sa[..r - 2] == sb[..r - 2], "matmul {sa:?} × {sb:?}");
+        let (m, ka) = if ta { (sa[r - 1], sa[r - 2]) } else { (sa[r - 2], sa[r - 1]) };
+        let (kb, n) = if tb { (sb[r - 1], sb[r - 2]) } else { (sb[r - 2], sb[r - 1]) };
+        assert_eq!(ka, kb, "matmul inner dimensions {sa:?} × {sb:?} (ta {ta}, tb {tb})");
+        let mut shape = sa[..r - 2].to_vec();
+        shape.extend([m, n]);
+        let dtype = self.dtype(a);
+        self.push(Op::MatMul { ta, tb, fp8 }, vec![a, b], shape, dtype)
+    }
+
+    /// A linear layer in the HF convention: x [.., in] · Wᵀ with W [out, in].
+    pub fn linear(&mut self, x: V, w: V, fp8: Option<Fp8Linear>) -> V {
+        let xs = self.shape(x).clone();
+        let rows: usize = xs[..xs.len() - 1].iter().product();
+        let flat = self.reshape(x, vec![rows, xs[xs.len() - 1]]);
+        let y = self.matmul(flat, w, false, true, fp8.map(Fp8Linear::fprop));
+        let mut out = xs.clone();
+        *out.last_mut().expect("rank ≥ 1") = self.shape(w)[0];
+        self.reshape(y, out)
+    }
+
+    pub fn gather(&mut self, table: V, ids: V) -> V {
+        let mut shape = self.shape(ids).clone();
+        shape.push(self.shape(table)[1]);
+        let dtype = self.dtype(table);
+        self.push(Op::Gather, vec![table, ids], shape, dtype)
+    }
+
+    pub fn take_along(&mut self, x: V, idx: V) -> V {
+        let shape = self.shape(idx).clone();
+        let dtype = self.dtype(x);
+        self.push(Op::TakeAlong, vec![x, idx], shape, dtype)
+    }
+
+    pub fn top_k(&mut self, x: V, k: usize) -> V {
+        let mut shape = self.shape(x).clone();
+        *shape.last_mut().expect("rank ≥ 1") = k;
+        self.push(Op::TopK { k }, vec![x], shape, DType::I32)
+    }
+
+    pub fn stop_gradient(&mut self, x: V) -> V {
+        self.unary(Op::StopGradient, x)
+    }
+
+    /// Calls `function` of the module and returns its outputs.
+    pub fn call(&mut self, function: usize, args: Vec<V>) -> Vec<V> {
+        let callee = &self.module.functions[function];
+        assert_eq!(callee.args.len(), args.len(), "call of {} with {} arguments", callee.name, args.len());
+        for (i, ((name, shape, _), a)) in callee.args.iter().zip(&args).enumerate() {
+            assert_eq!(shape, self.shape(*a), "argument {i} ({name}) of {}", callee.name);
+        }
+        let outputs: Vec<(Shape, DType)> =
+            callee.outputs.iter().map(|o| (callee.node(*o).shape.clone(), callee.node(*o).dtype)).collect();
+        let call = self.push(Op::Call(function), args, vec![], DType::Tuple);
+        outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (shape, dtype))| self.push(Op::Get(i), vec![call], shape, dtype))
+            .collect()
+    }
+
+    pub fn output(&mut self, name: impl Into<String>, v: V) {
+        self.f.outputs.push(v);
+        self.f.output_names.push(name.into());
+    }
+
+    /// The function built so far.
+    pub fn current(&self) -> &Function {
+        &self.f
+    }
+
+    pub fn finish(self) -> Function {
+        self.f
+    }
+}
+
+fn reduced(shape: &[usize], axis: usize, keep: bool) -> Shape {
+    let mut out = shape.to_vec();
+    if keep {
+        out[axis] = 1;
+    } else {
+        out.remove(axis);
+    }
+    out
+}

@@ -1,0 +1,586 @@
+//! The model builder: a [`Spec`] becomes the forward graph of one micro-batch of DeepSeek-V3
+//! training (SPEC.md): embedding; pre-norm blocks with RMSNorm; MLA with low-rank q and kv and
+//! a decoupled RoPE key shared by the heads; causal attention over packed documents; dense
+//! SwiGLU layers; DeepSeekMoE (sigmoid scores, selection bias, group-limited top-k, normalised
+//! gate weights × routed scale, shared experts, sequence-wise balance loss); the MTP modules
+//! sharing the embedding and head; final norm, head and cross-entropy. Each distinct layer
+//! kind is one function, called once per layer (and by the MTP blocks). Parameters carry
+//! their Hugging Face DeepSeek-V3 names.
+
+use super::ir::{DType, Fp8Linear, FunctionBuilder, Module, Op, V};
+use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec};
+
+/// How the graph computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numerics {
+    /// The spec's precision policy: FP8 GEMMs, BF16 where it says BF16.
+    Policy,
+    /// No low-precision rounding at all (for gradient checks in f64, and the f32 baseline).
+    Exact,
+}
+
+/// A parameter (or a non-learned buffer such as the routing bias) of the model.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ParamInfo {
+    /// The Hugging Face DeepSeek-V3 name; stacked routed experts use `experts.*`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub group: ParamGroup,
+    /// Updated by the optimizer (false for the routing bias, updated by load balancing).
+    pub learned: bool,
+    /// Initialised as a norm scale (ones) rather than from the normal init.
+    pub norm: bool,
+}
+
+impl ParamInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The forward graph of one micro-batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardGraph {
+    pub module: Module,
+    /// The function `model(params…, tokens) -> (loss, main_loss, mtp_loss, balance_loss,
+    /// load per MoE layer…)`; `tokens` is [micro_batch, seq_len + mtp_depth + 1].
+    pub model: usize,
+    pub params: Vec<ParamInfo>,
+    /// Per MoE layer (main layers first, then MTP blocks): the index of its routing bias in
+    /// `params`; the model's outputs from index 4 on are their expert loads, in this order.
+    pub moe_biases: Vec<usize>,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+}
+
+/// Number of leading outputs of `model` before the per-layer expert loads.
+pub const LOSS_OUTPUTS: usize = 4;
+
+pub fn build(spec: &Spec, numerics: Numerics) -> ForwardGraph {
+    let mut module = Module::default();
+    let cfg = Config::new(spec, numerics);
+    let (cos, sin) = rope_tables(spec, cfg.seq);
+    let cos = module.add_constant("rope_cos", vec![cfg.seq, cfg.rope], cos);
+    let sin = module.add_constant("rope_sin", vec![cfg.seq, cfg.rope], sin);
+    let mask = module.add_constant("causal_mask", vec![cfg.seq, cfg.seq], causal_mask(cfg.seq));
+    let tables = Tables { cos, sin, mask };
+    // One function per distinct FFN of the layer ranges.
+    let mut layer_fns = Vec::new();
+    for (i, range) in spec.model.ffn.iter().enumerate() {
+        let f = layer_function(&module, &cfg, &tables, &range.ffn, &format!("layer{i}"));
+        layer_fns.push(module.add(f));
+    }
+    let mut params = Vec::new();
+    let mut moe_biases = Vec::new();
+    let model = {
+        let mut b = FunctionBuilder::new(&module, "model");
+        let m = &spec.model;
+        let d = cfg.hidden;
+        let embed =
+            param(&mut b, &mut params, "model.embed_tokens.weight", vec![cfg.vocab, d], ParamGroup::Embedding, false);
+        let mut layer_params = Vec::new();
+        for layer in 0..m.layers as usize {
+            let range = spec.model.ffn.iter().position(|r| r.layers.contains(layer as u64)).expect("checked ranges");
+            let ps = layer_params_of(
+                &mut b,
+                &mut params,
+                &cfg,
+                &spec.model.ffn[range].ffn,
+                &format!("model.layers.{layer}"),
+                ParamGroup::Attention,
+            );
+            if let Some(bias) = ps.bias {
+                moe_biases.push(bias);
+            }
+            layer_params.push((range, ps.values));
+        }
+        let final_norm = param(&mut b, &mut params, "model.norm.weight", vec![d], ParamGroup::Norms, true);
+        let head = param(&mut b, &mut params, "lm_head.weight", vec![cfg.vocab, d], ParamGroup::Head, false);
+        // MTP modules: their own norms, projection and block; embedding and head shared.
+        let depth = m.mtp.as_ref().map_or(0, |mtp| mtp.depth as usize);
+        let last_range = spec.model.ffn.len() - 1;
+        let mut mtp_params = Vec::new();
+        for k in 0..depth {
+            let prefix = format!("model.layers.{}", m.layers as usize + k);
+            let enorm = param(&mut b, &mut params, &format!("{prefix}.enorm.weight"), vec![d], ParamGroup::Mtp, true);
+            let hnorm = param(&mut b, &mut params, &format!("{prefix}.hnorm.weight"), vec![d], ParamGroup::Mtp, true);
+            let eh_proj =
+                param(&mut b, &mut params, &format!("{prefix}.eh_proj.weight"), vec![d, 2 * d], ParamGroup::Mtp, false);
+            let ps =
+                layer_params_of(&mut b, &mut params, &cfg, &spec.model.ffn[last_range].ffn, &prefix, ParamGroup::Mtp);
+            if let Some(bias) = ps.bias {
+                moe_biases.push(bias);
+            }
+            let norm = param(
+                &mut b,
+                &mut params,
+                &format!("{prefix}.shared_head.norm.weight"),
+                vec![d],
+                ParamGroup::Mtp,
+                true,
+            );
+            mtp_params.push((enorm, hnorm, eh_proj, ps.values, norm));
+        }
+        let tokens = b.arg("tokens", vec![cfg.batch, cfg.seq + depth + 1], DType::I32);
+        // Main model.
+        let input_ids = b.slice(tokens, 1, 0, cfg.seq);
+        let mut h = b.gather(embed, input_ids);
+        let mut balance = b.constant(0.0);
+        let mut loads = Vec::new();
+        for (range, values) in &layer_params {
+            let mut args = vec![h];
+            args.extend(values);
+            let out = b.call(layer_fns[*range], args);
+            h = out[0];
+            if out.len() == 3 {
+                balance = b.add(balance, out[1]);
+                loads.push(out[2]);
+            }
+        }
+        let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
+        let main_loss = head_loss(&mut b, &cfg, h, final_norm, head, labels);
+        // MTP depth k predicts token i + k + 1 from h^{k−1} and the embedding of token i + k.
+        let mut mtp_total = b.constant(0.0);
+        for (k, (enorm, hnorm, eh_proj, values, norm)) in mtp_params.iter().enumerate() {
+            let k = k + 1;
+            let ids = b.slice(tokens, 1, k, cfg.seq + k);
+            let emb = b.gather(embed, ids);
+            let e = rms_norm(&mut b, emb, *enorm, cfg.eps);
+            let hn = rms_norm(&mut b, h, *hnorm, cfg.eps);
+            let cat = b.concat(vec![e, hn], 2);
+            let projected = b.linear(cat, *eh_proj, cfg.fp8);
+            let mut args = vec![projected];
+            args.extend(values);
+            let out = b.call(layer_fns[last_range], args);
+            h = out[0];
+            if out.len() == 3 {
+                balance = b.add(balance, out[1]);
+                loads.push(out[2]);
+            }
+            let labels = b.slice(tokens, 1, k + 1, cfg.seq + k + 1);
+            let loss = head_loss(&mut b, &cfg, h, *norm, head, labels);
+            mtp_total = b.add(mtp_total, loss);
+        }
+        let mtp_loss = if depth > 0 { b.scale(mtp_total, 1.0 / depth as f64) } else { mtp_total };
+        let mtp_weight = b.arg("mtp_weight", vec![], DType::F32);
+        let weighted = b.mul(mtp_weight, mtp_loss);
+        let main_and_mtp = b.add(main_loss, weighted);
+        let loss = b.add(main_and_mtp, balance);
+        b.output("loss", loss);
+        b.output("main_loss", main_loss);
+        b.output("mtp_loss", mtp_loss);
+        b.output("balance_loss", balance);
+        for (i, load) in loads.into_iter().enumerate() {
+            b.output(format!("load{i}"), load);
+        }
+        b.finish()
+    };
+    let model = module.add(model);
+    ForwardGraph { module, model, params, moe_biases, micro_batch: cfg.batch, seq_len: cfg.seq }
+}
+
+/// Sizes and numerics the builder needs, read once from the spec.
+struct Config {
+    vocab: usize,
+    hidden: usize,
+    batch: usize,
+    seq: usize,
+    eps: f64,
+    heads: usize,
+    q_rank: usize,
+    kv_rank: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    softmax_scale: f64,
+    fp8: Option<Fp8Linear>,
+    /// Attention kept in BF16 (its inputs and output rounded to BF16).
+    attention_bf16: bool,
+    /// The MoE combine in BF16.
+    combine_bf16: bool,
+}
+
+impl Config {
+    fn new(spec: &Spec, numerics: Numerics) -> Self {
+        let a = &spec.model.attention;
+        let p = &spec.precision;
+        let policy = numerics == Numerics::Policy;
+        let fp8 = (policy && p.gemm == Dtype::E4m3).then(|| Fp8Linear {
+            tile: p.activation_tile[1] as usize,
+            block: p.weight_block[0] as usize,
+            promote: p.promotion_interval as usize,
+        });
+        Config {
+            vocab: spec.model.vocab as usize,
+            hidden: spec.model.hidden as usize,
+            batch: spec.train.micro_batch as usize,
+            seq: spec.train.seq_len as usize,
+            eps: spec.model.norm_eps,
+            heads: a.heads as usize,
+            q_rank: a.q_rank as usize,
+            kv_rank: a.kv_rank as usize,
+            nope: a.qk_nope_dim as usize,
+            rope: a.qk_rope_dim as usize,
+            v: a.v_dim as usize,
+            softmax_scale: 1.0 / ((a.qk_nope_dim + a.qk_rope_dim) as f64).sqrt(),
+            fp8,
+            attention_bf16: policy && p.gemm != Dtype::F32 && p.high_precision.contains(&HighPrecisionOp::Attention),
+            combine_bf16: policy && p.combine == Dtype::Bf16,
+        }
+    }
+}
+
+struct Tables {
+    cos: usize,
+    sin: usize,
+    mask: usize,
+}
+
+fn param(
+    b: &mut FunctionBuilder,
+    params: &mut Vec<ParamInfo>,
+    name: &str,
+    shape: Vec<usize>,
+    group: ParamGroup,
+    norm: bool,
+) -> V {
+    params.push(ParamInfo { name: name.to_string(), shape: shape.clone(), group, learned: true, norm });
+    b.arg(name, shape, DType::F32)
+}
+
+/// The parameters of one layer, in the order its function takes them.
+struct LayerParams {
+    values: Vec<V>,
+    /// Index in the parameter list of the routing bias, for an MoE layer.
+    bias: Option<usize>,
+}
+
+/// The parameter shapes of a layer, in its function's argument order, with their names
+/// relative to the layer (`self_attn.q_a_proj.weight`) and whether they are norm scales.
+fn layer_param_shapes(c: &Config, ffn: &Ffn) -> Vec<(&'static str, Vec<usize>, ParamGroup, bool)> {
+    let (d, h) = (c.hidden, c.heads);
+    let mut shapes = vec![
+        ("input_layernorm.weight", vec![d], ParamGroup::Norms, true),
+        ("self_attn.q_a_proj.weight", vec![c.q_rank, d], ParamGroup::Attention, false),
+        ("self_attn.q_a_layernorm.weight", vec![c.q_rank], ParamGroup::Attention, true),
+        ("self_attn.q_b_proj.weight", vec![h * (c.nope + c.rope), c.q_rank], ParamGroup::Attention, false),
+        ("self_attn.kv_a_proj_with_mqa.weight", vec![c.kv_rank + c.rope, d], ParamGroup::Attention, false),
+        ("self_attn.kv_a_layernorm.weight", vec![c.kv_rank], ParamGroup::Attention, true),
+        ("self_attn.kv_b_proj.weight", vec![h * (c.nope + c.v), c.kv_rank], ParamGroup::Attention, false),
+        ("self_attn.o_proj.weight", vec![d, h * c.v], ParamGroup::Attention, false),
+        ("post_attention_layernorm.weight", vec![d], ParamGroup::Norms, true),
+    ];
+    match ffn {
+        Ffn::Dense { intermediate } => {
+            let i = *intermediate as usize;
+            shapes.push(("mlp.gate_proj.weight", vec![i, d], ParamGroup::DenseFfn, false));
+            shapes.push(("mlp.up_proj.weight", vec![i, d], ParamGroup::DenseFfn, false));
+            shapes.push(("mlp.down_proj.weight", vec![d, i], ParamGroup::DenseFfn, false));
+        }
+        Ffn::Moe(m) => {
+            let (e, i) = (m.routed_experts as usize, m.intermediate as usize);
+            shapes.push(("mlp.gate.weight", vec![e, d], ParamGroup::Router, false));
+            shapes.push(("mlp.gate.e_score_correction_bias", vec![e], ParamGroup::Router, false));
+            shapes.push(("mlp.experts.gate_proj.weight", vec![e, i, d], ParamGroup::RoutedExperts, false));
+            shapes.push(("mlp.experts.up_proj.weight", vec![e, i, d], ParamGroup::RoutedExperts, false));
+            shapes.push(("mlp.experts.down_proj.weight", vec![e, d, i], ParamGroup::RoutedExperts, false));
+            if m.shared_experts > 0 {
+                let s = i * m.shared_experts as usize;
+                shapes.push(("mlp.shared_experts.gate_proj.weight", vec![s, d], ParamGroup::SharedExperts, false));
+                shapes.push(("mlp.shared_experts.up_proj.weight", vec![s, d], ParamGroup::SharedExperts, false));
+                shapes.push(("mlp.shared_experts.down_proj.weight", vec![d, s], ParamGroup::SharedExperts, false));
+            }
+        }
+    }
+    shapes
+}
+
+fn layer_params_of(
+    b: &mut FunctionBuilder,
+    params: &mut Vec<ParamInfo>,
+    c: &Config,
+    ffn: &Ffn,
+    prefix: &str,
+    attention_group: ParamGroup,
+) -> LayerParams {
+    let mut bias = None;
+    let values = layer_param_shapes(c, ffn)
+        .into_iter()
+        .map(|(name, shape, group, norm)| {
+            // An MTP block's parameters all belong to the MTP group.
+            let group = if attention_group == ParamGroup::Mtp { ParamGroup::Mtp } else { group };
+            let v = param(b, params, &format!("{prefix}.{name}"), shape, group, norm);
+            if name.ends_with("e_score_correction_bias") {
+                params.last_mut().expect("just pushed").learned = false;
+                bias = Some(params.len() - 1);
+            }
+            v
+        })
+        .collect();
+    LayerParams { values, bias }
+}
+
+/// `layer(h, params…) -> (h', [balance_loss, load])`: one pre-norm transformer block.
+fn layer_function(module: &Module, c: &Config, t: &Tables, ffn: &Ffn, name: &str) -> super::ir::Function {
+    let mut b = FunctionBuilder::new(module, name);
+    let h = b.arg("h", vec![c.batch, c.seq, c.hidden], DType::F32);
+    let p: Vec<V> = layer_param_shapes(c, ffn).into_iter().map(|(n, s, _, _)| b.arg(n, s, DType::F32)).collect();
+    let x = rms_norm(&mut b, h, p[0], c.eps);
+    let attn = attention(&mut b, c, t, x, &p[1..8]);
+    let h = b.add(h, attn);
+    let x = rms_norm(&mut b, h, p[8], c.eps);
+    match ffn {
+        Ffn::Dense { .. } => {
+            let y = swiglu(&mut b, c, x, p[9], p[10], p[11]);
+            let out = b.add(h, y);
+            b.output("h", out);
+        }
+        Ffn::Moe(m) => {
+            let (y, balance, load) = moe(&mut b, c, m, x, &p[9..]);
+            let out = b.add(h, y);
+            b.output("h", out);
+            b.output("balance_loss", balance);
+            b.output("load", load);
+        }
+    }
+    b.finish()
+}
+
+/// RMSNorm over the last axis: x · rsqrt(mean(x²) + eps) · w.
+fn rms_norm(b: &mut FunctionBuilder, x: V, w: V, eps: f64) -> V {
+    let last = b.shape(x).len() - 1;
+    let sq = b.unary(Op::Square, x);
+    let ms = b.mean(sq, last, true);
+    let eps = b.constant(eps);
+    let var = b.add(ms, eps);
+    let inv = b.unary(Op::Rsqrt, var);
+    let normed = b.mul(x, inv);
+    b.mul(normed, w)
+}
+
+/// Multi-head latent attention on normalised x [batch, seq, hidden]; `p` = q_a, q_a_norm,
+/// q_b, kv_a, kv_a_norm, kv_b, o_proj.
+fn attention(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V, p: &[V]) -> V {
+    let (bs, s, h) = (c.batch, c.seq, c.heads);
+    let dq = c.nope + c.rope;
+    let q_latent = b.linear(x, p[0], c.fp8);
+    let q_latent = rms_norm(b, q_latent, p[1], c.eps);
+    let q = b.linear(q_latent, p[2], c.fp8);
+    let q = b.reshape(q, vec![bs, s, h, dq]);
+    let q_nope = b.slice(q, 3, 0, c.nope);
+    let q_pe = b.slice(q, 3, c.nope, dq);
+    let kv = b.linear(x, p[3], c.fp8);
+    let kv_latent = b.slice(kv, 2, 0, c.kv_rank);
+    let k_pe = b.slice(kv, 2, c.kv_rank, c.kv_rank + c.rope);
+    let kv_latent = rms_norm(b, kv_latent, p[4], c.eps);
+    let kv = b.linear(kv_latent, p[5], c.fp8);
+    let kv = b.reshape(kv, vec![bs, s, h, c.nope + c.v]);
+    let k_nope = b.slice(kv, 3, 0, c.nope);
+    let v = b.slice(kv, 3, c.nope, c.nope + c.v);
+    // Decoupled RoPE: one key of `rope` dims shared by all heads.
+    let q_pe = rope(b, c, t, q_pe);
+    let k_pe = b.reshape(k_pe, vec![bs, s, 1, c.rope]);
+    let k_pe = rope(b, c, t, k_pe);
+    let k_pe = b.broadcast_to(k_pe, vec![bs, s, h, c.rope]);
+    let q = b.concat(vec![q_nope, q_pe], 3);
+    let k = b.concat(vec![k_nope, k_pe], 3);
+    let (q, k, v) = if c.attention_bf16 {
+        (b.cast(q, DType::Bf16), b.cast(k, DType::Bf16), b.cast(v, DType::Bf16))
+    } else {
+        (q, k, v)
+    };
+    // [batch, heads, seq, dim]
+    let q = b.transpose(q, vec![0, 2, 1, 3]);
+    let k = b.transpose(k, vec![0, 2, 1, 3]);
+    let v = b.transpose(v, vec![0, 2, 1, 3]);
+    let scores = b.matmul(q, k, false, true, None);
+    let scores = b.scale(scores, c.softmax_scale);
+    let mask = b.table(t.mask);
+    let scores = b.add(scores, mask);
+    let probs = softmax(b, scores);
+    let o = b.matmul(probs, v, false, false, None);
+    let o = if c.attention_bf16 { b.cast(o, DType::Bf16) } else { o };
+    let o = b.transpose(o, vec![0, 2, 1, 3]);
+    let o = b.reshape(o, vec![bs, s, h * c.v]);
+    b.linear(o, p[6], c.fp8)
+}
+
+/// RoPE in DeepSeek-V3's layout on x [batch, seq, heads, rope]: the interleaved pairs are
+/// first gathered into halves, then rotated: x·cos + rotate_half(x)·sin.
+fn rope(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V) -> V {
+    let shape = b.shape(x).clone();
+    let half = c.rope / 2;
+    let mut pairs = shape.clone();
+    pairs.pop();
+    pairs.extend([half, 2]);
+    let x = b.reshape(x, pairs);
+    let x = b.transpose(x, vec![0, 1, 2, 4, 3]);
+    let x = b.reshape(x, shape.clone());
+    let x1 = b.slice(x, 3, 0, half);
+    let x2 = b.slice(x, 3, half, c.rope);
+    let neg_x2 = b.unary(Op::Neg, x2);
+    let rotated = b.concat(vec![neg_x2, x1], 3);
+    let cos = b.table(t.cos);
+    let cos = b.reshape(cos, vec![c.seq, 1, c.rope]);
+    let sin = b.table(t.sin);
+    let sin = b.reshape(sin, vec![c.seq, 1, c.rope]);
+    let a = b.mul(x, cos);
+    let r = b.mul(rotated, sin);
+    b.add(a, r)
+}
+
+/// Softmax over the last axis, stabilised by the (gradient-free) row maximum.
+fn softmax(b: &mut FunctionBuilder, x: V) -> V {
+    let last = b.shape(x).len() - 1;
+    let m = b.max(x, last, true);
+    let m = b.stop_gradient(m);
+    let shifted = b.sub(x, m);
+    let e = b.unary(Op::Exp, shifted);
+    let z = b.sum(e, last, true);
+    b.div(e, z)
+}
+
+/// SwiGLU MLP: down(silu(gate(x)) · up(x)).
+fn swiglu(b: &mut FunctionBuilder, c: &Config, x: V, gate: V, up: V, down: V) -> V {
+    let g = b.linear(x, gate, c.fp8);
+    let u = b.linear(x, up, c.fp8);
+    let a = b.unary(Op::Silu, g);
+    let hidden = b.mul(a, u);
+    b.linear(hidden, down, c.fp8)
+}
+
+/// DeepSeekMoE on normalised x [batch, seq, hidden]; `p` = gate, bias, experts' gate, up and
+/// down, then the shared experts' gate, up and down. Returns (output, balance loss, load).
+fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V) {
+    let (tokens, d) = (c.batch * c.seq, c.hidden);
+    let (e, k) = (m.routed_experts as usize, m.top_k as usize);
+    let flat = b.reshape(x, vec![tokens, d]);
+    let logits = b.matmul(flat, p[0], false, true, None);
+    let scores = match m.gating {
+        dsc_lang::Gating::Sigmoid => b.unary(Op::Sigmoid, logits),
+        dsc_lang::Gating::Softmax => softmax(b, logits),
+    };
+    let chosen = route(b, m, scores, p[1], tokens);
+    // Gate weights: the unbiased scores of the chosen experts, normalised, times the scale.
+    let picked = b.take_along(scores, chosen);
+    let total = b.sum(picked, 1, true);
+    let normalised = b.div(picked, total);
+    let gates = b.scale(normalised, m.routed_scale);
+    // Dispatch to the experts in expert order, run them as grouped GEMMs, combine.
+    let order = b.push(Op::SortByExpert { experts: e }, vec![chosen], vec![tokens * k], DType::I32);
+    let offsets = b.push(Op::ExpertOffsets { experts: e }, vec![chosen], vec![e + 1], DType::I32);
+    let xs = b.push(Op::Permute { k }, vec![flat, order], vec![tokens * k, d], DType::F32);
+    let inter = m.intermediate as usize;
+    let fp8 = c.fp8.map(Fp8Linear::fprop);
+    let g = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![xs, p[2], offsets], vec![tokens * k, inter], DType::F32);
+    let u = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![xs, p[3], offsets], vec![tokens * k, inter], DType::F32);
+    let a = b.unary(Op::Silu, g);
+    let hidden = b.mul(a, u);
+    let ys = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![hidden, p[4], offsets], vec![tokens * k, d], DType::F32);
+    let ys = if c.combine_bf16 { b.cast(ys, DType::Bf16) } else { ys };
+    let routed = b.push(Op::Unpermute { k }, vec![ys, order, gates], vec![tokens, d], DType::F32);
+    let out = if m.shared_experts > 0 {
+        let shared = swiglu(b, c, flat, p[5], p[6], p[7]);
+        b.add(routed, shared)
+    } else {
+        routed
+    };
+    let out = b.reshape(out, vec![c.batch, c.seq, d]);
+    let (balance, load) = balance_loss(b, c, m, scores, chosen);
+    (out, balance, load)
+}
+
+/// Group-limited top-k on biased scores: a group's score is the sum of its two best biased
+/// scores; the `keep_groups` best groups stay; the top-k experts among them are chosen. The
+/// bias affects the choice only; no gradient passes through it.
+fn route(b: &mut FunctionBuilder, m: &Moe, scores: V, bias: V, tokens: usize) -> V {
+    let (e, groups, keep) = (m.routed_experts as usize, m.groups as usize, m.keep_groups as usize);
+    let biased = b.add(scores, bias);
+    let biased = b.stop_gradient(biased);
+    let candidates = if groups > 1 && keep < groups {
+        let per_group = e / groups;
+        let grouped = b.reshape(biased, vec![tokens, groups, per_group]);
+        let best_two = b.top_k(grouped, 2);
+        let best_two = b.take_along(grouped, best_two);
+        let group_scores = b.sum(best_two, 2, false);
+        let kept = b.top_k(group_scores, keep);
+        let one = b.constant(1.0);
+        let ones = b.broadcast_to(one, vec![tokens, keep]);
+        let group_mask = b.push(Op::PutAlong { n: groups }, vec![kept, ones], vec![tokens, groups], DType::F32);
+        let group_mask = b.reshape(group_mask, vec![tokens, groups, 1]);
+        let mask = b.broadcast_to(group_mask, vec![tokens, groups, per_group]);
+        let mask = b.reshape(mask, vec![tokens, e]);
+        // Experts of dropped groups sink below any real score.
+        let one = b.constant(1.0);
+        let dropped = b.sub(one, mask);
+        let penalty = b.scale(dropped, 1e30);
+        b.sub(biased, penalty)
+    } else {
+        biased
+    };
+    b.top_k(candidates, m.top_k as usize)
+}
+
+/// Sequence-wise balance loss α Σᵢ fᵢ Pᵢ averaged over the sequences, with
+/// fᵢ = E/(K·T) · (tokens choosing i) and Pᵢ = mean over tokens of the scores normalised over
+/// all experts; and the expert load (tokens per expert) of the micro-batch.
+fn balance_loss(b: &mut FunctionBuilder, c: &Config, m: &Moe, scores: V, chosen: V) -> (V, V) {
+    let (e, k, s) = (m.routed_experts as usize, m.top_k as usize, c.seq);
+    let per_sequence = b.reshape(chosen, vec![c.batch, s * k]);
+    let counts = b.push(Op::Count { bins: e }, vec![per_sequence], vec![c.batch, e], DType::F32);
+    let load = b.sum(counts, 0, false);
+    let f = b.scale(counts, e as f64 / (k * s) as f64);
+    let scores = b.reshape(scores, vec![c.batch, s, e]);
+    let total = b.sum(scores, 2, true);
+    let normalised = b.div(scores, total);
+    let p = b.mean(normalised, 1, false);
+    let fp = b.mul(f, p);
+    let per_seq = b.sum(fp, 1, false);
+    let mean = b.mean(per_seq, 0, false);
+    (b.scale(mean, m.balance_alpha), load)
+}
+
+/// RMSNorm, head in full precision, and the mean cross-entropy against `labels`.
+fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels: V) -> V {
+    let x = rms_norm(b, h, norm, c.eps);
+    let tokens = c.batch * c.seq;
+    let flat = b.reshape(x, vec![tokens, c.hidden]);
+    let logits = b.matmul(flat, head, false, true, None);
+    let m = b.max(logits, 1, true);
+    let m = b.stop_gradient(m);
+    let shifted = b.sub(logits, m);
+    let e = b.unary(Op::Exp, shifted);
+    let z = b.sum(e, 1, true);
+    let log_z = b.unary(Op::Log, z);
+    let labels = b.reshape(labels, vec![tokens, 1]);
+    let picked = b.take_along(shifted, labels);
+    let nll = b.sub(log_z, picked);
+    let total = b.sum_all(nll);
+    b.scale(total, 1.0 / tokens as f64)
+}
+
+/// RoPE cos/sin tables [seq, rope] with frequencies θ^(−2i/rope), each repeated for the two
+/// halves (the layout `rope` expects).
+fn rope_tables(spec: &Spec, seq: usize) -> (Vec<f64>, Vec<f64>) {
+    let a = &spec.model.attention;
+    let rope = a.qk_rope_dim as usize;
+    let half = rope / 2;
+    let mut cos = Vec::with_capacity(seq * rope);
+    let mut sin = Vec::with_capacity(seq * rope);
+    for pos in 0..seq {
+        for j in 0..rope {
+            let i = j % half;
+            let freq = a.rope_theta.powf(-((2 * i) as f64) / rope as f64);
+            let angle = pos as f64 * freq;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// 0 on and below the diagonal, a large negative number above it. Documents are packed
+/// without a cross-document mask (SPEC.md).
+fn causal_mask(seq: usize) -> Vec<f64> {
+    (0..seq * seq).map(|i| if i % seq > i / seq { -1e9 } else { 0.0 }).collect()
+}
