@@ -84,6 +84,8 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
     for &v in copied.iter().rev() {
         let node = b.current().node(v).clone();
         match node.op {
+            // The arguments' adjoints are read after the loop.
+            Op::Arg(_) => {}
             Op::Get(i) => {
                 if let Some(g) = adjoints.take(v) {
                     adjoints.tuple_part(node.args[0], i, g);

@@ -34,10 +34,24 @@ pub trait Real:
     fn abs(self) -> Self;
     fn max(self, other: Self) -> Self;
     fn is_finite(self) -> bool;
+    /// C = A·B + β·C on strided matrices (`matrixmultiply`'s GEMM; threads over both cores).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        a_strides: [isize; 2],
+        b: &[Self],
+        b_strides: [isize; 2],
+        beta: Self,
+        c: &mut [Self],
+        c_strides: [isize; 2],
+    );
 }
 
 macro_rules! impl_real {
-    ($t:ty) => {
+    ($t:ty, $gemm:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -65,9 +79,46 @@ macro_rules! impl_real {
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
+            fn gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                a: &[Self],
+                sa: [isize; 2],
+                b: &[Self],
+                sb: [isize; 2],
+                beta: Self,
+                c: &mut [Self],
+                sc: [isize; 2],
+            ) {
+                assert!(
+                    m * k <= a.len().max(1) && k * n <= b.len().max(1) && m * n <= c.len().max(1),
+                    "gemm operand sizes"
+                );
+                // SAFETY: the strides address elements inside the slices (asserted sizes, strides
+                // of a dense row-major or transposed matrix), and `c` does not alias `a` or `b`.
+                unsafe {
+                    $gemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        a.as_ptr(),
+                        sa[0],
+                        sa[1],
+                        b.as_ptr(),
+                        sb[0],
+                        sb[1],
+                        beta,
+                        c.as_mut_ptr(),
+                        sc[0],
+                        sc[1],
+                    );
+                }
+            }
         }
     };
 }
 
-impl_real!(f32);
-impl_real!(f64);
+impl_real!(f32, matrixmultiply::sgemm);
+impl_real!(f64, matrixmultiply::dgemm);

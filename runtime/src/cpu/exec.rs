@@ -1,0 +1,209 @@
+//! The interpreter: runs a graph function node by node, in `T` = f32 or f64, freeing each
+//! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
+//! here; the other kernels are in [`super::kernels`].
+
+use super::kernels::{index, layout, linalg};
+use super::numerics::{round_bf16, round_e4m3};
+use super::real::Real;
+use super::value::{Tensor, Value};
+use dsc_compiler::graph::ir::{DType, Function, Module, Node, Op};
+
+/// Runs function `f` of `module` on `args`, returning its outputs.
+pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
+    let function = &module.functions[f];
+    assert_eq!(args.len(), function.args.len(), "{} takes {} arguments", function.name, function.args.len());
+    let last_use = last_uses(function);
+    let mut values: Vec<Option<Value<T>>> = vec![None; function.nodes.len()];
+    let mut args: Vec<Option<Value<T>>> = args.into_iter().map(Some).collect();
+    for (i, node) in function.nodes.iter().enumerate() {
+        let value = match node.op {
+            Op::Arg(a) => args[a].take().expect("each argument is read once"),
+            _ => {
+                let inputs: Vec<&Value<T>> = node
+                    .args
+                    .iter()
+                    .map(|a| values[a.index()].as_ref().expect("value computed and not yet freed"))
+                    .collect();
+                eval(module, node, &inputs)
+            }
+        };
+        values[i] = Some(value);
+        for a in &node.args {
+            if last_use[a.index()] == i {
+                values[a.index()] = None;
+            }
+        }
+    }
+    function.outputs.iter().map(|o| values[o.index()].clone().expect("outputs are kept")).collect()
+}
+
+/// For each node, the index of the last node that reads it (`usize::MAX` for outputs).
+fn last_uses(f: &Function) -> Vec<usize> {
+    let mut last = vec![0usize; f.nodes.len()];
+    for (i, node) in f.nodes.iter().enumerate() {
+        for a in &node.args {
+            last[a.index()] = i;
+        }
+    }
+    for o in &f.outputs {
+        last[o.index()] = usize::MAX;
+    }
+    last
+}
+
+fn real<T: Real>(shape: &[usize], data: Vec<T>) -> Value<T> {
+    Value::real(Tensor::new(shape.to_vec(), data))
+}
+
+fn int<T: Real>(shape: &[usize], data: Vec<i32>) -> Value<T> {
+    Value::int(Tensor::new(shape.to_vec(), data))
+}
+
+fn map<T: Real>(node: &Node, x: &Tensor<T>, f: impl Fn(T) -> T) -> Value<T> {
+    real(&node.shape, x.data.iter().map(|&v| f(v)).collect())
+}
+
+fn zip<T: Real>(node: &Node, a: &Tensor<T>, b: &Tensor<T>, f: impl Fn(T, T) -> T) -> Value<T> {
+    if a.shape == b.shape {
+        return real(&node.shape, a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect());
+    }
+    let mut out = Vec::with_capacity(node.shape.iter().product());
+    layout::for_each_broadcast(&node.shape, &[&a.shape, &b.shape], |_, off| {
+        out.push(f(a.data[off[0]], b.data[off[1]]))
+    });
+    real(&node.shape, out)
+}
+
+/// Rounds to `to`'s precision (the values stay in `T`).
+fn round<T: Real>(x: T, to: DType) -> T {
+    match to {
+        DType::Bf16 => T::from_f64(round_bf16(x.to_f64())),
+        DType::F8e4m3 => T::from_f64(round_e4m3(x.to_f64())),
+        DType::F32 => T::from_f64(x.to_f64() as f32 as f64),
+        DType::F64 | DType::I32 | DType::Tuple => x,
+    }
+}
+
+fn sigmoid<T: Real>(x: T) -> T {
+    T::ONE / (T::ONE + (-x).exp())
+}
+
+fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
+    let r = |i: usize| v[i].as_real();
+    let ix = |i: usize| v[i].as_int();
+    let last = |shape: &[usize]| *shape.last().expect("rank ≥ 1");
+    match &node.op {
+        Op::Arg(_) => unreachable!("arguments are bound by `run`"),
+        Op::Const(c) => real(&[], vec![T::from_f64(*c)]),
+        Op::Table(i) => {
+            let c = &module.constants[*i];
+            real(&c.shape, c.data.iter().map(|&x| T::from_f64(x)).collect())
+        }
+        Op::Neg => map(node, r(0), |x| -x),
+        Op::Exp => map(node, r(0), T::exp),
+        Op::Log => map(node, r(0), T::ln),
+        Op::Sigmoid => map(node, r(0), sigmoid),
+        Op::Silu => map(node, r(0), |x| x * sigmoid(x)),
+        Op::Rsqrt => map(node, r(0), |x| T::ONE / x.sqrt()),
+        Op::Sqrt => map(node, r(0), T::sqrt),
+        Op::Square => map(node, r(0), |x| x * x),
+        Op::Sign => map(node, r(0), |x| {
+            if x > T::ZERO {
+                T::ONE
+            } else if x < T::ZERO {
+                -T::ONE
+            } else {
+                T::ZERO
+            }
+        }),
+        Op::StopGradient => v[0].clone(),
+        Op::Add => zip(node, r(0), r(1), |a, b| a + b),
+        Op::Sub => zip(node, r(0), r(1), |a, b| a - b),
+        Op::Mul => zip(node, r(0), r(1), |a, b| a * b),
+        Op::Div => zip(node, r(0), r(1), |a, b| a / b),
+        Op::Maximum => zip(node, r(0), r(1), T::max),
+        Op::Cast(to) => map(node, r(0), |x| round(x, *to)),
+        Op::Sum { axis, .. } => {
+            real(&node.shape, layout::reduce(&r(0).data, &r(0).shape, *axis, T::ZERO, |a, b| a + b))
+        }
+        Op::Max { axis, .. } => {
+            let lowest = T::from_f64(f64::NEG_INFINITY);
+            real(&node.shape, layout::reduce(&r(0).data, &r(0).shape, *axis, lowest, T::max))
+        }
+        Op::SumTo(shape) => real(shape, layout::sum_to(&r(0).data, &r(0).shape, shape)),
+        Op::BroadcastTo(shape) => match v[0] {
+            Value::Int(t) => int(shape, layout::broadcast_to(&t.data, &t.shape, shape)),
+            _ => real(shape, layout::broadcast_to(&r(0).data, &r(0).shape, shape)),
+        },
+        Op::Reshape(shape) => match v[0] {
+            Value::Int(t) => int(shape, t.data.clone()),
+            _ => real(shape, r(0).data.clone()),
+        },
+        Op::Transpose(perm) => real(&node.shape, layout::transpose(&r(0).data, &r(0).shape, perm)),
+        Op::Slice { axis, start, end } => match v[0] {
+            Value::Int(t) => int(&node.shape, layout::slice(&t.data, &t.shape, *axis, *start, *end)),
+            _ => real(&node.shape, layout::slice(&r(0).data, &r(0).shape, *axis, *start, *end)),
+        },
+        Op::PadSlice { axis, start, len } => {
+            real(&node.shape, layout::pad_slice(&r(0).data, &r(0).shape, *axis, *start, *len))
+        }
+        Op::Concat { axis } => {
+            let parts: Vec<(&[T], &[usize])> = (0..v.len()).map(|i| (&r(i).data[..], &r(i).shape[..])).collect();
+            real(&node.shape, layout::concat(&parts, *axis))
+        }
+        Op::MatMul { ta, tb, fp8 } => {
+            real(&node.shape, linalg::batched_matmul(&r(0).data, &r(0).shape, &r(1).data, &r(1).shape, *ta, *tb, *fp8))
+        }
+        Op::Gather => real(&node.shape, index::gather(&r(0).data, r(0).shape[1], &ix(1).data)),
+        Op::ScatterRows { rows } => {
+            real(&node.shape, index::scatter_rows(&ix(0).data, &r(1).data, *rows, last(&node.shape)))
+        }
+        Op::TakeAlong => {
+            real(&node.shape, index::take_along(&r(0).data, last(&r(0).shape), &ix(1).data, last(&ix(1).shape)))
+        }
+        Op::PutAlong { n } => real(&node.shape, index::put_along(&ix(0).data, last(&ix(0).shape), &r(1).data, *n)),
+        Op::TopK { k } => int(&node.shape, index::top_k(&r(0).data, last(&r(0).shape), *k)),
+        Op::Count { bins } => real(&node.shape, index::count(&ix(0).data, last(&ix(0).shape), *bins)),
+        Op::SortByExpert { .. } => int(&node.shape, index::sort_by_expert(&ix(0).data)),
+        Op::ExpertOffsets { experts } => int(&node.shape, index::expert_offsets(&ix(0).data, *experts)),
+        Op::Permute { k } => real(&node.shape, index::permute(&r(0).data, last(&r(0).shape), &ix(1).data, *k)),
+        Op::PermuteGrad { k, tokens } => {
+            real(&node.shape, index::permute_grad(&r(0).data, last(&r(0).shape), &ix(1).data, *k, *tokens))
+        }
+        Op::GroupedMatMul { tb, fp8 } => {
+            let out =
+                linalg::grouped_matmul(&r(0).data, last(&r(0).shape), &r(1).data, &r(1).shape, &ix(2).data, *tb, *fp8);
+            real(&node.shape, out)
+        }
+        Op::GroupedWgrad { experts, fp8 } => {
+            let out = linalg::grouped_wgrad(
+                &r(0).data,
+                last(&r(0).shape),
+                &r(1).data,
+                last(&r(1).shape),
+                &ix(2).data,
+                *experts,
+                *fp8,
+            );
+            real(&node.shape, out)
+        }
+        Op::Unpermute { k } => {
+            real(&node.shape, index::unpermute(&r(0).data, last(&r(0).shape), &ix(1).data, &r(2).data, *k))
+        }
+        Op::UnpermuteGradRows { k } => {
+            real(&node.shape, index::unpermute_grad_rows(&r(0).data, last(&r(0).shape), &ix(1).data, &r(2).data, *k))
+        }
+        Op::UnpermuteGradGates { k } => {
+            let tokens = r(0).shape[0];
+            real(
+                &node.shape,
+                index::unpermute_grad_gates(&r(0).data, last(&r(0).shape), &r(1).data, &ix(2).data, *k, tokens),
+            )
+        }
+        Op::Call(f) => Value::Tuple(run(module, *f, v.iter().map(|x| (*x).clone()).collect())),
+        Op::Get(i) => match v[0] {
+            Value::Tuple(items) => items[*i].clone(),
+            _ => panic!("get from a non-tuple"),
+        },
+    }
+}

@@ -1,0 +1,5 @@
+//! The CPU backend's kernels other than elementwise arithmetic, grouped by what drives them.
+
+pub mod index;
+pub mod layout;
+pub mod linalg;

@@ -1,0 +1,187 @@
+//! Matrix products: batched GEMMs with optional transposes, the grouped GEMMs of the MoE
+//! experts (one weight matrix per expert over its row range), and their FP8 forms, which
+//! quantise each operand per scaling group and promote partial sums every N elements of K
+//! (`numerics::matmul_fp8`).
+
+use super::layout::transpose;
+use crate::cpu::numerics::{self, Tiling};
+use crate::cpu::real::Real;
+use dsc_compiler::graph::ir::Fp8Gemm;
+
+/// A matrix operand: row-major `rows × cols` data, read transposed if `t`.
+#[derive(Clone, Copy)]
+pub struct Operand<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub t: bool,
+}
+
+impl<T: Real> Operand<'_, T> {
+    /// The (rows, cols) of the operand as used.
+    fn dims(&self) -> (usize, usize) {
+        if self.t {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+
+    fn strides(&self) -> [isize; 2] {
+        if self.t {
+            [1, self.cols as isize]
+        } else {
+            [self.cols as isize, 1]
+        }
+    }
+
+    /// The operand as used, as a dense row-major matrix.
+    fn materialise(&self) -> Vec<T> {
+        if self.t {
+            transpose(self.data, &[self.rows, self.cols], &[1, 0])
+        } else {
+            self.data.to_vec()
+        }
+    }
+}
+
+/// C = op(A)·op(B) for one pair of matrices; in FP8 when `fp8` says so.
+pub fn matmul<T: Real>(a: Operand<T>, b: Operand<T>, fp8: Option<Fp8Gemm>) -> Vec<T> {
+    let (m, k) = a.dims();
+    let (kb, n) = b.dims();
+    assert_eq!(k, kb, "GEMM inner dimensions");
+    let mut c = vec![T::ZERO; m * n];
+    if m == 0 || n == 0 {
+        return c;
+    }
+    if k == 0 {
+        return c;
+    }
+    match fp8 {
+        None => T::gemm(m, k, n, a.data, a.strides(), b.data, b.strides(), T::ZERO, &mut c, [n as isize, 1]),
+        Some(f) => {
+            // A is [m, k] with groups of outer rows × k; B is [k, n] with groups of k × outer columns.
+            let qa = numerics::quantize(&a.materialise(), m, k, Tiling { rows: f.a.outer, cols: f.a.k });
+            let qb = numerics::quantize(&b.materialise(), k, n, Tiling { rows: f.b.k, cols: f.b.outer });
+            for (out, x) in c.iter_mut().zip(numerics::matmul_fp8(&qa, &qb, f.promote)) {
+                *out = T::from_f64(x);
+            }
+        }
+    }
+    c
+}
+
+/// Batched `matmul` over equal leading dimensions.
+pub fn batched_matmul<T: Real>(
+    a: &[T],
+    a_shape: &[usize],
+    b: &[T],
+    b_shape: &[usize],
+    ta: bool,
+    tb: bool,
+    fp8: Option<Fp8Gemm>,
+) -> Vec<T> {
+    let r = a_shape.len();
+    let batch: usize = a_shape[..r - 2].iter().product();
+    let (ar, ac) = (a_shape[r - 2], a_shape[r - 1]);
+    let (br, bc) = (b_shape[r - 2], b_shape[r - 1]);
+    let mut out = Vec::new();
+    for i in 0..batch {
+        let a = Operand { data: &a[i * ar * ac..(i + 1) * ar * ac], rows: ar, cols: ac, t: ta };
+        let b = Operand { data: &b[i * br * bc..(i + 1) * br * bc], rows: br, cols: bc, t: tb };
+        out.extend(matmul(a, b, fp8));
+    }
+    out
+}
+
+/// Expert `e`'s row range in the expert-sorted layout.
+fn rows_of(offsets: &[i32], e: usize) -> std::ops::Range<usize> {
+    offsets[e] as usize..offsets[e + 1] as usize
+}
+
+/// Per expert: its rows of `xs` [r, cols] times its matrix `w[e]` [p, q] (transposed if `tb`).
+pub fn grouped_matmul<T: Real>(
+    xs: &[T],
+    cols: usize,
+    w: &[T],
+    w_shape: &[usize],
+    offsets: &[i32],
+    tb: bool,
+    fp8: Option<Fp8Gemm>,
+) -> Vec<T> {
+    let (experts, p, q) = (w_shape[0], w_shape[1], w_shape[2]);
+    let n = if tb { p } else { q };
+    let rows = *offsets.last().expect("offsets") as usize;
+    let mut out = vec![T::ZERO; rows * n];
+    for e in 0..experts {
+        let range = rows_of(offsets, e);
+        if range.is_empty() {
+            continue;
+        }
+        let x = Operand { data: &xs[range.start * cols..range.end * cols], rows: range.len(), cols, t: false };
+        let we = Operand { data: &w[e * p * q..(e + 1) * p * q], rows: p, cols: q, t: tb };
+        out[range.start * n..range.end * n].copy_from_slice(&matmul(x, we, fp8));
+    }
+    out
+}
+
+/// Per expert: gᵉᵀ · xsᵉ, the weight gradient [experts, p, q] of `grouped_matmul` with `tb`.
+pub fn grouped_wgrad<T: Real>(
+    xs: &[T],
+    q: usize,
+    g: &[T],
+    p: usize,
+    offsets: &[i32],
+    experts: usize,
+    fp8: Option<Fp8Gemm>,
+) -> Vec<T> {
+    let mut out = vec![T::ZERO; experts * p * q];
+    for e in 0..experts {
+        let range = rows_of(offsets, e);
+        if range.is_empty() {
+            continue;
+        }
+        let ge = Operand { data: &g[range.start * p..range.end * p], rows: range.len(), cols: p, t: true };
+        let xe = Operand { data: &xs[range.start * q..range.end * q], rows: range.len(), cols: q, t: false };
+        out[e * p * q..(e + 1) * p * q].copy_from_slice(&matmul(ge, xe, fp8));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposed_operands_read_correctly() {
+        // A = [[1, 2, 3], [4, 5, 6]], B = [[1, 0], [0, 1], [1, 1]]
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let c = matmul(
+            Operand { data: &a, rows: 2, cols: 3, t: false },
+            Operand { data: &b, rows: 3, cols: 2, t: false },
+            None,
+        );
+        assert_eq!(c, vec![4.0, 5.0, 10.0, 11.0]);
+        // Aᵀ·A via the transpose flag = [[17, 22, 27], [22, 29, 36], [27, 36, 45]]
+        let ata = matmul(
+            Operand { data: &a, rows: 2, cols: 3, t: true },
+            Operand { data: &a, rows: 2, cols: 3, t: false },
+            None,
+        );
+        assert_eq!(ata, vec![17.0, 22.0, 27.0, 22.0, 29.0, 36.0, 27.0, 36.0, 45.0]);
+    }
+
+    #[test]
+    fn grouped_products_use_each_experts_matrix() {
+        // Two experts; rows 0..1 go to expert 0 (w = 2·I), rows 1..3 to expert 1 (w = 3·I).
+        let xs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let w = [2.0, 0.0, 0.0, 2.0, 3.0, 0.0, 0.0, 3.0];
+        let out = grouped_matmul(&xs, 2, &w, &[2, 2, 2], &[0, 1, 3], true, None);
+        assert_eq!(out, vec![2.0, 4.0, 9.0, 12.0, 15.0, 18.0]);
+        let g = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+        let dw = grouped_wgrad(&xs, 2, &g, 2, &[0, 1, 3], 2, None);
+        // expert 0: [1,1]ᵀ[1,2]; expert 1: [[1,0],[0,1]]ᵀ·[[3,4],[5,6]]
+        assert_eq!(dw, vec![1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+}
