@@ -38,6 +38,25 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = InfoFormat::Text)]
         format: InfoFormat,
     },
+    /// Train a spec's model (on the CPU backend).
+    Train {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
+        /// Stop after this many optimizer steps (default: the spec's token budget).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Seed of the initialisation and the synthetic data.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write one JSON object per step to this file.
+        #[arg(long, value_name = "FILE")]
+        metrics: Option<PathBuf>,
+        /// `policy` follows the spec's precision policy (FP8 GEMMs…); `exact` rounds nothing.
+        #[arg(long, value_enum, default_value_t = NumericsArg::Policy)]
+        numerics: NumericsArg,
+    },
     /// Compile a spec and print a stage of the pipeline.
     Compile {
         #[command(flatten)]
@@ -84,6 +103,18 @@ impl Color {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The reference backend: f32, every op on the CPU.
+    Cpu,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NumericsArg {
+    Policy,
+    Exact,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InfoFormat {
     Text,
     Json,
@@ -93,4 +124,8 @@ pub enum InfoFormat {
 pub enum EmitStage {
     /// The resolved spec as JSON.
     Spec,
+    /// The training graph (forward, backward and optimizer functions) in its printed form.
+    Graph,
+    /// Op counts of the forward, backward and optimizer functions and the parameter count (JSON).
+    GraphStats,
 }

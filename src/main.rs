@@ -2,9 +2,11 @@
 //! own lives here beyond choosing what to print and the exit code.
 
 mod cli;
+mod train;
 
 use clap::Parser;
 use cli::{Cli, Command, EmitStage, ErrorFormat, InfoFormat, SpecArgs};
+use dsc_compiler::graph::{Numerics, TrainingGraph};
 use dsc_lang::diagnostics::{render_json, render_text, Code, Diagnostic};
 use dsc_lang::{Loaded, Spec};
 use std::io::{IsTerminal, Write};
@@ -21,6 +23,13 @@ fn main() -> ExitCode {
         Command::Fmt { spec, check } => fmt(&cli, spec, *check),
         Command::Info { spec, format } => info(&cli, spec, *format),
         Command::Compile { spec, emit, output } => compile(&cli, spec, *emit, output.as_deref()),
+        Command::Train { spec, backend: _, steps, seed, metrics, numerics } => {
+            let options = train::Options { steps: *steps, seed: *seed, metrics: metrics.clone(), numerics: *numerics };
+            match load(&cli, spec) {
+                Some((_, spec)) => train::run(&spec, &options),
+                None => Ok(ExitCode::FAILURE),
+            }
+        }
     };
     match result {
         Ok(code) => code,
@@ -137,6 +146,14 @@ fn compile(cli: &Cli, args: &SpecArgs, emit: EmitStage, output: Option<&std::pat
     };
     let text = match emit {
         EmitStage::Spec => serde_json::to_string_pretty(&spec)? + "\n",
+        EmitStage::Graph => {
+            let graph = TrainingGraph::build(&spec, Numerics::Policy);
+            dsc_compiler::graph::print::module(graph.module())
+        }
+        EmitStage::GraphStats => {
+            let graph = TrainingGraph::build(&spec, Numerics::Policy);
+            serde_json::to_string_pretty(&graph.stats())? + "\n"
+        }
     };
     match output {
         Some(path) => {

@@ -4,4 +4,5 @@
 
 pub mod cpu;
 pub mod data;
+pub mod rng;
 pub mod train;

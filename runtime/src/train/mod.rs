@@ -1,1 +1,10 @@
-//! placeholder
+//! The training loop and its parts: parameter initialisation (`init`), where training is and
+//! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
+//! metrics each step reports (`metrics`), and the CPU trainer that runs steps (`trainer`).
+
+pub mod init;
+pub mod metrics;
+pub mod schedule;
+pub mod trainer;
+
+pub use trainer::{CpuTrainer, Unsupported};
