@@ -188,3 +188,65 @@ fn compile_writes_its_output_file() {
         serde_json::from_str(&std::fs::read_to_string(&out).expect("written")).expect("JSON");
     assert_eq!(written["model"]["name"], "deepseek-v3-tiny");
 }
+
+#[test]
+fn training_graph_snapshots() {
+    insta::assert_snapshot!("graph-deepseek-v3-tiny", dsc_ok(&["compile", &model("deepseek-v3-tiny"), "--emit=graph"]));
+    for name in MODELS {
+        let stats = dsc_ok(&["compile", &model(name), "--emit=graph-stats"]);
+        insta::assert_snapshot!(format!("graph-stats-{name}"), stats);
+        // The graph's parameters are exactly what `dsc info` counts (MTP included).
+        let stats: serde_json::Value = serde_json::from_str(&stats).expect("JSON");
+        let info = info_json(name);
+        let expected = info["params"]["total"].as_u64().unwrap() + info["params"]["mtp"].as_u64().unwrap();
+        assert_eq!(stats["params"].as_u64(), Some(expected), "{name}");
+    }
+}
+
+#[test]
+fn train_prints_a_line_per_step_and_writes_jsonl_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = dir.path().join("m.jsonl");
+    let out = dsc_ok(&[
+        "train",
+        &model("deepseek-v3-tiny"),
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]);
+    assert_eq!(out.lines().filter(|l| l.starts_with("step ")).count(), 3, "{out}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .expect("metrics file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m["step"].as_u64(), Some(i as u64 + 1));
+        for key in [
+            "loss",
+            "mtp_loss",
+            "balance_loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "expert_load_max",
+            "expert_load_mean",
+        ] {
+            assert!(m[key].is_number(), "{key} missing in {m}");
+        }
+    }
+}
+
+#[test]
+fn train_refuses_what_the_cpu_cannot_run() {
+    let o = dsc(&["train", &model("deepseek-v3"), "--steps", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("synthetic corpus only"), "{}", stderr(&o));
+    let o = dsc(&["train", &model("deepseek-v3"), "--steps", "1", "--set", "train.data.sources=[synthetic {}]"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("the CPU backend trains models of up to"), "{}", stderr(&o));
+}

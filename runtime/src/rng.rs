@@ -30,9 +30,9 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Uniform in 0..n.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    /// Uniform in 0..n (multiply-high; the bias is below n / 2⁶⁴).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
     }
 
     /// Standard normal (Box–Muller; one draw per call).
@@ -40,6 +40,10 @@ impl Rng {
         let u1 = 1.0 - self.uniform();
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    pub fn gaussians(&mut self, len: usize) -> Vec<f64> {
+        (0..len).map(|_| self.gaussian()).collect()
     }
 }
 

@@ -251,3 +251,70 @@ fn calls_are_differentiated_through_their_vjp_function() {
     // The layer function is differentiated once, however often it is called.
     assert_eq!(module.functions.iter().filter(|f| f.name == "inner.vjp").count(), 1);
 }
+
+/// The name of a parameter's kind: its name without layer numbers.
+fn kind(name: &str) -> String {
+    name.split('.').filter(|part| part.parse::<usize>().is_err()).collect::<Vec<_>>().join(".")
+}
+
+#[test]
+fn whole_tiny_model_gradient_matches_finite_differences() {
+    use dsc_compiler::graph::{model, Numerics};
+    use dsc_runtime::data::synthetic::SyntheticCorpus;
+    use dsc_runtime::train::init::init_params;
+    use std::collections::BTreeMap;
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+    // A larger α so that the balance loss's gradient is not lost in the tolerance.
+    let loaded = dsc_lang::load(
+        &path,
+        &["model.ffn.1.balance_alpha=0.1".into(), "train.micro_batch=2".into(), "train.seq_len=16".into()],
+    );
+    let spec = loaded.checked_spec().expect("tiny spec with overrides checks").clone();
+    let mut forward = model::build(&spec, Numerics::Exact);
+    let grad = autodiff::grad(&mut forward.module, forward.model);
+    let module = &forward.module;
+    let params: Vec<Vec<f64>> = init_params::<f64>(&forward.params, 0.1, 3).into_iter().map(|t| t.data).collect();
+    let depth = spec.model.mtp.as_ref().map_or(0, |m| m.depth as usize);
+    let batch = SyntheticCorpus::new(spec.model.vocab as usize, 5).batch(2, 16 + depth);
+    let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
+    let pack = |params: &[Vec<f64>]| -> Vec<Value<f64>> {
+        let mut args: Vec<Value<f64>> = forward
+            .params
+            .iter()
+            .zip(params)
+            .map(|(p, d)| Value::real(Tensor::new(p.shape.clone(), d.clone())))
+            .collect();
+        args.push(Value::int(Tensor::new(vec![2, 16 + depth + 1], tokens.clone())));
+        args.push(Value::real(Tensor::scalar(0.3)));
+        args
+    };
+    let out = run(module, grad, pack(&params));
+    let first_grad = out.len() - forward.params.len() - 1;
+    // Sample three entries of every learned parameter; compare per kind of parameter.
+    let mut per_kind: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut perturbed = params.clone();
+    for (i, p) in forward.params.iter().enumerate() {
+        if !p.learned {
+            continue;
+        }
+        let analytic = &out[first_grad + i].as_real().data;
+        let n = p.numel();
+        for j in [0, n / 2, n - 1] {
+            let h = 1e-6;
+            perturbed[i][j] = params[i][j] + h;
+            let up = run(module, forward.model, pack(&perturbed))[0].scalar();
+            perturbed[i][j] = params[i][j] - h;
+            let down = run(module, forward.model, pack(&perturbed))[0].scalar();
+            perturbed[i][j] = params[i][j];
+            let entry = per_kind.entry(kind(&p.name)).or_default();
+            entry.0.push(analytic[j]);
+            entry.1.push((up - down) / (2.0 * h));
+        }
+    }
+    assert!(per_kind.len() >= 20, "only {} kinds of parameters", per_kind.len());
+    for (name, (analytic, numeric)) in &per_kind {
+        let err = relative_error(analytic, numeric);
+        assert!(err < 1e-5, "{name}: relative error {err:e}\nanalytic {analytic:?}\nnumeric  {numeric:?}");
+    }
+}

@@ -461,11 +461,7 @@ fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V)
         dsc_lang::Gating::Softmax => softmax(b, logits),
     };
     let chosen = route(b, m, scores, p[1], tokens);
-    // Gate weights: the unbiased scores of the chosen experts, normalised, times the scale.
-    let picked = b.take_along(scores, chosen);
-    let total = b.sum(picked, 1, true);
-    let normalised = b.div(picked, total);
-    let gates = b.scale(normalised, m.routed_scale);
+    let gates = gate_weights(b, m, scores, chosen);
     // Dispatch to the experts in expert order, run them as grouped GEMMs, combine.
     let order = b.push(Op::SortByExpert { experts: e }, vec![chosen], vec![tokens * k], DType::I32);
     let offsets = b.push(Op::ExpertOffsets { experts: e }, vec![chosen], vec![e + 1], DType::I32);
@@ -486,14 +482,23 @@ fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V)
         routed
     };
     let out = b.reshape(out, vec![c.batch, c.seq, d]);
-    let (balance, load) = balance_loss(b, c, m, scores, chosen);
+    let (balance, load) = balance_loss(b, m, c.batch, c.seq, scores, chosen);
     (out, balance, load)
+}
+
+/// Gate weights: the unbiased scores of the chosen experts, normalised to sum 1, times the
+/// routed scale.
+pub fn gate_weights(b: &mut FunctionBuilder, m: &Moe, scores: V, chosen: V) -> V {
+    let picked = b.take_along(scores, chosen);
+    let total = b.sum(picked, 1, true);
+    let normalised = b.div(picked, total);
+    b.scale(normalised, m.routed_scale)
 }
 
 /// Group-limited top-k on biased scores: a group's score is the sum of its two best biased
 /// scores; the `keep_groups` best groups stay; the top-k experts among them are chosen. The
 /// bias affects the choice only; no gradient passes through it.
-fn route(b: &mut FunctionBuilder, m: &Moe, scores: V, bias: V, tokens: usize) -> V {
+pub fn route(b: &mut FunctionBuilder, m: &Moe, scores: V, bias: V, tokens: usize) -> V {
     let (e, groups, keep) = (m.routed_experts as usize, m.groups as usize, m.keep_groups as usize);
     let biased = b.add(scores, bias);
     let biased = b.stop_gradient(biased);
@@ -523,14 +528,15 @@ fn route(b: &mut FunctionBuilder, m: &Moe, scores: V, bias: V, tokens: usize) ->
 
 /// Sequence-wise balance loss α Σᵢ fᵢ Pᵢ averaged over the sequences, with
 /// fᵢ = E/(K·T) · (tokens choosing i) and Pᵢ = mean over tokens of the scores normalised over
-/// all experts; and the expert load (tokens per expert) of the micro-batch.
-fn balance_loss(b: &mut FunctionBuilder, c: &Config, m: &Moe, scores: V, chosen: V) -> (V, V) {
-    let (e, k, s) = (m.routed_experts as usize, m.top_k as usize, c.seq);
-    let per_sequence = b.reshape(chosen, vec![c.batch, s * k]);
-    let counts = b.push(Op::Count { bins: e }, vec![per_sequence], vec![c.batch, e], DType::F32);
+/// all experts; and the expert load (tokens per expert) of the micro-batch. `scores` and
+/// `chosen` are [batch · seq, experts] and [batch · seq, top_k].
+pub fn balance_loss(b: &mut FunctionBuilder, m: &Moe, batch: usize, seq: usize, scores: V, chosen: V) -> (V, V) {
+    let (e, k, s) = (m.routed_experts as usize, m.top_k as usize, seq);
+    let per_sequence = b.reshape(chosen, vec![batch, s * k]);
+    let counts = b.push(Op::Count { bins: e }, vec![per_sequence], vec![batch, e], DType::F32);
     let load = b.sum(counts, 0, false);
     let f = b.scale(counts, e as f64 / (k * s) as f64);
-    let scores = b.reshape(scores, vec![c.batch, s, e]);
+    let scores = b.reshape(scores, vec![batch, s, e]);
     let total = b.sum(scores, 2, true);
     let normalised = b.div(scores, total);
     let p = b.mean(normalised, 1, false);

@@ -8,10 +8,8 @@ mod bf16;
 mod e4m3;
 mod gemm;
 mod scaling;
-#[cfg(test)]
-mod test_rng;
 
 pub use bf16::round_bf16;
 pub use e4m3::{e4m3_decode, e4m3_encode, round_e4m3, E4M3_MAX};
 pub use gemm::matmul_fp8;
-pub use scaling::{fake_quantize, quantize, Quantized, Tiling};
+pub use scaling::{quantize, Quantized, Tiling};

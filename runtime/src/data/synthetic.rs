@@ -9,9 +9,10 @@
 //! After each token a document ends with probability 1/256 (documents are never empty); token 0
 //! is `<|eos|>` and separates documents, which are packed back to back ([`Batch`]).
 //! Everything follows from the seed: the chain is drawn from it at construction, and the stream
-//! continues from the corpus's own SplitMix64 generator.
+//! continues from the corpus's own generator (`crate::rng`).
 
 use super::batch::Batch;
+use crate::rng::Rng;
 use std::ops::RangeInclusive;
 
 /// The end-of-document token.
@@ -36,7 +37,7 @@ pub struct SyntheticCorpus {
     candidates: Vec<[u32; CANDIDATES]>,
     /// Keys the hash that ranks `candidates[b]` for each context `(a, b)`.
     rank_key: u64,
-    rng: SplitMix64,
+    rng: Rng,
     /// The current document so far, which copies read from; empty right after an `EOS`.
     document: Vec<u32>,
     copy: Option<CopySpan>,
@@ -66,7 +67,7 @@ impl SyntheticCorpus {
     pub fn new(vocab: usize, seed: u64) -> Self {
         assert!(vocab > CANDIDATES, "the synthetic corpus needs a vocabulary of more than {CANDIDATES} tokens");
         assert!(u32::try_from(vocab).is_ok(), "a vocabulary of {vocab} tokens does not fit in u32 ids");
-        let mut rng = SplitMix64(seed);
+        let mut rng = Rng::new(seed);
         let candidates = (0..vocab).map(|_| draw_candidates(vocab, &mut rng)).collect();
         let rank_key = rng.next_u64();
         SyntheticCorpus { candidates, rank_key, rng, document: Vec::new(), copy: None, context: [EOS; 2] }
@@ -112,7 +113,7 @@ impl SyntheticCorpus {
         if self.document.is_empty() {
             return Event::Chain;
         }
-        let u = self.rng.unit();
+        let u = self.rng.uniform();
         if u < END_PROBABILITY {
             Event::End
         } else if u < END_PROBABILITY + COPY_PROBABILITY && self.document.len() >= *COPY_LENGTH.end() {
@@ -140,7 +141,7 @@ impl SyntheticCorpus {
 
     /// A token drawn from the chain's successors of the current context.
     fn successor(&mut self) -> u32 {
-        let mut u = self.rng.unit();
+        let mut u = self.rng.uniform();
         let rank = RANK_PROBABILITIES
             .iter()
             .position(|&p| {
@@ -155,7 +156,7 @@ impl SyntheticCorpus {
     /// Fisher–Yates shuffle driven by a hash of the context.
     fn ranked_candidate(&self, [a, b]: [u32; 2], rank: usize) -> u32 {
         let mut order = self.candidates[b as usize];
-        let mut hash = SplitMix64(self.rank_key ^ (u64::from(a) << 32 | u64::from(b)));
+        let mut hash = Rng::new(self.rank_key ^ (u64::from(a) << 32 | u64::from(b)));
         for i in 0..=rank {
             let j = i + hash.below(CANDIDATES - i);
             order.swap(i, j);
@@ -182,7 +183,7 @@ impl Iterator for SyntheticCorpus {
 }
 
 /// `CANDIDATES` distinct tokens other than `EOS`.
-fn draw_candidates(vocab: usize, rng: &mut SplitMix64) -> [u32; CANDIDATES] {
+fn draw_candidates(vocab: usize, rng: &mut Rng) -> [u32; CANDIDATES] {
     let mut chosen = [EOS; CANDIDATES];
     let mut count = 0;
     while count < CANDIDATES {
@@ -198,30 +199,6 @@ fn draw_candidates(vocab: usize, rng: &mut SplitMix64) -> [u32; CANDIDATES] {
 /// Entropy in nats of a probability distribution.
 fn entropy(probabilities: &[f64]) -> f64 {
     probabilities.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum()
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a 64-bit state stepped by a constant and mixed.
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1), from the top 53 bits.
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n` (multiply-high; the bias is below n / 2⁶⁴).
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
 }
 
 #[cfg(test)]

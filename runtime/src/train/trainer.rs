@@ -24,6 +24,9 @@ pub struct CpuTrainer<T: Real> {
     corpus: SyntheticCorpus,
 }
 
+/// The largest model the CPU trainer takes.
+pub const MAX_CPU_PARAMS: u64 = 2_000_000_000;
+
 /// Why a spec cannot be trained here.
 #[derive(Debug, PartialEq)]
 pub struct Unsupported(pub String);
@@ -37,6 +40,15 @@ impl<T: Real> CpuTrainer<T> {
             ));
         }
         let graph = TrainingGraph::build(spec, numerics);
+        // Parameters, gradients and two moments in T, plus activations: keep to what a
+        // workstation holds; the CPU backend is the reference for small models.
+        let count: u64 = graph.forward.params.iter().map(|p| p.numel() as u64).sum();
+        if count > MAX_CPU_PARAMS {
+            return Err(Unsupported(format!(
+                "`{}` has {count} parameters; the CPU backend trains models of up to {MAX_CPU_PARAMS} (try models/deepseek-v3-tiny.dsc)",
+                spec.model.name
+            )));
+        }
         let params: Vec<Value<T>> =
             init_params(&graph.forward.params, spec.model.init_std, seed).into_iter().map(Value::real).collect();
         let moments = graph

@@ -160,7 +160,7 @@ mod tests {
         let x: Vec<i32> = (0..24).collect();
         let t = transpose(&x, &[2, 3, 4], &[2, 0, 1]);
         // t[k, i, j] = x[i, j, k]
-        assert_eq!(t[1 * 6 + 1 * 3 + 2], x[1 * 12 + 2 * 4 + 1]);
+        assert_eq!(t[6 + 3 + 2], x[12 + 2 * 4 + 1]);
         assert_eq!(slice(&x, &[2, 3, 4], 1, 1, 2), vec![4, 5, 6, 7, 16, 17, 18, 19]);
         let padded = pad_slice(&slice(&x, &[2, 3, 4], 2, 1, 3), &[2, 3, 2], 2, 1, 4);
         assert_eq!(&padded[..4], &[0, 1, 2, 0]);

@@ -26,7 +26,7 @@ fn round_bits_to_bf16(bits: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::numerics::test_rng::SplitMix64;
+    use crate::rng::Rng;
 
     fn round_f32_bits(bits: u32) -> u32 {
         (round_bf16(f64::from(f32::from_bits(bits))) as f32).to_bits()
@@ -90,7 +90,7 @@ mod tests {
 
     #[test]
     fn random_values_match_the_nearest_value_reference() {
-        let mut rng = SplitMix64::new(7);
+        let mut rng = Rng::new(7);
         let mut checked = 0;
         while checked < 100_000 {
             let x = f32::from_bits(rng.next_u64() as u32);

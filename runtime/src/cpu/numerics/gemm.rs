@@ -72,7 +72,7 @@ fn promote_chunk(a: &Quantized, b: &Quantized, i: usize, start: usize, sums: &[f
 mod tests {
     use super::*;
     use crate::cpu::numerics::scaling::{quantize, Tiling};
-    use crate::cpu::numerics::test_rng::SplitMix64;
+    use crate::rng::Rng;
 
     /// The f64 reference: both operands dequantised, C = A · B in f64, with Σ_k |a_ik b_kj| per
     /// output for error bounds.
@@ -109,7 +109,7 @@ mod tests {
         (diff / norm).sqrt()
     }
 
-    fn random(rng: &mut SplitMix64, rows: usize, cols: usize, tiling: Tiling) -> Quantized {
+    fn random(rng: &mut Rng, rows: usize, cols: usize, tiling: Tiling) -> Quantized {
         quantize(&rng.gaussians(rows * cols), rows, cols, tiling)
     }
 
@@ -117,7 +117,7 @@ mod tests {
     /// and ≤ 1e-6 relative norm-wise.
     #[test]
     fn matches_the_f64_reference_at_k_4096() {
-        let mut rng = SplitMix64::new(10);
+        let mut rng = Rng::new(10);
         let (m, k, n) = (8, 4096, 6);
         let a = random(&mut rng, m, k, Tiling::ACTIVATION);
         let b = random(&mut rng, k, n, Tiling::WEIGHT);
@@ -130,7 +130,7 @@ mod tests {
     /// K = 300 with promotion every 64: a short last chunk, partial groups at every edge.
     #[test]
     fn short_last_chunk_and_partial_groups() {
-        let mut rng = SplitMix64::new(11);
+        let mut rng = Rng::new(11);
         let (m, k, n) = (3, 300, 130);
         let a = random(&mut rng, m, k, Tiling::ACTIVATION);
         let b = random(&mut rng, k, n, Tiling::WEIGHT);
@@ -144,7 +144,7 @@ mod tests {
     /// more, far outside the bound.
     #[test]
     fn scales_apply_per_chunk() {
-        let mut rng = SplitMix64::new(12);
+        let mut rng = Rng::new(12);
         let (m, k, n) = (4, 640, 3);
         let magnitude = |kk: usize| 10f64.powi(3 * (kk / 128) as i32);
         let a: Vec<f64> = (0..m * k).map(|index| rng.gaussian().abs() * magnitude(index % k)).collect();

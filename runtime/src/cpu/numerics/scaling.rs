@@ -87,12 +87,6 @@ pub fn quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Quantiz
     Quantized { values, scales, m, n, tiling }
 }
 
-/// `dequantize(quantize(x))` cast back to `T`: the values FP8 storage leaves of `x`, for the
-/// training graph's quantise-dequantise ops.
-pub fn fake_quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Vec<T> {
-    quantize(x, m, n, tiling).dequantize().into_iter().map(T::from_f64).collect()
-}
-
 /// The running amax: the larger of `amax` and |x|, where a NaN, once seen, stays.
 fn larger_magnitude(amax: f64, x: f64) -> f64 {
     if x.is_nan() || x.abs() > amax {
@@ -120,10 +114,10 @@ fn encode_scaled(x: f64, scale: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::numerics::test_rng::SplitMix64;
+    use crate::rng::Rng;
 
     /// Elements of a random matrix whose rows and column blocks differ in magnitude by up to 2¹⁶.
-    fn uneven_matrix(rng: &mut SplitMix64, m: usize, n: usize) -> Vec<f64> {
+    fn uneven_matrix(rng: &mut Rng, m: usize, n: usize) -> Vec<f64> {
         (0..m * n)
             .map(|index| rng.gaussian() * 2f64.powi(((index / n) % 5) as i32 * 4 - (index % n / 50) as i32))
             .collect()
@@ -163,7 +157,7 @@ mod tests {
 
     #[test]
     fn activation_tiles_and_weight_blocks_with_partial_edges() {
-        let mut rng = SplitMix64::new(1);
+        let mut rng = Rng::new(1);
         for (m, n, tiling, groups) in [
             (3, 300, Tiling::ACTIVATION, 9),
             (130, 200, Tiling::WEIGHT, 4),
@@ -236,7 +230,7 @@ mod tests {
     /// 2⁻¹⁰ × scale absolute among the subnormals (slack 2⁻²⁰ for the f32 quotient).
     #[test]
     fn every_element_is_within_half_a_step() {
-        let mut rng = SplitMix64::new(2);
+        let mut rng = Rng::new(2);
         let (m, n) = (64, 384);
         let x = uneven_matrix(&mut rng, m, n);
         for tiling in [Tiling::ACTIVATION, Tiling::WEIGHT] {
@@ -251,7 +245,7 @@ mod tests {
 
     #[test]
     fn gaussian_relative_error_is_below_one_sixteenth() {
-        let mut rng = SplitMix64::new(3);
+        let mut rng = Rng::new(3);
         let (m, n) = (256, 512);
         let x = rng.gaussians(m * n);
         let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
@@ -262,21 +256,6 @@ mod tests {
             let error = relative_error(&quantize(&x32, m, n, tiling).dequantize(), &x32_as_f64);
             assert!(error > 0.0 && error < 2f64.powi(-4), "{tiling:?} f32: {error}");
         }
-    }
-
-    #[test]
-    fn fake_quantize_is_dequantize_of_quantize() {
-        let mut rng = SplitMix64::new(4);
-        let x = uneven_matrix(&mut rng, 4, 256);
-        let fake = fake_quantize(&x, 4, 256, Tiling::ACTIVATION);
-        assert_eq!(fake, quantize(&x, 4, 256, Tiling::ACTIVATION).dequantize());
-        // In f64 the represented values quantise to themselves (the scales come back exactly).
-        assert_eq!(fake_quantize(&fake, 4, 256, Tiling::ACTIVATION), fake);
-        let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-        let fake32 = fake_quantize(&x32, 4, 256, Tiling::ACTIVATION);
-        let expected: Vec<f32> =
-            quantize(&x32, 4, 256, Tiling::ACTIVATION).dequantize().into_iter().map(|v| v as f32).collect();
-        assert_eq!(fake32, expected);
     }
 
     #[test]
