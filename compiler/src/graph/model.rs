@@ -5,10 +5,11 @@
 //! gate weights × routed scale, shared experts, sequence-wise balance loss); the MTP modules
 //! sharing the embedding and head; final norm, head and cross-entropy. Each distinct layer
 //! kind is one function, called once per layer (and by the MTP blocks). Parameters carry
-//! their Hugging Face DeepSeek-V3 names.
+//! their Hugging Face DeepSeek-V3 names. YaRN applies when the spec's sequence is longer than
+//! YaRN's original one (the context-extension phases: `--set train.seq_len=32Ki`).
 
 use super::ir::{DType, Fp8Linear, FunctionBuilder, Module, Op, V};
-use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec};
+use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec, Yarn};
 
 /// How the graph computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,7 +223,7 @@ impl Config {
             nope: a.qk_nope_dim as usize,
             rope: a.qk_rope_dim as usize,
             v: a.v_dim as usize,
-            softmax_scale: 1.0 / ((a.qk_nope_dim + a.qk_rope_dim) as f64).sqrt(),
+            softmax_scale: softmax_scale(spec),
             fp8,
             attention_bf16: policy && p.gemm != Dtype::F32 && p.high_precision.contains(&HighPrecisionOp::Attention),
             combine_bf16: policy && p.combine == Dtype::Bf16,
@@ -565,21 +566,67 @@ fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels
     b.scale(total, 1.0 / tokens as f64)
 }
 
-/// RoPE cos/sin tables [seq, rope] with frequencies θ^(−2i/rope), each repeated for the two
-/// halves (the layout `rope` expects).
-fn rope_tables(spec: &Spec, seq: usize) -> (Vec<f64>, Vec<f64>) {
+/// YaRN's settings when it applies: in context extension, when the sequence is longer than
+/// the one the model was pre-trained at.
+fn active_yarn(spec: &Spec) -> Option<&Yarn> {
+    spec.model.attention.yarn.as_ref().filter(|y| spec.train.seq_len > y.original_seq)
+}
+
+/// YaRN's attention temperature: 0.1·m·ln(factor) + 1 (1 when not extending).
+fn yarn_mscale(factor: f64, m: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * factor.ln() + 1.0
+    }
+}
+
+/// The rotary frequencies of the `rope / 2` pairs: θ^(−2i/rope), or under YaRN a blend that
+/// keeps the high frequencies (more than `beta_fast` rotations over the original length),
+/// divides the low ones (fewer than `beta_slow`) by the factor, and ramps linearly between.
+pub fn rope_frequencies(spec: &Spec) -> Vec<f64> {
     let a = &spec.model.attention;
-    let rope = a.qk_rope_dim as usize;
-    let half = rope / 2;
-    let mut cos = Vec::with_capacity(seq * rope);
-    let mut sin = Vec::with_capacity(seq * rope);
+    let rope = a.qk_rope_dim as f64;
+    let extrapolated: Vec<f64> =
+        (0..a.qk_rope_dim as usize / 2).map(|i| a.rope_theta.powf(-(2.0 * i as f64) / rope)).collect();
+    let Some(y) = active_yarn(spec) else { return extrapolated };
+    // The pair index at which a frequency makes `rotations` turns over the original length.
+    let pair_for = |rotations: f64| {
+        rope * (y.original_seq as f64 / (rotations * std::f64::consts::TAU)).ln() / (2.0 * a.rope_theta.ln())
+    };
+    let low = pair_for(y.beta_fast).floor().max(0.0);
+    let high = pair_for(y.beta_slow).ceil().min(rope - 1.0);
+    let high = if high == low { high + 0.001 } else { high };
+    extrapolated
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            f / y.factor * ramp + f * (1.0 - ramp)
+        })
+        .collect()
+}
+
+/// The softmax scale 1/√(qk dim), times YaRN's mscale² when extending.
+fn softmax_scale(spec: &Spec) -> f64 {
+    let a = &spec.model.attention;
+    let base = 1.0 / ((a.qk_nope_dim + a.qk_rope_dim) as f64).sqrt();
+    active_yarn(spec).map_or(base, |y| base * yarn_mscale(y.factor, y.mscale_all_dim).powi(2))
+}
+
+/// RoPE cos/sin tables [seq, rope], each pair's frequency repeated for the two halves (the
+/// layout `rope` expects), scaled by YaRN's mscale ratio when extending.
+fn rope_tables(spec: &Spec, seq: usize) -> (Vec<f64>, Vec<f64>) {
+    let freqs = rope_frequencies(spec);
+    let scale =
+        active_yarn(spec).map_or(1.0, |y| yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim));
+    let mut cos = Vec::with_capacity(seq * freqs.len() * 2);
+    let mut sin = Vec::with_capacity(seq * freqs.len() * 2);
     for pos in 0..seq {
-        for j in 0..rope {
-            let i = j % half;
-            let freq = a.rope_theta.powf(-((2 * i) as f64) / rope as f64);
-            let angle = pos as f64 * freq;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
+        for f in freqs.iter().chain(&freqs) {
+            let angle = pos as f64 * f;
+            cos.push(angle.cos() * scale);
+            sin.push(angle.sin() * scale);
         }
     }
     (cos, sin)
@@ -589,4 +636,37 @@ fn rope_tables(spec: &Spec, seq: usize) -> (Vec<f64>, Vec<f64>) {
 /// without a cross-document mask (SPEC.md).
 fn causal_mask(seq: usize) -> Vec<f64> {
     (0..seq * seq).map(|i| if i % seq > i / seq { -1e9 } else { 0.0 }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v3(overrides: &[&str]) -> Spec {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3.dsc");
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        dsc_lang::load(&path, &overrides).checked_spec().cloned().expect("V3 checks")
+    }
+
+    #[test]
+    fn yarn_applies_only_when_extending() {
+        let base = v3(&[]);
+        let extended = v3(&["train.seq_len=32Ki", "train.extend=[]"]);
+        let plain = rope_frequencies(&base);
+        let yarn = rope_frequencies(&extended);
+        // θ = 10000 over 64 dims: pair i turns at 10000^(−i/32).
+        assert_eq!(plain[1], 10000f64.powf(-1.0 / 32.0));
+        // Correction range for factor 40, original 4096, β 32 / 1: pairs 10 (⌊10.3⌋) to 23
+        // (⌈22.6⌉). Below it the frequencies stay, above it they are divided by 40.
+        assert_eq!(yarn[..11], plain[..11]);
+        for i in 23..32 {
+            assert!((yarn[i] - plain[i] / 40.0).abs() < 1e-18 * plain[i].max(1.0), "pair {i}");
+        }
+        let ramp = (16.0 - 10.0) / (23.0 - 10.0);
+        assert!((yarn[16] - (plain[16] / 40.0 * ramp + plain[16] * (1.0 - ramp))).abs() < 1e-15);
+        // The softmax scale gains mscale² = (0.1·ln 40 + 1)².
+        let m = 0.1 * 40f64.ln() + 1.0;
+        assert!((softmax_scale(&extended) - m * m / 192f64.sqrt()).abs() < 1e-15);
+        assert_eq!(softmax_scale(&base), 1.0 / 192f64.sqrt());
+    }
 }
