@@ -17,6 +17,9 @@ step $dsc info models/deepseek-v3.dsc --set parallel.pipeline='1f1b { stages = 1
 # A mistake is reported with its location and a fix (exit code 1).
 step $dsc check models/deepseek-v3.dsc --set model.ffn.1.keep_groups=9
 
+# Train the tiny model for 20 steps on the CPU (FP8 policy, exact emulation).
+step $dsc train models/deepseek-v3-tiny.dsc --steps 20
+
 # The canonical form, and the resolved spec that every later stage reads.
 step $dsc fmt models/deepseek-v3-tiny.dsc
 step $dsc compile models/deepseek-v3-tiny.dsc --emit=spec
