@@ -57,16 +57,26 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = NumericsArg::Policy)]
         numerics: NumericsArg,
     },
-    /// Compile a spec and print a stage of the pipeline.
+    /// Compile a spec into a plan directory (`-o DIR`), or print a stage (`--emit`).
     Compile {
         #[command(flatten)]
         spec: SpecArgs,
-        /// The stage to print.
+        /// Print this stage instead of writing a plan.
         #[arg(long, value_enum)]
-        emit: EmitStage,
-        /// Write to this file instead of standard output.
+        emit: Option<EmitStage>,
+        /// The plan directory to write; with `--emit`, a file for the stage (default: stdout).
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// Summarise a compiled plan: kernels, fused ops, bytes and launches per step.
+    Inspect {
+        /// The plan directory written by `dsc compile -o`.
+        plan: PathBuf,
+        /// Show one kernel: its ops, inputs and outputs.
+        #[arg(long, value_name = "NAME")]
+        kernel: Option<String>,
+        #[arg(long, value_enum, default_value_t = InfoFormat::Text)]
+        format: InfoFormat,
     },
 }
 
@@ -128,4 +138,6 @@ pub enum EmitStage {
     Graph,
     /// Op counts of the forward, backward and optimizer functions and the parameter count (JSON).
     GraphStats,
+    /// The training graph after e-graph fusion.
+    Fused,
 }

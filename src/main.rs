@@ -2,6 +2,7 @@
 //! own lives here beyond choosing what to print and the exit code.
 
 mod cli;
+mod inspect;
 mod train;
 
 use clap::Parser;
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Command::Fmt { spec, check } => fmt(&cli, spec, *check),
         Command::Info { spec, format } => info(&cli, spec, *format),
         Command::Compile { spec, emit, output } => compile(&cli, spec, *emit, output.as_deref()),
+        Command::Inspect { plan, kernel, format } => inspect::run(plan, kernel.as_deref(), *format),
         Command::Train { spec, backend: _, steps, seed, metrics, numerics } => {
             let options = train::Options { steps: *steps, seed: *seed, metrics: metrics.clone(), numerics: *numerics };
             match load(&cli, spec) {
@@ -140,19 +142,40 @@ fn info(cli: &Cli, args: &SpecArgs, format: InfoFormat) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-fn compile(cli: &Cli, args: &SpecArgs, emit: EmitStage, output: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
-    let Some((_, spec)) = load(cli, args) else {
-        return Ok(ExitCode::FAILURE);
+fn compile(
+    cli: &Cli,
+    args: &SpecArgs,
+    emit: Option<EmitStage>,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let Some((_, spec)) = load(cli, args) else { return Ok(ExitCode::FAILURE) };
+    let Some(emit) = emit else {
+        let Some(dir) = output else {
+            eprintln!("error: say where the plan goes (`-o DIR`), or which stage to print (`--emit=spec|graph|graph-stats|fused`)");
+            return Ok(ExitCode::FAILURE);
+        };
+        let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
+        plan.write(dir).map_err(|e| anyhow::anyhow!("cannot write the plan to `{}`: {e}", dir.display()))?;
+        let s = &plan.summary;
+        eprintln!(
+            "wrote {}: {} kernels, {} launches per step ({} unfused)",
+            dir.display(),
+            plan.functions.iter().map(|f| f.kernels.len()).sum::<usize>(),
+            s.launches_per_step,
+            s.launches_per_step_unfused
+        );
+        return Ok(ExitCode::SUCCESS);
     };
     let text = match emit {
         EmitStage::Spec => serde_json::to_string_pretty(&spec)? + "\n",
-        EmitStage::Graph => {
-            let graph = TrainingGraph::build(&spec, Numerics::Policy);
-            dsc_compiler::graph::print::module(graph.module())
-        }
+        EmitStage::Graph => dsc_compiler::graph::print::module(TrainingGraph::build(&spec, Numerics::Policy).module()),
         EmitStage::GraphStats => {
+            serde_json::to_string_pretty(&TrainingGraph::build(&spec, Numerics::Policy).stats())? + "\n"
+        }
+        EmitStage::Fused => {
             let graph = TrainingGraph::build(&spec, Numerics::Policy);
-            serde_json::to_string_pretty(&graph.stats())? + "\n"
+            let (fused, _) = dsc_compiler::fuse::fuse_module(graph.module(), dsc_compiler::fuse::Limits::default());
+            dsc_compiler::graph::print::module(&fused)
         }
     };
     match output {

@@ -4,8 +4,10 @@
 //! ([`parallel`]: the split of the model into pipeline stages).
 
 pub mod estimate;
+pub mod fuse;
 pub mod graph;
 pub mod parallel;
+pub mod plan;
 
 #[cfg(test)]
 mod testing;

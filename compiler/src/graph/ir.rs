@@ -4,13 +4,13 @@
 //! [`FunctionBuilder`] appends nodes and infers their shapes; a shape mismatch is a bug in
 //! the builder (the spec was checked before), so it panics.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub type Shape = Vec<usize>;
 
 /// Element types of graph values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F64,
@@ -36,7 +36,7 @@ impl fmt::Display for DType {
 }
 
 /// A value: the result of the node with this index in its function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct V(pub u32);
 
 impl V {
@@ -46,7 +46,7 @@ impl V {
 }
 
 /// A scaling group for FP8 quantisation: `outer` rows (or columns) × `k` elements along K.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Tiling {
     pub outer: usize,
     pub k: usize,
@@ -54,7 +54,7 @@ pub struct Tiling {
 
 /// How a GEMM runs in FP8: each operand quantised to E4M3 per scaling group, partial sums
 /// promoted to FP32 every `promote` elements of K.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fp8Gemm {
     pub a: Tiling,
     pub b: Tiling,
@@ -62,7 +62,7 @@ pub struct Fp8Gemm {
 }
 
 /// The FP8 recipe for the three GEMMs of a linear layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fp8Linear {
     /// Activation tile, e.g. 1×128.
     pub tile: usize,
@@ -90,7 +90,7 @@ impl Fp8Linear {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     /// The function's argument with this index.
@@ -214,6 +214,14 @@ pub enum Op {
         k: usize,
     },
     StopGradient,
+    /// Fused (by `fuse`): RMSNorm over the last axis, (x, w) → x·rsqrt(mean(x²) + eps)·w.
+    RmsNorm {
+        eps: f64,
+    },
+    /// Fused: softmax over the last axis.
+    Softmax,
+    /// Fused: SwiGLU's gate, (a, b) → silu(a)·b.
+    SwiGlu,
     /// Calls another function of the module; the result is a tuple.
     Call(usize),
     /// Element of a tuple.
@@ -268,13 +276,16 @@ impl Op {
             Op::UnpermuteGradRows { .. } => "unpermute_grad_rows",
             Op::UnpermuteGradGates { .. } => "unpermute_grad_gates",
             Op::StopGradient => "stop_gradient",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Softmax => "softmax",
+            Op::SwiGlu => "swiglu",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
     pub op: Op,
     pub args: Vec<V>,
@@ -282,7 +293,7 @@ pub struct Node {
     pub dtype: DType,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Function {
     pub name: String,
     /// Name, shape and dtype of each argument.
@@ -299,15 +310,45 @@ impl Function {
     }
 }
 
-/// A constant tensor (RoPE tables, causal masks).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// A constant tensor, stored as the rule that generates it (a plan stays small, and a GPU
+/// kernel can compute it from indices instead of reading it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Constant {
     pub name: String,
     pub shape: Shape,
-    pub data: Vec<f64>,
+    pub kind: ConstantKind,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConstantKind {
+    /// [seq, seq]: 0 where the key is not after the query, −1e9 where it is.
+    CausalMask,
+    /// [seq, 2·pairs]: cos (or sin) of position × frequency, the pair frequencies repeated for
+    /// the two halves, times `scale`.
+    Rope { frequencies: Vec<f64>, scale: f64, sin: bool },
+}
+
+impl Constant {
+    pub fn data(&self) -> Vec<f64> {
+        match &self.kind {
+            ConstantKind::CausalMask => {
+                let seq = self.shape[0];
+                (0..seq * seq).map(|i| if i % seq > i / seq { -1e9 } else { 0.0 }).collect()
+            }
+            ConstantKind::Rope { frequencies, scale, sin } => (0..self.shape[0])
+                .flat_map(|pos| {
+                    frequencies.iter().chain(frequencies).map(move |f| {
+                        let angle = pos as f64 * f;
+                        scale * if *sin { angle.sin() } else { angle.cos() }
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Module {
     pub functions: Vec<Function>,
     pub constants: Vec<Constant>,
@@ -324,9 +365,8 @@ impl Module {
         self.functions.len() - 1
     }
 
-    pub fn add_constant(&mut self, name: impl Into<String>, shape: Shape, data: Vec<f64>) -> usize {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "constant size");
-        self.constants.push(Constant { name: name.into(), shape, data });
+    pub fn add_constant(&mut self, name: impl Into<String>, shape: Shape, kind: ConstantKind) -> usize {
+        self.constants.push(Constant { name: name.into(), shape, kind });
         self.constants.len() - 1
     }
 }

@@ -8,7 +8,7 @@
 //! their Hugging Face DeepSeek-V3 names. YaRN applies when the spec's sequence is longer than
 //! YaRN's original one (the context-extension phases: `--set train.seq_len=32Ki`).
 
-use super::ir::{DType, Fp8Linear, FunctionBuilder, Module, Op, V};
+use super::ir::{ConstantKind, DType, Fp8Linear, FunctionBuilder, Module, Op, V};
 use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec, Yarn};
 
 /// How the graph computes.
@@ -21,7 +21,7 @@ pub enum Numerics {
 }
 
 /// A parameter (or a non-learned buffer such as the routing bias) of the model.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ParamInfo {
     /// The Hugging Face DeepSeek-V3 name; stacked routed experts use `experts.*`.
     pub name: String,
@@ -60,10 +60,11 @@ pub const LOSS_OUTPUTS: usize = 4;
 pub fn build(spec: &Spec, numerics: Numerics) -> ForwardGraph {
     let mut module = Module::default();
     let cfg = Config::new(spec, numerics);
-    let (cos, sin) = rope_tables(spec, cfg.seq);
-    let cos = module.add_constant("rope_cos", vec![cfg.seq, cfg.rope], cos);
-    let sin = module.add_constant("rope_sin", vec![cfg.seq, cfg.rope], sin);
-    let mask = module.add_constant("causal_mask", vec![cfg.seq, cfg.seq], causal_mask(cfg.seq));
+    let (frequencies, scale) = (rope_frequencies(spec), rope_scale(spec));
+    let rope = |sin| ConstantKind::Rope { frequencies: frequencies.clone(), scale, sin };
+    let cos = module.add_constant("rope_cos", vec![cfg.seq, cfg.rope], rope(false));
+    let sin = module.add_constant("rope_sin", vec![cfg.seq, cfg.rope], rope(true));
+    let mask = module.add_constant("causal_mask", vec![cfg.seq, cfg.seq], ConstantKind::CausalMask);
     let tables = Tables { cos, sin, mask };
     // One function per distinct FFN of the layer ranges.
     let mut layer_fns = Vec::new();
@@ -614,28 +615,9 @@ fn softmax_scale(spec: &Spec) -> f64 {
     active_yarn(spec).map_or(base, |y| base * yarn_mscale(y.factor, y.mscale_all_dim).powi(2))
 }
 
-/// RoPE cos/sin tables [seq, rope], each pair's frequency repeated for the two halves (the
-/// layout `rope` expects), scaled by YaRN's mscale ratio when extending.
-fn rope_tables(spec: &Spec, seq: usize) -> (Vec<f64>, Vec<f64>) {
-    let freqs = rope_frequencies(spec);
-    let scale =
-        active_yarn(spec).map_or(1.0, |y| yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim));
-    let mut cos = Vec::with_capacity(seq * freqs.len() * 2);
-    let mut sin = Vec::with_capacity(seq * freqs.len() * 2);
-    for pos in 0..seq {
-        for f in freqs.iter().chain(&freqs) {
-            let angle = pos as f64 * f;
-            cos.push(angle.cos() * scale);
-            sin.push(angle.sin() * scale);
-        }
-    }
-    (cos, sin)
-}
-
-/// 0 on and below the diagonal, a large negative number above it. Documents are packed
-/// without a cross-document mask (SPEC.md).
-fn causal_mask(seq: usize) -> Vec<f64> {
-    (0..seq * seq).map(|i| if i % seq > i / seq { -1e9 } else { 0.0 }).collect()
+/// YaRN's scaling of the cos/sin tables (the mscale ratio), 1 when not extending.
+fn rope_scale(spec: &Spec) -> f64 {
+    active_yarn(spec).map_or(1.0, |y| yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim))
 }
 
 #[cfg(test)]

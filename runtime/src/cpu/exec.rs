@@ -2,7 +2,7 @@
 //! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
 //! here; the other kernels are in [`super::kernels`].
 
-use super::kernels::{index, layout, linalg};
+use super::kernels::{index, layout, linalg, rows};
 use super::numerics::{round_bf16, round_e4m3};
 use super::real::Real;
 use super::value::{Tensor, Value};
@@ -97,7 +97,7 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
         Op::Const(c) => real(&[], vec![T::from_f64(*c)]),
         Op::Table(i) => {
             let c = &module.constants[*i];
-            real(&c.shape, c.data.iter().map(|&x| T::from_f64(x)).collect())
+            real(&c.shape, c.data().into_iter().map(T::from_f64).collect())
         }
         Op::Neg => map(node, r(0), |x| -x),
         Op::Exp => map(node, r(0), T::exp),
@@ -200,6 +200,11 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
                 index::unpermute_grad_gates(&r(0).data, last(&r(0).shape), &r(1).data, &ix(2).data, *k, tokens),
             )
         }
+        Op::RmsNorm { eps } => {
+            real(&node.shape, rows::rms_norm(&r(0).data, last(&r(0).shape), &r(1).data, T::from_f64(*eps)))
+        }
+        Op::Softmax => real(&node.shape, rows::softmax(&r(0).data, last(&r(0).shape))),
+        Op::SwiGlu => zip(node, r(0), r(1), |a, b| a * sigmoid(a) * b),
         Op::Call(f) => Value::Tuple(run(module, *f, v.iter().map(|x| (*x).clone()).collect())),
         Op::Get(i) => match v[0] {
             Value::Tuple(items) => items[*i].clone(),

@@ -3,3 +3,4 @@
 pub mod index;
 pub mod layout;
 pub mod linalg;
+pub mod rows;

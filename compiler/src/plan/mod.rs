@@ -1,0 +1,221 @@
+//! The plan: what `dsc compile -o DIR` writes and `dsc inspect DIR` and the backends read.
+//! A directory with `plan.json` (versioned): the spec, the fused training graph, its kernels
+//! per function with their ops, bytes, FLOPs and roofline time, the buffer table (size and
+//! lifetime of every value), the fusion reports, and per-step totals fused and unfused.
+
+use crate::fuse::cost::Profile;
+use crate::fuse::kernels::{self, Kernel};
+use crate::fuse::{self, FunctionReport, Limits};
+use crate::graph::ir::{Function, Module, Op};
+use crate::graph::{Numerics, ParamInfo, TrainingGraph};
+use dsc_lang::Spec;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Bumped whenever `plan.json` changes incompatibly.
+pub const PLAN_VERSION: u32 = 1;
+pub const PLAN_FILE: &str = "plan.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: u32,
+    pub dsc_version: String,
+    pub spec: Spec,
+    /// The fused training graph (the same functions, in the same order, as the unfused one).
+    pub module: Module,
+    pub params: Vec<ParamInfo>,
+    pub moe_biases: Vec<usize>,
+    /// Function indices: one micro-batch's gradient, and the optimizer update.
+    pub grad: usize,
+    pub optimizer: usize,
+    pub functions: Vec<PlanFunction>,
+    pub profile: Profile,
+    pub summary: Summary,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanFunction {
+    pub name: String,
+    pub kernels: Vec<Kernel>,
+    pub buffers: Vec<Buffer>,
+    pub fusion: FunctionReportRecord,
+}
+
+/// A fusion report as stored (names as strings).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionReportRecord {
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub egraph_nodes: usize,
+    pub iterations: usize,
+    pub stop_reason: String,
+    pub fused: Vec<(String, usize)>,
+}
+
+impl From<&FunctionReport> for FunctionReportRecord {
+    fn from(r: &FunctionReport) -> Self {
+        let mut fused: Vec<(String, usize)> = r.fused.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        fused.sort();
+        FunctionReportRecord {
+            nodes_before: r.nodes_before,
+            nodes_after: r.nodes_after,
+            egraph_nodes: r.egraph_nodes,
+            iterations: r.iterations,
+            stop_reason: r.stop_reason.clone(),
+            fused,
+        }
+    }
+}
+
+/// A value's storage: its size and the nodes between which it lives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub value: u32,
+    pub bytes: u64,
+    pub first: u32,
+    pub last: u32,
+}
+
+/// One optimizer step (all micro-batches, then the update), fused and unfused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub micro_batches_per_step: u64,
+    pub launches_per_step: u64,
+    pub launches_per_step_unfused: u64,
+    pub bytes_per_step: u64,
+    pub bytes_per_step_unfused: u64,
+    pub seconds_per_step: f64,
+    pub seconds_per_step_unfused: f64,
+}
+
+/// Compiles a checked spec into a plan.
+pub fn compile(spec: &Spec, limits: Limits) -> Plan {
+    let graph = TrainingGraph::build(spec, Numerics::Policy);
+    let profile = Profile::default();
+    let (module, reports) = fuse::fuse_module(graph.module(), limits);
+    let fused: Vec<Vec<Kernel>> = module.functions.iter().map(|f| kernels::kernels(f, &profile)).collect();
+    let unfused: Vec<Vec<Kernel>> = graph.module().functions.iter().map(|f| kernels::unfused(f, &profile)).collect();
+    let micro = spec.train.batch.last() / (spec.train.micro_batch * spec.parallel.data.size).max(1);
+    let step = |m: &Module, ks: &[Vec<Kernel>]| {
+        let launches = micro * kernels::launches(m, graph.grad, ks) + kernels::launches(m, graph.optimizer, ks);
+        let (gb, gs) = kernels::traffic(m, graph.grad, ks);
+        let (ob, os) = kernels::traffic(m, graph.optimizer, ks);
+        (launches, micro * gb + ob, micro as f64 * gs + os)
+    };
+    let (launches, bytes, seconds) = step(&module, &fused);
+    let (launches_u, bytes_u, seconds_u) = step(graph.module(), &unfused);
+    let functions = module
+        .functions
+        .iter()
+        .zip(fused)
+        .zip(&reports)
+        .map(|((f, kernels), report)| PlanFunction {
+            name: f.name.clone(),
+            kernels,
+            buffers: buffers(f),
+            fusion: report.into(),
+        })
+        .collect();
+    Plan {
+        version: PLAN_VERSION,
+        dsc_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec: spec.clone(),
+        params: graph.forward.params.clone(),
+        moe_biases: graph.forward.moe_biases.clone(),
+        grad: graph.grad,
+        optimizer: graph.optimizer,
+        module,
+        functions,
+        profile,
+        summary: Summary {
+            micro_batches_per_step: micro,
+            launches_per_step: launches,
+            launches_per_step_unfused: launches_u,
+            bytes_per_step: bytes,
+            bytes_per_step_unfused: bytes_u,
+            seconds_per_step: seconds,
+            seconds_per_step_unfused: seconds_u,
+        },
+    }
+}
+
+/// The buffer table: every value with storage (not views or bookkeeping) and its lifetime.
+fn buffers(f: &Function) -> Vec<Buffer> {
+    let mut last = vec![0u32; f.nodes.len()];
+    for (i, node) in f.nodes.iter().enumerate() {
+        for a in &node.args {
+            last[a.index()] = i as u32;
+        }
+    }
+    for o in &f.outputs {
+        last[o.index()] = f.nodes.len() as u32;
+    }
+    f.nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !matches!(n.op, Op::Reshape(_) | Op::StopGradient | Op::Get(_) | Op::Call(_) | Op::Const(_)))
+        .map(|(i, n)| Buffer {
+            value: i as u32,
+            bytes: n.shape.iter().product::<usize>() as u64 * if n.dtype == crate::graph::DType::F64 { 8 } else { 4 },
+            first: i as u32,
+            last: last[i].max(i as u32),
+        })
+        .collect()
+}
+
+/// Why a plan directory cannot be read.
+#[derive(Debug)]
+pub enum PlanError {
+    Io(std::io::Error, String),
+    Format(String, String),
+    Version(u32, String),
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanError::Io(e, path) => write!(f, "cannot read `{path}`: {e} (is it a directory written by `dsc compile -o`?)"),
+            PlanError::Format(e, path) => write!(f, "`{path}` is not a valid plan: {e} (recompile it with `dsc compile -o`)"),
+            PlanError::Version(v, path) => write!(f, "`{path}` is a version {v} plan; this dsc reads version {PLAN_VERSION} (recompile it with `dsc compile -o`)"),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+impl Plan {
+    /// Writes `plan.json` into `dir` (created if needed), atomically.
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(PLAN_FILE);
+        let tmp = dir.join(format!("{PLAN_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, path)
+    }
+
+    pub fn read(dir: &Path) -> Result<Plan, PlanError> {
+        let path = dir.join(PLAN_FILE);
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(&path).map_err(|e| PlanError::Io(e, shown.clone()))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| PlanError::Format(e.to_string(), shown.clone()))?;
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        if version != PLAN_VERSION {
+            return Err(PlanError::Version(version, shown));
+        }
+        serde_json::from_value(value).map_err(|e| PlanError::Format(e.to_string(), shown))
+    }
+
+    /// The training graph the plan runs (for the backends).
+    pub fn training_graph(&self) -> TrainingGraph {
+        let forward = crate::graph::ForwardGraph {
+            module: self.module.clone(),
+            model: self.module.function("model").expect("a plan has the model function"),
+            params: self.params.clone(),
+            moe_biases: self.moe_biases.clone(),
+            micro_batch: self.spec.train.micro_batch as usize,
+            seq_len: self.spec.train.seq_len as usize,
+        };
+        TrainingGraph { forward, grad: self.grad, optimizer: self.optimizer }
+    }
+}

@@ -1,0 +1,126 @@
+//! `dsc inspect PLAN`: a compiled plan read back and summarised for people (kernels, fused
+//! ops, launches, bytes and estimated time per step, fused against unfused) or as JSON.
+
+use crate::cli::InfoFormat;
+use dsc_compiler::fuse::kernels::{Kernel, KernelKind};
+use dsc_compiler::plan::Plan;
+use std::path::Path;
+use std::process::ExitCode;
+
+pub fn run(dir: &Path, kernel: Option<&str>, format: InfoFormat) -> anyhow::Result<ExitCode> {
+    let plan = match Plan::read(dir) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let Some(name) = kernel {
+        let Some((function, k)) =
+            plan.functions.iter().find_map(|f| f.kernels.iter().find(|k| k.name == name).map(|k| (f, k)))
+        else {
+            eprintln!("error: no kernel `{name}` in {} (`dsc inspect {}` lists them)", dir.display(), dir.display());
+            return Ok(ExitCode::FAILURE);
+        };
+        match format {
+            InfoFormat::Json => println!("{}", serde_json::to_string_pretty(k)?),
+            InfoFormat::Text => print_kernel(&plan, &function.name, k),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    match format {
+        InfoFormat::Json => println!("{}", serde_json::to_string_pretty(&summary_json(&plan))?),
+        InfoFormat::Text => print_summary(&plan),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summary_json(plan: &Plan) -> serde_json::Value {
+    let functions: Vec<serde_json::Value> = plan
+        .functions
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "name": f.name,
+                "kernels": f.kernels.iter().map(|k| serde_json::json!({
+                    "name": k.name, "kind": k.kind, "ops": k.ops, "bytes": k.bytes, "flops": k.flops, "seconds": k.seconds,
+                })).collect::<Vec<_>>(),
+                "fusion": f.fusion,
+            })
+        })
+        .collect();
+    serde_json::json!({ "model": plan.spec.model.name, "version": plan.version, "summary": plan.summary, "functions": functions })
+}
+
+fn print_summary(plan: &Plan) {
+    let s = &plan.summary;
+    println!("plan for {} (format {}, dsc {})", plan.spec.model.name, plan.version, plan.dsc_version);
+    println!("per step ({} micro-batches + optimizer)       fused      unfused", s.micro_batches_per_step);
+    println!(
+        "  kernel launches                  {:>12} {:>12}  ({:.2}×)",
+        s.launches_per_step,
+        s.launches_per_step_unfused,
+        ratio(s.launches_per_step_unfused as f64, s.launches_per_step as f64)
+    );
+    println!(
+        "  bytes moved (estimate)           {:>12} {:>12}  ({:.2}×)",
+        bytes(s.bytes_per_step),
+        bytes(s.bytes_per_step_unfused),
+        ratio(s.bytes_per_step_unfused as f64, s.bytes_per_step as f64)
+    );
+    println!("  roofline time (estimate)         {:>11.3}s {:>11.3}s", s.seconds_per_step, s.seconds_per_step_unfused);
+    println!();
+    println!("{:<16} {:>7} {:>8} {:>9}  {:<22} fused ops", "function", "kernels", "gemms", "nodes", "saturation");
+    for f in &plan.functions {
+        let gemms = f.kernels.iter().filter(|k| k.kind == KernelKind::LibraryGemm).count();
+        let fused: Vec<String> = f.fusion.fused.iter().map(|(op, n)| format!("{op}×{n}")).collect();
+        println!(
+            "{:<16} {:>7} {:>8} {:>4}→{:<4}  {:<22} {}",
+            f.name,
+            f.kernels.len(),
+            gemms,
+            f.fusion.nodes_before,
+            f.fusion.nodes_after,
+            f.fusion.stop_reason,
+            fused.join(" ")
+        );
+    }
+    println!();
+    println!("GEMMs run in a library at this stage; every other kernel is generated. `dsc inspect DIR --kernel NAME` shows one.");
+}
+
+fn print_kernel(plan: &Plan, function: &str, k: &Kernel) {
+    let f = plan.module.functions.iter().find(|f| f.name == function).expect("kernels belong to functions");
+    println!("kernel {} in {function} ({:?})", k.name, k.kind);
+    println!("  estimate: {} moved, {} FLOP, {:.2} µs", bytes(k.bytes), k.flops, k.seconds * 1e6);
+    let show = |v: u32| {
+        let n = &f.nodes[v as usize];
+        format!("%{v}: {}{:?}", n.dtype, n.shape)
+    };
+    println!("  inputs:  {}", k.inputs.iter().map(|&v| show(v)).collect::<Vec<_>>().join(", "));
+    println!("  outputs: {}", k.outputs.iter().map(|&v| show(v)).collect::<Vec<_>>().join(", "));
+    println!("  ops:");
+    for &v in &k.nodes {
+        let n = &f.nodes[v as usize];
+        let args: Vec<String> = n.args.iter().map(|a| format!("%{}", a.0)).collect();
+        println!("    %{v} = {}({}) : {}{:?}", n.op.name(), args.join(", "), n.dtype, n.shape);
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+fn bytes(b: u64) -> String {
+    let b = b as f64;
+    match b {
+        x if x >= 1e12 => format!("{:.2} TB", x / 1e12),
+        x if x >= 1e9 => format!("{:.2} GB", x / 1e9),
+        x if x >= 1e6 => format!("{:.2} MB", x / 1e6),
+        x => format!("{:.0} kB", x / 1e3),
+    }
+}
