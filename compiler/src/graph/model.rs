@@ -349,7 +349,7 @@ fn layer_function(module: &Module, c: &Config, t: &Tables, ffn: &Ffn, name: &str
 }
 
 /// RMSNorm over the last axis: x · rsqrt(mean(x²) + eps) · w.
-fn rms_norm(b: &mut FunctionBuilder, x: V, w: V, eps: f64) -> V {
+pub fn rms_norm(b: &mut FunctionBuilder, x: V, w: V, eps: f64) -> V {
     let last = b.shape(x).len() - 1;
     let sq = b.unary(Op::Square, x);
     let ms = b.mean(sq, last, true);
@@ -432,7 +432,7 @@ fn rope(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V) -> V {
 }
 
 /// Softmax over the last axis, stabilised by the (gradient-free) row maximum.
-fn softmax(b: &mut FunctionBuilder, x: V) -> V {
+pub fn softmax(b: &mut FunctionBuilder, x: V) -> V {
     let last = b.shape(x).len() - 1;
     let m = b.max(x, last, true);
     let m = b.stop_gradient(m);
@@ -446,9 +446,14 @@ fn softmax(b: &mut FunctionBuilder, x: V) -> V {
 fn swiglu(b: &mut FunctionBuilder, c: &Config, x: V, gate: V, up: V, down: V) -> V {
     let g = b.linear(x, gate, c.fp8);
     let u = b.linear(x, up, c.fp8);
-    let a = b.unary(Op::Silu, g);
-    let hidden = b.mul(a, u);
+    let hidden = swiglu_gate(b, g, u);
     b.linear(hidden, down, c.fp8)
+}
+
+/// SwiGLU's gate: silu(g) · u.
+pub fn swiglu_gate(b: &mut FunctionBuilder, g: V, u: V) -> V {
+    let a = b.unary(Op::Silu, g);
+    b.mul(a, u)
 }
 
 /// DeepSeekMoE on normalised x [batch, seq, hidden]; `p` = gate, bias, experts' gate, up and
@@ -472,8 +477,7 @@ fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V)
     let fp8 = c.fp8.map(Fp8Linear::fprop);
     let g = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![xs, p[2], offsets], vec![tokens * k, inter], DType::F32);
     let u = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![xs, p[3], offsets], vec![tokens * k, inter], DType::F32);
-    let a = b.unary(Op::Silu, g);
-    let hidden = b.mul(a, u);
+    let hidden = swiglu_gate(b, g, u);
     let ys = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![hidden, p[4], offsets], vec![tokens * k, d], DType::F32);
     let ys = if c.combine_bf16 { b.cast(ys, DType::Bf16) } else { ys };
     let routed = b.push(Op::Unpermute { k }, vec![ys, order, gates], vec![tokens, d], DType::F32);

@@ -33,13 +33,17 @@ pub struct Unsupported(pub String);
 
 impl<T: Real> CpuTrainer<T> {
     pub fn new(spec: &Spec, numerics: Numerics, seed: u64) -> Result<Self, Unsupported> {
+        Self::with_graph(spec, TrainingGraph::build(spec, numerics), seed)
+    }
+
+    /// Trains with a given training graph, e.g. a compiled plan's fused one.
+    pub fn with_graph(spec: &Spec, graph: TrainingGraph, seed: u64) -> Result<Self, Unsupported> {
         if spec.train.data.sources.iter().any(|s| !matches!(s, Source::Synthetic { .. })) {
             return Err(Unsupported(
                 "this version trains on the built-in synthetic corpus only: set `train.data.sources = [synthetic {}]`"
                     .into(),
             ));
         }
-        let graph = TrainingGraph::build(spec, numerics);
         // Parameters, gradients and two moments in T, plus activations: keep to what a
         // workstation holds; the CPU backend is the reference for small models.
         let count: u64 = graph.forward.params.iter().map(|p| p.numel() as u64).sum();
