@@ -39,24 +39,7 @@ pub enum Command {
         format: InfoFormat,
     },
     /// Train a spec's model (on the CPU backend).
-    Train {
-        #[command(flatten)]
-        spec: SpecArgs,
-        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
-        backend: Backend,
-        /// Stop after this many optimizer steps (default: the spec's token budget).
-        #[arg(long)]
-        steps: Option<u64>,
-        /// Seed of the initialisation and the synthetic data.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Write one JSON object per step to this file.
-        #[arg(long, value_name = "FILE")]
-        metrics: Option<PathBuf>,
-        /// `policy` follows the spec's precision policy (FP8 GEMMs…); `exact` rounds nothing.
-        #[arg(long, value_enum, default_value_t = NumericsArg::Policy)]
-        numerics: NumericsArg,
-    },
+    Train(TrainArgs),
     /// Compile a spec into a plan directory (`-o DIR`), or print a stage (`--emit`).
     Compile {
         #[command(flatten)]
@@ -67,6 +50,9 @@ pub enum Command {
         /// The plan directory to write; with `--emit`, a file for the stage (default: stdout).
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Print the IR after every MLIR pass while lowering kernels (to standard error).
+        #[arg(long)]
+        print_ir_after_all: bool,
     },
     /// Summarise a compiled plan: kernels, fused ops, bytes and launches per step.
     Inspect {
@@ -78,6 +64,50 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = InfoFormat::Text)]
         format: InfoFormat,
     },
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The spec file (`.dsc`); with `--resume` it may be left out: the checkpoint's copy is used.
+    #[arg(required_unless_present = "resume")]
+    pub file: Option<PathBuf>,
+    /// Override a value: `--set train.seq_len=2Ki` (dotted key path, list items by index).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+    /// Stop once this many optimizer steps are done, counting those before `--resume`
+    /// (default: the spec's token budget).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Seed of the initialisation and the data order (default: the spec's `train.seed`).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write one JSON object per step to this file (appended to when resuming).
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// `policy` follows the spec's precision policy (FP8 GEMMs…); `exact` rounds nothing
+    /// (default: `policy`, or the checkpoint's when resuming).
+    #[arg(long, value_enum)]
+    pub numerics: Option<NumericsArg>,
+    /// Write checkpoints into this directory (one `step-N` folder each); on SIGINT/SIGTERM
+    /// and when training ends, a last one is written. Default with `--resume`: the run's directory.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every N optimizer steps.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: Option<u64>,
+    /// Keep only the newest N checkpoints.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep: Option<u64>,
+    /// Continue a run exactly from a checkpoint: a `step-N` folder, or a checkpoint directory
+    /// for its newest checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Stop (with a checkpoint) after this many steps in a row are skipped for a non-finite
+    /// loss or gradient.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_bad_steps: u64,
 }
 
 #[derive(Args)]

@@ -2,7 +2,7 @@
 //! ops, launches, bytes and estimated time per step, fused against unfused) or as JSON.
 
 use crate::cli::InfoFormat;
-use dsc_compiler::fuse::kernels::{Kernel, KernelKind};
+use dsc_compiler::fuse::kernels::{Code, Kernel, KernelKind};
 use dsc_compiler::plan::Plan;
 use std::path::Path;
 use std::process::ExitCode;
@@ -24,7 +24,7 @@ pub fn run(dir: &Path, kernel: Option<&str>, format: InfoFormat) -> anyhow::Resu
         };
         match format {
             InfoFormat::Json => println!("{}", serde_json::to_string_pretty(k)?),
-            InfoFormat::Text => print_kernel(&plan, &function.name, k),
+            InfoFormat::Text => print_kernel(&plan, dir, &function.name, k),
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -86,10 +86,17 @@ fn print_summary(plan: &Plan) {
         );
     }
     println!();
-    println!("GEMMs run in a library at this stage; every other kernel is generated. `dsc inspect DIR --kernel NAME` shows one.");
+    let all: Vec<&Kernel> = plan.functions.iter().flat_map(|f| &f.kernels).collect();
+    let generated = all.iter().filter(|k| matches!(k.code, Code::Generated { .. })).count();
+    let library = all.iter().filter(|k| matches!(k.code, Code::Library)).count();
+    println!(
+        "{} kernels: {generated} generated (MLIR → PTX), {library} library GEMMs, {} not generated yet. `dsc inspect DIR --kernel NAME` shows one.",
+        all.len(),
+        all.len() - generated - library
+    );
 }
 
-fn print_kernel(plan: &Plan, function: &str, k: &Kernel) {
+fn print_kernel(plan: &Plan, dir: &Path, function: &str, k: &Kernel) {
     let f = plan.module.functions.iter().find(|f| f.name == function).expect("kernels belong to functions");
     println!("kernel {} in {function} ({:?})", k.name, k.kind);
     println!("  estimate: {} moved, {} FLOP, {:.2} µs", bytes(k.bytes), k.flops, k.seconds * 1e6);
@@ -104,6 +111,23 @@ fn print_kernel(plan: &Plan, function: &str, k: &Kernel) {
         let n = &f.nodes[v as usize];
         let args: Vec<String> = n.args.iter().map(|a| format!("%{}", a.0)).collect();
         println!("    %{v} = {}({}) : {}{:?}", n.op.name(), args.join(", "), n.dtype, n.shape);
+    }
+    match &k.code {
+        Code::Generated { grid, block, .. } => {
+            println!("  launch: {grid} blocks × {block} threads");
+            for (what, path) in [
+                ("MLIR", dir.join("ir").join(format!("{}.mlir", k.name))),
+                ("PTX", dir.join("kernels").join(format!("{}.ptx", k.name))),
+            ] {
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => println!("\n{what} ({}):\n{text}", path.display()),
+                    Err(_) => println!("\n{what}: not in the plan (`{}` is missing)", path.display()),
+                }
+            }
+        }
+        Code::Library => println!("  runs in a library GEMM"),
+        Code::NotGenerated { reason } => println!("  not generated yet: {reason}"),
+        Code::Unassigned => {}
     }
 }
 

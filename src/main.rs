@@ -23,15 +23,11 @@ fn main() -> ExitCode {
         Command::Check { spec } => check(&cli, spec),
         Command::Fmt { spec, check } => fmt(&cli, spec, *check),
         Command::Info { spec, format } => info(&cli, spec, *format),
-        Command::Compile { spec, emit, output } => compile(&cli, spec, *emit, output.as_deref()),
-        Command::Inspect { plan, kernel, format } => inspect::run(plan, kernel.as_deref(), *format),
-        Command::Train { spec, backend: _, steps, seed, metrics, numerics } => {
-            let options = train::Options { steps: *steps, seed: *seed, metrics: metrics.clone(), numerics: *numerics };
-            match load(&cli, spec) {
-                Some((_, spec)) => train::run(&spec, &options),
-                None => Ok(ExitCode::FAILURE),
-            }
+        Command::Compile { spec, emit, output, print_ir_after_all } => {
+            compile(&cli, spec, *emit, output.as_deref(), *print_ir_after_all)
         }
+        Command::Inspect { plan, kernel, format } => inspect::run(plan, kernel.as_deref(), *format),
+        Command::Train(args) => train::run(&cli, args),
     };
     match result {
         Ok(code) => code,
@@ -142,11 +138,34 @@ fn info(cli: &Cli, args: &SpecArgs, format: InfoFormat) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+/// Lowers every generated kernel of the plan to `kernels/NAME.ptx`; returns how many.
+#[cfg(feature = "mlir")]
+fn write_ptx(plan: &dsc_compiler::plan::Plan, dir: &std::path::Path, print_ir: bool) -> anyhow::Result<usize> {
+    let lowering = dsc_compiler::mlir::lower::Lowering::default();
+    std::fs::create_dir_all(dir.join("kernels"))?;
+    let kernels = plan.kernel_mlir();
+    for (name, mlir) in &kernels {
+        let ptx = lowering
+            .ptx(mlir, print_ir)
+            .map_err(|e| anyhow::anyhow!("kernel `{name}`: {e} (a compiler bug: please report it with the spec)"))?;
+        std::fs::write(dir.join("kernels").join(format!("{name}.ptx")), ptx)?;
+    }
+    Ok(kernels.len())
+}
+
+/// Without MLIR, plans carry their kernels' MLIR but no PTX.
+#[cfg(not(feature = "mlir"))]
+fn write_ptx(_: &dsc_compiler::plan::Plan, _: &std::path::Path, _: bool) -> anyhow::Result<usize> {
+    eprintln!("note: this dsc was built without MLIR (`--features mlir`): the plan has no PTX");
+    Ok(0)
+}
+
 fn compile(
     cli: &Cli,
     args: &SpecArgs,
     emit: Option<EmitStage>,
     output: Option<&std::path::Path>,
+    print_ir: bool,
 ) -> anyhow::Result<ExitCode> {
     let Some((_, spec)) = load(cli, args) else { return Ok(ExitCode::FAILURE) };
     let Some(emit) = emit else {
@@ -156,9 +175,10 @@ fn compile(
         };
         let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
         plan.write(dir).map_err(|e| anyhow::anyhow!("cannot write the plan to `{}`: {e}", dir.display()))?;
+        let ptx = write_ptx(&plan, dir, print_ir)?;
         let s = &plan.summary;
         eprintln!(
-            "wrote {}: {} kernels, {} launches per step ({} unfused)",
+            "wrote {}: {} kernels ({ptx} generated as PTX), {} launches per step ({} unfused)",
             dir.display(),
             plan.functions.iter().map(|f| f.kernels.len()).sum::<usize>(),
             s.launches_per_step,

@@ -6,6 +6,7 @@
 pub mod estimate;
 pub mod fuse;
 pub mod graph;
+pub mod mlir;
 pub mod parallel;
 pub mod plan;
 

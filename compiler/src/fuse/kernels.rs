@@ -35,6 +35,25 @@ pub struct Kernel {
     pub bytes: u64,
     pub flops: u64,
     pub seconds: f64,
+    /// How it runs (filled in by the plan).
+    #[serde(default)]
+    pub code: Code,
+}
+
+/// How a kernel runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Code {
+    /// Not decided yet (a kernel outside a plan).
+    #[default]
+    Unassigned,
+    /// A library GEMM.
+    Library,
+    /// MLIR in `ir/NAME.mlir`, PTX in `kernels/NAME.ptx`, launched on `grid` × `block`
+    /// threads with `args` (values) as its buffers.
+    Generated { grid: u32, block: u32, args: Vec<u32> },
+    /// Not generated yet, and why.
+    NotGenerated { reason: String },
 }
 
 /// How an op takes part in kernels.
@@ -200,6 +219,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                 bytes,
                 flops,
                 seconds: profile.seconds(flops as f64, peak, bytes as f64),
+                code: Code::Unassigned,
             }
         })
         .collect()
@@ -271,6 +291,7 @@ pub fn unfused(f: &Function, profile: &Profile) -> Vec<Kernel> {
             bytes,
             flops,
             seconds: profile.seconds(flops as f64, peak, bytes as f64),
+            code: Code::Unassigned,
         });
     }
     ks

@@ -1,13 +1,15 @@
 //! The plan: what `dsc compile -o DIR` writes and `dsc inspect DIR` and the backends read.
 //! A directory with `plan.json` (versioned): the spec, the fused training graph, its kernels
 //! per function with their ops, bytes, FLOPs and roofline time, the buffer table (size and
-//! lifetime of every value), the fusion reports, and per-step totals fused and unfused.
+//! lifetime of every value), the fusion reports, and per-step totals fused and unfused; and
+//! for every generated kernel its MLIR (`ir/NAME.mlir`) and PTX (`kernels/NAME.ptx`).
 
 use crate::fuse::cost::Profile;
-use crate::fuse::kernels::{self, Kernel};
+use crate::fuse::kernels::{self, Code, Kernel, KernelKind};
 use crate::fuse::{self, FunctionReport, Limits};
 use crate::graph::ir::{Function, Module, Op};
 use crate::graph::{Numerics, ParamInfo, TrainingGraph};
+use crate::mlir::emit;
 use dsc_lang::Spec;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -93,7 +95,23 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
     let graph = TrainingGraph::build(spec, Numerics::Policy);
     let profile = Profile::default();
     let (module, reports) = fuse::fuse_module(graph.module(), limits);
-    let fused: Vec<Vec<Kernel>> = module.functions.iter().map(|f| kernels::kernels(f, &profile)).collect();
+    let fused: Vec<Vec<Kernel>> = module
+        .functions
+        .iter()
+        .map(|f| {
+            let mut ks = kernels::kernels(f, &profile);
+            for k in &mut ks {
+                k.code = match k.kind {
+                    KernelKind::LibraryGemm => Code::Library,
+                    KernelKind::Generated => match emit::emit(f, k) {
+                        Ok(e) => Code::Generated { grid: e.grid, block: e.block, args: e.args },
+                        Err(reason) => Code::NotGenerated { reason },
+                    },
+                };
+            }
+            ks
+        })
+        .collect();
     let unfused: Vec<Vec<Kernel>> = graph.module().functions.iter().map(|f| kernels::unfused(f, &profile)).collect();
     let micro = spec.train.batch.last() / (spec.train.micro_batch * spec.parallel.data.size).max(1);
     let step = |m: &Module, ks: &[Vec<Kernel>]| {
@@ -184,9 +202,27 @@ impl std::fmt::Display for PlanError {
 impl std::error::Error for PlanError {}
 
 impl Plan {
-    /// Writes `plan.json` into `dir` (created if needed), atomically.
+    /// The MLIR of every generated kernel, by kernel name.
+    pub fn kernel_mlir(&self) -> Vec<(String, String)> {
+        self.module
+            .functions
+            .iter()
+            .zip(&self.functions)
+            .flat_map(|(f, pf)| {
+                pf.kernels.iter().filter(|k| matches!(k.code, Code::Generated { .. })).map(move |k| {
+                    let mlir = emit::emit(f, k).expect("emitted when the plan was compiled").mlir;
+                    (k.name.clone(), mlir)
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `plan.json` and `ir/NAME.mlir` for each generated kernel into `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir.join("ir"))?;
+        for (name, mlir) in self.kernel_mlir() {
+            std::fs::write(dir.join("ir").join(format!("{name}.mlir")), mlir)?;
+        }
         let path = dir.join(PLAN_FILE);
         let tmp = dir.join(format!("{PLAN_FILE}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;

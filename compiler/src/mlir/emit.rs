@@ -1,0 +1,315 @@
+//! MLIR for a generated kernel: one `gpu.module` with one kernel per fused group, in the
+//! gpu, scf, arith, memref and vector dialects, with inline PTX for the transcendental
+//! instructions (`ex2`, `rsqrt`, `lg2`, `sqrt`) so that no CUDA libdevice is needed.
+//! Elementwise kernels give each thread 4 consecutive elements through 16-byte vector loads
+//! and stores (coalesced across the warp); a scalar argument is loaded once. Row kernels
+//! (RMSNorm, softmax) give each warp a row, read with stride 32 across the lanes and reduced
+//! with warp shuffles. A kernel the emitter does not handle yet is reported with the reason.
+
+use crate::fuse::kernels::Kernel;
+use crate::graph::ir::{DType, Function, Node, Op, V};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt::Write;
+
+/// The sm_90a target of every module.
+const TARGET: &str = r#"#nvvm.target<chip = "sm_90a", features = "+ptx80">"#;
+/// Threads per block of elementwise kernels; row kernels use one warp per row.
+const BLOCK: u32 = 256;
+
+/// A kernel's MLIR and how to launch it: arguments are `memref<?xf32>` buffers, inputs first
+/// then outputs, each passed as MLIR's memref descriptor (pointer, aligned pointer, offset,
+/// size, stride).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Emitted {
+    pub mlir: String,
+    pub grid: u32,
+    pub block: u32,
+    /// The values bound to the kernel's arguments, in order.
+    pub args: Vec<u32>,
+}
+
+/// The MLIR of `kernel` (a kernel of `f`), or why it is not generated yet.
+pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
+    let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
+    match nodes.as_slice() {
+        [one] if matches!(one.op, Op::RmsNorm { .. } | Op::Softmax) => row_kernel(kernel, one),
+        _ => elementwise_kernel(f, kernel, &nodes),
+    }
+}
+
+fn numel(n: &Node) -> usize {
+    n.shape.iter().product()
+}
+
+/// Names and emits SSA values.
+struct Body {
+    text: String,
+    next: usize,
+}
+
+impl Body {
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    /// Emits `%vN = <rhs>` and returns `%vN`.
+    fn line(&mut self, rhs: String) -> String {
+        let v = self.fresh();
+        let _ = writeln!(self.text, "        {v} = {rhs}");
+        v
+    }
+
+    fn constant(&mut self, c: f64) -> String {
+        self.line(format!("arith.constant {} : f32", float(c)))
+    }
+
+    fn ptx(&mut self, instruction: &str, x: &str) -> String {
+        self.line(format!(r#"llvm.inline_asm "{instruction} $0, $1;", "=f,f" {x} : (f32) -> f32"#))
+    }
+
+    /// e^x = 2^(x·log₂e)
+    fn exp(&mut self, x: &str) -> String {
+        let l2e = self.constant(std::f64::consts::LOG2_E);
+        let s = self.line(format!("arith.mulf {x}, {l2e} : f32"));
+        self.ptx("ex2.approx.ftz.f32", &s)
+    }
+
+    /// 1 / (1 + e^−x)
+    fn sigmoid(&mut self, x: &str) -> String {
+        let n = self.line(format!("arith.negf {x} : f32"));
+        let e = self.exp(&n);
+        let one = self.constant(1.0);
+        let d = self.line(format!("arith.addf {one}, {e} : f32"));
+        self.line(format!("arith.divf {one}, {d} : f32"))
+    }
+
+    /// One elementwise op on scalars.
+    fn op(&mut self, op: &Op, a: &[String]) -> Result<String, String> {
+        Ok(match op {
+            Op::Neg => self.line(format!("arith.negf {} : f32", a[0])),
+            Op::Add => self.line(format!("arith.addf {}, {} : f32", a[0], a[1])),
+            Op::Sub => self.line(format!("arith.subf {}, {} : f32", a[0], a[1])),
+            Op::Mul => self.line(format!("arith.mulf {}, {} : f32", a[0], a[1])),
+            Op::Div => self.line(format!("arith.divf {}, {} : f32", a[0], a[1])),
+            Op::Maximum => self.line(format!("arith.maximumf {}, {} : f32", a[0], a[1])),
+            Op::Square => self.line(format!("arith.mulf {}, {} : f32", a[0], a[0])),
+            Op::Exp => self.exp(&a[0]),
+            Op::Log => {
+                // ln x = log₂x · ln 2
+                let l = self.ptx("lg2.approx.ftz.f32", &a[0]);
+                let ln2 = self.constant(std::f64::consts::LN_2);
+                self.line(format!("arith.mulf {l}, {ln2} : f32"))
+            }
+            Op::Rsqrt => self.ptx("rsqrt.approx.ftz.f32", &a[0]),
+            Op::Sqrt => self.ptx("sqrt.rn.f32", &a[0]),
+            Op::Sigmoid => self.sigmoid(&a[0]),
+            Op::Silu => {
+                let s = self.sigmoid(&a[0]);
+                self.line(format!("arith.mulf {}, {s} : f32", a[0]))
+            }
+            Op::SwiGlu => {
+                let s = self.sigmoid(&a[0]);
+                let silu = self.line(format!("arith.mulf {}, {s} : f32", a[0]));
+                self.line(format!("arith.mulf {silu}, {} : f32", a[1]))
+            }
+            Op::Sign => {
+                let zero = self.constant(0.0);
+                let one = self.constant(1.0);
+                let minus = self.constant(-1.0);
+                let pos = self.line(format!("arith.cmpf ogt, {}, {zero} : f32", a[0]));
+                let neg = self.line(format!("arith.cmpf olt, {}, {zero} : f32", a[0]));
+                let lower = self.line(format!("arith.select {neg}, {minus}, {zero} : f32"));
+                self.line(format!("arith.select {pos}, {one}, {lower} : f32"))
+            }
+            Op::Cast(DType::Bf16) => {
+                let t = self.line(format!("arith.truncf {} : f32 to bf16", a[0]));
+                self.line(format!("arith.extf {t} : bf16 to f32"))
+            }
+            Op::Cast(DType::F32) | Op::StopGradient => a[0].clone(),
+            other => return Err(format!("`{}` is not generated yet", other.name())),
+        })
+    }
+}
+
+/// An f32 literal as its exact bit pattern.
+fn float(c: f64) -> String {
+    format!("0x{:08X}", (c as f32).to_bits())
+}
+
+fn header(name: &str, args: usize) -> String {
+    let params: Vec<String> = (0..args).map(|i| format!("%a{i}: memref<?xf32>")).collect();
+    format!(
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({}) kernel {{\n",
+        params.join(", ")
+    )
+}
+
+const FOOTER: &str = "    gpu.return\n    }\n  }\n}\n";
+
+/// An elementwise kernel: all its ops over the same elements, inputs of that size or scalars.
+fn elementwise_kernel(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> Result<Emitted, String> {
+    let size = kernel.nodes.iter().map(|&i| numel(&f.nodes[i as usize])).max().unwrap_or(0);
+    for n in nodes {
+        if numel(n) != size {
+            return Err(format!("`{}` changes the number of elements", n.op.name()));
+        }
+    }
+    let mut vectorised = size % 4 == 0;
+    let mut args: Vec<u32> = kernel.inputs.clone();
+    for &i in &kernel.inputs {
+        let n = numel(&f.nodes[i as usize]);
+        if n != size && n != 1 {
+            return Err(format!("input %{i} is broadcast ({n} elements into {size})"));
+        }
+        if f.nodes[i as usize].dtype == DType::I32 {
+            return Err(format!("input %{i} holds indices"));
+        }
+    }
+    vectorised &= size > 0;
+    args.extend(&kernel.outputs);
+    let lanes = if vectorised { 4 } else { 1 };
+    let mut body = Body { text: String::new(), next: 0 };
+    let mut text = header(&kernel.name, args.len());
+    text.push_str(&index_prelude(lanes, size));
+    // Scalars are loaded once; vector inputs per lane.
+    let mut lane_values: Vec<HashMap<u32, String>> = vec![HashMap::new(); lanes];
+    let c0 = body.line("arith.constant 0 : index".into());
+    for (slot, &i) in kernel.inputs.iter().enumerate() {
+        if numel(&f.nodes[i as usize]) == 1 {
+            let s = body.line(format!("memref.load %a{slot}[{c0}] : memref<?xf32>"));
+            lane_values.iter_mut().for_each(|m| {
+                m.insert(i, s.clone());
+            });
+        } else if vectorised {
+            let v = body
+                .line(format!("vector.load %a{slot}[%base] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>"));
+            for (lane, m) in lane_values.iter_mut().enumerate() {
+                m.insert(i, body.line(format!("vector.extract {v}[{lane}] : f32 from vector<4xf32>")));
+            }
+        } else {
+            let s = body.line(format!("memref.load %a{slot}[%base] : memref<?xf32>"));
+            lane_values[0].insert(i, s);
+        }
+    }
+    for (lane, values) in lane_values.iter_mut().enumerate() {
+        let _ = lane;
+        for (&i, n) in kernel.nodes.iter().zip(nodes) {
+            let a: Vec<String> = n.args.iter().map(|v| operand(f, *v, values, &mut body)).collect::<Result<_, _>>()?;
+            let r = body.op(&n.op, &a)?;
+            values.insert(i, r);
+        }
+    }
+    for (k, &o) in kernel.outputs.iter().enumerate() {
+        let slot = kernel.inputs.len() + k;
+        if vectorised {
+            let mut v = body.line("arith.constant dense<0.0> : vector<4xf32>".into());
+            for (lane, values) in lane_values.iter().enumerate() {
+                v = body.line(format!("vector.insert {}, {v} [{lane}] : f32 into vector<4xf32>", values[&o]));
+            }
+            let _ = writeln!(
+                body.text,
+                "        vector.store {v}, %a{slot}[%base] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>"
+            );
+        } else {
+            let _ = writeln!(body.text, "        memref.store {}, %a{slot}[%base] : memref<?xf32>", lane_values[0][&o]);
+        }
+    }
+    text.push_str(&body.text);
+    text.push_str("      }\n");
+    text.push_str(FOOTER);
+    let threads = size.div_ceil(lanes) as u32;
+    Ok(Emitted { mlir: text, grid: threads.div_ceil(BLOCK).max(1), block: BLOCK, args })
+}
+
+/// A kernel argument value: a computed one, a constant (through views), or an input.
+fn operand(f: &Function, v: V, values: &HashMap<u32, String>, body: &mut Body) -> Result<String, String> {
+    let mut v = v;
+    loop {
+        if let Some(s) = values.get(&v.0) {
+            return Ok(s.clone());
+        }
+        match &f.node(v).op {
+            Op::Const(c) => return Ok(body.constant(*c)),
+            Op::Reshape(_) | Op::StopGradient => v = f.node(v).args[0],
+            op => return Err(format!("operand `{}` is not available in the kernel", op.name())),
+        }
+    }
+}
+
+/// `%base`: the first element of this thread, and the bounds check around the body.
+fn index_prelude(lanes: usize, size: usize) -> String {
+    format!(
+        "      %bid = gpu.block_id x\n      %bdim = gpu.block_dim x\n      %tid = gpu.thread_id x\n      %t0 = arith.muli %bid, %bdim : index\n      %thread = arith.addi %t0, %tid : index\n      %lanes = arith.constant {lanes} : index\n      %base = arith.muli %thread, %lanes : index\n      %size = arith.constant {size} : index\n      %inside = arith.cmpi ult, %base, %size : index\n      scf.if %inside {{\n"
+    )
+}
+
+/// RMSNorm or softmax over rows: one warp per row.
+fn row_kernel(kernel: &Kernel, node: &Node) -> Result<Emitted, String> {
+    let n = *node.shape.last().ok_or("a row kernel needs a rank ≥ 1 value")?;
+    let rows = numel(node) / n.max(1);
+    let mut args: Vec<u32> = node.args.iter().map(|a| a.0).collect();
+    args.retain(|a| kernel.inputs.contains(a));
+    if args.len() != node.args.len() {
+        return Err("a row kernel reads its inputs directly".into());
+    }
+    args.extend(&kernel.outputs);
+    let out = node.args.len();
+    let mut t = header(&kernel.name, args.len());
+    let _ = write!(
+        t,
+        "      %row = gpu.block_id x\n      %lane = gpu.thread_id x\n      %c0 = arith.constant 0 : index\n      %c32 = arith.constant 32 : index\n      %n = arith.constant {n} : index\n      %start = arith.muli %row, %n : index\n      %zero = arith.constant 0.0 : f32\n      %w32 = arith.constant 32 : i32\n"
+    );
+    let reduce = |t: &mut String, name: &str, init: &str, combine: &str, load: &str| {
+        let _ = write!(
+            t,
+            "      %{name}_part = scf.for %j = %lane to %n step %c32 iter_args(%acc = {init}) -> (f32) {{\n        %i = arith.addi %start, %j : index\n        %x = memref.load %a0[%i] : memref<?xf32>\n{load}        %next = {combine}\n        scf.yield %next : f32\n      }}\n"
+        );
+        let mut v = format!("%{name}_part");
+        for (k, offset) in [16, 8, 4, 2, 1].iter().enumerate() {
+            let _ = write!(t, "      %{name}_off{k} = arith.constant {offset} : i32\n      %{name}_s{k}, %{name}_ok{k} = gpu.shuffle xor {v}, %{name}_off{k}, %w32 : f32\n");
+            let combined = combine.replace("%acc", &v).replace("%y", &format!("%{name}_s{k}"));
+            let _ = writeln!(t, "      %{name}_r{k} = {combined}");
+            v = format!("%{name}_r{k}");
+        }
+        v
+    };
+    match node.op {
+        Op::RmsNorm { eps } => {
+            let total =
+                reduce(&mut t, "sq", "%zero", "arith.addf %acc, %y : f32", "        %y = arith.mulf %x, %x : f32\n");
+            let _ = write!(
+                t,
+                "      %nf = arith.constant {} : f32\n      %eps = arith.constant {} : f32\n      %mean = arith.divf {total}, %nf : f32\n      %var = arith.addf %mean, %eps : f32\n      %inv = llvm.inline_asm \"rsqrt.approx.ftz.f32 $0, $1;\", \"=f,f\" %var : (f32) -> f32\n      scf.for %j = %lane to %n step %c32 {{\n        %i = arith.addi %start, %j : index\n        %x = memref.load %a0[%i] : memref<?xf32>\n        %g = memref.load %a1[%j] : memref<?xf32>\n        %xn = arith.mulf %x, %inv : f32\n        %y = arith.mulf %xn, %g : f32\n        memref.store %y, %a{out}[%i] : memref<?xf32>\n      }}\n",
+                float(n as f64),
+                float(eps)
+            );
+        }
+        Op::Softmax => {
+            let _ = writeln!(t, "      %lowest = arith.constant 0xFF800000 : f32");
+            let max = reduce(
+                &mut t,
+                "mx",
+                "%lowest",
+                "arith.maximumf %acc, %y : f32",
+                "        %y = arith.addf %x, %zero : f32\n",
+            );
+            let l2e = float(std::f64::consts::LOG2_E);
+            let sum = reduce(
+                &mut t,
+                "se",
+                "%zero",
+                "arith.addf %acc, %y : f32",
+                &format!("        %d = arith.subf %x, {max} : f32\n        %l2e = arith.constant {l2e} : f32\n        %s = arith.mulf %d, %l2e : f32\n        %y = llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" %s : (f32) -> f32\n"),
+            );
+            let _ = write!(
+                t,
+                "      scf.for %j = %lane to %n step %c32 {{\n        %i = arith.addi %start, %j : index\n        %x = memref.load %a0[%i] : memref<?xf32>\n        %d = arith.subf %x, {max} : f32\n        %l2e = arith.constant {l2e} : f32\n        %s = arith.mulf %d, %l2e : f32\n        %e = llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" %s : (f32) -> f32\n        %y = arith.divf %e, {sum} : f32\n        memref.store %y, %a{out}[%i] : memref<?xf32>\n      }}\n"
+            );
+        }
+        _ => unreachable!("row kernels are RMSNorm and softmax"),
+    }
+    t.push_str("      gpu.return\n    }\n  }\n}\n");
+    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args })
+}

@@ -1,0 +1,7 @@
+//! Kernels through MLIR: [`emit`] writes each generated kernel as an MLIR `gpu.module`;
+//! with the `mlir` feature, [`lower`] runs MLIR's own passes (through melior) down to PTX for
+//! sm_90a. No CUDA toolkit is needed to compile.
+
+pub mod emit;
+#[cfg(feature = "mlir")]
+pub mod lower;
