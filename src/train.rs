@@ -1,87 +1,232 @@
 //! `dsc train`: runs the CPU trainer step by step, printing a line per step (and a progress
-//! bar on terminals) and writing JSONL metrics.
+//! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
+//! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
+//! `--max-bad-steps` skipped steps in a row (a checkpoint, then exit 1).
 
-use crate::cli::NumericsArg;
-use anyhow::Context;
-use dsc_compiler::graph::Numerics;
+use crate::cli::{Cli, NumericsArg, SpecArgs, TrainArgs};
+use anyhow::{bail, Context};
+use dsc_compiler::graph::{Numerics, TrainingGraph};
 use dsc_lang::Spec;
+use dsc_runtime::checkpoint::{self, Opened, SpecRecord};
 use dsc_runtime::train::metrics::{MetricsWriter, StepMetrics};
 use dsc_runtime::train::CpuTrainer;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-pub struct Options {
-    pub steps: Option<u64>,
-    pub seed: Option<u64>,
-    pub metrics: Option<PathBuf>,
-    pub numerics: NumericsArg,
-}
-
-pub fn run(spec: &Spec, options: &Options) -> anyhow::Result<ExitCode> {
-    let numerics = match options.numerics {
-        NumericsArg::Policy => Numerics::Policy,
-        NumericsArg::Exact => Numerics::Exact,
+pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let opened = match &args.resume {
+        Some(path) => Some(checkpoint::open(path).map_err(anyhow::Error::msg)?),
+        None => None,
     };
-    let seed = options.seed.unwrap_or(spec.train.seed);
-    let mut trainer = match CpuTrainer::<f32>::new(spec, numerics, seed) {
+    let Some((spec, record)) = spec_of_run(cli, args, opened.as_ref())? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let numerics = match (args.numerics, &opened) {
+        (Some(n), Some(o)) if name(n) != o.meta.numerics => {
+            bail!(
+                "the checkpoint was trained with `--numerics {}`; resume without `--numerics` or with that value",
+                o.meta.numerics
+            )
+        }
+        (Some(n), _) => n,
+        (None, Some(o)) if o.meta.numerics == "exact" => NumericsArg::Exact,
+        (None, _) => NumericsArg::Policy,
+    };
+    let graph =
+        TrainingGraph::build(&spec, if numerics == NumericsArg::Exact { Numerics::Exact } else { Numerics::Policy });
+    let trainer = match &opened {
+        Some(o) => {
+            if args.seed.is_some_and(|s| s != o.meta.seed) {
+                bail!("the checkpoint was trained with seed {}; resume without `--seed`", o.meta.seed);
+            }
+            let state = o.checkpoint(&graph.forward.params).map_err(anyhow::Error::msg)?;
+            eprintln!("resuming from `{}` at step {} ({} tokens)", o.dir.display(), o.meta.step, o.meta.tokens);
+            CpuTrainer::<f32>::resume(&spec, graph, &state)
+        }
+        None => CpuTrainer::<f32>::with_graph(&spec, graph, args.seed.unwrap_or(spec.train.seed)),
+    };
+    let mut trainer = match trainer {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: cannot train `{}`: {}", spec.model.name, e.0);
             return Ok(ExitCode::FAILURE);
         }
     };
-    let mut writer = match &options.metrics {
-        Some(path) => Some(MetricsWriter::create(path).with_context(|| format!("cannot create `{}`", path.display()))?),
+    let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir)));
+    let saver = Saver { dir: checkpoints, keep: args.keep.map(|k| k as usize), numerics: name(numerics), record };
+    let mut writer = match &args.metrics {
+        Some(path) if opened.is_some() => Some(MetricsWriter::append(path)),
+        Some(path) => Some(MetricsWriter::create(path)),
         None => None,
-    };
+    }
+    .transpose()
+    .with_context(|| {
+        format!("cannot open the metrics file `{}`", args.metrics.as_deref().unwrap_or(Path::new("")).display())
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while the checkpoint is written ends the process at once (the
+        // write is atomic, so the previous checkpoint stays intact).
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
     let budget = spec.train.tokens;
-    let bar = progress_bar(options.steps);
-    let mut tokens = 0u64;
-    let mut step = 0u64;
-    tracing::info!(model = %spec.model.name, seed, "training on the CPU");
-    while options.steps.is_none_or(|n| step < n) && tokens < budget {
+    let bar = progress_bar(args.steps, trainer.progress().step);
+    let mut bad_in_a_row = 0u64;
+    tracing::info!(model = %spec.model.name, "training on the CPU");
+    loop {
+        let progress = trainer.progress();
+        if args.steps.is_some_and(|n| progress.step >= n) || progress.tokens >= budget {
+            break;
+        }
+        if stop.load(Ordering::SeqCst) {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            match saver.save(&trainer)? {
+                Some(dir) => eprintln!("interrupted at step {}: saved `{}`", progress.step, dir.display()),
+                None => eprintln!("interrupted at step {}: nothing saved (no `--checkpoint-dir`)", progress.step),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let m = trainer.step();
-        step = m.step;
-        tokens += m.tokens;
         if let Some(w) = writer.as_mut() {
             w.write(&m).context("cannot write metrics")?;
         }
-        let line = step_line(&m, options.steps);
+        let line = step_line(&m, args.steps);
         match &bar {
             Some(bar) => {
                 bar.println(line);
-                bar.set_position(step);
+                bar.set_position(m.step);
             }
             None => println!("{line}"),
         }
-        if !m.loss.is_finite() {
-            eprintln!("error: the loss is {} at step {step}; stopping", m.loss);
-            return Ok(ExitCode::FAILURE);
+        if m.skipped {
+            bad_in_a_row += 1;
+            let what = if m.loss.is_finite() {
+                "a gradient is not finite".to_string()
+            } else {
+                format!("the loss is {}", m.loss)
+            };
+            eprintln!("warning: step {} skipped: {what}; parameters unchanged ({bad_in_a_row} in a row)", m.step + 1);
+            if bad_in_a_row >= args.max_bad_steps {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                let saved = saver.save(&trainer)?;
+                eprintln!(
+                    "error: {bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping at step {}. {}\
+                     Lower the learning rate or check the data, then resume.",
+                    m.step,
+                    saved.map_or("Nothing was saved (no `--checkpoint-dir`). ".to_string(), |d| {
+                        format!("The last good state is saved in `{}`. ", d.display())
+                    })
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            continue;
+        }
+        bad_in_a_row = 0;
+        if args.checkpoint_every.is_some_and(|every| m.step.is_multiple_of(every)) {
+            saver.save(&trainer)?;
         }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    if let Some(dir) = saver.save(&trainer)? {
+        eprintln!("saved `{}`", dir.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The spec of the run and its record for checkpoints: the file given (checked against the
+/// checkpoint's spec when resuming) or the checkpoint's own copy. `None` after printed errors.
+fn spec_of_run(cli: &Cli, args: &TrainArgs, opened: Option<&Opened>) -> anyhow::Result<Option<(Spec, SpecRecord)>> {
+    let Some(file) = &args.file else {
+        let o = opened.expect("clap requires a spec file or --resume");
+        let stored = &o.meta.spec;
+        if !args.set.is_empty() {
+            bail!("`--set` changes the spec, and a resumed run keeps the checkpoint's: leave `--set` out");
+        }
+        let loaded = dsc_lang::load_str(&stored.file, &stored.source, &stored.overrides);
+        crate::report(cli, &loaded);
+        let Some(spec) = loaded.checked_spec().cloned() else {
+            return Ok(None);
+        };
+        checkpoint::same_spec(stored, &spec, &o.dir).map_err(anyhow::Error::msg)?;
+        return Ok(Some((spec, stored.clone())));
+    };
+    let spec_args = SpecArgs { file: file.clone(), set: args.set.clone() };
+    let Some((loaded, spec)) = crate::load(cli, &spec_args) else {
+        return Ok(None);
+    };
+    if let Some(o) = opened {
+        checkpoint::same_spec(&o.meta.spec, &spec, &o.dir).map_err(anyhow::Error::msg)?;
+    }
+    let record = SpecRecord {
+        file: file.display().to_string(),
+        source: loaded.sources.text(0).to_string(),
+        overrides: args.set.clone(),
+        resolved: spec.clone(),
+    };
+    Ok(Some((spec, record)))
+}
+
+fn name(numerics: NumericsArg) -> String {
+    match numerics {
+        NumericsArg::Policy => "policy",
+        NumericsArg::Exact => "exact",
+    }
+    .to_string()
+}
+
+/// The checkpoint directory a checkpoint folder belongs to.
+fn run_dir(checkpoint: &Path) -> PathBuf {
+    checkpoint.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Writes checkpoints of the run, when it has a checkpoint directory.
+struct Saver {
+    dir: Option<PathBuf>,
+    keep: Option<usize>,
+    numerics: String,
+    record: SpecRecord,
+}
+
+impl Saver {
+    fn save(&self, trainer: &CpuTrainer<f32>) -> anyhow::Result<Option<PathBuf>> {
+        let Some(dir) = &self.dir else { return Ok(None) };
+        let state = trainer.checkpoint(&self.numerics, self.record.clone());
+        let written = checkpoint::save(dir, self.keep, &trainer.graph().forward.params, &state)
+            .map_err(|e| anyhow::anyhow!("cannot write the checkpoint: {e}"))?;
+        tracing::info!(dir = %written.display(), "checkpoint written");
+        Ok(Some(written))
+    }
+}
+
 /// A bar on stderr when it is a terminal and the length is known.
-fn progress_bar(steps: Option<u64>) -> Option<ProgressBar> {
+fn progress_bar(steps: Option<u64>, done: u64) -> Option<ProgressBar> {
     let steps = steps?;
     if !std::io::stderr().is_terminal() {
         return None;
     }
     let bar = ProgressBar::new(steps);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps, eta {eta}").expect("valid template"));
+    bar.set_position(done);
+    bar.reset_eta();
     Some(bar)
 }
 
 fn step_line(m: &StepMetrics, steps: Option<u64>) -> String {
     let of = steps.map_or(String::new(), |n| format!("/{n}"));
+    let skipped = if m.skipped { "  (skipped)" } else { "" };
     format!(
-        "step {:>4}{of}  loss {:.4}  mtp {:.4}  balance {:.2e}  lr {:.3e}  grad norm {:.3}  load max/mean {:.2}  {:.0} tok/s",
+        "step {:>4}{of}  loss {:.4}  mtp {:.4}  balance {:.2e}  lr {:.3e}  grad norm {:.3}  load max/mean {:.2}  {:.0} tok/s{skipped}",
         m.step, m.loss, m.mtp_loss, m.balance_loss, m.lr, m.grad_norm, m.expert_load_max, m.tokens_per_s
     )
 }

@@ -2,6 +2,7 @@
 //! FP8 emulation); `train` holds the training loop's schedules and metrics; `data` the
 //! corpora. The `cuda` backend, communication, checkpoints follow (DESIGN.md).
 
+pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod rng;

@@ -54,9 +54,24 @@ fn two_hundred_steps_learn_and_fp8_tracks_f32() {
 }
 
 #[test]
-fn file_sources_are_refused_with_a_clear_message() {
+fn a_missing_data_folder_is_refused_with_a_clear_message() {
     let mut spec = tiny();
     spec.train.data.sources = vec![dsc_lang::Source::Files { path: "data/x".into(), weight: 1.0 }];
     let err = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).err().expect("refused");
-    assert!(err.0.contains("synthetic"), "{}", err.0);
+    assert!(err.0.contains("data/x") && err.0.contains("dsc data prepare"), "{}", err.0);
+}
+
+#[test]
+fn a_step_with_non_finite_gradients_changes_nothing() {
+    let mut spec = tiny();
+    spec.train.seq_len = 16;
+    spec.train.lr = vec![dsc_lang::LrPhase { shape: dsc_lang::LrShape::Constant, end: None, to: 1e30 }];
+    let mut trainer = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
+    let first = trainer.step();
+    assert!(!first.skipped, "the first step has finite gradients");
+    let before = (trainer.params().to_vec(), trainer.progress());
+    let second = trainer.step();
+    assert!(second.skipped, "weights of ~1e30 overflow: {second:?}");
+    assert_eq!((trainer.params().to_vec(), trainer.progress()), before, "a skipped step changed the state");
+    assert_eq!(second.step, first.step);
 }

@@ -1,5 +1,8 @@
-//! Training data: packed batches of token sequences (`batch`) and the corpora that fill them,
-//! starting with the built-in synthetic corpus (`synthetic`).
+//! Training data: packed batches of token sequences (`batch`), the built-in synthetic corpus
+//! (`synthetic`), the prepared token-file format (`tokens`), and the loader that mixes, FIMs,
+//! shards and packs the spec's sources (`loader`).
 
 pub mod batch;
+pub mod loader;
 pub mod synthetic;
+pub mod tokens;

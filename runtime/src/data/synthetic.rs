@@ -13,6 +13,7 @@
 
 use super::batch::Batch;
 use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
 use std::ops::RangeInclusive;
 
 /// The end-of-document token.
@@ -45,8 +46,18 @@ pub struct SyntheticCorpus {
     context: [u32; 2],
 }
 
+/// Where a corpus's stream stands: everything its seed does not determine. A corpus built
+/// from the same vocabulary and seed and given this position continues the stream exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyntheticPosition {
+    rng: u64,
+    document: Vec<u32>,
+    copy: Option<CopySpan>,
+    context: [u32; 2],
+}
+
 /// The rest of a copy span: the next token comes from `document[from]`, `left` more to go.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct CopySpan {
     from: usize,
     left: usize,
@@ -71,6 +82,38 @@ impl SyntheticCorpus {
         let candidates = (0..vocab).map(|_| draw_candidates(vocab, &mut rng)).collect();
         let rank_key = rng.next_u64();
         SyntheticCorpus { candidates, rank_key, rng, document: Vec::new(), copy: None, context: [EOS; 2] }
+    }
+
+    /// Where the stream stands.
+    pub fn position(&self) -> SyntheticPosition {
+        SyntheticPosition {
+            rng: self.rng.state(),
+            document: self.document.clone(),
+            copy: self.copy,
+            context: self.context,
+        }
+    }
+
+    /// Continues the stream of `SyntheticCorpus::new(vocab, seed)` from `position`; an error if
+    /// the position cannot be one of that corpus's.
+    pub fn resume(vocab: usize, seed: u64, position: SyntheticPosition) -> Result<Self, String> {
+        let in_vocab = |t: &u32| (*t as usize) < vocab;
+        // A copy reads `document[from]`, and each copied token extends the document.
+        let copy_fits = position.copy.is_none_or(|c| c.left > 0 && c.from < position.document.len());
+        if !position.document.iter().chain(&position.context).all(in_vocab) || !copy_fits {
+            return Err("the synthetic corpus position does not fit this vocabulary".into());
+        }
+        let mut corpus = SyntheticCorpus::new(vocab, seed);
+        corpus.rng = Rng::new(position.rng);
+        corpus.document = position.document;
+        corpus.copy = position.copy;
+        corpus.context = position.context;
+        Ok(corpus)
+    }
+
+    /// The next document: its tokens up to the `EOS` that ends it (which is consumed).
+    pub fn next_document(&mut self) -> Vec<u32> {
+        self.by_ref().take_while(|&t| t != EOS).collect()
     }
 
     /// The next `sequences` rows of `seq_len + 1` tokens of the stream.
@@ -234,6 +277,31 @@ mod tests {
     fn the_same_seed_gives_the_same_stream_and_another_seed_another() {
         assert_eq!(sample(7, 10_000), sample(7, 10_000));
         assert_ne!(sample(7, 10_000), sample(8, 10_000));
+    }
+
+    #[test]
+    fn a_resumed_corpus_continues_the_stream() {
+        let mut corpus = SyntheticCorpus::new(VOCAB, 5);
+        corpus.by_ref().take(1234).for_each(drop);
+        let resumed = SyntheticCorpus::resume(VOCAB, 5, corpus.position()).expect("a valid position");
+        assert_eq!(corpus.take(5000).collect::<Vec<_>>(), resumed.take(5000).collect::<Vec<_>>());
+        let mut bad = SyntheticCorpus::new(VOCAB, 5).position();
+        bad.context = [VOCAB as u32, 0];
+        assert!(SyntheticCorpus::resume(VOCAB, 5, bad).is_err());
+    }
+
+    #[test]
+    fn documents_end_at_eos() {
+        let mut corpus = SyntheticCorpus::new(VOCAB, 9);
+        let stream = sample(9, 3000);
+        let mut rebuilt = Vec::new();
+        while rebuilt.len() < 3000 {
+            let document = corpus.next_document();
+            assert!(!document.is_empty() && !document.contains(&EOS));
+            rebuilt.extend(document);
+            rebuilt.push(EOS);
+        }
+        assert_eq!(rebuilt[..3000], stream[..]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Training metrics as JSON Lines: one [`StepMetrics`] object per optimizer step, written and
 //! flushed line by line by [`MetricsWriter`], so that a run can be followed or plotted while it
 //! trains and a crash loses at most the line being written. Also the expert-load summaries the
-//! step reports ([`load_balance`], [`expert_load`]).
+//! step reports ([`load_balance`], [`expert_load`]) and the process's memory
+//! ([`resident_memory`]).
 
 use serde::Serialize;
 use std::fs::File;
@@ -12,8 +13,10 @@ use std::path::Path;
 /// (a diverged loss) is written as `null`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepMetrics {
-    /// Optimizer steps done, this one included.
+    /// Optimizer steps done, this one included (a skipped step does not count).
     pub step: u64,
+    /// The loss or a gradient was not finite: the step changed no parameter.
+    pub skipped: bool,
     /// Next-token cross-entropy of the main model.
     pub loss: f64,
     /// Multi-token-prediction cross-entropy, mean over depths, before weighting by
@@ -27,6 +30,13 @@ pub struct StepMetrics {
     /// Tokens seen, this step's included.
     pub tokens: u64,
     pub tokens_per_s: f64,
+    /// Training FLOP/s achieved: `tokens_per_s` times the model's training FLOPs per token.
+    pub flops_per_s: f64,
+    /// Model FLOPs utilisation: `flops_per_s` over the device's peak. `None` (JSON `null`) on
+    /// the CPU backend, which has no meaningful peak; GPU backends report it.
+    pub mfu: Option<f64>,
+    /// Resident memory of the process in bytes, where the OS tells it (Linux).
+    pub memory_bytes: Option<u64>,
     /// [`ExpertLoad::max`]: the worst layer's routed-expert imbalance (max load / mean load).
     pub expert_load_max: f64,
     /// [`ExpertLoad::mean`]: the imbalance averaged over MoE layers.
@@ -48,11 +58,24 @@ impl MetricsWriter {
         Ok(MetricsWriter { out: BufWriter::new(File::create(path)?) })
     }
 
+    /// Opens the file at `path` to add lines after those it has (a resumed run).
+    pub fn append(path: impl AsRef<Path>) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(MetricsWriter { out: BufWriter::new(file) })
+    }
+
     pub fn write(&mut self, metrics: &StepMetrics) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, metrics)?;
         self.out.write_all(b"\n")?;
         self.out.flush()
     }
+}
+
+/// The resident set size of this process, from `/proc/self/statm` (Linux; `None` elsewhere).
+pub fn resident_memory() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 /// Imbalance of one MoE layer's routed experts: the most loaded expert's token count over the
@@ -99,6 +122,7 @@ mod tests {
     fn metrics(step: u64, loss: f64) -> StepMetrics {
         StepMetrics {
             step,
+            skipped: false,
             loss,
             mtp_loss: 6.5,
             balance_loss: 1.2e-5,
@@ -106,6 +130,9 @@ mod tests {
             grad_norm: 0.75,
             tokens: step * 512,
             tokens_per_s: 1234.5,
+            flops_per_s: 2.5e9,
+            mfu: None,
+            memory_bytes: Some(1 << 20),
             expert_load_max: 1.5,
             expert_load_mean: 1.25,
             mtp_weight: 0.3,
@@ -130,12 +157,21 @@ mod tests {
         assert_eq!(
             lines[0],
             json!({
-                "step": 1, "loss": 6.25, "mtp_loss": 6.5, "balance_loss": 1.2e-5, "lr": 3e-3,
-                "grad_norm": 0.75, "tokens": 512, "tokens_per_s": 1234.5, "expert_load_max": 1.5,
+                "step": 1, "skipped": false, "loss": 6.25, "mtp_loss": 6.5, "balance_loss": 1.2e-5, "lr": 3e-3,
+                "grad_norm": 0.75, "tokens": 512, "tokens_per_s": 1234.5, "flops_per_s": 2.5e9, "mfu": null,
+                "memory_bytes": 1048576, "expert_load_max": 1.5,
                 "expert_load_mean": 1.25, "mtp_weight": 0.3, "bias_speed": 0.001
             })
         );
         assert_eq!((lines.len(), &lines[1]["step"], &lines[1]["loss"]), (2, &json!(2), &Value::Null));
+    }
+
+    #[test]
+    fn resident_memory_is_reported_on_linux() {
+        if cfg!(target_os = "linux") {
+            let bytes = resident_memory().expect("statm");
+            assert!(bytes > 1 << 20, "{bytes} bytes resident");
+        }
     }
 
     #[test]

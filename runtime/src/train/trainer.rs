@@ -1,16 +1,20 @@
 //! One process training on the CPU backend: it runs the training graph's gradient function
-//! for every micro-batch of a step (the whole data-parallel batch, rank after rank),
-//! averages the gradients, and runs the optimizer function. Schedules (LR, batch ramp, MTP
-//! weight, bias speed) come from the spec; data from the built-in synthetic corpus.
+//! for every micro-batch of a step (the whole data-parallel batch, rank after rank, each rank
+//! reading its own shard of the data), averages the gradients, and runs the optimizer
+//! function. Schedules (LR, batch ramp, MTP weight, bias speed) come from the spec; data from
+//! the [`DataLoader`]. A step whose loss or gradients are not finite is skipped: the parameters,
+//! moments and progress stay as they were, and the step reports `skipped`. The whole state
+//! goes into a [`Checkpoint`] and comes back from one exactly.
 
 use super::init::init_params;
-use super::metrics::{expert_load, StepMetrics};
+use super::metrics::{expert_load, resident_memory, StepMetrics};
 use super::schedule::{batch_sequences, lr_at, scheduled, Progress};
+use crate::checkpoint::{Checkpoint, SpecRecord, StateMeta};
 use crate::cpu::{run, Real, Tensor, Value};
-use crate::data::synthetic::SyntheticCorpus;
+use crate::data::loader::{DataLoader, Position};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::graph::{Numerics, TrainingGraph};
-use dsc_lang::{Schedule, Source, Spec};
+use dsc_lang::{Schedule, Spec};
 use std::time::Instant;
 
 pub struct CpuTrainer<T: Real> {
@@ -21,13 +25,16 @@ pub struct CpuTrainer<T: Real> {
     /// Adam moments of the learned parameters, in order.
     moments: Vec<(Value<T>, Value<T>)>,
     progress: Progress,
-    corpus: SyntheticCorpus,
+    seed: u64,
+    data: DataLoader,
+    /// Training FLOPs per token (`dsc info`'s), for the achieved FLOP/s.
+    flops_per_token: f64,
 }
 
 /// The largest model the CPU trainer takes.
 pub const MAX_CPU_PARAMS: u64 = 2_000_000_000;
 
-/// Why a spec cannot be trained here.
+/// Why a spec cannot be trained here (or a checkpoint not resumed).
 #[derive(Debug, PartialEq)]
 pub struct Unsupported(pub String);
 
@@ -38,37 +45,78 @@ impl<T: Real> CpuTrainer<T> {
 
     /// Trains with a given training graph, e.g. a compiled plan's fused one.
     pub fn with_graph(spec: &Spec, graph: TrainingGraph, seed: u64) -> Result<Self, Unsupported> {
-        if spec.train.data.sources.iter().any(|s| !matches!(s, Source::Synthetic { .. })) {
-            return Err(Unsupported(
-                "this version trains on the built-in synthetic corpus only: set `train.data.sources = [synthetic {}]`"
-                    .into(),
-            ));
-        }
-        // Parameters, gradients and two moments in T, plus activations: keep to what a
-        // workstation holds; the CPU backend is the reference for small models.
-        let count: u64 = graph.forward.params.iter().map(|p| p.numel() as u64).sum();
-        if count > MAX_CPU_PARAMS {
-            return Err(Unsupported(format!(
-                "`{}` has {count} parameters; the CPU backend trains models of up to {MAX_CPU_PARAMS} (try models/deepseek-v3-tiny.dsc)",
-                spec.model.name
-            )));
-        }
+        check_size(spec, &graph)?;
+        let data = DataLoader::new(spec, seed, data_ranks(spec)).map_err(Unsupported)?;
         let params: Vec<Value<T>> =
             init_params(&graph.forward.params, spec.model.init_std, seed).into_iter().map(Value::real).collect();
-        let moments = graph
-            .forward
-            .params
-            .iter()
-            .filter(|p| p.learned)
-            .map(|p| {
-                (
-                    Value::real(Tensor::filled(p.shape.clone(), T::ZERO)),
-                    Value::real(Tensor::filled(p.shape.clone(), T::ZERO)),
-                )
-            })
-            .collect();
-        let corpus = SyntheticCorpus::new(spec.model.vocab as usize, seed);
-        Ok(CpuTrainer { spec: spec.clone(), graph, params, moments, progress: Progress::default(), corpus })
+        let moments = zero_moments(&graph);
+        let flops_per_token = flops_per_token(spec);
+        Ok(CpuTrainer {
+            spec: spec.clone(),
+            graph,
+            params,
+            moments,
+            progress: Progress::default(),
+            seed,
+            data,
+            flops_per_token,
+        })
+    }
+
+    /// Continues training from a checkpoint of this spec and graph.
+    pub fn resume(spec: &Spec, graph: TrainingGraph, checkpoint: &Checkpoint) -> Result<Self, Unsupported> {
+        check_size(spec, &graph)?;
+        let meta = &checkpoint.meta;
+        let ranks = data_ranks(spec);
+        let data = match &meta.data {
+            Some(position) => {
+                let position: Position = serde_json::from_value(position.clone())
+                    .map_err(|e| Unsupported(format!("the checkpoint's data position is not valid ({e})")))?;
+                DataLoader::resume(spec, meta.seed, ranks, position)
+            }
+            None => DataLoader::new(spec, meta.seed, ranks),
+        }
+        .map_err(Unsupported)?;
+        let info = &graph.forward.params;
+        if checkpoint.params.len() != info.len()
+            || info.iter().zip(&checkpoint.params).any(|(p, v)| p.numel() != v.len())
+        {
+            return Err(Unsupported("the checkpoint's parameters do not fit the model".into()));
+        }
+        let tensor = |shape: &[usize], data: &[f32]| {
+            Value::real(Tensor::new(shape.to_vec(), data.iter().map(|&x| T::from_f64(f64::from(x))).collect()))
+        };
+        let params = info.iter().zip(&checkpoint.params).map(|(p, v)| tensor(&p.shape, v)).collect();
+        let moments = match &checkpoint.moments {
+            Some(moments) => info
+                .iter()
+                .filter(|p| p.learned)
+                .zip(moments)
+                .map(|(p, [m, v])| (tensor(&p.shape, m), tensor(&p.shape, v)))
+                .collect(),
+            None => zero_moments(&graph),
+        };
+        let progress = Progress { step: meta.step, tokens: meta.tokens };
+        let flops_per_token = flops_per_token(spec);
+        Ok(CpuTrainer { spec: spec.clone(), graph, params, moments, progress, seed: meta.seed, data, flops_per_token })
+    }
+
+    /// The whole training state, for a checkpoint; `numerics` and `spec` identify the run.
+    pub fn checkpoint(&self, numerics: &str, spec: SpecRecord) -> Checkpoint {
+        let f32s = |v: &Value<T>| v.as_real().data.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
+        Checkpoint {
+            params: self.params.iter().map(f32s).collect(),
+            moments: Some(self.moments.iter().map(|(m, v)| [f32s(m), f32s(v)]).collect()),
+            ema: None,
+            meta: StateMeta {
+                step: self.progress.step,
+                tokens: self.progress.tokens,
+                seed: self.seed,
+                numerics: numerics.to_string(),
+                data: serde_json::to_value(self.data.position()).ok(),
+                spec,
+            },
+        }
     }
 
     pub fn graph(&self) -> &TrainingGraph {
@@ -77,6 +125,11 @@ impl<T: Real> CpuTrainer<T> {
 
     pub fn params(&self) -> &[Value<T>] {
         &self.params
+    }
+
+    /// Optimizer steps done and tokens seen.
+    pub fn progress(&self) -> Progress {
+        self.progress
     }
 
     /// Runs one optimizer step and reports it.
@@ -94,8 +147,10 @@ impl<T: Real> CpuTrainer<T> {
         let mut grads: Vec<Option<Vec<T>>> = vec![None; n_params];
         let mut losses = [0.0f64; LOSS_OUTPUTS];
         let mut loads: Vec<Vec<f64>> = Vec::new();
-        for _ in 0..micro_batches {
-            let batch = self.corpus.batch(train.micro_batch as usize, train.seq_len as usize + depth);
+        let per_rank = micro_batches.div_ceil(data_ranks(spec));
+        for micro_batch in 0..micro_batches {
+            let rank = micro_batch / per_rank;
+            let batch = self.data.batch(rank, train.micro_batch as usize, train.seq_len as usize + depth);
             let tokens =
                 Tensor::new(vec![batch.sequences, batch.seq_len + 1], batch.tokens.iter().map(|&t| t as i32).collect());
             let mut args = self.params.clone();
@@ -127,13 +182,22 @@ impl<T: Real> CpuTrainer<T> {
         let lr = lr_at(train, self.progress);
         let bias_speed = self.bias_speed();
         let step_tokens = sequences * train.seq_len;
-        let grad_norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed);
-        self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
+        let finite =
+            losses.iter().all(|l| l.is_finite()) && grads.iter().flatten().all(|g| g.iter().all(|x| x.is_finite()));
         let counts: Vec<Vec<u64>> = loads.iter().map(|l| l.iter().map(|&x| x.round() as u64).collect()).collect();
         let load = expert_load(&counts);
+        let grad_norm = if finite {
+            let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed);
+            self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
+            norm
+        } else {
+            let sum: f64 = grads.iter().flatten().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
+            sum.sqrt() / micro_batches as f64
+        };
         let elapsed = started.elapsed().as_secs_f64();
         StepMetrics {
             step: self.progress.step,
+            skipped: !finite,
             loss: losses[1],
             mtp_loss: losses[2],
             balance_loss: losses[3],
@@ -141,6 +205,9 @@ impl<T: Real> CpuTrainer<T> {
             grad_norm,
             tokens: step_tokens,
             tokens_per_s: step_tokens as f64 / elapsed.max(1e-9),
+            flops_per_s: step_tokens as f64 * self.flops_per_token / elapsed.max(1e-9),
+            mfu: None,
+            memory_bytes: resident_memory(),
             expert_load_max: load.max,
             expert_load_mean: load.mean,
             mtp_weight,
@@ -201,4 +268,42 @@ impl<T: Real> CpuTrainer<T> {
         }
         out.next().expect("grad_norm").scalar().to_f64()
     }
+}
+
+/// The data-parallel ranks whose micro-batches one step runs.
+fn data_ranks(spec: &Spec) -> usize {
+    spec.parallel.data.size.max(1) as usize
+}
+
+/// Refuses models too large for the CPU backend.
+fn check_size(spec: &Spec, graph: &TrainingGraph) -> Result<(), Unsupported> {
+    // Parameters, gradients and two moments in T, plus activations: keep to what a
+    // workstation holds; the CPU backend is the reference for small models.
+    let count: u64 = graph.forward.params.iter().map(|p| p.numel() as u64).sum();
+    if count > MAX_CPU_PARAMS {
+        return Err(Unsupported(format!(
+            "`{}` has {count} parameters; the CPU backend trains models of up to {MAX_CPU_PARAMS} (try models/deepseek-v3-tiny.dsc)",
+            spec.model.name
+        )));
+    }
+    Ok(())
+}
+
+fn zero_moments<T: Real>(graph: &TrainingGraph) -> Vec<(Value<T>, Value<T>)> {
+    graph
+        .forward
+        .params
+        .iter()
+        .filter(|p| p.learned)
+        .map(|p| {
+            (
+                Value::real(Tensor::filled(p.shape.clone(), T::ZERO)),
+                Value::real(Tensor::filled(p.shape.clone(), T::ZERO)),
+            )
+        })
+        .collect()
+}
+
+fn flops_per_token(spec: &Spec) -> f64 {
+    dsc_compiler::estimate::info(spec).flops_per_token as f64
 }

@@ -1,0 +1,234 @@
+//! `dsc train` as a user runs it for days: checkpoints every N steps, keep-last-N, `--resume`
+//! continuing bitwise exactly, damaged or mismatched checkpoints refused without touching
+//! anything, non-finite steps skipped and a stop after too many, and SIGTERM ending the run
+//! with a checkpoint and exit code 0. The tiny model runs with 16-token sequences so that each
+//! run takes about a second.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SMALL: [&str; 6] = ["--set", "train.seq_len=16", "--set", "train.batch=4", "--set", "train.micro_batch=2"];
+
+fn dsc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsc"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .expect("running dsc")
+}
+
+fn train(extra: &[&str]) -> Output {
+    let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
+    args.extend(SMALL);
+    args.extend(extra);
+    dsc(&args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "dsc failed:\n{}", text(&o.stderr));
+    o
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The `loss` of each line of a metrics file, as written (so equal text is equal bits).
+fn losses(metrics: &Path) -> Vec<String> {
+    std::fs::read_to_string(metrics)
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line")["loss"].to_string())
+        .collect()
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("dir") {
+        let p = entry.expect("entry").path();
+        if p.is_dir() {
+            for (name, bytes) in snapshot(&p) {
+                files.insert(format!("{}/{name}", p.file_name().unwrap().to_string_lossy()), bytes);
+            }
+        } else {
+            files.insert(p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).expect("read"));
+        }
+    }
+    files
+}
+
+#[test]
+fn twenty_steps_straight_equal_ten_resumed_ten_bitwise() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let straight = dir.path().join("straight.jsonl");
+    ok(train(&["--steps", "20", "--metrics", path(&straight)]));
+    let run = dir.path().join("run");
+    let resumed = dir.path().join("resumed.jsonl");
+    ok(train(&["--steps", "10", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)]));
+    // Resume from the run's directory alone: the spec comes from the checkpoint.
+    let o = ok(dsc(&["train", "--resume", path(&run), "--steps", "20", "--metrics", path(&resumed)]));
+    assert!(text(&o.stderr).contains("resuming from"), "{}", text(&o.stderr));
+    let (a, b) = (losses(&straight), losses(&resumed));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a, b, "losses differ after resuming");
+    assert!(run.join("step-00000020/model.safetensors").is_file());
+}
+
+#[test]
+fn checkpoints_every_n_steps_keep_the_newest_and_hold_the_hf_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    ok(train(&["--steps", "7", "--checkpoint-dir", path(&run), "--checkpoint-every", "2", "--keep", "2"]));
+    let mut names: Vec<String> =
+        std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    // Steps 2, 4, 6 and the final 7, of which the newest two stay.
+    assert_eq!(names, ["step-00000006", "step-00000007"]);
+    let step = run.join("step-00000007");
+    for file in ["model.safetensors", "state.safetensors", "config.json", "spec.dsc", "manifest.json"] {
+        assert!(step.join(file).is_file(), "{file} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(step.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "deepseek_v3");
+    assert_eq!(config["n_routed_experts"], 8);
+    assert_eq!(config["first_k_dense_replace"], 1);
+    assert_eq!(config["num_nextn_predict_layers"], 1);
+    let model = std::fs::read(step.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&model[8..8 + header_len]).unwrap();
+    for name in [
+        "model.layers.1.mlp.experts.7.gate_proj.weight",
+        "model.layers.2.mlp.gate.e_score_correction_bias",
+        "model.layers.3.eh_proj.weight",
+        "model.layers.3.embed_tokens.weight",
+        "model.layers.3.shared_head.head.weight",
+        "lm_head.weight",
+    ] {
+        assert!(header.get(name).is_some(), "{name} missing from model.safetensors");
+    }
+    assert_eq!(header["model.layers.1.mlp.experts.0.down_proj.weight"]["shape"], serde_json::json!([64, 32]));
+    assert!(header.get("model.layers.1.mlp.experts.gate_proj.weight").is_none(), "stacked experts are split");
+}
+
+#[test]
+fn damaged_or_mismatched_checkpoints_are_refused_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    ok(train(&["--steps", "2", "--checkpoint-dir", path(&run)]));
+    let step = run.join("step-00000002");
+    let refused = |args: &[&str], expect: &[&str]| {
+        let before = snapshot(&run);
+        let o = dsc(args);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}:\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        for e in expect {
+            assert!(err.contains(e), "`{e}` missing from:\n{err}");
+        }
+        assert_eq!(snapshot(&run), before, "a refused resume changed the checkpoint directory");
+    };
+    // Another spec.
+    let mut args = vec!["train", "models/deepseek-v3-tiny.dsc", "--resume", path(&run), "--steps", "4"];
+    args.extend(SMALL);
+    args.extend(["--set", "model.hidden=32"]);
+    refused(&args, &["another spec", "model.hidden"]);
+    // A corrupt and a truncated file.
+    let model = step.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes[1000] ^= 0x40;
+    std::fs::write(&model, &bytes).unwrap();
+    refused(&["train", "--resume", path(&run), "--steps", "4"], &["model.safetensors", "corrupt", "older"]);
+    bytes[1000] ^= 0x40;
+    std::fs::write(&model, &bytes).unwrap();
+    let state = step.join("state.safetensors");
+    let full = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &full[..full.len() / 2]).unwrap();
+    refused(&["train", "--resume", path(&run), "--steps", "4"], &["state.safetensors", "truncated"]);
+    std::fs::write(&state, &full).unwrap();
+    refused(&["train", "--resume", path(&dir.path().join("nothing")), "--steps", "4"], &["not a checkpoint directory"]);
+    // Repaired, it resumes.
+    ok(dsc(&["train", "--resume", path(&run), "--steps", "3"]));
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (run, metrics) = (dir.path().join("run"), dir.path().join("m.jsonl"));
+    // An absurd learning rate: the first step makes the weights huge, the next ones overflow.
+    let o = train(&[
+        "--set",
+        "train.lr=[constant { at = 1e30 }]",
+        "--steps",
+        "20",
+        "--max-bad-steps",
+        "3",
+        "--checkpoint-dir",
+        path(&run),
+        "--metrics",
+        path(&metrics),
+    ]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("3 steps in a row had a non-finite loss or gradient"), "{err}");
+    assert!(err.contains("skipped"), "{err}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&metrics).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let skipped: Vec<&serde_json::Value> = lines.iter().filter(|m| m["skipped"] == true).collect();
+    assert_eq!(skipped.len(), 3, "{lines:?}");
+    let last_good = lines.iter().rev().find(|m| m["skipped"] == false).expect("a good step")["step"].as_u64().unwrap();
+    assert!(skipped.iter().all(|m| m["step"].as_u64() == Some(last_good)), "skipped steps do not count");
+    assert!(run.join(format!("step-{last_good:08}/manifest.json")).is_file(), "{err}");
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
+    args.extend(SMALL);
+    args.extend(["--steps", "100000", "--checkpoint-dir", path(&run)]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsc"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dsc");
+    // Wait for the first step line, then ask it to stop.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("a step line");
+    assert!(line.starts_with("step"), "{line}");
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "dsc did not stop within a minute of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("interrupted at step"), "{err}");
+    let stopped: u64 = err
+        .split("interrupted at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the step it stopped at");
+    let target = (stopped + 1).to_string();
+    let o = ok(dsc(&["train", "--resume", path(&run), "--steps", &target]));
+    let resumed = text(&o.stderr);
+    assert!(resumed.contains("resuming from"), "{resumed}");
+}
