@@ -258,3 +258,67 @@ fn train_refuses_what_the_cpu_cannot_run() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("data/nowhere") && stderr(&o).contains("dsc data prepare"), "{}", stderr(&o));
 }
+
+#[test]
+fn compile_writes_a_plan_that_inspect_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan");
+    let plan_s = plan.to_str().expect("utf-8 path");
+    let o = dsc(&["compile", &model("deepseek-v3-tiny"), "-o", plan_s]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&dsc_ok(&["inspect", plan_s, "--format", "json"])).expect("JSON");
+    let s = &summary["summary"];
+    let (fused, unfused) = (s["launches_per_step"].as_u64().unwrap(), s["launches_per_step_unfused"].as_u64().unwrap());
+    assert!(fused * 2 < unfused, "fusion must cut launches by more than half: {fused} vs {unfused}");
+    let text = dsc_ok(&["inspect", plan_s]);
+    assert!(text.contains("rmsnorm") && text.contains("kernel launches"), "{text}");
+    // Every generated kernel has MLIR, and (with MLIR built in) PTX for sm_90a.
+    let mlir = std::fs::read_dir(plan.join("ir")).expect("ir/").count();
+    assert!(mlir > 0);
+    let ptx: Vec<_> = std::fs::read_dir(plan.join("kernels")).expect("kernels/").map(|e| e.unwrap().path()).collect();
+    assert_eq!(ptx.len(), mlir);
+    let name = ptx[0].file_stem().unwrap().to_str().unwrap().to_string();
+    let one = dsc_ok(&["inspect", plan_s, "--kernel", &name]);
+    assert!(one.contains("gpu.module") && one.contains(".target sm_90a"), "{one}");
+    let err = dsc_rejects_plain(&["inspect", dir.path().join("nothing").to_str().unwrap()]);
+    assert!(err.contains("plan.json"), "{err}");
+}
+
+/// Rejected with exit 1 and a message (not a spec diagnostic).
+fn dsc_rejects_plain(args: &[&str]) -> String {
+    let o = dsc(args);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    stderr(&o)
+}
+
+#[test]
+fn generated_ptx_assembles_with_ptxas() {
+    let ptxas = std::env::var("DSC_PTXAS").ok().filter(|p| Path::new(p).exists()).or_else(|| {
+        let found = Command::new("ptxas").arg("--version").output().is_ok_and(|o| o.status.success());
+        found.then(|| "ptxas".to_string())
+    });
+    let Some(ptxas) = ptxas else {
+        eprintln!(
+            "skipped: no ptxas (run scripts/install-deps.sh and set DSC_PTXAS=target/tools/nvidia/cu13/bin/ptxas)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan");
+    dsc(&["compile", &model("deepseek-v3-bench"), "-o", plan.to_str().unwrap()]);
+    let mut assembled = 0;
+    for entry in std::fs::read_dir(plan.join("kernels")).expect("kernels/") {
+        let path = entry.expect("entry").path();
+        let out = Command::new(&ptxas)
+            .args(["-arch=sm_90a", "-o"])
+            .arg(dir.path().join("k.cubin"))
+            .arg(&path)
+            .output()
+            .expect("running ptxas");
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        assembled += 1;
+    }
+    assert!(assembled > 100, "only {assembled} kernels");
+    eprintln!("ptxas -arch=sm_90a assembled {assembled} generated kernels of the bench plan");
+}
