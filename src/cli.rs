@@ -38,6 +38,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = InfoFormat::Text)]
         format: InfoFormat,
     },
+    // issue 6 commands
+    /// Tokenizers and training data: `dsc data tokenizer`, `dsc data prepare`.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    // end issue 6 commands
     /// Train a spec's model (on the CPU backend).
     Train(TrainArgs),
     /// Compile a spec into a plan directory (`-o DIR`), or print a stage (`--emit`).
@@ -170,4 +177,33 @@ pub enum EmitStage {
     GraphStats,
     /// The training graph after e-graph fusion.
     Fused,
+}
+
+// issue 6 types
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Train a byte-level BPE tokenizer of exactly `--vocab` tokens (Hugging Face `tokenizers`).
+    Tokenizer {
+        /// Text files (one document each) or JSONL files (`{"text": ...}` per line).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The vocabulary size; the model's `vocab` must equal it.
+        #[arg(long)]
+        vocab: usize,
+        /// Where to write the `tokenizer.json`.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Tokenize documents into a folder that a spec's `files { path = ... }` source reads.
+    Prepare {
+        /// Text files (one document each) or JSONL files (`{"text": ...}` per line).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The `tokenizer.json` to use (from `dsc data tokenizer`).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The folder to write (`tokens.bin`, `index.bin`, `meta.json`).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }

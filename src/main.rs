@@ -2,6 +2,7 @@
 //! own lives here beyond choosing what to print and the exit code.
 
 mod cli;
+mod data;
 mod inspect;
 mod train;
 
@@ -28,6 +29,9 @@ fn main() -> ExitCode {
         }
         Command::Inspect { plan, kernel, format } => inspect::run(plan, kernel.as_deref(), *format),
         Command::Train(args) => train::run(&cli, args),
+        // issue 6 commands
+        Command::Data { command } => data::run(command),
+        // end issue 6 commands
     };
     match result {
         Ok(code) => code,

@@ -92,7 +92,7 @@ impl FileStream {
             self.order = shard(self.file.documents(), self.seed, self.epoch, self.rank, self.ranks);
             self.next = 0;
         }
-        let (tokens, _) = self.file.document(self.order[self.next] as usize);
+        let tokens = self.file.document(self.order[self.next] as usize);
         self.next += 1;
         tokens
     }

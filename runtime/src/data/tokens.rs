@@ -1,7 +1,6 @@
 //! The prepared-data format `dsc data prepare` writes and the loader reads: a folder with
 //! `tokens.bin` (every document's token ids, u32 little-endian, back to back), `index.bin`
-//! (u64 little-endian offsets into it: documents + 1 of them, the first 0), optionally
-//! `mask.bin` (one byte per token, 1 where the loss counts: SFT responses) and `meta.json`
+//! (u64 little-endian offsets into it: documents + 1 of them, the first 0) and `meta.json`
 //! ([`TokenMeta`]: the tokenizer's vocabulary size and special-token ids). The token and index
 //! files are memory-mapped, so a corpus larger than memory trains as well as a small one.
 
@@ -13,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 pub const TOKENS: &str = "tokens.bin";
 pub const INDEX: &str = "index.bin";
-pub const MASK: &str = "mask.bin";
 pub const META: &str = "meta.json";
 const FORMAT: &str = "dsc-tokens/1";
 
@@ -29,8 +27,6 @@ pub struct TokenMeta {
     pub fim_end: u32,
     pub documents: u64,
     pub tokens: u64,
-    /// Whether `mask.bin` exists (SFT data: the loss counts on responses only).
-    pub masked: bool,
     /// SHA-256 of the `tokenizer.json` used.
     pub tokenizer_sha256: String,
 }
@@ -54,7 +50,6 @@ impl TokenMeta {
 pub struct TokenWriter {
     dir: PathBuf,
     tokens: BufWriter<File>,
-    mask: Option<BufWriter<File>>,
     offsets: Vec<u64>,
 }
 
@@ -63,25 +58,18 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> String {
 }
 
 impl TokenWriter {
-    pub fn create(dir: &Path, masked: bool) -> Result<Self, String> {
+    pub fn create(dir: &Path) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
-        let open = |name: &str| {
-            let path = dir.join(name);
-            File::create(&path).map(BufWriter::new).map_err(|e| io("create", &path, e))
-        };
-        let mask = if masked { Some(open(MASK)?) } else { None };
-        Ok(TokenWriter { dir: dir.to_path_buf(), tokens: open(TOKENS)?, mask, offsets: vec![0] })
+        let path = dir.join(TOKENS);
+        let tokens = File::create(&path).map(BufWriter::new).map_err(|e| io("create", &path, e))?;
+        Ok(TokenWriter { dir: dir.to_path_buf(), tokens, offsets: vec![0] })
     }
 
-    /// Appends a document; `mask` (one flag per token) is required for a masked folder.
-    pub fn push(&mut self, tokens: &[u32], mask: Option<&[bool]>) -> Result<(), String> {
+    /// Appends a document.
+    pub fn push(&mut self, tokens: &[u32]) -> Result<(), String> {
         let path = self.dir.join(TOKENS);
         for t in tokens {
             self.tokens.write_all(&t.to_le_bytes()).map_err(|e| io("write", &path, e))?;
-        }
-        if let (Some(out), Some(mask)) = (self.mask.as_mut(), mask) {
-            let bytes: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
-            out.write_all(&bytes).map_err(|e| io("write", &self.dir.join(MASK), e))?;
         }
         let end = self.offsets.last().copied().unwrap_or(0) + tokens.len() as u64;
         self.offsets.push(end);
@@ -93,11 +81,7 @@ impl TokenWriter {
         meta.format = FORMAT.into();
         meta.documents = self.offsets.len() as u64 - 1;
         meta.tokens = *self.offsets.last().unwrap_or(&0);
-        meta.masked = self.mask.is_some();
         self.tokens.flush().map_err(|e| io("write", &self.dir.join(TOKENS), e))?;
-        if let Some(mask) = self.mask.as_mut() {
-            mask.flush().map_err(|e| io("write", &self.dir.join(MASK), e))?;
-        }
         let index: Vec<u8> = self.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
         let index_path = self.dir.join(INDEX);
         std::fs::write(&index_path, index).map_err(|e| io("write", &index_path, e))?;
@@ -113,7 +97,6 @@ pub struct TokenFile {
     pub meta: TokenMeta,
     tokens: Mmap,
     index: Mmap,
-    mask: Option<Mmap>,
 }
 
 fn map(path: &Path) -> Result<Mmap, String> {
@@ -147,15 +130,11 @@ impl TokenFile {
         }
         let tokens = map(&dir.join(TOKENS))?;
         let index = map(&dir.join(INDEX))?;
-        let mask = if meta.masked { Some(map(&dir.join(MASK))?) } else { None };
-        let file = TokenFile { meta, tokens, index, mask };
+        let file = TokenFile { meta, tokens, index };
         let documents = file.meta.documents as usize;
         let bad = |what: &str| format!("`{}`: {what}; {fix}", dir.display());
         if file.index.len() != (documents + 1) * 8 || file.tokens.len() as u64 != file.meta.tokens * 4 {
             return Err(bad("the token or index file does not have the size `meta.json` says (truncated?)"));
-        }
-        if file.mask.as_ref().is_some_and(|m| m.len() as u64 != file.meta.tokens) {
-            return Err(bad("`mask.bin` does not have one byte per token"));
         }
         if (0..documents).any(|d| file.offset(d) > file.offset(d + 1)) || file.offset(documents) != file.meta.tokens {
             return Err(bad("the document index is not increasing"));
@@ -175,14 +154,9 @@ impl TokenFile {
         self.meta.documents as usize
     }
 
-    /// Document `i`'s tokens and, for SFT data, its loss mask.
-    pub fn document(&self, i: usize) -> (Vec<u32>, Option<Vec<bool>>) {
+    /// Document `i`'s tokens.
+    pub fn document(&self, i: usize) -> Vec<u32> {
         let (start, end) = (self.offset(i) as usize, self.offset(i + 1) as usize);
-        let tokens = self.tokens[start * 4..end * 4]
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let mask = self.mask.as_ref().map(|m| m[start..end].iter().map(|&b| b != 0).collect());
-        (tokens, mask)
+        self.tokens[start * 4..end * 4].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     }
 }
