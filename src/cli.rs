@@ -44,6 +44,42 @@ pub enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// The logits of a checkpoint's model for token rows (f64, no rounding): the reference a
+    /// Hugging Face port is checked against (tests/device/hf_parity.py).
+    Forward {
+        /// A checkpoint folder, or a run's checkpoint directory for its newest.
+        checkpoint: PathBuf,
+        /// A JSON file of token rows of equal length: `[[1, 2, 3], [4, 5, 6]]`.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Where to write `{"shape": [rows, seq, vocab], "logits": [...]}`.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Export a checkpoint as a Hugging Face DeepSeek-V3 model folder.
+    Export {
+        /// A checkpoint folder, or a run's checkpoint directory for its newest.
+        checkpoint: PathBuf,
+        /// The folder to write (`model.safetensors`, `config.json`).
+        #[arg(long, value_name = "OUT")]
+        hf: PathBuf,
+    },
+    /// Import a Hugging Face DeepSeek-V3-style model: its config.json becomes a spec file, its
+    /// weights a checkpoint to train on with `dsc train --resume`.
+    Import {
+        /// The model folder (`config.json` and `*.safetensors`).
+        #[arg(long, value_name = "DIR")]
+        hf: PathBuf,
+        /// The folder to write: `model.dsc` and `checkpoint/step-00000000`.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The model's name in the spec (default: the folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Write the spec only, without converting the weights.
+        #[arg(long)]
+        config_only: bool,
+    },
     // end issue 6 commands
     /// Train a spec's model (on the CPU backend).
     Train(TrainArgs),

@@ -3,6 +3,7 @@
 
 mod cli;
 mod data;
+mod hf;
 mod inspect;
 mod train;
 
@@ -31,6 +32,11 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(&cli, args),
         // issue 6 commands
         Command::Data { command } => data::run(command),
+        Command::Forward { checkpoint, tokens, output } => hf::forward(checkpoint, tokens, output),
+        Command::Export { checkpoint, hf } => hf::export(checkpoint, hf),
+        Command::Import { hf, output, name, config_only } => {
+            hf::import(&cli, hf, output, name.as_deref(), *config_only)
+        }
         // end issue 6 commands
     };
     match result {

@@ -5,5 +5,6 @@
 pub mod checkpoint;
 pub mod cpu;
 pub mod data;
+pub mod forward;
 pub mod rng;
 pub mod train;

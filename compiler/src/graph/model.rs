@@ -58,6 +58,26 @@ pub struct ForwardGraph {
 pub const LOSS_OUTPUTS: usize = 4;
 
 pub fn build(spec: &Spec, numerics: Numerics) -> ForwardGraph {
+    build_with(spec, numerics, Head::Loss)
+}
+
+/// The inference graph: `model(params…, tokens [batch, seq]) -> logits [batch · seq, vocab]`
+/// of the main model (the MTP modules' parameters are arguments, unused), for `dsc forward`
+/// and the Hugging Face parity check.
+pub fn build_logits(spec: &Spec, numerics: Numerics) -> ForwardGraph {
+    build_with(spec, numerics, Head::Logits)
+}
+
+/// What the model function returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Head {
+    /// The training losses and expert loads.
+    Loss,
+    /// The main model's logits.
+    Logits,
+}
+
+fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
     let mut module = Module::default();
     let cfg = Config::new(spec, numerics);
     let (frequencies, scale) = (rope_frequencies(spec), rope_scale(spec));
@@ -74,7 +94,7 @@ pub fn build(spec: &Spec, numerics: Numerics) -> ForwardGraph {
     }
     let mut params = Vec::new();
     let mut moe_biases = Vec::new();
-    let model = {
+    let model = 'model: {
         let mut b = FunctionBuilder::new(&module, "model");
         let m = &spec.model;
         let d = cfg.hidden;
@@ -123,7 +143,8 @@ pub fn build(spec: &Spec, numerics: Numerics) -> ForwardGraph {
             );
             mtp_params.push((enorm, hnorm, eh_proj, ps.values, norm));
         }
-        let tokens = b.arg("tokens", vec![cfg.batch, cfg.seq + depth + 1], DType::I32);
+        let width = if output == Head::Logits { cfg.seq } else { cfg.seq + depth + 1 };
+        let tokens = b.arg("tokens", vec![cfg.batch, width], DType::I32);
         // Main model.
         let input_ids = b.slice(tokens, 1, 0, cfg.seq);
         let mut h = b.gather(embed, input_ids);
@@ -138,6 +159,11 @@ pub fn build(spec: &Spec, numerics: Numerics) -> ForwardGraph {
                 balance = b.add(balance, out[1]);
                 loads.push(out[2]);
             }
+        }
+        if output == Head::Logits {
+            let logits = head_logits(&mut b, &cfg, h, final_norm, head);
+            b.output("logits", logits);
+            break 'model b.finish();
         }
         let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
         let main_loss = head_loss(&mut b, &cfg, h, final_norm, head, labels);
@@ -552,12 +578,17 @@ pub fn balance_loss(b: &mut FunctionBuilder, m: &Moe, batch: usize, seq: usize, 
     (b.scale(mean, m.balance_alpha), load)
 }
 
-/// RMSNorm, head in full precision, and the mean cross-entropy against `labels`.
-fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels: V) -> V {
+/// RMSNorm and the head in full precision: logits [batch · seq, vocab].
+fn head_logits(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V) -> V {
     let x = rms_norm(b, h, norm, c.eps);
+    let flat = b.reshape(x, vec![c.batch * c.seq, c.hidden]);
+    b.matmul(flat, head, false, true, None)
+}
+
+/// The logits and the mean cross-entropy against `labels`.
+fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels: V) -> V {
     let tokens = c.batch * c.seq;
-    let flat = b.reshape(x, vec![tokens, c.hidden]);
-    let logits = b.matmul(flat, head, false, true, None);
+    let logits = head_logits(b, c, h, norm, head);
     let m = b.max(logits, 1, true);
     let m = b.stop_gradient(m);
     let shifted = b.sub(logits, m);

@@ -343,9 +343,9 @@ train {{
 
 precision {{
   gemm               = f32
-  activation_tile    = [1, 1]
-  weight_block       = [1, 1]
-  promotion_interval = 1
+  activation_tile    = [1, 128]
+  weight_block       = [128, 128]
+  promotion_interval = 128
   high_precision     = [embedding, head, gating, norms, attention]
   master_weights     = f32
   grads              = f32
