@@ -9,7 +9,8 @@ Two steps, because the machine with `transformers` need not have a Rust toolchai
   1. Where dsc builds (no torch needed):
        cargo build --release
        python3 tests/device/hf_parity.py --prepare target/hf-parity
-     This trains the tiny model for 20 steps (so the routing biases are not zero), exports it
+     For two cases, the tiny model as it is and with YaRN active (`rope_scaling` in the
+     config), this trains it for 20 steps (so the routing biases are not zero), exports it
      (`dsc export --hf`), writes token rows and dsc's logits for them.
   2. Where torch, transformers (4.5x or 5.x), safetensors and numpy are installed:
        python3 tests/device/hf_parity.py target/hf-parity
@@ -23,6 +24,11 @@ import subprocess
 import sys
 
 ROWS, SEQ, SEED = 2, 24, 1234
+# (case, extra `dsc train` arguments)
+CASES = [
+    ("plain", []),
+    ("yarn", ["--set", "model.attention.yarn={ factor = 4, original_seq = 16, beta_fast = 4, beta_slow = 1 }"]),
+]
 BOUND = 1e-4
 
 
@@ -33,7 +39,13 @@ def dsc_binary():
     sys.exit("no dsc binary: build it with `cargo build --release` or set $DSC")
 
 
-def prepare(out):
+def prepare(root):
+    for case, extra in CASES:
+        prepare_case(os.path.join(root, case), extra)
+    print(f"prepared {root}: now run `python3 tests/device/hf_parity.py {root}` where transformers is installed")
+
+
+def prepare_case(out, extra):
     dsc = dsc_binary()
     run = os.path.join(out, "run")
     os.makedirs(out, exist_ok=True)
@@ -42,7 +54,7 @@ def prepare(out):
         print("$ dsc " + " ".join(args), flush=True)
         subprocess.run([dsc, *args], check=True)
 
-    call("train", "models/deepseek-v3-tiny.dsc", "--steps", "20", "--set", "train.seq_len=32",
+    call("train", "models/deepseek-v3-tiny.dsc", "--steps", "20", "--set", "train.seq_len=32", *extra,
          "--checkpoint-dir", run)
     call("export", run, "--hf", os.path.join(out, "hf"))
     # Fixed pseudo-random rows over the whole vocabulary (a 64-bit LCG: no numpy needed here).
@@ -57,7 +69,6 @@ def prepare(out):
     tokens = os.path.join(out, "tokens.json")
     json.dump(rows, open(tokens, "w"))
     call("forward", run, "--tokens", tokens, "-o", os.path.join(out, "dsc_logits.json"))
-    print(f"prepared {out}: now run `python3 tests/device/hf_parity.py {out}` where transformers is installed")
 
 
 def fill_fused_experts(model, folder, missing):
@@ -91,7 +102,13 @@ def fill_fused_experts(model, folder, missing):
     return [k for k in missing if k not in filled], filled
 
 
-def check(out):
+def check(root):
+    results = [check_case(case, os.path.join(root, case)) for case, _ in CASES]
+    sys.exit(0 if all(results) else 1)
+
+
+def check_case(case, out):
+    """Prints the case's PASS/FAIL line; returns whether it passed."""
     import numpy as np
     import torch
     import transformers
@@ -110,25 +127,25 @@ def check(out):
     missing, filled = fill_fused_experts(model, folder, missing)
     unexpected = [k for k in info.get("unexpected_keys", []) if ".layers." not in k or not k.startswith(
         f"model.layers.{model.config.num_hidden_layers}.")]
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"[{case}] transformers {transformers.__version__}, torch {torch.__version__}")
     if filled:
         print(f"note: this transformers did not convert {len(filled)} fused expert parameters; built from the file")
     if missing or unexpected or info.get("mismatched_keys"):
-        print(f"FAIL: loading the export: missing {missing}, unexpected {unexpected}, "
+        print(f"FAIL [{case}]: loading the export: missing {missing}, unexpected {unexpected}, "
               f"mismatched {info.get('mismatched_keys')}")
-        sys.exit(1)
+        return False
     model.eval()
     with torch.no_grad():
         hf = model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.double().numpy()
     if hf.shape != dsc.shape:
-        print(f"FAIL: logits of shape {hf.shape}, dsc's are {dsc.shape}")
-        sys.exit(1)
+        print(f"FAIL [{case}]: logits of shape {hf.shape}, dsc's are {dsc.shape}")
+        return False
     error = float(np.linalg.norm(hf - dsc) / np.linalg.norm(dsc))
     worst = float(np.abs(hf - dsc).max())
     verdict = "PASS" if error < BOUND else "FAIL"
-    print(f"{verdict}: relative error of transformers' logits vs dsc's {error:.3e} (bound {BOUND:g}); "
+    print(f"{verdict} [{case}]: relative error of transformers' logits vs dsc's {error:.3e} (bound {BOUND:g}); "
           f"max abs difference {worst:.3e}; {hf.shape[0]}x{hf.shape[1]} tokens, vocab {hf.shape[2]}")
-    sys.exit(0 if verdict == "PASS" else 1)
+    return verdict == "PASS"
 
 
 if __name__ == "__main__":
