@@ -12,6 +12,119 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt::Write;
 
+/// Emits `%{name}_r4`, the butterfly reduction over the warp of `value` with `combine`
+/// (an op taking `%acc` and `%y`); needs `%w32`.
+fn warp_reduce(t: &mut String, name: &str, value: &str, combine: &str) -> String {
+    let mut v = value.to_string();
+    for (k, offset) in [16, 8, 4, 2, 1].iter().enumerate() {
+        let _ = write!(t, "      %{name}_off{k} = arith.constant {offset} : i32\n      %{name}_s{k}, %{name}_ok{k} = gpu.shuffle xor {v}, %{name}_off{k}, %w32 : f32\n");
+        let combined = combine.replace("%acc", &v).replace("%y", &format!("%{name}_s{k}"));
+        let _ = writeln!(t, "      %{name}_r{k} = {combined}");
+        v = format!("%{name}_r{k}");
+    }
+    v
+}
+
+/// The register-resident row kernel (see [`row_kernel`]).
+fn register_row_kernel(kernel: &Kernel, node: &Node, n: usize) -> Result<Emitted, String> {
+    let chunks = n / 128;
+    let rows = numel(node) / n;
+    let mut args: Vec<u32> = node.args.iter().map(|a| a.0).collect();
+    if !args.iter().all(|a| kernel.inputs.contains(a)) {
+        return Err("a row kernel reads its inputs directly".into());
+    }
+    args.extend(&kernel.outputs);
+    let out = node.args.len();
+    let mut t = header(&kernel.name, args.len());
+    let _ = write!(
+        t,
+        "      %row = gpu.block_id x\n      %lane = gpu.thread_id x\n      %c4 = arith.constant 4 : index\n      %n = arith.constant {n} : index\n      %start = arith.muli %row, %n : index\n      %lane4 = arith.muli %lane, %c4 : index\n      %w32 = arith.constant 32 : i32\n      %zero = arith.constant 0.0 : f32\n"
+    );
+    // Column of chunk c for this lane: 128·c + 4·lane.
+    for c in 0..chunks {
+        let _ = write!(
+            t,
+            "      %off{c} = arith.constant {} : index\n      %col{c} = arith.addi %lane4, %off{c} : index\n      %at{c} = arith.addi %start, %col{c} : index\n      %x{c} = vector.load %a0[%at{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>\n",
+            128 * c
+        );
+    }
+    // This lane's partial over the vectors `vector(c)` of every chunk.
+    let lane_reduce =
+        |t: &mut String, name: &str, init: &str, vector: &dyn Fn(usize) -> String, combine: &str| -> String {
+            let mut acc = init.to_string();
+            for c in 0..chunks {
+                let v = vector(c);
+                for l in 0..4 {
+                    let _ = writeln!(t, "      %{name}_x{c}_{l} = vector.extract {v}[{l}] : f32 from vector<4xf32>");
+                    let next = format!("%{name}_p{c}_{l}");
+                    let _ = writeln!(
+                        t,
+                        "      {next} = {}",
+                        combine.replace("%acc", &acc).replace("%y", &format!("%{name}_x{c}_{l}"))
+                    );
+                    acc = next;
+                }
+            }
+            acc
+        };
+    let vec_const = |t: &mut String, name: &str, value: f64| {
+        let _ = writeln!(t, "      %{name} = arith.constant dense<{}> : vector<4xf32>", float(value));
+    };
+    match node.op {
+        Op::RmsNorm { eps } => {
+            for c in 0..chunks {
+                let _ = writeln!(t, "      %sqv{c} = arith.mulf %x{c}, %x{c} : vector<4xf32>");
+            }
+            let part = lane_reduce(&mut t, "sq", "%zero", &|c| format!("%sqv{c}"), "arith.addf %acc, %y : f32");
+            let total = warp_reduce(&mut t, "sq", &part, "arith.addf %acc, %y : f32");
+            let _ = write!(
+                t,
+                "      %nf = arith.constant {} : f32\n      %eps = arith.constant {} : f32\n      %mean = arith.divf {total}, %nf : f32\n      %var = arith.addf %mean, %eps : f32\n      %inv = llvm.inline_asm \"rsqrt.approx.ftz.f32 $0, $1;\", \"=f,f\" %var : (f32) -> f32\n      %invv = vector.broadcast %inv : f32 to vector<4xf32>\n",
+                float(n as f64),
+                float(eps)
+            );
+            for c in 0..chunks {
+                let _ = write!(
+                    t,
+                    "      %g{c} = vector.load %a1[%col{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>\n      %xn{c} = arith.mulf %x{c}, %invv : vector<4xf32>\n      %y{c} = arith.mulf %xn{c}, %g{c} : vector<4xf32>\n      vector.store %y{c}, %a{out}[%at{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>\n"
+                );
+            }
+        }
+        Op::Softmax => {
+            let _ = writeln!(t, "      %lowest = arith.constant 0xFF800000 : f32");
+            let part = lane_reduce(&mut t, "mx", "%lowest", &|c| format!("%x{c}"), "arith.maximumf %acc, %y : f32");
+            let max = warp_reduce(&mut t, "mx", &part, "arith.maximumf %acc, %y : f32");
+            let _ = writeln!(t, "      %maxv = vector.broadcast {max} : f32 to vector<4xf32>");
+            vec_const(&mut t, "l2e", std::f64::consts::LOG2_E);
+            for c in 0..chunks {
+                let _ = writeln!(t, "      %d{c} = arith.subf %x{c}, %maxv : vector<4xf32>\n      %s{c} = arith.mulf %d{c}, %l2e : vector<4xf32>");
+                for l in 0..4 {
+                    let _ = writeln!(
+                        t,
+                        "      %s{c}_{l} = vector.extract %s{c}[{l}] : f32 from vector<4xf32>\n      %e{c}_{l} = llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" %s{c}_{l} : (f32) -> f32"
+                    );
+                }
+                let _ = writeln!(
+                    t,
+                    "      %e{c} = vector.from_elements %e{c}_0, %e{c}_1, %e{c}_2, %e{c}_3 : vector<4xf32>"
+                );
+            }
+            let part = lane_reduce(&mut t, "se", "%zero", &|c| format!("%e{c}"), "arith.addf %acc, %y : f32");
+            let total = warp_reduce(&mut t, "se", &part, "arith.addf %acc, %y : f32");
+            let _ = writeln!(t, "      %sumv = vector.broadcast {total} : f32 to vector<4xf32>");
+            for c in 0..chunks {
+                let _ = writeln!(
+                    t,
+                    "      %y{c} = arith.divf %e{c}, %sumv : vector<4xf32>\n      vector.store %y{c}, %a{out}[%at{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>"
+                );
+            }
+        }
+        _ => unreachable!("row kernels are RMSNorm and softmax"),
+    }
+    t.push_str("      gpu.return\n    }\n  }\n}\n");
+    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args })
+}
+
 /// The sm_90a target of every module.
 const TARGET: &str = r#"#nvvm.target<chip = "sm_90a", features = "+ptx80">"#;
 /// Threads per block of elementwise kernels; row kernels use one warp per row.
@@ -245,9 +358,18 @@ fn index_prelude(lanes: usize, size: usize) -> String {
     )
 }
 
-/// RMSNorm or softmax over rows: one warp per row.
+/// Rows up to this many 128-element chunks are held in registers (one pass over memory).
+const MAX_REGISTER_CHUNKS: usize = 32;
+
+/// RMSNorm or softmax over rows: one warp per row. Rows of a multiple of 128 elements are
+/// read once with 16-byte loads into registers (each lane holds 4 elements of every
+/// 128-element chunk), reduced with warp shuffles, and written from registers; other rows
+/// are read with a stride of 32 across the lanes, once per reduction.
 fn row_kernel(kernel: &Kernel, node: &Node) -> Result<Emitted, String> {
     let n = *node.shape.last().ok_or("a row kernel needs a rank ≥ 1 value")?;
+    if n % 128 == 0 && n / 128 <= MAX_REGISTER_CHUNKS {
+        return register_row_kernel(kernel, node, n);
+    }
     let rows = numel(node) / n.max(1);
     let mut args: Vec<u32> = node.args.iter().map(|a| a.0).collect();
     args.retain(|a| kernel.inputs.contains(a));
@@ -266,14 +388,7 @@ fn row_kernel(kernel: &Kernel, node: &Node) -> Result<Emitted, String> {
             t,
             "      %{name}_part = scf.for %j = %lane to %n step %c32 iter_args(%acc = {init}) -> (f32) {{\n        %i = arith.addi %start, %j : index\n        %x = memref.load %a0[%i] : memref<?xf32>\n{load}        %next = {combine}\n        scf.yield %next : f32\n      }}\n"
         );
-        let mut v = format!("%{name}_part");
-        for (k, offset) in [16, 8, 4, 2, 1].iter().enumerate() {
-            let _ = write!(t, "      %{name}_off{k} = arith.constant {offset} : i32\n      %{name}_s{k}, %{name}_ok{k} = gpu.shuffle xor {v}, %{name}_off{k}, %w32 : f32\n");
-            let combined = combine.replace("%acc", &v).replace("%y", &format!("%{name}_s{k}"));
-            let _ = writeln!(t, "      %{name}_r{k} = {combined}");
-            v = format!("%{name}_r{k}");
-        }
-        v
+        warp_reduce(t, name, &format!("%{name}_part"), combine)
     };
     match node.op {
         Op::RmsNorm { eps } => {
