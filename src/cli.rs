@@ -80,6 +80,14 @@ pub enum Command {
         #[arg(long)]
         config_only: bool,
     },
+    /// Draw the loss and learning-rate curves of a metrics file (`dsc train --metrics`) as SVG.
+    Plot {
+        /// The metrics JSONL file.
+        metrics: PathBuf,
+        /// The SVG file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     // end issue 6 commands
     /// Train a spec's model (on the CPU backend).
     Train(TrainArgs),

@@ -1,4 +1,5 @@
-//! `dsc data tokenizer` and `dsc data prepare`: train a tokenizer, tokenize documents.
+//! `dsc data tokenizer` and `dsc data prepare`: train a tokenizer, tokenize documents; and
+//! `dsc plot`: the curves of a run's metrics.
 
 use crate::cli::DataCommand;
 use std::path::{Path, PathBuf};
@@ -26,5 +27,14 @@ pub fn run(command: &DataCommand) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn plot(metrics: &Path, output: &Path) -> anyhow::Result<ExitCode> {
+    use dsc_runtime::train::plot;
+    let curves = plot::read_curves(metrics).map_err(anyhow::Error::msg)?;
+    let title = metrics.file_stem().map_or_else(|| "training".into(), |s| s.to_string_lossy().into_owned());
+    plot::plot(&curves, &title, output).map_err(anyhow::Error::msg)?;
+    eprintln!("wrote `{}`: {} steps", output.display(), curves.loss.len());
     Ok(ExitCode::SUCCESS)
 }

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(&cli, args),
         // issue 6 commands
         Command::Data { command } => data::run(command),
+        Command::Plot { metrics, output } => data::plot(metrics, output),
         Command::Forward { checkpoint, tokens, output } => hf::forward(checkpoint, tokens, output),
         Command::Export { checkpoint, hf } => hf::export(checkpoint, hf),
         Command::Import { hf, output, name, config_only } => {

@@ -232,3 +232,23 @@ fn sigterm_saves_a_checkpoint_and_exits_zero() {
     let resumed = text(&o.stderr);
     assert!(resumed.contains("resuming from"), "{resumed}");
 }
+
+#[test]
+fn metrics_report_throughput_and_memory_and_plot_as_svg() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (metrics, svg) = (dir.path().join("m.jsonl"), dir.path().join("loss.svg"));
+    ok(train(&["--steps", "3", "--metrics", path(&metrics)]));
+    for line in std::fs::read_to_string(&metrics).unwrap().lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(m["flops_per_s"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["memory_bytes"].as_u64().unwrap() > 1 << 20, "{m}");
+        assert!(m["mfu"].is_null(), "the CPU backend reports no MFU: {m}");
+    }
+    let o = ok(dsc(&["plot", path(&metrics), "-o", path(&svg)]));
+    assert!(text(&o.stderr).contains("3 steps"));
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.contains("<svg") && drawn.contains("learning rate"), "{drawn}");
+    let o = dsc(&["plot", path(&dir.path().join("none.jsonl")), "-o", path(&svg)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("none.jsonl"));
+}

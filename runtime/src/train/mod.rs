@@ -1,9 +1,11 @@
 //! The training loop and its parts: parameter initialisation (`init`), where training is and
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
-//! metrics each step reports (`metrics`), and the CPU trainer that runs steps (`trainer`).
+//! metrics each step reports (`metrics`) and their curves (`plot`), and the CPU trainer that
+//! runs steps (`trainer`).
 
 pub mod init;
 pub mod metrics;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
