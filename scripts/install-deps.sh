@@ -17,6 +17,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if [ ! -x target/tools/nvidia/cu13/bin/ptxas ]; then
-  python3 -m pip install -q --disable-pip-version-check --no-deps --target target/tools "nvidia-cuda-nvcc==13.0.*" \
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target target/tools "nvidia-cuda-nvcc==13.0.*" \
     || echo "note: ptxas could not be installed; the PTX assembly test will say it skipped" >&2
 fi

@@ -34,11 +34,10 @@ fn main() -> ExitCode {
         Command::Data { command } => data::run(command),
         Command::Plot { metrics, output } => data::plot(metrics, output),
         Command::Forward { checkpoint, tokens, output } => hf::forward(checkpoint, tokens, output),
-        Command::Export { checkpoint, hf } => hf::export(checkpoint, hf),
+        Command::Export { checkpoint, hf, ema } => hf::export(checkpoint, hf, *ema),
         Command::Import { hf, output, name, config_only } => {
             hf::import(&cli, hf, output, name.as_deref(), *config_only)
-        }
-        // end issue 6 commands
+        } // end issue 6 commands
     };
     match result {
         Ok(code) => code,
