@@ -63,6 +63,9 @@ pub enum Command {
         /// The folder to write (`model.safetensors`, `config.json`).
         #[arg(long, value_name = "OUT")]
         hf: PathBuf,
+        /// Export the EMA of the weights (`precision.ema`) instead of the weights.
+        #[arg(long)]
+        ema: bool,
     },
     /// Import a Hugging Face DeepSeek-V3-style model: its config.json becomes a spec file, its
     /// weights a checkpoint to train on with `dsc train --resume`.

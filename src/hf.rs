@@ -34,22 +34,28 @@ pub fn forward(checkpoint: &Path, tokens: &Path, output: &Path) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn export(checkpoint: &Path, out: &Path) -> anyhow::Result<ExitCode> {
+pub fn export(checkpoint: &Path, out: &Path, ema: bool) -> anyhow::Result<ExitCode> {
     let (spec, state) = load(checkpoint)?;
+    let weights = match (&state.ema, ema) {
+        (Some(averaged), true) => averaged,
+        (None, true) => anyhow::bail!(
+            "the checkpoint holds no EMA of the weights: the run's spec had no `precision.ema {{ decay = ... }}`"
+        ),
+        (_, false) => &state.params,
+    };
     let config =
         hf::config(&spec).map_err(|why| anyhow!("`{}` has no Hugging Face equivalent: {why}", spec.model.name))?;
     let params = build(&spec, Numerics::Exact).params;
-    let bytes = tensors::encode(
-        &hf::to_hf(&spec, &params, &state.params),
-        HashMap::from([("format".to_string(), "pt".to_string())]),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let bytes =
+        tensors::encode(&hf::to_hf(&spec, &params, weights), HashMap::from([("format".to_string(), "pt".to_string())]))
+            .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
     for (name, data) in [("model.safetensors", bytes), ("config.json", serde_json::to_vec_pretty(&config)?)] {
         let path = out.join(name);
         std::fs::write(&path, data).with_context(|| format!("cannot write `{}`", path.display()))?;
     }
-    eprintln!("wrote `{}` (DeepseekV3ForCausalLM, f32, step {})", out.display(), state.meta.step);
+    let what = if ema { "the EMA of the weights" } else { "the weights" };
+    eprintln!("wrote `{}`: {what} at step {} (DeepseekV3ForCausalLM, f32)", out.display(), state.meta.step);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -31,13 +31,14 @@ fn main() -> ExitCode {
         Command::Inspect { plan, kernel, format } => inspect::run(plan, kernel.as_deref(), *format),
         Command::Train(args) => train::run(&cli, args),
         // issue 6 commands
-        Command::Data { command } => data::run(command),
-        Command::Plot { metrics, output } => data::plot(metrics, output),
-        Command::Forward { checkpoint, tokens, output } => hf::forward(checkpoint, tokens, output),
-        Command::Export { checkpoint, hf, ema } => hf::export(checkpoint, hf, *ema),
         Command::Import { hf, output, name, config_only } => {
             hf::import(&cli, hf, output, name.as_deref(), *config_only)
-        } // end issue 6 commands
+        }
+        Command::Forward { checkpoint, tokens, output } => hf::forward(checkpoint, tokens, output),
+        Command::Export { checkpoint, hf, ema } => hf::export(checkpoint, hf, *ema),
+        Command::Data { command } => data::run(command),
+        Command::Plot { metrics, output } => data::plot(metrics, output),
+        // end issue 6 commands
     };
     match result {
         Ok(code) => code,

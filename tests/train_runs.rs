@@ -252,3 +252,29 @@ fn metrics_report_throughput_and_memory_and_plot_as_svg() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("none.jsonl"));
 }
+
+#[test]
+fn the_ema_is_saved_resumed_exactly_and_exported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ema = ["--set", "precision.ema={ decay = 0.9 }"];
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    let mut args = ema.to_vec();
+    args.extend(["--steps", "4", "--checkpoint-dir", path(&straight)]);
+    ok(train(&args));
+    let mut args = ema.to_vec();
+    args.extend(["--steps", "2", "--checkpoint-dir", path(&split)]);
+    ok(train(&args));
+    ok(dsc(&["train", "--resume", path(&split), "--steps", "4"]));
+    let (a, b, w) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("w"));
+    ok(dsc(&["export", path(&straight), "--hf", path(&a), "--ema"]));
+    ok(dsc(&["export", path(&split), "--hf", path(&b), "--ema"]));
+    ok(dsc(&["export", path(&split), "--hf", path(&w)]));
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).expect("exported");
+    assert_eq!(read(&a), read(&b), "the EMA after resuming differs");
+    assert_ne!(read(&a), read(&w), "the EMA is not the weights");
+    let run = dir.path().join("no-ema");
+    ok(train(&["--steps", "1", "--checkpoint-dir", path(&run)]));
+    let o = dsc(&["export", path(&run), "--hf", path(&dir.path().join("x")), "--ema"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("precision.ema"), "{}", text(&o.stderr));
+}

@@ -75,3 +75,33 @@ fn a_step_with_non_finite_gradients_changes_nothing() {
     assert_eq!((trainer.params().to_vec(), trainer.progress()), before, "a skipped step changed the state");
     assert_eq!(second.step, first.step);
 }
+
+#[test]
+fn the_ema_follows_the_parameters_and_comes_back_from_a_checkpoint() {
+    let mut spec = tiny();
+    spec.train.seq_len = 16;
+    spec.precision.ema = Some(dsc_lang::Ema { decay: 0.75 });
+    let mut trainer = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
+    let f32s = |t: &CpuTrainer<f32>| -> Vec<Vec<f32>> { t.params().iter().map(|p| p.as_real().data.clone()).collect() };
+    let mut expected = f32s(&trainer);
+    for _ in 0..3 {
+        trainer.step();
+        for (e, p) in expected.iter_mut().zip(f32s(&trainer)) {
+            for (x, y) in e.iter_mut().zip(p) {
+                *x = (0.75 * f64::from(*x) + 0.25 * f64::from(y)) as f32;
+            }
+        }
+    }
+    let record = dsc_runtime::checkpoint::SpecRecord {
+        file: "tiny".into(),
+        source: String::new(),
+        overrides: vec![],
+        resolved: spec.clone(),
+    };
+    let saved = trainer.checkpoint("policy", record);
+    assert_eq!(saved.ema.as_ref(), Some(&expected));
+    let graph = dsc_compiler::graph::TrainingGraph::build(&spec, Numerics::Policy);
+    let resumed = CpuTrainer::<f32>::resume(&spec, graph, &saved).expect("resume");
+    let again = resumed.checkpoint("policy", saved.meta.spec.clone());
+    assert_eq!(again.ema, saved.ema, "the EMA comes back from the checkpoint");
+}

@@ -1,8 +1,10 @@
-//! The training loop and its parts: parameter initialisation (`init`), where training is and
+//! The training loop and its parts: parameter initialisation (`init`), the parameters' EMA
+//! (`ema`), where training is and
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
 //! metrics each step reports (`metrics`) and their curves (`plot`), and the CPU trainer that
 //! runs steps (`trainer`).
 
+pub mod ema;
 pub mod init;
 pub mod metrics;
 pub mod plot;

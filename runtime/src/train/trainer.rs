@@ -6,6 +6,7 @@
 //! moments and progress stay as they were, and the step reports `skipped`. The whole state
 //! goes into a [`Checkpoint`] and comes back from one exactly.
 
+use super::ema::Ema;
 use super::init::init_params;
 use super::metrics::{expert_load, resident_memory, StepMetrics};
 use super::schedule::{batch_sequences, lr_at, scheduled, Progress};
@@ -29,6 +30,8 @@ pub struct CpuTrainer<T: Real> {
     data: DataLoader,
     /// Training FLOPs per token (`dsc info`'s), for the achieved FLOP/s.
     flops_per_token: f64,
+    /// The parameters' EMA, when the spec keeps one.
+    ema: Option<Ema<T>>,
 }
 
 /// The largest model the CPU trainer takes.
@@ -50,7 +53,7 @@ impl<T: Real> CpuTrainer<T> {
         let params: Vec<Value<T>> =
             init_params(&graph.forward.params, spec.model.init_std, seed).into_iter().map(Value::real).collect();
         let moments = zero_moments(&graph);
-        let flops_per_token = flops_per_token(spec);
+        let ema = start_ema(spec, &params, None);
         Ok(CpuTrainer {
             spec: spec.clone(),
             graph,
@@ -59,7 +62,8 @@ impl<T: Real> CpuTrainer<T> {
             progress: Progress::default(),
             seed,
             data,
-            flops_per_token,
+            flops_per_token: flops_per_token(spec),
+            ema,
         })
     }
 
@@ -86,7 +90,7 @@ impl<T: Real> CpuTrainer<T> {
         let tensor = |shape: &[usize], data: &[f32]| {
             Value::real(Tensor::new(shape.to_vec(), data.iter().map(|&x| T::from_f64(f64::from(x))).collect()))
         };
-        let params = info.iter().zip(&checkpoint.params).map(|(p, v)| tensor(&p.shape, v)).collect();
+        let params: Vec<Value<T>> = info.iter().zip(&checkpoint.params).map(|(p, v)| tensor(&p.shape, v)).collect();
         let moments = match &checkpoint.moments {
             Some(moments) => info
                 .iter()
@@ -97,8 +101,18 @@ impl<T: Real> CpuTrainer<T> {
             None => zero_moments(&graph),
         };
         let progress = Progress { step: meta.step, tokens: meta.tokens };
-        let flops_per_token = flops_per_token(spec);
-        Ok(CpuTrainer { spec: spec.clone(), graph, params, moments, progress, seed: meta.seed, data, flops_per_token })
+        let ema = start_ema(spec, &params, checkpoint.ema.clone());
+        Ok(CpuTrainer {
+            spec: spec.clone(),
+            graph,
+            params,
+            moments,
+            progress,
+            seed: meta.seed,
+            data,
+            flops_per_token: flops_per_token(spec),
+            ema,
+        })
     }
 
     /// The whole training state, for a checkpoint; `numerics` and `spec` identify the run.
@@ -107,7 +121,7 @@ impl<T: Real> CpuTrainer<T> {
         Checkpoint {
             params: self.params.iter().map(f32s).collect(),
             moments: Some(self.moments.iter().map(|(m, v)| [f32s(m), f32s(v)]).collect()),
-            ema: None,
+            ema: self.ema.as_ref().map(Ema::snapshot),
             meta: StateMeta {
                 step: self.progress.step,
                 tokens: self.progress.tokens,
@@ -188,6 +202,9 @@ impl<T: Real> CpuTrainer<T> {
         let load = expert_load(&counts);
         let grad_norm = if finite {
             let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed);
+            if let Some(ema) = &self.ema {
+                ema.update(self.params.clone());
+            }
             self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
             norm
         } else {
@@ -306,4 +323,13 @@ fn zero_moments<T: Real>(graph: &TrainingGraph) -> Vec<(Value<T>, Value<T>)> {
 
 fn flops_per_token(spec: &Spec) -> f64 {
     dsc_compiler::estimate::info(spec).flops_per_token as f64
+}
+
+/// The EMA worker of a spec that keeps one, from `saved` (a checkpoint's) or the parameters.
+fn start_ema<T: Real>(spec: &Spec, params: &[Value<T>], saved: Option<Vec<Vec<f32>>>) -> Option<Ema<T>> {
+    let decay = spec.precision.ema.as_ref()?.decay;
+    let initial = saved.unwrap_or_else(|| {
+        params.iter().map(|p| p.as_real().data.iter().map(|x| x.to_f64() as f32).collect()).collect()
+    });
+    Some(Ema::start(decay, initial))
 }
