@@ -88,3 +88,27 @@ fn a_vocabulary_mismatch_is_refused_with_the_fix() {
     let o = dsc(&["data", "prepare", path(&bad), "--tokenizer", path(&tokenizer), "-o", path(&data)]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("line 2"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn sft_examples_train_with_the_loss_on_responses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sft, data) = (dir.path().join("sft.jsonl"), dir.path().join("sft"));
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            serde_json::json!({ "prompt": format!("What is {i} plus {i}?"), "response": format!(" {} is the sum.", 2 * i) })
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&sft, lines.join("\n")).unwrap();
+    let o = ok(&["data", "prepare", path(&sft), "--tokenizer", "examples/data/tokenizer.json", "-o", path(&data)]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("40 documents"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["masked"], true);
+    assert_eq!(std::fs::metadata(data.join("mask.bin")).unwrap().len(), meta["tokens"].as_u64().unwrap());
+    let source = format!("train.data.sources=[files {{ path = \"{}\" }}]", path(&data));
+    let mut args = vec!["train", "models/deepseek-v3-tiny.dsc", "--set", &source, "--steps", "2"];
+    args.extend(SMALL);
+    let o = ok(&args);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("step")).count(), 2);
+}

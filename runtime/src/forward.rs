@@ -53,7 +53,7 @@ mod tests {
     use dsc_compiler::graph::model::build;
 
     #[test]
-    fn the_cross_entropy_of_the_logits_is_the_training_graphs_loss() {
+    fn the_masked_cross_entropy_of_the_logits_is_the_training_graphs_loss() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let overrides = ["train.seq_len=8".to_string(), "train.micro_batch=1".to_string()];
         let spec = dsc_lang::load(&path, &overrides).checked_spec().expect("tiny").clone();
@@ -61,8 +61,12 @@ mod tests {
         let params: Vec<Tensor<f64>> = init_params(&training.params, 0.02, 3);
         // Tokens for the training graph: 8 inputs, the labels after them, and one more for MTP.
         let tokens: Vec<u32> = (0..10).map(|i| (i * 37 + 5) % 512).collect();
+        // The loss counts the labels whose mask is 1 (positions 1..=8 are the main head's).
+        let counted: Vec<f64> = (0..10).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 }).collect();
+        let mask = || Value::real(Tensor::new(vec![1, 10], counted.clone()));
         let mut args: Vec<Value<f64>> = params.iter().cloned().map(Value::real).collect();
         args.push(Value::int(Tensor::new(vec![1, 10], tokens.iter().map(|&t| t as i32).collect())));
+        args.push(mask());
         args.push(Value::real(Tensor::scalar(0.0)));
         let main_loss = run(&training.module, training.model, args)[1].scalar();
         let as_f32: Vec<Vec<f32>> = params.iter().map(|p| p.data.iter().map(|&x| x as f32).collect()).collect();
@@ -73,6 +77,7 @@ mod tests {
             .map(|(v, p)| Value::real(Tensor::new(p.shape.clone(), v.iter().map(|&x| f64::from(x)).collect())))
             .collect();
         args.push(Value::int(Tensor::new(vec![1, 10], tokens.iter().map(|&t| t as i32).collect())));
+        args.push(mask());
         args.push(Value::real(Tensor::scalar(0.0)));
         let rounded_loss = run(&training.module, training.model, args)[1].scalar();
         let out = logits(&spec, &as_f32, &[tokens[..8].to_vec()]).expect("logits");
@@ -82,10 +87,10 @@ mod tests {
                 let row: Vec<f64> = out[0][i * vocab..(i + 1) * vocab].iter().map(|&x| f64::from(x)).collect();
                 let max = row.iter().copied().fold(f64::MIN, f64::max);
                 let z: f64 = row.iter().map(|x| (x - max).exp()).sum();
-                max + z.ln() - row[tokens[i + 1] as usize]
+                counted[i + 1] * (max + z.ln() - row[tokens[i + 1] as usize])
             })
             .sum::<f64>()
-            / 8.0;
+            / counted[1..9].iter().sum::<f64>();
         assert!((nll - rounded_loss).abs() < 1e-6 * rounded_loss, "{nll} vs {rounded_loss}");
         assert!((nll - main_loss).abs() < 1e-4 * main_loss, "{nll} vs {main_loss}");
         assert!(logits(&spec, &as_f32, &[vec![600]]).is_err());

@@ -278,6 +278,8 @@ fn whole_tiny_model_gradient_matches_finite_differences() {
     let depth = spec.model.mtp.as_ref().map_or(0, |m| m.depth as usize);
     let batch = SyntheticCorpus::new(spec.model.vocab as usize, 5).batch(2, 16 + depth);
     let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
+    // Some labels do not count (as prompts in SFT), so that the mask's path is checked too.
+    let loss_mask: Vec<f64> = (0..tokens.len()).map(|i| if i % 5 == 2 { 0.0 } else { 1.0 }).collect();
     let pack = |params: &[Vec<f64>]| -> Vec<Value<f64>> {
         let mut args: Vec<Value<f64>> = forward
             .params
@@ -286,11 +288,13 @@ fn whole_tiny_model_gradient_matches_finite_differences() {
             .map(|(p, d)| Value::real(Tensor::new(p.shape.clone(), d.clone())))
             .collect();
         args.push(Value::int(Tensor::new(vec![2, 16 + depth + 1], tokens.clone())));
+        args.push(Value::real(Tensor::new(vec![2, 16 + depth + 1], loss_mask.clone())));
         args.push(Value::real(Tensor::scalar(0.3)));
         args
     };
     let out = run(module, grad, pack(&params));
-    let first_grad = out.len() - forward.params.len() - 1;
+    // The parameters' gradients come before those of the loss mask and the MTP weight.
+    let first_grad = out.len() - forward.params.len() - 2;
     // Sample three entries of every learned parameter; compare per kind of parameter.
     let mut per_kind: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     let mut perturbed = params.clone();

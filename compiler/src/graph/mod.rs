@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainingGraph {
     pub forward: ForwardGraph,
-    /// `model.grad(params…, tokens, mtp_weight) -> (loss, main_loss, mtp_loss, balance_loss,
+    /// `model.grad(params…, tokens, loss_mask, mtp_weight) -> (loss, main_loss, mtp_loss, balance_loss,
     /// loads…, d_params…)`: one micro-batch's losses and gradients (buffers included, as
     /// zeros).
     pub grad: usize,

@@ -43,8 +43,11 @@ impl ParamInfo {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ForwardGraph {
     pub module: Module,
-    /// The function `model(params…, tokens) -> (loss, main_loss, mtp_loss, balance_loss,
-    /// load per MoE layer…)`; `tokens` is [micro_batch, seq_len + mtp_depth + 1].
+    /// The function `model(params…, tokens, loss_mask, mtp_weight) -> (loss, main_loss,
+    /// mtp_loss, balance_loss, load per MoE layer…)`; `tokens` is [micro_batch, seq_len +
+    /// mtp_depth + 1], `loss_mask` the same shape in f32: 1 where a token counts as a label
+    /// (everywhere in pre-training, on the responses in SFT), 0 elsewhere. Each loss is the mean
+    /// over the labels that count.
     pub model: usize,
     pub params: Vec<ParamInfo>,
     /// Per MoE layer (main layers first, then MTP blocks): the index of its routing bias in
@@ -145,6 +148,7 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
         }
         let width = if output == Head::Logits { cfg.seq } else { cfg.seq + depth + 1 };
         let tokens = b.arg("tokens", vec![cfg.batch, width], DType::I32);
+        let loss_mask = (output == Head::Loss).then(|| b.arg("loss_mask", vec![cfg.batch, width], DType::F32));
         // Main model.
         let input_ids = b.slice(tokens, 1, 0, cfg.seq);
         let mut h = b.gather(embed, input_ids);
@@ -165,8 +169,10 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
             b.output("logits", logits);
             break 'model b.finish();
         }
+        let loss_mask = loss_mask.expect("a loss graph has a loss mask");
         let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
-        let main_loss = head_loss(&mut b, &cfg, h, final_norm, head, labels);
+        let counted = b.slice(loss_mask, 1, 1, cfg.seq + 1);
+        let main_loss = head_loss(&mut b, &cfg, h, final_norm, head, labels, counted);
         // MTP depth k predicts token i + k + 1 from h^{k−1} and the embedding of token i + k.
         let mut mtp_total = b.constant(0.0);
         for (k, (enorm, hnorm, eh_proj, values, norm)) in mtp_params.iter().enumerate() {
@@ -186,7 +192,8 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
                 loads.push(out[2]);
             }
             let labels = b.slice(tokens, 1, k + 1, cfg.seq + k + 1);
-            let loss = head_loss(&mut b, &cfg, h, *norm, head, labels);
+            let counted = b.slice(loss_mask, 1, k + 1, cfg.seq + k + 1);
+            let loss = head_loss(&mut b, &cfg, h, *norm, head, labels, counted);
             mtp_total = b.add(mtp_total, loss);
         }
         let mtp_loss = if depth > 0 { b.scale(mtp_total, 1.0 / depth as f64) } else { mtp_total };
@@ -585,8 +592,9 @@ fn head_logits(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V) -> V
     b.matmul(flat, head, false, true, None)
 }
 
-/// The logits and the mean cross-entropy against `labels`.
-fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels: V) -> V {
+/// The logits and the mean cross-entropy against the `labels` whose `mask` is 1 (0 when none
+/// is).
+fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels: V, mask: V) -> V {
     let tokens = c.batch * c.seq;
     let logits = head_logits(b, c, h, norm, head);
     let m = b.max(logits, 1, true);
@@ -598,8 +606,13 @@ fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels
     let labels = b.reshape(labels, vec![tokens, 1]);
     let picked = b.take_along(shifted, labels);
     let nll = b.sub(log_z, picked);
-    let total = b.sum_all(nll);
-    b.scale(total, 1.0 / tokens as f64)
+    let mask = b.reshape(mask, vec![tokens, 1]);
+    let counted = b.mul(nll, mask);
+    let total = b.sum_all(counted);
+    let count = b.sum_all(mask);
+    let one = b.constant(1.0);
+    let count = b.binary(Op::Maximum, count, one);
+    b.div(total, count)
 }
 
 /// YaRN's settings when it applies: in context extension, when the sequence is longer than

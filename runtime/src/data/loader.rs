@@ -2,8 +2,9 @@
 //! data-parallel rank. Each rank draws documents, picking the source of each at random by the
 //! sources' weights; rearranges a `fim_rate` fraction of them as Fill-in-the-Middle in
 //! Prefix-Suffix-Middle form (`<|fim_begin|> prefix <|fim_hole|> suffix <|fim_end|> middle`,
-//! cut at two uniform token positions); ends each with `<|eos|>`; and packs them back to back
-//! into rows (no cross-document mask, SPEC.md). A prepared source is read in a fresh seeded
+//! cut at two uniform token positions; SFT examples are never rearranged); ends each with
+//! `<|eos|>`; and packs them back to back into rows (no cross-document mask, SPEC.md), each
+//! token with its loss flag (false on SFT prompts). A prepared source is read in a fresh seeded
 //! permutation each epoch, rank `r` of `R` taking every `R`-th document of it from the `r`-th,
 //! so ranks never share a document and no document repeats within an epoch. The synthetic
 //! source gives rank 0 the stream of `SyntheticCorpus::new(vocab, seed)` and the other ranks
@@ -38,8 +39,8 @@ pub struct Position {
 struct RankPosition {
     mix: u64,
     fim: u64,
-    /// Tokens of the current document not yet packed into a row.
-    pending: Vec<u32>,
+    /// Tokens of the current document not yet packed into a row, with their loss flags.
+    pending: Vec<(u32, bool)>,
     sources: Vec<SourcePosition>,
 }
 
@@ -61,7 +62,7 @@ struct RankStream {
     fim: Rng,
     fim_rate: f64,
     specials: Specials,
-    pending: VecDeque<u32>,
+    pending: VecDeque<(u32, bool)>,
 }
 
 enum SourceStream {
@@ -86,15 +87,15 @@ impl FileStream {
         FileStream { file, seed, rank, ranks, epoch, order, next }
     }
 
-    fn next_document(&mut self) -> Vec<u32> {
+    fn next_document(&mut self) -> (Vec<u32>, Option<Vec<bool>>) {
         if self.next >= self.order.len() {
             self.epoch += 1;
             self.order = shard(self.file.documents(), self.seed, self.epoch, self.rank, self.ranks);
             self.next = 0;
         }
-        let tokens = self.file.document(self.order[self.next] as usize);
+        let document = self.file.document(self.order[self.next] as usize);
         self.next += 1;
-        tokens
+        document
     }
 }
 
@@ -109,9 +110,10 @@ fn shard(documents: usize, seed: u64, epoch: u64, rank: usize, ranks: usize) -> 
 }
 
 impl SourceStream {
-    fn next_document(&mut self) -> Vec<u32> {
+    /// The next document's tokens and, for SFT data, their loss flags.
+    fn next_document(&mut self) -> (Vec<u32>, Option<Vec<bool>>) {
         match self {
-            SourceStream::Synthetic(corpus) => corpus.next_document(),
+            SourceStream::Synthetic(corpus) => (corpus.next_document(), None),
             SourceStream::Files(files) => files.next_document(),
         }
     }
@@ -127,21 +129,25 @@ impl SourceStream {
 impl RankStream {
     fn next_document(&mut self) {
         let source = if self.sources.len() == 1 { 0 } else { pick(&self.weights, self.mix.uniform()) };
-        let document = self.sources[source].next_document();
-        let document = if self.fim_rate > 0.0 && self.fim.uniform() < self.fim_rate {
-            fim(&document, self.specials, &mut self.fim)
-        } else {
-            document
-        };
-        self.pending.extend(document);
-        self.pending.push_back(self.specials.eos);
+        match self.sources[source].next_document() {
+            (document, Some(mask)) => self.pending.extend(document.into_iter().zip(mask)),
+            (document, None) => {
+                let document = if self.fim_rate > 0.0 && self.fim.uniform() < self.fim_rate {
+                    fim(&document, self.specials, &mut self.fim)
+                } else {
+                    document
+                };
+                self.pending.extend(document.into_iter().map(|t| (t, true)));
+            }
+        }
+        self.pending.push_back((self.specials.eos, true));
     }
 }
 
 impl Iterator for RankStream {
-    type Item = u32;
+    type Item = (u32, bool);
 
-    fn next(&mut self) -> Option<u32> {
+    fn next(&mut self) -> Option<(u32, bool)> {
         while self.pending.is_empty() {
             self.next_document();
         }
@@ -278,7 +284,7 @@ impl DataLoader {
                     VecDeque::new(),
                 ),
             };
-            if pending.iter().any(|&t: &u32| t as usize >= vocab) {
+            if pending.iter().any(|&(t, _): &(u32, bool)| t as usize >= vocab) {
                 return Err("the data position holds tokens outside the vocabulary".into());
             }
             streams.push(RankStream {

@@ -118,7 +118,7 @@ impl SyntheticCorpus {
 
     /// The next `sequences` rows of `seq_len + 1` tokens of the stream.
     pub fn batch(&mut self, sequences: usize, seq_len: usize) -> Batch {
-        Batch::pack(sequences, seq_len, self)
+        Batch::pack(sequences, seq_len, self.map(|t| (t, true)))
     }
 
     /// The entropy rate, in nats per token, of the Markov chain that writes the documents (the

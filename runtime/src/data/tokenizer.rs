@@ -2,9 +2,11 @@
 //! exactly the vocabulary size asked for (its special tokens first: `<|eos|>` = 0,
 //! `<|fim_begin|>`, `<|fim_hole|>`, `<|fim_end|>`; reserved tokens fill a vocabulary the text
 //! is too small to reach), saved as a `tokenizer.json` that `transformers` reads too.
-//! [`prepare`] tokenizes documents into a prepared folder ([`super::tokens`]).
+//! [`prepare`] tokenizes documents into a prepared folder ([`super::tokens`]); SFT examples
+//! (prompt and response) become the prompt's tokens then the response's, with a loss mask that
+//! counts the response only.
 
-use super::text::read_documents;
+use super::text::{read_documents, Document};
 use super::tokens::{Specials, TokenMeta, TokenWriter};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -60,7 +62,8 @@ pub fn train(files: &[&Path], vocab: usize, out: &Path) -> Result<(), String> {
     .build()
     .map_err(|e| e.to_string())?
     .into();
-    tokenizer.train(&mut trainer, documents.iter()).map_err(|e| format!("training the tokenizer failed: {e}"))?;
+    let texts = documents.iter().flat_map(Document::texts);
+    tokenizer.train(&mut trainer, texts).map_err(|e| format!("training the tokenizer failed: {e}"))?;
     let have = tokenizer.get_vocab_size(true);
     if have < vocab {
         let reserved: Vec<AddedToken> =
@@ -90,14 +93,26 @@ pub fn prepare(files: &[&Path], tokenizer_path: &Path, out: &Path) -> Result<Tok
     let tokenizer = Tokenizer::from_bytes(&bytes)
         .map_err(|e| format!("`{}` is not a tokenizer.json ({e})", tokenizer_path.display()))?;
     let specials = specials_of(&tokenizer, tokenizer_path)?;
-    let mut writer = TokenWriter::create(out)?;
-    for file in files {
-        let documents = read_documents(file)?;
-        let encoded = tokenizer
-            .encode_batch(documents.iter().map(String::as_str).collect::<Vec<_>>(), false)
-            .map_err(|e| format!("tokenizing `{}` failed: {e}", file.display()))?;
-        for encoding in encoded {
-            writer.push(encoding.get_ids())?;
+    let documents: Vec<(&Path, Vec<Document>)> =
+        files.iter().map(|f| read_documents(f).map(|d| (*f, d))).collect::<Result<_, _>>()?;
+    let masked = documents.iter().flat_map(|(_, d)| d).any(|d| matches!(d, Document::Chat { .. }));
+    let mut writer = TokenWriter::create(out, masked)?;
+    for (file, documents) in &documents {
+        let texts: Vec<&str> = documents.iter().flat_map(Document::texts).collect();
+        let encoded =
+            tokenizer.encode_batch(texts, false).map_err(|e| format!("tokenizing `{}` failed: {e}", file.display()))?;
+        let mut encoded = encoded.iter().map(|e| e.get_ids());
+        for document in documents {
+            let mut next = || encoded.next().expect("one encoding per text");
+            match document {
+                Document::Text(_) => writer.push(next(), None)?,
+                Document::Chat { .. } => {
+                    let (prompt, response) = (next(), next());
+                    let tokens = [prompt, response].concat();
+                    let mask: Vec<bool> = (0..tokens.len()).map(|i| i >= prompt.len()).collect();
+                    writer.push(&tokens, Some(&mask))?;
+                }
+            }
         }
     }
     writer.finish(TokenMeta {
@@ -109,6 +124,7 @@ pub fn prepare(files: &[&Path], tokenizer_path: &Path, out: &Path) -> Result<Tok
         fim_end: specials.fim_end,
         documents: 0,
         tokens: 0,
+        masked,
         tokenizer_sha256: Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
     })
 }
@@ -137,9 +153,26 @@ mod tests {
         let meta = prepare(&[&corpus], &tokenizer, &prepared).expect("prepare");
         assert_eq!((meta.vocab, meta.documents, meta.eos), (600, 50, 0));
         let file = TokenFile::open(&prepared).expect("open");
-        let first = file.document(0);
+        let (first, mask) = file.document(0);
+        assert_eq!(mask, None, "plain text has no loss mask");
         let text = loaded.decode(&first, false).unwrap();
         assert_eq!(text, "document 0: the quick brown fox jumps over the lazy dog 0 times");
+        // SFT examples: the loss counts on the response's tokens only.
+        let sft = dir.join("sft.jsonl");
+        std::fs::write(
+            &sft,
+            "{\"prompt\": \"the quick brown\", \"response\": \" fox jumps\"}\n{\"text\": \"lazy dog\"}\n",
+        )
+        .unwrap();
+        let prepared_sft = dir.join("sft");
+        assert!(prepare(&[&sft], &tokenizer, &prepared_sft).expect("prepare").masked);
+        let file = TokenFile::open(&prepared_sft).expect("open");
+        let (tokens, mask) = file.document(0);
+        let mask = mask.expect("SFT data has a mask");
+        let prompt = loaded.encode("the quick brown", false).unwrap().get_ids().len();
+        assert_eq!(mask, (0..tokens.len()).map(|i| i >= prompt).collect::<Vec<_>>());
+        assert_eq!(loaded.decode(&tokens[prompt..], false).unwrap(), " fox jumps");
+        assert!(file.document(1).1.expect("a mask").iter().all(|&m| m), "plain text in SFT data counts whole");
         assert!(train(&[&corpus], 100, &tokenizer).is_err(), "smaller than the byte alphabet");
         std::fs::remove_dir_all(&dir).unwrap();
     }

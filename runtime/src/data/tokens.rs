@@ -1,6 +1,7 @@
 //! The prepared-data format `dsc data prepare` writes and the loader reads: a folder with
 //! `tokens.bin` (every document's token ids, u32 little-endian, back to back), `index.bin`
-//! (u64 little-endian offsets into it: documents + 1 of them, the first 0) and `meta.json`
+//! (u64 little-endian offsets into it: documents + 1 of them, the first 0), for SFT data
+//! `mask.bin` (one byte per token, 1 where it counts as a label: the responses) and `meta.json`
 //! ([`TokenMeta`]: the tokenizer's vocabulary size and special-token ids). The token and index
 //! files are memory-mapped, so a corpus larger than memory trains as well as a small one.
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub const TOKENS: &str = "tokens.bin";
 pub const INDEX: &str = "index.bin";
+pub const MASK: &str = "mask.bin";
 pub const META: &str = "meta.json";
 const FORMAT: &str = "dsc-tokens/1";
 
@@ -27,6 +29,8 @@ pub struct TokenMeta {
     pub fim_end: u32,
     pub documents: u64,
     pub tokens: u64,
+    /// Whether `mask.bin` exists (SFT data: the loss counts on the responses only).
+    pub masked: bool,
     /// SHA-256 of the `tokenizer.json` used.
     pub tokenizer_sha256: String,
 }
@@ -50,6 +54,7 @@ impl TokenMeta {
 pub struct TokenWriter {
     dir: PathBuf,
     tokens: BufWriter<File>,
+    mask: Option<BufWriter<File>>,
     offsets: Vec<u64>,
 }
 
@@ -58,18 +63,30 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> String {
 }
 
 impl TokenWriter {
-    pub fn create(dir: &Path) -> Result<Self, String> {
+    /// A writer of a folder; `masked` for SFT data.
+    pub fn create(dir: &Path, masked: bool) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
-        let path = dir.join(TOKENS);
-        let tokens = File::create(&path).map(BufWriter::new).map_err(|e| io("create", &path, e))?;
-        Ok(TokenWriter { dir: dir.to_path_buf(), tokens, offsets: vec![0] })
+        let open = |name: &str| {
+            let path = dir.join(name);
+            File::create(&path).map(BufWriter::new).map_err(|e| io("create", &path, e))
+        };
+        let mask = if masked { Some(open(MASK)?) } else { None };
+        Ok(TokenWriter { dir: dir.to_path_buf(), tokens: open(TOKENS)?, mask, offsets: vec![0] })
     }
 
-    /// Appends a document.
-    pub fn push(&mut self, tokens: &[u32]) -> Result<(), String> {
+    /// Appends a document; in a masked folder, `mask` flags the tokens that count (all of
+    /// them when `None`).
+    pub fn push(&mut self, tokens: &[u32], mask: Option<&[bool]>) -> Result<(), String> {
         let path = self.dir.join(TOKENS);
         for t in tokens {
             self.tokens.write_all(&t.to_le_bytes()).map_err(|e| io("write", &path, e))?;
+        }
+        if let Some(out) = self.mask.as_mut() {
+            let bytes: Vec<u8> = match mask {
+                Some(mask) => mask.iter().map(|&m| u8::from(m)).collect(),
+                None => vec![1; tokens.len()],
+            };
+            out.write_all(&bytes).map_err(|e| io("write", &self.dir.join(MASK), e))?;
         }
         let end = self.offsets.last().copied().unwrap_or(0) + tokens.len() as u64;
         self.offsets.push(end);
@@ -81,7 +98,11 @@ impl TokenWriter {
         meta.format = FORMAT.into();
         meta.documents = self.offsets.len() as u64 - 1;
         meta.tokens = *self.offsets.last().unwrap_or(&0);
+        meta.masked = self.mask.is_some();
         self.tokens.flush().map_err(|e| io("write", &self.dir.join(TOKENS), e))?;
+        if let Some(mask) = self.mask.as_mut() {
+            mask.flush().map_err(|e| io("write", &self.dir.join(MASK), e))?;
+        }
         let index: Vec<u8> = self.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
         let index_path = self.dir.join(INDEX);
         std::fs::write(&index_path, index).map_err(|e| io("write", &index_path, e))?;
@@ -97,6 +118,7 @@ pub struct TokenFile {
     pub meta: TokenMeta,
     tokens: Mmap,
     index: Mmap,
+    mask: Option<Mmap>,
 }
 
 fn map(path: &Path) -> Result<Mmap, String> {
@@ -130,11 +152,15 @@ impl TokenFile {
         }
         let tokens = map(&dir.join(TOKENS))?;
         let index = map(&dir.join(INDEX))?;
-        let file = TokenFile { meta, tokens, index };
+        let mask = if meta.masked { Some(map(&dir.join(MASK))?) } else { None };
+        let file = TokenFile { meta, tokens, index, mask };
         let documents = file.meta.documents as usize;
         let bad = |what: &str| format!("`{}`: {what}; {fix}", dir.display());
         if file.index.len() != (documents + 1) * 8 || file.tokens.len() as u64 != file.meta.tokens * 4 {
             return Err(bad("the token or index file does not have the size `meta.json` says (truncated?)"));
+        }
+        if file.mask.as_ref().is_some_and(|m| m.len() as u64 != file.meta.tokens) {
+            return Err(bad("`mask.bin` does not have one byte per token"));
         }
         if (0..documents).any(|d| file.offset(d) > file.offset(d + 1)) || file.offset(documents) != file.meta.tokens {
             return Err(bad("the document index is not increasing"));
@@ -154,9 +180,14 @@ impl TokenFile {
         self.meta.documents as usize
     }
 
-    /// Document `i`'s tokens.
-    pub fn document(&self, i: usize) -> Vec<u32> {
+    /// Document `i`'s tokens and, for SFT data, which of them count as labels.
+    pub fn document(&self, i: usize) -> (Vec<u32>, Option<Vec<bool>>) {
         let (start, end) = (self.offset(i) as usize, self.offset(i + 1) as usize);
-        self.tokens[start * 4..end * 4].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        let tokens = self.tokens[start * 4..end * 4]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mask = self.mask.as_ref().map(|m| m[start..end].iter().map(|&b| b != 0).collect());
+        (tokens, mask)
     }
 }

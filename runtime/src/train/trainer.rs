@@ -167,8 +167,10 @@ impl<T: Real> CpuTrainer<T> {
             let batch = self.data.batch(rank, train.micro_batch as usize, train.seq_len as usize + depth);
             let tokens =
                 Tensor::new(vec![batch.sequences, batch.seq_len + 1], batch.tokens.iter().map(|&t| t as i32).collect());
+            let loss_mask = batch.loss_mask.iter().map(|&m| if m { T::ONE } else { T::ZERO }).collect();
             let mut args = self.params.clone();
             args.push(Value::int(tokens));
+            args.push(Value::real(Tensor::new(vec![batch.sequences, batch.seq_len + 1], loss_mask)));
             args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
             let out = run(module, self.graph.grad, args);
             for (total, value) in losses.iter_mut().zip(&out) {
