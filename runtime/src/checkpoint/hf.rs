@@ -375,3 +375,61 @@ fn num(x: f64) -> String {
     let s = format!("{x:?}");
     s.strip_suffix(".0").map_or(s.clone(), str::to_string)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_weights_are_dequantised_by_their_block_scales() {
+        // A 3×4 weight in blocks of 2×2 (so 2×2 scales, the last row block partial).
+        let data: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let scale = Loaded { shape: vec![2, 2], data: vec![1.0, 10.0, 100.0, 1000.0], dtype: Dtype::F32 };
+        let out = dequantise(&data, &[3, 4], &scale).expect("dequantise");
+        assert_eq!(out, vec![0.0, 1.0, 20.0, 30.0, 4.0, 5.0, 60.0, 70.0, 800.0, 900.0, 10000.0, 11000.0]);
+        let wrong = Loaded { shape: vec![3, 3], data: vec![1.0; 9], dtype: Dtype::F32 };
+        assert!(dequantise(&data, &[3, 4], &wrong).is_err());
+    }
+
+    #[test]
+    fn specs_without_a_hf_equivalent_are_named() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let softmax = dsc_lang::load(&path, &["model.ffn.1.gating=softmax".into()]);
+        let spec = softmax.checked_spec().expect("checks").clone();
+        assert!(config(&spec).unwrap_err().contains("sigmoid"));
+        let v3 = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3.dsc");
+        let spec = dsc_lang::load(&v3, &[]).checked_spec().expect("V3").clone();
+        let config = config(&spec).expect("V3 has a HF config");
+        // DeepSeek-V3's published config.json values.
+        for (key, value) in [
+            ("vocab_size", 129280.0),
+            ("hidden_size", 7168.0),
+            ("intermediate_size", 18432.0),
+            ("moe_intermediate_size", 2048.0),
+            ("num_hidden_layers", 61.0),
+            ("num_attention_heads", 128.0),
+            ("n_routed_experts", 256.0),
+            ("num_experts_per_tok", 8.0),
+            ("n_group", 8.0),
+            ("topk_group", 4.0),
+            ("first_k_dense_replace", 3.0),
+            ("q_lora_rank", 1536.0),
+            ("kv_lora_rank", 512.0),
+            ("qk_rope_head_dim", 64.0),
+            ("routed_scaling_factor", 2.5),
+            ("num_nextn_predict_layers", 1.0),
+        ] {
+            assert_eq!(config[key].as_f64(), Some(value), "{key}");
+        }
+        let back = spec_from_config(&config, "deepseek-v3").expect("a spec");
+        let loaded = dsc_lang::load_str("imported.dsc", &back, &[]);
+        let imported = loaded.checked_spec().expect("the imported spec checks");
+        // The bias-update schedule is a training setting HF does not record: the import's is 0.001.
+        let mut expected = spec.model.ffn.clone();
+        if let Ffn::Moe(m) = &mut expected[1].ffn {
+            m.bias_speed = dsc_lang::Schedule::constant(0.001);
+        }
+        assert_eq!(imported.model.ffn, expected);
+        assert_eq!(imported.model.attention.heads, 128);
+    }
+}

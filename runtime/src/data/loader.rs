@@ -382,6 +382,65 @@ mod tests {
         }
     }
 
+    /// A prepared folder of `documents` documents of two tokens each, `first + i` twice.
+    fn prepared(dir: &Path, first: u32, documents: u32) {
+        let mut writer = crate::data::tokens::TokenWriter::create(dir, false).expect("writer");
+        for i in 0..documents {
+            writer.push(&[first + i, first + i], None).expect("push");
+        }
+        let meta = crate::data::tokens::TokenMeta {
+            format: String::new(),
+            vocab: 512,
+            eos: 0,
+            fim_begin: 1,
+            fim_hole: 2,
+            fim_end: 3,
+            documents: 0,
+            tokens: 0,
+            masked: false,
+            tokenizer_sha256: String::new(),
+        };
+        writer.finish(meta).expect("finish");
+    }
+
+    #[test]
+    fn prepared_sources_mix_by_weight_without_repeats_and_ranks_split_them() {
+        let dir = std::env::temp_dir().join(format!("dsc-loader-{}", std::process::id()));
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        prepared(&a, 100, 20);
+        prepared(&b, 200, 20);
+        let sources = format!(
+            "train.data.sources=[files {{ path = \"{}\", weight = 1 }}, files {{ path = \"{}\", weight = 3 }}]",
+            a.display(),
+            b.display()
+        );
+        let spec = tiny(&[&sources]);
+        let mut loader = DataLoader::new(&spec, 1, 2).expect("loader");
+        // Each document is two tokens then EOS: three tokens per document, rows of 3.
+        let documents = |loader: &mut DataLoader, rank: usize, n: usize| -> Vec<u32> {
+            let batch = loader.batch(rank, n, 2);
+            (0..n)
+                .map(|i| batch.tokens[i * 3..i * 3 + 3].to_vec())
+                .map(|d| {
+                    assert_eq!((d[0], d[2]), (d[1], 0), "rows are whole documents here: {d:?}");
+                    d[0]
+                })
+                .collect()
+        };
+        let seen = documents(&mut loader, 0, 400);
+        let from_b = seen.iter().filter(|&&t| t >= 200).count();
+        assert!((260..340).contains(&from_b), "{from_b} of 400 documents from the source of weight 3");
+        // Rank 0 reads the even positions of each epoch's order: 10 of A's 20, no repeats.
+        let first_ten_of_a: Vec<u32> = seen.iter().copied().filter(|&t| t < 200).take(10).collect();
+        let mut unique = first_ten_of_a.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 10, "{first_ten_of_a:?}");
+        let other: Vec<u32> = documents(&mut loader, 1, 400).into_iter().filter(|&t| t < 200).take(10).collect();
+        assert!(other.iter().all(|t| !first_ten_of_a.contains(t)), "ranks share documents: {other:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn sources_are_picked_by_weight() {
         assert_eq!(pick(&[1.0, 3.0], 0.0), 0);
