@@ -57,7 +57,16 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir)));
-    let saver = Saver { dir: checkpoints, keep: args.keep.map(|k| k as usize), numerics: name(numerics), record };
+    if let Some(dir) = &checkpoints {
+        check_run_dir(dir, opened.as_ref())?;
+    }
+    // A resumed run's own checkpoint need not be written again before a step is taken.
+    let last = opened.as_ref().filter(|o| {
+        checkpoints.as_deref().is_some_and(|c| run_dir(&o.dir).canonicalize().ok() == c.canonicalize().ok())
+    });
+    let last = last.map(|o| (o.dir.clone(), o.meta.step));
+    let mut saver =
+        Saver { dir: checkpoints, keep: args.keep.map(|k| k as usize), numerics: name(numerics), record, last };
     let mut writer = match &args.metrics {
         Some(path) if opened.is_some() => Some(MetricsWriter::append(path)),
         Some(path) => Some(MetricsWriter::create(path)),
@@ -185,6 +194,37 @@ fn name(numerics: NumericsArg) -> String {
     .to_string()
 }
 
+/// Refuses to mix two runs' checkpoints in one directory: a new run needs a directory without
+/// checkpoints, a resumed one must continue from the newest checkpoint there.
+fn check_run_dir(dir: &Path, opened: Option<&Opened>) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let Some(&newest) = checkpoint::store::complete_steps(dir).map_err(anyhow::Error::msg)?.last() else {
+        return Ok(());
+    };
+    let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+    match opened {
+        Some(o) if !same(&run_dir(&o.dir), dir) => bail!(
+            "`{}` holds checkpoints of another run (the newest of step {newest}): give this run another `--checkpoint-dir`",
+            dir.display()
+        ),
+        None => bail!(
+            "`{}` already holds checkpoints (the newest of step {newest}): continue that run with `--resume {}`, \
+             or give this run another `--checkpoint-dir`",
+            dir.display(),
+            dir.display()
+        ),
+        Some(o) if o.meta.step < newest => bail!(
+            "`{}` holds checkpoints newer than step {} (up to {newest}); resuming there would mix two runs: \
+             give this branch another `--checkpoint-dir`",
+            dir.display(),
+            o.meta.step
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
 /// The checkpoint directory a checkpoint folder belongs to.
 fn run_dir(checkpoint: &Path) -> PathBuf {
     checkpoint.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
@@ -196,15 +236,23 @@ struct Saver {
     keep: Option<usize>,
     numerics: String,
     record: SpecRecord,
+    /// The checkpoint last written (or resumed from) and its step.
+    last: Option<(PathBuf, u64)>,
 }
 
 impl Saver {
-    fn save(&self, trainer: &CpuTrainer<f32>) -> anyhow::Result<Option<PathBuf>> {
+    /// Writes a checkpoint of the trainer's state, unless one of this step exists already.
+    fn save(&mut self, trainer: &CpuTrainer<f32>) -> anyhow::Result<Option<PathBuf>> {
         let Some(dir) = &self.dir else { return Ok(None) };
+        let step = trainer.progress().step;
+        if let Some((written, _)) = self.last.as_ref().filter(|(_, at)| *at == step) {
+            return Ok(Some(written.clone()));
+        }
         let state = trainer.checkpoint(&self.numerics, self.record.clone());
         let written = checkpoint::save(dir, self.keep, &trainer.graph().forward.params, &state)
             .map_err(|e| anyhow::anyhow!("cannot write the checkpoint: {e}"))?;
         tracing::info!(dir = %written.display(), "checkpoint written");
+        self.last = Some((written.clone(), step));
         Ok(Some(written))
     }
 }

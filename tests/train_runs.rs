@@ -278,3 +278,34 @@ fn the_ema_is_saved_resumed_exactly_and_exported() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("precision.ema"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn runs_do_not_mix_their_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    ok(train(&["--steps", "2", "--checkpoint-dir", path(&run), "--checkpoint-every", "1"]));
+    let before = snapshot(&run);
+    // A new run into the same directory.
+    let o = train(&["--steps", "1", "--checkpoint-dir", path(&run)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("already holds checkpoints"), "{}", text(&o.stderr));
+    // A branch from an older checkpoint into the same directory.
+    let o = dsc(&["train", "--resume", path(&run.join("step-00000001")), "--steps", "3"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("newer than step 1"), "{}", text(&o.stderr));
+    assert_eq!(snapshot(&run), before);
+    // The branch goes elsewhere; the newest continues in place.
+    let branch = dir.path().join("branch");
+    ok(dsc(&[
+        "train",
+        "--resume",
+        path(&run.join("step-00000001")),
+        "--steps",
+        "3",
+        "--checkpoint-dir",
+        path(&branch),
+    ]));
+    assert!(branch.join("step-00000003/manifest.json").is_file());
+    ok(dsc(&["train", "--resume", path(&run), "--steps", "3"]));
+    assert!(run.join("step-00000003/manifest.json").is_file());
+}

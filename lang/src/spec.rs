@@ -328,7 +328,8 @@ pub struct Data {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Source {
-    /// Token files prepared by `dsc data prepare`, or text / JSONL files.
+    /// A folder of token files prepared by `dsc data prepare` (a path relative to the working
+    /// directory).
     Files { path: String, weight: f64 },
     /// dsc's built-in synthetic corpus with learnable structure.
     Synthetic { weight: f64 },

@@ -129,7 +129,6 @@ pub fn resolve(path: &Path) -> Result<PathBuf, String> {
 #[derive(Clone, Debug)]
 pub struct Verified {
     pub dir: PathBuf,
-    pub manifest: Manifest,
     files: BTreeMap<String, Vec<u8>>,
 }
 
@@ -180,7 +179,7 @@ pub fn read_verified(dir: &Path) -> Result<Verified, String> {
         }
         files.insert(name.clone(), bytes);
     }
-    Ok(Verified { dir: dir.to_path_buf(), manifest, files })
+    Ok(Verified { dir: dir.to_path_buf(), files })
 }
 
 #[cfg(test)]
