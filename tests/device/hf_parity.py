@@ -16,7 +16,8 @@ Two steps, because the machine with `transformers` need not have a Rust toolchai
        python3 tests/device/hf_parity.py target/hf-parity
      Prints `PASS` or `FAIL` with the measured error; exits 1 on FAIL.
 
-`--prepare` uses the dsc binary named by $DSC, else target/release/dsc, else target/debug/dsc.
+`--prepare` uses the dsc binary named by $DSC, else the newer of target/release/dsc and
+target/debug/dsc.
 """
 import json
 import os
@@ -33,10 +34,12 @@ BOUND = 1e-4
 
 
 def dsc_binary():
-    for candidate in [os.environ.get("DSC"), "target/release/dsc", "target/debug/dsc"]:
-        if candidate and os.path.exists(candidate):
-            return candidate
-    sys.exit("no dsc binary: build it with `cargo build --release` or set $DSC")
+    if os.environ.get("DSC"):
+        return os.environ["DSC"]
+    built = [p for p in ["target/release/dsc", "target/debug/dsc"] if os.path.exists(p)]
+    if not built:
+        sys.exit("no dsc binary: build it with `cargo build --release` or set $DSC")
+    return max(built, key=os.path.getmtime)  # the most recently built
 
 
 def prepare(root):
