@@ -67,6 +67,15 @@ fn prepared_text_trains_with_fim_and_resumes_exactly() {
     // Text is not uniform noise: the first loss is about ln 512 and falls.
     let first_loss: f64 = a[0].parse().unwrap();
     assert!((first_loss - 512f64.ln()).abs() < 0.2, "{first_loss}");
+    // Data prepared again with other documents does not resume silently.
+    let fewer = dir.path().join("fewer.jsonl");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLE)).unwrap();
+    std::fs::write(&fewer, text.lines().take(50).collect::<Vec<_>>().join("\n")).unwrap();
+    ok(&["data", "prepare", path(&fewer), "--tokenizer", "examples/data/tokenizer.json", "-o", path(&data)]);
+    let o = dsc(&["train", "--resume", path(&ckpt), "--steps", "7"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("149 documents") && err.contains("prepared again"), "{err}");
 }
 
 #[test]

@@ -48,10 +48,12 @@ struct RankPosition {
 #[serde(rename_all = "snake_case")]
 enum SourcePosition {
     Synthetic(SyntheticPosition),
-    /// The `next`-th document of this rank's share of epoch `epoch`.
+    /// The `next`-th document of this rank's share of epoch `epoch` of a source of
+    /// `documents` documents.
     Files {
         epoch: u64,
         next: u64,
+        documents: u64,
     },
 }
 
@@ -121,7 +123,9 @@ impl SourceStream {
     fn position(&self) -> SourcePosition {
         match self {
             SourceStream::Synthetic(corpus) => SourcePosition::Synthetic(corpus.position()),
-            SourceStream::Files(f) => SourcePosition::Files { epoch: f.epoch, next: f.next as u64 },
+            SourceStream::Files(f) => {
+                SourcePosition::Files { epoch: f.epoch, next: f.next as u64, documents: f.file.documents() as u64 }
+            }
         }
     }
 }
@@ -252,7 +256,15 @@ impl DataLoader {
                         let file = file_iter.next().expect("one opened file per file source").clone();
                         let (epoch, next) = match saved {
                             None => (0, 0),
-                            Some(Some(SourcePosition::Files { epoch, next })) => (epoch, next as usize),
+                            Some(Some(SourcePosition::Files { epoch, next, documents })) => {
+                                if documents != file.documents() as u64 {
+                                    return Err(format!(
+                                        "a prepared source had {documents} documents when the checkpoint was written and has {} now: it was prepared again since; prepare it as it was, or start a new run",
+                                        file.documents()
+                                    ));
+                                }
+                                (epoch, next as usize)
+                            }
                             Some(_) => return Err("the data position does not match the spec's sources".into()),
                         };
                         let stream = FileStream::new(file, seed.wrapping_add(i as u64), rank, ranks, epoch, next);
@@ -263,10 +275,7 @@ impl DataLoader {
                             ));
                         }
                         if stream.next > stream.order.len() {
-                            return Err(
-                                "the data position is past the end of a prepared source: it was prepared again since"
-                                    .into(),
-                            );
+                            return Err("the data position is past the end of a prepared source".into());
                         }
                         SourceStream::Files(stream)
                     }

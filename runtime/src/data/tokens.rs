@@ -66,6 +66,11 @@ impl TokenWriter {
     /// A writer of a folder; `masked` for SFT data.
     pub fn create(dir: &Path, masked: bool) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
+        // `meta.json` is written last: until then the folder is not a valid prepared folder.
+        let meta = dir.join(META);
+        if meta.exists() {
+            std::fs::remove_file(&meta).map_err(|e| io("remove the old", &meta, e))?;
+        }
         let open = |name: &str| {
             let path = dir.join(name);
             File::create(&path).map(BufWriter::new).map_err(|e| io("create", &path, e))

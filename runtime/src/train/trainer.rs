@@ -222,7 +222,7 @@ impl<T: Real> CpuTrainer<T> {
             balance_loss: losses[3],
             lr,
             grad_norm,
-            tokens: step_tokens,
+            tokens: self.progress.tokens,
             tokens_per_s: step_tokens as f64 / elapsed.max(1e-9),
             flops_per_s: step_tokens as f64 * self.flops_per_token / elapsed.max(1e-9),
             mfu: None,
