@@ -82,6 +82,27 @@ fn twenty_steps_straight_equal_ten_resumed_ten_bitwise() {
 }
 
 #[test]
+fn two_data_parallel_ranks_resume_exactly_and_read_other_data_than_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two = ["--set", "parallel.gpus_per_node=2", "--set", "parallel.data={ size = 2 }"];
+    let (straight, resumed, single) =
+        (dir.path().join("straight.jsonl"), dir.path().join("resumed.jsonl"), dir.path().join("single.jsonl"));
+    let mut args = two.to_vec();
+    args.extend(["--steps", "4", "--metrics", path(&straight)]);
+    ok(train(&args));
+    let run = dir.path().join("run");
+    let mut args = two.to_vec();
+    args.extend(["--steps", "2", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)]);
+    ok(train(&args));
+    ok(dsc(&["train", "--resume", path(&run), "--steps", "4", "--metrics", path(&resumed)]));
+    assert_eq!(losses(&straight), losses(&resumed));
+    // Rank 1 reads its own stream: from the first step on, the batch differs from one rank's
+    // (whose second micro-batch continues rank 0's stream).
+    ok(train(&["--steps", "4", "--metrics", path(&single)]));
+    assert_ne!(losses(&single)[0], losses(&straight)[0]);
+}
+
+#[test]
 fn checkpoints_every_n_steps_keep_the_newest_and_hold_the_hf_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("run");
