@@ -8,6 +8,15 @@ use dsc_lang::ParamGroup;
 use dsc_runtime::cpu::numerics::round_bf16;
 use dsc_runtime::cpu::{run, Tensor, Value};
 
+/// The state before the step: a [2, 2] matrix, its moments and gradient, a [2] norm scale and
+/// its gradient.
+const W: [f64; 4] = [1.0, -2.0, 0.5, 0.25];
+const M: [f64; 4] = [0.01, 0.02, -0.03, 0.0];
+const V: [f64; 4] = [1e-4, 2e-4, 3e-4, 0.0];
+const G: [f64; 4] = [0.3, -0.4, 0.5, 0.1];
+const NORM: [f64; 2] = [1.0, 0.9];
+const NORM_G: [f64; 2] = [0.2, -0.1];
+
 fn spec() -> dsc_lang::Spec {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
     dsc_lang::load(&path, &[]).checked_spec().expect("tiny spec").clone()
@@ -33,14 +42,14 @@ fn step(numerics: Numerics, grad_scale: f64, t: i32) -> (Vec<Vec<f64>>, [f64; 5]
     let f = optimizer::build(&module, &spec, &params, &[2], numerics);
     let f = module.add(f);
     let o = &spec.train.optimizer;
-    let g: Vec<f64> = [0.3, -0.4, 0.5, 0.1].iter().map(|x| x * grad_scale).collect();
-    let gn: Vec<f64> = [0.2, -0.1].iter().map(|x| x * grad_scale).collect();
+    let g: Vec<f64> = G.iter().map(|x| x * grad_scale).collect();
+    let gn: Vec<f64> = NORM_G.iter().map(|x| x * grad_scale).collect();
     let args = vec![
-        tensor(&[2, 2], &[1.0, -2.0, 0.5, 0.25]),
+        tensor(&[2, 2], &W),
         tensor(&[2, 2], &g),
-        tensor(&[2, 2], &[0.01, 0.02, -0.03, 0.0]),
-        tensor(&[2, 2], &[1e-4, 2e-4, 3e-4, 0.0]),
-        tensor(&[2], &[1.0, 0.9]),
+        tensor(&[2, 2], &M),
+        tensor(&[2, 2], &V),
+        tensor(&[2], &NORM),
         tensor(&[2], &gn),
         tensor(&[2], &[0.0, 0.0]),
         tensor(&[2], &[0.0, 0.0]),
@@ -95,29 +104,19 @@ fn assert_close(a: &[f64], b: &[f64], what: &str) {
 fn adamw_step_matches_a_hand_computation() {
     for (grad_scale, t) in [(1.0, 1), (10.0, 3)] {
         let (out, h) = step(Numerics::Exact, grad_scale, t);
-        let g = [0.3, -0.4, 0.5, 0.1].map(|x| x * grad_scale);
-        let gn = [0.2, -0.1].map(|x| x * grad_scale);
+        let g = G.map(|x| x * grad_scale);
+        let gn = NORM_G.map(|x| x * grad_scale);
         let norm = (g.iter().chain(&gn).map(|x| x * x).sum::<f64>()).sqrt();
         // Clipping to norm 1 only when the norm is larger.
         let factor = h[4] / norm.max(h[4]);
         assert!((out[7][0] - norm).abs() < 1e-12, "grad norm {} vs {norm}", out[7][0]);
         let keep = |x: f64| x;
-        let (p, m, v) = adamw(
-            &[1.0, -2.0, 0.5, 0.25],
-            &g,
-            &[0.01, 0.02, -0.03, 0.0],
-            &[1e-4, 2e-4, 3e-4, 0.0],
-            factor,
-            t,
-            true,
-            h,
-            keep,
-        );
+        let (p, m, v) = adamw(&W, &g, &M, &V, factor, t, true, h, keep);
         assert_close(&out[0], &p, "w");
         assert_close(&out[1], &m, "m");
         assert_close(&out[2], &v, "v");
         // Norm scales are exempt from weight decay (`no_decay = [norms]`).
-        let (p, _, _) = adamw(&[1.0, 0.9], &gn, &[0.0, 0.0], &[0.0, 0.0], factor, t, false, h, keep);
+        let (p, _, _) = adamw(&NORM, &gn, &[0.0; 2], &[0.0; 2], factor, t, false, h, keep);
         assert_close(&out[3], &p, "norm");
         // Mean load 6: experts above it are pushed down, below it up, at it unchanged.
         assert_close(&out[6], &[-0.01, 0.11, -0.1, 0.0], "bias");
@@ -127,20 +126,9 @@ fn adamw_step_matches_a_hand_computation() {
 #[test]
 fn the_policy_keeps_adam_moments_in_bf16() {
     let (out, h) = step(Numerics::Policy, 1.0, 1);
-    let g = [0.3, -0.4, 0.5, 0.1];
-    let norm = (g.iter().chain(&[0.2, -0.1]).map(|x| x * x).sum::<f64>()).sqrt();
+    let norm = (G.iter().chain(&NORM_G).map(|x| x * x).sum::<f64>()).sqrt();
     let factor = h[4] / norm.max(h[4]);
-    let (p, m, v) = adamw(
-        &[1.0, -2.0, 0.5, 0.25],
-        &g,
-        &[0.01, 0.02, -0.03, 0.0],
-        &[1e-4, 2e-4, 3e-4, 0.0],
-        factor,
-        1,
-        true,
-        h,
-        round_bf16,
-    );
+    let (p, m, v) = adamw(&W, &G, &M, &V, factor, 1, true, h, round_bf16);
     assert_close(&out[1], &m, "m in bf16");
     assert_close(&out[2], &v, "v in bf16");
     assert_close(&out[0], &p, "w from bf16 moments");
