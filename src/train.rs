@@ -67,10 +67,10 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let last = last.map(|o| (o.dir.clone(), o.meta.step));
     let mut saver =
         Saver { dir: checkpoints, keep: args.keep.map(|k| k as usize), numerics: name(numerics), record, last };
-    let mut writer = match &args.metrics {
-        Some(path) if opened.is_some() => Some(MetricsWriter::append(path)),
-        Some(path) => Some(MetricsWriter::create(path)),
-        None => None,
+    let mut writer = match (&args.metrics, &opened) {
+        (Some(path), Some(o)) => Some(MetricsWriter::resume(path, o.meta.step)),
+        (Some(path), None) => Some(MetricsWriter::create(path)),
+        (None, _) => None,
     }
     .transpose()
     .with_context(|| {

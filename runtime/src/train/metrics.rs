@@ -58,8 +58,25 @@ impl MetricsWriter {
         Ok(MetricsWriter { out: BufWriter::new(File::create(path)?) })
     }
 
-    /// Opens the file at `path` to add lines after those it has (a resumed run).
-    pub fn append(path: impl AsRef<Path>) -> io::Result<Self> {
+    /// Continues the file at `path` for a run resumed after `step` optimizer steps: lines of
+    /// later steps (written after that checkpoint, before the run stopped) are dropped, so that
+    /// every step appears once; then lines are added after the rest.
+    pub fn resume(path: impl AsRef<Path>, step: u64) -> io::Result<Self> {
+        let path = path.as_ref();
+        if path.exists() {
+            let text = std::fs::read_to_string(path)?;
+            let kept: String = text
+                .lines()
+                .filter(|line| {
+                    let at = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|m| m["step"].as_u64());
+                    at.is_none_or(|at| at <= step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect();
+            let tmp = path.with_extension("jsonl.tmp");
+            std::fs::write(&tmp, kept)?;
+            std::fs::rename(&tmp, path)?;
+        }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         Ok(MetricsWriter { out: BufWriter::new(file) })
     }
@@ -164,6 +181,27 @@ mod tests {
             })
         );
         assert_eq!((lines.len(), &lines[1]["step"], &lines[1]["loss"]), (2, &json!(2), &Value::Null));
+    }
+
+    #[test]
+    fn a_resumed_file_keeps_the_steps_up_to_the_checkpoint() {
+        let path = scratch_file("resume");
+        let mut writer = MetricsWriter::create(&path).expect("create");
+        for step in 1..=5 {
+            writer.write(&metrics(step, 6.0)).expect("write");
+        }
+        drop(writer);
+        let mut writer = MetricsWriter::resume(&path, 3).expect("resume");
+        writer.write(&metrics(4, 5.0)).expect("write");
+        drop(writer);
+        let steps: Vec<(u64, f64)> = fs::read_to_string(&path)
+            .expect("read")
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("JSON"))
+            .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+            .collect();
+        fs::remove_file(&path).expect("remove");
+        assert_eq!(steps, [(1, 6.0), (2, 6.0), (3, 6.0), (4, 5.0)]);
     }
 
     #[test]
