@@ -137,7 +137,8 @@ pub struct TrainArgs {
     /// Seed of the initialisation and the data order (default: the spec's `train.seed`).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Write one JSON object per step to this file (appended to when resuming).
+    /// Write one JSON object per step to this file (continued when resuming: lines of steps
+    /// after the checkpoint are replaced).
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
     /// `policy` follows the spec's precision policy (FP8 GEMMs…); `exact` rounds nothing
