@@ -330,3 +330,50 @@ fn runs_do_not_mix_their_checkpoints() {
     ok(dsc(&["train", "--resume", path(&run), "--steps", "3"]));
     assert!(run.join("step-00000003/manifest.json").is_file());
 }
+
+#[test]
+fn runs_killed_at_any_moment_resume_from_their_last_good_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dsc"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dsc")
+    };
+    let every = ["--steps", "100000", "--checkpoint-every", "1", "--keep", "2"];
+    let mut first = vec!["train", "models/deepseek-v3-tiny.dsc"];
+    first.extend(SMALL);
+    first.extend(every);
+    first.extend(["--checkpoint-dir", path(&run)]);
+    let mut child = spawn(&first);
+    let started = Instant::now();
+    while !run.join("step-00000002/manifest.json").is_file() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint within a minute");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    // SIGKILL (no handler runs) at several moments of resumed runs' step/checkpoint cycle.
+    let mut resume = vec!["train", "--resume", path(&run)];
+    resume.extend(every);
+    for delay_ms in [60u64, 190, 330, 470, 610] {
+        let mut child = spawn(&resume);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+    // Whatever the kills left, the newest complete checkpoint verifies and training goes on.
+    let newest = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        .max()
+        .expect("a checkpoint");
+    let target = (newest + 1).to_string();
+    let o = ok(dsc(&["train", "--resume", path(&run), "--steps", &target]));
+    assert!(text(&o.stderr).contains("resuming from"), "{}", text(&o.stderr));
+    assert!(run.join(format!("step-{:08}/manifest.json", newest + 1)).is_file());
+}

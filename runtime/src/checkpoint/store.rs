@@ -4,7 +4,9 @@
 //! fsynced, the manifest last, then the folder is renamed into place and the parent fsynced, so
 //! a kill at any moment leaves either the new checkpoint complete or no trace of it next to the
 //! previous ones. Reading verifies the manifest before anything is used. Keep-last-N removes
-//! the oldest complete checkpoints after a new one is in place.
+//! the oldest complete checkpoints after a new one is in place. One process writes into a
+//! checkpoint directory at a time; before writing it clears what a killed writer left: partial
+//! temporary folders are removed, a checkpoint moved aside for replacement is put back.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -48,10 +50,8 @@ pub fn step_dir(root: &Path, step: u64) -> PathBuf {
 /// then, with `keep`, removes all but the newest `keep` checkpoints. Returns its folder.
 pub fn write(root: &Path, step: u64, files: &[(&str, Vec<u8>)], keep: Option<usize>) -> Result<PathBuf, String> {
     fs::create_dir_all(root).map_err(|e| io_error("create the checkpoint directory", root, e))?;
+    recover(root)?;
     let tmp = root.join(format!(".{PREFIX}{step:08}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| io_error("remove the stale temporary folder", &tmp, e))?;
-    }
     fs::create_dir(&tmp).map_err(|e| io_error("create", &tmp, e))?;
     let mut manifest = Manifest { format: FORMAT.into(), step, files: BTreeMap::new() };
     for (name, bytes) in files {
@@ -83,6 +83,28 @@ pub fn write(root: &Path, step: u64, files: &[(&str, Vec<u8>)], keep: Option<usi
         sync_dir(root)?;
     }
     Ok(target)
+}
+
+/// Clears what a writer killed mid-write left under `root`: its temporary folders go; a
+/// checkpoint it had moved aside to replace is renamed back if the replacement never arrived.
+fn recover(root: &Path) -> Result<(), String> {
+    let entries = fs::read_dir(root).map_err(|e| io_error("read the checkpoint directory", root, e))?;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&format!(".{PREFIX}")) else { continue };
+        let path = entry.path();
+        if let Some((step, _)) = rest.split_once(".old-") {
+            let target = root.join(format!("{PREFIX}{step}"));
+            if !target.join(MANIFEST).is_file() && path.join(MANIFEST).is_file() {
+                fs::rename(&path, &target).map_err(|e| io_error("restore the checkpoint moved aside in", &path, e))?;
+                continue;
+            }
+        } else if !rest.contains(".tmp-") {
+            continue;
+        }
+        fs::remove_dir_all(&path).map_err(|e| io_error("remove the leftover", &path, e))?;
+    }
+    sync_dir(root)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -228,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn an_interrupted_write_leaves_no_checkpoint() {
+    fn an_interrupted_write_leaves_no_checkpoint_and_the_next_write_cleans_up() {
         let root = scratch("interrupted");
         write(&root, 5, &[("a.bin", vec![1; 8])], None).expect("write");
         // What a kill during the next write leaves: a temporary folder without a manifest.
@@ -236,6 +258,16 @@ mod tests {
         fs::create_dir_all(step_dir(&root, 7)).unwrap();
         assert_eq!(resolve(&root).unwrap(), step_dir(&root, 5));
         assert!(resolve(&root.join("missing")).is_err());
+        // A kill while replacing step 5: it was moved aside, the new one not yet in place.
+        fs::rename(step_dir(&root, 5), root.join(".step-00000005.old-1")).unwrap();
+        write(&root, 8, &[("a.bin", vec![8; 8])], None).expect("write");
+        assert_eq!(complete_steps(&root).unwrap(), vec![5, 8], "step 5 is back");
+        let hidden: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{hidden:?}");
         fs::remove_dir_all(&root).unwrap();
     }
 }
