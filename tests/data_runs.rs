@@ -2,37 +2,12 @@
 //! it: FIM and the file loader resume exactly, and a vocabulary that differs from the model's
 //! is refused with a message saying what to change.
 
+mod common;
+
+use common::{dsc, losses, ok, path, SMALL};
 use std::path::Path;
-use std::process::{Command, Output};
 
 const SAMPLE: &str = "examples/data/rust-book.jsonl";
-const SMALL: [&str; 6] = ["--set", "train.seq_len=16", "--set", "train.batch=4", "--set", "train.micro_batch=2"];
-
-fn dsc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsc"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .expect("running dsc")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = dsc(args);
-    assert!(o.status.success(), "dsc {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn losses(metrics: &Path) -> Vec<String> {
-    std::fs::read_to_string(metrics)
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line")["loss"].to_string())
-        .collect()
-}
 
 #[test]
 fn the_shipped_tokenizer_is_what_dsc_data_tokenizer_makes() {

@@ -4,26 +4,10 @@
 //! equivalent are refused with the reason. (`tests/device/hf_parity.py` compares the export
 //! with `transformers` itself, on a machine that has it.)
 
+mod common;
+
+use common::{dsc, ok, path};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn dsc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsc"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .expect("running dsc")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = dsc(args);
-    assert!(o.status.success(), "dsc {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).expect("read")).expect("JSON")

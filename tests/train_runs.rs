@@ -4,20 +4,13 @@
 //! with a checkpoint and exit code 0. The tiny model runs with 16-token sequences so that each
 //! run takes about a second.
 
+mod common;
+
+use common::{dsc, losses, path, SMALL};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const SMALL: [&str; 6] = ["--set", "train.seq_len=16", "--set", "train.batch=4", "--set", "train.micro_batch=2"];
-
-fn dsc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsc"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .expect("running dsc")
-}
 
 fn train(extra: &[&str]) -> Output {
     let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
@@ -33,19 +26,6 @@ fn text(bytes: &[u8]) -> String {
 fn ok(o: Output) -> Output {
     assert!(o.status.success(), "dsc failed:\n{}", text(&o.stderr));
     o
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// The `loss` of each line of a metrics file, as written (so equal text is equal bits).
-fn losses(metrics: &Path) -> Vec<String> {
-    std::fs::read_to_string(metrics)
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line")["loss"].to_string())
-        .collect()
 }
 
 /// Every file under `dir` with its bytes.
