@@ -337,7 +337,7 @@ impl Checker<'_> {
                     return;
                 }
                 Some(PhaseEnd::For(len)) => {
-                    let start_steps = self.steps_at(end);
+                    let start_steps = t.steps_at_tokens(end);
                     match len {
                         Position::Tokens(n) => end + n as f64,
                         Position::Steps(n) => t.tokens_at_step(start_steps + n as f64),
@@ -384,24 +384,6 @@ impl Checker<'_> {
             .with_help("add a final phase, or leave out the last phase's `for`/`until` so it runs to the end");
             self.push(d);
         }
-    }
-
-    /// Steps taken by the time `tokens` have been seen (inverse of `tokens_at_step`).
-    fn steps_at(&self, tokens: f64) -> f64 {
-        let t = &self.spec.train;
-        let (mut lo, mut hi) = (0.0f64, 1.0f64);
-        while t.tokens_at_step(hi) < tokens && hi < 1e18 {
-            hi *= 2.0;
-        }
-        for _ in 0..200 {
-            let mid = 0.5 * (lo + hi);
-            if t.tokens_at_step(mid) < tokens {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        hi
     }
 
     fn changes_in_order(&mut self, path: &str, schedule: &Schedule) {

@@ -212,6 +212,26 @@ impl Train {
         }
     }
 
+    /// Optimizer steps taken by the time `tokens` have been seen: the inverse of
+    /// [`Train::tokens_at_step`] (closed form, fractional).
+    pub fn steps_at_tokens(&self, tokens: f64) -> f64 {
+        let seq = self.seq_len as f64;
+        match self.batch {
+            Batch::Constant { sequences } => tokens / (sequences as f64 * seq),
+            Batch::Ramp { from, to, over_tokens } => {
+                let (from, to, over) = (from as f64, to as f64, over_tokens as f64);
+                let k = (to - from) / over;
+                let ramped = tokens.min(over);
+                let ramp_steps = if k == 0.0 || ramped == 0.0 {
+                    ramped / (from * seq)
+                } else {
+                    (k * ramped / from).ln_1p() / (k * seq)
+                };
+                ramp_steps + (tokens - ramped) / (to * seq)
+            }
+        }
+    }
+
     /// A schedule position in tokens.
     pub fn tokens_at(&self, position: Position) -> f64 {
         match position {

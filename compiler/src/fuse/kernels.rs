@@ -101,7 +101,7 @@ fn role(op: &Op) -> Role {
     }
 }
 
-fn dtype_bytes(d: DType) -> u64 {
+pub fn dtype_bytes(d: DType) -> u64 {
     match d {
         DType::F64 => 8,
         DType::F32 | DType::I32 => 4,
@@ -167,6 +167,13 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
         }
     }
     let output_bases: BTreeSet<usize> = f.outputs.iter().map(|o| base(f, *o).index()).collect();
+    // The nodes that read each value (through views).
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); f.nodes.len()];
+    for (j, m) in f.nodes.iter().enumerate() {
+        for a in &m.args {
+            readers[base(f, *a).index()].push(j);
+        }
+    }
     groups
         .into_iter()
         .enumerate()
@@ -184,13 +191,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
             let outputs: Vec<usize> = nodes
                 .iter()
                 .copied()
-                .filter(|&i| {
-                    output_bases.contains(&i)
-                        || f.nodes
-                            .iter()
-                            .enumerate()
-                            .any(|(j, m)| !members.contains(&j) && m.args.iter().any(|a| base(f, *a).index() == i))
-                })
+                .filter(|&i| output_bases.contains(&i) || readers[i].iter().any(|j| !members.contains(j)))
                 .collect();
             let bytes: u64 = inputs.iter().chain(&outputs).map(|&v| value_bytes(&f.nodes[v])).sum();
             let flops: u64 = nodes.iter().map(|&i| flops(f, &f.nodes[i])).sum();
@@ -265,10 +266,8 @@ pub fn traffic(module: &Module, f: usize, per_function: &[Vec<Kernel>]) -> (u64,
 
 /// Every non-free node as its own kernel: the unfused baseline.
 pub fn unfused(f: &Function, profile: &Profile) -> Vec<Kernel> {
-    let singles = Function { nodes: f.nodes.clone(), ..f.clone() };
-    // Grouping with no joins: each elementwise node alone.
     let mut ks = Vec::new();
-    for (i, node) in singles.nodes.iter().enumerate() {
+    for (i, node) in f.nodes.iter().enumerate() {
         if role(&node.op) == Role::Free {
             continue;
         }

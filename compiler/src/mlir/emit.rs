@@ -306,8 +306,7 @@ fn elementwise_kernel(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> Result<
             lane_values[0].insert(i, s);
         }
     }
-    for (lane, values) in lane_values.iter_mut().enumerate() {
-        let _ = lane;
+    for values in &mut lane_values {
         for (&i, n) in kernel.nodes.iter().zip(nodes) {
             let a: Vec<String> = n.args.iter().map(|v| operand(f, *v, values, &mut body)).collect::<Result<_, _>>()?;
             let r = body.op(&n.op, &a)?;

@@ -174,7 +174,7 @@ fn buffers(f: &Function) -> Vec<Buffer> {
         .filter(|(_, n)| !matches!(n.op, Op::Reshape(_) | Op::StopGradient | Op::Get(_) | Op::Call(_) | Op::Const(_)))
         .map(|(i, n)| Buffer {
             value: i as u32,
-            bytes: n.shape.iter().product::<usize>() as u64 * if n.dtype == crate::graph::DType::F64 { 8 } else { 4 },
+            bytes: n.shape.iter().product::<usize>() as u64 * kernels::dtype_bytes(n.dtype),
             first: i as u32,
             last: last[i].max(i as u32),
         })

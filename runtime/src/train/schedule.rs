@@ -116,7 +116,7 @@ impl Point {
     fn count_in(self, unit: Unit, train: &Train) -> f64 {
         match (self.unit, unit) {
             (Unit::Steps, Unit::Tokens) => train.tokens_at_step(self.count),
-            (Unit::Tokens, Unit::Steps) => steps_at_tokens(train, self.count),
+            (Unit::Tokens, Unit::Steps) => train.steps_at_tokens(self.count),
             _ => self.count,
         }
     }
@@ -161,24 +161,6 @@ impl Span {
     }
 }
 
-/// Optimizer steps taken once `tokens` tokens have been seen: the inverse of
-/// [`Train::tokens_at_step`]. During a ramp tokens grow exponentially with steps
-/// (tokens = from/k · (e^(k·seq·steps) − 1), k the batch's growth per token), after it linearly.
-fn steps_at_tokens(train: &Train, tokens: f64) -> f64 {
-    let seq = train.seq_len as f64;
-    match train.batch {
-        Batch::Constant { sequences } => tokens / (sequences as f64 * seq),
-        Batch::Ramp { from, to, over_tokens } => {
-            let (from, to, over) = (from as f64, to as f64, over_tokens as f64);
-            let k = (to - from) / over;
-            let ramped = tokens.min(over);
-            let ramp_steps =
-                if k == 0.0 || ramped == 0.0 { ramped / (from * seq) } else { (k * ramped / from).ln_1p() / (k * seq) };
-            ramp_steps + (tokens - ramped) / (to * seq)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,7 +174,7 @@ mod tests {
     }
 
     fn at_tokens(train: &Train, tokens: f64) -> Progress {
-        Progress { step: steps_at_tokens(train, tokens).floor() as u64, tokens: tokens as u64 }
+        Progress { step: train.steps_at_tokens(tokens).floor() as u64, tokens: tokens as u64 }
     }
 
     fn at_step(train: &Train, step: u64) -> Progress {
@@ -346,7 +328,7 @@ mod tests {
         for file in ["deepseek-v3.dsc", "deepseek-v3-tiny.dsc"] {
             let train = spec(file).train;
             for steps in [0.0, 1.0, 2000.0, 30_000.0, 500_000.0] {
-                let back = steps_at_tokens(&train, train.tokens_at_step(steps));
+                let back = train.steps_at_tokens(train.tokens_at_step(steps));
                 assert!((back - steps).abs() <= 1e-9 * steps.max(1.0), "{file}: {steps} steps came back as {back}");
             }
         }
