@@ -3,9 +3,9 @@
 //! GEMMs are library kernels (cuBLASLt at this stage); every other op starts a generated
 //! kernel, and an elementwise op joins the most recent generated kernel when it runs over the
 //! same number of elements (loop fusion; a value other kernels read becomes one of the
-//! kernel's outputs). Joining only the most recent kernel keeps the kernels in a valid
-//! launch order: nothing launched after it can feed it. Each kernel carries its bytes moved,
-//! FLOPs and roofline time.
+//! kernel's outputs) and that kernel does not start with a scatter or a row op. Joining only
+//! the most recent kernel keeps the kernels in a valid launch order: nothing launched after it
+//! can feed it. Each kernel carries its bytes moved, FLOPs and roofline time.
 
 use super::cost::Profile;
 use crate::graph::ir::{DType, Function, Module, Node, Op, V};
@@ -50,8 +50,15 @@ pub enum Code {
     /// A library GEMM.
     Library,
     /// MLIR in `ir/NAME.mlir`, PTX in `kernels/NAME.ptx`, launched on `grid` × `block`
-    /// threads with `args` (values) as its buffers.
-    Generated { grid: u32, block: u32, args: Vec<u32> },
+    /// threads with `args` (values) as its buffers; with `zeroed`, its outputs are set to zero
+    /// before the launch (it adds into them).
+    Generated {
+        grid: u32,
+        block: u32,
+        args: Vec<u32>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        zeroed: bool,
+    },
     /// Not generated yet, and why.
     NotGenerated { reason: String },
 }
@@ -99,6 +106,25 @@ fn role(op: &Op) -> Role {
         | Op::SumTo(_) => Role::Fusible,
         _ => Role::Other,
     }
+}
+
+/// Ops that store where an index tensor says rather than at their own element: their output
+/// is complete only when the whole kernel is.
+pub fn scatters(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::ScatterRows { .. }
+            | Op::PermuteGrad { .. }
+            | Op::Unpermute { .. }
+            | Op::UnpermuteGradGates { .. }
+            | Op::SortByExpert { .. }
+    )
+}
+
+/// Whether later elementwise ops can join a kernel that starts with `op`: not after a scatter
+/// (its output is not complete per element) nor after a row kernel (a warp owns a row).
+fn takes_followers(op: &Op) -> bool {
+    !scatters(op) && !matches!(op, Op::RmsNorm { .. } | Op::Softmax)
 }
 
 pub fn dtype_bytes(d: DType) -> u64 {
@@ -151,7 +177,10 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
             Role::Fusible => {
                 let latest = groups.len().checked_sub(1);
                 let host = latest.filter(|&k| {
-                    groups[k].0 == KernelKind::Generated && iteration(f, &f.nodes[groups[k].1[0]]) == iteration(f, node)
+                    let head = &f.nodes[groups[k].1[0]];
+                    groups[k].0 == KernelKind::Generated
+                        && takes_followers(&head.op)
+                        && iteration(f, head) == iteration(f, node)
                 });
                 match host {
                     Some(k) => {

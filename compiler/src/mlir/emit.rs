@@ -4,7 +4,8 @@
 //! Elementwise kernels give each thread 4 consecutive elements through 16-byte vector loads
 //! and stores (coalesced across the warp); a scalar argument is loaded once. Row kernels
 //! (RMSNorm, softmax) give each warp a row, read with stride 32 across the lanes and reduced
-//! with warp shuffles. A kernel the emitter does not handle yet is reported with the reason.
+//! with warp shuffles. Every other kernel is written by index ([`super::indexed`]); a kernel
+//! that neither handles is reported with the reason.
 
 use crate::fuse::kernels::Kernel;
 use crate::graph::ir::{DType, Function, Node, Op, V};
@@ -14,7 +15,7 @@ use std::fmt::Write;
 
 /// Emits `%{name}_r4`, the butterfly reduction over the warp of `value` with `combine`
 /// (an op taking `%acc` and `%y`); needs `%w32`.
-fn warp_reduce(t: &mut String, name: &str, value: &str, combine: &str) -> String {
+pub(super) fn warp_reduce(t: &mut String, name: &str, value: &str, combine: &str) -> String {
     let mut v = value.to_string();
     for (k, offset) in [16, 8, 4, 2, 1].iter().enumerate() {
         let _ = write!(t, "      %{name}_off{k} = arith.constant {offset} : i32\n      %{name}_s{k}, %{name}_ok{k} = gpu.shuffle xor {v}, %{name}_off{k}, %w32 : f32\n");
@@ -26,13 +27,10 @@ fn warp_reduce(t: &mut String, name: &str, value: &str, combine: &str) -> String
 }
 
 /// The register-resident row kernel (see [`row_kernel`]).
-fn register_row_kernel(kernel: &Kernel, node: &Node, n: usize) -> Result<Emitted, String> {
+fn register_row_kernel(f: &Function, kernel: &Kernel, node: &Node, n: usize) -> Result<Emitted, String> {
     let chunks = n / 128;
     let rows = numel(node) / n;
-    let mut args: Vec<u32> = node.args.iter().map(|a| a.0).collect();
-    if !args.iter().all(|a| kernel.inputs.contains(a)) {
-        return Err("a row kernel reads its inputs directly".into());
-    }
+    let mut args = row_inputs(f, kernel, node)?;
     args.extend(&kernel.outputs);
     let out = node.args.len();
     let mut t = header(&kernel.name, args.len());
@@ -122,17 +120,17 @@ fn register_row_kernel(kernel: &Kernel, node: &Node, n: usize) -> Result<Emitted
         _ => unreachable!("row kernels are RMSNorm and softmax"),
     }
     t.push_str("      gpu.return\n    }\n  }\n}\n");
-    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args })
+    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args, zeroed: false })
 }
 
 /// The sm_90a target of every module.
-const TARGET: &str = r#"#nvvm.target<chip = "sm_90a", features = "+ptx80">"#;
+pub(super) const TARGET: &str = r#"#nvvm.target<chip = "sm_90a", features = "+ptx80">"#;
 /// Threads per block of elementwise kernels; row kernels use one warp per row.
-const BLOCK: u32 = 256;
+pub(super) const BLOCK: u32 = 256;
 
-/// A kernel's MLIR and how to launch it: arguments are `memref<?xf32>` buffers, inputs first
-/// then outputs, each passed as MLIR's memref descriptor (pointer, aligned pointer, offset,
-/// size, stride).
+/// A kernel's MLIR and how to launch it: arguments are `memref<?xf32>` buffers (`memref<?xi32>`
+/// for index values), inputs first then outputs, each passed as MLIR's memref descriptor
+/// (pointer, aligned pointer, offset, size, stride).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Emitted {
     pub mlir: String,
@@ -140,15 +138,54 @@ pub struct Emitted {
     pub block: u32,
     /// The values bound to the kernel's arguments, in order.
     pub args: Vec<u32>,
+    /// The outputs must be zeroed before the launch (the kernel adds into them).
+    pub zeroed: bool,
 }
 
 /// The MLIR of `kernel` (a kernel of `f`), or why it is not generated yet.
 pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
     match nodes.as_slice() {
-        [one] if matches!(one.op, Op::RmsNorm { .. } | Op::Softmax) => row_kernel(kernel, one),
-        _ => elementwise_kernel(f, kernel, &nodes),
+        [one] if matches!(one.op, Op::RmsNorm { .. } | Op::Softmax) => row_kernel(f, kernel, one),
+        _ if is_elementwise(f, kernel, &nodes) => elementwise_kernel(f, kernel, &nodes),
+        _ => super::indexed::indexed_kernel(f, kernel),
     }
+}
+
+/// Ops computed from the same element of their inputs.
+pub(super) fn elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Neg
+            | Op::Exp
+            | Op::Log
+            | Op::Sigmoid
+            | Op::Silu
+            | Op::Rsqrt
+            | Op::Sqrt
+            | Op::Square
+            | Op::Sign
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Maximum
+            | Op::Cast(_)
+            | Op::SwiGlu
+            | Op::StopGradient
+    )
+}
+
+/// The kernel is elementwise over one size, reading real inputs of that size or scalars: the
+/// vectorised path.
+fn is_elementwise(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> bool {
+    let size = nodes.iter().map(|n| numel(n)).max().unwrap_or(0);
+    nodes.iter().all(|n| elementwise(&n.op) && numel(n) == size)
+        && kernel
+            .inputs
+            .iter()
+            .map(|&i| &f.nodes[i as usize])
+            .all(|n| n.dtype != DType::I32 && (numel(n) == size || numel(n) == 1))
 }
 
 fn numel(n: &Node) -> usize {
@@ -156,25 +193,29 @@ fn numel(n: &Node) -> usize {
 }
 
 /// Names and emits SSA values.
-struct Body {
-    text: String,
-    next: usize,
+pub(super) struct Body {
+    pub text: String,
+    pub next: usize,
 }
 
 impl Body {
-    fn fresh(&mut self) -> String {
+    pub fn new() -> Self {
+        Body { text: String::new(), next: 0 }
+    }
+
+    pub fn fresh(&mut self) -> String {
         self.next += 1;
         format!("%v{}", self.next)
     }
 
     /// Emits `%vN = <rhs>` and returns `%vN`.
-    fn line(&mut self, rhs: String) -> String {
+    pub fn line(&mut self, rhs: String) -> String {
         let v = self.fresh();
         let _ = writeln!(self.text, "        {v} = {rhs}");
         v
     }
 
-    fn constant(&mut self, c: f64) -> String {
+    pub fn constant(&mut self, c: f64) -> String {
         self.line(format!("arith.constant {} : f32", float(c)))
     }
 
@@ -199,7 +240,7 @@ impl Body {
     }
 
     /// One elementwise op on scalars.
-    fn op(&mut self, op: &Op, a: &[String]) -> Result<String, String> {
+    pub fn op(&mut self, op: &Op, a: &[String]) -> Result<String, String> {
         Ok(match op {
             Op::Neg => self.line(format!("arith.negf {} : f32", a[0])),
             Op::Add => self.line(format!("arith.addf {}, {} : f32", a[0], a[1])),
@@ -247,7 +288,7 @@ impl Body {
 }
 
 /// An f32 literal as its exact bit pattern.
-fn float(c: f64) -> String {
+pub(super) fn float(c: f64) -> String {
     format!("0x{:08X}", (c as f32).to_bits())
 }
 
@@ -263,27 +304,12 @@ const FOOTER: &str = "    gpu.return\n    }\n  }\n}\n";
 
 /// An elementwise kernel: all its ops over the same elements, inputs of that size or scalars.
 fn elementwise_kernel(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> Result<Emitted, String> {
-    let size = kernel.nodes.iter().map(|&i| numel(&f.nodes[i as usize])).max().unwrap_or(0);
-    for n in nodes {
-        if numel(n) != size {
-            return Err(format!("`{}` changes the number of elements", n.op.name()));
-        }
-    }
-    let mut vectorised = size % 4 == 0;
+    let size = nodes.iter().map(|n| numel(n)).max().unwrap_or(0);
+    let vectorised = size % 4 == 0 && size > 0;
     let mut args: Vec<u32> = kernel.inputs.clone();
-    for &i in &kernel.inputs {
-        let n = numel(&f.nodes[i as usize]);
-        if n != size && n != 1 {
-            return Err(format!("input %{i} is broadcast ({n} elements into {size})"));
-        }
-        if f.nodes[i as usize].dtype == DType::I32 {
-            return Err(format!("input %{i} holds indices"));
-        }
-    }
-    vectorised &= size > 0;
     args.extend(&kernel.outputs);
     let lanes = if vectorised { 4 } else { 1 };
-    let mut body = Body { text: String::new(), next: 0 };
+    let mut body = Body::new();
     let mut text = header(&kernel.name, args.len());
     text.push_str(&index_prelude(lanes, size));
     // Scalars are loaded once; vector inputs per lane.
@@ -332,7 +358,7 @@ fn elementwise_kernel(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> Result<
     text.push_str("      }\n");
     text.push_str(FOOTER);
     let threads = size.div_ceil(lanes) as u32;
-    Ok(Emitted { mlir: text, grid: threads.div_ceil(BLOCK).max(1), block: BLOCK, args })
+    Ok(Emitted { mlir: text, grid: threads.div_ceil(BLOCK).max(1), block: BLOCK, args, zeroed: false })
 }
 
 /// A kernel argument value: a computed one, a constant (through views), or an input.
@@ -357,6 +383,25 @@ fn index_prelude(lanes: usize, size: usize) -> String {
     )
 }
 
+/// The buffers a row kernel reads: its arguments' data (a reshape or stop-gradient reads the
+/// same memory), each an input of the kernel.
+fn row_inputs(f: &Function, kernel: &Kernel, node: &Node) -> Result<Vec<u32>, String> {
+    node.args
+        .iter()
+        .map(|&a| {
+            let mut v = a;
+            while matches!(f.node(v).op, Op::Reshape(_) | Op::StopGradient) {
+                v = f.node(v).args[0];
+            }
+            if kernel.inputs.contains(&v.0) {
+                Ok(v.0)
+            } else {
+                Err("a row kernel reads a value computed in the kernel".to_string())
+            }
+        })
+        .collect()
+}
+
 /// Rows up to this many 128-element chunks are held in registers (one pass over memory).
 const MAX_REGISTER_CHUNKS: usize = 32;
 
@@ -364,17 +409,13 @@ const MAX_REGISTER_CHUNKS: usize = 32;
 /// read once with 16-byte loads into registers (each lane holds 4 elements of every
 /// 128-element chunk), reduced with warp shuffles, and written from registers; other rows
 /// are read with a stride of 32 across the lanes, once per reduction.
-fn row_kernel(kernel: &Kernel, node: &Node) -> Result<Emitted, String> {
+fn row_kernel(f: &Function, kernel: &Kernel, node: &Node) -> Result<Emitted, String> {
     let n = *node.shape.last().ok_or("a row kernel needs a rank ≥ 1 value")?;
     if n % 128 == 0 && n / 128 <= MAX_REGISTER_CHUNKS {
-        return register_row_kernel(kernel, node, n);
+        return register_row_kernel(f, kernel, node, n);
     }
     let rows = numel(node) / n.max(1);
-    let mut args: Vec<u32> = node.args.iter().map(|a| a.0).collect();
-    args.retain(|a| kernel.inputs.contains(a));
-    if args.len() != node.args.len() {
-        return Err("a row kernel reads its inputs directly".into());
-    }
+    let mut args = row_inputs(f, kernel, node)?;
     args.extend(&kernel.outputs);
     let out = node.args.len();
     let mut t = header(&kernel.name, args.len());
@@ -425,5 +466,5 @@ fn row_kernel(kernel: &Kernel, node: &Node) -> Result<Emitted, String> {
         _ => unreachable!("row kernels are RMSNorm and softmax"),
     }
     t.push_str("      gpu.return\n    }\n  }\n}\n");
-    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args })
+    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args, zeroed: false })
 }

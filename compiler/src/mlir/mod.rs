@@ -3,5 +3,6 @@
 //! sm_90a. No CUDA toolkit is needed to compile.
 
 pub mod emit;
+mod indexed;
 #[cfg(feature = "mlir")]
 pub mod lower;

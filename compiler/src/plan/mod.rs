@@ -104,7 +104,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
                 k.code = match k.kind {
                     KernelKind::LibraryGemm => Code::Library,
                     KernelKind::Generated => match emit::emit(f, k) {
-                        Ok(e) => Code::Generated { grid: e.grid, block: e.block, args: e.args },
+                        Ok(e) => Code::Generated { grid: e.grid, block: e.block, args: e.args, zeroed: e.zeroed },
                         Err(reason) => Code::NotGenerated { reason },
                     },
                 };

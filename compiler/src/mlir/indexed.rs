@@ -1,0 +1,682 @@
+//! Kernels by index: every kernel the fast paths of [`super::emit`] do not cover. Each thread
+//! computes one element of each output from its multi-index, following the index maps of the
+//! kernel's ops back to its inputs: broadcasts, reshapes, transposes, slices, pads and
+//! concatenations move indices; reductions loop over the reduced axes; gathers, top-k and the
+//! MoE dispatch read positions from index tensors. Values inside a kernel are recomputed
+//! where they are read, never stored in between. The ops that write where an index tensor
+//! says (scatter-adds, the sort by expert, the gate gradient) run over their source elements
+//! instead and store at the computed place; scatter-adds add atomically into outputs the
+//! launcher zeroes first ([`Emitted::zeroed`]).
+
+use super::emit::{elementwise, Body, Emitted, BLOCK, TARGET};
+use crate::fuse::kernels::{scatters, Kernel};
+use crate::graph::ir::{DType, Function, Node, Op, V};
+use std::collections::HashMap;
+use std::fmt::Write;
+
+/// The MLIR of `kernel` by index.
+pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
+    let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
+    let mut g = Gen::new(f, kernel);
+    let zeroed = match nodes.as_slice() {
+        [one] if scatters(&one.op) => g.scatter(one)?,
+        _ if g.split_reduction(kernel).is_some() => g.reduce_by_warps(kernel)?,
+        _ => g.gather(kernel)?,
+    };
+    Ok(g.finish(kernel, zeroed))
+}
+
+/// Sums over at least this many elements per output are split across warps.
+const SPLIT_EXTENT: usize = 256;
+/// Elements of a sum one warp adds up (128 per lane).
+const ELEMENTS_PER_WARP: usize = 4096;
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+fn element_type(dtype: DType) -> &'static str {
+    if dtype == DType::I32 {
+        "i32"
+    } else {
+        "f32"
+    }
+}
+
+/// The kernel being written: its arguments (inputs, then outputs), the SSA text, and the
+/// values already computed in each enclosing region (innermost last).
+struct Gen<'a> {
+    f: &'a Function,
+    slots: HashMap<u32, usize>,
+    args: Vec<u32>,
+    body: Body,
+    scopes: Vec<HashMap<(u32, Vec<String>), String>>,
+    domain: usize,
+}
+
+impl<'a> Gen<'a> {
+    fn new(f: &'a Function, kernel: &Kernel) -> Self {
+        let mut args = kernel.inputs.clone();
+        args.extend(&kernel.outputs);
+        let slots = kernel.inputs.iter().enumerate().map(|(s, &v)| (v, s)).collect();
+        Gen { f, slots, args, body: Body::new(), scopes: vec![HashMap::new()], domain: 0 }
+    }
+
+    fn line(&mut self, rhs: String) -> String {
+        self.body.line(rhs)
+    }
+
+    fn index(&mut self, n: usize) -> String {
+        self.line(format!("arith.constant {n} : index"))
+    }
+
+    fn node(&self, v: V) -> &'a Node {
+        self.f.node(v)
+    }
+
+    /// Row-major flat position of `idx` in `shape`.
+    fn linearize(&mut self, idx: &[String], shape: &[usize]) -> String {
+        let mut flat = self.index(0);
+        let mut stride = 1;
+        for (i, &d) in idx.iter().zip(shape).rev() {
+            let s = self.index(stride);
+            let term = self.line(format!("arith.muli {i}, {s} : index"));
+            flat = self.line(format!("arith.addi {flat}, {term} : index"));
+            stride *= d;
+        }
+        flat
+    }
+
+    /// The multi-index of flat position `flat` in `shape`.
+    fn delinearize(&mut self, flat: &str, shape: &[usize]) -> Vec<String> {
+        let mut stride = numel(shape);
+        shape
+            .iter()
+            .map(|&d| {
+                stride /= d.max(1);
+                let s = self.index(stride);
+                let n = self.index(d);
+                let q = self.line(format!("arith.divui {flat}, {s} : index"));
+                self.line(format!("arith.remui {q}, {n} : index"))
+            })
+            .collect()
+    }
+
+    fn to_index(&mut self, i32_value: &str) -> String {
+        self.line(format!("arith.index_cast {i32_value} : i32 to index"))
+    }
+
+    /// The index of `idx` in an argument of `shape` broadcast to `idx`'s rank.
+    fn broadcast_index(&mut self, idx: &[String], shape: &[usize]) -> Vec<String> {
+        let offset = idx.len() - shape.len();
+        let zero = self.index(0);
+        shape.iter().enumerate().map(|(k, &d)| if d == 1 { zero.clone() } else { idx[k + offset].clone() }).collect()
+    }
+
+    /// Runs `inner` in a new region whose computed values are forgotten afterwards.
+    fn scoped<T>(&mut self, inner: impl FnOnce(&mut Self) -> T) -> T {
+        self.scopes.push(HashMap::new());
+        let r = inner(self);
+        self.scopes.pop();
+        r
+    }
+
+    /// `scf.for %iv = 0 to count` carrying values of `types` from `init`; `step` gets the loop
+    /// variable and the carried values and returns the next ones.
+    fn fold(
+        &mut self,
+        count: usize,
+        init: &[String],
+        types: &[&str],
+        step: impl FnOnce(&mut Self, &str, &[String]) -> Result<Vec<String>, String>,
+    ) -> Result<Vec<String>, String> {
+        let (c0, n) = (self.index(0), self.index(count));
+        self.fold_range(&c0, &n, 1, init, types, step)
+    }
+
+    /// [`Self::fold`] over `lo..hi` by `stride`.
+    fn fold_range(
+        &mut self,
+        c0: &str,
+        n: &str,
+        stride: usize,
+        init: &[String],
+        types: &[&str],
+        step: impl FnOnce(&mut Self, &str, &[String]) -> Result<Vec<String>, String>,
+    ) -> Result<Vec<String>, String> {
+        let c1 = self.index(stride);
+        let result = self.body.fresh();
+        let iv = self.body.fresh();
+        let carried: Vec<String> = init.iter().map(|_| self.body.fresh()).collect();
+        let bindings: Vec<String> = carried.iter().zip(init).map(|(c, i)| format!("{c} = {i}")).collect();
+        let _ = writeln!(
+            self.body.text,
+            "        {result}:{} = scf.for {iv} = {c0} to {n} step {c1} iter_args({}) -> ({}) {{",
+            init.len(),
+            bindings.join(", "),
+            types.join(", ")
+        );
+        let next = self.scoped(|g| step(g, &iv, &carried))?;
+        let _ = writeln!(self.body.text, "        scf.yield {} : {}\n        }}", next.join(", "), types.join(", "));
+        Ok((0..init.len()).map(|k| format!("{result}#{k}")).collect())
+    }
+
+    /// `cond ? then() : otherwise()`, each branch in its own region (so a branch's loads
+    /// happen only when it is taken).
+    fn select(
+        &mut self,
+        cond: &str,
+        ty: &str,
+        then: impl FnOnce(&mut Self) -> Result<String, String>,
+        otherwise: impl FnOnce(&mut Self) -> Result<String, String>,
+    ) -> Result<String, String> {
+        let result = self.body.fresh();
+        let _ = writeln!(self.body.text, "        {result} = scf.if {cond} -> ({ty}) {{");
+        let a = self.scoped(then)?;
+        let _ = writeln!(self.body.text, "        scf.yield {a} : {ty}\n        }} else {{");
+        let b = self.scoped(otherwise)?;
+        let _ = writeln!(self.body.text, "        scf.yield {b} : {ty}\n        }}");
+        Ok(result)
+    }
+
+    fn cmp_index(&mut self, pred: &str, a: &str, b: &str) -> String {
+        self.line(format!("arith.cmpi {pred}, {a}, {b} : index"))
+    }
+
+    /// The element of value `v` at multi-index `idx`.
+    fn value_at(&mut self, v: V, idx: &[String]) -> Result<String, String> {
+        let key = (v.0, idx.to_vec());
+        if let Some(s) = self.scopes.iter().rev().find_map(|m| m.get(&key)) {
+            return Ok(s.clone());
+        }
+        let s = self.compute(v, idx)?;
+        self.scopes.last_mut().expect("a scope").insert(key, s.clone());
+        Ok(s)
+    }
+
+    fn compute(&mut self, v: V, idx: &[String]) -> Result<String, String> {
+        let node = self.node(v);
+        if let Some(&slot) = self.slots.get(&v.0) {
+            let flat = self.linearize(idx, &node.shape);
+            let ty = element_type(node.dtype);
+            return Ok(self.line(format!("memref.load %a{slot}[{flat}] : memref<?x{ty}>")));
+        }
+        let arg = |k: usize| node.args[k];
+        let shape_of = |g: &Self, k: usize| g.node(node.args[k]).shape.clone();
+        Ok(match &node.op {
+            Op::Const(c) => self.body.constant(*c),
+            Op::Reshape(_) => {
+                let flat = self.linearize(idx, &node.shape);
+                let at = self.delinearize(&flat, &shape_of(self, 0));
+                self.value_at(arg(0), &at)?
+            }
+            Op::StopGradient | Op::Cast(DType::F32) => self.value_at(arg(0), idx)?,
+            Op::BroadcastTo(_) => {
+                let at = self.broadcast_index(idx, &shape_of(self, 0));
+                self.value_at(arg(0), &at)?
+            }
+            Op::Transpose(perm) => {
+                let mut at = vec![String::new(); idx.len()];
+                for (k, &p) in perm.iter().enumerate() {
+                    at[p] = idx[k].clone();
+                }
+                self.value_at(arg(0), &at)?
+            }
+            Op::Slice { axis, start, .. } => {
+                let mut at = idx.to_vec();
+                let s = self.index(*start);
+                at[*axis] = self.line(format!("arith.addi {}, {s} : index", idx[*axis]));
+                self.value_at(arg(0), &at)?
+            }
+            Op::PadSlice { axis, start, .. } => {
+                let n = shape_of(self, 0)[*axis];
+                let (lo, hi) = (self.index(*start), self.index(start + n));
+                let above = self.cmp_index("uge", &idx[*axis], &lo);
+                let below = self.cmp_index("ult", &idx[*axis], &hi);
+                let inside = self.line(format!("arith.andi {above}, {below} : i1"));
+                let axis = *axis;
+                self.select(
+                    &inside,
+                    "f32",
+                    |g| {
+                        let mut at = idx.to_vec();
+                        at[axis] = g.line(format!("arith.subi {}, {lo} : index", idx[axis]));
+                        g.value_at(arg(0), &at)
+                    },
+                    |g| Ok(g.body.constant(0.0)),
+                )?
+            }
+            Op::Concat { axis } => self.concat(node, *axis, idx, 0, 0)?,
+            Op::Sum { .. } | Op::Max { .. } | Op::SumTo(_) => {
+                let is_max = matches!(node.op, Op::Max { .. });
+                let init =
+                    if is_max { self.line("arith.constant 0xFF800000 : f32".into()) } else { self.body.constant(0.0) };
+                let combine = if is_max { "arith.maximumf" } else { "arith.addf" };
+                self.fold(self.reduced_extent(node), &[init], &["f32"], |g, j, acc| {
+                    let x = g.reduced_term(node, idx, j)?;
+                    Ok(vec![g.line(format!("{combine} {}, {x} : f32", acc[0]))])
+                })?
+                .remove(0)
+            }
+            Op::Gather => {
+                let rank = idx.len();
+                let id = self.value_at(arg(1), &idx[..rank - 1])?;
+                let row = self.to_index(&id);
+                self.value_at(arg(0), &[row, idx[rank - 1].clone()])?
+            }
+            Op::TakeAlong => {
+                let rank = idx.len();
+                let i = self.value_at(arg(1), idx)?;
+                let mut at = idx[..rank - 1].to_vec();
+                at.push(self.to_index(&i));
+                self.value_at(arg(0), &at)?
+            }
+            Op::PutAlong { .. } => {
+                // out[p, j] = Σ_m [idx[p, m] = j] · g[p, m]
+                let rank = idx.len();
+                let k = *shape_of(self, 0).last().unwrap_or(&1);
+                let zero = self.body.constant(0.0);
+                self.fold(k, &[zero], &["f32"], |g, m, acc| {
+                    let mut at = idx[..rank - 1].to_vec();
+                    at.push(m.to_string());
+                    let i = g.value_at(arg(0), &at)?;
+                    let i = g.to_index(&i);
+                    let hit = g.cmp_index("eq", &i, &idx[rank - 1]);
+                    let x = g.value_at(arg(1), &at)?;
+                    let sum = g.line(format!("arith.addf {}, {x} : f32", acc[0]));
+                    Ok(vec![g.line(format!("arith.select {hit}, {sum}, {} : f32", acc[0]))])
+                })?
+                .remove(0)
+            }
+            Op::Count { .. } => {
+                // out[p, b] = #{m : idx[p, m] = b}
+                let rank = idx.len();
+                let m = *shape_of(self, 0).last().unwrap_or(&1);
+                let zero = self.body.constant(0.0);
+                self.fold(m, &[zero], &["f32"], |g, q, acc| {
+                    let mut at = idx[..rank - 1].to_vec();
+                    at.push(q.to_string());
+                    let i = g.value_at(arg(0), &at)?;
+                    let i = g.to_index(&i);
+                    let hit = g.cmp_index("eq", &i, &idx[rank - 1]);
+                    let one = g.body.constant(1.0);
+                    let sum = g.line(format!("arith.addf {}, {one} : f32", acc[0]));
+                    Ok(vec![g.line(format!("arith.select {hit}, {sum}, {} : f32", acc[0]))])
+                })?
+                .remove(0)
+            }
+            Op::TopK { .. } => self.top_k(arg(0), &shape_of(self, 0), idx)?,
+            Op::ExpertOffsets { .. } => {
+                // out[e] = #{a : idx[a] < e}
+                let shape = shape_of(self, 0);
+                let zero = self.line("arith.constant 0 : i32".into());
+                self.fold(numel(&shape), &[zero], &["i32"], |g, a, acc| {
+                    let at = g.delinearize(a, &shape);
+                    let e = g.value_at(arg(0), &at)?;
+                    let e = g.to_index(&e);
+                    let below = g.cmp_index("ult", &e, &idx[0]);
+                    let one = g.line("arith.constant 1 : i32".into());
+                    let more = g.line(format!("arith.addi {}, {one} : i32", acc[0]));
+                    Ok(vec![g.line(format!("arith.select {below}, {more}, {} : i32", acc[0]))])
+                })?
+                .remove(0)
+            }
+            Op::Permute { k } => {
+                // out[i, j] = x[order[i] / k, j]
+                let a = self.value_at(arg(1), &idx[..1])?;
+                let a = self.to_index(&a);
+                let kk = self.index(*k);
+                let t = self.line(format!("arith.divui {a}, {kk} : index"));
+                self.value_at(arg(0), &[t, idx[1].clone()])?
+            }
+            Op::UnpermuteGradRows { k } => {
+                // out[i, j] = gates(order[i]) · g[order[i] / k, j]
+                let a = self.value_at(arg(1), &idx[..1])?;
+                let a = self.to_index(&a);
+                let kk = self.index(*k);
+                let t = self.line(format!("arith.divui {a}, {kk} : index"));
+                let m = self.line(format!("arith.remui {a}, {kk} : index"));
+                let gate = self.value_at(arg(2), &[t.clone(), m])?;
+                let x = self.value_at(arg(0), &[t, idx[1].clone()])?;
+                self.line(format!("arith.mulf {gate}, {x} : f32"))
+            }
+            op if elementwise(op) => {
+                let mut a = Vec::with_capacity(node.args.len());
+                for k in 0..node.args.len() {
+                    let at = self.broadcast_index(idx, &shape_of(self, k));
+                    a.push(self.value_at(arg(k), &at)?);
+                }
+                self.body.op(op, &a)?
+            }
+            op => return Err(format!("`{}` is not generated yet", op.name())),
+        })
+    }
+
+    /// Concatenation: the part whose range along `axis` holds the index.
+    fn concat(
+        &mut self,
+        node: &Node,
+        axis: usize,
+        idx: &[String],
+        part: usize,
+        start: usize,
+    ) -> Result<String, String> {
+        let arg = node.args[part];
+        let len = self.node(arg).shape[axis];
+        let read = |g: &mut Self| {
+            let mut at = idx.to_vec();
+            let s = g.index(start);
+            at[axis] = g.line(format!("arith.subi {}, {s} : index", idx[axis]));
+            g.value_at(arg, &at)
+        };
+        if part + 1 == node.args.len() {
+            return read(self);
+        }
+        let end = self.index(start + len);
+        let here = self.cmp_index("ult", &idx[axis], &end);
+        self.select(&here, "f32", read, |g| g.concat(node, axis, idx, part + 1, start + len))
+    }
+
+    /// The axes a reduction (`sum`, `max`, `sum_to`) reduces, as positions of its input.
+    fn reduced_axes(&self, node: &Node) -> Vec<usize> {
+        let shape = &self.node(node.args[0]).shape;
+        match &node.op {
+            Op::Sum { axis, .. } | Op::Max { axis, .. } => vec![*axis],
+            Op::SumTo(target) => {
+                let offset = shape.len() - target.len();
+                (0..shape.len()).filter(|&k| k < offset || (target[k - offset] == 1 && shape[k] != 1)).collect()
+            }
+            _ => unreachable!("reductions"),
+        }
+    }
+
+    /// How many input elements each output element of a reduction combines.
+    fn reduced_extent(&self, node: &Node) -> usize {
+        let shape = &self.node(node.args[0]).shape;
+        self.reduced_axes(node).iter().map(|&k| shape[k]).product()
+    }
+
+    /// The input element of reduction `node` at output index `idx` and reduced position `j`.
+    fn reduced_term(&mut self, node: &Node, idx: &[String], j: &str) -> Result<String, String> {
+        let shape = self.node(node.args[0]).shape.clone();
+        let reduced = self.reduced_axes(node);
+        let extents: Vec<usize> = reduced.iter().map(|&k| shape[k]).collect();
+        let positions = self.delinearize(j, &extents);
+        let at: Vec<String> = match &node.op {
+            Op::Sum { axis, keep } | Op::Max { axis, keep } => {
+                let mut at = idx.to_vec();
+                if *keep {
+                    at[*axis] = positions[0].clone();
+                } else {
+                    at.insert(*axis, positions[0].clone());
+                }
+                at
+            }
+            _ => {
+                let offset = shape.len() - idx.len();
+                let zero = self.index(0);
+                (0..shape.len())
+                    .map(|k| match reduced.iter().position(|&r| r == k) {
+                        Some(p) => positions[p].clone(),
+                        None if shape[k] == 1 => zero.clone(),
+                        None => idx[k - offset].clone(),
+                    })
+                    .collect()
+            }
+        };
+        self.value_at(node.args[0], &at)
+    }
+
+    /// Top-k: the m-th index of a row in the order (value descending, index ascending) is
+    /// found by m + 1 rounds, each picking the best element after the previous pick.
+    fn top_k(&mut self, x: V, shape: &[usize], idx: &[String]) -> Result<String, String> {
+        let rank = idx.len();
+        let n = shape[rank - 1];
+        let m = &idx[rank - 1];
+        let one = self.index(1);
+        let rounds = self.line(format!("arith.addi {m}, {one} : index"));
+        let (c0, c1) = (self.index(0), self.index(1));
+        let top = self.line("arith.constant 0x7F800000 : f32".into());
+        let none = self.index(usize::MAX >> 1);
+        let result = self.body.fresh();
+        let (_r, pv, pi) = (self.body.fresh(), self.body.fresh(), self.body.fresh());
+        let _ = writeln!(
+            self.body.text,
+            "        {result}:2 = scf.for {_r} = {c0} to {rounds} step {c1} iter_args({pv} = {top}, {pi} = {none}) -> (f32, index) {{"
+        );
+        let (best_v, best_i) = self.scoped(|g| -> Result<(String, String), String> {
+            let lowest = g.line("arith.constant 0xFF800000 : f32".into());
+            let far = g.index(usize::MAX >> 1);
+            let best = g.fold(n, &[lowest, far], &["f32", "index"], |g, j, acc| {
+                let mut at = idx[..rank - 1].to_vec();
+                at.push(j.to_string());
+                let xj = g.value_at(x, &at)?;
+                // after the previous pick: x < pv, or x = pv and j > pi
+                let lt = g.line(format!("arith.cmpf olt, {xj}, {pv} : f32"));
+                let eq = g.line(format!("arith.cmpf oeq, {xj}, {pv} : f32"));
+                let later = g.cmp_index("ugt", j, &pi);
+                let tie_after = g.line(format!("arith.andi {eq}, {later} : i1"));
+                let after = g.line(format!("arith.ori {lt}, {tie_after} : i1"));
+                // better than the best so far: x > bv, or x = bv and j < bi
+                let gt = g.line(format!("arith.cmpf ogt, {xj}, {} : f32", acc[0]));
+                let beq = g.line(format!("arith.cmpf oeq, {xj}, {} : f32", acc[0]));
+                let earlier = g.cmp_index("ult", j, &acc[1]);
+                let tie_better = g.line(format!("arith.andi {beq}, {earlier} : i1"));
+                let better = g.line(format!("arith.ori {gt}, {tie_better} : i1"));
+                let take = g.line(format!("arith.andi {after}, {better} : i1"));
+                let v = g.line(format!("arith.select {take}, {xj}, {} : f32", acc[0]));
+                let i = g.line(format!("arith.select {take}, {j}, {} : index", acc[1]));
+                Ok(vec![v, i])
+            })?;
+            Ok((best[0].clone(), best[1].clone()))
+        })?;
+        let _ = writeln!(self.body.text, "        scf.yield {best_v}, {best_i} : f32, index\n        }}");
+        Ok(self.line(format!("arith.index_cast {result}#1 : index to i32")))
+    }
+
+    /// When every output is a sum (`sum`, `sum_to`) of the same size over the same number of
+    /// elements, and that number is large: (output elements, warps per element). A thread per
+    /// output would loop over the whole extent alone.
+    fn split_reduction(&self, kernel: &Kernel) -> Option<(usize, usize)> {
+        let outputs: Vec<&Node> = kernel.outputs.iter().map(|&o| &self.f.nodes[o as usize]).collect();
+        let first = outputs.first()?;
+        let extent = self.reduced_extent_of_sum(first)?;
+        let size = numel(&first.shape);
+        let same = outputs.iter().all(|n| numel(&n.shape) == size && self.reduced_extent_of_sum(n) == Some(extent));
+        (same && extent >= SPLIT_EXTENT).then(|| (size, extent.div_ceil(ELEMENTS_PER_WARP)))
+    }
+
+    fn reduced_extent_of_sum(&self, node: &Node) -> Option<usize> {
+        matches!(node.op, Op::Sum { .. } | Op::SumTo(_)).then(|| self.reduced_extent(node))
+    }
+
+    /// Sums by warps: warp w takes output element w / W and the W-th part of its extent, its
+    /// lanes striding by 32 (coalesced where the reduced axis is the last); the lanes' partials
+    /// meet through shuffles and lane 0 adds the warp's sum into the zeroed output (or stores
+    /// it when one warp covers the whole extent).
+    fn reduce_by_warps(&mut self, kernel: &Kernel) -> Result<bool, String> {
+        let (size, warps) = self.split_reduction(kernel).expect("checked by the caller");
+        self.domain = size * warps * 32;
+        let c32 = self.index(32);
+        let warp = self.line(format!("arith.divui %gid, {c32} : index"));
+        let lane = self.line(format!("arith.remui %gid, {c32} : index"));
+        let w = self.index(warps);
+        let element = self.line(format!("arith.divui {warp}, {w} : index"));
+        let part = self.line(format!("arith.remui {warp}, {w} : index"));
+        let _ = writeln!(self.body.text, "      %w32 = arith.constant 32 : i32");
+        let limit = self.index(size);
+        let inside = self.cmp_index("ult", &element, &limit);
+        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+        let zero_index = self.index(0);
+        let first = self.f.nodes[kernel.outputs[0] as usize].clone();
+        let extent = self.reduced_extent(&first);
+        let chunk = self.index(ELEMENTS_PER_WARP);
+        let start = self.line(format!("arith.muli {part}, {chunk} : index"));
+        let lo = self.line(format!("arith.addi {start}, {lane} : index"));
+        let end = self.line(format!("arith.addi {start}, {chunk} : index"));
+        let total = self.index(extent);
+        let hi = self.line(format!("arith.minui {end}, {total} : index"));
+        let is_lane0 = self.cmp_index("eq", &lane, &zero_index);
+        for (k, &o) in kernel.outputs.iter().enumerate() {
+            let node = &self.f.nodes[o as usize];
+            let idx = self.delinearize(&element, &node.shape);
+            let zero = self.body.constant(0.0);
+            let partial = self
+                .fold_range(&lo, &hi, 32, &[zero], &["f32"], |g, j, acc| {
+                    let x = g.reduced_term(node, &idx, j)?;
+                    Ok(vec![g.line(format!("arith.addf {}, {x} : f32", acc[0]))])
+                })?
+                .remove(0);
+            let name = self.body.fresh();
+            let sum = super::emit::warp_reduce(&mut self.body.text, &name[1..], &partial, "arith.addf %acc, %y : f32");
+            let slot = kernel.inputs.len() + k;
+            let store = if warps > 1 {
+                format!(
+                    "%{}_old = memref.atomic_rmw addf {sum}, %a{slot}[{element}] : (f32, memref<?xf32>) -> f32",
+                    &name[1..]
+                )
+            } else {
+                format!("memref.store {sum}, %a{slot}[{element}] : memref<?xf32>")
+            };
+            let _ = writeln!(
+                self.body.text,
+                "        scf.if {is_lane0} {{
+        {store}
+        }}"
+            );
+        }
+        let _ = writeln!(self.body.text, "        }}");
+        Ok(warps > 1)
+    }
+
+    /// Each output element computed at its own index: outputs of different sizes each by the
+    /// threads below their size.
+    fn gather(&mut self, kernel: &Kernel) -> Result<bool, String> {
+        let outputs: Vec<&Node> = kernel.outputs.iter().map(|&o| &self.f.nodes[o as usize]).collect();
+        self.domain = outputs.iter().map(|n| numel(&n.shape)).max().unwrap_or(0);
+        for (k, (&o, node)) in kernel.outputs.iter().zip(&outputs).enumerate() {
+            let slot = kernel.inputs.len() + k;
+            let size = self.index(numel(&node.shape));
+            let inside = self.cmp_index("ult", "%gid", &size);
+            let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+            self.scoped(|g| -> Result<(), String> {
+                let idx = g.delinearize("%gid", &node.shape);
+                let x = g.value_at(V(o), &idx)?;
+                let ty = element_type(node.dtype);
+                let _ = writeln!(g.body.text, "        memref.store {x}, %a{slot}[%gid] : memref<?x{ty}>");
+                Ok(())
+            })?;
+            let _ = writeln!(self.body.text, "        }}");
+        }
+        Ok(false)
+    }
+
+    /// A scatter op over its source elements; whether its output must be zeroed first.
+    fn scatter(&mut self, node: &Node) -> Result<bool, String> {
+        let out = self.slots.len();
+        let arg = |k: usize| node.args[k];
+        let shape = |g: &Self, k: usize| g.node(node.args[k]).shape.clone();
+        let atomic_add = |g: &mut Self, x: &str, at: &str| {
+            g.line(format!("memref.atomic_rmw addf {x}, %a{out}[{at}] : (f32, memref<?xf32>) -> f32"));
+        };
+        let source = match &node.op {
+            Op::ScatterRows { .. } => shape(self, 1),
+            Op::PermuteGrad { .. } | Op::Unpermute { .. } => shape(self, 0),
+            Op::UnpermuteGradGates { .. } => shape(self, 2),
+            Op::SortByExpert { .. } => vec![numel(&shape(self, 0))],
+            _ => unreachable!("scatter ops"),
+        };
+        self.domain = numel(&source);
+        let size = self.index(self.domain);
+        let inside = self.cmp_index("ult", "%gid", &size);
+        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+        let idx = self.delinearize("%gid", &source);
+        let zeroed = match &node.op {
+            Op::ScatterRows { .. } => {
+                // out[ids[p], j] += g[p, j]
+                let rank = idx.len();
+                let id = self.value_at(arg(0), &idx[..rank - 1])?;
+                let row = self.to_index(&id);
+                let x = self.value_at(arg(1), &idx)?;
+                let at = self.linearize(&[row, idx[rank - 1].clone()], &node.shape);
+                atomic_add(self, &x, &at);
+                true
+            }
+            Op::PermuteGrad { k, .. } | Op::Unpermute { k } => {
+                // out[order[i] / k, j] += (gate(order[i]) ·) x[i, j]
+                let a = self.value_at(arg(1), &idx[..1])?;
+                let a = self.to_index(&a);
+                let kk = self.index(*k);
+                let t = self.line(format!("arith.divui {a}, {kk} : index"));
+                let mut x = self.value_at(arg(0), &idx)?;
+                if let Op::Unpermute { .. } = node.op {
+                    let m = self.line(format!("arith.remui {a}, {kk} : index"));
+                    let gate = self.value_at(arg(2), &[t.clone(), m])?;
+                    x = self.line(format!("arith.mulf {gate}, {x} : f32"));
+                }
+                let at = self.linearize(&[t, idx[1].clone()], &node.shape);
+                atomic_add(self, &x, &at);
+                true
+            }
+            Op::UnpermuteGradGates { k } => {
+                // out[order[i]] = Σ_j g[order[i] / k, j] · ys[i, j]
+                let a = self.value_at(arg(2), &idx)?;
+                let a = self.to_index(&a);
+                let kk = self.index(*k);
+                let t = self.line(format!("arith.divui {a}, {kk} : index"));
+                let d = shape(self, 0)[1];
+                let zero = self.body.constant(0.0);
+                let dot = self
+                    .fold(d, &[zero], &["f32"], |g, j, acc| {
+                        let x = g.value_at(arg(0), &[t.clone(), j.to_string()])?;
+                        let y = g.value_at(arg(1), &[idx[0].clone(), j.to_string()])?;
+                        let p = g.line(format!("arith.mulf {x}, {y} : f32"));
+                        Ok(vec![g.line(format!("arith.addf {}, {p} : f32", acc[0]))])
+                    })?
+                    .remove(0);
+                let _ = writeln!(self.body.text, "        memref.store {dot}, %a{out}[{a}] : memref<?xf32>");
+                false
+            }
+            Op::SortByExpert { .. } => {
+                // out[rank(a)] = a, rank(a) = #{a' : e(a') < e(a), or e(a') = e(a) and a' < a}
+                let idx_shape = shape(self, 0);
+                let own = self.delinearize("%gid", &idx_shape);
+                let e = self.value_at(arg(0), &own)?;
+                let zero = self.index(0);
+                let rank = self
+                    .fold(self.domain, &[zero], &["index"], |g, b, acc| {
+                        let at = g.delinearize(b, &idx_shape);
+                        let eb = g.value_at(arg(0), &at)?;
+                        let lt = g.line(format!("arith.cmpi slt, {eb}, {e} : i32"));
+                        let eq = g.line(format!("arith.cmpi eq, {eb}, {e} : i32"));
+                        let before = g.cmp_index("ult", b, "%gid");
+                        let tie = g.line(format!("arith.andi {eq}, {before} : i1"));
+                        let counts = g.line(format!("arith.ori {lt}, {tie} : i1"));
+                        let one = g.index(1);
+                        let more = g.line(format!("arith.addi {}, {one} : index", acc[0]));
+                        Ok(vec![g.line(format!("arith.select {counts}, {more}, {} : index", acc[0]))])
+                    })?
+                    .remove(0);
+                let a = self.line("arith.index_cast %gid : index to i32".into());
+                let _ = writeln!(self.body.text, "        memref.store {a}, %a{out}[{rank}] : memref<?xi32>");
+                false
+            }
+            _ => unreachable!("scatter ops"),
+        };
+        let _ = writeln!(self.body.text, "        }}");
+        Ok(zeroed)
+    }
+
+    fn finish(self, kernel: &Kernel, zeroed: bool) -> Emitted {
+        let types: Vec<&str> = self.args.iter().map(|&v| element_type(self.f.nodes[v as usize].dtype)).collect();
+        let params: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("%a{i}: memref<?x{t}>")).collect();
+        let name = &kernel.name;
+        let mlir = format!(
+            "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({}) kernel {{\n      %bid = gpu.block_id x\n      %bdim = gpu.block_dim x\n      %tid = gpu.thread_id x\n      %t0 = arith.muli %bid, %bdim : index\n      %gid = arith.addi %t0, %tid : index\n{}      gpu.return\n    }}\n  }}\n}}\n",
+            params.join(", "),
+            self.body.text
+        );
+        let threads = self.domain as u32;
+        Emitted { mlir, grid: threads.div_ceil(BLOCK).max(1), block: BLOCK, args: self.args, zeroed }
+    }
+}
