@@ -102,7 +102,7 @@ impl<'a> Gen<'a> {
             .collect()
     }
 
-    fn to_index(&mut self, i32_value: &str) -> String {
+    fn position(&mut self, i32_value: &str) -> String {
         self.line(format!("arith.index_cast {i32_value} : i32 to index"))
     }
 
@@ -261,14 +261,14 @@ impl<'a> Gen<'a> {
             Op::Gather => {
                 let rank = idx.len();
                 let id = self.value_at(arg(1), &idx[..rank - 1])?;
-                let row = self.to_index(&id);
+                let row = self.position(&id);
                 self.value_at(arg(0), &[row, idx[rank - 1].clone()])?
             }
             Op::TakeAlong => {
                 let rank = idx.len();
                 let i = self.value_at(arg(1), idx)?;
                 let mut at = idx[..rank - 1].to_vec();
-                at.push(self.to_index(&i));
+                at.push(self.position(&i));
                 self.value_at(arg(0), &at)?
             }
             Op::PutAlong { .. } => {
@@ -280,7 +280,7 @@ impl<'a> Gen<'a> {
                     let mut at = idx[..rank - 1].to_vec();
                     at.push(m.to_string());
                     let i = g.value_at(arg(0), &at)?;
-                    let i = g.to_index(&i);
+                    let i = g.position(&i);
                     let hit = g.cmp_index("eq", &i, &idx[rank - 1]);
                     let x = g.value_at(arg(1), &at)?;
                     let sum = g.line(format!("arith.addf {}, {x} : f32", acc[0]));
@@ -297,7 +297,7 @@ impl<'a> Gen<'a> {
                     let mut at = idx[..rank - 1].to_vec();
                     at.push(q.to_string());
                     let i = g.value_at(arg(0), &at)?;
-                    let i = g.to_index(&i);
+                    let i = g.position(&i);
                     let hit = g.cmp_index("eq", &i, &idx[rank - 1]);
                     let one = g.body.constant(1.0);
                     let sum = g.line(format!("arith.addf {}, {one} : f32", acc[0]));
@@ -313,7 +313,7 @@ impl<'a> Gen<'a> {
                 self.fold(numel(&shape), &[zero], &["i32"], |g, a, acc| {
                     let at = g.delinearize(a, &shape);
                     let e = g.value_at(arg(0), &at)?;
-                    let e = g.to_index(&e);
+                    let e = g.position(&e);
                     let below = g.cmp_index("ult", &e, &idx[0]);
                     let one = g.line("arith.constant 1 : i32".into());
                     let more = g.line(format!("arith.addi {}, {one} : i32", acc[0]));
@@ -324,7 +324,7 @@ impl<'a> Gen<'a> {
             Op::Permute { k } => {
                 // out[i, j] = x[order[i] / k, j]
                 let a = self.value_at(arg(1), &idx[..1])?;
-                let a = self.to_index(&a);
+                let a = self.position(&a);
                 let kk = self.index(*k);
                 let t = self.line(format!("arith.divui {a}, {kk} : index"));
                 self.value_at(arg(0), &[t, idx[1].clone()])?
@@ -332,7 +332,7 @@ impl<'a> Gen<'a> {
             Op::UnpermuteGradRows { k } => {
                 // out[i, j] = gates(order[i]) · g[order[i] / k, j]
                 let a = self.value_at(arg(1), &idx[..1])?;
-                let a = self.to_index(&a);
+                let a = self.position(&a);
                 let kk = self.index(*k);
                 let t = self.line(format!("arith.divui {a}, {kk} : index"));
                 let m = self.line(format!("arith.remui {a}, {kk} : index"));
@@ -596,7 +596,7 @@ impl<'a> Gen<'a> {
                 // out[ids[p], j] += g[p, j]
                 let rank = idx.len();
                 let id = self.value_at(arg(0), &idx[..rank - 1])?;
-                let row = self.to_index(&id);
+                let row = self.position(&id);
                 let x = self.value_at(arg(1), &idx)?;
                 let at = self.linearize(&[row, idx[rank - 1].clone()], &node.shape);
                 atomic_add(self, &x, &at);
@@ -605,7 +605,7 @@ impl<'a> Gen<'a> {
             Op::PermuteGrad { k, .. } | Op::Unpermute { k } => {
                 // out[order[i] / k, j] += (gate(order[i]) ·) x[i, j]
                 let a = self.value_at(arg(1), &idx[..1])?;
-                let a = self.to_index(&a);
+                let a = self.position(&a);
                 let kk = self.index(*k);
                 let t = self.line(format!("arith.divui {a}, {kk} : index"));
                 let mut x = self.value_at(arg(0), &idx)?;
@@ -621,7 +621,7 @@ impl<'a> Gen<'a> {
             Op::UnpermuteGradGates { k } => {
                 // out[order[i]] = Σ_j g[order[i] / k, j] · ys[i, j]
                 let a = self.value_at(arg(2), &idx)?;
-                let a = self.to_index(&a);
+                let a = self.position(&a);
                 let kk = self.index(*k);
                 let t = self.line(format!("arith.divui {a}, {kk} : index"));
                 let d = shape(self, 0)[1];
