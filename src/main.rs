@@ -149,18 +149,31 @@ fn info(cli: &Cli, args: &SpecArgs, format: InfoFormat) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// Lowers every generated kernel of the plan to `kernels/NAME.ptx`; returns how many.
+/// Lowers every generated kernel of the plan to `kernels/NAME.ptx`, on every core (one MLIR
+/// context per thread; one thread when the IR after each pass is printed); returns how many.
 #[cfg(feature = "mlir")]
 fn write_ptx(plan: &dsc_compiler::plan::Plan, dir: &std::path::Path, print_ir: bool) -> anyhow::Result<usize> {
-    let lowering = dsc_compiler::mlir::lower::Lowering::default();
     std::fs::create_dir_all(dir.join("kernels"))?;
     let kernels = plan.kernel_mlir();
-    for (name, mlir) in &kernels {
-        let ptx = lowering
-            .ptx(mlir, print_ir)
-            .map_err(|e| anyhow::anyhow!("kernel `{name}`: {e} (a compiler bug: please report it with the spec)"))?;
-        std::fs::write(dir.join("kernels").join(format!("{name}.ptx")), ptx)?;
-    }
+    let threads = if print_ir { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let kernels = &kernels;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let lowering = dsc_compiler::mlir::lower::Lowering::default();
+                    for (name, mlir) in kernels.iter().skip(t).step_by(threads) {
+                        let ptx = lowering.ptx(mlir, print_ir).map_err(|e| {
+                            anyhow::anyhow!("kernel `{name}`: {e} (a compiler bug: please report it with the spec)")
+                        })?;
+                        std::fs::write(dir.join("kernels").join(format!("{name}.ptx")), ptx)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().expect("a lowering thread panicked"))
+    })?;
     Ok(kernels.len())
 }
 

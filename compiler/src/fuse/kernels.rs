@@ -3,7 +3,8 @@
 //! GEMMs are library kernels (cuBLASLt at this stage); every other op starts a generated
 //! kernel, and an elementwise op joins the most recent generated kernel when it runs over the
 //! same number of elements (loop fusion; a value other kernels read becomes one of the
-//! kernel's outputs) and that kernel does not start with a scatter or a row op. Joining only
+//! kernel's outputs), that kernel does not start with a scatter or a row op, and the op does
+//! not read a reduction of that kernel (every element would recompute it). Joining only
 //! the most recent kernel keeps the kernels in a valid launch order: nothing launched after it
 //! can feed it. Each kernel carries its bytes moved, FLOPs and roofline time.
 
@@ -127,6 +128,16 @@ fn takes_followers(op: &Op) -> bool {
     !scatters(op) && !matches!(op, Op::RmsNorm { .. } | Op::Softmax)
 }
 
+/// Whether `node` reads a reduction computed in kernel `k`: each of its elements would need
+/// the whole reduction, so it starts a new kernel instead (the reduction's value is complete
+/// there).
+fn reads_reduction_of(f: &Function, node: &Node, kernel_of: &[Option<usize>], k: usize) -> bool {
+    node.args.iter().any(|&a| {
+        let b = base(f, a);
+        kernel_of[b.index()] == Some(k) && matches!(f.node(b).op, Op::Sum { .. } | Op::Max { .. } | Op::SumTo(_))
+    })
+}
+
 pub fn dtype_bytes(d: DType) -> u64 {
     match d {
         DType::F64 => 8,
@@ -181,6 +192,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                     groups[k].0 == KernelKind::Generated
                         && takes_followers(&head.op)
                         && iteration(f, head) == iteration(f, node)
+                        && !reads_reduction_of(f, node, &kernel_of, k)
                 });
                 match host {
                     Some(k) => {

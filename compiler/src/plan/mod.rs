@@ -255,3 +255,35 @@ impl Plan {
         TrainingGraph { forward, grad: self.grad, optimizer: self.optimizer }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel of every shipped model is either a library GEMM or generated: the backends
+    /// never meet an op they cannot run.
+    #[test]
+    fn every_kernel_of_the_shipped_models_is_generated_or_a_library_gemm() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&models).expect("models/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "dsc") {
+                continue;
+            }
+            let loaded = dsc_lang::load(&path, &[]);
+            let spec = loaded.checked_spec().unwrap_or_else(|| panic!("{} checks", path.display()));
+            let plan = compile(spec, Limits::default());
+            for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
+                for k in &pf.kernels {
+                    match (&k.code, k.kind) {
+                        (Code::Library, KernelKind::LibraryGemm) | (Code::Generated { .. }, KernelKind::Generated) => {}
+                        (code, _) => panic!("{}: {} kernel {}: {code:?}", path.display(), f.name, k.name),
+                    }
+                }
+            }
+            checked += 1;
+        }
+        assert!(checked >= 3, "the shipped models are found");
+    }
+}
