@@ -127,7 +127,7 @@ fn compute_weight_bytes(gemm: Dtype) -> u64 {
 }
 
 /// Activation bytes one micro-batch leaves on a stage for its backward pass.
-fn activation_bytes(spec: &Spec, stage: &Stage) -> u64 {
+pub fn activation_bytes(spec: &Spec, stage: &Stage) -> u64 {
     let tokens = spec.train.micro_batch * spec.train.seq_len;
     tokens * stage.parts.iter().map(|part| saved_bytes_per_token(spec, part)).sum::<u64>()
 }
