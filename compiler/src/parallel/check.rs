@@ -320,3 +320,130 @@ fn no_deadlock(schedule: &Schedule) -> Result<(), CheckError> {
     let waiting: Vec<String> = stuck.blocked.iter().map(|&(rank, _)| describe(rank)).collect();
     Err(CheckError(format!("deadlock: {} wait forever", waiting.join("; "))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsc_lang::PipelineSchedule;
+    use proptest::prelude::*;
+
+    fn generated(kind: PipelineSchedule, ranks: usize, micro_batches: usize) -> Schedule {
+        Schedule::generate(kind, ranks, micro_batches).expect("a valid size")
+    }
+
+    fn position(schedule: &Schedule, rank: usize, wanted: impl Fn(&Instruction) -> bool) -> usize {
+        schedule.programs[rank].iter().position(wanted).expect("the instruction is there")
+    }
+
+    fn rejected(schedule: &Schedule) -> String {
+        check(schedule).expect_err("a broken schedule is rejected").0
+    }
+
+    #[test]
+    fn a_missing_receive_is_named() {
+        let mut schedule = generated(PipelineSchedule::OneFOneB, 4, 8);
+        let recv = position(
+            &schedule,
+            2,
+            |i| matches!(i, Instruction::Recv { tensor: Tensor::Activation(m), .. } if m.index == 3),
+        );
+        schedule.programs[2].remove(recv);
+        let send = position(
+            &schedule,
+            1,
+            |i| matches!(i, Instruction::Send { tensor: Tensor::Activation(m), .. } if m.index == 3),
+        );
+        assert_eq!(
+            rejected(&schedule),
+            format!("rank 1, instruction {send} (`send activation ↓3 to 2`): rank 2 never receives the activation ↓3 that rank 1 sends")
+        );
+    }
+
+    #[test]
+    fn a_cycle_of_waits_is_a_deadlock() {
+        // Rank 0 holds back its activation until it has the gradient that needs it.
+        let mut schedule = generated(PipelineSchedule::OneFOneB, 2, 1);
+        let send = position(&schedule, 0, |i| matches!(i, Instruction::Send { .. }));
+        let moved = schedule.programs[0].remove(send);
+        let recv = position(&schedule, 0, |i| matches!(i, Instruction::Recv { .. }));
+        schedule.programs[0].insert(recv + 1, moved);
+        assert_eq!(
+            rejected(&schedule),
+            "deadlock: each rank waits for the next, in a cycle: \
+             rank 0, instruction 1 (`recv gradient ↓0 from 1`) → \
+             rank 1, instruction 0 (`recv activation ↓0 from 0`) → back to rank 0"
+        );
+    }
+
+    #[test]
+    fn dependencies_out_of_order_are_rejected() {
+        // A backward before its forward.
+        let mut schedule = generated(PipelineSchedule::Zb1p, 2, 2);
+        let forward = position(&schedule, 1, |i| matches!(i, Instruction::Compute(Compute::Forward(_))));
+        let backward = position(&schedule, 1, |i| matches!(i, Instruction::Compute(Compute::BackwardInput(_))));
+        schedule.programs[1].swap(forward, backward);
+        assert!(rejected(&schedule).contains("the backward of ↓0 comes before its forward"), "{}", rejected(&schedule));
+        // A weight gradient whose input gradient was never split off.
+        let mut schedule = generated(PipelineSchedule::Zb1p, 2, 2);
+        let weight = position(&schedule, 0, |i| matches!(i, Instruction::Compute(Compute::BackwardWeight(_))));
+        schedule.programs[0].remove(weight);
+        assert_eq!(
+            rejected(&schedule),
+            "rank 0, instruction 9 (`reduce-scatter grads`): the weight gradient of ↓0 is not accumulated yet"
+        );
+        // A send to a rank that does not hold the next stage.
+        let mut schedule = generated(PipelineSchedule::OneFOneB, 3, 1);
+        let send = position(&schedule, 0, |i| matches!(i, Instruction::Send { .. }));
+        let recv = position(&schedule, 1, |i| matches!(i, Instruction::Recv { tensor: Tensor::Activation(_), .. }));
+        schedule.programs[0][send] =
+            Instruction::Send { to: 2, tensor: Tensor::Activation(Micro { direction: Direction::Down, index: 0 }) };
+        schedule.programs[2].insert(
+            0,
+            Instruction::Recv { from: 0, tensor: Tensor::Activation(Micro { direction: Direction::Down, index: 0 }) },
+        );
+        schedule.programs[1].remove(recv);
+        assert!(
+            rejected(&schedule).contains("rank 2 does not hold the neighbouring stage of ↓0"),
+            "{}",
+            rejected(&schedule)
+        );
+    }
+
+    #[test]
+    fn impossible_sizes_are_errors() {
+        let error =
+            |kind, ranks, micro_batches| Schedule::generate(kind, ranks, micro_batches).expect_err("impossible").0;
+        assert_eq!(
+            error(PipelineSchedule::Dualpipe, 3, 12),
+            "DualPipe needs an even number of pipeline ranks, found 3"
+        );
+        assert!(error(PipelineSchedule::Dualpipe, 4, 6)
+            .contains("at least twice the 4 pipeline ranks (8 or more), found 6"));
+        assert!(error(PipelineSchedule::Dualpipe, 4, 9).contains("found 9"));
+        assert_eq!(error(PipelineSchedule::OneFOneB, 0, 4), "a pipeline needs at least one rank");
+        assert_eq!(error(PipelineSchedule::Zb1p, 4, 0), "a step needs at least one micro-batch");
+    }
+
+    fn any_size() -> impl Strategy<Value = (PipelineSchedule, usize, usize)> {
+        let one_direction = (prop_oneof![Just(PipelineSchedule::OneFOneB), Just(PipelineSchedule::Zb1p)], 2usize..=16)
+            .prop_flat_map(|(kind, ranks)| (Just(kind), Just(ranks), 1..=4 * ranks));
+        let dualpipe = (1usize..=8)
+            .prop_flat_map(|half| (Just(PipelineSchedule::Dualpipe), Just(2 * half), 2 * half..=8 * half))
+            .prop_map(|(kind, ranks, pairs)| (kind, ranks, 2 * pairs));
+        prop_oneof![one_direction, dualpipe]
+    }
+
+    proptest! {
+        /// Every generated schedule checks, with the table's peak of activations in flight.
+        #[test]
+        fn generated_schedules_check((kind, ranks, micro_batches) in any_size()) {
+            let schedule = generated(kind, ranks, micro_batches);
+            let peaks = check(&schedule).map_err(|e| TestCaseError::fail(e.0))?;
+            let most = match kind {
+                PipelineSchedule::Dualpipe => ranks + 1,
+                _ => ranks.min(micro_batches),
+            };
+            prop_assert_eq!(peaks.iter().max().copied(), Some(most));
+        }
+    }
+}

@@ -362,3 +362,147 @@ impl fmt::Display for Simulation {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::cost::Split;
+    use crate::parallel::schedule::{Compute, Direction, Micro};
+    use crate::testing;
+
+    /// Chunk times as (forward compute, forward all-to-all, backward compute, backward
+    /// all-to-all, weight gradient), in dyadic fractions so that every sum is exact.
+    fn times(fc: f64, fm: f64, bc: f64, bm: f64, weight: f64) -> StageTimes {
+        StageTimes { forward: Split { compute: fc, comm: fm }, backward: Split { compute: bc, comm: bm }, weight }
+    }
+
+    /// The simulated bubble of `kind` with equal stages and free transfers, and the F, B, W and
+    /// F&B the cost model gives those chunks.
+    fn simulated(kind: PipelineSchedule, ranks: usize, micro_batches: usize, stage: StageTimes) -> (f64, [f64; 4]) {
+        let schedule = Schedule::generate(kind, ranks, micro_batches).expect("a valid size");
+        let costs = Costs::uniform(ranks, stage);
+        let (_, timing) = run(&schedule, &costs).expect("the schedule checks and runs");
+        let micro = |index| Micro { direction: Direction::Down, index };
+        let time = |chunk| costs.compute(0, &chunk);
+        let fb = time(Compute::ForwardBackward { forward: micro(0), backward: micro(1) });
+        let figures = [time(Compute::Forward(micro(0))), time(Compute::Backward(micro(0))), stage.weight, fb];
+        (timing.bubble_seconds(), figures)
+    }
+
+    /// F, B, W of several ratios (B ≥ W; the all-to-all makes F&B shorter than F + B).
+    const CHUNKS: [(f64, f64, f64, f64, f64); 5] = [
+        (1.0, 0.0, 2.0, 0.0, 1.0),
+        (2.0, 0.0, 3.0, 0.0, 1.0),
+        (3.0, 2.0, 7.0, 4.0, 3.0),
+        (0.5, 0.5, 1.5, 0.5, 0.5),
+        (1.0, 0.25, 2.0, 1.0, 0.75),
+    ];
+
+    #[test]
+    fn one_f_one_b_bubble_is_the_table_formula() {
+        for ranks in [4, 8, 16] {
+            for micro_batches in [ranks, 2 * ranks + 3] {
+                for (fc, fm, bc, bm, w) in CHUNKS {
+                    let (bubble, [f, b, _, _]) =
+                        simulated(PipelineSchedule::OneFOneB, ranks, micro_batches, times(fc, fm, bc, bm, w));
+                    assert_eq!(bubble, (ranks - 1) as f64 * (f + b), "PP {ranks}, {micro_batches} micro-batches");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zb1p_bubble_is_the_table_formula() {
+        for ranks in [4, 8, 16] {
+            for micro_batches in [ranks, 2 * ranks + 3] {
+                for (fc, fm, bc, bm, w) in CHUNKS {
+                    let (bubble, [f, b, w, _]) =
+                        simulated(PipelineSchedule::Zb1p, ranks, micro_batches, times(fc, fm, bc, bm, w));
+                    let formula = (ranks - 1) as f64 * (f + b - 2.0 * w);
+                    assert_eq!(bubble, formula, "PP {ranks}, {micro_batches} micro-batches, F {f} B {b} W {w}");
+                }
+            }
+        }
+    }
+
+    /// The DualPipe figure's proportions: a forward as long as an input-gradient backward
+    /// (F = B − W), and an overlapped pair no shorter than a backward (B ≤ F&B ≤ F + B). The
+    /// bubble is that of the middle ranks, the most idle (ranks nearer the ends overlap more
+    /// pairs).
+    #[test]
+    fn dualpipe_bubble_is_the_table_formula() {
+        let chunks = [
+            (1.0, 0.0, 2.0, 0.0, 1.0),   // F 1, B 2, W 1, F&B 3
+            (2.0, 0.0, 3.0, 0.0, 1.0),   // F 2, B 3, W 1, F&B 5
+            (0.5, 0.5, 1.5, 0.5, 1.0),   // F 1, B 2, W 1, F&B 2
+            (0.75, 0.25, 1.5, 0.5, 1.0), // F 1, B 2, W 1, F&B 2.25
+            (1.5, 0.5, 2.5, 1.5, 2.0),   // F 2, B 4, W 2, F&B 4
+            (2.0, 1.0, 4.0, 1.0, 2.0),   // F 3, B 5, W 2, F&B 6
+        ];
+        for ranks in [4, 8, 16] {
+            for micro_batches in [2 * ranks, 2 * ranks + 6, 6 * ranks] {
+                for (fc, fm, bc, bm, w) in chunks {
+                    let (bubble, [f, b, w, fb]) =
+                        simulated(PipelineSchedule::Dualpipe, ranks, micro_batches, times(fc, fm, bc, bm, w));
+                    assert_eq!(f, b - w);
+                    let formula = (ranks / 2 - 1) as f64 * (fb + b - 3.0 * w);
+                    assert_eq!(
+                        bubble, formula,
+                        "PP {ranks}, {micro_batches} micro-batches, F {f} B {b} W {w} F&B {fb}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The table's memory columns: parameter copies 1× (2× for DualPipe) and peak activations
+    /// PP micro-batches (PP + 1 for DualPipe); and `dsc info`'s estimate keeps the same counts
+    /// rank by rank.
+    #[test]
+    fn memory_multiples_are_the_table_figures() {
+        for (kind, copies, peak) in
+            [(PipelineSchedule::OneFOneB, 1, 0), (PipelineSchedule::Zb1p, 1, 0), (PipelineSchedule::Dualpipe, 2, 1)]
+        {
+            for ranks in [4, 8, 16] {
+                let schedule = Schedule::generate(kind, ranks, 4 * ranks).expect("a valid size");
+                let peaks = check::check(&schedule).expect("checks");
+                assert_eq!(peaks.iter().max(), Some(&(ranks + peak)), "{kind:?} PP {ranks}");
+                assert!((0..ranks).all(|rank| schedule.held(rank).count() == copies), "{kind:?} PP {ranks}");
+                let mut spec = testing::deepseek_v3();
+                spec.parallel.pipeline.schedule = kind;
+                spec.parallel.pipeline.stages = ranks as u64;
+                let estimated: Vec<usize> = memory::per_rank(&spec, &stages::split(&spec))
+                    .iter()
+                    .map(|rank| rank.in_flight_micro_batches as usize)
+                    .collect();
+                assert_eq!(estimated, peaks, "{kind:?} PP {ranks}");
+            }
+        }
+    }
+
+    #[test]
+    fn deepseek_v3_step() {
+        let spec = testing::deepseek_v3();
+        let (schedule, run, simulation) = simulate(&spec, &Cluster::h800(8)).expect("simulates");
+        assert_eq!(schedule.ranks, 16);
+        assert_eq!(simulation.micro_batches, 120);
+        assert_eq!(run.spans.len(), 16);
+        // Every rank holds two stages, keeps 17 micro-batches at its peak and fits in 80 GiB.
+        assert!(simulation.ranks.iter().all(|rank| rank.stages_held == 2 && rank.peak_micro_batches == 17));
+        assert!(simulation.ranks.iter().all(|rank| rank.fits), "{simulation}");
+        // The step is the pipeline plus ZeRO-1; GPU-hours follow from it.
+        assert!(simulation.step_seconds > simulation.pipeline_seconds);
+        let hours = simulation.step_seconds * 2048.0 / 3600.0 * 1e12 / simulation.tokens_per_step as f64;
+        assert!((simulation.gpu_hours_per_trillion_tokens - hours).abs() < 1e-6 * hours);
+        // Node-limited dispatch: each token crosses IB to at most 4 nodes (3.5 remote on
+        // average of 8), FP8 with one f32 scale per 128 channels; combine in BF16.
+        let tokens = 4096.0;
+        assert_eq!(simulation.dispatch.ib_bytes, tokens * 3.5 * (7168.0 + 56.0 * 4.0));
+        assert_eq!(simulation.combine.ib_bytes, tokens * 3.5 * 7168.0 * 2.0);
+        let json = serde_json::to_value(&simulation).expect("serialises");
+        for key in ["step_seconds", "bubble_seconds", "bubble_fraction", "gpu_hours_per_trillion_tokens"] {
+            assert!(json[key].is_f64(), "{key}");
+        }
+        assert_eq!(json["ranks"].as_array().map(Vec::len), Some(16));
+    }
+}
