@@ -369,12 +369,13 @@ fn dualpipe(ranks: usize, micro_batches: usize, rank: usize) -> Vec<Compute> {
         r.backward(far, false);
         r.forward_backward(far, near);
     }
+    // Of these 2(h+1) backwards, the last h+1 are split.
     let steps = h + 1;
     let mut split = false;
     for i in 0..steps {
-        split |= i == steps / 2 && h % 2 == 1;
+        split |= i == steps / 2 && !h.is_multiple_of(2);
         r.backward(far, split);
-        split |= i == steps / 2 && h % 2 == 0;
+        split |= i == steps / 2 && h.is_multiple_of(2);
         r.backward(near, split);
     }
     for _ in 0..half_ranks - h - 1 {
