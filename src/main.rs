@@ -257,7 +257,8 @@ fn compile(
         }
         EmitStage::Schedule => {
             let Some(schedule) = schedule(cli, &loaded, &spec) else { return Ok(ExitCode::FAILURE) };
-            schedule.to_string()
+            let stages = dsc_compiler::parallel::split(&spec);
+            dsc_compiler::parallel::chunks::describe(&spec.model, &stages) + &schedule.to_string()
         }
     };
     match output {

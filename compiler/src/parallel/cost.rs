@@ -1,7 +1,7 @@
 //! The cost model the simulator runs a schedule with. A [`Cluster`] holds the figures of the
 //! machines (the GPU's roofline [`Profile`], NVLink and InfiniBand bandwidth and latency;
 //! H800 nodes of 8 GPUs with NVLink 160 GB/s and IB 50 GB/s by default). From it and a spec,
-//! [`Costs::of`] derives, per stage and micro-batch, the forward, backward and weight-gradient
+//! [`Costs::of`] derives, per stage and micro-batch ([`super::chunks`] says what a chunk runs), the forward, backward and weight-gradient
 //! times (training FLOPs at the compute roof of the SMs left after `comm_sms`; FP8 GEMMs, BF16
 //! attention core and head) and the MoE all-to-alls of each chunk (node-limited: a token crosses
 //! IB once to each remote node it reaches, to the GPU with its local index, then NVLink takes it
@@ -11,6 +11,7 @@
 use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Spec, StagePart};
 use serde::Serialize;
 
+use super::chunks;
 use super::execute::Durations;
 use super::schedule::{Compute, Direction, Instruction, Micro, Tensor};
 use super::stages::Stage;
@@ -129,7 +130,7 @@ impl Costs {
     pub fn of(spec: &Spec, stages: &[Stage], cluster: &Cluster) -> Costs {
         let model = ModelCosts::new(spec, cluster);
         let (dispatch, combine) = model.all_to_alls();
-        let moe_layers: Vec<u64> = stages.iter().map(|stage| model.moe_layers(stage)).collect();
+        let moe_layers: Vec<u64> = stages.iter().map(|stage| chunks::moe_layers(&spec.model, stage)).collect();
         let times = stages
             .iter()
             .zip(&moe_layers)
@@ -280,22 +281,6 @@ impl<'a> ModelCosts<'a> {
             backward: Split { compute: 2.0 * forward, comm: backward_comm },
             weight,
         }
-    }
-
-    fn moe_layers(&self, stage: &Stage) -> u64 {
-        let model = &self.spec.model;
-        let is_moe = |ffn: &Ffn| matches!(ffn, Ffn::Moe(_));
-        stage
-            .parts
-            .iter()
-            .map(|part| match part {
-                StagePart::Layers(range) => {
-                    (range.start..range.end).filter(|&layer| is_moe(params::ffn_at(model, layer))).count() as u64
-                }
-                StagePart::Mtp if is_moe(params::mtp_ffn(model)) => model.mtp.as_ref().map_or(0, |mtp| mtp.depth),
-                _ => 0,
-            })
-            .sum()
     }
 
     /// The dispatch and combine of one MoE layer for one micro-batch on one GPU.
