@@ -349,9 +349,14 @@ fn simulate_json_contract_and_timeline() {
     assert_eq!(json["schedule"], "dualpipe");
     assert_eq!(json["gpus"], 2048);
     assert_eq!(json["micro_batches"], 120);
-    for key in
-        ["step_seconds", "pipeline_seconds", "bubble_seconds", "bubble_fraction", "gpu_hours_per_trillion_tokens"]
-    {
+    for key in [
+        "step_seconds",
+        "pipeline_seconds",
+        "bubble_seconds",
+        "bubble_total_seconds",
+        "bubble_fraction",
+        "gpu_hours_per_trillion_tokens",
+    ] {
         assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key}");
     }
     let ranks = json["ranks"].as_array().expect("ranks");

@@ -122,6 +122,8 @@ pub struct Simulation {
     pub pipeline_seconds: f64,
     /// The most idle rank's idle time (the pipeline bubble).
     pub bubble_seconds: f64,
+    /// The idle time of all ranks together.
+    pub bubble_total_seconds: f64,
     /// Idle time of all ranks over their time in the pipeline.
     pub bubble_fraction: f64,
     pub ranks: Vec<RankReport>,
@@ -189,6 +191,7 @@ pub fn simulate(spec: &Spec, cluster: &Cluster) -> Result<(Schedule, Run, Simula
         step_seconds: step,
         pipeline_seconds: timing.pipeline_seconds,
         bubble_seconds: timing.bubble_seconds(),
+        bubble_total_seconds: timing.idle_seconds.iter().sum(),
         bubble_fraction: timing.idle_seconds.iter().sum::<f64>() / (timing.pipeline_seconds * schedule.ranks as f64),
         ranks,
         dispatch: costs.dispatch,
@@ -289,9 +292,11 @@ impl fmt::Display for Simulation {
         )?;
         writeln!(
             f,
-            "{:LABEL$}{:.3} s on the most idle rank; {:.1}% of all ranks' pipeline time",
+            "{:LABEL$}{:.3} s on the most idle rank, {:.3} s over all {} ranks: {:.1}% of their pipeline time",
             "bubble",
             self.bubble_seconds,
+            self.bubble_total_seconds,
+            self.pipeline_ranks,
             100.0 * self.bubble_fraction
         )?;
         for (label, a) in [("dispatch", &self.dispatch), ("combine", &self.combine)] {
