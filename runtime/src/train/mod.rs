@@ -1,12 +1,13 @@
 //! The training loop and its parts: parameter initialisation (`init`), the parameters' EMA
 //! (`ema`), where training is and
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
-//! metrics each step reports (`metrics`) and their curves (`plot`), and the CPU trainer that
-//! runs steps (`trainer`).
+//! metrics each step reports (`metrics`) and their curves (`plot`), the CPU trainer that
+//! runs steps (`trainer`), and the executor of a pipeline schedule on thread-ranks (`pipeline`).
 
 pub mod ema;
 pub mod init;
 pub mod metrics;
+pub mod pipeline;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
