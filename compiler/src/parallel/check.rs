@@ -3,7 +3,10 @@
 //! dependencies hold in its own order (a forward after its input arrived, a backward after its
 //! forward and its output gradient, a weight gradient after its input gradient, the step's end
 //! after every micro-batch's gradients), every micro-batch is run exactly once on every stage,
-//! and the ranks cannot deadlock with blocking receives. It also computes each rank's peak of
+//! and the ranks cannot deadlock when every receive blocks until its tensor has arrived and
+//! sends are buffered (posted asynchronously, as DualPipe's and Megatron's isend are: a rank
+//! never waits for its own sends; with rendezvous sends the lists would need their receives
+//! posted ahead of use). It also computes each rank's peak of
 //! activations in flight (a micro-batch's activations live from its forward to its weight
 //! gradient).
 
