@@ -9,7 +9,7 @@
 //! YaRN's original one (the context-extension phases: `--set train.seq_len=32Ki`).
 
 use super::ir::{ConstantKind, DType, Fp8Linear, FunctionBuilder, Module, Op, V};
-use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec, Yarn};
+use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec, StagePart, Yarn};
 
 /// How the graph computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,15 @@ enum Head {
     Logits,
 }
 
-fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
+/// What every forward graph starts with: the module with its constant tables and one function
+/// per distinct FFN of the layer ranges (their indices in `layer_fns`).
+struct Prelude {
+    module: Module,
+    cfg: Config,
+    layer_fns: Vec<usize>,
+}
+
+fn prelude(spec: &Spec, numerics: Numerics) -> Prelude {
     let mut module = Module::default();
     let cfg = Config::new(spec, numerics);
     let (frequencies, scale) = (rope_frequencies(spec), rope_scale(spec));
@@ -89,12 +97,16 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
     let sin = module.add_constant("rope_sin", vec![cfg.seq, cfg.rope], rope(true));
     let mask = module.add_constant("causal_mask", vec![cfg.seq, cfg.seq], ConstantKind::CausalMask);
     let tables = Tables { cos, sin, mask };
-    // One function per distinct FFN of the layer ranges.
     let mut layer_fns = Vec::new();
     for (i, range) in spec.model.ffn.iter().enumerate() {
         let f = layer_function(&module, &cfg, &tables, &range.ffn, &format!("layer{i}"));
         layer_fns.push(module.add(f));
     }
+    Prelude { module, cfg, layer_fns }
+}
+
+fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
+    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics);
     let mut params = Vec::new();
     let mut moe_biases = Vec::new();
     let model = 'model: {
@@ -212,6 +224,88 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
     };
     let model = module.add(model);
     ForwardGraph { module, model, params, moe_biases, micro_batch: cfg.batch, seq_len: cfg.seq }
+}
+
+/// The forward graph of one pipeline stage (a model without MTP modules; theirs would share
+/// the embedding with stage 0).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageGraph {
+    pub module: Module,
+    /// `stage(params…, [h], tokens, loss_mask) -> (h' | loss, balance_loss)`: `h` [micro_batch,
+    /// seq_len, hidden] is the previous stage's output (the first stage embeds `tokens`
+    /// instead); the last stage returns the main loss rather than `h'`; `balance_loss` sums the
+    /// stage's MoE layers' terms (the whole model's loss is the last stage's loss plus every
+    /// stage's balance loss). `tokens` and `loss_mask` are [micro_batch, seq_len + 1].
+    pub forward: usize,
+    /// The stage's parameters, named as in the whole model.
+    pub params: Vec<ParamInfo>,
+    pub first: bool,
+    pub last: bool,
+}
+
+/// The forward graph of the stage holding `parts`.
+pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart]) -> Result<StageGraph, String> {
+    if spec.model.mtp.is_some() {
+        return Err("pipeline stages of a model with MTP modules are not built yet (they share the embedding \
+                    with the first stage)"
+            .into());
+    }
+    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics);
+    let (first, last) = (parts.contains(&StagePart::Embedding), parts.contains(&StagePart::Head));
+    let mut params = Vec::new();
+    let mut b = FunctionBuilder::new(&module, "stage");
+    let d = cfg.hidden;
+    let embed = first.then(|| {
+        param(&mut b, &mut params, "model.embed_tokens.weight", vec![cfg.vocab, d], ParamGroup::Embedding, false)
+    });
+    let mut layer_params = Vec::new();
+    for part in parts {
+        let StagePart::Layers(layers) = part else { continue };
+        for layer in layers.start..layers.end {
+            let range = spec.model.ffn.iter().position(|r| r.layers.contains(layer)).expect("checked ranges");
+            let prefix = format!("model.layers.{layer}");
+            let ffn = &spec.model.ffn[range].ffn;
+            let ps = layer_params_of(&mut b, &mut params, &cfg, ffn, &prefix, ParamGroup::Attention);
+            layer_params.push((range, ps.values));
+        }
+    }
+    let head = last.then(|| {
+        let norm = param(&mut b, &mut params, "model.norm.weight", vec![d], ParamGroup::Norms, true);
+        (norm, param(&mut b, &mut params, "lm_head.weight", vec![cfg.vocab, d], ParamGroup::Head, false))
+    });
+    let h_in = (!first).then(|| b.arg("h", vec![cfg.batch, cfg.seq, d], DType::F32));
+    let tokens = b.arg("tokens", vec![cfg.batch, cfg.seq + 1], DType::I32);
+    let loss_mask = b.arg("loss_mask", vec![cfg.batch, cfg.seq + 1], DType::F32);
+    let mut h = match (embed, h_in) {
+        (Some(embed), _) => {
+            let ids = b.slice(tokens, 1, 0, cfg.seq);
+            b.gather(embed, ids)
+        }
+        (None, Some(h)) => h,
+        (None, None) => unreachable!("a stage without the embedding takes h"),
+    };
+    let mut balance = b.constant(0.0);
+    for (range, values) in layer_params {
+        let mut args = vec![h];
+        args.extend(values);
+        let out = b.call(layer_fns[range], args);
+        h = out[0];
+        if out.len() == 3 {
+            balance = b.add(balance, out[1]);
+        }
+    }
+    match head {
+        Some((norm, head)) => {
+            let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
+            let counted = b.slice(loss_mask, 1, 1, cfg.seq + 1);
+            let loss = head_loss(&mut b, &cfg, h, norm, head, labels, counted);
+            b.output("loss", loss);
+        }
+        None => b.output("h", h),
+    }
+    b.output("balance_loss", balance);
+    let forward = module.add(b.finish());
+    Ok(StageGraph { module, forward, params, first, last })
 }
 
 /// Sizes and numerics the builder needs, read once from the spec.
