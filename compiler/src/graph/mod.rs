@@ -73,16 +73,17 @@ impl TrainingGraph {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageTraining {
     pub graph: StageGraph,
-    /// `stage.vjp(params…, [h], tokens, loss_mask, d_out, d_balance_loss) -> (d_params…, [d_h],
-    /// d_loss_mask)`, `d_out` being the gradient of `h'` (or 1 for the last stage's loss).
+    /// `stage.vjp(params…, [carry], tokens, loss_mask, mtp_weight, d_out, d_balance_loss) ->
+    /// (d_params…, [d_carry], d_loss_mask, d_mtp_weight)`, `d_out` being the gradient of the
+    /// carry out (or 1 for the last stage's loss).
     pub backward: usize,
 }
 
 impl StageTraining {
-    pub fn build(spec: &Spec, numerics: Numerics, parts: &[dsc_lang::StagePart]) -> Result<Self, String> {
-        let mut graph = model::build_stage(spec, numerics, parts)?;
+    pub fn build(spec: &Spec, numerics: Numerics, parts: &[dsc_lang::StagePart]) -> Self {
+        let mut graph = model::build_stage(spec, numerics, parts);
         let backward = autodiff::vjp(&mut graph.module, graph.forward);
-        Ok(StageTraining { graph, backward })
+        StageTraining { graph, backward }
     }
 }
 

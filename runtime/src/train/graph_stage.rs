@@ -1,6 +1,8 @@
 //! A pipeline stage of the training graph on the CPU backend: the [`StageCompute`] a
-//! thread-rank runs for a stage it holds. The forward runs the stage's function and keeps its
-//! input; the input gradient runs the generated backward (which recomputes the forward) and
+//! thread-rank runs for a stage it holds. What goes between stages is the stage graph's carry
+//! (the hidden state and the embeddings the MTP modules read). The forward runs the stage's
+//! function and keeps its input; the input gradient runs the generated backward (which
+//! recomputes the forward) and
 //! keeps the weight gradients it also yields until the weight-gradient chunk adds them to the
 //! accumulator, so a split backward costs one backward on the CPU, not two.
 
@@ -20,6 +22,8 @@ pub struct GraphStage {
     training: Arc<StageTraining>,
     params: Vec<Tensor<f32>>,
     data: Box<dyn Fn(Micro) -> MicroBatch + Send>,
+    /// λ, the MTP loss weight of this step.
+    mtp_weight: f32,
     /// Per micro-batch in flight: its input (none on the first stage) and data.
     saved: HashMap<Micro, (Option<Tensor<f32>>, MicroBatch)>,
     /// Weight gradients computed with an input gradient, waiting for their chunk.
@@ -31,17 +35,19 @@ pub struct GraphStage {
 
 impl GraphStage {
     /// The stage of `training` with these parameters (in its order); `data` gives each
-    /// micro-batch's tokens and loss mask.
+    /// micro-batch's tokens and loss mask; `mtp_weight` is the step's λ.
     pub fn new(
         training: Arc<StageTraining>,
         params: Vec<Tensor<f32>>,
         data: Box<dyn Fn(Micro) -> MicroBatch + Send>,
+        mtp_weight: f32,
     ) -> Self {
         let gradient = zeros_like(&params);
         GraphStage {
             training,
             params,
             data,
+            mtp_weight,
             saved: HashMap::new(),
             due: HashMap::new(),
             gradient,
@@ -49,12 +55,13 @@ impl GraphStage {
         }
     }
 
-    /// The function arguments: parameters, the input if any, tokens and loss mask.
+    /// The function arguments: parameters, the input carry if any, tokens, loss mask, λ.
     fn args(&self, input: &Option<Tensor<f32>>, (tokens, mask): &MicroBatch) -> Vec<Value<f32>> {
         let mut args: Vec<Value<f32>> = self.params.iter().cloned().map(Value::real).collect();
         args.extend(input.iter().cloned().map(Value::real));
         args.push(Value::int(tokens.clone()));
         args.push(Value::real(mask.clone()));
+        args.push(Value::real(Tensor::scalar(self.mtp_weight)));
         args
     }
 }
@@ -143,12 +150,14 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    /// The tiny model without its MTP module, split into two stages; sequences of 8 tokens,
-    /// micro-batches of 2.
+    /// λ of the test steps.
+    const MTP_WEIGHT: f32 = 0.3;
+
+    /// The tiny model (MTP included) split into two stages; sequences of 8 tokens, micro-batches
+    /// of 2.
     fn tiny_two_stages() -> Spec {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let mut spec = dsc_lang::load(&path, &[]).checked_spec().cloned().expect("the tiny model checks");
-        spec.model.mtp = None;
         spec.train.seq_len = 8;
         spec.train.micro_batch = 2;
         spec.parallel.pipeline.stages = 2;
@@ -157,7 +166,8 @@ mod tests {
 
     /// Micro-batch `global`'s tokens and loss mask.
     fn micro_batch(spec: &Spec, global: usize) -> MicroBatch {
-        let (rows, width) = (spec.train.micro_batch as usize, spec.train.seq_len as usize + 1);
+        let depth = spec.model.mtp.as_ref().map_or(0, |mtp| mtp.depth as usize);
+        let (rows, width) = (spec.train.micro_batch as usize, spec.train.seq_len as usize + depth + 1);
         let vocab = spec.model.vocab as usize;
         let tokens = (0..rows * width).map(|i| ((global * 31 + i * 7 + i * i) % vocab) as i32).collect();
         (Tensor::new(vec![rows, width], tokens), Tensor::filled(vec![rows, width], 1.0))
@@ -171,7 +181,7 @@ mod tests {
         for global in 0..micro_batches {
             let (tokens, mask) = micro_batch(spec, global);
             let mut args: Vec<Value<f32>> = params.iter().cloned().map(Value::real).collect();
-            args.extend([Value::int(tokens), Value::real(mask), Value::real(Tensor::scalar(0.0))]);
+            args.extend([Value::int(tokens), Value::real(mask), Value::real(Tensor::scalar(MTP_WEIGHT))]);
             let outputs = run(graph.module(), graph.grad, args);
             let first = LOSS_OUTPUTS + graph.forward.moe_biases.len();
             for (sum, gradient) in sums.iter_mut().zip(&outputs[first..first + info.len()]) {
@@ -194,7 +204,7 @@ mod tests {
             .collect();
         let stages: Vec<Arc<StageTraining>> = split(&spec)
             .iter()
-            .map(|stage| Arc::new(StageTraining::build(&spec, Numerics::Exact, &stage.parts).expect("builds")))
+            .map(|stage| Arc::new(StageTraining::build(&spec, Numerics::Exact, &stage.parts)))
             .collect();
         let replicas = 2;
         for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe] {
@@ -222,7 +232,7 @@ mod tests {
                                     micro_batch(&spec, place.replica * micro_batches + offset + micro.index)
                                 };
                                 let stage: Box<dyn StageCompute> =
-                                    Box::new(GraphStage::new(training, params, Box::new(data)));
+                                    Box::new(GraphStage::new(training, params, Box::new(data), MTP_WEIGHT));
                                 (direction, stage)
                             });
                             let mut held = HeldStages { stages: held.collect() };
