@@ -29,8 +29,8 @@ pub struct GraphStage {
     /// Weight gradients computed with an input gradient, waiting for their chunk.
     due: HashMap<Micro, Vec<Tensor<f32>>>,
     gradient: Vec<Tensor<f32>>,
-    /// The last stage's loss of each micro-batch it ran.
-    pub losses: HashMap<Micro, f32>,
+    /// The loss terms of the forwards so far: the last stage's loss, every stage's balance loss.
+    loss: f64,
 }
 
 impl GraphStage {
@@ -51,7 +51,7 @@ impl GraphStage {
             saved: HashMap::new(),
             due: HashMap::new(),
             gradient,
-            losses: HashMap::new(),
+            loss: 0.0,
         }
     }
 
@@ -82,8 +82,9 @@ impl StageCompute for GraphStage {
         let outputs = run(&graph.module, graph.forward, self.args(&input, &batch));
         let output = outputs[0].as_real().data.clone();
         if graph.last {
-            self.losses.insert(micro, output[0]);
+            self.loss += f64::from(output[0]);
         }
+        self.loss += f64::from(outputs[1].scalar());
         self.saved.insert(micro, (input, batch));
         output
     }
@@ -133,6 +134,10 @@ impl StageCompute for GraphStage {
         let zeros = zeros_like(&self.gradient);
         std::mem::replace(&mut self.gradient, zeros).into_iter().flat_map(|t| t.data).collect()
     }
+
+    fn take_loss(&mut self) -> f64 {
+        std::mem::take(&mut self.loss)
+    }
 }
 
 #[cfg(test)]
@@ -173,26 +178,29 @@ mod tests {
         (Tensor::new(vec![rows, width], tokens), Tensor::filled(vec![rows, width], 1.0))
     }
 
-    /// The whole model's gradient summed over `micro_batches`, on one rank, by parameter name.
-    fn single_rank(spec: &Spec, params: &[Tensor<f32>], micro_batches: usize) -> HashMap<String, Vec<f32>> {
+    /// The whole model's loss and gradient (by parameter name) summed over `micro_batches`, on
+    /// one rank.
+    fn single_rank(spec: &Spec, params: &[Tensor<f32>], micro_batches: usize) -> (f64, HashMap<String, Vec<f32>>) {
         let graph = TrainingGraph::build(spec, Numerics::Exact);
         let info = &graph.forward.params;
         let mut sums: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.numel()]).collect();
+        let mut loss = 0.0;
         for global in 0..micro_batches {
             let (tokens, mask) = micro_batch(spec, global);
             let mut args: Vec<Value<f32>> = params.iter().cloned().map(Value::real).collect();
             args.extend([Value::int(tokens), Value::real(mask), Value::real(Tensor::scalar(MTP_WEIGHT))]);
             let outputs = run(graph.module(), graph.grad, args);
+            loss += f64::from(outputs[0].scalar());
             let first = LOSS_OUTPUTS + graph.forward.moe_biases.len();
             for (sum, gradient) in sums.iter_mut().zip(&outputs[first..first + info.len()]) {
                 sum.iter_mut().zip(&gradient.as_real().data).for_each(|(s, g)| *s += g);
             }
         }
-        info.iter().map(|p| p.name.clone()).zip(sums).collect()
+        (loss, info.iter().map(|p| p.name.clone()).zip(sums).collect())
     }
 
     #[test]
-    fn pipelined_gradients_equal_one_ranks() {
+    fn pipelined_losses_and_gradients_equal_one_ranks() {
         let spec = tiny_two_stages();
         let whole = TrainingGraph::build(&spec, Numerics::Exact);
         let initial: HashMap<String, Tensor<f32>> = whole
@@ -210,14 +218,14 @@ mod tests {
         for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe] {
             let micro_batches = 4;
             let all: Vec<Tensor<f32>> = whole.forward.params.iter().map(|p| initial[&p.name].clone()).collect();
-            let expected = single_rank(&spec, &all, micro_batches * replicas);
+            let (expected_loss, expected) = single_rank(&spec, &all, micro_batches * replicas);
             let schedule = Schedule::generate(kind, 2, micro_batches).expect("a valid size");
             check(&schedule).expect("checks");
             let comm = ThreadComm::new(Duration::from_secs(60));
             let per_direction = schedule.micro_batches_per_direction();
-            // Each rank's stages after the step, whose update sets the parameters to the summed
-            // gradient: (stage index, parameter name, value).
-            let results: Vec<(usize, String, Vec<f32>)> = std::thread::scope(|scope| {
+            // Each rank's loss terms, and its stages after the step, whose update sets the
+            // parameters to the summed gradient: (stage index, parameter name, value).
+            let ranks: Vec<(f64, Vec<(usize, String, Vec<f32>)>)> = std::thread::scope(|scope| {
                 let handles: Vec<_> = (0..replicas)
                     .flat_map(|replica| (0..2).map(move |pipeline_rank| Place { pipeline_rank, replica }))
                     .map(|place| {
@@ -241,7 +249,9 @@ mod tests {
                                 .expect("no rank times out");
                             let ranks = schedule.ranks;
                             let mut out = Vec::new();
-                            for (direction, stage) in &held.stages {
+                            let mut loss = 0.0;
+                            for (direction, stage) in &mut held.stages {
+                                loss += stage.take_loss();
                                 let index = direction.rank_of(place.pipeline_rank, ranks);
                                 let flat = stage.params();
                                 let mut offset = 0;
@@ -250,12 +260,18 @@ mod tests {
                                     offset += p.numel();
                                 }
                             }
-                            out
+                            (loss, out)
                         })
                     })
                     .collect();
-                handles.into_iter().flat_map(|h| h.join().expect("the rank ran")).collect()
+                handles.into_iter().map(|h| h.join().expect("the rank ran")).collect()
             });
+            let loss: f64 = ranks.iter().map(|(loss, _)| loss).sum();
+            assert!(
+                (loss - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
+                "{kind:?}: loss {loss} vs {expected_loss}"
+            );
+            let results: Vec<_> = ranks.into_iter().flat_map(|(_, params)| params).collect();
             let copies = if kind == PipelineSchedule::Dualpipe { 2 } else { 1 };
             let names: usize = stages.iter().map(|s| s.graph.params.len()).sum();
             assert_eq!(results.len(), names * replicas * copies, "{kind:?}");

@@ -28,6 +28,9 @@ pub trait StageCompute: Send {
     fn set_params(&mut self, params: &[f32]);
     /// The gradient accumulated over the step's micro-batches, flat; the accumulator restarts.
     fn take_gradient(&mut self) -> Vec<f32>;
+    /// The loss terms the stage's forwards computed since the last call, summed over
+    /// micro-batches (the model's loss per micro-batch is the sum of its stages' terms).
+    fn take_loss(&mut self) -> f64;
 }
 
 /// Where a rank is: its pipeline rank and data-parallel replica.
@@ -199,6 +202,7 @@ mod tests {
         /// Input and pre-activation gradient of input gradients whose weight gradient is due.
         due: HashMap<Micro, (Vec<f32>, Vec<f32>)>,
         gradient: Vec<f32>,
+        loss: f64,
     }
 
     fn initial_weights(stage: usize) -> Vec<f32> {
@@ -233,6 +237,9 @@ mod tests {
             assert_eq!(input_activation.is_none(), self.first);
             let x = input_activation.unwrap_or_else(|| input((self.global)(micro)));
             let y = layer_forward(&self.w, &x);
+            if self.last {
+                self.loss += y.iter().map(|y| 0.5 * f64::from(y * y)).sum::<f64>();
+            }
             self.saved.insert(micro, (x, y.clone()));
             y
         }
@@ -258,13 +265,18 @@ mod tests {
         fn take_gradient(&mut self) -> Vec<f32> {
             std::mem::replace(&mut self.gradient, vec![0.0; WIDTH * WIDTH])
         }
+        fn take_loss(&mut self) -> f64 {
+            std::mem::take(&mut self.loss)
+        }
     }
 
-    /// The stages' weights after one SGD step over all `micro_batches` of every replica, run on
-    /// one rank: every micro-batch through every stage, forward then backward.
-    fn single_rank(stages: usize, micro_batches: usize) -> Vec<Vec<f32>> {
+    /// The loss summed over all `micro_batches` of every replica and the stages' weights after
+    /// one SGD step on it, run on one rank: every micro-batch through every stage, forward then
+    /// backward.
+    fn single_rank(stages: usize, micro_batches: usize) -> (f64, Vec<Vec<f32>>) {
         let weights: Vec<Vec<f32>> = (0..stages).map(initial_weights).collect();
         let mut gradients = vec![vec![0.0f32; WIDTH * WIDTH]; stages];
+        let mut loss = 0.0;
         for global in 0..micro_batches {
             let mut activations = vec![input(global)];
             for w in &weights {
@@ -272,23 +284,26 @@ mod tests {
                 activations.push(y);
             }
             let mut dy = activations[stages].clone();
+            loss += dy.iter().map(|y| 0.5 * f64::from(y * y)).sum::<f64>();
             for stage in (0..stages).rev() {
                 let (dz, dx) = layer_backward(&weights[stage], &activations[stage + 1], &dy);
                 add_weight_gradient(&mut gradients[stage], &activations[stage], &dz);
                 dy = dx;
             }
         }
-        weights.iter().zip(&gradients).map(|(w, g)| w.iter().zip(g).map(|(w, g)| w - LR * g).collect()).collect()
+        let updated = weights.iter().zip(&gradients).map(|(w, g)| w.iter().zip(g).map(|(w, g)| w - LR * g).collect());
+        (loss, updated.collect())
     }
 
-    /// Runs one step of `kind` on `ranks` × `replicas` threads; returns each thread's stages'
-    /// weights afterwards, by (pipeline rank, replica, stage index).
+    /// Runs one step of `kind` on `ranks` × `replicas` threads; returns the loss the stages
+    /// computed and each thread's stages' weights afterwards, by (pipeline rank, replica, stage
+    /// index).
     fn threaded(
         kind: PipelineSchedule,
         ranks: usize,
         micro_batches: usize,
         replicas: usize,
-    ) -> Vec<(usize, usize, usize, Vec<f32>)> {
+    ) -> (f64, Vec<(usize, usize, usize, Vec<f32>)>) {
         let schedule = Schedule::generate(kind, ranks, micro_batches).expect("a valid size");
         check(&schedule).expect("checks");
         let comm = ThreadComm::new(Duration::from_secs(10));
@@ -314,6 +329,7 @@ mod tests {
                                     saved: HashMap::new(),
                                     due: HashMap::new(),
                                     gradient: vec![0.0; WIDTH * WIDTH],
+                                    loss: 0.0,
                                 };
                                 (direction, Box::new(layer) as Box<dyn StageCompute>)
                             })
@@ -325,20 +341,18 @@ mod tests {
                         run_step(schedule, comm, place, replicas, &mut held, sgd).expect("no rank times out");
                         let ranks = schedule.ranks;
                         held.stages
-                            .iter()
+                            .iter_mut()
                             .map(|(direction, stage)| {
-                                (
-                                    place.pipeline_rank,
-                                    place.replica,
-                                    direction.rank_of(place.pipeline_rank, ranks),
-                                    stage.params(),
-                                )
+                                let stage_index = direction.rank_of(place.pipeline_rank, ranks);
+                                (stage.take_loss(), (place.pipeline_rank, place.replica, stage_index, stage.params()))
                             })
                             .collect::<Vec<_>>()
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|handle| handle.join().expect("the rank ran")).collect()
+            let stages: Vec<_> = handles.into_iter().flat_map(|handle| handle.join().expect("the rank ran")).collect();
+            let loss = stages.iter().map(|(loss, _)| loss).sum();
+            (loss, stages.into_iter().map(|(_, weights)| weights).collect())
         })
     }
 
@@ -346,8 +360,9 @@ mod tests {
     fn every_schedule_trains_like_one_rank() {
         for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe] {
             for (ranks, micro_batches, replicas) in [(2, 4, 1), (2, 4, 2), (4, 8, 2), (4, 12, 1)] {
-                let expected = single_rank(ranks, micro_batches * replicas);
-                let weights = threaded(kind, ranks, micro_batches, replicas);
+                let (expected_loss, expected) = single_rank(ranks, micro_batches * replicas);
+                let (loss, weights) = threaded(kind, ranks, micro_batches, replicas);
+                assert!((loss - expected_loss).abs() < 1e-5 * expected_loss, "{kind:?}: {loss} vs {expected_loss}");
                 let copies = if kind == PipelineSchedule::Dualpipe { 2 } else { 1 };
                 assert_eq!(weights.len(), ranks * replicas * copies);
                 for (rank, replica, stage, w) in weights {
@@ -371,6 +386,7 @@ mod tests {
             saved: HashMap::new(),
             due: HashMap::new(),
             gradient: vec![0.0; WIDTH * WIDTH],
+            loss: 0.0,
         };
         let mut held = HeldStages { stages: vec![(Direction::Down, Box::new(layer))] };
         let place = Place { pipeline_rank: 1, replica: 0 };
