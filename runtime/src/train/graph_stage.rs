@@ -155,6 +155,9 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
+    /// A parameter of a stage: (stage index, name, value).
+    type NamedParam = (usize, String, Vec<f32>);
+
     /// λ of the test steps.
     const MTP_WEIGHT: f32 = 0.3;
 
@@ -225,7 +228,7 @@ mod tests {
             let per_direction = schedule.micro_batches_per_direction();
             // Each rank's loss terms, and its stages after the step, whose update sets the
             // parameters to the summed gradient: (stage index, parameter name, value).
-            let ranks: Vec<(f64, Vec<(usize, String, Vec<f32>)>)> = std::thread::scope(|scope| {
+            let ranks: Vec<(f64, Vec<NamedParam>)> = std::thread::scope(|scope| {
                 let handles: Vec<_> = (0..replicas)
                     .flat_map(|replica| (0..2).map(move |pipeline_rank| Place { pipeline_rank, replica }))
                     .map(|place| {

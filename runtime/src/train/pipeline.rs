@@ -295,6 +295,9 @@ mod tests {
         (loss, updated.collect())
     }
 
+    /// A thread's stage after a step: (pipeline rank, replica, stage index, weights).
+    type StageWeights = (usize, usize, usize, Vec<f32>);
+
     /// Runs one step of `kind` on `ranks` × `replicas` threads; returns the loss the stages
     /// computed and each thread's stages' weights afterwards, by (pipeline rank, replica, stage
     /// index).
@@ -303,7 +306,7 @@ mod tests {
         ranks: usize,
         micro_batches: usize,
         replicas: usize,
-    ) -> (f64, Vec<(usize, usize, usize, Vec<f32>)>) {
+    ) -> (f64, Vec<StageWeights>) {
         let schedule = Schedule::generate(kind, ranks, micro_batches).expect("a valid size");
         check(&schedule).expect("checks");
         let comm = ThreadComm::new(Duration::from_secs(10));
