@@ -367,6 +367,8 @@ fn simulate_json_contract_and_timeline() {
     }
     let svg = std::fs::read_to_string(&svg).expect("the timeline was written");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // Well-formed XML: every `&` starts an entity.
+    assert!(svg.match_indices('&').all(|(i, _)| ["&amp;", "&lt;", "&gt;"].iter().any(|e| svg[i..].starts_with(e))));
     assert!((0..16).all(|rank| svg.contains(&format!(">rank {rank}</text>"))), "a row per rank");
     assert!(!svg.contains(">rank 16</text>"));
     // Every rank runs the forward and backward of all 120 micro-batches (both directions), some

@@ -48,9 +48,10 @@ pub fn svg(schedule: &Schedule, run: &Run) -> String {
             let w = right - left;
             let _ = writeln!(
                 out,
-                r#"<rect x="{left:.2}" y="{y:.1}" width="{w:.2}" height="{:.1}" fill="{}" stroke="black" stroke-width="0.3"><title>rank {rank}: {instruction}, {:.3} ms to {:.3} ms</title></rect>"#,
+                r#"<rect x="{left:.2}" y="{y:.1}" width="{w:.2}" height="{:.1}" fill="{}" stroke="black" stroke-width="0.3"><title>rank {rank}: {}, {:.3} ms to {:.3} ms</title></rect>"#,
                 ROW - GAP,
                 KINDS[kind].0,
+                escape(&instruction.to_string()),
                 span.start * 1e3,
                 span.end * 1e3
             );
@@ -74,14 +75,20 @@ pub fn svg(schedule: &Schedule, run: &Run) -> String {
         let left = LABEL_WIDTH + i as f64 * 170.0;
         let _ = writeln!(
             out,
-            r#"<rect x="{left}" y="{:.1}" width="14" height="14" fill="{colour}" stroke="black" stroke-width="0.3"/><text x="{}" y="{:.1}">{name}</text>"#,
+            r#"<rect x="{left}" y="{:.1}" width="14" height="14" fill="{colour}" stroke="black" stroke-width="0.3"/><text x="{}" y="{:.1}">{}</text>"#,
             y - 11.0,
             left + 18.0,
-            y
+            y,
+            escape(name)
         );
     }
     out.push_str("</svg>\n");
     out
+}
+
+/// `text` as SVG character data.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// The box kind (an index into [`KINDS`]) and the micro-batch to label it with; `None` for
