@@ -141,6 +141,8 @@ impl Costs {
             })
             .collect();
         let transfer_bytes = model.tokens * (spec.model.hidden * Dtype::Bf16.bytes()) as f64;
+        // The pipeline is the outermost dimension: a stage's data-parallel GPUs fill whole nodes,
+        // so neighbouring stages talk over IB unless a stage takes less than a node.
         let pipeline_link = if spec.parallel.data.size >= cluster.gpus_per_node { cluster.ib } else { cluster.nvlink };
         let ranks = stages.len();
         let step_end: Vec<[f64; 3]> = (0..ranks).map(|rank| model.step_end(stages, rank)).collect();
