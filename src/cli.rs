@@ -108,6 +108,17 @@ pub enum Command {
         #[arg(long)]
         print_ir_after_all: bool,
     },
+    /// Simulate one training step on the spec's cluster: step time, pipeline bubble, memory per
+    /// GPU, all-to-all volume and GPU-hours per trillion tokens.
+    Simulate {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[arg(long, value_enum, default_value_t = InfoFormat::Text)]
+        format: InfoFormat,
+        /// Also draw each rank's chunks over time as an SVG file.
+        #[arg(long, value_name = "FILE")]
+        timeline: Option<PathBuf>,
+    },
     /// Summarise a compiled plan: kernels, fused ops, bytes and launches per step.
     Inspect {
         /// The plan directory written by `dsc compile -o`.
@@ -225,6 +236,9 @@ pub enum EmitStage {
     GraphStats,
     /// The training graph after e-graph fusion.
     Fused,
+    /// Each pipeline rank's instruction list for one step (compute chunks, sends, receives,
+    /// ZeRO-1 collectives).
+    Schedule,
 }
 
 // issue 6 types

@@ -10,7 +10,9 @@ mod train;
 use clap::Parser;
 use cli::{Cli, Command, EmitStage, ErrorFormat, InfoFormat, SpecArgs};
 use dsc_compiler::graph::{Numerics, TrainingGraph};
-use dsc_lang::diagnostics::{render_json, render_text, Code, Diagnostic};
+use dsc_compiler::parallel::schedule::{GenerateError, Schedule};
+use dsc_compiler::parallel::simulate::{self, SimulateError};
+use dsc_lang::diagnostics::{render_json, render_text, Code, Diagnostic, Sources};
 use dsc_lang::{Loaded, Spec};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
         Command::Compile { spec, emit, output, print_ir_after_all } => {
             compile(&cli, spec, *emit, output.as_deref(), *print_ir_after_all)
         }
+        Command::Simulate { spec, format, timeline } => simulate(&cli, spec, *format, timeline.as_deref()),
         Command::Inspect { plan, kernel, format } => inspect::run(plan, kernel.as_deref(), *format),
         Command::Train(args) => train::run(&cli, args),
         // issue 6 commands
@@ -87,18 +90,20 @@ fn memory_warnings(spec: &Spec) -> Option<Diagnostic> {
 }
 
 fn report(cli: &Cli, loaded: &Loaded) {
-    if loaded.diagnostics.is_empty() {
+    render(cli, &loaded.sources, &loaded.diagnostics);
+}
+
+fn render(cli: &Cli, sources: &Sources, diagnostics: &[Diagnostic]) {
+    if diagnostics.is_empty() {
         return;
     }
     let text = match cli.error_format {
-        ErrorFormat::Json => render_json(&loaded.sources, &loaded.diagnostics),
-        ErrorFormat::Human => {
-            render_text(&loaded.sources, &loaded.diagnostics, cli.color.enabled(std::io::stderr().is_terminal()))
-        }
+        ErrorFormat::Json => render_json(sources, diagnostics),
+        ErrorFormat::Human => render_text(sources, diagnostics, cli.color.enabled(std::io::stderr().is_terminal())),
     };
     eprint!("{text}");
     if cli.error_format == ErrorFormat::Human {
-        let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();
+        let errors = diagnostics.iter().filter(|d| d.is_error()).count();
         if errors > 0 {
             let plural = if errors == 1 { "" } else { "s" };
             eprintln!("error: {errors} error{plural} in the spec");
@@ -149,6 +154,48 @@ fn info(cli: &Cli, args: &SpecArgs, format: InfoFormat) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+/// The spec's pipeline schedule, or its absence reported as a diagnostic at the pipeline.
+fn schedule(cli: &Cli, loaded: &Loaded, spec: &Spec) -> Option<Schedule> {
+    simulate::schedule_of(spec).map_err(|e| no_schedule(cli, loaded, &e)).ok()
+}
+
+/// Reports that no schedule of the spec's kind fits its sizes (the spec itself checked).
+fn no_schedule(cli: &Cli, loaded: &Loaded, error: &GenerateError) {
+    let mut diagnostic = Diagnostic::error(Code::Pipeline, format!("no pipeline schedule: {error}"))
+        .with_help("change the stages, the batch or `micro_batch`, or pick another schedule");
+    if let Some(&span) = loaded.spans.get("parallel.pipeline") {
+        diagnostic = diagnostic.with_label(span, "this pipeline");
+    }
+    render(cli, &loaded.sources, &[diagnostic]);
+}
+
+fn simulate(
+    cli: &Cli,
+    args: &SpecArgs,
+    format: InfoFormat,
+    timeline: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let Some((loaded, spec)) = load(cli, args) else { return Ok(ExitCode::FAILURE) };
+    let cluster = dsc_compiler::parallel::cost::Cluster::h800(spec.parallel.gpus_per_node);
+    let (schedule, run, simulation) = match simulate::simulate(&spec, &cluster) {
+        Ok(simulated) => simulated,
+        Err(SimulateError::Generate(e)) => {
+            no_schedule(cli, &loaded, &e);
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => anyhow::bail!("{e}"),
+    };
+    if let Some(path) = timeline {
+        let svg = dsc_compiler::parallel::timeline::svg(&schedule, &run);
+        std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?;
+    }
+    match format {
+        InfoFormat::Text => print!("{simulation}"),
+        InfoFormat::Json => println!("{}", serde_json::to_string_pretty(&simulation)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Lowers every generated kernel of the plan to `kernels/NAME.ptx`, on every core (one MLIR
 /// context per thread; one thread when the IR after each pass is printed); returns how many.
 #[cfg(feature = "mlir")]
@@ -191,10 +238,10 @@ fn compile(
     output: Option<&std::path::Path>,
     print_ir: bool,
 ) -> anyhow::Result<ExitCode> {
-    let Some((_, spec)) = load(cli, args) else { return Ok(ExitCode::FAILURE) };
+    let Some((loaded, spec)) = load(cli, args) else { return Ok(ExitCode::FAILURE) };
     let Some(emit) = emit else {
         let Some(dir) = output else {
-            eprintln!("error: say where the plan goes (`-o DIR`), or which stage to print (`--emit=spec|graph|graph-stats|fused`)");
+            eprintln!("error: say where the plan goes (`-o DIR`), or which stage to print (`--emit=spec|graph|graph-stats|fused|schedule`)");
             return Ok(ExitCode::FAILURE);
         };
         let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
@@ -220,6 +267,11 @@ fn compile(
             let graph = TrainingGraph::build(&spec, Numerics::Policy);
             let (fused, _) = dsc_compiler::fuse::fuse_module(graph.module(), dsc_compiler::fuse::Limits::default());
             dsc_compiler::graph::print::module(&fused)
+        }
+        EmitStage::Schedule => {
+            let Some(schedule) = schedule(cli, &loaded, &spec) else { return Ok(ExitCode::FAILURE) };
+            let stages = dsc_compiler::parallel::split(&spec);
+            dsc_compiler::parallel::chunks::describe(&spec.model, &stages) + &schedule.to_string()
         }
     };
     match output {

@@ -322,3 +322,89 @@ fn generated_ptx_assembles_with_ptxas() {
     assert!(assembled > 100, "only {assembled} kernels");
     eprintln!("ptxas -arch=sm_90a assembled {assembled} generated kernels of the bench plan");
 }
+
+/// The tiny model as a two-rank DualPipe pipeline with four micro-batches per step.
+const TINY_DUALPIPE: [&str; 6] = [
+    "--set",
+    "parallel.pipeline=dualpipe { stages = 2 }",
+    "--set",
+    "parallel.gpus_per_node=2",
+    "--set",
+    "train.micro_batch=2",
+];
+
+#[test]
+fn simulate_prints_the_2048_gpu_table() {
+    insta::assert_snapshot!("simulate-deepseek-v3", dsc_ok(&["simulate", &model("deepseek-v3")]));
+}
+
+#[test]
+fn simulate_json_contract_and_timeline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("timeline.svg");
+    let svg_path = svg.to_str().expect("utf-8 path");
+    let json: serde_json::Value =
+        serde_json::from_str(&dsc_ok(&["simulate", &model("deepseek-v3"), "--format", "json", "--timeline", svg_path]))
+            .expect("simulate JSON");
+    assert_eq!(json["schedule"], "dualpipe");
+    assert_eq!(json["gpus"], 2048);
+    assert_eq!(json["micro_batches"], 120);
+    for key in [
+        "step_seconds",
+        "pipeline_seconds",
+        "bubble_seconds",
+        "bubble_total_seconds",
+        "bubble_fraction",
+        "gpu_hours_per_trillion_tokens",
+    ] {
+        assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key}");
+    }
+    let ranks = json["ranks"].as_array().expect("ranks");
+    assert_eq!(ranks.len(), 16);
+    assert!(ranks.iter().all(|rank| rank["stages_held"] == 2 && rank["peak_micro_batches"] == 17));
+    for key in ["ib_bytes", "nvlink_bytes", "seconds"] {
+        assert!(json["dispatch"][key].is_f64() && json["combine"][key].is_f64(), "{key}");
+    }
+    let svg = std::fs::read_to_string(&svg).expect("the timeline was written");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // Well-formed XML: every `&` starts an entity.
+    assert!(svg.match_indices('&').all(|(i, _)| ["&amp;", "&lt;", "&gt;"].iter().any(|e| svg[i..].starts_with(e))));
+    assert!((0..16).all(|rank| svg.contains(&format!(">rank {rank}</text>"))), "a row per rank");
+    assert!(!svg.contains(">rank 16</text>"));
+    // Every rank runs the forward and backward of all 120 micro-batches (both directions), some
+    // as overlapped pairs: more than 120 boxes a rank.
+    assert!(svg.matches("<rect").count() > 16 * 120, "{} boxes", svg.matches("<rect").count());
+}
+
+#[test]
+fn emit_schedule_prints_each_ranks_instructions() {
+    let mut args = vec!["compile", "models/deepseek-v3-tiny.dsc", "--emit=schedule"];
+    args.extend_from_slice(&TINY_DUALPIPE);
+    insta::assert_snapshot!("schedule-tiny-dualpipe", dsc_ok(&args));
+}
+
+#[test]
+fn a_pipeline_without_a_schedule_is_a_located_error() {
+    // Two micro-batches cannot fill DualPipe's two directions on two ranks.
+    let args = [
+        "simulate",
+        "models/deepseek-v3-tiny.dsc",
+        "--set",
+        "parallel.pipeline=dualpipe { stages = 2 }",
+        "--set",
+        "parallel.gpus_per_node=2",
+    ];
+    let err = dsc_rejects(&args);
+    assert!(
+        err.contains("error[E0105]: no pipeline schedule: DualPipe needs an even number of micro-batches"),
+        "{err}"
+    );
+    assert!(err.contains("this pipeline"), "{err}");
+    let mut json_args = args.to_vec();
+    json_args.push("--error-format=json");
+    let o = dsc(&json_args);
+    assert_eq!(o.status.code(), Some(1));
+    let line: serde_json::Value = serde_json::from_str(stderr(&o).trim()).expect("one JSON diagnostic");
+    assert_eq!(line["code"], "E0105");
+    assert_eq!(line["file"], "--set parallel.pipeline");
+}

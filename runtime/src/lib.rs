@@ -3,6 +3,7 @@
 //! corpora. The `cuda` backend, communication, checkpoints follow (DESIGN.md).
 
 pub mod checkpoint;
+pub mod comm;
 pub mod cpu;
 pub mod data;
 pub mod forward;

@@ -66,11 +66,14 @@ fn held_stages(schedule: PipelineSchedule, ranks: usize, rank: usize) -> Vec<usi
     }
 }
 
-/// Micro-batches whose activations a rank keeps at its peak (the DualPipe paper's table):
-/// 1F1B and ZB1P warm up with PP − rank forwards; DualPipe keeps PP + 1 on every rank.
+/// Micro-batches whose activations a rank keeps at its peak (the DualPipe paper's table, rank
+/// by rank as the generated schedules have them; `parallel::simulate`'s tests compare): 1F1B
+/// warms up with PP − rank forwards; ZB1P defers weight gradients, which need the activations,
+/// so that every rank keeps PP; DualPipe keeps PP + 1 on every rank.
 fn in_flight_micro_batches(schedule: PipelineSchedule, ranks: usize, rank: usize) -> u64 {
     match schedule {
-        PipelineSchedule::OneFOneB | PipelineSchedule::Zb1p => (ranks - rank) as u64,
+        PipelineSchedule::OneFOneB => (ranks - rank) as u64,
+        PipelineSchedule::Zb1p => ranks as u64,
         PipelineSchedule::Dualpipe => ranks as u64 + 1,
     }
 }
@@ -127,7 +130,7 @@ fn compute_weight_bytes(gemm: Dtype) -> u64 {
 }
 
 /// Activation bytes one micro-batch leaves on a stage for its backward pass.
-fn activation_bytes(spec: &Spec, stage: &Stage) -> u64 {
+pub fn activation_bytes(spec: &Spec, stage: &Stage) -> u64 {
     let tokens = spec.train.micro_batch * spec.train.seq_len;
     tokens * stage.parts.iter().map(|part| saved_bytes_per_token(spec, part)).sum::<u64>()
 }

@@ -6,7 +6,7 @@
 pub mod flops;
 pub mod memory;
 pub mod params;
-mod report;
+pub(crate) mod report;
 
 use dsc_lang::Spec;
 use serde::Serialize;

@@ -113,7 +113,7 @@ fn flop(n: u64) -> String {
 }
 
 /// `n` with thousands separators, e.g. "671,026,419,200".
-fn grouped(n: u64) -> String {
+pub(crate) fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let groups: Vec<&str> =
         digits.as_bytes().rchunks(3).rev().map(|group| std::str::from_utf8(group).expect("ASCII digits")).collect();
@@ -121,7 +121,7 @@ fn grouped(n: u64) -> String {
 }
 
 /// Bytes with a binary unit and one decimal, e.g. "80.0 GiB", "12.5 KiB".
-fn bytes_text(bytes: u64) -> String {
+pub(crate) fn bytes_text(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let power = (1..units.len()).rev().find(|&p| bytes >= 1u64 << (10 * p)).unwrap_or(0);
     if power == 0 {

@@ -1,7 +1,8 @@
 //! The training graph of one step: the tensor IR ([`ir`]), the model builder ([`model`]),
 //! reverse-mode autodiff ([`autodiff`]), the optimizer ([`optimizer`]) and the printed form
 //! ([`print`]). [`TrainingGraph::build`] assembles the three functions a step runs: the
-//! gradient of one micro-batch, and the optimizer update.
+//! gradient of one micro-batch, and the optimizer update; [`StageTraining::build`] the forward
+//! and backward of one pipeline stage.
 
 pub mod autodiff;
 pub mod ir;
@@ -11,7 +12,7 @@ pub mod print;
 
 use dsc_lang::Spec;
 pub use ir::{DType, Function, Module, Op, V};
-pub use model::{ForwardGraph, Numerics, ParamInfo};
+pub use model::{ForwardGraph, Numerics, ParamInfo, StageGraph};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -64,6 +65,25 @@ impl TrainingGraph {
             }
         }
         stats
+    }
+}
+
+/// One pipeline stage's forward function and its generated backward: what a pipeline rank
+/// runs for the stage it holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageTraining {
+    pub graph: StageGraph,
+    /// `stage.vjp(params…, [carry], tokens, loss_mask, mtp_weight, d_out, d_balance_loss) ->
+    /// (d_params…, [d_carry], d_loss_mask, d_mtp_weight)`, `d_out` being the gradient of the
+    /// carry out (or 1 for the last stage's loss).
+    pub backward: usize,
+}
+
+impl StageTraining {
+    pub fn build(spec: &Spec, numerics: Numerics, parts: &[dsc_lang::StagePart]) -> Self {
+        let mut graph = model::build_stage(spec, numerics, parts);
+        let backward = autodiff::vjp(&mut graph.module, graph.forward);
+        StageTraining { graph, backward }
     }
 }
 

@@ -9,7 +9,7 @@
 //! YaRN's original one (the context-extension phases: `--set train.seq_len=32Ki`).
 
 use super::ir::{ConstantKind, DType, Fp8Linear, FunctionBuilder, Module, Op, V};
-use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec, Yarn};
+use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec, StagePart, Yarn};
 
 /// How the graph computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,15 @@ enum Head {
     Logits,
 }
 
-fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
+/// What every forward graph starts with: the module with its constant tables and one function
+/// per distinct FFN of the layer ranges (their indices in `layer_fns`).
+struct Prelude {
+    module: Module,
+    cfg: Config,
+    layer_fns: Vec<usize>,
+}
+
+fn prelude(spec: &Spec, numerics: Numerics) -> Prelude {
     let mut module = Module::default();
     let cfg = Config::new(spec, numerics);
     let (frequencies, scale) = (rope_frequencies(spec), rope_scale(spec));
@@ -89,12 +97,16 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
     let sin = module.add_constant("rope_sin", vec![cfg.seq, cfg.rope], rope(true));
     let mask = module.add_constant("causal_mask", vec![cfg.seq, cfg.seq], ConstantKind::CausalMask);
     let tables = Tables { cos, sin, mask };
-    // One function per distinct FFN of the layer ranges.
     let mut layer_fns = Vec::new();
     for (i, range) in spec.model.ffn.iter().enumerate() {
         let f = layer_function(&module, &cfg, &tables, &range.ffn, &format!("layer{i}"));
         layer_fns.push(module.add(f));
     }
+    Prelude { module, cfg, layer_fns }
+}
+
+fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
+    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics);
     let mut params = Vec::new();
     let mut moe_biases = Vec::new();
     let model = 'model: {
@@ -124,28 +136,7 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
         // MTP modules: their own norms, projection and block; embedding and head shared.
         let depth = m.mtp.as_ref().map_or(0, |mtp| mtp.depth as usize);
         let last_range = spec.model.ffn.len() - 1;
-        let mut mtp_params = Vec::new();
-        for k in 0..depth {
-            let prefix = format!("model.layers.{}", m.layers as usize + k);
-            let enorm = param(&mut b, &mut params, &format!("{prefix}.enorm.weight"), vec![d], ParamGroup::Mtp, true);
-            let hnorm = param(&mut b, &mut params, &format!("{prefix}.hnorm.weight"), vec![d], ParamGroup::Mtp, true);
-            let eh_proj =
-                param(&mut b, &mut params, &format!("{prefix}.eh_proj.weight"), vec![d, 2 * d], ParamGroup::Mtp, false);
-            let ps =
-                layer_params_of(&mut b, &mut params, &cfg, &spec.model.ffn[last_range].ffn, &prefix, ParamGroup::Mtp);
-            if let Some(bias) = ps.bias {
-                moe_biases.push(bias);
-            }
-            let norm = param(
-                &mut b,
-                &mut params,
-                &format!("{prefix}.shared_head.norm.weight"),
-                vec![d],
-                ParamGroup::Mtp,
-                true,
-            );
-            mtp_params.push((enorm, hnorm, eh_proj, ps.values, norm));
-        }
+        let mtp_params = mtp_params_of(&mut b, &mut params, &mut moe_biases, spec, &cfg);
         let width = if output == Head::Logits { cfg.seq } else { cfg.seq + depth + 1 };
         let tokens = b.arg("tokens", vec![cfg.batch, width], DType::I32);
         let loss_mask = (output == Head::Loss).then(|| b.arg("loss_mask", vec![cfg.batch, width], DType::F32));
@@ -173,30 +164,14 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
         let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
         let counted = b.slice(loss_mask, 1, 1, cfg.seq + 1);
         let main_loss = head_loss(&mut b, &cfg, h, final_norm, head, labels, counted);
-        // MTP depth k predicts token i + k + 1 from h^{k−1} and the embedding of token i + k.
-        let mut mtp_total = b.constant(0.0);
-        for (k, (enorm, hnorm, eh_proj, values, norm)) in mtp_params.iter().enumerate() {
-            let k = k + 1;
+        let mut moe_terms = MoeTerms { balance, loads };
+        let embedded = |b: &mut FunctionBuilder, k: usize| {
             let ids = b.slice(tokens, 1, k, cfg.seq + k);
-            let emb = b.gather(embed, ids);
-            let e = rms_norm(&mut b, emb, *enorm, cfg.eps);
-            let hn = rms_norm(&mut b, h, *hnorm, cfg.eps);
-            let cat = b.concat(vec![e, hn], 2);
-            let projected = b.linear(cat, *eh_proj, cfg.fp8);
-            let mut args = vec![projected];
-            args.extend(values);
-            let out = b.call(layer_fns[last_range], args);
-            h = out[0];
-            if out.len() == 3 {
-                balance = b.add(balance, out[1]);
-                loads.push(out[2]);
-            }
-            let labels = b.slice(tokens, 1, k + 1, cfg.seq + k + 1);
-            let counted = b.slice(loss_mask, 1, k + 1, cfg.seq + k + 1);
-            let loss = head_loss(&mut b, &cfg, h, *norm, head, labels, counted);
-            mtp_total = b.add(mtp_total, loss);
-        }
-        let mtp_loss = if depth > 0 { b.scale(mtp_total, 1.0 / depth as f64) } else { mtp_total };
+            b.gather(embed, ids)
+        };
+        let mtp = Mtp { cfg: &cfg, layer_fn: layer_fns[last_range], params: &mtp_params, head, tokens, loss_mask };
+        let mtp_loss = mtp.loss(&mut b, h, embedded, &mut moe_terms);
+        let MoeTerms { balance, loads } = moe_terms;
         let mtp_weight = b.arg("mtp_weight", vec![], DType::F32);
         let weighted = b.mul(mtp_weight, mtp_loss);
         let main_and_mtp = b.add(main_loss, weighted);
@@ -212,6 +187,199 @@ fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
     };
     let model = module.add(model);
     ForwardGraph { module, model, params, moe_biases, micro_batch: cfg.batch, seq_len: cfg.seq }
+}
+
+/// One MTP depth's own parameters: enorm, hnorm, eh_proj, its block's, and its head norm.
+type MtpParams = (V, V, V, Vec<V>, V);
+
+/// Declares the MTP modules' parameters (pushing their routing biases to `moe_biases`).
+fn mtp_params_of(
+    b: &mut FunctionBuilder,
+    params: &mut Vec<ParamInfo>,
+    moe_biases: &mut Vec<usize>,
+    spec: &Spec,
+    cfg: &Config,
+) -> Vec<MtpParams> {
+    let m = &spec.model;
+    let d = cfg.hidden;
+    let depth = m.mtp.as_ref().map_or(0, |mtp| mtp.depth as usize);
+    let last_range = spec.model.ffn.len() - 1;
+    (0..depth)
+        .map(|k| {
+            let prefix = format!("model.layers.{}", m.layers as usize + k);
+            let enorm = param(b, params, &format!("{prefix}.enorm.weight"), vec![d], ParamGroup::Mtp, true);
+            let hnorm = param(b, params, &format!("{prefix}.hnorm.weight"), vec![d], ParamGroup::Mtp, true);
+            let eh_proj = param(b, params, &format!("{prefix}.eh_proj.weight"), vec![d, 2 * d], ParamGroup::Mtp, false);
+            let ps = layer_params_of(b, params, cfg, &spec.model.ffn[last_range].ffn, &prefix, ParamGroup::Mtp);
+            if let Some(bias) = ps.bias {
+                moe_biases.push(bias);
+            }
+            let norm = param(b, params, &format!("{prefix}.shared_head.norm.weight"), vec![d], ParamGroup::Mtp, true);
+            (enorm, hnorm, eh_proj, ps.values, norm)
+        })
+        .collect()
+}
+
+/// The MoE layers' balance-loss sum and expert loads, as the blocks add them.
+struct MoeTerms {
+    balance: V,
+    loads: Vec<V>,
+}
+
+/// The MTP modules on top of the main model: what they need besides the hidden state.
+struct Mtp<'a> {
+    cfg: &'a Config,
+    /// The function of their blocks (the last layer range's FFN).
+    layer_fn: usize,
+    params: &'a [MtpParams],
+    head: V,
+    tokens: V,
+    loss_mask: V,
+}
+
+impl Mtp<'_> {
+    /// Their mean loss (0 without MTP): depth k predicts token i + k + 1 from h^{k−1} and
+    /// `embedded(k)`, the embedding of token i + k. Their blocks' MoE terms go to `moe`.
+    fn loss(
+        &self,
+        b: &mut FunctionBuilder,
+        mut h: V,
+        mut embedded: impl FnMut(&mut FunctionBuilder, usize) -> V,
+        moe: &mut MoeTerms,
+    ) -> V {
+        let cfg = self.cfg;
+        let mut total = b.constant(0.0);
+        for (k, (enorm, hnorm, eh_proj, values, norm)) in self.params.iter().enumerate() {
+            let k = k + 1;
+            let emb = embedded(b, k);
+            let e = rms_norm(b, emb, *enorm, cfg.eps);
+            let hn = rms_norm(b, h, *hnorm, cfg.eps);
+            let cat = b.concat(vec![e, hn], 2);
+            let projected = b.linear(cat, *eh_proj, cfg.fp8);
+            let mut args = vec![projected];
+            args.extend(values);
+            let out = b.call(self.layer_fn, args);
+            h = out[0];
+            if out.len() == 3 {
+                moe.balance = b.add(moe.balance, out[1]);
+                moe.loads.push(out[2]);
+            }
+            let labels = b.slice(self.tokens, 1, k + 1, cfg.seq + k + 1);
+            let counted = b.slice(self.loss_mask, 1, k + 1, cfg.seq + k + 1);
+            let loss = head_loss(b, cfg, h, *norm, self.head, labels, counted);
+            total = b.add(total, loss);
+        }
+        let depth = self.params.len();
+        if depth > 0 {
+            b.scale(total, 1.0 / depth as f64)
+        } else {
+            total
+        }
+    }
+}
+
+/// The forward graph of one pipeline stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageGraph {
+    pub module: Module,
+    /// `stage(params…, [carry], tokens, loss_mask, mtp_weight) -> (carry' | loss, balance_loss)`.
+    /// The carry [micro_batch, seq_len, hidden · (1 + mtp_depth)] is the hidden state followed
+    /// by the embeddings of the tokens each MTP depth reads (the first stage makes it from
+    /// `tokens`; the MTP modules on the last stage use those embeddings, so the embedding table
+    /// stays on the first stage and its gradient comes back with the carry's). The last stage
+    /// returns the loss of the main model and MTP rather than a carry; `balance_loss` sums the
+    /// stage's MoE terms (the model's loss is the last stage's loss plus every stage's balance
+    /// loss). `tokens` and `loss_mask` are [micro_batch, seq_len + mtp_depth + 1].
+    pub forward: usize,
+    /// The stage's parameters, named as in the whole model.
+    pub params: Vec<ParamInfo>,
+    pub first: bool,
+    pub last: bool,
+}
+
+/// The forward graph of the stage holding `parts` (contiguous, in model order).
+pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart]) -> StageGraph {
+    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics);
+    let (first, last) = (parts.contains(&StagePart::Embedding), parts.contains(&StagePart::Head));
+    let depth = spec.model.mtp.as_ref().map_or(0, |mtp| mtp.depth as usize);
+    let mut params = Vec::new();
+    let mut b = FunctionBuilder::new(&module, "stage");
+    let d = cfg.hidden;
+    let embed = first.then(|| {
+        param(&mut b, &mut params, "model.embed_tokens.weight", vec![cfg.vocab, d], ParamGroup::Embedding, false)
+    });
+    let mut layer_params = Vec::new();
+    for part in parts {
+        let StagePart::Layers(layers) = part else { continue };
+        for layer in layers.start..layers.end {
+            let range = spec.model.ffn.iter().position(|r| r.layers.contains(layer)).expect("checked ranges");
+            let prefix = format!("model.layers.{layer}");
+            let ffn = &spec.model.ffn[range].ffn;
+            let ps = layer_params_of(&mut b, &mut params, &cfg, ffn, &prefix, ParamGroup::Attention);
+            layer_params.push((range, ps.values));
+        }
+    }
+    let head = last.then(|| {
+        let norm = param(&mut b, &mut params, "model.norm.weight", vec![d], ParamGroup::Norms, true);
+        (norm, param(&mut b, &mut params, "lm_head.weight", vec![cfg.vocab, d], ParamGroup::Head, false))
+    });
+    let mtp_params = if parts.contains(&StagePart::Mtp) {
+        mtp_params_of(&mut b, &mut params, &mut Vec::new(), spec, &cfg)
+    } else {
+        Vec::new()
+    };
+    let carry_in = (!first).then(|| b.arg("carry", vec![cfg.batch, cfg.seq, d * (1 + depth)], DType::F32));
+    let tokens = b.arg("tokens", vec![cfg.batch, cfg.seq + depth + 1], DType::I32);
+    let loss_mask = b.arg("loss_mask", vec![cfg.batch, cfg.seq + depth + 1], DType::F32);
+    let mtp_weight = b.arg("mtp_weight", vec![], DType::F32);
+    // The hidden state and the embeddings of the tokens MTP depths 1..=depth read.
+    let (mut h, embedded): (V, Vec<V>) = match (embed, carry_in) {
+        (Some(embed), _) => {
+            let mut lookups = (0..=depth).map(|k| {
+                let ids = b.slice(tokens, 1, k, cfg.seq + k);
+                b.gather(embed, ids)
+            });
+            let h = lookups.next().expect("the hidden state");
+            (h, lookups.collect())
+        }
+        (None, Some(carry)) => {
+            let h = b.slice(carry, 2, 0, d);
+            (h, (1..=depth).map(|k| b.slice(carry, 2, k * d, (k + 1) * d)).collect())
+        }
+        (None, None) => unreachable!("a stage without the embedding takes the carry"),
+    };
+    let mut moe = MoeTerms { balance: b.constant(0.0), loads: Vec::new() };
+    for (range, values) in layer_params {
+        let mut args = vec![h];
+        args.extend(values);
+        let out = b.call(layer_fns[range], args);
+        h = out[0];
+        if out.len() == 3 {
+            moe.balance = b.add(moe.balance, out[1]);
+        }
+    }
+    match head {
+        Some((norm, head)) => {
+            let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
+            let counted = b.slice(loss_mask, 1, 1, cfg.seq + 1);
+            let main_loss = head_loss(&mut b, &cfg, h, norm, head, labels, counted);
+            let last_range = spec.model.ffn.len() - 1;
+            let mtp = Mtp { cfg: &cfg, layer_fn: layer_fns[last_range], params: &mtp_params, head, tokens, loss_mask };
+            let mtp_loss = mtp.loss(&mut b, h, |_, k| embedded[k - 1], &mut moe);
+            let weighted = b.mul(mtp_weight, mtp_loss);
+            let loss = b.add(main_loss, weighted);
+            b.output("loss", loss);
+        }
+        None => {
+            let mut carry = vec![h];
+            carry.extend(embedded);
+            let carry = if carry.len() == 1 { h } else { b.concat(carry, 2) };
+            b.output("carry", carry);
+        }
+    }
+    b.output("balance_loss", moe.balance);
+    let forward = module.add(b.finish());
+    StageGraph { module, forward, params, first, last }
 }
 
 /// Sizes and numerics the builder needs, read once from the spec.

@@ -1,12 +1,15 @@
 //! The training loop and its parts: parameter initialisation (`init`), the parameters' EMA
 //! (`ema`), where training is and
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
-//! metrics each step reports (`metrics`) and their curves (`plot`), and the CPU trainer that
-//! runs steps (`trainer`).
+//! metrics each step reports (`metrics`) and their curves (`plot`), the CPU trainer that
+//! runs steps (`trainer`), the executor of a pipeline schedule on thread-ranks (`pipeline`) and
+//! the training graph's stages it runs (`graph_stage`).
 
 pub mod ema;
+pub mod graph_stage;
 pub mod init;
 pub mod metrics;
+pub mod pipeline;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
