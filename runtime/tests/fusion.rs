@@ -75,6 +75,16 @@ proptest! {
     }
 
     #[test]
+    fn add_rmsnorm_rule(rows in 1usize..5, cols in 1usize..70, seed in any::<u64>()) {
+        // Both results read: the residual sum and its norm.
+        prove("add-rmsnorm", &[vec![2, rows, cols], vec![2, rows, cols], vec![cols]], seed, "add_rmsnorm", |b, a| {
+            let sum = b.add(a[0], a[1]);
+            let normed = rms_norm(b, sum, a[2], 1e-6);
+            b.mul(sum, normed)
+        })?;
+    }
+
+    #[test]
     fn stop_stop_and_transpose_transpose_rules(rows in 1usize..5, cols in 1usize..9, seed in any::<u64>()) {
         prove("stop-stop", &[vec![rows, cols]], seed, "", |b, a| {
             let s = b.stop_gradient(a[0]);

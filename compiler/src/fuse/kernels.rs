@@ -4,8 +4,9 @@
 //! kernel, and an elementwise op joins the most recent generated kernel when it runs over the
 //! same number of elements (loop fusion; a value other kernels read becomes one of the
 //! kernel's outputs). Joining only the most recent kernel keeps the kernels in a valid
-//! launch order: nothing launched after it can feed it. Each kernel carries its bytes moved,
-//! FLOPs and roofline time.
+//! launch order: nothing launched after it can feed it. A fused op with several results
+//! returns a tuple whose parts are read with `get`: the kernel writes every part. Each kernel
+//! carries its bytes moved, FLOPs and roofline time.
 
 use super::cost::Profile;
 use crate::graph::ir::{DType, Function, Module, Node, Op, V};
@@ -119,6 +120,14 @@ fn value_bytes(n: &Node) -> u64 {
     numel(n) * dtype_bytes(n.dtype)
 }
 
+/// Bytes of value `v`; a fused op's tuple is the parts its `get` readers take.
+fn written_bytes(f: &Function, v: usize, readers: &[usize]) -> u64 {
+    match f.nodes[v].dtype {
+        DType::Tuple => readers.iter().map(|&r| value_bytes(&f.nodes[r])).sum(),
+        _ => value_bytes(&f.nodes[v]),
+    }
+}
+
 /// The elements a node iterates over: its output, or its largest input (a reduction reads
 /// more than it writes, a slice reads more, a pad writes more).
 fn iteration(f: &Function, node: &Node) -> u64 {
@@ -193,7 +202,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                 .copied()
                 .filter(|&i| output_bases.contains(&i) || readers[i].iter().any(|j| !members.contains(j)))
                 .collect();
-            let bytes: u64 = inputs.iter().chain(&outputs).map(|&v| value_bytes(&f.nodes[v])).sum();
+            let bytes: u64 = inputs.iter().chain(&outputs).map(|&v| written_bytes(f, v, &readers[v])).sum();
             let flops: u64 = nodes.iter().map(|&i| flops(f, &f.nodes[i])).sum();
             let peak = if nodes.iter().any(|&i| {
                 matches!(
@@ -239,6 +248,7 @@ fn flops(f: &Function, node: &Node) -> u64 {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }
         Op::RmsNorm { .. } | Op::Softmax => 5 * numel(node),
+        Op::AddRmsNorm { .. } => 6 * numel(f.node(node.args[0])),
         _ => numel(node),
     }
 }

@@ -1,8 +1,12 @@
 //! The e-graph language of fusion: the primitives the rules look at, the fused ops they
 //! produce, leaves (arguments and constants) and `Opaque` for every other op of a function,
 //! which fusion carries through unchanged. An `Opaque` symbol names the original node
-//! (`#17`), whose op, shape and dtype [`super::encode`] keeps in a side table.
+//! (`#17`), whose op, shape and dtype [`super::encode`] keeps in a side table. Ops with
+//! attributes (a GEMM's transposes and FP8 recipe, a slice's range, a reshape's shape) take
+//! an [`Attr`] leaf as their first child, which holds the op itself: equal ops on equal
+//! inputs share an e-class, and the rules read and build attributes through it.
 
+use crate::graph::ir::Op;
 use egg::{define_language, Id, Symbol};
 
 define_language! {
@@ -20,12 +24,23 @@ define_language! {
         "sum_last" = SumLast(Id),
         "max_last" = MaxLast(Id),
         "transpose_last2" = TransposeLast2(Id),
+        // Ops with attributes: (op attr args…).
+        "matmul" = MatMul([Id; 3]),
+        "reshape" = Reshape([Id; 2]),
+        "slice" = Slice([Id; 2]),
+        "concat" = Concat([Id; 3]),
         // Fused ops.
         "rmsnorm" = RmsNorm([Id; 3]),
         "softmax" = Softmax(Id),
         "swiglu" = SwiGlu([Id; 2]),
+        // Fused ops with two results (a tuple), read with `get0` / `get1`.
+        "add_rmsnorm" = AddRmsNorm([Id; 4]),
+        "get0" = Get0(Id),
+        "get1" = Get1(Id),
         // A scalar constant, by its value's bits.
         Const(ConstBits),
+        // An op's attributes: the op itself.
+        Attr(Attr),
         Opaque(Symbol, Vec<Id>),
     }
 }
@@ -51,5 +66,32 @@ impl std::str::FromStr for ConstBits {
     fn from_str(s: &str) -> Result<Self, String> {
         // Constants appear in patterns only as variables; parse numbers for completeness.
         s.parse::<f64>().map(|v| ConstBits(v.to_bits())).map_err(|e| e.to_string())
+    }
+}
+
+/// An op with its attributes, interned as its JSON form (ops hold f64s, which are not `Eq`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Attr(Symbol);
+
+impl Attr {
+    pub fn new(op: &Op) -> Self {
+        Attr(Symbol::from(serde_json::to_string(op).expect("ops serialise")))
+    }
+
+    pub fn op(self) -> Op {
+        serde_json::from_str(self.0.as_str()).expect("an attribute holds an op")
+    }
+}
+
+impl std::fmt::Display for Attr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl std::str::FromStr for Attr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_str::<Op>(s).map(|op| Attr::new(&op)).map_err(|e| e.to_string())
     }
 }

@@ -6,7 +6,7 @@
 
 use super::lang::Fx;
 use super::FusionAnalysis;
-use egg::{rewrite as rw, Id, Rewrite, Subst, Var};
+use egg::{rewrite as rw, Applier, Id, MultiPattern, PatternAst, Rewrite, SearchMatches, Subst, Symbol, Var};
 
 type EGraph = egg::EGraph<Fx, FusionAnalysis>;
 
@@ -21,6 +21,13 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             => "(softmax ?x)"),
         // silu(a) · b  =  swiglu(a, b)
         rw!("swiglu"; "(mul (silu ?a) ?b)" => "(swiglu ?a ?b)"),
+        // s = a + b; n = rmsnorm(s, w)  ⇒  (s, n) = add_rmsnorm(a, b, w): one pass reads a, b
+        // and w and writes both, the sum for the residual stream and the norm for the block.
+        multi(
+            "add-rmsnorm",
+            "?s = (add ?a ?b), ?n = (rmsnorm ?s ?w ?eps)",
+            "?t = (add_rmsnorm ?a ?b ?w ?eps), ?s = (get0 ?t), ?n = (get1 ?t)",
+        ),
         // stop(stop(x)) = stop(x): stopping gradients twice is stopping them once.
         rw!("stop-stop"; "(stop (stop ?x))" => "(stop ?x)"),
         // (xᵀ)ᵀ = x for a swap of the last two axes.
@@ -37,5 +44,41 @@ fn is_inverse_of_last_dim(inv_n: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
             Fx::Const(c) => (c.value() - 1.0 / n as f64).abs() <= 1e-12 / n as f64,
             _ => false,
         })
+    }
+}
+
+/// A rewrite of several classes at once: the left side binds each `?class = (pattern)`, the
+/// right side adds each pattern and merges it into the class its variable names.
+fn multi(name: &str, lhs: &str, rhs: &str) -> Rewrite<Fx, FusionAnalysis> {
+    let parse = |s: &str| s.parse::<MultiPattern<Fx>>().unwrap_or_else(|e| panic!("rule {name}: {e}"));
+    Rewrite::new(name, parse(lhs), Changes(parse(rhs))).unwrap_or_else(|e| panic!("rule {name}: {e}"))
+}
+
+/// Applies a multi-pattern and reports only what changed: egg's multi-pattern applier
+/// reports every match, even one that adds nothing new, which would keep the runner from
+/// ever seeing saturation.
+struct Changes(MultiPattern<Fx>);
+
+impl Applier<Fx, FusionAnalysis> for Changes {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<Fx>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        let before = (egraph.total_size(), egraph.number_of_classes());
+        let matches = SearchMatches { eclass, substs: vec![subst.clone()], ast: None };
+        let ids = self.0.apply_matches(egraph, &[matches], rule);
+        if (egraph.total_size(), egraph.number_of_classes()) == before {
+            vec![]
+        } else {
+            ids
+        }
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        Applier::<Fx, FusionAnalysis>::vars(&self.0)
     }
 }

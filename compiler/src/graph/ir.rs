@@ -222,6 +222,11 @@ pub enum Op {
     Softmax,
     /// Fused: SwiGLU's gate, (a, b) → silu(a)·b.
     SwiGlu,
+    /// Fused: the residual add and the RMSNorm of its sum, (a, b, w) → the tuple
+    /// (a + b, rmsnorm(a + b, w)); the residual stream reads the sum, the block the norm.
+    AddRmsNorm {
+        eps: f64,
+    },
     /// Calls another function of the module; the result is a tuple.
     Call(usize),
     /// Element of a tuple.
@@ -229,6 +234,11 @@ pub enum Op {
 }
 
 impl Op {
+    /// Formed by fusion (`fuse`), never by the builder or autodiff.
+    pub fn is_fused(&self) -> bool {
+        matches!(self, Op::RmsNorm { .. } | Op::Softmax | Op::SwiGlu | Op::AddRmsNorm { .. })
+    }
+
     /// The name in the printed form.
     pub fn name(&self) -> &'static str {
         match self {
@@ -279,6 +289,7 @@ impl Op {
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Softmax => "softmax",
             Op::SwiGlu => "swiglu",
+            Op::AddRmsNorm { .. } => "add_rmsnorm",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }
@@ -369,6 +380,18 @@ impl Module {
         self.constants.push(Constant { name: name.into(), shape, kind });
         self.constants.len() - 1
     }
+}
+
+/// The shape of op(a)·op(b) (batched over equal leading dimensions).
+pub fn matmul_shape(sa: &[usize], sb: &[usize], ta: bool, tb: bool) -> Shape {
+    let r = sa.len();
+    assert!(r >= 2 && sb.len() == r && sa[..r - 2] == sb[..r - 2], "matmul {sa:?} × {sb:?}");
+    let (m, ka) = if ta { (sa[r - 1], sa[r - 2]) } else { (sa[r - 2], sa[r - 1]) };
+    let (kb, n) = if tb { (sb[r - 1], sb[r - 2]) } else { (sb[r - 2], sb[r - 1]) };
+    assert_eq!(ka, kb, "matmul inner dimensions {sa:?} × {sb:?} (ta {ta}, tb {tb})");
+    let mut shape = sa[..r - 2].to_vec();
+    shape.extend([m, n]);
+    shape
 }
 
 /// Appends nodes to a function, inferring shapes.
@@ -522,14 +545,7 @@ impl<'m> FunctionBuilder<'m> {
     }
 
     pub fn matmul(&mut self, a: V, b: V, ta: bool, tb: bool, fp8: Option<Fp8Gemm>) -> V {
-        let (sa, sb) = (self.shape(a).clone(), self.shape(b).clone());
-        let r = sa.len();
-        assert!(r >= 2 && sb.len() == r && sa[..r - 2] == sb[..r - 2], "matmul {sa:?} × {sb:?}");
-        let (m, ka) = if ta { (sa[r - 1], sa[r - 2]) } else { (sa[r - 2], sa[r - 1]) };
-        let (kb, n) = if tb { (sb[r - 1], sb[r - 2]) } else { (sb[r - 2], sb[r - 1]) };
-        assert_eq!(ka, kb, "matmul inner dimensions {sa:?} × {sb:?} (ta {ta}, tb {tb})");
-        let mut shape = sa[..r - 2].to_vec();
-        shape.extend([m, n]);
+        let shape = matmul_shape(self.shape(a), self.shape(b), ta, tb);
         let dtype = self.dtype(a);
         self.push(Op::MatMul { ta, tb, fp8 }, vec![a, b], shape, dtype)
     }

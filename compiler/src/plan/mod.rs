@@ -171,7 +171,12 @@ fn buffers(f: &Function) -> Vec<Buffer> {
     f.nodes
         .iter()
         .enumerate()
-        .filter(|(_, n)| !matches!(n.op, Op::Reshape(_) | Op::StopGradient | Op::Get(_) | Op::Call(_) | Op::Const(_)))
+        .filter(|(_, n)| {
+            let view = matches!(n.op, Op::Reshape(_) | Op::StopGradient | Op::Call(_) | Op::Const(_));
+            // A part of a call's result is stored by the callee; a part of a fused op's, here.
+            let call_part = matches!(n.op, Op::Get(_)) && matches!(f.node(n.args[0]).op, Op::Call(_));
+            !view && !call_part && n.dtype != crate::graph::ir::DType::Tuple
+        })
         .map(|(i, n)| Buffer {
             value: i as u32,
             bytes: n.shape.iter().product::<usize>() as u64 * kernels::dtype_bytes(n.dtype),

@@ -6,7 +6,7 @@ use super::kernels::{index, layout, linalg, rows};
 use super::numerics::{round_bf16, round_e4m3};
 use super::real::Real;
 use super::value::{Tensor, Value};
-use dsc_compiler::graph::ir::{DType, Function, Module, Node, Op};
+use dsc_compiler::graph::ir::{broadcast_shape, DType, Function, Module, Node, Op};
 
 /// Runs function `f` of `module` on `args`, returning its outputs.
 pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
@@ -64,14 +64,17 @@ fn map<T: Real>(node: &Node, x: &Tensor<T>, f: impl Fn(T) -> T) -> Value<T> {
 }
 
 fn zip<T: Real>(node: &Node, a: &Tensor<T>, b: &Tensor<T>, f: impl Fn(T, T) -> T) -> Value<T> {
+    Value::real(broadcast_zip(&node.shape, a, b, f))
+}
+
+/// `f` of `a` and `b` broadcast to `shape`.
+fn broadcast_zip<T: Real>(shape: &[usize], a: &Tensor<T>, b: &Tensor<T>, f: impl Fn(T, T) -> T) -> Tensor<T> {
     if a.shape == b.shape {
-        return real(&node.shape, a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect());
+        return Tensor::new(shape.to_vec(), a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect());
     }
-    let mut out = Vec::with_capacity(node.shape.iter().product());
-    layout::for_each_broadcast(&node.shape, &[&a.shape, &b.shape], |_, off| {
-        out.push(f(a.data[off[0]], b.data[off[1]]))
-    });
-    real(&node.shape, out)
+    let mut out = Vec::with_capacity(shape.iter().product());
+    layout::for_each_broadcast(shape, &[&a.shape, &b.shape], |_, off| out.push(f(a.data[off[0]], b.data[off[1]])));
+    Tensor::new(shape.to_vec(), out)
 }
 
 /// Rounds to `to`'s precision (the values stay in `T`).
@@ -205,6 +208,12 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
         }
         Op::Softmax => real(&node.shape, rows::softmax(&r(0).data, last(&r(0).shape))),
         Op::SwiGlu => zip(node, r(0), r(1), |a, b| a * sigmoid(a) * b),
+        Op::AddRmsNorm { eps } => {
+            let sum = broadcast_zip(&broadcast_shape(&r(0).shape, &r(1).shape), r(0), r(1), |a, b| a + b);
+            let normed = rows::rms_norm(&sum.data, last(&sum.shape), &r(2).data, T::from_f64(*eps));
+            let normed = Tensor::new(sum.shape.clone(), normed);
+            Value::Tuple(vec![Value::real(sum), Value::real(normed)])
+        }
         Op::Call(f) => Value::Tuple(run(module, *f, v.iter().map(|x| (*x).clone()).collect())),
         Op::Get(i) => match v[0] {
             Value::Tuple(items) => items[*i].clone(),

@@ -1,0 +1,161 @@
+//! What the e-graph knows of each class: the shape and type of its value (the parts of a
+//! tuple, for fused ops with several results), computed from the children as the graph
+//! builder computes them, and for opaque ops from the original node's record.
+
+use super::lang::{Attr, Fx};
+use crate::fuse::kernels::dtype_bytes;
+use crate::graph::ir::{broadcast_shape, matmul_shape, DType, Op, Shape};
+use egg::{Analysis, DidMerge, EGraph, Id, Symbol};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassData {
+    pub shape: Option<Shape>,
+    pub dtype: DType,
+    /// The shape and type of each result of a tuple (empty for other values).
+    pub parts: Vec<(Shape, DType)>,
+}
+
+impl ClassData {
+    fn value(shape: Shape, dtype: DType) -> Self {
+        ClassData { shape: Some(shape), dtype, parts: vec![] }
+    }
+
+    fn tuple(parts: Vec<(Shape, DType)>) -> Self {
+        ClassData { shape: Some(vec![]), dtype: DType::Tuple, parts }
+    }
+
+    pub fn numel(&self) -> f64 {
+        self.shape.as_ref().map_or(0.0, |s| s.iter().product::<usize>() as f64)
+    }
+
+    /// Bytes the value occupies (a tuple: its parts).
+    pub fn bytes(&self) -> f64 {
+        let part = |s: &Shape, d: DType| s.iter().product::<usize>() as f64 * dtype_bytes(d) as f64;
+        match self.dtype {
+            DType::Tuple => self.parts.iter().map(|(s, d)| part(s, *d)).sum(),
+            d => self.shape.as_ref().map_or(0.0, |s| part(s, d)),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct FusionAnalysis {
+    /// Shape and type of each original node, by index (for `Opaque("#i")`).
+    pub originals: Vec<(Shape, DType)>,
+}
+
+/// The op an attribute class holds.
+pub fn attr_op<N: Analysis<Fx>>(egraph: &EGraph<Fx, N>, class: Id) -> Op {
+    egraph[class]
+        .nodes
+        .iter()
+        .find_map(|n| match n {
+            Fx::Attr(a) => Some(a.op()),
+            _ => None,
+        })
+        .expect("an attribute class")
+}
+
+pub fn opaque_symbol(index: usize) -> Symbol {
+    Symbol::from(format!("#{index}"))
+}
+
+pub fn original_index(symbol: Symbol) -> Option<usize> {
+    symbol.as_str().strip_prefix('#')?.parse().ok()
+}
+
+impl Analysis<Fx> for FusionAnalysis {
+    type Data = ClassData;
+
+    fn make(egraph: &mut EGraph<Fx, Self>, enode: &Fx, _: Id) -> ClassData {
+        let child = |id: &Id| egraph[*id].data.clone();
+        let shape = |id: &Id| egraph[*id].data.shape.clone().expect("children are shaped");
+        match enode {
+            Fx::Opaque(symbol, _) => {
+                let (shape, dtype) = original_index(*symbol)
+                    .map(|i| egraph.analysis.originals[i].clone())
+                    .expect("opaque nodes name an original node");
+                ClassData::value(shape, dtype)
+            }
+            Fx::Const(_) => ClassData::value(vec![], DType::F32),
+            Fx::Attr(_) => ClassData::value(vec![], DType::Tuple),
+            Fx::Add([a, b]) | Fx::Sub([a, b]) | Fx::Mul([a, b]) | Fx::Div([a, b]) | Fx::SwiGlu([a, b]) => {
+                broadcast(&child(a), &child(b))
+            }
+            Fx::Exp(x) | Fx::Square(x) | Fx::Rsqrt(x) | Fx::Silu(x) | Fx::Stop(x) | Fx::Softmax(x) => child(x),
+            Fx::RmsNorm([x, _, _]) => child(x),
+            Fx::SumLast(x) | Fx::MaxLast(x) => {
+                let mut d = child(x);
+                if let Some(last) = d.shape.as_mut().and_then(|s| s.last_mut()) {
+                    *last = 1;
+                }
+                d
+            }
+            Fx::TransposeLast2(x) => {
+                let mut d = child(x);
+                if let Some(s) = d.shape.as_mut() {
+                    let r = s.len();
+                    s.swap(r - 2, r - 1);
+                }
+                d
+            }
+            Fx::MatMul([attr, a, b]) => {
+                let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+                ClassData::value(matmul_shape(&shape(a), &shape(b), ta, tb), child(a).dtype)
+            }
+            Fx::Reshape([attr, x]) => {
+                let Op::Reshape(to) = attr_op(egraph, *attr) else { unreachable!("a reshape's attribute") };
+                ClassData::value(to, child(x).dtype)
+            }
+            Fx::Slice([attr, x]) => {
+                let Op::Slice { axis, start, end } = attr_op(egraph, *attr) else {
+                    unreachable!("a slice's attribute")
+                };
+                let mut s = shape(x);
+                s[axis] = end - start;
+                ClassData::value(s, child(x).dtype)
+            }
+            Fx::Concat([attr, a, b]) => {
+                let Op::Concat { axis } = attr_op(egraph, *attr) else { unreachable!("a concat's attribute") };
+                let mut s = shape(a);
+                s[axis] += shape(b)[axis];
+                ClassData::value(s, child(a).dtype)
+            }
+            Fx::AddRmsNorm([a, b, _, _]) => {
+                let sum = broadcast(&child(a), &child(b));
+                let part = (sum.shape.expect("shaped"), sum.dtype);
+                ClassData::tuple(vec![part.clone(), part])
+            }
+            Fx::Get0(t) => part(&child(t), 0),
+            Fx::Get1(t) => part(&child(t), 1),
+        }
+    }
+
+    fn merge(&mut self, a: &mut ClassData, b: ClassData) -> DidMerge {
+        if a.shape.is_none() && b.shape.is_some() {
+            *a = b;
+            return DidMerge(true, false);
+        }
+        DidMerge(false, a.shape != b.shape)
+    }
+}
+
+/// An elementwise result: the broadcast shape, the type of the non-scalar operand.
+fn broadcast(a: &ClassData, b: &ClassData) -> ClassData {
+    let shape = match (&a.shape, &b.shape) {
+        (Some(x), Some(y)) => broadcast_shape(x, y),
+        _ => panic!("elementwise operands are shaped"),
+    };
+    let dtype = if a.shape.as_ref().is_some_and(|s| s.is_empty()) { b.dtype } else { a.dtype };
+    ClassData::value(shape, dtype)
+}
+
+fn part(tuple: &ClassData, i: usize) -> ClassData {
+    let (shape, dtype) = tuple.parts[i].clone();
+    ClassData::value(shape, dtype)
+}
+
+/// The attribute leaf of `op`.
+pub fn attr(egraph: &mut EGraph<Fx, FusionAnalysis>, op: &Op) -> Id {
+    egraph.add(Fx::Attr(Attr::new(op)))
+}
