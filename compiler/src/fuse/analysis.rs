@@ -82,7 +82,15 @@ impl Analysis<Fx> for FusionAnalysis {
             Fx::Add([a, b]) | Fx::Sub([a, b]) | Fx::Mul([a, b]) | Fx::Div([a, b]) | Fx::SwiGlu([a, b]) => {
                 broadcast(&child(a), &child(b))
             }
-            Fx::Exp(x) | Fx::Square(x) | Fx::Rsqrt(x) | Fx::Silu(x) | Fx::Stop(x) | Fx::Softmax(x) => child(x),
+            Fx::Exp(x)
+            | Fx::Square(x)
+            | Fx::Rsqrt(x)
+            | Fx::Silu(x)
+            | Fx::Sigmoid(x)
+            | Fx::Neg(x)
+            | Fx::Stop(x)
+            | Fx::Softmax(x)
+            | Fx::SoftmaxGrad([_, x]) => child(x),
             Fx::RmsNorm([x, _, _]) => child(x),
             Fx::SumLast(x) | Fx::MaxLast(x) => {
                 let mut d = child(x);
@@ -115,6 +123,12 @@ impl Analysis<Fx> for FusionAnalysis {
                 s[axis] = end - start;
                 ClassData::value(s, child(x).dtype)
             }
+            Fx::SumTo([attr, x]) | Fx::BroadcastTo([attr, x]) => {
+                let (Op::SumTo(to) | Op::BroadcastTo(to)) = attr_op(egraph, *attr) else {
+                    unreachable!("a sum_to's or broadcast_to's attribute")
+                };
+                ClassData::value(to, child(x).dtype)
+            }
             Fx::Concat([attr, a, b]) => {
                 let Op::Concat { axis } = attr_op(egraph, *attr) else { unreachable!("a concat's attribute") };
                 let mut s = shape(a);
@@ -125,6 +139,14 @@ impl Analysis<Fx> for FusionAnalysis {
                 let sum = broadcast(&child(a), &child(b));
                 let part = (sum.shape.expect("shaped"), sum.dtype);
                 ClassData::tuple(vec![part.clone(), part])
+            }
+            Fx::RmsNormGrad([x, w, dy, _]) | Fx::RmsNormGradAcc([x, w, dy, _, _]) => {
+                let dtype = child(dy).dtype;
+                ClassData::tuple(vec![(shape(x), dtype), (shape(w), dtype)])
+            }
+            Fx::SwiGluGrad([a, b, dy]) => {
+                let dtype = child(dy).dtype;
+                ClassData::tuple(vec![(shape(a), dtype), (shape(b), dtype)])
             }
             Fx::Get0(t) => part(&child(t), 0),
             Fx::Get1(t) => part(&child(t), 1),

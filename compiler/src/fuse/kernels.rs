@@ -248,7 +248,8 @@ fn flops(f: &Function, node: &Node) -> u64 {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }
         Op::RmsNorm { .. } | Op::Softmax => 5 * numel(node),
-        Op::AddRmsNorm { .. } => 6 * numel(f.node(node.args[0])),
+        Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
+        Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),
     }
 }

@@ -19,6 +19,8 @@ define_language! {
         "square" = Square(Id),
         "rsqrt" = Rsqrt(Id),
         "silu" = Silu(Id),
+        "sigmoid" = Sigmoid(Id),
+        "neg" = Neg(Id),
         "stop" = Stop(Id),
         // Reductions over the last axis, keeping it (as the model builder emits them).
         "sum_last" = SumLast(Id),
@@ -29,12 +31,21 @@ define_language! {
         "reshape" = Reshape([Id; 2]),
         "slice" = Slice([Id; 2]),
         "concat" = Concat([Id; 3]),
+        "sum_to" = SumTo([Id; 2]),
+        "broadcast_to" = BroadcastTo([Id; 2]),
         // Fused ops.
         "rmsnorm" = RmsNorm([Id; 3]),
         "softmax" = Softmax(Id),
         "swiglu" = SwiGlu([Id; 2]),
+        // Backward twins: (x, dy) → dx of softmax.
+        "softmax_grad" = SoftmaxGrad([Id; 2]),
         // Fused ops with two results (a tuple), read with `get0` / `get1`.
         "add_rmsnorm" = AddRmsNorm([Id; 4]),
+        // (x, w, dy, eps) → (dx, dw); with an adjoint to add dx into, (x, w, dy, acc, eps);
+        // (a, b, dy) → (da, db).
+        "rmsnorm_grad" = RmsNormGrad([Id; 4]),
+        "rmsnorm_grad_acc" = RmsNormGradAcc([Id; 5]),
+        "swiglu_grad" = SwiGluGrad([Id; 3]),
         "get0" = Get0(Id),
         "get1" = Get1(Id),
         // A scalar constant, by its value's bits.

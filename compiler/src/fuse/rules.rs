@@ -28,12 +28,55 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?s = (add ?a ?b), ?n = (rmsnorm ?s ?w ?eps)",
             "?t = (add_rmsnorm ?a ?b ?w ?eps), ?s = (get0 ?t), ?n = (get1 ?t)",
         ),
+        // Backward twins: the VJPs autodiff emits for the primitives of RMSNorm, softmax and
+        // SwiGLU, recognised as one fused op each.
+        //
+        // RMSNorm, y = x·r·w with r = (Σx²/n + ε)^(−½) per row and dy = g:
+        //   dw = Σ_rows g·x·r
+        //   dx = (g·w)·r + 2x · (1/n) · (−½ r/(Σx²/n + ε)) · Σ_row (g·w)·x
+        // emitted as the direct term plus the term through r, each added to x's adjoint (`acc`)
+        // when x has other readers (the fused op then adds it, in the same order).
+        multi_if(
+            "rmsnorm-grad",
+            &format!("{RMSNORM_VJP}, ?dx = (add ?direct ?through_r)"),
+            "?t = (rmsnorm_grad ?x ?w ?g ?eps), ?dx = (get0 ?t), ?dw = (get1 ?t)",
+            Box::new(is_inverse_of_last_dim("?inv_n", "?x")),
+        ),
+        multi_if(
+            "rmsnorm-grad-accumulated",
+            &format!("{RMSNORM_VJP}, ?dx = (add (add ?acc ?direct) ?through_r)"),
+            "?t = (rmsnorm_grad_acc ?x ?w ?g ?acc ?eps), ?dx = (get0 ?t), ?dw = (get1 ?t)",
+            Box::new(is_inverse_of_last_dim("?inv_n", "?x")),
+        ),
+        // Softmax, y = e/z with e = exp(x − max), z = Σ_last e (recomputed from x):
+        //   dx = (g/z − Σ_last (g/z)·y)·e = y·(g − Σ_last g·y)
+        multi(
+            "softmax-grad",
+            "?y = (div ?e ?z), ?e = (exp (sub ?x (stop (max_last ?x)))), ?z = (sum_last ?e),
+             ?dx = (mul (add (div ?g ?z) (broadcast_to ?to (sum_to ?from (neg (mul (div ?g ?z) ?y))))) ?e)",
+            "?dx = (softmax_grad ?x ?g)",
+        ),
+        // SwiGLU, y = silu(a)·b with σ = sigmoid(a):
+        //   db = g·silu(a),  da = (g·b)·σ·(1 + a·(1 − σ))
+        multi(
+            "swiglu-grad",
+            "?db = (mul ?g (silu ?a)),
+             ?da = (mul (mul ?g ?b) (mul (sigmoid ?a) (add 1 (mul ?a (sub 1 (sigmoid ?a))))))",
+            "?t = (swiglu_grad ?a ?b ?g), ?da = (get0 ?t), ?db = (get1 ?t)",
+        ),
         // stop(stop(x)) = stop(x): stopping gradients twice is stopping them once.
         rw!("stop-stop"; "(stop (stop ?x))" => "(stop ?x)"),
         // (xᵀ)ᵀ = x for a swap of the last two axes.
         rw!("transpose-transpose"; "(transpose_last2 (transpose_last2 ?x))" => "?x"),
     ]
 }
+
+/// RMSNorm's forward (r = rsqrt(var)) and the VJP terms autodiff emits for it (see the rule).
+const RMSNORM_VJP: &str = "?var = (add (mul (sum_last (square ?x)) ?inv_n) ?eps), ?r = (rsqrt ?var),
+    ?gw = (mul ?g ?w), ?direct = (mul ?gw ?r),
+    ?through_r = (mul (broadcast_to ?to (mul (mul (sum_to ?from (mul ?gw ?x)) (mul (div ?r ?var) -0.5)) ?inv_n))
+                      (mul ?x 2)),
+    ?dw = (sum_to ?rows (mul ?g (mul ?x ?r)))";
 
 /// `inv_n` is the constant 1/n with n the last dimension of `x`.
 fn is_inverse_of_last_dim(inv_n: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
@@ -47,17 +90,29 @@ fn is_inverse_of_last_dim(inv_n: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
     }
 }
 
+/// A condition on a match.
+type Condition = Box<dyn Fn(&mut EGraph, Id, &Subst) -> bool + Send + Sync>;
+
 /// A rewrite of several classes at once: the left side binds each `?class = (pattern)`, the
 /// right side adds each pattern and merges it into the class its variable names.
 fn multi(name: &str, lhs: &str, rhs: &str) -> Rewrite<Fx, FusionAnalysis> {
-    let parse = |s: &str| s.parse::<MultiPattern<Fx>>().unwrap_or_else(|e| panic!("rule {name}: {e}"));
-    Rewrite::new(name, parse(lhs), Changes(parse(rhs))).unwrap_or_else(|e| panic!("rule {name}: {e}"))
+    multi_if(name, lhs, rhs, Box::new(|_, _, _| true))
 }
 
-/// Applies a multi-pattern and reports only what changed: egg's multi-pattern applier
-/// reports every match, even one that adds nothing new, which would keep the runner from
-/// ever seeing saturation.
-struct Changes(MultiPattern<Fx>);
+/// `multi` where `condition` holds.
+fn multi_if(name: &str, lhs: &str, rhs: &str, condition: Condition) -> Rewrite<Fx, FusionAnalysis> {
+    let parse = |s: &str| s.parse::<MultiPattern<Fx>>().unwrap_or_else(|e| panic!("rule {name}: {e}"));
+    Rewrite::new(name, parse(lhs), Changes { rhs: parse(rhs), condition })
+        .unwrap_or_else(|e| panic!("rule {name}: {e}"))
+}
+
+/// Applies a multi-pattern where its condition holds and reports only what changed: egg's
+/// multi-pattern applier reports every match, even one that adds nothing new, which would
+/// keep the runner from ever seeing saturation.
+struct Changes {
+    rhs: MultiPattern<Fx>,
+    condition: Condition,
+}
 
 impl Applier<Fx, FusionAnalysis> for Changes {
     fn apply_one(
@@ -68,9 +123,12 @@ impl Applier<Fx, FusionAnalysis> for Changes {
         _: Option<&PatternAst<Fx>>,
         rule: Symbol,
     ) -> Vec<Id> {
+        if !(self.condition)(egraph, eclass, subst) {
+            return vec![];
+        }
         let before = (egraph.total_size(), egraph.number_of_classes());
         let matches = SearchMatches { eclass, substs: vec![subst.clone()], ast: None };
-        let ids = self.0.apply_matches(egraph, &[matches], rule);
+        let ids = self.rhs.apply_matches(egraph, &[matches], rule);
         if (egraph.total_size(), egraph.number_of_classes()) == before {
             vec![]
         } else {
@@ -79,6 +137,6 @@ impl Applier<Fx, FusionAnalysis> for Changes {
     }
 
     fn vars(&self) -> Vec<Var> {
-        Applier::<Fx, FusionAnalysis>::vars(&self.0)
+        Applier::<Fx, FusionAnalysis>::vars(&self.rhs)
     }
 }

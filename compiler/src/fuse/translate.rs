@@ -26,6 +26,8 @@ pub fn encode(egraph: &mut EGraph<Fx, FusionAnalysis>, f: &Function) -> Vec<Id> 
             Op::Square => Fx::Square(a[0]),
             Op::Rsqrt => Fx::Rsqrt(a[0]),
             Op::Silu => Fx::Silu(a[0]),
+            Op::Sigmoid => Fx::Sigmoid(a[0]),
+            Op::Neg => Fx::Neg(a[0]),
             Op::StopGradient => Fx::Stop(a[0]),
             Op::Sum { axis, keep: true } if *axis + 1 == node.shape.len() => Fx::SumLast(a[0]),
             Op::Max { axis, keep: true } if *axis + 1 == node.shape.len() => Fx::MaxLast(a[0]),
@@ -33,6 +35,8 @@ pub fn encode(egraph: &mut EGraph<Fx, FusionAnalysis>, f: &Function) -> Vec<Id> 
             op @ Op::MatMul { .. } => Fx::MatMul([attr(egraph, op), a[0], a[1]]),
             op @ Op::Reshape(_) => Fx::Reshape([attr(egraph, op), a[0]]),
             op @ Op::Slice { .. } => Fx::Slice([attr(egraph, op), a[0]]),
+            op @ Op::SumTo(_) => Fx::SumTo([attr(egraph, op), a[0]]),
+            op @ Op::BroadcastTo(_) => Fx::BroadcastTo([attr(egraph, op), a[0]]),
             op @ Op::Concat { .. } if a.len() == 2 => Fx::Concat([attr(egraph, op), a[0], a[1]]),
             op => {
                 let key = (serde_json::to_string(op).expect("ops serialise"), a.clone());
@@ -120,6 +124,8 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         Fx::Square(_) => (Op::Square, children),
         Fx::Rsqrt(_) => (Op::Rsqrt, children),
         Fx::Silu(_) => (Op::Silu, children),
+        Fx::Sigmoid(_) => (Op::Sigmoid, children),
+        Fx::Neg(_) => (Op::Neg, children),
         Fx::Stop(_) => (Op::StopGradient, children),
         Fx::SumLast(x) => (Op::Sum { axis: rank(data(x)) - 1, keep: true }, children),
         Fx::MaxLast(x) => (Op::Max { axis: rank(data(x)) - 1, keep: true }, children),
@@ -129,13 +135,20 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
             perm.swap(r - 2, r - 1);
             (Op::Transpose(perm), children)
         }
-        Fx::MatMul([attr, ..]) | Fx::Reshape([attr, _]) | Fx::Slice([attr, _]) | Fx::Concat([attr, ..]) => {
-            (attr_op(egraph, *attr), &children[1..])
-        }
+        Fx::MatMul([attr, ..])
+        | Fx::Reshape([attr, _])
+        | Fx::Slice([attr, _])
+        | Fx::Concat([attr, ..])
+        | Fx::SumTo([attr, _])
+        | Fx::BroadcastTo([attr, _]) => (attr_op(egraph, *attr), &children[1..]),
         Fx::RmsNorm([_, _, eps]) => (Op::RmsNorm { eps: constant_of(egraph, *eps) }, &children[..2]),
         Fx::Softmax(_) => (Op::Softmax, children),
         Fx::SwiGlu(_) => (Op::SwiGlu, children),
         Fx::AddRmsNorm([_, _, _, eps]) => (Op::AddRmsNorm { eps: constant_of(egraph, *eps) }, &children[..3]),
+        Fx::RmsNormGrad([_, _, _, eps]) => (Op::RmsNormGrad { eps: constant_of(egraph, *eps) }, &children[..3]),
+        Fx::RmsNormGradAcc([_, _, _, _, eps]) => (Op::RmsNormGrad { eps: constant_of(egraph, *eps) }, &children[..4]),
+        Fx::SoftmaxGrad(_) => (Op::SoftmaxGrad, children),
+        Fx::SwiGluGrad(_) => (Op::SwiGluGrad, children),
         Fx::Get0(_) => (Op::Get(0), children),
         Fx::Get1(_) => (Op::Get(1), children),
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) => unreachable!("leaves and opaque ops are decoded by the caller"),

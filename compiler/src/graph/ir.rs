@@ -227,6 +227,16 @@ pub enum Op {
     AddRmsNorm {
         eps: f64,
     },
+    /// Fused backward of `RmsNorm`: (x, w, dy[, acc]) → the tuple ([acc +] dx, dw), where
+    /// `acc` is an adjoint of x to accumulate into.
+    RmsNormGrad {
+        eps: f64,
+    },
+    /// Fused backward of `Softmax`, recomputing it from its input: (x, dy) → dx =
+    /// y·(dy − Σ dy·y) over the last axis, y = softmax(x).
+    SoftmaxGrad,
+    /// Fused backward of `SwiGlu`: (a, b, dy) → the tuple (da, db).
+    SwiGluGrad,
     /// Calls another function of the module; the result is a tuple.
     Call(usize),
     /// Element of a tuple.
@@ -236,7 +246,16 @@ pub enum Op {
 impl Op {
     /// Formed by fusion (`fuse`), never by the builder or autodiff.
     pub fn is_fused(&self) -> bool {
-        matches!(self, Op::RmsNorm { .. } | Op::Softmax | Op::SwiGlu | Op::AddRmsNorm { .. })
+        matches!(
+            self,
+            Op::RmsNorm { .. }
+                | Op::Softmax
+                | Op::SwiGlu
+                | Op::AddRmsNorm { .. }
+                | Op::RmsNormGrad { .. }
+                | Op::SoftmaxGrad
+                | Op::SwiGluGrad
+        )
     }
 
     /// The name in the printed form.
@@ -290,6 +309,9 @@ impl Op {
             Op::Softmax => "softmax",
             Op::SwiGlu => "swiglu",
             Op::AddRmsNorm { .. } => "add_rmsnorm",
+            Op::RmsNormGrad { .. } => "rmsnorm_grad",
+            Op::SoftmaxGrad => "softmax_grad",
+            Op::SwiGluGrad => "swiglu_grad",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }

@@ -88,7 +88,7 @@ fn attributes(m: &Module, op: &Op) -> String {
         }
         Op::PermuteGrad { k, tokens } => format!("k {k}, tokens {tokens}"),
         Op::Call(f) => format!("@{}", m.functions[*f].name),
-        Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => format!("eps {eps:e}"),
+        Op::RmsNorm { eps } | Op::AddRmsNorm { eps } | Op::RmsNormGrad { eps } => format!("eps {eps:e}"),
         _ => String::new(),
     }
 }

@@ -2,7 +2,7 @@
 //! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
 //! here; the other kernels are in [`super::kernels`].
 
-use super::kernels::{index, layout, linalg, rows};
+use super::kernels::{grads, index, layout, linalg, rows};
 use super::numerics::{round_bf16, round_e4m3};
 use super::real::Real;
 use super::value::{Tensor, Value};
@@ -85,6 +85,11 @@ fn round<T: Real>(x: T, to: DType) -> T {
         DType::F32 => T::from_f64(x.to_f64() as f32 as f64),
         DType::F64 | DType::I32 | DType::Tuple => x,
     }
+}
+
+/// The two results of a fused op.
+fn pair<T: Real>(first: Tensor<T>, second: Tensor<T>) -> Value<T> {
+    Value::Tuple(vec![Value::real(first), Value::real(second)])
 }
 
 fn sigmoid<T: Real>(x: T) -> T {
@@ -212,7 +217,18 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let sum = broadcast_zip(&broadcast_shape(&r(0).shape, &r(1).shape), r(0), r(1), |a, b| a + b);
             let normed = rows::rms_norm(&sum.data, last(&sum.shape), &r(2).data, T::from_f64(*eps));
             let normed = Tensor::new(sum.shape.clone(), normed);
-            Value::Tuple(vec![Value::real(sum), Value::real(normed)])
+            pair(sum, normed)
+        }
+        Op::RmsNormGrad { eps } => {
+            let (x, w) = (r(0), r(1));
+            let acc = (v.len() == 4).then(|| &r(3).data[..]);
+            let (dx, dw) = grads::rms_norm_grad(&x.data, last(&x.shape), &w.data, &r(2).data, acc, T::from_f64(*eps));
+            pair(Tensor::new(x.shape.clone(), dx), Tensor::new(w.shape.clone(), dw))
+        }
+        Op::SoftmaxGrad => real(&node.shape, grads::softmax_grad(&r(0).data, last(&r(0).shape), &r(1).data)),
+        Op::SwiGluGrad => {
+            let (da, db) = grads::swiglu_grad(&r(0).data, &r(1).data, &r(2).data);
+            pair(Tensor::new(r(0).shape.clone(), da), Tensor::new(r(1).shape.clone(), db))
         }
         Op::Call(f) => Value::Tuple(run(module, *f, v.iter().map(|x| (*x).clone()).collect())),
         Op::Get(i) => match v[0] {
