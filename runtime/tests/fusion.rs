@@ -6,7 +6,7 @@
 
 use dsc_compiler::fuse::{fuse_function, Limits};
 use dsc_compiler::graph::autodiff;
-use dsc_compiler::graph::ir::{DType, Function, FunctionBuilder, Module, Op, V};
+use dsc_compiler::graph::ir::{DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
 use dsc_compiler::graph::model::{rms_norm, softmax, swiglu_gate};
 use dsc_runtime::cpu::{run, Tensor, Value};
 use dsc_runtime::rng::Rng;
@@ -142,6 +142,23 @@ proptest! {
     }
 
     #[test]
+    fn concat_gemms_rule(rows in 1usize..6, k in 1usize..40, blocks in 1usize..4, n2 in 1usize..20, seed in any::<u64>()) {
+        // Two linear layers of one input, in f32 and in FP8 (4-wide tiles and blocks; the first
+        // weight a whole number of blocks along N, as the rule requires).
+        let n1 = 4 * blocks;
+        let shapes = [vec![2, rows, k], vec![n1, k], vec![n2, k]];
+        for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 })] {
+            prove("concat-gemms", &shapes, seed, "concat_matmul", |b, a| {
+                let y1 = b.linear(a[0], a[1], fp8);
+                let y2 = b.linear(a[0], a[2], fp8);
+                let y2 = b.slice(y2, 2, 0, 1);
+                let y2 = b.broadcast_to(y2, vec![2, rows, n1]);
+                b.mul(y1, y2)
+            })?;
+        }
+    }
+
+    #[test]
     fn stop_stop_and_transpose_transpose_rules(rows in 1usize..5, cols in 1usize..9, seed in any::<u64>()) {
         prove("stop-stop", &[vec![rows, cols]], seed, "", |b, a| {
             let s = b.stop_gradient(a[0]);
@@ -181,7 +198,9 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
     let spec = dsc_lang::load(&path, &[]).checked_spec().expect("tiny").clone();
     let plan = dsc_compiler::plan::compile(&spec, Limits::default());
-    for op in ["rmsnorm", "add_rmsnorm", "softmax", "swiglu", "rmsnorm_grad", "softmax_grad", "swiglu_grad"] {
+    let fused_ops =
+        ["rmsnorm", "add_rmsnorm", "softmax", "swiglu", "rmsnorm_grad", "softmax_grad", "swiglu_grad", "concat_matmul"];
+    for op in fused_ops {
         assert!(plan.functions.iter().any(|f| f.fusion.fused.iter().any(|(o, _)| o == op)), "no {op} in the plan");
     }
     let mut fused = CpuTrainer::<f32>::with_graph(&spec, plan.training_graph(), 0).expect("trainable");

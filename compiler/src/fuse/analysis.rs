@@ -24,8 +24,12 @@ impl ClassData {
         ClassData { shape: Some(vec![]), dtype: DType::Tuple, parts }
     }
 
+    /// Elements of the value (a tuple: of its parts).
     pub fn numel(&self) -> f64 {
-        self.shape.as_ref().map_or(0.0, |s| s.iter().product::<usize>() as f64)
+        match self.dtype {
+            DType::Tuple => self.parts.iter().map(|(s, _)| s.iter().product::<usize>() as f64).sum(),
+            _ => self.shape.as_ref().map_or(0.0, |s| s.iter().product::<usize>() as f64),
+        }
     }
 
     /// Bytes the value occupies (a tuple: its parts).
@@ -147,6 +151,12 @@ impl Analysis<Fx> for FusionAnalysis {
             Fx::SwiGluGrad([a, b, dy]) => {
                 let dtype = child(dy).dtype;
                 ClassData::tuple(vec![(shape(a), dtype), (shape(b), dtype)])
+            }
+            Fx::ConcatMatMul([attr, a, b1, b2]) => {
+                let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+                let dtype = child(a).dtype;
+                let product = |b: &Id| (matmul_shape(&shape(a), &shape(b), ta, tb), dtype);
+                ClassData::tuple(vec![product(b1), product(b2)])
             }
             Fx::Get0(t) => part(&child(t), 0),
             Fx::Get1(t) => part(&child(t), 1),

@@ -44,7 +44,7 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
     let moved: f64 = enode.children().iter().map(|&c| bytes(c)).sum::<f64>() + bytes(class);
     match enode {
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) | Fx::Stop(_) | Fx::Reshape(_) | Fx::Get0(_) | Fx::Get1(_) => 0.0,
-        Fx::MatMul([attr, a, _]) => {
+        Fx::MatMul([attr, a, _]) | Fx::ConcatMatMul([attr, a, ..]) => {
             let Op::MatMul { ta, fp8, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
             let a = egraph[*a].data.shape.as_ref().expect("shaped");
             let k = a[a.len() - if ta { 2 } else { 1 }];

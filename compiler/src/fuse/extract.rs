@@ -63,10 +63,12 @@ pub fn extract<N: Analysis<Fx>>(egraph: &EGraph<Fx, N>, roots: &[Id], cost: impl
 }
 
 /// Greedy DAG decides each class on its own, so it can pick a fused op with two results for
-/// one reader while the other reader keeps the unfused op (and pays for both). Local search
-/// fixes that: every class with alternatives is switched to each of them, and a switch is
-/// kept when the whole DAG (shared classes once, cycles refused) gets cheaper; sweeps repeat
-/// until none is. Returns the DAG's cost.
+/// one reader while the other reader keeps the unfused op (and pays for both), or keep both
+/// unfused ops when the fused one costs more than either alone. Local search fixes that: every
+/// class with alternatives is switched to each of them — a switch to one result of a tuple
+/// switches every class that has a result of that tuple, together — and a switch is kept when
+/// the whole DAG (shared classes once, cycles refused) gets cheaper; sweeps repeat until none
+/// is. Returns the DAG's cost.
 fn refine<N: Analysis<Fx>>(
     egraph: &EGraph<Fx, N>,
     classes: &[Id],
@@ -76,6 +78,15 @@ fn refine<N: Analysis<Fx>>(
 ) -> f64 {
     let mut total = dag_cost(egraph, roots, choice, cost).expect("greedy DAG chooses no cycle");
     let alternatives: Vec<Id> = classes.iter().copied().filter(|c| egraph[*c].nodes.len() > 1).collect();
+    // The classes reading each tuple, with the node that reads it.
+    let mut readers: HashMap<Id, Vec<(Id, Fx)>> = HashMap::new();
+    for &class in &alternatives {
+        for node in &egraph[class].nodes {
+            if let Fx::Get0(t) | Fx::Get1(t) = node {
+                readers.entry(egraph.find(*t)).or_default().push((class, node.clone()));
+            }
+        }
+    }
     let mut improved = true;
     while improved {
         improved = false;
@@ -84,17 +95,24 @@ fn refine<N: Analysis<Fx>>(
                 if choice.get(&class) == Some(node) {
                     continue;
                 }
-                let previous = choice.insert(class, node.clone());
+                let switch = match node {
+                    Fx::Get0(t) | Fx::Get1(t) => readers[&egraph.find(*t)].clone(),
+                    _ => vec![(class, node.clone())],
+                };
+                let previous: Vec<(Id, Option<Fx>)> =
+                    switch.into_iter().map(|(c, n)| (c, choice.insert(c, n))).collect();
                 match dag_cost(egraph, roots, choice, cost) {
                     Some(c) if c < total * (1.0 - 1e-12) => {
                         total = c;
                         improved = true;
                     }
                     _ => {
-                        match previous {
-                            Some(p) => choice.insert(class, p),
-                            None => choice.remove(&class),
-                        };
+                        for (c, p) in previous.into_iter().rev() {
+                            match p {
+                                Some(p) => choice.insert(c, p),
+                                None => choice.remove(&c),
+                            };
+                        }
                     }
                 }
             }
@@ -255,6 +273,29 @@ mod tests {
         let e = extract(&egraph, &roots, cost);
         assert_eq!(e.cost, 3.0);
         assert!(matches!(e.chosen[&roots[0]], Fx::Get0(_)) && matches!(e.chosen[&roots[1]], Fx::Get1(_)));
+    }
+
+    /// y1 = f(x) and y2 = g(x) (cost 2 each), or both from one fused t (cost 3). Greedy DAG
+    /// keeps both (2 < 3 twice), and no single switch helps (3 + 2 > 4); switching both
+    /// readers of t together pays 3.
+    #[test]
+    fn both_readers_of_a_tuple_switch_together() {
+        let mut egraph: EGraph<Fx, ()> = EGraph::default();
+        let x = opaque(&mut egraph, "x", vec![]);
+        let y1 = egraph.add(Fx::Exp(x));
+        let y2 = egraph.add(Fx::Silu(x));
+        let t = opaque(&mut egraph, "t", vec![x]);
+        let (g0, g1) = (egraph.add(Fx::Get0(t)), egraph.add(Fx::Get1(t)));
+        egraph.union(y1, g0);
+        egraph.union(y2, g1);
+        egraph.rebuild();
+        let cost = |_: Id, node: &Fx| match node {
+            Fx::Exp(_) | Fx::Silu(_) => 2.0,
+            Fx::Opaque(s, _) if s.as_str() == "t" => 3.0,
+            _ => 0.0,
+        };
+        let roots = [egraph.find(y1), egraph.find(y2)];
+        assert_eq!(extract(&egraph, &roots, cost).cost, 3.0);
     }
 
     /// x = stop(x) after a rule merged them: the node that would make x its own input is

@@ -9,7 +9,7 @@
 //! carries its bytes moved, FLOPs and roofline time.
 
 use super::cost::Profile;
-use crate::graph::ir::{DType, Function, Module, Node, Op, V};
+use crate::graph::ir::{matmul_shape, DType, Function, Module, Node, Op, V};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -73,7 +73,7 @@ fn role(op: &Op) -> Role {
         Op::Arg(_) | Op::Const(_) | Op::Table(_) | Op::Reshape(_) | Op::StopGradient | Op::Call(_) | Op::Get(_) => {
             Role::Free
         }
-        Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedWgrad { .. } => Role::Gemm,
+        Op::MatMul { .. } | Op::ConcatMatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedWgrad { .. } => Role::Gemm,
         Op::Neg
         | Op::Exp
         | Op::Log
@@ -208,6 +208,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                 matches!(
                     f.nodes[i].op,
                     Op::MatMul { fp8: Some(_), .. }
+                        | Op::ConcatMatMul { fp8: Some(_), .. }
                         | Op::GroupedMatMul { fp8: Some(_), .. }
                         | Op::GroupedWgrad { fp8: Some(_), .. }
                 )
@@ -238,10 +239,11 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 /// FLOPs of one node: 2·m·n·k for products, a handful per element otherwise.
 fn flops(f: &Function, node: &Node) -> u64 {
     match &node.op {
-        Op::MatMul { ta, .. } => {
+        Op::MatMul { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
+        Op::ConcatMatMul { ta, tb, .. } => {
             let a = &f.node(node.args[0]).shape;
-            let k = if *ta { a[a.len() - 2] } else { a[a.len() - 1] };
-            2 * numel(node) * k as u64
+            let product = |b: V| matmul_shape(a, &f.node(b).shape, *ta, *tb).iter().product::<usize>() as u64;
+            2 * (product(node.args[1]) + product(node.args[2])) * inner_dimension(f, node, *ta)
         }
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
         Op::GroupedWgrad { .. } => {
@@ -252,6 +254,12 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),
     }
+}
+
+/// K of a GEMM whose first operand (transposed if `ta`) is the node's first argument.
+fn inner_dimension(f: &Function, node: &Node, ta: bool) -> u64 {
+    let a = &f.node(node.args[0]).shape;
+    (if ta { a[a.len() - 2] } else { a[a.len() - 1] }) as u64
 }
 
 /// Kernel launches to run function `f` once: its own kernels and those of every call.

@@ -46,6 +46,8 @@ define_language! {
         "rmsnorm_grad" = RmsNormGrad([Id; 4]),
         "rmsnorm_grad_acc" = RmsNormGradAcc([Id; 5]),
         "swiglu_grad" = SwiGluGrad([Id; 3]),
+        // (attr, a, b1, b2) → (a·b1, a·b2), the attribute that of the two GEMMs.
+        "concat_matmul" = ConcatMatMul([Id; 4]),
         "get0" = Get0(Id),
         "get1" = Get1(Id),
         // A scalar constant, by its value's bits.

@@ -5,7 +5,8 @@
 //! before and after).
 
 use super::lang::Fx;
-use super::FusionAnalysis;
+use super::{attr_op, FusionAnalysis};
+use crate::graph::ir::Op;
 use egg::{rewrite as rw, Applier, Id, MultiPattern, PatternAst, Rewrite, SearchMatches, Subst, Symbol, Var};
 
 type EGraph = egg::EGraph<Fx, FusionAnalysis>;
@@ -27,6 +28,16 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "add-rmsnorm",
             "?s = (add ?a ?b), ?n = (rmsnorm ?s ?w ?eps)",
             "?t = (add_rmsnorm ?a ?b ?w ?eps), ?s = (get0 ?t), ?n = (get1 ?t)",
+        ),
+        // op(x)·op(w1) and op(x)·op(w2) with the same transposes and recipe  =  the two halves
+        // along N of op(x)·op([w1 | w2]): one GEMM reads (and quantises) x once (MLA's q_a and
+        // kv_a; an MLP's gate and up). In FP8 when w1's N is a whole number of weight blocks,
+        // so every scaling group stays what it was.
+        multi_if(
+            "concat-gemms",
+            "?y1 = (matmul ?attr ?x ?w1), ?y2 = (matmul ?attr ?x ?w2)",
+            "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
+            Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
         // Backward twins: the VJPs autodiff emits for the primitives of RMSNorm, softmax and
         // SwiGLU, recognised as one fused op each.
@@ -77,6 +88,23 @@ const RMSNORM_VJP: &str = "?var = (add (mul (sum_last (square ?x)) ?inv_n) ?eps)
     ?through_r = (mul (broadcast_to ?to (mul (mul (sum_to ?from (mul ?gw ?x)) (mul (div ?r ?var) -0.5)) ?inv_n))
                       (mul ?x 2)),
     ?dw = (sum_to ?rows (mul ?g (mul ?x ?r)))";
+
+/// Two GEMMs with attribute `attr` and second operands `w1` and `w2` can run as one over
+/// [w1 | w2]: the weights differ (and are taken in one order), and in FP8 w1 ends on a
+/// weight-block boundary along N.
+fn concatenable(attr: &str, w1: &str, w2: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let [attr, w1, w2]: [Var; 3] = [attr, w1, w2].map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let (w1, w2) = (egraph.find(subst[w1]), egraph.find(subst[w2]));
+        if w1 >= w2 {
+            return false;
+        }
+        let Op::MatMul { tb, fp8, .. } = attr_op(egraph, subst[attr]) else { return false };
+        let shape = egraph[w1].data.shape.as_ref().expect("shaped");
+        let n = shape[shape.len() - if tb { 2 } else { 1 }];
+        fp8.is_none_or(|f| n % f.b.outer == 0)
+    }
+}
 
 /// `inv_n` is the constant 1/n with n the last dimension of `x`.
 fn is_inverse_of_last_dim(inv_n: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {

@@ -149,6 +149,10 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         Fx::RmsNormGradAcc([_, _, _, _, eps]) => (Op::RmsNormGrad { eps: constant_of(egraph, *eps) }, &children[..4]),
         Fx::SoftmaxGrad(_) => (Op::SoftmaxGrad, children),
         Fx::SwiGluGrad(_) => (Op::SwiGluGrad, children),
+        Fx::ConcatMatMul([attr, ..]) => {
+            let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+            (Op::ConcatMatMul { ta, tb, fp8 }, &children[1..])
+        }
         Fx::Get0(_) => (Op::Get(0), children),
         Fx::Get1(_) => (Op::Get(1), children),
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) => unreachable!("leaves and opaque ops are decoded by the caller"),

@@ -343,7 +343,8 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::AddRmsNorm { .. }
         | Op::RmsNormGrad { .. }
         | Op::SoftmaxGrad
-        | Op::SwiGluGrad) => {
+        | Op::SwiGluGrad
+        | Op::ConcatMatMul { .. }) => {
             panic!("{} is formed by fusion, after autodiff", op.name())
         }
     }

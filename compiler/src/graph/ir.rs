@@ -237,6 +237,14 @@ pub enum Op {
     SoftmaxGrad,
     /// Fused backward of `SwiGlu`: (a, b, dy) → the tuple (da, db).
     SwiGluGrad,
+    /// Fused: two GEMMs sharing their first operand, (a, b1, b2) → the tuple
+    /// (op(a)·op(b1), op(a)·op(b2)), as one GEMM over b1 and b2 concatenated along N (read in
+    /// place, not copied): a is read (and, in FP8, quantised) once, one launch.
+    ConcatMatMul {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
     /// Calls another function of the module; the result is a tuple.
     Call(usize),
     /// Element of a tuple.
@@ -255,6 +263,7 @@ impl Op {
                 | Op::RmsNormGrad { .. }
                 | Op::SoftmaxGrad
                 | Op::SwiGluGrad
+                | Op::ConcatMatMul { .. }
         )
     }
 
@@ -312,6 +321,7 @@ impl Op {
             Op::RmsNormGrad { .. } => "rmsnorm_grad",
             Op::SoftmaxGrad => "softmax_grad",
             Op::SwiGluGrad => "swiglu_grad",
+            Op::ConcatMatMul { .. } => "concat_matmul",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }

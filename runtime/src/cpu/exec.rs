@@ -6,7 +6,7 @@ use super::kernels::{grads, index, layout, linalg, rows};
 use super::numerics::{round_bf16, round_e4m3};
 use super::real::Real;
 use super::value::{Tensor, Value};
-use dsc_compiler::graph::ir::{broadcast_shape, DType, Function, Module, Node, Op};
+use dsc_compiler::graph::ir::{broadcast_shape, matmul_shape, DType, Function, Module, Node, Op};
 
 /// Runs function `f` of `module` on `args`, returning its outputs.
 pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
@@ -226,6 +226,23 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             pair(Tensor::new(x.shape.clone(), dx), Tensor::new(w.shape.clone(), dw))
         }
         Op::SoftmaxGrad => real(&node.shape, grads::softmax_grad(&r(0).data, last(&r(0).shape), &r(1).data)),
+        Op::ConcatMatMul { ta, tb, fp8 } => {
+            let (a, b1, b2) = (r(0), r(1), r(2));
+            let rank = b1.shape.len();
+            let n_axis = if *tb { rank - 2 } else { rank - 1 };
+            let b = layout::concat(&[(&b1.data, &b1.shape), (&b2.data, &b2.shape)], n_axis);
+            let mut b_shape = b1.shape.clone();
+            b_shape[n_axis] += b2.shape[n_axis];
+            let y = linalg::batched_matmul(&a.data, &a.shape, &b, &b_shape, *ta, *tb, *fp8);
+            let y_shape = matmul_shape(&a.shape, &b_shape, *ta, *tb);
+            let n1 = b1.shape[n_axis];
+            let half = |range: std::ops::Range<usize>| {
+                let mut shape = y_shape.clone();
+                shape[rank - 1] = range.len();
+                Tensor::new(shape, layout::slice(&y, &y_shape, rank - 1, range.start, range.end))
+            };
+            pair(half(0..n1), half(n1..y_shape[rank - 1]))
+        }
         Op::SwiGluGrad => {
             let (da, db) = grads::swiglu_grad(&r(0).data, &r(1).data, &r(2).data);
             pair(Tensor::new(r(0).shape.clone(), da), Tensor::new(r(1).shape.clone(), db))
