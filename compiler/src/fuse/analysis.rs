@@ -153,10 +153,26 @@ impl Analysis<Fx> for FusionAnalysis {
                 ClassData::tuple(vec![(shape(a), dtype), (shape(b), dtype)])
             }
             Fx::ConcatMatMul([attr, a, b1, b2]) => {
-                let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
-                let dtype = child(a).dtype;
-                let product = |b: &Id| (matmul_shape(&shape(a), &shape(b), ta, tb), dtype);
+                let op = attr_op(egraph, *attr);
+                let dtype = product_dtype(&op, child(a).dtype);
+                let product = |b: &Id| (product_shape(&op, &shape(a), &shape(b)), dtype);
                 ClassData::tuple(vec![product(b1), product(b2)])
+            }
+            Fx::ScaledMatMul([attr, a, b]) => {
+                let op = attr_op(egraph, *attr);
+                ClassData::value(product_shape(&op, &shape(a), &shape(b)), DType::F32)
+            }
+            Fx::Quantize([attr, x]) => {
+                let Op::Quantize { transpose, .. } = attr_op(egraph, *attr) else {
+                    unreachable!("a quantize attribute")
+                };
+                let s = shape(x);
+                ClassData::value(if transpose { vec![s[1], s[0]] } else { s }, DType::F8e4m3)
+            }
+            Fx::RmsNormQuantize([_, x, _, _]) | Fx::SwiGluQuantize([_, x, _]) => {
+                let s = shape(x);
+                let n = *s.last().expect("rank ≥ 1");
+                ClassData::value(vec![s.iter().product::<usize>() / n, n], DType::F8e4m3)
             }
             Fx::Get0(t) => part(&child(t), 0),
             Fx::Get1(t) => part(&child(t), 1),
@@ -169,6 +185,25 @@ impl Analysis<Fx> for FusionAnalysis {
             return DidMerge(true, false);
         }
         DidMerge(false, a.shape != b.shape)
+    }
+}
+
+/// The shape of a GEMM's product: a `matmul`'s (with its transposes) or a `scaled_matmul`'s
+/// (operands already laid out [m, k] and [k, n]).
+fn product_shape(op: &Op, a: &[usize], b: &[usize]) -> Shape {
+    match *op {
+        Op::MatMul { ta, tb, .. } => matmul_shape(a, b, ta, tb),
+        Op::ScaledMatMul { .. } => matmul_shape(a, b, false, false),
+        _ => unreachable!("a GEMM's attribute"),
+    }
+}
+
+/// A scaled GEMM's result is f32 (its operands are FP8); a plain one has its input's type.
+fn product_dtype(op: &Op, a: DType) -> DType {
+    if matches!(op, Op::ScaledMatMul { .. }) {
+        DType::F32
+    } else {
+        a
     }
 }
 

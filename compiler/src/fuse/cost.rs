@@ -44,12 +44,15 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
     let moved: f64 = enode.children().iter().map(|&c| bytes(c)).sum::<f64>() + bytes(class);
     match enode {
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) | Fx::Stop(_) | Fx::Reshape(_) | Fx::Get0(_) | Fx::Get1(_) => 0.0,
-        Fx::MatMul([attr, a, _]) | Fx::ConcatMatMul([attr, a, ..]) => {
-            let Op::MatMul { ta, fp8, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+        Fx::MatMul([attr, a, _]) | Fx::ScaledMatMul([attr, a, _]) | Fx::ConcatMatMul([attr, a, ..]) => {
+            let (ta, fp8) = match attr_op(egraph, *attr) {
+                Op::MatMul { ta, fp8, .. } => (ta, fp8.is_some()),
+                _ => (false, true),
+            };
             let a = egraph[*a].data.shape.as_ref().expect("shaped");
             let k = a[a.len() - if ta { 2 } else { 1 }];
             let flops = 2.0 * egraph[class].data.numel() * k as f64;
-            let peak = if fp8.is_some() { profile.fp8_flops } else { profile.bf16_flops };
+            let peak = if fp8 { profile.fp8_flops } else { profile.bf16_flops };
             profile.seconds(flops, peak, moved)
         }
         _ => {

@@ -73,7 +73,12 @@ fn role(op: &Op) -> Role {
         Op::Arg(_) | Op::Const(_) | Op::Table(_) | Op::Reshape(_) | Op::StopGradient | Op::Call(_) | Op::Get(_) => {
             Role::Free
         }
-        Op::MatMul { .. } | Op::ConcatMatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedWgrad { .. } => Role::Gemm,
+        Op::MatMul { .. }
+        | Op::ConcatMatMul { .. }
+        | Op::ScaledMatMul { .. }
+        | Op::ConcatScaledMatMul { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::GroupedWgrad { .. } => Role::Gemm,
         Op::Neg
         | Op::Exp
         | Op::Log
@@ -209,6 +214,8 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                     f.nodes[i].op,
                     Op::MatMul { fp8: Some(_), .. }
                         | Op::ConcatMatMul { fp8: Some(_), .. }
+                        | Op::ScaledMatMul { .. }
+                        | Op::ConcatScaledMatMul { .. }
                         | Op::GroupedMatMul { fp8: Some(_), .. }
                         | Op::GroupedWgrad { fp8: Some(_), .. }
                 )
@@ -240,11 +247,10 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 fn flops(f: &Function, node: &Node) -> u64 {
     match &node.op {
         Op::MatMul { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
-        Op::ConcatMatMul { ta, tb, .. } => {
-            let a = &f.node(node.args[0]).shape;
-            let product = |b: V| matmul_shape(a, &f.node(b).shape, *ta, *tb).iter().product::<usize>() as u64;
-            2 * (product(node.args[1]) + product(node.args[2])) * inner_dimension(f, node, *ta)
-        }
+        Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
+        Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
+        Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
+        Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } => 6 * numel(node),
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
         Op::GroupedWgrad { .. } => {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
@@ -254,6 +260,13 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),
     }
+}
+
+/// FLOPs of the two products of a GEMM over concatenated second operands.
+fn concat_flops(f: &Function, node: &Node, ta: bool, tb: bool) -> u64 {
+    let a = &f.node(node.args[0]).shape;
+    let product = |b: V| matmul_shape(a, &f.node(b).shape, ta, tb).iter().product::<usize>() as u64;
+    2 * (product(node.args[1]) + product(node.args[2])) * inner_dimension(f, node, ta)
 }
 
 /// K of a GEMM whose first operand (transposed if `ta`) is the node's first argument.

@@ -46,8 +46,16 @@ define_language! {
         "rmsnorm_grad" = RmsNormGrad([Id; 4]),
         "rmsnorm_grad_acc" = RmsNormGradAcc([Id; 5]),
         "swiglu_grad" = SwiGluGrad([Id; 3]),
-        // (attr, a, b1, b2) → (a·b1, a·b2), the attribute that of the two GEMMs.
+        // (attr, a, b1, b2) → (a·b1, a·b2), the attribute that of the two GEMMs (a `matmul`'s
+        // or a `scaled_matmul`'s).
         "concat_matmul" = ConcatMatMul([Id; 4]),
+        // FP8 made explicit: (attr, x) with a `Quantize` attribute; (attr, qa, qb) with a
+        // `ScaledMatMul` one; and the producers that quantise what they write, with a
+        // `Quantize` attribute: (attr, x, w, eps) and (attr, a, b).
+        "quantize" = Quantize([Id; 2]),
+        "scaled_matmul" = ScaledMatMul([Id; 3]),
+        "rmsnorm_quantize" = RmsNormQuantize([Id; 4]),
+        "swiglu_quantize" = SwiGluQuantize([Id; 3]),
         "get0" = Get0(Id),
         "get1" = Get1(Id),
         // A scalar constant, by its value's bits.

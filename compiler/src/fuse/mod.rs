@@ -51,20 +51,36 @@ impl Default for Limits {
     }
 }
 
-/// Fuses every function of `module`; the result computes the same values.
+/// Fuses every function of `module`; the result computes the same values. Extraction costs
+/// are those of the default device profile.
 pub fn fuse_module(module: &Module, limits: Limits) -> (Module, Vec<FunctionReport>) {
+    fuse_module_for(module, limits, &cost::Profile::default())
+}
+
+/// `fuse_module` with extraction costs from `profile`.
+pub fn fuse_module_for(module: &Module, limits: Limits, profile: &cost::Profile) -> (Module, Vec<FunctionReport>) {
     let mut fused = Module { functions: Vec::new(), constants: module.constants.clone() };
     let mut reports = Vec::new();
     for f in &module.functions {
-        let (function, report) = fuse_function(module, f, limits);
+        let (function, report) = fuse_function_for(module, f, limits, profile);
         fused.functions.push(function);
         reports.push(report);
     }
     (fused, reports)
 }
 
-/// Fuses one function.
+/// Fuses one function (default device profile).
 pub fn fuse_function(module: &Module, f: &Function, limits: Limits) -> (Function, FunctionReport) {
+    fuse_function_for(module, f, limits, &cost::Profile::default())
+}
+
+/// Fuses one function, extraction costs from `profile`.
+pub fn fuse_function_for(
+    module: &Module,
+    f: &Function,
+    limits: Limits,
+    profile: &cost::Profile,
+) -> (Function, FunctionReport) {
     let mut egraph =
         EGraph::new(FusionAnalysis { originals: f.nodes.iter().map(|n| (n.shape.clone(), n.dtype)).collect() });
     let classes = translate::encode(&mut egraph, f);
@@ -84,8 +100,7 @@ pub fn fuse_function(module: &Module, f: &Function, limits: Limits) -> (Function
         None => "not run".to_string(),
     };
     let egraph = &runner.egraph;
-    let profile = cost::Profile::default();
-    let extraction = extract::extract(egraph, &roots, |class, node| cost::node_seconds(egraph, class, node, &profile));
+    let extraction = extract::extract(egraph, &roots, |class, node| cost::node_seconds(egraph, class, node, profile));
     let function = translate::decode(module, f, egraph, &extraction.chosen, &roots);
     let mut fused = HashMap::new();
     for node in &function.nodes {

@@ -4,6 +4,7 @@
 //! proven by the property tests in `runtime/tests/fusion.rs` (random inputs, CPU backend,
 //! before and after).
 
+use super::analysis::attr;
 use super::lang::Fx;
 use super::{attr_op, FusionAnalysis};
 use crate::graph::ir::Op;
@@ -39,6 +40,24 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
             Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
+        multi_if(
+            "concat-scaled-gemms",
+            "?y1 = (scaled_matmul ?attr ?x ?w1), ?y2 = (scaled_matmul ?attr ?x ?w2)",
+            "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
+            Box::new(concatenable("?attr", "?w1", "?w2")),
+        ),
+        // FP8 made explicit: an FP8 GEMM op(a)·op(b) quantises each operand as used (a
+        // transposed one, as Wgrad's, transposed while quantising) in its tiling and multiplies
+        // the codes; that is scaled_matmul(quantize(a), quantize(b)), bit for bit. Alone it
+        // costs two more launches; it pays where a producer quantises what it writes:
+        rw!("fp8-gemm-explicit"; "(matmul ?attr ?a ?b)" => { ExplicitFp8::new("?attr", "?a", "?b") }),
+        // quantize(rmsnorm(x, w)) seen as [tokens, n] in 1×c tiles, a tile within a row  =
+        // rmsnorm_quantize(x, w): the norm's kernel writes FP8 codes and scales.
+        rw!("rmsnorm-quantize"; "(quantize ?q (reshape ?r (rmsnorm ?x ?w ?eps)))"
+            => "(rmsnorm_quantize ?q ?x ?w ?eps)" if quantises_rows_of("?q", "?r", "?x")),
+        // quantize(swiglu(a, b)) likewise  =  swiglu_quantize(a, b).
+        rw!("swiglu-quantize"; "(quantize ?q (reshape ?r (swiglu ?a ?b)))"
+            => "(swiglu_quantize ?q ?a ?b)" if quantises_rows_of("?q", "?r", "?a")),
         // Backward twins: the VJPs autodiff emits for the primitives of RMSNorm, softmax and
         // SwiGLU, recognised as one fused op each.
         //
@@ -99,10 +118,71 @@ fn concatenable(attr: &str, w1: &str, w2: &str) -> impl Fn(&mut EGraph, Id, &Sub
         if w1 >= w2 {
             return false;
         }
-        let Op::MatMul { tb, fp8, .. } = attr_op(egraph, subst[attr]) else { return false };
-        let shape = egraph[w1].data.shape.as_ref().expect("shaped");
-        let n = shape[shape.len() - if tb { 2 } else { 1 }];
-        fp8.is_none_or(|f| n % f.b.outer == 0)
+        match attr_op(egraph, subst[attr]) {
+            Op::MatMul { tb, fp8, .. } => {
+                let shape = egraph[w1].data.shape.as_ref().expect("shaped");
+                let n = shape[shape.len() - if tb { 2 } else { 1 }];
+                fp8.is_none_or(|f| n % f.b.outer == 0)
+            }
+            // Already quantised: the groups are what they are.
+            _ => true,
+        }
+    }
+}
+
+/// `q` quantises in per-row tiles (1 × c, not transposed) the matrix that reshape `r` makes of
+/// `x` keeping its last axis: each tile lies within a row of x.
+fn quantises_rows_of(q: &str, r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let [q, r, x]: [Var; 3] = [q, r, x].map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let Op::Quantize { rows: 1, transpose: false, .. } = attr_op(egraph, subst[q]) else { return false };
+        let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
+        let last = egraph[subst[x]].data.shape.as_ref().and_then(|s| s.last().copied());
+        to.len() == 2 && to.last().copied() == last
+    }
+}
+
+/// Rewrites an FP8 GEMM of matrices into quantised operands and a scaled GEMM.
+struct ExplicitFp8 {
+    attr: Var,
+    a: Var,
+    b: Var,
+}
+
+impl ExplicitFp8 {
+    fn new(attr: &str, a: &str, b: &str) -> Self {
+        let [attr, a, b] = [attr, a, b].map(|v| v.parse().expect("variable"));
+        ExplicitFp8 { attr, a, b }
+    }
+}
+
+impl Applier<Fx, FusionAnalysis> for ExplicitFp8 {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<Fx>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let Op::MatMul { ta, tb, fp8: Some(f) } = attr_op(egraph, subst[self.attr]) else { return vec![] };
+        let rank = egraph[subst[self.a]].data.shape.as_ref().map_or(0, Vec::len);
+        if rank != 2 {
+            return vec![];
+        }
+        let mut quantize = |operand: Id, rows: usize, cols: usize, transpose: bool| {
+            let op = attr(egraph, &Op::Quantize { rows, cols, transpose });
+            egraph.add(Fx::Quantize([op, operand]))
+        };
+        let qa = quantize(subst[self.a], f.a.outer, f.a.k, ta);
+        let qb = quantize(subst[self.b], f.b.k, f.b.outer, tb);
+        let op = attr(egraph, &Op::ScaledMatMul { promote: f.promote });
+        let product = egraph.add(Fx::ScaledMatMul([op, qa, qb]));
+        if egraph.union(eclass, product) {
+            vec![product]
+        } else {
+            vec![]
+        }
     }
 }
 

@@ -140,7 +140,9 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         | Fx::Slice([attr, _])
         | Fx::Concat([attr, ..])
         | Fx::SumTo([attr, _])
-        | Fx::BroadcastTo([attr, _]) => (attr_op(egraph, *attr), &children[1..]),
+        | Fx::BroadcastTo([attr, _])
+        | Fx::Quantize([attr, _])
+        | Fx::ScaledMatMul([attr, ..]) => (attr_op(egraph, *attr), &children[1..]),
         Fx::RmsNorm([_, _, eps]) => (Op::RmsNorm { eps: constant_of(egraph, *eps) }, &children[..2]),
         Fx::Softmax(_) => (Op::Softmax, children),
         Fx::SwiGlu(_) => (Op::SwiGlu, children),
@@ -149,9 +151,18 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         Fx::RmsNormGradAcc([_, _, _, _, eps]) => (Op::RmsNormGrad { eps: constant_of(egraph, *eps) }, &children[..4]),
         Fx::SoftmaxGrad(_) => (Op::SoftmaxGrad, children),
         Fx::SwiGluGrad(_) => (Op::SwiGluGrad, children),
-        Fx::ConcatMatMul([attr, ..]) => {
-            let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
-            (Op::ConcatMatMul { ta, tb, fp8 }, &children[1..])
+        Fx::ConcatMatMul([attr, ..]) => match attr_op(egraph, *attr) {
+            Op::MatMul { ta, tb, fp8 } => (Op::ConcatMatMul { ta, tb, fp8 }, &children[1..]),
+            Op::ScaledMatMul { promote } => (Op::ConcatScaledMatMul { promote }, &children[1..]),
+            _ => unreachable!("a GEMM's attribute"),
+        },
+        Fx::RmsNormQuantize([attr, _, _, eps]) => {
+            let Op::Quantize { cols, .. } = attr_op(egraph, *attr) else { unreachable!("a quantize attribute") };
+            (Op::RmsNormQuantize { eps: constant_of(egraph, *eps), cols }, &children[1..3])
+        }
+        Fx::SwiGluQuantize([attr, ..]) => {
+            let Op::Quantize { cols, .. } = attr_op(egraph, *attr) else { unreachable!("a quantize attribute") };
+            (Op::SwiGluQuantize { cols }, &children[1..])
         }
         Fx::Get0(_) => (Op::Get(0), children),
         Fx::Get1(_) => (Op::Get(1), children),

@@ -344,7 +344,12 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::RmsNormGrad { .. }
         | Op::SoftmaxGrad
         | Op::SwiGluGrad
-        | Op::ConcatMatMul { .. }) => {
+        | Op::ConcatMatMul { .. }
+        | Op::Quantize { .. }
+        | Op::ScaledMatMul { .. }
+        | Op::RmsNormQuantize { .. }
+        | Op::SwiGluQuantize { .. }
+        | Op::ConcatScaledMatMul { .. }) => {
             panic!("{} is formed by fusion, after autodiff", op.name())
         }
     }

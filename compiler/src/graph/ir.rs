@@ -237,6 +237,34 @@ pub enum Op {
     SoftmaxGrad,
     /// Fused backward of `SwiGlu`: (a, b, dy) → the tuple (da, db).
     SwiGluGrad,
+    /// Made explicit by fusion: FP8 quantisation of a matrix x [r, c] (of xᵀ if `transpose`,
+    /// the Wgrad operands' layout) in scaling groups of `rows` × `cols` of the result, each
+    /// element an E4M3 value and each group a scale (as `Fp8Gemm`'s tilings): an F8E4M3 value.
+    Quantize {
+        rows: usize,
+        cols: usize,
+        transpose: bool,
+    },
+    /// The FP8 GEMM on quantised operands, (a [m, k], b [k, n]) → a·b with partial sums
+    /// promoted to FP32 every `promote` elements of K.
+    ScaledMatMul {
+        promote: usize,
+    },
+    /// Fused: RMSNorm and the FP8 quantisation of its result seen as [tokens, n] in 1×`cols`
+    /// tiles, (x, w) → F8E4M3 [tokens, n].
+    RmsNormQuantize {
+        eps: f64,
+        cols: usize,
+    },
+    /// Fused: SwiGLU's gate and the FP8 quantisation of its result seen as [tokens, n] in
+    /// 1×`cols` tiles, (a, b) → F8E4M3 [tokens, n].
+    SwiGluQuantize {
+        cols: usize,
+    },
+    /// Fused: `ConcatMatMul` on quantised operands, (a, b1, b2) → (a·b1, a·b2).
+    ConcatScaledMatMul {
+        promote: usize,
+    },
     /// Fused: two GEMMs sharing their first operand, (a, b1, b2) → the tuple
     /// (op(a)·op(b1), op(a)·op(b2)), as one GEMM over b1 and b2 concatenated along N (read in
     /// place, not copied): a is read (and, in FP8, quantised) once, one launch.
@@ -264,6 +292,11 @@ impl Op {
                 | Op::SoftmaxGrad
                 | Op::SwiGluGrad
                 | Op::ConcatMatMul { .. }
+                | Op::Quantize { .. }
+                | Op::ScaledMatMul { .. }
+                | Op::RmsNormQuantize { .. }
+                | Op::SwiGluQuantize { .. }
+                | Op::ConcatScaledMatMul { .. }
         )
     }
 
@@ -322,6 +355,11 @@ impl Op {
             Op::SoftmaxGrad => "softmax_grad",
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
+            Op::Quantize { .. } => "quantize",
+            Op::ScaledMatMul { .. } => "scaled_matmul",
+            Op::RmsNormQuantize { .. } => "rmsnorm_quantize",
+            Op::SwiGluQuantize { .. } => "swiglu_quantize",
+            Op::ConcatScaledMatMul { .. } => "concat_scaled_matmul",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }

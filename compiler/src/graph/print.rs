@@ -89,6 +89,12 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::PermuteGrad { k, tokens } => format!("k {k}, tokens {tokens}"),
         Op::Call(f) => format!("@{}", m.functions[*f].name),
         Op::RmsNorm { eps } | Op::AddRmsNorm { eps } | Op::RmsNormGrad { eps } => format!("eps {eps:e}"),
+        Op::Quantize { rows, cols, transpose } => {
+            format!("{rows}x{cols}{}", if *transpose { ", transposed" } else { "" })
+        }
+        Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } => format!("promote {promote}"),
+        Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
+        Op::SwiGluQuantize { cols } => format!("1x{cols}"),
         _ => String::new(),
     }
 }

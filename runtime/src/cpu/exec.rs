@@ -3,10 +3,11 @@
 //! here; the other kernels are in [`super::kernels`].
 
 use super::kernels::{grads, index, layout, linalg, rows};
-use super::numerics::{round_bf16, round_e4m3};
+use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
 use dsc_compiler::graph::ir::{broadcast_shape, matmul_shape, DType, Function, Module, Node, Op};
+use std::sync::Arc;
 
 /// Runs function `f` of `module` on `args`, returning its outputs.
 pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
@@ -94,6 +95,16 @@ fn pair<T: Real>(first: Tensor<T>, second: Tensor<T>) -> Value<T> {
 
 fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
+}
+
+/// SwiGLU's gate, silu(a)·b.
+fn swiglu<T: Real>(a: T, b: T) -> T {
+    a * sigmoid(a) * b
+}
+
+/// A row-major [m, n] matrix quantised to FP8 in `tiling` groups.
+fn quantized<T: Real>(data: &[T], m: usize, n: usize, tiling: Tiling) -> Value<T> {
+    Value::Quantized(Arc::new(quantize(data, m, n, tiling)))
 }
 
 fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
@@ -212,7 +223,7 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             real(&node.shape, rows::rms_norm(&r(0).data, last(&r(0).shape), &r(1).data, T::from_f64(*eps)))
         }
         Op::Softmax => real(&node.shape, rows::softmax(&r(0).data, last(&r(0).shape))),
-        Op::SwiGlu => zip(node, r(0), r(1), |a, b| a * sigmoid(a) * b),
+        Op::SwiGlu => zip(node, r(0), r(1), swiglu),
         Op::AddRmsNorm { eps } => {
             let sum = broadcast_zip(&broadcast_shape(&r(0).shape, &r(1).shape), r(0), r(1), |a, b| a + b);
             let normed = rows::rms_norm(&sum.data, last(&sum.shape), &r(2).data, T::from_f64(*eps));
@@ -242,6 +253,35 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
                 Tensor::new(shape, layout::slice(&y, &y_shape, rank - 1, range.start, range.end))
             };
             pair(half(0..n1), half(n1..y_shape[rank - 1]))
+        }
+        Op::Quantize { rows, cols, transpose } => {
+            let x = r(0);
+            let (m, n) = (x.shape[0], x.shape[1]);
+            let data = if *transpose { layout::transpose(&x.data, &x.shape, &[1, 0]) } else { x.data.clone() };
+            let (m, n) = if *transpose { (n, m) } else { (m, n) };
+            quantized(&data, m, n, Tiling { rows: *rows, cols: *cols })
+        }
+        Op::ScaledMatMul { promote } => {
+            let product = matmul_fp8(v[0].as_quantized(), v[1].as_quantized(), *promote);
+            real(&node.shape, product.into_iter().map(T::from_f64).collect())
+        }
+        Op::ConcatScaledMatMul { promote } => {
+            let a = v[0].as_quantized();
+            let product = |b: &Value<T>| {
+                let b = b.as_quantized();
+                Tensor::new(vec![a.m, b.n], matmul_fp8(a, b, *promote).into_iter().map(T::from_f64).collect())
+            };
+            pair(product(v[1]), product(v[2]))
+        }
+        Op::RmsNormQuantize { eps, cols } => {
+            let n = last(&r(0).shape);
+            let normed = rows::rms_norm(&r(0).data, n, &r(1).data, T::from_f64(*eps));
+            quantized(&normed, normed.len() / n, n, Tiling { rows: 1, cols: *cols })
+        }
+        Op::SwiGluQuantize { cols } => {
+            let n = last(&r(0).shape);
+            let gated = broadcast_zip(&r(0).shape, r(0), r(1), swiglu);
+            quantized(&gated.data, gated.data.len() / n, n, Tiling { rows: 1, cols: *cols })
         }
         Op::SwiGluGrad => {
             let (da, db) = grads::swiglu_grad(&r(0).data, &r(1).data, &r(2).data);
