@@ -158,6 +158,8 @@ impl Analysis<Fx> for FusionAnalysis {
                 let product = |b: &Id| (product_shape(&op, &shape(a), &shape(b)), dtype);
                 ClassData::tuple(vec![product(b1), product(b2)])
             }
+            Fx::MatMulAdd([_, _, _, c]) => child(c),
+            Fx::MaskedSoftmax([_, s, mask]) => broadcast(&child(s), &child(mask)),
             Fx::ScaledMatMul([attr, a, b]) => {
                 let op = attr_op(egraph, *attr);
                 ClassData::value(product_shape(&op, &shape(a), &shape(b)), DType::F32)

@@ -44,7 +44,10 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
     let moved: f64 = enode.children().iter().map(|&c| bytes(c)).sum::<f64>() + bytes(class);
     match enode {
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) | Fx::Stop(_) | Fx::Reshape(_) | Fx::Get0(_) | Fx::Get1(_) => 0.0,
-        Fx::MatMul([attr, a, _]) | Fx::ScaledMatMul([attr, a, _]) | Fx::ConcatMatMul([attr, a, ..]) => {
+        Fx::MatMul([attr, a, _])
+        | Fx::MatMulAdd([attr, a, ..])
+        | Fx::ScaledMatMul([attr, a, _])
+        | Fx::ConcatMatMul([attr, a, ..]) => {
             let (ta, fp8) = match attr_op(egraph, *attr) {
                 Op::MatMul { ta, fp8, .. } => (ta, fp8.is_some()),
                 _ => (false, true),

@@ -74,6 +74,7 @@ fn role(op: &Op) -> Role {
             Role::Free
         }
         Op::MatMul { .. }
+        | Op::MatMulAdd { .. }
         | Op::ConcatMatMul { .. }
         | Op::ScaledMatMul { .. }
         | Op::ConcatScaledMatMul { .. }
@@ -214,6 +215,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                     f.nodes[i].op,
                     Op::MatMul { fp8: Some(_), .. }
                         | Op::ConcatMatMul { fp8: Some(_), .. }
+                        | Op::MatMulAdd { fp8: Some(_), .. }
                         | Op::ScaledMatMul { .. }
                         | Op::ConcatScaledMatMul { .. }
                         | Op::GroupedMatMul { fp8: Some(_), .. }
@@ -246,7 +248,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 /// FLOPs of one node: 2·m·n·k for products, a handful per element otherwise.
 fn flops(f: &Function, node: &Node) -> u64 {
     match &node.op {
-        Op::MatMul { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
+        Op::MatMul { ta, .. } | Op::MatMulAdd { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
         Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
         Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
         Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
@@ -255,7 +257,7 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::GroupedWgrad { .. } => {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }
-        Op::RmsNorm { .. } | Op::Softmax => 5 * numel(node),
+        Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } => 5 * numel(node),
         Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),

@@ -49,6 +49,10 @@ define_language! {
         // (attr, a, b1, b2) → (a·b1, a·b2), the attribute that of the two GEMMs (a `matmul`'s
         // or a `scaled_matmul`'s).
         "concat_matmul" = ConcatMatMul([Id; 4]),
+        // A GEMM adding c in its epilogue, (attr, a, b, c); softmax(s·scale + mask),
+        // (scale, s, mask).
+        "matmul_add" = MatMulAdd([Id; 4]),
+        "masked_softmax" = MaskedSoftmax([Id; 3]),
         // FP8 made explicit: (attr, x) with a `Quantize` attribute; (attr, qa, qb) with a
         // `ScaledMatMul` one; and the producers that quantise what they write, with a
         // `Quantize` attribute: (attr, x, w, eps) and (attr, a, b).

@@ -7,7 +7,7 @@
 use super::analysis::attr;
 use super::lang::Fx;
 use super::{attr_op, FusionAnalysis};
-use crate::graph::ir::Op;
+use crate::graph::ir::{matmul_shape, Op};
 use egg::{rewrite as rw, Applier, Id, MultiPattern, PatternAst, Rewrite, SearchMatches, Subst, Symbol, Var};
 
 type EGraph = egg::EGraph<Fx, FusionAnalysis>;
@@ -94,6 +94,20 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
              ?da = (mul (mul ?g ?b) (mul (sigmoid ?a) (add 1 (mul ?a (sub 1 (sigmoid ?a))))))",
             "?t = (swiglu_grad ?a ?b ?g), ?da = (get0 ?t), ?db = (get1 ?t)",
         ),
+        // GEMM epilogues: c + op(a)·op(b) (read in c's shape) is one GEMM that adds c as it
+        // stores: the residual adds of the forward, and the backward's adjoints accumulating
+        // Dgrad products.
+        rw!("gemm-residual-add"; "(add ?c (matmul ?attr ?a ?b))"
+            => "(matmul_add ?attr ?a ?b ?c)" if same_shape("?c", "?a", "?b", "?attr")),
+        rw!("gemm-residual-add-reshaped"; "(add ?c (reshape ?r (matmul ?attr ?a ?b)))"
+            => "(matmul_add ?attr ?a ?b ?c)" if reshapes_to_shape_of("?r", "?c")),
+        // softmax(s·scale + mask) with a scalar scale (attention's 1/√d, times YaRN's mscale²)
+        // = masked_softmax(s, mask): the scaling and the mask join the softmax's one pass.
+        rw!("softmax-scale-mask"; "(softmax (add (mul ?s ?scale) ?mask))"
+            => "(masked_softmax ?scale ?s ?mask)" if is_scalar_constant("?scale") if broadcasts_into("?mask", "?s")),
+        // reshape(reshape(x)) = reshape(x); a reshape to the shape x has is x.
+        rw!("reshape-reshape"; "(reshape ?s2 (reshape ?s1 ?x))" => "(reshape ?s2 ?x)"),
+        rw!("reshape-identity"; "(reshape ?s ?x)" => "?x" if reshapes_to_shape_of("?s", "?x")),
         // stop(stop(x)) = stop(x): stopping gradients twice is stopping them once.
         rw!("stop-stop"; "(stop (stop ?x))" => "(stop ?x)"),
         // (xᵀ)ᵀ = x for a swap of the last two axes.
@@ -183,6 +197,40 @@ impl Applier<Fx, FusionAnalysis> for ExplicitFp8 {
         } else {
             vec![]
         }
+    }
+}
+
+/// The product op(a)·op(b) with attribute `attr` has the shape of `c`.
+fn same_shape(c: &str, a: &str, b: &str, attr: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let [c, a, b, attr]: [Var; 4] = [c, a, b, attr].map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let Op::MatMul { ta, tb, .. } = attr_op(egraph, subst[attr]) else { return false };
+        let shape = |v: Var| egraph[subst[v]].data.shape.clone().expect("shaped");
+        matmul_shape(&shape(a), &shape(b), ta, tb) == shape(c)
+    }
+}
+
+/// Reshape `r` makes the shape `x` has.
+fn reshapes_to_shape_of(r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let [r, x]: [Var; 2] = [r, x].map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
+        egraph[subst[x]].data.shape.as_ref() == Some(&to)
+    }
+}
+
+/// `c` is a scalar constant.
+fn is_scalar_constant(c: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let c: Var = c.parse().expect("variable");
+    move |egraph, _, subst| egraph[subst[c]].nodes.iter().any(|n| matches!(n, Fx::Const(_)))
+}
+
+/// `mask` broadcasts into the shape of `x` (the sum has x's shape).
+fn broadcasts_into(mask: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let [mask, x]: [Var; 2] = [mask, x].map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let (Some(m), Some(s)) = (&egraph[subst[mask]].data.shape, &egraph[subst[x]].data.shape) else { return false };
+        m.len() <= s.len() && m.iter().rev().zip(s.iter().rev()).all(|(a, b)| a == b || *a == 1)
     }
 }
 

@@ -156,6 +156,11 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
             Op::ScaledMatMul { promote } => (Op::ConcatScaledMatMul { promote }, &children[1..]),
             _ => unreachable!("a GEMM's attribute"),
         },
+        Fx::MatMulAdd([attr, ..]) => {
+            let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+            (Op::MatMulAdd { ta, tb, fp8 }, &children[1..])
+        }
+        Fx::MaskedSoftmax([scale, ..]) => (Op::MaskedSoftmax { scale: constant_of(egraph, *scale) }, &children[1..]),
         Fx::RmsNormQuantize([attr, _, _, eps]) => {
             let Op::Quantize { cols, .. } = attr_op(egraph, *attr) else { unreachable!("a quantize attribute") };
             (Op::RmsNormQuantize { eps: constant_of(egraph, *eps), cols }, &children[1..3])

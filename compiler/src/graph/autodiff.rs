@@ -345,6 +345,8 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::SoftmaxGrad
         | Op::SwiGluGrad
         | Op::ConcatMatMul { .. }
+        | Op::MatMulAdd { .. }
+        | Op::MaskedSoftmax { .. }
         | Op::Quantize { .. }
         | Op::ScaledMatMul { .. }
         | Op::RmsNormQuantize { .. }

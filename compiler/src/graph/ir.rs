@@ -237,6 +237,18 @@ pub enum Op {
     SoftmaxGrad,
     /// Fused backward of `SwiGlu`: (a, b, dy) → the tuple (da, db).
     SwiGluGrad,
+    /// Fused: a GEMM whose epilogue adds c (a residual, or an adjoint accumulating), (a, b, c)
+    /// → c + op(a)·op(b), the product read in c's shape.
+    MatMulAdd {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
+    /// Fused: attention's softmax with its scale and mask folded in, (s, mask) →
+    /// softmax(s·scale + mask) over the last axis (the mask broadcast).
+    MaskedSoftmax {
+        scale: f64,
+    },
     /// Made explicit by fusion: FP8 quantisation of a matrix x [r, c] (of xᵀ if `transpose`,
     /// the Wgrad operands' layout) in scaling groups of `rows` × `cols` of the result, each
     /// element an E4M3 value and each group a scale (as `Fp8Gemm`'s tilings): an F8E4M3 value.
@@ -292,6 +304,8 @@ impl Op {
                 | Op::SoftmaxGrad
                 | Op::SwiGluGrad
                 | Op::ConcatMatMul { .. }
+                | Op::MatMulAdd { .. }
+                | Op::MaskedSoftmax { .. }
                 | Op::Quantize { .. }
                 | Op::ScaledMatMul { .. }
                 | Op::RmsNormQuantize { .. }
@@ -355,6 +369,8 @@ impl Op {
             Op::SoftmaxGrad => "softmax_grad",
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
+            Op::MatMulAdd { .. } => "matmul_add",
+            Op::MaskedSoftmax { .. } => "masked_softmax",
             Op::Quantize { .. } => "quantize",
             Op::ScaledMatMul { .. } => "scaled_matmul",
             Op::RmsNormQuantize { .. } => "rmsnorm_quantize",

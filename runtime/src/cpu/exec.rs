@@ -254,6 +254,17 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             };
             pair(half(0..n1), half(n1..y_shape[rank - 1]))
         }
+        Op::MatMulAdd { ta, tb, fp8 } => {
+            let (a, b, c) = (r(0), r(1), r(2));
+            let product = linalg::batched_matmul(&a.data, &a.shape, &b.data, &b.shape, *ta, *tb, *fp8);
+            real(&c.shape, c.data.iter().zip(product).map(|(&c, y)| c + y).collect())
+        }
+        Op::MaskedSoftmax { scale } => {
+            let (s, mask) = (r(0), r(1));
+            let scale = T::from_f64(*scale);
+            let logits = broadcast_zip(&node.shape, s, mask, |s, m| s * scale + m);
+            real(&node.shape, rows::softmax(&logits.data, last(&node.shape)))
+        }
         Op::Quantize { rows, cols, transpose } => {
             let x = r(0);
             let (m, n) = (x.shape[0], x.shape[1]);
