@@ -8,7 +8,8 @@ use dsc_compiler::fuse::cost::Profile;
 use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_module_for, Limits};
 use dsc_compiler::graph::autodiff;
 use dsc_compiler::graph::ir::{DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
-use dsc_compiler::graph::model::{rms_norm, softmax, swiglu_gate};
+use dsc_compiler::graph::model::{gate_weights, rms_norm, route, softmax, swiglu_gate};
+use dsc_lang::{Gating, Moe, Schedule};
 use dsc_runtime::cpu::{run, Tensor, Value};
 use dsc_runtime::rng::Rng;
 use proptest::prelude::*;
@@ -229,6 +230,31 @@ proptest! {
     }
 
     #[test]
+    fn route_rule(tokens in 1usize..9, groups in 2usize..5, per_group in 2usize..4, keep in 1usize..4, k in 1usize..6, seed in any::<u64>()) {
+        // Group-limited routing and the gate weights, as the model builder emits them.
+        let keep = keep.min(groups - 1);
+        let k = k.min(keep * per_group);
+        let experts = groups * per_group;
+        let moe = Moe {
+            shared_experts: 1,
+            routed_experts: experts as u64,
+            top_k: k as u64,
+            intermediate: 4,
+            gating: Gating::Sigmoid,
+            groups: groups as u64,
+            keep_groups: keep as u64,
+            routed_scale: 2.5,
+            bias_speed: Schedule::constant(0.001),
+            balance_alpha: 1e-4,
+        };
+        prove("route", &[vec![tokens, experts], vec![experts]], seed, "route", |b, a| {
+            let scores = b.unary(Op::Sigmoid, a[0]);
+            let chosen = route(b, &moe, scores, a[1], tokens);
+            gate_weights(b, &moe, scores, chosen)
+        })?;
+    }
+
+    #[test]
     fn stop_stop_and_transpose_transpose_rules(rows in 1usize..5, cols in 1usize..9, seed in any::<u64>()) {
         prove("stop-stop", &[vec![rows, cols]], seed, "", |b, a| {
             let s = b.stop_gradient(a[0]);
@@ -283,6 +309,7 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
     let (plan_ops, explicit_ops) = (fused_ops(&plan.module), fused_ops(explicit_fp8.module()));
     let expected = [
         "rmsnorm",
+        "route",
         "masked_softmax",
         "swiglu",
         "rmsnorm_grad",

@@ -158,6 +158,34 @@ impl Analysis<Fx> for FusionAnalysis {
                 let product = |b: &Id| (product_shape(&op, &shape(a), &shape(b)), dtype);
                 ClassData::tuple(vec![product(b1), product(b2)])
             }
+            Fx::TopK([attr, x]) => {
+                let Op::TopK { k } = attr_op(egraph, *attr) else { unreachable!("a top_k's attribute") };
+                let mut s = shape(x);
+                *s.last_mut().expect("rank ≥ 1") = k;
+                ClassData::value(s, DType::I32)
+            }
+            Fx::TakeAlong([x, idx]) => ClassData::value(shape(idx), child(x).dtype),
+            Fx::PutAlong([attr, idx, g]) => {
+                let Op::PutAlong { n } = attr_op(egraph, *attr) else { unreachable!("a put_along's attribute") };
+                let mut s = shape(idx);
+                *s.last_mut().expect("rank ≥ 1") = n;
+                ClassData::value(s, child(g).dtype)
+            }
+            Fx::SumAxis([attr, x]) => {
+                let Op::Sum { axis, keep } = attr_op(egraph, *attr) else { unreachable!("a sum's attribute") };
+                let mut s = shape(x);
+                if keep {
+                    s[axis] = 1;
+                } else {
+                    s.remove(axis);
+                }
+                ClassData::value(s, child(x).dtype)
+            }
+            Fx::Route([k, _, _, scores, _, _]) => {
+                let Op::TopK { k } = attr_op(egraph, *k) else { unreachable!("a top_k's attribute") };
+                let tokens = shape(scores)[0];
+                ClassData::tuple(vec![(vec![tokens, k], DType::I32), (vec![tokens, k], child(scores).dtype)])
+            }
             Fx::MatMulAdd([_, _, _, c]) => child(c),
             Fx::MaskedSoftmax([_, s, mask]) => broadcast(&child(s), &child(mask)),
             Fx::ScaledMatMul([attr, a, b]) => {

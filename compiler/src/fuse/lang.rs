@@ -26,6 +26,11 @@ define_language! {
         "sum_last" = SumLast(Id),
         "max_last" = MaxLast(Id),
         "transpose_last2" = TransposeLast2(Id),
+        // Routing's index ops: (attr, x), (x, idx), (attr, idx, g); other sums, (attr, x).
+        "top_k" = TopK([Id; 2]),
+        "take_along" = TakeAlong([Id; 2]),
+        "put_along" = PutAlong([Id; 3]),
+        "sum_axis" = SumAxis([Id; 2]),
         // Ops with attributes: (op attr args…).
         "matmul" = MatMul([Id; 3]),
         "reshape" = Reshape([Id; 2]),
@@ -53,6 +58,9 @@ define_language! {
         // (scale, s, mask).
         "matmul_add" = MatMulAdd([Id; 4]),
         "masked_softmax" = MaskedSoftmax([Id; 3]),
+        // (top-k attr, top-keep attr, grouping reshape attr, scores, bias, scale) →
+        // (chosen, gates).
+        "route" = Route([Id; 6]),
         // FP8 made explicit: (attr, x) with a `Quantize` attribute; (attr, qa, qb) with a
         // `ScaledMatMul` one; and the producers that quantise what they write, with a
         // `Quantize` attribute: (attr, x, w, eps) and (attr, a, b).

@@ -105,6 +105,17 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         // = masked_softmax(s, mask): the scaling and the mask join the softmax's one pass.
         rw!("softmax-scale-mask"; "(softmax (add (mul ?s ?scale) ?mask))"
             => "(masked_softmax ?scale ?s ?mask)" if is_scalar_constant("?scale") if broadcasts_into("?mask", "?s")),
+        // Routing as the model builder emits it (biased scores, group scores from the two best
+        // of each group, the kept groups as a mask, dropped experts sunk by 1e30, top-k; the
+        // gates as the chosen unbiased scores normalised and scaled)  =  route(scores, bias).
+        multi_if(
+            "route",
+            &format!(
+                "{ROUTING}, ?gates = (mul (div (take_along ?s ?chosen) (sum_last (take_along ?s ?chosen))) ?scale)"
+            ),
+            "?t = (route ?k ?keep ?grouping ?s ?bias ?scale), ?chosen = (get0 ?t), ?gates = (get1 ?t)",
+            Box::new(takes_top_two("?two")),
+        ),
         // reshape(reshape(x)) = reshape(x); a reshape to the shape x has is x.
         rw!("reshape-reshape"; "(reshape ?s2 (reshape ?s1 ?x))" => "(reshape ?s2 ?x)"),
         rw!("reshape-identity"; "(reshape ?s ?x)" => "?x" if reshapes_to_shape_of("?s", "?x")),
@@ -114,6 +125,13 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         rw!("transpose-transpose"; "(transpose_last2 (transpose_last2 ?x))" => "?x"),
     ]
 }
+
+/// Group-limited top-k on biased scores, as `model::route` emits it.
+const ROUTING: &str = "?biased = (stop (add ?s ?bias)), ?grouped = (reshape ?grouping ?biased),
+    ?group_scores = (sum_axis ?sum (take_along ?grouped (top_k ?two ?grouped))),
+    ?mask = (reshape ?flat (broadcast_to ?spread (reshape ?per_group
+        (put_along ?n (top_k ?keep ?group_scores) (broadcast_to ?ones 1))))),
+    ?chosen = (top_k ?k (sub ?biased (mul (sub 1 ?mask) 1e30)))";
 
 /// RMSNorm's forward (r = rsqrt(var)) and the VJP terms autodiff emits for it (see the rule).
 const RMSNORM_VJP: &str = "?var = (add (mul (sum_last (square ?x)) ?inv_n) ?eps), ?r = (rsqrt ?var),
@@ -217,6 +235,12 @@ fn reshapes_to_shape_of(r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) ->
         let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
         egraph[subst[x]].data.shape.as_ref() == Some(&to)
     }
+}
+
+/// `top` is a top-2 (a group's score is the sum of its two best).
+fn takes_top_two(top: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let top: Var = top.parse().expect("variable");
+    move |egraph, _, subst| attr_op(egraph, subst[top]) == Op::TopK { k: 2 }
 }
 
 /// `c` is a scalar constant.

@@ -35,6 +35,10 @@ pub fn encode(egraph: &mut EGraph<Fx, FusionAnalysis>, f: &Function) -> Vec<Id> 
             op @ Op::MatMul { .. } => Fx::MatMul([attr(egraph, op), a[0], a[1]]),
             op @ Op::Reshape(_) => Fx::Reshape([attr(egraph, op), a[0]]),
             op @ Op::Slice { .. } => Fx::Slice([attr(egraph, op), a[0]]),
+            op @ Op::TopK { .. } => Fx::TopK([attr(egraph, op), a[0]]),
+            Op::TakeAlong => Fx::TakeAlong([a[0], a[1]]),
+            op @ Op::PutAlong { .. } => Fx::PutAlong([attr(egraph, op), a[0], a[1]]),
+            op @ Op::Sum { .. } => Fx::SumAxis([attr(egraph, op), a[0]]),
             op @ Op::SumTo(_) => Fx::SumTo([attr(egraph, op), a[0]]),
             op @ Op::BroadcastTo(_) => Fx::BroadcastTo([attr(egraph, op), a[0]]),
             op @ Op::Concat { .. } if a.len() == 2 => Fx::Concat([attr(egraph, op), a[0], a[1]]),
@@ -142,7 +146,19 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         | Fx::SumTo([attr, _])
         | Fx::BroadcastTo([attr, _])
         | Fx::Quantize([attr, _])
-        | Fx::ScaledMatMul([attr, ..]) => (attr_op(egraph, *attr), &children[1..]),
+        | Fx::ScaledMatMul([attr, ..])
+        | Fx::TopK([attr, _])
+        | Fx::PutAlong([attr, ..])
+        | Fx::SumAxis([attr, _]) => (attr_op(egraph, *attr), &children[1..]),
+        Fx::TakeAlong(_) => (Op::TakeAlong, children),
+        Fx::Route([k, keep, grouping, _, _, scale]) => {
+            let (Op::TopK { k }, Op::TopK { k: keep }, Op::Reshape(grouped)) =
+                (attr_op(egraph, *k), attr_op(egraph, *keep), attr_op(egraph, *grouping))
+            else {
+                unreachable!("route's attributes")
+            };
+            (Op::Route { groups: grouped[1], keep, k, scale: constant_of(egraph, *scale) }, &children[3..5])
+        }
         Fx::RmsNorm([_, _, eps]) => (Op::RmsNorm { eps: constant_of(egraph, *eps) }, &children[..2]),
         Fx::Softmax(_) => (Op::Softmax, children),
         Fx::SwiGlu(_) => (Op::SwiGlu, children),

@@ -347,6 +347,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::ConcatMatMul { .. }
         | Op::MatMulAdd { .. }
         | Op::MaskedSoftmax { .. }
+        | Op::Route { .. }
         | Op::Quantize { .. }
         | Op::ScaledMatMul { .. }
         | Op::RmsNormQuantize { .. }

@@ -249,6 +249,17 @@ pub enum Op {
     MaskedSoftmax {
         scale: f64,
     },
+    /// Fused: DeepSeek-V3's routing of each token, (scores [t, e], bias [e]) → the tuple
+    /// (chosen i32 [t, k], gates [t, k]): on the biased scores s + bias, a group's score is the
+    /// sum of its two best, the `keep` best of the `groups` groups stay, the top `k` experts
+    /// among them are chosen; the gates are their unbiased scores normalised to sum 1, times
+    /// `scale`.
+    Route {
+        groups: usize,
+        keep: usize,
+        k: usize,
+        scale: f64,
+    },
     /// Made explicit by fusion: FP8 quantisation of a matrix x [r, c] (of xᵀ if `transpose`,
     /// the Wgrad operands' layout) in scaling groups of `rows` × `cols` of the result, each
     /// element an E4M3 value and each group a scale (as `Fp8Gemm`'s tilings): an F8E4M3 value.
@@ -306,6 +317,7 @@ impl Op {
                 | Op::ConcatMatMul { .. }
                 | Op::MatMulAdd { .. }
                 | Op::MaskedSoftmax { .. }
+                | Op::Route { .. }
                 | Op::Quantize { .. }
                 | Op::ScaledMatMul { .. }
                 | Op::RmsNormQuantize { .. }
@@ -371,6 +383,7 @@ impl Op {
             Op::ConcatMatMul { .. } => "concat_matmul",
             Op::MatMulAdd { .. } => "matmul_add",
             Op::MaskedSoftmax { .. } => "masked_softmax",
+            Op::Route { .. } => "route",
             Op::Quantize { .. } => "quantize",
             Op::ScaledMatMul { .. } => "scaled_matmul",
             Op::RmsNormQuantize { .. } => "rmsnorm_quantize",

@@ -265,6 +265,12 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let logits = broadcast_zip(&node.shape, s, mask, |s, m| s * scale + m);
             real(&node.shape, rows::softmax(&logits.data, last(&node.shape)))
         }
+        Op::Route { groups, keep, k, scale } => {
+            let (scores, bias) = (r(0), r(1));
+            let (chosen, gates) = index::route(&scores.data, &bias.data, *groups, *keep, *k, T::from_f64(*scale));
+            let shape = vec![scores.shape[0], *k];
+            Value::Tuple(vec![int(&shape, chosen), real(&shape, gates)])
+        }
         Op::Quantize { rows, cols, transpose } => {
             let x = r(0);
             let (m, n) = (x.shape[0], x.shape[1]);
