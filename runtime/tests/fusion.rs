@@ -205,6 +205,24 @@ proptest! {
     }
 
     #[test]
+    fn concat_grouped_gemms_rule(rows in 1usize..12, experts in 1usize..4, k in 1usize..20, blocks in 1usize..3, n2 in 1usize..9, seed in any::<u64>()) {
+        // The experts' gate and up projections of the same rows (each row's expert its top
+        // logit), in f32 and in FP8.
+        let n1 = 4 * blocks;
+        let shapes = [vec![rows, k], vec![experts, n1, k], vec![experts, n2, k], vec![rows, experts]];
+        for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 }.fprop())] {
+            prove("concat-grouped-gemms", &shapes, seed, "concat_grouped_matmul", |b, a| {
+                let chosen = b.top_k(a[3], 1);
+                let offsets = b.push(Op::ExpertOffsets { experts }, vec![chosen], vec![experts + 1], DType::I32);
+                let op = Op::GroupedMatMul { tb: true, fp8 };
+                let y1 = b.push(op.clone(), vec![a[0], a[1], offsets], vec![rows, n1], DType::F32);
+                let y2 = b.push(op, vec![a[0], a[2], offsets], vec![rows, n2], DType::F32);
+                b.concat(vec![y1, y2], 1)
+            })?;
+        }
+    }
+
+    #[test]
     fn gemm_residual_add_rules(rows in 1usize..6, k in 1usize..20, blocks in 1usize..4, seed in any::<u64>()) {
         let n = 4 * blocks;
         for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 })] {
@@ -316,6 +334,7 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
         "softmax_grad",
         "swiglu_grad",
         "concat_matmul",
+        "concat_grouped_matmul",
         "matmul_add",
     ];
     for op in expected {

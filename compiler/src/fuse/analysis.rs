@@ -188,6 +188,20 @@ impl Analysis<Fx> for FusionAnalysis {
             }
             Fx::MatMulAdd([_, _, _, c]) => child(c),
             Fx::MaskedSoftmax([_, s, mask]) => broadcast(&child(s), &child(mask)),
+            Fx::GroupedMatMul([attr, xs, w, _]) => {
+                let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {
+                    unreachable!("a grouped GEMM's attribute")
+                };
+                ClassData::value(grouped_shape(tb, &shape(xs), &shape(w)), child(xs).dtype)
+            }
+            Fx::ConcatGroupedMatMul([attr, xs, w1, w2, _]) => {
+                let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {
+                    unreachable!("a grouped GEMM's attribute")
+                };
+                let dtype = child(xs).dtype;
+                let product = |w: &Id| (grouped_shape(tb, &shape(xs), &shape(w)), dtype);
+                ClassData::tuple(vec![product(w1), product(w2)])
+            }
             Fx::ScaledMatMul([attr, a, b]) => {
                 let op = attr_op(egraph, *attr);
                 ClassData::value(product_shape(&op, &shape(a), &shape(b)), DType::F32)
@@ -226,6 +240,11 @@ fn product_shape(op: &Op, a: &[usize], b: &[usize]) -> Shape {
         Op::ScaledMatMul { .. } => matmul_shape(a, b, false, false),
         _ => unreachable!("a GEMM's attribute"),
     }
+}
+
+/// The shape of a grouped GEMM's product: rows of xs by the experts' N.
+fn grouped_shape(tb: bool, xs: &[usize], w: &[usize]) -> Shape {
+    vec![xs[0], if tb { w[1] } else { w[2] }]
 }
 
 /// A scaled GEMM's result is f32 (its operands are FP8); a plain one has its input's type.

@@ -58,6 +58,14 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
             let peak = if fp8 { profile.fp8_flops } else { profile.bf16_flops };
             profile.seconds(flops, peak, moved)
         }
+        Fx::GroupedMatMul([attr, xs, ..]) | Fx::ConcatGroupedMatMul([attr, xs, ..]) => {
+            let Op::GroupedMatMul { fp8, .. } = attr_op(egraph, *attr) else {
+                unreachable!("a grouped GEMM's attribute")
+            };
+            let k = egraph[*xs].data.shape.as_ref().and_then(|s| s.last().copied()).unwrap_or(0);
+            let flops = 2.0 * egraph[class].data.numel() * k as f64;
+            profile.seconds(flops, if fp8.is_some() { profile.fp8_flops } else { profile.bf16_flops }, moved)
+        }
         _ => {
             let elements = enode.children().iter().map(|&c| egraph[c].data.numel()).fold(0.0, f64::max);
             profile.seconds(5.0 * elements, profile.vector_flops, moved)

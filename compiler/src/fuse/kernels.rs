@@ -78,6 +78,7 @@ fn role(op: &Op) -> Role {
         | Op::ConcatMatMul { .. }
         | Op::ScaledMatMul { .. }
         | Op::ConcatScaledMatMul { .. }
+        | Op::ConcatGroupedMatMul { .. }
         | Op::GroupedMatMul { .. }
         | Op::GroupedWgrad { .. } => Role::Gemm,
         Op::Neg
@@ -219,6 +220,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                         | Op::ScaledMatMul { .. }
                         | Op::ConcatScaledMatMul { .. }
                         | Op::GroupedMatMul { fp8: Some(_), .. }
+                        | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
                         | Op::GroupedWgrad { fp8: Some(_), .. }
                 )
             }) {
@@ -254,6 +256,11 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
         Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } => 6 * numel(node),
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
+        Op::ConcatGroupedMatMul { tb, .. } => {
+            let (xs, n_axis) = (&f.node(node.args[0]).shape, if *tb { 1 } else { 2 });
+            let n = f.node(node.args[1]).shape[n_axis] + f.node(node.args[2]).shape[n_axis];
+            2 * (xs[0] * n * xs[1]) as u64
+        }
         Op::GroupedWgrad { .. } => {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }

@@ -54,6 +54,10 @@ define_language! {
         // (attr, a, b1, b2) → (a·b1, a·b2), the attribute that of the two GEMMs (a `matmul`'s
         // or a `scaled_matmul`'s).
         "concat_matmul" = ConcatMatMul([Id; 4]),
+        // The experts' GEMMs, (attr, xs, w, offsets); two of them sharing xs and offsets as
+        // one, (attr, xs, w1, w2, offsets).
+        "grouped_matmul" = GroupedMatMul([Id; 4]),
+        "concat_grouped_matmul" = ConcatGroupedMatMul([Id; 5]),
         // A GEMM adding c in its epilogue, (attr, a, b, c); softmax(s·scale + mask),
         // (scale, s, mask).
         "matmul_add" = MatMulAdd([Id; 4]),

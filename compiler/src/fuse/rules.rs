@@ -40,6 +40,14 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
             Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
+        // The experts' gate and up projections: two grouped GEMMs of the same rows, offsets and
+        // recipe are one over [w1 | w2] along N, on the same conditions.
+        multi_if(
+            "concat-grouped-gemms",
+            "?y1 = (grouped_matmul ?attr ?xs ?w1 ?offsets), ?y2 = (grouped_matmul ?attr ?xs ?w2 ?offsets)",
+            "?t = (concat_grouped_matmul ?attr ?xs ?w1 ?w2 ?offsets), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
+            Box::new(concatenable("?attr", "?w1", "?w2")),
+        ),
         multi_if(
             "concat-scaled-gemms",
             "?y1 = (scaled_matmul ?attr ?x ?w1), ?y2 = (scaled_matmul ?attr ?x ?w2)",
@@ -151,7 +159,7 @@ fn concatenable(attr: &str, w1: &str, w2: &str) -> impl Fn(&mut EGraph, Id, &Sub
             return false;
         }
         match attr_op(egraph, subst[attr]) {
-            Op::MatMul { tb, fp8, .. } => {
+            Op::MatMul { tb, fp8, .. } | Op::GroupedMatMul { tb, fp8 } => {
                 let shape = egraph[w1].data.shape.as_ref().expect("shaped");
                 let n = shape[shape.len() - if tb { 2 } else { 1 }];
                 fp8.is_none_or(|f| n % f.b.outer == 0)

@@ -35,6 +35,7 @@ pub fn encode(egraph: &mut EGraph<Fx, FusionAnalysis>, f: &Function) -> Vec<Id> 
             op @ Op::MatMul { .. } => Fx::MatMul([attr(egraph, op), a[0], a[1]]),
             op @ Op::Reshape(_) => Fx::Reshape([attr(egraph, op), a[0]]),
             op @ Op::Slice { .. } => Fx::Slice([attr(egraph, op), a[0]]),
+            op @ Op::GroupedMatMul { .. } => Fx::GroupedMatMul([attr(egraph, op), a[0], a[1], a[2]]),
             op @ Op::TopK { .. } => Fx::TopK([attr(egraph, op), a[0]]),
             Op::TakeAlong => Fx::TakeAlong([a[0], a[1]]),
             op @ Op::PutAlong { .. } => Fx::PutAlong([attr(egraph, op), a[0], a[1]]),
@@ -148,6 +149,7 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         | Fx::Quantize([attr, _])
         | Fx::ScaledMatMul([attr, ..])
         | Fx::TopK([attr, _])
+        | Fx::GroupedMatMul([attr, ..])
         | Fx::PutAlong([attr, ..])
         | Fx::SumAxis([attr, _]) => (attr_op(egraph, *attr), &children[1..]),
         Fx::TakeAlong(_) => (Op::TakeAlong, children),
@@ -172,6 +174,12 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
             Op::ScaledMatMul { promote } => (Op::ConcatScaledMatMul { promote }, &children[1..]),
             _ => unreachable!("a GEMM's attribute"),
         },
+        Fx::ConcatGroupedMatMul([attr, ..]) => {
+            let Op::GroupedMatMul { tb, fp8 } = attr_op(egraph, *attr) else {
+                unreachable!("a grouped GEMM's attribute")
+            };
+            (Op::ConcatGroupedMatMul { tb, fp8 }, &children[1..])
+        }
         Fx::MatMulAdd([attr, ..]) => {
             let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
             (Op::MatMulAdd { ta, tb, fp8 }, &children[1..])

@@ -288,6 +288,13 @@ pub enum Op {
     ConcatScaledMatMul {
         promote: usize,
     },
+    /// Fused: two grouped GEMMs of the same rows and offsets, (xs, w1, w2, offsets) → the tuple
+    /// (xs·w1[e], xs·w2[e]) per expert, as one grouped GEMM over the weights concatenated
+    /// along N (the experts' gate and up projections).
+    ConcatGroupedMatMul {
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
     /// Fused: two GEMMs sharing their first operand, (a, b1, b2) → the tuple
     /// (op(a)·op(b1), op(a)·op(b2)), as one GEMM over b1 and b2 concatenated along N (read in
     /// place, not copied): a is read (and, in FP8, quantised) once, one launch.
@@ -315,6 +322,7 @@ impl Op {
                 | Op::SoftmaxGrad
                 | Op::SwiGluGrad
                 | Op::ConcatMatMul { .. }
+                | Op::ConcatGroupedMatMul { .. }
                 | Op::MatMulAdd { .. }
                 | Op::MaskedSoftmax { .. }
                 | Op::Route { .. }
@@ -381,6 +389,7 @@ impl Op {
             Op::SoftmaxGrad => "softmax_grad",
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
+            Op::ConcatGroupedMatMul { .. } => "concat_grouped_matmul",
             Op::MatMulAdd { .. } => "matmul_add",
             Op::MaskedSoftmax { .. } => "masked_softmax",
             Op::Route { .. } => "route",

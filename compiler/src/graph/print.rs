@@ -67,7 +67,7 @@ fn attributes(m: &Module, op: &Op) -> String {
             }
             parts.join(", ")
         }
-        Op::GroupedMatMul { tb, fp8 } => {
+        Op::GroupedMatMul { tb, fp8 } | Op::ConcatGroupedMatMul { tb, fp8 } => {
             let t = if *tb { "tb" } else { "" };
             match fp8 {
                 Some(f) => format!("{t}, fp8 {}x{}*{}x{}/{}", f.a.outer, f.a.k, f.b.outer, f.b.k, f.promote),

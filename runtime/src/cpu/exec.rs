@@ -88,6 +88,18 @@ fn round<T: Real>(x: T, to: DType) -> T {
     }
 }
 
+/// The product of a GEMM over concatenated weights as the pair of its parts: columns before
+/// and from `at` along the last axis.
+fn split_last<T: Real>(y: Tensor<T>, at: usize) -> Value<T> {
+    let axis = y.shape.len() - 1;
+    let part = |start: usize, end: usize| {
+        let mut shape = y.shape.clone();
+        shape[axis] = end - start;
+        Tensor::new(shape, layout::slice(&y.data, &y.shape, axis, start, end))
+    };
+    pair(part(0, at), part(at, y.shape[axis]))
+}
+
 /// The two results of a fused op.
 fn pair<T: Real>(first: Tensor<T>, second: Tensor<T>) -> Value<T> {
     Value::Tuple(vec![Value::real(first), Value::real(second)])
@@ -245,14 +257,16 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let mut b_shape = b1.shape.clone();
             b_shape[n_axis] += b2.shape[n_axis];
             let y = linalg::batched_matmul(&a.data, &a.shape, &b, &b_shape, *ta, *tb, *fp8);
-            let y_shape = matmul_shape(&a.shape, &b_shape, *ta, *tb);
-            let n1 = b1.shape[n_axis];
-            let half = |range: std::ops::Range<usize>| {
-                let mut shape = y_shape.clone();
-                shape[rank - 1] = range.len();
-                Tensor::new(shape, layout::slice(&y, &y_shape, rank - 1, range.start, range.end))
-            };
-            pair(half(0..n1), half(n1..y_shape[rank - 1]))
+            split_last(Tensor::new(matmul_shape(&a.shape, &b_shape, *ta, *tb), y), b1.shape[n_axis])
+        }
+        Op::ConcatGroupedMatMul { tb, fp8 } => {
+            let (xs, w1, w2, offsets) = (r(0), r(1), r(2), &ix(3).data);
+            let n_axis = if *tb { 1 } else { 2 };
+            let w = layout::concat(&[(&w1.data, &w1.shape), (&w2.data, &w2.shape)], n_axis);
+            let mut w_shape = w1.shape.clone();
+            w_shape[n_axis] += w2.shape[n_axis];
+            let y = linalg::grouped_matmul(&xs.data, last(&xs.shape), &w, &w_shape, offsets, *tb, *fp8);
+            split_last(Tensor::new(vec![xs.shape[0], w_shape[n_axis]], y), w1.shape[n_axis])
         }
         Op::MatMulAdd { ta, tb, fp8 } => {
             let (a, b, c) = (r(0), r(1), r(2));
