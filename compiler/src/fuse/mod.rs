@@ -1,11 +1,23 @@
 //! Fusion with e-graphs (egg). Each function of a training graph is encoded into an e-graph
-//! ([`lang::Fx`]; ops the rules do not look at are opaque), saturated with [`rules::rules`]
-//! under node, iteration and time bounds, and extracted by a roofline cost ([`cost`]) back
-//! into a graph function in which fused ops replace their primitives. [`kernels`] then groups
-//! the result into kernels. [`extract`] picks the node of each e-class minimising the
-//! roofline cost of the whole DAG (a shared value counted once), which is what lets a fused op
-//! with two results ([`lang::Fx::AddRmsNorm`]: the residual sum and its norm, as a tuple read
-//! by `get`) win over recomputing the sum: both readers share the one kernel.
+//! ([`translate`]: the ops the rules look at as [`lang::Fx`] nodes, with their attributes as a
+//! leaf child; every other op opaque, a repeated one shared), saturated with [`rules::rules`]
+//! under node, iteration and time bounds (the report says which stopped it), and extracted
+//! ([`extract`]) by the roofline cost of [`cost`] back into a graph function in which fused
+//! ops replace their primitives. [`kernels`] then groups the result into kernels.
+//!
+//! Fused ops with several results (the residual sum and its norm; dx and dw of a norm's
+//! backward; the two products of GEMMs sharing an input; the routed experts and their gates)
+//! return a tuple, read with `get` — the IR's existing form for a call's results, so the
+//! backends and the kernel accounting need no second mechanism. The alternatives were worse:
+//! a norm op taking the two addends and the sum recomputed by its other reader keeps the
+//! extra kernel and its traffic, and one op per result duplicates the shared work. A tuple
+//! only pays when every result is read from it, which is why extraction is DAG-aware: it
+//! minimises the cost of the whole DAG with each value counted once, and moves all readers of
+//! a tuple together.
+//!
+//! The CPU kernels of the fused ops keep the rounding order of the primitives they replace,
+//! so a fused plan trains bit-identically to the unfused graph (FP8 included), which the
+//! plan test checks; the property tests check each rule on random shapes and values.
 
 pub mod analysis;
 pub mod cost;
