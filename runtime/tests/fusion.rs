@@ -273,6 +273,17 @@ proptest! {
     }
 
     #[test]
+    fn transpose_into_gemm_rules(m in 1usize..6, k in 1usize..9, n in 1usize..6, seed in any::<u64>()) {
+        for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 }.fprop())] {
+            prove("transpose-into-gemm", &[vec![2, k, m], vec![2, k, n]], seed, "", |b, a| {
+                let at = b.transpose(a[0], vec![0, 2, 1]);
+                let bt = b.transpose(a[1], vec![0, 2, 1]);
+                b.matmul(at, bt, false, true, fp8)
+            })?;
+        }
+    }
+
+    #[test]
     fn stop_stop_and_transpose_transpose_rules(rows in 1usize..5, cols in 1usize..9, seed in any::<u64>()) {
         prove("stop-stop", &[vec![rows, cols]], seed, "", |b, a| {
             let s = b.stop_gradient(a[0]);
@@ -302,8 +313,12 @@ fn the_redundant_ops_are_gone_after_fusion() {
     b.output("reshaped", r);
     let same = b.reshape(x, vec![2, 3, 4]);
     b.output("same", same);
+    let xt = b.transpose(x, vec![0, 2, 1]);
+    let gram = b.matmul(xt, x, false, false, None);
+    b.output("gram", gram);
     let (fused, _) = fuse_function(&module, &b.finish(), Limits::default());
     let count = |op: &str| fused.nodes.iter().filter(|n| n.op.name() == op).count();
+    assert!(fused.nodes.iter().any(|n| n.op == Op::MatMul { ta: true, tb: false, fp8: None }), "{:?}", fused.nodes);
     assert_eq!((count("transpose"), count("stop_gradient"), count("reshape")), (0, 1, 1), "{:?}", fused.nodes);
 }
 

@@ -124,6 +124,12 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (route ?k ?keep ?grouping ?s ?bias ?scale), ?chosen = (get0 ?t), ?gates = (get1 ?t)",
             Box::new(takes_top_two("?two")),
         ),
+        // op(xᵀ) = op'(x): a transposed operand of a GEMM is its transpose flag flipped (also
+        // in FP8, which quantises the operand as used either way).
+        rw!("transpose-into-gemm-a"; "(matmul ?attr (transpose_last2 ?a) ?b)" => { FoldTranspose::new("?attr", "?a", "?b", false) }),
+        rw!("transpose-into-gemm-b"; "(matmul ?attr ?a (transpose_last2 ?b))" => { FoldTranspose::new("?attr", "?a", "?b", true) }),
+        // (The MoE's weighted combine needs no rule: `unpermute` already is the gather of each
+        // token's expert rows times their gates, summed, in one kernel.)
         // reshape(reshape(x)) = reshape(x); a reshape to the shape x has is x.
         rw!("reshape-reshape"; "(reshape ?s2 (reshape ?s1 ?x))" => "(reshape ?s2 ?x)"),
         rw!("reshape-identity"; "(reshape ?s ?x)" => "?x" if reshapes_to_shape_of("?s", "?x")),
@@ -179,6 +185,42 @@ fn quantises_rows_of(q: &str, r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
         let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
         let last = egraph[subst[x]].data.shape.as_ref().and_then(|s| s.last().copied());
         to.len() == 2 && to.last().copied() == last
+    }
+}
+
+/// The GEMM with the transpose of its first (or second) operand folded into its flag.
+struct FoldTranspose {
+    attr: Var,
+    a: Var,
+    b: Var,
+    second: bool,
+}
+
+impl FoldTranspose {
+    fn new(attr: &str, a: &str, b: &str, second: bool) -> Self {
+        let [attr, a, b] = [attr, a, b].map(|v| v.parse().expect("variable"));
+        FoldTranspose { attr, a, b, second }
+    }
+}
+
+impl Applier<Fx, FusionAnalysis> for FoldTranspose {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<Fx>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, subst[self.attr]) else { return vec![] };
+        let (ta, tb) = if self.second { (ta, !tb) } else { (!ta, tb) };
+        let op = attr(egraph, &Op::MatMul { ta, tb, fp8 });
+        let product = egraph.add(Fx::MatMul([op, subst[self.a], subst[self.b]]));
+        if egraph.union(eclass, product) {
+            vec![product]
+        } else {
+            vec![]
+        }
     }
 }
 
