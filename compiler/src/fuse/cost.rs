@@ -3,8 +3,9 @@
 //! the device machine: ~800 TFLOP/s BF16, ~1600 FP8, ~3.0 TB/s).
 
 use super::lang::Fx;
-use super::FusionAnalysis;
-use egg::{CostFunction, EGraph, Id, Language};
+use super::{attr_op, FusionAnalysis};
+use crate::graph::ir::Op;
+use egg::{EGraph, Id, Language};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,41 +35,40 @@ impl Profile {
     }
 }
 
-/// Extraction cost: the roofline time of each node as its own kernel, plus its children's
-/// (a fused node replaces several launches and the memory traffic between them).
-pub struct RooflineCost<'a> {
-    pub egraph: &'a EGraph<Fx, FusionAnalysis>,
-    pub profile: Profile,
-}
-
-impl RooflineCost<'_> {
-    fn bytes(&self, id: Id) -> f64 {
-        let data = &self.egraph[id].data;
-        data.shape.as_ref().map_or(0.0, |s| s.iter().product::<usize>() as f64 * 4.0)
-    }
-
-    fn own(&self, enode: &Fx) -> f64 {
-        match enode {
-            // Constants and views are not kernels; opaque ops are not a choice.
-            Fx::Const(_) | Fx::Opaque(..) | Fx::Stop(_) => 0.0,
-            _ => {
-                let inputs: f64 = enode.children().iter().map(|&c| self.bytes(c)).sum();
-                let output = enode.children().iter().map(|&c| self.bytes(c)).fold(0.0, f64::max);
-                let flops = output / 4.0;
-                self.profile.seconds(flops, self.profile.vector_flops, inputs + output)
-            }
+/// Extraction cost of one e-node: its roofline time as a kernel of its own; constants,
+/// attributes, views, tuple access and opaque ops (the same in every alternative) are free.
+/// Loop fusion in [`super::kernels`] later merges neighbouring elementwise kernels, so this
+/// overestimates chains of them alike in every alternative.
+pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, profile: &Profile) -> f64 {
+    let bytes = |id: Id| egraph[id].data.bytes();
+    let moved: f64 = enode.children().iter().map(|&c| bytes(c)).sum::<f64>() + bytes(class);
+    match enode {
+        Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) | Fx::Stop(_) | Fx::Reshape(_) | Fx::Get0(_) | Fx::Get1(_) => 0.0,
+        Fx::MatMul([attr, a, _])
+        | Fx::MatMulAdd([attr, a, ..])
+        | Fx::ScaledMatMul([attr, a, _])
+        | Fx::ConcatMatMul([attr, a, ..]) => {
+            let (ta, fp8) = match attr_op(egraph, *attr) {
+                Op::MatMul { ta, fp8, .. } => (ta, fp8.is_some()),
+                _ => (false, true),
+            };
+            let a = egraph[*a].data.shape.as_ref().expect("shaped");
+            let k = a[a.len() - if ta { 2 } else { 1 }];
+            let flops = 2.0 * egraph[class].data.numel() * k as f64;
+            let peak = if fp8 { profile.fp8_flops } else { profile.bf16_flops };
+            profile.seconds(flops, peak, moved)
         }
-    }
-}
-
-impl CostFunction<Fx> for RooflineCost<'_> {
-    type Cost = f64;
-
-    fn cost<C>(&mut self, enode: &Fx, mut costs: C) -> f64
-    where
-        C: FnMut(Id) -> f64,
-    {
-        let own = self.own(enode);
-        enode.fold(own, |sum, id| sum + costs(id))
+        Fx::GroupedMatMul([attr, xs, ..]) | Fx::ConcatGroupedMatMul([attr, xs, ..]) => {
+            let Op::GroupedMatMul { fp8, .. } = attr_op(egraph, *attr) else {
+                unreachable!("a grouped GEMM's attribute")
+            };
+            let k = egraph[*xs].data.shape.as_ref().and_then(|s| s.last().copied()).unwrap_or(0);
+            let flops = 2.0 * egraph[class].data.numel() * k as f64;
+            profile.seconds(flops, if fp8.is_some() { profile.fp8_flops } else { profile.bf16_flops }, moved)
+        }
+        _ => {
+            let elements = enode.children().iter().map(|&c| egraph[c].data.numel()).fold(0.0, f64::max);
+            profile.seconds(5.0 * elements, profile.vector_flops, moved)
+        }
     }
 }

@@ -4,12 +4,13 @@
 //! kernel, and an elementwise op joins the most recent generated kernel when it runs over the
 //! same number of elements (loop fusion; a value other kernels read becomes one of the
 //! kernel's outputs), that kernel does not start with a scatter or a row op, and the op does
-//! not read a reduction of that kernel (every element would recompute it). Joining only
-//! the most recent kernel keeps the kernels in a valid launch order: nothing launched after it
-//! can feed it. Each kernel carries its bytes moved, FLOPs and roofline time.
+//! not read a reduction of that kernel (every element would recompute it). Joining only the
+//! most recent kernel keeps the kernels in a valid launch order: nothing launched after it can
+//! feed it. A fused op with several results returns a tuple whose parts are read with `get`:
+//! the kernel writes every part. Each kernel carries its bytes moved, FLOPs and roofline time.
 
 use super::cost::Profile;
-use crate::graph::ir::{DType, Function, Module, Node, Op, V};
+use crate::graph::ir::{matmul_shape, DType, Function, Module, Node, Op, V};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -80,7 +81,14 @@ fn role(op: &Op) -> Role {
         Op::Arg(_) | Op::Const(_) | Op::Table(_) | Op::Reshape(_) | Op::StopGradient | Op::Call(_) | Op::Get(_) => {
             Role::Free
         }
-        Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedWgrad { .. } => Role::Gemm,
+        Op::MatMul { .. }
+        | Op::MatMulAdd { .. }
+        | Op::ConcatMatMul { .. }
+        | Op::ScaledMatMul { .. }
+        | Op::ConcatScaledMatMul { .. }
+        | Op::ConcatGroupedMatMul { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::GroupedWgrad { .. } => Role::Gemm,
         Op::Neg
         | Op::Exp
         | Op::Log
@@ -154,6 +162,14 @@ fn numel(n: &Node) -> u64 {
 
 fn value_bytes(n: &Node) -> u64 {
     numel(n) * dtype_bytes(n.dtype)
+}
+
+/// Bytes of value `v`; a fused op's tuple is the parts its `get` readers take.
+fn written_bytes(f: &Function, v: usize, readers: &[usize]) -> u64 {
+    match f.nodes[v].dtype {
+        DType::Tuple => readers.iter().map(|&r| value_bytes(&f.nodes[r])).sum(),
+        _ => value_bytes(&f.nodes[v]),
+    }
 }
 
 /// The elements a node iterates over: its output, or its largest input (a reduction reads
@@ -234,13 +250,18 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                 .copied()
                 .filter(|&i| output_bases.contains(&i) || readers[i].iter().any(|j| !members.contains(j)))
                 .collect();
-            let bytes: u64 = inputs.iter().chain(&outputs).map(|&v| value_bytes(&f.nodes[v])).sum();
+            let bytes: u64 = inputs.iter().chain(&outputs).map(|&v| written_bytes(f, v, &readers[v])).sum();
             let flops: u64 = nodes.iter().map(|&i| flops(f, &f.nodes[i])).sum();
             let peak = if nodes.iter().any(|&i| {
                 matches!(
                     f.nodes[i].op,
                     Op::MatMul { fp8: Some(_), .. }
+                        | Op::ConcatMatMul { fp8: Some(_), .. }
+                        | Op::MatMulAdd { fp8: Some(_), .. }
+                        | Op::ScaledMatMul { .. }
+                        | Op::ConcatScaledMatMul { .. }
                         | Op::GroupedMatMul { fp8: Some(_), .. }
+                        | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
                         | Op::GroupedWgrad { fp8: Some(_), .. }
                 )
             }) {
@@ -270,18 +291,38 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 /// FLOPs of one node: 2·m·n·k for products, a handful per element otherwise.
 fn flops(f: &Function, node: &Node) -> u64 {
     match &node.op {
-        Op::MatMul { ta, .. } => {
-            let a = &f.node(node.args[0]).shape;
-            let k = if *ta { a[a.len() - 2] } else { a[a.len() - 1] };
-            2 * numel(node) * k as u64
-        }
+        Op::MatMul { ta, .. } | Op::MatMulAdd { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
+        Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
+        Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
+        Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
+        Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } => 6 * numel(node),
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
+        Op::ConcatGroupedMatMul { tb, .. } => {
+            let (xs, n_axis) = (&f.node(node.args[0]).shape, if *tb { 1 } else { 2 });
+            let n = f.node(node.args[1]).shape[n_axis] + f.node(node.args[2]).shape[n_axis];
+            2 * (xs[0] * n * xs[1]) as u64
+        }
         Op::GroupedWgrad { .. } => {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }
-        Op::RmsNorm { .. } | Op::Softmax => 5 * numel(node),
+        Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } => 5 * numel(node),
+        Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
+        Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),
     }
+}
+
+/// FLOPs of the two products of a GEMM over concatenated second operands.
+fn concat_flops(f: &Function, node: &Node, ta: bool, tb: bool) -> u64 {
+    let a = &f.node(node.args[0]).shape;
+    let product = |b: V| matmul_shape(a, &f.node(b).shape, ta, tb).iter().product::<usize>() as u64;
+    2 * (product(node.args[1]) + product(node.args[2])) * inner_dimension(f, node, ta)
+}
+
+/// K of a GEMM whose first operand (transposed if `ta`) is the node's first argument.
+fn inner_dimension(f: &Function, node: &Node, ta: bool) -> u64 {
+    let a = &f.node(node.args[0]).shape;
+    (if ta { a[a.len() - 2] } else { a[a.len() - 1] }) as u64
 }
 
 /// Kernel launches to run function `f` once: its own kernels and those of every call.

@@ -337,7 +337,23 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::UnpermuteGradRows { .. }
         | Op::UnpermuteGradGates { .. }) => panic!("{} appears only in backward passes", op.name()),
         Op::Call(_) | Op::Get(_) => unreachable!("calls are differentiated by the caller"),
-        op @ (Op::RmsNorm { .. } | Op::Softmax | Op::SwiGlu) => {
+        op @ (Op::RmsNorm { .. }
+        | Op::Softmax
+        | Op::SwiGlu
+        | Op::AddRmsNorm { .. }
+        | Op::RmsNormGrad { .. }
+        | Op::SoftmaxGrad
+        | Op::SwiGluGrad
+        | Op::ConcatMatMul { .. }
+        | Op::ConcatGroupedMatMul { .. }
+        | Op::MatMulAdd { .. }
+        | Op::MaskedSoftmax { .. }
+        | Op::Route { .. }
+        | Op::Quantize { .. }
+        | Op::ScaledMatMul { .. }
+        | Op::RmsNormQuantize { .. }
+        | Op::SwiGluQuantize { .. }
+        | Op::ConcatScaledMatMul { .. }) => {
             panic!("{} is formed by fusion, after autodiff", op.name())
         }
     }

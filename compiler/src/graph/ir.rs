@@ -222,6 +222,87 @@ pub enum Op {
     Softmax,
     /// Fused: SwiGLU's gate, (a, b) → silu(a)·b.
     SwiGlu,
+    /// Fused: the residual add and the RMSNorm of its sum, (a, b, w) → the tuple
+    /// (a + b, rmsnorm(a + b, w)); the residual stream reads the sum, the block the norm.
+    AddRmsNorm {
+        eps: f64,
+    },
+    /// Fused backward of `RmsNorm`: (x, w, dy[, acc]) → the tuple ([acc +] dx, dw), where
+    /// `acc` is an adjoint of x to accumulate into.
+    RmsNormGrad {
+        eps: f64,
+    },
+    /// Fused backward of `Softmax`, recomputing it from its input: (x, dy) → dx =
+    /// y·(dy − Σ dy·y) over the last axis, y = softmax(x).
+    SoftmaxGrad,
+    /// Fused backward of `SwiGlu`: (a, b, dy) → the tuple (da, db).
+    SwiGluGrad,
+    /// Fused: a GEMM whose epilogue adds c (a residual, or an adjoint accumulating), (a, b, c)
+    /// → c + op(a)·op(b), the product read in c's shape.
+    MatMulAdd {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
+    /// Fused: attention's softmax with its scale and mask folded in, (s, mask) →
+    /// softmax(s·scale + mask) over the last axis (the mask broadcast).
+    MaskedSoftmax {
+        scale: f64,
+    },
+    /// Fused: DeepSeek-V3's routing of each token, (scores [t, e], bias [e]) → the tuple
+    /// (chosen i32 [t, k], gates [t, k]): on the biased scores s + bias, a group's score is the
+    /// sum of its two best, the `keep` best of the `groups` groups stay, the top `k` experts
+    /// among them are chosen; the gates are their unbiased scores normalised to sum 1, times
+    /// `scale`.
+    Route {
+        groups: usize,
+        keep: usize,
+        k: usize,
+        scale: f64,
+    },
+    /// Made explicit by fusion: FP8 quantisation of a matrix x [r, c] (of xᵀ if `transpose`,
+    /// the Wgrad operands' layout) in scaling groups of `rows` × `cols` of the result, each
+    /// element an E4M3 value and each group a scale (as `Fp8Gemm`'s tilings): an F8E4M3 value.
+    Quantize {
+        rows: usize,
+        cols: usize,
+        transpose: bool,
+    },
+    /// The FP8 GEMM on quantised operands, (a [m, k], b [k, n]) → a·b with partial sums
+    /// promoted to FP32 every `promote` elements of K.
+    ScaledMatMul {
+        promote: usize,
+    },
+    /// Fused: RMSNorm and the FP8 quantisation of its result seen as [tokens, n] in 1×`cols`
+    /// tiles, (x, w) → F8E4M3 [tokens, n].
+    RmsNormQuantize {
+        eps: f64,
+        cols: usize,
+    },
+    /// Fused: SwiGLU's gate and the FP8 quantisation of its result seen as [tokens, n] in
+    /// 1×`cols` tiles, (a, b) → F8E4M3 [tokens, n].
+    SwiGluQuantize {
+        cols: usize,
+    },
+    /// Fused: `ConcatMatMul` on quantised operands, (a, b1, b2) → (a·b1, a·b2).
+    ConcatScaledMatMul {
+        promote: usize,
+    },
+    /// Fused: two grouped GEMMs of the same rows and offsets, (xs, w1, w2, offsets) → the tuple
+    /// (xs·w1[e], xs·w2[e]) per expert, as one grouped GEMM over the weights concatenated
+    /// along N (the experts' gate and up projections).
+    ConcatGroupedMatMul {
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
+    /// Fused: two GEMMs sharing their first operand, (a, b1, b2) → the tuple
+    /// (op(a)·op(b1), op(a)·op(b2)), as one GEMM over b1 and b2 concatenated along N (read in
+    /// place, not copied): a is read (and, in FP8, quantised) once, one launch.
+    ConcatMatMul {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
     /// Calls another function of the module; the result is a tuple.
     Call(usize),
     /// Element of a tuple.
@@ -229,6 +310,30 @@ pub enum Op {
 }
 
 impl Op {
+    /// Formed by fusion (`fuse`), never by the builder or autodiff.
+    pub fn is_fused(&self) -> bool {
+        matches!(
+            self,
+            Op::RmsNorm { .. }
+                | Op::Softmax
+                | Op::SwiGlu
+                | Op::AddRmsNorm { .. }
+                | Op::RmsNormGrad { .. }
+                | Op::SoftmaxGrad
+                | Op::SwiGluGrad
+                | Op::ConcatMatMul { .. }
+                | Op::ConcatGroupedMatMul { .. }
+                | Op::MatMulAdd { .. }
+                | Op::MaskedSoftmax { .. }
+                | Op::Route { .. }
+                | Op::Quantize { .. }
+                | Op::ScaledMatMul { .. }
+                | Op::RmsNormQuantize { .. }
+                | Op::SwiGluQuantize { .. }
+                | Op::ConcatScaledMatMul { .. }
+        )
+    }
+
     /// The name in the printed form.
     pub fn name(&self) -> &'static str {
         match self {
@@ -279,6 +384,20 @@ impl Op {
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Softmax => "softmax",
             Op::SwiGlu => "swiglu",
+            Op::AddRmsNorm { .. } => "add_rmsnorm",
+            Op::RmsNormGrad { .. } => "rmsnorm_grad",
+            Op::SoftmaxGrad => "softmax_grad",
+            Op::SwiGluGrad => "swiglu_grad",
+            Op::ConcatMatMul { .. } => "concat_matmul",
+            Op::ConcatGroupedMatMul { .. } => "concat_grouped_matmul",
+            Op::MatMulAdd { .. } => "matmul_add",
+            Op::MaskedSoftmax { .. } => "masked_softmax",
+            Op::Route { .. } => "route",
+            Op::Quantize { .. } => "quantize",
+            Op::ScaledMatMul { .. } => "scaled_matmul",
+            Op::RmsNormQuantize { .. } => "rmsnorm_quantize",
+            Op::SwiGluQuantize { .. } => "swiglu_quantize",
+            Op::ConcatScaledMatMul { .. } => "concat_scaled_matmul",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }
@@ -369,6 +488,18 @@ impl Module {
         self.constants.push(Constant { name: name.into(), shape, kind });
         self.constants.len() - 1
     }
+}
+
+/// The shape of op(a)·op(b) (batched over equal leading dimensions).
+pub fn matmul_shape(sa: &[usize], sb: &[usize], ta: bool, tb: bool) -> Shape {
+    let r = sa.len();
+    assert!(r >= 2 && sb.len() == r && sa[..r - 2] == sb[..r - 2], "matmul {sa:?} × {sb:?}");
+    let (m, ka) = if ta { (sa[r - 1], sa[r - 2]) } else { (sa[r - 2], sa[r - 1]) };
+    let (kb, n) = if tb { (sb[r - 1], sb[r - 2]) } else { (sb[r - 2], sb[r - 1]) };
+    assert_eq!(ka, kb, "matmul inner dimensions {sa:?} × {sb:?} (ta {ta}, tb {tb})");
+    let mut shape = sa[..r - 2].to_vec();
+    shape.extend([m, n]);
+    shape
 }
 
 /// Appends nodes to a function, inferring shapes.
@@ -522,14 +653,7 @@ impl<'m> FunctionBuilder<'m> {
     }
 
     pub fn matmul(&mut self, a: V, b: V, ta: bool, tb: bool, fp8: Option<Fp8Gemm>) -> V {
-        let (sa, sb) = (self.shape(a).clone(), self.shape(b).clone());
-        let r = sa.len();
-        assert!(r >= 2 && sb.len() == r && sa[..r - 2] == sb[..r - 2], "matmul {sa:?} × {sb:?}");
-        let (m, ka) = if ta { (sa[r - 1], sa[r - 2]) } else { (sa[r - 2], sa[r - 1]) };
-        let (kb, n) = if tb { (sb[r - 1], sb[r - 2]) } else { (sb[r - 2], sb[r - 1]) };
-        assert_eq!(ka, kb, "matmul inner dimensions {sa:?} × {sb:?} (ta {ta}, tb {tb})");
-        let mut shape = sa[..r - 2].to_vec();
-        shape.extend([m, n]);
+        let shape = matmul_shape(self.shape(a), self.shape(b), ta, tb);
         let dtype = self.dtype(a);
         self.push(Op::MatMul { ta, tb, fp8 }, vec![a, b], shape, dtype)
     }

@@ -54,7 +54,7 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::Slice { axis, start, end } => format!("axis {axis}, {start}..{end}"),
         Op::PadSlice { axis, start, len } => format!("axis {axis}, at {start} of {len}"),
         Op::Concat { axis } => format!("axis {axis}"),
-        Op::MatMul { ta, tb, fp8 } => {
+        Op::MatMul { ta, tb, fp8 } | Op::ConcatMatMul { ta, tb, fp8 } | Op::MatMulAdd { ta, tb, fp8 } => {
             let mut parts = vec![];
             if *ta {
                 parts.push("ta".to_string());
@@ -67,7 +67,7 @@ fn attributes(m: &Module, op: &Op) -> String {
             }
             parts.join(", ")
         }
-        Op::GroupedMatMul { tb, fp8 } => {
+        Op::GroupedMatMul { tb, fp8 } | Op::ConcatGroupedMatMul { tb, fp8 } => {
             let t = if *tb { "tb" } else { "" };
             match fp8 {
                 Some(f) => format!("{t}, fp8 {}x{}*{}x{}/{}", f.a.outer, f.a.k, f.b.outer, f.b.k, f.promote),
@@ -88,7 +88,15 @@ fn attributes(m: &Module, op: &Op) -> String {
         }
         Op::PermuteGrad { k, tokens } => format!("k {k}, tokens {tokens}"),
         Op::Call(f) => format!("@{}", m.functions[*f].name),
-        Op::RmsNorm { eps } => format!("eps {eps:e}"),
+        Op::RmsNorm { eps } | Op::AddRmsNorm { eps } | Op::RmsNormGrad { eps } => format!("eps {eps:e}"),
+        Op::Quantize { rows, cols, transpose } => {
+            format!("{rows}x{cols}{}", if *transpose { ", transposed" } else { "" })
+        }
+        Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } => format!("promote {promote}"),
+        Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
+        Op::SwiGluQuantize { cols } => format!("1x{cols}"),
+        Op::MaskedSoftmax { scale } => format!("scale {scale:e}"),
+        Op::Route { groups, keep, k, scale } => format!("groups {groups}, keep {keep}, k {k}, scale {scale:e}"),
         _ => String::new(),
     }
 }

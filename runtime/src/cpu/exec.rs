@@ -2,11 +2,12 @@
 //! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
 //! here; the other kernels are in [`super::kernels`].
 
-use super::kernels::{index, layout, linalg, rows};
-use super::numerics::{round_bf16, round_e4m3};
+use super::kernels::{grads, index, layout, linalg, rows};
+use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
-use dsc_compiler::graph::ir::{DType, Function, Module, Node, Op};
+use dsc_compiler::graph::ir::{broadcast_shape, matmul_shape, DType, Function, Module, Node, Op};
+use std::sync::Arc;
 
 /// Runs function `f` of `module` on `args`, returning its outputs.
 pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
@@ -64,14 +65,17 @@ fn map<T: Real>(node: &Node, x: &Tensor<T>, f: impl Fn(T) -> T) -> Value<T> {
 }
 
 fn zip<T: Real>(node: &Node, a: &Tensor<T>, b: &Tensor<T>, f: impl Fn(T, T) -> T) -> Value<T> {
+    Value::real(broadcast_zip(&node.shape, a, b, f))
+}
+
+/// `f` of `a` and `b` broadcast to `shape`.
+fn broadcast_zip<T: Real>(shape: &[usize], a: &Tensor<T>, b: &Tensor<T>, f: impl Fn(T, T) -> T) -> Tensor<T> {
     if a.shape == b.shape {
-        return real(&node.shape, a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect());
+        return Tensor::new(shape.to_vec(), a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect());
     }
-    let mut out = Vec::with_capacity(node.shape.iter().product());
-    layout::for_each_broadcast(&node.shape, &[&a.shape, &b.shape], |_, off| {
-        out.push(f(a.data[off[0]], b.data[off[1]]))
-    });
-    real(&node.shape, out)
+    let mut out = Vec::with_capacity(shape.iter().product());
+    layout::for_each_broadcast(shape, &[&a.shape, &b.shape], |_, off| out.push(f(a.data[off[0]], b.data[off[1]])));
+    Tensor::new(shape.to_vec(), out)
 }
 
 /// Rounds to `to`'s precision (the values stay in `T`).
@@ -84,8 +88,35 @@ fn round<T: Real>(x: T, to: DType) -> T {
     }
 }
 
+/// The product of a GEMM over concatenated weights as the pair of its parts: columns before
+/// and from `at` along the last axis.
+fn split_last<T: Real>(y: Tensor<T>, at: usize) -> Value<T> {
+    let axis = y.shape.len() - 1;
+    let part = |start: usize, end: usize| {
+        let mut shape = y.shape.clone();
+        shape[axis] = end - start;
+        Tensor::new(shape, layout::slice(&y.data, &y.shape, axis, start, end))
+    };
+    pair(part(0, at), part(at, y.shape[axis]))
+}
+
+/// The two results of a fused op.
+fn pair<T: Real>(first: Tensor<T>, second: Tensor<T>) -> Value<T> {
+    Value::Tuple(vec![Value::real(first), Value::real(second)])
+}
+
 fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
+}
+
+/// SwiGLU's gate, silu(a)·b.
+fn swiglu<T: Real>(a: T, b: T) -> T {
+    a * sigmoid(a) * b
+}
+
+/// A row-major [m, n] matrix quantised to FP8 in `tiling` groups.
+fn quantized<T: Real>(data: &[T], m: usize, n: usize, tiling: Tiling) -> Value<T> {
+    Value::Quantized(Arc::new(quantize(data, m, n, tiling)))
 }
 
 fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
@@ -204,7 +235,89 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             real(&node.shape, rows::rms_norm(&r(0).data, last(&r(0).shape), &r(1).data, T::from_f64(*eps)))
         }
         Op::Softmax => real(&node.shape, rows::softmax(&r(0).data, last(&r(0).shape))),
-        Op::SwiGlu => zip(node, r(0), r(1), |a, b| a * sigmoid(a) * b),
+        Op::SwiGlu => zip(node, r(0), r(1), swiglu),
+        Op::AddRmsNorm { eps } => {
+            let sum = broadcast_zip(&broadcast_shape(&r(0).shape, &r(1).shape), r(0), r(1), |a, b| a + b);
+            let normed = rows::rms_norm(&sum.data, last(&sum.shape), &r(2).data, T::from_f64(*eps));
+            let normed = Tensor::new(sum.shape.clone(), normed);
+            pair(sum, normed)
+        }
+        Op::RmsNormGrad { eps } => {
+            let (x, w) = (r(0), r(1));
+            let acc = (v.len() == 4).then(|| &r(3).data[..]);
+            let (dx, dw) = grads::rms_norm_grad(&x.data, last(&x.shape), &w.data, &r(2).data, acc, T::from_f64(*eps));
+            pair(Tensor::new(x.shape.clone(), dx), Tensor::new(w.shape.clone(), dw))
+        }
+        Op::SoftmaxGrad => real(&node.shape, grads::softmax_grad(&r(0).data, last(&r(0).shape), &r(1).data)),
+        Op::ConcatMatMul { ta, tb, fp8 } => {
+            let (a, b1, b2) = (r(0), r(1), r(2));
+            let rank = b1.shape.len();
+            let n_axis = if *tb { rank - 2 } else { rank - 1 };
+            let b = layout::concat(&[(&b1.data, &b1.shape), (&b2.data, &b2.shape)], n_axis);
+            let mut b_shape = b1.shape.clone();
+            b_shape[n_axis] += b2.shape[n_axis];
+            let y = linalg::batched_matmul(&a.data, &a.shape, &b, &b_shape, *ta, *tb, *fp8);
+            split_last(Tensor::new(matmul_shape(&a.shape, &b_shape, *ta, *tb), y), b1.shape[n_axis])
+        }
+        Op::ConcatGroupedMatMul { tb, fp8 } => {
+            let (xs, w1, w2, offsets) = (r(0), r(1), r(2), &ix(3).data);
+            let n_axis = if *tb { 1 } else { 2 };
+            let w = layout::concat(&[(&w1.data, &w1.shape), (&w2.data, &w2.shape)], n_axis);
+            let mut w_shape = w1.shape.clone();
+            w_shape[n_axis] += w2.shape[n_axis];
+            let y = linalg::grouped_matmul(&xs.data, last(&xs.shape), &w, &w_shape, offsets, *tb, *fp8);
+            split_last(Tensor::new(vec![xs.shape[0], w_shape[n_axis]], y), w1.shape[n_axis])
+        }
+        Op::MatMulAdd { ta, tb, fp8 } => {
+            let (a, b, c) = (r(0), r(1), r(2));
+            let product = linalg::batched_matmul(&a.data, &a.shape, &b.data, &b.shape, *ta, *tb, *fp8);
+            real(&c.shape, c.data.iter().zip(product).map(|(&c, y)| c + y).collect())
+        }
+        Op::MaskedSoftmax { scale } => {
+            let (s, mask) = (r(0), r(1));
+            let scale = T::from_f64(*scale);
+            let logits = broadcast_zip(&node.shape, s, mask, |s, m| s * scale + m);
+            real(&node.shape, rows::softmax(&logits.data, last(&node.shape)))
+        }
+        Op::Route { groups, keep, k, scale } => {
+            let (scores, bias) = (r(0), r(1));
+            let (chosen, gates) = index::route(&scores.data, &bias.data, *groups, *keep, *k, T::from_f64(*scale));
+            let shape = vec![scores.shape[0], *k];
+            Value::Tuple(vec![int(&shape, chosen), real(&shape, gates)])
+        }
+        Op::Quantize { rows, cols, transpose } => {
+            let x = r(0);
+            let (m, n) = (x.shape[0], x.shape[1]);
+            let data = if *transpose { layout::transpose(&x.data, &x.shape, &[1, 0]) } else { x.data.clone() };
+            let (m, n) = if *transpose { (n, m) } else { (m, n) };
+            quantized(&data, m, n, Tiling { rows: *rows, cols: *cols })
+        }
+        Op::ScaledMatMul { promote } => {
+            let product = matmul_fp8(v[0].as_quantized(), v[1].as_quantized(), *promote);
+            real(&node.shape, product.into_iter().map(T::from_f64).collect())
+        }
+        Op::ConcatScaledMatMul { promote } => {
+            let a = v[0].as_quantized();
+            let product = |b: &Value<T>| {
+                let b = b.as_quantized();
+                Tensor::new(vec![a.m, b.n], matmul_fp8(a, b, *promote).into_iter().map(T::from_f64).collect())
+            };
+            pair(product(v[1]), product(v[2]))
+        }
+        Op::RmsNormQuantize { eps, cols } => {
+            let n = last(&r(0).shape);
+            let normed = rows::rms_norm(&r(0).data, n, &r(1).data, T::from_f64(*eps));
+            quantized(&normed, normed.len() / n, n, Tiling { rows: 1, cols: *cols })
+        }
+        Op::SwiGluQuantize { cols } => {
+            let n = last(&r(0).shape);
+            let gated = broadcast_zip(&r(0).shape, r(0), r(1), swiglu);
+            quantized(&gated.data, gated.data.len() / n, n, Tiling { rows: 1, cols: *cols })
+        }
+        Op::SwiGluGrad => {
+            let (da, db) = grads::swiglu_grad(&r(0).data, &r(1).data, &r(2).data);
+            pair(Tensor::new(r(0).shape.clone(), da), Tensor::new(r(1).shape.clone(), db))
+        }
         Op::Call(f) => Value::Tuple(run(module, *f, v.iter().map(|x| (*x).clone()).collect())),
         Op::Get(i) => match v[0] {
             Value::Tuple(items) => items[*i].clone(),

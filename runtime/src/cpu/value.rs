@@ -1,7 +1,9 @@
-//! Values the CPU backend computes with: row-major tensors of reals or of indices, and the
-//! tuples that calls return. Tensors are shared (`Arc`) so that passing one to a call or
+//! Values the CPU backend computes with: row-major tensors of reals or of indices, FP8
+//! matrices (codes and scales, as the explicit quantise ops of a fused plan write them), and
+//! the tuples that calls and fused ops with several results return. Tensors are shared (`Arc`) so that passing one to a call or
 //! keeping it for an output costs no copy.
 
+use super::numerics::Quantized;
 use super::real::Real;
 use std::sync::Arc;
 
@@ -35,6 +37,7 @@ impl<E: Clone> Tensor<E> {
 pub enum Value<T> {
     Real(Arc<Tensor<T>>),
     Int(Arc<Tensor<i32>>),
+    Quantized(Arc<Quantized>),
     Tuple(Vec<Value<T>>),
 }
 
@@ -61,6 +64,13 @@ impl<T: Real> Value<T> {
         }
     }
 
+    pub fn as_quantized(&self) -> &Quantized {
+        match self {
+            Value::Quantized(q) => q,
+            other => panic!("expected an FP8 matrix, found {}", other.kind()),
+        }
+    }
+
     /// A scalar's value.
     pub fn scalar(&self) -> T {
         let t = self.as_real();
@@ -72,6 +82,7 @@ impl<T: Real> Value<T> {
         match self {
             Value::Real(_) => "a real tensor",
             Value::Int(_) => "an index tensor",
+            Value::Quantized(_) => "an FP8 matrix",
             Value::Tuple(_) => "a tuple",
         }
     }

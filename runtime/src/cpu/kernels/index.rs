@@ -61,6 +61,40 @@ pub fn count<T: Real>(idx: &[i32], m: usize, bins: usize) -> Vec<T> {
     out
 }
 
+/// DeepSeek-V3's routing of each token (a row of `scores`, one per expert): on the biased
+/// scores s + bias, a group's score is the sum of its two best; the `keep` best of the
+/// `groups` groups stay, the experts of the others sink by 1e30; the top `k` are chosen, and
+/// their gates are their unbiased scores normalised to sum 1, times `scale`. Returns (chosen
+/// [t, k], gates [t, k]). Sums run in the order the unfused graph's do, so the gates are
+/// bit-identical to it.
+pub fn route<T: Real>(scores: &[T], bias: &[T], groups: usize, keep: usize, k: usize, scale: T) -> (Vec<i32>, Vec<T>) {
+    let experts = bias.len();
+    let per_group = experts / groups;
+    let sink = T::from_f64(1e30);
+    let mut chosen = Vec::with_capacity(scores.len() / experts * k);
+    let mut gates = Vec::with_capacity(scores.len() / experts * k);
+    for s in scores.chunks(experts) {
+        let biased: Vec<T> = s.iter().zip(bias).map(|(&s, &b)| s + b).collect();
+        let best_two = top_k(&biased, per_group, 2);
+        let group_scores: Vec<T> = best_two
+            .chunks(2)
+            .enumerate()
+            .map(|(g, two)| two.iter().fold(T::ZERO, |sum, &i| sum + biased[g * per_group + index(i)]))
+            .collect();
+        let mut kept = vec![T::ZERO; groups];
+        for g in top_k(&group_scores, groups, keep) {
+            kept[index(g)] = T::ONE;
+        }
+        let candidates: Vec<T> =
+            biased.iter().enumerate().map(|(e, &b)| b - (T::ONE - kept[e / per_group]) * sink).collect();
+        let top = top_k(&candidates, experts, k);
+        let total = top.iter().fold(T::ZERO, |sum, &e| sum + s[index(e)]);
+        gates.extend(top.iter().map(|&e| s[index(e)] / total * scale));
+        chosen.extend(top);
+    }
+    (chosen, gates)
+}
+
 /// Assignment ids (t·k + j) sorted stably by the expert they go to.
 pub fn sort_by_expert(idx: &[i32]) -> Vec<i32> {
     let mut order: Vec<i32> = (0..idx.len() as i32).collect();
