@@ -89,23 +89,8 @@ fn role(op: &Op) -> Role {
         | Op::ConcatGroupedMatMul { .. }
         | Op::GroupedMatMul { .. }
         | Op::GroupedWgrad { .. } => Role::Gemm,
-        Op::Neg
-        | Op::Exp
-        | Op::Log
-        | Op::Sigmoid
-        | Op::Silu
-        | Op::Rsqrt
-        | Op::Sqrt
-        | Op::Square
-        | Op::Sign
-        | Op::Add
-        | Op::Sub
-        | Op::Mul
-        | Op::Div
-        | Op::Maximum
-        | Op::Cast(_)
-        | Op::SwiGlu
-        | Op::BroadcastTo(_)
+        op if op.is_elementwise() => Role::Fusible,
+        Op::BroadcastTo(_)
         | Op::Slice { .. }
         | Op::PadSlice { .. }
         | Op::Concat { .. }

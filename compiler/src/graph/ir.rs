@@ -310,6 +310,29 @@ pub enum Op {
 }
 
 impl Op {
+    /// Computed from the same element of each (broadcast) input.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Neg
+                | Op::Exp
+                | Op::Log
+                | Op::Sigmoid
+                | Op::Silu
+                | Op::Rsqrt
+                | Op::Sqrt
+                | Op::Square
+                | Op::Sign
+                | Op::Add
+                | Op::Sub
+                | Op::Mul
+                | Op::Div
+                | Op::Maximum
+                | Op::Cast(_)
+                | Op::SwiGlu
+        )
+    }
+
     /// Formed by fusion (`fuse`), never by the builder or autodiff.
     pub fn is_fused(&self) -> bool {
         matches!(

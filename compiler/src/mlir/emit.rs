@@ -152,35 +152,11 @@ pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
     }
 }
 
-/// Ops computed from the same element of their inputs.
-pub(super) fn elementwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Neg
-            | Op::Exp
-            | Op::Log
-            | Op::Sigmoid
-            | Op::Silu
-            | Op::Rsqrt
-            | Op::Sqrt
-            | Op::Square
-            | Op::Sign
-            | Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Div
-            | Op::Maximum
-            | Op::Cast(_)
-            | Op::SwiGlu
-            | Op::StopGradient
-    )
-}
-
 /// The kernel is elementwise over one size, reading real inputs of that size or scalars: the
 /// vectorised path.
 fn is_elementwise(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> bool {
     let size = nodes.iter().map(|n| numel(n)).max().unwrap_or(0);
-    nodes.iter().all(|n| elementwise(&n.op) && numel(n) == size)
+    nodes.iter().all(|n| n.op.is_elementwise() && numel(n) == size)
         && kernel
             .inputs
             .iter()

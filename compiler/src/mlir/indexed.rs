@@ -8,7 +8,7 @@
 //! instead and store at the computed place; scatter-adds add atomically into outputs the
 //! launcher zeroes first ([`Emitted::zeroed`]).
 
-use super::emit::{elementwise, Body, Emitted, BLOCK, TARGET};
+use super::emit::{Body, Emitted, BLOCK, TARGET};
 use crate::fuse::kernels::{scatters, Kernel};
 use crate::graph::ir::{DType, Function, Node, Op, V};
 use std::collections::HashMap;
@@ -271,40 +271,9 @@ impl<'a> Gen<'a> {
                 at.push(self.position(&i));
                 self.value_at(arg(0), &at)?
             }
-            Op::PutAlong { .. } => {
-                // out[p, j] = Σ_m [idx[p, m] = j] · g[p, m]
-                let rank = idx.len();
-                let k = *shape_of(self, 0).last().unwrap_or(&1);
-                let zero = self.body.constant(0.0);
-                self.fold(k, &[zero], &["f32"], |g, m, acc| {
-                    let mut at = idx[..rank - 1].to_vec();
-                    at.push(m.to_string());
-                    let i = g.value_at(arg(0), &at)?;
-                    let i = g.position(&i);
-                    let hit = g.cmp_index("eq", &i, &idx[rank - 1]);
-                    let x = g.value_at(arg(1), &at)?;
-                    let sum = g.line(format!("arith.addf {}, {x} : f32", acc[0]));
-                    Ok(vec![g.line(format!("arith.select {hit}, {sum}, {} : f32", acc[0]))])
-                })?
-                .remove(0)
-            }
-            Op::Count { .. } => {
-                // out[p, b] = #{m : idx[p, m] = b}
-                let rank = idx.len();
-                let m = *shape_of(self, 0).last().unwrap_or(&1);
-                let zero = self.body.constant(0.0);
-                self.fold(m, &[zero], &["f32"], |g, q, acc| {
-                    let mut at = idx[..rank - 1].to_vec();
-                    at.push(q.to_string());
-                    let i = g.value_at(arg(0), &at)?;
-                    let i = g.position(&i);
-                    let hit = g.cmp_index("eq", &i, &idx[rank - 1]);
-                    let one = g.body.constant(1.0);
-                    let sum = g.line(format!("arith.addf {}, {one} : f32", acc[0]));
-                    Ok(vec![g.line(format!("arith.select {hit}, {sum}, {} : f32", acc[0]))])
-                })?
-                .remove(0)
-            }
+            // put_along: out[p, j] = Σ_m [idx[p, m] = j] · g[p, m]; count: the same with g = 1.
+            Op::PutAlong { .. } => self.sum_where_index_is(arg(0), Some(arg(1)), idx)?,
+            Op::Count { .. } => self.sum_where_index_is(arg(0), None, idx)?,
             Op::TopK { .. } => self.top_k(arg(0), &shape_of(self, 0), idx)?,
             Op::ExpertOffsets { .. } => {
                 // out[e] = #{a : idx[a] < e}
@@ -340,7 +309,7 @@ impl<'a> Gen<'a> {
                 let x = self.value_at(arg(0), &[t, idx[1].clone()])?;
                 self.line(format!("arith.mulf {gate}, {x} : f32"))
             }
-            op if elementwise(op) => {
+            op if op.is_elementwise() => {
                 let mut a = Vec::with_capacity(node.args.len());
                 for k in 0..node.args.len() {
                     let at = self.broadcast_index(idx, &shape_of(self, k));
@@ -350,6 +319,27 @@ impl<'a> Gen<'a> {
             }
             op => return Err(format!("`{}` is not generated yet", op.name())),
         })
+    }
+
+    /// Σ_m [positions[p, m] = j] · values[p, m] (values 1 when absent) at `idx` = (p, j).
+    fn sum_where_index_is(&mut self, positions: V, values: Option<V>, idx: &[String]) -> Result<String, String> {
+        let rank = idx.len();
+        let m = *self.node(positions).shape.last().unwrap_or(&1);
+        let zero = self.body.constant(0.0);
+        self.fold(m, &[zero], &["f32"], |g, q, acc| {
+            let mut at = idx[..rank - 1].to_vec();
+            at.push(q.to_string());
+            let i = g.value_at(positions, &at)?;
+            let i = g.position(&i);
+            let hit = g.cmp_index("eq", &i, &idx[rank - 1]);
+            let x = match values {
+                Some(v) => g.value_at(v, &at)?,
+                None => g.body.constant(1.0),
+            };
+            let sum = g.line(format!("arith.addf {}, {x} : f32", acc[0]));
+            Ok(vec![g.line(format!("arith.select {hit}, {sum}, {} : f32", acc[0]))])
+        })
+        .map(|mut r| r.remove(0))
     }
 
     /// Concatenation: the part whose range along `axis` holds the index.
