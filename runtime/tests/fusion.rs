@@ -7,8 +7,8 @@
 use dsc_compiler::fuse::cost::Profile;
 use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_module_for, Limits};
 use dsc_compiler::graph::autodiff;
-use dsc_compiler::graph::ir::{DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
-use dsc_compiler::graph::model::{gate_weights, rms_norm, route, softmax, swiglu_gate};
+use dsc_compiler::graph::ir::{ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
+use dsc_compiler::graph::model::{gate_weights, rms_norm, rope, route, softmax, swiglu_gate};
 use dsc_lang::{Gating, Moe, Schedule};
 use dsc_runtime::cpu::{run, Tensor, Value};
 use dsc_runtime::rng::Rng;
@@ -23,7 +23,7 @@ fn prove(
     fused_op: &str,
     build: impl Fn(&mut FunctionBuilder, &[V]) -> V,
 ) -> Result<(), TestCaseError> {
-    prove_on(&Profile::default(), name, shapes, seed, fused_op, build)
+    prove_on(&Profile::default(), Module::default(), name, shapes, seed, fused_op, build)
 }
 
 /// A device on which memory traffic is all that counts (no launch overhead): extraction then
@@ -32,16 +32,16 @@ fn memory_bound() -> Profile {
     Profile { launch: 0.0, bandwidth: 1e9, ..Profile::default() }
 }
 
-/// As `prove`, with extraction costs from `profile`.
+/// As `prove`, with extraction costs from `profile`, in `module` (which may hold constants).
 fn prove_on(
     profile: &Profile,
+    mut module: Module,
     name: &str,
     shapes: &[Vec<usize>],
     seed: u64,
     fused_op: &str,
     build: impl Fn(&mut FunctionBuilder, &[V]) -> V,
 ) -> Result<(), TestCaseError> {
-    let mut module = Module::default();
     let f = function(&module, name, shapes, build);
     let f = module.add(f);
     prove_function(module, f, seed, fused_op, profile)
@@ -193,12 +193,12 @@ proptest! {
         let fp8 = Some(Fp8Linear { tile: 4, block: 4, promote: 4 });
         let d = 4 * tiles;
         let profile = memory_bound();
-        prove_on(&profile, "rmsnorm-quantize", &[vec![2, rows, d], vec![d], vec![n, d]], seed, "rmsnorm_quantize", |b, a| {
+        prove_on(&profile, Module::default(), "rmsnorm-quantize", &[vec![2, rows, d], vec![d], vec![n, d]], seed, "rmsnorm_quantize", |b, a| {
             let normed = rms_norm(b, a[0], a[1], 1e-6);
             b.linear(normed, a[2], fp8)
         })?;
         let shapes = [vec![2, rows, d], vec![2, rows, d], vec![n, d]];
-        prove_on(&profile, "swiglu-quantize", &shapes, seed, "swiglu_quantize", |b, a| {
+        prove_on(&profile, Module::default(), "swiglu-quantize", &shapes, seed, "swiglu_quantize", |b, a| {
             let gated = swiglu_gate(b, a[0], a[1]);
             b.linear(gated, a[2], fp8)
         })?;
@@ -244,6 +244,27 @@ proptest! {
             let scaled = b.scale(a[0], 0.3);
             let masked = b.add(scaled, a[1]);
             softmax(b, masked)
+        })?;
+    }
+
+    #[test]
+    fn rope_concat_rules(seq in 1usize..5, heads in 1usize..4, pairs in 1usize..5, nope in 1usize..6, seed in any::<u64>()) {
+        // A query's heads [2, seq, heads, nope + rope] and a key whose one RoPE part is
+        // broadcast to every head, as the model builder makes them.
+        let rope_dims = 2 * pairs;
+        let mut module = Module::default();
+        let frequencies: Vec<f64> = (0..pairs).map(|i| 10000f64.powf(-(2.0 * i as f64) / rope_dims as f64)).collect();
+        let table = |sin| ConstantKind::Rope { frequencies: frequencies.clone(), scale: 1.0, sin };
+        let cos = module.add_constant("rope_cos", vec![seq, rope_dims], table(false));
+        let sin = module.add_constant("rope_sin", vec![seq, rope_dims], table(true));
+        let shapes = [vec![2, seq, heads, nope], vec![2, seq, heads, rope_dims], vec![2, seq, 1, rope_dims]];
+        prove_on(&Profile::default(), module, "rope-concat", &shapes, seed, "rope_concat", |b, a| {
+            let q_pe = rope(b, a[1], cos, sin);
+            let q = b.concat(vec![a[0], q_pe], 3);
+            let k_pe = rope(b, a[2], cos, sin);
+            let k_pe = b.broadcast_to(k_pe, vec![2, seq, heads, rope_dims]);
+            let k = b.concat(vec![a[0], k_pe], 3);
+            b.mul(q, k)
         })?;
     }
 
@@ -343,6 +364,7 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
     let expected = [
         "rmsnorm",
         "route",
+        "rope_concat",
         "masked_softmax",
         "swiglu",
         "rmsnorm_grad",

@@ -187,6 +187,11 @@ impl Analysis<Fx> for FusionAnalysis {
                 ClassData::tuple(vec![(vec![tokens, k], DType::I32), (vec![tokens, k], child(scores).dtype)])
             }
             Fx::MatMulAdd([_, _, _, c]) => child(c),
+            Fx::RopeConcat([nope, pe, _, _]) => {
+                let mut s = shape(nope);
+                *s.last_mut().expect("rank ≥ 1") += shape(pe).last().copied().expect("rank ≥ 1");
+                ClassData::value(s, child(nope).dtype)
+            }
             Fx::MaskedSoftmax([_, s, mask]) => broadcast(&child(s), &child(mask)),
             Fx::GroupedMatMul([attr, xs, w, _]) => {
                 let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {

@@ -264,7 +264,7 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::GroupedWgrad { .. } => {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }
-        Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } => 5 * numel(node),
+        Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } | Op::RopeConcat => 5 * numel(node),
         Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),

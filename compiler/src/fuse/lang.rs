@@ -62,6 +62,8 @@ define_language! {
         // (scale, s, mask).
         "matmul_add" = MatMulAdd([Id; 4]),
         "masked_softmax" = MaskedSoftmax([Id; 3]),
+        // (nope, pe, cos, sin) → concat(nope, rope(pe)).
+        "rope_concat" = RopeConcat([Id; 4]),
         // (top-k attr, top-keep attr, grouping reshape attr, scores, bias, scale) →
         // (chosen, gates).
         "route" = Route([Id; 6]),

@@ -124,6 +124,22 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (route ?k ?keep ?grouping ?s ?bias ?scale), ?chosen = (get0 ?t), ?gates = (get1 ?t)",
             Box::new(takes_top_two("?two")),
         ),
+        // RoPE as `model::rope` emits it (interleaved pairs de-interleaved by reshape,
+        // transpose, reshape; x·cos + [−x_hi, x_lo]·sin) and the concatenation of a head's
+        // parts  =  rope_concat(nope, pe, cos, sin): one pass writes the whole head; the key's
+        // RoPE part, shared by the heads, is broadcast in it.
+        multi_if(
+            "rope-concat",
+            &format!("{ROPE}, ?head = (concat ?cat ?nope ?rope)"),
+            "?head = (rope_concat ?nope ?pe ?cos ?sin)",
+            Box::new(is_rope_layout()),
+        ),
+        multi_if(
+            "rope-concat-broadcast",
+            &format!("{ROPE}, ?head = (concat ?cat ?nope (broadcast_to ?spread ?rope))"),
+            "?head = (rope_concat ?nope ?pe ?cos ?sin)",
+            Box::new(is_rope_layout()),
+        ),
         // op(xᵀ) = op'(x): a transposed operand of a GEMM is its transpose flag flipped (also
         // in FP8, which quantises the operand as used either way).
         rw!("transpose-into-gemm-a"; "(matmul ?attr (transpose_last2 ?a) ?b)" => { FoldTranspose::new("?attr", "?a", "?b", false) }),
@@ -139,6 +155,10 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         rw!("transpose-transpose"; "(transpose_last2 (transpose_last2 ?x))" => "?x"),
     ]
 }
+
+/// RoPE on the interleaved pairs of `pe`, as `model::rope` emits it.
+const ROPE: &str = "?x = (reshape ?interleaved (transpose_last2 (reshape ?pairs ?pe))),
+    ?rope = (add (mul ?x ?cos) (mul (concat ?halves (neg (slice ?hi ?x)) (slice ?lo ?x)) ?sin))";
 
 /// Group-limited top-k on biased scores, as `model::route` emits it.
 const ROUTING: &str = "?biased = (stop (add ?s ?bias)), ?grouped = (reshape ?grouping ?biased),
@@ -284,6 +304,30 @@ fn reshapes_to_shape_of(r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) ->
     move |egraph, _, subst| {
         let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
         egraph[subst[x]].data.shape.as_ref() == Some(&to)
+    }
+}
+
+/// The RoPE pattern's attributes are those of `model::rope` on pe's last axis (r values):
+/// pairs [.., r/2, 2] back to pe's shape, halves [r/2, r) and [0, r/2), concatenations along
+/// the last axis.
+fn is_rope_layout() -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let var = |v: &str| -> Var { v.parse().expect("variable") };
+    let [pe, pairs, interleaved, hi, lo, halves, cat] =
+        ["?pe", "?pairs", "?interleaved", "?hi", "?lo", "?halves", "?cat"].map(var);
+    move |egraph, _, subst| {
+        let Some(shape) = egraph[subst[pe]].data.shape.clone() else { return false };
+        let (last, r) = (shape.len() - 1, shape[shape.len() - 1]);
+        let half = r / 2;
+        let mut paired = shape[..last].to_vec();
+        paired.extend([half, 2]);
+        let op = |v: Var| attr_op(egraph, subst[v]);
+        let concat_last = |op: Op, rank: usize| matches!(op, Op::Concat { axis } if axis + 1 == rank);
+        op(pairs) == Op::Reshape(paired)
+            && op(interleaved) == Op::Reshape(shape.clone())
+            && op(hi) == Op::Slice { axis: last, start: half, end: r }
+            && op(lo) == Op::Slice { axis: last, start: 0, end: half }
+            && concat_last(op(halves), shape.len())
+            && concat_last(op(cat), shape.len())
     }
 }
 

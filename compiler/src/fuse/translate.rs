@@ -153,6 +153,7 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         | Fx::PutAlong([attr, ..])
         | Fx::SumAxis([attr, _]) => (attr_op(egraph, *attr), &children[1..]),
         Fx::TakeAlong(_) => (Op::TakeAlong, children),
+        Fx::RopeConcat(_) => (Op::RopeConcat, children),
         Fx::Route([k, keep, grouping, _, _, scale]) => {
             let (Op::TopK { k }, Op::TopK { k: keep }, Op::Reshape(grouped)) =
                 (attr_op(egraph, *k), attr_op(egraph, *keep), attr_op(egraph, *grouping))

@@ -349,6 +349,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::MatMulAdd { .. }
         | Op::MaskedSoftmax { .. }
         | Op::Route { .. }
+        | Op::RopeConcat
         | Op::Quantize { .. }
         | Op::ScaledMatMul { .. }
         | Op::RmsNormQuantize { .. }

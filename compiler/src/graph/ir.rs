@@ -249,6 +249,11 @@ pub enum Op {
     MaskedSoftmax {
         scale: f64,
     },
+    /// Fused: RoPE on a head's position part, joined to the rest, (nope [.., n], pe [.., r],
+    /// cos, sin) → concat(nope, rope(pe)) along the last axis, rope(pe) broadcast to nope's
+    /// leading shape (the key's one RoPE part serves every head); rope as `model::rope`
+    /// computes it on the interleaved pairs.
+    RopeConcat,
     /// Fused: DeepSeek-V3's routing of each token, (scores [t, e], bias [e]) → the tuple
     /// (chosen i32 [t, k], gates [t, k]): on the biased scores s + bias, a group's score is the
     /// sum of its two best, the `keep` best of the `groups` groups stay, the top `k` experts
@@ -326,6 +331,7 @@ impl Op {
                 | Op::MatMulAdd { .. }
                 | Op::MaskedSoftmax { .. }
                 | Op::Route { .. }
+                | Op::RopeConcat
                 | Op::Quantize { .. }
                 | Op::ScaledMatMul { .. }
                 | Op::RmsNormQuantize { .. }
@@ -393,6 +399,7 @@ impl Op {
             Op::MatMulAdd { .. } => "matmul_add",
             Op::MaskedSoftmax { .. } => "masked_softmax",
             Op::Route { .. } => "route",
+            Op::RopeConcat => "rope_concat",
             Op::Quantize { .. } => "quantize",
             Op::ScaledMatMul { .. } => "scaled_matmul",
             Op::RmsNormQuantize { .. } => "rmsnorm_quantize",

@@ -2,7 +2,7 @@
 //! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
 //! here; the other kernels are in [`super::kernels`].
 
-use super::kernels::{grads, index, layout, linalg, rows};
+use super::kernels::{grads, index, layout, linalg, rope, rows};
 use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
@@ -279,6 +279,7 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let logits = broadcast_zip(&node.shape, s, mask, |s, m| s * scale + m);
             real(&node.shape, rows::softmax(&logits.data, last(&node.shape)))
         }
+        Op::RopeConcat => Value::real(rope::rope_concat(r(0), r(1), r(2), r(3))),
         Op::Route { groups, keep, k, scale } => {
             let (scores, bias) = (r(0), r(1));
             let (chosen, gates) = index::route(&scores.data, &bias.data, *groups, *keep, *k, T::from_f64(*scale));
