@@ -205,6 +205,29 @@ proptest! {
     }
 
     #[test]
+    fn concat_k_gemms_rules(rows in 1usize..6, k1 in 1usize..20, k2 in 1usize..20, n in 1usize..12, seed in any::<u64>()) {
+        // The Dgrad of two linear layers of one input: g1·W1 + g2·W2, reshaped and not, in f32
+        // and in FP8.
+        let shapes = [vec![2, rows, k1], vec![2, rows, k2], vec![k1, n], vec![k2, n]];
+        for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 }.dgrad())] {
+            prove("concat-k-gemms-reshaped", &shapes, seed, "concat_k_matmul", |b, a| {
+                let flat = |b: &mut FunctionBuilder, x: V, k: usize| b.reshape(x, vec![2 * rows, k]);
+                let (g1, g2) = (flat(b, a[0], k1), flat(b, a[1], k2));
+                let y1 = b.matmul(g1, a[2], false, false, fp8);
+                let y2 = b.matmul(g2, a[3], false, false, fp8);
+                let (y1, y2) = (b.reshape(y1, vec![2, rows, n]), b.reshape(y2, vec![2, rows, n]));
+                b.add(y1, y2)
+            })?;
+            let matrices = [vec![rows, k1], vec![rows, k2], vec![k1, n], vec![k2, n]];
+            prove("concat-k-gemms", &matrices, seed, "concat_k_matmul", |b, a| {
+                let y1 = b.matmul(a[0], a[2], false, false, fp8);
+                let y2 = b.matmul(a[1], a[3], false, false, fp8);
+                b.add(y1, y2)
+            })?;
+        }
+    }
+
+    #[test]
     fn concat_grouped_gemms_rule(rows in 1usize..12, experts in 1usize..4, k in 1usize..20, blocks in 1usize..3, n2 in 1usize..9, seed in any::<u64>()) {
         // The experts' gate and up projections of the same rows (each row's expert its top
         // logit), in f32 and in FP8.
@@ -371,6 +394,7 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
         "softmax_grad",
         "swiglu_grad",
         "concat_matmul",
+        "concat_k_matmul",
         "concat_grouped_matmul",
         "matmul_add",
     ];

@@ -207,6 +207,10 @@ impl Analysis<Fx> for FusionAnalysis {
                 let product = |w: &Id| (grouped_shape(tb, &shape(xs), &shape(w)), dtype);
                 ClassData::tuple(vec![product(w1), product(w2)])
             }
+            Fx::ConcatKMatMul([attr, a1, b1, ..]) => {
+                let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+                ClassData::value(matmul_shape(&shape(a1), &shape(b1), ta, tb), child(a1).dtype)
+            }
             Fx::ScaledMatMul([attr, a, b]) => {
                 let op = attr_op(egraph, *attr);
                 ClassData::value(product_shape(&op, &shape(a), &shape(b)), DType::F32)

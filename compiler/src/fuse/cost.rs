@@ -46,6 +46,7 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) | Fx::Stop(_) | Fx::Reshape(_) | Fx::Get0(_) | Fx::Get1(_) => 0.0,
         Fx::MatMul([attr, a, _])
         | Fx::MatMulAdd([attr, a, ..])
+        | Fx::ConcatKMatMul([attr, a, ..])
         | Fx::ScaledMatMul([attr, a, _])
         | Fx::ConcatMatMul([attr, a, ..]) => {
             let (ta, fp8) = match attr_op(egraph, *attr) {

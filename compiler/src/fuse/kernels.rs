@@ -76,6 +76,7 @@ fn role(op: &Op) -> Role {
         Op::MatMul { .. }
         | Op::MatMulAdd { .. }
         | Op::ConcatMatMul { .. }
+        | Op::ConcatKMatMul { .. }
         | Op::ScaledMatMul { .. }
         | Op::ConcatScaledMatMul { .. }
         | Op::ConcatGroupedMatMul { .. }
@@ -216,6 +217,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                     f.nodes[i].op,
                     Op::MatMul { fp8: Some(_), .. }
                         | Op::ConcatMatMul { fp8: Some(_), .. }
+                        | Op::ConcatKMatMul { fp8: Some(_), .. }
                         | Op::MatMulAdd { fp8: Some(_), .. }
                         | Op::ScaledMatMul { .. }
                         | Op::ConcatScaledMatMul { .. }
@@ -251,6 +253,10 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 fn flops(f: &Function, node: &Node) -> u64 {
     match &node.op {
         Op::MatMul { ta, .. } | Op::MatMulAdd { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
+        Op::ConcatKMatMul { ta, .. } => {
+            let k2 = inner_dimension_of(&f.node(node.args[2]).shape, *ta);
+            2 * numel(node) * (inner_dimension(f, node, *ta) + k2)
+        }
         Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
         Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
         Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
@@ -280,7 +286,11 @@ fn concat_flops(f: &Function, node: &Node, ta: bool, tb: bool) -> u64 {
 
 /// K of a GEMM whose first operand (transposed if `ta`) is the node's first argument.
 fn inner_dimension(f: &Function, node: &Node, ta: bool) -> u64 {
-    let a = &f.node(node.args[0]).shape;
+    inner_dimension_of(&f.node(node.args[0]).shape, ta)
+}
+
+/// K of a GEMM whose first operand, transposed if `ta`, has shape `a`.
+fn inner_dimension_of(a: &[usize], ta: bool) -> u64 {
     (if ta { a[a.len() - 2] } else { a[a.len() - 1] }) as u64
 }
 

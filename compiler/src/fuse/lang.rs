@@ -54,6 +54,8 @@ define_language! {
         // (attr, a, b1, b2) → (a·b1, a·b2), the attribute that of the two GEMMs (a `matmul`'s
         // or a `scaled_matmul`'s).
         "concat_matmul" = ConcatMatMul([Id; 4]),
+        // (attr, a1, b1, a2, b2) → a1·b1 + a2·b2.
+        "concat_k_matmul" = ConcatKMatMul([Id; 5]),
         // The experts' GEMMs, (attr, xs, w, offsets); two of them sharing xs and offsets as
         // one, (attr, xs, w1, w2, offsets).
         "grouped_matmul" = GroupedMatMul([Id; 4]),

@@ -48,6 +48,12 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (concat_grouped_matmul ?attr ?xs ?w1 ?w2 ?offsets), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
             Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
+        // Their backward twin: the Dgrad sum op(a1)·op(b1) + op(a2)·op(b2) of GEMMs with one
+        // recipe is one GEMM over K concatenated, its two products added in the epilogue.
+        rw!("concat-k-gemms"; "(add (matmul ?attr ?a1 ?b1) (matmul ?attr ?a2 ?b2))"
+            => "(concat_k_matmul ?attr ?a1 ?b1 ?a2 ?b2)" if equal_products("?attr", ["?a1", "?b1", "?a2", "?b2"])),
+        rw!("concat-k-gemms-reshaped"; "(add (reshape ?r (matmul ?attr ?a1 ?b1)) (reshape ?r (matmul ?attr ?a2 ?b2)))"
+            => "(reshape ?r (concat_k_matmul ?attr ?a1 ?b1 ?a2 ?b2))" if equal_products("?attr", ["?a1", "?b1", "?a2", "?b2"])),
         multi_if(
             "concat-scaled-gemms",
             "?y1 = (scaled_matmul ?attr ?x ?w1), ?y2 = (scaled_matmul ?attr ?x ?w2)",
@@ -295,6 +301,17 @@ fn same_shape(c: &str, a: &str, b: &str, attr: &str) -> impl Fn(&mut EGraph, Id,
         let Op::MatMul { ta, tb, .. } = attr_op(egraph, subst[attr]) else { return false };
         let shape = |v: Var| egraph[subst[v]].data.shape.clone().expect("shaped");
         matmul_shape(&shape(a), &shape(b), ta, tb) == shape(c)
+    }
+}
+
+/// The two products op(a1)·op(b1) and op(a2)·op(b2) with attribute `attr` have one shape.
+fn equal_products(attr: &str, operands: [&str; 4]) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let attr: Var = attr.parse().expect("variable");
+    let [a1, b1, a2, b2]: [Var; 4] = operands.map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let Op::MatMul { ta, tb, .. } = attr_op(egraph, subst[attr]) else { return false };
+        let shape = |v: Var| egraph[subst[v]].data.shape.clone().expect("shaped");
+        matmul_shape(&shape(a1), &shape(b1), ta, tb) == matmul_shape(&shape(a2), &shape(b2), ta, tb)
     }
 }
 

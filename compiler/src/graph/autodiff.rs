@@ -345,6 +345,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::SoftmaxGrad
         | Op::SwiGluGrad
         | Op::ConcatMatMul { .. }
+        | Op::ConcatKMatMul { .. }
         | Op::ConcatGroupedMatMul { .. }
         | Op::MatMulAdd { .. }
         | Op::MaskedSoftmax { .. }

@@ -293,6 +293,15 @@ pub enum Op {
     ConcatScaledMatMul {
         promote: usize,
     },
+    /// Fused: the sum of two GEMMs with the same recipe, (a1, b1, a2, b2) → op(a1)·op(b1) +
+    /// op(a2)·op(b2): one GEMM over K concatenated ([a1 | a2]·[b1; b2], operands read in
+    /// place) whose two segments' products are added in the epilogue, as the unfused sum adds
+    /// them (the Dgrad of GEMMs that share their input).
+    ConcatKMatMul {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
     /// Fused: two grouped GEMMs of the same rows and offsets, (xs, w1, w2, offsets) → the tuple
     /// (xs·w1[e], xs·w2[e]) per expert, as one grouped GEMM over the weights concatenated
     /// along N (the experts' gate and up projections).
@@ -327,6 +336,7 @@ impl Op {
                 | Op::SoftmaxGrad
                 | Op::SwiGluGrad
                 | Op::ConcatMatMul { .. }
+                | Op::ConcatKMatMul { .. }
                 | Op::ConcatGroupedMatMul { .. }
                 | Op::MatMulAdd { .. }
                 | Op::MaskedSoftmax { .. }
@@ -395,6 +405,7 @@ impl Op {
             Op::SoftmaxGrad => "softmax_grad",
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
+            Op::ConcatKMatMul { .. } => "concat_k_matmul",
             Op::ConcatGroupedMatMul { .. } => "concat_grouped_matmul",
             Op::MatMulAdd { .. } => "matmul_add",
             Op::MaskedSoftmax { .. } => "masked_softmax",

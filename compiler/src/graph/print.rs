@@ -54,7 +54,10 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::Slice { axis, start, end } => format!("axis {axis}, {start}..{end}"),
         Op::PadSlice { axis, start, len } => format!("axis {axis}, at {start} of {len}"),
         Op::Concat { axis } => format!("axis {axis}"),
-        Op::MatMul { ta, tb, fp8 } | Op::ConcatMatMul { ta, tb, fp8 } | Op::MatMulAdd { ta, tb, fp8 } => {
+        Op::MatMul { ta, tb, fp8 }
+        | Op::ConcatMatMul { ta, tb, fp8 }
+        | Op::ConcatKMatMul { ta, tb, fp8 }
+        | Op::MatMulAdd { ta, tb, fp8 } => {
             let mut parts = vec![];
             if *ta {
                 parts.push("ta".to_string());

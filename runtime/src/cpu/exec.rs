@@ -268,6 +268,13 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let y = linalg::grouped_matmul(&xs.data, last(&xs.shape), &w, &w_shape, offsets, *tb, *fp8);
             split_last(Tensor::new(vec![xs.shape[0], w_shape[n_axis]], y), w1.shape[n_axis])
         }
+        Op::ConcatKMatMul { ta, tb, fp8 } => {
+            let product = |a: &Tensor<T>, b: &Tensor<T>| {
+                linalg::batched_matmul(&a.data, &a.shape, &b.data, &b.shape, *ta, *tb, *fp8)
+            };
+            let (y1, y2) = (product(r(0), r(1)), product(r(2), r(3)));
+            real(&node.shape, y1.into_iter().zip(y2).map(|(a, b)| a + b).collect())
+        }
         Op::MatMulAdd { ta, tb, fp8 } => {
             let (a, b, c) = (r(0), r(1), r(2));
             let product = linalg::batched_matmul(&a.data, &a.shape, &b.data, &b.shape, *ta, *tb, *fp8);
