@@ -202,6 +202,17 @@ proptest! {
             let gated = swiglu_gate(b, a[0], a[1]);
             b.linear(gated, a[2], fp8)
         })?;
+        // The MoE dispatch (each token to its top-2 of 3 experts) feeding the experts' GEMM.
+        let (tokens, experts) = (2 * rows, 3);
+        let shapes = [vec![tokens, d], vec![experts, n, d], vec![tokens, experts]];
+        prove_on(&profile, Module::default(), "permute-quantize", &shapes, seed, "permute_quantize", |b, a| {
+            let chosen = b.top_k(a[2], 2);
+            let order = b.push(Op::SortByExpert { experts }, vec![chosen], vec![2 * tokens], DType::I32);
+            let offsets = b.push(Op::ExpertOffsets { experts }, vec![chosen], vec![experts + 1], DType::I32);
+            let xs = b.push(Op::Permute { k: 2 }, vec![a[0], order], vec![2 * tokens, d], DType::F32);
+            let op = Op::GroupedMatMul { tb: true, fp8: fp8.map(Fp8Linear::fprop) };
+            b.push(op, vec![xs, a[1], offsets], vec![2 * tokens, n], DType::F32)
+        })?;
     }
 
     #[test]
@@ -401,7 +412,9 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
     for op in expected {
         assert!(plan_ops.contains(&op), "no {op} in the plan");
     }
-    for op in ["quantize", "scaled_matmul", "rmsnorm_quantize", "swiglu_quantize", "concat_scaled_matmul"] {
+    for op in
+        ["quantize", "scaled_matmul", "rmsnorm_quantize", "swiglu_quantize", "concat_scaled_matmul", "permute_quantize"]
+    {
         assert!(explicit_ops.contains(&op), "no {op} in the graph fused for a memory-bound device");
     }
     let mut unfused = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");

@@ -199,6 +199,10 @@ impl Analysis<Fx> for FusionAnalysis {
                 };
                 ClassData::value(grouped_shape(tb, &shape(xs), &shape(w)), child(xs).dtype)
             }
+            Fx::Permute([_, x, order]) => ClassData::value(vec![shape(order)[0], shape(x)[1]], child(x).dtype),
+            Fx::PermuteQuantize([_, _, x, order]) => {
+                ClassData::value(vec![shape(order)[0], shape(x)[1]], DType::F8e4m3)
+            }
             Fx::ConcatGroupedMatMul([attr, xs, w1, w2, _]) => {
                 let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {
                     unreachable!("a grouped GEMM's attribute")

@@ -260,7 +260,9 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
         Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
         Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
-        Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } => 6 * numel(node),
+        Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } | Op::PermuteQuantize { .. } => {
+            6 * numel(node)
+        }
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
         Op::ConcatGroupedMatMul { tb, .. } => {
             let (xs, n_axis) = (&f.node(node.args[0]).shape, if *tb { 1 } else { 2 });

@@ -59,6 +59,10 @@ define_language! {
         // The experts' GEMMs, (attr, xs, w, offsets); two of them sharing xs and offsets as
         // one, (attr, xs, w1, w2, offsets).
         "grouped_matmul" = GroupedMatMul([Id; 4]),
+        // The MoE dispatch, (attr, x, order); fused with the quantisation of what it sends,
+        // (quantize attr, permute attr, x, order).
+        "permute" = Permute([Id; 3]),
+        "permute_quantize" = PermuteQuantize([Id; 4]),
         "concat_grouped_matmul" = ConcatGroupedMatMul([Id; 5]),
         // A GEMM adding c in its epilogue, (attr, a, b, c); softmax(s·scale + mask),
         // (scale, s, mask).

@@ -7,7 +7,7 @@
 use super::analysis::attr;
 use super::lang::Fx;
 use super::{attr_op, FusionAnalysis};
-use crate::graph::ir::{matmul_shape, Op};
+use crate::graph::ir::{matmul_shape, DType, Op};
 use egg::{rewrite as rw, Applier, Id, MultiPattern, PatternAst, Rewrite, SearchMatches, Subst, Symbol, Var};
 
 type EGraph = egg::EGraph<Fx, FusionAnalysis>;
@@ -72,6 +72,13 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         // quantize(swiglu(a, b)) likewise  =  swiglu_quantize(a, b).
         rw!("swiglu-quantize"; "(quantize ?q (reshape ?r (swiglu ?a ?b)))"
             => "(swiglu_quantize ?q ?a ?b)" if quantises_rows_of("?q", "?r", "?a")),
+        // The experts' FP8 GEMMs likewise take their rows quantised (one-row tiles, so each
+        // expert's rows are whole groups)...
+        rw!("grouped-fp8-explicit"; "(grouped_matmul ?attr ?xs ?w ?offsets)" => { QuantizedRows::new("?attr", "?xs", "?w", "?offsets") }),
+        // ...and quantize(permute(x)) = permute_quantize(x): rows are quantised on their own,
+        // so the dispatch can quantise as it copies (and send FP8).
+        rw!("permute-quantize"; "(quantize ?q (permute ?p ?x ?order))"
+            => "(permute_quantize ?q ?p ?x ?order)" if quantises_rows("?q")),
         // Backward twins: the VJPs autodiff emits for the primitives of RMSNorm, softmax and
         // SwiGLU, recognised as one fused op each.
         //
@@ -211,6 +218,48 @@ fn quantises_rows_of(q: &str, r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
         let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
         let last = egraph[subst[x]].data.shape.as_ref().and_then(|s| s.last().copied());
         to.len() == 2 && to.last().copied() == last
+    }
+}
+
+/// `q` quantises in one-row tiles, not transposed.
+fn quantises_rows(q: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let q: Var = q.parse().expect("variable");
+    move |egraph, _, subst| matches!(attr_op(egraph, subst[q]), Op::Quantize { rows: 1, transpose: false, .. })
+}
+
+/// A grouped FP8 GEMM on its rows quantised in the GEMM's one-row activation tiles.
+struct QuantizedRows {
+    vars: [Var; 4],
+}
+
+impl QuantizedRows {
+    fn new(attr: &str, xs: &str, w: &str, offsets: &str) -> Self {
+        QuantizedRows { vars: [attr, xs, w, offsets].map(|v| v.parse().expect("variable")) }
+    }
+}
+
+impl Applier<Fx, FusionAnalysis> for QuantizedRows {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<Fx>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let [attr_var, xs, w, offsets] = self.vars.map(|v| subst[v]);
+        let Op::GroupedMatMul { fp8: Some(f), .. } = attr_op(egraph, attr_var) else { return vec![] };
+        if f.a.outer != 1 || egraph[xs].data.dtype == DType::F8e4m3 {
+            return vec![];
+        }
+        let op = attr(egraph, &Op::Quantize { rows: 1, cols: f.a.k, transpose: false });
+        let rows = egraph.add(Fx::Quantize([op, xs]));
+        let product = egraph.add(Fx::GroupedMatMul([attr_var, rows, w, offsets]));
+        if egraph.union(eclass, product) {
+            vec![product]
+        } else {
+            vec![]
+        }
     }
 }
 

@@ -190,7 +190,8 @@ pub enum Op {
         tokens: usize,
     },
     /// Per expert e, rows offsets[e]..offsets[e+1] of xs times w[e] (transposed if `tb`):
-    /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n].
+    /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n]. In FP8, xs may
+    /// come already quantised (an F8E4M3 value in 1×tile groups, from a fused dispatch).
     GroupedMatMul {
         tb: bool,
         fp8: Option<Fp8Gemm>,
@@ -293,6 +294,12 @@ pub enum Op {
     ConcatScaledMatMul {
         promote: usize,
     },
+    /// Fused: the MoE dispatch and the FP8 quantisation of what it sends, (x [t, d], order) →
+    /// F8E4M3 [t·k, d]: the rows of `Permute { k }` quantised in 1×`cols` tiles.
+    PermuteQuantize {
+        k: usize,
+        cols: usize,
+    },
     /// Fused: the sum of two GEMMs with the same recipe, (a1, b1, a2, b2) → op(a1)·op(b1) +
     /// op(a2)·op(b2): one GEMM over K concatenated ([a1 | a2]·[b1; b2], operands read in
     /// place) whose two segments' products are added in the epilogue, as the unfused sum adds
@@ -337,6 +344,7 @@ impl Op {
                 | Op::SwiGluGrad
                 | Op::ConcatMatMul { .. }
                 | Op::ConcatKMatMul { .. }
+                | Op::PermuteQuantize { .. }
                 | Op::ConcatGroupedMatMul { .. }
                 | Op::MatMulAdd { .. }
                 | Op::MaskedSoftmax { .. }
@@ -406,6 +414,7 @@ impl Op {
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
             Op::ConcatKMatMul { .. } => "concat_k_matmul",
+            Op::PermuteQuantize { .. } => "permute_quantize",
             Op::ConcatGroupedMatMul { .. } => "concat_grouped_matmul",
             Op::MatMulAdd { .. } => "matmul_add",
             Op::MaskedSoftmax { .. } => "masked_softmax",

@@ -98,6 +98,7 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } => format!("promote {promote}"),
         Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
         Op::SwiGluQuantize { cols } => format!("1x{cols}"),
+        Op::PermuteQuantize { k, cols } => format!("k {k}, 1x{cols}"),
         Op::MaskedSoftmax { scale } => format!("scale {scale:e}"),
         Op::Route { groups, keep, k, scale } => format!("groups {groups}, keep {keep}, k {k}, scale {scale:e}"),
         _ => String::new(),

@@ -100,6 +100,25 @@ fn split_last<T: Real>(y: Tensor<T>, at: usize) -> Value<T> {
     pair(part(0, at), part(at, y.shape[axis]))
 }
 
+/// The rows of a grouped GEMM: a real [r, cols] tensor or an FP8 matrix.
+fn rows_of<T: Real>(xs: &Value<T>) -> linalg::Rows<'_, T> {
+    match xs {
+        Value::Quantized(q) => linalg::Rows::Quantized(q),
+        _ => {
+            let t = xs.as_real();
+            linalg::Rows::Real { data: &t.data, cols: *t.shape.last().expect("rank 2") }
+        }
+    }
+}
+
+/// How many rows a grouped GEMM's rows hold.
+fn node_rows<T: Real>(xs: &Value<T>) -> usize {
+    match xs {
+        Value::Quantized(q) => q.m,
+        _ => xs.as_real().shape[0],
+    }
+}
+
 /// The two results of a fused op.
 fn pair<T: Real>(first: Tensor<T>, second: Tensor<T>) -> Value<T> {
     Value::Tuple(vec![Value::real(first), Value::real(second)])
@@ -202,9 +221,7 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             real(&node.shape, index::permute_grad(&r(0).data, last(&r(0).shape), &ix(1).data, *k, *tokens))
         }
         Op::GroupedMatMul { tb, fp8 } => {
-            let out =
-                linalg::grouped_matmul(&r(0).data, last(&r(0).shape), &r(1).data, &r(1).shape, &ix(2).data, *tb, *fp8);
-            real(&node.shape, out)
+            real(&node.shape, linalg::grouped_matmul(rows_of(v[0]), &r(1).data, &r(1).shape, &ix(2).data, *tb, *fp8))
         }
         Op::GroupedWgrad { experts, fp8 } => {
             let out = linalg::grouped_wgrad(
@@ -260,13 +277,13 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             split_last(Tensor::new(matmul_shape(&a.shape, &b_shape, *ta, *tb), y), b1.shape[n_axis])
         }
         Op::ConcatGroupedMatMul { tb, fp8 } => {
-            let (xs, w1, w2, offsets) = (r(0), r(1), r(2), &ix(3).data);
+            let (w1, w2, offsets) = (r(1), r(2), &ix(3).data);
             let n_axis = if *tb { 1 } else { 2 };
             let w = layout::concat(&[(&w1.data, &w1.shape), (&w2.data, &w2.shape)], n_axis);
             let mut w_shape = w1.shape.clone();
             w_shape[n_axis] += w2.shape[n_axis];
-            let y = linalg::grouped_matmul(&xs.data, last(&xs.shape), &w, &w_shape, offsets, *tb, *fp8);
-            split_last(Tensor::new(vec![xs.shape[0], w_shape[n_axis]], y), w1.shape[n_axis])
+            let y = linalg::grouped_matmul(rows_of(v[0]), &w, &w_shape, offsets, *tb, *fp8);
+            split_last(Tensor::new(vec![node_rows(v[0]), w_shape[n_axis]], y), w1.shape[n_axis])
         }
         Op::ConcatKMatMul { ta, tb, fp8 } => {
             let product = |a: &Tensor<T>, b: &Tensor<T>| {
@@ -285,6 +302,12 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let scale = T::from_f64(*scale);
             let logits = broadcast_zip(&node.shape, s, mask, |s, m| s * scale + m);
             real(&node.shape, rows::softmax(&logits.data, last(&node.shape)))
+        }
+        Op::PermuteQuantize { k, cols } => {
+            let (x, order) = (r(0), &ix(1).data);
+            let d = last(&x.shape);
+            let rows = index::permute(&x.data, d, order, *k);
+            quantized(&rows, order.len(), d, Tiling { rows: 1, cols: *cols })
         }
         Op::RopeConcat => Value::real(rope::rope_concat(r(0), r(1), r(2), r(3))),
         Op::Route { groups, keep, k, scale } => {
