@@ -55,7 +55,7 @@ impl Quantized {
     pub fn rows(&self, range: std::ops::Range<usize>) -> Quantized {
         let group_rows = self.tiling.rows;
         assert!(
-            range.start % group_rows == 0 && (range.end % group_rows == 0 || range.end == self.m),
+            range.start.is_multiple_of(group_rows) && (range.end.is_multiple_of(group_rows) || range.end == self.m),
             "rows {range:?} cut the {group_rows}-row scaling groups"
         );
         let groups_per_row = self.n.div_ceil(self.tiling.cols);
