@@ -216,6 +216,25 @@ proptest! {
     }
 
     #[test]
+    fn concat_rows_gemms_rule(tokens in 1usize..12, m1 in 1usize..9, m2 in 1usize..9, n in 1usize..9, seed in any::<u64>()) {
+        // Two Wgrads of one input, g1ᵀ·x and g2ᵀ·x (1×4 groups along the tokens), and two
+        // products with one weight.
+        let wgrad = Fp8Linear { tile: 4, block: 4, promote: 4 }.wgrad();
+        for fp8 in [None, Some(wgrad)] {
+            prove("concat-rows-gemms", &[vec![tokens, m1], vec![tokens, m2], vec![tokens, n]], seed, "concat_rows_matmul", |b, a| {
+                let y1 = b.matmul(a[0], a[2], true, false, fp8);
+                let y2 = b.matmul(a[1], a[2], true, false, fp8);
+                b.concat(vec![y1, y2], 0)
+            })?;
+        }
+        prove("concat-rows-gemms", &[vec![m1, tokens], vec![m2, tokens], vec![n, tokens]], seed, "concat_rows_matmul", |b, a| {
+            let y1 = b.matmul(a[0], a[2], false, true, None);
+            let y2 = b.matmul(a[1], a[2], false, true, None);
+            b.concat(vec![y1, y2], 0)
+        })?;
+    }
+
+    #[test]
     fn concat_k_gemms_rules(rows in 1usize..6, k1 in 1usize..20, k2 in 1usize..20, n in 1usize..12, seed in any::<u64>()) {
         // The Dgrad of two linear layers of one input: g1·W1 + g2·W2, reshaped and not, in f32
         // and in FP8.

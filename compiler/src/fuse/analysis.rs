@@ -211,6 +211,12 @@ impl Analysis<Fx> for FusionAnalysis {
                 let product = |w: &Id| (grouped_shape(tb, &shape(xs), &shape(w)), dtype);
                 ClassData::tuple(vec![product(w1), product(w2)])
             }
+            Fx::ConcatRowsMatMul([attr, a1, a2, b]) => {
+                let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+                let dtype = child(a1).dtype;
+                let product = |a: &Id| (matmul_shape(&shape(a), &shape(b), ta, tb), dtype);
+                ClassData::tuple(vec![product(a1), product(a2)])
+            }
             Fx::ConcatKMatMul([attr, a1, b1, ..]) => {
                 let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
                 ClassData::value(matmul_shape(&shape(a1), &shape(b1), ta, tb), child(a1).dtype)

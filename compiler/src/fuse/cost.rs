@@ -47,6 +47,7 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
         Fx::MatMul([attr, a, _])
         | Fx::MatMulAdd([attr, a, ..])
         | Fx::ConcatKMatMul([attr, a, ..])
+        | Fx::ConcatRowsMatMul([attr, a, ..])
         | Fx::ScaledMatMul([attr, a, _])
         | Fx::ConcatMatMul([attr, a, ..]) => {
             let (ta, fp8) = match attr_op(egraph, *attr) {

@@ -77,6 +77,7 @@ fn role(op: &Op) -> Role {
         | Op::MatMulAdd { .. }
         | Op::ConcatMatMul { .. }
         | Op::ConcatKMatMul { .. }
+        | Op::ConcatRowsMatMul { .. }
         | Op::ScaledMatMul { .. }
         | Op::ConcatScaledMatMul { .. }
         | Op::ConcatGroupedMatMul { .. }
@@ -218,6 +219,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                     Op::MatMul { fp8: Some(_), .. }
                         | Op::ConcatMatMul { fp8: Some(_), .. }
                         | Op::ConcatKMatMul { fp8: Some(_), .. }
+                        | Op::ConcatRowsMatMul { fp8: Some(_), .. }
                         | Op::MatMulAdd { fp8: Some(_), .. }
                         | Op::ScaledMatMul { .. }
                         | Op::ConcatScaledMatMul { .. }
@@ -253,6 +255,11 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 fn flops(f: &Function, node: &Node) -> u64 {
     match &node.op {
         Op::MatMul { ta, .. } | Op::MatMulAdd { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
+        Op::ConcatRowsMatMul { ta, tb, .. } => {
+            let b = &f.node(node.args[2]).shape;
+            let product = |a: V| matmul_shape(&f.node(a).shape, b, *ta, *tb).iter().product::<usize>() as u64;
+            2 * (product(node.args[0]) + product(node.args[1])) * inner_dimension(f, node, *ta)
+        }
         Op::ConcatKMatMul { ta, .. } => {
             let k2 = inner_dimension_of(&f.node(node.args[2]).shape, *ta);
             2 * numel(node) * (inner_dimension(f, node, *ta) + k2)

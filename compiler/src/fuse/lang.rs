@@ -56,6 +56,8 @@ define_language! {
         "concat_matmul" = ConcatMatMul([Id; 4]),
         // (attr, a1, b1, a2, b2) → a1·b1 + a2·b2.
         "concat_k_matmul" = ConcatKMatMul([Id; 5]),
+        // (attr, a1, a2, b) → (a1·b, a2·b).
+        "concat_rows_matmul" = ConcatRowsMatMul([Id; 4]),
         // The experts' GEMMs, (attr, xs, w, offsets); two of them sharing xs and offsets as
         // one, (attr, xs, w1, w2, offsets).
         "grouped_matmul" = GroupedMatMul([Id; 4]),

@@ -48,7 +48,16 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (concat_grouped_matmul ?attr ?xs ?w1 ?w2 ?offsets), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
             Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
-        // Their backward twin: the Dgrad sum op(a1)·op(b1) + op(a2)·op(b2) of GEMMs with one
+        // Their backward twins: the Wgrads op(g1)·op(x) and op(g2)·op(x) share x, and are the
+        // two halves along M of op([g1 | g2])·op(x) (in FP8 when g1's M is a whole number of
+        // the activation tiles' rows, so every group stays what it was);
+        multi_if(
+            "concat-rows-gemms",
+            "?y1 = (matmul ?attr ?a1 ?b), ?y2 = (matmul ?attr ?a2 ?b)",
+            "?t = (concat_rows_matmul ?attr ?a1 ?a2 ?b), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
+            Box::new(stackable("?attr", "?a1", "?a2")),
+        ),
+        // and the Dgrad sum op(a1)·op(b1) + op(a2)·op(b2) of GEMMs with one
         // recipe is one GEMM over K concatenated, its two products added in the epilogue.
         rw!("concat-k-gemms"; "(add (matmul ?attr ?a1 ?b1) (matmul ?attr ?a2 ?b2))"
             => "(concat_k_matmul ?attr ?a1 ?b1 ?a2 ?b2)" if equal_products("?attr", ["?a1", "?b1", "?a2", "?b2"])),
@@ -218,6 +227,20 @@ fn quantises_rows_of(q: &str, r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
         let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
         let last = egraph[subst[x]].data.shape.as_ref().and_then(|s| s.last().copied());
         to.len() == 2 && to.last().copied() == last
+    }
+}
+
+/// Two GEMMs with attribute `attr` and first operands `a1` and `a2` can run as one over
+/// [a1 | a2] along M: the operands differ (and are taken in one order), and in FP8 a1's M
+/// is a whole number of the activation groups' rows.
+fn stackable(attr: &str, a1: &str, a2: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let [attr, a1, a2]: [Var; 3] = [attr, a1, a2].map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let (a1, a2) = (egraph.find(subst[a1]), egraph.find(subst[a2]));
+        let Op::MatMul { ta, fp8, .. } = attr_op(egraph, subst[attr]) else { return false };
+        let shape = egraph[a1].data.shape.as_ref().expect("shaped");
+        let m = shape[shape.len() - if ta { 1 } else { 2 }];
+        a1 < a2 && fp8.is_none_or(|f| m % f.a.outer == 0)
     }
 }
 

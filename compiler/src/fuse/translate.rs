@@ -191,6 +191,10 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
             };
             (Op::ConcatGroupedMatMul { tb, fp8 }, &children[1..])
         }
+        Fx::ConcatRowsMatMul([attr, ..]) => {
+            let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+            (Op::ConcatRowsMatMul { ta, tb, fp8 }, &children[1..])
+        }
         Fx::ConcatKMatMul([attr, ..]) => {
             let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
             (Op::ConcatKMatMul { ta, tb, fp8 }, &children[1..])

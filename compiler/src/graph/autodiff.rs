@@ -346,6 +346,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::SwiGluGrad
         | Op::ConcatMatMul { .. }
         | Op::ConcatKMatMul { .. }
+        | Op::ConcatRowsMatMul { .. }
         | Op::PermuteQuantize { .. }
         | Op::ConcatGroupedMatMul { .. }
         | Op::MatMulAdd { .. }

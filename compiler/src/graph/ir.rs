@@ -294,6 +294,14 @@ pub enum Op {
     ConcatScaledMatMul {
         promote: usize,
     },
+    /// Fused: two GEMMs sharing their second operand, (a1, a2, b) → the tuple (op(a1)·op(b),
+    /// op(a2)·op(b)), as one GEMM over a1 and a2 concatenated along M (the Wgrads of GEMMs that
+    /// share their input: [g1 | g2]ᵀ·x).
+    ConcatRowsMatMul {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
     /// Fused: the MoE dispatch and the FP8 quantisation of what it sends, (x [t, d], order) →
     /// F8E4M3 [t·k, d]: the rows of `Permute { k }` quantised in 1×`cols` tiles.
     PermuteQuantize {
@@ -344,6 +352,7 @@ impl Op {
                 | Op::SwiGluGrad
                 | Op::ConcatMatMul { .. }
                 | Op::ConcatKMatMul { .. }
+                | Op::ConcatRowsMatMul { .. }
                 | Op::PermuteQuantize { .. }
                 | Op::ConcatGroupedMatMul { .. }
                 | Op::MatMulAdd { .. }
@@ -414,6 +423,7 @@ impl Op {
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
             Op::ConcatKMatMul { .. } => "concat_k_matmul",
+            Op::ConcatRowsMatMul { .. } => "concat_rows_matmul",
             Op::PermuteQuantize { .. } => "permute_quantize",
             Op::ConcatGroupedMatMul { .. } => "concat_grouped_matmul",
             Op::MatMulAdd { .. } => "matmul_add",

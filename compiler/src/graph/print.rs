@@ -57,6 +57,7 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::MatMul { ta, tb, fp8 }
         | Op::ConcatMatMul { ta, tb, fp8 }
         | Op::ConcatKMatMul { ta, tb, fp8 }
+        | Op::ConcatRowsMatMul { ta, tb, fp8 }
         | Op::MatMulAdd { ta, tb, fp8 } => {
             let mut parts = vec![];
             if *ta {

@@ -92,6 +92,18 @@ fn round<T: Real>(x: T, to: DType) -> T {
 /// and from `at` along the last axis.
 fn split_last<T: Real>(y: Tensor<T>, at: usize) -> Value<T> {
     let axis = y.shape.len() - 1;
+    split(y, axis, at)
+}
+
+/// The product of a GEMM over concatenated first operands as the pair of its parts: rows
+/// before and from `at`.
+fn split_rows<T: Real>(y: Tensor<T>, at: usize) -> Value<T> {
+    let axis = y.shape.len() - 2;
+    split(y, axis, at)
+}
+
+/// `y` cut along `axis` at `at`, as a pair.
+fn split<T: Real>(y: Tensor<T>, axis: usize, at: usize) -> Value<T> {
     let part = |start: usize, end: usize| {
         let mut shape = y.shape.clone();
         shape[axis] = end - start;
@@ -284,6 +296,16 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             w_shape[n_axis] += w2.shape[n_axis];
             let y = linalg::grouped_matmul(rows_of(v[0]), &w, &w_shape, offsets, *tb, *fp8);
             split_last(Tensor::new(vec![node_rows(v[0]), w_shape[n_axis]], y), w1.shape[n_axis])
+        }
+        Op::ConcatRowsMatMul { ta, tb, fp8 } => {
+            let (a1, a2, b) = (r(0), r(1), r(2));
+            let rank = a1.shape.len();
+            let m_axis = if *ta { rank - 1 } else { rank - 2 };
+            let a = layout::concat(&[(&a1.data, &a1.shape), (&a2.data, &a2.shape)], m_axis);
+            let mut a_shape = a1.shape.clone();
+            a_shape[m_axis] += a2.shape[m_axis];
+            let y = linalg::batched_matmul(&a, &a_shape, &b.data, &b.shape, *ta, *tb, *fp8);
+            split_rows(Tensor::new(matmul_shape(&a_shape, &b.shape, *ta, *tb), y), a1.shape[m_axis])
         }
         Op::ConcatKMatMul { ta, tb, fp8 } => {
             let product = |a: &Tensor<T>, b: &Tensor<T>| {
