@@ -425,6 +425,7 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
         "swiglu_grad",
         "concat_matmul",
         "concat_k_matmul",
+        "concat_rows_matmul",
         "concat_grouped_matmul",
         "matmul_add",
     ];
