@@ -40,6 +40,14 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
             Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
+        // The same on operands already quantised (FP8 made explicit, below): their groups are
+        // fixed, so any N will do.
+        multi_if(
+            "concat-scaled-gemms",
+            "?y1 = (scaled_matmul ?attr ?x ?w1), ?y2 = (scaled_matmul ?attr ?x ?w2)",
+            "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
+            Box::new(concatenable("?attr", "?w1", "?w2")),
+        ),
         // The experts' gate and up projections: two grouped GEMMs of the same rows, offsets and
         // recipe are one over [w1 | w2] along N, on the same conditions.
         multi_if(
@@ -63,12 +71,6 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             => "(concat_k_matmul ?attr ?a1 ?b1 ?a2 ?b2)" if equal_products("?attr", ["?a1", "?b1", "?a2", "?b2"])),
         rw!("concat-k-gemms-reshaped"; "(add (reshape ?r (matmul ?attr ?a1 ?b1)) (reshape ?r (matmul ?attr ?a2 ?b2)))"
             => "(reshape ?r (concat_k_matmul ?attr ?a1 ?b1 ?a2 ?b2))" if equal_products("?attr", ["?a1", "?b1", "?a2", "?b2"])),
-        multi_if(
-            "concat-scaled-gemms",
-            "?y1 = (scaled_matmul ?attr ?x ?w1), ?y2 = (scaled_matmul ?attr ?x ?w2)",
-            "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
-            Box::new(concatenable("?attr", "?w1", "?w2")),
-        ),
         // FP8 made explicit: an FP8 GEMM op(a)·op(b) quantises each operand as used (a
         // transposed one, as Wgrad's, transposed while quantising) in its tiling and multiplies
         // the codes; that is scaled_matmul(quantize(a), quantize(b)), bit for bit. Alone it
