@@ -107,6 +107,8 @@ fn role(op: &Op) -> Role {
         | Op::Sum { .. }
         | Op::Max { .. }
         | Op::SumTo(_) => Role::Fusible,
+        // Index ops, and the fused ops other than SwiGLU (row ops, quantising producers,
+        // routing, RoPE, backward twins): one kernel each, which loop fusion does not extend.
         _ => Role::Other,
     }
 }
