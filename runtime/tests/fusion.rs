@@ -4,8 +4,9 @@
 //! Then the whole tiny model: training from a compiled plan gives the same losses as the
 //! unfused graph.
 
-use dsc_compiler::fuse::cost::Profile;
-use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_module_for, Limits};
+use dsc_compiler::fuse::cost::{node_seconds, Profile};
+use dsc_compiler::fuse::lang::Fx;
+use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_function_with, fuse_module_for, Limits};
 use dsc_compiler::graph::autodiff;
 use dsc_compiler::graph::ir::{ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
 use dsc_compiler::graph::model::{gate_weights, rms_norm, rope, route, softmax, swiglu_gate};
@@ -96,16 +97,22 @@ fn prove_function(
         );
     }
     let fused = module.add(fused);
+    compare(&module, f, fused, seed)
+}
+
+/// Functions `original` and `fused` of `module` agree on every output for random inputs.
+fn compare(module: &Module, original: usize, fused: usize, seed: u64) -> Result<(), TestCaseError> {
+    let name = &module.functions[original].name;
     let mut rng = Rng::new(seed);
-    let args: Vec<Value<f32>> = original
+    let args: Vec<Value<f32>> = module.functions[original]
         .args
         .iter()
         .map(|(_, s, _)| {
             Value::real(Tensor::new(s.clone(), (0..s.iter().product()).map(|_| 2.0 * rng.gaussian() as f32).collect()))
         })
         .collect();
-    let before = run(&module, f, args.clone());
-    let after = run(&module, fused, args);
+    let before = run(module, original, args.clone());
+    let after = run(module, fused, args);
     for (before, after) in before.iter().zip(&after) {
         let (before, after) = (before.as_real(), after.as_real());
         prop_assert_eq!(&before.shape, &after.shape);
@@ -273,6 +280,33 @@ proptest! {
                 b.concat(vec![y1, y2], 1)
             })?;
         }
+    }
+
+    #[test]
+    fn fp8_gemm_explicit_rule(tokens in 1usize..12, k in 1usize..12, n in 1usize..12, seed in any::<u64>()) {
+        // A linear layer's three FP8 GEMMs (Fprop x·Wᵀ, Dgrad g·W, Wgrad gᵀ·x with 1×4 groups
+        // along the tokens, quantised transposed), extracted as quantise + scaled GEMM even
+        // where the roofline would not take them.
+        let recipe = Fp8Linear { tile: 4, block: 4, promote: 4 };
+        let mut module = Module::default();
+        let f = function(&module, "fp8-gemm-explicit", &[vec![tokens, k], vec![n, k], vec![tokens, n]], |b, a| {
+            let y = b.matmul(a[0], a[1], false, true, Some(recipe.fprop()));
+            let dx = b.matmul(a[2], a[1], false, false, Some(recipe.dgrad()));
+            let dw = b.matmul(a[2], a[0], true, false, Some(recipe.wgrad()));
+            let y = b.reshape(y, vec![tokens * n]);
+            let dx = b.reshape(dx, vec![tokens * k]);
+            let dw = b.reshape(dw, vec![n * k]);
+            b.concat(vec![y, dx, dw], 0)
+        });
+        let explicit_wins = |egraph: &_, class, node: &Fx| match node {
+            Fx::Quantize(_) | Fx::ScaledMatMul(_) => 0.0,
+            _ => node_seconds(egraph, class, node, &Profile::default()),
+        };
+        let (fused, _) = fuse_function_with(&module, &f, Limits::default(), explicit_wins);
+        let transposed = fused.nodes.iter().filter(|n| matches!(n.op, Op::Quantize { transpose: true, .. })).count();
+        prop_assert!(transposed >= 2, "Wgrad's gᵀ and Fprop's Wᵀ quantised transposed: {:?}", fused.nodes);
+        let (original, fused) = (module.add(f), module.add(fused));
+        compare(&module, original, fused, seed)?;
     }
 
     #[test]
