@@ -27,7 +27,7 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         // and w and writes both, the sum for the residual stream and the norm for the block.
         multi(
             "add-rmsnorm",
-            "?s = (add ?a ?b), ?n = (rmsnorm ?s ?w ?eps)",
+            "?n = (rmsnorm ?s ?w ?eps), ?s = (add ?a ?b)",
             "?t = (add_rmsnorm ?a ?b ?w ?eps), ?s = (get0 ?t), ?n = (get1 ?t)",
         ),
         // op(x)·op(w1) and op(x)·op(w2) with the same transposes and recipe  =  the two halves
@@ -114,7 +114,7 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         //   dx = (g/z − Σ_last (g/z)·y)·e = y·(g − Σ_last g·y)
         multi(
             "softmax-grad",
-            "?y = (div ?e ?z), ?e = (exp (sub ?x (stop (max_last ?x)))), ?z = (sum_last ?e),
+            "?e = (exp (sub ?x (stop (max_last ?x)))), ?z = (sum_last ?e), ?y = (div ?e ?z),
              ?dx = (mul (add (div ?g ?z) (broadcast_to ?to (sum_to ?from (neg (mul (div ?g ?z) ?y))))) ?e)",
             "?dx = (softmax_grad ?x ?g)",
         ),
@@ -459,7 +459,9 @@ fn is_inverse_of_last_dim(inv_n: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
 type Condition = Box<dyn Fn(&mut EGraph, Id, &Subst) -> bool + Send + Sync>;
 
 /// A rewrite of several classes at once: the left side binds each `?class = (pattern)`, the
-/// right side adds each pattern and merges it into the class its variable names.
+/// right side adds each pattern and merges it into the class its variable names. The left
+/// side is searched in order, a pattern whose class is not yet bound by scanning every class:
+/// the most selective pattern goes first.
 fn multi(name: &str, lhs: &str, rhs: &str) -> Rewrite<Fx, FusionAnalysis> {
     multi_if(name, lhs, rhs, Box::new(|_, _, _| true))
 }
