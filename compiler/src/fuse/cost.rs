@@ -54,9 +54,13 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
                 Op::MatMul { ta, fp8, .. } => (ta, fp8.is_some()),
                 _ => (false, true),
             };
-            let a = egraph[*a].data.shape.as_ref().expect("shaped");
-            let k = a[a.len() - if ta { 2 } else { 1 }];
-            let flops = 2.0 * egraph[class].data.numel() * k as f64;
+            let inner = |a: Id| {
+                let a = egraph[a].data.shape.as_ref().expect("shaped");
+                a[a.len() - if ta { 2 } else { 1 }] as f64
+            };
+            // A sum of two products runs over both operands' K.
+            let k = inner(*a) + if let Fx::ConcatKMatMul([_, _, _, a2, _]) = enode { inner(*a2) } else { 0.0 };
+            let flops = 2.0 * egraph[class].data.numel() * k;
             let peak = if fp8 { profile.fp8_flops } else { profile.bf16_flops };
             profile.seconds(flops, peak, moved)
         }
