@@ -4,11 +4,12 @@
 //! Then the whole tiny model: training from a compiled plan gives the same losses as the
 //! unfused graph.
 
-use dsc_compiler::fuse::cost::Profile;
-use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_module_for, Limits};
+use dsc_compiler::fuse::cost::{node_seconds, Profile};
+use dsc_compiler::fuse::lang::Fx;
+use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_function_with, fuse_module_for, Limits};
 use dsc_compiler::graph::autodiff;
-use dsc_compiler::graph::ir::{DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
-use dsc_compiler::graph::model::{gate_weights, rms_norm, route, softmax, swiglu_gate};
+use dsc_compiler::graph::ir::{ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
+use dsc_compiler::graph::model::{gate_weights, rms_norm, rope, route, softmax, swiglu_gate};
 use dsc_lang::{Gating, Moe, Schedule};
 use dsc_runtime::cpu::{run, Tensor, Value};
 use dsc_runtime::rng::Rng;
@@ -23,7 +24,7 @@ fn prove(
     fused_op: &str,
     build: impl Fn(&mut FunctionBuilder, &[V]) -> V,
 ) -> Result<(), TestCaseError> {
-    prove_on(&Profile::default(), name, shapes, seed, fused_op, build)
+    prove_on(&Profile::default(), Module::default(), name, shapes, seed, fused_op, build)
 }
 
 /// A device on which memory traffic is all that counts (no launch overhead): extraction then
@@ -32,16 +33,16 @@ fn memory_bound() -> Profile {
     Profile { launch: 0.0, bandwidth: 1e9, ..Profile::default() }
 }
 
-/// As `prove`, with extraction costs from `profile`.
+/// As `prove`, with extraction costs from `profile`, in `module` (which may hold constants).
 fn prove_on(
     profile: &Profile,
+    mut module: Module,
     name: &str,
     shapes: &[Vec<usize>],
     seed: u64,
     fused_op: &str,
     build: impl Fn(&mut FunctionBuilder, &[V]) -> V,
 ) -> Result<(), TestCaseError> {
-    let mut module = Module::default();
     let f = function(&module, name, shapes, build);
     let f = module.add(f);
     prove_function(module, f, seed, fused_op, profile)
@@ -96,16 +97,22 @@ fn prove_function(
         );
     }
     let fused = module.add(fused);
+    compare(&module, f, fused, seed)
+}
+
+/// Functions `original` and `fused` of `module` agree on every output for random inputs.
+fn compare(module: &Module, original: usize, fused: usize, seed: u64) -> Result<(), TestCaseError> {
+    let name = &module.functions[original].name;
     let mut rng = Rng::new(seed);
-    let args: Vec<Value<f32>> = original
+    let args: Vec<Value<f32>> = module.functions[original]
         .args
         .iter()
         .map(|(_, s, _)| {
             Value::real(Tensor::new(s.clone(), (0..s.iter().product()).map(|_| 2.0 * rng.gaussian() as f32).collect()))
         })
         .collect();
-    let before = run(&module, f, args.clone());
-    let after = run(&module, fused, args);
+    let before = run(module, original, args.clone());
+    let after = run(module, fused, args);
     for (before, after) in before.iter().zip(&after) {
         let (before, after) = (before.as_real(), after.as_real());
         prop_assert_eq!(&before.shape, &after.shape);
@@ -193,15 +200,68 @@ proptest! {
         let fp8 = Some(Fp8Linear { tile: 4, block: 4, promote: 4 });
         let d = 4 * tiles;
         let profile = memory_bound();
-        prove_on(&profile, "rmsnorm-quantize", &[vec![2, rows, d], vec![d], vec![n, d]], seed, "rmsnorm_quantize", |b, a| {
+        prove_on(&profile, Module::default(), "rmsnorm-quantize", &[vec![2, rows, d], vec![d], vec![n, d]], seed, "rmsnorm_quantize", |b, a| {
             let normed = rms_norm(b, a[0], a[1], 1e-6);
             b.linear(normed, a[2], fp8)
         })?;
         let shapes = [vec![2, rows, d], vec![2, rows, d], vec![n, d]];
-        prove_on(&profile, "swiglu-quantize", &shapes, seed, "swiglu_quantize", |b, a| {
+        prove_on(&profile, Module::default(), "swiglu-quantize", &shapes, seed, "swiglu_quantize", |b, a| {
             let gated = swiglu_gate(b, a[0], a[1]);
             b.linear(gated, a[2], fp8)
         })?;
+        // The MoE dispatch (each token to its top-2 of 3 experts) feeding the experts' GEMM.
+        let (tokens, experts) = (2 * rows, 3);
+        let shapes = [vec![tokens, d], vec![experts, n, d], vec![tokens, experts]];
+        prove_on(&profile, Module::default(), "permute-quantize", &shapes, seed, "permute_quantize", |b, a| {
+            let chosen = b.top_k(a[2], 2);
+            let order = b.push(Op::SortByExpert { experts }, vec![chosen], vec![2 * tokens], DType::I32);
+            let offsets = b.push(Op::ExpertOffsets { experts }, vec![chosen], vec![experts + 1], DType::I32);
+            let xs = b.push(Op::Permute { k: 2 }, vec![a[0], order], vec![2 * tokens, d], DType::F32);
+            let op = Op::GroupedMatMul { tb: true, fp8: fp8.map(Fp8Linear::fprop) };
+            b.push(op, vec![xs, a[1], offsets], vec![2 * tokens, n], DType::F32)
+        })?;
+    }
+
+    #[test]
+    fn concat_rows_gemms_rule(tokens in 1usize..12, m1 in 1usize..9, m2 in 1usize..9, n in 1usize..9, seed in any::<u64>()) {
+        // Two Wgrads of one input, g1ᵀ·x and g2ᵀ·x (1×4 groups along the tokens), and two
+        // products with one weight.
+        let wgrad = Fp8Linear { tile: 4, block: 4, promote: 4 }.wgrad();
+        for fp8 in [None, Some(wgrad)] {
+            prove("concat-rows-gemms", &[vec![tokens, m1], vec![tokens, m2], vec![tokens, n]], seed, "concat_rows_matmul", |b, a| {
+                let y1 = b.matmul(a[0], a[2], true, false, fp8);
+                let y2 = b.matmul(a[1], a[2], true, false, fp8);
+                b.concat(vec![y1, y2], 0)
+            })?;
+        }
+        prove("concat-rows-gemms", &[vec![m1, tokens], vec![m2, tokens], vec![n, tokens]], seed, "concat_rows_matmul", |b, a| {
+            let y1 = b.matmul(a[0], a[2], false, true, None);
+            let y2 = b.matmul(a[1], a[2], false, true, None);
+            b.concat(vec![y1, y2], 0)
+        })?;
+    }
+
+    #[test]
+    fn concat_k_gemms_rules(rows in 1usize..6, k1 in 1usize..20, k2 in 1usize..20, n in 1usize..12, seed in any::<u64>()) {
+        // The Dgrad of two linear layers of one input: g1·W1 + g2·W2, reshaped and not, in f32
+        // and in FP8.
+        let shapes = [vec![2, rows, k1], vec![2, rows, k2], vec![k1, n], vec![k2, n]];
+        for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 }.dgrad())] {
+            prove("concat-k-gemms-reshaped", &shapes, seed, "concat_k_matmul", |b, a| {
+                let flat = |b: &mut FunctionBuilder, x: V, k: usize| b.reshape(x, vec![2 * rows, k]);
+                let (g1, g2) = (flat(b, a[0], k1), flat(b, a[1], k2));
+                let y1 = b.matmul(g1, a[2], false, false, fp8);
+                let y2 = b.matmul(g2, a[3], false, false, fp8);
+                let (y1, y2) = (b.reshape(y1, vec![2, rows, n]), b.reshape(y2, vec![2, rows, n]));
+                b.add(y1, y2)
+            })?;
+            let matrices = [vec![rows, k1], vec![rows, k2], vec![k1, n], vec![k2, n]];
+            prove("concat-k-gemms", &matrices, seed, "concat_k_matmul", |b, a| {
+                let y1 = b.matmul(a[0], a[2], false, false, fp8);
+                let y2 = b.matmul(a[1], a[3], false, false, fp8);
+                b.add(y1, y2)
+            })?;
+        }
     }
 
     #[test]
@@ -220,6 +280,33 @@ proptest! {
                 b.concat(vec![y1, y2], 1)
             })?;
         }
+    }
+
+    #[test]
+    fn fp8_gemm_explicit_rule(tokens in 1usize..12, k in 1usize..12, n in 1usize..12, seed in any::<u64>()) {
+        // A linear layer's three FP8 GEMMs (Fprop x·Wᵀ, Dgrad g·W, Wgrad gᵀ·x with 1×4 groups
+        // along the tokens, quantised transposed), extracted as quantise + scaled GEMM even
+        // where the roofline would not take them.
+        let recipe = Fp8Linear { tile: 4, block: 4, promote: 4 };
+        let mut module = Module::default();
+        let f = function(&module, "fp8-gemm-explicit", &[vec![tokens, k], vec![n, k], vec![tokens, n]], |b, a| {
+            let y = b.matmul(a[0], a[1], false, true, Some(recipe.fprop()));
+            let dx = b.matmul(a[2], a[1], false, false, Some(recipe.dgrad()));
+            let dw = b.matmul(a[2], a[0], true, false, Some(recipe.wgrad()));
+            let y = b.reshape(y, vec![tokens * n]);
+            let dx = b.reshape(dx, vec![tokens * k]);
+            let dw = b.reshape(dw, vec![n * k]);
+            b.concat(vec![y, dx, dw], 0)
+        });
+        let explicit_wins = |egraph: &_, class, node: &Fx| match node {
+            Fx::Quantize(_) | Fx::ScaledMatMul(_) => 0.0,
+            _ => node_seconds(egraph, class, node, &Profile::default()),
+        };
+        let (fused, _) = fuse_function_with(&module, &f, Limits::default(), explicit_wins);
+        let transposed = fused.nodes.iter().filter(|n| matches!(n.op, Op::Quantize { transpose: true, .. })).count();
+        prop_assert!(transposed >= 2, "Wgrad's gᵀ and Fprop's Wᵀ quantised transposed: {:?}", fused.nodes);
+        let (original, fused) = (module.add(f), module.add(fused));
+        compare(&module, original, fused, seed)?;
     }
 
     #[test]
@@ -244,6 +331,27 @@ proptest! {
             let scaled = b.scale(a[0], 0.3);
             let masked = b.add(scaled, a[1]);
             softmax(b, masked)
+        })?;
+    }
+
+    #[test]
+    fn rope_concat_rules(seq in 1usize..5, heads in 1usize..4, pairs in 1usize..5, nope in 1usize..6, seed in any::<u64>()) {
+        // A query's heads [2, seq, heads, nope + rope] and a key whose one RoPE part is
+        // broadcast to every head, as the model builder makes them.
+        let rope_dims = 2 * pairs;
+        let mut module = Module::default();
+        let frequencies: Vec<f64> = (0..pairs).map(|i| 10000f64.powf(-(2.0 * i as f64) / rope_dims as f64)).collect();
+        let table = |sin| ConstantKind::Rope { frequencies: frequencies.clone(), scale: 1.0, sin };
+        let cos = module.add_constant("rope_cos", vec![seq, rope_dims], table(false));
+        let sin = module.add_constant("rope_sin", vec![seq, rope_dims], table(true));
+        let shapes = [vec![2, seq, heads, nope], vec![2, seq, heads, rope_dims], vec![2, seq, 1, rope_dims]];
+        prove_on(&Profile::default(), module, "rope-concat", &shapes, seed, "rope_concat", |b, a| {
+            let q_pe = rope(b, a[1], cos, sin);
+            let q = b.concat(vec![a[0], q_pe], 3);
+            let k_pe = rope(b, a[2], cos, sin);
+            let k_pe = b.broadcast_to(k_pe, vec![2, seq, heads, rope_dims]);
+            let k = b.concat(vec![a[0], k_pe], 3);
+            b.mul(q, k)
         })?;
     }
 
@@ -343,19 +451,24 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
     let expected = [
         "rmsnorm",
         "route",
+        "rope_concat",
         "masked_softmax",
         "swiglu",
         "rmsnorm_grad",
         "softmax_grad",
         "swiglu_grad",
         "concat_matmul",
+        "concat_k_matmul",
+        "concat_rows_matmul",
         "concat_grouped_matmul",
         "matmul_add",
     ];
     for op in expected {
         assert!(plan_ops.contains(&op), "no {op} in the plan");
     }
-    for op in ["quantize", "scaled_matmul", "rmsnorm_quantize", "swiglu_quantize", "concat_scaled_matmul"] {
+    for op in
+        ["quantize", "scaled_matmul", "rmsnorm_quantize", "swiglu_quantize", "concat_scaled_matmul", "permute_quantize"]
+    {
         assert!(explicit_ops.contains(&op), "no {op} in the graph fused for a memory-bound device");
     }
     let mut unfused = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");

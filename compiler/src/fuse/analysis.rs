@@ -187,12 +187,21 @@ impl Analysis<Fx> for FusionAnalysis {
                 ClassData::tuple(vec![(vec![tokens, k], DType::I32), (vec![tokens, k], child(scores).dtype)])
             }
             Fx::MatMulAdd([_, _, _, c]) => child(c),
+            Fx::RopeConcat([nope, pe, _, _]) => {
+                let mut s = shape(nope);
+                *s.last_mut().expect("rank ≥ 1") += shape(pe).last().copied().expect("rank ≥ 1");
+                ClassData::value(s, child(nope).dtype)
+            }
             Fx::MaskedSoftmax([_, s, mask]) => broadcast(&child(s), &child(mask)),
             Fx::GroupedMatMul([attr, xs, w, _]) => {
                 let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {
                     unreachable!("a grouped GEMM's attribute")
                 };
                 ClassData::value(grouped_shape(tb, &shape(xs), &shape(w)), child(xs).dtype)
+            }
+            Fx::Permute([_, x, order]) => ClassData::value(vec![shape(order)[0], shape(x)[1]], child(x).dtype),
+            Fx::PermuteQuantize([_, _, x, order]) => {
+                ClassData::value(vec![shape(order)[0], shape(x)[1]], DType::F8e4m3)
             }
             Fx::ConcatGroupedMatMul([attr, xs, w1, w2, _]) => {
                 let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {
@@ -201,6 +210,16 @@ impl Analysis<Fx> for FusionAnalysis {
                 let dtype = child(xs).dtype;
                 let product = |w: &Id| (grouped_shape(tb, &shape(xs), &shape(w)), dtype);
                 ClassData::tuple(vec![product(w1), product(w2)])
+            }
+            Fx::ConcatRowsMatMul([attr, a1, a2, b]) => {
+                let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+                let dtype = child(a1).dtype;
+                let product = |a: &Id| (matmul_shape(&shape(a), &shape(b), ta, tb), dtype);
+                ClassData::tuple(vec![product(a1), product(a2)])
+            }
+            Fx::ConcatKMatMul([attr, a1, b1, ..]) => {
+                let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+                ClassData::value(matmul_shape(&shape(a1), &shape(b1), ta, tb), child(a1).dtype)
             }
             Fx::ScaledMatMul([attr, a, b]) => {
                 let op = attr_op(egraph, *attr);

@@ -46,15 +46,21 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) | Fx::Stop(_) | Fx::Reshape(_) | Fx::Get0(_) | Fx::Get1(_) => 0.0,
         Fx::MatMul([attr, a, _])
         | Fx::MatMulAdd([attr, a, ..])
+        | Fx::ConcatKMatMul([attr, a, ..])
+        | Fx::ConcatRowsMatMul([attr, a, ..])
         | Fx::ScaledMatMul([attr, a, _])
         | Fx::ConcatMatMul([attr, a, ..]) => {
             let (ta, fp8) = match attr_op(egraph, *attr) {
                 Op::MatMul { ta, fp8, .. } => (ta, fp8.is_some()),
                 _ => (false, true),
             };
-            let a = egraph[*a].data.shape.as_ref().expect("shaped");
-            let k = a[a.len() - if ta { 2 } else { 1 }];
-            let flops = 2.0 * egraph[class].data.numel() * k as f64;
+            let inner = |a: Id| {
+                let a = egraph[a].data.shape.as_ref().expect("shaped");
+                a[a.len() - if ta { 2 } else { 1 }] as f64
+            };
+            // A sum of two products runs over both operands' K.
+            let k = inner(*a) + if let Fx::ConcatKMatMul([_, _, _, a2, _]) = enode { inner(*a2) } else { 0.0 };
+            let flops = 2.0 * egraph[class].data.numel() * k;
             let peak = if fp8 { profile.fp8_flops } else { profile.bf16_flops };
             profile.seconds(flops, peak, moved)
         }

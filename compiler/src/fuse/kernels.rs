@@ -84,6 +84,8 @@ fn role(op: &Op) -> Role {
         Op::MatMul { .. }
         | Op::MatMulAdd { .. }
         | Op::ConcatMatMul { .. }
+        | Op::ConcatKMatMul { .. }
+        | Op::ConcatRowsMatMul { .. }
         | Op::ScaledMatMul { .. }
         | Op::ConcatScaledMatMul { .. }
         | Op::ConcatGroupedMatMul { .. }
@@ -98,6 +100,8 @@ fn role(op: &Op) -> Role {
         | Op::Sum { .. }
         | Op::Max { .. }
         | Op::SumTo(_) => Role::Fusible,
+        // Index ops, and the fused ops other than SwiGLU (row ops, quantising producers,
+        // routing, RoPE, backward twins): one kernel each, which loop fusion does not extend.
         _ => Role::Other,
     }
 }
@@ -242,6 +246,8 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                     f.nodes[i].op,
                     Op::MatMul { fp8: Some(_), .. }
                         | Op::ConcatMatMul { fp8: Some(_), .. }
+                        | Op::ConcatKMatMul { fp8: Some(_), .. }
+                        | Op::ConcatRowsMatMul { fp8: Some(_), .. }
                         | Op::MatMulAdd { fp8: Some(_), .. }
                         | Op::ScaledMatMul { .. }
                         | Op::ConcatScaledMatMul { .. }
@@ -277,10 +283,21 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 fn flops(f: &Function, node: &Node) -> u64 {
     match &node.op {
         Op::MatMul { ta, .. } | Op::MatMulAdd { ta, .. } => 2 * numel(node) * inner_dimension(f, node, *ta),
+        Op::ConcatRowsMatMul { ta, tb, .. } => {
+            let b = &f.node(node.args[2]).shape;
+            let product = |a: V| matmul_shape(&f.node(a).shape, b, *ta, *tb).iter().product::<usize>() as u64;
+            2 * (product(node.args[0]) + product(node.args[1])) * inner_dimension(f, node, *ta)
+        }
+        Op::ConcatKMatMul { ta, .. } => {
+            let k2 = inner_dimension_of(&f.node(node.args[2]).shape, *ta);
+            2 * numel(node) * (inner_dimension(f, node, *ta) + k2)
+        }
         Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
         Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
         Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
-        Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } => 6 * numel(node),
+        Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } | Op::PermuteQuantize { .. } => {
+            6 * numel(node)
+        }
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
         Op::ConcatGroupedMatMul { tb, .. } => {
             let (xs, n_axis) = (&f.node(node.args[0]).shape, if *tb { 1 } else { 2 });
@@ -290,7 +307,7 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::GroupedWgrad { .. } => {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }
-        Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } => 5 * numel(node),
+        Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } | Op::RopeConcat => 5 * numel(node),
         Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),
@@ -306,7 +323,11 @@ fn concat_flops(f: &Function, node: &Node, ta: bool, tb: bool) -> u64 {
 
 /// K of a GEMM whose first operand (transposed if `ta`) is the node's first argument.
 fn inner_dimension(f: &Function, node: &Node, ta: bool) -> u64 {
-    let a = &f.node(node.args[0]).shape;
+    inner_dimension_of(&f.node(node.args[0]).shape, ta)
+}
+
+/// K of a GEMM whose first operand, transposed if `ta`, has shape `a`.
+fn inner_dimension_of(a: &[usize], ta: bool) -> u64 {
     (if ta { a[a.len() - 2] } else { a[a.len() - 1] }) as u64
 }
 

@@ -54,14 +54,24 @@ define_language! {
         // (attr, a, b1, b2) → (a·b1, a·b2), the attribute that of the two GEMMs (a `matmul`'s
         // or a `scaled_matmul`'s).
         "concat_matmul" = ConcatMatMul([Id; 4]),
+        // (attr, a1, b1, a2, b2) → a1·b1 + a2·b2.
+        "concat_k_matmul" = ConcatKMatMul([Id; 5]),
+        // (attr, a1, a2, b) → (a1·b, a2·b).
+        "concat_rows_matmul" = ConcatRowsMatMul([Id; 4]),
         // The experts' GEMMs, (attr, xs, w, offsets); two of them sharing xs and offsets as
         // one, (attr, xs, w1, w2, offsets).
         "grouped_matmul" = GroupedMatMul([Id; 4]),
+        // The MoE dispatch, (attr, x, order); fused with the quantisation of what it sends,
+        // (quantize attr, permute attr, x, order).
+        "permute" = Permute([Id; 3]),
+        "permute_quantize" = PermuteQuantize([Id; 4]),
         "concat_grouped_matmul" = ConcatGroupedMatMul([Id; 5]),
         // A GEMM adding c in its epilogue, (attr, a, b, c); softmax(s·scale + mask),
         // (scale, s, mask).
         "matmul_add" = MatMulAdd([Id; 4]),
         "masked_softmax" = MaskedSoftmax([Id; 3]),
+        // (nope, pe, cos, sin) → concat(nope, rope(pe)).
+        "rope_concat" = RopeConcat([Id; 4]),
         // (top-k attr, top-keep attr, grouping reshape attr, scores, bias, scale) →
         // (chosen, gates).
         "route" = Route([Id; 6]),

@@ -93,6 +93,17 @@ pub fn fuse_function_for(
     limits: Limits,
     profile: &cost::Profile,
 ) -> (Function, FunctionReport) {
+    fuse_function_with(module, f, limits, |egraph, class, node| cost::node_seconds(egraph, class, node, profile))
+}
+
+/// Fuses one function, extraction costs from `cost(egraph, class, node)` (tests use it to
+/// take a rewrite the roofline would not, to prove it).
+pub fn fuse_function_with(
+    module: &Module,
+    f: &Function,
+    limits: Limits,
+    cost: impl Fn(&EGraph<lang::Fx, FusionAnalysis>, Id, &lang::Fx) -> f64,
+) -> (Function, FunctionReport) {
     let mut egraph =
         EGraph::new(FusionAnalysis { originals: f.nodes.iter().map(|n| (n.shape.clone(), n.dtype)).collect() });
     let classes = translate::encode(&mut egraph, f);
@@ -112,7 +123,7 @@ pub fn fuse_function_for(
         None => "not run".to_string(),
     };
     let egraph = &runner.egraph;
-    let extraction = extract::extract(egraph, &roots, |class, node| cost::node_seconds(egraph, class, node, profile));
+    let extraction = extract::extract(egraph, &roots, |class, node| cost(egraph, class, node));
     let function = translate::decode(module, f, egraph, &extraction.chosen, &roots);
     let mut fused = HashMap::new();
     for node in &function.nodes {

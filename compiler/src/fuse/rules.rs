@@ -7,7 +7,7 @@
 use super::analysis::attr;
 use super::lang::Fx;
 use super::{attr_op, FusionAnalysis};
-use crate::graph::ir::{matmul_shape, Op};
+use crate::graph::ir::{matmul_shape, DType, Op};
 use egg::{rewrite as rw, Applier, Id, MultiPattern, PatternAst, Rewrite, SearchMatches, Subst, Symbol, Var};
 
 type EGraph = egg::EGraph<Fx, FusionAnalysis>;
@@ -27,7 +27,7 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         // and w and writes both, the sum for the residual stream and the norm for the block.
         multi(
             "add-rmsnorm",
-            "?s = (add ?a ?b), ?n = (rmsnorm ?s ?w ?eps)",
+            "?n = (rmsnorm ?s ?w ?eps), ?s = (add ?a ?b)",
             "?t = (add_rmsnorm ?a ?b ?w ?eps), ?s = (get0 ?t), ?n = (get1 ?t)",
         ),
         // op(x)·op(w1) and op(x)·op(w2) with the same transposes and recipe  =  the two halves
@@ -40,6 +40,14 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
             Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
+        // The same on operands already quantised (FP8 made explicit, below): their groups are
+        // fixed, so any N will do.
+        multi_if(
+            "concat-scaled-gemms",
+            "?y1 = (scaled_matmul ?attr ?x ?w1), ?y2 = (scaled_matmul ?attr ?x ?w2)",
+            "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
+            Box::new(concatenable("?attr", "?w1", "?w2")),
+        ),
         // The experts' gate and up projections: two grouped GEMMs of the same rows, offsets and
         // recipe are one over [w1 | w2] along N, on the same conditions.
         multi_if(
@@ -48,12 +56,21 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (concat_grouped_matmul ?attr ?xs ?w1 ?w2 ?offsets), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
             Box::new(concatenable("?attr", "?w1", "?w2")),
         ),
+        // Their backward twins: the Wgrads op(g1)·op(x) and op(g2)·op(x) share x, and are the
+        // two halves along M of op([g1 | g2])·op(x) (in FP8 when g1's M is a whole number of
+        // the activation tiles' rows, so every group stays what it was);
         multi_if(
-            "concat-scaled-gemms",
-            "?y1 = (scaled_matmul ?attr ?x ?w1), ?y2 = (scaled_matmul ?attr ?x ?w2)",
-            "?t = (concat_matmul ?attr ?x ?w1 ?w2), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
-            Box::new(concatenable("?attr", "?w1", "?w2")),
+            "concat-rows-gemms",
+            "?y1 = (matmul ?attr ?a1 ?b), ?y2 = (matmul ?attr ?a2 ?b)",
+            "?t = (concat_rows_matmul ?attr ?a1 ?a2 ?b), ?y1 = (get0 ?t), ?y2 = (get1 ?t)",
+            Box::new(stackable("?attr", "?a1", "?a2")),
         ),
+        // and the Dgrad sum op(a1)·op(b1) + op(a2)·op(b2) of GEMMs with one
+        // recipe is one GEMM over K concatenated, its two products added in the epilogue.
+        rw!("concat-k-gemms"; "(add (matmul ?attr ?a1 ?b1) (matmul ?attr ?a2 ?b2))"
+            => "(concat_k_matmul ?attr ?a1 ?b1 ?a2 ?b2)" if equal_products("?attr", ["?a1", "?b1", "?a2", "?b2"])),
+        rw!("concat-k-gemms-reshaped"; "(add (reshape ?r (matmul ?attr ?a1 ?b1)) (reshape ?r (matmul ?attr ?a2 ?b2)))"
+            => "(reshape ?r (concat_k_matmul ?attr ?a1 ?b1 ?a2 ?b2))" if equal_products("?attr", ["?a1", "?b1", "?a2", "?b2"])),
         // FP8 made explicit: an FP8 GEMM op(a)·op(b) quantises each operand as used (a
         // transposed one, as Wgrad's, transposed while quantising) in its tiling and multiplies
         // the codes; that is scaled_matmul(quantize(a), quantize(b)), bit for bit. Alone it
@@ -66,6 +83,13 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         // quantize(swiglu(a, b)) likewise  =  swiglu_quantize(a, b).
         rw!("swiglu-quantize"; "(quantize ?q (reshape ?r (swiglu ?a ?b)))"
             => "(swiglu_quantize ?q ?a ?b)" if quantises_rows_of("?q", "?r", "?a")),
+        // The experts' FP8 GEMMs likewise take their rows quantised (one-row tiles, so each
+        // expert's rows are whole groups)...
+        rw!("grouped-fp8-explicit"; "(grouped_matmul ?attr ?xs ?w ?offsets)" => { QuantizedRows::new("?attr", "?xs", "?w", "?offsets") }),
+        // ...and quantize(permute(x)) = permute_quantize(x): rows are quantised on their own,
+        // so the dispatch can quantise as it copies (and send FP8).
+        rw!("permute-quantize"; "(quantize ?q (permute ?p ?x ?order))"
+            => "(permute_quantize ?q ?p ?x ?order)" if quantises_rows("?q")),
         // Backward twins: the VJPs autodiff emits for the primitives of RMSNorm, softmax and
         // SwiGLU, recognised as one fused op each.
         //
@@ -90,7 +114,7 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         //   dx = (g/z − Σ_last (g/z)·y)·e = y·(g − Σ_last g·y)
         multi(
             "softmax-grad",
-            "?y = (div ?e ?z), ?e = (exp (sub ?x (stop (max_last ?x)))), ?z = (sum_last ?e),
+            "?e = (exp (sub ?x (stop (max_last ?x)))), ?z = (sum_last ?e), ?y = (div ?e ?z),
              ?dx = (mul (add (div ?g ?z) (broadcast_to ?to (sum_to ?from (neg (mul (div ?g ?z) ?y))))) ?e)",
             "?dx = (softmax_grad ?x ?g)",
         ),
@@ -124,6 +148,22 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
             "?t = (route ?k ?keep ?grouping ?s ?bias ?scale), ?chosen = (get0 ?t), ?gates = (get1 ?t)",
             Box::new(takes_top_two("?two")),
         ),
+        // RoPE as `model::rope` emits it (interleaved pairs de-interleaved by reshape,
+        // transpose, reshape; x·cos + [−x_hi, x_lo]·sin) and the concatenation of a head's
+        // parts  =  rope_concat(nope, pe, cos, sin): one pass writes the whole head; the key's
+        // RoPE part, shared by the heads, is broadcast in it.
+        multi_if(
+            "rope-concat",
+            &format!("{ROPE}, ?head = (concat ?cat ?nope ?rope)"),
+            "?head = (rope_concat ?nope ?pe ?cos ?sin)",
+            Box::new(is_rope_layout()),
+        ),
+        multi_if(
+            "rope-concat-broadcast",
+            &format!("{ROPE}, ?head = (concat ?cat ?nope (broadcast_to ?spread ?rope))"),
+            "?head = (rope_concat ?nope ?pe ?cos ?sin)",
+            Box::new(is_rope_layout()),
+        ),
         // op(xᵀ) = op'(x): a transposed operand of a GEMM is its transpose flag flipped (also
         // in FP8, which quantises the operand as used either way).
         rw!("transpose-into-gemm-a"; "(matmul ?attr (transpose_last2 ?a) ?b)" => { FoldTranspose::new("?attr", "?a", "?b", false) }),
@@ -139,6 +179,10 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         rw!("transpose-transpose"; "(transpose_last2 (transpose_last2 ?x))" => "?x"),
     ]
 }
+
+/// RoPE on the interleaved pairs of `pe`, as `model::rope` emits it.
+const ROPE: &str = "?x = (reshape ?interleaved (transpose_last2 (reshape ?pairs ?pe))),
+    ?rope = (add (mul ?x ?cos) (mul (concat ?halves (neg (slice ?hi ?x)) (slice ?lo ?x)) ?sin))";
 
 /// Group-limited top-k on biased scores, as `model::route` emits it.
 const ROUTING: &str = "?biased = (stop (add ?s ?bias)), ?grouped = (reshape ?grouping ?biased),
@@ -185,6 +229,62 @@ fn quantises_rows_of(q: &str, r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
         let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
         let last = egraph[subst[x]].data.shape.as_ref().and_then(|s| s.last().copied());
         to.len() == 2 && to.last().copied() == last
+    }
+}
+
+/// Two GEMMs with attribute `attr` and first operands `a1` and `a2` can run as one over
+/// [a1 | a2] along M: the operands differ (and are taken in one order), and in FP8 a1's M
+/// is a whole number of the activation groups' rows.
+fn stackable(attr: &str, a1: &str, a2: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let [attr, a1, a2]: [Var; 3] = [attr, a1, a2].map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let (a1, a2) = (egraph.find(subst[a1]), egraph.find(subst[a2]));
+        let Op::MatMul { ta, fp8, .. } = attr_op(egraph, subst[attr]) else { return false };
+        let shape = egraph[a1].data.shape.as_ref().expect("shaped");
+        let m = shape[shape.len() - if ta { 1 } else { 2 }];
+        a1 < a2 && fp8.is_none_or(|f| m % f.a.outer == 0)
+    }
+}
+
+/// `q` quantises in one-row tiles, not transposed.
+fn quantises_rows(q: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let q: Var = q.parse().expect("variable");
+    move |egraph, _, subst| matches!(attr_op(egraph, subst[q]), Op::Quantize { rows: 1, transpose: false, .. })
+}
+
+/// A grouped FP8 GEMM on its rows quantised in the GEMM's one-row activation tiles.
+struct QuantizedRows {
+    vars: [Var; 4],
+}
+
+impl QuantizedRows {
+    fn new(attr: &str, xs: &str, w: &str, offsets: &str) -> Self {
+        QuantizedRows { vars: [attr, xs, w, offsets].map(|v| v.parse().expect("variable")) }
+    }
+}
+
+impl Applier<Fx, FusionAnalysis> for QuantizedRows {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<Fx>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let [attr_var, xs, w, offsets] = self.vars.map(|v| subst[v]);
+        let Op::GroupedMatMul { fp8: Some(f), .. } = attr_op(egraph, attr_var) else { return vec![] };
+        if f.a.outer != 1 || egraph[xs].data.dtype == DType::F8e4m3 {
+            return vec![];
+        }
+        let op = attr(egraph, &Op::Quantize { rows: 1, cols: f.a.k, transpose: false });
+        let rows = egraph.add(Fx::Quantize([op, xs]));
+        let product = egraph.add(Fx::GroupedMatMul([attr_var, rows, w, offsets]));
+        if egraph.union(eclass, product) {
+            vec![product]
+        } else {
+            vec![]
+        }
     }
 }
 
@@ -278,12 +378,47 @@ fn same_shape(c: &str, a: &str, b: &str, attr: &str) -> impl Fn(&mut EGraph, Id,
     }
 }
 
+/// The two products op(a1)·op(b1) and op(a2)·op(b2) with attribute `attr` have one shape.
+fn equal_products(attr: &str, operands: [&str; 4]) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let attr: Var = attr.parse().expect("variable");
+    let [a1, b1, a2, b2]: [Var; 4] = operands.map(|v| v.parse().expect("variable"));
+    move |egraph, _, subst| {
+        let Op::MatMul { ta, tb, .. } = attr_op(egraph, subst[attr]) else { return false };
+        let shape = |v: Var| egraph[subst[v]].data.shape.clone().expect("shaped");
+        matmul_shape(&shape(a1), &shape(b1), ta, tb) == matmul_shape(&shape(a2), &shape(b2), ta, tb)
+    }
+}
+
 /// Reshape `r` makes the shape `x` has.
 fn reshapes_to_shape_of(r: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
     let [r, x]: [Var; 2] = [r, x].map(|v| v.parse().expect("variable"));
     move |egraph, _, subst| {
         let Op::Reshape(to) = attr_op(egraph, subst[r]) else { return false };
         egraph[subst[x]].data.shape.as_ref() == Some(&to)
+    }
+}
+
+/// The RoPE pattern's attributes are those of `model::rope` on pe's last axis (r values):
+/// pairs [.., r/2, 2] back to pe's shape, halves [r/2, r) and [0, r/2), concatenations along
+/// the last axis.
+fn is_rope_layout() -> impl Fn(&mut EGraph, Id, &Subst) -> bool {
+    let var = |v: &str| -> Var { v.parse().expect("variable") };
+    let [pe, pairs, interleaved, hi, lo, halves, cat] =
+        ["?pe", "?pairs", "?interleaved", "?hi", "?lo", "?halves", "?cat"].map(var);
+    move |egraph, _, subst| {
+        let Some(shape) = egraph[subst[pe]].data.shape.clone() else { return false };
+        let (last, r) = (shape.len() - 1, shape[shape.len() - 1]);
+        let half = r / 2;
+        let mut paired = shape[..last].to_vec();
+        paired.extend([half, 2]);
+        let op = |v: Var| attr_op(egraph, subst[v]);
+        let concat_last = |op: Op, rank: usize| matches!(op, Op::Concat { axis } if axis + 1 == rank);
+        op(pairs) == Op::Reshape(paired)
+            && op(interleaved) == Op::Reshape(shape.clone())
+            && op(hi) == Op::Slice { axis: last, start: half, end: r }
+            && op(lo) == Op::Slice { axis: last, start: 0, end: half }
+            && concat_last(op(halves), shape.len())
+            && concat_last(op(cat), shape.len())
     }
 }
 
@@ -324,7 +459,9 @@ fn is_inverse_of_last_dim(inv_n: &str, x: &str) -> impl Fn(&mut EGraph, Id, &Sub
 type Condition = Box<dyn Fn(&mut EGraph, Id, &Subst) -> bool + Send + Sync>;
 
 /// A rewrite of several classes at once: the left side binds each `?class = (pattern)`, the
-/// right side adds each pattern and merges it into the class its variable names.
+/// right side adds each pattern and merges it into the class its variable names. The left
+/// side is searched in order, a pattern whose class is not yet bound by scanning every class:
+/// the most selective pattern goes first.
 fn multi(name: &str, lhs: &str, rhs: &str) -> Rewrite<Fx, FusionAnalysis> {
     multi_if(name, lhs, rhs, Box::new(|_, _, _| true))
 }

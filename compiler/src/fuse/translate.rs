@@ -36,6 +36,7 @@ pub fn encode(egraph: &mut EGraph<Fx, FusionAnalysis>, f: &Function) -> Vec<Id> 
             op @ Op::Reshape(_) => Fx::Reshape([attr(egraph, op), a[0]]),
             op @ Op::Slice { .. } => Fx::Slice([attr(egraph, op), a[0]]),
             op @ Op::GroupedMatMul { .. } => Fx::GroupedMatMul([attr(egraph, op), a[0], a[1], a[2]]),
+            op @ Op::Permute { .. } => Fx::Permute([attr(egraph, op), a[0], a[1]]),
             op @ Op::TopK { .. } => Fx::TopK([attr(egraph, op), a[0]]),
             Op::TakeAlong => Fx::TakeAlong([a[0], a[1]]),
             op @ Op::PutAlong { .. } => Fx::PutAlong([attr(egraph, op), a[0], a[1]]),
@@ -150,9 +151,11 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         | Fx::ScaledMatMul([attr, ..])
         | Fx::TopK([attr, _])
         | Fx::GroupedMatMul([attr, ..])
+        | Fx::Permute([attr, ..])
         | Fx::PutAlong([attr, ..])
         | Fx::SumAxis([attr, _]) => (attr_op(egraph, *attr), &children[1..]),
         Fx::TakeAlong(_) => (Op::TakeAlong, children),
+        Fx::RopeConcat(_) => (Op::RopeConcat, children),
         Fx::Route([k, keep, grouping, _, _, scale]) => {
             let (Op::TopK { k }, Op::TopK { k: keep }, Op::Reshape(grouped)) =
                 (attr_op(egraph, *k), attr_op(egraph, *keep), attr_op(egraph, *grouping))
@@ -174,11 +177,27 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
             Op::ScaledMatMul { promote } => (Op::ConcatScaledMatMul { promote }, &children[1..]),
             _ => unreachable!("a GEMM's attribute"),
         },
+        Fx::PermuteQuantize([quantize, permute, ..]) => {
+            let (Op::Quantize { cols, .. }, Op::Permute { k }) =
+                (attr_op(egraph, *quantize), attr_op(egraph, *permute))
+            else {
+                unreachable!("permute_quantize's attributes")
+            };
+            (Op::PermuteQuantize { k, cols }, &children[2..])
+        }
         Fx::ConcatGroupedMatMul([attr, ..]) => {
             let Op::GroupedMatMul { tb, fp8 } = attr_op(egraph, *attr) else {
                 unreachable!("a grouped GEMM's attribute")
             };
             (Op::ConcatGroupedMatMul { tb, fp8 }, &children[1..])
+        }
+        Fx::ConcatRowsMatMul([attr, ..]) => {
+            let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+            (Op::ConcatRowsMatMul { ta, tb, fp8 }, &children[1..])
+        }
+        Fx::ConcatKMatMul([attr, ..]) => {
+            let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
+            (Op::ConcatKMatMul { ta, tb, fp8 }, &children[1..])
         }
         Fx::MatMulAdd([attr, ..]) => {
             let Op::MatMul { ta, tb, fp8 } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };

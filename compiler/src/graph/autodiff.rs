@@ -345,10 +345,14 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::SoftmaxGrad
         | Op::SwiGluGrad
         | Op::ConcatMatMul { .. }
+        | Op::ConcatKMatMul { .. }
+        | Op::ConcatRowsMatMul { .. }
+        | Op::PermuteQuantize { .. }
         | Op::ConcatGroupedMatMul { .. }
         | Op::MatMulAdd { .. }
         | Op::MaskedSoftmax { .. }
         | Op::Route { .. }
+        | Op::RopeConcat
         | Op::Quantize { .. }
         | Op::ScaledMatMul { .. }
         | Op::RmsNormQuantize { .. }

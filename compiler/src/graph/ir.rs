@@ -190,7 +190,8 @@ pub enum Op {
         tokens: usize,
     },
     /// Per expert e, rows offsets[e]..offsets[e+1] of xs times w[e] (transposed if `tb`):
-    /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n].
+    /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n]. In FP8, xs may
+    /// come already quantised (an F8E4M3 value in 1×tile groups, from a fused dispatch).
     GroupedMatMul {
         tb: bool,
         fp8: Option<Fp8Gemm>,
@@ -249,6 +250,11 @@ pub enum Op {
     MaskedSoftmax {
         scale: f64,
     },
+    /// Fused: RoPE on a head's position part, joined to the rest, (nope [.., n], pe [.., r],
+    /// cos, sin) → concat(nope, rope(pe)) along the last axis, rope(pe) broadcast to nope's
+    /// leading shape (the key's one RoPE part serves every head); rope as `model::rope`
+    /// computes it on the interleaved pairs.
+    RopeConcat,
     /// Fused: DeepSeek-V3's routing of each token, (scores [t, e], bias [e]) → the tuple
     /// (chosen i32 [t, k], gates [t, k]): on the biased scores s + bias, a group's score is the
     /// sum of its two best, the `keep` best of the `groups` groups stay, the top `k` experts
@@ -287,6 +293,29 @@ pub enum Op {
     /// Fused: `ConcatMatMul` on quantised operands, (a, b1, b2) → (a·b1, a·b2).
     ConcatScaledMatMul {
         promote: usize,
+    },
+    /// Fused: two GEMMs sharing their second operand, (a1, a2, b) → the tuple (op(a1)·op(b),
+    /// op(a2)·op(b)), as one GEMM over a1 and a2 concatenated along M (the Wgrads of GEMMs that
+    /// share their input: [g1 | g2]ᵀ·x).
+    ConcatRowsMatMul {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
+    },
+    /// Fused: the MoE dispatch and the FP8 quantisation of what it sends, (x [t, d], order) →
+    /// F8E4M3 [t·k, d]: the rows of `Permute { k }` quantised in 1×`cols` tiles.
+    PermuteQuantize {
+        k: usize,
+        cols: usize,
+    },
+    /// Fused: the sum of two GEMMs with the same recipe, (a1, b1, a2, b2) → op(a1)·op(b1) +
+    /// op(a2)·op(b2): one GEMM over K concatenated ([a1 | a2]·[b1; b2], operands read in
+    /// place) whose two segments' products are added in the epilogue, as the unfused sum adds
+    /// them (the Dgrad of GEMMs that share their input).
+    ConcatKMatMul {
+        ta: bool,
+        tb: bool,
+        fp8: Option<Fp8Gemm>,
     },
     /// Fused: two grouped GEMMs of the same rows and offsets, (xs, w1, w2, offsets) → the tuple
     /// (xs·w1[e], xs·w2[e]) per expert, as one grouped GEMM over the weights concatenated
@@ -345,10 +374,14 @@ impl Op {
                 | Op::SoftmaxGrad
                 | Op::SwiGluGrad
                 | Op::ConcatMatMul { .. }
+                | Op::ConcatKMatMul { .. }
+                | Op::ConcatRowsMatMul { .. }
+                | Op::PermuteQuantize { .. }
                 | Op::ConcatGroupedMatMul { .. }
                 | Op::MatMulAdd { .. }
                 | Op::MaskedSoftmax { .. }
                 | Op::Route { .. }
+                | Op::RopeConcat
                 | Op::Quantize { .. }
                 | Op::ScaledMatMul { .. }
                 | Op::RmsNormQuantize { .. }
@@ -412,10 +445,14 @@ impl Op {
             Op::SoftmaxGrad => "softmax_grad",
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
+            Op::ConcatKMatMul { .. } => "concat_k_matmul",
+            Op::ConcatRowsMatMul { .. } => "concat_rows_matmul",
+            Op::PermuteQuantize { .. } => "permute_quantize",
             Op::ConcatGroupedMatMul { .. } => "concat_grouped_matmul",
             Op::MatMulAdd { .. } => "matmul_add",
             Op::MaskedSoftmax { .. } => "masked_softmax",
             Op::Route { .. } => "route",
+            Op::RopeConcat => "rope_concat",
             Op::Quantize { .. } => "quantize",
             Op::ScaledMatMul { .. } => "scaled_matmul",
             Op::RmsNormQuantize { .. } => "rmsnorm_quantize",

@@ -581,9 +581,9 @@ fn attention(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V, p: &[V]) -> 
     let k_nope = b.slice(kv, 3, 0, c.nope);
     let v = b.slice(kv, 3, c.nope, c.nope + c.v);
     // Decoupled RoPE: one key of `rope` dims shared by all heads.
-    let q_pe = rope(b, c, t, q_pe);
+    let q_pe = rope(b, q_pe, t.cos, t.sin);
     let k_pe = b.reshape(k_pe, vec![bs, s, 1, c.rope]);
-    let k_pe = rope(b, c, t, k_pe);
+    let k_pe = rope(b, k_pe, t.cos, t.sin);
     let k_pe = b.broadcast_to(k_pe, vec![bs, s, h, c.rope]);
     let q = b.concat(vec![q_nope, q_pe], 3);
     let k = b.concat(vec![k_nope, k_pe], 3);
@@ -609,10 +609,12 @@ fn attention(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V, p: &[V]) -> 
 }
 
 /// RoPE in DeepSeek-V3's layout on x [batch, seq, heads, rope]: the interleaved pairs are
-/// first gathered into halves, then rotated: x·cos + rotate_half(x)·sin.
-fn rope(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V) -> V {
+/// first gathered into halves, then rotated: x·cos + rotate_half(x)·sin, with the module's
+/// [seq, rope] tables `cos` and `sin`.
+pub fn rope(b: &mut FunctionBuilder, x: V, cos: usize, sin: usize) -> V {
     let shape = b.shape(x).clone();
-    let half = c.rope / 2;
+    let (seq, rope) = (shape[1], shape[3]);
+    let half = rope / 2;
     let mut pairs = shape.clone();
     pairs.pop();
     pairs.extend([half, 2]);
@@ -620,13 +622,13 @@ fn rope(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V) -> V {
     let x = b.transpose(x, vec![0, 1, 2, 4, 3]);
     let x = b.reshape(x, shape.clone());
     let x1 = b.slice(x, 3, 0, half);
-    let x2 = b.slice(x, 3, half, c.rope);
+    let x2 = b.slice(x, 3, half, rope);
     let neg_x2 = b.unary(Op::Neg, x2);
     let rotated = b.concat(vec![neg_x2, x1], 3);
-    let cos = b.table(t.cos);
-    let cos = b.reshape(cos, vec![c.seq, 1, c.rope]);
-    let sin = b.table(t.sin);
-    let sin = b.reshape(sin, vec![c.seq, 1, c.rope]);
+    let cos = b.table(cos);
+    let cos = b.reshape(cos, vec![seq, 1, rope]);
+    let sin = b.table(sin);
+    let sin = b.reshape(sin, vec![seq, 1, rope]);
     let a = b.mul(x, cos);
     let r = b.mul(rotated, sin);
     b.add(a, r)

@@ -54,7 +54,11 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::Slice { axis, start, end } => format!("axis {axis}, {start}..{end}"),
         Op::PadSlice { axis, start, len } => format!("axis {axis}, at {start} of {len}"),
         Op::Concat { axis } => format!("axis {axis}"),
-        Op::MatMul { ta, tb, fp8 } | Op::ConcatMatMul { ta, tb, fp8 } | Op::MatMulAdd { ta, tb, fp8 } => {
+        Op::MatMul { ta, tb, fp8 }
+        | Op::ConcatMatMul { ta, tb, fp8 }
+        | Op::ConcatKMatMul { ta, tb, fp8 }
+        | Op::ConcatRowsMatMul { ta, tb, fp8 }
+        | Op::MatMulAdd { ta, tb, fp8 } => {
             let mut parts = vec![];
             if *ta {
                 parts.push("ta".to_string());
@@ -95,6 +99,7 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } => format!("promote {promote}"),
         Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
         Op::SwiGluQuantize { cols } => format!("1x{cols}"),
+        Op::PermuteQuantize { k, cols } => format!("k {k}, 1x{cols}"),
         Op::MaskedSoftmax { scale } => format!("scale {scale:e}"),
         Op::Route { groups, keep, k, scale } => format!("groups {groups}, keep {keep}, k {k}, scale {scale:e}"),
         _ => String::new(),

@@ -2,7 +2,7 @@
 //! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
 //! here; the other kernels are in [`super::kernels`].
 
-use super::kernels::{grads, index, layout, linalg, rows};
+use super::kernels::{grads, index, layout, linalg, rope, rows};
 use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
@@ -92,12 +92,43 @@ fn round<T: Real>(x: T, to: DType) -> T {
 /// and from `at` along the last axis.
 fn split_last<T: Real>(y: Tensor<T>, at: usize) -> Value<T> {
     let axis = y.shape.len() - 1;
+    split(y, axis, at)
+}
+
+/// The product of a GEMM over concatenated first operands as the pair of its parts: rows
+/// before and from `at`.
+fn split_rows<T: Real>(y: Tensor<T>, at: usize) -> Value<T> {
+    let axis = y.shape.len() - 2;
+    split(y, axis, at)
+}
+
+/// `y` cut along `axis` at `at`, as a pair.
+fn split<T: Real>(y: Tensor<T>, axis: usize, at: usize) -> Value<T> {
     let part = |start: usize, end: usize| {
         let mut shape = y.shape.clone();
         shape[axis] = end - start;
         Tensor::new(shape, layout::slice(&y.data, &y.shape, axis, start, end))
     };
     pair(part(0, at), part(at, y.shape[axis]))
+}
+
+/// The rows of a grouped GEMM: a real [r, cols] tensor or an FP8 matrix.
+fn rows_of<T: Real>(xs: &Value<T>) -> linalg::Rows<'_, T> {
+    match xs {
+        Value::Quantized(q) => linalg::Rows::Quantized(q),
+        _ => {
+            let t = xs.as_real();
+            linalg::Rows::Real { data: &t.data, cols: *t.shape.last().expect("rank 2") }
+        }
+    }
+}
+
+/// How many rows a grouped GEMM's rows hold.
+fn node_rows<T: Real>(xs: &Value<T>) -> usize {
+    match xs {
+        Value::Quantized(q) => q.m,
+        _ => xs.as_real().shape[0],
+    }
 }
 
 /// The two results of a fused op.
@@ -202,9 +233,7 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             real(&node.shape, index::permute_grad(&r(0).data, last(&r(0).shape), &ix(1).data, *k, *tokens))
         }
         Op::GroupedMatMul { tb, fp8 } => {
-            let out =
-                linalg::grouped_matmul(&r(0).data, last(&r(0).shape), &r(1).data, &r(1).shape, &ix(2).data, *tb, *fp8);
-            real(&node.shape, out)
+            real(&node.shape, linalg::grouped_matmul(rows_of(v[0]), &r(1).data, &r(1).shape, &ix(2).data, *tb, *fp8))
         }
         Op::GroupedWgrad { experts, fp8 } => {
             let out = linalg::grouped_wgrad(
@@ -260,13 +289,30 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             split_last(Tensor::new(matmul_shape(&a.shape, &b_shape, *ta, *tb), y), b1.shape[n_axis])
         }
         Op::ConcatGroupedMatMul { tb, fp8 } => {
-            let (xs, w1, w2, offsets) = (r(0), r(1), r(2), &ix(3).data);
+            let (w1, w2, offsets) = (r(1), r(2), &ix(3).data);
             let n_axis = if *tb { 1 } else { 2 };
             let w = layout::concat(&[(&w1.data, &w1.shape), (&w2.data, &w2.shape)], n_axis);
             let mut w_shape = w1.shape.clone();
             w_shape[n_axis] += w2.shape[n_axis];
-            let y = linalg::grouped_matmul(&xs.data, last(&xs.shape), &w, &w_shape, offsets, *tb, *fp8);
-            split_last(Tensor::new(vec![xs.shape[0], w_shape[n_axis]], y), w1.shape[n_axis])
+            let y = linalg::grouped_matmul(rows_of(v[0]), &w, &w_shape, offsets, *tb, *fp8);
+            split_last(Tensor::new(vec![node_rows(v[0]), w_shape[n_axis]], y), w1.shape[n_axis])
+        }
+        Op::ConcatRowsMatMul { ta, tb, fp8 } => {
+            let (a1, a2, b) = (r(0), r(1), r(2));
+            let rank = a1.shape.len();
+            let m_axis = if *ta { rank - 1 } else { rank - 2 };
+            let a = layout::concat(&[(&a1.data, &a1.shape), (&a2.data, &a2.shape)], m_axis);
+            let mut a_shape = a1.shape.clone();
+            a_shape[m_axis] += a2.shape[m_axis];
+            let y = linalg::batched_matmul(&a, &a_shape, &b.data, &b.shape, *ta, *tb, *fp8);
+            split_rows(Tensor::new(matmul_shape(&a_shape, &b.shape, *ta, *tb), y), a1.shape[m_axis])
+        }
+        Op::ConcatKMatMul { ta, tb, fp8 } => {
+            let product = |a: &Tensor<T>, b: &Tensor<T>| {
+                linalg::batched_matmul(&a.data, &a.shape, &b.data, &b.shape, *ta, *tb, *fp8)
+            };
+            let (y1, y2) = (product(r(0), r(1)), product(r(2), r(3)));
+            real(&node.shape, y1.into_iter().zip(y2).map(|(a, b)| a + b).collect())
         }
         Op::MatMulAdd { ta, tb, fp8 } => {
             let (a, b, c) = (r(0), r(1), r(2));
@@ -279,6 +325,13 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let logits = broadcast_zip(&node.shape, s, mask, |s, m| s * scale + m);
             real(&node.shape, rows::softmax(&logits.data, last(&node.shape)))
         }
+        Op::PermuteQuantize { k, cols } => {
+            let (x, order) = (r(0), &ix(1).data);
+            let d = last(&x.shape);
+            let rows = index::permute(&x.data, d, order, *k);
+            quantized(&rows, order.len(), d, Tiling { rows: 1, cols: *cols })
+        }
+        Op::RopeConcat => Value::real(rope::rope_concat(r(0), r(1), r(2), r(3))),
         Op::Route { groups, keep, k, scale } => {
             let (scores, bias) = (r(0), r(1));
             let (chosen, gates) = index::route(&scores.data, &bias.data, *groups, *keep, *k, T::from_f64(*scale));

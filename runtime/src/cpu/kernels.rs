@@ -4,4 +4,5 @@ pub mod grads;
 pub mod index;
 pub mod layout;
 pub mod linalg;
+pub mod rope;
 pub mod rows;

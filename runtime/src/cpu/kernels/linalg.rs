@@ -4,7 +4,7 @@
 //! (`numerics::matmul_fp8`).
 
 use super::layout::transpose;
-use crate::cpu::numerics::{self, Tiling};
+use crate::cpu::numerics::{self, Quantized, Tiling};
 use crate::cpu::real::Real;
 use dsc_compiler::graph::ir::Fp8Gemm;
 
@@ -60,15 +60,20 @@ pub fn matmul<T: Real>(a: Operand<T>, b: Operand<T>, fp8: Option<Fp8Gemm>) -> Ve
     match fp8 {
         None => T::gemm(m, k, n, a.data, a.strides(), b.data, b.strides(), T::ZERO, &mut c, [n as isize, 1]),
         Some(f) => {
-            // A is [m, k] with groups of outer rows × k; B is [k, n] with groups of k × outer columns.
+            // A is [m, k] with groups of outer rows × k.
             let qa = numerics::quantize(&a.materialise(), m, k, Tiling { rows: f.a.outer, cols: f.a.k });
-            let qb = numerics::quantize(&b.materialise(), k, n, Tiling { rows: f.b.k, cols: f.b.outer });
-            for (out, x) in c.iter_mut().zip(numerics::matmul_fp8(&qa, &qb, f.promote)) {
-                *out = T::from_f64(x);
-            }
+            c = matmul_quantized_a(&qa, b, f);
         }
     }
     c
+}
+
+/// C = A·op(B) in FP8 for A already quantised: B [k, n] is quantised in groups of k × outer
+/// columns, as `f` says.
+fn matmul_quantized_a<T: Real>(qa: &Quantized, b: Operand<T>, f: Fp8Gemm) -> Vec<T> {
+    let (k, n) = b.dims();
+    let qb = numerics::quantize(&b.materialise(), k, n, Tiling { rows: f.b.k, cols: f.b.outer });
+    numerics::matmul_fp8(qa, &qb, f.promote).into_iter().map(T::from_f64).collect()
 }
 
 /// Batched `matmul` over equal leading dimensions.
@@ -99,10 +104,18 @@ fn rows_of(offsets: &[i32], e: usize) -> std::ops::Range<usize> {
     offsets[e] as usize..offsets[e + 1] as usize
 }
 
-/// Per expert: its rows of `xs` [r, cols] times its matrix `w[e]` [p, q] (transposed if `tb`).
+/// The rows of a grouped GEMM: real [r, cols], or already quantised to FP8 in one-row
+/// groups (MoE dispatch sends FP8 activations), so that each expert's rows are a quantised
+/// matrix of their own.
+#[derive(Clone, Copy)]
+pub enum Rows<'a, T> {
+    Real { data: &'a [T], cols: usize },
+    Quantized(&'a Quantized),
+}
+
+/// Per expert: its rows of `xs` times its matrix `w[e]` [p, q] (transposed if `tb`).
 pub fn grouped_matmul<T: Real>(
-    xs: &[T],
-    cols: usize,
+    xs: Rows<T>,
     w: &[T],
     w_shape: &[usize],
     offsets: &[i32],
@@ -118,9 +131,18 @@ pub fn grouped_matmul<T: Real>(
         if range.is_empty() {
             continue;
         }
-        let x = Operand { data: &xs[range.start * cols..range.end * cols], rows: range.len(), cols, t: false };
         let we = Operand { data: &w[e * p * q..(e + 1) * p * q], rows: p, cols: q, t: tb };
-        out[range.start * n..range.end * n].copy_from_slice(&matmul(x, we, fp8));
+        let product = match xs {
+            Rows::Real { data, cols } => {
+                let x =
+                    Operand { data: &data[range.start * cols..range.end * cols], rows: range.len(), cols, t: false };
+                matmul(x, we, fp8)
+            }
+            Rows::Quantized(q) => {
+                matmul_quantized_a(&q.rows(range.clone()), we, fp8.expect("FP8 rows need an FP8 GEMM"))
+            }
+        };
+        out[range.start * n..range.end * n].copy_from_slice(&product);
     }
     out
 }
@@ -177,7 +199,7 @@ mod tests {
         // Two experts; rows 0..1 go to expert 0 (w = 2·I), rows 1..3 to expert 1 (w = 3·I).
         let xs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let w = [2.0, 0.0, 0.0, 2.0, 3.0, 0.0, 0.0, 3.0];
-        let out = grouped_matmul(&xs, 2, &w, &[2, 2, 2], &[0, 1, 3], true, None);
+        let out = grouped_matmul(Rows::Real { data: &xs, cols: 2 }, &w, &[2, 2, 2], &[0, 1, 3], true, None);
         assert_eq!(out, vec![2.0, 4.0, 9.0, 12.0, 15.0, 18.0]);
         let g = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0];
         let dw = grouped_wgrad(&xs, 2, &g, 2, &[0, 1, 3], 2, None);

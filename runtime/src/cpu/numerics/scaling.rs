@@ -50,6 +50,25 @@ impl Quantized {
         self.scales[self.tiling.group_of(self.n, i, j)]
     }
 
+    /// Rows `range` as a quantised matrix of their own; the range may not cut a scaling group
+    /// (with one-row groups, as activations have, any range is whole groups).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Quantized {
+        let group_rows = self.tiling.rows;
+        assert!(
+            range.start.is_multiple_of(group_rows) && (range.end.is_multiple_of(group_rows) || range.end == self.m),
+            "rows {range:?} cut the {group_rows}-row scaling groups"
+        );
+        let groups_per_row = self.n.div_ceil(self.tiling.cols);
+        let (first, end) = (range.start / group_rows, range.end.div_ceil(group_rows));
+        Quantized {
+            values: self.values[range.start * self.n..range.end * self.n].to_vec(),
+            scales: self.scales[first * groups_per_row..end * groups_per_row].to_vec(),
+            m: range.len(),
+            n: self.n,
+            tiling: self.tiling,
+        }
+    }
+
     /// The represented matrix, value × scale per element, row-major [m, n]. Each product is exact
     /// in f64 (4 significant bits times 24).
     pub fn dequantize(&self) -> Vec<f64> {
@@ -169,6 +188,14 @@ mod tests {
             assert_eq!((q.m, q.n, q.tiling, q.scales.len(), q.values.len()), (m, n, tiling, groups, m * n));
             assert_groups(&x, &q);
         }
+    }
+
+    #[test]
+    fn a_row_range_is_quantised_as_a_matrix_of_its_own() {
+        let mut rng = Rng::new(4);
+        let x = uneven_matrix(&mut rng, 7, 300);
+        let whole = quantize(&x, 7, 300, Tiling::ACTIVATION);
+        assert_eq!(whole.rows(2..5), quantize(&x[2 * 300..5 * 300], 3, 300, Tiling::ACTIVATION));
     }
 
     #[test]
