@@ -277,6 +277,8 @@ mod tests {
         "masked_softmax",
         "route",
         "add_rmsnorm",
+        "rope_concat",
+        "permute_quantize",
     ];
 
     /// Every kernel of every shipped model is a library GEMM or generated, but for the fused
