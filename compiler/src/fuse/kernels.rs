@@ -122,7 +122,7 @@ pub fn scatters(op: &Op) -> bool {
 /// Whether later elementwise ops can join a kernel that starts with `op`: not after a scatter
 /// (its output is not complete per element) nor after a row kernel (a warp owns a row).
 fn takes_followers(op: &Op) -> bool {
-    !scatters(op) && !matches!(op, Op::RmsNorm { .. } | Op::Softmax)
+    !scatters(op) && !op.works_along_rows()
 }
 
 /// Whether `node` reads a reduction computed in kernel `k`: each of its elements would need
@@ -149,8 +149,10 @@ fn numel(n: &Node) -> u64 {
     n.shape.iter().product::<usize>() as u64
 }
 
-fn value_bytes(n: &Node) -> u64 {
-    numel(n) * dtype_bytes(n.dtype)
+/// Bytes of a value's buffer: its elements, and an FP8 value's scales
+/// ([`crate::mlir::fp8`] has the layout).
+pub fn value_bytes(n: &Node) -> u64 {
+    crate::mlir::fp8::storage_bytes(n).unwrap_or(numel(n) * dtype_bytes(n.dtype))
 }
 
 /// Bytes of value `v`; a fused op's tuple is the parts its `get` readers take.

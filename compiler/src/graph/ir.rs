@@ -362,6 +362,25 @@ impl Op {
         )
     }
 
+    /// Works along the last axis row by row (a warp owns a row), or token by token (routing):
+    /// a kernel of its own that loop fusion does not extend.
+    pub fn works_along_rows(&self) -> bool {
+        matches!(
+            self,
+            Op::RmsNorm { .. }
+                | Op::Softmax
+                | Op::MaskedSoftmax { .. }
+                | Op::SoftmaxGrad
+                | Op::AddRmsNorm { .. }
+                | Op::RmsNormGrad { .. }
+                | Op::RmsNormQuantize { .. }
+                | Op::SwiGluQuantize { .. }
+                | Op::SwiGluGrad
+                | Op::PermuteQuantize { .. }
+                | Op::Route { .. }
+        )
+    }
+
     /// Formed by fusion (`fuse`), never by the builder or autodiff.
     pub fn is_fused(&self) -> bool {
         matches!(

@@ -2,10 +2,10 @@
 //! gpu, scf, arith, memref and vector dialects, with inline PTX for the transcendental
 //! instructions (`ex2`, `rsqrt`, `lg2`, `sqrt`) so that no CUDA libdevice is needed.
 //! Elementwise kernels give each thread 4 consecutive elements through 16-byte vector loads
-//! and stores (coalesced across the warp); a scalar argument is loaded once. Row kernels
-//! (RMSNorm, softmax) give each warp a row, read with stride 32 across the lanes and reduced
-//! with warp shuffles. Every other kernel is written by index ([`super::indexed`]); a kernel
-//! that neither handles is reported with the reason.
+//! and stores (coalesced across the warp); a scalar argument is loaded once. Ops along rows
+//! are row programs ([`super::rows`]), `quantize` has its own kernel ([`super::fp8`]), and
+//! every other kernel is written by index ([`super::indexed`]); a kernel that none of them
+//! handles is reported with the reason.
 
 use crate::fuse::kernels::Kernel;
 use crate::graph::ir::{DType, Function, Node, Op, V};
@@ -24,103 +24,6 @@ pub(super) fn warp_reduce(t: &mut String, name: &str, value: &str, combine: &str
         v = format!("%{name}_r{k}");
     }
     v
-}
-
-/// The register-resident row kernel (see [`row_kernel`]).
-fn register_row_kernel(f: &Function, kernel: &Kernel, node: &Node, n: usize) -> Result<Emitted, String> {
-    let chunks = n / 128;
-    let rows = numel(node) / n;
-    let mut args = row_inputs(f, kernel, node)?;
-    args.extend(&kernel.outputs);
-    let out = node.args.len();
-    let mut t = header(&kernel.name, args.len());
-    let _ = write!(
-        t,
-        "      %row = gpu.block_id x\n      %lane = gpu.thread_id x\n      %c4 = arith.constant 4 : index\n      %n = arith.constant {n} : index\n      %start = arith.muli %row, %n : index\n      %lane4 = arith.muli %lane, %c4 : index\n      %w32 = arith.constant 32 : i32\n      %zero = arith.constant 0.0 : f32\n"
-    );
-    // Column of chunk c for this lane: 128·c + 4·lane.
-    for c in 0..chunks {
-        let _ = write!(
-            t,
-            "      %off{c} = arith.constant {} : index\n      %col{c} = arith.addi %lane4, %off{c} : index\n      %at{c} = arith.addi %start, %col{c} : index\n      %x{c} = vector.load %a0[%at{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>\n",
-            128 * c
-        );
-    }
-    // This lane's partial over the vectors `vector(c)` of every chunk.
-    let lane_reduce =
-        |t: &mut String, name: &str, init: &str, vector: &dyn Fn(usize) -> String, combine: &str| -> String {
-            let mut acc = init.to_string();
-            for c in 0..chunks {
-                let v = vector(c);
-                for l in 0..4 {
-                    let _ = writeln!(t, "      %{name}_x{c}_{l} = vector.extract {v}[{l}] : f32 from vector<4xf32>");
-                    let next = format!("%{name}_p{c}_{l}");
-                    let _ = writeln!(
-                        t,
-                        "      {next} = {}",
-                        combine.replace("%acc", &acc).replace("%y", &format!("%{name}_x{c}_{l}"))
-                    );
-                    acc = next;
-                }
-            }
-            acc
-        };
-    let vec_const = |t: &mut String, name: &str, value: f64| {
-        let _ = writeln!(t, "      %{name} = arith.constant dense<{}> : vector<4xf32>", float(value));
-    };
-    match node.op {
-        Op::RmsNorm { eps } => {
-            for c in 0..chunks {
-                let _ = writeln!(t, "      %sqv{c} = arith.mulf %x{c}, %x{c} : vector<4xf32>");
-            }
-            let part = lane_reduce(&mut t, "sq", "%zero", &|c| format!("%sqv{c}"), "arith.addf %acc, %y : f32");
-            let total = warp_reduce(&mut t, "sq", &part, "arith.addf %acc, %y : f32");
-            let _ = write!(
-                t,
-                "      %nf = arith.constant {} : f32\n      %eps = arith.constant {} : f32\n      %mean = arith.divf {total}, %nf : f32\n      %var = arith.addf %mean, %eps : f32\n      %inv = llvm.inline_asm \"rsqrt.approx.ftz.f32 $0, $1;\", \"=f,f\" %var : (f32) -> f32\n      %invv = vector.broadcast %inv : f32 to vector<4xf32>\n",
-                float(n as f64),
-                float(eps)
-            );
-            for c in 0..chunks {
-                let _ = write!(
-                    t,
-                    "      %g{c} = vector.load %a1[%col{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>\n      %xn{c} = arith.mulf %x{c}, %invv : vector<4xf32>\n      %y{c} = arith.mulf %xn{c}, %g{c} : vector<4xf32>\n      vector.store %y{c}, %a{out}[%at{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>\n"
-                );
-            }
-        }
-        Op::Softmax => {
-            let _ = writeln!(t, "      %lowest = arith.constant 0xFF800000 : f32");
-            let part = lane_reduce(&mut t, "mx", "%lowest", &|c| format!("%x{c}"), "arith.maximumf %acc, %y : f32");
-            let max = warp_reduce(&mut t, "mx", &part, "arith.maximumf %acc, %y : f32");
-            let _ = writeln!(t, "      %maxv = vector.broadcast {max} : f32 to vector<4xf32>");
-            vec_const(&mut t, "l2e", std::f64::consts::LOG2_E);
-            for c in 0..chunks {
-                let _ = writeln!(t, "      %d{c} = arith.subf %x{c}, %maxv : vector<4xf32>\n      %s{c} = arith.mulf %d{c}, %l2e : vector<4xf32>");
-                for l in 0..4 {
-                    let _ = writeln!(
-                        t,
-                        "      %s{c}_{l} = vector.extract %s{c}[{l}] : f32 from vector<4xf32>\n      %e{c}_{l} = llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" %s{c}_{l} : (f32) -> f32"
-                    );
-                }
-                let _ = writeln!(
-                    t,
-                    "      %e{c} = vector.from_elements %e{c}_0, %e{c}_1, %e{c}_2, %e{c}_3 : vector<4xf32>"
-                );
-            }
-            let part = lane_reduce(&mut t, "se", "%zero", &|c| format!("%e{c}"), "arith.addf %acc, %y : f32");
-            let total = warp_reduce(&mut t, "se", &part, "arith.addf %acc, %y : f32");
-            let _ = writeln!(t, "      %sumv = vector.broadcast {total} : f32 to vector<4xf32>");
-            for c in 0..chunks {
-                let _ = writeln!(
-                    t,
-                    "      %y{c} = arith.divf %e{c}, %sumv : vector<4xf32>\n      vector.store %y{c}, %a{out}[%at{c}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>"
-                );
-            }
-        }
-        _ => unreachable!("row kernels are RMSNorm and softmax"),
-    }
-    t.push_str("      gpu.return\n    }\n  }\n}\n");
-    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args, zeroed: false })
 }
 
 /// The sm_90a target of every module.
@@ -146,7 +49,10 @@ pub struct Emitted {
 pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
     match nodes.as_slice() {
-        [one] if matches!(one.op, Op::RmsNorm { .. } | Op::Softmax) => row_kernel(f, kernel, one),
+        [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => super::rows::row_kernel(f, kernel, one, kernel.nodes[0]),
+        [one] if matches!(one.op, Op::Quantize { .. }) => {
+            Ok(super::fp8::quantize_kernel(&kernel.name, one, kernel_input(f, kernel, one.args[0])?, kernel.nodes[0]))
+        }
         _ if is_elementwise(f, kernel, &nodes) => elementwise_kernel(f, kernel, &nodes),
         _ => super::indexed::indexed_kernel(f, kernel),
     }
@@ -195,12 +101,12 @@ impl Body {
         self.line(format!("arith.constant {} : f32", float(c)))
     }
 
-    fn ptx(&mut self, instruction: &str, x: &str) -> String {
+    pub(super) fn ptx(&mut self, instruction: &str, x: &str) -> String {
         self.line(format!(r#"llvm.inline_asm "{instruction} $0, $1;", "=f,f" {x} : (f32) -> f32"#))
     }
 
     /// e^x = 2^(x·log₂e)
-    fn exp(&mut self, x: &str) -> String {
+    pub(super) fn exp(&mut self, x: &str) -> String {
         let l2e = self.constant(std::f64::consts::LOG2_E);
         let s = self.line(format!("arith.mulf {x}, {l2e} : f32"));
         self.ptx("ex2.approx.ftz.f32", &s)
@@ -359,88 +265,16 @@ fn index_prelude(lanes: usize, size: usize) -> String {
     )
 }
 
-/// The buffers a row kernel reads: its arguments' data (a reshape or stop-gradient reads the
-/// same memory), each an input of the kernel.
-fn row_inputs(f: &Function, kernel: &Kernel, node: &Node) -> Result<Vec<u32>, String> {
-    node.args
-        .iter()
-        .map(|&a| {
-            let mut v = a;
-            while matches!(f.node(v).op, Op::Reshape(_) | Op::StopGradient) {
-                v = f.node(v).args[0];
-            }
-            if kernel.inputs.contains(&v.0) {
-                Ok(v.0)
-            } else {
-                Err("a row kernel reads a value computed in the kernel".to_string())
-            }
-        })
-        .collect()
-}
-
-/// Rows up to this many 128-element chunks are held in registers (one pass over memory).
-const MAX_REGISTER_CHUNKS: usize = 32;
-
-/// RMSNorm or softmax over rows: one warp per row. Rows of a multiple of 128 elements are
-/// read once with 16-byte loads into registers (each lane holds 4 elements of every
-/// 128-element chunk), reduced with warp shuffles, and written from registers; other rows
-/// are read with a stride of 32 across the lanes, once per reduction.
-fn row_kernel(f: &Function, kernel: &Kernel, node: &Node) -> Result<Emitted, String> {
-    let n = *node.shape.last().ok_or("a row kernel needs a rank ≥ 1 value")?;
-    if n % 128 == 0 && n / 128 <= MAX_REGISTER_CHUNKS {
-        return register_row_kernel(f, kernel, node, n);
+/// The data argument `a` of a one-node kernel reads: through reshapes and stop-gradients,
+/// an input of the kernel.
+pub(super) fn kernel_input(f: &Function, kernel: &Kernel, a: V) -> Result<u32, String> {
+    let mut v = a;
+    while matches!(f.node(v).op, Op::Reshape(_) | Op::StopGradient) {
+        v = f.node(v).args[0];
     }
-    let rows = numel(node) / n.max(1);
-    let mut args = row_inputs(f, kernel, node)?;
-    args.extend(&kernel.outputs);
-    let out = node.args.len();
-    let mut t = header(&kernel.name, args.len());
-    let _ = write!(
-        t,
-        "      %row = gpu.block_id x\n      %lane = gpu.thread_id x\n      %c0 = arith.constant 0 : index\n      %c32 = arith.constant 32 : index\n      %n = arith.constant {n} : index\n      %start = arith.muli %row, %n : index\n      %zero = arith.constant 0.0 : f32\n      %w32 = arith.constant 32 : i32\n"
-    );
-    let reduce = |t: &mut String, name: &str, init: &str, combine: &str, load: &str| {
-        let _ = write!(
-            t,
-            "      %{name}_part = scf.for %j = %lane to %n step %c32 iter_args(%acc = {init}) -> (f32) {{\n        %i = arith.addi %start, %j : index\n        %x = memref.load %a0[%i] : memref<?xf32>\n{load}        %next = {combine}\n        scf.yield %next : f32\n      }}\n"
-        );
-        warp_reduce(t, name, &format!("%{name}_part"), combine)
-    };
-    match node.op {
-        Op::RmsNorm { eps } => {
-            let total =
-                reduce(&mut t, "sq", "%zero", "arith.addf %acc, %y : f32", "        %y = arith.mulf %x, %x : f32\n");
-            let _ = write!(
-                t,
-                "      %nf = arith.constant {} : f32\n      %eps = arith.constant {} : f32\n      %mean = arith.divf {total}, %nf : f32\n      %var = arith.addf %mean, %eps : f32\n      %inv = llvm.inline_asm \"rsqrt.approx.ftz.f32 $0, $1;\", \"=f,f\" %var : (f32) -> f32\n      scf.for %j = %lane to %n step %c32 {{\n        %i = arith.addi %start, %j : index\n        %x = memref.load %a0[%i] : memref<?xf32>\n        %g = memref.load %a1[%j] : memref<?xf32>\n        %xn = arith.mulf %x, %inv : f32\n        %y = arith.mulf %xn, %g : f32\n        memref.store %y, %a{out}[%i] : memref<?xf32>\n      }}\n",
-                float(n as f64),
-                float(eps)
-            );
-        }
-        Op::Softmax => {
-            let _ = writeln!(t, "      %lowest = arith.constant 0xFF800000 : f32");
-            let max = reduce(
-                &mut t,
-                "mx",
-                "%lowest",
-                "arith.maximumf %acc, %y : f32",
-                "        %y = arith.addf %x, %zero : f32\n",
-            );
-            let l2e = float(std::f64::consts::LOG2_E);
-            let sum = reduce(
-                &mut t,
-                "se",
-                "%zero",
-                "arith.addf %acc, %y : f32",
-                &format!("        %d = arith.subf %x, {max} : f32\n        %l2e = arith.constant {l2e} : f32\n        %s = arith.mulf %d, %l2e : f32\n        %y = llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" %s : (f32) -> f32\n"),
-            );
-            let _ = write!(
-                t,
-                "      scf.for %j = %lane to %n step %c32 {{\n        %i = arith.addi %start, %j : index\n        %x = memref.load %a0[%i] : memref<?xf32>\n        %d = arith.subf %x, {max} : f32\n        %l2e = arith.constant {l2e} : f32\n        %s = arith.mulf %d, %l2e : f32\n        %e = llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" %s : (f32) -> f32\n        %y = arith.divf %e, {sum} : f32\n        memref.store %y, %a{out}[%i] : memref<?xf32>\n      }}\n"
-            );
-        }
-        _ => unreachable!("row kernels are RMSNorm and softmax"),
+    if kernel.inputs.contains(&v.0) {
+        Ok(v.0)
+    } else {
+        Err("a row kernel reads a value computed in the kernel".to_string())
     }
-    t.push_str("      gpu.return\n    }\n  }\n}\n");
-    Ok(Emitted { mlir: t, grid: rows as u32, block: 32, args, zeroed: false })
 }

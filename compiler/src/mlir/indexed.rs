@@ -20,6 +20,15 @@ pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> 
     let mut g = Gen::new(f, kernel);
     let zeroed = match nodes.as_slice() {
         [one] if scatters(&one.op) => g.scatter(one)?,
+        [one] if matches!(one.op, Op::Route { .. }) => {
+            let parts = super::rows::parts(f, kernel.nodes[0], 2);
+            let [Some(chosen), Some(gates)] = parts[..] else {
+                return Err("a route whose chosen experts or gates nobody reads is not generated".into());
+            };
+            g.args.truncate(kernel.inputs.len());
+            g.args.extend([chosen, gates]);
+            g.route(one)?
+        }
         _ if g.split_reduction(kernel).is_some() => g.reduce_by_warps(kernel)?,
         _ => g.gather(kernel)?,
     };
@@ -149,15 +158,16 @@ impl<'a> Gen<'a> {
         let iv = self.body.fresh();
         let carried: Vec<String> = init.iter().map(|_| self.body.fresh()).collect();
         let bindings: Vec<String> = carried.iter().zip(init).map(|(c, i)| format!("{c} = {i}")).collect();
+        let head = if init.is_empty() { String::new() } else { format!("{result}:{} = ", init.len()) };
         let _ = writeln!(
             self.body.text,
-            "        {result}:{} = scf.for {iv} = {c0} to {n} step {c1} iter_args({}) -> ({}) {{",
-            init.len(),
+            "        {head}scf.for {iv} = {c0} to {n} step {c1} iter_args({}) -> ({}) {{",
             bindings.join(", "),
             types.join(", ")
         );
         let next = self.scoped(|g| step(g, &iv, &carried))?;
-        let _ = writeln!(self.body.text, "        scf.yield {} : {}\n        }}", next.join(", "), types.join(", "));
+        let yielded = if next.is_empty() { String::new() } else { format!(" {} : {}", next.join(", "), types.join(", ")) };
+        let _ = writeln!(self.body.text, "        scf.yield{yielded}\n        }}");
         Ok((0..init.len()).map(|k| format!("{result}#{k}")).collect())
     }
 
@@ -309,6 +319,7 @@ impl<'a> Gen<'a> {
                 let x = self.value_at(arg(0), &[t, idx[1].clone()])?;
                 self.line(format!("arith.mulf {gate}, {x} : f32"))
             }
+            Op::RopeConcat => self.rope_concat(node, idx)?,
             op if op.is_elementwise() => {
                 let mut a = Vec::with_capacity(node.args.len());
                 for k in 0..node.args.len() {
@@ -340,6 +351,55 @@ impl<'a> Gen<'a> {
             Ok(vec![g.line(format!("arith.select {hit}, {sum}, {} : f32", acc[0]))])
         })
         .map(|mut r| r.remove(0))
+    }
+
+    /// concat(nope, rope(pe)) along the last axis, rope(pe) broadcast over nope's leading
+    /// axes: at position q of pe's r, x(q) = pe[2q] below r/2 and pe[2(q − r/2) + 1] above
+    /// (the pairs de-interleaved), and rope = x(q)·cos + rot(q)·sin with rot(q) = −x(q + r/2)
+    /// below r/2 and x(q − r/2) above.
+    fn rope_concat(&mut self, node: &Node, idx: &[String]) -> Result<String, String> {
+        let rank = idx.len();
+        let shapes: Vec<Vec<usize>> = node.args.iter().map(|&a| self.node(a).shape.clone()).collect();
+        let n = shapes[0][rank - 1];
+        let half = shapes[1][rank - 1] / 2;
+        let end = self.index(n);
+        let here = self.cmp_index("ult", &idx[rank - 1], &end);
+        self.select(&here, "f32", |g| g.value_at(node.args[0], idx), |g| {
+            let q = g.line(format!("arith.subi {}, {end} : index", idx[rank - 1]));
+            let lead = g.broadcast_index(&idx[..rank - 1], &shapes[1][..rank - 1]);
+            let h = g.index(half);
+            let low = g.cmp_index("ult", &q, &h);
+            // x at position p: pe[2p] below half, pe[2(p − half) + 1] above.
+            let x_at = |g: &mut Self, p: &str| {
+                let c2 = g.index(2);
+                let c1 = g.index(1);
+                let even = g.line(format!("arith.muli {p}, {c2} : index"));
+                let above = g.line(format!("arith.subi {p}, {h} : index"));
+                let above = g.line(format!("arith.muli {above}, {c2} : index"));
+                let odd = g.line(format!("arith.addi {above}, {c1} : index"));
+                let below = g.cmp_index("ult", p, &h);
+                let j = g.line(format!("arith.select {below}, {even}, {odd} : index"));
+                let mut at = lead.clone();
+                at.push(j);
+                g.value_at(node.args[1], &at)
+            };
+            let x = x_at(g, &q)?;
+            let up = g.line(format!("arith.addi {q}, {h} : index"));
+            let down = g.line(format!("arith.subi {q}, {h} : index"));
+            let partner = g.line(format!("arith.select {low}, {up}, {down} : index"));
+            let y = x_at(g, &partner)?;
+            let negated = g.line(format!("arith.negf {y} : f32"));
+            let rotated = g.line(format!("arith.select {low}, {negated}, {y} : f32"));
+            let mut at = lead.clone();
+            at.push(q.clone());
+            let cos_at = g.broadcast_index(&at, &shapes[2]);
+            let sin_at = g.broadcast_index(&at, &shapes[3]);
+            let cos = g.value_at(node.args[2], &cos_at)?;
+            let sin = g.value_at(node.args[3], &sin_at)?;
+            let a = g.line(format!("arith.mulf {x}, {cos} : f32"));
+            let b = g.line(format!("arith.mulf {rotated}, {sin} : f32"));
+            Ok(g.line(format!("arith.addf {a}, {b} : f32")))
+        })
     }
 
     /// Concatenation: the part whose range along `axis` holds the index.
@@ -422,46 +482,142 @@ impl<'a> Gen<'a> {
     fn top_k(&mut self, x: V, shape: &[usize], idx: &[String]) -> Result<String, String> {
         let rank = idx.len();
         let n = shape[rank - 1];
-        let m = &idx[rank - 1];
         let one = self.index(1);
-        let rounds = self.line(format!("arith.addi {m}, {one} : index"));
-        let (c0, c1) = (self.index(0), self.index(1));
-        let top = self.line("arith.constant 0x7F800000 : f32".into());
-        let none = self.index(usize::MAX >> 1);
-        let result = self.body.fresh();
-        let (_r, pv, pi) = (self.body.fresh(), self.body.fresh(), self.body.fresh());
-        let _ = writeln!(
-            self.body.text,
-            "        {result}:2 = scf.for {_r} = {c0} to {rounds} step {c1} iter_args({pv} = {top}, {pi} = {none}) -> (f32, index) {{"
-        );
-        let (best_v, best_i) = self.scoped(|g| -> Result<(String, String), String> {
-            let lowest = g.line("arith.constant 0xFF800000 : f32".into());
-            let far = g.index(usize::MAX >> 1);
-            let best = g.fold(n, &[lowest, far], &["f32", "index"], |g, j, acc| {
+        let rounds = self.line(format!("arith.addi {}, {one} : index", idx[rank - 1]));
+        let c0 = self.index(0);
+        let (top, none) = (self.line("arith.constant 0x7F800000 : f32".into()), self.index(usize::MAX >> 1));
+        let picked = self.fold_range(&c0, &rounds, 1, &[top, none], &["f32", "index"], |g, _, prev| {
+            let (v, i) = g.best_after(n, &prev[0], &prev[1], &|g, j| {
                 let mut at = idx[..rank - 1].to_vec();
                 at.push(j.to_string());
-                let xj = g.value_at(x, &at)?;
-                // after the previous pick: x < pv, or x = pv and j > pi
-                let lt = g.line(format!("arith.cmpf olt, {xj}, {pv} : f32"));
-                let eq = g.line(format!("arith.cmpf oeq, {xj}, {pv} : f32"));
-                let later = g.cmp_index("ugt", j, &pi);
-                let tie_after = g.line(format!("arith.andi {eq}, {later} : i1"));
-                let after = g.line(format!("arith.ori {lt}, {tie_after} : i1"));
-                // better than the best so far: x > bv, or x = bv and j < bi
-                let gt = g.line(format!("arith.cmpf ogt, {xj}, {} : f32", acc[0]));
-                let beq = g.line(format!("arith.cmpf oeq, {xj}, {} : f32", acc[0]));
-                let earlier = g.cmp_index("ult", j, &acc[1]);
-                let tie_better = g.line(format!("arith.andi {beq}, {earlier} : i1"));
-                let better = g.line(format!("arith.ori {gt}, {tie_better} : i1"));
-                let take = g.line(format!("arith.andi {after}, {better} : i1"));
-                let v = g.line(format!("arith.select {take}, {xj}, {} : f32", acc[0]));
-                let i = g.line(format!("arith.select {take}, {j}, {} : index", acc[1]));
-                Ok(vec![v, i])
+                g.value_at(x, &at)
             })?;
-            Ok((best[0].clone(), best[1].clone()))
+            Ok(vec![v, i])
         })?;
-        let _ = writeln!(self.body.text, "        scf.yield {best_v}, {best_i} : f32, index\n        }}");
-        Ok(self.line(format!("arith.index_cast {result}#1 : index to i32")))
+        Ok(self.line(format!("arith.index_cast {} : index to i32", picked[1])))
+    }
+
+    /// The best of elements 0..count (`value` of each) after (pv, pi) in the order (value
+    /// descending, index ascending): its value and index.
+    fn best_after(
+        &mut self,
+        count: usize,
+        pv: &str,
+        pi: &str,
+        value: &dyn Fn(&mut Self, &str) -> Result<String, String>,
+    ) -> Result<(String, String), String> {
+        let lowest = self.line("arith.constant 0xFF800000 : f32".into());
+        let far = self.index(usize::MAX >> 1);
+        let best = self.fold(count, &[lowest, far], &["f32", "index"], |g, j, acc| {
+            let xj = value(g, j)?;
+            // after the previous pick: x < pv, or x = pv and j > pi
+            let lt = g.line(format!("arith.cmpf olt, {xj}, {pv} : f32"));
+            let eq = g.line(format!("arith.cmpf oeq, {xj}, {pv} : f32"));
+            let later = g.cmp_index("ugt", j, pi);
+            let tie_after = g.line(format!("arith.andi {eq}, {later} : i1"));
+            let after = g.line(format!("arith.ori {lt}, {tie_after} : i1"));
+            // better than the best so far: x > bv, or x = bv and j < bi
+            let gt = g.line(format!("arith.cmpf ogt, {xj}, {} : f32", acc[0]));
+            let beq = g.line(format!("arith.cmpf oeq, {xj}, {} : f32", acc[0]));
+            let earlier = g.cmp_index("ult", j, &acc[1]);
+            let tie_better = g.line(format!("arith.andi {beq}, {earlier} : i1"));
+            let better = g.line(format!("arith.ori {gt}, {tie_better} : i1"));
+            let take = g.line(format!("arith.andi {after}, {better} : i1"));
+            let v = g.line(format!("arith.select {take}, {xj}, {} : f32", acc[0]));
+            let i = g.line(format!("arith.select {take}, {j}, {} : index", acc[1]));
+            Ok(vec![v, i])
+        })?;
+        Ok((best[0].clone(), best[1].clone()))
+    }
+
+    /// DeepSeek-V3's routing, a thread per token t: on the biased scores s + bias, each
+    /// group's score is the sum of its two best; `keep` rounds pick the best groups (a bit
+    /// mask); `k` rounds pick the best experts among the kept groups' (the others' sunk by
+    /// 10³⁰, as the reference does) into `chosen`, summing their unbiased scores; the gates are
+    /// those scores over the sum, times `scale`.
+    fn route(&mut self, node: &Node) -> Result<bool, String> {
+        let Op::Route { groups, keep, k, scale } = node.op else { unreachable!("a route node") };
+        let (scores, bias) = (node.args[0], node.args[1]);
+        let [tokens, experts] = self.node(scores).shape[..] else { return Err("routing of [tokens, experts] scores".into()) };
+        let per_group = experts / groups;
+        let (chosen_slot, gates_slot) = (self.slots.len(), self.slots.len() + 1);
+        self.domain = tokens;
+        let size = self.index(tokens);
+        let inside = self.cmp_index("ult", "%gid", &size);
+        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+        let t = "%gid".to_string();
+        let biased = |g: &mut Self, e: &str| -> Result<String, String> {
+            let s = g.value_at(scores, &[t.clone(), e.to_string()])?;
+            let b = g.value_at(bias, &[e.to_string()])?;
+            Ok(g.line(format!("arith.addf {s}, {b} : f32")))
+        };
+        let start = |g: &mut Self| (g.line("arith.constant 0x7F800000 : f32".into()), g.index(usize::MAX >> 1));
+        // A group's score: its best biased score plus its second best.
+        let group_score = |g: &mut Self, group: &str| -> Result<String, String> {
+            let pg = g.index(per_group);
+            let first = g.line(format!("arith.muli {group}, {pg} : index"));
+            let member = |g: &mut Self, j: &str| {
+                let e = g.line(format!("arith.addi {first}, {j} : index"));
+                biased(g, &e)
+            };
+            let (top, none) = start(g);
+            let (v1, i1) = g.best_after(per_group, &top, &none, &member)?;
+            let (v2, _) = g.best_after(per_group, &v1, &i1, &member)?;
+            let zero = g.body.constant(0.0);
+            let s = g.line(format!("arith.addf {zero}, {v1} : f32"));
+            Ok(g.line(format!("arith.addf {s}, {v2} : f32")))
+        };
+        let (top, none) = start(self);
+        let empty = self.line("arith.constant 0 : i64".into());
+        let kept = self.fold(keep, &[top, none, empty], &["f32", "index", "i64"], |g, _, prev| {
+            let (v, i) = g.best_after(groups, &prev[0], &prev[1], &group_score)?;
+            let bit = g.line(format!("arith.index_cast {i} : index to i64"));
+            let one = g.line("arith.constant 1 : i64".into());
+            let mask = g.line(format!("arith.shli {one}, {bit} : i64"));
+            Ok(vec![v, i, g.line(format!("arith.ori {}, {mask} : i64", prev[2]))])
+        })?[2]
+            .clone();
+        let candidate = |g: &mut Self, e: &str| -> Result<String, String> {
+            let b = biased(g, e)?;
+            let pg = g.index(per_group);
+            let group = g.line(format!("arith.divui {e}, {pg} : index"));
+            let bit = g.line(format!("arith.index_cast {group} : index to i64"));
+            let shifted = g.line(format!("arith.shrui {kept}, {bit} : i64"));
+            let flag = g.line(format!("arith.trunci {shifted} : i64 to i1"));
+            let one = g.body.constant(1.0);
+            let zero = g.body.constant(0.0);
+            let is_kept = g.line(format!("arith.select {flag}, {one}, {zero} : f32"));
+            let out = g.line(format!("arith.subf {one}, {is_kept} : f32"));
+            let sink = g.body.constant(1e30);
+            let sunk = g.line(format!("arith.mulf {out}, {sink} : f32"));
+            Ok(g.line(format!("arith.subf {b}, {sunk} : f32")))
+        };
+        let kk = self.index(k);
+        let row = self.line(format!("arith.muli %gid, {kk} : index"));
+        let (top, none) = start(self);
+        let zero = self.body.constant(0.0);
+        let total = self.fold(k, &[top, none, zero], &["f32", "index", "f32"], |g, m, prev| {
+            let (v, e) = g.best_after(experts, &prev[0], &prev[1], &candidate)?;
+            let at = g.line(format!("arith.addi {row}, {m} : index"));
+            let id = g.line(format!("arith.index_cast {e} : index to i32"));
+            let _ = writeln!(g.body.text, "        memref.store {id}, %a{chosen_slot}[{at}] : memref<?xi32>");
+            let s = g.value_at(scores, &[t.clone(), e.clone()])?;
+            Ok(vec![v, e, g.line(format!("arith.addf {}, {s} : f32", prev[2]))])
+        })?[2]
+            .clone();
+        self.fold(k, &[], &[], |g, m, _| {
+            let at = g.line(format!("arith.addi {row}, {m} : index"));
+            let id = g.line(format!("memref.load %a{chosen_slot}[{at}] : memref<?xi32>"));
+            let e = g.position(&id);
+            let s = g.value_at(scores, &[t.clone(), e])?;
+            let share = g.line(format!("arith.divf {s}, {total} : f32"));
+            let factor = g.body.constant(scale);
+            let gate = g.line(format!("arith.mulf {share}, {factor} : f32"));
+            let _ = writeln!(g.body.text, "        memref.store {gate}, %a{gates_slot}[{at}] : memref<?xf32>");
+            Ok(vec![])
+        })?;
+        let _ = writeln!(self.body.text, "        }}");
+        Ok(false)
     }
 
     /// When every output is a sum (`sum`, `sum_to`) of the same size over the same number of

@@ -3,6 +3,8 @@
 //! sm_90a. No CUDA toolkit is needed to compile.
 
 pub mod emit;
+pub mod fp8;
 mod indexed;
 #[cfg(feature = "mlir")]
 pub mod lower;
+mod rows;

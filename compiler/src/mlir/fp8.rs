@@ -1,0 +1,232 @@
+//! FP8 E4M3 values in generated kernels: the layout of a quantised buffer, the encoding, and
+//! the kernel of `quantize` (any group shape, transposed or not).
+//!
+//! A value quantised in groups of `rows × cols` of its [m, n] matrix is one buffer: its m·n
+//! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group stored
+//! group column by group column (index `group_col · ⌈m/rows⌉ + group_row`, the M-major order
+//! in which cuBLASLt and DeepGEMM read block scales). A group's scale is amax / 448 rounded to
+//! f32 (1 where that is 0), and an element is `cvt.rn.satfinite.e4m3` of the f32 quotient
+//! x / scale (a true division): what the CPU reference's `quantize` computes.
+
+use super::emit::{warp_reduce, Body, Emitted, TARGET};
+use crate::graph::ir::{Node, Op};
+use std::fmt::Write as _;
+
+/// The scaling group (rows, cols) of an FP8 value made by `op`.
+pub fn tiling(op: &Op) -> Option<(usize, usize)> {
+    match op {
+        Op::Quantize { rows, cols, .. } => Some((*rows, *cols)),
+        Op::RmsNormQuantize { cols, .. } | Op::SwiGluQuantize { cols } | Op::PermuteQuantize { cols, .. } => {
+            Some((1, *cols))
+        }
+        _ => None,
+    }
+}
+
+/// The FP8 value's matrix: [m, n] with n its last axis.
+fn matrix(node: &Node) -> (usize, usize) {
+    let n = *node.shape.last().unwrap_or(&1);
+    (node.shape.iter().product::<usize>() / n.max(1), n)
+}
+
+/// Where the scales start in the buffer.
+fn scales_offset(m: usize, n: usize) -> usize {
+    (m * n).next_multiple_of(16)
+}
+
+/// Bytes of the buffer of FP8 value `node` (made by an op with a [`tiling`]).
+pub fn storage_bytes(node: &Node) -> Option<u64> {
+    let (rows, cols) = tiling(&node.op)?;
+    let (m, n) = matrix(node);
+    Some((scales_offset(m, n) + 4 * m.div_ceil(rows) * n.div_ceil(cols)) as u64)
+}
+
+/// `%q{slot}` (the bytes as i32 words, when there are whole words) and `%s{slot}` (the scales)
+/// over argument `slot`, an [m, n] value in `rows × cols` groups.
+pub(super) fn views(b: &mut Body, slot: usize, m: usize, n: usize, rows: usize, cols: usize) {
+    let groups = m.div_ceil(rows) * n.div_ceil(cols);
+    let _ = write!(
+        b.text,
+        "      %qn{slot} = arith.constant {} : index\n      %q{slot} = memref.view %a{slot}[%c0][%qn{slot}] : memref<?xi8> to memref<?xi32>\n      %so{slot} = arith.constant {} : index\n      %sn{slot} = arith.constant {groups} : index\n      %s{slot} = memref.view %a{slot}[%so{slot}][%sn{slot}] : memref<?xi8> to memref<?xf32>\n",
+        m * n / 4,
+        scales_offset(m, n)
+    );
+}
+
+/// |x|, NaN staying NaN.
+fn magnitude(b: &mut Body, x: &str) -> String {
+    let negated = b.line(format!("arith.negf {x} : f32"));
+    b.line(format!("arith.maximumf {x}, {negated} : f32"))
+}
+
+/// A group's scale from its amax.
+fn scale(b: &mut Body, amax: &str) -> String {
+    let max = b.constant(448.0);
+    let s = b.line(format!("arith.divf {amax}, {max} : f32"));
+    let zero = b.constant(0.0);
+    let one = b.constant(1.0);
+    let is_zero = b.line(format!("arith.cmpf oeq, {s}, {zero} : f32"));
+    b.line(format!("arith.select {is_zero}, {one}, {s} : f32"))
+}
+
+/// Two E4M3 bytes as an i16, `low` in the low byte.
+fn encode_pair(b: &mut Body, low: &str, high: &str) -> String {
+    b.line(format!(
+        "nvvm.convert.f32x2.to.f8x2 {high}, {low} {{rnd = #nvvm.fp_rnd_mode<rn>, sat = #nvvm.sat_mode<satfinite>}} : i16 (f8E4M3FN)"
+    ))
+}
+
+/// Stores 4 consecutive elements of one row (`values`, at column `col` of row `%row`) of
+/// output `slot` quantised in 1×`cols` groups held by `lanes` lanes each: the group's amax
+/// through shuffles, one i32 word of E4M3 bytes per lane, the scale from the group's first
+/// lane. `inside`: whether the lane's elements are inside the row.
+pub(super) fn store_row_group(
+    b: &mut Body,
+    slot: usize,
+    values: &[String],
+    col: &str,
+    inside: Option<&str>,
+    lanes: usize,
+    cols: usize,
+) {
+    assert_eq!(values.len(), 4, "a lane stores one word of four elements");
+    let mut amax = b.constant(0.0);
+    for v in values {
+        let m = magnitude(b, v);
+        amax = b.line(format!("arith.maximumf {amax}, {m} : f32"));
+    }
+    if let Some(inside) = inside {
+        let zero = b.constant(0.0);
+        amax = b.line(format!("arith.select {inside}, {amax}, {zero} : f32"));
+    }
+    let mut offset = lanes / 2;
+    while offset > 0 {
+        let o = b.line(format!("arith.constant {offset} : i32"));
+        let r = b.fresh();
+        let _ = writeln!(b.text, "        {r}, {r}_ok = gpu.shuffle xor {amax}, {o}, %w32 : f32");
+        amax = b.line(format!("arith.maximumf {amax}, {r} : f32"));
+        offset /= 2;
+    }
+    let s = scale(b, &amax);
+    let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.divf {v}, {s} : f32"))).collect();
+    let low = encode_pair(b, &q[0], &q[1]);
+    let high = encode_pair(b, &q[2], &q[3]);
+    let low = b.line(format!("arith.extui {low} : i16 to i32"));
+    let high = b.line(format!("arith.extui {high} : i16 to i32"));
+    let sixteen = b.line("arith.constant 16 : i32".into());
+    let high = b.line(format!("arith.shli {high}, {sixteen} : i32"));
+    let word = b.line(format!("arith.ori {low}, {high} : i32"));
+    let at = b.line("arith.muli %row, %n : index".into());
+    let at = b.line(format!("arith.addi {at}, {col} : index"));
+    let c4 = b.line("arith.constant 4 : index".into());
+    let at = b.line(format!("arith.divui {at}, {c4} : index"));
+    let group_lanes = b.line(format!("arith.constant {lanes} : index"));
+    let in_group = b.line(format!("arith.remui %lane, {group_lanes} : index"));
+    let leads = b.line(format!("arith.cmpi eq, {in_group}, %c0 : index"));
+    let width = b.line(format!("arith.constant {cols} : index"));
+    let group_col = b.line(format!("arith.divui {col}, {width} : index"));
+    let column_start = b.line(format!("arith.muli {group_col}, %rows : index"));
+    let scale_at = b.line(format!("arith.addi {column_start}, %row : index"));
+    let guard = |b: &mut Body, cond: &str, body: &str| {
+        let _ = writeln!(b.text, "        scf.if {cond} {{\n        {body}\n        }}");
+    };
+    let store_word = format!("memref.store {word}, %q{slot}[{at}] : memref<?xi32>");
+    let store_scale = format!("memref.store {s}, %s{slot}[{scale_at}] : memref<?xf32>");
+    match inside {
+        Some(inside) => {
+            guard(b, inside, &store_word);
+            let both = b.line(format!("arith.andi {inside}, {leads} : i1"));
+            guard(b, &both, &store_scale);
+        }
+        None => {
+            let _ = writeln!(b.text, "        {store_word}");
+            guard(b, &leads, &store_scale);
+        }
+    }
+}
+
+/// Warps per block of the quantize kernel.
+const WARPS: usize = 4;
+
+/// `quantize` of x into [m, n] (x is [m, n], or [n, m] when transposed) in `rows × cols`
+/// groups: a warp per group reads the group twice (its amax, then the quotients) along x's
+/// contiguous axis, 32 lanes apart, and stores bytes.
+pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
+    let Op::Quantize { rows, cols, transpose } = node.op else { unreachable!("a quantize node") };
+    let (m, n) = matrix(node);
+    let (gm, gn) = (m.div_ceil(rows), n.div_ceil(cols));
+    let groups = gm * gn;
+    let mut b = Body::new();
+    let _ = write!(
+        b.text,
+        "      %tid = gpu.thread_id x\n      %bid = gpu.block_id x\n      %c0 = arith.constant 0 : index\n      %c1 = arith.constant 1 : index\n      %c32 = arith.constant 32 : index\n      %w32 = arith.constant 32 : i32\n      %wpb = arith.constant {WARPS} : index\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n      %bw = arith.muli %bid, %wpb : index\n      %g = arith.addi %bw, %warp : index\n      %groups = arith.constant {groups} : index\n      %m = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %gm = arith.constant {gm} : index\n      %rows = arith.constant {rows} : index\n      %cols = arith.constant {cols} : index\n      %active = arith.cmpi ult, %g, %groups : index\n      scf.if %active {{\n"
+    );
+    views(&mut b, 1, m, n, rows, cols);
+    // Group (gr, gc) = (g mod gm, g / gm): rows i0..i1, columns j0..j1 of the result.
+    let _ = write!(
+        b.text,
+        "      %gr = arith.remui %g, %gm : index\n      %gc = arith.divui %g, %gm : index\n      %i0 = arith.muli %gr, %rows : index\n      %j0 = arith.muli %gc, %cols : index\n      %ie = arith.addi %i0, %rows : index\n      %je = arith.addi %j0, %cols : index\n      %i1 = arith.minui %ie, %m : index\n      %j1 = arith.minui %je, %n : index\n"
+    );
+    // Lanes along x's contiguous axis: the result's rows when transposed, its columns if not.
+    let (slow, fast) = if transpose { (("%j0", "%j1"), ("%i0", "%i1")) } else { (("%i0", "%i1"), ("%j0", "%j1")) };
+    let fast_start = b.line(format!("arith.addi {}, %lane : index", fast.0));
+    // Runs `body` on every (i, j) of the group this lane reads; returns the carried values.
+    let each = |b: &mut Body, init: Option<&str>, body: &dyn Fn(&mut Body, &str, &str, Option<&str>) -> Option<String>| {
+        let (s, f) = (b.fresh(), b.fresh());
+        let (outer, inner) = (b.fresh(), b.fresh());
+        let (acc_o, acc_i) = (b.fresh(), b.fresh());
+        let carry = |acc: &str, from: &str| init.map_or(String::new(), |_| format!(" iter_args({acc} = {from}) -> (f32)"));
+        let head = |r: &str| if init.is_some() { format!("{r} = ") } else { String::new() };
+        let _ = writeln!(b.text, "        {}scf.for {s} = {} to {} step %c1{} {{", head(&outer), slow.0, slow.1, carry(&acc_o, init.unwrap_or("")));
+        let _ = writeln!(b.text, "        {}scf.for {f} = {fast_start} to {} step %c32{} {{", head(&inner), fast.1, carry(&acc_i, &acc_o));
+        let (i, j) = if transpose { (f.as_str(), s.as_str()) } else { (s.as_str(), f.as_str()) };
+        let next = body(b, i, j, init.map(|_| acc_i.as_str()));
+        match next {
+            Some(next) => {
+                let _ = writeln!(b.text, "        scf.yield {next} : f32\n        }}\n        scf.yield {inner} : f32\n        }}");
+                Some(outer)
+            }
+            None => {
+                let _ = writeln!(b.text, "        }}\n        }}");
+                None
+            }
+        }
+    };
+    let load = |b: &mut Body, i: &str, j: &str| {
+        // x[i, j], or x[j, i] when transposed.
+        let (r, c, width) = if transpose { (j, i, "%m") } else { (i, j, "%n") };
+        let at = b.line(format!("arith.muli {r}, {width} : index"));
+        let at = b.line(format!("arith.addi {at}, {c} : index"));
+        b.line(format!("memref.load %a0[{at}] : memref<?xf32>"))
+    };
+    let zero = b.constant(0.0);
+    let partial = each(&mut b, Some(&zero), &|b, i, j, acc| {
+        let x = load(b, i, j);
+        let m = magnitude(b, &x);
+        Some(b.line(format!("arith.maximumf {}, {m} : f32", acc.expect("carried"))))
+    })
+    .expect("carried");
+    let reduction = b.fresh();
+    let amax = warp_reduce(&mut b.text, &reduction[1..], &partial, "arith.maximumf %acc, %y : f32");
+    let s = scale(&mut b, &amax);
+    each(&mut b, None, &|b, i, j, _| {
+        let x = load(b, i, j);
+        let q = b.line(format!("arith.divf {x}, {s} : f32"));
+        let zero = b.constant(0.0);
+        let pair = encode_pair(b, &q, &zero);
+        let byte = b.line(format!("arith.trunci {pair} : i16 to i8"));
+        let at = b.line(format!("arith.muli {i}, %n : index"));
+        let at = b.line(format!("arith.addi {at}, {j} : index"));
+        let _ = writeln!(b.text, "        memref.store {byte}, %a1[{at}] : memref<?xi8>");
+        None
+    });
+    let _ = write!(
+        b.text,
+        "      %first_lane = arith.cmpi eq, %lane, %c0 : index\n      scf.if %first_lane {{\n      %sgm = arith.muli %gc, %gm : index\n      %sat = arith.addi %sgm, %gr : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n      }}\n"
+    );
+    let mlir = format!(
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}(%a0: memref<?xf32>, %a1: memref<?xi8>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
+        b.text
+    );
+    Emitted { mlir, grid: groups.div_ceil(WARPS).max(1) as u32, block: (32 * WARPS) as u32, args: vec![x, out], zeroed: false }
+}

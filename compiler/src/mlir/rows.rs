@@ -1,0 +1,718 @@
+//! Row kernels: the fused ops that work along the last axis. RMSNorm with its residual-add,
+//! quantising and backward forms; softmax plain, masked and scaled, and its backward; SwiGLU's
+//! quantising and backward forms; the MoE dispatch with quantisation. Each op is written as a
+//! row program ([`Program`]): how every input is addressed (a row of its own, one row shared
+//! by all rows such as a norm weight, a broadcast row such as the attention mask, or the row
+//! an index picks as the dispatch does), the reductions over the row it needs in order, and
+//! what it writes per element: a value, an FP8 value in 1×`cols` groups ([`super::fp8`]), or
+//! a sum over all rows (a norm weight's gradient).
+//!
+//! Warps own rows (four warps per block, each looping over rows when the launch holds fewer
+//! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
+//! every chunk of 32·W elements. When a row's inputs fit in [`REGISTER_FLOATS`] registers per
+//! lane they are read once and kept there for every pass (one pass over memory); longer rows
+//! are streamed from memory once per pass. Reductions meet through warp shuffles; sums over
+//! rows are kept per lane across the warp's rows and added atomically into the zeroed output
+//! at the end (streamed rows add theirs per row).
+
+use super::emit::{kernel_input as input, warp_reduce, Body, Emitted, TARGET};
+use super::fp8;
+use crate::fuse::kernels::Kernel;
+use crate::graph::ir::{Function, Node, Op};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+/// Warps per block.
+const WARPS: usize = 4;
+/// Floats per lane a row may keep in registers (inputs, and the column sums carried).
+const REGISTER_FLOATS: usize = 128;
+/// Blocks of a kernel that sums over rows: enough to fill an H100 twice, few enough that the
+/// per-warp column sums are cheap to add up.
+const COLUMN_SUM_BLOCKS: usize = 264;
+
+/// How an input's row for output row `r` is found.
+#[derive(Clone, Debug)]
+enum Rows {
+    /// Row r of its own.
+    Own,
+    /// One row for every row (a weight over the last axis).
+    Shared,
+    /// Broadcast against the output's leading shape (an attention mask): the input's leading
+    /// shape (as many axes as the output's, extent 1 where broadcast) and the output's.
+    Broadcast { input: Vec<usize>, output: Vec<usize> },
+    /// Row order[r] / k (the MoE dispatch), `order` being the kernel's index input.
+    Picked { k: usize },
+}
+
+/// A value of one element from the elements of the inputs there and the finished reductions.
+type Term<'p> = Box<dyn Fn(&mut Body, &[String], &[String]) -> String + 'p>;
+
+/// A reduction over the row: its term per element, and what it makes of the warp's total
+/// (values appended to the finished reductions the later terms read).
+struct Reduction<'p> {
+    max: bool,
+    term: Term<'p>,
+    finish: Box<dyn Fn(&mut Body, &[String], &str) -> Vec<String> + 'p>,
+}
+
+enum Write {
+    Element,
+    Fp8 { cols: usize },
+    ColumnSum,
+}
+
+struct Output<'p> {
+    value: u32,
+    write: Write,
+    term: Term<'p>,
+}
+
+/// One row op as a program over rows of `n` elements.
+struct Program<'p> {
+    n: usize,
+    rows: usize,
+    inputs: Vec<(u32, Rows)>,
+    /// The index input that `Rows::Picked` reads.
+    order: Option<u32>,
+    reductions: Vec<Reduction<'p>>,
+    outputs: Vec<Output<'p>>,
+}
+
+/// The row kernel of `node`, the one node of `kernel`.
+pub fn row_kernel(f: &Function, kernel: &Kernel, node: &Node, v: u32) -> Result<Emitted, String> {
+    let program = program(f, kernel, node, v)?;
+    Ok(emit(&kernel.name, &program, |v| f.nodes[v as usize].dtype == crate::graph::ir::DType::I32))
+}
+
+/// The parts of fused op `v`'s tuple that are read (its `get` nodes), by position.
+pub(super) fn parts(f: &Function, v: u32, count: usize) -> Vec<Option<u32>> {
+    let mut parts = vec![None; count];
+    for (i, n) in f.nodes.iter().enumerate() {
+        if let (Op::Get(p), [a]) = (&n.op, n.args.as_slice()) {
+            if a.0 == v {
+                parts[*p] = Some(i as u32);
+            }
+        }
+    }
+    parts
+}
+
+fn last(shape: &[usize]) -> usize {
+    *shape.last().unwrap_or(&1)
+}
+
+/// x·rsqrt(Σx²/n + eps)·w's finish: the reciprocal root.
+fn rms_finish<'p>(n: usize, eps: f64) -> Box<dyn Fn(&mut Body, &[String], &str) -> Vec<String> + 'p> {
+    Box::new(move |b, _, total| {
+        let nf = b.constant(n as f64);
+        let eps = b.constant(eps);
+        let mean = b.line(format!("arith.divf {total}, {nf} : f32"));
+        let var = b.line(format!("arith.addf {mean}, {eps} : f32"));
+        vec![b.ptx("rsqrt.approx.ftz.f32", &var)]
+    })
+}
+
+fn square_sum<'p>(x: impl Fn(&mut Body, &[String]) -> String + 'p) -> Term<'p> {
+    Box::new(move |b, e, _| {
+        let x = x(b, e);
+        b.line(format!("arith.mulf {x}, {x} : f32"))
+    })
+}
+
+/// Softmax over `logit` (an element's logit from the inputs): the max, then Σ e^(x − max).
+fn softmax_reductions<'p>(logit: impl Fn(&mut Body, &[String]) -> String + Copy + 'p) -> Vec<Reduction<'p>> {
+    vec![
+        Reduction { max: true, term: Box::new(move |b, e, _| logit(b, e)), finish: Box::new(|_, _, t| vec![t.to_string()]) },
+        Reduction {
+            max: false,
+            term: Box::new(move |b, e, r| {
+                let x = logit(b, e);
+                let d = b.line(format!("arith.subf {x}, {} : f32", r[0]));
+                b.exp(&d)
+            }),
+            finish: Box::new(|_, _, t| vec![t.to_string()]),
+        },
+    ]
+}
+
+fn bin(b: &mut Body, op: &str, x: &str, y: &str) -> String {
+    b.line(format!("arith.{op} {x}, {y} : f32"))
+}
+
+fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Result<Program<'p>, String> {
+    let arg = |k: usize| input(f, kernel, node.args[k]);
+    let arg_shape = |k: usize| &f.node(node.args[k]).shape;
+    let n = last(arg_shape(0));
+    let rows = arg_shape(0).iter().product::<usize>() / n.max(1);
+    let element = |term: Term<'p>| Output { value: v, write: Write::Element, term };
+    let pick = |k: usize| -> Box<dyn Fn(&mut Body, &[String]) -> String + 'p> { Box::new(move |_, e| e[k].clone()) };
+    let program = |inputs, reductions, outputs| Program { n, rows, inputs, order: None, reductions, outputs };
+    Ok(match &node.op {
+        Op::RmsNorm { eps } => program(
+            vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared)],
+            vec![Reduction { max: false, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
+            vec![element(Box::new(|b, e, r| {
+                let xn = bin(b, "mulf", &e[0], &r[0]);
+                bin(b, "mulf", &xn, &e[1])
+            }))],
+        ),
+        Op::RmsNormQuantize { eps, cols } => program(
+            vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared)],
+            vec![Reduction { max: false, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
+            vec![Output {
+                value: v,
+                write: Write::Fp8 { cols: *cols },
+                term: Box::new(|b, e, r| {
+                    let xn = bin(b, "mulf", &e[0], &r[0]);
+                    bin(b, "mulf", &xn, &e[1])
+                }),
+            }],
+        ),
+        Op::AddRmsNorm { eps } => {
+            let [sum, norm] = parts(f, v, 2)[..] else { unreachable!("two parts") };
+            let x = |b: &mut Body, e: &[String]| bin(b, "addf", &e[0], &e[1]);
+            let mut outputs = Vec::new();
+            if let Some(sum) = sum {
+                outputs.push(Output { value: sum, write: Write::Element, term: Box::new(move |b, e, _| x(b, e)) });
+            }
+            if let Some(norm) = norm {
+                outputs.push(Output {
+                    value: norm,
+                    write: Write::Element,
+                    term: Box::new(move |b, e, r| {
+                        let x = x(b, e);
+                        let xn = bin(b, "mulf", &x, &r[0]);
+                        bin(b, "mulf", &xn, &e[2])
+                    }),
+                });
+            }
+            program(
+                vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own), (arg(2)?, Rows::Shared)],
+                vec![Reduction { max: false, term: square_sum(x), finish: rms_finish(n, *eps) }],
+                outputs,
+            )
+        }
+        Op::RmsNormGrad { eps } => {
+            // var = Σx²·(1/n) + eps, r = 1/√var; dx = [acc +] dy·w·r + (Σ dy·w·x)·(r/var·−½)·(1/n)·2x;
+            // dw = Σ_rows dy·(x·r).
+            let [dx, dw] = parts(f, v, 2)[..] else { unreachable!("two parts") };
+            let accumulates = node.args.len() == 4;
+            let mut inputs = vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared), (arg(2)?, Rows::Own)];
+            if accumulates {
+                inputs.push((arg(3)?, Rows::Own));
+            }
+            let eps = *eps;
+            let reductions = vec![
+                Reduction {
+                    max: false,
+                    term: square_sum(pick(0)),
+                    finish: Box::new(move |b, _, total| {
+                        let inverse_n = b.constant(1.0 / n as f64);
+                        let eps = b.constant(eps);
+                        let scaled = bin(b, "mulf", total, &inverse_n);
+                        let var = bin(b, "addf", &scaled, &eps);
+                        let root = b.ptx("sqrt.rn.f32", &var);
+                        let one = b.constant(1.0);
+                        let r = bin(b, "divf", &one, &root);
+                        vec![var, r]
+                    }),
+                },
+                Reduction {
+                    max: false,
+                    term: Box::new(|b, e, _| {
+                        let gw = bin(b, "mulf", &e[2], &e[1]);
+                        bin(b, "mulf", &gw, &e[0])
+                    }),
+                    finish: Box::new(move |b, r, projection| {
+                        let half = b.constant(-0.5);
+                        let inverse_n = b.constant(1.0 / n as f64);
+                        let rv = bin(b, "divf", &r[1], &r[0]);
+                        let rvh = bin(b, "mulf", &rv, &half);
+                        let through = bin(b, "mulf", projection, &rvh);
+                        vec![bin(b, "mulf", &through, &inverse_n)]
+                    }),
+                },
+            ];
+            let mut outputs = Vec::new();
+            if let Some(dx) = dx {
+                outputs.push(Output {
+                    value: dx,
+                    write: Write::Element,
+                    term: Box::new(move |b, e, r| {
+                        let gw = bin(b, "mulf", &e[2], &e[1]);
+                        let mut direct = bin(b, "mulf", &gw, &r[1]);
+                        if accumulates {
+                            direct = bin(b, "addf", &e[3], &direct);
+                        }
+                        let two = b.constant(2.0);
+                        let x2 = bin(b, "mulf", &e[0], &two);
+                        let through = bin(b, "mulf", &r[2], &x2);
+                        bin(b, "addf", &direct, &through)
+                    }),
+                });
+            }
+            if let Some(dw) = dw {
+                outputs.push(Output {
+                    value: dw,
+                    write: Write::ColumnSum,
+                    term: Box::new(|b, e, r| {
+                        let xr = bin(b, "mulf", &e[0], &r[1]);
+                        bin(b, "mulf", &e[2], &xr)
+                    }),
+                });
+            }
+            program(inputs, reductions, outputs)
+        }
+        Op::Softmax => program(
+            vec![(arg(0)?, Rows::Own)],
+            softmax_reductions(|_, e| e[0].clone()),
+            vec![element(Box::new(|b, e, r| {
+                let d = bin(b, "subf", &e[0], &r[0]);
+                let x = b.exp(&d);
+                bin(b, "divf", &x, &r[1])
+            }))],
+        ),
+        Op::MaskedSoftmax { scale } => {
+            // softmax(s·scale + mask), the mask broadcast against s's leading shape.
+            let out_shape = &node.shape;
+            let mask_shape = arg_shape(1);
+            let lead = out_shape.len() - 1;
+            let mut mask_lead = vec![1; lead.saturating_sub(mask_shape.len() - 1)];
+            mask_lead.extend(&mask_shape[..mask_shape.len() - 1]);
+            let broadcast = Rows::Broadcast { input: mask_lead, output: out_shape[..lead].to_vec() };
+            if last(mask_shape) != n {
+                return Err("a masked softmax whose mask is broadcast along the row is not generated".into());
+            }
+            let scale = *scale;
+            let logit = move |b: &mut Body, e: &[String]| {
+                let s = b.constant(scale);
+                let x = bin(b, "mulf", &e[0], &s);
+                bin(b, "addf", &x, &e[1])
+            };
+            program(
+                vec![(arg(0)?, Rows::Own), (arg(1)?, broadcast)],
+                softmax_reductions(logit),
+                vec![element(Box::new(move |b, e, r| {
+                    let x = logit(b, e);
+                    let d = bin(b, "subf", &x, &r[0]);
+                    let x = b.exp(&d);
+                    bin(b, "divf", &x, &r[1])
+                }))],
+            )
+        }
+        Op::SoftmaxGrad => {
+            // e = exp(x − max), z = Σe, dx = (dy/z + Σ −(dy/z)·(e/z))·e.
+            let mut reductions = softmax_reductions(|_, e| e[0].clone());
+            reductions.push(Reduction {
+                max: false,
+                term: Box::new(|b, e, r| {
+                    let d = bin(b, "subf", &e[0], &r[0]);
+                    let ex = b.exp(&d);
+                    let gz = bin(b, "divf", &e[1], &r[1]);
+                    let ez = bin(b, "divf", &ex, &r[1]);
+                    let p = bin(b, "mulf", &gz, &ez);
+                    b.line(format!("arith.negf {p} : f32"))
+                }),
+                finish: Box::new(|_, _, t| vec![t.to_string()]),
+            });
+            program(
+                vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own)],
+                reductions,
+                vec![element(Box::new(|b, e, r| {
+                    let d = bin(b, "subf", &e[0], &r[0]);
+                    let ex = b.exp(&d);
+                    let gz = bin(b, "divf", &e[1], &r[1]);
+                    let s = bin(b, "addf", &gz, &r[2]);
+                    bin(b, "mulf", &s, &ex)
+                }))],
+            )
+        }
+        Op::SwiGluQuantize { cols } => program(
+            vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own)],
+            vec![],
+            vec![Output {
+                value: v,
+                write: Write::Fp8 { cols: *cols },
+                term: Box::new(|b, e, _| b.op(&Op::SwiGlu, e).expect("swiglu is generated")),
+            }],
+        ),
+        Op::SwiGluGrad => {
+            // σ = sigmoid(a), da = dy·b·σ·(1 + a·(1 − σ)), db = dy·(a·σ).
+            let [da, db] = parts(f, v, 2)[..] else { unreachable!("two parts") };
+            let sigma = |b: &mut Body, a: &str| b.op(&Op::Sigmoid, &[a.to_string()]).expect("sigmoid is generated");
+            let mut outputs = Vec::new();
+            if let Some(da) = da {
+                outputs.push(Output {
+                    value: da,
+                    write: Write::Element,
+                    term: Box::new(move |b, e, _| {
+                        let s = sigma(b, &e[0]);
+                        let one = b.constant(1.0);
+                        let rest = bin(b, "subf", &one, &s);
+                        let ar = bin(b, "mulf", &e[0], &rest);
+                        let inner = bin(b, "addf", &one, &ar);
+                        let derivative = bin(b, "mulf", &s, &inner);
+                        let gb = bin(b, "mulf", &e[2], &e[1]);
+                        bin(b, "mulf", &gb, &derivative)
+                    }),
+                });
+            }
+            if let Some(db) = db {
+                outputs.push(Output {
+                    value: db,
+                    write: Write::Element,
+                    term: Box::new(move |b, e, _| {
+                        let s = sigma(b, &e[0]);
+                        let a_s = bin(b, "mulf", &e[0], &s);
+                        bin(b, "mulf", &e[2], &a_s)
+                    }),
+                });
+            }
+            program(vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own), (arg(2)?, Rows::Own)], vec![], outputs)
+        }
+        Op::PermuteQuantize { k, cols } => Program {
+            n,
+            rows: node.shape[0],
+            inputs: vec![(arg(0)?, Rows::Picked { k: *k })],
+            order: Some(arg(1)?),
+            reductions: vec![],
+            outputs: vec![Output { value: v, write: Write::Fp8 { cols: *cols }, term: Box::new(|_, e, _| e[0].clone()) }],
+        },
+        op => unreachable!("`{}` is not a row op", op.name()),
+    })
+}
+
+/// Elements per lane in a chunk.
+const W: usize = 4;
+
+/// Writes a program's kernel.
+fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
+    let chunk = 32 * W;
+    let chunks = p.n.div_ceil(chunk);
+    let column_sums = p.outputs.iter().filter(|o| matches!(o.write, Write::ColumnSum)).count();
+    let cached = p.inputs.iter().filter(|(_, r)| !matches!(r, Rows::Shared)).count();
+    let registers = chunks * W * (cached + column_sums) <= REGISTER_FLOATS;
+    let mut args: Vec<u32> = p.inputs.iter().map(|(v, _)| *v).collect();
+    args.extend(p.order);
+    let first_output = args.len();
+    args.extend(p.outputs.iter().map(|o| o.value));
+    let types: Vec<&str> = args
+        .iter()
+        .enumerate()
+        .map(|(slot, &v)| {
+            if slot >= first_output && matches!(p.outputs[slot - first_output].write, Write::Fp8 { .. }) {
+                "i8"
+            } else if is_index(v) {
+                "i32"
+            } else {
+                "f32"
+            }
+        })
+        .collect();
+    let mut w =
+        RowWriter { p, b: Body::new(), chunks, registers, cache: HashMap::new(), bases: Vec::new(), columns: Vec::new() };
+    let b = &mut w.b;
+    for l in [
+        "%tid = gpu.thread_id x",
+        "%bid = gpu.block_id x",
+        "%gdim = gpu.grid_dim x",
+        "%c0 = arith.constant 0 : index",
+        "%c1 = arith.constant 1 : index",
+        "%c32 = arith.constant 32 : index",
+        "%w32 = arith.constant 32 : i32",
+    ] {
+        let _ = writeln!(b.text, "      {l}");
+    }
+    let _ = write!(
+        b.text,
+        "      %wpb = arith.constant {WARPS} : index\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n      %bw = arith.muli %bid, %wpb : index\n      %first = arith.addi %bw, %warp : index\n      %stride = arith.muli %gdim, %wpb : index\n      %cw = arith.constant {W} : index\n      %laneW = arith.muli %lane, %cw : index\n      %n = arith.constant {} : index\n      %rows = arith.constant {} : index\n",
+        p.n, p.rows
+    );
+    for (k, o) in p.outputs.iter().enumerate() {
+        if let Write::Fp8 { cols } = o.write {
+            fp8::views(&mut w.b, first_output + k, p.rows, p.n, 1, cols);
+        }
+    }
+    if registers {
+        w.columns = (0..chunks).map(|c| w.col(c)).collect();
+    }
+    // Column sums carried across the warp's rows, per (chunk, element).
+    let carried = if registers { chunks * W * column_sums } else { 0 };
+    let zero = w.b.constant(0.0);
+    let init: Vec<String> = vec![zero; carried];
+    let carried_names: Vec<String> = (0..carried).map(|_| w.b.fresh()).collect();
+    let result = w.b.fresh();
+    let f32s = vec!["f32"; carried].join(", ");
+    let bindings: Vec<String> = carried_names.iter().zip(&init).map(|(c, i)| format!("{c} = {i}")).collect();
+    let _ = writeln!(
+        w.b.text,
+        "      {}scf.for %row = %first to %rows step %stride iter_args({}) -> ({f32s}) {{",
+        if carried > 0 { format!("{result}:{carried} = ") } else { String::new() },
+        bindings.join(", ")
+    );
+    let next = w.row(first_output, &carried_names);
+    if carried > 0 {
+        let _ = writeln!(w.b.text, "        scf.yield {} : {f32s}", next.join(", "));
+    } else {
+        let _ = writeln!(w.b.text, "        scf.yield");
+    }
+    let _ = writeln!(w.b.text, "      }}");
+    if carried > 0 {
+        // Lane partials of the column sums into the zeroed outputs.
+        let sums: Vec<String> = (0..carried).map(|i| format!("{result}#{i}")).collect();
+        let mut at = 0;
+        for (k, o) in p.outputs.iter().enumerate() {
+            if matches!(o.write, Write::ColumnSum) {
+                for c in 0..chunks {
+                    let col = w.columns[c].clone();
+                    w.masked(&col, |b| {
+                        for l in 0..W {
+                            let cl = b.line(format!("arith.addi {col}, %c{l}_e : index"));
+                            b.line(format!(
+                                "memref.atomic_rmw addf {}, %a{}[{cl}] : (f32, memref<?xf32>) -> f32",
+                                sums[at + c * W + l],
+                                first_output + k
+                            ));
+                        }
+                    });
+                }
+                at += chunks * W;
+            }
+        }
+    }
+    let blocks = if column_sums > 0 { p.rows.div_ceil(WARPS).min(COLUMN_SUM_BLOCKS) } else { p.rows.div_ceil(WARPS) };
+    let params: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("%a{i}: memref<?x{t}>")).collect();
+    let element_offsets: String = (0..W).map(|l| format!("      %c{l}_e = arith.constant {l} : index\n")).collect();
+    let mlir = format!(
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({}) kernel {{\n{element_offsets}{}      gpu.return\n    }}\n  }}\n}}\n",
+        params.join(", "),
+        w.b.text
+    );
+    Emitted { mlir, grid: blocks.max(1) as u32, block: (32 * WARPS) as u32, args, zeroed: column_sums > 0 }
+}
+
+struct RowWriter<'p, 'q> {
+    p: &'q Program<'p>,
+    b: Body,
+    chunks: usize,
+    registers: bool,
+    /// Loaded elements of the current row by (input, column value).
+    cache: HashMap<(usize, String), Vec<String>>,
+    /// Each input's first element of the current row.
+    bases: Vec<String>,
+    /// This lane's first column of each chunk, when the row is held in registers.
+    columns: Vec<String>,
+}
+
+impl RowWriter<'_, '_> {
+    /// This lane's first column in register chunk `c`.
+    fn col(&mut self, c: usize) -> String {
+        let off = self.b.line(format!("arith.constant {} : index", c * 32 * W));
+        self.b.line(format!("arith.addi %laneW, {off} : index"))
+    }
+
+    /// Whether the chunk is partial (some lanes past the row's end).
+    fn partial(&self) -> bool {
+        !self.p.n.is_multiple_of(32 * W)
+    }
+
+    /// Runs `inner` only where `col` is inside the row (always when no chunk is partial).
+    fn masked(&mut self, col: &str, inner: impl FnOnce(&mut Body)) {
+        if self.partial() {
+            let inside = self.b.line(format!("arith.cmpi ult, {col}, %n : index"));
+            let _ = writeln!(self.b.text, "        scf.if {inside} {{");
+            inner(&mut self.b);
+            let _ = writeln!(self.b.text, "        }}");
+        } else {
+            inner(&mut self.b);
+        }
+    }
+
+    /// The elements of input `k` at `col` (W of them), loaded once per row in registers.
+    fn load(&mut self, k: usize, col: &str) -> Vec<String> {
+        if let Some(e) = self.cache.get(&(k, col.to_string())) {
+            return e.clone();
+        }
+        let base = self.bases[k].clone();
+        let at = self.b.line(format!("arith.addi {base}, {col} : index"));
+        let ty = format!("vector<{W}xf32>");
+        let load = format!("vector.load %a{k}[{at}] {{alignment = {} : i64}} : memref<?xf32>, {ty}", 4 * W);
+        let vector = if self.partial() {
+            let inside = self.b.line(format!("arith.cmpi ult, {col}, %n : index"));
+            let r = self.b.fresh();
+            let _ = writeln!(self.b.text, "        {r} = scf.if {inside} -> ({ty}) {{");
+            let x = self.b.line(load);
+            let _ = writeln!(self.b.text, "        scf.yield {x} : {ty}\n        }} else {{");
+            let z = self.b.line(format!("arith.constant dense<0.0> : {ty}"));
+            let _ = writeln!(self.b.text, "        scf.yield {z} : {ty}\n        }}");
+            r
+        } else {
+            self.b.line(load)
+        };
+        let e: Vec<String> =
+            (0..W).map(|l| self.b.line(format!("vector.extract {vector}[{l}] : f32 from {ty}"))).collect();
+        if !matches!(self.p.inputs[k].1, Rows::Shared) {
+            self.cache.insert((k, col.to_string()), e.clone());
+        }
+        e
+    }
+
+    /// Every input's elements at `col`, lane element by lane element.
+    fn elements(&mut self, col: &str) -> Vec<Vec<String>> {
+        let per_input: Vec<Vec<String>> = (0..self.p.inputs.len()).map(|k| self.load(k, col)).collect();
+        (0..W).map(|l| per_input.iter().map(|e| e[l].clone()).collect()).collect()
+    }
+
+    /// A pass over the row's chunks carrying `init`; `step` gets the chunk's column (and, in
+    /// registers, its number) and the carried values.
+    fn pass(
+        &mut self,
+        init: Vec<String>,
+        step: &mut dyn FnMut(&mut Self, &str, Option<usize>, &[String]) -> Vec<String>,
+    ) -> Vec<String> {
+        if self.registers {
+            let mut carried = init;
+            for c in 0..self.chunks {
+                let col = self.columns[c].clone();
+                carried = step(self, &col, Some(c), &carried);
+            }
+            return carried;
+        }
+        let chunks = self.b.line(format!("arith.constant {} : index", self.chunks));
+        let result = self.b.fresh();
+        let iv = self.b.fresh();
+        let names: Vec<String> = init.iter().map(|_| self.b.fresh()).collect();
+        let types = vec!["f32"; init.len()].join(", ");
+        let bindings: Vec<String> = names.iter().zip(&init).map(|(n, i)| format!("{n} = {i}")).collect();
+        let head = if init.is_empty() { String::new() } else { format!("{result}:{} = ", init.len()) };
+        let _ = writeln!(
+            self.b.text,
+            "        {head}scf.for {iv} = %c0 to {chunks} step %c1 iter_args({}) -> ({types}) {{",
+            bindings.join(", ")
+        );
+        let span = self.b.line(format!("arith.constant {} : index", 32 * W));
+        let start = self.b.line(format!("arith.muli {iv}, {span} : index"));
+        let col = self.b.line(format!("arith.addi {start}, %laneW : index"));
+        let next = step(self, &col, None, &names);
+        self.cache.clear();
+        let yielded = if next.is_empty() { String::new() } else { format!(" {} : {types}", next.join(", ")) };
+        let _ = writeln!(self.b.text, "        scf.yield{yielded}\n        }}");
+        (0..init.len()).map(|i| format!("{result}#{i}")).collect()
+    }
+
+    /// One row: bases, reductions, outputs; returns the column sums carried on.
+    fn row(&mut self, first_output: usize, carried: &[String]) -> Vec<String> {
+        self.cache.clear();
+        self.bases = (0..self.p.inputs.len()).map(|k| self.base(k)).collect();
+        let p = self.p;
+        let mut finished: Vec<String> = Vec::new();
+        for reduction in &p.reductions {
+            let identity = if reduction.max { "0xFF800000" } else { "0x00000000" };
+            let init = self.b.line(format!("arith.constant {identity} : f32"));
+            let combine = if reduction.max { "arith.maximumf" } else { "arith.addf" };
+            let done = finished.clone();
+            let partial = self
+                .pass(vec![init], &mut |w, col, _, acc| {
+                    let mut acc = acc[0].clone();
+                    let inside = w.partial().then(|| w.b.line(format!("arith.cmpi ult, {col}, %n : index")));
+                    for e in w.elements(col) {
+                        let mut x = (reduction.term)(&mut w.b, &e, &done);
+                        if let Some(inside) = &inside {
+                            let id = w.b.line(format!("arith.constant {identity} : f32"));
+                            x = w.b.line(format!("arith.select {inside}, {x}, {id} : f32"));
+                        }
+                        acc = w.b.line(format!("{combine} {acc}, {x} : f32"));
+                    }
+                    vec![acc]
+                })
+                .remove(0);
+            let name = self.b.fresh();
+            let total = warp_reduce(&mut self.b.text, &name[1..], &partial, &format!("{combine} %acc, %y : f32"));
+            let more = (reduction.finish)(&mut self.b, &finished, &total);
+            finished.extend(more);
+        }
+        // The outputs, in one pass; column sums in registers are carried per (chunk, element).
+        let chunk_sums = self.chunks * W;
+        let mut next = carried.to_vec();
+        self.pass(vec![], &mut |w, col, chunk, _| {
+            let elements = w.elements(col);
+            let mut sum_index = 0;
+            for (k, o) in p.outputs.iter().enumerate() {
+                let slot = first_output + k;
+                let values: Vec<String> = elements.iter().map(|e| (o.term)(&mut w.b, e, &finished)).collect();
+                match o.write {
+                    Write::Element => {
+                        let at = w.b.line("arith.muli %row, %n : index".into());
+                        let at = w.b.line(format!("arith.addi {at}, {col} : index"));
+                        let ty = format!("vector<{W}xf32>");
+                        let v = w.b.line(format!("vector.from_elements {} : {ty}", values.join(", ")));
+                        w.masked(col, |b| {
+                            let _ = writeln!(
+                                b.text,
+                                "        vector.store {v}, %a{slot}[{at}] {{alignment = {} : i64}} : memref<?xf32>, {ty}",
+                                4 * W
+                            );
+                        });
+                    }
+                    Write::Fp8 { cols } => {
+                        let inside = w.partial().then(|| w.b.line(format!("arith.cmpi ult, {col}, %n : index")));
+                        fp8::store_row_group(&mut w.b, slot, &values, col, inside.as_deref(), cols / W, cols);
+                    }
+                    Write::ColumnSum => match chunk {
+                        Some(c) => {
+                            for (l, x) in values.iter().enumerate() {
+                                let i = sum_index * chunk_sums + c * W + l;
+                                next[i] = w.b.line(format!("arith.addf {}, {x} : f32", next[i]));
+                            }
+                            sum_index += 1;
+                        }
+                        None => w.masked(col, |b| {
+                            for (l, x) in values.iter().enumerate() {
+                                let cl = b.line(format!("arith.addi {col}, %c{l}_e : index"));
+                                b.line(format!("memref.atomic_rmw addf {x}, %a{slot}[{cl}] : (f32, memref<?xf32>) -> f32"));
+                            }
+                        }),
+                    },
+                }
+            }
+            vec![]
+        });
+        next
+    }
+
+    /// Input `k`'s first element of the current row.
+    fn base(&mut self, k: usize) -> String {
+        let b = &mut self.b;
+        match &self.p.inputs[k].1 {
+            Rows::Own => b.line("arith.muli %row, %n : index".into()),
+            Rows::Shared => "%c0".into(),
+            Rows::Picked { k: per_token } => {
+                let order = self.p.inputs.len();
+                let a = b.line(format!("memref.load %a{order}[%row] : memref<?xi32>"));
+                let a = b.line(format!("arith.index_cast {a} : i32 to index"));
+                let kk = b.line(format!("arith.constant {per_token} : index"));
+                let t = b.line(format!("arith.divui {a}, {kk} : index"));
+                b.line(format!("arith.muli {t}, %n : index"))
+            }
+            Rows::Broadcast { input, output } => {
+                // The output row's multi-index over the output's leading shape, linearised in
+                // the input's rows with the broadcast axes left out.
+                let mut row = "%c0".to_string();
+                let mut rest = "%row".to_string();
+                let mut stride = 1;
+                for (&d_in, &d_out) in input.iter().zip(output).rev() {
+                    let extent = b.line(format!("arith.constant {d_out} : index"));
+                    let i = b.line(format!("arith.remui {rest}, {extent} : index"));
+                    rest = b.line(format!("arith.divui {rest}, {extent} : index"));
+                    if d_in != 1 {
+                        let s = b.line(format!("arith.constant {stride} : index"));
+                        let term = b.line(format!("arith.muli {i}, {s} : index"));
+                        row = b.line(format!("arith.addi {row}, {term} : index"));
+                        stride *= d_in;
+                    }
+                }
+                b.line(format!("arith.muli {row}, %n : index"))
+            }
+        }
+    }
+}
