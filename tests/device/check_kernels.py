@@ -285,11 +285,12 @@ def index_input(function, kernel, v):
         }.get(name)
         if bound:
             bounds.append(bound())
-        distinct |= name in ("put_along", "take_along")
+        if name in ("put_along", "take_along"):
+            # Distinct positions per row of the index as the op reads it, as top-k gives them.
+            distinct = nodes[next(x for x in node["args"] if base(x) == v)]["shape"][-1]
     bound = min(bounds)
     if distinct:
-        # Distinct positions per row, as top-k gives them.
-        k = nodes[v]["shape"][-1]
+        k = distinct
         return xp.argsort(xp.random.random((size // k, bound)), axis=1)[:, :k].reshape(-1)
     return xp.random.randint(0, bound, size)
 

@@ -448,6 +448,12 @@ impl<'a> Gen<'a> {
 
     /// The input element of reduction `node` at output index `idx` and reduced position `j`.
     fn reduced_term(&mut self, node: &Node, idx: &[String], j: &str) -> Result<String, String> {
+        let at = self.reduced_index(node, idx, j);
+        self.value_at(node.args[0], &at)
+    }
+
+    /// The index in the input of reduction `node` of output index `idx`'s reduced position `j`.
+    fn reduced_index(&mut self, node: &Node, idx: &[String], j: &str) -> Vec<String> {
         let shape = self.node(node.args[0]).shape.clone();
         let reduced = self.reduced_axes(node);
         let extents: Vec<usize> = reduced.iter().map(|&k| shape[k]).collect();
@@ -474,7 +480,7 @@ impl<'a> Gen<'a> {
                     .collect()
             }
         };
-        self.value_at(node.args[0], &at)
+        at
     }
 
     /// Top-k: the m-th index of a row in the order (value descending, index ascending) is
@@ -620,26 +626,32 @@ impl<'a> Gen<'a> {
         Ok(false)
     }
 
-    /// When every output is a sum (`sum`, `sum_to`) of the same size over the same number of
-    /// elements, and that number is large: (output elements, warps per element). A thread per
-    /// output would loop over the whole extent alone.
+    /// When the kernel's outputs are reductions of one size over one large extent, all sums or
+    /// all maxima, and possibly values of the reductions' input shape (computed on the way):
+    /// (output elements, warps per element). A thread per output would loop over the whole
+    /// extent alone. Maxima take one warp per element (there is no atomic float max).
     fn split_reduction(&self, kernel: &Kernel) -> Option<(usize, usize)> {
         let outputs: Vec<&Node> = kernel.outputs.iter().map(|&o| &self.f.nodes[o as usize]).collect();
-        let first = outputs.first()?;
-        let extent = self.reduced_extent_of_sum(first)?;
+        let is_reduction = |n: &Node| matches!(n.op, Op::Sum { .. } | Op::SumTo(_) | Op::Max { .. });
+        let (reductions, passengers): (Vec<&Node>, Vec<&Node>) = outputs.iter().partition(|n| is_reduction(n));
+        let first = reductions.first()?;
+        let extent = self.reduced_extent(first);
         let size = numel(&first.shape);
-        let same = outputs.iter().all(|n| numel(&n.shape) == size && self.reduced_extent_of_sum(n) == Some(extent));
-        (same && extent >= SPLIT_EXTENT).then(|| (size, extent.div_ceil(ELEMENTS_PER_WARP)))
+        let maxima = matches!(first.op, Op::Max { .. });
+        let input = &self.node(first.args[0]).shape;
+        let alike = reductions.iter().all(|n| {
+            numel(&n.shape) == size && self.reduced_extent(n) == extent && matches!(n.op, Op::Max { .. }) == maxima
+        });
+        let on_the_way = passengers.iter().all(|n| &n.shape == input);
+        let warps = if maxima { 1 } else { extent.div_ceil(ELEMENTS_PER_WARP) };
+        (alike && on_the_way && extent >= SPLIT_EXTENT).then_some((size, warps))
     }
 
-    fn reduced_extent_of_sum(&self, node: &Node) -> Option<usize> {
-        matches!(node.op, Op::Sum { .. } | Op::SumTo(_)).then(|| self.reduced_extent(node))
-    }
-
-    /// Sums by warps: warp w takes output element w / W and the W-th part of its extent, its
-    /// lanes striding by 32 (coalesced where the reduced axis is the last); the lanes' partials
-    /// meet through shuffles and lane 0 adds the warp's sum into the zeroed output (or stores
-    /// it when one warp covers the whole extent).
+    /// Reductions by warps: warp w takes output element w / W and the W-th part of its
+    /// extent, its lanes striding by 32 (coalesced where the reduced axis is the last); the
+    /// lanes' partials meet through shuffles and lane 0 adds the warp's sum into the zeroed
+    /// output (or stores it when one warp covers the whole extent). Outputs of the reduced
+    /// input's shape are stored as the first reduction visits their elements.
     fn reduce_by_warps(&mut self, kernel: &Kernel) -> Result<bool, String> {
         let (size, warps) = self.split_reduction(kernel).expect("checked by the caller");
         self.domain = size * warps * 32;
@@ -654,35 +666,49 @@ impl<'a> Gen<'a> {
         let inside = self.cmp_index("ult", &element, &limit);
         let _ = writeln!(self.body.text, "        scf.if {inside} {{");
         let zero_index = self.index(0);
-        let first = self.f.nodes[kernel.outputs[0] as usize].clone();
-        let extent = self.reduced_extent(&first);
-        let chunk = self.index(ELEMENTS_PER_WARP);
+        let is_reduction = |n: &Node| matches!(n.op, Op::Sum { .. } | Op::SumTo(_) | Op::Max { .. });
+        let slots: Vec<(usize, u32)> =
+            kernel.outputs.iter().enumerate().map(|(k, &o)| (kernel.inputs.len() + k, o)).collect();
+        let (reductions, passengers): (Vec<(usize, u32)>, Vec<(usize, u32)>) =
+            slots.into_iter().partition(|&(_, o)| is_reduction(&self.f.nodes[o as usize]));
+        let extent = self.reduced_extent(&self.f.nodes[reductions[0].1 as usize].clone());
+        let chunk = self.index(ELEMENTS_PER_WARP.max(extent.div_ceil(warps)));
         let start = self.line(format!("arith.muli {part}, {chunk} : index"));
         let lo = self.line(format!("arith.addi {start}, {lane} : index"));
         let end = self.line(format!("arith.addi {start}, {chunk} : index"));
         let total = self.index(extent);
         let hi = self.line(format!("arith.minui {end}, {total} : index"));
         let is_lane0 = self.cmp_index("eq", &lane, &zero_index);
-        for (k, &o) in kernel.outputs.iter().enumerate() {
-            let node = &self.f.nodes[o as usize];
+        for (r, &(slot, o)) in reductions.iter().enumerate() {
+            let node = self.f.nodes[o as usize].clone();
+            let maximum = matches!(node.op, Op::Max { .. });
+            let combine = if maximum { "arith.maximumf" } else { "arith.addf" };
             let idx = self.delinearize(&element, &node.shape);
-            let zero = self.body.constant(0.0);
+            let init = self.line(format!("arith.constant {} : f32", if maximum { "0xFF800000" } else { "0.0" }));
+            let riders = if r == 0 { passengers.clone() } else { Vec::new() };
             let partial = self
-                .fold_range(&lo, &hi, 32, &[zero], &["f32"], |g, j, acc| {
-                    let x = g.reduced_term(node, &idx, j)?;
-                    Ok(vec![g.line(format!("arith.addf {}, {x} : f32", acc[0]))])
+                .fold_range(&lo, &hi, 32, &[init], &["f32"], |g, j, acc| {
+                    let at = g.reduced_index(&node, &idx, j);
+                    let x = g.value_at(node.args[0], &at)?;
+                    for &(slot, p) in &riders {
+                        let y = g.value_at(V(p), &at)?;
+                        let shape = g.f.nodes[p as usize].shape.clone();
+                        let flat = g.linearize(&at, &shape);
+                        let _ = writeln!(g.body.text, "        memref.store {y}, %a{slot}[{flat}] : memref<?xf32>");
+                    }
+                    Ok(vec![g.line(format!("{combine} {}, {x} : f32", acc[0]))])
                 })?
                 .remove(0);
             let name = self.body.fresh();
-            let sum = super::emit::warp_reduce(&mut self.body.text, &name[1..], &partial, "arith.addf %acc, %y : f32");
-            let slot = kernel.inputs.len() + k;
+            let reduced =
+                super::emit::warp_reduce(&mut self.body.text, &name[1..], &partial, &format!("{combine} %acc, %y : f32"));
             let store = if warps > 1 {
                 format!(
-                    "%{}_old = memref.atomic_rmw addf {sum}, %a{slot}[{element}] : (f32, memref<?xf32>) -> f32",
+                    "%{}_old = memref.atomic_rmw addf {reduced}, %a{slot}[{element}] : (f32, memref<?xf32>) -> f32",
                     &name[1..]
                 )
             } else {
-                format!("memref.store {sum}, %a{slot}[{element}] : memref<?xf32>")
+                format!("memref.store {reduced}, %a{slot}[{element}] : memref<?xf32>")
             };
             let _ = writeln!(
                 self.body.text,

@@ -10,8 +10,8 @@
 //! Warps own rows (four warps per block, each looping over rows when the launch holds fewer
 //! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
 //! every chunk of 32·W elements. When a row's inputs fit in [`REGISTER_FLOATS`] registers per
-//! lane they are read once and kept there for every pass (one pass over memory); longer rows
-//! are streamed from memory once per pass. Reductions meet through warp shuffles; sums over
+//! lane they are read once and kept there for every pass (one pass over memory); otherwise
+//! each pass reads them again (mostly from cache). Reductions meet through warp shuffles; sums over
 //! rows are kept per lane across the warp's rows and added atomically into the zeroed output
 //! at the end (streamed rows add theirs per row).
 
@@ -26,6 +26,8 @@ use std::fmt::Write as _;
 const WARPS: usize = 4;
 /// Floats per lane a row may keep in registers (inputs, and the column sums carried).
 const REGISTER_FLOATS: usize = 128;
+/// Chunks of a row written out one by one (longer rows loop).
+const MAX_UNROLLED_CHUNKS: usize = 32;
 /// Blocks of a kernel that sums over rows: enough to fill an H100 twice, few enough that the
 /// per-warp column sums are cheap to add up.
 const COLUMN_SUM_BLOCKS: usize = 264;
@@ -391,7 +393,10 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
     let chunks = p.n.div_ceil(chunk);
     let column_sums = p.outputs.iter().filter(|o| matches!(o.write, Write::ColumnSum)).count();
     let cached = p.inputs.iter().filter(|(_, r)| !matches!(r, Rows::Shared)).count();
-    let registers = chunks * W * (cached + column_sums) <= REGISTER_FLOATS;
+    // Unrolled over the chunks when the column sums fit in registers; the inputs kept there
+    // too when they also fit.
+    let registers = chunks <= MAX_UNROLLED_CHUNKS && chunks * W * column_sums <= REGISTER_FLOATS / 2;
+    let caching = registers && chunks * W * (cached + column_sums) <= REGISTER_FLOATS;
     let mut args: Vec<u32> = p.inputs.iter().map(|(v, _)| *v).collect();
     args.extend(p.order);
     let first_output = args.len();
@@ -410,7 +415,7 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
         })
         .collect();
     let mut w =
-        RowWriter { p, b: Body::new(), chunks, registers, cache: HashMap::new(), bases: Vec::new(), columns: Vec::new() };
+        RowWriter { p, b: Body::new(), chunks, registers, caching, cache: HashMap::new(), bases: Vec::new(), columns: Vec::new() };
     let b = &mut w.b;
     for l in [
         "%tid = gpu.thread_id x",
@@ -495,7 +500,10 @@ struct RowWriter<'p, 'q> {
     p: &'q Program<'p>,
     b: Body,
     chunks: usize,
+    /// Chunks unrolled (their columns constants, column sums carried in registers).
     registers: bool,
+    /// Inputs loaded once per row and kept in registers.
+    caching: bool,
     /// Loaded elements of the current row by (input, column value).
     cache: HashMap<(usize, String), Vec<String>>,
     /// Each input's first element of the current row.
@@ -551,7 +559,7 @@ impl RowWriter<'_, '_> {
         };
         let e: Vec<String> =
             (0..W).map(|l| self.b.line(format!("vector.extract {vector}[{l}] : f32 from {ty}"))).collect();
-        if !matches!(self.p.inputs[k].1, Rows::Shared) {
+        if self.caching && !matches!(self.p.inputs[k].1, Rows::Shared) {
             self.cache.insert((k, col.to_string()), e.clone());
         }
         e
