@@ -76,6 +76,17 @@ fn encode_pair(b: &mut Body, low: &str, high: &str) -> String {
     ))
 }
 
+/// Four E4M3 bytes as an i32, the first in the low byte (memory order).
+fn encode_word(b: &mut Body, q: &[String]) -> String {
+    let low = encode_pair(b, &q[0], &q[1]);
+    let high = encode_pair(b, &q[2], &q[3]);
+    let low = b.line(format!("arith.extui {low} : i16 to i32"));
+    let high = b.line(format!("arith.extui {high} : i16 to i32"));
+    let sixteen = b.line("arith.constant 16 : i32".into());
+    let high = b.line(format!("arith.shli {high}, {sixteen} : i32"));
+    b.line(format!("arith.ori {low}, {high} : i32"))
+}
+
 /// Stores 4 consecutive elements of one row (`values`, at column `col` of row `%row`) of
 /// output `slot` quantised in 1×`cols` groups held by `lanes` lanes each: the group's amax
 /// through shuffles, one i32 word of E4M3 bytes per lane, the scale from the group's first
@@ -109,13 +120,7 @@ pub(super) fn store_row_group(
     }
     let s = scale(b, &amax);
     let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.divf {v}, {s} : f32"))).collect();
-    let low = encode_pair(b, &q[0], &q[1]);
-    let high = encode_pair(b, &q[2], &q[3]);
-    let low = b.line(format!("arith.extui {low} : i16 to i32"));
-    let high = b.line(format!("arith.extui {high} : i16 to i32"));
-    let sixteen = b.line("arith.constant 16 : i32".into());
-    let high = b.line(format!("arith.shli {high}, {sixteen} : i32"));
-    let word = b.line(format!("arith.ori {low}, {high} : i32"));
+    let word = encode_word(b, &q);
     let at = b.line("arith.muli %row, %n : index".into());
     let at = b.line(format!("arith.addi {at}, {col} : index"));
     let c4 = b.line("arith.constant 4 : index".into());
@@ -150,7 +155,7 @@ const WARPS: usize = 4;
 
 /// `quantize` of x into [m, n] (x is [m, n], or [n, m] when transposed) in `rows × cols`
 /// groups: a warp per group reads the group twice (its amax, then the quotients) along x's
-/// contiguous axis, 32 lanes apart, and stores bytes.
+/// contiguous axis, 32 lanes apart, each lane storing four E4M3 bytes of a row as one word.
 pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     let Op::Quantize { rows, cols, transpose } = node.op else { unreachable!("a quantize node") };
     let (m, n) = matrix(node);
@@ -167,18 +172,27 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
         b.text,
         "      %gr = arith.remui %g, %gm : index\n      %gc = arith.divui %g, %gm : index\n      %i0 = arith.muli %gr, %rows : index\n      %j0 = arith.muli %gc, %cols : index\n      %ie = arith.addi %i0, %rows : index\n      %je = arith.addi %j0, %cols : index\n      %i1 = arith.minui %ie, %m : index\n      %j1 = arith.minui %je, %n : index\n"
     );
-    // Lanes along x's contiguous axis: the result's rows when transposed, its columns if not.
-    let (slow, fast) = if transpose { (("%j0", "%j1"), ("%i0", "%i1")) } else { (("%i0", "%i1"), ("%j0", "%j1")) };
-    let fast_start = b.line(format!("arith.addi {}, %lane : index", fast.0));
-    // Runs `body` on every (i, j) of the group this lane reads; returns the carried values.
+    // A lane's unit: row i, columns j..j+U of the result (U = 4 when columns come in whole
+    // words: one i32 store). Lanes run along x's contiguous axis: the result's rows when
+    // transposed (the unit's columns are then U rows of x), its column units if not.
+    let unit = if n.is_multiple_of(4) && cols.is_multiple_of(4) { 4 } else { 1 };
+    let _ = writeln!(b.text, "      %cu = arith.constant {unit} : index\n      %cu32 = arith.constant {} : index", 32 * unit);
+    let (slow, fast, slow_step, fast_step) = if transpose {
+        (("%j0", "%j1"), ("%i0", "%i1"), "%cu", "%c32")
+    } else {
+        (("%i0", "%i1"), ("%j0", "%j1"), "%c1", "%cu32")
+    };
+    let lane_offset = if transpose { "%lane".to_string() } else { b.line("arith.muli %lane, %cu : index".into()) };
+    let fast_start = b.line(format!("arith.addi {}, {lane_offset} : index", fast.0));
+    // Runs `body` on every unit (i, j) of the group this lane reads; returns the carried value.
     let each = |b: &mut Body, init: Option<&str>, body: &dyn Fn(&mut Body, &str, &str, Option<&str>) -> Option<String>| {
         let (s, f) = (b.fresh(), b.fresh());
         let (outer, inner) = (b.fresh(), b.fresh());
         let (acc_o, acc_i) = (b.fresh(), b.fresh());
         let carry = |acc: &str, from: &str| init.map_or(String::new(), |_| format!(" iter_args({acc} = {from}) -> (f32)"));
         let head = |r: &str| if init.is_some() { format!("{r} = ") } else { String::new() };
-        let _ = writeln!(b.text, "        {}scf.for {s} = {} to {} step %c1{} {{", head(&outer), slow.0, slow.1, carry(&acc_o, init.unwrap_or("")));
-        let _ = writeln!(b.text, "        {}scf.for {f} = {fast_start} to {} step %c32{} {{", head(&inner), fast.1, carry(&acc_i, &acc_o));
+        let _ = writeln!(b.text, "        {}scf.for {s} = {} to {} step {slow_step}{} {{", head(&outer), slow.0, slow.1, carry(&acc_o, init.unwrap_or("")));
+        let _ = writeln!(b.text, "        {}scf.for {f} = {fast_start} to {} step {fast_step}{} {{", head(&inner), fast.1, carry(&acc_i, &acc_o));
         let (i, j) = if transpose { (f.as_str(), s.as_str()) } else { (s.as_str(), f.as_str()) };
         let next = body(b, i, j, init.map(|_| acc_i.as_str()));
         match next {
@@ -192,32 +206,47 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
             }
         }
     };
-    let load = |b: &mut Body, i: &str, j: &str| {
-        // x[i, j], or x[j, i] when transposed.
-        let (r, c, width) = if transpose { (j, i, "%m") } else { (i, j, "%n") };
-        let at = b.line(format!("arith.muli {r}, {width} : index"));
-        let at = b.line(format!("arith.addi {at}, {c} : index"));
-        b.line(format!("memref.load %a0[{at}] : memref<?xf32>"))
+    // The unit's elements: x[i, j + c], or x[j + c, i] when transposed.
+    let load = |b: &mut Body, i: &str, j: &str| -> Vec<String> {
+        (0..unit)
+            .map(|c| {
+                let offset = b.line(format!("arith.constant {c} : index"));
+                let jc = b.line(format!("arith.addi {j}, {offset} : index"));
+                let (r, col, width) = if transpose { (jc.as_str(), i, "%m") } else { (i, jc.as_str(), "%n") };
+                let at = b.line(format!("arith.muli {r}, {width} : index"));
+                let at = b.line(format!("arith.addi {at}, {col} : index"));
+                b.line(format!("memref.load %a0[{at}] : memref<?xf32>"))
+            })
+            .collect()
     };
     let zero = b.constant(0.0);
     let partial = each(&mut b, Some(&zero), &|b, i, j, acc| {
-        let x = load(b, i, j);
-        let m = magnitude(b, &x);
-        Some(b.line(format!("arith.maximumf {}, {m} : f32", acc.expect("carried"))))
+        let mut amax = acc.expect("carried").to_string();
+        for x in load(b, i, j) {
+            let m = magnitude(b, &x);
+            amax = b.line(format!("arith.maximumf {amax}, {m} : f32"));
+        }
+        Some(amax)
     })
     .expect("carried");
     let reduction = b.fresh();
     let amax = warp_reduce(&mut b.text, &reduction[1..], &partial, "arith.maximumf %acc, %y : f32");
     let s = scale(&mut b, &amax);
     each(&mut b, None, &|b, i, j, _| {
-        let x = load(b, i, j);
-        let q = b.line(format!("arith.divf {x}, {s} : f32"));
-        let zero = b.constant(0.0);
-        let pair = encode_pair(b, &q, &zero);
-        let byte = b.line(format!("arith.trunci {pair} : i16 to i8"));
+        let q: Vec<String> = load(b, i, j).iter().map(|x| b.line(format!("arith.divf {x}, {s} : f32"))).collect();
         let at = b.line(format!("arith.muli {i}, %n : index"));
         let at = b.line(format!("arith.addi {at}, {j} : index"));
-        let _ = writeln!(b.text, "        memref.store {byte}, %a1[{at}] : memref<?xi8>");
+        if unit == 4 {
+            let word = encode_word(b, &q);
+            let c4 = b.line("arith.constant 4 : index".into());
+            let at = b.line(format!("arith.divui {at}, {c4} : index"));
+            let _ = writeln!(b.text, "        memref.store {word}, %q1[{at}] : memref<?xi32>");
+        } else {
+            let zero = b.constant(0.0);
+            let pair = encode_pair(b, &q[0], &zero);
+            let byte = b.line(format!("arith.trunci {pair} : i16 to i8"));
+            let _ = writeln!(b.text, "        memref.store {byte}, %a1[{at}] : memref<?xi8>");
+        }
         None
     });
     let _ = write!(

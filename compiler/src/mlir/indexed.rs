@@ -4,9 +4,9 @@
 //! concatenations move indices; reductions loop over the reduced axes; gathers, top-k and the
 //! MoE dispatch read positions from index tensors. Values inside a kernel are recomputed
 //! where they are read, never stored in between. The ops that write where an index tensor
-//! says (scatter-adds, the sort by expert, the gate gradient) run over their source elements
-//! instead and store at the computed place; scatter-adds add atomically into outputs the
-//! launcher zeroes first ([`Emitted::zeroed`]).
+//! says (scatter-adds, the gate gradient) run over their source elements instead and store at
+//! the computed place; scatter-adds add atomically into outputs the launcher zeroes first
+//! ([`Emitted::zeroed`]). The sort by expert and the routing have kernels of their own.
 
 use super::emit::{Body, Emitted, BLOCK, TARGET};
 use crate::fuse::kernels::{scatters, Kernel};
@@ -19,6 +19,7 @@ pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> 
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
     let mut g = Gen::new(f, kernel);
     let zeroed = match nodes.as_slice() {
+        [one] if matches!(one.op, Op::SortByExpert { .. }) => g.sort_by_expert(one)?,
         [one] if scatters(&one.op) => g.scatter(one)?,
         [one] if matches!(one.op, Op::Route { .. }) => {
             let parts = super::rows::parts(f, kernel.nodes[0], 2);
@@ -743,6 +744,70 @@ impl<'a> Gen<'a> {
         Ok(false)
     }
 
+    /// The stable sort of assignments by expert, a warp per expert e: one sweep over the
+    /// assignments counts those of lower experts (where e's rows start), a second writes e's
+    /// assignments in order, each lane's place its rank among the warp's matches (a ballot
+    /// and a population count) after the matches of earlier sweeps.
+    fn sort_by_expert(&mut self, node: &Node) -> Result<bool, String> {
+        let Op::SortByExpert { experts } = node.op else { unreachable!("a sort by expert") };
+        let out = self.slots.len();
+        let shape = self.node(node.args[0]).shape.clone();
+        let n = numel(&shape);
+        self.domain = experts * 32;
+        let c32 = self.index(32);
+        let warp = self.line(format!("arith.divui %gid, {c32} : index"));
+        let lane = self.line(format!("arith.remui %gid, {c32} : index"));
+        let limit = self.index(experts);
+        let inside = self.cmp_index("ult", &warp, &limit);
+        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+        let expert = self.line(format!("arith.index_cast {warp} : index to i32"));
+        let lane32 = self.line(format!("arith.index_cast {lane} : index to i32"));
+        let one = self.line("arith.constant 1 : i32".into());
+        let bit = self.line(format!("arith.shli {one}, {lane32} : i32"));
+        let below_lane = self.line(format!("arith.subi {bit}, {one} : i32"));
+        let all = self.line("arith.constant -1 : i32".into());
+        // Over the sweeps of 32 assignments: this lane's assignment, whether it is inside, and
+        // the ballot of `pred` (given the assignment's expert) over the warp.
+        let sweep = |g: &mut Self, t: &str, pred: &str| -> Result<(String, String, String), String> {
+            let base = g.line(format!("arith.muli {t}, {c32} : index"));
+            let a = g.line(format!("arith.addi {base}, {lane} : index"));
+            let size = g.index(n);
+            let valid = g.cmp_index("ult", &a, &size);
+            let last = g.index(n - 1);
+            let clamped = g.line(format!("arith.minui {a}, {last} : index"));
+            let at = g.delinearize(&clamped, &shape);
+            let e = g.value_at(node.args[0], &at)?;
+            let hit = g.line(format!("arith.cmpi {pred}, {e}, {expert} : i32"));
+            let counted = g.line(format!("arith.andi {valid}, {hit} : i1"));
+            let ballot = g.line(format!("nvvm.vote.sync ballot {all}, {counted} -> i32"));
+            Ok((a, counted, ballot))
+        };
+        let sweeps = n.div_ceil(32);
+        let zero = self.index(0);
+        let start = self
+            .fold(sweeps, &[zero.clone()], &["index"], |g, t, acc| {
+                let (_, _, ballot) = sweep(g, t, "slt")?;
+                let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
+                let count = g.position(&count);
+                Ok(vec![g.line(format!("arith.addi {}, {count} : index", acc[0]))])
+            })?
+            .remove(0);
+        self.fold(sweeps, &[start], &["index"], |g, t, acc| {
+            let (a, counted, ballot) = sweep(g, t, "eq")?;
+            let earlier = g.line(format!("arith.andi {ballot}, {below_lane} : i32"));
+            let rank = g.line(format!("llvm.intr.ctpop({earlier}) : (i32) -> i32"));
+            let rank = g.position(&rank);
+            let place = g.line(format!("arith.addi {}, {rank} : index", acc[0]));
+            let id = g.line(format!("arith.index_cast {a} : index to i32"));
+            let _ = writeln!(g.body.text, "        scf.if {counted} {{\n        memref.store {id}, %a{out}[{place}] : memref<?xi32>\n        }}");
+            let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
+            let count = g.position(&count);
+            Ok(vec![g.line(format!("arith.addi {}, {count} : index", acc[0]))])
+        })?;
+        let _ = writeln!(self.body.text, "        }}");
+        Ok(false)
+    }
+
     /// A scatter op over its source elements; whether its output must be zeroed first.
     fn scatter(&mut self, node: &Node) -> Result<bool, String> {
         let out = self.slots.len();
@@ -755,7 +820,6 @@ impl<'a> Gen<'a> {
             Op::ScatterRows { .. } => shape(self, 1),
             Op::PermuteGrad { .. } | Op::Unpermute { .. } => shape(self, 0),
             Op::UnpermuteGradGates { .. } => shape(self, 2),
-            Op::SortByExpert { .. } => vec![numel(&shape(self, 0))],
             _ => unreachable!("scatter ops"),
         };
         self.domain = numel(&source);
@@ -807,30 +871,6 @@ impl<'a> Gen<'a> {
                     })?
                     .remove(0);
                 let _ = writeln!(self.body.text, "        memref.store {dot}, %a{out}[{a}] : memref<?xf32>");
-                false
-            }
-            Op::SortByExpert { .. } => {
-                // out[rank(a)] = a, rank(a) = #{a' : e(a') < e(a), or e(a') = e(a) and a' < a}
-                let idx_shape = shape(self, 0);
-                let own = self.delinearize("%gid", &idx_shape);
-                let e = self.value_at(arg(0), &own)?;
-                let zero = self.index(0);
-                let rank = self
-                    .fold(self.domain, &[zero], &["index"], |g, b, acc| {
-                        let at = g.delinearize(b, &idx_shape);
-                        let eb = g.value_at(arg(0), &at)?;
-                        let lt = g.line(format!("arith.cmpi slt, {eb}, {e} : i32"));
-                        let eq = g.line(format!("arith.cmpi eq, {eb}, {e} : i32"));
-                        let before = g.cmp_index("ult", b, "%gid");
-                        let tie = g.line(format!("arith.andi {eq}, {before} : i1"));
-                        let counts = g.line(format!("arith.ori {lt}, {tie} : i1"));
-                        let one = g.index(1);
-                        let more = g.line(format!("arith.addi {}, {one} : index", acc[0]));
-                        Ok(vec![g.line(format!("arith.select {counts}, {more}, {} : index", acc[0]))])
-                    })?
-                    .remove(0);
-                let a = self.line("arith.index_cast %gid : index to i32".into());
-                let _ = writeln!(self.body.text, "        memref.store {a}, %a{out}[{rank}] : memref<?xi32>");
                 false
             }
             _ => unreachable!("scatter ops"),
