@@ -367,7 +367,10 @@ impl Op {
     pub fn works_along_rows(&self) -> bool {
         matches!(
             self,
-            Op::RmsNorm { .. }
+            Op::Gather
+                | Op::Permute { .. }
+                | Op::UnpermuteGradRows { .. }
+                | Op::RmsNorm { .. }
                 | Op::Softmax
                 | Op::MaskedSoftmax { .. }
                 | Op::SoftmaxGrad

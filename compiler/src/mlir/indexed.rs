@@ -1,8 +1,8 @@
 //! Kernels by index: every kernel the fast paths of [`super::emit`] do not cover. Each thread
 //! computes one element of each output from its multi-index, following the index maps of the
 //! kernel's ops back to its inputs: broadcasts, reshapes, transposes, slices, pads and
-//! concatenations move indices; reductions loop over the reduced axes; gathers, top-k and the
-//! MoE dispatch read positions from index tensors. Values inside a kernel are recomputed
+//! concatenations move indices; reductions loop over the reduced axes; top-k and the take/put
+//! along ops read positions from index tensors. Values inside a kernel are recomputed
 //! where they are read, never stored in between. The ops that write where an index tensor
 //! says (scatter-adds, the gate gradient) run over their source elements instead and store at
 //! the computed place; scatter-adds add atomically into outputs the launcher zeroes first
@@ -269,12 +269,6 @@ impl<'a> Gen<'a> {
                 })?
                 .remove(0)
             }
-            Op::Gather => {
-                let rank = idx.len();
-                let id = self.value_at(arg(1), &idx[..rank - 1])?;
-                let row = self.position(&id);
-                self.value_at(arg(0), &[row, idx[rank - 1].clone()])?
-            }
             Op::TakeAlong => {
                 let rank = idx.len();
                 let i = self.value_at(arg(1), idx)?;
@@ -300,25 +294,6 @@ impl<'a> Gen<'a> {
                     Ok(vec![g.line(format!("arith.select {below}, {more}, {} : i32", acc[0]))])
                 })?
                 .remove(0)
-            }
-            Op::Permute { k } => {
-                // out[i, j] = x[order[i] / k, j]
-                let a = self.value_at(arg(1), &idx[..1])?;
-                let a = self.position(&a);
-                let kk = self.index(*k);
-                let t = self.line(format!("arith.divui {a}, {kk} : index"));
-                self.value_at(arg(0), &[t, idx[1].clone()])?
-            }
-            Op::UnpermuteGradRows { k } => {
-                // out[i, j] = gates(order[i]) · g[order[i] / k, j]
-                let a = self.value_at(arg(1), &idx[..1])?;
-                let a = self.position(&a);
-                let kk = self.index(*k);
-                let t = self.line(format!("arith.divui {a}, {kk} : index"));
-                let m = self.line(format!("arith.remui {a}, {kk} : index"));
-                let gate = self.value_at(arg(2), &[t.clone(), m])?;
-                let x = self.value_at(arg(0), &[t, idx[1].clone()])?;
-                self.line(format!("arith.mulf {gate}, {x} : f32"))
             }
             Op::RopeConcat => self.rope_concat(node, idx)?,
             op if op.is_elementwise() => {

@@ -42,8 +42,11 @@ enum Rows {
     /// Broadcast against the output's leading shape (an attention mask): the input's leading
     /// shape (as many axes as the output's, extent 1 where broadcast) and the output's.
     Broadcast { input: Vec<usize>, output: Vec<usize> },
-    /// Row order[r] / k (the MoE dispatch), `order` being the kernel's index input.
+    /// Row order[r] / k (the MoE dispatch, an embedding lookup with k = 1), `order` being the
+    /// kernel's index input.
     Picked { k: usize },
+    /// One value per row, element order[r] (a gate), read once and the same for every column.
+    PickedScalar,
 }
 
 /// A value of one element from the elements of the inputs there and the finished reductions.
@@ -83,6 +86,17 @@ struct Program<'p> {
 /// The row kernel of `node`, the one node of `kernel`.
 pub fn row_kernel(f: &Function, kernel: &Kernel, node: &Node, v: u32) -> Result<Emitted, String> {
     let program = program(f, kernel, node, v)?;
+    if !program.n.is_multiple_of(W) {
+        return Err(format!("rows of {} elements (not a multiple of {W}) are not generated", program.n));
+    }
+    for o in &program.outputs {
+        if let Write::Fp8 { cols } = o.write {
+            let lanes = cols / W;
+            if !cols.is_multiple_of(W) || !lanes.is_power_of_two() || lanes > 32 || !program.n.is_multiple_of(cols) {
+                return Err(format!("FP8 groups of {cols} in rows of {} are not generated", program.n));
+            }
+        }
+    }
     Ok(emit(&kernel.name, &program, |v| f.nodes[v as usize].dtype == crate::graph::ir::DType::I32))
 }
 
@@ -372,6 +386,24 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             }
             program(vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own), (arg(2)?, Rows::Own)], vec![], outputs)
         }
+        Op::Permute { .. } | Op::Gather | Op::UnpermuteGradRows { .. } => {
+            // Rows for the experts (x[order[i] / k]), an embedding lookup (table[ids[i]]), or
+            // the combine's row gradient (gates(order[i]) · g[order[i] / k]).
+            let k = if let Op::Permute { k } | Op::UnpermuteGradRows { k } = node.op { k } else { 1 };
+            let mut inputs = vec![(arg(0)?, Rows::Picked { k })];
+            let gated = matches!(node.op, Op::UnpermuteGradRows { .. });
+            if gated {
+                inputs.push((arg(2)?, Rows::PickedScalar));
+            }
+            Program {
+                n,
+                rows: node.shape.iter().product::<usize>() / n.max(1),
+                inputs,
+                order: Some(arg(1)?),
+                reductions: vec![],
+                outputs: vec![element(Box::new(move |b, e, _| if gated { bin(b, "mulf", &e[1], &e[0]) } else { e[0].clone() }))],
+            }
+        }
         Op::PermuteQuantize { k, cols } => Program {
             n,
             rows: node.shape[0],
@@ -542,6 +574,10 @@ impl RowWriter<'_, '_> {
             return e.clone();
         }
         let base = self.bases[k].clone();
+        if matches!(self.p.inputs[k].1, Rows::PickedScalar) {
+            let x = self.b.line(format!("memref.load %a{k}[{base}] : memref<?xf32>"));
+            return vec![x; W];
+        }
         let at = self.b.line(format!("arith.addi {base}, {col} : index"));
         let ty = format!("vector<{W}xf32>");
         let load = format!("vector.load %a{k}[{at}] {{alignment = {} : i64}} : memref<?xf32>, {ty}", 4 * W);
@@ -701,6 +737,11 @@ impl RowWriter<'_, '_> {
                 let kk = b.line(format!("arith.constant {per_token} : index"));
                 let t = b.line(format!("arith.divui {a}, {kk} : index"));
                 b.line(format!("arith.muli {t}, %n : index"))
+            }
+            Rows::PickedScalar => {
+                let order = self.p.inputs.len();
+                let a = b.line(format!("memref.load %a{order}[%row] : memref<?xi32>"));
+                b.line(format!("arith.index_cast {a} : i32 to index"))
             }
             Rows::Broadcast { input, output } => {
                 // The output row's multi-index over the output's leading shape, linearised in
