@@ -49,7 +49,9 @@ pub struct Emitted {
 pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
     match nodes.as_slice() {
-        [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => super::rows::row_kernel(f, kernel, one, kernel.nodes[0]),
+        [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => {
+            super::rows::row_kernel(f, kernel, one, kernel.nodes[0])
+        }
         [one] if matches!(one.op, Op::Quantize { .. }) => {
             Ok(super::fp8::quantize_kernel(&kernel.name, one, kernel_input(f, kernel, one.args[0])?, kernel.nodes[0]))
         }

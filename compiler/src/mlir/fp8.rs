@@ -150,6 +150,9 @@ pub(super) fn store_row_group(
     }
 }
 
+/// The work on one unit (i, j) of a group, given the value carried, if any; the next one.
+type UnitBody<'a> = dyn Fn(&mut Body, &str, &str, Option<&str>) -> Option<String> + 'a;
+
 /// Warps per block of the quantize kernel.
 const WARPS: usize = 4;
 
@@ -176,7 +179,11 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     // words: one i32 store). Lanes run along x's contiguous axis: the result's rows when
     // transposed (the unit's columns are then U rows of x), its column units if not.
     let unit = if n.is_multiple_of(4) && cols.is_multiple_of(4) { 4 } else { 1 };
-    let _ = writeln!(b.text, "      %cu = arith.constant {unit} : index\n      %cu32 = arith.constant {} : index", 32 * unit);
+    let _ = writeln!(
+        b.text,
+        "      %cu = arith.constant {unit} : index\n      %cu32 = arith.constant {} : index",
+        32 * unit
+    );
     let (slow, fast, slow_step, fast_step) = if transpose {
         (("%j0", "%j1"), ("%i0", "%i1"), "%cu", "%c32")
     } else {
@@ -185,19 +192,36 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     let lane_offset = if transpose { "%lane".to_string() } else { b.line("arith.muli %lane, %cu : index".into()) };
     let fast_start = b.line(format!("arith.addi {}, {lane_offset} : index", fast.0));
     // Runs `body` on every unit (i, j) of the group this lane reads; returns the carried value.
-    let each = |b: &mut Body, init: Option<&str>, body: &dyn Fn(&mut Body, &str, &str, Option<&str>) -> Option<String>| {
+    let each = |b: &mut Body, init: Option<&str>, body: &UnitBody| {
         let (s, f) = (b.fresh(), b.fresh());
         let (outer, inner) = (b.fresh(), b.fresh());
         let (acc_o, acc_i) = (b.fresh(), b.fresh());
-        let carry = |acc: &str, from: &str| init.map_or(String::new(), |_| format!(" iter_args({acc} = {from}) -> (f32)"));
+        let carry =
+            |acc: &str, from: &str| init.map_or(String::new(), |_| format!(" iter_args({acc} = {from}) -> (f32)"));
         let head = |r: &str| if init.is_some() { format!("{r} = ") } else { String::new() };
-        let _ = writeln!(b.text, "        {}scf.for {s} = {} to {} step {slow_step}{} {{", head(&outer), slow.0, slow.1, carry(&acc_o, init.unwrap_or("")));
-        let _ = writeln!(b.text, "        {}scf.for {f} = {fast_start} to {} step {fast_step}{} {{", head(&inner), fast.1, carry(&acc_i, &acc_o));
+        let _ = writeln!(
+            b.text,
+            "        {}scf.for {s} = {} to {} step {slow_step}{} {{",
+            head(&outer),
+            slow.0,
+            slow.1,
+            carry(&acc_o, init.unwrap_or(""))
+        );
+        let _ = writeln!(
+            b.text,
+            "        {}scf.for {f} = {fast_start} to {} step {fast_step}{} {{",
+            head(&inner),
+            fast.1,
+            carry(&acc_i, &acc_o)
+        );
         let (i, j) = if transpose { (f.as_str(), s.as_str()) } else { (s.as_str(), f.as_str()) };
         let next = body(b, i, j, init.map(|_| acc_i.as_str()));
         match next {
             Some(next) => {
-                let _ = writeln!(b.text, "        scf.yield {next} : f32\n        }}\n        scf.yield {inner} : f32\n        }}");
+                let _ = writeln!(
+                    b.text,
+                    "        scf.yield {next} : f32\n        }}\n        scf.yield {inner} : f32\n        }}"
+                );
                 Some(outer)
             }
             None => {
@@ -257,5 +281,11 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}(%a0: memref<?xf32>, %a1: memref<?xi8>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
         b.text
     );
-    Emitted { mlir, grid: groups.div_ceil(WARPS).max(1) as u32, block: (32 * WARPS) as u32, args: vec![x, out], zeroed: false }
+    Emitted {
+        mlir,
+        grid: groups.div_ceil(WARPS).max(1) as u32,
+        block: (32 * WARPS) as u32,
+        args: vec![x, out],
+        zeroed: false,
+    }
 }

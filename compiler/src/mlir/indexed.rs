@@ -167,7 +167,8 @@ impl<'a> Gen<'a> {
             types.join(", ")
         );
         let next = self.scoped(|g| step(g, &iv, &carried))?;
-        let yielded = if next.is_empty() { String::new() } else { format!(" {} : {}", next.join(", "), types.join(", ")) };
+        let yielded =
+            if next.is_empty() { String::new() } else { format!(" {} : {}", next.join(", "), types.join(", ")) };
         let _ = writeln!(self.body.text, "        scf.yield{yielded}\n        }}");
         Ok((0..init.len()).map(|k| format!("{result}#{k}")).collect())
     }
@@ -340,42 +341,47 @@ impl<'a> Gen<'a> {
         let half = shapes[1][rank - 1] / 2;
         let end = self.index(n);
         let here = self.cmp_index("ult", &idx[rank - 1], &end);
-        self.select(&here, "f32", |g| g.value_at(node.args[0], idx), |g| {
-            let q = g.line(format!("arith.subi {}, {end} : index", idx[rank - 1]));
-            let lead = g.broadcast_index(&idx[..rank - 1], &shapes[1][..rank - 1]);
-            let h = g.index(half);
-            let low = g.cmp_index("ult", &q, &h);
-            // x at position p: pe[2p] below half, pe[2(p − half) + 1] above.
-            let x_at = |g: &mut Self, p: &str| {
-                let c2 = g.index(2);
-                let c1 = g.index(1);
-                let even = g.line(format!("arith.muli {p}, {c2} : index"));
-                let above = g.line(format!("arith.subi {p}, {h} : index"));
-                let above = g.line(format!("arith.muli {above}, {c2} : index"));
-                let odd = g.line(format!("arith.addi {above}, {c1} : index"));
-                let below = g.cmp_index("ult", p, &h);
-                let j = g.line(format!("arith.select {below}, {even}, {odd} : index"));
+        self.select(
+            &here,
+            "f32",
+            |g| g.value_at(node.args[0], idx),
+            |g| {
+                let q = g.line(format!("arith.subi {}, {end} : index", idx[rank - 1]));
+                let lead = g.broadcast_index(&idx[..rank - 1], &shapes[1][..rank - 1]);
+                let h = g.index(half);
+                let low = g.cmp_index("ult", &q, &h);
+                // x at position p: pe[2p] below half, pe[2(p − half) + 1] above.
+                let x_at = |g: &mut Self, p: &str| {
+                    let c2 = g.index(2);
+                    let c1 = g.index(1);
+                    let even = g.line(format!("arith.muli {p}, {c2} : index"));
+                    let above = g.line(format!("arith.subi {p}, {h} : index"));
+                    let above = g.line(format!("arith.muli {above}, {c2} : index"));
+                    let odd = g.line(format!("arith.addi {above}, {c1} : index"));
+                    let below = g.cmp_index("ult", p, &h);
+                    let j = g.line(format!("arith.select {below}, {even}, {odd} : index"));
+                    let mut at = lead.clone();
+                    at.push(j);
+                    g.value_at(node.args[1], &at)
+                };
+                let x = x_at(g, &q)?;
+                let up = g.line(format!("arith.addi {q}, {h} : index"));
+                let down = g.line(format!("arith.subi {q}, {h} : index"));
+                let partner = g.line(format!("arith.select {low}, {up}, {down} : index"));
+                let y = x_at(g, &partner)?;
+                let negated = g.line(format!("arith.negf {y} : f32"));
+                let rotated = g.line(format!("arith.select {low}, {negated}, {y} : f32"));
                 let mut at = lead.clone();
-                at.push(j);
-                g.value_at(node.args[1], &at)
-            };
-            let x = x_at(g, &q)?;
-            let up = g.line(format!("arith.addi {q}, {h} : index"));
-            let down = g.line(format!("arith.subi {q}, {h} : index"));
-            let partner = g.line(format!("arith.select {low}, {up}, {down} : index"));
-            let y = x_at(g, &partner)?;
-            let negated = g.line(format!("arith.negf {y} : f32"));
-            let rotated = g.line(format!("arith.select {low}, {negated}, {y} : f32"));
-            let mut at = lead.clone();
-            at.push(q.clone());
-            let cos_at = g.broadcast_index(&at, &shapes[2]);
-            let sin_at = g.broadcast_index(&at, &shapes[3]);
-            let cos = g.value_at(node.args[2], &cos_at)?;
-            let sin = g.value_at(node.args[3], &sin_at)?;
-            let a = g.line(format!("arith.mulf {x}, {cos} : f32"));
-            let b = g.line(format!("arith.mulf {rotated}, {sin} : f32"));
-            Ok(g.line(format!("arith.addf {a}, {b} : f32")))
-        })
+                at.push(q.clone());
+                let cos_at = g.broadcast_index(&at, &shapes[2]);
+                let sin_at = g.broadcast_index(&at, &shapes[3]);
+                let cos = g.value_at(node.args[2], &cos_at)?;
+                let sin = g.value_at(node.args[3], &sin_at)?;
+                let a = g.line(format!("arith.mulf {x}, {cos} : f32"));
+                let b = g.line(format!("arith.mulf {rotated}, {sin} : f32"));
+                Ok(g.line(format!("arith.addf {a}, {b} : f32")))
+            },
+        )
     }
 
     /// Concatenation: the part whose range along `axis` holds the index.
@@ -520,7 +526,9 @@ impl<'a> Gen<'a> {
     fn route(&mut self, node: &Node) -> Result<bool, String> {
         let Op::Route { groups, keep, k, scale } = node.op else { unreachable!("a route node") };
         let (scores, bias) = (node.args[0], node.args[1]);
-        let [tokens, experts] = self.node(scores).shape[..] else { return Err("routing of [tokens, experts] scores".into()) };
+        let [tokens, experts] = self.node(scores).shape[..] else {
+            return Err("routing of [tokens, experts] scores".into());
+        };
         let per_group = experts / groups;
         let (chosen_slot, gates_slot) = (self.slots.len(), self.slots.len() + 1);
         self.domain = tokens;
@@ -643,10 +651,10 @@ impl<'a> Gen<'a> {
         let _ = writeln!(self.body.text, "        scf.if {inside} {{");
         let zero_index = self.index(0);
         let is_reduction = |n: &Node| matches!(n.op, Op::Sum { .. } | Op::SumTo(_) | Op::Max { .. });
-        let slots: Vec<(usize, u32)> =
-            kernel.outputs.iter().enumerate().map(|(k, &o)| (kernel.inputs.len() + k, o)).collect();
-        let (reductions, passengers): (Vec<(usize, u32)>, Vec<(usize, u32)>) =
-            slots.into_iter().partition(|&(_, o)| is_reduction(&self.f.nodes[o as usize]));
+        // (argument slot, value) of each output: the reductions, and the values riding along.
+        let slots = kernel.outputs.iter().enumerate().map(|(k, &o)| (kernel.inputs.len() + k, o));
+        let (reductions, passengers): (Vec<_>, Vec<_>) =
+            slots.partition(|&(_, o)| is_reduction(&self.f.nodes[o as usize]));
         let extent = self.reduced_extent(&self.f.nodes[reductions[0].1 as usize].clone());
         let chunk = self.index(ELEMENTS_PER_WARP.max(extent.div_ceil(warps)));
         let start = self.line(format!("arith.muli {part}, {chunk} : index"));
@@ -676,8 +684,12 @@ impl<'a> Gen<'a> {
                 })?
                 .remove(0);
             let name = self.body.fresh();
-            let reduced =
-                super::emit::warp_reduce(&mut self.body.text, &name[1..], &partial, &format!("{combine} %acc, %y : f32"));
+            let reduced = super::emit::warp_reduce(
+                &mut self.body.text,
+                &name[1..],
+                &partial,
+                &format!("{combine} %acc, %y : f32"),
+            );
             let store = if warps > 1 {
                 format!(
                     "%{}_old = memref.atomic_rmw addf {reduced}, %a{slot}[{element}] : (f32, memref<?xf32>) -> f32",
@@ -760,7 +772,7 @@ impl<'a> Gen<'a> {
         let sweeps = n.div_ceil(32);
         let zero = self.index(0);
         let start = self
-            .fold(sweeps, &[zero.clone()], &["index"], |g, t, acc| {
+            .fold(sweeps, std::slice::from_ref(&zero), &["index"], |g, t, acc| {
                 let (_, _, ballot) = sweep(g, t, "slt")?;
                 let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
                 let count = g.position(&count);
@@ -774,7 +786,10 @@ impl<'a> Gen<'a> {
             let rank = g.position(&rank);
             let place = g.line(format!("arith.addi {}, {rank} : index", acc[0]));
             let id = g.line(format!("arith.index_cast {a} : index to i32"));
-            let _ = writeln!(g.body.text, "        scf.if {counted} {{\n        memref.store {id}, %a{out}[{place}] : memref<?xi32>\n        }}");
+            let _ = writeln!(
+                g.body.text,
+                "        scf.if {counted} {{\n        memref.store {id}, %a{out}[{place}] : memref<?xi32>\n        }}"
+            );
             let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
             let count = g.position(&count);
             Ok(vec![g.line(format!("arith.addi {}, {count} : index", acc[0]))])

@@ -51,13 +51,19 @@ enum Rows {
 
 /// A value of one element from the elements of the inputs there and the finished reductions.
 type Term<'p> = Box<dyn Fn(&mut Body, &[String], &[String]) -> String + 'p>;
+/// A value of one element from the elements of the inputs there.
+type Elementwise<'p> = Box<dyn Fn(&mut Body, &[String]) -> String + 'p>;
+/// What a reduction makes of the warp's total, given the reductions finished before it.
+type Finish<'p> = Box<dyn Fn(&mut Body, &[String], &str) -> Vec<String> + 'p>;
+/// A pass's work on one chunk: its column, its number when unrolled, the values carried.
+type ChunkStep<'w, 'p, 'q> = dyn FnMut(&mut RowWriter<'p, 'q>, &str, Option<usize>, &[String]) -> Vec<String> + 'w;
 
 /// A reduction over the row: its term per element, and what it makes of the warp's total
 /// (values appended to the finished reductions the later terms read).
 struct Reduction<'p> {
     max: bool,
     term: Term<'p>,
-    finish: Box<dyn Fn(&mut Body, &[String], &str) -> Vec<String> + 'p>,
+    finish: Finish<'p>,
 }
 
 enum Write {
@@ -118,7 +124,7 @@ fn last(shape: &[usize]) -> usize {
 }
 
 /// x·rsqrt(Σx²/n + eps)·w's finish: the reciprocal root.
-fn rms_finish<'p>(n: usize, eps: f64) -> Box<dyn Fn(&mut Body, &[String], &str) -> Vec<String> + 'p> {
+fn rms_finish<'p>(n: usize, eps: f64) -> Finish<'p> {
     Box::new(move |b, _, total| {
         let nf = b.constant(n as f64);
         let eps = b.constant(eps);
@@ -138,7 +144,11 @@ fn square_sum<'p>(x: impl Fn(&mut Body, &[String]) -> String + 'p) -> Term<'p> {
 /// Softmax over `logit` (an element's logit from the inputs): the max, then Σ e^(x − max).
 fn softmax_reductions<'p>(logit: impl Fn(&mut Body, &[String]) -> String + Copy + 'p) -> Vec<Reduction<'p>> {
     vec![
-        Reduction { max: true, term: Box::new(move |b, e, _| logit(b, e)), finish: Box::new(|_, _, t| vec![t.to_string()]) },
+        Reduction {
+            max: true,
+            term: Box::new(move |b, e, _| logit(b, e)),
+            finish: Box::new(|_, _, t| vec![t.to_string()]),
+        },
         Reduction {
             max: false,
             term: Box::new(move |b, e, r| {
@@ -161,7 +171,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
     let n = last(arg_shape(0));
     let rows = arg_shape(0).iter().product::<usize>() / n.max(1);
     let element = |term: Term<'p>| Output { value: v, write: Write::Element, term };
-    let pick = |k: usize| -> Box<dyn Fn(&mut Body, &[String]) -> String + 'p> { Box::new(move |_, e| e[k].clone()) };
+    let pick = |k: usize| -> Elementwise<'p> { Box::new(move |_, e| e[k].clone()) };
     let program = |inputs, reductions, outputs| Program { n, rows, inputs, order: None, reductions, outputs };
     Ok(match &node.op {
         Op::RmsNorm { eps } => program(
@@ -401,7 +411,9 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                 inputs,
                 order: Some(arg(1)?),
                 reductions: vec![],
-                outputs: vec![element(Box::new(move |b, e, _| if gated { bin(b, "mulf", &e[1], &e[0]) } else { e[0].clone() }))],
+                outputs: vec![element(Box::new(
+                    move |b, e, _| if gated { bin(b, "mulf", &e[1], &e[0]) } else { e[0].clone() },
+                ))],
             }
         }
         Op::PermuteQuantize { k, cols } => Program {
@@ -410,7 +422,11 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             inputs: vec![(arg(0)?, Rows::Picked { k: *k })],
             order: Some(arg(1)?),
             reductions: vec![],
-            outputs: vec![Output { value: v, write: Write::Fp8 { cols: *cols }, term: Box::new(|_, e, _| e[0].clone()) }],
+            outputs: vec![Output {
+                value: v,
+                write: Write::Fp8 { cols: *cols },
+                term: Box::new(|_, e, _| e[0].clone()),
+            }],
         },
         op => unreachable!("`{}` is not a row op", op.name()),
     })
@@ -446,8 +462,16 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
             }
         })
         .collect();
-    let mut w =
-        RowWriter { p, b: Body::new(), chunks, registers, caching, cache: HashMap::new(), bases: Vec::new(), columns: Vec::new() };
+    let mut w = RowWriter {
+        p,
+        b: Body::new(),
+        chunks,
+        registers,
+        caching,
+        cache: HashMap::new(),
+        bases: Vec::new(),
+        columns: Vec::new(),
+    };
     let b = &mut w.b;
     for l in [
         "%tid = gpu.thread_id x",
@@ -544,7 +568,7 @@ struct RowWriter<'p, 'q> {
     columns: Vec<String>,
 }
 
-impl RowWriter<'_, '_> {
+impl<'p, 'q> RowWriter<'p, 'q> {
     /// This lane's first column in register chunk `c`.
     fn col(&mut self, c: usize) -> String {
         let off = self.b.line(format!("arith.constant {} : index", c * 32 * W));
@@ -609,11 +633,7 @@ impl RowWriter<'_, '_> {
 
     /// A pass over the row's chunks carrying `init`; `step` gets the chunk's column (and, in
     /// registers, its number) and the carried values.
-    fn pass(
-        &mut self,
-        init: Vec<String>,
-        step: &mut dyn FnMut(&mut Self, &str, Option<usize>, &[String]) -> Vec<String>,
-    ) -> Vec<String> {
+    fn pass(&mut self, init: Vec<String>, step: &mut ChunkStep<'_, 'p, 'q>) -> Vec<String> {
         if self.registers {
             let mut carried = init;
             for c in 0..self.chunks {
