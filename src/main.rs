@@ -221,6 +221,7 @@ fn write_ptx(plan: &dsc_compiler::plan::Plan, dir: &std::path::Path, print_ir: b
             .collect();
         workers.into_iter().try_for_each(|w| w.join().expect("a lowering thread panicked"))
     })?;
+    dsc_compiler::plan::remove_stale(&dir.join("kernels"), "ptx", kernels.iter().map(|(name, _)| name.as_str()))?;
     Ok(kernels.len())
 }
 

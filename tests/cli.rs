@@ -264,8 +264,15 @@ fn compile_writes_a_plan_that_inspect_reads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = dir.path().join("plan");
     let plan_s = plan.to_str().expect("utf-8 path");
+    // Kernels of an earlier plan in the same directory go; other files stay.
+    for (folder, file) in [("ir", "gone.mlir"), ("kernels", "gone.ptx"), ("kernels", "notes.txt")] {
+        std::fs::create_dir_all(plan.join(folder)).expect("folder");
+        std::fs::write(plan.join(folder).join(file), "earlier").expect("file");
+    }
     let o = dsc(&["compile", &model("deepseek-v3-tiny"), "-o", plan_s]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!plan.join("ir/gone.mlir").exists() && !plan.join("kernels/gone.ptx").exists());
+    std::fs::remove_file(plan.join("kernels/notes.txt")).expect("other files stay");
     let summary: serde_json::Value =
         serde_json::from_str(&dsc_ok(&["inspect", plan_s, "--format", "json"])).expect("JSON");
     let s = &summary["summary"];

@@ -188,6 +188,20 @@ fn buffers(f: &Function) -> Vec<Buffer> {
         .collect()
 }
 
+/// Removes the `*.EXT` files of `folder` that are not named in `names`: the kernels of an
+/// earlier plan written to the same directory. Other files stay.
+pub fn remove_stale<'a>(folder: &Path, ext: &str, names: impl Iterator<Item = &'a str>) -> std::io::Result<()> {
+    let keep: std::collections::HashSet<&str> = names.collect();
+    for entry in std::fs::read_dir(folder)? {
+        let path = entry?.path();
+        let stem = path.file_stem().and_then(|s| s.to_str());
+        if path.extension().is_some_and(|e| e == ext) && stem.is_some_and(|s| !keep.contains(s)) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Why a plan directory cannot be read.
 #[derive(Debug)]
 pub enum PlanError {
@@ -227,9 +241,11 @@ impl Plan {
     /// Writes `plan.json` and `ir/NAME.mlir` for each generated kernel into `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir.join("ir"))?;
-        for (name, mlir) in self.kernel_mlir() {
+        let kernels = self.kernel_mlir();
+        for (name, mlir) in &kernels {
             std::fs::write(dir.join("ir").join(format!("{name}.mlir")), mlir)?;
         }
+        remove_stale(&dir.join("ir"), "mlir", kernels.iter().map(|(name, _)| name.as_str()))?;
         let path = dir.join(PLAN_FILE);
         let tmp = dir.join(format!("{PLAN_FILE}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
