@@ -453,7 +453,29 @@ impl Checker<'_> {
             }
             let micro_batches = batch / per_step;
             let stages = par.pipeline.stages;
-            if stages > 1 && micro_batches < stages {
+            let dualpipe = par.pipeline.schedule == PipelineSchedule::Dualpipe;
+            if dualpipe && stages > 1 && micro_batches >= stages && micro_batches < 2 * stages {
+                // DualPipe's schedule needs both ends of the pipeline fed (as DeepSeek's own
+                // implementation asserts): a ramp's first steps are where this bites.
+                let d = Diagnostic::error(
+                    Code::Pipeline,
+                    format!(
+                        "DualPipe over {stages} stages needs at least {} micro-batches per step, {} has {micro_batches}",
+                        2 * stages,
+                        if path == "train.batch.from" { "the ramp's first step" } else { "this batch" }
+                    ),
+                )
+                .with_label(
+                    self.at(path),
+                    format!("{} per rank", counted(micro_batches, "micro-batch", "micro-batches")),
+                )
+                .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
+                .with_help(format!(
+                    "start the batch at {} sequences or more, lower `micro_batch`, or use fewer stages",
+                    2 * stages * per_step
+                ));
+                self.push(d);
+            } else if stages > 1 && micro_batches < stages {
                 let d = Diagnostic::error(
                     Code::Pipeline,
                     format!(
