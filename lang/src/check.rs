@@ -455,25 +455,35 @@ impl Checker<'_> {
             let stages = par.pipeline.stages;
             let dualpipe = par.pipeline.schedule == PipelineSchedule::Dualpipe;
             if dualpipe && stages > 1 && micro_batches >= stages && micro_batches < 2 * stages {
-                // DualPipe's schedule needs both ends of the pipeline fed (as DeepSeek's own
-                // implementation asserts): a ramp's first steps are where this bites.
-                let d = Diagnostic::error(
-                    Code::Pipeline,
-                    format!(
-                        "DualPipe over {stages} stages needs at least {} micro-batches per step, {} has {micro_batches}",
-                        2 * stages,
-                        if path == "train.batch.from" { "the ramp's first step" } else { "this batch" }
-                    ),
-                )
-                .with_label(
-                    self.at(path),
-                    format!("{} per rank", counted(micro_batches, "micro-batch", "micro-batches")),
-                )
-                .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
-                .with_help(format!(
-                    "start the batch at {} sequences or more, lower `micro_batch`, or use fewer stages",
-                    2 * stages * per_step
-                ));
+                // DualPipe's schedule feeds both ends of the pipeline (as DeepSeek's own
+                // implementation asserts, and dsc's generator requires). At a ramp's start only
+                // the first steps are short of micro-batches: a warning (DeepSeek-V3's own
+                // ramp starts at 24 micro-batches over 16 stages); for every step, an error.
+                let ramp_start = path == "train.batch.from";
+                let message = format!(
+                    "DualPipe over {stages} stages needs at least {} micro-batches per step, {} has {micro_batches}",
+                    2 * stages,
+                    if ramp_start { "the batch ramp's first step" } else { "every step" }
+                );
+                let d = if ramp_start {
+                    Diagnostic::warning(Code::Pipeline, message).with_note(format!(
+                        "the steps before the batch reaches {} sequences have no DualPipe schedule",
+                        2 * stages * per_step
+                    ))
+                } else {
+                    Diagnostic::error(Code::Pipeline, message)
+                };
+                let d = d
+                    .with_label(
+                        self.at(path),
+                        format!("{} per rank", counted(micro_batches, "micro-batch", "micro-batches")),
+                    )
+                    .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
+                    .with_help(format!(
+                        "{} {} sequences or more, lower `micro_batch`, or use fewer stages",
+                        if ramp_start { "start the batch at" } else { "use a batch of" },
+                        2 * stages * per_step
+                    ));
                 self.push(d);
             } else if stages > 1 && micro_batches < stages {
                 let d = Diagnostic::error(
