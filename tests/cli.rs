@@ -391,7 +391,7 @@ fn emit_schedule_prints_each_ranks_instructions() {
 }
 
 #[test]
-fn a_pipeline_without_a_schedule_is_a_located_error() {
+fn a_pipeline_its_batch_cannot_feed_is_a_located_error() {
     // Two micro-batches cannot fill DualPipe's two directions on two ranks.
     let args = [
         "simulate",
@@ -403,15 +403,15 @@ fn a_pipeline_without_a_schedule_is_a_located_error() {
     ];
     let err = dsc_rejects(&args);
     assert!(
-        err.contains("error[E0105]: no pipeline schedule: DualPipe needs an even number of micro-batches"),
+        err.contains("error[E0105]: DualPipe over 2 stages needs at least 4 micro-batches per step, every step has 2"),
         "{err}"
     );
-    assert!(err.contains("this pipeline"), "{err}");
+    assert!(err.contains("--set parallel.pipeline") && err.contains("2 stages"), "{err}");
     let mut json_args = args.to_vec();
     json_args.push("--error-format=json");
     let o = dsc(&json_args);
     assert_eq!(o.status.code(), Some(1));
     let line: serde_json::Value = serde_json::from_str(stderr(&o).trim()).expect("one JSON diagnostic");
     assert_eq!(line["code"], "E0105");
-    assert_eq!(line["file"], "--set parallel.pipeline");
+    assert_eq!(line["file"], "models/deepseek-v3-tiny.dsc");
 }

@@ -170,7 +170,7 @@ fn iteration(f: &Function, node: &Node) -> u64 {
 }
 
 /// The value a view stands for: through reshapes and stop-gradients to the data it aliases.
-fn base(f: &Function, mut v: V) -> V {
+pub fn base(f: &Function, mut v: V) -> V {
     while matches!(f.node(v).op, Op::Reshape(_) | Op::StopGradient) {
         v = f.node(v).args[0];
     }

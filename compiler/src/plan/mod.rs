@@ -130,8 +130,8 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         .zip(&reports)
         .map(|((f, kernels), report)| PlanFunction {
             name: f.name.clone(),
+            buffers: buffers(f, &kernels),
             kernels,
-            buffers: buffers(f),
             fusion: report.into(),
         })
         .collect();
@@ -158,32 +158,47 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
     }
 }
 
-/// The buffer table: every value with storage (not views or bookkeeping) and its lifetime.
-fn buffers(f: &Function) -> Vec<Buffer> {
-    let mut last = vec![0u32; f.nodes.len()];
+/// Bytes of a value's buffer as the generated kernels address it: reals as f32 (a bf16 value
+/// is rounded, not packed), indices as i32, FP8 values as their bytes and scales.
+fn storage_bytes(n: &crate::graph::ir::Node) -> u64 {
+    crate::mlir::fp8::storage_bytes(n).unwrap_or(n.shape.iter().product::<usize>() as u64 * 4)
+}
+
+/// The buffer table: every value with storage (not views or bookkeeping) and its lifetime in
+/// node positions, widened to whole kernels: a kernel's nodes run together, so what it reads
+/// lives until its last node and what it writes from its first; a value read through a view
+/// (a reshape) lives as long as the view's readers.
+fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
+    let mut span: Vec<(u32, u32)> = (0..f.nodes.len() as u32).map(|i| (i, i)).collect();
+    for k in kernels {
+        let (lo, hi) = (*k.nodes.iter().min().unwrap_or(&0), *k.nodes.iter().max().unwrap_or(&0));
+        for &n in &k.nodes {
+            span[n as usize] = (lo, hi);
+        }
+    }
+    let mut last: Vec<u32> = (0..f.nodes.len() as u32).collect();
     for (i, node) in f.nodes.iter().enumerate() {
-        for a in &node.args {
-            last[a.index()] = i as u32;
+        for &a in &node.args {
+            let b = kernels::base(f, a).index();
+            last[b] = last[b].max(span[i].1);
         }
     }
     for o in &f.outputs {
-        last[o.index()] = f.nodes.len() as u32;
+        last[kernels::base(f, *o).index()] = f.nodes.len() as u32;
     }
     f.nodes
         .iter()
         .enumerate()
         .filter(|(_, n)| {
             let view = matches!(n.op, Op::Reshape(_) | Op::StopGradient | Op::Call(_) | Op::Const(_));
-            // A part of a call's result is stored by the callee; a part of a fused op's, here.
-            let call_part = matches!(n.op, Op::Get(_)) && matches!(f.node(n.args[0]).op, Op::Call(_));
-            !view && !call_part && n.dtype != crate::graph::ir::DType::Tuple
+            // A part of a tuple (a call's result, a fused op's) is stored here: the callee or
+            // the fused kernel writes it.
+            !view && n.dtype != crate::graph::ir::DType::Tuple
         })
-        .map(|(i, n)| Buffer {
-            value: i as u32,
-            bytes: kernels::value_bytes(n),
-            // A fused op's part is written when the op runs.
-            first: if matches!(n.op, Op::Get(_)) { n.args[0].0 } else { i as u32 },
-            last: last[i].max(i as u32),
+        .map(|(i, n)| {
+            // A tuple's part is written when the call or the fused op runs.
+            let writer = if matches!(n.op, Op::Get(_)) { n.args[0].index() } else { i };
+            Buffer { value: i as u32, bytes: storage_bytes(n), first: span[writer].0, last: last[i] }
         })
         .collect()
 }

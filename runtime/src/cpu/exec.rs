@@ -11,6 +11,16 @@ use std::sync::Arc;
 
 /// Runs function `f` of `module` on `args`, returning its outputs.
 pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
+    run_observed(module, f, args, &mut |_, _, _| {})
+}
+
+/// [`run`], showing `observe` every value computed (function, node, value), in the callees too.
+pub fn run_observed<T: Real>(
+    module: &Module,
+    f: usize,
+    args: Vec<Value<T>>,
+    observe: &mut dyn FnMut(usize, usize, &Value<T>),
+) -> Vec<Value<T>> {
     let function = &module.functions[f];
     assert_eq!(args.len(), function.args.len(), "{} takes {} arguments", function.name, function.args.len());
     let last_use = last_uses(function);
@@ -25,9 +35,15 @@ pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value
                     .iter()
                     .map(|a| values[a.index()].as_ref().expect("value computed and not yet freed"))
                     .collect();
-                eval(module, node, &inputs)
+                match node.op {
+                    Op::Call(g) => {
+                        Value::Tuple(run_observed(module, g, inputs.iter().map(|x| (*x).clone()).collect(), observe))
+                    }
+                    _ => eval(module, node, &inputs),
+                }
             }
         };
+        observe(f, i, &value);
         values[i] = Some(value);
         for a in &node.args {
             if last_use[a.index()] == i {
@@ -371,7 +387,7 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let (da, db) = grads::swiglu_grad(&r(0).data, &r(1).data, &r(2).data);
             pair(Tensor::new(r(0).shape.clone(), da), Tensor::new(r(1).shape.clone(), db))
         }
-        Op::Call(f) => Value::Tuple(run(module, *f, v.iter().map(|x| (*x).clone()).collect())),
+        Op::Call(_) => unreachable!("calls run in `run_observed`"),
         Op::Get(i) => match v[0] {
             Value::Tuple(items) => items[*i].clone(),
             _ => panic!("get from a non-tuple"),

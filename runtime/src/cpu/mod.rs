@@ -7,6 +7,6 @@ pub mod numerics;
 pub mod real;
 pub mod value;
 
-pub use exec::run;
+pub use exec::{run, run_observed};
 pub use real::Real;
 pub use value::{Tensor, Value};

@@ -1,0 +1,137 @@
+//! The CUDA backend's foundation, on cudarc (driver API, loaded at run time so that dsc builds
+//! and its GPU tests skip on machines without CUDA): the device and its stream, a plan's PTX
+//! modules loaded once, and the launch of a generated kernel on buffers placed in one arena
+//! by [`crate::memory`]. A generated kernel takes each buffer as MLIR's memref descriptor
+//! (allocated pointer, aligned pointer, offset, size, stride); `zeroed` kernels get their
+//! outputs cleared first. The unsafe FFI stays inside cudarc; the one `unsafe` here is the
+//! launch, whose argument list follows the kernel's signature in the plan.
+//!
+//! Not here yet (issue 5): library GEMMs (cuBLASLt FP8 block-scaled), running a whole plan
+//! function, CUDA graphs, the training loop on the GPU.
+
+use crate::memory::Layout;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, PushKernelArg};
+use dsc_compiler::fuse::kernels::{Code, Kernel};
+use dsc_compiler::graph::ir::{DType, Function};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why the GPU cannot be used.
+#[derive(Debug)]
+pub enum GpuError {
+    /// No CUDA driver library on this machine.
+    NoDriver,
+    NoDevice,
+    Driver(DriverError),
+    /// A kernel's PTX could not be read.
+    Ptx(PathBuf, std::io::Error),
+}
+
+impl std::fmt::Display for GpuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GpuError::NoDriver => write!(f, "no CUDA driver (libcuda.so) on this machine"),
+            GpuError::NoDevice => write!(f, "the CUDA driver sees no GPU"),
+            GpuError::Driver(e) => write!(f, "CUDA driver: {e}"),
+            GpuError::Ptx(path, e) => {
+                write!(f, "cannot read `{}`: {e} (was the plan compiled with MLIR?)", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+impl From<DriverError> for GpuError {
+    fn from(e: DriverError) -> Self {
+        GpuError::Driver(e)
+    }
+}
+
+/// The first GPU and its default stream.
+pub struct Gpu {
+    context: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+}
+
+impl Gpu {
+    pub fn open() -> Result<Gpu, GpuError> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        if CudaContext::device_count()? < 1 {
+            return Err(GpuError::NoDevice);
+        }
+        let context = CudaContext::new(0)?;
+        let stream = context.default_stream();
+        Ok(Gpu { context, stream })
+    }
+
+    pub fn name(&self) -> Result<String, GpuError> {
+        Ok(self.context.name()?)
+    }
+}
+
+/// A plan's generated kernels, each module loaded on first use.
+pub struct Kernels {
+    dir: PathBuf,
+    loaded: HashMap<String, (Arc<CudaModule>, CudaFunction)>,
+}
+
+impl Kernels {
+    /// The kernels of the plan in `dir` (PTX in `dir/kernels/NAME.ptx`).
+    pub fn new(dir: &Path) -> Kernels {
+        Kernels { dir: dir.to_path_buf(), loaded: HashMap::new() }
+    }
+
+    fn function(&mut self, gpu: &Gpu, name: &str) -> Result<&CudaFunction, GpuError> {
+        if !self.loaded.contains_key(name) {
+            let path = self.dir.join("kernels").join(format!("{name}.ptx"));
+            let ptx = std::fs::read_to_string(&path).map_err(|e| GpuError::Ptx(path, e))?;
+            let module = gpu.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+            let function = module.load_function(name)?;
+            self.loaded.insert(name.to_string(), (module, function));
+        }
+        Ok(&self.loaded[name].1)
+    }
+
+    /// Launches generated `kernel` (of `function`) on its buffers in `arena` at `layout`'s
+    /// offsets; `bytes(v)` is the size of value v's buffer.
+    pub fn launch(
+        &mut self,
+        gpu: &Gpu,
+        function: &Function,
+        kernel: &Kernel,
+        arena: &mut CudaSlice<u8>,
+        layout: &Layout,
+        bytes: impl Fn(u32) -> usize,
+    ) -> Result<(), GpuError> {
+        let Code::Generated { grid, block, args, zeroed } = &kernel.code else {
+            panic!("kernel {} is not generated", kernel.name)
+        };
+        let at = |v: u32| *layout.offsets.get(&v).unwrap_or_else(|| panic!("value {v} has no buffer")) as usize;
+        if *zeroed {
+            for &v in args.iter().filter(|v| !kernel.inputs.contains(v)) {
+                gpu.stream.memset_zeros(&mut arena.slice_mut(at(v)..at(v) + bytes(v)))?;
+            }
+        }
+        // The memref descriptor of every argument: base pointer twice, offset 0, size (in the
+        // kernel's elements: bytes for FP8 buffers, 4-byte words otherwise), stride 1.
+        let elements = |v: u32| if function.nodes[v as usize].dtype == DType::F8e4m3 { bytes(v) } else { bytes(v) / 4 };
+        let views: Vec<_> = args.iter().map(|&v| arena.slice(at(v)..at(v) + bytes(v))).collect();
+        let sizes: Vec<[i64; 3]> = args.iter().map(|&v| [0, elements(v) as i64, 1]).collect();
+        let cuda_function = self.function(gpu, &kernel.name)?.clone();
+        let mut launch = gpu.stream.launch_builder(&cuda_function);
+        for (view, [offset, size, stride]) in views.iter().zip(&sizes) {
+            launch.arg(view).arg(view).arg(offset).arg(size).arg(stride);
+        }
+        let config =
+            cudarc::driver::LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments follow the kernel's signature (one memref descriptor per value
+        // in `args`), each a buffer of the arena of the size the plan gives it.
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! On the GPU (skipped with the reason when there is none): every generated kernel of the tiny
+//! plan's gradient functions, launched through the CUDA backend on buffers placed by the
+//! memory planner, matches the CPU backend on the very values the CPU computed in one
+//! training micro-batch (real token ids, routing and MoE orders included). The plan comes
+//! from `DSC_TEST_PLAN` (default `target/plan-tiny`: `dsc compile
+//! models/deepseek-v3-tiny.dsc -o target/plan-tiny`).
+#![cfg(feature = "cuda")]
+
+use dsc_compiler::fuse::kernels::Code;
+use dsc_compiler::plan::Plan;
+use dsc_runtime::cpu::{run_observed, Tensor, Value};
+use dsc_runtime::cuda::{Gpu, Kernels};
+use dsc_runtime::rng::Rng;
+use dsc_runtime::train::init::init_params;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// E4M3 bits as the value they stand for.
+fn e4m3(bits: u8) -> f64 {
+    let (sign, exponent, mantissa) = (bits >> 7, (bits >> 3) & 15, f64::from(bits & 7));
+    let magnitude = match (exponent, bits & 0x7F) {
+        (_, 0x7F) => f64::NAN,
+        (0, _) => mantissa / 8.0 * 2f64.powi(-6),
+        _ => (1.0 + mantissa / 8.0) * 2f64.powi(i32::from(exponent) - 7),
+    };
+    if sign == 1 {
+        -magnitude
+    } else {
+        magnitude
+    }
+}
+
+/// ‖got − want‖ / ‖want‖ over the finite elements of `want`; infinite when `got` differs
+/// where `want` is not finite (±∞ must match, NaN stay NaN) or is not finite elsewhere.
+fn relative_error(got: &[f64], want: &[f64]) -> f64 {
+    let same = |g: f64, w: f64| (g.is_nan() && w.is_nan()) || g == w;
+    if got.iter().zip(want).any(|(&g, &w)| if w.is_finite() { !g.is_finite() } else { !same(g, w) }) {
+        return f64::INFINITY;
+    }
+    let finite = || got.iter().zip(want).filter(|(_, w)| w.is_finite());
+    let diff: f64 = finite().map(|(g, w)| (g - w) * (g - w)).sum();
+    let norm: f64 = finite().map(|(_, w)| w * w).sum();
+    (diff / norm.max(1e-60)).sqrt()
+}
+
+#[test]
+fn generated_kernels_match_the_cpu_on_the_gpu() {
+    let gpu = match Gpu::open() {
+        Ok(gpu) => gpu,
+        Err(e) => return eprintln!("skipped: {e}"),
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os("DSC_TEST_PLAN").map_or(root.join("target/plan-tiny"), PathBuf::from);
+    let plan = match Plan::read(&dir) {
+        Ok(plan) if dir.join("kernels").is_dir() => plan,
+        _ => return eprintln!("skipped: no compiled plan with PTX at {} (see this file's doc)", dir.display()),
+    };
+    eprintln!("GPU: {}", gpu.name().expect("name"));
+
+    // One micro-batch on the CPU, every value of every function's first call recorded.
+    let graph = plan.training_graph();
+    let train = &plan.spec.train;
+    let mut args: Vec<Value<f32>> =
+        init_params(&graph.forward.params, plan.spec.model.init_std, 7).into_iter().map(Value::real).collect();
+    let (sequences, width) = (train.micro_batch as usize, train.seq_len as usize + 2);
+    let mut rng = Rng::new(11);
+    let vocab = plan.spec.model.vocab as u64;
+    args.push(Value::int(Tensor::new(
+        vec![sequences, width],
+        (0..sequences * width).map(|_| (rng.next_u64() % vocab) as i32).collect(),
+    )));
+    args.push(Value::real(Tensor::new(vec![sequences, width], vec![1.0; sequences * width])));
+    args.push(Value::real(Tensor::scalar(0.3)));
+    let mut seen: HashMap<(usize, usize), Value<f32>> = HashMap::new();
+    run_observed(graph.module(), graph.grad, args, &mut |f, node, value| {
+        seen.entry((f, node)).or_insert_with(|| value.clone());
+    });
+
+    let mut kernels = Kernels::new(&dir);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for (f, (function, pf)) in plan.module.functions.iter().zip(&plan.functions).enumerate() {
+        if !seen.contains_key(&(f, 0)) {
+            continue; // not called by the gradient (the optimizer)
+        }
+        let layout = dsc_runtime::memory::plan(&pf.buffers);
+        let bytes: HashMap<u32, usize> = pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect();
+        let mut arena = gpu.stream.alloc_zeros::<u8>(layout.peak as usize).expect("arena");
+        for kernel in pf.kernels.iter().filter(|k| matches!(k.code, Code::Generated { .. })) {
+            let Code::Generated { args, .. } = &kernel.code else { unreachable!() };
+            let range = |v: u32| {
+                let at = layout.offsets[&v] as usize;
+                at..at + bytes[&v]
+            };
+            for &v in args {
+                let host: Vec<u8> = match &seen[&(f, v as usize)] {
+                    _ if !kernel.inputs.contains(&v) => vec![0xFF; bytes[&v]], // poisoned: NaN
+                    Value::Real(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    Value::Int(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    other => panic!("input %{v} of {} is {other:?}", kernel.name),
+                };
+                gpu.stream.memcpy_htod(&host, &mut arena.slice_mut(range(v))).expect("upload");
+            }
+            kernels.launch(&gpu, function, kernel, &mut arena, &layout, |v| bytes[&v]).expect("launch");
+            for &v in args.iter().filter(|v| !kernel.inputs.contains(v)) {
+                let got = gpu.stream.clone_dtoh(&arena.slice(range(v))).expect("download");
+                let words =
+                    |g: &[u8]| -> Vec<[u8; 4]> { g.chunks(4).map(|c| c.try_into().expect("4 bytes")).collect() };
+                let (error, bound) = match &seen[&(f, v as usize)] {
+                    Value::Real(t) => {
+                        let got: Vec<f64> = words(&got).into_iter().map(|w| f64::from(f32::from_le_bytes(w))).collect();
+                        let want: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
+                        (relative_error(&got, &want), if kernel.ops.iter().any(|o| o == "cast") { 1e-2 } else { 1e-5 })
+                    }
+                    Value::Int(t) => {
+                        let got: Vec<i32> = words(&got).into_iter().map(i32::from_le_bytes).collect();
+                        (got.iter().zip(&t.data).filter(|(a, b)| a != b).count() as f64, 0.0)
+                    }
+                    Value::Quantized(q) => {
+                        // E4M3 bytes, then from a 16-byte boundary the scales group column by group column.
+                        let (gm, offset) = (q.m.div_ceil(q.tiling.rows), (q.m * q.n).next_multiple_of(16));
+                        let scale = |i: usize, j: usize| {
+                            let at = offset + 4 * ((j / q.tiling.cols) * gm + i / q.tiling.rows);
+                            f64::from(f32::from_le_bytes(got[at..at + 4].try_into().expect("scale")))
+                        };
+                        let decoded: Vec<f64> =
+                            (0..q.m * q.n).map(|e| e4m3(got[e]) * scale(e / q.n, e % q.n)).collect();
+                        (relative_error(&decoded, &q.dequantize()), 1e-3)
+                    }
+                    other => panic!("output %{v} of {} is {other:?}", kernel.name),
+                };
+                checked += 1;
+                if error > bound {
+                    failures
+                        .push(format!("{} {:?} output %{v}: error {error:.2e} > {bound:.0e}", kernel.name, kernel.ops));
+                }
+            }
+        }
+        eprintln!("{}: arena {} bytes for {} of buffers", function.name, layout.peak, layout.total);
+    }
+    eprintln!("{checked} kernel outputs checked");
+    assert!(checked > 100, "only {checked} outputs checked");
+    assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
+}
