@@ -40,12 +40,14 @@ fn summary_json(plan: &Plan) -> serde_json::Value {
         .functions
         .iter()
         .map(|f| {
+            let memory = dsc_runtime::memory::plan(&f.buffers);
             serde_json::json!({
                 "name": f.name,
                 "kernels": f.kernels.iter().map(|k| serde_json::json!({
                     "name": k.name, "kind": k.kind, "ops": k.ops, "bytes": k.bytes, "flops": k.flops, "seconds": k.seconds,
                 })).collect::<Vec<_>>(),
                 "fusion": f.fusion,
+                "memory": { "peak": memory.peak, "total": memory.total },
             })
         })
         .collect();
@@ -70,17 +72,23 @@ fn print_summary(plan: &Plan) {
     );
     println!("  roofline time (estimate)         {:>11.3}s {:>11.3}s", s.seconds_per_step, s.seconds_per_step_unfused);
     println!();
-    println!("{:<16} {:>7} {:>8} {:>9}  {:<22} fused ops", "function", "kernels", "gemms", "nodes", "saturation");
+    println!(
+        "{:<16} {:>7} {:>8} {:>9}  {:>21}  {:<22} fused ops",
+        "function", "kernels", "gemms", "nodes", "memory (reused/all)", "saturation"
+    );
     for f in &plan.functions {
         let gemms = f.kernels.iter().filter(|k| k.kind == KernelKind::LibraryGemm).count();
         let fused: Vec<String> = f.fusion.fused.iter().map(|(op, n)| format!("{op}×{n}")).collect();
+        // Buffers placed by lifetime in one arena, against each allocated on its own.
+        let memory = dsc_runtime::memory::plan(&f.buffers);
         println!(
-            "{:<16} {:>7} {:>8} {:>4}→{:<4}  {:<22} {}",
+            "{:<16} {:>7} {:>8} {:>4}→{:<4}  {:>21}  {:<22} {}",
             f.name,
             f.kernels.len(),
             gemms,
             f.fusion.nodes_before,
             f.fusion.nodes_after,
+            format!("{}/{}", bytes(memory.peak), bytes(memory.total)),
             f.fusion.stop_reason,
             fused.join(" ")
         );
