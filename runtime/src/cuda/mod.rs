@@ -6,8 +6,11 @@
 //! outputs cleared first. The unsafe FFI stays inside cudarc; the one `unsafe` here is the
 //! launch, whose argument list follows the kernel's signature in the plan.
 //!
-//! Not here yet (issue 5): library GEMMs (cuBLASLt FP8 block-scaled), running a whole plan
-//! function, CUDA graphs, the training loop on the GPU.
+//! Library GEMMs outside FP8 run on cuBLAS ([`gemm`]). Not here yet (issue 5): FP8
+//! block-scaled and grouped GEMMs (cuBLASLt), running a whole plan function, CUDA graphs, the
+//! training loop on the GPU.
+
+pub mod gemm;
 
 use crate::memory::Layout;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, PushKernelArg};
@@ -26,6 +29,8 @@ pub enum GpuError {
     Driver(DriverError),
     /// A kernel's PTX could not be read.
     Ptx(PathBuf, std::io::Error),
+    /// A kernel the GPU backend does not run yet, or a library call that failed.
+    Unsupported(String),
 }
 
 impl std::fmt::Display for GpuError {
@@ -34,6 +39,7 @@ impl std::fmt::Display for GpuError {
             GpuError::NoDriver => write!(f, "no CUDA driver (libcuda.so) on this machine"),
             GpuError::NoDevice => write!(f, "the CUDA driver sees no GPU"),
             GpuError::Driver(e) => write!(f, "CUDA driver: {e}"),
+            GpuError::Unsupported(what) => write!(f, "not on the GPU: {what}"),
             GpuError::Ptx(path, e) => {
                 write!(f, "cannot read `{}`: {e} (was the plan compiled with MLIR?)", path.display())
             }
@@ -67,6 +73,11 @@ impl Gpu {
         let context = CudaContext::new(0)?;
         let stream = context.default_stream();
         Ok(Gpu { context, stream })
+    }
+
+    /// A cuBLAS handle on this GPU's stream.
+    pub fn blas(&self) -> Result<cudarc::cublas::CudaBlas, GpuError> {
+        cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))
     }
 
     pub fn name(&self) -> Result<String, GpuError> {
