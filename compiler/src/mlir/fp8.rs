@@ -153,12 +153,13 @@ pub(super) fn store_row_group(
 /// The work on one unit (i, j) of a group, given the value carried, if any; the next one.
 type UnitBody<'a> = dyn Fn(&mut Body, &str, &str, Option<&str>) -> Option<String> + 'a;
 
-/// Warps per block of the quantize kernel.
-const WARPS: usize = 4;
+/// Warps of the quantize kernel sharing a group (a block per group).
+const WARPS: usize = 8;
 
 /// `quantize` of x into [m, n] (x is [m, n], or [n, m] when transposed) in `rows × cols`
-/// groups: a warp per group reads the group twice (its amax, then the quotients) along x's
-/// contiguous axis, 32 lanes apart, each lane storing four E4M3 bytes of a row as one word.
+/// groups: a block per group reads it twice (its amax, then the quotients) along x's
+/// contiguous axis, 32 lanes apart and the warps taking turns along the other, each lane
+/// storing four E4M3 bytes of a row as one word; the warps' maxima meet in shared memory.
 pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     let Op::Quantize { rows, cols, transpose } = node.op else { unreachable!("a quantize node") };
     let (m, n) = matrix(node);
@@ -167,7 +168,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     let mut b = Body::new();
     let _ = write!(
         b.text,
-        "      %tid = gpu.thread_id x\n      %bid = gpu.block_id x\n      %c0 = arith.constant 0 : index\n      %c1 = arith.constant 1 : index\n      %c32 = arith.constant 32 : index\n      %w32 = arith.constant 32 : i32\n      %wpb = arith.constant {WARPS} : index\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n      %bw = arith.muli %bid, %wpb : index\n      %g = arith.addi %bw, %warp : index\n      %groups = arith.constant {groups} : index\n      %m = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %gm = arith.constant {gm} : index\n      %rows = arith.constant {rows} : index\n      %cols = arith.constant {cols} : index\n      %active = arith.cmpi ult, %g, %groups : index\n      scf.if %active {{\n"
+        "      %tid = gpu.thread_id x\n      %bid = gpu.block_id x\n      %c0 = arith.constant 0 : index\n      %c1 = arith.constant 1 : index\n      %c32 = arith.constant 32 : index\n      %w32 = arith.constant 32 : i32\n      %wpb = arith.constant {WARPS} : index\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n      %g = arith.addi %bid, %c0 : index\n      %groups = arith.constant {groups} : index\n      %m = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %gm = arith.constant {gm} : index\n      %rows = arith.constant {rows} : index\n      %cols = arith.constant {cols} : index\n      %active = arith.cmpi ult, %g, %groups : index\n      scf.if %active {{\n"
     );
     views(&mut b, 1, m, n, rows, cols);
     // Group (gr, gc) = (g mod gm, g / gm): rows i0..i1, columns j0..j1 of the result.
@@ -189,6 +190,10 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     } else {
         (("%i0", "%i1"), ("%j0", "%j1"), "%c1", "%cu32")
     };
+    // The block's warps take turns along the slow axis.
+    let warp_offset = b.line(format!("arith.muli %warp, {slow_step} : index"));
+    let slow_start = b.line(format!("arith.addi {}, {warp_offset} : index", slow.0));
+    let slow_stride = b.line(format!("arith.muli {slow_step}, %wpb : index"));
     let lane_offset = if transpose { "%lane".to_string() } else { b.line("arith.muli %lane, %cu : index".into()) };
     let fast_start = b.line(format!("arith.addi {}, {lane_offset} : index", fast.0));
     // Runs `body` on every unit (i, j) of the group this lane reads; returns the carried value.
@@ -201,9 +206,8 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
         let head = |r: &str| if init.is_some() { format!("{r} = ") } else { String::new() };
         let _ = writeln!(
             b.text,
-            "        {}scf.for {s} = {} to {} step {slow_step}{} {{",
+            "        {}scf.for {s} = {slow_start} to {} step {slow_stride}{} {{",
             head(&outer),
-            slow.0,
             slow.1,
             carry(&acc_o, init.unwrap_or(""))
         );
@@ -254,7 +258,18 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     })
     .expect("carried");
     let reduction = b.fresh();
-    let amax = warp_reduce(&mut b.text, &reduction[1..], &partial, "arith.maximumf %acc, %y : f32");
+    let warp_amax = warp_reduce(&mut b.text, &reduction[1..], &partial, "arith.maximumf %acc, %y : f32");
+    // The warps' maxima meet in shared memory.
+    let _ = write!(
+        b.text,
+        "      %lane0 = arith.cmpi eq, %lane, %c0 : index\n      scf.if %lane0 {{\n      memref.store {warp_amax}, %shared[%warp] : memref<{WARPS}xf32, #gpu.address_space<workgroup>>\n      }}\n      gpu.barrier\n"
+    );
+    let mut amax = warp_amax.clone();
+    for w in 0..WARPS {
+        let at = b.line(format!("arith.constant {w} : index"));
+        let x = b.line(format!("memref.load %shared[{at}] : memref<{WARPS}xf32, #gpu.address_space<workgroup>>"));
+        amax = b.line(format!("arith.maximumf {amax}, {x} : f32"));
+    }
     let s = scale(&mut b, &amax);
     each(&mut b, None, &|b, i, j, _| {
         let q: Vec<String> = load(b, i, j).iter().map(|x| b.line(format!("arith.divf {x}, {s} : f32"))).collect();
@@ -275,17 +290,11 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     });
     let _ = write!(
         b.text,
-        "      %first_lane = arith.cmpi eq, %lane, %c0 : index\n      scf.if %first_lane {{\n      %sgm = arith.muli %gc, %gm : index\n      %sat = arith.addi %sgm, %gr : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n      }}\n"
+        "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sgm = arith.muli %gc, %gm : index\n      %sat = arith.addi %sgm, %gr : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n      }}\n"
     );
     let mlir = format!(
-        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}(%a0: memref<?xf32>, %a1: memref<?xi8>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}(%a0: memref<?xf32>, %a1: memref<?xi8>) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
         b.text
     );
-    Emitted {
-        mlir,
-        grid: groups.div_ceil(WARPS).max(1) as u32,
-        block: (32 * WARPS) as u32,
-        args: vec![x, out],
-        zeroed: false,
-    }
+    Emitted { mlir, grid: groups.max(1) as u32, block: (32 * WARPS) as u32, args: vec![x, out], zeroed: false }
 }
