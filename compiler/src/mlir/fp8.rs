@@ -3,8 +3,9 @@
 //!
 //! A value quantised in groups of `rows × cols` of its [m, n] matrix is one buffer: its m·n
 //! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group stored
-//! group column by group column (index `group_col · ⌈m/rows⌉ + group_row`, the M-major order
-//! in which cuBLASLt and DeepGEMM read block scales). A group's scale is amax / 448 rounded to
+//! group column by group column (index `group_col · ⌈m/rows⌉ + group_row`: M-major, the order
+//! in which DeepGEMM reads activation scales; the GEMM library that consumes these buffers is
+//! not wired yet). A group's scale is amax / 448 rounded to
 //! f32 (1 where that is 0), and an element is `cvt.rn.satfinite.e4m3` of the f32 quotient
 //! x / scale (a true division): what the CPU reference's `quantize` computes.
 
