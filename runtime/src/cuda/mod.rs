@@ -6,10 +6,11 @@
 //! outputs cleared first. The unsafe FFI stays inside cudarc; the one `unsafe` here is the
 //! launch, whose argument list follows the kernel's signature in the plan.
 //!
-//! Library GEMMs outside FP8 run on cuBLAS ([`gemm`]). Not here yet (issue 5): FP8
-//! block-scaled and grouped GEMMs (cuBLASLt), running a whole plan function, CUDA graphs, the
-//! training loop on the GPU.
+//! Library GEMMs outside FP8 run on cuBLAS ([`gemm`]); [`exec`] runs whole plan functions
+//! (the FP8 and grouped GEMMs on the host for now). Not here yet (issue 5): FP8 block-scaled
+//! and grouped GEMMs on the GPU (cuBLASLt), CUDA graphs, the training loop on the GPU.
 
+pub mod exec;
 pub mod gemm;
 
 use crate::memory::Layout;
