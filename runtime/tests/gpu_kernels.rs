@@ -1,16 +1,19 @@
-//! On the GPU (skipped with the reason when there is none): every generated kernel of the tiny
+//! On the GPU (skipped with the reason when there is none). First, every generated kernel of the tiny
 //! plan's gradient functions, launched through the CUDA backend on buffers placed by the
 //! memory planner, and every library GEMM the backend runs (those outside FP8, on cuBLAS),
 //! matches the CPU backend on the very values the CPU computed in one training micro-batch
-//! (real token ids, routing and MoE orders included). The plan comes
+//! (real token ids, routing and MoE orders included). Then the forward and gradient
+//! functions run whole on the GPU against the CPU reference. The plan comes
 //! from `DSC_TEST_PLAN` (default `target/plan-tiny`: `dsc compile
 //! models/deepseek-v3-tiny.dsc -o target/plan-tiny`).
 #![cfg(feature = "cuda")]
 
 use dsc_compiler::fuse::kernels::Code;
 use dsc_compiler::graph::ir::{DType, Op};
+use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::plan::Plan;
-use dsc_runtime::cpu::{run_observed, Tensor, Value};
+use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
+use dsc_runtime::cuda::exec::Executor;
 use dsc_runtime::cuda::{gemm, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
 use dsc_runtime::train::init::init_params;
@@ -45,27 +48,37 @@ fn relative_error(got: &[f64], want: &[f64]) -> f64 {
     (diff / norm.max(1e-60)).sqrt()
 }
 
-#[test]
-fn generated_kernels_match_the_cpu_on_the_gpu() {
+/// The GPU, the plan's directory and the plan; `None` (the reason printed) without either.
+fn setup() -> Option<(Gpu, PathBuf, Plan)> {
     let gpu = match Gpu::open() {
         Ok(gpu) => gpu,
-        Err(e) => return eprintln!("skipped: {e}"),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return None;
+        }
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = std::env::var_os("DSC_TEST_PLAN").map_or(root.join("target/plan-tiny"), PathBuf::from);
-    let plan = match Plan::read(&dir) {
-        Ok(plan) if dir.join("kernels").is_dir() => plan,
-        _ => return eprintln!("skipped: no compiled plan with PTX at {} (see this file's doc)", dir.display()),
-    };
-    eprintln!("GPU: {}", gpu.name().expect("name"));
+    match Plan::read(&dir) {
+        Ok(plan) if dir.join("kernels").is_dir() => {
+            eprintln!("GPU: {}", gpu.name().expect("name"));
+            Some((gpu, dir, plan))
+        }
+        _ => {
+            eprintln!("skipped: no compiled plan with PTX at {} (see this file's doc)", dir.display());
+            None
+        }
+    }
+}
 
-    // One micro-batch on the CPU, every value of every function's first call recorded.
-    let graph = plan.training_graph();
+/// The gradient function's arguments for one micro-batch: parameters initialised from
+/// `seed`, random tokens, every position counted, MTP weight 0.3.
+fn micro_batch(plan: &Plan, seed: u64) -> Vec<Value<f32>> {
     let train = &plan.spec.train;
     let mut args: Vec<Value<f32>> =
-        init_params(&graph.forward.params, plan.spec.model.init_std, 7).into_iter().map(Value::real).collect();
+        init_params(&plan.params, plan.spec.model.init_std, seed).into_iter().map(Value::real).collect();
     let (sequences, width) = (train.micro_batch as usize, train.seq_len as usize + 2);
-    let mut rng = Rng::new(11);
+    let mut rng = Rng::new(seed + 4);
     let vocab = plan.spec.model.vocab as u64;
     args.push(Value::int(Tensor::new(
         vec![sequences, width],
@@ -73,6 +86,15 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
     )));
     args.push(Value::real(Tensor::new(vec![sequences, width], vec![1.0; sequences * width])));
     args.push(Value::real(Tensor::scalar(0.3)));
+    args
+}
+
+#[test]
+fn generated_kernels_match_the_cpu_on_the_gpu() {
+    let Some((gpu, dir, plan)) = setup() else { return };
+    // One micro-batch on the CPU, every value of every function's first call recorded.
+    let graph = plan.training_graph();
+    let args = micro_batch(&plan, 7);
     let mut seen: HashMap<(usize, usize), Value<f32>> = HashMap::new();
     run_observed(graph.module(), graph.grad, args, &mut |f, node, value| {
         seen.entry((f, node)).or_insert_with(|| value.clone());
@@ -170,4 +192,81 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
     eprintln!("{checked} kernel outputs checked ({gemms} cuBLAS GEMMs; {left} FP8/grouped GEMMs not on the GPU yet)");
     assert!(checked > 100 && gemms > 10, "only {checked} outputs, {gemms} GEMMs checked");
     assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The forward and gradient functions run whole on the GPU (`cuda::exec`: calls, arenas,
+/// generated kernels, cuBLAS, the FP8 and grouped GEMMs on the host) against the CPU
+/// reference on the same fused module and arguments, for several seeds. At initialisation a
+/// token's routing scores lie close together (sigmoids of small logits), so one token's expert
+/// choice can differ between the GPU's and the CPU's f32 arithmetic: that moves one count of
+/// the expert loads and, through that token, each gradient by about 1/√tokens. Such seeds
+/// are reported and not compared further; on the others (equal loads) every output (losses,
+/// loads, gradients) must agree within DESIGN.md's bound for FP8 against the FP8-emulating
+/// reference, 1e-3, and at least two seeds must route equally.
+#[test]
+fn whole_functions_match_the_cpu_on_the_gpu() {
+    let Some((gpu, dir, plan)) = setup() else { return };
+    let mut exec = Executor::new(&plan, &dir, gpu, true).expect("the plan loads");
+    for a in exec.arenas() {
+        eprintln!("arena {:<12} {:>9} bytes of {:>9}", a.function, a.peak_bytes, a.total_bytes);
+    }
+    let model = plan.module.function("model").expect("the forward function");
+    let loads = LOSS_OUTPUTS..LOSS_OUTPUTS + plan.moe_biases.len();
+    let (mut compared, mut failures) = (0, Vec::new());
+    for seed in 1..=6 {
+        let args = micro_batch(&plan, seed);
+        let mut outputs = Vec::new();
+        for f in [model, plan.grad] {
+            let name = &plan.module.functions[f].name;
+            let started = std::time::Instant::now();
+            let want = run(&plan.module, f, args.clone());
+            let cpu = started.elapsed().as_secs_f64();
+            let before = exec.counts();
+            let started = std::time::Instant::now();
+            let got = exec.run(f, &args).unwrap_or_else(|e| panic!("{name} on the GPU: {e}"));
+            let gpu = started.elapsed().as_secs_f64();
+            let counts = exec.counts();
+            eprintln!(
+                "seed {seed} {name}: {} generated, {} cuBLAS, {} on the host; CPU {:.0} ms, GPU (synchronised per kernel) {:.0} ms",
+                counts.generated - before.generated,
+                counts.library - before.library,
+                counts.host - before.host,
+                cpu * 1e3,
+                gpu * 1e3
+            );
+            assert_eq!(got.len(), want.len(), "{name}: outputs");
+            outputs.push((name, got, want));
+        }
+        let reals = |v: &Value<f32>| -> Vec<f64> {
+            match v {
+                Value::Real(t) => t.data.iter().map(|&x| f64::from(x)).collect(),
+                other => panic!("an output is {other:?}"),
+            }
+        };
+        let routed_equally = outputs.iter().all(|(_, got, want)| loads.clone().all(|i| got[i] == want[i]));
+        let mut worst = (0.0f64, String::new());
+        for (name, got, want) in &outputs {
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                let error = relative_error(&reals(g), &reals(w));
+                if error >= worst.0 {
+                    worst = (error, format!("{name} output {i}"));
+                }
+                if routed_equally && error > 1e-3 {
+                    failures.push(format!("seed {seed}: {name} output {i}: error {error:.2e} > 1e-3"));
+                }
+            }
+        }
+        let (_, got, want) = &outputs[1];
+        eprintln!(
+            "seed {seed}: loss GPU {:.7} CPU {:.7}; {}; worst {} {:.2e}",
+            reals(&got[0])[0],
+            reals(&want[0])[0],
+            if routed_equally { "routed equally" } else { "a token routed differently (not compared)" },
+            worst.1,
+            worst.0
+        );
+        compared += usize::from(routed_equally);
+    }
+    assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
+    assert!(compared >= 2, "only {compared} of 6 seeds routed equally on the GPU and the CPU");
 }
