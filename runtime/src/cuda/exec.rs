@@ -13,6 +13,7 @@ use crate::cpu::exec::eval;
 use crate::cpu::numerics::{e4m3_decode, Quantized, Tiling};
 use crate::cpu::{Tensor, Value};
 use crate::memory::{self, Layout};
+use crate::train::Backend;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use dsc_compiler::fuse::kernels::{base, Code, Kernel};
@@ -21,6 +22,7 @@ use dsc_compiler::mlir::fp8;
 use dsc_compiler::plan::Plan;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 /// How many kernels ran on each path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,10 +43,10 @@ pub struct Arena {
     pub total_bytes: u64,
 }
 
-pub struct Executor<'p> {
+pub struct Executor {
     gpu: Gpu,
     blas: CudaBlas,
-    plan: &'p Plan,
+    plan: Arc<Plan>,
     kernels: Kernels,
     layouts: Vec<Layout>,
     /// Per function, the bytes of each value's buffer.
@@ -113,15 +115,16 @@ fn decode(node: &Node, shape: &[usize], bytes: &[u8]) -> Value<f32> {
     }
 }
 
-impl<'p> Executor<'p> {
+impl Executor {
     /// An executor of `plan` (compiled into `dir`, whose `kernels/` holds the PTX) on `gpu`.
     /// With `checked`, it synchronises after every kernel (slower; a fault names its kernel).
-    pub fn new(plan: &'p Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor<'p>, GpuError> {
+    pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
         let blas = gpu.blas()?;
         let layouts = plan.functions.iter().map(|pf| memory::plan(&pf.buffers)).collect();
         let bytes =
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
         let kernels = Kernels::new(dir);
+        let plan = Arc::new(plan);
         Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts: Counts::default(), checked })
     }
 
@@ -142,7 +145,7 @@ impl<'p> Executor<'p> {
 
     /// Runs function `f` on host arguments; its outputs on the host.
     pub fn run(&mut self, f: usize, args: &[Value<f32>]) -> Result<Vec<Value<f32>>, GpuError> {
-        let plan = self.plan;
+        let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         if args.len() != function.args.len() {
             let (name, want) = (&function.name, function.args.len());
@@ -176,7 +179,7 @@ impl<'p> Executor<'p> {
 
     /// Runs function `f` in an arena of its own and returns the arena.
     fn invoke(&mut self, f: usize, args: &[Input]) -> Result<CudaSlice<u8>, GpuError> {
-        let plan = self.plan;
+        let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         let pf = &plan.functions[f];
         let mut arena = self.gpu.stream.alloc_zeros::<u8>(self.layouts[f].peak.max(1) as usize)?;
@@ -246,7 +249,7 @@ impl<'p> Executor<'p> {
 
     /// Runs the call at node `i` of `f`, and copies its results into the parts' buffers.
     fn call(&mut self, f: usize, i: u32, callee: usize, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
-        let plan = self.plan;
+        let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         let node = &function.nodes[i as usize];
         let inputs = node
@@ -345,5 +348,11 @@ impl<'p> Executor<'p> {
             }
         }
         Ok(())
+    }
+}
+
+impl Backend<f32> for Executor {
+    fn run(&mut self, f: usize, args: Vec<Value<f32>>) -> Result<Vec<Value<f32>>, String> {
+        Executor::run(self, f, &args).map_err(|e| e.to_string())
     }
 }

@@ -1,4 +1,4 @@
-//! One process training on the CPU backend: it runs the training graph's gradient function
+//! One process training on a [`Backend`] (the CPU reference unless told otherwise): it runs the training graph's gradient function
 //! for every micro-batch of a step (the whole data-parallel batch, rank after rank, each rank
 //! reading its own shard of the data), averages the gradients, and runs the optimizer
 //! function. Schedules (LR, batch ramp, MTP weight, bias speed) come from the spec; data from
@@ -6,19 +6,20 @@
 //! moments and progress stay as they were, and the step reports `skipped`. The whole state
 //! goes into a [`Checkpoint`] and comes back from one exactly.
 
+use super::backend::{Backend, Cpu};
 use super::ema::Ema;
 use super::init::init_params;
 use super::metrics::{expert_load, resident_memory, StepMetrics};
 use super::schedule::{batch_sequences, lr_at, scheduled, Progress};
 use crate::checkpoint::{Checkpoint, SpecRecord, StateMeta};
-use crate::cpu::{run, Real, Tensor, Value};
+use crate::cpu::{Real, Tensor, Value};
 use crate::data::loader::{DataLoader, Position};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::graph::{Numerics, TrainingGraph};
 use dsc_lang::{Schedule, Spec};
 use std::time::Instant;
 
-pub struct CpuTrainer<T: Real> {
+pub struct Trainer<T: Real> {
     spec: Spec,
     graph: TrainingGraph,
     /// Every parameter and buffer, in the graph's order.
@@ -32,6 +33,8 @@ pub struct CpuTrainer<T: Real> {
     flops_per_token: f64,
     /// The parameters' EMA, when the spec keeps one.
     ema: Option<Ema<T>>,
+    /// What runs the graph's functions.
+    backend: Box<dyn Backend<T>>,
 }
 
 /// The largest model the CPU trainer takes.
@@ -41,7 +44,7 @@ pub const MAX_CPU_PARAMS: u64 = 2_000_000_000;
 #[derive(Debug, PartialEq)]
 pub struct Unsupported(pub String);
 
-impl<T: Real> CpuTrainer<T> {
+impl<T: Real> Trainer<T> {
     pub fn new(spec: &Spec, numerics: Numerics, seed: u64) -> Result<Self, Unsupported> {
         Self::with_graph(spec, TrainingGraph::build(spec, numerics), seed)
     }
@@ -54,9 +57,8 @@ impl<T: Real> CpuTrainer<T> {
             init_params(&graph.forward.params, spec.model.init_std, seed).into_iter().map(Value::real).collect();
         let moments = zero_moments(&graph);
         let ema = start_ema(spec, &params, None);
-        Ok(CpuTrainer {
+        Ok(Trainer {
             spec: spec.clone(),
-            graph,
             params,
             moments,
             progress: Progress::default(),
@@ -64,6 +66,8 @@ impl<T: Real> CpuTrainer<T> {
             data,
             flops_per_token: flops_per_token(spec),
             ema,
+            backend: Box::new(Cpu(graph.module().clone())),
+            graph,
         })
     }
 
@@ -102,9 +106,8 @@ impl<T: Real> CpuTrainer<T> {
         };
         let progress = Progress { step: meta.step, tokens: meta.tokens };
         let ema = start_ema(spec, &params, checkpoint.ema.clone());
-        Ok(CpuTrainer {
+        Ok(Trainer {
             spec: spec.clone(),
-            graph,
             params,
             moments,
             progress,
@@ -112,6 +115,8 @@ impl<T: Real> CpuTrainer<T> {
             data,
             flops_per_token: flops_per_token(spec),
             ema,
+            backend: Box::new(Cpu(graph.module().clone())),
+            graph,
         })
     }
 
@@ -133,6 +138,11 @@ impl<T: Real> CpuTrainer<T> {
         }
     }
 
+    /// Runs the graph's functions on `backend` from now on (it must run this trainer's graph).
+    pub fn set_backend(&mut self, backend: Box<dyn Backend<T>>) {
+        self.backend = backend;
+    }
+
     pub fn graph(&self) -> &TrainingGraph {
         &self.graph
     }
@@ -146,8 +156,8 @@ impl<T: Real> CpuTrainer<T> {
         self.progress
     }
 
-    /// Runs one optimizer step and reports it.
-    pub fn step(&mut self) -> StepMetrics {
+    /// Runs one optimizer step and reports it; an error is the backend's failure.
+    pub fn step(&mut self) -> Result<StepMetrics, String> {
         let started = Instant::now();
         let spec = &self.spec;
         let train = &spec.train;
@@ -156,7 +166,6 @@ impl<T: Real> CpuTrainer<T> {
         let micro_batches = (sequences / train.micro_batch) as usize;
         let mtp_weight = spec.model.mtp.as_ref().map_or(0.0, |m| scheduled(&m.loss_weight, self.progress));
         let depth = spec.model.mtp.as_ref().map_or(0, |m| m.depth as usize);
-        let module = self.graph.module();
         let n_params = self.params.len();
         let mut grads: Vec<Option<Vec<T>>> = vec![None; n_params];
         let mut losses = [0.0f64; LOSS_OUTPUTS];
@@ -172,7 +181,7 @@ impl<T: Real> CpuTrainer<T> {
             args.push(Value::int(tokens));
             args.push(Value::real(Tensor::new(vec![batch.sequences, batch.seq_len + 1], loss_mask)));
             args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
-            let out = run(module, self.graph.grad, args);
+            let out = self.backend.run(self.graph.grad, args)?;
             for (total, value) in losses.iter_mut().zip(&out) {
                 *total += value.scalar().to_f64() / micro_batches as f64;
             }
@@ -203,7 +212,7 @@ impl<T: Real> CpuTrainer<T> {
         let counts: Vec<Vec<u64>> = loads.iter().map(|l| l.iter().map(|&x| x.round() as u64).collect()).collect();
         let load = expert_load(&counts);
         let grad_norm = if finite {
-            let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed);
+            let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed)?;
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
             }
@@ -214,7 +223,7 @@ impl<T: Real> CpuTrainer<T> {
             sum.sqrt() / micro_batches as f64
         };
         let elapsed = started.elapsed().as_secs_f64();
-        StepMetrics {
+        Ok(StepMetrics {
             step: self.progress.step,
             skipped: !finite,
             loss: losses[1],
@@ -231,7 +240,7 @@ impl<T: Real> CpuTrainer<T> {
             expert_load_mean: load.mean,
             mtp_weight,
             bias_speed,
-        }
+        })
     }
 
     /// The routing-bias speed now (all MoE ranges share the schedule of the first).
@@ -252,7 +261,7 @@ impl<T: Real> CpuTrainer<T> {
         micro_batches: usize,
         lr: f64,
         bias_speed: f64,
-    ) -> f64 {
+    ) -> Result<f64, String> {
         let info = &self.graph.forward.params;
         let scale = T::from_f64(1.0 / micro_batches as f64);
         let t = (self.progress.step + 1) as i32;
@@ -275,7 +284,7 @@ impl<T: Real> CpuTrainer<T> {
         for x in [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed] {
             args.push(Value::real(Tensor::scalar(T::from_f64(x))));
         }
-        let mut out = run(self.graph.module(), self.graph.optimizer, args).into_iter();
+        let mut out = self.backend.run(self.graph.optimizer, args)?.into_iter();
         for (slot, &i) in learned.iter().enumerate() {
             self.params[i] = out.next().expect("param'");
             let m = out.next().expect("m'");
@@ -285,7 +294,7 @@ impl<T: Real> CpuTrainer<T> {
         for &b in &self.graph.forward.moe_biases {
             self.params[b] = out.next().expect("bias'");
         }
-        out.next().expect("grad_norm").scalar().to_f64()
+        Ok(out.next().expect("grad_norm").scalar().to_f64())
     }
 }
 
