@@ -196,11 +196,19 @@ impl Executor {
         steps.sort_by_key(|(node, _)| *node);
         let mut tables: HashSet<u32> = HashSet::new();
         for (_, step) in steps {
-            let at = |e: GpuError, what: &str| GpuError::Unsupported(format!("{}: {what}: {e}", function.name));
+            let at = |e: GpuError, what: &str| GpuError::At(format!("{}: {what}", function.name), Box::new(e));
             match step {
                 Step::Node(i) => match function.nodes[i as usize].op {
                     Op::Arg(a) if self.bytes[f].contains_key(&i) => {
                         let range = self.range(f, i);
+                        let given = match &args[a] {
+                            Input::Host(bytes) => bytes.len(),
+                            Input::Device(_, r) => r.len(),
+                        };
+                        if given != range.len() {
+                            let e = GpuError::Unsupported(format!("{given} bytes for a buffer of {}", range.len()));
+                            return Err(at(e, &format!("argument {a}")));
+                        }
                         match &args[a] {
                             Input::Host(bytes) => self.gpu.stream.memcpy_htod(bytes, &mut arena.slice_mut(range))?,
                             Input::Device(from, r) => {
@@ -279,7 +287,15 @@ impl Executor {
                     self.gpu.stream.memcpy_htod(&words(&data, f32::to_le_bytes), &mut arena.slice_mut(to))?
                 }
                 _ => {
-                    self.gpu.stream.memcpy_dtod(&results.slice(self.range(callee, out.0)), &mut arena.slice_mut(to))?
+                    let from = self.range(callee, out.0);
+                    if from.len() != to.len() {
+                        let (name, n) = (&called.name, from.len());
+                        return Err(GpuError::Unsupported(format!(
+                            "result {part} of {name}: {n} bytes for {}",
+                            to.len()
+                        )));
+                    }
+                    self.gpu.stream.memcpy_dtod(&results.slice(from), &mut arena.slice_mut(to))?
                 }
             }
         }

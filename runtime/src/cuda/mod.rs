@@ -32,6 +32,8 @@ pub enum GpuError {
     Ptx(PathBuf, std::io::Error),
     /// A kernel the GPU backend does not run yet, or a library call that failed.
     Unsupported(String),
+    /// An error of a function's step (which kernel or call, in which function).
+    At(String, Box<GpuError>),
 }
 
 impl std::fmt::Display for GpuError {
@@ -41,6 +43,7 @@ impl std::fmt::Display for GpuError {
             GpuError::NoDevice => write!(f, "the CUDA driver sees no GPU"),
             GpuError::Driver(e) => write!(f, "CUDA driver: {e}"),
             GpuError::Unsupported(what) => write!(f, "not on the GPU: {what}"),
+            GpuError::At(place, e) => write!(f, "{place}: {e}"),
             GpuError::Ptx(path, e) => {
                 write!(f, "cannot read `{}`: {e} (was the plan compiled with MLIR?)", path.display())
             }
