@@ -80,8 +80,10 @@ pub struct StageTraining {
 }
 
 impl StageTraining {
-    pub fn build(spec: &Spec, numerics: Numerics, parts: &[dsc_lang::StagePart]) -> Self {
-        let mut graph = model::build_stage(spec, numerics, parts);
+    /// The stage holding `parts` on a member of an expert-parallel group of `expert_ranks`
+    /// (see [`model::build_stage`]).
+    pub fn build(spec: &Spec, numerics: Numerics, parts: &[dsc_lang::StagePart], expert_ranks: usize) -> Self {
+        let mut graph = model::build_stage(spec, numerics, parts, expert_ranks);
         let backward = autodiff::vjp(&mut graph.module, graph.forward);
         StageTraining { graph, backward }
     }

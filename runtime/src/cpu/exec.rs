@@ -1,16 +1,30 @@
 //! The interpreter: runs a graph function node by node, in `T` = f32 or f64, freeing each
 //! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
-//! here; the other kernels are in [`super::kernels`].
+//! here; the other kernels are in [`super::kernels`], the ops that exchange rows with other
+//! ranks in [`super::exchange`].
 
+use super::exchange::{self, Alone, Exchange};
 use super::kernels::{grads, index, layout, linalg, rope, rows};
 use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
+use crate::comm::CommError;
 use dsc_compiler::graph::ir::{broadcast_shape, matmul_shape, DType, Function, Module, Node, Op};
 use std::sync::Arc;
 
-/// Runs function `f` of `module` on `args`, returning its outputs.
+/// Runs function `f` of `module` on `args`, returning its outputs. The graph must not exchange
+/// rows with other ranks (one built for a single rank never does).
 pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
+    run_exchanging(module, f, args, &Alone).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Runs function `f` of `module` on `args`, its all-to-alls going through `exchange`.
+pub fn run_exchanging<T: Real>(
+    module: &Module,
+    f: usize,
+    args: Vec<Value<T>>,
+    exchange: &dyn Exchange,
+) -> Result<Vec<Value<T>>, CommError> {
     let function = &module.functions[f];
     assert_eq!(args.len(), function.args.len(), "{} takes {} arguments", function.name, function.args.len());
     let last_use = last_uses(function);
@@ -25,7 +39,16 @@ pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value
                     .iter()
                     .map(|a| values[a.index()].as_ref().expect("value computed and not yet freed"))
                     .collect();
-                eval(module, node, &inputs)
+                match node.op {
+                    Op::Call(callee) => {
+                        let args = inputs.iter().map(|x| (*x).clone()).collect();
+                        Value::Tuple(run_exchanging(module, callee, args, exchange)?)
+                    }
+                    Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. } => {
+                        exchange::eval(node, &inputs, exchange)?
+                    }
+                    _ => eval(module, node, &inputs),
+                }
             }
         };
         values[i] = Some(value);
@@ -35,7 +58,7 @@ pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value
             }
         }
     }
-    function.outputs.iter().map(|o| values[o.index()].clone().expect("outputs are kept")).collect()
+    Ok(function.outputs.iter().map(|o| values[o.index()].clone().expect("outputs are kept")).collect())
 }
 
 /// For each node, the index of the last node that reads it (`usize::MAX` for outputs).
@@ -371,7 +394,9 @@ fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
             let (da, db) = grads::swiglu_grad(&r(0).data, &r(1).data, &r(2).data);
             pair(Tensor::new(r(0).shape.clone(), da), Tensor::new(r(1).shape.clone(), db))
         }
-        Op::Call(f) => Value::Tuple(run(module, *f, v.iter().map(|x| (*x).clone()).collect())),
+        Op::Call(_) | Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. } => {
+            unreachable!("`run_exchanging` runs calls and exchanges")
+        }
         Op::Get(i) => match v[0] {
             Value::Tuple(items) => items[*i].clone(),
             _ => panic!("get from a non-tuple"),
