@@ -468,6 +468,35 @@ impl Checker<'_> {
                 .with_label(self.at("parallel.pipeline"), format!("{stages} stages"))
                 .with_help("raise the batch, lower `micro_batch`, or use fewer stages");
                 self.push(d);
+            } else if par.pipeline.schedule == PipelineSchedule::Dualpipe && micro_batches < 2 * stages {
+                // DualPipe's warm-up starts PP micro-batches from each end before any backward. A
+                // ramp's first steps alone falling short is a warning: the plan runs once the
+                // batch has grown (DeepSeek-V3's own ramp starts there).
+                let needed = 2 * stages;
+                let ramp_start = path == "train.batch.from";
+                let message = format!(
+                    "DualPipe over {stages} stages needs {needed} micro-batches per step, {} {micro_batches}",
+                    if ramp_start { "but the batch ramp starts with" } else { "found" }
+                );
+                let d = if ramp_start {
+                    Diagnostic::warning(Code::Pipeline, message)
+                        .with_note("the steps before the batch reaches that size cannot run this schedule")
+                } else {
+                    Diagnostic::error(Code::Pipeline, message)
+                };
+                let d = d
+                    .with_label(
+                        self.at(path),
+                        format!("{} per rank", counted(micro_batches, "micro-batch", "micro-batches")),
+                    )
+                    .with_label(self.at("parallel.pipeline"), format!("{stages} stages, fed from both ends"))
+                    .with_help(format!(
+                        "DualPipe starts {stages} micro-batches from each end: {} {} sequences or more, lower \
+                         `micro_batch`, or use fewer stages",
+                        if ramp_start { "start the ramp at" } else { "use a batch of" },
+                        needed * per_step
+                    ));
+                self.push(d);
             } else if par.pipeline.schedule == PipelineSchedule::Dualpipe && !micro_batches.is_multiple_of(2) {
                 let d = Diagnostic::error(
                     Code::Pipeline,
