@@ -73,9 +73,10 @@ impl TrainingGraph {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageTraining {
     pub graph: StageGraph,
-    /// `stage.vjp(params…, [carry], tokens, loss_mask, mtp_weight, d_out, d_balance_loss) ->
-    /// (d_params…, [d_carry], d_loss_mask, d_mtp_weight)`, `d_out` being the gradient of the
-    /// carry out (or 1 for the last stage's loss).
+    /// `stage.vjp(params…, [carry], tokens, loss_mask, mtp_weight, d_out, d_balance_loss, d_…)
+    /// -> (d_params…, [d_carry], d_loss_mask, d_mtp_weight)`, `d_out` being the gradient of the
+    /// carry out (or 1 for the last stage's loss), then one cotangent per reported output (0:
+    /// the loss parts and loads only report).
     pub backward: usize,
 }
 

@@ -287,7 +287,9 @@ impl Mtp<'_> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageGraph {
     pub module: Module,
-    /// `stage(params…, [carry], tokens, loss_mask, mtp_weight) -> (carry' | loss, balance_loss)`.
+    /// `stage(params…, [carry], tokens, loss_mask, mtp_weight) -> (carry' | loss, balance_loss,
+    /// [main_loss, mtp_loss], load…)`: the last stage reports its loss's two parts too, and
+    /// every stage the expert load of each of its MoE blocks (layers, then MTP's), in model order.
     /// The carry [micro_batch, seq_len, hidden · (1 + mtp_depth)] is the hidden state followed
     /// by the embeddings of the tokens each MTP depth reads (the first stage makes it from
     /// `tokens`; the MTP modules on the last stage use those embeddings, so the embedding table
@@ -364,8 +366,10 @@ pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart], expert_
         h = out[0];
         if out.len() == 3 {
             moe.balance = b.add(moe.balance, out[1]);
+            moe.loads.push(out[2]);
         }
     }
+    let mut parts = Vec::new();
     match head {
         Some((norm, head)) => {
             let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
@@ -377,6 +381,7 @@ pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart], expert_
             let weighted = b.mul(mtp_weight, mtp_loss);
             let loss = b.add(main_loss, weighted);
             b.output("loss", loss);
+            parts = vec![("main_loss", main_loss), ("mtp_loss", mtp_loss)];
         }
         None => {
             let mut carry = vec![h];
@@ -386,6 +391,12 @@ pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart], expert_
         }
     }
     b.output("balance_loss", moe.balance);
+    for (name, part) in parts {
+        b.output(name, part);
+    }
+    for load in moe.loads {
+        b.output("load", load);
+    }
     let forward = module.add(b.finish());
     StageGraph { module, forward, params, first, last }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use dsc_compiler::graph::{ParamInfo, StageTraining};
 use dsc_compiler::parallel::schedule::Micro;
 
-use super::pipeline::{Sharing, StageCompute};
+use super::pipeline::{Sharing, StageCompute, StageReport};
 use crate::comm::CommError;
 use crate::cpu::{run_exchanging, Exchange, Tensor, Value};
 
@@ -36,8 +36,31 @@ pub struct GraphStage {
     /// Weight gradients computed with an input gradient, waiting for their chunk.
     due: HashMap<Micro, Vec<Tensor<f32>>>,
     gradient: Vec<Tensor<f32>>,
-    /// The loss terms of the forwards so far: the last stage's loss, every stage's balance loss.
-    loss: f64,
+    /// What the forwards so far reported.
+    report: StageReport,
+}
+
+impl StageReport {
+    /// Adds the outputs of one forward of the stage (`last`: the stage with the head).
+    fn add(&mut self, last: bool, outputs: &[Value<f32>]) {
+        let balance = f64::from(outputs[1].scalar());
+        self.balance_loss += balance;
+        self.loss += balance;
+        let mut rest = outputs[2..].iter();
+        if last {
+            self.loss += f64::from(outputs[0].scalar());
+            let mut part = || rest.next().map_or(0.0, |v| f64::from(v.scalar()));
+            self.main_loss += part();
+            self.mtp_loss += part();
+        }
+        let loads: Vec<&Value<f32>> = rest.collect();
+        self.loads.resize(loads.len(), Vec::new());
+        for (sum, load) in self.loads.iter_mut().zip(loads) {
+            let load = &load.as_real().data;
+            sum.resize(load.len(), 0.0);
+            sum.iter_mut().zip(load).for_each(|(s, &l)| *s += f64::from(l));
+        }
+    }
 }
 
 impl GraphStage {
@@ -68,7 +91,7 @@ impl GraphStage {
             saved: HashMap::new(),
             due: HashMap::new(),
             gradient,
-            loss: 0.0,
+            report: StageReport::default(),
         }
     }
 
@@ -111,10 +134,7 @@ impl StageCompute for GraphStage {
         let batch = (self.data)(micro);
         let outputs = run_exchanging(&graph.module, graph.forward, self.args(&input, &batch), &*self.exchange)?;
         let output = outputs[0].as_real().data.clone();
-        if graph.last {
-            self.loss += f64::from(output[0]);
-        }
-        self.loss += f64::from(outputs[1].scalar());
+        self.report.add(graph.last, &outputs);
         self.saved.insert(micro, (input, batch));
         Ok(output)
     }
@@ -130,6 +150,10 @@ impl StageCompute for GraphStage {
         let mut args = self.args(&input, &batch);
         args.push(Value::real(Tensor::new(out_shape, d_out)));
         args.push(Value::real(Tensor::scalar(1.0)));
+        // The loss parts and loads only report: no gradient flows back from them.
+        for &reported in &forward.outputs[2..] {
+            args.push(Value::real(Tensor::filled(forward.node(reported).shape.clone(), 0.0)));
+        }
         let outputs = run_exchanging(module, training.backward, args, &*self.exchange)?;
         let params = self.params.len();
         let weights = outputs[..params].iter().map(|v| v.as_real().clone()).collect();
@@ -168,8 +192,8 @@ impl StageCompute for GraphStage {
         flat
     }
 
-    fn take_loss(&mut self) -> f64 {
-        std::mem::take(&mut self.loss)
+    fn take_report(&mut self) -> StageReport {
+        std::mem::take(&mut self.report)
     }
 }
 
@@ -294,7 +318,7 @@ mod tests {
                         let mut out = Vec::new();
                         let mut loss = 0.0;
                         for (direction, stage) in &mut held.stages {
-                            loss += stage.take_loss();
+                            loss += stage.take_report().loss;
                             let index = direction.rank_of(place.pipeline_rank, schedule.ranks);
                             let mut flat = Sharing::ALL.map(|sharing| stage.params(sharing).into_iter());
                             for p in &stages[index].graph.params {

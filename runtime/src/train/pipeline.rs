@@ -53,9 +53,22 @@ pub trait StageCompute: Send {
     /// The gradient of one sharing's parameters accumulated over the step's micro-batches,
     /// flat; their accumulator restarts.
     fn take_gradient(&mut self, sharing: Sharing) -> Vec<f32>;
-    /// The loss terms the stage's forwards computed since the last call, summed over
-    /// micro-batches (the model's loss per micro-batch is the sum of its stages' terms).
-    fn take_loss(&mut self) -> f64;
+    /// What the stage's forwards computed since the last call, summed over micro-batches (the
+    /// model's loss per micro-batch is the sum of its stages' terms).
+    fn take_report(&mut self) -> StageReport;
+}
+
+/// What a stage's forwards report, summed over micro-batches.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StageReport {
+    /// The model's loss terms: the last stage's loss, every stage's balance loss.
+    pub loss: f64,
+    /// The last stage's main and MTP losses, and the balance loss.
+    pub main_loss: f64,
+    pub mtp_loss: f64,
+    pub balance_loss: f64,
+    /// Per MoE block of the stage, in model order: tokens per expert.
+    pub loads: Vec<Vec<f64>>,
 }
 
 /// How many replicas of the pipeline run, and how many consecutive ones form an
@@ -329,8 +342,8 @@ mod tests {
                 Vec::new()
             }
         }
-        fn take_loss(&mut self) -> f64 {
-            std::mem::take(&mut self.loss)
+        fn take_report(&mut self) -> StageReport {
+            StageReport { loss: std::mem::take(&mut self.loss), ..StageReport::default() }
         }
     }
 
@@ -413,7 +426,7 @@ mod tests {
                             .map(|(direction, stage)| {
                                 let stage_index = direction.rank_of(place.pipeline_rank, ranks);
                                 let weights = stage.params(Sharing::Replicated);
-                                (stage.take_loss(), (place.pipeline_rank, place.replica, stage_index, weights))
+                                (stage.take_report().loss, (place.pipeline_rank, place.replica, stage_index, weights))
                             })
                             .collect::<Vec<_>>()
                     })
