@@ -395,16 +395,14 @@ fn a_pipeline_without_a_schedule_is_a_located_error() {
         "parallel.gpus_per_node=2",
     ];
     let err = dsc_rejects(&args);
-    assert!(
-        err.contains("error[E0105]: no pipeline schedule: DualPipe needs an even number of micro-batches"),
-        "{err}"
-    );
-    assert!(err.contains("this pipeline"), "{err}");
+    assert!(err.contains("error[E0105]: DualPipe over 2 stages needs 4 micro-batches per step, found 2"), "{err}");
+    assert!(err.contains("2 stages, fed from both ends"), "{err}");
     let mut json_args = args.to_vec();
     json_args.push("--error-format=json");
     let o = dsc(&json_args);
     assert_eq!(o.status.code(), Some(1));
     let line: serde_json::Value = serde_json::from_str(stderr(&o).trim()).expect("one JSON diagnostic");
     assert_eq!(line["code"], "E0105");
-    assert_eq!(line["file"], "--set parallel.pipeline");
+    assert_eq!((line["file"].as_str(), line["line"].as_u64()), (Some("models/deepseek-v3-tiny.dsc"), Some(47)));
+    assert_eq!(line["labels"][1]["file"], "--set parallel.pipeline");
 }
