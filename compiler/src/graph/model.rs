@@ -719,7 +719,7 @@ fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V)
 /// go to the group member holding their expert and come back: the all-to-all dispatch and
 /// combine around the GEMMs.
 fn experts(b: &mut FunctionBuilder, c: &Config, m: &Moe, xs: V, offsets: V, w: &[V]) -> V {
-    let (ranks, (rows, d)) = (c.expert_ranks, (b.shape(xs)[0], c.hidden));
+    let (ranks, rows, d) = (c.expert_ranks, b.shape(xs)[0], c.hidden);
     let held = m.routed_experts as usize / ranks;
     let (local, local_offsets, counts) = if ranks > 1 {
         let counts = b.push(Op::ExchangeCounts { ranks }, vec![offsets], vec![ranks, held], DType::I32);

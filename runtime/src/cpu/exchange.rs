@@ -89,7 +89,8 @@ impl<'a> Rows<'a> {
         Rows { width, offsets, counts, members, held, received: received_offsets(counts, held) }
     }
 
-    /// How many own rows go to member j: `offsets` from its first expert to past its last.
+    /// The element range of the own rows that go to member j: from its first expert's offset
+    /// to its last's end.
     fn own_range(&self, j: usize) -> std::ops::Range<usize> {
         self.offsets[j * self.held] as usize * self.width..self.offsets[(j + 1) * self.held] as usize * self.width
     }

@@ -16,6 +16,7 @@ use dsc_compiler::graph::{ParamInfo, StageTraining};
 use dsc_compiler::parallel::schedule::Micro;
 
 use super::pipeline::{Sharing, StageCompute, StageReport};
+use super::trainer::add_loads;
 use crate::comm::CommError;
 use crate::cpu::{run_exchanging, Exchange, Tensor, Value};
 
@@ -46,20 +47,17 @@ impl StageReport {
         let balance = f64::from(outputs[1].scalar());
         self.balance_loss += balance;
         self.loss += balance;
-        let mut rest = outputs[2..].iter();
+        let mut loads = &outputs[2..];
         if last {
             self.loss += f64::from(outputs[0].scalar());
-            let mut part = || rest.next().map_or(0.0, |v| f64::from(v.scalar()));
-            self.main_loss += part();
-            self.mtp_loss += part();
+            self.main_loss += f64::from(outputs[2].scalar());
+            self.mtp_loss += f64::from(outputs[3].scalar());
+            loads = &outputs[4..];
         }
-        let loads: Vec<&Value<f32>> = rest.collect();
-        self.loads.resize(loads.len(), Vec::new());
-        for (sum, load) in self.loads.iter_mut().zip(loads) {
-            let load = &load.as_real().data;
-            sum.resize(load.len(), 0.0);
-            sum.iter_mut().zip(load).for_each(|(s, &l)| *s += f64::from(l));
-        }
+        add_loads(
+            &mut self.loads,
+            loads.iter().map(|load| load.as_real().data.iter().map(|&l| f64::from(l)).collect()),
+        );
     }
 }
 

@@ -90,10 +90,17 @@ impl ThreadRanks {
         mtp_weight: f32,
     ) -> Result<StepSums<T>, StepError> {
         let replicas = self.replicas;
+        if !batches.len().is_multiple_of(replicas.count) {
+            return Err(StepError(format!(
+                "{} micro-batches do not split evenly over {} data-parallel replicas",
+                batches.len(),
+                replicas.count
+            )));
+        }
         let per_replica = batches.len() / replicas.count;
         let schedule = Schedule::generate(self.kind, self.stages.len(), per_replica)
-            .map_err(|e| StepError(format!("a step of {} micro-batches per replica: {e}", per_replica)))?;
-        check(&schedule).map_err(|e| StepError(format!("the generated schedule does not check: {e:?}")))?;
+            .map_err(|e| StepError(format!("a step of {per_replica} micro-batches per replica: {e}")))?;
+        check(&schedule).map_err(|e| StepError(format!("the generated schedule does not check: {e}")))?;
         let whole: Vec<Tensor<f32>> = params
             .iter()
             .map(|p| {
@@ -102,14 +109,15 @@ impl ThreadRanks {
             })
             .collect();
         let comm = ThreadComm::new(PEER_TIMEOUT);
-        let mut shares = batches.chunks(per_replica.max(1)).map(<[MicroBatch]>::to_vec);
+        // Every pipeline rank of replica r reads the r-th share of the micro-batches.
+        let mut work = Vec::with_capacity(self.count());
+        for (replica, share) in batches.chunks(per_replica).enumerate() {
+            for pipeline_rank in 0..self.stages.len() {
+                work.push((Place { pipeline_rank, replica }, share.to_vec()));
+            }
+        }
         let results: Vec<Result<RankResult, String>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..replicas.count)
-                .flat_map(|replica| {
-                    let batches = shares.next().unwrap_or_default();
-                    (0..self.stages.len()).map(move |pipeline_rank| (Place { pipeline_rank, replica }, batches.clone()))
-                })
-                .collect::<Vec<_>>()
+            let handles: Vec<_> = work
                 .into_iter()
                 .map(|(place, batches)| {
                     let (schedule, comm, whole) = (&schedule, &comm, &whole);
