@@ -1,4 +1,5 @@
-//! `dsc train`: runs the CPU trainer step by step, printing a line per step (and a progress
+//! `dsc train`: runs the CPU trainer step by step (on thread-ranks when the spec's parallel
+//! plan has several), printing a line per step (and a progress
 //! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
 //! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
 //! `--max-bad-steps` skipped steps in a row (a checkpoint, then exit 1).
@@ -9,6 +10,7 @@ use dsc_compiler::graph::{Numerics, TrainingGraph};
 use dsc_lang::Spec;
 use dsc_runtime::checkpoint::{self, Opened, SpecRecord};
 use dsc_runtime::train::metrics::{MetricsWriter, StepMetrics};
+use dsc_runtime::train::parallel::is_parallel;
 use dsc_runtime::train::CpuTrainer;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -36,8 +38,8 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         (None, Some(o)) if o.meta.numerics == "exact" => NumericsArg::Exact,
         (None, _) => NumericsArg::Policy,
     };
-    let graph =
-        TrainingGraph::build(&spec, if numerics == NumericsArg::Exact { Numerics::Exact } else { Numerics::Policy });
+    let graph_numerics = if numerics == NumericsArg::Exact { Numerics::Exact } else { Numerics::Policy };
+    let graph = TrainingGraph::build(&spec, graph_numerics);
     let trainer = match &opened {
         Some(o) => {
             if args.seed.is_some_and(|s| s != o.meta.seed) {
@@ -49,6 +51,12 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
         None => CpuTrainer::<f32>::with_graph(&spec, graph, args.seed.unwrap_or(spec.train.seed)),
     };
+    let parallel = |mut trainer: CpuTrainer<f32>| {
+        let ranks = trainer.on_thread_ranks(graph_numerics)?;
+        eprintln!("training on {ranks}");
+        Ok(trainer)
+    };
+    let trainer = if is_parallel(&spec) { trainer.and_then(parallel) } else { trainer };
     let mut trainer = match trainer {
         Ok(t) => t,
         Err(e) => {
@@ -102,7 +110,16 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let m = trainer.step();
+        let m = match trainer.step() {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                eprintln!("error: step {} failed: {e}", progress.step + 1);
+                return Ok(ExitCode::FAILURE);
+            }
+        };
         if let Some(w) = writer.as_mut() {
             w.write(&m).context("cannot write metrics")?;
         }

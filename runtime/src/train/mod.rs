@@ -2,16 +2,18 @@
 //! (`ema`), where training is and
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
 //! metrics each step reports (`metrics`) and their curves (`plot`), the CPU trainer that
-//! runs steps (`trainer`), the executor of a pipeline schedule on thread-ranks (`pipeline`) and
-//! the training graph's stages it runs (`graph_stage`).
+//! runs steps (`trainer`), the executor of a pipeline schedule on thread-ranks (`pipeline`),
+//! the training graph's stages it runs (`graph_stage`) and the spec's parallel plan on
+//! thread-ranks for the trainer (`parallel`).
 
 pub mod ema;
 pub mod graph_stage;
 pub mod init;
 pub mod metrics;
+pub mod parallel;
 pub mod pipeline;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
-pub use trainer::{CpuTrainer, Unsupported};
+pub use trainer::{CpuTrainer, StepError, Unsupported};

@@ -7,8 +7,10 @@
 //! goes into a [`Checkpoint`] and comes back from one exactly.
 
 use super::ema::Ema;
+use super::graph_stage::MicroBatch;
 use super::init::init_params;
 use super::metrics::{expert_load, resident_memory, StepMetrics};
+use super::parallel::ThreadRanks;
 use super::schedule::{batch_sequences, lr_at, scheduled, Progress};
 use crate::checkpoint::{Checkpoint, SpecRecord, StateMeta};
 use crate::cpu::{run, Real, Tensor, Value};
@@ -32,6 +34,8 @@ pub struct CpuTrainer<T: Real> {
     flops_per_token: f64,
     /// The parameters' EMA, when the spec keeps one.
     ema: Option<Ema<T>>,
+    /// The thread-ranks that run the steps, when the parallel plan spreads them.
+    ranks: Option<ThreadRanks>,
 }
 
 /// The largest model the CPU trainer takes.
@@ -64,6 +68,7 @@ impl<T: Real> CpuTrainer<T> {
             data,
             flops_per_token: flops_per_token(spec),
             ema,
+            ranks: None,
         })
     }
 
@@ -112,6 +117,7 @@ impl<T: Real> CpuTrainer<T> {
             data,
             flops_per_token: flops_per_token(spec),
             ema,
+            ranks: None,
         })
     }
 
@@ -146,8 +152,52 @@ impl<T: Real> CpuTrainer<T> {
         self.progress
     }
 
-    /// Runs one optimizer step and reports it.
-    pub fn step(&mut self) -> StepMetrics {
+    /// Runs the steps on thread-ranks following the spec's parallel plan (pipeline stages,
+    /// expert and data parallelism) rather than micro-batch after micro-batch on this thread;
+    /// describes the ranks.
+    pub fn on_thread_ranks(&mut self, numerics: Numerics) -> Result<String, Unsupported> {
+        let ranks = ThreadRanks::new(&self.spec, numerics, &self.graph.forward.params)?;
+        let description = ranks.to_string();
+        self.ranks = Some(ranks);
+        Ok(description)
+    }
+
+    /// One rank's sums over the step's micro-batches: the gradient function on each in turn.
+    fn one_rank_sums(&self, batches: Vec<MicroBatch>, mtp_weight: f64) -> StepSums<T> {
+        let module = self.graph.module();
+        let info = &self.graph.forward.params;
+        let mut sums = StepSums {
+            losses: [0.0; LOSS_OUTPUTS],
+            loads: Vec::new(),
+            grads: info.iter().map(|p| vec![T::ZERO; p.numel()]).collect(),
+        };
+        for (tokens, loss_mask) in batches {
+            let mut args = self.params.clone();
+            args.push(Value::int(tokens));
+            let mask = loss_mask.data.iter().map(|&m| T::from_f64(f64::from(m))).collect();
+            args.push(Value::real(Tensor::new(loss_mask.shape, mask)));
+            args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
+            let out = run(module, self.graph.grad, args);
+            for (total, value) in sums.losses.iter_mut().zip(&out) {
+                *total += value.scalar().to_f64();
+            }
+            let n_loads = self.graph.forward.moe_biases.len();
+            let layer_loads = &out[LOSS_OUTPUTS..LOSS_OUTPUTS + n_loads];
+            add_loads(
+                &mut sums.loads,
+                layer_loads.iter().map(|l| l.as_real().data.iter().map(|x| x.to_f64()).collect()),
+            );
+            let param_grads = &out[LOSS_OUTPUTS + n_loads..LOSS_OUTPUTS + n_loads + info.len()];
+            for (acc, g) in sums.grads.iter_mut().zip(param_grads) {
+                acc.iter_mut().zip(&g.as_real().data).for_each(|(a, x)| *a += *x);
+            }
+        }
+        sums
+    }
+
+    /// Runs one optimizer step and reports it. On thread-ranks a step fails when a rank does
+    /// (or the step's micro-batches do not fit the schedule).
+    pub fn step(&mut self) -> Result<StepMetrics, StepError> {
         let started = Instant::now();
         let spec = &self.spec;
         let train = &spec.train;
@@ -156,50 +206,27 @@ impl<T: Real> CpuTrainer<T> {
         let micro_batches = (sequences / train.micro_batch) as usize;
         let mtp_weight = spec.model.mtp.as_ref().map_or(0.0, |m| scheduled(&m.loss_weight, self.progress));
         let depth = spec.model.mtp.as_ref().map_or(0, |m| m.depth as usize);
-        let module = self.graph.module();
-        let n_params = self.params.len();
-        let mut grads: Vec<Option<Vec<T>>> = vec![None; n_params];
-        let mut losses = [0.0f64; LOSS_OUTPUTS];
-        let mut loads: Vec<Vec<f64>> = Vec::new();
         let per_rank = micro_batches.div_ceil(data_ranks(spec));
-        for micro_batch in 0..micro_batches {
-            let rank = micro_batch / per_rank;
-            let batch = self.data.batch(rank, train.micro_batch as usize, train.seq_len as usize + depth);
-            let tokens =
-                Tensor::new(vec![batch.sequences, batch.seq_len + 1], batch.tokens.iter().map(|&t| t as i32).collect());
-            let loss_mask = batch.loss_mask.iter().map(|&m| if m { T::ONE } else { T::ZERO }).collect();
-            let mut args = self.params.clone();
-            args.push(Value::int(tokens));
-            args.push(Value::real(Tensor::new(vec![batch.sequences, batch.seq_len + 1], loss_mask)));
-            args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
-            let out = run(module, self.graph.grad, args);
-            for (total, value) in losses.iter_mut().zip(&out) {
-                *total += value.scalar().to_f64() / micro_batches as f64;
-            }
-            let n_loads = self.graph.forward.moe_biases.len();
-            let layer_loads = &out[LOSS_OUTPUTS..LOSS_OUTPUTS + n_loads];
-            loads.resize(n_loads, Vec::new());
-            for (sum, load) in loads.iter_mut().zip(layer_loads) {
-                let load = &load.as_real().data;
-                sum.resize(load.len(), 0.0);
-                for (s, l) in sum.iter_mut().zip(load) {
-                    *s += l.to_f64();
-                }
-            }
-            let param_grads = &out[LOSS_OUTPUTS + n_loads..LOSS_OUTPUTS + n_loads + n_params];
-            for (acc, g) in grads.iter_mut().zip(param_grads) {
-                let g = &g.as_real().data;
-                match acc {
-                    Some(acc) => acc.iter_mut().zip(g).for_each(|(a, x)| *a += *x),
-                    None => *acc = Some(g.clone()),
-                }
-            }
-        }
+        let batches: Vec<MicroBatch> = (0..micro_batches)
+            .map(|micro_batch| {
+                let rank = micro_batch / per_rank;
+                let batch = self.data.batch(rank, train.micro_batch as usize, train.seq_len as usize + depth);
+                let shape = vec![batch.sequences, batch.seq_len + 1];
+                let tokens = batch.tokens.iter().map(|&t| t as i32).collect();
+                let loss_mask = batch.loss_mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+                (Tensor::new(shape.clone(), tokens), Tensor::new(shape, loss_mask))
+            })
+            .collect();
+        let sums = match &self.ranks {
+            Some(ranks) => ranks.step(&self.params, batches, mtp_weight as f32)?,
+            None => self.one_rank_sums(batches, mtp_weight),
+        };
+        let StepSums { losses, loads, grads } = sums;
+        let losses = losses.map(|loss| loss / micro_batches as f64);
         let lr = lr_at(train, self.progress);
         let bias_speed = self.bias_speed();
         let step_tokens = sequences * train.seq_len;
-        let finite =
-            losses.iter().all(|l| l.is_finite()) && grads.iter().flatten().all(|g| g.iter().all(|x| x.is_finite()));
+        let finite = losses.iter().all(|l| l.is_finite()) && grads.iter().flatten().all(|g| g.is_finite());
         let counts: Vec<Vec<u64>> = loads.iter().map(|l| l.iter().map(|&x| x.round() as u64).collect()).collect();
         let load = expert_load(&counts);
         let grad_norm = if finite {
@@ -210,11 +237,11 @@ impl<T: Real> CpuTrainer<T> {
             self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
             norm
         } else {
-            let sum: f64 = grads.iter().flatten().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
+            let sum: f64 = grads.iter().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
             sum.sqrt() / micro_batches as f64
         };
         let elapsed = started.elapsed().as_secs_f64();
-        StepMetrics {
+        Ok(StepMetrics {
             step: self.progress.step,
             skipped: !finite,
             loss: losses[1],
@@ -231,7 +258,7 @@ impl<T: Real> CpuTrainer<T> {
             expert_load_mean: load.mean,
             mtp_weight,
             bias_speed,
-        }
+        })
     }
 
     /// The routing-bias speed now (all MoE ranges share the schedule of the first).
@@ -247,7 +274,7 @@ impl<T: Real> CpuTrainer<T> {
     /// returns the gradient norm before clipping.
     fn apply_optimizer(
         &mut self,
-        grads: Vec<Option<Vec<T>>>,
+        grads: Vec<Vec<T>>,
         loads: &[Vec<f64>],
         micro_batches: usize,
         lr: f64,
@@ -263,7 +290,7 @@ impl<T: Real> CpuTrainer<T> {
             if !p.learned {
                 continue;
             }
-            let g: Vec<T> = g.expect("a gradient per parameter").into_iter().map(|x| x * scale).collect();
+            let g: Vec<T> = g.into_iter().map(|x| x * scale).collect();
             let (m, v) = &self.moments[learned.len()];
             args.extend([self.params[i].clone(), Value::real(Tensor::new(p.shape.clone(), g)), m.clone(), v.clone()]);
             learned.push(i);
@@ -288,6 +315,38 @@ impl<T: Real> CpuTrainer<T> {
         out.next().expect("grad_norm").scalar().to_f64()
     }
 }
+
+/// What the micro-batches of a step add up to.
+pub struct StepSums<T> {
+    /// The loss, main loss, MTP loss and balance loss.
+    pub losses: [f64; LOSS_OUTPUTS],
+    /// Per MoE block (main layers, then MTP's), tokens per expert.
+    pub loads: Vec<Vec<f64>>,
+    /// Per parameter, its gradient.
+    pub grads: Vec<Vec<T>>,
+}
+
+/// Adds `loads` (per MoE block, tokens per expert) to `sums`, block by block.
+pub fn add_loads(sums: &mut Vec<Vec<f64>>, loads: impl Iterator<Item = Vec<f64>>) {
+    for (block, load) in loads.enumerate() {
+        if block == sums.len() {
+            sums.push(vec![0.0; load.len()]);
+        }
+        sums[block].iter_mut().zip(load).for_each(|(sum, l)| *sum += l);
+    }
+}
+
+/// A step that failed on its thread-ranks.
+#[derive(Debug, PartialEq)]
+pub struct StepError(pub String);
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StepError {}
 
 /// The data-parallel ranks whose micro-batches one step runs.
 fn data_ranks(spec: &Spec) -> usize {
