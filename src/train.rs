@@ -1,4 +1,5 @@
-//! `dsc train`: runs the trainer step by step (on the CPU, or a compiled plan on the GPU), printing a line per step (and a progress
+//! `dsc train`: runs the trainer step by step (on thread-ranks when the spec's parallel plan
+//! has several; on the GPU with a compiled plan and the `cuda` feature), printing a line per step (and a progress
 //! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
 //! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
 //! `--max-bad-steps` skipped steps in a row (a checkpoint, then exit 1).
@@ -10,6 +11,7 @@ use dsc_compiler::plan::Plan;
 use dsc_lang::Spec;
 use dsc_runtime::checkpoint::{self, Opened, SpecRecord};
 use dsc_runtime::train::metrics::{MetricsWriter, StepMetrics};
+use dsc_runtime::train::parallel::is_parallel;
 use dsc_runtime::train::{Backend as TrainBackend, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -37,17 +39,24 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         (None, Some(o)) if o.meta.numerics == "exact" => NumericsArg::Exact,
         (None, _) => NumericsArg::Policy,
     };
+    let graph_numerics = if numerics == NumericsArg::Exact { Numerics::Exact } else { Numerics::Policy };
     let plan = args.plan.as_deref().map(|dir| read_plan(dir, &spec)).transpose()?;
     if plan.is_some() && numerics == NumericsArg::Exact {
         bail!("a compiled plan follows the spec's precision policy: leave out `--numerics exact` or `--plan`");
     }
     let graph = match &plan {
         Some(plan) => plan.training_graph(),
-        None => {
-            TrainingGraph::build(&spec, if numerics == NumericsArg::Exact { Numerics::Exact } else { Numerics::Policy })
-        }
+        None => TrainingGraph::build(&spec, graph_numerics),
     };
-    let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()))?;
+    let (on, backend) = if is_parallel(&spec) {
+        if args.backend == Some(Backend::Cuda) {
+            bail!("the spec's parallel plan runs on thread-ranks on the CPU; the GPU backend runs one rank");
+        }
+        (None, None)
+    } else {
+        let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()))?;
+        (Some(on), backend)
+    };
     let trainer = match &opened {
         Some(o) => {
             if args.seed.is_some_and(|s| s != o.meta.seed) {
@@ -59,6 +68,12 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
         None => Trainer::<f32>::with_graph(&spec, graph, args.seed.unwrap_or(spec.train.seed)),
     };
+    let parallel = |mut trainer: Trainer<f32>| {
+        let ranks = trainer.on_thread_ranks(graph_numerics)?;
+        eprintln!("training on {ranks}");
+        Ok(trainer)
+    };
+    let trainer = if is_parallel(&spec) { trainer.and_then(parallel) } else { trainer };
     let mut trainer = match trainer {
         Ok(t) => t,
         Err(e) => {
@@ -69,7 +84,9 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(backend) = backend {
         trainer.set_backend(backend);
     }
-    eprintln!("training `{}` on {on}", spec.model.name);
+    if let Some(on) = on {
+        eprintln!("training `{}` on {on}", spec.model.name);
+    }
     let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir)));
     if let Some(dir) = &checkpoints {
         check_run_dir(dir, opened.as_ref())?;
@@ -115,7 +132,16 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let m = trainer.step().map_err(anyhow::Error::msg).context("the training step failed")?;
+        let m = match trainer.step() {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                eprintln!("error: step {} failed: {e}", progress.step + 1);
+                return Ok(ExitCode::FAILURE);
+            }
+        };
         if let Some(w) = writer.as_mut() {
             w.write(&m).context("cannot write metrics")?;
         }
@@ -179,13 +205,13 @@ fn read_plan(dir: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
-/// Where the steps run, said in words, and the backend to set (`None`: the trainer's CPU
-/// reference). `--backend cuda` needs a plan and a GPU; by default the GPU is taken when the
-/// plan is given and a GPU is found.
-fn backend(
-    choice: Option<Backend>,
-    plan: Option<(Plan, &Path)>,
-) -> anyhow::Result<(String, Option<Box<dyn TrainBackend<f32>>>)> {
+/// A backend for the trainer: where the steps run, in words, and the backend to set (`None`:
+/// the trainer's CPU reference).
+type Chosen = (String, Option<Box<dyn TrainBackend<f32>>>);
+
+/// `--backend cuda` needs a plan and a GPU; by default the GPU is taken when a plan is given,
+/// this dsc has the `cuda` feature and a GPU is found.
+fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>) -> anyhow::Result<Chosen> {
     let cpu = || Ok(("the CPU".to_string(), None));
     match (choice, plan) {
         (Some(Backend::Cpu), _) => cpu(),
@@ -202,7 +228,7 @@ fn backend(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(plan: Plan, dir: &Path) -> anyhow::Result<(String, Option<Box<dyn TrainBackend<f32>>>)> {
+fn cuda(plan: Plan, dir: &Path) -> anyhow::Result<Chosen> {
     use dsc_runtime::cuda::{exec::Executor, Gpu};
     let gpu = Gpu::open()?;
     let on = format!("{} (CUDA, plan `{}`)", gpu.name()?, dir.display());
@@ -210,7 +236,7 @@ fn cuda(plan: Plan, dir: &Path) -> anyhow::Result<(String, Option<Box<dyn TrainB
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: Plan, _: &Path) -> anyhow::Result<(String, Option<Box<dyn TrainBackend<f32>>>)> {
+fn cuda(_: Plan, _: &Path) -> anyhow::Result<Chosen> {
     bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 

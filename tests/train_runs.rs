@@ -83,6 +83,43 @@ fn two_data_parallel_ranks_resume_exactly_and_read_other_data_than_one() {
 }
 
 #[test]
+fn a_parallel_plan_trains_on_thread_ranks_and_resumes_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // PP 2 (DualPipe) × 4 replicas, the routed experts split over 2: 4 micro-batches each.
+    let plan = [
+        "--set",
+        "parallel.gpus_per_node=8",
+        "--set",
+        "parallel.pipeline=dualpipe { stages = 2 }",
+        "--set",
+        "parallel.data={ size = 4 }",
+        "--set",
+        "parallel.expert={ size = 2, max_nodes = 1 }",
+        "--set",
+        "train.batch=16",
+        "--set",
+        "train.micro_batch=1",
+    ];
+    let (straight, resumed) = (dir.path().join("straight.jsonl"), dir.path().join("resumed.jsonl"));
+    let mut args = plan.to_vec();
+    args.extend(["--steps", "2", "--metrics", path(&straight)]);
+    let o = ok(train(&args));
+    assert!(
+        text(&o.stderr).contains("training on 8 thread-ranks: 2 pipeline stages (DualPipe)"),
+        "{}",
+        text(&o.stderr)
+    );
+    let run = dir.path().join("run");
+    let mut args = plan.to_vec();
+    args.extend(["--steps", "1", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)]);
+    ok(train(&args));
+    ok(dsc(&["train", "--resume", path(&run), "--steps", "2", "--metrics", path(&resumed)]));
+    let a = losses(&straight);
+    assert_eq!(a.len(), 2);
+    assert_eq!(a, losses(&resumed), "losses differ after resuming");
+}
+
+#[test]
 fn checkpoints_every_n_steps_keep_the_newest_and_hold_the_hf_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("run");

@@ -12,7 +12,7 @@ fn tiny() -> dsc_lang::Spec {
 
 fn losses(numerics: Numerics, seed: u64, steps: usize) -> Vec<f64> {
     let mut trainer = Trainer::<f32>::new(&tiny(), numerics, seed).expect("trainable");
-    (0..steps).map(|_| trainer.step().expect("a CPU step").loss).collect()
+    (0..steps).map(|_| trainer.step().expect("one rank").loss).collect()
 }
 
 fn mean(xs: &[f64]) -> f64 {
@@ -67,10 +67,10 @@ fn a_step_with_non_finite_gradients_changes_nothing() {
     spec.train.seq_len = 16;
     spec.train.lr = vec![dsc_lang::LrPhase { shape: dsc_lang::LrShape::Constant, end: None, to: 1e30 }];
     let mut trainer = Trainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
-    let first = trainer.step().expect("a CPU step");
+    let first = trainer.step().expect("one rank");
     assert!(!first.skipped, "the first step has finite gradients");
     let before = (trainer.params().to_vec(), trainer.progress());
-    let second = trainer.step().expect("a CPU step");
+    let second = trainer.step().expect("one rank");
     assert!(second.skipped, "weights of ~1e30 overflow: {second:?}");
     assert_eq!((trainer.params().to_vec(), trainer.progress()), before, "a skipped step changed the state");
     assert_eq!(second.step, first.step);
@@ -85,7 +85,7 @@ fn the_ema_follows_the_parameters_and_comes_back_from_a_checkpoint() {
     let f32s = |t: &Trainer<f32>| -> Vec<Vec<f32>> { t.params().iter().map(|p| p.as_real().data.clone()).collect() };
     let mut expected = f32s(&trainer);
     for _ in 0..3 {
-        trainer.step().expect("a CPU step");
+        trainer.step().expect("one rank");
         for (e, p) in expected.iter_mut().zip(f32s(&trainer)) {
             for (x, y) in e.iter_mut().zip(p) {
                 *x = (0.75 * f64::from(*x) + 0.25 * f64::from(y)) as f32;

@@ -190,7 +190,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         Op::Sign | Op::Max { .. } | Op::Maximum | Op::TopK { .. } | Op::Count { .. } | Op::SortByExpert { .. } => {
             vec![]
         }
-        Op::ExpertOffsets { .. } | Op::StopGradient => vec![],
+        Op::ExpertOffsets { .. } | Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::StopGradient => vec![],
         Op::Neg => vec![(a[0], b.unary(Op::Neg, g))],
         Op::Exp => vec![(a[0], b.mul(g, y))],
         Op::Log => vec![(a[0], b.div(g, a[0]))],
@@ -329,6 +329,15 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
             let dys = b.push(Op::UnpermuteGradRows { k: *k }, vec![g, order, gates], ys_shape, node.dtype);
             let dgates = b.push(Op::UnpermuteGradGates { k: *k }, vec![g, ys, order], gates_shape, node.dtype);
             vec![(ys, dys), (gates, dgates)]
+        }
+        // Dispatch and combine are each other's transposes.
+        Op::Dispatch { ranks } => {
+            let shape = b.shape(a[0]).clone();
+            vec![(a[0], b.push(Op::Combine { ranks: *ranks }, vec![g, a[1], a[2]], shape, node.dtype))]
+        }
+        Op::Combine { ranks } => {
+            let shape = b.shape(a[0]).clone();
+            vec![(a[0], b.push(Op::Dispatch { ranks: *ranks }, vec![g, a[1], a[2]], shape, node.dtype))]
         }
         op @ (Op::ScatterRows { .. }
         | Op::PutAlong { .. }

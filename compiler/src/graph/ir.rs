@@ -214,6 +214,27 @@ pub enum Op {
     UnpermuteGradGates {
         k: usize,
     },
+    /// Expert parallelism, the routed experts split evenly over the `ranks` members of a group
+    /// (member j holds experts j·E/ranks ..): how many rows each member sends this one, per
+    /// local expert: (offsets [E + 1] of this member's expert-sorted rows) → [ranks, E/ranks]
+    /// i32. An all-to-all between the members.
+    ExchangeCounts {
+        ranks: usize,
+    },
+    /// The row offsets of the local experts in `Dispatch`'s output: (counts [ranks, E/ranks])
+    /// → [E/ranks + 1].
+    ReceivedOffsets,
+    /// The all-to-all sending each member the rows for its experts: (xs [r, d], offsets
+    /// [E + 1], counts [ranks, E/ranks]) → [ranks · r, d], sorted by local expert, then by
+    /// sender; rows past the last offset (the buffer's spare capacity) are zero.
+    Dispatch {
+        ranks: usize,
+    },
+    /// The transpose of `Dispatch`, sending the rows back where they came from: (ys [ranks · r,
+    /// d], offsets, counts) → [r, d].
+    Combine {
+        ranks: usize,
+    },
     StopGradient,
     /// Fused (by `fuse`): RMSNorm over the last axis, (x, w) → x·rsqrt(mean(x²) + eps)·w.
     RmsNorm {
@@ -458,6 +479,10 @@ impl Op {
             Op::Unpermute { .. } => "unpermute",
             Op::UnpermuteGradRows { .. } => "unpermute_grad_rows",
             Op::UnpermuteGradGates { .. } => "unpermute_grad_gates",
+            Op::ExchangeCounts { .. } => "exchange_counts",
+            Op::ReceivedOffsets => "received_offsets",
+            Op::Dispatch { .. } => "dispatch",
+            Op::Combine { .. } => "combine",
             Op::StopGradient => "stop_gradient",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Softmax => "softmax",

@@ -73,15 +73,18 @@ impl TrainingGraph {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageTraining {
     pub graph: StageGraph,
-    /// `stage.vjp(params…, [carry], tokens, loss_mask, mtp_weight, d_out, d_balance_loss) ->
-    /// (d_params…, [d_carry], d_loss_mask, d_mtp_weight)`, `d_out` being the gradient of the
-    /// carry out (or 1 for the last stage's loss).
+    /// `stage.vjp(params…, [carry], tokens, loss_mask, mtp_weight, d_out, d_balance_loss, d_…)
+    /// -> (d_params…, [d_carry], d_loss_mask, d_mtp_weight)`, `d_out` being the gradient of the
+    /// carry out (or 1 for the last stage's loss), then one cotangent per reported output (0:
+    /// the loss parts and loads only report).
     pub backward: usize,
 }
 
 impl StageTraining {
-    pub fn build(spec: &Spec, numerics: Numerics, parts: &[dsc_lang::StagePart]) -> Self {
-        let mut graph = model::build_stage(spec, numerics, parts);
+    /// The stage holding `parts` on a member of an expert-parallel group of `expert_ranks`
+    /// (see [`model::build_stage`]).
+    pub fn build(spec: &Spec, numerics: Numerics, parts: &[dsc_lang::StagePart], expert_ranks: usize) -> Self {
+        let mut graph = model::build_stage(spec, numerics, parts, expert_ranks);
         let backward = autodiff::vjp(&mut graph.module, graph.forward);
         StageTraining { graph, backward }
     }

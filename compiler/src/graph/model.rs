@@ -37,6 +37,11 @@ impl ParamInfo {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// Whether it stacks routed experts (split over an expert-parallel group).
+    pub fn is_routed_expert(&self) -> bool {
+        self.name.contains(".mlp.experts.")
+    }
 }
 
 /// The forward graph of one micro-batch.
@@ -88,9 +93,9 @@ struct Prelude {
     layer_fns: Vec<usize>,
 }
 
-fn prelude(spec: &Spec, numerics: Numerics) -> Prelude {
+fn prelude(spec: &Spec, numerics: Numerics, expert_ranks: usize) -> Prelude {
     let mut module = Module::default();
-    let cfg = Config::new(spec, numerics);
+    let cfg = Config::new(spec, numerics, expert_ranks);
     let (frequencies, scale) = (rope_frequencies(spec), rope_scale(spec));
     let rope = |sin| ConstantKind::Rope { frequencies: frequencies.clone(), scale, sin };
     let cos = module.add_constant("rope_cos", vec![cfg.seq, cfg.rope], rope(false));
@@ -106,7 +111,7 @@ fn prelude(spec: &Spec, numerics: Numerics) -> Prelude {
 }
 
 fn build_with(spec: &Spec, numerics: Numerics, output: Head) -> ForwardGraph {
-    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics);
+    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics, 1);
     let mut params = Vec::new();
     let mut moe_biases = Vec::new();
     let model = 'model: {
@@ -282,7 +287,9 @@ impl Mtp<'_> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageGraph {
     pub module: Module,
-    /// `stage(params…, [carry], tokens, loss_mask, mtp_weight) -> (carry' | loss, balance_loss)`.
+    /// `stage(params…, [carry], tokens, loss_mask, mtp_weight) -> (carry' | loss, balance_loss,
+    /// [main_loss, mtp_loss], load…)`: the last stage reports its loss's two parts too, and
+    /// every stage the expert load of each of its MoE blocks (layers, then MTP's), in model order.
     /// The carry [micro_batch, seq_len, hidden · (1 + mtp_depth)] is the hidden state followed
     /// by the embeddings of the tokens each MTP depth reads (the first stage makes it from
     /// `tokens`; the MTP modules on the last stage use those embeddings, so the embedding table
@@ -297,9 +304,12 @@ pub struct StageGraph {
     pub last: bool,
 }
 
-/// The forward graph of the stage holding `parts` (contiguous, in model order).
-pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart]) -> StageGraph {
-    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics);
+/// The forward graph of the stage holding `parts` (contiguous, in model order), on one rank of
+/// an expert-parallel group of `expert_ranks`: its MoE layers hold that share of the routed
+/// experts and exchange the tokens with the group's other members (1: all experts, no
+/// exchange).
+pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart], expert_ranks: usize) -> StageGraph {
+    let Prelude { mut module, cfg, layer_fns } = prelude(spec, numerics, expert_ranks);
     let (first, last) = (parts.contains(&StagePart::Embedding), parts.contains(&StagePart::Head));
     let depth = spec.model.mtp.as_ref().map_or(0, |mtp| mtp.depth as usize);
     let mut params = Vec::new();
@@ -356,8 +366,10 @@ pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart]) -> Stag
         h = out[0];
         if out.len() == 3 {
             moe.balance = b.add(moe.balance, out[1]);
+            moe.loads.push(out[2]);
         }
     }
+    let mut parts = Vec::new();
     match head {
         Some((norm, head)) => {
             let labels = b.slice(tokens, 1, 1, cfg.seq + 1);
@@ -369,6 +381,7 @@ pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart]) -> Stag
             let weighted = b.mul(mtp_weight, mtp_loss);
             let loss = b.add(main_loss, weighted);
             b.output("loss", loss);
+            parts = vec![("main_loss", main_loss), ("mtp_loss", mtp_loss)];
         }
         None => {
             let mut carry = vec![h];
@@ -378,6 +391,12 @@ pub fn build_stage(spec: &Spec, numerics: Numerics, parts: &[StagePart]) -> Stag
         }
     }
     b.output("balance_loss", moe.balance);
+    for (name, part) in parts {
+        b.output(name, part);
+    }
+    for load in moe.loads {
+        b.output("load", load);
+    }
     let forward = module.add(b.finish());
     StageGraph { module, forward, params, first, last }
 }
@@ -401,10 +420,13 @@ struct Config {
     attention_bf16: bool,
     /// The MoE combine in BF16.
     combine_bf16: bool,
+    /// The members of an expert-parallel group, each holding 1/`expert_ranks` of the routed
+    /// experts.
+    expert_ranks: usize,
 }
 
 impl Config {
-    fn new(spec: &Spec, numerics: Numerics) -> Self {
+    fn new(spec: &Spec, numerics: Numerics, expert_ranks: usize) -> Self {
         let a = &spec.model.attention;
         let p = &spec.precision;
         let policy = numerics == Numerics::Policy;
@@ -429,6 +451,7 @@ impl Config {
             fp8,
             attention_bf16: policy && p.gemm != Dtype::F32 && p.high_precision.contains(&HighPrecisionOp::Attention),
             combine_bf16: policy && p.combine == Dtype::Bf16,
+            expert_ranks,
         }
     }
 }
@@ -482,11 +505,12 @@ fn layer_param_shapes(c: &Config, ffn: &Ffn) -> Vec<(&'static str, Vec<usize>, P
         }
         Ffn::Moe(m) => {
             let (e, i) = (m.routed_experts as usize, m.intermediate as usize);
+            let held = e / c.expert_ranks;
             shapes.push(("mlp.gate.weight", vec![e, d], ParamGroup::Router, false));
             shapes.push(("mlp.gate.e_score_correction_bias", vec![e], ParamGroup::Router, false));
-            shapes.push(("mlp.experts.gate_proj.weight", vec![e, i, d], ParamGroup::RoutedExperts, false));
-            shapes.push(("mlp.experts.up_proj.weight", vec![e, i, d], ParamGroup::RoutedExperts, false));
-            shapes.push(("mlp.experts.down_proj.weight", vec![e, d, i], ParamGroup::RoutedExperts, false));
+            shapes.push(("mlp.experts.gate_proj.weight", vec![held, i, d], ParamGroup::RoutedExperts, false));
+            shapes.push(("mlp.experts.up_proj.weight", vec![held, i, d], ParamGroup::RoutedExperts, false));
+            shapes.push(("mlp.experts.down_proj.weight", vec![held, d, i], ParamGroup::RoutedExperts, false));
             if m.shared_experts > 0 {
                 let s = i * m.shared_experts as usize;
                 shapes.push(("mlp.shared_experts.gate_proj.weight", vec![s, d], ParamGroup::SharedExperts, false));
@@ -676,12 +700,7 @@ fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V)
     let order = b.push(Op::SortByExpert { experts: e }, vec![chosen], vec![tokens * k], DType::I32);
     let offsets = b.push(Op::ExpertOffsets { experts: e }, vec![chosen], vec![e + 1], DType::I32);
     let xs = b.push(Op::Permute { k }, vec![flat, order], vec![tokens * k, d], DType::F32);
-    let inter = m.intermediate as usize;
-    let fp8 = c.fp8.map(Fp8Linear::fprop);
-    let g = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![xs, p[2], offsets], vec![tokens * k, inter], DType::F32);
-    let u = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![xs, p[3], offsets], vec![tokens * k, inter], DType::F32);
-    let hidden = swiglu_gate(b, g, u);
-    let ys = b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![hidden, p[4], offsets], vec![tokens * k, d], DType::F32);
+    let ys = experts(b, c, m, xs, offsets, &p[2..5]);
     let ys = if c.combine_bf16 { b.cast(ys, DType::Bf16) } else { ys };
     let routed = b.push(Op::Unpermute { k }, vec![ys, order, gates], vec![tokens, d], DType::F32);
     let out = if m.shared_experts > 0 {
@@ -693,6 +712,37 @@ fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V)
     let out = b.reshape(out, vec![c.batch, c.seq, d]);
     let (balance, load) = balance_loss(b, m, c.batch, c.seq, scores, chosen);
     (out, balance, load)
+}
+
+/// The routed experts on their rows `xs` [r, d] (sorted by expert at `offsets`), as grouped
+/// SwiGLU GEMMs with `w` = their gate, up and down weights. Under expert parallelism the rows
+/// go to the group member holding their expert and come back: the all-to-all dispatch and
+/// combine around the GEMMs.
+fn experts(b: &mut FunctionBuilder, c: &Config, m: &Moe, xs: V, offsets: V, w: &[V]) -> V {
+    let (ranks, rows, d) = (c.expert_ranks, b.shape(xs)[0], c.hidden);
+    let held = m.routed_experts as usize / ranks;
+    let (local, local_offsets, counts) = if ranks > 1 {
+        let counts = b.push(Op::ExchangeCounts { ranks }, vec![offsets], vec![ranks, held], DType::I32);
+        let local_offsets = b.push(Op::ReceivedOffsets, vec![counts], vec![held + 1], DType::I32);
+        let local = b.push(Op::Dispatch { ranks }, vec![xs, offsets, counts], vec![ranks * rows, d], DType::F32);
+        (local, local_offsets, Some(counts))
+    } else {
+        (xs, offsets, None)
+    };
+    let local_rows = b.shape(local)[0];
+    let inter = m.intermediate as usize;
+    let fp8 = c.fp8.map(Fp8Linear::fprop);
+    let grouped = |b: &mut FunctionBuilder, x: V, w: V, n: usize| {
+        b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![x, w, local_offsets], vec![local_rows, n], DType::F32)
+    };
+    let g = grouped(b, local, w[0], inter);
+    let u = grouped(b, local, w[1], inter);
+    let hidden = swiglu_gate(b, g, u);
+    let ys = grouped(b, hidden, w[2], d);
+    match counts {
+        Some(counts) => b.push(Op::Combine { ranks }, vec![ys, offsets, counts], vec![rows, d], DType::F32),
+        None => ys,
+    }
 }
 
 /// Gate weights: the unbiased scores of the chosen experts, normalised to sum 1, times the

@@ -91,6 +91,7 @@ fn attributes(m: &Module, op: &Op) -> String {
             format!("k {k}")
         }
         Op::PermuteGrad { k, tokens } => format!("k {k}, tokens {tokens}"),
+        Op::ExchangeCounts { ranks } | Op::Dispatch { ranks } | Op::Combine { ranks } => format!("ranks {ranks}"),
         Op::Call(f) => format!("@{}", m.functions[*f].name),
         Op::RmsNorm { eps } | Op::AddRmsNorm { eps } | Op::RmsNormGrad { eps } => format!("eps {eps:e}"),
         Op::Quantize { rows, cols, transpose } => {

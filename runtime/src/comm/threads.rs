@@ -1,7 +1,9 @@
 //! Ranks as threads of one process, talking through shared memory: point-to-point messages
-//! (a send leaves its tensor in the receiver's mailbox and returns; a receive waits for it)
-//! and collectives over a group of ranks (every member contributes and gets every member's
-//! contribution; reduce-scatter and all-gather are built on that). Every wait has a deadline,
+//! (a send leaves its tensor in the receiver's mailbox and returns; a receive waits for it),
+//! all-to-all over a group built on them (and [`ExpertGroup`], the all-to-all of an
+//! expert-parallel group as a running graph uses it), and collectives over a group of ranks
+//! (every member contributes and gets every member's contribution; reduce-scatter and
+//! all-gather are built on that). Every wait has a deadline,
 //! so a rank that died or never comes makes the others fail with a message naming whom they
 //! waited for, instead of hanging.
 
@@ -9,6 +11,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::cpu::exchange::Exchange;
 
 /// What a message is, so that a receive takes the right one: a free-form tag (e.g. "activation
 /// ↓3"), with its sender and receiver.
@@ -37,7 +41,8 @@ pub struct ThreadComm {
     timeout: Duration,
 }
 
-/// A wait that ran past its deadline.
+/// A communication that failed: a wait that ran past its deadline, or an exchange a rank
+/// cannot take part in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommError(pub String);
 
@@ -107,12 +112,7 @@ impl ThreadComm {
         name: &str,
         data: Vec<f32>,
     ) -> Result<Vec<Vec<f32>>, CommError> {
-        let generation = {
-            let mut shared = self.lock();
-            let counter = shared.generations.entry((rank, group.to_vec(), name.to_string())).or_default();
-            *counter += 1;
-            *counter
-        };
+        let generation = self.enter(group, rank, name);
         let key = (group.to_vec(), name.to_string(), generation);
         self.lock().collectives.entry(key.clone()).or_default().contributions.insert(rank, data);
         self.shared.1.notify_all();
@@ -135,6 +135,31 @@ impl ThreadComm {
             },
             |shared| format!("rank {rank} waited in `{name}` for rank(s) {:?}", missing(shared)),
         )
+    }
+
+    /// How many times `rank` has now entered `group`'s collective `name`: members calling it in
+    /// the same order meet in the same round.
+    fn enter(&self, group: &[usize], rank: usize, name: &str) -> u64 {
+        let mut shared = self.lock();
+        let counter = shared.generations.entry((rank, group.to_vec(), name.to_string())).or_default();
+        *counter += 1;
+        *counter
+    }
+
+    /// Every member of `group` (`rank` among them) sends `parts[j]` to the group's member j and
+    /// gets what each member sent it, in group order. Members call it in the same order.
+    pub fn all_to_all(
+        &self,
+        group: &[usize],
+        rank: usize,
+        name: &str,
+        parts: Vec<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>, CommError> {
+        let tag = format!("{name} #{}", self.enter(group, rank, name));
+        for (&member, part) in group.iter().zip(parts) {
+            self.send(rank, member, &tag, part);
+        }
+        group.iter().map(|&member| self.recv(member, rank, &tag)).collect()
     }
 
     /// Sums `data` over `group` and returns this member's contiguous shard of the sum (the
@@ -162,6 +187,28 @@ impl ThreadComm {
         shard: Vec<f32>,
     ) -> Result<Vec<f32>, CommError> {
         Ok(self.all_gather(group, rank, name, shard)?.concat())
+    }
+}
+
+/// A rank's expert-parallel group as a running graph sees it: its all-to-alls, named after the
+/// stage (one rank may hold two stages, whose exchanges must not meet).
+pub struct ExpertGroup {
+    comm: ThreadComm,
+    group: Vec<usize>,
+    rank: usize,
+    name: String,
+}
+
+impl ExpertGroup {
+    /// `rank` in `group` (sorted rank ids, in the order of the experts they hold).
+    pub fn new(comm: ThreadComm, group: Vec<usize>, rank: usize, name: impl Into<String>) -> Self {
+        ExpertGroup { comm, group, rank, name: name.into() }
+    }
+}
+
+impl Exchange for ExpertGroup {
+    fn all_to_all(&self, parts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, CommError> {
+        self.comm.all_to_all(&self.group, self.rank, &self.name, parts)
     }
 }
 

@@ -1,17 +1,31 @@
 //! The interpreter: runs a graph function node by node, in `T` = f32 or f64, freeing each
 //! value after its last use. Calls run the callee recursively. Elementwise arithmetic lives
-//! here; the other kernels are in [`super::kernels`].
+//! here; the other kernels are in [`super::kernels`], the ops that exchange rows with other
+//! ranks in [`super::exchange`].
 
+use super::exchange::{self, Alone, Exchange};
 use super::kernels::{grads, index, layout, linalg, rope, rows};
 use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
+use crate::comm::CommError;
 use dsc_compiler::graph::ir::{broadcast_shape, matmul_shape, DType, Function, Module, Node, Op};
 use std::sync::Arc;
 
-/// Runs function `f` of `module` on `args`, returning its outputs.
+/// Runs function `f` of `module` on `args`, returning its outputs. The graph must not exchange
+/// rows with other ranks (one built for a single rank never does).
 pub fn run<T: Real>(module: &Module, f: usize, args: Vec<Value<T>>) -> Vec<Value<T>> {
-    run_observed(module, f, args, &mut |_, _, _| {})
+    run_exchanging(module, f, args, &Alone).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Runs function `f` of `module` on `args`, its all-to-alls going through `exchange`.
+pub fn run_exchanging<T: Real>(
+    module: &Module,
+    f: usize,
+    args: Vec<Value<T>>,
+    exchange: &dyn Exchange,
+) -> Result<Vec<Value<T>>, CommError> {
+    interpret(module, f, args, exchange, &mut |_, _, _| {})
 }
 
 /// [`run`], showing `observe` every value computed (function, node, value), in the callees too.
@@ -21,6 +35,16 @@ pub fn run_observed<T: Real>(
     args: Vec<Value<T>>,
     observe: &mut dyn FnMut(usize, usize, &Value<T>),
 ) -> Vec<Value<T>> {
+    interpret(module, f, args, &Alone, observe).unwrap_or_else(|error| panic!("{error}"))
+}
+
+fn interpret<T: Real>(
+    module: &Module,
+    f: usize,
+    args: Vec<Value<T>>,
+    exchange: &dyn Exchange,
+    observe: &mut dyn FnMut(usize, usize, &Value<T>),
+) -> Result<Vec<Value<T>>, CommError> {
     let function = &module.functions[f];
     assert_eq!(args.len(), function.args.len(), "{} takes {} arguments", function.name, function.args.len());
     let last_use = last_uses(function);
@@ -36,8 +60,12 @@ pub fn run_observed<T: Real>(
                     .map(|a| values[a.index()].as_ref().expect("value computed and not yet freed"))
                     .collect();
                 match node.op {
-                    Op::Call(g) => {
-                        Value::Tuple(run_observed(module, g, inputs.iter().map(|x| (*x).clone()).collect(), observe))
+                    Op::Call(callee) => {
+                        let args = inputs.iter().map(|x| (*x).clone()).collect();
+                        Value::Tuple(interpret(module, callee, args, exchange, observe)?)
+                    }
+                    Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. } => {
+                        exchange::eval(node, &inputs, exchange)?
                     }
                     _ => eval(module, node, &inputs),
                 }
@@ -51,7 +79,7 @@ pub fn run_observed<T: Real>(
             }
         }
     }
-    function.outputs.iter().map(|o| values[o.index()].clone().expect("outputs are kept")).collect()
+    Ok(function.outputs.iter().map(|o| values[o.index()].clone().expect("outputs are kept")).collect())
 }
 
 /// For each node, the index of the last node that reads it (`usize::MAX` for outputs).
@@ -388,7 +416,9 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let (da, db) = grads::swiglu_grad(&r(0).data, &r(1).data, &r(2).data);
             pair(Tensor::new(r(0).shape.clone(), da), Tensor::new(r(1).shape.clone(), db))
         }
-        Op::Call(_) => unreachable!("calls run in `run_observed`"),
+        Op::Call(_) | Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. } => {
+            unreachable!("`interpret` runs calls and exchanges")
+        }
         Op::Get(i) => match v[0] {
             Value::Tuple(items) => items[*i].clone(),
             _ => panic!("get from a non-tuple"),

@@ -2,18 +2,23 @@
 //! thread-rank runs for a stage it holds. What goes between stages is the stage graph's carry
 //! (the hidden state and the embeddings the MTP modules read). The forward runs the stage's
 //! function and keeps its input; the input gradient runs the generated backward (which
-//! recomputes the forward) and
-//! keeps the weight gradients it also yields until the weight-gradient chunk adds them to the
-//! accumulator, so a split backward costs one backward on the CPU, not two.
+//! recomputes the forward) and keeps the weight gradients it also yields until the
+//! weight-gradient chunk adds them to the accumulator, so a split backward costs one backward
+//! on the CPU, not two. Under expert parallelism the stage holds its share of the routed
+//! experts, and its MoE layers' all-to-alls reach the rest of its group through an
+//! [`Exchange`]; the members of a group run the same chunks in the same order, so their
+//! exchanges meet.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dsc_compiler::graph::StageTraining;
+use dsc_compiler::graph::{ParamInfo, StageTraining};
 use dsc_compiler::parallel::schedule::Micro;
 
-use super::pipeline::StageCompute;
-use crate::cpu::{run, Tensor, Value};
+use super::pipeline::{Sharing, StageCompute, StageReport};
+use super::trainer::add_loads;
+use crate::comm::CommError;
+use crate::cpu::{run_exchanging, Exchange, Tensor, Value};
 
 /// A micro-batch's tokens [micro_batch, seq_len + 1] and loss mask (same shape).
 pub type MicroBatch = (Tensor<i32>, Tensor<f32>);
@@ -21,6 +26,9 @@ pub type MicroBatch = (Tensor<i32>, Tensor<f32>);
 pub struct GraphStage {
     training: Arc<StageTraining>,
     params: Vec<Tensor<f32>>,
+    /// Each parameter's sharing.
+    sharing: Vec<Sharing>,
+    exchange: Box<dyn Exchange + Send>,
     data: Box<dyn Fn(Micro) -> MicroBatch + Send>,
     /// λ, the MTP loss weight of this step.
     mtp_weight: f32,
@@ -29,29 +37,59 @@ pub struct GraphStage {
     /// Weight gradients computed with an input gradient, waiting for their chunk.
     due: HashMap<Micro, Vec<Tensor<f32>>>,
     gradient: Vec<Tensor<f32>>,
-    /// The loss terms of the forwards so far: the last stage's loss, every stage's balance loss.
-    loss: f64,
+    /// What the forwards so far reported.
+    report: StageReport,
+}
+
+impl StageReport {
+    /// Adds the outputs of one forward of the stage (`last`: the stage with the head).
+    fn add(&mut self, last: bool, outputs: &[Value<f32>]) {
+        let balance = f64::from(outputs[1].scalar());
+        self.balance_loss += balance;
+        self.loss += balance;
+        let mut loads = &outputs[2..];
+        if last {
+            self.loss += f64::from(outputs[0].scalar());
+            self.main_loss += f64::from(outputs[2].scalar());
+            self.mtp_loss += f64::from(outputs[3].scalar());
+            loads = &outputs[4..];
+        }
+        add_loads(
+            &mut self.loads,
+            loads.iter().map(|load| load.as_real().data.iter().map(|&l| f64::from(l)).collect()),
+        );
+    }
 }
 
 impl GraphStage {
     /// The stage of `training` with these parameters (in its order); `data` gives each
-    /// micro-batch's tokens and loss mask; `mtp_weight` is the step's λ.
+    /// micro-batch's tokens and loss mask; `mtp_weight` is the step's λ; `exchange` reaches
+    /// the stage's expert-parallel group.
     pub fn new(
         training: Arc<StageTraining>,
         params: Vec<Tensor<f32>>,
         data: Box<dyn Fn(Micro) -> MicroBatch + Send>,
         mtp_weight: f32,
+        exchange: Box<dyn Exchange + Send>,
     ) -> Self {
         let gradient = zeros_like(&params);
+        let sharing = training
+            .graph
+            .params
+            .iter()
+            .map(|p| if p.is_routed_expert() { Sharing::Experts } else { Sharing::Replicated })
+            .collect();
         GraphStage {
             training,
             params,
+            sharing,
+            exchange,
             data,
             mtp_weight,
             saved: HashMap::new(),
             due: HashMap::new(),
             gradient,
-            loss: 0.0,
+            report: StageReport::default(),
         }
     }
 
@@ -64,6 +102,19 @@ impl GraphStage {
         args.push(Value::real(Tensor::scalar(self.mtp_weight)));
         args
     }
+
+    /// The tensors of `sharing` among `tensors` (the parameters or their gradients).
+    fn shared<'a, T>(&'a self, tensors: &'a [T], sharing: Sharing) -> impl Iterator<Item = &'a T> {
+        tensors.iter().zip(&self.sharing).filter(move |(_, s)| **s == sharing).map(|(t, _)| t)
+    }
+}
+
+/// A rank's share of a whole-model parameter: all of it, or for a routed expert stack the
+/// experts of member `member` of its expert-parallel group (`held`: the stage's parameter,
+/// shaped for that share).
+pub fn share_of(whole: &Tensor<f32>, held: &ParamInfo, member: usize) -> Tensor<f32> {
+    let (len, share) = (held.numel(), if held.is_routed_expert() { member } else { 0 });
+    Tensor::new(held.shape.clone(), whole.data[share * len..(share + 1) * len].to_vec())
 }
 
 fn zeros_like(tensors: &[Tensor<f32>]) -> Vec<Tensor<f32>> {
@@ -71,7 +122,7 @@ fn zeros_like(tensors: &[Tensor<f32>]) -> Vec<Tensor<f32>> {
 }
 
 impl StageCompute for GraphStage {
-    fn forward(&mut self, micro: Micro, input: Option<Vec<f32>>) -> Vec<f32> {
+    fn forward(&mut self, micro: Micro, input: Option<Vec<f32>>) -> Result<Vec<f32>, CommError> {
         let graph = &self.training.graph;
         let function = &graph.module.functions[graph.forward];
         let input = input.map(|data| {
@@ -79,17 +130,14 @@ impl StageCompute for GraphStage {
             Tensor::new(shape.clone(), data)
         });
         let batch = (self.data)(micro);
-        let outputs = run(&graph.module, graph.forward, self.args(&input, &batch));
+        let outputs = run_exchanging(&graph.module, graph.forward, self.args(&input, &batch), &*self.exchange)?;
         let output = outputs[0].as_real().data.clone();
-        if graph.last {
-            self.loss += f64::from(output[0]);
-        }
-        self.loss += f64::from(outputs[1].scalar());
+        self.report.add(graph.last, &outputs);
         self.saved.insert(micro, (input, batch));
-        output
+        Ok(output)
     }
 
-    fn backward_input(&mut self, micro: Micro, output_gradient: Option<Vec<f32>>) -> Vec<f32> {
+    fn backward_input(&mut self, micro: Micro, output_gradient: Option<Vec<f32>>) -> Result<Vec<f32>, CommError> {
         let (input, batch) = self.saved.remove(&micro).expect("the forward ran first");
         let training = &self.training;
         let module = &training.graph.module;
@@ -100,14 +148,18 @@ impl StageCompute for GraphStage {
         let mut args = self.args(&input, &batch);
         args.push(Value::real(Tensor::new(out_shape, d_out)));
         args.push(Value::real(Tensor::scalar(1.0)));
-        let outputs = run(module, training.backward, args);
+        // The loss parts and loads only report: no gradient flows back from them.
+        for &reported in &forward.outputs[2..] {
+            args.push(Value::real(Tensor::filled(forward.node(reported).shape.clone(), 0.0)));
+        }
+        let outputs = run_exchanging(module, training.backward, args, &*self.exchange)?;
         let params = self.params.len();
         let weights = outputs[..params].iter().map(|v| v.as_real().clone()).collect();
         self.due.insert(micro, weights);
-        match input {
+        Ok(match input {
             Some(_) => outputs[params].as_real().data.clone(),
             None => Vec::new(),
-        }
+        })
     }
 
     fn backward_weight(&mut self, micro: Micro) {
@@ -117,35 +169,40 @@ impl StageCompute for GraphStage {
         }
     }
 
-    fn params(&self) -> Vec<f32> {
-        self.params.iter().flat_map(|t| t.data.iter().copied()).collect()
+    fn params(&self, sharing: Sharing) -> Vec<f32> {
+        self.shared(&self.params, sharing).flat_map(|t| t.data.iter().copied()).collect()
     }
 
-    fn set_params(&mut self, flat: &[f32]) {
+    fn set_params(&mut self, sharing: Sharing, flat: &[f32]) {
         let mut offset = 0;
-        for tensor in &mut self.params {
+        for (tensor, _) in self.params.iter_mut().zip(&self.sharing).filter(|(_, s)| **s == sharing) {
             let len = tensor.numel();
             tensor.data.copy_from_slice(&flat[offset..offset + len]);
             offset += len;
         }
     }
 
-    fn take_gradient(&mut self) -> Vec<f32> {
-        let zeros = zeros_like(&self.gradient);
-        std::mem::replace(&mut self.gradient, zeros).into_iter().flat_map(|t| t.data).collect()
+    fn take_gradient(&mut self, sharing: Sharing) -> Vec<f32> {
+        let flat = self.shared(&self.gradient, sharing).flat_map(|t| t.data.iter().copied()).collect();
+        for (tensor, _) in self.gradient.iter_mut().zip(&self.sharing).filter(|(_, s)| **s == sharing) {
+            tensor.data.fill(0.0);
+        }
+        flat
     }
 
-    fn take_loss(&mut self) -> f64 {
-        std::mem::take(&mut self.loss)
+    fn take_report(&mut self) -> StageReport {
+        std::mem::take(&mut self.report)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::threads::ExpertGroup;
     use crate::comm::ThreadComm;
+    use crate::cpu::run;
     use crate::train::init::init_params;
-    use crate::train::pipeline::{run_step, HeldStages, Place};
+    use crate::train::pipeline::{run_step, HeldStages, Place, Replicas};
     use dsc_compiler::graph::model::LOSS_OUTPUTS;
     use dsc_compiler::graph::{Numerics, TrainingGraph};
     use dsc_compiler::parallel::check::check;
@@ -155,17 +212,22 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    /// A parameter of a stage: (stage index, name, value).
-    type NamedParam = (usize, String, Vec<f32>);
+    /// A parameter of a stage on a rank: (stage index, member of its expert-parallel group,
+    /// name, value).
+    type NamedParam = (usize, usize, String, Vec<f32>);
 
     /// λ of the test steps.
     const MTP_WEIGHT: f32 = 0.3;
+    /// Micro-batches per replica and step.
+    const MICRO_BATCHES: usize = 4;
 
-    /// The tiny model (MTP included) split into two stages; sequences of 8 tokens, micro-batches
-    /// of 2.
-    fn tiny_two_stages() -> Spec {
+    /// The tiny model (MTP included) with `layers` layers (the first dense, the rest MoE) split
+    /// into two stages; sequences of 8 tokens, micro-batches of 2.
+    fn tiny_two_stages(layers: u64) -> Spec {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let mut spec = dsc_lang::load(&path, &[]).checked_spec().cloned().expect("the tiny model checks");
+        spec.model.layers = layers;
+        spec.model.ffn.last_mut().expect("an MoE range").layers.end = layers;
         spec.train.seq_len = 8;
         spec.train.micro_batch = 2;
         spec.parallel.pipeline.stages = 2;
@@ -202,73 +264,86 @@ mod tests {
         (loss, info.iter().map(|p| p.name.clone()).zip(sums).collect())
     }
 
-    #[test]
-    fn pipelined_losses_and_gradients_equal_one_ranks() {
-        let spec = tiny_two_stages();
-        let whole = TrainingGraph::build(&spec, Numerics::Exact);
-        let initial: HashMap<String, Tensor<f32>> = whole
-            .forward
-            .params
+    /// One step of `kind` on 2 pipeline ranks × `replicas`: each rank's loss terms, and its
+    /// stages' parameters after a step whose update sets them to the summed gradient.
+    fn pipelined(
+        spec: &Spec,
+        kind: PipelineSchedule,
+        replicas: Replicas,
+        initial: &HashMap<String, Tensor<f32>>,
+    ) -> Vec<(f64, Vec<NamedParam>)> {
+        let stages: Vec<Arc<StageTraining>> = split(spec)
             .iter()
-            .map(|p| p.name.clone())
-            .zip(init_params::<f32>(&whole.forward.params, spec.model.init_std, 7))
+            .map(|stage| Arc::new(StageTraining::build(spec, Numerics::Exact, &stage.parts, replicas.expert_ranks)))
             .collect();
-        let stages: Vec<Arc<StageTraining>> = split(&spec)
-            .iter()
-            .map(|stage| Arc::new(StageTraining::build(&spec, Numerics::Exact, &stage.parts)))
-            .collect();
-        let replicas = 2;
-        for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe] {
-            let micro_batches = 4;
-            let all: Vec<Tensor<f32>> = whole.forward.params.iter().map(|p| initial[&p.name].clone()).collect();
-            let (expected_loss, expected) = single_rank(&spec, &all, micro_batches * replicas);
-            let schedule = Schedule::generate(kind, 2, micro_batches).expect("a valid size");
-            check(&schedule).expect("checks");
-            let comm = ThreadComm::new(Duration::from_secs(60));
-            let per_direction = schedule.micro_batches_per_direction();
-            // Each rank's loss terms, and its stages after the step, whose update sets the
-            // parameters to the summed gradient: (stage index, parameter name, value).
-            let ranks: Vec<(f64, Vec<NamedParam>)> = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..replicas)
-                    .flat_map(|replica| (0..2).map(move |pipeline_rank| Place { pipeline_rank, replica }))
-                    .map(|place| {
-                        let (schedule, comm, spec, stages, initial) = (&schedule, &comm, &spec, &stages, &initial);
-                        scope.spawn(move || {
-                            let held = schedule.held(place.pipeline_rank).map(|(direction, stage)| {
-                                let training = Arc::clone(&stages[stage]);
-                                let params = training.graph.params.iter().map(|p| initial[&p.name].clone()).collect();
-                                let spec = spec.clone();
-                                let data = move |micro: Micro| {
-                                    let offset = if micro.direction == Direction::Up { per_direction } else { 0 };
-                                    micro_batch(&spec, place.replica * micro_batches + offset + micro.index)
-                                };
-                                let stage: Box<dyn StageCompute> =
-                                    Box::new(GraphStage::new(training, params, Box::new(data), MTP_WEIGHT));
-                                (direction, stage)
-                            });
-                            let mut held = HeldStages { stages: held.collect() };
-                            let to_gradient = |params: &mut [f32], gradient: &[f32]| params.copy_from_slice(gradient);
-                            run_step(schedule, comm, place, replicas, &mut held, to_gradient)
-                                .expect("no rank times out");
-                            let ranks = schedule.ranks;
-                            let mut out = Vec::new();
-                            let mut loss = 0.0;
-                            for (direction, stage) in &mut held.stages {
-                                loss += stage.take_loss();
-                                let index = direction.rank_of(place.pipeline_rank, ranks);
-                                let flat = stage.params();
-                                let mut offset = 0;
-                                for p in &stages[index].graph.params {
-                                    out.push((index, p.name.clone(), flat[offset..offset + p.numel()].to_vec()));
-                                    offset += p.numel();
-                                }
+        let schedule = Schedule::generate(kind, 2, MICRO_BATCHES).expect("a valid size");
+        check(&schedule).expect("checks");
+        let comm = ThreadComm::new(Duration::from_secs(60));
+        let per_direction = schedule.micro_batches_per_direction();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..replicas.count)
+                .flat_map(|replica| (0..2).map(move |pipeline_rank| Place { pipeline_rank, replica }))
+                .map(|place| {
+                    let (schedule, comm, stages) = (&schedule, &comm, &stages);
+                    let member = place.replica % replicas.expert_ranks;
+                    scope.spawn(move || {
+                        let held = schedule.held(place.pipeline_rank).map(|(direction, stage)| {
+                            let training = Arc::clone(&stages[stage]);
+                            let params =
+                                training.graph.params.iter().map(|p| share_of(&initial[&p.name], p, member)).collect();
+                            let spec = spec.clone();
+                            let data = move |micro: Micro| {
+                                let offset = if micro.direction == Direction::Up { per_direction } else { 0 };
+                                micro_batch(&spec, place.replica * MICRO_BATCHES + offset + micro.index)
+                            };
+                            let group = place.expert_group(schedule, replicas);
+                            let me = place.id(schedule);
+                            let exchange = ExpertGroup::new(comm.clone(), group, me, format!("stage {stage} experts"));
+                            let stage: Box<dyn StageCompute> = Box::new(GraphStage::new(
+                                training,
+                                params,
+                                Box::new(data),
+                                MTP_WEIGHT,
+                                Box::new(exchange),
+                            ));
+                            (direction, stage)
+                        });
+                        let mut held = HeldStages { stages: held.collect() };
+                        let to_gradient = |_: Sharing, params: &mut [f32], gradient: &[f32]| {
+                            params.copy_from_slice(gradient);
+                        };
+                        run_step(schedule, comm, place, replicas, &mut held, to_gradient).expect("no rank times out");
+                        let mut out = Vec::new();
+                        let mut loss = 0.0;
+                        for (direction, stage) in &mut held.stages {
+                            loss += stage.take_report().loss;
+                            let index = direction.rank_of(place.pipeline_rank, schedule.ranks);
+                            let mut flat = Sharing::ALL.map(|sharing| stage.params(sharing).into_iter());
+                            for p in &stages[index].graph.params {
+                                let sharing = if p.is_routed_expert() { 1 } else { 0 };
+                                let value = flat[sharing].by_ref().take(p.numel()).collect();
+                                out.push((index, member, p.name.clone(), value));
                             }
-                            (loss, out)
-                        })
+                        }
+                        (loss, out)
                     })
-                    .collect();
-                handles.into_iter().map(|h| h.join().expect("the rank ran")).collect()
-            });
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("the rank ran")).collect()
+        })
+    }
+
+    /// Every schedule on 2 pipeline ranks × `replicas` computes the loss and gradients of one
+    /// rank running all the replicas' micro-batches.
+    fn pipelined_equals_one_rank(layers: u64, replicas: Replicas) {
+        let spec = tiny_two_stages(layers);
+        let whole = TrainingGraph::build(&spec, Numerics::Exact);
+        let all = init_params::<f32>(&whole.forward.params, spec.model.init_std, 7);
+        let initial: HashMap<String, Tensor<f32>> =
+            whole.forward.params.iter().map(|p| p.name.clone()).zip(all.iter().cloned()).collect();
+        let (expected_loss, expected) = single_rank(&spec, &all, MICRO_BATCHES * replicas.count);
+        for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe] {
+            let ranks = pipelined(&spec, kind, replicas, &initial);
             let loss: f64 = ranks.iter().map(|(loss, _)| loss).sum();
             assert!(
                 (loss - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
@@ -276,15 +351,34 @@ mod tests {
             );
             let results: Vec<_> = ranks.into_iter().flat_map(|(_, params)| params).collect();
             let copies = if kind == PipelineSchedule::Dualpipe { 2 } else { 1 };
-            let names: usize = stages.iter().map(|s| s.graph.params.len()).sum();
-            assert_eq!(results.len(), names * replicas * copies, "{kind:?}");
-            assert_eq!(names, whole.forward.params.len(), "the stages hold every parameter once");
-            for (stage, name, got) in results {
-                let want = &expected[&name];
+            assert_eq!(results.len(), whole.forward.params.len() * replicas.count * copies, "{kind:?}");
+            let shares = results.iter().filter(|(_, _, name, got)| got.len() < expected[name].len()).count();
+            // 3 stacks per MoE block (layers 1.. and the MTP block), on every replica (twice with
+            // DualPipe).
+            let moe_blocks = layers as usize;
+            let split = if replicas.expert_ranks > 1 { 3 * moe_blocks * replicas.count * copies } else { 0 };
+            assert_eq!(shares, split, "{kind:?}: the routed experts are split over the expert-parallel ranks");
+            for (stage, member, name, got) in results {
+                let whole = &expected[&name];
+                // A routed expert stack holds its member's share of the experts.
+                let share = if got.len() < whole.len() { member } else { 0 };
+                let want = &whole[share * got.len()..][..got.len()];
                 let norm = want.iter().map(|x| x * x).sum::<f32>().sqrt();
                 let diff = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
                 assert!(diff <= 1e-4 * norm + 1e-7, "{kind:?}: stage {stage} {name}: off by {diff} of {norm}");
             }
         }
+    }
+
+    #[test]
+    fn pipelined_losses_and_gradients_equal_one_ranks() {
+        pipelined_equals_one_rank(3, Replicas { count: 2, expert_ranks: 1 });
+    }
+
+    /// The check: 8 thread-ranks, PP 2 × EP 2 × 2 replicas of each expert, on a model
+    /// with 3 MoE layers of 8 routed experts (and the MTP block's).
+    #[test]
+    fn expert_parallel_losses_and_gradients_equal_one_ranks() {
+        pipelined_equals_one_rank(4, Replicas { count: 4, expert_ranks: 2 });
     }
 }

@@ -2,18 +2,20 @@
 //! (`ema`), where training is and
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
 //! metrics each step reports (`metrics`) and their curves (`plot`), the trainer that runs
-//! steps (`trainer`) on a `backend` (the CPU reference, or a compiled plan on the GPU), the executor of a pipeline schedule on thread-ranks (`pipeline`) and
-//! the training graph's stages it runs (`graph_stage`).
+//! steps (`trainer`) on a `backend` (the CPU reference, or a compiled plan on the GPU), the executor of a pipeline schedule on thread-ranks (`pipeline`),
+//! the training graph's stages it runs (`graph_stage`) and the spec's parallel plan on
+//! thread-ranks for the trainer (`parallel`).
 
 pub mod backend;
 pub mod ema;
 pub mod graph_stage;
 pub mod init;
 pub mod metrics;
+pub mod parallel;
 pub mod pipeline;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
 pub use backend::{Backend, Cpu};
-pub use trainer::{Trainer, Unsupported};
+pub use trainer::{StepError, Trainer, Unsupported};

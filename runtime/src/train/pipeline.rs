@@ -2,10 +2,13 @@
 //! data-parallel replica) walks its instruction list: compute chunks call the [`StageCompute`]
 //! of the stage it holds for the micro-batch's direction, sends and receives move activations
 //! and gradients through [`ThreadComm`], and the step ends with ZeRO-1 over every copy of the
-//! rank's parameters (the data-parallel replicas and, with DualPipe, the rank holding the other
-//! direction's copy): reduce-scatter of the accumulated gradients, the optimizer on this rank's
-//! shard, all-gather of the parameters into every copy. What a stage computes stays behind the
-//! trait, so the same executor runs any stage implementation.
+//! rank's parameters: reduce-scatter of the accumulated gradients, the optimizer on this rank's
+//! shard, all-gather of the parameters into every copy. Most parameters have a copy on every
+//! replica (and, with DualPipe, on the rank holding the other direction's stage); the routed
+//! experts, split over the consecutive replicas of an expert-parallel group, only on the
+//! replicas holding the same experts ([`Sharing`]). What a stage computes, the MoE all-to-alls
+//! within its expert-parallel group included, stays behind the trait, so the same executor runs
+//! any stage implementation.
 
 use dsc_compiler::parallel::schedule::{Compute, Direction, Instruction, Micro, Schedule, Tensor};
 
@@ -13,24 +16,67 @@ use std::collections::HashMap;
 
 use crate::comm::{threads, CommError, ThreadComm};
 
+/// Which ranks hold copies of a parameter, sum its gradient and share its update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// Every replica, and with DualPipe the rank holding the other direction's copy.
+    Replicated,
+    /// The routed experts: the replicas holding the same experts (one per expert-parallel
+    /// group), and their DualPipe copies.
+    Experts,
+}
+
+impl Sharing {
+    pub const ALL: [Sharing; 2] = [Sharing::Replicated, Sharing::Experts];
+
+    fn name(self) -> &'static str {
+        match self {
+            Sharing::Replicated => "replicated",
+            Sharing::Experts => "experts",
+        }
+    }
+}
+
 /// One stage of the model for one direction, on one rank.
 pub trait StageCompute: Send {
     /// The forward of `micro`: `input` is the previous stage's output (`None` on the first
     /// stage, which reads the micro-batch itself); returns what the next stage gets.
-    fn forward(&mut self, micro: Micro, input: Option<Vec<f32>>) -> Vec<f32>;
+    fn forward(&mut self, micro: Micro, input: Option<Vec<f32>>) -> Result<Vec<f32>, CommError>;
     /// The input gradient of `micro`: `output_gradient` comes from the next stage (`None` on the
     /// last stage, where the loss starts the backward); returns the previous stage's.
-    fn backward_input(&mut self, micro: Micro, output_gradient: Option<Vec<f32>>) -> Vec<f32>;
+    fn backward_input(&mut self, micro: Micro, output_gradient: Option<Vec<f32>>) -> Result<Vec<f32>, CommError>;
     /// Adds the weight gradient of `micro` to the stage's accumulated gradient.
     fn backward_weight(&mut self, micro: Micro);
-    /// The parameters, flat.
-    fn params(&self) -> Vec<f32>;
-    fn set_params(&mut self, params: &[f32]);
-    /// The gradient accumulated over the step's micro-batches, flat; the accumulator restarts.
-    fn take_gradient(&mut self) -> Vec<f32>;
-    /// The loss terms the stage's forwards computed since the last call, summed over
-    /// micro-batches (the model's loss per micro-batch is the sum of its stages' terms).
-    fn take_loss(&mut self) -> f64;
+    /// The parameters of one sharing, flat.
+    fn params(&self, sharing: Sharing) -> Vec<f32>;
+    fn set_params(&mut self, sharing: Sharing, params: &[f32]);
+    /// The gradient of one sharing's parameters accumulated over the step's micro-batches,
+    /// flat; their accumulator restarts.
+    fn take_gradient(&mut self, sharing: Sharing) -> Vec<f32>;
+    /// What the stage's forwards computed since the last call, summed over micro-batches (the
+    /// model's loss per micro-batch is the sum of its stages' terms).
+    fn take_report(&mut self) -> StageReport;
+}
+
+/// What a stage's forwards report, summed over micro-batches.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StageReport {
+    /// The model's loss terms: the last stage's loss, every stage's balance loss.
+    pub loss: f64,
+    /// The last stage's main and MTP losses, and the balance loss.
+    pub main_loss: f64,
+    pub mtp_loss: f64,
+    pub balance_loss: f64,
+    /// Per MoE block of the stage, in model order: tokens per expert.
+    pub loads: Vec<Vec<f64>>,
+}
+
+/// How many replicas of the pipeline run, and how many consecutive ones form an
+/// expert-parallel group (each holding its share of the routed experts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replicas {
+    pub count: usize,
+    pub expert_ranks: usize,
 }
 
 /// Where a rank is: its pipeline rank and data-parallel replica.
@@ -44,6 +90,15 @@ impl Place {
     /// The rank's id among all thread-ranks: replica-major.
     pub fn id(&self, schedule: &Schedule) -> usize {
         self.replica * schedule.ranks + self.pipeline_rank
+    }
+
+    /// The ranks of this one's expert-parallel group (itself included), in the order of the
+    /// experts they hold; its position there is its replica modulo the group's size.
+    pub fn expert_group(&self, schedule: &Schedule, replicas: Replicas) -> Vec<usize> {
+        let first = self.replica - self.replica % replicas.expert_ranks;
+        (first..first + replicas.expert_ranks)
+            .map(|replica| Place { pipeline_rank: self.pipeline_rank, replica }.id(schedule))
+            .collect()
     }
 }
 
@@ -72,26 +127,25 @@ impl HeldStages {
 }
 
 /// Runs one step of `schedule` (a checked one: [`dsc_compiler::parallel::check`]) as the rank
-/// at `place`; `replicas` data-parallel replicas run the same schedule. `update` applies the
-/// optimizer to this rank's shard of the parameters, given the shard of the summed gradient.
+/// at `place`; all `replicas` run the same schedule. `update` applies the optimizer to this
+/// rank's shard of one sharing's parameters, given the shard of their summed gradient.
 pub fn run_step(
     schedule: &Schedule,
     comm: &ThreadComm,
     place: Place,
-    replicas: usize,
+    replicas: Replicas,
     held: &mut HeldStages,
-    mut update: impl FnMut(&mut [f32], &[f32]),
+    mut update: impl FnMut(Sharing, &mut [f32], &[f32]),
 ) -> Result<(), CommError> {
     let rank = place.pipeline_rank;
     let me = place.id(schedule);
     let peer = |pipeline_rank: usize| Place { pipeline_rank, replica: place.replica }.id(schedule);
-    let group = group(schedule, place, replicas);
-    let position = group.iter().position(|&member| member == me).expect("a rank is in its own group");
+    let groups = Sharing::ALL.map(|sharing| group(schedule, place, replicas, sharing));
     let mut tensors = Tensors { schedule, rank, received: HashMap::new(), computed: HashMap::new() };
-    let mut shard = Vec::new();
+    let mut shards: [Vec<f32>; 2] = Default::default();
     for instruction in &schedule.programs[rank] {
         match *instruction {
-            Instruction::Compute(chunk) => tensors.compute(held, &chunk),
+            Instruction::Compute(chunk) => tensors.compute(held, &chunk)?,
             Instruction::Send { to, tensor } => {
                 let data = tensors.computed.remove(&tensor).expect("a checked schedule computes before it sends");
                 comm.send(me, peer(to), &tensor.to_string(), data);
@@ -101,24 +155,32 @@ pub fn run_step(
                 tensors.received.insert(tensor, data);
             }
             Instruction::ReduceScatterGrads => {
-                let gradient: Vec<f32> =
-                    held.by_stage(schedule, rank).into_iter().flat_map(|stage| stage.take_gradient()).collect();
-                shard = comm.reduce_scatter(&group, me, "gradients", gradient)?;
+                for ((sharing, group), shard) in Sharing::ALL.into_iter().zip(&groups).zip(&mut shards) {
+                    let stages = held.by_stage(schedule, rank).into_iter();
+                    let gradient: Vec<f32> = stages.flat_map(|stage| stage.take_gradient(sharing)).collect();
+                    *shard = comm.reduce_scatter(group, me, &format!("{} gradients", sharing.name()), gradient)?;
+                }
             }
             Instruction::OptimizerStep => {
-                let params: Vec<f32> =
-                    held.by_stage(schedule, rank).into_iter().flat_map(|stage| stage.params()).collect();
-                let mut mine = params[threads::shard(params.len(), group.len(), position)].to_vec();
-                update(&mut mine, &shard);
-                shard = mine;
+                for ((sharing, group), shard) in Sharing::ALL.into_iter().zip(&groups).zip(&mut shards) {
+                    let stages = held.by_stage(schedule, rank).into_iter();
+                    let params: Vec<f32> = stages.flat_map(|stage| stage.params(sharing)).collect();
+                    let position = group.iter().position(|&member| member == me).expect("a rank is in its groups");
+                    let mut mine = params[threads::shard(params.len(), group.len(), position)].to_vec();
+                    update(sharing, &mut mine, shard);
+                    *shard = mine;
+                }
             }
             Instruction::AllGatherParams => {
-                let params = comm.all_gather_shards(&group, me, "parameters", std::mem::take(&mut shard))?;
-                let mut offset = 0;
-                for stage in held.by_stage(schedule, rank) {
-                    let len = stage.params().len();
-                    stage.set_params(&params[offset..offset + len]);
-                    offset += len;
+                for ((sharing, group), shard) in Sharing::ALL.into_iter().zip(&groups).zip(&mut shards) {
+                    let name = format!("{} parameters", sharing.name());
+                    let params = comm.all_gather_shards(group, me, &name, std::mem::take(shard))?;
+                    let mut offset = 0;
+                    for stage in held.by_stage(schedule, rank) {
+                        let len = stage.params(sharing).len();
+                        stage.set_params(sharing, &params[offset..offset + len]);
+                        offset += len;
+                    }
                 }
             }
         }
@@ -136,14 +198,14 @@ struct Tensors<'a> {
 }
 
 impl Tensors<'_> {
-    fn compute(&mut self, held: &mut HeldStages, chunk: &Compute) {
+    fn compute(&mut self, held: &mut HeldStages, chunk: &Compute) -> Result<(), CommError> {
         let last = self.schedule.ranks - 1;
         let (rank, ranks) = (self.rank, self.schedule.ranks);
         let stage_of = |micro: Micro| micro.direction.rank_of(rank, ranks);
         if let Some(micro) = chunk.forward() {
             let stage = stage_of(micro);
             let input = (stage > 0).then(|| self.take(Tensor::Activation(micro)));
-            let output = held.of(micro.direction).forward(micro, input);
+            let output = held.of(micro.direction).forward(micro, input)?;
             if stage < last {
                 self.computed.insert(Tensor::Activation(micro), output);
             }
@@ -151,7 +213,7 @@ impl Tensors<'_> {
         if let Some(micro) = chunk.input_gradient() {
             let stage = stage_of(micro);
             let output_gradient = (stage < last).then(|| self.take(Tensor::Gradient(micro)));
-            let input_gradient = held.of(micro.direction).backward_input(micro, output_gradient);
+            let input_gradient = held.of(micro.direction).backward_input(micro, output_gradient)?;
             if stage > 0 {
                 self.computed.insert(Tensor::Gradient(micro), input_gradient);
             }
@@ -159,6 +221,7 @@ impl Tensors<'_> {
         if let Some(micro) = chunk.weight_gradient() {
             held.of(micro.direction).backward_weight(micro);
         }
+        Ok(())
     }
 
     fn take(&mut self, tensor: Tensor) -> Vec<f32> {
@@ -166,9 +229,12 @@ impl Tensors<'_> {
     }
 }
 
-/// The thread-ranks holding copies of `place`'s parameters, sorted.
-fn group(schedule: &Schedule, place: Place, replicas: usize) -> Vec<usize> {
-    let mut group: Vec<usize> = (0..replicas)
+/// The thread-ranks holding copies of `place`'s parameters of `sharing`, sorted.
+fn group(schedule: &Schedule, place: Place, replicas: Replicas, sharing: Sharing) -> Vec<usize> {
+    let expert_rank = place.replica % replicas.expert_ranks;
+    let holders = (0..replicas.count)
+        .filter(|replica| sharing == Sharing::Replicated || replica % replicas.expert_ranks == expert_rank);
+    let mut group: Vec<usize> = holders
         .flat_map(|replica| {
             schedule
                 .replica_peers(place.pipeline_rank)
@@ -233,7 +299,7 @@ mod tests {
     }
 
     impl StageCompute for TanhLayer {
-        fn forward(&mut self, micro: Micro, input_activation: Option<Vec<f32>>) -> Vec<f32> {
+        fn forward(&mut self, micro: Micro, input_activation: Option<Vec<f32>>) -> Result<Vec<f32>, CommError> {
             assert_eq!(input_activation.is_none(), self.first);
             let x = input_activation.unwrap_or_else(|| input((self.global)(micro)));
             let y = layer_forward(&self.w, &x);
@@ -241,32 +307,43 @@ mod tests {
                 self.loss += y.iter().map(|y| 0.5 * f64::from(y * y)).sum::<f64>();
             }
             self.saved.insert(micro, (x, y.clone()));
-            y
+            Ok(y)
         }
-        fn backward_input(&mut self, micro: Micro, output_gradient: Option<Vec<f32>>) -> Vec<f32> {
+        fn backward_input(&mut self, micro: Micro, output_gradient: Option<Vec<f32>>) -> Result<Vec<f32>, CommError> {
             assert_eq!(output_gradient.is_none(), self.last);
             let (x, y) = self.saved.remove(&micro).expect("forward first");
             // d(½‖y‖²)/dy = y.
             let dy = output_gradient.unwrap_or_else(|| y.clone());
             let (dz, dx) = layer_backward(&self.w, &y, &dy);
             self.due.insert(micro, (x, dz));
-            dx
+            Ok(dx)
         }
         fn backward_weight(&mut self, micro: Micro) {
             let (x, dz) = self.due.remove(&micro).expect("input gradient first");
             add_weight_gradient(&mut self.gradient, &x, &dz);
         }
-        fn params(&self) -> Vec<f32> {
-            self.w.clone()
+        // The toy has no experts: all its weights are replicated.
+        fn params(&self, sharing: Sharing) -> Vec<f32> {
+            if sharing == Sharing::Replicated {
+                self.w.clone()
+            } else {
+                Vec::new()
+            }
         }
-        fn set_params(&mut self, params: &[f32]) {
-            self.w = params.to_vec();
+        fn set_params(&mut self, sharing: Sharing, params: &[f32]) {
+            if sharing == Sharing::Replicated {
+                self.w = params.to_vec();
+            }
         }
-        fn take_gradient(&mut self) -> Vec<f32> {
-            std::mem::replace(&mut self.gradient, vec![0.0; WIDTH * WIDTH])
+        fn take_gradient(&mut self, sharing: Sharing) -> Vec<f32> {
+            if sharing == Sharing::Replicated {
+                std::mem::replace(&mut self.gradient, vec![0.0; WIDTH * WIDTH])
+            } else {
+                Vec::new()
+            }
         }
-        fn take_loss(&mut self) -> f64 {
-            std::mem::take(&mut self.loss)
+        fn take_report(&mut self) -> StageReport {
+            StageReport { loss: std::mem::take(&mut self.loss), ..StageReport::default() }
         }
     }
 
@@ -338,16 +415,18 @@ mod tests {
                             })
                             .collect();
                         let mut held = HeldStages { stages };
-                        let sgd = |params: &mut [f32], gradient: &[f32]| {
+                        let sgd = |_: Sharing, params: &mut [f32], gradient: &[f32]| {
                             params.iter_mut().zip(gradient).for_each(|(p, g)| *p -= LR * g);
                         };
+                        let replicas = Replicas { count: replicas, expert_ranks: 1 };
                         run_step(schedule, comm, place, replicas, &mut held, sgd).expect("no rank times out");
                         let ranks = schedule.ranks;
                         held.stages
                             .iter_mut()
                             .map(|(direction, stage)| {
                                 let stage_index = direction.rank_of(place.pipeline_rank, ranks);
-                                (stage.take_loss(), (place.pipeline_rank, place.replica, stage_index, stage.params()))
+                                let weights = stage.params(Sharing::Replicated);
+                                (stage.take_report().loss, (place.pipeline_rank, place.replica, stage_index, weights))
                             })
                             .collect::<Vec<_>>()
                     })
@@ -393,7 +472,8 @@ mod tests {
         };
         let mut held = HeldStages { stages: vec![(Direction::Down, Box::new(layer))] };
         let place = Place { pipeline_rank: 1, replica: 0 };
-        let error = run_step(&schedule, &comm, place, 1, &mut held, |_, _| {}).expect_err("times out");
+        let alone = Replicas { count: 1, expert_ranks: 1 };
+        let error = run_step(&schedule, &comm, place, alone, &mut held, |_, _, _| {}).expect_err("times out");
         assert!(error.0.starts_with("rank 1 waited for activation ↓0 from rank 0 for 100ms"), "{error}");
     }
 }

@@ -8,8 +8,10 @@
 
 use super::backend::{Backend, Cpu};
 use super::ema::Ema;
+use super::graph_stage::MicroBatch;
 use super::init::init_params;
 use super::metrics::{expert_load, resident_memory, StepMetrics};
+use super::parallel::ThreadRanks;
 use super::schedule::{batch_sequences, lr_at, scheduled, Progress};
 use crate::checkpoint::{Checkpoint, SpecRecord, StateMeta};
 use crate::cpu::{Real, Tensor, Value};
@@ -33,7 +35,9 @@ pub struct Trainer<T: Real> {
     flops_per_token: f64,
     /// The parameters' EMA, when the spec keeps one.
     ema: Option<Ema<T>>,
-    /// What runs the graph's functions.
+    /// The thread-ranks that run the steps, when the parallel plan spreads them.
+    ranks: Option<ThreadRanks>,
+    /// What runs the graph's functions on one rank.
     backend: Box<dyn Backend<T>>,
 }
 
@@ -66,6 +70,7 @@ impl<T: Real> Trainer<T> {
             data,
             flops_per_token: flops_per_token(spec),
             ema,
+            ranks: None,
             backend: Box::new(Cpu(graph.module().clone())),
             graph,
         })
@@ -115,6 +120,7 @@ impl<T: Real> Trainer<T> {
             data,
             flops_per_token: flops_per_token(spec),
             ema,
+            ranks: None,
             backend: Box::new(Cpu(graph.module().clone())),
             graph,
         })
@@ -138,11 +144,6 @@ impl<T: Real> Trainer<T> {
         }
     }
 
-    /// Runs the graph's functions on `backend` from now on (it must run this trainer's graph).
-    pub fn set_backend(&mut self, backend: Box<dyn Backend<T>>) {
-        self.backend = backend;
-    }
-
     pub fn graph(&self) -> &TrainingGraph {
         &self.graph
     }
@@ -156,8 +157,25 @@ impl<T: Real> Trainer<T> {
         self.progress
     }
 
-    /// Runs one optimizer step and reports it; an error is the backend's failure.
-    pub fn step(&mut self) -> Result<StepMetrics, String> {
+    /// Runs the steps on thread-ranks following the spec's parallel plan (pipeline stages,
+    /// expert and data parallelism) rather than micro-batch after micro-batch on this thread;
+    /// describes the ranks.
+    pub fn on_thread_ranks(&mut self, numerics: Numerics) -> Result<String, Unsupported> {
+        let ranks = ThreadRanks::new(&self.spec, numerics, &self.graph.forward.params)?;
+        let description = ranks.to_string();
+        self.ranks = Some(ranks);
+        Ok(description)
+    }
+
+    /// Runs the graph's functions on `backend` from now on (it must run this trainer's graph;
+    /// thread-ranks, when set, run on the CPU).
+    pub fn set_backend(&mut self, backend: Box<dyn Backend<T>>) {
+        self.backend = backend;
+    }
+
+    /// Runs one optimizer step and reports it. On thread-ranks a step fails when a rank does
+    /// (or the step's micro-batches do not fit the schedule).
+    pub fn step(&mut self) -> Result<StepMetrics, StepError> {
         let started = Instant::now();
         let spec = &self.spec;
         let train = &spec.train;
@@ -166,49 +184,27 @@ impl<T: Real> Trainer<T> {
         let micro_batches = (sequences / train.micro_batch) as usize;
         let mtp_weight = spec.model.mtp.as_ref().map_or(0.0, |m| scheduled(&m.loss_weight, self.progress));
         let depth = spec.model.mtp.as_ref().map_or(0, |m| m.depth as usize);
-        let n_params = self.params.len();
-        let mut grads: Vec<Option<Vec<T>>> = vec![None; n_params];
-        let mut losses = [0.0f64; LOSS_OUTPUTS];
-        let mut loads: Vec<Vec<f64>> = Vec::new();
         let per_rank = micro_batches.div_ceil(data_ranks(spec));
-        for micro_batch in 0..micro_batches {
-            let rank = micro_batch / per_rank;
-            let batch = self.data.batch(rank, train.micro_batch as usize, train.seq_len as usize + depth);
-            let tokens =
-                Tensor::new(vec![batch.sequences, batch.seq_len + 1], batch.tokens.iter().map(|&t| t as i32).collect());
-            let loss_mask = batch.loss_mask.iter().map(|&m| if m { T::ONE } else { T::ZERO }).collect();
-            let mut args = self.params.clone();
-            args.push(Value::int(tokens));
-            args.push(Value::real(Tensor::new(vec![batch.sequences, batch.seq_len + 1], loss_mask)));
-            args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
-            let out = self.backend.run(self.graph.grad, args)?;
-            for (total, value) in losses.iter_mut().zip(&out) {
-                *total += value.scalar().to_f64() / micro_batches as f64;
-            }
-            let n_loads = self.graph.forward.moe_biases.len();
-            let layer_loads = &out[LOSS_OUTPUTS..LOSS_OUTPUTS + n_loads];
-            loads.resize(n_loads, Vec::new());
-            for (sum, load) in loads.iter_mut().zip(layer_loads) {
-                let load = &load.as_real().data;
-                sum.resize(load.len(), 0.0);
-                for (s, l) in sum.iter_mut().zip(load) {
-                    *s += l.to_f64();
-                }
-            }
-            let param_grads = &out[LOSS_OUTPUTS + n_loads..LOSS_OUTPUTS + n_loads + n_params];
-            for (acc, g) in grads.iter_mut().zip(param_grads) {
-                let g = &g.as_real().data;
-                match acc {
-                    Some(acc) => acc.iter_mut().zip(g).for_each(|(a, x)| *a += *x),
-                    None => *acc = Some(g.clone()),
-                }
-            }
-        }
+        let batches: Vec<MicroBatch> = (0..micro_batches)
+            .map(|micro_batch| {
+                let rank = micro_batch / per_rank;
+                let batch = self.data.batch(rank, train.micro_batch as usize, train.seq_len as usize + depth);
+                let shape = vec![batch.sequences, batch.seq_len + 1];
+                let tokens = batch.tokens.iter().map(|&t| t as i32).collect();
+                let loss_mask = batch.loss_mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+                (Tensor::new(shape.clone(), tokens), Tensor::new(shape, loss_mask))
+            })
+            .collect();
+        let sums = match &self.ranks {
+            Some(ranks) => ranks.step(&self.params, batches, mtp_weight as f32)?,
+            None => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
+        };
+        let StepSums { losses, loads, grads } = sums;
+        let losses = losses.map(|loss| loss / micro_batches as f64);
         let lr = lr_at(train, self.progress);
         let bias_speed = self.bias_speed();
         let step_tokens = sequences * train.seq_len;
-        let finite =
-            losses.iter().all(|l| l.is_finite()) && grads.iter().flatten().all(|g| g.iter().all(|x| x.is_finite()));
+        let finite = losses.iter().all(|l| l.is_finite()) && grads.iter().flatten().all(|g| g.is_finite());
         let counts: Vec<Vec<u64>> = loads.iter().map(|l| l.iter().map(|&x| x.round() as u64).collect()).collect();
         let load = expert_load(&counts);
         let grad_norm = if finite {
@@ -219,7 +215,7 @@ impl<T: Real> Trainer<T> {
             self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
             norm
         } else {
-            let sum: f64 = grads.iter().flatten().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
+            let sum: f64 = grads.iter().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
             sum.sqrt() / micro_batches as f64
         };
         let elapsed = started.elapsed().as_secs_f64();
@@ -256,12 +252,12 @@ impl<T: Real> Trainer<T> {
     /// returns the gradient norm before clipping.
     fn apply_optimizer(
         &mut self,
-        grads: Vec<Option<Vec<T>>>,
+        grads: Vec<Vec<T>>,
         loads: &[Vec<f64>],
         micro_batches: usize,
         lr: f64,
         bias_speed: f64,
-    ) -> Result<f64, String> {
+    ) -> Result<f64, StepError> {
         let info = &self.graph.forward.params;
         let scale = T::from_f64(1.0 / micro_batches as f64);
         let t = (self.progress.step + 1) as i32;
@@ -272,7 +268,7 @@ impl<T: Real> Trainer<T> {
             if !p.learned {
                 continue;
             }
-            let g: Vec<T> = g.expect("a gradient per parameter").into_iter().map(|x| x * scale).collect();
+            let g: Vec<T> = g.into_iter().map(|x| x * scale).collect();
             let (m, v) = &self.moments[learned.len()];
             args.extend([self.params[i].clone(), Value::real(Tensor::new(p.shape.clone(), g)), m.clone(), v.clone()]);
             learned.push(i);
@@ -284,7 +280,7 @@ impl<T: Real> Trainer<T> {
         for x in [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed] {
             args.push(Value::real(Tensor::scalar(T::from_f64(x))));
         }
-        let mut out = self.backend.run(self.graph.optimizer, args)?.into_iter();
+        let mut out = self.backend.run(self.graph.optimizer, args).map_err(StepError)?.into_iter();
         for (slot, &i) in learned.iter().enumerate() {
             self.params[i] = out.next().expect("param'");
             let m = out.next().expect("m'");
@@ -297,6 +293,74 @@ impl<T: Real> Trainer<T> {
         Ok(out.next().expect("grad_norm").scalar().to_f64())
     }
 }
+
+/// One rank's sums over the step's micro-batches: the gradient function of `graph` on each
+/// in turn, on `backend`.
+fn one_rank_sums<T: Real>(
+    graph: &TrainingGraph,
+    params: &[Value<T>],
+    backend: &mut dyn Backend<T>,
+    batches: Vec<MicroBatch>,
+    mtp_weight: f64,
+) -> Result<StepSums<T>, StepError> {
+    let info = &graph.forward.params;
+    let mut sums = StepSums {
+        losses: [0.0; LOSS_OUTPUTS],
+        loads: Vec::new(),
+        grads: info.iter().map(|p| vec![T::ZERO; p.numel()]).collect(),
+    };
+    for (tokens, loss_mask) in batches {
+        let mut args = params.to_vec();
+        args.push(Value::int(tokens));
+        let mask = loss_mask.data.iter().map(|&m| T::from_f64(f64::from(m))).collect();
+        args.push(Value::real(Tensor::new(loss_mask.shape, mask)));
+        args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
+        let out = backend.run(graph.grad, args).map_err(StepError)?;
+        for (total, value) in sums.losses.iter_mut().zip(&out) {
+            *total += value.scalar().to_f64();
+        }
+        let n_loads = graph.forward.moe_biases.len();
+        let layer_loads = &out[LOSS_OUTPUTS..LOSS_OUTPUTS + n_loads];
+        add_loads(&mut sums.loads, layer_loads.iter().map(|l| l.as_real().data.iter().map(|x| x.to_f64()).collect()));
+        let param_grads = &out[LOSS_OUTPUTS + n_loads..LOSS_OUTPUTS + n_loads + info.len()];
+        for (acc, g) in sums.grads.iter_mut().zip(param_grads) {
+            acc.iter_mut().zip(&g.as_real().data).for_each(|(a, x)| *a += *x);
+        }
+    }
+    Ok(sums)
+}
+
+/// What the micro-batches of a step add up to.
+pub struct StepSums<T> {
+    /// The loss, main loss, MTP loss and balance loss.
+    pub losses: [f64; LOSS_OUTPUTS],
+    /// Per MoE block (main layers, then MTP's), tokens per expert.
+    pub loads: Vec<Vec<f64>>,
+    /// Per parameter, its gradient.
+    pub grads: Vec<Vec<T>>,
+}
+
+/// Adds `loads` (per MoE block, tokens per expert) to `sums`, block by block.
+pub fn add_loads(sums: &mut Vec<Vec<f64>>, loads: impl Iterator<Item = Vec<f64>>) {
+    for (block, load) in loads.enumerate() {
+        if block == sums.len() {
+            sums.push(vec![0.0; load.len()]);
+        }
+        sums[block].iter_mut().zip(load).for_each(|(sum, l)| *sum += l);
+    }
+}
+
+/// A step that failed on its thread-ranks.
+#[derive(Debug, PartialEq)]
+pub struct StepError(pub String);
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StepError {}
 
 /// The data-parallel ranks whose micro-batches one step runs.
 fn data_ranks(spec: &Spec) -> usize {

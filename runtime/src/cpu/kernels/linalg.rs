@@ -113,7 +113,18 @@ pub enum Rows<'a, T> {
     Quantized(&'a Quantized),
 }
 
-/// Per expert: its rows of `xs` times its matrix `w[e]` [p, q] (transposed if `tb`).
+impl<T> Rows<'_, T> {
+    /// How many rows there are.
+    pub fn count(&self) -> usize {
+        match self {
+            Rows::Real { data, cols } => data.len() / cols,
+            Rows::Quantized(q) => q.m,
+        }
+    }
+}
+
+/// Per expert: its rows of `xs` times its matrix `w[e]` [p, q] (transposed if `tb`). Rows past
+/// the last offset (a fixed-capacity buffer's spare rows) come out zero.
 pub fn grouped_matmul<T: Real>(
     xs: Rows<T>,
     w: &[T],
@@ -124,7 +135,7 @@ pub fn grouped_matmul<T: Real>(
 ) -> Vec<T> {
     let (experts, p, q) = (w_shape[0], w_shape[1], w_shape[2]);
     let n = if tb { p } else { q };
-    let rows = *offsets.last().expect("offsets") as usize;
+    let rows = xs.count();
     let mut out = vec![T::ZERO; rows * n];
     for e in 0..experts {
         let range = rows_of(offsets, e);
