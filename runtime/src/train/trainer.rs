@@ -41,7 +41,7 @@ pub struct Trainer<T: Real> {
     backend: Box<dyn Backend<T>>,
 }
 
-/// The largest model the CPU trainer takes.
+/// The largest model the trainer takes (parameters, gradients and moments live on the host).
 pub const MAX_CPU_PARAMS: u64 = 2_000_000_000;
 
 /// Why a spec cannot be trained here (or a checkpoint not resumed).
