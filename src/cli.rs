@@ -139,8 +139,14 @@ pub struct TrainArgs {
     /// Override a value: `--set train.seq_len=2Ki` (dotted key path, list items by index).
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub set: Vec<String>,
-    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
-    pub backend: Backend,
+    /// Where the steps run (default: the GPU when this dsc has the `cuda` feature, `--plan`
+    /// is given and a GPU is found; the CPU otherwise).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Train this compiled plan of the spec (`dsc compile FILE -o DIR`): its fused graph, and on
+    /// the GPU its kernels. Needed for `--backend cuda`.
+    #[arg(long, value_name = "DIR")]
+    pub plan: Option<PathBuf>,
     /// Stop once this many optimizer steps are done, counting those before `--resume`
     /// (default: the spec's token budget).
     #[arg(long)]
@@ -212,6 +218,8 @@ impl Color {
 pub enum Backend {
     /// The reference backend: f32, every op on the CPU.
     Cpu,
+    /// A compiled plan (`--plan`) on the first NVIDIA GPU (needs the `cuda` feature).
+    Cuda,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,17 +1,18 @@
-//! `dsc train`: runs the CPU trainer step by step (on thread-ranks when the spec's parallel
-//! plan has several), printing a line per step (and a progress
+//! `dsc train`: runs the trainer step by step (on thread-ranks when the spec's parallel plan
+//! has several; on the GPU with a compiled plan and the `cuda` feature), printing a line per step (and a progress
 //! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
 //! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
 //! `--max-bad-steps` skipped steps in a row (a checkpoint, then exit 1).
 
-use crate::cli::{Cli, NumericsArg, SpecArgs, TrainArgs};
+use crate::cli::{Backend, Cli, NumericsArg, SpecArgs, TrainArgs};
 use anyhow::{bail, Context};
 use dsc_compiler::graph::{Numerics, TrainingGraph};
+use dsc_compiler::plan::Plan;
 use dsc_lang::Spec;
 use dsc_runtime::checkpoint::{self, Opened, SpecRecord};
 use dsc_runtime::train::metrics::{MetricsWriter, StepMetrics};
 use dsc_runtime::train::parallel::is_parallel;
-use dsc_runtime::train::CpuTrainer;
+use dsc_runtime::train::{Backend as TrainBackend, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -39,7 +40,23 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         (None, _) => NumericsArg::Policy,
     };
     let graph_numerics = if numerics == NumericsArg::Exact { Numerics::Exact } else { Numerics::Policy };
-    let graph = TrainingGraph::build(&spec, graph_numerics);
+    let plan = args.plan.as_deref().map(|dir| read_plan(dir, &spec)).transpose()?;
+    if plan.is_some() && numerics == NumericsArg::Exact {
+        bail!("a compiled plan follows the spec's precision policy: leave out `--numerics exact` or `--plan`");
+    }
+    let graph = match &plan {
+        Some(plan) => plan.training_graph(),
+        None => TrainingGraph::build(&spec, graph_numerics),
+    };
+    let (on, backend) = if is_parallel(&spec) {
+        if args.backend == Some(Backend::Cuda) {
+            bail!("the spec's parallel plan runs on thread-ranks on the CPU; the GPU backend runs one rank");
+        }
+        (None, None)
+    } else {
+        let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()))?;
+        (Some(on), backend)
+    };
     let trainer = match &opened {
         Some(o) => {
             if args.seed.is_some_and(|s| s != o.meta.seed) {
@@ -47,11 +64,11 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             }
             let state = o.checkpoint(&graph.forward.params).map_err(anyhow::Error::msg)?;
             eprintln!("resuming from `{}` at step {} ({} tokens)", o.dir.display(), o.meta.step, o.meta.tokens);
-            CpuTrainer::<f32>::resume(&spec, graph, &state)
+            Trainer::<f32>::resume(&spec, graph, &state)
         }
-        None => CpuTrainer::<f32>::with_graph(&spec, graph, args.seed.unwrap_or(spec.train.seed)),
+        None => Trainer::<f32>::with_graph(&spec, graph, args.seed.unwrap_or(spec.train.seed)),
     };
-    let parallel = |mut trainer: CpuTrainer<f32>| {
+    let parallel = |mut trainer: Trainer<f32>| {
         let ranks = trainer.on_thread_ranks(graph_numerics)?;
         eprintln!("training on {ranks}");
         Ok(trainer)
@@ -64,6 +81,12 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    if let Some(backend) = backend {
+        trainer.set_backend(backend);
+    }
+    if let Some(on) = on {
+        eprintln!("training `{}` on {on}", spec.model.name);
+    }
     let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir)));
     if let Some(dir) = &checkpoints {
         check_run_dir(dir, opened.as_ref())?;
@@ -94,7 +117,6 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let budget = spec.train.tokens;
     let bar = progress_bar(args.steps, trainer.progress().step);
     let mut bad_in_a_row = 0u64;
-    tracing::info!(model = %spec.model.name, "training on the CPU");
     loop {
         let progress = trainer.progress();
         if args.steps.is_some_and(|n| progress.step >= n) || progress.tokens >= budget {
@@ -168,6 +190,54 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("saved `{}`", dir.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The compiled plan in `dir`, which must be of `spec`.
+fn read_plan(dir: &Path, spec: &Spec) -> anyhow::Result<Plan> {
+    let plan = Plan::read(dir)?;
+    if plan.spec != *spec {
+        bail!(
+            "`{}` was compiled from another spec (or other `--set` values): recompile it with `dsc compile FILE -o {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(plan)
+}
+
+/// A backend for the trainer: where the steps run, in words, and the backend to set (`None`:
+/// the trainer's CPU reference).
+type Chosen = (String, Option<Box<dyn TrainBackend<f32>>>);
+
+/// `--backend cuda` needs a plan and a GPU; by default the GPU is taken when a plan is given,
+/// this dsc has the `cuda` feature and a GPU is found.
+fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>) -> anyhow::Result<Chosen> {
+    let cpu = || Ok(("the CPU".to_string(), None));
+    match (choice, plan) {
+        (Some(Backend::Cpu), _) => cpu(),
+        (Some(Backend::Cuda), None) => {
+            bail!("`--backend cuda` runs a compiled plan: give `--plan DIR` (from `dsc compile FILE -o DIR`)")
+        }
+        (Some(Backend::Cuda), Some((plan, dir))) => cuda(plan, dir),
+        (None, Some((plan, dir))) if cfg!(feature = "cuda") => cuda(plan, dir).or_else(|e| {
+            eprintln!("note: training on the CPU: {e:#}");
+            cpu()
+        }),
+        (None, _) => cpu(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(plan: Plan, dir: &Path) -> anyhow::Result<Chosen> {
+    use dsc_runtime::cuda::{exec::Executor, Gpu};
+    let gpu = Gpu::open()?;
+    let on = format!("{} (CUDA, plan `{}`)", gpu.name()?, dir.display());
+    Ok((on, Some(Box::new(Executor::new(plan, dir, gpu, false)?))))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: Plan, _: &Path) -> anyhow::Result<Chosen> {
+    bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 
 /// The spec of the run and its record for checkpoints: the file given (checked against the
@@ -259,7 +329,7 @@ struct Saver {
 
 impl Saver {
     /// Writes a checkpoint of the trainer's state, unless one of this step exists already.
-    fn save(&mut self, trainer: &CpuTrainer<f32>) -> anyhow::Result<Option<PathBuf>> {
+    fn save(&mut self, trainer: &Trainer<f32>) -> anyhow::Result<Option<PathBuf>> {
         let Some(dir) = &self.dir else { return Ok(None) };
         let step = trainer.progress().step;
         if let Some((written, _)) = self.last.as_ref().filter(|(_, at)| *at == step) {

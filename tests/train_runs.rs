@@ -394,3 +394,27 @@ fn runs_killed_at_any_moment_resume_from_their_last_good_checkpoint() {
     assert!(text(&o.stderr).contains("resuming from"), "{}", text(&o.stderr));
     assert!(run.join(format!("step-{:08}/manifest.json", newest + 1)).is_file());
 }
+
+/// `--plan DIR` trains a compiled plan's fused graph (on the CPU here: no GPU), with the same
+/// losses as the spec's own graph (a fused plan trains bitwise like it); a plan of another
+/// spec, `--numerics exact` with a plan, and `--backend cuda` without one are refused with
+/// what to do instead.
+#[test]
+fn a_compiled_plan_trains_and_mismatches_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan");
+    let mut compile = vec!["compile", "models/deepseek-v3-tiny.dsc", "-o", path(&plan)];
+    compile.extend(SMALL);
+    ok(dsc(&compile));
+    let (graph, planned) = (dir.path().join("graph.jsonl"), dir.path().join("plan.jsonl"));
+    ok(train(&["--steps", "3", "--metrics", path(&graph)]));
+    let o = ok(train(&["--steps", "3", "--plan", path(&plan), "--backend", "cpu", "--metrics", path(&planned)]));
+    assert!(text(&o.stderr).contains("on the CPU"), "{}", text(&o.stderr));
+    assert_eq!(losses(&graph), losses(&planned), "the plan trains like the spec's graph");
+    let refused = |o: Output, what: &str| {
+        assert!(!o.status.success() && text(&o.stderr).contains(what), "expected `{what}`:\n{}", text(&o.stderr));
+    };
+    refused(dsc(&["train", "models/deepseek-v3-tiny.dsc", "--plan", path(&plan)]), "compiled from another spec");
+    refused(train(&["--plan", path(&plan), "--numerics", "exact"]), "leave out `--numerics exact`");
+    refused(train(&["--backend", "cuda"]), "give `--plan DIR`");
+}

@@ -438,7 +438,7 @@ fn the_redundant_ops_are_gone_after_fusion() {
 #[test]
 fn a_compiled_plan_trains_like_the_unfused_graph() {
     use dsc_compiler::graph::{Numerics, TrainingGraph};
-    use dsc_runtime::train::CpuTrainer;
+    use dsc_runtime::train::Trainer;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
     let spec = dsc_lang::load(&path, &[]).checked_spec().expect("tiny").clone();
     let plan = dsc_compiler::plan::compile(&spec, Limits::default());
@@ -471,9 +471,9 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
     {
         assert!(explicit_ops.contains(&op), "no {op} in the graph fused for a memory-bound device");
     }
-    let mut unfused = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
-    let mut fused = CpuTrainer::<f32>::with_graph(&spec, plan.training_graph(), 0).expect("trainable");
-    let mut explicit = CpuTrainer::<f32>::with_graph(&spec, explicit_fp8, 0).expect("trainable");
+    let mut unfused = Trainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
+    let mut fused = Trainer::<f32>::with_graph(&spec, plan.training_graph(), 0).expect("trainable");
+    let mut explicit = Trainer::<f32>::with_graph(&spec, explicit_fp8, 0).expect("trainable");
     for step in 1..=20 {
         let reference = unfused.step().expect("one rank").loss;
         assert_eq!(fused.step().expect("one rank").loss, reference, "step {step}: the plan");

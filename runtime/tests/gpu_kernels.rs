@@ -1,19 +1,24 @@
-//! On the GPU (skipped with the reason when there is none): every generated kernel of the tiny
+//! On the GPU (skipped with the reason when there is none). First, every generated kernel of the tiny
 //! plan's gradient functions, launched through the CUDA backend on buffers placed by the
 //! memory planner, and every library GEMM the backend runs (those outside FP8, on cuBLAS),
 //! matches the CPU backend on the very values the CPU computed in one training micro-batch
-//! (real token ids, routing and MoE orders included). The plan comes
+//! (real token ids, routing and MoE orders included). Then the forward and gradient
+//! functions run whole on the GPU against the CPU reference (an f32 plan too, see its test).
+//! The plan comes
 //! from `DSC_TEST_PLAN` (default `target/plan-tiny`: `dsc compile
 //! models/deepseek-v3-tiny.dsc -o target/plan-tiny`).
 #![cfg(feature = "cuda")]
 
 use dsc_compiler::fuse::kernels::Code;
 use dsc_compiler::graph::ir::{DType, Op};
+use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::plan::Plan;
-use dsc_runtime::cpu::{run_observed, Tensor, Value};
+use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
+use dsc_runtime::cuda::exec::Executor;
 use dsc_runtime::cuda::{gemm, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
 use dsc_runtime::train::init::init_params;
+use dsc_runtime::train::Trainer;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -45,34 +50,54 @@ fn relative_error(got: &[f64], want: &[f64]) -> f64 {
     (diff / norm.max(1e-60)).sqrt()
 }
 
-#[test]
-fn generated_kernels_match_the_cpu_on_the_gpu() {
+/// The GPU, the plan's directory (from `variable`, else `target/DEFAULT`) and the plan;
+/// `None` (the reason printed) without either.
+fn setup(variable: &str, default: &str) -> Option<(Gpu, PathBuf, Plan)> {
     let gpu = match Gpu::open() {
         Ok(gpu) => gpu,
-        Err(e) => return eprintln!("skipped: {e}"),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return None;
+        }
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("DSC_TEST_PLAN").map_or(root.join("target/plan-tiny"), PathBuf::from);
-    let plan = match Plan::read(&dir) {
-        Ok(plan) if dir.join("kernels").is_dir() => plan,
-        _ => return eprintln!("skipped: no compiled plan with PTX at {} (see this file's doc)", dir.display()),
-    };
-    eprintln!("GPU: {}", gpu.name().expect("name"));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let dir = std::env::var_os(variable).map_or(root.join(default), PathBuf::from);
+    match Plan::read(&dir) {
+        Ok(plan) if dir.join("kernels").is_dir() => {
+            eprintln!("GPU: {}", gpu.name().expect("name"));
+            Some((gpu, dir, plan))
+        }
+        _ => {
+            eprintln!("skipped: no compiled plan with PTX at {} (see this file's doc)", dir.display());
+            None
+        }
+    }
+}
 
-    // One micro-batch on the CPU, every value of every function's first call recorded.
-    let graph = plan.training_graph();
+/// The gradient function's arguments for one micro-batch: parameters initialised from
+/// `seed`, random tokens, every position counted, MTP weight 0.3.
+fn micro_batch(plan: &Plan, seed: u64) -> Vec<Value<f32>> {
     let train = &plan.spec.train;
     let mut args: Vec<Value<f32>> =
-        init_params(&graph.forward.params, plan.spec.model.init_std, 7).into_iter().map(Value::real).collect();
+        init_params(&plan.params, plan.spec.model.init_std, seed).into_iter().map(Value::real).collect();
     let (sequences, width) = (train.micro_batch as usize, train.seq_len as usize + 2);
-    let mut rng = Rng::new(11);
-    let vocab = plan.spec.model.vocab as u64;
+    let mut rng = Rng::new(seed + 4);
+    let vocab = plan.spec.model.vocab;
     args.push(Value::int(Tensor::new(
         vec![sequences, width],
         (0..sequences * width).map(|_| (rng.next_u64() % vocab) as i32).collect(),
     )));
     args.push(Value::real(Tensor::new(vec![sequences, width], vec![1.0; sequences * width])));
     args.push(Value::real(Tensor::scalar(0.3)));
+    args
+}
+
+#[test]
+fn generated_kernels_match_the_cpu_on_the_gpu() {
+    let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN", "plan-tiny") else { return };
+    // One micro-batch on the CPU, every value of every function's first call recorded.
+    let graph = plan.training_graph();
+    let args = micro_batch(&plan, 7);
     let mut seen: HashMap<(usize, usize), Value<f32>> = HashMap::new();
     run_observed(graph.module(), graph.grad, args, &mut |f, node, value| {
         seen.entry((f, node)).or_insert_with(|| value.clone());
@@ -170,4 +195,156 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
     eprintln!("{checked} kernel outputs checked ({gemms} cuBLAS GEMMs; {left} FP8/grouped GEMMs not on the GPU yet)");
     assert!(checked > 100 && gemms > 10, "only {checked} outputs, {gemms} GEMMs checked");
     assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// One seed's run of the forward and gradient functions, whole, on the GPU and the CPU.
+struct Run {
+    seed: u64,
+    /// Whether every expert load agrees: at initialisation a token's routing scores lie close
+    /// together (sigmoids of small logits), so one token's expert choice can differ between
+    /// the GPU's and the CPU's f32 arithmetic, which moves every gradient by about 1/√tokens.
+    routed_equally: bool,
+    /// Per function: its name, and each output's relative error against the CPU.
+    errors: Vec<(String, Vec<f64>)>,
+}
+
+/// Runs the forward and gradient functions of `plan` whole on the GPU (`cuda::exec`: calls,
+/// arenas, generated kernels, cuBLAS, the FP8 and grouped GEMMs on the host) and on the CPU
+/// reference (the same fused module), for each seed's micro-batch.
+fn whole_functions(gpu: Gpu, dir: &std::path::Path, plan: &Plan, seeds: std::ops::RangeInclusive<u64>) -> Vec<Run> {
+    let mut exec = Executor::new(plan.clone(), dir, gpu, true).expect("the plan loads");
+    for a in exec.arenas() {
+        eprintln!("arena {:<12} {:>9} bytes of {:>9}", a.function, a.peak_bytes, a.total_bytes);
+    }
+    let model = plan.module.function("model").expect("the forward function");
+    let loads = LOSS_OUTPUTS..LOSS_OUTPUTS + plan.moe_biases.len();
+    let reals = |v: &Value<f32>| -> Vec<f64> {
+        match v {
+            Value::Real(t) => t.data.iter().map(|&x| f64::from(x)).collect(),
+            other => panic!("an output is {other:?}"),
+        }
+    };
+    seeds
+        .map(|seed| {
+            let args = micro_batch(plan, seed);
+            let (mut routed_equally, mut errors) = (true, Vec::new());
+            for f in [model, plan.grad] {
+                let name = &plan.module.functions[f].name;
+                let started = std::time::Instant::now();
+                let want = run(&plan.module, f, args.clone());
+                let cpu = started.elapsed().as_secs_f64();
+                let before = exec.counts();
+                let started = std::time::Instant::now();
+                let got = exec.run(f, &args).unwrap_or_else(|e| panic!("{name} on the GPU: {e}"));
+                let gpu = started.elapsed().as_secs_f64();
+                let counts = exec.counts();
+                assert_eq!(got.len(), want.len(), "{name}: outputs");
+                routed_equally &= loads.clone().all(|i| got[i] == want[i]);
+                let error: Vec<f64> = got.iter().zip(&want).map(|(g, w)| relative_error(&reals(g), &reals(w))).collect();
+                let worst = error.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("outputs");
+                eprintln!(
+                    "seed {seed} {name}: {} generated, {} cuBLAS, {} on the host; CPU {:.0} ms, GPU (synchronised per kernel) {:.0} ms; loss GPU {:.7} CPU {:.7}; worst output {} {:.2e}",
+                    counts.generated - before.generated,
+                    counts.library - before.library,
+                    counts.host - before.host,
+                    cpu * 1e3,
+                    gpu * 1e3,
+                    reals(&got[0])[0],
+                    reals(&want[0])[0],
+                    worst.0,
+                    worst.1
+                );
+                errors.push((name.clone(), error));
+            }
+            if !routed_equally {
+                eprintln!("seed {seed}: a token routed differently");
+            }
+            Run { seed, routed_equally, errors }
+        })
+        .collect()
+}
+
+/// The tiny plan compiled with every GEMM, saved activation, dispatch and combine in f32
+/// (`DSC_TEST_PLAN_F32`, default `target/plan-tiny-f32`: `dsc compile
+/// models/deepseek-v3-tiny.dsc -o target/plan-tiny-f32 --set precision.gemm=f32 --set
+/// precision.saved_activations=f32 --set precision.dispatch=f32 --set precision.combine=f32
+/// --set precision.adam_moments=f32`), run whole on the GPU: where the routing agrees, every
+/// output (losses, expert loads, gradients) matches the CPU within DESIGN.md's f32 bound, 1e-5,
+/// and at least two of four seeds route equally. (On the CPU, perturbing this plan's
+/// parameters by 1e-7 moves its outputs by about 1e-6: the comparison is well-conditioned.)
+#[test]
+fn whole_f32_functions_match_the_cpu_on_the_gpu() {
+    let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_F32", "plan-tiny-f32") else { return };
+    let runs = whole_functions(gpu, &dir, &plan, 1..=4);
+    let mut failures = Vec::new();
+    for run in runs.iter().filter(|r| r.routed_equally) {
+        for (name, errors) in &run.errors {
+            for (i, e) in errors.iter().enumerate().filter(|(_, e)| **e > 1e-5) {
+                failures.push(format!("seed {}: {name} output {i}: error {e:.2e} > 1e-5", run.seed));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
+    let compared = runs.iter().filter(|r| r.routed_equally).count();
+    assert!(compared >= 2, "only {compared} of {} seeds routed equally on the GPU and the CPU", runs.len());
+}
+
+/// The FP8 tiny plan run whole on the GPU: every output is finite, and where the routing
+/// agrees (at least one of three seeds) the losses match the CPU reference's within 1e-5.
+/// Its gradients are reported, not bounded: at initialisation this FP8 plan is chaotic at the
+/// scale of f32 rounding (on the CPU alone, perturbing the parameters by 1e-7 moves its
+/// gradients by up to 13%, since FP8 rounding turns tiny input differences into whole E4M3
+/// steps), so no GPU can meet 1e-3 on them; the f32 plan above checks the executor's
+/// gradients and `generated_kernels_match_the_cpu_on_the_gpu` the FP8 kernels one by one.
+#[test]
+fn whole_fp8_functions_match_the_cpu_loss_on_the_gpu() {
+    let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN", "plan-tiny") else { return };
+    let runs = whole_functions(gpu, &dir, &plan, 1..=3);
+    let mut failures = Vec::new();
+    for run in &runs {
+        for (name, errors) in &run.errors {
+            for (i, e) in errors.iter().enumerate() {
+                if !e.is_finite() || (run.routed_equally && i < LOSS_OUTPUTS && *e > 1e-5) {
+                    failures.push(format!("seed {}: {name} output {i}: error {e:.2e}", run.seed));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
+    assert!(runs.iter().any(|r| r.routed_equally), "no seed routed equally on the GPU and the CPU");
+}
+
+/// Two training steps of the f32 tiny plan (two micro-batches each, then AdamW) with the
+/// trainer on the GPU and on the CPU from the same seed: losses, gradient norms and every
+/// updated parameter agree within 1e-5 (the step's first micro-batch routes equally at this
+/// seed on the H100; a routing difference would show as a loss difference here too).
+#[test]
+fn training_steps_on_the_gpu_match_the_cpu() {
+    let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_F32", "plan-tiny-f32") else { return };
+    let trainer = || Trainer::<f32>::with_graph(&plan.spec, plan.training_graph(), 3).expect("trainable");
+    let (mut on_gpu, mut on_cpu) = (trainer(), trainer());
+    on_gpu.set_backend(Box::new(Executor::new(plan.clone(), &dir, gpu, false).expect("the plan loads")));
+    for step in 1..=2 {
+        let started = std::time::Instant::now();
+        let g = on_gpu.step().expect("a GPU step");
+        let gpu_s = started.elapsed().as_secs_f64();
+        let c = on_cpu.step().expect("a CPU step");
+        eprintln!(
+            "step {step}: loss GPU {:.7} CPU {:.7}, grad norm GPU {:.7} CPU {:.7}; GPU step {:.0} ms",
+            g.loss,
+            c.loss,
+            g.grad_norm,
+            c.grad_norm,
+            gpu_s * 1e3
+        );
+        assert!(!g.skipped && !c.skipped, "step {step} skipped");
+        for (what, a, b) in [("loss", g.loss, c.loss), ("grad norm", g.grad_norm, c.grad_norm)] {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "step {step}: {what} GPU {a} CPU {b}");
+        }
+        let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
+        for (i, (a, b)) in on_gpu.params().iter().zip(on_cpu.params()).enumerate() {
+            let error = relative_error(&reals(a), &reals(b));
+            assert!(error <= 1e-5, "step {step}: parameter {} differs by {error:.2e}", plan.params[i].name);
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! on the same seed (the figures are printed: `cargo test --test training -- --nocapture`).
 
 use dsc_compiler::graph::Numerics;
-use dsc_runtime::train::CpuTrainer;
+use dsc_runtime::train::Trainer;
 
 fn tiny() -> dsc_lang::Spec {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
@@ -11,7 +11,7 @@ fn tiny() -> dsc_lang::Spec {
 }
 
 fn losses(numerics: Numerics, seed: u64, steps: usize) -> Vec<f64> {
-    let mut trainer = CpuTrainer::<f32>::new(&tiny(), numerics, seed).expect("trainable");
+    let mut trainer = Trainer::<f32>::new(&tiny(), numerics, seed).expect("trainable");
     (0..steps).map(|_| trainer.step().expect("one rank").loss).collect()
 }
 
@@ -57,7 +57,7 @@ fn two_hundred_steps_learn_and_fp8_tracks_f32() {
 fn a_missing_data_folder_is_refused_with_a_clear_message() {
     let mut spec = tiny();
     spec.train.data.sources = vec![dsc_lang::Source::Files { path: "data/x".into(), weight: 1.0 }];
-    let err = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).err().expect("refused");
+    let err = Trainer::<f32>::new(&spec, Numerics::Policy, 0).err().expect("refused");
     assert!(err.0.contains("data/x") && err.0.contains("dsc data prepare"), "{}", err.0);
 }
 
@@ -66,7 +66,7 @@ fn a_step_with_non_finite_gradients_changes_nothing() {
     let mut spec = tiny();
     spec.train.seq_len = 16;
     spec.train.lr = vec![dsc_lang::LrPhase { shape: dsc_lang::LrShape::Constant, end: None, to: 1e30 }];
-    let mut trainer = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
+    let mut trainer = Trainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
     let first = trainer.step().expect("one rank");
     assert!(!first.skipped, "the first step has finite gradients");
     let before = (trainer.params().to_vec(), trainer.progress());
@@ -81,8 +81,8 @@ fn the_ema_follows_the_parameters_and_comes_back_from_a_checkpoint() {
     let mut spec = tiny();
     spec.train.seq_len = 16;
     spec.precision.ema = Some(dsc_lang::Ema { decay: 0.75 });
-    let mut trainer = CpuTrainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
-    let f32s = |t: &CpuTrainer<f32>| -> Vec<Vec<f32>> { t.params().iter().map(|p| p.as_real().data.clone()).collect() };
+    let mut trainer = Trainer::<f32>::new(&spec, Numerics::Policy, 0).expect("trainable");
+    let f32s = |t: &Trainer<f32>| -> Vec<Vec<f32>> { t.params().iter().map(|p| p.as_real().data.clone()).collect() };
     let mut expected = f32s(&trainer);
     for _ in 0..3 {
         trainer.step().expect("one rank");
@@ -101,7 +101,7 @@ fn the_ema_follows_the_parameters_and_comes_back_from_a_checkpoint() {
     let saved = trainer.checkpoint("policy", record);
     assert_eq!(saved.ema.as_ref(), Some(&expected));
     let graph = dsc_compiler::graph::TrainingGraph::build(&spec, Numerics::Policy);
-    let resumed = CpuTrainer::<f32>::resume(&spec, graph, &saved).expect("resume");
+    let resumed = Trainer::<f32>::resume(&spec, graph, &saved).expect("resume");
     let again = resumed.checkpoint("policy", saved.meta.spec.clone());
     assert_eq!(again.ema, saved.ema, "the EMA comes back from the checkpoint");
 }

@@ -194,7 +194,8 @@ fn quantized<T: Real>(data: &[T], m: usize, n: usize, tiling: Tiling) -> Value<T
     Value::Quantized(Arc::new(quantize(data, m, n, tiling)))
 }
 
-fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
+/// Evaluates one node on its arguments' values (also the CUDA backend's host fallback).
+pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> {
     let r = |i: usize| v[i].as_real();
     let ix = |i: usize| v[i].as_int();
     let last = |shape: &[usize]| *shape.last().expect("rank ≥ 1");

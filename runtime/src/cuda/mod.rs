@@ -6,10 +6,11 @@
 //! outputs cleared first. The unsafe FFI stays inside cudarc; the one `unsafe` here is the
 //! launch, whose argument list follows the kernel's signature in the plan.
 //!
-//! Library GEMMs outside FP8 run on cuBLAS ([`gemm`]). Not here yet (issue 5): FP8
-//! block-scaled and grouped GEMMs (cuBLASLt), running a whole plan function, CUDA graphs, the
-//! training loop on the GPU.
+//! Library GEMMs outside FP8 run on cuBLAS ([`gemm`]); [`exec`] runs whole plan functions
+//! (the FP8 and grouped GEMMs on the host for now). Not here yet (issue 5): FP8 block-scaled
+//! and grouped GEMMs on the GPU (cuBLASLt), CUDA graphs, the training loop on the GPU.
 
+pub mod exec;
 pub mod gemm;
 
 use crate::memory::Layout;
@@ -31,6 +32,8 @@ pub enum GpuError {
     Ptx(PathBuf, std::io::Error),
     /// A kernel the GPU backend does not run yet, or a library call that failed.
     Unsupported(String),
+    /// An error of a function's step (which kernel or call, in which function).
+    At(String, Box<GpuError>),
 }
 
 impl std::fmt::Display for GpuError {
@@ -40,6 +43,7 @@ impl std::fmt::Display for GpuError {
             GpuError::NoDevice => write!(f, "the CUDA driver sees no GPU"),
             GpuError::Driver(e) => write!(f, "CUDA driver: {e}"),
             GpuError::Unsupported(what) => write!(f, "not on the GPU: {what}"),
+            GpuError::At(place, e) => write!(f, "{place}: {e}"),
             GpuError::Ptx(path, e) => {
                 write!(f, "cannot read `{}`: {e} (was the plan compiled with MLIR?)", path.display())
             }

@@ -235,7 +235,7 @@ impl fmt::Display for ThreadRanks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::CpuTrainer;
+    use crate::train::Trainer;
     use dsc_lang::Batch;
     use std::path::Path;
 
@@ -262,8 +262,8 @@ mod tests {
     fn the_trainer_on_eight_thread_ranks_reports_what_one_rank_does() {
         for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe] {
             let spec = tiny_on_eight_ranks(kind);
-            let mut one = CpuTrainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
-            let mut eight = CpuTrainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
+            let mut one = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
+            let mut eight = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
             let ranks = eight.on_thread_ranks(Numerics::Exact).expect("runs on threads");
             assert!(ranks.starts_with("8 thread-ranks"), "{ranks}");
             for step in 0..2 {
@@ -296,7 +296,7 @@ mod tests {
         let mut spec = tiny_on_eight_ranks(PipelineSchedule::Dualpipe);
         // 2 micro-batches per replica; DualPipe over 2 stages needs 4.
         spec.train.batch = Batch::Constant { sequences: 16 };
-        let mut trainer = CpuTrainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
+        let mut trainer = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
         trainer.on_thread_ranks(Numerics::Exact).expect("runs on threads");
         let error = trainer.step().expect_err("DualPipe cannot run 2 micro-batches");
         assert!(error.0.contains("DualPipe needs"), "{error}");

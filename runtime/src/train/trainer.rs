@@ -1,4 +1,4 @@
-//! One process training on the CPU backend: it runs the training graph's gradient function
+//! One process training on a [`Backend`] (the CPU reference unless told otherwise): it runs the training graph's gradient function
 //! for every micro-batch of a step (the whole data-parallel batch, rank after rank, each rank
 //! reading its own shard of the data), averages the gradients, and runs the optimizer
 //! function. Schedules (LR, batch ramp, MTP weight, bias speed) come from the spec; data from
@@ -6,6 +6,7 @@
 //! moments and progress stay as they were, and the step reports `skipped`. The whole state
 //! goes into a [`Checkpoint`] and comes back from one exactly.
 
+use super::backend::{Backend, Cpu};
 use super::ema::Ema;
 use super::graph_stage::MicroBatch;
 use super::init::init_params;
@@ -13,14 +14,14 @@ use super::metrics::{expert_load, resident_memory, StepMetrics};
 use super::parallel::ThreadRanks;
 use super::schedule::{batch_sequences, lr_at, scheduled, Progress};
 use crate::checkpoint::{Checkpoint, SpecRecord, StateMeta};
-use crate::cpu::{run, Real, Tensor, Value};
+use crate::cpu::{Real, Tensor, Value};
 use crate::data::loader::{DataLoader, Position};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::graph::{Numerics, TrainingGraph};
 use dsc_lang::{Schedule, Spec};
 use std::time::Instant;
 
-pub struct CpuTrainer<T: Real> {
+pub struct Trainer<T: Real> {
     spec: Spec,
     graph: TrainingGraph,
     /// Every parameter and buffer, in the graph's order.
@@ -36,16 +37,18 @@ pub struct CpuTrainer<T: Real> {
     ema: Option<Ema<T>>,
     /// The thread-ranks that run the steps, when the parallel plan spreads them.
     ranks: Option<ThreadRanks>,
+    /// What runs the graph's functions on one rank.
+    backend: Box<dyn Backend<T>>,
 }
 
-/// The largest model the CPU trainer takes.
+/// The largest model the trainer takes (parameters, gradients and moments live on the host).
 pub const MAX_CPU_PARAMS: u64 = 2_000_000_000;
 
 /// Why a spec cannot be trained here (or a checkpoint not resumed).
 #[derive(Debug, PartialEq)]
 pub struct Unsupported(pub String);
 
-impl<T: Real> CpuTrainer<T> {
+impl<T: Real> Trainer<T> {
     pub fn new(spec: &Spec, numerics: Numerics, seed: u64) -> Result<Self, Unsupported> {
         Self::with_graph(spec, TrainingGraph::build(spec, numerics), seed)
     }
@@ -58,9 +61,8 @@ impl<T: Real> CpuTrainer<T> {
             init_params(&graph.forward.params, spec.model.init_std, seed).into_iter().map(Value::real).collect();
         let moments = zero_moments(&graph);
         let ema = start_ema(spec, &params, None);
-        Ok(CpuTrainer {
+        Ok(Trainer {
             spec: spec.clone(),
-            graph,
             params,
             moments,
             progress: Progress::default(),
@@ -69,6 +71,8 @@ impl<T: Real> CpuTrainer<T> {
             flops_per_token: flops_per_token(spec),
             ema,
             ranks: None,
+            backend: Box::new(Cpu(graph.module().clone())),
+            graph,
         })
     }
 
@@ -107,9 +111,8 @@ impl<T: Real> CpuTrainer<T> {
         };
         let progress = Progress { step: meta.step, tokens: meta.tokens };
         let ema = start_ema(spec, &params, checkpoint.ema.clone());
-        Ok(CpuTrainer {
+        Ok(Trainer {
             spec: spec.clone(),
-            graph,
             params,
             moments,
             progress,
@@ -118,6 +121,8 @@ impl<T: Real> CpuTrainer<T> {
             flops_per_token: flops_per_token(spec),
             ema,
             ranks: None,
+            backend: Box::new(Cpu(graph.module().clone())),
+            graph,
         })
     }
 
@@ -162,37 +167,10 @@ impl<T: Real> CpuTrainer<T> {
         Ok(description)
     }
 
-    /// One rank's sums over the step's micro-batches: the gradient function on each in turn.
-    fn one_rank_sums(&self, batches: Vec<MicroBatch>, mtp_weight: f64) -> StepSums<T> {
-        let module = self.graph.module();
-        let info = &self.graph.forward.params;
-        let mut sums = StepSums {
-            losses: [0.0; LOSS_OUTPUTS],
-            loads: Vec::new(),
-            grads: info.iter().map(|p| vec![T::ZERO; p.numel()]).collect(),
-        };
-        for (tokens, loss_mask) in batches {
-            let mut args = self.params.clone();
-            args.push(Value::int(tokens));
-            let mask = loss_mask.data.iter().map(|&m| T::from_f64(f64::from(m))).collect();
-            args.push(Value::real(Tensor::new(loss_mask.shape, mask)));
-            args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
-            let out = run(module, self.graph.grad, args);
-            for (total, value) in sums.losses.iter_mut().zip(&out) {
-                *total += value.scalar().to_f64();
-            }
-            let n_loads = self.graph.forward.moe_biases.len();
-            let layer_loads = &out[LOSS_OUTPUTS..LOSS_OUTPUTS + n_loads];
-            add_loads(
-                &mut sums.loads,
-                layer_loads.iter().map(|l| l.as_real().data.iter().map(|x| x.to_f64()).collect()),
-            );
-            let param_grads = &out[LOSS_OUTPUTS + n_loads..LOSS_OUTPUTS + n_loads + info.len()];
-            for (acc, g) in sums.grads.iter_mut().zip(param_grads) {
-                acc.iter_mut().zip(&g.as_real().data).for_each(|(a, x)| *a += *x);
-            }
-        }
-        sums
+    /// Runs the graph's functions on `backend` from now on (it must run this trainer's graph;
+    /// thread-ranks, when set, run on the CPU).
+    pub fn set_backend(&mut self, backend: Box<dyn Backend<T>>) {
+        self.backend = backend;
     }
 
     /// Runs one optimizer step and reports it. On thread-ranks a step fails when a rank does
@@ -219,7 +197,7 @@ impl<T: Real> CpuTrainer<T> {
             .collect();
         let sums = match &self.ranks {
             Some(ranks) => ranks.step(&self.params, batches, mtp_weight as f32)?,
-            None => self.one_rank_sums(batches, mtp_weight),
+            None => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
         };
         let StepSums { losses, loads, grads } = sums;
         let losses = losses.map(|loss| loss / micro_batches as f64);
@@ -230,7 +208,7 @@ impl<T: Real> CpuTrainer<T> {
         let counts: Vec<Vec<u64>> = loads.iter().map(|l| l.iter().map(|&x| x.round() as u64).collect()).collect();
         let load = expert_load(&counts);
         let grad_norm = if finite {
-            let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed);
+            let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed)?;
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
             }
@@ -279,7 +257,7 @@ impl<T: Real> CpuTrainer<T> {
         micro_batches: usize,
         lr: f64,
         bias_speed: f64,
-    ) -> f64 {
+    ) -> Result<f64, StepError> {
         let info = &self.graph.forward.params;
         let scale = T::from_f64(1.0 / micro_batches as f64);
         let t = (self.progress.step + 1) as i32;
@@ -302,7 +280,7 @@ impl<T: Real> CpuTrainer<T> {
         for x in [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed] {
             args.push(Value::real(Tensor::scalar(T::from_f64(x))));
         }
-        let mut out = run(self.graph.module(), self.graph.optimizer, args).into_iter();
+        let mut out = self.backend.run(self.graph.optimizer, args).map_err(StepError)?.into_iter();
         for (slot, &i) in learned.iter().enumerate() {
             self.params[i] = out.next().expect("param'");
             let m = out.next().expect("m'");
@@ -312,8 +290,44 @@ impl<T: Real> CpuTrainer<T> {
         for &b in &self.graph.forward.moe_biases {
             self.params[b] = out.next().expect("bias'");
         }
-        out.next().expect("grad_norm").scalar().to_f64()
+        Ok(out.next().expect("grad_norm").scalar().to_f64())
     }
+}
+
+/// One rank's sums over the step's micro-batches: the gradient function of `graph` on each
+/// in turn, on `backend`.
+fn one_rank_sums<T: Real>(
+    graph: &TrainingGraph,
+    params: &[Value<T>],
+    backend: &mut dyn Backend<T>,
+    batches: Vec<MicroBatch>,
+    mtp_weight: f64,
+) -> Result<StepSums<T>, StepError> {
+    let info = &graph.forward.params;
+    let mut sums = StepSums {
+        losses: [0.0; LOSS_OUTPUTS],
+        loads: Vec::new(),
+        grads: info.iter().map(|p| vec![T::ZERO; p.numel()]).collect(),
+    };
+    for (tokens, loss_mask) in batches {
+        let mut args = params.to_vec();
+        args.push(Value::int(tokens));
+        let mask = loss_mask.data.iter().map(|&m| T::from_f64(f64::from(m))).collect();
+        args.push(Value::real(Tensor::new(loss_mask.shape, mask)));
+        args.push(Value::real(Tensor::scalar(T::from_f64(mtp_weight))));
+        let out = backend.run(graph.grad, args).map_err(StepError)?;
+        for (total, value) in sums.losses.iter_mut().zip(&out) {
+            *total += value.scalar().to_f64();
+        }
+        let n_loads = graph.forward.moe_biases.len();
+        let layer_loads = &out[LOSS_OUTPUTS..LOSS_OUTPUTS + n_loads];
+        add_loads(&mut sums.loads, layer_loads.iter().map(|l| l.as_real().data.iter().map(|x| x.to_f64()).collect()));
+        let param_grads = &out[LOSS_OUTPUTS + n_loads..LOSS_OUTPUTS + n_loads + info.len()];
+        for (acc, g) in sums.grads.iter_mut().zip(param_grads) {
+            acc.iter_mut().zip(&g.as_real().data).for_each(|(a, x)| *a += *x);
+        }
+    }
+    Ok(sums)
 }
 
 /// What the micro-batches of a step add up to.

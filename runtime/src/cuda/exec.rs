@@ -1,0 +1,374 @@
+//! Whole plan functions on the GPU: [`Executor::run`] takes a function's arguments on the
+//! host, runs its steps in plan order in one arena per call (placed by [`crate::memory`]),
+//! and returns its outputs on the host. The steps are the function's nodes in order: an
+//! argument or constant table is written into its buffer, a call runs the callee in an arena
+//! of its own (arguments copied in, results copied out into the caller's part buffers), and a
+//! kernel runs at its first node: generated kernels from their PTX, library GEMMs outside FP8
+//! on cuBLAS, and what neither covers yet (FP8 and grouped GEMMs) on the host through the CPU
+//! reference's own op, its inputs downloaded (FP8 buffers decoded) and its outputs uploaded.
+//! [`Counts`] says how many kernels took each path.
+
+use super::{gemm, Gpu, GpuError, Kernels};
+use crate::cpu::exec::eval;
+use crate::cpu::numerics::{e4m3_decode, Quantized, Tiling};
+use crate::cpu::{Tensor, Value};
+use crate::memory::{self, Layout};
+use crate::train::Backend;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::CudaSlice;
+use dsc_compiler::fuse::kernels::{base, Code, Kernel};
+use dsc_compiler::graph::ir::{DType, Function, Node, Op};
+use dsc_compiler::mlir::fp8;
+use dsc_compiler::plan::Plan;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How many kernels ran on each path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Generated kernels launched from PTX.
+    pub generated: usize,
+    /// GEMMs on cuBLAS.
+    pub library: usize,
+    /// Kernels run on the host (FP8 and grouped GEMMs, for now).
+    pub host: usize,
+}
+
+/// A function's arena against the sum of its buffers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Arena {
+    pub function: String,
+    pub peak_bytes: u64,
+    pub total_bytes: u64,
+}
+
+pub struct Executor {
+    gpu: Gpu,
+    blas: CudaBlas,
+    plan: Arc<Plan>,
+    kernels: Kernels,
+    layouts: Vec<Layout>,
+    /// Per function, the bytes of each value's buffer.
+    bytes: Vec<HashMap<u32, usize>>,
+    counts: Counts,
+    /// Synchronise after every kernel, so that a fault names it.
+    checked: bool,
+}
+
+/// An argument of a call: bytes on the host, or a buffer of the caller's arena.
+enum Input<'a> {
+    Host(Vec<u8>),
+    Device(&'a CudaSlice<u8>, std::ops::Range<usize>),
+}
+
+/// One step of a function.
+#[derive(Clone, Copy)]
+enum Step {
+    Kernel(usize),
+    /// An argument, a constant table or a call, at its node.
+    Node(u32),
+}
+
+fn words<T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; 4]) -> Vec<u8> {
+    data.iter().flat_map(|&x| to_bytes(x)).collect()
+}
+
+/// A host value as the bytes of its device buffer (reals f32, indices i32).
+fn encode(value: &Value<f32>) -> Result<Vec<u8>, GpuError> {
+    match value {
+        Value::Real(t) => Ok(words(&t.data, f32::to_le_bytes)),
+        Value::Int(t) => Ok(words(&t.data, i32::to_le_bytes)),
+        _ => Err(GpuError::Unsupported("an FP8 matrix or tuple made on the host".into())),
+    }
+}
+
+/// A device buffer of `node` as a host value of `shape` (the node's, or a view's).
+fn decode(node: &Node, shape: &[usize], bytes: &[u8]) -> Value<f32> {
+    let word = |c: &[u8]| -> [u8; 4] { c.try_into().expect("4 bytes") };
+    if let Some((rows, cols)) = fp8::tiling(&node.op) {
+        // E4M3 bytes row-major, then from a 16-byte boundary one f32 scale per group, group
+        // column by group column (compiler::mlir::fp8's layout).
+        let n = *node.shape.last().unwrap_or(&1);
+        let m = node.shape.iter().product::<usize>() / n.max(1);
+        let tiling = Tiling { rows, cols };
+        let (row_groups, col_groups) = (m.div_ceil(rows), n.div_ceil(cols));
+        let at = (m * n).next_multiple_of(16);
+        let scale = |gi: usize, gj: usize| {
+            let o = at + 4 * (gj * row_groups + gi);
+            f64::from(f32::from_le_bytes(word(&bytes[o..o + 4])))
+        };
+        let scales =
+            (0..row_groups).flat_map(|gi| (0..col_groups).map(move |gj| (gi, gj))).map(|(gi, gj)| scale(gi, gj));
+        return Value::Quantized(std::sync::Arc::new(Quantized {
+            values: bytes[..m * n].iter().map(|&b| e4m3_decode(b)).collect(),
+            scales: scales.collect(),
+            m,
+            n,
+            tiling,
+        }));
+    }
+    let shape = shape.to_vec();
+    match node.dtype {
+        DType::I32 => Value::int(Tensor::new(shape, bytes.chunks(4).map(|c| i32::from_le_bytes(word(c))).collect())),
+        _ => Value::real(Tensor::new(shape, bytes.chunks(4).map(|c| f32::from_le_bytes(word(c))).collect())),
+    }
+}
+
+impl Executor {
+    /// An executor of `plan` (compiled into `dir`, whose `kernels/` holds the PTX) on `gpu`.
+    /// With `checked`, it synchronises after every kernel (slower; a fault names its kernel).
+    pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
+        let blas = gpu.blas()?;
+        let layouts = plan.functions.iter().map(|pf| memory::plan(&pf.buffers)).collect();
+        let bytes =
+            plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
+        let kernels = Kernels::new(dir);
+        let plan = Arc::new(plan);
+        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts: Counts::default(), checked })
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Each function's arena (the peak of its buffers placed by lifetime) and the sum of its
+    /// buffers.
+    pub fn arenas(&self) -> Vec<Arena> {
+        self.plan
+            .functions
+            .iter()
+            .zip(&self.layouts)
+            .map(|(pf, l)| Arena { function: pf.name.clone(), peak_bytes: l.peak, total_bytes: l.total })
+            .collect()
+    }
+
+    /// Runs function `f` on host arguments; its outputs on the host.
+    pub fn run(&mut self, f: usize, args: &[Value<f32>]) -> Result<Vec<Value<f32>>, GpuError> {
+        let plan = self.plan.clone();
+        let function = &plan.module.functions[f];
+        if args.len() != function.args.len() {
+            let (name, want) = (&function.name, function.args.len());
+            return Err(GpuError::Unsupported(format!("{name} takes {want} arguments, not {}", args.len())));
+        }
+        let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
+        let arena = self.invoke(f, &inputs)?;
+        function
+            .outputs
+            .iter()
+            .map(|&o| {
+                let node = function.node(o);
+                let b = base(function, o);
+                match function.node(b).op {
+                    Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
+                    _ => Ok(decode(
+                        function.node(b),
+                        &node.shape,
+                        &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?,
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// The byte range of value `v`'s buffer in function `f`'s arena.
+    fn range(&self, f: usize, v: u32) -> std::ops::Range<usize> {
+        let at = self.layouts[f].offsets[&v] as usize;
+        at..at + self.bytes[f][&v]
+    }
+
+    /// Runs function `f` in an arena of its own and returns the arena.
+    fn invoke(&mut self, f: usize, args: &[Input]) -> Result<CudaSlice<u8>, GpuError> {
+        let plan = self.plan.clone();
+        let function = &plan.module.functions[f];
+        let pf = &plan.functions[f];
+        let mut arena = self.gpu.stream.alloc_zeros::<u8>(self.layouts[f].peak.max(1) as usize)?;
+        let mut steps: Vec<(u32, Step)> =
+            pf.kernels.iter().enumerate().map(|(k, kernel)| (kernel.nodes[0], Step::Kernel(k))).collect();
+        steps.extend(
+            function
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| matches!(n.op, Op::Arg(_) | Op::Table(_) | Op::Call(_)))
+                .map(|(i, _)| (i as u32, Step::Node(i as u32))),
+        );
+        steps.sort_by_key(|(node, _)| *node);
+        let mut tables: HashSet<u32> = HashSet::new();
+        for (_, step) in steps {
+            let at = |e: GpuError, what: &str| GpuError::At(format!("{}: {what}", function.name), Box::new(e));
+            match step {
+                Step::Node(i) => match function.nodes[i as usize].op {
+                    Op::Arg(a) if self.bytes[f].contains_key(&i) => {
+                        let range = self.range(f, i);
+                        let given = match &args[a] {
+                            Input::Host(bytes) => bytes.len(),
+                            Input::Device(_, r) => r.len(),
+                        };
+                        if given != range.len() {
+                            let e = GpuError::Unsupported(format!("{given} bytes for a buffer of {}", range.len()));
+                            return Err(at(e, &format!("argument {a}")));
+                        }
+                        match &args[a] {
+                            Input::Host(bytes) => self.gpu.stream.memcpy_htod(bytes, &mut arena.slice_mut(range))?,
+                            Input::Device(from, r) => {
+                                self.gpu.stream.memcpy_dtod(&from.slice(r.clone()), &mut arena.slice_mut(range))?
+                            }
+                        }
+                    }
+                    Op::Table(_) => self.upload_table(f, i, &mut arena, &mut tables)?,
+                    Op::Call(callee) => {
+                        self.call(f, i, callee, &mut arena).map_err(|e| at(e, &format!("call at %{i}")))?
+                    }
+                    _ => {}
+                },
+                Step::Kernel(k) => {
+                    let kernel = &pf.kernels[k];
+                    for &v in &kernel.inputs {
+                        if matches!(function.nodes[v as usize].op, Op::Table(_)) {
+                            self.upload_table(f, v, &mut arena, &mut tables)?;
+                        }
+                    }
+                    self.kernel(f, kernel, &mut arena).map_err(|e| at(e, &kernel.name))?;
+                    if self.checked {
+                        self.gpu.stream.synchronize().map_err(|e| at(e.into(), &kernel.name))?;
+                    }
+                }
+            }
+        }
+        Ok(arena)
+    }
+
+    /// Writes constant table node `v` into its buffer, once per call.
+    fn upload_table(
+        &self,
+        f: usize,
+        v: u32,
+        arena: &mut CudaSlice<u8>,
+        done: &mut HashSet<u32>,
+    ) -> Result<(), GpuError> {
+        let Op::Table(t) = self.plan.module.functions[f].nodes[v as usize].op else { unreachable!("a table node") };
+        if done.insert(v) {
+            let data: Vec<f32> = self.plan.module.constants[t].data().into_iter().map(|x| x as f32).collect();
+            self.gpu.stream.memcpy_htod(&words(&data, f32::to_le_bytes), &mut arena.slice_mut(self.range(f, v)))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the call at node `i` of `f`, and copies its results into the parts' buffers.
+    fn call(&mut self, f: usize, i: u32, callee: usize, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+        let plan = self.plan.clone();
+        let function = &plan.module.functions[f];
+        let node = &function.nodes[i as usize];
+        let inputs = node
+            .args
+            .iter()
+            .map(|&a| {
+                let b = base(function, a);
+                Ok(match function.node(b).op {
+                    Op::Const(c) => Input::Host((c as f32).to_le_bytes().to_vec()),
+                    _ => Input::Device(&*arena, self.range(f, b.0)),
+                })
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        let results = self.invoke(callee, &inputs)?;
+        drop(inputs);
+        let called = &plan.module.functions[callee];
+        for (g, get) in function.nodes.iter().enumerate() {
+            let Op::Get(part) = get.op else { continue };
+            if get.args[0].0 != i || !self.bytes[f].contains_key(&(g as u32)) {
+                continue;
+            }
+            let out = base(called, called.outputs[part]);
+            let to = self.range(f, g as u32);
+            match called.node(out).op {
+                Op::Const(c) => {
+                    let data = vec![c as f32; to.len() / 4];
+                    self.gpu.stream.memcpy_htod(&words(&data, f32::to_le_bytes), &mut arena.slice_mut(to))?
+                }
+                _ => {
+                    let from = self.range(callee, out.0);
+                    if from.len() != to.len() {
+                        let (name, n) = (&called.name, from.len());
+                        return Err(GpuError::Unsupported(format!(
+                            "result {part} of {name}: {n} bytes for {}",
+                            to.len()
+                        )));
+                    }
+                    self.gpu.stream.memcpy_dtod(&results.slice(from), &mut arena.slice_mut(to))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn kernel(&mut self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+        let function = &self.plan.module.functions[f];
+        match kernel.code {
+            Code::Generated { .. } => {
+                let bytes = &self.bytes[f];
+                self.kernels.launch(&self.gpu, function, kernel, arena, &self.layouts[f], |v| bytes[&v])?;
+                self.counts.generated += 1;
+            }
+            Code::Library if gemm::runs(function, kernel) => {
+                gemm::run(&self.gpu, &self.blas, function, kernel, arena, &self.layouts[f])?;
+                self.counts.library += 1;
+            }
+            _ => {
+                self.on_host(f, kernel, arena)?;
+                self.counts.host += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a kernel's nodes with the CPU reference's ops: inputs down, outputs up.
+    fn on_host(&self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+        let function: &Function = &self.plan.module.functions[f];
+        let mut local: HashMap<u32, Value<f32>> = HashMap::new();
+        for &v in &kernel.nodes {
+            let node = &function.nodes[v as usize];
+            let mut inputs = Vec::with_capacity(node.args.len());
+            for &a in &node.args {
+                let b = base(function, a);
+                let shape = &function.node(a).shape;
+                let value = match (local.get(&b.0), &function.node(b).op) {
+                    (Some(Value::Real(t)), _) => Value::real(Tensor::new(shape.clone(), t.data.clone())),
+                    (Some(value), _) => value.clone(),
+                    (None, Op::Const(c)) => Value::real(Tensor::new(shape.clone(), vec![*c as f32])),
+                    (None, _) => {
+                        decode(function.node(b), shape, &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?)
+                    }
+                };
+                inputs.push(value);
+            }
+            let refs: Vec<&Value<f32>> = inputs.iter().collect();
+            local.insert(v, eval(&self.plan.module, node, &refs));
+        }
+        for &o in &kernel.outputs {
+            let value = &local[&o];
+            let stores: Vec<(u32, &Value<f32>)> = match value {
+                Value::Tuple(items) => function
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(g, n)| match n.op {
+                        Op::Get(p) if n.args[0].0 == o => Some((g as u32, &items[p])),
+                        _ => None,
+                    })
+                    .collect(),
+                value => vec![(o, value)],
+            };
+            for (v, value) in stores {
+                self.gpu.stream.memcpy_htod(&encode(value)?, &mut arena.slice_mut(self.range(f, v)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend<f32> for Executor {
+    fn run(&mut self, f: usize, args: Vec<Value<f32>>) -> Result<Vec<Value<f32>>, String> {
+        Executor::run(self, f, &args).map_err(|e| e.to_string())
+    }
+}
