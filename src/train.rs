@@ -1,5 +1,6 @@
 //! `dsc train`: runs the trainer step by step (on thread-ranks when the spec's parallel plan
-//! has several; on the GPU with a compiled plan and the `cuda` feature), printing a line per step (and a progress
+//! has several; on the GPU with a compiled plan and the `cuda` feature; as one data-parallel
+//! process of several over NCCL when a launcher (torchrun, srun) started it), printing a line per step (and a progress
 //! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
 //! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
 //! `--max-bad-steps` skipped steps in a row (a checkpoint, then exit 1).
@@ -10,9 +11,10 @@ use dsc_compiler::graph::{Numerics, TrainingGraph};
 use dsc_compiler::plan::Plan;
 use dsc_lang::Spec;
 use dsc_runtime::checkpoint::{self, Opened, SpecRecord};
+use dsc_runtime::comm::rendezvous::World;
 use dsc_runtime::train::metrics::{MetricsWriter, StepMetrics};
 use dsc_runtime::train::parallel::is_parallel;
-use dsc_runtime::train::{Backend as TrainBackend, Trainer};
+use dsc_runtime::train::{Backend as TrainBackend, DataParallel, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -48,14 +50,28 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         Some(plan) => plan.training_graph(),
         None => TrainingGraph::build(&spec, graph_numerics),
     };
-    let (on, backend) = if is_parallel(&spec) {
-        if args.backend == Some(Backend::Cuda) {
-            bail!("the spec's parallel plan runs on thread-ranks on the CPU; the GPU backend runs one rank");
+    let world = World::from_env(|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (on, backend, replicas) = match &world {
+        Some(world) => {
+            let Some((plan, dir)) = plan.zip(args.plan.as_deref()) else {
+                bail!("a launched run (WORLD_SIZE or SLURM_NTASKS set) trains a compiled plan on GPUs over NCCL: give `--plan DIR`")
+            };
+            if args.backend == Some(Backend::Cpu) {
+                bail!("a launched run (WORLD_SIZE or SLURM_NTASKS set) trains on GPUs over NCCL: leave out `--backend cpu`");
+            }
+            let (on, backend, replicas) = launched(plan, dir, world)?;
+            (Some(on), Some(backend), Some(replicas))
         }
-        (None, None)
-    } else {
-        let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()))?;
-        (Some(on), backend)
+        None if is_parallel(&spec) => {
+            if args.backend == Some(Backend::Cuda) {
+                bail!("the spec's parallel plan runs on thread-ranks on the CPU; the GPU backend runs one rank per process (start the processes with torchrun or srun)");
+            }
+            (None, None, None)
+        }
+        None => {
+            let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()))?;
+            (Some(on), backend, None)
+        }
     };
     let trainer = match &opened {
         Some(o) => {
@@ -73,7 +89,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("training on {ranks}");
         Ok(trainer)
     };
-    let trainer = if is_parallel(&spec) { trainer.and_then(parallel) } else { trainer };
+    let trainer = if is_parallel(&spec) && world.is_none() { trainer.and_then(parallel) } else { trainer };
     let mut trainer = match trainer {
         Ok(t) => t,
         Err(e) => {
@@ -84,10 +100,19 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(backend) = backend {
         trainer.set_backend(backend);
     }
+    if let Some(replicas) = replicas {
+        if let Err(e) = trainer.set_data_parallel(replicas) {
+            eprintln!("error: cannot train `{}`: {}", spec.model.name, e.0);
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    // In a launched run, rank 0 alone writes metrics and checkpoints (every rank holds the
+    // same state).
+    let lead = world.as_ref().is_none_or(|w| w.rank == 0);
     if let Some(on) = on {
         eprintln!("training `{}` on {on}", spec.model.name);
     }
-    let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir)));
+    let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir))).filter(|_| lead);
     if let Some(dir) = &checkpoints {
         check_run_dir(dir, opened.as_ref())?;
     }
@@ -98,7 +123,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let last = last.map(|o| (o.dir.clone(), o.meta.step));
     let mut saver =
         Saver { dir: checkpoints, keep: args.keep.map(|k| k as usize), numerics: name(numerics), record, last };
-    let mut writer = match (&args.metrics, &opened) {
+    let mut writer = match (&args.metrics.as_ref().filter(|_| lead), &opened) {
         (Some(path), Some(o)) => Some(MetricsWriter::resume(path, o.meta.step)),
         (Some(path), None) => Some(MetricsWriter::create(path)),
         (None, _) => None,
@@ -238,6 +263,30 @@ fn cuda(plan: Plan, dir: &Path) -> anyhow::Result<Chosen> {
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: Plan, _: &Path) -> anyhow::Result<Chosen> {
     bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
+}
+
+/// A process of a launched run: where it trains, in words, its backend and its replicas.
+type Launched = (String, Box<dyn TrainBackend<f32>>, Box<dyn DataParallel>);
+
+/// How long a process of a launched run waits for its peers (to start, and in a collective).
+#[cfg(feature = "cuda")]
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// One process of a launched run: the plan on its GPU (`LOCAL_RANK`), joined to the others
+/// over NCCL.
+#[cfg(feature = "cuda")]
+fn launched(plan: Plan, dir: &Path, world: &World) -> anyhow::Result<Launched> {
+    use dsc_runtime::cuda::{exec::Executor, nccl::Nccl, Gpu};
+    let gpu = Gpu::open_on(world.local_rank)?;
+    let nccl = Nccl::new(&gpu, world, PEER_TIMEOUT)?;
+    let on =
+        format!("{} (CUDA, plan `{}`), rank {} of {} over NCCL", gpu.name()?, dir.display(), world.rank, world.size);
+    Ok((on, Box::new(Executor::new(plan, dir, gpu, false)?), Box::new(nccl)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn launched(_: Plan, _: &Path, _: &World) -> anyhow::Result<Launched> {
+    bail!("a launched run trains on GPUs over NCCL, and this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 
 /// The spec of the run and its record for checkpoints: the file given (checked against the

@@ -418,3 +418,29 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
     refused(train(&["--plan", path(&plan), "--numerics", "exact"]), "leave out `--numerics exact`");
     refused(train(&["--backend", "cuda"]), "give `--plan DIR`");
 }
+
+/// A process started by a launcher (torchrun's or SLURM's variables) trains a compiled plan on
+/// its GPU over NCCL: what it needs is said before any work, and malformed variables are named.
+#[test]
+fn launched_processes_say_what_they_need() {
+    let launched = |vars: &[(&str, &str)], extra: &[&str]| {
+        let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
+        args.extend(SMALL);
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_dsc"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(&args)
+            .envs(vars.iter().copied())
+            .output()
+            .expect("running dsc")
+    };
+    let torchrun = [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")];
+    for (vars, extra, says) in [
+        (&torchrun[..], &[][..], "give `--plan DIR`"),
+        (&[("RANK", "2"), ("WORLD_SIZE", "2")][..], &[][..], "`RANK=2` is not a rank of a world of `WORLD_SIZE=2`"),
+        (&[("SLURM_NTASKS", "4")][..], &[][..], "`SLURM_NTASKS` is set but `SLURM_PROCID` is not"),
+    ] {
+        let o = launched(vars, extra);
+        assert!(!o.status.success() && text(&o.stderr).contains(says), "expected `{says}`:\n{}", text(&o.stderr));
+    }
+}

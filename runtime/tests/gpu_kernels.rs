@@ -14,28 +14,13 @@ use dsc_compiler::graph::ir::{DType, Op};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::plan::Plan;
 use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
-use dsc_runtime::cuda::exec::Executor;
+use dsc_runtime::cuda::exec::{self, Executor};
 use dsc_runtime::cuda::{gemm, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
 use dsc_runtime::train::init::init_params;
 use dsc_runtime::train::Trainer;
 use std::collections::HashMap;
 use std::path::PathBuf;
-
-/// E4M3 bits as the value they stand for.
-fn e4m3(bits: u8) -> f64 {
-    let (sign, exponent, mantissa) = (bits >> 7, (bits >> 3) & 15, f64::from(bits & 7));
-    let magnitude = match (exponent, bits & 0x7F) {
-        (_, 0x7F) => f64::NAN,
-        (0, _) => mantissa / 8.0 * 2f64.powi(-6),
-        _ => (1.0 + mantissa / 8.0) * 2f64.powi(i32::from(exponent) - 7),
-    };
-    if sign == 1 {
-        -magnitude
-    } else {
-        magnitude
-    }
-}
 
 /// ‖got − want‖ / ‖want‖ over the finite elements of `want`; infinite when `got` differs
 /// where `want` is not finite (±∞ must match, NaN stay NaN) or is not finite elsewhere.
@@ -171,15 +156,11 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                         (got.iter().zip(&t.data).filter(|(a, b)| a != b).count() as f64, 0.0)
                     }
                     Value::Quantized(q) => {
-                        // E4M3 bytes, then from a 16-byte boundary the scales group column by group column.
-                        let (gm, offset) = (q.m.div_ceil(q.tiling.rows), (q.m * q.n).next_multiple_of(16));
-                        let scale = |i: usize, j: usize| {
-                            let at = offset + 4 * ((j / q.tiling.cols) * gm + i / q.tiling.rows);
-                            f64::from(f32::from_le_bytes(got[at..at + 4].try_into().expect("scale")))
+                        let node = &function.nodes[v as usize];
+                        let Value::Quantized(decoded) = exec::decode(node, &node.shape, &got) else {
+                            panic!("output %{v} of {} is FP8", kernel.name)
                         };
-                        let decoded: Vec<f64> =
-                            (0..q.m * q.n).map(|e| e4m3(got[e]) * scale(e / q.n, e % q.n)).collect();
-                        (relative_error(&decoded, &q.dequantize()), 1e-3)
+                        (relative_error(&decoded.dequantize(), &q.dequantize()), 1e-3)
                     }
                     _ => panic!("output %{v} of {} is a tuple", kernel.name),
                 };

@@ -105,3 +105,71 @@ fn the_ema_follows_the_parameters_and_comes_back_from_a_checkpoint() {
     let again = resumed.checkpoint("policy", saved.meta.spec.clone());
     assert_eq!(again.ema, saved.ema, "the EMA comes back from the checkpoint");
 }
+
+/// Data-parallel replicas as threads of this test, summing through shared memory: what NCCL
+/// does for processes (`cuda::nccl`), so that the trainer's side of it is checked in CI.
+struct SharedSum {
+    rank: usize,
+    size: usize,
+    state: std::sync::Arc<(std::sync::Mutex<Vec<f64>>, std::sync::Barrier)>,
+}
+
+impl dsc_runtime::train::DataParallel for SharedSum {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn sum(&mut self, data: &mut [f64]) -> Result<(), String> {
+        let (total, barrier) = &*self.state;
+        {
+            let mut total = total.lock().expect("sum");
+            total.resize(data.len(), 0.0);
+            total.iter_mut().zip(data.iter()).for_each(|(t, x)| *t += x);
+        }
+        barrier.wait();
+        data.copy_from_slice(&total.lock().expect("sum"));
+        if barrier.wait().is_leader() {
+            total.lock().expect("sum").clear();
+        }
+        barrier.wait();
+        Ok(())
+    }
+}
+
+/// Two data-parallel processes (each computing half of a step's micro-batches, then summing)
+/// train like one process computing the whole step, within f32 reassociation; the plan must
+/// be data parallelism over as many processes.
+#[test]
+fn data_parallel_processes_train_like_one() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+    let overrides = ["parallel.gpus_per_node=2".to_string(), "parallel.data={ size = 2 }".to_string()];
+    let spec = dsc_lang::load(&path, &overrides).checked_spec().expect("DP 2").clone();
+    let mut whole = Trainer::<f32>::new(&spec, Numerics::Policy, 3).expect("trainable");
+    let reference: Vec<f64> = (0..4).map(|_| whole.step().expect("one process").loss).collect();
+    let state = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Barrier::new(2)));
+    let replicas: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..2)
+            .map(|rank| {
+                let (spec, state) = (spec.clone(), state.clone());
+                s.spawn(move || {
+                    let mut trainer = Trainer::<f32>::new(&spec, Numerics::Policy, 3).expect("trainable");
+                    trainer.set_data_parallel(Box::new(SharedSum { rank, size: 2, state })).expect("DP 2 plan");
+                    (0..4).map(|_| trainer.step().expect("replica").loss).collect()
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("replica thread")).collect()
+    });
+    for losses in &replicas {
+        for (step, (got, want)) in losses.iter().zip(&reference).enumerate() {
+            assert!((got - want).abs() <= 1e-5 * want.abs(), "step {step}: {got} vs one process {want}");
+        }
+    }
+    assert_eq!(replicas[0], replicas[1], "the replicas agree exactly");
+    let mut one = Trainer::<f32>::new(&tiny(), Numerics::Policy, 3).expect("trainable");
+    let state = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Barrier::new(2)));
+    let refused = one.set_data_parallel(Box::new(SharedSum { rank: 0, size: 2, state })).expect_err("plan of 1");
+    assert!(refused.0.contains("set `parallel.data.size` to 2"), "{}", refused.0);
+}

@@ -252,11 +252,11 @@ impl Analysis<Fx> for FusionAnalysis {
 }
 
 /// The shape of a GEMM's product: a `matmul`'s (with its transposes) or a `scaled_matmul`'s
-/// (operands already laid out [m, k] and [k, n]).
+/// (operands already laid out K-major, [m, k] and [n, k]).
 fn product_shape(op: &Op, a: &[usize], b: &[usize]) -> Shape {
     match *op {
         Op::MatMul { ta, tb, .. } => matmul_shape(a, b, ta, tb),
-        Op::ScaledMatMul { .. } => matmul_shape(a, b, false, false),
+        Op::ScaledMatMul { .. } => matmul_shape(a, b, false, true),
         _ => unreachable!("a GEMM's attribute"),
     }
 }

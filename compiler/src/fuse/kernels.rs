@@ -296,7 +296,7 @@ fn flops(f: &Function, node: &Node) -> u64 {
         }
         Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
         Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
-        Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, false),
+        Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, true),
         Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } | Op::PermuteQuantize { .. } => {
             6 * numel(node)
         }

@@ -357,7 +357,8 @@ impl Applier<Fx, FusionAnalysis> for ExplicitFp8 {
             egraph.add(Fx::Quantize([op, operand]))
         };
         let qa = quantize(subst[self.a], f.a.outer, f.a.k, ta);
-        let qb = quantize(subst[self.b], f.b.k, f.b.outer, tb);
+        // Both operands K-major, as FP8 tensor cores (and cuBLASLt) read them: b as op(b)ᵀ.
+        let qb = quantize(subst[self.b], f.b.outer, f.b.k, !tb);
         let op = attr(egraph, &Op::ScaledMatMul { promote: f.promote });
         let product = egraph.add(Fx::ScaledMatMul([op, qa, qb]));
         if egraph.union(eclass, product) {

@@ -295,8 +295,9 @@ pub enum Op {
         cols: usize,
         transpose: bool,
     },
-    /// The FP8 GEMM on quantised operands, (a [m, k], b [k, n]) → a·b with partial sums
-    /// promoted to FP32 every `promote` elements of K.
+    /// The FP8 GEMM on quantised operands, both K-major as FP8 tensor cores read them,
+    /// (a [m, k], b [n, k]) → a·bᵀ [m, n] with partial sums promoted to FP32 every `promote`
+    /// elements of K.
     ScaledMatMul {
         promote: usize,
     },
@@ -311,7 +312,8 @@ pub enum Op {
     SwiGluQuantize {
         cols: usize,
     },
-    /// Fused: `ConcatMatMul` on quantised operands, (a, b1, b2) → (a·b1, a·b2).
+    /// Fused: `ConcatMatMul` on quantised operands (K-major as `ScaledMatMul`'s), (a, b1, b2) →
+    /// (a·b1ᵀ, a·b2ᵀ).
     ConcatScaledMatMul {
         promote: usize,
     },

@@ -2,16 +2,27 @@
 //! the kernel of `quantize` (any group shape, transposed or not).
 //!
 //! A value quantised in groups of `rows × cols` of its [m, n] matrix is one buffer: its m·n
-//! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group stored
-//! group column by group column (index `group_col · ⌈m/rows⌉ + group_row`: M-major, the order
-//! in which DeepGEMM reads activation scales; the GEMM library that consumes these buffers is
-//! not wired yet). A group's scale is amax / 448 rounded to
+//! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group in the
+//! order DeepGEMM and cuBLASLt's block-scaled GEMM read them ([`scale_index`]): groups of one
+//! row (activation tiles) group column by group column (M-major), taller groups (weight
+//! blocks) group row by group row. A group's scale is amax / 448 rounded to
 //! f32 (1 where that is 0), and an element is `cvt.rn.satfinite.e4m3` of the f32 quotient
 //! x / scale (a true division): what the CPU reference's `quantize` computes.
 
 use super::emit::{warp_reduce, Body, Emitted, TARGET};
 use crate::graph::ir::{Node, Op};
 use std::fmt::Write as _;
+
+/// Where the scale of group (`group_row`, `group_col`) of a matrix cut into `row_groups` ×
+/// `col_groups` groups of `rows` rows each lies among its scales: M-major for one-row groups
+/// (`group_col · row_groups + group_row`), row-major over the groups otherwise.
+pub fn scale_index(rows: usize, row_groups: usize, col_groups: usize, group_row: usize, group_col: usize) -> usize {
+    if rows == 1 {
+        group_col * row_groups + group_row
+    } else {
+        group_row * col_groups + group_col
+    }
+}
 
 /// The scaling group (rows, cols) of an FP8 value made by `op`.
 pub fn tiling(op: &Op) -> Option<(usize, usize)> {
@@ -289,9 +300,11 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
         }
         None
     });
+    // The scale's place (`scale_index`): M-major for one-row groups, else row-major.
+    let (outer, stride, inner) = if rows == 1 { ("%gc", gm, "%gr") } else { ("%gr", gn, "%gc") };
     let _ = write!(
         b.text,
-        "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sgm = arith.muli %gc, %gm : index\n      %sat = arith.addi %sgm, %gr : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n      }}\n"
+        "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sstride = arith.constant {stride} : index\n      %souter = arith.muli {outer}, %sstride : index\n      %sat = arith.addi %souter, {inner} : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n      }}\n"
     );
     let mlir = format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}(%a0: memref<?xf32>, %a1: memref<?xi8>) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",

@@ -96,6 +96,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
     let graph = TrainingGraph::build(spec, Numerics::Policy);
     let profile = Profile::default();
     let (module, reports) = fuse::fuse_module(graph.module(), limits);
+    let module = fuse::library::quantize_operands(&module);
     let fused: Vec<Vec<Kernel>> = module
         .functions
         .iter()

@@ -391,14 +391,14 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             quantized(&data, m, n, Tiling { rows: *rows, cols: *cols })
         }
         Op::ScaledMatMul { promote } => {
-            let product = matmul_fp8(v[0].as_quantized(), v[1].as_quantized(), *promote);
+            let product = matmul_fp8(v[0].as_quantized(), &v[1].as_quantized().transposed(), *promote);
             real(&node.shape, product.into_iter().map(T::from_f64).collect())
         }
         Op::ConcatScaledMatMul { promote } => {
             let a = v[0].as_quantized();
             let product = |b: &Value<T>| {
-                let b = b.as_quantized();
-                Tensor::new(vec![a.m, b.n], matmul_fp8(a, b, *promote).into_iter().map(T::from_f64).collect())
+                let b = b.as_quantized().transposed();
+                Tensor::new(vec![a.m, b.n], matmul_fp8(a, &b, *promote).into_iter().map(T::from_f64).collect())
             };
             pair(product(v[1]), product(v[2]))
         }

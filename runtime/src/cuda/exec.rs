@@ -3,18 +3,18 @@
 //! and returns its outputs on the host. The steps are the function's nodes in order: an
 //! argument or constant table is written into its buffer, a call runs the callee in an arena
 //! of its own (arguments copied in, results copied out into the caller's part buffers), and a
-//! kernel runs at its first node: generated kernels from their PTX, library GEMMs outside FP8
-//! on cuBLAS, and what neither covers yet (FP8 and grouped GEMMs) on the host through the CPU
-//! reference's own op, its inputs downloaded (FP8 buffers decoded) and its outputs uploaded.
+//! kernel runs at its first node: generated kernels from their PTX, library GEMMs on cuBLAS and
+//! cuBLASLt ([`gemm`]), and what neither covers yet (grouped GEMMs, FP8 GEMMs outside 128-element
+//! groups) on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
+//! decoded) and its outputs uploaded.
 //! [`Counts`] says how many kernels took each path.
 
 use super::{gemm, Gpu, GpuError, Kernels};
 use crate::cpu::exec::eval;
-use crate::cpu::numerics::{e4m3_decode, Quantized, Tiling};
+use crate::cpu::numerics::{e4m3_decode, e4m3_encode, Quantized, Tiling};
 use crate::cpu::{Tensor, Value};
 use crate::memory::{self, Layout};
 use crate::train::Backend;
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use dsc_compiler::fuse::kernels::{base, Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function, Node, Op};
@@ -45,7 +45,7 @@ pub struct Arena {
 
 pub struct Executor {
     gpu: Gpu,
-    blas: CudaBlas,
+    blas: gemm::Blas,
     plan: Arc<Plan>,
     kernels: Kernels,
     layouts: Vec<Layout>,
@@ -74,28 +74,46 @@ fn words<T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; 4]) -> Vec<u8> {
     data.iter().flat_map(|&x| to_bytes(x)).collect()
 }
 
-/// A host value as the bytes of its device buffer (reals f32, indices i32).
+/// A host value as the bytes of its device buffer (reals f32, indices i32, FP8 matrices as
+/// [`fp8_bytes`]).
 fn encode(value: &Value<f32>) -> Result<Vec<u8>, GpuError> {
     match value {
         Value::Real(t) => Ok(words(&t.data, f32::to_le_bytes)),
         Value::Int(t) => Ok(words(&t.data, i32::to_le_bytes)),
-        _ => Err(GpuError::Unsupported("an FP8 matrix or tuple made on the host".into())),
+        Value::Quantized(q) => Ok(fp8_bytes(q)),
+        Value::Tuple(_) => Err(GpuError::Unsupported("a tuple made on the host".into())),
     }
 }
 
+/// An FP8 matrix in the plan's buffer layout (compiler::mlir::fp8): E4M3 bytes row-major, then
+/// from a 16-byte boundary one f32 scale per group in `fp8::scale_index`'s order.
+pub fn fp8_bytes(q: &Quantized) -> Vec<u8> {
+    let (row_groups, col_groups) = (q.m.div_ceil(q.tiling.rows), q.n.div_ceil(q.tiling.cols));
+    let mut bytes: Vec<u8> = q.values.iter().map(|&v| e4m3_encode(v)).collect();
+    let at = (q.m * q.n).next_multiple_of(16);
+    bytes.resize(at + 4 * row_groups * col_groups, 0);
+    for gi in 0..row_groups {
+        for gj in 0..col_groups {
+            let o = at + 4 * fp8::scale_index(q.tiling.rows, row_groups, col_groups, gi, gj);
+            bytes[o..o + 4].copy_from_slice(&(q.scales[gi * col_groups + gj] as f32).to_le_bytes());
+        }
+    }
+    bytes
+}
+
 /// A device buffer of `node` as a host value of `shape` (the node's, or a view's).
-fn decode(node: &Node, shape: &[usize], bytes: &[u8]) -> Value<f32> {
+pub fn decode(node: &Node, shape: &[usize], bytes: &[u8]) -> Value<f32> {
     let word = |c: &[u8]| -> [u8; 4] { c.try_into().expect("4 bytes") };
     if let Some((rows, cols)) = fp8::tiling(&node.op) {
-        // E4M3 bytes row-major, then from a 16-byte boundary one f32 scale per group, group
-        // column by group column (compiler::mlir::fp8's layout).
+        // E4M3 bytes row-major, then from a 16-byte boundary one f32 scale per group in
+        // compiler::mlir::fp8's order.
         let n = *node.shape.last().unwrap_or(&1);
         let m = node.shape.iter().product::<usize>() / n.max(1);
         let tiling = Tiling { rows, cols };
         let (row_groups, col_groups) = (m.div_ceil(rows), n.div_ceil(cols));
         let at = (m * n).next_multiple_of(16);
         let scale = |gi: usize, gj: usize| {
-            let o = at + 4 * (gj * row_groups + gi);
+            let o = at + 4 * fp8::scale_index(rows, row_groups, col_groups, gi, gj);
             f64::from(f32::from_le_bytes(word(&bytes[o..o + 4])))
         };
         let scales =

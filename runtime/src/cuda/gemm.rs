@@ -1,18 +1,30 @@
-//! Library GEMMs of a plan on cuBLAS, for the GEMMs the precision policy keeps out of FP8
-//! (values stored as f32, as every buffer of a plan): a product, a product added to a value
-//! (the epilogue of `matmul_add`), and the concatenated forms (`concat_matmul`,
+//! Library GEMMs of a plan: those the precision policy keeps out of FP8 on cuBLAS (values
+//! stored as f32, as every buffer of a plan): a product, a product added to a value (the
+//! epilogue of `matmul_add`), and the concatenated forms (`concat_matmul`,
 //! `concat_rows_matmul`, `concat_k_matmul`) as the products they stand for. Row-major
 //! C = op(A)·op(B) is computed as column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, batched over equal leading
-//! dimensions (a rank-2 operand is shared by every batch). FP8 GEMMs are not here yet.
+//! dimensions (a rank-2 operand is shared by every batch). The FP8 GEMMs on quantised operands
+//! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`scaled`])
+//! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks); grouped GEMMs are not
+//! here yet.
 
+use super::scaled::{Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
 use crate::memory::Layout;
 use cudarc::cublas::{sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::Kernel;
 use dsc_compiler::graph::ir::{matmul_shape, Function, Op, V};
+use dsc_compiler::mlir::fp8;
 
-/// One batched product: C = op(A)·op(B), plus what C held when `accumulate`.
+/// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones.
+pub struct Blas {
+    pub f32: CudaBlas,
+    pub fp8: Lt,
+}
+
+/// One batched product: C = op(A)·op(B), plus what C held when `accumulate`; or in FP8
+/// (`b_groups` given) C = A·Bᵀ of quantised K-major operands.
 struct Product<'s> {
     a: (u32, &'s [usize]),
     b: (u32, &'s [usize]),
@@ -20,6 +32,7 @@ struct Product<'s> {
     ta: bool,
     tb: bool,
     accumulate: bool,
+    b_groups: Option<Groups>,
 }
 
 /// A library GEMM as the products cuBLAS runs: the addend copied into the output first
@@ -37,35 +50,49 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Plan<'s>> {
     let base = |a: V| dsc_compiler::fuse::kernels::base(function, a).0;
     let arg = |k: usize| (base(node.args[k]), function.node(node.args[k]).shape.as_slice());
     let part = |i: usize| parts(function, v, i);
+    let f32 = |a: usize, b: usize, c: u32, ta: bool, tb: bool, accumulate: bool| Product {
+        a: arg(a),
+        b: arg(b),
+        c,
+        ta,
+        tb,
+        accumulate,
+        b_groups: None,
+    };
+    // An FP8 product where cuBLASLt's block-scaled path takes it.
+    let fp8 = |a: usize, b: usize, c: u32| {
+        let groups = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op);
+        let b_groups = match (groups(a)?, groups(b)?) {
+            ((1, 128), (1, 128)) => Groups::Tiles,
+            ((1, 128), (128, 128)) => Groups::Blocks,
+            _ => return None,
+        };
+        let (sa, sb) = (arg(a).1, arg(b).1);
+        Lt::takes(sa[0], sb[0], sa[1]).then_some(Product {
+            a: arg(a),
+            b: arg(b),
+            c,
+            ta: false,
+            tb: true,
+            accumulate: false,
+            b_groups: Some(b_groups),
+        })
+    };
     let (addend, products) = match node.op {
-        Op::MatMul { ta, tb, fp8: None } => {
-            (None, vec![Product { a: arg(0), b: arg(1), c: v, ta, tb, accumulate: false }])
-        }
+        Op::MatMul { ta, tb, fp8: None } => (None, vec![f32(0, 1, v, ta, tb, false)]),
         // c + a·b: the product accumulated on the addend.
-        Op::MatMulAdd { ta, tb, fp8: None } => {
-            (Some((base(node.args[2]), v)), vec![Product { a: arg(0), b: arg(1), c: v, ta, tb, accumulate: true }])
+        Op::MatMulAdd { ta, tb, fp8: None } => (Some((base(node.args[2]), v)), vec![f32(0, 1, v, ta, tb, true)]),
+        Op::ConcatKMatMul { ta, tb, fp8: None } => {
+            (None, vec![f32(0, 1, v, ta, tb, false), f32(2, 3, v, ta, tb, true)])
         }
-        Op::ConcatKMatMul { ta, tb, fp8: None } => (
-            None,
-            vec![
-                Product { a: arg(0), b: arg(1), c: v, ta, tb, accumulate: false },
-                Product { a: arg(2), b: arg(3), c: v, ta, tb, accumulate: true },
-            ],
-        ),
-        Op::ConcatMatMul { ta, tb, fp8: None } => (
-            None,
-            vec![
-                Product { a: arg(0), b: arg(1), c: part(0), ta, tb, accumulate: false },
-                Product { a: arg(0), b: arg(2), c: part(1), ta, tb, accumulate: false },
-            ],
-        ),
-        Op::ConcatRowsMatMul { ta, tb, fp8: None } => (
-            None,
-            vec![
-                Product { a: arg(0), b: arg(2), c: part(0), ta, tb, accumulate: false },
-                Product { a: arg(1), b: arg(2), c: part(1), ta, tb, accumulate: false },
-            ],
-        ),
+        Op::ConcatMatMul { ta, tb, fp8: None } => {
+            (None, vec![f32(0, 1, part(0), ta, tb, false), f32(0, 2, part(1), ta, tb, false)])
+        }
+        Op::ConcatRowsMatMul { ta, tb, fp8: None } => {
+            (None, vec![f32(0, 2, part(0), ta, tb, false), f32(1, 2, part(1), ta, tb, false)])
+        }
+        Op::ScaledMatMul { .. } => (None, vec![fp8(0, 1, v)?]),
+        Op::ConcatScaledMatMul { .. } => (None, vec![fp8(0, 1, part(0))?, fp8(0, 2, part(1))?]),
         _ => return None,
     };
     Some(Plan { addend, products })
@@ -79,7 +106,7 @@ pub fn runs(function: &Function, kernel: &Kernel) -> bool {
 /// Runs library GEMM `kernel` (of `function`) on its buffers in `arena`.
 pub fn run(
     gpu: &Gpu,
-    blas: &CudaBlas,
+    blas: &Blas,
     function: &Function,
     kernel: &Kernel,
     arena: &mut CudaSlice<u8>,
@@ -93,7 +120,16 @@ pub fn run(
         copy(gpu, arena, layout, from, to, bytes_of(function, to))?;
     }
     for p in &plan.products {
-        product(gpu, blas, arena, layout, p)?;
+        match p.b_groups {
+            None => product(gpu, &blas.f32, arena, layout, p)?,
+            Some(b_groups) => {
+                let (base, _sync) = arena.device_ptr(&gpu.stream);
+                let at = |v: u32| base + layout.offsets[&v];
+                let (m, k, n) = (p.a.1[0], p.a.1[1], p.b.1[0]);
+                let g = ScaledGemm { a: at(p.a.0), b: at(p.b.0), d: at(p.c), m, n, k, b_groups };
+                blas.fp8.run(gpu, &g)?;
+            }
+        }
     }
     Ok(())
 }

@@ -6,12 +6,15 @@
 //! outputs cleared first. The unsafe FFI stays inside cudarc; the one `unsafe` here is the
 //! launch, whose argument list follows the kernel's signature in the plan.
 //!
-//! Library GEMMs outside FP8 run on cuBLAS ([`gemm`]); [`exec`] runs whole plan functions
-//! (the FP8 and grouped GEMMs on the host for now). Not here yet (issue 5): FP8 block-scaled
-//! and grouped GEMMs on the GPU (cuBLASLt), CUDA graphs, the training loop on the GPU.
+//! Library GEMMs run on cuBLAS, the FP8 ones on cuBLASLt's block-scaled path ([`gemm`],
+//! [`scaled`]); [`exec`] runs whole plan functions (grouped GEMMs, and FP8 GEMMs in groups other
+//! than DeepSeek-V3's 128, on the host for now). Not here yet (issue 5): grouped GEMMs on the
+//! GPU, CUDA graphs.
 
 pub mod exec;
 pub mod gemm;
+pub mod nccl;
+pub mod scaled;
 
 use crate::memory::Layout;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, PushKernelArg};
@@ -59,29 +62,42 @@ impl From<DriverError> for GpuError {
     }
 }
 
-/// The first GPU and its default stream.
+/// A GPU and its default stream.
 pub struct Gpu {
     context: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
 }
 
 impl Gpu {
+    /// The first GPU.
     pub fn open() -> Result<Gpu, GpuError> {
+        Gpu::open_on(0)
+    }
+
+    /// The GPU with this ordinal (a process's `LOCAL_RANK` in a launched run).
+    pub fn open_on(ordinal: usize) -> Result<Gpu, GpuError> {
         // SAFETY: only probes whether the driver library can be loaded.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(GpuError::NoDriver);
         }
-        if CudaContext::device_count()? < 1 {
+        let count = CudaContext::device_count()?;
+        if count < 1 {
             return Err(GpuError::NoDevice);
         }
-        let context = CudaContext::new(0)?;
+        if ordinal >= count as usize {
+            return Err(GpuError::Unsupported(format!("GPU {ordinal}: the driver sees {count}")));
+        }
+        let context = CudaContext::new(ordinal)?;
         let stream = context.default_stream();
         Ok(Gpu { context, stream })
     }
 
     /// A cuBLAS handle on this GPU's stream.
-    pub fn blas(&self) -> Result<cudarc::cublas::CudaBlas, GpuError> {
-        cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))
+    /// cuBLAS and cuBLASLt on this GPU's stream.
+    pub fn blas(&self) -> Result<gemm::Blas, GpuError> {
+        let f32 = cudarc::cublas::CudaBlas::new(self.stream.clone())
+            .map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))?;
+        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)? })
     }
 
     pub fn name(&self) -> Result<String, GpuError> {

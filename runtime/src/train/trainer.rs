@@ -6,7 +6,7 @@
 //! moments and progress stay as they were, and the step reports `skipped`. The whole state
 //! goes into a [`Checkpoint`] and comes back from one exactly.
 
-use super::backend::{Backend, Cpu};
+use super::backend::{Backend, Cpu, DataParallel};
 use super::ema::Ema;
 use super::graph_stage::MicroBatch;
 use super::init::init_params;
@@ -39,6 +39,8 @@ pub struct Trainer<T: Real> {
     ranks: Option<ThreadRanks>,
     /// What runs the graph's functions on one rank.
     backend: Box<dyn Backend<T>>,
+    /// The other processes' replicas, when this one is a data-parallel rank of several.
+    replicas: Option<Box<dyn DataParallel>>,
 }
 
 /// The largest model the trainer takes (parameters, gradients and moments live on the host).
@@ -72,6 +74,7 @@ impl<T: Real> Trainer<T> {
             ema,
             ranks: None,
             backend: Box::new(Cpu(graph.module().clone())),
+            replicas: None,
             graph,
         })
     }
@@ -122,6 +125,7 @@ impl<T: Real> Trainer<T> {
             ema,
             ranks: None,
             backend: Box::new(Cpu(graph.module().clone())),
+            replicas: None,
             graph,
         })
     }
@@ -167,6 +171,28 @@ impl<T: Real> Trainer<T> {
         Ok(description)
     }
 
+    /// Makes this trainer one data-parallel process of several (`replicas`): each step it
+    /// computes its share of the micro-batches and sums the step's sums with the others. The
+    /// spec's plan must be data parallelism alone, over as many processes.
+    pub fn set_data_parallel(&mut self, replicas: Box<dyn DataParallel>) -> Result<(), Unsupported> {
+        let par = &self.spec.parallel;
+        if par.pipeline.stages > 1 || par.expert.size > 1 {
+            return Err(Unsupported(
+                "pipeline and expert parallelism run on thread-ranks (one process) so far; across processes only data parallelism runs".into(),
+            ));
+        }
+        if par.data.size as usize != replicas.size() {
+            return Err(Unsupported(format!(
+                "the spec's plan has {} data-parallel replicas but the launcher started {} processes: set `parallel.data.size` to {}",
+                par.data.size,
+                replicas.size(),
+                replicas.size()
+            )));
+        }
+        self.replicas = Some(replicas);
+        Ok(())
+    }
+
     /// Runs the graph's functions on `backend` from now on (it must run this trainer's graph;
     /// thread-ranks, when set, run on the CPU).
     pub fn set_backend(&mut self, backend: Box<dyn Backend<T>>) {
@@ -195,9 +221,23 @@ impl<T: Real> Trainer<T> {
                 (Tensor::new(shape.clone(), tokens), Tensor::new(shape, loss_mask))
             })
             .collect();
-        let sums = match &self.ranks {
-            Some(ranks) => ranks.step(&self.params, batches, mtp_weight as f32)?,
-            None => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
+        let sums = match (&self.ranks, &mut self.replicas) {
+            (Some(ranks), _) => ranks.step(&self.params, batches, mtp_weight as f32)?,
+            (None, Some(replicas)) => {
+                if !micro_batches.is_multiple_of(replicas.size()) {
+                    return Err(StepError(format!(
+                        "{micro_batches} micro-batches do not share evenly over {} data-parallel processes",
+                        replicas.size()
+                    )));
+                }
+                // Every process reads the whole step's data (so that the loader's position is
+                // the same everywhere) and computes its own share.
+                let rank = replicas.rank();
+                let mine = batches.into_iter().enumerate().filter(|(i, _)| i / per_rank == rank).map(|(_, b)| b);
+                let sums = one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), mine.collect(), mtp_weight)?;
+                sum_over(replicas.as_mut(), sums)?
+            }
+            (None, None) => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
         };
         let StepSums { losses, loads, grads } = sums;
         let losses = losses.map(|loss| loss / micro_batches as f64);
@@ -328,6 +368,21 @@ fn one_rank_sums<T: Real>(
         }
     }
     Ok(sums)
+}
+
+/// `sums` added up over the data-parallel processes: losses, loads and gradients in one
+/// all-reduce, in f64 (each process's f32 gradient sums convert exactly).
+fn sum_over<T: Real>(replicas: &mut dyn DataParallel, sums: StepSums<T>) -> Result<StepSums<T>, StepError> {
+    let StepSums { losses, loads, grads } = sums;
+    let mut flat: Vec<f64> = losses.to_vec();
+    flat.extend(loads.iter().flatten());
+    flat.extend(grads.iter().flatten().map(|g| g.to_f64()));
+    replicas.sum(&mut flat).map_err(StepError)?;
+    let mut rest = flat.into_iter();
+    let losses = std::array::from_fn(|_| rest.next().expect("a loss"));
+    let loads = loads.iter().map(|l| rest.by_ref().take(l.len()).collect()).collect();
+    let grads = grads.iter().map(|g| rest.by_ref().take(g.len()).map(T::from_f64).collect()).collect();
+    Ok(StepSums { losses, loads, grads })
 }
 
 /// What the micro-batches of a step add up to.

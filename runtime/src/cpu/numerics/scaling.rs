@@ -69,6 +69,18 @@ impl Quantized {
         }
     }
 
+    /// The transposed matrix [n, m], each group transposed with it: the same values under the
+    /// same scales (FP8 GEMMs read both operands K-major, so a [k, n] operand arrives as its
+    /// transpose).
+    pub fn transposed(&self) -> Quantized {
+        let (m, n) = (self.m, self.n);
+        let (group_rows, group_cols) = self.tiling.grid(m, n);
+        let values = (0..n * m).map(|index| self.values[(index % m) * n + index / m]).collect();
+        let scales =
+            (0..group_cols * group_rows).map(|g| self.scales[(g % group_rows) * group_cols + g / group_rows]).collect();
+        Quantized { values, scales, m: n, n: m, tiling: Tiling { rows: self.tiling.cols, cols: self.tiling.rows } }
+    }
+
     /// The represented matrix, value × scale per element, row-major [m, n]. Each product is exact
     /// in f64 (4 significant bits times 24).
     pub fn dequantize(&self) -> Vec<f64> {
@@ -196,6 +208,21 @@ mod tests {
         let x = uneven_matrix(&mut rng, 7, 300);
         let whole = quantize(&x, 7, 300, Tiling::ACTIVATION);
         assert_eq!(whole.rows(2..5), quantize(&x[2 * 300..5 * 300], 3, 300, Tiling::ACTIVATION));
+    }
+
+    /// Transposing a quantised matrix gives what quantising the transpose in transposed groups
+    /// gives, partial edge groups included.
+    #[test]
+    fn transposing_commutes_with_quantising() {
+        let mut rng = Rng::new(5);
+        for (m, n, tiling) in
+            [(130, 200, Tiling::WEIGHT), (300, 3, Tiling { rows: 128, cols: 1 }), (5, 7, Tiling { rows: 2, cols: 3 })]
+        {
+            let x = uneven_matrix(&mut rng, m, n);
+            let xt: Vec<f64> = (0..n * m).map(|index| x[(index % m) * n + index / m]).collect();
+            let transposed_tiling = Tiling { rows: tiling.cols, cols: tiling.rows };
+            assert_eq!(quantize(&x, m, n, tiling).transposed(), quantize(&xt, n, m, transposed_tiling));
+        }
     }
 
     #[test]

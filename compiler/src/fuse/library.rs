@@ -1,0 +1,178 @@
+//! FP8 GEMMs for the library: cuBLASLt's block-scaled GEMM reads both operands already
+//! quantised and K-major, and cannot quantise them itself. After extraction, every dense FP8
+//! GEMM that still quantises inside (`matmul`, `matmul_add`, the concatenated forms, with an
+//! FP8 recipe and matrix operands) becomes `quantize` kernels for its operands and
+//! `scaled_matmul`s on them: op(a) quantised as [m, k] in the recipe's activation groups, op(b)ᵀ
+//! as [n, k] in its weight groups (an operand quantised the same way twice is quantised once).
+//! The epilogues come out as the additions they fused (`matmul_add`'s c + a·b, the two products
+//! of `concat_k_matmul`), so the function computes bit-identically what it did: the groups,
+//! scales and E4M3 values are the same whichever way round a group is read.
+//!
+//! Grouped GEMMs keep their form (their rows may come quantised from the dispatch already).
+
+use crate::graph::ir::{DType, Fp8Gemm, Function, Module, Node, Op, V};
+use std::collections::HashMap;
+
+/// `module` with every dense FP8 GEMM on quantised operands.
+pub fn quantize_operands(module: &Module) -> Module {
+    Module { functions: module.functions.iter().map(function).collect(), constants: module.constants.clone() }
+}
+
+/// How an operand is quantised: the value, its group's rows × cols, and whether transposed.
+type QuantizeKey = (u32, usize, usize, bool);
+
+struct Rewrite<'f> {
+    old: &'f Function,
+    nodes: Vec<Node>,
+    /// Each old node's value in the new function.
+    map: Vec<V>,
+    /// The parts of an old tuple-valued node replaced by separate nodes.
+    parts: HashMap<u32, Vec<V>>,
+    quantized: HashMap<QuantizeKey, V>,
+}
+
+impl Rewrite<'_> {
+    fn push(&mut self, op: Op, args: Vec<V>, shape: Vec<usize>, dtype: DType) -> V {
+        self.nodes.push(Node { op, args, shape, dtype });
+        V(self.nodes.len() as u32 - 1)
+    }
+
+    /// Old operand `x` (a matrix) quantised in `rows` × `cols` groups of itself, or of its
+    /// transpose if `transpose`.
+    fn quantize(&mut self, x: V, rows: usize, cols: usize, transpose: bool) -> V {
+        if let Some(&q) = self.quantized.get(&(x.0, rows, cols, transpose)) {
+            return q;
+        }
+        let s = &self.old.node(x).shape;
+        let shape = if transpose { vec![s[1], s[0]] } else { s.clone() };
+        let q = self.push(Op::Quantize { rows, cols, transpose }, vec![self.map[x.index()]], shape, DType::F8e4m3);
+        self.quantized.insert((x.0, rows, cols, transpose), q);
+        q
+    }
+
+    /// op(a)·op(b) of old operands in FP8 as `scaled_matmul` of `shape`.
+    fn product(&mut self, a: V, b: V, ta: bool, tb: bool, f: Fp8Gemm, shape: &[usize]) -> V {
+        let qa = self.quantize(a, f.a.outer, f.a.k, ta);
+        let qb = self.quantize(b, f.b.outer, f.b.k, !tb);
+        self.push(Op::ScaledMatMul { promote: f.promote }, vec![qa, qb], shape.to_vec(), DType::F32)
+    }
+
+    fn add(&mut self, x: V, y: V, shape: &[usize]) -> V {
+        self.push(Op::Add, vec![x, y], shape.to_vec(), DType::F32)
+    }
+
+    /// The shape of op(a)·op(b) for old operands.
+    fn shape_of(&self, a: V, b: V, ta: bool, tb: bool) -> Vec<usize> {
+        let (sa, sb) = (&self.old.node(a).shape, &self.old.node(b).shape);
+        vec![if ta { sa[1] } else { sa[0] }, if tb { sb[0] } else { sb[1] }]
+    }
+
+    /// The node's replacement, or `None` to copy it.
+    fn replace(&mut self, i: usize, node: &Node) -> Option<V> {
+        let matrices =
+            node.args.iter().all(|&a| self.old.node(a).shape.len() == 2 && self.old.node(a).dtype != DType::F8e4m3);
+        let a = &node.args;
+        match node.op {
+            Op::MatMul { ta, tb, fp8: Some(f) } if matrices => Some(self.product(a[0], a[1], ta, tb, f, &node.shape)),
+            Op::MatMulAdd { ta, tb, fp8: Some(f) } if matrices => {
+                let y = self.product(a[0], a[1], ta, tb, f, &node.shape);
+                Some(self.add(self.map[a[2].index()], y, &node.shape))
+            }
+            Op::ConcatKMatMul { ta, tb, fp8: Some(f) } if matrices => {
+                let y1 = self.product(a[0], a[1], ta, tb, f, &node.shape);
+                let y2 = self.product(a[2], a[3], ta, tb, f, &node.shape);
+                Some(self.add(y1, y2, &node.shape))
+            }
+            Op::ConcatRowsMatMul { ta, tb, fp8: Some(f) } if matrices => {
+                let (s1, s2) = (self.shape_of(a[0], a[2], ta, tb), self.shape_of(a[1], a[2], ta, tb));
+                let parts = vec![self.product(a[0], a[2], ta, tb, f, &s1), self.product(a[1], a[2], ta, tb, f, &s2)];
+                self.parts.insert(i as u32, parts);
+                // Only `get`s read a tuple: replaced by its parts, it has no value of its own.
+                Some(V(u32::MAX))
+            }
+            Op::ConcatMatMul { ta, tb, fp8: Some(f) } if matrices => {
+                let qa = self.quantize(a[0], f.a.outer, f.a.k, ta);
+                let qb1 = self.quantize(a[1], f.b.outer, f.b.k, !tb);
+                let qb2 = self.quantize(a[2], f.b.outer, f.b.k, !tb);
+                let op = Op::ConcatScaledMatMul { promote: f.promote };
+                Some(self.push(op, vec![qa, qb1, qb2], node.shape.clone(), node.dtype))
+            }
+            Op::Get(part) => self.parts.get(&a[0].0).map(|parts| parts[part]),
+            _ => None,
+        }
+    }
+}
+
+fn function(f: &Function) -> Function {
+    let mut rewrite =
+        Rewrite { old: f, nodes: Vec::new(), map: Vec::new(), parts: HashMap::new(), quantized: HashMap::new() };
+    for (i, node) in f.nodes.iter().enumerate() {
+        let new = match rewrite.replace(i, node) {
+            Some(v) => v,
+            None => {
+                let args = node.args.iter().map(|a| rewrite.map[a.index()]).collect();
+                rewrite.push(node.op.clone(), args, node.shape.clone(), node.dtype)
+            }
+        };
+        rewrite.map.push(new);
+    }
+    Function {
+        name: f.name.clone(),
+        args: f.args.clone(),
+        outputs: f.outputs.iter().map(|o| rewrite.map[o.index()]).collect(),
+        output_names: f.output_names.clone(),
+        nodes: rewrite.nodes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::ir::{FunctionBuilder, Tiling};
+
+    fn recipe() -> Fp8Gemm {
+        Fp8Gemm { a: Tiling { outer: 1, k: 128 }, b: Tiling { outer: 128, k: 128 }, promote: 128 }
+    }
+
+    fn ops(f: &Function) -> Vec<&'static str> {
+        f.nodes.iter().map(|n| n.op.name()).collect()
+    }
+
+    /// Fprop and Dgrad of one weight: w quantised K-major each way; x, read by two products,
+    /// quantised once; the products keep their shapes.
+    #[test]
+    fn products_read_their_operands_quantised_k_major() {
+        let module = Module::default();
+        let mut b = FunctionBuilder::new(&module, "f");
+        let x = b.arg("x", vec![256, 384], DType::F32);
+        let w = b.arg("w", vec![512, 384], DType::F32);
+        let v = b.arg("v", vec![128, 384], DType::F32);
+        let dy = b.arg("dy", vec![256, 512], DType::F32);
+        let y = b.matmul(x, w, false, true, Some(recipe()));
+        let z = b.matmul(x, v, false, true, Some(recipe()));
+        let dx = b.matmul(dy, w, false, false, Some(recipe()));
+        for (name, value) in [("y", y), ("z", z), ("dx", dx)] {
+            b.output(name, value);
+        }
+        let f = b.finish();
+        let g = function(&f);
+        let quantizes: Vec<&Op> =
+            g.nodes.iter().map(|n| &n.op).filter(|op| matches!(op, Op::Quantize { .. })).collect();
+        assert_eq!(
+            quantizes,
+            [
+                &Op::Quantize { rows: 1, cols: 128, transpose: false },
+                &Op::Quantize { rows: 128, cols: 128, transpose: false },
+                &Op::Quantize { rows: 128, cols: 128, transpose: false },
+                &Op::Quantize { rows: 1, cols: 128, transpose: false },
+                &Op::Quantize { rows: 128, cols: 128, transpose: true },
+            ]
+        );
+        assert_eq!(ops(&g).iter().filter(|&&o| o == "scaled_matmul").count(), 3);
+        for (o, old) in g.outputs.iter().zip(&f.outputs) {
+            assert_eq!(g.node(*o).shape, f.node(*old).shape);
+        }
+        let transposed_w = g.nodes.iter().find(|n| n.op == Op::Quantize { rows: 128, cols: 128, transpose: true });
+        assert_eq!(transposed_w.map(|n| n.shape.clone()), Some(vec![384, 512]));
+    }
+}

@@ -1,0 +1,296 @@
+//! How the processes of a multi-process run find each other. [`World::from_env`] reads the
+//! launcher's variables: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! `MASTER_PORT`) or SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, with
+//! `MASTER_ADDR` and `MASTER_PORT` set by the job script). [`share`] then hands rank 0's
+//! secret (NCCL's 128-byte unique id) to every rank over TCP: rank 0 listens on the master
+//! address and, once every other rank has connected and said who it is, sends it to each;
+//! the others connect, retrying while rank 0 is not up yet. Every wait has a deadline, so a
+//! peer that never comes makes rank 0 fail naming the ranks missing, and a rank that cannot
+//! reach rank 0 fails naming the address, instead of hanging.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+/// The secret rank 0 shares (NCCL's unique id is 128 bytes).
+pub type Secret = [u8; 128];
+
+/// This process's place in the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    /// The GPU of this process on its node.
+    pub local_rank: usize,
+    /// Rank 0's `host:port`.
+    pub master: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct RendezvousError(pub String);
+
+impl fmt::Display for RendezvousError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RendezvousError {}
+
+fn error(message: String) -> RendezvousError {
+    RendezvousError(message)
+}
+
+impl World {
+    /// The world the launcher describes through `var` (the process environment in `dsc`), or
+    /// `None` when no launcher started this process (neither `WORLD_SIZE` nor `SLURM_NTASKS`
+    /// set).
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<World>, RendezvousError> {
+        let (rank, size, local) = if var("WORLD_SIZE").is_some() {
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        } else if var("SLURM_NTASKS").is_some() {
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+        } else {
+            return Ok(None);
+        };
+        let number = |name: &str| -> Result<usize, RendezvousError> {
+            let value = var(name).ok_or_else(|| error(format!("`{size}` is set but `{name}` is not: set both")))?;
+            value.trim().parse().map_err(|_| error(format!("`{name}={value}` is not a whole number")))
+        };
+        let world = World {
+            rank: number(rank)?,
+            size: number(size)?,
+            local_rank: if var(local).is_some() { number(local)? } else { 0 },
+            master: format!(
+                "{}:{}",
+                var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+                var("MASTER_PORT").map_or(Ok(29500), |_| number("MASTER_PORT"))?
+            ),
+        };
+        if world.size == 0 || world.rank >= world.size {
+            return Err(error(format!(
+                "`{rank}={}` is not a rank of a world of `{size}={}` processes",
+                world.rank, world.size
+            )));
+        }
+        Ok(Some(world))
+    }
+}
+
+/// Rank 0 gives `secret` (which only it has) to every rank of `world`; every rank returns
+/// it. Fails after `timeout` if a peer is missing.
+pub fn share(world: &World, secret: Option<&Secret>, timeout: Duration) -> Result<Secret, RendezvousError> {
+    let deadline = Instant::now() + timeout;
+    match (world.rank, secret) {
+        (0, Some(secret)) => serve(world, secret, deadline).map(|()| *secret),
+        (0, None) => Err(error("rank 0 shares the secret, so it must have one".into())),
+        _ => fetch(world, deadline, timeout),
+    }
+}
+
+/// Rank 0: accepts every other rank, then sends each the secret.
+fn serve(world: &World, secret: &Secret, deadline: Instant) -> Result<(), RendezvousError> {
+    if world.size == 1 {
+        return Ok(());
+    }
+    let listener = TcpListener::bind(listen_address(&world.master)?)
+        .map_err(|e| error(format!("rank 0 cannot listen on `{}`: {e} (is MASTER_PORT free?)", world.master)))?;
+    listener.set_nonblocking(true).map_err(|e| error(format!("rank 0's listener: {e}")))?;
+    let mut peers: BTreeMap<usize, TcpStream> = BTreeMap::new();
+    while peers.len() < world.size - 1 {
+        match listener.accept() {
+            Ok((mut stream, from)) => {
+                stream.set_nonblocking(false).map_err(|e| error(format!("a connection from {from}: {e}")))?;
+                stream.set_read_timeout(Some(remaining(deadline))).map_err(|e| error(format!("{from}: {e}")))?;
+                let mut hello = [0u8; 8];
+                if stream.read_exact(&mut hello).is_err() {
+                    continue; // not one of ours (or it went away): wait for the real peer
+                }
+                let rank = u32::from_le_bytes(hello[..4].try_into().expect("4 bytes")) as usize;
+                let size = u32::from_le_bytes(hello[4..].try_into().expect("4 bytes")) as usize;
+                if size != world.size {
+                    return Err(error(format!(
+                        "rank {rank} (from {from}) runs in a world of {size} processes, rank 0 in one of {}: start every process with the same WORLD_SIZE",
+                        world.size
+                    )));
+                }
+                if rank == 0 || rank >= world.size || peers.contains_key(&rank) {
+                    return Err(error(format!(
+                        "two processes (one from {from}) claim rank {rank}: give each its own RANK"
+                    )));
+                }
+                peers.insert(rank, stream);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<String> =
+                        (1..world.size).filter(|r| !peers.contains_key(r)).map(|r| r.to_string()).collect();
+                    return Err(error(format!(
+                        "rank 0 waited for the other ranks at `{}` and rank(s) {} never came: did they start, with MASTER_ADDR and MASTER_PORT pointing here?",
+                        world.master,
+                        missing.join(", ")
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(error(format!("rank 0 accepting peers on `{}`: {e}", world.master))),
+        }
+    }
+    for (rank, stream) in &mut peers {
+        stream.write_all(secret).map_err(|e| error(format!("rank 0 sending to rank {rank}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Another rank: connects to rank 0 (retrying until the deadline), says who it is, reads the
+/// secret.
+fn fetch(world: &World, deadline: Instant, timeout: Duration) -> Result<Secret, RendezvousError> {
+    let unreachable = |why: String| {
+        error(format!(
+            "rank {} could not reach rank 0 at `{}` within {} s ({why}): is rank 0 running, and MASTER_ADDR/MASTER_PORT the same for every rank?",
+            world.rank,
+            world.master,
+            timeout.as_secs_f64()
+        ))
+    };
+    let address = world
+        .master
+        .to_socket_addrs()
+        .map_err(|e| unreachable(format!("the address does not resolve: {e}")))?
+        .next()
+        .ok_or_else(|| unreachable("the address does not resolve".into()))?;
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&address, remaining(deadline).max(Duration::from_millis(1))) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() >= deadline => return Err(unreachable(e.to_string())),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let mut hello = [0u8; 8];
+    hello[..4].copy_from_slice(&(world.rank as u32).to_le_bytes());
+    hello[4..].copy_from_slice(&(world.size as u32).to_le_bytes());
+    stream.write_all(&hello).map_err(|e| unreachable(e.to_string()))?;
+    stream
+        .set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut secret = [0u8; 128];
+    stream.read_exact(&mut secret).map_err(|e| {
+        error(format!(
+            "rank {} reached rank 0 at `{}` but got no id from it ({e}): a rank missing, or rank 0 failed (see its output)",
+            world.rank, world.master
+        ))
+    })?;
+    Ok(secret)
+}
+
+/// What rank 0 binds: the master address's port on every interface.
+fn listen_address(master: &str) -> Result<String, RendezvousError> {
+    let port = master.rsplit_once(':').map(|(_, port)| port).ok_or_else(|| error(format!("`{master}` has no port")))?;
+    Ok(format!("0.0.0.0:{port}"))
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name| map.get(name).cloned()
+    }
+
+    /// A free port on this machine (bound, then released).
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("address").port()
+    }
+
+    fn world(rank: usize, size: usize, port: u16) -> World {
+        World { rank, size, local_rank: rank, master: format!("127.0.0.1:{port}") }
+    }
+
+    #[test]
+    fn the_launchers_variables() {
+        assert_eq!(World::from_env(env(&[])), Ok(None));
+        let torchrun = env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "1234"),
+        ]);
+        assert_eq!(
+            World::from_env(torchrun),
+            Ok(Some(World { rank: 3, size: 8, local_rank: 1, master: "node0:1234".into() }))
+        );
+        let slurm =
+            env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "5"), ("MASTER_ADDR", "n1")]);
+        assert_eq!(
+            World::from_env(slurm),
+            Ok(Some(World { rank: 5, size: 16, local_rank: 5, master: "n1:29500".into() }))
+        );
+        for (pairs, says) in [
+            (vec![("WORLD_SIZE", "2")], "`RANK` is not"),
+            (vec![("WORLD_SIZE", "2"), ("RANK", "two")], "`RANK=two` is not a whole number"),
+            (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "not a rank of a world of `WORLD_SIZE=2`"),
+            (vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")], "`MASTER_PORT=x`"),
+        ] {
+            let got = World::from_env(env(&pairs)).expect_err("malformed");
+            assert!(got.0.contains(says), "{got}");
+        }
+    }
+
+    #[test]
+    fn every_rank_gets_rank_0s_secret() {
+        let port = free_port();
+        let secret: Secret = std::array::from_fn(|i| i as u8 ^ 0x5a);
+        let timeout = Duration::from_secs(20);
+        let others: Vec<_> =
+            (1..4).map(|rank| std::thread::spawn(move || share(&world(rank, 4, port), None, timeout))).collect();
+        assert_eq!(share(&world(0, 4, port), Some(&secret), timeout), Ok(secret));
+        for other in others {
+            assert_eq!(other.join().expect("rank thread"), Ok(secret));
+        }
+    }
+
+    #[test]
+    fn a_world_of_one_needs_no_network() {
+        let secret = [7u8; 128];
+        assert_eq!(share(&world(0, 1, 1), Some(&secret), Duration::ZERO), Ok(secret));
+    }
+
+    #[test]
+    fn a_rank_that_never_comes_fails_rank_0_naming_it() {
+        let port = free_port();
+        let timeout = Duration::from_millis(800);
+        let one = std::thread::spawn(move || share(&world(1, 3, port), None, Duration::from_secs(20)));
+        let started = Instant::now();
+        let got = share(&world(0, 3, port), Some(&[1; 128]), timeout).expect_err("rank 2 is missing");
+        assert!(got.0.contains("rank(s) 2 never came"), "{got}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Rank 1 reached rank 0 but got nothing: it fails too, saying so.
+        let one = one.join().expect("rank thread").expect_err("no id");
+        assert!(one.0.contains("got no id"), "{one}");
+    }
+
+    #[test]
+    fn a_rank_without_rank_0_fails_naming_the_address() {
+        let port = free_port();
+        let got = share(&world(2, 3, port), None, Duration::from_millis(500)).expect_err("nobody listens");
+        assert!(got.0.contains(&format!("could not reach rank 0 at `127.0.0.1:{port}`")), "{got}");
+    }
+
+    #[test]
+    fn disagreeing_world_sizes_are_named() {
+        let port = free_port();
+        let one = std::thread::spawn(move || share(&world(1, 3, port), None, Duration::from_secs(5)));
+        let got = share(&world(0, 2, port), Some(&[0; 128]), Duration::from_secs(5)).expect_err("sizes differ");
+        assert!(got.0.contains("start every process with the same WORLD_SIZE"), "{got}");
+        assert!(one.join().expect("rank thread").is_err());
+    }
+}
