@@ -187,6 +187,8 @@ struct Run {
     routed_equally: bool,
     /// Per function: its name, and each output's relative error against the CPU.
     errors: Vec<(String, Vec<f64>)>,
+    /// How many kernels ran on the host instead of the GPU.
+    on_host: usize,
 }
 
 /// Runs the forward and gradient functions of `plan` whole on the GPU (`cuda::exec`: calls,
@@ -208,7 +210,7 @@ fn whole_functions(gpu: Gpu, dir: &std::path::Path, plan: &Plan, seeds: std::ops
     seeds
         .map(|seed| {
             let args = micro_batch(plan, seed);
-            let (mut routed_equally, mut errors) = (true, Vec::new());
+            let (mut routed_equally, mut errors, mut on_host) = (true, Vec::new(), 0);
             for f in [model, plan.grad] {
                 let name = &plan.module.functions[f].name;
                 let started = std::time::Instant::now();
@@ -219,6 +221,7 @@ fn whole_functions(gpu: Gpu, dir: &std::path::Path, plan: &Plan, seeds: std::ops
                 let got = exec.run(f, &args).unwrap_or_else(|e| panic!("{name} on the GPU: {e}"));
                 let gpu = started.elapsed().as_secs_f64();
                 let counts = exec.counts();
+                on_host += counts.host - before.host;
                 assert_eq!(got.len(), want.len(), "{name}: outputs");
                 routed_equally &= loads.clone().all(|i| got[i] == want[i]);
                 let error: Vec<f64> = got.iter().zip(&want).map(|(g, w)| relative_error(&reals(g), &reals(w))).collect();
@@ -240,7 +243,7 @@ fn whole_functions(gpu: Gpu, dir: &std::path::Path, plan: &Plan, seeds: std::ops
             if !routed_equally {
                 eprintln!("seed {seed}: a token routed differently");
             }
-            Run { seed, routed_equally, errors }
+            Run { seed, routed_equally, errors, on_host }
         })
         .collect()
 }
@@ -251,7 +254,8 @@ fn whole_functions(gpu: Gpu, dir: &std::path::Path, plan: &Plan, seeds: std::ops
 /// precision.saved_activations=f32 --set precision.dispatch=f32 --set precision.combine=f32
 /// --set precision.adam_moments=f32`), run whole on the GPU: where the routing agrees, every
 /// output (losses, expert loads, gradients) matches the CPU within DESIGN.md's f32 bound, 1e-5,
-/// and at least two of four seeds route equally. (On the CPU, perturbing this plan's
+/// and at least two of four seeds route equally; every kernel runs on the GPU (the grouped
+/// GEMMs as a product per expert). (On the CPU, perturbing this plan's
 /// parameters by 1e-7 moves its outputs by about 1e-6: the comparison is well-conditioned.)
 #[test]
 fn whole_f32_functions_match_the_cpu_on_the_gpu() {
@@ -268,6 +272,7 @@ fn whole_f32_functions_match_the_cpu_on_the_gpu() {
     assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
     let compared = runs.iter().filter(|r| r.routed_equally).count();
     assert!(compared >= 2, "only {compared} of {} seeds routed equally on the GPU and the CPU", runs.len());
+    assert!(runs.iter().all(|r| r.on_host == 0), "kernels of the f32 plan ran on the host");
 }
 
 /// The FP8 tiny plan run whole on the GPU: every output is finite, and where the routing

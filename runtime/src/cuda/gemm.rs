@@ -5,8 +5,10 @@
 //! C = op(A)·op(B) is computed as column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, batched over equal leading
 //! dimensions (a rank-2 operand is shared by every batch). The FP8 GEMMs on quantised operands
 //! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`scaled`])
-//! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks); grouped GEMMs are not
-//! here yet.
+//! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks). Grouped GEMMs of the
+//! MoE experts outside FP8 run as one product per expert, their row offsets read back from the
+//! device first (one synchronisation per grouped GEMM); in FP8 they are not here yet (per-expert
+//! row ranges cut the M-major activation scales, and the Wgrad quantises per expert).
 
 use super::scaled::{Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
@@ -42,9 +44,33 @@ struct Plan<'s> {
     products: Vec<Product<'s>>,
 }
 
+/// A value of the arena and its shape.
+type Operand<'s> = (u32, &'s [usize]);
+
+/// A grouped GEMM of the MoE experts outside FP8, over the row offsets in `offsets` (read
+/// back from the device when it runs: one synchronisation per grouped GEMM).
+struct Grouped<'s> {
+    xs: Operand<'s>,
+    offsets: u32,
+    kind: GroupedKind<'s>,
+}
+
+enum GroupedKind<'s> {
+    /// Per expert e and each (weight, output): the expert's rows of xs times op(w[e]).
+    Products { tb: bool, weights: Vec<(Operand<'s>, u32)> },
+    /// The weight gradient out[e] = grad_eᵀ · xs_e over each expert's rows.
+    Wgrad { grad: Operand<'s>, out: u32 },
+}
+
+/// How a library GEMM runs here.
+enum Work<'s> {
+    Products(Plan<'s>),
+    Grouped(Grouped<'s>),
+}
+
 /// How library GEMM `kernel` (of `function`) runs here, or `None` for the ones not on the GPU
-/// yet (FP8 and grouped GEMMs).
-fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Plan<'s>> {
+/// yet (FP8 GEMMs outside 128-element groups, grouped GEMMs in FP8).
+fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
     let v = kernel.nodes[0];
     let node = &function.nodes[v as usize];
     let base = |a: V| dsc_compiler::fuse::kernels::base(function, a).0;
@@ -93,9 +119,21 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Plan<'s>> {
         }
         Op::ScaledMatMul { .. } => (None, vec![fp8(0, 1, v)?]),
         Op::ConcatScaledMatMul { .. } => (None, vec![fp8(0, 1, part(0))?, fp8(0, 2, part(1))?]),
+        Op::GroupedMatMul { tb, fp8: None } => {
+            let kind = GroupedKind::Products { tb, weights: vec![(arg(1), v)] };
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind }));
+        }
+        Op::ConcatGroupedMatMul { tb, fp8: None } => {
+            let kind = GroupedKind::Products { tb, weights: vec![(arg(1), part(0)), (arg(2), part(1))] };
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(3).0, kind }));
+        }
+        Op::GroupedWgrad { fp8: None, .. } => {
+            let kind = GroupedKind::Wgrad { grad: arg(1), out: v };
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind }));
+        }
         _ => return None,
     };
-    Some(Plan { addend, products })
+    Some(Work::Products(Plan { addend, products }))
 }
 
 /// Whether library GEMM `kernel` runs on the GPU yet.
@@ -112,9 +150,13 @@ pub fn run(
     arena: &mut CudaSlice<u8>,
     layout: &Layout,
 ) -> Result<(), GpuError> {
-    let Some(plan) = plan(function, kernel) else {
-        let op = function.nodes[kernel.nodes[0] as usize].op.name();
-        return Err(GpuError::Unsupported(format!("`{op}` (FP8 and grouped GEMMs are not on the GPU yet)")));
+    let plan = match plan(function, kernel) {
+        Some(Work::Products(plan)) => plan,
+        Some(Work::Grouped(g)) => return grouped(gpu, &blas.f32, function, arena, layout, &g),
+        None => {
+            let op = function.nodes[kernel.nodes[0] as usize].op.name();
+            return Err(GpuError::Unsupported(format!("`{op}` (grouped GEMMs in FP8 are not on the GPU yet)")));
+        }
     };
     if let Some((from, to)) = plan.addend {
         copy(gpu, arena, layout, from, to, bytes_of(function, to))?;
@@ -167,40 +209,136 @@ fn product(gpu: &Gpu, blas: &CudaBlas, arena: &CudaSlice<u8>, layout: &Layout, p
     let rank = c_shape.len();
     let (m, n) = (c_shape[rank - 2], c_shape[rank - 1]);
     let k = if p.ta { a_shape[a_shape.len() - 2] } else { a_shape[a_shape.len() - 1] };
-    let batch: usize = c_shape[..rank - 2].iter().product();
     let stride =
         |shape: &[usize]| if shape.len() == 2 { 0 } else { (shape[shape.len() - 2] * shape[shape.len() - 1]) as i64 };
-    let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
     let (base, _sync) = arena.device_ptr(&gpu.stream);
     let at = |v: u32| base + layout.offsets[&v];
-    let (alpha, beta) = (1.0f32, if p.accumulate { 1.0f32 } else { 0.0 });
-    // Column-major Cᵀ [n, m] = op(B)ᵀ [n, k] · op(A)ᵀ [k, m]: B's rows are n long unless
-    // transposed, A's are k long unless transposed.
-    let (ldb, lda) = (if p.tb { k } else { n }, if p.ta { m } else { k });
+    let g = Sgemm {
+        a: at(p.a.0),
+        b: at(p.b.0),
+        c: at(p.c),
+        m,
+        n,
+        k,
+        ta: p.ta,
+        tb: p.tb,
+        accumulate: p.accumulate,
+        batch: c_shape[..rank - 2].iter().product(),
+        strides: [stride(a_shape), stride(b_shape)],
+    };
     // SAFETY: every pointer is inside the arena, at the offset the memory plan gives the value,
-    // whose buffer holds the shapes used here (checked by the plan's shapes); cuBLAS runs on
-    // the arena's stream.
-    unsafe {
-        cudarc::cublas::result::sgemm_strided_batched(
-            *blas.handle(),
-            op(p.tb),
-            op(p.ta),
-            n as i32,
-            m as i32,
-            k as i32,
-            &alpha,
-            at(p.b.0) as *const f32,
-            ldb as i32,
-            stride(b_shape),
-            at(p.a.0) as *const f32,
-            lda as i32,
-            stride(a_shape),
-            &beta,
-            at(p.c) as *mut f32,
-            n as i32,
-            (m * n) as i64,
-            batch as i32,
-        )
+    // whose buffer holds the shapes used here (checked by the plan's shapes).
+    unsafe { sgemm(blas, &g) }
+}
+
+/// Runs a grouped GEMM: the offsets read back, then one product per expert with rows (an
+/// expert without rows has none; its weight gradient stays zero).
+fn grouped(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    function: &Function,
+    arena: &mut CudaSlice<u8>,
+    layout: &Layout,
+    g: &Grouped,
+) -> Result<(), GpuError> {
+    let range = |v: u32| {
+        let at = layout.offsets[&v] as usize;
+        at..at + bytes_of(function, v)
+    };
+    let bytes = gpu.stream.clone_dtoh(&arena.slice(range(g.offsets)))?;
+    let offsets: Vec<usize> =
+        bytes.chunks(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")).max(0) as usize).collect();
+    if let GroupedKind::Wgrad { out, .. } = g.kind {
+        gpu.stream.memset_zeros(&mut arena.slice_mut(range(out)))?;
     }
+    let (base, _sync) = arena.device_ptr(&gpu.stream);
+    let at = |v: u32, elements: usize| base + layout.offsets[&v] + 4 * elements as u64;
+    let k = g.xs.1[1];
+    let experts = offsets.len().saturating_sub(1);
+    for e in (0..experts).filter(|&e| offsets[e] < offsets[e + 1]) {
+        let (first, rows) = (offsets[e], offsets[e + 1] - offsets[e]);
+        let products: Vec<Sgemm> = match &g.kind {
+            GroupedKind::Products { tb, weights } => weights
+                .iter()
+                .map(|&(w, out)| {
+                    let n = if *tb { w.1[1] } else { w.1[2] };
+                    let (a, b, c) = (at(g.xs.0, first * k), at(w.0, e * k * n), at(out, first * n));
+                    Sgemm { a, b, c, m: rows, n, k, ta: false, tb: *tb, accumulate: false, batch: 1, strides: [0, 0] }
+                })
+                .collect(),
+            // out[e] [n, k] = grad_eᵀ [n, rows] · xs_e [rows, k].
+            GroupedKind::Wgrad { grad, out } => {
+                let n = grad.1[1];
+                let (a, b, c) = (at(grad.0, first * n), at(g.xs.0, first * k), at(*out, e * n * k));
+                vec![Sgemm {
+                    a,
+                    b,
+                    c,
+                    m: n,
+                    n: k,
+                    k: rows,
+                    ta: true,
+                    tb: false,
+                    accumulate: false,
+                    batch: 1,
+                    strides: [0, 0],
+                }]
+            }
+        };
+        for p in &products {
+            // SAFETY: the offsets are the plan's expert offsets, within xs's (and grad's) rows
+            // (the routing made them); weights and outputs are the arena's buffers of their
+            // shapes.
+            unsafe { sgemm(blas, p)? };
+        }
+    }
+    Ok(())
+}
+
+/// A row-major f32 product C [m, n] = op(A)·op(B) (plus what C held when `accumulate`) on
+/// device addresses, batched with the operands' strides in elements (0: shared).
+struct Sgemm {
+    a: u64,
+    b: u64,
+    c: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+    batch: usize,
+    strides: [i64; 2],
+}
+
+/// Runs `g` on cuBLAS as column-major Cᵀ [n, m] = op(B)ᵀ [n, k] · op(A)ᵀ [k, m]: B's rows are
+/// n long unless transposed, A's are k long unless transposed.
+///
+/// # Safety
+/// The addresses must hold the matrices `g` describes, on the handle's stream.
+unsafe fn sgemm(blas: &CudaBlas, g: &Sgemm) -> Result<(), GpuError> {
+    let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+    let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+    let (ldb, lda) = (if g.tb { g.k } else { g.n }, if g.ta { g.m } else { g.k });
+    cudarc::cublas::result::sgemm_strided_batched(
+        *blas.handle(),
+        op(g.tb),
+        op(g.ta),
+        g.n as i32,
+        g.m as i32,
+        g.k as i32,
+        &alpha,
+        g.b as *const f32,
+        ldb as i32,
+        g.strides[1],
+        g.a as *const f32,
+        lda as i32,
+        g.strides[0],
+        &beta,
+        g.c as *mut f32,
+        g.n as i32,
+        (g.m * g.n) as i64,
+        g.batch as i32,
+    )
     .map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))
 }
