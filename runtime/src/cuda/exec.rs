@@ -6,7 +6,7 @@
 //! kernel runs at its first node: generated kernels from their PTX, library GEMMs on cuBLAS and
 //! cuBLASLt ([`gemm`]), and what neither covers yet (grouped GEMMs, FP8 GEMMs outside 128-element
 //! groups) on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
-//! decoded) and its outputs uploaded.
+//! decoded) and its outputs uploaded. A function's arena is kept for its next call.
 //! [`Counts`] says how many kernels took each path.
 
 use super::{gemm, Gpu, GpuError, Kernels};
@@ -54,6 +54,9 @@ pub struct Executor {
     counts: Counts,
     /// Synchronise after every kernel, so that a fault names it.
     checked: bool,
+    /// Per function, the arena of its last call, kept for the next (every buffer is written
+    /// before it is read within a call, and `zeroed` outputs are cleared at their kernel).
+    spare: Vec<Option<CudaSlice<u8>>>,
 }
 
 /// An argument of a call: bytes on the host, or a buffer of the caller's arena.
@@ -143,7 +146,8 @@ impl Executor {
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
         let kernels = Kernels::new(dir);
         let plan = Arc::new(plan);
-        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts: Counts::default(), checked })
+        let spare = plan.functions.iter().map(|_| None).collect();
+        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts: Counts::default(), checked, spare })
     }
 
     pub fn counts(&self) -> Counts {
@@ -171,7 +175,7 @@ impl Executor {
         }
         let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
         let arena = self.invoke(f, &inputs)?;
-        function
+        let outputs = function
             .outputs
             .iter()
             .map(|&o| {
@@ -186,7 +190,9 @@ impl Executor {
                     )),
                 }
             })
-            .collect()
+            .collect();
+        self.spare[f] = Some(arena);
+        outputs
     }
 
     /// The byte range of value `v`'s buffer in function `f`'s arena.
@@ -195,12 +201,16 @@ impl Executor {
         at..at + self.bytes[f][&v]
     }
 
-    /// Runs function `f` in an arena of its own and returns the arena.
+    /// Runs function `f` in an arena of its own (its last call's, or a new one) and returns
+    /// the arena.
     fn invoke(&mut self, f: usize, args: &[Input]) -> Result<CudaSlice<u8>, GpuError> {
         let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         let pf = &plan.functions[f];
-        let mut arena = self.gpu.stream.alloc_zeros::<u8>(self.layouts[f].peak.max(1) as usize)?;
+        let mut arena = match self.spare[f].take() {
+            Some(arena) => arena,
+            None => self.gpu.stream.alloc_zeros::<u8>(self.layouts[f].peak.max(1) as usize)?,
+        };
         let mut steps: Vec<(u32, Step)> =
             pf.kernels.iter().enumerate().map(|(k, kernel)| (kernel.nodes[0], Step::Kernel(k))).collect();
         steps.extend(
@@ -317,6 +327,7 @@ impl Executor {
                 }
             }
         }
+        self.spare[callee] = Some(results);
         Ok(())
     }
 

@@ -13,13 +13,15 @@
 use super::{Gpu, GpuError};
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::CudaSlice;
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::Mutex;
 
 /// The workspace cuBLASLt asks for on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// The scaling groups of an FP8 GEMM operand.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Groups {
     /// 1 × 128 along K.
     Tiles,
@@ -53,17 +55,19 @@ fn scales_at(buffer: u64, rows: usize, k: usize) -> u64 {
     buffer + (rows * k).next_multiple_of(16) as u64
 }
 
-/// A cuBLASLt handle and its workspace.
+/// A cuBLASLt handle, its workspace, and the algorithm its heuristic chose for each GEMM
+/// shape so far (asked once per shape).
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    algorithms: Mutex<HashMap<(usize, usize, usize, Groups), sys::cublasLtMatmulAlgo_t>>,
 }
 
 impl Lt {
     pub fn new(gpu: &Gpu) -> Result<Lt, GpuError> {
         let handle = result::create_handle().map_err(lt)?;
         let workspace = gpu.stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
-        Ok(Lt { handle, workspace })
+        Ok(Lt { handle, workspace, algorithms: Mutex::new(HashMap::new()) })
     }
 
     /// Whether cuBLASLt's block-scaled path takes a GEMM of these sizes: K whole 128-element
@@ -113,9 +117,18 @@ impl Lt {
         // and result lie in the caller's arena at the addresses given, sized by m, n and k as
         // the plan's buffers are; cuBLASLt runs on the arena's stream.
         unsafe {
-            let heuristic =
-                result::get_matmul_algo_heuristic(self.handle, desc.0, lt_a.0, lt_b.0, lt_d.0, lt_d.0, pref.0)
-                    .map_err(lt)?;
+            let shape = (g.m, g.n, g.k, g.b_groups);
+            let cached = self.algorithms.lock().expect("algorithms").get(&shape).copied();
+            let algorithm = match cached {
+                Some(algorithm) => algorithm,
+                None => {
+                    let heuristic =
+                        result::get_matmul_algo_heuristic(self.handle, desc.0, lt_a.0, lt_b.0, lt_d.0, lt_d.0, pref.0)
+                            .map_err(lt)?;
+                    self.algorithms.lock().expect("algorithms").insert(shape, heuristic.algo);
+                    heuristic.algo
+                }
+            };
             result::matmul(
                 self.handle,
                 desc.0,
@@ -129,7 +142,7 @@ impl Lt {
                 lt_d.0,
                 g.d as *mut c_void,
                 lt_d.0,
-                &heuristic.algo,
+                &algorithm,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES,
                 gpu.stream.cu_stream() as sys::cudaStream_t,
