@@ -175,4 +175,45 @@ mod tests {
         let transposed_w = g.nodes.iter().find(|n| n.op == Op::Quantize { rows: 128, cols: 128, transpose: true });
         assert_eq!(transposed_w.map(|n| n.shape.clone()), Some(vec![384, 512]));
     }
+
+    /// The fused forms come apart into what they fused: `matmul_add` into a product and an
+    /// addition onto c; `concat_rows_matmul`'s two results into two products sharing the
+    /// quantised b, its `get`s reading them.
+    #[test]
+    fn fused_forms_come_apart_with_their_readers() {
+        let module = Module::default();
+        let mut b = FunctionBuilder::new(&module, "f");
+        let (g1, g2) = (b.arg("g1", vec![256, 128], DType::F32), b.arg("g2", vec![256, 256], DType::F32));
+        let x = b.arg("x", vec![256, 384], DType::F32);
+        let c = b.arg("c", vec![256, 384], DType::F32);
+        let wgrad = Fp8Gemm { a: Tiling { outer: 1, k: 128 }, b: Tiling { outer: 1, k: 128 }, promote: 128 };
+        let op = Op::ConcatRowsMatMul { ta: true, tb: false, fp8: Some(wgrad) };
+        let both = b.push(op, vec![g1, g2, x], vec![], DType::F32);
+        let (d1, d2) = (
+            b.push(Op::Get(0), vec![both], vec![128, 384], DType::F32),
+            b.push(Op::Get(1), vec![both], vec![256, 384], DType::F32),
+        );
+        let w = b.arg("w", vec![384, 384], DType::F32);
+        let y = b.push(
+            Op::MatMulAdd { ta: false, tb: true, fp8: Some(recipe()) },
+            vec![x, w, c],
+            vec![256, 384],
+            DType::F32,
+        );
+        for (name, value) in [("d1", d1), ("d2", d2), ("y", y)] {
+            b.output(name, value);
+        }
+        let f = b.finish();
+        let g = function(&f);
+        assert!(!ops(&g).contains(&"concat_rows_matmul") && !ops(&g).contains(&"matmul_add"), "{:?}", ops(&g));
+        let [d1, d2, y] = [0, 1, 2].map(|o| g.node(g.outputs[o]));
+        assert_eq!((d1.op.name(), d1.shape.clone()), ("scaled_matmul", vec![128, 384]));
+        assert_eq!((d2.op.name(), d2.shape.clone()), ("scaled_matmul", vec![256, 384]));
+        assert_eq!(d1.args[1], d2.args[1], "b quantised once for both");
+        assert_eq!(g.node(d1.args[1]).op, Op::Quantize { rows: 1, cols: 128, transpose: true });
+        assert_eq!(g.node(d1.args[0]).op, Op::Quantize { rows: 1, cols: 128, transpose: true });
+        assert_eq!(y.op, Op::Add);
+        assert_eq!(y.args[0], V(3), "c, then the product");
+        assert_eq!(g.node(y.args[1]).op.name(), "scaled_matmul");
+    }
 }

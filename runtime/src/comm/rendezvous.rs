@@ -1,7 +1,8 @@
 //! How the processes of a multi-process run find each other. [`World::from_env`] reads the
 //! launcher's variables: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT`) or SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, with
-//! `MASTER_ADDR` and `MASTER_PORT` set by the job script). [`share`] then hands rank 0's
+//! `MASTER_ADDR` and `MASTER_PORT` set by the job script; without them rank 0 is looked for on
+//! 127.0.0.1:29500, and a job over several nodes must set `MASTER_ADDR`). [`share`] then hands rank 0's
 //! secret (NCCL's 128-byte unique id) to every rank over TCP: rank 0 listens on the master
 //! address and, once every other rank has connected and said who it is, sends it to each;
 //! the others connect, retrying while rank 0 is not up yet. Every wait has a deadline, so a
@@ -55,6 +56,12 @@ impl World {
         } else {
             return Ok(None);
         };
+        // A launcher spreading processes over nodes must say where rank 0 listens.
+        if var("MASTER_ADDR").is_none() && var("SLURM_NNODES").is_some_and(|n| n.trim() != "1") {
+            return Err(error(
+                "the job spans several nodes but `MASTER_ADDR` is not set: set it to the first node's address (e.g. `export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)`)".into(),
+            ));
+        }
         let number = |name: &str| -> Result<usize, RendezvousError> {
             let value = var(name).ok_or_else(|| error(format!("`{size}` is set but `{name}` is not: set both")))?;
             value.trim().parse().map_err(|_| error(format!("`{name}={value}` is not a whole number")))
@@ -239,6 +246,7 @@ mod tests {
             (vec![("WORLD_SIZE", "2"), ("RANK", "two")], "`RANK=two` is not a whole number"),
             (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "not a rank of a world of `WORLD_SIZE=2`"),
             (vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")], "`MASTER_PORT=x`"),
+            (vec![("SLURM_NTASKS", "16"), ("SLURM_PROCID", "0"), ("SLURM_NNODES", "2")], "`MASTER_ADDR` is not set"),
         ] {
             let got = World::from_env(env(&pairs)).expect_err("malformed");
             assert!(got.0.contains(says), "{got}");
