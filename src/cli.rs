@@ -92,7 +92,9 @@ pub enum Command {
         output: PathBuf,
     },
     // end issue 6 commands
-    /// Train a spec's model (on the CPU backend).
+    /// Train a spec's model: on the CPU, on thread-ranks for a parallel plan, on the GPU with
+    /// `--plan`, or as one data-parallel process per GPU over NCCL when started by torchrun or
+    /// srun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, or SLURM's).
     Train(TrainArgs),
     /// Compile a spec into a plan directory (`-o DIR`), or print a stage (`--emit`).
     Compile {
