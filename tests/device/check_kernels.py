@@ -226,13 +226,14 @@ def fp8_tiling(node):
 
 def fp8_layout(node):
     """An FP8 value's buffer: E4M3 bytes of [m, n], then from a 16-byte boundary one f32 scale
-    per group: M-major for one-row groups, row-major over taller groups (compiler/src/mlir/fp8.rs)."""
+    per group: M-major for one-row groups, row-major over taller groups with each row padded to
+    4 scales (compiler/src/mlir/fp8.rs)."""
     n = node["shape"][-1]
     m = math.prod(node["shape"]) // n
     rows, cols = fp8_tiling(node)
     gm, gn = -(-m // rows), -(-n // cols)
     offset = -(-(m * n) // 16) * 16
-    return m, n, rows, cols, gm, gn, offset, offset + 4 * gm * gn
+    return m, n, rows, cols, gm, gn, offset, offset + 4 * gm * (gn if rows == 1 else -(-gn // 4) * 4)
 
 
 E4M3 = np.array([
@@ -243,10 +244,10 @@ E4M3 = np.array([
 
 def dequantize(buffer, node):
     """The GPU's FP8 buffer as the float64 values it stands for."""
-    m, n, rows, cols, gm, gn, offset, _ = fp8_layout(node)
+    m, n, rows, cols, gm, gn, offset, end = fp8_layout(node)
     values = xp.asarray(E4M3)[buffer[: m * n].astype(xp.int64)].reshape(m, n)
-    scales = buffer[offset: offset + 4 * gm * gn].view(xp.float32).astype(xp.float64)
-    scales = scales.reshape(gn, gm).T if rows == 1 else scales.reshape(gm, gn)
+    scales = buffer[offset:end].view(xp.float32).astype(xp.float64)
+    scales = scales.reshape(gn, gm).T if rows == 1 else scales.reshape(gm, -1)[:, :gn]
     return (values * xp.repeat(xp.repeat(scales, rows, axis=0), cols, axis=1)[:m, :n]).reshape(-1)
 
 

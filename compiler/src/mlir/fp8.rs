@@ -5,7 +5,7 @@
 //! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group in the
 //! order DeepGEMM and cuBLASLt's block-scaled GEMM read them ([`scale_index`]): groups of one
 //! row (activation tiles) group column by group column (M-major), taller groups (weight
-//! blocks) group row by group row. A group's scale is amax / 448 rounded to
+//! blocks) group row by group row, each row padded to 4 scales. A group's scale is amax / 448 rounded to
 //! f32 (1 where that is 0), and an element is `cvt.rn.satfinite.e4m3` of the f32 quotient
 //! x / scale (a true division): what the CPU reference's `quantize` computes.
 
@@ -15,12 +15,23 @@ use std::fmt::Write as _;
 
 /// Where the scale of group (`group_row`, `group_col`) of a matrix cut into `row_groups` ×
 /// `col_groups` groups of `rows` rows each lies among its scales: M-major for one-row groups
-/// (`group_col · row_groups + group_row`), row-major over the groups otherwise.
+/// (`group_col · row_groups + group_row`), row-major over the groups otherwise, each row of
+/// groups padded to a multiple of 4 scales (16 bytes: cuBLASLt reads 128×128 scales so; with
+/// 6 groups a row unpadded its results were off by 50% on the H100).
 pub fn scale_index(rows: usize, row_groups: usize, col_groups: usize, group_row: usize, group_col: usize) -> usize {
     if rows == 1 {
         group_col * row_groups + group_row
     } else {
-        group_row * col_groups + group_col
+        group_row * col_groups.next_multiple_of(4) + group_col
+    }
+}
+
+/// How many scales the buffer holds (padding included, see [`scale_index`]).
+pub fn scale_count(rows: usize, row_groups: usize, col_groups: usize) -> usize {
+    if rows == 1 {
+        row_groups * col_groups
+    } else {
+        row_groups * col_groups.next_multiple_of(4)
     }
 }
 
@@ -50,13 +61,13 @@ fn scales_offset(m: usize, n: usize) -> usize {
 pub fn storage_bytes(node: &Node) -> Option<u64> {
     let (rows, cols) = tiling(&node.op)?;
     let (m, n) = matrix(node);
-    Some((scales_offset(m, n) + 4 * m.div_ceil(rows) * n.div_ceil(cols)) as u64)
+    Some((scales_offset(m, n) + 4 * scale_count(rows, m.div_ceil(rows), n.div_ceil(cols))) as u64)
 }
 
 /// `%q{slot}` (the bytes as i32 words, when there are whole words) and `%s{slot}` (the scales)
 /// over argument `slot`, an [m, n] value in `rows × cols` groups.
 pub(super) fn views(b: &mut Body, slot: usize, m: usize, n: usize, rows: usize, cols: usize) {
-    let groups = m.div_ceil(rows) * n.div_ceil(cols);
+    let groups = scale_count(rows, m.div_ceil(rows), n.div_ceil(cols));
     let _ = write!(
         b.text,
         "      %qn{slot} = arith.constant {} : index\n      %q{slot} = memref.view %a{slot}[%c0][%qn{slot}] : memref<?xi8> to memref<?xi32>\n      %so{slot} = arith.constant {} : index\n      %sn{slot} = arith.constant {groups} : index\n      %s{slot} = memref.view %a{slot}[%so{slot}][%sn{slot}] : memref<?xi8> to memref<?xf32>\n",
@@ -301,7 +312,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
         None
     });
     // The scale's place (`scale_index`): M-major for one-row groups, else row-major.
-    let (outer, stride, inner) = if rows == 1 { ("%gc", gm, "%gr") } else { ("%gr", gn, "%gc") };
+    let (outer, stride, inner) = if rows == 1 { ("%gc", gm, "%gr") } else { ("%gr", gn.next_multiple_of(4), "%gc") };
     let _ = write!(
         b.text,
         "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sstride = arith.constant {stride} : index\n      %souter = arith.muli {outer}, %sstride : index\n      %sat = arith.addi %souter, {inner} : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n      }}\n"

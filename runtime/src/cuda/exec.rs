@@ -94,7 +94,7 @@ pub fn fp8_bytes(q: &Quantized) -> Vec<u8> {
     let (row_groups, col_groups) = (q.m.div_ceil(q.tiling.rows), q.n.div_ceil(q.tiling.cols));
     let mut bytes: Vec<u8> = q.values.iter().map(|&v| e4m3_encode(v)).collect();
     let at = (q.m * q.n).next_multiple_of(16);
-    bytes.resize(at + 4 * row_groups * col_groups, 0);
+    bytes.resize(at + 4 * fp8::scale_count(q.tiling.rows, row_groups, col_groups), 0);
     for gi in 0..row_groups {
         for gj in 0..col_groups {
             let o = at + 4 * fp8::scale_index(q.tiling.rows, row_groups, col_groups, gi, gj);
