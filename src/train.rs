@@ -217,10 +217,13 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The compiled plan in `dir`, which must be of `spec`.
+/// The compiled plan in `dir`, which must be of `spec` (its data sources aside: they do not
+/// shape the plan).
 fn read_plan(dir: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     let plan = Plan::read(dir)?;
-    if plan.spec != *spec {
+    let mut compiled_for = plan.spec.clone();
+    compiled_for.train.data = spec.train.data.clone();
+    if compiled_for != *spec {
         bail!(
             "`{}` was compiled from another spec (or other `--set` values): recompile it with `dsc compile FILE -o {}`",
             dir.display(),

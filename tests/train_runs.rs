@@ -411,6 +411,9 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
     let o = ok(train(&["--steps", "3", "--plan", path(&plan), "--backend", "cpu", "--metrics", path(&planned)]));
     assert!(text(&o.stderr).contains("on the CPU"), "{}", text(&o.stderr));
     assert_eq!(losses(&graph), losses(&planned), "the plan trains like the spec's graph");
+    // Other data sources do not change the plan.
+    let fim = ["--set", "train.data.fim_rate=0.5", "--steps", "1", "--plan", path(&plan), "--backend", "cpu"];
+    ok(train(&fim));
     let refused = |o: Output, what: &str| {
         assert!(!o.status.success() && text(&o.stderr).contains(what), "expected `{what}`:\n{}", text(&o.stderr));
     };

@@ -9,7 +9,7 @@
 use cudarc::driver::DevicePtr;
 use dsc_runtime::cpu::numerics::{quantize, Tiling};
 use dsc_runtime::cuda::exec::fp8_bytes;
-use dsc_runtime::cuda::scaled::{Groups, ScaledGemm};
+use dsc_runtime::cuda::scaled::{Fp8Operand, Groups, ScaledGemm};
 use dsc_runtime::cuda::Gpu;
 use dsc_runtime::rng::Rng;
 use std::time::Instant;
@@ -37,7 +37,8 @@ fn main() {
         let dd = gpu.stream.alloc_zeros::<f32>(m * n).expect("alloc");
         let ((pa, _a), (pb, _b), (pd, _d)) =
             (da.device_ptr(&gpu.stream), db.device_ptr(&gpu.stream), dd.device_ptr(&gpu.stream));
-        let g = ScaledGemm { a: pa, b: pb, d: pd, m, n, k, b_groups: Groups::Blocks };
+        let (a, b) = (Fp8Operand::buffer(pa, m, k), Fp8Operand::buffer(pb, n, k));
+        let g = ScaledGemm { a, b, d: pd, m, n, k, b_groups: Groups::Blocks };
         let run = |times: usize| {
             let start = Instant::now();
             for _ in 0..times {

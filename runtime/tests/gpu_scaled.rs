@@ -9,7 +9,7 @@
 use cudarc::driver::DevicePtr;
 use dsc_runtime::cpu::numerics::{e4m3_decode, matmul_fp8, quantize, Quantized, Tiling};
 use dsc_runtime::cuda::exec::fp8_bytes;
-use dsc_runtime::cuda::scaled::{Groups, ScaledGemm};
+use dsc_runtime::cuda::scaled::{Fp8Operand, Groups, ScaledGemm};
 use dsc_runtime::cuda::Gpu;
 use dsc_runtime::rng::Rng;
 
@@ -50,6 +50,11 @@ fn fp8_gemms_on_cublaslt_match_the_cpu_reference() {
             (256, 512, 768, Groups::Blocks),
             (128, 2112, 7168, Groups::Blocks),
             (512, 384, 4096, Groups::Tiles),
+            // Few rows, as an expert's piece may have (M a multiple of 4: cuBLASLt refuses M = 1).
+            (4, 256, 256, Groups::Blocks),
+            (12, 512, 384, Groups::Blocks),
+            (16, 256, 1024, Groups::Tiles),
+            (1540, 2048, 1024, Groups::Blocks),
         ]
     {
         let b_tiling = match b_groups {
@@ -75,7 +80,8 @@ fn fp8_gemms_on_cublaslt_match_the_cpu_reference() {
         {
             let ((pa, _sa), (pb, _sb), (pd, _sd)) =
                 (da.device_ptr(&gpu.stream), db.device_ptr(&gpu.stream), dd.device_ptr(&gpu.stream));
-            let g = ScaledGemm { a: pa, b: pb, d: pd, m, n, k, b_groups };
+            let (a, b) = (Fp8Operand::buffer(pa, m, k), Fp8Operand::buffer(pb, n, k));
+            let g = ScaledGemm { a, b, d: pd, m, n, k, b_groups };
             blas.fp8.run(&gpu, &g).expect("cuBLASLt FP8 GEMM");
         }
         let got: Vec<f64> = gpu.stream.clone_dtoh(&dd).expect("download").into_iter().map(f64::from).collect();
@@ -196,4 +202,162 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
     }
     println!("{checked} FP8 GEMM results of the bench plan on cuBLASLt, worst relative error {worst:.2e}");
     assert!(checked >= 10, "only {checked} FP8 GEMMs on cuBLASLt in the bench plan");
+}
+
+/// Random expert offsets over `rows` rows: sorted cuts, two experts empty, the last expert's
+/// rows (almost surely) not a multiple of 16, so that its final rows go through the scratch
+/// buffers.
+fn random_offsets(rng: &mut Rng, rows: usize, experts: usize) -> Vec<i32> {
+    let mut cuts: Vec<usize> = (0..experts - 1).map(|_| rng.below(rows + 1)).collect();
+    cuts.sort_unstable();
+    cuts[3] = cuts[2];
+    cuts[4] = cuts[2];
+    std::iter::once(0).chain(cuts).chain(std::iter::once(rows)).map(|o| o as i32).collect()
+}
+
+/// Every grouped FP8 GEMM form of the bench plan (Fprop, its concatenated gate and up form,
+/// Dgrad, and the Wgrad on `quantize_by_expert` operands), each distinct form once, run
+/// through `gemm::run` on random FP8 operands and random expert offsets (two experts empty, a
+/// ragged last one): the first and last rows of the first, a middle and the last expert with
+/// rows match the CPU reference's FP8 GEMM of those rows within 1e-3 (all of them would take
+/// the CPU minutes); rows of the Wgrad's result likewise, and an empty expert's gradient is 0.
+#[test]
+fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
+    use dsc_compiler::fuse::kernels::{base, Code};
+    use dsc_compiler::graph::ir::{Op, V};
+    use dsc_compiler::mlir::fp8;
+    use dsc_compiler::plan::Plan;
+    use dsc_runtime::cuda::gemm;
+    let gpu = match Gpu::open() {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let dir = std::env::var("DSC_TEST_PLAN_BENCH")
+        .unwrap_or_else(|_| format!("{}/../target/plan-bench", env!("CARGO_MANIFEST_DIR")));
+    let Ok(plan) = Plan::read(std::path::Path::new(&dir)) else {
+        eprintln!("skipped: no compiled plan at {dir} (see the_bench_plans_fp8_gemms_run_on_cublaslt)");
+        return;
+    };
+    let blas = gpu.blas().expect("cuBLAS and cuBLASLt");
+    let mut rng = Rng::new(13);
+    let (mut checked, mut worst) = (0, 0.0f64);
+    let mut seen = std::collections::HashSet::new();
+    let read = |arena: &cudarc::driver::CudaSlice<u8>, at: usize, count: usize| -> Vec<f64> {
+        let bytes = gpu.stream.clone_dtoh(&arena.slice(at..at + 4 * count)).expect("download");
+        bytes.chunks(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()
+    };
+    for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
+        let layout = dsc_runtime::memory::plan(&pf.buffers);
+        for kernel in &pf.kernels {
+            let v = kernel.nodes[0];
+            let node = &function.nodes[v as usize];
+            let grouped = matches!(
+                node.op,
+                Op::GroupedMatMul { fp8: Some(_), .. }
+                    | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
+                    | Op::ScaledGroupedWgrad { .. }
+            );
+            if !matches!(kernel.code, Code::Library) || !grouped {
+                continue;
+            }
+            assert!(gemm::runs(function, kernel), "{} runs on the GPU", kernel.name);
+            let shapes: Vec<Vec<usize>> = node.args.iter().map(|&a| function.node(a).shape.clone()).collect();
+            if !seen.insert((node.op.name(), shapes)) {
+                continue;
+            }
+            let mut arena = gpu.stream.alloc_zeros::<u8>(layout.peak as usize).expect("arena");
+            let offsets_value = base(function, *node.args.last().expect("offsets")).0;
+            let experts = function.nodes[offsets_value as usize].shape[0] - 1;
+            let mut operands = Vec::new();
+            for &a in &node.args[..node.args.len() - 1] {
+                let b = base(function, a);
+                let (rows, cols) = fp8::tiling(&function.node(b).op).expect("an FP8 operand");
+                let shape = &function.node(a).shape;
+                let m = shape[..shape.len() - 1].iter().product();
+                let q = random_fp8(&mut rng, m, *shape.last().expect("a matrix"), Tiling { rows, cols });
+                let at = layout.offsets[&b.0] as usize;
+                let encoded = fp8_bytes(&q);
+                gpu.stream.memcpy_htod(&encoded, &mut arena.slice_mut(at..at + encoded.len())).expect("upload");
+                operands.push(q);
+            }
+            // The rows the offsets cover: xs's rows, or the Wgrad's tokens (at most its capacity
+            // less the padding).
+            let rows = match node.op {
+                Op::ScaledGroupedWgrad { .. } => operands[0].n - 127 * experts,
+                _ => operands[0].m,
+            };
+            let offsets = random_offsets(&mut rng, rows, experts);
+            let offsets_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+            let at = layout.offsets[&offsets_value] as usize;
+            gpu.stream.memcpy_htod(&offsets_bytes, &mut arena.slice_mut(at..at + offsets_bytes.len())).expect("upload");
+            gemm::run(&gpu, &blas, function, kernel, &mut arena, &layout).expect("the grouped FP8 GEMM");
+            let with_rows: Vec<usize> = (0..experts).filter(|&e| offsets[e] < offsets[e + 1]).collect();
+            let picked = [with_rows[0], with_rows[with_rows.len() / 2], with_rows[with_rows.len() - 1]];
+            let mut compare = |got: Vec<f64>, want: Vec<f64>, what: String| {
+                let error = relative_error(&got, &want);
+                assert!(error <= 1e-3, "{} {what}: {error:.2e}", kernel.name);
+                worst = worst.max(error);
+                checked += 1;
+            };
+            match node.op {
+                Op::ScaledGroupedWgrad { promote } => {
+                    let (qg, qx) = (&operands[0], &operands[1]);
+                    let (n, k) = (qg.m, qx.m);
+                    let mut start = 0;
+                    for e in 0..experts {
+                        let columns = start..start + ((offsets[e + 1] - offsets[e]) as usize).next_multiple_of(128);
+                        start = columns.end;
+                        let out = layout.offsets[&v] as usize + 4 * e * n * k;
+                        if columns.is_empty() {
+                            assert!(read(&arena, out, n * k).iter().all(|&x| x == 0.0), "empty expert {e}: zero");
+                            continue;
+                        }
+                        if !picked.contains(&e) {
+                            continue;
+                        }
+                        let xe = qx.columns(columns.clone()).transposed();
+                        for row in [0, n - 1] {
+                            let want = matmul_fp8(&qg.rows(row..row + 1).columns(columns.clone()), &xe, promote);
+                            compare(read(&arena, out + 4 * row * k, k), want, format!("expert {e} row {row}"));
+                        }
+                    }
+                }
+                _ => {
+                    let Some(f) = (match node.op {
+                        Op::GroupedMatMul { fp8, .. } | Op::ConcatGroupedMatMul { fp8, .. } => fp8,
+                        _ => None,
+                    }) else {
+                        unreachable!()
+                    };
+                    let results: Vec<u32> = match node.op {
+                        Op::GroupedMatMul { .. } => vec![v],
+                        _ => (0..2)
+                            .map(|part| {
+                                let get = function.nodes.iter().position(|n| n.op == Op::Get(part) && n.args[0] == V(v));
+                                get.expect("a read part") as u32
+                            })
+                            .collect(),
+                    };
+                    for (part, &r) in results.iter().enumerate() {
+                        let w = &operands[1 + part];
+                        let n = w.m / experts;
+                        for &e in &picked {
+                            let we = w.rows(e * n..(e + 1) * n).transposed();
+                            let (first, last) = (offsets[e] as usize, offsets[e + 1] as usize - 1);
+                            for row in [first, first + 1, last - 1, last].into_iter().filter(|&r| r >= first && r <= last) {
+                                let want = matmul_fp8(&operands[0].rows(row..row + 1), &we, f.promote);
+                                let got = read(&arena, layout.offsets[&r] as usize + 4 * row * n, n);
+                                compare(got, want, format!("part {part} expert {e} row {row}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("{checked} rows of the bench plan's grouped FP8 GEMMs on cuBLASLt, worst relative error {worst:.2e}");
+    assert!(checked >= 30, "only {checked} rows of grouped FP8 GEMMs checked");
 }

@@ -19,8 +19,8 @@ The float64 reference runs on the GPU through CuPy's own array operations (bench
 reach 2 GB); it shares nothing with the generated kernels but the device.
 
 Usage (on a machine with an NVIDIA GPU, CuPy and NumPy):
-    python3 tests/device/check_kernels.py PLAN_DIR [--out results.json]
-Prints one line per kernel and a summary; exits 1 if any kernel is wrong.
+    python3 tests/device/check_kernels.py PLAN_DIR [--out results.json] [--only OP,OP]
+(--only: the kernels whose first op is one of these.) Prints one line per kernel and a summary; exits 1 if any kernel is wrong.
 """
 import json
 import math
@@ -116,7 +116,17 @@ def reference(function, kernel, inputs):
         elif name == "rms_norm_quantize": r = quantized(rows(rms_norm(a[0], a[1], at["eps"])), 1, at["cols"])
         elif name == "swi_glu_quantize": r = quantized(rows(a[0] * sig(a[0]) * a[1]), 1, at["cols"])
         elif name == "permute_quantize": r = quantized(a[0][a[1] // at["k"]], 1, at["cols"])
-        elif name == "quantize": r = quantized(a[0].T if at["transpose"] else a[0], at["rows"], at["cols"])
+        elif name == "quantize":
+            x = xp.swapaxes(a[0], -1, -2) if at["transpose"] else a[0]
+            r = quantized(x.reshape(-1, x.shape[-1]), at["rows"], at["cols"]).reshape(shape)
+        elif name == "quantize_by_expert":
+            d, capacity = shape
+            padded, start = xp.zeros((d, capacity)), 0
+            for e in range(at["experts"]):
+                o0, o1 = int(a[1][e]), int(a[1][e + 1])
+                padded[:, start:start + o1 - o0] = a[0][o0:o1].T
+                start += -(-(o1 - o0) // at["tile"]) * at["tile"]
+            r = quantized(padded, 1, at["tile"])
         elif name == "route": r = route(a[0], a[1], **at)
         elif name == "rope_concat":
             nope, pe, cos, sin = a
@@ -221,7 +231,8 @@ def route(scores, bias, groups, keep, k, scale):
 
 def fp8_tiling(node):
     at = attrs(node)
-    return (at["rows"], at["cols"]) if op_name(node["op"]) == "quantize" else (1, at["cols"])
+    name = op_name(node["op"])
+    return (at["rows"], at["cols"]) if name == "quantize" else (1, at["tile"] if name == "quantize_by_expert" else at["cols"])
 
 
 def fp8_layout(node):
@@ -275,6 +286,10 @@ def index_input(function, kernel, v):
             continue
         if name in ("permute", "permute_grad", "unpermute", "unpermute_grad_rows", "unpermute_grad_gates", "permute_quantize"):
             return xp.random.permutation(size)
+        if name == "quantize_by_expert":
+            # Expert offsets over x's rows: sorted, from 0 to all of them, some experts empty.
+            inner = xp.sort(xp.random.randint(0, nodes[node["args"][0]]["shape"][0] + 1, size - 2))
+            return xp.concatenate([xp.zeros(1, dtype=inner.dtype), inner, xp.full(1, nodes[node["args"][0]]["shape"][0], dtype=inner.dtype)])
         shape = lambda i: nodes[node["args"][i]]["shape"]
         bound = {
             "gather": lambda: shape(0)[0],
@@ -317,6 +332,8 @@ def copy_bandwidth():
 def main():
     plan_dir = sys.argv[1]
     out_path = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    # --only OP,OP: the kernels whose first op is one of these.
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     plan = json.load(open(f"{plan_dir}/plan.json"))
     xp.random.seed(0)
     copy_bw = copy_bandwidth()
@@ -325,7 +342,7 @@ def main():
     for function, pf in zip(plan["module"]["functions"], plan["functions"]):
         for k in pf["kernels"]:
             code = k["code"]
-            if code["kind"] != "generated":
+            if code["kind"] != "generated" or (only and k["ops"][0] not in only):
                 continue
             nodes = function["nodes"]
             size = lambda v: max(1, math.prod(nodes[v]["shape"]))

@@ -90,7 +90,8 @@ fn role(op: &Op) -> Role {
         | Op::ConcatScaledMatMul { .. }
         | Op::ConcatGroupedMatMul { .. }
         | Op::GroupedMatMul { .. }
-        | Op::GroupedWgrad { .. } => Role::Gemm,
+        | Op::GroupedWgrad { .. }
+        | Op::ScaledGroupedWgrad { .. } => Role::Gemm,
         op if op.is_elementwise() => Role::Fusible,
         Op::BroadcastTo(_)
         | Op::Slice { .. }
@@ -256,6 +257,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                         | Op::GroupedMatMul { fp8: Some(_), .. }
                         | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
                         | Op::GroupedWgrad { fp8: Some(_), .. }
+                        | Op::ScaledGroupedWgrad { .. }
                 )
             }) {
                 profile.fp8_flops
@@ -297,9 +299,11 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
         Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
         Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, true),
-        Op::RmsNormQuantize { .. } | Op::SwiGluQuantize { .. } | Op::Quantize { .. } | Op::PermuteQuantize { .. } => {
-            6 * numel(node)
-        }
+        Op::RmsNormQuantize { .. }
+        | Op::SwiGluQuantize { .. }
+        | Op::Quantize { .. }
+        | Op::PermuteQuantize { .. }
+        | Op::QuantizeByExpert { .. } => 6 * numel(node),
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
         Op::ConcatGroupedMatMul { tb, .. } => {
             let (xs, n_axis) = (&f.node(node.args[0]).shape, if *tb { 1 } else { 2 });
@@ -309,6 +313,8 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::GroupedWgrad { .. } => {
             2 * numel(f.node(node.args[0])) * *f.node(node.args[1]).shape.last().unwrap_or(&0) as u64
         }
+        // 2·n·k per token, the padding between experts counted.
+        Op::ScaledGroupedWgrad { .. } => 2 * numel(f.node(node.args[0])) * f.node(node.args[1]).shape[0] as u64,
         Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } | Op::RopeConcat => 5 * numel(node),
         Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),

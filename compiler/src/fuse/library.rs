@@ -8,9 +8,14 @@
 //! of `concat_k_matmul`), so the function computes bit-identically what it did: the groups,
 //! scales and E4M3 values are the same whichever way round a group is read.
 //!
-//! Grouped GEMMs keep their form (their rows may come quantised from the dispatch already).
+//! The experts' grouped GEMMs in FP8 likewise: Fprop and Dgrad read their rows quantised in
+//! 1×tile groups (as the dispatch may send them already) and each expert's weight K-major in
+//! blocks (`quantize` of the [experts, n, k] weights, per expert transposed for Dgrad), and
+//! become `grouped_matmul`s on them (`tb`); the Wgrad reads both operands `quantize_by_expert`
+//! (along tokens, each expert on whole groups of its own) and becomes `scaled_grouped_wgrad`.
+//! Here too the groups are those the GEMMs quantised inside, so nothing changes numerically.
 
-use crate::graph::ir::{DType, Fp8Gemm, Function, Module, Node, Op, V};
+use crate::graph::ir::{expert_capacity, DType, Fp8Gemm, Function, Module, Node, Op, V};
 use std::collections::HashMap;
 
 /// `module` with every dense FP8 GEMM on quantised operands.
@@ -37,14 +42,17 @@ impl Rewrite<'_> {
         V(self.nodes.len() as u32 - 1)
     }
 
-    /// Old operand `x` (a matrix) quantised in `rows` × `cols` groups of itself, or of its
-    /// transpose if `transpose`.
+    /// Old operand `x` (a matrix, or a stack of them) quantised in `rows` × `cols` groups of
+    /// itself, or of its (each matrix's) transpose if `transpose`.
     fn quantize(&mut self, x: V, rows: usize, cols: usize, transpose: bool) -> V {
         if let Some(&q) = self.quantized.get(&(x.0, rows, cols, transpose)) {
             return q;
         }
-        let s = &self.old.node(x).shape;
-        let shape = if transpose { vec![s[1], s[0]] } else { s.clone() };
+        let mut shape = self.old.node(x).shape.clone();
+        if transpose {
+            let rank = shape.len();
+            shape.swap(rank - 2, rank - 1);
+        }
         let q = self.push(Op::Quantize { rows, cols, transpose }, vec![self.map[x.index()]], shape, DType::F8e4m3);
         self.quantized.insert((x.0, rows, cols, transpose), q);
         q
@@ -55,6 +63,24 @@ impl Rewrite<'_> {
         let qa = self.quantize(a, f.a.outer, f.a.k, ta);
         let qb = self.quantize(b, f.b.outer, f.b.k, !tb);
         self.push(Op::ScaledMatMul { promote: f.promote }, vec![qa, qb], shape.to_vec(), DType::F32)
+    }
+
+    /// The rows of a grouped GEMM quantised in `f`'s activation tiles (as they are when the
+    /// dispatch sent them quantised).
+    fn grouped_rows(&mut self, xs: V, f: Fp8Gemm) -> V {
+        if self.old.node(xs).dtype == DType::F8e4m3 {
+            self.map[xs.index()]
+        } else {
+            self.quantize(xs, 1, f.a.k, false)
+        }
+    }
+
+    /// The experts' weights [experts, n, k] (`tb`) or [experts, k, n] quantised K-major in
+    /// `f`'s weight blocks, or `None` where a block would straddle two experts.
+    fn grouped_weights(&mut self, w: V, tb: bool, f: Fp8Gemm) -> Option<V> {
+        let s = &self.old.node(w).shape;
+        let n = if tb { s[1] } else { s[2] };
+        n.is_multiple_of(f.b.outer).then(|| self.quantize(w, f.b.outer, f.b.k, !tb))
     }
 
     fn add(&mut self, x: V, y: V, shape: &[usize]) -> V {
@@ -96,6 +122,32 @@ impl Rewrite<'_> {
                 let qb2 = self.quantize(a[2], f.b.outer, f.b.k, !tb);
                 let op = Op::ConcatScaledMatMul { promote: f.promote };
                 Some(self.push(op, vec![qa, qb1, qb2], node.shape.clone(), node.dtype))
+            }
+            Op::GroupedMatMul { tb, fp8: Some(f) } if f.a.outer == 1 => {
+                let qw = self.grouped_weights(a[1], tb, f)?;
+                let qx = self.grouped_rows(a[0], f);
+                let op = Op::GroupedMatMul { tb: true, fp8: Some(f) };
+                Some(self.push(op, vec![qx, qw, self.map[a[2].index()]], node.shape.clone(), node.dtype))
+            }
+            Op::ConcatGroupedMatMul { tb, fp8: Some(f) } if f.a.outer == 1 => {
+                let (qw1, qw2) = (self.grouped_weights(a[1], tb, f)?, self.grouped_weights(a[2], tb, f)?);
+                let qx = self.grouped_rows(a[0], f);
+                let op = Op::ConcatGroupedMatMul { tb: true, fp8: Some(f) };
+                Some(self.push(op, vec![qx, qw1, qw2, self.map[a[3].index()]], node.shape.clone(), node.dtype))
+            }
+            // dW[e] = g_eᵀ·x_e: both quantised along tokens, the gradient in the A tiles.
+            Op::GroupedWgrad { experts, fp8: Some(f) } if f.a.outer == 1 && f.b.outer == 1 && f.a.k == f.b.k => {
+                let offsets = self.map[a[2].index()];
+                let rows = self.old.node(a[0]).shape[0];
+                let capacity = expert_capacity(rows, experts, f.a.k);
+                let mut by_expert = |x: V| {
+                    let shape = vec![self.old.node(x).shape[1], capacity];
+                    let op = Op::QuantizeByExpert { experts, tile: f.a.k };
+                    self.push(op, vec![self.map[x.index()], offsets], shape, DType::F8e4m3)
+                };
+                let (qg, qx) = (by_expert(a[1]), by_expert(a[0]));
+                let op = Op::ScaledGroupedWgrad { promote: f.promote };
+                Some(self.push(op, vec![qg, qx, offsets], node.shape.clone(), node.dtype))
             }
             Op::Get(part) => self.parts.get(&a[0].0).map(|parts| parts[part]),
             _ => None,

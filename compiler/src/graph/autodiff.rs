@@ -366,7 +366,9 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::ScaledMatMul { .. }
         | Op::RmsNormQuantize { .. }
         | Op::SwiGluQuantize { .. }
-        | Op::ConcatScaledMatMul { .. }) => {
+        | Op::ConcatScaledMatMul { .. }
+        | Op::QuantizeByExpert { .. }
+        | Op::ScaledGroupedWgrad { .. }) => {
             panic!("{} is formed by fusion, after autodiff", op.name())
         }
     }

@@ -191,7 +191,9 @@ pub enum Op {
     },
     /// Per expert e, rows offsets[e]..offsets[e+1] of xs times w[e] (transposed if `tb`):
     /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n]. In FP8, xs may
-    /// come already quantised (an F8E4M3 value in 1×tile groups, from a fused dispatch).
+    /// come already quantised (an F8E4M3 value in 1×tile groups, from a fused dispatch), and
+    /// after `fuse::library` both are: xs in 1×tile groups, w K-major ([experts, n, k], `tb`)
+    /// in blocks that do not straddle experts.
     GroupedMatMul {
         tb: bool,
         fp8: Option<Fp8Gemm>,
@@ -317,6 +319,21 @@ pub enum Op {
     ConcatScaledMatMul {
         promote: usize,
     },
+    /// Made explicit for the library: an operand of the experts' FP8 Wgrad quantised along
+    /// tokens, (x [r, d], offsets [experts + 1]) → F8E4M3 [d, capacity] in 1×`tile` groups:
+    /// expert e's rows of x, transposed, from column Σ_{e' < e} ⌈rows(e') / tile⌉·tile on (so
+    /// that every expert starts a group and owns its groups), zero between the experts and
+    /// past the last; `capacity` is [`expert_capacity`].
+    QuantizeByExpert {
+        experts: usize,
+        tile: usize,
+    },
+    /// `GroupedWgrad` in FP8 on operands of `QuantizeByExpert`, (qg [n, capacity],
+    /// qx [k, capacity], offsets) → [experts, n, k]: per expert, its columns of qg times the
+    /// transpose of its columns of qx, partial sums promoted every `promote` tokens.
+    ScaledGroupedWgrad {
+        promote: usize,
+    },
     /// Fused: two GEMMs sharing their second operand, (a1, a2, b) → the tuple (op(a1)·op(b),
     /// op(a2)·op(b)), as one GEMM over a1 and a2 concatenated along M (the Wgrads of GEMMs that
     /// share their input: [g1 | g2]ᵀ·x).
@@ -432,6 +449,8 @@ impl Op {
                 | Op::RmsNormQuantize { .. }
                 | Op::SwiGluQuantize { .. }
                 | Op::ConcatScaledMatMul { .. }
+                | Op::QuantizeByExpert { .. }
+                | Op::ScaledGroupedWgrad { .. }
         )
     }
 
@@ -507,10 +526,18 @@ impl Op {
             Op::RmsNormQuantize { .. } => "rmsnorm_quantize",
             Op::SwiGluQuantize { .. } => "swiglu_quantize",
             Op::ConcatScaledMatMul { .. } => "concat_scaled_matmul",
+            Op::QuantizeByExpert { .. } => "quantize_by_expert",
+            Op::ScaledGroupedWgrad { .. } => "scaled_grouped_wgrad",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }
     }
+}
+
+/// Columns of a `QuantizeByExpert` result for `rows` rows over `experts` experts: each
+/// expert's rows rounded up to whole `tile`s fit (Σ ⌈rₑ/t⌉·t ≤ r + (t − 1)·experts, a multiple of t).
+pub fn expert_capacity(rows: usize, experts: usize, tile: usize) -> usize {
+    (rows + (tile - 1) * experts) / tile * tile
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -97,7 +97,10 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::Quantize { rows, cols, transpose } => {
             format!("{rows}x{cols}{}", if *transpose { ", transposed" } else { "" })
         }
-        Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } => format!("promote {promote}"),
+        Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } | Op::ScaledGroupedWgrad { promote } => {
+            format!("promote {promote}")
+        }
+        Op::QuantizeByExpert { experts, tile } => format!("experts {experts}, 1x{tile}"),
         Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
         Op::SwiGluQuantize { cols } => format!("1x{cols}"),
         Op::PermuteQuantize { k, cols } => format!("k {k}, 1x{cols}"),

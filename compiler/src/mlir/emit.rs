@@ -53,7 +53,12 @@ pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
             super::rows::row_kernel(f, kernel, one, kernel.nodes[0])
         }
         [one] if matches!(one.op, Op::Quantize { .. }) => {
-            Ok(super::fp8::quantize_kernel(&kernel.name, one, kernel_input(f, kernel, one.args[0])?, kernel.nodes[0]))
+            let x = kernel_input(f, kernel, one.args[0])?;
+            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, None, kernel.nodes[0]))
+        }
+        [one] if matches!(one.op, Op::QuantizeByExpert { .. }) => {
+            let (x, offsets) = (kernel_input(f, kernel, one.args[0])?, kernel_input(f, kernel, one.args[1])?);
+            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, Some(offsets), kernel.nodes[0]))
         }
         _ if is_elementwise(f, kernel, &nodes) => elementwise_kernel(f, kernel, &nodes),
         _ => super::indexed::indexed_kernel(f, kernel),

@@ -1,5 +1,7 @@
 //! FP8 E4M3 values in generated kernels: the layout of a quantised buffer, the encoding, and
-//! the kernel of `quantize` (any group shape, transposed or not).
+//! the kernels of `quantize` (any group shape, transposed or not, a stack of matrices each
+//! transposed) and `quantize_by_expert` (the same transposed quantisation, reading each
+//! column of the result from the row of x the expert offsets say).
 //!
 //! A value quantised in groups of `rows × cols` of its [m, n] matrix is one buffer: its m·n
 //! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group in the
@@ -39,9 +41,10 @@ pub fn scale_count(rows: usize, row_groups: usize, col_groups: usize) -> usize {
 pub fn tiling(op: &Op) -> Option<(usize, usize)> {
     match op {
         Op::Quantize { rows, cols, .. } => Some((*rows, *cols)),
-        Op::RmsNormQuantize { cols, .. } | Op::SwiGluQuantize { cols } | Op::PermuteQuantize { cols, .. } => {
-            Some((1, *cols))
-        }
+        Op::RmsNormQuantize { cols, .. }
+        | Op::SwiGluQuantize { cols }
+        | Op::PermuteQuantize { cols, .. }
+        | Op::QuantizeByExpert { tile: cols, .. } => Some((1, *cols)),
         _ => None,
     }
 }
@@ -179,13 +182,30 @@ type UnitBody<'a> = dyn Fn(&mut Body, &str, &str, Option<&str>) -> Option<String
 /// Warps of the quantize kernel sharing a group (a block per group).
 const WARPS: usize = 8;
 
-/// `quantize` of x into [m, n] (x is [m, n], or [n, m] when transposed) in `rows × cols`
-/// groups: a block per group reads it twice (its amax, then the quotients) along x's
-/// contiguous axis, 32 lanes apart and the warps taking turns along the other, each lane
-/// storing four E4M3 bytes of a row as one word; the warps' maxima meet in shared memory.
-pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
-    let Op::Quantize { rows, cols, transpose } = node.op else { unreachable!("a quantize node") };
+/// `quantize` of x into [m, n] (x is [m, n], or [n, m] when transposed; a stack of such, each
+/// transposed) in `rows × cols` groups, or `quantize_by_expert` of x [r, m] into [m, n]
+/// (`offsets` its second argument): a block per group reads it twice (its amax, then the
+/// quotients) along x's contiguous axis, 32 lanes apart and the warps taking turns along the
+/// other, each lane storing four E4M3 bytes of a row as one word; the warps' maxima meet in
+/// shared memory.
+pub fn quantize_kernel(name: &str, node: &Node, x: u32, offsets: Option<u32>, out: u32) -> Emitted {
+    let (rows, cols, transpose, experts) = match node.op {
+        Op::Quantize { rows, cols, transpose } => (rows, cols, transpose, None),
+        Op::QuantizeByExpert { experts, tile } => (1, tile, true, Some(experts)),
+        _ => unreachable!("a quantize node"),
+    };
     let (m, n) = matrix(node);
+    // The rows of each matrix of a stack (of the result; x's are transposed).
+    let batch_rows = node.shape[node.shape.len().saturating_sub(2)];
+    let tiles = rows == 1 && n.is_multiple_of(4) && cols.is_multiple_of(4) && 128 % cols == 0;
+    if tiles && !transpose {
+        return row_tiles_kernel(name, m, n, cols, x, out);
+    }
+    if tiles && (experts.is_some() || batch_rows == m) {
+        return column_tiles_kernel(name, m, n, cols, x, offsets.zip(experts), out);
+    }
+    // The output's argument slot: after x and, by expert, the offsets.
+    let slot = if experts.is_some() { 2 } else { 1 };
     let (gm, gn) = (m.div_ceil(rows), n.div_ceil(cols));
     let groups = gm * gn;
     let mut b = Body::new();
@@ -193,12 +213,15 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
         b.text,
         "      %tid = gpu.thread_id x\n      %bid = gpu.block_id x\n      %c0 = arith.constant 0 : index\n      %c1 = arith.constant 1 : index\n      %c32 = arith.constant 32 : index\n      %w32 = arith.constant 32 : i32\n      %wpb = arith.constant {WARPS} : index\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n      %g = arith.addi %bid, %c0 : index\n      %groups = arith.constant {groups} : index\n      %m = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %gm = arith.constant {gm} : index\n      %rows = arith.constant {rows} : index\n      %cols = arith.constant {cols} : index\n      %active = arith.cmpi ult, %g, %groups : index\n      scf.if %active {{\n"
     );
-    views(&mut b, 1, m, n, rows, cols);
+    views(&mut b, slot, m, n, rows, cols);
     // Group (gr, gc) = (g mod gm, g / gm): rows i0..i1, columns j0..j1 of the result.
     let _ = write!(
         b.text,
         "      %gr = arith.remui %g, %gm : index\n      %gc = arith.divui %g, %gm : index\n      %i0 = arith.muli %gr, %rows : index\n      %j0 = arith.muli %gc, %cols : index\n      %ie = arith.addi %i0, %rows : index\n      %je = arith.addi %j0, %cols : index\n      %i1 = arith.minui %ie, %m : index\n      %j1 = arith.minui %je, %n : index\n"
     );
+    if let Some(experts) = experts {
+        expert_of_group(&mut b, experts, cols);
+    }
     // A lane's unit: row i, columns j..j+U of the result (U = 4 when columns come in whole
     // words: one i32 store). Lanes run along x's contiguous axis: the result's rows when
     // transposed (the unit's columns are then U rows of x), its column units if not.
@@ -257,15 +280,38 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
             }
         }
     };
-    // The unit's elements: x[i, j + c], or x[j + c, i] when transposed.
+    // The unit's elements: x[i, j + c], or x[j + c, i] when transposed (of the stack's
+    // matrix holding row i; by expert, x's row for column j + c, zero where there is none).
     let load = |b: &mut Body, i: &str, j: &str| -> Vec<String> {
         (0..unit)
             .map(|c| {
                 let offset = b.line(format!("arith.constant {c} : index"));
                 let jc = b.line(format!("arith.addi {j}, {offset} : index"));
-                let (r, col, width) = if transpose { (jc.as_str(), i, "%m") } else { (i, jc.as_str(), "%n") };
-                let at = b.line(format!("arith.muli {r}, {width} : index"));
-                let at = b.line(format!("arith.addi {at}, {col} : index"));
+                if !transpose {
+                    let at = b.line(format!("arith.muli {i}, %n : index"));
+                    let at = b.line(format!("arith.addi {at}, {jc} : index"));
+                    return b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+                }
+                if experts.is_some() {
+                    let from = b.line(format!("arith.subi {jc}, %first_column : index"));
+                    let row = b.line(format!("arith.addi {from}, %first_row : index"));
+                    let inside = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
+                    let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
+                    let at = b.line(format!("arith.muli {row}, %m : index"));
+                    let at = b.line(format!("arith.addi {at}, {i} : index"));
+                    let x = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+                    let zero = b.constant(0.0);
+                    return b.line(format!("arith.select {inside}, {x}, {zero} : f32"));
+                }
+                // Element (jc, i mod batch_rows) of x's matrix i / batch_rows, [n, batch_rows].
+                let matrix_rows = b.line(format!("arith.constant {batch_rows} : index"));
+                let matrix = b.line(format!("arith.divui {i}, {matrix_rows} : index"));
+                let within = b.line(format!("arith.remui {i}, {matrix_rows} : index"));
+                let size = b.line(format!("arith.constant {} : index", batch_rows * n));
+                let at = b.line(format!("arith.muli {matrix}, {size} : index"));
+                let row = b.line(format!("arith.muli {jc}, {matrix_rows} : index"));
+                let at = b.line(format!("arith.addi {at}, {row} : index"));
+                let at = b.line(format!("arith.addi {at}, {within} : index"));
                 b.line(format!("memref.load %a0[{at}] : memref<?xf32>"))
             })
             .collect()
@@ -302,12 +348,12 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
             let word = encode_word(b, &q);
             let c4 = b.line("arith.constant 4 : index".into());
             let at = b.line(format!("arith.divui {at}, {c4} : index"));
-            let _ = writeln!(b.text, "        memref.store {word}, %q1[{at}] : memref<?xi32>");
+            let _ = writeln!(b.text, "        memref.store {word}, %q{slot}[{at}] : memref<?xi32>");
         } else {
             let zero = b.constant(0.0);
             let pair = encode_pair(b, &q[0], &zero);
             let byte = b.line(format!("arith.trunci {pair} : i16 to i8"));
-            let _ = writeln!(b.text, "        memref.store {byte}, %a1[{at}] : memref<?xi8>");
+            let _ = writeln!(b.text, "        memref.store {byte}, %a{slot}[{at}] : memref<?xi8>");
         }
         None
     });
@@ -315,11 +361,175 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, out: u32) -> Emitted {
     let (outer, stride, inner) = if rows == 1 { ("%gc", gm, "%gr") } else { ("%gr", gn.next_multiple_of(4), "%gc") };
     let _ = write!(
         b.text,
-        "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sstride = arith.constant {stride} : index\n      %souter = arith.muli {outer}, %sstride : index\n      %sat = arith.addi %souter, {inner} : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n      }}\n"
+        "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sstride = arith.constant {stride} : index\n      %souter = arith.muli {outer}, %sstride : index\n      %sat = arith.addi %souter, {inner} : index\n      memref.store {s}, %s{slot}[%sat] : memref<?xf32>\n      }}\n      }}\n"
     );
+    let params = match offsets {
+        Some(_) => "%a0: memref<?xf32>, %a1: memref<?xi32>, %a2: memref<?xi8>",
+        None => "%a0: memref<?xf32>, %a1: memref<?xi8>",
+    };
     let mlir = format!(
-        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}(%a0: memref<?xf32>, %a1: memref<?xi8>) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
         b.text
     );
-    Emitted { mlir, grid: groups.max(1) as u32, block: (32 * WARPS) as u32, args: vec![x, out], zeroed: false }
+    let args = [Some(x), offsets, Some(out)].into_iter().flatten().collect();
+    Emitted { mlir, grid: groups.max(1) as u32, block: (32 * WARPS) as u32, args, zeroed: false }
+}
+
+/// By expert: which expert's rows the group's columns j0.. hold. Walks the offsets (`%a1`),
+/// each expert's columns starting where the previous one's, rounded up to whole `tile`s,
+/// ended; defines `%first_column` (the expert's first), `%first_row` and `%end_row` (its rows
+/// of x), all 0 where the group lies past the last expert.
+fn expert_of_group(b: &mut Body, experts: usize, tile: usize) {
+    let _ = write!(
+        b.text,
+        "      %experts = arith.constant {experts} : index\n      %tile_less = arith.constant {} : index\n      %start, %first_column, %first_row, %end_row = scf.for %e = %c0 to %experts step %c1 iter_args(%p = %c0, %fc = %c0, %fr = %c0, %er = %c0) -> (index, index, index, index) {{\n        %e1 = arith.addi %e, %c1 : index\n        %o0w = memref.load %a1[%e] : memref<?xi32>\n        %o1w = memref.load %a1[%e1] : memref<?xi32>\n        %o0 = arith.index_cast %o0w : i32 to index\n        %o1 = arith.index_cast %o1w : i32 to index\n        %len = arith.subi %o1, %o0 : index\n        %lenr = arith.addi %len, %tile_less : index\n        %tiles = arith.divui %lenr, %cols : index\n        %padded = arith.muli %tiles, %cols : index\n        %pend = arith.addi %p, %padded : index\n        %from = arith.cmpi uge, %j0, %p : index\n        %before = arith.cmpi ult, %j0, %pend : index\n        %here = arith.andi %from, %before : i1\n        %nfc = arith.select %here, %p, %fc : index\n        %nfr = arith.select %here, %o0, %fr : index\n        %ner = arith.select %here, %o1, %er : index\n        scf.yield %pend, %nfc, %nfr, %ner : index, index, index, index\n      }}\n",
+        tile - 1
+    );
+}
+
+/// Warps of the tile kernels' blocks.
+const TILE_WARPS: usize = 8;
+
+/// The kernel's MLIR around `body`, on x, the offsets if any, and the output (`%a0`, …).
+fn tile_module(name: &str, body: &str, offsets: bool, shared: usize) -> String {
+    let params = if offsets {
+        "%a0: memref<?xf32>, %a1: memref<?xi32>, %a2: memref<?xi8>"
+    } else {
+        "%a0: memref<?xf32>, %a1: memref<?xi8>"
+    };
+    let workgroup = if shared > 0 {
+        format!(" workgroup(%shared : memref<{shared}xf32, #gpu.address_space<workgroup>>)")
+    } else {
+        String::new()
+    };
+    format!(
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}){workgroup} kernel {{\n      %tid = gpu.thread_id x\n      %bid = gpu.block_id x\n      %c0 = arith.constant 0 : index\n      %c1 = arith.constant 1 : index\n      %c4 = arith.constant 4 : index\n      %c32 = arith.constant 32 : index\n      %w32 = arith.constant 32 : i32\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n{body}      gpu.return\n    }}\n  }}\n}}\n"
+    )
+}
+
+/// `quantize` of x [m, n] in 1×`cols` tiles along its rows: a warp per row, each lane
+/// reading four elements (16 bytes) a turn and storing them as one word, a tile's amax through
+/// shuffles among its lanes.
+fn row_tiles_kernel(name: &str, m: usize, n: usize, cols: usize, x: u32, out: u32) -> Emitted {
+    let mut b = Body::new();
+    let _ = write!(
+        b.text,
+        "      %wpb = arith.constant {TILE_WARPS} : index\n      %first = arith.muli %bid, %wpb : index\n      %row = arith.addi %first, %warp : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %active = arith.cmpi ult, %row, %rows : index\n      scf.if %active {{\n"
+    );
+    views(&mut b, 1, m, n, 1, cols);
+    let _ = write!(
+        b.text,
+        "      %lane4 = arith.muli %lane, %c4 : index\n      %c128 = arith.constant 128 : index\n      %n_up = arith.constant {} : index\n      %base = arith.muli %row, %n : index\n      scf.for %col = %lane4 to %n_up step %c128 {{\n",
+        n.next_multiple_of(128)
+    );
+    let inside = b.line("arith.cmpi ult, %col, %n : index".into());
+    let safe = b.line(format!("arith.select {inside}, %col, %c0 : index"));
+    let values: Vec<String> = (0..4)
+        .map(|c| {
+            let offset = b.line(format!("arith.constant {c} : index"));
+            let at = b.line(format!("arith.addi %base, {safe} : index"));
+            let at = b.line(format!("arith.addi {at}, {offset} : index"));
+            let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+            let zero = b.constant(0.0);
+            b.line(format!("arith.select {inside}, {v}, {zero} : f32"))
+        })
+        .collect();
+    store_row_group(&mut b, 1, &values, "%col", Some(&inside), cols / 4, cols);
+    let _ = write!(b.text, "      }}\n      }}\n");
+    let mlir = tile_module(name, &b.text, false, 0);
+    Emitted { mlir, grid: m.div_ceil(TILE_WARPS).max(1) as u32, block: (32 * TILE_WARPS) as u32, args: vec![x, out], zeroed: false }
+}
+
+/// `quantize` of xᵀ (x [n, m]) into [m, n] in 1×`cols` tiles along the result's rows (x's
+/// columns), or `quantize_by_expert` (`offsets`: its value and the experts): a block per 32
+/// result rows and one column group, the lanes along x's contiguous columns, the warps taking
+/// turns along its rows four at a time (one word of the result per lane); each lane's amax
+/// meets the other warps' in shared memory.
+fn column_tiles_kernel(
+    name: &str,
+    m: usize,
+    n: usize,
+    cols: usize,
+    x: u32,
+    offsets: Option<(u32, usize)>,
+    out: u32,
+) -> Emitted {
+    let slot = if offsets.is_some() { 2 } else { 1 };
+    let (row_blocks, gn) = (m.div_ceil(32), n.div_ceil(cols));
+    let mut b = Body::new();
+    let _ = write!(
+        b.text,
+        "      %m = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %rb32 = arith.muli %rb, %c32 : index\n      %i = arith.addi %rb32, %lane : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %warp4 = arith.muli %warp, %c4 : index\n      %u0 = arith.addi %j0, %warp4 : index\n      %ustep = arith.constant {} : index\n",
+        4 * TILE_WARPS
+    );
+    views(&mut b, slot, m, n, 1, cols);
+    if let Some((_, experts)) = offsets {
+        expert_of_group(&mut b, experts, cols);
+    }
+    let by_expert = offsets.is_some();
+    // The four elements of x's rows u..u+4 in column i (zero outside x or, by expert, past the
+    // expert's rows).
+    let load = |b: &mut Body, u: &str| -> Vec<String> {
+        (0..4)
+            .map(|c| {
+                let offset = b.line(format!("arith.constant {c} : index"));
+                let j = b.line(format!("arith.addi {u}, {offset} : index"));
+                let in_group = b.line(format!("arith.cmpi ult, {j}, %j1 : index"));
+                let (row, inside) = if by_expert {
+                    let from = b.line(format!("arith.subi {j}, %first_column : index"));
+                    let row = b.line(format!("arith.addi {from}, %first_row : index"));
+                    let in_expert = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
+                    (row, b.line(format!("arith.andi {in_group}, {in_expert} : i1")))
+                } else {
+                    (j, in_group)
+                };
+                let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
+                let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
+                let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
+                let at = b.line(format!("arith.muli {row}, %m : index"));
+                let at = b.line(format!("arith.addi {at}, {column} : index"));
+                let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+                let zero = b.constant(0.0);
+                b.line(format!("arith.select {inside}, {v}, {zero} : f32"))
+            })
+            .collect()
+    };
+    let zero = b.constant(0.0);
+    let (u, acc, partial) = (b.fresh(), b.fresh(), b.fresh());
+    let _ = writeln!(b.text, "      {partial} = scf.for {u} = %u0 to %j1 step %ustep iter_args({acc} = {zero}) -> (f32) {{");
+    let mut amax = acc.clone();
+    for v in load(&mut b, &u) {
+        let magnitude = magnitude(&mut b, &v);
+        amax = b.line(format!("arith.maximumf {amax}, {magnitude} : f32"));
+    }
+    let _ = writeln!(b.text, "        scf.yield {amax} : f32\n      }}");
+    let _ = writeln!(
+        b.text,
+        "      memref.store {partial}, %shared[%tid] : memref<{}xf32, #gpu.address_space<workgroup>>\n      gpu.barrier",
+        32 * TILE_WARPS
+    );
+    let mut amax = partial.clone();
+    for w in 0..TILE_WARPS {
+        let at = b.line(format!("arith.constant {} : index", 32 * w));
+        let at = b.line(format!("arith.addi {at}, %lane : index"));
+        let v = b.line(format!("memref.load %shared[{at}] : memref<{}xf32, #gpu.address_space<workgroup>>", 32 * TILE_WARPS));
+        amax = b.line(format!("arith.maximumf {amax}, {v} : f32"));
+    }
+    let s = scale(&mut b, &amax);
+    let u = b.fresh();
+    let _ = writeln!(b.text, "      scf.for {u} = %u0 to %j1 step %ustep {{");
+    let q: Vec<String> = load(&mut b, &u).iter().map(|v| b.line(format!("arith.divf {v}, {s} : f32"))).collect();
+    let word = encode_word(&mut b, &q);
+    let at = b.line("arith.muli %i, %n : index".into());
+    let at = b.line(format!("arith.addi {at}, {u} : index"));
+    let at = b.line(format!("arith.divui {at}, %c4 : index"));
+    let _ = writeln!(b.text, "        scf.if %lane_in {{\n        memref.store {word}, %q{slot}[{at}] : memref<?xi32>\n        }}\n      }}");
+    // The scale, M-major (`scale_index`), from the first warp.
+    let _ = write!(
+        b.text,
+        "      %warp0 = arith.cmpi eq, %warp, %c0 : index\n      %writes = arith.andi %warp0, %lane_in : i1\n      scf.if %writes {{\n      %srow = arith.muli %gc, %m : index\n      %sat = arith.addi %srow, %i : index\n      memref.store {s}, %s{slot}[%sat] : memref<?xf32>\n      }}\n"
+    );
+    let mlir = tile_module(name, &b.text, offsets.is_some(), 32 * TILE_WARPS);
+    let args = [Some(x), offsets.map(|(o, _)| o), Some(out)].into_iter().flatten().collect();
+    Emitted { mlir, grid: (row_blocks * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args, zeroed: false }
 }

@@ -167,6 +167,17 @@ fn rows_of<T: Real>(xs: &Value<T>) -> linalg::Rows<'_, T> {
     }
 }
 
+/// The experts' matrices of a grouped GEMM, real or quantised, over `offsets`' experts.
+fn weights_of<'v, T: Real>(w: &'v Value<T>, offsets: &[i32]) -> linalg::Weights<'v, T> {
+    match w {
+        Value::Quantized(q) => linalg::Weights::Quantized { q, experts: offsets.len() - 1 },
+        _ => {
+            let t = w.as_real();
+            linalg::Weights::Real { data: &t.data, shape: &t.shape }
+        }
+    }
+}
+
 /// How many rows a grouped GEMM's rows hold.
 fn node_rows<T: Real>(xs: &Value<T>) -> usize {
     match xs {
@@ -278,7 +289,17 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             real(&node.shape, index::permute_grad(&r(0).data, last(&r(0).shape), &ix(1).data, *k, *tokens))
         }
         Op::GroupedMatMul { tb, fp8 } => {
-            real(&node.shape, linalg::grouped_matmul(rows_of(v[0]), &r(1).data, &r(1).shape, &ix(2).data, *tb, *fp8))
+            let offsets = &ix(2).data;
+            real(&node.shape, linalg::grouped_matmul(rows_of(v[0]), weights_of(v[1], offsets), offsets, *tb, *fp8))
+        }
+        Op::ScaledGroupedWgrad { promote } => {
+            let out = linalg::scaled_grouped_wgrad(v[0].as_quantized(), v[1].as_quantized(), &ix(2).data, *promote);
+            real(&node.shape, out.into_iter().map(T::from_f64).collect())
+        }
+        Op::QuantizeByExpert { tile, .. } => {
+            let x = r(0);
+            let (d, capacity) = (node.shape[0], node.shape[1]);
+            Value::Quantized(Arc::new(linalg::quantize_by_expert(&x.data, d, &ix(1).data, *tile, capacity)))
         }
         Op::GroupedWgrad { experts, fp8 } => {
             let out = linalg::grouped_wgrad(
@@ -333,14 +354,15 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let y = linalg::batched_matmul(&a.data, &a.shape, &b, &b_shape, *ta, *tb, *fp8);
             split_last(Tensor::new(matmul_shape(&a.shape, &b_shape, *ta, *tb), y), b1.shape[n_axis])
         }
+        // The two products of the fused form, each as `grouped_matmul` computes it.
         Op::ConcatGroupedMatMul { tb, fp8 } => {
-            let (w1, w2, offsets) = (r(1), r(2), &ix(3).data);
-            let n_axis = if *tb { 1 } else { 2 };
-            let w = layout::concat(&[(&w1.data, &w1.shape), (&w2.data, &w2.shape)], n_axis);
-            let mut w_shape = w1.shape.clone();
-            w_shape[n_axis] += w2.shape[n_axis];
-            let y = linalg::grouped_matmul(rows_of(v[0]), &w, &w_shape, offsets, *tb, *fp8);
-            split_last(Tensor::new(vec![node_rows(v[0]), w_shape[n_axis]], y), w1.shape[n_axis])
+            let offsets = &ix(3).data;
+            let product = |w: &Value<T>| {
+                let y = linalg::grouped_matmul(rows_of(v[0]), weights_of(w, offsets), offsets, *tb, *fp8);
+                let rows = node_rows(v[0]);
+                Tensor::new(vec![rows, y.len() / rows.max(1)], y)
+            };
+            pair(product(v[1]), product(v[2]))
         }
         Op::ConcatRowsMatMul { ta, tb, fp8 } => {
             let (a1, a2, b) = (r(0), r(1), r(2));
@@ -383,12 +405,20 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let shape = vec![scores.shape[0], *k];
             Value::Tuple(vec![int(&shape, chosen), real(&shape, gates)])
         }
+        // A stack of matrices is quantised as one [batch·m, n] matrix (`fuse::library` makes
+        // sure no group straddles two).
         Op::Quantize { rows, cols, transpose } => {
             let x = r(0);
-            let (m, n) = (x.shape[0], x.shape[1]);
-            let data = if *transpose { layout::transpose(&x.data, &x.shape, &[1, 0]) } else { x.data.clone() };
-            let (m, n) = if *transpose { (n, m) } else { (m, n) };
-            quantized(&data, m, n, Tiling { rows: *rows, cols: *cols })
+            let rank = x.shape.len();
+            let data = if *transpose {
+                let mut axes: Vec<usize> = (0..rank).collect();
+                axes.swap(rank - 2, rank - 1);
+                layout::transpose(&x.data, &x.shape, &axes)
+            } else {
+                x.data.clone()
+            };
+            let n = *node.shape.last().expect("a matrix");
+            quantized(&data, data.len() / n, n, Tiling { rows: *rows, cols: *cols })
         }
         Op::ScaledMatMul { promote } => {
             let product = matmul_fp8(v[0].as_quantized(), &v[1].as_quantized().transposed(), *promote);

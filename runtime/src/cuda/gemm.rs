@@ -5,12 +5,20 @@
 //! C = op(A)·op(B) is computed as column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, batched over equal leading
 //! dimensions (a rank-2 operand is shared by every batch). The FP8 GEMMs on quantised operands
 //! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`scaled`])
-//! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks). Grouped GEMMs of the
-//! MoE experts outside FP8 run as one product per expert, their row offsets read back from the
-//! device first (one synchronisation per grouped GEMM); in FP8 they are not here yet (per-expert
-//! row ranges cut the M-major activation scales, and the Wgrad quantises per expert).
+//! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks).
+//!
+//! Grouped GEMMs of the MoE experts run as one product per expert, their row offsets read back
+//! from the device first (one synchronisation per grouped GEMM; a generated grouped kernel
+//! reading them on the device is issue 9). In FP8 (operands quantised by `fuse::library`):
+//! Fprop and Dgrad take each expert's rows in place, its weight blocks in place, and its
+//! slice of the M-major row scales copied into a scratch buffer (cuBLASLt takes no leading
+//! dimension for scales), M rounded up to [`ROWS_ALIGN`] (cuBLASLt refuses other M): the rows
+//! past an expert's own are the next experts', overwritten when their turn comes, except past
+//! the last row, where the expert's final rows go through scratch buffers. The Wgrad takes
+//! each expert's columns of its `quantize_by_expert` operands in place (whole 128-token
+//! groups, the leading dimension the capacity).
 
-use super::scaled::{Groups, Lt, ScaledGemm};
+use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
 use crate::memory::Layout;
 use cudarc::cublas::{sys, CudaBlas};
@@ -60,7 +68,16 @@ enum GroupedKind<'s> {
     Products { tb: bool, weights: Vec<(Operand<'s>, u32)> },
     /// The weight gradient out[e] = grad_eᵀ · xs_e over each expert's rows.
     Wgrad { grad: Operand<'s>, out: u32 },
+    /// In FP8: per expert e and each (weight, output), the expert's rows of xs (1×128 tiles)
+    /// times w[e]ᵀ (K-major, 128×128 blocks).
+    ScaledProducts { weights: Vec<(Operand<'s>, u32)> },
+    /// In FP8: out[e] = the expert's columns of grad times those of xs, transposed (both
+    /// `quantize_by_expert`, 1×128 tiles along tokens).
+    ScaledWgrad { grad: Operand<'s>, out: u32 },
 }
+
+/// The row granularity of an expert's FP8 product on cuBLASLt (see the module doc).
+pub const ROWS_ALIGN: usize = 16;
 
 /// How a library GEMM runs here.
 enum Work<'s> {
@@ -69,7 +86,7 @@ enum Work<'s> {
 }
 
 /// How library GEMM `kernel` (of `function`) runs here, or `None` for the ones not on the GPU
-/// yet (FP8 GEMMs outside 128-element groups, grouped GEMMs in FP8).
+/// yet (FP8 GEMMs outside 128-element groups or of sizes cuBLASLt does not take).
 fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
     let v = kernel.nodes[0];
     let node = &function.nodes[v as usize];
@@ -131,6 +148,26 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
             let kind = GroupedKind::Wgrad { grad: arg(1), out: v };
             return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind }));
         }
+        Op::GroupedMatMul { tb: true, fp8: Some(_) } | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) } => {
+            let groups = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op);
+            let weights: Vec<(Operand, u32)> = match node.op {
+                Op::GroupedMatMul { .. } => vec![(arg(1), v)],
+                _ => vec![(arg(1), part(0)), (arg(2), part(1))],
+            };
+            let k = arg(0).1[1];
+            let fits = groups(0) == Some((1, 128))
+                && (1..=weights.len()).all(|w| groups(w) == Some((128, 128)))
+                && weights.iter().all(|(w, _)| Lt::takes(ROWS_ALIGN, w.1[1], k));
+            let kind = GroupedKind::ScaledProducts { weights };
+            return fits.then_some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(node.args.len() - 1).0, kind }));
+        }
+        Op::ScaledGroupedWgrad { .. } => {
+            let tiles = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op) == Some((1, 128));
+            let (n, k) = (arg(0).1[0], arg(1).1[0]);
+            let fits = tiles(0) && tiles(1) && Lt::takes(n, k, 128);
+            let kind = GroupedKind::ScaledWgrad { grad: arg(0), out: v };
+            return fits.then_some(Work::Grouped(Grouped { xs: arg(1), offsets: arg(2).0, kind }));
+        }
         _ => return None,
     };
     Some(Work::Products(Plan { addend, products }))
@@ -152,10 +189,10 @@ pub fn run(
 ) -> Result<(), GpuError> {
     let plan = match plan(function, kernel) {
         Some(Work::Products(plan)) => plan,
-        Some(Work::Grouped(g)) => return grouped(gpu, &blas.f32, function, arena, layout, &g),
+        Some(Work::Grouped(g)) => return grouped(gpu, blas, function, arena, layout, &g),
         None => {
             let op = function.nodes[kernel.nodes[0] as usize].op.name();
-            return Err(GpuError::Unsupported(format!("`{op}` (grouped GEMMs in FP8 are not on the GPU yet)")));
+            return Err(GpuError::Unsupported(format!("`{op}` (FP8 outside 128-element groups or cuBLASLt's sizes)")));
         }
     };
     if let Some((from, to)) = plan.addend {
@@ -168,7 +205,8 @@ pub fn run(
                 let (base, _sync) = arena.device_ptr(&gpu.stream);
                 let at = |v: u32| base + layout.offsets[&v];
                 let (m, k, n) = (p.a.1[0], p.a.1[1], p.b.1[0]);
-                let g = ScaledGemm { a: at(p.a.0), b: at(p.b.0), d: at(p.c), m, n, k, b_groups };
+                let (a, b) = (Fp8Operand::buffer(at(p.a.0), m, k), Fp8Operand::buffer(at(p.b.0), n, k));
+                let g = ScaledGemm { a, b, d: at(p.c), m, n, k, b_groups };
                 blas.fp8.run(gpu, &g)?;
             }
         }
@@ -235,7 +273,7 @@ fn product(gpu: &Gpu, blas: &CudaBlas, arena: &CudaSlice<u8>, layout: &Layout, p
 /// expert without rows has none; its weight gradient stays zero).
 fn grouped(
     gpu: &Gpu,
-    blas: &CudaBlas,
+    blas: &Blas,
     function: &Function,
     arena: &mut CudaSlice<u8>,
     layout: &Layout,
@@ -248,8 +286,13 @@ fn grouped(
     let bytes = gpu.stream.clone_dtoh(&arena.slice(range(g.offsets)))?;
     let offsets: Vec<usize> =
         bytes.chunks(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")).max(0) as usize).collect();
-    if let GroupedKind::Wgrad { out, .. } = g.kind {
+    if let GroupedKind::Wgrad { out, .. } | GroupedKind::ScaledWgrad { out, .. } = g.kind {
         gpu.stream.memset_zeros(&mut arena.slice_mut(range(out)))?;
+    }
+    match &g.kind {
+        GroupedKind::ScaledProducts { weights } => return scaled_products(gpu, &blas.fp8, arena, layout, g, weights, &offsets),
+        GroupedKind::ScaledWgrad { grad, out } => return scaled_wgrad(gpu, &blas.fp8, arena, layout, g, *grad, *out, &offsets),
+        _ => {}
     }
     let (base, _sync) = arena.device_ptr(&gpu.stream);
     let at = |v: u32, elements: usize| base + layout.offsets[&v] + 4 * elements as u64;
@@ -284,14 +327,162 @@ fn grouped(
                     strides: [0, 0],
                 }]
             }
+            GroupedKind::ScaledProducts { .. } | GroupedKind::ScaledWgrad { .. } => unreachable!("run above"),
         };
         for p in &products {
             // SAFETY: the offsets are the plan's expert offsets, within xs's (and grad's) rows
             // (the routing made them); weights and outputs are the arena's buffers of their
             // shapes.
-            unsafe { sgemm(blas, p)? };
+            unsafe { sgemm(&blas.f32, p)? };
         }
     }
+    Ok(())
+}
+
+/// A run of an expert's rows as one FP8 product: `rows` rows from row `first`, computed as
+/// `m` (≥ rows, a multiple of [`ROWS_ALIGN`]) rows, in place or through scratch buffers.
+struct Piece {
+    first: usize,
+    rows: usize,
+    m: usize,
+    in_place: bool,
+}
+
+/// The pieces of the expert rows `first..first + rows` of xs's `total` rows.
+fn pieces(first: usize, rows: usize, total: usize) -> Vec<Piece> {
+    let m = rows.next_multiple_of(ROWS_ALIGN);
+    if first + m <= total {
+        return vec![Piece { first, rows, m, in_place: true }];
+    }
+    let whole = rows / ROWS_ALIGN * ROWS_ALIGN;
+    let tail = Piece { first: first + whole, rows: rows - whole, m: ROWS_ALIGN, in_place: false };
+    let head = Piece { first, rows: whole, m: whole, in_place: true };
+    [head, tail].into_iter().filter(|p| p.rows > 0).collect()
+}
+
+/// FP8 Fprop or Dgrad of the experts: per expert and piece of its rows, its row scales copied
+/// out, then a product per weight (see the module doc).
+fn scaled_products(
+    gpu: &Gpu,
+    lt: &Lt,
+    arena: &mut CudaSlice<u8>,
+    layout: &Layout,
+    g: &Grouped,
+    weights: &[(Operand, u32)],
+    offsets: &[usize],
+) -> Result<(), GpuError> {
+    let (total, k) = (g.xs.1[0], g.xs.1[1]);
+    let k_groups = k / 128;
+    let widest = weights.iter().map(|(w, _)| w.1[1]).max().unwrap_or(0);
+    // Scratch buffers, freed in stream order when dropped.
+    let scales = gpu.stream.alloc_zeros::<u8>(4 * k_groups * (total + ROWS_ALIGN))?;
+    let rows_scratch = gpu.stream.alloc_zeros::<u8>(ROWS_ALIGN * k)?;
+    let out_scratch = gpu.stream.alloc_zeros::<u8>(4 * ROWS_ALIGN * widest)?;
+    let (base, _sync) = arena.device_ptr(&gpu.stream);
+    let at = |v: u32| base + layout.offsets[&v];
+    let xs = Fp8Operand::buffer(at(g.xs.0), total, k);
+    let (scales_at, _s) = scales.device_ptr(&gpu.stream);
+    let (rows_at, _r) = rows_scratch.device_ptr(&gpu.stream);
+    let (out_at, _o) = out_scratch.device_ptr(&gpu.stream);
+    for e in (0..offsets.len().saturating_sub(1)).filter(|&e| offsets[e] < offsets[e + 1]) {
+        for p in pieces(offsets[e], offsets[e + 1] - offsets[e], total) {
+            // The piece's row scales: k/128 runs of `rows` (M-major), `m` apart in the scratch.
+            copy_2d(gpu, xs.scales + 4 * p.first as u64, 4 * total, scales_at, 4 * p.m, 4 * p.rows, k_groups)?;
+            let data = if p.in_place {
+                xs.data + (p.first * k) as u64
+            } else {
+                copy_2d(gpu, xs.data + (p.first * k) as u64, k, rows_at, k, p.rows * k, 1)?;
+                rows_at
+            };
+            let a = Fp8Operand { data, scales: scales_at, ld: k };
+            for &(w, out) in weights {
+                let n = w.1[1];
+                let w_all = Fp8Operand::buffer(at(w.0), w.1[0] * n, k);
+                let block_rows = n / 128 * k_groups.next_multiple_of(4);
+                let b = Fp8Operand {
+                    data: w_all.data + (e * n * k) as u64,
+                    scales: w_all.scales + 4 * (e * block_rows) as u64,
+                    ld: k,
+                };
+                let d = if p.in_place { at(out) + (4 * p.first * n) as u64 } else { out_at };
+                lt.run(gpu, &ScaledGemm { a, b, d, m: p.m, n, k, b_groups: Groups::Blocks })?;
+                if !p.in_place {
+                    copy_2d(gpu, out_at, 4 * n, at(out) + (4 * p.first * n) as u64, 4 * n, 4 * p.rows * n, 1)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// FP8 Wgrad of the experts: out[e] = grad's columns of expert e times xs's, transposed, each
+/// expert's columns starting where the previous one's whole 128-token groups ended.
+#[allow(clippy::too_many_arguments)]
+fn scaled_wgrad(
+    gpu: &Gpu,
+    lt: &Lt,
+    arena: &mut CudaSlice<u8>,
+    layout: &Layout,
+    g: &Grouped,
+    grad: Operand,
+    out: u32,
+    offsets: &[usize],
+) -> Result<(), GpuError> {
+    let (n, k, capacity) = (grad.1[0], g.xs.1[0], grad.1[1]);
+    let (base, _sync) = arena.device_ptr(&gpu.stream);
+    let at = |v: u32| base + layout.offsets[&v];
+    let (qg, qx) = (Fp8Operand::buffer(at(grad.0), n, capacity), Fp8Operand::buffer(at(g.xs.0), k, capacity));
+    let columns = |q: Fp8Operand, rows: usize, start: usize| Fp8Operand {
+        data: q.data + start as u64,
+        scales: q.scales + 4 * (start / 128 * rows) as u64,
+        ld: capacity,
+    };
+    let mut start = 0;
+    for e in 0..offsets.len().saturating_sub(1) {
+        let tokens = (offsets[e + 1] - offsets[e]).next_multiple_of(128);
+        if tokens > 0 {
+            let (a, b) = (columns(qg, n, start), columns(qx, k, start));
+            let d = at(out) + (4 * e * n * k) as u64;
+            lt.run(gpu, &ScaledGemm { a, b, d, m: n, n: k, k: tokens, b_groups: Groups::Tiles })?;
+        }
+        start += tokens;
+    }
+    Ok(())
+}
+
+/// Copies `height` runs of `width` bytes, `src_pitch` apart from `src`, to `dst_pitch` apart
+/// from `dst` (device addresses), on the stream.
+fn copy_2d(
+    gpu: &Gpu,
+    src: u64,
+    src_pitch: usize,
+    dst: u64,
+    dst_pitch: usize,
+    width: usize,
+    height: usize,
+) -> Result<(), GpuError> {
+    use cudarc::driver::sys;
+    let device = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: device,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: device,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: width,
+        Height: height,
+    };
+    // SAFETY: the copy describes ranges inside live device allocations, on this stream.
+    unsafe { sys::cuMemcpy2DAsync_v2(&copy, gpu.stream.cu_stream()) }.result()?;
     Ok(())
 }
 

@@ -38,11 +38,27 @@ impl Groups {
     }
 }
 
-/// One FP8 GEMM: device addresses of the operands' buffers (E4M3 bytes, then scales) and of
-/// the f32 result, and its sizes.
+/// An FP8 operand on the device: its K-major E4M3 rows, `ld` bytes apart, and its scales (for
+/// 1×128 tiles M-major, for 128×128 blocks K-blocks fastest, rows padded to 4).
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Operand {
+    pub data: u64,
+    pub scales: u64,
+    pub ld: usize,
+}
+
+impl Fp8Operand {
+    /// A whole [rows, k] FP8 buffer of the plan (`compiler::mlir::fp8`): E4M3 bytes, then the
+    /// scales from a 16-byte boundary.
+    pub fn buffer(at: u64, rows: usize, k: usize) -> Fp8Operand {
+        Fp8Operand { data: at, scales: at + (rows * k).next_multiple_of(16) as u64, ld: k }
+    }
+}
+
+/// One FP8 GEMM: D [m, n] (f32, row-major, at `d`) = A [m, k] · B [n, k]ᵀ.
 pub struct ScaledGemm {
-    pub a: u64,
-    pub b: u64,
+    pub a: Fp8Operand,
+    pub b: Fp8Operand,
     pub d: u64,
     pub m: usize,
     pub n: usize,
@@ -50,17 +66,12 @@ pub struct ScaledGemm {
     pub b_groups: Groups,
 }
 
-/// Where an FP8 operand's scales start: after its [rows, k] bytes, at a 16-byte boundary.
-fn scales_at(buffer: u64, rows: usize, k: usize) -> u64 {
-    buffer + (rows * k).next_multiple_of(16) as u64
-}
-
 /// A cuBLASLt handle, its workspace, and the algorithm its heuristic chose for each GEMM
 /// shape so far (asked once per shape).
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algorithms: Mutex<HashMap<(usize, usize, usize, Groups), sys::cublasLtMatmulAlgo_t>>,
+    algorithms: Mutex<HashMap<(usize, usize, usize, usize, usize, Groups), sys::cublasLtMatmulAlgo_t>>,
 }
 
 impl Lt {
@@ -71,7 +82,7 @@ impl Lt {
     }
 
     /// Whether cuBLASLt's block-scaled path takes a GEMM of these sizes: K whole 128-element
-    /// groups, and rows of 16 bytes.
+    /// groups, rows of 16 bytes, and M a multiple of 4 (with M = 1 it answers "not supported").
     pub fn takes(m: usize, n: usize, k: usize) -> bool {
         k.is_multiple_of(128) && m.is_multiple_of(4) && n.is_multiple_of(16) && m > 0 && n > 0
     }
@@ -86,18 +97,17 @@ impl Lt {
             result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(lt)?,
         );
-        let (a_scales, b_scales) = (scales_at(g.a, g.m, g.k), scales_at(g.b, g.n, g.k));
         use sys::cublasLtMatmulDescAttributes_t as A;
         // cuBLASLt's A is our B, its B our A.
         desc.set(A::CUBLASLT_MATMUL_DESC_TRANSA, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32))?;
         desc.set(A::CUBLASLT_MATMUL_DESC_TRANSB, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32))?;
         desc.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &(g.b_groups.mode() as u32))?;
         desc.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &(Groups::Tiles.mode() as u32))?;
-        desc.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &(b_scales as *const c_void))?;
-        desc.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &(a_scales as *const c_void))?;
+        desc.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &(g.b.scales as *const c_void))?;
+        desc.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &(g.a.scales as *const c_void))?;
         let e4m3 = sys::cudaDataType_t::CUDA_R_8F_E4M3;
-        let lt_a = Layout::new(e4m3, k, n, k as i64)?;
-        let lt_b = Layout::new(e4m3, k, m, k as i64)?;
+        let lt_a = Layout::new(e4m3, k, n, g.b.ld as i64)?;
+        let lt_b = Layout::new(e4m3, k, m, g.a.ld as i64)?;
         let lt_d = Layout::new(sys::cudaDataType_t::CUDA_R_32F, n, m, n as i64)?;
         let pref = Pref(result::create_matmul_pref().map_err(lt)?);
         let bytes = WORKSPACE_BYTES as u64;
@@ -117,7 +127,7 @@ impl Lt {
         // and result lie in the caller's arena at the addresses given, sized by m, n and k as
         // the plan's buffers are; cuBLASLt runs on the arena's stream.
         unsafe {
-            let shape = (g.m, g.n, g.k, g.b_groups);
+            let shape = (g.m, g.n, g.k, g.a.ld, g.b.ld, g.b_groups);
             let cached = self.algorithms.lock().expect("algorithms").get(&shape).copied();
             let algorithm = match cached {
                 Some(algorithm) => algorithm,
@@ -134,9 +144,9 @@ impl Lt {
                 desc.0,
                 (&alpha) as *const f32 as *const c_void,
                 (&beta) as *const f32 as *const c_void,
-                g.b as *const c_void,
+                g.b.data as *const c_void,
                 lt_a.0,
-                g.a as *const c_void,
+                g.a.data as *const c_void,
                 lt_b.0,
                 g.d as *const c_void,
                 lt_d.0,

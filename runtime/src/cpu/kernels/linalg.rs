@@ -123,18 +123,28 @@ impl<T> Rows<'_, T> {
     }
 }
 
+/// The experts' matrices of a grouped GEMM: real [experts, p, q], or quantised K-major by
+/// `fuse::library` (each expert's [n, k] in blocks of its own, stacked: [experts·n, k], used
+/// transposed).
+#[derive(Clone, Copy)]
+pub enum Weights<'a, T> {
+    Real { data: &'a [T], shape: &'a [usize] },
+    Quantized { q: &'a Quantized, experts: usize },
+}
+
 /// Per expert: its rows of `xs` times its matrix `w[e]` [p, q] (transposed if `tb`). Rows past
 /// the last offset (a fixed-capacity buffer's spare rows) come out zero.
 pub fn grouped_matmul<T: Real>(
     xs: Rows<T>,
-    w: &[T],
-    w_shape: &[usize],
+    w: Weights<T>,
     offsets: &[i32],
     tb: bool,
     fp8: Option<Fp8Gemm>,
 ) -> Vec<T> {
-    let (experts, p, q) = (w_shape[0], w_shape[1], w_shape[2]);
-    let n = if tb { p } else { q };
+    let (experts, n) = match w {
+        Weights::Real { shape, .. } => (shape[0], if tb { shape[1] } else { shape[2] }),
+        Weights::Quantized { q, experts } => (experts, q.m / experts),
+    };
     let rows = xs.count();
     let mut out = vec![T::ZERO; rows * n];
     for e in 0..experts {
@@ -142,16 +152,39 @@ pub fn grouped_matmul<T: Real>(
         if range.is_empty() {
             continue;
         }
-        let we = Operand { data: &w[e * p * q..(e + 1) * p * q], rows: p, cols: q, t: tb };
-        let product = match xs {
-            Rows::Real { data, cols } => {
-                let x =
-                    Operand { data: &data[range.start * cols..range.end * cols], rows: range.len(), cols, t: false };
-                matmul(x, we, fp8)
+        let product = match (fp8, w) {
+            (None, Weights::Real { data: w, shape }) => {
+                let (p, q) = (shape[1], shape[2]);
+                let we = Operand { data: &w[e * p * q..(e + 1) * p * q], rows: p, cols: q, t: tb };
+                let Rows::Real { data, cols } = xs else { panic!("FP8 rows need an FP8 GEMM") };
+                let x = Operand { data: &data[range.start * cols..range.end * cols], rows: range.len(), cols, t: false };
+                matmul(x, we, None)
             }
-            Rows::Quantized(q) => {
-                matmul_quantized_a(&q.rows(range.clone()), we, fp8.expect("FP8 rows need an FP8 GEMM"))
+            (Some(f), w) => {
+                let qa = match xs {
+                    Rows::Quantized(q) => q.rows(range.clone()),
+                    Rows::Real { data, cols } => numerics::quantize(
+                        &data[range.start * cols..range.end * cols],
+                        range.len(),
+                        cols,
+                        Tiling { rows: f.a.outer, cols: f.a.k },
+                    ),
+                };
+                let qb = match w {
+                    Weights::Real { data: w, shape } => {
+                        let (p, q) = (shape[1], shape[2]);
+                        let we = Operand { data: &w[e * p * q..(e + 1) * p * q], rows: p, cols: q, t: tb };
+                        let (k, n) = we.dims();
+                        numerics::quantize(&we.materialise(), k, n, Tiling { rows: f.b.k, cols: f.b.outer })
+                    }
+                    Weights::Quantized { q, .. } => {
+                        assert!(tb, "quantised expert weights are K-major");
+                        q.rows(e * n..(e + 1) * n).transposed()
+                    }
+                };
+                numerics::matmul_fp8(&qa, &qb, f.promote).into_iter().map(T::from_f64).collect()
             }
+            (None, Weights::Quantized { .. }) => panic!("quantised weights need an FP8 GEMM"),
         };
         out[range.start * n..range.end * n].copy_from_slice(&product);
     }
@@ -179,6 +212,43 @@ pub fn grouped_wgrad<T: Real>(
         out[e * p * q..(e + 1) * p * q].copy_from_slice(&matmul(ge, xe, fp8));
     }
     out
+}
+
+/// Per expert: its columns of `qg` [p, capacity] times the transpose of its columns of `qx`
+/// [q, capacity] (both made by `quantize_by_expert`: each expert's tokens from a group
+/// boundary on, in whole groups), the weight gradient [experts, p, q].
+pub fn scaled_grouped_wgrad(qg: &Quantized, qx: &Quantized, offsets: &[i32], promote: usize) -> Vec<f64> {
+    let (p, q) = (qg.m, qx.m);
+    let experts = offsets.len() - 1;
+    let mut out = vec![0.0; experts * p * q];
+    let mut start = 0;
+    for e in 0..experts {
+        let columns = start..start + rows_of(offsets, e).len().next_multiple_of(qg.tiling.cols);
+        if !columns.is_empty() {
+            let product = numerics::matmul_fp8(&qg.columns(columns.clone()), &qx.columns(columns.clone()).transposed(), promote);
+            out[e * p * q..(e + 1) * p * q].copy_from_slice(&product);
+        }
+        start = columns.end;
+    }
+    out
+}
+
+/// Expert-sorted rows x [r, d] as `quantize_by_expert` lays them out: transposed to
+/// [d, capacity], each expert's rows from a multiple of `tile` on, zeros between and after, in
+/// 1×`tile` groups.
+pub fn quantize_by_expert<T: Real>(x: &[T], d: usize, offsets: &[i32], tile: usize, capacity: usize) -> Quantized {
+    let mut padded = vec![T::ZERO; d * capacity];
+    let mut start = 0;
+    for e in 0..offsets.len() - 1 {
+        let rows = rows_of(offsets, e);
+        for (i, row) in rows.clone().enumerate() {
+            for (c, &value) in x[row * d..(row + 1) * d].iter().enumerate() {
+                padded[c * capacity + start + i] = value;
+            }
+        }
+        start += rows.len().next_multiple_of(tile);
+    }
+    numerics::quantize(&padded, d, capacity, Tiling { rows: 1, cols: tile })
 }
 
 #[cfg(test)]
@@ -210,7 +280,8 @@ mod tests {
         // Two experts; rows 0..1 go to expert 0 (w = 2·I), rows 1..3 to expert 1 (w = 3·I).
         let xs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let w = [2.0, 0.0, 0.0, 2.0, 3.0, 0.0, 0.0, 3.0];
-        let out = grouped_matmul(Rows::Real { data: &xs, cols: 2 }, &w, &[2, 2, 2], &[0, 1, 3], true, None);
+        let weights = Weights::Real { data: &w, shape: &[2, 2, 2] };
+        let out = grouped_matmul(Rows::Real { data: &xs, cols: 2 }, weights, &[0, 1, 3], true, None);
         assert_eq!(out, vec![2.0, 4.0, 9.0, 12.0, 15.0, 18.0]);
         let g = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0];
         let dw = grouped_wgrad(&xs, 2, &g, 2, &[0, 1, 3], 2, None);

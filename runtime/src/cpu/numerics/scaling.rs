@@ -69,6 +69,25 @@ impl Quantized {
         }
     }
 
+    /// Columns `range` as a quantised matrix of their own; the range may not cut a scaling
+    /// group.
+    pub fn columns(&self, range: std::ops::Range<usize>) -> Quantized {
+        let group_cols = self.tiling.cols;
+        assert!(
+            range.start.is_multiple_of(group_cols) && (range.end.is_multiple_of(group_cols) || range.end == self.n),
+            "columns {range:?} cut the {group_cols}-column scaling groups"
+        );
+        let (group_rows, groups_per_row) = self.tiling.grid(self.m, self.n);
+        let (first, end) = (range.start / group_cols, range.end.div_ceil(group_cols));
+        Quantized {
+            values: (0..self.m).flat_map(|i| &self.values[i * self.n + range.start..i * self.n + range.end]).copied().collect(),
+            scales: (0..group_rows).flat_map(|g| &self.scales[g * groups_per_row + first..g * groups_per_row + end]).copied().collect(),
+            m: self.m,
+            n: range.len(),
+            tiling: self.tiling,
+        }
+    }
+
     /// The transposed matrix [n, m], each group transposed with it: the same values under the
     /// same scales (FP8 GEMMs read both operands K-major, so a [k, n] operand arrives as its
     /// transpose).
