@@ -151,7 +151,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            match saver.save(&trainer)? {
+            match saver.save(&mut trainer)? {
                 Some(dir) => eprintln!("interrupted at step {}: saved `{}`", progress.step, dir.display()),
                 None => eprintln!("interrupted at step {}: nothing saved (no `--checkpoint-dir`)", progress.step),
             }
@@ -190,7 +190,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
                 }
-                let saved = saver.save(&trainer)?;
+                let saved = saver.save(&mut trainer)?;
                 eprintln!(
                     "error: {bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping at step {}. {}\
                      Lower the learning rate or check the data, then resume.",
@@ -205,13 +205,13 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
         bad_in_a_row = 0;
         if args.checkpoint_every.is_some_and(|every| m.step.is_multiple_of(every)) {
-            saver.save(&trainer)?;
+            saver.save(&mut trainer)?;
         }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Some(dir) = saver.save(&trainer)? {
+    if let Some(dir) = saver.save(&mut trainer)? {
         eprintln!("saved `{}`", dir.display());
     }
     Ok(ExitCode::SUCCESS)
@@ -381,12 +381,13 @@ struct Saver {
 
 impl Saver {
     /// Writes a checkpoint of the trainer's state, unless one of this step exists already.
-    fn save(&mut self, trainer: &Trainer<f32>) -> anyhow::Result<Option<PathBuf>> {
+    fn save(&mut self, trainer: &mut Trainer<f32>) -> anyhow::Result<Option<PathBuf>> {
         let Some(dir) = &self.dir else { return Ok(None) };
         let step = trainer.progress().step;
         if let Some((written, _)) = self.last.as_ref().filter(|(_, at)| *at == step) {
             return Ok(Some(written.clone()));
         }
+        trainer.sync().map_err(|e| anyhow::anyhow!("cannot read the training state back: {}", e.0))?;
         let state = trainer.checkpoint(&self.numerics, self.record.clone());
         let written = checkpoint::save(dir, self.keep, &trainer.graph().forward.params, &state)
             .map_err(|e| anyhow::anyhow!("cannot write the checkpoint: {e}"))?;

@@ -301,7 +301,7 @@ fn whole_fp8_functions_match_the_cpu_loss_on_the_gpu() {
 }
 
 /// Two training steps of the f32 tiny plan (two micro-batches each, then AdamW) with the
-/// trainer on the GPU and on the CPU from the same seed: losses, gradient norms and every
+/// trainer on the GPU (its state kept there) and on the CPU from the same seed: losses, gradient norms and every
 /// updated parameter agree within 1e-5 (the step's first micro-batch routes equally at this
 /// seed on the H100; a routing difference would show as a loss difference here too).
 #[test]
@@ -328,9 +328,50 @@ fn training_steps_on_the_gpu_match_the_cpu() {
             assert!((a - b).abs() <= 1e-5 * b.abs(), "step {step}: {what} GPU {a} CPU {b}");
         }
         let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
+        on_gpu.sync().expect("the state read back from the GPU");
         for (i, (a, b)) in on_gpu.params().iter().zip(on_cpu.params()).enumerate() {
             let error = relative_error(&reals(a), &reals(b));
             assert!(error <= 1e-5, "step {step}: parameter {} differs by {error:.2e}", plan.params[i].name);
         }
     }
+}
+
+/// One training step of a bench-shaped FP8 plan (`DSC_TEST_PLAN_BENCH_STEP`, default
+/// `target/plan-bench-step`: `dsc compile models/deepseek-v3-bench.dsc --set train.seq_len=128
+/// --set train.batch=1 --set train.micro_batch=1 --set 'train.data.sources=[synthetic {
+/// weight = 1 }]' -o target/plan-bench-step`: the bench model's widths and experts on 128
+/// tokens, so that the CPU reference takes a minute) with the trainer on the GPU, every GEMM on
+/// cuBLASLt, and on the CPU from the same seed: the loss, the gradient norm and every updated
+/// parameter agree within DESIGN.md's FP8 bound, 1e-3.
+#[test]
+fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
+    let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_BENCH_STEP", "plan-bench-step") else { return };
+    let trainer = || Trainer::<f32>::with_graph(&plan.spec, plan.training_graph(), 5).expect("trainable");
+    let (mut on_gpu, mut on_cpu) = (trainer(), trainer());
+    on_gpu.set_backend(Box::new(Executor::new(plan.clone(), &dir, gpu, false).expect("the plan loads")));
+    let started = std::time::Instant::now();
+    let g = on_gpu.step().expect("a GPU step");
+    let gpu_s = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let c = on_cpu.step().expect("a CPU step");
+    let cpu_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "loss GPU {:.7} CPU {:.7}, grad norm GPU {:.7} CPU {:.7}; step GPU {:.1} s, CPU {:.1} s",
+        g.loss, c.loss, g.grad_norm, c.grad_norm, gpu_s, cpu_s
+    );
+    assert!(!g.skipped && !c.skipped, "skipped");
+    for (what, a, b) in [("loss", g.loss, c.loss), ("grad norm", g.grad_norm, c.grad_norm)] {
+        assert!((a - b).abs() <= 1e-3 * b.abs(), "{what}: GPU {a} CPU {b}");
+    }
+    let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
+    on_gpu.sync().expect("the state read back from the GPU");
+    let mut worst = (0.0f64, "");
+    for (i, (a, b)) in on_gpu.params().iter().zip(on_cpu.params()).enumerate() {
+        let error = relative_error(&reals(a), &reals(b));
+        if error > worst.0 {
+            worst = (error, &plan.params[i].name);
+        }
+    }
+    eprintln!("worst updated parameter: {} at {:.2e}", worst.1, worst.0);
+    assert!(worst.0 <= 1e-3, "parameter {} differs by {:.2e}", worst.1, worst.0);
 }

@@ -361,3 +361,26 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
     println!("{checked} rows of the bench plan's grouped FP8 GEMMs on cuBLASLt, worst relative error {worst:.2e}");
     assert!(checked >= 30, "only {checked} rows of grouped FP8 GEMMs checked");
 }
+
+/// Without a GPU: every library GEMM of the bench plan (compiled here, without MLIR) runs on
+/// the GPU backend, none on the host (MLA's K = 576 padded to 640, the attention output's
+/// residual added after a reshape).
+#[test]
+fn every_library_gemm_of_the_bench_plan_runs_on_the_gpu() {
+    use dsc_compiler::fuse::kernels::Code;
+    use dsc_runtime::cuda::gemm;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-bench.dsc");
+    let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the bench spec").clone();
+    let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
+    let (mut library, mut host) = (0, Vec::new());
+    for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
+        for kernel in pf.kernels.iter().filter(|k| matches!(k.code, Code::Library)) {
+            library += 1;
+            if !gemm::runs(function, kernel) {
+                host.push(kernel.name.clone());
+            }
+        }
+    }
+    assert!(host.is_empty(), "on the host: {host:?}");
+    assert!(library > 50, "only {library} library GEMMs");
+}

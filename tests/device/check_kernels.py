@@ -118,7 +118,9 @@ def reference(function, kernel, inputs):
         elif name == "permute_quantize": r = quantized(a[0][a[1] // at["k"]], 1, at["cols"])
         elif name == "quantize":
             x = xp.swapaxes(a[0], -1, -2) if at["transpose"] else a[0]
-            r = quantized(x.reshape(-1, x.shape[-1]), at["rows"], at["cols"]).reshape(shape)
+            x = x.reshape(-1, x.shape[-1])
+            x = xp.pad(x, ((0, 0), (0, shape[-1] - x.shape[1])))  # K padded to whole groups
+            r = quantized(x, at["rows"], at["cols"]).reshape(shape)
         elif name == "quantize_by_expert":
             d, capacity = shape
             padded, start = xp.zeros((d, capacity)), 0

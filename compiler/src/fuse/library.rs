@@ -43,16 +43,18 @@ impl Rewrite<'_> {
     }
 
     /// Old operand `x` (a matrix, or a stack of them) quantised in `rows` × `cols` groups of
-    /// itself, or of its (each matrix's) transpose if `transpose`.
+    /// itself, or of its (each matrix's) transpose if `transpose`, its rows (along K) padded
+    /// with zeros to whole groups: cuBLASLt takes K in whole 128s (MLA's K = 576 is 640).
     fn quantize(&mut self, x: V, rows: usize, cols: usize, transpose: bool) -> V {
         if let Some(&q) = self.quantized.get(&(x.0, rows, cols, transpose)) {
             return q;
         }
         let mut shape = self.old.node(x).shape.clone();
+        let rank = shape.len();
         if transpose {
-            let rank = shape.len();
             shape.swap(rank - 2, rank - 1);
         }
+        shape[rank - 1] = shape[rank - 1].next_multiple_of(cols);
         let q = self.push(Op::Quantize { rows, cols, transpose }, vec![self.map[x.index()]], shape, DType::F8e4m3);
         self.quantized.insert((x.0, rows, cols, transpose), q);
         q
@@ -93,15 +95,24 @@ impl Rewrite<'_> {
         vec![if ta { sa[1] } else { sa[0] }, if tb { sb[0] } else { sb[1] }]
     }
 
+    /// Whether the old values are real matrices (not quantised yet).
+    fn operands_are_matrices(&self, values: &[V]) -> bool {
+        values.iter().all(|&a| self.old.node(a).shape.len() == 2 && self.old.node(a).dtype != DType::F8e4m3)
+    }
+
     /// The node's replacement, or `None` to copy it.
     fn replace(&mut self, i: usize, node: &Node) -> Option<V> {
-        let matrices =
-            node.args.iter().all(|&a| self.old.node(a).shape.len() == 2 && self.old.node(a).dtype != DType::F8e4m3);
+        let matrices = self.operands_are_matrices(&node.args);
         let a = &node.args;
         match node.op {
             Op::MatMul { ta, tb, fp8: Some(f) } if matrices => Some(self.product(a[0], a[1], ta, tb, f, &node.shape)),
-            Op::MatMulAdd { ta, tb, fp8: Some(f) } if matrices => {
-                let y = self.product(a[0], a[1], ta, tb, f, &node.shape);
+            // The addend may be the product's rows reshaped (a residual [batch, seq, n]).
+            Op::MatMulAdd { ta, tb, fp8: Some(f) } if self.operands_are_matrices(&a[..2]) => {
+                let shape = self.shape_of(a[0], a[1], ta, tb);
+                let mut y = self.product(a[0], a[1], ta, tb, f, &shape);
+                if shape != node.shape {
+                    y = self.push(Op::Reshape(node.shape.clone()), vec![y], node.shape.clone(), DType::F32);
+                }
                 Some(self.add(self.map[a[2].index()], y, &node.shape))
             }
             Op::ConcatKMatMul { ta, tb, fp8: Some(f) } if matrices => {

@@ -292,6 +292,8 @@ pub enum Op {
     /// Made explicit by fusion: FP8 quantisation of a matrix x [r, c] (of xᵀ if `transpose`,
     /// the Wgrad operands' layout) in scaling groups of `rows` × `cols` of the result, each
     /// element an E4M3 value and each group a scale (as `Fp8Gemm`'s tilings): an F8E4M3 value.
+    /// A stack of matrices is quantised matrix by matrix; where the result's rows are longer
+    /// than x's (`fuse::library` pads K to whole groups), the rest is zero.
     Quantize {
         rows: usize,
         cols: usize,

@@ -54,11 +54,14 @@ pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
         }
         [one] if matches!(one.op, Op::Quantize { .. }) => {
             let x = kernel_input(f, kernel, one.args[0])?;
-            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, None, kernel.nodes[0]))
+            let (shape, transposed) = (&f.node(one.args[0]).shape, matches!(one.op, Op::Quantize { transpose: true, .. }));
+            let width = shape[shape.len() - if transposed { 2 } else { 1 }];
+            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, width, None, kernel.nodes[0]))
         }
         [one] if matches!(one.op, Op::QuantizeByExpert { .. }) => {
             let (x, offsets) = (kernel_input(f, kernel, one.args[0])?, kernel_input(f, kernel, one.args[1])?);
-            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, Some(offsets), kernel.nodes[0]))
+            let width = one.shape[1];
+            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, width, Some(offsets), kernel.nodes[0]))
         }
         _ if is_elementwise(f, kernel, &nodes) => elementwise_kernel(f, kernel, &nodes),
         _ => super::indexed::indexed_kernel(f, kernel),

@@ -188,7 +188,10 @@ const WARPS: usize = 8;
 /// quotients) along x's contiguous axis, 32 lanes apart and the warps taking turns along the
 /// other, each lane storing four E4M3 bytes of a row as one word; the warps' maxima meet in
 /// shared memory.
-pub fn quantize_kernel(name: &str, node: &Node, x: u32, offsets: Option<u32>, out: u32) -> Emitted {
+///
+/// `width`: x's extent along the result's rows (its columns, or its rows when transposed);
+/// where it is less than the result's, the rest of each result row is zero.
+pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: Option<u32>, out: u32) -> Emitted {
     let (rows, cols, transpose, experts) = match node.op {
         Op::Quantize { rows, cols, transpose } => (rows, cols, transpose, None),
         Op::QuantizeByExpert { experts, tile } => (1, tile, true, Some(experts)),
@@ -198,11 +201,12 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, offsets: Option<u32>, ou
     // The rows of each matrix of a stack (of the result; x's are transposed).
     let batch_rows = node.shape[node.shape.len().saturating_sub(2)];
     let tiles = rows == 1 && n.is_multiple_of(4) && cols.is_multiple_of(4) && 128 % cols == 0;
+    assert!(width == n || batch_rows == m, "{name}: a stack of matrices padded");
     if tiles && !transpose {
-        return row_tiles_kernel(name, m, n, cols, x, out);
+        return row_tiles_kernel(name, m, n, width, cols, x, out);
     }
     if tiles && (experts.is_some() || batch_rows == m) {
-        return column_tiles_kernel(name, m, n, cols, x, offsets.zip(experts), out);
+        return column_tiles_kernel(name, m, n, width, cols, x, offsets.zip(experts), out);
     }
     // The output's argument slot: after x and, by expert, the offsets.
     let slot = if experts.is_some() { 2 } else { 1 };
@@ -287,6 +291,19 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, offsets: Option<u32>, ou
             .map(|c| {
                 let offset = b.line(format!("arith.constant {c} : index"));
                 let jc = b.line(format!("arith.addi {j}, {offset} : index"));
+                if width < n {
+                    // Zero past x's rows (of the transpose, its columns).
+                    let limit = b.line(format!("arith.constant {width} : index"));
+                    let inside = b.line(format!("arith.cmpi ult, {jc}, {limit} : index"));
+                    let safe = b.line(format!("arith.select {inside}, {jc}, %c0 : index"));
+                    let (row, col, stride) = if transpose { (safe.as_str(), i, m) } else { (i, safe.as_str(), width) };
+                    let stride = b.line(format!("arith.constant {stride} : index"));
+                    let at = b.line(format!("arith.muli {row}, {stride} : index"));
+                    let at = b.line(format!("arith.addi {at}, {col} : index"));
+                    let x = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+                    let zero = b.constant(0.0);
+                    return b.line(format!("arith.select {inside}, {x}, {zero} : f32"));
+                }
                 if !transpose {
                     let at = b.line(format!("arith.muli {i}, %n : index"));
                     let at = b.line(format!("arith.addi {at}, {jc} : index"));
@@ -410,7 +427,7 @@ fn tile_module(name: &str, body: &str, offsets: bool, shared: usize) -> String {
 /// `quantize` of x [m, n] in 1×`cols` tiles along its rows: a warp per row, each lane
 /// reading four elements (16 bytes) a turn and storing them as one word, a tile's amax through
 /// shuffles among its lanes.
-fn row_tiles_kernel(name: &str, m: usize, n: usize, cols: usize, x: u32, out: u32) -> Emitted {
+fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x: u32, out: u32) -> Emitted {
     let mut b = Body::new();
     let _ = write!(
         b.text,
@@ -419,19 +436,22 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, cols: usize, x: u32, out: u3
     views(&mut b, 1, m, n, 1, cols);
     let _ = write!(
         b.text,
-        "      %lane4 = arith.muli %lane, %c4 : index\n      %c128 = arith.constant 128 : index\n      %n_up = arith.constant {} : index\n      %base = arith.muli %row, %n : index\n      scf.for %col = %lane4 to %n_up step %c128 {{\n",
+        "      %lane4 = arith.muli %lane, %c4 : index\n      %c128 = arith.constant 128 : index\n      %n_up = arith.constant {} : index\n      %width = arith.constant {width} : index\n      %base = arith.muli %row, %width : index\n      scf.for %col = %lane4 to %n_up step %c128 {{\n",
         n.next_multiple_of(128)
     );
     let inside = b.line("arith.cmpi ult, %col, %n : index".into());
-    let safe = b.line(format!("arith.select {inside}, %col, %c0 : index"));
+    // x's row is `width` long (the result's rest is zero); width is a multiple of 4 or the
+    // elements are read one by one.
     let values: Vec<String> = (0..4)
         .map(|c| {
             let offset = b.line(format!("arith.constant {c} : index"));
+            let j = b.line(format!("arith.addi %col, {offset} : index"));
+            let in_x = b.line(format!("arith.cmpi ult, {j}, %width : index"));
+            let safe = b.line(format!("arith.select {in_x}, {j}, %c0 : index"));
             let at = b.line(format!("arith.addi %base, {safe} : index"));
-            let at = b.line(format!("arith.addi {at}, {offset} : index"));
             let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
             let zero = b.constant(0.0);
-            b.line(format!("arith.select {inside}, {v}, {zero} : f32"))
+            b.line(format!("arith.select {in_x}, {v}, {zero} : f32"))
         })
         .collect();
     store_row_group(&mut b, 1, &values, "%col", Some(&inside), cols / 4, cols);
@@ -445,10 +465,12 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, cols: usize, x: u32, out: u3
 /// result rows and one column group, the lanes along x's contiguous columns, the warps taking
 /// turns along its rows four at a time (one word of the result per lane); each lane's amax
 /// meets the other warps' in shared memory.
+#[allow(clippy::too_many_arguments)]
 fn column_tiles_kernel(
     name: &str,
     m: usize,
     n: usize,
+    width: usize,
     cols: usize,
     x: u32,
     offsets: Option<(u32, usize)>,
@@ -481,7 +503,9 @@ fn column_tiles_kernel(
                     let in_expert = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
                     (row, b.line(format!("arith.andi {in_group}, {in_expert} : i1")))
                 } else {
-                    (j, in_group)
+                    let rows = b.line(format!("arith.constant {width} : index"));
+                    let in_x = b.line(format!("arith.cmpi ult, {j}, {rows} : index"));
+                    (j, b.line(format!("arith.andi {in_group}, {in_x} : i1")))
                 };
                 let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
                 let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));

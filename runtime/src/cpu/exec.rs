@@ -406,7 +406,7 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             Value::Tuple(vec![int(&shape, chosen), real(&shape, gates)])
         }
         // A stack of matrices is quantised as one [batch·m, n] matrix (`fuse::library` makes
-        // sure no group straddles two).
+        // sure no group straddles two); rows shorter than the result's are padded with zeros.
         Op::Quantize { rows, cols, transpose } => {
             let x = r(0);
             let rank = x.shape.len();
@@ -417,8 +417,10 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             } else {
                 x.data.clone()
             };
+            let width = if *transpose { x.shape[rank - 2] } else { x.shape[rank - 1] };
             let n = *node.shape.last().expect("a matrix");
-            quantized(&data, data.len() / n, n, Tiling { rows: *rows, cols: *cols })
+            let padded: Vec<T> = data.chunks(width).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(T::ZERO, n - width))).collect();
+            quantized(&padded, padded.len() / n, n, Tiling { rows: *rows, cols: *cols })
         }
         Op::ScaledMatMul { promote } => {
             let product = matmul_fp8(v[0].as_quantized(), &v[1].as_quantized().transposed(), *promote);

@@ -14,7 +14,7 @@ use crate::cpu::exec::eval;
 use crate::cpu::numerics::{e4m3_decode, e4m3_encode, Quantized, Tiling};
 use crate::cpu::{Tensor, Value};
 use crate::memory::{self, Layout};
-use crate::train::Backend;
+use crate::train::{Backend, Resident};
 use cudarc::driver::CudaSlice;
 use dsc_compiler::fuse::kernels::{base, Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function, Node, Op};
@@ -44,9 +44,9 @@ pub struct Arena {
 }
 
 pub struct Executor {
-    gpu: Gpu,
-    blas: gemm::Blas,
-    plan: Arc<Plan>,
+    pub(super) gpu: Gpu,
+    pub(super) blas: gemm::Blas,
+    pub(super) plan: Arc<Plan>,
     kernels: Kernels,
     layouts: Vec<Layout>,
     /// Per function, the bytes of each value's buffer.
@@ -56,11 +56,13 @@ pub struct Executor {
     checked: bool,
     /// Per function, the arena of its last call, kept for the next (every buffer is written
     /// before it is read within a call, and `zeroed` outputs are cleared at their kernel).
-    spare: Vec<Option<CudaSlice<u8>>>,
+    pub(super) spare: Vec<Option<CudaSlice<u8>>>,
+    /// The training state, once a trainer hands it over ([`super::resident`]).
+    pub(super) state: Option<super::resident::DeviceState>,
 }
 
 /// An argument of a call: bytes on the host, or a buffer of the caller's arena.
-enum Input<'a> {
+pub(super) enum Input<'a> {
     Host(Vec<u8>),
     Device(&'a CudaSlice<u8>, std::ops::Range<usize>),
 }
@@ -73,13 +75,13 @@ enum Step {
     Node(u32),
 }
 
-fn words<T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; 4]) -> Vec<u8> {
+pub(super) fn words<T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; 4]) -> Vec<u8> {
     data.iter().flat_map(|&x| to_bytes(x)).collect()
 }
 
 /// A host value as the bytes of its device buffer (reals f32, indices i32, FP8 matrices as
 /// [`fp8_bytes`]).
-fn encode(value: &Value<f32>) -> Result<Vec<u8>, GpuError> {
+pub(super) fn encode(value: &Value<f32>) -> Result<Vec<u8>, GpuError> {
     match value {
         Value::Real(t) => Ok(words(&t.data, f32::to_le_bytes)),
         Value::Int(t) => Ok(words(&t.data, i32::to_le_bytes)),
@@ -147,7 +149,8 @@ impl Executor {
         let kernels = Kernels::new(dir);
         let plan = Arc::new(plan);
         let spare = plan.functions.iter().map(|_| None).collect();
-        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts: Counts::default(), checked, spare })
+        let counts = Counts::default();
+        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts, checked, spare, state: None })
     }
 
     pub fn counts(&self) -> Counts {
@@ -175,35 +178,31 @@ impl Executor {
         }
         let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
         let arena = self.invoke(f, &inputs)?;
-        let outputs = function
-            .outputs
-            .iter()
-            .map(|&o| {
-                let node = function.node(o);
-                let b = base(function, o);
-                match function.node(b).op {
-                    Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
-                    _ => Ok(decode(
-                        function.node(b),
-                        &node.shape,
-                        &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?,
-                    )),
-                }
-            })
-            .collect();
+        let outputs = function.outputs.iter().map(|&o| self.output(f, o, &arena)).collect();
         self.spare[f] = Some(arena);
         outputs
     }
 
+    /// Output value `o` of function `f`, from its buffer in `arena`, on the host.
+    pub(super) fn output(&self, f: usize, o: dsc_compiler::graph::ir::V, arena: &CudaSlice<u8>) -> Result<Value<f32>, GpuError> {
+        let function = &self.plan.module.functions[f];
+        let node = function.node(o);
+        let b = base(function, o);
+        match function.node(b).op {
+            Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
+            _ => Ok(decode(function.node(b), &node.shape, &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?)),
+        }
+    }
+
     /// The byte range of value `v`'s buffer in function `f`'s arena.
-    fn range(&self, f: usize, v: u32) -> std::ops::Range<usize> {
+    pub(super) fn range(&self, f: usize, v: u32) -> std::ops::Range<usize> {
         let at = self.layouts[f].offsets[&v] as usize;
         at..at + self.bytes[f][&v]
     }
 
     /// Runs function `f` in an arena of its own (its last call's, or a new one) and returns
     /// the arena.
-    fn invoke(&mut self, f: usize, args: &[Input]) -> Result<CudaSlice<u8>, GpuError> {
+    pub(super) fn invoke(&mut self, f: usize, args: &[Input]) -> Result<CudaSlice<u8>, GpuError> {
         let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         let pf = &plan.functions[f];
@@ -399,5 +398,9 @@ impl Executor {
 impl Backend<f32> for Executor {
     fn run(&mut self, f: usize, args: Vec<Value<f32>>) -> Result<Vec<Value<f32>>, String> {
         Executor::run(self, f, &args).map_err(|e| e.to_string())
+    }
+
+    fn resident(&mut self) -> Option<&mut dyn Resident<f32>> {
+        Some(self)
     }
 }

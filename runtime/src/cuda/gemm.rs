@@ -391,7 +391,7 @@ fn scaled_products(
             let data = if p.in_place {
                 xs.data + (p.first * k) as u64
             } else {
-                copy_2d(gpu, xs.data + (p.first * k) as u64, k, rows_at, k, p.rows * k, 1)?;
+                copy_2d(gpu, xs.data + (p.first * k) as u64, p.rows * k, rows_at, p.rows * k, p.rows * k, 1)?;
                 rows_at
             };
             let a = Fp8Operand { data, scales: scales_at, ld: k };
@@ -407,7 +407,8 @@ fn scaled_products(
                 let d = if p.in_place { at(out) + (4 * p.first * n) as u64 } else { out_at };
                 lt.run(gpu, &ScaledGemm { a, b, d, m: p.m, n, k, b_groups: Groups::Blocks })?;
                 if !p.in_place {
-                    copy_2d(gpu, out_at, 4 * n, at(out) + (4 * p.first * n) as u64, 4 * n, 4 * p.rows * n, 1)?;
+                    let bytes = 4 * p.rows * n;
+                    copy_2d(gpu, out_at, bytes, at(out) + (4 * p.first * n) as u64, bytes, bytes, 1)?;
                 }
             }
         }
@@ -451,7 +452,7 @@ fn scaled_wgrad(
 }
 
 /// Copies `height` runs of `width` bytes, `src_pitch` apart from `src`, to `dst_pitch` apart
-/// from `dst` (device addresses), on the stream.
+/// from `dst` (device addresses), on the stream (pitches at least `width`, as CUDA requires).
 fn copy_2d(
     gpu: &Gpu,
     src: u64,

@@ -14,6 +14,7 @@
 pub mod exec;
 pub mod gemm;
 pub mod nccl;
+pub mod resident;
 pub mod scaled;
 
 use crate::memory::Layout;
@@ -102,6 +103,22 @@ impl Gpu {
 
     pub fn name(&self) -> Result<String, GpuError> {
         Ok(self.context.name()?)
+    }
+
+    /// Waits for the stream, then hands the memory freed so far back to the device (buffers are
+    /// freed in stream order into the default pool, which a large allocation cannot always
+    /// reuse piecemeal).
+    pub fn release_unused(&self) -> Result<(), GpuError> {
+        use cudarc::driver::sys;
+        self.stream.synchronize()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: the device ordinal is this context's; the pool handle is written by the call
+        // and only passed back to the driver.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, self.context.cu_device()).result()?;
+            sys::cuMemPoolTrimTo(pool, 0).result()?;
+        }
+        Ok(())
     }
 }
 

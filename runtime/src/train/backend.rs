@@ -1,8 +1,9 @@
 //! What runs a training graph's functions for the [`super::Trainer`]: the CPU reference
 //! ([`Cpu`]), or with the `cuda` feature a compiled plan on the GPU
-//! (`cuda::exec::Executor`). Functions take and return host values. And what joins the
-//! trainer to its data-parallel replicas in other processes ([`DataParallel`]: NCCL, with the
-//! `cuda` feature).
+//! (`cuda::exec::Executor`). Functions take and return host values; a backend may also keep
+//! the training state itself ([`Resident`]: the GPU's memory), so that a step moves only its
+//! batch and a few numbers. And what joins the trainer to its data-parallel replicas in other
+//! processes ([`DataParallel`]: NCCL, with the `cuda` feature).
 
 use crate::cpu::{self, Real, Value};
 use dsc_compiler::graph::Module;
@@ -10,6 +11,39 @@ use dsc_compiler::graph::Module;
 pub trait Backend<T: Real> {
     /// Runs function `f` of the training graph on `args`.
     fn run(&mut self, f: usize, args: Vec<Value<T>>) -> Result<Vec<Value<T>>, String>;
+
+    /// The backend as one that keeps the training state, if it can.
+    fn resident(&mut self) -> Option<&mut dyn Resident<T>> {
+        None
+    }
+}
+
+/// A backend keeping the parameters (every one, in the graph's order), the Adam moments of
+/// the learned ones and the step's gradient sums where it computes, for a trainer of one
+/// rank: the trainer hands the state over once and reads it back when asked.
+pub trait Resident<T: Real> {
+    /// Takes the state over.
+    fn load(&mut self, params: &[Value<T>], moments: &[(Value<T>, Value<T>)]) -> Result<(), String>;
+    /// Runs gradient function `f` on the parameters and `rest` (the micro-batch's arguments);
+    /// its outputs from `grads` on (one per parameter) are added into the gradient sums (the
+    /// step's `first` micro-batch sets them); returns the outputs before them.
+    fn gradients(&mut self, f: usize, rest: Vec<Value<T>>, grads: usize, first: bool) -> Result<Vec<Value<T>>, String>;
+    /// The sum of the squares of every gradient sum's elements (not finite where one is not).
+    fn gradients_square_sum(&mut self) -> Result<f64, String>;
+    /// Scales the gradient sums of parameters `learned` by `scale`, then runs optimizer `f`
+    /// on (parameter, gradient, m, v) of each learned one, (bias, `loads`) of each of
+    /// `biases`, then `scalars`; keeps its results (new parameters, moments and biases) and
+    /// returns its last output, the gradient norm.
+    fn update(
+        &mut self,
+        f: usize,
+        learned: &[usize],
+        biases: &[(usize, Value<T>)],
+        scalars: Vec<Value<T>>,
+        scale: f64,
+    ) -> Result<f64, String>;
+    /// The state: the parameters and the moments.
+    fn state(&mut self) -> Result<(Vec<Value<T>>, Vec<(Value<T>, Value<T>)>), String>;
 }
 
 /// The CPU reference backend, over its own copy of the training graph's module.

@@ -17,5 +17,5 @@ pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
-pub use backend::{Backend, Cpu, DataParallel};
+pub use backend::{Backend, Cpu, DataParallel, Resident};
 pub use trainer::{StepError, Trainer, Unsupported};

@@ -41,6 +41,25 @@ pub struct Trainer<T: Real> {
     backend: Box<dyn Backend<T>>,
     /// The other processes' replicas, when this one is a data-parallel rank of several.
     replicas: Option<Box<dyn DataParallel>>,
+    /// Where the training state is: whether the backend keeps it ([`Resident`]), and whether
+    /// `params` and `moments` here are up to date.
+    state: State,
+}
+
+/// What a step did: its mean losses, the tokens per expert of each MoE block, the gradient
+/// norm (before clipping), and whether it was finite (else the optimizer was skipped).
+struct Update {
+    losses: [f64; LOSS_OUTPUTS],
+    loads: Vec<Vec<f64>>,
+    grad_norm: f64,
+    finite: bool,
+}
+
+/// Where a trainer's parameters and moments are.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct State {
+    on_backend: bool,
+    host_current: bool,
 }
 
 /// The largest model the trainer takes (parameters, gradients and moments live on the host).
@@ -75,6 +94,7 @@ impl<T: Real> Trainer<T> {
             ranks: None,
             backend: Box::new(Cpu(graph.module().clone())),
             replicas: None,
+            state: State { on_backend: false, host_current: true },
             graph,
         })
     }
@@ -126,12 +146,14 @@ impl<T: Real> Trainer<T> {
             ranks: None,
             backend: Box::new(Cpu(graph.module().clone())),
             replicas: None,
+            state: State { on_backend: false, host_current: true },
             graph,
         })
     }
 
     /// The whole training state, for a checkpoint; `numerics` and `spec` identify the run.
     pub fn checkpoint(&self, numerics: &str, spec: SpecRecord) -> Checkpoint {
+        assert!(self.state.host_current, "the backend keeps the state: call `sync` first");
         let f32s = |v: &Value<T>| v.as_real().data.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
         Checkpoint {
             params: self.params.iter().map(f32s).collect(),
@@ -152,8 +174,21 @@ impl<T: Real> Trainer<T> {
         &self.graph
     }
 
+    /// The parameters (after [`Trainer::sync`] when a backend keeps them).
     pub fn params(&self) -> &[Value<T>] {
+        assert!(self.state.host_current, "the backend keeps the parameters: call `sync` first");
         &self.params
+    }
+
+    /// Brings the parameters and moments back from a backend that keeps them (see
+    /// [`Resident`]); nothing to do otherwise.
+    pub fn sync(&mut self) -> Result<(), StepError> {
+        if !self.state.host_current {
+            let resident = self.backend.resident().expect("a backend keeping the state");
+            (self.params, self.moments) = resident.state().map_err(StepError)?;
+            self.state.host_current = true;
+        }
+        Ok(())
     }
 
     /// Optimizer steps done and tokens seen.
@@ -196,7 +231,9 @@ impl<T: Real> Trainer<T> {
     /// Runs the graph's functions on `backend` from now on (it must run this trainer's graph;
     /// thread-ranks, when set, run on the CPU).
     pub fn set_backend(&mut self, backend: Box<dyn Backend<T>>) {
+        assert!(self.state.host_current, "the old backend keeps the state: call `sync` first");
         self.backend = backend;
+        self.state.on_backend = false;
     }
 
     /// Runs one optimizer step and reports it. On thread-ranks a step fails when a rank does
@@ -221,6 +258,46 @@ impl<T: Real> Trainer<T> {
                 (Tensor::new(shape.clone(), tokens), Tensor::new(shape, loss_mask))
             })
             .collect();
+        let lr = lr_at(train, self.progress);
+        let bias_speed = self.bias_speed();
+        let step_tokens = sequences * train.seq_len;
+        let resident = self.ranks.is_none() && self.replicas.is_none() && self.ema.is_none();
+        let Update { losses, loads, grad_norm, finite } = if resident && self.backend.resident().is_some() {
+            self.resident_step(batches, mtp_weight, lr, bias_speed)?
+        } else {
+            self.host_step(batches, mtp_weight, lr, bias_speed)?
+        };
+        if finite {
+            self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
+        }
+        let counts: Vec<Vec<u64>> = loads.iter().map(|l| l.iter().map(|&x| x.round() as u64).collect()).collect();
+        let load = expert_load(&counts);
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.progress.step,
+            skipped: !finite,
+            loss: losses[1],
+            mtp_loss: losses[2],
+            balance_loss: losses[3],
+            lr,
+            grad_norm,
+            tokens: self.progress.tokens,
+            tokens_per_s: step_tokens as f64 / elapsed.max(1e-9),
+            flops_per_s: step_tokens as f64 * self.flops_per_token / elapsed.max(1e-9),
+            mfu: None,
+            memory_bytes: resident_memory(),
+            expert_load_max: load.max,
+            expert_load_mean: load.mean,
+            mtp_weight,
+            bias_speed,
+        })
+    }
+
+    /// A step on host values: the rank's (or ranks') gradient sums, then the optimizer when
+    /// they are finite.
+    fn host_step(&mut self, batches: Vec<MicroBatch>, mtp_weight: f64, lr: f64, bias_speed: f64) -> Result<Update, StepError> {
+        let micro_batches = batches.len();
+        let per_rank = micro_batches.div_ceil(data_ranks(&self.spec));
         let sums = match (&self.ranks, &mut self.replicas) {
             (Some(ranks), _) => ranks.step(&self.params, batches, mtp_weight as f32)?,
             (None, Some(replicas)) => {
@@ -241,42 +318,79 @@ impl<T: Real> Trainer<T> {
         };
         let StepSums { losses, loads, grads } = sums;
         let losses = losses.map(|loss| loss / micro_batches as f64);
-        let lr = lr_at(train, self.progress);
-        let bias_speed = self.bias_speed();
-        let step_tokens = sequences * train.seq_len;
         let finite = losses.iter().all(|l| l.is_finite()) && grads.iter().flatten().all(|g| g.is_finite());
-        let counts: Vec<Vec<u64>> = loads.iter().map(|l| l.iter().map(|&x| x.round() as u64).collect()).collect();
-        let load = expert_load(&counts);
         let grad_norm = if finite {
             let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed)?;
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
             }
-            self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
             norm
         } else {
             let sum: f64 = grads.iter().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
             sum.sqrt() / micro_batches as f64
         };
-        let elapsed = started.elapsed().as_secs_f64();
-        Ok(StepMetrics {
-            step: self.progress.step,
-            skipped: !finite,
-            loss: losses[1],
-            mtp_loss: losses[2],
-            balance_loss: losses[3],
-            lr,
-            grad_norm,
-            tokens: self.progress.tokens,
-            tokens_per_s: step_tokens as f64 / elapsed.max(1e-9),
-            flops_per_s: step_tokens as f64 * self.flops_per_token / elapsed.max(1e-9),
-            mfu: None,
-            memory_bytes: resident_memory(),
-            expert_load_max: load.max,
-            expert_load_mean: load.mean,
-            mtp_weight,
-            bias_speed,
-        })
+        Ok(Update { losses, loads, grad_norm, finite })
+    }
+
+    /// A step on a backend keeping the state: the state handed over first if it is not there
+    /// yet, then per micro-batch its gradients summed there, then the update there; only the
+    /// batches, losses, loads and scalars cross.
+    fn resident_step(
+        &mut self,
+        batches: Vec<MicroBatch>,
+        mtp_weight: f64,
+        lr: f64,
+        bias_speed: f64,
+    ) -> Result<Update, StepError> {
+        let micro_batches = batches.len();
+        let info = &self.graph.forward.params;
+        let biases = &self.graph.forward.moe_biases;
+        let grads_at = LOSS_OUTPUTS + biases.len();
+        let backend = self.backend.resident().expect("a backend keeping the state");
+        if !self.state.on_backend {
+            backend.load(&self.params, &self.moments).map_err(StepError)?;
+            self.state.on_backend = true;
+        }
+        let (mut losses, mut loads) = ([0.0; LOSS_OUTPUTS], Vec::new());
+        for (i, (tokens, loss_mask)) in batches.into_iter().enumerate() {
+            let mask = loss_mask.data.iter().map(|&m| T::from_f64(f64::from(m))).collect();
+            let rest = vec![
+                Value::int(tokens),
+                Value::real(Tensor::new(loss_mask.shape, mask)),
+                Value::real(Tensor::scalar(T::from_f64(mtp_weight))),
+            ];
+            let out = backend.gradients(self.graph.grad, rest, grads_at, i == 0).map_err(StepError)?;
+            for (total, value) in losses.iter_mut().zip(&out) {
+                *total += value.scalar().to_f64();
+            }
+            let layer_loads = &out[LOSS_OUTPUTS..grads_at];
+            add_loads(&mut loads, layer_loads.iter().map(|l| l.as_real().data.iter().map(|x| x.to_f64()).collect()));
+        }
+        let losses = losses.map(|loss| loss / micro_batches as f64);
+        let square_sum = backend.gradients_square_sum().map_err(StepError)?;
+        if !square_sum.is_finite() || !losses.iter().all(|l| l.is_finite()) {
+            let grad_norm = square_sum.sqrt() / micro_batches as f64;
+            return Ok(Update { losses, loads, grad_norm, finite: false });
+        }
+        let t = (self.progress.step + 1) as i32;
+        let opt = &self.spec.train.optimizer;
+        let learned: Vec<usize> = (0..info.len()).filter(|&i| info[i].learned).collect();
+        let bias_loads: Vec<(usize, Value<T>)> = biases
+            .iter()
+            .zip(&loads)
+            .map(|(&b, load)| {
+                (b, Value::real(Tensor::new(info[b].shape.clone(), load.iter().map(|&x| T::from_f64(x)).collect())))
+            })
+            .collect();
+        let scalars = [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed]
+            .into_iter()
+            .map(|x| Value::real(Tensor::scalar(T::from_f64(x))))
+            .collect();
+        let norm = backend
+            .update(self.graph.optimizer, &learned, &bias_loads, scalars, 1.0 / micro_batches as f64)
+            .map_err(StepError)?;
+        self.state.host_current = false;
+        Ok(Update { losses, loads, grad_norm: norm, finite: true })
     }
 
     /// The routing-bias speed now (all MoE ranges share the schedule of the first).
