@@ -336,7 +336,8 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
                         Op::GroupedMatMul { .. } => vec![v],
                         _ => (0..2)
                             .map(|part| {
-                                let get = function.nodes.iter().position(|n| n.op == Op::Get(part) && n.args[0] == V(v));
+                                let get =
+                                    function.nodes.iter().position(|n| n.op == Op::Get(part) && n.args[0] == V(v));
                                 get.expect("a read part") as u32
                             })
                             .collect(),
@@ -347,7 +348,9 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
                         for &e in &picked {
                             let we = w.rows(e * n..(e + 1) * n).transposed();
                             let (first, last) = (offsets[e] as usize, offsets[e + 1] as usize - 1);
-                            for row in [first, first + 1, last - 1, last].into_iter().filter(|&r| r >= first && r <= last) {
+                            for row in
+                                [first, first + 1, last - 1, last].into_iter().filter(|&r| r >= first && r <= last)
+                            {
                                 let want = matmul_fp8(&operands[0].rows(row..row + 1), &we, f.promote);
                                 let got = read(&arena, layout.offsets[&r] as usize + 4 * row * n, n);
                                 compare(got, want, format!("part {part} expert {e} row {row}"));

@@ -54,7 +54,8 @@ pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
         }
         [one] if matches!(one.op, Op::Quantize { .. }) => {
             let x = kernel_input(f, kernel, one.args[0])?;
-            let (shape, transposed) = (&f.node(one.args[0]).shape, matches!(one.op, Op::Quantize { transpose: true, .. }));
+            let (shape, transposed) =
+                (&f.node(one.args[0]).shape, matches!(one.op, Op::Quantize { transpose: true, .. }));
             let width = shape[shape.len() - if transposed { 2 } else { 1 }];
             Ok(super::fp8::quantize_kernel(&kernel.name, one, x, width, None, kernel.nodes[0]))
         }

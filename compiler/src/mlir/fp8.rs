@@ -457,7 +457,13 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x
     store_row_group(&mut b, 1, &values, "%col", Some(&inside), cols / 4, cols);
     let _ = write!(b.text, "      }}\n      }}\n");
     let mlir = tile_module(name, &b.text, false, 0);
-    Emitted { mlir, grid: m.div_ceil(TILE_WARPS).max(1) as u32, block: (32 * TILE_WARPS) as u32, args: vec![x, out], zeroed: false }
+    Emitted {
+        mlir,
+        grid: m.div_ceil(TILE_WARPS).max(1) as u32,
+        block: (32 * TILE_WARPS) as u32,
+        args: vec![x, out],
+        zeroed: false,
+    }
 }
 
 /// `quantize` of xᵀ (x [n, m]) into [m, n] in 1×`cols` tiles along the result's rows (x's
@@ -520,7 +526,10 @@ fn column_tiles_kernel(
     };
     let zero = b.constant(0.0);
     let (u, acc, partial) = (b.fresh(), b.fresh(), b.fresh());
-    let _ = writeln!(b.text, "      {partial} = scf.for {u} = %u0 to %j1 step %ustep iter_args({acc} = {zero}) -> (f32) {{");
+    let _ = writeln!(
+        b.text,
+        "      {partial} = scf.for {u} = %u0 to %j1 step %ustep iter_args({acc} = {zero}) -> (f32) {{"
+    );
     let mut amax = acc.clone();
     for v in load(&mut b, &u) {
         let magnitude = magnitude(&mut b, &v);
@@ -536,7 +545,10 @@ fn column_tiles_kernel(
     for w in 0..TILE_WARPS {
         let at = b.line(format!("arith.constant {} : index", 32 * w));
         let at = b.line(format!("arith.addi {at}, %lane : index"));
-        let v = b.line(format!("memref.load %shared[{at}] : memref<{}xf32, #gpu.address_space<workgroup>>", 32 * TILE_WARPS));
+        let v = b.line(format!(
+            "memref.load %shared[{at}] : memref<{}xf32, #gpu.address_space<workgroup>>",
+            32 * TILE_WARPS
+        ));
         amax = b.line(format!("arith.maximumf {amax}, {v} : f32"));
     }
     let s = scale(&mut b, &amax);
@@ -547,7 +559,10 @@ fn column_tiles_kernel(
     let at = b.line("arith.muli %i, %n : index".into());
     let at = b.line(format!("arith.addi {at}, {u} : index"));
     let at = b.line(format!("arith.divui {at}, %c4 : index"));
-    let _ = writeln!(b.text, "        scf.if %lane_in {{\n        memref.store {word}, %q{slot}[{at}] : memref<?xi32>\n        }}\n      }}");
+    let _ = writeln!(
+        b.text,
+        "        scf.if %lane_in {{\n        memref.store {word}, %q{slot}[{at}] : memref<?xi32>\n        }}\n      }}"
+    );
     // The scale, M-major (`scale_index`), from the first warp.
     let _ = write!(
         b.text,

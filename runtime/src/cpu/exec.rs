@@ -419,7 +419,10 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             };
             let width = if *transpose { x.shape[rank - 2] } else { x.shape[rank - 1] };
             let n = *node.shape.last().expect("a matrix");
-            let padded: Vec<T> = data.chunks(width).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(T::ZERO, n - width))).collect();
+            let padded: Vec<T> = data
+                .chunks(width)
+                .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(T::ZERO, n - width)))
+                .collect();
             quantized(&padded, padded.len() / n, n, Tiling { rows: *rows, cols: *cols })
         }
         Op::ScaledMatMul { promote } => {

@@ -184,13 +184,22 @@ impl Executor {
     }
 
     /// Output value `o` of function `f`, from its buffer in `arena`, on the host.
-    pub(super) fn output(&self, f: usize, o: dsc_compiler::graph::ir::V, arena: &CudaSlice<u8>) -> Result<Value<f32>, GpuError> {
+    pub(super) fn output(
+        &self,
+        f: usize,
+        o: dsc_compiler::graph::ir::V,
+        arena: &CudaSlice<u8>,
+    ) -> Result<Value<f32>, GpuError> {
         let function = &self.plan.module.functions[f];
         let node = function.node(o);
         let b = base(function, o);
         match function.node(b).op {
             Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
-            _ => Ok(decode(function.node(b), &node.shape, &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?)),
+            _ => Ok(decode(
+                function.node(b),
+                &node.shape,
+                &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?,
+            )),
         }
     }
 

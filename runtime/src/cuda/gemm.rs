@@ -290,8 +290,12 @@ fn grouped(
         gpu.stream.memset_zeros(&mut arena.slice_mut(range(out)))?;
     }
     match &g.kind {
-        GroupedKind::ScaledProducts { weights } => return scaled_products(gpu, &blas.fp8, arena, layout, g, weights, &offsets),
-        GroupedKind::ScaledWgrad { grad, out } => return scaled_wgrad(gpu, &blas.fp8, arena, layout, g, *grad, *out, &offsets),
+        GroupedKind::ScaledProducts { weights } => {
+            return scaled_products(gpu, &blas.fp8, arena, layout, g, weights, &offsets)
+        }
+        GroupedKind::ScaledWgrad { grad, out } => {
+            return scaled_wgrad(gpu, &blas.fp8, arena, layout, g, *grad, *out, &offsets)
+        }
         _ => {}
     }
     let (base, _sync) = arena.device_ptr(&gpu.stream);

@@ -14,6 +14,7 @@
 use super::exec::{encode, words, Executor, Input};
 use super::GpuError;
 use crate::cpu::{Tensor, Value};
+use crate::train::backend::Moments;
 use crate::train::Resident;
 use cudarc::cublas::sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
@@ -149,8 +150,10 @@ impl Executor {
         // The optimizer's arena holds every parameter, gradient and moment again: the other
         // functions' arenas go first, and its own after it (the bench model's would not fit
         // the H100 together).
+        let started = std::time::Instant::now();
         self.spare.iter_mut().for_each(|arena| *arena = None);
         self.gpu.release_unused()?;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "arenas released");
         let arena = self.invoke(f, &inputs)?;
         drop(inputs);
         let outputs = self.plan.module.functions[f].outputs.clone();
@@ -200,9 +203,11 @@ impl Resident<f32> for Executor {
         grads: usize,
         first: bool,
     ) -> Result<Vec<Value<f32>>, String> {
+        let started = std::time::Instant::now();
         let mut state = self.state_mut().map_err(|e| e.to_string())?;
         let result = self.gradients_into(&mut state, f, &rest, grads, first);
         self.state = Some(state);
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "gradients of a micro-batch");
         result.map_err(|e| e.to_string())
     }
 
@@ -230,13 +235,15 @@ impl Resident<f32> for Executor {
         scalars: Vec<Value<f32>>,
         scale: f64,
     ) -> Result<f64, String> {
+        let started = std::time::Instant::now();
         let mut state = self.state_mut().map_err(|e| e.to_string())?;
         let result = self.update_state(&mut state, f, learned, biases, &scalars, scale);
         self.state = Some(state);
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "optimizer update");
         result.map_err(|e| e.to_string())
     }
 
-    fn state(&mut self) -> Result<(Vec<Value<f32>>, Vec<(Value<f32>, Value<f32>)>), String> {
+    fn state(&mut self) -> Result<(Vec<Value<f32>>, Moments<f32>), String> {
         let state = self.state.as_ref().ok_or("no training state handed over")?;
         let read = || -> Result<_, GpuError> {
             let params = state.params.iter().map(|p| self.download(p)).collect::<Result<Vec<_>, _>>()?;

@@ -66,12 +66,16 @@ pub struct ScaledGemm {
     pub b_groups: Groups,
 }
 
+/// What an algorithm is chosen for: (m rounded up to a power of two, n, k, a's and b's
+/// leading dimensions, b's scale groups).
+type Shape = (usize, usize, usize, usize, usize, Groups);
+
 /// A cuBLASLt handle, its workspace, and the algorithm its heuristic chose for each GEMM
 /// shape so far (asked once per shape).
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algorithms: Mutex<HashMap<(usize, usize, usize, usize, usize, Groups), sys::cublasLtMatmulAlgo_t>>,
+    algorithms: Mutex<HashMap<Shape, sys::cublasLtMatmulAlgo_t>>,
 }
 
 impl Lt {
@@ -127,37 +131,40 @@ impl Lt {
         // and result lie in the caller's arena at the addresses given, sized by m, n and k as
         // the plan's buffers are; cuBLASLt runs on the arena's stream.
         unsafe {
-            let shape = (g.m, g.n, g.k, g.a.ld, g.b.ld, g.b_groups);
-            let cached = self.algorithms.lock().expect("algorithms").get(&shape).copied();
-            let algorithm = match cached {
-                Some(algorithm) => algorithm,
-                None => {
-                    let heuristic =
-                        result::get_matmul_algo_heuristic(self.handle, desc.0, lt_a.0, lt_b.0, lt_d.0, lt_d.0, pref.0)
-                            .map_err(lt)?;
-                    self.algorithms.lock().expect("algorithms").insert(shape, heuristic.algo);
-                    heuristic.algo
-                }
+            // The experts' M changes every step: one heuristic query per shape with M rounded
+            // up to a power of two; an algorithm the call refuses is asked for again exactly.
+            let shape = (g.m.next_power_of_two(), g.n, g.k, g.a.ld, g.b.ld, g.b_groups);
+            let heuristic = || {
+                let h = result::get_matmul_algo_heuristic(self.handle, desc.0, lt_a.0, lt_b.0, lt_d.0, lt_d.0, pref.0)
+                    .map_err(lt)?;
+                self.algorithms.lock().expect("algorithms").insert(shape, h.algo);
+                Ok::<_, GpuError>(h.algo)
             };
-            result::matmul(
-                self.handle,
-                desc.0,
-                (&alpha) as *const f32 as *const c_void,
-                (&beta) as *const f32 as *const c_void,
-                g.b.data as *const c_void,
-                lt_a.0,
-                g.a.data as *const c_void,
-                lt_b.0,
-                g.d as *const c_void,
-                lt_d.0,
-                g.d as *mut c_void,
-                lt_d.0,
-                &algorithm,
-                workspace as *mut c_void,
-                WORKSPACE_BYTES,
-                gpu.stream.cu_stream() as sys::cudaStream_t,
-            )
-            .map_err(lt)
+            let run = |algorithm: &sys::cublasLtMatmulAlgo_t| {
+                result::matmul(
+                    self.handle,
+                    desc.0,
+                    (&alpha) as *const f32 as *const c_void,
+                    (&beta) as *const f32 as *const c_void,
+                    g.b.data as *const c_void,
+                    lt_a.0,
+                    g.a.data as *const c_void,
+                    lt_b.0,
+                    g.d as *const c_void,
+                    lt_d.0,
+                    g.d as *mut c_void,
+                    lt_d.0,
+                    algorithm,
+                    workspace as *mut c_void,
+                    WORKSPACE_BYTES,
+                    gpu.stream.cu_stream() as sys::cudaStream_t,
+                )
+            };
+            let cached = self.algorithms.lock().expect("algorithms").get(&shape).copied();
+            match cached {
+                Some(algorithm) if run(&algorithm).is_ok() => Ok(()),
+                _ => run(&heuristic()?).map_err(lt),
+            }
         }
     }
 }

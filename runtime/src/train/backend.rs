@@ -18,6 +18,9 @@ pub trait Backend<T: Real> {
     }
 }
 
+/// Adam's (m, v) of each learned parameter, in the graph's order.
+pub type Moments<T> = Vec<(Value<T>, Value<T>)>;
+
 /// A backend keeping the parameters (every one, in the graph's order), the Adam moments of
 /// the learned ones and the step's gradient sums where it computes, for a trainer of one
 /// rank: the trainer hands the state over once and reads it back when asked.
@@ -43,7 +46,7 @@ pub trait Resident<T: Real> {
         scale: f64,
     ) -> Result<f64, String>;
     /// The state: the parameters and the moments.
-    fn state(&mut self) -> Result<(Vec<Value<T>>, Vec<(Value<T>, Value<T>)>), String>;
+    fn state(&mut self) -> Result<(Vec<Value<T>>, Moments<T>), String>;
 }
 
 /// The CPU reference backend, over its own copy of the training graph's module.

@@ -6,7 +6,7 @@
 //! moments and progress stay as they were, and the step reports `skipped`. The whole state
 //! goes into a [`Checkpoint`] and comes back from one exactly.
 
-use super::backend::{Backend, Cpu, DataParallel};
+use super::backend::{Backend, Cpu, DataParallel, Moments};
 use super::ema::Ema;
 use super::graph_stage::MicroBatch;
 use super::init::init_params;
@@ -27,7 +27,7 @@ pub struct Trainer<T: Real> {
     /// Every parameter and buffer, in the graph's order.
     params: Vec<Value<T>>,
     /// Adam moments of the learned parameters, in order.
-    moments: Vec<(Value<T>, Value<T>)>,
+    moments: Moments<T>,
     progress: Progress,
     seed: u64,
     data: DataLoader,
@@ -295,7 +295,13 @@ impl<T: Real> Trainer<T> {
 
     /// A step on host values: the rank's (or ranks') gradient sums, then the optimizer when
     /// they are finite.
-    fn host_step(&mut self, batches: Vec<MicroBatch>, mtp_weight: f64, lr: f64, bias_speed: f64) -> Result<Update, StepError> {
+    fn host_step(
+        &mut self,
+        batches: Vec<MicroBatch>,
+        mtp_weight: f64,
+        lr: f64,
+        bias_speed: f64,
+    ) -> Result<Update, StepError> {
         let micro_batches = batches.len();
         let per_rank = micro_batches.div_ceil(data_ranks(&self.spec));
         let sums = match (&self.ranks, &mut self.replicas) {
@@ -550,7 +556,7 @@ fn check_size(spec: &Spec, graph: &TrainingGraph) -> Result<(), Unsupported> {
     Ok(())
 }
 
-fn zero_moments<T: Real>(graph: &TrainingGraph) -> Vec<(Value<T>, Value<T>)> {
+fn zero_moments<T: Real>(graph: &TrainingGraph) -> Moments<T> {
     graph
         .forward
         .params

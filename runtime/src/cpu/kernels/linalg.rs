@@ -134,13 +134,7 @@ pub enum Weights<'a, T> {
 
 /// Per expert: its rows of `xs` times its matrix `w[e]` [p, q] (transposed if `tb`). Rows past
 /// the last offset (a fixed-capacity buffer's spare rows) come out zero.
-pub fn grouped_matmul<T: Real>(
-    xs: Rows<T>,
-    w: Weights<T>,
-    offsets: &[i32],
-    tb: bool,
-    fp8: Option<Fp8Gemm>,
-) -> Vec<T> {
+pub fn grouped_matmul<T: Real>(xs: Rows<T>, w: Weights<T>, offsets: &[i32], tb: bool, fp8: Option<Fp8Gemm>) -> Vec<T> {
     let (experts, n) = match w {
         Weights::Real { shape, .. } => (shape[0], if tb { shape[1] } else { shape[2] }),
         Weights::Quantized { q, experts } => (experts, q.m / experts),
@@ -157,7 +151,8 @@ pub fn grouped_matmul<T: Real>(
                 let (p, q) = (shape[1], shape[2]);
                 let we = Operand { data: &w[e * p * q..(e + 1) * p * q], rows: p, cols: q, t: tb };
                 let Rows::Real { data, cols } = xs else { panic!("FP8 rows need an FP8 GEMM") };
-                let x = Operand { data: &data[range.start * cols..range.end * cols], rows: range.len(), cols, t: false };
+                let x =
+                    Operand { data: &data[range.start * cols..range.end * cols], rows: range.len(), cols, t: false };
                 matmul(x, we, None)
             }
             (Some(f), w) => {
@@ -225,7 +220,8 @@ pub fn scaled_grouped_wgrad(qg: &Quantized, qx: &Quantized, offsets: &[i32], pro
     for e in 0..experts {
         let columns = start..start + rows_of(offsets, e).len().next_multiple_of(qg.tiling.cols);
         if !columns.is_empty() {
-            let product = numerics::matmul_fp8(&qg.columns(columns.clone()), &qx.columns(columns.clone()).transposed(), promote);
+            let product =
+                numerics::matmul_fp8(&qg.columns(columns.clone()), &qx.columns(columns.clone()).transposed(), promote);
             out[e * p * q..(e + 1) * p * q].copy_from_slice(&product);
         }
         start = columns.end;

@@ -80,8 +80,14 @@ impl Quantized {
         let (group_rows, groups_per_row) = self.tiling.grid(self.m, self.n);
         let (first, end) = (range.start / group_cols, range.end.div_ceil(group_cols));
         Quantized {
-            values: (0..self.m).flat_map(|i| &self.values[i * self.n + range.start..i * self.n + range.end]).copied().collect(),
-            scales: (0..group_rows).flat_map(|g| &self.scales[g * groups_per_row + first..g * groups_per_row + end]).copied().collect(),
+            values: (0..self.m)
+                .flat_map(|i| &self.values[i * self.n + range.start..i * self.n + range.end])
+                .copied()
+                .collect(),
+            scales: (0..group_rows)
+                .flat_map(|g| &self.scales[g * groups_per_row + first..g * groups_per_row + end])
+                .copied()
+                .collect(),
             m: self.m,
             n: range.len(),
             tiling: self.tiling,
