@@ -1,6 +1,7 @@
 //! `dsc train`: runs the trainer step by step (on thread-ranks when the spec's parallel plan
-//! has several; on the GPU with a compiled plan and the `cuda` feature; as one data-parallel
-//! process of several over NCCL when a launcher (torchrun, srun) started it), printing a line per step (and a progress
+//! has several; on the GPU with a compiled plan and the `cuda` feature; when a launcher
+//! (torchrun, srun) started it, as one data-parallel process of several over NCCL with a
+//! compiled plan on the GPU, or else as one rank of the plan's on the CPU over TCP), printing a line per step (and a progress
 //! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
 //! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
 //! `--max-bad-steps` skipped steps in a row (a checkpoint, then exit 1).
@@ -12,8 +13,9 @@ use dsc_compiler::plan::Plan;
 use dsc_lang::Spec;
 use dsc_runtime::checkpoint::{self, Opened, SpecRecord};
 use dsc_runtime::comm::rendezvous::World;
+use dsc_runtime::comm::Sockets;
 use dsc_runtime::train::metrics::{MetricsWriter, StepMetrics};
-use dsc_runtime::train::parallel::is_parallel;
+use dsc_runtime::train::parallel::{check_world, is_parallel, Here, PEER_TIMEOUT};
 use dsc_runtime::train::{Backend as TrainBackend, DataParallel, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -51,16 +53,23 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => TrainingGraph::build(&spec, graph_numerics),
     };
     let world = World::from_env(|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A launched run trains a compiled plan on GPUs over NCCL, or else the plan's ranks on CPUs.
+    let on_gpus = world.is_some() && plan.is_some() && args.backend != Some(Backend::Cpu);
     let (on, backend, replicas) = match &world {
-        Some(world) => {
-            let Some((plan, dir)) = plan.zip(args.plan.as_deref()) else {
-                bail!("a launched run (WORLD_SIZE or SLURM_NTASKS set) trains a compiled plan on GPUs over NCCL: give `--plan DIR`")
-            };
-            if args.backend == Some(Backend::Cpu) {
-                bail!("a launched run (WORLD_SIZE or SLURM_NTASKS set) trains on GPUs over NCCL: leave out `--backend cpu`");
-            }
+        Some(world) if on_gpus => {
+            let (plan, dir) = plan.zip(args.plan.as_deref()).expect("checked above");
             let (on, backend, replicas) = launched(plan, dir, world)?;
             (Some(on), Some(backend), Some(replicas))
+        }
+        Some(world) => {
+            if args.backend == Some(Backend::Cuda) {
+                bail!("a launched run trains on GPUs from a compiled plan: give `--plan DIR`");
+            }
+            if let Err(e) = check_world(&spec, world.size) {
+                eprintln!("error: cannot train `{}`: {}", spec.model.name, e.0);
+                return Ok(ExitCode::FAILURE);
+            }
+            (None, None, None)
         }
         None if is_parallel(&spec) => {
             if args.backend == Some(Backend::Cuda) {
@@ -84,12 +93,21 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
         None => Trainer::<f32>::with_graph(&spec, graph, args.seed.unwrap_or(spec.train.seed)),
     };
-    let parallel = |mut trainer: Trainer<f32>| {
-        let ranks = trainer.on_thread_ranks(graph_numerics)?;
-        eprintln!("training on {ranks}");
-        Ok(trainer)
+    let here = match &world {
+        Some(world) if !on_gpus => Some(Here::Process(Arc::new(
+            Sockets::connect(world, PEER_TIMEOUT).map_err(|e| anyhow::anyhow!("rank {}: {e}", world.rank))?,
+        ))),
+        None if is_parallel(&spec) => Some(Here::Threads),
+        _ => None,
     };
-    let trainer = if is_parallel(&spec) && world.is_none() { trainer.and_then(parallel) } else { trainer };
+    let trainer = match here {
+        Some(here) => trainer.and_then(|mut trainer| {
+            let ranks = trainer.on_ranks(graph_numerics, here)?;
+            eprintln!("training on {ranks}");
+            Ok(trainer)
+        }),
+        None => trainer,
+    };
     let mut trainer = match trainer {
         Ok(t) => t,
         Err(e) => {
@@ -270,10 +288,6 @@ fn cuda(_: Plan, _: &Path) -> anyhow::Result<Chosen> {
 
 /// A process of a launched run: where it trains, in words, its backend and its replicas.
 type Launched = (String, Box<dyn TrainBackend<f32>>, Box<dyn DataParallel>);
-
-/// How long a process of a launched run waits for its peers (to start, and in a collective).
-#[cfg(feature = "cuda")]
-const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// One process of a launched run: the plan on its GPU (`LOCAL_RANK`), joined to the others
 /// over NCCL.

@@ -82,24 +82,53 @@ fn two_data_parallel_ranks_resume_exactly_and_read_other_data_than_one() {
     assert_ne!(losses(&single)[0], losses(&straight)[0]);
 }
 
+/// PP 2 (DualPipe) × 4 replicas, the routed experts split over 2: 8 ranks, 4 micro-batches each.
+const EIGHT_RANKS: [&str; 12] = [
+    "--set",
+    "parallel.gpus_per_node=8",
+    "--set",
+    "parallel.pipeline=dualpipe { stages = 2 }",
+    "--set",
+    "parallel.data={ size = 4 }",
+    "--set",
+    "parallel.expert={ size = 2, max_nodes = 1 }",
+    "--set",
+    "train.batch=16",
+    "--set",
+    "train.micro_batch=1",
+];
+
+/// `dsc train` of the tiny model with `extra`, as the `world` processes a launcher starts
+/// (torchrun's variables, rank 0 listening on a free port of this machine); their outputs in
+/// rank order.
+fn launched(world: usize, extra: &[&str]) -> Vec<Output> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("address").port();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
+            args.extend(SMALL);
+            args.extend(extra);
+            Command::new(env!("CARGO_BIN_EXE_dsc"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args(&args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting dsc")
+        })
+        .collect();
+    children.into_iter().map(|child| child.wait_with_output().expect("dsc ends")).collect()
+}
+
 #[test]
 fn a_parallel_plan_trains_on_thread_ranks_and_resumes_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // PP 2 (DualPipe) × 4 replicas, the routed experts split over 2: 4 micro-batches each.
-    let plan = [
-        "--set",
-        "parallel.gpus_per_node=8",
-        "--set",
-        "parallel.pipeline=dualpipe { stages = 2 }",
-        "--set",
-        "parallel.data={ size = 4 }",
-        "--set",
-        "parallel.expert={ size = 2, max_nodes = 1 }",
-        "--set",
-        "train.batch=16",
-        "--set",
-        "train.micro_batch=1",
-    ];
+    let plan = EIGHT_RANKS;
     let (straight, resumed) = (dir.path().join("straight.jsonl"), dir.path().join("resumed.jsonl"));
     let mut args = plan.to_vec();
     args.extend(["--steps", "2", "--metrics", path(&straight)]);
@@ -117,6 +146,41 @@ fn a_parallel_plan_trains_on_thread_ranks_and_resumes_exactly() {
     let a = losses(&straight);
     assert_eq!(a.len(), 2);
     assert_eq!(a, losses(&resumed), "losses differ after resuming");
+}
+
+/// The same plan with its ranks as 8 processes over TCP (as torchrun starts them) trains to
+/// the same bits as its thread-ranks in one process.
+#[test]
+fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (threads, processes) = (dir.path().join("threads.jsonl"), dir.path().join("processes.jsonl"));
+    let mut args = EIGHT_RANKS.to_vec();
+    args.extend(["--steps", "2", "--metrics", path(&threads)]);
+    ok(train(&args));
+    let mut args = EIGHT_RANKS.to_vec();
+    args.extend(["--steps", "2", "--metrics", path(&processes)]);
+    let outputs = launched(8, &args);
+    for (rank, o) in outputs.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank} failed:\n{}", text(&o.stderr));
+        let says = format!("training on rank {rank} of 8 processes over TCP: 2 pipeline stages (DualPipe)");
+        assert!(text(&o.stderr).contains(&says), "rank {rank}:\n{}", text(&o.stderr));
+    }
+    let a = losses(&threads);
+    assert_eq!(a.len(), 2);
+    assert_eq!(a, losses(&processes), "the processes' losses differ from the threads'");
+}
+
+/// A launcher that starts another number of processes than the plan has ranks is told how many
+/// to start, before any process waits for another. (A peer that dies or never comes:
+/// `comm::sockets`'s tests.)
+#[test]
+fn launched_ranks_fail_clearly() {
+    let outputs = launched(2, &["--steps", "1"]);
+    for o in &outputs {
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("the spec's plan has 1 rank(s)") && err.contains("start 1"), "{err}");
+    }
 }
 
 #[test]
@@ -423,7 +487,8 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
 }
 
 /// A process started by a launcher (torchrun's or SLURM's variables) trains a compiled plan on
-/// its GPU over NCCL: what it needs is said before any work, and malformed variables are named.
+/// its GPU over NCCL (or its rank of the plan on the CPU): what it needs is said before any
+/// work, and malformed variables are named.
 #[test]
 fn launched_processes_say_what_they_need() {
     let launched = |vars: &[(&str, &str)], extra: &[&str]| {
@@ -439,7 +504,7 @@ fn launched_processes_say_what_they_need() {
     };
     let torchrun = [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")];
     for (vars, extra, says) in [
-        (&torchrun[..], &[][..], "give `--plan DIR`"),
+        (&torchrun[..], &["--backend", "cuda"][..], "give `--plan DIR`"),
         (&[("RANK", "2"), ("WORLD_SIZE", "2")][..], &[][..], "`RANK=2` is not a rank of a world of `WORLD_SIZE=2`"),
         (&[("SLURM_NTASKS", "4")][..], &[][..], "`SLURM_NTASKS` is set but `SLURM_PROCID` is not"),
     ] {

@@ -2,10 +2,11 @@
 //! launcher's variables: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT`) or SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, with
 //! `MASTER_ADDR` and `MASTER_PORT` set by the job script; without them rank 0 is looked for on
-//! 127.0.0.1:29500, and a job over several nodes must set `MASTER_ADDR`). [`share`] then hands rank 0's
-//! secret (NCCL's 128-byte unique id) to every rank over TCP: rank 0 listens on the master
-//! address and, once every other rank has connected and said who it is, sends it to each;
-//! the others connect, retrying while rank 0 is not up yet. Every wait has a deadline, so a
+//! 127.0.0.1:29500, and a job over several nodes must set `MASTER_ADDR`). [`exchange`] then hands
+//! every rank's few bytes (an address to reach it at, or rank 0's NCCL id: [`share`]) to every
+//! rank over TCP: rank 0 listens on the master address and, once every other rank has
+//! connected, said who it is and handed its bytes, sends all of them to each; the others
+//! connect, retrying while rank 0 is not up yet. Every wait has a deadline, so a
 //! peer that never comes makes rank 0 fail naming the ranks missing, and a rank that cannot
 //! reach rank 0 fails naming the address, instead of hanging.
 
@@ -89,23 +90,35 @@ impl World {
 /// Rank 0 gives `secret` (which only it has) to every rank of `world`; every rank returns
 /// it. Fails after `timeout` if a peer is missing.
 pub fn share(world: &World, secret: Option<&Secret>, timeout: Duration) -> Result<Secret, RendezvousError> {
+    let mine = match (world.rank, secret) {
+        (0, Some(secret)) => &secret[..],
+        (0, None) => return Err(error("rank 0 shares the secret, so it must have one".into())),
+        _ => &[],
+    };
+    let all = exchange(world, mine, timeout)?;
+    all[0].as_slice().try_into().map_err(|_| error(format!("rank 0 sent {} bytes, not a secret", all[0].len())))
+}
+
+/// Every rank of `world` hands `mine` to every rank: each returns all ranks' bytes in rank
+/// order. Fails after `timeout` if a peer is missing.
+pub fn exchange(world: &World, mine: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>, RendezvousError> {
     let deadline = Instant::now() + timeout;
-    match (world.rank, secret) {
-        (0, Some(secret)) => serve(world, secret, deadline).map(|()| *secret),
-        (0, None) => Err(error("rank 0 shares the secret, so it must have one".into())),
-        _ => fetch(world, deadline, timeout),
+    if world.rank == 0 {
+        serve(world, mine, deadline)
+    } else {
+        fetch(world, mine, deadline, timeout)
     }
 }
 
-/// Rank 0: accepts every other rank, then sends each the secret.
-fn serve(world: &World, secret: &Secret, deadline: Instant) -> Result<(), RendezvousError> {
+/// Rank 0: accepts every other rank and its bytes, then sends each everyone's.
+fn serve(world: &World, mine: &[u8], deadline: Instant) -> Result<Vec<Vec<u8>>, RendezvousError> {
     if world.size == 1 {
-        return Ok(());
+        return Ok(vec![mine.to_vec()]);
     }
     let listener = TcpListener::bind(listen_address(&world.master)?)
         .map_err(|e| error(format!("rank 0 cannot listen on `{}`: {e} (is MASTER_PORT free?)", world.master)))?;
     listener.set_nonblocking(true).map_err(|e| error(format!("rank 0's listener: {e}")))?;
-    let mut peers: BTreeMap<usize, TcpStream> = BTreeMap::new();
+    let mut peers: BTreeMap<usize, (TcpStream, Vec<u8>)> = BTreeMap::new();
     while peers.len() < world.size - 1 {
         match listener.accept() {
             Ok((mut stream, from)) => {
@@ -128,7 +141,8 @@ fn serve(world: &World, secret: &Secret, deadline: Instant) -> Result<(), Rendez
                         "two processes (one from {from}) claim rank {rank}: give each its own RANK"
                     )));
                 }
-                peers.insert(rank, stream);
+                let Ok(bytes) = read_bytes(&mut stream) else { continue };
+                peers.insert(rank, (stream, bytes));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
@@ -145,15 +159,31 @@ fn serve(world: &World, secret: &Secret, deadline: Instant) -> Result<(), Rendez
             Err(e) => return Err(error(format!("rank 0 accepting peers on `{}`: {e}", world.master))),
         }
     }
-    for (rank, stream) in &mut peers {
-        stream.write_all(secret).map_err(|e| error(format!("rank 0 sending to rank {rank}: {e}")))?;
+    let all: Vec<Vec<u8>> =
+        std::iter::once(mine.to_vec()).chain(peers.values().map(|(_, bytes)| bytes.clone())).collect();
+    let mut message = Vec::new();
+    for bytes in &all {
+        message.extend((bytes.len() as u32).to_le_bytes());
+        message.extend(bytes);
     }
-    Ok(())
+    for (rank, (stream, _)) in &mut peers {
+        stream.write_all(&message).map_err(|e| error(format!("rank 0 sending to rank {rank}: {e}")))?;
+    }
+    Ok(all)
 }
 
-/// Another rank: connects to rank 0 (retrying until the deadline), says who it is, reads the
-/// secret.
-fn fetch(world: &World, deadline: Instant, timeout: Duration) -> Result<Secret, RendezvousError> {
+/// Reads a length (4 bytes) and as many bytes.
+fn read_bytes(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
+    stream.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Another rank: connects to rank 0 (retrying until the deadline), says who it is and hands
+/// its bytes, reads everyone's.
+fn fetch(world: &World, mine: &[u8], deadline: Instant, timeout: Duration) -> Result<Vec<Vec<u8>>, RendezvousError> {
     let unreachable = |why: String| {
         error(format!(
             "rank {} could not reach rank 0 at `{}` within {} s ({why}): is rank 0 running, and MASTER_ADDR/MASTER_PORT the same for every rank?",
@@ -175,21 +205,21 @@ fn fetch(world: &World, deadline: Instant, timeout: Duration) -> Result<Secret, 
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
-    let mut hello = [0u8; 8];
-    hello[..4].copy_from_slice(&(world.rank as u32).to_le_bytes());
-    hello[4..].copy_from_slice(&(world.size as u32).to_le_bytes());
+    let mut hello = Vec::with_capacity(12 + mine.len());
+    hello.extend((world.rank as u32).to_le_bytes());
+    hello.extend((world.size as u32).to_le_bytes());
+    hello.extend((mine.len() as u32).to_le_bytes());
+    hello.extend(mine);
     stream.write_all(&hello).map_err(|e| unreachable(e.to_string()))?;
     stream
         .set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))
         .map_err(|e| unreachable(e.to_string()))?;
-    let mut secret = [0u8; 128];
-    stream.read_exact(&mut secret).map_err(|e| {
+    (0..world.size).map(|_| read_bytes(&mut stream)).collect::<std::io::Result<_>>().map_err(|e| {
         error(format!(
-            "rank {} reached rank 0 at `{}` but got no id from it ({e}): a rank missing, or rank 0 failed (see its output)",
+            "rank {} reached rank 0 at `{}` but got no answer from it ({e}): a rank missing, or rank 0 failed (see its output)",
             world.rank, world.master
         ))
-    })?;
-    Ok(secret)
+    })
 }
 
 /// What rank 0 binds: the master address's port on every interface.
@@ -267,6 +297,21 @@ mod tests {
     }
 
     #[test]
+    fn every_rank_gets_every_ranks_bytes() {
+        let port = free_port();
+        let timeout = Duration::from_secs(20);
+        let bytes = |rank: usize| vec![rank as u8; rank];
+        let others: Vec<_> = (1..4)
+            .map(|rank| std::thread::spawn(move || exchange(&world(rank, 4, port), &bytes(rank), timeout)))
+            .collect();
+        let all: Vec<Vec<u8>> = (0..4).map(bytes).collect();
+        assert_eq!(exchange(&world(0, 4, port), &bytes(0), timeout), Ok(all.clone()));
+        for other in others {
+            assert_eq!(other.join().expect("rank thread"), Ok(all.clone()));
+        }
+    }
+
+    #[test]
     fn a_world_of_one_needs_no_network() {
         let secret = [7u8; 128];
         assert_eq!(share(&world(0, 1, 1), Some(&secret), Duration::ZERO), Ok(secret));
@@ -283,7 +328,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10));
         // Rank 1 reached rank 0 but got nothing: it fails too, saying so.
         let one = one.join().expect("rank thread").expect_err("no id");
-        assert!(one.0.contains("got no id"), "{one}");
+        assert!(one.0.contains("got no answer"), "{one}");
     }
 
     #[test]

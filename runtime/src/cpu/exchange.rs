@@ -135,8 +135,9 @@ impl<'a> Rows<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::threads::{ExpertGroup, ThreadComm};
+    use crate::comm::{Comm, ExpertGroup, ThreadComm};
     use dsc_compiler::graph::ir::DType;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn node(op: Op, shape: Vec<usize>) -> Node {
@@ -149,11 +150,11 @@ mod tests {
         // width 1 whose value names them: 10 · rank + row. Rank 0's three rows go to experts
         // 0, 2, 3; rank 1's three to experts 1, 1, 2.
         let offsets = [vec![0, 1, 1, 2, 3], vec![0, 0, 2, 3, 3]];
-        let comm = ThreadComm::new(Duration::from_secs(5));
+        let comm: Arc<dyn Comm> = Arc::new(ThreadComm::new(Duration::from_secs(5)));
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..2)
                 .map(|rank| {
-                    let (comm, offsets) = (comm.clone(), &offsets);
+                    let (comm, offsets) = (Arc::clone(&comm), &offsets);
                     scope.spawn(move || {
                         let exchange = ExpertGroup::new(comm, vec![0, 1], rank, "layer");
                         let offsets = Value::<f32>::int(Tensor::new(vec![5], offsets[rank].clone()));

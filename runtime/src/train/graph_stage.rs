@@ -198,8 +198,7 @@ impl StageCompute for GraphStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::threads::ExpertGroup;
-    use crate::comm::ThreadComm;
+    use crate::comm::{Comm, ExpertGroup, ThreadComm};
     use crate::cpu::run;
     use crate::train::init::init_params;
     use crate::train::pipeline::{run_step, HeldStages, Place, Replicas};
@@ -278,7 +277,7 @@ mod tests {
             .collect();
         let schedule = Schedule::generate(kind, 2, MICRO_BATCHES).expect("a valid size");
         check(&schedule).expect("checks");
-        let comm = ThreadComm::new(Duration::from_secs(60));
+        let comm: Arc<dyn Comm> = Arc::new(ThreadComm::new(Duration::from_secs(60)));
         let per_direction = schedule.micro_batches_per_direction();
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..replicas.count)
@@ -298,7 +297,8 @@ mod tests {
                             };
                             let group = place.expert_group(schedule, replicas);
                             let me = place.id(schedule);
-                            let exchange = ExpertGroup::new(comm.clone(), group, me, format!("stage {stage} experts"));
+                            let exchange =
+                                ExpertGroup::new(Arc::clone(comm), group, me, format!("stage {stage} experts"));
                             let stage: Box<dyn StageCompute> = Box::new(GraphStage::new(
                                 training,
                                 params,
@@ -312,7 +312,8 @@ mod tests {
                         let to_gradient = |_: Sharing, params: &mut [f32], gradient: &[f32]| {
                             params.copy_from_slice(gradient);
                         };
-                        run_step(schedule, comm, place, replicas, &mut held, to_gradient).expect("no rank times out");
+                        run_step(schedule, comm.as_ref(), place, replicas, &mut held, to_gradient)
+                            .expect("no rank times out");
                         let mut out = Vec::new();
                         let mut loss = 0.0;
                         for (direction, stage) in &mut held.stages {

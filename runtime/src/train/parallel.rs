@@ -1,9 +1,14 @@
-//! The spec's parallel plan on thread-ranks (the CPU backend's multi-rank training): PP × DP
-//! threads, each holding its pipeline stages (and under expert parallelism its share of the
-//! routed experts), run the step's pipeline schedule on the step's micro-batches, data-parallel
-//! replica r taking the r-th equal share of them, as the one-rank trainer reads them. ZeRO-1's
-//! collectives sum the gradients over the ranks holding copies; the ranks hand the sums back
-//! to the trainer, whose optimizer and metrics are the one-rank trainer's.
+//! The spec's parallel plan on the CPU backend's ranks: PP × DP ranks, each holding its
+//! pipeline stages (and under expert parallelism its share of the routed experts), run the
+//! step's pipeline schedule on the step's micro-batches, data-parallel replica r taking the
+//! r-th equal share of them, as the one-rank trainer reads them. The ranks are threads of this
+//! process ([`Here::Threads`]), or processes started by a launcher, one rank each, talking
+//! over TCP ([`Here::Process`]): every process reads the whole step's data (so that the
+//! loaders stay in step) and runs its own rank. ZeRO-1's collectives sum the gradients over
+//! the ranks holding copies; the ranks hand the sums back to the trainer (across processes,
+//! by one sum over all of them, in rank order, so that every process gets the same bits),
+//! whose optimizer and metrics are the one-rank trainer's: every process runs the whole
+//! update, as the thread-ranks' trainer does.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,27 +24,38 @@ use dsc_lang::{PipelineSchedule, Spec};
 
 use super::graph_stage::{share_of, GraphStage, MicroBatch};
 use super::pipeline::{run_step, HeldStages, Place, Replicas, Sharing, StageCompute, StageReport};
-use super::trainer::{add_loads, StepError, StepSums, Unsupported};
-use crate::comm::threads::ExpertGroup;
-use crate::comm::ThreadComm;
+use super::trainer::{add_loads, sum_over, StepError, StepSums, Unsupported};
+use crate::comm::{Comm, ExpertGroup, Sockets, ThreadComm};
 use crate::cpu::{Real, Tensor, Value};
 
 /// How long a rank waits for a peer before the step fails: far longer than a CPU chunk of a
 /// model the CPU trains takes.
-const PEER_TIMEOUT: Duration = Duration::from_secs(600);
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The most thread-ranks a plan may ask of one process.
 const MAX_THREAD_RANKS: usize = 256;
 
-/// The thread-ranks of a spec's parallel plan and the stages they run.
-pub struct ThreadRanks {
+/// Where the plan's ranks run.
+pub enum Here {
+    /// Every rank as a thread of this process.
+    Threads,
+    /// This process is one rank; the others are processes reached through these sockets
+    /// (their world is the plan's ranks, numbered replica-major).
+    Process(Arc<Sockets>),
+}
+
+/// The ranks of a spec's parallel plan and the stages they run.
+pub struct Ranks {
     kind: PipelineSchedule,
     stages: Vec<Arc<StageTraining>>,
     /// Per stage, the index of each of its parameters in the whole model's list.
     indices: Vec<Vec<usize>>,
+    /// Per stage, the length of each expert load it reports.
+    loads: Vec<Vec<usize>>,
     /// The whole model's parameters.
     params: Vec<ParamInfo>,
     replicas: Replicas,
+    here: Here,
 }
 
 /// Whether the spec's plan spreads a step over more than one rank.
@@ -48,23 +64,39 @@ pub fn is_parallel(spec: &Spec) -> bool {
     par.pipeline.stages > 1 || par.data.size > 1 || par.expert.size > 1
 }
 
+/// Whether a launcher's `processes` are the spec's plan's ranks, one each.
+pub fn check_world(spec: &Spec, processes: usize) -> Result<(), Unsupported> {
+    let (stages, replicas) = (split(spec).len(), spec.parallel.data.size as usize);
+    let count = stages * replicas;
+    if processes == count {
+        return Ok(());
+    }
+    Err(Unsupported(format!(
+        "the spec's plan has {count} rank(s) ({stages} pipeline stage(s) × {replicas} data-parallel replica(s)) but the launcher started {processes} processes: start {count} (e.g. `torchrun --nproc-per-node {count}`), or change `parallel`"
+    )))
+}
+
 /// What one rank hands back: per stage it holds for the down direction, the stage index, the
 /// rank's member index in its expert-parallel group, and its parameters by sharing (set to the
 /// summed gradients); and what all its stages reported.
 type RankResult = (Vec<(usize, usize, [Vec<f32>; 2])>, Vec<(usize, StageReport)>);
 
-impl ThreadRanks {
+impl Ranks {
     /// The ranks of `spec`'s plan for the model whose parameters are `params`, their stages
-    /// computing with `numerics`.
-    pub fn new(spec: &Spec, numerics: Numerics, params: &[ParamInfo]) -> Result<Self, Unsupported> {
+    /// computing with `numerics`, running `here`.
+    pub fn new(spec: &Spec, numerics: Numerics, params: &[ParamInfo], here: Here) -> Result<Self, Unsupported> {
         let par = &spec.parallel;
         let split = split(spec);
         let replicas = Replicas { count: par.data.size as usize, expert_ranks: par.expert.size as usize };
         let count = split.len() * replicas.count;
-        if count > MAX_THREAD_RANKS {
-            return Err(Unsupported(format!(
-                "the plan has {count} ranks; the CPU backend runs up to {MAX_THREAD_RANKS} as threads"
-            )));
+        match &here {
+            Here::Threads if count > MAX_THREAD_RANKS => {
+                return Err(Unsupported(format!(
+                    "the plan has {count} ranks; the CPU backend runs up to {MAX_THREAD_RANKS} as threads of one process (start them as processes with a launcher)"
+                )))
+            }
+            Here::Process(sockets) => check_world(spec, sockets.size())?,
+            Here::Threads => {}
         }
         let stages: Vec<Arc<StageTraining>> = split
             .iter()
@@ -73,10 +105,18 @@ impl ThreadRanks {
         let by_name: HashMap<&str, usize> = params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
         let indices =
             stages.iter().map(|stage| stage.graph.params.iter().map(|p| by_name[p.name.as_str()]).collect()).collect();
-        Ok(ThreadRanks { kind: par.pipeline.schedule, stages, indices, params: params.to_vec(), replicas })
+        let loads = stages
+            .iter()
+            .map(|stage| {
+                let forward = &stage.graph.module.functions[stage.graph.forward];
+                let reported = if stage.graph.last { 4 } else { 2 };
+                forward.outputs[reported..].iter().map(|&o| forward.node(o).shape.iter().product()).collect()
+            })
+            .collect();
+        Ok(Ranks { kind: par.pipeline.schedule, stages, indices, loads, params: params.to_vec(), replicas, here })
     }
 
-    /// How many thread-ranks run a step.
+    /// How many ranks run a step.
     pub fn count(&self) -> usize {
         self.stages.len() * self.replicas.count
     }
@@ -108,30 +148,47 @@ impl ThreadRanks {
                 Tensor::new(t.shape.clone(), t.data.iter().map(|x| x.to_f64() as f32).collect())
             })
             .collect();
-        let comm = ThreadComm::new(PEER_TIMEOUT);
         // Every pipeline rank of replica r reads the r-th share of the micro-batches.
-        let mut work = Vec::with_capacity(self.count());
-        for (replica, share) in batches.chunks(per_replica).enumerate() {
-            for pipeline_rank in 0..self.stages.len() {
-                work.push((Place { pipeline_rank, replica }, share.to_vec()));
-            }
-        }
-        let results: Vec<Result<RankResult, String>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = work
-                .into_iter()
-                .map(|(place, batches)| {
-                    let (schedule, comm, whole) = (&schedule, &comm, &whole);
-                    scope.spawn(move || self.run_rank(schedule, comm, place, whole, batches, mtp_weight))
+        let share = |place: Place| batches[place.replica * per_replica..][..per_replica].to_vec();
+        let stages = self.stages.len();
+        let results = match &self.here {
+            Here::Threads => {
+                let comm: Arc<dyn Comm> = Arc::new(ThreadComm::new(PEER_TIMEOUT));
+                let places = (0..replicas.count)
+                    .flat_map(|replica| (0..stages).map(move |pipeline_rank| Place { pipeline_rank, replica }));
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = places
+                        .map(|place| {
+                            let (schedule, comm, whole, batches) = (&schedule, Arc::clone(&comm), &whole, share(place));
+                            scope.spawn(move || self.run_rank(schedule, comm, place, whole, batches, mtp_weight))
+                        })
+                        .collect();
+                    handles.into_iter().map(|handle| handle.join().expect("a rank's thread does not panic")).collect()
                 })
-                .collect();
-            handles.into_iter().map(|handle| handle.join().expect("a rank's thread does not panic")).collect()
-        });
+            }
+            Here::Process(sockets) => {
+                let rank = sockets.rank();
+                let place = Place { pipeline_rank: rank % stages, replica: rank / stages };
+                let comm: Arc<dyn Comm> = Arc::clone(sockets) as Arc<dyn Comm>;
+                vec![self.run_rank(&schedule, comm, place, &whole, share(place), mtp_weight)]
+            }
+        };
+        let sums = self.sums(results)?;
+        match &self.here {
+            Here::Threads => Ok(sums),
+            Here::Process(sockets) => sum_over(sums, |flat| sockets.sum(flat).map_err(|e| e.0)),
+        }
+    }
+
+    /// The step's sums from what the ranks handed back.
+    fn sums<T: Real>(&self, results: Vec<Result<RankResult, String>>) -> Result<StepSums<T>, StepError> {
         let mut sums = StepSums {
             losses: [0.0; LOSS_OUTPUTS],
             loads: Vec::new(),
             grads: self.params.iter().map(|p| vec![T::ZERO; p.numel()]).collect(),
         };
-        let mut loads_by_stage: Vec<Vec<Vec<f64>>> = vec![Vec::new(); self.stages.len()];
+        let mut loads_by_stage: Vec<Vec<Vec<f64>>> =
+            self.loads.iter().map(|lens| lens.iter().map(|&len| vec![0.0; len]).collect()).collect();
         for result in results {
             let (held, reports) = result.map_err(StepError)?;
             for (stage, member, flat) in held {
@@ -168,7 +225,7 @@ impl ThreadRanks {
     fn run_rank(
         &self,
         schedule: &Schedule,
-        comm: &ThreadComm,
+        comm: Arc<dyn Comm>,
         place: Place,
         whole: &[Tensor<f32>],
         batches: Vec<MicroBatch>,
@@ -193,14 +250,15 @@ impl ThreadRanks {
                 batches[offset + micro.index].clone()
             };
             let group = place.expert_group(schedule, replicas);
-            let exchange = ExpertGroup::new(comm.clone(), group, place.id(schedule), format!("stage {stage} experts"));
+            let exchange =
+                ExpertGroup::new(Arc::clone(&comm), group, place.id(schedule), format!("stage {stage} experts"));
             let stage: Box<dyn StageCompute> =
                 Box::new(GraphStage::new(training, params, Box::new(data), mtp_weight, Box::new(exchange)));
             (direction, stage)
         });
         let mut held = HeldStages { stages: stages.collect() };
         let to_gradient = |_: Sharing, params: &mut [f32], gradient: &[f32]| params.copy_from_slice(gradient);
-        run_step(schedule, comm, place, replicas, &mut held, to_gradient).map_err(|e| e.0)?;
+        run_step(schedule, comm.as_ref(), place, replicas, &mut held, to_gradient).map_err(|e| e.0)?;
         let mut gradients = Vec::new();
         let mut reports = Vec::new();
         for (direction, stage) in &mut held.stages {
@@ -214,17 +272,20 @@ impl ThreadRanks {
     }
 }
 
-impl fmt::Display for ThreadRanks {
+impl fmt::Display for Ranks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let schedule = match self.kind {
             PipelineSchedule::OneFOneB => "1F1B",
             PipelineSchedule::Zb1p => "ZB1P",
             PipelineSchedule::Dualpipe => "DualPipe",
         };
+        match &self.here {
+            Here::Threads => write!(f, "{} thread-ranks", self.count())?,
+            Here::Process(sockets) => write!(f, "rank {} of {} processes over TCP", sockets.rank(), self.count())?,
+        }
         write!(
             f,
-            "{} thread-ranks: {} pipeline stages ({schedule}) × {} data-parallel replicas, the routed experts split over {}",
-            self.count(),
+            ": {} pipeline stages ({schedule}) × {} data-parallel replicas, the routed experts split over {}",
             self.stages.len(),
             self.replicas.count,
             self.replicas.expert_ranks
@@ -264,7 +325,7 @@ mod tests {
             let spec = tiny_on_eight_ranks(kind);
             let mut one = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
             let mut eight = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
-            let ranks = eight.on_thread_ranks(Numerics::Exact).expect("runs on threads");
+            let ranks = eight.on_ranks(Numerics::Exact, Here::Threads).expect("runs on threads");
             assert!(ranks.starts_with("8 thread-ranks"), "{ranks}");
             for step in 0..2 {
                 let (a, b) = (one.step().expect("one rank"), eight.step().expect("eight ranks"));
@@ -297,7 +358,7 @@ mod tests {
         // 2 micro-batches per replica; DualPipe over 2 stages needs 4.
         spec.train.batch = Batch::Constant { sequences: 16 };
         let mut trainer = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
-        trainer.on_thread_ranks(Numerics::Exact).expect("runs on threads");
+        trainer.on_ranks(Numerics::Exact, Here::Threads).expect("runs on threads");
         let error = trainer.step().expect_err("DualPipe cannot run 2 micro-batches");
         assert!(error.0.contains("DualPipe needs"), "{error}");
     }

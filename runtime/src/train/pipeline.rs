@@ -1,7 +1,7 @@
 //! Runs a compiled pipeline [`Schedule`] on thread-ranks. Each rank (a pipeline rank of one
 //! data-parallel replica) walks its instruction list: compute chunks call the [`StageCompute`]
 //! of the stage it holds for the micro-batch's direction, sends and receives move activations
-//! and gradients through [`ThreadComm`], and the step ends with ZeRO-1 over every copy of the
+//! and gradients through a [`Comm`] (threads of one process, or processes), and the step ends with ZeRO-1 over every copy of the
 //! rank's parameters: reduce-scatter of the accumulated gradients, the optimizer on this rank's
 //! shard, all-gather of the parameters into every copy. Most parameters have a copy on every
 //! replica (and, with DualPipe, on the rank holding the other direction's stage); the routed
@@ -14,7 +14,7 @@ use dsc_compiler::parallel::schedule::{Compute, Direction, Instruction, Micro, S
 
 use std::collections::HashMap;
 
-use crate::comm::{threads, CommError, ThreadComm};
+use crate::comm::{self, Comm, CommError};
 
 /// Which ranks hold copies of a parameter, sum its gradient and share its update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +131,7 @@ impl HeldStages {
 /// rank's shard of one sharing's parameters, given the shard of their summed gradient.
 pub fn run_step(
     schedule: &Schedule,
-    comm: &ThreadComm,
+    comm: &dyn Comm,
     place: Place,
     replicas: Replicas,
     held: &mut HeldStages,
@@ -148,7 +148,7 @@ pub fn run_step(
             Instruction::Compute(chunk) => tensors.compute(held, &chunk)?,
             Instruction::Send { to, tensor } => {
                 let data = tensors.computed.remove(&tensor).expect("a checked schedule computes before it sends");
-                comm.send(me, peer(to), &tensor.to_string(), data);
+                comm.send(me, peer(to), &tensor.to_string(), data)?;
             }
             Instruction::Recv { from, tensor } => {
                 let data = comm.recv(peer(from), me, &tensor.to_string())?;
@@ -166,7 +166,7 @@ pub fn run_step(
                     let stages = held.by_stage(schedule, rank).into_iter();
                     let params: Vec<f32> = stages.flat_map(|stage| stage.params(sharing)).collect();
                     let position = group.iter().position(|&member| member == me).expect("a rank is in its groups");
-                    let mut mine = params[threads::shard(params.len(), group.len(), position)].to_vec();
+                    let mut mine = params[comm::shard(params.len(), group.len(), position)].to_vec();
                     update(sharing, &mut mine, shard);
                     *shard = mine;
                 }
@@ -249,6 +249,7 @@ fn group(schedule: &Schedule, place: Place, replicas: Replicas, sharing: Sharing
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::ThreadComm;
     use dsc_compiler::parallel::check::check;
     use dsc_lang::PipelineSchedule;
     use std::time::Duration;

@@ -11,7 +11,7 @@ use super::ema::Ema;
 use super::graph_stage::MicroBatch;
 use super::init::init_params;
 use super::metrics::{expert_load, resident_memory, StepMetrics};
-use super::parallel::ThreadRanks;
+use super::parallel::{Here, Ranks};
 use super::schedule::{batch_sequences, lr_at, scheduled, Progress};
 use crate::checkpoint::{Checkpoint, SpecRecord, StateMeta};
 use crate::cpu::{Real, Tensor, Value};
@@ -35,8 +35,8 @@ pub struct Trainer<T: Real> {
     flops_per_token: f64,
     /// The parameters' EMA, when the spec keeps one.
     ema: Option<Ema<T>>,
-    /// The thread-ranks that run the steps, when the parallel plan spreads them.
-    ranks: Option<ThreadRanks>,
+    /// The ranks that run the steps, when the parallel plan spreads them.
+    ranks: Option<Ranks>,
     /// What runs the graph's functions on one rank.
     backend: Box<dyn Backend<T>>,
     /// The other processes' replicas, when this one is a data-parallel rank of several.
@@ -196,11 +196,11 @@ impl<T: Real> Trainer<T> {
         self.progress
     }
 
-    /// Runs the steps on thread-ranks following the spec's parallel plan (pipeline stages,
-    /// expert and data parallelism) rather than micro-batch after micro-batch on this thread;
-    /// describes the ranks.
-    pub fn on_thread_ranks(&mut self, numerics: Numerics) -> Result<String, Unsupported> {
-        let ranks = ThreadRanks::new(&self.spec, numerics, &self.graph.forward.params)?;
+    /// Runs the steps on the ranks of the spec's parallel plan (pipeline stages, expert and
+    /// data parallelism), `here` (threads of this process, or this process as one of them),
+    /// rather than micro-batch after micro-batch on this thread; describes the ranks.
+    pub fn on_ranks(&mut self, numerics: Numerics, here: Here) -> Result<String, Unsupported> {
+        let ranks = Ranks::new(&self.spec, numerics, &self.graph.forward.params, here)?;
         let description = ranks.to_string();
         self.ranks = Some(ranks);
         Ok(description)
@@ -318,7 +318,7 @@ impl<T: Real> Trainer<T> {
                 let rank = replicas.rank();
                 let mine = batches.into_iter().enumerate().filter(|(i, _)| i / per_rank == rank).map(|(_, b)| b);
                 let sums = one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), mine.collect(), mtp_weight)?;
-                sum_over(replicas.as_mut(), sums)?
+                sum_over(sums, |flat| replicas.sum(flat))?
             }
             (None, None) => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
         };
@@ -490,14 +490,17 @@ fn one_rank_sums<T: Real>(
     Ok(sums)
 }
 
-/// `sums` added up over the data-parallel processes: losses, loads and gradients in one
-/// all-reduce, in f64 (each process's f32 gradient sums convert exactly).
-fn sum_over<T: Real>(replicas: &mut dyn DataParallel, sums: StepSums<T>) -> Result<StepSums<T>, StepError> {
+/// `sums` added up over processes by `sum` (in place, over f64 values): losses, loads and
+/// gradients in one collective, in f64 (each process's f32 gradient sums convert exactly).
+pub(super) fn sum_over<T: Real>(
+    sums: StepSums<T>,
+    sum: impl FnOnce(&mut [f64]) -> Result<(), String>,
+) -> Result<StepSums<T>, StepError> {
     let StepSums { losses, loads, grads } = sums;
     let mut flat: Vec<f64> = losses.to_vec();
     flat.extend(loads.iter().flatten());
     flat.extend(grads.iter().flatten().map(|g| g.to_f64()));
-    replicas.sum(&mut flat).map_err(StepError)?;
+    sum(&mut flat).map_err(StepError)?;
     let mut rest = flat.into_iter();
     let losses = std::array::from_fn(|_| rest.next().expect("a loss"));
     let loads = loads.iter().map(|l| rest.by_ref().take(l.len()).collect()).collect();
