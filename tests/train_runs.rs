@@ -102,15 +102,20 @@ const EIGHT_RANKS: [&str; 12] = [
 /// (torchrun's variables, rank 0 listening on a free port of this machine); their outputs in
 /// rank order.
 fn launched(world: usize, extra: &[&str]) -> Vec<Output> {
+    let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
+    args.extend(SMALL);
+    args.extend(extra);
+    launched_with(world, &args)
+}
+
+/// `dsc args` as the `world` processes a launcher starts; their outputs in rank order.
+fn launched_with(world: usize, args: &[&str]) -> Vec<Output> {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("address").port();
     let children: Vec<_> = (0..world)
         .map(|rank| {
-            let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
-            args.extend(SMALL);
-            args.extend(extra);
             Command::new(env!("CARGO_BIN_EXE_dsc"))
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .args(&args)
+                .args(args)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("LOCAL_RANK", rank.to_string())
@@ -168,6 +173,16 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
     let a = losses(&threads);
     assert_eq!(a.len(), 2);
     assert_eq!(a, losses(&processes), "the processes' losses differ from the threads'");
+    // Rank 0 alone writes checkpoints; every rank resumes from them.
+    let (run, resumed) = (dir.path().join("run"), dir.path().join("resumed.jsonl"));
+    let mut args = EIGHT_RANKS.to_vec();
+    args.extend(["--steps", "1", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)]);
+    assert!(launched(8, &args).iter().all(|o| o.status.success()), "the first step's processes failed");
+    let outputs = launched_with(8, &["train", "--resume", path(&run), "--steps", "2", "--metrics", path(&resumed)]);
+    for (rank, o) in outputs.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank} failed to resume:\n{}", text(&o.stderr));
+    }
+    assert_eq!(a, losses(&resumed), "losses differ after resuming on processes");
 }
 
 /// A launcher that starts another number of processes than the plan has ranks is told how many
