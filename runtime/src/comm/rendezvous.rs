@@ -1,8 +1,10 @@
 //! How the processes of a multi-process run find each other. [`World::from_env`] reads the
 //! launcher's variables: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-//! `MASTER_PORT`) or SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, with
-//! `MASTER_ADDR` and `MASTER_PORT` set by the job script; without them rank 0 is looked for on
-//! 127.0.0.1:29500, and a job over several nodes must set `MASTER_ADDR`). [`exchange`] then hands
+//! `MASTER_PORT`), SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) or mpirun's
+//! (Open MPI's `OMPI_COMM_WORLD_RANK`, `…_SIZE`, `…_LOCAL_RANK`; MPICH's and Intel MPI's
+//! `PMI_RANK`, `PMI_SIZE`, `MPI_LOCALRANKID`), with `MASTER_ADDR` and `MASTER_PORT` set by the
+//! job script; without them rank 0 is looked for on 127.0.0.1:29500, and a job over several
+//! nodes must set `MASTER_ADDR`. [`exchange`] then hands
 //! every rank's few bytes (an address to reach it at, or rank 0's NCCL id: [`share`]) to every
 //! rank over TCP: rank 0 listens on the master address and, once every other rank has
 //! connected, said who it is and handed its bytes, sends all of them to each; the others
@@ -47,20 +49,26 @@ fn error(message: String) -> RendezvousError {
 
 impl World {
     /// The world the launcher describes through `var` (the process environment in `dsc`), or
-    /// `None` when no launcher started this process (neither `WORLD_SIZE` nor `SLURM_NTASKS`
-    /// set).
+    /// `None` when no launcher started this process (none of `WORLD_SIZE`, `SLURM_NTASKS`,
+    /// `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE` set).
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<World>, RendezvousError> {
-        let (rank, size, local) = if var("WORLD_SIZE").is_some() {
-            ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-        } else if var("SLURM_NTASKS").is_some() {
-            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-        } else {
+        const LAUNCHERS: [(&str, &str, &str); 4] = [
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK"),              // torchrun
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"), // srun
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"), // Open MPI's mpirun
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),       // MPICH's and Intel MPI's mpirun
+        ];
+        let Some(&(rank, size, local)) = LAUNCHERS.iter().find(|(_, size, _)| var(size).is_some()) else {
             return Ok(None);
         };
         // A launcher spreading processes over nodes must say where rank 0 listens.
-        if var("MASTER_ADDR").is_none() && var("SLURM_NNODES").is_some_and(|n| n.trim() != "1") {
+        let fewer_here = |here: &str, all: &str| var(here).zip(var(all)).is_some_and(|(h, a)| h.trim() != a.trim());
+        let several_nodes = var("SLURM_NNODES").is_some_and(|n| n.trim() != "1")
+            || fewer_here("OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_SIZE")
+            || fewer_here("MPI_LOCALNRANKS", "PMI_SIZE");
+        if var("MASTER_ADDR").is_none() && several_nodes {
             return Err(error(
-                "the job spans several nodes but `MASTER_ADDR` is not set: set it to the first node's address (e.g. `export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)`)".into(),
+                "the job spans several nodes but `MASTER_ADDR` is not set: set it to the first node's address (under SLURM: `export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)`)".into(),
             ));
         }
         let number = |name: &str| -> Result<usize, RendezvousError> {
@@ -271,12 +279,35 @@ mod tests {
             World::from_env(slurm),
             Ok(Some(World { rank: 5, size: 16, local_rank: 5, master: "n1:29500".into() }))
         );
+        let open_mpi = env(&[
+            ("OMPI_COMM_WORLD_RANK", "9"),
+            ("OMPI_COMM_WORLD_SIZE", "16"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "n0"),
+        ]);
+        assert_eq!(
+            World::from_env(open_mpi),
+            Ok(Some(World { rank: 9, size: 16, local_rank: 1, master: "n0:29500".into() }))
+        );
+        let mpich = env(&[("PMI_RANK", "2"), ("PMI_SIZE", "4"), ("MPI_LOCALRANKID", "2")]);
+        assert_eq!(
+            World::from_env(mpich),
+            Ok(Some(World { rank: 2, size: 4, local_rank: 2, master: "127.0.0.1:29500".into() }))
+        );
         for (pairs, says) in [
             (vec![("WORLD_SIZE", "2")], "`RANK` is not"),
             (vec![("WORLD_SIZE", "2"), ("RANK", "two")], "`RANK=two` is not a whole number"),
             (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "not a rank of a world of `WORLD_SIZE=2`"),
             (vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")], "`MASTER_PORT=x`"),
             (vec![("SLURM_NTASKS", "16"), ("SLURM_PROCID", "0"), ("SLURM_NNODES", "2")], "`MASTER_ADDR` is not set"),
+            (
+                vec![
+                    ("OMPI_COMM_WORLD_SIZE", "16"),
+                    ("OMPI_COMM_WORLD_RANK", "0"),
+                    ("OMPI_COMM_WORLD_LOCAL_SIZE", "8"),
+                ],
+                "`MASTER_ADDR` is not set",
+            ),
         ] {
             let got = World::from_env(env(&pairs)).expect_err("malformed");
             assert!(got.0.contains(says), "{got}");
