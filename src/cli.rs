@@ -93,8 +93,9 @@ pub enum Command {
     },
     // end issue 6 commands
     /// Train a spec's model: on the CPU, on thread-ranks for a parallel plan, on the GPU with
-    /// `--plan`, or as one data-parallel process per GPU over NCCL when started by torchrun or
-    /// srun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, or SLURM's).
+    /// `--plan`; started by torchrun, srun or mpirun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+    /// `MASTER_ADDR`, `MASTER_PORT`, or SLURM's or MPI's), as one data-parallel process per GPU
+    /// over NCCL with `--plan`, or else as one rank of the plan's on the CPU over TCP.
     Train(TrainArgs),
     /// Compile a spec into a plan directory (`-o DIR`), or print a stage (`--emit`).
     Compile {

@@ -1,6 +1,6 @@
 //! `dsc train`: runs the trainer step by step (on thread-ranks when the spec's parallel plan
 //! has several; on the GPU with a compiled plan and the `cuda` feature; when a launcher
-//! (torchrun, srun) started it, as one data-parallel process of several over NCCL with a
+//! (torchrun, srun, mpirun) started it, as one data-parallel process of several over NCCL with a
 //! compiled plan on the GPU, or else as one rank of the plan's on the CPU over TCP), printing a line per step (and a progress
 //! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
 //! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
@@ -73,7 +73,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
         None if is_parallel(&spec) => {
             if args.backend == Some(Backend::Cuda) {
-                bail!("the spec's parallel plan runs on thread-ranks on the CPU; the GPU backend runs one rank per process (start the processes with torchrun or srun)");
+                bail!("the spec's parallel plan runs on thread-ranks on the CPU; the GPU backend runs one rank per process (start the processes with torchrun, srun or mpirun)");
             }
             (None, None, None)
         }
