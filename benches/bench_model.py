@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Issue 5's benchmark table in one device call: the bench model trained by dsc under the FP8
+policy, by dsc under the BF16 policy, and by plain PyTorch (benches/torch_bench.py, BF16
+autocast, torch.compile), one after the other on the same GPU.
+
+For each: tokens/s (median of the steps after the warm-up), model TFLOP/s and MFU against the
+BF16 dense peak (FLOPs per token as torch_bench.py counts them: 6 x active parameters + causal
+attention, the same figure for all three), and peak GPU memory (nvidia-smi's used memory,
+sampled every 0.2 s, minus what was used before the run: the same measure for all three).
+Ratios are against PyTorch measured in the same call. With both dsc runs, it also prints the
+relative gap between their mean losses over the last 10 steps (same data and seed).
+
+Usage (GPU machine, repository root; plans compiled with the same --set values as below):
+  python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench \\
+      [--bf16-plan target/plan-bench-bf16] [--steps 20] [--torch-steps 15] [--no-compile]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+SPEC = "models/deepseek-v3-bench.dsc"
+DATA = ["--set", "train.data.sources=[synthetic { weight = 1 }]", "--set", "train.data.fim_rate=0"]
+WARMUP_STEPS = 3
+BF16_PEAK = 989e12  # H100 and H200 SXM, dense
+
+
+def used_mib():
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True, text=True, check=True,
+    )
+    return int(out.stdout.split()[0])
+
+
+def sampled(command):
+    """Runs `command`; returns (its completed process, peak GPU MiB above the start)."""
+    base, peak, done = used_mib(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], used_mib())
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        done.set()
+        sampler.join()
+    return proc, max(peak[0] - base, 0)
+
+
+def dsc_run(dsc, plan, steps, name):
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "m.jsonl")
+        command = [dsc, "train", SPEC, *DATA, "--plan", plan, "--backend", "cuda", "--steps", str(steps),
+                   "--metrics", metrics]
+        proc, peak = sampled(command)
+        if proc.returncode != 0:
+            print(f"{name}: dsc failed ({proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return None
+        rows = [json.loads(line) for line in open(metrics)]
+    timed = [r["tokens_per_s"] for r in rows[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in rows]
+    return {"impl": name, "tokens_per_s": statistics.median(timed), "peak_gib": peak / 1024,
+            "losses": [r["loss"] for r in rows]}
+
+
+def torch_run(steps, compile_):
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, os.path.join(here, "torch_bench.py"), "--steps", str(steps)]
+    if not compile_:
+        command.append("--no-compile")
+    proc, peak = sampled(command)
+    if proc.returncode != 0:
+        print(f"pytorch failed ({proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    flops_per_token = result["model_tflops"] * 1e12 / result["tokens_per_s"]
+    name = "pytorch bf16, torch.compile" if compile_ else "pytorch bf16, eager"
+    return {"impl": name, "tokens_per_s": result["tokens_per_s"], "peak_gib": peak / 1024}, flops_per_token
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsc", required=True)
+    ap.add_argument("--fp8-plan", required=True)
+    ap.add_argument("--bf16-plan")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--torch-steps", type=int, default=15)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+
+    rows = [dsc_run(args.dsc, args.fp8_plan, args.steps, "dsc fp8")]
+    if args.bf16_plan:
+        rows.append(dsc_run(args.dsc, args.bf16_plan, args.steps, "dsc bf16"))
+    torch = torch_run(args.torch_steps, not args.no_compile)
+    if torch is None:
+        sys.exit("no PyTorch baseline, so no table")
+    baseline, flops_per_token = torch
+    rows.append(baseline)
+
+    print("| implementation | tokens/s | model TFLOP/s | MFU (BF16 dense) | peak GPU memory | vs PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if row is None:
+            continue
+        tflops = row["tokens_per_s"] * flops_per_token / 1e12
+        print(f"| {row['impl']} | {row['tokens_per_s']:,.0f} | {tflops:.0f} | {tflops * 1e12 / BF16_PEAK:.1%} "
+              f"| {row['peak_gib']:.1f} GiB | {row['tokens_per_s'] / baseline['tokens_per_s']:.2f}x |")
+    fp8, bf16 = rows[0], rows[1] if args.bf16_plan else None
+    if fp8 and bf16:
+        last = min(10, len(fp8["losses"]), len(bf16["losses"]))
+        a, b = statistics.mean(fp8["losses"][-last:]), statistics.mean(bf16["losses"][-last:])
+        print(f"FP8 vs BF16 mean loss over the last {last} steps: {a:.5f} vs {b:.5f}, relative gap {(a - b) / b:+.3%}")
+
+
+if __name__ == "__main__":
+    main()
