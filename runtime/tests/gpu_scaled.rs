@@ -7,6 +7,7 @@
 #![cfg(feature = "cuda")]
 
 use cudarc::driver::DevicePtr;
+use dsc_compiler::plan::Plan;
 use dsc_runtime::cpu::numerics::{e4m3_decode, matmul_fp8, quantize, Quantized, Tiling};
 use dsc_runtime::cuda::exec::fp8_bytes;
 use dsc_runtime::cuda::scaled::{Fp8Operand, Groups, ScaledGemm};
@@ -112,6 +113,18 @@ fn random_fp8(rng: &mut Rng, m: usize, n: usize, tiling: Tiling) -> Quantized {
     Quantized { values, scales, m, n, tiling }
 }
 
+/// The GPU and the bench plan (`DSC_TEST_PLAN_BENCH`, default `target/plan-bench`: `dsc compile
+/// models/deepseek-v3-bench.dsc -o target/plan-bench`), or `None` with the reason printed.
+fn gpu_and_bench_plan() -> Option<(Gpu, Plan)> {
+    let gpu = Gpu::open().map_err(|e| eprintln!("skipped: {e}")).ok()?;
+    let dir = std::env::var("DSC_TEST_PLAN_BENCH")
+        .unwrap_or_else(|_| format!("{}/../target/plan-bench", env!("CARGO_MANIFEST_DIR")));
+    let plan = Plan::read(std::path::Path::new(&dir));
+    plan.map_err(|_| eprintln!("skipped: no compiled plan at {dir} (set DSC_TEST_PLAN_BENCH)"))
+        .ok()
+        .map(|plan| (gpu, plan))
+}
+
 /// Every FP8 GEMM of the bench plan (`DSC_TEST_PLAN_BENCH`, default `target/plan-bench`:
 /// `dsc compile models/deepseek-v3-bench.dsc -o target/plan-bench`) that the CUDA backend puts
 /// on cuBLASLt (each distinct form once: the layers repeat them), run through `gemm::run` on
@@ -125,21 +138,8 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
     use dsc_compiler::fuse::kernels::{base, Code};
     use dsc_compiler::graph::ir::{Op, V};
     use dsc_compiler::mlir::fp8;
-    use dsc_compiler::plan::Plan;
     use dsc_runtime::cuda::gemm;
-    let gpu = match Gpu::open() {
-        Ok(gpu) => gpu,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-    };
-    let dir = std::env::var("DSC_TEST_PLAN_BENCH")
-        .unwrap_or_else(|_| format!("{}/../target/plan-bench", env!("CARGO_MANIFEST_DIR")));
-    let Ok(plan) = Plan::read(std::path::Path::new(&dir)) else {
-        eprintln!("skipped: no compiled plan at {dir} (see this test's doc)");
-        return;
-    };
+    let Some((gpu, plan)) = gpu_and_bench_plan() else { return };
     let blas = gpu.blas().expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(11);
     let (mut checked, mut worst) = (0, 0.0f64);
@@ -226,21 +226,8 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
     use dsc_compiler::fuse::kernels::{base, Code};
     use dsc_compiler::graph::ir::{Op, V};
     use dsc_compiler::mlir::fp8;
-    use dsc_compiler::plan::Plan;
     use dsc_runtime::cuda::gemm;
-    let gpu = match Gpu::open() {
-        Ok(gpu) => gpu,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-    };
-    let dir = std::env::var("DSC_TEST_PLAN_BENCH")
-        .unwrap_or_else(|_| format!("{}/../target/plan-bench", env!("CARGO_MANIFEST_DIR")));
-    let Ok(plan) = Plan::read(std::path::Path::new(&dir)) else {
-        eprintln!("skipped: no compiled plan at {dir} (see the_bench_plans_fp8_gemms_run_on_cublaslt)");
-        return;
-    };
+    let Some((gpu, plan)) = gpu_and_bench_plan() else { return };
     let blas = gpu.blas().expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(13);
     let (mut checked, mut worst) = (0, 0.0f64);
