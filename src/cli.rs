@@ -183,6 +183,10 @@ pub struct TrainArgs {
     /// loss or gradient.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_bad_steps: u64,
+    /// Time every kernel on the GPU and print at the end where the time went, by function and
+    /// op (the CUDA backend; one more synchronisation per call).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Args)]

@@ -58,7 +58,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let (on, backend, replicas) = match &world {
         Some(world) if on_gpus => {
             let (plan, dir) = plan.zip(args.plan.as_deref()).expect("checked above");
-            let (on, backend, replicas) = launched(plan, dir, world)?;
+            let (on, backend, replicas) = launched(plan, dir, world, args.profile)?;
             (Some(on), Some(backend), Some(replicas))
         }
         Some(world) => {
@@ -78,7 +78,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             (None, None, None)
         }
         None => {
-            let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()))?;
+            let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()), args.profile)?;
             (Some(on), backend, None)
         }
     };
@@ -229,6 +229,9 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    if let Some(profile) = trainer.backend_profile() {
+        eprintln!("where the GPU's time went:\n{profile}");
+    }
     if let Some(dir) = saver.save(&mut trainer)? {
         eprintln!("saved `{}`", dir.display());
     }
@@ -257,15 +260,20 @@ type Chosen = (String, Option<Box<dyn TrainBackend<f32>>>);
 
 /// `--backend cuda` needs a plan and a GPU; by default the GPU is taken when a plan is given,
 /// this dsc has the `cuda` feature and a GPU is found.
-fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>) -> anyhow::Result<Chosen> {
-    let cpu = || Ok(("the CPU".to_string(), None));
+fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, profile: bool) -> anyhow::Result<Chosen> {
+    let cpu = || {
+        if profile {
+            bail!("`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)");
+        }
+        Ok(("the CPU".to_string(), None))
+    };
     match (choice, plan) {
         (Some(Backend::Cpu), _) => cpu(),
         (Some(Backend::Cuda), None) => {
             bail!("`--backend cuda` runs a compiled plan: give `--plan DIR` (from `dsc compile FILE -o DIR`)")
         }
-        (Some(Backend::Cuda), Some((plan, dir))) => cuda(plan, dir),
-        (None, Some((plan, dir))) if cfg!(feature = "cuda") => cuda(plan, dir).or_else(|e| {
+        (Some(Backend::Cuda), Some((plan, dir))) => cuda(plan, dir, profile),
+        (None, Some((plan, dir))) if cfg!(feature = "cuda") => cuda(plan, dir, profile).or_else(|e| {
             eprintln!("note: training on the CPU: {e:#}");
             cpu()
         }),
@@ -274,15 +282,27 @@ fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>) -> anyhow::Resu
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(plan: Plan, dir: &Path) -> anyhow::Result<Chosen> {
-    use dsc_runtime::cuda::{exec::Executor, Gpu};
+fn cuda(plan: Plan, dir: &Path, profile: bool) -> anyhow::Result<Chosen> {
+    use dsc_runtime::cuda::Gpu;
     let gpu = Gpu::open()?;
     let on = format!("{} (CUDA, plan `{}`)", gpu.name()?, dir.display());
-    Ok((on, Some(Box::new(Executor::new(plan, dir, gpu, false)?))))
+    Ok((on, Some(Box::new(executor(plan, dir, gpu, profile)?))))
+}
+
+/// The executor of `plan` on `gpu`, timing its kernels when `profile`.
+#[cfg(feature = "cuda")]
+fn executor(
+    plan: Plan,
+    dir: &Path,
+    gpu: dsc_runtime::cuda::Gpu,
+    profile: bool,
+) -> anyhow::Result<dsc_runtime::cuda::exec::Executor> {
+    let executor = dsc_runtime::cuda::exec::Executor::new(plan, dir, gpu, false)?;
+    Ok(if profile { executor.profiled() } else { executor })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: Plan, _: &Path) -> anyhow::Result<Chosen> {
+fn cuda(_: Plan, _: &Path, _: bool) -> anyhow::Result<Chosen> {
     bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 
@@ -292,17 +312,17 @@ type Launched = (String, Box<dyn TrainBackend<f32>>, Box<dyn DataParallel>);
 /// One process of a launched run: the plan on its GPU (`LOCAL_RANK`), joined to the others
 /// over NCCL.
 #[cfg(feature = "cuda")]
-fn launched(plan: Plan, dir: &Path, world: &World) -> anyhow::Result<Launched> {
-    use dsc_runtime::cuda::{exec::Executor, nccl::Nccl, Gpu};
+fn launched(plan: Plan, dir: &Path, world: &World, profile: bool) -> anyhow::Result<Launched> {
+    use dsc_runtime::cuda::{nccl::Nccl, Gpu};
     let gpu = Gpu::open_on(world.local_rank)?;
     let nccl = Nccl::new(&gpu, world, PEER_TIMEOUT)?;
     let on =
         format!("{} (CUDA, plan `{}`), rank {} of {} over NCCL", gpu.name()?, dir.display(), world.rank, world.size);
-    Ok((on, Box::new(Executor::new(plan, dir, gpu, false)?), Box::new(nccl)))
+    Ok((on, Box::new(executor(plan, dir, gpu, profile)?), Box::new(nccl)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn launched(_: Plan, _: &Path, _: &World) -> anyhow::Result<Launched> {
+fn launched(_: Plan, _: &Path, _: &World, _: bool) -> anyhow::Result<Launched> {
     bail!("a launched run trains on GPUs over NCCL, and this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 

@@ -490,15 +490,16 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
     let o = ok(train(&["--steps", "3", "--plan", path(&plan), "--backend", "cpu", "--metrics", path(&planned)]));
     assert!(text(&o.stderr).contains("on the CPU"), "{}", text(&o.stderr));
     assert_eq!(losses(&graph), losses(&planned), "the plan trains like the spec's graph");
-    // Other data sources do not change the plan.
-    let fim = ["--set", "train.data.fim_rate=0.5", "--steps", "1", "--plan", path(&plan), "--backend", "cpu"];
-    ok(train(&fim));
+    // Other data settings do not change the plan.
+    let unpacked = ["--set", "train.data.packing=false", "--steps", "1", "--plan", path(&plan), "--backend", "cpu"];
+    ok(train(&unpacked));
     let refused = |o: Output, what: &str| {
         assert!(!o.status.success() && text(&o.stderr).contains(what), "expected `{what}`:\n{}", text(&o.stderr));
     };
     refused(dsc(&["train", "models/deepseek-v3-tiny.dsc", "--plan", path(&plan)]), "compiled from another spec");
     refused(train(&["--plan", path(&plan), "--numerics", "exact"]), "leave out `--numerics exact`");
     refused(train(&["--backend", "cuda"]), "give `--plan DIR`");
+    refused(train(&["--profile"]), "`--profile` times the GPU's kernels");
 }
 
 /// A process started by a launcher (torchrun's or SLURM's variables) trains a compiled plan on

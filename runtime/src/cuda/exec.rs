@@ -9,6 +9,7 @@
 //! decoded) and its outputs uploaded. A function's arena is kept for its next call.
 //! [`Counts`] says how many kernels took each path.
 
+use super::profile::Profile;
 use super::{gemm, Gpu, GpuError, Kernels};
 use crate::cpu::exec::eval;
 use crate::cpu::numerics::{e4m3_decode, e4m3_encode, Quantized, Tiling};
@@ -59,6 +60,8 @@ pub struct Executor {
     pub(super) spare: Vec<Option<CudaSlice<u8>>>,
     /// The training state, once a trainer hands it over ([`super::resident`]).
     pub(super) state: Option<super::resident::DeviceState>,
+    /// Where the time goes, when asked ([`Executor::profiled`]).
+    profile: Option<Profile>,
 }
 
 /// An argument of a call: bytes on the host, or a buffer of the caller's arena.
@@ -150,7 +153,42 @@ impl Executor {
         let plan = Arc::new(plan);
         let spare = plan.functions.iter().map(|_| None).collect();
         let counts = Counts::default();
-        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts, checked, spare, state: None })
+        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts, checked, spare, state: None, profile: None })
+    }
+
+    /// Times every kernel and copy from now on ([`super::profile`]); [`Executor::profile`]
+    /// reports them.
+    pub fn profiled(mut self) -> Self {
+        self.profile = Some(Profile::default());
+        self
+    }
+
+    /// The profile's table so far, when profiled.
+    pub fn profile(&self) -> Option<String> {
+        self.profile.as_ref().map(|p| p.report(30))
+    }
+
+    /// Runs `run`, timed as `category` when profiled.
+    fn timed<R>(
+        &mut self,
+        category: impl FnOnce() -> String,
+        estimate_s: f64,
+        run: impl FnOnce(&mut Self) -> Result<R, GpuError>,
+    ) -> Result<R, GpuError> {
+        let Some(mut profile) = self.profile.take() else { return run(self) };
+        let stream = self.gpu.stream.clone();
+        let result = profile.measure(&stream, category(), estimate_s, || run(self));
+        self.profile = Some(profile);
+        result
+    }
+
+    /// Ends a top-level call of kind `call` that began at `started`: reads back what the
+    /// profile measured.
+    pub(super) fn settle_profile(&mut self, call: &str, started: std::time::Instant) -> Result<(), GpuError> {
+        match &mut self.profile {
+            Some(profile) => profile.settle(call, started.elapsed().as_secs_f64()),
+            None => Ok(()),
+        }
     }
 
     pub fn counts(&self) -> Counts {
@@ -176,10 +214,12 @@ impl Executor {
             let (name, want) = (&function.name, function.args.len());
             return Err(GpuError::Unsupported(format!("{name} takes {want} arguments, not {}", args.len())));
         }
+        let started = std::time::Instant::now();
         let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
         let arena = self.invoke(f, &inputs)?;
         let outputs = function.outputs.iter().map(|&o| self.output(f, o, &arena)).collect();
         self.spare[f] = Some(arena);
+        self.settle_profile(&function.name, started)?;
         outputs
     }
 
@@ -245,12 +285,15 @@ impl Executor {
                             let e = GpuError::Unsupported(format!("{given} bytes for a buffer of {}", range.len()));
                             return Err(at(e, &format!("argument {a}")));
                         }
-                        match &args[a] {
-                            Input::Host(bytes) => self.gpu.stream.memcpy_htod(bytes, &mut arena.slice_mut(range))?,
-                            Input::Device(from, r) => {
-                                self.gpu.stream.memcpy_dtod(&from.slice(r.clone()), &mut arena.slice_mut(range))?
+                        let what = || format!("{} argument copies", function.name);
+                        self.timed(what, 0.0, |this| match &args[a] {
+                            Input::Host(bytes) => {
+                                Ok(this.gpu.stream.memcpy_htod(bytes, &mut arena.slice_mut(range))?)
                             }
-                        }
+                            Input::Device(from, r) => {
+                                Ok(this.gpu.stream.memcpy_dtod(&from.slice(r.clone()), &mut arena.slice_mut(range))?)
+                            }
+                        })?
                     }
                     Op::Table(_) => self.upload_table(f, i, &mut arena, &mut tables)?,
                     Op::Call(callee) => {
@@ -340,6 +383,13 @@ impl Executor {
     }
 
     fn kernel(&mut self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+        let plan = self.plan.clone();
+        let category = || format!("{} {}", plan.module.functions[f].name, kernel.ops[0]);
+        self.timed(category, kernel.seconds, |this| this.launch(f, kernel, arena))
+    }
+
+    /// Runs a kernel on its path: generated, library GEMM, or on the host.
+    fn launch(&mut self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
         let function = &self.plan.module.functions[f];
         match kernel.code {
             Code::Generated { .. } => {
@@ -411,5 +461,9 @@ impl Backend<f32> for Executor {
 
     fn resident(&mut self) -> Option<&mut dyn Resident<f32>> {
         Some(self)
+    }
+
+    fn profile(&self) -> Option<String> {
+        Executor::profile(self)
     }
 }

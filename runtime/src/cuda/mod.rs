@@ -7,13 +7,15 @@
 //! launch, whose argument list follows the kernel's signature in the plan.
 //!
 //! Library GEMMs run on cuBLAS, the FP8 ones on cuBLASLt's block-scaled path ([`gemm`],
-//! [`scaled`]); [`exec`] runs whole plan functions (grouped GEMMs, and FP8 GEMMs in groups other
-//! than DeepSeek-V3's 128, on the host for now). Not here yet (issue 5): grouped GEMMs on the
-//! GPU, CUDA graphs.
+//! [`scaled`]; the experts' grouped GEMMs a product per expert); [`exec`] runs whole plan
+//! functions (FP8 GEMMs in groups other than DeepSeek-V3's 128 on the host), [`resident`] keeps
+//! the training state on the GPU, [`nccl`] sums data-parallel processes' step sums, and
+//! [`profile`] times the kernels when asked. Not here yet (issue 5): CUDA graphs.
 
 pub mod exec;
 pub mod gemm;
 pub mod nccl;
+pub mod profile;
 pub mod resident;
 pub mod scaled;
 

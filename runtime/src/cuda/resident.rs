@@ -150,10 +150,8 @@ impl Executor {
         // The optimizer's arena holds every parameter, gradient and moment again: the other
         // functions' arenas go first, and its own after it (the bench model's would not fit
         // the H100 together).
-        let started = std::time::Instant::now();
         self.spare.iter_mut().for_each(|arena| *arena = None);
         self.gpu.release_unused()?;
-        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "arenas released");
         let arena = self.invoke(f, &inputs)?;
         drop(inputs);
         let outputs = self.plan.module.functions[f].outputs.clone();
@@ -207,8 +205,11 @@ impl Resident<f32> for Executor {
         let mut state = self.state_mut().map_err(|e| e.to_string())?;
         let result = self.gradients_into(&mut state, f, &rest, grads, first);
         self.state = Some(state);
-        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "gradients of a micro-batch");
-        result.map_err(|e| e.to_string())
+        let outputs = result.and_then(|outputs| {
+            self.settle_profile("gradients of a micro-batch", started)?;
+            Ok(outputs)
+        });
+        outputs.map_err(|e| e.to_string())
     }
 
     fn gradients_square_sum(&mut self) -> Result<f64, String> {
@@ -239,8 +240,11 @@ impl Resident<f32> for Executor {
         let mut state = self.state_mut().map_err(|e| e.to_string())?;
         let result = self.update_state(&mut state, f, learned, biases, &scalars, scale);
         self.state = Some(state);
-        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "optimizer update");
-        result.map_err(|e| e.to_string())
+        let norm = result.and_then(|norm| {
+            self.settle_profile("optimizer update", started)?;
+            Ok(norm)
+        });
+        norm.map_err(|e| e.to_string())
     }
 
     fn state(&mut self) -> Result<(Vec<Value<f32>>, Moments<f32>), String> {

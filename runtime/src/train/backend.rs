@@ -16,6 +16,11 @@ pub trait Backend<T: Real> {
     fn resident(&mut self) -> Option<&mut dyn Resident<T>> {
         None
     }
+
+    /// Where its time went, if it was asked to measure that.
+    fn profile(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Adam's (m, v) of each learned parameter, in the graph's order.

@@ -228,6 +228,11 @@ impl<T: Real> Trainer<T> {
         Ok(())
     }
 
+    /// Where the backend's time went, if it was asked to measure that.
+    pub fn backend_profile(&self) -> Option<String> {
+        self.backend.profile()
+    }
+
     /// Runs the graph's functions on `backend` from now on (it must run this trainer's graph;
     /// thread-ranks, when set, run on the CPU).
     pub fn set_backend(&mut self, backend: Box<dyn Backend<T>>) {

@@ -1,0 +1,164 @@
+//! Where the GPU's time goes, when asked (`dsc train --profile`; the machines it runs on have
+//! no Nsight). Every kernel a plan function runs is bracketed by two timing events on the
+//! stream; its category (the function and the op of the kernel's first node: `layer1.vjp
+//! grouped_matmul`) gets the GPU time between them, the host time its launch took (for a
+//! library GEMM: its calls into cuBLAS, and a grouped GEMM's offsets read back), and the
+//! roofline estimate the plan made for it. The events are read when a top-level call ends
+//! (one more synchronisation per call than without the profile). The report lists the
+//! categories by GPU time, with the calls' host time: what the kernels do not cover of it is
+//! the stream waiting for the host.
+
+use super::GpuError;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaStream};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Kernels measured, not yet read back.
+struct Pending {
+    category: String,
+    start: CudaEvent,
+    end: CudaEvent,
+    host_s: f64,
+    estimate_s: f64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Total {
+    launches: usize,
+    gpu_s: f64,
+    host_s: f64,
+    estimate_s: f64,
+}
+
+/// Top-level calls of one kind: how many, their host time, the first one's (compiling the
+/// PTX, finding GEMM algorithms).
+#[derive(Clone, Copy, Default)]
+struct Calls {
+    count: usize,
+    host_s: f64,
+    first_s: f64,
+}
+
+#[derive(Default)]
+pub struct Profile {
+    pending: Vec<Pending>,
+    totals: BTreeMap<String, Total>,
+    calls: BTreeMap<String, Calls>,
+}
+
+impl Profile {
+    /// Runs `launch` (which enqueues work on `stream`), timing it as `category`.
+    pub fn measure<R>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        category: String,
+        estimate_s: f64,
+        launch: impl FnOnce() -> Result<R, GpuError>,
+    ) -> Result<R, GpuError> {
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let started = Instant::now();
+        let result = launch()?;
+        let host_s = started.elapsed().as_secs_f64();
+        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        self.pending.push(Pending { category, start, end, host_s, estimate_s });
+        Ok(result)
+    }
+
+    /// Reads back what the kernels measured since the last time, and counts a top-level call
+    /// of kind `call` that took `call_s` on the host.
+    pub fn settle(&mut self, call: &str, call_s: f64) -> Result<(), GpuError> {
+        for p in self.pending.drain(..) {
+            let gpu_s = f64::from(p.start.elapsed_ms(&p.end)?) / 1e3;
+            let total = self.totals.entry(p.category).or_default();
+            total.launches += 1;
+            total.gpu_s += gpu_s;
+            total.host_s += p.host_s;
+            total.estimate_s += p.estimate_s;
+        }
+        let calls = self.calls.entry(call.to_string()).or_default();
+        if calls.count == 0 {
+            calls.first_s = call_s;
+        }
+        calls.count += 1;
+        calls.host_s += call_s;
+        Ok(())
+    }
+
+    /// The table: per category (the `rows` costliest, then the rest together) launches, GPU
+    /// time, its share, host time spent launching, the plan's estimate; then the totals.
+    pub fn report(&self, rows: usize) -> String {
+        let mut by_time: Vec<(&String, &Total)> = self.totals.iter().collect();
+        by_time.sort_by(|a, b| b.1.gpu_s.total_cmp(&a.1.gpu_s));
+        let all = by_time.iter().fold(Total::default(), |sum, (_, t)| add(sum, t));
+        let rest = by_time.iter().skip(rows).fold(Total::default(), |sum, (_, t)| add(sum, t));
+        let mut out = format!(
+            "{:<44} {:>9} {:>11} {:>6} {:>11} {:>12}\n",
+            "kernels (function, first op)", "launches", "GPU ms", "share", "launch ms", "roofline ms"
+        );
+        let mut line = |name: &str, t: &Total| {
+            let share = if all.gpu_s > 0.0 { t.gpu_s / all.gpu_s } else { 0.0 };
+            let _ = writeln!(
+                out,
+                "{name:<44} {:>9} {:>11.2} {:>5.1}% {:>11.2} {:>12.2}",
+                t.launches,
+                t.gpu_s * 1e3,
+                share * 1e2,
+                t.host_s * 1e3,
+                t.estimate_s * 1e3
+            );
+        };
+        for (name, total) in by_time.iter().take(rows) {
+            line(name, total);
+        }
+        if rest.launches > 0 {
+            line(&format!("({} other categories)", by_time.len() - rows), &rest);
+        }
+        line("all kernels", &all);
+        let host_s: f64 = self.calls.values().map(|c| c.host_s).sum();
+        for (call, c) in &self.calls {
+            let _ = writeln!(
+                out,
+                "{call}: {} calls, {:.2} ms on the host (the first {:.2} ms)",
+                c.count,
+                c.host_s * 1e3,
+                c.first_s * 1e3
+            );
+        }
+        let covered = if host_s > 0.0 { all.gpu_s / host_s * 1e2 } else { 0.0 };
+        let _ = writeln!(out, "the kernels' GPU time covers {covered:.1}% of the calls' host time");
+        out
+    }
+}
+
+fn add(sum: Total, t: &Total) -> Total {
+    Total {
+        launches: sum.launches + t.launches,
+        gpu_s: sum.gpu_s + t.gpu_s,
+        host_s: sum.host_s + t.host_s,
+        estimate_s: sum.estimate_s + t.estimate_s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_orders_categories_by_gpu_time_and_sums_the_rest() {
+        let mut profile = Profile::default();
+        for (name, gpu_s) in [("a", 1e-3), ("b", 3e-3), ("c", 2e-3), ("d", 0.5e-3)] {
+            profile.totals.insert(name.into(), Total { launches: 2, gpu_s, host_s: 1e-4, estimate_s: 1e-3 });
+        }
+        profile.calls.insert("gradients".into(), Calls { count: 1, host_s: 10e-3, first_s: 10e-3 });
+        let report = profile.report(2);
+        let lines: Vec<&str> = report.lines().collect();
+        assert!(lines[1].starts_with("b ") && lines[2].starts_with("c "), "{report}");
+        assert!(lines[3].starts_with("(2 other categories)") && lines[3].contains("1.50"), "{report}");
+        assert!(lines[4].starts_with("all kernels") && lines[4].contains("6.50"), "{report}");
+        assert!(lines[5].starts_with("gradients: 1 calls, 10.00 ms"), "{report}");
+        assert!(lines[6].contains("covers 65.0%"), "{report}");
+    }
+}
