@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds, on this machine, what tests/device/run.sh runs on the GPU machine (which has no
+# Rust): the plans (target/plan-*), the runtime-only dsc and the GPU test binaries
+# (target/gpu). Send them with the device tool's `carry`: target/gpu and the plans a stage needs
+# (64 MiB in all).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export MLIR_SYS_220_PREFIX=${MLIR_SYS_220_PREFIX:-/usr/lib/llvm-22} TABLEGEN_220_PREFIX=${TABLEGEN_220_PREFIX:-/usr/lib/llvm-22}
+export CARGO_INCREMENTAL=0
+cargo build --release --locked -p dsc
+dsc=target/release/dsc
+synthetic=(--set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
+$dsc compile models/deepseek-v3-tiny.dsc -o target/plan-tiny
+$dsc compile models/deepseek-v3-tiny.dsc -o target/plan-tiny-f32 --set precision.gemm=f32 \
+  --set precision.saved_activations=f32 --set precision.dispatch=f32 --set precision.combine=f32 \
+  --set precision.adam_moments=f32
+$dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" -o target/plan-bench
+$dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set train.seq_len=128 --set train.batch=1 \
+  --set train.micro_batch=1 -o target/plan-bench-step
+$dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
+# The runtime-only dsc (no MLIR) replaces the full one in target/release.
+cargo build --release --locked -p dsc --no-default-features --features cuda
+mkdir -p target/gpu
+cp target/release/dsc target/gpu/dsc
+for test in gpu_kernels gpu_scaled; do
+  cargo test --release --locked -p dsc-runtime --features cuda --test "$test" --no-run --message-format=json \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])' | tail -n 1 | xargs -I{} cp {} "target/gpu/$test"
+done
+du -sh target/gpu target/plan-*

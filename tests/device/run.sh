@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# dsc's GPU checks and measurements, on the GPU machine from the repository root, with what
+# tests/device/build.sh built here. One stage per call (device time is counted):
+#   checks    the GPU test suites (every kernel kind against the CPU reference; the bench
+#             plan's FP8 and grouped FP8 GEMMs; one training step of the f32 tiny plan and of
+#             a bench-shaped plan against the CPU) and every generated kernel of the bench plan
+#             against float64 (CuPy)
+#   profile   the bench model trained 6 steps with `--profile`: where the GPU's time goes
+#   table     issue 5's table: dsc FP8, dsc BF16 and PyTorch (benches/bench_model.py)
+#   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
+#             from there (so a long run takes several calls)
+# Outputs that matter go to $OUT (the device tool brings them back).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+OUT=${OUT:-target/device-out}
+mkdir -p "$OUT"
+bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case "${1:-}" in
+  checks)
+    DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
+      DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture 2>&1 | tail -n 40
+    DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20
+    python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15
+    ;;
+  profile)
+    target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
+      --metrics "$OUT/profile.jsonl" 2>&1 | tail -n 60
+    ;;
+  table)
+    python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench --bf16-plan target/plan-bench-bf16
+    ;;
+  train)
+    resume=()
+    [ -d target/run-bench ] && resume=(--resume target/run-bench)
+    target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps "${2:?train N}" \
+      --checkpoint-dir target/run-bench --checkpoint-every 50 --keep 1 "${resume[@]}" \
+      --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
+    ;;
+  *)
+    echo "usage: tests/device/run.sh checks|profile|table|train N" >&2
+    exit 2
+    ;;
+esac
