@@ -8,6 +8,7 @@
 use std::ops::Range;
 
 use super::scaling::Quantized;
+use crate::cpu::rows::fill_rows;
 
 /// C = A · B for A quantised as an [m, k] matrix and B as a [k, n] matrix; C is row-major
 /// [m, n], each element the f32 accumulator's value.
@@ -31,17 +32,19 @@ pub fn matmul_fp8(a: &Quantized, b: &Quantized, promote: usize) -> Vec<f64> {
         a.tiling,
         b.tiling
     );
-    let mut c = Vec::with_capacity(m * n);
-    let mut sums = vec![0.0f32; n];
-    let mut accumulators = vec![0.0f32; n];
-    for i in 0..m {
-        accumulators.fill(0.0);
-        for start in (0..k).step_by(promote) {
-            chunk_sums(a, b, i, start..(start + promote).min(k), &mut sums);
-            promote_chunk(a, b, i, start, &sums, &mut accumulators);
+    let mut c = vec![0.0; m * n];
+    fill_rows(&mut c, n, n * k, |first, block| {
+        let mut sums = vec![0.0f32; n];
+        let mut accumulators = vec![0.0f32; n];
+        for (r, row) in block.chunks_mut(n).enumerate() {
+            accumulators.fill(0.0);
+            for start in (0..k).step_by(promote) {
+                chunk_sums(a, b, first + r, start..(start + promote).min(k), &mut sums);
+                promote_chunk(a, b, first + r, start, &sums, &mut accumulators);
+            }
+            row.iter_mut().zip(&accumulators).for_each(|(c, &acc)| *c = f64::from(acc));
         }
-        c.extend(accumulators.iter().map(|&acc| f64::from(acc)));
-    }
+    });
     c
 }
 

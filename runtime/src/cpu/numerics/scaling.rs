@@ -7,6 +7,7 @@
 
 use super::e4m3::{round_e4m3, E4M3_MAX};
 use crate::cpu::real::Real;
+use crate::cpu::rows::fill_rows;
 
 /// The shape of one scaling group of a row-major matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,11 +136,15 @@ pub fn quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Quantiz
         amax[group] = larger_magnitude(amax[group], element.to_f64());
     }
     let scales: Vec<f64> = amax.into_iter().map(group_scale).collect();
-    let values = x
-        .iter()
-        .enumerate()
-        .map(|(index, element)| encode_scaled(element.to_f64(), scales[tiling.group_of(n, index / n, index % n)]))
-        .collect();
+    let mut values = vec![0.0; m * n];
+    fill_rows(&mut values, n, n, |first, block| {
+        for (r, row) in block.chunks_mut(n).enumerate() {
+            let i = first + r;
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = encode_scaled(x[i * n + j].to_f64(), scales[tiling.group_of(n, i, j)]);
+            }
+        }
+    });
     Quantized { values, scales, m, n, tiling }
 }
 
