@@ -1,10 +1,11 @@
 //! `dsc train`: runs the trainer step by step (on thread-ranks when the spec's parallel plan
 //! has several; on the GPU with a compiled plan and the `cuda` feature; when a launcher
-//! (torchrun, srun, mpirun) started it, as one data-parallel process of several over NCCL with a
-//! compiled plan on the GPU, or else as one rank of the plan's on the CPU over TCP), printing a line per step (and a progress
-//! bar on terminals), writing JSONL metrics and checkpoints, resuming from one, and stopping
-//! cleanly: on SIGINT/SIGTERM after the current step (a checkpoint, then exit 0), and after
-//! `--max-bad-steps` skipped steps in a row (a checkpoint, then exit 1).
+//! (torchrun, srun, mpirun) started it, as one data-parallel process of several over NCCL with
+//! a compiled plan on the GPU, or else as one rank of the plan's on the CPU over TCP), printing
+//! a line per step (and a progress bar on terminals), writing JSONL metrics and checkpoints,
+//! resuming from one, and stopping cleanly: on SIGINT/SIGTERM after the current step (a
+//! checkpoint, then exit 0), and after `--max-bad-steps` skipped steps in a row (a checkpoint,
+//! then exit 1).
 
 use crate::cli::{Backend, Cli, NumericsArg, SpecArgs, TrainArgs};
 use anyhow::{bail, Context};
@@ -55,6 +56,9 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let world = World::from_env(|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!("{e}"))?;
     // A launched run trains a compiled plan on GPUs over NCCL, or else the plan's ranks on CPUs.
     let on_gpus = world.is_some() && plan.is_some() && args.backend != Some(Backend::Cpu);
+    if args.profile && !on_gpus && (world.is_some() || is_parallel(&spec)) {
+        bail!("{PROFILE_NEEDS_A_GPU}");
+    }
     let (on, backend, replicas) = match &world {
         Some(world) if on_gpus => {
             let (plan, dir) = plan.zip(args.plan.as_deref()).expect("checked above");
@@ -258,12 +262,16 @@ fn read_plan(dir: &Path, spec: &Spec) -> anyhow::Result<Plan> {
 /// the trainer's CPU reference).
 type Chosen = (String, Option<Box<dyn TrainBackend<f32>>>);
 
+/// Why `--profile` is refused off the GPU.
+const PROFILE_NEEDS_A_GPU: &str =
+    "`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)";
+
 /// `--backend cuda` needs a plan and a GPU; by default the GPU is taken when a plan is given,
 /// this dsc has the `cuda` feature and a GPU is found.
 fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, profile: bool) -> anyhow::Result<Chosen> {
     let cpu = || {
         if profile {
-            bail!("`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)");
+            bail!("{PROFILE_NEEDS_A_GPU}");
         }
         Ok(("the CPU".to_string(), None))
     };

@@ -500,6 +500,8 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
     refused(train(&["--plan", path(&plan), "--numerics", "exact"]), "leave out `--numerics exact`");
     refused(train(&["--backend", "cuda"]), "give `--plan DIR`");
     refused(train(&["--profile"]), "`--profile` times the GPU's kernels");
+    let on_ranks: Vec<&str> = EIGHT_RANKS.iter().copied().chain(["--profile"]).collect();
+    refused(train(&on_ranks), "`--profile` times the GPU's kernels");
 }
 
 /// A process started by a launcher (torchrun's or SLURM's variables) trains a compiled plan on
