@@ -337,13 +337,14 @@ fn training_steps_on_the_gpu_match_the_cpu() {
 }
 
 /// One training step of a bench-shaped FP8 plan (`DSC_TEST_PLAN_BENCH_STEP`, default
-/// `target/plan-bench-step`: `dsc compile models/deepseek-v3-bench.dsc --set train.seq_len=128
-/// --set train.batch=1 --set train.micro_batch=1 --set 'train.data.sources=[synthetic {
-/// weight = 1 }]' -o target/plan-bench-step`: the bench model's widths and experts on 128
-/// tokens; its CPU reference step needs minutes and more than 24 GB of host memory, the optimizer
-/// over 1.96B parameters being most of both) with the trainer on the GPU, every GEMM on
-/// cuBLASLt, and on the CPU from the same seed: the loss, the gradient norm and every updated
-/// parameter agree within DESIGN.md's FP8 bound, 1e-3.
+/// `target/plan-bench-step`: `dsc compile models/deepseek-v3-bench.dsc --set model.layers=2
+/// --set 'model.ffn.1.layers=1..2' --set train.seq_len=128 --set train.batch=1 --set
+/// train.micro_batch=1 --set 'train.data.sources=[synthetic { weight = 1 }]' -o
+/// target/plan-bench-step`: the bench model's widths, attention and experts in one dense and
+/// one MoE layer (415M parameters) on 128 tokens, so that the CPU reference's step takes
+/// minutes and 11 GB rather than the whole model's 24+ GB) with the trainer on the GPU, every
+/// GEMM on cuBLASLt, and on the CPU from the same seed: the loss, the gradient norm and every
+/// updated parameter agree within DESIGN.md's FP8 bound, 1e-3.
 #[test]
 fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
     let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_BENCH_STEP", "plan-bench-step") else { return };

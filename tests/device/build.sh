@@ -15,8 +15,8 @@ $dsc compile models/deepseek-v3-tiny.dsc -o target/plan-tiny-f32 --set precision
   --set precision.saved_activations=f32 --set precision.dispatch=f32 --set precision.combine=f32 \
   --set precision.adam_moments=f32
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" -o target/plan-bench
-$dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set train.seq_len=128 --set train.batch=1 \
-  --set train.micro_batch=1 -o target/plan-bench-step
+$dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2 --set 'model.ffn.1.layers=1..2' \
+  --set train.seq_len=128 --set train.batch=1 --set train.micro_batch=1 -o target/plan-bench-step
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
 # The runtime-only dsc (no MLIR) replaces the full one in target/release.
 cargo build --release --locked -p dsc --no-default-features --features cuda
