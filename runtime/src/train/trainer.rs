@@ -81,22 +81,7 @@ impl<T: Real> Trainer<T> {
         let params: Vec<Value<T>> =
             init_params(&graph.forward.params, spec.model.init_std, seed).into_iter().map(Value::real).collect();
         let moments = zero_moments(&graph);
-        let ema = start_ema(spec, &params, None);
-        Ok(Trainer {
-            spec: spec.clone(),
-            params,
-            moments,
-            progress: Progress::default(),
-            seed,
-            data,
-            flops_per_token: flops_per_token(spec),
-            ema,
-            ranks: None,
-            backend: Box::new(Cpu(graph.module().clone())),
-            replicas: None,
-            state: State { on_backend: false, host_current: true },
-            graph,
-        })
+        Ok(Self::assemble(spec, graph, data, (params, moments), Progress::default(), seed, None))
     }
 
     /// Continues training from a checkpoint of this spec and graph.
@@ -133,22 +118,35 @@ impl<T: Real> Trainer<T> {
             None => zero_moments(&graph),
         };
         let progress = Progress { step: meta.step, tokens: meta.tokens };
-        let ema = start_ema(spec, &params, checkpoint.ema.clone());
-        Ok(Trainer {
+        Ok(Self::assemble(spec, graph, data, (params, moments), progress, meta.seed, checkpoint.ema.clone()))
+    }
+
+    /// A trainer on the CPU backend from its state (parameters and moments), progress and
+    /// data position; the EMA starts from `ema` or the parameters.
+    fn assemble(
+        spec: &Spec,
+        graph: TrainingGraph,
+        data: DataLoader,
+        (params, moments): (Vec<Value<T>>, Moments<T>),
+        progress: Progress,
+        seed: u64,
+        ema: Option<Vec<Vec<f32>>>,
+    ) -> Self {
+        Trainer {
             spec: spec.clone(),
+            ema: start_ema(spec, &params, ema),
             params,
             moments,
             progress,
-            seed: meta.seed,
+            seed,
             data,
             flops_per_token: flops_per_token(spec),
-            ema,
             ranks: None,
             backend: Box::new(Cpu(graph.module().clone())),
             replicas: None,
             state: State { on_backend: false, host_current: true },
             graph,
-        })
+        }
     }
 
     /// The whole training state, for a checkpoint; `numerics` and `spec` identify the run.
