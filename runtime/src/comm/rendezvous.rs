@@ -180,11 +180,19 @@ fn serve(world: &World, mine: &[u8], deadline: Instant) -> Result<Vec<Vec<u8>>, 
     Ok(all)
 }
 
+/// The most bytes a rank hands round (an address or an id is far less): a connection claiming
+/// more is not one of ours.
+const MAX_BYTES: usize = 1 << 16;
+
 /// Reads a length (4 bytes) and as many bytes.
 fn read_bytes(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
-    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_BYTES {
+        return Err(std::io::Error::new(ErrorKind::InvalidData, format!("{len} bytes claimed")));
+    }
+    let mut bytes = vec![0u8; len];
     stream.read_exact(&mut bytes)?;
     Ok(bytes)
 }
