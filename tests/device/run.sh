@@ -9,7 +9,11 @@
 #   table     issue 5's table: dsc FP8, dsc BF16 and PyTorch (benches/bench_model.py)
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
-# Outputs that matter go to $OUT (the device tool brings them back).
+# Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
+# carried (64 MiB in all, so not everything at once): checks: target/gpu/gpu_kernels,
+# target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench, bench-step; profile and train:
+# target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
+# target/plan-bench-bf16.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
