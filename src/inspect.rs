@@ -1,5 +1,6 @@
 //! `dsc inspect PLAN`: a compiled plan read back and summarised for people (kernels, fused
-//! ops, launches, bytes and estimated time per step, fused against unfused) or as JSON.
+//! ops, launches, bytes and estimated time per step, fused against unfused, the GPU memory a
+//! step takes on the CUDA backend) or as JSON.
 
 use crate::cli::InfoFormat;
 use dsc_compiler::fuse::kernels::{Code, Kernel, KernelKind};
@@ -51,7 +52,14 @@ fn summary_json(plan: &Plan) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "model": plan.spec.model.name, "version": plan.version, "summary": plan.summary, "functions": functions })
+    let gpu = dsc_runtime::memory::step_memory(plan);
+    let gpu_memory = serde_json::json!({
+        "state": gpu.state, "gradients": gpu.gradients, "optimizer": gpu.optimizer, "peak": gpu.peak(),
+    });
+    serde_json::json!({
+        "model": plan.spec.model.name, "version": plan.version, "summary": plan.summary,
+        "gpu_memory": gpu_memory, "functions": functions,
+    })
 }
 
 fn print_summary(plan: &Plan) {
@@ -71,6 +79,14 @@ fn print_summary(plan: &Plan) {
         ratio(s.bytes_per_step_unfused as f64, s.bytes_per_step as f64)
     );
     println!("  roofline time (estimate)         {:>11.3}s {:>11.3}s", s.seconds_per_step, s.seconds_per_step_unfused);
+    let gpu = dsc_runtime::memory::step_memory(plan);
+    println!(
+        "  GPU memory (CUDA backend)    {} = state {} (parameters, gradients, Adam moments) + the larger of the gradient calls' arenas {} and the optimizer's {}",
+        bytes(gpu.peak()),
+        bytes(gpu.state),
+        bytes(gpu.gradients),
+        bytes(gpu.optimizer)
+    );
     println!();
     println!(
         "{:<16} {:>7} {:>8} {:>9}  {:>21}  {:<22} fused ops",

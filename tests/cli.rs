@@ -278,8 +278,34 @@ fn compile_writes_a_plan_that_inspect_reads() {
     let s = &summary["summary"];
     let (fused, unfused) = (s["launches_per_step"].as_u64().unwrap(), s["launches_per_step_unfused"].as_u64().unwrap());
     assert!(fused * 2 < unfused, "fusion must cut launches by more than half: {fused} vs {unfused}");
+    // The GPU memory of a step: the f32 state (every parameter and gradient, both moments of
+    // the learned ones) and the larger of the gradient calls' and the optimizer's arenas.
+    let memory = &summary["gpu_memory"];
+    let [state, gradients, optimizer, peak] =
+        ["state", "gradients", "optimizer", "peak"].map(|k| memory[k].as_u64().expect("bytes"));
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plan.join("plan.json")).expect("plan.json")).expect("JSON");
+    let f32s: u64 = stored["params"]
+        .as_array()
+        .expect("params")
+        .iter()
+        .map(|p| {
+            let numel: u64 = p["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product();
+            numel * if p["learned"] == true { 4 } else { 2 }
+        })
+        .sum();
+    assert_eq!(state, 4 * f32s, "{memory}");
+    let function_peak = |name: &str| {
+        summary["functions"].as_array().unwrap().iter().find(|f| f["name"] == name).unwrap()["memory"]["peak"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(optimizer, function_peak("adamw"));
+    let called = ["model.grad", "layer0", "layer1", "layer0.vjp", "layer1.vjp"].map(function_peak).iter().sum::<u64>();
+    assert_eq!(gradients, called, "the gradient function and its callees (not `model`, not `adamw`)");
+    assert_eq!(peak, state + gradients.max(optimizer));
     let text = dsc_ok(&["inspect", plan_s]);
-    assert!(text.contains("rmsnorm") && text.contains("kernel launches"), "{text}");
+    assert!(text.contains("rmsnorm") && text.contains("kernel launches") && text.contains("GPU memory"), "{text}");
     // Every generated kernel has MLIR, and (with MLIR built in) PTX for sm_90a.
     let mlir = std::fs::read_dir(plan.join("ir")).expect("ir/").count();
     assert!(mlir > 0);

@@ -3,8 +3,10 @@
 //! overlap and the others reuse memory. Buffers are placed in the order they are written, each
 //! at the lowest offset where it fits among the buffers still alive (first fit), at 256-byte
 //! alignment. The arena's size (the peak) is reported against the sum of all buffers.
+//! [`step_memory`] adds a training step's arenas up with the state the CUDA backend keeps.
 
-use dsc_compiler::plan::Buffer;
+use dsc_compiler::graph::ir::Op;
+use dsc_compiler::plan::{Buffer, Plan};
 use std::collections::HashMap;
 
 /// Alignment of every buffer (cudaMalloc's, and enough for 16-byte vector accesses).
@@ -46,6 +48,46 @@ pub fn plan(buffers: &[Buffer]) -> Layout {
     }
     let total = buffers.iter().map(|b| b.bytes.max(1).next_multiple_of(ALIGN)).sum();
     Layout { offsets, peak, total }
+}
+
+/// The GPU memory a training step of a plan takes on the CUDA backend, by what holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepMemory {
+    /// The training state (`cuda::resident`), held throughout: every parameter and its
+    /// gradient sum, and both Adam moments of the learned ones, in f32.
+    pub state: u64,
+    /// The arenas of the gradient function and of every function it calls, each kept for its
+    /// next call (`cuda::exec`).
+    pub gradients: u64,
+    /// The optimizer's arena, beside the state alone (the other arenas are freed first).
+    pub optimizer: u64,
+}
+
+impl StepMemory {
+    /// The most held at once (CUDA's own context and cuBLAS's workspaces aside).
+    pub fn peak(&self) -> u64 {
+        self.state + self.gradients.max(self.optimizer)
+    }
+}
+
+/// What a training step of `plan` holds on the GPU (see [`StepMemory`]).
+pub fn step_memory(compiled: &Plan) -> StepMemory {
+    let state = compiled.params.iter().map(|p| 4 * p.numel() as u64 * if p.learned { 4 } else { 2 }).sum();
+    let arena = |f: usize| plan(&compiled.functions[f].buffers).peak;
+    // The gradient function and the functions it calls, at any depth.
+    let mut called = vec![compiled.grad];
+    let mut next = 0;
+    while next < called.len() {
+        for node in &compiled.module.functions[called[next]].nodes {
+            if let Op::Call(callee) = node.op {
+                if !called.contains(&callee) {
+                    called.push(callee);
+                }
+            }
+        }
+        next += 1;
+    }
+    StepMemory { state, gradients: called.into_iter().map(arena).sum(), optimizer: arena(compiled.optimizer) }
 }
 
 #[cfg(test)]
