@@ -82,21 +82,26 @@ fn two_data_parallel_ranks_resume_exactly_and_read_other_data_than_one() {
     assert_ne!(losses(&single)[0], losses(&straight)[0]);
 }
 
-/// PP 2 (DualPipe) × 4 replicas, the routed experts split over 2: 8 ranks, 4 micro-batches each.
-const EIGHT_RANKS: [&str; 12] = [
-    "--set",
-    "parallel.gpus_per_node=8",
-    "--set",
-    "parallel.pipeline=dualpipe { stages = 2 }",
-    "--set",
-    "parallel.data={ size = 4 }",
-    "--set",
-    "parallel.expert={ size = 2, max_nodes = 1 }",
-    "--set",
-    "train.batch=16",
-    "--set",
-    "train.micro_batch=1",
-];
+/// `extra` on the plan PP 2 (DualPipe) × 4 replicas, the routed experts split over 2: 8 ranks,
+/// 4 micro-batches each.
+fn eight_ranks<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--set",
+        "parallel.gpus_per_node=8",
+        "--set",
+        "parallel.pipeline=dualpipe { stages = 2 }",
+        "--set",
+        "parallel.data={ size = 4 }",
+        "--set",
+        "parallel.expert={ size = 2, max_nodes = 1 }",
+        "--set",
+        "train.batch=16",
+        "--set",
+        "train.micro_batch=1",
+    ];
+    args.extend(extra);
+    args
+}
 
 /// `dsc train` of the tiny model with `extra`, as the `world` processes a launcher starts
 /// (torchrun's variables, rank 0 listening on a free port of this machine); their outputs in
@@ -133,20 +138,15 @@ fn launched_with(world: usize, args: &[&str]) -> Vec<Output> {
 #[test]
 fn a_parallel_plan_trains_on_thread_ranks_and_resumes_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plan = EIGHT_RANKS;
     let (straight, resumed) = (dir.path().join("straight.jsonl"), dir.path().join("resumed.jsonl"));
-    let mut args = plan.to_vec();
-    args.extend(["--steps", "2", "--metrics", path(&straight)]);
-    let o = ok(train(&args));
+    let o = ok(train(&eight_ranks(&["--steps", "2", "--metrics", path(&straight)])));
     assert!(
         text(&o.stderr).contains("training on 8 thread-ranks: 2 pipeline stages (DualPipe)"),
         "{}",
         text(&o.stderr)
     );
     let run = dir.path().join("run");
-    let mut args = plan.to_vec();
-    args.extend(["--steps", "1", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)]);
-    ok(train(&args));
+    ok(train(&eight_ranks(&["--steps", "1", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)])));
     ok(dsc(&["train", "--resume", path(&run), "--steps", "2", "--metrics", path(&resumed)]));
     let a = losses(&straight);
     assert_eq!(a.len(), 2);
@@ -159,12 +159,8 @@ fn a_parallel_plan_trains_on_thread_ranks_and_resumes_exactly() {
 fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (threads, processes) = (dir.path().join("threads.jsonl"), dir.path().join("processes.jsonl"));
-    let mut args = EIGHT_RANKS.to_vec();
-    args.extend(["--steps", "2", "--metrics", path(&threads)]);
-    ok(train(&args));
-    let mut args = EIGHT_RANKS.to_vec();
-    args.extend(["--steps", "2", "--metrics", path(&processes)]);
-    let outputs = launched(8, &args);
+    ok(train(&eight_ranks(&["--steps", "2", "--metrics", path(&threads)])));
+    let outputs = launched(8, &eight_ranks(&["--steps", "2", "--metrics", path(&processes)]));
     for (rank, o) in outputs.iter().enumerate() {
         assert!(o.status.success(), "rank {rank} failed:\n{}", text(&o.stderr));
         let says = format!("training on rank {rank} of 8 processes over TCP: 2 pipeline stages (DualPipe)");
@@ -175,9 +171,8 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
     assert_eq!(a, losses(&processes), "the processes' losses differ from the threads'");
     // Rank 0 alone writes checkpoints; every rank resumes from them.
     let (run, resumed) = (dir.path().join("run"), dir.path().join("resumed.jsonl"));
-    let mut args = EIGHT_RANKS.to_vec();
-    args.extend(["--steps", "1", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)]);
-    assert!(launched(8, &args).iter().all(|o| o.status.success()), "the first step's processes failed");
+    let first = eight_ranks(&["--steps", "1", "--metrics", path(&resumed), "--checkpoint-dir", path(&run)]);
+    assert!(launched(8, &first).iter().all(|o| o.status.success()), "the first step's processes failed");
     let outputs = launched_with(8, &["train", "--resume", path(&run), "--steps", "2", "--metrics", path(&resumed)]);
     for (rank, o) in outputs.iter().enumerate() {
         assert!(o.status.success(), "rank {rank} failed to resume:\n{}", text(&o.stderr));
@@ -500,8 +495,7 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
     refused(train(&["--plan", path(&plan), "--numerics", "exact"]), "leave out `--numerics exact`");
     refused(train(&["--backend", "cuda"]), "give `--plan DIR`");
     refused(train(&["--profile"]), "`--profile` times the GPU's kernels");
-    let on_ranks: Vec<&str> = EIGHT_RANKS.iter().copied().chain(["--profile"]).collect();
-    refused(train(&on_ranks), "`--profile` times the GPU's kernels");
+    refused(train(&eight_ranks(&["--profile"])), "`--profile` times the GPU's kernels");
 }
 
 /// A process started by a launcher (torchrun's or SLURM's variables) trains a compiled plan on

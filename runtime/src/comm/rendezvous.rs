@@ -208,19 +208,7 @@ fn fetch(world: &World, mine: &[u8], deadline: Instant, timeout: Duration) -> Re
             timeout.as_secs_f64()
         ))
     };
-    let address = world
-        .master
-        .to_socket_addrs()
-        .map_err(|e| unreachable(format!("the address does not resolve: {e}")))?
-        .next()
-        .ok_or_else(|| unreachable("the address does not resolve".into()))?;
-    let mut stream = loop {
-        match TcpStream::connect_timeout(&address, remaining(deadline).max(Duration::from_millis(1))) {
-            Ok(stream) => break stream,
-            Err(e) if Instant::now() >= deadline => return Err(unreachable(e.to_string())),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
+    let mut stream = dial(&world.master, deadline).map_err(|e| unreachable(e.to_string()))?;
     let mut hello = Vec::with_capacity(12 + mine.len());
     hello.extend((world.rank as u32).to_le_bytes());
     hello.extend((world.size as u32).to_le_bytes());
@@ -236,6 +224,22 @@ fn fetch(world: &World, mine: &[u8], deadline: Instant, timeout: Duration) -> Re
             world.rank, world.master
         ))
     })
+}
+
+/// Connects to `address` (`host:port`), retrying until `deadline` (the peer may not listen
+/// yet).
+pub(super) fn dial(address: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    let target = address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "the address does not resolve"))?;
+    loop {
+        match TcpStream::connect_timeout(&target, remaining(deadline).max(Duration::from_millis(1))) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 /// What rank 0 binds: the master address's port on every interface.

@@ -13,11 +13,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::rendezvous::{exchange, World};
+use super::rendezvous::{dial, exchange, World};
 use super::{Comm, CommError};
 
 /// What has arrived, by sender and tag, and the peers whose connection closed (with why).
@@ -114,8 +114,7 @@ impl Sockets {
             return Err(failed(format!("rank {} has no rank {to} in a world of {}", self.rank, self.size)));
         };
         let Some(stream) = peer else {
-            self.lock().messages.entry((to, tag.to_string())).or_default().push_back(bytes.to_vec());
-            self.inbox.1.notify_all();
+            file(&self.inbox, to, Ok((tag.to_string(), bytes.to_vec())));
             return Ok(());
         };
         let mut stream = stream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -181,22 +180,6 @@ fn own_host(world: &World) -> Result<String, CommError> {
     local().map_err(|e| failed(format!("rank {} finding its address towards `{}`: {e}", world.rank, world.master)))
 }
 
-/// Connects to `address`, retrying until `deadline` (the peer may not listen yet).
-fn dial(address: &str, deadline: Instant) -> std::io::Result<TcpStream> {
-    let target = address
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "the address does not resolve"))?;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        match TcpStream::connect_timeout(&target, left) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
 /// Files every frame from rank `from` into `inbox` until the connection closes, then marks
 /// the rank gone.
 fn read_frames(stream: TcpStream, from: usize, inbox: Arc<(Mutex<Inbox>, Condvar)>) {
@@ -212,27 +195,27 @@ fn read_frames(stream: TcpStream, from: usize, inbox: Arc<(Mutex<Inbox>, Condvar
         reader.read_exact(&mut bytes)?;
         Ok((String::from_utf8_lossy(&tag).into_owned(), bytes))
     };
-    loop {
-        let arrived = frame();
-        let mut filed = inbox.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let open = match arrived {
-            Ok((tag, bytes)) => {
-                filed.messages.entry((from, tag)).or_default().push_back(bytes);
-                true
-            }
-            Err(e) => {
-                let why =
-                    if e.kind() == ErrorKind::UnexpectedEof { "closed by the peer".into() } else { e.to_string() };
-                filed.gone.insert(from, why);
-                false
-            }
-        };
-        drop(filed);
-        inbox.1.notify_all();
-        if !open {
-            return;
+    while file(&inbox, from, frame()) {}
+}
+
+/// Files what arrived from rank `from` (a message, or why its connection ended) and wakes the
+/// receives; whether the connection is still open.
+fn file(inbox: &(Mutex<Inbox>, Condvar), from: usize, arrived: std::io::Result<(String, Vec<u8>)>) -> bool {
+    let mut filed = inbox.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let open = match arrived {
+        Ok((tag, bytes)) => {
+            filed.messages.entry((from, tag)).or_default().push_back(bytes);
+            true
         }
-    }
+        Err(e) => {
+            let why = if e.kind() == ErrorKind::UnexpectedEof { "closed by the peer".into() } else { e.to_string() };
+            filed.gone.insert(from, why);
+            false
+        }
+    };
+    drop(filed);
+    inbox.1.notify_all();
+    open
 }
 
 impl Comm for Sockets {

@@ -156,28 +156,23 @@ impl Executor {
         Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts, checked, spare, state: None, profile: None })
     }
 
-    /// Times every kernel and copy from now on ([`super::profile`]); [`Executor::profile`]
+    /// Times every kernel and copy from now on ([`super::profile`]); `Backend::profile`
     /// reports them.
     pub fn profiled(mut self) -> Self {
         self.profile = Some(Profile::default());
         self
     }
 
-    /// The profile's table so far, when profiled.
-    pub fn profile(&self) -> Option<String> {
-        self.profile.as_ref().map(|p| p.report(30))
-    }
-
     /// Runs `run`, timed as `category` when profiled.
     fn timed<R>(
         &mut self,
-        category: impl FnOnce() -> String,
+        category: impl FnOnce(&Self) -> String,
         estimate_s: f64,
         run: impl FnOnce(&mut Self) -> Result<R, GpuError>,
     ) -> Result<R, GpuError> {
         let Some(mut profile) = self.profile.take() else { return run(self) };
-        let stream = self.gpu.stream.clone();
-        let result = profile.measure(&stream, category(), estimate_s, || run(self));
+        let (stream, category) = (self.gpu.stream.clone(), category(self));
+        let result = profile.measure(&stream, category, estimate_s, || run(self));
         self.profile = Some(profile);
         result
     }
@@ -285,7 +280,7 @@ impl Executor {
                             let e = GpuError::Unsupported(format!("{given} bytes for a buffer of {}", range.len()));
                             return Err(at(e, &format!("argument {a}")));
                         }
-                        let what = || format!("{} argument copies", function.name);
+                        let what = |_: &Self| format!("{} argument copies", function.name);
                         self.timed(what, 0.0, |this| match &args[a] {
                             Input::Host(bytes) => {
                                 Ok(this.gpu.stream.memcpy_htod(bytes, &mut arena.slice_mut(range))?)
@@ -383,8 +378,7 @@ impl Executor {
     }
 
     fn kernel(&mut self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
-        let plan = self.plan.clone();
-        let category = || format!("{} {}", plan.module.functions[f].name, kernel.ops[0]);
+        let category = |this: &Self| format!("{} {}", this.plan.module.functions[f].name, kernel.ops[0]);
         self.timed(category, kernel.seconds, |this| this.launch(f, kernel, arena))
     }
 
@@ -464,6 +458,6 @@ impl Backend<f32> for Executor {
     }
 
     fn profile(&self) -> Option<String> {
-        Executor::profile(self)
+        self.profile.as_ref().map(|p| p.report(30))
     }
 }

@@ -1,9 +1,9 @@
 //! Runs a compiled pipeline [`Schedule`] on thread-ranks. Each rank (a pipeline rank of one
 //! data-parallel replica) walks its instruction list: compute chunks call the [`StageCompute`]
 //! of the stage it holds for the micro-batch's direction, sends and receives move activations
-//! and gradients through a [`Comm`] (threads of one process, or processes), and the step ends with ZeRO-1 over every copy of the
-//! rank's parameters: reduce-scatter of the accumulated gradients, the optimizer on this rank's
-//! shard, all-gather of the parameters into every copy. Most parameters have a copy on every
+//! and gradients through a [`Comm`] (threads of one process, or processes), and the step ends
+//! with ZeRO-1 over every copy of the rank's parameters: reduce-scatter of the accumulated
+//! gradients, the optimizer on this rank's shard, all-gather of the parameters into every copy. Most parameters have a copy on every
 //! replica (and, with DualPipe, on the rank holding the other direction's stage); the routed
 //! experts, split over the consecutive replicas of an expert-parallel group, only on the
 //! replicas holding the same experts ([`Sharing`]). What a stage computes, the MoE all-to-alls
