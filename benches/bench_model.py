@@ -10,12 +10,20 @@ sampled every 0.2 s, minus what was used before the run: the same measure for al
 Ratios are against PyTorch measured in the same call. With both dsc runs, it also prints the
 relative gap between their mean losses over the last 10 steps (same data and seed).
 
+With --keep DIR each dsc run's metrics (JSONL, one line per step) stay in DIR as
+dsc-fp8.jsonl and dsc-bf16.jsonl, and each run's loss and expert load (max/mean) over its first
+and last 10 steps are printed. Runs too long for one call (300 steps of both policies) take two:
+the table with the FP8 run, then the BF16 run alone (the same `dsc train` line as below), and
+`--gap FP8.jsonl BF16.jsonl` prints the gap from the two files.
+
 Usage (GPU machine, repository root; plans compiled with the same --set values as below):
   python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench \\
-      [--bf16-plan target/plan-bench-bf16] [--steps 20] [--torch-steps 15] [--no-compile]
+      [--bf16-plan target/plan-bench-bf16] [--steps 20] [--torch-steps 15] [--no-compile] [--keep DIR]
+  python3 benches/bench_model.py --gap FP8.jsonl BF16.jsonl
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -57,19 +65,40 @@ def sampled(command):
     return proc, max(peak[0] - base, 0)
 
 
-def dsc_run(dsc, plan, steps, name):
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def summary(name, rows):
+    """The loss and the expert load (max over experts / mean, worst layer) at both ends of a run."""
+    def mean(key, part):
+        return statistics.mean(r[key] for r in part)
+    for label, part in [("first", rows[:10]), ("last", rows[-10:])]:
+        print(f"{name}: {label} {len(part)} steps: loss {mean('loss', part):.4f}, expert load max/mean "
+              f"{mean('expert_load_max', part):.2f} (worst layer), {mean('expert_load_mean', part):.2f} (layer mean)")
+    bad = [r["step"] for r in rows if r.get("skipped") or not all(map(math.isfinite, (r["loss"], r["grad_norm"])))]
+    print(f"{name}: {len(rows)} steps, {len(bad)} skipped or not finite {bad[:10]}")
+
+
+def gap(fp8, bf16):
+    last = min(10, len(fp8), len(bf16))
+    a, b = statistics.mean(r["loss"] for r in fp8[-last:]), statistics.mean(r["loss"] for r in bf16[-last:])
+    print(f"FP8 vs BF16 mean loss over the last {last} steps: {a:.5f} vs {b:.5f}, relative gap {(a - b) / b:+.3%}")
+
+
+def dsc_run(dsc, plan, steps, name, keep):
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = os.path.join(tmp, "m.jsonl")
+        metrics = os.path.join(keep or tmp, name.replace(" ", "-") + ".jsonl")
         command = [dsc, "train", SPEC, *DATA, "--plan", plan, "--backend", "cuda", "--steps", str(steps),
                    "--metrics", metrics]
         proc, peak = sampled(command)
         if proc.returncode != 0:
             print(f"{name}: dsc failed ({proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
             return None
-        rows = [json.loads(line) for line in open(metrics)]
+        rows = read_metrics(metrics)
+    summary(name, rows)
     timed = [r["tokens_per_s"] for r in rows[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in rows]
-    return {"impl": name, "tokens_per_s": statistics.median(timed), "peak_gib": peak / 1024,
-            "losses": [r["loss"] for r in rows]}
+    return {"impl": name, "tokens_per_s": statistics.median(timed), "peak_gib": peak / 1024, "rows": rows}
 
 
 def torch_run(steps, compile_):
@@ -89,17 +118,24 @@ def torch_run(steps, compile_):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dsc", required=True)
-    ap.add_argument("--fp8-plan", required=True)
+    ap.add_argument("--gap", nargs=2, metavar=("FP8_JSONL", "BF16_JSONL"))
+    ap.add_argument("--dsc")
+    ap.add_argument("--fp8-plan")
     ap.add_argument("--bf16-plan")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--torch-steps", type=int, default=15)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--keep", help="a folder to keep each dsc run's metrics in")
     args = ap.parse_args()
+    if args.gap:
+        gap(read_metrics(args.gap[0]), read_metrics(args.gap[1]))
+        return
+    if not (args.dsc and args.fp8_plan):
+        ap.error("--dsc and --fp8-plan are needed for the table")
 
-    rows = [dsc_run(args.dsc, args.fp8_plan, args.steps, "dsc fp8")]
+    rows = [dsc_run(args.dsc, args.fp8_plan, args.steps, "dsc fp8", args.keep)]
     if args.bf16_plan:
-        rows.append(dsc_run(args.dsc, args.bf16_plan, args.steps, "dsc bf16"))
+        rows.append(dsc_run(args.dsc, args.bf16_plan, args.steps, "dsc bf16", args.keep))
     torch = torch_run(args.torch_steps, not args.no_compile)
     if torch is None:
         sys.exit("no PyTorch baseline, so no table")
@@ -116,9 +152,7 @@ def main():
               f"| {row['peak_gib']:.1f} GiB | {row['tokens_per_s'] / baseline['tokens_per_s']:.2f}x |")
     fp8, bf16 = rows[0], rows[1] if args.bf16_plan else None
     if fp8 and bf16:
-        last = min(10, len(fp8["losses"]), len(bf16["losses"]))
-        a, b = statistics.mean(fp8["losses"][-last:]), statistics.mean(bf16["losses"][-last:])
-        print(f"FP8 vs BF16 mean loss over the last {last} steps: {a:.5f} vs {b:.5f}, relative gap {(a - b) / b:+.3%}")
+        gap(fp8["rows"], bf16["rows"])
 
 
 if __name__ == "__main__":

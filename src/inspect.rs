@@ -54,7 +54,7 @@ fn summary_json(plan: &Plan) -> serde_json::Value {
         .collect();
     let gpu = dsc_runtime::memory::step_memory(plan);
     let gpu_memory = serde_json::json!({
-        "state": gpu.state, "gradients": gpu.gradients, "optimizer": gpu.optimizer, "peak": gpu.peak(),
+        "state": gpu.state, "gradients": gpu.gradients, "optimizer": gpu.optimizer, "peak": gpu.peak(), "kept": gpu.kept(),
     });
     serde_json::json!({
         "model": plan.spec.model.name, "version": plan.version, "summary": plan.summary,
@@ -81,11 +81,12 @@ fn print_summary(plan: &Plan) {
     println!("  roofline time (estimate)         {:>11.3}s {:>11.3}s", s.seconds_per_step, s.seconds_per_step_unfused);
     let gpu = dsc_runtime::memory::step_memory(plan);
     println!(
-        "  GPU memory (CUDA backend)    {} = state {} (parameters, gradients, Adam moments) + the larger of the gradient calls' arenas {} and the optimizer's {}",
+        "  GPU memory (CUDA backend)    {} = state {} (parameters, gradients, Adam moments) + the larger of the gradient calls' arenas {} and the optimizer's {}; {} with every arena kept between steps where the GPU has room",
         bytes(gpu.peak()),
         bytes(gpu.state),
         bytes(gpu.gradients),
-        bytes(gpu.optimizer)
+        bytes(gpu.optimizer),
+        bytes(gpu.kept())
     );
     println!();
     println!(

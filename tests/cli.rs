@@ -279,10 +279,11 @@ fn compile_writes_a_plan_that_inspect_reads() {
     let (fused, unfused) = (s["launches_per_step"].as_u64().unwrap(), s["launches_per_step_unfused"].as_u64().unwrap());
     assert!(fused * 2 < unfused, "fusion must cut launches by more than half: {fused} vs {unfused}");
     // The GPU memory of a step: the f32 state (every parameter and gradient, both moments of
-    // the learned ones) and the larger of the gradient calls' and the optimizer's arenas.
+    // the learned ones) and the larger of the gradient calls' and the optimizer's arenas, or
+    // both where the GPU has room to keep them.
     let memory = &summary["gpu_memory"];
-    let [state, gradients, optimizer, peak] =
-        ["state", "gradients", "optimizer", "peak"].map(|k| memory[k].as_u64().expect("bytes"));
+    let [state, gradients, optimizer, peak, kept] =
+        ["state", "gradients", "optimizer", "peak", "kept"].map(|k| memory[k].as_u64().expect("bytes"));
     let stored: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(plan.join("plan.json")).expect("plan.json")).expect("JSON");
     let f32s: u64 = stored["params"]
@@ -304,6 +305,7 @@ fn compile_writes_a_plan_that_inspect_reads() {
     let called = ["model.grad", "layer0", "layer1", "layer0.vjp", "layer1.vjp"].map(function_peak).iter().sum::<u64>();
     assert_eq!(gradients, called, "the gradient function and its callees (not `model`, not `adamw`)");
     assert_eq!(peak, state + gradients.max(optimizer));
+    assert_eq!(kept, state + gradients + optimizer);
     let text = dsc_ok(&["inspect", plan_s]);
     assert!(text.contains("rmsnorm") && text.contains("kernel launches") && text.contains("GPU memory"), "{text}");
     // Every generated kernel has MLIR, and (with MLIR built in) PTX for sm_90a.

@@ -25,7 +25,7 @@ fn main() {
             return;
         }
     };
-    let blas = gpu.blas().expect("cuBLAS and cuBLASLt");
+    let blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     let m = 4096;
     let mut rng = Rng::new(1);
     for (n, k) in SHAPES {

@@ -59,14 +59,20 @@ pub struct StepMemory {
     /// The arenas of the gradient function and of every function it calls, each kept for its
     /// next call (`cuda::exec`).
     pub gradients: u64,
-    /// The optimizer's arena, beside the state alone (the other arenas are freed first).
+    /// The optimizer's arena.
     pub optimizer: u64,
 }
 
 impl StepMemory {
-    /// The most held at once (CUDA's own context and cuBLAS's workspaces aside).
+    /// The least a step needs at once (CUDA's own context and cuBLAS's workspaces aside): the
+    /// other arenas freed before the optimizer's and its own after it.
     pub fn peak(&self) -> u64 {
         self.state + self.gradients.max(self.optimizer)
+    }
+
+    /// What a step holds where the GPU has room for every arena, kept from step to step.
+    pub fn kept(&self) -> u64 {
+        self.state + self.gradients + self.optimizer
     }
 }
 

@@ -13,6 +13,7 @@ use dsc_compiler::fuse::kernels::Code;
 use dsc_compiler::graph::ir::{DType, Op};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::plan::Plan;
+use dsc_runtime::checkpoint::{Checkpoint, SpecRecord};
 use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
 use dsc_runtime::cuda::exec::{self, Executor};
 use dsc_runtime::cuda::{gemm, Gpu, Kernels};
@@ -89,8 +90,9 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
     });
 
     let mut kernels = Kernels::new(&dir);
-    let blas = gpu.blas().expect("cuBLAS");
+    let (exact, tf32) = (gpu.blas(false).expect("cuBLAS"), gpu.blas(true).expect("cuBLAS"));
     let (mut checked, mut gemms, mut left, mut failures) = (0, 0, 0, Vec::new());
+    let mut worst_tf32: f64 = 0.0;
     for (f, (function, pf)) in plan.module.functions.iter().zip(&plan.functions).enumerate() {
         if !seen.contains_key(&(f, 0)) {
             continue; // not called by the gradient (the optimizer)
@@ -123,58 +125,78 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                 let at = layout.offsets[&v] as usize;
                 at..at + bytes[&v]
             };
-            for &v in &args {
-                let host: Vec<u8> = match &seen[&(f, v as usize)] {
-                    _ if !kernel.inputs.contains(&v) => vec![0xFF; bytes[&v]], // poisoned: NaN
-                    Value::Real(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    Value::Int(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    _ => panic!("input %{v} of {} is neither real nor an index", kernel.name),
-                };
-                gpu.stream.memcpy_htod(&host, &mut arena.slice_mut(range(v))).expect("upload");
-            }
-            match kernel.code {
-                Code::Generated { .. } => {
-                    kernels.launch(&gpu, function, kernel, &mut arena, &layout, |v| bytes[&v]).expect("launch")
+            // A cuBLAS GEMM runs twice: in exact f32, then on TF32 tensor cores (as policy
+            // plans run them), its operands rounded to 10 mantissa bits: within 4 × 2⁻¹¹.
+            let modes: &[Option<(&gemm::Blas, f64)>] = match kernel.code {
+                Code::Generated { .. } => &[None],
+                _ => &[Some((&exact, 1e-5)), Some((&tf32, 2e-3))],
+            };
+            for mode in modes {
+                for &v in &args {
+                    let host: Vec<u8> = match &seen[&(f, v as usize)] {
+                        _ if !kernel.inputs.contains(&v) => vec![0xFF; bytes[&v]], // poisoned: NaN
+                        Value::Real(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        Value::Int(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        _ => panic!("input %{v} of {} is neither real nor an index", kernel.name),
+                    };
+                    gpu.stream.memcpy_htod(&host, &mut arena.slice_mut(range(v))).expect("upload");
                 }
-                _ => {
-                    gemm::run(&gpu, &blas, function, kernel, &mut arena, &layout).expect("cuBLAS GEMM");
-                    gemms += 1;
+                match mode {
+                    None => kernels.launch(&gpu, function, kernel, &mut arena, &layout, |v| bytes[&v]).expect("launch"),
+                    Some((blas, _)) => {
+                        gemm::run(&gpu, blas, function, kernel, &mut arena, &layout).expect("cuBLAS GEMM");
+                        gemms += 1;
+                    }
                 }
-            }
-            for &v in args.iter().filter(|v| !kernel.inputs.contains(v)) {
-                let got = gpu.stream.clone_dtoh(&arena.slice(range(v))).expect("download");
-                let words =
-                    |g: &[u8]| -> Vec<[u8; 4]> { g.chunks(4).map(|c| c.try_into().expect("4 bytes")).collect() };
-                let (error, bound) = match &seen[&(f, v as usize)] {
-                    Value::Real(t) => {
-                        let got: Vec<f64> = words(&got).into_iter().map(|w| f64::from(f32::from_le_bytes(w))).collect();
-                        let want: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
-                        (relative_error(&got, &want), if kernel.ops.iter().any(|o| o == "cast") { 1e-2 } else { 1e-5 })
+                for &v in args.iter().filter(|v| !kernel.inputs.contains(v)) {
+                    let got = gpu.stream.clone_dtoh(&arena.slice(range(v))).expect("download");
+                    let words =
+                        |g: &[u8]| -> Vec<[u8; 4]> { g.chunks(4).map(|c| c.try_into().expect("4 bytes")).collect() };
+                    let (error, bound) = match &seen[&(f, v as usize)] {
+                        Value::Real(t) => {
+                            let got: Vec<f64> =
+                                words(&got).into_iter().map(|w| f64::from(f32::from_le_bytes(w))).collect();
+                            let want: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
+                            let error = relative_error(&got, &want);
+                            match mode {
+                                Some((_, bound)) if *bound > 1e-5 => {
+                                    worst_tf32 = worst_tf32.max(error);
+                                    (error, *bound)
+                                }
+                                _ => (error, if kernel.ops.iter().any(|o| o == "cast") { 1e-2 } else { 1e-5 }),
+                            }
+                        }
+                        Value::Int(t) => {
+                            let got: Vec<i32> = words(&got).into_iter().map(i32::from_le_bytes).collect();
+                            (got.iter().zip(&t.data).filter(|(a, b)| a != b).count() as f64, 0.0)
+                        }
+                        Value::Quantized(q) => {
+                            let node = &function.nodes[v as usize];
+                            let Value::Quantized(decoded) = exec::decode(node, &node.shape, &got) else {
+                                panic!("output %{v} of {} is FP8", kernel.name)
+                            };
+                            (relative_error(&decoded.dequantize(), &q.dequantize()), 1e-3)
+                        }
+                        _ => panic!("output %{v} of {} is a tuple", kernel.name),
+                    };
+                    checked += 1;
+                    if error > bound {
+                        failures.push(format!(
+                            "{} {:?} output %{v}: error {error:.2e} > {bound:.0e}",
+                            kernel.name, kernel.ops
+                        ));
                     }
-                    Value::Int(t) => {
-                        let got: Vec<i32> = words(&got).into_iter().map(i32::from_le_bytes).collect();
-                        (got.iter().zip(&t.data).filter(|(a, b)| a != b).count() as f64, 0.0)
-                    }
-                    Value::Quantized(q) => {
-                        let node = &function.nodes[v as usize];
-                        let Value::Quantized(decoded) = exec::decode(node, &node.shape, &got) else {
-                            panic!("output %{v} of {} is FP8", kernel.name)
-                        };
-                        (relative_error(&decoded.dequantize(), &q.dequantize()), 1e-3)
-                    }
-                    _ => panic!("output %{v} of {} is a tuple", kernel.name),
-                };
-                checked += 1;
-                if error > bound {
-                    failures
-                        .push(format!("{} {:?} output %{v}: error {error:.2e} > {bound:.0e}", kernel.name, kernel.ops));
                 }
             }
         }
         eprintln!("{}: arena {} bytes for {} of buffers", function.name, layout.peak, layout.total);
     }
-    eprintln!("{checked} kernel outputs checked ({gemms} cuBLAS GEMMs; {left} FP8/grouped GEMMs not on the GPU yet)");
+    eprintln!(
+        "{checked} kernel outputs checked ({gemms} cuBLAS GEMM runs, exact and TF32, the worst TF32 error \
+         {worst_tf32:.2e}; {left} FP8/grouped GEMMs not on the GPU yet)"
+    );
     assert!(checked > 100 && gemms > 10, "only {checked} outputs, {gemms} GEMMs checked");
+    assert!(worst_tf32 > 1e-6, "the TF32 mode's products are exact f32 ones ({worst_tf32:.1e}): no tensor cores");
     assert!(failures.is_empty(), "{} wrong:\n{}", failures.len(), failures.join("\n"));
 }
 
@@ -192,10 +214,11 @@ struct Run {
 }
 
 /// Runs the forward and gradient functions of `plan` whole on the GPU (`cuda::exec`: calls,
-/// arenas, generated kernels, cuBLAS, the FP8 and grouped GEMMs on the host) and on the CPU
-/// reference (the same fused module), for each seed's micro-batch.
+/// arenas, generated kernels, cuBLAS in exact f32 (its TF32 mode is checked product by
+/// product above), the FP8 and grouped GEMMs on the host) and on the CPU reference (the same
+/// fused module), for each seed's micro-batch.
 fn whole_functions(gpu: Gpu, dir: &std::path::Path, plan: &Plan, seeds: std::ops::RangeInclusive<u64>) -> Vec<Run> {
-    let mut exec = Executor::new(plan.clone(), dir, gpu, true).expect("the plan loads");
+    let mut exec = Executor::new(plan.clone(), dir, gpu, true).and_then(Executor::exact).expect("the plan loads");
     for a in exec.arenas() {
         eprintln!("arena {:<12} {:>9} bytes of {:>9}", a.function, a.peak_bytes, a.total_bytes);
     }
@@ -342,14 +365,25 @@ fn training_steps_on_the_gpu_match_the_cpu() {
 /// train.micro_batch=1 --set 'train.data.sources=[synthetic { weight = 1 }]' -o
 /// target/plan-bench-step`: the bench model's widths, attention and experts in one dense and
 /// one MoE layer (415M parameters) on 128 tokens, so that the CPU reference's step takes
-/// minutes and 11 GB rather than the whole model's 24+ GB) with the trainer on the GPU, every
-/// GEMM on cuBLASLt, and on the CPU from the same seed: the loss, the gradient norm and every
-/// updated parameter agree within DESIGN.md's FP8 bound, 1e-3.
+/// minutes and 11 GB rather than the whole model's 24+ GB) with the trainer on the GPU as
+/// `dsc train` runs it (FP8 GEMMs on cuBLASLt, the rest on TF32 tensor cores), and on the CPU
+/// from the same seed.
+///
+/// At initialisation this FP8 step is chaotic at the scale of rounding (see the tiny FP8 test
+/// above): on the CPU alone, parameters perturbed by 1e-6 of themselves move the loss by
+/// 2.5e-4 and the gradient norm by 2.6e-3, by 1e-4 of themselves 5.0e-4 and 1.4e-3 (measured
+/// at this seed), and cuBLASLt's FP8 products differ from the exact ones by about 1.3e-4
+/// (`gpu_scaled`); the GPU's step moved them by 4.7e-4 and 3.8e-3. So the test runs
+/// the CPU a second time from parameters perturbed by 1e-6, and holds the GPU's loss and
+/// gradient norm to the larger of DESIGN.md's FP8 bound (1e-3) and 4 times how far the CPU's
+/// own moved; a wrong kernel moves them by far more. The updated parameters (the step's
+/// learning rate is 0, so only the routing biases move) agree within 1e-3.
 #[test]
 fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
     let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_BENCH_STEP", "plan-bench-step") else { return };
     let trainer = || Trainer::<f32>::with_graph(&plan.spec, plan.training_graph(), 5).expect("trainable");
     let (mut on_gpu, mut on_cpu) = (trainer(), trainer());
+    let perturbed = perturbed(&on_cpu, &plan, 1e-6);
     on_gpu.set_backend(Box::new(Executor::new(plan.clone(), &dir, gpu, false).expect("the plan loads")));
     let started = std::time::Instant::now();
     let g = on_gpu.step().expect("a GPU step");
@@ -357,13 +391,19 @@ fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
     let started = std::time::Instant::now();
     let c = on_cpu.step().expect("a CPU step");
     let cpu_s = started.elapsed().as_secs_f64();
+    let p =
+        Trainer::<f32>::resume(&plan.spec, plan.training_graph(), &perturbed).expect("resumed").step().expect("a step");
     eprintln!(
-        "loss GPU {:.7} CPU {:.7}, grad norm GPU {:.7} CPU {:.7}; step GPU {:.1} s, CPU {:.1} s",
-        g.loss, c.loss, g.grad_norm, c.grad_norm, gpu_s, cpu_s
+        "loss GPU {:.7} CPU {:.7} perturbed CPU {:.7}, grad norm GPU {:.7} CPU {:.7} perturbed CPU {:.7}; \
+         step GPU {:.1} s, CPU {:.1} s",
+        g.loss, c.loss, p.loss, g.grad_norm, c.grad_norm, p.grad_norm, gpu_s, cpu_s
     );
     assert!(!g.skipped && !c.skipped, "skipped");
-    for (what, a, b) in [("loss", g.loss, c.loss), ("grad norm", g.grad_norm, c.grad_norm)] {
-        assert!((a - b).abs() <= 1e-3 * b.abs(), "{what}: GPU {a} CPU {b}");
+    for (what, a, b, b_moved) in
+        [("loss", g.loss, c.loss, p.loss), ("grad norm", g.grad_norm, c.grad_norm, p.grad_norm)]
+    {
+        let bound = (1e-3 * b.abs()).max(4.0 * (b_moved - b).abs());
+        assert!((a - b).abs() <= bound, "{what}: GPU {a} CPU {b} (bound {bound:.2e})");
     }
     let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
     on_gpu.sync().expect("the state read back from the GPU");
@@ -376,4 +416,17 @@ fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
     }
     eprintln!("worst updated parameter: {} at {:.2e}", worst.1, worst.0);
     assert!(worst.0 <= 1e-3, "parameter {} differs by {:.2e}", worst.1, worst.0);
+}
+
+/// `trainer`'s state with every parameter x moved to x·(1 + size·u), u uniform in [-1, 1)
+/// from a fixed generator, and fresh moments.
+fn perturbed(trainer: &Trainer<f32>, plan: &Plan, size: f64) -> Checkpoint {
+    let record =
+        SpecRecord { file: "perturbed".into(), source: String::new(), overrides: vec![], resolved: plan.spec.clone() };
+    let mut state = trainer.checkpoint("policy", record);
+    let mut rng = Rng::new(11);
+    for x in state.params.iter_mut().flatten() {
+        *x = (f64::from(*x) * (1.0 + size * (2.0 * rng.uniform() - 1.0))) as f32;
+    }
+    Checkpoint { moments: None, ema: None, ..state }
 }

@@ -41,7 +41,7 @@ fn fp8_gemms_on_cublaslt_match_the_cpu_reference() {
             return;
         }
     };
-    let blas = gpu.blas().expect("cuBLAS and cuBLASLt");
+    let blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(7);
     let mut worst: f64 = 0.0;
     for (m, n, k, b_groups) in
@@ -140,7 +140,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
     use dsc_compiler::mlir::fp8;
     use dsc_runtime::cuda::gemm;
     let Some((gpu, plan)) = gpu_and_bench_plan() else { return };
-    let blas = gpu.blas().expect("cuBLAS and cuBLASLt");
+    let blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(11);
     let (mut checked, mut worst) = (0, 0.0f64);
     let mut seen = std::collections::HashSet::new();
@@ -228,7 +228,7 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
     use dsc_compiler::mlir::fp8;
     use dsc_runtime::cuda::gemm;
     let Some((gpu, plan)) = gpu_and_bench_plan() else { return };
-    let blas = gpu.blas().expect("cuBLAS and cuBLASLt");
+    let blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(13);
     let (mut checked, mut worst) = (0, 0.0f64);
     let mut seen = std::collections::HashSet::new();

@@ -6,13 +6,19 @@
 #             a bench-shaped plan against the CPU) and every generated kernel of the bench plan
 #             against float64 (CuPy)
 #   profile   the bench model trained 6 steps with `--profile`: where the GPU's time goes
-#   table     issue 5's table: dsc FP8, dsc BF16 and PyTorch (benches/bench_model.py)
+#   table N   issue 5's table: dsc FP8, dsc BF16 and PyTorch, N steps each (default 20;
+#             benches/bench_model.py), each dsc run's metrics kept in $OUT
+#   long N    the same without BF16, for a run too long to take both policies in one call
+#             (N = 300 takes most of a call), then
+#   bf16 N    the BF16 policy's run alone, its metrics in $OUT/dsc-bf16.jsonl (the gap: run
+#             `benches/bench_model.py --gap dsc-fp8.jsonl dsc-bf16.jsonl` on the two files)
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
 # carried (64 MiB in all, so not everything at once): checks: target/gpu/gpu_kernels,
 # target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench, bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
+# target/plan-bench-bf16; long: those of profile; bf16: target/gpu/dsc and
 # target/plan-bench-bf16.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,8 +38,15 @@ case "${1:-}" in
     target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
       --metrics "$OUT/profile.jsonl" 2>&1 | tail -n 60
     ;;
-  table)
-    python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench --bf16-plan target/plan-bench-bf16
+  table | long)
+    bf16=()
+    [ "$1" = table ] && bf16=(--bf16-plan target/plan-bench-bf16)
+    python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench "${bf16[@]}" \
+      --steps "${2:-20}" --keep "$OUT"
+    ;;
+  bf16)
+    target/gpu/dsc train "${bench[@]}" --plan target/plan-bench-bf16 --backend cuda --steps "${2:?bf16 N}" \
+      --metrics "$OUT/dsc-bf16.jsonl" 2>&1 | tail -n 20
     ;;
   train)
     resume=()
@@ -43,7 +56,7 @@ case "${1:-}" in
       --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
     ;;
   *)
-    echo "usage: tests/device/run.sh checks|profile|table|train N" >&2
+    echo "usage: tests/device/run.sh checks|profile|table [N]|long N|bf16 N|train N" >&2
     exit 2
     ;;
 esac

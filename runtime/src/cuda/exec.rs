@@ -21,6 +21,7 @@ use dsc_compiler::fuse::kernels::{base, Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function, Node, Op};
 use dsc_compiler::mlir::fp8;
 use dsc_compiler::plan::Plan;
+use dsc_lang::Dtype;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
@@ -49,7 +50,7 @@ pub struct Executor {
     pub(super) blas: gemm::Blas,
     pub(super) plan: Arc<Plan>,
     kernels: Kernels,
-    layouts: Vec<Layout>,
+    pub(super) layouts: Vec<Layout>,
     /// Per function, the bytes of each value's buffer.
     bytes: Vec<HashMap<u32, usize>>,
     counts: Counts,
@@ -58,6 +59,9 @@ pub struct Executor {
     /// Per function, the arena of its last call, kept for the next (every buffer is written
     /// before it is read within a call, and `zeroed` outputs are cleared at their kernel).
     pub(super) spare: Vec<Option<CudaSlice<u8>>>,
+    /// The module's constant tables (causal masks, RoPE tables) on the device, each computed
+    /// and uploaded at its first use and copied on the device into the arenas after that.
+    tables: Vec<Option<CudaSlice<u8>>>,
     /// The training state, once a trainer hands it over ([`super::resident`]).
     pub(super) state: Option<super::resident::DeviceState>,
     /// Where the time goes, when asked ([`Executor::profiled`]).
@@ -144,16 +148,28 @@ pub fn decode(node: &Node, shape: &[usize], bytes: &[u8]) -> Value<f32> {
 impl Executor {
     /// An executor of `plan` (compiled into `dir`, whose `kernels/` holds the PTX) on `gpu`.
     /// With `checked`, it synchronises after every kernel (slower; a fault names its kernel).
+    /// The products a lower-precision policy keeps out of FP8 (attention on BF16-rounded
+    /// operands, the head, the BF16 policy's linears) run on TF32 tensor cores, finer than the
+    /// BF16 the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
     pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
-        let blas = gpu.blas()?;
+        let blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
         let layouts = plan.functions.iter().map(|pf| memory::plan(&pf.buffers)).collect();
         let bytes =
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
         let kernels = Kernels::new(dir);
         let plan = Arc::new(plan);
         let spare = plan.functions.iter().map(|_| None).collect();
+        let tables = plan.module.constants.iter().map(|_| None).collect();
         let counts = Counts::default();
-        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts, checked, spare, state: None, profile: None })
+        let profile = None;
+        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts, checked, spare, tables, state: None, profile })
+    }
+
+    /// Runs cuBLAS's f32 products exactly (no TF32) whatever the policy, so that a plan's
+    /// outputs can be held to the CPU reference at f32 precision.
+    pub fn exact(mut self) -> Result<Self, GpuError> {
+        self.blas = self.gpu.blas(false)?;
+        Ok(self)
     }
 
     /// Times every kernel and copy from now on ([`super::profile`]); `Backend::profile`
@@ -315,18 +331,26 @@ impl Executor {
 
     /// Writes constant table node `v` into its buffer, once per call.
     fn upload_table(
-        &self,
+        &mut self,
         f: usize,
         v: u32,
         arena: &mut CudaSlice<u8>,
         done: &mut HashSet<u32>,
     ) -> Result<(), GpuError> {
         let Op::Table(t) = self.plan.module.functions[f].nodes[v as usize].op else { unreachable!("a table node") };
-        if done.insert(v) {
-            let data: Vec<f32> = self.plan.module.constants[t].data().into_iter().map(|x| x as f32).collect();
-            self.gpu.stream.memcpy_htod(&words(&data, f32::to_le_bytes), &mut arena.slice_mut(self.range(f, v)))?;
+        if !done.insert(v) {
+            return Ok(());
         }
-        Ok(())
+        if self.tables[t].is_none() {
+            let data: Vec<f32> = self.plan.module.constants[t].data().into_iter().map(|x| x as f32).collect();
+            self.tables[t] = Some(self.gpu.stream.clone_htod(&words(&data, f32::to_le_bytes))?);
+        }
+        let (range, table) = (self.range(f, v), self.tables[t].as_ref().expect("uploaded above"));
+        if table.len() != range.len() {
+            let e = GpuError::Unsupported(format!("table {t}: {} bytes for a buffer of {}", table.len(), range.len()));
+            return Err(e);
+        }
+        Ok(self.gpu.stream.memcpy_dtod(table, &mut arena.slice_mut(range))?)
     }
 
     /// Runs the call at node `i` of `f`, and copies its results into the parts' buffers.

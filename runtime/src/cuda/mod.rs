@@ -95,16 +95,26 @@ impl Gpu {
         Ok(Gpu { context, stream })
     }
 
-    /// A cuBLAS handle on this GPU's stream.
-    /// cuBLAS and cuBLASLt on this GPU's stream.
-    pub fn blas(&self) -> Result<gemm::Blas, GpuError> {
-        let f32 = cudarc::cublas::CudaBlas::new(self.stream.clone())
-            .map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))?;
+    /// cuBLAS and cuBLASLt on this GPU's stream; with `tensor_cores`, cuBLAS's f32 products
+    /// run on TF32 tensor cores (operands rounded to 10 mantissa bits, f32 accumulation).
+    pub fn blas(&self, tensor_cores: bool) -> Result<gemm::Blas, GpuError> {
+        let cublas = |e| GpuError::Unsupported(format!("cuBLAS: {e:?}"));
+        let f32 = cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(cublas)?;
+        if tensor_cores {
+            let mode = cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH;
+            // SAFETY: the handle is live; the mode applies to its later calls.
+            unsafe { cudarc::cublas::sys::cublasSetMathMode(*f32.handle(), mode) }.result().map_err(cublas)?;
+        }
         Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)? })
     }
 
     pub fn name(&self) -> Result<String, GpuError> {
         Ok(self.context.name()?)
+    }
+
+    /// Device memory not in use (what the default pool holds counts as used).
+    pub fn free_bytes(&self) -> Result<u64, GpuError> {
+        Ok(self.context.mem_get_info()?.0 as u64)
     }
 
     /// Waits for the stream, then hands the memory freed so far back to the device (buffers are

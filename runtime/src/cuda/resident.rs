@@ -7,9 +7,10 @@
 //! 1/micro-batches before the update (`sscal`: the host trainer also sums, then scales); the
 //! finiteness check sums `snrm2`s; the optimizer function's arguments are copied from the
 //! state into its arena (an arena holds a function's arguments) and its results copied back.
-//! That arena is as large as the state again, so it is freed after the update and the other
-//! functions' arenas before it: the bench model's step peaks at the state plus the largest
-//! phase (measured in benches/README.md); reading arguments in place is the next saving.
+//! That arena is as large as the state again: where the device cannot hold it beside the other
+//! functions' arenas, it is freed after the update and the others before it, so that the step
+//! peaks at the state plus the largest phase (measured in benches/README.md); reading
+//! arguments in place is the next saving.
 
 use super::exec::{encode, words, Executor, Input};
 use super::GpuError;
@@ -36,6 +37,9 @@ impl Buffer {
         self.data.len() / 4
     }
 }
+
+/// Device memory left free beside the arenas for the libraries' workspaces.
+const HEADROOM: u64 = 2 << 30;
 
 /// The parameters (the graph's order), their gradient sums, and the moments (m, v) of the
 /// learned parameters in order.
@@ -147,11 +151,15 @@ impl Executor {
         for value in scalars {
             inputs.push(Input::Host(encode(value)?));
         }
-        // The optimizer's arena holds every parameter, gradient and moment again: the other
-        // functions' arenas go first, and its own after it (the bench model's would not fit
-        // the H100 together).
-        self.spare.iter_mut().for_each(|arena| *arena = None);
-        self.gpu.release_unused()?;
+        // The optimizer's arena holds every parameter, gradient and moment again. Where it
+        // fits beside the other functions' arenas (the bench model on the H200) all are kept
+        // from step to step; where it does not (on the H100), the others go first and its own
+        // after it.
+        let kept = self.spare[f].is_some() || self.gpu.free_bytes()? >= self.layouts[f].peak + HEADROOM;
+        if !kept {
+            self.spare.iter_mut().for_each(|arena| *arena = None);
+            self.gpu.release_unused()?;
+        }
         let arena = self.invoke(f, &inputs)?;
         drop(inputs);
         let outputs = self.plan.module.functions[f].outputs.clone();
@@ -169,8 +177,12 @@ impl Executor {
             self.take_output(f, o, &arena, &mut state.params[*b], false)?;
         }
         let norm = self.output(f, next()?, &arena)?.scalar();
-        drop(arena);
-        self.gpu.release_unused()?;
+        if kept {
+            self.spare[f] = Some(arena);
+        } else {
+            drop(arena);
+            self.gpu.release_unused()?;
+        }
         Ok(f64::from(norm))
     }
 }
