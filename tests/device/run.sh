@@ -2,9 +2,10 @@
 # dsc's GPU checks and measurements, on the GPU machine from the repository root, with what
 # tests/device/build.sh built here. One stage per call (device time is counted):
 #   checks    the GPU test suites (every kernel kind against the CPU reference; the bench
-#             plan's FP8 and grouped FP8 GEMMs; one training step of the f32 tiny plan and of
-#             a bench-shaped plan against the CPU) and every generated kernel of the bench plan
-#             against float64 (CuPy)
+#             plan's FP8 and grouped FP8 GEMMs; training steps of the tiny plans against the
+#             CPU) and every generated kernel of the bench plan against float64 (CuPy)
+#   step      one step of a bench-shaped plan on the GPU against two CPU steps (about 4
+#             minutes of a call on its own: the CPU's are 415M-parameter FP8 steps)
 #   profile   the bench model trained 6 steps with `--profile`: where the GPU's time goes
 #   table N   issue 5's table: dsc FP8, dsc BF16 and PyTorch, N steps each (default 20;
 #             benches/bench_model.py), each dsc run's metrics kept in $OUT
@@ -16,7 +17,8 @@
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
 # carried (64 MiB in all, so not everything at once): checks: target/gpu/gpu_kernels,
-# target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench, bench-step; profile and train:
+# target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench; step: target/gpu/gpu_kernels and
+# target/plan-bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
 # target/plan-bench-bf16; long: those of profile; bf16: target/gpu/dsc and
 # target/plan-bench-bf16.
@@ -30,9 +32,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
   checks)
     DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
-      DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture 2>&1 | tail -n 40
+      target/gpu/gpu_kernels --nocapture --skip a_bench_training_step 2>&1 | tail -n 40
     DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20
     python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15
+    ;;
+  step)
+    DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench_training_step 2>&1 | tail -n 20
     ;;
   profile)
     target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
@@ -56,7 +61,7 @@ case "${1:-}" in
       --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
     ;;
   *)
-    echo "usage: tests/device/run.sh checks|profile|table [N]|long N|bf16 N|train N" >&2
+    echo "usage: tests/device/run.sh checks|step|profile|table [N]|long N|bf16 N|train N" >&2
     exit 2
     ;;
 esac
