@@ -144,7 +144,8 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                 match mode {
                     None => kernels.launch(&gpu, function, kernel, &mut arena, &layout, |v| bytes[&v]).expect("launch"),
                     Some((blas, _)) => {
-                        gemm::run(&gpu, blas, function, kernel, &mut arena, &layout).expect("cuBLAS GEMM");
+                        gemm::run(&gpu, blas, function, kernel, &mut arena, &layout, &mut Default::default())
+                            .expect("cuBLAS GEMM");
                         gemms += 1;
                     }
                 }

@@ -282,6 +282,7 @@ impl Executor {
         );
         steps.sort_by_key(|(node, _)| *node);
         let mut tables: HashSet<u32> = HashSet::new();
+        let mut read_back = gemm::ReadBack::default();
         for (_, step) in steps {
             let at = |e: GpuError, what: &str| GpuError::At(format!("{}: {what}", function.name), Box::new(e));
             match step {
@@ -319,7 +320,7 @@ impl Executor {
                             self.upload_table(f, v, &mut arena, &mut tables)?;
                         }
                     }
-                    self.kernel(f, kernel, &mut arena).map_err(|e| at(e, &kernel.name))?;
+                    self.kernel(f, kernel, &mut arena, &mut read_back).map_err(|e| at(e, &kernel.name))?;
                     if self.checked {
                         self.gpu.stream.synchronize().map_err(|e| at(e.into(), &kernel.name))?;
                     }
@@ -401,13 +402,25 @@ impl Executor {
         Ok(())
     }
 
-    fn kernel(&mut self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+    fn kernel(
+        &mut self,
+        f: usize,
+        kernel: &Kernel,
+        arena: &mut CudaSlice<u8>,
+        read_back: &mut gemm::ReadBack,
+    ) -> Result<(), GpuError> {
         let category = |this: &Self| format!("{} {}", this.plan.module.functions[f].name, kernel.ops[0]);
-        self.timed(category, kernel.seconds, |this| this.launch(f, kernel, arena))
+        self.timed(category, kernel.seconds, |this| this.launch(f, kernel, arena, read_back))
     }
 
     /// Runs a kernel on its path: generated, library GEMM, or on the host.
-    fn launch(&mut self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+    fn launch(
+        &mut self,
+        f: usize,
+        kernel: &Kernel,
+        arena: &mut CudaSlice<u8>,
+        read_back: &mut gemm::ReadBack,
+    ) -> Result<(), GpuError> {
         let function = &self.plan.module.functions[f];
         match kernel.code {
             Code::Generated { .. } => {
@@ -416,7 +429,7 @@ impl Executor {
                 self.counts.generated += 1;
             }
             Code::Library if gemm::runs(function, kernel) => {
-                gemm::run(&self.gpu, &self.blas, function, kernel, arena, &self.layouts[f])?;
+                gemm::run(&self.gpu, &self.blas, function, kernel, arena, &self.layouts[f], read_back)?;
                 self.counts.library += 1;
             }
             _ => {

@@ -8,8 +8,9 @@
 //! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks).
 //!
 //! Grouped GEMMs of the MoE experts run as one product per expert, their row offsets read back
-//! from the device first (one synchronisation per grouped GEMM; a generated grouped kernel
-//! reading them on the device is issue 9). In FP8 (operands quantised by `fuse::library`):
+//! from the device first: one synchronisation per offsets value and call of a function
+//! ([`ReadBack`]), shared by the grouped GEMMs over the same experts' rows (a generated grouped
+//! kernel reading them on the device is issue 9). In FP8 (operands quantised by `fuse::library`):
 //! Fprop and Dgrad take each expert's rows in place, its weight blocks in place, and its
 //! slice of the M-major row scales copied into a scratch buffer (cuBLASLt takes no leading
 //! dimension for scales), M rounded up to [`ROWS_ALIGN`] (cuBLASLt refuses other M): the rows
@@ -26,6 +27,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::Kernel;
 use dsc_compiler::graph::ir::{matmul_shape, Function, Op, V};
 use dsc_compiler::mlir::fp8;
+use std::collections::hash_map::{Entry, HashMap};
 
 /// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones.
 pub struct Blas {
@@ -55,8 +57,8 @@ struct Plan<'s> {
 /// A value of the arena and its shape.
 type Operand<'s> = (u32, &'s [usize]);
 
-/// A grouped GEMM of the MoE experts outside FP8, over the row offsets in `offsets` (read
-/// back from the device when it runs: one synchronisation per grouped GEMM).
+/// A grouped GEMM of the MoE experts, over the row offsets in value `offsets` (read back
+/// from the device at the first grouped GEMM of a call over them: [`ReadBack`]).
 struct Grouped<'s> {
     xs: Operand<'s>,
     offsets: u32,
@@ -74,6 +76,36 @@ enum GroupedKind<'s> {
     /// In FP8: out[e] = the expert's columns of grad times those of xs, transposed (both
     /// `quantize_by_expert`, 1×128 tiles along tokens).
     ScaledWgrad { grad: Operand<'s>, out: u32 },
+}
+
+/// Expert row offsets read back from the device during one call of a function, by value: the
+/// grouped GEMMs reading the same offsets wait for the device once (a value is written once
+/// per call).
+#[derive(Default)]
+pub struct ReadBack(HashMap<u32, Vec<usize>>);
+
+impl ReadBack {
+    /// The offsets in value `v` (at `range` of `arena`), read back at their first use.
+    fn offsets(
+        &mut self,
+        gpu: &Gpu,
+        arena: &CudaSlice<u8>,
+        v: u32,
+        range: std::ops::Range<usize>,
+    ) -> Result<&[usize], GpuError> {
+        Ok(match self.0.entry(v) {
+            Entry::Occupied(read) => read.into_mut(),
+            Entry::Vacant(slot) => {
+                let bytes = gpu.stream.clone_dtoh(&arena.slice(range))?;
+                slot.insert(
+                    bytes
+                        .chunks(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")).max(0) as usize)
+                        .collect(),
+                )
+            }
+        })
+    }
 }
 
 /// The row granularity of an expert's FP8 product on cuBLASLt (see the module doc).
@@ -178,7 +210,8 @@ pub fn runs(function: &Function, kernel: &Kernel) -> bool {
     plan(function, kernel).is_some()
 }
 
-/// Runs library GEMM `kernel` (of `function`) on its buffers in `arena`.
+/// Runs library GEMM `kernel` (of `function`) on its buffers in `arena`; a grouped GEMM takes
+/// its experts' row offsets from `read_back` (this call's).
 pub fn run(
     gpu: &Gpu,
     blas: &Blas,
@@ -186,10 +219,15 @@ pub fn run(
     kernel: &Kernel,
     arena: &mut CudaSlice<u8>,
     layout: &Layout,
+    read_back: &mut ReadBack,
 ) -> Result<(), GpuError> {
     let plan = match plan(function, kernel) {
         Some(Work::Products(plan)) => plan,
-        Some(Work::Grouped(g)) => return grouped(gpu, blas, function, arena, layout, &g),
+        Some(Work::Grouped(g)) => {
+            let at = layout.offsets[&g.offsets] as usize;
+            let offsets = read_back.offsets(gpu, arena, g.offsets, at..at + bytes_of(function, g.offsets))?.to_vec();
+            return grouped(gpu, blas, function, arena, layout, &g, &offsets);
+        }
         None => {
             let op = function.nodes[kernel.nodes[0] as usize].op.name();
             return Err(GpuError::Unsupported(format!("`{op}` (FP8 outside 128-element groups or cuBLASLt's sizes)")));
@@ -269,7 +307,7 @@ fn product(gpu: &Gpu, blas: &CudaBlas, arena: &CudaSlice<u8>, layout: &Layout, p
     unsafe { sgemm(blas, &g) }
 }
 
-/// Runs a grouped GEMM: the offsets read back, then one product per expert with rows (an
+/// Runs a grouped GEMM over the experts' row `offsets`: one product per expert with rows (an
 /// expert without rows has none; its weight gradient stays zero).
 fn grouped(
     gpu: &Gpu,
@@ -278,23 +316,21 @@ fn grouped(
     arena: &mut CudaSlice<u8>,
     layout: &Layout,
     g: &Grouped,
+    offsets: &[usize],
 ) -> Result<(), GpuError> {
     let range = |v: u32| {
         let at = layout.offsets[&v] as usize;
         at..at + bytes_of(function, v)
     };
-    let bytes = gpu.stream.clone_dtoh(&arena.slice(range(g.offsets)))?;
-    let offsets: Vec<usize> =
-        bytes.chunks(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")).max(0) as usize).collect();
     if let GroupedKind::Wgrad { out, .. } | GroupedKind::ScaledWgrad { out, .. } = g.kind {
         gpu.stream.memset_zeros(&mut arena.slice_mut(range(out)))?;
     }
     match &g.kind {
         GroupedKind::ScaledProducts { weights } => {
-            return scaled_products(gpu, &blas.fp8, arena, layout, g, weights, &offsets)
+            return scaled_products(gpu, &blas.fp8, arena, layout, g, weights, offsets)
         }
         GroupedKind::ScaledWgrad { grad, out } => {
-            return scaled_wgrad(gpu, &blas.fp8, arena, layout, g, *grad, *out, &offsets)
+            return scaled_wgrad(gpu, &blas.fp8, arena, layout, g, *grad, *out, offsets)
         }
         _ => {}
     }
