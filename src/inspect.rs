@@ -37,11 +37,12 @@ pub fn run(dir: &Path, kernel: Option<&str>, format: InfoFormat) -> anyhow::Resu
 }
 
 fn summary_json(plan: &Plan) -> serde_json::Value {
+    let layouts = dsc_runtime::memory::layouts(plan);
     let functions: Vec<serde_json::Value> = plan
         .functions
         .iter()
-        .map(|f| {
-            let memory = dsc_runtime::memory::plan(&f.buffers);
+        .zip(&layouts)
+        .map(|(f, memory)| {
             serde_json::json!({
                 "name": f.name,
                 "kernels": f.kernels.iter().map(|k| serde_json::json!({
@@ -93,11 +94,11 @@ fn print_summary(plan: &Plan) {
         "{:<16} {:>7} {:>8} {:>9}  {:>21}  {:<22} fused ops",
         "function", "kernels", "gemms", "nodes", "memory (reused/all)", "saturation"
     );
-    for f in &plan.functions {
+    for (f, memory) in plan.functions.iter().zip(dsc_runtime::memory::layouts(plan)) {
         let gemms = f.kernels.iter().filter(|k| k.kind == KernelKind::LibraryGemm).count();
         let fused: Vec<String> = f.fusion.fused.iter().map(|(op, n)| format!("{op}×{n}")).collect();
-        // Buffers placed by lifetime in one arena, against each allocated on its own.
-        let memory = dsc_runtime::memory::plan(&f.buffers);
+        // Buffers placed by lifetime in one arena (an entry function's arguments read where
+        // they are), against each allocated on its own.
         println!(
             "{:<16} {:>7} {:>8} {:>4}→{:<4}  {:>21}  {:<22} {}",
             f.name,

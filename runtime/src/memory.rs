@@ -3,6 +3,8 @@
 //! overlap and the others reuse memory. Buffers are placed in the order they are written, each
 //! at the lowest offset where it fits among the buffers still alive (first fit), at 256-byte
 //! alignment. The arena's size (the peak) is reported against the sum of all buffers.
+//! [`layouts`] places every function of a plan: an entry function (one no other function
+//! calls) reads its arguments where its caller keeps them, so its arena holds none of them.
 //! [`step_memory`] adds a training step's arenas up with the state the CUDA backend keeps.
 
 use dsc_compiler::graph::ir::Op;
@@ -50,6 +52,32 @@ pub fn plan(buffers: &[Buffer]) -> Layout {
     Layout { offsets, peak, total }
 }
 
+/// Whether each function of `compiled` is an entry: called by no other function.
+pub fn entries(compiled: &Plan) -> Vec<bool> {
+    let mut entry = vec![true; compiled.module.functions.len()];
+    for node in compiled.module.functions.iter().flat_map(|f| &f.nodes) {
+        if let Op::Call(callee) = node.op {
+            entry[callee] = false;
+        }
+    }
+    entry
+}
+
+/// The arena of every function of `compiled`, its arguments left out of an entry's.
+pub fn layouts(compiled: &Plan) -> Vec<Layout> {
+    let entries = entries(compiled);
+    compiled
+        .functions
+        .iter()
+        .zip(&compiled.module.functions)
+        .zip(entries)
+        .map(|((pf, function), entry)| {
+            let held = |b: &&Buffer| !(entry && matches!(function.nodes[b.value as usize].op, Op::Arg(_)));
+            plan(&pf.buffers.iter().filter(held).cloned().collect::<Vec<_>>())
+        })
+        .collect()
+}
+
 /// The GPU memory a training step of a plan takes on the CUDA backend, by what holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepMemory {
@@ -79,7 +107,8 @@ impl StepMemory {
 /// What a training step of `plan` holds on the GPU (see [`StepMemory`]).
 pub fn step_memory(compiled: &Plan) -> StepMemory {
     let state = compiled.params.iter().map(|p| 4 * p.numel() as u64 * if p.learned { 4 } else { 2 }).sum();
-    let arena = |f: usize| plan(&compiled.functions[f].buffers).peak;
+    let layouts = layouts(compiled);
+    let arena = |f: usize| layouts[f].peak;
     // The gradient function and the functions it calls, at any depth.
     let mut called = vec![compiled.grad];
     let mut next = 0;

@@ -16,6 +16,7 @@ use dsc_compiler::plan::Plan;
 use dsc_runtime::checkpoint::{Checkpoint, SpecRecord};
 use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
 use dsc_runtime::cuda::exec::{self, Executor};
+use dsc_runtime::cuda::places::Places;
 use dsc_runtime::cuda::{gemm, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
 use dsc_runtime::train::init::init_params;
@@ -142,10 +143,21 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                     gpu.stream.memcpy_htod(&host, &mut arena.slice_mut(range(v))).expect("upload");
                 }
                 match mode {
-                    None => kernels.launch(&gpu, function, kernel, &mut arena, &layout, |v| bytes[&v]).expect("launch"),
+                    None => kernels
+                        .launch(&gpu, function, kernel, &Places::new(&gpu, &arena, &layout, &HashMap::new()), |v| {
+                            bytes[&v]
+                        })
+                        .expect("launch"),
                     Some((blas, _)) => {
-                        gemm::run(&gpu, blas, function, kernel, &mut arena, &layout, &mut Default::default())
-                            .expect("cuBLAS GEMM");
+                        gemm::run(
+                            &gpu,
+                            blas,
+                            function,
+                            kernel,
+                            &Places::new(&gpu, &arena, &layout, &HashMap::new()),
+                            &mut Default::default(),
+                        )
+                        .expect("cuBLAS GEMM");
                         gemms += 1;
                     }
                 }

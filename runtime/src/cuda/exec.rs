@@ -1,14 +1,18 @@
 //! Whole plan functions on the GPU: [`Executor::run`] takes a function's arguments on the
 //! host, runs its steps in plan order in one arena per call (placed by [`crate::memory`]),
-//! and returns its outputs on the host. The steps are the function's nodes in order: an
-//! argument or constant table is written into its buffer, a call runs the callee in an arena
-//! of its own (arguments copied in, results copied out into the caller's part buffers), and a
+//! and returns its outputs on the host. An entry function (one no other calls: the forward,
+//! the gradient, the optimizer) reads its arguments where they are (the training state in
+//! place, host values uploaded for the call: [`super::places`]); a called function gets them
+//! copied into its arena. The steps are the function's nodes in order: an argument or
+//! constant table is written into its buffer, a call runs the callee in an arena of its own
+//! (results copied out into the caller's part buffers), and a
 //! kernel runs at its first node: generated kernels from their PTX, library GEMMs on cuBLAS and
 //! cuBLASLt ([`gemm`]), and what neither covers yet (grouped GEMMs, FP8 GEMMs outside 128-element
 //! groups) on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
 //! decoded) and its outputs uploaded. A function's arena is kept for its next call.
 //! [`Counts`] says how many kernels took each path.
 
+use super::places::{self, Places};
 use super::profile::Profile;
 use super::{gemm, Gpu, GpuError, Kernels};
 use crate::cpu::exec::eval;
@@ -16,7 +20,7 @@ use crate::cpu::numerics::{e4m3_decode, e4m3_encode, Quantized, Tiling};
 use crate::cpu::{Tensor, Value};
 use crate::memory::{self, Layout};
 use crate::train::{Backend, Resident};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::{base, Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function, Node, Op};
 use dsc_compiler::mlir::fp8;
@@ -50,9 +54,12 @@ pub struct Executor {
     pub(super) blas: gemm::Blas,
     pub(super) plan: Arc<Plan>,
     kernels: Kernels,
-    pub(super) layouts: Vec<Layout>,
+    /// Per function, its arena's layout ([`memory::layouts`]: an entry's holds no argument).
+    pub(super) layouts: Vec<Arc<Layout>>,
+    /// Per function, whether it is an entry ([`memory::entries`]).
+    entries: Vec<bool>,
     /// Per function, the bytes of each value's buffer.
-    bytes: Vec<HashMap<u32, usize>>,
+    pub(super) bytes: Vec<HashMap<u32, usize>>,
     counts: Counts,
     /// Synchronise after every kernel, so that a fault names it.
     checked: bool,
@@ -68,10 +75,27 @@ pub struct Executor {
     profile: Option<Profile>,
 }
 
-/// An argument of a call: bytes on the host, or a buffer of the caller's arena.
-pub(super) enum Input<'a> {
+/// An argument of a call: bytes on the host, or a device buffer (its address and length).
+pub(super) enum Input {
     Host(Vec<u8>),
-    Device(&'a CudaSlice<u8>, std::ops::Range<usize>),
+    Device(u64, usize),
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        match self {
+            Input::Host(bytes) => bytes.len(),
+            Input::Device(_, len) => *len,
+        }
+    }
+}
+
+/// A function's call: its arena, the arguments read in place (an entry's) and the uploads
+/// holding its host arguments (freed in stream order with the call).
+pub(super) struct Call {
+    pub(super) arena: CudaSlice<u8>,
+    outside: HashMap<u32, u64>,
+    uploads: Vec<CudaSlice<u8>>,
 }
 
 /// One step of a function.
@@ -153,7 +177,8 @@ impl Executor {
     /// BF16 the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
     pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
         let blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
-        let layouts = plan.functions.iter().map(|pf| memory::plan(&pf.buffers)).collect();
+        let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
+        let entries = memory::entries(&plan);
         let bytes =
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
         let kernels = Kernels::new(dir);
@@ -162,7 +187,21 @@ impl Executor {
         let tables = plan.module.constants.iter().map(|_| None).collect();
         let counts = Counts::default();
         let profile = None;
-        Ok(Executor { gpu, blas, plan, kernels, layouts, bytes, counts, checked, spare, tables, state: None, profile })
+        Ok(Executor {
+            gpu,
+            blas,
+            plan,
+            kernels,
+            layouts,
+            entries,
+            bytes,
+            counts,
+            checked,
+            spare,
+            tables,
+            state: None,
+            profile,
+        })
     }
 
     /// Runs cuBLAS's f32 products exactly (no TF32) whatever the policy, so that a plan's
@@ -227,49 +266,43 @@ impl Executor {
         }
         let started = std::time::Instant::now();
         let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
-        let arena = self.invoke(f, &inputs)?;
-        let outputs = function.outputs.iter().map(|&o| self.output(f, o, &arena)).collect();
-        self.spare[f] = Some(arena);
+        let call = self.invoke(f, &inputs)?;
+        let outputs = function.outputs.iter().map(|&o| self.output(f, o, &call)).collect();
+        self.spare[f] = Some(call.arena);
         self.settle_profile(&function.name, started)?;
         outputs
     }
 
-    /// Output value `o` of function `f`, from its buffer in `arena`, on the host.
-    pub(super) fn output(
-        &self,
-        f: usize,
-        o: dsc_compiler::graph::ir::V,
-        arena: &CudaSlice<u8>,
-    ) -> Result<Value<f32>, GpuError> {
+    /// Where the values of `call` (of function `f`) are.
+    pub(super) fn places<'a>(&'a self, f: usize, call: &'a Call) -> Places<'a> {
+        Places::new(&self.gpu, &call.arena, &self.layouts[f], &call.outside)
+    }
+
+    /// Output value `o` of `call` (of function `f`), on the host.
+    pub(super) fn output(&self, f: usize, o: dsc_compiler::graph::ir::V, call: &Call) -> Result<Value<f32>, GpuError> {
         let function = &self.plan.module.functions[f];
         let node = function.node(o);
         let b = base(function, o);
         match function.node(b).op {
             Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
-            _ => Ok(decode(
-                function.node(b),
-                &node.shape,
-                &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?,
-            )),
+            _ => {
+                let bytes = places::read(&self.gpu, self.places(f, call).at(b.0), self.bytes[f][&b.0])?;
+                Ok(decode(function.node(b), &node.shape, &bytes))
+            }
         }
     }
 
-    /// The byte range of value `v`'s buffer in function `f`'s arena.
-    pub(super) fn range(&self, f: usize, v: u32) -> std::ops::Range<usize> {
-        let at = self.layouts[f].offsets[&v] as usize;
-        at..at + self.bytes[f][&v]
-    }
-
-    /// Runs function `f` in an arena of its own (its last call's, or a new one) and returns
-    /// the arena.
-    pub(super) fn invoke(&mut self, f: usize, args: &[Input]) -> Result<CudaSlice<u8>, GpuError> {
+    /// Runs function `f` in an arena of its own (its last call's, or a new one).
+    pub(super) fn invoke(&mut self, f: usize, args: &[Input]) -> Result<Call, GpuError> {
         let plan = self.plan.clone();
+        let layout = self.layouts[f].clone();
         let function = &plan.module.functions[f];
         let pf = &plan.functions[f];
-        let mut arena = match self.spare[f].take() {
+        let arena = match self.spare[f].take() {
             Some(arena) => arena,
-            None => self.gpu.stream.alloc_zeros::<u8>(self.layouts[f].peak.max(1) as usize)?,
+            None => self.gpu.stream.alloc_zeros::<u8>(layout.peak.max(1) as usize)?,
         };
+        let mut call = Call { arena, outside: HashMap::new(), uploads: Vec::new() };
         let mut steps: Vec<(u32, Step)> =
             pf.kernels.iter().enumerate().map(|(k, kernel)| (kernel.nodes[0], Step::Kernel(k))).collect();
         steps.extend(
@@ -288,56 +321,61 @@ impl Executor {
             match step {
                 Step::Node(i) => match function.nodes[i as usize].op {
                     Op::Arg(a) if self.bytes[f].contains_key(&i) => {
-                        let range = self.range(f, i);
-                        let given = match &args[a] {
-                            Input::Host(bytes) => bytes.len(),
-                            Input::Device(_, r) => r.len(),
-                        };
-                        if given != range.len() {
-                            let e = GpuError::Unsupported(format!("{given} bytes for a buffer of {}", range.len()));
+                        let (given, want) = (args[a].len(), self.bytes[f][&i]);
+                        if given != want {
+                            let e = GpuError::Unsupported(format!("{given} bytes for a buffer of {want}"));
                             return Err(at(e, &format!("argument {a}")));
                         }
+                        if self.entries[f] {
+                            let place = match &args[a] {
+                                Input::Device(place, _) => *place,
+                                Input::Host(bytes) => {
+                                    let upload = self.gpu.stream.clone_htod(bytes)?;
+                                    let place = upload.device_ptr(&self.gpu.stream).0;
+                                    call.uploads.push(upload);
+                                    place
+                                }
+                            };
+                            call.outside.insert(i, place);
+                            continue;
+                        }
+                        let to = Places::new(&self.gpu, &call.arena, &layout, &call.outside).at(i);
                         let what = |_: &Self| format!("{} argument copies", function.name);
                         self.timed(what, 0.0, |this| match &args[a] {
-                            Input::Host(bytes) => {
-                                Ok(this.gpu.stream.memcpy_htod(bytes, &mut arena.slice_mut(range))?)
-                            }
-                            Input::Device(from, r) => {
-                                Ok(this.gpu.stream.memcpy_dtod(&from.slice(r.clone()), &mut arena.slice_mut(range))?)
-                            }
+                            Input::Host(bytes) => places::write(&this.gpu, bytes, to),
+                            Input::Device(from, len) => places::copy(&this.gpu, *from, to, *len),
                         })?
                     }
-                    Op::Table(_) => self.upload_table(f, i, &mut arena, &mut tables)?,
+                    Op::Table(_) => {
+                        let places = Places::new(&self.gpu, &call.arena, &layout, &call.outside);
+                        self.upload_table(f, i, &places, &mut tables)?
+                    }
                     Op::Call(callee) => {
-                        self.call(f, i, callee, &mut arena).map_err(|e| at(e, &format!("call at %{i}")))?
+                        let places = Places::new(&self.gpu, &call.arena, &layout, &call.outside);
+                        self.call(f, i, callee, &places).map_err(|e| at(e, &format!("call at %{i}")))?
                     }
                     _ => {}
                 },
                 Step::Kernel(k) => {
                     let kernel = &pf.kernels[k];
+                    let places = Places::new(&self.gpu, &call.arena, &layout, &call.outside);
                     for &v in &kernel.inputs {
                         if matches!(function.nodes[v as usize].op, Op::Table(_)) {
-                            self.upload_table(f, v, &mut arena, &mut tables)?;
+                            self.upload_table(f, v, &places, &mut tables)?;
                         }
                     }
-                    self.kernel(f, kernel, &mut arena, &mut read_back).map_err(|e| at(e, &kernel.name))?;
+                    self.kernel(f, kernel, &places, &mut read_back).map_err(|e| at(e, &kernel.name))?;
                     if self.checked {
                         self.gpu.stream.synchronize().map_err(|e| at(e.into(), &kernel.name))?;
                     }
                 }
             }
         }
-        Ok(arena)
+        Ok(call)
     }
 
     /// Writes constant table node `v` into its buffer, once per call.
-    fn upload_table(
-        &mut self,
-        f: usize,
-        v: u32,
-        arena: &mut CudaSlice<u8>,
-        done: &mut HashSet<u32>,
-    ) -> Result<(), GpuError> {
+    fn upload_table(&mut self, f: usize, v: u32, places: &Places, done: &mut HashSet<u32>) -> Result<(), GpuError> {
         let Op::Table(t) = self.plan.module.functions[f].nodes[v as usize].op else { unreachable!("a table node") };
         if !done.insert(v) {
             return Ok(());
@@ -346,32 +384,32 @@ impl Executor {
             let data: Vec<f32> = self.plan.module.constants[t].data().into_iter().map(|x| x as f32).collect();
             self.tables[t] = Some(self.gpu.stream.clone_htod(&words(&data, f32::to_le_bytes))?);
         }
-        let (range, table) = (self.range(f, v), self.tables[t].as_ref().expect("uploaded above"));
-        if table.len() != range.len() {
-            let e = GpuError::Unsupported(format!("table {t}: {} bytes for a buffer of {}", table.len(), range.len()));
-            return Err(e);
+        let (want, table) = (self.bytes[f][&v], self.tables[t].as_ref().expect("uploaded above"));
+        if table.len() != want {
+            return Err(GpuError::Unsupported(format!("table {t}: {} bytes for a buffer of {want}", table.len())));
         }
-        Ok(self.gpu.stream.memcpy_dtod(table, &mut arena.slice_mut(range))?)
+        let (from, _sync) = table.device_ptr(&self.gpu.stream);
+        places::copy(&self.gpu, from, places.at(v), want)
     }
 
-    /// Runs the call at node `i` of `f`, and copies its results into the parts' buffers.
-    fn call(&mut self, f: usize, i: u32, callee: usize, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+    /// Runs the call at node `i` of `f` (its values at `places`), and copies its results into
+    /// the parts' buffers.
+    fn call(&mut self, f: usize, i: u32, callee: usize, places: &Places) -> Result<(), GpuError> {
         let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         let node = &function.nodes[i as usize];
-        let inputs = node
+        let inputs: Vec<Input> = node
             .args
             .iter()
             .map(|&a| {
                 let b = base(function, a);
-                Ok(match function.node(b).op {
+                match function.node(b).op {
                     Op::Const(c) => Input::Host((c as f32).to_le_bytes().to_vec()),
-                    _ => Input::Device(&*arena, self.range(f, b.0)),
-                })
+                    _ => Input::Device(places.at(b.0), self.bytes[f][&b.0]),
+                }
             })
-            .collect::<Result<Vec<_>, GpuError>>()?;
+            .collect();
         let results = self.invoke(callee, &inputs)?;
-        drop(inputs);
         let called = &plan.module.functions[callee];
         for (g, get) in function.nodes.iter().enumerate() {
             let Op::Get(part) = get.op else { continue };
@@ -379,26 +417,22 @@ impl Executor {
                 continue;
             }
             let out = base(called, called.outputs[part]);
-            let to = self.range(f, g as u32);
+            let (to, want) = (places.at(g as u32), self.bytes[f][&(g as u32)]);
             match called.node(out).op {
-                Op::Const(c) => {
-                    let data = vec![c as f32; to.len() / 4];
-                    self.gpu.stream.memcpy_htod(&words(&data, f32::to_le_bytes), &mut arena.slice_mut(to))?
-                }
+                Op::Const(c) => places::write(&self.gpu, &words(&vec![c as f32; want / 4], f32::to_le_bytes), to)?,
                 _ => {
-                    let from = self.range(callee, out.0);
-                    if from.len() != to.len() {
-                        let (name, n) = (&called.name, from.len());
+                    let given = self.bytes[callee][&out.0];
+                    if given != want {
+                        let name = &called.name;
                         return Err(GpuError::Unsupported(format!(
-                            "result {part} of {name}: {n} bytes for {}",
-                            to.len()
+                            "result {part} of {name}: {given} bytes for {want}"
                         )));
                     }
-                    self.gpu.stream.memcpy_dtod(&results.slice(from), &mut arena.slice_mut(to))?
+                    places::copy(&self.gpu, self.places(callee, &results).at(out.0), to, want)?
                 }
             }
         }
-        self.spare[callee] = Some(results);
+        self.spare[callee] = Some(results.arena);
         Ok(())
     }
 
@@ -406,11 +440,11 @@ impl Executor {
         &mut self,
         f: usize,
         kernel: &Kernel,
-        arena: &mut CudaSlice<u8>,
+        places: &Places,
         read_back: &mut gemm::ReadBack,
     ) -> Result<(), GpuError> {
         let category = |this: &Self| format!("{} {}", this.plan.module.functions[f].name, kernel.ops[0]);
-        self.timed(category, kernel.seconds, |this| this.launch(f, kernel, arena, read_back))
+        self.timed(category, kernel.seconds, |this| this.launch(f, kernel, places, read_back))
     }
 
     /// Runs a kernel on its path: generated, library GEMM, or on the host.
@@ -418,22 +452,22 @@ impl Executor {
         &mut self,
         f: usize,
         kernel: &Kernel,
-        arena: &mut CudaSlice<u8>,
+        places: &Places,
         read_back: &mut gemm::ReadBack,
     ) -> Result<(), GpuError> {
         let function = &self.plan.module.functions[f];
         match kernel.code {
             Code::Generated { .. } => {
                 let bytes = &self.bytes[f];
-                self.kernels.launch(&self.gpu, function, kernel, arena, &self.layouts[f], |v| bytes[&v])?;
+                self.kernels.launch(&self.gpu, function, kernel, places, |v| bytes[&v])?;
                 self.counts.generated += 1;
             }
             Code::Library if gemm::runs(function, kernel) => {
-                gemm::run(&self.gpu, &self.blas, function, kernel, arena, &self.layouts[f], read_back)?;
+                gemm::run(&self.gpu, &self.blas, function, kernel, places, read_back)?;
                 self.counts.library += 1;
             }
             _ => {
-                self.on_host(f, kernel, arena)?;
+                self.on_host(f, kernel, places)?;
                 self.counts.host += 1;
             }
         }
@@ -441,7 +475,7 @@ impl Executor {
     }
 
     /// Runs a kernel's nodes with the CPU reference's ops: inputs down, outputs up.
-    fn on_host(&self, f: usize, kernel: &Kernel, arena: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+    fn on_host(&self, f: usize, kernel: &Kernel, places: &Places) -> Result<(), GpuError> {
         let function: &Function = &self.plan.module.functions[f];
         let mut local: HashMap<u32, Value<f32>> = HashMap::new();
         for &v in &kernel.nodes {
@@ -455,7 +489,7 @@ impl Executor {
                     (Some(value), _) => value.clone(),
                     (None, Op::Const(c)) => Value::real(Tensor::new(shape.clone(), vec![*c as f32])),
                     (None, _) => {
-                        decode(function.node(b), shape, &self.gpu.stream.clone_dtoh(&arena.slice(self.range(f, b.0)))?)
+                        decode(function.node(b), shape, &places::read(&self.gpu, places.at(b.0), self.bytes[f][&b.0])?)
                     }
                 };
                 inputs.push(value);
@@ -478,7 +512,7 @@ impl Executor {
                 value => vec![(o, value)],
             };
             for (v, value) in stores {
-                self.gpu.stream.memcpy_htod(&encode(value)?, &mut arena.slice_mut(self.range(f, v)))?;
+                places::write(&self.gpu, &encode(value)?, places.at(v))?;
             }
         }
         Ok(())

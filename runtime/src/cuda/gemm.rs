@@ -19,11 +19,11 @@
 //! each expert's columns of its `quantize_by_expert` operands in place (whole 128-token
 //! groups, the leading dimension the capacity).
 
+use super::places::{self, Places};
 use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
-use crate::memory::Layout;
 use cudarc::cublas::{sys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::DevicePtr;
 use dsc_compiler::fuse::kernels::Kernel;
 use dsc_compiler::graph::ir::{matmul_shape, Function, Op, V};
 use dsc_compiler::mlir::fp8;
@@ -85,18 +85,12 @@ enum GroupedKind<'s> {
 pub struct ReadBack(HashMap<u32, Vec<usize>>);
 
 impl ReadBack {
-    /// The offsets in value `v` (at `range` of `arena`), read back at their first use.
-    fn offsets(
-        &mut self,
-        gpu: &Gpu,
-        arena: &CudaSlice<u8>,
-        v: u32,
-        range: std::ops::Range<usize>,
-    ) -> Result<&[usize], GpuError> {
+    /// The offsets in value `v` (`bytes` long, at `places`), read back at their first use.
+    fn offsets(&mut self, gpu: &Gpu, places: &Places, v: u32, bytes: usize) -> Result<&[usize], GpuError> {
         Ok(match self.0.entry(v) {
             Entry::Occupied(read) => read.into_mut(),
             Entry::Vacant(slot) => {
-                let bytes = gpu.stream.clone_dtoh(&arena.slice(range))?;
+                let bytes = places::read(gpu, places.at(v), bytes)?;
                 slot.insert(
                     bytes
                         .chunks(4)
@@ -210,23 +204,21 @@ pub fn runs(function: &Function, kernel: &Kernel) -> bool {
     plan(function, kernel).is_some()
 }
 
-/// Runs library GEMM `kernel` (of `function`) on its buffers in `arena`; a grouped GEMM takes
+/// Runs library GEMM `kernel` (of `function`) on its buffers at `places`; a grouped GEMM takes
 /// its experts' row offsets from `read_back` (this call's).
 pub fn run(
     gpu: &Gpu,
     blas: &Blas,
     function: &Function,
     kernel: &Kernel,
-    arena: &mut CudaSlice<u8>,
-    layout: &Layout,
+    places: &Places,
     read_back: &mut ReadBack,
 ) -> Result<(), GpuError> {
     let plan = match plan(function, kernel) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
-            let at = layout.offsets[&g.offsets] as usize;
-            let offsets = read_back.offsets(gpu, arena, g.offsets, at..at + bytes_of(function, g.offsets))?.to_vec();
-            return grouped(gpu, blas, function, arena, layout, &g, &offsets);
+            let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?.to_vec();
+            return grouped(gpu, blas, function, places, &g, &offsets);
         }
         None => {
             let op = function.nodes[kernel.nodes[0] as usize].op.name();
@@ -234,14 +226,13 @@ pub fn run(
         }
     };
     if let Some((from, to)) = plan.addend {
-        copy(gpu, arena, layout, from, to, bytes_of(function, to))?;
+        places::copy(gpu, places.at(from), places.at(to), bytes_of(function, to))?;
     }
     for p in &plan.products {
         match p.b_groups {
-            None => product(gpu, &blas.f32, arena, layout, p)?,
+            None => product(&blas.f32, places, p)?,
             Some(b_groups) => {
-                let (base, _sync) = arena.device_ptr(&gpu.stream);
-                let at = |v: u32| base + layout.offsets[&v];
+                let at = |v: u32| places.at(v);
                 let (m, k, n) = (p.a.1[0], p.a.1[1], p.b.1[0]);
                 let (a, b) = (Fp8Operand::buffer(at(p.a.0), m, k), Fp8Operand::buffer(at(p.b.0), n, k));
                 let g = ScaledGemm { a, b, d: at(p.c), m, n, k, b_groups };
@@ -265,21 +256,7 @@ fn bytes_of(function: &Function, v: u32) -> usize {
     function.nodes[v as usize].shape.iter().product::<usize>() * 4
 }
 
-fn copy(
-    gpu: &Gpu,
-    arena: &mut CudaSlice<u8>,
-    layout: &Layout,
-    from: u32,
-    to: u32,
-    bytes: usize,
-) -> Result<(), GpuError> {
-    let (src, dst) = (layout.offsets[&from] as usize, layout.offsets[&to] as usize);
-    let staged = gpu.stream.clone_dtod(&arena.slice(src..src + bytes))?;
-    gpu.stream.memcpy_dtod(&staged, &mut arena.slice_mut(dst..dst + bytes))?;
-    Ok(())
-}
-
-fn product(gpu: &Gpu, blas: &CudaBlas, arena: &CudaSlice<u8>, layout: &Layout, p: &Product) -> Result<(), GpuError> {
+fn product(blas: &CudaBlas, places: &Places, p: &Product) -> Result<(), GpuError> {
     let (a_shape, b_shape) = (p.a.1, p.b.1);
     let c_shape = matmul_shape(a_shape, b_shape, p.ta, p.tb);
     let rank = c_shape.len();
@@ -287,8 +264,7 @@ fn product(gpu: &Gpu, blas: &CudaBlas, arena: &CudaSlice<u8>, layout: &Layout, p
     let k = if p.ta { a_shape[a_shape.len() - 2] } else { a_shape[a_shape.len() - 1] };
     let stride =
         |shape: &[usize]| if shape.len() == 2 { 0 } else { (shape[shape.len() - 2] * shape[shape.len() - 1]) as i64 };
-    let (base, _sync) = arena.device_ptr(&gpu.stream);
-    let at = |v: u32| base + layout.offsets[&v];
+    let at = |v: u32| places.at(v);
     let g = Sgemm {
         a: at(p.a.0),
         b: at(p.b.0),
@@ -302,8 +278,8 @@ fn product(gpu: &Gpu, blas: &CudaBlas, arena: &CudaSlice<u8>, layout: &Layout, p
         batch: c_shape[..rank - 2].iter().product(),
         strides: [stride(a_shape), stride(b_shape)],
     };
-    // SAFETY: every pointer is inside the arena, at the offset the memory plan gives the value,
-    // whose buffer holds the shapes used here (checked by the plan's shapes).
+    // SAFETY: every pointer is its value's buffer (`places`), which holds the shapes used here
+    // (checked by the plan's shapes).
     unsafe { sgemm(blas, &g) }
 }
 
@@ -313,29 +289,19 @@ fn grouped(
     gpu: &Gpu,
     blas: &Blas,
     function: &Function,
-    arena: &mut CudaSlice<u8>,
-    layout: &Layout,
+    places: &Places,
     g: &Grouped,
     offsets: &[usize],
 ) -> Result<(), GpuError> {
-    let range = |v: u32| {
-        let at = layout.offsets[&v] as usize;
-        at..at + bytes_of(function, v)
-    };
     if let GroupedKind::Wgrad { out, .. } | GroupedKind::ScaledWgrad { out, .. } = g.kind {
-        gpu.stream.memset_zeros(&mut arena.slice_mut(range(out)))?;
+        places::zero(gpu, places.at(out), bytes_of(function, out))?;
     }
     match &g.kind {
-        GroupedKind::ScaledProducts { weights } => {
-            return scaled_products(gpu, &blas.fp8, arena, layout, g, weights, offsets)
-        }
-        GroupedKind::ScaledWgrad { grad, out } => {
-            return scaled_wgrad(gpu, &blas.fp8, arena, layout, g, *grad, *out, offsets)
-        }
+        GroupedKind::ScaledProducts { weights } => return scaled_products(gpu, &blas.fp8, places, g, weights, offsets),
+        GroupedKind::ScaledWgrad { grad, out } => return scaled_wgrad(gpu, &blas.fp8, places, g, *grad, *out, offsets),
         _ => {}
     }
-    let (base, _sync) = arena.device_ptr(&gpu.stream);
-    let at = |v: u32, elements: usize| base + layout.offsets[&v] + 4 * elements as u64;
+    let at = |v: u32, elements: usize| places.at(v) + 4 * elements as u64;
     let k = g.xs.1[1];
     let experts = offsets.len().saturating_sub(1);
     for e in (0..experts).filter(|&e| offsets[e] < offsets[e + 1]) {
@@ -371,8 +337,7 @@ fn grouped(
         };
         for p in &products {
             // SAFETY: the offsets are the plan's expert offsets, within xs's (and grad's) rows
-            // (the routing made them); weights and outputs are the arena's buffers of their
-            // shapes.
+            // (the routing made them); weights and outputs are buffers of their shapes.
             unsafe { sgemm(&blas.f32, p)? };
         }
     }
@@ -405,8 +370,7 @@ fn pieces(first: usize, rows: usize, total: usize) -> Vec<Piece> {
 fn scaled_products(
     gpu: &Gpu,
     lt: &Lt,
-    arena: &mut CudaSlice<u8>,
-    layout: &Layout,
+    places: &Places,
     g: &Grouped,
     weights: &[(Operand, u32)],
     offsets: &[usize],
@@ -418,8 +382,7 @@ fn scaled_products(
     let scales = gpu.stream.alloc_zeros::<u8>(4 * k_groups * (total + ROWS_ALIGN))?;
     let rows_scratch = gpu.stream.alloc_zeros::<u8>(ROWS_ALIGN * k)?;
     let out_scratch = gpu.stream.alloc_zeros::<u8>(4 * ROWS_ALIGN * widest)?;
-    let (base, _sync) = arena.device_ptr(&gpu.stream);
-    let at = |v: u32| base + layout.offsets[&v];
+    let at = |v: u32| places.at(v);
     let xs = Fp8Operand::buffer(at(g.xs.0), total, k);
     let (scales_at, _s) = scales.device_ptr(&gpu.stream);
     let (rows_at, _r) = rows_scratch.device_ptr(&gpu.stream);
@@ -458,20 +421,17 @@ fn scaled_products(
 
 /// FP8 Wgrad of the experts: out[e] = grad's columns of expert e times xs's, transposed, each
 /// expert's columns starting where the previous one's whole 128-token groups ended.
-#[allow(clippy::too_many_arguments)]
 fn scaled_wgrad(
     gpu: &Gpu,
     lt: &Lt,
-    arena: &mut CudaSlice<u8>,
-    layout: &Layout,
+    places: &Places,
     g: &Grouped,
     grad: Operand,
     out: u32,
     offsets: &[usize],
 ) -> Result<(), GpuError> {
     let (n, k, capacity) = (grad.1[0], g.xs.1[0], grad.1[1]);
-    let (base, _sync) = arena.device_ptr(&gpu.stream);
-    let at = |v: u32| base + layout.offsets[&v];
+    let at = |v: u32| places.at(v);
     let (qg, qx) = (Fp8Operand::buffer(at(grad.0), n, capacity), Fp8Operand::buffer(at(g.xs.0), k, capacity));
     let columns = |q: Fp8Operand, rows: usize, start: usize| Fp8Operand {
         data: q.data + start as u64,

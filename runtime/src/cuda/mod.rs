@@ -1,7 +1,8 @@
 //! The CUDA backend's foundation, on cudarc (driver API, loaded at run time so that dsc builds
 //! and its GPU tests skip on machines without CUDA): the device and its stream, a plan's PTX
-//! modules loaded once, and the launch of a generated kernel on buffers placed in one arena
-//! by [`crate::memory`]. A generated kernel takes each buffer as MLIR's memref descriptor
+//! modules loaded once, and the launch of a generated kernel on its buffers' addresses
+//! ([`places`]: a call's arena placed by [`crate::memory`], an entry function's arguments
+//! where its caller keeps them). A generated kernel takes each buffer as MLIR's memref descriptor
 //! (allocated pointer, aligned pointer, offset, size, stride); `zeroed` kernels get their
 //! outputs cleared first. The unsafe FFI stays inside cudarc; the one `unsafe` here is the
 //! launch, whose argument list follows the kernel's signature in the plan.
@@ -15,14 +16,15 @@
 pub mod exec;
 pub mod gemm;
 pub mod nccl;
+pub mod places;
 pub mod profile;
 pub mod resident;
 pub mod scaled;
 
-use crate::memory::Layout;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, PushKernelArg};
 use dsc_compiler::fuse::kernels::{Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function};
+use places::Places;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -157,40 +159,38 @@ impl Kernels {
         Ok(&self.loaded[name].1)
     }
 
-    /// Launches generated `kernel` (of `function`) on its buffers in `arena` at `layout`'s
-    /// offsets; `bytes(v)` is the size of value v's buffer.
+    /// Launches generated `kernel` (of `function`) on its buffers at `places`; `bytes(v)` is
+    /// the size of value v's buffer.
     pub fn launch(
         &mut self,
         gpu: &Gpu,
         function: &Function,
         kernel: &Kernel,
-        arena: &mut CudaSlice<u8>,
-        layout: &Layout,
+        places: &Places,
         bytes: impl Fn(u32) -> usize,
     ) -> Result<(), GpuError> {
         let Code::Generated { grid, block, args, zeroed } = &kernel.code else {
             panic!("kernel {} is not generated", kernel.name)
         };
-        let at = |v: u32| *layout.offsets.get(&v).unwrap_or_else(|| panic!("value {v} has no buffer")) as usize;
         if *zeroed {
             for &v in args.iter().filter(|v| !kernel.inputs.contains(v)) {
-                gpu.stream.memset_zeros(&mut arena.slice_mut(at(v)..at(v) + bytes(v)))?;
+                places::zero(gpu, places.at(v), bytes(v))?;
             }
         }
         // The memref descriptor of every argument: base pointer twice, offset 0, size (in the
         // kernel's elements: bytes for FP8 buffers, 4-byte words otherwise), stride 1.
         let elements = |v: u32| if function.nodes[v as usize].dtype == DType::F8e4m3 { bytes(v) } else { bytes(v) / 4 };
-        let views: Vec<_> = args.iter().map(|&v| arena.slice(at(v)..at(v) + bytes(v))).collect();
+        let pointers: Vec<u64> = args.iter().map(|&v| places.at(v)).collect();
         let sizes: Vec<[i64; 3]> = args.iter().map(|&v| [0, elements(v) as i64, 1]).collect();
         let cuda_function = self.function(gpu, &kernel.name)?.clone();
         let mut launch = gpu.stream.launch_builder(&cuda_function);
-        for (view, [offset, size, stride]) in views.iter().zip(&sizes) {
-            launch.arg(view).arg(view).arg(offset).arg(size).arg(stride);
+        for (pointer, [offset, size, stride]) in pointers.iter().zip(&sizes) {
+            launch.arg(pointer).arg(pointer).arg(offset).arg(size).arg(stride);
         }
         let config =
             cudarc::driver::LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments follow the kernel's signature (one memref descriptor per value
-        // in `args`), each a buffer of the arena of the size the plan gives it.
+        // in `args`), each the address of a live buffer of the size the plan gives it.
         unsafe { launch.launch(config) }?;
         Ok(())
     }

@@ -5,15 +5,14 @@
 //! The gradient function reads the parameters in place; its gradients are added into the
 //! sums with cuBLAS (the first micro-batch's copied, the next ones `saxpy`), scaled by
 //! 1/micro-batches before the update (`sscal`: the host trainer also sums, then scales); the
-//! finiteness check sums `snrm2`s; the optimizer function's arguments are copied from the
-//! state into its arena (an arena holds a function's arguments) and its results copied back.
-//! That arena is as large as the state again: where the device cannot hold it beside the other
-//! functions' arenas, it is freed after the update and the others before it, so that the step
-//! peaks at the state plus the largest phase (measured in benches/README.md); reading
-//! arguments in place is the next saving.
+//! finiteness check sums `snrm2`s; the optimizer function reads the state in place too and
+//! its results are copied back. Where the device cannot hold the optimizer's arena beside the
+//! other functions' arenas, it is freed after the update and the others before it, so that
+//! the step peaks at the state plus the largest phase.
 
-use super::exec::{encode, words, Executor, Input};
-use super::GpuError;
+use super::exec::{encode, words, Call, Executor, Input};
+use super::places;
+use super::{Gpu, GpuError};
 use crate::cpu::{Tensor, Value};
 use crate::train::backend::Moments;
 use crate::train::Resident;
@@ -29,8 +28,9 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    fn input(&self) -> Input<'_> {
-        Input::Device(&self.data, 0..self.data.len())
+    fn input(&self, gpu: &Gpu) -> Input {
+        let (at, _sync) = self.data.device_ptr(&gpu.stream);
+        Input::Device(at, self.data.len())
     }
 
     fn elements(&self) -> usize {
@@ -61,8 +61,8 @@ impl Executor {
         Ok(Value::real(Tensor::new(buffer.shape.clone(), data)))
     }
 
-    /// Copies output `o` of function `f` (in `arena`) into `to`, or adds it there (`add`).
-    fn take_output(&self, f: usize, o: V, arena: &CudaSlice<u8>, to: &mut Buffer, add: bool) -> Result<(), GpuError> {
+    /// Copies output `o` of `call` (of function `f`) into `to`, or adds it there (`add`).
+    fn take_output(&self, f: usize, o: V, call: &Call, to: &mut Buffer, add: bool) -> Result<(), GpuError> {
         let function = &self.plan.module.functions[f];
         let b = base(function, o);
         if let Op::Const(c) = function.node(b).op {
@@ -72,16 +72,17 @@ impl Executor {
                 _ => Err(GpuError::Unsupported(format!("a constant {c} as a result of {}", function.name))),
             };
         }
-        let from = arena.slice(self.range(f, b.0));
-        if from.len() != to.data.len() {
-            return Err(GpuError::Unsupported(format!("{} bytes of a result for {}", from.len(), to.data.len())));
-        }
-        if !add {
-            return Ok(self.gpu.stream.memcpy_dtod(&from, &mut to.data)?);
+        let (x, bytes) = (self.places(f, call).at(b.0), self.bytes[f][&b.0]);
+        if bytes != to.data.len() {
+            return Err(GpuError::Unsupported(format!("{bytes} bytes of a result for {}", to.data.len())));
         }
         let n = to.elements() as i32;
-        let (x, _x) = from.device_ptr(&self.gpu.stream);
         let (y, _y) = to.data.device_ptr_mut(&self.gpu.stream);
+        match (add, x == y) {
+            (false, true) => return Ok(()), // an argument returned as it was: already there
+            (false, false) => return places::copy(&self.gpu, x, y, bytes),
+            (true, _) => {}
+        }
         let one = 1.0f32;
         // SAFETY: x and y hold n f32s each (their lengths checked above), on the handle's stream.
         unsafe { sys::cublasSaxpy_v2(*self.blas.f32.handle(), n, &one, x as *const f32, 1, y as *mut f32, 1) }
@@ -101,23 +102,22 @@ impl Executor {
         grads: usize,
         first: bool,
     ) -> Result<Vec<Value<f32>>, GpuError> {
-        let mut inputs: Vec<Input> = state.params.iter().map(Buffer::input).collect();
+        let mut inputs: Vec<Input> = state.params.iter().map(|p| p.input(&self.gpu)).collect();
         for value in rest {
             inputs.push(Input::Host(encode(value)?));
         }
-        let arena = self.invoke(f, &inputs)?;
-        drop(inputs);
+        let call = self.invoke(f, &inputs)?;
         let outputs = self.plan.module.functions[f].outputs.clone();
         let mut before = Vec::with_capacity(grads);
         for (i, &o) in outputs.iter().enumerate() {
             // Outputs past the gradients are the host trainer's to ignore too.
             match i.checked_sub(grads) {
-                None => before.push(self.output(f, o, &arena)?),
-                Some(p) if p < state.grads.len() => self.take_output(f, o, &arena, &mut state.grads[p], !first)?,
+                None => before.push(self.output(f, o, &call)?),
+                Some(p) if p < state.grads.len() => self.take_output(f, o, &call, &mut state.grads[p], !first)?,
                 Some(_) => {}
             }
         }
-        self.spare[f] = Some(arena);
+        self.spare[f] = Some(call.arena);
         Ok(before)
     }
 
@@ -143,44 +143,42 @@ impl Executor {
         let mut inputs = Vec::new();
         for (k, &i) in learned.iter().enumerate() {
             let (m, v) = &state.moments[k];
-            inputs.extend([state.params[i].input(), state.grads[i].input(), m.input(), v.input()]);
+            let gpu = &self.gpu;
+            inputs.extend([state.params[i].input(gpu), state.grads[i].input(gpu), m.input(gpu), v.input(gpu)]);
         }
         for (b, load) in biases {
-            inputs.extend([state.params[*b].input(), Input::Host(encode(load)?)]);
+            inputs.extend([state.params[*b].input(&self.gpu), Input::Host(encode(load)?)]);
         }
         for value in scalars {
             inputs.push(Input::Host(encode(value)?));
         }
-        // The optimizer's arena holds every parameter, gradient and moment again. Where it
-        // fits beside the other functions' arenas (the bench model on the H200) all are kept
-        // from step to step; where it does not (on the H100), the others go first and its own
-        // after it.
+        // Where the optimizer's arena fits beside the other functions' arenas all are kept
+        // from step to step; where it does not, the others go first and its own after it.
         let kept = self.spare[f].is_some() || self.gpu.free_bytes()? >= self.layouts[f].peak + HEADROOM;
         if !kept {
             self.spare.iter_mut().for_each(|arena| *arena = None);
             self.gpu.release_unused()?;
         }
-        let arena = self.invoke(f, &inputs)?;
-        drop(inputs);
+        let call = self.invoke(f, &inputs)?;
         let outputs = self.plan.module.functions[f].outputs.clone();
         let mut results = outputs.iter().copied();
         let mut next = || results.next().ok_or_else(|| GpuError::Unsupported("too few optimizer results".into()));
         for (k, &i) in learned.iter().enumerate() {
             let (p, m, v) = (next()?, next()?, next()?);
-            self.take_output(f, p, &arena, &mut state.params[i], false)?;
+            self.take_output(f, p, &call, &mut state.params[i], false)?;
             let (mb, vb) = &mut state.moments[k];
-            self.take_output(f, m, &arena, mb, false)?;
-            self.take_output(f, v, &arena, vb, false)?;
+            self.take_output(f, m, &call, mb, false)?;
+            self.take_output(f, v, &call, vb, false)?;
         }
         for (b, _) in biases {
             let o = next()?;
-            self.take_output(f, o, &arena, &mut state.params[*b], false)?;
+            self.take_output(f, o, &call, &mut state.params[*b], false)?;
         }
-        let norm = self.output(f, next()?, &arena)?.scalar();
+        let norm = self.output(f, next()?, &call)?.scalar();
         if kept {
-            self.spare[f] = Some(arena);
+            self.spare[f] = Some(call.arena);
         } else {
-            drop(arena);
+            drop(call);
             self.gpu.release_unused()?;
         }
         Ok(f64::from(norm))

@@ -1,0 +1,66 @@
+//! Where a plan function's values live during one call, as device addresses: in the call's
+//! arena at the memory plan's offsets ([`crate::memory`]), except an entry function's
+//! arguments, which are read where the caller keeps them (the training state, inputs uploaded
+//! for the call). Kernels, GEMMs and copies take their operands' addresses from [`Places`];
+//! the copies between addresses are here.
+
+use super::{Gpu, GpuError};
+use crate::memory::Layout;
+use cudarc::driver::{result, CudaSlice, DevicePtr};
+use std::collections::HashMap;
+
+/// The device addresses of one call's values.
+pub struct Places<'a> {
+    arena: u64,
+    layout: &'a Layout,
+    /// Arguments read where the caller keeps them, by value.
+    outside: &'a HashMap<u32, u64>,
+}
+
+impl<'a> Places<'a> {
+    /// The values in `arena` at `layout`'s offsets, but those `outside` at its addresses.
+    pub fn new(gpu: &Gpu, arena: &CudaSlice<u8>, layout: &'a Layout, outside: &'a HashMap<u32, u64>) -> Places<'a> {
+        let (at, _sync) = arena.device_ptr(&gpu.stream);
+        Places { arena: at, layout, outside }
+    }
+
+    /// The device address of value `v`'s buffer.
+    pub fn at(&self, v: u32) -> u64 {
+        match self.outside.get(&v) {
+            Some(&at) => at,
+            None => self.arena + self.layout.offsets.get(&v).unwrap_or_else(|| panic!("value {v} has no buffer")),
+        }
+    }
+}
+
+/// Copies `bytes` bytes from device address `from` to `to`, in stream order.
+pub fn copy(gpu: &Gpu, from: u64, to: u64, bytes: usize) -> Result<(), GpuError> {
+    // SAFETY: both ranges are buffers of live allocations (an arena, the state, an upload), of
+    // at least `bytes` bytes; the copy is ordered on the stream that uses them.
+    unsafe { result::memcpy_dtod_async(to, from, bytes, gpu.stream.cu_stream()) }?;
+    Ok(())
+}
+
+/// Zeroes `bytes` bytes at device address `at`, in stream order.
+pub fn zero(gpu: &Gpu, at: u64, bytes: usize) -> Result<(), GpuError> {
+    // SAFETY: as for `copy`.
+    unsafe { result::memset_d8_async(at, 0, bytes, gpu.stream.cu_stream()) }?;
+    Ok(())
+}
+
+/// Writes host `bytes` at device address `at`, in stream order (the bytes are staged before
+/// this returns).
+pub fn write(gpu: &Gpu, bytes: &[u8], at: u64) -> Result<(), GpuError> {
+    // SAFETY: as for `copy`; pageable host memory is copied out before the call returns.
+    unsafe { result::memcpy_htod_async(at, bytes, gpu.stream.cu_stream()) }?;
+    Ok(())
+}
+
+/// Reads `bytes` bytes at device address `at` back to the host, after the work before it.
+pub fn read(gpu: &Gpu, at: u64, bytes: usize) -> Result<Vec<u8>, GpuError> {
+    let mut host = vec![0u8; bytes];
+    // SAFETY: as for `copy`; the stream is synchronised before the host reads `host`.
+    unsafe { result::memcpy_dtoh_async(&mut host, at, gpu.stream.cu_stream()) }?;
+    gpu.stream.synchronize()?;
+    Ok(host)
+}
