@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # dsc's GPU checks and measurements, on the GPU machine from the repository root, with what
-# tests/device/build.sh built here. One stage per call (device time is counted):
+# tests/device/build.sh built here. Stages run in the order given, each stage name followed
+# by its N where it takes one (`run.sh checks step profile`: the first thing to run after
+# changing the backend, about 8 minutes of one call; device time is counted):
 #   checks    the GPU test suites (every kernel kind against the CPU reference; the bench
 #             plan's FP8 and grouped FP8 GEMMs; training steps of the tiny plans against the
 #             CPU) and every generated kernel of the bench plan against float64 (CuPy)
@@ -16,7 +18,7 @@
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
-# carried (64 MiB in all, so not everything at once): checks: target/gpu/gpu_kernels,
+# carried (64 MiB in all: `checks step profile` fit together): checks: target/gpu/gpu_kernels,
 # target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench; step: target/gpu/gpu_kernels and
 # target/plan-bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
@@ -28,40 +30,48 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N bf16 N train N"
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-case "${1:-}" in
-  checks)
-    DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
-      target/gpu/gpu_kernels --nocapture --skip a_bench_training_step 2>&1 | tail -n 40
-    DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20
-    python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15
-    ;;
-  step)
-    DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench_training_step 2>&1 | tail -n 20
-    ;;
-  profile)
-    target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
-      --metrics "$OUT/profile.jsonl" 2>&1 | tail -n 60
-    ;;
-  table | long)
-    bf16=()
-    [ "$1" = table ] && bf16=(--bf16-plan target/plan-bench-bf16)
-    python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench "${bf16[@]}" \
-      --steps "${2:-20}" --keep "$OUT"
-    ;;
-  bf16)
-    target/gpu/dsc train "${bench[@]}" --plan target/plan-bench-bf16 --backend cuda --steps "${2:?bf16 N}" \
-      --metrics "$OUT/dsc-bf16.jsonl" 2>&1 | tail -n 20
-    ;;
-  train)
-    resume=()
-    [ -d target/run-bench ] && resume=(--resume target/run-bench)
-    target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps "${2:?train N}" \
-      --checkpoint-dir target/run-bench --checkpoint-every 50 --keep 1 "${resume[@]}" \
-      --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
-    ;;
-  *)
-    echo "usage: tests/device/run.sh checks|step|profile|table [N]|long N|bf16 N|train N" >&2
-    exit 2
-    ;;
-esac
+while [ $# -gt 0 ]; do
+  stage=$1
+  shift
+  n=
+  if [[ ${1:-} =~ ^[0-9]+$ ]]; then n=$1; shift; fi
+  case "$stage" in
+    checks)
+      DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
+        target/gpu/gpu_kernels --nocapture --skip a_bench_training_step 2>&1 | tail -n 40
+      DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20
+      python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15
+      ;;
+    step)
+      DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench_training_step 2>&1 | tail -n 20
+      ;;
+    profile)
+      target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
+        --metrics "$OUT/profile.jsonl" 2>&1 | tail -n 60
+      ;;
+    table | long)
+      bf16=()
+      [ "$stage" = table ] && bf16=(--bf16-plan target/plan-bench-bf16)
+      python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench "${bf16[@]}" \
+        --steps "${n:-20}" --keep "$OUT"
+      ;;
+    bf16)
+      target/gpu/dsc train "${bench[@]}" --plan target/plan-bench-bf16 --backend cuda --steps "${n:?bf16 N}" \
+        --metrics "$OUT/dsc-bf16.jsonl" 2>&1 | tail -n 20
+      ;;
+    train)
+      resume=()
+      [ -d target/run-bench ] && resume=(--resume target/run-bench)
+      target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps "${n:?train N}" \
+        --checkpoint-dir target/run-bench --checkpoint-every 50 --keep 1 "${resume[@]}" \
+        --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
+      ;;
+    *)
+      echo "$usage" >&2
+      exit 2
+      ;;
+  esac
+done
