@@ -135,6 +135,31 @@ mod tests {
     }
 
     #[test]
+    fn entry_functions_keep_no_argument_in_their_arena() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec").clone();
+        let compiled = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
+        let (entries, layouts) = (entries(&compiled), layouts(&compiled));
+        let names: Vec<&str> =
+            compiled.functions.iter().zip(&entries).filter(|(_, &e)| e).map(|(f, _)| f.name.as_str()).collect();
+        assert_eq!(names, ["model", "model.grad", "adamw"]);
+        for (f, function) in compiled.module.functions.iter().enumerate() {
+            let args = compiled.functions[f]
+                .buffers
+                .iter()
+                .filter(|b| matches!(function.nodes[b.value as usize].op, Op::Arg(_)));
+            let held = args.filter(|b| layouts[f].offsets.contains_key(&b.value)).count();
+            let all = plan(&compiled.functions[f].buffers);
+            if entries[f] {
+                assert_eq!(held, 0, "{}: an entry's arguments stay where they are", function.name);
+                assert!(layouts[f].total < all.total, "{}", function.name);
+            } else {
+                assert_eq!(layouts[f], all, "{}: a called function's arena holds its arguments", function.name);
+            }
+        }
+    }
+
+    #[test]
     fn a_chain_reuses_memory() {
         // a → b → c → d, each read only by the next: two buffers alive at a time.
         let buffers: Vec<Buffer> = (0..4).map(|i| buffer(i, 1000, i, i + 1)).collect();
