@@ -6,7 +6,8 @@
 //! where they are read, never stored in between. The ops that write where an index tensor
 //! says (scatter-adds, the gate gradient) run over their source elements instead and store at
 //! the computed place; scatter-adds add atomically into outputs the launcher zeroes first
-//! ([`Emitted::zeroed`]). The sort by expert and the routing have kernels of their own.
+//! ([`Emitted::zeroed`]). The sort by expert and the routing have kernels of their own, and
+//! so have the counts over many positions (a warp per count).
 
 use super::emit::{Body, Emitted, BLOCK, TARGET};
 use crate::fuse::kernels::{scatters, Kernel};
@@ -30,6 +31,7 @@ pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> 
             g.args.extend([chosen, gates]);
             g.route(one)?
         }
+        [one] if g.counted_extent(one) >= SPLIT_EXTENT => g.count_by_warps(one)?,
         _ if g.split_reduction(kernel).is_some() => g.reduce_by_warps(kernel)?,
         _ => g.gather(kernel)?,
     };
@@ -707,6 +709,74 @@ impl<'a> Gen<'a> {
         }
         let _ = writeln!(self.body.text, "        }}");
         Ok(warps > 1)
+    }
+
+    /// How many positions each output element of a count looks at (`count`: a row's, each
+    /// bin; `expert_offsets`: all of them, each expert); 0 for other ops.
+    fn counted_extent(&self, node: &Node) -> usize {
+        let shape = &self.node(node.args[0]).shape;
+        match node.op {
+            Op::Count { .. } => *shape.last().unwrap_or(&1),
+            Op::ExpertOffsets { .. } => numel(shape),
+            _ => 0,
+        }
+    }
+
+    /// A count over many positions, a warp per output element: its lanes stride over the
+    /// positions (coalesced), each counting the matches (`count`: the position holds the
+    /// element's bin; `expert_offsets`: an expert below the element's), and the lanes' counts
+    /// meet through shuffles (in f32: exact below 2²⁴); lane 0 stores the sum.
+    fn count_by_warps(&mut self, node: &Node) -> Result<bool, String> {
+        let out = self.slots.len();
+        let (positions, extent, size) = (node.args[0], self.counted_extent(node), numel(&node.shape));
+        let shape = self.node(positions).shape.clone();
+        self.domain = size * 32;
+        let c32 = self.index(32);
+        let warp = self.line(format!("arith.divui %gid, {c32} : index"));
+        let lane = self.line(format!("arith.remui %gid, {c32} : index"));
+        let _ = writeln!(self.body.text, "      %w32 = arith.constant 32 : i32");
+        let limit = self.index(size);
+        let inside = self.cmp_index("ult", &warp, &limit);
+        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+        let idx = self.delinearize(&warp, &node.shape);
+        let end = self.index(extent);
+        let zero = self.body.constant(0.0);
+        let partial = self
+            .fold_range(&lane, &end, 32, &[zero], &["f32"], |g, j, acc| {
+                let (at, matches) = match node.op {
+                    Op::Count { .. } => {
+                        let rank = idx.len();
+                        let mut at = idx[..rank - 1].to_vec();
+                        at.push(j.to_string());
+                        (at, ("eq", idx[rank - 1].clone()))
+                    }
+                    _ => (g.delinearize(j, &shape), ("ult", idx[0].clone())),
+                };
+                let p = g.value_at(positions, &at)?;
+                let p = g.position(&p);
+                let hit = g.cmp_index(matches.0, &p, &matches.1);
+                let one = g.body.constant(1.0);
+                let more = g.line(format!("arith.addf {}, {one} : f32", acc[0]));
+                Ok(vec![g.line(format!("arith.select {hit}, {more}, {} : f32", acc[0]))])
+            })?
+            .remove(0);
+        let name = self.body.fresh();
+        let sum = super::emit::warp_reduce(&mut self.body.text, &name[1..], &partial, "arith.addf %acc, %y : f32");
+        let zero_index = self.index(0);
+        let is_lane0 = self.cmp_index("eq", &lane, &zero_index);
+        let store = match node.dtype {
+            DType::I32 => format!(
+                "%{n}_i = arith.fptosi {sum} : f32 to i32
+        memref.store %{n}_i, %a{out}[{warp}] : memref<?xi32>",
+                n = &name[1..]
+            ),
+            _ => format!("memref.store {sum}, %a{out}[{warp}] : memref<?xf32>"),
+        };
+        let _ = writeln!(self.body.text, "        scf.if {is_lane0} {{
+        {store}
+        }}
+        }}");
+        Ok(false)
     }
 
     /// Each output element computed at its own index: outputs of different sizes each by the
