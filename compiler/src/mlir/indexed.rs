@@ -772,10 +772,13 @@ impl<'a> Gen<'a> {
             ),
             _ => format!("memref.store {sum}, %a{out}[{warp}] : memref<?xf32>"),
         };
-        let _ = writeln!(self.body.text, "        scf.if {is_lane0} {{
+        let _ = writeln!(
+            self.body.text,
+            "        scf.if {is_lane0} {{
         {store}
         }}
-        }}");
+        }}"
+        );
         Ok(false)
     }
 
