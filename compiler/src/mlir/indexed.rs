@@ -3,11 +3,12 @@
 //! kernel's ops back to its inputs: broadcasts, reshapes, transposes, slices, pads and
 //! concatenations move indices; reductions loop over the reduced axes; top-k and the take/put
 //! along ops read positions from index tensors. Values inside a kernel are recomputed
-//! where they are read, never stored in between. The ops that write where an index tensor
-//! says (scatter-adds, the gate gradient) run over their source elements instead and store at
-//! the computed place; scatter-adds add atomically into outputs the launcher zeroes first
-//! ([`Emitted::zeroed`]). The sort by expert and the routing have kernels of their own, and
-//! so have the counts over many positions (a warp per count).
+//! where they are read, never stored in between. The scatter-adds (adding where an index
+//! tensor says) run over their source elements instead and add atomically into outputs the
+//! launcher zeroes first ([`Emitted::zeroed`]). The sort by expert and the routing have
+//! kernels of their own; the
+//! counts over many positions and the gates' gradient of the combine take a warp per output
+//! element, its lanes striding over the summed extent.
 
 use super::emit::{Body, Emitted, BLOCK, TARGET};
 use crate::fuse::kernels::{scatters, Kernel};
@@ -21,6 +22,7 @@ pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> 
     let mut g = Gen::new(f, kernel);
     let zeroed = match nodes.as_slice() {
         [one] if matches!(one.op, Op::SortByExpert { .. }) => g.sort_by_expert(one)?,
+        [one] if matches!(one.op, Op::UnpermuteGradGates { .. }) => g.gate_grads_by_warps(one)?,
         [one] if scatters(&one.op) => g.scatter(one)?,
         [one] if matches!(one.op, Op::Route { .. }) => {
             let parts = super::rows::parts(f, kernel.nodes[0], 2);
@@ -722,64 +724,111 @@ impl<'a> Gen<'a> {
         }
     }
 
-    /// A count over many positions, a warp per output element: its lanes stride over the
-    /// positions (coalesced), each counting the matches (`count`: the position holds the
-    /// element's bin; `expert_offsets`: an expert below the element's), and the lanes' counts
-    /// meet through shuffles (in f32: exact below 2²⁴); lane 0 stores the sum.
+    /// A count over many positions: `count` adds the positions holding the element's bin,
+    /// `expert_offsets` those holding an expert below the element's (in f32: exact below
+    /// 2²⁴), a warp per output element.
     fn count_by_warps(&mut self, node: &Node) -> Result<bool, String> {
         let out = self.slots.len();
-        let (positions, extent, size) = (node.args[0], self.counted_extent(node), numel(&node.shape));
+        let positions = node.args[0];
         let shape = self.node(positions).shape.clone();
-        self.domain = size * 32;
+        let term = |g: &mut Self, idx: &[String], j: &str| {
+            let (at, pred, bound) = match node.op {
+                Op::Count { .. } => {
+                    let rank = idx.len();
+                    let mut at = idx[..rank - 1].to_vec();
+                    at.push(j.to_string());
+                    (at, "eq", idx[rank - 1].clone())
+                }
+                _ => (g.delinearize(j, &shape), "ult", idx[0].clone()),
+            };
+            let p = g.value_at(positions, &at)?;
+            let p = g.position(&p);
+            let hit = g.cmp_index(pred, &p, &bound);
+            let (one, zero) = (g.body.constant(1.0), g.body.constant(0.0));
+            Ok(g.line(format!("arith.select {hit}, {one}, {zero} : f32")))
+        };
+        let store = |g: &mut Self, element: &str, _: &[String], sum: &str| {
+            let ty = element_type(node.dtype);
+            let value = match node.dtype {
+                DType::I32 => g.line(format!("arith.fptosi {sum} : f32 to i32")),
+                _ => sum.to_string(),
+            };
+            let _ = writeln!(g.body.text, "        memref.store {value}, %a{out}[{element}] : memref<?x{ty}>");
+            Ok(())
+        };
+        self.sum_by_warps(&node.shape.clone(), self.counted_extent(node), term, store)?;
+        Ok(false)
+    }
+
+    /// The gates' gradient of the weighted combine, a warp per routed row i: out[order[i]] =
+    /// Σ_j grad[order[i] / k, j] · ys[i, j] over the hidden width (both rows read coalesced).
+    fn gate_grads_by_warps(&mut self, node: &Node) -> Result<bool, String> {
+        let Op::UnpermuteGradGates { k } = node.op else { unreachable!("the gates' gradient") };
+        let out = self.slots.len();
+        let [grad, ys, order] = [node.args[0], node.args[1], node.args[2]];
+        let rows = self.node(ys).shape.clone();
+        let token = |g: &mut Self, idx: &[String]| -> Result<(String, String), String> {
+            let a = g.value_at(order, &idx[..1])?;
+            let a = g.position(&a);
+            let kk = g.index(k);
+            let t = g.line(format!("arith.divui {a}, {kk} : index"));
+            Ok((a, t))
+        };
+        let term = |g: &mut Self, idx: &[String], j: &str| {
+            let (_, t) = token(g, idx)?;
+            let x = g.value_at(grad, &[t, j.to_string()])?;
+            let y = g.value_at(ys, &[idx[0].clone(), j.to_string()])?;
+            Ok(g.line(format!("arith.mulf {x}, {y} : f32")))
+        };
+        let store = |g: &mut Self, _: &str, idx: &[String], sum: &str| {
+            let (a, _) = token(g, idx)?;
+            let _ = writeln!(g.body.text, "        memref.store {sum}, %a{out}[{a}] : memref<?xf32>");
+            Ok(())
+        };
+        self.sum_by_warps(&rows[..1], rows[1], term, store)?;
+        Ok(false)
+    }
+
+    /// Sums by warps, a warp per output element w of `shape` (multi-index idx): the lanes
+    /// stride over j < `extent` adding `term(idx, j)` (coalesced where consecutive j are
+    /// adjacent), their partial sums meet through shuffles, and lane 0 runs `store(w, idx,
+    /// sum)`.
+    fn sum_by_warps(
+        &mut self,
+        shape: &[usize],
+        extent: usize,
+        mut term: impl FnMut(&mut Self, &[String], &str) -> Result<String, String>,
+        store: impl FnOnce(&mut Self, &str, &[String], &str) -> Result<(), String>,
+    ) -> Result<(), String> {
+        self.domain = numel(shape) * 32;
         let c32 = self.index(32);
         let warp = self.line(format!("arith.divui %gid, {c32} : index"));
         let lane = self.line(format!("arith.remui %gid, {c32} : index"));
         let _ = writeln!(self.body.text, "      %w32 = arith.constant 32 : i32");
-        let limit = self.index(size);
+        let limit = self.index(numel(shape));
         let inside = self.cmp_index("ult", &warp, &limit);
         let _ = writeln!(self.body.text, "        scf.if {inside} {{");
-        let idx = self.delinearize(&warp, &node.shape);
+        let idx = self.delinearize(&warp, shape);
         let end = self.index(extent);
         let zero = self.body.constant(0.0);
         let partial = self
             .fold_range(&lane, &end, 32, &[zero], &["f32"], |g, j, acc| {
-                let (at, matches) = match node.op {
-                    Op::Count { .. } => {
-                        let rank = idx.len();
-                        let mut at = idx[..rank - 1].to_vec();
-                        at.push(j.to_string());
-                        (at, ("eq", idx[rank - 1].clone()))
-                    }
-                    _ => (g.delinearize(j, &shape), ("ult", idx[0].clone())),
-                };
-                let p = g.value_at(positions, &at)?;
-                let p = g.position(&p);
-                let hit = g.cmp_index(matches.0, &p, &matches.1);
-                let one = g.body.constant(1.0);
-                let more = g.line(format!("arith.addf {}, {one} : f32", acc[0]));
-                Ok(vec![g.line(format!("arith.select {hit}, {more}, {} : f32", acc[0]))])
+                let x = term(g, &idx, j)?;
+                Ok(vec![g.line(format!("arith.addf {}, {x} : f32", acc[0]))])
             })?
             .remove(0);
         let name = self.body.fresh();
         let sum = super::emit::warp_reduce(&mut self.body.text, &name[1..], &partial, "arith.addf %acc, %y : f32");
         let zero_index = self.index(0);
         let is_lane0 = self.cmp_index("eq", &lane, &zero_index);
-        let store = match node.dtype {
-            DType::I32 => format!(
-                "%{n}_i = arith.fptosi {sum} : f32 to i32
-        memref.store %{n}_i, %a{out}[{warp}] : memref<?xi32>",
-                n = &name[1..]
-            ),
-            _ => format!("memref.store {sum}, %a{out}[{warp}] : memref<?xf32>"),
-        };
+        let _ = writeln!(self.body.text, "        scf.if {is_lane0} {{");
+        self.scoped(|g| store(g, &warp, &idx, &sum))?;
         let _ = writeln!(
             self.body.text,
-            "        scf.if {is_lane0} {{
-        {store}
-        }}
+            "        }}
         }}"
         );
-        Ok(false)
+        Ok(())
     }
 
     /// Each output element computed at its own index: outputs of different sizes each by the
@@ -882,7 +931,6 @@ impl<'a> Gen<'a> {
         let source = match &node.op {
             Op::ScatterRows { .. } => shape(self, 1),
             Op::PermuteGrad { .. } | Op::Unpermute { .. } => shape(self, 0),
-            Op::UnpermuteGradGates { .. } => shape(self, 2),
             _ => unreachable!("scatter ops"),
         };
         self.domain = numel(&source);
@@ -916,25 +964,6 @@ impl<'a> Gen<'a> {
                 let at = self.linearize(&[t, idx[1].clone()], &node.shape);
                 atomic_add(self, &x, &at);
                 true
-            }
-            Op::UnpermuteGradGates { k } => {
-                // out[order[i]] = Σ_j g[order[i] / k, j] · ys[i, j]
-                let a = self.value_at(arg(2), &idx)?;
-                let a = self.position(&a);
-                let kk = self.index(*k);
-                let t = self.line(format!("arith.divui {a}, {kk} : index"));
-                let d = shape(self, 0)[1];
-                let zero = self.body.constant(0.0);
-                let dot = self
-                    .fold(d, &[zero], &["f32"], |g, j, acc| {
-                        let x = g.value_at(arg(0), &[t.clone(), j.to_string()])?;
-                        let y = g.value_at(arg(1), &[idx[0].clone(), j.to_string()])?;
-                        let p = g.line(format!("arith.mulf {x}, {y} : f32"));
-                        Ok(vec![g.line(format!("arith.addf {}, {p} : f32", acc[0]))])
-                    })?
-                    .remove(0);
-                let _ = writeln!(self.body.text, "        memref.store {dot}, %a{out}[{a}] : memref<?xf32>");
-                false
             }
             _ => unreachable!("scatter ops"),
         };
