@@ -40,9 +40,20 @@ pub fn e4m3_encode(x: f64) -> u8 {
     sign | encode_magnitude(x.abs())
 }
 
-/// `x` rounded to the nearest E4M3 value (with saturation): `e4m3_decode(e4m3_encode(x))`.
+/// `x` rounded to the nearest E4M3 value (with saturation): `e4m3_decode(e4m3_encode(x))`,
+/// below 448 in magnitude computed without the code: in `x`'s binade (clamped below to the
+/// subnormals') the magnitude is scaled to steps of 2^(e−3) (exactly: a power of two), rounded
+/// to a whole number of steps, ties to even (adding and taking away 2⁵² does that exactly for
+/// the 0 to 16 steps a binade has), and scaled back; the sign is `x`'s, zero's included.
 pub fn round_e4m3(x: f64) -> f64 {
-    e4m3_decode(e4m3_encode(x))
+    const WHOLE: f64 = 4_503_599_627_370_496.0; // 2⁵²: the f64s from here on are whole numbers
+    let a = x.abs();
+    if a.is_nan() || a >= E4M3_MAX {
+        return e4m3_decode(e4m3_encode(x)); // NaN, or saturated
+    }
+    let exponent = binary_exponent(a).max(MIN_EXPONENT);
+    let steps = (a * pow2(MANTISSA_BITS - exponent) + WHOLE) - WHOLE;
+    (steps * pow2(exponent - MANTISSA_BITS)).copysign(x)
 }
 
 /// The value of a non-NaN magnitude code: (8 + m) × 2^(e − 7 − 3) for exponent field e ≥ 1,
@@ -132,6 +143,16 @@ mod tests {
             }
         };
         u8::try_from(code).unwrap()
+    }
+
+    #[test]
+    fn rounding_agrees_with_the_codes_bit_for_bit() {
+        // Every 1009th f32 (all binades, both signs, NaNs and infinities), and halfway points.
+        let f32s = (0..=u32::MAX).step_by(1009).map(|bits| f64::from(f32::from_bits(bits)));
+        let halfway = (0..=0xfeu8).map(|code| (e4m3_decode(code) + e4m3_decode(code + 1)) / 2.0);
+        for x in f32s.chain(halfway).chain([0.0, -0.0, 448.0, 464.0, -464.0, 2f64.powi(-10), 2f64.powi(-9)]) {
+            assert_eq!(round_e4m3(x).to_bits(), e4m3_decode(e4m3_encode(x)).to_bits(), "{x:e}");
+        }
     }
 
     #[test]

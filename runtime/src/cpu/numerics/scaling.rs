@@ -130,18 +130,33 @@ pub fn quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Quantiz
     assert_eq!(x.len(), m * n, "quantize: {} elements for a [{m}, {n}] matrix", x.len());
     assert!(tiling.rows > 0 && tiling.cols > 0, "quantize: empty scaling group {tiling:?}");
     let (group_rows, group_cols) = tiling.grid(m, n);
+    // Column j of a row, by its group's column range.
+    let column_groups = |row: usize| {
+        (0..group_cols).map(move |g| (row * group_cols + g, g * tiling.cols..n.min((g + 1) * tiling.cols)))
+    };
+    // Each band of `tiling.rows` rows makes one row of groups.
     let mut amax = vec![0.0; group_rows * group_cols];
-    for (index, element) in x.iter().enumerate() {
-        let group = tiling.group_of(n, index / n, index % n);
-        amax[group] = larger_magnitude(amax[group], element.to_f64());
-    }
+    fill_rows(&mut amax, group_cols, tiling.rows * n, |first, bands| {
+        for (b, band) in bands.chunks_mut(group_cols.max(1)).enumerate() {
+            let rows = (first + b) * tiling.rows..m.min((first + b + 1) * tiling.rows);
+            for i in rows {
+                for ((_, columns), group) in column_groups(0).zip(band.iter_mut()) {
+                    for element in &x[i * n + columns.start..i * n + columns.end] {
+                        *group = larger_magnitude(*group, element.to_f64());
+                    }
+                }
+            }
+        }
+    });
     let scales: Vec<f64> = amax.into_iter().map(group_scale).collect();
     let mut values = vec![0.0; m * n];
     fill_rows(&mut values, n, n, |first, block| {
-        for (r, row) in block.chunks_mut(n).enumerate() {
+        for (r, row) in block.chunks_mut(n.max(1)).enumerate() {
             let i = first + r;
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = encode_scaled(x[i * n + j].to_f64(), scales[tiling.group_of(n, i, j)]);
+            for (group, columns) in column_groups(i / tiling.rows) {
+                for j in columns {
+                    row[j] = encode_scaled(x[i * n + j].to_f64(), scales[group]);
+                }
             }
         }
     });
