@@ -32,6 +32,9 @@ pub fn matmul_fp8(a: &Quantized, b: &Quantized, promote: usize) -> Vec<f64> {
         a.tiling,
         b.tiling
     );
+    // E4M3 values and their products are exact in f32 (4 and 8 significant bits, magnitudes
+    // 2⁻¹⁸ to 2¹⁸), so the products are taken there.
+    let b_values: Vec<f32> = b.values.iter().map(|&x| x as f32).collect();
     let mut c = vec![0.0; m * n];
     fill_rows(&mut c, n, n * k, |first, block| {
         let mut sums = vec![0.0f32; n];
@@ -39,7 +42,7 @@ pub fn matmul_fp8(a: &Quantized, b: &Quantized, promote: usize) -> Vec<f64> {
         for (r, row) in block.chunks_mut(n).enumerate() {
             accumulators.fill(0.0);
             for start in (0..k).step_by(promote) {
-                chunk_sums(a, b, first + r, start..(start + promote).min(k), &mut sums);
+                chunk_sums(a, &b_values, n, first + r, start..(start + promote).min(k), &mut sums);
                 promote_chunk(a, b, first + r, start, &sums, &mut accumulators);
             }
             row.iter_mut().zip(&accumulators).for_each(|(c, &acc)| *c = f64::from(acc));
@@ -49,14 +52,13 @@ pub fn matmul_fp8(a: &Quantized, b: &Quantized, promote: usize) -> Vec<f64> {
 }
 
 /// Step 1 for row i and every column j at once: `sums[j]` = Σ_{k ∈ chunk} a[i, k] · b[k, j] in
-/// f32, each sum taken in k order.
-fn chunk_sums(a: &Quantized, b: &Quantized, i: usize, chunk: Range<usize>, sums: &mut [f32]) {
+/// f32, each sum taken in k order (`b_values`: b's E4M3 values in f32, rows of `n`).
+fn chunk_sums(a: &Quantized, b_values: &[f32], n: usize, i: usize, chunk: Range<usize>, sums: &mut [f32]) {
     sums.fill(0.0);
     for kk in chunk {
-        let a_ik = a.values[i * a.n + kk];
-        let b_row = &b.values[kk * b.n..(kk + 1) * b.n];
-        for (sum, &b_kj) in sums.iter_mut().zip(b_row) {
-            *sum += (a_ik * b_kj) as f32;
+        let a_ik = a.values[i * a.n + kk] as f32;
+        for (sum, &b_kj) in sums.iter_mut().zip(&b_values[kk * n..(kk + 1) * n]) {
+            *sum += a_ik * b_kj;
         }
     }
 }
