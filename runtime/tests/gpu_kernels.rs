@@ -128,11 +128,12 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
             };
             // A cuBLAS GEMM runs twice: in exact f32, then on TF32 tensor cores (as policy
             // plans run them), its operands rounded to 10 mantissa bits: within 4 × 2⁻¹¹.
-            let modes: &[Option<(&gemm::Blas, f64)>] = match kernel.code {
-                Code::Generated { .. } => &[None],
-                _ => &[Some((&exact, 1e-5)), Some((&tf32, 2e-3))],
+            let modes: &[(Option<&gemm::Blas>, bool)] = match kernel.code {
+                Code::Generated { .. } => &[(None, false)],
+                _ => &[(Some(&exact), false), (Some(&tf32), true)],
             };
-            for mode in modes {
+            let places = Places::arena(&gpu, &arena, &layout);
+            for &(blas, on_tf32) in modes {
                 for &v in &args {
                     let host: Vec<u8> = match &seen[&(f, v as usize)] {
                         _ if !kernel.inputs.contains(&v) => vec![0xFF; bytes[&v]], // poisoned: NaN
@@ -142,22 +143,10 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                     };
                     gpu.stream.memcpy_htod(&host, &mut arena.slice_mut(range(v))).expect("upload");
                 }
-                match mode {
-                    None => kernels
-                        .launch(&gpu, function, kernel, &Places::new(&gpu, &arena, &layout, &HashMap::new()), |v| {
-                            bytes[&v]
-                        })
-                        .expect("launch"),
-                    Some((blas, _)) => {
-                        gemm::run(
-                            &gpu,
-                            blas,
-                            function,
-                            kernel,
-                            &Places::new(&gpu, &arena, &layout, &HashMap::new()),
-                            &mut Default::default(),
-                        )
-                        .expect("cuBLAS GEMM");
+                match blas {
+                    None => kernels.launch(&gpu, function, kernel, &places, |v| bytes[&v]).expect("launch"),
+                    Some(blas) => {
+                        gemm::run(&gpu, blas, function, kernel, &places, &mut Default::default()).expect("cuBLAS GEMM");
                         gemms += 1;
                     }
                 }
@@ -171,12 +160,11 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                                 words(&got).into_iter().map(|w| f64::from(f32::from_le_bytes(w))).collect();
                             let want: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
                             let error = relative_error(&got, &want);
-                            match mode {
-                                Some((_, bound)) if *bound > 1e-5 => {
-                                    worst_tf32 = worst_tf32.max(error);
-                                    (error, *bound)
-                                }
-                                _ => (error, if kernel.ops.iter().any(|o| o == "cast") { 1e-2 } else { 1e-5 }),
+                            if on_tf32 {
+                                worst_tf32 = worst_tf32.max(error);
+                                (error, 2e-3)
+                            } else {
+                                (error, if kernel.ops.iter().any(|o| o == "cast") { 1e-2 } else { 1e-5 })
                             }
                         }
                         Value::Int(t) => {

@@ -14,7 +14,6 @@ use dsc_runtime::cuda::places::Places;
 use dsc_runtime::cuda::scaled::{Fp8Operand, Groups, ScaledGemm};
 use dsc_runtime::cuda::Gpu;
 use dsc_runtime::rng::Rng;
-use std::collections::HashMap;
 
 fn relative_error(got: &[f64], want: &[f64]) -> f64 {
     let diff: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
@@ -175,15 +174,8 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
                 gpu.stream.memcpy_htod(&encoded, &mut arena.slice_mut(at..at + encoded.len())).expect("upload");
                 operands.push(q);
             }
-            gemm::run(
-                &gpu,
-                &blas,
-                function,
-                kernel,
-                &Places::new(&gpu, &arena, &layout, &HashMap::new()),
-                &mut Default::default(),
-            )
-            .expect("the FP8 GEMM");
+            gemm::run(&gpu, &blas, function, kernel, &Places::arena(&gpu, &arena, &layout), &mut Default::default())
+                .expect("the FP8 GEMM");
             // The results: the node's value, or each part of the concatenated form.
             let results: Vec<u32> = match node.op {
                 Op::ScaledMatMul { .. } => vec![v],
@@ -290,15 +282,8 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
             let offsets_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
             let at = layout.offsets[&offsets_value] as usize;
             gpu.stream.memcpy_htod(&offsets_bytes, &mut arena.slice_mut(at..at + offsets_bytes.len())).expect("upload");
-            gemm::run(
-                &gpu,
-                &blas,
-                function,
-                kernel,
-                &Places::new(&gpu, &arena, &layout, &HashMap::new()),
-                &mut Default::default(),
-            )
-            .expect("the grouped FP8 GEMM");
+            gemm::run(&gpu, &blas, function, kernel, &Places::arena(&gpu, &arena, &layout), &mut Default::default())
+                .expect("the grouped FP8 GEMM");
             let with_rows: Vec<usize> = (0..experts).filter(|&e| offsets[e] < offsets[e + 1]).collect();
             let picked = [with_rows[0], with_rows[with_rows.len() / 2], with_rows[with_rows.len() - 1]];
             let mut compare = |got: Vec<f64>, want: Vec<f64>, what: String| {

@@ -6,9 +6,8 @@
 //! where they are read, never stored in between. The scatter-adds (adding where an index
 //! tensor says) run over their source elements instead and add atomically into outputs the
 //! launcher zeroes first ([`Emitted::zeroed`]). The sort by expert and the routing have
-//! kernels of their own; the
-//! counts over many positions and the gates' gradient of the combine take a warp per output
-//! element, its lanes striding over the summed extent.
+//! kernels of their own; the counts over many positions and the gates' gradient of the
+//! combine take a warp per output element, its lanes striding over the summed extent.
 
 use super::emit::{Body, Emitted, BLOCK, TARGET};
 use crate::fuse::kernels::{scatters, Kernel};
@@ -642,17 +641,10 @@ impl<'a> Gen<'a> {
     /// input's shape are stored as the first reduction visits their elements.
     fn reduce_by_warps(&mut self, kernel: &Kernel) -> Result<bool, String> {
         let (size, warps) = self.split_reduction(kernel).expect("checked by the caller");
-        self.domain = size * warps * 32;
-        let c32 = self.index(32);
-        let warp = self.line(format!("arith.divui %gid, {c32} : index"));
-        let lane = self.line(format!("arith.remui %gid, {c32} : index"));
+        let (warp, lane) = self.warp_per_item(size * warps);
         let w = self.index(warps);
         let element = self.line(format!("arith.divui {warp}, {w} : index"));
         let part = self.line(format!("arith.remui {warp}, {w} : index"));
-        let _ = writeln!(self.body.text, "      %w32 = arith.constant 32 : i32");
-        let limit = self.index(size);
-        let inside = self.cmp_index("ult", &element, &limit);
-        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
         let zero_index = self.index(0);
         let is_reduction = |n: &Node| matches!(n.op, Op::Sum { .. } | Op::SumTo(_) | Op::Max { .. });
         // (argument slot, value) of each output: the reductions, and the values riding along.
@@ -711,6 +703,21 @@ impl<'a> Gen<'a> {
         }
         let _ = writeln!(self.body.text, "        }}");
         Ok(warps > 1)
+    }
+
+    /// A warp per item of `items`: the domain set to their threads, this thread's warp (its
+    /// item) and lane, `%w32` (the shuffles' width) defined, and an `scf.if` on the warp being
+    /// an item opened (the caller closes it).
+    fn warp_per_item(&mut self, items: usize) -> (String, String) {
+        self.domain = items * 32;
+        let c32 = self.index(32);
+        let warp = self.line(format!("arith.divui %gid, {c32} : index"));
+        let lane = self.line(format!("arith.remui %gid, {c32} : index"));
+        let _ = writeln!(self.body.text, "      %w32 = arith.constant 32 : i32");
+        let limit = self.index(items);
+        let inside = self.cmp_index("ult", &warp, &limit);
+        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+        (warp, lane)
     }
 
     /// How many positions each output element of a count looks at (`count`: a row's, each
@@ -800,14 +807,7 @@ impl<'a> Gen<'a> {
         mut term: impl FnMut(&mut Self, &[String], &str) -> Result<String, String>,
         store: impl FnOnce(&mut Self, &str, &[String], &str) -> Result<(), String>,
     ) -> Result<(), String> {
-        self.domain = numel(shape) * 32;
-        let c32 = self.index(32);
-        let warp = self.line(format!("arith.divui %gid, {c32} : index"));
-        let lane = self.line(format!("arith.remui %gid, {c32} : index"));
-        let _ = writeln!(self.body.text, "      %w32 = arith.constant 32 : i32");
-        let limit = self.index(numel(shape));
-        let inside = self.cmp_index("ult", &warp, &limit);
-        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
+        let (warp, lane) = self.warp_per_item(numel(shape));
         let idx = self.delinearize(&warp, shape);
         let end = self.index(extent);
         let zero = self.body.constant(0.0);
@@ -862,13 +862,8 @@ impl<'a> Gen<'a> {
         let out = self.slots.len();
         let shape = self.node(node.args[0]).shape.clone();
         let n = numel(&shape);
-        self.domain = experts * 32;
+        let (warp, lane) = self.warp_per_item(experts);
         let c32 = self.index(32);
-        let warp = self.line(format!("arith.divui %gid, {c32} : index"));
-        let lane = self.line(format!("arith.remui %gid, {c32} : index"));
-        let limit = self.index(experts);
-        let inside = self.cmp_index("ult", &warp, &limit);
-        let _ = writeln!(self.body.text, "        scf.if {inside} {{");
         let expert = self.line(format!("arith.index_cast {warp} : index to i32"));
         let lane32 = self.line(format!("arith.index_cast {lane} : index to i32"));
         let one = self.line("arith.constant 1 : i32".into());

@@ -90,12 +90,20 @@ impl Input {
     }
 }
 
-/// A function's call: its arena, the arguments read in place (an entry's) and the uploads
-/// holding its host arguments (freed in stream order with the call).
+/// A function's call: its arena and the arena's layout, the arguments read in place (an
+/// entry's) and the uploads holding its host arguments (freed in stream order with the call).
 pub(super) struct Call {
     pub(super) arena: CudaSlice<u8>,
+    layout: Arc<Layout>,
     outside: HashMap<u32, u64>,
     uploads: Vec<CudaSlice<u8>>,
+}
+
+impl Call {
+    /// Where the call's values are.
+    pub(super) fn places<'a>(&'a self, gpu: &Gpu) -> Places<'a> {
+        Places::with_outside(gpu, &self.arena, &self.layout, &self.outside)
+    }
 }
 
 /// One step of a function.
@@ -186,7 +194,6 @@ impl Executor {
         let spare = plan.functions.iter().map(|_| None).collect();
         let tables = plan.module.constants.iter().map(|_| None).collect();
         let counts = Counts::default();
-        let profile = None;
         Ok(Executor {
             gpu,
             blas,
@@ -200,7 +207,7 @@ impl Executor {
             spare,
             tables,
             state: None,
-            profile,
+            profile: None,
         })
     }
 
@@ -273,11 +280,6 @@ impl Executor {
         outputs
     }
 
-    /// Where the values of `call` (of function `f`) are.
-    pub(super) fn places<'a>(&'a self, f: usize, call: &'a Call) -> Places<'a> {
-        Places::new(&self.gpu, &call.arena, &self.layouts[f], &call.outside)
-    }
-
     /// Output value `o` of `call` (of function `f`), on the host.
     pub(super) fn output(&self, f: usize, o: dsc_compiler::graph::ir::V, call: &Call) -> Result<Value<f32>, GpuError> {
         let function = &self.plan.module.functions[f];
@@ -286,7 +288,7 @@ impl Executor {
         match function.node(b).op {
             Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
             _ => {
-                let bytes = places::read(&self.gpu, self.places(f, call).at(b.0), self.bytes[f][&b.0])?;
+                let bytes = places::read(&self.gpu, call.places(&self.gpu).at(b.0), self.bytes[f][&b.0])?;
                 Ok(decode(function.node(b), &node.shape, &bytes))
             }
         }
@@ -302,7 +304,7 @@ impl Executor {
             Some(arena) => arena,
             None => self.gpu.stream.alloc_zeros::<u8>(layout.peak.max(1) as usize)?,
         };
-        let mut call = Call { arena, outside: HashMap::new(), uploads: Vec::new() };
+        let mut call = Call { arena, layout, outside: HashMap::new(), uploads: Vec::new() };
         let mut steps: Vec<(u32, Step)> =
             pf.kernels.iter().enumerate().map(|(k, kernel)| (kernel.nodes[0], Step::Kernel(k))).collect();
         steps.extend(
@@ -339,32 +341,30 @@ impl Executor {
                             call.outside.insert(i, place);
                             continue;
                         }
-                        let to = Places::new(&self.gpu, &call.arena, &layout, &call.outside).at(i);
+                        let to = call.places(&self.gpu).at(i);
                         let what = |_: &Self| format!("{} argument copies", function.name);
                         self.timed(what, 0.0, |this| match &args[a] {
                             Input::Host(bytes) => places::write(&this.gpu, bytes, to),
                             Input::Device(from, len) => places::copy(&this.gpu, *from, to, *len),
                         })?
                     }
-                    Op::Table(_) => {
-                        let places = Places::new(&self.gpu, &call.arena, &layout, &call.outside);
-                        self.upload_table(f, i, &places, &mut tables)?
-                    }
+                    Op::Table(_) => self.upload_table(f, i, &call.places(&self.gpu), &mut tables)?,
                     Op::Call(callee) => {
-                        let places = Places::new(&self.gpu, &call.arena, &layout, &call.outside);
-                        self.call(f, i, callee, &places).map_err(|e| at(e, &format!("call at %{i}")))?
+                        self.call(f, i, callee, &call.places(&self.gpu)).map_err(|e| at(e, &format!("call at %{i}")))?
                     }
                     _ => {}
                 },
                 Step::Kernel(k) => {
                     let kernel = &pf.kernels[k];
-                    let places = Places::new(&self.gpu, &call.arena, &layout, &call.outside);
+                    let places = call.places(&self.gpu);
                     for &v in &kernel.inputs {
                         if matches!(function.nodes[v as usize].op, Op::Table(_)) {
                             self.upload_table(f, v, &places, &mut tables)?;
                         }
                     }
-                    self.kernel(f, kernel, &places, &mut read_back).map_err(|e| at(e, &kernel.name))?;
+                    let category = |this: &Self| format!("{} {}", this.plan.module.functions[f].name, kernel.ops[0]);
+                    self.timed(category, kernel.seconds, |this| this.launch(f, kernel, &places, &mut read_back))
+                        .map_err(|e| at(e, &kernel.name))?;
                     if self.checked {
                         self.gpu.stream.synchronize().map_err(|e| at(e.into(), &kernel.name))?;
                     }
@@ -428,23 +428,12 @@ impl Executor {
                             "result {part} of {name}: {given} bytes for {want}"
                         )));
                     }
-                    places::copy(&self.gpu, self.places(callee, &results).at(out.0), to, want)?
+                    places::copy(&self.gpu, results.places(&self.gpu).at(out.0), to, want)?
                 }
             }
         }
         self.spare[callee] = Some(results.arena);
         Ok(())
-    }
-
-    fn kernel(
-        &mut self,
-        f: usize,
-        kernel: &Kernel,
-        places: &Places,
-        read_back: &mut gemm::ReadBack,
-    ) -> Result<(), GpuError> {
-        let category = |this: &Self| format!("{} {}", this.plan.module.functions[f].name, kernel.ops[0]);
-        self.timed(category, kernel.seconds, |this| this.launch(f, kernel, places, read_back))
     }
 
     /// Runs a kernel on its path: generated, library GEMM, or on the host.

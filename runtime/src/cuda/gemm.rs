@@ -217,8 +217,8 @@ pub fn run(
     let plan = match plan(function, kernel) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
-            let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?.to_vec();
-            return grouped(gpu, blas, function, places, &g, &offsets);
+            let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?;
+            return grouped(gpu, blas, function, places, &g, offsets);
         }
         None => {
             let op = function.nodes[kernel.nodes[0] as usize].op.name();
@@ -232,10 +232,9 @@ pub fn run(
         match p.b_groups {
             None => product(&blas.f32, places, p)?,
             Some(b_groups) => {
-                let at = |v: u32| places.at(v);
                 let (m, k, n) = (p.a.1[0], p.a.1[1], p.b.1[0]);
-                let (a, b) = (Fp8Operand::buffer(at(p.a.0), m, k), Fp8Operand::buffer(at(p.b.0), n, k));
-                let g = ScaledGemm { a, b, d: at(p.c), m, n, k, b_groups };
+                let (a, b) = (Fp8Operand::buffer(places.at(p.a.0), m, k), Fp8Operand::buffer(places.at(p.b.0), n, k));
+                let g = ScaledGemm { a, b, d: places.at(p.c), m, n, k, b_groups };
                 blas.fp8.run(gpu, &g)?;
             }
         }
@@ -264,11 +263,10 @@ fn product(blas: &CudaBlas, places: &Places, p: &Product) -> Result<(), GpuError
     let k = if p.ta { a_shape[a_shape.len() - 2] } else { a_shape[a_shape.len() - 1] };
     let stride =
         |shape: &[usize]| if shape.len() == 2 { 0 } else { (shape[shape.len() - 2] * shape[shape.len() - 1]) as i64 };
-    let at = |v: u32| places.at(v);
     let g = Sgemm {
-        a: at(p.a.0),
-        b: at(p.b.0),
-        c: at(p.c),
+        a: places.at(p.a.0),
+        b: places.at(p.b.0),
+        c: places.at(p.c),
         m,
         n,
         k,
@@ -382,8 +380,7 @@ fn scaled_products(
     let scales = gpu.stream.alloc_zeros::<u8>(4 * k_groups * (total + ROWS_ALIGN))?;
     let rows_scratch = gpu.stream.alloc_zeros::<u8>(ROWS_ALIGN * k)?;
     let out_scratch = gpu.stream.alloc_zeros::<u8>(4 * ROWS_ALIGN * widest)?;
-    let at = |v: u32| places.at(v);
-    let xs = Fp8Operand::buffer(at(g.xs.0), total, k);
+    let xs = Fp8Operand::buffer(places.at(g.xs.0), total, k);
     let (scales_at, _s) = scales.device_ptr(&gpu.stream);
     let (rows_at, _r) = rows_scratch.device_ptr(&gpu.stream);
     let (out_at, _o) = out_scratch.device_ptr(&gpu.stream);
@@ -400,18 +397,18 @@ fn scaled_products(
             let a = Fp8Operand { data, scales: scales_at, ld: k };
             for &(w, out) in weights {
                 let n = w.1[1];
-                let w_all = Fp8Operand::buffer(at(w.0), w.1[0] * n, k);
+                let w_all = Fp8Operand::buffer(places.at(w.0), w.1[0] * n, k);
                 let block_rows = n / 128 * k_groups.next_multiple_of(4);
                 let b = Fp8Operand {
                     data: w_all.data + (e * n * k) as u64,
                     scales: w_all.scales + 4 * (e * block_rows) as u64,
                     ld: k,
                 };
-                let d = if p.in_place { at(out) + (4 * p.first * n) as u64 } else { out_at };
+                let d = if p.in_place { places.at(out) + (4 * p.first * n) as u64 } else { out_at };
                 lt.run(gpu, &ScaledGemm { a, b, d, m: p.m, n, k, b_groups: Groups::Blocks })?;
                 if !p.in_place {
                     let bytes = 4 * p.rows * n;
-                    copy_2d(gpu, out_at, bytes, at(out) + (4 * p.first * n) as u64, bytes, bytes, 1)?;
+                    copy_2d(gpu, out_at, bytes, places.at(out) + (4 * p.first * n) as u64, bytes, bytes, 1)?;
                 }
             }
         }
@@ -431,8 +428,8 @@ fn scaled_wgrad(
     offsets: &[usize],
 ) -> Result<(), GpuError> {
     let (n, k, capacity) = (grad.1[0], g.xs.1[0], grad.1[1]);
-    let at = |v: u32| places.at(v);
-    let (qg, qx) = (Fp8Operand::buffer(at(grad.0), n, capacity), Fp8Operand::buffer(at(g.xs.0), k, capacity));
+    let (qg, qx) =
+        (Fp8Operand::buffer(places.at(grad.0), n, capacity), Fp8Operand::buffer(places.at(g.xs.0), k, capacity));
     let columns = |q: Fp8Operand, rows: usize, start: usize| Fp8Operand {
         data: q.data + start as u64,
         scales: q.scales + 4 * (start / 128 * rows) as u64,
@@ -443,7 +440,7 @@ fn scaled_wgrad(
         let tokens = (offsets[e + 1] - offsets[e]).next_multiple_of(128);
         if tokens > 0 {
             let (a, b) = (columns(qg, n, start), columns(qx, k, start));
-            let d = at(out) + (4 * e * n * k) as u64;
+            let d = places.at(out) + (4 * e * n * k) as u64;
             lt.run(gpu, &ScaledGemm { a, b, d, m: n, n: k, k: tokens, b_groups: Groups::Tiles })?;
         }
         start += tokens;

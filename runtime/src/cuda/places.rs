@@ -14,19 +14,29 @@ pub struct Places<'a> {
     arena: u64,
     layout: &'a Layout,
     /// Arguments read where the caller keeps them, by value.
-    outside: &'a HashMap<u32, u64>,
+    outside: Option<&'a HashMap<u32, u64>>,
 }
 
 impl<'a> Places<'a> {
-    /// The values in `arena` at `layout`'s offsets, but those `outside` at its addresses.
-    pub fn new(gpu: &Gpu, arena: &CudaSlice<u8>, layout: &'a Layout, outside: &'a HashMap<u32, u64>) -> Places<'a> {
+    /// Every value in `arena`, at `layout`'s offsets.
+    pub fn arena(gpu: &Gpu, arena: &CudaSlice<u8>, layout: &'a Layout) -> Places<'a> {
         let (at, _sync) = arena.device_ptr(&gpu.stream);
-        Places { arena: at, layout, outside }
+        Places { arena: at, layout, outside: None }
+    }
+
+    /// The values in `arena` at `layout`'s offsets, but those `outside` at its addresses.
+    pub fn with_outside(
+        gpu: &Gpu,
+        arena: &CudaSlice<u8>,
+        layout: &'a Layout,
+        outside: &'a HashMap<u32, u64>,
+    ) -> Places<'a> {
+        Places { outside: Some(outside), ..Places::arena(gpu, arena, layout) }
     }
 
     /// The device address of value `v`'s buffer.
     pub fn at(&self, v: u32) -> u64 {
-        match self.outside.get(&v) {
+        match self.outside.and_then(|outside| outside.get(&v)) {
             Some(&at) => at,
             None => self.arena + self.layout.offsets.get(&v).unwrap_or_else(|| panic!("value {v} has no buffer")),
         }

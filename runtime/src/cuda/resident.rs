@@ -72,7 +72,7 @@ impl Executor {
                 _ => Err(GpuError::Unsupported(format!("a constant {c} as a result of {}", function.name))),
             };
         }
-        let (x, bytes) = (self.places(f, call).at(b.0), self.bytes[f][&b.0]);
+        let (x, bytes) = (call.places(&self.gpu).at(b.0), self.bytes[f][&b.0]);
         if bytes != to.data.len() {
             return Err(GpuError::Unsupported(format!("{bytes} bytes of a result for {}", to.data.len())));
         }

@@ -130,18 +130,15 @@ pub fn quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Quantiz
     assert_eq!(x.len(), m * n, "quantize: {} elements for a [{m}, {n}] matrix", x.len());
     assert!(tiling.rows > 0 && tiling.cols > 0, "quantize: empty scaling group {tiling:?}");
     let (group_rows, group_cols) = tiling.grid(m, n);
-    // Column j of a row, by its group's column range.
-    let column_groups = |row: usize| {
-        (0..group_cols).map(move |g| (row * group_cols + g, g * tiling.cols..n.min((g + 1) * tiling.cols)))
-    };
+    // The columns of group column g.
+    let columns = |g: usize| g * tiling.cols..n.min((g + 1) * tiling.cols);
     // Each band of `tiling.rows` rows makes one row of groups.
     let mut amax = vec![0.0; group_rows * group_cols];
     fill_rows(&mut amax, group_cols, tiling.rows * n, |first, bands| {
         for (b, band) in bands.chunks_mut(group_cols.max(1)).enumerate() {
-            let rows = (first + b) * tiling.rows..m.min((first + b + 1) * tiling.rows);
-            for i in rows {
-                for ((_, columns), group) in column_groups(0).zip(band.iter_mut()) {
-                    for element in &x[i * n + columns.start..i * n + columns.end] {
+            for row in x[(first + b) * tiling.rows * n..m.min((first + b + 1) * tiling.rows) * n].chunks(n) {
+                for (g, group) in band.iter_mut().enumerate() {
+                    for element in &row[columns(g)] {
                         *group = larger_magnitude(*group, element.to_f64());
                     }
                 }
@@ -153,9 +150,10 @@ pub fn quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Quantiz
     fill_rows(&mut values, n, n, |first, block| {
         for (r, row) in block.chunks_mut(n.max(1)).enumerate() {
             let i = first + r;
-            for (group, columns) in column_groups(i / tiling.rows) {
-                for j in columns {
-                    row[j] = encode_scaled(x[i * n + j].to_f64(), scales[group]);
+            let band_scales = &scales[i / tiling.rows * group_cols..];
+            for (g, &scale) in band_scales[..group_cols].iter().enumerate() {
+                for j in columns(g) {
+                    row[j] = encode_scaled(x[i * n + j].to_f64(), scale);
                 }
             }
         }
