@@ -34,6 +34,7 @@ import time
 
 SPEC = "models/deepseek-v3-bench.dsc"
 DATA = ["--set", "train.data.sources=[synthetic { weight = 1 }]", "--set", "train.data.fim_rate=0"]
+BF16 = ["--set", "precision.gemm=bf16"]  # as tests/device/build.sh compiles target/plan-bench-bf16
 WARMUP_STEPS = 3
 BF16_PEAK = 989e12  # H100 and H200 SXM, dense
 
@@ -86,10 +87,10 @@ def gap(fp8, bf16):
     print(f"FP8 vs BF16 mean loss over the last {last} steps: {a:.5f} vs {b:.5f}, relative gap {(a - b) / b:+.3%}")
 
 
-def dsc_run(dsc, plan, steps, name, keep):
+def dsc_run(dsc, plan, steps, name, keep, sets=()):
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(keep or tmp, name.replace(" ", "-") + ".jsonl")
-        command = [dsc, "train", SPEC, *DATA, "--plan", plan, "--backend", "cuda", "--steps", str(steps),
+        command = [dsc, "train", SPEC, *DATA, *sets, "--plan", plan, "--backend", "cuda", "--steps", str(steps),
                    "--metrics", metrics]
         proc, peak = sampled(command)
         if proc.returncode != 0:
@@ -135,7 +136,7 @@ def main():
 
     rows = [dsc_run(args.dsc, args.fp8_plan, args.steps, "dsc fp8", args.keep)]
     if args.bf16_plan:
-        rows.append(dsc_run(args.dsc, args.bf16_plan, args.steps, "dsc bf16", args.keep))
+        rows.append(dsc_run(args.dsc, args.bf16_plan, args.steps, "dsc bf16", args.keep, BF16))
     torch = torch_run(args.torch_steps, not args.no_compile)
     if torch is None:
         sys.exit("no PyTorch baseline, so no table")

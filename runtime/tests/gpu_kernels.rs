@@ -377,8 +377,12 @@ fn training_steps_on_the_gpu_match_the_cpu() {
 /// (`gpu_scaled`); the GPU's step moved them by 4.7e-4 and 3.8e-3. So the test runs
 /// the CPU a second time from parameters perturbed by 1e-6, and holds the GPU's loss and
 /// gradient norm to the larger of DESIGN.md's FP8 bound (1e-3) and 4 times how far the CPU's
-/// own moved; a wrong kernel moves them by far more. The updated parameters (the step's
-/// learning rate is 0, so only the routing biases move) agree within 1e-3.
+/// own moved; a wrong kernel moves them by far more. The updated parameters are held to the
+/// same rule: the step's learning rate is 0, so only the routing biases move, each by ±γ on
+/// the sign of its expert's load against the mean, so one token routed differently flips the
+/// biases of the experts whose loads sit at the mean (the GPU's flipped 12 of 256 in one
+/// layer, a relative difference of 0.44); the perturbed CPU step shows how many flip from
+/// rounding alone.
 #[test]
 fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
     let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_BENCH_STEP", "plan-bench-step") else { return };
@@ -392,8 +396,8 @@ fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
     let started = std::time::Instant::now();
     let c = on_cpu.step().expect("a CPU step");
     let cpu_s = started.elapsed().as_secs_f64();
-    let p =
-        Trainer::<f32>::resume(&plan.spec, plan.training_graph(), &perturbed).expect("resumed").step().expect("a step");
+    let mut on_perturbed_cpu = Trainer::<f32>::resume(&plan.spec, plan.training_graph(), &perturbed).expect("resumed");
+    let p = on_perturbed_cpu.step().expect("a step");
     eprintln!(
         "loss GPU {:.7} CPU {:.7} perturbed CPU {:.7}, grad norm GPU {:.7} CPU {:.7} perturbed CPU {:.7}; \
          step GPU {:.1} s, CPU {:.1} s",
@@ -408,15 +412,21 @@ fn a_bench_training_step_on_the_gpu_matches_the_cpu() {
     }
     let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
     on_gpu.sync().expect("the state read back from the GPU");
-    let mut worst = (0.0f64, "");
-    for (i, (a, b)) in on_gpu.params().iter().zip(on_cpu.params()).enumerate() {
-        let error = relative_error(&reals(a), &reals(b));
-        if error > worst.0 {
-            worst = (error, &plan.params[i].name);
+    let mut failures = Vec::new();
+    let mut closest = (0.0f64, String::new());
+    for (i, ((a, b), moved)) in on_gpu.params().iter().zip(on_cpu.params()).zip(on_perturbed_cpu.params()).enumerate() {
+        let (error, b) = (relative_error(&reals(a), &reals(b)), reals(b));
+        let bound = 1e-3f64.max(4.0 * relative_error(&reals(moved), &b));
+        let name = &plan.params[i].name;
+        if error / bound >= closest.0 {
+            closest = (error / bound, format!("{name} at {error:.2e} (bound {bound:.2e})"));
+        }
+        if error > bound {
+            failures.push(format!("{name}: {error:.2e} (bound {bound:.2e})"));
         }
     }
-    eprintln!("worst updated parameter: {} at {:.2e}", worst.1, worst.0);
-    assert!(worst.0 <= 1e-3, "parameter {} differs by {:.2e}", worst.1, worst.0);
+    eprintln!("the updated parameter closest to its bound: {}", closest.1);
+    assert!(failures.is_empty(), "updated parameters differ:\n{}", failures.join("\n"));
 }
 
 /// `trainer`'s state with every parameter x moved to x·(1 + size·u), u uniform in [-1, 1)

@@ -12,8 +12,9 @@
 #   table N   issue 5's table: dsc FP8, dsc BF16 and PyTorch, N steps each (default 20;
 #             benches/bench_model.py), each dsc run's metrics kept in $OUT
 #   long N    the same without BF16, for a run too long to take both policies in one call
-#             (N = 300 takes most of a call), then
-#   bf16 N    the BF16 policy's run alone, its metrics in $OUT/dsc-bf16.jsonl (the gap: run
+#             (N = 300 takes most of a call)
+#   fp8 N, bf16 N   one policy's run alone, its metrics in $OUT/dsc-fp8.jsonl or
+#             $OUT/dsc-bf16.jsonl (`fp8 300 bf16 300` fit one call; the gap: run
 #             `benches/bench_model.py --gap dsc-fp8.jsonl dsc-bf16.jsonl` on the two files)
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
@@ -22,7 +23,7 @@
 # target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench; step: target/gpu/gpu_kernels and
 # target/plan-bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
-# target/plan-bench-bf16; long: those of profile; bf16: target/gpu/dsc and
+# target/plan-bench-bf16; long and fp8: those of profile; bf16: target/gpu/dsc and
 # target/plan-bench-bf16.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,7 +31,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
-usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N bf16 N train N"
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N train N"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 while [ $# -gt 0 ]; do
@@ -58,9 +59,11 @@ while [ $# -gt 0 ]; do
       python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench "${bf16[@]}" \
         --steps "${n:-20}" --keep "$OUT"
       ;;
-    bf16)
-      target/gpu/dsc train "${bench[@]}" --plan target/plan-bench-bf16 --backend cuda --steps "${n:?bf16 N}" \
-        --metrics "$OUT/dsc-bf16.jsonl" 2>&1 | tail -n 20
+    fp8 | bf16)
+      policy=(--plan target/plan-bench)
+      [ "$stage" = bf16 ] && policy=(--set precision.gemm=bf16 --plan target/plan-bench-bf16)
+      target/gpu/dsc train "${bench[@]}" "${policy[@]}" --backend cuda --steps "${n:?$stage N}" \
+        --metrics "$OUT/dsc-$stage.jsonl" 2>&1 | tail -n 20
       ;;
     train)
       resume=()
