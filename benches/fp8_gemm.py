@@ -8,8 +8,18 @@ operands (PyTorch hands the scale pointer to cuBLASLt as is, so an accepted and 
 is cuBLASLt's). Then it times y = a @ w.T at M = 4096 (median of 20 runs of 10, synchronised)
 with BF16 and, where accepted, FP32 output. One JSON line per result.
 
-Usage (GPU machine): python3 benches/fp8_gemm.py
+With `--generated PTX...` it also runs dsc's generated FP8 GEMMs (`compiler::mlir::gemm`,
+written by `cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR
+TILE...`: entry `fp8_gemm_n{tile}` in `fp8_gemm_n{tile}.ptx`, loaded with CuPy) on the same
+operands: first on a small product with a float64 reference, then on each shape, where their
+relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and
+timed the same way; "ok": false marks a wrong result.
+
+Usage (GPU machine): python3 benches/fp8_gemm.py [--generated PTX...]
 """
+import argparse
+import os
+import re
 import json
 import statistics
 import time
@@ -72,7 +82,81 @@ def probe(m=256, n=512, k=1024):
     return accepted
 
 
-def bench(accepted, m=4096):
+def exact(qa, sa, qw, sw, rows):
+    """The float64 product of the dequantised operands, over the first `rows` rows."""
+    a = qa[:rows].double() * sa[:rows].double().repeat_interleave(128, 1)
+    w = qw.double() * sw.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[: qw.shape[0]]
+    return a @ w.t()
+
+
+def rel(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+class Generated:
+    """A generated FP8 GEMM: C = A·Bᵀ, A's 1x128 scales M-contiguous, B's 128x128 block scales
+    with the K-blocks fastest, each row of them padded to 4, f32 output."""
+
+    def __init__(self, path):
+        import cupy
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.tile_n = int(re.search(r"_n(\d+)$", self.name).group(1))
+        self.kernel = cupy.RawModule(path=path).get_function(self.name)
+
+    def fits(self, m, n, k):
+        return m % 64 == 0 and n % self.tile_n == 0 and k % 128 == 0
+
+    def prepare(self, qa, sa, qw, sw):
+        """The kernel's operands, and a launch writing C."""
+        import numpy as np
+        m, k = qa.shape
+        n = qw.shape[0]
+        blocks = k // 128
+        padded = torch.zeros(sw.shape[0], -(-blocks // 4) * 4, device="cuda")
+        padded[:, :blocks] = sw
+        scale_a = sa.t().contiguous()
+        c = torch.empty(m, n, device="cuda")
+        keep = (qa, qw, scale_a, padded, c)
+        args = tuple(np.uint64(t.data_ptr()) for t in keep) + (np.uint32(m), np.uint32(n), np.uint32(k))
+        grid = (n // self.tile_n, m // 64, 1)
+        return c, lambda: (keep, self.kernel(grid, (128, 1, 1), args))
+
+
+def check_generated(generated):
+    """Each generated kernel on a small product against float64: the error and the place of
+    the worst element (which row and column block a layout mistake shows in)."""
+    torch.manual_seed(1)
+    m, n, k = 256, 512, 1024
+    x = torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
+    w = torch.randn(n, k, device="cuda")
+    qa, sa = quantize(x, 1, 128)
+    qw, sw = quantize(w, 128, 128)
+    ref = exact(qa, sa, qw, sw, m)
+    for g in generated:
+        c, run = g.prepare(qa, sa, qw, sw)
+        run()
+        torch.cuda.synchronize()
+        err = rel(c, ref)
+        worst = ((c.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).argmax().item()
+        print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}", "ok": err < 1e-3, "rel_error": err,
+                          "worst at": [worst // n, worst % n]}), flush=True)
+
+
+def timed(f):
+    for _ in range(5):
+        f()
+    samples = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            f()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / 10)
+    return statistics.median(samples)
+
+
+def bench(accepted, generated, m=4096):
     a_mn_major, w_n_contiguous, passed = accepted
     for n, k in SHAPES:
         x = torch.randn(m, k, device="cuda")
@@ -82,29 +166,40 @@ def bench(accepted, m=4096):
         qw = qw[:n]
         scale_a, scale_w = strided(sa, a_mn_major), strided(sw, w_n_contiguous)
         sb = scale_w if passed.startswith("scale_w [") else scale_w.t()
+        baseline = {}
         for out_dtype in (torch.bfloat16, torch.float32):
             try:
-                f = lambda: call(qa, qw.t(), scale_a, sb, out_dtype)  # noqa: E731
-                for _ in range(5):
-                    f()
-                samples = []
-                for _ in range(20):
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(10):
-                        f()
-                    torch.cuda.synchronize()
-                    samples.append((time.perf_counter() - start) / 10)
-                s = statistics.median(samples)
+                s = timed(lambda: call(qa, qw.t(), scale_a, sb, out_dtype))
+                baseline[out_dtype] = s
                 print(json.dumps({"impl": "torch scaled_mm", "out": str(out_dtype), "m": m, "n": n, "k": k,
                                   "us": round(s * 1e6, 1), "tflops": round(2 * m * n * k / s / 1e12)}), flush=True)
             except Exception as e:  # noqa: BLE001
                 print(json.dumps({"impl": "torch scaled_mm", "out": str(out_dtype), "n": n, "k": k,
                                   "error": str(e).splitlines()[0][:200]}), flush=True)
+        fitting = [g for g in generated if g.fits(m, n, k)]
+        if not fitting:
+            continue
+        ref = exact(qa, sa, qw, sw, 512)
+        library_error = rel(call(qa, qw.t(), scale_a, sb, torch.float32)[:512], ref)
+        for g in fitting:
+            c, run = g.prepare(qa, sa, qw, sw)
+            run()
+            torch.cuda.synchronize()
+            err = rel(c[:512], ref)
+            s = timed(run)
+            best = min(baseline.values()) if baseline else None
+            print(json.dumps({"impl": g.name, "m": m, "n": n, "k": k, "ok": err <= 1.1 * library_error + 1e-7,
+                              "rel_error": err, "cublaslt_rel_error": library_error, "us": round(s * 1e6, 1),
+                              "tflops": round(2 * m * n * k / s / 1e12),
+                              "vs_cublaslt": round(best / s, 3) if best else None}), flush=True)
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--generated", nargs="*", default=[], metavar="PTX")
+    generated = [Generated(path) for path in ap.parse_args().generated]
     print(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}))
+    check_generated(generated)
     accepted = probe()
     if accepted:
-        bench(accepted)
+        bench(accepted, generated)

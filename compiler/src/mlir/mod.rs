@@ -4,6 +4,7 @@
 
 pub mod emit;
 pub mod fp8;
+pub mod gemm;
 mod indexed;
 #[cfg(feature = "mlir")]
 pub mod lower;
