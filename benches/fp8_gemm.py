@@ -10,7 +10,7 @@ with BF16 and, where accepted, FP32 output. One JSON line per result.
 
 With `--generated PTX...` it also runs dsc's generated FP8 GEMMs (`compiler::mlir::gemm`,
 written by `cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR
-TILE...`: entry `fp8_gemm_n{tile}` in `fp8_gemm_n{tile}.ptx`, loaded with CuPy) on the same
+MxNxSTAGES...`: entry `fp8_gemm_m{M}_n{N}_s{STAGES}` in a file of that name, loaded with CuPy) on the same
 operands: first on a small product with a float64 reference, then on each shape, where their
 relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and
 timed the same way; "ok": false marks a wrong result.
@@ -95,16 +95,19 @@ def rel(y, ref):
 
 class Generated:
     """A generated FP8 GEMM: C = A·Bᵀ, A's 1x128 scales M-contiguous, B's 128x128 block scales
-    with the K-blocks fastest, each row of them padded to 4, f32 output."""
+    with the K-blocks fastest, each row of them padded to 4, f32 output; its tile (m x n in
+    `stages` shared-memory stages of 128 x (m + n) bytes) read from its name."""
 
     def __init__(self, path):
         import cupy
         self.name = os.path.splitext(os.path.basename(path))[0]
-        self.tile_n = int(re.search(r"_n(\d+)$", self.name).group(1))
+        self.tile_m, self.tile_n, self.stages = map(int, re.search(r"_m(\d+)_n(\d+)_s(\d+)$", self.name).groups())
+        self.shared = self.stages * (self.tile_m + self.tile_n) * 128
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
+        self.kernel.max_dynamic_shared_size_bytes = self.shared
 
     def fits(self, m, n, k):
-        return m % 64 == 0 and n % self.tile_n == 0 and k % 128 == 0
+        return m % self.tile_m == 0 and n % self.tile_n == 0 and k % 128 == 0
 
     def prepare(self, qa, sa, qw, sw):
         """The kernel's operands, and a launch writing C."""
@@ -118,28 +121,30 @@ class Generated:
         c = torch.empty(m, n, device="cuda")
         keep = (qa, qw, scale_a, padded, c)
         args = tuple(np.uint64(t.data_ptr()) for t in keep) + (np.uint32(m), np.uint32(n), np.uint32(k))
-        grid = (n // self.tile_n, m // 64, 1)
-        return c, lambda: (keep, self.kernel(grid, (128, 1, 1), args))
+        grid = (n // self.tile_n, m // self.tile_m, 1)
+        block = (self.tile_m // 64 * 128, 1, 1)
+        return c, lambda: (keep, self.kernel(grid, block, args, shared_mem=self.shared))
 
 
 def check_generated(generated):
-    """Each generated kernel on a small product against float64: the error and the place of
-    the worst element (which row and column block a layout mistake shows in)."""
+    """Each generated kernel on small products against float64 (K = 256: fewer blocks of K than
+    stages): the error and the place of the worst element (which row and column block a
+    layout mistake shows in)."""
     torch.manual_seed(1)
-    m, n, k = 256, 512, 1024
-    x = torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
-    w = torch.randn(n, k, device="cuda")
-    qa, sa = quantize(x, 1, 128)
-    qw, sw = quantize(w, 128, 128)
-    ref = exact(qa, sa, qw, sw, m)
-    for g in generated:
-        c, run = g.prepare(qa, sa, qw, sw)
-        run()
-        torch.cuda.synchronize()
-        err = rel(c, ref)
-        worst = ((c.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).argmax().item()
-        print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}", "ok": err < 1e-3, "rel_error": err,
-                          "worst at": [worst // n, worst % n]}), flush=True)
+    for m, n, k in ((256, 512, 1024), (128, 256, 256)):
+        x = torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
+        w = torch.randn(n, k, device="cuda")
+        qa, sa = quantize(x, 1, 128)
+        qw, sw = quantize(w, 128, 128)
+        ref = exact(qa, sa, qw, sw, m)
+        for g in generated:
+            c, run = g.prepare(qa, sa, qw, sw)
+            run()
+            torch.cuda.synchronize()
+            err = rel(c, ref)
+            worst = ((c.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).argmax().item()
+            print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}", "ok": err < 1e-3, "rel_error": err,
+                              "worst at": [worst // n, worst % n]}), flush=True)
 
 
 def timed(f):

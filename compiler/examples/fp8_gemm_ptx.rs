@@ -1,8 +1,8 @@
-//! Writes the generated FP8 GEMM (`compiler::mlir::gemm`) as PTX for each variant given as
-//! `TILE_N:STAGES` (tile width, shared-memory stages), to `DIR/fp8_gemm_s{stages}_n{tile}.ptx`
-//! (entry of the same name), for `benches/fp8_gemm.py --generated` on the GPU machine.
+//! Writes the generated FP8 GEMM (`compiler::mlir::gemm`) as PTX for each tile given as
+//! `MxNxSTAGES`, to `DIR/fp8_gemm_m{M}_n{N}_s{STAGES}.ptx` (entry of the same name), for
+//! `benches/fp8_gemm.py --generated` on the GPU machine.
 //!
-//! Usage: cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR 128:2...
+//! Usage: cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR 128x128x4...
 
 use dsc_compiler::mlir::{gemm, lower::Lowering};
 use std::process::ExitCode;
@@ -10,23 +10,26 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((dir, tiles)) = args.split_first().filter(|(_, tiles)| !tiles.is_empty()) else {
-        eprintln!("usage: fp8_gemm_ptx DIR TILE_N:STAGES... (e.g. 128:2)");
+        eprintln!("usage: fp8_gemm_ptx DIR MxNxSTAGES... (e.g. 128x128x4)");
         return ExitCode::from(2);
     };
     let lowering = Lowering::default();
     for tile in tiles {
-        let variant = tile.split_once(':').and_then(|(n, s)| Some((n.parse::<u32>().ok()?, s.parse::<u32>().ok()?)));
-        let Some((tile_n, stages)) = variant.filter(|&(n, s)| {
-            n % 8 == 0 && (8..=256).contains(&n) && matches!(s, 1 | 2) && s * (64 + n) * 128 <= 48 << 10
-        }) else {
-            eprintln!(
-                "`{tile}` is not TILE_N:STAGES (a multiple of 8 up to 256; 1 or 2 stages; 48 KB of tiles at most)"
-            );
-            return ExitCode::from(2);
+        let numbers: Vec<u32> = tile.split('x').filter_map(|x| x.parse().ok()).collect();
+        let tile = match numbers[..] {
+            [m, n, stages] => gemm::Tile { m, n, stages }.check(),
+            _ => Err(format!("`{tile}` is not MxNxSTAGES")),
         };
-        let name = format!("fp8_gemm_s{stages}_n{tile_n}");
+        let tile = match tile {
+            Ok(tile) => tile,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        let name = format!("fp8_gemm_m{}_n{}_s{}", tile.m, tile.n, tile.stages);
         let written = lowering
-            .ptx(&gemm::fp8_gemm(&name, tile_n, stages), false)
+            .ptx(&gemm::fp8_gemm(&name, tile), false)
             .and_then(|ptx| std::fs::write(format!("{dir}/{name}.ptx"), ptx).map_err(|e| format!("{dir}: {e}")));
         if let Err(e) = written {
             eprintln!("{name}: {e}");

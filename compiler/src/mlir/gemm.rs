@@ -4,20 +4,21 @@
 //! `sb[n/128 · R + k/128]`, R = K/128 rounded up to 4), C [M, N] in f32, row-major: the
 //! layouts of the plan's quantised operands (`fuse::library`, as cuBLASLt reads them).
 //!
-//! One warpgroup (128 threads) per 64 × `tile_n` block of C. For each 128-wide block of K the
-//! threads copy both operand tiles into shared memory in the canonical no-swizzle layout
-//! (8-row × 16-byte core matrices, adjacent along K 128 bytes apart, along M/N 1,024 bytes
-//! apart: the descriptors' leading and stride offsets), four `wgmma.m64nNk32` products sum
-//! the block into fresh tensor-core accumulators, and those are promoted into the f32
-//! accumulators times the block's two scales (DeepSeek's promotion every 128 elements of K).
-//! With two stages, the next block's tiles are copied into the other half of shared memory
-//! while the tensor cores work on this one.
+//! A block of C ([`Tile`]) is one warpgroup (128 threads) per 64 rows. Both operands' tiles
+//! go through a ring of shared-memory stages, one 128-wide block of K per stage, copied with
+//! `cp.async` (16 bytes a thread, `stages - 1` blocks ahead of the products) into the
+//! canonical no-swizzle layout: 8-row × 16-byte core matrices, adjacent along K 128 bytes
+//! apart and along M/N 1,024 bytes apart (the descriptors' leading and stride offsets; the
+//! swapped pair was measured wrong on the GPU). Per block of K, each warpgroup sums four
+//! `wgmma.m64nNk32` products into fresh tensor-core accumulators, which are then promoted
+//! into the f32 accumulators times the block's two scales: DeepSeek's promotion every 128
+//! elements of K.
 //!
-//! This is the correct-first form of issue 9: no TMA, no deeper pipeline, no warp
-//! specialisation yet, and the plan's GEMMs still run on cuBLASLt; `benches/fp8_gemm.py
+//! This is the first form of issue 9: no TMA, no warp specialisation, no persistent
+//! schedule yet, and the plan's GEMMs still run on cuBLASLt; `benches/fp8_gemm.py
 //! --generated` checks it against float64 and measures it beside cuBLASLt on the GPU. The
 //! `wgmma` instructions are inline PTX (MLIR 22's `nvvm.wgmma.mma_async` needs the struct
-//! plumbing this gives directly); M must be a multiple of 64, N of `tile_n`, K of 128.
+//! plumbing this gives directly). M must be a multiple of the tile's m, N of its n, K of 128.
 
 use std::fmt::Write;
 
@@ -100,65 +101,117 @@ impl Lines {
     }
 }
 
-/// Orders this thread's shared-memory stores before the tensor cores' reads, then waits for
-/// the block.
-fn fence_and_barrier(g: &mut Lines) {
-    g.asm("fence.proxy.async.shared::cta;", 0, false, &[]);
-    g.stmt("gpu.barrier");
-}
-
 fn accumulators(count: usize) -> String {
     format!("!llvm.struct<({})>", vec!["f32"; count].join(", "))
 }
 
-/// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc),
-/// blocks of 64 × `tile_n` (a multiple of 8 up to 256) through 1 or 2 shared-memory `stages`
-/// (of 128 × (64 + `tile_n`) bytes; 48 KB at most). Launch: grid (N / tile_n, M / 64),
-/// 128 threads; arguments A, B, sa, sb, C (pointers), M, N, K (u32).
-pub fn fp8_gemm(name: &str, tile_n: u32, stages: u32) -> String {
-    assert!(tile_n % 8 == 0 && (8..=256).contains(&tile_n), "wgmma N must be a multiple of 8 up to 256");
-    assert!(matches!(stages, 1 | 2), "one or two shared-memory stages");
-    assert!(stages * (TILE_M + tile_n) * TILE_K <= 48 << 10, "static shared memory is 48 KB at most");
+/// A block's shape: `m` rows of C (64 per warpgroup: 64 or 128), `n` columns (a multiple of
+/// 8 up to 256; with `m` = 128, up to 128), and the shared-memory `stages` (2 to 6) of
+/// 128 × (`m` + `n`) bytes each, 227 KB at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub m: u32,
+    pub n: u32,
+    pub stages: u32,
+}
+
+impl Tile {
+    /// Why the tile cannot be generated, if it cannot.
+    pub fn check(self) -> Result<Self, String> {
+        let Tile { m, n, stages } = self;
+        let fits = matches!(m, 64 | 128)
+            && n % 8 == 0
+            && (8..=256).contains(&n)
+            && (m == 64 || n <= 128)
+            && (2..=6).contains(&stages)
+            && self.shared_bytes() <= 227 << 10;
+        if fits {
+            Ok(self)
+        } else {
+            Err(format!(
+                "tile {m}x{n} in {stages} stages: m is 64 or 128, n a multiple of 8 up to 256 (128 when m is 128), \
+                 2 to 6 stages of 128 x (m + n) bytes within 227 KB"
+            ))
+        }
+    }
+
+    /// Dynamic shared memory of a block: the launch passes it (and raises the kernel's limit).
+    pub fn shared_bytes(self) -> u32 {
+        self.stages * (self.m + self.n) * TILE_K
+    }
+
+    /// Threads of a block: a warpgroup per 64 rows.
+    pub fn threads(self) -> u32 {
+        self.m / TILE_M * 128
+    }
+}
+
+/// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
+/// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (N / n, M / m), `tile.threads()`
+/// threads, `tile.shared_bytes()` of dynamic shared memory; arguments A, B, sa, sb, C
+/// (pointers), M, N, K (u32).
+pub fn fp8_gemm(name: &str, tile: Tile) -> String {
+    let tile = tile.check().expect("a valid tile");
+    let Tile { m: tile_m, n: tile_n, stages } = tile;
     let registers = (tile_n / 2) as usize;
-    let (a_bytes, b_bytes) = (TILE_M * TILE_K, tile_n * TILE_K);
+    let a_bytes = tile_m * TILE_K;
     let mut g = Lines { text: String::new(), next: 0 };
     let tid = g.index_i64("gpu.thread_id x");
     let bx = g.index_i64("gpu.block_id x");
     let by = g.index_i64("gpu.block_id y");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
-    let m0 = g.op_c("mul", &by, TILE_M.into());
+    let m0 = g.op_c("mul", &by, tile_m.into());
     let n0 = g.op_c("mul", &bx, tile_n.into());
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
     let k_blocks = g.op_c("udiv", &k, TILE_K.into());
-    // This thread's rows of the accumulators: warp w holds rows 16w..16w+15, lane l rows
-    // l/4 and l/4 + 8 of those, columns 8j + 2(l mod 4) + {0, 1}.
-    let warp = g.op_c("udiv", &tid, 32);
+    let last_block = g.op_c("sub", &k_blocks, 1);
+    // This thread's rows of the accumulators: warpgroup v holds rows 64v..64v+63, its warp w
+    // rows 16w..16w+15 of those, lane l rows l/4 and l/4 + 8 of those, columns
+    // 8j + 2(l mod 4) + {0, 1}.
+    let group = g.op_c("udiv", &tid, 128);
+    let group_rows = g.op_c("mul", &group, TILE_M.into());
+    let in_group = g.op_c("urem", &tid, 128);
+    let warp = g.op_c("udiv", &in_group, 32);
     let lane = g.op_c("urem", &tid, 32);
     let warp_rows = g.op_c("mul", &warp, 16);
     let lane_row = g.op_c("udiv", &lane, 4);
     let row0 = g.op("add", &warp_rows, &lane_row);
+    let row0 = g.op("add", &row0, &group_rows);
     let row1 = g.op_c("add", &row0, 8);
     let lane_col = g.op_c("urem", &lane, 4);
     let col = g.op_c("mul", &lane_col, 2);
-    let stage_bytes = a_bytes + b_bytes;
-    let stage_bytes_value = g.i64(stage_bytes.into());
+    // The warpgroup's A rows start 8 core-matrix rows (of ALONG_MN bytes) per 64 rows in.
+    let group_a_at = g.op_c("mul", &group, u64::from(TILE_M / 8 * ALONG_MN));
     let strides = g.i64(((ALONG_K as u64 >> 4) << 16) | ((ALONG_MN as u64 >> 4) << 32));
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
+    let stage_bytes = u64::from(tile.shared_bytes() / stages);
+    // Starts copying `block`'s tiles into stage `stage`, as one group of copies.
+    let copy = |g: &mut Lines, block: &str, stage: &str| {
+        let stage_at = g.op_c("mul", stage, stage_bytes);
+        let k_at = g.op_c("mul", block, TILE_K.into());
+        let b_at = g.op_c("add", &stage_at, a_bytes.into());
+        for (ptr, rows, origin, at) in [("%a", tile_m, &m0, &stage_at), ("%b", tile_n, &n0, &b_at)] {
+            let operand = Operand { ptr, rows, origin, k: &k, k_at: &k_at };
+            copy_tile(g, &tid, tile.threads(), operand, &smem, at);
+        }
+        g.stmt("nvvm.cp.async.commit.group");
+    };
+    // The block at `position` (the last block instead where K is shorter) into stage
+    // `position` mod stages: past the end, a stage no later iteration reads.
+    let copy_at = |g: &mut Lines, position: &str| {
+        let more = g.line(format!("llvm.icmp \"ult\" {position}, {k_blocks} : i64"));
+        let block = g.line(format!("llvm.select {more}, {position}, {last_block} : i1, i64"));
+        let stage = g.op_c("urem", position, stages.into());
+        copy(g, &block, &stage);
+    };
+    // The first stages - 1 blocks in flight.
+    for position in 0..stages - 1 {
+        let position = g.i64(position.into());
+        copy_at(&mut g, &position);
+    }
     let [lower, upper, step] =
         [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
-    let copy = |g: &mut Lines, kb: &str, stage_at: &str| {
-        let k_at = g.op_c("mul", kb, TILE_K.into());
-        let b_at = g.op_c("add", stage_at, a_bytes.into());
-        for (ptr, rows, origin, at) in [("%a", TILE_M, &m0, stage_at), ("%b", tile_n, &n0, b_at.as_str())] {
-            copy_tile(g, &tid, Operand { ptr, rows, origin, k: &k, k_at: &k_at }, &smem, at);
-        }
-    };
-    let first_stage = g.i64(0);
-    if stages == 2 {
-        copy(&mut g, &first_stage, &first_stage);
-        fence_and_barrier(&mut g);
-    }
     let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
     let f32s = vec!["f32"; registers].join(", ");
     let sums = "%sums";
@@ -167,14 +220,15 @@ pub fn fp8_gemm(name: &str, tile_n: u32, stages: u32) -> String {
         iter_args.join(", ")
     ));
     let kb = g.line("arith.index_cast %kb_index : index to i64");
-    let stage_at = if stages == 1 {
-        copy(&mut g, &kb, &first_stage);
-        fence_and_barrier(&mut g);
-        first_stage.clone()
-    } else {
-        let stage = g.op_c("urem", &kb, 2);
-        g.op_c("mul", &stage, stage_bytes.into())
-    };
+    // Block kb's copies are done once at most stages - 2 later groups are pending.
+    g.stmt(format!("nvvm.cp.async.wait.group {}", stages - 2));
+    // This thread's copies, ordered before the tensor cores' reads, then the whole block's.
+    g.asm("fence.proxy.async.shared::cta;", 0, false, &[]);
+    g.stmt("gpu.barrier");
+    // Block kb + stages - 1 into the stage block kb - 1 used: every thread is past those
+    // products (it waited for them before the barrier above).
+    let ahead = g.op_c("add", &kb, u64::from(stages - 1));
+    copy_at(&mut g, &ahead);
     let scale = |g: &mut Lines, ptr: &str, at: &str| {
         let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
         g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
@@ -193,20 +247,24 @@ pub fn fp8_gemm(name: &str, tile_n: u32, stages: u32) -> String {
     let sb_at = g.op("add", &sb_row, &kb);
     let sb = scale(&mut g, "%sb", &sb_at);
     let scales = [sa0, sa1].map(|s| g.line(format!("llvm.fmul {s}, {sb} : f32")));
+    let stage = g.op_c("urem", &kb, stages.into());
+    let stage_at = g.op_c("mul", &stage, stage_bytes);
+    let stage_at = g.op("add", &smem_at, &stage_at);
+    let a_at = g.op("add", &stage_at, &group_a_at);
+    let b_at = g.op_c("add", &stage_at, a_bytes.into());
     g.asm("wgmma.fence.sync.aligned;", 0, false, &[]);
     let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
     let mut partial = vec![zero.clone(); registers];
     for step in 0..TILE_K / 32 {
-        let descriptor = |g: &mut Lines, offset: u32| {
-            let stage = g.op("add", &smem_at, &stage_at);
-            let at = g.op_c("add", &stage, offset.into());
+        let descriptor = |g: &mut Lines, base: &str| {
+            // 32 bytes of K per product: two core matrices along K.
+            let at = g.op_c("add", base, u64::from(step * 2 * ALONG_K));
             let low = g.op_c("and", &at, 0x3FFFF);
             let address = g.op_c("lshr", &low, 4);
             g.op("or", &strides, &address)
         };
-        // 32 bytes of K per product: two core matrices along K.
-        let a = descriptor(&mut g, step * 2 * ALONG_K);
-        let b = descriptor(&mut g, a_bytes + step * 2 * ALONG_K);
+        let a = descriptor(&mut g, &a_at);
+        let b = descriptor(&mut g, &b_at);
         let keep = g.i32(u32::from(step > 0));
         let text = format!(
             r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",
@@ -221,16 +279,6 @@ pub fn fp8_gemm(name: &str, tile_n: u32, stages: u32) -> String {
         partial = g.fields(&s, registers);
     }
     g.asm("wgmma.commit_group.sync.aligned;", 0, false, &[]);
-    if stages == 2 {
-        // The next block (the last again at the end) into the other stage while the tensor
-        // cores work: that stage's products finished before the previous block's barrier.
-        let next = g.op_c("add", &kb, 1);
-        let last = g.op_c("sub", &k_blocks, 1);
-        let more = g.line(format!("llvm.icmp \"ult\" {next}, {k_blocks} : i64"));
-        let next = g.line(format!("llvm.select {more}, {next}, {last} : i1, i64"));
-        let other = g.op("sub", &stage_bytes_value, &stage_at);
-        copy(&mut g, &next, &other);
-    }
     // The accumulators pass through the wait so that nothing reads them before it.
     let operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
     let waited = g.asm("wgmma.wait_group.sync.aligned 0;", registers, true, &operands).expect("results");
@@ -243,13 +291,9 @@ pub fn fp8_gemm(name: &str, tile_n: u32, stages: u32) -> String {
             g.line(format!("llvm.fadd %acc{i}, {scaled} : f32"))
         })
         .collect();
-    if stages == 2 {
-        fence_and_barrier(&mut g);
-    } else {
-        g.stmt("gpu.barrier");
-    }
     g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
     g.stmt("}");
+    g.stmt("nvvm.cp.async.wait.group 0");
     let c_row0 = g.op("add", &m0, &row0);
     let c_row1 = g.op("add", &m0, &row1);
     let c_col = g.op("add", &n0, &col);
@@ -267,12 +311,12 @@ pub fn fp8_gemm(name: &str, tile_n: u32, stages: u32) -> String {
     }
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
-         llvm.mlir.global internal @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<{bytes} x i8>\n    \
+         llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
          gpu.func @{name}(%a: !llvm.ptr<1>, %b: !llvm.ptr<1>, %sa: !llvm.ptr<1>, %sb: !llvm.ptr<1>, %c: !llvm.ptr<1>, \
-         %m: i32, %n: i32, %k: i32) kernel attributes {{known_block_size = array<i32: 128, 1, 1>}} {{\n{body}      \
+         %m: i32, %n: i32, %k: i32) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n{body}      \
          gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
-        bytes = stages * (a_bytes + b_bytes),
+        threads = tile.threads(),
         body = g.text
     )
 }
@@ -287,32 +331,45 @@ struct Operand<'s> {
     k_at: &'s str,
 }
 
-/// Copies a tile of an operand into shared memory at `offset` in the core-matrix layout; each
-/// of the 128 threads (`tid`) moves 16 bytes at a time, a row's 8 chunks on 8 consecutive
-/// threads (coalesced).
-fn copy_tile(g: &mut Lines, tid: &str, Operand { ptr, rows, origin, k, k_at }: Operand, smem: &str, offset: &str) {
-    let chunks_per_row = u64::from(TILE_K / 16);
-    for pass in 0..(rows as u64 * chunks_per_row) / 128 {
-        let chunk = g.op_c("add", tid, pass * 128);
-        let row = g.op_c("udiv", &chunk, chunks_per_row);
-        let piece = g.op_c("urem", &chunk, chunks_per_row);
+/// Starts copying a tile of an operand into shared memory at `offset`, in the core-matrix
+/// layout, with `cp.async` (16 bytes a thread at a time; `threads` threads). A warp takes 8
+/// rows × 4 pieces of 16 bytes: each row's 64 bytes read whole from global memory, and the 8
+/// threads of each quarter-warp write the 8 rows of one core matrix, 128 consecutive bytes
+/// of shared memory (no bank conflicts).
+fn copy_tile(
+    g: &mut Lines,
+    tid: &str,
+    threads: u32,
+    Operand { ptr, rows, origin, k, k_at }: Operand,
+    smem: &str,
+    offset: &str,
+) {
+    for pass in 0..u64::from(rows * (TILE_K / 16) / threads) {
+        let chunk = g.op_c("add", tid, pass * u64::from(threads));
+        let warp = g.op_c("udiv", &chunk, 32);
+        let lane = g.op_c("urem", &chunk, 32);
+        let row_group = g.op_c("udiv", &warp, 2);
+        let half = g.op_c("urem", &warp, 2);
+        let in_group = g.op_c("urem", &lane, 8);
+        let quarter = g.op_c("udiv", &lane, 8);
+        let group_first = g.op_c("mul", &row_group, 8);
+        let row = g.op("add", &group_first, &in_group);
+        let half_first = g.op_c("mul", &half, 4);
+        let piece = g.op("add", &half_first, &quarter);
         let global_row = g.op("add", origin, &row);
         let row_at = g.op("mul", &global_row, k);
         let piece_at = g.op_c("mul", &piece, 16);
         let within = g.op("add", k_at, &piece_at);
         let from = g.op("add", &row_at, &within);
-        let p = g.line(format!("llvm.getelementptr {ptr}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, i8"));
-        let bytes = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xi32>"));
-        let group = g.op_c("udiv", &row, 8);
-        let groups_at = g.op_c("mul", &group, ALONG_MN.into());
+        let src = g.line(format!("llvm.getelementptr {ptr}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, i8"));
+        let groups_at = g.op_c("mul", &row_group, ALONG_MN.into());
         let pieces_at = g.op_c("mul", &piece, ALONG_K.into());
-        let in_group = g.op_c("urem", &row, 8);
         let line_at = g.op_c("mul", &in_group, 16);
         let to = g.op("add", &groups_at, &pieces_at);
         let to = g.op("add", &to, &line_at);
         let to = g.op("add", &to, offset);
-        let q = g.line(format!("llvm.getelementptr {smem}[{to}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, i8"));
-        g.stmt(format!("llvm.store {bytes}, {q} {{alignment = 16 : i64}} : vector<4xi32>, !llvm.ptr<3>"));
+        let dst = g.line(format!("llvm.getelementptr {smem}[{to}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, i8"));
+        g.stmt(format!("nvvm.cp.async.shared.global {dst}, {src}, 16, cache = cg : !llvm.ptr<3>, !llvm.ptr<1>"));
     }
 }
 
@@ -324,10 +381,10 @@ mod tests {
     /// `DSC_PTXAS` names ptxas, assembles for sm_90a without spilling registers.
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
-        for (tile_n, stages) in [(64, 1), (128, 1), (128, 2)] {
-            let mlir = fp8_gemm("fp8_gemm", tile_n, stages);
+        for (m, n, stages) in [(64, 64, 2), (128, 128, 4)] {
+            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages });
             let ptx = crate::mlir::lower::Lowering::default().ptx(&mlir, false).expect("lowers");
-            let wgmma = format!("wgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3");
+            let wgmma = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
             assert_eq!(ptx.matches(&wgmma).count(), 4, "{ptx}");
             let Some(ptxas) = std::env::var_os("DSC_PTXAS") else {
                 eprintln!("ptxas not run: set DSC_PTXAS (scripts/install-deps.sh installs it)");
