@@ -250,8 +250,10 @@ fn read_plan(dir: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     compiled_for.train.data = spec.train.data.clone();
     if compiled_for != *spec {
         bail!(
-            "`{}` was compiled from another spec (or other `--set` values): recompile it with `dsc compile FILE -o {}`",
+            "`{}` was compiled from another spec (or other `--set` values): {}; give the same `--set` values \
+             as its `dsc compile`, or recompile it with `dsc compile FILE -o {}`",
             dir.display(),
+            compiled_for.differences_in_words(spec),
             dir.display()
         );
     }

@@ -471,8 +471,8 @@ fn runs_killed_at_any_moment_resume_from_their_last_good_checkpoint() {
 
 /// `--plan DIR` trains a compiled plan's fused graph (on the CPU here: no GPU), with the same
 /// losses as the spec's own graph (a fused plan trains bitwise like it); a plan of another
-/// spec, `--numerics exact` with a plan, and `--backend cuda` without one are refused with
-/// what to do instead.
+/// spec (the differing settings named), `--numerics exact` with a plan, and `--backend cuda`
+/// without one are refused with what to do instead.
 #[test]
 fn a_compiled_plan_trains_and_mismatches_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -491,7 +491,10 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
     let refused = |o: Output, what: &str| {
         assert!(!o.status.success() && text(&o.stderr).contains(what), "expected `{what}`:\n{}", text(&o.stderr));
     };
-    refused(dsc(&["train", "models/deepseek-v3-tiny.dsc", "--plan", path(&plan)]), "compiled from another spec");
+    refused(
+        dsc(&["train", "models/deepseek-v3-tiny.dsc", "--plan", path(&plan)]),
+        "compiled from another spec (or other `--set` values): `train.batch.sequences`, `train.micro_batch`, `train.seq_len` differ",
+    );
     refused(train(&["--plan", path(&plan), "--numerics", "exact"]), "leave out `--numerics exact`");
     refused(train(&["--backend", "cuda"]), "give `--plan DIR`");
     refused(train(&["--profile"]), "`--profile` times the GPU's kernels");

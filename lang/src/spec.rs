@@ -14,6 +14,49 @@ pub struct Spec {
     pub parallel: Parallel,
 }
 
+impl Spec {
+    /// The settings (dotted paths, as `--set` names them) whose values differ in `other`.
+    pub fn differing_settings(&self, other: &Spec) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (Ok(a), Ok(b)) = (serde_json::to_value(self), serde_json::to_value(other)) {
+            differences(&a, &b, String::new(), &mut out);
+        }
+        out
+    }
+
+    /// The differing settings in words for an error: "`a`, `b` differ" (six at most, then how
+    /// many more).
+    pub fn differences_in_words(&self, other: &Spec) -> String {
+        let all = self.differing_settings(other);
+        let shown: Vec<String> = all.iter().take(6).map(|p| format!("`{p}`")).collect();
+        let more = all.len() - shown.len();
+        let verb = if all.len() == 1 { "differs" } else { "differ" };
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        format!("{} {verb}{more}", shown.join(", "))
+    }
+}
+
+fn differences(a: &serde_json::Value, b: &serde_json::Value, path: String, out: &mut Vec<String>) {
+    use serde_json::Value::{Array, Object};
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let null = serde_json::Value::Null;
+                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                differences(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), sub, out);
+            }
+        }
+        (Array(x), Array(y)) if x.len() == y.len() => {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                differences(u, v, format!("{path}.{i}"), out);
+            }
+        }
+        _ if a != b => out.push(path),
+        _ => {}
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Model {
     pub name: String,

@@ -174,42 +174,14 @@ pub fn same_spec(stored: &SpecRecord, current: &Spec, dir: &Path) -> Result<(), 
     if &stored.resolved == current {
         return Ok(());
     }
-    let (a, b) = (serde_json::to_value(&stored.resolved), serde_json::to_value(current));
-    let mut paths = Vec::new();
-    if let (Ok(a), Ok(b)) = (a, b) {
-        differences(&a, &b, String::new(), &mut paths);
-    }
-    let shown: Vec<&str> = paths.iter().take(6).map(String::as_str).collect();
     Err(format!(
-        "checkpoint `{}` was trained with another spec (`{}`): {} differ{}; resume with the spec it was \
+        "checkpoint `{}` was trained with another spec (`{}`): {}; resume with the spec it was \
          written with (`dsc train --resume {}` alone uses its copy) or start a new run in another directory",
         dir.display(),
         stored.file,
-        shown.join(", "),
-        if paths.len() > shown.len() { format!(" and {} more", paths.len() - shown.len()) } else { String::new() },
+        stored.resolved.differences_in_words(current),
         dir.display()
     ))
-}
-
-fn differences(a: &serde_json::Value, b: &serde_json::Value, path: String, out: &mut Vec<String>) {
-    use serde_json::Value::{Array, Object};
-    match (a, b) {
-        (Object(x), Object(y)) => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            for k in keys {
-                let null = serde_json::Value::Null;
-                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                differences(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), sub, out);
-            }
-        }
-        (Array(x), Array(y)) if x.len() == y.len() => {
-            for (i, (u, v)) in x.iter().zip(y).enumerate() {
-                differences(u, v, format!("{path}.{i}"), out);
-            }
-        }
-        _ if a != b => out.push(format!("`{path}`")),
-        _ => {}
-    }
 }
 
 /// Every tensor of the safetensors files in a folder (a HF model folder, sharded or not).
