@@ -13,11 +13,14 @@ written by `cargo run --release -p dsc-compiler --features mlir --example fp8_ge
 MxNxSTAGES...`: entry `fp8_gemm_m{M}_n{N}_s{STAGES}` in a file of that name, loaded with CuPy) on the same
 operands: first on a small product with a float64 reference, then on each shape, where their
 relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and
-timed the same way; "ok": false marks a wrong result.
+timed the same way; "ok": false marks a wrong result. The grouped kernels (`fp8_grouped_*`:
+the experts' offsets read on the device) run on uneven experts against float64, then on issue
+9's grouped shapes beside cuBLASLt called once per expert.
 
 Usage (GPU machine): python3 benches/fp8_gemm.py [--generated PTX...]
 """
 import argparse
+import itertools
 import os
 import re
 import json
@@ -101,27 +104,35 @@ class Generated:
     def __init__(self, path):
         import cupy
         self.name = os.path.splitext(os.path.basename(path))[0]
+        self.grouped = self.name.startswith("fp8_grouped_")
         self.tile_m, self.tile_n, self.stages = map(int, re.search(r"_m(\d+)_n(\d+)_s(\d+)$", self.name).groups())
         self.shared = self.stages * (self.tile_m + self.tile_n) * 128
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
 
     def fits(self, m, n, k):
-        return m % self.tile_m == 0 and n % self.tile_n == 0 and k % 128 == 0
+        return not self.grouped and m % self.tile_m == 0 and n % self.tile_n == 0 and k % 128 == 0
 
-    def prepare(self, qa, sa, qw, sw):
-        """The kernel's operands, and a launch writing C."""
+    def prepare(self, qa, sa, qw, sw, offsets=None):
+        """The kernel's operands, and a launch writing C. Grouped: qw [E, N, K] and sw [E, N/128,
+        K/128], expert e's rows of qa offsets[e]..offsets[e + 1]."""
         import numpy as np
         m, k = qa.shape
-        n = qw.shape[0]
+        n = qw.shape[-2]
         blocks = k // 128
-        padded = torch.zeros(sw.shape[0], -(-blocks // 4) * 4, device="cuda")
-        padded[:, :blocks] = sw
+        padded = torch.zeros(*sw.shape[:-1], -(-blocks // 4) * 4, device="cuda")
+        padded[..., :blocks] = sw
         scale_a = sa.t().contiguous()
-        c = torch.empty(m, n, device="cuda")
+        c = torch.full((m, n), float("nan"), device="cuda")
         keep = (qa, qw, scale_a, padded, c)
         args = tuple(np.uint64(t.data_ptr()) for t in keep) + (np.uint32(m), np.uint32(n), np.uint32(k))
-        grid = (n // self.tile_n, m // self.tile_m, 1)
+        rows = m // self.tile_m
+        if self.grouped:
+            experts = offsets.numel() - 1
+            keep += (offsets,)
+            args += (np.uint64(offsets.data_ptr()), np.uint32(experts))
+            rows = -(-m // self.tile_m) + experts
+        grid = (n // self.tile_n, rows, 1)
         block = (self.tile_m // 64 * 128, 1, 1)
         return c, lambda: (keep, self.kernel(grid, block, args, shared_mem=self.shared))
 
@@ -137,7 +148,7 @@ def check_generated(generated):
         qa, sa = quantize(x, 1, 128)
         qw, sw = quantize(w, 128, 128)
         ref = exact(qa, sa, qw, sw, m)
-        for g in generated:
+        for g in (g for g in generated if not g.grouped):
             c, run = g.prepare(qa, sa, qw, sw)
             run()
             torch.cuda.synchronize()
@@ -145,6 +156,80 @@ def check_generated(generated):
             worst = ((c.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).argmax().item()
             print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}", "ok": err < 1e-3, "rel_error": err,
                               "worst at": [worst // n, worst % n]}), flush=True)
+
+
+def grouped_operands(rows, n, k, seed=2):
+    """Experts' rows (a list of counts), sorted A [sum, k] and weights [E, n, k], quantised; the
+    offsets (i32 on the GPU) and the float64 product expert by expert."""
+    torch.manual_seed(seed)
+    m = sum(rows)
+    x = torch.randn(m, k, device="cuda") * torch.logspace(-1, 1, m, device="cuda")[:, None]
+    w = torch.randn(len(rows), n, k, device="cuda")
+    qa, sa = quantize(x, 1, 128)
+    quantised = [quantize(w[e], 128, 128) for e in range(len(rows))]
+    qw = torch.stack([q for q, _ in quantised])
+    sw = torch.stack([s for _, s in quantised])
+    offsets = torch.tensor([0] + list(itertools.accumulate(rows)), dtype=torch.int32, device="cuda")
+    return qa, sa, qw, sw, offsets
+
+
+def grouped_exact(qa, sa, qw, sw, offsets):
+    bounds = offsets.tolist()
+    out = torch.zeros(qa.shape[0], qw.shape[1], dtype=torch.float64, device="cuda")
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = exact(qa[lo:hi], sa[lo:hi], qw[e], sw[e], hi - lo)
+    return out
+
+
+def bench_grouped(accepted, generated):
+    """Each generated grouped kernel: on uneven experts (empty ones, rows not multiples of the
+    tile) against float64, then on issue 9's grouped shapes (32 experts x 1024 rows) against
+    float64 and timed beside cuBLASLt called once per expert (what dsc's backend does now)."""
+    grouped = [g for g in generated if g.grouped]
+    if not grouped:
+        return
+    a_mn_major, w_n_contiguous, passed = accepted
+    cases = [([0, 16, 200, 64, 1000, 48, 0, 130, 512], 256, 512, False),
+             ([1024] * 32, 2048, 2048, True), ([1024] * 32, 2048, 1024, True)]
+    for rows, n, k, time_it in cases:
+        qa, sa, qw, sw, offsets = grouped_operands(rows, n, k)
+        ref = grouped_exact(qa, sa, qw, sw, offsets)
+        m = qa.shape[0]
+        bounds = offsets.tolist()
+        experts = [(bounds[e], bounds[e + 1], e) for e in range(len(rows)) if bounds[e + 1] > bounds[e]]
+
+        def per_expert():
+            out = torch.empty(m, n, device="cuda")
+            for lo, hi, e in experts:
+                sb = strided(sw[e], w_n_contiguous)
+                sb = sb if passed.startswith("scale_w [") else sb.t()
+                out[lo:hi] = call(qa[lo:hi], qw[e].t(), strided(sa[lo:hi], a_mn_major), sb, torch.float32)
+            return out
+        base = {"m": m, "n": n, "k": k, "experts": len(rows)}
+        library_error = baseline_s = None
+        if time_it:
+            library_error = rel(per_expert(), ref)
+            baseline_s = timed(per_expert)
+            print(json.dumps({"impl": "torch scaled_mm per expert", **base, "rel_error": library_error,
+                              "us": round(baseline_s * 1e6, 1), "tflops": round(2 * m * n * k / baseline_s / 1e12)}),
+                  flush=True)
+        for g in grouped:
+            if n % g.tile_n or k % 128:
+                continue
+            c, run = g.prepare(qa, sa, qw, sw, offsets)
+            run()
+            torch.cuda.synchronize()
+            err = rel(c, ref)
+            bound = 1.1 * library_error + 1e-7 if library_error is not None else 1e-3
+            result = {"impl": g.name, **base, "ok": bool(err <= bound and torch.isfinite(c).all().item()),
+                      "rel_error": err}
+            if time_it:
+                s = timed(run)
+                result.update(us=round(s * 1e6, 1), tflops=round(2 * m * n * k / s / 1e12),
+                              vs_per_expert_cublaslt=round(baseline_s / s, 3))
+            print(json.dumps(result), flush=True)
 
 
 def timed(f):
@@ -208,3 +293,4 @@ if __name__ == "__main__":
     accepted = probe()
     if accepted:
         bench(accepted, generated)
+        bench_grouped(accepted, generated)

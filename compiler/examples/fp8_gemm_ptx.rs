@@ -1,8 +1,9 @@
 //! Writes the generated FP8 GEMM (`compiler::mlir::gemm`) as PTX for each tile given as
-//! `MxNxSTAGES`, to `DIR/fp8_gemm_m{M}_n{N}_s{STAGES}.ptx` (entry of the same name), for
-//! `benches/fp8_gemm.py --generated` on the GPU machine.
+//! `MxNxSTAGES` (dense) or `gMxNxSTAGES` (the experts' grouped form), to
+//! `DIR/fp8_gemm_m{M}_n{N}_s{STAGES}.ptx` or `DIR/fp8_grouped_m{M}_n{N}_s{STAGES}.ptx` (entry of
+//! the same name), for `benches/fp8_gemm.py --generated` on the GPU machine.
 //!
-//! Usage: cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR 128x128x4...
+//! Usage: cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR 128x128x4 g128x128x4...
 
 use dsc_compiler::mlir::{gemm, lower::Lowering};
 use std::process::ExitCode;
@@ -10,15 +11,19 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((dir, tiles)) = args.split_first().filter(|(_, tiles)| !tiles.is_empty()) else {
-        eprintln!("usage: fp8_gemm_ptx DIR MxNxSTAGES... (e.g. 128x128x4)");
+        eprintln!("usage: fp8_gemm_ptx DIR [g]MxNxSTAGES... (e.g. 128x128x4, g128x128x4 for the grouped form)");
         return ExitCode::from(2);
     };
     let lowering = Lowering::default();
-    for tile in tiles {
-        let numbers: Vec<u32> = tile.split('x').filter_map(|x| x.parse().ok()).collect();
+    for given in tiles {
+        let (form, kind, shape) = match given.strip_prefix('g') {
+            Some(shape) => (gemm::Form::Grouped, "grouped", shape),
+            None => (gemm::Form::Dense, "gemm", given.as_str()),
+        };
+        let numbers: Vec<u32> = shape.split('x').filter_map(|x| x.parse().ok()).collect();
         let tile = match numbers[..] {
             [m, n, stages] => gemm::Tile { m, n, stages }.check(),
-            _ => Err(format!("`{tile}` is not MxNxSTAGES")),
+            _ => Err(format!("`{given}` is not [g]MxNxSTAGES")),
         };
         let tile = match tile {
             Ok(tile) => tile,
@@ -27,9 +32,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let name = format!("fp8_gemm_m{}_n{}_s{}", tile.m, tile.n, tile.stages);
+        let name = format!("fp8_{kind}_m{}_n{}_s{}", tile.m, tile.n, tile.stages);
         let written = lowering
-            .ptx(&gemm::fp8_gemm(&name, tile), false)
+            .ptx(&gemm::fp8_gemm(&name, tile, form), false)
             .and_then(|ptx| std::fs::write(format!("{dir}/{name}.ptx"), ptx).map_err(|e| format!("{dir}: {e}")));
         if let Err(e) = written {
             eprintln!("{name}: {e}");

@@ -105,9 +105,9 @@ fn accumulators(count: usize) -> String {
     format!("!llvm.struct<({})>", vec!["f32"; count].join(", "))
 }
 
-/// A block's shape: `m` rows of C (64 per warpgroup: 64 or 128), `n` columns (a multiple of
-/// 8 up to 256; with `m` = 128, up to 128), and the shared-memory `stages` (2 to 6) of
-/// 128 × (`m` + `n`) bytes each, 227 KB at most.
+/// A block's shape: `m` rows of C (64 per warpgroup: 64 or 128), `n` columns (8 to 128, a
+/// divisor of 128: the columns share one weight-scale block), and the shared-memory `stages`
+/// (2 to 6) of 128 × (`m` + `n`) bytes each, 227 KB at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
     pub m: u32,
@@ -119,18 +119,17 @@ impl Tile {
     /// Why the tile cannot be generated, if it cannot.
     pub fn check(self) -> Result<Self, String> {
         let Tile { m, n, stages } = self;
+        // A block's columns share one 128×128 weight-scale block: n divides 128.
         let fits = matches!(m, 64 | 128)
-            && n % 8 == 0
-            && (8..=256).contains(&n)
-            && (m == 64 || n <= 128)
+            && matches!(n, 8 | 16 | 32 | 64 | 128)
             && (2..=6).contains(&stages)
             && self.shared_bytes() <= 227 << 10;
         if fits {
             Ok(self)
         } else {
             Err(format!(
-                "tile {m}x{n} in {stages} stages: m is 64 or 128, n a multiple of 8 up to 256 (128 when m is 128), \
-                 2 to 6 stages of 128 x (m + n) bytes within 227 KB"
+                "tile {m}x{n} in {stages} stages: m is 64 or 128, n 8, 16, 32, 64 or 128 (its columns share a \
+                 128x128 weight-scale block), 2 to 6 stages of 128 x (m + n) bytes within 227 KB"
             ))
         }
     }
@@ -150,7 +149,7 @@ impl Tile {
 /// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (N / n, M / m), `tile.threads()`
 /// threads, `tile.shared_bytes()` of dynamic shared memory; arguments A, B, sa, sb, C
 /// (pointers), M, N, K (u32).
-pub fn fp8_gemm(name: &str, tile: Tile) -> String {
+pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check().expect("a valid tile");
     let Tile { m: tile_m, n: tile_n, stages } = tile;
     let registers = (tile_n / 2) as usize;
@@ -160,8 +159,26 @@ pub fn fp8_gemm(name: &str, tile: Tile) -> String {
     let bx = g.index_i64("gpu.block_id x");
     let by = g.index_i64("gpu.block_id y");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
-    let m0 = g.op_c("mul", &by, tile_m.into());
     let n0 = g.op_c("mul", &bx, tile_n.into());
+    // The block's rows of A and C (`m0` on, `valid` of them), its weights and their scales.
+    let (m0, valid, b, sb_base) = match form {
+        Form::Dense => (g.op_c("mul", &by, tile_m.into()), g.i64(tile_m.into()), "%b".to_string(), "%sb".to_string()),
+        Form::Grouped => {
+            let (expert, m0, valid, active) = expert_rows(&mut g, &by, tile_m);
+            g.stmt(format!("scf.if {active} {{"));
+            let weights = g.op("mul", &n, &k);
+            let weights_at = g.op("mul", &expert, &weights);
+            let b = g.line(format!("llvm.getelementptr %b[{weights_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, i8"));
+            let blocks = g.op_c("udiv", &k, TILE_K.into());
+            let row_blocks = padded_row(&mut g, &blocks);
+            let n_blocks = g.op_c("udiv", &n, 128);
+            let scales = g.op("mul", &n_blocks, &row_blocks);
+            let scales_at = g.op("mul", &expert, &scales);
+            let sb = g.line(format!("llvm.getelementptr %sb[{scales_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            (m0, valid, b, sb)
+        }
+    };
+    let last_row = g.op_c("sub", &m, 1);
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
     let k_blocks = g.op_c("udiv", &k, TILE_K.into());
@@ -191,8 +208,10 @@ pub fn fp8_gemm(name: &str, tile: Tile) -> String {
         let stage_at = g.op_c("mul", stage, stage_bytes);
         let k_at = g.op_c("mul", block, TILE_K.into());
         let b_at = g.op_c("add", &stage_at, a_bytes.into());
-        for (ptr, rows, origin, at) in [("%a", tile_m, &m0, &stage_at), ("%b", tile_n, &n0, &b_at)] {
-            let operand = Operand { ptr, rows, origin, k: &k, k_at: &k_at };
+        let operands =
+            [("%a", tile_m, &m0, Some(last_row.as_str()), &stage_at), (b.as_str(), tile_n, &n0, None, &b_at)];
+        for (ptr, rows, origin, last, at) in operands {
+            let operand = Operand { ptr, rows, origin, last, k: &k, k_at: &k_at };
             copy_tile(g, &tid, tile.threads(), operand, &smem, at);
         }
         g.stmt("nvvm.cp.async.commit.group");
@@ -234,18 +253,17 @@ pub fn fp8_gemm(name: &str, tile: Tile) -> String {
         g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
     };
     let sa_block = g.op("mul", &kb, &m);
-    let sa_rows = g.op("add", &sa_block, &m0);
     let [sa0, sa1] = [&row0, &row1].map(|r| {
-        let at = g.op("add", &sa_rows, r);
+        let row = g.op("add", &m0, r);
+        let row = clamp(&mut g, &row, &last_row);
+        let at = g.op("add", &sa_block, &row);
         scale(&mut g, "%sa", &at)
     });
     let n_block = g.op_c("udiv", &n0, 128);
-    let row_blocks = g.op_c("add", &k_blocks, 3);
-    let row_blocks = g.op_c("udiv", &row_blocks, 4);
-    let row_blocks = g.op_c("mul", &row_blocks, 4);
+    let row_blocks = padded_row(&mut g, &k_blocks);
     let sb_row = g.op("mul", &n_block, &row_blocks);
     let sb_at = g.op("add", &sb_row, &kb);
-    let sb = scale(&mut g, "%sb", &sb_at);
+    let sb = scale(&mut g, &sb_base, &sb_at);
     let scales = [sa0, sa1].map(|s| g.line(format!("llvm.fmul {s}, {sb} : f32")));
     let stage = g.op_c("urem", &kb, stages.into());
     let stage_at = g.op_c("mul", &stage, stage_bytes);
@@ -294,31 +312,116 @@ pub fn fp8_gemm(name: &str, tile: Tile) -> String {
     g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
     g.stmt("}");
     g.stmt("nvvm.cp.async.wait.group 0");
-    let c_row0 = g.op("add", &m0, &row0);
-    let c_row1 = g.op("add", &m0, &row1);
+    // Each of this thread's two rows, if the block has it (an expert's last block may not).
     let c_col = g.op("add", &n0, &col);
-    for i in (0..registers).step_by(2) {
-        let row = if (i / 2) % 2 == 0 { &c_row0 } else { &c_row1 };
-        let row_at = g.op("mul", row, &n);
-        let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
-        let at = g.op("add", &row_at, &column);
-        let p = g.line(format!("llvm.getelementptr %c[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-        let pair = g.line("llvm.mlir.poison : vector<2xf32>");
-        let [first, second] = [g.i32(0), g.i32(1)];
-        let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
-        let pair = g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
-        g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+    for (half, row) in [&row0, &row1].into_iter().enumerate() {
+        let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
+        g.stmt(format!("scf.if {here} {{"));
+        let c_row = g.op("add", &m0, row);
+        let row_at = g.op("mul", &c_row, &n);
+        for i in (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half) {
+            let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
+            let at = g.op("add", &row_at, &column);
+            let p = g.line(format!("llvm.getelementptr %c[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            let pair = g.line("llvm.mlir.poison : vector<2xf32>");
+            let [first, second] = [g.i32(0), g.i32(1)];
+            let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
+            let pair = g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
+            g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+        }
+        g.stmt("}");
+    }
+    if form == Form::Grouped {
+        g.stmt("}");
     }
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
          llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
          gpu.func @{name}(%a: !llvm.ptr<1>, %b: !llvm.ptr<1>, %sa: !llvm.ptr<1>, %sb: !llvm.ptr<1>, %c: !llvm.ptr<1>, \
-         %m: i32, %n: i32, %k: i32) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n{body}      \
+         %m: i32, %n: i32, %k: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n{body}      \
          gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
         threads = tile.threads(),
+        grouped = if form == Form::Grouped { ", %offsets: !llvm.ptr<1>, %experts: i32" } else { "" },
         body = g.text
     )
+}
+
+/// What a kernel multiplies: one A by one B, or the experts' rows by their own weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// C = A·Bᵀ; grid (N / n, M / m).
+    Dense,
+    /// The MoE experts' grouped GEMM: A's rows sorted by expert, expert e's rows
+    /// `offsets[e]..offsets[e + 1]` (i32, E + 1 of them, on the device), B [E, N, K] with
+    /// scales [E, N/128, R]: C's rows of expert e = A's times B[e]ᵀ. Two more arguments, the
+    /// offsets (pointer) and E (u32); grid (N / n, ⌈M / m⌉ + E): each block finds its expert
+    /// and tile from the offsets, blocks past the last tile do nothing.
+    Grouped,
+}
+
+/// `x` if at most `last`, else `last`.
+fn clamp(g: &mut Lines, x: &str, last: &str) -> String {
+    let within = g.line(format!("llvm.icmp \"ule\" {x}, {last} : i64"));
+    g.line(format!("llvm.select {within}, {x}, {last} : i1, i64"))
+}
+
+/// 128×128 weight-scale blocks a row holds: `blocks` rounded up to 4 (16 bytes).
+fn padded_row(g: &mut Lines, blocks: &str) -> String {
+    let up = g.op_c("add", blocks, 3);
+    let fours = g.op_c("udiv", &up, 4);
+    g.op_c("mul", &fours, 4)
+}
+
+/// Expert e's row offset `offsets[at]` (negative values read as 0).
+fn offset(g: &mut Lines, at: &str) -> String {
+    let p = g.line(format!("llvm.getelementptr %offsets[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, i32"));
+    let x = g.line(format!("llvm.load {p} : !llvm.ptr<1> -> i32"));
+    let zero = g.i32(0);
+    let negative = g.line(format!("llvm.icmp \"slt\" {x}, {zero} : i32"));
+    let x = g.line(format!("llvm.select {negative}, {zero}, {x} : i1, i32"));
+    g.line(format!("llvm.zext {x} : i32 to i64"))
+}
+
+/// The expert and rows of grouped block `by`: walks the experts counting each one's tiles of
+/// `tile_m` rows until the block's; returns (expert, first row, rows it has, whether it has
+/// any: false past the last tile).
+fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String, String) {
+    let experts = g.line("llvm.zext %experts : i32 to i64");
+    let none = experts.clone();
+    let [lower, upper, step] =
+        [g.i64(0), experts.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+    let start = g.i64(0);
+    g.stmt(format!(
+        "%found:3 = scf.for %e_index = {lower} to {upper} step {step} iter_args(%expert = {none}, %tile = {start}, \
+         %before = {start}) -> (i64, i64, i64) {{"
+    ));
+    let e = g.line("arith.index_cast %e_index : index to i64");
+    let first = offset(g, &e);
+    let next = g.op_c("add", &e, 1);
+    let end = offset(g, &next);
+    let rows = g.op("sub", &end, &first);
+    let rows_up = g.op_c("add", &rows, u64::from(tile_m - 1));
+    let tiles = g.op_c("udiv", &rows_up, tile_m.into());
+    let after = g.op("add", "%before", &tiles);
+    let from = g.line(format!("llvm.icmp \"uge\" {by}, %before : i64"));
+    let until = g.line(format!("llvm.icmp \"ult\" {by}, {after} : i64"));
+    let inside = g.line(format!("llvm.and {from}, {until} : i1"));
+    let expert = g.line(format!("llvm.select {inside}, {e}, %expert : i1, i64"));
+    let local = g.op("sub", by, "%before");
+    let tile = g.line(format!("llvm.select {inside}, {local}, %tile : i1, i64"));
+    g.stmt(format!("scf.yield {expert}, {tile}, {after} : i64, i64, i64"));
+    g.stmt("}");
+    let active = g.line(format!("llvm.icmp \"ult\" %found#0, {experts} : i64"));
+    // Past the last tile the expert is E: read offsets[0] and [1] instead (unused).
+    let expert = g.line(format!("llvm.select {active}, %found#0, {start} : i1, i64"));
+    let first = offset(g, &expert);
+    let next = g.op_c("add", &expert, 1);
+    let end = offset(g, &next);
+    let tile_at = g.op_c("mul", "%found#1", tile_m.into());
+    let m0 = g.op("add", &first, &tile_at);
+    let valid = g.op("sub", &end, &m0);
+    (expert, m0, valid, active)
 }
 
 /// Rows `origin..origin + rows` of operand `ptr` ([_, k] bytes), bytes `k_at..k_at + 128` of
@@ -327,6 +430,8 @@ struct Operand<'s> {
     ptr: &'s str,
     rows: u32,
     origin: &'s str,
+    /// The last row there is (rows past it read it instead), where a tile may run past it.
+    last: Option<&'s str>,
     k: &'s str,
     k_at: &'s str,
 }
@@ -340,7 +445,7 @@ fn copy_tile(
     g: &mut Lines,
     tid: &str,
     threads: u32,
-    Operand { ptr, rows, origin, k, k_at }: Operand,
+    Operand { ptr, rows, origin, last, k, k_at }: Operand,
     smem: &str,
     offset: &str,
 ) {
@@ -357,6 +462,10 @@ fn copy_tile(
         let half_first = g.op_c("mul", &half, 4);
         let piece = g.op("add", &half_first, &quarter);
         let global_row = g.op("add", origin, &row);
+        let global_row = match last {
+            Some(last) => clamp(g, &global_row, last),
+            None => global_row,
+        };
         let row_at = g.op("mul", &global_row, k);
         let piece_at = g.op_c("mul", &piece, 16);
         let within = g.op("add", k_at, &piece_at);
@@ -377,12 +486,13 @@ fn copy_tile(
 mod tests {
     use super::*;
 
-    /// The kernel lowers through MLIR's pipeline to PTX with Hopper's FP8 `wgmma`, and, where
+    /// The kernels (dense and grouped) lower through MLIR's pipeline to PTX with Hopper's FP8 `wgmma`, and, where
     /// `DSC_PTXAS` names ptxas, assembles for sm_90a without spilling registers.
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
-        for (m, n, stages) in [(64, 64, 2), (128, 128, 4)] {
-            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages });
+        for (m, n, stages, form) in [(64, 64, 2, Form::Dense), (128, 128, 4, Form::Dense), (128, 128, 4, Form::Grouped)]
+        {
+            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages }, form);
             let ptx = crate::mlir::lower::Lowering::default().ptx(&mlir, false).expect("lowers");
             let wgmma = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
             assert_eq!(ptx.matches(&wgmma).count(), 4, "{ptx}");
