@@ -105,8 +105,9 @@ fn accumulators(count: usize) -> String {
     format!("!llvm.struct<({})>", vec!["f32"; count].join(", "))
 }
 
-/// A block's shape: `m` rows of C (64 per warpgroup: 64 or 128), `n` columns (8 to 128, a
-/// divisor of 128: the columns share one weight-scale block), and the shared-memory `stages`
+/// A block's shape: `m` rows of C (64 per warpgroup: 64 or 128), `n` columns (16 to 128, a
+/// divisor of 128: the columns share one weight-scale block; 32 or more when `m` is 128, so
+/// that every thread copies whole pieces), and the shared-memory `stages`
 /// (2 to 6) of 128 × (`m` + `n`) bytes each, 227 KB at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
@@ -120,16 +121,20 @@ impl Tile {
     pub fn check(self) -> Result<Self, String> {
         let Tile { m, n, stages } = self;
         // A block's columns share one 128×128 weight-scale block: n divides 128.
+        // And each thread copies whole 16-byte pieces of both tiles (n·8 a multiple of the
+        // threads).
         let fits = matches!(m, 64 | 128)
             && matches!(n, 8 | 16 | 32 | 64 | 128)
+            && (n * (TILE_K / 16)) % self.threads() == 0
             && (2..=6).contains(&stages)
             && self.shared_bytes() <= 227 << 10;
         if fits {
             Ok(self)
         } else {
             Err(format!(
-                "tile {m}x{n} in {stages} stages: m is 64 or 128, n 8, 16, 32, 64 or 128 (its columns share a \
-                 128x128 weight-scale block), 2 to 6 stages of 128 x (m + n) bytes within 227 KB"
+                "tile {m}x{n} in {stages} stages: m is 64 or 128, n 16, 32, 64 or 128 (its columns share a \
+                 128x128 weight-scale block; 32 or more when m is 128), 2 to 6 stages of 128 x (m + n) bytes \
+                 within 227 KB"
             ))
         }
     }
