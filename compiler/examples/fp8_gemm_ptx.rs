@@ -16,12 +16,10 @@ fn main() -> ExitCode {
     let lowering = Lowering::default();
     for tile in tiles {
         let variant = tile.split_once(':').and_then(|(n, s)| Some((n.parse::<u32>().ok()?, s.parse::<u32>().ok()?)));
-        let Some((tile_n, stages)) = variant.filter(|&(n, s)| {
-            n % 8 == 0 && (8..=256).contains(&n) && matches!(s, 1 | 2) && s * (64 + n) * 128 <= 48 << 10
-        }) else {
-            eprintln!(
-                "`{tile}` is not TILE_N:STAGES (a multiple of 8 up to 256; 1 or 2 stages; 48 KB of tiles at most)"
-            );
+        let Some((tile_n, stages)) = variant
+            .filter(|&(n, s)| gemm::TILE_WIDTHS.contains(&n) && matches!(s, 1 | 2) && s * (64 + n) * 128 <= 48 << 10)
+        else {
+            eprintln!("`{tile}` is not TILE_N:STAGES (8, 16, 32, 64 or 128; 1 or 2 stages; 48 KB of tiles at most)");
             return ExitCode::from(2);
         };
         let name = format!("fp8_gemm_s{stages}_n{tile_n}");
