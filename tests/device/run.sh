@@ -15,7 +15,9 @@
 #             (N = 300 takes most of a call)
 #   fp8 N, bf16 N   one policy's run alone, its metrics in $OUT/dsc-fp8.jsonl or
 #             $OUT/dsc-bf16.jsonl (`fp8 300 bf16 300` fit one call; the gap: run
-#             `benches/bench_model.py --gap dsc-fp8.jsonl dsc-bf16.jsonl` on the two files)
+#             `benches/bench_model.py --gap dsc-fp8.jsonl dsc-bf16.jsonl` on the two files);
+#             with SEED=S in the environment, from seed S (initialisation and data order) into
+#             dsc-bf16-seedS.jsonl: a third file for `--gap`, the gap's noise floor
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
@@ -62,8 +64,10 @@ while [ $# -gt 0 ]; do
     fp8 | bf16)
       policy=(--plan target/plan-bench)
       [ "$stage" = bf16 ] && policy=(--set precision.gemm=bf16 --plan target/plan-bench-bf16)
-      target/gpu/dsc train "${bench[@]}" "${policy[@]}" --backend cuda --steps "${n:?$stage N}" \
-        --metrics "$OUT/dsc-$stage.jsonl" 2>&1 | tail -n 20
+      seed=()
+      [ -n "${SEED:-}" ] && seed=(--seed "$SEED")
+      target/gpu/dsc train "${bench[@]}" "${policy[@]}" "${seed[@]}" --backend cuda --steps "${n:?$stage N}" \
+        --metrics "$OUT/dsc-$stage${SEED:+-seed$SEED}.jsonl" 2>&1 | tail -n 20
       ;;
     train)
       resume=()
