@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         let Some((tile_n, stages)) = variant
             .filter(|&(n, s)| gemm::TILE_WIDTHS.contains(&n) && matches!(s, 1 | 2) && s * (64 + n) * 128 <= 48 << 10)
         else {
-            eprintln!("`{tile}` is not TILE_N:STAGES (8, 16, 32, 64 or 128; 1 or 2 stages; 48 KB of tiles at most)");
+            eprintln!("`{tile}` is not TILE_N:STAGES (16, 32, 64 or 128; 1 or 2 stages; 48 KB of tiles at most)");
             return ExitCode::from(2);
         };
         let name = format!("fp8_gemm_s{stages}_n{tile_n}");

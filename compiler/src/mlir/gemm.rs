@@ -7,7 +7,8 @@
 //! One warpgroup (128 threads) per 64 × `tile_n` block of C. For each 128-wide block of K the
 //! threads copy both operand tiles into shared memory in the canonical no-swizzle layout
 //! (8-row × 16-byte core matrices, adjacent along K 128 bytes apart, along M/N 1,024 bytes
-//! apart: the descriptors' leading and stride offsets), four `wgmma.m64nNk32` products sum
+//! apart: the descriptors' leading and stride offsets; the swapped pair was measured wrong on
+//! the GPU), four `wgmma.m64nNk32` products sum
 //! the block into fresh tensor-core accumulators, and those are promoted into the f32
 //! accumulators times the block's two scales (DeepSeek's promotion every 128 elements of K).
 //! With two stages, the next block's tiles are copied into the other half of shared memory
@@ -24,8 +25,8 @@ use std::fmt::Write;
 /// Rows of C per block: one warpgroup's `wgmma` M.
 pub const TILE_M: u32 = 64;
 /// The tile widths (columns of C per block): `wgmma` N values whose blocks of C each lie in
-/// one 128-wide weight-scale block.
-pub const TILE_WIDTHS: [u32; 5] = [8, 16, 32, 64, 128];
+/// one 128-wide weight-scale block, with at least one 16-byte piece of B's tile per thread.
+pub const TILE_WIDTHS: [u32; 4] = [16, 32, 64, 128];
 /// K per scale block, and per shared-memory stage.
 pub const TILE_K: u32 = 128;
 /// Bytes between core matrices adjacent along K, and along M or N (8 rows of 128 bytes).
@@ -115,12 +116,11 @@ fn accumulators(count: usize) -> String {
 }
 
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc),
-/// blocks of 64 × `tile_n` (8 to 128, a divisor of 128: a block's columns share one
-/// weight-scale block) through 1 or 2 shared-memory `stages`
+/// blocks of 64 × `tile_n` (one of [`TILE_WIDTHS`]) through 1 or 2 shared-memory `stages`
 /// (of 128 × (64 + `tile_n`) bytes; 48 KB at most). Launch: grid (N / tile_n, M / 64),
 /// 128 threads; arguments A, B, sa, sb, C (pointers), M, N, K (u32).
 pub fn fp8_gemm(name: &str, tile_n: u32, stages: u32) -> String {
-    assert!(TILE_WIDTHS.contains(&tile_n), "the tile's width divides 128 (one weight-scale block)");
+    assert!(TILE_WIDTHS.contains(&tile_n), "the tile's width is one of TILE_WIDTHS");
     assert!(matches!(stages, 1 | 2), "one or two shared-memory stages");
     assert!(stages * (TILE_M + tile_n) * TILE_K <= 48 << 10, "static shared memory is 48 KB at most");
     let registers = (tile_n / 2) as usize;
