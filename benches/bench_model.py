@@ -14,7 +14,8 @@ With --keep DIR each dsc run's metrics (JSONL, one line per step) stay in DIR as
 dsc-fp8.jsonl and dsc-bf16.jsonl, and each run's loss and expert load (max/mean) over its first
 and last 10 steps are printed. Runs too long for one call (300 steps of both policies) take two:
 the table with the FP8 run, then the BF16 run alone (the same `dsc train` line as below), and
-`--gap FP8.jsonl BF16.jsonl` prints the gap from the two files.
+`--gap FP8.jsonl BF16.jsonl [BF16-OTHER-SEED.jsonl]` prints the gap from the files (and, with
+the third, the gap between two BF16 runs from different seeds: the noise floor).
 
 Usage (GPU machine, repository root; plans compiled with the same --set values as below):
   python3 benches/bench_model.py --dsc target/gpu/dsc --fp8-plan target/plan-bench \\
@@ -81,10 +82,16 @@ def summary(name, rows):
     print(f"{name}: {len(rows)} steps, {len(bad)} skipped or not finite {bad[:10]}")
 
 
-def gap(fp8, bf16):
-    last = min(10, len(fp8), len(bf16))
-    a, b = statistics.mean(r["loss"] for r in fp8[-last:]), statistics.mean(r["loss"] for r in bf16[-last:])
+def gap(fp8, bf16, other_seed=None):
+    """The relative gap of the mean losses over the last 10 steps; with a BF16 run from another
+    seed, the same gap between the two BF16 runs: how far runs differ without FP8."""
+    runs = [r for r in (fp8, bf16, other_seed) if r is not None]
+    last = min(10, *map(len, runs))
+    a, b = (statistics.mean(r["loss"] for r in run[-last:]) for run in (fp8, bf16))
     print(f"FP8 vs BF16 mean loss over the last {last} steps: {a:.5f} vs {b:.5f}, relative gap {(a - b) / b:+.3%}")
+    if other_seed is not None:
+        c = statistics.mean(r["loss"] for r in other_seed[-last:])
+        print(f"BF16 from another seed vs BF16: {c:.5f} vs {b:.5f}, relative gap {(c - b) / b:+.3%} (the noise floor)")
 
 
 def dsc_run(dsc, plan, steps, name, keep, sets=()):
@@ -119,7 +126,8 @@ def torch_run(steps, compile_):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gap", nargs=2, metavar=("FP8_JSONL", "BF16_JSONL"))
+    ap.add_argument("--gap", nargs="+", metavar="JSONL",
+                    help="FP8.jsonl BF16.jsonl [BF16-other-seed.jsonl]: the loss gap from kept metrics")
     ap.add_argument("--dsc")
     ap.add_argument("--fp8-plan")
     ap.add_argument("--bf16-plan")
@@ -129,7 +137,9 @@ def main():
     ap.add_argument("--keep", help="a folder to keep each dsc run's metrics in")
     args = ap.parse_args()
     if args.gap:
-        gap(read_metrics(args.gap[0]), read_metrics(args.gap[1]))
+        if len(args.gap) not in (2, 3):
+            ap.error("--gap takes FP8.jsonl BF16.jsonl and optionally a BF16 run from another seed")
+        gap(*map(read_metrics, args.gap))
         return
     if not (args.dsc and args.fp8_plan):
         ap.error("--dsc and --fp8-plan are needed for the table")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on this machine, what tests/device/run.sh runs on the GPU machine (which has no
 # Rust): the plans (target/plan-*), the runtime-only dsc and the GPU test binaries
-# (target/gpu). Send them with the device tool's `carry`: target/gpu and the plans a stage needs
+# (target/gpu), the generated FP8 GEMM's PTX (target/gemm). Send them with the device tool's `carry`: target/gpu and the plans a stage needs
 # (64 MiB in all).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +18,9 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" -o target/plan-bench
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2 --set 'model.ffn.1.layers=1..2' \
   --set train.seq_len=128 --set train.batch=1 --set train.micro_batch=1 -o target/plan-bench-step
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
+# The generated FP8 GEMM's PTX for `run.sh gemm` (benches/fp8_gemm.py --generated).
+mkdir -p target/gemm
+cargo run --release --locked -p dsc-compiler --features mlir --example fp8_gemm_ptx -- target/gemm 64x128x4 128x128x4 128x64x6 g64x128x4 g128x128x4
 # The runtime-only dsc (no MLIR) replaces the full one in target/release.
 cargo build --release --locked -p dsc --no-default-features --features cuda
 mkdir -p target/gpu
@@ -30,4 +33,4 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])' | tail -n 1 | xargs -I{} cp {} "target/gpu/$test"
 done
-du -sh target/gpu target/plan-*
+du -sh target/gpu target/gemm target/plan-*

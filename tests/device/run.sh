@@ -15,7 +15,11 @@
 #             (N = 300 takes most of a call)
 #   fp8 N, bf16 N   one policy's run alone, its metrics in $OUT/dsc-fp8.jsonl or
 #             $OUT/dsc-bf16.jsonl (`fp8 300 bf16 300` fit one call; the gap: run
-#             `benches/bench_model.py --gap dsc-fp8.jsonl dsc-bf16.jsonl` on the two files)
+#             `benches/bench_model.py --gap dsc-fp8.jsonl dsc-bf16.jsonl` on the two files);
+#             with SEED=S in the environment, from seed S (initialisation and data order) into
+#             dsc-bf16-seedS.jsonl: a third file for `--gap`, the gap's noise floor
+#   gemm      the generated FP8 GEMMs (target/gemm/*.ptx) checked against float64 and timed
+#             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute)
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
@@ -24,14 +28,14 @@
 # target/plan-bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
 # target/plan-bench-bf16; long and fp8: those of profile; bf16: target/gpu/dsc and
-# target/plan-bench-bf16.
+# target/plan-bench-bf16; gemm: target/gemm.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
-usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N train N"
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N gemm train N"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 while [ $# -gt 0 ]; do
@@ -62,8 +66,13 @@ while [ $# -gt 0 ]; do
     fp8 | bf16)
       policy=(--plan target/plan-bench)
       [ "$stage" = bf16 ] && policy=(--set precision.gemm=bf16 --plan target/plan-bench-bf16)
-      target/gpu/dsc train "${bench[@]}" "${policy[@]}" --backend cuda --steps "${n:?$stage N}" \
-        --metrics "$OUT/dsc-$stage.jsonl" 2>&1 | tail -n 20
+      seed=()
+      [ -n "${SEED:-}" ] && seed=(--seed "$SEED")
+      target/gpu/dsc train "${bench[@]}" "${policy[@]}" "${seed[@]}" --backend cuda --steps "${n:?$stage N}" \
+        --metrics "$OUT/dsc-$stage${SEED:+-seed$SEED}.jsonl" 2>&1 | tail -n 20
+      ;;
+    gemm)
+      python3 benches/fp8_gemm.py --generated target/gemm/*.ptx | grep -v '"probe"'
       ;;
     train)
       resume=()
