@@ -116,14 +116,14 @@ fn random_fp8(rng: &mut Rng, m: usize, n: usize, tiling: Tiling) -> Quantized {
 
 /// The GPU and the bench plan (`DSC_TEST_PLAN_BENCH`, default `target/plan-bench`: `dsc compile
 /// models/deepseek-v3-bench.dsc -o target/plan-bench`), or `None` with the reason printed.
-fn gpu_and_bench_plan() -> Option<(Gpu, Plan)> {
+fn gpu_and_bench_plan() -> Option<(Gpu, Plan, std::path::PathBuf)> {
     let gpu = Gpu::open().map_err(|e| eprintln!("skipped: {e}")).ok()?;
     let dir = std::env::var("DSC_TEST_PLAN_BENCH")
         .unwrap_or_else(|_| format!("{}/../target/plan-bench", env!("CARGO_MANIFEST_DIR")));
     let plan = Plan::read(std::path::Path::new(&dir));
     plan.map_err(|_| eprintln!("skipped: no compiled plan at {dir} (set DSC_TEST_PLAN_BENCH)"))
         .ok()
-        .map(|plan| (gpu, plan))
+        .map(|plan| (gpu, plan, dir.into()))
 }
 
 /// Every FP8 GEMM of the bench plan (`DSC_TEST_PLAN_BENCH`, default `target/plan-bench`:
@@ -140,7 +140,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
     use dsc_compiler::graph::ir::{Op, V};
     use dsc_compiler::mlir::fp8;
     use dsc_runtime::cuda::gemm;
-    let Some((gpu, plan)) = gpu_and_bench_plan() else { return };
+    let Some((gpu, plan, _)) = gpu_and_bench_plan() else { return };
     let blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(11);
     let (mut checked, mut worst) = (0, 0.0f64);
@@ -223,14 +223,25 @@ fn random_offsets(rng: &mut Rng, rows: usize, experts: usize) -> Vec<i32> {
 /// ragged last one): the first and last rows of the first, a middle and the last expert with
 /// rows match the CPU reference's FP8 GEMM of those rows within 1e-3 (all of them would take
 /// the CPU minutes); rows of the Wgrad's result likewise, and an empty expert's gradient is 0.
+/// Twice: with cuBLASLt, one product per expert, and with the compiler's grouped kernel the
+/// plan carries (Fprop and Dgrad: the offsets read on the device).
 #[test]
-fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
+fn the_bench_plans_grouped_fp8_gemms_run_on_the_gpu() {
+    use dsc_runtime::cuda::grouped::GroupedGemm;
+    let Some((gpu, plan, dir)) = gpu_and_bench_plan() else { return };
+    let mut blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
+    grouped_rows_match(&gpu, &plan, &blas, "cuBLASLt, one product per expert");
+    blas.grouped = GroupedGemm::load(&gpu, &plan, &dir).expect("the plan's grouped GEMM loads");
+    assert!(blas.grouped.is_some(), "the bench plan carries the compiler's grouped FP8 GEMM");
+    grouped_rows_match(&gpu, &plan, &blas, "the compiler's grouped kernel");
+}
+
+/// The check of `the_bench_plans_grouped_fp8_gemms_run_on_the_gpu` with `blas`, on `path`.
+fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Blas, path: &str) {
     use dsc_compiler::fuse::kernels::{base, Code};
     use dsc_compiler::graph::ir::{Op, V};
     use dsc_compiler::mlir::fp8;
     use dsc_runtime::cuda::gemm;
-    let Some((gpu, plan)) = gpu_and_bench_plan() else { return };
-    let blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(13);
     let (mut checked, mut worst) = (0, 0.0f64);
     let mut seen = std::collections::HashSet::new();
@@ -282,7 +293,7 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
             let offsets_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
             let at = layout.offsets[&offsets_value] as usize;
             gpu.stream.memcpy_htod(&offsets_bytes, &mut arena.slice_mut(at..at + offsets_bytes.len())).expect("upload");
-            gemm::run(&gpu, &blas, function, kernel, &Places::arena(&gpu, &arena, &layout), &mut Default::default())
+            gemm::run(gpu, blas, function, kernel, &Places::arena(gpu, &arena, &layout), &mut Default::default())
                 .expect("the grouped FP8 GEMM");
             let with_rows: Vec<usize> = (0..experts).filter(|&e| offsets[e] < offsets[e + 1]).collect();
             let picked = [with_rows[0], with_rows[with_rows.len() / 2], with_rows[with_rows.len() - 1]];
@@ -351,7 +362,7 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_cublaslt() {
             }
         }
     }
-    println!("{checked} rows of the bench plan's grouped FP8 GEMMs on cuBLASLt, worst relative error {worst:.2e}");
+    println!("{checked} rows of the bench plan's grouped FP8 GEMMs ({path}), worst relative error {worst:.2e}");
     assert!(checked >= 30, "only {checked} rows of grouped FP8 GEMMs checked");
 }
 

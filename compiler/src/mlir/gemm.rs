@@ -150,6 +150,10 @@ impl Tile {
     }
 }
 
+/// The grouped kernel a plan carries for its experts' FP8 products (`kernels/NAME.ptx`),
+/// and its tile.
+pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
+
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
 /// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (N / n, M / m), `tile.threads()`
 /// threads, `tile.shared_bytes()` of dynamic shared memory; arguments A, B, sa, sb, C

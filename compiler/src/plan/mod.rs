@@ -9,7 +9,7 @@ use crate::fuse::kernels::{self, Code, Kernel, KernelKind};
 use crate::fuse::{self, FunctionReport, Limits};
 use crate::graph::ir::{Function, Module, Op};
 use crate::graph::{Numerics, ParamInfo, TrainingGraph};
-use crate::mlir::emit;
+use crate::mlir::{emit, gemm};
 use dsc_lang::Spec;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -241,7 +241,8 @@ impl std::error::Error for PlanError {}
 impl Plan {
     /// The MLIR of every generated kernel, by kernel name.
     pub fn kernel_mlir(&self) -> Vec<(String, String)> {
-        self.module
+        let mut kernels: Vec<(String, String)> = self
+            .module
             .functions
             .iter()
             .zip(&self.functions)
@@ -251,7 +252,27 @@ impl Plan {
                     (k.name.clone(), mlir)
                 })
             })
-            .collect()
+            .collect();
+        if let Some((name, tile)) = self.grouped_gemm() {
+            kernels.push((name.to_string(), gemm::fp8_gemm(name, tile, gemm::Form::Grouped)));
+        }
+        kernels
+    }
+
+    /// The compiler's grouped FP8 GEMM (name and tile), where the plan has experts' FP8
+    /// products (Fprop and Dgrad: `grouped_matmul` and its concatenated form, quantised): it
+    /// reads the experts' row offsets on the device.
+    pub fn grouped_gemm(&self) -> Option<(&'static str, gemm::Tile)> {
+        let grouped_fp8 = |op: &Op| {
+            matches!(
+                op,
+                Op::GroupedMatMul { tb: true, fp8: Some(_) } | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) }
+            )
+        };
+        let any = self.module.functions.iter().zip(&self.functions).any(|(f, pf)| {
+            pf.kernels.iter().any(|k| k.code == Code::Library && grouped_fp8(&f.nodes[k.nodes[0] as usize].op))
+        });
+        any.then_some(gemm::GROUPED)
     }
 
     /// Writes `plan.json` and `ir/NAME.mlir` for each generated kernel into `dir`.
@@ -324,5 +345,20 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 3, "the shipped models are found");
+    }
+
+    /// An FP8 plan with experts carries the grouped GEMM (and its MLIR among its kernels'); an
+    /// f32 one does not.
+    #[test]
+    fn fp8_plans_with_experts_carry_the_grouped_gemm() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let f32 = ["precision.gemm=f32".to_string()];
+        for (sets, carried) in [(&[][..], true), (&f32[..], false)] {
+            let loaded = dsc_lang::load(&path, sets);
+            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            assert_eq!(plan.grouped_gemm().is_some(), carried, "{sets:?}");
+            let named = plan.kernel_mlir().iter().any(|(name, _)| name == gemm::GROUPED.0);
+            assert_eq!(named, carried, "{sets:?}");
+        }
     }
 }

@@ -12,6 +12,7 @@
 //! decoded) and its outputs uploaded. A function's arena is kept for its next call.
 //! [`Counts`] says how many kernels took each path.
 
+use super::grouped::GroupedGemm;
 use super::places::{self, Places};
 use super::profile::Profile;
 use super::{gemm, Gpu, GpuError, Kernels};
@@ -184,7 +185,8 @@ impl Executor {
     /// operands, the head, the BF16 policy's linears) run on TF32 tensor cores, finer than the
     /// BF16 the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
     pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
-        let blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
+        let mut blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
+        blas.grouped = GroupedGemm::load(&gpu, &plan, dir)?;
         let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
         let entries = memory::entries(&plan);
         let bytes =
@@ -214,7 +216,9 @@ impl Executor {
     /// Runs cuBLAS's f32 products exactly (no TF32) whatever the policy, so that a plan's
     /// outputs can be held to the CPU reference at f32 precision.
     pub fn exact(mut self) -> Result<Self, GpuError> {
+        let grouped = self.blas.grouped.take();
         self.blas = self.gpu.blas(false)?;
+        self.blas.grouped = grouped;
         Ok(self)
     }
 

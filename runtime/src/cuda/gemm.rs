@@ -7,8 +7,9 @@
 //! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`scaled`])
 //! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks).
 //!
-//! Grouped GEMMs of the MoE experts run as one product per expert, their row offsets read back
-//! from the device first: one synchronisation per offsets value and call of a function
+//! Grouped GEMMs of the MoE experts run, in FP8 where the plan carries it, on the compiler's
+//! grouped kernel ([`super::grouped`]: one launch, the offsets read on the device); otherwise
+//! as one product per expert, their row offsets read back from the device first: one synchronisation per offsets value and call of a function
 //! ([`ReadBack`]), shared by the grouped GEMMs over the same experts' rows (a generated grouped
 //! kernel reading them on the device is issue 9). In FP8 (operands quantised by `fuse::library`):
 //! Fprop and Dgrad take each expert's rows in place, its weight blocks in place, and its
@@ -19,6 +20,7 @@
 //! each expert's columns of its `quantize_by_expert` operands in place (whole 128-token
 //! groups, the leading dimension the capacity).
 
+use super::grouped::{GroupedGemm, GroupedProduct};
 use super::places::{self, Places};
 use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
@@ -29,10 +31,13 @@ use dsc_compiler::graph::ir::{matmul_shape, Function, Op, V};
 use dsc_compiler::mlir::fp8;
 use std::collections::hash_map::{Entry, HashMap};
 
-/// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones.
+/// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones; and the
+/// compiler's grouped FP8 GEMM where the plan carries it (the experts' FP8 products run on it
+/// where its tile fits them, without reading their offsets back).
 pub struct Blas {
     pub f32: CudaBlas,
     pub fp8: Lt,
+    pub grouped: Option<GroupedGemm>,
 }
 
 /// One batched product: C = op(A)·op(B), plus what C held when `accumulate`; or in FP8
@@ -217,6 +222,26 @@ pub fn run(
     let plan = match plan(function, kernel) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
+            if let (GroupedKind::ScaledProducts { weights }, Some(kernel)) = (&g.kind, &blas.grouped) {
+                let (rows, k) = (g.xs.1[0], g.xs.1[1]);
+                if weights.iter().all(|(w, _)| kernel.fits(w.1[1], k)) {
+                    for &(w, out) in weights {
+                        let (experts, n) = (w.1[0], w.1[1]);
+                        let product = GroupedProduct {
+                            xs: Fp8Operand::buffer(places.at(g.xs.0), rows, k),
+                            weights: Fp8Operand::buffer(places.at(w.0), experts * n, k),
+                            out: places.at(out),
+                            offsets: places.at(g.offsets),
+                            rows,
+                            n,
+                            k,
+                            experts,
+                        };
+                        kernel.run(gpu, &product)?;
+                    }
+                    return Ok(());
+                }
+            }
             let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?;
             return grouped(gpu, blas, function, places, &g, offsets);
         }

@@ -15,6 +15,7 @@
 
 pub mod exec;
 pub mod gemm;
+pub mod grouped;
 pub mod nccl;
 pub mod places;
 pub mod profile;
@@ -107,7 +108,7 @@ impl Gpu {
             // SAFETY: the handle is live; the mode applies to its later calls.
             unsafe { cudarc::cublas::sys::cublasSetMathMode(*f32.handle(), mode) }.result().map_err(cublas)?;
         }
-        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)? })
+        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)?, grouped: None })
     }
 
     pub fn name(&self) -> Result<String, GpuError> {
