@@ -223,17 +223,18 @@ fn random_offsets(rng: &mut Rng, rows: usize, experts: usize) -> Vec<i32> {
 /// ragged last one): the first and last rows of the first, a middle and the last expert with
 /// rows match the CPU reference's FP8 GEMM of those rows within 1e-3 (all of them would take
 /// the CPU minutes); rows of the Wgrad's result likewise, and an empty expert's gradient is 0.
-/// Twice: with cuBLASLt, one product per expert, and with the compiler's grouped kernel the
-/// plan carries (Fprop and Dgrad: the offsets read on the device).
+/// Twice: with cuBLASLt, one product per expert, and with the compiler's expert GEMMs the plan
+/// carries (the offsets read on the device).
 #[test]
 fn the_bench_plans_grouped_fp8_gemms_run_on_the_gpu() {
-    use dsc_runtime::cuda::grouped::GroupedGemm;
+    use dsc_runtime::cuda::grouped::ExpertGemms;
     let Some((gpu, plan, dir)) = gpu_and_bench_plan() else { return };
     let mut blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     grouped_rows_match(&gpu, &plan, &blas, "cuBLASLt, one product per expert");
-    blas.grouped = GroupedGemm::load(&gpu, &plan, &dir).expect("the plan's grouped GEMM loads");
-    assert!(blas.grouped.is_some(), "the bench plan carries the compiler's grouped FP8 GEMM");
-    grouped_rows_match(&gpu, &plan, &blas, "the compiler's grouped kernel");
+    blas.experts = ExpertGemms::load(&gpu, &plan, &dir).expect("the plan's expert GEMMs load");
+    let carried = blas.experts.grouped.is_some() && blas.experts.wgrad.is_some();
+    assert!(carried, "the bench plan carries the compiler's grouped FP8 GEMM and Wgrad");
+    grouped_rows_match(&gpu, &plan, &blas, "the compiler's expert GEMMs");
 }
 
 /// The check of `the_bench_plans_grouped_fp8_gemms_run_on_the_gpu` with `blas`, on `path`.

@@ -150,9 +150,10 @@ impl Tile {
     }
 }
 
-/// The grouped kernel a plan carries for its experts' FP8 products (`kernels/NAME.ptx`),
-/// and its tile.
+/// The kernels a plan carries for its experts' FP8 products and weight gradients
+/// (`kernels/NAME.ptx`), with their tiles.
 pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
+pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
 
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
 /// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (N / n, M / m), `tile.threads()`
@@ -169,28 +170,48 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let by = g.index_i64("gpu.block_id y");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
     let n0 = g.op_c("mul", &bx, tile_n.into());
-    // The block's rows of A and C (`m0` on, `valid` of them), its weights and their scales.
-    let (m0, valid, b, sb_base) = match form {
-        Form::Dense => (g.op_c("mul", &by, tile_m.into()), g.i64(tile_m.into()), "%b".to_string(), "%sb".to_string()),
+    let all_rows = g.i64(tile_m.into());
+    let whole = |g: &mut Lines| g.op_c("udiv", &k, TILE_K.into());
+    let Setup { m0, valid, b, sb, k_from, k_blocks, c } = match form {
+        Form::Dense => {
+            let m0 = g.op_c("mul", &by, tile_m.into());
+            let k_blocks = whole(&mut g);
+            let k_from = g.i64(0);
+            Setup { m0, valid: all_rows, b: "%b".into(), sb: "%sb".into(), k_from, k_blocks, c: "%c".into() }
+        }
         Form::Grouped => {
             let (expert, m0, valid, active) = expert_rows(&mut g, &by, tile_m);
             g.stmt(format!("scf.if {active} {{"));
             let weights = g.op("mul", &n, &k);
             let weights_at = g.op("mul", &expert, &weights);
             let b = g.line(format!("llvm.getelementptr %b[{weights_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, i8"));
-            let blocks = g.op_c("udiv", &k, TILE_K.into());
-            let row_blocks = padded_row(&mut g, &blocks);
+            let k_blocks = whole(&mut g);
+            let row_blocks = padded_row(&mut g, &k_blocks);
             let n_blocks = g.op_c("udiv", &n, 128);
             let scales = g.op("mul", &n_blocks, &row_blocks);
             let scales_at = g.op("mul", &expert, &scales);
             let sb = g.line(format!("llvm.getelementptr %sb[{scales_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            (m0, valid, b, sb)
+            let k_from = g.i64(0);
+            Setup { m0, valid, b, sb, k_from, k_blocks, c: "%c".into() }
+        }
+        Form::Wgrad => {
+            let expert = g.index_i64("gpu.block_id z");
+            let (k_from, tokens) = expert_tokens(&mut g, &expert);
+            let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
+            let m0 = g.op_c("mul", &by, tile_m.into());
+            let out = g.op("mul", &m, &n);
+            let out_at = g.op("mul", &expert, &out);
+            let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            Setup { m0, valid: all_rows, b: "%b".into(), sb: "%sb".into(), k_from, k_blocks, c }
         }
     };
+    let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
     let last_row = g.op_c("sub", &m, 1);
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
-    let k_blocks = g.op_c("udiv", &k, TILE_K.into());
+    let no_blocks = g.i64(0);
+    let any_block = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {no_blocks} : i64"));
+    // Used only where there is a block (the first copies and the loop).
     let last_block = g.op_c("sub", &k_blocks, 1);
     // This thread's rows of the accumulators: warpgroup v holds rows 64v..64v+63, its warp w
     // rows 16w..16w+15 of those, lane l rows l/4 and l/4 + 8 of those, columns
@@ -216,6 +237,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let copy = |g: &mut Lines, block: &str, stage: &str| {
         let stage_at = g.op_c("mul", stage, stage_bytes);
         let k_at = g.op_c("mul", block, TILE_K.into());
+        let k_at = g.op("add", &k_from, &k_at);
         let b_at = g.op_c("add", &stage_at, a_bytes.into());
         let operands =
             [("%a", tile_m, &m0, Some(last_row.as_str()), &stage_at), (b.as_str(), tile_n, &n0, None, &b_at)];
@@ -233,11 +255,14 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let stage = g.op_c("urem", position, stages.into());
         copy(g, &block, &stage);
     };
-    // The first stages - 1 blocks in flight.
+    // The first stages - 1 blocks in flight (none where K has no block: a Wgrad's expert
+    // without tokens).
+    g.stmt(format!("scf.if {any_block} {{"));
     for position in 0..stages - 1 {
         let position = g.i64(position.into());
         copy_at(&mut g, &position);
     }
+    g.stmt("}");
     let [lower, upper, step] =
         [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
@@ -261,19 +286,41 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
         g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
     };
-    let sa_block = g.op("mul", &kb, &m);
+    let kb_at = g.op("add", &first_kb, &kb);
+    let sa_block = g.op("mul", &kb_at, &m);
     let [sa0, sa1] = [&row0, &row1].map(|r| {
         let row = g.op("add", &m0, r);
         let row = clamp(&mut g, &row, &last_row);
         let at = g.op("add", &sa_block, &row);
         scale(&mut g, "%sa", &at)
     });
-    let n_block = g.op_c("udiv", &n0, 128);
-    let row_blocks = padded_row(&mut g, &k_blocks);
-    let sb_row = g.op("mul", &n_block, &row_blocks);
-    let sb_at = g.op("add", &sb_row, &kb);
-    let sb = scale(&mut g, &sb_base, &sb_at);
-    let scales = [sa0, sa1].map(|s| g.line(format!("llvm.fmul {s}, {sb} : f32")));
+    // Each accumulator's scale: its row's times its block's (Dense, Grouped) or its column's
+    // (Wgrad: this thread's columns 8j + 2(l mod 4) + {0, 1}).
+    let scales: Vec<String> = if form == Form::Wgrad {
+        let sb_block = g.op("mul", &kb_at, &n);
+        let c_col = g.op("add", &n0, &col);
+        let columns: Vec<String> = (0..registers / 2)
+            .map(|j| {
+                let column = g.op_c("add", &c_col, (j as u64 / 2) * 8 + j as u64 % 2);
+                let at = g.op("add", &sb_block, &column);
+                scale(&mut g, &sb, &at)
+            })
+            .collect();
+        (0..registers)
+            .map(|i| {
+                let (row, column) = ([&sa0, &sa1][(i / 2) % 2], &columns[(i / 4) * 2 + i % 2]);
+                g.line(format!("llvm.fmul {row}, {column} : f32"))
+            })
+            .collect()
+    } else {
+        let n_block = g.op_c("udiv", &n0, 128);
+        let row_blocks = padded_row(&mut g, &k_blocks);
+        let sb_row = g.op("mul", &n_block, &row_blocks);
+        let sb_at = g.op("add", &sb_row, &kb);
+        let block = scale(&mut g, &sb, &sb_at);
+        let [s0, s1] = [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")));
+        (0..registers).map(|i| [&s0, &s1][(i / 2) % 2].clone()).collect()
+    };
     let stage = g.op_c("urem", &kb, stages.into());
     let stage_at = g.op_c("mul", &stage, stage_bytes);
     let stage_at = g.op("add", &smem_at, &stage_at);
@@ -314,7 +361,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         .iter()
         .enumerate()
         .map(|(i, x)| {
-            let scaled = g.line(format!("llvm.fmul {x}, {} : f32", scales[(i / 2) % 2]));
+            let scaled = g.line(format!("llvm.fmul {x}, {} : f32", scales[i]));
             g.line(format!("llvm.fadd %acc{i}, {scaled} : f32"))
         })
         .collect();
@@ -331,7 +378,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         for i in (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half) {
             let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
             let at = g.op("add", &row_at, &column);
-            let p = g.line(format!("llvm.getelementptr %c[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            let p = g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
             let pair = g.line("llvm.mlir.poison : vector<2xf32>");
             let [first, second] = [g.i32(0), g.i32(1)];
             let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
@@ -351,7 +398,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
          gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
         threads = tile.threads(),
-        grouped = if form == Form::Grouped { ", %offsets: !llvm.ptr<1>, %experts: i32" } else { "" },
+        grouped = if form == Form::Dense { "" } else { ", %offsets: !llvm.ptr<1>, %experts: i32" },
         body = g.text
     )
 }
@@ -367,6 +414,53 @@ pub enum Form {
     /// offsets (pointer) and E (u32); grid (N / n, ⌈M / m⌉ + E): each block finds its expert
     /// and tile from the offsets, blocks past the last tile do nothing.
     Grouped,
+    /// The experts' weight gradients (`quantize_by_expert` operands): out[e] [M, N] =
+    /// A_e·B_eᵀ over expert e's tokens, A [M, L] and B [N, L] with expert e's tokens in the
+    /// columns from the earlier experts' token counts, each rounded up to 128, summed (1×128
+    /// tiles along tokens; scales [L/128, M] and [L/128, N]: B's scale is a column's, applied
+    /// at the promotion). K is L; the offsets and E as for `Grouped`; grid (N / n, M / m, E);
+    /// an expert without tokens gets zeros.
+    Wgrad,
+}
+
+/// Where a block's operands are: its first row of A and C (`m0`) and how many it has
+/// (`valid`), B and B's scales (pointers), the first byte of K (`k_from`, a multiple of 128) and
+/// the blocks of K from there, and C (pointer).
+struct Setup {
+    m0: String,
+    valid: String,
+    b: String,
+    sb: String,
+    k_from: String,
+    k_blocks: String,
+    c: String,
+}
+
+/// Expert `expert`'s tokens in the Wgrad's operands: (its first column, its token count
+/// rounded up to 128), the columns of the earlier experts' rounded counts summed.
+fn expert_tokens(g: &mut Lines, expert: &str) -> (String, String) {
+    let rounded = |g: &mut Lines, e: &str| {
+        let first = offset(g, e);
+        let next = g.op_c("add", e, 1);
+        let end = offset(g, &next);
+        let tokens = g.op("sub", &end, &first);
+        let up = g.op_c("add", &tokens, u64::from(TILE_K - 1));
+        let blocks = g.op_c("udiv", &up, TILE_K.into());
+        g.op_c("mul", &blocks, TILE_K.into())
+    };
+    let [lower, upper, step] =
+        [g.i64(0), expert.to_string(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+    let zero = g.i64(0);
+    g.stmt(format!(
+        "%earlier = scf.for %t_index = {lower} to {upper} step {step} iter_args(%columns = {zero}) -> (i64) {{"
+    ));
+    let e = g.line("arith.index_cast %t_index : index to i64");
+    let tokens = rounded(g, &e);
+    let sum = g.op("add", "%columns", &tokens);
+    g.stmt(format!("scf.yield {sum} : i64"));
+    g.stmt("}");
+    let tokens = rounded(g, expert);
+    ("%earlier".to_string(), tokens)
 }
 
 /// `x` if at most `last`, else `last`.
@@ -495,12 +589,17 @@ fn copy_tile(
 mod tests {
     use super::*;
 
-    /// The kernels (dense and grouped) lower through MLIR's pipeline to PTX with Hopper's FP8 `wgmma`, and, where
+    /// The kernels (every form) lower through MLIR's pipeline to PTX with Hopper's FP8 `wgmma`, and, where
     /// `DSC_PTXAS` names ptxas, assembles for sm_90a without spilling registers.
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
-        for (m, n, stages, form) in [(64, 64, 2, Form::Dense), (128, 128, 4, Form::Dense), (128, 128, 4, Form::Grouped)]
-        {
+        let forms = [
+            (64, 64, 2, Form::Dense),
+            (128, 128, 4, Form::Dense),
+            (128, 128, 4, Form::Grouped),
+            (128, 128, 4, Form::Wgrad),
+        ];
+        for (m, n, stages, form) in forms {
             let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages }, form);
             let ptx = crate::mlir::lower::Lowering::default().ptx(&mlir, false).expect("lowers");
             let wgmma = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");

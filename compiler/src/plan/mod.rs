@@ -253,26 +253,34 @@ impl Plan {
                 })
             })
             .collect();
-        if let Some((name, tile)) = self.grouped_gemm() {
-            kernels.push((name.to_string(), gemm::fp8_gemm(name, tile, gemm::Form::Grouped)));
+        for (name, tile, form) in self.generated_gemms() {
+            kernels.push((name.to_string(), gemm::fp8_gemm(name, tile, form)));
         }
         kernels
     }
 
-    /// The compiler's grouped FP8 GEMM (name and tile), where the plan has experts' FP8
-    /// products (Fprop and Dgrad: `grouped_matmul` and its concatenated form, quantised): it
-    /// reads the experts' row offsets on the device.
-    pub fn grouped_gemm(&self) -> Option<(&'static str, gemm::Tile)> {
-        let grouped_fp8 = |op: &Op| {
+    /// The compiler's GEMMs of the experts the plan carries (name, tile, form): the grouped
+    /// FP8 product where it has experts' FP8 products (Fprop and Dgrad: `grouped_matmul` and
+    /// its concatenated form, quantised), the Wgrad where it has `scaled_grouped_wgrad`. Both
+    /// read the experts' row offsets on the device.
+    pub fn generated_gemms(&self) -> Vec<(&'static str, gemm::Tile, gemm::Form)> {
+        let has = |wanted: fn(&Op) -> bool| {
+            self.module.functions.iter().zip(&self.functions).any(|(f, pf)| {
+                pf.kernels.iter().any(|k| k.code == Code::Library && wanted(&f.nodes[k.nodes[0] as usize].op))
+            })
+        };
+        let products = has(|op| {
             matches!(
                 op,
                 Op::GroupedMatMul { tb: true, fp8: Some(_) } | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) }
             )
-        };
-        let any = self.module.functions.iter().zip(&self.functions).any(|(f, pf)| {
-            pf.kernels.iter().any(|k| k.code == Code::Library && grouped_fp8(&f.nodes[k.nodes[0] as usize].op))
         });
-        any.then_some(gemm::GROUPED)
+        let wgrads = has(|op| matches!(op, Op::ScaledGroupedWgrad { .. }));
+        let (grouped, wgrad) = (gemm::GROUPED, gemm::WGRAD);
+        [(products, (grouped.0, grouped.1, gemm::Form::Grouped)), (wgrads, (wgrad.0, wgrad.1, gemm::Form::Wgrad))]
+            .into_iter()
+            .filter_map(|(carried, kernel)| carried.then_some(kernel))
+            .collect()
     }
 
     /// Writes `plan.json` and `ir/NAME.mlir` for each generated kernel into `dir`.
@@ -347,18 +355,20 @@ mod tests {
         assert!(checked >= 3, "the shipped models are found");
     }
 
-    /// An FP8 plan with experts carries the grouped GEMM (and its MLIR among its kernels'); an
-    /// f32 one does not.
+    /// An FP8 plan with experts carries the grouped GEMM and the Wgrad (their MLIR among its
+    /// kernels'); an f32 one neither.
     #[test]
-    fn fp8_plans_with_experts_carry_the_grouped_gemm() {
+    fn fp8_plans_with_experts_carry_the_grouped_gemms() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let f32 = ["precision.gemm=f32".to_string()];
         for (sets, carried) in [(&[][..], true), (&f32[..], false)] {
             let loaded = dsc_lang::load(&path, sets);
             let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
-            assert_eq!(plan.grouped_gemm().is_some(), carried, "{sets:?}");
-            let named = plan.kernel_mlir().iter().any(|(name, _)| name == gemm::GROUPED.0);
-            assert_eq!(named, carried, "{sets:?}");
+            let carries: Vec<&str> = plan.generated_gemms().iter().map(|(name, _, _)| *name).collect();
+            let want = if carried { vec![gemm::GROUPED.0, gemm::WGRAD.0] } else { vec![] };
+            assert_eq!(carries, want, "{sets:?}");
+            let mlir = plan.kernel_mlir();
+            assert!(want.iter().all(|w| mlir.iter().any(|(name, _)| name == w)), "{sets:?}");
         }
     }
 }

@@ -12,7 +12,7 @@
 //! decoded) and its outputs uploaded. A function's arena is kept for its next call.
 //! [`Counts`] says how many kernels took each path.
 
-use super::grouped::GroupedGemm;
+use super::grouped::ExpertGemms;
 use super::places::{self, Places};
 use super::profile::Profile;
 use super::{gemm, Gpu, GpuError, Kernels};
@@ -186,7 +186,7 @@ impl Executor {
     /// BF16 the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
     pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
         let mut blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
-        blas.grouped = GroupedGemm::load(&gpu, &plan, dir)?;
+        blas.experts = ExpertGemms::load(&gpu, &plan, dir)?;
         let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
         let entries = memory::entries(&plan);
         let bytes =
@@ -216,9 +216,9 @@ impl Executor {
     /// Runs cuBLAS's f32 products exactly (no TF32) whatever the policy, so that a plan's
     /// outputs can be held to the CPU reference at f32 precision.
     pub fn exact(mut self) -> Result<Self, GpuError> {
-        let grouped = self.blas.grouped.take();
+        let experts = std::mem::take(&mut self.blas.experts);
         self.blas = self.gpu.blas(false)?;
-        self.blas.grouped = grouped;
+        self.blas.experts = experts;
         Ok(self)
     }
 

@@ -7,8 +7,8 @@
 //! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`scaled`])
 //! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks).
 //!
-//! Grouped GEMMs of the MoE experts run, in FP8 where the plan carries it, on the compiler's
-//! grouped kernel ([`super::grouped`]: one launch, the offsets read on the device); otherwise
+//! Grouped GEMMs of the MoE experts run, in FP8 where the plan carries them, on the compiler's
+//! expert GEMMs ([`super::grouped`]: one launch, the offsets read on the device); otherwise
 //! as one product per expert, their row offsets read back from the device first: one synchronisation per offsets value and call of a function
 //! ([`ReadBack`]), shared by the grouped GEMMs over the same experts' rows (a generated grouped
 //! kernel reading them on the device is issue 9). In FP8 (operands quantised by `fuse::library`):
@@ -20,7 +20,7 @@
 //! each expert's columns of its `quantize_by_expert` operands in place (whole 128-token
 //! groups, the leading dimension the capacity).
 
-use super::grouped::{GroupedGemm, GroupedProduct};
+use super::grouped::{ExpertGemms, ExpertProduct};
 use super::places::{self, Places};
 use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
@@ -32,12 +32,12 @@ use dsc_compiler::mlir::fp8;
 use std::collections::hash_map::{Entry, HashMap};
 
 /// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones; and the
-/// compiler's grouped FP8 GEMM where the plan carries it (the experts' FP8 products run on it
-/// where its tile fits them, without reading their offsets back).
+/// compiler's expert GEMMs where the plan carries them (the experts' FP8 products and weight
+/// gradients run on them where their tiles fit, without reading the offsets back).
 pub struct Blas {
     pub f32: CudaBlas,
     pub fp8: Lt,
-    pub grouped: Option<GroupedGemm>,
+    pub experts: ExpertGemms,
 }
 
 /// One batched product: C = op(A)·op(B), plus what C held when `accumulate`; or in FP8
@@ -104,6 +104,47 @@ impl ReadBack {
                 )
             }
         })
+    }
+}
+
+/// Runs grouped GEMM `g` on the plan's expert GEMMs if they take it (the FP8 products and
+/// weight gradients, where the tiles fit); whether they did.
+fn on_expert_gemms(
+    gpu: &Gpu,
+    experts: &ExpertGemms,
+    function: &Function,
+    places: &Places,
+    g: &Grouped,
+) -> Result<bool, GpuError> {
+    let offsets = places.at(g.offsets);
+    match (&g.kind, &experts.grouped, &experts.wgrad) {
+        (GroupedKind::ScaledProducts { weights }, Some(kernel), _) => {
+            let (rows, k) = (g.xs.1[0], g.xs.1[1]);
+            if !weights.iter().all(|(w, _)| kernel.fits(rows, w.1[1], k)) {
+                return Ok(false);
+            }
+            for &(w, out) in weights {
+                let (count, n) = (w.1[0], w.1[1]);
+                let a = Fp8Operand::buffer(places.at(g.xs.0), rows, k);
+                let b = Fp8Operand::buffer(places.at(w.0), count * n, k);
+                let product = ExpertProduct { a, b, out: places.at(out), offsets, rows, n, k, experts: count };
+                kernel.run(gpu, &product)?;
+            }
+            Ok(true)
+        }
+        (GroupedKind::ScaledWgrad { grad, out }, _, Some(kernel)) => {
+            let (rows, n, capacity) = (grad.1[0], g.xs.1[0], grad.1[1]);
+            if !kernel.fits(rows, n, capacity) {
+                return Ok(false);
+            }
+            let a = Fp8Operand::buffer(places.at(grad.0), rows, capacity);
+            let b = Fp8Operand::buffer(places.at(g.xs.0), n, capacity);
+            let count = function.nodes[*out as usize].shape[0];
+            let product = ExpertProduct { a, b, out: places.at(*out), offsets, rows, n, k: capacity, experts: count };
+            kernel.run(gpu, &product)?;
+            Ok(true)
+        }
+        _ => Ok(false),
     }
 }
 
@@ -222,25 +263,8 @@ pub fn run(
     let plan = match plan(function, kernel) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
-            if let (GroupedKind::ScaledProducts { weights }, Some(kernel)) = (&g.kind, &blas.grouped) {
-                let (rows, k) = (g.xs.1[0], g.xs.1[1]);
-                if weights.iter().all(|(w, _)| kernel.fits(w.1[1], k)) {
-                    for &(w, out) in weights {
-                        let (experts, n) = (w.1[0], w.1[1]);
-                        let product = GroupedProduct {
-                            xs: Fp8Operand::buffer(places.at(g.xs.0), rows, k),
-                            weights: Fp8Operand::buffer(places.at(w.0), experts * n, k),
-                            out: places.at(out),
-                            offsets: places.at(g.offsets),
-                            rows,
-                            n,
-                            k,
-                            experts,
-                        };
-                        kernel.run(gpu, &product)?;
-                    }
-                    return Ok(());
-                }
+            if on_expert_gemms(gpu, &blas.experts, function, places, &g)? {
+                return Ok(());
             }
             let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?;
             return grouped(gpu, blas, function, places, &g, offsets);

@@ -1,31 +1,41 @@
-//! The compiler's grouped FP8 GEMM (`compiler::mlir::gemm`, `Form::Grouped`) where a plan
-//! carries it (`Plan::grouped_gemm`): the experts' FP8 products (Fprop and Dgrad) in one launch
-//! per weight, each block finding its expert's rows from the row offsets on the device, so
-//! that no grouped GEMM waits for the host (the cuBLASLt path reads the offsets back first:
-//! `gemm::ReadBack`). Its operands are the plan's quantised buffers as they are.
+//! The compiler's GEMMs of the MoE experts (`compiler::mlir::gemm`, forms `Grouped` and
+//! `Wgrad`) where a plan carries them (`Plan::generated_gemms`): the experts' FP8 products
+//! (Fprop and Dgrad) in one launch per weight, and their weight gradients in one launch, each
+//! block finding its expert's rows or tokens from the row offsets on the device, so that no
+//! grouped GEMM waits for the host (the cuBLASLt path reads the offsets back first:
+//! `gemm::ReadBack`). Their operands are the plan's quantised buffers as they are.
 
 use super::scaled::Fp8Operand;
 use super::{Gpu, GpuError};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use dsc_compiler::mlir::gemm::{Tile, TILE_K};
+use dsc_compiler::mlir::gemm::{Form, Tile, TILE_K};
 use dsc_compiler::plan::Plan;
 use std::path::Path;
 use std::sync::Arc;
 
-/// The loaded kernel and its tile.
-pub struct GroupedGemm {
+/// A loaded kernel, its tile and form.
+pub struct ExpertGemm {
     function: CudaFunction,
     tile: Tile,
+    form: Form,
     _module: Arc<CudaModule>,
 }
 
-/// One launch: out [rows, n] (f32) = each expert's rows of `xs` [rows, k] times its weights'
-/// (`weights` [experts, n, k], 128×128 blocks)ᵀ, the experts' row offsets (i32, experts + 1)
-/// at `offsets` on the device.
-pub struct GroupedProduct {
-    pub xs: Fp8Operand,
-    pub weights: Fp8Operand,
+/// The plan's expert GEMMs, each where it carries it.
+#[derive(Default)]
+pub struct ExpertGemms {
+    pub grouped: Option<ExpertGemm>,
+    pub wgrad: Option<ExpertGemm>,
+}
+
+/// One launch. Grouped: out [rows, n] = each expert's rows of `a` [rows, k] times its weights'
+/// (`b` [experts, n, k], 128×128 blocks)ᵀ. Wgrad: out [experts, rows, n] = per expert, its
+/// token columns of `a` [rows, k] times those of `b` [n, k], transposed (1×128 tiles; k the
+/// capacity). The experts' row offsets (i32, experts + 1) at `offsets` on the device.
+pub struct ExpertProduct {
+    pub a: Fp8Operand,
+    pub b: Fp8Operand,
     pub out: u64,
     pub offsets: u64,
     pub rows: usize,
@@ -34,40 +44,58 @@ pub struct GroupedProduct {
     pub experts: usize,
 }
 
-impl GroupedGemm {
-    /// The plan's grouped GEMM from `dir/kernels/NAME.ptx`, where the plan has one.
-    pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<Option<GroupedGemm>, GpuError> {
-        let Some((name, tile)) = plan.grouped_gemm() else { return Ok(None) };
-        let path = dir.join("kernels").join(format!("{name}.ptx"));
-        let ptx = std::fs::read_to_string(&path).map_err(|e| GpuError::Ptx(path, e))?;
-        let module = gpu.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
-        let function = module.load_function(name)?;
-        let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
-        function.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
-        Ok(Some(GroupedGemm { function, tile, _module: module }))
+impl ExpertGemms {
+    /// The plan's expert GEMMs from `dir/kernels/NAME.ptx`.
+    pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
+        let mut gemms = ExpertGemms::default();
+        for (name, tile, form) in plan.generated_gemms() {
+            let path = dir.join("kernels").join(format!("{name}.ptx"));
+            let ptx = std::fs::read_to_string(&path).map_err(|e| GpuError::Ptx(path, e))?;
+            let module = gpu.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+            let function = module.load_function(name)?;
+            let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
+            function
+                .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
+            let kernel = Some(ExpertGemm { function, tile, form, _module: module });
+            match form {
+                Form::Grouped => gemms.grouped = kernel,
+                Form::Wgrad => gemms.wgrad = kernel,
+                Form::Dense => unreachable!("plans carry no dense generated GEMM"),
+            }
+        }
+        Ok(gemms)
+    }
+}
+
+impl ExpertGemm {
+    /// Whether a product of `rows` × `n` over `k` fits the tile (the grouped form takes any
+    /// number of rows: the experts' last blocks are partial).
+    pub fn fits(&self, rows: usize, n: usize, k: usize) -> bool {
+        let rows_fit = self.form == Form::Grouped || rows % self.tile.m as usize == 0;
+        rows_fit && n % self.tile.n as usize == 0 && k % TILE_K as usize == 0
     }
 
-    /// Whether products of this width and depth fit the kernel's tile.
-    pub fn fits(&self, n: usize, k: usize) -> bool {
-        n % self.tile.n as usize == 0 && k % TILE_K as usize == 0
-    }
-
-    pub fn run(&self, gpu: &Gpu, p: &GroupedProduct) -> Result<(), GpuError> {
-        assert!(self.fits(p.n, p.k), "a product the tile does not fit");
+    pub fn run(&self, gpu: &Gpu, p: &ExpertProduct) -> Result<(), GpuError> {
+        assert!(self.fits(p.rows, p.n, p.k), "a product the tile does not fit");
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
-        let blocks = narrow(p.rows.div_ceil(self.tile.m as usize) + p.experts)?;
+        let tile_m = self.tile.m as usize;
+        let grid_dim = if self.form == Form::Grouped {
+            (n / self.tile.n, narrow(p.rows.div_ceil(tile_m) + p.experts)?, 1)
+        } else {
+            (n / self.tile.n, narrow(p.rows / tile_m)?, experts)
+        };
         let config = LaunchConfig {
-            grid_dim: (n / self.tile.n, blocks, 1),
+            grid_dim,
             block_dim: (self.tile.threads(), 1, 1),
             shared_mem_bytes: self.tile.shared_bytes(),
         };
         let mut launch = gpu.stream.launch_builder(&self.function);
-        launch.arg(&p.xs.data).arg(&p.weights.data).arg(&p.xs.scales).arg(&p.weights.scales).arg(&p.out);
+        launch.arg(&p.a.data).arg(&p.b.data).arg(&p.a.scales).arg(&p.b.scales).arg(&p.out);
         launch.arg(&rows).arg(&n).arg(&k).arg(&p.offsets).arg(&experts);
-        // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`, grouped: five
-        // pointers, M, N, K, the offsets, E), each pointer the address of a live buffer of the
-        // plan with the sizes given.
+        // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: five pointers,
+        // M, N, K, the offsets, E), each pointer the address of a live buffer of the plan with
+        // the sizes given.
         unsafe { launch.launch(config) }?;
         Ok(())
     }

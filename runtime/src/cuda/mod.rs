@@ -108,7 +108,7 @@ impl Gpu {
             // SAFETY: the handle is live; the mode applies to its later calls.
             unsafe { cudarc::cublas::sys::cublasSetMathMode(*f32.handle(), mode) }.result().map_err(cublas)?;
         }
-        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)?, grouped: None })
+        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)?, experts: Default::default() })
     }
 
     pub fn name(&self) -> Result<String, GpuError> {
