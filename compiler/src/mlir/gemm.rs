@@ -125,7 +125,7 @@ impl Tile {
         // threads).
         let fits = matches!(m, 64 | 128)
             && matches!(n, 8 | 16 | 32 | 64 | 128)
-            && (n * (TILE_K / 16)) % self.threads() == 0
+            && (n * (TILE_K / 16)).is_multiple_of(self.threads())
             && (2..=6).contains(&stages)
             && self.shared_bytes() <= 227 << 10;
         if fits {

@@ -71,8 +71,8 @@ impl ExpertGemm {
     /// Whether a product of `rows` × `n` over `k` fits the tile (the grouped form takes any
     /// number of rows: the experts' last blocks are partial).
     pub fn fits(&self, rows: usize, n: usize, k: usize) -> bool {
-        let rows_fit = self.form == Form::Grouped || rows % self.tile.m as usize == 0;
-        rows_fit && n % self.tile.n as usize == 0 && k % TILE_K as usize == 0
+        let rows_fit = self.form == Form::Grouped || rows.is_multiple_of(self.tile.m as usize);
+        rows_fit && n.is_multiple_of(self.tile.n as usize) && k.is_multiple_of(TILE_K as usize)
     }
 
     pub fn run(&self, gpu: &Gpu, p: &ExpertProduct) -> Result<(), GpuError> {
