@@ -1,6 +1,7 @@
-//! Kernels through MLIR: [`emit`] writes each generated kernel as an MLIR `gpu.module`;
-//! with the `mlir` feature, [`lower`] runs MLIR's own passes (through melior) down to PTX for
-//! sm_90a. No CUDA toolkit is needed to compile.
+//! Kernels through MLIR: [`emit`] writes each generated kernel as an MLIR `gpu.module`,
+//! [`gemm`] the FP8 GEMM on Hopper's warpgroup tensor cores; with the `mlir` feature, [`lower`]
+//! runs MLIR's own passes (through melior) down to PTX for sm_90a. No CUDA toolkit is needed
+//! to compile.
 
 pub mod emit;
 pub mod fp8;
