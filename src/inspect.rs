@@ -53,7 +53,7 @@ fn summary_json(plan: &Plan) -> serde_json::Value {
             })
         })
         .collect();
-    let gpu = dsc_runtime::memory::step_memory(plan);
+    let gpu = dsc_runtime::memory::step_memory(plan, &layouts);
     let gpu_memory = serde_json::json!({
         "state": gpu.state, "gradients": gpu.gradients, "optimizer": gpu.optimizer, "peak": gpu.peak(), "kept": gpu.kept(),
     });
@@ -80,7 +80,8 @@ fn print_summary(plan: &Plan) {
         ratio(s.bytes_per_step_unfused as f64, s.bytes_per_step as f64)
     );
     println!("  roofline time (estimate)         {:>11.3}s {:>11.3}s", s.seconds_per_step, s.seconds_per_step_unfused);
-    let gpu = dsc_runtime::memory::step_memory(plan);
+    let layouts = dsc_runtime::memory::layouts(plan);
+    let gpu = dsc_runtime::memory::step_memory(plan, &layouts);
     println!(
         "  GPU memory (CUDA backend)    {} = state {} (parameters, gradients, Adam moments) + the larger of the gradient calls' arenas {} and the optimizer's {}; {} with every arena kept between steps where the GPU has room",
         bytes(gpu.peak()),
@@ -94,7 +95,7 @@ fn print_summary(plan: &Plan) {
         "{:<16} {:>7} {:>8} {:>9}  {:>21}  {:<22} fused ops",
         "function", "kernels", "gemms", "nodes", "memory (reused/all)", "saturation"
     );
-    for (f, memory) in plan.functions.iter().zip(dsc_runtime::memory::layouts(plan)) {
+    for (f, memory) in plan.functions.iter().zip(&layouts) {
         let gemms = f.kernels.iter().filter(|k| k.kind == KernelKind::LibraryGemm).count();
         let fused: Vec<String> = f.fusion.fused.iter().map(|(op, n)| format!("{op}×{n}")).collect();
         // Buffers placed by lifetime in one arena (an entry function's arguments read where

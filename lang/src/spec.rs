@@ -16,7 +16,7 @@ pub struct Spec {
 
 impl Spec {
     /// The settings (dotted paths, as `--set` names them) whose values differ in `other`.
-    pub fn differing_settings(&self, other: &Spec) -> Vec<String> {
+    fn differing_settings(&self, other: &Spec) -> Vec<String> {
         let mut out = Vec::new();
         if let (Ok(a), Ok(b)) = (serde_json::to_value(self), serde_json::to_value(other)) {
             differences(&a, &b, String::new(), &mut out);

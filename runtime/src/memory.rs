@@ -104,10 +104,10 @@ impl StepMemory {
     }
 }
 
-/// What a training step of `plan` holds on the GPU (see [`StepMemory`]).
-pub fn step_memory(compiled: &Plan) -> StepMemory {
+/// What a training step of `plan` holds on the GPU (see [`StepMemory`]), its functions'
+/// arenas at `layouts` ([`layouts`]).
+pub fn step_memory(compiled: &Plan, layouts: &[Layout]) -> StepMemory {
     let state = compiled.params.iter().map(|p| 4 * p.numel() as u64 * if p.learned { 4 } else { 2 }).sum();
-    let layouts = layouts(compiled);
     let arena = |f: usize| layouts[f].peak;
     // The gradient function and the functions it calls, at any depth.
     let mut called = vec![compiled.grad];

@@ -20,6 +20,7 @@
 //! `wgmma` instructions are inline PTX (MLIR 22's `nvvm.wgmma.mma_async` needs the struct
 //! plumbing this gives directly). M must be a multiple of the tile's m, N of its n, K of 128.
 
+use super::emit::Body;
 use std::fmt::Write;
 
 /// Rows of C per block: one warpgroup's `wgmma` M.
@@ -30,22 +31,17 @@ pub const TILE_K: u32 = 128;
 const ALONG_K: u32 = 128;
 const ALONG_MN: u32 = (TILE_K / 16) * 128;
 
-/// Writes SSA lines of one kernel body.
-struct Lines {
-    text: String,
-    next: usize,
-}
+/// One kernel body ([`Body`] names and emits its SSA values), with the LLVM-dialect integer
+/// arithmetic and inline PTX the GEMM is written in.
+struct Lines(Body);
 
 impl Lines {
     fn line(&mut self, rhs: impl AsRef<str>) -> String {
-        self.next += 1;
-        let v = format!("%g{}", self.next);
-        let _ = writeln!(self.text, "      {v} = {}", rhs.as_ref());
-        v
+        self.0.line(rhs.as_ref().to_string())
     }
 
     fn stmt(&mut self, s: impl AsRef<str>) {
-        let _ = writeln!(self.text, "      {}", s.as_ref());
+        let _ = writeln!(self.0.text, "        {}", s.as_ref());
     }
 
     fn i64(&mut self, c: u64) -> String {
@@ -164,7 +160,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let Tile { m: tile_m, n: tile_n, stages } = tile;
     let registers = (tile_n / 2) as usize;
     let a_bytes = tile_m * TILE_K;
-    let mut g = Lines { text: String::new(), next: 0 };
+    let mut g = Lines(Body::new());
     let tid = g.index_i64("gpu.thread_id x");
     let bx = g.index_i64("gpu.block_id x");
     let by = g.index_i64("gpu.block_id y");
@@ -399,7 +395,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         target = super::emit::TARGET,
         threads = tile.threads(),
         grouped = if form == Form::Dense { "" } else { ", %offsets: !llvm.ptr<1>, %experts: i32" },
-        body = g.text
+        body = g.0.text
     )
 }
 
