@@ -13,7 +13,8 @@ written by `cargo run --release -p dsc-compiler --features mlir --example fp8_ge
 MxNxSTAGES...`: entry `fp8_gemm_m{M}_n{N}_s{STAGES}` in a file of that name, loaded with CuPy) on the same
 operands: first on a small product with a float64 reference, then on each shape, where their
 relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and
-timed the same way; "ok": false marks a wrong result. The grouped kernels (`fp8_grouped_*`:
+timed the same way; "ok": false marks a wrong result. A generated kernel reads its operands
+through TMA tensor maps (made here with the driver's cuTensorMapEncodeTiled). The grouped kernels (`fp8_grouped_*`:
 the experts' offsets read on the device) run on uneven experts against float64, then on issue
 9's grouped shapes beside cuBLASLt called once per expert.
 
@@ -95,17 +96,36 @@ def rel(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def tensor_map(t, box_rows):
+    """A `CUtensorMap` on the GPU (128 bytes, 64-aligned) for E4M3 operand t (row-major [..., K],
+    all leading dimensions as rows): a 2-D u8 tensor, box 128 bytes x box_rows, 128-byte swizzle,
+    zeros out of bounds (what `compiler::mlir::gemm::TensorMap` says a launch passes)."""
+    import ctypes
+    k = t.shape[-1]
+    rows = t.numel() // k
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    raw = (ctypes.c_uint8 * 192)()
+    at = ctypes.addressof(raw) + (-ctypes.addressof(raw)) % 64
+    driver = ctypes.CDLL("libcuda.so.1")
+    result = driver.cuTensorMapEncodeTiled(
+        ctypes.c_void_p(at), 0, 2, ctypes.c_void_p(t.data_ptr()), (u64 * 2)(k, rows), (u64 * 1)(k),
+        (u32 * 2)(128, box_rows), (u32 * 2)(1, 1), 0, 3, 2, 0)
+    assert result == 0, f"cuTensorMapEncodeTiled: CUresult {result}"
+    return torch.tensor(list(ctypes.string_at(at, 128)), dtype=torch.uint8, device="cuda")
+
+
 class Generated:
     """A generated FP8 GEMM: C = A·Bᵀ, A's 1x128 scales M-contiguous, B's 128x128 block scales
     with the K-blocks fastest, each row of them padded to 4, f32 output; its tile (m x n in
-    `stages` shared-memory stages of 128 x (m + n) bytes) read from its name."""
+    `stages` shared-memory stages of 128 x (m + n) bytes, a producer warpgroup and one consumer
+    per 64 rows) read from its name; A and B passed as tensor maps."""
 
     def __init__(self, path):
         import cupy
         self.name = os.path.splitext(os.path.basename(path))[0]
         self.grouped = self.name.startswith("fp8_grouped_")
         self.tile_m, self.tile_n, self.stages = map(int, re.search(r"_m(\d+)_n(\d+)_s(\d+)$", self.name).groups())
-        self.shared = self.stages * (self.tile_m + self.tile_n) * 128
+        self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16)
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
 
@@ -123,8 +143,8 @@ class Generated:
         padded[..., :blocks] = sw
         scale_a = sa.t().contiguous()
         c = torch.full((m, n), float("nan"), device="cuda")
-        keep = (qa, qw, scale_a, padded, c)
-        args = tuple(np.uint64(t.data_ptr()) for t in keep) + (np.uint32(m), np.uint32(n), np.uint32(k))
+        keep = (tensor_map(qa, self.tile_m), tensor_map(qw, self.tile_n), scale_a, padded, c, qa, qw)
+        args = tuple(np.uint64(t.data_ptr()) for t in keep[:5]) + (np.uint32(m), np.uint32(n), np.uint32(k))
         rows = m // self.tile_m
         if self.grouped:
             experts = offsets.numel() - 1
@@ -132,7 +152,7 @@ class Generated:
             args += (np.uint64(offsets.data_ptr()), np.uint32(experts))
             rows = -(-m // self.tile_m) + experts
         grid = (n // self.tile_n, rows, 1)
-        block = (self.tile_m // 64 * 128, 1, 1)
+        block = ((self.tile_m // 64 + 1) * 128, 1, 1)
         return c, lambda: (keep, self.kernel(grid, block, args, shared_mem=self.shared))
 
 

@@ -4,32 +4,35 @@
 //! `sb[n/128 · R + k/128]`, R = K/128 rounded up to 4), C [M, N] in f32, row-major: the
 //! layouts of the plan's quantised operands (`fuse::library`, as cuBLASLt reads them).
 //!
-//! A block of C ([`Tile`]) is one warpgroup (128 threads) per 64 rows. Both operands' tiles
-//! go through a ring of shared-memory stages, one 128-wide block of K per stage, copied with
-//! `cp.async` (16 bytes a thread, `stages - 1` blocks ahead of the products) into the
-//! canonical no-swizzle layout: 8-row × 16-byte core matrices, adjacent along K 128 bytes
-//! apart and along M/N 1,024 bytes apart (the descriptors' leading and stride offsets; the
-//! swapped pair was measured wrong on the GPU). Per block of K, each warpgroup sums four
-//! `wgmma.m64nNk32` products into fresh tensor-core accumulators, which are then promoted
-//! into the f32 accumulators times the block's two scales: DeepSeek's promotion every 128
-//! elements of K.
+//! A block of C ([`Tile`]) is warp-specialised: one producer warpgroup, whose first thread
+//! streams both operands' tiles, one 128-wide block of K at a time, into a ring of
+//! shared-memory stages with TMA (`cp.async.bulk.tensor`, through the tensor maps the launch
+//! passes: [`TensorMap`]; 128-byte swizzle), and one consumer warpgroup per 64 rows of C.
+//! Each stage has two mbarriers: `full` (the producer's expected bytes, completed by the
+//! copies) and `empty` (one arrival per consumer warp once its products have read the stage).
+//! With two consumers the producer gives its registers to them (`setmaxnreg`). Per block of K,
+//! a consumer sums four `wgmma.m64nNk32` products into fresh tensor-core accumulators, which
+//! are then promoted into the f32 accumulators times the block's two scales: DeepSeek's
+//! promotion every 128 elements of K.
 //!
-//! This is the first form of issue 9: no TMA, no warp specialisation, no persistent
-//! schedule yet, and the plan's GEMMs still run on cuBLASLt; `benches/fp8_gemm.py
-//! --generated` checks it against float64 and measures it beside cuBLASLt on the GPU. The
-//! `wgmma` instructions are inline PTX (MLIR 22's `nvvm.wgmma.mma_async` needs the struct
-//! plumbing this gives directly). M must be a multiple of the tile's m, N of its n, K of 128.
+//! No persistent schedule or fused epilogue yet. The `wgmma`, TMA and mbarrier instructions
+//! are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
+//! M must be a multiple of the tile's m (Dense), N of its n, K of 128.
 
 use super::emit::Body;
 use std::fmt::Write;
 
 /// Rows of C per block: one warpgroup's `wgmma` M.
 pub const TILE_M: u32 = 64;
-/// K per scale block, and per shared-memory stage.
+/// K per scale block, and per shared-memory stage: one 128-byte (swizzled) row of each
+/// operand's tile.
 pub const TILE_K: u32 = 128;
-/// Bytes between core matrices adjacent along K, and along M or N (8 rows of 128 bytes).
-const ALONG_K: u32 = 128;
-const ALONG_MN: u32 = (TILE_K / 16) * 128;
+/// Bytes between 8-row groups of a swizzled tile (the descriptors' stride offset).
+const ROW_GROUP: u64 = 8 * TILE_K as u64;
+/// Registers a thread keeps when the producer warpgroup gives its own to two consumers
+/// (40 · 128 + 232 · 256 ≤ the 65,536 of a multiprocessor).
+const PRODUCER_REGISTERS: u32 = 40;
+const CONSUMER_REGISTERS: u32 = 232;
 
 /// One kernel body ([`Body`] names and emits its SSA values), with the LLVM-dialect integer
 /// arithmetic and inline PTX the GEMM is written in.
@@ -74,21 +77,35 @@ impl Lines {
         if tied {
             constraints.extend((0..outputs).map(|i| i.to_string()));
         }
-        constraints.extend(operands.iter().skip(if tied { outputs } else { 0 }).map(|(_, c, _)| c.to_string()));
-        let args: Vec<&str> = operands.iter().map(|(v, _, _)| v.as_str()).collect();
-        let types: Vec<&str> = operands.iter().map(|(_, _, t)| *t).collect();
-        let call = format!(
-            r#"llvm.inline_asm has_side_effects asm_dialect = att "{text}", "{}" {} : ({}) -> "#,
-            constraints.join(","),
-            args.join(", "),
-            types.join(", ")
-        );
+        let inputs = &operands[if tied { outputs } else { 0 }..];
+        constraints.extend(inputs.iter().map(|(_, c, _)| c.to_string()));
+        let call = Self::inline(text, &constraints, operands);
         if outputs == 0 {
             self.stmt(format!("{call}()"));
             None
         } else {
             Some(self.line(format!("{call}{}", accumulators(outputs))))
         }
+    }
+
+    /// Inline PTX with side effects and one "=r" (i32) result, `$0`.
+    fn asm_i32(&mut self, text: &str, operands: &[(String, &str, &str)]) -> String {
+        let constraints: Vec<String> =
+            std::iter::once("=r").chain(operands.iter().map(|(_, c, _)| *c)).map(String::from).collect();
+        let call = Self::inline(text, &constraints, operands);
+        self.line(format!("{call}i32"))
+    }
+
+    /// `llvm.inline_asm` up to its result type.
+    fn inline(text: &str, constraints: &[String], operands: &[(String, &str, &str)]) -> String {
+        let args: Vec<&str> = operands.iter().map(|(v, _, _)| v.as_str()).collect();
+        let types: Vec<&str> = operands.iter().map(|(_, _, t)| *t).collect();
+        format!(
+            r#"llvm.inline_asm has_side_effects asm_dialect = att "{text}", "{}" {} : ({}) -> "#,
+            constraints.join(","),
+            args.join(", "),
+            types.join(", ")
+        )
     }
 
     /// The fields of struct `s` of `count` f32.
@@ -101,10 +118,9 @@ fn accumulators(count: usize) -> String {
     format!("!llvm.struct<({})>", vec!["f32"; count].join(", "))
 }
 
-/// A block's shape: `m` rows of C (64 per warpgroup: 64 or 128), `n` columns (16 to 128, a
-/// divisor of 128: the columns share one weight-scale block; 32 or more when `m` is 128, so
-/// that every thread copies whole pieces), and the shared-memory `stages`
-/// (2 to 6) of 128 × (`m` + `n`) bytes each, 227 KB at most.
+/// A block's shape: `m` rows of C (64 per consumer warpgroup: 64 or 128), `n` columns (16 to
+/// 128, a divisor of 128: the columns share one weight-scale block), and the shared-memory
+/// `stages` (2 to 8) of 128 × (`m` + `n`) bytes each, 227 KB at most with the mbarriers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
     pub m: u32,
@@ -116,34 +132,55 @@ impl Tile {
     /// Why the tile cannot be generated, if it cannot.
     pub fn check(self) -> Result<Self, String> {
         let Tile { m, n, stages } = self;
-        // A block's columns share one 128×128 weight-scale block: n divides 128.
-        // And each thread copies whole 16-byte pieces of both tiles (n·8 a multiple of the
-        // threads).
         let fits = matches!(m, 64 | 128)
-            && matches!(n, 8 | 16 | 32 | 64 | 128)
-            && (n * (TILE_K / 16)).is_multiple_of(self.threads())
-            && (2..=6).contains(&stages)
+            && matches!(n, 16 | 32 | 64 | 128)
+            && (2..=8).contains(&stages)
             && self.shared_bytes() <= 227 << 10;
         if fits {
             Ok(self)
         } else {
             Err(format!(
                 "tile {m}x{n} in {stages} stages: m is 64 or 128, n 16, 32, 64 or 128 (its columns share a \
-                 128x128 weight-scale block; 32 or more when m is 128), 2 to 6 stages of 128 x (m + n) bytes \
-                 within 227 KB"
+                 128x128 weight-scale block), 2 to 8 stages of 128 x (m + n) bytes within 227 KB"
             ))
         }
     }
 
-    /// Dynamic shared memory of a block: the launch passes it (and raises the kernel's limit).
-    pub fn shared_bytes(self) -> u32 {
-        self.stages * (self.m + self.n) * TILE_K
+    /// Bytes of one stage: a 128-wide block of K of both operands' tiles.
+    fn stage_bytes(self) -> u32 {
+        (self.m + self.n) * TILE_K
     }
 
-    /// Threads of a block: a warpgroup per 64 rows.
-    pub fn threads(self) -> u32 {
-        self.m / TILE_M * 128
+    /// Dynamic shared memory of a block (the stages, then two 8-byte mbarriers per stage): the
+    /// launch passes it (and raises the kernel's limit).
+    pub fn shared_bytes(self) -> u32 {
+        self.stages * (self.stage_bytes() + 16)
     }
+
+    /// Consumer warpgroups: one per 64 rows.
+    fn consumers(self) -> u32 {
+        self.m / TILE_M
+    }
+
+    /// Threads of a block: the producer warpgroup and the consumers.
+    pub fn threads(self) -> u32 {
+        (self.consumers() + 1) * 128
+    }
+
+    /// The boxes of the operands' tensor maps, (A, B): 128 bytes of K × the tile's rows.
+    pub fn boxes(self) -> (TensorMap, TensorMap) {
+        (TensorMap { rows: self.m }, TensorMap { rows: self.n })
+    }
+}
+
+/// What a launch passes for an operand (row-major E4M3 bytes, [rows, K]) in place of its
+/// pointer: the address of a 128-byte `CUtensorMap` in global memory (64-byte aligned) that
+/// `cuTensorMapEncodeTiled` wrote for the operand as a 2-D u8 tensor (K innermost, rows
+/// outer; for the grouped B, all experts' rows), with a box of 128 × `rows`, 128-byte
+/// swizzle and zeros out of bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMap {
+    pub rows: u32,
 }
 
 /// The kernels a plan carries for its experts' FP8 products and weight gradients
@@ -152,14 +189,16 @@ pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n:
 pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
 
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
-/// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (N / n, M / m), `tile.threads()`
-/// threads, `tile.shared_bytes()` of dynamic shared memory; arguments A, B, sa, sb, C
-/// (pointers), M, N, K (u32).
+/// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (N / n, M / m) (see [`Form`]
+/// for the others), `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
+/// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K (u32).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check().expect("a valid tile");
     let Tile { m: tile_m, n: tile_n, stages } = tile;
+    let consumers = tile.consumers();
     let registers = (tile_n / 2) as usize;
-    let a_bytes = tile_m * TILE_K;
+    let a_bytes = u64::from(tile_m * TILE_K);
+    let stage_bytes = u64::from(tile.stage_bytes());
     let mut g = Lines(Body::new());
     let tid = g.index_i64("gpu.thread_id x");
     let bx = g.index_i64("gpu.block_id x");
@@ -168,19 +207,18 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let n0 = g.op_c("mul", &bx, tile_n.into());
     let all_rows = g.i64(tile_m.into());
     let whole = |g: &mut Lines| g.op_c("udiv", &k, TILE_K.into());
-    let Setup { m0, valid, b, sb, k_from, k_blocks, c } = match form {
+    let Setup { m0, valid, b_row, sb, k_from, k_blocks, c } = match form {
         Form::Dense => {
             let m0 = g.op_c("mul", &by, tile_m.into());
             let k_blocks = whole(&mut g);
             let k_from = g.i64(0);
-            Setup { m0, valid: all_rows, b: "%b".into(), sb: "%sb".into(), k_from, k_blocks, c: "%c".into() }
+            Setup { m0, valid: all_rows, b_row: n0.clone(), sb: "%sb".into(), k_from, k_blocks, c: "%c".into() }
         }
         Form::Grouped => {
             let (expert, m0, valid, active) = expert_rows(&mut g, &by, tile_m);
             g.stmt(format!("scf.if {active} {{"));
-            let weights = g.op("mul", &n, &k);
-            let weights_at = g.op("mul", &expert, &weights);
-            let b = g.line(format!("llvm.getelementptr %b[{weights_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, i8"));
+            let expert_first = g.op("mul", &expert, &n);
+            let b_row = g.op("add", &expert_first, &n0);
             let k_blocks = whole(&mut g);
             let row_blocks = padded_row(&mut g, &k_blocks);
             let n_blocks = g.op_c("udiv", &n, 128);
@@ -188,7 +226,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let scales_at = g.op("mul", &expert, &scales);
             let sb = g.line(format!("llvm.getelementptr %sb[{scales_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
             let k_from = g.i64(0);
-            Setup { m0, valid, b, sb, k_from, k_blocks, c: "%c".into() }
+            Setup { m0, valid, b_row, sb, k_from, k_blocks, c: "%c".into() }
         }
         Form::Wgrad => {
             let expert = g.index_i64("gpu.block_id z");
@@ -198,23 +236,97 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let out = g.op("mul", &m, &n);
             let out_at = g.op("mul", &expert, &out);
             let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            Setup { m0, valid: all_rows, b: "%b".into(), sb: "%sb".into(), k_from, k_blocks, c }
+            Setup { m0, valid: all_rows, b_row: n0.clone(), sb: "%sb".into(), k_from, k_blocks, c }
         }
     };
     let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
     let last_row = g.op_c("sub", &m, 1);
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
-    let no_blocks = g.i64(0);
-    let any_block = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {no_blocks} : i64"));
-    // Used only where there is a block (the first copies and the loop).
-    let last_block = g.op_c("sub", &k_blocks, 1);
-    // This thread's rows of the accumulators: warpgroup v holds rows 64v..64v+63, its warp w
+    let [lower, upper, step] =
+        [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+    // Block kb's stage and the parity of that stage's round (kb / stages, mod 2).
+    let stage_of = |g: &mut Lines, kb: &str| {
+        let stage = g.op_c("urem", kb, stages.into());
+        let round = g.op_c("udiv", kb, stages.into());
+        let parity = g.op_c("and", &round, 1);
+        (stage, parity)
+    };
+    let stage_at = |g: &mut Lines, stage: &str| {
+        let at = g.op_c("mul", stage, stage_bytes);
+        g.op("add", &smem_at, &at)
+    };
+    // The stage's `full` (which 0) or `empty` (which 1) mbarrier, a 32-bit shared address.
+    let barriers = g.op_c("add", &smem_at, u64::from(stages) * stage_bytes);
+    let barrier = |g: &mut Lines, which: u64, stage: &str| {
+        let at = g.op_c("mul", stage, 8);
+        let at = g.op_c("add", &at, which * 8 * u64::from(stages));
+        let at = g.op("add", &barriers, &at);
+        g.line(format!("llvm.trunc {at} : i64 to i32"))
+    };
+    let zero64 = g.i64(0);
+    let is_first = g.line(format!("llvm.icmp \"eq\" {tid}, {zero64} : i64"));
+    g.stmt(format!("scf.if {is_first} {{"));
+    for stage in 0..stages {
+        let stage = g.i64(stage.into());
+        for (which, count) in [(0, 1), (1, 4 * consumers)] {
+            let at = barrier(&mut g, which, &stage);
+            let count = g.i32(count);
+            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", 0, false, &[(at, "r", "i32"), (count, "r", "i32")]);
+        }
+    }
+    g.asm("fence.mbarrier_init.release.cluster;", 0, false, &[]);
+    g.stmt("}");
+    g.stmt("gpu.barrier");
+    let group = g.op_c("udiv", &tid, 128);
+    let in_group = g.op_c("urem", &tid, 128);
+    let producers = g.i64(consumers.into());
+    let is_producer = g.line(format!("llvm.icmp \"eq\" {group}, {producers} : i64"));
+    g.stmt(format!("scf.if {is_producer} {{"));
+    if consumers > 1 {
+        g.asm(&format!("setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"), 0, false, &[]);
+    }
+    let leader = g.line(format!("llvm.icmp \"eq\" {in_group}, {zero64} : i64"));
+    g.stmt(format!("scf.if {leader} {{"));
+    g.stmt(format!("scf.for %kb_copy = {lower} to {upper} step {step} {{"));
+    let kb = g.line("arith.index_cast %kb_copy : index to i64");
+    let (stage, parity) = stage_of(&mut g, &kb);
+    // The stage's previous round released (a fresh barrier passes the wait for parity 1).
+    let released = g.op_c("xor", &parity, 1);
+    let empty = barrier(&mut g, 1, &stage);
+    wait(&mut g, &empty, &released);
+    let full = barrier(&mut g, 0, &stage);
+    let bytes = g.i32(tile.stage_bytes());
+    g.asm(
+        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+        0,
+        false,
+        &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
+    );
+    let k_at = g.op_c("mul", &kb, TILE_K.into());
+    let k_at = g.op("add", &k_from, &k_at);
+    let a_to = stage_at(&mut g, &stage);
+    let b_to = g.op_c("add", &a_to, a_bytes);
+    for (map, to, row) in [("%ta", a_to, &m0), ("%tb", b_to, &b_row)] {
+        let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
+        let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
+        g.asm(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
+            0,
+            false,
+            &[(to, "r", "i32"), (map, "l", "i64"), (k_at, "r", "i32"), (row, "r", "i32"), (full.clone(), "r", "i32")],
+        );
+    }
+    g.stmt("}");
+    g.stmt("}");
+    g.stmt("} else {");
+    if consumers > 1 {
+        g.asm(&format!("setmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGISTERS};"), 0, false, &[]);
+    }
+    // This thread's rows of the accumulators: consumer v holds rows 64v..64v+63, its warp w
     // rows 16w..16w+15 of those, lane l rows l/4 and l/4 + 8 of those, columns
     // 8j + 2(l mod 4) + {0, 1}.
-    let group = g.op_c("udiv", &tid, 128);
     let group_rows = g.op_c("mul", &group, TILE_M.into());
-    let in_group = g.op_c("urem", &tid, 128);
     let warp = g.op_c("udiv", &in_group, 32);
     let lane = g.op_c("urem", &tid, 32);
     let warp_rows = g.op_c("mul", &warp, 16);
@@ -224,43 +336,13 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let row1 = g.op_c("add", &row0, 8);
     let lane_col = g.op_c("urem", &lane, 4);
     let col = g.op_c("mul", &lane_col, 2);
-    // The warpgroup's A rows start 8 core-matrix rows (of ALONG_MN bytes) per 64 rows in.
-    let group_a_at = g.op_c("mul", &group, u64::from(TILE_M / 8 * ALONG_MN));
-    let strides = g.i64(((ALONG_K as u64 >> 4) << 16) | ((ALONG_MN as u64 >> 4) << 32));
+    let lane_leads = g.line(format!("llvm.icmp \"eq\" {lane}, {zero64} : i64"));
+    // The consumer's A rows: 64 rows of 128 bytes in.
+    let group_a_at = g.op_c("mul", &group, u64::from(TILE_M * TILE_K));
+    // Descriptors: 128-byte swizzle (bits 62–63), stride offset 1,024 bytes between 8-row
+    // groups, leading offset unused (1).
+    let layout = g.i64((1 << 62) | ((ROW_GROUP >> 4) << 32) | (1 << 16));
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
-    let stage_bytes = u64::from(tile.shared_bytes() / stages);
-    // Starts copying `block`'s tiles into stage `stage`, as one group of copies.
-    let copy = |g: &mut Lines, block: &str, stage: &str| {
-        let stage_at = g.op_c("mul", stage, stage_bytes);
-        let k_at = g.op_c("mul", block, TILE_K.into());
-        let k_at = g.op("add", &k_from, &k_at);
-        let b_at = g.op_c("add", &stage_at, a_bytes.into());
-        let operands =
-            [("%a", tile_m, &m0, Some(last_row.as_str()), &stage_at), (b.as_str(), tile_n, &n0, None, &b_at)];
-        for (ptr, rows, origin, last, at) in operands {
-            let operand = Operand { ptr, rows, origin, last, k: &k, k_at: &k_at };
-            copy_tile(g, &tid, tile.threads(), operand, &smem, at);
-        }
-        g.stmt("nvvm.cp.async.commit.group");
-    };
-    // The block at `position` (the last block instead where K is shorter) into stage
-    // `position` mod stages: past the end, a stage no later iteration reads.
-    let copy_at = |g: &mut Lines, position: &str| {
-        let more = g.line(format!("llvm.icmp \"ult\" {position}, {k_blocks} : i64"));
-        let block = g.line(format!("llvm.select {more}, {position}, {last_block} : i1, i64"));
-        let stage = g.op_c("urem", position, stages.into());
-        copy(g, &block, &stage);
-    };
-    // The first stages - 1 blocks in flight (none where K has no block: a Wgrad's expert
-    // without tokens).
-    g.stmt(format!("scf.if {any_block} {{"));
-    for position in 0..stages - 1 {
-        let position = g.i64(position.into());
-        copy_at(&mut g, &position);
-    }
-    g.stmt("}");
-    let [lower, upper, step] =
-        [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
     let f32s = vec!["f32"; registers].join(", ");
     let sums = "%sums";
@@ -269,15 +351,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         iter_args.join(", ")
     ));
     let kb = g.line("arith.index_cast %kb_index : index to i64");
-    // Block kb's copies are done once at most stages - 2 later groups are pending.
-    g.stmt(format!("nvvm.cp.async.wait.group {}", stages - 2));
-    // This thread's copies, ordered before the tensor cores' reads, then the whole block's.
-    g.asm("fence.proxy.async.shared::cta;", 0, false, &[]);
-    g.stmt("gpu.barrier");
-    // Block kb + stages - 1 into the stage block kb - 1 used: every thread is past those
-    // products (it waited for them before the barrier above).
-    let ahead = g.op_c("add", &kb, u64::from(stages - 1));
-    copy_at(&mut g, &ahead);
     let scale = |g: &mut Lines, ptr: &str, at: &str| {
         let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
         g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
@@ -317,21 +390,22 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let [s0, s1] = [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")));
         (0..registers).map(|i| [&s0, &s1][(i / 2) % 2].clone()).collect()
     };
-    let stage = g.op_c("urem", &kb, stages.into());
-    let stage_at = g.op_c("mul", &stage, stage_bytes);
-    let stage_at = g.op("add", &smem_at, &stage_at);
+    let (stage, parity) = stage_of(&mut g, &kb);
+    let full = barrier(&mut g, 0, &stage);
+    wait(&mut g, &full, &parity);
+    let stage_at = stage_at(&mut g, &stage);
     let a_at = g.op("add", &stage_at, &group_a_at);
-    let b_at = g.op_c("add", &stage_at, a_bytes.into());
+    let b_at = g.op_c("add", &stage_at, a_bytes);
     g.asm("wgmma.fence.sync.aligned;", 0, false, &[]);
     let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
     let mut partial = vec![zero.clone(); registers];
     for step in 0..TILE_K / 32 {
+        // 32 bytes of K per product, within the swizzled rows.
         let descriptor = |g: &mut Lines, base: &str| {
-            // 32 bytes of K per product: two core matrices along K.
-            let at = g.op_c("add", base, u64::from(step * 2 * ALONG_K));
+            let at = g.op_c("add", base, u64::from(step * 32));
             let low = g.op_c("and", &at, 0x3FFFF);
             let address = g.op_c("lshr", &low, 4);
-            g.op("or", &strides, &address)
+            g.op("or", &layout, &address)
         };
         let a = descriptor(&mut g, &a_at);
         let b = descriptor(&mut g, &b_at);
@@ -353,6 +427,11 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
     let waited = g.asm("wgmma.wait_group.sync.aligned 0;", registers, true, &operands).expect("results");
     let block = g.fields(&waited, registers);
+    // The stage is read: each warp's first lane releases it.
+    g.stmt(format!("scf.if {lane_leads} {{"));
+    let empty = barrier(&mut g, 1, &stage);
+    g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", 0, false, &[(empty, "r", "i32")]);
+    g.stmt("}");
     let promoted: Vec<String> = block
         .iter()
         .enumerate()
@@ -363,7 +442,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         .collect();
     g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
     g.stmt("}");
-    g.stmt("nvvm.cp.async.wait.group 0");
     // Each of this thread's two rows, if the block has it (an expert's last block may not).
     let c_col = g.op("add", &n0, &col);
     for (half, row) in [&row0, &row1].into_iter().enumerate() {
@@ -383,13 +461,14 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         }
         g.stmt("}");
     }
+    g.stmt("}");
     if form == Form::Grouped {
         g.stmt("}");
     }
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
          llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
-         gpu.func @{name}(%a: !llvm.ptr<1>, %b: !llvm.ptr<1>, %sa: !llvm.ptr<1>, %sb: !llvm.ptr<1>, %c: !llvm.ptr<1>, \
+         gpu.func @{name}(%ta: !llvm.ptr<1>, %tb: !llvm.ptr<1>, %sa: !llvm.ptr<1>, %sb: !llvm.ptr<1>, %c: !llvm.ptr<1>, \
          %m: i32, %n: i32, %k: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n{body}      \
          gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
@@ -397,6 +476,23 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         grouped = if form == Form::Dense { "" } else { ", %offsets: !llvm.ptr<1>, %experts: i32" },
         body = g.0.text
     )
+}
+
+/// Spins until the mbarrier at shared address `barrier` (i32) has completed the phase of
+/// parity `parity` (i64, 0 or 1).
+fn wait(g: &mut Lines, barrier: &str, parity: &str) {
+    let parity = g.line(format!("llvm.trunc {parity} : i64 to i32"));
+    g.stmt("scf.while : () -> () {");
+    let done = g.asm_i32(
+        r"{\0A.reg .pred p;\0Ambarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\0Aselp.u32 $0, 1, 0, p;\0A}",
+        &[(barrier.to_string(), "r", "i32"), (parity, "r", "i32")],
+    );
+    let zero = g.i32(0);
+    let waiting = g.line(format!("llvm.icmp \"eq\" {done}, {zero} : i32"));
+    g.stmt(format!("scf.condition({waiting})"));
+    g.stmt("} do {");
+    g.stmt("scf.yield");
+    g.stmt("}");
 }
 
 /// What a kernel multiplies: one A by one B, or the experts' rows by their own weights.
@@ -420,12 +516,12 @@ pub enum Form {
 }
 
 /// Where a block's operands are: its first row of A and C (`m0`) and how many it has
-/// (`valid`), B and B's scales (pointers), the first byte of K (`k_from`, a multiple of 128) and
-/// the blocks of K from there, and C (pointer).
+/// (`valid`), its first row of B (in B's tensor map) and B's scales (pointer), the first byte
+/// of K (`k_from`, a multiple of 128) and the blocks of K from there, and C (pointer).
 struct Setup {
     m0: String,
     valid: String,
-    b: String,
+    b_row: String,
     sb: String,
     k_from: String,
     k_blocks: String,
@@ -521,64 +617,6 @@ fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String,
     let m0 = g.op("add", &first, &tile_at);
     let valid = g.op("sub", &end, &m0);
     (expert, m0, valid, active)
-}
-
-/// Rows `origin..origin + rows` of operand `ptr` ([_, k] bytes), bytes `k_at..k_at + 128` of
-/// each.
-struct Operand<'s> {
-    ptr: &'s str,
-    rows: u32,
-    origin: &'s str,
-    /// The last row there is (rows past it read it instead), where a tile may run past it.
-    last: Option<&'s str>,
-    k: &'s str,
-    k_at: &'s str,
-}
-
-/// Starts copying a tile of an operand into shared memory at `offset`, in the core-matrix
-/// layout, with `cp.async` (16 bytes a thread at a time; `threads` threads). A warp takes 8
-/// rows × 4 pieces of 16 bytes: each row's 64 bytes read whole from global memory, and the 8
-/// threads of each quarter-warp write the 8 rows of one core matrix, 128 consecutive bytes
-/// of shared memory (no bank conflicts).
-fn copy_tile(
-    g: &mut Lines,
-    tid: &str,
-    threads: u32,
-    Operand { ptr, rows, origin, last, k, k_at }: Operand,
-    smem: &str,
-    offset: &str,
-) {
-    for pass in 0..u64::from(rows * (TILE_K / 16) / threads) {
-        let chunk = g.op_c("add", tid, pass * u64::from(threads));
-        let warp = g.op_c("udiv", &chunk, 32);
-        let lane = g.op_c("urem", &chunk, 32);
-        let row_group = g.op_c("udiv", &warp, 2);
-        let half = g.op_c("urem", &warp, 2);
-        let in_group = g.op_c("urem", &lane, 8);
-        let quarter = g.op_c("udiv", &lane, 8);
-        let group_first = g.op_c("mul", &row_group, 8);
-        let row = g.op("add", &group_first, &in_group);
-        let half_first = g.op_c("mul", &half, 4);
-        let piece = g.op("add", &half_first, &quarter);
-        let global_row = g.op("add", origin, &row);
-        let global_row = match last {
-            Some(last) => clamp(g, &global_row, last),
-            None => global_row,
-        };
-        let row_at = g.op("mul", &global_row, k);
-        let piece_at = g.op_c("mul", &piece, 16);
-        let within = g.op("add", k_at, &piece_at);
-        let from = g.op("add", &row_at, &within);
-        let src = g.line(format!("llvm.getelementptr {ptr}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, i8"));
-        let groups_at = g.op_c("mul", &row_group, ALONG_MN.into());
-        let pieces_at = g.op_c("mul", &piece, ALONG_K.into());
-        let line_at = g.op_c("mul", &in_group, 16);
-        let to = g.op("add", &groups_at, &pieces_at);
-        let to = g.op("add", &to, &line_at);
-        let to = g.op("add", &to, offset);
-        let dst = g.line(format!("llvm.getelementptr {smem}[{to}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, i8"));
-        g.stmt(format!("nvvm.cp.async.shared.global {dst}, {src}, 16, cache = cg : !llvm.ptr<3>, !llvm.ptr<1>"));
-    }
 }
 
 #[cfg(all(test, feature = "mlir"))]
