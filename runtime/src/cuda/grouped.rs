@@ -3,23 +3,69 @@
 //! (Fprop and Dgrad) in one launch per weight, and their weight gradients in one launch, each
 //! block finding its expert's rows or tokens from the row offsets on the device, so that no
 //! grouped GEMM waits for the host (the cuBLASLt path reads the offsets back first:
-//! `gemm::ReadBack`). Their operands are the plan's quantised buffers as they are.
+//! `gemm::ReadBack`). Their operands are the plan's quantised buffers as they are, A and B read
+//! through TMA tensor maps (`gemm::TensorMap`) encoded here once per buffer and shape.
 
 use super::scaled::Fp8Operand;
 use super::{Gpu, GpuError};
-use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use dsc_compiler::mlir::gemm::{Form, Tile, TILE_K};
+use cudarc::driver::sys::{self, CUfunction_attribute_enum};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use dsc_compiler::mlir::gemm::{Form, TensorMap, Tile, TILE_K};
 use dsc_compiler::plan::Plan;
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-/// A loaded kernel, its tile and form.
+/// A loaded kernel, its tile and form, and the tensor maps its launches have passed.
 pub struct ExpertGemm {
     function: CudaFunction,
     tile: Tile,
     form: Form,
+    maps: TensorMaps,
     _module: Arc<CudaModule>,
+}
+
+/// Tensor maps on the device by what they encode (address, rows, K, box rows): the plan's
+/// buffers keep their places from call to call, so each is encoded and uploaded once, and a
+/// map found here is right for whatever buffer now lies at its address.
+#[derive(Default)]
+struct TensorMaps(Mutex<HashMap<(u64, usize, usize, u32), CudaSlice<u8>>>);
+
+impl TensorMaps {
+    /// The device address of the map of the E4M3 operand at `data` ([rows, k] bytes) with
+    /// `map`'s box.
+    fn at(&self, gpu: &Gpu, data: u64, rows: usize, k: usize, map: TensorMap) -> Result<u64, GpuError> {
+        let mut maps = self.0.lock().expect("no launch panicked holding the tensor maps");
+        let key = (data, rows, k, map.rows);
+        if !maps.contains_key(&key) {
+            let mut encoded = sys::CUtensorMap { opaque: [0; 16] };
+            let (dims, strides) = ([k as u64, rows as u64], [k as u64]);
+            let (boxes, steps) = ([TILE_K, map.rows], [1u32, 1]);
+            // SAFETY: `encoded` is a CUtensorMap (64-byte aligned by its type) and every array
+            // has the rank's length (strides one less); the driver only writes `encoded`.
+            unsafe {
+                sys::cuTensorMapEncodeTiled(
+                    &mut encoded,
+                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                    2,
+                    data as *mut std::ffi::c_void,
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    boxes.as_ptr(),
+                    steps.as_ptr(),
+                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            }
+            .result()?;
+            let bytes: Vec<u8> = encoded.opaque.iter().flat_map(|w| w.to_le_bytes()).collect();
+            maps.insert(key, gpu.stream.clone_htod(&bytes)?);
+        }
+        let (at, _sync) = maps[&key].device_ptr(&gpu.stream);
+        Ok(at)
+    }
 }
 
 /// The plan's expert GEMMs, each where it carries it.
@@ -56,7 +102,7 @@ impl ExpertGemms {
             let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
             function
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
-            let kernel = Some(ExpertGemm { function, tile, form, _module: module });
+            let kernel = Some(ExpertGemm { function, tile, form, maps: TensorMaps::default(), _module: module });
             match form {
                 Form::Grouped => gemms.grouped = kernel,
                 Form::Wgrad => gemms.wgrad = kernel,
@@ -90,12 +136,17 @@ impl ExpertGemm {
             block_dim: (self.tile.threads(), 1, 1),
             shared_mem_bytes: self.tile.shared_bytes(),
         };
+        // A's rows, and B's: all experts' weights (Grouped) or the tokens' columns (Wgrad).
+        let b_rows = if self.form == Form::Grouped { p.experts * p.n } else { p.n };
+        let (a_box, b_box) = self.tile.boxes();
+        let a_map = self.maps.at(gpu, p.a.data, p.rows, p.k, a_box)?;
+        let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, b_box)?;
         let mut launch = gpu.stream.launch_builder(&self.function);
-        launch.arg(&p.a.data).arg(&p.b.data).arg(&p.a.scales).arg(&p.b.scales).arg(&p.out);
+        launch.arg(&a_map).arg(&b_map).arg(&p.a.scales).arg(&p.b.scales).arg(&p.out);
         launch.arg(&rows).arg(&n).arg(&k).arg(&p.offsets).arg(&experts);
-        // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: five pointers,
-        // M, N, K, the offsets, E), each pointer the address of a live buffer of the plan with
-        // the sizes given.
+        // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: the operands'
+        // tensor maps, three pointers, M, N, K, the offsets, E), each map of a live buffer of
+        // the plan and each pointer the address of one, with the sizes given.
         unsafe { launch.launch(config) }?;
         Ok(())
     }
