@@ -83,15 +83,18 @@ def summary(name, rows):
 
 
 def gap(fp8, bf16, other_seed=None):
-    """The relative gap of the mean losses over the last 10 steps; with a BF16 run from another
-    seed, the same gap between the two BF16 runs: how far runs differ without FP8."""
+    """The relative gap of the mean losses over the last 10 steps all runs have (the shortest
+    run's); with a BF16 run from another seed, the same gap between the two BF16 runs: how far
+    runs differ without FP8."""
     runs = [r for r in (fp8, bf16, other_seed) if r is not None]
-    last = min(10, *map(len, runs))
-    a, b = (statistics.mean(r["loss"] for r in run[-last:]) for run in (fp8, bf16))
-    print(f"FP8 vs BF16 mean loss over the last {last} steps: {a:.5f} vs {b:.5f}, relative gap {(a - b) / b:+.3%}")
-    if other_seed is not None:
-        c = statistics.mean(r["loss"] for r in other_seed[-last:])
-        print(f"BF16 from another seed vs BF16: {c:.5f} vs {b:.5f}, relative gap {(c - b) / b:+.3%} (the noise floor)")
+    end = min(map(len, runs))
+    last = min(10, end)
+    a, b, *c = (statistics.mean(r["loss"] for r in run[end - last:end]) for run in runs)
+    print(f"FP8 vs BF16 mean loss over steps {end - last + 1}-{end}: {a:.5f} vs {b:.5f}, "
+          f"relative gap {(a - b) / b:+.3%}")
+    if c:
+        print(f"BF16 from another seed vs BF16: {c[0]:.5f} vs {b:.5f}, relative gap {(c[0] - b) / b:+.3%} "
+              "(the noise floor)")
 
 
 def dsc_run(dsc, plan, steps, name, keep, sets=()):
