@@ -130,7 +130,7 @@ class Generated:
         self.kernel.max_dynamic_shared_size_bytes = self.shared
 
     def fits(self, m, n, k):
-        return not self.grouped and m % self.tile_m == 0 and n % self.tile_n == 0 and k % 128 == 0
+        return not self.grouped and m % self.tile_m == 0 and k % 128 == 0
 
     def prepare(self, qa, sa, qw, sw, offsets=None):
         """The kernel's operands, and a launch writing C. Grouped: qw [E, N, K] and sw [E, N/128,
@@ -151,7 +151,7 @@ class Generated:
             keep += (offsets,)
             args += (np.uint64(offsets.data_ptr()), np.uint32(experts))
             rows = -(-m // self.tile_m) + experts
-        grid = (n // self.tile_n, rows, 1)
+        grid = (-(-n // self.tile_n), rows, 1)
         block = ((self.tile_m // 64 + 1) * 128, 1, 1)
         return c, lambda: (keep, self.kernel(grid, block, args, shared_mem=self.shared))
 
@@ -235,7 +235,7 @@ def bench_grouped(accepted, generated):
                               "us": round(baseline_s * 1e6, 1), "tflops": round(2 * m * n * k / baseline_s / 1e12)}),
                   flush=True)
         for g in grouped:
-            if n % g.tile_n or k % 128:
+            if k % 128:
                 continue
             c, run = g.prepare(qa, sa, qw, sw, offsets)
             run()

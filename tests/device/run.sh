@@ -19,7 +19,8 @@
 #             with SEED=S in the environment, from seed S (initialisation and data order) into
 #             dsc-bf16-seedS.jsonl: a third file for `--gap`, the gap's noise floor
 #   gemm      the generated FP8 GEMMs (target/gemm/*.ptx) checked against float64 and timed
-#             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute)
+#             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute), the results
+#             also in $OUT/gemm.jsonl
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
@@ -72,7 +73,7 @@ while [ $# -gt 0 ]; do
         --metrics "$OUT/dsc-$stage${SEED:+-seed$SEED}.jsonl" 2>&1 | tail -n 20
       ;;
     gemm)
-      python3 benches/fp8_gemm.py --generated target/gemm/*.ptx | grep -v '"probe"'
+      python3 benches/fp8_gemm.py --generated target/gemm/*.ptx | tee "$OUT/gemm.jsonl" | grep -v '"probe"'
       ;;
     train)
       resume=()

@@ -29,7 +29,10 @@ pub struct ExpertGemm {
 /// buffers keep their places from call to call, so each is encoded and uploaded once, and a
 /// map found here is right for whatever buffer now lies at its address.
 #[derive(Default)]
-struct TensorMaps(Mutex<HashMap<(u64, usize, usize, u32), CudaSlice<u8>>>);
+struct TensorMaps(Mutex<HashMap<Encoded, CudaSlice<u8>>>);
+
+/// What a tensor map encodes: the operand's address, rows and K, and the box's rows.
+type Encoded = (u64, usize, usize, u32);
 
 impl TensorMaps {
     /// The device address of the map of the E4M3 operand at `data` ([rows, k] bytes) with
@@ -37,7 +40,7 @@ impl TensorMaps {
     fn at(&self, gpu: &Gpu, data: u64, rows: usize, k: usize, map: TensorMap) -> Result<u64, GpuError> {
         let mut maps = self.0.lock().expect("no launch panicked holding the tensor maps");
         let key = (data, rows, k, map.rows);
-        if !maps.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = maps.entry(key) {
             let mut encoded = sys::CUtensorMap { opaque: [0; 16] };
             let (dims, strides) = ([k as u64, rows as u64], [k as u64]);
             let (boxes, steps) = ([TILE_K, map.rows], [1u32, 1]);
@@ -61,7 +64,7 @@ impl TensorMaps {
             }
             .result()?;
             let bytes: Vec<u8> = encoded.opaque.iter().flat_map(|w| w.to_le_bytes()).collect();
-            maps.insert(key, gpu.stream.clone_htod(&bytes)?);
+            slot.insert(gpu.stream.clone_htod(&bytes)?);
         }
         let (at, _sync) = maps[&key].device_ptr(&gpu.stream);
         Ok(at)
@@ -115,10 +118,11 @@ impl ExpertGemms {
 
 impl ExpertGemm {
     /// Whether a product of `rows` × `n` over `k` fits the tile (the grouped form takes any
-    /// number of rows: the experts' last blocks are partial).
+    /// number of rows: the experts' last blocks are partial; any even n: blocks past it store
+    /// nothing).
     pub fn fits(&self, rows: usize, n: usize, k: usize) -> bool {
         let rows_fit = self.form == Form::Grouped || rows.is_multiple_of(self.tile.m as usize);
-        rows_fit && n.is_multiple_of(self.tile.n as usize) && k.is_multiple_of(TILE_K as usize)
+        rows_fit && n.is_multiple_of(2) && k.is_multiple_of(TILE_K as usize)
     }
 
     pub fn run(&self, gpu: &Gpu, p: &ExpertProduct) -> Result<(), GpuError> {
@@ -127,9 +131,9 @@ impl ExpertGemm {
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
         let tile_m = self.tile.m as usize;
         let grid_dim = if self.form == Form::Grouped {
-            (n / self.tile.n, narrow(p.rows.div_ceil(tile_m) + p.experts)?, 1)
+            (n.div_ceil(self.tile.n), narrow(p.rows.div_ceil(tile_m) + p.experts)?, 1)
         } else {
-            (n / self.tile.n, narrow(p.rows / tile_m)?, experts)
+            (n.div_ceil(self.tile.n), narrow(p.rows / tile_m)?, experts)
         };
         let config = LaunchConfig {
             grid_dim,
