@@ -151,7 +151,9 @@ class Generated:
             keep += (offsets,)
             args += (np.uint64(offsets.data_ptr()), np.uint32(experts))
             rows = -(-m // self.tile_m) + experts
-        grid = (-(-n // self.tile_n), rows, 1)
+        # Persistent: at most a block per multiprocessor, each looping over its tiles.
+        tiles = -(-n // self.tile_n) * rows
+        grid = (min(tiles, torch.cuda.get_device_properties(0).multi_processor_count), 1, 1)
         block = ((self.tile_m // 64 + 1) * 128, 1, 1)
         return c, lambda: (keep, self.kernel(grid, block, args, shared_mem=self.shared))
 

@@ -15,7 +15,11 @@
 //! are then promoted into the f32 accumulators times the block's two scales: DeepSeek's
 //! promotion every 128 elements of K.
 //!
-//! No persistent schedule or fused epilogue yet. The `wgmma`, TMA and mbarrier instructions
+//! The schedule is persistent: a block takes tile `blockIdx.x`, then every `gridDim.x`-th
+//! after it, its ring running on from tile to tile (the producer loads the next tile's blocks
+//! of K while the consumers store the last), the tiles ordered in bands of 8 rows of tiles,
+//! down the rows first, so that the blocks at work at once share A and B tiles in L2. No fused
+//! epilogue yet. The `wgmma`, TMA and mbarrier instructions
 //! are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N is any even number.
 
@@ -30,8 +34,8 @@ pub const TILE_K: u32 = 128;
 /// Bytes between 8-row groups of a swizzled tile (the descriptors' stride offset).
 const ROW_GROUP: u64 = 8 * TILE_K as u64;
 /// Registers a thread keeps when the producer warpgroup gives its own to two consumers
-/// (40 · 128 + 232 · 256 ≤ the 65,536 of a multiprocessor).
-const PRODUCER_REGISTERS: u32 = 40;
+/// (48 · 128 + 232 · 256 = the 65,536 of a multiprocessor).
+const PRODUCER_REGISTERS: u32 = 48;
 const CONSUMER_REGISTERS: u32 = 232;
 
 /// One kernel body ([`Body`] names and emits its SSA values), with the LLVM-dialect integer
@@ -193,8 +197,9 @@ pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n:
 pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
 
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
-/// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (⌈N / n⌉, M / m) (see [`Form`]
-/// for the others), `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
+/// blocks of `tile` (checked by [`Tile::check`]). Launch: any number of blocks along x (each
+/// takes every so-many tile of [`Form`]'s; one per multiprocessor at most is best),
+/// `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
 /// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K (u32).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check().expect("a valid tile");
@@ -205,51 +210,11 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let stage_bytes = u64::from(tile.stage_bytes());
     let mut g = Lines(Body::new());
     let tid = g.index_i64("gpu.thread_id x");
-    let bx = g.index_i64("gpu.block_id x");
-    let by = g.index_i64("gpu.block_id y");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
-    let n0 = g.op_c("mul", &bx, tile_n.into());
-    let all_rows = g.i64(tile_m.into());
-    let whole = |g: &mut Lines| g.op_c("udiv", &k, TILE_K.into());
-    let Setup { m0, valid, b_row, sb, k_from, k_blocks, c } = match form {
-        Form::Dense => {
-            let m0 = g.op_c("mul", &by, tile_m.into());
-            let k_blocks = whole(&mut g);
-            let k_from = g.i64(0);
-            Setup { m0, valid: all_rows, b_row: n0.clone(), sb: "%sb".into(), k_from, k_blocks, c: "%c".into() }
-        }
-        Form::Grouped => {
-            let (expert, m0, valid, active) = expert_rows(&mut g, &by, tile_m);
-            g.stmt(format!("scf.if {active} {{"));
-            let expert_first = g.op("mul", &expert, &n);
-            let b_row = g.op("add", &expert_first, &n0);
-            let k_blocks = whole(&mut g);
-            let row_blocks = padded_row(&mut g, &k_blocks);
-            let n_up = g.op_c("add", &n, 127);
-            let n_blocks = g.op_c("udiv", &n_up, 128);
-            let scales = g.op("mul", &n_blocks, &row_blocks);
-            let scales_at = g.op("mul", &expert, &scales);
-            let sb = g.line(format!("llvm.getelementptr %sb[{scales_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            let k_from = g.i64(0);
-            Setup { m0, valid, b_row, sb, k_from, k_blocks, c: "%c".into() }
-        }
-        Form::Wgrad => {
-            let expert = g.index_i64("gpu.block_id z");
-            let (k_from, tokens) = expert_tokens(&mut g, &expert);
-            let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
-            let m0 = g.op_c("mul", &by, tile_m.into());
-            let out = g.op("mul", &m, &n);
-            let out_at = g.op("mul", &expert, &out);
-            let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            Setup { m0, valid: all_rows, b_row: n0.clone(), sb: "%sb".into(), k_from, k_blocks, c }
-        }
-    };
-    let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
+    let dims = Dims { m: m.clone(), n: n.clone(), k: k.clone() };
     let last_row = g.op_c("sub", &m, 1);
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
-    let [lower, upper, step] =
-        [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     // Block kb's stage and the parity of that stage's round (kb / stages, mod 2).
     let stage_of = |g: &mut Lines, kb: &str| {
         let stage = g.op_c("urem", kb, stages.into());
@@ -293,36 +258,43 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     }
     let leader = g.line(format!("llvm.icmp \"eq\" {in_group}, {zero64} : i64"));
     g.stmt(format!("scf.if {leader} {{"));
-    g.stmt(format!("scf.for %kb_copy = {lower} to {upper} step {step} {{"));
-    let kb = g.line("arith.index_cast %kb_copy : index to i64");
-    let (stage, parity) = stage_of(&mut g, &kb);
-    // The stage's previous round released (a fresh barrier passes the wait for parity 1).
-    let released = g.op_c("xor", &parity, 1);
-    let empty = barrier(&mut g, 1, &stage);
-    wait(&mut g, &empty, &released);
-    let full = barrier(&mut g, 0, &stage);
-    let bytes = g.i32(tile.stage_bytes());
-    g.asm(
-        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
-        0,
-        false,
-        &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
-    );
-    let k_at = g.op_c("mul", &kb, TILE_K.into());
-    let k_at = g.op("add", &k_from, &k_at);
-    let a_to = stage_at(&mut g, &stage);
-    let b_to = g.op_c("add", &a_to, a_bytes);
-    for (map, to, row) in [("%ta", a_to, &m0), ("%tb", b_to, &b_row)] {
-        let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
-        let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
+    each_tile(&mut g, tile, form, &dims, |g, at, done| {
+        let Setup { m0, b_row, k_from, k_blocks, .. } = at;
+        let [lower, upper, step] =
+            [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+        g.stmt(format!("scf.for %kb_copy = {lower} to {upper} step {step} {{"));
+        let kb = g.line("arith.index_cast %kb_copy : index to i64");
+        let position = g.op("add", done, &kb);
+        let (stage, parity) = stage_of(g, &position);
+        // The stage's previous round released (a fresh barrier passes the wait for parity 1).
+        let released = g.op_c("xor", &parity, 1);
+        let empty = barrier(g, 1, &stage);
+        wait(g, &empty, &released);
+        let full = barrier(g, 0, &stage);
+        let bytes = g.i32(tile.stage_bytes());
         g.asm(
+            "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+            0,
+            false,
+            &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
+        );
+        let k_at = g.op_c("mul", &kb, TILE_K.into());
+        let k_at = g.op("add", &k_from, &k_at);
+        let a_to = stage_at(g, &stage);
+        let b_to = g.op_c("add", &a_to, a_bytes);
+        for (map, to, row) in [("%ta", a_to, &m0), ("%tb", b_to, &b_row)] {
+            let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
+            let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
+            g.asm(
             "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
             0,
             false,
             &[(to, "r", "i32"), (map, "l", "i64"), (k_at, "r", "i32"), (row, "r", "i32"), (full.clone(), "r", "i32")],
         );
-    }
-    g.stmt("}");
+        }
+        g.stmt("}");
+        k_blocks
+    });
     g.stmt("}");
     g.stmt("} else {");
     if consumers > 1 {
@@ -348,154 +320,160 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     // groups, leading offset unused (1).
     let layout = g.i64((1 << 62) | ((ROW_GROUP >> 4) << 32) | (1 << 16));
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
-    let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
-    let f32s = vec!["f32"; registers].join(", ");
-    let sums = "%sums";
-    g.stmt(format!(
-        "{sums}:{registers} = scf.for %kb_index = {lower} to {upper} step {step} iter_args({}) -> ({f32s}) {{",
-        iter_args.join(", ")
-    ));
-    let kb = g.line("arith.index_cast %kb_index : index to i64");
-    let scale = |g: &mut Lines, ptr: &str, at: &str| {
-        let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-        g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
-    };
-    let kb_at = g.op("add", &first_kb, &kb);
-    let sa_block = g.op("mul", &kb_at, &m);
-    let [sa0, sa1] = [&row0, &row1].map(|r| {
-        let row = g.op("add", &m0, r);
-        let row = clamp(&mut g, &row, &last_row);
-        let at = g.op("add", &sa_block, &row);
-        scale(&mut g, "%sa", &at)
-    });
-    // Each accumulator's scale: its row's times its block's (Dense, Grouped) or its column's
-    // (Wgrad: this thread's columns 8j + 2(l mod 4) + {0, 1}).
-    let scales: Vec<String> = if form == Form::Wgrad {
-        let sb_block = g.op("mul", &kb_at, &n);
-        let c_col = g.op("add", &n0, &col);
-        let columns: Vec<String> = (0..registers / 2)
-            .map(|j| {
-                let column = g.op_c("add", &c_col, (j as u64 / 2) * 8 + j as u64 % 2);
-                let at = g.op("add", &sb_block, &column);
-                scale(&mut g, &sb, &at)
-            })
-            .collect();
-        (0..registers)
-            .map(|i| {
-                let (row, column) = ([&sa0, &sa1][(i / 2) % 2], &columns[(i / 4) * 2 + i % 2]);
-                g.line(format!("llvm.fmul {row}, {column} : f32"))
-            })
-            .collect()
-    } else {
-        // The block's columns lie in at most two 128-column scale blocks: from n0's, the
-        // second (where the tile is wider than 128) from the group of 8 columns that crosses
-        // into it (its index clamped to the last block: past N nothing is stored).
-        let row_blocks = padded_row(&mut g, &k_blocks);
-        let block_scale = |g: &mut Lines, n_block: &str| {
-            let sb_row = g.op("mul", n_block, &row_blocks);
-            let sb_at = g.op("add", &sb_row, &kb);
-            let block = scale(g, &sb, &sb_at);
-            [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")))
+    each_tile(&mut g, tile, form, &dims, |g, at, done| {
+        let Setup { n0, m0, valid, sb, k_from, k_blocks, c, .. } = at;
+        let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
+        let [lower, upper, step] =
+            [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+        let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
+        let f32s = vec!["f32"; registers].join(", ");
+        let sums = "%sums";
+        g.stmt(format!(
+            "{sums}:{registers} = scf.for %kb_index = {lower} to {upper} step {step} iter_args({}) -> ({f32s}) {{",
+            iter_args.join(", ")
+        ));
+        let kb = g.line("arith.index_cast %kb_index : index to i64");
+        let scale = |g: &mut Lines, ptr: &str, at: &str| {
+            let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
         };
-        let n_block = g.op_c("udiv", &n0, 128);
-        let first = block_scale(&mut g, &n_block);
-        if tile_n <= 128 {
-            (0..registers).map(|i| first[(i / 2) % 2].clone()).collect()
-        } else {
-            let next = g.op_c("add", &n_block, 1);
-            let up = g.op_c("add", &n, 127);
-            let blocks = g.op_c("udiv", &up, 128);
-            let last = g.op_c("sub", &blocks, 1);
-            let next = clamp(&mut g, &next, &last);
-            let second = block_scale(&mut g, &next);
-            let within = g.op_c("urem", &n0, 128);
-            let block_end = g.i64(128);
+        let kb_at = g.op("add", &first_kb, &kb);
+        let sa_block = g.op("mul", &kb_at, &m);
+        let [sa0, sa1] = [&row0, &row1].map(|r| {
+            let row = g.op("add", &m0, r);
+            let row = clamp(g, &row, &last_row);
+            let at = g.op("add", &sa_block, &row);
+            scale(g, "%sa", &at)
+        });
+        // Each accumulator's scale: its row's times its block's (Dense, Grouped) or its column's
+        // (Wgrad: this thread's columns 8j + 2(l mod 4) + {0, 1}).
+        let scales: Vec<String> = if form == Form::Wgrad {
+            let sb_block = g.op("mul", &kb_at, &n);
+            let c_col = g.op("add", &n0, &col);
+            let columns: Vec<String> = (0..registers / 2)
+                .map(|j| {
+                    let column = g.op_c("add", &c_col, (j as u64 / 2) * 8 + j as u64 % 2);
+                    let at = g.op("add", &sb_block, &column);
+                    scale(g, &sb, &at)
+                })
+                .collect();
             (0..registers)
                 .map(|i| {
-                    let column = g.op_c("add", &within, (i as u64 / 4) * 8);
-                    let crossed = g.line(format!("llvm.icmp \"uge\" {column}, {block_end} : i64"));
-                    let (a, b) = (&second[(i / 2) % 2], &first[(i / 2) % 2]);
-                    g.line(format!("llvm.select {crossed}, {a}, {b} : i1, f32"))
+                    let (row, column) = ([&sa0, &sa1][(i / 2) % 2], &columns[(i / 4) * 2 + i % 2]);
+                    g.line(format!("llvm.fmul {row}, {column} : f32"))
                 })
                 .collect()
-        }
-    };
-    let (stage, parity) = stage_of(&mut g, &kb);
-    let full = barrier(&mut g, 0, &stage);
-    wait(&mut g, &full, &parity);
-    let stage_at = stage_at(&mut g, &stage);
-    let a_at = g.op("add", &stage_at, &group_a_at);
-    let b_at = g.op_c("add", &stage_at, a_bytes);
-    g.asm("wgmma.fence.sync.aligned;", 0, false, &[]);
-    let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
-    let mut partial = vec![zero.clone(); registers];
-    for step in 0..TILE_K / 32 {
-        // 32 bytes of K per product, within the swizzled rows.
-        let descriptor = |g: &mut Lines, base: &str| {
-            let at = g.op_c("add", base, u64::from(step * 32));
-            let low = g.op_c("and", &at, 0x3FFFF);
-            let address = g.op_c("lshr", &low, 4);
-            g.op("or", &layout, &address)
+        } else {
+            // The block's columns lie in at most two 128-column scale blocks: from n0's, the
+            // second (where the tile is wider than 128) from the group of 8 columns that crosses
+            // into it (its index clamped to the last block: past N nothing is stored).
+            let row_blocks = padded_row(g, &k_blocks);
+            let block_scale = |g: &mut Lines, n_block: &str| {
+                let sb_row = g.op("mul", n_block, &row_blocks);
+                let sb_at = g.op("add", &sb_row, &kb);
+                let block = scale(g, &sb, &sb_at);
+                [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")))
+            };
+            let n_block = g.op_c("udiv", &n0, 128);
+            let first = block_scale(g, &n_block);
+            if tile_n <= 128 {
+                (0..registers).map(|i| first[(i / 2) % 2].clone()).collect()
+            } else {
+                let next = g.op_c("add", &n_block, 1);
+                let up = g.op_c("add", &n, 127);
+                let blocks = g.op_c("udiv", &up, 128);
+                let last = g.op_c("sub", &blocks, 1);
+                let next = clamp(g, &next, &last);
+                let second = block_scale(g, &next);
+                let within = g.op_c("urem", &n0, 128);
+                let block_end = g.i64(128);
+                (0..registers)
+                    .map(|i| {
+                        let column = g.op_c("add", &within, (i as u64 / 4) * 8);
+                        let crossed = g.line(format!("llvm.icmp \"uge\" {column}, {block_end} : i64"));
+                        let (a, b) = (&second[(i / 2) % 2], &first[(i / 2) % 2]);
+                        g.line(format!("llvm.select {crossed}, {a}, {b} : i1, f32"))
+                    })
+                    .collect()
+            }
         };
-        let a = descriptor(&mut g, &a_at);
-        let b = descriptor(&mut g, &b_at);
-        let keep = g.i32(u32::from(step > 0));
-        let text = format!(
-            r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",
-            2 * registers + 2,
-            registers_ptx.join(", "),
-            2 * registers,
-            2 * registers + 1
-        );
-        let mut operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
-        operands.extend([(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
-        let s = g.asm(&text, registers, true, &operands).expect("results");
-        partial = g.fields(&s, registers);
-    }
-    g.asm("wgmma.commit_group.sync.aligned;", 0, false, &[]);
-    // The accumulators pass through the wait so that nothing reads them before it.
-    let operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
-    let waited = g.asm("wgmma.wait_group.sync.aligned 0;", registers, true, &operands).expect("results");
-    let block = g.fields(&waited, registers);
-    // The stage is read: each warp's first lane releases it.
-    g.stmt(format!("scf.if {lane_leads} {{"));
-    let empty = barrier(&mut g, 1, &stage);
-    g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", 0, false, &[(empty, "r", "i32")]);
-    g.stmt("}");
-    let promoted: Vec<String> = block
-        .iter()
-        .enumerate()
-        .map(|(i, x)| g.line(format!("llvm.intr.fma({x}, {}, %acc{i}) : (f32, f32, f32) -> f32", scales[i])))
-        .collect();
-    g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
-    g.stmt("}");
-    // Each of this thread's two rows, if the block has it (an expert's last block may not).
-    let c_col = g.op("add", &n0, &col);
-    for (half, row) in [&row0, &row1].into_iter().enumerate() {
-        let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
-        g.stmt(format!("scf.if {here} {{"));
-        let c_row = g.op("add", &m0, row);
-        let row_at = g.op("mul", &c_row, &n);
-        for i in (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half) {
-            let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
-            // A block past N's last column (N not a multiple of the tile's n) stores nothing there.
-            let inside = g.line(format!("llvm.icmp \"ult\" {column}, {n} : i64"));
-            g.stmt(format!("scf.if {inside} {{"));
-            let at = g.op("add", &row_at, &column);
-            let p = g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            let pair = g.line("llvm.mlir.poison : vector<2xf32>");
-            let [first, second] = [g.i32(0), g.i32(1)];
-            let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
-            let pair = g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
-            g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+        let position = g.op("add", done, &kb);
+        let (stage, parity) = stage_of(g, &position);
+        let full = barrier(g, 0, &stage);
+        wait(g, &full, &parity);
+        let stage_at = stage_at(g, &stage);
+        let a_at = g.op("add", &stage_at, &group_a_at);
+        let b_at = g.op_c("add", &stage_at, a_bytes);
+        g.asm("wgmma.fence.sync.aligned;", 0, false, &[]);
+        let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
+        let mut partial = vec![zero.clone(); registers];
+        for step in 0..TILE_K / 32 {
+            // 32 bytes of K per product, within the swizzled rows.
+            let descriptor = |g: &mut Lines, base: &str| {
+                let at = g.op_c("add", base, u64::from(step * 32));
+                let low = g.op_c("and", &at, 0x3FFFF);
+                let address = g.op_c("lshr", &low, 4);
+                g.op("or", &layout, &address)
+            };
+            let a = descriptor(g, &a_at);
+            let b = descriptor(g, &b_at);
+            let keep = g.i32(u32::from(step > 0));
+            let text = format!(
+                r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",
+                2 * registers + 2,
+                registers_ptx.join(", "),
+                2 * registers,
+                2 * registers + 1
+            );
+            let mut operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
+            operands.extend([(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
+            let s = g.asm(&text, registers, true, &operands).expect("results");
+            partial = g.fields(&s, registers);
+        }
+        g.asm("wgmma.commit_group.sync.aligned;", 0, false, &[]);
+        // The accumulators pass through the wait so that nothing reads them before it.
+        let operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
+        let waited = g.asm("wgmma.wait_group.sync.aligned 0;", registers, true, &operands).expect("results");
+        let block = g.fields(&waited, registers);
+        // The stage is read: each warp's first lane releases it.
+        g.stmt(format!("scf.if {lane_leads} {{"));
+        let empty = barrier(g, 1, &stage);
+        g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", 0, false, &[(empty, "r", "i32")]);
+        g.stmt("}");
+        let promoted: Vec<String> = block
+            .iter()
+            .enumerate()
+            .map(|(i, x)| g.line(format!("llvm.intr.fma({x}, {}, %acc{i}) : (f32, f32, f32) -> f32", scales[i])))
+            .collect();
+        g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
+        g.stmt("}");
+        // Each of this thread's two rows, if the block has it (an expert's last block may not).
+        let c_col = g.op("add", &n0, &col);
+        for (half, row) in [&row0, &row1].into_iter().enumerate() {
+            let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
+            g.stmt(format!("scf.if {here} {{"));
+            let c_row = g.op("add", &m0, row);
+            let row_at = g.op("mul", &c_row, &n);
+            for i in (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half) {
+                let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
+                // A block past N's last column (N not a multiple of the tile's n) stores nothing there.
+                let inside = g.line(format!("llvm.icmp \"ult\" {column}, {n} : i64"));
+                g.stmt(format!("scf.if {inside} {{"));
+                let at = g.op("add", &row_at, &column);
+                let p = g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+                let pair = g.line("llvm.mlir.poison : vector<2xf32>");
+                let [first, second] = [g.i32(0), g.i32(1)];
+                let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
+                let pair =
+                    g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
+                g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+                g.stmt("}");
+            }
             g.stmt("}");
         }
-        g.stmt("}");
-    }
+        k_blocks
+    });
     g.stmt("}");
-    if form == Form::Grouped {
-        g.stmt("}");
-    }
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
          llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
@@ -529,19 +507,19 @@ fn wait(g: &mut Lines, barrier: &str, parity: &str) {
 /// What a kernel multiplies: one A by one B, or the experts' rows by their own weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
-    /// C = A·Bᵀ; grid (⌈N / n⌉, M / m).
+    /// C = A·Bᵀ; tiles ⌈N / n⌉ × M / m.
     Dense,
     /// The MoE experts' grouped GEMM: A's rows sorted by expert, expert e's rows
     /// `offsets[e]..offsets[e + 1]` (i32, E + 1 of them, on the device), B [E, N, K] with
     /// scales [E, N/128, R]: C's rows of expert e = A's times B[e]ᵀ. Two more arguments, the
-    /// offsets (pointer) and E (u32); grid (⌈N / n⌉, ⌈M / m⌉ + E): each block finds its expert
-    /// and tile from the offsets, blocks past the last tile do nothing.
+    /// offsets (pointer) and E (u32); tiles ⌈N / n⌉ × (⌈M / m⌉ + E): each tile's expert and rows
+    /// are found from the offsets, tiles past the experts' last are empty.
     Grouped,
     /// The experts' weight gradients (`quantize_by_expert` operands): out[e] [M, N] =
     /// A_e·B_eᵀ over expert e's tokens, A [M, L] and B [N, L] with expert e's tokens in the
     /// columns from the earlier experts' token counts, each rounded up to 128, summed (1×128
     /// tiles along tokens; scales [L/128, M] and [L/128, N]: B's scale is a column's, applied
-    /// at the promotion). K is L; the offsets and E as for `Grouped`; grid (⌈N / n⌉, M / m, E);
+    /// at the promotion). K is L; the offsets and E as for `Grouped`; tiles ⌈N / n⌉ × M / m × E;
     /// an expert without tokens gets zeros.
     Wgrad,
 }
@@ -550,6 +528,7 @@ pub enum Form {
 /// (`valid`), its first row of B (in B's tensor map) and B's scales (pointer), the first byte
 /// of K (`k_from`, a multiple of 128) and the blocks of K from there, and C (pointer).
 struct Setup {
+    n0: String,
     m0: String,
     valid: String,
     b_row: String,
@@ -557,6 +536,119 @@ struct Setup {
     k_from: String,
     k_blocks: String,
     c: String,
+}
+
+/// M, N and K (i64).
+struct Dims {
+    m: String,
+    n: String,
+    k: String,
+}
+
+/// Rows of tiles a band of the schedule spans: a band's tiles go down its rows first, so that
+/// the blocks at work at once share their B tiles as well as their A tiles in L2.
+const BAND: u64 = 8;
+
+/// Emits `body` for each tile of C this block computes: the persistent schedule, tiles
+/// `blockIdx.x`, `+ gridDim.x`, … of all of them (any grid), each with its [`Setup`] and the
+/// blocks of K the block's ring passed before it (i64); `body` returns the tile's blocks of K.
+fn each_tile(
+    g: &mut Lines,
+    tile: Tile,
+    form: Form,
+    dims: &Dims,
+    mut body: impl FnMut(&mut Lines, Setup, &str) -> String,
+) {
+    let along_n = g.op_c("add", &dims.n, u64::from(tile.n - 1));
+    let along_n = g.op_c("udiv", &along_n, tile.n.into());
+    let along_m = match form {
+        Form::Dense | Form::Wgrad => g.op_c("udiv", &dims.m, tile.m.into()),
+        Form::Grouped => {
+            let up = g.op_c("add", &dims.m, u64::from(tile.m - 1));
+            let tiles = g.op_c("udiv", &up, tile.m.into());
+            let experts = g.line("llvm.zext %experts : i32 to i64");
+            g.op("add", &tiles, &experts)
+        }
+    };
+    let per_expert = g.op("mul", &along_n, &along_m);
+    let tiles = match form {
+        Form::Wgrad => {
+            let experts = g.line("llvm.zext %experts : i32 to i64");
+            g.op("mul", &per_expert, &experts)
+        }
+        Form::Dense | Form::Grouped => per_expert.clone(),
+    };
+    let first = g.index_i64("gpu.block_id x");
+    let every = g.index_i64("gpu.grid_dim x");
+    let [lower, upper, step] = [first, tiles, every].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+    let zero = g.i64(0);
+    let (index, done, passed) = (g.0.fresh(), g.0.fresh(), g.0.fresh());
+    g.stmt(format!(
+        "{passed} = scf.for {index} = {lower} to {upper} step {step} iter_args({done} = {zero}) -> (i64) {{"
+    ));
+    let t = g.line(format!("arith.index_cast {index} : index to i64"));
+    let (expert, within) = match form {
+        Form::Wgrad => (Some(g.op("udiv", &t, &per_expert)), g.op("urem", &t, &per_expert)),
+        Form::Dense | Form::Grouped => (None, t),
+    };
+    let band_tiles = g.op_c("mul", &along_n, BAND);
+    let band = g.op("udiv", &within, &band_tiles);
+    let in_band = g.op("urem", &within, &band_tiles);
+    let band_first = g.op_c("mul", &band, BAND);
+    let left = g.op("sub", &along_m, &band_first);
+    let band_rows = g.i64(BAND);
+    let band_rows = clamp(g, &left, &band_rows);
+    let row_in_band = g.op("urem", &in_band, &band_rows);
+    let by = g.op("add", &band_first, &row_in_band);
+    let bx = g.op("udiv", &in_band, &band_rows);
+    let at = setup(g, tile, form, dims, &bx, &by, expert.as_deref());
+    let k_blocks = body(g, at, &done);
+    let next = g.op("add", &done, &k_blocks);
+    g.stmt(format!("scf.yield {next} : i64"));
+    g.stmt("}");
+}
+
+/// The operands of tile (`bx`, `by`) (and expert `expert` of a Wgrad).
+fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str, expert: Option<&str>) -> Setup {
+    let Dims { m, n, k } = dims;
+    let n0 = g.op_c("mul", bx, tile.n.into());
+    let all_rows = g.i64(tile.m.into());
+    let whole = g.op_c("udiv", k, TILE_K.into());
+    let k_from = g.i64(0);
+    match (form, expert) {
+        (Form::Dense, _) => {
+            let m0 = g.op_c("mul", by, tile.m.into());
+            let b_row = n0.clone();
+            Setup { n0, m0, valid: all_rows, b_row, sb: "%sb".into(), k_from, k_blocks: whole, c: "%c".into() }
+        }
+        (Form::Grouped, _) => {
+            let (expert, m0, valid, active) = expert_rows(g, by, tile.m);
+            // Past the experts' last tile: no block of K, no row.
+            let none = g.i64(0);
+            let k_blocks = g.line(format!("llvm.select {active}, {whole}, {none} : i1, i64"));
+            let valid = g.line(format!("llvm.select {active}, {valid}, {none} : i1, i64"));
+            let expert_first = g.op("mul", &expert, n);
+            let b_row = g.op("add", &expert_first, &n0);
+            let row_blocks = padded_row(g, &whole);
+            let n_up = g.op_c("add", n, 127);
+            let n_blocks = g.op_c("udiv", &n_up, 128);
+            let scales = g.op("mul", &n_blocks, &row_blocks);
+            let scales_at = g.op("mul", &expert, &scales);
+            let sb = g.line(format!("llvm.getelementptr %sb[{scales_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            Setup { n0, m0, valid, b_row, sb, k_from, k_blocks, c: "%c".into() }
+        }
+        (Form::Wgrad, expert) => {
+            let expert = expert.expect("a Wgrad tile has its expert");
+            let (k_from, tokens) = expert_tokens(g, expert);
+            let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
+            let m0 = g.op_c("mul", by, tile.m.into());
+            let out = g.op("mul", m, n);
+            let out_at = g.op("mul", expert, &out);
+            let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            let b_row = n0.clone();
+            Setup { n0, m0, valid: all_rows, b_row, sb: "%sb".into(), k_from, k_blocks, c }
+        }
+    }
 }
 
 /// Expert `expert`'s tokens in the Wgrad's operands: (its first column, its token count
@@ -574,16 +666,17 @@ fn expert_tokens(g: &mut Lines, expert: &str) -> (String, String) {
     let [lower, upper, step] =
         [g.i64(0), expert.to_string(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let zero = g.i64(0);
+    let (earlier, index, columns) = (g.0.fresh(), g.0.fresh(), g.0.fresh());
     g.stmt(format!(
-        "%earlier = scf.for %t_index = {lower} to {upper} step {step} iter_args(%columns = {zero}) -> (i64) {{"
+        "{earlier} = scf.for {index} = {lower} to {upper} step {step} iter_args({columns} = {zero}) -> (i64) {{"
     ));
-    let e = g.line("arith.index_cast %t_index : index to i64");
+    let e = g.line(format!("arith.index_cast {index} : index to i64"));
     let tokens = rounded(g, &e);
-    let sum = g.op("add", "%columns", &tokens);
+    let sum = g.op("add", &columns, &tokens);
     g.stmt(format!("scf.yield {sum} : i64"));
     g.stmt("}");
     let tokens = rounded(g, expert);
-    ("%earlier".to_string(), tokens)
+    (earlier, tokens)
 }
 
 /// `x` if at most `last`, else `last`.
@@ -618,33 +711,34 @@ fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String,
     let [lower, upper, step] =
         [g.i64(0), experts.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let start = g.i64(0);
+    let [found, index, chosen, found_tile, before] = [(); 5].map(|_| g.0.fresh());
     g.stmt(format!(
-        "%found:3 = scf.for %e_index = {lower} to {upper} step {step} iter_args(%expert = {none}, %tile = {start}, \
-         %before = {start}) -> (i64, i64, i64) {{"
+        "{found}:3 = scf.for {index} = {lower} to {upper} step {step} iter_args({chosen} = {none}, {found_tile} = \
+         {start}, {before} = {start}) -> (i64, i64, i64) {{"
     ));
-    let e = g.line("arith.index_cast %e_index : index to i64");
+    let e = g.line(format!("arith.index_cast {index} : index to i64"));
     let first = offset(g, &e);
     let next = g.op_c("add", &e, 1);
     let end = offset(g, &next);
     let rows = g.op("sub", &end, &first);
     let rows_up = g.op_c("add", &rows, u64::from(tile_m - 1));
     let tiles = g.op_c("udiv", &rows_up, tile_m.into());
-    let after = g.op("add", "%before", &tiles);
-    let from = g.line(format!("llvm.icmp \"uge\" {by}, %before : i64"));
+    let after = g.op("add", &before, &tiles);
+    let from = g.line(format!("llvm.icmp \"uge\" {by}, {before} : i64"));
     let until = g.line(format!("llvm.icmp \"ult\" {by}, {after} : i64"));
     let inside = g.line(format!("llvm.and {from}, {until} : i1"));
-    let expert = g.line(format!("llvm.select {inside}, {e}, %expert : i1, i64"));
-    let local = g.op("sub", by, "%before");
-    let tile = g.line(format!("llvm.select {inside}, {local}, %tile : i1, i64"));
+    let expert = g.line(format!("llvm.select {inside}, {e}, {chosen} : i1, i64"));
+    let local = g.op("sub", by, &before);
+    let tile = g.line(format!("llvm.select {inside}, {local}, {found_tile} : i1, i64"));
     g.stmt(format!("scf.yield {expert}, {tile}, {after} : i64, i64, i64"));
     g.stmt("}");
-    let active = g.line(format!("llvm.icmp \"ult\" %found#0, {experts} : i64"));
+    let active = g.line(format!("llvm.icmp \"ult\" {found}#0, {experts} : i64"));
     // Past the last tile the expert is E: read offsets[0] and [1] instead (unused).
-    let expert = g.line(format!("llvm.select {active}, %found#0, {start} : i1, i64"));
+    let expert = g.line(format!("llvm.select {active}, {found}#0, {start} : i1, i64"));
     let first = offset(g, &expert);
     let next = g.op_c("add", &expert, 1);
     let end = offset(g, &next);
-    let tile_at = g.op_c("mul", "%found#1", tile_m.into());
+    let tile_at = g.op_c("mul", &format!("{found}#1"), tile_m.into());
     let m0 = g.op("add", &first, &tile_at);
     let valid = g.op("sub", &end, &m0);
     (expert, m0, valid, active)

@@ -16,11 +16,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// A loaded kernel, its tile and form, and the tensor maps its launches have passed.
+/// A loaded kernel, its tile and form, the most blocks a launch needs (one per multiprocessor:
+/// each block loops over its tiles), and the tensor maps its launches have passed.
 pub struct ExpertGemm {
     function: CudaFunction,
     tile: Tile,
     form: Form,
+    multiprocessors: usize,
     maps: TensorMaps,
     _module: Arc<CudaModule>,
 }
@@ -97,6 +99,8 @@ impl ExpertGemms {
     /// The plan's expert GEMMs from `dir/kernels/NAME.ptx`.
     pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
         let mut gemms = ExpertGemms::default();
+        let multiprocessors =
+            gpu.context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         for (name, tile, form) in plan.generated_gemms() {
             let path = dir.join("kernels").join(format!("{name}.ptx"));
             let ptx = std::fs::read_to_string(&path).map_err(|e| GpuError::Ptx(path, e))?;
@@ -105,7 +109,14 @@ impl ExpertGemms {
             let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
             function
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
-            let kernel = Some(ExpertGemm { function, tile, form, maps: TensorMaps::default(), _module: module });
+            let kernel = Some(ExpertGemm {
+                function,
+                tile,
+                form,
+                multiprocessors,
+                maps: TensorMaps::default(),
+                _module: module,
+            });
             match form {
                 Form::Grouped => gemms.grouped = kernel,
                 Form::Wgrad => gemms.wgrad = kernel,
@@ -129,14 +140,15 @@ impl ExpertGemm {
         assert!(self.fits(p.rows, p.n, p.k), "a product the tile does not fit");
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
-        let tile_m = self.tile.m as usize;
-        let grid_dim = if self.form == Form::Grouped {
-            (n.div_ceil(self.tile.n), narrow(p.rows.div_ceil(tile_m) + p.experts)?, 1)
-        } else {
-            (n.div_ceil(self.tile.n), narrow(p.rows / tile_m)?, experts)
-        };
+        // The tiles of C (`gemm::Form`), shared out by the blocks.
+        let (tile_m, tile_n) = (self.tile.m as usize, self.tile.n as usize);
+        let tiles = p.n.div_ceil(tile_n)
+            * match self.form {
+                Form::Grouped => p.rows.div_ceil(tile_m) + p.experts,
+                _ => p.rows / tile_m * p.experts,
+            };
         let config = LaunchConfig {
-            grid_dim,
+            grid_dim: (narrow(tiles.clamp(1, self.multiprocessors))?, 1, 1),
             block_dim: (self.tile.threads(), 1, 1),
             shared_mem_bytes: self.tile.shared_bytes(),
         };
