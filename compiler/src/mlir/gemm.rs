@@ -132,13 +132,17 @@ pub struct Tile {
     pub m: u32,
     pub n: u32,
     pub stages: u32,
+    /// Blocks per cluster, 1 or 2: a pair of blocks on neighbouring tiles along N shares its
+    /// A tiles, each loading half of one and multicasting it to both (half the A traffic).
+    pub cluster: u32,
 }
 
 impl Tile {
     /// Why the tile cannot be generated, if it cannot.
     pub fn check(self) -> Result<Self, String> {
-        let Tile { m, n, stages } = self;
+        let Tile { m, n, stages, cluster } = self;
         let fits = matches!(m, 64 | 128)
+            && matches!(cluster, 1 | 2)
             && matches!(n, 16 | 32 | 64 | 128 | 192)
             && (2..=8).contains(&stages)
             && self.shared_bytes() <= 227 << 10;
@@ -146,8 +150,9 @@ impl Tile {
             Ok(self)
         } else {
             Err(format!(
-                "tile {m}x{n} in {stages} stages: m is 64 or 128, n 16, 32, 64, 128 or 192 (its columns in at \
-                 most two 128x128 weight-scale blocks), 2 to 8 stages of 128 x (m + n) bytes within 227 KB"
+                "tile {m}x{n} in {stages} stages, clusters of {cluster}: m is 64 or 128, n 16, 32, 64, 128 or 192 \
+                 (its columns in at most two 128x128 weight-scale blocks), 2 to 8 stages of 128 x (m + n) bytes \
+                 within 227 KB, clusters of 1 or 2 blocks"
             ))
         }
     }
@@ -173,9 +178,10 @@ impl Tile {
         (self.consumers() + 1) * 128
     }
 
-    /// The boxes of the operands' tensor maps, (A, B): 128 bytes of K × the tile's rows.
+    /// The boxes of the operands' tensor maps, (A, B): 128 bytes of K × the rows a block
+    /// loads (of A, its share in a cluster).
     pub fn boxes(self) -> (TensorMap, TensorMap) {
-        (TensorMap { rows: self.m }, TensorMap { rows: self.n })
+        (TensorMap { rows: self.m / self.cluster }, TensorMap { rows: self.n })
     }
 }
 
@@ -193,8 +199,8 @@ pub struct TensorMap {
 /// (`kernels/NAME.ptx`), with their tiles: 128×128 in 4 stages, the tile measured in the bench
 /// model's training (128×192 is faster on issue 9's grouped shapes, but its Wgrad form has not
 /// run on a GPU yet: benches/README.md).
-pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
-pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
+pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n: 128, stages: 4, cluster: 1 });
+pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4, cluster: 1 });
 
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
 /// blocks of `tile` (checked by [`Tile::check`]). Launch: any number of blocks along x (each
@@ -203,7 +209,7 @@ pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128
 /// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K (u32).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check().expect("a valid tile");
-    let Tile { m: tile_m, n: tile_n, stages } = tile;
+    let Tile { m: tile_m, n: tile_n, stages, cluster } = tile;
     let consumers = tile.consumers();
     let registers = (tile_n / 2) as usize;
     let a_bytes = u64::from(tile_m * TILE_K);
@@ -239,7 +245,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     g.stmt(format!("scf.if {is_first} {{"));
     for stage in 0..stages {
         let stage = g.i64(stage.into());
-        for (which, count) in [(0, 1), (1, 4 * consumers)] {
+        // `empty` takes a release from every consumer warp of the cluster: the pair's
+        // producers both write every stage (A's halves).
+        for (which, count) in [(0, 1), (1, 4 * consumers * cluster)] {
             let at = barrier(&mut g, which, &stage);
             let count = g.i32(count);
             g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", 0, false, &[(at, "r", "i32"), (count, "r", "i32")]);
@@ -247,7 +255,22 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     }
     g.asm("fence.mbarrier_init.release.cluster;", 0, false, &[]);
     g.stmt("}");
-    g.stmt("gpu.barrier");
+    // Every block's mbarriers ready before any copy or release reaches them.
+    let cluster_barrier = |g: &mut Lines| {
+        if cluster > 1 {
+            g.asm(r"barrier.cluster.arrive.release.aligned;\0Abarrier.cluster.wait.acquire.aligned;", 0, false, &[]);
+        } else {
+            g.stmt("gpu.barrier");
+        }
+    };
+    cluster_barrier(&mut g);
+    // This block's place in its cluster.
+    let rank = if cluster > 1 {
+        let rank = g.asm_i32("mov.u32 $0, %cluster_ctarank;", &[]);
+        g.line(format!("llvm.zext {rank} : i32 to i64"))
+    } else {
+        zero64.clone()
+    };
     let group = g.op_c("udiv", &tid, 128);
     let in_group = g.op_c("urem", &tid, 128);
     let producers = g.i64(consumers.into());
@@ -258,7 +281,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     }
     let leader = g.line(format!("llvm.icmp \"eq\" {in_group}, {zero64} : i64"));
     g.stmt(format!("scf.if {leader} {{"));
-    each_tile(&mut g, tile, form, &dims, |g, at, done| {
+    each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
         let Setup { m0, b_row, k_from, k_blocks, .. } = at;
         let [lower, upper, step] =
             [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
@@ -280,17 +303,31 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         );
         let k_at = g.op_c("mul", &kb, TILE_K.into());
         let k_at = g.op("add", &k_from, &k_at);
-        let a_to = stage_at(g, &stage);
-        let b_to = g.op_c("add", &a_to, a_bytes);
-        for (map, to, row) in [("%ta", a_to, &m0), ("%tb", b_to, &b_row)] {
+        let stage_first = stage_at(g, &stage);
+        // A: this block's share of the rows (all of them, or its half, sent to both blocks).
+        let share = u64::from(tile_m / cluster);
+        let share_at = g.op_c("mul", &rank, share);
+        let a_row = g.op("add", &m0, &share_at);
+        let a_share_at = g.op_c("mul", &share_at, TILE_K.into());
+        let a_to = g.op("add", &stage_first, &a_share_at);
+        let b_to = g.op_c("add", &stage_first, a_bytes);
+        for (map, to, row, shared) in [("%ta", a_to, &a_row, cluster > 1), ("%tb", b_to, &b_row, false)] {
             let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
             let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
-            g.asm(
-            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
-            0,
-            false,
-            &[(to, "r", "i32"), (map, "l", "i64"), (k_at, "r", "i32"), (row, "r", "i32"), (full.clone(), "r", "i32")],
-        );
+            let mut operands = vec![
+                (to, "r", "i32"),
+                (map, "l", "i64"),
+                (k_at, "r", "i32"),
+                (row, "r", "i32"),
+                (full.clone(), "r", "i32"),
+            ];
+            let copy = "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes";
+            if shared {
+                operands.push((g.line("llvm.mlir.constant(3 : i16) : i16"), "h", "i16"));
+                g.asm(&format!("{copy}.multicast::cluster [$0], [$1, {{$2, $3}}], [$4], $5;"), 0, false, &operands);
+            } else {
+                g.asm(&format!("{copy} [$0], [$1, {{$2, $3}}], [$4];"), 0, false, &operands);
+            }
         }
         g.stmt("}");
         k_blocks
@@ -320,7 +357,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     // groups, leading offset unused (1).
     let layout = g.i64((1 << 62) | ((ROW_GROUP >> 4) << 32) | (1 << 16));
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
-    each_tile(&mut g, tile, form, &dims, |g, at, done| {
+    each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
         let Setup { n0, m0, valid, sb, k_from, k_blocks, c, .. } = at;
         let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
         let [lower, upper, step] =
@@ -438,7 +475,19 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         // The stage is read: each warp's first lane releases it.
         g.stmt(format!("scf.if {lane_leads} {{"));
         let empty = barrier(g, 1, &stage);
-        g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", 0, false, &[(empty, "r", "i32")]);
+        if cluster > 1 {
+            for block in 0..cluster {
+                let block = g.i32(block);
+                g.asm(
+                    r"{\0A.reg .b32 at;\0Amapa.shared::cluster.u32 at, $0, $1;\0Ambarrier.arrive.release.cluster.shared::cluster.b64 _, [at];\0A}",
+                    0,
+                    false,
+                    &[(empty.clone(), "r", "i32"), (block, "r", "i32")],
+                );
+            }
+        } else {
+            g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", 0, false, &[(empty, "r", "i32")]);
+        }
         g.stmt("}");
         let promoted: Vec<String> = block
             .iter()
@@ -474,14 +523,19 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         k_blocks
     });
     g.stmt("}");
+    // No block leaves while its pair may still release its stages.
+    if cluster > 1 {
+        cluster_barrier(&mut g);
+    }
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
          llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
          gpu.func @{name}(%ta: !llvm.ptr<1>, %tb: !llvm.ptr<1>, %sa: !llvm.ptr<1>, %sb: !llvm.ptr<1>, %c: !llvm.ptr<1>, \
-         %m: i32, %n: i32, %k: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n{body}      \
+         %m: i32, %n: i32, %k: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>{clusters}}} {{\n{body}      \
          gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
         threads = tile.threads(),
+        clusters = if cluster > 1 { format!(", nvvm.cluster_dim = array<i32: {cluster}, 1, 1>") } else { String::new() },
         grouped = if form == Form::Dense { "" } else { ", %offsets: !llvm.ptr<1>, %experts: i32" },
         body = g.0.text
     )
@@ -557,10 +611,13 @@ fn each_tile(
     tile: Tile,
     form: Form,
     dims: &Dims,
+    rank: &str,
     mut body: impl FnMut(&mut Lines, Setup, &str) -> String,
 ) {
-    let along_n = g.op_c("add", &dims.n, u64::from(tile.n - 1));
-    let along_n = g.op_c("udiv", &along_n, tile.n.into());
+    // In clusters of two, the pair takes neighbouring tiles along N (the pair's own tile
+    // count rounded up: a last block past N loads what lies there and stores nothing).
+    let along_n = g.op_c("add", &dims.n, u64::from(tile.n * tile.cluster - 1));
+    let along_n = g.op_c("udiv", &along_n, u64::from(tile.n * tile.cluster));
     let along_m = match form {
         Form::Dense | Form::Wgrad => g.op_c("udiv", &dims.m, tile.m.into()),
         Form::Grouped => {
@@ -579,7 +636,9 @@ fn each_tile(
         Form::Dense | Form::Grouped => per_expert.clone(),
     };
     let first = g.index_i64("gpu.block_id x");
+    let first = g.op_c("udiv", &first, tile.cluster.into());
     let every = g.index_i64("gpu.grid_dim x");
+    let every = g.op_c("udiv", &every, tile.cluster.into());
     let [lower, upper, step] = [first, tiles, every].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let zero = g.i64(0);
     let (index, done, passed) = (g.0.fresh(), g.0.fresh(), g.0.fresh());
@@ -600,7 +659,9 @@ fn each_tile(
     let band_rows = clamp(g, &left, &band_rows);
     let row_in_band = g.op("urem", &in_band, &band_rows);
     let by = g.op("add", &band_first, &row_in_band);
-    let bx = g.op("udiv", &in_band, &band_rows);
+    let pair = g.op("udiv", &in_band, &band_rows);
+    let pair_first = g.op_c("mul", &pair, tile.cluster.into());
+    let bx = g.op("add", &pair_first, rank);
     let at = setup(g, tile, form, dims, &bx, &by, expert.as_deref());
     let k_blocks = body(g, at, &done);
     let next = g.op("add", &done, &k_blocks);
@@ -754,20 +815,26 @@ mod tests {
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
         let forms = [
-            (64, 64, 2, Form::Dense),
-            (128, 128, 4, Form::Dense),
-            (128, 192, 4, Form::Dense),
-            (128, 128, 4, Form::Grouped),
-            (128, 128, 4, Form::Wgrad),
+            (64, 64, 2, 1, Form::Dense),
+            (128, 128, 4, 1, Form::Dense),
+            (128, 192, 4, 2, Form::Dense),
+            (128, 128, 4, 1, Form::Grouped),
+            (128, 128, 4, 2, Form::Grouped),
+            (128, 128, 4, 1, Form::Wgrad),
         ];
-        for (m, n, stages, form) in forms {
-            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages }, form);
+        for (m, n, stages, cluster, form) in forms {
+            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages, cluster }, form);
             let ptx = crate::mlir::lower::Lowering::default().ptx(&mlir, false).expect("lowers");
             let wgmma = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
             assert_eq!(ptx.matches(&wgmma).count(), 4, "{ptx}");
             assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 2, "A and B by TMA: {ptx}");
             assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"), "{ptx}");
             assert_eq!(ptx.contains("setmaxnreg"), m == 128, "{ptx}");
+            assert_eq!(
+                ptx.contains(".multicast::cluster") && ptx.contains(".reqnctapercluster 2"),
+                cluster == 2,
+                "{ptx}"
+            );
             let Some(ptxas) = std::env::var_os("DSC_PTXAS") else {
                 eprintln!("ptxas not run: set DSC_PTXAS (scripts/install-deps.sh installs it)");
                 continue;

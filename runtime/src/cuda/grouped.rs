@@ -140,15 +140,16 @@ impl ExpertGemm {
         assert!(self.fits(p.rows, p.n, p.k), "a product the tile does not fit");
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
-        // The tiles of C (`gemm::Form`), shared out by the blocks.
-        let (tile_m, tile_n) = (self.tile.m as usize, self.tile.n as usize);
-        let tiles = p.n.div_ceil(tile_n)
+        // The tiles of C (`gemm::Form`), shared out by the blocks (a cluster of blocks takes
+        // neighbouring tiles along N).
+        let (tile_m, cluster) = (self.tile.m as usize, self.tile.cluster as usize);
+        let units = p.n.div_ceil(self.tile.n as usize * cluster)
             * match self.form {
                 Form::Grouped => p.rows.div_ceil(tile_m) + p.experts,
                 _ => p.rows / tile_m * p.experts,
             };
         let config = LaunchConfig {
-            grid_dim: (narrow(tiles.clamp(1, self.multiprocessors))?, 1, 1),
+            grid_dim: (narrow(units.clamp(1, self.multiprocessors / cluster) * cluster)?, 1, 1),
             block_dim: (self.tile.threads(), 1, 1),
             shared_mem_bytes: self.tile.shared_bytes(),
         };
