@@ -411,15 +411,17 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 let block = scale(g, &sb, &sb_at);
                 [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")))
             };
+            // Indices clamped to the last block: a cluster's block past N reads a real scale.
+            let up = g.op_c("add", &n, 127);
+            let blocks = g.op_c("udiv", &up, 128);
+            let last = g.op_c("sub", &blocks, 1);
             let n_block = g.op_c("udiv", &n0, 128);
+            let n_block = clamp(g, &n_block, &last);
             let first = block_scale(g, &n_block);
             if tile_n <= 128 {
                 (0..registers).map(|i| first[(i / 2) % 2].clone()).collect()
             } else {
                 let next = g.op_c("add", &n_block, 1);
-                let up = g.op_c("add", &n, 127);
-                let blocks = g.op_c("udiv", &up, 128);
-                let last = g.op_c("sub", &blocks, 1);
                 let next = clamp(g, &next, &last);
                 let second = block_scale(g, &next);
                 let within = g.op_c("urem", &n0, 128);
@@ -573,7 +575,9 @@ pub enum Form {
     /// A_e·B_eᵀ over expert e's tokens, A [M, L] and B [N, L] with expert e's tokens in the
     /// columns from the earlier experts' token counts, each rounded up to 128, summed (1×128
     /// tiles along tokens; scales [L/128, M] and [L/128, N]: B's scale is a column's, applied
-    /// at the promotion). K is L; the offsets and E as for `Grouped`; tiles ⌈N / n⌉ × M / m × E;
+    /// at the promotion, so N must be a multiple of n times the cluster's blocks: every column
+    /// a block reads the scale of is there). K is L; the offsets and E as for `Grouped`; tiles
+    /// N / n × M / m × E;
     /// an expert without tokens gets zeros.
     Wgrad,
 }
