@@ -541,7 +541,8 @@ pub enum Form {
     /// A_e·B_eᵀ over expert e's tokens, A [M, L] and B [N, L] with expert e's tokens in the
     /// columns from the earlier experts' token counts, each rounded up to 128, summed (1×128
     /// tiles along tokens; scales [L/128, M] and [L/128, N]: B's scale is a column's, applied
-    /// at the promotion). K is L; the offsets and E as for `Grouped`; grid (⌈N / n⌉, M / m, E);
+    /// at the promotion, so N must be a multiple of n: every column a block reads the scale of
+    /// is there). K is L; the offsets and E as for `Grouped`; grid (N / n, M / m, E);
     /// an expert without tokens gets zeros.
     Wgrad,
 }

@@ -118,11 +118,15 @@ impl ExpertGemms {
 
 impl ExpertGemm {
     /// Whether a product of `rows` × `n` over `k` fits the tile (the grouped form takes any
-    /// number of rows: the experts' last blocks are partial; any even n: blocks past it store
-    /// nothing).
+    /// number of rows: the experts' last blocks are partial, and any even n: blocks past it store
+    /// nothing; the Wgrad form reads every column's scale of its blocks, so its n is a multiple
+    /// of theirs).
     pub fn fits(&self, rows: usize, n: usize, k: usize) -> bool {
-        let rows_fit = self.form == Form::Grouped || rows.is_multiple_of(self.tile.m as usize);
-        rows_fit && n.is_multiple_of(2) && k.is_multiple_of(TILE_K as usize)
+        let (rows_fit, n_fits) = match self.form {
+            Form::Grouped => (true, n.is_multiple_of(2)),
+            _ => (rows.is_multiple_of(self.tile.m as usize), n.is_multiple_of(self.tile.n as usize)),
+        };
+        rows_fit && n_fits && k.is_multiple_of(TILE_K as usize)
     }
 
     pub fn run(&self, gpu: &Gpu, p: &ExpertProduct) -> Result<(), GpuError> {
