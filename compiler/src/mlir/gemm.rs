@@ -17,7 +17,8 @@
 //!
 //! No persistent schedule or fused epilogue yet. The `wgmma`, TMA and mbarrier instructions
 //! are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
-//! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N is any even number.
+//! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
+//! a multiple of n).
 
 use super::emit::Body;
 use std::fmt::Write;
