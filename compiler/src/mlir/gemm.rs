@@ -21,7 +21,8 @@
 //! down the rows first, so that the blocks at work at once share A and B tiles in L2. No fused
 //! epilogue yet. The `wgmma`, TMA and mbarrier instructions
 //! are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
-//! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N is any even number.
+//! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
+//! a multiple of n times the cluster's blocks).
 
 use super::emit::Body;
 use std::fmt::Write;
