@@ -18,9 +18,11 @@
 //! The schedule is persistent: a block takes tile `blockIdx.x`, then every `gridDim.x`-th
 //! after it, its ring running on from tile to tile (the producer loads the next tile's blocks
 //! of K while the consumers store the last), the tiles ordered in bands of 8 rows of tiles,
-//! down the rows first, so that the blocks at work at once share A and B tiles in L2. No fused
-//! epilogue yet. The `wgmma`, TMA and mbarrier instructions
-//! are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
+//! down the rows first, so that the blocks at work at once share A and B tiles in L2. In
+//! clusters of two ([`Tile::cluster`]) a pair of blocks takes neighbouring tiles along N and
+//! shares A: each producer loads half of A's rows and multicasts it to both blocks, and every
+//! consumer warp releases the stage in both (their `empty` barriers count the pair's warps).
+//! No fused epilogue yet. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
 //! a multiple of n times the cluster's blocks).
 
