@@ -22,7 +22,8 @@
 //! clusters of two ([`Tile::cluster`]) a pair of blocks takes neighbouring tiles along N and
 //! shares A: each producer loads half of A's rows and multicasts it to both blocks, and every
 //! consumer warp releases the stage in both (their `empty` barriers count the pair's warps).
-//! No fused epilogue yet. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
+//! No fused epilogue yet. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR
+//! 22's NVVM ops for them need the struct plumbing this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
 //! a multiple of n times the cluster's blocks).
 
