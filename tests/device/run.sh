@@ -20,7 +20,7 @@
 #             dsc-bf16-seedS.jsonl: a third file for `--gap`, the gap's noise floor
 #   gemm      the generated FP8 GEMMs (target/gemm/*.ptx) checked against float64 and timed
 #             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute), the results
-#             also in $OUT/gemm.jsonl
+#             also in $OUT/gemm.jsonl, then issue 9's table of them (benches/gemm_table.py)
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
@@ -74,6 +74,7 @@ while [ $# -gt 0 ]; do
       ;;
     gemm)
       python3 benches/fp8_gemm.py --generated target/gemm/*.ptx | tee "$OUT/gemm.jsonl" | grep -v '"probe"'
+      python3 benches/gemm_table.py "$OUT/gemm.jsonl"
       ;;
     train)
       resume=()
