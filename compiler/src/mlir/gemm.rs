@@ -71,22 +71,25 @@ impl Lines {
         self.line(format!("arith.index_cast {i} : index to i64"))
     }
 
-    /// Inline PTX with side effects: `outputs` "=f" results (tied to the first `outputs`
-    /// operands when `tied`), then the other operands with their constraints.
-    fn asm(&mut self, text: &str, outputs: usize, tied: bool, operands: &[(String, &str, &str)]) -> Option<String> {
-        let mut constraints: Vec<String> = vec!["=f".into(); outputs];
-        if tied {
-            constraints.extend((0..outputs).map(|i| i.to_string()));
-        }
-        let inputs = &operands[if tied { outputs } else { 0 }..];
-        constraints.extend(inputs.iter().map(|(_, c, _)| c.to_string()));
+    /// Inline PTX with side effects and no result.
+    fn asm(&mut self, text: &str, operands: &[(String, &str, &str)]) {
+        let constraints: Vec<String> = operands.iter().map(|(_, c, _)| c.to_string()).collect();
         let call = Self::inline(text, &constraints, operands);
-        if outputs == 0 {
-            self.stmt(format!("{call}()"));
-            None
-        } else {
-            Some(self.line(format!("{call}{}", accumulators(outputs))))
-        }
+        self.stmt(format!("{call}()"));
+    }
+
+    /// Inline PTX with side effects that updates f32 `values` in place (its results `$0..`,
+    /// "=f" tied to them as the next operands), then reads `operands`; the values after it.
+    fn asm_f32s(&mut self, text: &str, values: &[String], operands: &[(String, &str, &str)]) -> Vec<String> {
+        let count = values.len();
+        let mut constraints: Vec<String> = vec!["=f".into(); count];
+        constraints.extend((0..count).map(|i| i.to_string()));
+        constraints.extend(operands.iter().map(|(_, c, _)| c.to_string()));
+        let all: Vec<(String, &str, &str)> =
+            values.iter().map(|v| (v.clone(), "", "f32")).chain(operands.iter().cloned()).collect();
+        let call = Self::inline(text, &constraints, &all);
+        let s = self.line(format!("{call}{}", accumulators(count)));
+        (0..count).map(|i| self.line(format!("llvm.extractvalue {s}[{i}] : {}", accumulators(count)))).collect()
     }
 
     /// Inline PTX with side effects and one "=r" (i32) result, `$0`.
@@ -107,11 +110,6 @@ impl Lines {
             args.join(", "),
             types.join(", ")
         )
-    }
-
-    /// The fields of struct `s` of `count` f32.
-    fn fields(&mut self, s: &str, count: usize) -> Vec<String> {
-        (0..count).map(|i| self.line(format!("llvm.extractvalue {s}[{i}] : {}", accumulators(count)))).collect()
     }
 }
 
@@ -278,10 +276,10 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         for (which, count) in [(0, 1), (1, 4 * consumers)] {
             let at = barrier(&mut g, which, &stage);
             let count = g.i32(count);
-            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", 0, false, &[(at, "r", "i32"), (count, "r", "i32")]);
+            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", &[(at, "r", "i32"), (count, "r", "i32")]);
         }
     }
-    g.asm("fence.mbarrier_init.release.cluster;", 0, false, &[]);
+    g.asm("fence.mbarrier_init.release.cluster;", &[]);
     g.stmt("}");
     g.stmt("gpu.barrier");
     let group = g.op_c("udiv", &tid, 128);
@@ -290,7 +288,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let is_producer = g.line(format!("llvm.icmp \"eq\" {group}, {producers} : i64"));
     g.stmt(format!("scf.if {is_producer} {{"));
     if consumers > 1 {
-        g.asm(&format!("setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"), 0, false, &[]);
+        g.asm(&format!("setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"), &[]);
     }
     let leader = g.line(format!("llvm.icmp \"eq\" {in_group}, {zero64} : i64"));
     g.stmt(format!("scf.if {leader} {{"));
@@ -303,12 +301,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     wait(&mut g, &empty, &released);
     let full = barrier(&mut g, 0, &stage);
     let bytes = g.i32(tile.stage_bytes());
-    g.asm(
-        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
-        0,
-        false,
-        &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
-    );
+    g.asm("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", &[(full.clone(), "r", "i32"), (bytes, "r", "i32")]);
     let k_at = g.op_c("mul", &kb, TILE_K.into());
     let k_at = g.op("add", &k_from, &k_at);
     let a_to = stage_at(&mut g, &stage);
@@ -317,17 +310,14 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
         let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
         g.asm(
-            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
-            0,
-            false,
-            &[(to, "r", "i32"), (map, "l", "i64"), (k_at, "r", "i32"), (row, "r", "i32"), (full.clone(), "r", "i32")],
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];", &[(to, "r", "i32"), (map, "l", "i64"), (k_at, "r", "i32"), (row, "r", "i32"), (full.clone(), "r", "i32")],
         );
     }
     g.stmt("}");
     g.stmt("}");
     g.stmt("} else {");
     if consumers > 1 {
-        g.asm(&format!("setmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGISTERS};"), 0, false, &[]);
+        g.asm(&format!("setmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGISTERS};"), &[]);
     }
     // This thread's rows of the accumulators: consumer v holds rows 64v..64v+63, its warp w
     // rows 16w..16w+15 of those, lane l rows l/4 and l/4 + 8 of those, columns
@@ -427,7 +417,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let stage_at = stage_at(&mut g, &stage);
     let a_at = g.op("add", &stage_at, &group_a_at);
     let b_at = g.op_c("add", &stage_at, a_bytes);
-    g.asm("wgmma.fence.sync.aligned;", 0, false, &[]);
+    g.asm("wgmma.fence.sync.aligned;", &[]);
     let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
     let mut partial = vec![zero.clone(); registers];
     for step in 0..TILE_K / 32 {
@@ -448,20 +438,15 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             2 * registers,
             2 * registers + 1
         );
-        let mut operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
-        operands.extend([(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
-        let s = g.asm(&text, registers, true, &operands).expect("results");
-        partial = g.fields(&s, registers);
+        partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
     }
-    g.asm("wgmma.commit_group.sync.aligned;", 0, false, &[]);
+    g.asm("wgmma.commit_group.sync.aligned;", &[]);
     // The accumulators pass through the wait so that nothing reads them before it.
-    let operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
-    let waited = g.asm("wgmma.wait_group.sync.aligned 0;", registers, true, &operands).expect("results");
-    let block = g.fields(&waited, registers);
+    let block = g.asm_f32s("wgmma.wait_group.sync.aligned 0;", &partial, &[]);
     // The stage is read: each warp's first lane releases it.
     g.stmt(format!("scf.if {lane_leads} {{"));
     let empty = barrier(&mut g, 1, &stage);
-    g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", 0, false, &[(empty, "r", "i32")]);
+    g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(empty, "r", "i32")]);
     g.stmt("}");
     let promoted: Vec<String> = block
         .iter()
