@@ -78,22 +78,25 @@ impl Lines {
         self.line(format!("arith.index_cast {i} : index to i64"))
     }
 
-    /// Inline PTX with side effects: `outputs` "=f" results (tied to the first `outputs`
-    /// operands when `tied`), then the other operands with their constraints.
-    fn asm(&mut self, text: &str, outputs: usize, tied: bool, operands: &[(String, &str, &str)]) -> Option<String> {
-        let mut constraints: Vec<String> = vec!["=f".into(); outputs];
-        if tied {
-            constraints.extend((0..outputs).map(|i| i.to_string()));
-        }
-        let inputs = &operands[if tied { outputs } else { 0 }..];
-        constraints.extend(inputs.iter().map(|(_, c, _)| c.to_string()));
+    /// Inline PTX with side effects and no result.
+    fn asm(&mut self, text: &str, operands: &[(String, &str, &str)]) {
+        let constraints: Vec<String> = operands.iter().map(|(_, c, _)| c.to_string()).collect();
         let call = Self::inline(text, &constraints, operands);
-        if outputs == 0 {
-            self.stmt(format!("{call}()"));
-            None
-        } else {
-            Some(self.line(format!("{call}{}", accumulators(outputs))))
-        }
+        self.stmt(format!("{call}()"));
+    }
+
+    /// Inline PTX with side effects that updates f32 `values` in place (its results `$0..`,
+    /// "=f" tied to them as the next operands), then reads `operands`; the values after it.
+    fn asm_f32s(&mut self, text: &str, values: &[String], operands: &[(String, &str, &str)]) -> Vec<String> {
+        let count = values.len();
+        let mut constraints: Vec<String> = vec!["=f".into(); count];
+        constraints.extend((0..count).map(|i| i.to_string()));
+        constraints.extend(operands.iter().map(|(_, c, _)| c.to_string()));
+        let all: Vec<(String, &str, &str)> =
+            values.iter().map(|v| (v.clone(), "", "f32")).chain(operands.iter().cloned()).collect();
+        let call = Self::inline(text, &constraints, &all);
+        let s = self.line(format!("{call}{}", accumulators(count)));
+        (0..count).map(|i| self.line(format!("llvm.extractvalue {s}[{i}] : {}", accumulators(count)))).collect()
     }
 
     /// Inline PTX with side effects and one "=r" (i32) result, `$0`.
@@ -114,11 +117,6 @@ impl Lines {
             args.join(", "),
             types.join(", ")
         )
-    }
-
-    /// The fields of struct `s` of `count` f32.
-    fn fields(&mut self, s: &str, count: usize) -> Vec<String> {
-        (0..count).map(|i| self.line(format!("llvm.extractvalue {s}[{i}] : {}", accumulators(count)))).collect()
     }
 }
 
@@ -254,15 +252,15 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         for (which, count) in [(0, 1), (1, 4 * consumers * cluster)] {
             let at = barrier(&mut g, which, &stage);
             let count = g.i32(count);
-            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", 0, false, &[(at, "r", "i32"), (count, "r", "i32")]);
+            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", &[(at, "r", "i32"), (count, "r", "i32")]);
         }
     }
-    g.asm("fence.mbarrier_init.release.cluster;", 0, false, &[]);
+    g.asm("fence.mbarrier_init.release.cluster;", &[]);
     g.stmt("}");
     // Every block's mbarriers ready before any copy or release reaches them.
     let cluster_barrier = |g: &mut Lines| {
         if cluster > 1 {
-            g.asm(r"barrier.cluster.arrive.release.aligned;\0Abarrier.cluster.wait.acquire.aligned;", 0, false, &[]);
+            g.asm(r"barrier.cluster.arrive.release.aligned;\0Abarrier.cluster.wait.acquire.aligned;", &[]);
         } else {
             g.stmt("gpu.barrier");
         }
@@ -281,7 +279,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let is_producer = g.line(format!("llvm.icmp \"eq\" {group}, {producers} : i64"));
     g.stmt(format!("scf.if {is_producer} {{"));
     if consumers > 1 {
-        g.asm(&format!("setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"), 0, false, &[]);
+        g.asm(&format!("setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"), &[]);
     }
     let leader = g.line(format!("llvm.icmp \"eq\" {in_group}, {zero64} : i64"));
     g.stmt(format!("scf.if {leader} {{"));
@@ -301,8 +299,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let bytes = g.i32(tile.stage_bytes());
         g.asm(
             "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
-            0,
-            false,
             &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
         );
         let k_at = g.op_c("mul", &kb, TILE_K.into());
@@ -328,9 +324,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let copy = "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes";
             if shared {
                 operands.push((g.line("llvm.mlir.constant(3 : i16) : i16"), "h", "i16"));
-                g.asm(&format!("{copy}.multicast::cluster [$0], [$1, {{$2, $3}}], [$4], $5;"), 0, false, &operands);
+                g.asm(&format!("{copy}.multicast::cluster [$0], [$1, {{$2, $3}}], [$4], $5;"), &operands);
             } else {
-                g.asm(&format!("{copy} [$0], [$1, {{$2, $3}}], [$4];"), 0, false, &operands);
+                g.asm(&format!("{copy} [$0], [$1, {{$2, $3}}], [$4];"), &operands);
             }
         }
         g.stmt("}");
@@ -339,7 +335,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     g.stmt("}");
     g.stmt("} else {");
     if consumers > 1 {
-        g.asm(&format!("setmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGISTERS};"), 0, false, &[]);
+        g.asm(&format!("setmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGISTERS};"), &[]);
     }
     // This thread's rows of the accumulators: consumer v holds rows 64v..64v+63, its warp w
     // rows 16w..16w+15 of those, lane l rows l/4 and l/4 + 8 of those, columns
@@ -447,7 +443,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let stage_at = stage_at(g, &stage);
         let a_at = g.op("add", &stage_at, &group_a_at);
         let b_at = g.op_c("add", &stage_at, a_bytes);
-        g.asm("wgmma.fence.sync.aligned;", 0, false, &[]);
+        g.asm("wgmma.fence.sync.aligned;", &[]);
         let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
         let mut partial = vec![zero.clone(); registers];
         for step in 0..TILE_K / 32 {
@@ -468,16 +464,11 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 2 * registers,
                 2 * registers + 1
             );
-            let mut operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
-            operands.extend([(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
-            let s = g.asm(&text, registers, true, &operands).expect("results");
-            partial = g.fields(&s, registers);
+            partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
         }
-        g.asm("wgmma.commit_group.sync.aligned;", 0, false, &[]);
+        g.asm("wgmma.commit_group.sync.aligned;", &[]);
         // The accumulators pass through the wait so that nothing reads them before it.
-        let operands: Vec<(String, &str, &str)> = partial.iter().map(|v| (v.clone(), "", "f32")).collect();
-        let waited = g.asm("wgmma.wait_group.sync.aligned 0;", registers, true, &operands).expect("results");
-        let block = g.fields(&waited, registers);
+        let block = g.asm_f32s("wgmma.wait_group.sync.aligned 0;", &partial, &[]);
         // The stage is read: each warp's first lane releases it.
         g.stmt(format!("scf.if {lane_leads} {{"));
         let empty = barrier(g, 1, &stage);
@@ -485,14 +476,11 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             for block in 0..cluster {
                 let block = g.i32(block);
                 g.asm(
-                    r"{\0A.reg .b32 at;\0Amapa.shared::cluster.u32 at, $0, $1;\0Ambarrier.arrive.release.cluster.shared::cluster.b64 _, [at];\0A}",
-                    0,
-                    false,
-                    &[(empty.clone(), "r", "i32"), (block, "r", "i32")],
+                    r"{\0A.reg .b32 at;\0Amapa.shared::cluster.u32 at, $0, $1;\0Ambarrier.arrive.release.cluster.shared::cluster.b64 _, [at];\0A}", &[(empty.clone(), "r", "i32"), (block, "r", "i32")],
                 );
             }
         } else {
-            g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", 0, false, &[(empty, "r", "i32")]);
+            g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(empty, "r", "i32")]);
         }
         g.stmt("}");
         let promoted: Vec<String> = block

@@ -9,9 +9,9 @@
 //!
 //! Grouped GEMMs of the MoE experts run, in FP8 where the plan carries them, on the compiler's
 //! expert GEMMs ([`super::grouped`]: one launch, the offsets read on the device); otherwise
-//! as one product per expert, their row offsets read back from the device first: one synchronisation per offsets value and call of a function
-//! ([`ReadBack`]), shared by the grouped GEMMs over the same experts' rows (a generated grouped
-//! kernel reading them on the device is issue 9). In FP8 (operands quantised by `fuse::library`):
+//! as one product per expert, their row offsets read back from the device first: one
+//! synchronisation per offsets value and call of a function ([`ReadBack`]), shared by the
+//! grouped GEMMs over the same experts' rows. In FP8 (operands quantised by `fuse::library`):
 //! Fprop and Dgrad take each expert's rows in place, its weight blocks in place, and its
 //! slice of the M-major row scales copied into a scratch buffer (cuBLASLt takes no leading
 //! dimension for scales), M rounded up to [`ROWS_ALIGN`] (cuBLASLt refuses other M): the rows

@@ -102,10 +102,7 @@ impl ExpertGemms {
         let multiprocessors =
             gpu.context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         for (name, tile, form) in plan.generated_gemms() {
-            let path = dir.join("kernels").join(format!("{name}.ptx"));
-            let ptx = std::fs::read_to_string(&path).map_err(|e| GpuError::Ptx(path, e))?;
-            let module = gpu.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
-            let function = module.load_function(name)?;
+            let (module, function) = super::load_kernel(gpu, dir, name)?;
             let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
             function
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;

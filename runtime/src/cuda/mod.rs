@@ -137,6 +137,16 @@ impl Gpu {
     }
 }
 
+/// Kernel `name` of the plan in `dir` (PTX in `dir/kernels/NAME.ptx`), loaded: its module
+/// (kept alive with it) and function.
+fn load_kernel(gpu: &Gpu, dir: &Path, name: &str) -> Result<(Arc<CudaModule>, CudaFunction), GpuError> {
+    let path = dir.join("kernels").join(format!("{name}.ptx"));
+    let ptx = std::fs::read_to_string(&path).map_err(|e| GpuError::Ptx(path, e))?;
+    let module = gpu.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+    let function = module.load_function(name)?;
+    Ok((module, function))
+}
+
 /// A plan's generated kernels, each module loaded on first use.
 pub struct Kernels {
     dir: PathBuf,
@@ -151,11 +161,8 @@ impl Kernels {
 
     fn function(&mut self, gpu: &Gpu, name: &str) -> Result<&CudaFunction, GpuError> {
         if !self.loaded.contains_key(name) {
-            let path = self.dir.join("kernels").join(format!("{name}.ptx"));
-            let ptx = std::fs::read_to_string(&path).map_err(|e| GpuError::Ptx(path, e))?;
-            let module = gpu.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
-            let function = module.load_function(name)?;
-            self.loaded.insert(name.to_string(), (module, function));
+            let loaded = load_kernel(gpu, &self.dir, name)?;
+            self.loaded.insert(name.to_string(), loaded);
         }
         Ok(&self.loaded[name].1)
     }
