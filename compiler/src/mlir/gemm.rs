@@ -37,10 +37,13 @@ pub const TILE_M: u32 = 64;
 pub const TILE_K: u32 = 128;
 /// Bytes between 8-row groups of a swizzled tile (the descriptors' stride offset).
 const ROW_GROUP: u64 = 8 * TILE_K as u64;
-/// Registers a thread keeps when the producer warpgroup gives its own to two consumers
-/// (48 · 128 + 232 · 256 = the 65,536 of a multiprocessor).
-const PRODUCER_REGISTERS: u32 = 48;
-const CONSUMER_REGISTERS: u32 = 232;
+/// Registers a thread keeps when the producer warpgroup gives its own to two consumers. They
+/// must fit what the block was given at launch: 384 threads at most 168 registers each (the
+/// 65,536 of a multiprocessor over 384, in steps of 8), 64,512, not the whole file, or
+/// `setmaxnreg.inc` waits for registers that never come.
+const PRODUCER_REGISTERS: u32 = 56;
+const CONSUMER_REGISTERS: u32 = 224;
+const _: () = assert!(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 256 <= (65_536 / 384) / 8 * 8 * 384);
 
 /// One kernel body ([`Body`] names and emits its SSA values), with the LLVM-dialect integer
 /// arithmetic and inline PTX the GEMM is written in.
