@@ -124,7 +124,9 @@ class Generated:
         import cupy
         self.name = os.path.splitext(os.path.basename(path))[0]
         self.grouped = self.name.startswith("fp8_grouped_")
-        self.tile_m, self.tile_n, self.stages = map(int, re.search(r"_m(\d+)_n(\d+)_s(\d+)$", self.name).groups())
+        shape = re.search(r"_m(\d+)_n(\d+)_s(\d+)(?:_c(\d+))?$", self.name).groups()
+        self.tile_m, self.tile_n, self.stages = map(int, shape[:3])
+        self.cluster = int(shape[3] or 1)
         self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16)
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
@@ -143,7 +145,7 @@ class Generated:
         padded[..., :blocks] = sw
         scale_a = sa.t().contiguous()
         c = torch.full((m, n), float("nan"), device="cuda")
-        keep = (tensor_map(qa, self.tile_m), tensor_map(qw, self.tile_n), scale_a, padded, c, qa, qw)
+        keep = (tensor_map(qa, self.tile_m // self.cluster), tensor_map(qw, self.tile_n), scale_a, padded, c, qa, qw)
         args = tuple(np.uint64(t.data_ptr()) for t in keep[:5]) + (np.uint32(m), np.uint32(n), np.uint32(k))
         rows = m // self.tile_m
         if self.grouped:
@@ -151,7 +153,11 @@ class Generated:
             keep += (offsets,)
             args += (np.uint64(offsets.data_ptr()), np.uint32(experts))
             rows = -(-m // self.tile_m) + experts
-        grid = (-(-n // self.tile_n), rows, 1)
+        # Persistent: at most a block per multiprocessor, each looping over its tiles (a cluster
+        # of blocks over neighbouring tiles along N).
+        units = -(-n // (self.tile_n * self.cluster)) * rows
+        clusters = torch.cuda.get_device_properties(0).multi_processor_count // self.cluster
+        grid = (min(units, clusters) * self.cluster, 1, 1)
         block = ((self.tile_m // 64 + 1) * 128, 1, 1)
         return c, lambda: (keep, self.kernel(grid, block, args, shared_mem=self.shared))
 

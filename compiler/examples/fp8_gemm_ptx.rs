@@ -1,7 +1,7 @@
 //! Writes the generated FP8 GEMM (`compiler::mlir::gemm`) as PTX for each tile given as
-//! `MxNxSTAGES` (dense) or `gMxNxSTAGES` (the experts' grouped form), to
-//! `DIR/fp8_gemm_m{M}_n{N}_s{STAGES}.ptx` or `DIR/fp8_grouped_m{M}_n{N}_s{STAGES}.ptx` (entry of
-//! the same name), for `benches/fp8_gemm.py --generated` on the GPU machine.
+//! `MxNxSTAGES[xCLUSTER]` (dense) or `gMxNxSTAGES[xCLUSTER]` (the experts' grouped form), to
+//! `DIR/fp8_gemm_m{M}_n{N}_s{STAGES}[_c{CLUSTER}].ptx` or `DIR/fp8_grouped_…` (entry of the
+//! same name), for `benches/fp8_gemm.py --generated` on the GPU machine.
 //!
 //! Usage: cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR 128x128x4 g128x128x4...
 
@@ -11,7 +11,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((dir, tiles)) = args.split_first().filter(|(_, tiles)| !tiles.is_empty()) else {
-        eprintln!("usage: fp8_gemm_ptx DIR [g]MxNxSTAGES... (e.g. 128x128x4, g128x128x4 for the grouped form)");
+        eprintln!(
+            "usage: fp8_gemm_ptx DIR [g]MxNxSTAGES[xCLUSTER]... (e.g. 128x128x4, g128x128x4 for the grouped form, \
+             128x192x4x2 in clusters of two)"
+        );
         return ExitCode::from(2);
     };
     let lowering = Lowering::default();
@@ -22,8 +25,9 @@ fn main() -> ExitCode {
         };
         let numbers: Vec<u32> = shape.split('x').filter_map(|x| x.parse().ok()).collect();
         let tile = match numbers[..] {
-            [m, n, stages] => gemm::Tile { m, n, stages }.check(),
-            _ => Err(format!("`{given}` is not [g]MxNxSTAGES")),
+            [m, n, stages] => gemm::Tile { m, n, stages, cluster: 1 }.check(),
+            [m, n, stages, cluster] => gemm::Tile { m, n, stages, cluster }.check(),
+            _ => Err(format!("`{given}` is not [g]MxNxSTAGES[xCLUSTER]")),
         };
         let tile = match tile {
             Ok(tile) => tile,
@@ -32,7 +36,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let name = format!("fp8_{kind}_m{}_n{}_s{}", tile.m, tile.n, tile.stages);
+        let clusters = if tile.cluster > 1 { format!("_c{}", tile.cluster) } else { String::new() };
+        let name = format!("fp8_{kind}_m{}_n{}_s{}{clusters}", tile.m, tile.n, tile.stages);
         let written = lowering
             .ptx(&gemm::fp8_gemm(&name, tile, form), false)
             .and_then(|ptx| std::fs::write(format!("{dir}/{name}.ptx"), ptx).map_err(|e| format!("{dir}: {e}")));

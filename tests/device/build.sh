@@ -20,7 +20,7 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
 # The generated FP8 GEMM's PTX for `run.sh gemm` (benches/fp8_gemm.py --generated).
 mkdir -p target/gemm
-cargo run --release --locked -p dsc-compiler --features mlir --example fp8_gemm_ptx -- target/gemm 128x128x4 128x128x6 128x192x4 128x192x5 64x192x6 g128x128x4 g128x192x4
+cargo run --release --locked -p dsc-compiler --features mlir --example fp8_gemm_ptx -- target/gemm 128x128x4 128x192x4 128x192x5 128x192x4x2 128x128x6x2 g128x128x4 g128x192x4 g128x192x4x2
 # The runtime-only dsc (no MLIR) replaces the full one in target/release.
 cargo build --release --locked -p dsc --no-default-features --features cuda
 mkdir -p target/gpu

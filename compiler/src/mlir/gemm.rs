@@ -15,10 +15,17 @@
 //! are then promoted into the f32 accumulators times the block's two scales: DeepSeek's
 //! promotion every 128 elements of K.
 //!
-//! No persistent schedule or fused epilogue yet. The `wgmma`, TMA and mbarrier instructions
-//! are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing this gives directly).
+//! The schedule is persistent: a block takes tile `blockIdx.x`, then every `gridDim.x`-th
+//! after it, its ring running on from tile to tile (the producer loads the next tile's blocks
+//! of K while the consumers store the last), the tiles ordered in bands of 8 rows of tiles,
+//! down the rows first, so that the blocks at work at once share A and B tiles in L2. In
+//! clusters of two ([`Tile::cluster`]) a pair of blocks takes neighbouring tiles along N and
+//! shares A: each producer loads half of A's rows and multicasts it to both blocks, and every
+//! consumer warp releases the stage in both (their `empty` barriers count the pair's warps).
+//! No fused epilogue yet. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR
+//! 22's NVVM ops for them need the struct plumbing this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
-//! a multiple of n).
+//! a multiple of n times the cluster's blocks).
 
 use super::emit::Body;
 use std::fmt::Write;
@@ -30,10 +37,13 @@ pub const TILE_M: u32 = 64;
 pub const TILE_K: u32 = 128;
 /// Bytes between 8-row groups of a swizzled tile (the descriptors' stride offset).
 const ROW_GROUP: u64 = 8 * TILE_K as u64;
-/// Registers a thread keeps when the producer warpgroup gives its own to two consumers
-/// (40 · 128 + 232 · 256 ≤ the 65,536 of a multiprocessor).
-const PRODUCER_REGISTERS: u32 = 40;
-const CONSUMER_REGISTERS: u32 = 232;
+/// Registers a thread keeps when the producer warpgroup gives its own to two consumers. They
+/// must fit what the block was given at launch: 384 threads at most 168 registers each (the
+/// 65,536 of a multiprocessor over 384, in steps of 8), 64,512, not the whole file, or
+/// `setmaxnreg.inc` waits for registers that never come.
+const PRODUCER_REGISTERS: u32 = 56;
+const CONSUMER_REGISTERS: u32 = 224;
+const _: () = assert!(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 256 <= (65_536 / 384) / 8 * 8 * 384);
 
 /// One kernel body ([`Body`] names and emits its SSA values), with the LLVM-dialect integer
 /// arithmetic and inline PTX the GEMM is written in.
@@ -127,13 +137,17 @@ pub struct Tile {
     pub m: u32,
     pub n: u32,
     pub stages: u32,
+    /// Blocks per cluster, 1 or 2: a pair of blocks on neighbouring tiles along N shares its
+    /// A tiles, each loading half of one and multicasting it to both (half the A traffic).
+    pub cluster: u32,
 }
 
 impl Tile {
     /// Why the tile cannot be generated, if it cannot.
     pub fn check(self) -> Result<Self, String> {
-        let Tile { m, n, stages } = self;
+        let Tile { m, n, stages, cluster } = self;
         let fits = matches!(m, 64 | 128)
+            && matches!(cluster, 1 | 2)
             && matches!(n, 16 | 32 | 64 | 128 | 192)
             && (2..=8).contains(&stages)
             && self.shared_bytes() <= 227 << 10;
@@ -141,8 +155,9 @@ impl Tile {
             Ok(self)
         } else {
             Err(format!(
-                "tile {m}x{n} in {stages} stages: m is 64 or 128, n 16, 32, 64, 128 or 192 (its columns in at \
-                 most two 128x128 weight-scale blocks), 2 to 8 stages of 128 x (m + n) bytes within 227 KB"
+                "tile {m}x{n} in {stages} stages, clusters of {cluster}: m is 64 or 128, n 16, 32, 64, 128 or 192 \
+                 (its columns in at most two 128x128 weight-scale blocks), 2 to 8 stages of 128 x (m + n) bytes \
+                 within 227 KB, clusters of 1 or 2 blocks"
             ))
         }
     }
@@ -168,9 +183,10 @@ impl Tile {
         (self.consumers() + 1) * 128
     }
 
-    /// The boxes of the operands' tensor maps, (A, B): 128 bytes of K × the tile's rows.
+    /// The boxes of the operands' tensor maps, (A, B): 128 bytes of K × the rows a block
+    /// loads (of A, its share in a cluster).
     pub fn boxes(self) -> (TensorMap, TensorMap) {
-        (TensorMap { rows: self.m }, TensorMap { rows: self.n })
+        (TensorMap { rows: self.m / self.cluster }, TensorMap { rows: self.n })
     }
 }
 
@@ -188,67 +204,28 @@ pub struct TensorMap {
 /// (`kernels/NAME.ptx`), with their tiles: 128×128 in 4 stages, the tile measured in the bench
 /// model's training (128×192 is faster on issue 9's grouped shapes, but its Wgrad form has not
 /// run on a GPU yet: benches/README.md).
-pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
-pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4 });
+pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n: 128, stages: 4, cluster: 1 });
+pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4, cluster: 1 });
 
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
-/// blocks of `tile` (checked by [`Tile::check`]). Launch: grid (⌈N / n⌉, M / m) (see [`Form`]
-/// for the others), `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
+/// blocks of `tile` (checked by [`Tile::check`]). Launch: any number of blocks along x (each
+/// takes every so-many tile of [`Form`]'s; one per multiprocessor at most is best),
+/// `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
 /// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K (u32).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check().expect("a valid tile");
-    let Tile { m: tile_m, n: tile_n, stages } = tile;
+    let Tile { m: tile_m, n: tile_n, stages, cluster } = tile;
     let consumers = tile.consumers();
     let registers = (tile_n / 2) as usize;
     let a_bytes = u64::from(tile_m * TILE_K);
     let stage_bytes = u64::from(tile.stage_bytes());
     let mut g = Lines(Body::new());
     let tid = g.index_i64("gpu.thread_id x");
-    let bx = g.index_i64("gpu.block_id x");
-    let by = g.index_i64("gpu.block_id y");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
-    let n0 = g.op_c("mul", &bx, tile_n.into());
-    let all_rows = g.i64(tile_m.into());
-    let whole = |g: &mut Lines| g.op_c("udiv", &k, TILE_K.into());
-    let Setup { m0, valid, b_row, sb, k_from, k_blocks, c } = match form {
-        Form::Dense => {
-            let m0 = g.op_c("mul", &by, tile_m.into());
-            let k_blocks = whole(&mut g);
-            let k_from = g.i64(0);
-            Setup { m0, valid: all_rows, b_row: n0.clone(), sb: "%sb".into(), k_from, k_blocks, c: "%c".into() }
-        }
-        Form::Grouped => {
-            let (expert, m0, valid, active) = expert_rows(&mut g, &by, tile_m);
-            g.stmt(format!("scf.if {active} {{"));
-            let expert_first = g.op("mul", &expert, &n);
-            let b_row = g.op("add", &expert_first, &n0);
-            let k_blocks = whole(&mut g);
-            let row_blocks = padded_row(&mut g, &k_blocks);
-            let n_up = g.op_c("add", &n, 127);
-            let n_blocks = g.op_c("udiv", &n_up, 128);
-            let scales = g.op("mul", &n_blocks, &row_blocks);
-            let scales_at = g.op("mul", &expert, &scales);
-            let sb = g.line(format!("llvm.getelementptr %sb[{scales_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            let k_from = g.i64(0);
-            Setup { m0, valid, b_row, sb, k_from, k_blocks, c: "%c".into() }
-        }
-        Form::Wgrad => {
-            let expert = g.index_i64("gpu.block_id z");
-            let (k_from, tokens) = expert_tokens(&mut g, &expert);
-            let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
-            let m0 = g.op_c("mul", &by, tile_m.into());
-            let out = g.op("mul", &m, &n);
-            let out_at = g.op("mul", &expert, &out);
-            let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            Setup { m0, valid: all_rows, b_row: n0.clone(), sb: "%sb".into(), k_from, k_blocks, c }
-        }
-    };
-    let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
+    let dims = Dims { m: m.clone(), n: n.clone(), k: k.clone() };
     let last_row = g.op_c("sub", &m, 1);
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
-    let [lower, upper, step] =
-        [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     // Block kb's stage and the parity of that stage's round (kb / stages, mod 2).
     let stage_of = |g: &mut Lines, kb: &str| {
         let stage = g.op_c("urem", kb, stages.into());
@@ -273,7 +250,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     g.stmt(format!("scf.if {is_first} {{"));
     for stage in 0..stages {
         let stage = g.i64(stage.into());
-        for (which, count) in [(0, 1), (1, 4 * consumers)] {
+        // `empty` takes a release from every consumer warp of the cluster: the pair's
+        // producers both write every stage (A's halves).
+        for (which, count) in [(0, 1), (1, 4 * consumers * cluster)] {
             let at = barrier(&mut g, which, &stage);
             let count = g.i32(count);
             g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", &[(at, "r", "i32"), (count, "r", "i32")]);
@@ -281,7 +260,22 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     }
     g.asm("fence.mbarrier_init.release.cluster;", &[]);
     g.stmt("}");
-    g.stmt("gpu.barrier");
+    // Every block's mbarriers ready before any copy or release reaches them.
+    let cluster_barrier = |g: &mut Lines| {
+        if cluster > 1 {
+            g.asm(r"barrier.cluster.arrive.release.aligned;\0Abarrier.cluster.wait.acquire.aligned;", &[]);
+        } else {
+            g.stmt("gpu.barrier");
+        }
+    };
+    cluster_barrier(&mut g);
+    // This block's place in its cluster.
+    let rank = if cluster > 1 {
+        let rank = g.asm_i32("mov.u32 $0, %cluster_ctarank;", &[]);
+        g.line(format!("llvm.zext {rank} : i32 to i64"))
+    } else {
+        zero64.clone()
+    };
     let group = g.op_c("udiv", &tid, 128);
     let in_group = g.op_c("urem", &tid, 128);
     let producers = g.i64(consumers.into());
@@ -292,28 +286,55 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     }
     let leader = g.line(format!("llvm.icmp \"eq\" {in_group}, {zero64} : i64"));
     g.stmt(format!("scf.if {leader} {{"));
-    g.stmt(format!("scf.for %kb_copy = {lower} to {upper} step {step} {{"));
-    let kb = g.line("arith.index_cast %kb_copy : index to i64");
-    let (stage, parity) = stage_of(&mut g, &kb);
-    // The stage's previous round released (a fresh barrier passes the wait for parity 1).
-    let released = g.op_c("xor", &parity, 1);
-    let empty = barrier(&mut g, 1, &stage);
-    wait(&mut g, &empty, &released);
-    let full = barrier(&mut g, 0, &stage);
-    let bytes = g.i32(tile.stage_bytes());
-    g.asm("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", &[(full.clone(), "r", "i32"), (bytes, "r", "i32")]);
-    let k_at = g.op_c("mul", &kb, TILE_K.into());
-    let k_at = g.op("add", &k_from, &k_at);
-    let a_to = stage_at(&mut g, &stage);
-    let b_to = g.op_c("add", &a_to, a_bytes);
-    for (map, to, row) in [("%ta", a_to, &m0), ("%tb", b_to, &b_row)] {
-        let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
-        let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
+    each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
+        let Setup { m0, b_row, k_from, k_blocks, .. } = at;
+        let [lower, upper, step] =
+            [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+        g.stmt(format!("scf.for %kb_copy = {lower} to {upper} step {step} {{"));
+        let kb = g.line("arith.index_cast %kb_copy : index to i64");
+        let position = g.op("add", done, &kb);
+        let (stage, parity) = stage_of(g, &position);
+        // The stage's previous round released (a fresh barrier passes the wait for parity 1).
+        let released = g.op_c("xor", &parity, 1);
+        let empty = barrier(g, 1, &stage);
+        wait(g, &empty, &released);
+        let full = barrier(g, 0, &stage);
+        let bytes = g.i32(tile.stage_bytes());
         g.asm(
-            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];", &[(to, "r", "i32"), (map, "l", "i64"), (k_at, "r", "i32"), (row, "r", "i32"), (full.clone(), "r", "i32")],
+            "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+            &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
         );
-    }
-    g.stmt("}");
+        let k_at = g.op_c("mul", &kb, TILE_K.into());
+        let k_at = g.op("add", &k_from, &k_at);
+        let stage_first = stage_at(g, &stage);
+        // A: this block's share of the rows (all of them, or its half, sent to both blocks).
+        let share = u64::from(tile_m / cluster);
+        let share_at = g.op_c("mul", &rank, share);
+        let a_row = g.op("add", &m0, &share_at);
+        let a_share_at = g.op_c("mul", &share_at, TILE_K.into());
+        let a_to = g.op("add", &stage_first, &a_share_at);
+        let b_to = g.op_c("add", &stage_first, a_bytes);
+        for (map, to, row, shared) in [("%ta", a_to, &a_row, cluster > 1), ("%tb", b_to, &b_row, false)] {
+            let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
+            let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
+            let mut operands = vec![
+                (to, "r", "i32"),
+                (map, "l", "i64"),
+                (k_at, "r", "i32"),
+                (row, "r", "i32"),
+                (full.clone(), "r", "i32"),
+            ];
+            let copy = "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes";
+            if shared {
+                operands.push((g.line("llvm.mlir.constant(3 : i16) : i16"), "h", "i16"));
+                g.asm(&format!("{copy}.multicast::cluster [$0], [$1, {{$2, $3}}], [$4], $5;"), &operands);
+            } else {
+                g.asm(&format!("{copy} [$0], [$1, {{$2, $3}}], [$4];"), &operands);
+            }
+        }
+        g.stmt("}");
+        k_blocks
+    });
     g.stmt("}");
     g.stmt("} else {");
     if consumers > 1 {
@@ -339,157 +360,179 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     // groups, leading offset unused (1).
     let layout = g.i64((1 << 62) | ((ROW_GROUP >> 4) << 32) | (1 << 16));
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
-    let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
-    let f32s = vec!["f32"; registers].join(", ");
-    let sums = "%sums";
-    g.stmt(format!(
-        "{sums}:{registers} = scf.for %kb_index = {lower} to {upper} step {step} iter_args({}) -> ({f32s}) {{",
-        iter_args.join(", ")
-    ));
-    let kb = g.line("arith.index_cast %kb_index : index to i64");
-    let scale = |g: &mut Lines, ptr: &str, at: &str| {
-        let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-        g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
-    };
-    let kb_at = g.op("add", &first_kb, &kb);
-    let sa_block = g.op("mul", &kb_at, &m);
-    let [sa0, sa1] = [&row0, &row1].map(|r| {
-        let row = g.op("add", &m0, r);
-        let row = clamp(&mut g, &row, &last_row);
-        let at = g.op("add", &sa_block, &row);
-        scale(&mut g, "%sa", &at)
-    });
-    // Each accumulator's scale: its row's times its block's (Dense, Grouped) or its column's
-    // (Wgrad: this thread's columns 8j + 2(l mod 4) + {0, 1}).
-    let scales: Vec<String> = if form == Form::Wgrad {
-        let sb_block = g.op("mul", &kb_at, &n);
-        let c_col = g.op("add", &n0, &col);
-        let columns: Vec<String> = (0..registers / 2)
-            .map(|j| {
-                let column = g.op_c("add", &c_col, (j as u64 / 2) * 8 + j as u64 % 2);
-                let at = g.op("add", &sb_block, &column);
-                scale(&mut g, &sb, &at)
-            })
-            .collect();
-        (0..registers)
-            .map(|i| {
-                let (row, column) = ([&sa0, &sa1][(i / 2) % 2], &columns[(i / 4) * 2 + i % 2]);
-                g.line(format!("llvm.fmul {row}, {column} : f32"))
-            })
-            .collect()
-    } else {
-        // The block's columns lie in at most two 128-column scale blocks: from n0's, the
-        // second (where the tile is wider than 128) from the group of 8 columns that crosses
-        // into it (its index clamped to the last block: past N nothing is stored).
-        let row_blocks = padded_row(&mut g, &k_blocks);
-        let block_scale = |g: &mut Lines, n_block: &str| {
-            let sb_row = g.op("mul", n_block, &row_blocks);
-            let sb_at = g.op("add", &sb_row, &kb);
-            let block = scale(g, &sb, &sb_at);
-            [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")))
+    each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
+        let Setup { n0, m0, valid, sb, k_from, k_blocks, c, .. } = at;
+        let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
+        let [lower, upper, step] =
+            [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+        let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
+        let f32s = vec!["f32"; registers].join(", ");
+        let sums = "%sums";
+        g.stmt(format!(
+            "{sums}:{registers} = scf.for %kb_index = {lower} to {upper} step {step} iter_args({}) -> ({f32s}) {{",
+            iter_args.join(", ")
+        ));
+        let kb = g.line("arith.index_cast %kb_index : index to i64");
+        let scale = |g: &mut Lines, ptr: &str, at: &str| {
+            let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
         };
-        let n_block = g.op_c("udiv", &n0, 128);
-        let first = block_scale(&mut g, &n_block);
-        if tile_n <= 128 {
-            (0..registers).map(|i| first[(i / 2) % 2].clone()).collect()
+        let kb_at = g.op("add", &first_kb, &kb);
+        let sa_block = g.op("mul", &kb_at, &m);
+        let [sa0, sa1] = [&row0, &row1].map(|r| {
+            let row = g.op("add", &m0, r);
+            let row = clamp(g, &row, &last_row);
+            let at = g.op("add", &sa_block, &row);
+            scale(g, "%sa", &at)
+        });
+        // Each accumulator's scale: its row's times its block's (Dense, Grouped) or its column's
+        // (Wgrad: this thread's columns 8j + 2(l mod 4) + {0, 1}).
+        let scales: Vec<String> = if form == Form::Wgrad {
+            let sb_block = g.op("mul", &kb_at, &n);
+            let c_col = g.op("add", &n0, &col);
+            let columns: Vec<String> = (0..registers / 2)
+                .map(|j| {
+                    let column = g.op_c("add", &c_col, (j as u64 / 2) * 8 + j as u64 % 2);
+                    let at = g.op("add", &sb_block, &column);
+                    scale(g, &sb, &at)
+                })
+                .collect();
+            (0..registers)
+                .map(|i| {
+                    let (row, column) = ([&sa0, &sa1][(i / 2) % 2], &columns[(i / 4) * 2 + i % 2]);
+                    g.line(format!("llvm.fmul {row}, {column} : f32"))
+                })
+                .collect()
         } else {
-            let next = g.op_c("add", &n_block, 1);
+            // The block's columns lie in at most two 128-column scale blocks: from n0's, the
+            // second (where the tile is wider than 128) from the group of 8 columns that crosses
+            // into it (its index clamped to the last block: past N nothing is stored).
+            let row_blocks = padded_row(g, &k_blocks);
+            let block_scale = |g: &mut Lines, n_block: &str| {
+                let sb_row = g.op("mul", n_block, &row_blocks);
+                let sb_at = g.op("add", &sb_row, &kb);
+                let block = scale(g, &sb, &sb_at);
+                [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")))
+            };
+            // Indices clamped to the last block: a cluster's block past N reads a real scale.
             let up = g.op_c("add", &n, 127);
             let blocks = g.op_c("udiv", &up, 128);
             let last = g.op_c("sub", &blocks, 1);
-            let next = clamp(&mut g, &next, &last);
-            let second = block_scale(&mut g, &next);
-            let within = g.op_c("urem", &n0, 128);
-            let block_end = g.i64(128);
-            (0..registers)
-                .map(|i| {
-                    let column = g.op_c("add", &within, (i as u64 / 4) * 8);
-                    let crossed = g.line(format!("llvm.icmp \"uge\" {column}, {block_end} : i64"));
-                    let (a, b) = (&second[(i / 2) % 2], &first[(i / 2) % 2]);
-                    g.line(format!("llvm.select {crossed}, {a}, {b} : i1, f32"))
-                })
-                .collect()
-        }
-    };
-    let (stage, parity) = stage_of(&mut g, &kb);
-    let full = barrier(&mut g, 0, &stage);
-    wait(&mut g, &full, &parity);
-    let stage_at = stage_at(&mut g, &stage);
-    let a_at = g.op("add", &stage_at, &group_a_at);
-    let b_at = g.op_c("add", &stage_at, a_bytes);
-    g.asm("wgmma.fence.sync.aligned;", &[]);
-    let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
-    let mut partial = vec![zero.clone(); registers];
-    for step in 0..TILE_K / 32 {
-        // 32 bytes of K per product, within the swizzled rows.
-        let descriptor = |g: &mut Lines, base: &str| {
-            let at = g.op_c("add", base, u64::from(step * 32));
-            let low = g.op_c("and", &at, 0x3FFFF);
-            let address = g.op_c("lshr", &low, 4);
-            g.op("or", &layout, &address)
+            let n_block = g.op_c("udiv", &n0, 128);
+            let n_block = clamp(g, &n_block, &last);
+            let first = block_scale(g, &n_block);
+            if tile_n <= 128 {
+                (0..registers).map(|i| first[(i / 2) % 2].clone()).collect()
+            } else {
+                let next = g.op_c("add", &n_block, 1);
+                let next = clamp(g, &next, &last);
+                let second = block_scale(g, &next);
+                let within = g.op_c("urem", &n0, 128);
+                let block_end = g.i64(128);
+                (0..registers)
+                    .map(|i| {
+                        let column = g.op_c("add", &within, (i as u64 / 4) * 8);
+                        let crossed = g.line(format!("llvm.icmp \"uge\" {column}, {block_end} : i64"));
+                        let (a, b) = (&second[(i / 2) % 2], &first[(i / 2) % 2]);
+                        g.line(format!("llvm.select {crossed}, {a}, {b} : i1, f32"))
+                    })
+                    .collect()
+            }
         };
-        let a = descriptor(&mut g, &a_at);
-        let b = descriptor(&mut g, &b_at);
-        let keep = g.i32(u32::from(step > 0));
-        let text = format!(
-            r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",
-            2 * registers + 2,
-            registers_ptx.join(", "),
-            2 * registers,
-            2 * registers + 1
-        );
-        partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
-    }
-    g.asm("wgmma.commit_group.sync.aligned;", &[]);
-    // The accumulators pass through the wait so that nothing reads them before it.
-    let block = g.asm_f32s("wgmma.wait_group.sync.aligned 0;", &partial, &[]);
-    // The stage is read: each warp's first lane releases it.
-    g.stmt(format!("scf.if {lane_leads} {{"));
-    let empty = barrier(&mut g, 1, &stage);
-    g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(empty, "r", "i32")]);
-    g.stmt("}");
-    let promoted: Vec<String> = block
-        .iter()
-        .enumerate()
-        .map(|(i, x)| g.line(format!("llvm.intr.fma({x}, {}, %acc{i}) : (f32, f32, f32) -> f32", scales[i])))
-        .collect();
-    g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
-    g.stmt("}");
-    // Each of this thread's two rows, if the block has it (an expert's last block may not).
-    let c_col = g.op("add", &n0, &col);
-    for (half, row) in [&row0, &row1].into_iter().enumerate() {
-        let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
-        g.stmt(format!("scf.if {here} {{"));
-        let c_row = g.op("add", &m0, row);
-        let row_at = g.op("mul", &c_row, &n);
-        for i in (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half) {
-            let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
-            // A block past N's last column (N not a multiple of the tile's n) stores nothing there.
-            let inside = g.line(format!("llvm.icmp \"ult\" {column}, {n} : i64"));
-            g.stmt(format!("scf.if {inside} {{"));
-            let at = g.op("add", &row_at, &column);
-            let p = g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            let pair = g.line("llvm.mlir.poison : vector<2xf32>");
-            let [first, second] = [g.i32(0), g.i32(1)];
-            let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
-            let pair = g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
-            g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+        let position = g.op("add", done, &kb);
+        let (stage, parity) = stage_of(g, &position);
+        let full = barrier(g, 0, &stage);
+        wait(g, &full, &parity);
+        let stage_at = stage_at(g, &stage);
+        let a_at = g.op("add", &stage_at, &group_a_at);
+        let b_at = g.op_c("add", &stage_at, a_bytes);
+        g.asm("wgmma.fence.sync.aligned;", &[]);
+        let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
+        let mut partial = vec![zero.clone(); registers];
+        for step in 0..TILE_K / 32 {
+            // 32 bytes of K per product, within the swizzled rows.
+            let descriptor = |g: &mut Lines, base: &str| {
+                let at = g.op_c("add", base, u64::from(step * 32));
+                let low = g.op_c("and", &at, 0x3FFFF);
+                let address = g.op_c("lshr", &low, 4);
+                g.op("or", &layout, &address)
+            };
+            let a = descriptor(g, &a_at);
+            let b = descriptor(g, &b_at);
+            let keep = g.i32(u32::from(step > 0));
+            let text = format!(
+                r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",
+                2 * registers + 2,
+                registers_ptx.join(", "),
+                2 * registers,
+                2 * registers + 1
+            );
+            partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
+        }
+        g.asm("wgmma.commit_group.sync.aligned;", &[]);
+        // The accumulators pass through the wait so that nothing reads them before it.
+        let block = g.asm_f32s("wgmma.wait_group.sync.aligned 0;", &partial, &[]);
+        // The stage is read: each warp's first lane releases it.
+        g.stmt(format!("scf.if {lane_leads} {{"));
+        let empty = barrier(g, 1, &stage);
+        if cluster > 1 {
+            for block in 0..cluster {
+                let block = g.i32(block);
+                g.asm(
+                    r"{\0A.reg .b32 at;\0Amapa.shared::cluster.u32 at, $0, $1;\0Ambarrier.arrive.release.cluster.shared::cluster.b64 _, [at];\0A}", &[(empty.clone(), "r", "i32"), (block, "r", "i32")],
+                );
+            }
+        } else {
+            g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(empty, "r", "i32")]);
+        }
+        g.stmt("}");
+        let promoted: Vec<String> = block
+            .iter()
+            .enumerate()
+            .map(|(i, x)| g.line(format!("llvm.intr.fma({x}, {}, %acc{i}) : (f32, f32, f32) -> f32", scales[i])))
+            .collect();
+        g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
+        g.stmt("}");
+        // Each of this thread's two rows, if the block has it (an expert's last block may not).
+        let c_col = g.op("add", &n0, &col);
+        for (half, row) in [&row0, &row1].into_iter().enumerate() {
+            let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
+            g.stmt(format!("scf.if {here} {{"));
+            let c_row = g.op("add", &m0, row);
+            let row_at = g.op("mul", &c_row, &n);
+            for i in (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half) {
+                let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
+                // A block past N's last column (N not a multiple of the tile's n) stores nothing there.
+                let inside = g.line(format!("llvm.icmp \"ult\" {column}, {n} : i64"));
+                g.stmt(format!("scf.if {inside} {{"));
+                let at = g.op("add", &row_at, &column);
+                let p = g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+                let pair = g.line("llvm.mlir.poison : vector<2xf32>");
+                let [first, second] = [g.i32(0), g.i32(1)];
+                let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
+                let pair =
+                    g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
+                g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+                g.stmt("}");
+            }
             g.stmt("}");
         }
-        g.stmt("}");
-    }
+        k_blocks
+    });
     g.stmt("}");
-    if form == Form::Grouped {
-        g.stmt("}");
+    // No block leaves while its pair may still release its stages.
+    if cluster > 1 {
+        cluster_barrier(&mut g);
     }
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
          llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
          gpu.func @{name}(%ta: !llvm.ptr<1>, %tb: !llvm.ptr<1>, %sa: !llvm.ptr<1>, %sb: !llvm.ptr<1>, %c: !llvm.ptr<1>, \
-         %m: i32, %n: i32, %k: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n{body}      \
+         %m: i32, %n: i32, %k: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>{clusters}}} {{\n{body}      \
          gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
         threads = tile.threads(),
+        clusters = if cluster > 1 { format!(", nvvm.cluster_dim = array<i32: {cluster}, 1, 1>") } else { String::new() },
         grouped = if form == Form::Dense { "" } else { ", %offsets: !llvm.ptr<1>, %experts: i32" },
         body = g.0.text
     )
@@ -515,20 +558,21 @@ fn wait(g: &mut Lines, barrier: &str, parity: &str) {
 /// What a kernel multiplies: one A by one B, or the experts' rows by their own weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
-    /// C = A·Bᵀ; grid (⌈N / n⌉, M / m).
+    /// C = A·Bᵀ; tiles ⌈N / n⌉ × M / m.
     Dense,
     /// The MoE experts' grouped GEMM: A's rows sorted by expert, expert e's rows
     /// `offsets[e]..offsets[e + 1]` (i32, E + 1 of them, on the device), B [E, N, K] with
     /// scales [E, N/128, R]: C's rows of expert e = A's times B[e]ᵀ. Two more arguments, the
-    /// offsets (pointer) and E (u32); grid (⌈N / n⌉, ⌈M / m⌉ + E): each block finds its expert
-    /// and tile from the offsets, blocks past the last tile do nothing.
+    /// offsets (pointer) and E (u32); tiles ⌈N / n⌉ × (⌈M / m⌉ + E): each tile's expert and rows
+    /// are found from the offsets, tiles past the experts' last are empty.
     Grouped,
     /// The experts' weight gradients (`quantize_by_expert` operands): out[e] [M, N] =
     /// A_e·B_eᵀ over expert e's tokens, A [M, L] and B [N, L] with expert e's tokens in the
     /// columns from the earlier experts' token counts, each rounded up to 128, summed (1×128
     /// tiles along tokens; scales [L/128, M] and [L/128, N]: B's scale is a column's, applied
-    /// at the promotion, so N must be a multiple of n: every column a block reads the scale of
-    /// is there). K is L; the offsets and E as for `Grouped`; grid (N / n, M / m, E);
+    /// at the promotion, so N must be a multiple of n times the cluster's blocks: every column
+    /// a block reads the scale of is there). K is L; the offsets and E as for `Grouped`; tiles
+    /// N / n × M / m × E;
     /// an expert without tokens gets zeros.
     Wgrad,
 }
@@ -537,6 +581,7 @@ pub enum Form {
 /// (`valid`), its first row of B (in B's tensor map) and B's scales (pointer), the first byte
 /// of K (`k_from`, a multiple of 128) and the blocks of K from there, and C (pointer).
 struct Setup {
+    n0: String,
     m0: String,
     valid: String,
     b_row: String,
@@ -544,6 +589,126 @@ struct Setup {
     k_from: String,
     k_blocks: String,
     c: String,
+}
+
+/// M, N and K (i64).
+struct Dims {
+    m: String,
+    n: String,
+    k: String,
+}
+
+/// Rows of tiles a band of the schedule spans: a band's tiles go down its rows first, so that
+/// the blocks at work at once share their B tiles as well as their A tiles in L2.
+const BAND: u64 = 8;
+
+/// Emits `body` for each tile of C this block computes: the persistent schedule, tiles
+/// `blockIdx.x`, `+ gridDim.x`, … of all of them (any grid), each with its [`Setup`] and the
+/// blocks of K the block's ring passed before it (i64); `body` returns the tile's blocks of K.
+fn each_tile(
+    g: &mut Lines,
+    tile: Tile,
+    form: Form,
+    dims: &Dims,
+    rank: &str,
+    mut body: impl FnMut(&mut Lines, Setup, &str) -> String,
+) {
+    // In clusters of two, the pair takes neighbouring tiles along N (the pair's own tile
+    // count rounded up: a last block past N loads what lies there and stores nothing).
+    let along_n = g.op_c("add", &dims.n, u64::from(tile.n * tile.cluster - 1));
+    let along_n = g.op_c("udiv", &along_n, u64::from(tile.n * tile.cluster));
+    let along_m = match form {
+        Form::Dense | Form::Wgrad => g.op_c("udiv", &dims.m, tile.m.into()),
+        Form::Grouped => {
+            let up = g.op_c("add", &dims.m, u64::from(tile.m - 1));
+            let tiles = g.op_c("udiv", &up, tile.m.into());
+            let experts = g.line("llvm.zext %experts : i32 to i64");
+            g.op("add", &tiles, &experts)
+        }
+    };
+    let per_expert = g.op("mul", &along_n, &along_m);
+    let tiles = match form {
+        Form::Wgrad => {
+            let experts = g.line("llvm.zext %experts : i32 to i64");
+            g.op("mul", &per_expert, &experts)
+        }
+        Form::Dense | Form::Grouped => per_expert.clone(),
+    };
+    let first = g.index_i64("gpu.block_id x");
+    let first = g.op_c("udiv", &first, tile.cluster.into());
+    let every = g.index_i64("gpu.grid_dim x");
+    let every = g.op_c("udiv", &every, tile.cluster.into());
+    let [lower, upper, step] = [first, tiles, every].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+    let zero = g.i64(0);
+    let (index, done, passed) = (g.0.fresh(), g.0.fresh(), g.0.fresh());
+    g.stmt(format!(
+        "{passed} = scf.for {index} = {lower} to {upper} step {step} iter_args({done} = {zero}) -> (i64) {{"
+    ));
+    let t = g.line(format!("arith.index_cast {index} : index to i64"));
+    let (expert, within) = match form {
+        Form::Wgrad => (Some(g.op("udiv", &t, &per_expert)), g.op("urem", &t, &per_expert)),
+        Form::Dense | Form::Grouped => (None, t),
+    };
+    let band_tiles = g.op_c("mul", &along_n, BAND);
+    let band = g.op("udiv", &within, &band_tiles);
+    let in_band = g.op("urem", &within, &band_tiles);
+    let band_first = g.op_c("mul", &band, BAND);
+    let left = g.op("sub", &along_m, &band_first);
+    let band_rows = g.i64(BAND);
+    let band_rows = clamp(g, &left, &band_rows);
+    let row_in_band = g.op("urem", &in_band, &band_rows);
+    let by = g.op("add", &band_first, &row_in_band);
+    let pair = g.op("udiv", &in_band, &band_rows);
+    let pair_first = g.op_c("mul", &pair, tile.cluster.into());
+    let bx = g.op("add", &pair_first, rank);
+    let at = setup(g, tile, form, dims, &bx, &by, expert.as_deref());
+    let k_blocks = body(g, at, &done);
+    let next = g.op("add", &done, &k_blocks);
+    g.stmt(format!("scf.yield {next} : i64"));
+    g.stmt("}");
+}
+
+/// The operands of tile (`bx`, `by`) (and expert `expert` of a Wgrad).
+fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str, expert: Option<&str>) -> Setup {
+    let Dims { m, n, k } = dims;
+    let n0 = g.op_c("mul", bx, tile.n.into());
+    let all_rows = g.i64(tile.m.into());
+    let whole = g.op_c("udiv", k, TILE_K.into());
+    let k_from = g.i64(0);
+    match (form, expert) {
+        (Form::Dense, _) => {
+            let m0 = g.op_c("mul", by, tile.m.into());
+            let b_row = n0.clone();
+            Setup { n0, m0, valid: all_rows, b_row, sb: "%sb".into(), k_from, k_blocks: whole, c: "%c".into() }
+        }
+        (Form::Grouped, _) => {
+            let (expert, m0, valid, active) = expert_rows(g, by, tile.m);
+            // Past the experts' last tile: no block of K, no row.
+            let none = g.i64(0);
+            let k_blocks = g.line(format!("llvm.select {active}, {whole}, {none} : i1, i64"));
+            let valid = g.line(format!("llvm.select {active}, {valid}, {none} : i1, i64"));
+            let expert_first = g.op("mul", &expert, n);
+            let b_row = g.op("add", &expert_first, &n0);
+            let row_blocks = padded_row(g, &whole);
+            let n_up = g.op_c("add", n, 127);
+            let n_blocks = g.op_c("udiv", &n_up, 128);
+            let scales = g.op("mul", &n_blocks, &row_blocks);
+            let scales_at = g.op("mul", &expert, &scales);
+            let sb = g.line(format!("llvm.getelementptr %sb[{scales_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            Setup { n0, m0, valid, b_row, sb, k_from, k_blocks, c: "%c".into() }
+        }
+        (Form::Wgrad, expert) => {
+            let expert = expert.expect("a Wgrad tile has its expert");
+            let (k_from, tokens) = expert_tokens(g, expert);
+            let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
+            let m0 = g.op_c("mul", by, tile.m.into());
+            let out = g.op("mul", m, n);
+            let out_at = g.op("mul", expert, &out);
+            let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            let b_row = n0.clone();
+            Setup { n0, m0, valid: all_rows, b_row, sb: "%sb".into(), k_from, k_blocks, c }
+        }
+    }
 }
 
 /// Expert `expert`'s tokens in the Wgrad's operands: (its first column, its token count
@@ -561,16 +726,17 @@ fn expert_tokens(g: &mut Lines, expert: &str) -> (String, String) {
     let [lower, upper, step] =
         [g.i64(0), expert.to_string(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let zero = g.i64(0);
+    let (earlier, index, columns) = (g.0.fresh(), g.0.fresh(), g.0.fresh());
     g.stmt(format!(
-        "%earlier = scf.for %t_index = {lower} to {upper} step {step} iter_args(%columns = {zero}) -> (i64) {{"
+        "{earlier} = scf.for {index} = {lower} to {upper} step {step} iter_args({columns} = {zero}) -> (i64) {{"
     ));
-    let e = g.line("arith.index_cast %t_index : index to i64");
+    let e = g.line(format!("arith.index_cast {index} : index to i64"));
     let tokens = rounded(g, &e);
-    let sum = g.op("add", "%columns", &tokens);
+    let sum = g.op("add", &columns, &tokens);
     g.stmt(format!("scf.yield {sum} : i64"));
     g.stmt("}");
     let tokens = rounded(g, expert);
-    ("%earlier".to_string(), tokens)
+    (earlier, tokens)
 }
 
 /// `x` if at most `last`, else `last`.
@@ -605,33 +771,34 @@ fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String,
     let [lower, upper, step] =
         [g.i64(0), experts.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let start = g.i64(0);
+    let [found, index, chosen, found_tile, before] = [(); 5].map(|_| g.0.fresh());
     g.stmt(format!(
-        "%found:3 = scf.for %e_index = {lower} to {upper} step {step} iter_args(%expert = {none}, %tile = {start}, \
-         %before = {start}) -> (i64, i64, i64) {{"
+        "{found}:3 = scf.for {index} = {lower} to {upper} step {step} iter_args({chosen} = {none}, {found_tile} = \
+         {start}, {before} = {start}) -> (i64, i64, i64) {{"
     ));
-    let e = g.line("arith.index_cast %e_index : index to i64");
+    let e = g.line(format!("arith.index_cast {index} : index to i64"));
     let first = offset(g, &e);
     let next = g.op_c("add", &e, 1);
     let end = offset(g, &next);
     let rows = g.op("sub", &end, &first);
     let rows_up = g.op_c("add", &rows, u64::from(tile_m - 1));
     let tiles = g.op_c("udiv", &rows_up, tile_m.into());
-    let after = g.op("add", "%before", &tiles);
-    let from = g.line(format!("llvm.icmp \"uge\" {by}, %before : i64"));
+    let after = g.op("add", &before, &tiles);
+    let from = g.line(format!("llvm.icmp \"uge\" {by}, {before} : i64"));
     let until = g.line(format!("llvm.icmp \"ult\" {by}, {after} : i64"));
     let inside = g.line(format!("llvm.and {from}, {until} : i1"));
-    let expert = g.line(format!("llvm.select {inside}, {e}, %expert : i1, i64"));
-    let local = g.op("sub", by, "%before");
-    let tile = g.line(format!("llvm.select {inside}, {local}, %tile : i1, i64"));
+    let expert = g.line(format!("llvm.select {inside}, {e}, {chosen} : i1, i64"));
+    let local = g.op("sub", by, &before);
+    let tile = g.line(format!("llvm.select {inside}, {local}, {found_tile} : i1, i64"));
     g.stmt(format!("scf.yield {expert}, {tile}, {after} : i64, i64, i64"));
     g.stmt("}");
-    let active = g.line(format!("llvm.icmp \"ult\" %found#0, {experts} : i64"));
+    let active = g.line(format!("llvm.icmp \"ult\" {found}#0, {experts} : i64"));
     // Past the last tile the expert is E: read offsets[0] and [1] instead (unused).
-    let expert = g.line(format!("llvm.select {active}, %found#0, {start} : i1, i64"));
+    let expert = g.line(format!("llvm.select {active}, {found}#0, {start} : i1, i64"));
     let first = offset(g, &expert);
     let next = g.op_c("add", &expert, 1);
     let end = offset(g, &next);
-    let tile_at = g.op_c("mul", "%found#1", tile_m.into());
+    let tile_at = g.op_c("mul", &format!("{found}#1"), tile_m.into());
     let m0 = g.op("add", &first, &tile_at);
     let valid = g.op("sub", &end, &m0);
     (expert, m0, valid, active)
@@ -647,20 +814,26 @@ mod tests {
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
         let forms = [
-            (64, 64, 2, Form::Dense),
-            (128, 128, 4, Form::Dense),
-            (128, 192, 4, Form::Dense),
-            (128, 128, 4, Form::Grouped),
-            (128, 128, 4, Form::Wgrad),
+            (64, 64, 2, 1, Form::Dense),
+            (128, 128, 4, 1, Form::Dense),
+            (128, 192, 4, 2, Form::Dense),
+            (128, 128, 4, 1, Form::Grouped),
+            (128, 128, 4, 2, Form::Grouped),
+            (128, 128, 4, 1, Form::Wgrad),
         ];
-        for (m, n, stages, form) in forms {
-            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages }, form);
+        for (m, n, stages, cluster, form) in forms {
+            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages, cluster }, form);
             let ptx = crate::mlir::lower::Lowering::default().ptx(&mlir, false).expect("lowers");
             let wgmma = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
             assert_eq!(ptx.matches(&wgmma).count(), 4, "{ptx}");
             assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 2, "A and B by TMA: {ptx}");
             assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"), "{ptx}");
             assert_eq!(ptx.contains("setmaxnreg"), m == 128, "{ptx}");
+            assert_eq!(
+                ptx.contains(".multicast::cluster") && ptx.contains(".reqnctapercluster 2"),
+                cluster == 2,
+                "{ptx}"
+            );
             let Some(ptxas) = std::env::var_os("DSC_PTXAS") else {
                 eprintln!("ptxas not run: set DSC_PTXAS (scripts/install-deps.sh installs it)");
                 continue;

@@ -16,11 +16,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// A loaded kernel, its tile and form, and the tensor maps its launches have passed.
+/// A loaded kernel, its tile and form, the most blocks a launch needs (one per multiprocessor:
+/// each block loops over its tiles), and the tensor maps its launches have passed.
 pub struct ExpertGemm {
     function: CudaFunction,
     tile: Tile,
     form: Form,
+    multiprocessors: usize,
     maps: TensorMaps,
     _module: Arc<CudaModule>,
 }
@@ -97,12 +99,21 @@ impl ExpertGemms {
     /// The plan's expert GEMMs from `dir/kernels/NAME.ptx`.
     pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
         let mut gemms = ExpertGemms::default();
+        let multiprocessors =
+            gpu.context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         for (name, tile, form) in plan.generated_gemms() {
             let (module, function) = super::load_kernel(gpu, dir, name)?;
             let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
             function
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
-            let kernel = Some(ExpertGemm { function, tile, form, maps: TensorMaps::default(), _module: module });
+            let kernel = Some(ExpertGemm {
+                function,
+                tile,
+                form,
+                multiprocessors,
+                maps: TensorMaps::default(),
+                _module: module,
+            });
             match form {
                 Form::Grouped => gemms.grouped = kernel,
                 Form::Wgrad => gemms.wgrad = kernel,
@@ -121,7 +132,10 @@ impl ExpertGemm {
     pub fn fits(&self, rows: usize, n: usize, k: usize) -> bool {
         let (rows_fit, n_fits) = match self.form {
             Form::Grouped => (true, n.is_multiple_of(2)),
-            _ => (rows.is_multiple_of(self.tile.m as usize), n.is_multiple_of(self.tile.n as usize)),
+            _ => (
+                rows.is_multiple_of(self.tile.m as usize),
+                n.is_multiple_of((self.tile.n * self.tile.cluster) as usize),
+            ),
         };
         rows_fit && n_fits && k.is_multiple_of(TILE_K as usize)
     }
@@ -130,14 +144,16 @@ impl ExpertGemm {
         assert!(self.fits(p.rows, p.n, p.k), "a product the tile does not fit");
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
-        let tile_m = self.tile.m as usize;
-        let grid_dim = if self.form == Form::Grouped {
-            (n.div_ceil(self.tile.n), narrow(p.rows.div_ceil(tile_m) + p.experts)?, 1)
-        } else {
-            (n.div_ceil(self.tile.n), narrow(p.rows / tile_m)?, experts)
-        };
+        // The tiles of C (`gemm::Form`), shared out by the blocks (a cluster of blocks takes
+        // neighbouring tiles along N).
+        let (tile_m, cluster) = (self.tile.m as usize, self.tile.cluster as usize);
+        let units = p.n.div_ceil(self.tile.n as usize * cluster)
+            * match self.form {
+                Form::Grouped => p.rows.div_ceil(tile_m) + p.experts,
+                _ => p.rows / tile_m * p.experts,
+            };
         let config = LaunchConfig {
-            grid_dim,
+            grid_dim: (narrow(units.clamp(1, self.multiprocessors / cluster) * cluster)?, 1, 1),
             block_dim: (self.tile.threads(), 1, 1),
             shared_mem_bytes: self.tile.shared_bytes(),
         };
