@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on this machine, what tests/device/run.sh runs on the GPU machine (which has no
 # Rust): the plans (target/plan-*), the runtime-only dsc and the GPU test binaries
-# (target/gpu), the generated FP8 GEMM's PTX (target/gemm). Send them with the device tool's `carry`: target/gpu and the plans a stage needs
+# (target/gpu), the generated FP8 GEMM's and attention's PTX (target/gemm, target/attention). Send them with the device tool's `carry`: target/gpu and the plans a stage needs
 # (64 MiB in all).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +21,9 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm
 # The generated FP8 GEMM's PTX for `run.sh gemm` (benches/fp8_gemm.py --generated).
 mkdir -p target/gemm
 cargo run --release --locked -p dsc-compiler --features mlir --example fp8_gemm_ptx -- target/gemm 128x128x4 128x192x4 128x192x5 128x192x4x2 128x128x6x2 g128x128x4 g128x192x4 g128x192x4x2
+# The generated fused attention's PTX for `run.sh attention` (benches/attention.py).
+mkdir -p target/attention
+cargo run --release --locked -p dsc-compiler --features mlir --example attention_ptx -- target/attention 192x128
 # The runtime-only dsc (no MLIR) replaces the full one in target/release.
 cargo build --release --locked -p dsc --no-default-features --features cuda
 mkdir -p target/gpu
@@ -33,4 +36,4 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])' | tail -n 1 | xargs -I{} cp {} "target/gpu/$test"
 done
-du -sh target/gpu target/gemm target/plan-*
+du -sh target/gpu target/gemm target/attention target/plan-*

@@ -21,6 +21,9 @@
 #   gemm      the generated FP8 GEMMs (target/gemm/*.ptx) checked against float64 and timed
 #             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute), the results
 #             also in $OUT/gemm.jsonl, then issue 9's table of them (benches/gemm_table.py)
+#   attention the generated fused attention (target/attention/*.ptx) checked against float64
+#             and timed beside PyTorch's SDPA, every backend it has (benches/attention.py; under
+#             a minute), the results also in $OUT/attention.jsonl
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
@@ -29,14 +32,14 @@
 # target/plan-bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
 # target/plan-bench-bf16; long and fp8: those of profile; bf16: target/gpu/dsc and
-# target/plan-bench-bf16; gemm: target/gemm.
+# target/plan-bench-bf16; gemm: target/gemm; attention: target/attention.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
-usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N gemm train N"
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N gemm attention train N"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 while [ $# -gt 0 ]; do
@@ -75,6 +78,9 @@ while [ $# -gt 0 ]; do
     gemm)
       python3 benches/fp8_gemm.py --generated target/gemm/*.ptx | tee "$OUT/gemm.jsonl" | grep -v '"probe"'
       python3 benches/gemm_table.py "$OUT/gemm.jsonl"
+      ;;
+    attention)
+      python3 benches/attention.py target/attention/*.ptx --out "$OUT/attention.jsonl" 2>&1 | grep -v Warning
       ;;
     train)
       resume=()

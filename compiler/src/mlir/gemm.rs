@@ -27,8 +27,7 @@
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
 //! a multiple of n times the cluster's blocks).
 
-use super::emit::Body;
-use std::fmt::Write;
+use super::ptx::Lines;
 
 /// Rows of C per block: one warpgroup's `wgmma` M.
 pub const TILE_M: u32 = 64;
@@ -44,88 +43,6 @@ const ROW_GROUP: u64 = 8 * TILE_K as u64;
 const PRODUCER_REGISTERS: u32 = 56;
 const CONSUMER_REGISTERS: u32 = 224;
 const _: () = assert!(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 256 <= (65_536 / 384) / 8 * 8 * 384);
-
-/// One kernel body ([`Body`] names and emits its SSA values), with the LLVM-dialect integer
-/// arithmetic and inline PTX the GEMM is written in.
-struct Lines(Body);
-
-impl Lines {
-    fn line(&mut self, rhs: impl AsRef<str>) -> String {
-        self.0.line(rhs.as_ref().to_string())
-    }
-
-    fn stmt(&mut self, s: impl AsRef<str>) {
-        let _ = writeln!(self.0.text, "        {}", s.as_ref());
-    }
-
-    fn i64(&mut self, c: u64) -> String {
-        self.line(format!("llvm.mlir.constant({c} : i64) : i64"))
-    }
-
-    fn i32(&mut self, c: u32) -> String {
-        self.line(format!("llvm.mlir.constant({c} : i32) : i32"))
-    }
-
-    /// `a <op> b` on i64 (`op` an LLVM dialect binary op: add, mul, udiv, urem, or, lshr, and).
-    fn op(&mut self, op: &str, a: &str, b: &str) -> String {
-        self.line(format!("llvm.{op} {a}, {b} : i64"))
-    }
-
-    fn op_c(&mut self, op: &str, a: &str, c: u64) -> String {
-        let c = self.i64(c);
-        self.op(op, a, &c)
-    }
-
-    fn index_i64(&mut self, rhs: &str) -> String {
-        let i = self.line(rhs);
-        self.line(format!("arith.index_cast {i} : index to i64"))
-    }
-
-    /// Inline PTX with side effects and no result.
-    fn asm(&mut self, text: &str, operands: &[(String, &str, &str)]) {
-        let constraints: Vec<String> = operands.iter().map(|(_, c, _)| c.to_string()).collect();
-        let call = Self::inline(text, &constraints, operands);
-        self.stmt(format!("{call}()"));
-    }
-
-    /// Inline PTX with side effects that updates f32 `values` in place (its results `$0..`,
-    /// "=f" tied to them as the next operands), then reads `operands`; the values after it.
-    fn asm_f32s(&mut self, text: &str, values: &[String], operands: &[(String, &str, &str)]) -> Vec<String> {
-        let count = values.len();
-        let mut constraints: Vec<String> = vec!["=f".into(); count];
-        constraints.extend((0..count).map(|i| i.to_string()));
-        constraints.extend(operands.iter().map(|(_, c, _)| c.to_string()));
-        let all: Vec<(String, &str, &str)> =
-            values.iter().map(|v| (v.clone(), "", "f32")).chain(operands.iter().cloned()).collect();
-        let call = Self::inline(text, &constraints, &all);
-        let s = self.line(format!("{call}{}", accumulators(count)));
-        (0..count).map(|i| self.line(format!("llvm.extractvalue {s}[{i}] : {}", accumulators(count)))).collect()
-    }
-
-    /// Inline PTX with side effects and one "=r" (i32) result, `$0`.
-    fn asm_i32(&mut self, text: &str, operands: &[(String, &str, &str)]) -> String {
-        let constraints: Vec<String> =
-            std::iter::once("=r").chain(operands.iter().map(|(_, c, _)| *c)).map(String::from).collect();
-        let call = Self::inline(text, &constraints, operands);
-        self.line(format!("{call}i32"))
-    }
-
-    /// `llvm.inline_asm` up to its result type.
-    fn inline(text: &str, constraints: &[String], operands: &[(String, &str, &str)]) -> String {
-        let args: Vec<&str> = operands.iter().map(|(v, _, _)| v.as_str()).collect();
-        let types: Vec<&str> = operands.iter().map(|(_, _, t)| *t).collect();
-        format!(
-            r#"llvm.inline_asm has_side_effects asm_dialect = att "{text}", "{}" {} : ({}) -> "#,
-            constraints.join(","),
-            args.join(", "),
-            types.join(", ")
-        )
-    }
-}
-
-fn accumulators(count: usize) -> String {
-    format!("!llvm.struct<({})>", vec!["f32"; count].join(", "))
-}
 
 /// A block's shape: `m` rows of C (64 per consumer warpgroup: 64 or 128), `n` columns (a
 /// divisor of 128, or 192: a block's columns lie in at most two 128-column weight-scale blocks;
@@ -219,7 +136,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let registers = (tile_n / 2) as usize;
     let a_bytes = u64::from(tile_m * TILE_K);
     let stage_bytes = u64::from(tile.stage_bytes());
-    let mut g = Lines(Body::new());
+    let mut g = Lines::new();
     let tid = g.index_i64("gpu.thread_id x");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
     let dims = Dims { m: m.clone(), n: n.clone(), k: k.clone() };
@@ -534,7 +451,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         threads = tile.threads(),
         clusters = if cluster > 1 { format!(", nvvm.cluster_dim = array<i32: {cluster}, 1, 1>") } else { String::new() },
         grouped = if form == Form::Dense { "" } else { ", %offsets: !llvm.ptr<1>, %experts: i32" },
-        body = g.0.text
+        body = g.text()
     )
 }
 
@@ -640,7 +557,7 @@ fn each_tile(
     let every = g.op_c("udiv", &every, tile.cluster.into());
     let [lower, upper, step] = [first, tiles, every].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let zero = g.i64(0);
-    let (index, done, passed) = (g.0.fresh(), g.0.fresh(), g.0.fresh());
+    let (index, done, passed) = (g.fresh(), g.fresh(), g.fresh());
     g.stmt(format!(
         "{passed} = scf.for {index} = {lower} to {upper} step {step} iter_args({done} = {zero}) -> (i64) {{"
     ));
@@ -726,7 +643,7 @@ fn expert_tokens(g: &mut Lines, expert: &str) -> (String, String) {
     let [lower, upper, step] =
         [g.i64(0), expert.to_string(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let zero = g.i64(0);
-    let (earlier, index, columns) = (g.0.fresh(), g.0.fresh(), g.0.fresh());
+    let (earlier, index, columns) = (g.fresh(), g.fresh(), g.fresh());
     g.stmt(format!(
         "{earlier} = scf.for {index} = {lower} to {upper} step {step} iter_args({columns} = {zero}) -> (i64) {{"
     ));
@@ -771,7 +688,7 @@ fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String,
     let [lower, upper, step] =
         [g.i64(0), experts.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let start = g.i64(0);
-    let [found, index, chosen, found_tile, before] = [(); 5].map(|_| g.0.fresh());
+    let [found, index, chosen, found_tile, before] = [(); 5].map(|_| g.fresh());
     g.stmt(format!(
         "{found}:3 = scf.for {index} = {lower} to {upper} step {step} iter_args({chosen} = {none}, {found_tile} = \
          {start}, {before} = {start}) -> (i64, i64, i64) {{"
@@ -834,21 +751,7 @@ mod tests {
                 cluster == 2,
                 "{ptx}"
             );
-            let Some(ptxas) = std::env::var_os("DSC_PTXAS") else {
-                eprintln!("ptxas not run: set DSC_PTXAS (scripts/install-deps.sh installs it)");
-                continue;
-            };
-            let dir = tempfile::tempdir().expect("tempdir");
-            let source = dir.path().join("gemm.ptx");
-            std::fs::write(&source, &ptx).expect("write");
-            let out = std::process::Command::new(ptxas)
-                .args(["-arch=sm_90a", "-v", "-o"])
-                .arg(dir.path().join("gemm.cubin"))
-                .arg(&source)
-                .output()
-                .expect("ptxas runs");
-            let report = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "{report}");
+            let Some(report) = crate::mlir::ptx::assemble(&ptx) else { continue };
             assert!(report.contains("0 bytes spill stores"), "{report}");
         }
     }

@@ -1,0 +1,152 @@
+//! The writer of the hand-scheduled tensor-core kernels ([`super::gemm`],
+//! [`super::attention`]): one kernel body ([`Body`] names and emits its SSA values) in the
+//! LLVM dialect's integer and float arithmetic, with inline PTX for what MLIR 22's NVVM ops
+//! would need struct plumbing for (`wgmma`, `mma.sync`, `ldmatrix`, TMA, mbarriers).
+
+use super::emit::Body;
+use std::fmt::Write;
+
+pub(super) struct Lines(Body);
+
+impl Lines {
+    pub fn new() -> Self {
+        Lines(Body::new())
+    }
+
+    /// The body written so far.
+    pub fn text(&self) -> &str {
+        &self.0.text
+    }
+
+    /// A fresh SSA name, for values a region defines (loop indices and results).
+    pub fn fresh(&mut self) -> String {
+        self.0.fresh()
+    }
+
+    /// `%vN = rhs`; `%vN`.
+    pub fn line(&mut self, rhs: impl AsRef<str>) -> String {
+        self.0.line(rhs.as_ref().to_string())
+    }
+
+    /// A statement without a result.
+    pub fn stmt(&mut self, s: impl AsRef<str>) {
+        let _ = writeln!(self.0.text, "        {}", s.as_ref());
+    }
+
+    pub fn i64(&mut self, c: u64) -> String {
+        self.line(format!("llvm.mlir.constant({c} : i64) : i64"))
+    }
+
+    pub fn i32(&mut self, c: u32) -> String {
+        self.line(format!("llvm.mlir.constant({c} : i32) : i32"))
+    }
+
+    pub fn f32(&mut self, c: f64) -> String {
+        self.line(format!("llvm.mlir.constant({} : f32) : f32", super::emit::float(c)))
+    }
+
+    /// `a <op> b` on i64 (`op` an LLVM dialect binary op: add, sub, mul, udiv, urem, or, xor,
+    /// lshr, and).
+    pub fn op(&mut self, op: &str, a: &str, b: &str) -> String {
+        self.line(format!("llvm.{op} {a}, {b} : i64"))
+    }
+
+    pub fn op_c(&mut self, op: &str, a: &str, c: u64) -> String {
+        let c = self.i64(c);
+        self.op(op, a, &c)
+    }
+
+    /// An index-valued `gpu` op (`gpu.thread_id x`, …) as i64.
+    pub fn index_i64(&mut self, rhs: &str) -> String {
+        let i = self.line(rhs);
+        self.line(format!("arith.index_cast {i} : index to i64"))
+    }
+
+    /// Inline PTX with side effects and no result.
+    pub fn asm(&mut self, text: &str, operands: &[(String, &str, &str)]) {
+        let constraints: Vec<String> = operands.iter().map(|(_, c, _)| c.to_string()).collect();
+        let call = Self::inline(text, &constraints, operands);
+        self.stmt(format!("{call}()"));
+    }
+
+    /// Inline PTX with side effects that updates f32 `values` in place (its results `$0..`,
+    /// "=f" tied to them as the next operands), then reads `operands`; the values after it.
+    pub fn asm_f32s(&mut self, text: &str, values: &[String], operands: &[(String, &str, &str)]) -> Vec<String> {
+        let count = values.len();
+        let mut constraints: Vec<String> = vec!["=f".into(); count];
+        constraints.extend((0..count).map(|i| i.to_string()));
+        constraints.extend(operands.iter().map(|(_, c, _)| c.to_string()));
+        let all: Vec<(String, &str, &str)> =
+            values.iter().map(|v| (v.clone(), "", "f32")).chain(operands.iter().cloned()).collect();
+        let call = Self::inline(text, &constraints, &all);
+        let s = self.line(format!("{call}{}", structure("f32", count)));
+        self.fields(&s, "f32", count)
+    }
+
+    /// Inline PTX with side effects and `count` fresh "=r" (i32) results, `$0..`.
+    pub fn asm_i32s(&mut self, text: &str, count: usize, operands: &[(String, &str, &str)]) -> Vec<String> {
+        let constraints: Vec<String> =
+            std::iter::repeat_n("=r", count).chain(operands.iter().map(|(_, c, _)| *c)).map(String::from).collect();
+        let call = Self::inline(text, &constraints, operands);
+        if count == 1 {
+            return vec![self.line(format!("{call}i32"))];
+        }
+        let s = self.line(format!("{call}{}", structure("i32", count)));
+        self.fields(&s, "i32", count)
+    }
+
+    /// Inline PTX with side effects and one "=r" (i32) result, `$0`.
+    pub fn asm_i32(&mut self, text: &str, operands: &[(String, &str, &str)]) -> String {
+        self.asm_i32s(text, 1, operands).remove(0)
+    }
+
+    /// Inline PTX with one "=f" (f32) result, `$0`.
+    pub fn asm_f32(&mut self, text: &str, operands: &[(String, &str, &str)]) -> String {
+        let constraints: Vec<String> =
+            std::iter::once("=f").chain(operands.iter().map(|(_, c, _)| *c)).map(String::from).collect();
+        let call = Self::inline(text, &constraints, operands);
+        self.line(format!("{call}f32"))
+    }
+
+    fn fields(&mut self, s: &str, ty: &str, count: usize) -> Vec<String> {
+        (0..count).map(|i| self.line(format!("llvm.extractvalue {s}[{i}] : {}", structure(ty, count)))).collect()
+    }
+
+    /// `llvm.inline_asm` up to its result type.
+    fn inline(text: &str, constraints: &[String], operands: &[(String, &str, &str)]) -> String {
+        let args: Vec<&str> = operands.iter().map(|(v, _, _)| v.as_str()).collect();
+        let types: Vec<&str> = operands.iter().map(|(_, _, t)| *t).collect();
+        format!(
+            r#"llvm.inline_asm has_side_effects asm_dialect = att "{text}", "{}" {} : ({}) -> "#,
+            constraints.join(","),
+            args.join(", "),
+            types.join(", ")
+        )
+    }
+}
+
+fn structure(ty: &str, count: usize) -> String {
+    format!("!llvm.struct<({})>", vec![ty; count].join(", "))
+}
+
+/// ptxas's report (`-v`) of `ptx` assembled for sm_90a, where `DSC_PTXAS` names ptxas (else
+/// None, saying so); fails the test when it does not assemble.
+#[cfg(test)]
+pub(super) fn assemble(ptx: &str) -> Option<String> {
+    let Some(ptxas) = std::env::var_os("DSC_PTXAS") else {
+        eprintln!("ptxas not run: set DSC_PTXAS (scripts/install-deps.sh installs it)");
+        return None;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("kernel.ptx");
+    std::fs::write(&source, ptx).expect("write");
+    let out = std::process::Command::new(ptxas)
+        .args(["-arch=sm_90a", "-v", "-o"])
+        .arg(dir.path().join("kernel.cubin"))
+        .arg(&source)
+        .output()
+        .expect("ptxas runs");
+    let report = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{report}");
+    Some(report)
+}
