@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""dsc's generated fused causal attention (compiler::mlir::attention, `attention_fwd_*.ptx`)
+"""dsc's generated fused causal attention (compiler::mlir::attention: `attention_fwd_*.ptx` and
+the backward's `attention_bwd_{dq,dk,dv}_*.ptx`)
 beside PyTorch's scaled_dot_product_attention on the same GPU, for MLA's head dims.
 
 The generated kernel reads Q, K [B, S, H, Dqk] and V [B, S, H, Dv] in f32 (the plan's
@@ -8,11 +9,14 @@ log-sum-exp [B, H, S]. SDPA gets the same values in BF16, [B, H, S, D] contiguou
 backend it has is timed and the fastest reported (the issue's "best backend it picks").
 
 Correctness first, on small shapes against float64 (the BF16-rounded inputs, exact softmax):
-relative error of O (Frobenius) for the kernel and for SDPA's fastest backend, and the largest
-error of the log-sum-exp; "ok" when the kernel's O error is at most twice SDPA's (both round P
-to BF16 before P·V) and its log-sum-exp within 1e-3.
+relative errors (Frobenius) of O, dQ, dK and dV for the kernels and for each SDPA backend (BF16
+autograd), and the largest error of the log-sum-exp; "ok" when each of the kernels' errors is at
+most twice the smallest of SDPA's (all round P and dS to BF16 before their products) and the
+log-sum-exp within 1e-3.
 
-FLOPs counted as causal attention is: 2·B·H·(S²/2)·(Dqk + Dv) for the forward.
+FLOPs counted as causal attention is: 2·B·H·(S²/2)·(Dqk + Dv) for the forward, 2·B·H·(S²/2)·
+(3·Dqk + 2·Dv) for the backward (its five products, the recomputed scores among them). SDPA's
+backward is timed as `out.backward(dO)` of one forward.
 
 Usage (GPU machine): python3 benches/attention.py PTX... [--out FILE]; one JSON line per result.
 """
@@ -32,24 +36,56 @@ BLOCK_ROWS = 64
 THREADS = 128
 
 
+def stride(width):
+    return 2 * width + 16
+
+
 class Generated:
-    def __init__(self, path):
+    """One head shape's generated kernels: the forward, and the backward's three passes
+    (dQ and D first, then dK, dV) where their PTX is given."""
+
+    def __init__(self, paths):
         import cupy
 
-        self.name = os.path.splitext(os.path.basename(path))[0]
-        self.qk, self.v = map(int, re.search(r"_qk(\d+)_v(\d+)$", self.name).groups())
-        self.shared = BLOCK_ROWS * (2 * (2 * self.qk + 16) + 2 * self.v + 16)
-        self.kernel = cupy.RawModule(path=path).get_function(self.name)
-        self.kernel.max_dynamic_shared_size_bytes = self.shared
+        self.shape = re.search(r"_(qk\d+_v\d+)\.ptx$", paths[0]).group(1)
+        self.qk, self.v = map(int, re.search(r"qk(\d+)_v(\d+)", self.shape).groups())
+        self.name = f"attention_{self.shape}"
+        self.kernels = {}
+        for path in paths:
+            name = os.path.splitext(os.path.basename(path))[0]
+            kernel = cupy.RawModule(path=path).get_function(name)
+            kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
+            shared = BLOCK_ROWS * (2 * stride(self.qk) + stride(self.v)) if kind == "fwd" else \
+                BLOCK_ROWS * 2 * (stride(self.qk) + stride(self.v))
+            kernel.max_dynamic_shared_size_bytes = shared
+            self.kernels[kind] = (kernel, shared)
+        self.backward = all(k in self.kernels for k in ("dq", "dk", "dv"))
 
-    def prepare(self, q, k, v, scale):
+    def launch(self, kind, grid, args):
+        kernel, shared = self.kernels[kind]
+        kernel(grid, (THREADS, 1, 1), args, shared_mem=shared)
+
+    def forward(self, q, k, v, scale):
         b, s, h, _ = q.shape
         o = torch.full((b, s, h, self.v), float("nan"), device="cuda")
         lse = torch.full((b, h, s), float("nan"), device="cuda")
         args = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (
             np.uint32(s), np.uint32(h), np.float32(scale))
+        return o, lse, lambda: self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
+
+    def grads(self, q, k, v, o, do, lse, scale):
+        b, s, h, _ = q.shape
+        delta = torch.full((b, h, s), float("nan"), device="cuda")
+        grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
         grid = (s // BLOCK_ROWS, b * h, 1)
-        return o, lse, lambda: self.kernel(grid, (THREADS, 1, 1), args, shared_mem=self.shared)
+        common = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, do, lse, delta))
+        tail = (np.uint32(s), np.uint32(h), np.float32(scale))
+
+        def run():
+            for kind, grad in zip(("dq", "dk", "dv"), grads):
+                self.launch(kind, grid, common + (np.uint64(grad.data_ptr()),) + tail)
+
+        return grads, run
 
 
 def bf16(x):
@@ -58,7 +94,7 @@ def bf16(x):
 
 def reference(q, k, v, scale):
     """float64 causal attention of [B, S, H, D] inputs: O [B, S, H, Dv], LSE [B, H, S]."""
-    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     s = q.shape[2]
     scores = (q @ k.transpose(-1, -2)) * scale
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=q.device), 1)
@@ -92,7 +128,7 @@ def sdpa(backend, q, k, v, scale):
     return call
 
 
-def timed(f, reps=10):
+def timed(f, reps=5):
     f()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -114,28 +150,51 @@ def inputs(b, s, h, g, seed):
     return q, k, v
 
 
+def rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
 def check(g, emit):
     ok = True
     for b, s, h in [(2, 256, 3), (1, 1024, 2)]:
         q, k, v = inputs(b, s, h, g, seed=s)
+        do = torch.randn(b, s, h, g.v, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7))
         scale = 1 / math.sqrt(g.qk)
-        ref_o, ref_lse = reference(bf16(q), bf16(k), bf16(v), scale)
-        o, lse, run = g.prepare(q, k, v, scale)
+        exact = [bf16(x).double().requires_grad_() for x in (q, k, v)]
+        ref_o, ref_lse = reference(*exact, scale)
+        ref_o.backward(do.double())
+        o, lse, run = g.forward(q, k, v, scale)
         run()
         torch.cuda.synchronize()
-        err = ((o.double() - ref_o).norm() / ref_o.norm()).item()
-        lse_err = (lse.double() - ref_lse).abs().max().item()
+        row = {"impl": g.name, "check": True, "b": b, "s": s, "h": h, "o_rel_error": rel(o, ref_o.detach()),
+               "lse_max_error": (lse.double() - ref_lse.detach()).abs().max().item()}
+        if g.backward:
+            grads, run = g.grads(q, k, v, o, do, lse, scale)
+            run()
+            torch.cuda.synchronize()
+            for name, grad, x in zip(("dq", "dk", "dv"), grads, exact):
+                row[f"{name}_rel_error"] = rel(grad, x.grad)
         sdpa_err = {}
         for name in BACKENDS:
-            call = sdpa(name, q, k, v, scale)
-            if call:
-                out = call().float().transpose(1, 2)
-                sdpa_err[name] = ((out.double() - ref_o).norm() / ref_o.norm()).item()
-        best = min(sdpa_err.values())
-        right = err <= 2 * best and lse_err <= 1e-3
+            qh, kh, vh = (x.to(torch.bfloat16).transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+            try:
+                with sdpa_kernel([BACKENDS[name]]):
+                    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+                out.backward(do.to(torch.bfloat16).transpose(1, 2))
+            except RuntimeError:
+                continue
+            errs = {"o": rel(out.float().transpose(1, 2), ref_o.detach())}
+            for gname, x, e in zip(("dq", "dk", "dv"), (qh, kh, vh), exact):
+                errs[gname] = rel(x.grad.float().transpose(1, 2), e.grad)
+            sdpa_err[name] = errs
+        row["sdpa_rel_error"] = sdpa_err
+        right = row["lse_max_error"] <= 1e-3
+        for key in ("o", "dq", "dk", "dv"):
+            if f"{key}_rel_error" in row:
+                right &= row[f"{key}_rel_error"] <= 2 * min(e[key] for e in sdpa_err.values())
+        row["ok"] = right
         ok &= right
-        emit({"impl": g.name, "check": True, "b": b, "s": s, "h": h, "ok": right, "rel_error": err,
-              "lse_max_error": lse_err, "sdpa_rel_error": sdpa_err})
+        emit(row)
     return ok
 
 
@@ -143,12 +202,20 @@ def bench(g, emit):
     for s, h in [(4096, 16), (4096, 128), (32768, 16), (32768, 128)]:
         b = max(1, 32768 // s)
         q, k, v = inputs(b, s, h, g, seed=1)
+        do = torch.randn(b, s, h, g.v, device="cuda")
         scale = 1 / math.sqrt(g.qk)
-        flops = 2 * b * h * (s * s / 2) * (g.qk + g.v)
-        o, lse, run = g.prepare(q, k, v, scale)
+        forward_flops = 2 * b * h * (s * s / 2) * (g.qk + g.v)
+        # The backward's five products: S recomputed, dP, dV, dK, dQ.
+        backward_flops = 2 * b * h * (s * s / 2) * (3 * g.qk + 2 * g.v)
+        o, lse, run = g.forward(q, k, v, scale)
         us = timed(run)
-        row = {"impl": g.name, "b": b, "s": s, "h": h, "us": round(us, 1), "tflops": round(flops / us / 1e6)}
-        best = None
+        row = {"impl": g.name, "b": b, "s": s, "h": h, "fwd_us": round(us, 1),
+               "fwd_tflops": round(forward_flops / us / 1e6)}
+        if g.backward:
+            _, run_back = g.grads(q, k, v, o, do, lse, scale)
+            back = timed(run_back)
+            row.update(bwd_us=round(back, 1), bwd_tflops=round(backward_flops / back / 1e6))
+        best = {}
         for name in BACKENDS:
             if name == "math":  # never the fastest; its S×S scores do not fit at these sizes
                 continue
@@ -156,13 +223,29 @@ def bench(g, emit):
             if call is None:
                 continue
             t = timed(call)
-            emit({"impl": f"sdpa {name}", "b": b, "s": s, "h": h, "us": round(t, 1), "tflops": round(flops / t / 1e6)})
-            best = min(best or t, t)
-        if best:
-            row["vs_sdpa_best"] = round(best / us, 3)
+            result = {"impl": f"sdpa {name}", "b": b, "s": s, "h": h, "fwd_us": round(t, 1),
+                      "fwd_tflops": round(forward_flops / t / 1e6)}
+            best["fwd"] = min(best.get("fwd", t), t)
+            with sdpa_kernel([BACKENDS[name]]):
+                out = call_with_grad(q, k, v, scale)
+                dout = do.to(torch.bfloat16).transpose(1, 2).contiguous()
+                t = timed(lambda: out.backward(dout, retain_graph=True))
+            result.update(bwd_us=round(t, 1), bwd_tflops=round(backward_flops / t / 1e6))
+            best["bwd"] = min(best.get("bwd", t), t)
+            emit(result)
+            del out
+        if "fwd" in best:
+            row["fwd_vs_sdpa_best"] = round(best["fwd"] / us, 3)
+        if "bwd" in best and "bwd_us" in row:
+            row["bwd_vs_sdpa_best"] = round(best["bwd"] / row["bwd_us"], 3)
         emit(row)
-        del q, k, v, o, lse
+        del q, k, v, o, lse, do
         torch.cuda.empty_cache()
+
+
+def call_with_grad(q, k, v, scale):
+    qh, kh, vh = (x.to(torch.bfloat16).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
 
 
 def main():
@@ -181,8 +264,11 @@ def main():
 
     emit({"torch": torch.__version__, "gpu": torch.cuda.get_device_name()})
     ok = True
+    shapes = {}
     for path in args.ptx:
-        g = Generated(path)
+        shapes.setdefault(re.search(r"_(qk\d+_v\d+)\.ptx$", path).group(1), []).append(path)
+    for paths in shapes.values():
+        g = Generated(paths)
         if check(g, emit):
             bench(g, emit)
         else:

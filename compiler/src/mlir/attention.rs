@@ -37,6 +37,13 @@ impl Heads {
         u64::from(width) * 2 + 16
     }
 
+    /// Dynamic shared memory a backward block needs: its rows' and a column block's tiles of
+    /// both widths.
+    pub fn backward_shared_bytes(self) -> u32 {
+        let rows = u64::from(BLOCK_ROWS);
+        (rows * 2 * (Self::stride(self.qk) + Self::stride(self.v))) as u32
+    }
+
     /// Dynamic shared memory a block needs: Q, K and V tiles.
     pub fn shared_bytes(self) -> u32 {
         let rows = u64::from(BLOCK_ROWS);
@@ -57,6 +64,338 @@ impl Heads {
     }
 }
 
+/// Where a block is: its threads' places, the (batch, head) it works on and the element
+/// offsets of that head's first row in Q/K (`qk_at`) and V/O (`v_at`) and between rows, and
+/// the constants every kernel uses.
+struct Block {
+    tid: String,
+    lane: String,
+    quad_col: String,
+    /// This warp's first row in the block (16 per warp).
+    warp_row: String,
+    /// The thread's two rows in the block: the warp's 16, lane / 4 and lane / 4 + 8.
+    my_rows: [String; 2],
+    seq: String,
+    /// batch · H + head: the blocks' y.
+    bh: String,
+    qk_at: String,
+    v_at: String,
+    qk_row: String,
+    v_row: String,
+    zero: String,
+    minus_inf: String,
+    /// The softmax scale times log₂e: scores to base-2 logits.
+    log2_scale: String,
+    log2e: String,
+    /// Shared memory's first byte (i64).
+    smem: String,
+}
+
+impl Block {
+    fn new(g: &mut Lines, heads: Heads) -> Self {
+        let log2e = g.f32(std::f64::consts::LOG2_E);
+        let log2_scale = g.line(format!("llvm.fmul %scale, {log2e} : f32"));
+        let zero = g.f32(0.0);
+        let minus_inf = g.line("llvm.mlir.constant(0xFF800000 : f32) : f32");
+        let tid = g.index_i64("gpu.thread_id x");
+        let warp = g.op_c("udiv", &tid, 32);
+        let lane = g.op_c("urem", &tid, 32);
+        let quad_row = g.op_c("udiv", &lane, 4);
+        let quad_col = g.op_c("urem", &lane, 4);
+        let warp_row = g.op_c("mul", &warp, 16);
+        let row = g.op("add", &warp_row, &quad_row);
+        let my_rows = [row.clone(), g.op_c("add", &row, 8)];
+        let [seq, nheads] = ["%seq", "%heads"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
+        let bh = g.index_i64("gpu.block_id y");
+        let batch = g.op("udiv", &bh, &nheads);
+        let head = g.op("urem", &bh, &nheads);
+        let token0 = g.op("mul", &batch, &seq);
+        let first_row = g.op("mul", &token0, &nheads);
+        let first_row = g.op("add", &first_row, &head);
+        let [qk_at, v_at] = [heads.qk, heads.v].map(|w| g.op_c("mul", &first_row, w.into()));
+        let [qk_row, v_row] = [heads.qk, heads.v].map(|w| g.op_c("mul", &nheads, w.into()));
+        let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
+        let smem = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
+        Block {
+            tid,
+            lane,
+            quad_col,
+            warp_row,
+            my_rows,
+            seq,
+            bh,
+            qk_at,
+            v_at,
+            qk_row,
+            v_row,
+            zero,
+            minus_inf,
+            log2_scale,
+            log2e,
+            smem,
+        }
+    }
+
+    /// The element offset of the head's first row of a tensor of `layout`, between its rows,
+    /// and its width.
+    fn place(&self, layout: Layout, heads: Heads) -> (&str, &str, u32) {
+        match layout {
+            Layout::Qk => (&self.qk_at, &self.qk_row, heads.qk),
+            Layout::V => (&self.v_at, &self.v_row, heads.v),
+        }
+    }
+
+    /// Stages the 64 rows from `row0` of tensor `src` (of `layout`) at byte `at` of shared
+    /// memory.
+    fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str) {
+        let (first, row, width) = self.place(layout, heads);
+        stage(g, src, first, row, row0, width, at, Heads::stride(width), &self.tid);
+    }
+
+    /// This lane's row address for `ldmatrix` of the A fragments of the warp's 16 rows of a
+    /// tile at `tile` (rows `stride` bytes apart): rows lane mod 16, columns 8·(lane / 16).
+    fn a_lane(&self, g: &mut Lines, tile: &str, stride: u64) -> String {
+        let row = g.op_c("urem", &self.lane, 16);
+        let row = g.op("add", &self.warp_row, &row);
+        let col = g.op_c("udiv", &self.lane, 16);
+        lane_at(g, tile, &row, stride, &col)
+    }
+
+    /// …of B fragments of a tile whose rows are the product's columns (`ldmatrix` as stored):
+    /// rows lane mod 8 + 8·(lane / 16), columns 8·(lane / 8 mod 2): two tiles of 8 columns.
+    fn b_lane(&self, g: &mut Lines, tile: &str, stride: u64) -> String {
+        let row = g.op_c("urem", &self.lane, 8);
+        let upper = g.op_c("udiv", &self.lane, 16);
+        let upper = g.op_c("mul", &upper, 8);
+        let row = g.op("add", &row, &upper);
+        let col = g.op_c("udiv", &self.lane, 8);
+        let col = g.op_c("urem", &col, 2);
+        lane_at(g, tile, &row, stride, &col)
+    }
+
+    /// …of B fragments of a tile whose rows run along the product's K (`ldmatrix.trans`):
+    /// rows lane mod 8 + 8·(lane / 8 mod 2), columns 8·(lane / 16).
+    fn bt_lane(&self, g: &mut Lines, tile: &str, stride: u64) -> String {
+        let row = g.op_c("urem", &self.lane, 8);
+        let second = g.op_c("udiv", &self.lane, 8);
+        let second = g.op_c("urem", &second, 2);
+        let second = g.op_c("mul", &second, 8);
+        let row = g.op("add", &row, &second);
+        let col = g.op_c("udiv", &self.lane, 16);
+        lane_at(g, tile, &row, stride, &col)
+    }
+
+    /// The warp's 16 × 64 products of its rows of one staged tile (`a`, A lane address) with
+    /// the 64 rows of another (`b`, B lane address, rows `b_stride` apart), over `width`: 8
+    /// tiles of 8 columns, 4 values each (rows g, g + 8; columns 2t, 2t + 1).
+    fn products(&self, g: &mut Lines, a: &str, b: &str, width: u32, b_stride: u64) -> Vec<Vec<String>> {
+        let mut tiles = vec![vec![self.zero.clone(); 4]; 8];
+        for kk in 0..u64::from(width / 16) {
+            let a_at = g.op_c("add", a, kk * 32);
+            let a = ldmatrix(g, &a_at, false);
+            for pair in 0..4u64 {
+                let b_at = g.op_c("add", b, pair * 16 * b_stride + kk * 32);
+                let b = ldmatrix(g, &b_at, false);
+                for half in 0..2 {
+                    let n = 2 * pair as usize + half;
+                    tiles[n] = mma(g, &tiles[n], &a, &b[2 * half..2 * half + 2]);
+                }
+            }
+        }
+        tiles
+    }
+
+    /// `acc` (16 rows × `width`: per 8 columns 4 values) += `p` (the warp's 16 × 64, as
+    /// [`Block::products`] gives them, rounded to BF16) times a staged 64-row tile (`t`, its
+    /// transposed-B lane address, rows `stride` apart).
+    fn accumulate(&self, g: &mut Lines, acc: &mut [String], p: &[Vec<String>], t: &str, width: u32, stride: u64) {
+        for kk in 0..4usize {
+            let (t0, t1) = (&p[2 * kk], &p[2 * kk + 1]);
+            let a =
+                [pack(g, &t0[0], &t0[1]), pack(g, &t0[2], &t0[3]), pack(g, &t1[0], &t1[1]), pack(g, &t1[2], &t1[3])];
+            for pair in 0..(width / 16) as usize {
+                let at = g.op_c("add", t, (kk as u64) * 16 * stride + pair as u64 * 32);
+                let b = ldmatrix(g, &at, true);
+                for half in 0..2 {
+                    let n = 2 * pair + half;
+                    let out = mma(g, &acc[4 * n..4 * n + 4], &a, &b[2 * half..2 * half + 2]);
+                    acc[4 * n..4 * n + 4].clone_from_slice(&out);
+                }
+            }
+        }
+    }
+
+    /// Base-2 logits of `scores`, minus `shift` per value, −∞ where `masked(column, row)` on the
+    /// diagonal block (`diagonal`, i1); columns are 8n + 2t + {0, 1}, rows the thread's two.
+    fn logits(
+        &self,
+        g: &mut Lines,
+        scores: &mut [Vec<String>],
+        diagonal: &str,
+        keep: Order,
+        shift: impl Fn(&mut Lines, usize, usize) -> Option<String>,
+    ) {
+        let col = g.op_c("mul", &self.quad_col, 2);
+        for (n, tile) in scores.iter_mut().enumerate() {
+            for (e, x) in tile.iter_mut().enumerate() {
+                let mut y = g.line(format!("llvm.fmul {x}, {} : f32", self.log2_scale));
+                if let Some(shift) = shift(g, n, e) {
+                    y = g.line(format!("llvm.fsub {y}, {shift} : f32"));
+                }
+                let column = g.op_c("add", &col, (8 * n + e % 2) as u64);
+                let row = &self.my_rows[e / 2];
+                let outside = match keep {
+                    Order::ColumnsUpToRow => g.line(format!("llvm.icmp \"ugt\" {column}, {row} : i64")),
+                    Order::ColumnsFromRow => g.line(format!("llvm.icmp \"ult\" {column}, {row} : i64")),
+                };
+                let masked = g.line(format!("llvm.and {diagonal}, {outside} : i1"));
+                *x = g.line(format!("llvm.select {masked}, {}, {y} : i1, f32", self.minus_inf));
+            }
+        }
+    }
+
+    /// Stores `acc` (the warp's 16 rows, times `factor`) at rows `row0 + r` of `dst` (of
+    /// `layout`).
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        g: &mut Lines,
+        dst: &str,
+        layout: Layout,
+        heads: Heads,
+        acc: &[String],
+        row0: &str,
+        factor: Option<&str>,
+    ) {
+        let (first, row_elems, width) = self.place(layout, heads);
+        let col = g.op_c("mul", &self.quad_col, 2);
+        for (r, my_row) in self.my_rows.iter().enumerate() {
+            let row = g.op("add", row0, my_row);
+            let at = g.op("mul", &row, row_elems);
+            let at = g.op("add", &at, first);
+            let at = g.op("add", &at, &col);
+            for n in 0..(width / 8) as usize {
+                let values = [0, 1].map(|e| {
+                    let x = &acc[4 * n + 2 * r + e];
+                    match factor {
+                        Some(f) => g.line(format!("llvm.fmul {x}, {f} : f32")),
+                        None => x.clone(),
+                    }
+                });
+                let at = g.op_c("add", &at, 8 * n as u64);
+                let p = g.line(format!("llvm.getelementptr {dst}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+                let pair = g.line("llvm.mlir.poison : vector<2xf32>");
+                let [first, second] = [g.i32(0), g.i32(1)];
+                let pair = g.line(format!("llvm.insertelement {}, {pair}[{first} : i32] : vector<2xf32>", values[0]));
+                let pair = g.line(format!("llvm.insertelement {}, {pair}[{second} : i32] : vector<2xf32>", values[1]));
+                g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+            }
+        }
+    }
+
+    /// The log-sum-exp of row `row0 + row`, base 2.
+    fn base2_lse(&self, g: &mut Lines, row0: &str, row: &str) -> String {
+        let lse = self.row_value(g, "%lse", row0, row);
+        g.line(format!("llvm.fmul {lse}, {} : f32", self.log2e))
+    }
+
+    /// D = Σ dO ∘ O of the thread's row `row0 + row` (a quarter of the columns from each
+    /// thread of the quad, summed over it), written to `%delta` by the quad's first thread.
+    fn delta(&self, g: &mut Lines, heads: Heads, row0: &str, row: &str) -> String {
+        let at = g.op("add", row0, row);
+        let at = g.op("mul", &at, &self.v_row);
+        let at = g.op("add", &at, &self.v_at);
+        let quarter = u64::from(heads.v / 4);
+        let from = g.op_c("mul", &self.quad_col, quarter);
+        let at = g.op("add", &at, &from);
+        let mut sum = self.zero.clone();
+        for i in 0..quarter / 4 {
+            let at = g.op_c("add", &at, 4 * i);
+            let [o, d] = ["%o", "%do"].map(|src| {
+                let p = g.line(format!("llvm.getelementptr {src}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+                g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xf32>"))
+            });
+            let product = g.line(format!("llvm.fmul {o}, {d} : vector<4xf32>"));
+            for k in 0..4 {
+                let k = g.i32(k);
+                let x = g.line(format!("llvm.extractelement {product}[{k} : i32] : vector<4xf32>"));
+                sum = g.line(format!("llvm.fadd {sum}, {x} : f32"));
+            }
+        }
+        let sum = quad_reduce(g, &sum, Combine::Add);
+        let zero = g.i64(0);
+        let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", self.quad_col));
+        g.stmt(format!("scf.if {leads} {{"));
+        let at = g.op("mul", &self.bh, &self.seq);
+        let at = g.op("add", &at, row0);
+        let at = g.op("add", &at, row);
+        let p = g.line(format!("llvm.getelementptr %delta[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+        g.stmt(format!("llvm.store {sum}, {p} : f32, !llvm.ptr<1>"));
+        g.stmt("}");
+        sum
+    }
+
+    /// A per-row f32 of [B, H, S] (`lse`, `delta`) at the block's row `row0 + row` (i64).
+    fn row_value(&self, g: &mut Lines, src: &str, row0: &str, row: &str) -> String {
+        let at = g.op("mul", &self.bh, &self.seq);
+        let at = g.op("add", &at, row0);
+        let at = g.op("add", &at, row);
+        let p = g.line(format!("llvm.getelementptr {src}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+        g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
+    }
+}
+
+/// Q and K ([B, S, H, Dqk]; dQ, dK) or V and O ([B, S, H, Dv]; dO, dV).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Qk,
+    V,
+}
+
+/// Which columns of the diagonal block a row keeps: the forward's and the query pass's rows
+/// are queries (keys up to the row), the key passes' rows are keys (queries from the row).
+#[derive(Clone, Copy)]
+enum Order {
+    ColumnsUpToRow,
+    ColumnsFromRow,
+}
+
+/// `tile + row·stride + 16·col8` (bytes).
+fn lane_at(g: &mut Lines, tile: &str, row: &str, stride: u64, col8: &str) -> String {
+    let at = g.op_c("mul", row, stride);
+    let col = g.op_c("mul", col8, 16);
+    let at = g.op("add", &at, &col);
+    g.op("add", &at, tile)
+}
+
+/// Opens `scf.for` over the column blocks `lower..upper` (i64) carrying `carried` f32 values
+/// named `%{prefix}{i}` from `initial`; the block index (i64) and the results' name.
+fn column_loop(g: &mut Lines, lower: &str, upper: &str, initial: &[String], prefix: &str) -> (String, String) {
+    let [lower, upper, step] = [lower.to_string(), upper.to_string(), g.i64(1)]
+        .map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
+    let (index, results) = (g.fresh(), g.fresh());
+    let iter_args: Vec<String> = initial.iter().enumerate().map(|(i, x)| format!("%{prefix}{i} = {x}")).collect();
+    g.stmt(format!(
+        "{results}:{} = scf.for {index} = {lower} to {upper} step {step} iter_args({}) -> ({}) {{",
+        initial.len(),
+        iter_args.join(", "),
+        vec!["f32"; initial.len()].join(", ")
+    ));
+    let j = g.line(format!("arith.index_cast {index} : index to i64"));
+    (j, results)
+}
+
+/// The module of kernel `name` with arguments `args` and `body`.
+fn module(name: &str, args: &str, body: &str) -> String {
+    format!(
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
+         llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 16 : i64}} : !llvm.array<0 x i8>\n    \
+         gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{\n\
+         {body}      gpu.return\n    }}\n  }}\n}}\n",
+        target = super::emit::TARGET,
+    )
+}
+
 /// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / 64, B·H),
 /// [`THREADS`] threads, [`Heads::shared_bytes`] of dynamic shared memory; arguments Q, K, V,
 /// O, LSE (pointers), S, H (u32; S a multiple of 64) and the softmax scale (f32).
@@ -64,141 +403,54 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let heads = heads.check().expect("valid head dims");
     let (qk_stride, v_stride) = (Heads::stride(heads.qk), Heads::stride(heads.v));
     let mut g = Lines::new();
-    let log2e = g.f32(std::f64::consts::LOG2_E);
-    let tid = g.index_i64("gpu.thread_id x");
-    let warp = g.op_c("udiv", &tid, 32);
-    let lane = g.op_c("urem", &tid, 32);
-    let quad_row = g.op_c("udiv", &lane, 4);
-    let quad_col = g.op_c("urem", &lane, 4);
-    let [seq, nheads] = ["%seq", "%heads"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
+    let b = Block::new(&mut g, heads);
     // The heaviest blocks (most keys) first.
     let blocks = g.index_i64("gpu.grid_dim x");
     let block = g.index_i64("gpu.block_id x");
     let last = g.op_c("sub", &blocks, 1);
     let q_block = g.op("sub", &last, &block);
     let q0 = g.op_c("mul", &q_block, BLOCK_ROWS.into());
-    let bh = g.index_i64("gpu.block_id y");
-    let batch = g.op("udiv", &bh, &nheads);
-    let head = g.op("urem", &bh, &nheads);
-    // Element offsets of (batch, head)'s first row in Q/K and in V/O, and between rows.
-    let token0 = g.op("mul", &batch, &seq);
-    let first_row = g.op("mul", &token0, &nheads);
-    let first_row = g.op("add", &first_row, &head);
-    let [qk_at, v_at] = [heads.qk, heads.v].map(|w| g.op_c("mul", &first_row, w.into()));
-    let [qk_row, v_row] = [heads.qk, heads.v].map(|w| g.op_c("mul", &nheads, w.into()));
-
-    let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
-    let sq = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
     let rows = u64::from(BLOCK_ROWS);
+    let sq = b.smem.clone();
     let sk = g.op_c("add", &sq, rows * qk_stride);
     let sv = g.op_c("add", &sk, rows * qk_stride);
-
-    // Q's 64 rows; this lane's row of this warp's A fragments (16 of Dqk at a time), read from
-    // shared memory at each key block (kept in registers they would spill).
-    stage(&mut g, "%q", &qk_at, &qk_row, &q0, heads.qk, &sq, qk_stride, &tid);
-    let warp_row = g.op_c("mul", &warp, 16);
-    let q_lane_at = {
-        let row = g.op_c("urem", &lane, 16);
-        let row = g.op("add", &warp_row, &row);
-        let col = g.op_c("udiv", &lane, 16);
-        let col = g.op_c("mul", &col, 16);
-        let at = g.op_c("mul", &row, qk_stride);
-        let at = g.op("add", &at, &col);
-        g.op("add", &at, &sq)
-    };
-
-    // The thread's two rows within the block.
-    let my_rows = {
-        let r = g.op("add", &warp_row, &quad_row);
-        [r.clone(), g.op_c("add", &r, 8)]
-    };
+    // Q's 64 rows, their A fragments read at each key block (kept in registers they spill).
+    b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq);
+    let q_lane = b.a_lane(&mut g, &sq, qk_stride);
+    let k_lane = b.b_lane(&mut g, &sk, qk_stride);
+    let v_lane = b.bt_lane(&mut g, &sv, v_stride);
     // The key blocks up to the diagonal, carrying the output accumulators (16 rows × Dv per
-    // warp: per 8 columns, rows g and g + 8, two columns each) and each of the thread's two
-    // rows' running maximum and sum.
+    // warp) and each of the thread's two rows' running maximum and sum.
     let o_count = (heads.v / 8 * 4) as usize;
-    let zero = g.f32(0.0);
-    let minus_inf = g.line("llvm.mlir.constant(0xFF800000 : f32) : f32");
-    let mut iter_args: Vec<String> = (0..o_count).map(|i| format!("%o{i} = {zero}")).collect();
-    iter_args.extend([
-        format!("%m0 = {minus_inf}"),
-        format!("%m1 = {minus_inf}"),
-        format!("%l0 = {zero}"),
-        format!("%l1 = {zero}"),
-    ]);
-    let carried = o_count + 4;
-    let f32s = vec!["f32"; carried].join(", ");
-    let [lower, upper, step] = {
-        let upper = g.op_c("add", &q_block, 1);
-        [g.i64(0), upper, g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")))
-    };
-    g.stmt(format!(
-        "%state:{carried} = scf.for %key_block = {lower} to {upper} step {step} iter_args({}) -> ({f32s}) {{",
-        iter_args.join(", ")
-    ));
-    let j = g.line("arith.index_cast %key_block : index to i64");
+    let mut initial = vec![b.zero.clone(); o_count];
+    initial.extend([b.minus_inf.clone(), b.minus_inf.clone(), b.zero.clone(), b.zero.clone()]);
+    let zero64 = g.i64(0);
+    let upper = g.op_c("add", &q_block, 1);
+    let (j, state) = column_loop(&mut g, &zero64, &upper, &initial, "f");
+    let carried = |i: usize| format!("%f{i}");
     let k0 = g.op_c("mul", &j, BLOCK_ROWS.into());
     // The last block's K and V are read: stage this block's.
     g.stmt("gpu.barrier");
-    stage(&mut g, "%k", &qk_at, &qk_row, &k0, heads.qk, &sk, qk_stride, &tid);
-    stage(&mut g, "%v", &v_at, &v_row, &k0, heads.v, &sv, v_stride, &tid);
+    b.stage(&mut g, "%k", Layout::Qk, heads, &k0, &sk);
+    b.stage(&mut g, "%v", Layout::V, heads, &k0, &sv);
     g.stmt("gpu.barrier");
-
-    // Scores: 8 tiles of 8 keys, each the sum over Dqk of Q's fragments times K's.
-    let mut scores: Vec<Vec<String>> = vec![vec![zero.clone(); 4]; 8];
-    {
-        let key = g.op_c("urem", &lane, 8);
-        let upper_half = g.op_c("udiv", &lane, 16);
-        let upper_half = g.op_c("mul", &upper_half, 8);
-        let key = g.op("add", &key, &upper_half);
-        let col = g.op_c("udiv", &lane, 8);
-        let col = g.op_c("urem", &col, 2);
-        let col = g.op_c("mul", &col, 16);
-        let at = g.op_c("mul", &key, qk_stride);
-        let at = g.op("add", &at, &col);
-        let at = g.op("add", &at, &sk);
-        for kk in 0..heads.qk / 16 {
-            let q_at = g.op_c("add", &q_lane_at, u64::from(kk) * 32);
-            let a = ldmatrix(&mut g, &q_at, false);
-            for pair in 0..4u64 {
-                let at = g.op_c("add", &at, pair * 16 * qk_stride + u64::from(kk) * 32);
-                let b = ldmatrix(&mut g, &at, false);
-                for half in 0..2 {
-                    let n = 2 * pair as usize + half;
-                    scores[n] = mma(&mut g, &scores[n], &a, &b[2 * half..2 * half + 2]);
-                }
-            }
-        }
-    }
-    // Base-2 logits; on the diagonal block, keys after the query masked out.
-    let log2_scale = g.line(format!("llvm.fmul %scale, {log2e} : f32"));
+    let mut scores = b.products(&mut g, &q_lane, &k_lane, heads.qk, qk_stride);
     let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {q_block} : i64"));
-    let key_col = g.op_c("mul", &quad_col, 2);
-    for (n, tile) in scores.iter_mut().enumerate() {
-        for (e, x) in tile.iter_mut().enumerate() {
-            let scaled = g.line(format!("llvm.fmul {x}, {log2_scale} : f32"));
-            let key = g.op_c("add", &key_col, (8 * n + e % 2) as u64);
-            let after = g.line(format!("llvm.icmp \"ugt\" {key}, {} : i64", my_rows[e / 2]));
-            let masked = g.line(format!("llvm.and {diagonal}, {after} : i1"));
-            *x = g.line(format!("llvm.select {masked}, {minus_inf}, {scaled} : i1, f32"));
-        }
-    }
+    b.logits(&mut g, &mut scores, &diagonal, Order::ColumnsUpToRow, |_, _, _| None);
     // Per row: the new maximum (over the quad's four threads), the correction of the old sum
     // and output, the probabilities and their sum.
     let mut alphas = Vec::new();
     let mut news = Vec::new();
-    let mut sums = Vec::new();
     for r in 0..2 {
-        let mut max =
-            g.line(format!("llvm.intr.maxnum({}, {}) : (f32, f32) -> f32", scores[0][2 * r], scores[0][2 * r + 1]));
-        for tile in &scores[1..] {
+        let mut max = carried(o_count + r);
+        for tile in &scores {
             for e in 0..2 {
                 max = g.line(format!("llvm.intr.maxnum({max}, {}) : (f32, f32) -> f32", tile[2 * r + e]));
             }
         }
-        let max = quad_reduce(&mut g, &max, Combine::Max);
-        let new = g.line(format!("llvm.intr.maxnum(%m{r}, {max}) : (f32, f32) -> f32"));
+        let new = quad_reduce(&mut g, &max, Combine::Max);
         // Old maximum −∞ (no key yet): the difference is −∞ and 2^−∞ = 0.
-        let drop = g.line(format!("llvm.fsub %m{r}, {new} : f32"));
+        let drop = g.line(format!("llvm.fsub {}, {new} : f32", carried(o_count + r)));
         alphas.push(exp2(&mut g, &drop));
         news.push(new);
     }
@@ -208,8 +460,9 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
             *x = exp2(&mut g, &d);
         }
     }
-    for r in 0..2 {
-        let mut sum = g.line(format!("llvm.fmul %l{r}, {} : f32", alphas[r]));
+    let mut sums = Vec::new();
+    for (r, alpha) in alphas.iter().enumerate() {
+        let mut sum = g.line(format!("llvm.fmul {}, {alpha} : f32", carried(o_count + 2 + r)));
         for tile in &scores {
             for e in 0..2 {
                 sum = g.line(format!("llvm.fadd {sum}, {} : f32", tile[2 * r + e]));
@@ -218,90 +471,188 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
         sums.push(sum);
     }
     let mut o: Vec<String> =
-        (0..o_count).map(|i| g.line(format!("llvm.fmul %o{i}, {} : f32", alphas[(i % 4) / 2]))).collect();
-    // O += P·V: P's score tiles become A fragments (keys 16kk.. as two tiles of 8), V's
-    // transposed 8×8 matrices the B fragments.
-    {
-        let key = g.op_c("urem", &lane, 8);
-        let second = g.op_c("udiv", &lane, 8);
-        let second = g.op_c("urem", &second, 2);
-        let second = g.op_c("mul", &second, 8);
-        let key = g.op("add", &key, &second);
-        let col = g.op_c("udiv", &lane, 16);
-        let col = g.op_c("mul", &col, 16);
-        let at = g.op_c("mul", &key, v_stride);
-        let at = g.op("add", &at, &col);
-        let at = g.op("add", &at, &sv);
-        for kk in 0..4usize {
-            let (t0, t1) = (&scores[2 * kk], &scores[2 * kk + 1]);
-            let a = [
-                pack(&mut g, &t0[0], &t0[1]),
-                pack(&mut g, &t0[2], &t0[3]),
-                pack(&mut g, &t1[0], &t1[1]),
-                pack(&mut g, &t1[2], &t1[3]),
-            ];
-            for pair in 0..(heads.v / 16) as usize {
-                let at = g.op_c("add", &at, (kk as u64) * 16 * v_stride + pair as u64 * 32);
-                let b = ldmatrix(&mut g, &at, true);
-                for half in 0..2 {
-                    let n = 2 * pair + half;
-                    let acc = o[4 * n..4 * n + 4].to_vec();
-                    let out = mma(&mut g, &acc, &a, &b[2 * half..2 * half + 2]);
-                    o.splice(4 * n..4 * n + 4, out);
-                }
-            }
-        }
-    }
+        (0..o_count).map(|i| g.line(format!("llvm.fmul {}, {} : f32", carried(i), alphas[(i % 4) / 2]))).collect();
+    b.accumulate(&mut g, &mut o, &scores, &v_lane, heads.v, v_stride);
     let yielded: Vec<String> = o.iter().chain(&news).chain(&sums).cloned().collect();
-    g.stmt(format!("scf.yield {} : {f32s}", yielded.join(", ")));
+    g.stmt(format!("scf.yield {} : {}", yielded.join(", "), vec!["f32"; yielded.len()].join(", ")));
     g.stmt("}");
 
     // O / l for the thread's rows and columns; the log-sum-exp from the quad's first thread.
     let ln2 = g.f32(std::f64::consts::LN_2);
-    let zero64 = g.i64(0);
     let one = g.f32(1.0);
-    let mut inverse = Vec::new();
-    for (r, my_row) in my_rows.iter().enumerate() {
-        let l = quad_reduce(&mut g, &format!("%state#{}", o_count + 2 + r), Combine::Add);
-        inverse.push(g.line(format!("llvm.fdiv {one}, {l} : f32")));
+    let mut out: Vec<String> = (0..o_count).map(|i| format!("{state}#{i}")).collect();
+    for (r, my_row) in b.my_rows.iter().enumerate() {
+        let l = quad_reduce(&mut g, &format!("{state}#{}", o_count + 2 + r), Combine::Add);
+        let inverse = g.line(format!("llvm.fdiv {one}, {l} : f32"));
+        for n in 0..o_count / 4 {
+            for e in 0..2 {
+                let x = &mut out[4 * n + 2 * r + e];
+                *x = g.line(format!("llvm.fmul {x}, {inverse} : f32"));
+            }
+        }
         let log = g.asm_f32("lg2.approx.ftz.f32 $0, $1;", &[(l, "f", "f32")]);
-        let lse = g.line(format!("llvm.fadd %state#{}, {log} : f32", o_count + r));
+        let lse = g.line(format!("llvm.fadd {state}#{}, {log} : f32", o_count + r));
         let lse = g.line(format!("llvm.fmul {lse}, {ln2} : f32"));
-        let leads = g.line(format!("llvm.icmp \"eq\" {quad_col}, {zero64} : i64"));
+        let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero64} : i64", b.quad_col));
         g.stmt(format!("scf.if {leads} {{"));
-        let row = g.op("add", &q0, my_row);
-        let at = g.op("mul", &bh, &seq);
-        let at = g.op("add", &at, &row);
+        let at = g.op("mul", &b.bh, &b.seq);
+        let at = g.op("add", &at, &q0);
+        let at = g.op("add", &at, my_row);
         let p = g.line(format!("llvm.getelementptr %lse[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
         g.stmt(format!("llvm.store {lse}, {p} : f32, !llvm.ptr<1>"));
         g.stmt("}");
     }
-    let col = g.op_c("mul", &quad_col, 2);
-    for (r, my_row) in my_rows.iter().enumerate() {
-        let row = g.op("add", &q0, my_row);
-        let at = g.op("mul", &row, &v_row);
-        let at = g.op("add", &at, &v_at);
-        let at = g.op("add", &at, &col);
-        for n in 0..(heads.v / 8) as usize {
-            let values =
-                [0, 1].map(|e| g.line(format!("llvm.fmul %state#{}, {} : f32", 4 * n + 2 * r + e, inverse[r])));
-            let at = g.op_c("add", &at, 8 * n as u64);
-            let p = g.line(format!("llvm.getelementptr %o[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            let pair = g.line("llvm.mlir.poison : vector<2xf32>");
-            let [first, second] = [g.i32(0), g.i32(1)];
-            let pair = g.line(format!("llvm.insertelement {}, {pair}[{first} : i32] : vector<2xf32>", values[0]));
-            let pair = g.line(format!("llvm.insertelement {}, {pair}[{second} : i32] : vector<2xf32>", values[1]));
-            g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+    b.store(&mut g, "%o", Layout::V, heads, &out, &q0, None);
+    module(
+        name,
+        "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %lse: !llvm.ptr<1>, \
+         %seq: i32, %heads: i32, %scale: f32",
+        g.text(),
+    )
+}
+
+/// What a backward kernel computes; three kernels, launched in this order, because the
+/// thread's accumulators of dK and dV together would not fit its registers beside the
+/// recomputed scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// dQ, blocks of query rows walking the keys up to the diagonal; it also writes each
+    /// row's D = Σ dO ∘ O, which the key passes read.
+    Query,
+    /// dK, blocks of key rows walking the queries from the diagonal.
+    Key,
+    /// dV, the same way.
+    Value,
+}
+
+impl Pass {
+    pub const ALL: [Pass; 3] = [Pass::Query, Pass::Key, Pass::Value];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Pass::Query => "dq",
+            Pass::Key => "dk",
+            Pass::Value => "dv",
         }
     }
-    format!(
-        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
-         llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 16 : i64}} : !llvm.array<0 x i8>\n    \
-         gpu.func @{name}(%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %lse: !llvm.ptr<1>, \
-         %seq: i32, %heads: i32, %scale: f32) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{\n\
-         {body}      gpu.return\n    }}\n  }}\n}}\n",
-        target = super::emit::TARGET,
-        body = g.text()
+}
+
+/// The MLIR module of backward kernel `name` (`pass`) for `heads`. Launch: grid (S / 64,
+/// B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V, O, dO, LSE
+/// (the forward's), D ([B, H, S]: written by the query pass, read by the others), the
+/// gradient it writes (dQ, dK or dV; every element written), S, H (u32) and the softmax scale
+/// (f32).
+pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
+    let heads = heads.check().expect("valid head dims");
+    let (qk_stride, v_stride) = (Heads::stride(heads.qk), Heads::stride(heads.v));
+    let mut g = Lines::new();
+    let b = Block::new(&mut g, heads);
+    let blocks = g.index_i64("gpu.grid_dim x");
+    let block = g.index_i64("gpu.block_id x");
+    // The heaviest blocks first: the last query block has the most keys, the first key block
+    // the most queries.
+    let row_block = match pass {
+        Pass::Query => {
+            let last = g.op_c("sub", &blocks, 1);
+            g.op("sub", &last, &block)
+        }
+        Pass::Key | Pass::Value => block.clone(),
+    };
+    let r0 = g.op_c("mul", &row_block, BLOCK_ROWS.into());
+    let rows = u64::from(BLOCK_ROWS);
+    let s_rows = b.smem.clone();
+    let s_rows_v = g.op_c("add", &s_rows, rows * qk_stride);
+    let s_cols = g.op_c("add", &s_rows_v, rows * v_stride);
+    let s_cols_v = g.op_c("add", &s_cols, rows * qk_stride);
+    let (rows_qk, rows_v, cols_qk, cols_v) = match pass {
+        Pass::Query => ("%q", "%do", "%k", "%v"),
+        Pass::Key | Pass::Value => ("%k", "%v", "%q", "%do"),
+    };
+    b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows);
+    if pass != Pass::Value {
+        b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v);
+    }
+    let a_rows = b.a_lane(&mut g, &s_rows, qk_stride);
+    let a_rows_v = b.a_lane(&mut g, &s_rows_v, v_stride);
+    let b_cols = b.b_lane(&mut g, &s_cols, qk_stride);
+    let b_cols_v = b.b_lane(&mut g, &s_cols_v, v_stride);
+    let (layout, t_lane, t_stride) = match pass {
+        Pass::Query | Pass::Key => (Layout::Qk, b.bt_lane(&mut g, &s_cols, qk_stride), qk_stride),
+        Pass::Value => (Layout::V, b.bt_lane(&mut g, &s_cols_v, v_stride), v_stride),
+    };
+    let width = b.place(layout, heads).2;
+    // The query pass's rows: their log-sum-exp (base 2) and D, which it writes.
+    let row_terms: Vec<(String, String)> = if pass == Pass::Query {
+        b.my_rows.iter().map(|row| (b.base2_lse(&mut g, &r0, row), b.delta(&mut g, heads, &r0, row))).collect()
+    } else {
+        Vec::new()
+    };
+    let count = (width / 8 * 4) as usize;
+    let (lower, upper) = match pass {
+        Pass::Query => (g.i64(0), g.op_c("add", &row_block, 1)),
+        Pass::Key | Pass::Value => (row_block.clone(), blocks.clone()),
+    };
+    let (j, state) = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count], "acc");
+    let c0 = g.op_c("mul", &j, BLOCK_ROWS.into());
+    g.stmt("gpu.barrier");
+    b.stage(&mut g, cols_qk, Layout::Qk, heads, &c0, &s_cols);
+    b.stage(&mut g, cols_v, Layout::V, heads, &c0, &s_cols_v);
+    g.stmt("gpu.barrier");
+    // The key passes' columns are queries: their log-sum-exps and D, per column 8n + 2t + e.
+    let col_terms: Vec<(String, String)> = if pass == Pass::Query {
+        Vec::new()
+    } else {
+        let col = g.op_c("mul", &b.quad_col, 2);
+        (0..16u64)
+            .map(|i| {
+                let column = g.op_c("add", &col, 8 * (i / 2) + i % 2);
+                (b.base2_lse(&mut g, &c0, &column), b.row_value(&mut g, "%delta", &c0, &column))
+            })
+            .collect()
+    };
+    let term = |n: usize, e: usize| -> &(String, String) {
+        if row_terms.is_empty() {
+            &col_terms[2 * n + e % 2]
+        } else {
+            &row_terms[e / 2]
+        }
+    };
+    let mut p = b.products(&mut g, &a_rows, &b_cols, heads.qk, qk_stride);
+    let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {row_block} : i64"));
+    let order = if pass == Pass::Query { Order::ColumnsUpToRow } else { Order::ColumnsFromRow };
+    b.logits(&mut g, &mut p, &diagonal, order, |_, n, e| Some(term(n, e).0.clone()));
+    for tile in p.iter_mut() {
+        for x in tile.iter_mut() {
+            *x = exp2(&mut g, x);
+        }
+    }
+    let mut acc: Vec<String> = (0..count).map(|i| format!("%acc{i}")).collect();
+    if pass == Pass::Value {
+        b.accumulate(&mut g, &mut acc, &p, &t_lane, width, t_stride);
+    } else {
+        // dS = P ∘ (dP − D), dP = dO·Vᵀ (query rows) or V·dOᵀ (key rows).
+        let dp = b.products(&mut g, &a_rows_v, &b_cols_v, heads.v, v_stride);
+        for (n, tile) in p.iter_mut().enumerate() {
+            for (e, x) in tile.iter_mut().enumerate() {
+                let d = g.line(format!("llvm.fsub {}, {} : f32", dp[n][e], term(n, e).1));
+                *x = g.line(format!("llvm.fmul {x}, {d} : f32"));
+            }
+        }
+        b.accumulate(&mut g, &mut acc, &p, &t_lane, width, t_stride);
+    }
+    g.stmt(format!("scf.yield {} : {}", acc.join(", "), vec!["f32"; count].join(", ")));
+    g.stmt("}");
+    let sums: Vec<String> = (0..count).map(|i| format!("{state}#{i}")).collect();
+    let grad = match pass {
+        Pass::Value => None,
+        Pass::Query | Pass::Key => Some("%scale"),
+    };
+    b.store(&mut g, "%grad", layout, heads, &sums, &r0, grad);
+    module(
+        name,
+        "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %do: !llvm.ptr<1>, \
+         %lse: !llvm.ptr<1>, %delta: !llvm.ptr<1>, %grad: !llvm.ptr<1>, %seq: i32, %heads: i32, %scale: f32",
+        g.text(),
     )
 }
 
