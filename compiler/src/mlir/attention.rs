@@ -744,23 +744,33 @@ fn quad_reduce(g: &mut Lines, x: &str, combine: Combine) -> String {
 mod tests {
     use super::*;
 
-    /// MLA's forward lowers to PTX whose products are BF16 `mma.sync`s fed by `ldmatrix` (V's
-    /// transposed), and, where `DSC_PTXAS` names ptxas, assembles for sm_90a without spilling.
+    /// MLA's forward and backward passes lower to PTX whose products are BF16 `mma.sync`s fed
+    /// by `ldmatrix` (transposed where a tile runs along the product's K), within a
+    /// multiprocessor's shared memory, and, where `DSC_PTXAS` names ptxas, assemble for sm_90a
+    /// (the forward without spilling).
     #[test]
-    fn the_attention_forward_lowers_to_tensor_core_products_and_assembles() {
+    fn the_attention_kernels_lower_to_tensor_core_products_and_assemble() {
         let heads = Heads { qk: 192, v: 128 };
-        let ptx =
-            crate::mlir::lower::Lowering::default().ptx(&attention_forward("attention", heads), false).expect("lowers");
-        // Per key block and warp: 12 × 8 score products and 4 × 16 output products.
-        assert_eq!(
-            ptx.matches("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32").count(),
-            12 * 8 + 4 * 16,
-            "{ptx}"
-        );
-        assert_eq!(ptx.matches("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16").count(), 4 * 8, "{ptx}");
-        assert!(ptx.contains("ex2.approx.ftz.f32") && ptx.contains("shfl.sync.bfly.b32"), "{ptx}");
-        if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
-            assert!(report.contains("0 bytes spill stores"), "{report}");
+        assert!(heads.shared_bytes().max(heads.backward_shared_bytes()) <= 227 * 1024);
+        let mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+        let transposed = "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16";
+        let lowering = crate::mlir::lower::Lowering::default();
+        // Per column block and warp: scores 12 × 8 products, dP 8 × 8, then P·V or dS·K (4 × 16
+        // or 4 × 24), their B fragments transposed (4 × 8 or 4 × 12 loads).
+        let kernels = [
+            (attention_forward("attention", heads), 12 * 8 + 4 * 16, 4 * 8),
+            (attention_backward("attention", heads, Pass::Query), 12 * 8 + 8 * 8 + 4 * 24, 4 * 12),
+            (attention_backward("attention", heads, Pass::Key), 12 * 8 + 8 * 8 + 4 * 24, 4 * 12),
+            (attention_backward("attention", heads, Pass::Value), 12 * 8 + 4 * 16, 4 * 8),
+        ];
+        for (i, (mlir, products, loads)) in kernels.into_iter().enumerate() {
+            let ptx = lowering.ptx(&mlir, false).expect("lowers");
+            assert_eq!(ptx.matches(mma).count(), products, "{ptx}");
+            assert_eq!(ptx.matches(transposed).count(), loads, "{ptx}");
+            assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
+            if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
+                assert!(i > 0 || report.contains("0 bytes spill stores"), "{report}");
+            }
         }
     }
 }
