@@ -1,20 +1,24 @@
 //! Fused causal attention for MLA's shapes, generated for the tensor cores (`mma.sync`
-//! m16n8k16 on BF16 operands, f32 accumulation; sm_80 and later, run on sm_90a): the forward
-//! of a flash-style kernel that never materialises the S×S scores. O = softmax(scale·QKᵀ +
-//! causal mask)·V for Q, K [B, S, H, Dqk] and V [B, S, H, Dv] (f32 in memory, the plan's
-//! buffers, rounded to BF16 as they are staged in shared memory: the recipe keeps attention in
-//! BF16), O [B, S, H, Dv] in f32 (the layout the output projection reads), and the rows'
-//! log-sum-exp [B, H, S] (natural log, of the scaled scores) that the backward needs.
+//! m16n8k16 on BF16 operands, f32 accumulation; sm_80 and later, run on sm_90a): flash-style
+//! kernels that never materialise the S×S scores. Forward: O = softmax(scale·QKᵀ + causal
+//! mask)·V for Q, K [B, S, H, Dqk] and V [B, S, H, Dv] (f32 in memory, the plan's buffers,
+//! rounded to BF16 as they are staged in shared memory: the recipe keeps attention in BF16),
+//! O [B, S, H, Dv] in f32 (the layout the output projection reads), and the rows' log-sum-exp
+//! [B, H, S] (natural log, of the scaled scores). Backward: three passes ([`Pass`]) that
+//! recompute the probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
 //!
-//! A block takes 64 query rows of one (batch, head), a warp 16 of them, and walks the keys in
-//! blocks of 64 up to the diagonal (the block with the most keys starts first). Per key block
-//! the block stages K and V in shared memory (rows padded by 16 bytes: the `ldmatrix` rows fall
-//! in distinct banks), each warp computes its 16×64 scores from its Q fragments (loaded once,
-//! kept in registers), updates its rows' running maximum and sum (base-2, the scale times
-//! log₂e folded in), rescales its output accumulators and adds P·V, P rounded to BF16 as the
-//! A operand straight from the score registers. Not yet: TMA, `wgmma`, warp specialisation,
-//! and overlapping the next block's loads with this block's products (FlashAttention-3's
-//! machinery); the backward.
+//! A block takes 64 rows of one (batch, head) (queries in the forward and the dQ pass, keys in
+//! the dK and dV passes), a warp 16 of them, and walks the other side in blocks of 64 up to or
+//! from the diagonal (the block with most work starts first). Per column block it stages the
+//! tiles it needs in shared memory (rows padded by 16 bytes: the `ldmatrix` rows fall in
+//! distinct banks); each warp computes its 16×64 scores ([`Block::products`], its own rows'
+//! fragments read by `ldmatrix` at each block: kept in registers they would spill), turns them
+//! into base-2 logits (the scale times log₂e folded in; [`Block::logits`]) and probabilities
+//! (the forward's running maximum and sum, or the saved log-sum-exp), and adds their product
+//! with a tile read transposed ([`Block::accumulate`]: P·V, dS·K, dSᵀ·Q, Pᵀ·dO), P or dS
+//! rounded to BF16 as the A operand straight from the score registers. Not yet: TMA, `wgmma`,
+//! warp specialisation and overlapping the next block's loads with this block's products
+//! (FlashAttention-3's machinery); the backward kernels spill a little (255 registers).
 
 use super::ptx::Lines;
 
