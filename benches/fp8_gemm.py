@@ -9,7 +9,7 @@ is cuBLASLt's). Then it times y = a @ w.T at M = 4096 (median of 20 runs of 10, 
 with BF16 and, where accepted, FP32 output. One JSON line per result.
 
 With `--generated PTX...` it also runs dsc's generated FP8 GEMMs (`compiler::mlir::gemm`,
-written by `cargo run --release -p dsc-compiler --features mlir --example fp8_gemm_ptx -- DIR
+written by `cargo run --release -p dsc-compiler --features mlir --example kernel_ptx -- DIR
 MxNxSTAGES...`: entry `fp8_gemm_m{M}_n{N}_s{STAGES}` in a file of that name, loaded with CuPy) on the same
 operands: first on a small product with a float64 reference, then on each shape, where their
 relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and

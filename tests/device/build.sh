@@ -18,12 +18,11 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" -o target/plan-bench
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2 --set 'model.ffn.1.layers=1..2' \
   --set train.seq_len=128 --set train.batch=1 --set train.micro_batch=1 -o target/plan-bench-step
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
-# The generated FP8 GEMM's PTX for `run.sh gemm` (benches/fp8_gemm.py --generated).
-mkdir -p target/gemm
-cargo run --release --locked -p dsc-compiler --features mlir --example fp8_gemm_ptx -- target/gemm 128x128x4 128x192x4 128x192x5 128x192x4x2 128x128x6x2 g128x128x4 g128x192x4 g128x192x4x2
-# The generated fused attention's PTX for `run.sh attention` (benches/attention.py).
-mkdir -p target/attention
-cargo run --release --locked -p dsc-compiler --features mlir --example attention_ptx -- target/attention 192x128
+# The generated FP8 GEMMs' PTX for `run.sh gemm` (benches/fp8_gemm.py --generated) and the
+# fused attention's for `run.sh attention` (benches/attention.py).
+mkdir -p target/gemm target/attention
+cargo run --release --locked -p dsc-compiler --features mlir --example kernel_ptx -- target/gemm 128x128x4 128x192x4 128x192x5 128x192x4x2 128x128x6x2 g128x128x4 g128x192x4 g128x192x4x2
+cargo run --release --locked -p dsc-compiler --features mlir --example kernel_ptx -- target/attention attention:192x128
 # The runtime-only dsc (no MLIR) replaces the full one in target/release.
 cargo build --release --locked -p dsc --no-default-features --features cuda
 mkdir -p target/gpu

@@ -93,10 +93,18 @@ struct Block {
     log2e: String,
     /// Shared memory's first byte (i64).
     smem: String,
+    /// The blocks along x (i64: S / 64) and this one's index.
+    blocks: String,
+    block: String,
+    /// Bytes between staged rows of Dqk and of Dv.
+    qk_stride: u64,
+    v_stride: u64,
 }
 
 impl Block {
+    /// The block of a kernel for `heads` (checked: the generators' callers pass checked dims).
     fn new(g: &mut Lines, heads: Heads) -> Self {
+        let heads = heads.check().expect("valid head dims");
         let log2e = g.f32(std::f64::consts::LOG2_E);
         let log2_scale = g.line(format!("llvm.fmul %scale, {log2e} : f32"));
         let zero = g.f32(0.0);
@@ -120,6 +128,8 @@ impl Block {
         let [qk_row, v_row] = [heads.qk, heads.v].map(|w| g.op_c("mul", &nheads, w.into()));
         let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
         let smem = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
+        let blocks = g.index_i64("gpu.grid_dim x");
+        let block = g.index_i64("gpu.block_id x");
         Block {
             tid,
             lane,
@@ -137,7 +147,18 @@ impl Block {
             log2_scale,
             log2e,
             smem,
+            blocks,
+            block,
+            qk_stride: Heads::stride(heads.qk),
+            v_stride: Heads::stride(heads.v),
         }
+    }
+
+    /// The blocks counted from the last (i64): the order in which the block with most work
+    /// starts first where that is the last row block.
+    fn reversed_block(&self, g: &mut Lines) -> String {
+        let last = g.op_c("sub", &self.blocks, 1);
+        g.op("sub", &last, &self.block)
     }
 
     /// The element offset of the head's first row of a tensor of `layout`, between its rows,
@@ -404,15 +425,11 @@ fn module(name: &str, args: &str, body: &str) -> String {
 /// [`THREADS`] threads, [`Heads::shared_bytes`] of dynamic shared memory; arguments Q, K, V,
 /// O, LSE (pointers), S, H (u32; S a multiple of 64) and the softmax scale (f32).
 pub fn attention_forward(name: &str, heads: Heads) -> String {
-    let heads = heads.check().expect("valid head dims");
-    let (qk_stride, v_stride) = (Heads::stride(heads.qk), Heads::stride(heads.v));
     let mut g = Lines::new();
     let b = Block::new(&mut g, heads);
+    let (qk_stride, v_stride) = (b.qk_stride, b.v_stride);
     // The heaviest blocks (most keys) first.
-    let blocks = g.index_i64("gpu.grid_dim x");
-    let block = g.index_i64("gpu.block_id x");
-    let last = g.op_c("sub", &blocks, 1);
-    let q_block = g.op("sub", &last, &block);
+    let q_block = b.reversed_block(&mut g);
     let q0 = g.op_c("mul", &q_block, BLOCK_ROWS.into());
     let rows = u64::from(BLOCK_ROWS);
     let sq = b.smem.clone();
@@ -547,20 +564,14 @@ impl Pass {
 /// gradient it writes (dQ, dK or dV; every element written), S, H (u32) and the softmax scale
 /// (f32).
 pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
-    let heads = heads.check().expect("valid head dims");
-    let (qk_stride, v_stride) = (Heads::stride(heads.qk), Heads::stride(heads.v));
     let mut g = Lines::new();
     let b = Block::new(&mut g, heads);
-    let blocks = g.index_i64("gpu.grid_dim x");
-    let block = g.index_i64("gpu.block_id x");
+    let (qk_stride, v_stride) = (b.qk_stride, b.v_stride);
     // The heaviest blocks first: the last query block has the most keys, the first key block
     // the most queries.
     let row_block = match pass {
-        Pass::Query => {
-            let last = g.op_c("sub", &blocks, 1);
-            g.op("sub", &last, &block)
-        }
-        Pass::Key | Pass::Value => block.clone(),
+        Pass::Query => b.reversed_block(&mut g),
+        Pass::Key | Pass::Value => b.block.clone(),
     };
     let r0 = g.op_c("mul", &row_block, BLOCK_ROWS.into());
     let rows = u64::from(BLOCK_ROWS);
@@ -594,7 +605,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let count = (width / 8 * 4) as usize;
     let (lower, upper) = match pass {
         Pass::Query => (g.i64(0), g.op_c("add", &row_block, 1)),
-        Pass::Key | Pass::Value => (row_block.clone(), blocks.clone()),
+        Pass::Key | Pass::Value => (row_block.clone(), b.blocks.clone()),
     };
     let (j, state) = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count], "acc");
     let c0 = g.op_c("mul", &j, BLOCK_ROWS.into());

@@ -1,0 +1,77 @@
+//! Writes the hand-scheduled generated kernels as PTX into `DIR`, for the GPU machine's
+//! benchmarks, each given as
+//! - `MxNxSTAGES[xCLUSTER]` or `gMxNxSTAGES[xCLUSTER]`: the FP8 GEMM (`compiler::mlir::gemm`),
+//!   dense or the experts' grouped form, to `fp8_gemm_m{M}_n{N}_s{STAGES}[_c{CLUSTER}].ptx` or
+//!   `fp8_grouped_…` (`benches/fp8_gemm.py --generated`);
+//! - `attention:QKxV`: the fused attention (`compiler::mlir::attention`) for those head dims,
+//!   the forward to `attention_fwd_qk{QK}_v{V}.ptx` and the backward's passes to
+//!   `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}.ptx` (`benches/attention.py`).
+//!
+//! Each file's entry has its name.
+//!
+//! Usage: cargo run --release -p dsc-compiler --features mlir --example kernel_ptx -- DIR 128x128x4 g128x128x4 attention:192x128
+
+use dsc_compiler::mlir::{attention, gemm, lower::Lowering};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: kernel_ptx DIR KERNEL... where KERNEL is [g]MxNxSTAGES[xCLUSTER] (an FP8 GEMM tile, \
+                     g for the grouped form, e.g. 128x192x4x2) or attention:QKxV (e.g. attention:192x128)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((dir, given)) = args.split_first().filter(|(_, given)| !given.is_empty()) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let lowering = Lowering::default();
+    for one in given {
+        let kernels = match kernels(one) {
+            Ok(kernels) => kernels,
+            Err(e) => {
+                eprintln!("{e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        };
+        for (name, mlir) in kernels {
+            let written = lowering
+                .ptx(&mlir, false)
+                .and_then(|ptx| std::fs::write(format!("{dir}/{name}.ptx"), ptx).map_err(|e| format!("{dir}: {e}")));
+            if let Err(e) = written {
+                eprintln!("{name}: {e}");
+                return ExitCode::FAILURE;
+            }
+            eprintln!("wrote {dir}/{name}.ptx");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The kernels `given` names, each (name, MLIR).
+fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
+    let numbers = |shape: &str| -> Vec<u32> { shape.split('x').map(|x| x.parse().unwrap_or(0)).collect() };
+    if let Some(shape) = given.strip_prefix("attention:") {
+        let [qk, v] = numbers(shape)[..] else { return Err(format!("`{given}` is not attention:QKxV")) };
+        let heads = attention::Heads { qk, v }.check()?;
+        let shape = format!("qk{qk}_v{v}");
+        let forward = format!("attention_fwd_{shape}");
+        let mut kernels = vec![(forward.clone(), attention::attention_forward(&forward, heads))];
+        for pass in attention::Pass::ALL {
+            let name = format!("attention_bwd_{}_{shape}", pass.label());
+            kernels.push((name.clone(), attention::attention_backward(&name, heads, pass)));
+        }
+        return Ok(kernels);
+    }
+    let (form, kind, shape) = match given.strip_prefix('g') {
+        Some(shape) => (gemm::Form::Grouped, "grouped", shape),
+        None => (gemm::Form::Dense, "gemm", given),
+    };
+    let tile = match numbers(shape)[..] {
+        [m, n, stages] => gemm::Tile { m, n, stages, cluster: 1 },
+        [m, n, stages, cluster] => gemm::Tile { m, n, stages, cluster },
+        _ => return Err(format!("`{given}` is not [g]MxNxSTAGES[xCLUSTER]")),
+    }
+    .check()?;
+    let clusters = if tile.cluster > 1 { format!("_c{}", tile.cluster) } else { String::new() };
+    let name = format!("fp8_{kind}_m{}_n{}_s{}{clusters}", tile.m, tile.n, tile.stages);
+    Ok(vec![(name.clone(), gemm::fp8_gemm(&name, tile, form))])
+}
