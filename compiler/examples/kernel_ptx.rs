@@ -51,14 +51,7 @@ fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
     let numbers = |shape: &str| -> Vec<u32> { shape.split('x').map(|x| x.parse().unwrap_or(0)).collect() };
     if let Some(shape) = given.strip_prefix("attention:") {
         let [qk, v] = numbers(shape)[..] else { return Err(format!("`{given}` is not attention:QKxV")) };
-        let heads = attention::Heads { qk, v }.check()?;
-        let shape = format!("qk{qk}_v{v}");
-        let forward = format!("attention_fwd_{shape}");
-        let mut kernels = vec![(forward.clone(), attention::attention_forward(&forward, heads))];
-        for pass in attention::Pass::ALL {
-            let name = format!("attention_bwd_{}_{shape}", pass.label());
-            kernels.push((name.clone(), attention::attention_backward(&name, heads, pass)));
-        }
+        let kernels = attention::kernels(attention::Heads { qk, v }.check()?);
         return Ok(kernels);
     }
     let (form, kind, shape) = match given.strip_prefix('g') {

@@ -176,6 +176,13 @@ fn matrix_products() {
 }
 
 #[test]
+fn causal_attention() {
+    // Queries and keys of 4, values of 3; the log-sum-exp passes no gradient.
+    let (qk, v) = (real(&[2, 5, 3, 4]), real(&[2, 5, 3, 3]));
+    check("attention", vec![qk, real(&[2, 5, 3, 4]), v], |b, a| b.attention(a[0], a[1], a[2], 0.7, false).0);
+}
+
+#[test]
 fn indexing_primitives() {
     check("gather", vec![real(&[5, 3]), Arg::Int(vec![2, 2], vec![4, 0, 4, 2])], |b, a| b.gather(a[0], a[1]));
     check("take_along", vec![real(&[3, 4]), Arg::Int(vec![3, 2], vec![0, 3, 2, 2, 1, 0])], |b, a| {

@@ -1,6 +1,7 @@
 //! Kernel formation: the nodes of a (fused) function grouped into GPU kernels. Views and
 //! bookkeeping (arguments, constants, reshapes, stop-gradient, calls, tuple access) are free;
-//! GEMMs are library kernels (cuBLASLt at this stage); every other op starts a generated
+//! GEMMs are library kernels (cuBLASLt at this stage), attention and its backward kernels of
+//! their own (`compiler::mlir::attention`'s); every other op starts a generated
 //! kernel, and an elementwise op joins the most recent generated kernel when it runs over the
 //! same number of elements (loop fusion; a value other kernels read becomes one of the
 //! kernel's outputs), that kernel does not start with a scatter or a row op, and the op does
@@ -21,6 +22,9 @@ pub enum KernelKind {
     Generated,
     /// A GEMM, run by a library at this stage.
     LibraryGemm,
+    /// Fused attention or its backward: the compiler's hand-scheduled kernels
+    /// (`compiler::mlir::attention`), launched by the backend.
+    Attention,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,7 +53,8 @@ pub enum Code {
     /// Not decided yet (a kernel outside a plan).
     #[default]
     Unassigned,
-    /// A library GEMM.
+    /// Run by the backend's own launcher: a library GEMM, or the compiler's hand-scheduled
+    /// kernels that the plan carries (`Plan::kernel_mlir`: the experts' GEMMs, attention).
     Library,
     /// MLIR in `ir/NAME.mlir`, PTX in `kernels/NAME.ptx`, launched on `grid` × `block`
     /// threads with `args` (values) as its buffers; with `zeroed`, its outputs are set to zero
@@ -70,6 +75,7 @@ pub enum Code {
 enum Role {
     Free,
     Gemm,
+    Attention,
     /// Elementwise arithmetic, index remaps (slices, transposes, concatenation, padding,
     /// broadcasting) and reductions: they can run inside a kernel over the same elements.
     Fusible,
@@ -92,6 +98,7 @@ fn role(op: &Op) -> Role {
         | Op::GroupedMatMul { .. }
         | Op::GroupedWgrad { .. }
         | Op::ScaledGroupedWgrad { .. } => Role::Gemm,
+        Op::Attention { .. } | Op::AttentionGrad { .. } => Role::Attention,
         op if op.is_elementwise() => Role::Fusible,
         Op::BroadcastTo(_)
         | Op::Slice { .. }
@@ -104,6 +111,15 @@ fn role(op: &Op) -> Role {
         // Index ops, and the fused ops other than SwiGLU (row ops, quantising producers,
         // routing, RoPE, backward twins): one kernel each, which loop fusion does not extend.
         _ => Role::Other,
+    }
+}
+
+/// The kind of kernel an op that is not free starts.
+fn kind(op: &Op) -> KernelKind {
+    match role(op) {
+        Role::Gemm => KernelKind::LibraryGemm,
+        Role::Attention => KernelKind::Attention,
+        _ => KernelKind::Generated,
     }
 }
 
@@ -185,9 +201,9 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
     for (i, node) in f.nodes.iter().enumerate() {
         match role(&node.op) {
             Role::Free => {}
-            Role::Gemm => {
+            Role::Gemm | Role::Attention => {
                 kernel_of[i] = Some(groups.len());
-                groups.push((KernelKind::LibraryGemm, vec![i]));
+                groups.push((kind(&node.op), vec![i]));
             }
             Role::Other => {
                 kernel_of[i] = Some(groups.len());
@@ -261,7 +277,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                 )
             }) {
                 profile.fp8_flops
-            } else if kind == KernelKind::LibraryGemm {
+            } else if kind != KernelKind::Generated {
                 profile.bf16_flops
             } else {
                 profile.vector_flops
@@ -315,10 +331,25 @@ fn flops(f: &Function, node: &Node) -> u64 {
         }
         // 2·n·k per token, the padding between experts counted.
         Op::ScaledGroupedWgrad { .. } => 2 * numel(f.node(node.args[0])) * f.node(node.args[1]).shape[0] as u64,
+        Op::Attention { .. } | Op::AttentionGrad { .. } => attention_flops(f, node),
         Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } | Op::RopeConcat => 5 * numel(node),
         Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),
+    }
+}
+
+/// FLOPs of causal attention's products, 2 per multiply-add over the s(s + 1)/2 pairs of each
+/// (batch, head): the forward's two (q·kᵀ, p·v); the backward's as its kernels run them, the
+/// scores recomputed in each of its three passes (dq: q·kᵀ, d_o·vᵀ, ds·k; dk: the same with
+/// dsᵀ·q; dv: q·kᵀ, pᵀ·d_o).
+fn attention_flops(f: &Function, node: &Node) -> u64 {
+    let (q, v) = (&f.node(node.args[0]).shape, &f.node(node.args[2]).shape);
+    let (heads, seq, dqk, dv) = ((q[0] * q[2]) as u64, q[1] as u64, q[3] as u64, v[3] as u64);
+    let pairs = heads * seq * (seq + 1) / 2;
+    match node.op {
+        Op::Attention { .. } => 2 * pairs * (dqk + dv),
+        _ => 2 * pairs * (5 * dqk + 3 * dv),
     }
 }
 
@@ -375,10 +406,11 @@ pub fn unfused(f: &Function, profile: &Profile) -> Vec<Kernel> {
             .collect();
         let bytes: u64 = inputs.iter().map(|&a| value_bytes(&f.nodes[a as usize])).sum::<u64>() + value_bytes(node);
         let flops = flops(f, node);
-        let peak = if role(&node.op) == Role::Gemm { profile.bf16_flops } else { profile.vector_flops };
+        let kind = kind(&node.op);
+        let peak = if kind == KernelKind::Generated { profile.vector_flops } else { profile.bf16_flops };
         ks.push(Kernel {
             name: format!("{}_{i}", node.op.name()),
-            kind: if role(&node.op) == Role::Gemm { KernelKind::LibraryGemm } else { KernelKind::Generated },
+            kind,
             nodes: vec![i as u32],
             ops: vec![node.op.name().to_string()],
             inputs,

@@ -3,6 +3,8 @@
 //! is differentiated by generating (once per callee) a VJP function that recomputes the
 //! callee's forward and runs its reverse pass, so an instanced layer has one backward
 //! function too, and its activations are recomputed rather than kept across the call.
+//! Attention (a tuple of its output and log-sum-exp) is differentiated where its tuple is,
+//! as a call is: its output's adjoint becomes `attention_grad`'s argument.
 //! Discrete ops (top-k, counting, sorting, sign, max) pass no gradient.
 
 use super::ir::{DType, Fp8Gemm, FunctionBuilder, Module, Op, Shape, Tiling, V};
@@ -89,6 +91,18 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
             Op::Get(i) => {
                 if let Some(g) = adjoints.take(v) {
                     adjoints.tuple_part(node.args[0], i, g);
+                }
+            }
+            Op::Attention { scale, bf16 } => {
+                // Only the output carries a gradient: the log-sum-exp is read by the backward.
+                let Some(d_o) = adjoints.tuples.remove(&v).and_then(|parts| parts.get(&0).copied()) else { continue };
+                let [q, k, values] = [node.args[0], node.args[1], node.args[2]];
+                let (o, lse) = (b.part(v, 0), b.part(v, 1));
+                let op = Op::AttentionGrad { scale, bf16 };
+                let grads = b.push(op, vec![q, k, values, o, lse, d_o], vec![], DType::Tuple);
+                for (i, arg) in [q, k, values].into_iter().enumerate() {
+                    let g = b.part(grads, i);
+                    adjoints.add(&mut b, arg, g);
                 }
             }
             Op::Call(callee) => {
@@ -345,7 +359,10 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::GroupedWgrad { .. }
         | Op::UnpermuteGradRows { .. }
         | Op::UnpermuteGradGates { .. }) => panic!("{} appears only in backward passes", op.name()),
-        Op::Call(_) | Op::Get(_) => unreachable!("calls are differentiated by the caller"),
+        Op::Call(_) | Op::Get(_) | Op::Attention { .. } => {
+            unreachable!("ops with several results are differentiated by the caller")
+        }
+        op @ Op::AttentionGrad { .. } => panic!("{} appears only in backward passes", op.name()),
         op @ (Op::RmsNorm { .. }
         | Op::Softmax
         | Op::SwiGlu

@@ -238,6 +238,24 @@ pub enum Op {
         ranks: usize,
     },
     StopGradient,
+    /// Causal attention on the heads of q, k [b, s, h, dqk] and v [b, s, h, dv] → the tuple
+    /// (o [b, s, h, dv], lse [b, h, s]): o = softmax(scale·q·kᵀ + causal mask)·v per (batch,
+    /// head) and each row's log-sum-exp of its scaled, masked scores (natural log), which the
+    /// backward reads. With `bf16`, q, k and v are rounded to BF16 first (the recipe keeps
+    /// attention in BF16; the GPU's fused kernels also round the probabilities, as tensor
+    /// cores take them). Never materialises the s×s scores on the GPU
+    /// (`compiler::mlir::attention`).
+    Attention {
+        scale: f64,
+        bf16: bool,
+    },
+    /// The backward of `Attention`, (q, k, v, o, lse, do) → the tuple (dq, dk, dv), the
+    /// probabilities recomputed from the log-sum-exp; the gradients pass the BF16 rounding
+    /// straight through (as a cast's do).
+    AttentionGrad {
+        scale: f64,
+        bf16: bool,
+    },
     /// Fused (by `fuse`): RMSNorm over the last axis, (x, w) → x·rsqrt(mean(x²) + eps)·w.
     RmsNorm {
         eps: f64,
@@ -507,6 +525,8 @@ impl Op {
             Op::Dispatch { .. } => "dispatch",
             Op::Combine { .. } => "combine",
             Op::StopGradient => "stop_gradient",
+            Op::Attention { .. } => "attention",
+            Op::AttentionGrad { .. } => "attention_grad",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Softmax => "softmax",
             Op::SwiGlu => "swiglu",
@@ -579,8 +599,6 @@ pub struct Constant {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConstantKind {
-    /// [seq, seq]: 0 where the key is not after the query, −1e9 where it is.
-    CausalMask,
     /// [seq, 2·pairs]: cos (or sin) of position × frequency, the pair frequencies repeated for
     /// the two halves, times `scale`.
     Rope { frequencies: Vec<f64>, scale: f64, sin: bool },
@@ -589,10 +607,6 @@ pub enum ConstantKind {
 impl Constant {
     pub fn data(&self) -> Vec<f64> {
         match &self.kind {
-            ConstantKind::CausalMask => {
-                let seq = self.shape[0];
-                (0..seq * seq).map(|i| if i % seq > i / seq { -1e9 } else { 0.0 }).collect()
-            }
             ConstantKind::Rope { frequencies, scale, sin } => (0..self.shape[0])
                 .flat_map(|pos| {
                     frequencies.iter().chain(frequencies).map(move |f| {
@@ -828,6 +842,36 @@ impl<'m> FunctionBuilder<'m> {
 
     pub fn stop_gradient(&mut self, x: V) -> V {
         self.unary(Op::StopGradient, x)
+    }
+
+    /// Causal attention of q, k [b, s, h, dqk] and v [b, s, h, dv] (`Op::Attention`): its
+    /// output [b, s, h, dv] and the rows' log-sum-exp [b, h, s].
+    pub fn attention(&mut self, q: V, k: V, v: V, scale: f64, bf16: bool) -> (V, V) {
+        let qs = self.shape(q);
+        assert_eq!(qs, self.shape(k), "attention's queries and keys");
+        assert_eq!(qs[..3], self.shape(v)[..3], "attention's queries and values");
+        let tuple = self.push(Op::Attention { scale, bf16 }, vec![q, k, v], vec![], DType::Tuple);
+        (self.part(tuple, 0), self.part(tuple, 1))
+    }
+
+    /// Part `i` of tuple `t` made by an op with several results (not a call): its `get` node
+    /// where the function has one, else a new one.
+    pub fn part(&mut self, t: V, i: usize) -> V {
+        if let Some(at) = self.f.nodes.iter().position(|n| n.op == Op::Get(i) && n.args == [t]) {
+            return V(at as u32);
+        }
+        let node = self.f.node(t);
+        let shape = match (&node.op, i) {
+            (Op::Attention { .. }, 0) => self.shape(node.args[2]).clone(),
+            (Op::Attention { .. }, 1) => {
+                let q = self.shape(node.args[0]);
+                vec![q[0], q[2], q[1]]
+            }
+            // dq, dk, dv: the shapes of q, k, v.
+            (Op::AttentionGrad { .. }, 0..3) => self.shape(node.args[i]).clone(),
+            (op, _) => panic!("{} has no part {i}", op.name()),
+        };
+        self.push(Op::Get(i), vec![t], shape, DType::F32)
     }
 
     /// Calls `function` of the module and returns its outputs.

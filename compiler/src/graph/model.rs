@@ -100,8 +100,7 @@ fn prelude(spec: &Spec, numerics: Numerics, expert_ranks: usize) -> Prelude {
     let rope = |sin| ConstantKind::Rope { frequencies: frequencies.clone(), scale, sin };
     let cos = module.add_constant("rope_cos", vec![cfg.seq, cfg.rope], rope(false));
     let sin = module.add_constant("rope_sin", vec![cfg.seq, cfg.rope], rope(true));
-    let mask = module.add_constant("causal_mask", vec![cfg.seq, cfg.seq], ConstantKind::CausalMask);
-    let tables = Tables { cos, sin, mask };
+    let tables = Tables { cos, sin };
     let mut layer_fns = Vec::new();
     for (i, range) in spec.model.ffn.iter().enumerate() {
         let f = layer_function(&module, &cfg, &tables, &range.ffn, &format!("layer{i}"));
@@ -459,7 +458,6 @@ impl Config {
 struct Tables {
     cos: usize,
     sin: usize,
-    mask: usize,
 }
 
 fn param(
@@ -611,23 +609,8 @@ fn attention(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V, p: &[V]) -> 
     let k_pe = b.broadcast_to(k_pe, vec![bs, s, h, c.rope]);
     let q = b.concat(vec![q_nope, q_pe], 3);
     let k = b.concat(vec![k_nope, k_pe], 3);
-    let (q, k, v) = if c.attention_bf16 {
-        (b.cast(q, DType::Bf16), b.cast(k, DType::Bf16), b.cast(v, DType::Bf16))
-    } else {
-        (q, k, v)
-    };
-    // [batch, heads, seq, dim]
-    let q = b.transpose(q, vec![0, 2, 1, 3]);
-    let k = b.transpose(k, vec![0, 2, 1, 3]);
-    let v = b.transpose(v, vec![0, 2, 1, 3]);
-    let scores = b.matmul(q, k, false, true, None);
-    let scores = b.scale(scores, c.softmax_scale);
-    let mask = b.table(t.mask);
-    let scores = b.add(scores, mask);
-    let probs = softmax(b, scores);
-    let o = b.matmul(probs, v, false, false, None);
+    let (o, _lse) = b.attention(q, k, v, c.softmax_scale, c.attention_bf16);
     let o = if c.attention_bf16 { b.cast(o, DType::Bf16) } else { o };
-    let o = b.transpose(o, vec![0, 2, 1, 3]);
     let o = b.reshape(o, vec![bs, s, h * c.v]);
     b.linear(o, p[6], c.fp8)
 }

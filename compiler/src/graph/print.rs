@@ -105,6 +105,9 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::SwiGluQuantize { cols } => format!("1x{cols}"),
         Op::PermuteQuantize { k, cols } => format!("k {k}, 1x{cols}"),
         Op::MaskedSoftmax { scale } => format!("scale {scale:e}"),
+        Op::Attention { scale, bf16 } | Op::AttentionGrad { scale, bf16 } => {
+            format!("causal, scale {scale:e}{}", if *bf16 { ", bf16" } else { "" })
+        }
         Op::Route { groups, keep, k, scale } => format!("groups {groups}, keep {keep}, k {k}, scale {scale:e}"),
         _ => String::new(),
     }

@@ -54,6 +54,14 @@ impl Heads {
         (rows * (2 * Self::stride(self.qk) + Self::stride(self.v))) as u32
     }
 
+    /// The head dims of attention on q [b, s, h, dqk] and v [b, s, h, dv] where these kernels
+    /// run it: dims multiples of 16 up to 256, s a multiple of [`BLOCK_ROWS`].
+    pub fn of(q: &[usize], v: &[usize]) -> Option<Heads> {
+        let narrow = |x: usize| u32::try_from(x).ok();
+        let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])? };
+        (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
+    }
+
     pub fn check(self) -> Result<Self, String> {
         if self.qk == 0
             || self.v == 0
@@ -419,6 +427,27 @@ fn module(name: &str, args: &str, body: &str) -> String {
          {body}      gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
     )
+}
+
+/// The four kernels for `heads` in launch order, each (name, MLIR): the forward
+/// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}`.
+pub fn kernels(heads: Heads) -> Vec<(String, String)> {
+    let forward = kernel_name(heads, None);
+    let mut kernels = vec![(forward.clone(), attention_forward(&forward, heads))];
+    for pass in Pass::ALL {
+        let name = kernel_name(heads, Some(pass));
+        kernels.push((name.clone(), attention_backward(&name, heads, pass)));
+    }
+    kernels
+}
+
+/// The name of the forward kernel (`None`) or of a backward pass's for `heads`.
+pub fn kernel_name(heads: Heads, pass: Option<Pass>) -> String {
+    let kind = match pass {
+        None => "fwd".to_string(),
+        Some(pass) => format!("bwd_{}", pass.label()),
+    };
+    format!("attention_{kind}_qk{}_v{}", heads.qk, heads.v)
 }
 
 /// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / 64, B·H),

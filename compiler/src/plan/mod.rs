@@ -9,7 +9,7 @@ use crate::fuse::kernels::{self, Code, Kernel, KernelKind};
 use crate::fuse::{self, FunctionReport, Limits};
 use crate::graph::ir::{Function, Module, Op};
 use crate::graph::{Numerics, ParamInfo, TrainingGraph};
-use crate::mlir::{emit, gemm};
+use crate::mlir::{attention, emit, gemm};
 use dsc_lang::Spec;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -104,7 +104,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
             let mut ks = kernels::kernels(f, &profile);
             for k in &mut ks {
                 k.code = match k.kind {
-                    KernelKind::LibraryGemm => Code::Library,
+                    KernelKind::LibraryGemm | KernelKind::Attention => Code::Library,
                     KernelKind::Generated => match emit::emit(f, k) {
                         Ok(e) => Code::Generated { grid: e.grid, block: e.block, args: e.args, zeroed: e.zeroed },
                         Err(reason) => Code::NotGenerated { reason },
@@ -256,7 +256,23 @@ impl Plan {
         for (name, tile, form) in self.generated_gemms() {
             kernels.push((name.to_string(), gemm::fp8_gemm(name, tile, form)));
         }
+        kernels.extend(self.attention_heads().map(attention::kernels).unwrap_or_default());
         kernels
+    }
+
+    /// The head dims of the fused attention kernels the plan carries: its BF16 attention's,
+    /// where the kernels run it ([`attention::Heads::of`]; the backend runs any other on the
+    /// host). A model's attention layers share their dims.
+    pub fn attention_heads(&self) -> Option<attention::Heads> {
+        self.module.functions.iter().zip(&self.functions).find_map(|(f, pf)| {
+            pf.kernels.iter().filter(|k| k.kind == KernelKind::Attention).find_map(|k| {
+                let node = &f.nodes[k.nodes[0] as usize];
+                let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else {
+                    return None;
+                };
+                attention::Heads::of(&f.node(node.args[0]).shape, &f.node(node.args[2]).shape)
+            })
+        })
     }
 
     /// The compiler's GEMMs of the experts the plan carries (name, tile, form): the grouped
@@ -345,7 +361,8 @@ mod tests {
             for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
                 for k in &pf.kernels {
                     match (&k.code, k.kind) {
-                        (Code::Library, KernelKind::LibraryGemm) | (Code::Generated { .. }, KernelKind::Generated) => {}
+                        (Code::Library, KernelKind::LibraryGemm | KernelKind::Attention)
+                        | (Code::Generated { .. }, KernelKind::Generated) => {}
                         (code, _) => panic!("{}: {} kernel {}: {code:?}", path.display(), f.name, k.name),
                     }
                 }
@@ -369,6 +386,35 @@ mod tests {
             assert_eq!(carries, want, "{sets:?}");
             let mlir = plan.kernel_mlir();
             assert!(want.iter().all(|w| mlir.iter().any(|(name, _)| name == w)), "{sets:?}");
+        }
+    }
+
+    /// A BF16-attention plan whose head dims and length the fused kernels take carries their
+    /// four kernels (and its attention and backward are kernels of their own); the tiny model's
+    /// dims (24/16) and an f32 policy's attention carry none.
+    #[test]
+    fn plans_carry_the_fused_attention_where_it_runs() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let fitting = ["model.attention.qk_nope_dim=24".to_string(), "model.attention.v_dim=32".to_string()];
+        let f32 = [&fitting[..], &["precision.gemm=f32".to_string()]].concat();
+        for (sets, carried) in
+            [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 32, v: 32 })), (&f32[..], None)]
+        {
+            let loaded = dsc_lang::load(&path, sets);
+            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            assert_eq!(plan.attention_heads(), carried, "{sets:?}");
+            let kinds: Vec<&str> = plan
+                .functions
+                .iter()
+                .flat_map(|pf| &pf.kernels)
+                .filter(|k| k.kind == KernelKind::Attention)
+                .map(|k| k.ops[0].as_str())
+                .collect();
+            assert!(kinds.contains(&"attention") && kinds.contains(&"attention_grad"), "{sets:?}: {kinds:?}");
+            let names: Vec<String> = plan.kernel_mlir().into_iter().map(|(name, _)| name).collect();
+            let want = carried.map(attention::kernels).unwrap_or_default();
+            assert!(want.iter().all(|(name, _)| names.contains(name)), "{sets:?}");
+            assert_eq!(names.iter().filter(|n| n.starts_with("attention_")).count(), want.len(), "{sets:?}");
         }
     }
 }

@@ -4,7 +4,7 @@
 //! ranks in [`super::exchange`].
 
 use super::exchange::{self, Alone, Exchange};
-use super::kernels::{grads, index, layout, linalg, rope, rows};
+use super::kernels::{attention, grads, index, layout, linalg, rope, rows};
 use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
@@ -399,6 +399,14 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             quantized(&rows, order.len(), d, Tiling { rows: 1, cols: *cols })
         }
         Op::RopeConcat => Value::real(rope::rope_concat(r(0), r(1), r(2), r(3))),
+        Op::Attention { scale, bf16 } => {
+            let (o, lse) = attention::attention(r(0), r(1), r(2), T::from_f64(*scale), *bf16);
+            Value::Tuple(vec![Value::real(o), Value::real(lse)])
+        }
+        Op::AttentionGrad { scale, bf16 } => {
+            let grads = attention::attention_grad(r(0), r(1), r(2), r(3), r(4), r(5), T::from_f64(*scale), *bf16);
+            Value::Tuple(grads.into_iter().map(Value::real).collect())
+        }
         Op::Route { groups, keep, k, scale } => {
             let (scores, bias) = (r(0), r(1));
             let (chosen, gates) = index::route(&scores.data, &bias.data, *groups, *keep, *k, T::from_f64(*scale));

@@ -1,5 +1,6 @@
 //! The CPU backend's kernels other than elementwise arithmetic, grouped by what drives them.
 
+pub mod attention;
 pub mod grads;
 pub mod index;
 pub mod layout;
