@@ -3,7 +3,8 @@
 //! leaf child; every other op opaque, a repeated one shared), saturated with [`rules::rules`]
 //! under node, iteration and time bounds (the report says which stopped it), and extracted
 //! ([`extract`]) by the roofline cost of [`cost`] back into a graph function in which fused
-//! ops replace their primitives. [`library`] then hands the library's FP8 GEMMs their operands
+//! ops replace their primitives. Before that, [`expand`] turns attention the fused kernels do
+//! not take into primitives. [`library`] then hands the library's FP8 GEMMs their operands
 //! quantised, and [`kernels`] groups the result into kernels.
 //!
 //! Fused ops with several results (the residual sum and its norm; dx and dw of a norm's
@@ -22,6 +23,7 @@
 
 pub mod analysis;
 pub mod cost;
+pub mod expand;
 pub mod extract;
 pub mod kernels;
 pub mod lang;

@@ -599,6 +599,8 @@ pub struct Constant {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConstantKind {
+    /// [seq, seq]: 0 where the key is not after the query, −1e9 where it is.
+    CausalMask,
     /// [seq, 2·pairs]: cos (or sin) of position × frequency, the pair frequencies repeated for
     /// the two halves, times `scale`.
     Rope { frequencies: Vec<f64>, scale: f64, sin: bool },
@@ -607,6 +609,10 @@ pub enum ConstantKind {
 impl Constant {
     pub fn data(&self) -> Vec<f64> {
         match &self.kind {
+            ConstantKind::CausalMask => {
+                let seq = self.shape[0];
+                (0..seq * seq).map(|i| if i % seq > i / seq { -1e9 } else { 0.0 }).collect()
+            }
             ConstantKind::Rope { frequencies, scale, sin } => (0..self.shape[0])
                 .flat_map(|pos| {
                     frequencies.iter().chain(frequencies).map(move |f| {

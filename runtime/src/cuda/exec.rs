@@ -7,11 +7,13 @@
 //! constant table is written into its buffer, a call runs the callee in an arena of its own
 //! (results copied out into the caller's part buffers), and a
 //! kernel runs at its first node: generated kernels from their PTX, library GEMMs on cuBLAS and
-//! cuBLASLt ([`gemm`]), and what neither covers yet (grouped GEMMs, FP8 GEMMs outside 128-element
-//! groups) on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
+//! cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]), and what none
+//! covers (FP8 GEMMs outside 128-element groups, attention the fused kernels do not take: f32,
+//! or head dims they lack) on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
 //! decoded) and its outputs uploaded. A function's arena is kept for its next call.
 //! [`Counts`] says how many kernels took each path.
 
+use super::attention::FusedAttention;
 use super::grouped::ExpertGemms;
 use super::places::{self, Places};
 use super::profile::Profile;
@@ -38,6 +40,8 @@ pub struct Counts {
     pub generated: usize,
     /// GEMMs on cuBLAS.
     pub library: usize,
+    /// Attention and its backward on the compiler's fused kernels.
+    pub attention: usize,
     /// Kernels run on the host (FP8 and grouped GEMMs, for now).
     pub host: usize,
 }
@@ -55,6 +59,8 @@ pub struct Executor {
     pub(super) blas: gemm::Blas,
     pub(super) plan: Arc<Plan>,
     kernels: Kernels,
+    /// The plan's fused attention kernels, where it carries them.
+    attention: Option<FusedAttention>,
     /// Per function, its arena's layout ([`memory::layouts`]: an entry's holds no argument).
     pub(super) layouts: Vec<Arc<Layout>>,
     /// Per function, whether it is an entry ([`memory::entries`]).
@@ -192,6 +198,7 @@ impl Executor {
         let bytes =
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
         let kernels = Kernels::new(dir);
+        let attention = FusedAttention::load(&gpu, &plan, dir)?;
         let plan = Arc::new(plan);
         let spare = plan.functions.iter().map(|_| None).collect();
         let tables = plan.module.constants.iter().map(|_| None).collect();
@@ -201,6 +208,7 @@ impl Executor {
             blas,
             plan,
             kernels,
+            attention,
             layouts,
             entries,
             bytes,
@@ -454,6 +462,11 @@ impl Executor {
                 let bytes = &self.bytes[f];
                 self.kernels.launch(&self.gpu, function, kernel, places, |v| bytes[&v])?;
                 self.counts.generated += 1;
+            }
+            Code::Library if self.attention.as_ref().is_some_and(|a| a.runs(function, kernel)) => {
+                let attention = self.attention.as_mut().expect("checked above");
+                attention.run(&self.gpu, function, kernel, places)?;
+                self.counts.attention += 1;
             }
             Code::Library if gemm::runs(function, kernel) => {
                 gemm::run(&self.gpu, &self.blas, function, kernel, places, read_back)?;

@@ -8,11 +8,13 @@
 //! launch, whose argument list follows the kernel's signature in the plan.
 //!
 //! Library GEMMs run on cuBLAS, the FP8 ones on cuBLASLt's block-scaled path ([`gemm`],
-//! [`scaled`]; the experts' grouped GEMMs a product per expert); [`exec`] runs whole plan
+//! [`scaled`]) or the compiler's expert GEMMs ([`grouped`]); attention on the compiler's fused
+//! kernels ([`attention`]); [`exec`] runs whole plan
 //! functions (FP8 GEMMs in groups other than DeepSeek-V3's 128 on the host), [`resident`] keeps
 //! the training state on the GPU, [`nccl`] sums data-parallel processes' step sums, and
 //! [`profile`] times the kernels when asked. Not here yet (issue 5): CUDA graphs.
 
+pub mod attention;
 pub mod exec;
 pub mod gemm;
 pub mod grouped;

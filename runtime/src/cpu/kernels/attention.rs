@@ -124,61 +124,49 @@ pub fn attention_grad<T: Real>(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::cpu::run;
-    use crate::cpu::value::Value;
-    use dsc_compiler::graph::ir::{DType, FunctionBuilder, Module, Op};
-    use dsc_compiler::graph::model::softmax;
+    use crate::cpu::value::{Tensor, Value};
+    use dsc_compiler::fuse::expand;
+    use dsc_compiler::graph::autodiff;
+    use dsc_compiler::graph::ir::{DType, FunctionBuilder, Module};
 
-    fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut rng = crate::rng::Rng::new(seed);
-        (0..n).map(|_| 2.0 * rng.uniform() - 1.0).collect()
-    }
-
-    /// The op agrees with attention composed of the graph's primitives ([b, h, s, d] products,
-    /// an additive causal mask, softmax), and its log-sum-exp with the scores' own.
+    /// The op and its backward agree with their expansion into primitives (`fuse::expand`: [b,
+    /// h, s, d] products, an additive causal mask, softmax), with and without BF16 operands:
+    /// output, log-sum-exp and the gradients of Σ w∘o.
     #[test]
-    fn attention_is_its_composition_of_primitives() {
-        let (batch, seq, heads, dqk, dv, scale) = (2, 6, 3, 5, 4, 0.6);
-        let mut module = Module::default();
-        let mut b = FunctionBuilder::new(&module, "composed");
-        let q = b.arg("q", vec![batch, seq, heads, dqk], DType::F64);
-        let k = b.arg("k", vec![batch, seq, heads, dqk], DType::F64);
-        let v = b.arg("v", vec![batch, seq, heads, dv], DType::F64);
-        let mask = b.arg("mask", vec![seq, seq], DType::F64);
-        let (o, lse) = b.attention(q, k, v, scale, false);
-        let [qt, kt, vt] = [q, k, v].map(|x| b.transpose(x, vec![0, 2, 1, 3]));
-        let scores = b.matmul(qt, kt, false, true, None);
-        let scores = b.scale(scores, scale);
-        let scores = b.add(scores, mask);
-        let probs = softmax(&mut b, scores);
-        let composed = b.matmul(probs, vt, false, false, None);
-        let composed = b.transpose(composed, vec![0, 2, 1, 3]);
-        let exp = b.unary(Op::Exp, scores);
-        let z = b.sum(exp, 3, false);
-        let composed_lse = b.unary(Op::Log, z);
-        for (name, x) in [("o", o), ("composed", composed), ("lse", lse), ("composed_lse", composed_lse)] {
-            b.output(name, x);
-        }
-        let f = module.add(b.finish());
-        let tensor =
-            |shape: Vec<usize>, seed| Value::real(Tensor::new(shape.clone(), values(shape.iter().product(), seed)));
-        let mask = (0..seq * seq).map(|i| if i % seq > i / seq { -1e30 } else { 0.0 }).collect();
-        let out = run(
-            &module,
-            f,
-            vec![
-                tensor(vec![batch, seq, heads, dqk], 1),
-                tensor(vec![batch, seq, heads, dqk], 2),
-                tensor(vec![batch, seq, heads, dv], 3),
-                Value::real(Tensor::new(vec![seq, seq], mask)),
-            ],
-        );
-        for (got, want) in [(&out[0], &out[1]), (&out[2], &out[3])] {
-            let (got, want) = (&got.as_real().data, &want.as_real().data);
-            assert_eq!(got.len(), want.len());
-            let worst = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            assert!(worst < 1e-12, "off by {worst:e}");
+    fn attention_is_its_expansion_into_primitives() {
+        let (batch, seq, heads, dqk, dv) = (2, 6, 3, 5, 4);
+        for bf16 in [false, true] {
+            let mut module = Module::default();
+            let mut b = FunctionBuilder::new(&module, "attend");
+            let q = b.arg("q", vec![batch, seq, heads, dqk], DType::F64);
+            let k = b.arg("k", vec![batch, seq, heads, dqk], DType::F64);
+            let v = b.arg("v", vec![batch, seq, heads, dv], DType::F64);
+            let w = b.arg("w", vec![batch, seq, heads, dv], DType::F64);
+            let (o, lse) = b.attention(q, k, v, 0.6, bf16);
+            let weighted = b.mul(o, w);
+            let loss = b.sum_all(weighted);
+            b.output("loss", loss);
+            b.output("o", o);
+            b.output("lse", lse);
+            let f = module.add(b.finish());
+            let grad = autodiff::grad(&mut module, f);
+            let expanded = expand::attention(&module, |_, _, _| false);
+            assert!(expanded.functions.iter().flat_map(|f| &f.nodes).all(|n| !n.op.name().starts_with("attention")));
+            let mut rng = crate::rng::Rng::new(7);
+            let mut tensor = |d: usize| {
+                let shape = vec![batch, seq, heads, d];
+                let data = (0..shape.iter().product()).map(|_| 4.0 * rng.uniform() - 2.0).collect();
+                Value::real(Tensor::new(shape, data))
+            };
+            let args = vec![tensor(dqk), tensor(dqk), tensor(dv), tensor(dv)];
+            let (op, composed) = (run(&module, grad, args.clone()), run(&expanded, grad, args));
+            assert_eq!(op.len(), 3 + 4);
+            for (i, (got, want)) in op.iter().zip(&composed).enumerate() {
+                let (got, want) = (&got.as_real().data, &want.as_real().data);
+                let worst = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(worst < 1e-12, "bf16 {bf16}: output {i} off by {worst:e}");
+            }
         }
     }
 }

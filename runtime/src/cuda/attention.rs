@@ -1,0 +1,151 @@
+//! The compiler's fused attention (`compiler::mlir::attention`) where a plan carries it
+//! (`Plan::attention_heads`): `attention` on its forward kernel, `attention_grad` on its three
+//! backward passes (dq, which also writes each row's D = Σ dO∘O, then dk and dv), on the plan's
+//! buffers as they are. What the plan stores nowhere (an unread part, such as the log-sum-exp
+//! of a forward that is not differentiated, and D) goes to scratch memory kept here.
+
+use super::places::Places;
+use super::{Gpu, GpuError};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use dsc_compiler::fuse::kernels::{base, Kernel};
+use dsc_compiler::graph::ir::{Function, Op};
+use dsc_compiler::mlir::attention::{kernel_name, Heads, Pass, BLOCK_ROWS, THREADS};
+use dsc_compiler::plan::Plan;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A loaded kernel and the dynamic shared memory its blocks take.
+struct Loaded {
+    function: CudaFunction,
+    shared: u32,
+    _module: Arc<CudaModule>,
+}
+
+/// The plan's four attention kernels (forward, then the backward passes in launch order).
+pub struct FusedAttention {
+    heads: Heads,
+    forward: Loaded,
+    backward: [Loaded; 3],
+    scratch: Option<CudaSlice<u8>>,
+}
+
+impl FusedAttention {
+    /// The plan's attention kernels from `dir/kernels/NAME.ptx`, if it carries them.
+    pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<Option<FusedAttention>, GpuError> {
+        let Some(heads) = plan.attention_heads() else { return Ok(None) };
+        let load = |pass: Option<Pass>, shared: u32| -> Result<Loaded, GpuError> {
+            let (module, function) = super::load_kernel(gpu, dir, &kernel_name(heads, pass))?;
+            let bytes = i32::try_from(shared).expect("a block's shared memory fits an i32");
+            function
+                .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
+            Ok(Loaded { function, shared, _module: module })
+        };
+        let backward = heads.backward_shared_bytes();
+        Ok(Some(FusedAttention {
+            heads,
+            forward: load(None, heads.shared_bytes())?,
+            backward: [
+                load(Some(Pass::Query), backward)?,
+                load(Some(Pass::Key), backward)?,
+                load(Some(Pass::Value), backward)?,
+            ],
+            scratch: None,
+        }))
+    }
+
+    /// Whether `kernel` is attention or its backward that these kernels run.
+    pub fn runs(&self, function: &Function, kernel: &Kernel) -> bool {
+        let node = &function.nodes[kernel.nodes[0] as usize];
+        let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else { return false };
+        Heads::of(&function.node(node.args[0]).shape, &function.node(node.args[2]).shape) == Some(self.heads)
+    }
+
+    /// Runs `kernel` (one that [`Self::runs`]) on its buffers at `places`.
+    pub fn run(&mut self, gpu: &Gpu, function: &Function, kernel: &Kernel, places: &Places) -> Result<(), GpuError> {
+        let at = kernel.nodes[0];
+        let node = &function.nodes[at as usize];
+        let q = &function.node(node.args[0]).shape;
+        let (batch, seq, heads) = (q[0], q[1], q[2]);
+        let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
+        let (seq_arg, heads_arg) = (narrow(seq)?, narrow(heads)?);
+        let config = |loaded: &Loaded| -> Result<LaunchConfig, GpuError> {
+            Ok(LaunchConfig {
+                grid_dim: (narrow(seq / BLOCK_ROWS as usize)?, narrow(batch * heads)?, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: loaded.shared,
+            })
+        };
+        // The kernels take the backward's operands as Q, K, V, O, dO, LSE.
+        let order: &[usize] = if part_count_of(&node.op) == 2 { &[0, 1, 2] } else { &[0, 1, 2, 3, 5, 4] };
+        let inputs: Vec<u64> = order.iter().map(|&i| places.at(base(function, node.args[i]).0)).collect();
+        // Each part's buffer, or a scratch region after D ([b, h, s] f32) for a part no one reads.
+        let row_bytes = batch * heads * seq * 4;
+        let part_count = part_count_of(&node.op);
+        let stored: Vec<Option<u32>> = (0..part_count)
+            .map(|i| function.nodes.iter().position(|n| n.op == Op::Get(i) && n.args[0].0 == at).map(|g| g as u32))
+            .collect();
+        let part_bytes = |i: usize| match (&node.op, i) {
+            (Op::Attention { .. }, 1) => row_bytes,
+            (Op::Attention { .. }, _) => function.node(node.args[2]).shape.iter().product::<usize>() * 4,
+            (_, i) => function.node(node.args[i]).shape.iter().product::<usize>() * 4,
+        };
+        let scratch_bytes = row_bytes + (0..part_count).filter(|&i| stored[i].is_none()).map(part_bytes).sum::<usize>();
+        if self.scratch.as_ref().is_none_or(|s| s.len() < scratch_bytes) {
+            self.scratch = Some(gpu.stream.alloc_zeros::<u8>(scratch_bytes)?);
+        }
+        let (scratch, _sync) = self.scratch.as_ref().expect("allocated above").device_ptr(&gpu.stream);
+        let delta = scratch;
+        let mut spare = scratch + row_bytes as u64;
+        let parts: Vec<u64> = (0..part_count)
+            .map(|i| match stored[i] {
+                Some(g) => places.at(g),
+                None => {
+                    let place = spare;
+                    spare += part_bytes(i) as u64;
+                    place
+                }
+            })
+            .collect();
+        let (Op::Attention { scale, .. } | Op::AttentionGrad { scale, .. }) = node.op else {
+            unreachable!("`runs` said attention")
+        };
+        let scale = scale as f32;
+        match node.op {
+            Op::Attention { .. } => {
+                let mut launch = gpu.stream.launch_builder(&self.forward.function);
+                for pointer in inputs.iter().chain(&parts) {
+                    launch.arg(pointer);
+                }
+                launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
+                // SAFETY: the arguments follow `attention_forward`'s signature (Q, K, V, O, LSE
+                // pointers to live buffers of the shapes the node gives, S, H, the scale), S a
+                // multiple of the block's rows (`runs`).
+                unsafe { launch.launch(config(&self.forward)?) }?;
+            }
+            _ => {
+                for (pass, grad) in self.backward.iter().zip(&parts) {
+                    let mut launch = gpu.stream.launch_builder(&pass.function);
+                    for pointer in inputs.iter().chain([&delta, grad]) {
+                        launch.arg(pointer);
+                    }
+                    launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
+                    // SAFETY: the arguments follow `attention_backward`'s signature (Q, K, V, O,
+                    // dO, LSE, D, the gradient: pointers to live buffers of the node's shapes; S,
+                    // H, the scale); the query pass writes D before the others read it.
+                    unsafe { launch.launch(config(pass)?) }?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parts of the tuple of `attention` (o, lse) or of its backward (dq, dk, dv).
+fn part_count_of(op: &Op) -> usize {
+    if matches!(op, Op::Attention { .. }) {
+        2
+    } else {
+        3
+    }
+}
