@@ -3,7 +3,8 @@
 //! memory planner, and every library GEMM the backend runs (those outside FP8, on cuBLAS),
 //! matches the CPU backend on the very values the CPU computed in one training micro-batch
 //! (real token ids, routing and MoE orders included). Then the forward and gradient
-//! functions run whole on the GPU against the CPU reference (an f32 plan too, see its test).
+//! functions run whole on the GPU against the CPU reference (an f32 plan too, see its test),
+//! and a bench-shaped plan's attention and training step (`a_bench_*`).
 //! The plan comes
 //! from `DSC_TEST_PLAN` (default `target/plan-tiny`: `dsc compile
 //! models/deepseek-v3-tiny.dsc -o target/plan-tiny`).
@@ -445,4 +446,83 @@ fn perturbed(trainer: &Trainer<f32>, plan: &Plan, size: f64) -> Checkpoint {
         *x = (f64::from(*x) * (1.0 + size * (2.0 * rng.uniform() - 1.0))) as f32;
     }
     Checkpoint { moments: None, ema: None, ..state }
+}
+
+/// The bench-shaped plan's attention and its backward (`DSC_TEST_PLAN_BENCH_STEP`, see
+/// `a_bench_training_step_on_the_gpu_matches_the_cpu`; MLA's head dims 192/128, 16 heads, 128
+/// positions: two blocks of rows, the diagonal and one below it) on the fused kernels
+/// (`cuda::attention`), in the function's arena, on random operands: o, the log-sum-exp, dq, dk
+/// and dv match the CPU reference in float64 (BF16 operands) within DESIGN.md's BF16 bound,
+/// 1e-2 (the kernels also round the probabilities and dO to BF16).
+#[test]
+fn a_bench_plans_attention_on_the_fused_kernels_matches_the_cpu() {
+    use dsc_runtime::cpu::kernels::attention::{attention, attention_grad};
+    use dsc_runtime::cuda::attention::FusedAttention;
+    let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_BENCH_STEP", "plan-bench-step") else { return };
+    let mut fused = FusedAttention::load(&gpu, &plan, &dir).expect("loads").expect("the plan carries the kernels");
+    let mut rng = Rng::new(21);
+    let mut random = |shape: &[usize]| -> Tensor<f64> {
+        let data = (0..shape.iter().product()).map(|_| 4.0 * rng.uniform() - 2.0).collect();
+        Tensor::new(shape.to_vec(), data)
+    };
+    let mut checked = Vec::new();
+    for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
+        let layout = dsc_runtime::memory::plan(&pf.buffers);
+        for kernel in &pf.kernels {
+            let node = &function.nodes[kernel.nodes[0] as usize];
+            let (Op::Attention { scale, .. } | Op::AttentionGrad { scale, .. }) = node.op else { continue };
+            // Each form once, where the plan stores every part (a forward not differentiated
+            // leaves its log-sum-exp unread).
+            let count = if matches!(node.op, Op::Attention { .. }) { 2 } else { 3 };
+            let parts: Option<Vec<u32>> = (0..count)
+                .map(|i| {
+                    let at = function.nodes.iter().position(|n| n.op == Op::Get(i) && n.args[0].0 == kernel.nodes[0]);
+                    at.map(|g| g as u32)
+                })
+                .collect();
+            let Some(parts) = parts else { continue };
+            if checked.contains(&node.op.name()) {
+                continue;
+            }
+            assert!(fused.runs(function, kernel), "{} runs on the fused kernels", kernel.name);
+            let arena = gpu.stream.alloc_zeros::<u8>(layout.peak as usize).expect("arena");
+            let places = Places::arena(&gpu, &arena, &layout);
+            let base = |v: dsc_compiler::graph::ir::V| dsc_compiler::fuse::kernels::base(function, v).0;
+            let upload = |v: u32, t: &Tensor<f64>| {
+                let bytes: Vec<u8> = t.data.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect();
+                dsc_runtime::cuda::places::write(&gpu, &bytes, places.at(v)).expect("upload");
+            };
+            let download = |v: u32, n: usize| -> Vec<f64> {
+                let bytes = dsc_runtime::cuda::places::read(&gpu, places.at(v), 4 * n).expect("download");
+                bytes.chunks(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()
+            };
+            // The operands as the GPU holds them (f32), and the reference on those.
+            let f32s =
+                |t: Tensor<f64>| Tensor::new(t.shape.clone(), t.data.iter().map(|&x| f64::from(x as f32)).collect());
+            let shape = |i: usize| function.node(node.args[i]).shape.clone();
+            let (q, k, v) = (f32s(random(&shape(0))), f32s(random(&shape(1))), f32s(random(&shape(2))));
+            let (o, lse) = attention(&q, &k, &v, scale, true);
+            for (i, t) in [&q, &k, &v].into_iter().enumerate() {
+                upload(base(node.args[i]), t);
+            }
+            let want: Vec<Tensor<f64>> = match node.op {
+                Op::Attention { .. } => vec![o, lse],
+                _ => {
+                    let (o, lse, d_o) = (f32s(o), f32s(lse), f32s(random(&shape(5))));
+                    for (i, t) in [(3, &o), (4, &lse), (5, &d_o)] {
+                        upload(base(node.args[i]), t);
+                    }
+                    attention_grad(&q, &k, &v, &o, &lse, &d_o, scale, true).to_vec()
+                }
+            };
+            fused.run(&gpu, function, kernel, &places).expect("the fused attention");
+            for (i, (v, want)) in parts.into_iter().zip(&want).enumerate() {
+                let error = relative_error(&download(v, want.data.len()), &want.data);
+                eprintln!("{} part {i}: relative error {error:.2e}", node.op.name());
+                assert!(error <= 1e-2, "{} part {i}: relative error {error:.2e}", node.op.name());
+            }
+            checked.push(node.op.name());
+        }
+    }
+    assert_eq!(checked.len(), 2, "the plan's attention and its backward: {checked:?}");
 }

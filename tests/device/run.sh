@@ -50,12 +50,12 @@ while [ $# -gt 0 ]; do
   case "$stage" in
     checks)
       DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
-        target/gpu/gpu_kernels --nocapture --skip a_bench_training_step 2>&1 | tail -n 40
+        target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tail -n 40
       DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20
       python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15
       ;;
     step)
-      DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench_training_step 2>&1 | tail -n 20
+      DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench 2>&1 | tail -n 30
       ;;
     profile)
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
