@@ -115,11 +115,12 @@ fn print_summary(plan: &Plan) {
     println!();
     let all: Vec<&Kernel> = plan.functions.iter().flat_map(|f| &f.kernels).collect();
     let generated = all.iter().filter(|k| matches!(k.code, Code::Generated { .. })).count();
-    let library = all.iter().filter(|k| matches!(k.code, Code::Library)).count();
+    let library = |kind| all.iter().filter(|k| matches!(k.code, Code::Library) && k.kind == kind).count();
+    let (gemms, attention) = (library(KernelKind::LibraryGemm), library(KernelKind::Attention));
     println!(
-        "{} kernels: {generated} generated (MLIR → PTX), {library} library GEMMs, {} not generated yet. `dsc inspect DIR --kernel NAME` shows one.",
+        "{} kernels: {generated} generated (MLIR → PTX), {gemms} library GEMMs, {attention} on the fused attention kernels, {} not generated yet. `dsc inspect DIR --kernel NAME` shows one.",
         all.len(),
-        all.len() - generated - library
+        all.len() - generated - gemms - attention
     );
 }
 
@@ -151,6 +152,12 @@ fn print_kernel(plan: &Plan, dir: &Path, function: &str, k: &Kernel) {
                     Err(_) => println!("\n{what}: not in the plan (`{}` is missing)", path.display()),
                 }
             }
+        }
+        Code::Library if k.kind == KernelKind::Attention => {
+            let heads = plan.attention_heads().expect("a plan with attention kernels carries them");
+            let names: Vec<String> =
+                dsc_compiler::mlir::attention::kernels(heads).into_iter().map(|(n, _)| n).collect();
+            println!("  runs on the fused attention kernels (MLIR in ir/, PTX in kernels/): {}", names.join(", "));
         }
         Code::Library => println!("  runs in a library GEMM"),
         Code::NotGenerated { reason } => println!("  not generated yet: {reason}"),

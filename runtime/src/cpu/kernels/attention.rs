@@ -131,12 +131,13 @@ mod tests {
     use dsc_compiler::graph::ir::{DType, FunctionBuilder, Module};
 
     /// The op and its backward agree with their expansion into primitives (`fuse::expand`: [b,
-    /// h, s, d] products, an additive causal mask, softmax), with and without BF16 operands:
-    /// output, log-sum-exp and the gradients of Σ w∘o.
+    /// h, s, d] products, an additive causal mask, softmax), with and without BF16 operands, on
+    /// several shapes (one position; values wider than queries): output, log-sum-exp and the
+    /// gradients of Σ w∘o.
     #[test]
     fn attention_is_its_expansion_into_primitives() {
-        let (batch, seq, heads, dqk, dv) = (2, 6, 3, 5, 4);
-        for bf16 in [false, true] {
+        let shapes = [(2, 6, 3, 5, 4), (1, 1, 1, 1, 1), (1, 7, 2, 3, 6)];
+        for ((batch, seq, heads, dqk, dv), bf16) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
             let mut module = Module::default();
             let mut b = FunctionBuilder::new(&module, "attend");
             let q = b.arg("q", vec![batch, seq, heads, dqk], DType::F64);
@@ -165,7 +166,7 @@ mod tests {
             for (i, (got, want)) in op.iter().zip(&composed).enumerate() {
                 let (got, want) = (&got.as_real().data, &want.as_real().data);
                 let worst = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-                assert!(worst < 1e-12, "bf16 {bf16}: output {i} off by {worst:e}");
+                assert!(worst < 1e-12, "{batch}×{seq}×{heads}×{dqk}/{dv} bf16 {bf16}: output {i} off by {worst:e}");
             }
         }
     }
