@@ -92,6 +92,11 @@ def bf16(x):
     return x.to(torch.bfloat16).to(torch.float32)
 
 
+def heads_major(x):
+    """A BF16 [B, H, S, D] contiguous copy of an f32 [B, S, H, D] tensor, as SDPA takes it."""
+    return x.to(torch.bfloat16).transpose(1, 2).contiguous()
+
+
 def reference(q, k, v, scale):
     """float64 causal attention of [B, S, H, D] inputs: O [B, S, H, Dv], LSE [B, H, S]."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -114,7 +119,7 @@ BACKENDS = {
 
 def sdpa(backend, q, k, v, scale):
     """SDPA on BF16 [B, H, S, D] copies; the call, or None where the backend refuses."""
-    qh, kh, vh = (x.to(torch.bfloat16).transpose(1, 2).contiguous() for x in (q, k, v))
+    qh, kh, vh = (heads_major(x) for x in (q, k, v))
 
     def call():
         with sdpa_kernel([BACKENDS[backend]]):
@@ -176,11 +181,11 @@ def check(g, emit):
                 row[f"{name}_rel_error"] = rel(grad, x.grad)
         sdpa_err = {}
         for name in BACKENDS:
-            qh, kh, vh = (x.to(torch.bfloat16).transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+            qh, kh, vh = (heads_major(x).detach().requires_grad_() for x in (q, k, v))
             try:
                 with sdpa_kernel([BACKENDS[name]]):
                     out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-                out.backward(do.to(torch.bfloat16).transpose(1, 2))
+                out.backward(heads_major(do))
             except RuntimeError:
                 continue
             errs = {"o": rel(out.float().transpose(1, 2), ref_o.detach())}
@@ -228,7 +233,7 @@ def bench(g, emit):
             best["fwd"] = min(best.get("fwd", t), t)
             with sdpa_kernel([BACKENDS[name]]):
                 out = call_with_grad(q, k, v, scale)
-                dout = do.to(torch.bfloat16).transpose(1, 2).contiguous()
+                dout = heads_major(do)
                 t = timed(lambda: out.backward(dout, retain_graph=True))
             result.update(bwd_us=round(t, 1), bwd_tflops=round(backward_flops / t / 1e6))
             best["bwd"] = min(best.get("bwd", t), t)
@@ -244,7 +249,7 @@ def bench(g, emit):
 
 
 def call_with_grad(q, k, v, scale):
-    qh, kh, vh = (x.to(torch.bfloat16).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    qh, kh, vh = (heads_major(x).requires_grad_() for x in (q, k, v))
     return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
 
 
