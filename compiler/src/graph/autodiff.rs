@@ -94,8 +94,10 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
                 }
             }
             Op::Attention { scale, bf16 } => {
-                // Only the output carries a gradient: the log-sum-exp is read by the backward.
-                let Some(d_o) = adjoints.tuples.remove(&v).and_then(|parts| parts.get(&0).copied()) else { continue };
+                // Only the output carries a gradient: the log-sum-exp is for the backward.
+                let Some(parts) = adjoints.tuples.remove(&v) else { continue };
+                assert!(!parts.contains_key(&1), "attention's log-sum-exp is not differentiable");
+                let Some(&d_o) = parts.get(&0) else { continue };
                 let [q, k, values] = [node.args[0], node.args[1], node.args[2]];
                 let (o, lse) = (b.part(v, 0), b.part(v, 1));
                 let op = Op::AttentionGrad { scale, bf16 };

@@ -243,15 +243,15 @@ pub enum Op {
     /// head) and each row's log-sum-exp of its scaled, masked scores (natural log), which the
     /// backward reads. With `bf16`, q, k and v are rounded to BF16 first (the recipe keeps
     /// attention in BF16; the GPU's fused kernels also round the probabilities, as tensor
-    /// cores take them). Never materialises the s×s scores on the GPU
-    /// (`compiler::mlir::attention`).
+    /// cores take them). Where those kernels take it (`compiler::mlir::attention`), the s×s
+    /// scores are never stored; a plan expands any other into primitives (`fuse::expand`).
     Attention {
         scale: f64,
         bf16: bool,
     },
     /// The backward of `Attention`, (q, k, v, o, lse, do) → the tuple (dq, dk, dv), the
     /// probabilities recomputed from the log-sum-exp; the gradients pass the BF16 rounding
-    /// straight through (as a cast's do).
+    /// straight through, as a cast's VJP does.
     AttentionGrad {
         scale: f64,
         bf16: bool,
