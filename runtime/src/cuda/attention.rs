@@ -65,6 +65,11 @@ impl FusedAttention {
     pub fn run(&mut self, gpu: &Gpu, function: &Function, kernel: &Kernel, places: &Places) -> Result<(), GpuError> {
         let at = kernel.nodes[0];
         let node = &function.nodes[at as usize];
+        let (forward, scale) = match node.op {
+            Op::Attention { scale, .. } => (true, scale as f32),
+            Op::AttentionGrad { scale, .. } => (false, scale as f32),
+            _ => unreachable!("`runs` said attention"),
+        };
         let q = &function.node(node.args[0]).shape;
         let (batch, seq, heads) = (q[0], q[1], q[2]);
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
@@ -77,18 +82,19 @@ impl FusedAttention {
             })
         };
         // The kernels take the backward's operands as Q, K, V, O, dO, LSE.
-        let order: &[usize] = if part_count_of(&node.op) == 2 { &[0, 1, 2] } else { &[0, 1, 2, 3, 5, 4] };
+        let order: &[usize] = if forward { &[0, 1, 2] } else { &[0, 1, 2, 3, 5, 4] };
         let inputs: Vec<u64> = order.iter().map(|&i| places.at(base(function, node.args[i]).0)).collect();
         // Each part's buffer, or a scratch region after D ([b, h, s] f32) for a part no one reads.
         let row_bytes = batch * heads * seq * 4;
-        let part_count = part_count_of(&node.op);
+        // The parts: o and lse, or dq, dk and dv.
+        let part_count = if forward { 2 } else { 3 };
         let stored: Vec<Option<u32>> = (0..part_count)
             .map(|i| function.nodes.iter().position(|n| n.op == Op::Get(i) && n.args[0].0 == at).map(|g| g as u32))
             .collect();
-        let part_bytes = |i: usize| match (&node.op, i) {
-            (Op::Attention { .. }, 1) => row_bytes,
-            (Op::Attention { .. }, _) => function.node(node.args[2]).shape.iter().product::<usize>() * 4,
-            (_, i) => function.node(node.args[i]).shape.iter().product::<usize>() * 4,
+        let part_bytes = |i: usize| match (forward, i) {
+            (true, 1) => row_bytes,
+            (true, _) => function.node(node.args[2]).shape.iter().product::<usize>() * 4,
+            (false, i) => function.node(node.args[i]).shape.iter().product::<usize>() * 4,
         };
         let scratch_bytes = row_bytes + (0..part_count).filter(|&i| stored[i].is_none()).map(part_bytes).sum::<usize>();
         if self.scratch.as_ref().is_none_or(|s| s.len() < scratch_bytes) {
@@ -107,45 +113,29 @@ impl FusedAttention {
                 }
             })
             .collect();
-        let (Op::Attention { scale, .. } | Op::AttentionGrad { scale, .. }) = node.op else {
-            unreachable!("`runs` said attention")
-        };
-        let scale = scale as f32;
-        match node.op {
-            Op::Attention { .. } => {
-                let mut launch = gpu.stream.launch_builder(&self.forward.function);
-                for pointer in inputs.iter().chain(&parts) {
+        if forward {
+            let mut launch = gpu.stream.launch_builder(&self.forward.function);
+            for pointer in inputs.iter().chain(&parts) {
+                launch.arg(pointer);
+            }
+            launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
+            // SAFETY: the arguments follow `attention_forward`'s signature (Q, K, V, O, LSE
+            // pointers to live buffers of the shapes the node gives, S, H, the scale), S a
+            // multiple of the block's rows (`runs`).
+            unsafe { launch.launch(config(&self.forward)?) }?;
+        } else {
+            for (pass, grad) in self.backward.iter().zip(&parts) {
+                let mut launch = gpu.stream.launch_builder(&pass.function);
+                for pointer in inputs.iter().chain([&delta, grad]) {
                     launch.arg(pointer);
                 }
                 launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
-                // SAFETY: the arguments follow `attention_forward`'s signature (Q, K, V, O, LSE
-                // pointers to live buffers of the shapes the node gives, S, H, the scale), S a
-                // multiple of the block's rows (`runs`).
-                unsafe { launch.launch(config(&self.forward)?) }?;
-            }
-            _ => {
-                for (pass, grad) in self.backward.iter().zip(&parts) {
-                    let mut launch = gpu.stream.launch_builder(&pass.function);
-                    for pointer in inputs.iter().chain([&delta, grad]) {
-                        launch.arg(pointer);
-                    }
-                    launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
-                    // SAFETY: the arguments follow `attention_backward`'s signature (Q, K, V, O,
-                    // dO, LSE, D, the gradient: pointers to live buffers of the node's shapes; S,
-                    // H, the scale); the query pass writes D before the others read it.
-                    unsafe { launch.launch(config(pass)?) }?;
-                }
+                // SAFETY: the arguments follow `attention_backward`'s signature (Q, K, V, O, dO,
+                // LSE, D, the gradient: pointers to live buffers of the node's shapes; S, H, the
+                // scale); the query pass writes D before the others read it.
+                unsafe { launch.launch(config(pass)?) }?;
             }
         }
         Ok(())
-    }
-}
-
-/// The parts of the tuple of `attention` (o, lse) or of its backward (dq, dk, dv).
-fn part_count_of(op: &Op) -> usize {
-    if matches!(op, Op::Attention { .. }) {
-        2
-    } else {
-        3
     }
 }
