@@ -20,6 +20,13 @@ pub fn run(dir: &Path, kernel: Option<&str>, format: InfoFormat) -> anyhow::Resu
         let Some((function, k)) =
             plan.functions.iter().find_map(|f| f.kernels.iter().find(|k| k.name == name).map(|k| (f, k)))
         else {
+            if plan.carried_kernels().iter().any(|(carried, _)| carried == name) {
+                println!(
+                    "kernel {name}: hand-scheduled by the compiler, carried by the plan for the backend's launcher"
+                );
+                print_code(dir, name);
+                return Ok(ExitCode::SUCCESS);
+            }
             eprintln!("error: no kernel `{name}` in {} (`dsc inspect {}` lists them)", dir.display(), dir.display());
             return Ok(ExitCode::FAILURE);
         };
@@ -122,6 +129,10 @@ fn print_summary(plan: &Plan) {
         all.len(),
         all.len() - generated - gemms - attention
     );
+    let carried: Vec<String> = plan.carried_kernels().into_iter().map(|(name, _)| name).collect();
+    if !carried.is_empty() {
+        println!("hand-scheduled kernels carried for the backend: {}", carried.join(", "));
+    }
 }
 
 fn print_kernel(plan: &Plan, dir: &Path, function: &str, k: &Kernel) {
@@ -143,25 +154,30 @@ fn print_kernel(plan: &Plan, dir: &Path, function: &str, k: &Kernel) {
     match &k.code {
         Code::Generated { grid, block, .. } => {
             println!("  launch: {grid} blocks × {block} threads");
-            for (what, path) in [
-                ("MLIR", dir.join("ir").join(format!("{}.mlir", k.name))),
-                ("PTX", dir.join("kernels").join(format!("{}.ptx", k.name))),
-            ] {
-                match std::fs::read_to_string(&path) {
-                    Ok(text) => println!("\n{what} ({}):\n{text}", path.display()),
-                    Err(_) => println!("\n{what}: not in the plan (`{}` is missing)", path.display()),
-                }
-            }
+            print_code(dir, &k.name);
         }
         Code::Library if k.kind == KernelKind::Attention => {
             let heads = plan.attention_heads().expect("a plan with attention kernels carries them");
             let names: Vec<String> =
                 dsc_compiler::mlir::attention::kernels(heads).into_iter().map(|(n, _)| n).collect();
-            println!("  runs on the fused attention kernels (MLIR in ir/, PTX in kernels/): {}", names.join(", "));
+            println!("  runs on the fused attention kernels (`--kernel NAME` shows each): {}", names.join(", "));
         }
         Code::Library => println!("  runs in a library GEMM"),
         Code::NotGenerated { reason } => println!("  not generated yet: {reason}"),
         Code::Unassigned => {}
+    }
+}
+
+/// Kernel `name`'s MLIR (`ir/`) and PTX (`kernels/`) in the plan directory.
+fn print_code(dir: &Path, name: &str) {
+    for (what, path) in [
+        ("MLIR", dir.join("ir").join(format!("{name}.mlir"))),
+        ("PTX", dir.join("kernels").join(format!("{name}.ptx"))),
+    ] {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => println!("\n{what} ({}):\n{text}", path.display()),
+            Err(_) => println!("\n{what}: not in the plan (`{}` is missing)", path.display()),
+        }
     }
 }
 

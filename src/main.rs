@@ -17,12 +17,27 @@ use dsc_lang::{Loaded, Spec};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
+/// A closed stdout (`dsc inspect PLAN --kernel K | head`) ends a command that only prints,
+/// quietly and with the shell's code for SIGPIPE, as Unix tools do. `train` keeps Rust's
+/// default, where a broken pipe is an error it reports: a peer's closed socket must not end it.
+fn exit_on_closed_stdout() {
+    // SAFETY: the action only calls `low_level::exit`, which is async-signal-safe.
+    let registered =
+        unsafe { signal_hook::low_level::register(signal_hook::consts::SIGPIPE, || signal_hook::low_level::exit(141)) };
+    if let Err(e) = registered {
+        tracing::debug!("SIGPIPE left as it was: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+    if !matches!(cli.command, Command::Train(_)) {
+        exit_on_closed_stdout();
+    }
     let result = match &cli.command {
         Command::Check { spec } => check(&cli, spec),
         Command::Fmt { spec, check } => fmt(&cli, spec, *check),

@@ -316,6 +316,28 @@ fn compile_writes_a_plan_that_inspect_reads() {
     let name = ptx[0].file_stem().unwrap().to_str().unwrap().to_string();
     let one = dsc_ok(&["inspect", plan_s, "--kernel", &name]);
     assert!(one.contains("gpu.module") && one.contains(".target sm_90a"), "{one}");
+    // The hand-scheduled kernels the plan carries (the tiny FP8 plan's expert GEMMs) are listed
+    // and shown as well.
+    let carried = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hand-scheduled kernels carried for the backend: "))
+        .and_then(|names| names.split(", ").next())
+        .unwrap_or_else(|| panic!("no carried kernels listed:\n{text}"));
+    let shown = dsc_ok(&["inspect", plan_s, "--kernel", carried]);
+    assert!(shown.contains("hand-scheduled") && shown.contains("gpu.module"), "{shown}");
+    // A reader that stops early (`| head`) ends the printing quietly, without a panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsc"))
+        .args(["inspect", plan_s, "--kernel", carried])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running dsc");
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut first).expect("some output");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("dsc ends");
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(matches!(o.status.code(), Some(0 | 141)), "{:?}", o.status);
     let err = dsc_rejects_plain(&["inspect", dir.path().join("nothing").to_str().unwrap()]);
     assert!(err.contains("plan.json"), "{err}");
 }

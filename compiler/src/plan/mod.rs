@@ -262,11 +262,19 @@ impl Plan {
                 })
             })
             .collect();
-        for (name, tile, form) in self.generated_gemms() {
-            kernels.push((name.to_string(), gemm::fp8_gemm(name, tile, form)));
-        }
-        kernels.extend(self.attention_heads().map(attention::kernels).unwrap_or_default());
+        kernels.extend(self.carried_kernels());
         kernels
+    }
+
+    /// The compiler's hand-scheduled kernels the plan carries for its backend's launchers, each
+    /// (name, MLIR): the experts' GEMMs ([`Plan::generated_gemms`]) and the fused attention
+    /// ([`Plan::attention_heads`]).
+    pub fn carried_kernels(&self) -> Vec<(String, String)> {
+        let gemms = self
+            .generated_gemms()
+            .into_iter()
+            .map(|(name, tile, form)| (name.to_string(), gemm::fp8_gemm(name, tile, form)));
+        gemms.chain(self.attention_heads().map(attention::kernels).unwrap_or_default()).collect()
     }
 
     /// The head dims of the fused attention kernels the plan carries: its BF16 attention's,
