@@ -1,6 +1,15 @@
 //! The tensor IR: a [`Module`] of [`Function`]s, each a list of single-result [`Node`]s in
 //! topological order with static shapes and dtypes. A function can call another (`Call`
 //! returns a tuple, `Get` projects from it), so a layer is built once and instanced per layer.
+//!
+//! The ops are primitives, with one exception that departs from DESIGN.md's "primitive ops
+//! only": causal attention is one op (`Attention`, a tuple of its output and log-sum-exp) with
+//! its own backward op (`AttentionGrad`). Differentiating its primitives would store the s×s
+//! probabilities for the backward, and finding flash attention's backward again among
+//! autodiff's products, softmax gradient and transposes is a fragile match of a whole subgraph;
+//! as one op, the fused kernels run it and a plan expands it into primitives wherever they do
+//! not (`fuse::expand`), so fusion and every backend still see primitives there.
+//!
 //! [`FunctionBuilder`] appends nodes and infers their shapes; a shape mismatch is a bug in
 //! the builder (the spec was checked before), so it panics.
 
