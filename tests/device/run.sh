@@ -6,7 +6,8 @@
 #   checks    the GPU test suites (every kernel kind against the CPU reference; the bench
 #             plan's FP8 and grouped FP8 GEMMs; training steps of the tiny plans against the
 #             CPU) and every generated kernel of the bench plan against float64 (CuPy)
-#   step      one step of a bench-shaped plan on the GPU against two CPU steps (about 4
+#   step      that plan's attention and backward on the fused kernels against float64, and
+#             one step of a bench-shaped plan on the GPU against two CPU steps (about 4
 #             minutes of a call on its own: the CPU's are 415M-parameter FP8 steps)
 #   profile   the bench model trained 6 steps with `--profile`: where the GPU's time goes
 #   table N   issue 5's table: dsc FP8, dsc BF16 and PyTorch, N steps each (default 20;
