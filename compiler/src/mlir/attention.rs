@@ -22,7 +22,7 @@
 //! 164 (three blocks share a multiprocessor), dQ 255 (4 bytes spilled), dK 252, dV 167; the
 //! staging's thread layout ([`stage`]) keeps its addresses out of the loops' live registers.
 
-use super::ptx::Lines;
+use super::ptx::{Lines, Loop};
 
 /// Query rows per block (16 per warp, four warps) and keys per step.
 pub const BLOCK_ROWS: u32 = 64;
@@ -403,21 +403,12 @@ fn lane_at(g: &mut Lines, tile: &str, row: &str, stride: u64, col8: &str) -> Str
     g.op("add", &at, tile)
 }
 
-/// Opens `scf.for` over the column blocks `lower..upper` (i64) carrying `carried` f32 values
-/// named `%{prefix}{i}` from `initial`; the block index (i64) and the results' name.
-fn column_loop(g: &mut Lines, lower: &str, upper: &str, initial: &[String], prefix: &str) -> (String, String) {
-    let [lower, upper, step] = [lower.to_string(), upper.to_string(), g.i64(1)]
-        .map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
-    let (index, results) = (g.fresh(), g.fresh());
-    let iter_args: Vec<String> = initial.iter().enumerate().map(|(i, x)| format!("%{prefix}{i} = {x}")).collect();
-    g.stmt(format!(
-        "{results}:{} = scf.for {index} = {lower} to {upper} step {step} iter_args({}) -> ({}) {{",
-        initial.len(),
-        iter_args.join(", "),
-        vec!["f32"; initial.len()].join(", ")
-    ));
-    let j = g.line(format!("arith.index_cast {index} : index to i64"));
-    (j, results)
+/// Opens `scf.for` over the column blocks `lower..upper` (i64) carrying the f32 values
+/// `initial`: the block index (i64), the carried values inside and the results' name.
+fn column_loop(g: &mut Lines, lower: &str, upper: &str, initial: &[String]) -> Loop {
+    let one = g.i64(1);
+    let carried: Vec<(String, &str)> = initial.iter().map(|x| (x.clone(), "f32")).collect();
+    g.open_for(lower, upper, &one, &carried)
 }
 
 /// The module of kernel `name` with arguments `args` and `body`.
@@ -478,8 +469,8 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     initial.extend([b.minus_inf.clone(), b.minus_inf.clone(), b.zero.clone(), b.zero.clone()]);
     let zero64 = g.i64(0);
     let upper = g.op_c("add", &q_block, 1);
-    let (j, state) = column_loop(&mut g, &zero64, &upper, &initial, "f");
-    let carried = |i: usize| format!("%f{i}");
+    let Loop { index: j, carried, results: state } = column_loop(&mut g, &zero64, &upper, &initial);
+    let carried = |i: usize| carried[i].clone();
     let k0 = g.op_c("mul", &j, BLOCK_ROWS.into());
     // The last block's K and V are read: stage this block's.
     g.stmt("gpu.barrier");
@@ -638,7 +629,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Query => (g.i64(0), g.op_c("add", &row_block, 1)),
         Pass::Key | Pass::Value => (row_block.clone(), b.blocks.clone()),
     };
-    let (j, state) = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count], "acc");
+    let Loop { index: j, carried, results: state } = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count]);
     let c0 = g.op_c("mul", &j, BLOCK_ROWS.into());
     g.stmt("gpu.barrier");
     b.stage(&mut g, cols_qk, Layout::Qk, heads, &c0, &s_cols);
@@ -677,7 +668,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
             *x = exp2(&mut g, x);
         }
     }
-    let mut acc: Vec<String> = (0..count).map(|i| format!("%acc{i}")).collect();
+    let mut acc = carried;
     if pass == Pass::Value {
         b.accumulate(&mut g, &mut acc, &p, &t_lane, width, t_stride);
     } else {

@@ -27,7 +27,7 @@
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
 //! a multiple of n times the cluster's blocks).
 
-use super::ptx::Lines;
+use super::ptx::{Lines, Loop};
 
 /// Rows of C per block: one warpgroup's `wgmma` M.
 pub const TILE_M: u32 = 64;
@@ -205,10 +205,8 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     g.stmt(format!("scf.if {leader} {{"));
     each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
         let Setup { m0, b_row, k_from, k_blocks, .. } = at;
-        let [lower, upper, step] =
-            [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
-        g.stmt(format!("scf.for %kb_copy = {lower} to {upper} step {step} {{"));
-        let kb = g.line("arith.index_cast %kb_copy : index to i64");
+        let (zero, one) = (g.i64(0), g.i64(1));
+        let kb = g.open_for(&zero, &k_blocks, &one, &[]).index;
         let position = g.op("add", done, &kb);
         let (stage, parity) = stage_of(g, &position);
         // The stage's previous round released (a fresh barrier passes the wait for parity 1).
@@ -280,16 +278,10 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
         let Setup { n0, m0, valid, sb, k_from, k_blocks, c, .. } = at;
         let first_kb = g.op_c("udiv", &k_from, TILE_K.into());
-        let [lower, upper, step] =
-            [g.i64(0), k_blocks.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
-        let iter_args: Vec<String> = (0..registers).map(|i| format!("%acc{i} = {zero}")).collect();
-        let f32s = vec!["f32"; registers].join(", ");
-        let sums = "%sums";
-        g.stmt(format!(
-            "{sums}:{registers} = scf.for %kb_index = {lower} to {upper} step {step} iter_args({}) -> ({f32s}) {{",
-            iter_args.join(", ")
-        ));
-        let kb = g.line("arith.index_cast %kb_index : index to i64");
+        let (first, one) = (g.i64(0), g.i64(1));
+        let carried: Vec<(String, &str)> = (0..registers).map(|_| (zero.clone(), "f32")).collect();
+        let k_loop = g.open_for(&first, &k_blocks, &one, &carried);
+        let (kb, sums) = (k_loop.index.clone(), k_loop.results.clone());
         let scale = |g: &mut Lines, ptr: &str, at: &str| {
             let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
             g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
@@ -406,9 +398,11 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let promoted: Vec<String> = block
             .iter()
             .enumerate()
-            .map(|(i, x)| g.line(format!("llvm.intr.fma({x}, {}, %acc{i}) : (f32, f32, f32) -> f32", scales[i])))
+            .map(|(i, x)| {
+                g.line(format!("llvm.intr.fma({x}, {}, {}) : (f32, f32, f32) -> f32", scales[i], k_loop.carried[i]))
+            })
             .collect();
-        g.stmt(format!("scf.yield {} : {f32s}", promoted.join(", ")));
+        g.stmt(format!("scf.yield {} : {}", promoted.join(", "), vec!["f32"; registers].join(", ")));
         g.stmt("}");
         // Each of this thread's two rows, if the block has it (an expert's last block may not).
         let c_col = g.op("add", &n0, &col);
@@ -555,13 +549,9 @@ fn each_tile(
     let first = g.op_c("udiv", &first, tile.cluster.into());
     let every = g.index_i64("gpu.grid_dim x");
     let every = g.op_c("udiv", &every, tile.cluster.into());
-    let [lower, upper, step] = [first, tiles, every].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
     let zero = g.i64(0);
-    let (index, done, passed) = (g.fresh(), g.fresh(), g.fresh());
-    g.stmt(format!(
-        "{passed} = scf.for {index} = {lower} to {upper} step {step} iter_args({done} = {zero}) -> (i64) {{"
-    ));
-    let t = g.line(format!("arith.index_cast {index} : index to i64"));
+    let Loop { index: t, carried, .. } = g.open_for(&first, &tiles, &every, &[(zero, "i64")]);
+    let done = &carried[0];
     let (expert, within) = match form {
         Form::Wgrad => (Some(g.op("udiv", &t, &per_expert)), g.op("urem", &t, &per_expert)),
         Form::Dense | Form::Grouped => (None, t),
@@ -579,8 +569,8 @@ fn each_tile(
     let pair_first = g.op_c("mul", &pair, tile.cluster.into());
     let bx = g.op("add", &pair_first, rank);
     let at = setup(g, tile, form, dims, &bx, &by, expert.as_deref());
-    let k_blocks = body(g, at, &done);
-    let next = g.op("add", &done, &k_blocks);
+    let k_blocks = body(g, at, done);
+    let next = g.op("add", done, &k_blocks);
     g.stmt(format!("scf.yield {next} : i64"));
     g.stmt("}");
 }
@@ -640,16 +630,11 @@ fn expert_tokens(g: &mut Lines, expert: &str) -> (String, String) {
         let blocks = g.op_c("udiv", &up, TILE_K.into());
         g.op_c("mul", &blocks, TILE_K.into())
     };
-    let [lower, upper, step] =
-        [g.i64(0), expert.to_string(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
-    let zero = g.i64(0);
-    let (earlier, index, columns) = (g.fresh(), g.fresh(), g.fresh());
-    g.stmt(format!(
-        "{earlier} = scf.for {index} = {lower} to {upper} step {step} iter_args({columns} = {zero}) -> (i64) {{"
-    ));
-    let e = g.line(format!("arith.index_cast {index} : index to i64"));
+    let (zero, one) = (g.i64(0), g.i64(1));
+    let Loop { index: e, carried, results: earlier } = g.open_for(&zero, expert, &one, &[(zero.clone(), "i64")]);
+    let columns = &carried[0];
     let tokens = rounded(g, &e);
-    let sum = g.op("add", &columns, &tokens);
+    let sum = g.op("add", columns, &tokens);
     g.stmt(format!("scf.yield {sum} : i64"));
     g.stmt("}");
     let tokens = rounded(g, expert);
@@ -685,27 +670,22 @@ fn offset(g: &mut Lines, at: &str) -> String {
 fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String, String) {
     let experts = g.line("llvm.zext %experts : i32 to i64");
     let none = experts.clone();
-    let [lower, upper, step] =
-        [g.i64(0), experts.clone(), g.i64(1)].map(|v| g.line(format!("arith.index_cast {v} : i64 to index")));
-    let start = g.i64(0);
-    let [found, index, chosen, found_tile, before] = [(); 5].map(|_| g.fresh());
-    g.stmt(format!(
-        "{found}:3 = scf.for {index} = {lower} to {upper} step {step} iter_args({chosen} = {none}, {found_tile} = \
-         {start}, {before} = {start}) -> (i64, i64, i64) {{"
-    ));
-    let e = g.line(format!("arith.index_cast {index} : index to i64"));
+    let (start, one) = (g.i64(0), g.i64(1));
+    let carried = [(none, "i64"), (start.clone(), "i64"), (start.clone(), "i64")];
+    let Loop { index: e, carried, results: found } = g.open_for(&start, &experts, &one, &carried);
+    let [chosen, found_tile, before] = [&carried[0], &carried[1], &carried[2]];
     let first = offset(g, &e);
     let next = g.op_c("add", &e, 1);
     let end = offset(g, &next);
     let rows = g.op("sub", &end, &first);
     let rows_up = g.op_c("add", &rows, u64::from(tile_m - 1));
     let tiles = g.op_c("udiv", &rows_up, tile_m.into());
-    let after = g.op("add", &before, &tiles);
+    let after = g.op("add", before, &tiles);
     let from = g.line(format!("llvm.icmp \"uge\" {by}, {before} : i64"));
     let until = g.line(format!("llvm.icmp \"ult\" {by}, {after} : i64"));
     let inside = g.line(format!("llvm.and {from}, {until} : i1"));
     let expert = g.line(format!("llvm.select {inside}, {e}, {chosen} : i1, i64"));
-    let local = g.op("sub", by, &before);
+    let local = g.op("sub", by, before);
     let tile = g.line(format!("llvm.select {inside}, {local}, {found_tile} : i1, i64"));
     g.stmt(format!("scf.yield {expert}, {tile}, {after} : i64, i64, i64"));
     g.stmt("}");

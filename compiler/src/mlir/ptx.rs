@@ -8,6 +8,16 @@ use std::fmt::Write;
 
 pub(super) struct Lines(Body);
 
+/// An open `scf.for` ([`Lines::open_for`]).
+pub(super) struct Loop {
+    /// The iteration's index, as i64.
+    pub index: String,
+    /// The carried values inside the body, in order.
+    pub carried: Vec<String>,
+    /// The loop's results after it: `results` for one carried value, `results#i` for several.
+    pub results: String,
+}
+
 impl Lines {
     pub fn new() -> Self {
         Lines(Body::new())
@@ -54,6 +64,27 @@ impl Lines {
     pub fn op_c(&mut self, op: &str, a: &str, c: u64) -> String {
         let c = self.i64(c);
         self.op(op, a, &c)
+    }
+
+    /// Opens `scf.for` over `lower..upper` by `step` (i64 values) carrying `carried` (each an
+    /// initial value and its type); the caller writes the body, then `scf.yield` and `}`.
+    pub fn open_for(&mut self, lower: &str, upper: &str, step: &str, carried: &[(String, &str)]) -> Loop {
+        let [lower, upper, step] =
+            [lower, upper, step].map(|v| self.line(format!("arith.index_cast {v} : i64 to index")));
+        let (index, results) = (self.fresh(), self.fresh());
+        let names: Vec<String> = carried.iter().map(|_| self.fresh()).collect();
+        let head = format!("scf.for {index} = {lower} to {upper} step {step}");
+        if carried.is_empty() {
+            self.stmt(format!("{head} {{"));
+        } else {
+            let args: Vec<String> =
+                names.iter().zip(carried).map(|(name, (init, _))| format!("{name} = {init}")).collect();
+            let types: Vec<&str> = carried.iter().map(|(_, t)| *t).collect();
+            let count = if carried.len() > 1 { format!(":{}", carried.len()) } else { String::new() };
+            self.stmt(format!("{results}{count} = {head} iter_args({}) -> ({}) {{", args.join(", "), types.join(", ")));
+        }
+        let index = self.line(format!("arith.index_cast {index} : index to i64"));
+        Loop { index, carried: names, results }
     }
 
     /// An index-valued `gpu` op (`gpu.thread_id x`, …) as i64.
