@@ -1,25 +1,24 @@
 //! Attention the fused kernels do not take, expanded into primitives before fusion: an f32
 //! policy's (the kernels round to BF16), or head dims and lengths they lack
-//! (`mlir::attention::Heads::of`). The expansion computes what the op defines, per (batch,
+//! (`mlir::attention::fused`). The expansion computes what the op defines, per (batch,
 //! head) in [b, h, s, d] layout with an additive causal mask (a constant table): the forward
 //! softmax(scale·q·kᵀ + mask)·v and its log-sum-exp max + ln Σ exp(s − max); the backward
 //! from the saved log-sum-exp, p = exp(s − lse), dv = pᵀ·dO, ds = scale·p∘(dO·vᵀ − Σ dO∘o),
 //! dq = ds·k, dk = dsᵀ·q. Fusion then makes its usual kernels of them (the masked softmax, the
 //! GEMMs), which every backend runs.
 
-use crate::graph::ir::{ConstantKind, DType, Function, FunctionBuilder, Module, Op, V};
+use crate::graph::ir::{ConstantKind, DType, Function, FunctionBuilder, Module, Node, Op, V};
 use std::collections::HashMap;
 
-/// `module` with every attention op for which `fused(op, q shape, v shape)` is false expanded.
-pub fn attention(module: &Module, fused: impl Fn(&Op, &[usize], &[usize]) -> bool) -> Module {
+/// `module` with every attention op for which `fused(function, node)` is false expanded.
+pub fn attention(module: &Module, fused: impl Fn(&Function, &Node) -> bool) -> Module {
     let mut expanded = module.clone();
     let mut masks = HashMap::new();
     for f in &module.functions {
         for node in &f.nodes {
             if let Op::Attention { .. } | Op::AttentionGrad { .. } = node.op {
-                let (q, v) = (&f.node(node.args[0]).shape, &f.node(node.args[2]).shape);
-                if !fused(&node.op, q, v) {
-                    let seq = q[1];
+                if !fused(f, node) {
+                    let seq = f.node(node.args[0]).shape[1];
                     masks.entry(seq).or_insert_with(|| {
                         expanded.add_constant(format!("causal_mask_{seq}"), vec![seq, seq], ConstantKind::CausalMask)
                     });
@@ -38,7 +37,7 @@ pub fn attention(module: &Module, fused: impl Fn(&Op, &[usize], &[usize]) -> boo
 fn expand_function(
     module: &Module,
     f: &Function,
-    fused: &impl Fn(&Op, &[usize], &[usize]) -> bool,
+    fused: &impl Fn(&Function, &Node) -> bool,
     masks: &HashMap<usize, usize>,
 ) -> Function {
     let mut b = FunctionBuilder::new(module, f.name.clone());
@@ -54,9 +53,7 @@ fn expand_function(
                 Some(b.arg(name.clone(), shape.clone(), *dtype))
             }
             Op::Get(p) if parts.contains_key(&node.args[0].index()) => Some(parts[&node.args[0].index()][*p]),
-            Op::Attention { scale, bf16 } | Op::AttentionGrad { scale, bf16 }
-                if !fused(&node.op, &f.node(node.args[0]).shape, &f.node(node.args[2]).shape) =>
-            {
+            Op::Attention { scale, bf16 } | Op::AttentionGrad { scale, bf16 } if !fused(f, node) => {
                 let mask = masks[&f.node(node.args[0]).shape[1]];
                 let expansion = Expansion { scale: *scale, bf16: *bf16, mask };
                 let results = match node.op {

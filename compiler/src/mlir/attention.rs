@@ -23,6 +23,7 @@
 //! staging's thread layout ([`stage`]) keeps its addresses out of the loops' live registers.
 
 use super::ptx::{Lines, Loop};
+use crate::graph::ir::{Function, Node, Op};
 
 /// Query rows per block (16 per warp, four warps) and keys per step.
 pub const BLOCK_ROWS: u32 = 64;
@@ -54,14 +55,6 @@ impl Heads {
     pub fn shared_bytes(self) -> u32 {
         let rows = u64::from(BLOCK_ROWS);
         (rows * (2 * Self::stride(self.qk) + Self::stride(self.v))) as u32
-    }
-
-    /// The head dims of attention on q [b, s, h, dqk] and v [b, s, h, dv] where these kernels
-    /// run it: dims multiples of 16 up to 256, s a multiple of [`BLOCK_ROWS`].
-    pub fn of(q: &[usize], v: &[usize]) -> Option<Heads> {
-        let narrow = |x: usize| u32::try_from(x).ok();
-        let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])? };
-        (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
     }
 
     pub fn check(self) -> Result<Self, String> {
@@ -420,6 +413,18 @@ fn module(name: &str, args: &str, body: &str) -> String {
          {body}      gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
     )
+}
+
+/// The head dims of the kernels that run `node` of `f`: BF16 `attention` or `attention_grad`
+/// on q [b, s, h, dqk] and v [b, s, h, dv] with dims multiples of 16 up to 256 and s a multiple
+/// of [`BLOCK_ROWS`]; `None` for any other node (a plan expands other attention:
+/// `fuse::expand`).
+pub fn fused(f: &Function, node: &Node) -> Option<Heads> {
+    let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else { return None };
+    let (q, v) = (&f.node(node.args[0]).shape, &f.node(node.args[2]).shape);
+    let narrow = |x: usize| u32::try_from(x).ok();
+    let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])? };
+    (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
 }
 
 /// The four kernels for `heads` in launch order, each (name, MLIR): the forward

@@ -162,10 +162,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
 /// `module` with the attention that the fused kernels do not take (f32, or dims they lack)
 /// expanded into primitives ([`fuse::expand`]), as a plan runs it.
 pub fn expand_attention(module: &Module) -> Module {
-    fuse::expand::attention(module, |op, q, v| {
-        matches!(op, Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. })
-            && attention::Heads::of(q, v).is_some()
-    })
+    fuse::expand::attention(module, |f, node| attention::fused(f, node).is_some())
 }
 
 /// Bytes of a value's buffer as the generated kernels address it: reals as f32 (a bf16 value
@@ -277,18 +274,13 @@ impl Plan {
         gemms.chain(self.attention_heads().map(attention::kernels).unwrap_or_default()).collect()
     }
 
-    /// The head dims of the fused attention kernels the plan carries: its BF16 attention's,
-    /// where the kernels run it ([`attention::Heads::of`]; the backend runs any other on the
-    /// host). A model's attention layers share their dims.
+    /// The head dims of the fused attention kernels the plan carries: its attention's that
+    /// the kernels run ([`attention::fused`]; [`expand_attention`] expanded any other). A
+    /// model's attention layers share their dims.
     pub fn attention_heads(&self) -> Option<attention::Heads> {
         self.module.functions.iter().zip(&self.functions).find_map(|(f, pf)| {
-            pf.kernels.iter().filter(|k| k.kind == KernelKind::Attention).find_map(|k| {
-                let node = &f.nodes[k.nodes[0] as usize];
-                let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else {
-                    return None;
-                };
-                attention::Heads::of(&f.node(node.args[0]).shape, &f.node(node.args[2]).shape)
-            })
+            let mut kernels = pf.kernels.iter().filter(|k| k.kind == KernelKind::Attention);
+            kernels.find_map(|k| attention::fused(f, &f.nodes[k.nodes[0] as usize]))
         })
     }
 

@@ -10,7 +10,7 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use dsc_compiler::fuse::kernels::{base, Kernel};
 use dsc_compiler::graph::ir::{Function, Op};
-use dsc_compiler::mlir::attention::{kernel_name, Heads, Pass, BLOCK_ROWS, THREADS};
+use dsc_compiler::mlir::attention::{self, kernel_name, Heads, Pass, BLOCK_ROWS, THREADS};
 use dsc_compiler::plan::Plan;
 use std::path::Path;
 use std::sync::Arc;
@@ -56,9 +56,7 @@ impl FusedAttention {
 
     /// Whether `kernel` is attention or its backward that these kernels run.
     pub fn runs(&self, function: &Function, kernel: &Kernel) -> bool {
-        let node = &function.nodes[kernel.nodes[0] as usize];
-        let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else { return false };
-        Heads::of(&function.node(node.args[0]).shape, &function.node(node.args[2]).shape) == Some(self.heads)
+        attention::fused(function, &function.nodes[kernel.nodes[0] as usize]) == Some(self.heads)
     }
 
     /// Runs `kernel` (one that [`Self::runs`]) on its buffers at `places`.

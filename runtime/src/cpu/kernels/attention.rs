@@ -152,7 +152,7 @@ mod tests {
             b.output("lse", lse);
             let f = module.add(b.finish());
             let grad = autodiff::grad(&mut module, f);
-            let expanded = expand::attention(&module, |_, _, _| false);
+            let expanded = expand::attention(&module, |_, _| false);
             assert!(expanded.functions.iter().flat_map(|f| &f.nodes).all(|n| !n.op.name().starts_with("attention")));
             let mut rng = crate::rng::Rng::new(7);
             let mut tensor = |d: usize| {
