@@ -11,7 +11,7 @@
 #![cfg(feature = "cuda")]
 
 use dsc_compiler::fuse::kernels::Code;
-use dsc_compiler::graph::ir::{DType, Op};
+use dsc_compiler::graph::ir::{DType, Op, V};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::plan::Plan;
 use dsc_runtime::checkpoint::{Checkpoint, SpecRecord};
@@ -108,10 +108,7 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                 .outputs
                 .iter()
                 .flat_map(|&o| match function.nodes[o as usize].dtype {
-                    DType::Tuple => (0..2)
-                        .filter_map(|i| function.nodes.iter().position(|n| n.op == Op::Get(i) && n.args[0].0 == o))
-                        .map(|p| p as u32)
-                        .collect(),
+                    DType::Tuple => (0..2).filter_map(|i| function.part(V(o), i)).map(|p| p.0).collect(),
                     _ => vec![o],
                 })
                 .collect();
@@ -474,12 +471,8 @@ fn a_bench_plans_attention_on_the_fused_kernels_matches_the_cpu() {
             // Each form once, where the plan stores every part (a forward not differentiated
             // leaves its log-sum-exp unread).
             let count = if matches!(node.op, Op::Attention { .. }) { 2 } else { 3 };
-            let parts: Option<Vec<u32>> = (0..count)
-                .map(|i| {
-                    let at = function.nodes.iter().position(|n| n.op == Op::Get(i) && n.args[0].0 == kernel.nodes[0]);
-                    at.map(|g| g as u32)
-                })
-                .collect();
+            let parts: Option<Vec<u32>> =
+                (0..count).map(|i| function.part(V(kernel.nodes[0]), i).map(|g| g.0)).collect();
             let Some(parts) = parts else { continue };
             if checked.contains(&node.op.name()) {
                 continue;

@@ -179,12 +179,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
             // The results: the node's value, or each part of the concatenated form.
             let results: Vec<u32> = match node.op {
                 Op::ScaledMatMul { .. } => vec![v],
-                _ => (0..2)
-                    .map(|part| {
-                        let get = function.nodes.iter().position(|n| n.op == Op::Get(part) && n.args[0] == V(v));
-                        get.expect("a read part") as u32
-                    })
-                    .collect(),
+                _ => (0..2).map(|part| function.part(V(v), part).expect("a read part").0).collect(),
             };
             let (Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote }) = node.op else { unreachable!() };
             let a = operands[0].rows(0..ROWS.min(operands[0].m));
@@ -336,13 +331,7 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
                     };
                     let results: Vec<u32> = match node.op {
                         Op::GroupedMatMul { .. } => vec![v],
-                        _ => (0..2)
-                            .map(|part| {
-                                let get =
-                                    function.nodes.iter().position(|n| n.op == Op::Get(part) && n.args[0] == V(v));
-                                get.expect("a read part") as u32
-                            })
-                            .collect(),
+                        _ => (0..2).map(|part| function.part(V(v), part).expect("a read part").0).collect(),
                     };
                     for (part, &r) in results.iter().enumerate() {
                         let w = &operands[1 + part];

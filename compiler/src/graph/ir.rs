@@ -594,6 +594,11 @@ impl Function {
     pub fn node(&self, v: V) -> &Node {
         &self.nodes[v.index()]
     }
+
+    /// The `get` of part `i` of tuple `t` (a call's or a fused op's), if the function reads it.
+    pub fn part(&self, t: V, i: usize) -> Option<V> {
+        self.nodes.iter().position(|n| n.op == Op::Get(i) && n.args == [t]).map(|at| V(at as u32))
+    }
 }
 
 /// A constant tensor, stored as the rule that generates it (a plan stays small, and a GPU
@@ -872,8 +877,8 @@ impl<'m> FunctionBuilder<'m> {
     /// Part `i` of tuple `t` made by an op with several results (not a call): its `get` node
     /// where the function has one, else a new one.
     pub fn part(&mut self, t: V, i: usize) -> V {
-        if let Some(at) = self.f.nodes.iter().position(|n| n.op == Op::Get(i) && n.args == [t]) {
-            return V(at as u32);
+        if let Some(read) = self.f.part(t, i) {
+            return read;
         }
         let node = self.f.node(t);
         let shape = match (&node.op, i) {

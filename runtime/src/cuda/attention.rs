@@ -9,7 +9,7 @@ use super::{Gpu, GpuError};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use dsc_compiler::fuse::kernels::{base, Kernel};
-use dsc_compiler::graph::ir::{Function, Op};
+use dsc_compiler::graph::ir::{Function, Op, V};
 use dsc_compiler::mlir::attention::{self, kernel_name, Heads, Pass, BLOCK_ROWS, THREADS};
 use dsc_compiler::plan::Plan;
 use std::path::Path;
@@ -86,9 +86,7 @@ impl FusedAttention {
         let row_bytes = batch * heads * seq * 4;
         // The parts: o and lse, or dq, dk and dv.
         let part_count = if forward { 2 } else { 3 };
-        let stored: Vec<Option<u32>> = (0..part_count)
-            .map(|i| function.nodes.iter().position(|n| n.op == Op::Get(i) && n.args[0].0 == at).map(|g| g as u32))
-            .collect();
+        let stored: Vec<Option<u32>> = (0..part_count).map(|i| function.part(V(at), i).map(|g| g.0)).collect();
         let part_bytes = |i: usize| match (forward, i) {
             (true, 1) => row_bytes,
             (true, _) => function.node(node.args[2]).shape.iter().product::<usize>() * 4,

@@ -293,11 +293,7 @@ pub fn run(
 
 /// The value holding part `i` of fused op `v`'s tuple.
 fn parts(function: &Function, v: u32, i: usize) -> u32 {
-    function
-        .nodes
-        .iter()
-        .position(|n| n.op == Op::Get(i) && n.args[0].0 == v)
-        .unwrap_or_else(|| panic!("part {i} of %{v} is read")) as u32
+    function.part(V(v), i).unwrap_or_else(|| panic!("part {i} of %{v} is read")).0
 }
 
 fn bytes_of(function: &Function, v: u32) -> usize {
