@@ -6,6 +6,7 @@
 use crate::cpu::numerics::round_bf16;
 use crate::cpu::real::Real;
 use crate::cpu::value::Tensor;
+use std::borrow::Cow;
 
 /// A [batch, seq, heads, dim] tensor's dims and its element (b, s, h, 0)'s offset.
 struct Heads {
@@ -41,12 +42,12 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     a.iter().zip(b).map(|(&x, &y)| x * y).sum()
 }
 
-/// The operand as the products read it: rounded to BF16 with `bf16`.
-fn operand<T: Real>(x: &Tensor<T>, bf16: bool) -> Vec<T> {
+/// The operand as the products read it: rounded to BF16 with `bf16`, else as it is.
+fn operand<T: Real>(x: &Tensor<T>, bf16: bool) -> Cow<'_, [T]> {
     if bf16 {
-        x.data.iter().map(|&v| T::from_f64(round_bf16(v.to_f64()))).collect()
+        Cow::Owned(x.data.iter().map(|&v| T::from_f64(round_bf16(v.to_f64()))).collect())
     } else {
-        x.data.clone()
+        Cow::Borrowed(&x.data)
     }
 }
 
