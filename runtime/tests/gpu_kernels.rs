@@ -249,9 +249,10 @@ fn whole_functions(gpu: Gpu, dir: &std::path::Path, plan: &Plan, seeds: std::ops
                 let error: Vec<f64> = got.iter().zip(&want).map(|(g, w)| relative_error(&reals(g), &reals(w))).collect();
                 let worst = error.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("outputs");
                 eprintln!(
-                    "seed {seed} {name}: {} generated, {} cuBLAS, {} on the host; CPU {:.0} ms, GPU (synchronised per kernel) {:.0} ms; loss GPU {:.7} CPU {:.7}; worst output {} {:.2e}",
+                    "seed {seed} {name}: {} generated, {} cuBLAS, {} fused attention, {} on the host; CPU {:.0} ms, GPU (synchronised per kernel) {:.0} ms; loss GPU {:.7} CPU {:.7}; worst output {} {:.2e}",
                     counts.generated - before.generated,
                     counts.library - before.library,
+                    counts.attention - before.attention,
                     counts.host - before.host,
                     cpu * 1e3,
                     gpu * 1e3,

@@ -7,9 +7,9 @@
 //! constant table is written into its buffer, a call runs the callee in an arena of its own
 //! (results copied out into the caller's part buffers), and a
 //! kernel runs at its first node: generated kernels from their PTX, library GEMMs on cuBLAS and
-//! cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]), and what none
-//! covers (FP8 GEMMs outside 128-element groups, attention the fused kernels do not take: f32,
-//! or head dims they lack) on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
+//! cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]; a plan expands
+//! any attention they do not take), and what none covers (FP8 GEMMs outside 128-element groups)
+//! on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
 //! decoded) and its outputs uploaded. A function's arena is kept for its next call.
 //! [`Counts`] says how many kernels took each path.
 
