@@ -128,14 +128,14 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     }
-    // In a launched run, rank 0 alone writes metrics and checkpoints (every rank holds the
-    // same state).
+    // In a launched run, rank 0 alone writes metrics and checkpoints (of the state gathered
+    // from every rank: `Saver`).
     let lead = world.as_ref().is_none_or(|w| w.rank == 0);
     if let Some(on) = on {
         eprintln!("training `{}` on {on}", spec.model.name);
     }
-    let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir))).filter(|_| lead);
-    if let Some(dir) = &checkpoints {
+    let checkpoints = args.checkpoint_dir.clone().or_else(|| opened.as_ref().map(|o| run_dir(&o.dir)));
+    if let Some(dir) = checkpoints.as_ref().filter(|_| lead) {
         check_run_dir(dir, opened.as_ref())?;
     }
     // A resumed run's own checkpoint need not be written again before a step is taken.
@@ -144,7 +144,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     });
     let last = last.map(|o| (o.dir.clone(), o.meta.step));
     let mut saver =
-        Saver { dir: checkpoints, keep: args.keep.map(|k| k as usize), numerics: name(numerics), record, last };
+        Saver { dir: checkpoints, lead, keep: args.keep.map(|k| k as usize), numerics: name(numerics), record, last };
     let mut writer = match (&args.metrics.as_ref().filter(|_| lead), &opened) {
         (Some(path), Some(o)) => Some(MetricsWriter::resume(path, o.meta.step)),
         (Some(path), None) => Some(MetricsWriter::create(path)),
@@ -169,12 +169,18 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         if args.steps.is_some_and(|n| progress.step >= n) || progress.tokens >= budget {
             break;
         }
-        if stop.load(Ordering::SeqCst) {
+        // The processes of a launched run stop at the same step (a signal reaches them at
+        // slightly different times), as the checkpoint gathers from all of them.
+        let stopping = trainer
+            .any_process(stop.load(Ordering::SeqCst))
+            .map_err(|e| anyhow::anyhow!("the processes cannot agree whether to stop: {}", e.0))?;
+        if stopping {
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
             match saver.save(&mut trainer)? {
                 Some(dir) => eprintln!("interrupted at step {}: saved `{}`", progress.step, dir.display()),
+                None if !lead => eprintln!("interrupted at step {}", progress.step),
                 None => eprintln!("interrupted at step {}: nothing saved (no `--checkpoint-dir`)", progress.step),
             }
             return Ok(ExitCode::SUCCESS);
@@ -413,9 +419,11 @@ fn run_dir(checkpoint: &Path) -> PathBuf {
     checkpoint.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// Writes checkpoints of the run, when it has a checkpoint directory.
+/// Writes checkpoints of the run, when it has a checkpoint directory: every process of a
+/// launched run gathers the state (the ranks' optimizer shards), rank 0 writes it.
 struct Saver {
     dir: Option<PathBuf>,
+    lead: bool,
     keep: Option<usize>,
     numerics: String,
     record: SpecRecord,
@@ -432,6 +440,9 @@ impl Saver {
             return Ok(Some(written.clone()));
         }
         trainer.sync().map_err(|e| anyhow::anyhow!("cannot read the training state back: {}", e.0))?;
+        if !self.lead {
+            return Ok(None);
+        }
         let state = trainer.checkpoint(&self.numerics, self.record.clone());
         let written = checkpoint::save(dir, self.keep, &trainer.graph().forward.params, &state)
             .map_err(|e| anyhow::anyhow!("cannot write the checkpoint: {e}"))?;

@@ -1,15 +1,19 @@
 //! The optimizer step as a graph function: global gradient-norm clipping, AdamW with
 //! decoupled weight decay and bias correction, per-group LR multipliers, moments rounded to
 //! the policy's type, and the auxiliary-loss-free routing-bias update
-//! `b += γ·sign(mean_load − load)`.
+//! `b += γ·sign(mean_load − load)`. The gradient norm is an argument, not computed here: the
+//! caller sums the squares where the gradients are (on one rank, or over every rank's ZeRO-1
+//! shard), so that the same function updates the whole model or one shard of it.
 
 use super::ir::{DType, Function, FunctionBuilder, Module, Op, V};
 use super::model::{Numerics, ParamInfo};
 use dsc_lang::{Dtype, ParamGroup, Spec};
 
 /// `adamw(p, g, m, v for each learned parameter…, bias, load for each MoE layer…, lr,
-/// bias_correction1, bias_correction2, bias_speed) -> (p', m', v' for each learned
-/// parameter…, bias' for each MoE layer…, grad_norm)`. The bias corrections are 1 − βᵗ.
+/// bias_correction1, bias_correction2, bias_speed, grad_norm) -> (p', m', v' for each learned
+/// parameter…, bias' for each MoE layer…)`. The bias corrections are 1 − βᵗ; `grad_norm` is
+/// the norm of the whole model's gradient, which clipping scales to at most the spec's
+/// `grad_clip`.
 pub fn build(module: &Module, spec: &Spec, params: &[ParamInfo], moe_biases: &[usize], numerics: Numerics) -> Function {
     let opt = &spec.train.optimizer;
     let mut b = FunctionBuilder::new(module, "adamw");
@@ -35,14 +39,8 @@ pub fn build(module: &Module, spec: &Spec, params: &[ParamInfo], moe_biases: &[u
     let bc1 = b.arg("bias_correction1", vec![], DType::F32);
     let bc2 = b.arg("bias_correction2", vec![], DType::F32);
     let bias_speed = b.arg("bias_speed", vec![], DType::F32);
-    // Global norm and the clipping factor clip / max(norm, clip).
-    let mut sum_sq = b.constant(0.0);
-    for [_, g, _, _] in &state {
-        let sq = b.unary(Op::Square, *g);
-        let s = b.sum_all(sq);
-        sum_sq = b.add(sum_sq, s);
-    }
-    let norm = b.unary(Op::Sqrt, sum_sq);
+    let norm = b.arg("grad_norm", vec![], DType::F32);
+    // The clipping factor clip / max(norm, clip).
     let clip = b.constant(spec.train.grad_clip);
     let limit = b.binary(Op::Maximum, norm, clip);
     let factor = b.div(clip, limit);
@@ -84,7 +82,6 @@ pub fn build(module: &Module, spec: &Spec, params: &[ParamInfo], moe_biases: &[u
     for (name, v) in outputs {
         b.output(name, v);
     }
-    b.output("grad_norm", norm);
     b.finish()
 }
 

@@ -84,6 +84,32 @@ pub trait Comm: Send + Sync {
     ) -> Result<Vec<f32>, CommError> {
         Ok(self.all_gather(group, rank, name, shard)?.concat())
     }
+
+    /// Sums `data` over `group` in f64, every member adding the contributions up in group
+    /// order, so that all get the same bits. Each value travels exactly, as the bits of two
+    /// f32s.
+    fn sum_exact(&self, group: &[usize], rank: usize, name: &str, data: &[f64]) -> Result<Vec<f64>, CommError> {
+        let halves = |x: &f64| {
+            let bits = x.to_bits();
+            [f32::from_bits((bits >> 32) as u32), f32::from_bits(bits as u32)]
+        };
+        let contributions = self.all_gather(group, rank, name, data.iter().flat_map(halves).collect())?;
+        let mut sum = vec![0.0; data.len()];
+        for (&member, contribution) in group.iter().zip(contributions) {
+            if contribution.len() != 2 * data.len() {
+                return Err(CommError(format!(
+                    "{name}: rank {member} summed {} values, rank {rank} {}: the ranks run different plans",
+                    contribution.len() / 2,
+                    data.len()
+                )));
+            }
+            let values = contribution
+                .chunks_exact(2)
+                .map(|h| f64::from_bits((u64::from(h[0].to_bits()) << 32) | u64::from(h[1].to_bits())));
+            sum.iter_mut().zip(values).for_each(|(s, x)| *s += x);
+        }
+        Ok(sum)
+    }
 }
 
 /// A rank's expert-parallel group as a running graph sees it: its all-to-alls, named after the
@@ -150,6 +176,11 @@ mod tests {
                     let parts = (0..3).map(|to| vec![(10 * rank + to) as f32; to + 1]).collect();
                     let got = comm.all_to_all(&group, rank, "rows", parts).unwrap();
                     assert_eq!(got, (0..3).map(|from| vec![(10 * from + rank) as f32; rank + 1]).collect::<Vec<_>>());
+                    // f64s beyond f32's range and precision come through exactly.
+                    let r = rank as f64;
+                    let sum =
+                        comm.sum_exact(&group, rank, "norms", &[r, 0.1 * r, 1e30 * (r - 1.0), 1e200 * r]).unwrap();
+                    assert_eq!(sum, [3.0, 0.1 + 0.2, 0.0, 3e200]);
                 })
             })
             .collect();

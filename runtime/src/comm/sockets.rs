@@ -242,31 +242,6 @@ impl Sockets {
     pub fn size(&self) -> usize {
         self.size
     }
-
-    /// Sums `data` over every process, in place: each sends its values to every other and
-    /// adds all of them up in rank order, so that every process gets the same bits.
-    pub fn sum(&self, data: &mut [f64]) -> Result<(), CommError> {
-        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        for to in 0..self.size {
-            self.send_bytes(to, "sum", &bytes)?;
-        }
-        data.iter_mut().for_each(|x| *x = 0.0);
-        for from in 0..self.size {
-            let theirs = self.recv_bytes(from, "sum")?;
-            if theirs.len() != bytes.len() {
-                return Err(failed(format!(
-                    "rank {from} summed {} values, rank {} {}: the processes run different plans",
-                    theirs.len() / 8,
-                    self.rank,
-                    data.len()
-                )));
-            }
-            for (x, b) in data.iter_mut().zip(theirs.chunks_exact(8)) {
-                *x += f64::from_le_bytes(b.try_into().expect("8 bytes"));
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -294,25 +269,6 @@ mod tests {
     fn messages_and_collectives_between_processes() {
         let ranks = connected(3, Duration::from_secs(10));
         messages_and_collectives(ranks.into_iter().map(|s| Arc::new(s) as Arc<dyn Comm>).collect());
-    }
-
-    #[test]
-    fn every_process_gets_the_same_sum() {
-        let ranks = connected(3, Duration::from_secs(10));
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .map(|sockets| {
-                std::thread::spawn(move || {
-                    let r = sockets.rank() as f64;
-                    let mut data = vec![r, 0.1 * r, 1e30 * (r - 1.0)];
-                    sockets.sum(&mut data).expect("sums");
-                    data
-                })
-            })
-            .collect();
-        for handle in handles {
-            assert_eq!(handle.join().expect("rank thread"), vec![3.0, 0.1 + 0.2, 0.0]);
-        }
     }
 
     #[test]

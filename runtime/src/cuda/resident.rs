@@ -129,7 +129,7 @@ impl Executor {
         biases: &[(usize, Value<f32>)],
         scalars: &[Value<f32>],
         scale: f64,
-    ) -> Result<f64, GpuError> {
+    ) -> Result<(), GpuError> {
         let handle = *self.blas.f32.handle();
         let scale = scale as f32;
         for &i in learned {
@@ -174,14 +174,13 @@ impl Executor {
             let o = next()?;
             self.take_output(f, o, &call, &mut state.params[*b], false)?;
         }
-        let norm = self.output(f, next()?, &call)?.scalar();
         if kept {
             self.spare[f] = Some(call.arena);
         } else {
             drop(call);
             self.gpu.release_unused()?;
         }
-        Ok(f64::from(norm))
+        Ok(())
     }
 }
 
@@ -245,16 +244,12 @@ impl Resident<f32> for Executor {
         biases: &[(usize, Value<f32>)],
         scalars: Vec<Value<f32>>,
         scale: f64,
-    ) -> Result<f64, String> {
+    ) -> Result<(), String> {
         let started = std::time::Instant::now();
         let mut state = self.state_mut().map_err(|e| e.to_string())?;
         let result = self.update_state(&mut state, f, learned, biases, &scalars, scale);
         self.state = Some(state);
-        let norm = result.and_then(|norm| {
-            self.settle_profile("optimizer update", started)?;
-            Ok(norm)
-        });
-        norm.map_err(|e| e.to_string())
+        result.and_then(|()| self.settle_profile("optimizer update", started)).map_err(|e| e.to_string())
     }
 
     fn state(&mut self) -> Result<(Vec<Value<f32>>, Moments<f32>), String> {

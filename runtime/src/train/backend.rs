@@ -40,8 +40,7 @@ pub trait Resident<T: Real> {
     fn gradients_square_sum(&mut self) -> Result<f64, String>;
     /// Scales the gradient sums of parameters `learned` by `scale`, then runs optimizer `f`
     /// on (parameter, gradient, m, v) of each learned one, (bias, `loads`) of each of
-    /// `biases`, then `scalars`; keeps its results (new parameters, moments and biases) and
-    /// returns its last output, the gradient norm.
+    /// `biases`, then `scalars`; keeps its results (new parameters, moments and biases).
     fn update(
         &mut self,
         f: usize,
@@ -49,7 +48,7 @@ pub trait Resident<T: Real> {
         biases: &[(usize, Value<T>)],
         scalars: Vec<Value<T>>,
         scale: f64,
-    ) -> Result<f64, String>;
+    ) -> Result<(), String>;
     /// The state: the parameters and the moments.
     fn state(&mut self) -> Result<(Vec<Value<T>>, Moments<T>), String>;
 }

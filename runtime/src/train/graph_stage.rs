@@ -190,6 +190,10 @@ impl StageCompute for GraphStage {
         flat
     }
 
+    fn loss(&self) -> f64 {
+        self.report.loss
+    }
+
     fn take_report(&mut self) -> StageReport {
         std::mem::take(&mut self.report)
     }
@@ -309,7 +313,7 @@ mod tests {
                             (direction, stage)
                         });
                         let mut held = HeldStages { stages: held.collect() };
-                        let to_gradient = |_: Sharing, params: &mut [f32], gradient: &[f32]| {
+                        let to_gradient = |_: Sharing, params: &mut [f32], gradient: &[f32], _: f64| {
                             params.copy_from_slice(gradient);
                         };
                         run_step(schedule, comm.as_ref(), place, replicas, &mut held, to_gradient)

@@ -3,8 +3,8 @@
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
 //! metrics each step reports (`metrics`) and their curves (`plot`), the trainer that runs
 //! steps (`trainer`) on a `backend` (the CPU reference, or a compiled plan on the GPU), the executor of a pipeline schedule on thread-ranks (`pipeline`),
-//! the training graph's stages it runs (`graph_stage`) and the spec's parallel plan on
-//! thread-ranks for the trainer (`parallel`).
+//! the training graph's stages it runs (`graph_stage`), ZeRO-1's optimizer shards (`zero`)
+//! and the spec's parallel plan on thread-ranks for the trainer (`parallel`).
 
 pub mod backend;
 pub mod ema;
@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
+pub mod zero;
 
 pub use backend::{Backend, Cpu, DataParallel, Resident};
 pub use trainer::{StepError, Trainer, Unsupported};

@@ -4,11 +4,13 @@
 //! r-th equal share of them, as the one-rank trainer reads them. The ranks are threads of this
 //! process ([`Here::Threads`]), or processes started by a launcher, one rank each, talking
 //! over TCP ([`Here::Process`]): every process reads the whole step's data (so that the
-//! loaders stay in step) and runs its own rank. ZeRO-1's collectives sum the gradients over
-//! the ranks holding copies; the ranks hand the sums back to the trainer (across processes,
-//! by one sum over all of them, in rank order, so that every process gets the same bits),
-//! whose optimizer and metrics are the one-rank trainer's: every process runs the whole
-//! update, as the thread-ranks' trainer does.
+//! loaders stay in step) and runs its own rank. ZeRO-1: the reduce-scatter sums the gradients
+//! over the ranks holding copies, each rank updates its shard with the optimizer state of
+//! that shard alone ([`ShardOptimizer`], which the ranks keep from step to step), and the
+//! all-gather hands the updated shards to every copy. The ranks hand the updated parameters,
+//! losses and loads back to the trainer (across processes, by one exact sum over all of them),
+//! which moves the routing biases and reports the step. For a checkpoint the moments are
+//! gathered into the whole model's order ([`Ranks::moments`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,10 +24,13 @@ use dsc_compiler::parallel::schedule::{Direction, Micro, Schedule};
 use dsc_compiler::parallel::split;
 use dsc_lang::{PipelineSchedule, Spec};
 
+use std::sync::Mutex;
+
 use super::graph_stage::{share_of, GraphStage, MicroBatch};
-use super::pipeline::{run_step, HeldStages, Place, Replicas, Sharing, StageCompute, StageReport};
-use super::trainer::{add_loads, sum_over, StepError, StepSums, Unsupported};
-use crate::comm::{Comm, ExpertGroup, Sockets, ThreadComm};
+use super::pipeline::{group, run_step, HeldStages, Place, Replicas, Sharing, StageCompute, StageReport, StepEnd};
+use super::trainer::{add_loads, StepError, Unsupported};
+use super::zero::{BiasUpdate, Run, ShardOptimizer, WholeMoments};
+use crate::comm::{self, Comm, ExpertGroup, Sockets, ThreadComm};
 use crate::cpu::{Real, Tensor, Value};
 
 /// How long a rank waits for a peer before the step fails: far longer than a CPU chunk of a
@@ -56,6 +61,22 @@ pub struct Ranks {
     params: Vec<ParamInfo>,
     replicas: Replicas,
     here: Here,
+    /// The optimizer of each rank run here, in the order of their ids.
+    optimizers: Vec<Mutex<ShardOptimizer>>,
+    biases: BiasUpdate,
+}
+
+/// The optimizer's scalar arguments for the step, given the whole model's gradient norm.
+pub type StepScalars<'a> = &'a (dyn Fn(f64) -> Vec<Value<f32>> + Sync);
+
+/// What a step on the ranks did: the losses and loads summed over its micro-batches, how it
+/// ended, and the whole model's parameters after it (the routing biases as they were: the
+/// trainer moves them).
+pub struct RanksStep<T> {
+    pub losses: [f64; LOSS_OUTPUTS],
+    pub loads: Vec<Vec<f64>>,
+    pub end: StepEnd,
+    pub params: Vec<Vec<T>>,
 }
 
 /// Whether the spec's plan spreads a step over more than one rank.
@@ -77,14 +98,21 @@ pub fn check_world(spec: &Spec, processes: usize) -> Result<(), Unsupported> {
 }
 
 /// What one rank hands back: per stage it holds for the down direction, the stage index, the
-/// rank's member index in its expert-parallel group, and its parameters by sharing (set to the
-/// summed gradients); and what all its stages reported.
-type RankResult = (Vec<(usize, usize, [Vec<f32>; 2])>, Vec<(usize, StageReport)>);
+/// rank's member index in its expert-parallel group, and its parameters by sharing (after the
+/// update); what all its stages reported; how the step ended.
+type RankResult = (Vec<(usize, usize, [Vec<f32>; 2])>, Vec<(usize, StageReport)>, StepEnd);
 
 impl Ranks {
-    /// The ranks of `spec`'s plan for the model whose parameters are `params`, their stages
-    /// computing with `numerics`, running `here`.
-    pub fn new(spec: &Spec, numerics: Numerics, params: &[ParamInfo], here: Here) -> Result<Self, Unsupported> {
+    /// The ranks of `spec`'s plan for the model whose parameters are `params` (and the
+    /// routing biases among them `biases`), their stages computing with `numerics`, running
+    /// `here`; their optimizers start from `moments`.
+    pub fn new(
+        spec: &Spec,
+        numerics: Numerics,
+        (params, biases): (&[ParamInfo], &[usize]),
+        moments: &WholeMoments,
+        here: Here,
+    ) -> Result<Self, Unsupported> {
         let par = &spec.parallel;
         let split = split(spec);
         let replicas = Replicas { count: par.data.size as usize, expert_ranks: par.expert.size as usize };
@@ -113,7 +141,60 @@ impl Ranks {
                 forward.outputs[reported..].iter().map(|&o| forward.node(o).shape.iter().product()).collect()
             })
             .collect();
-        Ok(Ranks { kind: par.pipeline.schedule, stages, indices, loads, params: params.to_vec(), replicas, here })
+        let kind = par.pipeline.schedule;
+        // Which stages a rank holds and which ranks share its copies depend on the schedule's
+        // kind and pipeline ranks alone: any valid micro-batch count shows them.
+        let schedule =
+            Schedule::generate(kind, stages.len(), 2 * stages.len()).map_err(|e| Unsupported(e.to_string()))?;
+        let mut ranks = Ranks {
+            kind,
+            stages,
+            indices,
+            loads,
+            params: params.to_vec(),
+            replicas,
+            here,
+            optimizers: Vec::new(),
+            biases: BiasUpdate::new(spec, numerics, params, biases),
+        };
+        let ids = match &ranks.here {
+            Here::Threads => 0..count,
+            Here::Process(sockets) => sockets.rank()..sockets.rank() + 1,
+        };
+        ranks.optimizers = ids
+            .map(|id| {
+                let place = Place { pipeline_rank: id % schedule.ranks, replica: id / schedule.ranks };
+                let runs = ranks.runs(&schedule, place);
+                let shards = Sharing::ALL.map(|sharing| {
+                    let members = group(&schedule, place, replicas, sharing);
+                    let position = members.iter().position(|&member| member == id).expect("a rank is in its groups");
+                    let len = runs[sharing as usize].iter().map(|run| run.len).sum();
+                    comm::shard(len, members.len(), position)
+                });
+                Mutex::new(ShardOptimizer::new(spec, numerics, params, &runs, shards, moments))
+            })
+            .collect();
+        Ok(ranks)
+    }
+
+    /// Per sharing, the runs of whole-model parameters that the rank at `place` holds copies
+    /// of, in the order ZeRO-1 flattens them (its stages by index, each stage's parameters in
+    /// order; of a routed expert stack, the rank's share).
+    fn runs(&self, schedule: &Schedule, place: Place) -> [Vec<Run>; 2] {
+        let member = place.replica % self.replicas.expert_ranks;
+        let mut held: Vec<usize> = schedule.held(place.pipeline_rank).map(|(_, stage)| stage).collect();
+        held.sort_unstable();
+        Sharing::ALL.map(|sharing| {
+            let stage_runs =
+                held.iter().flat_map(|&stage| self.stages[stage].graph.params.iter().zip(&self.indices[stage]));
+            stage_runs
+                .filter(|(p, _)| p.is_routed_expert() == (sharing == Sharing::Experts))
+                .map(|(p, &param)| {
+                    let start = if p.is_routed_expert() { member * p.numel() } else { 0 };
+                    Run { param, start, len: p.numel() }
+                })
+                .collect()
+        })
     }
 
     /// How many ranks run a step.
@@ -122,13 +203,14 @@ impl Ranks {
     }
 
     /// Runs one step's `batches` (in the one-rank trainer's order) from the whole model's
-    /// `params`: the summed losses, loads and gradients.
+    /// `params`, the optimizer taking `scalars`.
     pub fn step<T: Real>(
         &self,
         params: &[Value<T>],
         batches: Vec<MicroBatch>,
         mtp_weight: f32,
-    ) -> Result<StepSums<T>, StepError> {
+        scalars: StepScalars,
+    ) -> Result<RanksStep<T>, StepError> {
         let replicas = self.replicas;
         if !batches.len().is_multiple_of(replicas.count) {
             return Err(StepError(format!(
@@ -151,16 +233,19 @@ impl Ranks {
         // Every pipeline rank of replica r reads the r-th share of the micro-batches.
         let share = |place: Place| batches[place.replica * per_replica..][..per_replica].to_vec();
         let stages = self.stages.len();
+        let step = Step { schedule: &schedule, whole: &whole, mtp_weight, micro_batches: batches.len(), scalars };
         let results = match &self.here {
             Here::Threads => {
                 let comm: Arc<dyn Comm> = Arc::new(ThreadComm::new(PEER_TIMEOUT));
-                let places = (0..replicas.count)
-                    .flat_map(|replica| (0..stages).map(move |pipeline_rank| Place { pipeline_rank, replica }));
                 std::thread::scope(|scope| {
-                    let handles: Vec<_> = places
-                        .map(|place| {
-                            let (schedule, comm, whole, batches) = (&schedule, Arc::clone(&comm), &whole, share(place));
-                            scope.spawn(move || self.run_rank(schedule, comm, place, whole, batches, mtp_weight))
+                    let handles: Vec<_> = self
+                        .optimizers
+                        .iter()
+                        .enumerate()
+                        .map(|(id, optimizer)| {
+                            let place = Place { pipeline_rank: id % stages, replica: id / stages };
+                            let (step, comm, batches) = (&step, Arc::clone(&comm), share(place));
+                            scope.spawn(move || self.run_rank(step, comm, place, batches, optimizer))
                         })
                         .collect();
                     handles.into_iter().map(|handle| handle.join().expect("a rank's thread does not panic")).collect()
@@ -170,67 +255,121 @@ impl Ranks {
                 let rank = sockets.rank();
                 let place = Place { pipeline_rank: rank % stages, replica: rank / stages };
                 let comm: Arc<dyn Comm> = Arc::clone(sockets) as Arc<dyn Comm>;
-                vec![self.run_rank(&schedule, comm, place, &whole, share(place), mtp_weight)]
+                vec![self.run_rank(&step, comm, place, share(place), &self.optimizers[0])]
             }
         };
-        let sums = self.sums(results)?;
+        let step = self.gathered(results)?;
         match &self.here {
-            Here::Threads => Ok(sums),
-            Here::Process(sockets) => sum_over(sums, |flat| sockets.sum(flat).map_err(|e| e.0)),
+            Here::Threads => Ok(step),
+            Here::Process(sockets) => {
+                // Each process has its ranks' parameters (zero elsewhere), losses and loads: their
+                // sum over the processes is the whole step's.
+                let RanksStep { losses, loads, end, params } = step;
+                let mut flat: Vec<f64> = losses.to_vec();
+                flat.extend(loads.iter().flatten());
+                flat.extend(params.iter().flatten().map(|x| x.to_f64()));
+                let world: Vec<usize> = (0..sockets.size()).collect();
+                let flat = sockets.sum_exact(&world, sockets.rank(), "step", &flat).map_err(|e| StepError(e.0))?;
+                let mut rest = flat.into_iter();
+                let losses = std::array::from_fn(|_| rest.next().expect("a loss"));
+                let loads = loads.iter().map(|l| rest.by_ref().take(l.len()).collect()).collect();
+                let params = params.iter().map(|p| rest.by_ref().take(p.len()).map(T::from_f64).collect()).collect();
+                Ok(RanksStep { losses, loads, end, params })
+            }
         }
     }
 
-    /// The step's sums from what the ranks handed back.
-    fn sums<T: Real>(&self, results: Vec<Result<RankResult, String>>) -> Result<StepSums<T>, StepError> {
-        let mut sums = StepSums {
+    /// AdamW's moments of the whole model, gathered from the ranks' shards (across processes,
+    /// a collective every process must call).
+    pub fn moments(&self) -> Result<WholeMoments, StepError> {
+        let mut whole: WholeMoments =
+            self.params.iter().filter(|p| p.learned).map(|p| [vec![0.0; p.numel()], vec![0.0; p.numel()]]).collect();
+        for optimizer in &self.optimizers {
+            optimizer.lock().expect("no rank panicked").gather_into(&self.params, &mut whole);
+        }
+        if let Here::Process(sockets) = &self.here {
+            let flat: Vec<f64> = whole.iter().flatten().flatten().map(|&x| f64::from(x)).collect();
+            let world: Vec<usize> = (0..sockets.size()).collect();
+            let flat = sockets.sum_exact(&world, sockets.rank(), "moments", &flat).map_err(|e| StepError(e.0))?;
+            let mut rest = flat.into_iter();
+            for x in whole.iter_mut().flatten().flatten() {
+                *x = rest.next().expect("a moment") as f32;
+            }
+        }
+        Ok(whole)
+    }
+
+    /// Whether `flag` is set on any process (this one's across threads): a collective every
+    /// process must call, so that they agree, e.g. to stop at the same step.
+    pub fn any(&self, flag: bool) -> Result<bool, StepError> {
+        match &self.here {
+            Here::Threads => Ok(flag),
+            Here::Process(sockets) => {
+                let world: Vec<usize> = (0..sockets.size()).collect();
+                let sum = sockets.sum_exact(&world, sockets.rank(), "flag", &[f64::from(u8::from(flag))]);
+                Ok(sum.map_err(|e| StepError(e.0))?[0] > 0.0)
+            }
+        }
+    }
+
+    /// Moves the routing biases among `params` from the step's `loads`.
+    pub fn move_biases<T: Real>(&self, params: &mut [Value<T>], loads: &[Vec<f64>], scalars: Vec<Value<T>>) {
+        self.biases.apply(params, loads, scalars);
+    }
+
+    /// The step's sums and parameters from what the ranks handed back.
+    fn gathered<T: Real>(&self, results: Vec<Result<RankResult, String>>) -> Result<RanksStep<T>, StepError> {
+        let mut step = RanksStep {
             losses: [0.0; LOSS_OUTPUTS],
             loads: Vec::new(),
-            grads: self.params.iter().map(|p| vec![T::ZERO; p.numel()]).collect(),
+            end: StepEnd { square_sum: 0.0, updated: false },
+            params: self.params.iter().map(|p| vec![T::ZERO; p.numel()]).collect(),
         };
         let mut loads_by_stage: Vec<Vec<Vec<f64>>> =
             self.loads.iter().map(|lens| lens.iter().map(|&len| vec![0.0; len]).collect()).collect();
         for result in results {
-            let (held, reports) = result.map_err(StepError)?;
+            let (held, reports, end) = result.map_err(StepError)?;
+            step.end = end;
             for (stage, member, flat) in held {
-                self.add_gradients(&mut sums.grads, stage, member, flat);
+                self.write_params(&mut step.params, stage, member, flat);
             }
             for (stage, report) in reports {
                 let parts = [report.loss, report.main_loss, report.mtp_loss, report.balance_loss];
-                sums.losses.iter_mut().zip(parts).for_each(|(sum, part)| *sum += part);
+                step.losses.iter_mut().zip(parts).for_each(|(sum, part)| *sum += part);
                 add_loads(&mut loads_by_stage[stage], report.loads.into_iter());
             }
         }
-        add_loads(&mut sums.loads, loads_by_stage.into_iter().flatten());
-        Ok(sums)
+        add_loads(&mut step.loads, loads_by_stage.into_iter().flatten());
+        Ok(step)
     }
 
-    /// Writes one rank's summed gradients of a stage's parameters into the whole model's:
-    /// the replicated ones from the first member of an expert-parallel group, each member's
-    /// share of the routed experts.
-    fn add_gradients<T: Real>(&self, grads: &mut [Vec<T>], stage: usize, member: usize, flat: [Vec<f32>; 2]) {
+    /// Writes one rank's parameters of a stage into the whole model's: the replicated ones
+    /// from the first member of an expert-parallel group, each member's share of the routed
+    /// experts.
+    fn write_params<T: Real>(&self, whole: &mut [Vec<T>], stage: usize, member: usize, flat: [Vec<f32>; 2]) {
         let mut flat = flat.map(Vec::into_iter);
         for (p, &index) in self.stages[stage].graph.params.iter().zip(&self.indices[stage]) {
             let sharing = usize::from(p.is_routed_expert());
             let values = flat[sharing].by_ref().take(p.numel()).map(|x| T::from_f64(f64::from(x)));
             if p.is_routed_expert() {
-                grads[index][member * p.numel()..][..p.numel()].iter_mut().zip(values).for_each(|(g, x)| *g = x);
+                whole[index][member * p.numel()..][..p.numel()].iter_mut().zip(values).for_each(|(w, x)| *w = x);
             } else if member == 0 {
-                grads[index].iter_mut().zip(values).for_each(|(g, x)| *g = x);
+                whole[index].iter_mut().zip(values).for_each(|(w, x)| *w = x);
             }
         }
     }
 
-    /// One rank's step: its stages run the schedule; ZeRO-1's update sets their parameters to
-    /// the summed gradient, which the rank hands back (from one replica per expert share).
+    /// One rank's step: its stages run the schedule, its optimizer updating its shards; the
+    /// rank hands back its parameters (from one replica per expert share).
     fn run_rank(
         &self,
-        schedule: &Schedule,
+        step: &Step,
         comm: Arc<dyn Comm>,
         place: Place,
-        whole: &[Tensor<f32>],
         batches: Vec<MicroBatch>,
-        mtp_weight: f32,
+        optimizer: &Mutex<ShardOptimizer>,
     ) -> Result<RankResult, String> {
+        let Step { schedule, whole, mtp_weight, micro_batches, scalars } = *step;
         let replicas = self.replicas;
         let member = place.replica % replicas.expert_ranks;
         let per_direction = schedule.micro_batches_per_direction();
@@ -257,19 +396,35 @@ impl Ranks {
             (direction, stage)
         });
         let mut held = HeldStages { stages: stages.collect() };
-        let to_gradient = |_: Sharing, params: &mut [f32], gradient: &[f32]| params.copy_from_slice(gradient);
-        run_step(schedule, comm.as_ref(), place, replicas, &mut held, to_gradient).map_err(|e| e.0)?;
-        let mut gradients = Vec::new();
+        let mut optimizer = optimizer.lock().expect("no rank panicked");
+        let scale = 1.0 / micro_batches as f64;
+        let update = |sharing: Sharing, params: &mut [f32], gradient: &[f32], square_sum: f64| {
+            let scalars = scalars(square_sum.sqrt() * scale);
+            optimizer.update(sharing, params, gradient, scale as f32, &scalars);
+        };
+        let end = run_step(schedule, comm.as_ref(), place, replicas, &mut held, update).map_err(|e| e.0)?;
+        let mut updated = Vec::new();
         let mut reports = Vec::new();
         for (direction, stage) in &mut held.stages {
             let index = direction.rank_of(place.pipeline_rank, schedule.ranks);
             reports.push((index, stage.take_report()));
             if *direction == Direction::Down && place.replica < replicas.expert_ranks {
-                gradients.push((index, member, Sharing::ALL.map(|sharing| stage.params(sharing))));
+                updated.push((index, member, Sharing::ALL.map(|sharing| stage.params(sharing))));
             }
         }
-        Ok((gradients, reports))
+        Ok((updated, reports, end))
     }
+}
+
+/// What every rank of a step shares: the schedule, the whole model's parameters before it,
+/// λ, the micro-batch count and the optimizer's scalars.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    schedule: &'a Schedule,
+    whole: &'a [Tensor<f32>],
+    mtp_weight: f32,
+    micro_batches: usize,
+    scalars: StepScalars<'a>,
 }
 
 impl fmt::Display for Ranks {
@@ -289,7 +444,11 @@ impl fmt::Display for Ranks {
             self.stages.len(),
             self.replicas.count,
             self.replicas.expert_ranks
-        )
+        )?;
+        let held = self.optimizers.iter().map(|o| o.lock().map_or(0, |o| o.held()));
+        let learned: usize = self.params.iter().filter(|p| p.learned).map(ParamInfo::numel).sum();
+        let largest = held.max().unwrap_or(0);
+        write!(f, "; ZeRO-1: a rank's optimizer state covers at most {largest} of the model's {learned} learned values")
     }
 }
 
@@ -342,13 +501,43 @@ mod tests {
                 assert_eq!((a.expert_load_max, a.expert_load_mean), (b.expert_load_max, b.expert_load_mean));
                 assert_eq!((a.step, a.tokens), (b.step, b.tokens));
                 assert!(a.expert_load_max > 0.0, "the MoE layers report their loads");
+                // Clipping acts, by the whole model's norm (not a shard's).
+                assert!(a.grad_norm > spec.train.grad_clip, "{kind:?} step {step}: norm {}", a.grad_norm);
             }
-            for (info, (x, y)) in one.graph().forward.params.iter().zip(one.params().iter().zip(eight.params())) {
+            // The parameters, and the moments gathered from the ranks' shards.
+            eight.sync().expect("gathers the moments");
+            let info = one.graph().forward.params.clone();
+            let learned = info.iter().filter(|p| p.learned);
+            let named =
+                info.iter().map(|p| (&p.name, "")).chain(learned.flat_map(|p| [(&p.name, " m"), (&p.name, " v")]));
+            let state = |t: &Trainer<f32>| {
+                let moments = t.moments().iter().flat_map(|(m, v)| [m.clone(), v.clone()]);
+                t.params().iter().cloned().chain(moments).collect::<Vec<_>>()
+            };
+            for ((name, what), (x, y)) in named.zip(state(&one).iter().zip(&state(&eight))) {
                 let (x, y) = (&x.as_real().data, &y.as_real().data);
                 let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
                 let diff = x.iter().zip(y).map(|(u, v)| (u - v) * (u - v)).sum::<f32>().sqrt();
-                assert!(diff <= 1e-4 * norm + 1e-6, "{kind:?}: {} off by {diff} of {norm}", info.name);
+                assert!(diff <= 1e-4 * norm + 1e-9, "{kind:?}: {name}{what} off by {diff} of {norm}");
             }
+        }
+    }
+
+    #[test]
+    fn each_rank_keeps_the_optimizer_state_of_its_shard_alone() {
+        for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Dualpipe] {
+            let spec = tiny_on_eight_ranks(kind);
+            let graph = dsc_compiler::graph::TrainingGraph::build(&spec, Numerics::Exact);
+            let (params, biases) = (&graph.forward.params, &graph.forward.moe_biases);
+            let learned: Vec<usize> = params.iter().filter(|p| p.learned).map(|p| p.numel()).collect();
+            let moments = learned.iter().map(|&n| [vec![0.0; n], vec![0.0; n]]).collect();
+            let ranks = Ranks::new(&spec, Numerics::Exact, (params, biases), &moments, Here::Threads).expect("ranks");
+            let held: Vec<usize> = ranks.optimizers.iter().map(|o| o.lock().expect("not poisoned").held()).collect();
+            // Together one copy of the model's; each about 1/4 of its stage's (4 replicas; with
+            // DualPipe 8 copies of each stage pair).
+            let total: usize = learned.iter().sum();
+            assert_eq!(held.iter().sum::<usize>(), total, "{kind:?}: {held:?}");
+            assert!(held.iter().all(|&h| h > 0 && h < total / 4), "{kind:?}: {held:?} of {total}");
         }
     }
 

@@ -3,7 +3,9 @@
 //! of the stage it holds for the micro-batch's direction, sends and receives move activations
 //! and gradients through a [`Comm`] (threads of one process, or processes), and the step ends
 //! with ZeRO-1 over every copy of the rank's parameters: reduce-scatter of the accumulated
-//! gradients, the optimizer on this rank's shard, all-gather of the parameters into every copy. Most parameters have a copy on every
+//! gradients, the optimizer on this rank's shard (clipping by the whole model's gradient norm,
+//! which one small collective over every rank gives), all-gather of the parameters into every
+//! copy. Most parameters have a copy on every
 //! replica (and, with DualPipe, on the rank holding the other direction's stage); the routed
 //! experts, split over the consecutive replicas of an expert-parallel group, only on the
 //! replicas holding the same experts ([`Sharing`]). What a stage computes, the MoE all-to-alls
@@ -53,6 +55,8 @@ pub trait StageCompute: Send {
     /// The gradient of one sharing's parameters accumulated over the step's micro-batches,
     /// flat; their accumulator restarts.
     fn take_gradient(&mut self, sharing: Sharing) -> Vec<f32>;
+    /// The loss terms the stage's forwards computed since the last report.
+    fn loss(&self) -> f64;
     /// What the stage's forwards computed since the last call, summed over micro-batches (the
     /// model's loss per micro-batch is the sum of its stages' terms).
     fn take_report(&mut self) -> StageReport;
@@ -126,23 +130,33 @@ impl HeldStages {
     }
 }
 
+/// How a step ended on every rank: the sum of the squares of the whole model's summed
+/// gradient, and whether the optimizer ran (it does not when that sum or a loss is not finite).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepEnd {
+    pub square_sum: f64,
+    pub updated: bool,
+}
+
 /// Runs one step of `schedule` (a checked one: [`dsc_compiler::parallel::check`]) as the rank
 /// at `place`; all `replicas` run the same schedule. `update` applies the optimizer to this
-/// rank's shard of one sharing's parameters, given the shard of their summed gradient.
+/// rank's shard of one sharing's parameters, given the shard of their summed gradient and the
+/// square sum of the whole model's ([`StepEnd`]).
 pub fn run_step(
     schedule: &Schedule,
     comm: &dyn Comm,
     place: Place,
     replicas: Replicas,
     held: &mut HeldStages,
-    mut update: impl FnMut(Sharing, &mut [f32], &[f32]),
-) -> Result<(), CommError> {
+    mut update: impl FnMut(Sharing, &mut [f32], &[f32], f64),
+) -> Result<StepEnd, CommError> {
     let rank = place.pipeline_rank;
     let me = place.id(schedule);
     let peer = |pipeline_rank: usize| Place { pipeline_rank, replica: place.replica }.id(schedule);
     let groups = Sharing::ALL.map(|sharing| group(schedule, place, replicas, sharing));
     let mut tensors = Tensors { schedule, rank, received: HashMap::new(), computed: HashMap::new() };
     let mut shards: [Vec<f32>; 2] = Default::default();
+    let mut end = StepEnd { square_sum: 0.0, updated: false };
     for instruction in &schedule.programs[rank] {
         match *instruction {
             Instruction::Compute(chunk) => tensors.compute(held, &chunk)?,
@@ -162,12 +176,24 @@ pub fn run_step(
                 }
             }
             Instruction::OptimizerStep => {
+                // Every element of the model's gradient is in one rank's shard: the squares of
+                // all shards add up to the whole gradient's. The losses come along, so that
+                // every rank agrees whether the step is finite.
+                let square_sum = shards.iter().flatten().map(|&g| f64::from(g) * f64::from(g)).sum();
+                let loss = held.stages.iter().map(|(_, stage)| stage.loss()).sum();
+                let world: Vec<usize> = (0..replicas.count * schedule.ranks).collect();
+                let [square_sum, loss] = comm.sum_exact(&world, me, "gradient norm", &[square_sum, loss])?[..] else {
+                    unreachable!("a sum of two values is two values")
+                };
+                end = StepEnd { square_sum, updated: square_sum.is_finite() && loss.is_finite() };
                 for ((sharing, group), shard) in Sharing::ALL.into_iter().zip(&groups).zip(&mut shards) {
                     let stages = held.by_stage(schedule, rank).into_iter();
                     let params: Vec<f32> = stages.flat_map(|stage| stage.params(sharing)).collect();
                     let position = group.iter().position(|&member| member == me).expect("a rank is in its groups");
                     let mut mine = params[comm::shard(params.len(), group.len(), position)].to_vec();
-                    update(sharing, &mut mine, shard);
+                    if end.updated {
+                        update(sharing, &mut mine, shard, square_sum);
+                    }
                     *shard = mine;
                 }
             }
@@ -185,7 +211,7 @@ pub fn run_step(
             }
         }
     }
-    Ok(())
+    Ok(end)
 }
 
 /// The tensors a rank holds between instructions: received and not yet consumed, computed and
@@ -230,7 +256,7 @@ impl Tensors<'_> {
 }
 
 /// The thread-ranks holding copies of `place`'s parameters of `sharing`, sorted.
-fn group(schedule: &Schedule, place: Place, replicas: Replicas, sharing: Sharing) -> Vec<usize> {
+pub(super) fn group(schedule: &Schedule, place: Place, replicas: Replicas, sharing: Sharing) -> Vec<usize> {
     let expert_rank = place.replica % replicas.expert_ranks;
     let holders = (0..replicas.count)
         .filter(|replica| sharing == Sharing::Replicated || replica % replicas.expert_ranks == expert_rank);
@@ -343,15 +369,18 @@ mod tests {
                 Vec::new()
             }
         }
+        fn loss(&self) -> f64 {
+            self.loss
+        }
         fn take_report(&mut self) -> StageReport {
             StageReport { loss: std::mem::take(&mut self.loss), ..StageReport::default() }
         }
     }
 
-    /// The loss summed over all `micro_batches` of every replica and the stages' weights after
-    /// one SGD step on it, run on one rank: every micro-batch through every stage, forward then
-    /// backward.
-    fn single_rank(stages: usize, micro_batches: usize) -> (f64, Vec<Vec<f32>>) {
+    /// The loss summed over all `micro_batches` of every replica, the sum of the squares of its
+    /// gradient and the stages' weights after one SGD step on it, run on one rank: every
+    /// micro-batch through every stage, forward then backward.
+    fn single_rank(stages: usize, micro_batches: usize) -> (f64, f64, Vec<Vec<f32>>) {
         let weights: Vec<Vec<f32>> = (0..stages).map(initial_weights).collect();
         let mut gradients = vec![vec![0.0f32; WIDTH * WIDTH]; stages];
         let mut loss = 0.0;
@@ -369,22 +398,23 @@ mod tests {
                 dy = dx;
             }
         }
+        let square_sum = gradients.iter().flatten().map(|&g| f64::from(g) * f64::from(g)).sum();
         let updated = weights.iter().zip(&gradients).map(|(w, g)| w.iter().zip(g).map(|(w, g)| w - LR * g).collect());
-        (loss, updated.collect())
+        (loss, square_sum, updated.collect())
     }
 
     /// A thread's stage after a step: (pipeline rank, replica, stage index, weights).
     type StageWeights = (usize, usize, usize, Vec<f32>);
 
     /// Runs one step of `kind` on `ranks` × `replicas` threads; returns the loss the stages
-    /// computed and each thread's stages' weights afterwards, by (pipeline rank, replica, stage
-    /// index).
+    /// computed, how the step ended on each thread, and each thread's stages' weights
+    /// afterwards, by (pipeline rank, replica, stage index).
     fn threaded(
         kind: PipelineSchedule,
         ranks: usize,
         micro_batches: usize,
         replicas: usize,
-    ) -> (f64, Vec<StageWeights>) {
+    ) -> (f64, Vec<StepEnd>, Vec<StageWeights>) {
         let schedule = Schedule::generate(kind, ranks, micro_batches).expect("a valid size");
         check(&schedule).expect("checks");
         let comm = ThreadComm::new(Duration::from_secs(10));
@@ -416,26 +446,30 @@ mod tests {
                             })
                             .collect();
                         let mut held = HeldStages { stages };
-                        let sgd = |_: Sharing, params: &mut [f32], gradient: &[f32]| {
+                        let sgd = |_: Sharing, params: &mut [f32], gradient: &[f32], _: f64| {
                             params.iter_mut().zip(gradient).for_each(|(p, g)| *p -= LR * g);
                         };
                         let replicas = Replicas { count: replicas, expert_ranks: 1 };
-                        run_step(schedule, comm, place, replicas, &mut held, sgd).expect("no rank times out");
+                        let end = run_step(schedule, comm, place, replicas, &mut held, sgd).expect("no rank times out");
                         let ranks = schedule.ranks;
-                        held.stages
+                        let stages = held
+                            .stages
                             .iter_mut()
                             .map(|(direction, stage)| {
                                 let stage_index = direction.rank_of(place.pipeline_rank, ranks);
                                 let weights = stage.params(Sharing::Replicated);
                                 (stage.take_report().loss, (place.pipeline_rank, place.replica, stage_index, weights))
                             })
-                            .collect::<Vec<_>>()
+                            .collect::<Vec<_>>();
+                        (end, stages)
                     })
                 })
                 .collect();
-            let stages: Vec<_> = handles.into_iter().flat_map(|handle| handle.join().expect("the rank ran")).collect();
+            let (ends, stages): (Vec<_>, Vec<_>) =
+                handles.into_iter().map(|handle| handle.join().expect("the rank ran")).unzip();
+            let stages: Vec<_> = stages.into_iter().flatten().collect();
             let loss = stages.iter().map(|(loss, _)| loss).sum();
-            (loss, stages.into_iter().map(|(_, weights)| weights).collect())
+            (loss, ends, stages.into_iter().map(|(_, weights)| weights).collect())
         })
     }
 
@@ -443,9 +477,13 @@ mod tests {
     fn every_schedule_trains_like_one_rank() {
         for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Zb1p, PipelineSchedule::Dualpipe] {
             for (ranks, micro_batches, replicas) in [(2, 4, 1), (2, 4, 2), (4, 8, 2), (4, 12, 1)] {
-                let (expected_loss, expected) = single_rank(ranks, micro_batches * replicas);
-                let (loss, weights) = threaded(kind, ranks, micro_batches, replicas);
+                let (expected_loss, square_sum, expected) = single_rank(ranks, micro_batches * replicas);
+                let (loss, ends, weights) = threaded(kind, ranks, micro_batches, replicas);
                 assert!((loss - expected_loss).abs() < 1e-5 * expected_loss, "{kind:?}: {loss} vs {expected_loss}");
+                // Every rank has the whole gradient's square sum, the same bits.
+                assert!(ends.iter().all(|end| *end == ends[0] && end.updated), "{ends:?}");
+                let error = (ends[0].square_sum - square_sum).abs();
+                assert!(error < 1e-5 * square_sum, "{kind:?}: square sum {} vs {square_sum}", ends[0].square_sum);
                 let copies = if kind == PipelineSchedule::Dualpipe { 2 } else { 1 };
                 assert_eq!(weights.len(), ranks * replicas * copies);
                 for (rank, replica, stage, w) in weights {
@@ -474,7 +512,7 @@ mod tests {
         let mut held = HeldStages { stages: vec![(Direction::Down, Box::new(layer))] };
         let place = Place { pipeline_rank: 1, replica: 0 };
         let alone = Replicas { count: 1, expert_ranks: 1 };
-        let error = run_step(&schedule, &comm, place, alone, &mut held, |_, _, _| {}).expect_err("times out");
+        let error = run_step(&schedule, &comm, place, alone, &mut held, |_, _, _, _| {}).expect_err("times out");
         assert!(error.0.starts_with("rank 1 waited for activation ↓0 from rank 0 for 100ms"), "{error}");
     }
 }

@@ -178,15 +178,53 @@ impl<T: Real> Trainer<T> {
         &self.params
     }
 
+    /// Adam's moments of the learned parameters (after [`Trainer::sync`] when a backend or
+    /// the ranks keep them).
+    pub fn moments(&self) -> &Moments<T> {
+        assert!(self.state.host_current, "the moments are elsewhere: call `sync` first");
+        &self.moments
+    }
+
     /// Brings the parameters and moments back from a backend that keeps them (see
-    /// [`Resident`]); nothing to do otherwise.
+    /// [`Resident`]), or the moments from the ranks' ZeRO-1 shards (across processes, a
+    /// collective every process must call); nothing to do otherwise.
     pub fn sync(&mut self) -> Result<(), StepError> {
-        if !self.state.host_current {
-            let resident = self.backend.resident().expect("a backend keeping the state");
-            (self.params, self.moments) = resident.state().map_err(StepError)?;
-            self.state.host_current = true;
+        if self.state.host_current {
+            return Ok(());
         }
+        match &self.ranks {
+            Some(ranks) => {
+                let learned = self.graph.forward.params.iter().filter(|p| p.learned);
+                let value = |shape: &[usize], data: Vec<f32>| {
+                    Value::real(Tensor::new(
+                        shape.to_vec(),
+                        data.into_iter().map(|x| T::from_f64(f64::from(x))).collect(),
+                    ))
+                };
+                let moments = ranks.moments()?.into_iter().zip(learned);
+                self.moments = moments.map(|([m, v], p)| (value(&p.shape, m), value(&p.shape, v))).collect();
+            }
+            None => {
+                let resident = self.backend.resident().expect("a backend keeping the state");
+                (self.params, self.moments) = resident.state().map_err(StepError)?;
+            }
+        }
+        self.state.host_current = true;
         Ok(())
+    }
+
+    /// Whether `flag` is set in any process of a multi-process run (in this one otherwise): a
+    /// collective every process calls at the same point, so that they agree, e.g. to stop.
+    pub fn any_process(&mut self, flag: bool) -> Result<bool, StepError> {
+        match (&self.ranks, &mut self.replicas) {
+            (Some(ranks), _) => ranks.any(flag),
+            (None, Some(replicas)) => {
+                let mut sum = [f64::from(u8::from(flag))];
+                replicas.sum(&mut sum).map_err(StepError)?;
+                Ok(sum[0] > 0.0)
+            }
+            (None, None) => Ok(flag),
+        }
     }
 
     /// Optimizer steps done and tokens seen.
@@ -197,10 +235,18 @@ impl<T: Real> Trainer<T> {
     /// Runs the steps on the ranks of the spec's parallel plan (pipeline stages, expert and
     /// data parallelism), `here` (threads of this process, or this process as one of them),
     /// rather than micro-batch after micro-batch on this thread; describes the ranks.
+    /// Their optimizers take the moments over (sharded: see [`Trainer::sync`]).
     pub fn on_ranks(&mut self, numerics: Numerics, here: Here) -> Result<String, Unsupported> {
-        let ranks = Ranks::new(&self.spec, numerics, &self.graph.forward.params, here)?;
+        assert!(self.state.host_current, "the backend keeps the state: call `sync` first");
+        let forward = &self.graph.forward;
+        let f32s = |v: &Value<T>| v.as_real().data.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
+        let moments = self.moments.iter().map(|(m, v)| [f32s(m), f32s(v)]).collect();
+        let ranks = Ranks::new(&self.spec, numerics, (&forward.params, &forward.moe_biases), &moments, here)?;
         let description = ranks.to_string();
         self.ranks = Some(ranks);
+        // The ranks hold the moments now, each its shard.
+        self.moments = Vec::new();
+        self.state.host_current = false;
         Ok(description)
     }
 
@@ -308,7 +354,7 @@ impl<T: Real> Trainer<T> {
         let micro_batches = batches.len();
         let per_rank = micro_batches.div_ceil(data_ranks(&self.spec));
         let sums = match (&self.ranks, &mut self.replicas) {
-            (Some(ranks), _) => ranks.step(&self.params, batches, mtp_weight as f32)?,
+            (Some(_), _) => return self.ranks_step(batches, mtp_weight, lr, bias_speed),
             (None, Some(replicas)) => {
                 if !micro_batches.is_multiple_of(replicas.size()) {
                     return Err(StepError(format!(
@@ -327,18 +373,54 @@ impl<T: Real> Trainer<T> {
         };
         let StepSums { losses, loads, grads } = sums;
         let losses = losses.map(|loss| loss / micro_batches as f64);
-        let finite = losses.iter().all(|l| l.is_finite()) && grads.iter().flatten().all(|g| g.is_finite());
-        let grad_norm = if finite {
-            let norm = self.apply_optimizer(grads, &loads, micro_batches, lr, bias_speed)?;
+        let square_sum: f64 = grads.iter().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
+        let grad_norm = square_sum.sqrt() / micro_batches as f64;
+        let finite = grad_norm.is_finite() && losses.iter().all(|l| l.is_finite());
+        if finite {
+            self.apply_optimizer(grads, &loads, micro_batches, [lr, bias_speed, grad_norm])?;
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
             }
-            norm
-        } else {
-            let sum: f64 = grads.iter().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
-            sum.sqrt() / micro_batches as f64
-        };
+        }
         Ok(Update { losses, loads, grad_norm, finite })
+    }
+
+    /// A step on the ranks of the parallel plan, whose ZeRO-1 shards update the parameters;
+    /// the routing biases move here.
+    fn ranks_step(
+        &mut self,
+        batches: Vec<MicroBatch>,
+        mtp_weight: f64,
+        lr: f64,
+        bias_speed: f64,
+    ) -> Result<Update, StepError> {
+        let micro_batches = batches.len();
+        let ranks = self.ranks.as_ref().expect("on ranks");
+        let (spec, progress) = (&self.spec, self.progress);
+        let scalars = |grad_norm: f64| optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm]);
+        let step = ranks.step(&self.params, batches, mtp_weight as f32, &scalars)?;
+        let losses = step.losses.map(|loss| loss / micro_batches as f64);
+        let grad_norm = step.end.square_sum.sqrt() / micro_batches as f64;
+        if step.end.updated {
+            let info = &self.graph.forward.params;
+            for ((param, p), data) in self.params.iter_mut().zip(info).zip(step.params) {
+                if p.learned {
+                    *param = Value::real(Tensor::new(p.shape.clone(), data));
+                }
+            }
+            ranks.move_biases(
+                &mut self.params,
+                &step.loads,
+                optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm]),
+            );
+            if let Some(ema) = &self.ema {
+                ema.update(self.params.clone());
+            }
+            // The moments gathered for a checkpoint are out of date.
+            self.moments = Vec::new();
+            self.state.host_current = false;
+        }
+        Ok(Update { losses, loads: step.loads, grad_norm, finite: step.end.updated })
     }
 
     /// A step on a backend keeping the state: the state handed over first if it is not there
@@ -376,13 +458,11 @@ impl<T: Real> Trainer<T> {
             add_loads(&mut loads, layer_loads.iter().map(|l| l.as_real().data.iter().map(|x| x.to_f64()).collect()));
         }
         let losses = losses.map(|loss| loss / micro_batches as f64);
-        let square_sum = backend.gradients_square_sum().map_err(StepError)?;
-        if !square_sum.is_finite() || !losses.iter().all(|l| l.is_finite()) {
-            let grad_norm = square_sum.sqrt() / micro_batches as f64;
-            return Ok(Update { losses, loads, grad_norm, finite: false });
+        let grad_norm = backend.gradients_square_sum().map_err(StepError)?.sqrt() / micro_batches as f64;
+        let finite = grad_norm.is_finite() && losses.iter().all(|l| l.is_finite());
+        if !finite {
+            return Ok(Update { losses, loads, grad_norm, finite });
         }
-        let t = (self.progress.step + 1) as i32;
-        let opt = &self.spec.train.optimizer;
         let learned: Vec<usize> = (0..info.len()).filter(|&i| info[i].learned).collect();
         let bias_loads: Vec<(usize, Value<T>)> = biases
             .iter()
@@ -391,15 +471,12 @@ impl<T: Real> Trainer<T> {
                 (b, Value::real(Tensor::new(info[b].shape.clone(), load.iter().map(|&x| T::from_f64(x)).collect())))
             })
             .collect();
-        let scalars = [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed]
-            .into_iter()
-            .map(|x| Value::real(Tensor::scalar(T::from_f64(x))))
-            .collect();
-        let norm = backend
+        let scalars = optimizer_scalars(&self.spec, self.progress, [lr, bias_speed, grad_norm]);
+        backend
             .update(self.graph.optimizer, &learned, &bias_loads, scalars, 1.0 / micro_batches as f64)
             .map_err(StepError)?;
         self.state.host_current = false;
-        Ok(Update { losses, loads, grad_norm: norm, finite: true })
+        Ok(Update { losses, loads, grad_norm, finite })
     }
 
     /// The routing-bias speed now (all MoE ranges share the schedule of the first).
@@ -411,20 +488,17 @@ impl<T: Real> Trainer<T> {
         first_moe.map_or(0.0, |s| scheduled(s, self.progress))
     }
 
-    /// Averages the summed gradients, runs the optimizer function and stores its results;
-    /// returns the gradient norm before clipping.
+    /// Averages the summed gradients, runs the optimizer function on them with the step's
+    /// `lr`, routing-bias speed and gradient norm, and stores its results.
     fn apply_optimizer(
         &mut self,
         grads: Vec<Vec<T>>,
         loads: &[Vec<f64>],
         micro_batches: usize,
-        lr: f64,
-        bias_speed: f64,
-    ) -> Result<f64, StepError> {
+        step: [f64; 3],
+    ) -> Result<(), StepError> {
         let info = &self.graph.forward.params;
         let scale = T::from_f64(1.0 / micro_batches as f64);
-        let t = (self.progress.step + 1) as i32;
-        let opt = &self.spec.train.optimizer;
         let mut args = Vec::new();
         let mut learned = Vec::new();
         for (i, (p, g)) in info.iter().zip(grads).enumerate() {
@@ -440,9 +514,7 @@ impl<T: Real> Trainer<T> {
             args.push(self.params[b].clone());
             args.push(Value::real(Tensor::new(info[b].shape.clone(), load.iter().map(|&x| T::from_f64(x)).collect())));
         }
-        for x in [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed] {
-            args.push(Value::real(Tensor::scalar(T::from_f64(x))));
-        }
+        args.extend(optimizer_scalars(&self.spec, self.progress, step));
         let mut out = self.backend.run(self.graph.optimizer, args).map_err(StepError)?.into_iter();
         for (slot, &i) in learned.iter().enumerate() {
             self.params[i] = out.next().expect("param'");
@@ -453,8 +525,24 @@ impl<T: Real> Trainer<T> {
         for &b in &self.graph.forward.moe_biases {
             self.params[b] = out.next().expect("bias'");
         }
-        Ok(out.next().expect("grad_norm").scalar().to_f64())
+        Ok(())
     }
+}
+
+/// The optimizer function's scalar arguments after its tensors, for the step after
+/// `progress`, from the step's LR, routing-bias speed and gradient norm: the LR, both bias
+/// corrections, the bias speed and the norm.
+pub(super) fn optimizer_scalars<T: Real>(
+    spec: &Spec,
+    progress: Progress,
+    [lr, bias_speed, grad_norm]: [f64; 3],
+) -> Vec<Value<T>> {
+    let t = (progress.step + 1) as i32;
+    let opt = &spec.train.optimizer;
+    [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed, grad_norm]
+        .into_iter()
+        .map(|x| Value::real(Tensor::scalar(T::from_f64(x))))
+        .collect()
 }
 
 /// One rank's sums over the step's micro-batches: the gradient function of `graph` on each
