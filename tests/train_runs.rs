@@ -115,8 +115,14 @@ fn launched(world: usize, extra: &[&str]) -> Vec<Output> {
 
 /// `dsc args` as the `world` processes a launcher starts; their outputs in rank order.
 fn launched_with(world: usize, args: &[&str]) -> Vec<Output> {
+    let children = spawn_launched(world, args);
+    children.into_iter().map(|child| child.wait_with_output().expect("dsc ends")).collect()
+}
+
+/// Starts `dsc args` as the `world` processes a launcher starts, in rank order.
+fn spawn_launched(world: usize, args: &[&str]) -> Vec<std::process::Child> {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("address").port();
-    let children: Vec<_> = (0..world)
+    (0..world)
         .map(|rank| {
             Command::new(env!("CARGO_BIN_EXE_dsc"))
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -131,8 +137,7 @@ fn launched_with(world: usize, args: &[&str]) -> Vec<Output> {
                 .spawn()
                 .expect("starting dsc")
         })
-        .collect();
-    children.into_iter().map(|child| child.wait_with_output().expect("dsc ends")).collect()
+        .collect()
 }
 
 #[test]
@@ -178,6 +183,45 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
         assert!(o.status.success(), "rank {rank} failed to resume:\n{}", text(&o.stderr));
     }
     assert_eq!(a, losses(&resumed), "losses differ after resuming on processes");
+}
+
+/// A signal that reaches one process of a launched run stops all of them after the same step;
+/// rank 0 saves the state gathered from all (the moments live in the ranks' ZeRO-1 shards),
+/// and the run resumed on processes continues as if it had not stopped.
+#[test]
+fn a_signal_to_one_launched_process_stops_all_at_the_same_step_and_saves_their_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let (stopped, straight) = (dir.path().join("stopped.jsonl"), dir.path().join("straight.jsonl"));
+    let mut args = vec!["train", "models/deepseek-v3-tiny.dsc"];
+    args.extend(SMALL);
+    args.extend(eight_ranks(&["--steps", "100000", "--metrics", path(&stopped), "--checkpoint-dir", path(&run)]));
+    let mut children = spawn_launched(8, &args);
+    let mut stdout = std::io::BufReader::new(children[0].stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("a step line");
+    assert!(line.starts_with("step"), "{line}");
+    let kill = Command::new("kill").args(["-TERM", &children[3].id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let steps: Vec<u64> = children
+        .into_iter()
+        .enumerate()
+        .map(|(rank, child)| {
+            let o = child.wait_with_output().expect("dsc ends");
+            let err = text(&o.stderr);
+            assert_eq!(o.status.code(), Some(0), "rank {rank}:\n{err}");
+            let at = err.split("interrupted at step ").nth(1).and_then(|rest| rest.split([':', '\n']).next());
+            at.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("rank {rank} says where it stopped:\n{err}"))
+        })
+        .collect();
+    assert!(steps.iter().all(|&s| s == steps[0]), "the processes stopped at steps {steps:?}");
+    let target = (steps[0] + 2).to_string();
+    let outputs = launched_with(8, &["train", "--resume", path(&run), "--steps", &target, "--metrics", path(&stopped)]);
+    for (rank, o) in outputs.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank} failed to resume:\n{}", text(&o.stderr));
+    }
+    ok(train(&eight_ranks(&["--steps", &target, "--metrics", path(&straight)])));
+    assert_eq!(losses(&straight), losses(&stopped), "the stopped and resumed run differs from the straight one");
 }
 
 /// A launcher that starts another number of processes than the plan has ranks is told how many
