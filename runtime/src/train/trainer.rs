@@ -55,6 +55,15 @@ struct Update {
     finite: bool,
 }
 
+/// What a step runs on: its micro-batches, and the schedules' values at it (λ, the learning
+/// rate, the routing-bias speed).
+struct StepInputs {
+    batches: Vec<MicroBatch>,
+    mtp_weight: f64,
+    lr: f64,
+    bias_speed: f64,
+}
+
 /// Where a trainer's parameters and moments are.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct State {
@@ -310,11 +319,14 @@ impl<T: Real> Trainer<T> {
         let lr = lr_at(train, self.progress);
         let bias_speed = self.bias_speed();
         let step_tokens = sequences * train.seq_len;
-        let resident = self.ranks.is_none() && self.replicas.is_none() && self.ema.is_none();
-        let Update { losses, loads, grad_norm, finite } = if resident && self.backend.resident().is_some() {
-            self.resident_step(batches, mtp_weight, lr, bias_speed)?
+        let inputs = StepInputs { batches, mtp_weight, lr, bias_speed };
+        let resident = self.replicas.is_none() && self.ema.is_none();
+        let Update { losses, loads, grad_norm, finite } = if self.ranks.is_some() {
+            self.ranks_step(inputs)?
+        } else if resident && self.backend.resident().is_some() {
+            self.resident_step(inputs)?
         } else {
-            self.host_step(batches, mtp_weight, lr, bias_speed)?
+            self.host_step(inputs)?
         };
         if finite {
             self.progress = Progress { step: self.progress.step + 1, tokens: self.progress.tokens + step_tokens };
@@ -342,20 +354,16 @@ impl<T: Real> Trainer<T> {
         })
     }
 
-    /// A step on host values: the rank's (or ranks') gradient sums, then the optimizer when
-    /// they are finite.
+    /// A step on host values: this process's gradient sums (added up with its data-parallel
+    /// replicas'), then the optimizer when they are finite.
     fn host_step(
         &mut self,
-        batches: Vec<MicroBatch>,
-        mtp_weight: f64,
-        lr: f64,
-        bias_speed: f64,
+        StepInputs { batches, mtp_weight, lr, bias_speed }: StepInputs,
     ) -> Result<Update, StepError> {
         let micro_batches = batches.len();
         let per_rank = micro_batches.div_ceil(data_ranks(&self.spec));
-        let sums = match (&self.ranks, &mut self.replicas) {
-            (Some(_), _) => return self.ranks_step(batches, mtp_weight, lr, bias_speed),
-            (None, Some(replicas)) => {
+        let sums = match &mut self.replicas {
+            Some(replicas) => {
                 if !micro_batches.is_multiple_of(replicas.size()) {
                     return Err(StepError(format!(
                         "{micro_batches} micro-batches do not share evenly over {} data-parallel processes",
@@ -369,7 +377,7 @@ impl<T: Real> Trainer<T> {
                 let sums = one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), mine.collect(), mtp_weight)?;
                 sum_over(sums, |flat| replicas.sum(flat))?
             }
-            (None, None) => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
+            None => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
         };
         let StepSums { losses, loads, grads } = sums;
         let losses = losses.map(|loss| loss / micro_batches as f64);
@@ -389,10 +397,7 @@ impl<T: Real> Trainer<T> {
     /// the routing biases move here.
     fn ranks_step(
         &mut self,
-        batches: Vec<MicroBatch>,
-        mtp_weight: f64,
-        lr: f64,
-        bias_speed: f64,
+        StepInputs { batches, mtp_weight, lr, bias_speed }: StepInputs,
     ) -> Result<Update, StepError> {
         let micro_batches = batches.len();
         let ranks = self.ranks.as_ref().expect("on ranks");
@@ -428,10 +433,7 @@ impl<T: Real> Trainer<T> {
     /// batches, losses, loads and scalars cross.
     fn resident_step(
         &mut self,
-        batches: Vec<MicroBatch>,
-        mtp_weight: f64,
-        lr: f64,
-        bias_speed: f64,
+        StepInputs { batches, mtp_weight, lr, bias_speed }: StepInputs,
     ) -> Result<Update, StepError> {
         let micro_batches = batches.len();
         let info = &self.graph.forward.params;
