@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
@@ -23,8 +23,6 @@ use dsc_compiler::parallel::check::check;
 use dsc_compiler::parallel::schedule::{Direction, Micro, Schedule};
 use dsc_compiler::parallel::split;
 use dsc_lang::{PipelineSchedule, Spec};
-
-use std::sync::Mutex;
 
 use super::graph_stage::{share_of, GraphStage, MicroBatch};
 use super::pipeline::{group, run_step, HeldStages, Place, Replicas, Sharing, StageCompute, StageReport, StepEnd};
