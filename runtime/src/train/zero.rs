@@ -219,7 +219,9 @@ impl BiasUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm;
     use dsc_lang::ParamGroup;
+    use proptest::prelude::*;
 
     fn param(name: &str, numel: usize, learned: bool) -> ParamInfo {
         ParamInfo { name: name.into(), shape: vec![numel], group: ParamGroup::Attention, learned, norm: false }
@@ -239,5 +241,42 @@ mod tests {
         assert_eq!(pieces(&runs, &params, 3..7), [piece(0, 3, 1, 0), piece(2, 3, 1, 3)], "the bias is not learned");
         assert_eq!(pieces(&runs, &params, 5..9), [piece(2, 3, 3, 1)]);
         assert_eq!(pieces(&runs, &params, 9..9), []);
+    }
+
+    proptest! {
+        /// However a copy's runs and its group fall, the members' shards hold every learned
+        /// element of the copy exactly once, and nothing else.
+        #[test]
+        fn the_members_shards_hold_each_learned_element_once(
+            lens in prop::collection::vec((1usize..40, any::<bool>()), 1..8),
+            offsets in prop::collection::vec(0usize..5, 8),
+            members in 1usize..9,
+        ) {
+            let params: Vec<ParamInfo> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &(len, learned))| param(&format!("p{i}"), len + offsets[i], learned))
+                .collect();
+            // Each run starts `offsets[i]` into its parameter (an expert share).
+            let runs: Vec<Run> =
+                lens.iter().enumerate().map(|(i, &(len, _))| Run { param: i, start: offsets[i], len }).collect();
+            let total: usize = runs.iter().map(|run| run.len).sum();
+            let mut held: Vec<Vec<usize>> = params.iter().map(|p| vec![0; p.numel()]).collect();
+            for member in 0..members {
+                let shard = comm::shard(total, members, member);
+                for piece in pieces(&runs, &params, shard.clone()) {
+                    prop_assert!(piece.at + piece.run.len <= shard.len());
+                    for x in &mut held[piece.run.param][piece.run.start..piece.run.start + piece.run.len] {
+                        *x += 1;
+                    }
+                }
+            }
+            for (i, (&(_, learned), counts)) in lens.iter().zip(&held).enumerate() {
+                for (at, &count) in counts.iter().enumerate() {
+                    let in_run = at >= offsets[i];
+                    prop_assert_eq!(count, usize::from(learned && in_run), "p{} element {}", i, at);
+                }
+            }
+        }
     }
 }
