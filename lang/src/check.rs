@@ -704,13 +704,16 @@ impl Checker<'_> {
                 "use at most one stage per layer",
             );
         }
-        if par.data.zero > 1 {
+        // The schedules end every step with ZeRO-1's collectives: the optimizer state is
+        // sharded wherever parameters have more than one holder (replicas, DualPipe's copies).
+        let shared = par.data.size > 1 || par.pipeline.schedule == PipelineSchedule::Dualpipe;
+        if par.data.zero > 1 || (par.data.zero == 0 && shared) {
             self.error(
                 Code::OutOfRange,
                 "parallel.data.zero",
                 format!("ZeRO stage {} is not supported", par.data.zero),
-                "use 0 or 1".into(),
-                "with pipeline and expert parallelism dsc shards optimizer states (ZeRO-1) only",
+                "dsc shards the optimizer state (ZeRO-1)".into(),
+                "use `zero = 1` (or leave it out)",
             );
         }
         if par.comm_sms >= par.gpu.sms {

@@ -38,7 +38,11 @@ pub fn per_rank(spec: &Spec, stages: &[Stage]) -> Vec<RankMemory> {
 
 fn rank_memory(spec: &Spec, stages: &[Stage], rank: usize) -> RankMemory {
     let held = held_stages(spec.parallel.pipeline.schedule, stages.len(), rank);
-    let resident = held.iter().map(|&stage| Resident::of(spec, &stages[stage])).fold(Resident::default(), Add::add);
+    // With DualPipe the rank holding the mirror stages holds the same parameters: ZeRO-1
+    // shards their optimizer state over both ranks of every replica.
+    let copies = held.len() as u64;
+    let resident =
+        held.iter().map(|&stage| Resident::of(spec, &stages[stage], copies)).fold(Resident::default(), Add::add);
     let in_flight = in_flight_micro_batches(spec.parallel.pipeline.schedule, stages.len(), rank);
     let per_micro_batch = held.iter().map(|&stage| activation_bytes(spec, &stages[stage])).max().unwrap_or(0);
     let activations = in_flight * per_micro_batch;
@@ -88,7 +92,8 @@ struct Resident {
 }
 
 impl Resident {
-    fn of(spec: &Spec, stage: &Stage) -> Resident {
+    /// Stage `stage` held by `copies` pipeline ranks of each replica.
+    fn of(spec: &Spec, stage: &Stage, copies: u64) -> Resident {
         let parallel = &spec.parallel;
         let precision = &spec.precision;
         let all: params::Part = stage.parts.iter().map(|part| params::part(&spec.model, part)).sum();
@@ -96,12 +101,11 @@ impl Resident {
         let replicated = all.params.total() - all.params.routed_experts;
         let params = replicated + routed;
         // ZeRO-1 shards the optimizer state over the GPUs that hold the same parameters: all of
-        // data parallelism for replicated ones, the expert-data-parallel group for experts.
-        let (replicated_shards, routed_shards) = if parallel.data.zero >= 1 {
-            (parallel.data.size, (parallel.data.size / parallel.expert.size).max(1))
-        } else {
-            (1, 1)
-        };
+        // data parallelism for replicated ones, the expert-data-parallel group for experts,
+        // each replica's copies (`parallel::schedule::Schedule::replica_peers`). (The spec's
+        // `zero = 0` is only accepted where no parameter has two holders.)
+        let (replicated_shards, routed_shards) =
+            (parallel.data.size * copies, (parallel.data.size / parallel.expert.size).max(1) * copies);
         let optimizer_per_param = precision.master_weights.bytes() + 2 * precision.adam_moments.bytes();
         Resident {
             params,

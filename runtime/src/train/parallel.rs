@@ -536,6 +536,19 @@ mod tests {
             let total: usize = learned.iter().sum();
             assert_eq!(held.iter().sum::<usize>(), total, "{kind:?}: {held:?}");
             assert!(held.iter().all(|&h| h > 0 && h < total / 4), "{kind:?}: {held:?} of {total}");
+            // The compiler's memory estimate counts the same shards (`dsc info`, `dsc simulate`),
+            // less the routing biases, which have no optimizer state here, and rounding.
+            let estimate = dsc_compiler::estimate::memory::per_rank(&spec, &split(&spec));
+            let precision = &spec.precision;
+            let per_value = precision.master_weights.bytes() + 2 * precision.adam_moments.bytes();
+            let biases: usize = graph.forward.moe_biases.iter().map(|&b| params[b].numel()).sum();
+            for (id, &h) in held.iter().enumerate() {
+                let estimated = (estimate[id % estimate.len()].optimizer / per_value) as usize;
+                assert!(
+                    estimated >= h && estimated <= h + biases + 8,
+                    "{kind:?} rank {id}: estimated {estimated}, held {h}"
+                );
+            }
         }
     }
 
