@@ -162,7 +162,8 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         signal_hook::flag::register(signal, stop.clone())?;
     }
     let budget = spec.train.tokens;
-    let bar = progress_bar(args.steps, trainer.progress().step);
+    // The other ranks of a launched run report the same steps: rank 0 alone prints them.
+    let bar = progress_bar(args.steps, trainer.progress().step).filter(|_| lead);
     let mut bad_in_a_row = 0u64;
     loop {
         let progress = trainer.progress();
@@ -204,7 +205,8 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
                 bar.println(line);
                 bar.set_position(m.step);
             }
-            None => println!("{line}"),
+            None if lead => println!("{line}"),
+            None => {}
         }
         if m.skipped {
             bad_in_a_row += 1;
@@ -213,7 +215,12 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             } else {
                 format!("the loss is {}", m.loss)
             };
-            eprintln!("warning: step {} skipped: {what}; parameters unchanged ({bad_in_a_row} in a row)", m.step + 1);
+            if lead {
+                eprintln!(
+                    "warning: step {} skipped: {what}; parameters unchanged ({bad_in_a_row} in a row)",
+                    m.step + 1
+                );
+            }
             if bad_in_a_row >= args.max_bad_steps {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();

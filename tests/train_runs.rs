@@ -170,6 +170,9 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
         assert!(o.status.success(), "rank {rank} failed:\n{}", text(&o.stderr));
         let says = format!("training on rank {rank} of 8 processes over TCP: 2 pipeline stages (DualPipe)");
         assert!(text(&o.stderr).contains(&says), "rank {rank}:\n{}", text(&o.stderr));
+        // Rank 0 alone prints the steps.
+        let steps = text(&o.stdout).lines().filter(|line| line.starts_with("step")).count();
+        assert_eq!(steps, if rank == 0 { 2 } else { 0 }, "rank {rank}:\n{}", text(&o.stdout));
     }
     let a = losses(&threads);
     assert_eq!(a.len(), 2);
