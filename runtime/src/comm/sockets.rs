@@ -7,9 +7,8 @@
 //! whose connection closes (it ended or died) fails the receives waiting for it at once,
 //! naming it.
 //!
-//! The same connections sum a step's host sums over the processes ([`Sockets::sum`]): every
-//! process sends its f64 values to every other and adds all of them up in rank order, so that
-//! every process gets the same bits.
+//! The collectives are [`Comm`]'s, over these messages (the exact f64 sums over all processes
+//! included: [`Comm::sum_exact`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};

@@ -195,7 +195,7 @@ impl<T: Real> Trainer<T> {
     }
 
     /// Brings the parameters and moments back from a backend that keeps them (see
-    /// [`Resident`]), or the moments from the ranks' ZeRO-1 shards (across processes, a
+    /// [`super::Resident`]), or the moments from the ranks' ZeRO-1 shards (across processes, a
     /// collective every process must call); nothing to do otherwise.
     pub fn sync(&mut self) -> Result<(), StepError> {
         if self.state.host_current {

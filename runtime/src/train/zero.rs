@@ -61,7 +61,7 @@ struct Shard {
     moments: Vec<[Vec<f32>; 2]>,
 }
 
-/// A rank's optimizer: one [`Shard`] per sharing.
+/// A rank's optimizer: one shard per sharing.
 pub struct ShardOptimizer {
     module: Module,
     shards: Vec<Shard>,

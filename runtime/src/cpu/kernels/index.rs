@@ -114,7 +114,7 @@ pub fn expert_offsets(idx: &[i32], experts: usize) -> Vec<i32> {
     offsets
 }
 
-/// Row i of the result is x[order[i] / k]: each token's row, once per chosen expert.
+/// Row i of the result is `x[order[i] / k]`: each token's row, once per chosen expert.
 pub fn permute<T: Real>(x: &[T], d: usize, order: &[i32], k: usize) -> Vec<T> {
     order.iter().flat_map(|&a| x[(index(a) / k) * d..(index(a) / k + 1) * d].iter().copied()).collect()
 }
@@ -131,7 +131,7 @@ pub fn permute_grad<T: Real>(g: &[T], d: usize, order: &[i32], k: usize, tokens:
     out
 }
 
-/// out[t] = Σⱼ gates[t, j] · ys[row of assignment (t, j)].
+/// `out[t] = Σⱼ gates[t, j] · ys[row of assignment (t, j)]`.
 pub fn unpermute<T: Real>(ys: &[T], d: usize, order: &[i32], gates: &[T], k: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; gates.len() / k * d];
     for (i, &a) in order.iter().enumerate() {
@@ -143,7 +143,7 @@ pub fn unpermute<T: Real>(ys: &[T], d: usize, order: &[i32], gates: &[T], k: usi
     out
 }
 
-/// d ys of `unpermute`: row i = gate(a) · g[a / k] for a = order[i].
+/// d ys of `unpermute`: row i = `gate(a) · g[a / k]` for `a = order[i]`.
 pub fn unpermute_grad_rows<T: Real>(g: &[T], d: usize, order: &[i32], gates: &[T], k: usize) -> Vec<T> {
     order
         .iter()
@@ -154,7 +154,7 @@ pub fn unpermute_grad_rows<T: Real>(g: &[T], d: usize, order: &[i32], gates: &[T
         .collect()
 }
 
-/// d gates of `unpermute`: gates(a) gets ⟨g[a / k], ys[i]⟩ for a = order[i].
+/// d gates of `unpermute`: gates(a) gets `⟨g[a / k], ys[i]⟩` for `a = order[i]`.
 pub fn unpermute_grad_gates<T: Real>(g: &[T], d: usize, ys: &[T], order: &[i32], k: usize, tokens: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; tokens * k];
     for (i, &a) in order.iter().enumerate() {

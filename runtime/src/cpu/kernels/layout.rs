@@ -65,7 +65,7 @@ pub fn sum_to<E: Copy + Default + std::ops::AddAssign>(data: &[E], shape: &[usiz
     result
 }
 
-/// `shape` seen as [outer, shape[axis], inner].
+/// `shape` seen as `[outer, shape[axis], inner]`.
 pub fn around(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }

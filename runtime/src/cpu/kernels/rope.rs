@@ -8,7 +8,7 @@ use crate::cpu::value::Tensor;
 
 /// concat(nope, rope(pe)) along the last axis, rope(pe) broadcast to nope's leading shape.
 /// rope(pe): the interleaved pairs of pe's last axis (r values) de-interleaved into halves,
-/// x[j] = pe[2j] for j < r/2 and pe[2(j − r/2) + 1] after; then x·cos + [−x_hi, x_lo]·sin,
+/// `x[j] = pe[2j]` for j < r/2 and `pe[2(j − r/2) + 1]` after; then `x·cos + [−x_hi, x_lo]·sin`,
 /// with cos and sin broadcast against x.
 pub fn rope_concat<T: Real>(nope: &Tensor<T>, pe: &Tensor<T>, cos: &Tensor<T>, sin: &Tensor<T>) -> Tensor<T> {
     let r = *pe.shape.last().expect("rank ≥ 1");
