@@ -5,12 +5,11 @@
 //! with ZeRO-1 over every copy of the rank's parameters: reduce-scatter of the accumulated
 //! gradients, the optimizer on this rank's shard (clipping by the whole model's gradient norm,
 //! which one small collective over every rank gives), all-gather of the parameters into every
-//! copy. Most parameters have a copy on every
-//! replica (and, with DualPipe, on the rank holding the other direction's stage); the routed
-//! experts, split over the consecutive replicas of an expert-parallel group, only on the
-//! replicas holding the same experts ([`Sharing`]). What a stage computes, the MoE all-to-alls
-//! within its expert-parallel group included, stays behind the trait, so the same executor runs
-//! any stage implementation.
+//! copy. Most parameters have a copy on every replica (and, with DualPipe, on the rank holding
+//! the other direction's stage); the routed experts, split over the consecutive replicas of an
+//! expert-parallel group, only on the replicas holding the same experts ([`Sharing`]). What a
+//! stage computes, the MoE all-to-alls within its expert-parallel group included, stays behind
+//! the trait, so the same executor runs any stage implementation.
 
 use dsc_compiler::parallel::schedule::{Compute, Direction, Instruction, Micro, Schedule, Tensor};
 
