@@ -446,6 +446,11 @@ impl Saver {
         if let Some((written, _)) = self.last.as_ref().filter(|(_, at)| *at == step) {
             return Ok(Some(written.clone()));
         }
+        // The other ranks take part where the state is gathered from them (their ZeRO-1
+        // shards); a replica's whole state stays where it is.
+        if !self.lead && !trainer.shards_state() {
+            return Ok(None);
+        }
         trainer.sync().map_err(|e| anyhow::anyhow!("cannot read the training state back: {}", e.0))?;
         if !self.lead {
             return Ok(None);

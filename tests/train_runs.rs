@@ -188,6 +188,12 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
     assert_eq!(a, losses(&resumed), "losses differ after resuming on processes");
 }
 
+/// The step `dsc train` says it was interrupted at (`interrupted at step N…` on stderr).
+fn stopped_at(stderr: &str) -> Option<u64> {
+    let rest = stderr.split("interrupted at step ").nth(1)?;
+    rest.split([':', '\n']).next()?.parse().ok()
+}
+
 /// A signal that reaches one process of a launched run stops all of them after the same step;
 /// rank 0 saves the state gathered from all (the moments live in the ranks' ZeRO-1 shards),
 /// and the run resumed on processes continues as if it had not stopped.
@@ -213,8 +219,7 @@ fn a_signal_to_one_launched_process_stops_all_at_the_same_step_and_saves_their_s
             let o = child.wait_with_output().expect("dsc ends");
             let err = text(&o.stderr);
             assert_eq!(o.status.code(), Some(0), "rank {rank}:\n{err}");
-            let at = err.split("interrupted at step ").nth(1).and_then(|rest| rest.split([':', '\n']).next());
-            at.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("rank {rank} says where it stopped:\n{err}"))
+            stopped_at(&err).unwrap_or_else(|| panic!("rank {rank} says where it stopped:\n{err}"))
         })
         .collect();
     assert!(steps.iter().all(|&s| s == steps[0]), "the processes stopped at steps {steps:?}");
@@ -379,13 +384,7 @@ fn sigterm_saves_a_checkpoint_and_exits_zero() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("stderr");
     assert_eq!(status.code(), Some(0), "{err}");
-    assert!(err.contains("interrupted at step"), "{err}");
-    let stopped: u64 = err
-        .split("interrupted at step ")
-        .nth(1)
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|n| n.parse().ok())
-        .expect("the step it stopped at");
+    let stopped = stopped_at(&err).unwrap_or_else(|| panic!("says where it stopped:\n{err}"));
     let target = (stopped + 1).to_string();
     let o = ok(dsc(&["train", "--resume", path(&run), "--steps", &target]));
     let resumed = text(&o.stderr);

@@ -26,7 +26,7 @@ use dsc_lang::{PipelineSchedule, Spec};
 
 use super::graph_stage::{share_of, GraphStage, MicroBatch};
 use super::pipeline::{group, run_step, HeldStages, Place, Replicas, Sharing, StageCompute, StageReport, StepEnd};
-use super::trainer::{add_loads, StepError, Unsupported};
+use super::trainer::{add_loads, sum_over, StepError, Unsupported};
 use super::zero::{BiasUpdate, Run, ShardOptimizer, WholeMoments};
 use crate::comm::{self, Comm, ExpertGroup, Sockets, ThreadComm};
 use crate::cpu::{Real, Tensor, Value};
@@ -263,15 +263,8 @@ impl Ranks {
                 // Each process has its ranks' parameters (zero elsewhere), losses and loads: their
                 // sum over the processes is the whole step's.
                 let RanksStep { losses, loads, end, params } = step;
-                let mut flat: Vec<f64> = losses.to_vec();
-                flat.extend(loads.iter().flatten());
-                flat.extend(params.iter().flatten().map(|x| x.to_f64()));
-                let world: Vec<usize> = (0..sockets.size()).collect();
-                let flat = sockets.sum_exact(&world, sockets.rank(), "step", &flat).map_err(|e| StepError(e.0))?;
-                let mut rest = flat.into_iter();
-                let losses = std::array::from_fn(|_| rest.next().expect("a loss"));
-                let loads = loads.iter().map(|l| rest.by_ref().take(l.len()).collect()).collect();
-                let params = params.iter().map(|p| rest.by_ref().take(p.len()).map(T::from_f64).collect()).collect();
+                let (losses, loads, params) =
+                    sum_over((losses, loads, params), |flat| sum_processes(sockets, "step", flat))?;
                 Ok(RanksStep { losses, loads, end, params })
             }
         }
@@ -286,13 +279,9 @@ impl Ranks {
             optimizer.lock().expect("no rank panicked").gather_into(&self.params, &mut whole);
         }
         if let Here::Process(sockets) = &self.here {
-            let flat: Vec<f64> = whole.iter().flatten().flatten().map(|&x| f64::from(x)).collect();
-            let world: Vec<usize> = (0..sockets.size()).collect();
-            let flat = sockets.sum_exact(&world, sockets.rank(), "moments", &flat).map_err(|e| StepError(e.0))?;
-            let mut rest = flat.into_iter();
-            for x in whole.iter_mut().flatten().flatten() {
-                *x = rest.next().expect("a moment") as f32;
-            }
+            let mut flat: Vec<f64> = whole.iter().flatten().flatten().map(|&x| f64::from(x)).collect();
+            sum_processes(sockets, "moments", &mut flat).map_err(StepError)?;
+            whole.iter_mut().flatten().flatten().zip(flat).for_each(|(x, sum)| *x = sum as f32);
         }
         Ok(whole)
     }
@@ -303,9 +292,9 @@ impl Ranks {
         match &self.here {
             Here::Threads => Ok(flag),
             Here::Process(sockets) => {
-                let world: Vec<usize> = (0..sockets.size()).collect();
-                let sum = sockets.sum_exact(&world, sockets.rank(), "flag", &[f64::from(u8::from(flag))]);
-                Ok(sum.map_err(|e| StepError(e.0))?[0] > 0.0)
+                let mut sum = [f64::from(u8::from(flag))];
+                sum_processes(sockets, "flag", &mut sum).map_err(StepError)?;
+                Ok(sum[0] > 0.0)
             }
         }
     }
@@ -412,6 +401,14 @@ impl Ranks {
         }
         Ok((updated, reports, end))
     }
+}
+
+/// Sums `data` over every process of a launched run, in place (exactly, in rank order).
+fn sum_processes(sockets: &Sockets, name: &str, data: &mut [f64]) -> Result<(), String> {
+    let world: Vec<usize> = (0..sockets.size()).collect();
+    let sum = sockets.sum_exact(&world, sockets.rank(), name, data).map_err(|e| e.0)?;
+    data.copy_from_slice(&sum);
+    Ok(())
 }
 
 /// What every rank of a step shares: the schedule, the whole model's parameters before it,

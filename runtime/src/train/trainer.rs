@@ -113,16 +113,13 @@ impl<T: Real> Trainer<T> {
         {
             return Err(Unsupported("the checkpoint's parameters do not fit the model".into()));
         }
-        let tensor = |shape: &[usize], data: &[f32]| {
-            Value::real(Tensor::new(shape.to_vec(), data.iter().map(|&x| T::from_f64(f64::from(x))).collect()))
-        };
-        let params: Vec<Value<T>> = info.iter().zip(&checkpoint.params).map(|(p, v)| tensor(&p.shape, v)).collect();
+        let params: Vec<Value<T>> = info.iter().zip(&checkpoint.params).map(|(p, v)| from_f32s(&p.shape, v)).collect();
         let moments = match &checkpoint.moments {
             Some(moments) => info
                 .iter()
                 .filter(|p| p.learned)
                 .zip(moments)
-                .map(|(p, [m, v])| (tensor(&p.shape, m), tensor(&p.shape, v)))
+                .map(|(p, [m, v])| (from_f32s(&p.shape, m), from_f32s(&p.shape, v)))
                 .collect(),
             None => zero_moments(&graph),
         };
@@ -161,7 +158,6 @@ impl<T: Real> Trainer<T> {
     /// The whole training state, for a checkpoint; `numerics` and `spec` identify the run.
     pub fn checkpoint(&self, numerics: &str, spec: SpecRecord) -> Checkpoint {
         assert!(self.state.host_current, "the backend keeps the state: call `sync` first");
-        let f32s = |v: &Value<T>| v.as_real().data.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
         Checkpoint {
             params: self.params.iter().map(f32s).collect(),
             moments: Some(self.moments.iter().map(|(m, v)| [f32s(m), f32s(v)]).collect()),
@@ -204,14 +200,8 @@ impl<T: Real> Trainer<T> {
         match &self.ranks {
             Some(ranks) => {
                 let learned = self.graph.forward.params.iter().filter(|p| p.learned);
-                let value = |shape: &[usize], data: Vec<f32>| {
-                    Value::real(Tensor::new(
-                        shape.to_vec(),
-                        data.into_iter().map(|x| T::from_f64(f64::from(x))).collect(),
-                    ))
-                };
                 let moments = ranks.moments()?.into_iter().zip(learned);
-                self.moments = moments.map(|([m, v], p)| (value(&p.shape, m), value(&p.shape, v))).collect();
+                self.moments = moments.map(|([m, v], p)| (from_f32s(&p.shape, &m), from_f32s(&p.shape, &v))).collect();
             }
             None => {
                 let resident = self.backend.resident().expect("a backend keeping the state");
@@ -220,6 +210,12 @@ impl<T: Real> Trainer<T> {
         }
         self.state.host_current = true;
         Ok(())
+    }
+
+    /// Whether the optimizer state is sharded over ranks (then [`Trainer::sync`] gathers it,
+    /// across processes a collective).
+    pub fn shards_state(&self) -> bool {
+        self.ranks.is_some()
     }
 
     /// Whether `flag` is set in any process of a multi-process run (in this one otherwise): a
@@ -248,7 +244,6 @@ impl<T: Real> Trainer<T> {
     pub fn on_ranks(&mut self, numerics: Numerics, here: Here) -> Result<String, Unsupported> {
         assert!(self.state.host_current, "the backend keeps the state: call `sync` first");
         let forward = &self.graph.forward;
-        let f32s = |v: &Value<T>| v.as_real().data.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
         let moments = self.moments.iter().map(|(m, v)| [f32s(m), f32s(v)]).collect();
         let ranks = Ranks::new(&self.spec, numerics, (&forward.params, &forward.moe_biases), &moments, here)?;
         let description = ranks.to_string();
@@ -374,8 +369,10 @@ impl<T: Real> Trainer<T> {
                 // the same everywhere) and computes its own share.
                 let rank = replicas.rank();
                 let mine = batches.into_iter().enumerate().filter(|(i, _)| i / per_rank == rank).map(|(_, b)| b);
-                let sums = one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), mine.collect(), mtp_weight)?;
-                sum_over(sums, |flat| replicas.sum(flat))?
+                let StepSums { losses, loads, grads } =
+                    one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), mine.collect(), mtp_weight)?;
+                let (losses, loads, grads) = sum_over((losses, loads, grads), |flat| replicas.sum(flat))?;
+                StepSums { losses, loads, grads }
             }
             None => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
         };
@@ -531,6 +528,16 @@ impl<T: Real> Trainer<T> {
     }
 }
 
+/// A value's elements as f32 (how checkpoints and the ranks hold them).
+fn f32s<T: Real>(value: &Value<T>) -> Vec<f32> {
+    value.as_real().data.iter().map(|x| x.to_f64() as f32).collect()
+}
+
+/// A value of `shape` from f32 elements.
+fn from_f32s<T: Real>(shape: &[usize], data: &[f32]) -> Value<T> {
+    Value::real(Tensor::new(shape.to_vec(), data.iter().map(|&x| T::from_f64(f64::from(x))).collect()))
+}
+
 /// The optimizer function's scalar arguments after its tensors, for the step after
 /// `progress`, from the step's LR, routing-bias speed and gradient norm: the LR, both bias
 /// corrections, the bias speed and the norm.
@@ -583,22 +590,25 @@ fn one_rank_sums<T: Real>(
     Ok(sums)
 }
 
-/// `sums` added up over processes by `sum` (in place, over f64 values): losses, loads and
-/// gradients in one collective, in f64 (each process's f32 gradient sums convert exactly).
+/// A step's losses, loads and one vector per parameter (its gradient; from the ranks, its
+/// value, written by its one holder and zero elsewhere).
+pub(super) type Summed<T> = ([f64; LOSS_OUTPUTS], Vec<Vec<f64>>, Vec<Vec<T>>);
+
+/// `summed` added up over processes by `sum` (in place, over f64 values), in one collective,
+/// in f64 (each process's f32 values convert exactly).
 pub(super) fn sum_over<T: Real>(
-    sums: StepSums<T>,
+    (losses, loads, per_param): Summed<T>,
     sum: impl FnOnce(&mut [f64]) -> Result<(), String>,
-) -> Result<StepSums<T>, StepError> {
-    let StepSums { losses, loads, grads } = sums;
+) -> Result<Summed<T>, StepError> {
     let mut flat: Vec<f64> = losses.to_vec();
     flat.extend(loads.iter().flatten());
-    flat.extend(grads.iter().flatten().map(|g| g.to_f64()));
+    flat.extend(per_param.iter().flatten().map(|x| x.to_f64()));
     sum(&mut flat).map_err(StepError)?;
     let mut rest = flat.into_iter();
     let losses = std::array::from_fn(|_| rest.next().expect("a loss"));
     let loads = loads.iter().map(|l| rest.by_ref().take(l.len()).collect()).collect();
-    let grads = grads.iter().map(|g| rest.by_ref().take(g.len()).map(T::from_f64).collect()).collect();
-    Ok(StepSums { losses, loads, grads })
+    let per_param = per_param.iter().map(|p| rest.by_ref().take(p.len()).map(T::from_f64).collect()).collect();
+    Ok((losses, loads, per_param))
 }
 
 /// What the micro-batches of a step add up to.

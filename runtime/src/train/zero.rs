@@ -131,12 +131,13 @@ impl ShardOptimizer {
             return;
         }
         let mut args = Vec::with_capacity(4 * shard.pieces.len() + scalars.len());
-        for (piece, [m, v]) in shard.pieces.iter().zip(&shard.moments) {
+        // The moments go in and their successors come back.
+        for (piece, [m, v]) in shard.pieces.iter().zip(&mut shard.moments) {
             let range = piece.at..piece.at + piece.run.len;
             let flat = |data: Vec<f32>| Value::real(Tensor::new(vec![data.len()], data));
             args.push(flat(params[range.clone()].to_vec()));
             args.push(flat(gradient[range].iter().map(|g| g * scale).collect()));
-            args.extend([flat(m.clone()), flat(v.clone())]);
+            args.extend([flat(std::mem::take(m)), flat(std::mem::take(v))]);
         }
         args.extend(scalars.iter().cloned());
         let mut out = cpu::run(&self.module, shard.function, args).into_iter();
