@@ -1,7 +1,8 @@
 //! The training graph of one step: the tensor IR ([`ir`]), the model builder ([`model`]),
-//! reverse-mode autodiff ([`autodiff`]), the optimizer ([`optimizer`]) and the printed form
-//! ([`print`]). [`TrainingGraph::build`] assembles the three functions a step runs: the
-//! gradient of one micro-batch, and the optimizer update; [`StageTraining::build`] the forward
+//! reverse-mode autodiff ([`autodiff`]), the optimizer ([`optimizer`]), ZeRO-1's partition of
+//! it ([`zero`]) and the printed form ([`print`]). [`TrainingGraph::build`] assembles the
+//! functions a step runs: the gradient of one micro-batch, and the optimizer update (of the
+//! whole model, and of each data-parallel process's shard); [`StageTraining::build`] the forward
 //! and backward of one pipeline stage.
 
 pub mod autodiff;
@@ -9,6 +10,7 @@ pub mod ir;
 pub mod model;
 pub mod optimizer;
 pub mod print;
+pub mod zero;
 
 use dsc_lang::Spec;
 pub use ir::{DType, Function, Module, Op, V};
@@ -26,6 +28,8 @@ pub struct TrainingGraph {
     pub grad: usize,
     /// The optimizer update (see [`optimizer::build`]).
     pub optimizer: usize,
+    /// ZeRO-1's layout of data-parallel processes, with each one's optimizer.
+    pub zero: zero::Zero,
 }
 
 impl TrainingGraph {
@@ -34,7 +38,9 @@ impl TrainingGraph {
         let grad = autodiff::grad(&mut forward.module, forward.model);
         let optimizer = optimizer::build(&forward.module, spec, &forward.params, &forward.moe_biases, numerics);
         let optimizer = forward.module.add(optimizer);
-        TrainingGraph { forward, grad, optimizer }
+        let sharing = (forward.params.as_slice(), forward.moe_biases.as_slice());
+        let zero = zero::Zero::build(&mut forward.module, spec, sharing, numerics, optimizer);
+        TrainingGraph { forward, grad, optimizer, zero }
     }
 
     pub fn module(&self) -> &Module {

@@ -8,6 +8,7 @@ use crate::fuse::cost::Profile;
 use crate::fuse::kernels::{self, Code, Kernel, KernelKind};
 use crate::fuse::{self, FunctionReport, Limits};
 use crate::graph::ir::{Function, Module, Op};
+use crate::graph::zero::Zero;
 use crate::graph::{Numerics, ParamInfo, TrainingGraph};
 use crate::mlir::{attention, emit, gemm};
 use dsc_lang::Spec;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Bumped whenever `plan.json` changes incompatibly.
-pub const PLAN_VERSION: u32 = 1;
+pub const PLAN_VERSION: u32 = 2;
 pub const PLAN_FILE: &str = "plan.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,6 +31,8 @@ pub struct Plan {
     /// Function indices: one micro-batch's gradient, and the optimizer update.
     pub grad: usize,
     pub optimizer: usize,
+    /// ZeRO-1's layout of data-parallel processes, with each one's optimizer function.
+    pub zero: Zero,
     pub functions: Vec<PlanFunction>,
     pub profile: Profile,
     pub summary: Summary,
@@ -79,7 +82,8 @@ pub struct Buffer {
     pub last: u32,
 }
 
-/// One optimizer step (all micro-batches, then the update), fused and unfused.
+/// One optimizer step of one data-parallel process (its micro-batches, then its update),
+/// fused and unfused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub micro_batches_per_step: u64,
@@ -116,10 +120,12 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         .collect();
     let unfused: Vec<Vec<Kernel>> = graph.module().functions.iter().map(|f| kernels::unfused(f, &profile)).collect();
     let micro = spec.train.batch.last() / (spec.train.micro_batch * spec.parallel.data.size).max(1);
+    // A data-parallel process updates its shard.
+    let update = graph.zero.members[0].function;
     let step = |m: &Module, ks: &[Vec<Kernel>]| {
-        let launches = micro * kernels::launches(m, graph.grad, ks) + kernels::launches(m, graph.optimizer, ks);
+        let launches = micro * kernels::launches(m, graph.grad, ks) + kernels::launches(m, update, ks);
         let (gb, gs) = kernels::traffic(m, graph.grad, ks);
-        let (ob, os) = kernels::traffic(m, graph.optimizer, ks);
+        let (ob, os) = kernels::traffic(m, update, ks);
         (launches, micro * gb + ob, micro as f64 * gs + os)
     };
     let (launches, bytes, seconds) = step(&module, &fused);
@@ -144,6 +150,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         moe_biases: graph.forward.moe_biases.clone(),
         grad: graph.grad,
         optimizer: graph.optimizer,
+        zero: graph.zero.clone(),
         module,
         functions,
         profile,
@@ -345,7 +352,7 @@ impl Plan {
             micro_batch: self.spec.train.micro_batch as usize,
             seq_len: self.spec.train.seq_len as usize,
         };
-        TrainingGraph { forward, grad: self.grad, optimizer: self.optimizer }
+        TrainingGraph { forward, grad: self.grad, optimizer: self.optimizer, zero: self.zero.clone() }
     }
 }
 

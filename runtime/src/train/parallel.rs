@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
+use dsc_compiler::graph::zero::Run;
 use dsc_compiler::graph::{Numerics, ParamInfo, StageTraining};
 use dsc_compiler::parallel::check::check;
 use dsc_compiler::parallel::schedule::{Direction, Micro, Schedule};
@@ -27,7 +28,7 @@ use dsc_lang::{PipelineSchedule, Spec};
 use super::graph_stage::{share_of, GraphStage, MicroBatch};
 use super::pipeline::{group, run_step, HeldStages, Place, Replicas, Sharing, StageCompute, StageReport, StepEnd};
 use super::trainer::{add_loads, sum_over, StepError, Unsupported};
-use super::zero::{BiasUpdate, Run, ShardOptimizer, WholeMoments};
+use super::zero::{BiasUpdate, ShardOptimizer, WholeMoments};
 use crate::comm::{self, Comm, ExpertGroup, Sockets, ThreadComm};
 use crate::cpu::{Real, Tensor, Value};
 
@@ -185,11 +186,13 @@ impl Ranks {
         Sharing::ALL.map(|sharing| {
             let stage_runs =
                 held.iter().flat_map(|&stage| self.stages[stage].graph.params.iter().zip(&self.indices[stage]));
+            let mut at = 0;
             stage_runs
                 .filter(|(p, _)| p.is_routed_expert() == (sharing == Sharing::Experts))
                 .map(|(p, &param)| {
                     let start = if p.is_routed_expert() { member * p.numel() } else { 0 };
-                    Run { param, start, len: p.numel() }
+                    at += p.numel();
+                    Run { param, start, len: p.numel(), at: at - p.numel() }
                 })
                 .collect()
         })

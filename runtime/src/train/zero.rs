@@ -1,9 +1,9 @@
 //! ZeRO-1's sharded optimizer state on the CPU backend's ranks. A rank's copy of one
-//! sharing's parameters is a flat run of whole-model parameters (or, for the routed experts,
-//! its share of them); the reduce-scatter hands it one contiguous shard of that run's
-//! gradient. [`ShardOptimizer`] keeps AdamW's moments for the learned elements of that shard
-//! only and updates them with the training graph's own optimizer function, built over the
-//! shard's pieces of parameters ([`optimizer::build`]), so that clipping, bias correction,
+//! sharing's parameters is a flat vector of runs of whole-model parameters (or, for the routed
+//! experts, its share of them), without gaps; the reduce-scatter hands it one contiguous shard
+//! of its gradient. [`ShardOptimizer`] keeps AdamW's moments for the learned elements of that
+//! shard only and updates them with the training graph's own optimizer function, built over
+//! the shard's pieces of parameters ([`shard_optimizer`]), so that clipping, bias correction,
 //! weight decay, LR multipliers and the policy's moment type are the one-rank trainer's. The
 //! routing biases are not learned: [`BiasUpdate`] moves them from the step's summed loads, on
 //! the trainer. The moments come from the whole model's order and go back to it for a
@@ -12,7 +12,8 @@
 use std::ops::Range;
 
 use dsc_compiler::graph::ir::Module;
-use dsc_compiler::graph::{optimizer, Numerics, ParamInfo};
+use dsc_compiler::graph::zero::{pieces, shard_optimizer, Run};
+use dsc_compiler::graph::{Numerics, ParamInfo};
 use dsc_lang::Spec;
 
 use super::pipeline::Sharing;
@@ -21,43 +22,11 @@ use crate::cpu::{self, Real, Tensor, Value};
 /// AdamW's two moments of every learned parameter of the whole model, in its order, flat.
 pub type WholeMoments = Vec<[Vec<f32>; 2]>;
 
-/// A run of one parameter's elements in a rank's copy of a sharing's parameters: the
-/// parameter's index in the whole model's list and where the run starts in it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Run {
-    pub param: usize,
-    pub start: usize,
-    pub len: usize,
-}
-
-/// A learned parameter's elements within a shard: the run they come from, and where they
-/// start in the shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Piece {
-    run: Run,
-    at: usize,
-}
-
-/// The learned pieces of `shard` (a range of the flat copy that `runs` lay out), in order.
-fn pieces(runs: &[Run], params: &[ParamInfo], shard: Range<usize>) -> Vec<Piece> {
-    let mut pieces = Vec::new();
-    let mut offset = 0;
-    for run in runs {
-        let (from, to) = (offset.max(shard.start), (offset + run.len).min(shard.end));
-        if from < to && params[run.param].learned {
-            let run = Run { param: run.param, start: run.start + from - offset, len: to - from };
-            pieces.push(Piece { run, at: from - shard.start });
-        }
-        offset += run.len;
-    }
-    pieces
-}
-
 /// One sharing's shard on a rank: the optimizer function over its learned pieces, and their
 /// moments.
 struct Shard {
     function: usize,
-    pieces: Vec<Piece>,
+    pieces: Vec<Run>,
     moments: Vec<[Vec<f32>; 2]>,
 }
 
@@ -86,23 +55,11 @@ impl ShardOptimizer {
             .zip(shards)
             .map(|(runs, shard)| {
                 let pieces = pieces(runs, params, shard);
-                let infos: Vec<ParamInfo> = pieces
-                    .iter()
-                    .map(|piece| {
-                        let Run { param, start, len } = piece.run;
-                        let whole = &params[param];
-                        ParamInfo {
-                            name: format!("{}[{start}..{}]", whole.name, start + len),
-                            shape: vec![len],
-                            ..whole.clone()
-                        }
-                    })
-                    .collect();
-                let function = module.add(optimizer::build(&module, spec, &infos, &[], numerics));
+                let function = module.add(shard_optimizer(&module, spec, params, &pieces, &[], numerics));
                 let moments = pieces
                     .iter()
                     .map(|piece| {
-                        let Run { param, start, len } = piece.run;
+                        let Run { param, start, len, .. } = *piece;
                         moments[slots[param].expect("a piece is learned")]
                             .clone()
                             .map(|m| m[start..start + len].to_vec())
@@ -133,7 +90,7 @@ impl ShardOptimizer {
         let mut args = Vec::with_capacity(4 * shard.pieces.len() + scalars.len());
         // The moments go in and their successors come back.
         for (piece, [m, v]) in shard.pieces.iter().zip(&mut shard.moments) {
-            let range = piece.at..piece.at + piece.run.len;
+            let range = piece.at..piece.at + piece.len;
             let flat = |data: Vec<f32>| Value::real(Tensor::new(vec![data.len()], data));
             args.push(flat(params[range.clone()].to_vec()));
             args.push(flat(gradient[range].iter().map(|g| g * scale).collect()));
@@ -143,14 +100,14 @@ impl ShardOptimizer {
         let mut out = cpu::run(&self.module, shard.function, args).into_iter();
         for (piece, moments) in shard.pieces.iter().zip(&mut shard.moments) {
             let mut next = || out.next().expect("p', m' and v' per piece").as_real().data.clone();
-            params[piece.at..piece.at + piece.run.len].copy_from_slice(&next());
+            params[piece.at..piece.at + piece.len].copy_from_slice(&next());
             *moments = [next(), next()];
         }
     }
 
     /// How many elements' moments the rank keeps.
     pub fn held(&self) -> usize {
-        self.shards.iter().flat_map(|shard| &shard.pieces).map(|piece| piece.run.len).sum()
+        self.shards.iter().flat_map(|shard| &shard.pieces).map(|piece| piece.len).sum()
     }
 
     /// Writes this rank's moments into `whole` (the whole model's, in its order).
@@ -158,7 +115,7 @@ impl ShardOptimizer {
         let slots = learned_slots(params);
         for shard in &self.shards {
             for (piece, moments) in shard.pieces.iter().zip(&shard.moments) {
-                let Run { param, start, len } = piece.run;
+                let Run { param, start, len, .. } = *piece;
                 let slot = &mut whole[slots[param].expect("a piece is learned")];
                 for (to, from) in slot.iter_mut().zip(moments) {
                     to[start..start + len].copy_from_slice(from);
@@ -194,10 +151,8 @@ pub struct BiasUpdate {
 impl BiasUpdate {
     /// For the biases `biases` (indices into `params`, the whole model's).
     pub fn new(spec: &Spec, numerics: Numerics, params: &[ParamInfo], biases: &[usize]) -> Self {
-        let infos: Vec<ParamInfo> = biases.iter().map(|&b| params[b].clone()).collect();
         let mut module = Module::default();
-        let indices: Vec<usize> = (0..infos.len()).collect();
-        let function = module.add(optimizer::build(&module, spec, &infos, &indices, numerics));
+        let function = module.add(shard_optimizer(&module, spec, params, &[], biases, numerics));
         BiasUpdate { module, function, biases: biases.to_vec() }
     }
 
@@ -220,63 +175,95 @@ impl BiasUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm;
-    use dsc_lang::ParamGroup;
-    use proptest::prelude::*;
+    use crate::rng::Rng;
+    use dsc_compiler::graph::TrainingGraph;
+    use std::path::Path;
 
-    fn param(name: &str, numel: usize, learned: bool) -> ParamInfo {
-        ParamInfo { name: name.into(), shape: vec![numel], group: ParamGroup::Attention, learned, norm: false }
+    /// The tiny model on `processes` data-parallel processes (no pipeline or expert
+    /// parallelism).
+    fn tiny_on_processes(processes: u64) -> Spec {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let mut spec = dsc_lang::load(&path, &[]).checked_spec().cloned().expect("the tiny model checks");
+        let par = &mut spec.parallel;
+        (par.nodes, par.gpus_per_node, par.pipeline.stages, par.expert.size) = (1, processes, 1, 1);
+        (par.data.size, par.data.zero) = (processes, 1);
+        spec
     }
 
+    /// The data-parallel processes' optimizer functions, each over the pieces of its shard,
+    /// update every learned element exactly as the whole model's optimizer does (to the bit:
+    /// the update is elementwise once the gradient norm is given), and every process moves
+    /// the routing biases alike.
     #[test]
-    fn a_shard_holds_the_learned_pieces_it_overlaps() {
-        let params = [param("a", 4, true), param("bias", 2, false), param("c", 6, true)];
-        // A copy of a, bias, and the second half of c (an expert share): 4 + 2 + 3 elements.
-        let runs = [
-            Run { param: 0, start: 0, len: 4 },
-            Run { param: 1, start: 0, len: 2 },
-            Run { param: 2, start: 3, len: 3 },
-        ];
-        let piece = |param, start, len, at| Piece { run: Run { param, start, len }, at };
-        assert_eq!(pieces(&runs, &params, 0..3), [piece(0, 0, 3, 0)]);
-        assert_eq!(pieces(&runs, &params, 3..7), [piece(0, 3, 1, 0), piece(2, 3, 1, 3)], "the bias is not learned");
-        assert_eq!(pieces(&runs, &params, 5..9), [piece(2, 3, 3, 1)]);
-        assert_eq!(pieces(&runs, &params, 9..9), []);
-    }
-
-    proptest! {
-        /// However a copy's runs and its group fall, the members' shards hold every learned
-        /// element of the copy exactly once, and nothing else.
-        #[test]
-        fn the_members_shards_hold_each_learned_element_once(
-            lens in prop::collection::vec((1usize..40, any::<bool>()), 1..8),
-            offsets in prop::collection::vec(0usize..5, 8),
-            members in 1usize..9,
-        ) {
-            let params: Vec<ParamInfo> = lens
+    fn the_processes_shards_update_what_the_whole_optimizer_does() {
+        for numerics in [Numerics::Exact, Numerics::Policy] {
+            let spec = tiny_on_processes(3);
+            let graph = TrainingGraph::build(&spec, numerics);
+            let (params, biases, zero) = (&graph.forward.params, &graph.forward.moe_biases, &graph.zero);
+            assert_eq!(zero.members.len(), 3);
+            assert!(zero.members.iter().all(|m| m.function != graph.optimizer));
+            let mut rng = Rng::new(5);
+            let mut random = |len: usize, positive: bool| -> Vec<f32> {
+                (0..len).map(|_| rng.gaussian() as f32).map(|x| if positive { x * x } else { x }).collect()
+            };
+            // Per parameter: its value, gradient, m and v (moments of the learned ones only).
+            let state: Vec<[Vec<f32>; 4]> = params
                 .iter()
-                .enumerate()
-                .map(|(i, &(len, learned))| param(&format!("p{i}"), len + offsets[i], learned))
+                .map(|p| {
+                    [
+                        random(p.numel(), false),
+                        random(p.numel(), false),
+                        random(p.numel(), false),
+                        random(p.numel(), true),
+                    ]
+                })
                 .collect();
-            // Each run starts `offsets[i]` into its parameter (an expert share).
-            let runs: Vec<Run> =
-                lens.iter().enumerate().map(|(i, &(len, _))| Run { param: i, start: offsets[i], len }).collect();
-            let total: usize = runs.iter().map(|run| run.len).sum();
-            let mut held: Vec<Vec<usize>> = params.iter().map(|p| vec![0; p.numel()]).collect();
-            for member in 0..members {
-                let shard = comm::shard(total, members, member);
-                for piece in pieces(&runs, &params, shard.clone()) {
-                    prop_assert!(piece.at + piece.run.len <= shard.len());
-                    for x in &mut held[piece.run.param][piece.run.start..piece.run.start + piece.run.len] {
-                        *x += 1;
-                    }
-                }
+            let loads: Vec<Vec<f32>> = biases.iter().map(|&b| random(params[b].numel(), true)).collect();
+            let value = |shape: Vec<usize>, data: &[f32]| Value::real(Tensor::new(shape, data.to_vec()));
+            let scalars: Vec<Value<f32>> = [3e-4, 0.1, 0.001, 1e-3, 5.0].map(|x| value(vec![], &[x])).to_vec();
+            let bias_args = biases.iter().zip(&loads).flat_map(|(&b, load)| {
+                let shape = params[b].shape.clone();
+                [value(shape.clone(), &state[b][0]), value(shape, load)]
+            });
+            let mut args: Vec<Value<f32>> = Vec::new();
+            for (p, s) in params.iter().zip(&state).filter(|(p, _)| p.learned) {
+                args.extend(s.iter().map(|data| value(p.shape.clone(), data)));
             }
-            for (i, (&(_, learned), counts)) in lens.iter().zip(&held).enumerate() {
-                for (at, &count) in counts.iter().enumerate() {
-                    let in_run = at >= offsets[i];
-                    prop_assert_eq!(count, usize::from(learned && in_run), "p{} element {}", i, at);
+            args.extend(bias_args.clone());
+            args.extend(scalars.clone());
+            let whole = cpu::run(graph.module(), graph.optimizer, args);
+            // The whole optimizer's results, per learned parameter [p', m', v'], then biases.
+            let mut out = whole.iter().map(|v| v.as_real().data.clone());
+            let learned: Vec<[Vec<f32>; 3]> = params
+                .iter()
+                .filter(|p| p.learned)
+                .map(|_| [(); 3].map(|()| out.next().expect("p', m', v'")))
+                .collect();
+            let moved: Vec<Vec<f32>> = out.collect();
+            let slot = |param: usize| params[..param].iter().filter(|p| p.learned).count();
+            let mut covered: Vec<Vec<u32>> = params.iter().map(|p| vec![0; p.numel()]).collect();
+            for member in &zero.members {
+                let mut args: Vec<Value<f32>> = Vec::new();
+                for piece in &member.pieces {
+                    let range = piece.start..piece.start + piece.len;
+                    args.extend(state[piece.param].iter().map(|data| value(vec![piece.len], &data[range.clone()])));
                 }
+                args.extend(bias_args.clone());
+                args.extend(scalars.clone());
+                let mut out =
+                    cpu::run(graph.module(), member.function, args).into_iter().map(|v| v.as_real().data.clone());
+                for piece in &member.pieces {
+                    let range = piece.start..piece.start + piece.len;
+                    for (what, expected) in ["p'", "m'", "v'"].iter().zip(&learned[slot(piece.param)]) {
+                        let got = out.next().expect("p', m', v' per piece");
+                        assert!(got == expected[range.clone()], "{what} of {} {range:?}", params[piece.param].name);
+                    }
+                    covered[piece.param][range].iter_mut().for_each(|count| *count += 1);
+                }
+                assert_eq!(out.collect::<Vec<_>>(), moved, "the routing biases");
+            }
+            for (p, covered) in params.iter().zip(covered) {
+                assert!(covered.iter().all(|&count| count == u32::from(p.learned)), "{} is updated once", p.name);
             }
         }
     }
