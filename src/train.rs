@@ -338,10 +338,17 @@ type Launched = (String, Box<dyn TrainBackend<f32>>, Box<dyn DataParallel>);
 fn launched(plan: Plan, dir: &Path, world: &World, profile: bool) -> anyhow::Result<Launched> {
     use dsc_runtime::cuda::{nccl::Nccl, Gpu};
     let gpu = Gpu::open_on(world.local_rank)?;
-    let nccl = Nccl::new(&gpu, world, PEER_TIMEOUT)?;
-    let on =
-        format!("{} (CUDA, plan `{}`), rank {} of {} over NCCL", gpu.name()?, dir.display(), world.rank, world.size);
-    Ok((on, Box::new(executor(plan, dir, gpu, profile)?), Box::new(nccl)))
+    let nccl = std::rc::Rc::new(Nccl::new(&gpu, world, PEER_TIMEOUT)?);
+    let on = format!(
+        "{} (CUDA, plan `{}`), rank {} of {} over NCCL, ZeRO-1",
+        gpu.name()?,
+        dir.display(),
+        world.rank,
+        world.size
+    );
+    let mut executor = executor(plan, dir, gpu, profile)?;
+    executor.join(std::rc::Rc::clone(&nccl));
+    Ok((on, Box::new(executor), Box::new(nccl)))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -15,8 +15,10 @@ use dsc_compiler::graph::ir::{DType, Op, V};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::plan::Plan;
 use dsc_runtime::checkpoint::{Checkpoint, SpecRecord};
+use dsc_runtime::comm::rendezvous::World;
 use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
 use dsc_runtime::cuda::exec::{self, Executor};
+use dsc_runtime::cuda::nccl::Nccl;
 use dsc_runtime::cuda::places::Places;
 use dsc_runtime::cuda::{gemm, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
@@ -24,6 +26,8 @@ use dsc_runtime::train::init::init_params;
 use dsc_runtime::train::Trainer;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
 
 /// ‖got − want‖ / ‖want‖ over the finite elements of `want`; infinite when `got` differs
 /// where `want` is not finite (±∞ must match, NaN stay NaN) or is not finite elsewhere.
@@ -324,37 +328,57 @@ fn whole_fp8_functions_match_the_cpu_loss_on_the_gpu() {
 }
 
 /// Two training steps of the f32 tiny plan (two micro-batches each, then AdamW) with the
-/// trainer on the GPU (its state kept there) and on the CPU from the same seed: losses, gradient norms and every
-/// updated parameter agree within 1e-5 (the step's first micro-batch routes equally at this
-/// seed on the H100; a routing difference would show as a loss difference here too).
+/// trainer on the GPU (its state kept there), again on the GPU as the one process of a
+/// data-parallel world over NCCL (the gradient sums reduce-scattered and the updated
+/// parameters all-gathered through NCCL, the moments gathered for the read-back), and on the
+/// CPU from the same seed: losses, gradient norms, every updated parameter and every moment
+/// agree within 1e-5 (the step's first micro-batch routes equally at this seed on the H100; a
+/// routing difference would show as a loss difference here too).
 #[test]
 fn training_steps_on_the_gpu_match_the_cpu() {
     let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_F32", "plan-tiny-f32") else { return };
     let trainer = || Trainer::<f32>::with_graph(&plan.spec, plan.training_graph(), 3).expect("trainable");
-    let (mut on_gpu, mut on_cpu) = (trainer(), trainer());
-    on_gpu.set_backend(Box::new(Executor::new(plan.clone(), &dir, gpu, false).expect("the plan loads")));
+    let (mut alone, mut joined, mut on_cpu) = (trainer(), trainer(), trainer());
+    alone.set_backend(Box::new(Executor::new(plan.clone(), &dir, gpu, false).expect("the plan loads")));
+    let gpu = Gpu::open().expect("the GPU, for a second executor");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("its address").port();
+    let world = World { rank: 0, size: 1, local_rank: 0, master: format!("127.0.0.1:{port}") };
+    let nccl = Rc::new(Nccl::new(&gpu, &world, Duration::from_secs(60)).expect("NCCL's communicator of one"));
+    let mut executor = Executor::new(plan.clone(), &dir, gpu, false).expect("the plan loads");
+    executor.join(Rc::clone(&nccl));
+    joined.set_backend(Box::new(executor));
+    joined.set_data_parallel(Box::new(nccl)).expect("a data-parallel world of one");
+    let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
     for step in 1..=2 {
-        let started = std::time::Instant::now();
-        let g = on_gpu.step().expect("a GPU step");
-        let gpu_s = started.elapsed().as_secs_f64();
         let c = on_cpu.step().expect("a CPU step");
-        eprintln!(
-            "step {step}: loss GPU {:.7} CPU {:.7}, grad norm GPU {:.7} CPU {:.7}; GPU step {:.0} ms",
-            g.loss,
-            c.loss,
-            g.grad_norm,
-            c.grad_norm,
-            gpu_s * 1e3
-        );
-        assert!(!g.skipped && !c.skipped, "step {step} skipped");
-        for (what, a, b) in [("loss", g.loss, c.loss), ("grad norm", g.grad_norm, c.grad_norm)] {
-            assert!((a - b).abs() <= 1e-5 * b.abs(), "step {step}: {what} GPU {a} CPU {b}");
-        }
-        let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
-        on_gpu.sync().expect("the state read back from the GPU");
-        for (i, (a, b)) in on_gpu.params().iter().zip(on_cpu.params()).enumerate() {
-            let error = relative_error(&reals(a), &reals(b));
-            assert!(error <= 1e-5, "step {step}: parameter {} differs by {error:.2e}", plan.params[i].name);
+        for (how, on_gpu) in [("alone", &mut alone), ("over NCCL", &mut joined)] {
+            let started = std::time::Instant::now();
+            let g = on_gpu.step().expect("a GPU step");
+            let gpu_s = started.elapsed().as_secs_f64();
+            eprintln!(
+                "step {step} {how}: loss GPU {:.7} CPU {:.7}, grad norm GPU {:.7} CPU {:.7}; GPU step {:.0} ms",
+                g.loss,
+                c.loss,
+                g.grad_norm,
+                c.grad_norm,
+                gpu_s * 1e3
+            );
+            assert!(!g.skipped && !c.skipped, "step {step} skipped");
+            for (what, a, b) in [("loss", g.loss, c.loss), ("grad norm", g.grad_norm, c.grad_norm)] {
+                assert!((a - b).abs() <= 1e-5 * b.abs(), "step {step} {how}: {what} GPU {a} CPU {b}");
+            }
+            on_gpu.sync().expect("the state read back from the GPU");
+            for (i, (a, b)) in on_gpu.params().iter().zip(on_cpu.params()).enumerate() {
+                let error = relative_error(&reals(a), &reals(b));
+                assert!(error <= 1e-5, "step {step} {how}: parameter {} differs by {error:.2e}", plan.params[i].name);
+            }
+            let learned = plan.params.iter().filter(|p| p.learned);
+            for (((m, v), (cm, cv)), p) in on_gpu.moments().iter().zip(on_cpu.moments()).zip(learned) {
+                for (which, a, b) in [("m", m, cm), ("v", v, cv)] {
+                    let error = relative_error(&reals(a), &reals(b));
+                    assert!(error <= 1e-5, "step {step} {how}: {which} of {} differs by {error:.2e}", p.name);
+                }
+            }
         }
     }
 }

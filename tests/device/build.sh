@@ -18,6 +18,9 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" -o target/plan-bench
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2 --set 'model.ffn.1.layers=1..2' \
   --set train.seq_len=128 --set train.batch=1 --set train.micro_batch=1 -o target/plan-bench-step
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
+# Two data-parallel processes (`run.sh dp`; benches/data_parallel.py sets the same values).
+$dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set parallel.gpus_per_node=2 --set parallel.data.size=2 \
+  -o target/plan-bench-dp2
 # The generated FP8 GEMMs' PTX for `run.sh gemm` (benches/fp8_gemm.py --generated) and the
 # fused attention's for `run.sh attention` (benches/attention.py).
 mkdir -p target/gemm target/attention

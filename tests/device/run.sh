@@ -27,20 +27,25 @@
 #             a minute), the results also in $OUT/attention.jsonl
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
+#   dp N      issue 8's data parallelism: the bench model N steps (default 20) on one GPU, then
+#             on two as two processes with ZeRO-1 (torchrun), the same global batch: losses
+#             side by side, the scaling of tokens/s (benches/data_parallel.py; a kind with two
+#             GPUs or more), both runs' metrics in $OUT
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
 # carried (64 MiB in all: `checks step profile` fit together): checks: target/gpu/gpu_kernels,
 # target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench; step: target/gpu/gpu_kernels and
 # target/plan-bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
 # target/plan-bench-bf16; long and fp8: those of profile; bf16: target/gpu/dsc and
-# target/plan-bench-bf16; gemm: target/gemm; attention: target/attention.
+# target/plan-bench-bf16; gemm: target/gemm; attention: target/attention; dp: target/gpu/dsc,
+# target/plan-bench and target/plan-bench-dp2.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
-usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N gemm attention train N"
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N gemm attention train N dp [N]"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 while [ $# -gt 0 ]; do
@@ -89,6 +94,10 @@ while [ $# -gt 0 ]; do
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps "${n:?train N}" \
         --checkpoint-dir target/run-bench --checkpoint-every 50 --keep 1 "${resume[@]}" \
         --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
+      ;;
+    dp)
+      python3 benches/data_parallel.py --dsc target/gpu/dsc --plan target/plan-bench --dp-plan target/plan-bench-dp2 \
+        --gpus 2 --steps "${n:-20}" --keep "$OUT"
       ;;
     *)
       echo "$usage" >&2

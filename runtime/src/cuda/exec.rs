@@ -78,6 +78,8 @@ pub struct Executor {
     tables: Vec<Option<CudaSlice<u8>>>,
     /// The training state, once a trainer hands it over ([`super::resident`]).
     pub(super) state: Option<super::resident::DeviceState>,
+    /// The data-parallel processes it shares the state with ([`Executor::join`]).
+    pub(super) peers: Option<std::rc::Rc<super::nccl::Nccl>>,
     /// Where the time goes, when asked ([`Executor::profiled`]).
     profile: Option<Profile>,
 }
@@ -217,6 +219,7 @@ impl Executor {
             spare,
             tables,
             state: None,
+            peers: None,
             profile: None,
         })
     }

@@ -1,20 +1,21 @@
 //! Data parallelism across processes over NCCL: one process per GPU, started by a launcher
 //! (`comm::rendezvous::World`); rank 0 makes NCCL's unique id and hands it to the others over
-//! TCP (`comm::rendezvous::share`), every rank joins the communicator, and [`Nccl`] sums a
-//! step's host sums (losses, expert loads, gradients) over the ranks with one all-reduce in
-//! f64.
+//! TCP (`comm::rendezvous::share`), every rank joins the communicator. [`Nccl`] sums a step's
+//! host sums (losses, expert loads, gradient norms; the whole gradient where the state is on
+//! the host) over the ranks with one all-reduce in f64, and for ZeRO-1 on the device
+//! (`super::resident`) reduce-scatters the gradient sums and all-gathers the updated shards,
+//! in f32, on the executor's stream.
 //! A collective that does not finish within the timeout (a peer died or hangs) fails the step
 //! with a message instead of waiting forever; the communicator is then left alone (destroying
 //! it would wait for the dead peer) and the process ends.
 //!
 //! Not here yet: pipeline stages and expert parallelism across GPUs (their schedules run on
-//! thread-ranks, `train::parallel`), ZeRO-1 sharding of the optimizer (every rank runs the
-//! whole update on the summed gradients), gradients kept on the device.
+//! thread-ranks, `train::parallel`).
 
 use super::{Gpu, GpuError};
 use crate::comm::rendezvous::{share, Secret, World};
 use crate::train::DataParallel;
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,13 +60,44 @@ impl Nccl {
     pub fn sum(&self, data: &mut [f64]) -> Result<(), GpuError> {
         let mut buffer = self.stream.clone_htod(data)?;
         self.comm.all_reduce_in_place(&mut buffer, &ReduceOp::Sum).map_err(|e| nccl("all-reduce", e))?;
+        self.wait("a sum of the step's results")?;
+        self.stream.memcpy_dtoh(&buffer, data)?;
+        Ok(())
+    }
+
+    /// Sums `whole` over every rank; rank r gets the r-th of its equal parts in `part`.
+    pub fn reduce_scatter(&self, whole: &CudaSlice<f32>, part: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        self.check_parts(whole.len(), part.len())?;
+        self.comm.reduce_scatter(whole, part, &ReduceOp::Sum).map_err(|e| nccl("reduce-scatter", e))?;
+        self.wait("a gradient reduce-scatter")
+    }
+
+    /// Puts every rank's `part` into `whole`, in rank order.
+    pub fn all_gather(&self, part: &CudaSlice<f32>, whole: &mut CudaViewMut<f32>) -> Result<(), GpuError> {
+        self.check_parts(whole.len(), part.len())?;
+        self.comm.all_gather(part, whole).map_err(|e| nccl("all-gather", e))?;
+        self.wait("an all-gather of the updated parameters")
+    }
+
+    fn check_parts(&self, whole: usize, part: usize) -> Result<(), GpuError> {
+        if whole != part * self.world.size {
+            return Err(GpuError::Unsupported(format!(
+                "a collective of {whole} elements in {} parts of {part}",
+                self.world.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits for the stream's work so far (the collective just queued), at most the timeout.
+    fn wait(&self, what: &str) -> Result<(), GpuError> {
         let done = self.stream.record_event(None)?;
         let deadline = Instant::now() + self.timeout;
         while !done.try_is_complete()? {
             if Instant::now() >= deadline {
                 self.timed_out.store(true, Ordering::Relaxed);
                 return Err(GpuError::Unsupported(format!(
-                    "rank {} of {}: a gradient all-reduce did not finish within {} s (a peer died or hangs: see the other ranks' output)",
+                    "rank {} of {}: {what} did not finish within {} s (a peer died or hangs: see the other ranks' output)",
                     self.world.rank,
                     self.world.size,
                     self.timeout.as_secs()
@@ -73,7 +105,6 @@ impl Nccl {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.stream.memcpy_dtoh(&buffer, data)?;
         Ok(())
     }
 }
@@ -87,7 +118,7 @@ impl Drop for Nccl {
     }
 }
 
-impl DataParallel for Nccl {
+impl DataParallel for std::rc::Rc<Nccl> {
     fn rank(&self) -> usize {
         self.world.rank
     }

@@ -1,97 +1,157 @@
-//! The training state on the GPU: [`Resident`] for the [`Executor`]. Every parameter, its
-//! gradient sum over the step's micro-batches and the Adam moments live in device buffers of
-//! their own, so that a step moves only its micro-batches, losses, loads and a few scalars
-//! (with the state on the host, a step of the bench model moved and converted tens of GB).
+//! The training state on the GPU: [`Resident`] for the [`Executor`]. The parameters live in
+//! one device allocation, the learned ones where the plan's ZeRO-1 layout places them
+//! ([`dsc_compiler::graph::zero::Zero`]: one after another, aligned) and the others after; the
+//! learned parameters' gradient sums over the step's micro-batches in a second one laid out
+//! alike; Adam's moments of this process's shard of that layout in two more. A step moves
+//! only its micro-batches, losses, loads and a few scalars (with the state on the host, a
+//! step of the bench model moved and converted tens of GB).
+//!
 //! The gradient function reads the parameters in place; its gradients are added into the
-//! sums with cuBLAS (the first micro-batch's copied, the next ones `saxpy`), scaled by
-//! 1/micro-batches before the update (`sscal`: the host trainer also sums, then scales); the
-//! finiteness check sums `snrm2`s; the optimizer function reads the state in place too and
-//! its results are copied back. Where the device cannot hold the optimizer's arena beside the
-//! other functions' arenas, it is freed after the update and the others before it, so that
-//! the step peaks at the state plus the largest phase.
+//! sums with cuBLAS (the first micro-batch's copied, the next ones `saxpy`). Where the
+//! executor has joined data-parallel peers ([`Executor::join`]), NCCL reduce-scatters the sums
+//! so that each process holds its shard of the total; the shard is scaled by 1/micro-batches
+//! (`sscal`), its `snrm2` squared is the process's part of the gradient norm, and the
+//! process's optimizer function (over its shard's pieces and the routing biases) reads the
+//! state in place; its results are copied back, and NCCL all-gathers the updated shards into
+//! every process's parameters. Alone, the shard is the whole layout and the function the
+//! model's optimizer. Where the device cannot hold the optimizer's arena beside the other
+//! functions' arenas, it is freed after the update and the others before it, so that the step
+//! peaks at the state plus the largest phase.
 
-use super::exec::{encode, words, Call, Executor, Input};
+use super::exec::{encode, Call, Executor, Input};
+use super::nccl::Nccl;
 use super::places;
 use super::{Gpu, GpuError};
 use crate::cpu::{Tensor, Value};
 use crate::train::backend::Moments;
 use crate::train::Resident;
 use cudarc::cublas::sys;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::base;
 use dsc_compiler::graph::ir::{Op, V};
-
-/// A real tensor on the device: its shape and its f32 elements.
-pub struct Buffer {
-    shape: Vec<usize>,
-    data: CudaSlice<u8>,
-}
-
-impl Buffer {
-    fn input(&self, gpu: &Gpu) -> Input {
-        let (at, _sync) = self.data.device_ptr(&gpu.stream);
-        Input::Device(at, self.data.len())
-    }
-
-    fn elements(&self) -> usize {
-        self.data.len() / 4
-    }
-}
+use dsc_compiler::graph::zero::{Member, ALIGN};
+use std::rc::Rc;
 
 /// Device memory left free beside the arenas for the libraries' workspaces.
 const HEADROOM: u64 = 2 << 30;
 
-/// The parameters (the graph's order), their gradient sums, and the moments (m, v) of the
-/// learned parameters in order.
+/// The training state on the device.
 pub struct DeviceState {
-    params: Vec<Buffer>,
-    grads: Vec<Buffer>,
-    moments: Vec<(Buffer, Buffer)>,
+    /// Every parameter, parameter `i` from element `at[i]` on.
+    params: CudaSlice<f32>,
+    at: Vec<usize>,
+    /// The learned parameters' gradient sums, where `params` holds the parameters (the
+    /// layout's first elements).
+    grads: CudaSlice<f32>,
+    /// With peers, this process's shard of the layout: the gradient summed over the
+    /// processes after the reduce-scatter, its updated parameters for the all-gather.
+    shard: Option<CudaSlice<f32>>,
+    /// Adam's (m, v) of the shard's elements, each at its place in the shard.
+    moments: [CudaSlice<f32>; 2],
+}
+
+/// The device address of element `element` of `slice`.
+fn address(gpu: &Gpu, slice: &CudaSlice<f32>, element: usize) -> u64 {
+    let (at, _sync) = slice.device_ptr(&gpu.stream);
+    at + 4 * element as u64
+}
+
+fn blas(what: &str, e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Unsupported(format!("cuBLAS {what}: {e:?}"))
+}
+
+/// `n` as cuBLAS's element count.
+fn count(n: usize) -> Result<i32, GpuError> {
+    i32::try_from(n).map_err(|_| GpuError::Unsupported(format!("{n} elements in one cuBLAS call")))
 }
 
 impl Executor {
-    fn upload(&self, value: &Value<f32>) -> Result<Buffer, GpuError> {
-        let t = value.as_real();
-        Ok(Buffer { shape: t.shape.clone(), data: self.gpu.stream.clone_htod(&words(&t.data, f32::to_le_bytes))? })
+    /// Makes this executor one of the data-parallel processes `peers`: its training state
+    /// is then its ZeRO-1 shard of the plan's layout, the gradients are summed over the
+    /// processes and the updated parameters shared by NCCL.
+    pub fn join(&mut self, peers: Rc<Nccl>) {
+        self.peers = Some(peers);
     }
 
-    fn download(&self, buffer: &Buffer) -> Result<Value<f32>, GpuError> {
-        let bytes = self.gpu.stream.clone_dtoh(&buffer.data)?;
-        let data = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        Ok(Value::real(Tensor::new(buffer.shape.clone(), data)))
+    /// This process's part of the plan's ZeRO-1 layout.
+    fn member(&self) -> Result<&Member, GpuError> {
+        let (zero, processes) = (&self.plan.zero, self.peers.as_ref().map_or(1, |p| p.world().size));
+        if zero.members.len() != processes {
+            return Err(GpuError::Unsupported(format!(
+                "the plan shards the optimizer over {} data-parallel processes, and {processes} run: recompile it with `--set parallel.data.size={processes}`",
+                zero.members.len()
+            )));
+        }
+        Ok(&zero.members[self.peers.as_ref().map_or(0, |p| p.world().rank)])
     }
 
-    /// Copies output `o` of `call` (of function `f`) into `to`, or adds it there (`add`).
-    fn take_output(&self, f: usize, o: V, call: &Call, to: &mut Buffer, add: bool) -> Result<(), GpuError> {
+    /// Copies output `o` of `call` (of function `f`) to the `bytes` at address `to`, or adds
+    /// it there (`add`).
+    fn take_output(&self, f: usize, o: V, call: &Call, (to, bytes): (u64, usize), add: bool) -> Result<(), GpuError> {
         let function = &self.plan.module.functions[f];
         let b = base(function, o);
         if let Op::Const(c) = function.node(b).op {
             return match (c, add) {
                 (0.0, true) => Ok(()),
-                (0.0, false) => Ok(self.gpu.stream.memset_zeros(&mut to.data)?),
+                (0.0, false) => places::zero(&self.gpu, to, bytes),
                 _ => Err(GpuError::Unsupported(format!("a constant {c} as a result of {}", function.name))),
             };
         }
-        let (x, bytes) = (call.places(&self.gpu).at(b.0), self.bytes[f][&b.0]);
-        if bytes != to.data.len() {
-            return Err(GpuError::Unsupported(format!("{bytes} bytes of a result for {}", to.data.len())));
+        let (x, given) = (call.places(&self.gpu).at(b.0), self.bytes[f][&b.0]);
+        if given != bytes {
+            return Err(GpuError::Unsupported(format!("{given} bytes of a result of {} for {bytes}", function.name)));
         }
-        let n = to.elements() as i32;
-        let (y, _y) = to.data.device_ptr_mut(&self.gpu.stream);
-        match (add, x == y) {
+        match (add, x == to) {
             (false, true) => return Ok(()), // an argument returned as it was: already there
-            (false, false) => return places::copy(&self.gpu, x, y, bytes),
+            (false, false) => return places::copy(&self.gpu, x, to, bytes),
             (true, _) => {}
         }
         let one = 1.0f32;
-        // SAFETY: x and y hold n f32s each (their lengths checked above), on the handle's stream.
-        unsafe { sys::cublasSaxpy_v2(*self.blas.f32.handle(), n, &one, x as *const f32, 1, y as *mut f32, 1) }
-            .result()
-            .map_err(|e| GpuError::Unsupported(format!("cuBLAS saxpy: {e:?}")))
+        // SAFETY: x and to hold bytes/4 f32s each (checked above), on the handle's stream.
+        unsafe {
+            sys::cublasSaxpy_v2(*self.blas.f32.handle(), count(bytes / 4)?, &one, x as *const f32, 1, to as *mut f32, 1)
+        }
+        .result()
+        .map_err(|e| blas("saxpy", e))
     }
 
     fn state_mut(&mut self) -> Result<DeviceState, GpuError> {
         self.state.take().ok_or_else(|| GpuError::Unsupported("no training state handed over".into()))
+    }
+
+    fn load_state(&self, params: &[Value<f32>], moments: &[(Value<f32>, Value<f32>)]) -> Result<DeviceState, GpuError> {
+        let (zero, member, info) = (&self.plan.zero, self.member()?, &self.plan.params);
+        let mut at = vec![0; info.len()];
+        for run in &zero.runs {
+            at[run.param] = run.at;
+        }
+        let mut end = zero.len();
+        for (i, p) in info.iter().enumerate().filter(|(_, p)| !p.learned) {
+            at[i] = end;
+            end = (end + p.numel()).next_multiple_of(ALIGN);
+        }
+        let mut host = vec![0.0f32; end];
+        for (&at, value) in at.iter().zip(params) {
+            let data = &value.as_real().data;
+            host[at..at + data.len()].copy_from_slice(data);
+        }
+        // The moments of the learned parameter of each run, in the runs' (the model's) order.
+        let slot = |param: usize| zero.runs.iter().position(|run| run.param == param).expect("a piece is learned");
+        let mut shard = [vec![0.0f32; zero.shard], vec![0.0f32; zero.shard]];
+        for piece in &member.pieces {
+            let (m, v) = &moments[slot(piece.param)];
+            for (to, from) in shard.iter_mut().zip([m, v]) {
+                to[piece.at..piece.at + piece.len].copy_from_slice(&from.as_real().data[piece.start..][..piece.len]);
+            }
+        }
+        let stream = &self.gpu.stream;
+        Ok(DeviceState {
+            params: stream.clone_htod(&host)?,
+            at,
+            grads: stream.alloc_zeros(zero.len())?,
+            shard: self.peers.as_ref().map(|_| stream.alloc_zeros(zero.shard)).transpose()?,
+            moments: [stream.clone_htod(&shard[0])?, stream.clone_htod(&shard[1])?],
+        })
     }
 
     fn gradients_into(
@@ -102,18 +162,29 @@ impl Executor {
         grads: usize,
         first: bool,
     ) -> Result<Vec<Value<f32>>, GpuError> {
-        let mut inputs: Vec<Input> = state.params.iter().map(|p| p.input(&self.gpu)).collect();
+        let info = &self.plan.params;
+        let gpu = &self.gpu;
+        let mut inputs: Vec<Input> = state
+            .at
+            .iter()
+            .zip(info)
+            .map(|(&at, p)| Input::Device(address(gpu, &state.params, at), 4 * p.numel()))
+            .collect();
         for value in rest {
             inputs.push(Input::Host(encode(value)?));
         }
         let call = self.invoke(f, &inputs)?;
-        let outputs = self.plan.module.functions[f].outputs.clone();
+        let plan = self.plan.clone();
         let mut before = Vec::with_capacity(grads);
-        for (i, &o) in outputs.iter().enumerate() {
-            // Outputs past the gradients are the host trainer's to ignore too.
+        for (i, &o) in plan.module.functions[f].outputs.iter().enumerate() {
+            // Outputs past the gradients are the host trainer's to ignore too, and so are the
+            // gradients of what is not learned (zeros).
             match i.checked_sub(grads) {
                 None => before.push(self.output(f, o, &call)?),
-                Some(p) if p < state.grads.len() => self.take_output(f, o, &call, &mut state.grads[p], !first)?,
+                Some(p) if plan.params.get(p).is_some_and(|p| p.learned) => {
+                    let to = (address(&self.gpu, &state.grads, state.at[p]), 4 * plan.params[p].numel());
+                    self.take_output(f, o, &call, to, !first)?
+                }
                 Some(_) => {}
             }
         }
@@ -121,33 +192,62 @@ impl Executor {
         Ok(before)
     }
 
+    /// The summed gradient's elements this process updates: with peers its shard (after
+    /// the reduce-scatter), alone the whole layout.
+    fn shard_gradient<'s>(&self, state: &'s DeviceState) -> &'s CudaSlice<f32> {
+        state.shard.as_ref().unwrap_or(&state.grads)
+    }
+
+    fn reduce(&mut self, state: &mut DeviceState) -> Result<f64, GpuError> {
+        if let (Some(peers), Some(shard)) = (&self.peers, &mut state.shard) {
+            peers.reduce_scatter(&state.grads, shard)?;
+        }
+        let gradient = self.shard_gradient(state);
+        let mut norm = 0.0f32;
+        let x = address(&self.gpu, gradient, 0);
+        // SAFETY: x holds the slice's f32s, on the handle's stream; the result is written to
+        // host memory (cuBLAS's default pointer mode) before the call returns.
+        unsafe { sys::cublasSnrm2_v2(*self.blas.f32.handle(), count(gradient.len())?, x as *const f32, 1, &mut norm) }
+            .result()
+            .map_err(|e| blas("snrm2", e))?;
+        Ok(f64::from(norm) * f64::from(norm))
+    }
+
     fn update_state(
         &mut self,
         state: &mut DeviceState,
-        f: usize,
-        learned: &[usize],
         biases: &[(usize, Value<f32>)],
         scalars: &[Value<f32>],
         scale: f64,
     ) -> Result<(), GpuError> {
-        let handle = *self.blas.f32.handle();
-        let scale = scale as f32;
-        for &i in learned {
-            let n = state.grads[i].elements() as i32;
-            let (x, _x) = state.grads[i].data.device_ptr_mut(&self.gpu.stream);
-            // SAFETY: x holds n f32s, on the handle's stream.
-            unsafe { sys::cublasSscal_v2(handle, n, &scale, x as *mut f32, 1) }
-                .result()
-                .map_err(|e| GpuError::Unsupported(format!("cuBLAS sscal: {e:?}")))?;
-        }
-        let mut inputs = Vec::new();
-        for (k, &i) in learned.iter().enumerate() {
-            let (m, v) = &state.moments[k];
-            let gpu = &self.gpu;
-            inputs.extend([state.params[i].input(gpu), state.grads[i].input(gpu), m.input(gpu), v.input(gpu)]);
-        }
+        let member = self.member()?.clone();
+        let f = member.function;
+        let gpu = &self.gpu;
+        let gradient = self.shard_gradient(state);
+        let (g, scale) = (address(gpu, gradient, 0), scale as f32);
+        // SAFETY: g holds the slice's f32s, on the handle's stream.
+        unsafe { sys::cublasSscal_v2(*self.blas.f32.handle(), count(gradient.len())?, &scale, g as *mut f32, 1) }
+            .result()
+            .map_err(|e| blas("sscal", e))?;
+        // Per piece, its parameter, gradient, m and v: (address, bytes).
+        let places: Vec<[(u64, usize); 4]> = member
+            .pieces
+            .iter()
+            .map(|piece| {
+                let bytes = 4 * piece.len;
+                let [m, v] = &state.moments;
+                [
+                    (address(gpu, &state.params, state.at[piece.param] + piece.start), bytes),
+                    (g + 4 * piece.at as u64, bytes),
+                    (address(gpu, m, piece.at), bytes),
+                    (address(gpu, v, piece.at), bytes),
+                ]
+            })
+            .collect();
+        let mut inputs: Vec<Input> = places.iter().flatten().map(|&(at, bytes)| Input::Device(at, bytes)).collect();
         for (b, load) in biases {
-            inputs.extend([state.params[*b].input(&self.gpu), Input::Host(encode(load)?)]);
+            let bias = Input::Device(address(gpu, &state.params, state.at[*b]), 4 * self.plan.params[*b].numel());
+            inputs.extend([bias, Input::Host(encode(load)?)]);
         }
         for value in scalars {
             inputs.push(Input::Host(encode(value)?));
@@ -163,16 +263,14 @@ impl Executor {
         let outputs = self.plan.module.functions[f].outputs.clone();
         let mut results = outputs.iter().copied();
         let mut next = || results.next().ok_or_else(|| GpuError::Unsupported("too few optimizer results".into()));
-        for (k, &i) in learned.iter().enumerate() {
-            let (p, m, v) = (next()?, next()?, next()?);
-            self.take_output(f, p, &call, &mut state.params[i], false)?;
-            let (mb, vb) = &mut state.moments[k];
-            self.take_output(f, m, &call, mb, false)?;
-            self.take_output(f, v, &call, vb, false)?;
+        for [param, _, m, v] in &places {
+            for place in [param, m, v] {
+                self.take_output(f, next()?, &call, *place, false)?;
+            }
         }
         for (b, _) in biases {
-            let o = next()?;
-            self.take_output(f, o, &call, &mut state.params[*b], false)?;
+            let place = (address(&self.gpu, &state.params, state.at[*b]), 4 * self.plan.params[*b].numel());
+            self.take_output(f, next()?, &call, place, false)?;
         }
         if kept {
             self.spare[f] = Some(call.arena);
@@ -180,26 +278,55 @@ impl Executor {
             drop(call);
             self.gpu.release_unused()?;
         }
+        // Every process's parameters from the updated shards.
+        if let (Some(peers), Some(shard)) = (&self.peers, &mut state.shard) {
+            let mine = address(&self.gpu, &state.params, self.plan.zero.shard * peers.world().rank);
+            places::copy(&self.gpu, mine, address(&self.gpu, shard, 0), 4 * shard.len())?;
+            peers.all_gather(shard, &mut state.params.slice_mut(..self.plan.zero.len()))?;
+        }
         Ok(())
+    }
+
+    fn read_state(&self, state: &DeviceState) -> Result<(Vec<Value<f32>>, Moments<f32>), GpuError> {
+        let host = self.gpu.stream.clone_dtoh(&state.params)?;
+        let info = &self.plan.params;
+        let params = info
+            .iter()
+            .zip(&state.at)
+            .map(|(p, &at)| Value::real(Tensor::new(p.shape.clone(), host[at..at + p.numel()].to_vec())))
+            .collect();
+        // The whole layout's moments: with peers gathered from every process's shard.
+        let gathered = state
+            .moments
+            .iter()
+            .map(|shard| match &self.peers {
+                Some(peers) => {
+                    let mut whole = self.gpu.stream.alloc_zeros::<f32>(self.plan.zero.len())?;
+                    peers.all_gather(shard, &mut whole.slice_mut(..))?;
+                    Ok(self.gpu.stream.clone_dtoh(&whole)?)
+                }
+                None => Ok(self.gpu.stream.clone_dtoh(shard)?),
+            })
+            .collect::<Result<Vec<Vec<f32>>, GpuError>>()?;
+        let moments = self
+            .plan
+            .zero
+            .runs
+            .iter()
+            .map(|run| {
+                let shape = &info[run.param].shape;
+                let moment =
+                    |whole: &[f32]| Value::real(Tensor::new(shape.clone(), whole[run.at..][..run.len].to_vec()));
+                (moment(&gathered[0]), moment(&gathered[1]))
+            })
+            .collect();
+        Ok((params, moments))
     }
 }
 
 impl Resident<f32> for Executor {
     fn load(&mut self, params: &[Value<f32>], moments: &[(Value<f32>, Value<f32>)]) -> Result<(), String> {
-        let state = (|| -> Result<DeviceState, GpuError> {
-            let params = params.iter().map(|p| self.upload(p)).collect::<Result<Vec<_>, _>>()?;
-            let grads = params
-                .iter()
-                .map(|p| Ok(Buffer { shape: p.shape.clone(), data: self.gpu.stream.alloc_zeros(p.data.len())? }))
-                .collect::<Result<Vec<_>, GpuError>>()?;
-            let moments = moments
-                .iter()
-                .map(|(m, v)| Ok((self.upload(m)?, self.upload(v)?)))
-                .collect::<Result<Vec<_>, GpuError>>()?;
-            Ok(DeviceState { params, grads, moments })
-        })()
-        .map_err(|e| e.to_string())?;
-        self.state = Some(state);
+        self.state = Some(self.load_state(params, moments).map_err(|e| e.to_string())?);
         Ok(())
     }
 
@@ -221,48 +348,28 @@ impl Resident<f32> for Executor {
         outputs.map_err(|e| e.to_string())
     }
 
-    fn gradients_square_sum(&mut self) -> Result<f64, String> {
-        let state = self.state.as_ref().ok_or("no training state handed over")?;
-        let mut sum = 0.0;
-        for g in &state.grads {
-            let mut norm = 0.0f32;
-            let (x, _x) = g.data.device_ptr(&self.gpu.stream);
-            // SAFETY: x holds the buffer's f32s, on the handle's stream; the result is written
-            // to host memory (cuBLAS's default pointer mode) before the call returns.
-            unsafe { sys::cublasSnrm2_v2(*self.blas.f32.handle(), g.elements() as i32, x as *const f32, 1, &mut norm) }
-                .result()
-                .map_err(|e| format!("cuBLAS snrm2: {e:?}"))?;
-            sum += f64::from(norm) * f64::from(norm);
-        }
-        Ok(sum)
-    }
-
-    fn update(
-        &mut self,
-        f: usize,
-        learned: &[usize],
-        biases: &[(usize, Value<f32>)],
-        scalars: Vec<Value<f32>>,
-        scale: f64,
-    ) -> Result<(), String> {
+    fn reduce_gradients(&mut self) -> Result<f64, String> {
         let started = std::time::Instant::now();
         let mut state = self.state_mut().map_err(|e| e.to_string())?;
-        let result = self.update_state(&mut state, f, learned, biases, &scalars, scale);
+        let result = self.reduce(&mut state);
+        self.state = Some(state);
+        let square_sum = result.and_then(|sum| {
+            self.settle_profile("gradient reduction", started)?;
+            Ok(sum)
+        });
+        square_sum.map_err(|e| e.to_string())
+    }
+
+    fn update(&mut self, biases: &[(usize, Value<f32>)], scalars: Vec<Value<f32>>, scale: f64) -> Result<(), String> {
+        let started = std::time::Instant::now();
+        let mut state = self.state_mut().map_err(|e| e.to_string())?;
+        let result = self.update_state(&mut state, biases, &scalars, scale);
         self.state = Some(state);
         result.and_then(|()| self.settle_profile("optimizer update", started)).map_err(|e| e.to_string())
     }
 
     fn state(&mut self) -> Result<(Vec<Value<f32>>, Moments<f32>), String> {
         let state = self.state.as_ref().ok_or("no training state handed over")?;
-        let read = || -> Result<_, GpuError> {
-            let params = state.params.iter().map(|p| self.download(p)).collect::<Result<Vec<_>, _>>()?;
-            let moments = state
-                .moments
-                .iter()
-                .map(|(m, v)| Ok((self.download(m)?, self.download(v)?)))
-                .collect::<Result<Vec<_>, GpuError>>()?;
-            Ok((params, moments))
-        };
-        read().map_err(|e| e.to_string())
+        self.read_state(state).map_err(|e| e.to_string())
     }
 }

@@ -27,8 +27,11 @@ pub trait Backend<T: Real> {
 pub type Moments<T> = Vec<(Value<T>, Value<T>)>;
 
 /// A backend keeping the parameters (every one, in the graph's order), the Adam moments of
-/// the learned ones and the step's gradient sums where it computes, for a trainer of one
-/// rank: the trainer hands the state over once and reads it back when asked.
+/// the learned ones and the step's gradient sums where it computes: the trainer hands the
+/// state over once and reads it back when asked. Among data-parallel processes it keeps its
+/// ZeRO-1 shard of the moments (the training graph's layout) and shares the gradients and
+/// the updated parameters with the others; then `reduce_gradients`, `update` and `state` are
+/// collectives every process calls.
 pub trait Resident<T: Real> {
     /// Takes the state over.
     fn load(&mut self, params: &[Value<T>], moments: &[(Value<T>, Value<T>)]) -> Result<(), String>;
@@ -36,20 +39,16 @@ pub trait Resident<T: Real> {
     /// its outputs from `grads` on (one per parameter) are added into the gradient sums (the
     /// step's `first` micro-batch sets them); returns the outputs before them.
     fn gradients(&mut self, f: usize, rest: Vec<Value<T>>, grads: usize, first: bool) -> Result<Vec<Value<T>>, String>;
-    /// The sum of the squares of every gradient sum's elements (not finite where one is not).
-    fn gradients_square_sum(&mut self) -> Result<f64, String>;
-    /// Scales the gradient sums of parameters `learned` by `scale`, then runs optimizer `f`
-    /// on (parameter, gradient, m, v) of each learned one, (bias, `loads`) of each of
-    /// `biases`, then `scalars`; keeps its results (new parameters, moments and biases).
-    fn update(
-        &mut self,
-        f: usize,
-        learned: &[usize],
-        biases: &[(usize, Value<T>)],
-        scalars: Vec<Value<T>>,
-        scale: f64,
-    ) -> Result<(), String>;
-    /// The state: the parameters and the moments.
+    /// Sums the gradient sums over the processes, this one keeping its shard (alone, the
+    /// whole); returns the sum of the squares of the shard's elements (not finite where one
+    /// is not).
+    fn reduce_gradients(&mut self) -> Result<f64, String>;
+    /// Scales the shard's gradient by `scale`, then runs this process's optimizer function
+    /// on (parameter, gradient, m, v) of each of the shard's pieces, (bias, `loads`) of each
+    /// of `biases`, then `scalars`; keeps its results (new parameters, moments and biases)
+    /// and shares the new parameters with the other processes.
+    fn update(&mut self, biases: &[(usize, Value<T>)], scalars: Vec<Value<T>>, scale: f64) -> Result<(), String>;
+    /// The state: the parameters and the moments (every process's).
     fn state(&mut self) -> Result<(Vec<Value<T>>, Moments<T>), String>;
 }
 

@@ -212,10 +212,11 @@ impl<T: Real> Trainer<T> {
         Ok(())
     }
 
-    /// Whether the optimizer state is sharded over ranks (then [`Trainer::sync`] gathers it,
-    /// across processes a collective).
+    /// Whether the optimizer state is sharded over ranks, or over data-parallel processes
+    /// whose backends keep it (then [`Trainer::sync`] gathers it, across processes a
+    /// collective).
     pub fn shards_state(&self) -> bool {
-        self.ranks.is_some()
+        self.ranks.is_some() || (self.replicas.is_some() && self.state.on_backend)
     }
 
     /// Whether `flag` is set in any process of a multi-process run (in this one otherwise): a
@@ -315,10 +316,9 @@ impl<T: Real> Trainer<T> {
         let bias_speed = self.bias_speed();
         let step_tokens = sequences * train.seq_len;
         let inputs = StepInputs { batches, mtp_weight, lr, bias_speed };
-        let resident = self.replicas.is_none() && self.ema.is_none();
         let Update { losses, loads, grad_norm, finite } = if self.ranks.is_some() {
             self.ranks_step(inputs)?
-        } else if resident && self.backend.resident().is_some() {
+        } else if self.ema.is_none() && self.backend.resident().is_some() {
             self.resident_step(inputs)?
         } else {
             self.host_step(inputs)?
@@ -349,6 +349,23 @@ impl<T: Real> Trainer<T> {
         })
     }
 
+    /// This process's share of a step's `batches` (all of them without data-parallel
+    /// processes). Every process reads the whole step's data, so that the loader's position
+    /// is the same everywhere.
+    fn own_batches(&self, batches: Vec<MicroBatch>) -> Result<Vec<MicroBatch>, StepError> {
+        let Some(replicas) = &self.replicas else { return Ok(batches) };
+        let micro_batches = batches.len();
+        if !micro_batches.is_multiple_of(replicas.size()) {
+            return Err(StepError(format!(
+                "{micro_batches} micro-batches do not share evenly over {} data-parallel processes",
+                replicas.size()
+            )));
+        }
+        let per_rank = micro_batches.div_ceil(data_ranks(&self.spec));
+        let rank = replicas.rank();
+        Ok(batches.into_iter().enumerate().filter(|(i, _)| i / per_rank == rank).map(|(_, b)| b).collect())
+    }
+
     /// A step on host values: this process's gradient sums (added up with its data-parallel
     /// replicas'), then the optimizer when they are finite.
     fn host_step(
@@ -356,27 +373,13 @@ impl<T: Real> Trainer<T> {
         StepInputs { batches, mtp_weight, lr, bias_speed }: StepInputs,
     ) -> Result<Update, StepError> {
         let micro_batches = batches.len();
-        let per_rank = micro_batches.div_ceil(data_ranks(&self.spec));
-        let sums = match &mut self.replicas {
-            Some(replicas) => {
-                if !micro_batches.is_multiple_of(replicas.size()) {
-                    return Err(StepError(format!(
-                        "{micro_batches} micro-batches do not share evenly over {} data-parallel processes",
-                        replicas.size()
-                    )));
-                }
-                // Every process reads the whole step's data (so that the loader's position is
-                // the same everywhere) and computes its own share.
-                let rank = replicas.rank();
-                let mine = batches.into_iter().enumerate().filter(|(i, _)| i / per_rank == rank).map(|(_, b)| b);
-                let StepSums { losses, loads, grads } =
-                    one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), mine.collect(), mtp_weight)?;
-                let (losses, loads, grads) = sum_over((losses, loads, grads), |flat| replicas.sum(flat))?;
-                StepSums { losses, loads, grads }
-            }
-            None => one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), batches, mtp_weight)?,
+        let mine = self.own_batches(batches)?;
+        let StepSums { losses, loads, grads } =
+            one_rank_sums(&self.graph, &self.params, self.backend.as_mut(), mine, mtp_weight)?;
+        let (losses, loads, grads) = match &mut self.replicas {
+            Some(replicas) => sum_over((losses, loads, grads), |flat| replicas.sum(flat))?,
+            None => (losses, loads, grads),
         };
-        let StepSums { losses, loads, grads } = sums;
         let losses = losses.map(|loss| loss / micro_batches as f64);
         let square_sum: f64 = grads.iter().flatten().map(|g| g.to_f64() * g.to_f64()).sum();
         let grad_norm = square_sum.sqrt() / micro_batches as f64;
@@ -426,13 +429,15 @@ impl<T: Real> Trainer<T> {
     }
 
     /// A step on a backend keeping the state: the state handed over first if it is not there
-    /// yet, then per micro-batch its gradients summed there, then the update there; only the
-    /// batches, losses, loads and scalars cross.
+    /// yet, then per micro-batch of this process its gradients summed there, summed over the
+    /// processes there, then the update there; only the batches, losses, loads and scalars
+    /// cross (summed over the processes on the host).
     fn resident_step(
         &mut self,
         StepInputs { batches, mtp_weight, lr, bias_speed }: StepInputs,
     ) -> Result<Update, StepError> {
         let micro_batches = batches.len();
+        let mine = self.own_batches(batches)?;
         let info = &self.graph.forward.params;
         let biases = &self.graph.forward.moe_biases;
         let grads_at = LOSS_OUTPUTS + biases.len();
@@ -442,7 +447,7 @@ impl<T: Real> Trainer<T> {
             self.state.on_backend = true;
         }
         let (mut losses, mut loads) = ([0.0; LOSS_OUTPUTS], Vec::new());
-        for (i, (tokens, loss_mask)) in batches.into_iter().enumerate() {
+        for (i, (tokens, loss_mask)) in mine.into_iter().enumerate() {
             let mask = loss_mask.data.iter().map(|&m| T::from_f64(f64::from(m))).collect();
             let rest = vec![
                 Value::int(tokens),
@@ -456,13 +461,17 @@ impl<T: Real> Trainer<T> {
             let layer_loads = &out[LOSS_OUTPUTS..grads_at];
             add_loads(&mut loads, layer_loads.iter().map(|l| l.as_real().data.iter().map(|x| x.to_f64()).collect()));
         }
+        let square_sum = vec![vec![backend.reduce_gradients().map_err(StepError)?]];
+        let (losses, loads, square_sum) = match &mut self.replicas {
+            Some(replicas) => sum_over::<f64>((losses, loads, square_sum), |flat| replicas.sum(flat))?,
+            None => (losses, loads, square_sum),
+        };
         let losses = losses.map(|loss| loss / micro_batches as f64);
-        let grad_norm = backend.gradients_square_sum().map_err(StepError)?.sqrt() / micro_batches as f64;
+        let grad_norm = square_sum[0][0].sqrt() / micro_batches as f64;
         let finite = grad_norm.is_finite() && losses.iter().all(|l| l.is_finite());
         if !finite {
             return Ok(Update { losses, loads, grad_norm, finite });
         }
-        let learned: Vec<usize> = (0..info.len()).filter(|&i| info[i].learned).collect();
         let bias_loads: Vec<(usize, Value<T>)> = biases
             .iter()
             .zip(&loads)
@@ -471,9 +480,7 @@ impl<T: Real> Trainer<T> {
             })
             .collect();
         let scalars = optimizer_scalars(&self.spec, self.progress, [lr, bias_speed, grad_norm]);
-        backend
-            .update(self.graph.optimizer, &learned, &bias_loads, scalars, 1.0 / micro_batches as f64)
-            .map_err(StepError)?;
+        backend.update(&bias_loads, scalars, 1.0 / micro_batches as f64).map_err(StepError)?;
         self.state.host_current = false;
         Ok(Update { losses, loads, grad_norm, finite })
     }
