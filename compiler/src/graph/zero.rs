@@ -131,6 +131,22 @@ impl Zero {
         Zero { runs, shard, members }
     }
 
+    /// Where a process keeps each of `params` (the whole model's) in one allocation, in
+    /// elements: the learned ones at their runs, the others after the layout, aligned; and the
+    /// allocation's length.
+    pub fn placement(&self, params: &[ParamInfo]) -> (Vec<usize>, usize) {
+        let mut at = vec![0; params.len()];
+        for run in &self.runs {
+            at[run.param] = run.at;
+        }
+        let mut end = self.len();
+        for (i, p) in params.iter().enumerate().filter(|(_, p)| !p.learned) {
+            at[i] = end;
+            end = (end + p.numel()).next_multiple_of(ALIGN);
+        }
+        (at, end)
+    }
+
     /// The flat vector's length.
     pub fn len(&self) -> usize {
         self.members.len() * self.shard
@@ -171,6 +187,31 @@ mod tests {
         assert_eq!(pieces(&runs, &params, 3..7), [piece(0, 3, 1, 0), piece(2, 3, 1, 3)], "the bias is not learned");
         assert_eq!(pieces(&runs, &params, 5..9), [piece(2, 3, 3, 1)]);
         assert_eq!(pieces(&runs, &params, 9..9), []);
+    }
+
+    /// The processes' layout puts each learned parameter whole at a multiple of [`ALIGN`], cuts
+    /// the vector into equal aligned shards, and places the other parameters after it.
+    #[test]
+    fn the_processes_layout_aligns_every_parameter_and_shard() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let mut spec = dsc_lang::load(&path, &[]).checked_spec().cloned().expect("the tiny model checks");
+        (spec.parallel.gpus_per_node, spec.parallel.data.size, spec.parallel.data.zero) = (3, 3, 1);
+        let graph = super::super::TrainingGraph::build(&spec, Numerics::Exact);
+        let (params, zero) = (&graph.forward.params, &graph.zero);
+        assert_eq!(zero.members.len(), 3);
+        assert_eq!(zero.shard % ALIGN, 0);
+        let (at, end) = zero.placement(params);
+        let mut spans: Vec<(usize, usize)> = params.iter().zip(&at).map(|(p, &at)| (at, at + p.numel())).collect();
+        assert!(at.iter().all(|at| at % ALIGN == 0));
+        for (p, &(from, to)) in params.iter().zip(&spans) {
+            assert_eq!(from < zero.len(), p.learned, "{} at {from}", p.name);
+            assert!(to <= if p.learned { zero.len() } else { end }, "{} ends at {to}", p.name);
+        }
+        spans.sort_unstable();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "the parameters overlap");
+        for member in &zero.members {
+            assert!(member.pieces.iter().all(|piece| piece.at + piece.len <= zero.shard));
+        }
     }
 
     proptest! {

@@ -29,7 +29,7 @@ use cudarc::cublas::sys;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::base;
 use dsc_compiler::graph::ir::{Op, V};
-use dsc_compiler::graph::zero::{Member, ALIGN};
+use dsc_compiler::graph::zero::Member;
 use std::rc::Rc;
 
 /// Device memory left free beside the arenas for the libraries' workspaces.
@@ -121,15 +121,7 @@ impl Executor {
 
     fn load_state(&self, params: &[Value<f32>], moments: &[(Value<f32>, Value<f32>)]) -> Result<DeviceState, GpuError> {
         let (zero, member, info) = (&self.plan.zero, self.member()?, &self.plan.params);
-        let mut at = vec![0; info.len()];
-        for run in &zero.runs {
-            at[run.param] = run.at;
-        }
-        let mut end = zero.len();
-        for (i, p) in info.iter().enumerate().filter(|(_, p)| !p.learned) {
-            at[i] = end;
-            end = (end + p.numel()).next_multiple_of(ALIGN);
-        }
+        let (at, end) = zero.placement(info);
         let mut host = vec![0.0f32; end];
         for (&at, value) in at.iter().zip(params) {
             let data = &value.as_real().data;
