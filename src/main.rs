@@ -191,7 +191,7 @@ fn simulate(
     timeline: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let Some((loaded, spec)) = load(cli, args) else { return Ok(ExitCode::FAILURE) };
-    let cluster = dsc_compiler::parallel::cost::Cluster::h800(spec.parallel.gpus_per_node);
+    let cluster = dsc_compiler::parallel::cost::Cluster::of(&spec.parallel);
     let (schedule, run, simulation) = match simulate::simulate(&spec, &cluster) {
         Ok(simulated) => simulated,
         Err(SimulateError::Generate(e)) => {

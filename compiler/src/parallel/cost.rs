@@ -1,6 +1,6 @@
 //! The cost model the simulator runs a schedule with. A [`Cluster`] holds the figures of the
-//! machines (the GPU's roofline [`Profile`], NVLink and InfiniBand bandwidth and latency;
-//! H800 nodes of 8 GPUs with NVLink 160 GB/s and IB 50 GB/s by default). From it and a spec,
+//! machines (the GPU's roofline [`Profile`], NVLink and InfiniBand bandwidth and latency, for
+//! the spec's GPU: [`Cluster::of`]). From it and a spec,
 //! [`Costs::of`] derives, per stage and micro-batch ([`super::chunks`] says what a chunk runs), the forward, backward and weight-gradient
 //! times (training FLOPs at the compute roof of the SMs left after `comm_sms`; FP8 GEMMs, BF16
 //! attention core and head) and the MoE all-to-alls of each chunk (node-limited: a token crosses
@@ -38,8 +38,10 @@ impl Link {
 /// The machines a plan runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Cluster {
+    /// The GPU's name, as the spec's `parallel.gpu` gives it.
+    pub gpu: &'static str,
     pub gpus_per_node: u64,
-    /// The GPU's roofline figures (H800 compute equals H100's).
+    /// The GPU's roofline figures.
     pub device: Profile,
     pub nvlink: Link,
     /// One InfiniBand NIC per GPU.
@@ -47,14 +49,20 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// DeepSeek-V3's cluster: H800 nodes, NVLink 160 GB/s and IB 50 GB/s per GPU.
-    pub fn h800(gpus_per_node: u64) -> Cluster {
-        Cluster {
-            gpus_per_node,
-            device: Profile::default(),
-            nvlink: Link { bytes_per_second: 160e9, latency: 3e-6 },
-            ib: Link { bytes_per_second: 50e9, latency: 5e-6 },
-        }
+    /// Nodes of `parallel`'s GPUs: H800s as DeepSeek-V3's cluster (NVLink 160 GB/s, the
+    /// export part's), H100s and H200s with NVLink 4 (450 GB/s each way); one 400 Gb/s IB NIC
+    /// (50 GB/s) per GPU. H800 and H100 compute and memory alike (the default [`Profile`]); the
+    /// H200 the same compute with the memory bandwidth a copy reaches on one (4.07 TB/s, read
+    /// and written, measured on the device machine: `benches/results/bench-kernels-*.json`).
+    pub fn of(parallel: &dsc_lang::Parallel) -> Cluster {
+        let ib = Link { bytes_per_second: 50e9, latency: 5e-6 };
+        let nvlink = |bytes_per_second| Link { bytes_per_second, latency: 3e-6 };
+        let (gpu, nvlink, device) = match parallel.gpu.name.as_str() {
+            "h800" => ("H800", nvlink(160e9), Profile::default()),
+            "h200" => ("H200", nvlink(450e9), Profile { bandwidth: 4.0e12, ..Profile::default() }),
+            _ => ("H100", nvlink(450e9), Profile::default()),
+        };
+        Cluster { gpu, gpus_per_node: parallel.gpus_per_node, device, nvlink, ib }
     }
 }
 

@@ -268,10 +268,12 @@ impl fmt::Display for Simulation {
         )?;
         writeln!(
             f,
-            "{:LABEL$}{} TFLOP/s FP8, {} BF16; NVLink {} GB/s, IB {} GB/s per GPU",
+            "{:LABEL$}{}: {} TFLOP/s FP8, {} BF16, {} TB/s; NVLink {} GB/s, IB {} GB/s per GPU",
             "cluster",
+            c.gpu,
             c.device.fp8_flops / 1e12,
             c.device.bf16_flops / 1e12,
+            c.device.bandwidth / 1e12,
             c.nvlink.bytes_per_second / 1e9,
             c.ib.bytes_per_second / 1e9
         )?;
@@ -488,7 +490,7 @@ mod tests {
     #[test]
     fn deepseek_v3_step() {
         let spec = testing::deepseek_v3();
-        let (schedule, run, simulation) = simulate(&spec, &Cluster::h800(8)).expect("simulates");
+        let (schedule, run, simulation) = simulate(&spec, &Cluster::of(&spec.parallel)).expect("simulates");
         assert_eq!(schedule.ranks, 16);
         assert_eq!(simulation.micro_batches, 120);
         assert_eq!(run.spans.len(), 16);
@@ -509,5 +511,33 @@ mod tests {
             assert!(json[key].is_f64(), "{key}");
         }
         assert_eq!(json["ranks"].as_array().map(Vec::len), Some(16));
+    }
+
+    /// The spec's GPU picks the cluster. DeepSeek-V3's plan crosses IB with every transfer
+    /// (pipeline neighbours and ZeRO-1 groups span nodes; NVLink only forwards what IB brings
+    /// to a node), so it takes as long on H100s as on H800s, and less on H200s (more memory
+    /// bandwidth for the memory-bound kernels). On one node the H100's NVLink 4 shortens the
+    /// all-to-alls.
+    #[test]
+    fn the_spec_gpu_picks_the_cluster() {
+        let step = |gpu: &str, one_node: bool| {
+            let mut spec = testing::deepseek_v3();
+            spec.parallel.gpu.name = gpu.into();
+            if one_node {
+                let par = &mut spec.parallel;
+                (par.nodes, par.pipeline.stages, par.data.size) = (1, 8, 1);
+                (par.expert.size, par.expert.max_nodes) = (8, 1);
+            }
+            simulate(&spec, &Cluster::of(&spec.parallel)).expect("simulates").2
+        };
+        let (h800, h100, h200) = (step("h800", false), step("h100", false), step("h200", false));
+        assert_eq!((h800.cluster.gpu, h100.cluster.gpu, h200.cluster.gpu), ("H800", "H100", "H200"));
+        assert_eq!(h100.step_seconds, h800.step_seconds);
+        assert!(h200.step_seconds < h100.step_seconds);
+        assert!(h200.to_string().contains("H200: 1600 TFLOP/s FP8, 800 BF16, 4 TB/s; NVLink 450 GB/s"), "{h200}");
+        let (h800, h100) = (step("h800", true), step("h100", true));
+        assert_eq!(h100.dispatch.nvlink_bytes, h800.dispatch.nvlink_bytes);
+        assert!(h100.dispatch.seconds < h800.dispatch.seconds, "{} {}", h100.dispatch.seconds, h800.dispatch.seconds);
+        assert!(h100.step_seconds < h800.step_seconds);
     }
 }
