@@ -17,6 +17,7 @@ use super::attention::FusedAttention;
 use super::grouped::ExpertGemms;
 use super::places::{self, Places};
 use super::profile::Profile;
+use super::weights::{self, Slot, WeightCache};
 use super::{gemm, Gpu, GpuError, Kernels};
 use crate::cpu::exec::eval;
 use crate::cpu::numerics::{e4m3_decode, e4m3_encode, Quantized, Tiling};
@@ -80,6 +81,8 @@ pub struct Executor {
     pub(super) state: Option<super::resident::DeviceState>,
     /// The data-parallel processes it shares the state with ([`Executor::join`]).
     pub(super) peers: Option<std::rc::Rc<super::nccl::Nccl>>,
+    /// The step's FP8 weights, while the training state is here ([`super::weights`]).
+    pub(super) weights: Option<WeightCache>,
     /// Where the time goes, when asked ([`Executor::profiled`]).
     profile: Option<Profile>,
 }
@@ -106,6 +109,8 @@ pub(super) struct Call {
     layout: Arc<Layout>,
     outside: HashMap<u32, u64>,
     uploads: Vec<CudaSlice<u8>>,
+    /// The parameter of the training state each argument is, where it is one.
+    origins: Vec<Option<usize>>,
 }
 
 impl Call {
@@ -220,6 +225,7 @@ impl Executor {
             tables,
             state: None,
             peers: None,
+            weights: None,
             profile: None,
         })
     }
@@ -288,7 +294,7 @@ impl Executor {
         }
         let started = std::time::Instant::now();
         let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
-        let call = self.invoke(f, &inputs)?;
+        let call = self.invoke(f, &inputs, vec![None; inputs.len()])?;
         let outputs = function.outputs.iter().map(|&o| self.output(f, o, &call)).collect();
         self.spare[f] = Some(call.arena);
         self.settle_profile(&function.name, started)?;
@@ -309,8 +315,9 @@ impl Executor {
         }
     }
 
-    /// Runs function `f` in an arena of its own (its last call's, or a new one).
-    pub(super) fn invoke(&mut self, f: usize, args: &[Input]) -> Result<Call, GpuError> {
+    /// Runs function `f` in an arena of its own (its last call's, or a new one); `origins`
+    /// says which arguments are parameters of the training state (see [`super::weights`]).
+    pub(super) fn invoke(&mut self, f: usize, args: &[Input], origins: Vec<Option<usize>>) -> Result<Call, GpuError> {
         let plan = self.plan.clone();
         let layout = self.layouts[f].clone();
         let function = &plan.module.functions[f];
@@ -319,7 +326,7 @@ impl Executor {
             Some(arena) => arena,
             None => self.gpu.stream.alloc_zeros::<u8>(layout.peak.max(1) as usize)?,
         };
-        let mut call = Call { arena, layout, outside: HashMap::new(), uploads: Vec::new() };
+        let mut call = Call { arena, layout, outside: HashMap::new(), uploads: Vec::new(), origins };
         let mut steps: Vec<(u32, Step)> =
             pf.kernels.iter().enumerate().map(|(k, kernel)| (kernel.nodes[0], Step::Kernel(k))).collect();
         steps.extend(
@@ -364,13 +371,25 @@ impl Executor {
                         })?
                     }
                     Op::Table(_) => self.upload_table(f, i, &call.places(&self.gpu), &mut tables)?,
-                    Op::Call(callee) => {
-                        self.call(f, i, callee, &call.places(&self.gpu)).map_err(|e| at(e, &format!("call at %{i}")))?
-                    }
+                    Op::Call(callee) => self
+                        .call(f, i, callee, &call.places(&self.gpu), &call.origins)
+                        .map_err(|e| at(e, &format!("call at %{i}")))?,
                     _ => {}
                 },
                 Step::Kernel(k) => {
                     let kernel = &pf.kernels[k];
+                    // A parameter's quantisation already made this step is read where it is.
+                    if let Some(cache) = &mut self.weights {
+                        let bytes = &self.bytes[f];
+                        if let Some(Slot { node, at, fresh }) =
+                            cache.slot(&self.gpu, function, kernel, &call.origins, |v| bytes[&v])?
+                        {
+                            call.outside.insert(node, at);
+                            if fresh {
+                                continue;
+                            }
+                        }
+                    }
                     let places = call.places(&self.gpu);
                     for &v in &kernel.inputs {
                         if matches!(function.nodes[v as usize].op, Op::Table(_)) {
@@ -409,7 +428,14 @@ impl Executor {
 
     /// Runs the call at node `i` of `f` (its values at `places`), and copies its results into
     /// the parts' buffers.
-    fn call(&mut self, f: usize, i: u32, callee: usize, places: &Places) -> Result<(), GpuError> {
+    fn call(
+        &mut self,
+        f: usize,
+        i: u32,
+        callee: usize,
+        places: &Places,
+        origins: &[Option<usize>],
+    ) -> Result<(), GpuError> {
         let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         let node = &function.nodes[i as usize];
@@ -424,7 +450,7 @@ impl Executor {
                 }
             })
             .collect();
-        let results = self.invoke(callee, &inputs)?;
+        let results = self.invoke(callee, &inputs, weights::origins(function, node, origins))?;
         let called = &plan.module.functions[callee];
         for (g, get) in function.nodes.iter().enumerate() {
             let Op::Get(part) = get.op else { continue };

@@ -11,7 +11,8 @@
 //! [`scaled`]) or the compiler's expert GEMMs ([`grouped`]); attention on the compiler's fused
 //! kernels ([`attention`]); [`exec`] runs whole plan
 //! functions (FP8 GEMMs in groups other than DeepSeek-V3's 128 on the host), [`resident`] keeps
-//! the training state on the GPU, [`nccl`] sums data-parallel processes' step sums, and
+//! the training state on the GPU ([`weights`]: its FP8 weights quantised once a step), [`nccl`]
+//! joins data-parallel processes (step sums, ZeRO-1's collectives), and
 //! [`profile`] times the kernels when asked. Not here yet (issue 5): CUDA graphs.
 
 pub mod attention;
@@ -23,6 +24,7 @@ pub mod places;
 pub mod profile;
 pub mod resident;
 pub mod scaled;
+pub mod weights;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, PushKernelArg};
 use dsc_compiler::fuse::kernels::{Code, Kernel};

@@ -6,7 +6,8 @@
 //! only its micro-batches, losses, loads and a few scalars (with the state on the host, a
 //! step of the bench model moved and converted tens of GB).
 //!
-//! The gradient function reads the parameters in place; its gradients are added into the
+//! The gradient function reads the parameters in place (their FP8 copies made once a step:
+//! [`super::weights`]); its gradients are added into the
 //! sums with cuBLAS (the first micro-batch's copied, the next ones `saxpy`). Where the
 //! executor has joined data-parallel peers ([`Executor::join`]), NCCL reduce-scatters the sums
 //! so that each process holds its shard of the total; the shard is scaled by 1/micro-batches
@@ -21,6 +22,7 @@
 use super::exec::{encode, Call, Executor, Input};
 use super::nccl::Nccl;
 use super::places;
+use super::weights::WeightCache;
 use super::{Gpu, GpuError};
 use crate::cpu::{Tensor, Value};
 use crate::train::backend::Moments;
@@ -165,7 +167,9 @@ impl Executor {
         for value in rest {
             inputs.push(Input::Host(encode(value)?));
         }
-        let call = self.invoke(f, &inputs)?;
+        // The parameters come first and stay as they are until the update.
+        let origins = (0..inputs.len()).map(|i| (i < info.len()).then_some(i)).collect();
+        let call = self.invoke(f, &inputs, origins)?;
         let plan = self.plan.clone();
         let mut before = Vec::with_capacity(grads);
         for (i, &o) in plan.module.functions[f].outputs.iter().enumerate() {
@@ -251,7 +255,11 @@ impl Executor {
             self.spare.iter_mut().for_each(|arena| *arena = None);
             self.gpu.release_unused()?;
         }
-        let call = self.invoke(f, &inputs)?;
+        let call = self.invoke(f, &inputs, vec![None; inputs.len()])?;
+        // The parameters change: their FP8 copies are out of date.
+        if let Some(cache) = &mut self.weights {
+            cache.stale();
+        }
         let outputs = self.plan.module.functions[f].outputs.clone();
         let mut results = outputs.iter().copied();
         let mut next = || results.next().ok_or_else(|| GpuError::Unsupported("too few optimizer results".into()));
@@ -319,6 +327,7 @@ impl Executor {
 impl Resident<f32> for Executor {
     fn load(&mut self, params: &[Value<f32>], moments: &[(Value<f32>, Value<f32>)]) -> Result<(), String> {
         self.state = Some(self.load_state(params, moments).map_err(|e| e.to_string())?);
+        self.weights = Some(WeightCache::default());
         Ok(())
     }
 
