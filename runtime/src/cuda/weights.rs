@@ -16,7 +16,7 @@ use dsc_compiler::graph::ir::{Function, Node, Op};
 use std::collections::HashMap;
 
 /// A parameter's index and how it is quantised (the node's op and its result's shape).
-type Key = (usize, String, Vec<usize>);
+pub type Key = (usize, String, Vec<usize>);
 
 #[derive(Default)]
 pub struct WeightCache {
@@ -54,14 +54,7 @@ impl WeightCache {
         origins: &[Option<usize>],
         bytes: impl Fn(u32) -> usize,
     ) -> Result<Option<Slot>, GpuError> {
-        let [node] = kernel.nodes[..] else { return Ok(None) };
-        let quantize: &Node = &function.nodes[node as usize];
-        if !matches!(quantize.op, Op::Quantize { .. }) {
-            return Ok(None);
-        }
-        let Op::Arg(a) = function.node(quantize.args[0]).op else { return Ok(None) };
-        let Some(param) = origins.get(a).copied().flatten() else { return Ok(None) };
-        let key = (param, format!("{:?}", quantize.op), quantize.shape.clone());
+        let Some((node, key)) = quantises_a_parameter(function, kernel, origins) else { return Ok(None) };
         let entry = match self.entries.entry(key) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
@@ -72,6 +65,20 @@ impl WeightCache {
         let fresh = std::mem::replace(&mut entry.fresh, true);
         Ok(Some(Slot { node, at, fresh }))
     }
+}
+
+/// The node of `kernel` (of `function`, whose arguments are the parameters `origins` says)
+/// and what it makes, if it quantises a parameter: a kernel of one `quantize` node whose
+/// operand is such an argument.
+pub fn quantises_a_parameter(function: &Function, kernel: &Kernel, origins: &[Option<usize>]) -> Option<(u32, Key)> {
+    let [node] = kernel.nodes[..] else { return None };
+    let quantize: &Node = &function.nodes[node as usize];
+    if !matches!(quantize.op, Op::Quantize { .. }) {
+        return None;
+    }
+    let Op::Arg(a) = function.node(quantize.args[0]).op else { return None };
+    let param = origins.get(a).copied().flatten()?;
+    Some((node, (param, format!("{:?}", quantize.op), quantize.shape.clone())))
 }
 
 /// The parameters a call's arguments are: for each argument of the function called at `node`
