@@ -62,7 +62,8 @@ fn summary_json(plan: &Plan) -> serde_json::Value {
         .collect();
     let gpu = dsc_runtime::memory::step_memory(plan, &layouts);
     let gpu_memory = serde_json::json!({
-        "state": gpu.state, "gradients": gpu.gradients, "optimizer": gpu.optimizer, "peak": gpu.peak(), "kept": gpu.kept(),
+        "state": gpu.state, "weights": gpu.weights, "gradients": gpu.gradients, "optimizer": gpu.optimizer,
+        "peak": gpu.peak(), "kept": gpu.kept(),
     });
     serde_json::json!({
         "model": plan.spec.model.name, "version": plan.version, "summary": plan.summary,
@@ -90,9 +91,10 @@ fn print_summary(plan: &Plan) {
     let layouts = dsc_runtime::memory::layouts(plan);
     let gpu = dsc_runtime::memory::step_memory(plan, &layouts);
     println!(
-        "  GPU memory (CUDA backend)    {} = state {} (parameters, gradients, Adam moments) + the larger of the gradient calls' arenas {} and the optimizer's {}; {} with every arena kept between steps where the GPU has room",
+        "  GPU memory (CUDA backend)    {} = state {} (parameters, gradients, Adam moments) + FP8 weights {} + the larger of the gradient calls' arenas {} and the optimizer's {}; {} with every arena kept between steps where the GPU has room",
         bytes(gpu.peak()),
         bytes(gpu.state),
+        bytes(gpu.weights),
         bytes(gpu.gradients),
         bytes(gpu.optimizer),
         bytes(gpu.kept())

@@ -278,24 +278,26 @@ fn compile_writes_a_plan_that_inspect_reads() {
     let s = &summary["summary"];
     let (fused, unfused) = (s["launches_per_step"].as_u64().unwrap(), s["launches_per_step_unfused"].as_u64().unwrap());
     assert!(fused * 2 < unfused, "fusion must cut launches by more than half: {fused} vs {unfused}");
-    // The GPU memory of a step: the f32 state (every parameter and gradient, both moments of
-    // the learned ones) and the larger of the gradient calls' and the optimizer's arenas, or
-    // both where the GPU has room to keep them.
+    // The GPU memory of a step: the f32 state (every parameter, the gradients and both moments
+    // of the learned ones, each parameter from a 256-byte boundary), the step's FP8 copies of
+    // the weights, and the larger of the gradient calls' and the optimizer's arenas, or both
+    // where the GPU has room to keep them.
     let memory = &summary["gpu_memory"];
-    let [state, gradients, optimizer, peak, kept] =
-        ["state", "gradients", "optimizer", "peak", "kept"].map(|k| memory[k].as_u64().expect("bytes"));
+    let [state, weights, gradients, optimizer, peak, kept] =
+        ["state", "weights", "gradients", "optimizer", "peak", "kept"].map(|k| memory[k].as_u64().expect("bytes"));
     let stored: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(plan.join("plan.json")).expect("plan.json")).expect("JSON");
-    let f32s: u64 = stored["params"]
-        .as_array()
-        .expect("params")
+    let params = stored["params"].as_array().expect("params");
+    let f32s: u64 = params
         .iter()
         .map(|p| {
             let numel: u64 = p["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product();
-            numel * if p["learned"] == true { 4 } else { 2 }
+            numel * if p["learned"] == true { 4 } else { 1 }
         })
         .sum();
-    assert_eq!(state, 4 * f32s, "{memory}");
+    let padding = 4 * 4 * 63 * params.len() as u64;
+    assert!(4 * f32s <= state && state <= 4 * f32s + padding, "{memory}: {} f32s", f32s);
+    assert!(weights > 0, "{memory}");
     let function_peak = |name: &str| {
         summary["functions"].as_array().unwrap().iter().find(|f| f["name"] == name).unwrap()["memory"]["peak"]
             .as_u64()
@@ -304,8 +306,8 @@ fn compile_writes_a_plan_that_inspect_reads() {
     assert_eq!(optimizer, function_peak("adamw"));
     let called = ["model.grad", "layer0", "layer1", "layer0.vjp", "layer1.vjp"].map(function_peak).iter().sum::<u64>();
     assert_eq!(gradients, called, "the gradient function and its callees (not `model`, not `adamw`)");
-    assert_eq!(peak, state + gradients.max(optimizer));
-    assert_eq!(kept, state + gradients + optimizer);
+    assert_eq!(peak, state + weights + gradients.max(optimizer));
+    assert_eq!(kept, state + weights + gradients + optimizer);
     let text = dsc_ok(&["inspect", plan_s]);
     assert!(text.contains("rmsnorm") && text.contains("kernel launches") && text.contains("GPU memory"), "{text}");
     // Every generated kernel has MLIR, and (with MLIR built in) PTX for sm_90a.

@@ -4,12 +4,15 @@
 //! at the lowest offset where it fits among the buffers still alive (first fit), at 256-byte
 //! alignment. The arena's size (the peak) is reported against the sum of all buffers.
 //! [`layouts`] places every function of a plan: an entry function (one no other function
-//! calls) reads its arguments where its caller keeps them, so its arena holds none of them.
-//! [`step_memory`] adds a training step's arenas up with the state the CUDA backend keeps.
+//! calls) reads its arguments where its caller keeps them, so its arena holds none of them, and
+//! an optimizer function writes its results over the arguments they replace where that is safe
+//! ([`in_place`]), so its arena holds none of those either. [`step_memory`] adds a training
+//! step's arenas up with the state the CUDA backend keeps.
 
-use dsc_compiler::graph::ir::Op;
+use dsc_compiler::fuse::kernels::{base, Code, Kernel};
+use dsc_compiler::graph::ir::{Function, Node, Op, V};
 use dsc_compiler::plan::{Buffer, Plan};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Alignment of every buffer (cudaMalloc's, and enough for 16-byte vector accesses).
 pub const ALIGN: u64 = 256;
@@ -63,7 +66,9 @@ pub fn entries(compiled: &Plan) -> Vec<bool> {
     entry
 }
 
-/// The arena of every function of `compiled`, its arguments left out of an entry's.
+/// The arena of every function of `compiled`: the values its kernels write for others (what a
+/// generated kernel computes for itself alone stays in its registers), its arguments left out
+/// of an entry's, and the results an optimizer writes in place ([`in_place`]).
 pub fn layouts(compiled: &Plan) -> Vec<Layout> {
     let entries = entries(compiled);
     compiled
@@ -71,19 +76,90 @@ pub fn layouts(compiled: &Plan) -> Vec<Layout> {
         .iter()
         .zip(&compiled.module.functions)
         .zip(entries)
-        .map(|((pf, function), entry)| {
-            let held = |b: &&Buffer| !(entry && matches!(function.nodes[b.value as usize].op, Op::Arg(_)));
+        .enumerate()
+        .map(|(f, ((pf, function), entry))| {
+            let over_arguments: Vec<u32> = in_place(compiled, f).into_values().collect();
+            // What a generated kernel computes and no one else reads stays in its registers.
+            let registers: HashSet<u32> = pf
+                .kernels
+                .iter()
+                .filter_map(|k| match &k.code {
+                    Code::Generated { args, .. } => {
+                        Some(k.nodes.iter().filter(|n| !k.outputs.contains(n) && !args.contains(n)))
+                    }
+                    _ => None,
+                })
+                .flatten()
+                .copied()
+                .collect();
+            let held = |b: &&Buffer| {
+                let argument = matches!(function.nodes[b.value as usize].op, Op::Arg(_));
+                !registers.contains(&b.value) && !(entry && (argument || over_arguments.contains(&b.value)))
+            };
             plan(&pf.buffers.iter().filter(held).cloned().collect::<Vec<_>>())
         })
         .collect()
 }
 
+/// The results that function `f` of `compiled`, where it is an optimizer (the model's, or a
+/// data-parallel process's), writes over the argument they replace, which has the result's
+/// name (`param:…`, `m:…`, `v:…`, `bias:…`): by argument index, the result's value. A result
+/// qualifies where the generated kernel writing it is the last to read the argument and works
+/// element by element over one flat index (elementwise ops on values of the result's length or
+/// scalars, nothing added into a cleared output), so that every element of the argument is
+/// read before the same thread writes the same element of the result.
+pub fn in_place(compiled: &Plan, f: usize) -> HashMap<usize, u32> {
+    let optimizers = std::iter::once(compiled.optimizer).chain(compiled.zero.members.iter().map(|m| m.function));
+    if !optimizers.into_iter().any(|o| o == f) {
+        return HashMap::new();
+    }
+    let function = &compiled.module.functions[f];
+    let kernels = &compiled.functions[f].kernels;
+    let bytes: HashMap<u32, u64> = compiled.functions[f].buffers.iter().map(|b| (b.value, b.bytes)).collect();
+    // Per value, the kernel writing it and the last kernel reading it (kernels run in order).
+    let mut writer = HashMap::new();
+    let mut last_reader: HashMap<u32, usize> = HashMap::new();
+    for (k, kernel) in kernels.iter().enumerate() {
+        writer.extend(kernel.nodes.iter().map(|&n| (n, k)));
+        for &input in &kernel.inputs {
+            let read = base(function, V(input)).0;
+            last_reader.entry(read).and_modify(|last| *last = (*last).max(k)).or_insert(k);
+        }
+    }
+    let mut replaced = HashMap::new();
+    for (&o, name) in function.outputs.iter().zip(&function.output_names) {
+        let Some(a) = function.args.iter().position(|(arg, _, _)| arg == name) else { continue };
+        let Some(arg) = function.nodes.iter().position(|n| n.op == Op::Arg(a)).map(|i| i as u32) else { continue };
+        let result = base(function, o);
+        let Some(&k) = writer.get(&result.0) else { continue };
+        let kernel = &kernels[k];
+        let shape = &function.node(result).shape;
+        let elements = |shape: &[usize]| shape.iter().product::<usize>();
+        // A kernel of elementwise ops over one flat index (several parameters of as many
+        // elements may share it).
+        let elementwise = kernel.nodes.iter().all(|&n| {
+            let node = &function.nodes[n as usize];
+            node.op.is_elementwise() && [elements(shape), 1].contains(&elements(&node.shape))
+        });
+        let generated = matches!(kernel.code, Code::Generated { zeroed: false, .. });
+        let last = last_reader.get(&arg).is_none_or(|&last| last <= k);
+        let same_size = bytes.get(&arg) == bytes.get(&result.0) && &function.nodes[arg as usize].shape == shape;
+        if elementwise && generated && last && same_size {
+            replaced.insert(a, result.0);
+        }
+    }
+    replaced
+}
+
 /// The GPU memory a training step of a plan takes on the CUDA backend, by what holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepMemory {
-    /// The training state (`cuda::resident`), held throughout: every parameter and its
-    /// gradient sum, and both Adam moments of the learned ones, in f32.
+    /// The training state (`cuda::resident`), held throughout: every parameter, the gradient
+    /// sums of the learned ones, and Adam's moments of a process's ZeRO-1 shard of them, in
+    /// f32 (with data-parallel processes, the shard's summed gradient too).
     pub state: u64,
+    /// The step's FP8 copies of the weights (`cuda::weights`), held throughout.
+    pub weights: u64,
     /// The arenas of the gradient function and of every function it calls, each kept for its
     /// next call (`cuda::exec`).
     pub gradients: u64,
@@ -95,34 +171,91 @@ impl StepMemory {
     /// The least a step needs at once (CUDA's own context and cuBLAS's workspaces aside): the
     /// other arenas freed before the optimizer's and its own after it.
     pub fn peak(&self) -> u64 {
-        self.state + self.gradients.max(self.optimizer)
+        self.state + self.weights + self.gradients.max(self.optimizer)
     }
 
     /// What a step holds where the GPU has room for every arena, kept from step to step.
     pub fn kept(&self) -> u64 {
-        self.state + self.gradients + self.optimizer
+        self.state + self.weights + self.gradients + self.optimizer
     }
 }
 
-/// What a training step of `plan` holds on the GPU (see [`StepMemory`]), its functions'
-/// arenas at `layouts` ([`layouts`]).
+/// What a training step of `plan` holds on the GPU of one process (see [`StepMemory`]), its
+/// functions' arenas at `layouts` ([`layouts`]).
 pub fn step_memory(compiled: &Plan, layouts: &[Layout]) -> StepMemory {
-    let state = compiled.params.iter().map(|p| 4 * p.numel() as u64 * if p.learned { 4 } else { 2 }).sum();
+    let zero = &compiled.zero;
+    let (_, params) = zero.placement(&compiled.params);
+    let shard = if zero.members.len() > 1 { 3 } else { 2 } * zero.shard;
+    let state = 4 * (params + zero.len() + shard) as u64;
     let arena = |f: usize| layouts[f].peak;
-    // The gradient function and the functions it calls, at any depth.
-    let mut called = vec![compiled.grad];
+    // The gradient function and the functions it calls, at any depth, with the parameters'
+    // FP8 copies they make.
+    let origins: Vec<Option<usize>> = (0..compiled.module.functions[compiled.grad].args.len())
+        .map(|a| (a < compiled.params.len()).then_some(a))
+        .collect();
+    let mut called = vec![(compiled.grad, origins)];
+    let mut copies: HashMap<WeightKey, u64> = HashMap::new();
     let mut next = 0;
     while next < called.len() {
-        for node in &compiled.module.functions[called[next]].nodes {
+        let (f, origins) = called[next].clone();
+        let function = &compiled.module.functions[f];
+        for kernel in &compiled.functions[f].kernels {
+            if let Some((node, key)) = quantises_a_parameter(function, kernel, &origins) {
+                let bytes = compiled.functions[f].buffers.iter().find(|b| b.value == node).map_or(0, |b| b.bytes);
+                copies.insert(key, bytes.next_multiple_of(ALIGN));
+            }
+        }
+        for node in &function.nodes {
             if let Op::Call(callee) = node.op {
-                if !called.contains(&callee) {
-                    called.push(callee);
-                }
+                called.push((callee, weight_origins(function, node, &origins)));
             }
         }
         next += 1;
     }
-    StepMemory { state, gradients: called.into_iter().map(arena).sum(), optimizer: arena(compiled.optimizer) }
+    let mut gradients: Vec<usize> = called.iter().map(|(f, _)| *f).collect();
+    gradients.sort_unstable();
+    gradients.dedup();
+    StepMemory {
+        state,
+        weights: copies.values().sum(),
+        gradients: gradients.into_iter().map(arena).sum(),
+        optimizer: arena(zero.members[0].function),
+    }
+}
+
+/// A parameter's index and how it is quantised (the node's op and its result's shape).
+pub type WeightKey = (usize, String, Vec<usize>);
+
+/// The node of `kernel` (of `function`, whose arguments are the parameters `origins` says)
+/// and what it makes, if it quantises a parameter: a kernel of one `quantize` node whose
+/// operand is such an argument. The CUDA backend keeps what these make for a whole step
+/// (`cuda::weights`).
+pub fn quantises_a_parameter(
+    function: &Function,
+    kernel: &Kernel,
+    origins: &[Option<usize>],
+) -> Option<(u32, WeightKey)> {
+    let [node] = kernel.nodes[..] else { return None };
+    let quantize = &function.nodes[node as usize];
+    if !matches!(quantize.op, Op::Quantize { .. }) {
+        return None;
+    }
+    let Op::Arg(a) = function.node(quantize.args[0]).op else { return None };
+    let param = origins.get(a).copied().flatten()?;
+    Some((node, (param, format!("{:?}", quantize.op), quantize.shape.clone())))
+}
+
+/// The parameters a call's arguments are: for each argument of the function called at `node`
+/// of `caller`, the parameter its value is where the caller's own argument is one
+/// (`caller_origins`).
+pub fn weight_origins(caller: &Function, node: &Node, caller_origins: &[Option<usize>]) -> Vec<Option<usize>> {
+    node.args
+        .iter()
+        .map(|&a| match caller.node(base(caller, a)).op {
+            Op::Arg(x) => caller_origins.get(x).copied().flatten(),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -144,19 +277,121 @@ mod tests {
             compiled.functions.iter().zip(&entries).filter(|(_, &e)| e).map(|(f, _)| f.name.as_str()).collect();
         assert_eq!(names, ["model", "model.grad", "adamw"]);
         for (f, function) in compiled.module.functions.iter().enumerate() {
-            let args = compiled.functions[f]
+            let args: Vec<&Buffer> = compiled.functions[f]
                 .buffers
                 .iter()
-                .filter(|b| matches!(function.nodes[b.value as usize].op, Op::Arg(_)));
-            let held = args.filter(|b| layouts[f].offsets.contains_key(&b.value)).count();
+                .filter(|b| matches!(function.nodes[b.value as usize].op, Op::Arg(_)))
+                .collect();
+            let held = args.iter().filter(|b| layouts[f].offsets.contains_key(&b.value)).count();
             let all = plan(&compiled.functions[f].buffers);
             if entries[f] {
                 assert_eq!(held, 0, "{}: an entry's arguments stay where they are", function.name);
-                assert!(layouts[f].total < all.total, "{}", function.name);
             } else {
-                assert_eq!(layouts[f], all, "{}: a called function's arena holds its arguments", function.name);
+                assert_eq!(held, args.len(), "{}: a called function's arena holds its arguments", function.name);
+            }
+            assert!(layouts[f].total < all.total, "{}", function.name);
+            // Whatever a kernel, a call or the caller reads from another has a place.
+            for kernel in &compiled.functions[f].kernels {
+                let read = kernel.inputs.iter().chain(&kernel.outputs);
+                let stored = |v: &&u32| function.nodes[**v as usize].dtype != dsc_compiler::graph::ir::DType::Tuple;
+                let placed =
+                    |v: &u32| layouts[f].offsets.contains_key(v) || (entries[f] && args.iter().any(|b| b.value == *v));
+                let in_place: Vec<u32> = in_place(&compiled, f).into_values().collect();
+                for v in read.filter(stored) {
+                    let base = base(function, V(*v)).0;
+                    let is_view = base != *v;
+                    assert!(
+                        is_view
+                            || placed(v)
+                            || in_place.contains(v)
+                            || matches!(function.nodes[*v as usize].op, Op::Const(_)),
+                        "{}: value {v} of {}",
+                        function.name,
+                        kernel.name
+                    );
+                }
             }
         }
+    }
+
+    fn tiny_plan() -> Plan {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec").clone();
+        dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default())
+    }
+
+    /// The kernels whose results the CUDA backend keeps for the whole step are exactly the
+    /// quantisations of the weights: walking the tiny FP8 plan's gradient function as the
+    /// executor calls it (the training state's parameters first, then into every call), every
+    /// `quantize` in weight blocks qualifies and no activation's (1×k tiles of values made per
+    /// micro-batch) does; a micro-batch meets each kept one more than once (the layers' forward
+    /// and the backward's recomputed forward quantise the same weight), so only the step's
+    /// first micro-batch quantises at all; the memory estimate counts each copy once.
+    #[test]
+    fn the_quantisations_kept_for_a_step_are_the_weights() {
+        fn walk(plan: &Plan, f: usize, origins: &[Option<usize>], kept: &mut Vec<(u32, usize, WeightKey)>) {
+            let function = &plan.module.functions[f];
+            for kernel in &plan.functions[f].kernels {
+                let quantize = match function.nodes[kernel.nodes[0] as usize].op {
+                    Op::Quantize { rows, .. } if kernel.nodes.len() == 1 => Some(rows),
+                    _ => None,
+                };
+                let qualifies = quantises_a_parameter(function, kernel, origins);
+                assert_eq!(qualifies.is_some(), quantize.is_some_and(|rows| rows > 1), "{}", kernel.name);
+                kept.extend(qualifies.map(|(node, key)| (node, f, key)));
+            }
+            for node in &function.nodes {
+                if let Op::Call(callee) = node.op {
+                    walk(plan, callee, &weight_origins(function, node, origins), kept);
+                }
+            }
+        }
+        let plan = tiny_plan();
+        let args = plan.module.functions[plan.grad].args.len();
+        let origins: Vec<Option<usize>> = (0..args).map(|i| (i < plan.params.len()).then_some(i)).collect();
+        let mut kept = Vec::new();
+        walk(&plan, plan.grad, &origins, &mut kept);
+        let mut copies: HashMap<&WeightKey, u64> = HashMap::new();
+        for (node, f, key) in &kept {
+            let bytes = plan.functions[*f].buffers.iter().find(|b| b.value == *node).expect("a buffer").bytes;
+            copies.insert(key, bytes.next_multiple_of(ALIGN));
+        }
+        assert_eq!((kept.len(), copies.len()), (121, 84));
+        let layouts = layouts(&plan);
+        assert_eq!(step_memory(&plan, &layouts).weights, copies.values().sum::<u64>());
+    }
+
+    /// The optimizer writes every parameter and moment over its argument: its arena holds
+    /// none of them (only the routing biases' update, whose mean over the loads reads them
+    /// whole), against all of them before.
+    #[test]
+    fn the_optimizer_updates_the_state_in_place() {
+        let compiled = tiny_plan();
+        let f = compiled.optimizer;
+        let function = &compiled.module.functions[f];
+        let replaced = in_place(&compiled, f);
+        let learned = compiled.params.iter().filter(|p| p.learned).count();
+        let names: Vec<&str> = replaced.keys().map(|&a| function.args[a].0.as_str()).collect();
+        for what in ["param:", "m:", "v:"] {
+            assert_eq!(names.iter().filter(|n| n.starts_with(what)).count(), learned, "{what}");
+        }
+        assert!(replaced.iter().all(|(&a, &result)| function
+            .output_names
+            .iter()
+            .zip(&function.outputs)
+            .any(|(name, &o)| *name == function.args[a].0 && base(function, o).0 == result)));
+        let all = plan(
+            &compiled.functions[f]
+                .buffers
+                .iter()
+                .filter(|b| !matches!(function.nodes[b.value as usize].op, Op::Arg(_)))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let layout = &layouts(&compiled)[f];
+        eprintln!("optimizer arena {} bytes, {} with its results apart", layout.peak, all.peak);
+        assert!(layout.peak * 10 < all.peak, "{} vs {}", layout.peak, all.peak);
+        assert!(in_place(&compiled, compiled.grad).is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
 use dsc_runtime::cuda::exec::{self, Executor};
 use dsc_runtime::cuda::nccl::Nccl;
 use dsc_runtime::cuda::places::Places;
-use dsc_runtime::cuda::{gemm, weights, Gpu, Kernels};
+use dsc_runtime::cuda::{gemm, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
 use dsc_runtime::train::init::init_params;
 use dsc_runtime::train::Trainer;
@@ -543,43 +543,4 @@ fn a_bench_plans_attention_on_the_fused_kernels_matches_the_cpu() {
         }
     }
     assert_eq!(checked.len(), 2, "the plan's attention and its backward: {checked:?}");
-}
-
-/// No GPU needed. The kernels whose results the resident executor keeps for the whole step
-/// ([`weights`]) are exactly the quantisations of the weights: walking the tiny FP8 plan's
-/// gradient function as the executor calls it (the training state's parameters first, then
-/// into every call), every `quantize` in weight blocks qualifies and no activation's (1×k
-/// tiles of values made per micro-batch) does; and a micro-batch meets each kept one more than
-/// once (the layers' forward and the backward's recomputed forward quantise the same weight),
-/// so only the step's first micro-batch quantises at all.
-#[test]
-fn the_quantisations_kept_for_a_step_are_the_weights() {
-    fn walk(plan: &Plan, f: usize, origins: &[Option<usize>], kept: &mut Vec<weights::Key>) {
-        let function = &plan.module.functions[f];
-        for kernel in &plan.functions[f].kernels {
-            let quantize = match function.nodes[kernel.nodes[0] as usize].op {
-                Op::Quantize { rows, .. } if kernel.nodes.len() == 1 => Some(rows),
-                _ => None,
-            };
-            let qualifies = weights::quantises_a_parameter(function, kernel, origins);
-            assert_eq!(qualifies.is_some(), quantize.is_some_and(|rows| rows > 1), "{}", kernel.name);
-            kept.extend(qualifies.map(|(_, key)| key));
-        }
-        for node in &function.nodes {
-            if let Op::Call(callee) = node.op {
-                walk(plan, callee, &weights::origins(function, node, origins), kept);
-            }
-        }
-    }
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
-    let spec = dsc_lang::load(&path, &[]).checked_spec().cloned().expect("the tiny model checks");
-    let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
-    let args = plan.module.functions[plan.grad].args.len();
-    let origins: Vec<Option<usize>> = (0..args).map(|i| (i < plan.params.len()).then_some(i)).collect();
-    let mut kept = Vec::new();
-    walk(&plan, plan.grad, &origins, &mut kept);
-    let distinct: std::collections::HashSet<_> = kept.iter().collect();
-    eprintln!("{} weight quantisations a micro-batch, {} kept for the step", kept.len(), distinct.len());
-    assert!(distinct.len() > 10, "{distinct:?}");
-    assert!(kept.len() > distinct.len());
 }

@@ -2,8 +2,9 @@
 //! host, runs its steps in plan order in one arena per call (placed by [`crate::memory`]),
 //! and returns its outputs on the host. An entry function (one no other calls: the forward,
 //! the gradient, the optimizer) reads its arguments where they are (the training state in
-//! place, host values uploaded for the call: [`super::places`]); a called function gets them
-//! copied into its arena. The steps are the function's nodes in order: an argument or
+//! place, host values uploaded for the call: [`super::places`]), and the optimizer writes the
+//! results that replace them over them where that is safe ([`memory::in_place`]); a called
+//! function gets its arguments copied into its arena. The steps are the function's nodes in order: an argument or
 //! constant table is written into its buffer, a call runs the callee in an arena of its own
 //! (results copied out into the caller's part buffers), and a
 //! kernel runs at its first node: generated kernels from their PTX, library GEMMs on cuBLAS and
@@ -17,7 +18,7 @@ use super::attention::FusedAttention;
 use super::grouped::ExpertGemms;
 use super::places::{self, Places};
 use super::profile::Profile;
-use super::weights::{self, Slot, WeightCache};
+use super::weights::{Slot, WeightCache};
 use super::{gemm, Gpu, GpuError, Kernels};
 use crate::cpu::exec::eval;
 use crate::cpu::numerics::{e4m3_decode, e4m3_encode, Quantized, Tiling};
@@ -66,6 +67,8 @@ pub struct Executor {
     pub(super) layouts: Vec<Arc<Layout>>,
     /// Per function, whether it is an entry ([`memory::entries`]).
     entries: Vec<bool>,
+    /// Per function, the results it writes over its arguments ([`memory::in_place`]).
+    in_place: Vec<HashMap<usize, u32>>,
     /// Per function, the bytes of each value's buffer.
     pub(super) bytes: Vec<HashMap<u32, usize>>,
     counts: Counts,
@@ -202,6 +205,7 @@ impl Executor {
         blas.experts = ExpertGemms::load(&gpu, &plan, dir)?;
         let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
         let entries = memory::entries(&plan);
+        let in_place = (0..plan.functions.len()).map(|f| memory::in_place(&plan, f)).collect();
         let bytes =
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
         let kernels = Kernels::new(dir);
@@ -218,6 +222,7 @@ impl Executor {
             attention,
             layouts,
             entries,
+            in_place,
             bytes,
             counts,
             checked,
@@ -361,6 +366,9 @@ impl Executor {
                                 }
                             };
                             call.outside.insert(i, place);
+                            if let Some(&result) = self.in_place[f].get(&a) {
+                                call.outside.insert(result, place);
+                            }
                             continue;
                         }
                         let to = call.places(&self.gpu).at(i);
@@ -450,7 +458,7 @@ impl Executor {
                 }
             })
             .collect();
-        let results = self.invoke(callee, &inputs, weights::origins(function, node, origins))?;
+        let results = self.invoke(callee, &inputs, memory::weight_origins(function, node, origins))?;
         let called = &plan.module.functions[callee];
         for (g, get) in function.nodes.iter().enumerate() {
             let Op::Get(part) = get.op else { continue };

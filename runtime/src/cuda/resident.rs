@@ -13,7 +13,8 @@
 //! so that each process holds its shard of the total; the shard is scaled by 1/micro-batches
 //! (`sscal`), its `snrm2` squared is the process's part of the gradient norm, and the
 //! process's optimizer function (over its shard's pieces and the routing biases) reads the
-//! state in place; its results are copied back, and NCCL all-gathers the updated shards into
+//! state in place and writes its results over it (those the plan cannot write in place are
+//! copied back: `memory::in_place`), and NCCL all-gathers the updated shards into
 //! every process's parameters. Alone, the shard is the whole layout and the function the
 //! model's optimizer. Where the device cannot hold the optimizer's arena beside the other
 //! functions' arenas, it is freed after the update and the others before it, so that the step

@@ -7,20 +7,18 @@
 //!
 //! A kernel qualifies when it is one `quantize` node whose operand is an argument of its
 //! function that is, through the calls that passed it, an unchanged parameter of the training
-//! state ([`origins`]).
+//! state ([`crate::memory::quantises_a_parameter`], [`crate::memory::weight_origins`]).
 
 use super::{Gpu, GpuError};
+use crate::memory::{quantises_a_parameter, WeightKey};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use dsc_compiler::fuse::kernels::{base, Kernel};
-use dsc_compiler::graph::ir::{Function, Node, Op};
+use dsc_compiler::fuse::kernels::Kernel;
+use dsc_compiler::graph::ir::Function;
 use std::collections::HashMap;
-
-/// A parameter's index and how it is quantised (the node's op and its result's shape).
-pub type Key = (usize, String, Vec<usize>);
 
 #[derive(Default)]
 pub struct WeightCache {
-    entries: HashMap<Key, Entry>,
+    entries: HashMap<WeightKey, Entry>,
 }
 
 struct Entry {
@@ -65,31 +63,4 @@ impl WeightCache {
         let fresh = std::mem::replace(&mut entry.fresh, true);
         Ok(Some(Slot { node, at, fresh }))
     }
-}
-
-/// The node of `kernel` (of `function`, whose arguments are the parameters `origins` says)
-/// and what it makes, if it quantises a parameter: a kernel of one `quantize` node whose
-/// operand is such an argument.
-pub fn quantises_a_parameter(function: &Function, kernel: &Kernel, origins: &[Option<usize>]) -> Option<(u32, Key)> {
-    let [node] = kernel.nodes[..] else { return None };
-    let quantize: &Node = &function.nodes[node as usize];
-    if !matches!(quantize.op, Op::Quantize { .. }) {
-        return None;
-    }
-    let Op::Arg(a) = function.node(quantize.args[0]).op else { return None };
-    let param = origins.get(a).copied().flatten()?;
-    Some((node, (param, format!("{:?}", quantize.op), quantize.shape.clone())))
-}
-
-/// The parameters a call's arguments are: for each argument of the function called at `node`
-/// of `caller`, the parameter its value is where the caller's own argument is one
-/// (`caller_origins`).
-pub fn origins(caller: &Function, node: &Node, caller_origins: &[Option<usize>]) -> Vec<Option<usize>> {
-    node.args
-        .iter()
-        .map(|&a| match caller.node(base(caller, a)).op {
-            Op::Arg(x) => caller_origins.get(x).copied().flatten(),
-            _ => None,
-        })
-        .collect()
 }
