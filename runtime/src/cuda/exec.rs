@@ -4,15 +4,16 @@
 //! the gradient, the optimizer) reads its arguments where they are (the training state in
 //! place, host values uploaded for the call: [`super::places`]), and the optimizer writes the
 //! results that replace them over them where that is safe ([`memory::in_place`]); a called
-//! function gets its arguments copied into its arena. The steps are the function's nodes in order: an argument or
-//! constant table is written into its buffer, a call runs the callee in an arena of its own
-//! (results copied out into the caller's part buffers), and a
-//! kernel runs at its first node: generated kernels from their PTX, library GEMMs on cuBLAS and
-//! cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]; a plan expands
-//! any attention they do not take), and what none covers (FP8 GEMMs outside 128-element groups)
-//! on the host through the CPU reference's own op, its inputs downloaded (FP8 buffers
-//! decoded) and its outputs uploaded. A function's arena is kept for its next call.
-//! [`Counts`] says how many kernels took each path.
+//! function gets its arguments copied into its arena. The steps are the function's nodes in
+//! order: an argument or constant table is written into its buffer, a call runs the callee in
+//! an arena of its own (results copied out into the caller's part buffers), and a kernel runs
+//! at its first node (a quantisation of a weight already made this step is read where
+//! [`super::weights`] keeps it instead): generated kernels from their PTX, library GEMMs on
+//! cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]; a
+//! plan expands any attention they do not take), and what none covers (FP8 GEMMs outside
+//! 128-element groups) on the host through the CPU reference's own op, its inputs downloaded
+//! (FP8 buffers decoded) and its outputs uploaded. A function's arena is kept for its next
+//! call. [`Counts`] says how many kernels took each path.
 
 use super::attention::FusedAttention;
 use super::grouped::ExpertGemms;
