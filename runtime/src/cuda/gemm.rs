@@ -4,7 +4,7 @@
 //! `concat_rows_matmul`, `concat_k_matmul`) as the products they stand for. Row-major
 //! C = op(A)·op(B) is computed as column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, batched over equal leading
 //! dimensions (a rank-2 operand is shared by every batch). The FP8 GEMMs on quantised operands
-//! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`scaled`])
+//! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`super::scaled`])
 //! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks).
 //!
 //! Grouped GEMMs of the MoE experts run, in FP8 where the plan carries them, on the compiler's
