@@ -394,6 +394,161 @@ mod tests {
         assert!(in_place(&compiled, compiled.grad).is_empty());
     }
 
+    /// Where a value is during a call: an argument read where the caller keeps it (entry
+    /// functions), or bytes of the arena.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Place {
+        Argument(usize),
+        Arena(u64, u64),
+    }
+
+    impl Place {
+        fn overlaps(self, other: Place) -> bool {
+            match (self, other) {
+                (Place::Argument(a), Place::Argument(b)) => a == b,
+                (Place::Arena(a, x), Place::Arena(b, y)) => a < b + y && b < a + x,
+                _ => false,
+            }
+        }
+    }
+
+    /// Runs function `f` of `compiled` symbolically as the CUDA backend does (its steps in
+    /// node order: arguments, tables and calls at their nodes, kernels at their first), with
+    /// every value at the place `layouts` and [`in_place`] give it: each write clobbers what
+    /// overlaps it, and every read (a kernel's inputs, a call's arguments, the results at the
+    /// end) must find the value it wants still there. Fails with what was lost.
+    fn check_places(compiled: &Plan, f: usize, layout: &Layout, entry: bool) -> Result<(), String> {
+        let function = &compiled.functions[f];
+        let module_function = &compiled.module.functions[f];
+        let replaced: HashMap<u32, usize> = in_place(compiled, f).into_iter().map(|(a, v)| (v, a)).collect();
+        let bytes: HashMap<u32, u64> = function.buffers.iter().map(|b| (b.value, b.bytes)).collect();
+        let place = |v: u32| -> Option<Place> {
+            match module_function.nodes[v as usize].op {
+                Op::Arg(a) if entry => Some(Place::Argument(a)),
+                Op::Const(_) => None,
+                _ => match (replaced.get(&v), layout.offsets.get(&v)) {
+                    (Some(&a), _) if entry => Some(Place::Argument(a)),
+                    (_, Some(&at)) => Some(Place::Arena(at, bytes[&v].max(1))),
+                    _ => None,
+                },
+            }
+        };
+        let mut memory: Vec<(Place, u32)> = Vec::new();
+        let write = |memory: &mut Vec<(Place, u32)>, v: u32| -> Result<(), String> {
+            let at = place(v).ok_or_else(|| format!("value {v} is written but has no place"))?;
+            memory.retain(|&(other, _)| !other.overlaps(at));
+            memory.push((at, v));
+            Ok(())
+        };
+        let read = |memory: &Vec<(Place, u32)>, v: u32, by: &str| -> Result<(), String> {
+            let v = base(module_function, V(v)).0;
+            match place(v) {
+                None if matches!(module_function.nodes[v as usize].op, Op::Const(_)) => Ok(()),
+                None => Err(format!("{by} reads value {v}, which has no place")),
+                Some(at) if memory.contains(&(at, v)) => Ok(()),
+                Some(at) => Err(format!("{by} reads value {v} at {at:?}, overwritten by then")),
+            }
+        };
+        // A tuple-valued node is stored as its parts.
+        let stored = |v: u32| -> Vec<u32> {
+            match module_function.nodes[v as usize].dtype {
+                dsc_compiler::graph::ir::DType::Tuple => (0..module_function.nodes.len() as u32)
+                    .filter(|&g| {
+                        let get = &module_function.nodes[g as usize];
+                        matches!(get.op, Op::Get(_)) && get.args == [V(v)]
+                    })
+                    .collect(),
+                _ => vec![v],
+            }
+        };
+        let mut steps: Vec<(u32, Option<usize>)> =
+            function.kernels.iter().enumerate().map(|(k, kernel)| (kernel.nodes[0], Some(k))).collect();
+        steps.extend(
+            module_function
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| matches!(n.op, Op::Arg(_) | Op::Table(_) | Op::Call(_)))
+                .map(|(i, _)| (i as u32, None)),
+        );
+        steps.sort_by_key(|&(node, _)| node);
+        // The tables and arguments written so far.
+        let mut tables = std::collections::HashSet::new();
+        for (node, kernel) in steps {
+            match kernel {
+                Some(k) => {
+                    let kernel = &function.kernels[k];
+                    for &input in &kernel.inputs {
+                        // A constant table is written at its first use.
+                        if matches!(module_function.nodes[input as usize].op, Op::Table(_)) && tables.insert(input) {
+                            write(&mut memory, input)?;
+                        }
+                        read(&memory, input, &kernel.name)?;
+                    }
+                    for &output in &kernel.outputs {
+                        for v in stored(output) {
+                            write(&mut memory, v)?;
+                        }
+                    }
+                }
+                None => {
+                    let n = &module_function.nodes[node as usize];
+                    if let Op::Call(_) = n.op {
+                        for &arg in &n.args {
+                            read(&memory, arg.0, &format!("the call at %{node}"))?;
+                        }
+                        for v in stored(node) {
+                            write(&mut memory, v)?;
+                        }
+                    } else if bytes.contains_key(&node) && tables.insert(node) {
+                        write(&mut memory, node)?;
+                    }
+                }
+            }
+        }
+        for &o in &module_function.outputs {
+            read(&memory, o.0, "the function's results")?;
+        }
+        Ok(())
+    }
+
+    /// Every value of every function of the tiny plans (one process, and two data-parallel
+    /// processes with their shards' optimizers) is where its readers look for it: no buffer
+    /// the memory plan shares, no result written over an argument and nothing a kernel keeps
+    /// in registers is read after it is gone.
+    #[test]
+    fn every_value_is_in_place_when_it_is_read() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let processes = ["parallel.gpus_per_node=2".to_string(), "parallel.data.size=2".to_string()];
+        for overrides in [&[][..], &processes[..]] {
+            let spec = dsc_lang::load(&path, overrides).checked_spec().expect("the tiny spec").clone();
+            let compiled = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
+            let (entries, layouts) = (entries(&compiled), layouts(&compiled));
+            for (f, pf) in compiled.functions.iter().enumerate() {
+                if let Err(lost) = check_places(&compiled, f, &layouts[f], entries[f]) {
+                    panic!("{}: {lost}", pf.name);
+                }
+                // Every buffer lives from before its first reader to after its last (a table
+                // read before its node too).
+                let function = &compiled.module.functions[f];
+                for kernel in &pf.kernels {
+                    for &input in &kernel.inputs {
+                        let Some(b) = pf.buffers.iter().find(|b| b.value == base(function, V(input)).0) else {
+                            continue;
+                        };
+                        let (lo, hi) = (kernel.nodes[0], *kernel.nodes.iter().max().expect("a node"));
+                        assert!(
+                            b.first <= lo && hi <= b.last,
+                            "{}: {b:?} read by {} at {lo}..{hi}",
+                            pf.name,
+                            kernel.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_chain_reuses_memory() {
         // a → b → c → d, each read only by the next: two buffers alive at a time.

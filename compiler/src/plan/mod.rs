@@ -179,7 +179,8 @@ fn storage_bytes(n: &crate::graph::ir::Node) -> u64 {
 }
 
 /// The buffer table: every value with storage (not views or bookkeeping) and its lifetime in
-/// node positions, widened to whole kernels: a kernel's nodes run together, so what it reads
+/// node positions, from its first write or read (a constant table is written at its first
+/// use, which may come before its node) to its last read, widened to whole kernels: a kernel's nodes run together, so what it reads
 /// lives until its last node and what it writes from its first; a value read through a view
 /// (a reshape) lives as long as the view's readers.
 fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
@@ -191,10 +192,13 @@ fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
         }
     }
     let mut last: Vec<u32> = (0..f.nodes.len() as u32).collect();
+    // A constant table may be read before its node (the backend writes it at its first use).
+    let mut first = last.clone();
     for (i, node) in f.nodes.iter().enumerate() {
         for &a in &node.args {
             let b = kernels::base(f, a).index();
             last[b] = last[b].max(span[i].1);
+            first[b] = first[b].min(span[i].0);
         }
     }
     for o in &f.outputs {
@@ -212,7 +216,7 @@ fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
         .map(|(i, n)| {
             // A tuple's part is written when the call or the fused op runs.
             let writer = if matches!(n.op, Op::Get(_)) { n.args[0].index() } else { i };
-            Buffer { value: i as u32, bytes: storage_bytes(n), first: span[writer].0, last: last[i] }
+            Buffer { value: i as u32, bytes: storage_bytes(n), first: span[writer].0.min(first[i]), last: last[i] }
         })
         .collect()
 }
