@@ -512,16 +512,24 @@ mod tests {
         Ok(())
     }
 
-    /// Every value of every function of the tiny plans (one process, and two data-parallel
-    /// processes with their shards' optimizers) is where its readers look for it: no buffer
-    /// the memory plan shares, no result written over an argument and nothing a kernel keeps
-    /// in registers is read after it is gone.
+    /// Every value of every function of the tiny and bench plans (one process, and two
+    /// data-parallel processes with their shards' optimizers) is where its readers look for
+    /// it: no buffer the memory plan shares, no result written over an argument and nothing a
+    /// kernel keeps in registers is read after it is gone.
     #[test]
     fn every_value_is_in_place_when_it_is_read() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
-        let processes = ["parallel.gpus_per_node=2".to_string(), "parallel.data.size=2".to_string()];
-        for overrides in [&[][..], &processes[..]] {
-            let spec = dsc_lang::load(&path, overrides).checked_spec().expect("the tiny spec").clone();
+        let synthetic = ["train.data.sources=[synthetic { weight = 1 }]", "train.data.fim_rate=0"];
+        let processes = ["parallel.gpus_per_node=2", "parallel.data.size=2"];
+        for (model, overrides) in [
+            ("tiny", vec![]),
+            ("tiny", processes.to_vec()),
+            ("bench", synthetic.to_vec()),
+            ("bench", [&synthetic[..], &processes[..]].concat()),
+        ] {
+            let path =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/deepseek-v3-{model}.dsc"));
+            let overrides: Vec<String> = overrides.into_iter().map(String::from).collect();
+            let spec = dsc_lang::load(&path, &overrides).checked_spec().expect("the spec checks").clone();
             let compiled = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
             let (entries, layouts) = (entries(&compiled), layouts(&compiled));
             for (f, pf) in compiled.functions.iter().enumerate() {
