@@ -68,7 +68,8 @@ pub fn entries(compiled: &Plan) -> Vec<bool> {
 
 /// The arena of every function of `compiled`: the values its kernels write for others (what a
 /// generated kernel computes for itself alone stays in its registers), its arguments left out
-/// of an entry's, and the results an optimizer writes in place ([`in_place`]).
+/// of an entry's, the results an optimizer writes in place ([`in_place`]) and the gradients
+/// the gradient function hands to the state ([`delivered`]).
 pub fn layouts(compiled: &Plan) -> Vec<Layout> {
     let entries = entries(compiled);
     compiled
@@ -78,7 +79,8 @@ pub fn layouts(compiled: &Plan) -> Vec<Layout> {
         .zip(entries)
         .enumerate()
         .map(|(f, ((pf, function), entry))| {
-            let over_arguments: Vec<u32> = in_place(compiled, f).into_values().collect();
+            let mut over_arguments: Vec<u32> = in_place(compiled, f).into_values().collect();
+            over_arguments.extend(delivered(compiled, f).into_keys());
             // What a generated kernel computes and no one else reads stays in its registers.
             let registers: HashSet<u32> = pf
                 .kernels
@@ -99,6 +101,41 @@ pub fn layouts(compiled: &Plan) -> Vec<Layout> {
             plan(&pf.buffers.iter().filter(held).cloned().collect::<Vec<_>>())
         })
         .collect()
+}
+
+/// The parameter gradients that the gradient function of `compiled` (function `f`, if it is)
+/// hands straight to the training state: by the call result (a `get` of a call) that is one,
+/// the index of its output. A result qualifies where it is a learned parameter's gradient,
+/// the only output it is, and nothing in the function reads it: the backend copies (or, after
+/// a step's first micro-batch, adds) it from the callee into the state's gradient sum, and
+/// the function's arena holds no place for it.
+pub fn delivered(compiled: &Plan, f: usize) -> HashMap<u32, usize> {
+    if f != compiled.grad {
+        return HashMap::new();
+    }
+    let function = &compiled.module.functions[f];
+    let grads_at = dsc_compiler::graph::model::LOSS_OUTPUTS + compiled.moe_biases.len();
+    let mut read: HashMap<u32, usize> = HashMap::new();
+    for node in &function.nodes {
+        for &a in &node.args {
+            *read.entry(base(function, a).0).or_default() += 1;
+        }
+    }
+    let mut outputs: HashMap<u32, usize> = HashMap::new();
+    for &o in &function.outputs {
+        *outputs.entry(base(function, o).0).or_default() += 1;
+    }
+    let mut delivered = HashMap::new();
+    for (k, &o) in function.outputs.iter().enumerate() {
+        let part = base(function, o);
+        let learned = k.checked_sub(grads_at).and_then(|p| compiled.params.get(p)).is_some_and(|p| p.learned);
+        let node = function.node(part);
+        let of_a_call = matches!(node.op, Op::Get(_)) && matches!(function.node(node.args[0]).op, Op::Call(_));
+        if learned && of_a_call && outputs[&part.0] == 1 && !read.contains_key(&part.0) {
+            delivered.insert(part.0, k);
+        }
+    }
+    delivered
 }
 
 /// The results that function `f` of `compiled`, where it is an optimizer (the model's, or a
@@ -395,11 +432,13 @@ mod tests {
     }
 
     /// Where a value is during a call: an argument read where the caller keeps it (entry
-    /// functions), or bytes of the arena.
+    /// functions), bytes of the arena, or the training state.
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Place {
         Argument(usize),
         Arena(u64, u64),
+        /// A gradient sum of the training state, by the value handed to it.
+        State(u32),
     }
 
     impl Place {
@@ -407,6 +446,7 @@ mod tests {
             match (self, other) {
                 (Place::Argument(a), Place::Argument(b)) => a == b,
                 (Place::Arena(a, x), Place::Arena(b, y)) => a < b + y && b < a + x,
+                (Place::State(a), Place::State(b)) => a == b,
                 _ => false,
             }
         }
@@ -421,11 +461,13 @@ mod tests {
         let function = &compiled.functions[f];
         let module_function = &compiled.module.functions[f];
         let replaced: HashMap<u32, usize> = in_place(compiled, f).into_iter().map(|(a, v)| (v, a)).collect();
+        let delivered = delivered(compiled, f);
         let bytes: HashMap<u32, u64> = function.buffers.iter().map(|b| (b.value, b.bytes)).collect();
         let place = |v: u32| -> Option<Place> {
             match module_function.nodes[v as usize].op {
                 Op::Arg(a) if entry => Some(Place::Argument(a)),
                 Op::Const(_) => None,
+                _ if entry && delivered.contains_key(&v) => Some(Place::State(v)),
                 _ => match (replaced.get(&v), layout.offsets.get(&v)) {
                     (Some(&a), _) if entry => Some(Place::Argument(a)),
                     (_, Some(&at)) => Some(Place::Arena(at, bytes[&v].max(1))),
@@ -555,6 +597,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The gradient function hands most parameter gradients straight to the state (those its
+    /// layers' calls yield), and its arena shrinks by them.
+    #[test]
+    fn the_gradients_go_straight_to_the_state() {
+        let compiled = tiny_plan();
+        let f = compiled.grad;
+        let function = &compiled.module.functions[f];
+        let handed = delivered(&compiled, f);
+        let grads_at = dsc_compiler::graph::model::LOSS_OUTPUTS + compiled.moe_biases.len();
+        let learned = compiled.params.iter().filter(|p| p.learned).count();
+        assert!(handed.len() * 10 >= learned * 8, "{} of {learned}", handed.len());
+        for (&part, &k) in &handed {
+            assert!(compiled.params[k - grads_at].learned);
+            assert_eq!(base(function, function.outputs[k]).0, part);
+        }
+        let kept = |b: &&Buffer| !matches!(function.nodes[b.value as usize].op, Op::Arg(_));
+        let before = plan(&compiled.functions[f].buffers.iter().filter(kept).cloned().collect::<Vec<_>>());
+        let after = &layouts(&compiled)[f];
+        assert!(after.peak < before.peak, "{} vs {}", after.peak, before.peak);
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct Executor {
     entries: Vec<bool>,
     /// Per function, the results it writes over its arguments ([`memory::in_place`]).
     in_place: Vec<HashMap<usize, u32>>,
+    /// The gradient function's results handed to the state: by call result, its output's
+    /// index ([`memory::delivered`]).
+    pub(super) delivered: HashMap<u32, usize>,
     /// Per function, the bytes of each value's buffer.
     pub(super) bytes: Vec<HashMap<u32, usize>>,
     counts: Counts,
@@ -113,8 +116,24 @@ pub(super) struct Call {
     layout: Arc<Layout>,
     outside: HashMap<u32, u64>,
     uploads: Vec<CudaSlice<u8>>,
-    /// The parameter of the training state each argument is, where it is one.
-    origins: Vec<Option<usize>>,
+    binding: Binding,
+}
+
+/// What a call is bound to beyond its arguments: the parameter of the training state each
+/// argument is, where it is one (for [`super::weights`]); and the results handed straight to
+/// the state ([`memory::delivered`]: each call result's address there), added to what is there
+/// (`add`: after a step's first micro-batch) or copied.
+pub(super) struct Binding {
+    pub(super) origins: Vec<Option<usize>>,
+    pub(super) delivered: HashMap<u32, u64>,
+    pub(super) add: bool,
+}
+
+impl Binding {
+    /// Arguments of their own, results in the arena.
+    pub(super) fn none(args: usize) -> Binding {
+        Binding { origins: vec![None; args], delivered: HashMap::new(), add: false }
+    }
 }
 
 impl Call {
@@ -207,6 +226,7 @@ impl Executor {
         let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
         let entries = memory::entries(&plan);
         let in_place = (0..plan.functions.len()).map(|f| memory::in_place(&plan, f)).collect();
+        let delivered = memory::delivered(&plan, plan.grad);
         let bytes =
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
         let kernels = Kernels::new(dir);
@@ -224,6 +244,7 @@ impl Executor {
             layouts,
             entries,
             in_place,
+            delivered,
             bytes,
             counts,
             checked,
@@ -300,7 +321,17 @@ impl Executor {
         }
         let started = std::time::Instant::now();
         let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
-        let call = self.invoke(f, &inputs, vec![None; inputs.len()])?;
+        // Results the gradient hands to the state get buffers of their own here.
+        let mut binding = Binding::none(inputs.len());
+        let mut kept = Vec::new();
+        if f == plan.grad {
+            for &part in self.delivered.keys() {
+                let buffer = self.gpu.stream.alloc_zeros::<u8>(self.bytes[f][&part])?;
+                binding.delivered.insert(part, buffer.device_ptr(&self.gpu.stream).0);
+                kept.push(buffer);
+            }
+        }
+        let call = self.invoke(f, &inputs, binding)?;
         let outputs = function.outputs.iter().map(|&o| self.output(f, o, &call)).collect();
         self.spare[f] = Some(call.arena);
         self.settle_profile(&function.name, started)?;
@@ -321,9 +352,9 @@ impl Executor {
         }
     }
 
-    /// Runs function `f` in an arena of its own (its last call's, or a new one); `origins`
-    /// says which arguments are parameters of the training state (see [`super::weights`]).
-    pub(super) fn invoke(&mut self, f: usize, args: &[Input], origins: Vec<Option<usize>>) -> Result<Call, GpuError> {
+    /// Runs function `f` in an arena of its own (its last call's, or a new one), bound to
+    /// `binding`.
+    pub(super) fn invoke(&mut self, f: usize, args: &[Input], binding: Binding) -> Result<Call, GpuError> {
         let plan = self.plan.clone();
         let layout = self.layouts[f].clone();
         let function = &plan.module.functions[f];
@@ -332,7 +363,8 @@ impl Executor {
             Some(arena) => arena,
             None => self.gpu.stream.alloc_zeros::<u8>(layout.peak.max(1) as usize)?,
         };
-        let mut call = Call { arena, layout, outside: HashMap::new(), uploads: Vec::new(), origins };
+        let outside = binding.delivered.clone();
+        let mut call = Call { arena, layout, outside, uploads: Vec::new(), binding };
         let mut steps: Vec<(u32, Step)> =
             pf.kernels.iter().enumerate().map(|(k, kernel)| (kernel.nodes[0], Step::Kernel(k))).collect();
         steps.extend(
@@ -381,7 +413,7 @@ impl Executor {
                     }
                     Op::Table(_) => self.upload_table(f, i, &call.places(&self.gpu), &mut tables)?,
                     Op::Call(callee) => self
-                        .call(f, i, callee, &call.places(&self.gpu), &call.origins)
+                        .call(f, i, callee, &call.places(&self.gpu), &call.binding)
                         .map_err(|e| at(e, &format!("call at %{i}")))?,
                     _ => {}
                 },
@@ -391,7 +423,7 @@ impl Executor {
                     if let Some(cache) = &mut self.weights {
                         let bytes = &self.bytes[f];
                         if let Some(Slot { node, at, fresh }) =
-                            cache.slot(&self.gpu, function, kernel, &call.origins, |v| bytes[&v])?
+                            cache.slot(&self.gpu, function, kernel, &call.binding.origins, |v| bytes[&v])?
                         {
                             call.outside.insert(node, at);
                             if fresh {
@@ -435,16 +467,9 @@ impl Executor {
         places::copy(&self.gpu, from, places.at(v), want)
     }
 
-    /// Runs the call at node `i` of `f` (its values at `places`), and copies its results into
-    /// the parts' buffers.
-    fn call(
-        &mut self,
-        f: usize,
-        i: u32,
-        callee: usize,
-        places: &Places,
-        origins: &[Option<usize>],
-    ) -> Result<(), GpuError> {
+    /// Runs the call at node `i` of `f` (its values at `places`, bound to `binding`), and
+    /// copies its results into the parts' buffers (or adds those `binding` delivers there).
+    fn call(&mut self, f: usize, i: u32, callee: usize, places: &Places, binding: &Binding) -> Result<(), GpuError> {
         let plan = self.plan.clone();
         let function = &plan.module.functions[f];
         let node = &function.nodes[i as usize];
@@ -459,7 +484,8 @@ impl Executor {
                 }
             })
             .collect();
-        let results = self.invoke(callee, &inputs, memory::weight_origins(function, node, origins))?;
+        let origins = memory::weight_origins(function, node, &binding.origins);
+        let results = self.invoke(callee, &inputs, Binding { origins, ..Binding::none(0) })?;
         let called = &plan.module.functions[callee];
         for (g, get) in function.nodes.iter().enumerate() {
             let Op::Get(part) = get.op else { continue };
@@ -468,7 +494,12 @@ impl Executor {
             }
             let out = base(called, called.outputs[part]);
             let (to, want) = (places.at(g as u32), self.bytes[f][&(g as u32)]);
+            let adds = binding.add && binding.delivered.contains_key(&(g as u32));
             match called.node(out).op {
+                Op::Const(c) if adds && c == 0.0 => {}
+                Op::Const(c) if adds => {
+                    return Err(GpuError::Unsupported(format!("a constant {c} added into the state")));
+                }
                 Op::Const(c) => places::write(&self.gpu, &words(&vec![c as f32; want / 4], f32::to_le_bytes), to)?,
                 _ => {
                     let given = self.bytes[callee][&out.0];
@@ -478,12 +509,38 @@ impl Executor {
                             "result {part} of {name}: {given} bytes for {want}"
                         )));
                     }
-                    places::copy(&self.gpu, results.places(&self.gpu).at(out.0), to, want)?
+                    let from = results.places(&self.gpu).at(out.0);
+                    match adds {
+                        true => self.add_into(from, to, want)?,
+                        false => places::copy(&self.gpu, from, to, want)?,
+                    }
                 }
             }
         }
         self.spare[callee] = Some(results.arena);
         Ok(())
+    }
+
+    /// Adds the f32s of the `bytes` at device address `from` into those at `to` (cuBLAS
+    /// `saxpy`, in stream order).
+    pub(super) fn add_into(&self, from: u64, to: u64, bytes: usize) -> Result<(), GpuError> {
+        let n = i32::try_from(bytes / 4)
+            .map_err(|_| GpuError::Unsupported(format!("{} elements in one cuBLAS call", bytes / 4)))?;
+        let one = 1.0f32;
+        // SAFETY: both addresses hold bytes/4 f32s of live buffers, on the handle's stream.
+        unsafe {
+            cudarc::cublas::sys::cublasSaxpy_v2(
+                *self.blas.f32.handle(),
+                n,
+                &one,
+                from as *const f32,
+                1,
+                to as *mut f32,
+                1,
+            )
+        }
+        .result()
+        .map_err(|e| GpuError::Unsupported(format!("cuBLAS saxpy: {e:?}")))
     }
 
     /// Runs a kernel on its path: generated, library GEMM, or on the host.

@@ -20,7 +20,7 @@
 //! functions' arenas, it is freed after the update and the others before it, so that the step
 //! peaks at the state plus the largest phase.
 
-use super::exec::{encode, Call, Executor, Input};
+use super::exec::{encode, Binding, Call, Executor, Input};
 use super::nccl::Nccl;
 use super::places;
 use super::weights::WeightCache;
@@ -33,6 +33,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::base;
 use dsc_compiler::graph::ir::{Op, V};
 use dsc_compiler::graph::zero::Member;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 /// Device memory left free beside the arenas for the libraries' workspaces.
@@ -105,17 +106,10 @@ impl Executor {
             return Err(GpuError::Unsupported(format!("{given} bytes of a result of {} for {bytes}", function.name)));
         }
         match (add, x == to) {
-            (false, true) => return Ok(()), // an argument returned as it was: already there
-            (false, false) => return places::copy(&self.gpu, x, to, bytes),
-            (true, _) => {}
+            (false, true) => Ok(()), // an argument returned as it was: already there
+            (false, false) => places::copy(&self.gpu, x, to, bytes),
+            (true, _) => self.add_into(x, to, bytes),
         }
-        let one = 1.0f32;
-        // SAFETY: x and to hold bytes/4 f32s each (checked above), on the handle's stream.
-        unsafe {
-            sys::cublasSaxpy_v2(*self.blas.f32.handle(), count(bytes / 4)?, &one, x as *const f32, 1, to as *mut f32, 1)
-        }
-        .result()
-        .map_err(|e| blas("saxpy", e))
     }
 
     fn state_mut(&mut self) -> Result<DeviceState, GpuError> {
@@ -168,15 +162,20 @@ impl Executor {
         for value in rest {
             inputs.push(Input::Host(encode(value)?));
         }
-        // The parameters come first and stay as they are until the update.
+        // The parameters come first and stay as they are until the update; the gradients
+        // the calls yield go straight into the sums.
         let origins = (0..inputs.len()).map(|i| (i < info.len()).then_some(i)).collect();
-        let call = self.invoke(f, &inputs, origins)?;
+        let delivered: HashMap<u32, u64> =
+            self.delivered.iter().map(|(&part, &k)| (part, address(gpu, &state.grads, state.at[k - grads]))).collect();
+        let handed: HashSet<usize> = self.delivered.values().copied().collect();
+        let call = self.invoke(f, &inputs, Binding { origins, delivered, add: !first })?;
         let plan = self.plan.clone();
         let mut before = Vec::with_capacity(grads);
         for (i, &o) in plan.module.functions[f].outputs.iter().enumerate() {
             // Outputs past the gradients are the host trainer's to ignore too, and so are the
-            // gradients of what is not learned (zeros).
+            // gradients of what is not learned (zeros) and those already in the sums.
             match i.checked_sub(grads) {
+                _ if handed.contains(&i) => {}
                 None => before.push(self.output(f, o, &call)?),
                 Some(p) if plan.params.get(p).is_some_and(|p| p.learned) => {
                     let to = (address(&self.gpu, &state.grads, state.at[p]), 4 * plan.params[p].numel());
@@ -256,7 +255,7 @@ impl Executor {
             self.spare.iter_mut().for_each(|arena| *arena = None);
             self.gpu.release_unused()?;
         }
-        let call = self.invoke(f, &inputs, vec![None; inputs.len()])?;
+        let call = self.invoke(f, &inputs, Binding::none(inputs.len()))?;
         // The parameters change: their FP8 copies are out of date.
         if let Some(cache) = &mut self.weights {
             cache.stale();
