@@ -4,10 +4,13 @@
 //! at the lowest offset where it fits among the buffers still alive (first fit), at 256-byte
 //! alignment. The arena's size (the peak) is reported against the sum of all buffers.
 //! [`layouts`] places every function of a plan: an entry function (one no other function
-//! calls) reads its arguments where its caller keeps them, so its arena holds none of them, and
-//! an optimizer function writes its results over the arguments they replace where that is safe
-//! ([`in_place`]), so its arena holds none of those either. [`step_memory`] adds a training
-//! step's arenas up with the state the CUDA backend keeps.
+//! calls) reads its arguments where its caller keeps them, so its arena holds none of them; an
+//! optimizer function writes its results over the arguments they replace where that is safe
+//! ([`in_place`]), and the gradient function hands the gradients its calls yield straight to
+//! the state ([`delivered`]), so their arenas hold none of those either; what a generated
+//! kernel computes for itself alone stays in its registers. [`step_memory`] adds a training
+//! step's arenas up with the state the CUDA backend keeps, and the FP8 copies of the weights
+//! it keeps for a step ([`quantises_a_parameter`]).
 
 use dsc_compiler::fuse::kernels::{base, Code, Kernel};
 use dsc_compiler::graph::ir::{Function, Node, Op, V};
