@@ -97,19 +97,25 @@ def gap(fp8, bf16, other_seed=None):
               "(the noise floor)")
 
 
+def measured(name, command, metrics):
+    """Runs a dsc training `command` writing `metrics`: its rows, median tokens/s after the
+    warm-up and peak GPU memory (None, with its stderr printed, where it failed)."""
+    proc, peak = sampled(command)
+    if proc.returncode != 0:
+        print(f"{name}: dsc failed ({proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    rows = read_metrics(metrics)
+    summary(name, rows)
+    timed = [r["tokens_per_s"] for r in rows[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in rows]
+    return {"impl": name, "tokens_per_s": statistics.median(timed), "peak_gib": peak / 1024, "rows": rows}
+
+
 def dsc_run(dsc, plan, steps, name, keep, sets=()):
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(keep or tmp, name.replace(" ", "-") + ".jsonl")
         command = [dsc, "train", SPEC, *DATA, *sets, "--plan", plan, "--backend", "cuda", "--steps", str(steps),
                    "--metrics", metrics]
-        proc, peak = sampled(command)
-        if proc.returncode != 0:
-            print(f"{name}: dsc failed ({proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
-            return None
-        rows = read_metrics(metrics)
-    summary(name, rows)
-    timed = [r["tokens_per_s"] for r in rows[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in rows]
-    return {"impl": name, "tokens_per_s": statistics.median(timed), "peak_gib": peak / 1024, "rows": rows}
+        return measured(name, command, metrics)
 
 
 def torch_run(steps, compile_):

@@ -15,27 +15,15 @@ Usage (GPU machine, repository root; tests/device/build.sh compiled both plans):
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
-from bench_model import DATA, SPEC, WARMUP_STEPS, read_metrics, sampled, summary
+from bench_model import DATA, SPEC, measured
 
 
 def processes(gpus):
     """The --set values of a plan of `gpus` data-parallel processes (as build.sh compiles it)."""
     return ["--set", f"parallel.gpus_per_node={gpus}", "--set", f"parallel.data.size={gpus}"]
-
-
-def run(name, command, metrics):
-    proc, peak = sampled(command)
-    if proc.returncode != 0:
-        print(f"{name}: failed ({proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    rows = read_metrics(metrics)
-    summary(name, rows)
-    timed = [r["tokens_per_s"] for r in rows[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in rows]
-    return {"rows": rows, "tokens_per_s": statistics.median(timed), "peak_gib": peak / 1024}
 
 
 def main():
@@ -52,10 +40,10 @@ def main():
         one_metrics = os.path.join(folder, "dp-1.jsonl")
         many_metrics = os.path.join(folder, f"dp-{args.gpus}.jsonl")
         train = ["train", SPEC, *DATA, "--steps", str(args.steps)]
-        one = run("1 GPU", [args.dsc, *train, "--plan", args.plan, "--backend", "cuda", "--metrics", one_metrics],
+        one = measured("1 GPU", [args.dsc, *train, "--plan", args.plan, "--backend", "cuda", "--metrics", one_metrics],
                   one_metrics)
         torchrun = ["torchrun", "--standalone", f"--nproc-per-node={args.gpus}", "--no-python", args.dsc]
-        many = run(f"{args.gpus} GPUs", [*torchrun, *train, *processes(args.gpus), "--plan", args.dp_plan,
+        many = measured(f"{args.gpus} GPUs", [*torchrun, *train, *processes(args.gpus), "--plan", args.dp_plan,
                                          "--metrics", many_metrics], many_metrics)
     if one is None or many is None:
         sys.exit(1)
