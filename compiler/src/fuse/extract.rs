@@ -27,7 +27,7 @@ struct Best {
 }
 
 /// Extracts the DAG of minimal total `cost(class, node)` for `roots`: greedy DAG, then
-/// [`refine`].
+/// `refine`.
 pub fn extract<N: Analysis<Fx>>(egraph: &EGraph<Fx, N>, roots: &[Id], cost: impl Fn(Id, &Fx) -> f64) -> Extraction {
     let mut classes: Vec<Id> = egraph.classes().map(|c| c.id).collect();
     // Original nodes were added children first, so ascending ids settle most classes in the

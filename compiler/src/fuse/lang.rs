@@ -1,9 +1,9 @@
 //! The e-graph language of fusion: the primitives the rules look at, the fused ops they
 //! produce, leaves (arguments and constants) and `Opaque` for every other op of a function,
 //! which fusion carries through unchanged. An `Opaque` symbol names the original node
-//! (`#17`), whose op, shape and dtype [`super::encode`] keeps in a side table. Ops with
-//! attributes (a GEMM's transposes and FP8 recipe, a slice's range, a reshape's shape) take
-//! an [`Attr`] leaf as their first child, which holds the op itself: equal ops on equal
+//! (`#17`), whose op, shape and dtype [`super::translate::encode`] keeps in a side table. Ops
+//! with attributes (a GEMM's transposes and FP8 recipe, a slice's range, a reshape's shape)
+//! take an [`Attr`] leaf as their first child, which holds the op itself: equal ops on equal
 //! inputs share an e-class, and the rules read and build attributes through it.
 
 use crate::graph::ir::Op;

@@ -189,16 +189,16 @@ pub enum Op {
     ExpertOffsets {
         experts: usize,
     },
-    /// Rows for the experts: (x [t, d], order [r]) → [r, d], row i = x[order[i] / k].
+    /// Rows for the experts: (x `[t, d]`, order `[r]`) → `[r, d]`, row i = `x[order[i] / k]`.
     Permute {
         k: usize,
     },
-    /// The transpose of `Permute`: (grad [r, d], order [r]) → [t, d].
+    /// The transpose of `Permute`: (grad `[r, d]`, order `[r]`) → `[t, d]`.
     PermuteGrad {
         k: usize,
         tokens: usize,
     },
-    /// Per expert e, rows offsets[e]..offsets[e+1] of xs times w[e] (transposed if `tb`):
+    /// Per expert e, rows `offsets[e]..offsets[e+1]` of xs times `w[e]` (transposed if `tb`):
     /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n]. In FP8, xs may
     /// come already quantised (an F8E4M3 value in 1×tile groups, from a fused dispatch), and
     /// after `fuse::library` both are: xs in 1×tile groups, w K-major ([experts, n, k], `tb`)
@@ -212,8 +212,8 @@ pub enum Op {
         experts: usize,
         fp8: Option<Fp8Gemm>,
     },
-    /// Weighted combine: (ys [r, d], order [r], gates [t, k]) → [t, d],
-    /// out[a / k] += gates[a] · ys[i] for a = order[i].
+    /// Weighted combine: (ys `[r, d]`, order `[r]`, gates `[t, k]`) → `[t, d]`,
+    /// `out[a / k] += gates[a] · ys[i]` for `a = order[i]`.
     Unpermute {
         k: usize,
     },
@@ -305,7 +305,7 @@ pub enum Op {
     /// leading shape (the key's one RoPE part serves every head); rope as `model::rope`
     /// computes it on the interleaved pairs.
     RopeConcat,
-    /// Fused: DeepSeek-V3's routing of each token, (scores [t, e], bias [e]) → the tuple
+    /// Fused: DeepSeek-V3's routing of each token, (scores `[t, e]`, bias `[e]`) → the tuple
     /// (chosen i32 [t, k], gates [t, k]): on the biased scores s + bias, a group's score is the
     /// sum of its two best, the `keep` best of the `groups` groups stay, the top `k` experts
     /// among them are chosen; the gates are their unbiased scores normalised to sum 1, times
@@ -387,7 +387,7 @@ pub enum Op {
         fp8: Option<Fp8Gemm>,
     },
     /// Fused: two grouped GEMMs of the same rows and offsets, (xs, w1, w2, offsets) → the tuple
-    /// (xs·w1[e], xs·w2[e]) per expert, as one grouped GEMM over the weights concatenated
+    /// (`xs·w1[e]`, `xs·w2[e]`) per expert, as one grouped GEMM over the weights concatenated
     /// along N (the experts' gate and up projections).
     ConcatGroupedMatMul {
         tb: bool,

@@ -1,6 +1,6 @@
 //! The training graph of one step: the tensor IR ([`ir`]), the model builder ([`model`]),
 //! reverse-mode autodiff ([`autodiff`]), the optimizer ([`optimizer`]), ZeRO-1's partition of
-//! it ([`zero`]) and the printed form ([`print`]). [`TrainingGraph::build`] assembles the
+//! it ([`zero`]) and the printed form ([`mod@print`]). [`TrainingGraph::build`] assembles the
 //! functions a step runs: the gradient of one micro-batch, and the optimizer update (of the
 //! whole model, and of each data-parallel process's shard); [`StageTraining::build`] the forward
 //! and backward of one pipeline stage.

@@ -11,16 +11,16 @@
 //! the dK and dV passes), a warp 16 of them, and walks the other side in blocks of 64 up to or
 //! from the diagonal (the block with most work starts first). Per column block it stages the
 //! tiles it needs in shared memory (rows padded by 16 bytes: the `ldmatrix` rows fall in
-//! distinct banks); each warp computes its 16×64 scores ([`Block::products`], its own rows'
+//! distinct banks); each warp computes its 16×64 scores (`Block::products`, its own rows'
 //! fragments read by `ldmatrix` at each block: kept in registers they would spill), turns them
-//! into base-2 logits (the scale times log₂e folded in; [`Block::logits`]) and probabilities
+//! into base-2 logits (the scale times log₂e folded in; `Block::logits`) and probabilities
 //! (the forward's running maximum and sum, or the saved log-sum-exp), and adds their product
-//! with a tile read transposed ([`Block::accumulate`]: P·V, dS·K, dSᵀ·Q, Pᵀ·dO), P or dS
+//! with a tile read transposed (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO), P or dS
 //! rounded to BF16 as the A operand straight from the score registers. Not yet: TMA, `wgmma`,
 //! warp specialisation and overlapping the next block's loads with this block's products
 //! (FlashAttention-3's machinery). Registers per thread (ptxas, sm_90a, MLA's dims): forward
 //! 164 (three blocks share a multiprocessor), dQ 255 (4 bytes spilled), dK 252, dV 167; the
-//! staging's thread layout ([`stage`]) keeps its addresses out of the loops' live registers.
+//! staging's thread layout (`stage`) keeps its addresses out of the loops' live registers.
 
 use super::ptx::{Lines, Loop};
 use crate::graph::ir::{Function, Node, Op};

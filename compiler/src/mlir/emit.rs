@@ -3,8 +3,8 @@
 //! instructions (`ex2`, `rsqrt`, `lg2`, `sqrt`) so that no CUDA libdevice is needed.
 //! Elementwise kernels give each thread 4 consecutive elements through 16-byte vector loads
 //! and stores (coalesced across the warp); a scalar argument is loaded once. Ops along rows
-//! are row programs ([`super::rows`]), `quantize` has its own kernel ([`super::fp8`]), and
-//! every other kernel is written by index ([`super::indexed`]); a kernel that none of them
+//! are row programs (`super::rows`), `quantize` has its own kernel ([`super::fp8`]), and
+//! every other kernel is written by index (`super::indexed`); a kernel that none of them
 //! handles is reported with the reason.
 
 use crate::fuse::kernels::Kernel;

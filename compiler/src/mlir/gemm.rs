@@ -473,11 +473,11 @@ pub enum Form {
     Dense,
     /// The MoE experts' grouped GEMM: A's rows sorted by expert, expert e's rows
     /// `offsets[e]..offsets[e + 1]` (i32, E + 1 of them, on the device), B [E, N, K] with
-    /// scales [E, N/128, R]: C's rows of expert e = A's times B[e]ᵀ. Two more arguments, the
+    /// scales [E, N/128, R]: C's rows of expert e = A's times `B[e]`ᵀ. Two more arguments, the
     /// offsets (pointer) and E (u32); tiles ⌈N / n⌉ × (⌈M / m⌉ + E): each tile's expert and rows
     /// are found from the offsets, tiles past the experts' last are empty.
     Grouped,
-    /// The experts' weight gradients (`quantize_by_expert` operands): out[e] [M, N] =
+    /// The experts' weight gradients (`quantize_by_expert` operands): `out[e]` [M, N] =
     /// A_e·B_eᵀ over expert e's tokens, A [M, L] and B [N, L] with expert e's tokens in the
     /// columns from the earlier experts' token counts, each rounded up to 128, summed (1×128
     /// tiles along tokens; scales [L/128, M] and [L/128, N]: B's scale is a column's, applied

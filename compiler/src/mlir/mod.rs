@@ -1,6 +1,6 @@
 //! Kernels through MLIR: [`emit`] writes each generated kernel as an MLIR `gpu.module`,
 //! [`gemm`] the FP8 GEMM on Hopper's warpgroup tensor cores, [`attention`] fused causal
-//! attention (both hand-scheduled, written through [`ptx`]); with the `mlir` feature, [`lower`]
+//! attention (both hand-scheduled, written through `ptx`); with the `mlir` feature, `lower`
 //! runs MLIR's own passes (through melior) down to PTX for sm_90a. No CUDA toolkit is needed
 //! to compile.
 
