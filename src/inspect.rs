@@ -107,7 +107,7 @@ fn print_summary(plan: &Plan) {
     for (f, memory) in plan.functions.iter().zip(&layouts) {
         let gemms = f.kernels.iter().filter(|k| k.kind == KernelKind::LibraryGemm).count();
         let fused: Vec<String> = f.fusion.fused.iter().map(|(op, n)| format!("{op}×{n}")).collect();
-        // Buffers placed by lifetime in one arena (an entry function's arguments read where
+        // Buffers placed by lifetime in one arena (a function's arguments read where
         // they are), against each allocated on its own.
         println!(
             "{:<16} {:>7} {:>8} {:>4}→{:<4}  {:>21}  {:<22} {}",

@@ -3,8 +3,8 @@
 //! overlap and the others reuse memory. Buffers are placed in the order they are written, each
 //! at the lowest offset where it fits among the buffers still alive (first fit), at 256-byte
 //! alignment. The arena's size (the peak) is reported against the sum of all buffers.
-//! [`layouts`] places every function of a plan: an entry function (one no other function
-//! calls) reads its arguments where its caller keeps them, so its arena holds none of them; an
+//! [`layouts`] places every function of a plan: a function reads its arguments where its
+//! caller keeps them (the training state, the caller's arena), so its arena holds none of them; an
 //! optimizer function writes its results over the arguments they replace where that is safe
 //! ([`in_place`]), and the gradient function hands the gradients its calls yield straight to
 //! the state ([`delivered`]), so their arenas hold none of those either; what a generated
@@ -58,30 +58,17 @@ pub fn plan(buffers: &[Buffer]) -> Layout {
     Layout { offsets, peak, total }
 }
 
-/// Whether each function of `compiled` is an entry: called by no other function.
-pub fn entries(compiled: &Plan) -> Vec<bool> {
-    let mut entry = vec![true; compiled.module.functions.len()];
-    for node in compiled.module.functions.iter().flat_map(|f| &f.nodes) {
-        if let Op::Call(callee) = node.op {
-            entry[callee] = false;
-        }
-    }
-    entry
-}
-
 /// The arena of every function of `compiled`: the values its kernels write for others (what a
 /// generated kernel computes for itself alone stays in its registers), its arguments left out
-/// of an entry's, the results an optimizer writes in place ([`in_place`]) and the gradients
+/// (read where the caller keeps them), the results an optimizer writes in place ([`in_place`]) and the gradients
 /// the gradient function hands to the state ([`delivered`]).
 pub fn layouts(compiled: &Plan) -> Vec<Layout> {
-    let entries = entries(compiled);
     compiled
         .functions
         .iter()
         .zip(&compiled.module.functions)
-        .zip(entries)
         .enumerate()
-        .map(|(f, ((pf, function), entry))| {
+        .map(|(f, (pf, function))| {
             let mut over_arguments: Vec<u32> = in_place(compiled, f).into_values().collect();
             over_arguments.extend(delivered(compiled, f).into_keys());
             // What a generated kernel computes and no one else reads stays in its registers.
@@ -99,7 +86,7 @@ pub fn layouts(compiled: &Plan) -> Vec<Layout> {
                 .collect();
             let held = |b: &&Buffer| {
                 let argument = matches!(function.nodes[b.value as usize].op, Op::Arg(_));
-                !registers.contains(&b.value) && !(entry && (argument || over_arguments.contains(&b.value)))
+                !registers.contains(&b.value) && !argument && !over_arguments.contains(&b.value)
             };
             plan(&pf.buffers.iter().filter(held).cloned().collect::<Vec<_>>())
         })
@@ -308,14 +295,11 @@ mod tests {
     }
 
     #[test]
-    fn entry_functions_keep_no_argument_in_their_arena() {
+    fn no_function_keeps_an_argument_in_its_arena() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec").clone();
         let compiled = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
-        let (entries, layouts) = (entries(&compiled), layouts(&compiled));
-        let names: Vec<&str> =
-            compiled.functions.iter().zip(&entries).filter(|(_, &e)| e).map(|(f, _)| f.name.as_str()).collect();
-        assert_eq!(names, ["model", "model.grad", "adamw"]);
+        let layouts = layouts(&compiled);
         for (f, function) in compiled.module.functions.iter().enumerate() {
             let args: Vec<&Buffer> = compiled.functions[f]
                 .buffers
@@ -324,18 +308,13 @@ mod tests {
                 .collect();
             let held = args.iter().filter(|b| layouts[f].offsets.contains_key(&b.value)).count();
             let all = plan(&compiled.functions[f].buffers);
-            if entries[f] {
-                assert_eq!(held, 0, "{}: an entry's arguments stay where they are", function.name);
-            } else {
-                assert_eq!(held, args.len(), "{}: a called function's arena holds its arguments", function.name);
-            }
+            assert_eq!(held, 0, "{}: its arguments stay where the caller keeps them", function.name);
             assert!(layouts[f].total < all.total, "{}", function.name);
             // Whatever a kernel, a call or the caller reads from another has a place.
             for kernel in &compiled.functions[f].kernels {
                 let read = kernel.inputs.iter().chain(&kernel.outputs);
                 let stored = |v: &&u32| function.nodes[**v as usize].dtype != dsc_compiler::graph::ir::DType::Tuple;
-                let placed =
-                    |v: &u32| layouts[f].offsets.contains_key(v) || (entries[f] && args.iter().any(|b| b.value == *v));
+                let placed = |v: &u32| layouts[f].offsets.contains_key(v) || args.iter().any(|b| b.value == *v);
                 let in_place: Vec<u32> = in_place(&compiled, f).into_values().collect();
                 for v in read.filter(stored) {
                     let base = base(function, V(*v)).0;
@@ -434,8 +413,8 @@ mod tests {
         assert!(in_place(&compiled, compiled.grad).is_empty());
     }
 
-    /// Where a value is during a call: an argument read where the caller keeps it (entry
-    /// functions), bytes of the arena, or the training state.
+    /// Where a value is during a call: an argument read where the caller keeps it, bytes of
+    /// the arena, or the training state.
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Place {
         Argument(usize),
@@ -460,7 +439,7 @@ mod tests {
     /// every value at the place `layouts` and [`in_place`] give it: each write clobbers what
     /// overlaps it, and every read (a kernel's inputs, a call's arguments, the results at the
     /// end) must find the value it wants still there. Fails with what was lost.
-    fn check_places(compiled: &Plan, f: usize, layout: &Layout, entry: bool) -> Result<(), String> {
+    fn check_places(compiled: &Plan, f: usize, layout: &Layout) -> Result<(), String> {
         let function = &compiled.functions[f];
         let module_function = &compiled.module.functions[f];
         let replaced: HashMap<u32, usize> = in_place(compiled, f).into_iter().map(|(a, v)| (v, a)).collect();
@@ -468,11 +447,11 @@ mod tests {
         let bytes: HashMap<u32, u64> = function.buffers.iter().map(|b| (b.value, b.bytes)).collect();
         let place = |v: u32| -> Option<Place> {
             match module_function.nodes[v as usize].op {
-                Op::Arg(a) if entry => Some(Place::Argument(a)),
+                Op::Arg(a) => Some(Place::Argument(a)),
                 Op::Const(_) => None,
-                _ if entry && delivered.contains_key(&v) => Some(Place::State(v)),
+                _ if delivered.contains_key(&v) => Some(Place::State(v)),
                 _ => match (replaced.get(&v), layout.offsets.get(&v)) {
-                    (Some(&a), _) if entry => Some(Place::Argument(a)),
+                    (Some(&a), _) => Some(Place::Argument(a)),
                     (_, Some(&at)) => Some(Place::Arena(at, bytes[&v].max(1))),
                     _ => None,
                 },
@@ -576,9 +555,9 @@ mod tests {
             let overrides: Vec<String> = overrides.into_iter().map(String::from).collect();
             let spec = dsc_lang::load(&path, &overrides).checked_spec().expect("the spec checks").clone();
             let compiled = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
-            let (entries, layouts) = (entries(&compiled), layouts(&compiled));
+            let layouts = layouts(&compiled);
             for (f, pf) in compiled.functions.iter().enumerate() {
-                if let Err(lost) = check_places(&compiled, f, &layouts[f], entries[f]) {
+                if let Err(lost) = check_places(&compiled, f, &layouts[f]) {
                     panic!("{}: {lost}", pf.name);
                 }
                 // Every buffer lives from before its first reader to after its last (a table

@@ -1,10 +1,9 @@
 //! Whole plan functions on the GPU: [`Executor::run`] takes a function's arguments on the
 //! host, runs its steps in plan order in one arena per call (placed by [`crate::memory`]),
-//! and returns its outputs on the host. An entry function (one no other calls: the forward,
-//! the gradient, the optimizer) reads its arguments where they are (the training state in
-//! place, host values uploaded for the call: [`super::places`]), and the optimizer writes the
-//! results that replace them over them where that is safe ([`memory::in_place`]); a called
-//! function gets its arguments copied into its arena. The steps are the function's nodes in
+//! and returns its outputs on the host. A function reads its arguments where they are (the
+//! training state in place, its caller's buffers, host values uploaded for the call:
+//! [`super::places`]), and the optimizer writes the results that replace them over them where
+//! that is safe ([`memory::in_place`]). The steps are the function's nodes in
 //! order: an argument or constant table is written into its buffer, a call runs the callee in
 //! an arena of its own (results copied out into the caller's part buffers), and a kernel runs
 //! at its first node (a quantisation of a weight already made this step is read where
@@ -64,10 +63,8 @@ pub struct Executor {
     kernels: Kernels,
     /// The plan's fused attention kernels, where it carries them.
     attention: Option<FusedAttention>,
-    /// Per function, its arena's layout ([`memory::layouts`]: an entry's holds no argument).
+    /// Per function, its arena's layout ([`memory::layouts`]: it holds no argument).
     pub(super) layouts: Vec<Arc<Layout>>,
-    /// Per function, whether it is an entry ([`memory::entries`]).
-    entries: Vec<bool>,
     /// Per function, the results it writes over its arguments ([`memory::in_place`]).
     in_place: Vec<HashMap<usize, u32>>,
     /// The gradient function's results handed to the state: by call result, its output's
@@ -109,8 +106,7 @@ impl Input {
     }
 }
 
-/// A function's call: its arena and the arena's layout, the arguments read in place (an
-/// entry's) and the uploads holding its host arguments (freed in stream order with the call).
+/// A function's call: its arena and the arena's layout, the arguments read in place and the uploads holding its host arguments (freed in stream order with the call).
 pub(super) struct Call {
     pub(super) arena: CudaSlice<u8>,
     layout: Arc<Layout>,
@@ -224,7 +220,6 @@ impl Executor {
         let mut blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
         blas.experts = ExpertGemms::load(&gpu, &plan, dir)?;
         let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
-        let entries = memory::entries(&plan);
         let in_place = (0..plan.functions.len()).map(|f| memory::in_place(&plan, f)).collect();
         let delivered = memory::delivered(&plan, plan.grad);
         let bytes =
@@ -242,7 +237,6 @@ impl Executor {
             kernels,
             attention,
             layouts,
-            entries,
             in_place,
             delivered,
             bytes,
@@ -388,28 +382,19 @@ impl Executor {
                             let e = GpuError::Unsupported(format!("{given} bytes for a buffer of {want}"));
                             return Err(at(e, &format!("argument {a}")));
                         }
-                        if self.entries[f] {
-                            let place = match &args[a] {
-                                Input::Device(place, _) => *place,
-                                Input::Host(bytes) => {
-                                    let upload = self.gpu.stream.clone_htod(bytes)?;
-                                    let place = upload.device_ptr(&self.gpu.stream).0;
-                                    call.uploads.push(upload);
-                                    place
-                                }
-                            };
-                            call.outside.insert(i, place);
-                            if let Some(&result) = self.in_place[f].get(&a) {
-                                call.outside.insert(result, place);
+                        let place = match &args[a] {
+                            Input::Device(place, _) => *place,
+                            Input::Host(bytes) => {
+                                let upload = self.gpu.stream.clone_htod(bytes)?;
+                                let place = upload.device_ptr(&self.gpu.stream).0;
+                                call.uploads.push(upload);
+                                place
                             }
-                            continue;
+                        };
+                        call.outside.insert(i, place);
+                        if let Some(&result) = self.in_place[f].get(&a) {
+                            call.outside.insert(result, place);
                         }
-                        let to = call.places(&self.gpu).at(i);
-                        let what = |_: &Self| format!("{} argument copies", function.name);
-                        self.timed(what, 0.0, |this| match &args[a] {
-                            Input::Host(bytes) => places::write(&this.gpu, bytes, to),
-                            Input::Device(from, len) => places::copy(&this.gpu, *from, to, *len),
-                        })?
                     }
                     Op::Table(_) => self.upload_table(f, i, &call.places(&self.gpu), &mut tables)?,
                     Op::Call(callee) => self

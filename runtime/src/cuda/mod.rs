@@ -1,7 +1,7 @@
 //! The CUDA backend's foundation, on cudarc (driver API, loaded at run time so that dsc builds
 //! and its GPU tests skip on machines without CUDA): the device and its stream, a plan's PTX
 //! modules loaded once, and the launch of a generated kernel on its buffers' addresses
-//! ([`places`]: a call's arena placed by [`crate::memory`], an entry function's arguments
+//! ([`places`]: a call's arena placed by [`crate::memory`], a function's arguments
 //! where its caller keeps them). A generated kernel takes each buffer as MLIR's memref descriptor
 //! (allocated pointer, aligned pointer, offset, size, stride); `zeroed` kernels get their
 //! outputs cleared first. The unsafe FFI stays inside cudarc; the one `unsafe` here is the
