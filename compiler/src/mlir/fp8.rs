@@ -182,6 +182,10 @@ type UnitBody<'a> = dyn Fn(&mut Body, &str, &str, Option<&str>) -> Option<String
 /// Warps of the quantize kernel sharing a group (a block per group).
 const WARPS: usize = 8;
 
+/// The most shared memory a transposed group's tile may take (of the 48 KiB a block has
+/// without asking).
+const STAGE_BYTES: usize = 32 * 1024;
+
 /// `quantize` of x into [m, n] (x is [m, n], or [n, m] when transposed; a stack of such, each
 /// transposed) in `rows × cols` groups, or `quantize_by_expert` of x [r, m] into [m, n]
 /// (`offsets` its second argument): a block per group reads it twice (its amax, then the
@@ -357,8 +361,30 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         amax = b.line(format!("arith.maximumf {amax}, {x} : f32"));
     }
     let s = scale(&mut b, &amax);
+    // Transposed, the lanes' words would go to 32 result rows apart (a word of each written
+    // sector); they go to the group's tile in shared memory instead, whose rows then go out
+    // whole. Its rows are one word longer than the group's so that the lanes' words of a
+    // column fall in different banks.
+    let pitch = cols / 4 + 1;
+    let staged = transpose && unit == 4 && 4 * rows * pitch <= STAGE_BYTES;
     each(&mut b, None, &|b, i, j, _| {
         let q: Vec<String> = load(b, i, j).iter().map(|x| b.line(format!("arith.divf {x}, {s} : f32"))).collect();
+        if staged {
+            let word = encode_word(b, &q);
+            let row = b.line(format!("arith.subi {i}, %i0 : index"));
+            let col = b.line(format!("arith.subi {j}, %j0 : index"));
+            let c4 = b.line("arith.constant 4 : index".into());
+            let col = b.line(format!("arith.divui {col}, {c4} : index"));
+            let words = b.line(format!("arith.constant {pitch} : index"));
+            let at = b.line(format!("arith.muli {row}, {words} : index"));
+            let at = b.line(format!("arith.addi {at}, {col} : index"));
+            let _ = writeln!(
+                b.text,
+                "        memref.store {word}, %stage[{at}] : memref<{}xi32, #gpu.address_space<workgroup>>",
+                rows * pitch
+            );
+            return None;
+        }
         let at = b.line(format!("arith.muli {i}, %n : index"));
         let at = b.line(format!("arith.addi {at}, {j} : index"));
         if unit == 4 {
@@ -374,6 +400,14 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         }
         None
     });
+    if staged {
+        // Warp w writes the tile's rows w, w + 8, …, a lane a word of each.
+        let _ = write!(
+            b.text,
+            "      gpu.barrier\n      %stage_pitch = arith.constant {pitch} : index\n      %c4s = arith.constant 4 : index\n      %row_end = arith.subi %i1, %i0 : index\n      %width = arith.subi %j1, %j0 : index\n      %words = arith.divui %width, %c4s : index\n      %word0 = arith.divui %j0, %c4s : index\n      %n_words = arith.divui %n, %c4s : index\n      scf.for %r = %warp to %row_end step %wpb {{\n        %i_out = arith.addi %i0, %r : index\n        %from = arith.muli %r, %stage_pitch : index\n        %to_row = arith.muli %i_out, %n_words : index\n        %to = arith.addi %to_row, %word0 : index\n        scf.for %w = %lane to %words step %c32 {{\n          %sat_w = arith.addi %from, %w : index\n          %word = memref.load %stage[%sat_w] : memref<{}xi32, #gpu.address_space<workgroup>>\n          %qat = arith.addi %to, %w : index\n          memref.store %word, %q{slot}[%qat] : memref<?xi32>\n        }}\n      }}\n",
+            rows * pitch
+        );
+    }
     // The scale's place (`scale_index`): M-major for one-row groups, else row-major.
     let (outer, stride, inner) = if rows == 1 { ("%gc", gm, "%gr") } else { ("%gr", gn.next_multiple_of(4), "%gc") };
     let _ = write!(
@@ -384,8 +418,13 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         Some(_) => "%a0: memref<?xf32>, %a1: memref<?xi32>, %a2: memref<?xi8>",
         None => "%a0: memref<?xf32>, %a1: memref<?xi8>",
     };
+    let stage = if staged {
+        format!(", %stage : memref<{}xi32, #gpu.address_space<workgroup>>", rows * pitch)
+    } else {
+        String::new()
+    };
     let mlir = format!(
-        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>{stage}) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
         b.text
     );
     let args = [Some(x), offsets, Some(out)].into_iter().flatten().collect();
@@ -468,9 +507,11 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x
 
 /// `quantize` of xᵀ (x [n, m]) into [m, n] in 1×`cols` tiles along the result's rows (x's
 /// columns), or `quantize_by_expert` (`offsets`: its value and the experts): a block per 32
-/// result rows and one column group, the lanes along x's contiguous columns, the warps taking
-/// turns along its rows four at a time (one word of the result per lane); each lane's amax
-/// meets the other warps' in shared memory.
+/// result rows and one column group, transposed through shared memory. First the lanes read
+/// along x's contiguous columns (the result's rows), the warps taking turns along its rows, x
+/// read once; then each warp quantises whole result rows, a lane a word of four E4M3 bytes,
+/// so that a row's group goes out as one contiguous store (reading x's columns and storing
+/// words 32 result rows apart left 7 of 8 bytes of every written sector unused).
 #[allow(clippy::too_many_arguments)]
 fn column_tiles_kernel(
     name: &str,
@@ -484,91 +525,71 @@ fn column_tiles_kernel(
 ) -> Emitted {
     let slot = if offsets.is_some() { 2 } else { 1 };
     let (row_blocks, gn) = (m.div_ceil(32), n.div_ceil(cols));
+    // The block's tile of the result, [32 rows][cols], each row one float longer than the
+    // group so that the lanes' writes of a column fall in different banks.
+    let pitch = cols + 1;
+    let shared = 32 * pitch;
     let mut b = Body::new();
     let _ = write!(
         b.text,
-        "      %m = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %rb32 = arith.muli %rb, %c32 : index\n      %i = arith.addi %rb32, %lane : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %warp4 = arith.muli %warp, %c4 : index\n      %u0 = arith.addi %j0, %warp4 : index\n      %ustep = arith.constant {} : index\n",
-        4 * TILE_WARPS
+        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %c32 : index\n      %i = arith.addi %i0, %lane : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane, %pitch : index\n"
     );
     views(&mut b, slot, m, n, 1, cols);
     if let Some((_, experts)) = offsets {
         expert_of_group(&mut b, experts, cols);
     }
-    let by_expert = offsets.is_some();
-    // The four elements of x's rows u..u+4 in column i (zero outside x or, by expert, past the
-    // expert's rows).
-    let load = |b: &mut Body, u: &str| -> Vec<String> {
-        (0..4)
-            .map(|c| {
-                let offset = b.line(format!("arith.constant {c} : index"));
-                let j = b.line(format!("arith.addi {u}, {offset} : index"));
-                let in_group = b.line(format!("arith.cmpi ult, {j}, %j1 : index"));
-                let (row, inside) = if by_expert {
-                    let from = b.line(format!("arith.subi {j}, %first_column : index"));
-                    let row = b.line(format!("arith.addi {from}, %first_row : index"));
-                    let in_expert = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
-                    (row, b.line(format!("arith.andi {in_group}, {in_expert} : i1")))
-                } else {
-                    let rows = b.line(format!("arith.constant {width} : index"));
-                    let in_x = b.line(format!("arith.cmpi ult, {j}, {rows} : index"));
-                    (j, b.line(format!("arith.andi {in_group}, {in_x} : i1")))
-                };
-                let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
-                let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
-                let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
-                let at = b.line(format!("arith.muli {row}, %m : index"));
-                let at = b.line(format!("arith.addi {at}, {column} : index"));
-                let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
-                let zero = b.constant(0.0);
-                b.line(format!("arith.select {inside}, {v}, {zero} : f32"))
-            })
-            .collect()
+    // x's element for the result's row i, column j = j0 + local (zero outside x or, by
+    // expert, past the expert's rows), into the tile.
+    let _ = writeln!(b.text, "      scf.for %local = %warp to %cols step %wpb {{");
+    let j = b.line("arith.addi %j0, %local : index".into());
+    let in_group = b.line(format!("arith.cmpi ult, {j}, %j1 : index"));
+    let (row, inside) = if offsets.is_some() {
+        let from = b.line(format!("arith.subi {j}, %first_column : index"));
+        let row = b.line(format!("arith.addi {from}, %first_row : index"));
+        let in_expert = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
+        (row, b.line(format!("arith.andi {in_group}, {in_expert} : i1")))
+    } else {
+        let rows = b.line(format!("arith.constant {width} : index"));
+        let in_x = b.line(format!("arith.cmpi ult, {j}, {rows} : index"));
+        (j, b.line(format!("arith.andi {in_group}, {in_x} : i1")))
     };
+    let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
+    let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
+    let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
+    let at = b.line(format!("arith.muli {row}, %m : index"));
+    let at = b.line(format!("arith.addi {at}, {column} : index"));
+    let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
     let zero = b.constant(0.0);
-    let (u, acc, partial) = (b.fresh(), b.fresh(), b.fresh());
+    let v = b.line(format!("arith.select {inside}, {v}, {zero} : f32"));
+    let at = b.line("arith.addi %lane_at, %local : index".into());
     let _ = writeln!(
         b.text,
-        "      {partial} = scf.for {u} = %u0 to %j1 step %ustep iter_args({acc} = {zero}) -> (f32) {{"
+        "        memref.store {v}, %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>\n      }}\n      gpu.barrier"
     );
-    let mut amax = acc.clone();
-    for v in load(&mut b, &u) {
-        let magnitude = magnitude(&mut b, &v);
-        amax = b.line(format!("arith.maximumf {amax}, {magnitude} : f32"));
-    }
-    let _ = writeln!(b.text, "        scf.yield {amax} : f32\n      }}");
-    let _ = writeln!(
-        b.text,
-        "      memref.store {partial}, %shared[%tid] : memref<{}xf32, #gpu.address_space<workgroup>>\n      gpu.barrier",
-        32 * TILE_WARPS
-    );
-    let mut amax = partial.clone();
-    for w in 0..TILE_WARPS {
-        let at = b.line(format!("arith.constant {} : index", 32 * w));
-        let at = b.line(format!("arith.addi {at}, %lane : index"));
-        let v = b.line(format!(
-            "memref.load %shared[{at}] : memref<{}xf32, #gpu.address_space<workgroup>>",
-            32 * TILE_WARPS
-        ));
-        amax = b.line(format!("arith.maximumf {amax}, {v} : f32"));
-    }
-    let s = scale(&mut b, &amax);
-    let u = b.fresh();
-    let _ = writeln!(b.text, "      scf.for {u} = %u0 to %j1 step %ustep {{");
-    let q: Vec<String> = load(&mut b, &u).iter().map(|v| b.line(format!("arith.divf {v}, {s} : f32"))).collect();
-    let word = encode_word(&mut b, &q);
-    let at = b.line("arith.muli %i, %n : index".into());
-    let at = b.line(format!("arith.addi {at}, {u} : index"));
-    let at = b.line(format!("arith.divui {at}, %c4 : index"));
-    let _ = writeln!(
-        b.text,
-        "        scf.if %lane_in {{\n        memref.store {word}, %q{slot}[{at}] : memref<?xi32>\n        }}\n      }}"
-    );
-    // The scale, M-major (`scale_index`), from the first warp.
-    let _ = write!(
-        b.text,
-        "      %warp0 = arith.cmpi eq, %warp, %c0 : index\n      %writes = arith.andi %warp0, %lane_in : i1\n      scf.if %writes {{\n      %srow = arith.muli %gc, %m : index\n      %sat = arith.addi %srow, %i : index\n      memref.store {s}, %s{slot}[%sat] : memref<?xf32>\n      }}\n"
-    );
-    let mlir = tile_module(name, &b.text, offsets.is_some(), 32 * TILE_WARPS);
+    // Warp w quantises the tile's rows w, w + 8, …: lane l the four columns from 4l.
+    let _ = writeln!(b.text, "      scf.for %local_row = %warp to %c32 step %wpb {{");
+    let _ = writeln!(b.text, "        %row = arith.addi %i0, %local_row : index");
+    let row_in = b.line("arith.cmpi ult, %row, %m : index".into());
+    let local_col = b.line("arith.muli %lane, %c4 : index".into());
+    let col = b.line(format!("arith.addi %j0, {local_col} : index"));
+    let col_in = b.line(format!("arith.cmpi ult, {col}, %j1 : index"));
+    let stores = b.line(format!("arith.andi {row_in}, {col_in} : i1"));
+    let base = b.line("arith.muli %local_row, %pitch : index".into());
+    let base = b.line(format!("arith.addi {base}, {local_col} : index"));
+    let values: Vec<String> = (0..4)
+        .map(|c| {
+            let offset = b.line(format!("arith.constant {c} : index"));
+            let at = b.line(format!("arith.addi {base}, {offset} : index"));
+            // Lanes past the group read inside the tile (their columns wrap into the next
+            // rows) and store nothing.
+            let limit = b.line(format!("arith.constant {} : index", shared - 1));
+            let at = b.line(format!("arith.minui {at}, {limit} : index"));
+            b.line(format!("memref.load %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>"))
+        })
+        .collect();
+    store_row_group(&mut b, slot, &values, &col, Some(&stores), cols / 4, cols);
+    let _ = writeln!(b.text, "      }}");
+    let mlir = tile_module(name, &b.text, offsets.is_some(), shared);
     let args = [Some(x), offsets.map(|(o, _)| o), Some(out)].into_iter().flatten().collect();
     Emitted { mlir, grid: (row_blocks * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args, zeroed: false }
 }
