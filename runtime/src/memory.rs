@@ -153,10 +153,21 @@ pub fn in_place(compiled: &Plan, f: usize) -> HashMap<usize, u32> {
             last_reader.entry(read).and_modify(|last| *last = (*last).max(k)).or_insert(k);
         }
     }
+    let argument: HashMap<&str, usize> =
+        function.args.iter().enumerate().map(|(a, (name, _, _))| (name.as_str(), a)).collect();
+    let arg_node: HashMap<usize, u32> = function
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match n.op {
+            Op::Arg(a) => Some((a, i as u32)),
+            _ => None,
+        })
+        .collect();
     let mut replaced = HashMap::new();
     for (&o, name) in function.outputs.iter().zip(&function.output_names) {
-        let Some(a) = function.args.iter().position(|(arg, _, _)| arg == name) else { continue };
-        let Some(arg) = function.nodes.iter().position(|n| n.op == Op::Arg(a)).map(|i| i as u32) else { continue };
+        let Some(&a) = argument.get(name.as_str()) else { continue };
+        let Some(&arg) = arg_node.get(&a) else { continue };
         let result = base(function, o);
         let Some(&k) = writer.get(&result.0) else { continue };
         let kernel = &kernels[k];

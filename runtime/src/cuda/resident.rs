@@ -125,10 +125,10 @@ impl Executor {
             host[at..at + data.len()].copy_from_slice(data);
         }
         // The moments of the learned parameter of each run, in the runs' (the model's) order.
-        let slot = |param: usize| zero.runs.iter().position(|run| run.param == param).expect("a piece is learned");
+        let slot: HashMap<usize, usize> = zero.runs.iter().enumerate().map(|(i, run)| (run.param, i)).collect();
         let mut shard = [vec![0.0f32; zero.shard], vec![0.0f32; zero.shard]];
         for piece in &member.pieces {
-            let (m, v) = &moments[slot(piece.param)];
+            let (m, v) = &moments[slot[&piece.param]];
             for (to, from) in shard.iter_mut().zip([m, v]) {
                 to[piece.at..piece.at + piece.len].copy_from_slice(&from.as_real().data[piece.start..][..piece.len]);
             }
