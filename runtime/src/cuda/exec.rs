@@ -214,8 +214,8 @@ impl Executor {
     /// An executor of `plan` (compiled into `dir`, whose `kernels/` holds the PTX) on `gpu`.
     /// With `checked`, it synchronises after every kernel (slower; a fault names its kernel).
     /// The products a lower-precision policy keeps out of FP8 (attention on BF16-rounded
-    /// operands, the head, the gate, the BF16 policy's linears) run on BF16 tensor cores, as
-    /// the recipe keeps them; an all-f32 policy keeps cuBLAS's exact f32 products.
+    /// operands, the head, the BF16 policy's linears) run on TF32 tensor cores, finer than the
+    /// BF16 the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
     pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
         let mut blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
         blas.experts = ExpertGemms::load(&gpu, &plan, dir)?;
@@ -251,7 +251,7 @@ impl Executor {
         })
     }
 
-    /// Runs cuBLAS's f32 products exactly (not on BF16 tensor cores) whatever the policy, so that a plan's
+    /// Runs cuBLAS's f32 products exactly (no TF32) whatever the policy, so that a plan's
     /// outputs can be held to the CPU reference at f32 precision.
     pub fn exact(mut self) -> Result<Self, GpuError> {
         let experts = std::mem::take(&mut self.blas.experts);

@@ -36,9 +36,6 @@ use std::collections::hash_map::{Entry, HashMap};
 /// gradients run on them where their tiles fit, without reading the offsets back).
 pub struct Blas {
     pub f32: CudaBlas,
-    /// How cuBLAS computes the f32 products: exactly, or on BF16 tensor cores (operands
-    /// rounded to BF16, f32 accumulation).
-    pub compute: sys::cublasComputeType_t,
     pub fp8: Lt,
     pub experts: ExpertGemms,
 }
@@ -282,7 +279,7 @@ pub fn run(
     }
     for p in &plan.products {
         match p.b_groups {
-            None => product(blas, places, p)?,
+            None => product(&blas.f32, places, p)?,
             Some(b_groups) => {
                 let (m, k, n) = (p.a.1[0], p.a.1[1], p.b.1[0]);
                 let (a, b) = (Fp8Operand::buffer(places.at(p.a.0), m, k), Fp8Operand::buffer(places.at(p.b.0), n, k));
@@ -303,7 +300,7 @@ fn bytes_of(function: &Function, v: u32) -> usize {
     function.nodes[v as usize].shape.iter().product::<usize>() * 4
 }
 
-fn product(blas: &Blas, places: &Places, p: &Product) -> Result<(), GpuError> {
+fn product(blas: &CudaBlas, places: &Places, p: &Product) -> Result<(), GpuError> {
     let (a_shape, b_shape) = (p.a.1, p.b.1);
     let c_shape = matmul_shape(a_shape, b_shape, p.ta, p.tb);
     let rank = c_shape.len();
@@ -384,7 +381,7 @@ fn grouped(
         for p in &products {
             // SAFETY: the offsets are the plan's expert offsets, within xs's (and grad's) rows
             // (the routing made them); weights and outputs are buffers of their shapes.
-            unsafe { sgemm(blas, p)? };
+            unsafe { sgemm(&blas.f32, p)? };
         }
     }
     Ok(())
@@ -553,35 +550,29 @@ struct Sgemm {
 ///
 /// # Safety
 /// The addresses must hold the matrices `g` describes, on the handle's stream.
-unsafe fn sgemm(blas: &Blas, g: &Sgemm) -> Result<(), GpuError> {
+unsafe fn sgemm(blas: &CudaBlas, g: &Sgemm) -> Result<(), GpuError> {
     let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
     let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
     let (ldb, lda) = (if g.tb { g.k } else { g.n }, if g.ta { g.m } else { g.k });
-    let f32 = sys::cudaDataType::CUDA_R_32F;
-    cudarc::cublas::result::gemm_strided_batched_ex(
-        *blas.f32.handle(),
+    cudarc::cublas::result::sgemm_strided_batched(
+        *blas.handle(),
         op(g.tb),
         op(g.ta),
         g.n as i32,
         g.m as i32,
         g.k as i32,
-        (&alpha as *const f32).cast(),
-        g.b as *const std::ffi::c_void,
-        f32,
+        &alpha,
+        g.b as *const f32,
         ldb as i32,
         g.strides[1],
-        g.a as *const std::ffi::c_void,
-        f32,
+        g.a as *const f32,
         lda as i32,
         g.strides[0],
-        (&beta as *const f32).cast(),
-        g.c as *mut std::ffi::c_void,
-        f32,
+        &beta,
+        g.c as *mut f32,
         g.n as i32,
         (g.m * g.n) as i64,
         g.batch as i32,
-        blas.compute,
-        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )
     .map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))
 }

@@ -102,17 +102,17 @@ impl Gpu {
         Ok(Gpu { context, stream })
     }
 
-    /// cuBLAS and cuBLASLt on this GPU's stream; with `bf16`, cuBLAS's f32 products run on
-    /// BF16 tensor cores (operands rounded to BF16, f32 accumulation: the precision the recipe
-    /// keeps out of FP8), else exactly.
-    pub fn blas(&self, bf16: bool) -> Result<gemm::Blas, GpuError> {
-        let f32 = cudarc::cublas::CudaBlas::new(self.stream.clone())
-            .map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))?;
-        let compute = match bf16 {
-            true => cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-            false => cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        };
-        Ok(gemm::Blas { f32, compute, fp8: scaled::Lt::new(self)?, experts: Default::default() })
+    /// cuBLAS and cuBLASLt on this GPU's stream; with `tensor_cores`, cuBLAS's f32 products
+    /// run on TF32 tensor cores (operands rounded to 10 mantissa bits, f32 accumulation).
+    pub fn blas(&self, tensor_cores: bool) -> Result<gemm::Blas, GpuError> {
+        let cublas = |e| GpuError::Unsupported(format!("cuBLAS: {e:?}"));
+        let f32 = cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(cublas)?;
+        if tensor_cores {
+            let mode = cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH;
+            // SAFETY: the handle is live; the mode applies to its later calls.
+            unsafe { cudarc::cublas::sys::cublasSetMathMode(*f32.handle(), mode) }.result().map_err(cublas)?;
+        }
+        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)?, experts: Default::default() })
     }
 
     pub fn name(&self) -> Result<String, GpuError> {
