@@ -162,7 +162,7 @@ fn structure(ty: &str, count: usize) -> String {
 
 /// ptxas's report (`-v`) of `ptx` assembled for sm_90a, where `DSC_PTXAS` names ptxas (else
 /// None, saying so); fails the test when it does not assemble.
-#[cfg(test)]
+#[cfg(all(test, feature = "mlir"))]
 pub(super) fn assemble(ptx: &str) -> Option<String> {
     let Some(ptxas) = std::env::var_os("DSC_PTXAS") else {
         eprintln!("ptxas not run: set DSC_PTXAS (scripts/install-deps.sh installs it)");
