@@ -4,8 +4,8 @@
 //! at the lowest offset where it fits among the buffers still alive (first fit), at 256-byte
 //! alignment. The arena's size (the peak) is reported against the sum of all buffers.
 //! [`layouts`] places every function of a plan: a function reads its arguments where its
-//! caller keeps them (the training state, the caller's arena), so its arena holds none of them; an
-//! optimizer function writes its results over the arguments they replace where that is safe
+//! caller keeps them (the training state, the caller's arena), so its arena holds none of
+//! them; an optimizer function writes its results over the arguments they replace where that is safe
 //! ([`in_place`]), and the gradient function hands the gradients its calls yield straight to
 //! the state ([`delivered`]), so their arenas hold none of those either; what a generated
 //! kernel computes for itself alone stays in its registers. [`step_memory`] adds a training
@@ -60,8 +60,8 @@ pub fn plan(buffers: &[Buffer]) -> Layout {
 
 /// The arena of every function of `compiled`: the values its kernels write for others (what a
 /// generated kernel computes for itself alone stays in its registers), its arguments left out
-/// (read where the caller keeps them), the results an optimizer writes in place ([`in_place`]) and the gradients
-/// the gradient function hands to the state ([`delivered`]).
+/// (read where the caller keeps them), the results an optimizer writes in place
+/// ([`in_place`]) and the gradients the gradient function hands to the state ([`delivered`]).
 pub fn layouts(compiled: &Plan) -> Vec<Layout> {
     compiled
         .functions
@@ -307,9 +307,7 @@ mod tests {
 
     #[test]
     fn no_function_keeps_an_argument_in_its_arena() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
-        let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec").clone();
-        let compiled = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
+        let compiled = tiny_plan();
         let layouts = layouts(&compiled);
         for (f, function) in compiled.module.functions.iter().enumerate() {
             let args: Vec<&Buffer> = compiled.functions[f]

@@ -3,10 +3,10 @@
 //! and returns its outputs on the host. A function reads its arguments where they are (the
 //! training state in place, its caller's buffers, host values uploaded for the call:
 //! [`super::places`]), and the optimizer writes the results that replace them over them where
-//! that is safe ([`memory::in_place`]). The steps are the function's nodes in
-//! order: an argument or constant table is written into its buffer, a call runs the callee in
-//! an arena of its own (results copied out into the caller's part buffers), and a kernel runs
-//! at its first node (a quantisation of a weight already made this step is read where
+//! that is safe ([`memory::in_place`]). The steps are the function's nodes in order: an
+//! argument is bound to its place, a constant table written into its buffer, a call runs
+//! the callee in an arena of its own (results copied out into the caller's part buffers, or
+//! into the state's gradient sums: [`memory::delivered`]), and a kernel runs at its first node (a quantisation of a weight already made this step is read where
 //! [`super::weights`] keeps it instead): generated kernels from their PTX, library GEMMs on
 //! cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]; a
 //! plan expands any attention they do not take), and what none covers (FP8 GEMMs outside
@@ -106,7 +106,8 @@ impl Input {
     }
 }
 
-/// A function's call: its arena and the arena's layout, the arguments read in place and the uploads holding its host arguments (freed in stream order with the call).
+/// A function's call: its arena and the arena's layout, its arguments' places and the
+/// uploads holding its host arguments (freed in stream order with the call).
 pub(super) struct Call {
     pub(super) arena: CudaSlice<u8>,
     layout: Arc<Layout>,

@@ -1,8 +1,8 @@
 //! Where a plan function's values live during one call, as device addresses: in the call's
 //! arena at the memory plan's offsets ([`crate::memory`]), except the function's arguments,
-//! which are read where the caller keeps them (the training state, the caller's buffers, inputs
-//! uploaded for the call). Kernels, GEMMs and copies take their operands' addresses from [`Places`];
-//! the copies between addresses are here.
+//! which are read where the caller keeps them (the training state, the caller's buffers,
+//! inputs uploaded for the call). Kernels, GEMMs and copies take their operands' addresses
+//! from [`Places`]; the copies between addresses are here.
 
 use super::{Gpu, GpuError};
 use crate::memory::Layout;

@@ -33,7 +33,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::base;
 use dsc_compiler::graph::ir::{Op, V};
 use dsc_compiler::graph::zero::Member;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 /// Device memory left free beside the arenas for the libraries' workspaces.
@@ -167,15 +167,15 @@ impl Executor {
         let origins = (0..inputs.len()).map(|i| (i < info.len()).then_some(i)).collect();
         let delivered: HashMap<u32, u64> =
             self.delivered.iter().map(|(&part, &k)| (part, address(gpu, &state.grads, state.at[k - grads]))).collect();
-        let handed: HashSet<usize> = self.delivered.values().copied().collect();
         let call = self.invoke(f, &inputs, Binding { origins, delivered, add: !first })?;
         let plan = self.plan.clone();
         let mut before = Vec::with_capacity(grads);
-        for (i, &o) in plan.module.functions[f].outputs.iter().enumerate() {
+        let function = &plan.module.functions[f];
+        for (i, &o) in function.outputs.iter().enumerate() {
             // Outputs past the gradients are the host trainer's to ignore too, and so are the
             // gradients of what is not learned (zeros) and those already in the sums.
             match i.checked_sub(grads) {
-                _ if handed.contains(&i) => {}
+                _ if self.delivered.get(&base(function, o).0) == Some(&i) => {}
                 None => before.push(self.output(f, o, &call)?),
                 Some(p) if plan.params.get(p).is_some_and(|p| p.learned) => {
                     let to = (address(&self.gpu, &state.grads, state.at[p]), 4 * plan.params[p].numel());
