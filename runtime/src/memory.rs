@@ -192,9 +192,9 @@ pub fn in_place(compiled: &Plan, f: usize) -> HashMap<usize, u32> {
 /// The GPU memory a training step of a plan takes on the CUDA backend, by what holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepMemory {
-    /// The training state (`cuda::resident`), held throughout: every parameter, the gradient
-    /// sums of the learned ones, and Adam's moments of a process's ZeRO-1 shard of them, in
-    /// f32 (with data-parallel processes, the shard's summed gradient too).
+    /// The training state (`cuda::resident`), held throughout: every parameter and the gradient
+    /// sums of the learned ones in f32, Adam's moments of a process's ZeRO-1 shard of them in
+    /// the policy's type (with data-parallel processes, the shard's summed gradient too).
     pub state: u64,
     /// The step's FP8 copies of the weights (`cuda::weights`), held throughout.
     pub weights: u64,
@@ -223,8 +223,11 @@ impl StepMemory {
 pub fn step_memory(compiled: &Plan, layouts: &[Layout]) -> StepMemory {
     let zero = &compiled.zero;
     let (_, params) = zero.placement(&compiled.params);
-    let shard = if zero.members.len() > 1 { 3 } else { 2 } * zero.shard;
-    let state = 4 * (params + zero.len() + shard) as u64;
+    // Parameters and gradient sums in f32, the moments of the shard in their own type, and
+    // with peers the shard's summed gradient.
+    let moments = 2 * compiled.moment_bytes() * zero.shard;
+    let shard_gradient = if zero.members.len() > 1 { 4 * zero.shard } else { 0 };
+    let state = (4 * (params + zero.len()) + moments + shard_gradient) as u64;
     let arena = |f: usize| layouts[f].peak;
     // The gradient function and the functions it calls, at any depth, with the parameters'
     // FP8 copies they make.

@@ -175,7 +175,7 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                         }
                         Value::Quantized(q) => {
                             let node = &function.nodes[v as usize];
-                            let Value::Quantized(decoded) = exec::decode(node, &node.shape, &got) else {
+                            let Value::Quantized(decoded) = exec::decode(node, &node.shape, &got, false) else {
                                 panic!("output %{v} of {} is FP8", kernel.name)
                             };
                             (relative_error(&decoded.dequantize(), &q.dequantize()), 1e-3)

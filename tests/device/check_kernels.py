@@ -44,6 +44,29 @@ def bf16(x):
     return rounded.astype(xp.uint32).view(xp.float32).astype(xp.float64)
 
 
+def bf16_bits(x):
+    """bfloat16 values (already rounded) as the uint16 words of a packed buffer."""
+    return (xp.asarray(x, dtype=xp.float32).view(xp.uint32) >> 16).astype(xp.uint16)
+
+
+def from_bf16_bits(words):
+    return (words.astype(xp.uint32) << 16).view(xp.float32).astype(xp.float64)
+
+
+def packed_bf16(function):
+    """The values stored as packed bf16 (dsc's `fuse::kernels::packed_bf16`): the function's
+    bf16 arguments and results (Adam's moments under the policy); every other real is f32."""
+    nodes = function["nodes"]
+
+    def base(v):
+        while op_name(nodes[v]["op"]) in ("reshape", "stop_gradient"):
+            v = nodes[v]["args"][0]
+        return v
+
+    args = [v for v, n in enumerate(nodes) if op_name(n["op"]) == "arg"]
+    return {v for v in args + [base(o) for o in function["outputs"]] if nodes[v]["dtype"] == "bf16"}
+
+
 def attrs(node):
     op = node["op"]
     return {} if isinstance(op, str) else next(iter(op.values()))
@@ -349,15 +372,17 @@ def main():
             nodes = function["nodes"]
             size = lambda v: max(1, math.prod(nodes[v]["shape"]))
             is_index = lambda v: nodes[v]["dtype"] == "i32"
-            # Positive inputs keep log, sqrt and rsqrt in their domain.
+            packed = packed_bf16(function)
+            # Positive inputs keep log, sqrt and rsqrt in their domain; packed ones are bf16.
             try:
                 host = {v: index_input(function, k, v) if is_index(v) else xp.random.uniform(0.5, 1.5, size(v)) for v in k["inputs"]}
+                host.update({v: bf16(host[v]) for v in k["inputs"] if v in packed})
                 ref = reference(function, k, host)
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 failures += 1
                 print(f"FAIL {k['name']:<40} no reference: {e}")
                 continue
-            dev = {v: host[v].astype(cp.int32 if is_index(v) else cp.float32) for v in k["inputs"]}
+            dev = {v: bf16_bits(host[v]) if v in packed else host[v].astype(cp.int32 if is_index(v) else cp.float32) for v in k["inputs"]}
             # The values the kernel writes: its arguments after its inputs (a fused op's
             # tuple is written as its parts).
             outputs = [v for v in code["args"] if v not in k["inputs"]]
@@ -367,6 +392,8 @@ def main():
                     dev[v] = cp.full(fp8_layout(nodes[v])[-1], 0xFF, dtype=cp.uint8)
                 elif is_index(v):
                     dev[v] = cp.full(size(v), -(2**31), dtype=cp.int32)
+                elif v in packed:
+                    dev[v] = cp.full(size(v), 0x7FC0, dtype=cp.uint16)  # NaN
                 else:
                     dev[v] = cp.full(size(v), cp.nan, dtype=cp.float32)
                 if code.get("zeroed"):
@@ -383,7 +410,7 @@ def main():
             # Per output: its error and DESIGN.md's bound for it.
             checks = []
             for v in outputs:
-                got = dequantize(dev[v], nodes[v]) if is_fp8(v) else dev[v].astype(xp.float64)
+                got = dequantize(dev[v], nodes[v]) if is_fp8(v) else from_bf16_bits(dev[v]) if v in packed else dev[v].astype(xp.float64)
                 want = ref[v].astype(xp.float64)
                 if is_index(v):
                     # Positions must be exact: the fraction that differ.

@@ -13,7 +13,7 @@
 use super::cost::Profile;
 use crate::graph::ir::{matmul_shape, DType, Function, Module, Node, Op, V};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -164,6 +164,17 @@ pub fn dtype_bytes(d: DType) -> u64 {
 
 fn numel(n: &Node) -> u64 {
     n.shape.iter().product::<usize>() as u64
+}
+
+/// The values of `f` stored as packed bf16 (2 bytes an element) between kernels: its bf16
+/// arguments and results, state that a caller keeps in bf16 from call to call (Adam's moments
+/// under the policy). Every other real is stored as f32: a bf16 value inside a function is
+/// rounded, not packed. Only elementwise generated kernels read and write packed values
+/// (`crate::mlir::emit`); the backends convert them where they cross to the host.
+pub fn packed_bf16(f: &Function) -> HashSet<u32> {
+    let args = f.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Arg(_))).map(|(i, _)| V(i as u32));
+    let results = f.outputs.iter().map(|&o| base(f, o));
+    args.chain(results).filter(|&v| f.node(v).dtype == DType::Bf16).map(|v| v.0).collect()
 }
 
 /// Bytes of a value's buffer: its elements, and an FP8 value's scales

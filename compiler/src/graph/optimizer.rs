@@ -11,19 +11,31 @@ use dsc_lang::{Dtype, ParamGroup, Spec};
 
 /// `adamw(p, g, m, v for each learned parameter…, bias, load for each MoE layer…, lr,
 /// bias_correction1, bias_correction2, bias_speed, grad_norm) -> (p', m', v' for each learned
-/// parameter…, bias' for each MoE layer…)`. The bias corrections are 1 − βᵗ; `grad_norm` is
+/// parameter…, bias' for each MoE layer…)`, m and v (in and out) of the policy's moment type.
+/// The bias corrections are 1 − βᵗ; `grad_norm` is
 /// the norm of the whole model's gradient, which clipping scales to at most the spec's
 /// `grad_clip`.
 pub fn build(module: &Module, spec: &Spec, params: &[ParamInfo], moe_biases: &[usize], numerics: Numerics) -> Function {
     let opt = &spec.train.optimizer;
     let mut b = FunctionBuilder::new(module, "adamw");
     let learned: Vec<&ParamInfo> = params.iter().filter(|p| p.learned).collect();
+    // Moments the policy keeps in bf16 come and go as bf16 (stored packed between steps:
+    // `fuse::kernels::packed_bf16`); the update itself computes in f32.
+    let moment_type =
+        (numerics == Numerics::Policy && spec.precision.adam_moments == Dtype::Bf16).then_some(DType::Bf16);
     let state: Vec<[V; 4]> = learned
         .iter()
         .map(|p| {
-            let arg =
-                |b: &mut FunctionBuilder, what: &str| b.arg(format!("{what}:{}", p.name), p.shape.clone(), DType::F32);
-            [arg(&mut b, "param"), arg(&mut b, "grad"), arg(&mut b, "m"), arg(&mut b, "v")]
+            let arg = |b: &mut FunctionBuilder, what: &str, dtype| {
+                b.arg(format!("{what}:{}", p.name), p.shape.clone(), dtype)
+            };
+            let moment = moment_type.unwrap_or(DType::F32);
+            [
+                arg(&mut b, "param", DType::F32),
+                arg(&mut b, "grad", DType::F32),
+                arg(&mut b, "m", moment),
+                arg(&mut b, "v", moment),
+            ]
         })
         .collect();
     let biases: Vec<(V, V)> = moe_biases
@@ -44,14 +56,14 @@ pub fn build(module: &Module, spec: &Spec, params: &[ParamInfo], moe_biases: &[u
     let clip = b.constant(spec.train.grad_clip);
     let limit = b.binary(Op::Maximum, norm, clip);
     let factor = b.div(clip, limit);
-    let moment_type =
-        (numerics == Numerics::Policy && spec.precision.adam_moments == Dtype::Bf16).then_some(DType::Bf16);
     let mut outputs = Vec::new();
     for (p, [w, g, m, v]) in learned.iter().zip(&state) {
         let g = b.mul(*g, factor);
-        let m_new = ema(&mut b, *m, g, opt.beta1);
+        // Widened here, beside their use, so that each parameter's update stays one kernel.
+        let [m, v] = [*m, *v].map(|x| if moment_type.is_some() { b.cast(x, DType::F32) } else { x });
+        let m_new = ema(&mut b, m, g, opt.beta1);
         let g2 = b.unary(Op::Square, g);
-        let v_new = ema(&mut b, *v, g2, opt.beta2);
+        let v_new = ema(&mut b, v, g2, opt.beta2);
         let m_new = moment_type.map_or(m_new, |t| b.cast(m_new, t));
         let v_new = moment_type.map_or(v_new, |t| b.cast(v_new, t));
         let m_hat = b.div(m_new, bc1);

@@ -10,7 +10,7 @@
 use crate::fuse::kernels::Kernel;
 use crate::graph::ir::{DType, Function, Node, Op, V};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 /// Emits `%{name}_r4`, the butterfly reduction over the warp of `value` with `combine`
@@ -32,7 +32,7 @@ pub(super) const TARGET: &str = r#"#nvvm.target<chip = "sm_90a", features = "+pt
 pub(super) const BLOCK: u32 = 256;
 
 /// A kernel's MLIR and how to launch it: arguments are `memref<?xf32>` buffers (`memref<?xi32>`
-/// for index values), inputs first then outputs, each passed as MLIR's memref descriptor
+/// for index values, `memref<?xbf16>` for packed ones), inputs first then outputs, each passed as MLIR's memref descriptor
 /// (pointer, aligned pointer, offset, size, stride).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Emitted {
@@ -45,9 +45,14 @@ pub struct Emitted {
     pub zeroed: bool,
 }
 
-/// The MLIR of `kernel` (a kernel of `f`), or why it is not generated yet.
-pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
+/// The MLIR of `kernel` (a kernel of `f`, whose `packed` values are stored as bf16:
+/// [`crate::fuse::kernels::packed_bf16`]), or why it is not generated yet.
+pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
+    let elementwise = is_elementwise(f, kernel, &nodes);
+    if !elementwise && kernel.inputs.iter().chain(&kernel.outputs).any(|v| packed.contains(v)) {
+        return Err("only elementwise kernels read and write bf16-packed values".into());
+    }
     match nodes.as_slice() {
         [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => {
             super::rows::row_kernel(f, kernel, one, kernel.nodes[0])
@@ -64,7 +69,7 @@ pub fn emit(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
             let width = one.shape[1];
             Ok(super::fp8::quantize_kernel(&kernel.name, one, x, width, Some(offsets), kernel.nodes[0]))
         }
-        _ if is_elementwise(f, kernel, &nodes) => elementwise_kernel(f, kernel, &nodes),
+        _ if elementwise => elementwise_kernel(f, kernel, &nodes, packed),
         _ => super::indexed::indexed_kernel(f, kernel),
     }
 }
@@ -185,8 +190,9 @@ pub(super) fn float(c: f64) -> String {
     format!("0x{:08X}", (c as f32).to_bits())
 }
 
-fn header(name: &str, args: usize) -> String {
-    let params: Vec<String> = (0..args).map(|i| format!("%a{i}: memref<?xf32>")).collect();
+/// The kernel's opening, its arguments buffers of the element types `types` (`f32`, `bf16`).
+fn header(name: &str, types: &[&str]) -> String {
+    let params: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("%a{i}: memref<?x{t}>")).collect();
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({}) kernel {{\n",
         params.join(", ")
@@ -196,33 +202,52 @@ fn header(name: &str, args: usize) -> String {
 const FOOTER: &str = "    gpu.return\n    }\n  }\n}\n";
 
 /// An elementwise kernel: all its ops over the same elements, inputs of that size or scalars.
-fn elementwise_kernel(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> Result<Emitted, String> {
+/// A packed (bf16) buffer is widened to f32 as it is loaded and rounded back as it is stored.
+fn elementwise_kernel(
+    f: &Function,
+    kernel: &Kernel,
+    nodes: &[&Node],
+    packed: &HashSet<u32>,
+) -> Result<Emitted, String> {
     let size = nodes.iter().map(|n| numel(n)).max().unwrap_or(0);
     let vectorised = size % 4 == 0 && size > 0;
     let mut args: Vec<u32> = kernel.inputs.clone();
     args.extend(&kernel.outputs);
+    let types: Vec<&str> = args.iter().map(|v| if packed.contains(v) { "bf16" } else { "f32" }).collect();
     let lanes = if vectorised { 4 } else { 1 };
     let mut body = Body::new();
-    let mut text = header(&kernel.name, args.len());
+    let mut text = header(&kernel.name, &types);
     text.push_str(&index_prelude(lanes, size));
     // Scalars are loaded once; vector inputs per lane.
     let mut lane_values: Vec<HashMap<u32, String>> = vec![HashMap::new(); lanes];
     let c0 = body.line("arith.constant 0 : index".into());
     for (slot, &i) in kernel.inputs.iter().enumerate() {
+        let t = types[slot];
+        let widen = |body: &mut Body, x: String, of: &str| {
+            if t == "f32" {
+                x
+            } else {
+                body.line(format!("arith.extf {x} : {of} to {}", of.replace(t, "f32")))
+            }
+        };
         if numel(&f.nodes[i as usize]) == 1 {
-            let s = body.line(format!("memref.load %a{slot}[{c0}] : memref<?xf32>"));
+            let s = body.line(format!("memref.load %a{slot}[{c0}] : memref<?x{t}>"));
+            let s = widen(&mut body, s, t);
             lane_values.iter_mut().for_each(|m| {
                 m.insert(i, s.clone());
             });
         } else if vectorised {
-            let v = body
-                .line(format!("vector.load %a{slot}[%base] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>"));
+            let v = body.line(format!(
+                "vector.load %a{slot}[%base] {{alignment = {} : i64}} : memref<?x{t}>, vector<4x{t}>",
+                alignment(t)
+            ));
+            let v = widen(&mut body, v, &format!("vector<4x{t}>"));
             for (lane, m) in lane_values.iter_mut().enumerate() {
                 m.insert(i, body.line(format!("vector.extract {v}[{lane}] : f32 from vector<4xf32>")));
             }
         } else {
-            let s = body.line(format!("memref.load %a{slot}[%base] : memref<?xf32>"));
-            lane_values[0].insert(i, s);
+            let s = body.line(format!("memref.load %a{slot}[%base] : memref<?x{t}>"));
+            lane_values[0].insert(i, widen(&mut body, s, t));
         }
     }
     for values in &mut lane_values {
@@ -234,17 +259,28 @@ fn elementwise_kernel(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> Result<
     }
     for (k, &o) in kernel.outputs.iter().enumerate() {
         let slot = kernel.inputs.len() + k;
+        let t = types[slot];
+        let narrow = |body: &mut Body, x: String, of: &str| {
+            if t == "f32" {
+                x
+            } else {
+                body.line(format!("arith.truncf {x} : {of} to {}", of.replace("f32", t)))
+            }
+        };
         if vectorised {
             let mut v = body.line("arith.constant dense<0.0> : vector<4xf32>".into());
             for (lane, values) in lane_values.iter().enumerate() {
                 v = body.line(format!("vector.insert {}, {v} [{lane}] : f32 into vector<4xf32>", values[&o]));
             }
+            let v = narrow(&mut body, v, "vector<4xf32>");
             let _ = writeln!(
                 body.text,
-                "        vector.store {v}, %a{slot}[%base] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>"
+                "        vector.store {v}, %a{slot}[%base] {{alignment = {} : i64}} : memref<?x{t}>, vector<4x{t}>",
+                alignment(t)
             );
         } else {
-            let _ = writeln!(body.text, "        memref.store {}, %a{slot}[%base] : memref<?xf32>", lane_values[0][&o]);
+            let s = narrow(&mut body, lane_values[0][&o].clone(), "f32");
+            let _ = writeln!(body.text, "        memref.store {s}, %a{slot}[%base] : memref<?x{t}>");
         }
     }
     text.push_str(&body.text);
@@ -252,6 +288,15 @@ fn elementwise_kernel(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> Result<
     text.push_str(FOOTER);
     let threads = size.div_ceil(lanes) as u32;
     Ok(Emitted { mlir: text, grid: threads.div_ceil(BLOCK).max(1), block: BLOCK, args, zeroed: false })
+}
+
+/// The alignment of 4 elements of type `t` (a vector load's or store's).
+fn alignment(t: &str) -> usize {
+    if t == "f32" {
+        16
+    } else {
+        8
+    }
 }
 
 /// A kernel argument value: a computed one, a constant (through views), or an input.

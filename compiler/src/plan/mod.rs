@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Bumped whenever `plan.json` changes incompatibly.
-pub const PLAN_VERSION: u32 = 2;
+pub const PLAN_VERSION: u32 = 3;
 pub const PLAN_FILE: &str = "plan.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,10 +106,11 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         .iter()
         .map(|f| {
             let mut ks = kernels::kernels(f, &profile);
+            let packed = kernels::packed_bf16(f);
             for k in &mut ks {
                 k.code = match k.kind {
                     KernelKind::LibraryGemm | KernelKind::Attention => Code::Library,
-                    KernelKind::Generated => match emit::emit(f, k) {
+                    KernelKind::Generated => match emit::emit(f, k, &packed) {
                         Ok(e) => Code::Generated { grid: e.grid, block: e.block, args: e.args, zeroed: e.zeroed },
                         Err(reason) => Code::NotGenerated { reason },
                     },
@@ -173,9 +174,11 @@ pub fn expand_attention(module: &Module) -> Module {
 }
 
 /// Bytes of a value's buffer as the generated kernels address it: reals as f32 (a bf16 value
-/// is rounded, not packed), indices as i32, FP8 values as their bytes and scales.
-fn storage_bytes(n: &crate::graph::ir::Node) -> u64 {
-    crate::mlir::fp8::storage_bytes(n).unwrap_or(n.shape.iter().product::<usize>() as u64 * 4)
+/// is rounded, not packed) except the `packed` ones (bf16, [`kernels::packed_bf16`]), indices
+/// as i32, FP8 values as their bytes and scales.
+fn storage_bytes(n: &crate::graph::ir::Node, packed: bool) -> u64 {
+    let width = if packed { 2 } else { 4 };
+    crate::mlir::fp8::storage_bytes(n).unwrap_or(n.shape.iter().product::<usize>() as u64 * width)
 }
 
 /// The buffer table: every value with storage (not views or bookkeeping) and its lifetime in
@@ -184,6 +187,7 @@ fn storage_bytes(n: &crate::graph::ir::Node) -> u64 {
 /// lives until its last node and what it writes from its first; a value read through a view
 /// (a reshape) lives as long as the view's readers.
 fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
+    let packed = kernels::packed_bf16(f);
     let mut span: Vec<(u32, u32)> = (0..f.nodes.len() as u32).map(|i| (i, i)).collect();
     for k in kernels {
         let (lo, hi) = (*k.nodes.iter().min().unwrap_or(&0), *k.nodes.iter().max().unwrap_or(&0));
@@ -216,7 +220,8 @@ fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
         .map(|(i, n)| {
             // A tuple's part is written when the call or the fused op runs.
             let writer = if matches!(n.op, Op::Get(_)) { n.args[0].index() } else { i };
-            Buffer { value: i as u32, bytes: storage_bytes(n), first: span[writer].0.min(first[i]), last: last[i] }
+            let bytes = storage_bytes(n, packed.contains(&(i as u32)));
+            Buffer { value: i as u32, bytes, first: span[writer].0.min(first[i]), last: last[i] }
         })
         .collect()
 }
@@ -256,6 +261,18 @@ impl std::fmt::Display for PlanError {
 impl std::error::Error for PlanError {}
 
 impl Plan {
+    /// Bytes of an element of Adam's moments as the optimizer functions take and return them:
+    /// 2 where the policy keeps them in bf16 (packed: [`kernels::packed_bf16`]), else 4.
+    pub fn moment_bytes(&self) -> usize {
+        let optimizer = &self.module.functions[self.optimizer];
+        let moment = optimizer.args.iter().find(|(name, _, _)| name.starts_with("m:"));
+        if moment.is_some_and(|(_, _, dtype)| *dtype == crate::graph::ir::DType::Bf16) {
+            2
+        } else {
+            4
+        }
+    }
+
     /// The MLIR of every generated kernel, by kernel name.
     pub fn kernel_mlir(&self) -> Vec<(String, String)> {
         let mut kernels: Vec<(String, String)> = self
@@ -264,8 +281,9 @@ impl Plan {
             .iter()
             .zip(&self.functions)
             .flat_map(|(f, pf)| {
+                let packed = kernels::packed_bf16(f);
                 pf.kernels.iter().filter(|k| matches!(k.code, Code::Generated { .. })).map(move |k| {
-                    let mlir = emit::emit(f, k).expect("emitted when the plan was compiled").mlir;
+                    let mlir = emit::emit(f, k, &packed).expect("emitted when the plan was compiled").mlir;
                     (k.name.clone(), mlir)
                 })
             })
@@ -363,6 +381,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// Every kernel of every shipped model is a library GEMM or generated: the backends never
     /// meet an op they cannot run.
@@ -406,6 +425,65 @@ mod tests {
             assert_eq!(carries, want, "{sets:?}");
             let mlir = plan.kernel_mlir();
             assert!(want.iter().all(|w| mlir.iter().any(|(name, _)| name == w)), "{sets:?}");
+        }
+    }
+
+    /// Under the policy's bf16 moments the optimizers (the model's and each data-parallel
+    /// process's) take and return m and v packed, 2 bytes an element, and only their
+    /// elementwise kernels touch them, declaring them `memref<?xbf16>`; under f32 moments
+    /// nothing is packed.
+    #[test]
+    fn bf16_moments_are_packed_between_steps() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let sets = |moments: &str| {
+            let processes = ["parallel.gpus_per_node=2", "parallel.data.size=2"].map(String::from);
+            [vec![format!("precision.adam_moments={moments}")], processes.to_vec()].concat()
+        };
+        for (policy, width) in [("bf16", 2), ("f32", 4)] {
+            let loaded = dsc_lang::load(&path, &sets(policy));
+            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            assert_eq!(plan.moment_bytes(), width);
+            let optimizers: Vec<usize> =
+                std::iter::once(plan.optimizer).chain(plan.zero.members.iter().map(|m| m.function)).collect();
+            assert_eq!(optimizers.len(), 3);
+            for (i, (f, pf)) in plan.module.functions.iter().zip(&plan.functions).enumerate() {
+                let packed = kernels::packed_bf16(f);
+                let moments: Vec<u32> = f
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| matches!(n.op, Op::Arg(a) if f.args[a].0.starts_with(['m', 'v'])))
+                    .map(|(v, _)| v as u32)
+                    .chain(
+                        f.outputs
+                            .iter()
+                            .zip(&f.output_names)
+                            .filter(|(_, name)| name.starts_with(['m', 'v']))
+                            .map(|(&o, _)| kernels::base(f, o).0),
+                    )
+                    .collect();
+                if !optimizers.contains(&i) || width == 4 {
+                    assert!(packed.is_empty(), "{policy}: {} packs {packed:?}", f.name);
+                    continue;
+                }
+                assert!(!moments.is_empty());
+                assert_eq!(packed, moments.iter().copied().collect(), "{}", f.name);
+                let bytes: HashMap<u32, u64> = pf.buffers.iter().map(|b| (b.value, b.bytes)).collect();
+                for &v in &moments {
+                    let elements = f.nodes[v as usize].shape.iter().product::<usize>() as u64;
+                    assert_eq!(bytes[&v], 2 * elements, "{}: %{v}", f.name);
+                }
+                for k in pf.kernels.iter().filter(|k| k.inputs.iter().chain(&k.outputs).any(|v| packed.contains(v))) {
+                    let Code::Generated { args, .. } = &k.code else {
+                        panic!("{}: {} is not generated", f.name, k.name)
+                    };
+                    let mlir = emit::emit(f, k, &packed).expect("emitted").mlir;
+                    for (slot, v) in args.iter().enumerate() {
+                        let t = if packed.contains(v) { "bf16" } else { "f32" };
+                        assert!(mlir.contains(&format!("%a{slot}: memref<?x{t}>")), "{}: {mlir}", k.name);
+                    }
+                }
+            }
         }
     }
 

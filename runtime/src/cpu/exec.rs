@@ -52,7 +52,14 @@ fn interpret<T: Real>(
     let mut args: Vec<Option<Value<T>>> = args.into_iter().map(Some).collect();
     for (i, node) in function.nodes.iter().enumerate() {
         let value = match node.op {
-            Op::Arg(a) => args[a].take().expect("each argument is read once"),
+            Op::Arg(a) => {
+                let value = args[a].take().expect("each argument is read once");
+                match (&value, node.dtype) {
+                    // A bf16 argument holds bf16 values (the GPU keeps it packed).
+                    (Value::Real(x), DType::Bf16) => map(node, x, |x| round(x, DType::Bf16)),
+                    _ => value,
+                }
+            }
             _ => {
                 let inputs: Vec<&Value<T>> = node
                     .args

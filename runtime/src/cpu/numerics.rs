@@ -9,7 +9,7 @@ mod e4m3;
 mod gemm;
 mod scaling;
 
-pub use bf16::round_bf16;
+pub use bf16::{bf16_bits, from_bf16_bits, round_bf16};
 pub use e4m3::{e4m3_decode, e4m3_encode, round_e4m3, E4M3_MAX};
 pub use gemm::matmul_fp8;
 pub use scaling::{quantize, Quantized, Tiling};

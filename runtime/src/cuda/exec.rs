@@ -1,18 +1,19 @@
-//! Whole plan functions on the GPU: [`Executor::run`] takes a function's arguments on the
-//! host, runs its steps in plan order in one arena per call (placed by [`crate::memory`]),
-//! and returns its outputs on the host. A function reads its arguments where they are (the
-//! training state in place, its caller's buffers, host values uploaded for the call:
-//! [`super::places`]), and the optimizer writes the results that replace them over them where
-//! that is safe ([`memory::in_place`]). The steps are the function's nodes in order: an
-//! argument is bound to its place, a constant table written into its buffer, a call runs
-//! the callee in an arena of its own (results copied out into the caller's part buffers, or
-//! into the state's gradient sums: [`memory::delivered`]), and a kernel runs at its first node (a quantisation of a weight already made this step is read where
-//! [`super::weights`] keeps it instead): generated kernels from their PTX, library GEMMs on
-//! cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]; a
-//! plan expands any attention they do not take), and what none covers (FP8 GEMMs outside
-//! 128-element groups) on the host through the CPU reference's own op, its inputs downloaded
-//! (FP8 buffers decoded) and its outputs uploaded. A function's arena is kept for its next
-//! call. [`Counts`] says how many kernels took each path.
+//! Whole plan functions on the GPU: [`Executor::run`] takes a function's arguments on the host,
+//! runs its steps in plan order in one arena per call (placed by [`crate::memory`]), and returns
+//! its outputs on the host. A function reads its arguments where they are (the training state in
+//! place, its caller's buffers, host values uploaded for the call: [`super::places`]), and the
+//! optimizer writes the results that replace them over them where that is safe
+//! ([`memory::in_place`]). The steps are the function's nodes in order: an argument is bound to its
+//! place, a constant table written into its buffer, a call runs the callee in an arena of its own
+//! (results copied out into the caller's part buffers, or into the state's gradient sums:
+//! [`memory::delivered`]), and a kernel runs at its first node (a quantisation of a weight already
+//! made this step is read where [`super::weights`] keeps it instead): generated kernels from their
+//! PTX, library GEMMs on cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels
+//! ([`super::attention`]; a plan expands any attention they do not take), and what none covers (FP8
+//! GEMMs outside 128-element groups) on the host through the CPU reference's own op, its inputs
+//! downloaded (FP8 buffers decoded) and its outputs uploaded. Values the plan packs as bf16 (Adam's
+//! moments under the policy) are converted where they cross to and from the host. A function's
+//! arena is kept for its next call. [`Counts`] says how many kernels took each path.
 
 use super::attention::FusedAttention;
 use super::grouped::ExpertGemms;
@@ -21,12 +22,12 @@ use super::profile::Profile;
 use super::weights::{Slot, WeightCache};
 use super::{gemm, Gpu, GpuError, Kernels};
 use crate::cpu::exec::eval;
-use crate::cpu::numerics::{e4m3_decode, e4m3_encode, Quantized, Tiling};
+use crate::cpu::numerics::{bf16_bits, e4m3_decode, e4m3_encode, from_bf16_bits, Quantized, Tiling};
 use crate::cpu::{Tensor, Value};
 use crate::memory::{self, Layout};
 use crate::train::{Backend, Resident};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use dsc_compiler::fuse::kernels::{base, Code, Kernel};
+use dsc_compiler::fuse::kernels::{base, packed_bf16, Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function, Node, Op};
 use dsc_compiler::mlir::fp8;
 use dsc_compiler::plan::Plan;
@@ -152,14 +153,32 @@ pub(super) fn words<T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; 4]) -> Vec
     data.iter().flat_map(|&x| to_bytes(x)).collect()
 }
 
-/// A host value as the bytes of its device buffer (reals f32, indices i32, FP8 matrices as
-/// [`fp8_bytes`]).
-pub(super) fn encode(value: &Value<f32>) -> Result<Vec<u8>, GpuError> {
+/// A host value as the bytes of its device buffer (reals f32, or bf16 where the plan packs
+/// them: `packed`; indices i32, FP8 matrices as [`fp8_bytes`]).
+pub(super) fn encode(value: &Value<f32>, packed: bool) -> Result<Vec<u8>, GpuError> {
     match value {
-        Value::Real(t) => Ok(words(&t.data, f32::to_le_bytes)),
+        Value::Real(t) => Ok(real_bytes(&t.data, packed)),
         Value::Int(t) => Ok(words(&t.data, i32::to_le_bytes)),
         Value::Quantized(q) => Ok(fp8_bytes(q)),
         Value::Tuple(_) => Err(GpuError::Unsupported("a tuple made on the host".into())),
+    }
+}
+
+/// Reals as a device buffer's bytes: f32, or bf16 where `packed`.
+pub(super) fn real_bytes(data: &[f32], packed: bool) -> Vec<u8> {
+    if packed {
+        data.iter().flat_map(|&x| bf16_bits(x).to_le_bytes()).collect()
+    } else {
+        words(data, f32::to_le_bytes)
+    }
+}
+
+/// Reals from a device buffer's bytes: f32, or bf16 where `packed`.
+pub(super) fn reals(bytes: &[u8], packed: bool) -> Vec<f32> {
+    if packed {
+        bytes.chunks(2).map(|c| from_bf16_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
+    } else {
+        bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
 }
 
@@ -179,8 +198,9 @@ pub fn fp8_bytes(q: &Quantized) -> Vec<u8> {
     bytes
 }
 
-/// A device buffer of `node` as a host value of `shape` (the node's, or a view's).
-pub fn decode(node: &Node, shape: &[usize], bytes: &[u8]) -> Value<f32> {
+/// A device buffer of `node` as a host value of `shape` (the node's, or a view's); `packed`:
+/// the plan stores it as bf16.
+pub fn decode(node: &Node, shape: &[usize], bytes: &[u8], packed: bool) -> Value<f32> {
     let word = |c: &[u8]| -> [u8; 4] { c.try_into().expect("4 bytes") };
     if let Some((rows, cols)) = fp8::tiling(&node.op) {
         // E4M3 bytes row-major, then from a 16-byte boundary one f32 scale per group in
@@ -207,7 +227,7 @@ pub fn decode(node: &Node, shape: &[usize], bytes: &[u8]) -> Value<f32> {
     let shape = shape.to_vec();
     match node.dtype {
         DType::I32 => Value::int(Tensor::new(shape, bytes.chunks(4).map(|c| i32::from_le_bytes(word(c))).collect())),
-        _ => Value::real(Tensor::new(shape, bytes.chunks(4).map(|c| f32::from_le_bytes(word(c))).collect())),
+        _ => Value::real(Tensor::new(shape, reals(bytes, packed))),
     }
 }
 
@@ -315,7 +335,11 @@ impl Executor {
             return Err(GpuError::Unsupported(format!("{name} takes {want} arguments, not {}", args.len())));
         }
         let started = std::time::Instant::now();
-        let inputs = args.iter().map(|a| encode(a).map(Input::Host)).collect::<Result<Vec<_>, _>>()?;
+        let inputs = args
+            .iter()
+            .zip(&function.args)
+            .map(|(a, (_, _, dtype))| encode(a, *dtype == DType::Bf16).map(Input::Host))
+            .collect::<Result<Vec<_>, _>>()?;
         // Results the gradient hands to the state get buffers of their own here.
         let mut binding = Binding::none(inputs.len());
         let mut kept = Vec::new();
@@ -342,7 +366,9 @@ impl Executor {
             Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
             _ => {
                 let bytes = places::read(&self.gpu, call.places(&self.gpu).at(b.0), self.bytes[f][&b.0])?;
-                Ok(decode(function.node(b), &node.shape, &bytes))
+                // A result is packed where it is bf16 (`packed_bf16`).
+                let stored = function.node(b);
+                Ok(decode(stored, &node.shape, &bytes, stored.dtype == DType::Bf16))
             }
         }
     }
@@ -564,6 +590,7 @@ impl Executor {
     /// Runs a kernel's nodes with the CPU reference's ops: inputs down, outputs up.
     fn on_host(&self, f: usize, kernel: &Kernel, places: &Places) -> Result<(), GpuError> {
         let function: &Function = &self.plan.module.functions[f];
+        let packed = packed_bf16(function);
         let mut local: HashMap<u32, Value<f32>> = HashMap::new();
         for &v in &kernel.nodes {
             let node = &function.nodes[v as usize];
@@ -576,7 +603,8 @@ impl Executor {
                     (Some(value), _) => value.clone(),
                     (None, Op::Const(c)) => Value::real(Tensor::new(shape.clone(), vec![*c as f32])),
                     (None, _) => {
-                        decode(function.node(b), shape, &places::read(&self.gpu, places.at(b.0), self.bytes[f][&b.0])?)
+                        let bytes = places::read(&self.gpu, places.at(b.0), self.bytes[f][&b.0])?;
+                        decode(function.node(b), shape, &bytes, packed.contains(&b.0))
                     }
                 };
                 inputs.push(value);
@@ -599,7 +627,7 @@ impl Executor {
                 value => vec![(o, value)],
             };
             for (v, value) in stores {
-                places::write(&self.gpu, &encode(value)?, places.at(v))?;
+                places::write(&self.gpu, &encode(value, packed.contains(&v))?, places.at(v))?;
             }
         }
         Ok(())

@@ -190,8 +190,15 @@ impl Kernels {
             }
         }
         // The memref descriptor of every argument: base pointer twice, offset 0, size (in the
-        // kernel's elements: bytes for FP8 buffers, 4-byte words otherwise), stride 1.
-        let elements = |v: u32| if function.nodes[v as usize].dtype == DType::F8e4m3 { bytes(v) } else { bytes(v) / 4 };
+        // kernel's elements: bytes for FP8 buffers, the value's elements otherwise), stride 1.
+        let elements = |v: u32| {
+            let node = &function.nodes[v as usize];
+            if node.dtype == DType::F8e4m3 {
+                bytes(v)
+            } else {
+                node.shape.iter().product()
+            }
+        };
         let pointers: Vec<u64> = args.iter().map(|&v| places.at(v)).collect();
         let sizes: Vec<[i64; 3]> = args.iter().map(|&v| [0, elements(v) as i64, 1]).collect();
         let cuda_function = self.function(gpu, &kernel.name)?.clone();

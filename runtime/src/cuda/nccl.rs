@@ -16,7 +16,7 @@ use super::{Gpu, GpuError};
 use crate::comm::rendezvous::{share, Secret, World};
 use crate::train::DataParallel;
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,7 +73,7 @@ impl Nccl {
     }
 
     /// Puts every rank's `part` into `whole`, in rank order.
-    pub fn all_gather(&self, part: &CudaSlice<f32>, whole: &mut CudaViewMut<f32>) -> Result<(), GpuError> {
+    pub fn all_gather<T: NcclType>(&self, part: &CudaSlice<T>, whole: &mut CudaViewMut<T>) -> Result<(), GpuError> {
         self.check_parts(whole.len(), part.len())?;
         self.comm.all_gather(part, whole).map_err(|e| nccl("all-gather", e))?;
         self.wait("an all-gather of the updated parameters")

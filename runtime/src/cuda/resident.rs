@@ -2,7 +2,8 @@
 //! one device allocation, the learned ones where the plan's ZeRO-1 layout places them
 //! ([`dsc_compiler::graph::zero::Zero`]: one after another, aligned) and the others after; the
 //! learned parameters' gradient sums over the step's micro-batches in a second one laid out
-//! alike; Adam's moments of this process's shard of that layout in two more. A step moves
+//! alike; Adam's moments of this process's shard of that layout in two more (in the element
+//! type the optimizer function reads them in: bf16 under the recipe's policy). A step moves
 //! only its micro-batches, losses, loads and a few scalars (with the state on the host, a
 //! step of the bench model moved and converted tens of GB).
 //!
@@ -20,7 +21,7 @@
 //! functions' arenas, it is freed after the update and the others before it, so that the step
 //! peaks at the state plus the largest phase.
 
-use super::exec::{encode, Binding, Call, Executor, Input};
+use super::exec::{encode, real_bytes, reals, Binding, Call, Executor, Input};
 use super::nccl::Nccl;
 use super::places;
 use super::weights::WeightCache;
@@ -31,7 +32,7 @@ use crate::train::Resident;
 use cudarc::cublas::sys;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::base;
-use dsc_compiler::graph::ir::{Op, V};
+use dsc_compiler::graph::ir::{DType, Op, V};
 use dsc_compiler::graph::zero::Member;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -50,14 +51,21 @@ pub struct DeviceState {
     /// With peers, this process's shard of the layout: the gradient summed over the
     /// processes after the reduce-scatter, its updated parameters for the all-gather.
     shard: Option<CudaSlice<f32>>,
-    /// Adam's (m, v) of the shard's elements, each at its place in the shard.
-    moments: [CudaSlice<f32>; 2],
+    /// Adam's (m, v) of the shard's elements, each at its place in the shard, `moment_bytes`
+    /// bytes an element.
+    moments: [CudaSlice<u8>; 2],
+    moment_bytes: usize,
 }
 
 /// The device address of element `element` of `slice`.
 fn address(gpu: &Gpu, slice: &CudaSlice<f32>, element: usize) -> u64 {
+    bytes_address(gpu, slice, 4 * element)
+}
+
+/// The device address of byte `byte` of `slice`.
+fn bytes_address<T>(gpu: &Gpu, slice: &CudaSlice<T>, byte: usize) -> u64 {
     let (at, _sync) = slice.device_ptr(&gpu.stream);
-    at + 4 * element as u64
+    at + byte as u64
 }
 
 fn blas(what: &str, e: impl std::fmt::Debug) -> GpuError {
@@ -133,13 +141,16 @@ impl Executor {
                 to[piece.at..piece.at + piece.len].copy_from_slice(&from.as_real().data[piece.start..][..piece.len]);
             }
         }
+        let moment_bytes = self.plan.moment_bytes();
+        let [m, v] = shard.map(|moment| real_bytes(&moment, moment_bytes == 2));
         let stream = &self.gpu.stream;
         Ok(DeviceState {
             params: stream.clone_htod(&host)?,
             at,
             grads: stream.alloc_zeros(zero.len())?,
             shard: self.peers.as_ref().map(|_| stream.alloc_zeros(zero.shard)).transpose()?,
-            moments: [stream.clone_htod(&shard[0])?, stream.clone_htod(&shard[1])?],
+            moments: [stream.clone_htod(&m)?, stream.clone_htod(&v)?],
+            moment_bytes,
         })
     }
 
@@ -159,8 +170,9 @@ impl Executor {
             .zip(info)
             .map(|(&at, p)| Input::Device(address(gpu, &state.params, at), 4 * p.numel()))
             .collect();
-        for value in rest {
-            inputs.push(Input::Host(encode(value)?));
+        let arg_types = &self.plan.module.functions[f].args[info.len()..];
+        for (value, (_, _, dtype)) in rest.iter().zip(arg_types) {
+            inputs.push(Input::Host(encode(value, *dtype == DType::Bf16)?));
         }
         // The parameters come first and stay as they are until the update; the gradients
         // the calls yield go straight into the sums.
@@ -230,23 +242,23 @@ impl Executor {
             .pieces
             .iter()
             .map(|piece| {
-                let bytes = 4 * piece.len;
-                let [m, v] = &state.moments;
+                let (bytes, width) = (4 * piece.len, state.moment_bytes);
+                let moment = |slice| (bytes_address(gpu, slice, width * piece.at), width * piece.len);
                 [
                     (address(gpu, &state.params, state.at[piece.param] + piece.start), bytes),
                     (g + 4 * piece.at as u64, bytes),
-                    (address(gpu, m, piece.at), bytes),
-                    (address(gpu, v, piece.at), bytes),
+                    moment(&state.moments[0]),
+                    moment(&state.moments[1]),
                 ]
             })
             .collect();
         let mut inputs: Vec<Input> = places.iter().flatten().map(|&(at, bytes)| Input::Device(at, bytes)).collect();
         for (b, load) in biases {
             let bias = Input::Device(address(gpu, &state.params, state.at[*b]), 4 * self.plan.params[*b].numel());
-            inputs.extend([bias, Input::Host(encode(load)?)]);
+            inputs.extend([bias, Input::Host(encode(load, false)?)]);
         }
         for value in scalars {
-            inputs.push(Input::Host(encode(value)?));
+            inputs.push(Input::Host(encode(value, false)?));
         }
         // Where the optimizer's arena fits beside the other functions' arenas all are kept
         // from step to step; where it does not, the others go first and its own after it.
@@ -296,16 +308,20 @@ impl Executor {
             .map(|(p, &at)| Value::real(Tensor::new(p.shape.clone(), host[at..at + p.numel()].to_vec())))
             .collect();
         // The whole layout's moments: with peers gathered from every process's shard.
+        let width = state.moment_bytes;
         let gathered = state
             .moments
             .iter()
-            .map(|shard| match &self.peers {
-                Some(peers) => {
-                    let mut whole = self.gpu.stream.alloc_zeros::<f32>(self.plan.zero.len())?;
-                    peers.all_gather(shard, &mut whole.slice_mut(..))?;
-                    Ok(self.gpu.stream.clone_dtoh(&whole)?)
-                }
-                None => Ok(self.gpu.stream.clone_dtoh(shard)?),
+            .map(|shard| {
+                let bytes = match &self.peers {
+                    Some(peers) => {
+                        let mut whole = self.gpu.stream.alloc_zeros::<u8>(width * self.plan.zero.len())?;
+                        peers.all_gather(shard, &mut whole.slice_mut(..))?;
+                        self.gpu.stream.clone_dtoh(&whole)?
+                    }
+                    None => self.gpu.stream.clone_dtoh(shard)?,
+                };
+                Ok(reals(&bytes, width == 2))
             })
             .collect::<Result<Vec<Vec<f32>>, GpuError>>()?;
         let moments = self

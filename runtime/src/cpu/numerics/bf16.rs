@@ -14,6 +14,17 @@ pub fn round_bf16(x: f64) -> f64 {
     f64::from(f32::from_bits(round_bits_to_bf16(single.to_bits())))
 }
 
+/// The bfloat16 bit pattern of `x`, rounded as [`round_bf16`] rounds (the storage of a packed
+/// bf16 buffer).
+pub fn bf16_bits(x: f32) -> u16 {
+    ((round_bf16(f64::from(x)) as f32).to_bits() >> 16) as u16
+}
+
+/// The value of a bfloat16 bit pattern.
+pub fn from_bf16_bits(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
 /// Rounds a non-NaN f32 bit pattern to its upper 16 bits, to nearest with ties to even: adding
 /// 0x7fff plus the lowest kept bit carries into the kept bits exactly when the dropped half is
 /// above 0x8000, or equal to it with an odd kept part. A carry out of the mantissa moves to the
@@ -70,6 +81,19 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(round_f32_bits(input), expected, "{input:#010x}");
         }
+    }
+
+    /// The packed form holds the rounded value: back from its bits it is `round_bf16`'s.
+    #[test]
+    fn packed_bits_hold_the_rounded_value() {
+        let mut rng = Rng::new(11);
+        for _ in 0..10_000 {
+            let x = (rng.gaussian() * 10f64.powi((rng.uniform() * 20.0) as i32 - 10)) as f32;
+            assert_eq!(f64::from(from_bf16_bits(bf16_bits(x))), round_bf16(f64::from(x)), "{x}");
+        }
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert!(from_bf16_bits(bf16_bits(f32::NAN)).is_nan());
     }
 
     #[test]
