@@ -9,7 +9,7 @@ use dsc_compiler::fuse::lang::Fx;
 use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_function_with, fuse_module_for, Limits};
 use dsc_compiler::graph::autodiff;
 use dsc_compiler::graph::ir::{ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
-use dsc_compiler::graph::model::{gate_weights, rms_norm, rope, route, softmax, swiglu_gate};
+use dsc_compiler::graph::model::{cross_entropy, gate_weights, rms_norm, rope, route, softmax, swiglu_gate};
 use dsc_lang::{Gating, Moe, Schedule};
 use dsc_runtime::cpu::{run, Tensor, Value};
 use dsc_runtime::rng::Rng;
@@ -166,6 +166,19 @@ proptest! {
     #[test]
     fn softmax_grad_rule(batch in 1usize..3, rows in 1usize..5, cols in 2usize..40, seed in any::<u64>()) {
         prove_vjp("softmax-grad", &[vec![batch, rows, cols]], seed, "softmax_grad", |b, a| softmax(b, a[0]))?;
+    }
+
+    #[test]
+    fn cross_entropy_rules(rows in 1usize..6, cols in 2usize..70, seed in any::<u64>()) {
+        // Labels from a second input's best column (random and in range); the VJP's row
+        // cotangent is an argument of its own.
+        let shapes = [vec![rows, cols], vec![rows, cols]];
+        let loss = |b: &mut FunctionBuilder, a: &[V]| {
+            let labels = b.top_k(a[1], 1);
+            cross_entropy(b, a[0], labels)
+        };
+        prove("cross-entropy", &shapes, seed, "cross_entropy", loss)?;
+        prove_vjp("cross-entropy-grad", &shapes, seed, "cross_entropy_grad", loss)?;
     }
 
     #[test]

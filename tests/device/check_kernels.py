@@ -125,6 +125,14 @@ def reference(function, kernel, inputs):
         elif name == "softmax_grad":
             y = softmax(a[0])
             r = y * (a[1] - (a[1] * y).sum(axis=-1, keepdims=True))
+        elif name in ("cross_entropy", "cross_entropy_grad"):
+            x, labels = a[0], a[1]
+            onehot = (xp.arange(x.shape[-1]) == labels).astype(xp.float64)
+            if name == "cross_entropy":
+                m = x.max(axis=-1, keepdims=True)
+                r = xp.log(xp.exp(x - m).sum(axis=-1, keepdims=True)) + m - (x * onehot).sum(axis=-1, keepdims=True)
+            else:
+                r = (softmax(x) - onehot) * a[2]
         elif name == "add_rms_norm":
             x = a[0] + a[1]
             r = (x, rms_norm(x, a[2], at["eps"]))
@@ -319,6 +327,8 @@ def index_input(function, kernel, v):
         bound = {
             "gather": lambda: shape(0)[0],
             "take_along": lambda: shape(0)[-1],
+            "cross_entropy": lambda: shape(0)[-1],
+            "cross_entropy_grad": lambda: shape(0)[-1],
             "put_along": lambda: at["n"],
             "count": lambda: at["bins"],
             "sort_by_expert": lambda: at["experts"],

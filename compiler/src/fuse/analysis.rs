@@ -87,6 +87,7 @@ impl Analysis<Fx> for FusionAnalysis {
                 broadcast(&child(a), &child(b))
             }
             Fx::Exp(x)
+            | Fx::Log(x)
             | Fx::Square(x)
             | Fx::Rsqrt(x)
             | Fx::Silu(x)
@@ -95,6 +96,8 @@ impl Analysis<Fx> for FusionAnalysis {
             | Fx::Stop(x)
             | Fx::Softmax(x)
             | Fx::SoftmaxGrad([_, x]) => child(x),
+            Fx::CrossEntropyGrad([x, _, _]) => child(x),
+            Fx::CrossEntropy([x, labels]) => ClassData::value(shape(labels), child(x).dtype),
             Fx::RmsNorm([x, _, _]) => child(x),
             Fx::SumLast(x) | Fx::MaxLast(x) => {
                 let mut d = child(x);

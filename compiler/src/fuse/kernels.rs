@@ -345,6 +345,7 @@ fn flops(f: &Function, node: &Node) -> u64 {
         Op::Attention { .. } | Op::AttentionGrad { .. } => attention_flops(f, node),
         Op::RmsNorm { .. } | Op::Softmax | Op::MaskedSoftmax { .. } | Op::RopeConcat => 5 * numel(node),
         Op::AddRmsNorm { .. } | Op::SoftmaxGrad | Op::SwiGluGrad => 6 * numel(f.node(node.args[0])),
+        Op::CrossEntropy | Op::CrossEntropyGrad => 5 * numel(f.node(node.args[0])),
         Op::RmsNormGrad { .. } => 10 * numel(f.node(node.args[0])),
         _ => numel(node),
     }

@@ -16,6 +16,7 @@ define_language! {
         "mul" = Mul([Id; 2]),
         "div" = Div([Id; 2]),
         "exp" = Exp(Id),
+        "log" = Log(Id),
         "square" = Square(Id),
         "rsqrt" = Rsqrt(Id),
         "silu" = Silu(Id),
@@ -44,6 +45,9 @@ define_language! {
         "swiglu" = SwiGlu([Id; 2]),
         // Backward twins: (x, dy) → dx of softmax.
         "softmax_grad" = SoftmaxGrad([Id; 2]),
+        // The loss: (x, labels) → each row's cross-entropy; its backward, (x, labels, dy) → dx.
+        "cross_entropy" = CrossEntropy([Id; 2]),
+        "cross_entropy_grad" = CrossEntropyGrad([Id; 3]),
         // Fused ops with two results (a tuple), read with `get0` / `get1`.
         "add_rmsnorm" = AddRmsNorm([Id; 4]),
         // (x, w, dy, eps) → (dx, dw); with an adjoint to add dx into, (x, w, dy, acc, eps);

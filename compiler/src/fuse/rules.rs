@@ -118,6 +118,23 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
              ?dx = (mul (add (div ?g ?z) (broadcast_to ?to (sum_to ?from (neg (mul (div ?g ?z) ?y))))) ?e)",
             "?dx = (softmax_grad ?x ?g)",
         ),
+        // The loss: with m = stop(max_last x), s = x − m, e = eˢ and z = Σ_last e, each row's
+        // cross-entropy log z − s[label] is one pass over the logits (the max, z and the
+        // label's logit found together); its VJP for a row cotangent g,
+        //   dx = (g/z)·e + put_along(label, −g) = (g/z)·e − g·onehot(label),
+        // recomputes m and z from x: two passes instead of the eight the primitives take, and
+        // no [rows, n] value kept between the forward and the backward.
+        multi(
+            "cross-entropy",
+            "?s = (sub ?x (stop (max_last ?x))), ?nll = (sub (log (sum_last (exp ?s))) (take_along ?s ?labels))",
+            "?nll = (cross_entropy ?x ?labels)",
+        ),
+        multi(
+            "cross-entropy-grad",
+            "?e = (exp (sub ?x (stop (max_last ?x)))),
+             ?dx = (add (put_along ?n ?labels (neg ?g)) (mul (broadcast_to ?to (div ?g (sum_last ?e))) ?e))",
+            "?dx = (cross_entropy_grad ?x ?labels ?g)",
+        ),
         // SwiGLU, y = silu(a)·b with σ = sigmoid(a):
         //   db = g·silu(a),  da = (g·b)·σ·(1 + a·(1 − σ))
         multi(

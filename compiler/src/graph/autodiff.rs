@@ -372,6 +372,8 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::RmsNormGrad { .. }
         | Op::SoftmaxGrad
         | Op::SwiGluGrad
+        | Op::CrossEntropy
+        | Op::CrossEntropyGrad
         | Op::ConcatMatMul { .. }
         | Op::ConcatKMatMul { .. }
         | Op::ConcatRowsMatMul { .. }

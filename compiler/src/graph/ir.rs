@@ -288,6 +288,12 @@ pub enum Op {
     SoftmaxGrad,
     /// Fused backward of `SwiGlu`: (a, b, dy) → the tuple (da, db).
     SwiGluGrad,
+    /// Fused: the cross-entropy of each row of logits against its label, (x [.., n], labels
+    /// [.., 1] i32) → log Σ_last e^(x − m) − (x[label] − m) [.., 1], m the row's max.
+    CrossEntropy,
+    /// Fused backward of `CrossEntropy`, recomputing the softmax from the logits: (x, labels,
+    /// dy [.., 1]) → dx = (dy/z)·e^(x − m) − dy·onehot(label), z = Σ_last e^(x − m).
+    CrossEntropyGrad,
     /// Fused: a GEMM whose epilogue adds c (a residual, or an adjoint accumulating), (a, b, c)
     /// → c + op(a)·op(b), the product read in c's shape.
     MatMulAdd {
@@ -443,6 +449,8 @@ impl Op {
                 | Op::Softmax
                 | Op::MaskedSoftmax { .. }
                 | Op::SoftmaxGrad
+                | Op::CrossEntropy
+                | Op::CrossEntropyGrad
                 | Op::AddRmsNorm { .. }
                 | Op::RmsNormGrad { .. }
                 | Op::RmsNormQuantize { .. }
@@ -464,6 +472,8 @@ impl Op {
                 | Op::RmsNormGrad { .. }
                 | Op::SoftmaxGrad
                 | Op::SwiGluGrad
+                | Op::CrossEntropy
+                | Op::CrossEntropyGrad
                 | Op::ConcatMatMul { .. }
                 | Op::ConcatKMatMul { .. }
                 | Op::ConcatRowsMatMul { .. }
@@ -542,6 +552,8 @@ impl Op {
             Op::AddRmsNorm { .. } => "add_rmsnorm",
             Op::RmsNormGrad { .. } => "rmsnorm_grad",
             Op::SoftmaxGrad => "softmax_grad",
+            Op::CrossEntropy => "cross_entropy",
+            Op::CrossEntropyGrad => "cross_entropy_grad",
             Op::SwiGluGrad => "swiglu_grad",
             Op::ConcatMatMul { .. } => "concat_matmul",
             Op::ConcatKMatMul { .. } => "concat_k_matmul",

@@ -800,15 +800,8 @@ fn head_logits(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V) -> V
 fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels: V, mask: V) -> V {
     let tokens = c.batch * c.seq;
     let logits = head_logits(b, c, h, norm, head);
-    let m = b.max(logits, 1, true);
-    let m = b.stop_gradient(m);
-    let shifted = b.sub(logits, m);
-    let e = b.unary(Op::Exp, shifted);
-    let z = b.sum(e, 1, true);
-    let log_z = b.unary(Op::Log, z);
     let labels = b.reshape(labels, vec![tokens, 1]);
-    let picked = b.take_along(shifted, labels);
-    let nll = b.sub(log_z, picked);
+    let nll = cross_entropy(b, logits, labels);
     let mask = b.reshape(mask, vec![tokens, 1]);
     let counted = b.mul(nll, mask);
     let total = b.sum_all(counted);
@@ -816,6 +809,19 @@ fn head_loss(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V, labels
     let one = b.constant(1.0);
     let count = b.binary(Op::Maximum, count, one);
     b.div(total, count)
+}
+
+/// Each row's cross-entropy against its label, [rows, 1] from logits [rows, n] and labels
+/// [rows, 1]: log Σ e^(x − m) − (x[label] − m), m the row's max (a constant to the gradient).
+pub fn cross_entropy(b: &mut FunctionBuilder, logits: V, labels: V) -> V {
+    let m = b.max(logits, 1, true);
+    let m = b.stop_gradient(m);
+    let shifted = b.sub(logits, m);
+    let e = b.unary(Op::Exp, shifted);
+    let z = b.sum(e, 1, true);
+    let log_z = b.unary(Op::Log, z);
+    let picked = b.take_along(shifted, labels);
+    b.sub(log_z, picked)
 }
 
 /// YaRN's settings when it applies: in context extension, when the sequence is longer than

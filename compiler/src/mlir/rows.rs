@@ -1,11 +1,13 @@
 //! Row kernels: the fused ops that work along the last axis. RMSNorm with its residual-add,
-//! quantising and backward forms; softmax plain, masked and scaled, and its backward; SwiGLU's
-//! quantising and backward forms; the MoE dispatch with quantisation. Each op is written as a
-//! row program ([`Program`]): how every input is addressed (a row of its own, one row shared
-//! by all rows such as a norm weight, a broadcast row such as the attention mask, or the row
-//! an index picks as the dispatch does), the reductions over the row it needs in order, and
-//! what it writes per element: a value, an FP8 value in 1×`cols` groups ([`super::fp8`]), or
-//! a sum over all rows (a norm weight's gradient).
+//! quantising and backward forms; softmax plain, masked and scaled, and its backward; the
+//! loss's cross-entropy and its backward; SwiGLU's quantising and backward forms; the MoE
+//! dispatch with quantisation. Each op is written as a row program ([`Program`]): how every
+//! input is addressed (a row of its own, one row shared by all rows such as a norm weight, a
+//! broadcast row such as the attention mask, the row an index picks as the dispatch does, one
+//! value per row, or a row's label as a one-hot row), the reductions over the row it needs in
+//! order, and what it writes per element: a value, an FP8 value in 1×`cols` groups
+//! ([`super::fp8`]), or a sum over all rows (a norm weight's gradient); or one value per row
+//! from the reductions alone (a row's loss).
 //!
 //! Warps own rows (four warps per block, each looping over rows when the launch holds fewer
 //! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
@@ -47,6 +49,10 @@ enum Rows {
     Picked { k: usize },
     /// One value per row, element order[r] (a gate), read once and the same for every column.
     PickedScalar,
+    /// One value per row, element r (a row's gradient), read once and the same for every column.
+    PerRow,
+    /// An index per row, element r (a label): per element, 1 in the column it names, else 0.
+    OneHot,
 }
 
 /// A value of one element from the elements of the inputs there and the finished reductions.
@@ -68,8 +74,12 @@ struct Reduction<'p> {
 
 enum Write {
     Element,
-    Fp8 { cols: usize },
+    Fp8 {
+        cols: usize,
+    },
     ColumnSum,
+    /// One value per row from the reductions alone (a row's loss).
+    RowValue,
 }
 
 struct Output<'p> {
@@ -353,6 +363,46 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                 }))],
             )
         }
+        Op::CrossEntropy => {
+            // m = max x, z = Σ e^(x − m), picked = Σ onehot·(x − m); log z − picked.
+            let mut reductions = softmax_reductions(|_, e| e[0].clone());
+            reductions.push(Reduction {
+                max: false,
+                term: Box::new(|b, e, r| {
+                    let s = bin(b, "subf", &e[0], &r[0]);
+                    bin(b, "mulf", &e[1], &s)
+                }),
+                finish: Box::new(|_, _, t| vec![t.to_string()]),
+            });
+            program(
+                vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::OneHot)],
+                reductions,
+                vec![Output {
+                    value: v,
+                    write: Write::RowValue,
+                    term: Box::new(|b, _, r| {
+                        let log_z = b.op(&Op::Log, &[r[1].clone()]).expect("log is generated");
+                        bin(b, "subf", &log_z, &r[2])
+                    }),
+                }],
+            )
+        }
+        Op::CrossEntropyGrad => {
+            // dx = onehot·(−dy) + (dy/z)·e^(x − m).
+            program(
+                vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::OneHot), (arg(2)?, Rows::PerRow)],
+                softmax_reductions(|_, e| e[0].clone()),
+                vec![element(Box::new(|b, e, r| {
+                    let d = bin(b, "subf", &e[0], &r[0]);
+                    let ex = b.exp(&d);
+                    let scale = bin(b, "divf", &e[2], &r[1]);
+                    let t = bin(b, "mulf", &scale, &ex);
+                    let minus = b.line(format!("arith.negf {} : f32", e[2]));
+                    let put = bin(b, "mulf", &e[1], &minus);
+                    bin(b, "addf", &put, &t)
+                }))],
+            )
+        }
         Op::SwiGluQuantize { cols } => program(
             vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own)],
             vec![],
@@ -598,9 +648,22 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             return e.clone();
         }
         let base = self.bases[k].clone();
-        if matches!(self.p.inputs[k].1, Rows::PickedScalar) {
-            let x = self.b.line(format!("memref.load %a{k}[{base}] : memref<?xf32>"));
-            return vec![x; W];
+        match self.p.inputs[k].1 {
+            Rows::PickedScalar | Rows::PerRow => {
+                let x = self.b.line(format!("memref.load %a{k}[{base}] : memref<?xf32>"));
+                return vec![x; W];
+            }
+            Rows::OneHot => {
+                let (one, zero) = (self.b.constant(1.0), self.b.constant(0.0));
+                return (0..W)
+                    .map(|l| {
+                        let c = self.b.line(format!("arith.addi {col}, %c{l}_e : index"));
+                        let hit = self.b.line(format!("arith.cmpi eq, {c}, {base} : index"));
+                        self.b.line(format!("arith.select {hit}, {one}, {zero} : f32"))
+                    })
+                    .collect();
+            }
+            _ => {}
         }
         let at = self.b.line(format!("arith.addi {base}, {col} : index"));
         let ty = format!("vector<{W}xf32>");
@@ -695,13 +758,29 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             let more = (reduction.finish)(&mut self.b, &finished, &total);
             finished.extend(more);
         }
-        // The outputs, in one pass; column sums in registers are carried per (chunk, element).
-        let chunk_sums = self.chunks * W;
+        // Values per row, from the reductions alone (every lane holds them): the first lane
+        // stores them.
+        let per_row = |o: &&Output| matches!(o.write, Write::RowValue);
+        for (k, o) in p.outputs.iter().enumerate().filter(|(_, o)| per_row(o)) {
+            let x = (o.term)(&mut self.b, &[], &finished);
+            let first = self.b.line("arith.cmpi eq, %lane, %c0 : index".into());
+            let _ = writeln!(
+                self.b.text,
+                "        scf.if {first} {{\n        memref.store {x}, %a{}[%row] : memref<?xf32>\n        }}",
+                first_output + k
+            );
+        }
         let mut next = carried.to_vec();
+        if p.outputs.iter().all(|o| per_row(&o)) {
+            return next;
+        }
+        // The other outputs, in one pass; column sums in registers are carried per (chunk,
+        // element).
+        let chunk_sums = self.chunks * W;
         self.pass(vec![], &mut |w, col, chunk, _| {
             let elements = w.elements(col);
             let mut sum_index = 0;
-            for (k, o) in p.outputs.iter().enumerate() {
+            for (k, o) in p.outputs.iter().enumerate().filter(|(_, o)| !per_row(o)) {
                 let slot = first_output + k;
                 let values: Vec<String> = elements.iter().map(|e| (o.term)(&mut w.b, e, &finished)).collect();
                 match o.write {
@@ -737,6 +816,7 @@ impl<'p, 'q> RowWriter<'p, 'q> {
                             }
                         }),
                     },
+                    Write::RowValue => unreachable!("stored after the reductions"),
                 }
             }
             vec![]
@@ -761,6 +841,11 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             Rows::PickedScalar => {
                 let order = self.p.inputs.len();
                 let a = b.line(format!("memref.load %a{order}[%row] : memref<?xi32>"));
+                b.line(format!("arith.index_cast {a} : i32 to index"))
+            }
+            Rows::PerRow => "%row".into(),
+            Rows::OneHot => {
+                let a = b.line(format!("memref.load %a{k}[%row] : memref<?xi32>"));
                 b.line(format!("arith.index_cast {a} : i32 to index"))
             }
             Rows::Broadcast { input, output } => {

@@ -351,6 +351,10 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             pair(Tensor::new(x.shape.clone(), dx), Tensor::new(w.shape.clone(), dw))
         }
         Op::SoftmaxGrad => real(&node.shape, grads::softmax_grad(&r(0).data, last(&r(0).shape), &r(1).data)),
+        Op::CrossEntropy => real(&node.shape, grads::cross_entropy(&r(0).data, last(&r(0).shape), &ix(1).data)),
+        Op::CrossEntropyGrad => {
+            real(&node.shape, grads::cross_entropy_grad(&r(0).data, last(&r(0).shape), &ix(1).data, &r(2).data))
+        }
         Op::ConcatMatMul { ta, tb, fp8 } => {
             let (a, b1, b2) = (r(0), r(1), r(2));
             let rank = b1.shape.len();

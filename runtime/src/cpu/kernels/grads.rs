@@ -46,6 +46,45 @@ pub fn softmax_grad<T: Real>(x: &[T], n: usize, dy: &[T]) -> Vec<T> {
     dx
 }
 
+/// Each row's cross-entropy against its label, as the primitives compute it: with
+/// m = max x, s = x − m and z = Σ eˢ, log z − s[label].
+pub fn cross_entropy<T: Real>(x: &[T], n: usize, labels: &[i32]) -> Vec<T> {
+    x.chunks(n)
+        .zip(labels)
+        .map(|(row, &label)| {
+            let (max, z) = max_and_sum(row);
+            z.ln() - (row[label_index(label, n)] - max)
+        })
+        .collect()
+}
+
+/// The cross-entropy's VJP per row, recomputed from the logits x, for the row cotangent dy:
+/// with e = eˢ as above, dx = put_along(label, −dy) + (dy/z)·e, the put first as autodiff adds.
+pub fn cross_entropy_grad<T: Real>(x: &[T], n: usize, labels: &[i32], dy: &[T]) -> Vec<T> {
+    let mut dx = Vec::with_capacity(x.len());
+    for ((row, &label), &g) in x.chunks(n).zip(labels).zip(dy) {
+        let (max, z) = max_and_sum(row);
+        let label = label_index(label, n);
+        let scale = g / z;
+        dx.extend(row.iter().enumerate().map(|(j, &v)| {
+            let put = if j == label { T::ZERO + -g } else { T::ZERO };
+            put + scale * (v - max).exp()
+        }));
+    }
+    dx
+}
+
+/// A row's max and Σ e^(x − max), summed in order.
+fn max_and_sum<T: Real>(row: &[T]) -> (T, T) {
+    let max = row.iter().fold(T::from_f64(f64::NEG_INFINITY), |m, &v| m.max(v));
+    (max, row.iter().fold(T::ZERO, |s, &v| s + (v - max).exp()))
+}
+
+/// A label as a column of a row of `n`.
+fn label_index(label: i32, n: usize) -> usize {
+    usize::try_from(label).ok().filter(|&l| l < n).unwrap_or_else(|| panic!("label {label} outside a row of {n}"))
+}
+
 /// SwiGLU's VJP, y = silu(a)·b, elementwise: with σ = sigmoid(a), silu'(a) = σ·(1 + a·(1 − σ)),
 /// da = (dy·b)·silu'(a) and db = dy·(a·σ). Returns (da, db).
 pub fn swiglu_grad<T: Real>(a: &[T], b: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
