@@ -437,10 +437,17 @@ fn the_redundant_ops_are_gone_after_fusion() {
     let xt = b.transpose(x, vec![0, 2, 1]);
     let gram = b.matmul(xt, x, false, false, None);
     b.output("gram", gram);
+    let order = b.arg("order", vec![6], DType::I32);
+    let positions = b.push(Op::InvertOrder, vec![order], vec![6], DType::I32);
+    let back = b.push(Op::InvertOrder, vec![positions], vec![6], DType::I32);
+    b.output("positions", positions);
+    b.output("order", back);
     let (fused, _) = fuse_function(&module, &b.finish(), Limits::default());
     let count = |op: &str| fused.nodes.iter().filter(|n| n.op.name() == op).count();
     assert!(fused.nodes.iter().any(|n| n.op == Op::MatMul { ta: true, tb: false, fp8: None }), "{:?}", fused.nodes);
     assert_eq!((count("transpose"), count("stop_gradient"), count("reshape")), (0, 1, 1), "{:?}", fused.nodes);
+    assert_eq!(count("invert_order"), 1, "{:?}", fused.nodes);
+    assert!(matches!(fused.node(fused.outputs[5]).op, Op::Arg(_)), "the order comes back as it was");
 }
 
 /// The fused CPU kernels keep the primitives' rounding order, so a compiled plan trains

@@ -198,13 +198,15 @@ def reference(function, kernel, inputs):
             counts = xp.bincount(a[0].reshape(-1), minlength=at["experts"])
             r = xp.concatenate([xp.zeros(1, dtype=counts.dtype), xp.cumsum(counts)])
         elif name == "permute": r = a[0][a[1] // at["k"]]
+        elif name == "invert_order":
+            r = xp.empty_like(a[0])
+            r[a[0]] = xp.arange(a[0].size)
         elif name == "permute_grad":
-            r = xp.zeros(shape)
-            cupyx.scatter_add(r, a[1] // at["k"], a[0])
+            # Row t gathers its k rows through the inverse permutation.
+            r = a[0][a[1]].reshape(shape[0], at["k"], -1).sum(axis=1)
         elif name == "unpermute":
-            ys, order, gates = a
-            r = xp.zeros(shape)
-            cupyx.scatter_add(r, order // at["k"], gates.reshape(-1)[order][:, None] * ys)
+            ys, positions, gates = a
+            r = (gates.reshape(shape[0], at["k"], 1) * ys[positions].reshape(shape[0], at["k"], -1)).sum(axis=1)
         elif name == "unpermute_grad_rows":
             g, order, gates = a
             r = gates.reshape(-1)[order][:, None] * g[order // at["k"]]
@@ -317,7 +319,7 @@ def index_input(function, kernel, v):
         name, at = op_name(node["op"]), attrs(node)
         if v not in [base(x) for x in node["args"]]:
             continue
-        if name in ("permute", "permute_grad", "unpermute", "unpermute_grad_rows", "unpermute_grad_gates", "permute_quantize"):
+        if name in ("permute", "permute_grad", "unpermute", "unpermute_grad_rows", "unpermute_grad_gates", "permute_quantize", "invert_order"):
             return xp.random.permutation(size)
         if name == "quantize_by_expert":
             # Expert offsets over x's rows: sorted, from 0 to all of them, some experts empty.

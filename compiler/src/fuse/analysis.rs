@@ -94,6 +94,7 @@ impl Analysis<Fx> for FusionAnalysis {
             | Fx::Sigmoid(x)
             | Fx::Neg(x)
             | Fx::Stop(x)
+            | Fx::InvertOrder(x)
             | Fx::Softmax(x)
             | Fx::SoftmaxGrad([_, x]) => child(x),
             Fx::CrossEntropyGrad([x, _, _]) => child(x),

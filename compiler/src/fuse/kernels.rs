@@ -126,14 +126,7 @@ fn kind(op: &Op) -> KernelKind {
 /// Ops that store where an index tensor says rather than at their own element: their output
 /// is complete only when the whole kernel is.
 pub fn scatters(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::ScatterRows { .. }
-            | Op::PermuteGrad { .. }
-            | Op::Unpermute { .. }
-            | Op::UnpermuteGradGates { .. }
-            | Op::SortByExpert { .. }
-    )
+    matches!(op, Op::ScatterRows { .. } | Op::InvertOrder | Op::UnpermuteGradGates { .. } | Op::SortByExpert { .. })
 }
 
 /// Whether later elementwise ops can join a kernel that starts with `op`: not after a scatter

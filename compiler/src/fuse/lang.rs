@@ -27,6 +27,8 @@ define_language! {
         "sum_last" = SumLast(Id),
         "max_last" = MaxLast(Id),
         "transpose_last2" = TransposeLast2(Id),
+        // The inverse of a permutation (the MoE's expert order).
+        "invert_order" = InvertOrder(Id),
         // Routing's index ops: (attr, x), (x, idx), (attr, idx, g); other sums, (attr, x).
         "top_k" = TopK([Id; 2]),
         "take_along" = TakeAlong([Id; 2]),

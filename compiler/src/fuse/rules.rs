@@ -194,6 +194,8 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         rw!("stop-stop"; "(stop (stop ?x))" => "(stop ?x)"),
         // (xᵀ)ᵀ = x for a swap of the last two axes.
         rw!("transpose-transpose"; "(transpose_last2 (transpose_last2 ?x))" => "?x"),
+        // The combine's VJP reads the expert order back from its inverse.
+        rw!("invert-invert"; "(invert_order (invert_order ?x))" => "?x"),
     ]
 }
 

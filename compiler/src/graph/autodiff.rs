@@ -206,7 +206,11 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         Op::Sign | Op::Max { .. } | Op::Maximum | Op::TopK { .. } | Op::Count { .. } | Op::SortByExpert { .. } => {
             vec![]
         }
-        Op::ExpertOffsets { .. } | Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::StopGradient => vec![],
+        Op::ExpertOffsets { .. }
+        | Op::ExchangeCounts { .. }
+        | Op::ReceivedOffsets
+        | Op::InvertOrder
+        | Op::StopGradient => vec![],
         Op::Neg => vec![(a[0], b.unary(Op::Neg, g))],
         Op::Exp => vec![(a[0], b.mul(g, y))],
         Op::Log => vec![(a[0], b.div(g, a[0]))],
@@ -322,8 +326,10 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         }
         Op::Permute { k } => {
             let shape = b.shape(a[0]).clone();
+            let order_shape = b.shape(a[1]).clone();
+            let positions = b.push(Op::InvertOrder, vec![a[1]], order_shape, DType::I32);
             let op = Op::PermuteGrad { k: *k, tokens: shape[0] };
-            vec![(a[0], b.push(op, vec![g, a[1]], shape, node.dtype))]
+            vec![(a[0], b.push(op, vec![g, positions], shape, node.dtype))]
         }
         Op::GroupedMatMul { tb, fp8 } => {
             assert!(*tb, "grouped GEMMs keep expert weights as [experts, out, in]");
@@ -339,7 +345,9 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
             vec![(xs, dxs), (w, dw)]
         }
         Op::Unpermute { k } => {
-            let (ys, order, gates) = (a[0], a[1], a[2]);
+            let (ys, positions, gates) = (a[0], a[1], a[2]);
+            let positions_shape = b.shape(positions).clone();
+            let order = b.push(Op::InvertOrder, vec![positions], positions_shape, DType::I32);
             let ys_shape = b.shape(ys).clone();
             let gates_shape = b.shape(gates).clone();
             let dys = b.push(Op::UnpermuteGradRows { k: *k }, vec![g, order, gates], ys_shape, node.dtype);

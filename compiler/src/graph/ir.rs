@@ -193,11 +193,16 @@ pub enum Op {
     Permute {
         k: usize,
     },
-    /// The transpose of `Permute`: (grad `[r, d]`, order `[r]`) → `[t, d]`.
+    /// The transpose of `Permute`, as a gather: (grad `[r, d]`, positions `[r]`) → `[t, d]`,
+    /// row t = `Σⱼ grad[positions[t·k + j]]` (j in order), `positions` the inverse of the
+    /// permutation's order (`InvertOrder`).
     PermuteGrad {
         k: usize,
         tokens: usize,
     },
+    /// The inverse of a permutation: (order `[r]`) → positions `[r]`, `positions[order[i]] = i`
+    /// (where each assignment's row went).
+    InvertOrder,
     /// Per expert e, rows `offsets[e]..offsets[e+1]` of xs times `w[e]` (transposed if `tb`):
     /// (xs [r, k], w [experts, k, n] or [experts, n, k], offsets) → [r, n]. In FP8, xs may
     /// come already quantised (an F8E4M3 value in 1×tile groups, from a fused dispatch), and
@@ -212,8 +217,9 @@ pub enum Op {
         experts: usize,
         fp8: Option<Fp8Gemm>,
     },
-    /// Weighted combine: (ys `[r, d]`, order `[r]`, gates `[t, k]`) → `[t, d]`,
-    /// `out[a / k] += gates[a] · ys[i]` for `a = order[i]`.
+    /// Weighted combine, as a gather: (ys `[r, d]`, positions `[r]`, gates `[t, k]`) → `[t, d]`,
+    /// row t = `Σⱼ gates[t, j] · ys[positions[t·k + j]]` (j in order), `positions` the inverse
+    /// of the dispatch's order (`InvertOrder`).
     Unpermute {
         k: usize,
     },
@@ -537,6 +543,7 @@ impl Op {
             Op::GroupedMatMul { .. } => "grouped_matmul",
             Op::GroupedWgrad { .. } => "grouped_wgrad",
             Op::Unpermute { .. } => "unpermute",
+            Op::InvertOrder => "invert_order",
             Op::UnpermuteGradRows { .. } => "unpermute_grad_rows",
             Op::UnpermuteGradGates { .. } => "unpermute_grad_gates",
             Op::ExchangeCounts { .. } => "exchange_counts",

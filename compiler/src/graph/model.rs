@@ -685,7 +685,8 @@ fn moe(b: &mut FunctionBuilder, c: &Config, m: &Moe, x: V, p: &[V]) -> (V, V, V)
     let xs = b.push(Op::Permute { k }, vec![flat, order], vec![tokens * k, d], DType::F32);
     let ys = experts(b, c, m, xs, offsets, &p[2..5]);
     let ys = if c.combine_bf16 { b.cast(ys, DType::Bf16) } else { ys };
-    let routed = b.push(Op::Unpermute { k }, vec![ys, order, gates], vec![tokens, d], DType::F32);
+    let positions = b.push(Op::InvertOrder, vec![order], vec![tokens * k], DType::I32);
+    let routed = b.push(Op::Unpermute { k }, vec![ys, positions, gates], vec![tokens, d], DType::F32);
     let out = if m.shared_experts > 0 {
         let shared = swiglu(b, c, flat, p[5], p[6], p[7]);
         b.add(routed, shared)

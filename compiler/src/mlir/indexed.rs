@@ -2,10 +2,12 @@
 //! computes one element of each output from its multi-index, following the index maps of the
 //! kernel's ops back to its inputs: broadcasts, reshapes, transposes, slices, pads and
 //! concatenations move indices; reductions loop over the reduced axes; top-k and the take/put
-//! along ops read positions from index tensors. Values inside a kernel are recomputed
-//! where they are read, never stored in between. The scatter-adds (adding where an index
-//! tensor says) run over their source elements instead and add atomically into outputs the
-//! launcher zeroes first ([`Emitted::zeroed`]). The sort by expert and the routing have
+//! along ops read positions from index tensors, and the MoE combine and the dispatch's
+//! transpose gather each token's k rows through the inverse permutation. Values inside a
+//! kernel are recomputed where they are read, never stored in between. The scatter-adds
+//! (adding where an index tensor says) run over their source elements instead and add
+//! atomically into outputs the launcher zeroes first ([`Emitted::zeroed`]); the inverse of a
+//! permutation also runs over its source, storing each element once. The sort by expert and the routing have
 //! kernels of their own; the counts over many positions and the gates' gradient of the
 //! combine take a warp per output element, its lanes striding over the summed extent.
 
@@ -300,6 +302,27 @@ impl<'a> Gen<'a> {
                 .remove(0)
             }
             Op::RopeConcat => self.rope_concat(node, idx)?,
+            // Rows gathered back to their tokens: Σⱼ [gates[t, j] ·] x[positions[t·k + j], c],
+            // j in order (unrolled: the k loads in flight together).
+            Op::Unpermute { k } | Op::PermuteGrad { k, .. } => {
+                let (t, c) = (idx[0].clone(), idx[1].clone());
+                let kk = self.index(*k);
+                let first = self.line(format!("arith.muli {t}, {kk} : index"));
+                let mut sum = self.body.constant(0.0);
+                for j in 0..*k {
+                    let jj = self.index(j);
+                    let a = self.line(format!("arith.addi {first}, {jj} : index"));
+                    let i = self.value_at(arg(1), std::slice::from_ref(&a))?;
+                    let row = self.position(&i);
+                    let mut x = self.value_at(arg(0), &[row, c.clone()])?;
+                    if let Op::Unpermute { .. } = node.op {
+                        let gate = self.value_at(arg(2), &[t.clone(), jj])?;
+                        x = self.line(format!("arith.mulf {gate}, {x} : f32"));
+                    }
+                    sum = self.line(format!("arith.addf {sum}, {x} : f32"));
+                }
+                sum
+            }
             op if op.is_elementwise() => {
                 let mut a = Vec::with_capacity(node.args.len());
                 for k in 0..node.args.len() {
@@ -925,7 +948,7 @@ impl<'a> Gen<'a> {
         };
         let source = match &node.op {
             Op::ScatterRows { .. } => shape(self, 1),
-            Op::PermuteGrad { .. } | Op::Unpermute { .. } => shape(self, 0),
+            Op::InvertOrder => shape(self, 0),
             _ => unreachable!("scatter ops"),
         };
         self.domain = numel(&source);
@@ -944,21 +967,13 @@ impl<'a> Gen<'a> {
                 atomic_add(self, &x, &at);
                 true
             }
-            Op::PermuteGrad { k, .. } | Op::Unpermute { k } => {
-                // out[order[i] / k, j] += (gate(order[i]) ·) x[i, j]
-                let a = self.value_at(arg(1), &idx[..1])?;
-                let a = self.position(&a);
-                let kk = self.index(*k);
-                let t = self.line(format!("arith.divui {a}, {kk} : index"));
-                let mut x = self.value_at(arg(0), &idx)?;
-                if let Op::Unpermute { .. } = node.op {
-                    let m = self.line(format!("arith.remui {a}, {kk} : index"));
-                    let gate = self.value_at(arg(2), &[t.clone(), m])?;
-                    x = self.line(format!("arith.mulf {gate}, {x} : f32"));
-                }
-                let at = self.linearize(&[t, idx[1].clone()], &node.shape);
-                atomic_add(self, &x, &at);
-                true
+            Op::InvertOrder => {
+                // out[order[i]] = i (a permutation: every element written once)
+                let a = self.value_at(arg(0), &idx)?;
+                let at = self.position(&a);
+                let i = self.line(format!("arith.index_cast {} : index to i32", idx[0]));
+                let _ = writeln!(self.body.text, "        memref.store {i}, %a{out}[{at}] : memref<?xi32>");
+                false
             }
             _ => unreachable!("scatter ops"),
         };

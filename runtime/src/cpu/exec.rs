@@ -291,6 +291,7 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
         Op::Count { bins } => real(&node.shape, index::count(&ix(0).data, last(&ix(0).shape), *bins)),
         Op::SortByExpert { .. } => int(&node.shape, index::sort_by_expert(&ix(0).data)),
         Op::ExpertOffsets { experts } => int(&node.shape, index::expert_offsets(&ix(0).data, *experts)),
+        Op::InvertOrder => int(&node.shape, index::invert_order(&ix(0).data)),
         Op::Permute { k } => real(&node.shape, index::permute(&r(0).data, last(&r(0).shape), &ix(1).data, *k)),
         Op::PermuteGrad { k, tokens } => {
             real(&node.shape, index::permute_grad(&r(0).data, last(&r(0).shape), &ix(1).data, *k, *tokens))

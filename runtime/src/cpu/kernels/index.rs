@@ -119,24 +119,33 @@ pub fn permute<T: Real>(x: &[T], d: usize, order: &[i32], k: usize) -> Vec<T> {
     order.iter().flat_map(|&a| x[(index(a) / k) * d..(index(a) / k + 1) * d].iter().copied()).collect()
 }
 
-/// The transpose of `permute`.
-pub fn permute_grad<T: Real>(g: &[T], d: usize, order: &[i32], k: usize, tokens: usize) -> Vec<T> {
+/// The transpose of `permute`, as a gather: row t = `Σⱼ g[positions[t·k + j]]`, j in order.
+pub fn permute_grad<T: Real>(g: &[T], d: usize, positions: &[i32], k: usize, tokens: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; tokens * d];
-    for (i, &a) in order.iter().enumerate() {
-        let t = index(a) / k;
-        for (o, x) in out[t * d..(t + 1) * d].iter_mut().zip(&g[i * d..(i + 1) * d]) {
+    for (a, &i) in positions.iter().enumerate() {
+        let t = a / k;
+        for (o, x) in out[t * d..(t + 1) * d].iter_mut().zip(&g[index(i) * d..(index(i) + 1) * d]) {
             *o += *x;
         }
     }
     out
 }
 
-/// `out[t] = Σⱼ gates[t, j] · ys[row of assignment (t, j)]`.
-pub fn unpermute<T: Real>(ys: &[T], d: usize, order: &[i32], gates: &[T], k: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; gates.len() / k * d];
+/// The inverse of permutation `order`: `positions[order[i]] = i`.
+pub fn invert_order(order: &[i32]) -> Vec<i32> {
+    let mut positions = vec![0; order.len()];
     for (i, &a) in order.iter().enumerate() {
-        let (t, gate) = (index(a) / k, gates[index(a)]);
-        for (o, y) in out[t * d..(t + 1) * d].iter_mut().zip(&ys[i * d..(i + 1) * d]) {
+        positions[index(a)] = i32::try_from(i).expect("rows fit i32");
+    }
+    positions
+}
+
+/// `out[t] = Σⱼ gates[t, j] · ys[positions[t·k + j]]`, j in order.
+pub fn unpermute<T: Real>(ys: &[T], d: usize, positions: &[i32], gates: &[T], k: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; gates.len() / k * d];
+    for (a, &i) in positions.iter().enumerate() {
+        let (t, gate) = (a / k, gates[a]);
+        for (o, y) in out[t * d..(t + 1) * d].iter_mut().zip(&ys[index(i) * d..(index(i) + 1) * d]) {
             *o += gate * *y;
         }
     }
@@ -186,8 +195,10 @@ mod tests {
         // Experts double their rows; gates 0.25 / 0.75 per token: out = 2x.
         let ys: Vec<f64> = rows.iter().map(|r| 2.0 * r).collect();
         let gates = [0.25, 0.75, 0.25, 0.75, 0.25, 0.75];
-        assert_eq!(unpermute(&ys, 1, &order, &gates, 2), vec![20.0, 40.0, 60.0]);
-        assert_eq!(permute_grad(&[1.0; 6], 1, &order, 2, 3), vec![2.0, 2.0, 2.0]);
+        let positions = invert_order(&order);
+        assert_eq!(positions, vec![2, 0, 4, 3, 1, 5]);
+        assert_eq!(unpermute(&ys, 1, &positions, &gates, 2), vec![20.0, 40.0, 60.0]);
+        assert_eq!(permute_grad(&[1.0; 6], 1, &positions, 2, 3), vec![2.0, 2.0, 2.0]);
         assert_eq!(
             unpermute_grad_gates(&[1.0, 1.0, 1.0], 1, &ys, &order, 2, 3),
             vec![20.0, 20.0, 40.0, 40.0, 60.0, 60.0]
