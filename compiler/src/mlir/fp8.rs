@@ -539,33 +539,46 @@ fn column_tiles_kernel(
         expert_of_group(&mut b, experts, cols);
     }
     // x's element for the result's row i, column j = j0 + local (zero outside x or, by
-    // expert, past the expert's rows), into the tile.
-    let _ = writeln!(b.text, "      scf.for %local = %warp to %cols step %wpb {{");
-    let j = b.line("arith.addi %j0, %local : index".into());
-    let in_group = b.line(format!("arith.cmpi ult, {j}, %j1 : index"));
-    let (row, inside) = if offsets.is_some() {
-        let from = b.line(format!("arith.subi {j}, %first_column : index"));
-        let row = b.line(format!("arith.addi {from}, %first_row : index"));
-        let in_expert = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
-        (row, b.line(format!("arith.andi {in_group}, {in_expert} : i1")))
-    } else {
-        let rows = b.line(format!("arith.constant {width} : index"));
-        let in_x = b.line(format!("arith.cmpi ult, {j}, {rows} : index"));
-        (j, b.line(format!("arith.andi {in_group}, {in_x} : i1")))
-    };
-    let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
-    let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
-    let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
-    let at = b.line(format!("arith.muli {row}, %m : index"));
-    let at = b.line(format!("arith.addi {at}, {column} : index"));
-    let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
-    let zero = b.constant(0.0);
-    let v = b.line(format!("arith.select {inside}, {v}, {zero} : f32"));
-    let at = b.line("arith.addi %lane_at, %local : index".into());
-    let _ = writeln!(
-        b.text,
-        "        memref.store {v}, %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>\n      }}\n      gpu.barrier"
-    );
+    // expert, past the expert's rows), into the tile: warp w takes the columns w, w + 8, …
+    // and issues all its loads before its first store, so that they are in flight together
+    // (one at a time, each waited on memory's latency: a quarter of the copy's bandwidth).
+    let mut loaded = Vec::new();
+    for turn in 0..cols.div_ceil(TILE_WARPS) {
+        let step = b.line(format!("arith.constant {} : index", turn * TILE_WARPS));
+        let local = b.line(format!("arith.addi %warp, {step} : index"));
+        let j = b.line(format!("arith.addi %j0, {local} : index"));
+        let in_group = b.line(format!("arith.cmpi ult, {j}, %j1 : index"));
+        let (row, inside) = if offsets.is_some() {
+            let from = b.line(format!("arith.subi {j}, %first_column : index"));
+            let row = b.line(format!("arith.addi {from}, %first_row : index"));
+            let in_expert = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
+            (row, b.line(format!("arith.andi {in_group}, {in_expert} : i1")))
+        } else {
+            let rows = b.line(format!("arith.constant {width} : index"));
+            let in_x = b.line(format!("arith.cmpi ult, {j}, {rows} : index"));
+            (j, b.line(format!("arith.andi {in_group}, {in_x} : i1")))
+        };
+        let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
+        let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
+        let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
+        let at = b.line(format!("arith.muli {row}, %m : index"));
+        let at = b.line(format!("arith.addi {at}, {column} : index"));
+        let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+        let zero = b.constant(0.0);
+        loaded.push((turn, local, b.line(format!("arith.select {inside}, {v}, {zero} : f32"))));
+    }
+    for (turn, local, v) in loaded {
+        let at = b.line(format!("arith.addi %lane_at, {local} : index"));
+        let store = format!("memref.store {v}, %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>");
+        if (turn + 1) * TILE_WARPS > cols {
+            // The last turn's columns may pass the group's.
+            let fits = b.line(format!("arith.cmpi ult, {local}, %cols : index"));
+            let _ = writeln!(b.text, "        scf.if {fits} {{\n        {store}\n        }}");
+        } else {
+            let _ = writeln!(b.text, "        {store}");
+        }
+    }
+    let _ = writeln!(b.text, "      gpu.barrier");
     // Warp w quantises the tile's rows w, w + 8, …: lane l the four columns from 4l.
     let _ = writeln!(b.text, "      scf.for %local_row = %warp to %c32 step %wpb {{");
     let _ = writeln!(b.text, "        %row = arith.addi %i0, %local_row : index");
