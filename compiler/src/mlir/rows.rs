@@ -7,7 +7,8 @@
 //! value per row, or a row's label as a one-hot row), the reductions over the row it needs in
 //! order, and what it writes per element: a value, an FP8 value in 1×`cols` groups
 //! ([`super::fp8`]), or a sum over all rows (a norm weight's gradient); or one value per row
-//! from the reductions alone (a row's loss).
+//! from the reductions alone (a row's loss). Reductions that do not read one another share a
+//! pass over the row.
 //!
 //! Warps own rows (four warps per block, each looping over rows when the launch holds fewer
 //! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
@@ -64,10 +65,13 @@ type Finish<'p> = Box<dyn Fn(&mut Body, &[String], &str) -> Vec<String> + 'p>;
 /// A pass's work on one chunk: its column, its number when unrolled, the values carried.
 type ChunkStep<'w, 'p, 'q> = dyn FnMut(&mut RowWriter<'p, 'q>, &str, Option<usize>, &[String]) -> Vec<String> + 'w;
 
-/// A reduction over the row: its term per element, and what it makes of the warp's total
-/// (values appended to the finished reductions the later terms read).
+/// A reduction over the row: its term per element (reading the first `reads` finished
+/// values), and what it makes of the warp's total (values appended to the finished ones).
+/// Consecutive reductions whose terms read only what was finished before the first of them
+/// share one pass over the row.
 struct Reduction<'p> {
     max: bool,
+    reads: usize,
     term: Term<'p>,
     finish: Finish<'p>,
 }
@@ -156,11 +160,13 @@ fn softmax_reductions<'p>(logit: impl Fn(&mut Body, &[String]) -> String + Copy 
     vec![
         Reduction {
             max: true,
+            reads: 0,
             term: Box::new(move |b, e, _| logit(b, e)),
             finish: Box::new(|_, _, t| vec![t.to_string()]),
         },
         Reduction {
             max: false,
+            reads: 1,
             term: Box::new(move |b, e, r| {
                 let x = logit(b, e);
                 let d = b.line(format!("arith.subf {x}, {} : f32", r[0]));
@@ -186,7 +192,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
     Ok(match &node.op {
         Op::RmsNorm { eps } => program(
             vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared)],
-            vec![Reduction { max: false, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
+            vec![Reduction { max: false, reads: 0, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
             vec![element(Box::new(|b, e, r| {
                 let xn = bin(b, "mulf", &e[0], &r[0]);
                 bin(b, "mulf", &xn, &e[1])
@@ -194,7 +200,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
         ),
         Op::RmsNormQuantize { eps, cols } => program(
             vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared)],
-            vec![Reduction { max: false, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
+            vec![Reduction { max: false, reads: 0, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
             vec![Output {
                 value: v,
                 write: Write::Fp8 { cols: *cols },
@@ -224,7 +230,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             }
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own), (arg(2)?, Rows::Shared)],
-                vec![Reduction { max: false, term: square_sum(x), finish: rms_finish(n, *eps) }],
+                vec![Reduction { max: false, reads: 0, term: square_sum(x), finish: rms_finish(n, *eps) }],
                 outputs,
             )
         }
@@ -241,6 +247,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             let reductions = vec![
                 Reduction {
                     max: false,
+                    reads: 0,
                     term: square_sum(pick(0)),
                     finish: Box::new(move |b, _, total| {
                         let inverse_n = b.constant(1.0 / n as f64);
@@ -255,6 +262,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                 },
                 Reduction {
                     max: false,
+                    reads: 0,
                     term: Box::new(|b, e, _| {
                         let gw = bin(b, "mulf", &e[2], &e[1]);
                         bin(b, "mulf", &gw, &e[0])
@@ -341,6 +349,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             let mut reductions = softmax_reductions(|_, e| e[0].clone());
             reductions.push(Reduction {
                 max: false,
+                reads: 2,
                 term: Box::new(|b, e, r| {
                     let d = bin(b, "subf", &e[0], &r[0]);
                     let ex = b.exp(&d);
@@ -364,16 +373,24 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             )
         }
         Op::CrossEntropy => {
-            // m = max x, z = Σ e^(x − m), picked = Σ onehot·(x − m); log z − picked.
+            // m = max x and the label's logit x[label] = Σ [column = label]·x in one pass, then
+            // z = Σ e^(x − m); log z − (x[label] − m).
             let mut reductions = softmax_reductions(|_, e| e[0].clone());
-            reductions.push(Reduction {
-                max: false,
-                term: Box::new(|b, e, r| {
-                    let s = bin(b, "subf", &e[0], &r[0]);
-                    bin(b, "mulf", &e[1], &s)
-                }),
-                finish: Box::new(|_, _, t| vec![t.to_string()]),
-            });
+            reductions.insert(
+                1,
+                Reduction {
+                    max: false,
+                    reads: 0,
+                    term: Box::new(|b, e, _| {
+                        // Selected, not multiplied: 0·x would be NaN at an infinite x.
+                        let one = b.constant(1.0);
+                        let zero = b.constant(0.0);
+                        let hit = b.line(format!("arith.cmpf oeq, {}, {one} : f32", e[1]));
+                        b.line(format!("arith.select {hit}, {}, {zero} : f32", e[0]))
+                    }),
+                    finish: Box::new(|_, _, t| vec![t.to_string()]),
+                },
+            );
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::OneHot)],
                 reductions,
@@ -381,8 +398,9 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                     value: v,
                     write: Write::RowValue,
                     term: Box::new(|b, _, r| {
-                        let log_z = b.op(&Op::Log, &[r[1].clone()]).expect("log is generated");
-                        bin(b, "subf", &log_z, &r[2])
+                        let log_z = b.op(&Op::Log, &[r[2].clone()]).expect("log is generated");
+                        let picked = bin(b, "subf", &r[1], &r[0]);
+                        bin(b, "subf", &log_z, &picked)
                     }),
                 }],
             )
@@ -733,30 +751,39 @@ impl<'p, 'q> RowWriter<'p, 'q> {
         self.bases = (0..self.p.inputs.len()).map(|k| self.base(k)).collect();
         let p = self.p;
         let mut finished: Vec<String> = Vec::new();
-        for reduction in &p.reductions {
-            let identity = if reduction.max { "0xFF800000" } else { "0x00000000" };
-            let init = self.b.line(format!("arith.constant {identity} : f32"));
-            let combine = if reduction.max { "arith.maximumf" } else { "arith.addf" };
+        let mut next = 0;
+        while next < p.reductions.len() {
+            // The reductions of this pass: those reading only what is finished now.
+            let count = p.reductions[next..].iter().take_while(|r| r.reads <= finished.len()).count().max(1);
+            let group = &p.reductions[next..next + count];
+            next += count;
+            let identity = |r: &Reduction| if r.max { "0xFF800000" } else { "0x00000000" };
+            let combine = |r: &Reduction| if r.max { "arith.maximumf" } else { "arith.addf" };
+            let init: Vec<String> =
+                group.iter().map(|r| self.b.line(format!("arith.constant {} : f32", identity(r)))).collect();
             let done = finished.clone();
-            let partial = self
-                .pass(vec![init], &mut |w, col, _, acc| {
-                    let mut acc = acc[0].clone();
-                    let inside = w.partial().then(|| w.b.line(format!("arith.cmpi ult, {col}, %n : index")));
-                    for e in w.elements(col) {
+            let partials = self.pass(init, &mut |w, col, _, acc| {
+                let mut acc = acc.to_vec();
+                let inside = w.partial().then(|| w.b.line(format!("arith.cmpi ult, {col}, %n : index")));
+                for e in w.elements(col) {
+                    for (a, reduction) in acc.iter_mut().zip(group) {
                         let mut x = (reduction.term)(&mut w.b, &e, &done);
                         if let Some(inside) = &inside {
-                            let id = w.b.line(format!("arith.constant {identity} : f32"));
+                            let id = w.b.line(format!("arith.constant {} : f32", identity(reduction)));
                             x = w.b.line(format!("arith.select {inside}, {x}, {id} : f32"));
                         }
-                        acc = w.b.line(format!("{combine} {acc}, {x} : f32"));
+                        *a = w.b.line(format!("{} {a}, {x} : f32", combine(reduction)));
                     }
-                    vec![acc]
-                })
-                .remove(0);
-            let name = self.b.fresh();
-            let total = warp_reduce(&mut self.b.text, &name[1..], &partial, &format!("{combine} %acc, %y : f32"));
-            let more = (reduction.finish)(&mut self.b, &finished, &total);
-            finished.extend(more);
+                }
+                acc
+            });
+            for (partial, reduction) in partials.iter().zip(group) {
+                let name = self.b.fresh();
+                let op = format!("{} %acc, %y : f32", combine(reduction));
+                let total = warp_reduce(&mut self.b.text, &name[1..], partial, &op);
+                let more = (reduction.finish)(&mut self.b, &finished, &total);
+                finished.extend(more);
+            }
         }
         // Values per row, from the reductions alone (every lane holds them): the first lane
         // stores them.
