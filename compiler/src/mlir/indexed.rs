@@ -17,6 +17,9 @@ use crate::graph::ir::{DType, Function, Node, Op, V};
 use std::collections::HashMap;
 use std::fmt::Write;
 
+/// Sweeps of 32 assignments the sort by expert loads at once.
+const SORT_SWEEPS: usize = 8;
+
 /// The MLIR of `kernel` by index.
 pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
@@ -879,7 +882,9 @@ impl<'a> Gen<'a> {
     /// The stable sort of assignments by expert, a warp per expert e: one sweep over the
     /// assignments counts those of lower experts (where e's rows start), a second writes e's
     /// assignments in order, each lane's place its rank among the warp's matches (a ballot
-    /// and a population count) after the matches of earlier sweeps.
+    /// and a population count) after the matches of earlier sweeps. A turn of either sweep
+    /// loads [`SORT_SWEEPS`] sweeps of 32 assignments before it counts them, so that their
+    /// loads are in flight together (one at a time, every sweep waited on memory's latency).
     fn sort_by_expert(&mut self, node: &Node) -> Result<bool, String> {
         let Op::SortByExpert { experts } = node.op else { unreachable!("a sort by expert") };
         let out = self.slots.len();
@@ -893,46 +898,67 @@ impl<'a> Gen<'a> {
         let bit = self.line(format!("arith.shli {one}, {lane32} : i32"));
         let below_lane = self.line(format!("arith.subi {bit}, {one} : i32"));
         let all = self.line("arith.constant -1 : i32".into());
-        // Over the sweeps of 32 assignments: this lane's assignment, whether it is inside, and
-        // the ballot of `pred` (given the assignment's expert) over the warp.
-        let sweep = |g: &mut Self, t: &str, pred: &str| -> Result<(String, String, String), String> {
-            let base = g.line(format!("arith.muli {t}, {c32} : index"));
-            let a = g.line(format!("arith.addi {base}, {lane} : index"));
-            let size = g.index(n);
-            let valid = g.cmp_index("ult", &a, &size);
-            let last = g.index(n - 1);
-            let clamped = g.line(format!("arith.minui {a}, {last} : index"));
-            let at = g.delinearize(&clamped, &shape);
-            let e = g.value_at(node.args[0], &at)?;
+        // The turn's sweeps: for each, this lane's assignment, whether it is inside, and its
+        // expert.
+        let load = |g: &mut Self, turn: &str| -> Result<Vec<(String, String, String)>, String> {
+            let sweeps = g.index(SORT_SWEEPS);
+            let first = g.line(format!("arith.muli {turn}, {sweeps} : index"));
+            (0..SORT_SWEEPS)
+                .map(|u| {
+                    let u = g.index(u);
+                    let t = g.line(format!("arith.addi {first}, {u} : index"));
+                    let base = g.line(format!("arith.muli {t}, {c32} : index"));
+                    let a = g.line(format!("arith.addi {base}, {lane} : index"));
+                    let size = g.index(n);
+                    let valid = g.cmp_index("ult", &a, &size);
+                    let last = g.index(n - 1);
+                    let clamped = g.line(format!("arith.minui {a}, {last} : index"));
+                    let at = g.delinearize(&clamped, &shape);
+                    let e = g.value_at(node.args[0], &at)?;
+                    Ok((a, valid, e))
+                })
+                .collect()
+        };
+        // Whether the assignment counts (`pred` of its expert against the warp's), and the
+        // ballot of that over the warp.
+        let ballot = |g: &mut Self, valid: &str, e: &str, pred: &str| -> (String, String) {
             let hit = g.line(format!("arith.cmpi {pred}, {e}, {expert} : i32"));
             let counted = g.line(format!("arith.andi {valid}, {hit} : i1"));
             let ballot = g.line(format!("nvvm.vote.sync ballot {all}, {counted} -> i32"));
-            Ok((a, counted, ballot))
+            (counted, ballot)
         };
-        let sweeps = n.div_ceil(32);
+        let turns = n.div_ceil(32 * SORT_SWEEPS);
         let zero = self.index(0);
         let start = self
-            .fold(sweeps, std::slice::from_ref(&zero), &["index"], |g, t, acc| {
-                let (_, _, ballot) = sweep(g, t, "slt")?;
-                let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
-                let count = g.position(&count);
-                Ok(vec![g.line(format!("arith.addi {}, {count} : index", acc[0]))])
+            .fold(turns, std::slice::from_ref(&zero), &["index"], |g, turn, acc| {
+                let mut total = acc[0].clone();
+                for (_, valid, e) in load(g, turn)? {
+                    let (_, ballot) = ballot(g, &valid, &e, "slt");
+                    let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
+                    let count = g.position(&count);
+                    total = g.line(format!("arith.addi {total}, {count} : index"));
+                }
+                Ok(vec![total])
             })?
             .remove(0);
-        self.fold(sweeps, &[start], &["index"], |g, t, acc| {
-            let (a, counted, ballot) = sweep(g, t, "eq")?;
-            let earlier = g.line(format!("arith.andi {ballot}, {below_lane} : i32"));
-            let rank = g.line(format!("llvm.intr.ctpop({earlier}) : (i32) -> i32"));
-            let rank = g.position(&rank);
-            let place = g.line(format!("arith.addi {}, {rank} : index", acc[0]));
-            let id = g.line(format!("arith.index_cast {a} : index to i32"));
-            let _ = writeln!(
-                g.body.text,
-                "        scf.if {counted} {{\n        memref.store {id}, %a{out}[{place}] : memref<?xi32>\n        }}"
-            );
-            let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
-            let count = g.position(&count);
-            Ok(vec![g.line(format!("arith.addi {}, {count} : index", acc[0]))])
+        self.fold(turns, &[start], &["index"], |g, turn, acc| {
+            let mut placed = acc[0].clone();
+            for (a, valid, e) in load(g, turn)? {
+                let (counted, ballot) = ballot(g, &valid, &e, "eq");
+                let earlier = g.line(format!("arith.andi {ballot}, {below_lane} : i32"));
+                let rank = g.line(format!("llvm.intr.ctpop({earlier}) : (i32) -> i32"));
+                let rank = g.position(&rank);
+                let place = g.line(format!("arith.addi {placed}, {rank} : index"));
+                let id = g.line(format!("arith.index_cast {a} : index to i32"));
+                let _ = writeln!(
+                    g.body.text,
+                    "        scf.if {counted} {{\n        memref.store {id}, %a{out}[{place}] : memref<?xi32>\n        }}"
+                );
+                let count = g.line(format!("llvm.intr.ctpop({ballot}) : (i32) -> i32"));
+                let count = g.position(&count);
+                placed = g.line(format!("arith.addi {placed}, {count} : index"));
+            }
+            Ok(vec![placed])
         })?;
         let _ = writeln!(self.body.text, "        }}");
         Ok(false)
