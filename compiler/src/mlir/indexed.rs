@@ -19,6 +19,8 @@ use std::fmt::Write;
 
 /// Sweeps of 32 assignments the sort by expert loads at once.
 const SORT_SWEEPS: usize = 8;
+/// Terms a lane of a warp-per-element sum loads at once.
+const SUM_TERMS: usize = 4;
 
 /// The MLIR of `kernel` by index.
 pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
@@ -823,9 +825,9 @@ impl<'a> Gen<'a> {
     }
 
     /// Sums by warps, a warp per output element w of `shape` (multi-index idx): the lanes
-    /// stride over j < `extent` adding `term(idx, j)` (coalesced where consecutive j are
-    /// adjacent), their partial sums meet through shuffles, and lane 0 runs `store(w, idx,
-    /// sum)`.
+    /// stride over j < `extent` adding `term(idx, j)` ([`SUM_TERMS`] loaded at a time;
+    /// coalesced where consecutive j are adjacent), their partial sums meet through shuffles,
+    /// and lane 0 runs `store(w, idx, sum)`.
     fn sum_by_warps(
         &mut self,
         shape: &[usize],
@@ -835,12 +837,27 @@ impl<'a> Gen<'a> {
     ) -> Result<(), String> {
         let (warp, lane) = self.warp_per_item(numel(shape));
         let idx = self.delinearize(&warp, shape);
-        let end = self.index(extent);
+        // A lane's turn takes SUM_TERMS terms 32 apart, their loads in flight together; past
+        // the extent a term reads its last element and counts nothing.
+        let end = self.index(extent.next_multiple_of(32 * SUM_TERMS));
+        let (extent_index, last) = (self.index(extent), self.index(extent.max(1) - 1));
         let zero = self.body.constant(0.0);
         let partial = self
-            .fold_range(&lane, &end, 32, &[zero], &["f32"], |g, j, acc| {
-                let x = term(g, &idx, j)?;
-                Ok(vec![g.line(format!("arith.addf {}, {x} : f32", acc[0]))])
+            .fold_range(&lane, &end, 32 * SUM_TERMS, std::slice::from_ref(&zero), &["f32"], |g, j, acc| {
+                let mut terms = Vec::with_capacity(SUM_TERMS);
+                for u in 0..SUM_TERMS {
+                    let offset = g.index(32 * u);
+                    let ju = g.line(format!("arith.addi {j}, {offset} : index"));
+                    let inside = g.cmp_index("ult", &ju, &extent_index);
+                    let clamped = g.line(format!("arith.minui {ju}, {last} : index"));
+                    terms.push((inside, term(g, &idx, &clamped)?));
+                }
+                let mut sum = acc[0].clone();
+                for (inside, x) in terms {
+                    let counted = g.line(format!("arith.select {inside}, {x}, {zero} : f32"));
+                    sum = g.line(format!("arith.addf {sum}, {counted} : f32"));
+                }
+                Ok(vec![sum])
             })?
             .remove(0);
         let name = self.body.fresh();
