@@ -317,12 +317,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
                     let from = b.line(format!("arith.subi {jc}, %first_column : index"));
                     let row = b.line(format!("arith.addi {from}, %first_row : index"));
                     let inside = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
-                    let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
-                    let at = b.line(format!("arith.muli {row}, %m : index"));
-                    let at = b.line(format!("arith.addi {at}, {i} : index"));
-                    let x = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
-                    let zero = b.constant(0.0);
-                    return b.line(format!("arith.select {inside}, {x}, {zero} : f32"));
+                    return element_or_zero(b, &row, i, &inside);
                 }
                 // Element (jc, i mod batch_rows) of x's matrix i / batch_rows, [n, batch_rows].
                 let matrix_rows = b.line(format!("arith.constant {batch_rows} : index"));
@@ -429,6 +424,17 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
     );
     let args = [Some(x), offsets, Some(out)].into_iter().flatten().collect();
     Emitted { mlir, grid: groups.max(1) as u32, block: (32 * WARPS) as u32, args, zeroed: false }
+}
+
+/// x's element (`row`, `column`) of its rows of `%m` where `inside`, else 0 (the load then
+/// reads row 0).
+fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str) -> String {
+    let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
+    let at = b.line(format!("arith.muli {row}, %m : index"));
+    let at = b.line(format!("arith.addi {at}, {column} : index"));
+    let x = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+    let zero = b.constant(0.0);
+    b.line(format!("arith.select {inside}, {x}, {zero} : f32"))
 }
 
 /// By expert: which expert's rows the group's columns j0.. hold. Walks the offsets (`%a1`),
@@ -559,13 +565,8 @@ fn column_tiles_kernel(
             (j, b.line(format!("arith.andi {in_group}, {in_x} : i1")))
         };
         let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
-        let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
         let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
-        let at = b.line(format!("arith.muli {row}, %m : index"));
-        let at = b.line(format!("arith.addi {at}, {column} : index"));
-        let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
-        let zero = b.constant(0.0);
-        loaded.push((turn, local, b.line(format!("arith.select {inside}, {v}, {zero} : f32"))));
+        loaded.push((turn, local, element_or_zero(&mut b, &row, &column, &inside)));
     }
     for (turn, local, v) in loaded {
         let at = b.line(format!("arith.addi %lane_at, {local} : index"));
