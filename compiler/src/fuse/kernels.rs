@@ -167,7 +167,12 @@ fn numel(n: &Node) -> u64 {
 pub fn packed_bf16(f: &Function) -> HashSet<u32> {
     let args = f.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Arg(_))).map(|(i, _)| V(i as u32));
     let results = f.outputs.iter().map(|&o| base(f, o));
-    args.chain(results).filter(|&v| f.node(v).dtype == DType::Bf16).map(|v| v.0).collect()
+    args.chain(results).filter(|&v| packs(f.node(v).dtype)).map(|v| v.0).collect()
+}
+
+/// Whether a function's argument or result of type `dtype` is stored packed ([`packed_bf16`]).
+pub fn packs(dtype: DType) -> bool {
+    dtype == DType::Bf16
 }
 
 /// Bytes of a value's buffer: its elements, and an FP8 value's scales

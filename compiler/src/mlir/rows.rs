@@ -76,6 +76,26 @@ struct Reduction<'p> {
     finish: Finish<'p>,
 }
 
+impl Reduction<'_> {
+    /// The f32 bits a partial starts from.
+    fn identity(&self) -> &'static str {
+        if self.max {
+            "0xFF800000"
+        } else {
+            "0x00000000"
+        }
+    }
+
+    /// The op adding a term to a partial.
+    fn combine(&self) -> &'static str {
+        if self.max {
+            "arith.maximumf"
+        } else {
+            "arith.addf"
+        }
+    }
+}
+
 enum Write {
     Element,
     Fp8 {
@@ -757,10 +777,8 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             let count = p.reductions[next..].iter().take_while(|r| r.reads <= finished.len()).count().max(1);
             let group = &p.reductions[next..next + count];
             next += count;
-            let identity = |r: &Reduction| if r.max { "0xFF800000" } else { "0x00000000" };
-            let combine = |r: &Reduction| if r.max { "arith.maximumf" } else { "arith.addf" };
             let init: Vec<String> =
-                group.iter().map(|r| self.b.line(format!("arith.constant {} : f32", identity(r)))).collect();
+                group.iter().map(|r| self.b.line(format!("arith.constant {} : f32", r.identity()))).collect();
             let done = finished.clone();
             let partials = self.pass(init, &mut |w, col, _, acc| {
                 let mut acc = acc.to_vec();
@@ -769,17 +787,17 @@ impl<'p, 'q> RowWriter<'p, 'q> {
                     for (a, reduction) in acc.iter_mut().zip(group) {
                         let mut x = (reduction.term)(&mut w.b, &e, &done);
                         if let Some(inside) = &inside {
-                            let id = w.b.line(format!("arith.constant {} : f32", identity(reduction)));
+                            let id = w.b.line(format!("arith.constant {} : f32", reduction.identity()));
                             x = w.b.line(format!("arith.select {inside}, {x}, {id} : f32"));
                         }
-                        *a = w.b.line(format!("{} {a}, {x} : f32", combine(reduction)));
+                        *a = w.b.line(format!("{} {a}, {x} : f32", reduction.combine()));
                     }
                 }
                 acc
             });
             for (partial, reduction) in partials.iter().zip(group) {
                 let name = self.b.fresh();
-                let op = format!("{} %acc, %y : f32", combine(reduction));
+                let op = format!("{} %acc, %y : f32", reduction.combine());
                 let total = warp_reduce(&mut self.b.text, &name[1..], partial, &op);
                 let more = (reduction.finish)(&mut self.b, &finished, &total);
                 finished.extend(more);

@@ -266,7 +266,7 @@ impl Plan {
     pub fn moment_bytes(&self) -> usize {
         let optimizer = &self.module.functions[self.optimizer];
         let moment = optimizer.args.iter().find(|(name, _, _)| name.starts_with("m:"));
-        if moment.is_some_and(|(_, _, dtype)| *dtype == crate::graph::ir::DType::Bf16) {
+        if moment.is_some_and(|(_, _, dtype)| kernels::packs(*dtype)) {
             2
         } else {
             4
@@ -448,24 +448,17 @@ mod tests {
             assert_eq!(optimizers.len(), 3);
             for (i, (f, pf)) in plan.module.functions.iter().zip(&plan.functions).enumerate() {
                 let packed = kernels::packed_bf16(f);
-                let moments: Vec<u32> = f
-                    .nodes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| matches!(n.op, Op::Arg(a) if f.args[a].0.starts_with(['m', 'v'])))
-                    .map(|(v, _)| v as u32)
-                    .chain(
-                        f.outputs
-                            .iter()
-                            .zip(&f.output_names)
-                            .filter(|(_, name)| name.starts_with(['m', 'v']))
-                            .map(|(&o, _)| kernels::base(f, o).0),
-                    )
-                    .collect();
                 if !optimizers.contains(&i) || width == 4 {
                     assert!(packed.is_empty(), "{policy}: {} packs {packed:?}", f.name);
                     continue;
                 }
+                // The optimizer's m and v, taken and returned.
+                let moment = |name: &str| name.starts_with("m:") || name.starts_with("v:");
+                let taken =
+                    f.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Arg(a) if moment(&f.args[a].0)));
+                let returned = f.outputs.iter().zip(&f.output_names).filter(|(_, name)| moment(name));
+                let moments: Vec<u32> =
+                    taken.map(|(v, _)| v as u32).chain(returned.map(|(&o, _)| kernels::base(f, o).0)).collect();
                 assert!(!moments.is_empty());
                 assert_eq!(packed, moments.iter().copied().collect(), "{}", f.name);
                 let bytes: HashMap<u32, u64> = pf.buffers.iter().map(|b| (b.value, b.bytes)).collect();

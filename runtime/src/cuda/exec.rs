@@ -27,7 +27,7 @@ use crate::cpu::{Tensor, Value};
 use crate::memory::{self, Layout};
 use crate::train::{Backend, Resident};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use dsc_compiler::fuse::kernels::{base, packed_bf16, Code, Kernel};
+use dsc_compiler::fuse::kernels::{base, packed_bf16, packs, Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function, Node, Op};
 use dsc_compiler::mlir::fp8;
 use dsc_compiler::plan::Plan;
@@ -338,7 +338,7 @@ impl Executor {
         let inputs = args
             .iter()
             .zip(&function.args)
-            .map(|(a, (_, _, dtype))| encode(a, *dtype == DType::Bf16).map(Input::Host))
+            .map(|(a, (_, _, dtype))| encode(a, packs(*dtype)).map(Input::Host))
             .collect::<Result<Vec<_>, _>>()?;
         // Results the gradient hands to the state get buffers of their own here.
         let mut binding = Binding::none(inputs.len());
@@ -366,9 +366,8 @@ impl Executor {
             Op::Const(c) => Ok(Value::real(Tensor::filled(node.shape.clone(), c as f32))),
             _ => {
                 let bytes = places::read(&self.gpu, call.places(&self.gpu).at(b.0), self.bytes[f][&b.0])?;
-                // A result is packed where it is bf16 (`packed_bf16`).
                 let stored = function.node(b);
-                Ok(decode(stored, &node.shape, &bytes, stored.dtype == DType::Bf16))
+                Ok(decode(stored, &node.shape, &bytes, packs(stored.dtype)))
             }
         }
     }

@@ -31,8 +31,8 @@ use crate::train::backend::Moments;
 use crate::train::Resident;
 use cudarc::cublas::sys;
 use cudarc::driver::{CudaSlice, DevicePtr};
-use dsc_compiler::fuse::kernels::base;
-use dsc_compiler::graph::ir::{DType, Op, V};
+use dsc_compiler::fuse::kernels::{base, packs};
+use dsc_compiler::graph::ir::{Op, V};
 use dsc_compiler::graph::zero::Member;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -172,7 +172,7 @@ impl Executor {
             .collect();
         let arg_types = &self.plan.module.functions[f].args[info.len()..];
         for (value, (_, _, dtype)) in rest.iter().zip(arg_types) {
-            inputs.push(Input::Host(encode(value, *dtype == DType::Bf16)?));
+            inputs.push(Input::Host(encode(value, packs(*dtype))?));
         }
         // The parameters come first and stay as they are until the update; the gradients
         // the calls yield go straight into the sums.
