@@ -8,12 +8,16 @@ use dsc_compiler::fuse::cost::{node_seconds, Profile};
 use dsc_compiler::fuse::lang::Fx;
 use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_function_with, fuse_module_for, Limits};
 use dsc_compiler::graph::autodiff;
-use dsc_compiler::graph::ir::{ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, Module, Op, V};
+use dsc_compiler::graph::ir::{ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, GemmPrecision, Module, Op, V};
 use dsc_compiler::graph::model::{cross_entropy, gate_weights, rms_norm, rope, route, softmax, swiglu_gate};
 use dsc_lang::{Gating, Moe, Schedule};
 use dsc_runtime::cpu::{run, Tensor, Value};
 use dsc_runtime::rng::Rng;
 use proptest::prelude::*;
+
+/// A linear layer's GEMMs in each precision (FP8 in 4-wide tiles and blocks).
+const PRECISIONS: [GemmPrecision; 3] =
+    [GemmPrecision::F32, GemmPrecision::Bf16, GemmPrecision::Fp8(Fp8Linear { tile: 4, block: 4, promote: 4 })];
 
 /// Builds `f(args)`, fuses it, and checks that `fused_op` appears and that both versions
 /// agree on random inputs of the given shapes.
@@ -189,14 +193,14 @@ proptest! {
 
     #[test]
     fn concat_gemms_rule(rows in 1usize..6, k in 1usize..40, blocks in 1usize..4, n2 in 1usize..20, seed in any::<u64>()) {
-        // Two linear layers of one input, in f32 and in FP8 (4-wide tiles and blocks; the first
-        // weight a whole number of blocks along N, as the rule requires).
+        // Two linear layers of one input, in f32, BF16 and FP8 (4-wide tiles and blocks; the
+        // first weight a whole number of blocks along N, as the rule requires).
         let n1 = 4 * blocks;
         let shapes = [vec![2, rows, k], vec![n1, k], vec![n2, k]];
-        for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 })] {
+        for precision in PRECISIONS {
             prove("concat-gemms", &shapes, seed, "concat_matmul", |b, a| {
-                let y1 = b.linear(a[0], a[1], fp8);
-                let y2 = b.linear(a[0], a[2], fp8);
+                let y1 = b.linear(a[0], a[1], precision);
+                let y2 = b.linear(a[0], a[2], precision);
                 let y2 = b.slice(y2, 2, 0, 1);
                 let y2 = b.broadcast_to(y2, vec![2, rows, n1]);
                 b.mul(y1, y2)
@@ -210,7 +214,7 @@ proptest! {
         // quantise + scaled GEMM, the quantisation joins its producer, bit for bit. (It pays when
         // the activations outweigh the weight, whose quantisation is a kernel of its own: more
         // tokens than a third of the outputs.)
-        let fp8 = Some(Fp8Linear { tile: 4, block: 4, promote: 4 });
+        let fp8 = GemmPrecision::Fp8(Fp8Linear { tile: 4, block: 4, promote: 4 });
         let d = 4 * tiles;
         let profile = memory_bound();
         prove_on(&profile, Module::default(), "rmsnorm-quantize", &[vec![2, rows, d], vec![d], vec![n, d]], seed, "rmsnorm_quantize", |b, a| {
@@ -230,8 +234,8 @@ proptest! {
             let order = b.push(Op::SortByExpert { experts }, vec![chosen], vec![2 * tokens], DType::I32);
             let offsets = b.push(Op::ExpertOffsets { experts }, vec![chosen], vec![experts + 1], DType::I32);
             let xs = b.push(Op::Permute { k: 2 }, vec![a[0], order], vec![2 * tokens, d], DType::F32);
-            let op = Op::GroupedMatMul { tb: true, fp8: fp8.map(Fp8Linear::fprop) };
-            b.push(op, vec![xs, a[1], offsets], vec![2 * tokens, n], DType::F32)
+            let (xs, w, fp8) = b.gemm_operands(xs, a[1], fp8);
+            b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![xs, w, offsets], vec![2 * tokens, n], DType::F32)
         })?;
     }
 
@@ -325,14 +329,15 @@ proptest! {
     #[test]
     fn gemm_residual_add_rules(rows in 1usize..6, k in 1usize..20, blocks in 1usize..4, seed in any::<u64>()) {
         let n = 4 * blocks;
-        for fp8 in [None, Some(Fp8Linear { tile: 4, block: 4, promote: 4 })] {
+        for precision in PRECISIONS {
             // h + linear(x) over [2, rows, n] (the product reshaped), and c + x·Wᵀ over matrices.
             prove("gemm-residual-add-reshaped", &[vec![2, rows, n], vec![2, rows, k], vec![n, k]], seed, "matmul_add", |b, a| {
-                let y = b.linear(a[1], a[2], fp8);
+                let y = b.linear(a[1], a[2], precision);
                 b.add(a[0], y)
             })?;
             prove("gemm-residual-add", &[vec![rows, n], vec![rows, k], vec![n, k]], seed, "matmul_add", |b, a| {
-                let y = b.matmul(a[1], a[2], false, true, fp8.map(Fp8Linear::fprop));
+                let (x, w, fp8) = b.gemm_operands(a[1], a[2], precision);
+                let y = b.matmul(x, w, false, true, fp8);
                 b.add(a[0], y)
             })?;
         }

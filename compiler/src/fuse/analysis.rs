@@ -117,7 +117,7 @@ impl Analysis<Fx> for FusionAnalysis {
             }
             Fx::MatMul([attr, a, b]) => {
                 let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
-                ClassData::value(matmul_shape(&shape(a), &shape(b), ta, tb), child(a).dtype)
+                ClassData::value(matmul_shape(&shape(a), &shape(b), ta, tb), DType::F32)
             }
             Fx::Reshape([attr, x]) => {
                 let Op::Reshape(to) = attr_op(egraph, *attr) else { unreachable!("a reshape's attribute") };
@@ -158,8 +158,7 @@ impl Analysis<Fx> for FusionAnalysis {
             }
             Fx::ConcatMatMul([attr, a, b1, b2]) => {
                 let op = attr_op(egraph, *attr);
-                let dtype = product_dtype(&op, child(a).dtype);
-                let product = |b: &Id| (product_shape(&op, &shape(a), &shape(b)), dtype);
+                let product = |b: &Id| (product_shape(&op, &shape(a), &shape(b)), DType::F32);
                 ClassData::tuple(vec![product(b1), product(b2)])
             }
             Fx::TopK([attr, x]) => {
@@ -201,7 +200,7 @@ impl Analysis<Fx> for FusionAnalysis {
                 let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {
                     unreachable!("a grouped GEMM's attribute")
                 };
-                ClassData::value(grouped_shape(tb, &shape(xs), &shape(w)), child(xs).dtype)
+                ClassData::value(grouped_shape(tb, &shape(xs), &shape(w)), DType::F32)
             }
             Fx::Permute([_, x, order]) => ClassData::value(vec![shape(order)[0], shape(x)[1]], child(x).dtype),
             Fx::PermuteQuantize([_, _, x, order]) => {
@@ -211,19 +210,17 @@ impl Analysis<Fx> for FusionAnalysis {
                 let Op::GroupedMatMul { tb, .. } = attr_op(egraph, *attr) else {
                     unreachable!("a grouped GEMM's attribute")
                 };
-                let dtype = child(xs).dtype;
-                let product = |w: &Id| (grouped_shape(tb, &shape(xs), &shape(w)), dtype);
+                let product = |w: &Id| (grouped_shape(tb, &shape(xs), &shape(w)), DType::F32);
                 ClassData::tuple(vec![product(w1), product(w2)])
             }
             Fx::ConcatRowsMatMul([attr, a1, a2, b]) => {
                 let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
-                let dtype = child(a1).dtype;
-                let product = |a: &Id| (matmul_shape(&shape(a), &shape(b), ta, tb), dtype);
+                let product = |a: &Id| (matmul_shape(&shape(a), &shape(b), ta, tb), DType::F32);
                 ClassData::tuple(vec![product(a1), product(a2)])
             }
             Fx::ConcatKMatMul([attr, a1, b1, ..]) => {
                 let Op::MatMul { ta, tb, .. } = attr_op(egraph, *attr) else { unreachable!("a matmul's attribute") };
-                ClassData::value(matmul_shape(&shape(a1), &shape(b1), ta, tb), child(a1).dtype)
+                ClassData::value(matmul_shape(&shape(a1), &shape(b1), ta, tb), DType::F32)
             }
             Fx::ScaledMatMul([attr, a, b]) => {
                 let op = attr_op(egraph, *attr);
@@ -271,14 +268,6 @@ fn grouped_shape(tb: bool, xs: &[usize], w: &[usize]) -> Shape {
 }
 
 /// A scaled GEMM's result is f32 (its operands are FP8); a plain one has its input's type.
-fn product_dtype(op: &Op, a: DType) -> DType {
-    if matches!(op, Op::ScaledMatMul { .. }) {
-        DType::F32
-    } else {
-        a
-    }
-}
-
 /// An elementwise result: the broadcast shape, the type of the non-scalar operand.
 fn broadcast(a: &ClassData, b: &ClassData) -> ClassData {
     let shape = match (&a.shape, &b.shape) {

@@ -338,6 +338,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
             let dgrad = fp8.map(|f| Fp8Gemm { a: Tiling { outer: 1, k: f.a.k }, ..f });
             let wgrad =
                 fp8.map(|f| Fp8Gemm { a: Tiling { outer: 1, k: f.a.k }, b: Tiling { outer: 1, k: f.a.k }, ..f });
+            let g = product_cotangent(b, xs, w, g);
             let xs_shape = b.shape(xs).clone();
             let w_shape = b.shape(w).clone();
             let dxs = b.push(Op::GroupedMatMul { tb: false, fp8: dgrad }, vec![g, w, offsets], xs_shape, node.dtype);
@@ -403,6 +404,14 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
     }
 }
 
+/// The cotangent that a product's backward multiplies: rounded to BF16 where both operands
+/// are BF16 values, so that a BF16 GEMM's Dgrad and Wgrad are BF16 GEMMs too (as the recipe
+/// keeps the head's backward in BF16); the gradients they produce stay F32.
+fn product_cotangent(b: &mut FunctionBuilder, x: V, w: V, g: V) -> V {
+    let bf16 = |v: V, b: &FunctionBuilder| b.dtype(v) == DType::Bf16;
+    if bf16(x, b) && bf16(w, b) && !bf16(g, b) { b.cast(g, DType::Bf16) } else { g }
+}
+
 /// C = op(A)·op(B). For an FP8 linear layer (A = x, B = W used transposed) the gradients are
 /// FP8 GEMMs too: Dgrad with the forward's tilings, Wgrad with 1×tile groups along the
 /// tokens on both sides.
@@ -415,6 +424,7 @@ fn matmul_vjp(b: &mut FunctionBuilder, x: V, w: V, g: V, ta: bool, tb: bool, fp8
             (Some(f), Some(Fp8Gemm { a: token_tile, b: token_tile, promote: f.promote }))
         }
     };
+    let g = product_cotangent(b, x, w, g);
     let dx = if ta { b.matmul(w, g, tb, true, dgrad) } else { b.matmul(g, w, false, !tb, dgrad) };
     let dw = if tb { b.matmul(g, x, true, ta, wgrad) } else { b.matmul(x, g, !ta, false, wgrad) };
     vec![(x, dx), (w, dw)]

@@ -70,6 +70,17 @@ pub struct Fp8Gemm {
     pub promote: usize,
 }
 
+/// The precision of a linear layer's three GEMMs (its forward, Dgrad and Wgrad).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// FP32 operands and sums.
+    F32,
+    /// Operands rounded to BF16, sums in FP32 (a BF16 `MatMul`).
+    Bf16,
+    /// DeepSeek-V3's FP8 recipe.
+    Fp8(Fp8Linear),
+}
+
 /// The FP8 recipe for the three GEMMs of a linear layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fp8Linear {
@@ -155,7 +166,10 @@ pub enum Op {
     Concat {
         axis: usize,
     },
-    /// Batched matrix product over equal leading dimensions, optionally in FP8.
+    /// Batched matrix product over equal leading dimensions, optionally in FP8; an F32 value.
+    /// On two Bf16 operands it is a BF16 GEMM (products of BF16 values summed in FP32, on
+    /// BF16 tensor cores), and its backward's two products are too: the cotangent is rounded
+    /// to BF16 first (`autodiff`).
     MatMul {
         ta: bool,
         tb: bool,
@@ -845,16 +859,26 @@ impl<'m> FunctionBuilder<'m> {
 
     pub fn matmul(&mut self, a: V, b: V, ta: bool, tb: bool, fp8: Option<Fp8Gemm>) -> V {
         let shape = matmul_shape(self.shape(a), self.shape(b), ta, tb);
-        let dtype = self.dtype(a);
-        self.push(Op::MatMul { ta, tb, fp8 }, vec![a, b], shape, dtype)
+        self.push(Op::MatMul { ta, tb, fp8 }, vec![a, b], shape, DType::F32)
+    }
+
+    /// A linear layer's operands x and w as its GEMMs in `precision` take them (rounded to
+    /// BF16 for a BF16 GEMM), and the forward's FP8 recipe.
+    pub fn gemm_operands(&mut self, x: V, w: V, precision: GemmPrecision) -> (V, V, Option<Fp8Gemm>) {
+        match precision {
+            GemmPrecision::F32 => (x, w, None),
+            GemmPrecision::Bf16 => (self.cast(x, DType::Bf16), self.cast(w, DType::Bf16), None),
+            GemmPrecision::Fp8(f) => (x, w, Some(f.fprop())),
+        }
     }
 
     /// A linear layer in the HF convention: x [.., in] · Wᵀ with W [out, in].
-    pub fn linear(&mut self, x: V, w: V, fp8: Option<Fp8Linear>) -> V {
+    pub fn linear(&mut self, x: V, w: V, precision: GemmPrecision) -> V {
         let xs = self.shape(x).clone();
         let rows: usize = xs[..xs.len() - 1].iter().product();
         let flat = self.reshape(x, vec![rows, xs[xs.len() - 1]]);
-        let y = self.matmul(flat, w, false, true, fp8.map(Fp8Linear::fprop));
+        let (flat, w_operand, fp8) = self.gemm_operands(flat, w, precision);
+        let y = self.matmul(flat, w_operand, false, true, fp8);
         let mut out = xs.clone();
         *out.last_mut().expect("rank ≥ 1") = self.shape(w)[0];
         self.reshape(y, out)

@@ -8,7 +8,7 @@
 //! their Hugging Face DeepSeek-V3 names. YaRN applies when the spec's sequence is longer than
 //! YaRN's original one (the context-extension phases: `--set train.seq_len=32Ki`).
 
-use super::ir::{ConstantKind, DType, Fp8Linear, FunctionBuilder, Module, Op, V};
+use super::ir::{ConstantKind, DType, Fp8Linear, FunctionBuilder, GemmPrecision, Module, Op, V};
 use dsc_lang::{Dtype, Ffn, HighPrecisionOp, Moe, ParamGroup, Spec, StagePart, Yarn};
 
 /// How the graph computes.
@@ -259,7 +259,7 @@ impl Mtp<'_> {
             let e = rms_norm(b, emb, *enorm, cfg.eps);
             let hn = rms_norm(b, h, *hnorm, cfg.eps);
             let cat = b.concat(vec![e, hn], 2);
-            let projected = b.linear(cat, *eh_proj, cfg.fp8);
+            let projected = b.linear(cat, *eh_proj, cfg.linear);
             let mut args = vec![projected];
             args.extend(values);
             let out = b.call(self.layer_fn, args);
@@ -414,7 +414,10 @@ struct Config {
     rope: usize,
     v: usize,
     softmax_scale: f64,
-    fp8: Option<Fp8Linear>,
+    /// The linear layers' GEMMs (the experts' too).
+    linear: GemmPrecision,
+    /// The head's: in BF16 where the recipe keeps it in high precision.
+    head: GemmPrecision,
     /// Attention kept in BF16 (its inputs and output rounded to BF16).
     attention_bf16: bool,
     /// The MoE combine in BF16.
@@ -429,11 +432,20 @@ impl Config {
         let a = &spec.model.attention;
         let p = &spec.precision;
         let policy = numerics == Numerics::Policy;
-        let fp8 = (policy && p.gemm == Dtype::E4m3).then(|| Fp8Linear {
-            tile: p.activation_tile[1] as usize,
-            block: p.weight_block[0] as usize,
-            promote: p.promotion_interval as usize,
-        });
+        let linear = match p.gemm {
+            _ if !policy => GemmPrecision::F32,
+            Dtype::E4m3 => GemmPrecision::Fp8(Fp8Linear {
+                tile: p.activation_tile[1] as usize,
+                block: p.weight_block[0] as usize,
+                promote: p.promotion_interval as usize,
+            }),
+            Dtype::Bf16 => GemmPrecision::Bf16,
+            Dtype::F32 | Dtype::F64 => GemmPrecision::F32,
+        };
+        let head = match linear {
+            GemmPrecision::Fp8(_) if p.high_precision.contains(&HighPrecisionOp::Head) => GemmPrecision::Bf16,
+            other => other,
+        };
         Config {
             vocab: spec.model.vocab as usize,
             hidden: spec.model.hidden as usize,
@@ -447,7 +459,8 @@ impl Config {
             rope: a.qk_rope_dim as usize,
             v: a.v_dim as usize,
             softmax_scale: softmax_scale(spec),
-            fp8,
+            linear,
+            head,
             attention_bf16: policy && p.gemm != Dtype::F32 && p.high_precision.contains(&HighPrecisionOp::Attention),
             combine_bf16: policy && p.combine == Dtype::Bf16,
             expert_ranks,
@@ -588,17 +601,17 @@ pub fn rms_norm(b: &mut FunctionBuilder, x: V, w: V, eps: f64) -> V {
 fn attention(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V, p: &[V]) -> V {
     let (bs, s, h) = (c.batch, c.seq, c.heads);
     let dq = c.nope + c.rope;
-    let q_latent = b.linear(x, p[0], c.fp8);
+    let q_latent = b.linear(x, p[0], c.linear);
     let q_latent = rms_norm(b, q_latent, p[1], c.eps);
-    let q = b.linear(q_latent, p[2], c.fp8);
+    let q = b.linear(q_latent, p[2], c.linear);
     let q = b.reshape(q, vec![bs, s, h, dq]);
     let q_nope = b.slice(q, 3, 0, c.nope);
     let q_pe = b.slice(q, 3, c.nope, dq);
-    let kv = b.linear(x, p[3], c.fp8);
+    let kv = b.linear(x, p[3], c.linear);
     let kv_latent = b.slice(kv, 2, 0, c.kv_rank);
     let k_pe = b.slice(kv, 2, c.kv_rank, c.kv_rank + c.rope);
     let kv_latent = rms_norm(b, kv_latent, p[4], c.eps);
-    let kv = b.linear(kv_latent, p[5], c.fp8);
+    let kv = b.linear(kv_latent, p[5], c.linear);
     let kv = b.reshape(kv, vec![bs, s, h, c.nope + c.v]);
     let k_nope = b.slice(kv, 3, 0, c.nope);
     let v = b.slice(kv, 3, c.nope, c.nope + c.v);
@@ -612,7 +625,7 @@ fn attention(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V, p: &[V]) -> 
     let (o, _lse) = b.attention(q, k, v, c.softmax_scale, c.attention_bf16);
     let o = if c.attention_bf16 { b.cast(o, DType::Bf16) } else { o };
     let o = b.reshape(o, vec![bs, s, h * c.v]);
-    b.linear(o, p[6], c.fp8)
+    b.linear(o, p[6], c.linear)
 }
 
 /// RoPE in DeepSeek-V3's layout on x [batch, seq, heads, rope]: the interleaved pairs are
@@ -654,10 +667,10 @@ pub fn softmax(b: &mut FunctionBuilder, x: V) -> V {
 
 /// SwiGLU MLP: down(silu(gate(x)) · up(x)).
 fn swiglu(b: &mut FunctionBuilder, c: &Config, x: V, gate: V, up: V, down: V) -> V {
-    let g = b.linear(x, gate, c.fp8);
-    let u = b.linear(x, up, c.fp8);
+    let g = b.linear(x, gate, c.linear);
+    let u = b.linear(x, up, c.linear);
     let hidden = swiglu_gate(b, g, u);
-    b.linear(hidden, down, c.fp8)
+    b.linear(hidden, down, c.linear)
 }
 
 /// SwiGLU's gate: silu(g) · u.
@@ -715,8 +728,8 @@ fn experts(b: &mut FunctionBuilder, c: &Config, m: &Moe, xs: V, offsets: V, w: &
     };
     let local_rows = b.shape(local)[0];
     let inter = m.intermediate as usize;
-    let fp8 = c.fp8.map(Fp8Linear::fprop);
     let grouped = |b: &mut FunctionBuilder, x: V, w: V, n: usize| {
+        let (x, w, fp8) = b.gemm_operands(x, w, c.linear);
         b.push(Op::GroupedMatMul { tb: true, fp8 }, vec![x, w, local_offsets], vec![local_rows, n], DType::F32)
     };
     let g = grouped(b, local, w[0], inter);
@@ -789,11 +802,11 @@ pub fn balance_loss(b: &mut FunctionBuilder, m: &Moe, batch: usize, seq: usize, 
     (b.scale(mean, m.balance_alpha), load)
 }
 
-/// RMSNorm and the head in full precision: logits [batch · seq, vocab].
+/// RMSNorm and the head (in BF16 or FP32): logits [batch · seq, vocab].
 fn head_logits(b: &mut FunctionBuilder, c: &Config, h: V, norm: V, head: V) -> V {
     let x = rms_norm(b, h, norm, c.eps);
     let flat = b.reshape(x, vec![c.batch * c.seq, c.hidden]);
-    b.matmul(flat, head, false, true, None)
+    b.linear(flat, head, c.head)
 }
 
 /// The logits and the mean cross-entropy against the `labels` whose `mask` is 1 (0 when none

@@ -24,10 +24,12 @@ use super::grouped::{ExpertGemms, ExpertProduct};
 use super::places::{self, Places};
 use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
+use cudarc::cublas::sys::cublasComputeType_t as ComputeType;
 use cudarc::cublas::{sys, CudaBlas};
+use std::ffi::c_void;
 use cudarc::driver::DevicePtr;
 use dsc_compiler::fuse::kernels::Kernel;
-use dsc_compiler::graph::ir::{matmul_shape, Function, Op, V};
+use dsc_compiler::graph::ir::{matmul_shape, DType, Function, Op, V};
 use dsc_compiler::mlir::fp8;
 use std::collections::hash_map::{Entry, HashMap};
 
@@ -49,6 +51,8 @@ struct Product<'s> {
     ta: bool,
     tb: bool,
     accumulate: bool,
+    /// Both operands BF16 values: a BF16 GEMM (products exact in FP32, summed in FP32).
+    bf16: bool,
     b_groups: Option<Groups>,
 }
 
@@ -68,6 +72,8 @@ struct Grouped<'s> {
     xs: Operand<'s>,
     offsets: u32,
     kind: GroupedKind<'s>,
+    /// Every operand a BF16 value: BF16 GEMMs.
+    bf16: bool,
 }
 
 enum GroupedKind<'s> {
@@ -165,6 +171,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
     let base = |a: V| dsc_compiler::fuse::kernels::base(function, a).0;
     let arg = |k: usize| (base(node.args[k]), function.node(node.args[k]).shape.as_slice());
     let part = |i: usize| parts(function, v, i);
+    let bf16 = |ks: &[usize]| ks.iter().all(|&k| function.node(node.args[k]).dtype == DType::Bf16);
     let f32 = |a: usize, b: usize, c: u32, ta: bool, tb: bool, accumulate: bool| Product {
         a: arg(a),
         b: arg(b),
@@ -172,6 +179,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
         ta,
         tb,
         accumulate,
+        bf16: bf16(&[a, b]),
         b_groups: None,
     };
     // An FP8 product where cuBLASLt's block-scaled path takes it.
@@ -190,6 +198,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
             ta: false,
             tb: true,
             accumulate: false,
+            bf16: false,
             b_groups: Some(b_groups),
         })
     };
@@ -210,15 +219,15 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
         Op::ConcatScaledMatMul { .. } => (None, vec![fp8(0, 1, part(0))?, fp8(0, 2, part(1))?]),
         Op::GroupedMatMul { tb, fp8: None } => {
             let kind = GroupedKind::Products { tb, weights: vec![(arg(1), v)] };
-            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind }));
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind, bf16: bf16(&[0, 1]) }));
         }
         Op::ConcatGroupedMatMul { tb, fp8: None } => {
             let kind = GroupedKind::Products { tb, weights: vec![(arg(1), part(0)), (arg(2), part(1))] };
-            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(3).0, kind }));
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(3).0, kind, bf16: bf16(&[0, 1, 2]) }));
         }
         Op::GroupedWgrad { fp8: None, .. } => {
             let kind = GroupedKind::Wgrad { grad: arg(1), out: v };
-            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind }));
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind, bf16: bf16(&[0, 1]) }));
         }
         Op::GroupedMatMul { tb: true, fp8: Some(_) } | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) } => {
             let groups = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op);
@@ -231,14 +240,14 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
                 && (1..=weights.len()).all(|w| groups(w) == Some((128, 128)))
                 && weights.iter().all(|(w, _)| Lt::takes(ROWS_ALIGN, w.1[1], k));
             let kind = GroupedKind::ScaledProducts { weights };
-            return fits.then_some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(node.args.len() - 1).0, kind }));
+            return fits.then_some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(node.args.len() - 1).0, kind, bf16: false }));
         }
         Op::ScaledGroupedWgrad { .. } => {
             let tiles = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op) == Some((1, 128));
             let (n, k) = (arg(0).1[0], arg(1).1[0]);
             let fits = tiles(0) && tiles(1) && Lt::takes(n, k, 128);
             let kind = GroupedKind::ScaledWgrad { grad: arg(0), out: v };
-            return fits.then_some(Work::Grouped(Grouped { xs: arg(1), offsets: arg(2).0, kind }));
+            return fits.then_some(Work::Grouped(Grouped { xs: arg(1), offsets: arg(2).0, kind, bf16: false }));
         }
         _ => return None,
     };
@@ -318,6 +327,7 @@ fn product(blas: &CudaBlas, places: &Places, p: &Product) -> Result<(), GpuError
         ta: p.ta,
         tb: p.tb,
         accumulate: p.accumulate,
+        bf16: p.bf16,
         batch: c_shape[..rank - 2].iter().product(),
         strides: [stride(a_shape), stride(b_shape)],
     };
@@ -355,7 +365,7 @@ fn grouped(
                 .map(|&(w, out)| {
                     let n = if *tb { w.1[1] } else { w.1[2] };
                     let (a, b, c) = (at(g.xs.0, first * k), at(w.0, e * k * n), at(out, first * n));
-                    Sgemm { a, b, c, m: rows, n, k, ta: false, tb: *tb, accumulate: false, batch: 1, strides: [0, 0] }
+                    Sgemm { a, b, c, m: rows, n, k, ta: false, tb: *tb, accumulate: false, bf16: g.bf16, batch: 1, strides: [0, 0] }
                 })
                 .collect(),
             // out[e] [n, k] = grad_eᵀ [n, rows] · xs_e [rows, k].
@@ -372,6 +382,7 @@ fn grouped(
                     ta: true,
                     tb: false,
                     accumulate: false,
+                    bf16: g.bf16,
                     batch: 1,
                     strides: [0, 0],
                 }]
@@ -530,7 +541,8 @@ fn copy_2d(
 }
 
 /// A row-major f32 product C [m, n] = op(A)·op(B) (plus what C held when `accumulate`) on
-/// device addresses, batched with the operands' strides in elements (0: shared).
+/// device addresses, batched with the operands' strides in elements (0: shared); on BF16
+/// tensor cores where `bf16` (both operands hold BF16 values).
 struct Sgemm {
     a: u64,
     b: u64,
@@ -541,6 +553,7 @@ struct Sgemm {
     ta: bool,
     tb: bool,
     accumulate: bool,
+    bf16: bool,
     batch: usize,
     strides: [i64; 2],
 }
@@ -554,25 +567,32 @@ unsafe fn sgemm(blas: &CudaBlas, g: &Sgemm) -> Result<(), GpuError> {
     let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
     let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
     let (ldb, lda) = (if g.tb { g.k } else { g.n }, if g.ta { g.m } else { g.k });
-    cudarc::cublas::result::sgemm_strided_batched(
+    let compute = if g.bf16 { ComputeType::CUBLAS_COMPUTE_32F_FAST_16BF } else { ComputeType::CUBLAS_COMPUTE_32F };
+    let f32 = sys::cudaDataType::CUDA_R_32F;
+    cudarc::cublas::result::gemm_strided_batched_ex(
         *blas.handle(),
         op(g.tb),
         op(g.ta),
         g.n as i32,
         g.m as i32,
         g.k as i32,
-        &alpha,
-        g.b as *const f32,
+        (&alpha as *const f32).cast(),
+        g.b as *const c_void,
+        f32,
         ldb as i32,
         g.strides[1],
-        g.a as *const f32,
+        g.a as *const c_void,
+        f32,
         lda as i32,
         g.strides[0],
-        &beta,
-        g.c as *mut f32,
+        (&beta as *const f32).cast(),
+        g.c as *mut c_void,
+        f32,
         g.n as i32,
         (g.m * g.n) as i64,
         g.batch as i32,
+        compute,
+        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )
     .map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))
 }
