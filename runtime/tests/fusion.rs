@@ -8,7 +8,9 @@ use dsc_compiler::fuse::cost::{node_seconds, Profile};
 use dsc_compiler::fuse::lang::Fx;
 use dsc_compiler::fuse::{fuse_function, fuse_function_for, fuse_function_with, fuse_module_for, Limits};
 use dsc_compiler::graph::autodiff;
-use dsc_compiler::graph::ir::{ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, GemmPrecision, Module, Op, V};
+use dsc_compiler::graph::ir::{
+    ConstantKind, DType, Fp8Linear, Function, FunctionBuilder, GemmPrecision, Module, Op, V,
+};
 use dsc_compiler::graph::model::{cross_entropy, gate_weights, rms_norm, rope, route, softmax, swiglu_gate};
 use dsc_lang::{Gating, Moe, Schedule};
 use dsc_runtime::cpu::{run, Tensor, Value};

@@ -269,28 +269,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
                 .collect();
             let bytes: u64 = inputs.iter().chain(&outputs).map(|&v| written_bytes(f, v, &readers[v])).sum();
             let flops: u64 = nodes.iter().map(|&i| flops(f, &f.nodes[i])).sum();
-            let peak = if nodes.iter().any(|&i| {
-                matches!(
-                    f.nodes[i].op,
-                    Op::MatMul { fp8: Some(_), .. }
-                        | Op::ConcatMatMul { fp8: Some(_), .. }
-                        | Op::ConcatKMatMul { fp8: Some(_), .. }
-                        | Op::ConcatRowsMatMul { fp8: Some(_), .. }
-                        | Op::MatMulAdd { fp8: Some(_), .. }
-                        | Op::ScaledMatMul { .. }
-                        | Op::ConcatScaledMatMul { .. }
-                        | Op::GroupedMatMul { fp8: Some(_), .. }
-                        | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
-                        | Op::GroupedWgrad { fp8: Some(_), .. }
-                        | Op::ScaledGroupedWgrad { .. }
-                )
-            }) {
-                profile.fp8_flops
-            } else if kind != KernelKind::Generated {
-                profile.bf16_flops
-            } else {
-                profile.vector_flops
-            };
+            let peak = peak(f, &nodes, kind, profile);
             let first = f.nodes[nodes[0]].op.name();
             Kernel {
                 name: format!("{}_{k}_{first}", f.name.replace('.', "_")),
@@ -306,6 +285,39 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
             }
         })
         .collect()
+}
+
+/// The peak FLOP/s of a kernel of `nodes`: FP8 tensor cores for an FP8 GEMM, BF16 ones for a
+/// product of BF16 values and for attention, the CUDA cores for FP32 products and generated
+/// kernels.
+fn peak(f: &Function, nodes: &[usize], kind: KernelKind, profile: &Profile) -> f64 {
+    let fp8 = |op: &Op| {
+        matches!(
+            op,
+            Op::MatMul { fp8: Some(_), .. }
+                | Op::ConcatMatMul { fp8: Some(_), .. }
+                | Op::ConcatKMatMul { fp8: Some(_), .. }
+                | Op::ConcatRowsMatMul { fp8: Some(_), .. }
+                | Op::MatMulAdd { fp8: Some(_), .. }
+                | Op::ScaledMatMul { .. }
+                | Op::ConcatScaledMatMul { .. }
+                | Op::GroupedMatMul { fp8: Some(_), .. }
+                | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
+                | Op::GroupedWgrad { fp8: Some(_), .. }
+                | Op::ScaledGroupedWgrad { .. }
+        )
+    };
+    // The factors of the products (not `matmul_add`'s addend, nor offsets).
+    let bf16_operands = |node: &Node| {
+        let factors = if matches!(node.op, Op::MatMulAdd { .. }) { &node.args[..2] } else { &node.args[..] };
+        factors.iter().map(|&a| f.node(a)).filter(|a| a.dtype != DType::I32).all(|a| a.dtype == DType::Bf16)
+    };
+    match kind {
+        _ if nodes.iter().any(|&i| fp8(&f.nodes[i].op)) => profile.fp8_flops,
+        KernelKind::Attention => profile.bf16_flops,
+        KernelKind::LibraryGemm if nodes.iter().all(|&i| bf16_operands(&f.nodes[i])) => profile.bf16_flops,
+        KernelKind::LibraryGemm | KernelKind::Generated => profile.vector_flops,
+    }
 }
 
 /// FLOPs of one node: 2·m·n·k for products, a handful per element otherwise.
@@ -417,7 +429,7 @@ pub fn unfused(f: &Function, profile: &Profile) -> Vec<Kernel> {
         let bytes: u64 = inputs.iter().map(|&a| value_bytes(&f.nodes[a as usize])).sum::<u64>() + value_bytes(node);
         let flops = flops(f, node);
         let kind = kind(&node.op);
-        let peak = if kind == KernelKind::Generated { profile.vector_flops } else { profile.bf16_flops };
+        let peak = peak(f, &[i], kind, profile);
         ks.push(Kernel {
             name: format!("{}_{i}", node.op.name()),
             kind,

@@ -409,7 +409,11 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
 /// keeps the head's backward in BF16); the gradients they produce stay F32.
 fn product_cotangent(b: &mut FunctionBuilder, x: V, w: V, g: V) -> V {
     let bf16 = |v: V, b: &FunctionBuilder| b.dtype(v) == DType::Bf16;
-    if bf16(x, b) && bf16(w, b) && !bf16(g, b) { b.cast(g, DType::Bf16) } else { g }
+    if bf16(x, b) && bf16(w, b) && !bf16(g, b) {
+        b.cast(g, DType::Bf16)
+    } else {
+        g
+    }
 }
 
 /// C = op(A)·op(B). For an FP8 linear layer (A = x, B = W used transposed) the gradients are

@@ -26,12 +26,12 @@ use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
 use cudarc::cublas::sys::cublasComputeType_t as ComputeType;
 use cudarc::cublas::{sys, CudaBlas};
-use std::ffi::c_void;
 use cudarc::driver::DevicePtr;
 use dsc_compiler::fuse::kernels::Kernel;
 use dsc_compiler::graph::ir::{matmul_shape, DType, Function, Op, V};
 use dsc_compiler::mlir::fp8;
 use std::collections::hash_map::{Entry, HashMap};
+use std::ffi::c_void;
 
 /// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones; and the
 /// compiler's expert GEMMs where the plan carries them (the experts' FP8 products and weight
@@ -240,7 +240,12 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
                 && (1..=weights.len()).all(|w| groups(w) == Some((128, 128)))
                 && weights.iter().all(|(w, _)| Lt::takes(ROWS_ALIGN, w.1[1], k));
             let kind = GroupedKind::ScaledProducts { weights };
-            return fits.then_some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(node.args.len() - 1).0, kind, bf16: false }));
+            return fits.then_some(Work::Grouped(Grouped {
+                xs: arg(0),
+                offsets: arg(node.args.len() - 1).0,
+                kind,
+                bf16: false,
+            }));
         }
         Op::ScaledGroupedWgrad { .. } => {
             let tiles = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op) == Some((1, 128));
@@ -365,7 +370,20 @@ fn grouped(
                 .map(|&(w, out)| {
                     let n = if *tb { w.1[1] } else { w.1[2] };
                     let (a, b, c) = (at(g.xs.0, first * k), at(w.0, e * k * n), at(out, first * n));
-                    Sgemm { a, b, c, m: rows, n, k, ta: false, tb: *tb, accumulate: false, bf16: g.bf16, batch: 1, strides: [0, 0] }
+                    Sgemm {
+                        a,
+                        b,
+                        c,
+                        m: rows,
+                        n,
+                        k,
+                        ta: false,
+                        tb: *tb,
+                        accumulate: false,
+                        bf16: g.bf16,
+                        batch: 1,
+                        strides: [0, 0],
+                    }
                 })
                 .collect(),
             // out[e] [n, k] = grad_eᵀ [n, rows] · xs_e [rows, k].
