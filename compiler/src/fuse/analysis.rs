@@ -267,7 +267,6 @@ fn grouped_shape(tb: bool, xs: &[usize], w: &[usize]) -> Shape {
     vec![xs[0], if tb { w[1] } else { w[2] }]
 }
 
-/// A scaled GEMM's result is f32 (its operands are FP8); a plain one has its input's type.
 /// An elementwise result: the broadcast shape, the type of the non-scalar operand.
 fn broadcast(a: &ClassData, b: &ClassData) -> ClassData {
     let shape = match (&a.shape, &b.shape) {
