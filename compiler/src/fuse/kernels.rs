@@ -288,8 +288,9 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
 }
 
 /// The peak FLOP/s of a kernel of `nodes`: FP8 tensor cores for an FP8 GEMM, BF16 ones for a
-/// product of BF16 values and for attention, the CUDA cores for FP32 products and generated
-/// kernels.
+/// product of BF16 values and for attention, the CUDA cores for FP32 products (exact; a
+/// lower-precision policy's may take TF32 tensor cores, which the roofline does not count on)
+/// and generated kernels.
 fn peak(f: &Function, nodes: &[usize], kind: KernelKind, profile: &Profile) -> f64 {
     let fp8 = |op: &Op| {
         matches!(

@@ -234,9 +234,10 @@ pub fn decode(node: &Node, shape: &[usize], bytes: &[u8], packed: bool) -> Value
 impl Executor {
     /// An executor of `plan` (compiled into `dir`, whose `kernels/` holds the PTX) on `gpu`.
     /// With `checked`, it synchronises after every kernel (slower; a fault names its kernel).
-    /// The products a lower-precision policy keeps out of FP8 (attention on BF16-rounded
-    /// operands, the head, the BF16 policy's linears) run on TF32 tensor cores, finer than the
-    /// BF16 the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
+    /// Products of BF16 values (the head, the BF16 policy's linears, expanded attention's
+    /// scores) run on BF16 tensor cores; the other f32 products of a lower-precision policy
+    /// (the routers', expanded attention's others) on TF32 tensor cores, finer than the BF16
+    /// the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
     pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
         let mut blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
         blas.experts = ExpertGemms::load(&gpu, &plan, dir)?;
