@@ -106,6 +106,7 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
         }
         let layout = dsc_runtime::memory::plan(&pf.buffers);
         let bytes: HashMap<u32, usize> = pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect();
+        let packed = pf.packed_set();
         let mut arena = gpu.stream.alloc_zeros::<u8>(layout.peak as usize).expect("arena");
         for kernel in &pf.kernels {
             // The values a kernel reads and writes (a fused op's tuple as its parts).
@@ -117,7 +118,7 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                     _ => vec![o],
                 })
                 .collect();
-            if matches!(kernel.code, Code::Library) && !gemm::runs(function, kernel) {
+            if matches!(kernel.code, Code::Library) && !gemm::runs(function, kernel, &packed) {
                 left += 1;
                 continue;
             }
@@ -140,8 +141,9 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                 for &v in &args {
                     let host: Vec<u8> = match &seen[&(f, v as usize)] {
                         _ if !kernel.inputs.contains(&v) => vec![0xFF; bytes[&v]], // poisoned: NaN
-                        Value::Real(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                        Value::Int(t) => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        value @ (Value::Real(_) | Value::Int(_)) => {
+                            exec::encode(value, packed.contains(&v)).expect("a real or an index")
+                        }
                         _ => panic!("input %{v} of {} is neither real nor an index", kernel.name),
                     };
                     gpu.stream.memcpy_htod(&host, &mut arena.slice_mut(range(v))).expect("upload");
@@ -149,7 +151,8 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                 match blas {
                     None => kernels.launch(&gpu, function, kernel, &places, |v| bytes[&v]).expect("launch"),
                     Some(blas) => {
-                        gemm::run(&gpu, blas, function, kernel, &places, &mut Default::default()).expect("cuBLAS GEMM");
+                        gemm::run(&gpu, blas, function, &packed, kernel, &places, &mut Default::default())
+                            .expect("cuBLAS GEMM");
                         gemms += 1;
                     }
                 }
@@ -159,8 +162,9 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                         |g: &[u8]| -> Vec<[u8; 4]> { g.chunks(4).map(|c| c.try_into().expect("4 bytes")).collect() };
                     let (error, bound) = match &seen[&(f, v as usize)] {
                         Value::Real(t) => {
-                            let got: Vec<f64> =
-                                words(&got).into_iter().map(|w| f64::from(f32::from_le_bytes(w))).collect();
+                            let node = &function.nodes[v as usize];
+                            let got = exec::decode(node, &node.shape, &got, packed.contains(&v));
+                            let got: Vec<f64> = got.as_real().data.iter().map(|&x| f64::from(x)).collect();
                             let want: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
                             let error = relative_error(&got, &want);
                             if on_tf32 {

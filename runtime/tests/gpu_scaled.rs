@@ -154,7 +154,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
             let v = kernel.nodes[0];
             let node = &function.nodes[v as usize];
             let scaled = matches!(node.op, Op::ScaledMatMul { .. } | Op::ConcatScaledMatMul { .. });
-            if !matches!(kernel.code, Code::Library) || !scaled || !gemm::runs(function, kernel) {
+            if !matches!(kernel.code, Code::Library) || !scaled || !gemm::runs(function, kernel, &pf.packed_set()) {
                 continue;
             }
             let operand = |&a: &V| (function.node(a).shape.clone(), fp8::tiling(&function.node(base(function, a)).op));
@@ -174,8 +174,16 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
                 gpu.stream.memcpy_htod(&encoded, &mut arena.slice_mut(at..at + encoded.len())).expect("upload");
                 operands.push(q);
             }
-            gemm::run(&gpu, &blas, function, kernel, &Places::arena(&gpu, &arena, &layout), &mut Default::default())
-                .expect("the FP8 GEMM");
+            gemm::run(
+                &gpu,
+                &blas,
+                function,
+                &pf.packed_set(),
+                kernel,
+                &Places::arena(&gpu, &arena, &layout),
+                &mut Default::default(),
+            )
+            .expect("the FP8 GEMM");
             // The results: the node's value, or each part of the concatenated form.
             let results: Vec<u32> = match node.op {
                 Op::ScaledMatMul { .. } => vec![v],
@@ -259,7 +267,7 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
             if !matches!(kernel.code, Code::Library) || !grouped {
                 continue;
             }
-            assert!(gemm::runs(function, kernel), "{} runs on the GPU", kernel.name);
+            assert!(gemm::runs(function, kernel, &pf.packed_set()), "{} runs on the GPU", kernel.name);
             let shapes: Vec<Vec<usize>> = node.args.iter().map(|&a| function.node(a).shape.clone()).collect();
             if !seen.insert((node.op.name(), shapes)) {
                 continue;
@@ -289,8 +297,16 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
             let offsets_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
             let at = layout.offsets[&offsets_value] as usize;
             gpu.stream.memcpy_htod(&offsets_bytes, &mut arena.slice_mut(at..at + offsets_bytes.len())).expect("upload");
-            gemm::run(gpu, blas, function, kernel, &Places::arena(gpu, &arena, &layout), &mut Default::default())
-                .expect("the grouped FP8 GEMM");
+            gemm::run(
+                gpu,
+                blas,
+                function,
+                &pf.packed_set(),
+                kernel,
+                &Places::arena(gpu, &arena, &layout),
+                &mut Default::default(),
+            )
+            .expect("the grouped FP8 GEMM");
             let with_rows: Vec<usize> = (0..experts).filter(|&e| offsets[e] < offsets[e + 1]).collect();
             let picked = [with_rows[0], with_rows[with_rows.len() / 2], with_rows[with_rows.len() - 1]];
             let mut compare = |got: Vec<f64>, want: Vec<f64>, what: String| {
@@ -371,7 +387,7 @@ fn every_library_gemm_of_the_bench_plan_runs_on_the_gpu() {
         for kernel in pf.kernels.iter().filter(|k| matches!(k.code, Code::Library) && k.kind == KernelKind::LibraryGemm)
         {
             library += 1;
-            if !gemm::runs(function, kernel) {
+            if !gemm::runs(function, kernel, &pf.packed_set()) {
                 host.push(kernel.name.clone());
             }
         }

@@ -53,20 +53,6 @@ def from_bf16_bits(words):
     return (words.astype(xp.uint32) << 16).view(xp.float32).astype(xp.float64)
 
 
-def packed_bf16(function):
-    """The values stored as packed bf16 (dsc's `fuse::kernels::packed_bf16`): the function's
-    bf16 arguments and results (Adam's moments under the policy); every other real is f32."""
-    nodes = function["nodes"]
-
-    def base(v):
-        while op_name(nodes[v]["op"]) in ("reshape", "stop_gradient"):
-            v = nodes[v]["args"][0]
-        return v
-
-    args = [v for v, n in enumerate(nodes) if op_name(n["op"]) == "arg"]
-    return {v for v in args + [base(o) for o in function["outputs"]] if nodes[v]["dtype"] == "bf16"}
-
-
 def attrs(node):
     op = node["op"]
     return {} if isinstance(op, str) else next(iter(op.values()))
@@ -384,7 +370,7 @@ def main():
             nodes = function["nodes"]
             size = lambda v: max(1, math.prod(nodes[v]["shape"]))
             is_index = lambda v: nodes[v]["dtype"] == "i32"
-            packed = packed_bf16(function)
+            packed = set(pf["packed"])  # stored as bf16 (dsc's `fuse::kernels::packed_bf16`)
             # Positive inputs keep log, sqrt and rsqrt in their domain; packed ones are bf16.
             try:
                 host = {v: index_input(function, k, v) if is_index(v) else xp.random.uniform(0.5, 1.5, size(v)) for v in k["inputs"]}

@@ -161,13 +161,87 @@ fn numel(n: &Node) -> u64 {
 
 /// The values of `f` stored as packed bf16 (2 bytes an element) between kernels: its bf16
 /// arguments and results, state that a caller keeps in bf16 from call to call (Adam's moments
-/// under the policy). Every other real is stored as f32: a bf16 value inside a function is
-/// rounded, not packed. Only elementwise generated kernels read and write packed values
-/// (`crate::mlir::emit`); the backends convert them where they cross to the host.
-pub fn packed_bf16(f: &Function) -> HashSet<u32> {
+/// under the policy); and the operands of its BF16 GEMMs, casts to bf16 that only library
+/// products read, each of whose factors is such a cast (so that cuBLAS reads bf16 matrices:
+/// half the bytes, its native BF16 kernels). Every other real is stored as f32: a bf16 value
+/// inside a function is rounded, not packed. Only elementwise generated kernels and library
+/// GEMMs read and write packed values (`crate::mlir::emit`); the backends convert them where
+/// they cross to the host.
+pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     let args = f.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Arg(_))).map(|(i, _)| V(i as u32));
     let results = f.outputs.iter().map(|&o| base(f, o));
-    args.chain(results).filter(|&v| packs(f.node(v).dtype)).map(|v| v.0).collect()
+    let mut packed: HashSet<u32> = args.chain(results).filter(|&v| packs(f.node(v).dtype)).map(|v| v.0).collect();
+    packed.extend(gemm_operands_in_bf16(f, kernels));
+    packed
+}
+
+/// The casts to bf16, computed by elementwise kernels, that only library products read as
+/// factors, each product's factors all such casts (a product with one other factor leaves its
+/// casts unpacked: cuBLAS takes both factors in one type).
+fn gemm_operands_in_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
+    let mut operands: HashSet<u32> = kernels
+        .iter()
+        .filter(|k| k.kind == KernelKind::Generated && elementwise(f, k))
+        .flat_map(|k| &k.outputs)
+        .copied()
+        .filter(|&v| f.nodes[v as usize].op == Op::Cast(DType::Bf16))
+        .collect();
+    let mut products: Vec<Vec<V>> = Vec::new();
+    // Views are read through: their readers read the base.
+    for (_, node) in f.nodes.iter().enumerate().filter(|&(i, _)| base(f, V(i as u32)).index() == i) {
+        let factors = product_factors(&node.op, &node.args);
+        for &a in &node.args[factors.len()..] {
+            operands.remove(&base(f, a).0);
+        }
+        if !factors.is_empty() {
+            products.push(factors.iter().map(|&a| base(f, a)).collect());
+        }
+    }
+    let factors: HashSet<u32> = products.iter().flatten().map(|v| v.0).collect();
+    operands.retain(|v| factors.contains(v));
+    loop {
+        let mixed: Vec<u32> = products
+            .iter()
+            .filter(|fs| !fs.iter().all(|v| operands.contains(&v.0)))
+            .flatten()
+            .map(|v| v.0)
+            .filter(|v| operands.contains(v))
+            .collect();
+        if mixed.is_empty() {
+            return operands;
+        }
+        for v in mixed {
+            operands.remove(&v);
+        }
+    }
+}
+
+/// The factors of a product that a library runs outside FP8 (the leading arguments; a
+/// `matmul_add`'s addend and a grouped GEMM's offsets are not factors), or none for any other op.
+pub fn product_factors<'a>(op: &Op, args: &'a [V]) -> &'a [V] {
+    match op {
+        Op::MatMul { fp8: None, .. }
+        | Op::ConcatMatMul { fp8: None, .. }
+        | Op::ConcatRowsMatMul { fp8: None, .. }
+        | Op::ConcatKMatMul { fp8: None, .. } => args,
+        Op::MatMulAdd { fp8: None, .. } => &args[..2],
+        Op::GroupedMatMul { fp8: None, .. }
+        | Op::ConcatGroupedMatMul { fp8: None, .. }
+        | Op::GroupedWgrad { fp8: None, .. } => &args[..args.len() - 1],
+        _ => &[],
+    }
+}
+
+/// Whether `kernel` is elementwise: every node elementwise over the same number of elements,
+/// every input of that number or a scalar (no broadcasting along axes, no indices).
+pub fn elementwise(f: &Function, kernel: &Kernel) -> bool {
+    let size = kernel.nodes.iter().map(|&n| numel(&f.nodes[n as usize])).max().unwrap_or(0);
+    kernel.nodes.iter().map(|&n| &f.nodes[n as usize]).all(|n| n.op.is_elementwise() && numel(n) == size)
+        && kernel
+            .inputs
+            .iter()
+            .map(|&i| &f.nodes[i as usize])
+            .all(|n| n.dtype != DType::I32 && (numel(n) == size || numel(n) == 1))
 }
 
 /// Whether a function's argument or result of type `dtype` is stored packed ([`packed_bf16`]).
@@ -308,10 +382,9 @@ fn peak(f: &Function, nodes: &[usize], kind: KernelKind, profile: &Profile) -> f
                 | Op::ScaledGroupedWgrad { .. }
         )
     };
-    // The factors of the products (not `matmul_add`'s addend, nor offsets).
     let bf16_operands = |node: &Node| {
-        let factors = if matches!(node.op, Op::MatMulAdd { .. }) { &node.args[..2] } else { &node.args[..] };
-        factors.iter().map(|&a| f.node(a)).filter(|a| a.dtype != DType::I32).all(|a| a.dtype == DType::Bf16)
+        let factors = product_factors(&node.op, &node.args);
+        !factors.is_empty() && factors.iter().all(|&a| f.node(a).dtype == DType::Bf16)
     };
     match kind {
         _ if nodes.iter().any(|&i| fp8(&f.nodes[i].op)) => profile.fp8_flops,

@@ -49,7 +49,7 @@ pub struct Emitted {
 /// [`crate::fuse::kernels::packed_bf16`]), or why it is not generated yet.
 pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
-    let elementwise = is_elementwise(f, kernel, &nodes);
+    let elementwise = crate::fuse::kernels::elementwise(f, kernel);
     if !elementwise && kernel.inputs.iter().chain(&kernel.outputs).any(|v| packed.contains(v)) {
         return Err("only elementwise kernels read and write bf16-packed values".into());
     }
@@ -76,16 +76,6 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
 
 /// The kernel is elementwise over one size, reading real inputs of that size or scalars: the
 /// vectorised path.
-fn is_elementwise(f: &Function, kernel: &Kernel, nodes: &[&Node]) -> bool {
-    let size = nodes.iter().map(|n| numel(n)).max().unwrap_or(0);
-    nodes.iter().all(|n| n.op.is_elementwise() && numel(n) == size)
-        && kernel
-            .inputs
-            .iter()
-            .map(|&i| &f.nodes[i as usize])
-            .all(|n| n.dtype != DType::I32 && (numel(n) == size || numel(n) == 1))
-}
-
 fn numel(n: &Node) -> usize {
     n.shape.iter().product()
 }

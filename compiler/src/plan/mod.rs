@@ -13,10 +13,11 @@ use crate::graph::{Numerics, ParamInfo, TrainingGraph};
 use crate::mlir::{attention, emit, gemm};
 use dsc_lang::Spec;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::Path;
 
 /// Bumped whenever `plan.json` changes incompatibly.
-pub const PLAN_VERSION: u32 = 3;
+pub const PLAN_VERSION: u32 = 4;
 pub const PLAN_FILE: &str = "plan.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,7 +44,16 @@ pub struct PlanFunction {
     pub name: String,
     pub kernels: Vec<Kernel>,
     pub buffers: Vec<Buffer>,
+    /// The values stored as packed bf16 ([`kernels::packed_bf16`]), in order.
+    pub packed: Vec<u32>,
     pub fusion: FunctionReportRecord,
+}
+
+impl PlanFunction {
+    /// [`PlanFunction::packed`] as a set.
+    pub fn packed_set(&self) -> HashSet<u32> {
+        self.packed.iter().copied().collect()
+    }
 }
 
 /// A fusion report as stored (names as strings).
@@ -106,7 +116,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         .iter()
         .map(|f| {
             let mut ks = kernels::kernels(f, &profile);
-            let packed = kernels::packed_bf16(f);
+            let packed = kernels::packed_bf16(f, &ks);
             for k in &mut ks {
                 k.code = match k.kind {
                     KernelKind::LibraryGemm | KernelKind::Attention => Code::Library,
@@ -136,11 +146,19 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         .iter()
         .zip(fused)
         .zip(&reports)
-        .map(|((f, kernels), report)| PlanFunction {
-            name: f.name.clone(),
-            buffers: buffers(f, &kernels),
-            kernels,
-            fusion: report.into(),
+        .map(|((f, kernels), report)| {
+            let packed = kernels::packed_bf16(f, &kernels);
+            PlanFunction {
+                name: f.name.clone(),
+                buffers: buffers(f, &kernels, &packed),
+                packed: {
+                    let mut packed: Vec<u32> = packed.into_iter().collect();
+                    packed.sort_unstable();
+                    packed
+                },
+                kernels,
+                fusion: report.into(),
+            }
         })
         .collect();
     Plan {
@@ -186,8 +204,7 @@ fn storage_bytes(n: &crate::graph::ir::Node, packed: bool) -> u64 {
 /// use, which may come before its node) to its last read, widened to whole kernels: a kernel's nodes run together, so what it reads
 /// lives until its last node and what it writes from its first; a value read through a view
 /// (a reshape) lives as long as the view's readers.
-fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
-    let packed = kernels::packed_bf16(f);
+fn buffers(f: &Function, kernels: &[Kernel], packed: &HashSet<u32>) -> Vec<Buffer> {
     let mut span: Vec<(u32, u32)> = (0..f.nodes.len() as u32).map(|i| (i, i)).collect();
     for k in kernels {
         let (lo, hi) = (*k.nodes.iter().min().unwrap_or(&0), *k.nodes.iter().max().unwrap_or(&0));
@@ -229,7 +246,7 @@ fn buffers(f: &Function, kernels: &[Kernel]) -> Vec<Buffer> {
 /// Removes the `*.EXT` files of `folder` that are not named in `names`: the kernels of an
 /// earlier plan written to the same directory. Other files stay.
 pub fn remove_stale<'a>(folder: &Path, ext: &str, names: impl Iterator<Item = &'a str>) -> std::io::Result<()> {
-    let keep: std::collections::HashSet<&str> = names.collect();
+    let keep: HashSet<&str> = names.collect();
     for entry in std::fs::read_dir(folder)? {
         let path = entry?.path();
         let stem = path.file_stem().and_then(|s| s.to_str());
@@ -281,7 +298,7 @@ impl Plan {
             .iter()
             .zip(&self.functions)
             .flat_map(|(f, pf)| {
-                let packed = kernels::packed_bf16(f);
+                let packed = pf.packed_set();
                 pf.kernels.iter().filter(|k| matches!(k.code, Code::Generated { .. })).map(move |k| {
                     let mlir = emit::emit(f, k, &packed).expect("emitted when the plan was compiled").mlir;
                     (k.name.clone(), mlir)
@@ -381,6 +398,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::graph::ir::{DType, V};
     use std::collections::HashMap;
 
     /// Every kernel of every shipped model is a library GEMM or generated: the backends never
@@ -428,6 +446,51 @@ mod tests {
         }
     }
 
+    /// The BF16 GEMMs' operands are stored packed, 2 bytes an element: under the FP8 policy the
+    /// head's (forward, Dgrad, Wgrad: the hidden states, the weight and the cotangent of the
+    /// logits), under the BF16 policy every linear layer's and expert's too; each a cast written
+    /// by an elementwise kernel and read only by library products whose factors are all packed.
+    /// Under an f32 policy none is.
+    #[test]
+    fn bf16_gemm_operands_are_packed() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        for (policy, least) in [("e4m3", 3), ("bf16", 20), ("f32", 0)] {
+            let loaded = dsc_lang::load(&path, &[format!("precision.gemm={policy}")]);
+            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            let mut count = 0;
+            for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
+                let packed = pf.packed_set();
+                let factors: HashSet<u32> = (f.nodes.iter())
+                    .flat_map(|n| kernels::product_factors(&n.op, &n.args))
+                    .map(|&v| kernels::base(f, v).0)
+                    .collect();
+                let operands: Vec<u32> = pf.packed.iter().copied().filter(|v| factors.contains(v)).collect();
+                count += operands.len();
+                let bytes: HashMap<u32, u64> = pf.buffers.iter().map(|b| (b.value, b.bytes)).collect();
+                for &v in &operands {
+                    let elements = f.nodes[v as usize].shape.iter().product::<usize>() as u64;
+                    assert_eq!(bytes[&v], 2 * elements, "{policy} {}: %{v}", f.name);
+                    let writer = pf.kernels.iter().find(|k| k.outputs.contains(&v)).expect("written");
+                    assert!(matches!(writer.code, Code::Generated { .. }), "{policy}: {} writes %{v}", writer.name);
+                    assert!(kernels::elementwise(f, writer), "{policy}: {} is elementwise", writer.name);
+                }
+                for (i, node) in f.nodes.iter().enumerate() {
+                    if kernels::base(f, V(i as u32)).index() != i {
+                        continue; // a view: its readers read the base
+                    }
+                    let factors = kernels::product_factors(&node.op, &node.args);
+                    let reads = |v: &V| packed.contains(&kernels::base(f, *v).0);
+                    let packed_factors = factors.iter().filter(|v| reads(v)).count();
+                    assert!(packed_factors == 0 || packed_factors == factors.len(), "{policy} {}: %{i}", f.name);
+                    let readers_of_operands =
+                        node.args[factors.len()..].iter().filter(|v| operands.contains(&kernels::base(f, **v).0));
+                    assert_eq!(readers_of_operands.count(), 0, "{policy} {}: %{i} reads a GEMM operand", f.name);
+                }
+            }
+            assert!(count >= least && (least > 0 || count == 0), "{policy}: {count} packed GEMM operands");
+        }
+    }
+
     /// Under the policy's bf16 moments the optimizers (the model's and each data-parallel
     /// process's) take and return m and v packed, 2 bytes an element, and only their
     /// elementwise kernels touch them, declaring them `memref<?xbf16>`; under f32 moments
@@ -447,7 +510,14 @@ mod tests {
                 std::iter::once(plan.optimizer).chain(plan.zero.members.iter().map(|m| m.function)).collect();
             assert_eq!(optimizers.len(), 3);
             for (i, (f, pf)) in plan.module.functions.iter().zip(&plan.functions).enumerate() {
-                let packed = kernels::packed_bf16(f);
+                // The state's packed values: arguments and results (BF16 GEMMs' operands have
+                // their own test).
+                let crossing: HashSet<u32> = (f.nodes.iter().enumerate())
+                    .filter(|(_, n)| matches!(n.op, Op::Arg(_)))
+                    .map(|(v, _)| v as u32)
+                    .chain(f.outputs.iter().map(|&o| kernels::base(f, o).0))
+                    .collect();
+                let packed: HashSet<u32> = pf.packed_set().intersection(&crossing).copied().collect();
                 if !optimizers.contains(&i) || width == 4 {
                     assert!(packed.is_empty(), "{policy}: {} packs {packed:?}", f.name);
                     continue;

@@ -27,7 +27,7 @@ use crate::cpu::{Tensor, Value};
 use crate::memory::{self, Layout};
 use crate::train::{Backend, Resident};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use dsc_compiler::fuse::kernels::{base, packed_bf16, packs, Code, Kernel};
+use dsc_compiler::fuse::kernels::{base, packs, Code, Kernel};
 use dsc_compiler::graph::ir::{DType, Function, Node, Op};
 use dsc_compiler::mlir::fp8;
 use dsc_compiler::plan::Plan;
@@ -73,6 +73,8 @@ pub struct Executor {
     pub(super) delivered: HashMap<u32, usize>,
     /// Per function, the bytes of each value's buffer.
     pub(super) bytes: Vec<HashMap<u32, usize>>,
+    /// Per function, the values stored as packed bf16 (the plan's).
+    packed: Vec<HashSet<u32>>,
     counts: Counts,
     /// Synchronise after every kernel, so that a fault names it.
     checked: bool,
@@ -155,7 +157,7 @@ pub(super) fn words<T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; 4]) -> Vec
 
 /// A host value as the bytes of its device buffer (reals f32, or bf16 where the plan packs
 /// them: `packed`; indices i32, FP8 matrices as [`fp8_bytes`]).
-pub(super) fn encode(value: &Value<f32>, packed: bool) -> Result<Vec<u8>, GpuError> {
+pub fn encode(value: &Value<f32>, packed: bool) -> Result<Vec<u8>, GpuError> {
     match value {
         Value::Real(t) => Ok(real_bytes(&t.data, packed)),
         Value::Int(t) => Ok(words(&t.data, i32::to_le_bytes)),
@@ -246,6 +248,7 @@ impl Executor {
         let delivered = memory::delivered(&plan, plan.grad);
         let bytes =
             plan.functions.iter().map(|pf| pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect()).collect();
+        let packed = plan.functions.iter().map(|pf| pf.packed_set()).collect();
         let kernels = Kernels::new(dir);
         let attention = FusedAttention::load(&gpu, &plan, dir)?;
         let plan = Arc::new(plan);
@@ -262,6 +265,7 @@ impl Executor {
             in_place,
             delivered,
             bytes,
+            packed,
             counts,
             checked,
             spare,
@@ -575,8 +579,8 @@ impl Executor {
                 attention.run(&self.gpu, function, kernel, places)?;
                 self.counts.attention += 1;
             }
-            Code::Library if gemm::runs(function, kernel) => {
-                gemm::run(&self.gpu, &self.blas, function, kernel, places, read_back)?;
+            Code::Library if gemm::runs(function, kernel, &self.packed[f]) => {
+                gemm::run(&self.gpu, &self.blas, function, &self.packed[f], kernel, places, read_back)?;
                 self.counts.library += 1;
             }
             _ => {
@@ -590,7 +594,7 @@ impl Executor {
     /// Runs a kernel's nodes with the CPU reference's ops: inputs down, outputs up.
     fn on_host(&self, f: usize, kernel: &Kernel, places: &Places) -> Result<(), GpuError> {
         let function: &Function = &self.plan.module.functions[f];
-        let packed = packed_bf16(function);
+        let packed = &self.packed[f];
         let mut local: HashMap<u32, Value<f32>> = HashMap::new();
         for &v in &kernel.nodes {
             let node = &function.nodes[v as usize];

@@ -1,5 +1,6 @@
-//! Library GEMMs of a plan: those the precision policy keeps out of FP8 on cuBLAS (values
-//! stored as f32, as every buffer of a plan): a product, a product added to a value (the
+//! Library GEMMs of a plan: those the precision policy keeps out of FP8 on cuBLAS, in f32, or
+//! in BF16 where both factors are BF16 values ([`Factors`]: read packed where the plan stores
+//! them so, else from f32 storage; products f32): a product, a product added to a value (the
 //! epilogue of `matmul_add`), and the concatenated forms (`concat_matmul`,
 //! `concat_rows_matmul`, `concat_k_matmul`) as the products they stand for. Row-major
 //! C = op(A)·op(B) is computed as column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, batched over equal leading
@@ -27,10 +28,11 @@ use super::{Gpu, GpuError};
 use cudarc::cublas::sys::cublasComputeType_t as ComputeType;
 use cudarc::cublas::{sys, CudaBlas};
 use cudarc::driver::DevicePtr;
-use dsc_compiler::fuse::kernels::Kernel;
-use dsc_compiler::graph::ir::{matmul_shape, DType, Function, Op, V};
+use dsc_compiler::fuse::kernels::{base, product_factors, Kernel};
+use dsc_compiler::graph::ir::{matmul_shape, DType, Function, Node, Op, V};
 use dsc_compiler::mlir::fp8;
 use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashSet;
 use std::ffi::c_void;
 
 /// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones; and the
@@ -51,8 +53,7 @@ struct Product<'s> {
     ta: bool,
     tb: bool,
     accumulate: bool,
-    /// Both operands BF16 values: a BF16 GEMM (products exact in FP32, summed in FP32).
-    bf16: bool,
+    factors: Factors,
     b_groups: Option<Groups>,
 }
 
@@ -72,8 +73,43 @@ struct Grouped<'s> {
     xs: Operand<'s>,
     offsets: u32,
     kind: GroupedKind<'s>,
-    /// Every operand a BF16 value: BF16 GEMMs.
-    bf16: bool,
+    factors: Factors,
+}
+
+/// How a library product's factors are held, and so how cuBLAS multiplies them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Factors {
+    /// f32 values: an f32 GEMM (on TF32 tensor cores where the handle allows them).
+    F32,
+    /// BF16 values stored as f32: a BF16 GEMM on f32 storage (`CUBLAS_COMPUTE_32F_FAST_16BF`;
+    /// the values are already BF16, so the products are exact).
+    Bf16Values,
+    /// BF16 values stored packed ([`dsc_compiler::fuse::kernels::packed_bf16`]): a BF16 GEMM
+    /// reading bf16 matrices.
+    PackedBf16,
+}
+
+impl Factors {
+    /// Of library product `node` of `function`, whose `packed` values are stored as bf16.
+    fn of(function: &Function, node: &Node, packed: &HashSet<u32>) -> Factors {
+        let factors = product_factors(&node.op, &node.args);
+        if factors.is_empty() || factors.iter().any(|&a| function.node(a).dtype != DType::Bf16) {
+            Factors::F32
+        } else if factors.iter().all(|&a| packed.contains(&base(function, a).0)) {
+            Factors::PackedBf16
+        } else {
+            Factors::Bf16Values
+        }
+    }
+
+    /// Bytes of one element of a factor.
+    fn width(self) -> u64 {
+        if self == Factors::PackedBf16 {
+            2
+        } else {
+            4
+        }
+    }
 }
 
 enum GroupedKind<'s> {
@@ -165,13 +201,13 @@ enum Work<'s> {
 
 /// How library GEMM `kernel` (of `function`) runs here, or `None` for the ones not on the GPU
 /// yet (FP8 GEMMs outside 128-element groups or of sizes cuBLASLt does not take).
-fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
+fn plan<'s>(function: &'s Function, kernel: &Kernel, packed: &HashSet<u32>) -> Option<Work<'s>> {
     let v = kernel.nodes[0];
     let node = &function.nodes[v as usize];
     let base = |a: V| dsc_compiler::fuse::kernels::base(function, a).0;
     let arg = |k: usize| (base(node.args[k]), function.node(node.args[k]).shape.as_slice());
     let part = |i: usize| parts(function, v, i);
-    let bf16 = |ks: &[usize]| ks.iter().all(|&k| function.node(node.args[k]).dtype == DType::Bf16);
+    let factors = Factors::of(function, node, packed);
     let f32 = |a: usize, b: usize, c: u32, ta: bool, tb: bool, accumulate: bool| Product {
         a: arg(a),
         b: arg(b),
@@ -179,7 +215,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
         ta,
         tb,
         accumulate,
-        bf16: bf16(&[a, b]),
+        factors,
         b_groups: None,
     };
     // An FP8 product where cuBLASLt's block-scaled path takes it.
@@ -198,7 +234,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
             ta: false,
             tb: true,
             accumulate: false,
-            bf16: false,
+            factors: Factors::F32,
             b_groups: Some(b_groups),
         })
     };
@@ -219,15 +255,15 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
         Op::ConcatScaledMatMul { .. } => (None, vec![fp8(0, 1, part(0))?, fp8(0, 2, part(1))?]),
         Op::GroupedMatMul { tb, fp8: None } => {
             let kind = GroupedKind::Products { tb, weights: vec![(arg(1), v)] };
-            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind, bf16: bf16(&[0, 1]) }));
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind, factors }));
         }
         Op::ConcatGroupedMatMul { tb, fp8: None } => {
             let kind = GroupedKind::Products { tb, weights: vec![(arg(1), part(0)), (arg(2), part(1))] };
-            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(3).0, kind, bf16: bf16(&[0, 1, 2]) }));
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(3).0, kind, factors }));
         }
         Op::GroupedWgrad { fp8: None, .. } => {
             let kind = GroupedKind::Wgrad { grad: arg(1), out: v };
-            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind, bf16: bf16(&[0, 1]) }));
+            return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind, factors }));
         }
         Op::GroupedMatMul { tb: true, fp8: Some(_) } | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) } => {
             let groups = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op);
@@ -244,7 +280,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
                 xs: arg(0),
                 offsets: arg(node.args.len() - 1).0,
                 kind,
-                bf16: false,
+                factors: Factors::F32,
             }));
         }
         Op::ScaledGroupedWgrad { .. } => {
@@ -252,7 +288,12 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
             let (n, k) = (arg(0).1[0], arg(1).1[0]);
             let fits = tiles(0) && tiles(1) && Lt::takes(n, k, 128);
             let kind = GroupedKind::ScaledWgrad { grad: arg(0), out: v };
-            return fits.then_some(Work::Grouped(Grouped { xs: arg(1), offsets: arg(2).0, kind, bf16: false }));
+            return fits.then_some(Work::Grouped(Grouped {
+                xs: arg(1),
+                offsets: arg(2).0,
+                kind,
+                factors: Factors::F32,
+            }));
         }
         _ => return None,
     };
@@ -260,21 +301,23 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel) -> Option<Work<'s>> {
 }
 
 /// Whether library GEMM `kernel` runs on the GPU yet.
-pub fn runs(function: &Function, kernel: &Kernel) -> bool {
-    plan(function, kernel).is_some()
+pub fn runs(function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> bool {
+    plan(function, kernel, packed).is_some()
 }
 
-/// Runs library GEMM `kernel` (of `function`) on its buffers at `places`; a grouped GEMM takes
-/// its experts' row offsets from `read_back` (this call's).
+/// Runs library GEMM `kernel` (of `function`, whose `packed` values are stored as bf16) on its
+/// buffers at `places`; a grouped GEMM takes its experts' row offsets from `read_back` (this
+/// call's).
 pub fn run(
     gpu: &Gpu,
     blas: &Blas,
     function: &Function,
+    packed: &HashSet<u32>,
     kernel: &Kernel,
     places: &Places,
     read_back: &mut ReadBack,
 ) -> Result<(), GpuError> {
-    let plan = match plan(function, kernel) {
+    let plan = match plan(function, kernel, packed) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
             if on_expert_gemms(gpu, &blas.experts, function, places, &g)? {
@@ -332,7 +375,7 @@ fn product(blas: &CudaBlas, places: &Places, p: &Product) -> Result<(), GpuError
         ta: p.ta,
         tb: p.tb,
         accumulate: p.accumulate,
-        bf16: p.bf16,
+        factors: p.factors,
         batch: c_shape[..rank - 2].iter().product(),
         strides: [stride(a_shape), stride(b_shape)],
     };
@@ -359,7 +402,9 @@ fn grouped(
         GroupedKind::ScaledWgrad { grad, out } => return scaled_wgrad(gpu, &blas.fp8, places, g, *grad, *out, offsets),
         _ => {}
     }
-    let at = |v: u32, elements: usize| places.at(v) + 4 * elements as u64;
+    // Factors of `g.factors`' width, products f32.
+    let factor = |v: u32, elements: usize| places.at(v) + g.factors.width() * elements as u64;
+    let product = |v: u32, elements: usize| places.at(v) + 4 * elements as u64;
     let k = g.xs.1[1];
     let experts = offsets.len().saturating_sub(1);
     for e in (0..experts).filter(|&e| offsets[e] < offsets[e + 1]) {
@@ -369,7 +414,7 @@ fn grouped(
                 .iter()
                 .map(|&(w, out)| {
                     let n = if *tb { w.1[1] } else { w.1[2] };
-                    let (a, b, c) = (at(g.xs.0, first * k), at(w.0, e * k * n), at(out, first * n));
+                    let (a, b, c) = (factor(g.xs.0, first * k), factor(w.0, e * k * n), product(out, first * n));
                     Sgemm {
                         a,
                         b,
@@ -380,7 +425,7 @@ fn grouped(
                         ta: false,
                         tb: *tb,
                         accumulate: false,
-                        bf16: g.bf16,
+                        factors: g.factors,
                         batch: 1,
                         strides: [0, 0],
                     }
@@ -389,7 +434,7 @@ fn grouped(
             // out[e] [n, k] = grad_eᵀ [n, rows] · xs_e [rows, k].
             GroupedKind::Wgrad { grad, out } => {
                 let n = grad.1[1];
-                let (a, b, c) = (at(grad.0, first * n), at(g.xs.0, first * k), at(*out, e * n * k));
+                let (a, b, c) = (factor(grad.0, first * n), factor(g.xs.0, first * k), product(*out, e * n * k));
                 vec![Sgemm {
                     a,
                     b,
@@ -400,7 +445,7 @@ fn grouped(
                     ta: true,
                     tb: false,
                     accumulate: false,
-                    bf16: g.bf16,
+                    factors: g.factors,
                     batch: 1,
                     strides: [0, 0],
                 }]
@@ -560,7 +605,7 @@ fn copy_2d(
 
 /// A row-major f32 product C [m, n] = op(A)·op(B) (plus what C held when `accumulate`) on
 /// device addresses, batched with the operands' strides in elements (0: shared); on BF16
-/// tensor cores where `bf16` (both operands hold BF16 values).
+/// tensor cores where its `factors` are BF16.
 struct Sgemm {
     a: u64,
     b: u64,
@@ -571,7 +616,7 @@ struct Sgemm {
     ta: bool,
     tb: bool,
     accumulate: bool,
-    bf16: bool,
+    factors: Factors,
     batch: usize,
     strides: [i64; 2],
 }
@@ -585,8 +630,12 @@ unsafe fn sgemm(blas: &CudaBlas, g: &Sgemm) -> Result<(), GpuError> {
     let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
     let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
     let (ldb, lda) = (if g.tb { g.k } else { g.n }, if g.ta { g.m } else { g.k });
-    let compute = if g.bf16 { ComputeType::CUBLAS_COMPUTE_32F_FAST_16BF } else { ComputeType::CUBLAS_COMPUTE_32F };
-    let f32 = sys::cudaDataType::CUDA_R_32F;
+    let (f32, bf16) = (sys::cudaDataType::CUDA_R_32F, sys::cudaDataType::CUDA_R_16BF);
+    let (compute, factor) = match g.factors {
+        Factors::F32 => (ComputeType::CUBLAS_COMPUTE_32F, f32),
+        Factors::Bf16Values => (ComputeType::CUBLAS_COMPUTE_32F_FAST_16BF, f32),
+        Factors::PackedBf16 => (ComputeType::CUBLAS_COMPUTE_32F, bf16),
+    };
     cudarc::cublas::result::gemm_strided_batched_ex(
         *blas.handle(),
         op(g.tb),
@@ -596,11 +645,11 @@ unsafe fn sgemm(blas: &CudaBlas, g: &Sgemm) -> Result<(), GpuError> {
         g.k as i32,
         (&alpha as *const f32).cast(),
         g.b as *const c_void,
-        f32,
+        factor,
         ldb as i32,
         g.strides[1],
         g.a as *const c_void,
-        f32,
+        factor,
         lda as i32,
         g.strides[0],
         (&beta as *const f32).cast(),
