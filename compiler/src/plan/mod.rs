@@ -398,7 +398,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::ir::{DType, V};
+    use crate::graph::ir::V;
     use std::collections::HashMap;
 
     /// Every kernel of every shipped model is a library GEMM or generated: the backends never
