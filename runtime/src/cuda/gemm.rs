@@ -79,7 +79,8 @@ struct Grouped<'s> {
 /// How a library product's factors are held, and so how cuBLAS multiplies them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Factors {
-    /// f32 values: an f32 GEMM (on TF32 tensor cores where the handle allows them).
+    /// f32 values: an f32 GEMM (on TF32 tensor cores where the handle allows them); also an
+    /// FP8 product's, whose quantised operands cuBLASLt reads.
     F32,
     /// BF16 values stored as f32: a BF16 GEMM on f32 storage (`CUBLAS_COMPUTE_32F_FAST_16BF`;
     /// the values are already BF16, so the products are exact).
@@ -234,7 +235,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel, packed: &HashSet<u32>) -> O
             ta: false,
             tb: true,
             accumulate: false,
-            factors: Factors::F32,
+            factors,
             b_groups: Some(b_groups),
         })
     };
@@ -280,7 +281,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel, packed: &HashSet<u32>) -> O
                 xs: arg(0),
                 offsets: arg(node.args.len() - 1).0,
                 kind,
-                factors: Factors::F32,
+                factors,
             }));
         }
         Op::ScaledGroupedWgrad { .. } => {
@@ -288,12 +289,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel, packed: &HashSet<u32>) -> O
             let (n, k) = (arg(0).1[0], arg(1).1[0]);
             let fits = tiles(0) && tiles(1) && Lt::takes(n, k, 128);
             let kind = GroupedKind::ScaledWgrad { grad: arg(0), out: v };
-            return fits.then_some(Work::Grouped(Grouped {
-                xs: arg(1),
-                offsets: arg(2).0,
-                kind,
-                factors: Factors::F32,
-            }));
+            return fits.then_some(Work::Grouped(Grouped { xs: arg(1), offsets: arg(2).0, kind, factors }));
         }
         _ => return None,
     };
