@@ -10,6 +10,9 @@
 #             one step of a bench-shaped plan on the GPU against two CPU steps (about 4
 #             minutes of a call on its own: the CPU's are 415M-parameter FP8 steps)
 #   profile   the bench model trained 6 steps with `--profile`: where the GPU's time goes
+#   quick     for little device time (about 2 minutes): the tiny plans' GPU tests (every
+#             kernel against the CPU, whole functions and training steps) and the bench model
+#             4 steps with `--profile`
 #   table N   issue 5's table: dsc FP8, dsc BF16 and PyTorch, N steps each (default 20;
 #             benches/bench_model.py), each dsc run's metrics kept in $OUT
 #   long N    the same without BF16, for a run too long to take both policies in one call
@@ -35,7 +38,8 @@
 # carried (64 MiB in all: `checks step profile` fit together): checks: target/gpu/gpu_kernels,
 # target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench; step: target/gpu/gpu_kernels and
 # target/plan-bench-step; profile and train:
-# target/gpu/dsc and target/plan-bench; table: target/gpu/dsc, target/plan-bench and
+# target/gpu/dsc and target/plan-bench; quick: target/gpu/gpu_kernels, target/gpu/dsc and the plans
+# tiny, tiny-f32, bench; table: target/gpu/dsc, target/plan-bench and
 # target/plan-bench-bf16; long and fp8: those of profile; bf16: target/gpu/dsc and
 # target/plan-bench-bf16; gemm: target/gemm; attention: target/attention; dp: target/gpu/dsc,
 # target/plan-bench and target/plan-bench-dp2.
@@ -45,7 +49,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
-usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile table [N] long N fp8 N bf16 N gemm attention train N dp [N]"
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile quick table [N] long N fp8 N bf16 N gemm attention train N dp [N]"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 while [ $# -gt 0 ]; do
@@ -62,6 +66,11 @@ while [ $# -gt 0 ]; do
       ;;
     step)
       DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench 2>&1 | tail -n 30
+      ;;
+    quick)
+      DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
+        target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | grep -v '^seed' | tail -n 20
+      target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 4 --profile 2>&1 | tail -n 40
       ;;
     profile)
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
