@@ -147,6 +147,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
     let mut seen = std::collections::HashSet::new();
     const ROWS: usize = 16;
     for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
+        let packed = pf.packed_set();
         let layout = dsc_runtime::memory::plan(&pf.buffers);
         let bytes: std::collections::HashMap<u32, usize> =
             pf.buffers.iter().map(|b| (b.value, b.bytes as usize)).collect();
@@ -154,7 +155,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
             let v = kernel.nodes[0];
             let node = &function.nodes[v as usize];
             let scaled = matches!(node.op, Op::ScaledMatMul { .. } | Op::ConcatScaledMatMul { .. });
-            if !matches!(kernel.code, Code::Library) || !scaled || !gemm::runs(function, kernel, &pf.packed_set()) {
+            if !matches!(kernel.code, Code::Library) || !scaled || !gemm::runs(function, kernel, &packed) {
                 continue;
             }
             let operand = |&a: &V| (function.node(a).shape.clone(), fp8::tiling(&function.node(base(function, a)).op));
@@ -178,7 +179,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
                 &gpu,
                 &blas,
                 function,
-                &pf.packed_set(),
+                &packed,
                 kernel,
                 &Places::arena(&gpu, &arena, &layout),
                 &mut Default::default(),
@@ -254,6 +255,7 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
         bytes.chunks(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()
     };
     for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
+        let packed = pf.packed_set();
         let layout = dsc_runtime::memory::plan(&pf.buffers);
         for kernel in &pf.kernels {
             let v = kernel.nodes[0];
@@ -267,7 +269,7 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
             if !matches!(kernel.code, Code::Library) || !grouped {
                 continue;
             }
-            assert!(gemm::runs(function, kernel, &pf.packed_set()), "{} runs on the GPU", kernel.name);
+            assert!(gemm::runs(function, kernel, &packed), "{} runs on the GPU", kernel.name);
             let shapes: Vec<Vec<usize>> = node.args.iter().map(|&a| function.node(a).shape.clone()).collect();
             if !seen.insert((node.op.name(), shapes)) {
                 continue;
@@ -301,7 +303,7 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
                 gpu,
                 blas,
                 function,
-                &pf.packed_set(),
+                &packed,
                 kernel,
                 &Places::arena(gpu, &arena, &layout),
                 &mut Default::default(),
@@ -384,10 +386,11 @@ fn every_library_gemm_of_the_bench_plan_runs_on_the_gpu() {
     let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
     let (mut library, mut host) = (0, Vec::new());
     for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
+        let packed = pf.packed_set();
         for kernel in pf.kernels.iter().filter(|k| matches!(k.code, Code::Library) && k.kind == KernelKind::LibraryGemm)
         {
             library += 1;
-            if !gemm::runs(function, kernel, &pf.packed_set()) {
+            if !gemm::runs(function, kernel, &packed) {
                 host.push(kernel.name.clone());
             }
         }

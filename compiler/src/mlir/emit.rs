@@ -74,8 +74,6 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
     }
 }
 
-/// The kernel is elementwise over one size, reading real inputs of that size or scalars: the
-/// vectorised path.
 fn numel(n: &Node) -> usize {
     n.shape.iter().product()
 }

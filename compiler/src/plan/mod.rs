@@ -111,7 +111,8 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
     let profile = Profile::default();
     let (module, reports) = fuse::fuse_module(&expand_attention(graph.module()), limits);
     let module = fuse::library::quantize_operands(&module);
-    let fused: Vec<Vec<Kernel>> = module
+    // Each function's kernels, and the values they store packed.
+    let (fused, packed): (Vec<Vec<Kernel>>, Vec<HashSet<u32>>) = module
         .functions
         .iter()
         .map(|f| {
@@ -126,9 +127,9 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
                     },
                 };
             }
-            ks
+            (ks, packed)
         })
-        .collect();
+        .unzip();
     let unfused: Vec<Vec<Kernel>> = graph.module().functions.iter().map(|f| kernels::unfused(f, &profile)).collect();
     let micro = spec.train.batch.last() / (spec.train.micro_batch * spec.parallel.data.size).max(1);
     // A data-parallel process updates its shard.
@@ -144,21 +145,18 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
     let functions = module
         .functions
         .iter()
-        .zip(fused)
+        .zip(fused.into_iter().zip(packed))
         .zip(&reports)
-        .map(|((f, kernels), report)| {
-            let packed = kernels::packed_bf16(f, &kernels);
-            PlanFunction {
-                name: f.name.clone(),
-                buffers: buffers(f, &kernels, &packed),
-                packed: {
-                    let mut packed: Vec<u32> = packed.into_iter().collect();
-                    packed.sort_unstable();
-                    packed
-                },
-                kernels,
-                fusion: report.into(),
-            }
+        .map(|((f, (kernels, packed)), report)| PlanFunction {
+            name: f.name.clone(),
+            buffers: buffers(f, &kernels, &packed),
+            packed: {
+                let mut packed: Vec<u32> = packed.into_iter().collect();
+                packed.sort_unstable();
+                packed
+            },
+            kernels,
+            fusion: report.into(),
         })
         .collect();
     Plan {
