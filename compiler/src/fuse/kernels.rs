@@ -181,7 +181,7 @@ pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
 fn gemm_operands_in_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     let mut operands: HashSet<u32> = kernels
         .iter()
-        .filter(|k| k.kind == KernelKind::Generated && elementwise(f, k))
+        .filter(|k| k.kind == KernelKind::Generated && by_element(f, k))
         .flat_map(|k| &k.outputs)
         .copied()
         .filter(|&v| f.nodes[v as usize].op == Op::Cast(DType::Bf16))
@@ -242,6 +242,19 @@ pub fn elementwise(f: &Function, kernel: &Kernel) -> bool {
             .iter()
             .map(|&i| &f.nodes[i as usize])
             .all(|n| n.dtype != DType::I32 && (numel(n) == size || numel(n) == 1))
+}
+
+/// Whether `kernel` computes each of its elements at its own index: it is made of elementwise
+/// ops and layout ops (transposes, slices, pads, concatenations, broadcasts). Such a kernel
+/// may read and write any of its values packed.
+pub fn by_element(f: &Function, kernel: &Kernel) -> bool {
+    kernel.nodes.iter().map(|&n| &f.nodes[n as usize].op).all(|op| {
+        op.is_elementwise()
+            || matches!(
+                op,
+                Op::Transpose(_) | Op::Slice { .. } | Op::PadSlice { .. } | Op::Concat { .. } | Op::BroadcastTo(_)
+            )
+    })
 }
 
 /// Whether a function's argument or result of type `dtype` is stored packed ([`packed_bf16`]).

@@ -50,8 +50,9 @@ pub struct Emitted {
 pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
     let elementwise = crate::fuse::kernels::elementwise(f, kernel);
-    if !elementwise && kernel.inputs.iter().chain(&kernel.outputs).any(|v| packed.contains(v)) {
-        return Err("only elementwise kernels read and write bf16-packed values".into());
+    let touches_packed = kernel.inputs.iter().chain(&kernel.outputs).any(|v| packed.contains(v));
+    if touches_packed && !crate::fuse::kernels::by_element(f, kernel) {
+        return Err("only kernels computing each element at its own index read and write bf16-packed values".into());
     }
     match nodes.as_slice() {
         [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => {
@@ -70,7 +71,7 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
             Ok(super::fp8::quantize_kernel(&kernel.name, one, x, width, Some(offsets), kernel.nodes[0]))
         }
         _ if elementwise => elementwise_kernel(f, kernel, &nodes, packed),
-        _ => super::indexed::indexed_kernel(f, kernel),
+        _ => super::indexed::indexed_kernel(f, kernel, packed),
     }
 }
 

@@ -14,7 +14,7 @@
 use super::emit::{Body, Emitted, BLOCK, TARGET};
 use crate::fuse::kernels::{scatters, Kernel};
 use crate::graph::ir::{DType, Function, Node, Op, V};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 /// Sweeps of 32 assignments the sort by expert loads at once.
@@ -22,10 +22,13 @@ const SORT_SWEEPS: usize = 8;
 /// Terms a lane of a warp-per-element sum loads at once.
 const SUM_TERMS: usize = 4;
 
-/// The MLIR of `kernel` by index.
-pub fn indexed_kernel(f: &Function, kernel: &Kernel) -> Result<Emitted, String> {
+/// The MLIR of `kernel` by index. Its `packed` values (bf16 buffers:
+/// [`crate::fuse::kernels::packed_bf16`]; only kernels that compute each element at its own
+/// index take them: [`crate::fuse::kernels::by_element`]) are widened to f32 as they are loaded and
+/// rounded as they are stored.
+pub fn indexed_kernel(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
-    let mut g = Gen::new(f, kernel);
+    let mut g = Gen::new(f, kernel, packed);
     let zeroed = match nodes.as_slice() {
         [one] if matches!(one.op, Op::SortByExpert { .. }) => g.sort_by_expert(one)?,
         [one] if matches!(one.op, Op::UnpermuteGradGates { .. }) => g.gate_grads_by_warps(one)?,
@@ -67,6 +70,7 @@ fn element_type(dtype: DType) -> &'static str {
 /// values already computed in each enclosing region (innermost last).
 struct Gen<'a> {
     f: &'a Function,
+    packed: &'a HashSet<u32>,
     slots: HashMap<u32, usize>,
     args: Vec<u32>,
     body: Body,
@@ -75,11 +79,20 @@ struct Gen<'a> {
 }
 
 impl<'a> Gen<'a> {
-    fn new(f: &'a Function, kernel: &Kernel) -> Self {
+    fn new(f: &'a Function, kernel: &Kernel, packed: &'a HashSet<u32>) -> Self {
         let mut args = kernel.inputs.clone();
         args.extend(&kernel.outputs);
         let slots = kernel.inputs.iter().enumerate().map(|(s, &v)| (v, s)).collect();
-        Gen { f, slots, args, body: Body::new(), scopes: vec![HashMap::new()], domain: 0 }
+        Gen { f, packed, slots, args, body: Body::new(), scopes: vec![HashMap::new()], domain: 0 }
+    }
+
+    /// The element type of value `v`'s buffer.
+    fn buffer_type(&self, v: u32) -> &'static str {
+        if self.packed.contains(&v) {
+            "bf16"
+        } else {
+            element_type(self.f.nodes[v as usize].dtype)
+        }
     }
 
     fn line(&mut self, rhs: String) -> String {
@@ -220,8 +233,12 @@ impl<'a> Gen<'a> {
         let node = self.node(v);
         if let Some(&slot) = self.slots.get(&v.0) {
             let flat = self.linearize(idx, &node.shape);
-            let ty = element_type(node.dtype);
-            return Ok(self.line(format!("memref.load %a{slot}[{flat}] : memref<?x{ty}>")));
+            let ty = self.buffer_type(v.0);
+            let x = self.line(format!("memref.load %a{slot}[{flat}] : memref<?x{ty}>"));
+            return Ok(match ty {
+                "bf16" => self.line(format!("arith.extf {x} : bf16 to f32")),
+                _ => x,
+            });
         }
         let arg = |k: usize| node.args[k];
         let shape_of = |g: &Self, k: usize| g.node(node.args[k]).shape.clone();
@@ -886,8 +903,11 @@ impl<'a> Gen<'a> {
             let _ = writeln!(self.body.text, "        scf.if {inside} {{");
             self.scoped(|g| -> Result<(), String> {
                 let idx = g.delinearize("%gid", &node.shape);
-                let x = g.value_at(V(o), &idx)?;
-                let ty = element_type(node.dtype);
+                let mut x = g.value_at(V(o), &idx)?;
+                let ty = g.buffer_type(o);
+                if ty == "bf16" {
+                    x = g.line(format!("arith.truncf {x} : f32 to bf16"));
+                }
                 let _ = writeln!(g.body.text, "        memref.store {x}, %a{slot}[%gid] : memref<?x{ty}>");
                 Ok(())
             })?;
@@ -1025,7 +1045,7 @@ impl<'a> Gen<'a> {
     }
 
     fn finish(self, kernel: &Kernel, zeroed: bool) -> Emitted {
-        let types: Vec<&str> = self.args.iter().map(|&v| element_type(self.f.nodes[v as usize].dtype)).collect();
+        let types: Vec<&str> = self.args.iter().map(|&v| self.buffer_type(v)).collect();
         let params: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("%a{i}: memref<?x{t}>")).collect();
         let name = &kernel.name;
         let mlir = format!(

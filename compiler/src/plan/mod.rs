@@ -396,7 +396,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::ir::V;
+    use crate::graph::ir::{DType, V};
     use std::collections::HashMap;
 
     /// Every kernel of every shipped model is a library GEMM or generated: the backends never
@@ -470,7 +470,7 @@ mod tests {
                     assert_eq!(bytes[&v], 2 * elements, "{policy} {}: %{v}", f.name);
                     let writer = pf.kernels.iter().find(|k| k.outputs.contains(&v)).expect("written");
                     assert!(matches!(writer.code, Code::Generated { .. }), "{policy}: {} writes %{v}", writer.name);
-                    assert!(kernels::elementwise(f, writer), "{policy}: {} is elementwise", writer.name);
+                    assert!(kernels::by_element(f, writer), "{policy}: {} computes by element", writer.name);
                 }
                 for (i, node) in f.nodes.iter().enumerate() {
                     if kernels::base(f, V(i as u32)).index() != i {
@@ -480,6 +480,12 @@ mod tests {
                     let reads = |v: &V| packed.contains(&kernels::base(f, *v).0);
                     let packed_factors = factors.iter().filter(|v| reads(v)).count();
                     assert!(packed_factors == 0 || packed_factors == factors.len(), "{policy} {}: %{i}", f.name);
+                    // A product of casts to bf16 (the head's, and every linear layer's under
+                    // bf16 GEMMs) reads them packed, whichever kernel computes the casts.
+                    let cast = |v: &V| f.node(kernels::base(f, *v)).op == Op::Cast(DType::Bf16);
+                    if !factors.is_empty() && factors.iter().all(cast) {
+                        assert_eq!(packed_factors, factors.len(), "{policy} {}: %{i} reads casts unpacked", f.name);
+                    }
                     let readers_of_operands =
                         node.args[factors.len()..].iter().filter(|v| operands.contains(&kernels::base(f, **v).0));
                     assert_eq!(readers_of_operands.count(), 0, "{policy} {}: %{i} reads a GEMM operand", f.name);
