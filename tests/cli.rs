@@ -305,7 +305,8 @@ fn compile_writes_a_plan_that_inspect_reads() {
             .unwrap()
     };
     assert_eq!(optimizer, function_peak("adamw"));
-    let called = ["model.grad", "layer0", "layer1", "layer0.vjp", "layer1.vjp"].map(function_peak).iter().sum::<u64>();
+    let called =
+        ["model.grad", "layer0.fwd", "layer1.fwd", "layer0.bwd", "layer1.bwd"].map(function_peak).iter().sum::<u64>();
     assert_eq!(gradients, called, "the gradient function and its callees (not `model`, not `adamw`)");
     assert_eq!(peak, state + weights + gradients.max(optimizer));
     assert_eq!(kept, state + weights + gradients + optimizer);

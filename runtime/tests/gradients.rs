@@ -211,7 +211,7 @@ fn moe_dispatch_primitives() {
 }
 
 #[test]
-fn calls_are_differentiated_through_their_vjp_function() {
+fn calls_are_differentiated_through_their_forward_and_backward_halves() {
     let mut module = Module::default();
     let inner = {
         let mut b = FunctionBuilder::new(&module, "inner");
@@ -257,8 +257,16 @@ fn calls_are_differentiated_through_their_vjp_function() {
         })
         .collect();
     assert!(relative_error(&dw, &numeric) < 1e-6, "{dw:?} vs {numeric:?}");
-    // The layer function is differentiated once, however often it is called.
-    assert_eq!(module.functions.iter().filter(|f| f.name == "inner.vjp").count(), 1);
+    // The layer function is differentiated once, however often it is called: its forward half
+    // returns its product for the backward half, which recomputes the sigmoid from it and
+    // runs the two products of the reverse pass only.
+    assert_eq!(module.functions.iter().filter(|f| f.name == "inner.bwd").count(), 1);
+    let function = |name: &str| module.functions.iter().find(|f| f.name == name).expect(name);
+    let (forward, backward) = (function("inner.fwd"), function("inner.bwd"));
+    assert_eq!(forward.output_names, ["y", "s", "saved0"]);
+    assert_eq!(backward.args.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), ["x", "w", "saved0", "d_y", "d_s"]);
+    let count = |op: &str| backward.nodes.iter().filter(|n| n.op.name() == op).count();
+    assert_eq!((count("matmul"), count("sigmoid")), (2, 1));
 }
 
 /// The name of a parameter's kind: its name without layer numbers.

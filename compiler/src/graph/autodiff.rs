@@ -1,8 +1,11 @@
 //! Reverse-mode automatic differentiation of graph functions. Each primitive has one VJP rule
 //! ([`vjp_rule`]); the backward graph is generated from them, never written per layer. A call
-//! is differentiated by generating (once per callee) a VJP function that recomputes the
-//! callee's forward and runs its reverse pass, so an instanced layer has one backward
-//! function too, and its activations are recomputed rather than kept across the call.
+//! is differentiated by splitting its callee (once per callee, so an instanced layer has one
+//! backward function too): `name.fwd` is the callee returning, after its outputs, the values
+//! its reverse pass reads that are costly to compute again (products, attention, calls,
+//! exchanges between ranks), and `name.bwd` takes them and recomputes the rest (norms,
+//! activations, casts and quantisations, routing) before running the reverse pass. The
+//! values are the forward's own, so the gradients are those of a full recomputation.
 //! Attention (a tuple of its output and log-sum-exp) is differentiated where its tuple is,
 //! as a call is: its output's adjoint becomes `attention_grad`'s argument.
 //! Discrete ops (top-k, counting, sorting, sign, max) pass no gradient.
@@ -40,19 +43,38 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
     if let Some(existing) = module.function(&name) {
         return existing;
     }
-    // The VJP functions of callees come first, so that calls can refer to them.
-    let mut callee_vjps = HashMap::new();
-    for node in &module.functions[f].nodes.clone() {
-        if let Op::Call(callee) = node.op {
-            callee_vjps.entry(callee).or_insert_with(|| vjp(module, callee));
-        }
+    let (function, _) = differentiate(module, f, seed, name);
+    module.add(function.function)
+}
+
+/// A callee split for differentiation (see the module doc).
+#[derive(Clone, Copy)]
+struct Split {
+    forward: usize,
+    backward: usize,
+    /// The callee's own outputs (`name.fwd`'s first ones; the saved values follow).
+    outputs: usize,
+}
+
+/// Splits function `f` into `name.fwd` and `name.bwd` (once).
+fn split(module: &mut Module, f: usize) -> Split {
+    let name = module.functions[f].name.clone();
+    let outputs = module.functions[f].outputs.len();
+    if let (Some(forward), Some(backward)) =
+        (module.function(&format!("{name}.fwd")), module.function(&format!("{name}.bwd")))
+    {
+        return Split { forward, backward, outputs };
     }
-    let forward = module.functions[f].clone();
-    let mut b = FunctionBuilder::new(module, name);
-    let args: Vec<V> = forward.args.iter().map(|(n, s, d)| b.arg(n.clone(), s.clone(), *d)).collect();
-    // Copy the forward pass.
-    let mut map: Vec<V> = Vec::with_capacity(forward.nodes.len());
-    for node in &forward.nodes {
+    let (whole, copied) = differentiate(module, f, Seed::Cotangents, format!("{name}.bwd"));
+    let forward_end = whole.forward_end;
+    let whole = whole.function;
+    let original = &module.functions[f];
+    let keep = Residuals::find(&whole, forward_end);
+    // `name.fwd`: the callee, then the saved values (a tuple's part through a `get`).
+    let mut b = FunctionBuilder::new(module, format!("{name}.fwd"));
+    let args: Vec<V> = original.args.iter().map(|(n, s, d)| b.arg(n.clone(), s.clone(), *d)).collect();
+    let mut map: Vec<V> = Vec::with_capacity(original.nodes.len());
+    for node in &original.nodes {
         let v = match node.op {
             Op::Arg(i) => args[i],
             _ => {
@@ -62,6 +84,204 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
         };
         map.push(v);
     }
+    for (o, name) in original.outputs.iter().zip(&original.output_names) {
+        b.output(name.clone(), map[o.index()]);
+    }
+    // `whole`'s forward nodes are copies of `original`'s.
+    let origin: HashMap<V, usize> = copied.iter().enumerate().map(|(i, &v)| (v, i)).collect();
+    let of_whole = |v: V| map[origin[&v]];
+    for (k, value) in keep.saved.iter().enumerate() {
+        let v = match value.part {
+            None => of_whole(value.node),
+            Some(i) => {
+                let t = of_whole(value.node);
+                let node = whole.node(value.of);
+                let (shape, dtype) = (node.shape.clone(), node.dtype);
+                match b.current().part(t, i) {
+                    Some(read) => read,
+                    None => b.push(Op::Get(i), vec![t], shape, dtype),
+                }
+            }
+        };
+        b.output(format!("saved{k}"), v);
+    }
+    let forward = b.finish();
+    let backward = keep.backward(&whole, forward_end, original.args.len());
+    let forward = module.add(forward);
+    let backward = module.add(backward);
+    Split { forward, backward, outputs }
+}
+
+/// A value of the forward part that `name.bwd` takes instead of computing: a node, or part `i`
+/// of a tuple node.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Saved {
+    node: V,
+    part: Option<usize>,
+    /// The node that reads it: the value itself, or the `get` of the part.
+    of: V,
+}
+
+/// What `name.bwd` keeps of a differentiated function's forward part (nodes before
+/// `forward_end`): the values it takes (`saved`) and the nodes it recomputes.
+struct Residuals {
+    saved: Vec<Saved>,
+    recomputed: std::collections::BTreeSet<usize>,
+}
+
+impl Residuals {
+    fn find(whole: &super::ir::Function, forward_end: usize) -> Self {
+        let costly = |op: &Op| {
+            matches!(
+                op,
+                Op::MatMul { .. }
+                    | Op::GroupedMatMul { .. }
+                    | Op::Attention { .. }
+                    | Op::Call(_)
+                    | Op::ExchangeCounts { .. }
+                    | Op::ReceivedOffsets
+                    | Op::Dispatch { .. }
+                    | Op::Combine { .. }
+            )
+        };
+        let mut saved: Vec<Saved> = Vec::new();
+        let mut recomputed = std::collections::BTreeSet::new();
+        let mut needed: Vec<(V, V)> = Vec::new();
+        for (i, node) in whole.nodes.iter().enumerate().skip(forward_end) {
+            needed.extend(node.args.iter().filter(|a| a.index() < forward_end).map(|&a| (a, V(i as u32))));
+        }
+        while let Some((v, reader)) = needed.pop() {
+            let node = whole.node(v);
+            let value = match node.op {
+                Op::Arg(_) => continue,
+                // A tuple read by the reverse pass: the part its `get` takes.
+                _ if node.dtype == DType::Tuple => match whole.node(reader).op {
+                    Op::Get(i) if costly(&node.op) => Saved { node: v, part: Some(i), of: reader },
+                    Op::Get(_) => {
+                        if recomputed.insert(v.index()) {
+                            needed.extend(node.args.iter().map(|&a| (a, v)));
+                        }
+                        continue;
+                    }
+                    _ => panic!("a tuple read by {}", whole.node(reader).op.name()),
+                },
+                Op::Get(i) if costly(&whole.node(node.args[0]).op) => {
+                    Saved { node: node.args[0], part: Some(i), of: v }
+                }
+                _ if costly(&node.op) => Saved { node: v, part: None, of: v },
+                _ => {
+                    if recomputed.insert(v.index()) {
+                        needed.extend(node.args.iter().map(|&a| (a, v)));
+                    }
+                    continue;
+                }
+            };
+            if !saved.iter().any(|s| s.node == value.node && s.part == value.part) {
+                saved.push(value);
+            }
+        }
+        saved.sort_by_key(|s| (s.node, s.part));
+        Residuals { saved, recomputed }
+    }
+
+    /// `name.bwd(args…, saved…, d_outputs…)`: `whole` without the forward nodes it neither
+    /// recomputes nor takes.
+    fn backward(&self, whole: &super::ir::Function, forward_end: usize, arity: usize) -> super::ir::Function {
+        let mut f = super::ir::Function {
+            name: whole.name.clone(),
+            args: whole.args[..arity].to_vec(),
+            nodes: Vec::new(),
+            outputs: Vec::new(),
+            output_names: whole.output_names.clone(),
+        };
+        let mut map: HashMap<V, V> = HashMap::new();
+        let push = |f: &mut super::ir::Function, node: super::ir::Node| {
+            f.nodes.push(node);
+            V(f.nodes.len() as u32 - 1)
+        };
+        for (i, node) in whole.nodes.iter().enumerate().take(arity) {
+            map.insert(V(i as u32), push(&mut f, node.clone()));
+        }
+        let mut parts: HashMap<(V, usize), V> = HashMap::new();
+        for (k, s) in self.saved.iter().enumerate() {
+            let of = whole.node(s.of);
+            f.args.push((format!("saved{k}"), of.shape.clone(), of.dtype));
+            let arg = push(
+                &mut f,
+                super::ir::Node { op: Op::Arg(arity + k), args: vec![], shape: of.shape.clone(), dtype: of.dtype },
+            );
+            match s.part {
+                None => {
+                    map.insert(s.node, arg);
+                }
+                Some(i) => {
+                    parts.insert((s.node, i), arg);
+                }
+            }
+        }
+        for (i, node) in whole.nodes.iter().enumerate().skip(arity) {
+            let v = V(i as u32);
+            if map.contains_key(&v) {
+                continue;
+            }
+            let mapped = match node.op {
+                // A part of a saved tuple.
+                Op::Get(p) if parts.contains_key(&(node.args[0], p)) => parts[&(node.args[0], p)],
+                _ if i < forward_end && !self.recomputed.contains(&i) => continue,
+                Op::Arg(a) => {
+                    let a = a + self.saved.len();
+                    f.args.push(whole.args[a - self.saved.len()].clone());
+                    push(&mut f, super::ir::Node { op: Op::Arg(a), ..node.clone() })
+                }
+                _ => {
+                    let args = node.args.iter().map(|a| map[a]).collect();
+                    push(&mut f, super::ir::Node { args, ..node.clone() })
+                }
+            };
+            map.insert(v, mapped);
+        }
+        f.outputs = whole.outputs.iter().map(|o| map[o]).collect();
+        f
+    }
+}
+
+/// A function differentiating another, and where its copy of the other's forward ends.
+struct Differentiated {
+    function: super::ir::Function,
+    /// The nodes before are the arguments and the copied forward nodes.
+    forward_end: usize,
+}
+
+/// The function differentiating `f` (named `name`, not yet added), and the copy of each of
+/// `f`'s nodes in it.
+fn differentiate(module: &mut Module, f: usize, seed: Seed, name: String) -> (Differentiated, Vec<V>) {
+    // Callees are split first, so that calls can refer to their halves.
+    let mut splits = HashMap::new();
+    for node in &module.functions[f].nodes.clone() {
+        if let Op::Call(callee) = node.op {
+            splits.entry(callee).or_insert_with(|| split(module, callee));
+        }
+    }
+    let forward = module.functions[f].clone();
+    let mut b = FunctionBuilder::new(module, name);
+    let args: Vec<V> = forward.args.iter().map(|(n, s, d)| b.arg(n.clone(), s.clone(), *d)).collect();
+    // Copy the forward pass, each call of a split callee calling its forward half.
+    let mut map: Vec<V> = Vec::with_capacity(forward.nodes.len());
+    for node in &forward.nodes {
+        let v = match node.op {
+            Op::Arg(i) => args[i],
+            _ => {
+                let node_args = node.args.iter().map(|a| map[a.index()]).collect();
+                let op = match node.op {
+                    Op::Call(callee) => Op::Call(splits[&callee].forward),
+                    ref op => op.clone(),
+                };
+                b.push(op, node_args, node.shape.clone(), node.dtype)
+            }
+        };
+        map.push(v);
+    }
+    let forward_end = b.current().nodes.len();
     let outputs: Vec<V> = forward.outputs.iter().map(|o| map[o.index()]).collect();
     let mut adjoints = Adjoints::default();
     match seed {
@@ -109,15 +329,27 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
             }
             Op::Call(callee) => {
                 let Some(parts) = adjoints.tuples.remove(&v) else { continue };
+                let split = *splits.values().find(|s| s.forward == callee).expect("a split callee");
                 let callee_fn = &b.module.functions[callee];
-                let outs: Vec<(Shape, DType)> = callee_fn
-                    .outputs
+                let outs: Vec<(Shape, DType)> = callee_fn.outputs[..split.outputs]
+                    .iter()
+                    .map(|o| (callee_fn.node(*o).shape.clone(), callee_fn.node(*o).dtype))
+                    .collect();
+                let saved: Vec<(Shape, DType)> = callee_fn.outputs[split.outputs..]
                     .iter()
                     .map(|o| (callee_fn.node(*o).shape.clone(), callee_fn.node(*o).dtype))
                     .collect();
                 let real_args: Vec<usize> =
                     (0..node.args.len()).filter(|&i| b.dtype(node.args[i]) != DType::I32).collect();
                 let mut call_args = node.args.clone();
+                for (k, (shape, dtype)) in saved.into_iter().enumerate() {
+                    let i = split.outputs + k;
+                    let part = match b.current().part(v, i) {
+                        Some(read) => read,
+                        None => b.push(Op::Get(i), vec![v], shape, dtype),
+                    };
+                    call_args.push(part);
+                }
                 for (i, (shape, _)) in outs.iter().enumerate() {
                     let d = match parts.get(&i) {
                         Some(d) => *d,
@@ -125,7 +357,7 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
                     };
                     call_args.push(d);
                 }
-                let grads = b.call(callee_vjps[&callee], call_args);
+                let grads = b.call(split.backward, call_args);
                 for (g, &arg) in grads.into_iter().zip(&real_args) {
                     adjoints.add(&mut b, node.args[arg], g);
                 }
@@ -148,8 +380,7 @@ fn build(module: &mut Module, f: usize, seed: Seed) -> usize {
         };
         b.output(format!("d_{name}"), g);
     }
-    let function = b.finish();
-    module.add(function)
+    (Differentiated { function: b.finish(), forward_end }, map)
 }
 
 /// Accumulated adjoints of values, and of the parts of call results.

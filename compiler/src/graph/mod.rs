@@ -59,7 +59,7 @@ impl TrainingGraph {
         for f in &module.functions {
             let phase = if f.name == "adamw" {
                 &mut stats.optimizer
-            } else if f.name.ends_with(".vjp") || f.name.ends_with(".grad") {
+            } else if [".vjp", ".grad", ".bwd"].iter().any(|s| f.name.ends_with(s)) {
                 &mut stats.backward
             } else {
                 &mut stats.forward

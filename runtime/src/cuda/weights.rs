@@ -2,7 +2,7 @@
 //! parameters its FP8 GEMMs read (in 128×128 blocks, and transposed for Dgrad), though they do
 //! not change until the optimizer runs: [`WeightCache`] keeps each such quantisation, of a
 //! parameter of the training state, in a buffer of its own, so that the step's first
-//! micro-batch writes it there and the others (and the backward's recomputed forward) read it
+//! micro-batch writes it there and the others read it
 //! instead of quantising again. The executor marks them stale when the parameters change.
 //!
 //! A kernel qualifies when it is one `quantize` node whose operand is an argument of its
