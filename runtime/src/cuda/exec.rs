@@ -5,8 +5,8 @@
 //! optimizer writes the results that replace them over them where that is safe
 //! ([`memory::in_place`]). The steps are the function's nodes in order: an argument is bound to its
 //! place, a constant table written into its buffer, a call runs the callee in an arena of its own
-//! (results copied out into the caller's part buffers, or into the state's gradient sums:
-//! [`memory::delivered`]), and a kernel runs at its first node (a quantisation of a weight already
+//! (its kernels writing its results into the caller's part buffers, results it does not compute
+//! copied there, or added into the state's gradient sums: [`memory::delivered`]), and a kernel runs at its first node (a quantisation of a weight already
 //! made this step is read where [`super::weights`] keeps it instead): generated kernels from their
 //! PTX, library GEMMs on cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels
 //! ([`super::attention`]; a plan expands any attention they do not take), and what none covers (FP8
@@ -120,9 +120,11 @@ pub(super) struct Call {
 }
 
 /// What a call is bound to beyond its arguments: the parameter of the training state each
-/// argument is, where it is one (for [`super::weights`]); and the results handed straight to
-/// the state ([`memory::delivered`]: each call result's address there), added to what is there
-/// (`add`: after a step's first micro-batch) or copied.
+/// argument is, where it is one (for [`super::weights`]); and values placed outside its arena
+/// (`delivered`, by node): the gradient function's results handed straight to the state
+/// ([`memory::delivered`]: each call result's address there), added to what is there (`add`:
+/// after a step's first micro-batch) or copied; a callee's results, written where its caller
+/// stores them.
 pub(super) struct Binding {
     pub(super) origins: Vec<Option<usize>>,
     pub(super) delivered: HashMap<u32, u64>,
@@ -501,16 +503,33 @@ impl Executor {
             })
             .collect();
         let origins = memory::weight_origins(function, node, &binding.origins);
-        let results = self.invoke(callee, &inputs, Binding { origins, ..Binding::none(0) })?;
         let called = &plan.module.functions[callee];
-        for (g, get) in function.nodes.iter().enumerate() {
-            let Op::Get(part) = get.op else { continue };
-            if get.args[0].0 != i || !self.bytes[f].contains_key(&(g as u32)) {
-                continue;
-            }
+        // The parts of the call's result this function stores: (its node, the callee's output).
+        let parts: Vec<(u32, usize)> = (function.nodes.iter().enumerate())
+            .filter_map(|(g, get)| match get.op {
+                Op::Get(part) if get.args[0].0 == i && self.bytes[f].contains_key(&(g as u32)) => {
+                    Some((g as u32, part))
+                }
+                _ => None,
+            })
+            .collect();
+        // The callee's kernels write its results straight into their part buffers (a part
+        // lives from the call on, so it shares no bytes with the call's arguments); the rest
+        // (arguments passed through, constants, sums into the state) are copied or written after.
+        let mut delivered = HashMap::new();
+        for &(g, part) in &parts {
             let out = base(called, called.outputs[part]);
-            let (to, want) = (places.at(g as u32), self.bytes[f][&(g as u32)]);
-            let adds = binding.add && binding.delivered.contains_key(&(g as u32));
+            let adds = binding.add && binding.delivered.contains_key(&g);
+            let computed = !matches!(called.node(out).op, Op::Const(_) | Op::Arg(_));
+            if !adds && computed && self.bytes[callee].get(&out.0) == self.bytes[f].get(&g) {
+                delivered.insert(out.0, places.at(g));
+            }
+        }
+        let results = self.invoke(callee, &inputs, Binding { origins, delivered, add: false })?;
+        for (g, part) in parts {
+            let out = base(called, called.outputs[part]);
+            let (to, want) = (places.at(g), self.bytes[f][&g]);
+            let adds = binding.add && binding.delivered.contains_key(&g);
             match called.node(out).op {
                 Op::Const(c) if adds && c == 0.0 => {}
                 Op::Const(c) if adds => {
@@ -528,6 +547,7 @@ impl Executor {
                     let from = results.places(&self.gpu).at(out.0);
                     match adds {
                         true => self.add_into(from, to, want)?,
+                        false if from == to => {}
                         false => places::copy(&self.gpu, from, to, want)?,
                     }
                 }
