@@ -228,7 +228,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         "      %gr = arith.remui %g, %gm : index\n      %gc = arith.divui %g, %gm : index\n      %i0 = arith.muli %gr, %rows : index\n      %j0 = arith.muli %gc, %cols : index\n      %ie = arith.addi %i0, %rows : index\n      %je = arith.addi %j0, %cols : index\n      %i1 = arith.minui %ie, %m : index\n      %j1 = arith.minui %je, %n : index\n"
     );
     if let Some(experts) = experts {
-        expert_of_group(&mut b, experts, cols, 32 * WARPS);
+        expert_of_group(&mut b, experts, cols);
     }
     // A lane's unit: row i, columns j..j+U of the result (U = 4 when columns come in whole
     // words: one i32 store). Lanes run along x's contiguous axis: the result's rows when
@@ -419,8 +419,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         String::new()
     };
     let mlir = format!(
-        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>{stage}{}) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
-        offsets_workgroup(experts),
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>{stage}) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
         b.text
     );
     let args = [Some(x), offsets, Some(out)].into_iter().flatten().collect();
@@ -438,54 +437,30 @@ fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str) -> Strin
     b.line(format!("arith.select {inside}, {x}, {zero} : f32"))
 }
 
-/// By expert: which expert's rows the group's columns j0.. hold. The block's threads (`threads`
-/// of them) copy the offsets (`%a1`) into shared memory (`%expert_offsets`: [`offsets_memory`]),
-/// a thread an offset, then each walks them there, each expert's columns starting where the
-/// previous one's, rounded up to whole `tile`s, ended (walking them in global memory, a load's
-/// latency an expert before the first load of x, held the kernel at 42% of the copy's
-/// bandwidth); defines `%first_column` (the expert's first), `%first_row` and `%end_row` (its
-/// rows of x), all 0 where the group lies past the last expert. Every thread of the block
-/// runs it (it has a barrier).
-fn expert_of_group(b: &mut Body, experts: usize, tile: usize, threads: usize) {
-    let offsets = offsets_memory(experts);
+/// By expert: which expert's rows the group's columns j0.. hold. Walks the offsets (`%a1`),
+/// each expert's columns starting where the previous one's, rounded up to whole `tile`s,
+/// ended; defines `%first_column` (the expert's first), `%first_row` and `%end_row` (its rows
+/// of x), all 0 where the group lies past the last expert.
+fn expert_of_group(b: &mut Body, experts: usize, tile: usize) {
     let _ = write!(
         b.text,
-        "      %offsets_n = arith.constant {} : index\n      %threads = arith.constant {threads} : index\n      scf.for %o = %tid to %offsets_n step %threads {{\n        %ow = memref.load %a1[%o] : memref<?xi32>\n        memref.store %ow, %expert_offsets[%o] : {offsets}\n      }}\n      gpu.barrier\n",
-        experts + 1
-    );
-    let _ = write!(
-        b.text,
-        "      %experts = arith.constant {experts} : index\n      %tile_less = arith.constant {} : index\n      %start, %first_column, %first_row, %end_row = scf.for %e = %c0 to %experts step %c1 iter_args(%p = %c0, %fc = %c0, %fr = %c0, %er = %c0) -> (index, index, index, index) {{\n        %e1 = arith.addi %e, %c1 : index\n        %o0w = memref.load %expert_offsets[%e] : {offsets}\n        %o1w = memref.load %expert_offsets[%e1] : {offsets}\n        %o0 = arith.index_cast %o0w : i32 to index\n        %o1 = arith.index_cast %o1w : i32 to index\n        %len = arith.subi %o1, %o0 : index\n        %lenr = arith.addi %len, %tile_less : index\n        %tiles = arith.divui %lenr, %cols : index\n        %padded = arith.muli %tiles, %cols : index\n        %pend = arith.addi %p, %padded : index\n        %from = arith.cmpi uge, %j0, %p : index\n        %before = arith.cmpi ult, %j0, %pend : index\n        %here = arith.andi %from, %before : i1\n        %nfc = arith.select %here, %p, %fc : index\n        %nfr = arith.select %here, %o0, %fr : index\n        %ner = arith.select %here, %o1, %er : index\n        scf.yield %pend, %nfc, %nfr, %ner : index, index, index, index\n      }}\n",
+        "      %experts = arith.constant {experts} : index\n      %tile_less = arith.constant {} : index\n      %start, %first_column, %first_row, %end_row = scf.for %e = %c0 to %experts step %c1 iter_args(%p = %c0, %fc = %c0, %fr = %c0, %er = %c0) -> (index, index, index, index) {{\n        %e1 = arith.addi %e, %c1 : index\n        %o0w = memref.load %a1[%e] : memref<?xi32>\n        %o1w = memref.load %a1[%e1] : memref<?xi32>\n        %o0 = arith.index_cast %o0w : i32 to index\n        %o1 = arith.index_cast %o1w : i32 to index\n        %len = arith.subi %o1, %o0 : index\n        %lenr = arith.addi %len, %tile_less : index\n        %tiles = arith.divui %lenr, %cols : index\n        %padded = arith.muli %tiles, %cols : index\n        %pend = arith.addi %p, %padded : index\n        %from = arith.cmpi uge, %j0, %p : index\n        %before = arith.cmpi ult, %j0, %pend : index\n        %here = arith.andi %from, %before : i1\n        %nfc = arith.select %here, %p, %fc : index\n        %nfr = arith.select %here, %o0, %fr : index\n        %ner = arith.select %here, %o1, %er : index\n        scf.yield %pend, %nfc, %nfr, %ner : index, index, index, index\n      }}\n",
         tile - 1
     );
-}
-
-/// The type of `%expert_offsets`, the shared copy of `experts` + 1 offsets.
-fn offsets_memory(experts: usize) -> String {
-    format!("memref<{}xi32, #gpu.address_space<workgroup>>", experts + 1)
-}
-
-/// `%expert_offsets` among a kernel's workgroup buffers, where it goes by expert.
-fn offsets_workgroup(experts: Option<usize>) -> String {
-    experts.map_or(String::new(), |e| format!(", %expert_offsets : {}", offsets_memory(e)))
 }
 
 /// Warps of the tile kernels' blocks.
 const TILE_WARPS: usize = 8;
 
-/// The kernel's MLIR around `body`, on x, the offsets of `experts` if by expert, and the
-/// output (`%a0`, …), with `shared` floats of shared memory.
-fn tile_module(name: &str, body: &str, experts: Option<usize>, shared: usize) -> String {
-    let params = if experts.is_some() {
+/// The kernel's MLIR around `body`, on x, the offsets if any, and the output (`%a0`, …).
+fn tile_module(name: &str, body: &str, offsets: bool, shared: usize) -> String {
+    let params = if offsets {
         "%a0: memref<?xf32>, %a1: memref<?xi32>, %a2: memref<?xi8>"
     } else {
         "%a0: memref<?xf32>, %a1: memref<?xi8>"
     };
     let workgroup = if shared > 0 {
-        format!(
-            " workgroup(%shared : memref<{shared}xf32, #gpu.address_space<workgroup>>{})",
-            offsets_workgroup(experts)
-        )
+        format!(" workgroup(%shared : memref<{shared}xf32, #gpu.address_space<workgroup>>)")
     } else {
         String::new()
     };
@@ -526,7 +501,7 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x
         .collect();
     store_row_group(&mut b, 1, &values, "%col", Some(&inside), cols / 4, cols);
     let _ = write!(b.text, "      }}\n      }}\n");
-    let mlir = tile_module(name, &b.text, None, 0);
+    let mlir = tile_module(name, &b.text, false, 0);
     Emitted {
         mlir,
         grid: m.div_ceil(TILE_WARPS).max(1) as u32,
@@ -567,7 +542,7 @@ fn column_tiles_kernel(
     );
     views(&mut b, slot, m, n, 1, cols);
     if let Some((_, experts)) = offsets {
-        expert_of_group(&mut b, experts, cols, 32 * TILE_WARPS);
+        expert_of_group(&mut b, experts, cols);
     }
     // x's element for the result's row i, column j = j0 + local (zero outside x or, by
     // expert, past the expert's rows), into the tile: warp w takes the columns w, w + 8, …
@@ -628,7 +603,7 @@ fn column_tiles_kernel(
         .collect();
     store_row_group(&mut b, slot, &values, &col, Some(&stores), cols / 4, cols);
     let _ = writeln!(b.text, "      }}");
-    let mlir = tile_module(name, &b.text, offsets.map(|(_, e)| e), shared);
+    let mlir = tile_module(name, &b.text, offsets.is_some(), shared);
     let args = [Some(x), offsets.map(|(o, _)| o), Some(out)].into_iter().flatten().collect();
     Emitted { mlir, grid: (row_blocks * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args, zeroed: false }
 }
