@@ -10,8 +10,8 @@
 //! as a call is: its output's adjoint becomes `attention_grad`'s argument.
 //! Discrete ops (top-k, counting, sorting, sign, max) pass no gradient.
 
-use super::ir::{DType, Fp8Gemm, FunctionBuilder, Module, Op, Shape, Tiling, V};
-use std::collections::HashMap;
+use super::ir::{DType, Fp8Gemm, Function, FunctionBuilder, Module, Node, Op, Shape, Tiling, V};
+use std::collections::{BTreeSet, HashMap};
 
 /// Where the reverse pass starts.
 enum Seed {
@@ -22,8 +22,9 @@ enum Seed {
     Loss,
 }
 
-/// Adds `name.vjp` for function `f` (and for every function it calls), returning its index.
-/// Its outputs are the gradients of `f`'s real-valued arguments, in order.
+/// Adds `name.vjp` for function `f` (and the two halves of every function it calls), returning
+/// its index: it runs `f`'s forward and then its reverse pass. Its outputs are the gradients
+/// of `f`'s real-valued arguments, in order.
 pub fn vjp(module: &mut Module, f: usize) -> usize {
     build(module, f, Seed::Cotangents)
 }
@@ -71,41 +72,23 @@ fn split(module: &mut Module, f: usize) -> Split {
     let original = &module.functions[f];
     let keep = Residuals::find(&whole, forward_end);
     // `name.fwd`: the callee, then the saved values (a tuple's part through a `get`).
-    let mut b = FunctionBuilder::new(module, format!("{name}.fwd"));
-    let args: Vec<V> = original.args.iter().map(|(n, s, d)| b.arg(n.clone(), s.clone(), *d)).collect();
-    let mut map: Vec<V> = Vec::with_capacity(original.nodes.len());
-    for node in &original.nodes {
-        let v = match node.op {
-            Op::Arg(i) => args[i],
-            _ => {
-                let node_args = node.args.iter().map(|a| map[a.index()]).collect();
-                b.push(node.op.clone(), node_args, node.shape.clone(), node.dtype)
-            }
-        };
-        map.push(v);
-    }
-    for (o, name) in original.outputs.iter().zip(&original.output_names) {
-        b.output(name.clone(), map[o.index()]);
-    }
+    let mut forward = original.clone();
+    forward.name = format!("{name}.fwd");
     // `whole`'s forward nodes are copies of `original`'s.
-    let origin: HashMap<V, usize> = copied.iter().enumerate().map(|(i, &v)| (v, i)).collect();
-    let of_whole = |v: V| map[origin[&v]];
+    let origin: HashMap<V, u32> = copied.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
     for (k, value) in keep.saved.iter().enumerate() {
+        let node = V(origin[&value.node]);
         let v = match value.part {
-            None => of_whole(value.node),
-            Some(i) => {
-                let t = of_whole(value.node);
-                let node = whole.node(value.of);
-                let (shape, dtype) = (node.shape.clone(), node.dtype);
-                match b.current().part(t, i) {
-                    Some(read) => read,
-                    None => b.push(Op::Get(i), vec![t], shape, dtype),
-                }
-            }
+            None => node,
+            Some(i) => forward.part(node, i).unwrap_or_else(|| {
+                let of = whole.node(value.of);
+                forward.nodes.push(Node { op: Op::Get(i), args: vec![node], shape: of.shape.clone(), dtype: of.dtype });
+                V(forward.nodes.len() as u32 - 1)
+            }),
         };
-        b.output(format!("saved{k}"), v);
+        forward.outputs.push(v);
+        forward.output_names.push(format!("saved{k}"));
     }
-    let forward = b.finish();
     let backward = keep.backward(&whole, forward_end, original.args.len());
     let forward = module.add(forward);
     let backward = module.add(backward);
@@ -114,7 +97,7 @@ fn split(module: &mut Module, f: usize) -> Split {
 
 /// A value of the forward part that `name.bwd` takes instead of computing: a node, or part `i`
 /// of a tuple node.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy)]
 struct Saved {
     node: V,
     part: Option<usize>,
@@ -126,11 +109,11 @@ struct Saved {
 /// `forward_end`): the values it takes (`saved`) and the nodes it recomputes.
 struct Residuals {
     saved: Vec<Saved>,
-    recomputed: std::collections::BTreeSet<usize>,
+    recomputed: BTreeSet<usize>,
 }
 
 impl Residuals {
-    fn find(whole: &super::ir::Function, forward_end: usize) -> Self {
+    fn find(whole: &Function, forward_end: usize) -> Self {
         let costly = |op: &Op| {
             matches!(
                 op,
@@ -145,7 +128,7 @@ impl Residuals {
             )
         };
         let mut saved: Vec<Saved> = Vec::new();
-        let mut recomputed = std::collections::BTreeSet::new();
+        let mut recomputed = BTreeSet::new();
         let mut needed: Vec<(V, V)> = Vec::new();
         for (i, node) in whole.nodes.iter().enumerate().skip(forward_end) {
             needed.extend(node.args.iter().filter(|a| a.index() < forward_end).map(|&a| (a, V(i as u32))));
@@ -186,8 +169,8 @@ impl Residuals {
 
     /// `name.bwd(args…, saved…, d_outputs…)`: `whole` without the forward nodes it neither
     /// recomputes nor takes.
-    fn backward(&self, whole: &super::ir::Function, forward_end: usize, arity: usize) -> super::ir::Function {
-        let mut f = super::ir::Function {
+    fn backward(&self, whole: &Function, forward_end: usize, arity: usize) -> Function {
+        let mut f = Function {
             name: whole.name.clone(),
             args: whole.args[..arity].to_vec(),
             nodes: Vec::new(),
@@ -195,7 +178,7 @@ impl Residuals {
             output_names: whole.output_names.clone(),
         };
         let mut map: HashMap<V, V> = HashMap::new();
-        let push = |f: &mut super::ir::Function, node: super::ir::Node| {
+        let push = |f: &mut Function, node: Node| {
             f.nodes.push(node);
             V(f.nodes.len() as u32 - 1)
         };
@@ -206,10 +189,8 @@ impl Residuals {
         for (k, s) in self.saved.iter().enumerate() {
             let of = whole.node(s.of);
             f.args.push((format!("saved{k}"), of.shape.clone(), of.dtype));
-            let arg = push(
-                &mut f,
-                super::ir::Node { op: Op::Arg(arity + k), args: vec![], shape: of.shape.clone(), dtype: of.dtype },
-            );
+            let arg =
+                push(&mut f, Node { op: Op::Arg(arity + k), args: vec![], shape: of.shape.clone(), dtype: of.dtype });
             match s.part {
                 None => {
                     map.insert(s.node, arg);
@@ -228,14 +209,14 @@ impl Residuals {
                 // A part of a saved tuple.
                 Op::Get(p) if parts.contains_key(&(node.args[0], p)) => parts[&(node.args[0], p)],
                 _ if i < forward_end && !self.recomputed.contains(&i) => continue,
+                // A cotangent: after the saved values.
                 Op::Arg(a) => {
-                    let a = a + self.saved.len();
-                    f.args.push(whole.args[a - self.saved.len()].clone());
-                    push(&mut f, super::ir::Node { op: Op::Arg(a), ..node.clone() })
+                    f.args.push(whole.args[a].clone());
+                    push(&mut f, Node { op: Op::Arg(a + self.saved.len()), ..node.clone() })
                 }
                 _ => {
                     let args = node.args.iter().map(|a| map[a]).collect();
-                    push(&mut f, super::ir::Node { args, ..node.clone() })
+                    push(&mut f, Node { args, ..node.clone() })
                 }
             };
             map.insert(v, mapped);
@@ -247,7 +228,7 @@ impl Residuals {
 
 /// A function differentiating another, and where its copy of the other's forward ends.
 struct Differentiated {
-    function: super::ir::Function,
+    function: Function,
     /// The nodes before are the arguments and the copied forward nodes.
     forward_end: usize,
 }

@@ -1,6 +1,6 @@
 //! Where the GPU's time goes, when asked (`dsc train --profile`; the machines it runs on have
 //! no Nsight). Every kernel a plan function runs is bracketed by two timing events on the
-//! stream; its category (the function and the op of the kernel's first node: `layer1.vjp
+//! stream; its category (the function and the op of the kernel's first node: `layer1.bwd
 //! grouped_matmul`) gets the GPU time between them, the host time its launch took (for a
 //! library GEMM: its calls into cuBLAS, and a grouped GEMM's offsets read back), and the
 //! roofline estimate the plan made for it. The events are read when a top-level call ends
