@@ -164,9 +164,9 @@ fn numel(n: &Node) -> u64 {
 /// under the policy); and the operands of its BF16 GEMMs, casts to bf16 that only library
 /// products read, each of whose factors is such a cast (so that cuBLAS reads bf16 matrices:
 /// half the bytes, its native BF16 kernels). Every other real is stored as f32: a bf16 value
-/// inside a function is rounded, not packed. Only elementwise generated kernels and library
-/// GEMMs read and write packed values (`crate::mlir::emit`); the backends convert them where
-/// they cross to the host.
+/// inside a function is rounded, not packed. Only generated kernels that compute by element
+/// ([`by_element`]) and library GEMMs read and write packed values (`crate::mlir::emit`); the
+/// backends convert them where they cross to the host.
 pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     let args = f.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Arg(_))).map(|(i, _)| V(i as u32));
     let results = f.outputs.iter().map(|&o| base(f, o));
@@ -175,7 +175,7 @@ pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     packed
 }
 
-/// The casts to bf16, computed by elementwise kernels, that only library products read as
+/// The casts to bf16, computed by kernels that compute by element, that only library products read as
 /// factors, each product's factors all such casts (a product with one other factor leaves its
 /// casts unpacked: cuBLAS takes both factors in one type).
 fn gemm_operands_in_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {

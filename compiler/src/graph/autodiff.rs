@@ -72,23 +72,20 @@ fn split(module: &mut Module, f: usize) -> Split {
     let original = &module.functions[f];
     let keep = Residuals::find(&whole, forward_end);
     // `name.fwd`: the callee, then the saved values (a tuple's part through a `get`).
-    let mut forward = original.clone();
-    forward.name = format!("{name}.fwd");
+    let mut renamed = original.clone();
+    renamed.name = format!("{name}.fwd");
+    let mut b = FunctionBuilder::extend(module, renamed);
     // `whole`'s forward nodes are copies of `original`'s.
     let origin: HashMap<V, u32> = copied.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
     for (k, value) in keep.saved.iter().enumerate() {
         let node = V(origin[&value.node]);
         let v = match value.part {
             None => node,
-            Some(i) => forward.part(node, i).unwrap_or_else(|| {
-                let of = whole.node(value.of);
-                forward.nodes.push(Node { op: Op::Get(i), args: vec![node], shape: of.shape.clone(), dtype: of.dtype });
-                V(forward.nodes.len() as u32 - 1)
-            }),
+            Some(i) => b.part(node, i),
         };
-        forward.outputs.push(v);
-        forward.output_names.push(format!("saved{k}"));
+        b.output(format!("saved{k}"), v);
     }
+    let forward = b.finish();
     let backward = keep.backward(&whole, forward_end, original.args.len());
     let forward = module.add(forward);
     let backward = module.add(backward);
@@ -135,32 +132,29 @@ impl Residuals {
         }
         while let Some((v, reader)) = needed.pop() {
             let node = whole.node(v);
-            let value = match node.op {
+            let kept = match node.op {
                 Op::Arg(_) => continue,
                 // A tuple read by the reverse pass: the part its `get` takes.
                 _ if node.dtype == DType::Tuple => match whole.node(reader).op {
-                    Op::Get(i) if costly(&node.op) => Saved { node: v, part: Some(i), of: reader },
-                    Op::Get(_) => {
-                        if recomputed.insert(v.index()) {
-                            needed.extend(node.args.iter().map(|&a| (a, v)));
-                        }
-                        continue;
-                    }
+                    Op::Get(i) => costly(&node.op).then_some(Saved { node: v, part: Some(i), of: reader }),
                     _ => panic!("a tuple read by {}", whole.node(reader).op.name()),
                 },
                 Op::Get(i) if costly(&whole.node(node.args[0]).op) => {
-                    Saved { node: node.args[0], part: Some(i), of: v }
+                    Some(Saved { node: node.args[0], part: Some(i), of: v })
                 }
-                _ if costly(&node.op) => Saved { node: v, part: None, of: v },
-                _ => {
+                _ => costly(&node.op).then_some(Saved { node: v, part: None, of: v }),
+            };
+            match kept {
+                Some(value) => {
+                    if !saved.iter().any(|s| s.node == value.node && s.part == value.part) {
+                        saved.push(value);
+                    }
+                }
+                None => {
                     if recomputed.insert(v.index()) {
                         needed.extend(node.args.iter().map(|&a| (a, v)));
                     }
-                    continue;
                 }
-            };
-            if !saved.iter().any(|s| s.node == value.node && s.part == value.part) {
-                saved.push(value);
             }
         }
         saved.sort_by_key(|s| (s.node, s.part));
@@ -312,26 +306,15 @@ fn differentiate(module: &mut Module, f: usize, seed: Seed, name: String) -> (Di
                 let Some(parts) = adjoints.tuples.remove(&v) else { continue };
                 let split = *splits.values().find(|s| s.forward == callee).expect("a split callee");
                 let callee_fn = &b.module.functions[callee];
-                let outs: Vec<(Shape, DType)> = callee_fn.outputs[..split.outputs]
-                    .iter()
-                    .map(|o| (callee_fn.node(*o).shape.clone(), callee_fn.node(*o).dtype))
-                    .collect();
-                let saved: Vec<(Shape, DType)> = callee_fn.outputs[split.outputs..]
-                    .iter()
-                    .map(|o| (callee_fn.node(*o).shape.clone(), callee_fn.node(*o).dtype))
-                    .collect();
+                let outs: Vec<Shape> =
+                    callee_fn.outputs[..split.outputs].iter().map(|o| callee_fn.node(*o).shape.clone()).collect();
+                let returned = callee_fn.outputs.len();
                 let real_args: Vec<usize> =
                     (0..node.args.len()).filter(|&i| b.dtype(node.args[i]) != DType::I32).collect();
                 let mut call_args = node.args.clone();
-                for (k, (shape, dtype)) in saved.into_iter().enumerate() {
-                    let i = split.outputs + k;
-                    let part = match b.current().part(v, i) {
-                        Some(read) => read,
-                        None => b.push(Op::Get(i), vec![v], shape, dtype),
-                    };
-                    call_args.push(part);
-                }
-                for (i, (shape, _)) in outs.iter().enumerate() {
+                // The saved values, then the cotangents.
+                call_args.extend((split.outputs..returned).map(|i| b.part(v, i)));
+                for (i, shape) in outs.iter().enumerate() {
                     let d = match parts.get(&i) {
                         Some(d) => *d,
                         None => zeros(&mut b, shape.clone()),

@@ -734,6 +734,11 @@ impl<'m> FunctionBuilder<'m> {
         }
     }
 
+    /// Goes on building `f` (its nodes, arguments and outputs kept).
+    pub fn extend(module: &'m Module, f: Function) -> Self {
+        FunctionBuilder { module, f }
+    }
+
     pub fn shape(&self, v: V) -> &Shape {
         &self.f.nodes[v.index()].shape
     }
@@ -917,24 +922,29 @@ impl<'m> FunctionBuilder<'m> {
         (self.part(tuple, 0), self.part(tuple, 1))
     }
 
-    /// Part `i` of tuple `t` made by an op with several results (not a call): its `get` node
+    /// Part `i` of tuple `t` (a call's result, or an op's with several results): its `get` node
     /// where the function has one, else a new one.
     pub fn part(&mut self, t: V, i: usize) -> V {
         if let Some(read) = self.f.part(t, i) {
             return read;
         }
         let node = self.f.node(t);
-        let shape = match (&node.op, i) {
-            (Op::Attention { .. }, 0) => self.shape(node.args[2]).clone(),
+        let (shape, dtype) = match (&node.op, i) {
+            (Op::Call(callee), _) => {
+                let called = &self.module.functions[*callee];
+                let output = called.node(called.outputs[i]);
+                (output.shape.clone(), output.dtype)
+            }
+            (Op::Attention { .. }, 0) => (self.shape(node.args[2]).clone(), DType::F32),
             (Op::Attention { .. }, 1) => {
                 let q = self.shape(node.args[0]);
-                vec![q[0], q[2], q[1]]
+                (vec![q[0], q[2], q[1]], DType::F32)
             }
             // dq, dk, dv: the shapes of q, k, v.
-            (Op::AttentionGrad { .. }, 0..3) => self.shape(node.args[i]).clone(),
+            (Op::AttentionGrad { .. }, 0..3) => (self.shape(node.args[i]).clone(), DType::F32),
             (op, _) => panic!("{} has no part {i}", op.name()),
         };
-        self.push(Op::Get(i), vec![t], shape, DType::F32)
+        self.push(Op::Get(i), vec![t], shape, dtype)
     }
 
     /// Calls `function` of the module and returns its outputs.

@@ -447,7 +447,7 @@ mod tests {
     /// The BF16 GEMMs' operands are stored packed, 2 bytes an element: under the FP8 policy the
     /// head's (forward, Dgrad, Wgrad: the hidden states, the weight and the cotangent of the
     /// logits), under the BF16 policy every linear layer's and expert's too; each a cast written
-    /// by an elementwise kernel and read only by library products whose factors are all packed.
+    /// by a kernel that computes by element and read only by library products whose factors are all packed.
     /// Under an f32 policy none is.
     #[test]
     fn bf16_gemm_operands_are_packed() {

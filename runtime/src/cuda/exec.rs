@@ -6,8 +6,9 @@
 //! ([`memory::in_place`]). The steps are the function's nodes in order: an argument is bound to its
 //! place, a constant table written into its buffer, a call runs the callee in an arena of its own
 //! (its kernels writing its results into the caller's part buffers, results it does not compute
-//! copied there, or added into the state's gradient sums: [`memory::delivered`]), and a kernel runs at its first node (a quantisation of a weight already
-//! made this step is read where [`super::weights`] keeps it instead): generated kernels from their
+//! copied there, or added into the state's gradient sums: [`memory::delivered`]), and a kernel
+//! runs at its first node (a quantisation of a weight already made this step is read where
+//! [`super::weights`] keeps it instead): generated kernels from their
 //! PTX, library GEMMs on cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels
 //! ([`super::attention`]; a plan expands any attention they do not take), and what none covers (FP8
 //! GEMMs outside 128-element groups) on the host through the CPU reference's own op, its inputs
@@ -28,7 +29,7 @@ use crate::memory::{self, Layout};
 use crate::train::{Backend, Resident};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::{base, packs, Code, Kernel};
-use dsc_compiler::graph::ir::{DType, Function, Node, Op};
+use dsc_compiler::graph::ir::{DType, Function, Node, Op, V};
 use dsc_compiler::mlir::fp8;
 use dsc_compiler::plan::Plan;
 use dsc_lang::Dtype;
@@ -504,11 +505,14 @@ impl Executor {
             .collect();
         let origins = memory::weight_origins(function, node, &binding.origins);
         let called = &plan.module.functions[callee];
-        // The parts of the call's result this function stores: (its node, the callee's output).
-        let parts: Vec<(u32, usize)> = (function.nodes.iter().enumerate())
+        // The parts of the call's result this function stores: its node, the callee's output
+        // and its value, whether it is added into the state.
+        let parts: Vec<(u32, usize, V, bool)> = (function.nodes.iter().enumerate())
             .filter_map(|(g, get)| match get.op {
                 Op::Get(part) if get.args[0].0 == i && self.bytes[f].contains_key(&(g as u32)) => {
-                    Some((g as u32, part))
+                    let g = g as u32;
+                    let adds = binding.add && binding.delivered.contains_key(&g);
+                    Some((g, part, base(called, called.outputs[part]), adds))
                 }
                 _ => None,
             })
@@ -517,19 +521,15 @@ impl Executor {
         // lives from the call on, so it shares no bytes with the call's arguments); the rest
         // (arguments passed through, constants, sums into the state) are copied or written after.
         let mut delivered = HashMap::new();
-        for &(g, part) in &parts {
-            let out = base(called, called.outputs[part]);
-            let adds = binding.add && binding.delivered.contains_key(&g);
+        for &(g, _, out, adds) in &parts {
             let computed = !matches!(called.node(out).op, Op::Const(_) | Op::Arg(_));
             if !adds && computed && self.bytes[callee].get(&out.0) == self.bytes[f].get(&g) {
                 delivered.insert(out.0, places.at(g));
             }
         }
         let results = self.invoke(callee, &inputs, Binding { origins, delivered, add: false })?;
-        for (g, part) in parts {
-            let out = base(called, called.outputs[part]);
+        for (g, part, out, adds) in parts {
             let (to, want) = (places.at(g), self.bytes[f][&g]);
-            let adds = binding.add && binding.delivered.contains_key(&g);
             match called.node(out).op {
                 Op::Const(c) if adds && c == 0.0 => {}
                 Op::Const(c) if adds => {
