@@ -212,6 +212,11 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
     if tiles && (experts.is_some() || batch_rows == m) {
         return column_tiles_kernel(name, m, n, width, cols, x, offsets.zip(experts), out);
     }
+    let blocks = cols == BLOCK_COLS && rows.is_multiple_of(32) && rows <= 128 && n.is_multiple_of(4);
+    if blocks && experts.is_none() && (batch_rows == m || batch_rows.is_multiple_of(rows)) {
+        let layout = Layout { m, n, width, transpose, batch_rows };
+        return block_tiles_kernel(name, layout, rows, x, out);
+    }
     // The output's argument slot: after x and, by expert, the offsets.
     let slot = if experts.is_some() { 2 } else { 1 };
     let (gm, gn) = (m.div_ceil(rows), n.div_ceil(cols));
@@ -426,6 +431,161 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
     Emitted { mlir, grid: groups.max(1) as u32, block: (32 * WARPS) as u32, args, zeroed: false }
 }
 
+/// Columns of the groups [`block_tiles_kernel`] takes: a warp's 32 lanes, four each.
+const BLOCK_COLS: usize = 128;
+
+/// Where a quantised value's elements come from: the result [m, n] (`n` a multiple of 4), x
+/// [m, width] or, transposed, [width, m] (a stack of matrices of `batch_rows` result rows each,
+/// each transposed); the result's columns past `width` are zero.
+#[derive(Clone, Copy)]
+struct Layout {
+    m: usize,
+    n: usize,
+    width: usize,
+    transpose: bool,
+    batch_rows: usize,
+}
+
+/// `quantize` in `rows × 128` groups (rows a multiple of 32, up to 128; weight blocks): a
+/// block of 256 threads per group reads it once into registers (`rows / 8` units of four
+/// elements a thread, all loads issued before the first use, lanes along x's contiguous
+/// axis), takes its amax through shuffles and shared memory, and stores the E4M3 words. Not
+/// transposed, a lane's unit is four consecutive elements of a result row, stored as one word
+/// (a warp's row of the group is 128 contiguous bytes); transposed, it is four consecutive
+/// result columns of one result row (four rows of x), its word staged in shared memory so
+/// that the group's rows go out whole. (The general kernel read each group twice, the second
+/// time from memory again once the groups in flight outgrew L2: 55% of copy bandwidth.)
+fn block_tiles_kernel(name: &str, layout: Layout, rows: usize, x: u32, out: u32) -> Emitted {
+    let Layout { m, n, width, transpose, batch_rows } = layout;
+    let (gm, gn) = (m.div_ceil(rows), n.div_ceil(BLOCK_COLS));
+    let words = BLOCK_COLS / 4;
+    // The staged group's rows, one word longer than its 32 words: a warp's stores of one word
+    // column fall in distinct banks.
+    let pitch = words + 1;
+    let mut b = Body::new();
+    let _ = write!(
+        b.text,
+        "      %m = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %c{pitch} = arith.constant {pitch} : index\n      %gm = arith.constant {gm} : index\n      %group_rows = arith.constant {rows} : index\n      %group_cols = arith.constant {BLOCK_COLS} : index\n      %gr = arith.remui %bid, %gm : index\n      %gc = arith.divui %bid, %gm : index\n      %i0 = arith.muli %gr, %group_rows : index\n      %j0 = arith.muli %gc, %group_cols : index\n      %width = arith.constant {width} : index\n"
+    );
+    views(&mut b, 1, m, n, rows, BLOCK_COLS);
+    if transpose {
+        // The group's matrix of the stack: its first result row and where its x begins.
+        let _ = write!(
+            b.text,
+            "      %batch_rows = arith.constant {batch_rows} : index\n      %matrix = arith.divui %i0, %batch_rows : index\n      %matrix_row = arith.muli %matrix, %batch_rows : index\n      %matrix_size = arith.constant {} : index\n      %matrix_at = arith.muli %matrix, %matrix_size : index\n",
+            batch_rows * width
+        );
+    }
+    // Unit k of a lane: result row i, result columns j..j+4.
+    let unit = |b: &mut Body, k: usize| -> (String, String) {
+        if transpose {
+            let (a, u) = (8 * (k % 4), 32 * (k / 4));
+            let a = b.line(format!("arith.constant {a} : index"));
+            let col = b.line(format!("arith.addi %warp, {a} : index"));
+            let col = b.line(format!("arith.muli {col}, %c4 : index"));
+            let u = b.line(format!("arith.constant {u} : index"));
+            let row = b.line(format!("arith.addi %lane, {u} : index"));
+            (row, col)
+        } else {
+            let step = b.line(format!("arith.constant {} : index", 8 * k));
+            let row = b.line(format!("arith.addi %warp, {step} : index"));
+            (row, b.line("arith.muli %lane, %c4 : index".into()))
+        }
+    };
+    let mut units = Vec::new();
+    for k in 0..rows / 8 {
+        let (local_row, local_col) = unit(&mut b, k);
+        let i = b.line(format!("arith.addi %i0, {local_row} : index"));
+        let j = b.line(format!("arith.addi %j0, {local_col} : index"));
+        let row_in = b.line(format!("arith.cmpi ult, {i}, %m : index"));
+        let values: Vec<String> = (0..4)
+            .map(|c| {
+                let offset = b.line(format!("arith.constant {c} : index"));
+                let jc = b.line(format!("arith.addi {j}, {offset} : index"));
+                let in_x = b.line(format!("arith.cmpi ult, {jc}, %width : index"));
+                let inside = b.line(format!("arith.andi {in_x}, {row_in} : i1"));
+                let at = if transpose {
+                    let within = b.line(format!("arith.subi {i}, %matrix_row : index"));
+                    let stride = b.line(format!("arith.constant {batch_rows} : index"));
+                    let at = b.line(format!("arith.muli {jc}, {stride} : index"));
+                    let at = b.line(format!("arith.addi {at}, {within} : index"));
+                    b.line(format!("arith.addi {at}, %matrix_at : index"))
+                } else {
+                    let at = b.line(format!("arith.muli {i}, %width : index"));
+                    b.line(format!("arith.addi {at}, {jc} : index"))
+                };
+                let at = b.line(format!("arith.select {inside}, {at}, %c0 : index"));
+                let v = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+                let zero = b.constant(0.0);
+                b.line(format!("arith.select {inside}, {v}, {zero} : f32"))
+            })
+            .collect();
+        units.push((local_row, local_col, i, j, row_in, values));
+    }
+    let mut amax = b.constant(0.0);
+    for (.., values) in &units {
+        for v in values {
+            let magnitude = magnitude(&mut b, v);
+            amax = b.line(format!("arith.maximumf {amax}, {magnitude} : f32"));
+        }
+    }
+    let reduction = b.fresh();
+    let warp_amax = warp_reduce(&mut b.text, &reduction[1..], &amax, "arith.maximumf %acc, %y : f32");
+    let _ = write!(
+        b.text,
+        "      %lane0 = arith.cmpi eq, %lane, %c0 : index\n      scf.if %lane0 {{\n      memref.store {warp_amax}, %shared[%warp] : memref<{TILE_WARPS}xf32, #gpu.address_space<workgroup>>\n      }}\n      gpu.barrier\n"
+    );
+    let mut amax = warp_amax;
+    for w in 0..TILE_WARPS {
+        let at = b.line(format!("arith.constant {w} : index"));
+        let other =
+            b.line(format!("memref.load %shared[{at}] : memref<{TILE_WARPS}xf32, #gpu.address_space<workgroup>>"));
+        amax = b.line(format!("arith.maximumf {amax}, {other} : f32"));
+    }
+    let s = scale(&mut b, &amax);
+    let stage_type = format!("memref<{}xi32, #gpu.address_space<workgroup>>", rows * pitch);
+    for (local_row, local_col, i, j, row_in, values) in &units {
+        let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.divf {v}, {s} : f32"))).collect();
+        let word = encode_word(&mut b, &q);
+        if transpose {
+            let at = b.line(format!("arith.muli {local_row}, %c{pitch} : index"));
+            let word_col = b.line(format!("arith.divui {local_col}, %c4 : index"));
+            let at = b.line(format!("arith.addi {at}, {word_col} : index"));
+            let _ = writeln!(b.text, "      memref.store {word}, %stage[{at}] : {stage_type}");
+        } else {
+            let col_in = b.line(format!("arith.cmpi ult, {j}, %n : index"));
+            let stores = b.line(format!("arith.andi {row_in}, {col_in} : i1"));
+            let at = b.line(format!("arith.muli {i}, %n : index"));
+            let at = b.line(format!("arith.addi {at}, {j} : index"));
+            let at = b.line(format!("arith.divui {at}, %c4 : index"));
+            let _ = writeln!(
+                b.text,
+                "      scf.if {stores} {{\n        memref.store {word}, %q1[{at}] : memref<?xi32>\n      }}"
+            );
+        }
+    }
+    if transpose {
+        // Warp w writes the group's rows w, w + 8, …, lane l its word l.
+        let _ = write!(
+            b.text,
+            "      gpu.barrier\n      %wpb = arith.constant {TILE_WARPS} : index\n      %n_words = arith.constant {} : index\n      %word0 = arith.divui %j0, %c4 : index\n      %out_col = arith.addi %word0, %lane : index\n      %out_j = arith.muli %out_col, %c4 : index\n      %col_in = arith.cmpi ult, %out_j, %n : index\n      scf.for %r = %warp to %group_rows step %wpb {{\n        %out_i = arith.addi %i0, %r : index\n        %out_row_in = arith.cmpi ult, %out_i, %m : index\n        %out_in = arith.andi %out_row_in, %col_in : i1\n        scf.if %out_in {{\n          %from_row = arith.muli %r, %c{pitch} : index\n          %from = arith.addi %from_row, %lane : index\n          %word = memref.load %stage[%from] : {stage_type}\n          %to_row = arith.muli %out_i, %n_words : index\n          %to = arith.addi %to_row, %out_col : index\n          memref.store %word, %q1[%to] : memref<?xi32>\n        }}\n      }}\n",
+            n / 4
+        );
+    }
+    // The scale (`scale_index`: row-major over the groups, rows padded to 4 scales).
+    let _ = write!(
+        b.text,
+        "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sstride = arith.constant {} : index\n      %souter = arith.muli %gr, %sstride : index\n      %sat = arith.addi %souter, %gc : index\n      memref.store {s}, %s1[%sat] : memref<?xf32>\n      }}\n",
+        gn.next_multiple_of(4)
+    );
+    let mut workgroup = format!("%shared : memref<{TILE_WARPS}xf32, #gpu.address_space<workgroup>>");
+    if transpose {
+        let _ = write!(workgroup, ", %stage : {stage_type}");
+    }
+    let mlir = tile_module(name, &b.text, false, &workgroup);
+    Emitted { mlir, grid: (gm * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args: vec![x, out], zeroed: false }
+}
+
 /// x's element (`row`, `column`) of its rows of `%m` where `inside`, else 0 (the load then
 /// reads row 0).
 fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str) -> String {
@@ -437,33 +597,85 @@ fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str) -> Strin
     b.line(format!("arith.select {inside}, {x}, {zero} : f32"))
 }
 
-/// By expert: which expert's rows the group's columns j0.. hold. Walks the offsets (`%a1`),
-/// each expert's columns starting where the previous one's, rounded up to whole `tile`s,
-/// ended; defines `%first_column` (the expert's first), `%first_row` and `%end_row` (its rows
-/// of x), all 0 where the group lies past the last expert.
+/// By expert: which expert's rows the group's columns j0.. hold, each expert's columns
+/// starting where the previous one's, rounded up to whole `tile`s, ended. Every warp finds
+/// it on its own, 32 experts at a time, a lane each: the lanes' padded lengths summed by a
+/// scan of shuffles give each expert's columns, and the one lane whose columns hold j0 hands
+/// its expert over through a sum of shuffles. (A walk over the experts one after another kept
+/// every block waiting on 32 dependent loads before its first read of x.) Defines
+/// `%first_column` (the expert's first), `%first_row` and `%end_row` (its rows of x, the
+/// offsets `%a1`), all 0 where the group lies past the last expert.
 fn expert_of_group(b: &mut Body, experts: usize, tile: usize) {
     let _ = write!(
         b.text,
-        "      %experts = arith.constant {experts} : index\n      %tile_less = arith.constant {} : index\n      %start, %first_column, %first_row, %end_row = scf.for %e = %c0 to %experts step %c1 iter_args(%p = %c0, %fc = %c0, %fr = %c0, %er = %c0) -> (index, index, index, index) {{\n        %e1 = arith.addi %e, %c1 : index\n        %o0w = memref.load %a1[%e] : memref<?xi32>\n        %o1w = memref.load %a1[%e1] : memref<?xi32>\n        %o0 = arith.index_cast %o0w : i32 to index\n        %o1 = arith.index_cast %o1w : i32 to index\n        %len = arith.subi %o1, %o0 : index\n        %lenr = arith.addi %len, %tile_less : index\n        %tiles = arith.divui %lenr, %cols : index\n        %padded = arith.muli %tiles, %cols : index\n        %pend = arith.addi %p, %padded : index\n        %from = arith.cmpi uge, %j0, %p : index\n        %before = arith.cmpi ult, %j0, %pend : index\n        %here = arith.andi %from, %before : i1\n        %nfc = arith.select %here, %p, %fc : index\n        %nfr = arith.select %here, %o0, %fr : index\n        %ner = arith.select %here, %o1, %er : index\n        scf.yield %pend, %nfc, %nfr, %ner : index, index, index, index\n      }}\n",
+        "      %experts = arith.constant {experts} : index\n      %tile_less = arith.constant {} : i32\n      %tile = arith.constant {tile} : i32\n      %lane_i32 = arith.index_cast %lane : index to i32\n      %zero_i32 = arith.constant 0 : i32\n      %j0_i64 = arith.index_cast %j0 : index to i64\n",
         tile - 1
     );
+    let (mut start, mut first_column, mut first_row, mut end_row) =
+        ("%zero_i32".to_string(), "%zero_i32".to_string(), "%zero_i32".to_string(), "%zero_i32".to_string());
+    for chunk in 0..experts.div_ceil(32) {
+        let base = b.line(format!("arith.constant {} : index", 32 * chunk));
+        let e = b.line(format!("arith.addi %lane, {base} : index"));
+        let valid = b.line(format!("arith.cmpi ult, {e}, %experts : index"));
+        let e = b.line(format!("arith.select {valid}, {e}, %c0 : index"));
+        let e1 = b.line(format!("arith.addi {e}, %c1 : index"));
+        let o0 = b.line(format!("memref.load %a1[{e}] : memref<?xi32>"));
+        let o1 = b.line(format!("memref.load %a1[{e1}] : memref<?xi32>"));
+        let len = b.line(format!("arith.subi {o1}, {o0} : i32"));
+        let len = b.line(format!("arith.addi {len}, %tile_less : i32"));
+        let tiles = b.line(format!("arith.divui {len}, %tile : i32"));
+        let padded = b.line(format!("arith.muli {tiles}, %tile : i32"));
+        let padded = b.line(format!("arith.select {valid}, {padded}, %zero_i32 : i32"));
+        let mut scan = padded.clone();
+        for d in [1, 2, 4, 8, 16] {
+            let offset = b.line(format!("arith.constant {d} : i32"));
+            let from = b.fresh();
+            let _ = writeln!(b.text, "      {from}, {from}_ok = gpu.shuffle up {scan}, {offset}, %w32 : i32");
+            let has = b.line(format!("arith.cmpi uge, %lane_i32, {offset} : i32"));
+            let from = b.line(format!("arith.select {has}, {from}, %zero_i32 : i32"));
+            scan = b.line(format!("arith.addi {scan}, {from} : i32"));
+        }
+        let end = b.line(format!("arith.addi {start}, {scan} : i32"));
+        let begin = b.line(format!("arith.subi {end}, {padded} : i32"));
+        let begin_i64 = b.line(format!("arith.extui {begin} : i32 to i64"));
+        let end_i64 = b.line(format!("arith.extui {end} : i32 to i64"));
+        let from = b.line(format!("arith.cmpi uge, %j0_i64, {begin_i64} : i64"));
+        let before = b.line(format!("arith.cmpi ult, %j0_i64, {end_i64} : i64"));
+        let here = b.line(format!("arith.andi {from}, {before} : i1"));
+        let here = b.line(format!("arith.andi {here}, {valid} : i1"));
+        for (sum, value) in [(&mut first_column, &begin), (&mut first_row, &o0), (&mut end_row, &o1)] {
+            let mine = b.line(format!("arith.select {here}, {value}, %zero_i32 : i32"));
+            *sum = b.line(format!("arith.addi {sum}, {mine} : i32"));
+        }
+        let last = b.line("arith.constant 31 : i32".into());
+        let total = b.fresh();
+        let _ = writeln!(b.text, "      {total}, {total}_ok = gpu.shuffle idx {scan}, {last}, %w32 : i32");
+        start = b.line(format!("arith.addi {start}, {total} : i32"));
+    }
+    for (name, lanes) in [("first_column", first_column), ("first_row", first_row), ("end_row", end_row)] {
+        let mut sum = lanes;
+        for d in [16, 8, 4, 2, 1] {
+            let offset = b.line(format!("arith.constant {d} : i32"));
+            let other = b.fresh();
+            let _ = writeln!(b.text, "      {other}, {other}_ok = gpu.shuffle xor {sum}, {offset}, %w32 : i32");
+            sum = b.line(format!("arith.addi {sum}, {other} : i32"));
+        }
+        let _ = writeln!(b.text, "      %{name} = arith.index_cast {sum} : i32 to index");
+    }
 }
 
 /// Warps of the tile kernels' blocks.
 const TILE_WARPS: usize = 8;
 
-/// The kernel's MLIR around `body`, on x, the offsets if any, and the output (`%a0`, …).
-fn tile_module(name: &str, body: &str, offsets: bool, shared: usize) -> String {
+/// The kernel's MLIR around `body`, on x, the offsets if any, and the output (`%a0`, …), with
+/// shared memory as `workgroup`'s attributions say (none where it is empty).
+fn tile_module(name: &str, body: &str, offsets: bool, workgroup: &str) -> String {
     let params = if offsets {
         "%a0: memref<?xf32>, %a1: memref<?xi32>, %a2: memref<?xi8>"
     } else {
         "%a0: memref<?xf32>, %a1: memref<?xi8>"
     };
-    let workgroup = if shared > 0 {
-        format!(" workgroup(%shared : memref<{shared}xf32, #gpu.address_space<workgroup>>)")
-    } else {
-        String::new()
-    };
+    let workgroup = if workgroup.is_empty() { String::new() } else { format!(" workgroup({workgroup})") };
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}){workgroup} kernel {{\n      %tid = gpu.thread_id x\n      %bid = gpu.block_id x\n      %c0 = arith.constant 0 : index\n      %c1 = arith.constant 1 : index\n      %c4 = arith.constant 4 : index\n      %c32 = arith.constant 32 : index\n      %w32 = arith.constant 32 : i32\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n{body}      gpu.return\n    }}\n  }}\n}}\n"
     )
@@ -501,7 +713,7 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x
         .collect();
     store_row_group(&mut b, 1, &values, "%col", Some(&inside), cols / 4, cols);
     let _ = write!(b.text, "      }}\n      }}\n");
-    let mlir = tile_module(name, &b.text, false, 0);
+    let mlir = tile_module(name, &b.text, false, "");
     Emitted {
         mlir,
         grid: m.div_ceil(TILE_WARPS).max(1) as u32,
@@ -603,7 +815,8 @@ fn column_tiles_kernel(
         .collect();
     store_row_group(&mut b, slot, &values, &col, Some(&stores), cols / 4, cols);
     let _ = writeln!(b.text, "      }}");
-    let mlir = tile_module(name, &b.text, offsets.is_some(), shared);
+    let workgroup = format!("%shared : memref<{shared}xf32, #gpu.address_space<workgroup>>");
+    let mlir = tile_module(name, &b.text, offsets.is_some(), &workgroup);
     let args = [Some(x), offsets.map(|(o, _)| o), Some(out)].into_iter().flatten().collect();
     Emitted { mlir, grid: (row_blocks * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args, zeroed: false }
 }
