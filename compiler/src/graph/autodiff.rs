@@ -3,8 +3,9 @@
 //! is differentiated by splitting its callee (once per callee, so an instanced layer has one
 //! backward function too): `name.fwd` is the callee returning, after its outputs, the values
 //! its reverse pass reads that are costly to compute again (products, attention, calls,
-//! exchanges between ranks), and `name.bwd` takes them and recomputes the rest (norms,
-//! activations, casts and quantisations, routing) before running the reverse pass. The
+//! exchanges between ranks, and the routing and expert order: few bytes, but kernels bound by
+//! latency), and `name.bwd` takes them and recomputes the rest (norms,
+//! activations, casts and quantisations) before running the reverse pass. The
 //! values are the forward's own, so the gradients are those of a full recomputation.
 //! Attention (a tuple of its output and log-sum-exp) is differentiated where its tuple is,
 //! as a call is: its output's adjoint becomes `attention_grad`'s argument.
@@ -122,6 +123,11 @@ impl Residuals {
                     | Op::ReceivedOffsets
                     | Op::Dispatch { .. }
                     | Op::Combine { .. }
+                    | Op::TopK { .. }
+                    | Op::Route { .. }
+                    | Op::SortByExpert { .. }
+                    | Op::ExpertOffsets { .. }
+                    | Op::Count { .. }
             )
         };
         let mut saved: Vec<Saved> = Vec::new();

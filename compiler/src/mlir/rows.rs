@@ -14,7 +14,7 @@
 //! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
 //! every chunk of 32·W elements. When a row's inputs fit in [`REGISTER_FLOATS`] registers per
 //! lane they are read once and kept there for every pass (one pass over memory); otherwise
-//! each pass reads them again (mostly from cache). Reductions meet through warp shuffles; sums over
+//! each pass reads them again, a few chunks a turn with their loads issued together. Reductions meet through warp shuffles; sums over
 //! rows are kept per lane across the warp's rows and added atomically into the zeroed output
 //! at the end (streamed rows add theirs per row).
 
@@ -31,6 +31,8 @@ const WARPS: usize = 4;
 const REGISTER_FLOATS: usize = 128;
 /// Chunks of a row written out one by one (longer rows loop).
 const MAX_UNROLLED_CHUNKS: usize = 32;
+/// Vector loads of the inputs a lane issues together in a turn of a looped (streamed) pass.
+const STREAMED_LOADS: usize = 8;
 /// Blocks of a kernel that sums over rows: enough to fill an H100 twice, few enough that the
 /// per-warp column sums are cheap to add up.
 const COLUMN_SUM_BLOCKS: usize = 264;
@@ -732,6 +734,19 @@ impl<'p, 'q> RowWriter<'p, 'q> {
         (0..W).map(|l| per_input.iter().map(|e| e[l].clone()).collect()).collect()
     }
 
+    /// Chunks a turn of a streamed pass takes: a power of two dividing the chunks, up to
+    /// [`STREAMED_LOADS`] vector loads of the row's inputs a turn. Their loads are issued
+    /// together (one chunk a turn left a lane one load in flight: half the copy bandwidth).
+    fn unroll(&self) -> usize {
+        let vectors = |r: &Rows| !matches!(r, Rows::OneHot | Rows::PerRow | Rows::PickedScalar);
+        let loaded = self.p.inputs.iter().filter(|(_, r)| vectors(r)).count().max(1);
+        let mut unroll = 1;
+        while 2 * unroll * loaded <= STREAMED_LOADS && self.chunks.is_multiple_of(2 * unroll) {
+            unroll *= 2;
+        }
+        unroll
+    }
+
     /// A pass over the row's chunks carrying `init`; `step` gets the chunk's column (and, in
     /// registers, its number) and the carried values.
     fn pass(&mut self, init: Vec<String>, step: &mut ChunkStep<'_, 'p, 'q>) -> Vec<String> {
@@ -743,7 +758,8 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             }
             return carried;
         }
-        let chunks = self.b.line(format!("arith.constant {} : index", self.chunks));
+        let unroll = self.unroll();
+        let chunks = self.b.line(format!("arith.constant {} : index", self.chunks / unroll));
         let result = self.b.fresh();
         let iv = self.b.fresh();
         let names: Vec<String> = init.iter().map(|_| self.b.fresh()).collect();
@@ -755,10 +771,25 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             "        {head}scf.for {iv} = %c0 to {chunks} step %c1 iter_args({}) -> ({types}) {{",
             bindings.join(", ")
         );
-        let span = self.b.line(format!("arith.constant {} : index", 32 * W));
+        let span = self.b.line(format!("arith.constant {} : index", 32 * W * unroll));
         let start = self.b.line(format!("arith.muli {iv}, {span} : index"));
-        let col = self.b.line(format!("arith.addi {start}, %laneW : index"));
-        let next = step(self, &col, None, &names);
+        let first = self.b.line(format!("arith.addi {start}, %laneW : index"));
+        let columns: Vec<String> = (0..unroll)
+            .map(|u| {
+                let offset = self.b.line(format!("arith.constant {} : index", u * 32 * W));
+                self.b.line(format!("arith.addi {first}, {offset} : index"))
+            })
+            .collect();
+        // The turn's loads first, kept for its steps.
+        let caching = std::mem::replace(&mut self.caching, true);
+        for col in &columns {
+            self.elements(col);
+        }
+        let mut next = names.clone();
+        for col in &columns {
+            next = step(self, col, None, &next);
+        }
+        self.caching = caching;
         self.cache.clear();
         let yielded = if next.is_empty() { String::new() } else { format!(" {} : {types}", next.join(", ")) };
         let _ = writeln!(self.b.text, "        scf.yield{yielded}\n        }}");
