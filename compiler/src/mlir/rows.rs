@@ -8,17 +8,19 @@
 //! order, and what it writes per element: a value, an FP8 value in 1×`cols` groups
 //! ([`super::fp8`]), or a sum over all rows (a norm weight's gradient); or one value per row
 //! from the reductions alone (a row's loss). Reductions that do not read one another share a
-//! pass over the row.
+//! pass over the row; a softmax's max and sum are one reduction (online, [`Kind::Softmax`]), so
+//! a cross-entropy reads its logits once and its backward twice.
 //!
 //! Warps own rows (four warps per block, each looping over rows when the launch holds fewer
 //! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
 //! every chunk of 32·W elements. When a row's inputs fit in [`REGISTER_FLOATS`] registers per
 //! lane they are read once and kept there for every pass (one pass over memory); otherwise
-//! each pass reads them again, a few chunks a turn with their loads issued together. Reductions meet through warp shuffles; sums over
+//! each pass reads them again (from memory once rows outgrow the caches: a cross-entropy's rows
+//! of 32K logits). Reductions meet through warp shuffles; sums over
 //! rows are kept per lane across the warp's rows and added atomically into the zeroed output
 //! at the end (streamed rows add theirs per row).
 
-use super::emit::{kernel_input as input, warp_reduce, Body, Emitted, TARGET};
+use super::emit::{kernel_input as input, Body, Emitted, TARGET};
 use super::fp8;
 use crate::fuse::kernels::Kernel;
 use crate::graph::ir::{Function, Node, Op};
@@ -31,8 +33,6 @@ const WARPS: usize = 4;
 const REGISTER_FLOATS: usize = 128;
 /// Chunks of a row written out one by one (longer rows loop).
 const MAX_UNROLLED_CHUNKS: usize = 32;
-/// Vector loads of the inputs a lane issues together in a turn of a looped (streamed) pass.
-const STREAMED_LOADS: usize = 8;
 /// Blocks of a kernel that sums over rows: enough to fill an H100 twice, few enough that the
 /// per-warp column sums are cheap to add up.
 const COLUMN_SUM_BLOCKS: usize = 264;
@@ -62,8 +62,9 @@ enum Rows {
 type Term<'p> = Box<dyn Fn(&mut Body, &[String], &[String]) -> String + 'p>;
 /// A value of one element from the elements of the inputs there.
 type Elementwise<'p> = Box<dyn Fn(&mut Body, &[String]) -> String + 'p>;
-/// What a reduction makes of the warp's total, given the reductions finished before it.
-type Finish<'p> = Box<dyn Fn(&mut Body, &[String], &str) -> Vec<String> + 'p>;
+/// What a reduction makes of the warp's totals (one, or a softmax's two), given the
+/// reductions finished before it.
+type Finish<'p> = Box<dyn Fn(&mut Body, &[String], &[String]) -> Vec<String> + 'p>;
 /// A pass's work on one chunk: its column, its number when unrolled, the values carried.
 type ChunkStep<'w, 'p, 'q> = dyn FnMut(&mut RowWriter<'p, 'q>, &str, Option<usize>, &[String]) -> Vec<String> + 'w;
 
@@ -72,30 +73,81 @@ type ChunkStep<'w, 'p, 'q> = dyn FnMut(&mut RowWriter<'p, 'q>, &str, Option<usiz
 /// Consecutive reductions whose terms read only what was finished before the first of them
 /// share one pass over the row.
 struct Reduction<'p> {
-    max: bool,
+    kind: Kind,
     reads: usize,
     term: Term<'p>,
     finish: Finish<'p>,
 }
 
-impl Reduction<'_> {
-    /// The f32 bits a partial starts from.
-    fn identity(&self) -> &'static str {
-        if self.max {
-            "0xFF800000"
-        } else {
-            "0x00000000"
+/// How a reduction combines its terms.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sum,
+    /// The terms' max m and Σ e^(x − m) in one pass (online softmax): a partial (m, s) takes
+    /// x as (m', s·e^(m − m') + e^(x − m')) with m' = max(m, x), and two partials meet the
+    /// same way. (Two passes, the max then the sum, read a row that outgrows the caches from
+    /// memory twice.)
+    Softmax,
+}
+
+impl Kind {
+    /// The f32 bits the partials start from (a softmax's two: m, s); the first is also the
+    /// term that leaves a partial as it is.
+    fn identities(self) -> &'static [&'static str] {
+        match self {
+            Kind::Sum => &["0x00000000"],
+            Kind::Softmax => &["0xFF800000", "0x00000000"],
         }
     }
 
-    /// The op adding a term to a partial.
-    fn combine(&self) -> &'static str {
-        if self.max {
-            "arith.maximumf"
-        } else {
-            "arith.addf"
+    /// The partial `acc` with `terms` added.
+    fn add(self, b: &mut Body, acc: &[String], terms: &[String]) -> Vec<String> {
+        match self {
+            Kind::Sum => vec![terms.iter().fold(acc[0].clone(), |a, x| bin(b, "addf", &a, x))],
+            Kind::Softmax => {
+                let m = terms.iter().fold(acc[0].clone(), |a, x| bin(b, "maximumf", &a, x));
+                let base = softmax_base(b, &m);
+                let kept = rescaled(b, &acc[1], &acc[0], &base);
+                let s = terms.iter().fold(kept, |s, x| {
+                    let d = bin(b, "subf", x, &base);
+                    let e = b.exp(&d);
+                    bin(b, "addf", &s, &e)
+                });
+                vec![m, s]
+            }
         }
     }
+
+    /// Two partials as one.
+    fn merge(self, b: &mut Body, x: &[String], y: &[String]) -> Vec<String> {
+        match self {
+            Kind::Sum => self.add(b, x, &y[..1]),
+            Kind::Softmax => {
+                let m = bin(b, "maximumf", &x[0], &y[0]);
+                let base = softmax_base(b, &m);
+                let sx = rescaled(b, &x[1], &x[0], &base);
+                let sy = rescaled(b, &y[1], &y[0], &base);
+                let s = bin(b, "addf", &sx, &sy);
+                vec![m, s]
+            }
+        }
+    }
+}
+
+/// The max that a softmax's terms are taken relative to: m, or 0 while m is −∞ (no finite
+/// term yet), so that −∞ − m is −∞, not NaN.
+fn softmax_base(b: &mut Body, m: &str) -> String {
+    let minus_infinity = b.line("arith.constant 0xFF800000 : f32".into());
+    let none = b.line(format!("arith.cmpf oeq, {m}, {minus_infinity} : f32"));
+    let zero = b.constant(0.0);
+    b.line(format!("arith.select {none}, {zero}, {m} : f32"))
+}
+
+/// A softmax partial's sum `s` (relative to `from`) relative to `base`: s·e^(from − base).
+fn rescaled(b: &mut Body, s: &str, from: &str, base: &str) -> String {
+    let d = bin(b, "subf", from, base);
+    let e = b.exp(&d);
+    bin(b, "mulf", s, &e)
 }
 
 enum Write {
@@ -164,7 +216,7 @@ fn rms_finish<'p>(n: usize, eps: f64) -> Finish<'p> {
     Box::new(move |b, _, total| {
         let nf = b.constant(n as f64);
         let eps = b.constant(eps);
-        let mean = b.line(format!("arith.divf {total}, {nf} : f32"));
+        let mean = b.line(format!("arith.divf {}, {nf} : f32", total[0]));
         let var = b.line(format!("arith.addf {mean}, {eps} : f32"));
         vec![b.ptx("rsqrt.approx.ftz.f32", &var)]
     })
@@ -177,26 +229,15 @@ fn square_sum<'p>(x: impl Fn(&mut Body, &[String]) -> String + 'p) -> Term<'p> {
     })
 }
 
-/// Softmax over `logit` (an element's logit from the inputs): the max, then Σ e^(x − max).
-fn softmax_reductions<'p>(logit: impl Fn(&mut Body, &[String]) -> String + Copy + 'p) -> Vec<Reduction<'p>> {
-    vec![
-        Reduction {
-            max: true,
-            reads: 0,
-            term: Box::new(move |b, e, _| logit(b, e)),
-            finish: Box::new(|_, _, t| vec![t.to_string()]),
-        },
-        Reduction {
-            max: false,
-            reads: 1,
-            term: Box::new(move |b, e, r| {
-                let x = logit(b, e);
-                let d = b.line(format!("arith.subf {x}, {} : f32", r[0]));
-                b.exp(&d)
-            }),
-            finish: Box::new(|_, _, t| vec![t.to_string()]),
-        },
-    ]
+/// Softmax over `logit` (an element's logit from the inputs): the max, and Σ e^(x − max)
+/// (finished values 0 and 1), in one pass.
+fn softmax_reductions<'p>(logit: impl Fn(&mut Body, &[String]) -> String + 'p) -> Vec<Reduction<'p>> {
+    vec![Reduction {
+        kind: Kind::Softmax,
+        reads: 0,
+        term: Box::new(move |b, e, _| logit(b, e)),
+        finish: Box::new(|_, _, t| t.to_vec()),
+    }]
 }
 
 fn bin(b: &mut Body, op: &str, x: &str, y: &str) -> String {
@@ -214,7 +255,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
     Ok(match &node.op {
         Op::RmsNorm { eps } => program(
             vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared)],
-            vec![Reduction { max: false, reads: 0, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
+            vec![Reduction { kind: Kind::Sum, reads: 0, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
             vec![element(Box::new(|b, e, r| {
                 let xn = bin(b, "mulf", &e[0], &r[0]);
                 bin(b, "mulf", &xn, &e[1])
@@ -222,7 +263,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
         ),
         Op::RmsNormQuantize { eps, cols } => program(
             vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared)],
-            vec![Reduction { max: false, reads: 0, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
+            vec![Reduction { kind: Kind::Sum, reads: 0, term: square_sum(pick(0)), finish: rms_finish(n, *eps) }],
             vec![Output {
                 value: v,
                 write: Write::Fp8 { cols: *cols },
@@ -252,7 +293,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             }
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own), (arg(2)?, Rows::Shared)],
-                vec![Reduction { max: false, reads: 0, term: square_sum(x), finish: rms_finish(n, *eps) }],
+                vec![Reduction { kind: Kind::Sum, reads: 0, term: square_sum(x), finish: rms_finish(n, *eps) }],
                 outputs,
             )
         }
@@ -268,13 +309,13 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             let eps = *eps;
             let reductions = vec![
                 Reduction {
-                    max: false,
+                    kind: Kind::Sum,
                     reads: 0,
                     term: square_sum(pick(0)),
                     finish: Box::new(move |b, _, total| {
                         let inverse_n = b.constant(1.0 / n as f64);
                         let eps = b.constant(eps);
-                        let scaled = bin(b, "mulf", total, &inverse_n);
+                        let scaled = bin(b, "mulf", &total[0], &inverse_n);
                         let var = bin(b, "addf", &scaled, &eps);
                         let root = b.ptx("sqrt.rn.f32", &var);
                         let one = b.constant(1.0);
@@ -283,7 +324,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                     }),
                 },
                 Reduction {
-                    max: false,
+                    kind: Kind::Sum,
                     reads: 0,
                     term: Box::new(|b, e, _| {
                         let gw = bin(b, "mulf", &e[2], &e[1]);
@@ -294,7 +335,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                         let inverse_n = b.constant(1.0 / n as f64);
                         let rv = bin(b, "divf", &r[1], &r[0]);
                         let rvh = bin(b, "mulf", &rv, &half);
-                        let through = bin(b, "mulf", projection, &rvh);
+                        let through = bin(b, "mulf", &projection[0], &rvh);
                         vec![bin(b, "mulf", &through, &inverse_n)]
                     }),
                 },
@@ -370,7 +411,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             // e = exp(x − max), z = Σe, dx = (dy/z + Σ −(dy/z)·(e/z))·e.
             let mut reductions = softmax_reductions(|_, e| e[0].clone());
             reductions.push(Reduction {
-                max: false,
+                kind: Kind::Sum,
                 reads: 2,
                 term: Box::new(|b, e, r| {
                     let d = bin(b, "subf", &e[0], &r[0]);
@@ -380,7 +421,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                     let p = bin(b, "mulf", &gz, &ez);
                     b.line(format!("arith.negf {p} : f32"))
                 }),
-                finish: Box::new(|_, _, t| vec![t.to_string()]),
+                finish: Box::new(|_, _, t| t.to_vec()),
             });
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own)],
@@ -395,24 +436,21 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             )
         }
         Op::CrossEntropy => {
-            // m = max x and the label's logit x[label] = Σ [column = label]·x in one pass, then
-            // z = Σ e^(x − m); log z − (x[label] − m).
+            // m = max x, z = Σ e^(x − m) and the label's logit x[label] = Σ [column = label]·x
+            // in one pass; log z − (x[label] − m).
             let mut reductions = softmax_reductions(|_, e| e[0].clone());
-            reductions.insert(
-                1,
-                Reduction {
-                    max: false,
-                    reads: 0,
-                    term: Box::new(|b, e, _| {
-                        // Selected, not multiplied: 0·x would be NaN at an infinite x.
-                        let one = b.constant(1.0);
-                        let zero = b.constant(0.0);
-                        let hit = b.line(format!("arith.cmpf oeq, {}, {one} : f32", e[1]));
-                        b.line(format!("arith.select {hit}, {}, {zero} : f32", e[0]))
-                    }),
-                    finish: Box::new(|_, _, t| vec![t.to_string()]),
-                },
-            );
+            reductions.push(Reduction {
+                kind: Kind::Sum,
+                reads: 0,
+                term: Box::new(|b, e, _| {
+                    // Selected, not multiplied: 0·x would be NaN at an infinite x.
+                    let one = b.constant(1.0);
+                    let zero = b.constant(0.0);
+                    let hit = b.line(format!("arith.cmpf oeq, {}, {one} : f32", e[1]));
+                    b.line(format!("arith.select {hit}, {}, {zero} : f32", e[0]))
+                }),
+                finish: Box::new(|_, _, t| t.to_vec()),
+            });
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::OneHot)],
                 reductions,
@@ -420,8 +458,8 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                     value: v,
                     write: Write::RowValue,
                     term: Box::new(|b, _, r| {
-                        let log_z = b.op(&Op::Log, &[r[2].clone()]).expect("log is generated");
-                        let picked = bin(b, "subf", &r[1], &r[0]);
+                        let log_z = b.op(&Op::Log, &[r[1].clone()]).expect("log is generated");
+                        let picked = bin(b, "subf", &r[2], &r[0]);
                         bin(b, "subf", &log_z, &picked)
                     }),
                 }],
@@ -734,19 +772,6 @@ impl<'p, 'q> RowWriter<'p, 'q> {
         (0..W).map(|l| per_input.iter().map(|e| e[l].clone()).collect()).collect()
     }
 
-    /// Chunks a turn of a streamed pass takes: a power of two dividing the chunks, up to
-    /// [`STREAMED_LOADS`] vector loads of the row's inputs a turn. Their loads are issued
-    /// together (one chunk a turn left a lane one load in flight: half the copy bandwidth).
-    fn unroll(&self) -> usize {
-        let vectors = |r: &Rows| !matches!(r, Rows::OneHot | Rows::PerRow | Rows::PickedScalar);
-        let loaded = self.p.inputs.iter().filter(|(_, r)| vectors(r)).count().max(1);
-        let mut unroll = 1;
-        while 2 * unroll * loaded <= STREAMED_LOADS && self.chunks.is_multiple_of(2 * unroll) {
-            unroll *= 2;
-        }
-        unroll
-    }
-
     /// A pass over the row's chunks carrying `init`; `step` gets the chunk's column (and, in
     /// registers, its number) and the carried values.
     fn pass(&mut self, init: Vec<String>, step: &mut ChunkStep<'_, 'p, 'q>) -> Vec<String> {
@@ -758,8 +783,7 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             }
             return carried;
         }
-        let unroll = self.unroll();
-        let chunks = self.b.line(format!("arith.constant {} : index", self.chunks / unroll));
+        let chunks = self.b.line(format!("arith.constant {} : index", self.chunks));
         let result = self.b.fresh();
         let iv = self.b.fresh();
         let names: Vec<String> = init.iter().map(|_| self.b.fresh()).collect();
@@ -771,25 +795,10 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             "        {head}scf.for {iv} = %c0 to {chunks} step %c1 iter_args({}) -> ({types}) {{",
             bindings.join(", ")
         );
-        let span = self.b.line(format!("arith.constant {} : index", 32 * W * unroll));
+        let span = self.b.line(format!("arith.constant {} : index", 32 * W));
         let start = self.b.line(format!("arith.muli {iv}, {span} : index"));
-        let first = self.b.line(format!("arith.addi {start}, %laneW : index"));
-        let columns: Vec<String> = (0..unroll)
-            .map(|u| {
-                let offset = self.b.line(format!("arith.constant {} : index", u * 32 * W));
-                self.b.line(format!("arith.addi {first}, {offset} : index"))
-            })
-            .collect();
-        // The turn's loads first, kept for its steps.
-        let caching = std::mem::replace(&mut self.caching, true);
-        for col in &columns {
-            self.elements(col);
-        }
-        let mut next = names.clone();
-        for col in &columns {
-            next = step(self, col, None, &next);
-        }
-        self.caching = caching;
+        let col = self.b.line(format!("arith.addi {start}, %laneW : index"));
+        let next = step(self, &col, None, &names);
         self.cache.clear();
         let yielded = if next.is_empty() { String::new() } else { format!(" {} : {types}", next.join(", ")) };
         let _ = writeln!(self.b.text, "        scf.yield{yielded}\n        }}");
@@ -808,28 +817,54 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             let count = p.reductions[next..].iter().take_while(|r| r.reads <= finished.len()).count().max(1);
             let group = &p.reductions[next..next + count];
             next += count;
-            let init: Vec<String> =
-                group.iter().map(|r| self.b.line(format!("arith.constant {} : f32", r.identity()))).collect();
+            // Each reduction's partials, one after another in the values carried.
+            let widths: Vec<usize> = group.iter().map(|r| r.kind.identities().len()).collect();
+            let init: Vec<String> = (group.iter().flat_map(|r| r.kind.identities()))
+                .map(|id| self.b.line(format!("arith.constant {id} : f32")))
+                .collect();
             let done = finished.clone();
             let partials = self.pass(init, &mut |w, col, _, acc| {
-                let mut acc = acc.to_vec();
                 let inside = w.partial().then(|| w.b.line(format!("arith.cmpi ult, {col}, %n : index")));
-                for e in w.elements(col) {
-                    for (a, reduction) in acc.iter_mut().zip(group) {
-                        let mut x = (reduction.term)(&mut w.b, &e, &done);
-                        if let Some(inside) = &inside {
-                            let id = w.b.line(format!("arith.constant {} : f32", reduction.identity()));
-                            x = w.b.line(format!("arith.select {inside}, {x}, {id} : f32"));
-                        }
-                        *a = w.b.line(format!("{} {a}, {x} : f32", reduction.combine()));
-                    }
+                let elements = w.elements(col);
+                let mut next = Vec::new();
+                let mut at = 0;
+                for (reduction, &width) in group.iter().zip(&widths) {
+                    let terms: Vec<String> = (elements.iter())
+                        .map(|e| {
+                            let x = (reduction.term)(&mut w.b, e, &done);
+                            match &inside {
+                                Some(inside) => {
+                                    let id = reduction.kind.identities()[0];
+                                    let id = w.b.line(format!("arith.constant {id} : f32"));
+                                    w.b.line(format!("arith.select {inside}, {x}, {id} : f32"))
+                                }
+                                None => x,
+                            }
+                        })
+                        .collect();
+                    next.extend(reduction.kind.add(&mut w.b, &acc[at..at + width], &terms));
+                    at += width;
                 }
-                acc
+                next
             });
-            for (partial, reduction) in partials.iter().zip(group) {
-                let name = self.b.fresh();
-                let op = format!("{} %acc, %y : f32", reduction.combine());
-                let total = warp_reduce(&mut self.b.text, &name[1..], partial, &op);
+            let mut at = 0;
+            for (reduction, &width) in group.iter().zip(&widths) {
+                let mut total = partials[at..at + width].to_vec();
+                at += width;
+                for offset in [16, 8, 4, 2, 1] {
+                    let offset = self.b.line(format!("arith.constant {offset} : i32"));
+                    let other: Vec<String> = (total.iter())
+                        .map(|x| {
+                            let y = self.b.fresh();
+                            let _ = writeln!(
+                                self.b.text,
+                                "        {y}, {y}_ok = gpu.shuffle xor {x}, {offset}, %w32 : f32"
+                            );
+                            y
+                        })
+                        .collect();
+                    total = reduction.kind.merge(&mut self.b, &total, &other);
+                }
                 let more = (reduction.finish)(&mut self.b, &finished, &total);
                 finished.extend(more);
             }
