@@ -230,14 +230,14 @@ fn square_sum<'p>(x: impl Fn(&mut Body, &[String]) -> String + 'p) -> Term<'p> {
 }
 
 /// Softmax over `logit` (an element's logit from the inputs): the max, and Σ e^(x − max)
-/// (finished values 0 and 1), in one pass.
-fn softmax_reductions<'p>(logit: impl Fn(&mut Body, &[String]) -> String + 'p) -> Vec<Reduction<'p>> {
-    vec![Reduction {
+/// (two finished values), in one pass.
+fn softmax<'p>(logit: impl Fn(&mut Body, &[String]) -> String + 'p) -> Reduction<'p> {
+    Reduction {
         kind: Kind::Softmax,
         reads: 0,
         term: Box::new(move |b, e, _| logit(b, e)),
         finish: Box::new(|_, _, t| t.to_vec()),
-    }]
+    }
 }
 
 fn bin(b: &mut Body, op: &str, x: &str, y: &str) -> String {
@@ -372,7 +372,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
         }
         Op::Softmax => program(
             vec![(arg(0)?, Rows::Own)],
-            softmax_reductions(|_, e| e[0].clone()),
+            vec![softmax(|_, e| e[0].clone())],
             vec![element(Box::new(|b, e, r| {
                 let d = bin(b, "subf", &e[0], &r[0]);
                 let x = b.exp(&d);
@@ -398,7 +398,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             };
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, broadcast)],
-                softmax_reductions(logit),
+                vec![softmax(logit)],
                 vec![element(Box::new(move |b, e, r| {
                     let x = logit(b, e);
                     let d = bin(b, "subf", &x, &r[0]);
@@ -409,7 +409,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
         }
         Op::SoftmaxGrad => {
             // e = exp(x − max), z = Σe, dx = (dy/z + Σ −(dy/z)·(e/z))·e.
-            let mut reductions = softmax_reductions(|_, e| e[0].clone());
+            let mut reductions = vec![softmax(|_, e| e[0].clone())];
             reductions.push(Reduction {
                 kind: Kind::Sum,
                 reads: 2,
@@ -438,7 +438,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
         Op::CrossEntropy => {
             // m = max x, z = Σ e^(x − m) and the label's logit x[label] = Σ [column = label]·x
             // in one pass; log z − (x[label] − m).
-            let mut reductions = softmax_reductions(|_, e| e[0].clone());
+            let mut reductions = vec![softmax(|_, e| e[0].clone())];
             reductions.push(Reduction {
                 kind: Kind::Sum,
                 reads: 0,
@@ -469,7 +469,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             // dx = onehot·(−dy) + (dy/z)·e^(x − m).
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::OneHot), (arg(2)?, Rows::PerRow)],
-                softmax_reductions(|_, e| e[0].clone()),
+                vec![softmax(|_, e| e[0].clone())],
                 vec![element(Box::new(|b, e, r| {
                     let d = bin(b, "subf", &e[0], &r[0]);
                     let ex = b.exp(&d);
