@@ -4,8 +4,8 @@
 //! backward function too): `name.fwd` is the callee returning, after its outputs, the values
 //! its reverse pass reads that are costly to compute again (products, attention, calls,
 //! exchanges between ranks, and the routing and expert order: few bytes, but kernels bound by
-//! latency), and `name.bwd` takes them and recomputes the rest (norms,
-//! activations, casts and quantisations) before running the reverse pass. The
+//! latency), and `name.bwd` takes them and recomputes the rest (norms, activations, casts and
+//! quantisations) before running the reverse pass. The
 //! values are the forward's own, so the gradients are those of a full recomputation.
 //! Attention (a tuple of its output and log-sum-exp) is differentiated where its tuple is,
 //! as a call is: its output's adjoint becomes `attention_grad`'s argument.
