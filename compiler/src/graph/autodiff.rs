@@ -124,7 +124,6 @@ impl Residuals {
                     | Op::Dispatch { .. }
                     | Op::Combine { .. }
                     | Op::TopK { .. }
-                    | Op::Route { .. }
                     | Op::SortByExpert { .. }
                     | Op::ExpertOffsets { .. }
                     | Op::Count { .. }

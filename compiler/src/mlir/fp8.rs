@@ -476,10 +476,12 @@ fn block_tiles_kernel(name: &str, layout: Layout, rows: usize, x: u32, out: u32)
             batch_rows * width
         );
     }
-    // Unit k of a lane: result row i, result columns j..j+4.
+    // Unit k of a lane: result row i, result columns j..j+4. Transposed, the warps take the
+    // group's word columns in turns (`turns` of them) for each 32 result rows, a lane a row.
+    let turns = words / TILE_WARPS;
     let unit = |b: &mut Body, k: usize| -> (String, String) {
         if transpose {
-            let (a, u) = (8 * (k % 4), 32 * (k / 4));
+            let (a, u) = (TILE_WARPS * (k % turns), 32 * (k / turns));
             let a = b.line(format!("arith.constant {a} : index"));
             let col = b.line(format!("arith.addi %warp, {a} : index"));
             let col = b.line(format!("arith.muli {col}, %c4 : index"));
@@ -487,13 +489,13 @@ fn block_tiles_kernel(name: &str, layout: Layout, rows: usize, x: u32, out: u32)
             let row = b.line(format!("arith.addi %lane, {u} : index"));
             (row, col)
         } else {
-            let step = b.line(format!("arith.constant {} : index", 8 * k));
+            let step = b.line(format!("arith.constant {} : index", TILE_WARPS * k));
             let row = b.line(format!("arith.addi %warp, {step} : index"));
             (row, b.line("arith.muli %lane, %c4 : index".into()))
         }
     };
     let mut units = Vec::new();
-    for k in 0..rows / 8 {
+    for k in 0..rows / TILE_WARPS {
         let (local_row, local_col) = unit(&mut b, k);
         let i = b.line(format!("arith.addi %i0, {local_row} : index"));
         let j = b.line(format!("arith.addi %j0, {local_col} : index"));
