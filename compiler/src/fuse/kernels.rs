@@ -161,59 +161,80 @@ fn numel(n: &Node) -> u64 {
 
 /// The values of `f` stored as packed bf16 (2 bytes an element) between kernels: its bf16
 /// arguments and results, state that a caller keeps in bf16 from call to call (Adam's moments
-/// under the policy); and the operands of its BF16 GEMMs, casts to bf16 that only library
-/// products read, each of whose factors is such a cast (so that cuBLAS reads bf16 matrices:
-/// half the bytes, its native BF16 kernels). Every other real is stored as f32: a bf16 value
-/// inside a function is rounded, not packed. Only generated kernels that compute by element
-/// ([`by_element`]) and library GEMMs read and write packed values (`crate::mlir::emit`); the
-/// backends convert them where they cross to the host.
+/// under the policy), the bf16 results of its calls (stored packed by the callee); and its
+/// casts to bf16 computed by kernels by element whose readers all read them packed
+/// ([`packed_casts`]). Every other real is stored as f32: a bf16 value inside a function is
+/// rounded, not packed. Only generated kernels by element write packed values, and only they,
+/// every generated kernel but the quantisers ([`reads_packed`]) and library GEMMs read them (`crate::mlir::emit`);
+/// the backends convert them where they cross to the host.
 pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
-    let args = f.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Arg(_))).map(|(i, _)| V(i as u32));
+    let crossing = f.nodes.iter().enumerate().filter(|(_, n)| match n.op {
+        Op::Arg(_) => true,
+        Op::Get(_) => matches!(f.node(n.args[0]).op, Op::Call(_)),
+        _ => false,
+    });
     let results = f.outputs.iter().map(|&o| base(f, o));
-    let mut packed: HashSet<u32> = args.chain(results).filter(|&v| packs(f.node(v).dtype)).map(|v| v.0).collect();
-    packed.extend(gemm_operands_in_bf16(f, kernels));
+    let mut packed: HashSet<u32> = (crossing.map(|(i, _)| V(i as u32)).chain(results))
+        .filter(|&v| packs(f.node(v).dtype))
+        .map(|v| v.0)
+        .collect();
+    packed.extend(packed_casts(f, kernels));
     packed
 }
 
-/// The casts to bf16, computed by kernels that compute by element, that only library products read as
-/// factors, each product's factors all such casts (a product with one other factor leaves its
-/// casts unpacked: cuBLAS takes both factors in one type).
-fn gemm_operands_in_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
-    let mut operands: HashSet<u32> = kernels
+/// The casts to bf16, computed by kernels by element, that every reader reads packed:
+/// generated kernels that can ([`reads_packed`]), and library products as factors, each
+/// product's factors all such casts (a product with one other factor leaves its casts
+/// unpacked: cuBLAS takes both factors in one type). A cast nobody reads (a result) is
+/// packed as a result.
+fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
+    let mut casts: HashSet<u32> = kernels
         .iter()
         .filter(|k| k.kind == KernelKind::Generated && by_element(f, k))
         .flat_map(|k| &k.outputs)
         .copied()
         .filter(|&v| f.nodes[v as usize].op == Op::Cast(DType::Bf16))
         .collect();
+    for k in kernels.iter().filter(|k| k.kind != KernelKind::LibraryGemm && !reads_packed(f, k)) {
+        for v in &k.inputs {
+            casts.remove(&base(f, V(*v)).0);
+        }
+    }
     let mut products: Vec<Vec<V>> = Vec::new();
     // Views are read through: their readers read the base.
     for (_, node) in f.nodes.iter().enumerate().filter(|&(i, _)| base(f, V(i as u32)).index() == i) {
         let factors = product_factors(&node.op, &node.args);
-        for &a in &node.args[factors.len()..] {
-            operands.remove(&base(f, a).0);
+        if role(&node.op) == Role::Gemm {
+            for &a in &node.args[factors.len()..] {
+                casts.remove(&base(f, a).0);
+            }
         }
         if !factors.is_empty() {
             products.push(factors.iter().map(|&a| base(f, a)).collect());
         }
     }
-    let factors: HashSet<u32> = products.iter().flatten().map(|v| v.0).collect();
-    operands.retain(|v| factors.contains(v));
     loop {
         let mixed: Vec<u32> = products
             .iter()
-            .filter(|fs| !fs.iter().all(|v| operands.contains(&v.0)))
+            .filter(|fs| !fs.iter().all(|v| casts.contains(&v.0)))
             .flatten()
             .map(|v| v.0)
-            .filter(|v| operands.contains(v))
+            .filter(|v| casts.contains(v))
             .collect();
         if mixed.is_empty() {
-            return operands;
+            return casts;
         }
         for v in mixed {
-            operands.remove(&v);
+            casts.remove(&v);
         }
     }
+}
+
+/// Whether generated kernel `kernel` reads bf16-packed inputs, widening them as it loads: any
+/// but a quantiser (`crate::mlir::fp8`'s, which read f32).
+pub fn reads_packed(f: &Function, kernel: &Kernel) -> bool {
+    let quantises = |n: &u32| matches!(f.nodes[*n as usize].op, Op::Quantize { .. } | Op::QuantizeByExpert { .. });
+    kernel.kind == KernelKind::Generated && !kernel.nodes.iter().any(quantises)
 }
 
 /// The factors of a product that a library runs outside FP8 (the leading arguments; a

@@ -23,8 +23,13 @@ pub fn quantize_operands(module: &Module) -> Module {
     Module { functions: module.functions.iter().map(function).collect(), constants: module.constants.clone() }
 }
 
-/// How an operand is quantised: the value, its group's rows × cols, and whether transposed.
-type QuantizeKey = (u32, usize, usize, bool);
+/// How an operand is quantised: the value, its group's rows × cols, and whether transposed;
+/// or, by expert, the value, the offsets and the group's length along tokens.
+#[derive(PartialEq, Eq, Hash)]
+enum QuantizeKey {
+    Blocks(u32, usize, usize, bool),
+    ByExpert(u32, u32, usize),
+}
 
 struct Rewrite<'f> {
     old: &'f Function,
@@ -46,7 +51,7 @@ impl Rewrite<'_> {
     /// itself, or of its (each matrix's) transpose if `transpose`, its rows (along K) padded
     /// with zeros to whole groups: cuBLASLt takes K in whole 128s (MLA's K = 576 is 640).
     fn quantize(&mut self, x: V, rows: usize, cols: usize, transpose: bool) -> V {
-        if let Some(&q) = self.quantized.get(&(x.0, rows, cols, transpose)) {
+        if let Some(&q) = self.quantized.get(&QuantizeKey::Blocks(x.0, rows, cols, transpose)) {
             return q;
         }
         let mut shape = self.old.node(x).shape.clone();
@@ -56,7 +61,23 @@ impl Rewrite<'_> {
         }
         shape[rank - 1] = shape[rank - 1].next_multiple_of(cols);
         let q = self.push(Op::Quantize { rows, cols, transpose }, vec![self.map[x.index()]], shape, DType::F8e4m3);
-        self.quantized.insert((x.0, rows, cols, transpose), q);
+        self.quantized.insert(QuantizeKey::Blocks(x.0, rows, cols, transpose), q);
+        q
+    }
+
+    /// Old operand `x` ([tokens, n], its rows grouped by expert at new `offsets`) quantised
+    /// along tokens in groups of `tile`, each expert's rows padded to whole groups, transposed
+    /// ([n, capacity]); once per operand (the gate's and up projection's Wgrads share x).
+    fn by_expert(&mut self, x: V, offsets: V, experts: usize, tile: usize) -> V {
+        let key = QuantizeKey::ByExpert(x.0, offsets.0, tile);
+        if let Some(&q) = self.quantized.get(&key) {
+            return q;
+        }
+        let (rows, n) = (self.old.node(x).shape[0], self.old.node(x).shape[1]);
+        let shape = vec![n, expert_capacity(rows, experts, tile)];
+        let op = Op::QuantizeByExpert { experts, tile };
+        let q = self.push(op, vec![self.map[x.index()], offsets], shape, DType::F8e4m3);
+        self.quantized.insert(key, q);
         q
     }
 
@@ -149,14 +170,7 @@ impl Rewrite<'_> {
             // dW[e] = g_eᵀ·x_e: both quantised along tokens, the gradient in the A tiles.
             Op::GroupedWgrad { experts, fp8: Some(f) } if f.a.outer == 1 && f.b.outer == 1 && f.a.k == f.b.k => {
                 let offsets = self.map[a[2].index()];
-                let rows = self.old.node(a[0]).shape[0];
-                let capacity = expert_capacity(rows, experts, f.a.k);
-                let mut by_expert = |x: V| {
-                    let shape = vec![self.old.node(x).shape[1], capacity];
-                    let op = Op::QuantizeByExpert { experts, tile: f.a.k };
-                    self.push(op, vec![self.map[x.index()], offsets], shape, DType::F8e4m3)
-                };
-                let (qg, qx) = (by_expert(a[1]), by_expert(a[0]));
+                let (qg, qx) = (self.by_expert(a[1], offsets, experts, f.a.k), self.by_expert(a[0], offsets, experts, f.a.k));
                 let op = Op::ScaledGroupedWgrad { promote: f.promote };
                 Some(self.push(op, vec![qg, qx, offsets], node.shape.clone(), node.dtype))
             }

@@ -83,6 +83,10 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         // quantize(swiglu(a, b)) likewise  =  swiglu_quantize(a, b).
         rw!("swiglu-quantize"; "(quantize ?q (reshape ?r (swiglu ?a ?b)))"
             => "(swiglu_quantize ?q ?a ?b)" if quantises_rows_of("?q", "?r", "?a")),
+        // The same on rows already two-dimensional (the experts' rows, quantised for the
+        // down projection).
+        rw!("swiglu-quantize-rows"; "(quantize ?q (swiglu ?a ?b))"
+            => "(swiglu_quantize ?q ?a ?b)" if quantises_rows("?q")),
         // The experts' FP8 GEMMs likewise take their rows quantised (one-row tiles, so each
         // expert's rows are whole groups)...
         rw!("grouped-fp8-explicit"; "(grouped_matmul ?attr ?xs ?w ?offsets)" => { QuantizedRows::new("?attr", "?xs", "?w", "?offsets") }),

@@ -4,9 +4,10 @@
 //! backward function too): `name.fwd` is the callee returning, after its outputs, the values
 //! its reverse pass reads that are costly to compute again (products, attention, calls,
 //! exchanges between ranks, and the routing and expert order: few bytes, but kernels bound by
-//! latency), and `name.bwd` takes them and recomputes the rest (norms, activations, casts and
-//! quantisations) before running the reverse pass. The
-//! values are the forward's own, so the gradients are those of a full recomputation.
+//! latency; such a value rounded to bf16 is kept rounded), and `name.bwd` takes them and
+//! recomputes the rest (norms, activations, casts and quantisations) before running the
+//! reverse pass. The values are the forward's own, so the gradients are those of a full
+//! recomputation.
 //! Attention (a tuple of its output and log-sum-exp) is differentiated where its tuple is,
 //! as a call is: its output's adjoint becomes `attention_grad`'s argument.
 //! Discrete ops (top-k, counting, sorting, sign, max) pass no gradient.
@@ -147,6 +148,9 @@ impl Residuals {
                 Op::Get(i) if costly(&whole.node(node.args[0]).op) => {
                     Some(Saved { node: node.args[0], part: Some(i), of: v })
                 }
+                // A costly value rounded to bf16 (the experts' outputs for the combine): the
+                // rounded value, half the bytes, and no cast to recompute.
+                Op::Cast(DType::Bf16) if costly(&whole.node(node.args[0]).op) => Some(Saved { node: v, part: None, of: v }),
                 _ => costly(&node.op).then_some(Saved { node: v, part: None, of: v }),
             };
             match kept {

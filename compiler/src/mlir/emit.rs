@@ -50,13 +50,16 @@ pub struct Emitted {
 pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
     let elementwise = crate::fuse::kernels::elementwise(f, kernel);
-    let touches_packed = kernel.inputs.iter().chain(&kernel.outputs).any(|v| packed.contains(v));
-    if touches_packed && !crate::fuse::kernels::by_element(f, kernel) {
-        return Err("only kernels computing each element at its own index read and write bf16-packed values".into());
+    let (reads, writes) = (kernel.inputs.iter().any(|v| packed.contains(v)), kernel.outputs.iter().any(|v| packed.contains(v)));
+    if writes && !crate::fuse::kernels::by_element(f, kernel) {
+        return Err("only kernels computing each element at its own index write bf16-packed values".into());
+    }
+    if reads && !crate::fuse::kernels::reads_packed(f, kernel) {
+        return Err("row programs and quantisers do not read bf16-packed values".into());
     }
     match nodes.as_slice() {
         [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => {
-            super::rows::row_kernel(f, kernel, one, kernel.nodes[0])
+            super::rows::row_kernel(f, kernel, one, kernel.nodes[0], packed)
         }
         [one] if matches!(one.op, Op::Quantize { .. }) => {
             let x = kernel_input(f, kernel, one.args[0])?;
