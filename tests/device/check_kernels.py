@@ -82,7 +82,7 @@ def reference(function, kernel, inputs):
     rows = lambda x: x.reshape(-1, x.shape[-1])
     # The parts of a fused op's tuple, by the `get` nodes that read them.
     gets = {(n["args"][0], n["op"]["get"]): i for i, n in enumerate(nodes) if op_name(n["op"]) == "get"}
-    for v in kernel["nodes"]:
+    for v in sorted(kernel["nodes"]):  # in the function's order (read-through slices follow their op)
         node = nodes[v]
         name, at, shape = op_name(node["op"]), attrs(node), shape_of(node)
         a = [value(x) for x in node["args"]]

@@ -170,7 +170,8 @@ impl Rewrite<'_> {
             // dW[e] = g_eᵀ·x_e: both quantised along tokens, the gradient in the A tiles.
             Op::GroupedWgrad { experts, fp8: Some(f) } if f.a.outer == 1 && f.b.outer == 1 && f.a.k == f.b.k => {
                 let offsets = self.map[a[2].index()];
-                let (qg, qx) = (self.by_expert(a[1], offsets, experts, f.a.k), self.by_expert(a[0], offsets, experts, f.a.k));
+                let (qg, qx) =
+                    (self.by_expert(a[1], offsets, experts, f.a.k), self.by_expert(a[0], offsets, experts, f.a.k));
                 let op = Op::ScaledGroupedWgrad { promote: f.promote };
                 Some(self.push(op, vec![qg, qx, offsets], node.shape.clone(), node.dtype))
             }

@@ -150,7 +150,9 @@ impl Residuals {
                 }
                 // A costly value rounded to bf16 (the experts' outputs for the combine): the
                 // rounded value, half the bytes, and no cast to recompute.
-                Op::Cast(DType::Bf16) if costly(&whole.node(node.args[0]).op) => Some(Saved { node: v, part: None, of: v }),
+                Op::Cast(DType::Bf16) if costly(&whole.node(node.args[0]).op) => {
+                    Some(Saved { node: v, part: None, of: v })
+                }
                 _ => costly(&node.op).then_some(Saved { node: v, part: None, of: v }),
             };
             match kept {

@@ -50,7 +50,8 @@ pub struct Emitted {
 pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emitted, String> {
     let nodes: Vec<&Node> = kernel.nodes.iter().map(|&i| &f.nodes[i as usize]).collect();
     let elementwise = crate::fuse::kernels::elementwise(f, kernel);
-    let (reads, writes) = (kernel.inputs.iter().any(|v| packed.contains(v)), kernel.outputs.iter().any(|v| packed.contains(v)));
+    let (reads, writes) =
+        (kernel.inputs.iter().any(|v| packed.contains(v)), kernel.outputs.iter().any(|v| packed.contains(v)));
     if writes && !crate::fuse::kernels::by_element(f, kernel) {
         return Err("only kernels computing each element at its own index write bf16-packed values".into());
     }

@@ -178,7 +178,13 @@ struct Program<'p> {
 }
 
 /// The row kernel of `node`, the one node of `kernel`.
-pub fn row_kernel(f: &Function, kernel: &Kernel, node: &Node, v: u32, packed: &HashSet<u32>) -> Result<Emitted, String> {
+pub fn row_kernel(
+    f: &Function,
+    kernel: &Kernel,
+    node: &Node,
+    v: u32,
+    packed: &HashSet<u32>,
+) -> Result<Emitted, String> {
     let program = program(f, kernel, node, v)?;
     if !program.n.is_multiple_of(W) {
         return Err(format!("rows of {} elements (not a multiple of {W}) are not generated", program.n));

@@ -444,6 +444,29 @@ mod tests {
         }
     }
 
+    /// MLA's RoPE concatenations (of the query, and of the key, in each attention's forward
+    /// and its recomputation) read their parts through the slices that cut them from the
+    /// projections: the slices are in the concatenation's kernel, after it, and no kernel
+    /// writes them.
+    #[test]
+    fn rope_concatenations_read_through_their_slices() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let plan = compile(dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec checks"), Limits::default());
+        let mut concatenations = 0;
+        for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
+            let op = |v: u32| &f.nodes[v as usize].op;
+            let written: HashSet<u32> = pf.kernels.iter().flat_map(|k| k.outputs.iter().copied()).collect();
+            for k in pf.kernels.iter().filter(|k| *op(k.nodes[0]) == Op::RopeConcat) {
+                concatenations += 1;
+                let parts = f.nodes[k.nodes[0] as usize].args.iter().map(|&a| kernels::base(f, a).0);
+                let slices: Vec<u32> = parts.filter(|&v| matches!(op(v), Op::Slice { .. })).collect();
+                assert!(!slices.is_empty(), "{} reads no slice", k.name);
+                assert!(slices.iter().all(|v| k.nodes[1..].contains(v) && !written.contains(v)), "{}", k.name);
+            }
+        }
+        assert!(concatenations >= 4, "{concatenations} RoPE concatenations");
+    }
+
     /// The BF16 GEMMs' operands are stored packed, 2 bytes an element: under the FP8 policy the
     /// head's (forward, Dgrad, Wgrad: the hidden states, the weight and the cotangent of the
     /// logits), under the BF16 policy every linear layer's and expert's too; each a cast written
