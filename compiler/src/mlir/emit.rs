@@ -60,7 +60,7 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
     }
     match nodes.as_slice() {
         [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => {
-            super::rows::row_kernel(f, kernel, one, kernel.nodes[0], packed)
+            super::rows::row_kernel(f, kernel, one, kernel.nodes[0])
         }
         [one] if matches!(one.op, Op::Quantize { .. }) => {
             let x = kernel_input(f, kernel, one.args[0])?;

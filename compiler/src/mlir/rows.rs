@@ -23,8 +23,8 @@
 use super::emit::{kernel_input as input, Body, Emitted, TARGET};
 use super::fp8;
 use crate::fuse::kernels::Kernel;
-use crate::graph::ir::{DType, Function, Node, Op};
-use std::collections::{HashMap, HashSet};
+use crate::graph::ir::{Function, Node, Op};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 /// Warps per block.
@@ -178,13 +178,7 @@ struct Program<'p> {
 }
 
 /// The row kernel of `node`, the one node of `kernel`.
-pub fn row_kernel(
-    f: &Function,
-    kernel: &Kernel,
-    node: &Node,
-    v: u32,
-    packed: &HashSet<u32>,
-) -> Result<Emitted, String> {
+pub fn row_kernel(f: &Function, kernel: &Kernel, node: &Node, v: u32) -> Result<Emitted, String> {
     let program = program(f, kernel, node, v)?;
     if !program.n.is_multiple_of(W) {
         return Err(format!("rows of {} elements (not a multiple of {W}) are not generated", program.n));
@@ -197,12 +191,7 @@ pub fn row_kernel(
             }
         }
     }
-    let element = |v: u32| match f.nodes[v as usize].dtype {
-        DType::I32 => "i32",
-        _ if packed.contains(&v) => "bf16",
-        _ => "f32",
-    };
-    Ok(emit(&kernel.name, &program, element))
+    Ok(emit(&kernel.name, &program, |v| f.nodes[v as usize].dtype == crate::graph::ir::DType::I32))
 }
 
 /// The parts of fused op `v`'s tuple that are read (its `get` nodes), by position.
@@ -575,7 +564,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
 const W: usize = 4;
 
 /// Writes a program's kernel.
-fn emit(name: &str, p: &Program, element: impl Fn(u32) -> &'static str) -> Emitted {
+fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
     let chunk = 32 * W;
     let chunks = p.n.div_ceil(chunk);
     let column_sums = p.outputs.iter().filter(|o| matches!(o.write, Write::ColumnSum)).count();
@@ -594,8 +583,10 @@ fn emit(name: &str, p: &Program, element: impl Fn(u32) -> &'static str) -> Emitt
         .map(|(slot, &v)| {
             if slot >= first_output && matches!(p.outputs[slot - first_output].write, Write::Fp8 { .. }) {
                 "i8"
+            } else if is_index(v) {
+                "i32"
             } else {
-                element(v)
+                "f32"
             }
         })
         .collect();
@@ -608,7 +599,6 @@ fn emit(name: &str, p: &Program, element: impl Fn(u32) -> &'static str) -> Emitt
         cache: HashMap::new(),
         bases: Vec::new(),
         columns: Vec::new(),
-        packed: (0..p.inputs.len()).map(|k| types[k] == "bf16").collect(),
     };
     let b = &mut w.b;
     for l in [
@@ -704,8 +694,6 @@ struct RowWriter<'p, 'q> {
     bases: Vec<String>,
     /// This lane's first column of each chunk, when the row is held in registers.
     columns: Vec<String>,
-    /// Whether each input is stored packed (bf16, widened as it is loaded).
-    packed: Vec<bool>,
 }
 
 impl<'p, 'q> RowWriter<'p, 'q> {
@@ -740,13 +728,7 @@ impl<'p, 'q> RowWriter<'p, 'q> {
         let base = self.bases[k].clone();
         match self.p.inputs[k].1 {
             Rows::PickedScalar | Rows::PerRow => {
-                let x = match self.packed[k] {
-                    true => {
-                        let x = self.b.line(format!("memref.load %a{k}[{base}] : memref<?xbf16>"));
-                        self.b.line(format!("arith.extf {x} : bf16 to f32"))
-                    }
-                    false => self.b.line(format!("memref.load %a{k}[{base}] : memref<?xf32>")),
-                };
+                let x = self.b.line(format!("memref.load %a{k}[{base}] : memref<?xf32>"));
                 return vec![x; W];
             }
             Rows::OneHot => {
@@ -762,9 +744,8 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             _ => {}
         }
         let at = self.b.line(format!("arith.addi {base}, {col} : index"));
-        let (element, bytes) = if self.packed[k] { ("bf16", 2) } else { ("f32", 4) };
-        let ty = format!("vector<{W}x{element}>");
-        let load = format!("vector.load %a{k}[{at}] {{alignment = {} : i64}} : memref<?x{element}>, {ty}", bytes * W);
+        let ty = format!("vector<{W}xf32>");
+        let load = format!("vector.load %a{k}[{at}] {{alignment = {} : i64}} : memref<?xf32>, {ty}", 4 * W);
         let vector = if self.partial() {
             let inside = self.b.line(format!("arith.cmpi ult, {col}, %n : index"));
             let r = self.b.fresh();
@@ -776,13 +757,6 @@ impl<'p, 'q> RowWriter<'p, 'q> {
             r
         } else {
             self.b.line(load)
-        };
-        let (vector, ty) = match self.packed[k] {
-            true => {
-                let wide = format!("vector<{W}xf32>");
-                (self.b.line(format!("arith.extf {vector} : {ty} to {wide}")), wide)
-            }
-            false => (vector, ty),
         };
         let e: Vec<String> =
             (0..W).map(|l| self.b.line(format!("vector.extract {vector}[{l}] : f32 from {ty}"))).collect();
