@@ -518,6 +518,51 @@ mod tests {
         }
     }
 
+    /// The experts' combine output, their down projection rounded to bf16, crosses from a
+    /// layer's forward to its backward rounded and packed: `name.fwd` returns the cast (not the
+    /// f32 product), written 2 bytes an element and read packed by the unpermute kernel (by
+    /// index, declaring it `memref<?xbf16>`); `name.bwd` takes it as a packed bf16 argument,
+    /// read by the gates' gradient, and casts nothing of its own to bf16 for it.
+    #[test]
+    fn the_experts_bf16_outputs_are_saved_rounded_and_packed() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        let plan = compile(dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec checks"), Limits::default());
+        let function = |name: &str| {
+            let i = plan.functions.iter().position(|pf| pf.name == name).expect(name);
+            (&plan.module.functions[i], &plan.functions[i])
+        };
+        let reads_packed = |f: &Function, pf: &PlanFunction, k: &Kernel, v: u32| {
+            let Code::Generated { args, .. } = &k.code else { panic!("{} is not generated", k.name) };
+            let slot = args.iter().position(|&a| a == v).expect("an argument");
+            let mlir = emit::emit(f, k, &pf.packed_set()).expect("emitted").mlir;
+            assert!(mlir.contains(&format!("%a{slot}: memref<?xbf16>")), "{}", k.name);
+        };
+        let (forward, fwd) = function("layer1.fwd");
+        let saved: Vec<u32> = (forward.outputs.iter().zip(&forward.output_names))
+            .filter(|(o, name)| name.starts_with("saved") && forward.node(**o).dtype == DType::Bf16)
+            .map(|(o, _)| kernels::base(forward, *o).0)
+            .collect();
+        assert_eq!(saved.len(), 1, "{saved:?}");
+        let combined = &forward.nodes[saved[0] as usize];
+        assert_eq!(combined.op, Op::Cast(DType::Bf16));
+        assert!(matches!(forward.node(combined.args[0]).op, Op::GroupedMatMul { .. }));
+        assert!(fwd.packed.contains(&saved[0]));
+        let bytes = fwd.buffers.iter().find(|b| b.value == saved[0]).expect("a buffer").bytes;
+        assert_eq!(bytes, 2 * combined.shape.iter().product::<usize>() as u64);
+        let unpermute = fwd.kernels.iter().find(|k| k.ops == ["unpermute"]).expect("the combine");
+        reads_packed(forward, fwd, unpermute, saved[0]);
+        let (backward, bwd) = function("layer1.bwd");
+        let arg = (backward.nodes.iter().enumerate())
+            .find(|(_, n)| matches!(n.op, Op::Arg(a) if backward.args[a].0.starts_with("saved") && n.dtype == DType::Bf16))
+            .map(|(i, _)| i as u32)
+            .expect("the saved bf16 argument");
+        assert!(bwd.packed.contains(&arg));
+        let gates = bwd.kernels.iter().find(|k| k.ops == ["unpermute_grad_gates"]).expect("the gates' gradient");
+        reads_packed(backward, bwd, gates, arg);
+        let recast = |n: &crate::graph::ir::Node| n.op == Op::Cast(DType::Bf16) && n.shape == combined.shape;
+        assert!(!backward.nodes.iter().any(recast), "the backward casts the combine's input again");
+    }
+
     /// Under the policy's bf16 moments the optimizers (the model's and each data-parallel
     /// process's) take and return m and v packed, 2 bytes an element, and only their
     /// elementwise kernels touch them, declaring them `memref<?xbf16>`; under f32 moments
