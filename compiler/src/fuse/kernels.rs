@@ -339,6 +339,13 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
     }
     let output_bases: BTreeSet<usize> = f.outputs.iter().map(|o| base(f, *o).index()).collect();
     let read_through = read_through(f, &readers, &output_bases);
+    // The slices each node reads through, in order.
+    let mut slices_of: Vec<Vec<usize>> = vec![Vec::new(); f.nodes.len()];
+    for (s, reader) in read_through.iter().enumerate() {
+        if let Some(r) = reader {
+            slices_of[*r].push(s);
+        }
+    }
     let mut kernel_of: Vec<Option<usize>> = vec![None; f.nodes.len()];
     let mut groups: Vec<(KernelKind, Vec<usize>)> = Vec::new();
     for (i, node) in f.nodes.iter().enumerate() {
@@ -353,8 +360,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
             }
             Role::Other => {
                 // The op first: the kernel runs where it is; the slices it reads through after.
-                let nodes: Vec<usize> =
-                    std::iter::once(i).chain((0..i).filter(|&s| read_through[s] == Some(i))).collect();
+                let nodes: Vec<usize> = std::iter::once(i).chain(slices_of[i].iter().copied()).collect();
                 for &n in &nodes {
                     kernel_of[n] = Some(groups.len());
                 }
