@@ -59,9 +59,7 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
         return Err("row programs and quantisers do not read bf16-packed values".into());
     }
     match nodes.as_slice() {
-        [one] if one.op.works_along_rows() && !matches!(one.op, Op::Route { .. }) => {
-            super::rows::row_kernel(f, kernel, one, kernel.nodes[0])
-        }
+        [one] if super::rows::is_row_program(&one.op) => super::rows::row_kernel(f, kernel, one, kernel.nodes[0]),
         [one] if matches!(one.op, Op::Quantize { .. }) => {
             let x = kernel_input(f, kernel, one.args[0])?;
             let (shape, transposed) =

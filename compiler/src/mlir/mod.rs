@@ -12,4 +12,4 @@ mod indexed;
 #[cfg(feature = "mlir")]
 pub mod lower;
 mod ptx;
-mod rows;
+pub(crate) mod rows;

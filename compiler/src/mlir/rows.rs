@@ -177,6 +177,12 @@ struct Program<'p> {
     outputs: Vec<Output<'p>>,
 }
 
+/// Whether this module writes `op`'s kernel: the ops that work along rows, but the routing
+/// (its kernel is by index: `super::indexed`).
+pub fn is_row_program(op: &Op) -> bool {
+    op.works_along_rows() && !matches!(op, Op::Route { .. })
+}
+
 /// The row kernel of `node`, the one node of `kernel`.
 pub fn row_kernel(f: &Function, kernel: &Kernel, node: &Node, v: u32) -> Result<Emitted, String> {
     let program = program(f, kernel, node, v)?;

@@ -399,6 +399,20 @@ mod tests {
     use crate::graph::ir::{DType, V};
     use std::collections::HashMap;
 
+    /// The tiny model's plan with `sets` overriding its spec.
+    fn tiny_plan(sets: &[String]) -> Plan {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
+        compile(dsc_lang::load(&path, sets).checked_spec().expect("the tiny spec checks"), Limits::default())
+    }
+
+    /// Whether generated kernel `k` of `f` (plan function `pf`) declares its argument `v` a
+    /// buffer of element type `t`.
+    fn declares(f: &Function, pf: &PlanFunction, k: &Kernel, v: u32, t: &str) -> bool {
+        let Code::Generated { args, .. } = &k.code else { panic!("{}: {} is not generated", f.name, k.name) };
+        let slot = args.iter().position(|&a| a == v).expect("an argument");
+        emit::emit(f, k, &pf.packed_set()).expect("emitted").mlir.contains(&format!("%a{slot}: memref<?x{t}>"))
+    }
+
     /// Every kernel of every shipped model is a library GEMM or generated: the backends never
     /// meet an op they cannot run.
     #[test]
@@ -431,11 +445,9 @@ mod tests {
     /// kernels'); an f32 one neither.
     #[test]
     fn fp8_plans_with_experts_carry_the_grouped_gemms() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let f32 = ["precision.gemm=f32".to_string()];
         for (sets, carried) in [(&[][..], true), (&f32[..], false)] {
-            let loaded = dsc_lang::load(&path, sets);
-            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            let plan = tiny_plan(sets);
             let carries: Vec<&str> = plan.generated_gemms().iter().map(|(name, _, _)| *name).collect();
             let want = if carried { vec![gemm::GROUPED.0, gemm::WGRAD.0] } else { vec![] };
             assert_eq!(carries, want, "{sets:?}");
@@ -450,8 +462,7 @@ mod tests {
     /// writes them.
     #[test]
     fn rope_concatenations_read_through_their_slices() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
-        let plan = compile(dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec checks"), Limits::default());
+        let plan = tiny_plan(&[]);
         let mut concatenations = 0;
         for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
             let op = |v: u32| &f.nodes[v as usize].op;
@@ -474,10 +485,8 @@ mod tests {
     /// Under an f32 policy none is.
     #[test]
     fn bf16_gemm_operands_are_packed() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         for (policy, least) in [("e4m3", 3), ("bf16", 20), ("f32", 0)] {
-            let loaded = dsc_lang::load(&path, &[format!("precision.gemm={policy}")]);
-            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            let plan = tiny_plan(&[format!("precision.gemm={policy}")]);
             let mut count = 0;
             for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
                 let packed = pf.packed_set();
@@ -525,17 +534,10 @@ mod tests {
     /// read by the gates' gradient, and casts nothing of its own to bf16 for it.
     #[test]
     fn the_experts_bf16_outputs_are_saved_rounded_and_packed() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
-        let plan = compile(dsc_lang::load(&path, &[]).checked_spec().expect("the tiny spec checks"), Limits::default());
+        let plan = tiny_plan(&[]);
         let function = |name: &str| {
             let i = plan.functions.iter().position(|pf| pf.name == name).expect(name);
             (&plan.module.functions[i], &plan.functions[i])
-        };
-        let reads_packed = |f: &Function, pf: &PlanFunction, k: &Kernel, v: u32| {
-            let Code::Generated { args, .. } = &k.code else { panic!("{} is not generated", k.name) };
-            let slot = args.iter().position(|&a| a == v).expect("an argument");
-            let mlir = emit::emit(f, k, &pf.packed_set()).expect("emitted").mlir;
-            assert!(mlir.contains(&format!("%a{slot}: memref<?xbf16>")), "{}", k.name);
         };
         let (forward, fwd) = function("layer1.fwd");
         let saved: Vec<u32> = (forward.outputs.iter().zip(&forward.output_names))
@@ -550,7 +552,7 @@ mod tests {
         let bytes = fwd.buffers.iter().find(|b| b.value == saved[0]).expect("a buffer").bytes;
         assert_eq!(bytes, 2 * combined.shape.iter().product::<usize>() as u64);
         let unpermute = fwd.kernels.iter().find(|k| k.ops == ["unpermute"]).expect("the combine");
-        reads_packed(forward, fwd, unpermute, saved[0]);
+        assert!(declares(forward, fwd, unpermute, saved[0], "bf16"), "{}", unpermute.name);
         let (backward, bwd) = function("layer1.bwd");
         let arg = (backward.nodes.iter().enumerate())
             .find(|(_, n)| matches!(n.op, Op::Arg(a) if backward.args[a].0.starts_with("saved") && n.dtype == DType::Bf16))
@@ -558,7 +560,7 @@ mod tests {
             .expect("the saved bf16 argument");
         assert!(bwd.packed.contains(&arg));
         let gates = bwd.kernels.iter().find(|k| k.ops == ["unpermute_grad_gates"]).expect("the gates' gradient");
-        reads_packed(backward, bwd, gates, arg);
+        assert!(declares(backward, bwd, gates, arg, "bf16"), "{}", gates.name);
         let recast = |n: &crate::graph::ir::Node| n.op == Op::Cast(DType::Bf16) && n.shape == combined.shape;
         assert!(!backward.nodes.iter().any(recast), "the backward casts the combine's input again");
     }
@@ -570,14 +572,12 @@ mod tests {
     /// values a forward saves for its backward (`savedN`).
     #[test]
     fn bf16_moments_are_packed_between_steps() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let sets = |moments: &str| {
             let processes = ["parallel.gpus_per_node=2", "parallel.data.size=2"].map(String::from);
             [vec![format!("precision.adam_moments={moments}")], processes.to_vec()].concat()
         };
         for (policy, width) in [("bf16", 2), ("f32", 4)] {
-            let loaded = dsc_lang::load(&path, &sets(policy));
-            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            let plan = tiny_plan(&sets(policy));
             assert_eq!(plan.moment_bytes(), width);
             let optimizers: Vec<usize> =
                 std::iter::once(plan.optimizer).chain(plan.zero.members.iter().map(|m| m.function)).collect();
@@ -618,13 +618,9 @@ mod tests {
                     assert_eq!(bytes[&v], 2 * elements, "{}: %{v}", f.name);
                 }
                 for k in pf.kernels.iter().filter(|k| k.inputs.iter().chain(&k.outputs).any(|v| packed.contains(v))) {
-                    let Code::Generated { args, .. } = &k.code else {
-                        panic!("{}: {} is not generated", f.name, k.name)
-                    };
-                    let mlir = emit::emit(f, k, &packed).expect("emitted").mlir;
-                    for (slot, v) in args.iter().enumerate() {
+                    for v in k.inputs.iter().chain(&k.outputs) {
                         let t = if packed.contains(v) { "bf16" } else { "f32" };
-                        assert!(mlir.contains(&format!("%a{slot}: memref<?x{t}>")), "{}: {mlir}", k.name);
+                        assert!(declares(f, pf, k, *v, t), "{}: %{v} not {t}", k.name);
                     }
                 }
             }
@@ -636,14 +632,12 @@ mod tests {
     /// (24/16) and an f32 policy's attention carry none: their attention is expanded.
     #[test]
     fn plans_carry_the_fused_attention_where_it_runs() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-tiny.dsc");
         let fitting = ["model.attention.qk_nope_dim=24".to_string(), "model.attention.v_dim=32".to_string()];
         let f32 = [&fitting[..], &["precision.gemm=f32".to_string()]].concat();
         for (sets, carried) in
             [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 32, v: 32 })), (&f32[..], None)]
         {
-            let loaded = dsc_lang::load(&path, sets);
-            let plan = compile(loaded.checked_spec().expect("the tiny spec checks"), Limits::default());
+            let plan = tiny_plan(sets);
             assert_eq!(plan.attention_heads(), carried, "{sets:?}");
             let kinds: Vec<&str> = plan
                 .functions
