@@ -140,10 +140,14 @@ def reference(function, kernel, inputs):
             r = quantized(x, at["rows"], at["cols"]).reshape(shape)
         elif name == "quantize_by_expert":
             d, capacity = shape
+            source = at.get("rows", "stored")
+            if source == "swi_glu": x = a[0] * sig(a[0]) * a[2]
+            elif source == "stored": x = a[0]
+            else: x = a[0][a[2] // source["permuted"]["k"]]
             padded, start = xp.zeros((d, capacity)), 0
             for e in range(at["experts"]):
                 o0, o1 = int(a[1][e]), int(a[1][e + 1])
-                padded[:, start:start + o1 - o0] = a[0][o0:o1].T
+                padded[:, start:start + o1 - o0] = x[o0:o1].T
                 start += -(-(o1 - o0) // at["tile"]) * at["tile"]
             r = quantized(padded, 1, at["tile"])
         elif name == "route": r = route(a[0], a[1], **at)
@@ -307,10 +311,14 @@ def index_input(function, kernel, v):
             continue
         if name in ("permute", "permute_grad", "unpermute", "unpermute_grad_rows", "unpermute_grad_gates", "permute_quantize", "invert_order"):
             return xp.random.permutation(size)
+        if name == "quantize_by_expert" and base(node["args"][1]) != v:
+            return xp.random.permutation(size)  # a permutation's order, read through
         if name == "quantize_by_expert":
-            # Expert offsets over x's rows: sorted, from 0 to all of them, some experts empty.
-            inner = xp.sort(xp.random.randint(0, nodes[node["args"][0]]["shape"][0] + 1, size - 2))
-            return xp.concatenate([xp.zeros(1, dtype=inner.dtype), inner, xp.full(1, nodes[node["args"][0]]["shape"][0], dtype=inner.dtype)])
+            # Expert offsets over the rows: sorted, from 0 to all of them, some experts empty.
+            permuted = isinstance(at.get("rows"), dict)
+            rows = nodes[node["args"][2 if permuted else 0]]["shape"][0]
+            inner = xp.sort(xp.random.randint(0, rows + 1, size - 2))
+            return xp.concatenate([xp.zeros(1, dtype=inner.dtype), inner, xp.full(1, rows, dtype=inner.dtype)])
         shape = lambda i: nodes[node["args"][i]]["shape"]
         bound = {
             "gather": lambda: shape(0)[0],

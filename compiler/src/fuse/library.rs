@@ -13,10 +13,12 @@
 //! blocks (`quantize` of the [experts, n, k] weights, per expert transposed for Dgrad), and
 //! become `grouped_matmul`s on them (`tb`); the Wgrad reads both operands `quantize_by_expert`
 //! (along tokens, each expert on whole groups of its own) and becomes `scaled_grouped_wgrad`.
+//! An operand that only Wgrads read and that is a permutation of rows or a SwiGLU is not
+//! stored: the quantisation makes its rows as it reads them (`ExpertRows`).
 //! Here too the groups are those the GEMMs quantised inside, so nothing changes numerically.
 
-use crate::graph::ir::{expert_capacity, DType, Fp8Gemm, Function, Module, Node, Op, V};
-use std::collections::HashMap;
+use crate::graph::ir::{expert_capacity, DType, ExpertRows, Fp8Gemm, Function, Module, Node, Op, V};
+use std::collections::{HashMap, HashSet};
 
 /// `module` with every dense FP8 GEMM on quantised operands.
 pub fn quantize_operands(module: &Module) -> Module {
@@ -39,6 +41,9 @@ struct Rewrite<'f> {
     /// The parts of an old tuple-valued node replaced by separate nodes.
     parts: HashMap<u32, Vec<V>>,
     quantized: HashMap<QuantizeKey, V>,
+    /// Old nodes that only the experts' FP8 Wgrads read, made where their quantisation by
+    /// expert reads them ([`read_by_expert`]): they have no node of their own.
+    read_through: HashSet<u32>,
 }
 
 impl Rewrite<'_> {
@@ -67,16 +72,22 @@ impl Rewrite<'_> {
 
     /// Old operand `x` ([tokens, n], its rows grouped by expert at new `offsets`) quantised
     /// along tokens in groups of `tile`, each expert's rows padded to whole groups, transposed
-    /// ([n, capacity]); once per operand (the gate's and up projection's Wgrads share x).
+    /// ([n, capacity]); once per operand (the gate's and up projection's Wgrads share x). An
+    /// operand read through ([`read_by_expert`]) is made from its own operands as it is read.
     fn by_expert(&mut self, x: V, offsets: V, experts: usize, tile: usize) -> V {
         let key = QuantizeKey::ByExpert(x.0, offsets.0, tile);
         if let Some(&q) = self.quantized.get(&key) {
             return q;
         }
-        let (rows, n) = (self.old.node(x).shape[0], self.old.node(x).shape[1]);
-        let shape = vec![n, expert_capacity(rows, experts, tile)];
-        let op = Op::QuantizeByExpert { experts, tile };
-        let q = self.push(op, vec![self.map[x.index()], offsets], shape, DType::F8e4m3);
+        let node = self.old.node(x);
+        let shape = vec![node.shape[1], expert_capacity(node.shape[0], experts, tile)];
+        let mapped = |k: usize| self.map[node.args[k].index()];
+        let (rows, args) = match node.op {
+            _ if !self.read_through.contains(&x.0) => (ExpertRows::Stored, vec![self.map[x.index()], offsets]),
+            Op::Permute { k } => (ExpertRows::Permuted { k }, vec![mapped(0), offsets, mapped(1)]),
+            _ => (ExpertRows::SwiGlu, vec![mapped(0), offsets, mapped(1)]),
+        };
+        let q = self.push(Op::QuantizeByExpert { experts, tile, rows }, args, shape, DType::F8e4m3);
         self.quantized.insert(key, q);
         q
     }
@@ -167,8 +178,10 @@ impl Rewrite<'_> {
                 let op = Op::ConcatGroupedMatMul { tb: true, fp8: Some(f) };
                 Some(self.push(op, vec![qx, qw1, qw2, self.map[a[3].index()]], node.shape.clone(), node.dtype))
             }
+            // Made where the Wgrads' quantisation reads it.
+            _ if self.read_through.contains(&(i as u32)) => Some(V(u32::MAX)),
             // dW[e] = g_eᵀ·x_e: both quantised along tokens, the gradient in the A tiles.
-            Op::GroupedWgrad { experts, fp8: Some(f) } if f.a.outer == 1 && f.b.outer == 1 && f.a.k == f.b.k => {
+            Op::GroupedWgrad { experts, fp8: Some(f) } if by_expert(f) => {
                 let offsets = self.map[a[2].index()];
                 let (qg, qx) =
                     (self.by_expert(a[1], offsets, experts, f.a.k), self.by_expert(a[0], offsets, experts, f.a.k));
@@ -181,9 +194,44 @@ impl Rewrite<'_> {
     }
 }
 
+/// Whether an FP8 Wgrad of the experts quantises both operands by expert (one-row groups of
+/// one length along tokens).
+fn by_expert(f: Fp8Gemm) -> bool {
+    f.a.outer == 1 && f.b.outer == 1 && f.a.k == f.b.k
+}
+
+/// The permutations (the dispatch's rows, recomputed for the Wgrad) and SwiGLUs (the down
+/// projection's input) of `f` that only the experts' FP8 Wgrads read, as operands: their
+/// quantisation by expert reads them through (`ExpertRows`), so they are never stored.
+fn read_by_expert(f: &Function) -> HashSet<u32> {
+    let mut readers: Vec<Vec<&Node>> = vec![Vec::new(); f.nodes.len()];
+    for node in &f.nodes {
+        for a in &node.args {
+            readers[a.index()].push(node);
+        }
+    }
+    let outputs: HashSet<u32> = f.outputs.iter().map(|o| o.0).collect();
+    let wgrad = |r: &&Node| matches!(r.op, Op::GroupedWgrad { fp8: Some(f), .. } if by_expert(f));
+    (f.nodes.iter().enumerate())
+        .filter(|&(i, n)| {
+            matches!(n.op, Op::Permute { .. } | Op::SwiGlu)
+                && !outputs.contains(&(i as u32))
+                && !readers[i].is_empty()
+                && readers[i].iter().all(wgrad)
+        })
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
 fn function(f: &Function) -> Function {
-    let mut rewrite =
-        Rewrite { old: f, nodes: Vec::new(), map: Vec::new(), parts: HashMap::new(), quantized: HashMap::new() };
+    let mut rewrite = Rewrite {
+        old: f,
+        nodes: Vec::new(),
+        map: Vec::new(),
+        parts: HashMap::new(),
+        quantized: HashMap::new(),
+        read_through: read_by_expert(f),
+    };
     for (i, node) in f.nodes.iter().enumerate() {
         let new = match rewrite.replace(i, node) {
             Some(v) => v,
@@ -252,6 +300,50 @@ mod tests {
         }
         let transposed_w = g.nodes.iter().find(|n| n.op == Op::Quantize { rows: 128, cols: 128, transpose: true });
         assert_eq!(transposed_w.map(|n| n.shape.clone()), Some(vec![384, 512]));
+    }
+
+    /// The experts' Wgrads quantise their operands by expert, each once: the gate's and up
+    /// projection's share x, a permutation of the tokens' rows that only they read, so its
+    /// quantisation reads it through the order (no `permute` left); the down projection's
+    /// input, a SwiGLU only it reads, is made as it is read; a SwiGLU that is also a result
+    /// stays stored.
+    #[test]
+    fn wgrad_operands_are_quantised_by_expert_once_reading_through_their_makers() {
+        let module = Module::default();
+        let mut b = FunctionBuilder::new(&module, "f");
+        let (rows, d, n) = (48, 64, 32);
+        let tokens = b.arg("tokens", vec![8, d], DType::F32);
+        let order = b.arg("order", vec![rows], DType::I32);
+        let offsets = b.arg("offsets", vec![5], DType::I32);
+        let (g1, g2) = (b.arg("g1", vec![rows, n], DType::F32), b.arg("g2", vec![rows, n], DType::F32));
+        let (h1, h2) = (b.arg("h1", vec![rows, d], DType::F32), b.arg("h2", vec![rows, d], DType::F32));
+        let x = b.push(Op::Permute { k: 6 }, vec![tokens, order], vec![rows, d], DType::F32);
+        let read = b.push(Op::SwiGlu, vec![h1, h2], vec![rows, d], DType::F32);
+        let kept = b.push(Op::SwiGlu, vec![h2, h1], vec![rows, d], DType::F32);
+        let wgrad = Fp8Gemm { a: Tiling { outer: 1, k: 32 }, b: Tiling { outer: 1, k: 32 }, promote: 32 };
+        let op = Op::GroupedWgrad { experts: 4, fp8: Some(wgrad) };
+        let dw = [(x, g1), (x, g2), (read, g1), (kept, g2)]
+            .map(|(x, g)| b.push(op.clone(), vec![x, g, offsets], vec![4, n, d], DType::F32));
+        for (k, dw) in dw.into_iter().enumerate() {
+            b.output(format!("dw{k}"), dw);
+        }
+        b.output("kept", kept);
+        let g = function(&b.finish());
+        assert!(!ops(&g).contains(&"permute"), "{:?}", ops(&g));
+        assert_eq!(ops(&g).iter().filter(|&&o| o == "swiglu").count(), 1, "{:?}", ops(&g));
+        let by_expert: Vec<(&ExpertRows, &[V])> = (g.nodes.iter())
+            .filter_map(|n| match &n.op {
+                Op::QuantizeByExpert { rows, .. } => Some((rows, &n.args[..])),
+                _ => None,
+            })
+            .collect();
+        let sources: Vec<&ExpertRows> = by_expert.iter().map(|(rows, _)| *rows).collect();
+        let stored = ExpertRows::Stored;
+        let (permuted, swiglu) = (ExpertRows::Permuted { k: 6 }, ExpertRows::SwiGlu);
+        // g1, x (read once by two Wgrads), g2, the SwiGLU read through, the one kept.
+        assert_eq!(sources, [&stored, &permuted, &stored, &swiglu, &stored]);
+        assert_eq!(by_expert[1].1, [tokens, offsets, order]);
+        assert_eq!(by_expert[3].1, [h1, offsets, h2]);
     }
 
     /// The fused forms come apart into what they fused: `matmul_add` into a product and an

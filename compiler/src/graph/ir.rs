@@ -110,6 +110,20 @@ impl Fp8Linear {
     }
 }
 
+/// Where a [`Op::QuantizeByExpert`] takes the rows it quantises: stored, or made as they are
+/// read by the op that would otherwise have stored them for it alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertRows {
+    /// (x [r, d], offsets): x's rows.
+    #[default]
+    Stored,
+    /// (x [t, d], offsets, order [r]): `Permute { k }`'s, row i = x[order[i] / k].
+    Permuted { k: usize },
+    /// (a [r, d], offsets, b [r, d]): `SwiGlu`'s, silu(a)·b.
+    SwiGlu,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
@@ -378,10 +392,13 @@ pub enum Op {
     /// tokens, (x [r, d], offsets [experts + 1]) → F8E4M3 [d, capacity] in 1×`tile` groups:
     /// expert e's rows of x, transposed, from column Σ_{e' < e} ⌈rows(e') / tile⌉·tile on (so
     /// that every expert starts a group and owns its groups), zero between the experts and
-    /// past the last; `capacity` is [`expert_capacity`].
+    /// past the last; `capacity` is [`expert_capacity`]. The rows x stands for may be computed
+    /// as they are read ([`ExpertRows`]).
     QuantizeByExpert {
         experts: usize,
         tile: usize,
+        #[serde(default)]
+        rows: ExpertRows,
     },
     /// `GroupedWgrad` in FP8 on operands of `QuantizeByExpert`, (qg [n, capacity],
     /// qx [k, capacity], offsets) → [experts, n, k]: per expert, its columns of qg times the

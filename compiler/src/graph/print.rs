@@ -8,7 +8,7 @@
 //! }
 //! ```
 
-use super::ir::{Function, Module, Op};
+use super::ir::{ExpertRows, Function, Module, Op};
 use std::fmt::Write;
 
 pub fn module(m: &Module) -> String {
@@ -100,7 +100,11 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } | Op::ScaledGroupedWgrad { promote } => {
             format!("promote {promote}")
         }
-        Op::QuantizeByExpert { experts, tile } => format!("experts {experts}, 1x{tile}"),
+        Op::QuantizeByExpert { experts, tile, rows } => match rows {
+            ExpertRows::Stored => format!("experts {experts}, 1x{tile}"),
+            ExpertRows::Permuted { k } => format!("experts {experts}, 1x{tile}, permuted k={k}"),
+            ExpertRows::SwiGlu => format!("experts {experts}, 1x{tile}, swiglu"),
+        },
         Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
         Op::SwiGluQuantize { cols } => format!("1x{cols}"),
         Op::PermuteQuantize { k, cols } => format!("k {k}, 1x{cols}"),

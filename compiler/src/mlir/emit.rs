@@ -65,12 +65,11 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
             let (shape, transposed) =
                 (&f.node(one.args[0]).shape, matches!(one.op, Op::Quantize { transpose: true, .. }));
             let width = shape[shape.len() - if transposed { 2 } else { 1 }];
-            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, width, None, kernel.nodes[0]))
+            Ok(super::fp8::quantize_kernel(&kernel.name, one, &[x], width, kernel.nodes[0]))
         }
         [one] if matches!(one.op, Op::QuantizeByExpert { .. }) => {
-            let (x, offsets) = (kernel_input(f, kernel, one.args[0])?, kernel_input(f, kernel, one.args[1])?);
-            let width = one.shape[1];
-            Ok(super::fp8::quantize_kernel(&kernel.name, one, x, width, Some(offsets), kernel.nodes[0]))
+            let inputs = one.args.iter().map(|&a| kernel_input(f, kernel, a)).collect::<Result<Vec<u32>, String>>()?;
+            Ok(super::fp8::quantize_kernel(&kernel.name, one, &inputs, one.shape[1], kernel.nodes[0]))
         }
         _ if elementwise => elementwise_kernel(f, kernel, &nodes, packed),
         _ => super::indexed::indexed_kernel(f, kernel, packed),

@@ -1,7 +1,8 @@
 //! FP8 E4M3 values in generated kernels: the layout of a quantised buffer, the encoding, and
 //! the kernels of `quantize` (any group shape, transposed or not, a stack of matrices each
 //! transposed) and `quantize_by_expert` (the same transposed quantisation, reading each
-//! column of the result from the row of x the expert offsets say).
+//! column of the result from the row of x the expert offsets say; x's rows stored, or made
+//! as they are read: a permutation's, through its order, or a SwiGLU's of two operands).
 //!
 //! A value quantised in groups of `rows × cols` of its [m, n] matrix is one buffer: its m·n
 //! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group in the
@@ -12,7 +13,7 @@
 //! x / scale (a true division): what the CPU reference's `quantize` computes.
 
 use super::emit::{warp_reduce, Body, Emitted, TARGET};
-use crate::graph::ir::{Node, Op};
+use crate::graph::ir::{ExpertRows, Node, Op};
 use std::fmt::Write as _;
 
 /// Where the scale of group (`group_row`, `group_col`) of a matrix cut into `row_groups` ×
@@ -195,12 +196,15 @@ const STAGE_BYTES: usize = 32 * 1024;
 ///
 /// `width`: x's extent along the result's rows (its columns, or its rows when transposed);
 /// where it is less than the result's, the rest of each result row is zero.
-pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: Option<u32>, out: u32) -> Emitted {
-    let (rows, cols, transpose, experts) = match node.op {
-        Op::Quantize { rows, cols, transpose } => (rows, cols, transpose, None),
-        Op::QuantizeByExpert { experts, tile } => (1, tile, true, Some(experts)),
+/// `inputs`: x, and by expert the offsets and, for rows made as they are read, the order or
+/// SwiGLU's second operand ([`ExpertRows`]).
+pub fn quantize_kernel(name: &str, node: &Node, inputs: &[u32], width: usize, out: u32) -> Emitted {
+    let (rows, cols, transpose, experts, source) = match node.op {
+        Op::Quantize { rows, cols, transpose } => (rows, cols, transpose, None, ExpertRows::Stored),
+        Op::QuantizeByExpert { experts, tile, rows } => (1, tile, true, Some(experts), rows),
         _ => unreachable!("a quantize node"),
     };
+    let (x, offsets) = (inputs[0], inputs.get(1).copied());
     let (m, n) = matrix(node);
     // The rows of each matrix of a stack (of the result; x's are transposed).
     let batch_rows = node.shape[node.shape.len().saturating_sub(2)];
@@ -210,15 +214,15 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         return row_tiles_kernel(name, m, n, width, cols, x, out);
     }
     if tiles && (experts.is_some() || batch_rows == m) {
-        return column_tiles_kernel(name, m, n, width, cols, x, offsets.zip(experts), out);
+        return column_tiles_kernel(name, m, n, width, cols, inputs, experts.map(|e| (e, source)), out);
     }
     let blocks = cols == BLOCK_COLS && rows.is_multiple_of(32) && rows <= 128 && n.is_multiple_of(4);
     if blocks && experts.is_none() && (batch_rows == m || batch_rows.is_multiple_of(rows)) {
         let layout = Layout { m, n, width, transpose, batch_rows };
         return block_tiles_kernel(name, layout, rows, x, out);
     }
-    // The output's argument slot: after x and, by expert, the offsets.
-    let slot = if experts.is_some() { 2 } else { 1 };
+    // The output's argument slot: after the inputs.
+    let slot = inputs.len();
     let (gm, gn) = (m.div_ceil(rows), n.div_ceil(cols));
     let groups = gm * gn;
     let mut b = Body::new();
@@ -322,7 +326,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
                     let from = b.line(format!("arith.subi {jc}, %first_column : index"));
                     let row = b.line(format!("arith.addi {from}, %first_row : index"));
                     let inside = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
-                    return element_or_zero(b, &row, i, &inside);
+                    return element_or_zero(b, &row, i, &inside, source);
                 }
                 // Element (jc, i mod batch_rows) of x's matrix i / batch_rows, [n, batch_rows].
                 let matrix_rows = b.line(format!("arith.constant {batch_rows} : index"));
@@ -414,10 +418,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         b.text,
         "      %first_thread = arith.cmpi eq, %tid, %c0 : index\n      scf.if %first_thread {{\n      %sstride = arith.constant {stride} : index\n      %souter = arith.muli {outer}, %sstride : index\n      %sat = arith.addi %souter, {inner} : index\n      memref.store {s}, %s{slot}[%sat] : memref<?xf32>\n      }}\n      }}\n"
     );
-    let params = match offsets {
-        Some(_) => "%a0: memref<?xf32>, %a1: memref<?xi32>, %a2: memref<?xi8>",
-        None => "%a0: memref<?xf32>, %a1: memref<?xi8>",
-    };
+    let params = params(source_types(offsets.is_some(), source));
     let stage = if staged {
         format!(", %stage : memref<{}xi32, #gpu.address_space<workgroup>>", rows * pitch)
     } else {
@@ -427,7 +428,7 @@ pub fn quantize_kernel(name: &str, node: &Node, x: u32, width: usize, offsets: O
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}) workgroup(%shared : memref<{WARPS}xf32, #gpu.address_space<workgroup>>{stage}) kernel {{\n{}      gpu.return\n    }}\n  }}\n}}\n",
         b.text
     );
-    let args = [Some(x), offsets, Some(out)].into_iter().flatten().collect();
+    let args = inputs.iter().copied().chain([out]).collect();
     Emitted { mlir, grid: groups.max(1) as u32, block: (32 * WARPS) as u32, args, zeroed: false }
 }
 
@@ -584,19 +585,52 @@ fn block_tiles_kernel(name: &str, layout: Layout, rows: usize, x: u32, out: u32)
     if transpose {
         let _ = write!(workgroup, ", %stage : {stage_type}");
     }
-    let mlir = tile_module(name, &b.text, false, &workgroup);
+    let mlir = tile_module(name, &b.text, vec!["f32"], &workgroup);
     Emitted { mlir, grid: (gm * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args: vec![x, out], zeroed: false }
 }
 
 /// x's element (`row`, `column`) of its rows of `%m` where `inside`, else 0 (the load then
 /// reads row 0).
-fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str) -> String {
+fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str, source: ExpertRows) -> String {
     let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
+    let row = match source {
+        ExpertRows::Permuted { k } => {
+            let position = b.line(format!("memref.load %a2[{row}] : memref<?xi32>"));
+            let position = b.line(format!("arith.index_cast {position} : i32 to index"));
+            let k = b.line(format!("arith.constant {k} : index"));
+            b.line(format!("arith.divui {position}, {k} : index"))
+        }
+        ExpertRows::Stored | ExpertRows::SwiGlu => row,
+    };
     let at = b.line(format!("arith.muli {row}, %m : index"));
     let at = b.line(format!("arith.addi {at}, {column} : index"));
     let x = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
+    let x = match source {
+        ExpertRows::SwiGlu => {
+            let y = b.line(format!("memref.load %a2[{at}] : memref<?xf32>"));
+            b.op(&Op::SwiGlu, &[x, y]).expect("swiglu is generated")
+        }
+        ExpertRows::Stored | ExpertRows::Permuted { .. } => x,
+    };
     let zero = b.constant(0.0);
     b.line(format!("arith.select {inside}, {x}, {zero} : f32"))
+}
+
+/// The element types of a quantisation's inputs: x, and by expert the offsets and what
+/// `source` reads beside x (the order, or SwiGLU's second operand).
+fn source_types(by_expert: bool, source: ExpertRows) -> Vec<&'static str> {
+    let also = match source {
+        ExpertRows::Stored => None,
+        ExpertRows::Permuted { .. } => Some("i32"),
+        ExpertRows::SwiGlu => Some("f32"),
+    };
+    ["f32"].into_iter().chain(by_expert.then_some("i32")).chain(also).collect()
+}
+
+/// The kernel's parameters: its inputs of element types `inputs`, then the FP8 output.
+fn params(inputs: Vec<&str>) -> String {
+    let slots = inputs.into_iter().chain(["i8"]).enumerate();
+    slots.map(|(k, t)| format!("%a{k}: memref<?x{t}>")).collect::<Vec<_>>().join(", ")
 }
 
 /// By expert: which expert's rows the group's columns j0.. hold, each expert's columns
@@ -671,12 +705,8 @@ const TILE_WARPS: usize = 8;
 
 /// The kernel's MLIR around `body`, on x, the offsets if any, and the output (`%a0`, …), with
 /// shared memory as `workgroup`'s attributions say (none where it is empty).
-fn tile_module(name: &str, body: &str, offsets: bool, workgroup: &str) -> String {
-    let params = if offsets {
-        "%a0: memref<?xf32>, %a1: memref<?xi32>, %a2: memref<?xi8>"
-    } else {
-        "%a0: memref<?xf32>, %a1: memref<?xi8>"
-    };
+fn tile_module(name: &str, body: &str, inputs: Vec<&str>, workgroup: &str) -> String {
+    let params = params(inputs);
     let workgroup = if workgroup.is_empty() { String::new() } else { format!(" workgroup({workgroup})") };
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({params}){workgroup} kernel {{\n      %tid = gpu.thread_id x\n      %bid = gpu.block_id x\n      %c0 = arith.constant 0 : index\n      %c1 = arith.constant 1 : index\n      %c4 = arith.constant 4 : index\n      %c32 = arith.constant 32 : index\n      %w32 = arith.constant 32 : i32\n      %warp = arith.divui %tid, %c32 : index\n      %lane = arith.remui %tid, %c32 : index\n{body}      gpu.return\n    }}\n  }}\n}}\n"
@@ -715,7 +745,7 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x
         .collect();
     store_row_group(&mut b, 1, &values, "%col", Some(&inside), cols / 4, cols);
     let _ = write!(b.text, "      }}\n      }}\n");
-    let mlir = tile_module(name, &b.text, false, "");
+    let mlir = tile_module(name, &b.text, vec!["f32"], "");
     Emitted {
         mlir,
         grid: m.div_ceil(TILE_WARPS).max(1) as u32,
@@ -739,11 +769,12 @@ fn column_tiles_kernel(
     n: usize,
     width: usize,
     cols: usize,
-    x: u32,
-    offsets: Option<(u32, usize)>,
+    inputs: &[u32],
+    by_expert: Option<(usize, ExpertRows)>,
     out: u32,
 ) -> Emitted {
-    let slot = if offsets.is_some() { 2 } else { 1 };
+    let slot = inputs.len();
+    let source = by_expert.map_or(ExpertRows::Stored, |(_, source)| source);
     let (row_blocks, gn) = (m.div_ceil(32), n.div_ceil(cols));
     // The block's tile of the result, [32 rows][cols], each row one float longer than the
     // group so that the lanes' writes of a column fall in different banks.
@@ -755,7 +786,7 @@ fn column_tiles_kernel(
         "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %c32 : index\n      %i = arith.addi %i0, %lane : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane, %pitch : index\n"
     );
     views(&mut b, slot, m, n, 1, cols);
-    if let Some((_, experts)) = offsets {
+    if let Some((experts, _)) = by_expert {
         expert_of_group(&mut b, experts, cols);
     }
     // x's element for the result's row i, column j = j0 + local (zero outside x or, by
@@ -768,7 +799,7 @@ fn column_tiles_kernel(
         let local = b.line(format!("arith.addi %warp, {step} : index"));
         let j = b.line(format!("arith.addi %j0, {local} : index"));
         let in_group = b.line(format!("arith.cmpi ult, {j}, %j1 : index"));
-        let (row, inside) = if offsets.is_some() {
+        let (row, inside) = if by_expert.is_some() {
             let from = b.line(format!("arith.subi {j}, %first_column : index"));
             let row = b.line(format!("arith.addi {from}, %first_row : index"));
             let in_expert = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
@@ -780,7 +811,7 @@ fn column_tiles_kernel(
         };
         let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
         let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
-        loaded.push((turn, local, element_or_zero(&mut b, &row, &column, &inside)));
+        loaded.push((turn, local, element_or_zero(&mut b, &row, &column, &inside, source)));
     }
     for (turn, local, v) in loaded {
         let at = b.line(format!("arith.addi %lane_at, {local} : index"));
@@ -818,7 +849,7 @@ fn column_tiles_kernel(
     store_row_group(&mut b, slot, &values, &col, Some(&stores), cols / 4, cols);
     let _ = writeln!(b.text, "      }}");
     let workgroup = format!("%shared : memref<{shared}xf32, #gpu.address_space<workgroup>>");
-    let mlir = tile_module(name, &b.text, offsets.is_some(), &workgroup);
-    let args = [Some(x), offsets.map(|(o, _)| o), Some(out)].into_iter().flatten().collect();
+    let mlir = tile_module(name, &b.text, source_types(by_expert.is_some(), source), &workgroup);
+    let args = inputs.iter().copied().chain([out]).collect();
     Emitted { mlir, grid: (row_blocks * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args, zeroed: false }
 }

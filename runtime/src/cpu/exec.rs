@@ -9,7 +9,8 @@ use super::numerics::{matmul_fp8, quantize, round_bf16, round_e4m3, Tiling};
 use super::real::Real;
 use super::value::{Tensor, Value};
 use crate::comm::CommError;
-use dsc_compiler::graph::ir::{broadcast_shape, matmul_shape, DType, Function, Module, Node, Op};
+use dsc_compiler::graph::ir::{broadcast_shape, matmul_shape, DType, ExpertRows, Function, Module, Node, Op};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Runs function `f` of `module` on `args`, returning its outputs. The graph must not exchange
@@ -304,10 +305,16 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let out = linalg::scaled_grouped_wgrad(v[0].as_quantized(), v[1].as_quantized(), &ix(2).data, *promote);
             real(&node.shape, out.into_iter().map(T::from_f64).collect())
         }
-        Op::QuantizeByExpert { tile, .. } => {
-            let x = r(0);
+        Op::QuantizeByExpert { tile, rows, .. } => {
             let (d, capacity) = (node.shape[0], node.shape[1]);
-            Value::Quantized(Arc::new(linalg::quantize_by_expert(&x.data, d, &ix(1).data, *tile, capacity)))
+            let x: Cow<[T]> = match rows {
+                ExpertRows::Stored => Cow::Borrowed(&r(0).data),
+                ExpertRows::Permuted { k } => Cow::Owned(index::permute(&r(0).data, d, &ix(2).data, *k)),
+                ExpertRows::SwiGlu => {
+                    Cow::Owned(r(0).data.iter().zip(&r(2).data).map(|(&a, &b)| swiglu(a, b)).collect())
+                }
+            };
+            Value::Quantized(Arc::new(linalg::quantize_by_expert(&x, d, &ix(1).data, *tile, capacity)))
         }
         Op::GroupedWgrad { experts, fp8 } => {
             let out = linalg::grouped_wgrad(
