@@ -17,8 +17,8 @@
 //! lane they are read once and kept there for every pass (one pass over memory); otherwise
 //! each pass reads them again (from memory once rows outgrow the caches: a cross-entropy's rows
 //! of 32K logits). Reductions meet through warp shuffles; sums over
-//! rows are kept per lane across the warp's rows and added atomically into the zeroed output
-//! at the end (streamed rows add theirs per row).
+//! rows are kept per lane across the warp's rows, added up over the block's warps in shared
+//! memory at the end and atomically into the zeroed output (streamed rows add theirs per row).
 
 use super::emit::{kernel_input as input, Body, Emitted, TARGET};
 use super::fp8;
@@ -34,8 +34,14 @@ const REGISTER_FLOATS: usize = 128;
 /// Chunks of a row written out one by one (longer rows loop).
 const MAX_UNROLLED_CHUNKS: usize = 32;
 /// Blocks of a kernel that sums over rows: enough to fill an H100 twice, few enough that the
-/// per-warp column sums are cheap to add up.
+/// blocks' column sums are cheap to add up (528 measured slower, when each warp added its
+/// own: the atomics on a column wait on one another).
 const COLUMN_SUM_BLOCKS: usize = 264;
+/// Floats of a chunk's column partials, one set per warp; the shared buffer that adds them up
+/// holds two.
+const SUM_FLOATS: usize = WARPS * 32 * W;
+const SUM_BUFFER: &str = "memref<1024xf32, #gpu.address_space<workgroup>>";
+const _: () = assert!(2 * SUM_FLOATS == 1024, "SUM_BUFFER holds two chunks' partials");
 
 /// How an input's row for output row `r` is found.
 #[derive(Clone, Debug)]
@@ -653,23 +659,56 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
     }
     let _ = writeln!(w.b.text, "      }}");
     if carried > 0 {
-        // Lane partials of the column sums into the zeroed outputs.
+        // The block's column sums into the zeroed outputs: per chunk, the warps' lane partials
+        // meet in shared memory (one half of it per chunk in turn, so one barrier a chunk) and
+        // one warp adds their total atomically; a block, not each warp, adds to every column
+        // (the atomics on one column wait on one another).
         let sums: Vec<String> = (0..carried).map(|i| format!("{result}#{i}")).collect();
+        let _ = writeln!(w.b.text, "      %chunk_floats = arith.constant {} : index", 32 * W);
+        let _ = writeln!(w.b.text, "      %warp_part = arith.muli %warp, %chunk_floats : index");
+        let mut round = 0;
         let mut at = 0;
         for (k, o) in p.outputs.iter().enumerate() {
             if matches!(o.write, Write::ColumnSum) {
                 for c in 0..chunks {
+                    let half = w.b.line(format!("arith.constant {} : index", (round % 2) * SUM_FLOATS));
+                    let mine = w.b.line(format!("arith.addi %warp_part, {half} : index"));
+                    let mine = w.b.line(format!("arith.addi {mine}, %laneW : index"));
+                    for l in 0..W {
+                        let to = w.b.line(format!("arith.addi {mine}, %c{l}_e : index"));
+                        let _ = writeln!(
+                            w.b.text,
+                            "        memref.store {}, %sums[{to}] : {SUM_BUFFER}",
+                            sums[at + c * W + l]
+                        );
+                    }
+                    let _ = writeln!(w.b.text, "        gpu.barrier");
+                    let adder = w.b.line(format!("arith.constant {} : index", c % WARPS));
+                    let adder = w.b.line(format!("arith.cmpi eq, %warp, {adder} : index"));
+                    let _ = writeln!(w.b.text, "        scf.if {adder} {{");
+                    let lanes = w.b.line(format!("arith.addi {half}, %laneW : index"));
+                    let mut total = vec![String::new(); W];
+                    for warp in 0..WARPS {
+                        let from = w.b.line(format!("arith.constant {} : index", warp * 32 * W));
+                        let from = w.b.line(format!("arith.addi {lanes}, {from} : index"));
+                        for (l, t) in total.iter_mut().enumerate() {
+                            let from = w.b.line(format!("arith.addi {from}, %c{l}_e : index"));
+                            let x = w.b.line(format!("memref.load %sums[{from}] : {SUM_BUFFER}"));
+                            *t = if warp == 0 { x } else { w.b.line(format!("arith.addf {t}, {x} : f32")) };
+                        }
+                    }
                     let col = w.columns[c].clone();
                     w.masked(&col, |b| {
-                        for l in 0..W {
+                        for (l, t) in total.iter().enumerate() {
                             let cl = b.line(format!("arith.addi {col}, %c{l}_e : index"));
                             b.line(format!(
-                                "memref.atomic_rmw addf {}, %a{}[{cl}] : (f32, memref<?xf32>) -> f32",
-                                sums[at + c * W + l],
+                                "memref.atomic_rmw addf {t}, %a{}[{cl}] : (f32, memref<?xf32>) -> f32",
                                 first_output + k
                             ));
                         }
                     });
+                    let _ = writeln!(w.b.text, "        }}");
+                    round += 1;
                 }
                 at += chunks * W;
             }
@@ -679,8 +718,9 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
     let params: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("%a{i}: memref<?x{t}>")).collect();
     let element_offsets: String = (0..W).map(|l| format!("      %c{l}_e = arith.constant {l} : index\n")).collect();
     let mlir = format!(
-        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({}) kernel {{\n{element_offsets}{}      gpu.return\n    }}\n  }}\n}}\n",
+        "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({}){} kernel {{\n{element_offsets}{}      gpu.return\n    }}\n  }}\n}}\n",
         params.join(", "),
+        if carried > 0 { format!(" workgroup(%sums : {SUM_BUFFER})") } else { String::new() },
         w.b.text
     );
     Emitted { mlir, grid: blocks.max(1) as u32, block: (32 * WARPS) as u32, args, zeroed: column_sums > 0 }
