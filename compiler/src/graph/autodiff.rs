@@ -604,8 +604,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::SwiGluQuantize { .. }
         | Op::ConcatScaledMatMul { .. }
         | Op::QuantizeByExpert { .. }
-        | Op::ScaledGroupedWgrad { .. }
-        | Op::ConcatKScaledGroupedMatMul { .. }) => {
+        | Op::ScaledGroupedWgrad { .. }) => {
             panic!("{} is formed by fusion, after autodiff", op.name())
         }
     }

@@ -341,9 +341,7 @@ impl Plan {
         let products = has(|op| {
             matches!(
                 op,
-                Op::GroupedMatMul { tb: true, fp8: Some(_) }
-                    | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) }
-                    | Op::ConcatKScaledGroupedMatMul { .. }
+                Op::GroupedMatMul { tb: true, fp8: Some(_) } | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) }
             )
         });
         let wgrads = has(|op| matches!(op, Op::ScaledGroupedWgrad { .. }));
