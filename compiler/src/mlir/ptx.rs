@@ -160,9 +160,9 @@ fn structure(ty: &str, count: usize) -> String {
     format!("!llvm.struct<({})>", vec![ty; count].join(", "))
 }
 
-#[cfg(all(test, feature = "mlir"))]
 /// Bytes of registers spilled to local memory, as `report` (ptxas -v) gives them: the stores'
 /// count of every function it lists.
+#[cfg(all(test, feature = "mlir"))]
 pub(super) fn spilled_bytes(report: &str) -> u64 {
     report
         .split(',')
