@@ -85,7 +85,8 @@ impl Rewrite<'_> {
         let (rows, args) = match node.op {
             _ if !self.read_through.contains(&x.0) => (ExpertRows::Stored, vec![self.map[x.index()], offsets]),
             Op::Permute { k } => (ExpertRows::Permuted { k }, vec![mapped(0), offsets, mapped(1)]),
-            _ => (ExpertRows::SwiGlu, vec![mapped(0), offsets, mapped(1)]),
+            Op::SwiGlu => (ExpertRows::SwiGlu, vec![mapped(0), offsets, mapped(1)]),
+            _ => unreachable!("only permutations and SwiGLUs are read through (`read_by_expert`)"),
         };
         let q = self.push(Op::QuantizeByExpert { experts, tile, rows }, args, shape, DType::F8e4m3);
         self.quantized.insert(key, q);

@@ -100,11 +100,14 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } | Op::ScaledGroupedWgrad { promote } => {
             format!("promote {promote}")
         }
-        Op::QuantizeByExpert { experts, tile, rows } => match rows {
-            ExpertRows::Stored => format!("experts {experts}, 1x{tile}"),
-            ExpertRows::Permuted { k } => format!("experts {experts}, 1x{tile}, permuted k={k}"),
-            ExpertRows::SwiGlu => format!("experts {experts}, 1x{tile}, swiglu"),
-        },
+        Op::QuantizeByExpert { experts, tile, rows } => {
+            let source = match rows {
+                ExpertRows::Stored => String::new(),
+                ExpertRows::Permuted { k } => format!(", permuted k={k}"),
+                ExpertRows::SwiGlu => ", swiglu".into(),
+            };
+            format!("experts {experts}, 1x{tile}{source}")
+        }
         Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
         Op::SwiGluQuantize { cols } => format!("1x{cols}"),
         Op::PermuteQuantize { k, cols } => format!("k {k}, 1x{cols}"),

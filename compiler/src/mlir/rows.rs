@@ -40,8 +40,6 @@ const COLUMN_SUM_BLOCKS: usize = 264;
 /// Floats of a chunk's column partials, one set per warp; the shared buffer that adds them up
 /// holds two.
 const SUM_FLOATS: usize = WARPS * 32 * W;
-const SUM_BUFFER: &str = "memref<1024xf32, #gpu.address_space<workgroup>>";
-const _: () = assert!(2 * SUM_FLOATS == 1024, "SUM_BUFFER holds two chunks' partials");
 
 /// How an input's row for output row `r` is found.
 #[derive(Clone, Debug)]
@@ -181,6 +179,11 @@ struct Program<'p> {
     order: Option<u32>,
     reductions: Vec<Reduction<'p>>,
     outputs: Vec<Output<'p>>,
+}
+
+/// The type of the shared buffer in which a block's warps add up their column sums.
+fn sum_buffer() -> String {
+    format!("memref<{}xf32, #gpu.address_space<workgroup>>", 2 * SUM_FLOATS)
 }
 
 /// Whether this module writes `op`'s kernel: the ops that work along rows, but the routing
@@ -664,6 +667,7 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
         // one warp adds their total atomically; a block, not each warp, adds to every column
         // (the atomics on one column wait on one another).
         let sums: Vec<String> = (0..carried).map(|i| format!("{result}#{i}")).collect();
+        let buffer = sum_buffer();
         let _ = writeln!(w.b.text, "      %chunk_floats = arith.constant {} : index", 32 * W);
         let _ = writeln!(w.b.text, "      %warp_part = arith.muli %warp, %chunk_floats : index");
         let mut round = 0;
@@ -676,11 +680,8 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
                     let mine = w.b.line(format!("arith.addi {mine}, %laneW : index"));
                     for l in 0..W {
                         let to = w.b.line(format!("arith.addi {mine}, %c{l}_e : index"));
-                        let _ = writeln!(
-                            w.b.text,
-                            "        memref.store {}, %sums[{to}] : {SUM_BUFFER}",
-                            sums[at + c * W + l]
-                        );
+                        let _ =
+                            writeln!(w.b.text, "        memref.store {}, %sums[{to}] : {buffer}", sums[at + c * W + l]);
                     }
                     let _ = writeln!(w.b.text, "        gpu.barrier");
                     let adder = w.b.line(format!("arith.constant {} : index", c % WARPS));
@@ -693,7 +694,7 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
                         let from = w.b.line(format!("arith.addi {lanes}, {from} : index"));
                         for (l, t) in total.iter_mut().enumerate() {
                             let from = w.b.line(format!("arith.addi {from}, %c{l}_e : index"));
-                            let x = w.b.line(format!("memref.load %sums[{from}] : {SUM_BUFFER}"));
+                            let x = w.b.line(format!("memref.load %sums[{from}] : {buffer}"));
                             *t = if warp == 0 { x } else { w.b.line(format!("arith.addf {t}, {x} : f32")) };
                         }
                     }
@@ -720,7 +721,7 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
     let mlir = format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{TARGET}] {{\n    gpu.func @{name}({}){} kernel {{\n{element_offsets}{}      gpu.return\n    }}\n  }}\n}}\n",
         params.join(", "),
-        if carried > 0 { format!(" workgroup(%sums : {SUM_BUFFER})") } else { String::new() },
+        if carried > 0 { format!(" workgroup(%sums : {})", sum_buffer()) } else { String::new() },
         w.b.text
     );
     Emitted { mlir, grid: blocks.max(1) as u32, block: (32 * WARPS) as u32, args, zeroed: column_sums > 0 }
