@@ -37,8 +37,9 @@ BLOCK_ROWS = 64
 THREADS = 128
 
 
-def stride(width):
-    return 2 * width + 16
+def tile_bytes(width):
+    """A staged 64-row tile: width / 64 swizzled regions of 64 rows of 128 bytes."""
+    return width // 64 * BLOCK_ROWS * 128
 
 
 class Generated:
@@ -56,8 +57,8 @@ class Generated:
             name = os.path.splitext(os.path.basename(path))[0]
             kernel = cupy.RawModule(path=path).get_function(name)
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
-            shared = BLOCK_ROWS * (2 * stride(self.qk) + stride(self.v)) if kind == "fwd" else \
-                BLOCK_ROWS * 2 * (stride(self.qk) + stride(self.v))
+            shared = 2 * tile_bytes(self.qk) + tile_bytes(self.v) if kind == "fwd" else \
+                2 * (tile_bytes(self.qk) + tile_bytes(self.v))
             kernel.max_dynamic_shared_size_bytes = shared
             self.kernels[kind] = (kernel, shared)
         self.backward = all(k in self.kernels for k in ("dq", "dk", "dv"))

@@ -632,10 +632,10 @@ mod tests {
     /// (24/16) and an f32 policy's attention carry none: their attention is expanded.
     #[test]
     fn plans_carry_the_fused_attention_where_it_runs() {
-        let fitting = ["model.attention.qk_nope_dim=24".to_string(), "model.attention.v_dim=32".to_string()];
+        let fitting = ["model.attention.qk_nope_dim=56".to_string(), "model.attention.v_dim=64".to_string()];
         let f32 = [&fitting[..], &["precision.gemm=f32".to_string()]].concat();
         for (sets, carried) in
-            [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 32, v: 32 })), (&f32[..], None)]
+            [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 64, v: 64 })), (&f32[..], None)]
         {
             let plan = tiny_plan(sets);
             assert_eq!(plan.attention_heads(), carried, "{sets:?}");
