@@ -357,10 +357,8 @@ fn descriptor(g: &mut Lines, at: &str, major: Major) -> String {
         Major::K => 16,
         Major::N => REGION,
     };
-    let layout = g.i64((1 << 62) | ((1024 >> 4) << 32) | ((regions >> 4) << 16));
-    let low = g.op_c("and", at, 0x3FFFF);
-    let address = g.op_c("lshr", &low, 4);
-    g.op("or", &layout, &address)
+    let layout = super::ptx::swizzled_layout(g, regions, 1024);
+    super::ptx::descriptor(g, &layout, at)
 }
 
 /// A product's A: a staged tile (its descriptor) or four BF16 pairs per thread.
