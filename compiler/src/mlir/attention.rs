@@ -26,13 +26,18 @@
 use super::ptx::{Lines, Loop};
 use crate::graph::ir::{Function, Node, Op};
 
-/// Query rows per block (16 per warp, four warps) and keys per step.
-pub const BLOCK_ROWS: u32 = 64;
-const WARPS: u32 = 4;
-pub const THREADS: u32 = WARPS * 32;
+/// Rows of a warpgroup's tile (its products' M: 16 per warp), and columns (keys or queries)
+/// per step of the column loop.
+const TILE_ROWS: u32 = 64;
+/// Warpgroups per block, each on 64 rows of its own, all reading the column blocks' tiles
+/// (staged once for both: half the staging per product of one warpgroup a block).
+const WARPGROUPS: u32 = 2;
+/// Rows per block (the sequence length must be a multiple) and its threads.
+pub const BLOCK_ROWS: u32 = TILE_ROWS * WARPGROUPS;
+pub const THREADS: u32 = WARPGROUPS * 128;
 
 /// Bytes of a staged region: 64 rows of 64 BF16 values (128 bytes each, swizzled).
-const REGION: u64 = BLOCK_ROWS as u64 * 128;
+const REGION: u64 = TILE_ROWS as u64 * 128;
 
 /// The head dimensions: `qk` of queries and keys (MLA: 128 nope + 64 rope), `v` of values;
 /// multiples of 64 (whole swizzled regions).
@@ -48,15 +53,15 @@ impl Heads {
         u64::from(width / 64) * REGION
     }
 
-    /// Dynamic shared memory a backward block needs: its rows' and a column block's tiles of
-    /// both widths.
+    /// Dynamic shared memory a backward block needs: each warpgroup's rows' and a column
+    /// block's tiles of both widths.
     pub fn backward_shared_bytes(self) -> u32 {
-        (2 * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))) as u32
+        ((u64::from(WARPGROUPS) + 1) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))) as u32
     }
 
-    /// Dynamic shared memory a block needs: Q, K and V tiles.
+    /// Dynamic shared memory a forward block needs: each warpgroup's Q tile, K and V tiles.
     pub fn shared_bytes(self) -> u32 {
-        (2 * Self::tile_bytes(self.qk) + Self::tile_bytes(self.v)) as u32
+        ((u64::from(WARPGROUPS) + 1) * Self::tile_bytes(self.qk) + Self::tile_bytes(self.v)) as u32
     }
 
     pub fn check(self) -> Result<Self, String> {
@@ -73,8 +78,11 @@ impl Heads {
 /// the constants every kernel uses.
 struct Block {
     tid: String,
+    /// The thread's warpgroup and its place in it.
+    warpgroup: String,
+    group_tid: String,
     quad_col: String,
-    /// The thread's two rows in the block: the warp's 16, lane / 4 and lane / 4 + 8.
+    /// The thread's two rows in its warpgroup's tile: the warp's 16, lane / 4 and lane / 4 + 8.
     my_rows: [String; 2],
     seq: String,
     /// batch · H + head: the blocks' y.
@@ -90,7 +98,7 @@ struct Block {
     log2e: String,
     /// Shared memory's first byte (i64).
     smem: String,
-    /// The blocks along x (i64: S / 64) and this one's index.
+    /// The blocks along x (i64: S / 128) and this one's index.
     blocks: String,
     block: String,
 }
@@ -104,7 +112,9 @@ impl Block {
         let zero = g.f32(0.0);
         let minus_inf = g.line("llvm.mlir.constant(0xFF800000 : f32) : f32");
         let tid = g.index_i64("gpu.thread_id x");
-        let warp = g.op_c("udiv", &tid, 32);
+        let warpgroup = g.op_c("udiv", &tid, 128);
+        let group_tid = g.op_c("urem", &tid, 128);
+        let warp = g.op_c("udiv", &group_tid, 32);
         let lane = g.op_c("urem", &tid, 32);
         let quad_row = g.op_c("udiv", &lane, 4);
         let quad_col = g.op_c("urem", &lane, 4);
@@ -126,6 +136,8 @@ impl Block {
         let block = g.index_i64("gpu.block_id x");
         Block {
             tid,
+            warpgroup,
+            group_tid,
             quad_col,
             my_rows,
             seq,
@@ -151,6 +163,21 @@ impl Block {
         g.op("sub", &last, &self.block)
     }
 
+    /// The warpgroup's 64-row tile of the rows of `block` (i64), and its first row.
+    fn tile(&self, g: &mut Lines, block: &str) -> (String, String) {
+        let tile = g.op_c("mul", block, WARPGROUPS.into());
+        let tile = g.op("add", &tile, &self.warpgroup);
+        let row0 = g.op_c("mul", &tile, TILE_ROWS.into());
+        (tile, row0)
+    }
+
+    /// The warpgroup's own tile of `bytes` from shared byte `at`, the tiles of the block's
+    /// warpgroups one after another.
+    fn own_tile(&self, g: &mut Lines, at: &str, bytes: u64) -> String {
+        let offset = g.op_c("mul", &self.warpgroup, bytes);
+        g.op("add", at, &offset)
+    }
+
     /// The element offset of the head's first row of a tensor of `layout`, between its rows,
     /// and its width.
     fn place(&self, layout: Layout, heads: Heads) -> (&str, &str, u32) {
@@ -161,10 +188,12 @@ impl Block {
     }
 
     /// Stages the 64 rows from `row0` of tensor `src` (of `layout`) at byte `at` of shared
-    /// memory.
-    fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str) {
+    /// memory, by the block's threads or (`own`) the warpgroup's.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str, own: bool) {
         let (first, row, width) = self.place(layout, heads);
-        stage(g, src, first, row, row0, width, at, &self.tid);
+        let (tid, threads) = if own { (&self.group_tid, 128) } else { (&self.tid, THREADS) };
+        stage(g, src, first, row, row0, width, at, tid, threads);
     }
 
     /// The warpgroup's 64 × 64 products of the rows tile at `rows` (A) with the column tile at
@@ -206,16 +235,26 @@ impl Block {
         acc.clone_from_slice(&completed(g, &d));
     }
 
-    /// Base-2 logits of `scores`, minus `shift` per value, −∞ where `masked(column, row)` on the
-    /// diagonal block (`diagonal`, i1); columns are 8n + 2t + {0, 1}, rows the thread's two.
+    /// Base-2 logits of `scores` (of column block `j` and the rows of tile `tile`), minus
+    /// `shift` per value, −∞ where `keep` drops the column: on the diagonal block the columns
+    /// past (or before) the row, all of a block past (or before) the diagonal (the loop's
+    /// last (or first) block for the warpgroup whose diagonal comes earlier (or later));
+    /// columns are 8n + 2t + {0, 1}, rows the thread's two.
+    #[allow(clippy::too_many_arguments)]
     fn logits(
         &self,
         g: &mut Lines,
         scores: &mut [Vec<String>],
-        diagonal: &str,
+        j: &str,
+        tile: &str,
         keep: Order,
         shift: impl Fn(&mut Lines, usize, usize) -> Option<String>,
     ) {
+        let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {tile} : i64"));
+        let beyond = match keep {
+            Order::ColumnsUpToRow => g.line(format!("llvm.icmp \"ugt\" {j}, {tile} : i64")),
+            Order::ColumnsFromRow => g.line(format!("llvm.icmp \"ult\" {j}, {tile} : i64")),
+        };
         let col = g.op_c("mul", &self.quad_col, 2);
         for (n, tile) in scores.iter_mut().enumerate() {
             for (e, x) in tile.iter_mut().enumerate() {
@@ -230,6 +269,7 @@ impl Block {
                     Order::ColumnsFromRow => g.line(format!("llvm.icmp \"ult\" {column}, {row} : i64")),
                 };
                 let masked = g.line(format!("llvm.and {diagonal}, {outside} : i1"));
+                let masked = g.line(format!("llvm.or {beyond}, {masked} : i1"));
                 *x = g.line(format!("llvm.select {masked}, {}, {y} : i1, f32", self.minus_inf));
             }
         }
@@ -459,30 +499,32 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let b = Block::new(&mut g, heads);
     // The heaviest blocks (most keys) first.
     let q_block = b.reversed_block(&mut g);
-    let q0 = g.op_c("mul", &q_block, BLOCK_ROWS.into());
-    let sq = b.smem.clone();
-    let sk = g.op_c("add", &sq, Heads::tile_bytes(heads.qk));
+    let (q_tile, q0) = b.tile(&mut g, &q_block);
+    let sk = b.smem.clone();
     let sv = g.op_c("add", &sk, Heads::tile_bytes(heads.qk));
-    // Q's 64 rows, read by the products of every key block.
-    b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq);
+    let queries = g.op_c("add", &sv, Heads::tile_bytes(heads.v));
+    let sq = b.own_tile(&mut g, &queries, Heads::tile_bytes(heads.qk));
+    // The warpgroup's 64 rows of Q, read by the products of every key block.
+    b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq, true);
     // The key blocks up to the diagonal, carrying the output accumulators (16 rows × Dv per
     // warp) and each of the thread's two rows' running maximum and sum.
     let o_count = (heads.v / 8 * 4) as usize;
     let mut initial = vec![b.zero.clone(); o_count];
     initial.extend([b.minus_inf.clone(), b.minus_inf.clone(), b.zero.clone(), b.zero.clone()]);
     let zero64 = g.i64(0);
+    // Up to the last warpgroup's diagonal.
     let upper = g.op_c("add", &q_block, 1);
+    let upper = g.op_c("mul", &upper, WARPGROUPS.into());
     let Loop { index: j, carried, results: state } = column_loop(&mut g, &zero64, &upper, &initial);
     let carried = |i: usize| carried[i].clone();
-    let k0 = g.op_c("mul", &j, BLOCK_ROWS.into());
+    let k0 = g.op_c("mul", &j, TILE_ROWS.into());
     // The last block's K and V are read: stage this block's.
     g.stmt("gpu.barrier");
-    b.stage(&mut g, "%k", Layout::Qk, heads, &k0, &sk);
-    b.stage(&mut g, "%v", Layout::V, heads, &k0, &sv);
+    b.stage(&mut g, "%k", Layout::Qk, heads, &k0, &sk, false);
+    b.stage(&mut g, "%v", Layout::V, heads, &k0, &sv, false);
     g.stmt("gpu.barrier");
     let mut scores = b.products(&mut g, &sq, &sk, heads.qk);
-    let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {q_block} : i64"));
-    b.logits(&mut g, &mut scores, &diagonal, Order::ColumnsUpToRow, |_, _, _| None);
+    b.logits(&mut g, &mut scores, &j, &q_tile, Order::ColumnsUpToRow, |_, _, _| None);
     // Per row: the new maximum (over the quad's four threads), the correction of the old sum
     // and output, the probabilities and their sum.
     let mut alphas = Vec::new();
@@ -597,18 +639,19 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Query => b.reversed_block(&mut g),
         Pass::Key | Pass::Value => b.block.clone(),
     };
-    let r0 = g.op_c("mul", &row_block, BLOCK_ROWS.into());
-    let s_rows = b.smem.clone();
-    let s_rows_v = g.op_c("add", &s_rows, Heads::tile_bytes(heads.qk));
-    let s_cols = g.op_c("add", &s_rows_v, Heads::tile_bytes(heads.v));
+    let (tile, r0) = b.tile(&mut g, &row_block);
+    let s_cols = b.smem.clone();
     let s_cols_v = g.op_c("add", &s_cols, Heads::tile_bytes(heads.qk));
+    let rows = g.op_c("add", &s_cols_v, Heads::tile_bytes(heads.v));
+    let s_rows = b.own_tile(&mut g, &rows, Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v));
+    let s_rows_v = g.op_c("add", &s_rows, Heads::tile_bytes(heads.qk));
     let (rows_qk, rows_v, cols_qk, cols_v) = match pass {
         Pass::Query => ("%q", "%do", "%k", "%v"),
         Pass::Key | Pass::Value => ("%k", "%v", "%q", "%do"),
     };
-    b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows);
+    b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows, true);
     if pass != Pass::Value {
-        b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v);
+        b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v, true);
     }
     // The tile the accumulation reads N-major: K for dQ, Q for dK, dO for dV.
     let (layout, t_tile) = match pass {
@@ -623,15 +666,18 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Vec::new()
     };
     let count = (width / 8 * 4) as usize;
+    // The column blocks up to the last warpgroup's diagonal (queries) or from the first's
+    // (keys).
     let (lower, upper) = match pass {
         Pass::Query => (g.i64(0), g.op_c("add", &row_block, 1)),
         Pass::Key | Pass::Value => (row_block.clone(), b.blocks.clone()),
     };
+    let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
     let Loop { index: j, carried, results: state } = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count]);
-    let c0 = g.op_c("mul", &j, BLOCK_ROWS.into());
+    let c0 = g.op_c("mul", &j, TILE_ROWS.into());
     g.stmt("gpu.barrier");
-    b.stage(&mut g, cols_qk, Layout::Qk, heads, &c0, &s_cols);
-    b.stage(&mut g, cols_v, Layout::V, heads, &c0, &s_cols_v);
+    b.stage(&mut g, cols_qk, Layout::Qk, heads, &c0, &s_cols, false);
+    b.stage(&mut g, cols_v, Layout::V, heads, &c0, &s_cols_v, false);
     g.stmt("gpu.barrier");
     let mut p = b.products(&mut g, &s_rows, &s_cols, heads.qk);
     // The key passes' columns are queries: their log-sum-exps and (for dK) D, per column
@@ -658,9 +704,8 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
             (lse, Some(delta))
         }
     };
-    let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {row_block} : i64"));
     let order = if pass == Pass::Query { Order::ColumnsUpToRow } else { Order::ColumnsFromRow };
-    b.logits(&mut g, &mut p, &diagonal, order, |_, n, e| Some(term(n, e).0.to_string()));
+    b.logits(&mut g, &mut p, &j, &tile, order, |_, n, e| Some(term(n, e).0.to_string()));
     for tile in p.iter_mut() {
         for x in tile.iter_mut() {
             *x = exp2(&mut g, x);
@@ -698,16 +743,17 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
 }
 
 /// Stages 64 rows of `width` f32 values as BF16 at shared byte `smem`, swizzled as the module
-/// doc says: row r of the tile is element `at + (row0 + r)·row + c` of `src`. Each thread moves
-/// 16 bytes at a time, 16 consecutive threads to a row, thread l of a row taking columns 4l to
-/// 4l + 3 of every region, the 8 rows a pass apart keeping its rows' places mod 8: a thread's
+/// doc says: row r of the tile is element `at + (row0 + r)·row + c` of `src`, by `threads`
+/// threads (`tid` the thread's place among them). Each thread moves 16 bytes at a time, 16
+/// consecutive threads to a row, thread l of a row taking columns 4l to 4l + 3 of every
+/// region, the passes' rows (8 or 16 apart) keeping its rows' places mod 8: a thread's
 /// pieces lie at one address of its own plus offsets common to all threads (the per-piece
 /// addresses of any other layout are registers the column loop keeps live). The writes are
 /// then fenced for the tensor cores' reads (the async proxy); the caller's barrier follows.
 #[allow(clippy::too_many_arguments)]
-fn stage(g: &mut Lines, src: &str, at: &str, row: &str, row0: &str, width: u32, smem: &str, tid: &str) {
+fn stage(g: &mut Lines, src: &str, at: &str, row: &str, row0: &str, width: u32, smem: &str, tid: &str, threads: u32) {
     const LANES: u32 = 16;
-    let rows_per_pass = u64::from(THREADS / LANES);
+    let rows_per_pass = u64::from(threads / LANES);
     let lane_row = g.op_c("udiv", tid, LANES.into());
     let lane_col = g.op_c("urem", tid, LANES.into());
     let first = g.op("add", row0, &lane_row);
@@ -727,7 +773,7 @@ fn stage(g: &mut Lines, src: &str, at: &str, row: &str, row0: &str, width: u32, 
     let half = g.op_c("mul", &half, 8);
     let to0 = g.op("add", &to0, &half);
     let to0 = g.op("add", &to0, smem);
-    for pass in 0..u64::from(BLOCK_ROWS) / rows_per_pass {
+    for pass in 0..u64::from(TILE_ROWS) / rows_per_pass {
         let rows = g.op_c("mul", row, pass * rows_per_pass);
         let from_row = g.op("add", &from0, &rows);
         for region in 0..u64::from(width / 64) {
