@@ -7,8 +7,8 @@
 //! log, of the scaled scores). Backward: three passes ([`Pass`]) that recompute the
 //! probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
 //!
-//! A block of one warpgroup takes 64 rows of one (batch, head) (queries in the forward and the
-//! dQ pass, keys in the dK and dV passes), a warp 16 of them, and walks the other side in
+//! A block takes [`BLOCK_ROWS`] rows of one (batch, head) (queries in the forward and the dQ
+//! pass, keys in the dK and dV passes), each of its warpgroups 64 of them and a warp 16, and walks the other side in
 //! blocks of 64 up to or from the diagonal (the block with most work starts first). Per column
 //! block its threads stage the tiles it needs in shared memory, 128-byte swizzled as `wgmma`
 //! reads them: a tile is regions of 64 columns, 64 rows of 128 bytes each, the 16-byte chunks
@@ -491,9 +491,9 @@ pub fn kernel_name(heads: Heads, pass: Option<Pass>) -> String {
     format!("attention_{kind}_qk{}_v{}", heads.qk, heads.v)
 }
 
-/// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / 64, B·H),
+/// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / [`BLOCK_ROWS`], B·H),
 /// [`THREADS`] threads, [`Heads::shared_bytes`] of dynamic shared memory; arguments Q, K, V,
-/// O, LSE (pointers), S, H (u32; S a multiple of 64) and the softmax scale (f32).
+/// O, LSE (pointers), S, H (u32; S a multiple of [`BLOCK_ROWS`]) and the softmax scale (f32).
 pub fn attention_forward(name: &str, heads: Heads) -> String {
     let mut g = Lines::new();
     let b = Block::new(&mut g, heads);
@@ -625,8 +625,8 @@ impl Pass {
     }
 }
 
-/// The MLIR module of backward kernel `name` (`pass`) for `heads`. Launch: grid (S / 64,
-/// B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V, O, dO, LSE
+/// The MLIR module of backward kernel `name` (`pass`) for `heads`. Launch: grid (S /
+/// [`BLOCK_ROWS`], B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V, O, dO, LSE
 /// (the forward's), D ([B, H, S]: written by the query pass, read by the others), the
 /// gradient it writes (dQ, dK or dV; every element written), S, H (u32) and the softmax scale
 /// (f32).

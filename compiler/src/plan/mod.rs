@@ -629,10 +629,10 @@ mod tests {
 
     /// A BF16-attention plan whose head dims and length the fused kernels take carries their
     /// four kernels (its attention and backward kernels of their own); the tiny model's dims
-    /// (24/16) and an f32 policy's attention carry none: their attention is expanded.
+    /// (24/16, length 64) and an f32 policy's attention carry none: their attention is expanded.
     #[test]
     fn plans_carry_the_fused_attention_where_it_runs() {
-        let fitting = ["model.attention.qk_nope_dim=56".to_string(), "model.attention.v_dim=64".to_string()];
+        let fitting = ["model.attention.qk_nope_dim=56", "model.attention.v_dim=64", "train.seq_len=128"].map(String::from);
         let f32 = [&fitting[..], &["precision.gemm=f32".to_string()]].concat();
         for (sets, carried) in
             [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 64, v: 64 })), (&f32[..], None)]
