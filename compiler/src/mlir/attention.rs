@@ -24,7 +24,9 @@
 //! it. The staging's thread layout keeps its addresses out of the loops' live registers.
 
 use super::ptx::{Lines, Loop};
+use crate::fuse::kernels::base;
 use crate::graph::ir::{Function, Node, Op};
+use std::collections::HashSet;
 
 /// Rows of a warpgroup's tile (its products' M: 16 per warp), and columns (keys or queries)
 /// per step of the column loop.
@@ -40,11 +42,14 @@ pub const THREADS: u32 = WARPGROUPS * 128;
 const REGION: u64 = TILE_ROWS as u64 * 128;
 
 /// The head dimensions: `qk` of queries and keys (MLA: 128 nope + 64 rope), `v` of values;
-/// multiples of 64 (whole swizzled regions).
+/// multiples of 64 (whole swizzled regions); and how queries and keys are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heads {
     pub qk: u32,
     pub v: u32,
+    /// Queries and keys stored as packed BF16 (the plan's casts where they are made:
+    /// `fuse::kernels::packed_bf16`), else f32 (rounded as they are staged).
+    pub bf16_qk: bool,
 }
 
 impl Heads {
@@ -193,6 +198,7 @@ impl Block {
     fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str, own: bool) {
         let (first, row, width) = self.place(layout, heads);
         let (tid, threads) = if own { (&self.group_tid, 128) } else { (&self.tid, THREADS) };
+        let src = Source { pointer: src, packed: layout == Layout::Qk && heads.bf16_qk };
         stage(g, src, first, row, row0, width, at, tid, threads);
     }
 
@@ -460,18 +466,20 @@ fn module(name: &str, args: &str, body: &str) -> String {
 
 /// The head dims of the kernels that run `node` of `f`: BF16 `attention` or `attention_grad`
 /// on q [b, s, h, dqk] and v [b, s, h, dv] with dims multiples of 64 up to 256 and s a multiple
-/// of [`BLOCK_ROWS`]; `None` for any other node (a plan expands other attention:
-/// `fuse::expand`).
-pub fn fused(f: &Function, node: &Node) -> Option<Heads> {
+/// of [`BLOCK_ROWS`], q and k read packed where both are among `f`'s `packed` values; `None`
+/// for any other node (a plan expands other attention: `fuse::expand`).
+pub fn fused(f: &Function, node: &Node, packed: &HashSet<u32>) -> Option<Heads> {
     let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else { return None };
     let (q, v) = (&f.node(node.args[0]).shape, &f.node(node.args[2]).shape);
     let narrow = |x: usize| u32::try_from(x).ok();
-    let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])? };
+    let bf16_qk = node.args[..2].iter().all(|&x| packed.contains(&base(f, x).0));
+    let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])?, bf16_qk };
     (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
 }
 
 /// The four kernels for `heads` in launch order, each (name, MLIR): the forward
-/// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}`.
+/// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}`
+/// (`bf16qk{QK}` where queries and keys are packed).
 pub fn kernels(heads: Heads) -> Vec<(String, String)> {
     let forward = kernel_name(heads, None);
     let mut kernels = vec![(forward.clone(), attention_forward(&forward, heads))];
@@ -488,7 +496,8 @@ pub fn kernel_name(heads: Heads, pass: Option<Pass>) -> String {
         None => "fwd".to_string(),
         Some(pass) => format!("bwd_{}", pass.label()),
     };
-    format!("attention_{kind}_qk{}_v{}", heads.qk, heads.v)
+    let packed = if heads.bf16_qk { "bf16" } else { "" };
+    format!("attention_{kind}_{packed}qk{}_v{}", heads.qk, heads.v)
 }
 
 /// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / [`BLOCK_ROWS`], B·H),
@@ -742,57 +751,81 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     )
 }
 
-/// Stages 64 rows of `width` f32 values as BF16 at shared byte `smem`, swizzled as the module
-/// doc says: row r of the tile is element `at + (row0 + r)·row + c` of `src`, by `threads`
-/// threads (`tid` the thread's place among them). Each thread moves 16 bytes at a time, 16
-/// consecutive threads to a row, thread l of a row taking columns 4l to 4l + 3 of every
-/// region, the passes' rows (8 or 16 apart) keeping its rows' places mod 8: a thread's
-/// pieces lie at one address of its own plus offsets common to all threads (the per-piece
-/// addresses of any other layout are registers the column loop keeps live). The writes are
-/// then fenced for the tensor cores' reads (the async proxy); the caller's barrier follows.
+/// Stages 64 rows of `width` values (f32, or BF16 where `packed`) as BF16 at shared byte
+/// `smem`, swizzled as the module doc says: row r of the tile is element `at + (row0 + r)·row
+/// + c` of `src`, by `threads` threads (`tid` the thread's place among them). Each thread
+/// reads 16 bytes at a time (4 f32 rounded to 8 bytes, or 8 BF16 stored as read), the threads
+/// of a row (16, or 8) each taking the same columns of every region, the passes' rows (8 to 32
+/// apart) keeping its rows' places mod 8: a thread's pieces lie at one address of its own
+/// plus offsets common to all threads (the per-piece addresses of any other layout are
+/// registers the column loop keeps live). The writes are then fenced for the tensor cores'
+/// reads (the async proxy); the caller's barrier follows.
 #[allow(clippy::too_many_arguments)]
-fn stage(g: &mut Lines, src: &str, at: &str, row: &str, row0: &str, width: u32, smem: &str, tid: &str, threads: u32) {
-    const LANES: u32 = 16;
-    let rows_per_pass = u64::from(threads / LANES);
-    let lane_row = g.op_c("udiv", tid, LANES.into());
-    let lane_col = g.op_c("urem", tid, LANES.into());
+fn stage(g: &mut Lines, src: Source, at: &str, row: &str, row0: &str, width: u32, smem: &str, tid: &str, threads: u32) {
+    // Values a thread reads at once, and threads to a row's 64 columns.
+    let values = if src.packed { 8 } else { 4 };
+    let lanes = 64 / values;
+    let rows_per_pass = u64::from(threads / lanes);
+    let lane_row = g.op_c("udiv", tid, lanes.into());
+    let lane_col = g.op_c("urem", tid, lanes.into());
     let first = g.op("add", row0, &lane_row);
     let first = g.op("mul", &first, row);
     let first = g.op("add", &first, at);
-    let col4 = g.op_c("mul", &lane_col, 4);
-    let from0 = g.op("add", &first, &col4);
-    // Columns 4l.. are 8 bytes of the row's 16-byte chunk l / 2, which row r keeps at chunk
-    // (l / 2) xor (r mod 8).
-    let chunk = g.op_c("udiv", &lane_col, 2);
+    let col = g.op_c("mul", &lane_col, values.into());
+    let from0 = g.op("add", &first, &col);
+    // Columns c.. are bytes 2(c mod 8).. of the row's 16-byte chunk c / 8, which row r keeps
+    // at chunk (c / 8) xor (r mod 8).
+    let chunk = g.op_c("udiv", &col, 8);
     let row8 = g.op_c("urem", &lane_row, 8);
     let chunk = g.op("xor", &chunk, &row8);
     let to0 = g.op_c("mul", &lane_row, 128);
     let chunk = g.op_c("mul", &chunk, 16);
     let to0 = g.op("add", &to0, &chunk);
-    let half = g.op_c("urem", &lane_col, 2);
-    let half = g.op_c("mul", &half, 8);
-    let to0 = g.op("add", &to0, &half);
+    let within = g.op_c("urem", &col, 8);
+    let within = g.op_c("mul", &within, 2);
+    let to0 = g.op("add", &to0, &within);
     let to0 = g.op("add", &to0, smem);
+    let element = if src.packed { "bf16" } else { "f32" };
     for pass in 0..u64::from(TILE_ROWS) / rows_per_pass {
         let rows = g.op_c("mul", row, pass * rows_per_pass);
         let from_row = g.op("add", &from0, &rows);
         for region in 0..u64::from(width / 64) {
             let from = g.op_c("add", &from_row, region * 64);
-            let p = g.line(format!("llvm.getelementptr {src}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xf32>"));
-            let e: Vec<String> = (0..4)
-                .map(|k| {
-                    let k = g.i32(k);
-                    g.line(format!("llvm.extractelement {x}[{k} : i32] : vector<4xf32>"))
-                })
-                .collect();
-            let (low, high) = (pack(g, &e[0], &e[1]), pack(g, &e[2], &e[3]));
+            let p = g.line(format!(
+                "llvm.getelementptr {}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, {element}",
+                src.pointer
+            ));
             let to = g.op_c("add", &to0, pass * rows_per_pass * 128 + region * REGION);
             let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
-            g.asm("st.shared.v2.b32 [$0], {$1, $2};", &[(to, "r", "i32"), (low, "r", "i32"), (high, "r", "i32")]);
+            if src.packed {
+                let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xi32>"));
+                let mut operands = vec![(to, "r", "i32")];
+                for k in 0..4 {
+                    let k = g.i32(k);
+                    operands.push((g.line(format!("llvm.extractelement {x}[{k} : i32] : vector<4xi32>")), "r", "i32"));
+                }
+                g.asm("st.shared.v4.b32 [$0], {$1, $2, $3, $4};", &operands);
+            } else {
+                let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xf32>"));
+                let e: Vec<String> = (0..4)
+                    .map(|k| {
+                        let k = g.i32(k);
+                        g.line(format!("llvm.extractelement {x}[{k} : i32] : vector<4xf32>"))
+                    })
+                    .collect();
+                let (low, high) = (pack(g, &e[0], &e[1]), pack(g, &e[2], &e[3]));
+                g.asm("st.shared.v2.b32 [$0], {$1, $2};", &[(to, "r", "i32"), (low, "r", "i32"), (high, "r", "i32")]);
+            }
         }
     }
     g.asm("fence.proxy.async.shared::cta;", &[]);
+}
+
+/// A staged tensor: its pointer argument, and whether it is stored as packed BF16.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    pointer: &'a str,
+    packed: bool,
 }
 
 /// Two f32 rounded to BF16 in one word, `low` in the low half.
@@ -830,43 +863,38 @@ mod tests {
 
     /// MLA's forward and backward passes lower to PTX whose products are BF16 `wgmma`s (the
     /// scores 64 × 64 from shared memory, the accumulations' A from registers and B N-major),
-    /// after the staged tiles are fenced for the tensor cores, within a multiprocessor's shared
-    /// memory, and, where `DSC_PTXAS` names ptxas, assemble for sm_90a (without spilling but
-    /// for the dQ pass's few bytes; the forward in three blocks' share of the registers).
+    /// after the staged tiles are fenced for the tensor cores (Q and K copied as they are where
+    /// packed, 16 bytes a store), within a multiprocessor's shared memory, and, where
+    /// `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling (but for the dQ pass's few
+    /// bytes).
     #[test]
     fn the_attention_kernels_lower_to_warpgroup_products_and_assemble() {
-        let heads = Heads { qk: 192, v: 128 };
-        assert!(heads.shared_bytes().max(heads.backward_shared_bytes()) <= 227 * 1024);
-        let scores = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16";
-        let lowering = crate::mlir::lower::Lowering::default();
-        // Per column block: the scores 12 products over Dqk, dP 8 over Dv, then P·V, dS·K,
-        // dSᵀ·Q or Pᵀ·dO: 4 over the 64 columns, as wide as the tile they read.
-        let kernels = [
-            (attention_forward("attention", heads), 12, 128),
-            (attention_backward("attention", heads, Pass::Query), 12 + 8, 192),
-            (attention_backward("attention", heads, Pass::Key), 12 + 8, 192),
-            (attention_backward("attention", heads, Pass::Value), 12, 128),
-        ];
-        for (i, (mlir, score_products, width)) in kernels.into_iter().enumerate() {
-            let ptx = lowering.ptx(&mlir, false).expect("lowers");
-            assert_eq!(ptx.matches(scores).count(), score_products, "{ptx}");
-            let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
-            assert_eq!(ptx.matches(&accumulation).count(), 4, "{ptx}");
-            assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
-            assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
-            if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
-                let registers: u32 = report
-                    .split("Used ")
-                    .nth(1)
-                    .and_then(|r| r.split(' ').next())
-                    .and_then(|n| n.parse().ok())
-                    .expect("ptxas reports the registers");
-                eprintln!(
-                    "pass {i}: {registers} registers, {} bytes spilled",
-                    crate::mlir::ptx::spilled_bytes(&report)
-                );
-                assert!(i == 1 || crate::mlir::ptx::spilled_bytes(&report) == 0, "{report}");
-                assert!(i > 0 || registers <= 168, "{report}");
+        for bf16_qk in [false, true] {
+            let heads = Heads { qk: 192, v: 128, bf16_qk };
+            assert!(heads.shared_bytes().max(heads.backward_shared_bytes()) <= 227 * 1024);
+            let scores = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16";
+            let lowering = crate::mlir::lower::Lowering::default();
+            // Per column block: the scores 12 products over Dqk, dP 8 over Dv, then P·V, dS·K,
+            // dSᵀ·Q or Pᵀ·dO: 4 over the 64 columns, as wide as the tile they read.
+            let kernels = [
+                (attention_forward("attention", heads), 12, 128),
+                (attention_backward("attention", heads, Pass::Query), 12 + 8, 192),
+                (attention_backward("attention", heads, Pass::Key), 12 + 8, 192),
+                (attention_backward("attention", heads, Pass::Value), 12, 128),
+            ];
+            for (i, (mlir, score_products, width)) in kernels.into_iter().enumerate() {
+                let ptx = lowering.ptx(&mlir, false).expect("lowers");
+                assert_eq!(ptx.matches(scores).count(), score_products, "{ptx}");
+                let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
+                assert_eq!(ptx.matches(&accumulation).count(), 4, "{ptx}");
+                assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
+                assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
+                assert_eq!(ptx.contains("st.shared.v4.b32"), bf16_qk, "{ptx}");
+                if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
+                    let spilled = crate::mlir::ptx::spilled_bytes(&report);
+                    eprintln!("bf16 q/k {bf16_qk}, pass {i}: {spilled} bytes spilled\n{report}");
+                    assert!(i == 1 || spilled == 0, "{report}");
+                }
             }
         }
     }
