@@ -1,8 +1,9 @@
 //! Fused causal attention for MLA's shapes, generated for Hopper's warpgroup tensor cores
 //! (`wgmma` m64nNk16 on BF16 operands, f32 accumulation; sm_90a): flash-style kernels that
 //! never materialise the S×S scores. Forward: O = softmax(scale·QKᵀ + causal mask)·V for Q, K
-//! [B, S, H, Dqk] and V [B, S, H, Dv] (f32 in memory, the plan's buffers, rounded to BF16 as
-//! they are staged in shared memory: the recipe keeps attention in BF16), O [B, S, H, Dv] in
+//! [B, S, H, Dqk] and V [B, S, H, Dv] (the plan's buffers: f32 rounded to BF16 as they are
+//! staged in shared memory, the recipe keeping attention in BF16; or Q and K packed BF16 where
+//! the plan casts them where they are made, [`Heads::bf16_qk`]), O [B, S, H, Dv] in
 //! f32 (the layout the output projection reads), and the rows' log-sum-exp [B, H, S] (natural
 //! log, of the scaled scores). Backward: three passes ([`Pass`]) that recompute the
 //! probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
@@ -752,8 +753,8 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
 }
 
 /// Stages 64 rows of `width` values (f32, or BF16 where `packed`) as BF16 at shared byte
-/// `smem`, swizzled as the module doc says: row r of the tile is element `at + (row0 + r)·row
-/// + c` of `src`, by `threads` threads (`tid` the thread's place among them). Each thread
+/// `smem`, swizzled as the module doc says: row r of the tile is element
+/// `at + (row0 + r)·row + c` of `src`, by `threads` threads (`tid` the thread's place among them). Each thread
 /// reads 16 bytes at a time (4 f32 rounded to 8 bytes, or 8 BF16 stored as read), the threads
 /// of a row (16, or 8) each taking the same columns of every region, the passes' rows (8 to 32
 /// apart) keeping its rows' places mod 8: a thread's pieces lie at one address of its own
