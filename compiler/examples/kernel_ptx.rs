@@ -3,9 +3,10 @@
 //! - `MxNxSTAGES[xCLUSTER]` or `gMxNxSTAGES[xCLUSTER]`: the FP8 GEMM (`compiler::mlir::gemm`),
 //!   dense or the experts' grouped form, to `fp8_gemm_m{M}_n{N}_s{STAGES}[_c{CLUSTER}].ptx` or
 //!   `fp8_grouped_…` (`benches/fp8_gemm.py --generated`);
-//! - `attention:QKxV`: the fused attention (`compiler::mlir::attention`) for those head dims,
-//!   the forward to `attention_fwd_qk{QK}_v{V}.ptx` and the backward's passes to
-//!   `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}.ptx` (`benches/attention.py`).
+//! - `attention:QKxV` or `attention:bf16:QKxV`: the fused attention
+//!   (`compiler::mlir::attention`) for those head dims, Q and K read as f32 or packed BF16,
+//!   the forward to `attention_fwd_[bf16]qk{QK}_v{V}.ptx` and the backward's passes to
+//!   `attention_bwd_{dq,dk,dv}_[bf16]qk{QK}_v{V}.ptx` (`benches/attention.py`).
 //!
 //! Each file's entry has its name.
 //!
@@ -15,7 +16,7 @@ use dsc_compiler::mlir::{attention, gemm, lower::Lowering};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: kernel_ptx DIR KERNEL... where KERNEL is [g]MxNxSTAGES[xCLUSTER] (an FP8 GEMM tile, \
-                     g for the grouped form, e.g. 128x192x4x2) or attention:QKxV (e.g. attention:192x128)";
+                     g for the grouped form, e.g. 128x192x4x2) or attention:[bf16:]QKxV (e.g. attention:bf16:192x128)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,8 +51,9 @@ fn main() -> ExitCode {
 fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
     let numbers = |shape: &str| -> Vec<u32> { shape.split('x').map(|x| x.parse().unwrap_or(0)).collect() };
     if let Some(shape) = given.strip_prefix("attention:") {
-        let [qk, v] = numbers(shape)[..] else { return Err(format!("`{given}` is not attention:QKxV")) };
-        let kernels = attention::kernels(attention::Heads { qk, v }.check()?);
+        let (bf16_qk, shape) = shape.strip_prefix("bf16:").map_or((false, shape), |shape| (true, shape));
+        let [qk, v] = numbers(shape)[..] else { return Err(format!("`{given}` is not attention:[bf16:]QKxV")) };
+        let kernels = attention::kernels(attention::Heads { qk, v, bf16_qk }.check()?);
         return Ok(kernels);
     }
     let (form, kind, shape) = match given.strip_prefix('g') {

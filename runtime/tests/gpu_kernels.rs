@@ -515,6 +515,7 @@ fn a_bench_plans_attention_on_the_fused_kernels_matches_the_cpu() {
     let mut checked = Vec::new();
     for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
         let layout = dsc_runtime::memory::plan(&pf.buffers);
+        let packed = pf.packed_set();
         for kernel in &pf.kernels {
             let node = &function.nodes[kernel.nodes[0] as usize];
             let (Op::Attention { scale, .. } | Op::AttentionGrad { scale, .. }) = node.op else { continue };
@@ -527,19 +528,24 @@ fn a_bench_plans_attention_on_the_fused_kernels_matches_the_cpu() {
             if checked.contains(&node.op.name()) {
                 continue;
             }
-            assert!(fused.runs(function, kernel), "{} runs on the fused kernels", kernel.name);
+            assert!(fused.runs(function, kernel, &packed), "{} runs on the fused kernels", kernel.name);
             let arena = gpu.stream.alloc_zeros::<u8>(layout.peak as usize).expect("arena");
             let places = Places::arena(&gpu, &arena, &layout);
             let base = |v: dsc_compiler::graph::ir::V| dsc_compiler::fuse::kernels::base(function, v).0;
+            // As the plan stores the value: f32, or packed bf16 (queries and keys, rounded).
             let upload = |v: u32, t: &Tensor<f64>| {
-                let bytes: Vec<u8> = t.data.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect();
+                let bytes: Vec<u8> = if packed.contains(&v) {
+                    t.data.iter().flat_map(|&x| dsc_runtime::cpu::numerics::bf16_bits(x as f32).to_le_bytes()).collect()
+                } else {
+                    t.data.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect()
+                };
                 dsc_runtime::cuda::places::write(&gpu, &bytes, places.at(v)).expect("upload");
             };
             let download = |v: u32, n: usize| -> Vec<f64> {
                 let bytes = dsc_runtime::cuda::places::read(&gpu, places.at(v), 4 * n).expect("download");
                 bytes.chunks(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()
             };
-            // The operands as the GPU holds them (f32), and the reference on those.
+            // The operands as f32 values, and the reference on those (which rounds them to BF16).
             let f32s =
                 |t: Tensor<f64>| Tensor::new(t.shape.clone(), t.data.iter().map(|&x| f64::from(x as f32)).collect());
             let shape = |i: usize| function.node(node.args[i]).shape.clone();

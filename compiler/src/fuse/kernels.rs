@@ -183,10 +183,11 @@ pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
 }
 
 /// The casts to bf16, computed by kernels by element, that every reader reads packed:
-/// generated kernels that can ([`reads_packed`]), and library products as factors, each
-/// product's factors all such casts (a product with one other factor leaves its casts
-/// unpacked: cuBLAS takes both factors in one type). A cast nobody reads (a result) is
-/// packed as a result.
+/// generated kernels that can ([`reads_packed`]), library products as factors and the fused
+/// attention as queries and keys ([`staged_packed`]), each product's factors or attention's
+/// pair all such casts (a product with one other factor leaves its casts unpacked: cuBLAS
+/// takes both factors in one type; the attention kernels take both in one too). A cast
+/// nobody reads (a result) is packed as a result.
 fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     let mut casts: HashSet<u32> = kernels
         .iter()
@@ -196,8 +197,10 @@ fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
         .filter(|&v| f.nodes[v as usize].op == Op::Cast(DType::Bf16))
         .collect();
     for k in kernels.iter().filter(|k| k.kind != KernelKind::LibraryGemm && !reads_packed(f, k)) {
-        for v in &k.inputs {
-            casts.remove(&base(f, V(*v)).0);
+        let node = &f.nodes[k.nodes[0] as usize];
+        let staged: Vec<V> = staged_packed(k, node).iter().map(|&a| base(f, a)).collect();
+        for v in k.inputs.iter().map(|&v| base(f, V(v))).filter(|v| !staged.contains(v)) {
+            casts.remove(&v.0);
         }
     }
     let mut products: Vec<Vec<V>> = Vec::new();
@@ -211,6 +214,12 @@ fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
         }
         if !factors.is_empty() {
             products.push(factors.iter().map(|&a| base(f, a)).collect());
+        }
+    }
+    for k in kernels {
+        let staged = staged_packed(k, &f.nodes[k.nodes[0] as usize]);
+        if !staged.is_empty() {
+            products.push(staged.iter().map(|&a| base(f, a)).collect());
         }
     }
     loop {
@@ -227,6 +236,20 @@ fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
         for v in mixed {
             casts.remove(&v);
         }
+    }
+}
+
+/// The operands that fused attention kernel `kernel` (whose first node is `node`) can read
+/// packed: queries and keys, which it stages as BF16 (`crate::mlir::attention`); none for any
+/// other kernel.
+fn staged_packed<'a>(kernel: &Kernel, node: &'a Node) -> &'a [V] {
+    match node.op {
+        Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }
+            if kernel.kind == KernelKind::Attention =>
+        {
+            &node.args[..2]
+        }
+        _ => &[],
     }
 }
 
@@ -270,14 +293,19 @@ pub fn elementwise(f: &Function, kernel: &Kernel) -> bool {
 }
 
 /// Whether `kernel` computes each of its elements at its own index: it is made of elementwise
-/// ops and layout ops (transposes, slices, pads, concatenations, broadcasts). Such a kernel
-/// may read and write any of its values packed.
+/// ops and layout ops (transposes, slices, pads, concatenations, broadcasts, RoPE's gather and
+/// concatenation). Such a kernel may read and write any of its values packed.
 pub fn by_element(f: &Function, kernel: &Kernel) -> bool {
     kernel.nodes.iter().map(|&n| &f.nodes[n as usize].op).all(|op| {
         op.is_elementwise()
             || matches!(
                 op,
-                Op::Transpose(_) | Op::Slice { .. } | Op::PadSlice { .. } | Op::Concat { .. } | Op::BroadcastTo(_)
+                Op::Transpose(_)
+                    | Op::Slice { .. }
+                    | Op::PadSlice { .. }
+                    | Op::Concat { .. }
+                    | Op::BroadcastTo(_)
+                    | Op::RopeConcat
             )
     })
 }

@@ -1,71 +1,79 @@
-//! Fused causal attention for MLA's shapes, generated for the tensor cores (`mma.sync`
-//! m16n8k16 on BF16 operands, f32 accumulation; sm_80 and later, run on sm_90a): flash-style
-//! kernels that never materialise the S×S scores. Forward: O = softmax(scale·QKᵀ + causal
-//! mask)·V for Q, K [B, S, H, Dqk] and V [B, S, H, Dv] (f32 in memory, the plan's buffers,
-//! rounded to BF16 as they are staged in shared memory: the recipe keeps attention in BF16),
-//! O [B, S, H, Dv] in f32 (the layout the output projection reads), and the rows' log-sum-exp
-//! [B, H, S] (natural log, of the scaled scores). Backward: three passes ([`Pass`]) that
-//! recompute the probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
+//! Fused causal attention for MLA's shapes, generated for Hopper's warpgroup tensor cores
+//! (`wgmma` m64nNk16 on BF16 operands, f32 accumulation; sm_90a): flash-style kernels that
+//! never materialise the S×S scores. Forward: O = softmax(scale·QKᵀ + causal mask)·V for Q, K
+//! [B, S, H, Dqk] and V [B, S, H, Dv] (the plan's buffers: f32 rounded to BF16 as they are
+//! staged in shared memory, the recipe keeping attention in BF16; or Q and K packed BF16 where
+//! the plan casts them where they are made, [`Heads::bf16_qk`]), O [B, S, H, Dv] in
+//! f32 (the layout the output projection reads), and the rows' log-sum-exp [B, H, S] (natural
+//! log, of the scaled scores). Backward: three passes ([`Pass`]) that recompute the
+//! probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
 //!
-//! A block takes 64 rows of one (batch, head) (queries in the forward and the dQ pass, keys in
-//! the dK and dV passes), a warp 16 of them, and walks the other side in blocks of 64 up to or
-//! from the diagonal (the block with most work starts first). Per column block it stages the
-//! tiles it needs in shared memory (rows padded by 16 bytes: the `ldmatrix` rows fall in
-//! distinct banks); each warp computes its 16×64 scores (`Block::products`, its own rows'
-//! fragments read by `ldmatrix` at each block: kept in registers they would spill), turns them
-//! into base-2 logits (the scale times log₂e folded in; `Block::logits`) and probabilities
-//! (the forward's running maximum and sum, or the saved log-sum-exp), and adds their product
-//! with a tile read transposed (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO), P or dS
-//! rounded to BF16 as the A operand straight from the score registers. Not yet: TMA, `wgmma`,
-//! warp specialisation and overlapping the next block's loads with this block's products
-//! (FlashAttention-3's machinery). Registers per thread (ptxas, sm_90a, MLA's dims): forward
-//! 164 (three blocks share a multiprocessor), dQ 255 (4 bytes spilled), dK 252, dV 167; the
-//! staging's thread layout (`stage`) keeps its addresses out of the loops' live registers.
+//! A block takes [`BLOCK_ROWS`] rows of one (batch, head) (queries in the forward and the dQ
+//! pass, keys in the dK and dV passes), each of its warpgroups 64 of them and a warp 16, and walks the other side in
+//! blocks of 64 up to or from the diagonal (the block with most work starts first). Per column
+//! block its threads stage the tiles it needs in shared memory, 128-byte swizzled as `wgmma`
+//! reads them: a tile is regions of 64 columns, 64 rows of 128 bytes each, the 16-byte chunks
+//! of row r permuted by r mod 8 ([`stage`]). The scores (`Block::products`: the block's rows
+//! tile times a column tile, both K-major, 64 × 64 per warpgroup) are turned into base-2
+//! logits (the scale times log₂e folded in; `Block::logits`) and probabilities (the forward's
+//! running maximum and sum, or the saved log-sum-exp), and their product with a tile read
+//! along its rows (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the
+//! instruction's transposed B) is added to the accumulators, P or dS rounded to BF16 as the A
+//! operand straight from the score registers (a warp's rows of the accumulator are its rows of
+//! A). Not yet: TMA, warp specialisation and overlapping the next block's staging with this
+//! block's products (FlashAttention-3's machinery): the other blocks on a multiprocessor hide
+//! it. The staging's thread layout keeps its addresses out of the loops' live registers.
 
 use super::ptx::{Lines, Loop};
+use crate::fuse::kernels::base;
 use crate::graph::ir::{Function, Node, Op};
+use std::collections::HashSet;
 
-/// Query rows per block (16 per warp, four warps) and keys per step.
-pub const BLOCK_ROWS: u32 = 64;
-const WARPS: u32 = 4;
-pub const THREADS: u32 = WARPS * 32;
+/// Rows of a warpgroup's tile (its products' M: 16 per warp), and columns (keys or queries)
+/// per step of the column loop.
+const TILE_ROWS: u32 = 64;
+/// Warpgroups per block, each on 64 rows of its own, all reading the column blocks' tiles
+/// (staged once for both: half the staging per product of one warpgroup a block).
+const WARPGROUPS: u32 = 2;
+/// Rows per block (the sequence length must be a multiple) and its threads.
+pub const BLOCK_ROWS: u32 = TILE_ROWS * WARPGROUPS;
+pub const THREADS: u32 = WARPGROUPS * 128;
+
+/// Bytes of a staged region: 64 rows of 64 BF16 values (128 bytes each, swizzled).
+const REGION: u64 = TILE_ROWS as u64 * 128;
 
 /// The head dimensions: `qk` of queries and keys (MLA: 128 nope + 64 rope), `v` of values;
-/// multiples of 16.
+/// multiples of 64 (whole swizzled regions); and how queries and keys are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heads {
     pub qk: u32,
     pub v: u32,
+    /// Queries and keys stored as packed BF16 (the plan's casts where they are made:
+    /// `fuse::kernels::packed_bf16`), else f32 (rounded as they are staged).
+    pub bf16_qk: bool,
 }
 
 impl Heads {
-    /// Bytes between staged rows: BF16 values plus 16 bytes of padding.
-    fn stride(width: u32) -> u64 {
-        u64::from(width) * 2 + 16
+    /// Bytes of a staged 64-row tile `width` values wide.
+    fn tile_bytes(width: u32) -> u64 {
+        u64::from(width / 64) * REGION
     }
 
-    /// Dynamic shared memory a backward block needs: its rows' and a column block's tiles of
-    /// both widths.
+    /// Dynamic shared memory a backward block needs: each warpgroup's rows' and a column
+    /// block's tiles of both widths.
     pub fn backward_shared_bytes(self) -> u32 {
-        let rows = u64::from(BLOCK_ROWS);
-        (rows * 2 * (Self::stride(self.qk) + Self::stride(self.v))) as u32
+        ((u64::from(WARPGROUPS) + 1) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))) as u32
     }
 
-    /// Dynamic shared memory a block needs: Q, K and V tiles.
+    /// Dynamic shared memory a forward block needs: each warpgroup's Q tile, K and V tiles.
     pub fn shared_bytes(self) -> u32 {
-        let rows = u64::from(BLOCK_ROWS);
-        (rows * (2 * Self::stride(self.qk) + Self::stride(self.v))) as u32
+        ((u64::from(WARPGROUPS) + 1) * Self::tile_bytes(self.qk) + Self::tile_bytes(self.v)) as u32
     }
 
     pub fn check(self) -> Result<Self, String> {
-        if self.qk == 0
-            || self.v == 0
-            || !self.qk.is_multiple_of(16)
-            || !self.v.is_multiple_of(16)
-            || self.qk > 256
-            || self.v > 256
-        {
-            return Err(format!("head dims {}/{} must be multiples of 16 up to 256", self.qk, self.v));
+        let fits = |d: u32| d > 0 && d.is_multiple_of(64) && d <= 256;
+        if !fits(self.qk) || !fits(self.v) {
+            return Err(format!("head dims {}/{} must be multiples of 64 up to 256", self.qk, self.v));
         }
         Ok(self)
     }
@@ -76,11 +84,11 @@ impl Heads {
 /// the constants every kernel uses.
 struct Block {
     tid: String,
-    lane: String,
+    /// The thread's warpgroup and its place in it.
+    warpgroup: String,
+    group_tid: String,
     quad_col: String,
-    /// This warp's first row in the block (16 per warp).
-    warp_row: String,
-    /// The thread's two rows in the block: the warp's 16, lane / 4 and lane / 4 + 8.
+    /// The thread's two rows in its warpgroup's tile: the warp's 16, lane / 4 and lane / 4 + 8.
     my_rows: [String; 2],
     seq: String,
     /// batch · H + head: the blocks' y.
@@ -96,12 +104,9 @@ struct Block {
     log2e: String,
     /// Shared memory's first byte (i64).
     smem: String,
-    /// The blocks along x (i64: S / 64) and this one's index.
+    /// The blocks along x (i64: S / 128) and this one's index.
     blocks: String,
     block: String,
-    /// Bytes between staged rows of Dqk and of Dv.
-    qk_stride: u64,
-    v_stride: u64,
 }
 
 impl Block {
@@ -113,7 +118,9 @@ impl Block {
         let zero = g.f32(0.0);
         let minus_inf = g.line("llvm.mlir.constant(0xFF800000 : f32) : f32");
         let tid = g.index_i64("gpu.thread_id x");
-        let warp = g.op_c("udiv", &tid, 32);
+        let warpgroup = g.op_c("udiv", &tid, 128);
+        let group_tid = g.op_c("urem", &tid, 128);
+        let warp = g.op_c("udiv", &group_tid, 32);
         let lane = g.op_c("urem", &tid, 32);
         let quad_row = g.op_c("udiv", &lane, 4);
         let quad_col = g.op_c("urem", &lane, 4);
@@ -135,9 +142,9 @@ impl Block {
         let block = g.index_i64("gpu.block_id x");
         Block {
             tid,
-            lane,
+            warpgroup,
+            group_tid,
             quad_col,
-            warp_row,
             my_rows,
             seq,
             bh,
@@ -152,8 +159,6 @@ impl Block {
             smem,
             blocks,
             block,
-            qk_stride: Heads::stride(heads.qk),
-            v_stride: Heads::stride(heads.v),
         }
     }
 
@@ -162,6 +167,21 @@ impl Block {
     fn reversed_block(&self, g: &mut Lines) -> String {
         let last = g.op_c("sub", &self.blocks, 1);
         g.op("sub", &last, &self.block)
+    }
+
+    /// The warpgroup's 64-row tile of the rows of `block` (i64), and its first row.
+    fn tile(&self, g: &mut Lines, block: &str) -> (String, String) {
+        let tile = g.op_c("mul", block, WARPGROUPS.into());
+        let tile = g.op("add", &tile, &self.warpgroup);
+        let row0 = g.op_c("mul", &tile, TILE_ROWS.into());
+        (tile, row0)
+    }
+
+    /// The warpgroup's own tile of `bytes` from shared byte `at`, the tiles of the block's
+    /// warpgroups one after another.
+    fn own_tile(&self, g: &mut Lines, at: &str, bytes: u64) -> String {
+        let offset = g.op_c("mul", &self.warpgroup, bytes);
+        g.op("add", at, &offset)
     }
 
     /// The element offset of the head's first row of a tensor of `layout`, between its rows,
@@ -174,95 +194,74 @@ impl Block {
     }
 
     /// Stages the 64 rows from `row0` of tensor `src` (of `layout`) at byte `at` of shared
-    /// memory.
-    fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str) {
+    /// memory, by the block's threads or (`own`) the warpgroup's.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str, own: bool) {
         let (first, row, width) = self.place(layout, heads);
-        stage(g, src, first, row, row0, width, at, Heads::stride(width), &self.tid);
+        let (tid, threads) = if own { (&self.group_tid, 128) } else { (&self.tid, THREADS) };
+        let src = Source { pointer: src, packed: layout == Layout::Qk && heads.bf16_qk };
+        stage(g, src, first, row, row0, width, at, tid, threads);
     }
 
-    /// This lane's row address for `ldmatrix` of the A fragments of the warp's 16 rows of a
-    /// tile at `tile` (rows `stride` bytes apart): rows lane mod 16, columns 8·(lane / 16).
-    fn a_lane(&self, g: &mut Lines, tile: &str, stride: u64) -> String {
-        let row = g.op_c("urem", &self.lane, 16);
-        let row = g.op("add", &self.warp_row, &row);
-        let col = g.op_c("udiv", &self.lane, 16);
-        lane_at(g, tile, &row, stride, &col)
+    /// The warpgroup's 64 × 64 products of the rows tile at `rows` (A) with the column tile at
+    /// `cols` (B), both K-major over `width`: for the thread, 8 tiles of 8 columns, 4 values
+    /// each (its warp's rows g, g + 8; columns 2t, 2t + 1).
+    fn products(&self, g: &mut Lines, rows: &str, cols: &str, width: u32) -> Vec<Vec<String>> {
+        let d = g.asm_f32s("wgmma.fence.sync.aligned;", &vec![self.zero.clone(); 32], &[]);
+        let d = (0..u64::from(width / 16)).fold(d, |d, k| {
+            // 16 columns (32 bytes) a product, four to a region's 128-byte rows.
+            let offset = k / 4 * REGION + k % 4 * 32;
+            let [a, b] = [rows, cols].map(|tile| {
+                let at = g.op_c("add", tile, offset);
+                descriptor(g, &at, Major::K)
+            });
+            wgmma(g, 64, &d, Operand::Shared(a), &b, k > 0)
+        });
+        completed(g, &d).chunks(4).map(<[String]>::to_vec).collect()
     }
 
-    /// …of B fragments of a tile whose rows are the product's columns (`ldmatrix` as stored):
-    /// rows lane mod 8 + 8·(lane / 16), columns 8·(lane / 8 mod 2): two tiles of 8 columns.
-    fn b_lane(&self, g: &mut Lines, tile: &str, stride: u64) -> String {
-        let row = g.op_c("urem", &self.lane, 8);
-        let upper = g.op_c("udiv", &self.lane, 16);
-        let upper = g.op_c("mul", &upper, 8);
-        let row = g.op("add", &row, &upper);
-        let col = g.op_c("udiv", &self.lane, 8);
-        let col = g.op_c("urem", &col, 2);
-        lane_at(g, tile, &row, stride, &col)
+    /// `acc` (64 rows × `width` per warpgroup; per 8 columns 4 values) += `p` (the 64 × 64
+    /// [`Block::products`] gives, rounded to BF16: each warp's rows of it are its rows of A)
+    /// times the staged 64-row tile at `tile`, read N-major (its rows along the product's K).
+    fn accumulate(&self, g: &mut Lines, acc: &mut [String], p: &[Vec<String>], tile: &str, width: u32) {
+        let a: Vec<[String; 4]> = (0..4)
+            .map(|kk| {
+                let (t0, t1) = (&p[2 * kk], &p[2 * kk + 1]);
+                [pack(g, &t0[0], &t0[1]), pack(g, &t0[2], &t0[3]), pack(g, &t1[0], &t1[1]), pack(g, &t1[2], &t1[3])]
+            })
+            .collect();
+        // The fence after every write of the operands: they are its inputs.
+        let packed: Vec<(String, &str, &str)> = a.iter().flatten().map(|x| (x.clone(), "r", "i32")).collect();
+        let d = g.asm_f32s("wgmma.fence.sync.aligned;", acc, &packed);
+        let d = a.iter().enumerate().fold(d, |d, (kk, a)| {
+            // 16 rows of the tile a product.
+            let at = g.op_c("add", tile, kk as u64 * 16 * 128);
+            let b = descriptor(g, &at, Major::N);
+            wgmma(g, width, &d, Operand::Registers(a), &b, true)
+        });
+        acc.clone_from_slice(&completed(g, &d));
     }
 
-    /// …of B fragments of a tile whose rows run along the product's K (`ldmatrix.trans`):
-    /// rows lane mod 8 + 8·(lane / 8 mod 2), columns 8·(lane / 16).
-    fn bt_lane(&self, g: &mut Lines, tile: &str, stride: u64) -> String {
-        let row = g.op_c("urem", &self.lane, 8);
-        let second = g.op_c("udiv", &self.lane, 8);
-        let second = g.op_c("urem", &second, 2);
-        let second = g.op_c("mul", &second, 8);
-        let row = g.op("add", &row, &second);
-        let col = g.op_c("udiv", &self.lane, 16);
-        lane_at(g, tile, &row, stride, &col)
-    }
-
-    /// The warp's 16 × 64 products of its rows of one staged tile (`a`, A lane address) with
-    /// the 64 rows of another (`b`, B lane address, rows `b_stride` apart), over `width`: 8
-    /// tiles of 8 columns, 4 values each (rows g, g + 8; columns 2t, 2t + 1).
-    fn products(&self, g: &mut Lines, a: &str, b: &str, width: u32, b_stride: u64) -> Vec<Vec<String>> {
-        let mut tiles = vec![vec![self.zero.clone(); 4]; 8];
-        for kk in 0..u64::from(width / 16) {
-            let a_at = g.op_c("add", a, kk * 32);
-            let a = ldmatrix(g, &a_at, false);
-            for pair in 0..4u64 {
-                let b_at = g.op_c("add", b, pair * 16 * b_stride + kk * 32);
-                let b = ldmatrix(g, &b_at, false);
-                for half in 0..2 {
-                    let n = 2 * pair as usize + half;
-                    tiles[n] = mma(g, &tiles[n], &a, &b[2 * half..2 * half + 2]);
-                }
-            }
-        }
-        tiles
-    }
-
-    /// `acc` (16 rows × `width`: per 8 columns 4 values) += `p` (the warp's 16 × 64, as
-    /// [`Block::products`] gives them, rounded to BF16) times a staged 64-row tile (`t`, its
-    /// transposed-B lane address, rows `stride` apart).
-    fn accumulate(&self, g: &mut Lines, acc: &mut [String], p: &[Vec<String>], t: &str, width: u32, stride: u64) {
-        for kk in 0..4usize {
-            let (t0, t1) = (&p[2 * kk], &p[2 * kk + 1]);
-            let a =
-                [pack(g, &t0[0], &t0[1]), pack(g, &t0[2], &t0[3]), pack(g, &t1[0], &t1[1]), pack(g, &t1[2], &t1[3])];
-            for pair in 0..(width / 16) as usize {
-                let at = g.op_c("add", t, (kk as u64) * 16 * stride + pair as u64 * 32);
-                let b = ldmatrix(g, &at, true);
-                for half in 0..2 {
-                    let n = 2 * pair + half;
-                    let out = mma(g, &acc[4 * n..4 * n + 4], &a, &b[2 * half..2 * half + 2]);
-                    acc[4 * n..4 * n + 4].clone_from_slice(&out);
-                }
-            }
-        }
-    }
-
-    /// Base-2 logits of `scores`, minus `shift` per value, −∞ where `masked(column, row)` on the
-    /// diagonal block (`diagonal`, i1); columns are 8n + 2t + {0, 1}, rows the thread's two.
+    /// Base-2 logits of `scores` (of column block `j` and the rows of tile `tile`), minus
+    /// `shift` per value, −∞ where `keep` drops the column: on the diagonal block the columns
+    /// past (or before) the row, all of a block past (or before) the diagonal (the loop's
+    /// last (or first) block for the warpgroup whose diagonal comes earlier (or later));
+    /// columns are 8n + 2t + {0, 1}, rows the thread's two.
+    #[allow(clippy::too_many_arguments)]
     fn logits(
         &self,
         g: &mut Lines,
         scores: &mut [Vec<String>],
-        diagonal: &str,
+        j: &str,
+        tile: &str,
         keep: Order,
         shift: impl Fn(&mut Lines, usize, usize) -> Option<String>,
     ) {
+        let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {tile} : i64"));
+        let beyond = match keep {
+            Order::ColumnsUpToRow => g.line(format!("llvm.icmp \"ugt\" {j}, {tile} : i64")),
+            Order::ColumnsFromRow => g.line(format!("llvm.icmp \"ult\" {j}, {tile} : i64")),
+        };
         let col = g.op_c("mul", &self.quad_col, 2);
         for (n, tile) in scores.iter_mut().enumerate() {
             for (e, x) in tile.iter_mut().enumerate() {
@@ -277,6 +276,7 @@ impl Block {
                     Order::ColumnsFromRow => g.line(format!("llvm.icmp \"ult\" {column}, {row} : i64")),
                 };
                 let masked = g.line(format!("llvm.and {diagonal}, {outside} : i1"));
+                let masked = g.line(format!("llvm.or {beyond}, {masked} : i1"));
                 *x = g.line(format!("llvm.select {masked}, {}, {y} : i1, f32", self.minus_inf));
             }
         }
@@ -388,12 +388,62 @@ enum Order {
     ColumnsFromRow,
 }
 
-/// `tile + row·stride + 16·col8` (bytes).
-fn lane_at(g: &mut Lines, tile: &str, row: &str, stride: u64, col8: &str) -> String {
-    let at = g.op_c("mul", row, stride);
-    let col = g.op_c("mul", col8, 16);
-    let at = g.op("add", &at, &col);
-    g.op("add", &at, tile)
+/// How a staged tile is read by a product: along its rows (K-major: the scores' operands) or
+/// down its columns (N-major: the B of the accumulations, its rows along the product's K).
+#[derive(Clone, Copy)]
+enum Major {
+    K,
+    N,
+}
+
+/// The `wgmma` descriptor of a staged tile from shared byte `at` (i64): 128-byte swizzle,
+/// 8-row groups 1,024 bytes apart; N-major, its 64-column regions [`REGION`] bytes apart
+/// (K-major products stay within a region: that offset is unused).
+fn descriptor(g: &mut Lines, at: &str, major: Major) -> String {
+    let regions = match major {
+        Major::K => 16,
+        Major::N => REGION,
+    };
+    let layout = super::ptx::swizzled_layout(g, regions, 1024);
+    super::ptx::descriptor(g, &layout, at)
+}
+
+/// A product's A: a staged tile (its descriptor) or four BF16 pairs per thread.
+enum Operand<'a> {
+    Shared(String),
+    Registers(&'a [String; 4]),
+}
+
+/// `d` (the warpgroup's 64 × `n` f32 accumulators, `n / 2` a thread) + A · B over 16 of K:
+/// one `wgmma.mma_async` on BF16 (B K-major for a shared A, N-major for A in registers); `add`
+/// false starts from zero.
+fn wgmma(g: &mut Lines, n: u32, d: &[String], a: Operand, b: &str, add: bool) -> Vec<String> {
+    let count = d.len();
+    let accumulators: Vec<String> = (0..count).map(|i| format!("${i}")).collect();
+    let next = 2 * count;
+    let (a_text, mut operands, transposed) = match a {
+        Operand::Shared(desc) => (format!("${next}"), vec![(desc, "l", "i64")], "0, 0"),
+        Operand::Registers(regs) => (
+            format!("{{${next}, ${}, ${}, ${}}}", next + 1, next + 2, next + 3),
+            regs.iter().map(|r| (r.clone(), "r", "i32")).collect(),
+            "1",
+        ),
+    };
+    let (b_at, add_at) = (next + operands.len(), next + operands.len() + 1);
+    operands.push((b.to_string(), "l", "i64"));
+    operands.push((g.i32(u32::from(add)), "r", "i32"));
+    let text = format!(
+        r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${add_at}, 0;\0Awgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{}}}, {a_text}, ${b_at}, p, 1, 1, {transposed};\0A}}",
+        accumulators.join(", ")
+    );
+    g.asm_f32s(&text, d, &operands)
+}
+
+/// `d` once the products issued since the last commit are done (the accumulators pass through
+/// the wait, so nothing reads them before it).
+fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
+    g.asm("wgmma.commit_group.sync.aligned;", &[]);
+    g.asm_f32s("wgmma.wait_group.sync.aligned 0;", d, &[])
 }
 
 /// Opens `scf.for` over the column blocks `lower..upper` (i64) carrying the f32 values
@@ -408,7 +458,7 @@ fn column_loop(g: &mut Lines, lower: &str, upper: &str, initial: &[String]) -> L
 fn module(name: &str, args: &str, body: &str) -> String {
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
-         llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 16 : i64}} : !llvm.array<0 x i8>\n    \
+         llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
          gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{\n\
          {body}      gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
@@ -416,19 +466,21 @@ fn module(name: &str, args: &str, body: &str) -> String {
 }
 
 /// The head dims of the kernels that run `node` of `f`: BF16 `attention` or `attention_grad`
-/// on q [b, s, h, dqk] and v [b, s, h, dv] with dims multiples of 16 up to 256 and s a multiple
-/// of [`BLOCK_ROWS`]; `None` for any other node (a plan expands other attention:
-/// `fuse::expand`).
-pub fn fused(f: &Function, node: &Node) -> Option<Heads> {
+/// on q [b, s, h, dqk] and v [b, s, h, dv] with dims multiples of 64 up to 256 and s a multiple
+/// of [`BLOCK_ROWS`], q and k read packed where both are among `f`'s `packed` values; `None`
+/// for any other node (a plan expands other attention: `fuse::expand`).
+pub fn fused(f: &Function, node: &Node, packed: &HashSet<u32>) -> Option<Heads> {
     let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else { return None };
     let (q, v) = (&f.node(node.args[0]).shape, &f.node(node.args[2]).shape);
     let narrow = |x: usize| u32::try_from(x).ok();
-    let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])? };
+    let bf16_qk = node.args[..2].iter().all(|&x| packed.contains(&base(f, x).0));
+    let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])?, bf16_qk };
     (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
 }
 
 /// The four kernels for `heads` in launch order, each (name, MLIR): the forward
-/// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}`.
+/// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}`
+/// (`bf16qk{QK}` where queries and keys are packed).
 pub fn kernels(heads: Heads) -> Vec<(String, String)> {
     let forward = kernel_name(heads, None);
     let mut kernels = vec![(forward.clone(), attention_forward(&forward, heads))];
@@ -445,46 +497,44 @@ pub fn kernel_name(heads: Heads, pass: Option<Pass>) -> String {
         None => "fwd".to_string(),
         Some(pass) => format!("bwd_{}", pass.label()),
     };
-    format!("attention_{kind}_qk{}_v{}", heads.qk, heads.v)
+    let packed = if heads.bf16_qk { "bf16" } else { "" };
+    format!("attention_{kind}_{packed}qk{}_v{}", heads.qk, heads.v)
 }
 
-/// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / 64, B·H),
+/// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / [`BLOCK_ROWS`], B·H),
 /// [`THREADS`] threads, [`Heads::shared_bytes`] of dynamic shared memory; arguments Q, K, V,
-/// O, LSE (pointers), S, H (u32; S a multiple of 64) and the softmax scale (f32).
+/// O, LSE (pointers), S, H (u32; S a multiple of [`BLOCK_ROWS`]) and the softmax scale (f32).
 pub fn attention_forward(name: &str, heads: Heads) -> String {
     let mut g = Lines::new();
     let b = Block::new(&mut g, heads);
-    let (qk_stride, v_stride) = (b.qk_stride, b.v_stride);
     // The heaviest blocks (most keys) first.
     let q_block = b.reversed_block(&mut g);
-    let q0 = g.op_c("mul", &q_block, BLOCK_ROWS.into());
-    let rows = u64::from(BLOCK_ROWS);
-    let sq = b.smem.clone();
-    let sk = g.op_c("add", &sq, rows * qk_stride);
-    let sv = g.op_c("add", &sk, rows * qk_stride);
-    // Q's 64 rows, their A fragments read at each key block (kept in registers they spill).
-    b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq);
-    let q_lane = b.a_lane(&mut g, &sq, qk_stride);
-    let k_lane = b.b_lane(&mut g, &sk, qk_stride);
-    let v_lane = b.bt_lane(&mut g, &sv, v_stride);
+    let (q_tile, q0) = b.tile(&mut g, &q_block);
+    let sk = b.smem.clone();
+    let sv = g.op_c("add", &sk, Heads::tile_bytes(heads.qk));
+    let queries = g.op_c("add", &sv, Heads::tile_bytes(heads.v));
+    let sq = b.own_tile(&mut g, &queries, Heads::tile_bytes(heads.qk));
+    // The warpgroup's 64 rows of Q, read by the products of every key block.
+    b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq, true);
     // The key blocks up to the diagonal, carrying the output accumulators (16 rows × Dv per
     // warp) and each of the thread's two rows' running maximum and sum.
     let o_count = (heads.v / 8 * 4) as usize;
     let mut initial = vec![b.zero.clone(); o_count];
     initial.extend([b.minus_inf.clone(), b.minus_inf.clone(), b.zero.clone(), b.zero.clone()]);
     let zero64 = g.i64(0);
+    // Up to the last warpgroup's diagonal.
     let upper = g.op_c("add", &q_block, 1);
+    let upper = g.op_c("mul", &upper, WARPGROUPS.into());
     let Loop { index: j, carried, results: state } = column_loop(&mut g, &zero64, &upper, &initial);
     let carried = |i: usize| carried[i].clone();
-    let k0 = g.op_c("mul", &j, BLOCK_ROWS.into());
+    let k0 = g.op_c("mul", &j, TILE_ROWS.into());
     // The last block's K and V are read: stage this block's.
     g.stmt("gpu.barrier");
-    b.stage(&mut g, "%k", Layout::Qk, heads, &k0, &sk);
-    b.stage(&mut g, "%v", Layout::V, heads, &k0, &sv);
+    b.stage(&mut g, "%k", Layout::Qk, heads, &k0, &sk, false);
+    b.stage(&mut g, "%v", Layout::V, heads, &k0, &sv, false);
     g.stmt("gpu.barrier");
-    let mut scores = b.products(&mut g, &q_lane, &k_lane, heads.qk, qk_stride);
-    let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {q_block} : i64"));
-    b.logits(&mut g, &mut scores, &diagonal, Order::ColumnsUpToRow, |_, _, _| None);
+    let mut scores = b.products(&mut g, &sq, &sk, heads.qk);
+    b.logits(&mut g, &mut scores, &j, &q_tile, Order::ColumnsUpToRow, |_, _, _| None);
     // Per row: the new maximum (over the quad's four threads), the correction of the old sum
     // and output, the probabilities and their sum.
     let mut alphas = Vec::new();
@@ -520,7 +570,7 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     }
     let mut o: Vec<String> =
         (0..o_count).map(|i| g.line(format!("llvm.fmul {}, {} : f32", carried(i), alphas[(i % 4) / 2]))).collect();
-    b.accumulate(&mut g, &mut o, &scores, &v_lane, heads.v, v_stride);
+    b.accumulate(&mut g, &mut o, &scores, &sv, heads.v);
     let yielded: Vec<String> = o.iter().chain(&news).chain(&sums).cloned().collect();
     g.stmt(format!("scf.yield {} : {}", yielded.join(", "), vec!["f32"; yielded.len()].join(", ")));
     g.stmt("}");
@@ -585,42 +635,38 @@ impl Pass {
     }
 }
 
-/// The MLIR module of backward kernel `name` (`pass`) for `heads`. Launch: grid (S / 64,
-/// B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V, O, dO, LSE
+/// The MLIR module of backward kernel `name` (`pass`) for `heads`. Launch: grid (S /
+/// [`BLOCK_ROWS`], B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V, O, dO, LSE
 /// (the forward's), D ([B, H, S]: written by the query pass, read by the others), the
 /// gradient it writes (dQ, dK or dV; every element written), S, H (u32) and the softmax scale
 /// (f32).
 pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let mut g = Lines::new();
     let b = Block::new(&mut g, heads);
-    let (qk_stride, v_stride) = (b.qk_stride, b.v_stride);
     // The heaviest blocks first: the last query block has the most keys, the first key block
     // the most queries.
     let row_block = match pass {
         Pass::Query => b.reversed_block(&mut g),
         Pass::Key | Pass::Value => b.block.clone(),
     };
-    let r0 = g.op_c("mul", &row_block, BLOCK_ROWS.into());
-    let rows = u64::from(BLOCK_ROWS);
-    let s_rows = b.smem.clone();
-    let s_rows_v = g.op_c("add", &s_rows, rows * qk_stride);
-    let s_cols = g.op_c("add", &s_rows_v, rows * v_stride);
-    let s_cols_v = g.op_c("add", &s_cols, rows * qk_stride);
+    let (tile, r0) = b.tile(&mut g, &row_block);
+    let s_cols = b.smem.clone();
+    let s_cols_v = g.op_c("add", &s_cols, Heads::tile_bytes(heads.qk));
+    let rows = g.op_c("add", &s_cols_v, Heads::tile_bytes(heads.v));
+    let s_rows = b.own_tile(&mut g, &rows, Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v));
+    let s_rows_v = g.op_c("add", &s_rows, Heads::tile_bytes(heads.qk));
     let (rows_qk, rows_v, cols_qk, cols_v) = match pass {
         Pass::Query => ("%q", "%do", "%k", "%v"),
         Pass::Key | Pass::Value => ("%k", "%v", "%q", "%do"),
     };
-    b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows);
+    b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows, true);
     if pass != Pass::Value {
-        b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v);
+        b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v, true);
     }
-    let a_rows = b.a_lane(&mut g, &s_rows, qk_stride);
-    let a_rows_v = b.a_lane(&mut g, &s_rows_v, v_stride);
-    let b_cols = b.b_lane(&mut g, &s_cols, qk_stride);
-    let b_cols_v = b.b_lane(&mut g, &s_cols_v, v_stride);
-    let (layout, t_lane, t_stride) = match pass {
-        Pass::Query | Pass::Key => (Layout::Qk, b.bt_lane(&mut g, &s_cols, qk_stride), qk_stride),
-        Pass::Value => (Layout::V, b.bt_lane(&mut g, &s_cols_v, v_stride), v_stride),
+    // The tile the accumulation reads N-major: K for dQ, Q for dK, dO for dV.
+    let (layout, t_tile) = match pass {
+        Pass::Query | Pass::Key => (Layout::Qk, &s_cols),
+        Pass::Value => (Layout::V, &s_cols_v),
     };
     let width = b.place(layout, heads).2;
     // The query pass's rows: their log-sum-exp (base 2) and D, which it writes.
@@ -630,17 +676,20 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Vec::new()
     };
     let count = (width / 8 * 4) as usize;
+    // The column blocks up to the last warpgroup's diagonal (queries) or from the first's
+    // (keys).
     let (lower, upper) = match pass {
         Pass::Query => (g.i64(0), g.op_c("add", &row_block, 1)),
         Pass::Key | Pass::Value => (row_block.clone(), b.blocks.clone()),
     };
+    let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
     let Loop { index: j, carried, results: state } = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count]);
-    let c0 = g.op_c("mul", &j, BLOCK_ROWS.into());
+    let c0 = g.op_c("mul", &j, TILE_ROWS.into());
     g.stmt("gpu.barrier");
-    b.stage(&mut g, cols_qk, Layout::Qk, heads, &c0, &s_cols);
-    b.stage(&mut g, cols_v, Layout::V, heads, &c0, &s_cols_v);
+    b.stage(&mut g, cols_qk, Layout::Qk, heads, &c0, &s_cols, false);
+    b.stage(&mut g, cols_v, Layout::V, heads, &c0, &s_cols_v, false);
     g.stmt("gpu.barrier");
-    let mut p = b.products(&mut g, &a_rows, &b_cols, heads.qk, qk_stride);
+    let mut p = b.products(&mut g, &s_rows, &s_cols, heads.qk);
     // The key passes' columns are queries: their log-sum-exps and (for dK) D, per column
     // 8n + 2t + e, loaded after the scores' products (before them, they stay live across the
     // products and spill).
@@ -665,9 +714,8 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
             (lse, Some(delta))
         }
     };
-    let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {row_block} : i64"));
     let order = if pass == Pass::Query { Order::ColumnsUpToRow } else { Order::ColumnsFromRow };
-    b.logits(&mut g, &mut p, &diagonal, order, |_, n, e| Some(term(n, e).0.to_string()));
+    b.logits(&mut g, &mut p, &j, &tile, order, |_, n, e| Some(term(n, e).0.to_string()));
     for tile in p.iter_mut() {
         for x in tile.iter_mut() {
             *x = exp2(&mut g, x);
@@ -675,10 +723,10 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     }
     let mut acc = carried;
     if pass == Pass::Value {
-        b.accumulate(&mut g, &mut acc, &p, &t_lane, width, t_stride);
+        b.accumulate(&mut g, &mut acc, &p, t_tile, width);
     } else {
         // dS = P ∘ (dP − D), dP = dO·Vᵀ (query rows) or V·dOᵀ (key rows).
-        let dp = b.products(&mut g, &a_rows_v, &b_cols_v, heads.v, v_stride);
+        let dp = b.products(&mut g, &s_rows_v, &s_cols_v, heads.v);
         for (n, tile) in p.iter_mut().enumerate() {
             for (e, x) in tile.iter_mut().enumerate() {
                 let delta = term(n, e).1.expect("the dQ and dK passes read D");
@@ -686,7 +734,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
                 *x = g.line(format!("llvm.fmul {x}, {d} : f32"));
             }
         }
-        b.accumulate(&mut g, &mut acc, &p, &t_lane, width, t_stride);
+        b.accumulate(&mut g, &mut acc, &p, t_tile, width);
     }
     g.stmt(format!("scf.yield {} : {}", acc.join(", "), vec!["f32"; count].join(", ")));
     g.stmt("}");
@@ -704,68 +752,81 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     )
 }
 
-/// Stages 64 rows of `width` f32 values as BF16 in shared memory at `smem` (rows `stride`
-/// bytes apart): row r of the tile is element `at + (row0 + r)·row + c` of `src`. Each thread
-/// moves 16 bytes at a time: `lanes` consecutive threads share a row (16, or the most that
-/// divides its 16-byte pieces), each taking every `lanes`-th piece, so that a thread's pieces
-/// lie at one address of its own plus offsets common to all threads (the per-piece addresses
-/// of any other layout are registers the column loop keeps live).
+/// Stages 64 rows of `width` values (f32, or BF16 where `packed`) as BF16 at shared byte
+/// `smem`, swizzled as the module doc says: row r of the tile is element
+/// `at + (row0 + r)·row + c` of `src`, by `threads` threads (`tid` the thread's place among them). Each thread
+/// reads 16 bytes at a time (4 f32 rounded to 8 bytes, or 8 BF16 stored as read), the threads
+/// of a row (16, or 8) each taking the same columns of every region, the passes' rows (8 to 32
+/// apart) keeping its rows' places mod 8: a thread's pieces lie at one address of its own
+/// plus offsets common to all threads (the per-piece addresses of any other layout are
+/// registers the column loop keeps live). The writes are then fenced for the tensor cores'
+/// reads (the async proxy); the caller's barrier follows.
 #[allow(clippy::too_many_arguments)]
-fn stage(g: &mut Lines, src: &str, at: &str, row: &str, row0: &str, width: u32, smem: &str, stride: u64, tid: &str) {
-    let chunks = width / 4;
-    let lanes = [16, 8, 4].into_iter().find(|l| chunks.is_multiple_of(*l)).expect("widths are multiples of 16");
-    let rows_per_pass = THREADS / lanes;
+fn stage(g: &mut Lines, src: Source, at: &str, row: &str, row0: &str, width: u32, smem: &str, tid: &str, threads: u32) {
+    // Values a thread reads at once, and threads to a row's 64 columns.
+    let values = if src.packed { 8 } else { 4 };
+    let lanes = 64 / values;
+    let rows_per_pass = u64::from(threads / lanes);
     let lane_row = g.op_c("udiv", tid, lanes.into());
     let lane_col = g.op_c("urem", tid, lanes.into());
     let first = g.op("add", row0, &lane_row);
     let first = g.op("mul", &first, row);
     let first = g.op("add", &first, at);
-    let col4 = g.op_c("mul", &lane_col, 4);
-    let from0 = g.op("add", &first, &col4);
-    let to0 = g.op_c("mul", &lane_row, stride);
-    let col8 = g.op_c("mul", &lane_col, 8);
-    let to0 = g.op("add", &to0, &col8);
+    let col = g.op_c("mul", &lane_col, values.into());
+    let from0 = g.op("add", &first, &col);
+    // Columns c.. are bytes 2(c mod 8).. of the row's 16-byte chunk c / 8, which row r keeps
+    // at chunk (c / 8) xor (r mod 8).
+    let chunk = g.op_c("udiv", &col, 8);
+    let row8 = g.op_c("urem", &lane_row, 8);
+    let chunk = g.op("xor", &chunk, &row8);
+    let to0 = g.op_c("mul", &lane_row, 128);
+    let chunk = g.op_c("mul", &chunk, 16);
+    let to0 = g.op("add", &to0, &chunk);
+    let within = g.op_c("urem", &col, 8);
+    let within = g.op_c("mul", &within, 2);
+    let to0 = g.op("add", &to0, &within);
     let to0 = g.op("add", &to0, smem);
-    for pass in 0..u64::from(BLOCK_ROWS / rows_per_pass) {
-        let rows = g.op_c("mul", row, pass * u64::from(rows_per_pass));
+    let element = if src.packed { "bf16" } else { "f32" };
+    for pass in 0..u64::from(TILE_ROWS) / rows_per_pass {
+        let rows = g.op_c("mul", row, pass * rows_per_pass);
         let from_row = g.op("add", &from0, &rows);
-        for k in 0..u64::from(chunks / lanes) {
-            let from = g.op_c("add", &from_row, k * u64::from(lanes) * 4);
-            let p = g.line(format!("llvm.getelementptr {src}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-            let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xf32>"));
-            let e: Vec<String> = (0..4)
-                .map(|k| {
-                    let k = g.i32(k);
-                    g.line(format!("llvm.extractelement {x}[{k} : i32] : vector<4xf32>"))
-                })
-                .collect();
-            let (low, high) = (pack(g, &e[0], &e[1]), pack(g, &e[2], &e[3]));
-            let to = g.op_c("add", &to0, pass * u64::from(rows_per_pass) * stride + k * u64::from(lanes) * 8);
+        for region in 0..u64::from(width / 64) {
+            let from = g.op_c("add", &from_row, region * 64);
+            let p = g.line(format!(
+                "llvm.getelementptr {}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, {element}",
+                src.pointer
+            ));
+            let to = g.op_c("add", &to0, pass * rows_per_pass * 128 + region * REGION);
             let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
-            g.asm("st.shared.v2.b32 [$0], {$1, $2};", &[(to, "r", "i32"), (low, "r", "i32"), (high, "r", "i32")]);
+            if src.packed {
+                let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xi32>"));
+                let mut operands = vec![(to, "r", "i32")];
+                for k in 0..4 {
+                    let k = g.i32(k);
+                    operands.push((g.line(format!("llvm.extractelement {x}[{k} : i32] : vector<4xi32>")), "r", "i32"));
+                }
+                g.asm("st.shared.v4.b32 [$0], {$1, $2, $3, $4};", &operands);
+            } else {
+                let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xf32>"));
+                let e: Vec<String> = (0..4)
+                    .map(|k| {
+                        let k = g.i32(k);
+                        g.line(format!("llvm.extractelement {x}[{k} : i32] : vector<4xf32>"))
+                    })
+                    .collect();
+                let (low, high) = (pack(g, &e[0], &e[1]), pack(g, &e[2], &e[3]));
+                g.asm("st.shared.v2.b32 [$0], {$1, $2};", &[(to, "r", "i32"), (low, "r", "i32"), (high, "r", "i32")]);
+            }
         }
     }
+    g.asm("fence.proxy.async.shared::cta;", &[]);
 }
 
-/// Four 8×8 BF16 matrices from shared memory (this lane's row at `at`, i64), transposed or not.
-fn ldmatrix(g: &mut Lines, at: &str, transposed: bool) -> Vec<String> {
-    let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
-    let trans = if transposed { ".trans" } else { "" };
-    g.asm_i32s(
-        &format!("ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{$0, $1, $2, $3}}, [$4];"),
-        4,
-        &[(at, "r", "i32")],
-    )
-}
-
-/// `acc` (4 f32) + A (4 BF16 pairs) · B (2 BF16 pairs): one m16n8k16 product.
-fn mma(g: &mut Lines, acc: &[String], a: &[String], b: &[String]) -> Vec<String> {
-    let operands: Vec<(String, &str, &str)> = a.iter().chain(b).map(|x| (x.clone(), "r", "i32")).collect();
-    g.asm_f32s(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$8, $9, $10, $11}, {$12, $13}, {$0, $1, $2, $3};",
-        acc,
-        &operands,
-    )
+/// A staged tensor: its pointer argument, and whether it is stored as packed BF16.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    pointer: &'a str,
+    packed: bool,
 }
 
 /// Two f32 rounded to BF16 in one word, `low` in the low half.
@@ -801,42 +862,40 @@ fn quad_reduce(g: &mut Lines, x: &str, combine: Combine) -> String {
 mod tests {
     use super::*;
 
-    /// MLA's forward and backward passes lower to PTX whose products are BF16 `mma.sync`s fed
-    /// by `ldmatrix` (transposed where a tile runs along the product's K), within a
-    /// multiprocessor's shared memory, and, where `DSC_PTXAS` names ptxas, assemble for sm_90a
-    /// (without spilling but for 4 bytes of the dQ pass; the forward in three blocks' share of
-    /// the registers).
+    /// MLA's forward and backward passes lower to PTX whose products are BF16 `wgmma`s (the
+    /// scores 64 × 64 from shared memory, the accumulations' A from registers and B N-major),
+    /// after the staged tiles are fenced for the tensor cores (Q and K copied as they are where
+    /// packed, 16 bytes a store), within a multiprocessor's shared memory, and, where
+    /// `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling (but for the dQ pass's few
+    /// bytes).
     #[test]
-    fn the_attention_kernels_lower_to_tensor_core_products_and_assemble() {
-        let heads = Heads { qk: 192, v: 128 };
-        assert!(heads.shared_bytes().max(heads.backward_shared_bytes()) <= 227 * 1024);
-        let mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
-        let transposed = "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16";
-        let lowering = crate::mlir::lower::Lowering::default();
-        // Per column block and warp: scores 12 × 8 products, dP 8 × 8, then P·V or dS·K (4 × 16
-        // or 4 × 24), their B fragments transposed (4 × 8 or 4 × 12 loads).
-        let kernels = [
-            (attention_forward("attention", heads), 12 * 8 + 4 * 16, 4 * 8),
-            (attention_backward("attention", heads, Pass::Query), 12 * 8 + 8 * 8 + 4 * 24, 4 * 12),
-            (attention_backward("attention", heads, Pass::Key), 12 * 8 + 8 * 8 + 4 * 24, 4 * 12),
-            (attention_backward("attention", heads, Pass::Value), 12 * 8 + 4 * 16, 4 * 8),
-        ];
-        for (i, (mlir, products, loads)) in kernels.into_iter().enumerate() {
-            let ptx = lowering.ptx(&mlir, false).expect("lowers");
-            assert_eq!(ptx.matches(mma).count(), products, "{ptx}");
-            assert_eq!(ptx.matches(transposed).count(), loads, "{ptx}");
-            assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
-            if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
-                // All but the dQ pass (4 bytes) without spilling; the forward in at most 168
-                // registers, so that three blocks share a multiprocessor's 65,536.
-                assert!(i == 1 || crate::mlir::ptx::spilled_bytes(&report) == 0, "{report}");
-                let registers: u32 = report
-                    .split("Used ")
-                    .nth(1)
-                    .and_then(|r| r.split(' ').next())
-                    .and_then(|n| n.parse().ok())
-                    .expect("ptxas reports the registers");
-                assert!(i > 0 || registers <= 168, "{report}");
+    fn the_attention_kernels_lower_to_warpgroup_products_and_assemble() {
+        for bf16_qk in [false, true] {
+            let heads = Heads { qk: 192, v: 128, bf16_qk };
+            assert!(heads.shared_bytes().max(heads.backward_shared_bytes()) <= 227 * 1024);
+            let scores = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16";
+            let lowering = crate::mlir::lower::Lowering::default();
+            // Per column block: the scores 12 products over Dqk, dP 8 over Dv, then P·V, dS·K,
+            // dSᵀ·Q or Pᵀ·dO: 4 over the 64 columns, as wide as the tile they read.
+            let kernels = [
+                (attention_forward("attention", heads), 12, 128),
+                (attention_backward("attention", heads, Pass::Query), 12 + 8, 192),
+                (attention_backward("attention", heads, Pass::Key), 12 + 8, 192),
+                (attention_backward("attention", heads, Pass::Value), 12, 128),
+            ];
+            for (i, (mlir, score_products, width)) in kernels.into_iter().enumerate() {
+                let ptx = lowering.ptx(&mlir, false).expect("lowers");
+                assert_eq!(ptx.matches(scores).count(), score_products, "{ptx}");
+                let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
+                assert_eq!(ptx.matches(&accumulation).count(), 4, "{ptx}");
+                assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
+                assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
+                assert_eq!(ptx.contains("st.shared.v4.b32"), bf16_qk, "{ptx}");
+                if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
+                    let spilled = crate::mlir::ptx::spilled_bytes(&report);
+                    eprintln!("bf16 q/k {bf16_qk}, pass {i}: {spilled} bytes spilled\n{report}");
+                    assert!(i == 1 || spilled == 0, "{report}");
+                }
             }
         }
     }

@@ -273,7 +273,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let group_a_at = g.op_c("mul", &group, u64::from(TILE_M * TILE_K));
     // Descriptors: 128-byte swizzle (bits 62–63), stride offset 1,024 bytes between 8-row
     // groups, leading offset unused (1).
-    let layout = g.i64((1 << 62) | ((ROW_GROUP >> 4) << 32) | (1 << 16));
+    let layout = super::ptx::swizzled_layout(&mut g, 16, ROW_GROUP);
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
     each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
         let Setup { n0, m0, valid, sb, k_from, k_blocks, c, .. } = at;
@@ -362,9 +362,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             // 32 bytes of K per product, within the swizzled rows.
             let descriptor = |g: &mut Lines, base: &str| {
                 let at = g.op_c("add", base, u64::from(step * 32));
-                let low = g.op_c("and", &at, 0x3FFFF);
-                let address = g.op_c("lshr", &low, 4);
-                g.op("or", &layout, &address)
+                super::ptx::descriptor(g, &layout, &at)
             };
             let a = descriptor(g, &a_at);
             let b = descriptor(g, &b_at);

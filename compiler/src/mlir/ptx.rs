@@ -160,6 +160,20 @@ fn structure(ty: &str, count: usize) -> String {
     format!("!llvm.struct<({})>", vec![ty; count].join(", "))
 }
 
+/// The layout half of a `wgmma` shared-memory descriptor: 128-byte swizzle (bits 62–63), the
+/// stride byte offset (bits 32–45) and the leading byte offset (bits 16–29), both in bytes.
+pub fn swizzled_layout(g: &mut Lines, leading: u64, stride: u64) -> String {
+    g.i64((1 << 62) | ((stride >> 4) << 32) | ((leading >> 4) << 16))
+}
+
+/// The descriptor of the tile at shared byte `at` (i64) with `layout` ([`swizzled_layout`]):
+/// the address's bits 4–17 in bits 0–13.
+pub fn descriptor(g: &mut Lines, layout: &str, at: &str) -> String {
+    let low = g.op_c("and", at, 0x3FFFF);
+    let address = g.op_c("lshr", &low, 4);
+    g.op("or", layout, &address)
+}
+
 /// Bytes of registers spilled to local memory, as `report` (ptxas -v) gives them: the stores'
 /// count of every function it lists.
 #[cfg(all(test, feature = "mlir"))]

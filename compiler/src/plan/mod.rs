@@ -186,7 +186,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
 /// `module` with the attention that the fused kernels do not take (f32, or dims they lack)
 /// expanded into primitives ([`fuse::expand`]), as a plan runs it.
 pub fn expand_attention(module: &Module) -> Module {
-    fuse::expand::attention(module, |f, node| attention::fused(f, node).is_some())
+    fuse::expand::attention(module, |f, node| attention::fused(f, node, &HashSet::new()).is_some())
 }
 
 /// Bytes of a value's buffer as the generated kernels address it: reals as f32 (a bf16 value
@@ -320,11 +320,11 @@ impl Plan {
 
     /// The head dims of the fused attention kernels the plan carries: its attention's that
     /// the kernels run ([`attention::fused`]; [`expand_attention`] expanded any other). A
-    /// model's attention layers share their dims.
+    /// model's attention layers share their dims and storage.
     pub fn attention_heads(&self) -> Option<attention::Heads> {
         self.module.functions.iter().zip(&self.functions).find_map(|(f, pf)| {
             let mut kernels = pf.kernels.iter().filter(|k| k.kind == KernelKind::Attention);
-            kernels.find_map(|k| attention::fused(f, &f.nodes[k.nodes[0] as usize]))
+            kernels.find_map(|k| attention::fused(f, &f.nodes[k.nodes[0] as usize], &pf.packed_set()))
         })
     }
 
@@ -629,13 +629,14 @@ mod tests {
 
     /// A BF16-attention plan whose head dims and length the fused kernels take carries their
     /// four kernels (its attention and backward kernels of their own); the tiny model's dims
-    /// (24/16) and an f32 policy's attention carry none: their attention is expanded.
+    /// (24/16, length 64) and an f32 policy's attention carry none: their attention is expanded.
     #[test]
     fn plans_carry_the_fused_attention_where_it_runs() {
-        let fitting = ["model.attention.qk_nope_dim=24".to_string(), "model.attention.v_dim=32".to_string()];
+        let fitting =
+            ["model.attention.qk_nope_dim=56", "model.attention.v_dim=64", "train.seq_len=128"].map(String::from);
         let f32 = [&fitting[..], &["precision.gemm=f32".to_string()]].concat();
         for (sets, carried) in
-            [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 32, v: 32 })), (&f32[..], None)]
+            [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 64, v: 64, bf16_qk: true })), (&f32[..], None)]
         {
             let plan = tiny_plan(sets);
             assert_eq!(plan.attention_heads(), carried, "{sets:?}");

@@ -12,6 +12,7 @@ use dsc_compiler::fuse::kernels::{base, Kernel};
 use dsc_compiler::graph::ir::{Function, Op, V};
 use dsc_compiler::mlir::attention::{self, kernel_name, Heads, Pass, BLOCK_ROWS, THREADS};
 use dsc_compiler::plan::Plan;
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -54,9 +55,10 @@ impl FusedAttention {
         }))
     }
 
-    /// Whether `kernel` is attention or its backward that these kernels run.
-    pub fn runs(&self, function: &Function, kernel: &Kernel) -> bool {
-        attention::fused(function, &function.nodes[kernel.nodes[0] as usize]) == Some(self.heads)
+    /// Whether `kernel` (of `function`, whose `packed` values are stored as bf16) is attention
+    /// or its backward that these kernels run.
+    pub fn runs(&self, function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> bool {
+        attention::fused(function, &function.nodes[kernel.nodes[0] as usize], packed) == Some(self.heads)
     }
 
     /// Runs `kernel` (one that [`Self::runs`]) on its buffers at `places`.

@@ -594,7 +594,7 @@ impl Executor {
                 self.kernels.launch(&self.gpu, function, kernel, places, |v| bytes[&v])?;
                 self.counts.generated += 1;
             }
-            Code::Library if self.attention.as_ref().is_some_and(|a| a.runs(function, kernel)) => {
+            Code::Library if self.attention.as_ref().is_some_and(|a| a.runs(function, kernel, &self.packed[f])) => {
                 let attention = self.attention.as_mut().expect("checked above");
                 attention.run(&self.gpu, function, kernel, places)?;
                 self.counts.attention += 1;
