@@ -152,6 +152,8 @@ class Generated:
             experts = offsets.numel() - 1
             keep += (offsets,)
             args += (np.uint64(offsets.data_ptr()), np.uint32(experts))
+            # The second pair of operands (a product added to the first's): none, over K2 = 0.
+            args += args[:4] + (np.uint32(0),)
             rows = -(-m // self.tile_m) + experts
         # Persistent: at most a block per multiprocessor, each looping over its tiles (a cluster
         # of blocks over neighbouring tiles along N).

@@ -222,13 +222,15 @@ fn random_offsets(rng: &mut Rng, rows: usize, experts: usize) -> Vec<i32> {
 }
 
 /// Every grouped FP8 GEMM form of the bench plan (Fprop, its concatenated gate and up form,
-/// Dgrad, and the Wgrad on `quantize_by_expert` operands), each distinct form once, run
+/// Dgrad, the gate's and up projection's Dgrads summed, and the Wgrad on `quantize_by_expert`
+/// operands), each distinct form once, run
 /// through `gemm::run` on random FP8 operands and random expert offsets (two experts empty, a
 /// ragged last one): the first and last rows of the first, a middle and the last expert with
 /// rows match the CPU reference's FP8 GEMM of those rows within 1e-3 (all of them would take
 /// the CPU minutes); rows of the Wgrad's result likewise, and an empty expert's gradient is 0.
-/// Twice: with cuBLASLt, one product per expert, and with the compiler's expert GEMMs the plan
-/// carries (the offsets read on the device).
+/// Twice: with cuBLASLt, one product per expert (not the sum, which only the compiler's GEMM
+/// adds), and with the compiler's expert GEMMs the plan carries (the offsets read on the
+/// device).
 #[test]
 fn the_bench_plans_grouped_fp8_gemms_run_on_the_gpu() {
     use dsc_runtime::cuda::grouped::ExpertGemms;
@@ -265,8 +267,10 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
                 Op::GroupedMatMul { fp8: Some(_), .. }
                     | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
                     | Op::ScaledGroupedWgrad { .. }
+                    | Op::ConcatKScaledGroupedMatMul { .. }
             );
-            if !matches!(kernel.code, Code::Library) || !grouped {
+            let sum = matches!(node.op, Op::ConcatKScaledGroupedMatMul { .. });
+            if !matches!(kernel.code, Code::Library) || !grouped || (sum && blas.experts.grouped.is_none()) {
                 continue;
             }
             assert!(gemm::runs(function, kernel, &packed), "{} runs on the GPU", kernel.name);
@@ -337,6 +341,22 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
                         for row in [0, n - 1] {
                             let want = matmul_fp8(&qg.rows(row..row + 1).columns(columns.clone()), &xe, promote);
                             compare(read(&arena, out + 4 * row * k, k), want, format!("expert {e} row {row}"));
+                        }
+                    }
+                }
+                // The first and second pairs' products of a row, added.
+                Op::ConcatKScaledGroupedMatMul { fp8 } => {
+                    let n = operands[1].m / experts;
+                    for &e in &picked {
+                        let (first, last) = (offsets[e] as usize, offsets[e + 1] as usize - 1);
+                        for row in [first, last] {
+                            let product = |x: &Quantized, w: &Quantized| {
+                                matmul_fp8(&x.rows(row..row + 1), &w.rows(e * n..(e + 1) * n).transposed(), fp8.promote)
+                            };
+                            let (p1, p2) = (product(&operands[0], &operands[1]), product(&operands[2], &operands[3]));
+                            let want = p1.iter().zip(&p2).map(|(a, b)| f64::from((a + b) as f32)).collect();
+                            let got = read(&arena, layout.offsets[&v] as usize + 4 * row * n, n);
+                            compare(got, want, format!("sum expert {e} row {row}"));
                         }
                     }
                 }

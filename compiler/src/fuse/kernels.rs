@@ -99,7 +99,8 @@ fn role(op: &Op) -> Role {
         | Op::ConcatGroupedMatMul { .. }
         | Op::GroupedMatMul { .. }
         | Op::GroupedWgrad { .. }
-        | Op::ScaledGroupedWgrad { .. } => Role::Gemm,
+        | Op::ScaledGroupedWgrad { .. }
+        | Op::ConcatKScaledGroupedMatMul { .. } => Role::Gemm,
         Op::Attention { .. } | Op::AttentionGrad { .. } => Role::Attention,
         op if op.is_elementwise() => Role::Fusible,
         Op::BroadcastTo(_)
@@ -475,6 +476,7 @@ fn peak(f: &Function, nodes: &[usize], kind: KernelKind, profile: &Profile) -> f
                 | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
                 | Op::GroupedWgrad { fp8: Some(_), .. }
                 | Op::ScaledGroupedWgrad { .. }
+                | Op::ConcatKScaledGroupedMatMul { .. }
         )
     };
     let bf16_operands = |node: &Node| {
@@ -511,6 +513,10 @@ fn flops(f: &Function, node: &Node) -> u64 {
         | Op::PermuteQuantize { .. }
         | Op::QuantizeByExpert { .. } => 6 * numel(node),
         Op::GroupedMatMul { .. } => 2 * numel(node) * *f.node(node.args[0]).shape.last().unwrap_or(&0) as u64,
+        Op::ConcatKScaledGroupedMatMul { .. } => {
+            let k = |a: V| *f.node(a).shape.last().unwrap_or(&0) as u64;
+            2 * numel(node) * (k(node.args[0]) + k(node.args[2]))
+        }
         Op::ConcatGroupedMatMul { tb, .. } => {
             let (xs, n_axis) = (&f.node(node.args[0]).shape, if *tb { 1 } else { 2 });
             let n = f.node(node.args[1]).shape[n_axis] + f.node(node.args[2]).shape[n_axis];

@@ -14,8 +14,11 @@
 //! become `grouped_matmul`s on them (`tb`); the Wgrad reads both operands `quantize_by_expert`
 //! (along tokens, each expert on whole groups of its own) and becomes `scaled_grouped_wgrad`.
 //! An operand that only Wgrads read and that is a permutation of rows or a SwiGLU is not
-//! stored: the quantisation makes its rows as it reads them (`ExpertRows`).
-//! Here too the groups are those the GEMMs quantised inside, so nothing changes numerically.
+//! stored: the quantisation makes its rows as it reads them (`ExpertRows`). The sum of two
+//! grouped products that only it reads (the Dgrads of the gate and up projections) becomes one
+//! `concat_k_scaled_grouped_matmul`, which adds the second product to the first as the
+//! addition did. Here too the groups are those the GEMMs quantised inside, so nothing changes
+//! numerically.
 
 use crate::graph::ir::{expert_capacity, DType, ExpertRows, Fp8Gemm, Function, Module, Node, Op, V};
 use std::collections::{HashMap, HashSet};
@@ -44,6 +47,9 @@ struct Rewrite<'f> {
     /// Old nodes that only the experts' FP8 Wgrads read, made where their quantisation by
     /// expert reads them ([`read_by_expert`]): they have no node of their own.
     read_through: HashSet<u32>,
+    /// Old additions of two FP8 grouped products ([`summed_grouped_products`]), made as one
+    /// `concat_k_scaled_grouped_matmul`; their products have no node of their own.
+    sums: HashMap<u32, [u32; 2]>,
 }
 
 impl Rewrite<'_> {
@@ -118,6 +124,28 @@ impl Rewrite<'_> {
         n.is_multiple_of(f.b.outer).then(|| self.quantize(w, f.b.outer, f.b.k, !tb))
     }
 
+    /// Whether old node `i` is a product that a sum of grouped products adds.
+    fn summed(&self, i: u32) -> bool {
+        self.sums.values().any(|products| products.contains(&i))
+    }
+
+    /// Old addition `add` of two FP8 grouped products as one GEMM on their quantised operands.
+    fn sum_of_grouped_products(&mut self, add: u32, node: &Node) -> V {
+        let mut args = Vec::new();
+        let mut recipe = None;
+        for p in self.sums[&add] {
+            let product = self.old.node(V(p));
+            let Op::GroupedMatMul { tb, fp8: Some(f) } = product.op else { unreachable!("a grouped FP8 product") };
+            args.push(self.grouped_rows(product.args[0], f));
+            args.push(self.grouped_weights(product.args[1], tb, f).expect("whole weight blocks (checked)"));
+            recipe = Some(f);
+        }
+        let offsets = self.old.node(V(self.sums[&add][0])).args[2];
+        args.push(self.map[offsets.index()]);
+        let fp8 = recipe.expect("two products");
+        self.push(Op::ConcatKScaledGroupedMatMul { fp8 }, args, node.shape.clone(), DType::F32)
+    }
+
     fn add(&mut self, x: V, y: V, shape: &[usize]) -> V {
         self.push(Op::Add, vec![x, y], shape.to_vec(), DType::F32)
     }
@@ -138,6 +166,9 @@ impl Rewrite<'_> {
         let matrices = self.operands_are_matrices(&node.args);
         let a = &node.args;
         match node.op {
+            // Made where the Wgrads' quantisation reads it, or where the sum of two grouped
+            // products adds them.
+            _ if self.read_through.contains(&(i as u32)) || self.summed(i as u32) => Some(V(u32::MAX)),
             Op::MatMul { ta, tb, fp8: Some(f) } if matrices => Some(self.product(a[0], a[1], ta, tb, f, &node.shape)),
             // The addend may be the product's rows reshaped (a residual [batch, seq, n]).
             Op::MatMulAdd { ta, tb, fp8: Some(f) } if self.operands_are_matrices(&a[..2]) => {
@@ -179,8 +210,7 @@ impl Rewrite<'_> {
                 let op = Op::ConcatGroupedMatMul { tb: true, fp8: Some(f) };
                 Some(self.push(op, vec![qx, qw1, qw2, self.map[a[3].index()]], node.shape.clone(), node.dtype))
             }
-            // Made where the Wgrads' quantisation reads it.
-            _ if self.read_through.contains(&(i as u32)) => Some(V(u32::MAX)),
+            Op::Add if self.sums.contains_key(&(i as u32)) => Some(self.sum_of_grouped_products(i as u32, node)),
             // dW[e] = g_eᵀ·x_e: both quantised along tokens, the gradient in the A tiles.
             Op::GroupedWgrad { experts, fp8: Some(f) } if by_expert(f) => {
                 let offsets = self.map[a[2].index()];
@@ -201,37 +231,80 @@ fn by_expert(f: Fp8Gemm) -> bool {
     f.a.outer == 1 && f.b.outer == 1 && f.a.k == f.b.k
 }
 
+/// Each node's readers, and whether it is one of the function's results.
+struct Readers<'f> {
+    of: Vec<Vec<&'f Node>>,
+    outputs: HashSet<u32>,
+}
+
+impl<'f> Readers<'f> {
+    fn of(f: &'f Function) -> Self {
+        let mut of: Vec<Vec<&Node>> = vec![Vec::new(); f.nodes.len()];
+        for node in &f.nodes {
+            for a in &node.args {
+                of[a.index()].push(node);
+            }
+        }
+        Readers { of, outputs: f.outputs.iter().map(|o| o.0).collect() }
+    }
+
+    /// Whether node `i` is read, by nothing but nodes that `only` accepts, and is no result.
+    fn only(&self, i: usize, only: impl Fn(&Node) -> bool) -> bool {
+        !self.outputs.contains(&(i as u32)) && !self.of[i].is_empty() && self.of[i].iter().all(|r| only(r))
+    }
+}
+
 /// The permutations (the dispatch's rows, recomputed for the Wgrad) and SwiGLUs (the down
 /// projection's input) of `f` that only the experts' FP8 Wgrads read, as operands: their
 /// quantisation by expert reads them through (`ExpertRows`), so they are never stored.
-fn read_by_expert(f: &Function) -> HashSet<u32> {
-    let mut readers: Vec<Vec<&Node>> = vec![Vec::new(); f.nodes.len()];
-    for node in &f.nodes {
-        for a in &node.args {
-            readers[a.index()].push(node);
-        }
-    }
-    let outputs: HashSet<u32> = f.outputs.iter().map(|o| o.0).collect();
-    let wgrad = |r: &&Node| matches!(r.op, Op::GroupedWgrad { fp8: Some(f), .. } if by_expert(f));
+fn read_by_expert(f: &Function, readers: &Readers) -> HashSet<u32> {
+    let wgrad = |r: &Node| matches!(r.op, Op::GroupedWgrad { fp8: Some(f), .. } if by_expert(f));
     (f.nodes.iter().enumerate())
-        .filter(|&(i, n)| {
-            matches!(n.op, Op::Permute { .. } | Op::SwiGlu)
-                && !outputs.contains(&(i as u32))
-                && !readers[i].is_empty()
-                && readers[i].iter().all(wgrad)
-        })
+        .filter(|&(i, n)| matches!(n.op, Op::Permute { .. } | Op::SwiGlu) && readers.only(i, wgrad))
         .map(|(i, _)| i as u32)
         .collect()
 }
 
+/// The additions of `f` whose two terms are FP8 grouped products of the same rows' experts
+/// that nothing else reads (the Dgrads of the experts' gate and up projections), each with its
+/// products: one GEMM computes the sum ([`Op::ConcatKScaledGroupedMatMul`]) where the
+/// experts' kernel takes it (whole 128×128 weight blocks, an even N).
+fn summed_grouped_products(f: &Function, readers: &Readers) -> HashMap<u32, [u32; 2]> {
+    let product = |v: V| match f.node(v).op {
+        Op::GroupedMatMul { tb, fp8: Some(g) } if g.a.outer == 1 => {
+            let weights = &f.node(f.node(v).args[1]).shape;
+            let n = if tb { weights[1] } else { weights[2] };
+            (n.is_multiple_of(g.b.outer) && n.is_multiple_of(2)).then_some(g)
+        }
+        _ => None,
+    };
+    (f.nodes.iter().enumerate())
+        .filter_map(|(i, node)| {
+            let (&[a, b], Op::Add) = (&node.args[..], &node.op) else { return None };
+            let only_this = |v: V| readers.only(v.index(), |r| std::ptr::eq(r, node));
+            let same = |x: V, y: V| f.node(x).shape == f.node(y).shape && f.node(x).args[2] == f.node(y).args[2];
+            let fits = a != b
+                && product(a).is_some()
+                && product(a) == product(b)
+                && same(a, b)
+                && f.node(a).shape == node.shape
+                && only_this(a)
+                && only_this(b);
+            fits.then_some((i as u32, [a.0, b.0]))
+        })
+        .collect()
+}
+
 fn function(f: &Function) -> Function {
+    let readers = Readers::of(f);
     let mut rewrite = Rewrite {
         old: f,
         nodes: Vec::new(),
         map: Vec::new(),
         parts: HashMap::new(),
         quantized: HashMap::new(),
-        read_through: read_by_expert(f),
+        read_through: read_by_expert(f, &readers),
+        sums: summed_grouped_products(f, &readers),
     };
     for (i, node) in f.nodes.iter().enumerate() {
         let new = match rewrite.replace(i, node) {
@@ -345,6 +418,46 @@ mod tests {
         assert_eq!(sources, [&stored, &permuted, &stored, &swiglu, &stored]);
         assert_eq!(by_expert[1].1, [tokens, offsets, order]);
         assert_eq!(by_expert[3].1, [h1, offsets, h2]);
+    }
+
+    /// The sum of two FP8 grouped products that only it reads (the experts' Dgrads of the
+    /// gate and up projections) is one GEMM on their quantised operands, no product or
+    /// addition left; where a product is read again (here, a result) the two stay products
+    /// and the addition stays.
+    #[test]
+    fn summed_grouped_products_are_one_gemm_unless_read_apart() {
+        for read_apart in [false, true] {
+            let module = Module::default();
+            let mut b = FunctionBuilder::new(&module, "f");
+            let (rows, d, n) = (48, 256, 128);
+            let offsets = b.arg("offsets", vec![5], DType::I32);
+            let (dg, du) = (b.arg("dg", vec![rows, n], DType::F32), b.arg("du", vec![rows, n], DType::F32));
+            let (wg, wu) = (b.arg("wg", vec![4, n, d], DType::F32), b.arg("wu", vec![4, n, d], DType::F32));
+            let op = Op::GroupedMatMul { tb: false, fp8: Some(recipe()) };
+            let [pg, pu] =
+                [(dg, wg), (du, wu)].map(|(x, w)| b.push(op.clone(), vec![x, w, offsets], vec![rows, d], DType::F32));
+            let dx = b.push(Op::Add, vec![pg, pu], vec![rows, d], DType::F32);
+            b.output("dx", dx);
+            if read_apart {
+                b.output("pg", pg);
+            }
+            let g = function(&b.finish());
+            let sum = g.node(g.outputs[0]);
+            if read_apart {
+                assert_eq!(sum.op, Op::Add, "{:?}", ops(&g));
+                assert_eq!(ops(&g).iter().filter(|&&o| o == "grouped_matmul").count(), 2);
+                continue;
+            }
+            assert_eq!(sum.op, Op::ConcatKScaledGroupedMatMul { fp8: recipe() }, "{:?}", ops(&g));
+            assert!(!ops(&g).contains(&"grouped_matmul") && !ops(&g).contains(&"add"), "{:?}", ops(&g));
+            let quantized = |k: usize| g.node(sum.args[k]).op.clone();
+            let (rows_q, weights_q) = (
+                Op::Quantize { rows: 1, cols: 128, transpose: false },
+                Op::Quantize { rows: 128, cols: 128, transpose: true },
+            );
+            assert_eq!([0, 1, 2, 3].map(quantized), [rows_q.clone(), weights_q.clone(), rows_q, weights_q]);
+            assert_eq!(sum.args[4], offsets);
+        }
     }
 
     /// The fused forms come apart into what they fused: `matmul_add` into a product and an

@@ -604,7 +604,8 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::SwiGluQuantize { .. }
         | Op::ConcatScaledMatMul { .. }
         | Op::QuantizeByExpert { .. }
-        | Op::ScaledGroupedWgrad { .. }) => {
+        | Op::ScaledGroupedWgrad { .. }
+        | Op::ConcatKScaledGroupedMatMul { .. }) => {
             panic!("{} is formed by fusion, after autodiff", op.name())
         }
     }

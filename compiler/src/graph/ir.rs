@@ -406,6 +406,14 @@ pub enum Op {
     ScaledGroupedWgrad {
         promote: usize,
     },
+    /// The sum of two FP8 grouped products of the same rows' experts, (qx1, qw1, qx2, qw2,
+    /// offsets) → [rows, n]: each pair as `GroupedMatMul { tb: true, fp8 }` on quantised
+    /// operands computes it, the two products added (the experts' Dgrads of the gate and up
+    /// projections, whose input is one): one GEMM whose second product is added to the first
+    /// in its output, no sum of them stored apart.
+    ConcatKScaledGroupedMatMul {
+        fp8: Fp8Gemm,
+    },
     /// Fused: two GEMMs sharing their second operand, (a1, a2, b) → the tuple (op(a1)·op(b),
     /// op(a2)·op(b)), as one GEMM over a1 and a2 concatenated along M (the Wgrads of GEMMs that
     /// share their input: [g1 | g2]ᵀ·x).
@@ -527,6 +535,7 @@ impl Op {
                 | Op::ConcatScaledMatMul { .. }
                 | Op::QuantizeByExpert { .. }
                 | Op::ScaledGroupedWgrad { .. }
+                | Op::ConcatKScaledGroupedMatMul { .. }
         )
     }
 
@@ -609,6 +618,7 @@ impl Op {
             Op::ConcatScaledMatMul { .. } => "concat_scaled_matmul",
             Op::QuantizeByExpert { .. } => "quantize_by_expert",
             Op::ScaledGroupedWgrad { .. } => "scaled_grouped_wgrad",
+            Op::ConcatKScaledGroupedMatMul { .. } => "concat_k_scaled_grouped_matmul",
             Op::Call(_) => "call",
             Op::Get(_) => "get",
         }

@@ -8,7 +8,7 @@
 //! }
 //! ```
 
-use super::ir::{ExpertRows, Function, Module, Op};
+use super::ir::{ExpertRows, Fp8Gemm, Function, Module, Op};
 use std::fmt::Write;
 
 pub fn module(m: &Module) -> String {
@@ -97,7 +97,10 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::Quantize { rows, cols, transpose } => {
             format!("{rows}x{cols}{}", if *transpose { ", transposed" } else { "" })
         }
-        Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote } | Op::ScaledGroupedWgrad { promote } => {
+        Op::ConcatKScaledGroupedMatMul { fp8: Fp8Gemm { promote, .. } }
+        | Op::ScaledMatMul { promote }
+        | Op::ConcatScaledMatMul { promote }
+        | Op::ScaledGroupedWgrad { promote } => {
             format!("promote {promote}")
         }
         Op::QuantizeByExpert { experts, tile, rows } => {

@@ -341,7 +341,9 @@ impl Plan {
         let products = has(|op| {
             matches!(
                 op,
-                Op::GroupedMatMul { tb: true, fp8: Some(_) } | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) }
+                Op::GroupedMatMul { tb: true, fp8: Some(_) }
+                    | Op::ConcatGroupedMatMul { tb: true, fp8: Some(_) }
+                    | Op::ConcatKScaledGroupedMatMul { .. }
             )
         });
         let wgrads = has(|op| matches!(op, Op::ScaledGroupedWgrad { .. }));

@@ -301,6 +301,15 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let offsets = &ix(2).data;
             real(&node.shape, linalg::grouped_matmul(rows_of(v[0]), weights_of(v[1], offsets), offsets, *tb, *fp8))
         }
+        // The two products as `grouped_matmul` computes each, added as `add` would.
+        Op::ConcatKScaledGroupedMatMul { fp8 } => {
+            let offsets = &ix(4).data;
+            let product = |x: &Value<T>, w: &Value<T>| {
+                linalg::grouped_matmul(rows_of(x), weights_of(w, offsets), offsets, true, Some(*fp8))
+            };
+            let sum = product(v[0], v[1]).into_iter().zip(product(v[2], v[3])).map(|(a, b)| a + b).collect();
+            real(&node.shape, sum)
+        }
         Op::ScaledGroupedWgrad { promote } => {
             let out = linalg::scaled_grouped_wgrad(v[0].as_quantized(), v[1].as_quantized(), &ix(2).data, *promote);
             real(&node.shape, out.into_iter().map(T::from_f64).collect())

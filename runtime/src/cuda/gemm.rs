@@ -21,7 +21,7 @@
 //! each expert's columns of its `quantize_by_expert` operands in place (whole 128-token
 //! groups, the leading dimension the capacity).
 
-use super::grouped::{ExpertGemms, ExpertProduct};
+use super::grouped::{Addend, ExpertGemms, ExpertProduct};
 use super::places::{self, Places};
 use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
@@ -124,6 +124,9 @@ enum GroupedKind<'s> {
     /// In FP8: out[e] = the expert's columns of grad times those of xs, transposed (both
     /// `quantize_by_expert`, 1×128 tiles along tokens).
     ScaledWgrad { grad: Operand<'s>, out: u32 },
+    /// In FP8: per expert e, the expert's rows of xs times `weight[e]`ᵀ plus those of `plus`'s
+    /// rows times its weight's (quantised as `ScaledProducts`' operands), into `out`.
+    ScaledSum { weight: Operand<'s>, plus: (Operand<'s>, Operand<'s>), out: u32 },
 }
 
 /// Expert row offsets read back from the device during one call of a function, by value: the
@@ -170,9 +173,27 @@ fn on_expert_gemms(
                 let (count, n) = (w.1[0], w.1[1]);
                 let a = Fp8Operand::buffer(places.at(g.xs.0), rows, k);
                 let b = Fp8Operand::buffer(places.at(w.0), count * n, k);
-                let product = ExpertProduct { a, b, out: places.at(out), offsets, rows, n, k, experts: count };
+                let product =
+                    ExpertProduct { a, b, out: places.at(out), offsets, rows, n, k, experts: count, plus: None };
                 kernel.run(gpu, &product)?;
             }
+            Ok(true)
+        }
+        (GroupedKind::ScaledSum { weight, plus: (xs2, weight2), out }, Some(kernel), _) => {
+            let (rows, k, k2) = (g.xs.1[0], g.xs.1[1], xs2.1[1]);
+            let (count, n) = (weight.1[0], weight.1[1]);
+            if !kernel.fits(rows, n, k) || !kernel.fits(rows, n, k2) {
+                return Ok(false);
+            }
+            let a = Fp8Operand::buffer(places.at(g.xs.0), rows, k);
+            let b = Fp8Operand::buffer(places.at(weight.0), count * n, k);
+            let plus = Addend {
+                a: Fp8Operand::buffer(places.at(xs2.0), rows, k2),
+                b: Fp8Operand::buffer(places.at(weight2.0), count * n, k2),
+                k: k2,
+            };
+            let out = places.at(*out);
+            kernel.run(gpu, &ExpertProduct { a, b, out, offsets, rows, n, k, experts: count, plus: Some(plus) })?;
             Ok(true)
         }
         (GroupedKind::ScaledWgrad { grad, out }, _, Some(kernel)) => {
@@ -183,7 +204,8 @@ fn on_expert_gemms(
             let a = Fp8Operand::buffer(places.at(grad.0), rows, capacity);
             let b = Fp8Operand::buffer(places.at(g.xs.0), n, capacity);
             let count = function.nodes[*out as usize].shape[0];
-            let product = ExpertProduct { a, b, out: places.at(*out), offsets, rows, n, k: capacity, experts: count };
+            let product =
+                ExpertProduct { a, b, out: places.at(*out), offsets, rows, n, k: capacity, experts: count, plus: None };
             kernel.run(gpu, &product)?;
             Ok(true)
         }
@@ -283,6 +305,13 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel, packed: &HashSet<u32>) -> O
                 kind,
                 factors,
             }));
+        }
+        Op::ConcatKScaledGroupedMatMul { .. } => {
+            let groups = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op);
+            let fits = [0, 2].iter().all(|&x| groups(x) == Some((1, 128)))
+                && [1, 3].iter().all(|&w| groups(w) == Some((128, 128)));
+            let kind = GroupedKind::ScaledSum { weight: arg(1), plus: (arg(2), arg(3)), out: v };
+            return fits.then_some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(4).0, kind, factors }));
         }
         Op::ScaledGroupedWgrad { .. } => {
             let tiles = |k: usize| fp8::tiling(&function.node(V(base(node.args[k]))).op) == Some((1, 128));
@@ -396,6 +425,11 @@ fn grouped(
     match &g.kind {
         GroupedKind::ScaledProducts { weights } => return scaled_products(gpu, &blas.fp8, places, g, weights, offsets),
         GroupedKind::ScaledWgrad { grad, out } => return scaled_wgrad(gpu, &blas.fp8, places, g, *grad, *out, offsets),
+        GroupedKind::ScaledSum { .. } => {
+            return Err(GpuError::Unsupported(
+                "the sum of two grouped FP8 products off the compiler's expert GEMM (the plan carries it)".into(),
+            ))
+        }
         _ => {}
     }
     // Factors of `g.factors`' width, products f32.
@@ -446,7 +480,9 @@ fn grouped(
                     strides: [0, 0],
                 }]
             }
-            GroupedKind::ScaledProducts { .. } | GroupedKind::ScaledWgrad { .. } => unreachable!("run above"),
+            GroupedKind::ScaledProducts { .. } | GroupedKind::ScaledWgrad { .. } | GroupedKind::ScaledSum { .. } => {
+                unreachable!("run above")
+            }
         };
         for p in &products {
             // SAFETY: the offsets are the plan's expert offsets, within xs's (and grad's) rows

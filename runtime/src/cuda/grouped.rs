@@ -81,9 +81,10 @@ pub struct ExpertGemms {
 }
 
 /// One launch. Grouped: out [rows, n] = each expert's rows of `a` [rows, k] times its weights'
-/// (`b` [experts, n, k], 128×128 blocks)ᵀ. Wgrad: out [experts, rows, n] = per expert, its
-/// token columns of `a` [rows, k] times those of `b` [n, k], transposed (1×128 tiles; k the
-/// capacity). The experts' row offsets (i32, experts + 1) at `offsets` on the device.
+/// (`b` [experts, n, k], 128×128 blocks)ᵀ, plus `plus`'s product where there is one. Wgrad:
+/// out [experts, rows, n] = per expert, its token columns of `a` [rows, k] times those of `b`
+/// [n, k], transposed (1×128 tiles; k the capacity). The experts' row offsets (i32, experts +
+/// 1) at `offsets` on the device.
 pub struct ExpertProduct {
     pub a: Fp8Operand,
     pub b: Fp8Operand,
@@ -93,6 +94,15 @@ pub struct ExpertProduct {
     pub n: usize,
     pub k: usize,
     pub experts: usize,
+    pub plus: Option<Addend>,
+}
+
+/// A grouped product's second pair of operands, its product added to the first's: `a` [rows,
+/// k] and `b` [experts, n, k], quantised as the first pair.
+pub struct Addend {
+    pub a: Fp8Operand,
+    pub b: Fp8Operand,
+    pub k: usize,
 }
 
 impl ExpertGemms {
@@ -142,6 +152,10 @@ impl ExpertGemm {
 
     pub fn run(&self, gpu: &Gpu, p: &ExpertProduct) -> Result<(), GpuError> {
         assert!(self.fits(p.rows, p.n, p.k), "a product the tile does not fit");
+        assert!(
+            p.plus.as_ref().is_none_or(|plus| self.form == Form::Grouped && self.fits(p.rows, p.n, plus.k)),
+            "a second product only the grouped form adds, fitting the tile"
+        );
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
         // The tiles of C (`gemm::Form`), shared out by the blocks (a cluster of blocks takes
@@ -165,9 +179,22 @@ impl ExpertGemm {
         let mut launch = gpu.stream.launch_builder(&self.function);
         launch.arg(&a_map).arg(&b_map).arg(&p.a.scales).arg(&p.b.scales).arg(&p.out);
         launch.arg(&rows).arg(&n).arg(&k).arg(&p.offsets).arg(&experts);
+        // The grouped form's second pair (the first again, over no K, where there is none).
+        let second = match &p.plus {
+            Some(plus) => {
+                let a_map = self.maps.at(gpu, plus.a.data, p.rows, plus.k, a_box)?;
+                let b_map = self.maps.at(gpu, plus.b.data, b_rows, plus.k, b_box)?;
+                (a_map, b_map, plus.a.scales, plus.b.scales, narrow(plus.k)?)
+            }
+            None => (a_map, b_map, p.a.scales, p.b.scales, 0),
+        };
+        if self.form == Form::Grouped {
+            launch.arg(&second.0).arg(&second.1).arg(&second.2).arg(&second.3).arg(&second.4);
+        }
         // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: the operands'
-        // tensor maps, three pointers, M, N, K, the offsets, E), each map of a live buffer of
-        // the plan and each pointer the address of one, with the sizes given.
+        // tensor maps, three pointers, M, N, K, the offsets, E, and the grouped form's second
+        // pair's maps, scales and K), each map of a live buffer of the plan and each pointer
+        // the address of one, with the sizes given.
         unsafe { launch.launch(config) }?;
         Ok(())
     }
