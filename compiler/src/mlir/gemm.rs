@@ -377,9 +377,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 // 32 bytes of K per product, within the swizzled rows.
                 let descriptor = |g: &mut Lines, base: &str| {
                     let at = g.op_c("add", base, u64::from(step * 32));
-                    let low = g.op_c("and", &at, 0x3FFFF);
-                    let address = g.op_c("lshr", &low, 4);
-                    g.op("or", &layout, &address)
+                    super::ptx::descriptor(g, &layout, &at)
                 };
                 let a = descriptor(g, &a_at);
                 let b = descriptor(g, &b_at);
