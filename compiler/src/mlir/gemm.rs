@@ -119,10 +119,11 @@ pub struct TensorMap {
 }
 
 /// The kernels a plan carries for its experts' FP8 products and weight gradients
-/// (`kernels/NAME.ptx`), with their tiles: the products 128×192 in 4 stages (faster on issue
-/// 9's grouped shapes: benches/README.md), the Wgrad 128×128 (its N, the operands' widths, must
-/// be a multiple of the tile's).
-pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n192_s4", Tile { m: 128, n: 192, stages: 4, cluster: 1 });
+/// (`kernels/NAME.ptx`), with their tiles, 128×128 in 4 stages: the products' second pair of
+/// operands made 128×192 spill registers (ptxas: 120 bytes, 440 with the sum's loads batched),
+/// though 128×192 is faster for one product (benches/README.md); the Wgrad's N, the operands'
+/// widths, must be a multiple of the tile's.
+pub const GROUPED: (&str, Tile) = ("fp8_grouped_m128_n128_s4", Tile { m: 128, n: 128, stages: 4, cluster: 1 });
 pub const WGRAD: (&str, Tile) = ("fp8_wgrad_m128_n128_s4", Tile { m: 128, n: 128, stages: 4, cluster: 1 });
 
 /// The MLIR module of kernel `name`: C = A·Bᵀ with fine-grained scales (see the module doc) in
@@ -421,6 +422,34 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             g.stmt("}");
             // Each of this thread's two rows, if the block has it (an expert's last block may not).
             let c_col = g.op("add", &n0, &col);
+            // A later segment's sums add to the earlier's, all loaded before the first is
+            // stored, so that their loads are in flight together (one by one, each inside its
+            // row's and column's conditions, every load waited out memory's latency): from
+            // places clamped into the block's rows and C's columns, used only where stored.
+            let earlier: Vec<String> = if later {
+                let [last_row, last_column] = [g.op_c("sub", &valid, 1), g.op_c("sub", &n, 2)];
+                [&row0, &row1]
+                    .into_iter()
+                    .enumerate()
+                    .flat_map(|(half, row)| {
+                        (0..registers).step_by(2).filter(move |i| (i / 2) % 2 == half).map(move |i| (row, i))
+                    })
+                    .map(|(row, i)| {
+                        let row = clamp(g, row, &last_row);
+                        let c_row = g.op("add", &m0, &row);
+                        let row_at = g.op("mul", &c_row, &n);
+                        let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
+                        let column = clamp(g, &column, &last_column);
+                        let at = g.op("add", &row_at, &column);
+                        let p =
+                            g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+                        g.line(format!("llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>"))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut earlier = earlier.into_iter();
             for (half, row) in [&row0, &row1].into_iter().enumerate() {
                 let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
                 g.stmt(format!("scf.if {here} {{"));
@@ -438,9 +467,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
                     let mut pair =
                         g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
-                    if later {
-                        let earlier =
-                            g.line(format!("llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>"));
+                    if let Some(earlier) = earlier.next() {
                         pair = g.line(format!("llvm.fadd {earlier}, {pair} : vector<2xf32>"));
                     }
                     g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
