@@ -160,6 +160,17 @@ fn structure(ty: &str, count: usize) -> String {
     format!("!llvm.struct<({})>", vec![ty; count].join(", "))
 }
 
+#[cfg(all(test, feature = "mlir"))]
+/// Bytes of registers spilled to local memory, as `report` (ptxas -v) gives them: the stores'
+/// count of every function it lists.
+pub(super) fn spilled_bytes(report: &str) -> u64 {
+    report
+        .split(',')
+        .filter_map(|part| part.trim().strip_suffix("bytes spill stores"))
+        .map(|count| count.trim().parse::<u64>().expect("ptxas gives a count of bytes"))
+        .sum()
+}
+
 /// ptxas's report (`-v`) of `ptx` assembled for sm_90a, where `DSC_PTXAS` names ptxas (else
 /// None, saying so); fails the test when it does not assemble.
 #[cfg(all(test, feature = "mlir"))]
@@ -180,4 +191,18 @@ pub(super) fn assemble(ptx: &str) -> Option<String> {
     let report = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{report}");
     Some(report)
+}
+
+#[cfg(all(test, feature = "mlir"))]
+mod tests {
+    /// Spilled bytes are read as numbers: a report of 120 bytes of spill stores is not a clean
+    /// one (searched for "0 bytes spill stores", it passed for one).
+    #[test]
+    fn spills_are_counted_not_matched() {
+        let report = "ptxas info    : Used 168 registers, used 1 barriers\n    \
+                      120 bytes stack frame, 120 bytes spill stores, 372 bytes spill loads\n    \
+                      0 bytes stack frame, 4 bytes spill stores, 0 bytes spill loads";
+        assert_eq!(super::spilled_bytes(report), 124);
+        assert_eq!(super::spilled_bytes("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), 0);
+    }
 }
