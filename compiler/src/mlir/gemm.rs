@@ -817,7 +817,6 @@ mod tests {
             (128, 128, 4, 1, Form::Dense),
             (128, 192, 4, 2, Form::Dense),
             (128, 128, 4, 1, Form::Grouped),
-            (128, 192, 4, 1, Form::Grouped),
             (128, 128, 4, 2, Form::Grouped),
             (128, 128, 4, 1, Form::Wgrad),
         ];
