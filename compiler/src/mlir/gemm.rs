@@ -422,40 +422,35 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             g.stmt("}");
             // Each of this thread's two rows, if the block has it (an expert's last block may not).
             let c_col = g.op("add", &n0, &col);
-            // A later segment's sums add to the earlier's, all loaded before the first is
-            // stored, so that their loads are in flight together (one by one, each inside its
-            // row's and column's conditions, every load waited out memory's latency): from
-            // places clamped into the block's rows and C's columns, used only where stored.
-            let earlier: Vec<String> = if later {
-                let [last_row, last_column] = [g.op_c("sub", &valid, 1), g.op_c("sub", &n, 2)];
-                [&row0, &row1]
-                    .into_iter()
-                    .enumerate()
-                    .flat_map(|(half, row)| {
-                        (0..registers).step_by(2).filter(move |i| (i / 2) % 2 == half).map(move |i| (row, i))
-                    })
-                    .map(|(row, i)| {
-                        let row = clamp(g, row, &last_row);
-                        let c_row = g.op("add", &m0, &row);
-                        let row_at = g.op("mul", &c_row, &n);
+            for (half, row) in [&row0, &row1].into_iter().enumerate() {
+                let pairs = (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half);
+                // A later segment's sums add to the earlier's, the row's loaded together before
+                // any is stored (one by one, each inside its row's and column's conditions,
+                // every load waited out memory's latency): from places clamped into the block's
+                // rows and C's columns, used only where stored.
+                let mut earlier = Vec::new();
+                if later {
+                    let [last_row, last_column] = [g.op_c("sub", &valid, 1), g.op_c("sub", &n, 2)];
+                    let row = clamp(g, row, &last_row);
+                    let c_row = g.op("add", &m0, &row);
+                    let row_at = g.op("mul", &c_row, &n);
+                    for i in pairs.clone() {
                         let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
                         let column = clamp(g, &column, &last_column);
                         let at = g.op("add", &row_at, &column);
                         let p =
                             g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-                        g.line(format!("llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>"))
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let mut earlier = earlier.into_iter();
-            for (half, row) in [&row0, &row1].into_iter().enumerate() {
+                        earlier.push(
+                            g.line(format!("llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>")),
+                        );
+                    }
+                }
+                let mut earlier = earlier.into_iter();
                 let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
                 g.stmt(format!("scf.if {here} {{"));
                 let c_row = g.op("add", &m0, row);
                 let row_at = g.op("mul", &c_row, &n);
-                for i in (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half) {
+                for i in pairs {
                     let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
                     // A block past N's last column (N not a multiple of the tile's n) stores nothing there.
                     let inside = g.line(format!("llvm.icmp \"ult\" {column}, {n} : i64"));
