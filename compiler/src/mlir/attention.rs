@@ -8,21 +8,22 @@
 //! log, of the scaled scores). Backward: three passes ([`Pass`]) that recompute the
 //! probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
 //!
-//! A block takes [`BLOCK_ROWS`] rows of one (batch, head) (queries in the forward and the dQ
-//! pass, keys in the dK and dV passes), each of its warpgroups 64 of them and a warp 16, and walks the other side in
-//! blocks of 64 up to or from the diagonal (the block with most work starts first). Per column
-//! block its threads stage the tiles it needs in shared memory, 128-byte swizzled as `wgmma`
-//! reads them: a tile is regions of 64 columns, 64 rows of 128 bytes each, the 16-byte chunks
-//! of row r permuted by r mod 8 ([`stage`]). The scores (`Block::products`: the block's rows
-//! tile times a column tile, both K-major, 64 × 64 per warpgroup) are turned into base-2
-//! logits (the scale times log₂e folded in; `Block::logits`) and probabilities (the forward's
-//! running maximum and sum, or the saved log-sum-exp), and their product with a tile read
-//! along its rows (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the
-//! instruction's transposed B) is added to the accumulators, P or dS rounded to BF16 as the A
-//! operand straight from the score registers (a warp's rows of the accumulator are its rows of
-//! A). Not yet: TMA, warp specialisation and overlapping the next block's staging with this
-//! block's products (FlashAttention-3's machinery): the other blocks on a multiprocessor hide
-//! it. The staging's thread layout keeps its addresses out of the loops' live registers.
+//! A block takes [`BLOCK_ROWS`] rows of one (batch, head) (queries in the forward and the dQ pass,
+//! keys in the dK and dV passes), each of its warpgroups 64 of them and a warp 16, and walks the
+//! other side in blocks of 64 up to or from the diagonal (the block with most work starts first).
+//! Per column block its threads stage the tiles it needs in shared memory, 128-byte swizzled as
+//! `wgmma` reads them: a tile is regions of 64 columns, 64 rows of 128 bytes each, the 16-byte
+//! chunks of row r permuted by r mod 8 ([`stage`]). The scores (`Block::products`: the block's rows
+//! tile times a column tile, both K-major, 64 × 64 per warpgroup) are turned into base-2 logits
+//! (the scale times log₂e folded in; `Block::logits`) and probabilities (the forward's running
+//! maximum and sum, or the saved log-sum-exp), and their product with a tile read along its rows
+//! (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the instruction's transposed B)
+//! is added to the accumulators, P or dS rounded to BF16 as the A operand straight from the score
+//! registers (a warp's rows of the accumulator are its rows of A). Not yet: TMA, warp
+//! specialisation and overlapping the next block's staging with this block's products
+//! (FlashAttention-3's machinery): at MLA's dims a block takes 177 to 247 registers a thread
+//! (ptxas, sm_90a), one block a multiprocessor, so nothing hides the staging. The staging's thread
+//! layout keeps its addresses out of the loops' live registers.
 
 use super::ptx::{Lines, Loop};
 use crate::fuse::kernels::base;
@@ -501,8 +502,8 @@ pub fn kernel_name(heads: Heads, pass: Option<Pass>) -> String {
     format!("attention_{kind}_{packed}qk{}_v{}", heads.qk, heads.v)
 }
 
-/// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / [`BLOCK_ROWS`], B·H),
-/// [`THREADS`] threads, [`Heads::shared_bytes`] of dynamic shared memory; arguments Q, K, V,
+/// The MLIR module of the forward kernel `name` for `heads`. Launch: grid (S / [`BLOCK_ROWS`],
+/// B·H), [`THREADS`] threads, [`Heads::shared_bytes`] of dynamic shared memory; arguments Q, K, V,
 /// O, LSE (pointers), S, H (u32; S a multiple of [`BLOCK_ROWS`]) and the softmax scale (f32).
 pub fn attention_forward(name: &str, heads: Heads) -> String {
     let mut g = Lines::new();
@@ -636,8 +637,8 @@ impl Pass {
 }
 
 /// The MLIR module of backward kernel `name` (`pass`) for `heads`. Launch: grid (S /
-/// [`BLOCK_ROWS`], B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V, O, dO, LSE
-/// (the forward's), D ([B, H, S]: written by the query pass, read by the others), the
+/// [`BLOCK_ROWS`], B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V,
+/// O, dO, LSE (the forward's), D ([B, H, S]: written by the query pass, read by the others), the
 /// gradient it writes (dQ, dK or dV; every element written), S, H (u32) and the softmax scale
 /// (f32).
 pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
@@ -752,15 +753,15 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     )
 }
 
-/// Stages 64 rows of `width` values (f32, or BF16 where `packed`) as BF16 at shared byte
-/// `smem`, swizzled as the module doc says: row r of the tile is element
-/// `at + (row0 + r)·row + c` of `src`, by `threads` threads (`tid` the thread's place among them). Each thread
-/// reads 16 bytes at a time (4 f32 rounded to 8 bytes, or 8 BF16 stored as read), the threads
-/// of a row (16, or 8) each taking the same columns of every region, the passes' rows (8 to 32
-/// apart) keeping its rows' places mod 8: a thread's pieces lie at one address of its own
-/// plus offsets common to all threads (the per-piece addresses of any other layout are
-/// registers the column loop keeps live). The writes are then fenced for the tensor cores'
-/// reads (the async proxy); the caller's barrier follows.
+/// Stages 64 rows of `width` values (f32, or BF16 where `packed`) as BF16 at shared byte `smem`,
+/// swizzled as the module doc says: row r of the tile is element `at + (row0 + r)·row + c` of
+/// `src`, by `threads` threads (`tid` the thread's place among them). Each thread reads 16 bytes at
+/// a time (4 f32 rounded to 8 bytes, or 8 BF16 stored as read), the threads of a row (16, or 8)
+/// each taking the same columns of every region, the passes' rows (8 to 32 apart) keeping its rows'
+/// places mod 8: a thread's pieces lie at one address of its own plus offsets common to all threads
+/// (the per-piece addresses of any other layout are registers the column loop keeps live). The
+/// writes are then fenced for the tensor cores' reads (the async proxy); the caller's barrier
+/// follows.
 #[allow(clippy::too_many_arguments)]
 fn stage(g: &mut Lines, src: Source, at: &str, row: &str, row0: &str, width: u32, smem: &str, tid: &str, threads: u32) {
     // Values a thread reads at once, and threads to a row's 64 columns.
