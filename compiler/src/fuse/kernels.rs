@@ -197,14 +197,18 @@ fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
         .copied()
         .filter(|&v| f.nodes[v as usize].op == Op::Cast(DType::Bf16))
         .collect();
+    // Each product's factors, and each fused attention's queries and keys.
+    let mut products: Vec<Vec<V>> = Vec::new();
     for k in kernels.iter().filter(|k| k.kind != KernelKind::LibraryGemm && !reads_packed(f, k)) {
         let node = &f.nodes[k.nodes[0] as usize];
         let staged: Vec<V> = staged_packed(k, node).iter().map(|&a| base(f, a)).collect();
         for v in k.inputs.iter().map(|&v| base(f, V(v))).filter(|v| !staged.contains(v)) {
             casts.remove(&v.0);
         }
+        if !staged.is_empty() {
+            products.push(staged);
+        }
     }
-    let mut products: Vec<Vec<V>> = Vec::new();
     // Views are read through: their readers read the base.
     for (_, node) in f.nodes.iter().enumerate().filter(|&(i, _)| base(f, V(i as u32)).index() == i) {
         let factors = product_factors(&node.op, &node.args);
@@ -215,12 +219,6 @@ fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
         }
         if !factors.is_empty() {
             products.push(factors.iter().map(|&a| base(f, a)).collect());
-        }
-    }
-    for k in kernels {
-        let staged = staged_packed(k, &f.nodes[k.nodes[0] as usize]);
-        if !staged.is_empty() {
-            products.push(staged.iter().map(|&a| base(f, a)).collect());
         }
     }
     loop {

@@ -323,8 +323,8 @@ impl Plan {
     /// model's attention layers share their dims and storage.
     pub fn attention_heads(&self) -> Option<attention::Heads> {
         self.module.functions.iter().zip(&self.functions).find_map(|(f, pf)| {
-            let mut kernels = pf.kernels.iter().filter(|k| k.kind == KernelKind::Attention);
-            kernels.find_map(|k| attention::fused(f, &f.nodes[k.nodes[0] as usize], &pf.packed_set()))
+            let kernel = pf.kernels.iter().find(|k| k.kind == KernelKind::Attention)?;
+            attention::fused(f, &f.nodes[kernel.nodes[0] as usize], &pf.packed_set())
         })
     }
 
