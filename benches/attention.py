@@ -4,8 +4,8 @@ the backward's `attention_bwd_{dq,dk,dv}_*.ptx`)
 beside PyTorch's scaled_dot_product_attention on the same GPU, for MLA's head dims.
 
 The generated kernel reads Q, K [B, S, H, Dqk] and V [B, S, H, Dv] in f32 (the plan's
-buffers; it rounds them to BF16 as it stages them), or Q and K in BF16 where its name says
-`bf16qk` (the plan's casts where they are made; given here the same values rounded), writes O
+buffers; it rounds them to BF16 as it stages them), or all three in BF16 where its name says
+`bf16_` (the plan's casts where they are made; given here the same values rounded), writes O
 [B, S, H, Dv] in f32 and the rows' log-sum-exp [B, H, S]. SDPA gets the same values in BF16, [B, H, S, D] contiguous, causal; every
 backend it has is timed and the fastest reported (the issue's "best backend it picks").
 
@@ -51,9 +51,9 @@ class Generated:
     def __init__(self, paths):
         import cupy
 
-        self.shape = re.search(r"_((?:bf16)?qk\d+_v\d+)\.ptx$", paths[0]).group(1)
-        packed, qk, v = re.search(r"(bf16)?qk(\d+)_v(\d+)", self.shape).groups()
-        self.qk, self.v, self.packed_qk = int(qk), int(v), packed is not None
+        self.shape = re.search(r"_((?:bf16_)?qk\d+_v\d+)\.ptx$", paths[0]).group(1)
+        packed, qk, v = re.search(r"(bf16_)?qk(\d+)_v(\d+)", self.shape).groups()
+        self.qk, self.v, self.packed = int(qk), int(v), packed is not None
         self.name = f"attention_{self.shape}"
         self.kernels = {}
         for path in paths:
@@ -71,29 +71,29 @@ class Generated:
         kernel(grid, (THREADS, 1, 1), args, shared_mem=shared)
 
     def stored(self, x):
-        """Q or K as the kernels read it: BF16 where they read it packed."""
-        return x.to(torch.bfloat16).contiguous() if self.packed_qk else x
+        """Q, K or V as the kernels read it: BF16 where they read it packed."""
+        return x.to(torch.bfloat16).contiguous() if self.packed else x
 
     def forward(self, q, k, v, scale):
         b, s, h, _ = q.shape
-        q, k = self.stored(q), self.stored(k)
+        q, k, v = self.stored(q), self.stored(k), self.stored(v)
         o = torch.full((b, s, h, self.v), float("nan"), device="cuda")
         lse = torch.full((b, h, s), float("nan"), device="cuda")
         args = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (
             np.uint32(s), np.uint32(h), np.float32(scale))
         # The launches keep the tensors whose addresses they pass (here and in `grads`).
-        return o, lse, lambda kept=(q, k): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
+        return o, lse, lambda kept=(q, k, v): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
 
     def grads(self, q, k, v, o, do, lse, scale):
         b, s, h, _ = q.shape
         delta = torch.full((b, h, s), float("nan"), device="cuda")
         grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
-        q, k = self.stored(q), self.stored(k)
+        q, k, v = self.stored(q), self.stored(k), self.stored(v)
         grid = (s // BLOCK_ROWS, b * h, 1)
         common = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, do, lse, delta))
         tail = (np.uint32(s), np.uint32(h), np.float32(scale))
 
-        def run(kept=(q, k, delta)):
+        def run(kept=(q, k, v, delta)):
             for kind, grad in zip(("dq", "dk", "dv"), grads):
                 self.launch(kind, grid, common + (np.uint64(grad.data_ptr()),) + tail)
 
@@ -283,7 +283,7 @@ def main():
     ok = True
     shapes = {}
     for path in args.ptx:
-        shapes.setdefault(re.search(r"_((?:bf16)?qk\d+_v\d+)\.ptx$", path).group(1), []).append(path)
+        shapes.setdefault(re.search(r"_((?:bf16_)?qk\d+_v\d+)\.ptx$", path).group(1), []).append(path)
     for paths in shapes.values():
         g = Generated(paths)
         if check(g, emit):

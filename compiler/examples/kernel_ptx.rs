@@ -4,9 +4,9 @@
 //!   dense or the experts' grouped form, to `fp8_gemm_m{M}_n{N}_s{STAGES}[_c{CLUSTER}].ptx` or
 //!   `fp8_grouped_…` (`benches/fp8_gemm.py --generated`);
 //! - `attention:QKxV` or `attention:bf16:QKxV`: the fused attention
-//!   (`compiler::mlir::attention`) for those head dims, Q and K read as f32 or packed BF16,
-//!   the forward to `attention_fwd_[bf16]qk{QK}_v{V}.ptx` and the backward's passes to
-//!   `attention_bwd_{dq,dk,dv}_[bf16]qk{QK}_v{V}.ptx` (`benches/attention.py`).
+//!   (`compiler::mlir::attention`) for those head dims, Q, K and V read as f32 or packed
+//!   BF16, the forward to `attention_fwd_[bf16_]qk{QK}_v{V}.ptx` and the backward's passes to
+//!   `attention_bwd_{dq,dk,dv}_[bf16_]qk{QK}_v{V}.ptx` (`benches/attention.py`).
 //!
 //! Each file's entry has its name.
 //!
@@ -51,9 +51,9 @@ fn main() -> ExitCode {
 fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
     let numbers = |shape: &str| -> Vec<u32> { shape.split('x').map(|x| x.parse().unwrap_or(0)).collect() };
     if let Some(shape) = given.strip_prefix("attention:") {
-        let (bf16_qk, shape) = shape.strip_prefix("bf16:").map_or((false, shape), |shape| (true, shape));
+        let (bf16_inputs, shape) = shape.strip_prefix("bf16:").map_or((false, shape), |shape| (true, shape));
         let [qk, v] = numbers(shape)[..] else { return Err(format!("`{given}` is not attention:[bf16:]QKxV")) };
-        let kernels = attention::kernels(attention::Heads { qk, v, bf16_qk }.check()?);
+        let kernels = attention::kernels(attention::Heads { qk, v, bf16_inputs }.check()?);
         return Ok(kernels);
     }
     let (form, kind, shape) = match given.strip_prefix('g') {

@@ -185,9 +185,10 @@ pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
 
 /// The casts to bf16, computed by kernels by element, that every reader reads packed:
 /// generated kernels that can ([`reads_packed`]), library products as factors and the fused
-/// attention as queries and keys ([`staged_packed`]), each product's factors or attention's
-/// pair all such casts (a product with one other factor leaves its casts unpacked: cuBLAS
-/// takes both factors in one type; the attention kernels take both in one too). A cast
+/// attention as queries, keys and values ([`staged_packed`]), each product's factors or
+/// attention's three all such casts (a product with one other factor leaves its casts
+/// unpacked: cuBLAS takes both factors in one type; the attention kernels take all three in
+/// one too). A cast
 /// nobody reads (a result) is packed as a result.
 fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     let mut casts: HashSet<u32> = kernels
@@ -239,14 +240,14 @@ fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
 }
 
 /// The operands that fused attention kernel `kernel` (whose first node is `node`) can read
-/// packed: queries and keys, which it stages as BF16 (`crate::mlir::attention`); none for any
-/// other kernel.
+/// packed: queries, keys and values, which it stages as BF16 (`crate::mlir::attention`); none
+/// for any other kernel.
 fn staged_packed<'a>(kernel: &Kernel, node: &'a Node) -> &'a [V] {
     match node.op {
         Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }
             if kernel.kind == KernelKind::Attention =>
         {
-            &node.args[..2]
+            &node.args[..3]
         }
         _ => &[],
     }

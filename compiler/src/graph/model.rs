@@ -622,9 +622,9 @@ fn attention(b: &mut FunctionBuilder, c: &Config, t: &Tables, x: V, p: &[V]) -> 
     let k_pe = b.broadcast_to(k_pe, vec![bs, s, h, c.rope]);
     let q = b.concat(vec![q_nope, q_pe], 3);
     let k = b.concat(vec![k_nope, k_pe], 3);
-    // In BF16 attention the queries and keys are rounded where they are made (stored in half
-    // the bytes for the kernels that stage them); the values are a view of kv_b's product.
-    let [q, k] = [q, k].map(|x| if c.attention_bf16 { b.cast(x, DType::Bf16) } else { x });
+    // In BF16 attention its inputs are rounded where they are made (stored in half the bytes
+    // for the kernels that stage them).
+    let [q, k, v] = [q, k, v].map(|x| if c.attention_bf16 { b.cast(x, DType::Bf16) } else { x });
     let (o, _lse) = b.attention(q, k, v, c.softmax_scale, c.attention_bf16);
     let o = if c.attention_bf16 { b.cast(o, DType::Bf16) } else { o };
     let o = b.reshape(o, vec![bs, s, h * c.v]);

@@ -2,8 +2,8 @@
 //! (`wgmma` m64nNk16 on BF16 operands, f32 accumulation; sm_90a): flash-style kernels that
 //! never materialise the S×S scores. Forward: O = softmax(scale·QKᵀ + causal mask)·V for Q, K
 //! [B, S, H, Dqk] and V [B, S, H, Dv] (the plan's buffers: f32 rounded to BF16 as they are
-//! staged in shared memory, the recipe keeping attention in BF16; or Q and K packed BF16 where
-//! the plan casts them where they are made, [`Heads::bf16_qk`]), O [B, S, H, Dv] in
+//! staged in shared memory, the recipe keeping attention in BF16; or packed BF16 where the
+//! plan casts them where they are made, [`Heads::bf16_inputs`]), O [B, S, H, Dv] in
 //! f32 (the layout the output projection reads), and the rows' log-sum-exp [B, H, S] (natural
 //! log, of the scaled scores). Backward: three passes ([`Pass`]) that recompute the
 //! probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
@@ -49,9 +49,10 @@ const REGION: u64 = TILE_ROWS as u64 * 128;
 pub struct Heads {
     pub qk: u32,
     pub v: u32,
-    /// Queries and keys stored as packed BF16 (the plan's casts where they are made:
-    /// `fuse::kernels::packed_bf16`), else f32 (rounded as they are staged).
-    pub bf16_qk: bool,
+    /// Queries, keys and values stored as packed BF16 (the plan's casts where they are made:
+    /// `fuse::kernels::packed_bf16`), else f32 (rounded as they are staged). The backward's dO
+    /// is f32 either way.
+    pub bf16_inputs: bool,
 }
 
 impl Heads {
@@ -200,7 +201,7 @@ impl Block {
     fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str, own: bool) {
         let (first, row, width) = self.place(layout, heads);
         let (tid, threads) = if own { (&self.group_tid, 128) } else { (&self.tid, THREADS) };
-        let src = Source { pointer: src, packed: layout == Layout::Qk && heads.bf16_qk };
+        let src = Source { pointer: src, packed: heads.bf16_inputs && src != "%do" };
         stage(g, src, first, row, row0, width, at, tid, threads);
     }
 
@@ -468,20 +469,20 @@ fn module(name: &str, args: &str, body: &str) -> String {
 
 /// The head dims of the kernels that run `node` of `f`: BF16 `attention` or `attention_grad`
 /// on q [b, s, h, dqk] and v [b, s, h, dv] with dims multiples of 64 up to 256 and s a multiple
-/// of [`BLOCK_ROWS`], q and k read packed where both are among `f`'s `packed` values; `None`
+/// of [`BLOCK_ROWS`], q, k and v read packed where all are among `f`'s `packed` values; `None`
 /// for any other node (a plan expands other attention: `fuse::expand`).
 pub fn fused(f: &Function, node: &Node, packed: &HashSet<u32>) -> Option<Heads> {
     let (Op::Attention { bf16: true, .. } | Op::AttentionGrad { bf16: true, .. }) = node.op else { return None };
     let (q, v) = (&f.node(node.args[0]).shape, &f.node(node.args[2]).shape);
     let narrow = |x: usize| u32::try_from(x).ok();
-    let bf16_qk = node.args[..2].iter().all(|&x| packed.contains(&base(f, x).0));
-    let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])?, bf16_qk };
+    let bf16_inputs = node.args[..3].iter().all(|&x| packed.contains(&base(f, x).0));
+    let heads = Heads { qk: narrow(q[3])?, v: narrow(v[3])?, bf16_inputs };
     (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
 }
 
 /// The four kernels for `heads` in launch order, each (name, MLIR): the forward
 /// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}`
-/// (`bf16qk{QK}` where queries and keys are packed).
+/// (`bf16_qk{QK}` where the inputs are packed).
 pub fn kernels(heads: Heads) -> Vec<(String, String)> {
     let forward = kernel_name(heads, None);
     let mut kernels = vec![(forward.clone(), attention_forward(&forward, heads))];
@@ -498,7 +499,7 @@ pub fn kernel_name(heads: Heads, pass: Option<Pass>) -> String {
         None => "fwd".to_string(),
         Some(pass) => format!("bwd_{}", pass.label()),
     };
-    let packed = if heads.bf16_qk { "bf16" } else { "" };
+    let packed = if heads.bf16_inputs { "bf16_" } else { "" };
     format!("attention_{kind}_{packed}qk{}_v{}", heads.qk, heads.v)
 }
 
@@ -865,14 +866,14 @@ mod tests {
 
     /// MLA's forward and backward passes lower to PTX whose products are BF16 `wgmma`s (the
     /// scores 64 × 64 from shared memory, the accumulations' A from registers and B N-major),
-    /// after the staged tiles are fenced for the tensor cores (Q and K copied as they are where
-    /// packed, 16 bytes a store), within a multiprocessor's shared memory, and, where
+    /// after the staged tiles are fenced for the tensor cores (the inputs copied as they are
+    /// where packed, 16 bytes a store), within a multiprocessor's shared memory, and, where
     /// `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling (but for the dQ pass's few
     /// bytes).
     #[test]
     fn the_attention_kernels_lower_to_warpgroup_products_and_assemble() {
-        for bf16_qk in [false, true] {
-            let heads = Heads { qk: 192, v: 128, bf16_qk };
+        for bf16_inputs in [false, true] {
+            let heads = Heads { qk: 192, v: 128, bf16_inputs };
             assert!(heads.shared_bytes().max(heads.backward_shared_bytes()) <= 227 * 1024);
             let scores = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16";
             let lowering = crate::mlir::lower::Lowering::default();
@@ -891,10 +892,10 @@ mod tests {
                 assert_eq!(ptx.matches(&accumulation).count(), 4, "{ptx}");
                 assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
-                assert_eq!(ptx.contains("st.shared.v4.b32"), bf16_qk, "{ptx}");
+                assert_eq!(ptx.contains("st.shared.v4.b32"), bf16_inputs, "{ptx}");
                 if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
                     let spilled = crate::mlir::ptx::spilled_bytes(&report);
-                    eprintln!("bf16 q/k {bf16_qk}, pass {i}: {spilled} bytes spilled\n{report}");
+                    eprintln!("bf16 inputs {bf16_inputs}, pass {i}: {spilled} bytes spilled\n{report}");
                     assert!(i == 1 || spilled == 0, "{report}");
                 }
             }

@@ -637,9 +637,11 @@ mod tests {
         let fitting =
             ["model.attention.qk_nope_dim=56", "model.attention.v_dim=64", "train.seq_len=128"].map(String::from);
         let f32 = [&fitting[..], &["precision.gemm=f32".to_string()]].concat();
-        for (sets, carried) in
-            [(&[][..], None), (&fitting[..], Some(attention::Heads { qk: 64, v: 64, bf16_qk: true })), (&f32[..], None)]
-        {
+        for (sets, carried) in [
+            (&[][..], None),
+            (&fitting[..], Some(attention::Heads { qk: 64, v: 64, bf16_inputs: true })),
+            (&f32[..], None),
+        ] {
             let plan = tiny_plan(sets);
             assert_eq!(plan.attention_heads(), carried, "{sets:?}");
             let kinds: Vec<&str> = plan
