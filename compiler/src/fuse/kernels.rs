@@ -138,6 +138,15 @@ fn takes_followers(op: &Op) -> bool {
     !scatters(op) && !op.works_along_rows()
 }
 
+/// Whether `node` casts slice `head` (a kernel's first node): the kernel computes the slice's
+/// elements at their own index, so the cast of each joins it there (a value cast where it is
+/// cut, as the attention's values are), though it iterates over fewer than the slice reads.
+fn casts_slice(f: &Function, head: usize, node: &Node) -> bool {
+    matches!(f.nodes[head].op, Op::Slice { .. })
+        && matches!(node.op, Op::Cast(_))
+        && base(f, node.args[0]).index() == head
+}
+
 /// Whether `node` reads a reduction computed in kernel `k`: each of its elements would need
 /// the whole reduction, so it starts a new kernel instead (the reduction's value is complete
 /// there).
@@ -398,10 +407,11 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
             Role::Fusible => {
                 let latest = groups.len().checked_sub(1);
                 let host = latest.filter(|&k| {
-                    let head = &f.nodes[groups[k].1[0]];
+                    let first = groups[k].1[0];
+                    let head = &f.nodes[first];
                     groups[k].0 == KernelKind::Generated
                         && takes_followers(&head.op)
-                        && iteration(f, head) == iteration(f, node)
+                        && (iteration(f, head) == iteration(f, node) || casts_slice(f, first, node))
                         && !reads_reduction_of(f, node, &kernel_of, k)
                 });
                 match host {
