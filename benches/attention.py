@@ -6,8 +6,9 @@ beside PyTorch's scaled_dot_product_attention on the same GPU, for MLA's head di
 The generated kernel reads Q, K [B, S, H, Dqk] and V [B, S, H, Dv] in f32 (the plan's
 buffers; it rounds them to BF16 as it stages them), or all three in BF16 where its name says
 `bf16_` (the plan's casts where they are made; given here the same values rounded), writes O
-[B, S, H, Dv] in f32 and the rows' log-sum-exp [B, H, S]. SDPA gets the same values in BF16, [B, H, S, D] contiguous, causal; every
-backend it has is timed and the fastest reported (the issue's "best backend it picks").
+[B, S, H, Dv] in f32 and the rows' log-sum-exp [B, H, S]. SDPA gets the same values in BF16,
+[B, H, S, D] contiguous, causal; every backend it has is timed and the fastest reported (the
+issue's "best backend it picks").
 
 Correctness first, against float64 (the BF16-rounded inputs, exact softmax) at S = 256, 1K, 2K,
 4K and 32K (one head there: the float64 scores alone are 8.6 GB):
