@@ -10,11 +10,12 @@
 use crate::cli::{Backend, Cli, NumericsArg, SpecArgs, TrainArgs};
 use anyhow::{bail, Context};
 use dsc_compiler::graph::{Numerics, TrainingGraph};
-use dsc_compiler::plan::Plan;
+use dsc_compiler::plan::{has_stages, Plan};
 use dsc_lang::Spec;
 use dsc_runtime::checkpoint::{self, Opened, SpecRecord};
 use dsc_runtime::comm::rendezvous::World;
 use dsc_runtime::comm::Sockets;
+use dsc_runtime::train::graph_stage::plan_stages;
 use dsc_runtime::train::metrics::{MetricsWriter, StepMetrics};
 use dsc_runtime::train::parallel::{check_world, is_parallel, Here, PEER_TIMEOUT};
 use dsc_runtime::train::{Backend as TrainBackend, DataParallel, Trainer};
@@ -54,11 +55,30 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => TrainingGraph::build(&spec, graph_numerics),
     };
     let world = World::from_env(|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // A launched run trains a compiled plan on GPUs over NCCL, or else the plan's ranks on CPUs.
-    let on_gpus = world.is_some() && plan.is_some() && args.backend != Some(Backend::Cpu);
+    // A launched run of data parallelism alone trains a compiled plan on GPUs over NCCL; the
+    // ranks of a pipeline or of expert parallelism run the plan's stages on GPUs, or else on
+    // CPUs.
+    let staged = has_stages(&spec);
+    let on_gpus = world.is_some() && plan.is_some() && args.backend != Some(Backend::Cpu) && !staged;
     if args.profile && !on_gpus && (world.is_some() || is_parallel(&spec)) {
         bail!("{PROFILE_NEEDS_A_GPU}");
     }
+    let stages_on = |ordinal: usize| {
+        match plan.as_ref().zip(args.plan.as_deref()) {
+        Some((plan, dir)) if staged => stage_runners(args.backend, plan, dir, ordinal).map(Some),
+        _ if args.backend == Some(Backend::Cuda) && world.is_some() => {
+            bail!("a launched run trains on GPUs from a compiled plan: give `--plan DIR`")
+        }
+        _ if args.backend == Some(Backend::Cuda) && !staged => bail!(
+            "data parallelism alone runs on GPUs as processes, one per GPU over NCCL (start them with torchrun, srun or mpirun)"
+        ),
+        _ if args.backend == Some(Backend::Cuda) => {
+            bail!("`--backend cuda` runs a compiled plan: give `--plan DIR` (from `dsc compile FILE -o DIR`)")
+        }
+        _ => Ok(None),
+    }
+    };
+    let mut runners = None;
     let (on, backend, replicas) = match &world {
         Some(world) if on_gpus => {
             let (plan, dir) = plan.zip(args.plan.as_deref()).expect("checked above");
@@ -66,9 +86,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             (Some(on), Some(backend), Some(replicas))
         }
         Some(world) => {
-            if args.backend == Some(Backend::Cuda) {
-                bail!("a launched run trains on GPUs from a compiled plan: give `--plan DIR`");
-            }
+            runners = stages_on(world.local_rank)?;
             if let Err(e) = check_world(&spec, world.size) {
                 eprintln!("error: cannot train `{}`: {}", spec.model.name, e.0);
                 return Ok(ExitCode::FAILURE);
@@ -76,9 +94,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             (None, None, None)
         }
         None if is_parallel(&spec) => {
-            if args.backend == Some(Backend::Cuda) {
-                bail!("the spec's parallel plan runs on thread-ranks on the CPU; the GPU backend runs one rank per process (start the processes with torchrun, srun or mpirun)");
-            }
+            runners = stages_on(0)?;
             (None, None, None)
         }
         None => {
@@ -106,7 +122,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let trainer = match here {
         Some(here) => trainer.and_then(|mut trainer| {
-            let ranks = trainer.on_ranks(graph_numerics, here)?;
+            let ranks = trainer.on_ranks(graph_numerics, here, runners)?;
             eprintln!("training on {ranks}");
             Ok(trainer)
         }),
@@ -277,6 +293,9 @@ fn read_plan(dir: &Path, spec: &Spec) -> anyhow::Result<Plan> {
 /// the trainer's CPU reference).
 type Chosen = (String, Option<Box<dyn TrainBackend<f32>>>);
 
+/// What runs the pipeline stages of a rank, and where, in words.
+type StageRunners = (dsc_runtime::train::graph_stage::Runners, String);
+
 /// Why `--profile` is refused off the GPU.
 const PROFILE_NEEDS_A_GPU: &str =
     "`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)";
@@ -326,6 +345,38 @@ fn executor(
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: Plan, _: &Path, _: bool) -> anyhow::Result<Chosen> {
+    bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
+}
+
+/// What runs the pipeline stages of `plan` (compiled into `dir`) on a rank, and where, in
+/// words: GPU `ordinal` where `choice` asks for it, or by default where this dsc has the
+/// `cuda` feature and finds the GPU; else the plan's stage functions on the CPU.
+fn stage_runners(choice: Option<Backend>, plan: &Plan, dir: &Path, ordinal: usize) -> anyhow::Result<StageRunners> {
+    let on_cpu = || (plan_stages(plan), format!("the CPU (plan `{}`)", dir.display()));
+    if choice == Some(Backend::Cpu) {
+        return Ok(on_cpu());
+    }
+    match (choice, on_gpu(plan, dir, ordinal)) {
+        (_, Ok(on)) => Ok(on),
+        (Some(Backend::Cuda), Err(e)) => Err(e),
+        (_, Err(e)) => {
+            eprintln!("note: the pipeline stages run on the CPU: {e:#}");
+            Ok(on_cpu())
+        }
+    }
+}
+
+/// The runners of `plan`'s stages on GPU `ordinal`, and where, in words.
+#[cfg(feature = "cuda")]
+fn on_gpu(plan: &Plan, dir: &Path, ordinal: usize) -> anyhow::Result<StageRunners> {
+    use dsc_runtime::cuda::{stage, Gpu};
+    let name = Gpu::open_on(ordinal)?.name()?;
+    let runners = stage::runners(plan.clone(), dir, ordinal)?;
+    Ok((runners, format!("GPU {ordinal}, {name} (CUDA, plan `{}`)", dir.display())))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_gpu(_: &Plan, _: &Path, _: usize) -> anyhow::Result<StageRunners> {
     bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 

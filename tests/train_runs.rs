@@ -146,7 +146,7 @@ fn a_parallel_plan_trains_on_thread_ranks_and_resumes_exactly() {
     let (straight, resumed) = (dir.path().join("straight.jsonl"), dir.path().join("resumed.jsonl"));
     let o = ok(train(&eight_ranks(&["--steps", "2", "--metrics", path(&straight)])));
     assert!(
-        text(&o.stderr).contains("training on 8 thread-ranks: 2 pipeline stages (DualPipe)"),
+        text(&o.stderr).contains("training on 8 thread-ranks on the CPU: 2 pipeline stages (DualPipe)"),
         "{}",
         text(&o.stderr)
     );
@@ -168,7 +168,7 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
     let outputs = launched(8, &eight_ranks(&["--steps", "2", "--metrics", path(&processes)]));
     for (rank, o) in outputs.iter().enumerate() {
         assert!(o.status.success(), "rank {rank} failed:\n{}", text(&o.stderr));
-        let says = format!("training on rank {rank} of 8 processes over TCP: 2 pipeline stages (DualPipe)");
+        let says = format!("training on rank {rank} of 8 processes over TCP on the CPU: 2 pipeline stages (DualPipe)");
         assert!(text(&o.stderr).contains(&says), "rank {rank}:\n{}", text(&o.stderr));
         // Rank 0 alone prints the steps.
         let steps = text(&o.stdout).lines().filter(|line| line.starts_with("step")).count();

@@ -720,6 +720,28 @@ impl Module {
         self.constants.push(Constant { name: name.into(), shape, kind });
         self.constants.len() - 1
     }
+
+    /// Appends `other`'s functions (each renamed `prefix.name`) and constants, their calls and
+    /// tables moved to the new indices; returns where each of `other`'s functions now is.
+    pub fn absorb(&mut self, other: Module, prefix: &str) -> Vec<usize> {
+        let (first_function, first_constant) = (self.functions.len(), self.constants.len());
+        self.constants.extend(other.constants);
+        other
+            .functions
+            .into_iter()
+            .map(|mut f| {
+                f.name = format!("{prefix}.{}", f.name);
+                for node in &mut f.nodes {
+                    match &mut node.op {
+                        Op::Call(callee) => *callee += first_function,
+                        Op::Table(table) => *table += first_constant,
+                        _ => {}
+                    }
+                }
+                self.add(f)
+            })
+            .collect()
+    }
 }
 
 /// The shape of op(a)·op(b) (batched over equal leading dimensions).

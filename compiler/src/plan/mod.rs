@@ -2,22 +2,25 @@
 //! A directory with `plan.json` (versioned): the spec, the fused training graph, its kernels
 //! per function with their ops, bytes, FLOPs and roofline time, the buffer table (size and
 //! lifetime of every value), the fusion reports, and per-step totals fused and unfused; and
-//! for every generated kernel its MLIR (`ir/NAME.mlir`) and PTX (`kernels/NAME.ptx`).
+//! for every generated kernel its MLIR (`ir/NAME.mlir`) and PTX (`kernels/NAME.ptx`). Under a
+//! pipeline of several stages or expert parallelism the module also holds each stage's forward
+//! and backward ([`PlanStage`], functions named `stageI.…`), which the ranks run on GPUs.
 
 use crate::fuse::cost::Profile;
 use crate::fuse::kernels::{self, Code, Kernel, KernelKind};
 use crate::fuse::{self, FunctionReport, Limits};
 use crate::graph::ir::{Function, Module, Op};
 use crate::graph::zero::Zero;
-use crate::graph::{Numerics, ParamInfo, TrainingGraph};
+use crate::graph::{Numerics, ParamInfo, StageTraining, TrainingGraph};
 use crate::mlir::{attention, emit, gemm};
-use dsc_lang::Spec;
+use crate::parallel::split;
+use dsc_lang::{Spec, StagePart};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::Path;
 
 /// Bumped whenever `plan.json` changes incompatibly.
-pub const PLAN_VERSION: u32 = 4;
+pub const PLAN_VERSION: u32 = 5;
 pub const PLAN_FILE: &str = "plan.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,9 +37,25 @@ pub struct Plan {
     pub optimizer: usize,
     /// ZeRO-1's layout of data-parallel processes, with each one's optimizer function.
     pub zero: Zero,
+    /// The pipeline's stages, where the spec's ranks run stages ([`has_stages`]; else none).
+    pub stages: Vec<PlanStage>,
     pub functions: Vec<PlanFunction>,
     pub profile: Profile,
     pub summary: Summary,
+}
+
+/// One pipeline stage of the spec's plan (as `parallel::split` makes them), as a pipeline rank
+/// holding it runs it: [`StageTraining`]'s functions, in the plan's module.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanStage {
+    pub parts: Vec<StagePart>,
+    /// `StageGraph::forward` and `StageTraining::backward`, as functions of the plan.
+    pub forward: usize,
+    pub backward: usize,
+    /// The stage's parameters, named as in the whole model.
+    pub params: Vec<ParamInfo>,
+    pub first: bool,
+    pub last: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,8 +127,9 @@ pub struct Summary {
 /// Compiles a checked spec into a plan.
 pub fn compile(spec: &Spec, limits: Limits) -> Plan {
     let graph = TrainingGraph::build(spec, Numerics::Policy);
+    let (unfused_module, stages) = with_stages(spec, graph.module());
     let profile = Profile::default();
-    let (module, reports) = fuse::fuse_module(&expand_attention(graph.module()), limits);
+    let (module, reports) = fuse::fuse_module(&expand_attention(&unfused_module), limits);
     let module = fuse::library::quantize_operands(&module);
     // Each function's kernels, and the values they store packed.
     let (fused, packed): (Vec<Vec<Kernel>>, Vec<HashSet<u32>>) = module
@@ -130,7 +150,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
             (ks, packed)
         })
         .unzip();
-    let unfused: Vec<Vec<Kernel>> = graph.module().functions.iter().map(|f| kernels::unfused(f, &profile)).collect();
+    let unfused: Vec<Vec<Kernel>> = unfused_module.functions.iter().map(|f| kernels::unfused(f, &profile)).collect();
     let micro = spec.train.batch.last() / (spec.train.micro_batch * spec.parallel.data.size).max(1);
     // A data-parallel process updates its shard.
     let update = graph.zero.members[0].function;
@@ -141,7 +161,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         (launches, micro * gb + ob, micro as f64 * gs + os)
     };
     let (launches, bytes, seconds) = step(&module, &fused);
-    let (launches_u, bytes_u, seconds_u) = step(graph.module(), &unfused);
+    let (launches_u, bytes_u, seconds_u) = step(&unfused_module, &unfused);
     let functions = module
         .functions
         .iter()
@@ -168,6 +188,7 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
         grad: graph.grad,
         optimizer: graph.optimizer,
         zero: graph.zero.clone(),
+        stages,
         module,
         functions,
         profile,
@@ -181,6 +202,39 @@ pub fn compile(spec: &Spec, limits: Limits) -> Plan {
             seconds_per_step_unfused: seconds_u,
         },
     }
+}
+
+/// Whether the ranks of `spec`'s parallel plan run pipeline stages (of a pipeline, or of expert
+/// parallelism) rather than the whole model's gradient (data parallelism alone).
+pub fn has_stages(spec: &Spec) -> bool {
+    spec.parallel.pipeline.stages > 1 || spec.parallel.expert.size > 1
+}
+
+/// The training graph's `module` with the stages' functions added where the spec's ranks run
+/// stages (each on a member of an expert-parallel group of the spec's size), and the stages.
+fn with_stages(spec: &Spec, module: &Module) -> (Module, Vec<PlanStage>) {
+    let mut module = module.clone();
+    if !has_stages(spec) {
+        return (module, Vec::new());
+    }
+    let expert_ranks = spec.parallel.expert.size as usize;
+    let stages = split(spec)
+        .into_iter()
+        .map(|stage| {
+            let StageTraining { graph, backward } =
+                StageTraining::build(spec, Numerics::Policy, &stage.parts, expert_ranks);
+            let at = module.absorb(graph.module, &format!("stage{}", stage.index));
+            PlanStage {
+                parts: stage.parts,
+                forward: at[graph.forward],
+                backward: at[backward],
+                params: graph.params,
+                first: graph.first,
+                last: graph.last,
+            }
+        })
+        .collect();
+    (module, stages)
 }
 
 /// `module` with the attention that the fused kernels do not take (f32, or dims they lack)

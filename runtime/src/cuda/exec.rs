@@ -11,7 +11,8 @@
 //! [`super::weights`] keeps it instead): generated kernels from their
 //! PTX, library GEMMs on cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels
 //! ([`super::attention`]; a plan expands any attention they do not take), and what none covers (FP8
-//! GEMMs outside 128-element groups) on the host through the CPU reference's own op, its inputs
+//! GEMMs outside 128-element groups; an expert-parallel stage's all-to-alls, through the
+//! [`Exchange`] it was given) on the host through the CPU reference's own op, its inputs
 //! downloaded (FP8 buffers decoded) and its outputs uploaded. Values the plan packs as bf16 (Adam's
 //! moments under the policy) are converted where they cross to and from the host. A function's
 //! arena is kept for its next call. [`Counts`] says how many kernels took each path.
@@ -22,6 +23,7 @@ use super::places::{self, Places};
 use super::profile::Profile;
 use super::weights::{Slot, WeightCache};
 use super::{gemm, Gpu, GpuError, Kernels};
+use crate::cpu::exchange::{self, Alone, Exchange};
 use crate::cpu::exec::eval;
 use crate::cpu::numerics::{bf16_bits, e4m3_decode, e4m3_encode, from_bf16_bits, Quantized, Tiling};
 use crate::cpu::{Tensor, Value};
@@ -93,6 +95,8 @@ pub struct Executor {
     pub(super) weights: Option<WeightCache>,
     /// Where the time goes, when asked ([`Executor::profiled`]).
     profile: Option<Profile>,
+    /// Where the MoE all-to-alls of an expert-parallel stage go ([`Executor::exchanging`]).
+    exchange: Box<dyn Exchange>,
 }
 
 /// An argument of a call: bytes on the host, or a device buffer (its address and length).
@@ -277,7 +281,15 @@ impl Executor {
             peers: None,
             weights: None,
             profile: None,
+            exchange: Box::new(Alone),
         })
+    }
+
+    /// Runs the MoE all-to-alls (`exchange_counts`, `dispatch`, `combine`) of the functions it
+    /// runs through `exchange` from now on, on the host (the rows down, exchanged, up); returns
+    /// the exchange they went through before.
+    pub fn exchanging(&mut self, exchange: Box<dyn Exchange>) -> Box<dyn Exchange> {
+        std::mem::replace(&mut self.exchange, exchange)
     }
 
     /// Runs cuBLAS's f32 products exactly (no TF32) whatever the policy, so that a plan's
@@ -634,7 +646,13 @@ impl Executor {
                 inputs.push(value);
             }
             let refs: Vec<&Value<f32>> = inputs.iter().collect();
-            local.insert(v, eval(&self.plan.module, node, &refs));
+            let value = match node.op {
+                Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. } => {
+                    exchange::eval(node, &refs, &*self.exchange).map_err(|e| GpuError::Unsupported(e.0))?
+                }
+                _ => eval(&self.plan.module, node, &refs),
+            };
+            local.insert(v, value);
         }
         for &o in &kernel.outputs {
             let value = &local[&o];

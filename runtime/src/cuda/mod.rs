@@ -24,6 +24,7 @@ pub mod places;
 pub mod profile;
 pub mod resident;
 pub mod scaled;
+pub mod stage;
 pub mod weights;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, PushKernelArg};

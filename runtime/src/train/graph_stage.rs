@@ -1,19 +1,21 @@
-//! A pipeline stage of the training graph on the CPU backend: the [`StageCompute`] a
-//! thread-rank runs for a stage it holds. What goes between stages is the stage graph's carry
-//! (the hidden state and the embeddings the MTP modules read). The forward runs the stage's
-//! function and keeps its input; the input gradient runs the generated backward (which
-//! recomputes the forward) and keeps the weight gradients it also yields until the
-//! weight-gradient chunk adds them to the accumulator, so a split backward costs one backward
-//! on the CPU, not two. Under expert parallelism the stage holds its share of the routed
-//! experts, and its MoE layers' all-to-alls reach the rest of its group through an
-//! [`Exchange`]; the members of a group run the same chunks in the same order, so their
-//! exchanges meet.
+//! A pipeline stage of the training graph: the [`StageCompute`] a rank runs for a stage it
+//! holds. What goes between stages is the stage graph's carry (the hidden state and the
+//! embeddings the MTP modules read). The forward runs the stage's function and keeps its
+//! input; the input gradient runs the generated backward (which recomputes the forward) and
+//! keeps the weight gradients it also yields until the weight-gradient chunk adds them to the
+//! accumulator, so a split backward costs one backward, not two. A [`StageRunner`] runs the
+//! two functions: the CPU's interpreter ([`Interpreted`]: the stage's graph, or a compiled
+//! plan's stage functions), or a GPU backend (`cuda::stage`). Under expert parallelism the
+//! stage holds its share of the routed experts, and its MoE layers' all-to-alls reach the
+//! rest of its group through an [`Exchange`] the runner holds; the members of a group run the
+//! same chunks in the same order, so their exchanges meet.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dsc_compiler::graph::{ParamInfo, StageTraining};
+use dsc_compiler::graph::{Module, ParamInfo, StageTraining};
 use dsc_compiler::parallel::schedule::Micro;
+use dsc_compiler::plan::Plan;
 
 use super::pipeline::{Sharing, StageCompute, StageReport};
 use super::trainer::add_loads;
@@ -23,12 +25,72 @@ use crate::cpu::{run_exchanging, Exchange, Tensor, Value};
 /// A micro-batch's tokens [micro_batch, seq_len + 1] and loss mask (same shape).
 pub type MicroBatch = (Tensor<i32>, Tensor<f32>);
 
+/// What runs a stage's forward and backward functions (`StageTraining`'s, as the stage's graph
+/// or as a compiled plan holds them).
+pub trait StageRunner {
+    /// The module holding the stage's functions, and the indices there of its forward and its
+    /// backward.
+    fn functions(&self) -> (&Module, usize, usize);
+    fn run(&mut self, f: usize, args: Vec<Value<f32>>) -> Result<Vec<Value<f32>>, CommError>;
+}
+
+/// Makes the runner of stage `stage` (of the spec's split) on a rank, its all-to-alls going
+/// through `exchange`; a reason where it cannot.
+pub type Runners = Arc<dyn Fn(usize, Box<dyn Exchange + Send>) -> Result<Box<dyn StageRunner>, String> + Send + Sync>;
+
+/// The stage's functions on the CPU's interpreter.
+pub struct Interpreted {
+    module: Arc<Module>,
+    forward: usize,
+    backward: usize,
+    exchange: Box<dyn Exchange + Send>,
+}
+
+impl Interpreted {
+    /// Functions `forward` and `backward` of `module`.
+    pub fn new(module: Arc<Module>, forward: usize, backward: usize, exchange: Box<dyn Exchange + Send>) -> Self {
+        Interpreted { module, forward, backward, exchange }
+    }
+}
+
+impl StageRunner for Interpreted {
+    fn functions(&self) -> (&Module, usize, usize) {
+        (&self.module, self.forward, self.backward)
+    }
+
+    fn run(&mut self, f: usize, args: Vec<Value<f32>>) -> Result<Vec<Value<f32>>, CommError> {
+        run_exchanging(&self.module, f, args, &*self.exchange)
+    }
+}
+
+/// Runners interpreting `functions` on the CPU: per stage, its module and the indices of its
+/// forward and backward there.
+fn interpreted(functions: Vec<(Arc<Module>, usize, usize)>) -> Runners {
+    Arc::new(move |stage, exchange| {
+        let (module, forward, backward) = &functions[stage];
+        Ok(Box::new(Interpreted::new(Arc::clone(module), *forward, *backward, exchange)))
+    })
+}
+
+/// The runners of `stages` on the CPU: the interpreter on each stage graph's functions.
+pub fn stage_graphs(stages: &[Arc<StageTraining>]) -> Runners {
+    interpreted(stages.iter().map(|s| (Arc::new(s.graph.module.clone()), s.graph.forward, s.backward)).collect())
+}
+
+/// The runners of a compiled plan's stages on the CPU: the interpreter on the plan's stage
+/// functions (as the GPU runs them).
+pub fn plan_stages(plan: &Plan) -> Runners {
+    let module = Arc::new(plan.module.clone());
+    interpreted(plan.stages.iter().map(|s| (Arc::clone(&module), s.forward, s.backward)).collect())
+}
+
 pub struct GraphStage {
-    training: Arc<StageTraining>,
+    runner: Box<dyn StageRunner>,
+    /// Whether the stage holds the head (its forward returns the loss).
+    last: bool,
     params: Vec<Tensor<f32>>,
     /// Each parameter's sharing.
     sharing: Vec<Sharing>,
-    exchange: Box<dyn Exchange + Send>,
     data: Box<dyn Fn(Micro) -> MicroBatch + Send>,
     /// λ, the MTP loss weight of this step.
     mtp_weight: f32,
@@ -62,15 +124,14 @@ impl StageReport {
 }
 
 impl GraphStage {
-    /// The stage of `training` with these parameters (in its order); `data` gives each
-    /// micro-batch's tokens and loss mask; `mtp_weight` is the step's λ; `exchange` reaches
-    /// the stage's expert-parallel group.
+    /// The stage of `training` run by `runner`, with these parameters (in its order); `data`
+    /// gives each micro-batch's tokens and loss mask; `mtp_weight` is the step's λ.
     pub fn new(
-        training: Arc<StageTraining>,
+        training: &StageTraining,
+        runner: Box<dyn StageRunner>,
         params: Vec<Tensor<f32>>,
         data: Box<dyn Fn(Micro) -> MicroBatch + Send>,
         mtp_weight: f32,
-        exchange: Box<dyn Exchange + Send>,
     ) -> Self {
         let gradient = zeros_like(&params);
         let sharing = training
@@ -80,10 +141,10 @@ impl GraphStage {
             .map(|p| if p.is_routed_expert() { Sharing::Experts } else { Sharing::Replicated })
             .collect();
         GraphStage {
-            training,
+            runner,
+            last: training.graph.last,
             params,
             sharing,
-            exchange,
             data,
             mtp_weight,
             saved: HashMap::new(),
@@ -123,25 +184,25 @@ fn zeros_like(tensors: &[Tensor<f32>]) -> Vec<Tensor<f32>> {
 
 impl StageCompute for GraphStage {
     fn forward(&mut self, micro: Micro, input: Option<Vec<f32>>) -> Result<Vec<f32>, CommError> {
-        let graph = &self.training.graph;
-        let function = &graph.module.functions[graph.forward];
+        let (module, forward, _) = self.runner.functions();
+        let function = &module.functions[forward];
         let input = input.map(|data| {
             let (_, shape, _) = &function.args[self.params.len()];
             Tensor::new(shape.clone(), data)
         });
         let batch = (self.data)(micro);
-        let outputs = run_exchanging(&graph.module, graph.forward, self.args(&input, &batch), &*self.exchange)?;
+        let args = self.args(&input, &batch);
+        let outputs = self.runner.run(forward, args)?;
         let output = outputs[0].as_real().data.clone();
-        self.report.add(graph.last, &outputs);
+        self.report.add(self.last, &outputs);
         self.saved.insert(micro, (input, batch));
         Ok(output)
     }
 
     fn backward_input(&mut self, micro: Micro, output_gradient: Option<Vec<f32>>) -> Result<Vec<f32>, CommError> {
         let (input, batch) = self.saved.remove(&micro).expect("the forward ran first");
-        let training = &self.training;
-        let module = &training.graph.module;
-        let forward = &module.functions[training.graph.forward];
+        let (module, forward, backward) = self.runner.functions();
+        let forward = &module.functions[forward];
         let out_shape = forward.node(forward.outputs[0]).shape.clone();
         // The last stage's loss seeds the backward with 1.
         let d_out = output_gradient.unwrap_or_else(|| vec![1.0]);
@@ -152,7 +213,7 @@ impl StageCompute for GraphStage {
         for &reported in &forward.outputs[2..] {
             args.push(Value::real(Tensor::filled(forward.node(reported).shape.clone(), 0.0)));
         }
-        let outputs = run_exchanging(module, training.backward, args, &*self.exchange)?;
+        let outputs = self.runner.run(backward, args)?;
         let params = self.params.len();
         let weights = outputs[..params].iter().map(|v| v.as_real().clone()).collect();
         self.due.insert(micro, weights);
@@ -303,13 +364,11 @@ mod tests {
                             let me = place.id(schedule);
                             let exchange =
                                 ExpertGroup::new(Arc::clone(comm), group, me, format!("stage {stage} experts"));
-                            let stage: Box<dyn StageCompute> = Box::new(GraphStage::new(
-                                training,
-                                params,
-                                Box::new(data),
-                                MTP_WEIGHT,
-                                Box::new(exchange),
-                            ));
+                            let module = Arc::new(training.graph.module.clone());
+                            let (forward, backward) = (training.graph.forward, training.backward);
+                            let runner = Box::new(Interpreted::new(module, forward, backward, Box::new(exchange)));
+                            let stage: Box<dyn StageCompute> =
+                                Box::new(GraphStage::new(&training, runner, params, Box::new(data), MTP_WEIGHT));
                             (direction, stage)
                         });
                         let mut held = HeldStages { stages: held.collect() };

@@ -25,7 +25,7 @@ use dsc_compiler::parallel::schedule::{Direction, Micro, Schedule};
 use dsc_compiler::parallel::split;
 use dsc_lang::{PipelineSchedule, Spec};
 
-use super::graph_stage::{share_of, GraphStage, MicroBatch};
+use super::graph_stage::{share_of, stage_graphs, GraphStage, MicroBatch, Runners};
 use super::pipeline::{group, run_step, HeldStages, Place, Replicas, Sharing, StageCompute, StageReport, StepEnd};
 use super::trainer::{add_loads, sum_over, StepError, Unsupported};
 use super::zero::{BiasUpdate, ShardOptimizer, WholeMoments};
@@ -52,6 +52,10 @@ pub enum Here {
 pub struct Ranks {
     kind: PipelineSchedule,
     stages: Vec<Arc<StageTraining>>,
+    /// What runs the stages' functions.
+    runners: Runners,
+    /// Where they run, in words.
+    runs_on: String,
     /// Per stage, the index of each of its parameters in the whole model's list.
     indices: Vec<Vec<usize>>,
     /// Per stage, the length of each expert load it reports.
@@ -104,13 +108,15 @@ type RankResult = (Vec<(usize, usize, [Vec<f32>; 2])>, Vec<(usize, StageReport)>
 impl Ranks {
     /// The ranks of `spec`'s plan for the model whose parameters are `params` (and the
     /// routing biases among them `biases`), their stages computing with `numerics`, running
-    /// `here`; their optimizers start from `moments`.
+    /// `here`; their optimizers start from `moments`. `runners` (with where they run, in
+    /// words) run the stages' functions; by default the CPU interprets the stages' graphs.
     pub fn new(
         spec: &Spec,
         numerics: Numerics,
         (params, biases): (&[ParamInfo], &[usize]),
         moments: &WholeMoments,
         here: Here,
+        runners: Option<(Runners, String)>,
     ) -> Result<Self, Unsupported> {
         let par = &spec.parallel;
         let split = split(spec);
@@ -140,6 +146,7 @@ impl Ranks {
                 forward.outputs[reported..].iter().map(|&o| forward.node(o).shape.iter().product()).collect()
             })
             .collect();
+        let (runners, runs_on) = runners.unwrap_or_else(|| (stage_graphs(&stages), "the CPU".to_string()));
         let kind = par.pipeline.schedule;
         // Which stages a rank holds and which ranks share its copies depend on the schedule's
         // kind and pipeline ranks alone: any valid micro-batch count shows them.
@@ -148,6 +155,8 @@ impl Ranks {
         let mut ranks = Ranks {
             kind,
             stages,
+            runners,
+            runs_on,
             indices,
             loads,
             params: params.to_vec(),
@@ -381,11 +390,12 @@ impl Ranks {
             let group = place.expert_group(schedule, replicas);
             let exchange =
                 ExpertGroup::new(Arc::clone(&comm), group, place.id(schedule), format!("stage {stage} experts"));
+            let runner = (self.runners)(stage, Box::new(exchange))?;
             let stage: Box<dyn StageCompute> =
-                Box::new(GraphStage::new(training, params, Box::new(data), mtp_weight, Box::new(exchange)));
-            (direction, stage)
+                Box::new(GraphStage::new(&training, runner, params, Box::new(data), mtp_weight));
+            Ok((direction, stage))
         });
-        let mut held = HeldStages { stages: stages.collect() };
+        let mut held = HeldStages { stages: stages.collect::<Result<_, String>>()? };
         let mut optimizer = optimizer.lock().expect("no rank panicked");
         let scale = 1.0 / micro_batches as f64;
         let update = |sharing: Sharing, params: &mut [f32], gradient: &[f32], square_sum: f64| {
@@ -436,6 +446,7 @@ impl fmt::Display for Ranks {
             Here::Threads => write!(f, "{} thread-ranks", self.count())?,
             Here::Process(sockets) => write!(f, "rank {} of {} processes over TCP", sockets.rank(), self.count())?,
         }
+        write!(f, " on {}", self.runs_on)?;
         write!(
             f,
             ": {} pipeline stages ({schedule}) × {} data-parallel replicas, the routed experts split over {}",
@@ -453,6 +464,7 @@ impl fmt::Display for Ranks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::graph_stage::plan_stages;
     use crate::train::Trainer;
     use dsc_lang::Batch;
     use std::path::Path;
@@ -493,7 +505,7 @@ mod tests {
             let spec = tiny_on_ranks(kind, replicas, expert_ranks);
             let mut one = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
             let mut ranked = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
-            let ranks = ranked.on_ranks(Numerics::Exact, Here::Threads).expect("runs on threads");
+            let ranks = ranked.on_ranks(Numerics::Exact, Here::Threads, None).expect("runs on threads");
             assert!(ranks.starts_with(&format!("{} thread-ranks", 2 * replicas)), "{ranks}");
             for step in 0..2 {
                 let (a, b) = (one.step().expect("one rank"), ranked.step().expect("the ranks"));
@@ -532,6 +544,37 @@ mod tests {
         }
     }
 
+    /// A compiled plan's stage functions (fused, as the GPU ranks run them: `cuda::stage`),
+    /// interpreted on the ranks, train as the stage graphs do, under every schedule with
+    /// expert and data parallelism: the plan holds the right stages, each its parameters in
+    /// the graph's order, its calls and tables moved along with it.
+    #[test]
+    fn a_plans_stage_functions_train_as_the_stage_graphs_do() {
+        for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Dualpipe] {
+            let spec = tiny_on_ranks(kind, 2, 2);
+            let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
+            for (stage, held) in split(&spec).iter().zip(&plan.stages) {
+                let training = StageTraining::build(&spec, Numerics::Policy, &stage.parts, 2);
+                assert_eq!(held.params, training.graph.params, "{kind:?} stage {}", stage.index);
+                let name = &plan.module.functions[held.forward].name;
+                assert_eq!(name, &format!("stage{}.stage", stage.index), "{kind:?}");
+            }
+            let trainer = || Trainer::<f32>::with_graph(&spec, plan.training_graph(), 3).expect("trains");
+            let (mut graphs, mut functions) = (trainer(), trainer());
+            graphs.on_ranks(Numerics::Policy, Here::Threads, None).expect("runs on threads");
+            let runners = Some((plan_stages(&plan), "the plan's functions".to_string()));
+            let ranks = functions.on_ranks(Numerics::Policy, Here::Threads, runners).expect("runs on threads");
+            assert!(ranks.starts_with("4 thread-ranks on the plan's functions"), "{ranks}");
+            for step in 0..2 {
+                let (a, b) = (graphs.step().expect("the graphs"), functions.step().expect("the functions"));
+                for (what, x, y) in [("loss", a.loss, b.loss), ("grad_norm", a.grad_norm, b.grad_norm)] {
+                    assert!((x - y).abs() <= 1e-5 * x.abs(), "{kind:?} step {step} {what}: graphs {x}, plan {y}");
+                }
+                assert_eq!((a.expert_load_max, a.expert_load_mean), (b.expert_load_max, b.expert_load_mean));
+            }
+        }
+    }
+
     #[test]
     fn each_rank_keeps_the_optimizer_state_of_its_shard_alone() {
         for kind in [PipelineSchedule::OneFOneB, PipelineSchedule::Dualpipe] {
@@ -540,7 +583,8 @@ mod tests {
             let (params, biases) = (&graph.forward.params, &graph.forward.moe_biases);
             let learned: Vec<usize> = params.iter().filter(|p| p.learned).map(|p| p.numel()).collect();
             let moments = learned.iter().map(|&n| [vec![0.0; n], vec![0.0; n]]).collect();
-            let ranks = Ranks::new(&spec, Numerics::Exact, (params, biases), &moments, Here::Threads).expect("ranks");
+            let ranks =
+                Ranks::new(&spec, Numerics::Exact, (params, biases), &moments, Here::Threads, None).expect("ranks");
             let held: Vec<usize> = ranks.optimizers.iter().map(|o| o.lock().expect("not poisoned").held()).collect();
             // Together one copy of the model's; each about 1/4 of its stage's (4 replicas; with
             // DualPipe 8 copies of each stage pair).
@@ -569,7 +613,7 @@ mod tests {
         // 2 micro-batches per replica; DualPipe over 2 stages needs 4.
         spec.train.batch = Batch::Constant { sequences: 16 };
         let mut trainer = Trainer::<f32>::new(&spec, Numerics::Exact, 3).expect("trains");
-        trainer.on_ranks(Numerics::Exact, Here::Threads).expect("runs on threads");
+        trainer.on_ranks(Numerics::Exact, Here::Threads, None).expect("runs on threads");
         let error = trainer.step().expect_err("DualPipe cannot run 2 micro-batches");
         assert!(error.0.contains("DualPipe needs"), "{error}");
     }

@@ -38,8 +38,8 @@ impl Sharing {
     }
 }
 
-/// One stage of the model for one direction, on one rank.
-pub trait StageCompute: Send {
+/// One stage of the model for one direction, on one rank (made on the rank's thread).
+pub trait StageCompute {
     /// The forward of `micro`: `input` is the previous stage's output (`None` on the first
     /// stage, which reads the micro-batch itself); returns what the next stage gets.
     fn forward(&mut self, micro: Micro, input: Option<Vec<f32>>) -> Result<Vec<f32>, CommError>;

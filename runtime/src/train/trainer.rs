@@ -8,7 +8,7 @@
 
 use super::backend::{Backend, Cpu, DataParallel, Moments};
 use super::ema::Ema;
-use super::graph_stage::MicroBatch;
+use super::graph_stage::{MicroBatch, Runners};
 use super::init::init_params;
 use super::metrics::{expert_load, resident_memory, StepMetrics};
 use super::parallel::{Here, Ranks};
@@ -241,12 +241,19 @@ impl<T: Real> Trainer<T> {
     /// Runs the steps on the ranks of the spec's parallel plan (pipeline stages, expert and
     /// data parallelism), `here` (threads of this process, or this process as one of them),
     /// rather than micro-batch after micro-batch on this thread; describes the ranks.
-    /// Their optimizers take the moments over (sharded: see [`Trainer::sync`]).
-    pub fn on_ranks(&mut self, numerics: Numerics, here: Here) -> Result<String, Unsupported> {
+    /// Their optimizers take the moments over (sharded: see [`Trainer::sync`]). `runners`
+    /// (with where they run, in words) run the stages' functions, by default the CPU.
+    pub fn on_ranks(
+        &mut self,
+        numerics: Numerics,
+        here: Here,
+        runners: Option<(Runners, String)>,
+    ) -> Result<String, Unsupported> {
         assert!(self.state.host_current, "the backend keeps the state: call `sync` first");
         let forward = &self.graph.forward;
         let moments = self.moments.iter().map(|(m, v)| [f32s(m), f32s(v)]).collect();
-        let ranks = Ranks::new(&self.spec, numerics, (&forward.params, &forward.moe_biases), &moments, here)?;
+        let params = (&forward.params[..], &forward.moe_biases[..]);
+        let ranks = Ranks::new(&self.spec, numerics, params, &moments, here, runners)?;
         let description = ranks.to_string();
         self.ranks = Some(ranks);
         // The ranks hold the moments now, each its shard.
@@ -260,9 +267,9 @@ impl<T: Real> Trainer<T> {
     /// spec's plan must be data parallelism alone, over as many processes.
     pub fn set_data_parallel(&mut self, replicas: Box<dyn DataParallel>) -> Result<(), Unsupported> {
         let par = &self.spec.parallel;
-        if par.pipeline.stages > 1 || par.expert.size > 1 {
+        if dsc_compiler::plan::has_stages(&self.spec) {
             return Err(Unsupported(
-                "pipeline and expert parallelism run on thread-ranks (one process) so far; across processes only data parallelism runs".into(),
+                "the ranks of a pipeline or of expert parallelism run their stages (`Trainer::on_ranks`), not the whole model's gradient".into(),
             ));
         }
         if par.data.size as usize != replicas.size() {
