@@ -353,16 +353,14 @@ fn cuda(_: Plan, _: &Path, _: bool) -> anyhow::Result<Chosen> {
 /// `cuda` feature and finds the GPU; else the plan's stage functions on the CPU.
 fn stage_runners(choice: Option<Backend>, plan: &Plan, dir: &Path, ordinal: usize) -> anyhow::Result<StageRunners> {
     let on_cpu = || (plan_stages(plan), format!("the CPU (plan `{}`)", dir.display()));
-    if choice == Some(Backend::Cpu) {
-        return Ok(on_cpu());
-    }
-    match (choice, on_gpu(plan, dir, ordinal)) {
-        (_, Ok(on)) => Ok(on),
-        (Some(Backend::Cuda), Err(e)) => Err(e),
-        (_, Err(e)) => {
+    match choice {
+        Some(Backend::Cpu) => Ok(on_cpu()),
+        Some(Backend::Cuda) => on_gpu(plan, dir, ordinal),
+        None if cfg!(feature = "cuda") => on_gpu(plan, dir, ordinal).or_else(|e| {
             eprintln!("note: the pipeline stages run on the CPU: {e:#}");
             Ok(on_cpu())
-        }
+        }),
+        None => Ok(on_cpu()),
     }
 }
 

@@ -188,6 +188,41 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
     assert_eq!(a, losses(&resumed), "losses differ after resuming on processes");
 }
 
+/// The ranks of a pipeline with expert parallelism run the stage functions of a compiled plan
+/// (on the CPU here; on the GPU where there is one) as they run the spec's stage graphs;
+/// `--backend cuda` without a usable GPU is refused.
+#[test]
+fn a_parallel_plans_ranks_run_its_compiled_stages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan");
+    let mut compile = vec!["compile", "models/deepseek-v3-tiny.dsc", "-o", path(&plan)];
+    compile.extend(SMALL);
+    compile.extend(eight_ranks(&[]));
+    ok(dsc(&compile));
+    let (graphs, stages) = (dir.path().join("graphs.jsonl"), dir.path().join("stages.jsonl"));
+    ok(train(&eight_ranks(&["--steps", "2", "--metrics", path(&graphs)])));
+    let o = ok(train(&eight_ranks(&[
+        "--steps",
+        "2",
+        "--plan",
+        path(&plan),
+        "--backend",
+        "cpu",
+        "--metrics",
+        path(&stages),
+    ])));
+    let says = format!("training on 8 thread-ranks on the CPU (plan `{}`): 2 pipeline stages", plan.display());
+    assert!(text(&o.stderr).contains(&says), "{}", text(&o.stderr));
+    let (a, b) = (losses(&graphs), losses(&stages));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        let (x, y): (f64, f64) = (x.parse().expect("a loss"), y.parse().expect("a loss"));
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "the stage graphs' loss {x}, the plan's {y}");
+    }
+    let o = train(&eight_ranks(&["--steps", "1", "--plan", path(&plan), "--backend", "cuda"]));
+    assert!(!o.status.success() && text(&o.stderr).to_lowercase().contains("cuda"), "{}", text(&o.stderr));
+}
+
 /// The step `dsc train` says it was interrupted at (`interrupted at step N…` on stderr).
 fn stopped_at(stderr: &str) -> Option<u64> {
     let rest = stderr.split("interrupted at step ").nth(1)?;

@@ -4,7 +4,8 @@
 //! matches the CPU backend on the very values the CPU computed in one training micro-batch
 //! (real token ids, routing and MoE orders included). Then the forward and gradient
 //! functions run whole on the GPU against the CPU reference (an f32 plan too, see its test),
-//! and a bench-shaped plan's attention and training step (`a_bench_*`).
+//! a plan's pipeline stages on thread-ranks against the CPU, and a bench-shaped plan's attention
+//! and training step (`a_bench_*`).
 //! The plan comes
 //! from `DSC_TEST_PLAN` (default `target/plan-tiny`: `dsc compile
 //! models/deepseek-v3-tiny.dsc -o target/plan-tiny`).
@@ -13,6 +14,7 @@
 use dsc_compiler::fuse::kernels::Code;
 use dsc_compiler::graph::ir::{DType, Op, V};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
+use dsc_compiler::graph::Numerics;
 use dsc_compiler::plan::Plan;
 use dsc_runtime::checkpoint::{Checkpoint, SpecRecord};
 use dsc_runtime::comm::rendezvous::World;
@@ -20,10 +22,12 @@ use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
 use dsc_runtime::cuda::exec::{self, Executor};
 use dsc_runtime::cuda::nccl::Nccl;
 use dsc_runtime::cuda::places::Places;
-use dsc_runtime::cuda::{gemm, Gpu, Kernels};
+use dsc_runtime::cuda::{gemm, stage, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
+use dsc_runtime::train::graph_stage::plan_stages;
 use dsc_runtime::train::init::init_params;
 use dsc_runtime::train::metrics::StepMetrics;
+use dsc_runtime::train::parallel::Here;
 use dsc_runtime::train::Trainer;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -385,6 +389,47 @@ fn training_steps_on_the_gpu_match_the_cpu() {
                 }
             }
         }
+    }
+}
+
+/// A plan of pipeline stages with expert and data parallelism (`DSC_TEST_PLAN_STAGES`,
+/// default `target/plan-tiny-stages`, f32: see `tests/device/build.sh`), its 4 ranks as
+/// threads with their stages on the GPU, trains two steps as the same ranks interpreting the
+/// plan's stage functions on the CPU: losses, gradient norms and then the parameters within
+/// 1e-5 (the all-to-alls run on the host between the GPU's kernels).
+#[test]
+fn pipeline_stages_on_the_gpu_train_as_on_the_cpu() {
+    let Some((_, dir, plan)) = setup("DSC_TEST_PLAN_STAGES", "plan-tiny-stages") else { return };
+    let trainer = || Trainer::<f32>::with_graph(&plan.spec, plan.training_graph(), 3).expect("trainable");
+    let (mut on_gpu, mut on_cpu) = (trainer(), trainer());
+    let runners = stage::runners(plan.clone(), &dir, 0).expect("the plan holds stages");
+    let ranks = on_gpu.on_ranks(Numerics::Policy, Here::Threads, Some((runners, "the GPU".into()))).expect("ranks");
+    on_cpu.on_ranks(Numerics::Policy, Here::Threads, Some((plan_stages(&plan), "the CPU".into()))).expect("ranks");
+    eprintln!("{ranks}");
+    let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
+    for step in 1..=2 {
+        let started = std::time::Instant::now();
+        let g = on_gpu.step().expect("a step with the stages on the GPU");
+        let gpu_s = started.elapsed().as_secs_f64();
+        let c = on_cpu.step().expect("a step on the CPU");
+        eprintln!(
+            "step {step} on ranks: loss GPU {:.7} CPU {:.7}, grad norm GPU {:.7} CPU {:.7}; GPU step {:.0} ms",
+            g.loss,
+            c.loss,
+            g.grad_norm,
+            c.grad_norm,
+            gpu_s * 1e3
+        );
+        for (what, a, b) in [("loss", g.loss, c.loss), ("grad norm", g.grad_norm, c.grad_norm)] {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "step {step}: {what} GPU {a} CPU {b}");
+        }
+        assert_eq!((g.expert_load_max, g.expert_load_mean), (c.expert_load_max, c.expert_load_mean), "step {step}");
+    }
+    on_gpu.sync().expect("the moments gathered from the ranks");
+    on_cpu.sync().expect("the moments gathered from the ranks");
+    for (i, (a, b)) in on_gpu.params().iter().zip(on_cpu.params()).enumerate() {
+        let error = relative_error(&reals(a), &reals(b));
+        assert!(error <= 1e-5, "parameter {} differs by {error:.2e} after two steps", plan.params[i].name);
     }
 }
 

@@ -18,6 +18,14 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" -o target/plan-bench
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2 --set 'model.ffn.1.layers=1..2' \
   --set train.seq_len=128 --set train.batch=1 --set train.micro_batch=1 -o target/plan-bench-step
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
+# The f32 tiny model on 4 ranks: 2 pipeline stages (DualPipe) × 2 replicas, the routed experts
+# split over 2 (`run.sh checks`: its stages on the GPU against the CPU).
+$dsc compile models/deepseek-v3-tiny.dsc -o target/plan-tiny-stages --set precision.gemm=f32 \
+  --set precision.saved_activations=f32 --set precision.dispatch=f32 --set precision.combine=f32 \
+  --set precision.adam_moments=f32 --set model.layers=4 --set 'model.ffn.1.layers=1..4' --set train.seq_len=8 \
+  --set train.micro_batch=2 --set train.batch=16 --set parallel.gpus_per_node=4 \
+  --set 'parallel.pipeline=dualpipe { stages = 2 }' --set 'parallel.data={ size = 2 }' \
+  --set 'parallel.expert={ size = 2, max_nodes = 1 }'
 # Two data-parallel processes (`run.sh dp`; benches/data_parallel.py sets the same values).
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set parallel.gpus_per_node=2 --set parallel.data.size=2 \
   -o target/plan-bench-dp2

@@ -36,10 +36,10 @@
 #             GPUs or more), both runs' metrics in $OUT
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
 # carried (64 MiB in all: `checks step profile` fit together): checks: target/gpu/gpu_kernels,
-# target/gpu/gpu_scaled and the plans tiny, tiny-f32, bench; step: target/gpu/gpu_kernels and
+# target/gpu/gpu_scaled and the plans tiny, tiny-f32, tiny-stages, bench; step: target/gpu/gpu_kernels and
 # target/plan-bench-step; profile and train:
 # target/gpu/dsc and target/plan-bench; quick: target/gpu/gpu_kernels, target/gpu/dsc and the plans
-# tiny, tiny-f32, bench; table: target/gpu/dsc, target/plan-bench and
+# tiny, tiny-f32, tiny-stages, bench; table: target/gpu/dsc, target/plan-bench and
 # target/plan-bench-bf16; long and fp8: those of profile; bf16: target/gpu/dsc and
 # target/plan-bench-bf16; gemm: target/gemm; attention: target/attention; dp: target/gpu/dsc,
 # target/plan-bench and target/plan-bench-dp2.
@@ -59,7 +59,7 @@ while [ $# -gt 0 ]; do
   if [[ ${1:-} =~ ^[0-9]+$ ]]; then n=$1; shift; fi
   case "$stage" in
     checks)
-      DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
+      DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 DSC_TEST_PLAN_STAGES=target/plan-tiny-stages \
         target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tail -n 40
       DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20
       python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15
@@ -68,7 +68,7 @@ while [ $# -gt 0 ]; do
       DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench 2>&1 | tail -n 30
       ;;
     quick)
-      DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 \
+      DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 DSC_TEST_PLAN_STAGES=target/plan-tiny-stages \
         target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | grep -v '^seed' | tail -n 20
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 4 --profile 2>&1 | tail -n 40
       ;;
