@@ -26,14 +26,17 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// An executor its thread shares among the stages it runs.
+type Shared = Rc<RefCell<Executor>>;
+
 thread_local! {
     /// This thread's executors, by plan directory and GPU.
-    static EXECUTORS: RefCell<HashMap<(PathBuf, usize), Rc<RefCell<Executor>>>> = RefCell::new(HashMap::new());
+    static EXECUTORS: RefCell<HashMap<(PathBuf, usize), Shared>> = RefCell::new(HashMap::new());
 }
 
 /// A stage's functions on a thread's executor.
 struct OnGpu {
-    executor: Rc<RefCell<Executor>>,
+    executor: Shared,
     /// The stage's exchange with its expert-parallel group, while the executor does not hold it.
     exchange: Option<Box<dyn Exchange>>,
     /// The plan's module (the executor's own, kept here to lend out).
@@ -76,7 +79,7 @@ pub fn runners(plan: Plan, dir: &Path, ordinal: usize) -> Result<Runners, GpuErr
 }
 
 /// This thread's executor of the plan in `dir` on GPU `ordinal`, made at its first use.
-fn executor(plan: &Plan, dir: &Path, ordinal: usize) -> Result<Rc<RefCell<Executor>>, GpuError> {
+fn executor(plan: &Plan, dir: &Path, ordinal: usize) -> Result<Shared, GpuError> {
     let key = (dir.to_path_buf(), ordinal);
     if let Some(executor) = EXECUTORS.with_borrow(|executors| executors.get(&key).cloned()) {
         return Ok(executor);
