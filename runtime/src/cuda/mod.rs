@@ -12,7 +12,8 @@
 //! kernels ([`attention`]); [`exec`] runs whole plan
 //! functions (FP8 GEMMs in groups other than DeepSeek-V3's 128 on the host), [`resident`] keeps
 //! the training state on the GPU ([`weights`]: its FP8 weights quantised once a step), [`nccl`]
-//! joins data-parallel processes (step sums, ZeRO-1's collectives), and
+//! joins data-parallel processes (step sums, ZeRO-1's collectives), [`stage`] runs a plan's
+//! pipeline stages for the ranks of a parallel plan, and
 //! [`profile`] times the kernels when asked. Not here yet (issue 5): CUDA graphs.
 
 pub mod attention;

@@ -3,7 +3,7 @@
 //! the recipe's scheduled values there (`schedule`: batch size, learning rate, γ, λ), the
 //! metrics each step reports (`metrics`) and their curves (`plot`), the trainer that runs
 //! steps (`trainer`) on a `backend` (the CPU reference, or a compiled plan on the GPU), the executor of a pipeline schedule on thread-ranks (`pipeline`),
-//! the training graph's stages it runs (`graph_stage`), ZeRO-1's optimizer shards (`zero`)
+//! the training graph's stages it runs and what runs their functions (`graph_stage`), ZeRO-1's optimizer shards (`zero`)
 //! and the spec's parallel plan on thread-ranks for the trainer (`parallel`).
 
 pub mod backend;
