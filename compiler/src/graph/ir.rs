@@ -506,6 +506,12 @@ impl Op {
         )
     }
 
+    /// Exchanges counts or rows with the other members of an expert-parallel group (the
+    /// backends run it on the host, through the group's transport).
+    pub fn is_exchange(&self) -> bool {
+        matches!(self, Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. })
+    }
+
     /// Formed by fusion (`fuse`), never by the builder or autodiff.
     pub fn is_fused(&self) -> bool {
         matches!(

@@ -72,9 +72,7 @@ fn interpret<T: Real>(
                         let args = inputs.iter().map(|x| (*x).clone()).collect();
                         Value::Tuple(interpret(module, callee, args, exchange, observe)?)
                     }
-                    Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. } => {
-                        exchange::eval(node, &inputs, exchange)?
-                    }
+                    ref op if op.is_exchange() => exchange::eval(node, &inputs, exchange)?,
                     _ => eval(module, node, &inputs),
                 }
             }

@@ -646,11 +646,10 @@ impl Executor {
                 inputs.push(value);
             }
             let refs: Vec<&Value<f32>> = inputs.iter().collect();
-            let value = match node.op {
-                Op::ExchangeCounts { .. } | Op::ReceivedOffsets | Op::Dispatch { .. } | Op::Combine { .. } => {
-                    exchange::eval(node, &refs, &*self.exchange).map_err(|e| GpuError::Unsupported(e.0))?
-                }
-                _ => eval(&self.plan.module, node, &refs),
+            let value = if node.op.is_exchange() {
+                exchange::eval(node, &refs, &*self.exchange).map_err(|e| GpuError::Unsupported(e.0))?
+            } else {
+                eval(&self.plan.module, node, &refs)
             };
             local.insert(v, value);
         }
