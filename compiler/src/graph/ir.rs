@@ -727,26 +727,45 @@ impl Module {
         self.constants.len() - 1
     }
 
-    /// Appends `other`'s functions (each renamed `prefix.name`) and constants, their calls and
-    /// tables moved to the new indices; returns where each of `other`'s functions now is.
+    /// Appends `other`'s functions and constants, their calls and tables moved to the new
+    /// indices. A constant equal to one here, or a function equal to one here but for its
+    /// name (a layer body two modules share), is not added again: its uses go to the one
+    /// here. The functions added are renamed `prefix.name`. Returns where each of `other`'s
+    /// functions now is (a function calls only functions before it).
     pub fn absorb(&mut self, other: Module, prefix: &str) -> Vec<usize> {
-        let (first_function, first_constant) = (self.functions.len(), self.constants.len());
-        self.constants.extend(other.constants);
-        other
-            .functions
+        let tables: Vec<usize> = other
+            .constants
             .into_iter()
-            .map(|mut f| {
-                f.name = format!("{prefix}.{}", f.name);
-                for node in &mut f.nodes {
-                    match &mut node.op {
-                        Op::Call(callee) => *callee += first_function,
-                        Op::Table(table) => *table += first_constant,
-                        _ => {}
-                    }
+            .map(|c| match self.constants.iter().position(|here| *here == c) {
+                Some(here) => here,
+                None => {
+                    self.constants.push(c);
+                    self.constants.len() - 1
                 }
-                self.add(f)
             })
-            .collect()
+            .collect();
+        let mut at: Vec<usize> = Vec::with_capacity(other.functions.len());
+        for mut f in other.functions {
+            for node in &mut f.nodes {
+                match &mut node.op {
+                    Op::Call(callee) => *callee = at[*callee],
+                    Op::Table(table) => *table = tables[*table],
+                    _ => {}
+                }
+            }
+            let same = |g: &&Function| {
+                (&g.args, &g.nodes, &g.outputs, &g.output_names) == (&f.args, &f.nodes, &f.outputs, &f.output_names)
+            };
+            let index = match self.functions.iter().position(|g| same(&g)) {
+                Some(here) => here,
+                None => {
+                    f.name = format!("{prefix}.{}", f.name);
+                    self.add(f)
+                }
+            };
+            at.push(index);
+        }
+        at
     }
 }
 

@@ -469,6 +469,45 @@ mod tests {
         emit::emit(f, k, &pf.packed_set()).expect("emitted").mlir.contains(&format!("%a{slot}: memref<?x{t}>"))
     }
 
+    /// A plan of pipeline stages with expert parallelism holds each stage's forward and backward,
+    /// named after it, and compiles the layer bodies the stages share once.
+    #[test]
+    fn a_staged_plan_holds_each_stage_and_shares_their_layers() {
+        let sets = [
+            "model.layers=4",
+            "model.ffn.1.layers=1..4",
+            "parallel.gpus_per_node=4",
+            "parallel.pipeline=dualpipe { stages = 2 }",
+            "parallel.data={ size = 2 }",
+            "parallel.expert={ size = 2, max_nodes = 1 }",
+            "train.batch=32",
+        ];
+        let plan = tiny_plan(&sets.map(String::from));
+        assert_eq!(plan.stages.len(), 2);
+        let name = |f: usize| plan.module.functions[f].name.as_str();
+        for (i, stage) in plan.stages.iter().enumerate() {
+            assert_eq!(
+                (name(stage.forward), name(stage.backward)),
+                (&*format!("stage{i}.stage"), &*format!("stage{i}.stage.vjp"))
+            );
+        }
+        let callees = |f: usize| -> HashSet<usize> {
+            plan.module.functions[f]
+                .nodes
+                .iter()
+                .filter_map(|n| if let Op::Call(c) = n.op { Some(c) } else { None })
+                .collect()
+        };
+        let (first, second) = (callees(plan.stages[0].forward), callees(plan.stages[1].forward));
+        let shared: Vec<&str> = first.intersection(&second).map(|&f| name(f)).collect();
+        assert!(shared.iter().any(|f| f.starts_with("stage0.layer")), "the stages' MoE layer is shared: {shared:?}");
+        let mut names: Vec<&str> = plan.module.functions.iter().map(|f| f.name.as_str()).collect();
+        names.sort_unstable();
+        let count = names.len();
+        names.dedup();
+        assert_eq!(names.len(), count, "every function once");
+    }
+
     /// Every kernel of every shipped model is a library GEMM or generated, or an expert-parallel
     /// stage's all-to-all (which the backends run on the host through the group's transport):
     /// the backends never meet an op they cannot run.
