@@ -63,20 +63,17 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if args.profile && !on_gpus && (world.is_some() || is_parallel(&spec)) {
         bail!("{PROFILE_NEEDS_A_GPU}");
     }
-    let stages_on = |ordinal: usize| {
+    let stages_on = |gpu: Option<usize>| -> anyhow::Result<Option<StageRunners>> {
+        let cuda = args.backend == Some(Backend::Cuda);
         match plan.as_ref().zip(args.plan.as_deref()) {
-        Some((plan, dir)) if staged => stage_runners(args.backend, plan, dir, ordinal).map(Some),
-        _ if args.backend == Some(Backend::Cuda) && world.is_some() => {
-            bail!("a launched run trains on GPUs from a compiled plan: give `--plan DIR`")
+            Some((plan, dir)) if staged => stage_runners(args.backend, plan, dir, gpu).map(Some),
+            _ if cuda && world.is_some() => {
+                bail!("a launched run trains on GPUs from a compiled plan: give `--plan DIR`")
+            }
+            _ if cuda && !staged => bail!("{DATA_PARALLEL_ON_GPUS}"),
+            _ if cuda => bail!("{CUDA_NEEDS_A_PLAN}"),
+            _ => Ok(None),
         }
-        _ if args.backend == Some(Backend::Cuda) && !staged => bail!(
-            "data parallelism alone runs on GPUs as processes, one per GPU over NCCL (start them with torchrun, srun or mpirun)"
-        ),
-        _ if args.backend == Some(Backend::Cuda) => {
-            bail!("`--backend cuda` runs a compiled plan: give `--plan DIR` (from `dsc compile FILE -o DIR`)")
-        }
-        _ => Ok(None),
-    }
     };
     let mut runners = None;
     let (on, backend, replicas) = match &world {
@@ -86,7 +83,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             (Some(on), Some(backend), Some(replicas))
         }
         Some(world) => {
-            runners = stages_on(world.local_rank)?;
+            runners = stages_on(Some(world.local_rank))?;
             if let Err(e) = check_world(&spec, world.size) {
                 eprintln!("error: cannot train `{}`: {}", spec.model.name, e.0);
                 return Ok(ExitCode::FAILURE);
@@ -94,7 +91,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             (None, None, None)
         }
         None if is_parallel(&spec) => {
-            runners = stages_on(0)?;
+            runners = stages_on(None)?;
             (None, None, None)
         }
         None => {
@@ -296,6 +293,14 @@ type Chosen = (String, Option<Box<dyn TrainBackend<f32>>>);
 /// What runs the pipeline stages of a rank, and where, in words.
 type StageRunners = (dsc_runtime::train::graph_stage::Runners, String);
 
+/// Why `--backend cuda` is refused without a plan.
+const CUDA_NEEDS_A_PLAN: &str =
+    "`--backend cuda` runs a compiled plan: give `--plan DIR` (from `dsc compile FILE -o DIR`)";
+
+/// Why `--backend cuda` is refused for data parallelism in one process.
+const DATA_PARALLEL_ON_GPUS: &str =
+    "data parallelism alone runs on GPUs as processes, one per GPU over NCCL (start them with torchrun, srun or mpirun)";
+
 /// Why `--profile` is refused off the GPU.
 const PROFILE_NEEDS_A_GPU: &str =
     "`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)";
@@ -311,9 +316,7 @@ fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, profile: bool) 
     };
     match (choice, plan) {
         (Some(Backend::Cpu), _) => cpu(),
-        (Some(Backend::Cuda), None) => {
-            bail!("`--backend cuda` runs a compiled plan: give `--plan DIR` (from `dsc compile FILE -o DIR`)")
-        }
+        (Some(Backend::Cuda), None) => bail!("{CUDA_NEEDS_A_PLAN}"),
         (Some(Backend::Cuda), Some((plan, dir))) => cuda(plan, dir, profile),
         (None, Some((plan, dir))) if cfg!(feature = "cuda") => cuda(plan, dir, profile).or_else(|e| {
             eprintln!("note: training on the CPU: {e:#}");
@@ -349,14 +352,15 @@ fn cuda(_: Plan, _: &Path, _: bool) -> anyhow::Result<Chosen> {
 }
 
 /// What runs the pipeline stages of `plan` (compiled into `dir`) on a rank, and where, in
-/// words: GPU `ordinal` where `choice` asks for it, or by default where this dsc has the
-/// `cuda` feature and finds the GPU; else the plan's stage functions on the CPU.
-fn stage_runners(choice: Option<Backend>, plan: &Plan, dir: &Path, ordinal: usize) -> anyhow::Result<StageRunners> {
+/// words: GPUs where `choice` asks for them, or by default where this dsc has the `cuda`
+/// feature and finds one (`gpu`, a launched process's; else every GPU, the thread-ranks
+/// spread over them); else the plan's stage functions on the CPU.
+fn stage_runners(choice: Option<Backend>, plan: &Plan, dir: &Path, gpu: Option<usize>) -> anyhow::Result<StageRunners> {
     let on_cpu = || (plan_stages(plan), format!("the CPU (plan `{}`)", dir.display()));
     match choice {
         Some(Backend::Cpu) => Ok(on_cpu()),
-        Some(Backend::Cuda) => on_gpu(plan, dir, ordinal),
-        None if cfg!(feature = "cuda") => on_gpu(plan, dir, ordinal).or_else(|e| {
+        Some(Backend::Cuda) => on_gpu(plan, dir, gpu),
+        None if cfg!(feature = "cuda") => on_gpu(plan, dir, gpu).or_else(|e| {
             eprintln!("note: the pipeline stages run on the CPU: {e:#}");
             Ok(on_cpu())
         }),
@@ -364,17 +368,26 @@ fn stage_runners(choice: Option<Backend>, plan: &Plan, dir: &Path, ordinal: usiz
     }
 }
 
-/// The runners of `plan`'s stages on GPU `ordinal`, and where, in words.
+/// The runners of `plan`'s stages on GPU `gpu` (else on every GPU), and where, in words.
 #[cfg(feature = "cuda")]
-fn on_gpu(plan: &Plan, dir: &Path, ordinal: usize) -> anyhow::Result<StageRunners> {
-    use dsc_runtime::cuda::{stage, Gpu};
-    let name = Gpu::open_on(ordinal)?.name()?;
-    let runners = stage::runners(plan.clone(), dir, ordinal)?;
-    Ok((runners, format!("GPU {ordinal}, {name} (CUDA, plan `{}`)", dir.display())))
+fn on_gpu(plan: &Plan, dir: &Path, gpu: Option<usize>) -> anyhow::Result<StageRunners> {
+    use dsc_runtime::cuda::stage::{self, Gpus};
+    use dsc_runtime::cuda::Gpu;
+    let gpus = match gpu {
+        Some(ordinal) => Gpus::One(ordinal),
+        None => Gpus::Spread(Gpu::count()?),
+    };
+    let first = if let Gpus::One(ordinal) = gpus { ordinal } else { 0 };
+    let name = Gpu::open_on(first)?.name()?;
+    let on = match gpus {
+        Gpus::Spread(count) if count > 1 => format!("GPUs 0–{} ({count} × {name})", count - 1),
+        _ => format!("GPU {first}, {name}"),
+    };
+    Ok((stage::runners(plan.clone(), dir, gpus)?, format!("{on} (CUDA, plan `{}`)", dir.display())))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn on_gpu(_: &Plan, _: &Path, _: usize) -> anyhow::Result<StageRunners> {
+fn on_gpu(_: &Plan, _: &Path, _: Option<usize>) -> anyhow::Result<StageRunners> {
     bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 

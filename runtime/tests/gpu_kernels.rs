@@ -402,7 +402,7 @@ fn pipeline_stages_on_the_gpu_train_as_on_the_cpu() {
     let Some((_, dir, plan)) = setup("DSC_TEST_PLAN_STAGES", "plan-tiny-stages") else { return };
     let trainer = || Trainer::<f32>::with_graph(&plan.spec, plan.training_graph(), 3).expect("trainable");
     let (mut on_gpu, mut on_cpu) = (trainer(), trainer());
-    let runners = stage::runners(plan.clone(), &dir, 0).expect("the plan holds stages");
+    let runners = stage::runners(plan.clone(), &dir, stage::Gpus::One(0)).expect("the plan holds stages");
     let ranks = on_gpu.on_ranks(Numerics::Policy, Here::Threads, Some((runners, "the GPU".into()))).expect("ranks");
     on_cpu.on_ranks(Numerics::Policy, Here::Threads, Some((plan_stages(&plan), "the CPU".into()))).expect("ranks");
     eprintln!("{ranks}");

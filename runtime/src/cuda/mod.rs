@@ -86,17 +86,22 @@ impl Gpu {
         Gpu::open_on(0)
     }
 
-    /// The GPU with this ordinal (a process's `LOCAL_RANK` in a launched run).
-    pub fn open_on(ordinal: usize) -> Result<Gpu, GpuError> {
+    /// How many GPUs the driver sees (at least one).
+    pub fn count() -> Result<usize, GpuError> {
         // SAFETY: only probes whether the driver library can be loaded.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(GpuError::NoDriver);
         }
-        let count = CudaContext::device_count()?;
-        if count < 1 {
-            return Err(GpuError::NoDevice);
+        match CudaContext::device_count()? {
+            count if count < 1 => Err(GpuError::NoDevice),
+            count => Ok(count as usize),
         }
-        if ordinal >= count as usize {
+    }
+
+    /// The GPU with this ordinal (a process's `LOCAL_RANK` in a launched run).
+    pub fn open_on(ordinal: usize) -> Result<Gpu, GpuError> {
+        let count = Gpu::count()?;
+        if ordinal >= count {
             return Err(GpuError::Unsupported(format!("GPU {ordinal}: the driver sees {count}")));
         }
         let context = CudaContext::new(ordinal)?;

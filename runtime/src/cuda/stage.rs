@@ -60,9 +60,28 @@ impl StageRunner for OnGpu {
     }
 }
 
-/// The runners of `plan`'s stages (compiled into `dir`) on GPU `ordinal`. Refused where the
-/// plan holds no stages.
-pub fn runners(plan: Plan, dir: &Path, ordinal: usize) -> Result<Runners, GpuError> {
+/// Which GPU runs a rank's stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gpus {
+    /// This one, for every rank (a launched process's one rank: its `LOCAL_RANK`).
+    One(usize),
+    /// The first `count`, rank r on GPU r mod `count` (the thread-ranks of one process).
+    Spread(usize),
+}
+
+impl Gpus {
+    /// The GPU of rank `rank`.
+    fn of(self, rank: usize) -> usize {
+        match self {
+            Gpus::One(ordinal) => ordinal,
+            Gpus::Spread(count) => rank % count,
+        }
+    }
+}
+
+/// The runners of `plan`'s stages (compiled into `dir`) on `gpus`. Refused where the plan
+/// holds no stages.
+pub fn runners(plan: Plan, dir: &Path, gpus: Gpus) -> Result<Runners, GpuError> {
     if plan.stages.is_empty() {
         return Err(GpuError::Unsupported(format!(
             "the plan `{}` holds no pipeline stages: compile the spec with its parallel plan (`dsc compile`)",
@@ -70,7 +89,8 @@ pub fn runners(plan: Plan, dir: &Path, ordinal: usize) -> Result<Runners, GpuErr
         )));
     }
     let (plan, dir) = (Arc::new(plan), dir.to_path_buf());
-    Ok(Arc::new(move |stage, exchange: Box<dyn Exchange + Send>| {
+    Ok(Arc::new(move |rank, stage, exchange: Box<dyn Exchange + Send>| {
+        let ordinal = gpus.of(rank);
         let executor = executor(&plan, &dir, ordinal).map_err(|e| format!("stage {stage} on GPU {ordinal}: {e}"))?;
         let held = &plan.stages[stage];
         let (forward, backward, exchange) = (held.forward, held.backward, Some(exchange as Box<dyn Exchange>));

@@ -34,9 +34,10 @@ pub trait StageRunner {
     fn run(&mut self, f: usize, args: Vec<Value<f32>>) -> Result<Vec<Value<f32>>, CommError>;
 }
 
-/// Makes the runner of stage `stage` (of the spec's split) on a rank, its all-to-alls going
-/// through `exchange`; a reason where it cannot.
-pub type Runners = Arc<dyn Fn(usize, Box<dyn Exchange + Send>) -> Result<Box<dyn StageRunner>, String> + Send + Sync>;
+/// Makes the runner of stage `stage` (of the spec's split) on rank `rank` (its id among the
+/// plan's ranks), its all-to-alls going through `exchange`; a reason where it cannot.
+pub type Runners =
+    Arc<dyn Fn(usize, usize, Box<dyn Exchange + Send>) -> Result<Box<dyn StageRunner>, String> + Send + Sync>;
 
 /// The stage's functions on the CPU's interpreter.
 pub struct Interpreted {
@@ -66,7 +67,7 @@ impl StageRunner for Interpreted {
 /// Runners interpreting `functions` on the CPU: per stage, its module and the indices of its
 /// forward and backward there.
 fn interpreted(functions: Vec<(Arc<Module>, usize, usize)>) -> Runners {
-    Arc::new(move |stage, exchange| {
+    Arc::new(move |_, stage, exchange| {
         let (module, forward, backward) = &functions[stage];
         Ok(Box::new(Interpreted::new(Arc::clone(module), *forward, *backward, exchange)))
     })

@@ -390,7 +390,7 @@ impl Ranks {
             let group = place.expert_group(schedule, replicas);
             let exchange =
                 ExpertGroup::new(Arc::clone(&comm), group, place.id(schedule), format!("stage {stage} experts"));
-            let runner = (self.runners)(stage, Box::new(exchange))?;
+            let runner = (self.runners)(place.id(schedule), stage, Box::new(exchange))?;
             let stage: Box<dyn StageCompute> =
                 Box::new(GraphStage::new(&training, runner, params, Box::new(data), mtp_weight));
             Ok((direction, stage))
