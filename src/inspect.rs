@@ -4,6 +4,7 @@
 
 use crate::cli::InfoFormat;
 use dsc_compiler::fuse::kernels::{Code, Kernel, KernelKind};
+use dsc_compiler::graph::Function;
 use dsc_compiler::plan::Plan;
 use std::path::Path;
 use std::process::ExitCode;
@@ -122,14 +123,22 @@ fn print_summary(plan: &Plan) {
         );
     }
     println!();
-    let all: Vec<&Kernel> = plan.functions.iter().flat_map(|f| &f.kernels).collect();
-    let generated = all.iter().filter(|k| matches!(k.code, Code::Generated { .. })).count();
-    let library = |kind| all.iter().filter(|k| matches!(k.code, Code::Library) && k.kind == kind).count();
+    let all: Vec<(&Function, &Kernel)> = plan
+        .module
+        .functions
+        .iter()
+        .zip(&plan.functions)
+        .flat_map(|(f, pf)| pf.kernels.iter().map(move |k| (f, k)))
+        .collect();
+    let generated = all.iter().filter(|(_, k)| matches!(k.code, Code::Generated { .. })).count();
+    let library = |kind| all.iter().filter(|(_, k)| matches!(k.code, Code::Library) && k.kind == kind).count();
     let (gemms, attention) = (library(KernelKind::LibraryGemm), library(KernelKind::Attention));
+    // An expert-parallel stage's all-to-alls run on the host, through the group's transport.
+    let exchanges = all.iter().filter(|(f, k)| matches!(k.code, Code::NotGenerated { .. }) && k.is_exchange(f)).count();
     println!(
-        "{} kernels: {generated} generated (MLIR → PTX), {gemms} library GEMMs, {attention} on the fused attention kernels, {} not generated yet. `dsc inspect DIR --kernel NAME` shows one.",
+        "{} kernels: {generated} generated (MLIR → PTX), {gemms} library GEMMs, {attention} on the fused attention kernels, {exchanges} all-to-alls between expert-parallel ranks, {} not generated yet. `dsc inspect DIR --kernel NAME` shows one.",
         all.len(),
-        all.len() - generated - gemms - attention
+        all.len() - generated - gemms - attention - exchanges
     );
     let carried: Vec<String> = plan.carried_kernels().into_iter().map(|(name, _)| name).collect();
     if !carried.is_empty() {

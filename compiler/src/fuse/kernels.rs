@@ -48,6 +48,14 @@ pub struct Kernel {
     pub code: Code,
 }
 
+impl Kernel {
+    /// Whether it is an expert-parallel stage's all-to-all (of function `f`): the backends
+    /// run it on the host, through the group's transport.
+    pub fn is_exchange(&self, f: &Function) -> bool {
+        self.nodes.iter().all(|&v| f.nodes[v as usize].op.is_exchange())
+    }
+}
+
 /// How a kernel runs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
