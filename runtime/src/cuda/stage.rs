@@ -2,11 +2,11 @@
 //! GPUs. A compiled plan of several pipeline stages holds each stage's forward and backward
 //! (`Plan::stages`); [`runners`] runs them on an [`Executor`] of the plan, the stage's MoE
 //! all-to-alls on the host through the stage's exchange with its expert-parallel group (lent
-//! to the executor for each call: [`Executor::exchanging`]). One executor per thread serves every stage the thread's rank
-//! holds and, where the thread lives on (a launched process's one rank), every step: an
-//! executor cannot leave its thread (its cuBLASLt handle and NCCL communicator are not
-//! `Send`), and the thread-ranks of one process live for one step each, so they make theirs
-//! anew each step.
+//! to the executor for each call: [`Executor::exchanging`]). One executor per thread serves
+//! every stage the thread's rank holds and, where the thread lives on (a launched process's
+//! one rank), every step: an executor cannot leave its thread (its cuBLASLt handle and NCCL
+//! communicator are not `Send`), and the thread-ranks of one process live for one step each,
+//! so they make theirs anew each step.
 //!
 //! What stays on the host for now: the parameters (uploaded with each call), the carry
 //! between stages and its gradient (sent between the ranks as the CPU ranks send them), the
@@ -39,7 +39,7 @@ struct OnGpu {
     executor: Shared,
     /// The stage's exchange with its expert-parallel group, while the executor does not hold it.
     exchange: Option<Box<dyn Exchange>>,
-    /// The plan's module (the executor's own, kept here to lend out).
+    /// The plan, as the runners share it: the module the stage's functions are in.
     plan: Arc<Plan>,
     forward: usize,
     backward: usize,
