@@ -103,6 +103,16 @@ fn eight_ranks<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// `dsc compile` of the tiny model with `extra` into `dir/plan`; the plan's directory.
+fn compiled(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let plan = dir.join("plan");
+    let mut compile = vec!["compile", "models/deepseek-v3-tiny.dsc", "-o", path(&plan)];
+    compile.extend(SMALL);
+    compile.extend(extra);
+    ok(dsc(&compile));
+    plan
+}
+
 /// `dsc train` of the tiny model with `extra`, as the `world` processes a launcher starts
 /// (torchrun's variables, rank 0 listening on a free port of this machine); their outputs in
 /// rank order.
@@ -194,11 +204,7 @@ fn a_parallel_plan_trains_on_launched_processes_like_on_thread_ranks() {
 #[test]
 fn a_parallel_plans_ranks_run_its_compiled_stages() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plan = dir.path().join("plan");
-    let mut compile = vec!["compile", "models/deepseek-v3-tiny.dsc", "-o", path(&plan)];
-    compile.extend(SMALL);
-    compile.extend(eight_ranks(&[]));
-    ok(dsc(&compile));
+    let plan = compiled(dir.path(), &eight_ranks(&[]));
     let (graphs, stages) = (dir.path().join("graphs.jsonl"), dir.path().join("stages.jsonl"));
     ok(train(&eight_ranks(&["--steps", "2", "--metrics", path(&graphs)])));
     let o = ok(train(&eight_ranks(&[
@@ -557,10 +563,7 @@ fn runs_killed_at_any_moment_resume_from_their_last_good_checkpoint() {
 #[test]
 fn a_compiled_plan_trains_and_mismatches_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plan = dir.path().join("plan");
-    let mut compile = vec!["compile", "models/deepseek-v3-tiny.dsc", "-o", path(&plan)];
-    compile.extend(SMALL);
-    ok(dsc(&compile));
+    let plan = compiled(dir.path(), &[]);
     let (graph, planned) = (dir.path().join("graph.jsonl"), dir.path().join("plan.jsonl"));
     ok(train(&["--steps", "3", "--metrics", path(&graph)]));
     let o = ok(train(&["--steps", "3", "--plan", path(&plan), "--backend", "cpu", "--metrics", path(&planned)]));

@@ -205,8 +205,7 @@ pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
 /// attention as queries, keys and values ([`staged_packed`]), each product's factors or
 /// attention's three all such casts (a product with one other factor leaves its casts
 /// unpacked: cuBLAS takes both factors in one type; the attention kernels take all three in
-/// one too). A cast
-/// nobody reads (a result) is packed as a result.
+/// one too). A cast nobody reads (a result) is packed as a result.
 fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     let mut casts: HashSet<u32> = kernels
         .iter()
@@ -215,7 +214,7 @@ fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
         .copied()
         .filter(|&v| f.nodes[v as usize].op == Op::Cast(DType::Bf16))
         .collect();
-    // Each product's factors, and each fused attention's queries and keys.
+    // Each product's factors, and each fused attention's queries, keys and values.
     let mut products: Vec<Vec<V>> = Vec::new();
     for k in kernels.iter().filter(|k| k.kind != KernelKind::LibraryGemm && !reads_packed(f, k)) {
         let node = &f.nodes[k.nodes[0] as usize];

@@ -753,10 +753,10 @@ impl Module {
                     _ => {}
                 }
             }
-            let same = |g: &&Function| {
+            let same = |g: &Function| {
                 (&g.args, &g.nodes, &g.outputs, &g.output_names) == (&f.args, &f.nodes, &f.outputs, &f.output_names)
             };
-            let index = match self.functions.iter().position(|g| same(&g)) {
+            let index = match self.functions.iter().position(same) {
                 Some(here) => here,
                 None => {
                     f.name = format!("{prefix}.{}", f.name);

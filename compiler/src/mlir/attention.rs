@@ -44,7 +44,7 @@ pub const THREADS: u32 = WARPGROUPS * 128;
 const REGION: u64 = TILE_ROWS as u64 * 128;
 
 /// The head dimensions: `qk` of queries and keys (MLA: 128 nope + 64 rope), `v` of values;
-/// multiples of 64 (whole swizzled regions); and how queries and keys are stored.
+/// multiples of 64 (whole swizzled regions); and how queries, keys and values are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heads {
     pub qk: u32,

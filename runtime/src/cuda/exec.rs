@@ -246,8 +246,10 @@ impl Executor {
     /// Products of BF16 values (the head, the BF16 policy's linears, expanded attention's
     /// scores) run on BF16 tensor cores; the other f32 products of a lower-precision policy
     /// (the routers', expanded attention's others) on TF32 tensor cores, finer than the BF16
-    /// the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products.
-    pub fn new(plan: Plan, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
+    /// the recipe allows them; an all-f32 policy keeps cuBLAS's exact f32 products. The plan
+    /// may be shared (executors of one plan on several threads read one copy).
+    pub fn new(plan: impl Into<Arc<Plan>>, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
+        let plan: Arc<Plan> = plan.into();
         let mut blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
         blas.experts = ExpertGemms::load(&gpu, &plan, dir)?;
         let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
@@ -258,7 +260,6 @@ impl Executor {
         let packed = plan.functions.iter().map(|pf| pf.packed_set()).collect();
         let kernels = Kernels::new(dir);
         let attention = FusedAttention::load(&gpu, &plan, dir)?;
-        let plan = Arc::new(plan);
         let spare = plan.functions.iter().map(|_| None).collect();
         let tables = plan.module.constants.iter().map(|_| None).collect();
         let counts = Counts::default();

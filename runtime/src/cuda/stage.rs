@@ -39,7 +39,7 @@ struct OnGpu {
     executor: Shared,
     /// The stage's exchange with its expert-parallel group, while the executor does not hold it.
     exchange: Option<Box<dyn Exchange>>,
-    /// The plan, as the runners share it: the module the stage's functions are in.
+    /// The plan (the executor's too, one copy for all): the module the stage's functions are in.
     plan: Arc<Plan>,
     forward: usize,
     backward: usize,
@@ -99,12 +99,12 @@ pub fn runners(plan: Plan, dir: &Path, gpus: Gpus) -> Result<Runners, GpuError> 
 }
 
 /// This thread's executor of the plan in `dir` on GPU `ordinal`, made at its first use.
-fn executor(plan: &Plan, dir: &Path, ordinal: usize) -> Result<Shared, GpuError> {
+fn executor(plan: &Arc<Plan>, dir: &Path, ordinal: usize) -> Result<Shared, GpuError> {
     let key = (dir.to_path_buf(), ordinal);
     if let Some(executor) = EXECUTORS.with_borrow(|executors| executors.get(&key).cloned()) {
         return Ok(executor);
     }
-    let executor = Rc::new(RefCell::new(Executor::new(plan.clone(), dir, Gpu::open_on(ordinal)?, false)?));
+    let executor = Rc::new(RefCell::new(Executor::new(Arc::clone(plan), dir, Gpu::open_on(ordinal)?, false)?));
     EXECUTORS.with_borrow_mut(|executors| executors.insert(key, Rc::clone(&executor)));
     Ok(executor)
 }
