@@ -132,6 +132,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = InfoFormat::Text)]
         format: InfoFormat,
     },
+    /// Measure a plan's expert GEMMs on this GPU (every tile it carries, and cuBLASLt) and
+    /// record the fastest in `PLAN/tuning.json`, which training then runs.
+    Tune {
+        /// The plan directory written by `dsc compile -o`.
+        plan: PathBuf,
+        /// Timed launches per candidate (their median counts).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+        repeats: u32,
+    },
 }
 
 #[derive(Args)]

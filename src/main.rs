@@ -6,6 +6,7 @@ mod data;
 mod hf;
 mod inspect;
 mod train;
+mod tune;
 
 use clap::Parser;
 use cli::{Cli, Command, EmitStage, ErrorFormat, InfoFormat, SpecArgs};
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         Command::Simulate { spec, format, timeline } => simulate(&cli, spec, *format, timeline.as_deref()),
         Command::Inspect { plan, kernel, format } => inspect::run(plan, kernel.as_deref(), *format),
         Command::Train(args) => train::run(&cli, args),
+        Command::Tune { plan, repeats } => tune::run(plan, *repeats as usize),
         // issue 6 commands
         Command::Import { hf, output, name, config_only } => {
             hf::import(&cli, hf, output, name.as_deref(), *config_only)

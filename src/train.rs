@@ -330,7 +330,16 @@ fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, profile: bool) 
 fn cuda(plan: Plan, dir: &Path, profile: bool) -> anyhow::Result<Chosen> {
     use dsc_runtime::cuda::Gpu;
     let gpu = Gpu::open()?;
-    let on = format!("{} (CUDA, plan `{}`)", gpu.name()?, dir.display());
+    let name = gpu.name()?;
+    let tuned = match dsc_compiler::plan::tuning::Tuning::read(dir)? {
+        Some(tuning) if tuning.gpu != name => {
+            tracing::warn!("`{}`'s tuning was measured on {}, not this {name}", dir.display(), tuning.gpu);
+            format!(", tuned on {}", tuning.gpu)
+        }
+        Some(_) => ", tuned".to_string(),
+        None => String::new(),
+    };
+    let on = format!("{name} (CUDA, plan `{}`{tuned})", dir.display());
     Ok((on, Some(Box::new(executor(plan, dir, gpu, profile)?))))
 }
 

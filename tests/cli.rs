@@ -469,3 +469,21 @@ fn a_pipeline_its_batch_cannot_feed_is_a_located_error() {
     assert_eq!(line["code"], "E0105");
     assert_eq!(line["file"], "models/deepseek-v3-tiny.dsc");
 }
+
+/// `dsc tune` measures on a GPU: a dsc without the `cuda` feature says so, and a plan that is
+/// not there is named. Recompiling a plan drops its tuning (the kernels it measured are gone).
+#[test]
+fn tune_needs_a_gpu_build_and_a_recompile_drops_the_tuning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan");
+    let plan_s = plan.to_str().expect("utf-8 path");
+    dsc_ok(&["compile", &model("deepseek-v3-tiny"), "-o", plan_s]);
+    let err = dsc_rejects_plain(&["tune", plan_s]);
+    assert!(err.contains("`cuda` feature") && err.contains("GPU"), "{err}");
+    let tuning = plan.join("tuning.json");
+    std::fs::write(&tuning, "{}").expect("a tuning");
+    dsc_ok(&["compile", &model("deepseek-v3-tiny"), "-o", plan_s]);
+    assert!(!tuning.exists(), "the recompiled plan keeps no tuning");
+    let o = dsc(&["tune", "--repeats", "0", plan_s]);
+    assert!(o.status.code() == Some(2) && stderr(&o).contains("--repeats"), "{}", stderr(&o));
+}

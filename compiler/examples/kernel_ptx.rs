@@ -56,9 +56,9 @@ fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
         let kernels = attention::kernels(attention::Heads { qk, v, bf16_inputs }.check()?);
         return Ok(kernels);
     }
-    let (form, kind, shape) = match given.strip_prefix('g') {
-        Some(shape) => (gemm::Form::Grouped, "grouped", shape),
-        None => (gemm::Form::Dense, "gemm", given),
+    let (form, shape) = match given.strip_prefix('g') {
+        Some(shape) => (gemm::Form::Grouped, shape),
+        None => (gemm::Form::Dense, given),
     };
     let tile = match numbers(shape)[..] {
         [m, n, stages] => gemm::Tile { m, n, stages, cluster: 1 },
@@ -66,7 +66,6 @@ fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
         _ => return Err(format!("`{given}` is not [g]MxNxSTAGES[xCLUSTER]")),
     }
     .check()?;
-    let clusters = if tile.cluster > 1 { format!("_c{}", tile.cluster) } else { String::new() };
-    let name = format!("fp8_{kind}_m{}_n{}_s{}{clusters}", tile.m, tile.n, tile.stages);
+    let name = tile.name(form);
     Ok(vec![(name.clone(), gemm::fp8_gemm(&name, tile, form))])
 }

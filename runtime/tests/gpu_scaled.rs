@@ -238,7 +238,8 @@ fn the_bench_plans_grouped_fp8_gemms_run_on_the_gpu() {
     let mut blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     grouped_rows_match(&gpu, &plan, &blas, "cuBLASLt, one product per expert");
     blas.experts = ExpertGemms::load(&gpu, &plan, &dir).expect("the plan's expert GEMMs load");
-    let carried = blas.experts.grouped.is_some() && blas.experts.wgrad.is_some();
+    use dsc_compiler::mlir::gemm::Form;
+    let carried = [Form::Grouped, Form::Wgrad].iter().all(|&form| !blas.experts.candidates(form).is_empty());
     assert!(carried, "the bench plan carries the compiler's grouped FP8 GEMM and Wgrad");
     grouped_rows_match(&gpu, &plan, &blas, "the compiler's expert GEMMs");
 }
@@ -270,7 +271,10 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
                     | Op::ConcatKScaledGroupedMatMul { .. }
             );
             let sum = matches!(node.op, Op::ConcatKScaledGroupedMatMul { .. });
-            if !matches!(kernel.code, Code::Library) || !grouped || (sum && blas.experts.grouped.is_none()) {
+            if !matches!(kernel.code, Code::Library)
+                || !grouped
+                || (sum && blas.experts.candidates(dsc_compiler::mlir::gemm::Form::Grouped).is_empty())
+            {
                 continue;
             }
             assert!(gemm::runs(function, kernel, &packed), "{} runs on the GPU", kernel.name);
@@ -417,4 +421,80 @@ fn every_library_gemm_of_the_bench_plan_runs_on_the_gpu() {
     }
     assert!(host.is_empty(), "on the host: {host:?}");
     assert!(library > 50, "only {library} library GEMMs");
+}
+
+/// Without a GPU: `dsc tune`'s sites in the bench plan (compiled here) are its experts' FP8
+/// GEMMs, the Fprop and Dgrad products (grouped) and the weight gradients, with their shapes;
+/// the offsets it measures them on split the rows unevenly, every expert some.
+#[test]
+fn the_bench_plans_expert_gemms_are_what_tuning_measures() {
+    use dsc_compiler::mlir::gemm::Form;
+    use dsc_runtime::cuda::gemm::ExpertSite;
+    use dsc_runtime::cuda::tune::uneven_offsets;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-bench.dsc");
+    let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the bench spec").clone();
+    let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
+    let moe = spec
+        .model
+        .ffn
+        .iter()
+        .find_map(|range| match &range.ffn {
+            dsc_lang::Ffn::Moe(moe) => Some(moe),
+            dsc_lang::Ffn::Dense { .. } => None,
+        })
+        .expect("routed experts");
+    let (hidden, intermediate) = (spec.model.hidden as usize, moe.intermediate as usize);
+    let experts = moe.routed_experts as usize;
+    let rows = (spec.train.micro_batch * spec.train.seq_len) as usize * moe.top_k as usize;
+    let mut sites = Vec::new();
+    for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
+        let packed = pf.packed_set();
+        sites.extend(pf.kernels.iter().filter_map(|k| ExpertSite::of(function, k, &packed)));
+    }
+    let grouped: Vec<[usize; 4]> = sites.iter().filter(|s| s.form == Form::Grouped).map(|s| s.shape).collect();
+    let wgrads: Vec<[usize; 4]> = sites.iter().filter(|s| s.form == Form::Wgrad).map(|s| s.shape).collect();
+    // Forward (and its recomputation): gate and up (a product each), then down; backward:
+    // down's Dgrad, then gate's and up's summed.
+    for shape in [[rows, intermediate, hidden, experts], [rows, hidden, intermediate, experts]] {
+        assert_eq!(grouped.iter().filter(|&&s| s == shape).count(), 3, "{shape:?} in {grouped:?}");
+    }
+    assert_eq!(grouped.len(), 6, "{grouped:?}");
+    assert_eq!(wgrads.len(), 3, "{wgrads:?}");
+    for [m, n, capacity, e] in wgrads {
+        assert!([(intermediate, hidden), (hidden, intermediate)].contains(&(m, n)), "{m}×{n}");
+        assert!(capacity >= rows && capacity.is_multiple_of(128) && e == experts, "{capacity}");
+    }
+    let offsets = uneven_offsets(rows, experts);
+    assert_eq!((offsets.len(), offsets[0], offsets[experts]), (experts + 1, 0, rows));
+    let counts: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    let mean = rows as f64 / experts as f64;
+    assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    let busiest = *counts.iter().max().unwrap() as f64 / mean;
+    assert!((1.4..1.6).contains(&busiest), "the busiest expert has {busiest} times the mean");
+}
+
+/// `dsc tune` on the bench plan (`DSC_TEST_PLAN_BENCH`, with the PTX): every expert GEMM
+/// measured on cuBLASLt (but the grouped sum, which it cannot run) and on each tile the plan
+/// carries that fits it, every tile's result within `MAX_ERROR` of cuBLASLt's (the sum's: the
+/// first tile's) on the same operands, the fastest chosen.
+#[test]
+fn tuning_measures_every_carried_tile_and_chooses_the_fastest() {
+    use dsc_compiler::plan::tuning::{TunedGemm, LIBRARY, MAX_ERROR};
+    use dsc_runtime::cuda::tune;
+    let Some((gpu, plan, dir)) = gpu_and_bench_plan() else { return };
+    let tuning = tune::tune(&plan, &dir, &gpu, 3, |gemm| {
+        let times: Vec<String> = gemm.measured.iter().map(|m| format!("{} {:.1} µs", m.candidate, m.micros)).collect();
+        eprintln!("{}: {} -> {}", gemm.kernel, times.join(", "), gemm.chosen);
+    })
+    .expect("tuned");
+    assert!(tuning.gemms.len() >= 9, "{} expert GEMMs", tuning.gemms.len());
+    for gemm in &tuning.gemms {
+        let library = gemm.measured.iter().filter(|m| m.candidate == LIBRARY).count();
+        assert_eq!(library, usize::from(!gemm.kernel.contains("concat_k")), "{}", gemm.kernel);
+        assert!(gemm.measured.len() >= 3 + library, "{}: {:?}", gemm.kernel, gemm.measured);
+        for m in &gemm.measured {
+            assert!(m.error <= MAX_ERROR && m.micros > 0.0, "{}: {m:?}", gemm.kernel);
+        }
+        assert_eq!(gemm.chosen, TunedGemm::fastest(&gemm.measured).unwrap().candidate);
+    }
 }

@@ -10,6 +10,9 @@
 #             one step of a bench-shaped plan on the GPU against two CPU steps (about 4
 #             minutes of a call on its own: the CPU's are 415M-parameter FP8 steps)
 #   profile   the bench model trained 6 steps with `--profile`: where the GPU's time goes
+#   tune      `dsc tune target/plan-bench`: its expert GEMMs on every tile it carries and on
+#             cuBLASLt, the fastest recorded in target/plan-bench/tuning.json (copied to $OUT),
+#             which the stages after it train with (`profile tune profile`: before and after)
 #   quick     for little device time (about 2 minutes): the tiny plans' GPU tests (every
 #             kernel against the CPU, whole functions and training steps) and the bench model
 #             4 steps with `--profile`
@@ -37,7 +40,7 @@
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
 # carried (64 MiB in all: `checks step profile` fit together): checks: target/gpu/gpu_kernels,
 # target/gpu/gpu_scaled and the plans tiny, tiny-f32, tiny-stages, bench; step: target/gpu/gpu_kernels and
-# target/plan-bench-step; profile and train:
+# target/plan-bench-step; profile, tune and train:
 # target/gpu/dsc and target/plan-bench; quick: target/gpu/gpu_kernels, target/gpu/dsc and the plans
 # tiny, tiny-f32, tiny-stages, bench; table: target/gpu/dsc, target/plan-bench and
 # target/plan-bench-bf16; long and fp8: those of profile; bf16: target/gpu/dsc and
@@ -49,7 +52,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
-usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile quick table [N] long N fp8 N bf16 N gemm attention train N dp [N]"
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile tune quick table [N] long N fp8 N bf16 N gemm attention train N dp [N]"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 while [ $# -gt 0 ]; do
@@ -66,6 +69,10 @@ while [ $# -gt 0 ]; do
       ;;
     step)
       DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench 2>&1 | tail -n 30
+      ;;
+    tune)
+      target/gpu/dsc tune target/plan-bench 2>&1 | tee "$OUT/tune.txt"
+      cp target/plan-bench/tuning.json "$OUT/" 2>/dev/null
       ;;
     quick)
       DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 DSC_TEST_PLAN_STAGES=target/plan-tiny-stages \

@@ -5,6 +5,7 @@
 //! for every generated kernel its MLIR (`ir/NAME.mlir`) and PTX (`kernels/NAME.ptx`). Under a
 //! pipeline of several stages or expert parallelism the module also holds each stage's forward
 //! and backward ([`PlanStage`], functions named `stageI.…`), which the ranks run on GPUs.
+//! `dsc tune DIR` adds `tuning.json` ([`tuning`]): the GEMM kernels measured fastest on a GPU.
 
 use crate::fuse::cost::Profile;
 use crate::fuse::kernels::{self, Code, Kernel, KernelKind};
@@ -18,6 +19,8 @@ use dsc_lang::{Spec, StagePart};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::Path;
+
+pub mod tuning;
 
 /// Bumped whenever `plan.json` changes incompatibly.
 pub const PLAN_VERSION: u32 = 5;
@@ -315,6 +318,8 @@ pub enum PlanError {
     Io(std::io::Error, String),
     Format(String, String),
     Version(u32, String),
+    /// Its `tuning.json` ([`tuning`]) is not one.
+    Tuning(String, String),
 }
 
 impl std::fmt::Display for PlanError {
@@ -323,6 +328,7 @@ impl std::fmt::Display for PlanError {
             PlanError::Io(e, path) => write!(f, "cannot read `{path}`: {e} (is it a directory written by `dsc compile -o`?)"),
             PlanError::Format(e, path) => write!(f, "`{path}` is not a valid plan: {e} (recompile it with `dsc compile -o`)"),
             PlanError::Version(v, path) => write!(f, "`{path}` is a version {v} plan; this dsc reads version {PLAN_VERSION} (recompile it with `dsc compile -o`)"),
+            PlanError::Tuning(e, path) => write!(f, "`{path}` is not a valid tuning: {e} (run `dsc tune` on the plan again, or delete the file)"),
         }
     }
 }
@@ -368,7 +374,7 @@ impl Plan {
         let gemms = self
             .generated_gemms()
             .into_iter()
-            .map(|(name, tile, form)| (name.to_string(), gemm::fp8_gemm(name, tile, form)));
+            .map(|(name, tile, form)| (name.clone(), gemm::fp8_gemm(&name, tile, form)));
         gemms.chain(self.attention_heads().map(attention::kernels).unwrap_or_default()).collect()
     }
 
@@ -382,11 +388,12 @@ impl Plan {
         })
     }
 
-    /// The compiler's GEMMs of the experts the plan carries (name, tile, form): the grouped
-    /// FP8 product where it has experts' FP8 products (Fprop and Dgrad: `grouped_matmul` and
-    /// its concatenated form, quantised), the Wgrad where it has `scaled_grouped_wgrad`. Both
-    /// read the experts' row offsets on the device.
-    pub fn generated_gemms(&self) -> Vec<(&'static str, gemm::Tile, gemm::Form)> {
+    /// The compiler's GEMMs of the experts the plan carries (name, tile, form): every
+    /// candidate tile ([`gemm::candidates`]) of the grouped FP8 product where it has experts'
+    /// FP8 products (Fprop and Dgrad: `grouped_matmul` and its concatenated form, quantised),
+    /// and of the Wgrad where it has `scaled_grouped_wgrad`. Both read the experts' row offsets
+    /// on the device.
+    pub fn generated_gemms(&self) -> Vec<(String, gemm::Tile, gemm::Form)> {
         let has = |wanted: fn(&Op) -> bool| {
             self.module.functions.iter().zip(&self.functions).any(|(f, pf)| {
                 pf.kernels.iter().any(|k| k.code == Code::Library && wanted(&f.nodes[k.nodes[0] as usize].op))
@@ -401,16 +408,18 @@ impl Plan {
             )
         });
         let wgrads = has(|op| matches!(op, Op::ScaledGroupedWgrad { .. }));
-        let (grouped, wgrad) = (gemm::GROUPED, gemm::WGRAD);
-        [(products, (grouped.0, grouped.1, gemm::Form::Grouped)), (wgrads, (wgrad.0, wgrad.1, gemm::Form::Wgrad))]
+        [(products, gemm::Form::Grouped), (wgrads, gemm::Form::Wgrad)]
             .into_iter()
-            .filter_map(|(carried, kernel)| carried.then_some(kernel))
+            .filter(|&(carried, _)| carried)
+            .flat_map(|(_, form)| gemm::candidates(form).iter().map(move |&tile| (tile.name(form), tile, form)))
             .collect()
     }
 
-    /// Writes `plan.json` and `ir/NAME.mlir` for each generated kernel into `dir`.
+    /// Writes `plan.json` and `ir/NAME.mlir` for each generated kernel into `dir`, and removes
+    /// the tuning of the plan that was there ([`tuning`]).
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir.join("ir"))?;
+        tuning::Tuning::remove(dir)?;
         let kernels = self.kernel_mlir();
         for (name, mlir) in &kernels {
             std::fs::write(dir.join("ir").join(format!("{name}.mlir")), mlir)?;
@@ -545,8 +554,10 @@ mod tests {
         let f32 = ["precision.gemm=f32".to_string()];
         for (sets, carried) in [(&[][..], true), (&f32[..], false)] {
             let plan = tiny_plan(sets);
-            let carries: Vec<&str> = plan.generated_gemms().iter().map(|(name, _, _)| *name).collect();
-            let want = if carried { vec![gemm::GROUPED.0, gemm::WGRAD.0] } else { vec![] };
+            let carries: Vec<String> = plan.generated_gemms().into_iter().map(|(name, _, _)| name).collect();
+            let forms = if carried { vec![gemm::Form::Grouped, gemm::Form::Wgrad] } else { vec![] };
+            let want: Vec<String> =
+                forms.into_iter().flat_map(|f| gemm::candidates(f).iter().map(move |t| t.name(f))).collect();
             assert_eq!(carries, want, "{sets:?}");
             let mlir = plan.kernel_mlir();
             assert!(want.iter().all(|w| mlir.iter().any(|(name, _)| name == w)), "{sets:?}");

@@ -31,6 +31,7 @@ use cudarc::driver::DevicePtr;
 use dsc_compiler::fuse::kernels::{base, product_factors, Kernel};
 use dsc_compiler::graph::ir::{matmul_shape, DType, Function, Node, Op, V};
 use dsc_compiler::mlir::fp8;
+use dsc_compiler::mlir::gemm::Form;
 use std::collections::hash_map::{Entry, HashMap};
 use std::collections::HashSet;
 use std::ffi::c_void;
@@ -129,6 +130,17 @@ enum GroupedKind<'s> {
     ScaledSum { weight: Operand<'s>, plus: (Operand<'s>, Operand<'s>), out: u32 },
 }
 
+impl GroupedKind<'_> {
+    /// The form of the compiler's expert GEMMs that runs it, if one can.
+    fn expert_form(&self) -> Option<Form> {
+        match self {
+            GroupedKind::ScaledProducts { .. } | GroupedKind::ScaledSum { .. } => Some(Form::Grouped),
+            GroupedKind::ScaledWgrad { .. } => Some(Form::Wgrad),
+            GroupedKind::Products { .. } | GroupedKind::Wgrad { .. } => None,
+        }
+    }
+}
+
 /// Expert row offsets read back from the device during one call of a function, by value: the
 /// grouped GEMMs reading the same offsets wait for the device once (a value is written once
 /// per call).
@@ -153,18 +165,22 @@ impl ReadBack {
     }
 }
 
-/// Runs grouped GEMM `g` on the plan's expert GEMMs if they take it (the FP8 products and
-/// weight gradients, where the tiles fit); whether they did.
+/// Runs grouped GEMM `g` (of plan kernel `name`) on the plan's expert GEMMs if they take it
+/// (the FP8 products and weight gradients, where the tiles fit and its tuning did not choose
+/// cuBLASLt); whether they did.
 fn on_expert_gemms(
     gpu: &Gpu,
     experts: &ExpertGemms,
     function: &Function,
     places: &Places,
+    name: &str,
     g: &Grouped,
 ) -> Result<bool, GpuError> {
     let offsets = places.at(g.offsets);
-    match (&g.kind, &experts.grouped, &experts.wgrad) {
-        (GroupedKind::ScaledProducts { weights }, Some(kernel), _) => {
+    let Some(form) = g.kind.expert_form() else { return Ok(false) };
+    let Some(kernel) = experts.for_kernel(name, form) else { return Ok(false) };
+    match &g.kind {
+        GroupedKind::ScaledProducts { weights } => {
             let (rows, k) = (g.xs.1[0], g.xs.1[1]);
             if !weights.iter().all(|(w, _)| kernel.fits(rows, w.1[1], k)) {
                 return Ok(false);
@@ -179,7 +195,7 @@ fn on_expert_gemms(
             }
             Ok(true)
         }
-        (GroupedKind::ScaledSum { weight, plus: (xs2, weight2), out }, Some(kernel), _) => {
+        GroupedKind::ScaledSum { weight, plus: (xs2, weight2), out } => {
             let (rows, k, k2) = (g.xs.1[0], g.xs.1[1], xs2.1[1]);
             let (count, n) = (weight.1[0], weight.1[1]);
             if !kernel.fits(rows, n, k) || !kernel.fits(rows, n, k2) {
@@ -196,7 +212,7 @@ fn on_expert_gemms(
             kernel.run(gpu, &ExpertProduct { a, b, out, offsets, rows, n, k, experts: count, plus: Some(plus) })?;
             Ok(true)
         }
-        (GroupedKind::ScaledWgrad { grad, out }, _, Some(kernel)) => {
+        GroupedKind::ScaledWgrad { grad, out } => {
             let (rows, n, capacity) = (grad.1[0], g.xs.1[0], grad.1[1]);
             if !kernel.fits(rows, n, capacity) {
                 return Ok(false);
@@ -209,7 +225,48 @@ fn on_expert_gemms(
             kernel.run(gpu, &product)?;
             Ok(true)
         }
-        _ => Ok(false),
+        GroupedKind::Products { .. } | GroupedKind::Wgrad { .. } => Ok(false),
+    }
+}
+
+/// A library GEMM kernel of the MoE experts that the compiler's expert GEMMs can run
+/// (`dsc tune` measures them): their form, the shape (rows, N, K, experts, as
+/// `dsc_compiler::plan::tuning::TunedGemm::shape`), each product's K (the grouped sum has two),
+/// the value of the experts' row offsets, and whether cuBLASLt runs it too (not the sum).
+pub struct ExpertSite {
+    pub form: Form,
+    pub shape: [usize; 4],
+    ks: Vec<usize>,
+    pub offsets: u32,
+    pub library: bool,
+}
+
+impl ExpertSite {
+    /// Of library GEMM `kernel` (of `function`, whose `packed` values are stored as bf16), if
+    /// it is one.
+    pub fn of(function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Option<ExpertSite> {
+        let Some(Work::Grouped(g)) = plan(function, kernel, packed) else { return None };
+        let (xs_rows, k) = (g.xs.1[0], g.xs.1[1]);
+        let (shape, ks) = match &g.kind {
+            GroupedKind::ScaledProducts { weights } => ([xs_rows, weights[0].0 .1[1], k, weights[0].0 .1[0]], vec![k]),
+            GroupedKind::ScaledSum { weight, plus, .. } => {
+                ([xs_rows, weight.1[1], k, weight.1[0]], vec![k, plus.0 .1[1]])
+            }
+            // The gradient's rows by the inputs' (xs: [n, capacity]).
+            GroupedKind::ScaledWgrad { grad, out } => {
+                let capacity = grad.1[1];
+                ([grad.1[0], xs_rows, capacity, function.nodes[*out as usize].shape[0]], vec![capacity])
+            }
+            GroupedKind::Products { .. } | GroupedKind::Wgrad { .. } => return None,
+        };
+        let library = !matches!(g.kind, GroupedKind::ScaledSum { .. });
+        Some(ExpertSite { form: g.kind.expert_form()?, shape, ks, offsets: g.offsets, library })
+    }
+
+    /// Whether `gemm` takes it.
+    pub fn fits(&self, gemm: &super::grouped::ExpertGemm) -> bool {
+        let [rows, n, _, _] = self.shape;
+        self.ks.iter().all(|&k| gemm.fits(rows, n, k))
     }
 }
 
@@ -345,7 +402,7 @@ pub fn run(
     let plan = match plan(function, kernel, packed) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
-            if on_expert_gemms(gpu, &blas.experts, function, places, &g)? {
+            if on_expert_gemms(gpu, &blas.experts, function, places, &kernel.name, &g)? {
                 return Ok(());
             }
             let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?;

@@ -1,5 +1,6 @@
 //! The compiler's GEMMs of the MoE experts (`compiler::mlir::gemm`, forms `Grouped` and
-//! `Wgrad`) where a plan carries them (`Plan::generated_gemms`): the experts' FP8 products
+//! `Wgrad`) where a plan carries them (`Plan::generated_gemms`; each of the plan's GEMM
+//! kernels on the tile its tuning chose, `dsc_compiler::plan::tuning`): the experts' FP8 products
 //! (Fprop and Dgrad) in one launch per weight, and their weight gradients in one launch, each
 //! block finding its expert's rows or tokens from the row offsets on the device, so that no
 //! grouped GEMM waits for the host (the cuBLASLt path reads the offsets back first:
@@ -11,9 +12,10 @@ use super::{Gpu, GpuError};
 use cudarc::driver::sys::{self, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use dsc_compiler::mlir::gemm::{Form, TensorMap, Tile, TILE_K};
+use dsc_compiler::plan::tuning::{Tuning, LIBRARY};
 use dsc_compiler::plan::Plan;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// A loaded kernel, its tile and form, the most blocks a launch needs (one per multiprocessor:
@@ -73,11 +75,103 @@ impl TensorMaps {
     }
 }
 
-/// The plan's expert GEMMs, each where it carries it.
+/// The plan's expert GEMMs: the candidates it carries ([`Plan::generated_gemms`]) loaded so
+/// far, by name, and what each of its GEMM kernels runs: the choice of its tuning
+/// ([`Tuning`]), else its form's first candidate.
 #[derive(Default)]
 pub struct ExpertGemms {
-    pub grouped: Option<ExpertGemm>,
-    pub wgrad: Option<ExpertGemm>,
+    dir: PathBuf,
+    multiprocessors: usize,
+    carried: Vec<(String, Tile, Form)>,
+    loaded: HashMap<String, ExpertGemm>,
+    /// The candidate (a name) or cuBLASLt (`None`) each tuned kernel of the plan runs.
+    chosen: HashMap<String, Option<String>>,
+}
+
+impl ExpertGemms {
+    /// The plan's expert GEMMs (`dir/kernels/NAME.ptx`), as `dir/tuning.json` chose them.
+    pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
+        let mut gemms = ExpertGemms::untuned(gpu, plan, dir)?;
+        let tuning = Tuning::read(dir).map_err(|e| GpuError::Plan(e.to_string()))?;
+        if let Some(tuning) = tuning {
+            for gemm in &tuning.gemms {
+                let candidate = (gemm.chosen != LIBRARY).then_some(gemm.chosen.as_str());
+                gemms.choose(gpu, &gemm.kernel, candidate).map_err(|e| match e {
+                    GpuError::Plan(why) => GpuError::Plan(format!(
+                        "{}/tuning.json: {why}: run `dsc tune {}` again",
+                        dir.display(),
+                        dir.display()
+                    )),
+                    e => e,
+                })?;
+            }
+        }
+        Ok(gemms)
+    }
+
+    /// The plan's expert GEMMs, each kernel on its form's first candidate.
+    pub fn untuned(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
+        let multiprocessors =
+            gpu.context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let carried = plan.generated_gemms();
+        let mut gemms = ExpertGemms {
+            dir: dir.to_path_buf(),
+            multiprocessors,
+            carried,
+            loaded: HashMap::new(),
+            chosen: HashMap::new(),
+        };
+        let firsts: Vec<String> = [Form::Grouped, Form::Wgrad].iter().filter_map(|&f| gemms.first(f)).collect();
+        for name in firsts {
+            gemms.load_one(gpu, &name)?;
+        }
+        Ok(gemms)
+    }
+
+    /// The names of the candidates of `form` the plan carries.
+    pub fn candidates(&self, form: Form) -> Vec<String> {
+        self.carried.iter().filter(|(_, _, f)| *f == form).map(|(name, _, _)| name.clone()).collect()
+    }
+
+    fn first(&self, form: Form) -> Option<String> {
+        self.candidates(form).into_iter().next()
+    }
+
+    /// Runs the plan's GEMM kernel `kernel` on `candidate` (a name the plan carries), or on
+    /// cuBLASLt (`None`), from now on.
+    pub fn choose(&mut self, gpu: &Gpu, kernel: &str, candidate: Option<&str>) -> Result<(), GpuError> {
+        if let Some(name) = candidate {
+            self.load_one(gpu, name)?;
+        }
+        self.chosen.insert(kernel.to_string(), candidate.map(str::to_string));
+        Ok(())
+    }
+
+    /// What the plan's GEMM kernel `kernel` of `form` runs on: a generated kernel, or
+    /// cuBLASLt (`None`).
+    pub fn for_kernel(&self, kernel: &str, form: Form) -> Option<&ExpertGemm> {
+        let name = match self.chosen.get(kernel) {
+            Some(chosen) => chosen.clone(),
+            None => self.first(form),
+        };
+        name.map(|name| &self.loaded[&name])
+    }
+
+    fn load_one(&mut self, gpu: &Gpu, name: &str) -> Result<(), GpuError> {
+        if self.loaded.contains_key(name) {
+            return Ok(());
+        }
+        let Some(&(_, tile, form)) = self.carried.iter().find(|(carried, _, _)| carried == name) else {
+            return Err(GpuError::Plan(format!("the plan carries no kernel `{name}`")));
+        };
+        let (module, function) = super::load_kernel(gpu, &self.dir, name)?;
+        let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
+        function.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
+        let multiprocessors = self.multiprocessors;
+        let gemm = ExpertGemm { function, tile, form, multiprocessors, maps: TensorMaps::default(), _module: module };
+        self.loaded.insert(name.to_string(), gemm);
+        Ok(())
+    }
 }
 
 /// One launch. Grouped: out [rows, n] = each expert's rows of `a` [rows, k] times its weights'
@@ -103,35 +197,6 @@ pub struct Addend {
     pub a: Fp8Operand,
     pub b: Fp8Operand,
     pub k: usize,
-}
-
-impl ExpertGemms {
-    /// The plan's expert GEMMs from `dir/kernels/NAME.ptx`.
-    pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
-        let mut gemms = ExpertGemms::default();
-        let multiprocessors =
-            gpu.context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        for (name, tile, form) in plan.generated_gemms() {
-            let (module, function) = super::load_kernel(gpu, dir, name)?;
-            let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
-            function
-                .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
-            let kernel = Some(ExpertGemm {
-                function,
-                tile,
-                form,
-                multiprocessors,
-                maps: TensorMaps::default(),
-                _module: module,
-            });
-            match form {
-                Form::Grouped => gemms.grouped = kernel,
-                Form::Wgrad => gemms.wgrad = kernel,
-                Form::Dense => unreachable!("plans carry no dense generated GEMM"),
-            }
-        }
-        Ok(gemms)
-    }
 }
 
 impl ExpertGemm {

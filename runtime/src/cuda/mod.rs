@@ -26,6 +26,7 @@ pub mod profile;
 pub mod resident;
 pub mod scaled;
 pub mod stage;
+pub mod tune;
 pub mod weights;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, PushKernelArg};
@@ -49,6 +50,8 @@ pub enum GpuError {
     Unsupported(String),
     /// An error of a function's step (which kernel or call, in which function).
     At(String, Box<GpuError>),
+    /// A file of the plan's directory that does not fit it (its tuning).
+    Plan(String),
 }
 
 impl std::fmt::Display for GpuError {
@@ -59,6 +62,7 @@ impl std::fmt::Display for GpuError {
             GpuError::Driver(e) => write!(f, "CUDA driver: {e}"),
             GpuError::Unsupported(what) => write!(f, "not on the GPU: {what}"),
             GpuError::At(place, e) => write!(f, "{place}: {e}"),
+            GpuError::Plan(why) => write!(f, "{why}"),
             GpuError::Ptx(path, e) => {
                 write!(f, "cannot read `{}`: {e} (was the plan compiled with MLIR?)", path.display())
             }

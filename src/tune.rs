@@ -1,0 +1,44 @@
+//! `dsc tune PLAN`: measures the plan's expert GEMMs on this GPU, each on every tile the plan
+//! carries and on cuBLASLt, prints what each took and writes the fastest right choices to
+//! `PLAN/tuning.json`, which `dsc train --plan PLAN` then runs (`dsc_runtime::cuda::tune`).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+#[cfg(feature = "cuda")]
+pub fn run(dir: &Path, repeats: usize) -> anyhow::Result<ExitCode> {
+    use dsc_compiler::plan::tuning::LIBRARY;
+    use dsc_compiler::plan::Plan;
+    use dsc_runtime::cuda::{tune, Gpu};
+    let plan = Plan::read(dir)?;
+    let gpu = Gpu::open()?;
+    println!("tuning `{}` on {} (median of {repeats} launches after a first)", dir.display(), gpu.name()?);
+    let tuning = tune::tune(&plan, dir, &gpu, repeats, |gemm| {
+        let [rows, n, k, experts] = gemm.shape;
+        println!("{} ({rows}×{n}, K {k}, {experts} experts):", gemm.kernel);
+        let library = gemm.measured.iter().find(|m| m.candidate == LIBRARY).map_or(f64::NAN, |m| m.micros);
+        for m in &gemm.measured {
+            let mark = if m.candidate == gemm.chosen { "  chosen" } else { "" };
+            let wrong = if m.error > dsc_compiler::plan::tuning::MAX_ERROR { "  wrong" } else { "" };
+            println!(
+                "  {:<28} {:>10.1} µs  {:>5.2}× cuBLASLt  error {:.1e}{wrong}{mark}",
+                m.candidate,
+                m.micros,
+                library / m.micros,
+                m.error
+            );
+        }
+    })?;
+    if tuning.gemms.is_empty() {
+        println!("the plan has no expert GEMM to tune (an FP8 plan with routed experts has)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    tuning.write(dir)?;
+    println!("wrote {}", dir.join(dsc_compiler::plan::tuning::TUNING_FILE).display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_: &Path, _: usize) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`dsc tune` measures kernels on a GPU: this dsc was built without the `cuda` feature (build it with `--features cuda`)")
+}
