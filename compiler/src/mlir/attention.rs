@@ -19,11 +19,13 @@
 //! maximum and sum, or the saved log-sum-exp), and their product with a tile read along its rows
 //! (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the instruction's transposed B)
 //! is added to the accumulators, P or dS rounded to BF16 as the A operand straight from the score
-//! registers (a warp's rows of the accumulator are its rows of A). Not yet: TMA, warp
-//! specialisation and overlapping the next block's staging with this block's products
-//! (FlashAttention-3's machinery): at MLA's dims a block takes 177 to 247 registers a thread
-//! (ptxas, sm_90a), one block a multiprocessor, so nothing hides the staging. The staging's thread
-//! layout keeps its addresses out of the loops' live registers.
+//! registers (a warp's rows of the accumulator are its rows of A). The column tiles are
+//! double-buffered ([`Columns`]): those stored as packed BF16 are copied for the next column
+//! block by `cp.async` while this block's products run (at MLA's dims a block takes 177 to 247
+//! registers a thread, one block a multiprocessor, so no other block hides the staging); f32
+//! tensors (dO) are staged where they are used. Not yet: TMA and warp specialisation
+//! (FlashAttention-3's machinery). The staging's thread layout keeps its addresses out of the
+//! loops' live registers.
 
 use super::ptx::{Lines, Loop};
 use crate::fuse::kernels::base;
@@ -61,15 +63,16 @@ impl Heads {
         u64::from(width / 64) * REGION
     }
 
-    /// Dynamic shared memory a backward block needs: each warpgroup's rows' and a column
-    /// block's tiles of both widths.
+    /// Dynamic shared memory a backward block needs: each warpgroup's rows' tiles of both
+    /// widths, and two column blocks' ([`Columns`]).
     pub fn backward_shared_bytes(self) -> u32 {
-        ((u64::from(WARPGROUPS) + 1) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))) as u32
+        ((u64::from(WARPGROUPS) + 2) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))) as u32
     }
 
-    /// Dynamic shared memory a forward block needs: each warpgroup's Q tile, K and V tiles.
+    /// Dynamic shared memory a forward block needs: each warpgroup's Q tile, and two key
+    /// blocks' K and V tiles ([`Columns`]).
     pub fn shared_bytes(self) -> u32 {
-        ((u64::from(WARPGROUPS) + 1) * Self::tile_bytes(self.qk) + Self::tile_bytes(self.v)) as u32
+        ((u64::from(WARPGROUPS) + 2) * Self::tile_bytes(self.qk) + 2 * Self::tile_bytes(self.v)) as u32
     }
 
     pub fn check(self) -> Result<Self, String> {
@@ -201,7 +204,7 @@ impl Block {
     fn stage(&self, g: &mut Lines, src: &str, layout: Layout, heads: Heads, row0: &str, at: &str, own: bool) {
         let (first, row, width) = self.place(layout, heads);
         let (tid, threads) = if own { (&self.group_tid, 128) } else { (&self.tid, THREADS) };
-        let src = Source { pointer: src, packed: heads.bf16_inputs && src != "%do" };
+        let src = Source { pointer: src, packed: packed(heads, src) };
         stage(g, src, first, row, row0, width, at, tid, threads);
     }
 
@@ -382,6 +385,80 @@ enum Layout {
     V,
 }
 
+/// Whether tensor `src` is stored as packed BF16 (and so staged by asynchronous copies): the
+/// inputs where the plan casts them, never dO.
+fn packed(heads: Heads, src: &str) -> bool {
+    heads.bf16_inputs && src != "%do"
+}
+
+/// The column loop's two staged tensors (of widths Dqk and Dv), double-buffered: the tiles of
+/// column block j lie in buffer j mod 2, and those stored packed (BF16 as staged) are copied
+/// for block j + 1 by `cp.async` while block j's products run; the others (f32, rounded as
+/// they are staged) are staged at block j's start.
+struct Columns<'a> {
+    heads: Heads,
+    sources: [(&'a str, Layout); 2],
+    /// Each buffer's two tiles (shared bytes, i64).
+    buffers: [[String; 2]; 2],
+}
+
+impl<'a> Columns<'a> {
+    fn new(g: &mut Lines, heads: Heads, sources: [(&'a str, Layout); 2], first: &str, second: &str) -> Self {
+        let buffers = [first, second].map(|at| [at.to_string(), g.op_c("add", at, Heads::tile_bytes(heads.qk))]);
+        Columns { heads, sources, buffers }
+    }
+
+    /// Block `block`'s buffer (i64 index).
+    fn buffer(&self, g: &mut Lines, block: &str) -> [String; 2] {
+        let parity = g.op_c("and", block, 1);
+        let zero = g.i64(0);
+        let odd = g.line(format!("llvm.icmp \"ne\" {parity}, {zero} : i64"));
+        [0, 1].map(|t| {
+            let [even, odd_at] = [&self.buffers[0][t], &self.buffers[1][t]];
+            g.line(format!("llvm.select {odd}, {odd_at}, {even} : i1, i64"))
+        })
+    }
+
+    /// Stages block `block`'s tiles of the sources that are (`packed`) or are not copied
+    /// asynchronously, into its buffer; returns the buffer.
+    fn copy(&self, g: &mut Lines, b: &Block, block: &str, packed_ones: bool) -> [String; 2] {
+        let at = self.buffer(g, block);
+        let c0 = g.op_c("mul", block, TILE_ROWS.into());
+        for ((src, layout), at) in self.sources.iter().zip(&at) {
+            if packed(self.heads, src) == packed_ones {
+                b.stage(g, src, *layout, self.heads, &c0, at, false);
+            }
+        }
+        at
+    }
+
+    /// Before the loop: the asynchronous copies of the first block `block` (with the rows'
+    /// copies issued before them, one group).
+    fn prefetch(&self, g: &mut Lines, b: &Block, block: &str) {
+        self.copy(g, b, block, true);
+        g.asm("cp.async.commit_group;", &[]);
+    }
+
+    /// At the start of column block `j` (of blocks below `upper`): once every warpgroup has
+    /// read the last block's tiles, the copies of the next block are issued into their
+    /// buffer, the other tensors' tiles of this block staged, and this block's copies awaited
+    /// and fenced for the tensor cores; returns this block's tiles.
+    fn stage(&self, g: &mut Lines, b: &Block, j: &str, upper: &str) -> [String; 2] {
+        g.stmt("gpu.barrier");
+        let next = g.op_c("add", j, 1);
+        let more = g.line(format!("llvm.icmp \"ult\" {next}, {upper} : i64"));
+        g.stmt(format!("scf.if {more} {{"));
+        self.copy(g, b, &next, true);
+        g.stmt("}");
+        g.asm("cp.async.commit_group;", &[]);
+        let at = self.copy(g, b, j, false);
+        g.asm("cp.async.wait_group 1;", &[]);
+        g.asm("fence.proxy.async.shared::cta;", &[]);
+        g.stmt("gpu.barrier");
+        at
+    }
+}
+
 /// Which columns of the diagonal block a row keeps: the forward's and the query pass's rows
 /// are queries (keys up to the row), the key passes' rows are keys (queries from the row).
 #[derive(Clone, Copy)]
@@ -512,10 +589,10 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     // The heaviest blocks (most keys) first.
     let q_block = b.reversed_block(&mut g);
     let (q_tile, q0) = b.tile(&mut g, &q_block);
-    let sk = b.smem.clone();
-    let sv = g.op_c("add", &sk, Heads::tile_bytes(heads.qk));
-    let queries = g.op_c("add", &sv, Heads::tile_bytes(heads.v));
+    let queries = g.op_c("add", &b.smem, Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v));
     let sq = b.own_tile(&mut g, &queries, Heads::tile_bytes(heads.qk));
+    let second = g.op_c("add", &queries, u64::from(WARPGROUPS) * Heads::tile_bytes(heads.qk));
+    let columns = Columns::new(&mut g, heads, [("%k", Layout::Qk), ("%v", Layout::V)], &b.smem, &second);
     // The warpgroup's 64 rows of Q, read by the products of every key block.
     b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq, true);
     // The key blocks up to the diagonal, carrying the output accumulators (16 rows × Dv per
@@ -527,14 +604,10 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     // Up to the last warpgroup's diagonal.
     let upper = g.op_c("add", &q_block, 1);
     let upper = g.op_c("mul", &upper, WARPGROUPS.into());
+    columns.prefetch(&mut g, &b, &zero64);
     let Loop { index: j, carried, results: state } = column_loop(&mut g, &zero64, &upper, &initial);
     let carried = |i: usize| carried[i].clone();
-    let k0 = g.op_c("mul", &j, TILE_ROWS.into());
-    // The last block's K and V are read: stage this block's.
-    g.stmt("gpu.barrier");
-    b.stage(&mut g, "%k", Layout::Qk, heads, &k0, &sk, false);
-    b.stage(&mut g, "%v", Layout::V, heads, &k0, &sv, false);
-    g.stmt("gpu.barrier");
+    let [sk, sv] = columns.stage(&mut g, &b, &j, &upper);
     let mut scores = b.products(&mut g, &sq, &sk, heads.qk);
     b.logits(&mut g, &mut scores, &j, &q_tile, Order::ColumnsUpToRow, |_, _, _| None);
     // Per row: the new maximum (over the quad's four threads), the correction of the old sum
@@ -652,23 +725,24 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Key | Pass::Value => b.block.clone(),
     };
     let (tile, r0) = b.tile(&mut g, &row_block);
-    let s_cols = b.smem.clone();
-    let s_cols_v = g.op_c("add", &s_cols, Heads::tile_bytes(heads.qk));
-    let rows = g.op_c("add", &s_cols_v, Heads::tile_bytes(heads.v));
-    let s_rows = b.own_tile(&mut g, &rows, Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v));
+    let both = Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v);
+    let rows = g.op_c("add", &b.smem, both);
+    let s_rows = b.own_tile(&mut g, &rows, both);
     let s_rows_v = g.op_c("add", &s_rows, Heads::tile_bytes(heads.qk));
     let (rows_qk, rows_v, cols_qk, cols_v) = match pass {
         Pass::Query => ("%q", "%do", "%k", "%v"),
         Pass::Key | Pass::Value => ("%k", "%v", "%q", "%do"),
     };
+    let second = g.op_c("add", &rows, u64::from(WARPGROUPS) * both);
+    let columns = Columns::new(&mut g, heads, [(cols_qk, Layout::Qk), (cols_v, Layout::V)], &b.smem, &second);
     b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows, true);
     if pass != Pass::Value {
         b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v, true);
     }
-    // The tile the accumulation reads N-major: K for dQ, Q for dK, dO for dV.
-    let (layout, t_tile) = match pass {
-        Pass::Query | Pass::Key => (Layout::Qk, &s_cols),
-        Pass::Value => (Layout::V, &s_cols_v),
+    // The accumulation reads a column tile N-major: K for dQ, Q for dK, dO for dV.
+    let layout = match pass {
+        Pass::Query | Pass::Key => Layout::Qk,
+        Pass::Value => Layout::V,
     };
     let width = b.place(layout, heads).2;
     // The query pass's rows: their log-sum-exp (base 2) and D, which it writes.
@@ -685,12 +759,11 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Key | Pass::Value => (row_block.clone(), b.blocks.clone()),
     };
     let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
+    columns.prefetch(&mut g, &b, &lower);
     let Loop { index: j, carried, results: state } = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count]);
     let c0 = g.op_c("mul", &j, TILE_ROWS.into());
-    g.stmt("gpu.barrier");
-    b.stage(&mut g, cols_qk, Layout::Qk, heads, &c0, &s_cols, false);
-    b.stage(&mut g, cols_v, Layout::V, heads, &c0, &s_cols_v, false);
-    g.stmt("gpu.barrier");
+    let [s_cols, s_cols_v] = columns.stage(&mut g, &b, &j, &upper);
+    let t_tile = if layout == Layout::Qk { &s_cols } else { &s_cols_v };
     let mut p = b.products(&mut g, &s_rows, &s_cols, heads.qk);
     // The key passes' columns are queries: their log-sum-exps and (for dK) D, per column
     // 8n + 2t + e, loaded after the scores' products (before them, they stay live across the
@@ -756,13 +829,14 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
 
 /// Stages 64 rows of `width` values (f32, or BF16 where `packed`) as BF16 at shared byte `smem`,
 /// swizzled as the module doc says: row r of the tile is element `at + (row0 + r)·row + c` of
-/// `src`, by `threads` threads (`tid` the thread's place among them). Each thread reads 16 bytes at
-/// a time (4 f32 rounded to 8 bytes, or 8 BF16 stored as read), the threads of a row (16, or 8)
-/// each taking the same columns of every region, the passes' rows (8 to 32 apart) keeping its rows'
-/// places mod 8: a thread's pieces lie at one address of its own plus offsets common to all threads
-/// (the per-piece addresses of any other layout are registers the column loop keeps live). The
-/// writes are then fenced for the tensor cores' reads (the async proxy); the caller's barrier
-/// follows.
+/// `src`, by `threads` threads (`tid` the thread's place among them). Each thread moves 16 bytes
+/// at a time (4 f32 read, rounded and stored as 8 bytes; or 8 BF16 copied by `cp.async`, which the
+/// caller commits and awaits), the threads of a row (16, or 8) each taking the same columns of
+/// every region, the passes' rows (8 to 32 apart) keeping its rows' places mod 8: a thread's
+/// pieces lie at one address of its own plus offsets common to all threads (the per-piece
+/// addresses of any other layout are registers the column loop keeps live). Stored f32 are then
+/// fenced for the tensor cores' reads (the async proxy; the copies are fenced once awaited); the
+/// caller's barrier follows.
 #[allow(clippy::too_many_arguments)]
 fn stage(g: &mut Lines, src: Source, at: &str, row: &str, row0: &str, width: u32, smem: &str, tid: &str, threads: u32) {
     // Values a thread reads at once, and threads to a row's 64 columns.
@@ -801,13 +875,8 @@ fn stage(g: &mut Lines, src: Source, at: &str, row: &str, row0: &str, width: u32
             let to = g.op_c("add", &to0, pass * rows_per_pass * 128 + region * REGION);
             let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
             if src.packed {
-                let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xi32>"));
-                let mut operands = vec![(to, "r", "i32")];
-                for k in 0..4 {
-                    let k = g.i32(k);
-                    operands.push((g.line(format!("llvm.extractelement {x}[{k} : i32] : vector<4xi32>")), "r", "i32"));
-                }
-                g.asm("st.shared.v4.b32 [$0], {$1, $2, $3, $4};", &operands);
+                let from = g.line(format!("llvm.ptrtoint {p} : !llvm.ptr<1> to i64"));
+                g.asm("cp.async.cg.shared.global [$0], [$1], 16;", &[(to, "r", "i32"), (from, "l", "i64")]);
             } else {
                 let x = g.line(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xf32>"));
                 let e: Vec<String> = (0..4)
@@ -821,7 +890,9 @@ fn stage(g: &mut Lines, src: Source, at: &str, row: &str, row0: &str, width: u32
             }
         }
     }
-    g.asm("fence.proxy.async.shared::cta;", &[]);
+    if !src.packed {
+        g.asm("fence.proxy.async.shared::cta;", &[]);
+    }
 }
 
 /// A staged tensor: its pointer argument, and whether it is stored as packed BF16.
@@ -892,7 +963,7 @@ mod tests {
                 assert_eq!(ptx.matches(&accumulation).count(), 4, "{ptx}");
                 assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
-                assert_eq!(ptx.contains("st.shared.v4.b32"), bf16_inputs, "{ptx}");
+                assert_eq!(ptx.contains("cp.async.cg.shared.global"), bf16_inputs, "{ptx}");
                 if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
                     let spilled = crate::mlir::ptx::spilled_bytes(&report);
                     eprintln!("bf16 inputs {bf16_inputs}, pass {i}: {spilled} bytes spilled\n{report}");
