@@ -61,8 +61,10 @@ class Generated:
             name = os.path.splitext(os.path.basename(path))[0]
             kernel = cupy.RawModule(path=path).get_function(name)
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
-            shared = 3 * tile_bytes(self.qk) + tile_bytes(self.v) if kind == "fwd" else \
-                3 * (tile_bytes(self.qk) + tile_bytes(self.v))
+            # As `Heads::shared_bytes` and `backward_shared_bytes`: each of the two warpgroups' row
+            # tiles and two column blocks' tiles (more than kernels before the double buffer need).
+            shared = 4 * tile_bytes(self.qk) + 2 * tile_bytes(self.v) if kind == "fwd" else \
+                4 * (tile_bytes(self.qk) + tile_bytes(self.v))
             kernel.max_dynamic_shared_size_bytes = shared
             self.kernels[kind] = (kernel, shared)
         self.backward = all(k in self.kernels for k in ("dq", "dk", "dv"))
