@@ -132,7 +132,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = InfoFormat::Text)]
         format: InfoFormat,
     },
-    /// Measure a plan's expert GEMMs on this GPU (every tile it carries, and cuBLASLt) and
+    /// Measure a plan's FP8 GEMMs on this GPU (every tile it carries, and cuBLASLt) and
     /// record the fastest in `PLAN/tuning.json`, which training then runs.
     Tune {
         /// The plan directory written by `dsc compile -o`.

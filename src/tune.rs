@@ -1,4 +1,5 @@
-//! `dsc tune PLAN`: measures the plan's expert GEMMs on this GPU, each on every tile the plan
+//! `dsc tune PLAN`: measures the plan's FP8 GEMMs that generated tiles can run (dense Fprop and
+//! Dgrad, the experts' products and weight gradients) on this GPU, each on every tile the plan
 //! carries and on cuBLASLt, prints what each took and writes the fastest right choices to
 //! `PLAN/tuning.json`, which `dsc train --plan PLAN` then runs (`dsc_runtime::cuda::tune`).
 
@@ -30,7 +31,7 @@ pub fn run(dir: &Path, repeats: usize) -> anyhow::Result<ExitCode> {
         }
     })?;
     if tuning.gemms.is_empty() {
-        println!("the plan has no expert GEMM to tune (an FP8 plan with routed experts has)");
+        println!("the plan has no FP8 GEMM to tune (an FP8 plan has)");
         return Ok(ExitCode::SUCCESS);
     }
     tuning.write(dir)?;

@@ -131,22 +131,25 @@ pub struct TensorMap {
 }
 
 /// The tiles a plan carries for its experts' FP8 products (`Form::Grouped`) and weight
-/// gradients (`Form::Wgrad`), `kernels/NAME.ptx` each ([`Tile::name`]); `dsc tune` measures
-/// them on the plan's shapes and records the fastest per GEMM, and an untuned plan runs the
-/// first: 128×128 in 4 stages. The products' second pair of operands makes 128×192 spill
-/// registers (ptxas: 120 bytes, 440 with the sum's loads batched), though 128×192 is faster for
-/// one product (benches/README.md); the Wgrad's N, the operands' widths, must be a multiple of
-/// the tile's (so no 192), and its M of the tile's m.
+/// gradients (`Form::Wgrad`), and for its dense FP8 Fprop and Dgrad products (`Form::Dense`),
+/// `kernels/NAME.ptx` each ([`Tile::name`]); `dsc tune` measures them on the plan's shapes
+/// and records the fastest per GEMM. An untuned plan runs the experts' first tile, 128×128 in 4
+/// stages, and the dense products on cuBLASLt (faster on issue 9's shapes: benches/README.md).
+/// The grouped products' second pair of operands makes 128×192 spill registers (ptxas: 120
+/// bytes, 440 with the sum's loads batched), though 128×192 is faster for one product; the
+/// Wgrad's N, the operands' widths, must be a multiple of the tile's (so no 192), and its M of
+/// the tile's m.
 pub fn candidates(form: Form) -> &'static [Tile] {
     const fn tile(m: u32, n: u32, stages: u32) -> Tile {
         Tile { m, n, stages, cluster: 1 }
     }
     const GROUPED: [Tile; 4] = [tile(128, 128, 4), tile(128, 192, 4), tile(128, 128, 6), tile(128, 64, 8)];
     const WGRAD: [Tile; 4] = [tile(128, 128, 4), tile(128, 128, 6), tile(128, 64, 8), tile(64, 128, 6)];
+    const DENSE: [Tile; 3] = [tile(128, 192, 4), tile(128, 128, 4), tile(128, 64, 8)];
     match form {
         Form::Grouped => &GROUPED,
         Form::Wgrad => &WGRAD,
-        Form::Dense => &[],
+        Form::Dense => &DENSE,
     }
 }
 
@@ -838,7 +841,7 @@ mod tests {
             (128, 128, 4, 1, Form::Wgrad),
         ];
         // And the tiles the plans carry.
-        let carried = [Form::Grouped, Form::Wgrad]
+        let carried = [Form::Dense, Form::Grouped, Form::Wgrad]
             .into_iter()
             .flat_map(|form| candidates(form).iter().map(move |t| (t.m, t.n, t.stages, t.cluster, form)));
         for (m, n, stages, cluster, form) in forms.into_iter().chain(carried) {

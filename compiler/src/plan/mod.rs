@@ -388,11 +388,12 @@ impl Plan {
         })
     }
 
-    /// The compiler's GEMMs of the experts the plan carries (name, tile, form): every
-    /// candidate tile ([`gemm::candidates`]) of the grouped FP8 product where it has experts'
+    /// The compiler's FP8 GEMMs the plan carries (name, tile, form): every candidate tile
+    /// ([`gemm::candidates`]) of the dense product where it has dense FP8 products
+    /// (`scaled_matmul` and its concatenated form), of the grouped product where it has experts'
     /// FP8 products (Fprop and Dgrad: `grouped_matmul` and its concatenated form, quantised),
-    /// and of the Wgrad where it has `scaled_grouped_wgrad`. Both read the experts' row offsets
-    /// on the device.
+    /// and of the Wgrad where it has `scaled_grouped_wgrad` (the experts' forms read their row
+    /// offsets on the device).
     pub fn generated_gemms(&self) -> Vec<(String, gemm::Tile, gemm::Form)> {
         let has = |wanted: fn(&Op) -> bool| {
             self.module.functions.iter().zip(&self.functions).any(|(f, pf)| {
@@ -408,7 +409,8 @@ impl Plan {
             )
         });
         let wgrads = has(|op| matches!(op, Op::ScaledGroupedWgrad { .. }));
-        [(products, gemm::Form::Grouped), (wgrads, gemm::Form::Wgrad)]
+        let dense = has(|op| matches!(op, Op::ScaledMatMul { .. } | Op::ConcatScaledMatMul { .. }));
+        [(dense, gemm::Form::Dense), (products, gemm::Form::Grouped), (wgrads, gemm::Form::Wgrad)]
             .into_iter()
             .filter(|&(carried, _)| carried)
             .flat_map(|(_, form)| gemm::candidates(form).iter().map(move |&tile| (tile.name(form), tile, form)))
@@ -547,15 +549,15 @@ mod tests {
         assert!(checked >= 3, "the shipped models are found");
     }
 
-    /// An FP8 plan with experts carries the grouped GEMM and the Wgrad (their MLIR among its
-    /// kernels'); an f32 one neither.
+    /// An FP8 plan with experts carries the dense and grouped GEMMs and the Wgrad, each in
+    /// every candidate tile (their MLIR among its kernels'); an f32 one none.
     #[test]
-    fn fp8_plans_with_experts_carry_the_grouped_gemms() {
+    fn fp8_plans_carry_their_generated_gemms() {
         let f32 = ["precision.gemm=f32".to_string()];
         for (sets, carried) in [(&[][..], true), (&f32[..], false)] {
             let plan = tiny_plan(sets);
             let carries: Vec<String> = plan.generated_gemms().into_iter().map(|(name, _, _)| name).collect();
-            let forms = if carried { vec![gemm::Form::Grouped, gemm::Form::Wgrad] } else { vec![] };
+            let forms = if carried { vec![gemm::Form::Dense, gemm::Form::Grouped, gemm::Form::Wgrad] } else { vec![] };
             let want: Vec<String> =
                 forms.into_iter().flat_map(|f| gemm::candidates(f).iter().map(move |t| t.name(f))).collect();
             assert_eq!(carries, want, "{sets:?}");

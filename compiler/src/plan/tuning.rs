@@ -1,11 +1,12 @@
 //! A plan's tuning: `tuning.json` beside `plan.json`, written by `dsc tune DIR` on a GPU and
-//! read by the CUDA backend. For each of the plan's expert GEMMs (a library GEMM kernel of
-//! the MoE experts' FP8 products or weight gradients) it records what each candidate took on
-//! that GEMM's shapes (the plan's generated tiles, [`super::Plan::generated_gemms`], and
-//! cuBLASLt called once per expert, [`LIBRARY`], where it runs the GEMM), how far each result
-//! was from the reference's (cuBLASLt's, else the first tile's), and the fastest right one,
-//! which the backend then runs. Without the file the backend runs
-//! each form's first tile. `dsc compile -o DIR` removes it: the plan it measured is gone.
+//! read by the CUDA backend. For each of the plan's FP8 GEMMs that generated tiles can run (a
+//! library GEMM kernel: a dense Fprop or Dgrad with 128×128 weight blocks, or the MoE experts'
+//! products or weight gradients) it records what each candidate took on that GEMM's shapes (the
+//! plan's generated tiles, [`super::Plan::generated_gemms`], and cuBLASLt, [`LIBRARY`], where it
+//! runs the GEMM), how far each result was from the reference's (cuBLASLt's, else the first
+//! tile's), and the fastest right one, which the backend then runs. Without the file the
+//! backend runs the experts' first tiles and the dense products on cuBLASLt. `dsc compile -o
+//! DIR` removes it: the plan it measured is gone.
 
 use super::PlanError;
 use serde::{Deserialize, Serialize};
@@ -19,9 +20,11 @@ pub const LIBRARY: &str = "cublaslt";
 
 /// The largest relative error (Frobenius norm, against the reference's result on the same FP8
 /// operands: cuBLASLt's, or where it cannot run the GEMM the first tile's) a candidate may have
-/// and be chosen: both sum the same products in f32, so only the order of the additions
-/// differs.
-pub const MAX_ERROR: f64 = 1e-4;
+/// and be chosen. Issue 9 holds a generated GEMM's error against float64 to at most 1.1 times
+/// cuBLASLt's, ~1.3e-4 for FP8 products over K ≥ 4K (the tensor cores' partial sums are
+/// promoted every 128 elements: benches/README.md); two results within that of float64 are
+/// within ~2.1 times it of each other.
+pub const MAX_ERROR: f64 = 3e-4;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Tuning {
@@ -102,7 +105,7 @@ mod tests {
 
     #[test]
     fn the_fastest_right_candidate_is_chosen() {
-        let all = [measured(LIBRARY, 30.0, 0.0), measured("a", 10.0, 1e-2), measured("b", 20.0, 1e-6)];
+        let all = [measured(LIBRARY, 30.0, 0.0), measured("a", 10.0, 1e-3), measured("b", 20.0, 1e-6)];
         assert_eq!(TunedGemm::fastest(&all).map(|m| m.candidate.as_str()), Some("b"));
         assert_eq!(TunedGemm::fastest(&all[1..2]), None);
     }

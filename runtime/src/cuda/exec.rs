@@ -18,7 +18,7 @@
 //! arena is kept for its next call. [`Counts`] says how many kernels took each path.
 
 use super::attention::FusedAttention;
-use super::grouped::ExpertGemms;
+use super::generated::GeneratedGemms;
 use super::places::{self, Places};
 use super::profile::Profile;
 use super::weights::{Slot, WeightCache};
@@ -251,7 +251,7 @@ impl Executor {
     pub fn new(plan: impl Into<Arc<Plan>>, dir: &Path, gpu: Gpu, checked: bool) -> Result<Executor, GpuError> {
         let plan: Arc<Plan> = plan.into();
         let mut blas = gpu.blas(plan.spec.precision.gemm != Dtype::F32)?;
-        blas.experts = ExpertGemms::load(&gpu, &plan, dir)?;
+        blas.generated = GeneratedGemms::load(&gpu, &plan, dir)?;
         let layouts = memory::layouts(&plan).into_iter().map(Arc::new).collect();
         let in_place = (0..plan.functions.len()).map(|f| memory::in_place(&plan, f)).collect();
         let delivered = memory::delivered(&plan, plan.grad);
@@ -296,9 +296,9 @@ impl Executor {
     /// Runs cuBLAS's f32 products exactly (no TF32) whatever the policy, so that a plan's
     /// outputs can be held to the CPU reference at f32 precision.
     pub fn exact(mut self) -> Result<Self, GpuError> {
-        let experts = std::mem::take(&mut self.blas.experts);
+        let generated = std::mem::take(&mut self.blas.generated);
         self.blas = self.gpu.blas(false)?;
-        self.blas.experts = experts;
+        self.blas.generated = generated;
         Ok(self)
     }
 

@@ -9,7 +9,7 @@
 //! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks).
 //!
 //! Grouped GEMMs of the MoE experts run, in FP8 where the plan carries them, on the compiler's
-//! expert GEMMs ([`super::grouped`]: one launch, the offsets read on the device); otherwise
+//! expert GEMMs ([`super::generated`]: one launch, the offsets read on the device); otherwise
 //! as one product per expert, their row offsets read back from the device first: one
 //! synchronisation per offsets value and call of a function ([`ReadBack`]), shared by the
 //! grouped GEMMs over the same experts' rows. In FP8 (operands quantised by `fuse::library`):
@@ -21,7 +21,7 @@
 //! each expert's columns of its `quantize_by_expert` operands in place (whole 128-token
 //! groups, the leading dimension the capacity).
 
-use super::grouped::{Addend, ExpertGemms, ExpertProduct};
+use super::generated::{Addend, GeneratedGemms, TiledProduct};
 use super::places::{self, Places};
 use super::scaled::{Fp8Operand, Groups, Lt, ScaledGemm};
 use super::{Gpu, GpuError};
@@ -37,12 +37,13 @@ use std::collections::HashSet;
 use std::ffi::c_void;
 
 /// The GEMM libraries: cuBLAS for f32 products, cuBLASLt for the FP8 ones; and the
-/// compiler's expert GEMMs where the plan carries them (the experts' FP8 products and weight
-/// gradients run on them where their tiles fit, without reading the offsets back).
+/// compiler's generated GEMMs where the plan carries them (the experts' FP8 products and weight
+/// gradients run on them where their tiles fit, without reading the offsets back; dense FP8
+/// products where the plan's tuning chose them).
 pub struct Blas {
     pub f32: CudaBlas,
     pub fp8: Lt,
-    pub experts: ExpertGemms,
+    pub generated: GeneratedGemms,
 }
 
 /// One batched product: C = op(A)·op(B), plus what C held when `accumulate`; or in FP8
@@ -170,7 +171,7 @@ impl ReadBack {
 /// cuBLASLt); whether they did.
 fn on_expert_gemms(
     gpu: &Gpu,
-    experts: &ExpertGemms,
+    experts: &GeneratedGemms,
     function: &Function,
     places: &Places,
     name: &str,
@@ -190,7 +191,7 @@ fn on_expert_gemms(
                 let a = Fp8Operand::buffer(places.at(g.xs.0), rows, k);
                 let b = Fp8Operand::buffer(places.at(w.0), count * n, k);
                 let product =
-                    ExpertProduct { a, b, out: places.at(out), offsets, rows, n, k, experts: count, plus: None };
+                    TiledProduct { a, b, out: places.at(out), offsets, rows, n, k, experts: count, plus: None };
                 kernel.run(gpu, &product)?;
             }
             Ok(true)
@@ -209,7 +210,7 @@ fn on_expert_gemms(
                 k: k2,
             };
             let out = places.at(*out);
-            kernel.run(gpu, &ExpertProduct { a, b, out, offsets, rows, n, k, experts: count, plus: Some(plus) })?;
+            kernel.run(gpu, &TiledProduct { a, b, out, offsets, rows, n, k, experts: count, plus: Some(plus) })?;
             Ok(true)
         }
         GroupedKind::ScaledWgrad { grad, out } => {
@@ -221,7 +222,7 @@ fn on_expert_gemms(
             let b = Fp8Operand::buffer(places.at(g.xs.0), n, capacity);
             let count = function.nodes[*out as usize].shape[0];
             let product =
-                ExpertProduct { a, b, out: places.at(*out), offsets, rows, n, k: capacity, experts: count, plus: None };
+                TiledProduct { a, b, out: places.at(*out), offsets, rows, n, k: capacity, experts: count, plus: None };
             kernel.run(gpu, &product)?;
             Ok(true)
         }
@@ -229,44 +230,61 @@ fn on_expert_gemms(
     }
 }
 
-/// A library GEMM kernel of the MoE experts that the compiler's expert GEMMs can run
-/// (`dsc tune` measures them): their form, the shape (rows, N, K, experts, as
-/// `dsc_compiler::plan::tuning::TunedGemm::shape`), each product's K (the grouped sum has two),
-/// the value of the experts' row offsets, and whether cuBLASLt runs it too (not the sum).
-pub struct ExpertSite {
+/// A library GEMM kernel that the compiler's generated GEMMs can run (`dsc tune` measures
+/// them): a dense FP8 Fprop or Dgrad (128×128 weight blocks), or the MoE experts' FP8 products
+/// or weight gradients. Its form, the shape (rows, N, K, experts, as
+/// `dsc_compiler::plan::tuning::TunedGemm::shape`: the first product's), every product's
+/// (rows, N, K), the value of the experts' row offsets, and whether cuBLASLt runs it too (not
+/// the experts' sum).
+pub struct GemmSite {
     pub form: Form,
     pub shape: [usize; 4],
-    ks: Vec<usize>,
-    pub offsets: u32,
+    products: Vec<(usize, usize, usize)>,
+    pub offsets: Option<u32>,
     pub library: bool,
 }
 
-impl ExpertSite {
+impl GemmSite {
     /// Of library GEMM `kernel` (of `function`, whose `packed` values are stored as bf16), if
     /// it is one.
-    pub fn of(function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Option<ExpertSite> {
-        let Some(Work::Grouped(g)) = plan(function, kernel, packed) else { return None };
-        let (xs_rows, k) = (g.xs.1[0], g.xs.1[1]);
-        let (shape, ks) = match &g.kind {
-            GroupedKind::ScaledProducts { weights } => ([xs_rows, weights[0].0 .1[1], k, weights[0].0 .1[0]], vec![k]),
-            GroupedKind::ScaledSum { weight, plus, .. } => {
-                ([xs_rows, weight.1[1], k, weight.1[0]], vec![k, plus.0 .1[1]])
+    pub fn of(function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Option<GemmSite> {
+        let g = match plan(function, kernel, packed)? {
+            Work::Grouped(g) => g,
+            Work::Products(plan) => {
+                let blocks = plan.addend.is_none()
+                    && !plan.products.is_empty()
+                    && plan.products.iter().all(|p| p.b_groups == Some(Groups::Blocks));
+                let products: Vec<_> = plan.products.iter().map(|p| (p.a.1[0], p.b.1[0], p.a.1[1])).collect();
+                let (m, n, k) = products[0];
+                let site = GemmSite { form: Form::Dense, shape: [m, n, k, 1], products, offsets: None, library: true };
+                return blocks.then_some(site);
             }
+        };
+        let (xs_rows, k) = (g.xs.1[0], g.xs.1[1]);
+        let (shape, products) = match &g.kind {
+            GroupedKind::ScaledProducts { weights } => {
+                let products = weights.iter().map(|(w, _)| (xs_rows, w.1[1], k)).collect();
+                ([xs_rows, weights[0].0 .1[1], k, weights[0].0 .1[0]], products)
+            }
+            GroupedKind::ScaledSum { weight, plus, .. } => (
+                [xs_rows, weight.1[1], k, weight.1[0]],
+                vec![(xs_rows, weight.1[1], k), (xs_rows, weight.1[1], plus.0 .1[1])],
+            ),
             // The gradient's rows by the inputs' (xs: [n, capacity]).
             GroupedKind::ScaledWgrad { grad, out } => {
                 let capacity = grad.1[1];
-                ([grad.1[0], xs_rows, capacity, function.nodes[*out as usize].shape[0]], vec![capacity])
+                let shape = [grad.1[0], xs_rows, capacity, function.nodes[*out as usize].shape[0]];
+                (shape, vec![(grad.1[0], xs_rows, capacity)])
             }
             GroupedKind::Products { .. } | GroupedKind::Wgrad { .. } => return None,
         };
         let library = !matches!(g.kind, GroupedKind::ScaledSum { .. });
-        Some(ExpertSite { form: g.kind.expert_form()?, shape, ks, offsets: g.offsets, library })
+        Some(GemmSite { form: g.kind.expert_form()?, shape, products, offsets: Some(g.offsets), library })
     }
 
     /// Whether `gemm` takes it.
-    pub fn fits(&self, gemm: &super::grouped::ExpertGemm) -> bool {
-        let [rows, n, _, _] = self.shape;
-        self.ks.iter().all(|&k| gemm.fits(rows, n, k))
+    pub fn fits(&self, gemm: &super::generated::GeneratedGemm) -> bool {
+        self.products.iter().all(|&(rows, n, k)| gemm.fits(rows, n, k))
     }
 }
 
@@ -402,7 +420,7 @@ pub fn run(
     let plan = match plan(function, kernel, packed) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
-            if on_expert_gemms(gpu, &blas.experts, function, places, &kernel.name, &g)? {
+            if on_expert_gemms(gpu, &blas.generated, function, places, &kernel.name, &g)? {
                 return Ok(());
             }
             let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?;
@@ -416,14 +434,21 @@ pub fn run(
     if let Some((from, to)) = plan.addend {
         places::copy(gpu, places.at(from), places.at(to), bytes_of(function, to))?;
     }
+    // A dense FP8 product with weight blocks runs on the generated tile its tuning chose.
+    let generated = blas.generated.for_kernel(&kernel.name, Form::Dense);
     for p in &plan.products {
         match p.b_groups {
             None => product(&blas.f32, places, p)?,
             Some(b_groups) => {
                 let (m, k, n) = (p.a.1[0], p.a.1[1], p.b.1[0]);
                 let (a, b) = (Fp8Operand::buffer(places.at(p.a.0), m, k), Fp8Operand::buffer(places.at(p.b.0), n, k));
-                let g = ScaledGemm { a, b, d: places.at(p.c), m, n, k, b_groups };
-                blas.fp8.run(gpu, &g)?;
+                match generated.filter(|g| b_groups == Groups::Blocks && g.fits(m, n, k)) {
+                    Some(tiled) => {
+                        let (out, offsets, experts, plus) = (places.at(p.c), 0, 1, None);
+                        tiled.run(gpu, &TiledProduct { a, b, out, offsets, rows: m, n, k, experts, plus })?
+                    }
+                    None => blas.fp8.run(gpu, &ScaledGemm { a, b, d: places.at(p.c), m, n, k, b_groups })?,
+                }
             }
         }
     }

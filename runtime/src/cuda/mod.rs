@@ -8,7 +8,7 @@
 //! launch, whose argument list follows the kernel's signature in the plan.
 //!
 //! Library GEMMs run on cuBLAS, the FP8 ones on cuBLASLt's block-scaled path ([`gemm`],
-//! [`scaled`]) or the compiler's expert GEMMs ([`grouped`]); attention on the compiler's fused
+//! [`scaled`]) or the compiler's generated GEMMs ([`generated`]); attention on the compiler's fused
 //! kernels ([`attention`]); [`exec`] runs whole plan
 //! functions (FP8 GEMMs in groups other than DeepSeek-V3's 128 on the host), [`resident`] keeps
 //! the training state on the GPU ([`weights`]: its FP8 weights quantised once a step), [`nccl`]
@@ -19,7 +19,7 @@
 pub mod attention;
 pub mod exec;
 pub mod gemm;
-pub mod grouped;
+pub mod generated;
 pub mod nccl;
 pub mod places;
 pub mod profile;
@@ -123,7 +123,7 @@ impl Gpu {
             // SAFETY: the handle is live; the mode applies to its later calls.
             unsafe { cudarc::cublas::sys::cublasSetMathMode(*f32.handle(), mode) }.result().map_err(cublas)?;
         }
-        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)?, experts: Default::default() })
+        Ok(gemm::Blas { f32, fp8: scaled::Lt::new(self)?, generated: Default::default() })
     }
 
     pub fn name(&self) -> Result<String, GpuError> {

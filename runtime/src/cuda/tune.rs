@@ -1,14 +1,15 @@
-//! `dsc tune DIR`: each expert GEMM of a plan (a library GEMM kernel of the MoE experts' FP8
-//! products or weight gradients: [`ExpertSite`]) measured on this GPU on every candidate tile
-//! the plan carries and on cuBLASLt (one product per expert), through the path the executor
-//! runs it by ([`gemm::run`]), on operands of the kernel's shapes: random E4M3 values and
-//! scales, the experts' rows split unevenly as routing splits them ([`uneven_offsets`]).
+//! `dsc tune DIR`: each FP8 GEMM of a plan that the compiler's generated GEMMs can run (a
+//! library GEMM kernel: a dense Fprop or Dgrad, or the MoE experts' products or weight
+//! gradients: [`GemmSite`]) measured on this GPU on every candidate tile the plan carries and
+//! on cuBLASLt (for the experts one product per expert), through the path the executor runs it
+//! by ([`gemm::run`]), on operands of the kernel's shapes: random E4M3 values and scales, the
+//! experts' rows split unevenly as routing splits them ([`uneven_offsets`]).
 //! Each candidate's result is held to cuBLASLt's on the same operands (the grouped sum's, which
 //! cuBLASLt does not run, to the first tile's); the fastest right one is chosen
 //! ([`dsc_compiler::plan::tuning`]).
 
-use super::gemm::{self, ExpertSite, ReadBack};
-use super::grouped::ExpertGemms;
+use super::gemm::{self, GemmSite, ReadBack};
+use super::generated::GeneratedGemms;
 use super::places::{self, Places};
 use super::{Gpu, GpuError};
 use crate::memory::Layout;
@@ -24,7 +25,7 @@ use std::path::Path;
 /// Byte alignment of each value in the measuring arena (TMA and cuBLASLt want 16 at least).
 const ALIGN: u64 = 1024;
 
-/// Measures every expert GEMM of the plan in `dir` (the median of `repeats` timed launches
+/// Measures every such GEMM of the plan in `dir` (the median of `repeats` timed launches
 /// after a first one), telling `done` of each as it is chosen.
 pub fn tune(
     plan: &Plan,
@@ -34,16 +35,16 @@ pub fn tune(
     mut done: impl FnMut(&TunedGemm),
 ) -> Result<Tuning, GpuError> {
     let mut blas = gpu.blas(true)?;
-    blas.experts = ExpertGemms::untuned(gpu, plan, dir)?;
+    blas.generated = GeneratedGemms::untuned(gpu, plan, dir)?;
     let mut gemms = Vec::new();
     for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
         let packed = pf.packed_set();
         let bytes: HashMap<u32, u64> = pf.buffers.iter().map(|b| (b.value, b.bytes)).collect();
         for kernel in pf.kernels.iter().filter(|k| k.code == Code::Library) {
-            let Some(site) = ExpertSite::of(function, kernel, &packed) else { continue };
+            let Some(site) = GemmSite::of(function, kernel, &packed) else { continue };
             let operands = Operands::of(gpu, function, kernel, &bytes, &site)?;
             let measure = |blas: &mut gemm::Blas, candidate: Option<&str>| -> Result<_, GpuError> {
-                blas.experts.choose(gpu, &kernel.name, candidate)?;
+                blas.generated.choose(gpu, &kernel.name, candidate)?;
                 let run = |blas: &gemm::Blas| {
                     let places = Places::arena(gpu, &operands.arena, &operands.layout);
                     gemm::run(gpu, blas, function, &packed, kernel, &places, &mut ReadBack::default())
@@ -63,12 +64,12 @@ pub fn tune(
             // cuBLASLt first where it runs the GEMM: the reference the tiles are held to (else
             // the first tile that fits is).
             let library = site.library.then_some(None);
-            let candidates = library.into_iter().chain(blas.experts.candidates(site.form).into_iter().map(Some));
+            let candidates = library.into_iter().chain(blas.generated.candidates(site.form).into_iter().map(Some));
             let (mut measured, mut reference): (_, Option<Vec<f32>>) = (Vec::new(), None);
             for candidate in candidates {
                 if let Some(name) = &candidate {
-                    blas.experts.choose(gpu, &kernel.name, Some(name))?;
-                    if !blas.experts.for_kernel(&kernel.name, site.form).is_some_and(|g| site.fits(g)) {
+                    blas.generated.choose(gpu, &kernel.name, Some(name))?;
+                    if !blas.generated.for_kernel(&kernel.name, site.form).is_some_and(|g| site.fits(g)) {
                         continue;
                     }
                 }
@@ -79,7 +80,7 @@ pub fn tune(
             }
             let Some(fastest) = TunedGemm::fastest(&measured) else { continue };
             let chosen = fastest.candidate.clone();
-            blas.experts.choose(gpu, &kernel.name, (chosen != LIBRARY).then_some(chosen.as_str()))?;
+            blas.generated.choose(gpu, &kernel.name, (chosen != LIBRARY).then_some(chosen.as_str()))?;
             let tuned = TunedGemm { kernel: kernel.name.clone(), shape: site.shape, measured, chosen };
             done(&tuned);
             gemms.push(tuned);
@@ -103,7 +104,7 @@ impl Operands {
         function: &Function,
         kernel: &Kernel,
         bytes: &HashMap<u32, u64>,
-        site: &ExpertSite,
+        site: &GemmSite,
     ) -> Result<Operands, GpuError> {
         let node = &function.nodes[kernel.nodes[0] as usize];
         let read: HashSet<u32> = node.args.iter().map(|&a| base(function, a).0).collect();
@@ -124,14 +125,16 @@ impl Operands {
         let arena = gpu.stream.clone_htod(&random_bytes(end as usize))?;
         let layout = Layout { offsets, peak: end, total: end };
         let places = Places::arena(gpu, &arena, &layout);
-        // The Wgrad's tokens: as many as its capacity holds with each expert's rounded up to 128.
-        let rows = match site.shape {
-            [_, _, capacity, experts] if site.form == Form::Wgrad => capacity.saturating_sub(128 * experts),
-            [rows, ..] => rows,
-        };
-        let offsets: Vec<u8> =
-            uneven_offsets(rows, site.shape[3]).iter().flat_map(|&o| (o as i32).to_le_bytes()).collect();
-        places::write(gpu, &offsets, places.at(site.offsets))?;
+        if let Some(value) = site.offsets {
+            // The Wgrad's tokens: as many as its capacity holds with each expert's rounded up to 128.
+            let rows = match site.shape {
+                [_, _, capacity, experts] if site.form == Form::Wgrad => capacity.saturating_sub(128 * experts),
+                [rows, ..] => rows,
+            };
+            let offsets: Vec<u8> =
+                uneven_offsets(rows, site.shape[3]).iter().flat_map(|&o| (o as i32).to_le_bytes()).collect();
+            places::write(gpu, &offsets, places.at(value))?;
+        }
         let written = written.into_iter().filter_map(|v| Some((v, *bytes.get(&v)? as usize))).collect();
         Ok(Operands { arena, layout, written })
     }

@@ -1,11 +1,12 @@
-//! The compiler's GEMMs of the MoE experts (`compiler::mlir::gemm`, forms `Grouped` and
-//! `Wgrad`) where a plan carries them (`Plan::generated_gemms`; each of the plan's GEMM
-//! kernels on the tile its tuning chose, `dsc_compiler::plan::tuning`): the experts' FP8 products
-//! (Fprop and Dgrad) in one launch per weight, and their weight gradients in one launch, each
-//! block finding its expert's rows or tokens from the row offsets on the device, so that no
-//! grouped GEMM waits for the host (the cuBLASLt path reads the offsets back first:
-//! `gemm::ReadBack`). Their operands are the plan's quantised buffers as they are, A and B read
-//! through TMA tensor maps (`gemm::TensorMap`) encoded here once per buffer and shape.
+//! The compiler's FP8 GEMMs (`compiler::mlir::gemm`) where a plan carries them
+//! (`Plan::generated_gemms`; each of the plan's GEMM kernels on the tile its tuning chose,
+//! `dsc_compiler::plan::tuning`): the MoE experts' FP8 products (Fprop and Dgrad, form
+//! `Grouped`) in one launch per weight, and their weight gradients (`Wgrad`) in one launch,
+//! each block finding its expert's rows or tokens from the row offsets on the device, so that
+//! no grouped GEMM waits for the host (the cuBLASLt path reads the offsets back first:
+//! `gemm::ReadBack`); and dense Fprop and Dgrad products (`Dense`) where the tuning chose a
+//! tile over cuBLASLt. Their operands are the plan's quantised buffers as they are, A and B
+//! read through TMA tensor maps (`gemm::TensorMap`) encoded here once per buffer and shape.
 
 use super::scaled::Fp8Operand;
 use super::{Gpu, GpuError};
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 /// A loaded kernel, its tile and form, the most blocks a launch needs (one per multiprocessor:
 /// each block loops over its tiles), and the tensor maps its launches have passed.
-pub struct ExpertGemm {
+pub struct GeneratedGemm {
     function: CudaFunction,
     tile: Tile,
     form: Form,
@@ -79,19 +80,19 @@ impl TensorMaps {
 /// far, by name, and what each of its GEMM kernels runs: the choice of its tuning
 /// ([`Tuning`]), else its form's first candidate.
 #[derive(Default)]
-pub struct ExpertGemms {
+pub struct GeneratedGemms {
     dir: PathBuf,
     multiprocessors: usize,
     carried: Vec<(String, Tile, Form)>,
-    loaded: HashMap<String, ExpertGemm>,
+    loaded: HashMap<String, GeneratedGemm>,
     /// The candidate (a name) or cuBLASLt (`None`) each tuned kernel of the plan runs.
     chosen: HashMap<String, Option<String>>,
 }
 
-impl ExpertGemms {
+impl GeneratedGemms {
     /// The plan's expert GEMMs (`dir/kernels/NAME.ptx`), as `dir/tuning.json` chose them.
-    pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
-        let mut gemms = ExpertGemms::untuned(gpu, plan, dir)?;
+    pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<GeneratedGemms, GpuError> {
+        let mut gemms = GeneratedGemms::untuned(gpu, plan, dir)?;
         let tuning = Tuning::read(dir).map_err(|e| GpuError::Plan(e.to_string()))?;
         if let Some(tuning) = tuning {
             for gemm in &tuning.gemms {
@@ -109,12 +110,12 @@ impl ExpertGemms {
         Ok(gemms)
     }
 
-    /// The plan's expert GEMMs, each kernel on its form's first candidate.
-    pub fn untuned(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<ExpertGemms, GpuError> {
+    /// The plan's generated GEMMs, untuned ([`GeneratedGemms::for_kernel`]).
+    pub fn untuned(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<GeneratedGemms, GpuError> {
         let multiprocessors =
             gpu.context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let carried = plan.generated_gemms();
-        let mut gemms = ExpertGemms {
+        let mut gemms = GeneratedGemms {
             dir: dir.to_path_buf(),
             multiprocessors,
             carried,
@@ -148,10 +149,12 @@ impl ExpertGemms {
     }
 
     /// What the plan's GEMM kernel `kernel` of `form` runs on: a generated kernel, or
-    /// cuBLASLt (`None`).
-    pub fn for_kernel(&self, kernel: &str, form: Form) -> Option<&ExpertGemm> {
+    /// cuBLASLt (`None`). Untuned, the experts' forms run their first tile, the dense form
+    /// cuBLASLt.
+    pub fn for_kernel(&self, kernel: &str, form: Form) -> Option<&GeneratedGemm> {
         let name = match self.chosen.get(kernel) {
             Some(chosen) => chosen.clone(),
+            None if form == Form::Dense => None,
             None => self.first(form),
         };
         name.map(|name| &self.loaded[&name])
@@ -168,18 +171,20 @@ impl ExpertGemms {
         let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
         function.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
         let multiprocessors = self.multiprocessors;
-        let gemm = ExpertGemm { function, tile, form, multiprocessors, maps: TensorMaps::default(), _module: module };
+        let gemm =
+            GeneratedGemm { function, tile, form, multiprocessors, maps: TensorMaps::default(), _module: module };
         self.loaded.insert(name.to_string(), gemm);
         Ok(())
     }
 }
 
-/// One launch. Grouped: out [rows, n] = each expert's rows of `a` [rows, k] times its weights'
-/// (`b` [experts, n, k], 128×128 blocks)ᵀ, plus `plus`'s product where there is one. Wgrad:
-/// out [experts, rows, n] = per expert, its token columns of `a` [rows, k] times those of `b`
-/// [n, k], transposed (1×128 tiles; k the capacity). The experts' row offsets (i32, experts +
-/// 1) at `offsets` on the device.
-pub struct ExpertProduct {
+/// One launch. Dense: out [rows, n] = `a` [rows, k] times `b` [n, k] (128×128 blocks)ᵀ (one
+/// expert; no offsets). Grouped: out [rows, n] = each expert's rows of `a` [rows, k] times its
+/// weights' (`b` [experts, n, k], 128×128 blocks)ᵀ, plus `plus`'s product where there is one.
+/// Wgrad: out [experts, rows, n] = per expert, its token columns of `a` [rows, k] times those
+/// of `b` [n, k], transposed (1×128 tiles; k the capacity). The experts' row offsets (i32,
+/// experts + 1) at `offsets` on the device.
+pub struct TiledProduct {
     pub a: Fp8Operand,
     pub b: Fp8Operand,
     pub out: u64,
@@ -199,15 +204,16 @@ pub struct Addend {
     pub k: usize,
 }
 
-impl ExpertGemm {
+impl GeneratedGemm {
     /// Whether a product of `rows` × `n` over `k` fits the tile (the grouped form takes any
     /// number of rows: the experts' last blocks are partial, and any even n: blocks past it store
-    /// nothing; the Wgrad form reads every column's scale of its blocks, so its n is a multiple
-    /// of theirs).
+    /// nothing, as the dense form's; the Wgrad form reads every column's scale of its blocks, so
+    /// its n is a multiple of theirs).
     pub fn fits(&self, rows: usize, n: usize, k: usize) -> bool {
         let (rows_fit, n_fits) = match self.form {
             Form::Grouped => (true, n.is_multiple_of(2)),
-            _ => (
+            Form::Dense => (rows.is_multiple_of(self.tile.m as usize), n.is_multiple_of(2)),
+            Form::Wgrad => (
                 rows.is_multiple_of(self.tile.m as usize),
                 n.is_multiple_of((self.tile.n * self.tile.cluster) as usize),
             ),
@@ -215,7 +221,7 @@ impl ExpertGemm {
         rows_fit && n_fits && k.is_multiple_of(TILE_K as usize)
     }
 
-    pub fn run(&self, gpu: &Gpu, p: &ExpertProduct) -> Result<(), GpuError> {
+    pub fn run(&self, gpu: &Gpu, p: &TiledProduct) -> Result<(), GpuError> {
         assert!(self.fits(p.rows, p.n, p.k), "a product the tile does not fit");
         assert!(
             p.plus.as_ref().is_none_or(|plus| self.form == Form::Grouped && self.fits(p.rows, p.n, plus.k)),
@@ -243,7 +249,10 @@ impl ExpertGemm {
         let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, b_box)?;
         let mut launch = gpu.stream.launch_builder(&self.function);
         launch.arg(&a_map).arg(&b_map).arg(&p.a.scales).arg(&p.b.scales).arg(&p.out);
-        launch.arg(&rows).arg(&n).arg(&k).arg(&p.offsets).arg(&experts);
+        launch.arg(&rows).arg(&n).arg(&k);
+        if self.form != Form::Dense {
+            launch.arg(&p.offsets).arg(&experts);
+        }
         // The grouped form's second pair (the first again, over no K, where there is none).
         let second = match &p.plus {
             Some(plus) => {
@@ -257,7 +266,7 @@ impl ExpertGemm {
             launch.arg(&second.0).arg(&second.1).arg(&second.2).arg(&second.3).arg(&second.4);
         }
         // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: the operands'
-        // tensor maps, three pointers, M, N, K, the offsets, E, and the grouped form's second
+        // tensor maps, three pointers, M, N, K, but for the dense form the offsets and E, and the grouped form's second
         // pair's maps, scales and K), each map of a live buffer of the plan and each pointer
         // the address of one, with the sizes given.
         unsafe { launch.launch(config) }?;
