@@ -53,8 +53,13 @@ pub fn copy(gpu: &Gpu, from: u64, to: u64, bytes: usize) -> Result<(), GpuError>
 
 /// Zeroes `bytes` bytes at device address `at`, in stream order.
 pub fn zero(gpu: &Gpu, at: u64, bytes: usize) -> Result<(), GpuError> {
+    fill(gpu, at, bytes, 0)
+}
+
+/// Sets `bytes` bytes at device address `at` to `byte`, in stream order.
+pub fn fill(gpu: &Gpu, at: u64, bytes: usize, byte: u8) -> Result<(), GpuError> {
     // SAFETY: as for `copy`.
-    unsafe { result::memset_d8_async(at, 0, bytes, gpu.stream.cu_stream()) }?;
+    unsafe { result::memset_d8_async(at, byte, bytes, gpu.stream.cu_stream()) }?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! on cuBLASLt (for the experts one product per expert), through the path the executor runs it
 //! by ([`gemm::run`]), on operands of the kernel's shapes: random E4M3 values and scales, the
 //! experts' rows split unevenly as routing splits them ([`uneven_offsets`]).
-//! Each candidate's result is held to cuBLASLt's on the same operands (the grouped sum's, which
+//! Each candidate's result (its outputs poisoned first) is held to cuBLASLt's on the same operands (the grouped sum's, which
 //! cuBLASLt does not run, to the first tile's); the fastest right one is chosen
 //! ([`dsc_compiler::plan::tuning`]).
 
@@ -49,6 +49,8 @@ pub fn tune(
                     let places = Places::arena(gpu, &operands.arena, &operands.layout);
                     gemm::run(gpu, blas, function, &packed, kernel, &places, &mut ReadBack::default())
                 };
+                // Its outputs poisoned (NaN) first: a result not written is never right.
+                operands.poison(gpu)?;
                 run(blas)?;
                 let result = operands.outputs(gpu)?;
                 let mut micros = Vec::with_capacity(repeats);
@@ -137,6 +139,12 @@ impl Operands {
         }
         let written = written.into_iter().filter_map(|v| Some((v, *bytes.get(&v)? as usize))).collect();
         Ok(Operands { arena, layout, written })
+    }
+
+    /// Fills what the kernel writes with NaN.
+    fn poison(&self, gpu: &Gpu) -> Result<(), GpuError> {
+        let places = Places::arena(gpu, &self.arena, &self.layout);
+        self.written.iter().try_for_each(|&(v, bytes)| places::fill(gpu, places.at(v), bytes, 0xFF))
     }
 
     /// What the kernel wrote, as f32 values.
