@@ -43,8 +43,8 @@ pub fn tune(
         for kernel in pf.kernels.iter().filter(|k| k.code == Code::Library) {
             let Some(site) = GemmSite::of(function, kernel, &packed) else { continue };
             let operands = Operands::of(gpu, function, kernel, &bytes, &site)?;
-            let measure = |blas: &mut gemm::Blas, candidate: Option<&str>| -> Result<_, GpuError> {
-                blas.generated.choose(gpu, &kernel.name, candidate)?;
+            // What the chosen candidate takes (the median) and its result.
+            let measure = |blas: &gemm::Blas| -> Result<_, GpuError> {
                 let run = |blas: &gemm::Blas| {
                     let places = Places::arena(gpu, &operands.arena, &operands.layout);
                     gemm::run(gpu, blas, function, &packed, kernel, &places, &mut ReadBack::default())
@@ -69,13 +69,12 @@ pub fn tune(
             let candidates = library.into_iter().chain(blas.generated.candidates(site.form).into_iter().map(Some));
             let (mut measured, mut reference): (_, Option<Vec<f32>>) = (Vec::new(), None);
             for candidate in candidates {
-                if let Some(name) = &candidate {
-                    blas.generated.choose(gpu, &kernel.name, Some(name))?;
-                    if !blas.generated.for_kernel(&kernel.name, site.form).is_some_and(|g| site.fits(g)) {
-                        continue;
-                    }
+                blas.generated.choose(gpu, &kernel.name, candidate.as_deref())?;
+                let tile = blas.generated.for_kernel(&kernel.name, site.form);
+                if candidate.is_some() && !tile.is_some_and(|g| site.fits(g)) {
+                    continue;
                 }
-                let (micros, result) = measure(&mut blas, candidate.as_deref())?;
+                let (micros, result) = measure(&blas)?;
                 let error = reference.as_ref().map_or(0.0, |reference| relative_error(&result, reference));
                 reference.get_or_insert(result);
                 measured.push(Measured { candidate: candidate.unwrap_or_else(|| LIBRARY.into()), micros, error });
