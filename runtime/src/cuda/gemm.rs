@@ -6,7 +6,8 @@
 //! C = op(A)·op(B) is computed as column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, batched over equal leading
 //! dimensions (a rank-2 operand is shared by every batch). The FP8 GEMMs on quantised operands
 //! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`super::scaled`])
-//! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks).
+//! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks), or, with weight blocks,
+//! on the generated tile the plan's tuning chose ([`super::generated`], [`GemmSite`]).
 //!
 //! Grouped GEMMs of the MoE experts run, in FP8 where the plan carries them, on the compiler's
 //! expert GEMMs ([`super::generated`]: one launch, the offsets read on the device); otherwise
@@ -254,10 +255,18 @@ impl GemmSite {
                 let blocks = plan.addend.is_none()
                     && !plan.products.is_empty()
                     && plan.products.iter().all(|p| p.b_groups == Some(Groups::Blocks));
+                if !blocks {
+                    return None;
+                }
                 let products: Vec<_> = plan.products.iter().map(|p| (p.a.1[0], p.b.1[0], p.a.1[1])).collect();
                 let (m, n, k) = products[0];
-                let site = GemmSite { form: Form::Dense, shape: [m, n, k, 1], products, offsets: None, library: true };
-                return blocks.then_some(site);
+                return Some(GemmSite {
+                    form: Form::Dense,
+                    shape: [m, n, k, 1],
+                    products,
+                    offsets: None,
+                    library: true,
+                });
             }
         };
         let (xs_rows, k) = (g.xs.1[0], g.xs.1[1]);

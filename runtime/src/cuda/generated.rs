@@ -76,9 +76,10 @@ impl TensorMaps {
     }
 }
 
-/// The plan's expert GEMMs: the candidates it carries ([`Plan::generated_gemms`]) loaded so
-/// far, by name, and what each of its GEMM kernels runs: the choice of its tuning
-/// ([`Tuning`]), else its form's first candidate.
+/// The plan's generated GEMMs: the candidates it carries ([`Plan::generated_gemms`]) loaded
+/// so far, by name, and what each of its GEMM kernels runs: the choice of its tuning
+/// ([`Tuning`]), else the experts' forms their first candidate and the dense form cuBLASLt
+/// ([`GeneratedGemms::for_kernel`]).
 #[derive(Default)]
 pub struct GeneratedGemms {
     dir: PathBuf,
@@ -90,7 +91,7 @@ pub struct GeneratedGemms {
 }
 
 impl GeneratedGemms {
-    /// The plan's expert GEMMs (`dir/kernels/NAME.ptx`), as `dir/tuning.json` chose them.
+    /// The plan's generated GEMMs (`dir/kernels/NAME.ptx`), as `dir/tuning.json` chose them.
     pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<GeneratedGemms, GpuError> {
         let mut gemms = GeneratedGemms::untuned(gpu, plan, dir)?;
         let tuning = Tuning::read(dir).map_err(|e| GpuError::Plan(e.to_string()))?;
