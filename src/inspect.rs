@@ -1,11 +1,13 @@
 //! `dsc inspect PLAN`: a compiled plan read back and summarised for people (kernels, fused
 //! ops, launches, bytes and estimated time per step, fused against unfused, the GPU memory a
-//! step takes on the CUDA backend) or as JSON.
+//! step takes on the CUDA backend, the tiles its tuning chose) or as JSON.
 
 use crate::cli::InfoFormat;
 use dsc_compiler::fuse::kernels::{Code, Kernel, KernelKind};
 use dsc_compiler::graph::Function;
+use dsc_compiler::plan::tuning::Tuning;
 use dsc_compiler::plan::Plan;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -37,14 +39,21 @@ pub fn run(dir: &Path, kernel: Option<&str>, format: InfoFormat) -> anyhow::Resu
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let tuning = match Tuning::read(dir) {
+        Ok(tuning) => tuning,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     match format {
-        InfoFormat::Json => println!("{}", serde_json::to_string_pretty(&summary_json(&plan))?),
-        InfoFormat::Text => print_summary(&plan),
+        InfoFormat::Json => println!("{}", serde_json::to_string_pretty(&summary_json(&plan, tuning.as_ref()))?),
+        InfoFormat::Text => print_summary(&plan, tuning.as_ref()),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn summary_json(plan: &Plan) -> serde_json::Value {
+fn summary_json(plan: &Plan, tuning: Option<&Tuning>) -> serde_json::Value {
     let layouts = dsc_runtime::memory::layouts(plan);
     let functions: Vec<serde_json::Value> = plan
         .functions
@@ -68,11 +77,11 @@ fn summary_json(plan: &Plan) -> serde_json::Value {
     });
     serde_json::json!({
         "model": plan.spec.model.name, "version": plan.version, "summary": plan.summary,
-        "gpu_memory": gpu_memory, "functions": functions,
+        "gpu_memory": gpu_memory, "functions": functions, "tuning": tuning,
     })
 }
 
-fn print_summary(plan: &Plan) {
+fn print_summary(plan: &Plan, tuning: Option<&Tuning>) {
     let s = &plan.summary;
     println!("plan for {} (format {}, dsc {})", plan.spec.model.name, plan.version, plan.dsc_version);
     println!("per step ({} micro-batches + optimizer)       fused      unfused", s.micro_batches_per_step);
@@ -143,6 +152,18 @@ fn print_summary(plan: &Plan) {
     let carried: Vec<String> = plan.carried_kernels().into_iter().map(|(name, _)| name).collect();
     if !carried.is_empty() {
         println!("hand-scheduled kernels carried for the backend: {}", carried.join(", "));
+    }
+    match tuning {
+        Some(t) => {
+            let mut tiles: BTreeMap<&str, usize> = BTreeMap::new();
+            t.gemms.iter().for_each(|g| *tiles.entry(g.chosen.as_str()).or_default() += 1);
+            let chosen: Vec<String> = tiles.iter().map(|(tile, n)| format!("{tile} ×{n}")).collect();
+            println!("tuned on {} (`dsc tune`): {} GEMM kernels on {}", t.gpu, t.gemms.len(), chosen.join(", "));
+        }
+        None if !plan.generated_gemms().is_empty() => println!(
+            "untuned: the experts' GEMMs on their first tiles, dense FP8 GEMMs on cuBLASLt (`dsc tune DIR` on a GPU measures every tile)"
+        ),
+        None => {}
     }
 }
 

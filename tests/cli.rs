@@ -470,18 +470,37 @@ fn a_pipeline_its_batch_cannot_feed_is_a_located_error() {
     assert_eq!(line["file"], "models/deepseek-v3-tiny.dsc");
 }
 
-/// `dsc tune` measures on a GPU: a dsc without the `cuda` feature says so, and a plan that is
-/// not there is named. Recompiling a plan drops its tuning (the kernels it measured are gone).
+/// `dsc tune` measures on a GPU: a dsc without the `cuda` feature says so. `dsc inspect` says
+/// whether a plan is tuned and what its tuning chose, and refuses a malformed tuning by name.
+/// Recompiling a plan drops its tuning (the kernels it measured are gone).
 #[test]
-fn tune_needs_a_gpu_build_and_a_recompile_drops_the_tuning() {
+fn tune_needs_a_gpu_build_inspect_shows_the_tuning_and_a_recompile_drops_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = dir.path().join("plan");
     let plan_s = plan.to_str().expect("utf-8 path");
     dsc_ok(&["compile", &model("deepseek-v3-tiny"), "-o", plan_s]);
     let err = dsc_rejects_plain(&["tune", plan_s]);
     assert!(err.contains("`cuda` feature") && err.contains("GPU"), "{err}");
+    let text = dsc_ok(&["inspect", plan_s]);
+    assert!(text.contains("untuned: ") && text.contains("`dsc tune DIR`"), "{text}");
+    // A tuning is shown by `dsc inspect`, a malformed one refused by name.
     let tuning = plan.join("tuning.json");
+    let measured = |candidate: &str| serde_json::json!({"candidate": candidate, "micros": 10.0, "error": 0.0});
+    let gemm = |kernel: &str, chosen: &str| serde_json::json!({"kernel": kernel, "shape": [256, 128, 256, 4], "measured": [measured("cublaslt"), measured(chosen)], "chosen": chosen});
+    let tuned = serde_json::json!({"gpu": "Test GPU", "gemms": [
+        gemm("a", "fp8_grouped_m128_n192_s4"), gemm("b", "fp8_grouped_m128_n192_s4"), gemm("c", "cublaslt")]});
+    std::fs::write(&tuning, tuned.to_string()).expect("a tuning");
+    let text = dsc_ok(&["inspect", plan_s]);
+    assert!(
+        text.contains("tuned on Test GPU (`dsc tune`): 3 GEMM kernels on cublaslt ×1, fp8_grouped_m128_n192_s4 ×2"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&dsc_ok(&["inspect", plan_s, "--format", "json"])).expect("JSON");
+    assert_eq!(json["tuning"]["gpu"], "Test GPU");
     std::fs::write(&tuning, "{}").expect("a tuning");
+    let err = dsc_rejects_plain(&["inspect", plan_s]);
+    assert!(err.contains("tuning.json") && err.contains("dsc tune"), "{err}");
     dsc_ok(&["compile", &model("deepseek-v3-tiny"), "-o", plan_s]);
     assert!(!tuning.exists(), "the recompiled plan keeps no tuning");
     let o = dsc(&["tune", "--repeats", "0", plan_s]);
