@@ -16,18 +16,15 @@ pub fn run(dir: &Path, repeats: usize) -> anyhow::Result<ExitCode> {
     println!("tuning `{}` on {} (median of {repeats} launches after a first)", dir.display(), gpu.name()?);
     let tuning = tune::tune(&plan, dir, &gpu, repeats, |gemm| {
         let [rows, n, k, experts] = gemm.shape;
-        println!("{} ({rows}×{n}, K {k}, {experts} experts):", gemm.kernel);
-        let library = gemm.measured.iter().find(|m| m.candidate == LIBRARY).map_or(f64::NAN, |m| m.micros);
+        let of = if experts > 1 { format!(", {experts} experts") } else { String::new() };
+        println!("{} ({rows}×{n}, K {k}{of}):", gemm.kernel);
+        let library = gemm.measured.iter().find(|m| m.candidate == LIBRARY).map(|m| m.micros);
         for m in &gemm.measured {
             let mark = if m.candidate == gemm.chosen { "  chosen" } else { "" };
             let wrong = if m.error > dsc_compiler::plan::tuning::MAX_ERROR { "  wrong" } else { "" };
-            println!(
-                "  {:<28} {:>10.1} µs  {:>5.2}× cuBLASLt  error {:.1e}{wrong}{mark}",
-                m.candidate,
-                m.micros,
-                library / m.micros,
-                m.error
-            );
+            // The experts' sum has no cuBLASLt time to compare with: its reference is the first tile.
+            let ratio = library.map_or("  (no cuBLASLt)".to_string(), |l| format!("{:>6.2}× cuBLASLt", l / m.micros));
+            println!("  {:<28} {:>10.1} µs {ratio}  error {:.1e}{wrong}{mark}", m.candidate, m.micros, m.error);
         }
     })?;
     if tuning.gemms.is_empty() {
