@@ -88,11 +88,6 @@ impl Tuning {
             _ => Ok(()),
         }
     }
-
-    /// What it chose for `kernel`, if it measured that kernel.
-    pub fn chosen(&self, kernel: &str) -> Option<&str> {
-        self.gemms.iter().find(|g| g.kernel == kernel).map(|g| g.chosen.as_str())
-    }
 }
 
 #[cfg(test)]
@@ -125,8 +120,6 @@ mod tests {
         tuning.write(&dir).unwrap();
         let read = Tuning::read(&dir).unwrap().expect("written");
         assert_eq!(read, tuning);
-        assert_eq!(read.chosen("layer1_bwd_7_scaled_grouped_wgrad"), Some("fp8_wgrad_m128_n128_s4"));
-        assert_eq!(read.chosen("another"), None);
         std::fs::write(dir.join(TUNING_FILE), "{\"gpu\": 1}").unwrap();
         let error = Tuning::read(&dir).unwrap_err().to_string();
         assert!(error.contains("tuning.json") && error.contains("dsc tune"), "{error}");

@@ -172,7 +172,7 @@ impl ReadBack {
 /// cuBLASLt); whether they did.
 fn on_expert_gemms(
     gpu: &Gpu,
-    experts: &GeneratedGemms,
+    generated: &GeneratedGemms,
     function: &Function,
     places: &Places,
     name: &str,
@@ -180,7 +180,7 @@ fn on_expert_gemms(
 ) -> Result<bool, GpuError> {
     let offsets = places.at(g.offsets);
     let Some(form) = g.kind.expert_form() else { return Ok(false) };
-    let Some(kernel) = experts.for_kernel(name, form) else { return Ok(false) };
+    let Some(kernel) = generated.for_kernel(name, form) else { return Ok(false) };
     match &g.kind {
         GroupedKind::ScaledProducts { weights } => {
             let (rows, k) = (g.xs.1[0], g.xs.1[1]);

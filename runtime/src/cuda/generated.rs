@@ -123,7 +123,8 @@ impl GeneratedGemms {
             loaded: HashMap::new(),
             chosen: HashMap::new(),
         };
-        let firsts: Vec<String> = [Form::Grouped, Form::Wgrad].iter().filter_map(|&f| gemms.first(f)).collect();
+        let firsts: Vec<String> =
+            [Form::Grouped, Form::Wgrad].iter().filter_map(|&f| gemms.first(f)).map(str::to_string).collect();
         for name in firsts {
             gemms.load_one(gpu, &name)?;
         }
@@ -135,8 +136,9 @@ impl GeneratedGemms {
         self.carried.iter().filter(|(_, _, f)| *f == form).map(|(name, _, _)| name.clone()).collect()
     }
 
-    fn first(&self, form: Form) -> Option<String> {
-        self.candidates(form).into_iter().next()
+    /// The first candidate of `form` (what an untuned kernel of the experts' forms runs).
+    fn first(&self, form: Form) -> Option<&str> {
+        self.carried.iter().find(|(_, _, f)| *f == form).map(|(name, _, _)| name.as_str())
     }
 
     /// Runs the plan's GEMM kernel `kernel` on `candidate` (a name the plan carries), or on
@@ -154,11 +156,11 @@ impl GeneratedGemms {
     /// cuBLASLt.
     pub fn for_kernel(&self, kernel: &str, form: Form) -> Option<&GeneratedGemm> {
         let name = match self.chosen.get(kernel) {
-            Some(chosen) => chosen.clone(),
+            Some(chosen) => chosen.as_deref(),
             None if form == Form::Dense => None,
             None => self.first(form),
         };
-        name.map(|name| &self.loaded[&name])
+        name.map(|name| &self.loaded[name])
     }
 
     fn load_one(&mut self, gpu: &Gpu, name: &str) -> Result<(), GpuError> {
