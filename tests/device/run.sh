@@ -33,6 +33,10 @@
 #             a minute), the results also in $OUT/attention.jsonl
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
+#   ncu N     Nsight Compute's counters (speed of light, pipes, memory, warp stalls) for the
+#             first N launches (default 1) of the kernels whose names match the regex $KERNELS,
+#             in `dsc tune target/plan-bench` (the generated GEMMs) or, with RUN=train, in the
+#             bench model's first step: $OUT/ncu-$NAME.txt (NAME defaults to RUN)
 #   dp N      issue 8's data parallelism: the bench model N steps (default 20) on one GPU, then
 #             on two as two processes with ZeRO-1 (torchrun), the same global batch: losses
 #             side by side, the scaling of tokens/s (benches/data_parallel.py; a kind with two
@@ -52,7 +56,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-target/device-out}
 mkdir -p "$OUT"
 bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weight = 1 }]' --set train.data.fim_rate=0)
-usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile tune quick table [N] long N fp8 N bf16 N gemm attention train N dp [N]"
+usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile tune quick table [N] long N fp8 N bf16 N gemm attention train N ncu [N] dp [N]"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 while [ $# -gt 0 ]; do
@@ -110,6 +114,16 @@ while [ $# -gt 0 ]; do
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps "${n:?train N}" \
         --checkpoint-dir target/run-bench --checkpoint-every 50 --keep 1 "${resume[@]}" \
         --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
+      ;;
+    ncu)
+      run=(target/gpu/dsc tune target/plan-bench --repeats 1)
+      [ "${RUN:-tune}" = train ] && run=(target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 1)
+      ncu --clock-control none -k "regex:${KERNELS:?ncu needs KERNELS, a regex of kernel names}" -c "${n:-1}" \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+        "${run[@]}" > "$OUT/ncu-${NAME:-${RUN:-tune}}.txt" 2>&1
+      grep -E '^  [a-z_0-9]+.*\(|Duration|Throughput|Pipe|Issue Slots|Warp Cycles|Stall|Registers|Achieved Occupancy' \
+        "$OUT/ncu-${NAME:-${RUN:-tune}}.txt" | head -n 80
       ;;
     dp)
       python3 benches/data_parallel.py --dsc target/gpu/dsc --plan target/plan-bench --dp-plan target/plan-bench-dp2 \

@@ -13,7 +13,8 @@
 //! With two consumers the producer gives its registers to them (`setmaxnreg`). Per block of K,
 //! a consumer sums four `wgmma.m64nNk32` products into fresh tensor-core accumulators, which
 //! are then promoted into the f32 accumulators times the block's two scales: DeepSeek's
-//! promotion every 128 elements of K.
+//! promotion every 128 elements of K. A consumer loads each block's scales (from global memory)
+//! one block ahead, so that their latency is spent while the products of the block before run.
 //!
 //! The schedule is persistent: a block takes tile `blockIdx.x`, then every `gridDim.x`-th
 //! after it, its ring running on from tile to tile (the producer loads the next tile's blocks
@@ -321,76 +322,103 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 g.stmt(format!("scf.if {any} {{"));
             }
             let first_kb = g.op_c("udiv", k_from, TILE_K.into());
-            let (first, one) = (g.i64(0), g.i64(1));
-            let carried: Vec<(String, &str)> = (0..registers).map(|_| (zero.clone(), "f32")).collect();
-            let k_loop = g.open_for(&first, k_blocks, &one, &carried);
-            let (kb, sums) = (k_loop.index.clone(), k_loop.results.clone());
-            let scale = |g: &mut Lines, ptr: &str, at: &str| {
-                let p = g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-                g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
-            };
-            let kb_at = g.op("add", &first_kb, &kb);
-            let sa_block = g.op("mul", &kb_at, &m);
-            let [sa0, sa1] = [&row0, &row1].map(|r| {
-                let row = g.op("add", &m0, r);
-                let row = clamp(g, &row, &last_row);
-                let at = g.op("add", &sa_block, &row);
-                scale(g, sa, &at)
-            });
-            // Each accumulator's scale: its row's times its block's (Dense, Grouped) or its column's
-            // (Wgrad: this thread's columns 8j + 2(l mod 4) + {0, 1}).
-            let scales: Vec<String> = if form == Form::Wgrad {
-                let sb_block = g.op("mul", &kb_at, &n);
-                let c_col = g.op("add", &n0, &col);
-                let columns: Vec<String> = (0..registers / 2)
-                    .map(|j| {
+            // The scales of block `kb` of K as loaded: the thread's two rows' (A's), then B's
+            // blocks' (Dense, Grouped: the tile's first 128-column block, and its second where
+            // the tile is wider) or its columns' (Wgrad: 8j + 2(l mod 4) + {0, 1}).
+            let load_scales = |g: &mut Lines, kb: &str| -> Vec<String> {
+                let scale = |g: &mut Lines, ptr: &str, at: &str| {
+                    let p =
+                        g.line(format!("llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+                    g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
+                };
+                let kb_at = g.op("add", &first_kb, kb);
+                let sa_block = g.op("mul", &kb_at, &m);
+                let mut loaded: Vec<String> = [&row0, &row1]
+                    .map(|r| {
+                        let row = g.op("add", &m0, r);
+                        let row = clamp(g, &row, &last_row);
+                        let at = g.op("add", &sa_block, &row);
+                        scale(g, sa, &at)
+                    })
+                    .into();
+                if form == Form::Wgrad {
+                    let sb_block = g.op("mul", &kb_at, &n);
+                    let c_col = g.op("add", &n0, &col);
+                    loaded.extend((0..registers / 2).map(|j| {
                         let column = g.op_c("add", &c_col, (j as u64 / 2) * 8 + j as u64 % 2);
                         let at = g.op("add", &sb_block, &column);
                         scale(g, sb, &at)
-                    })
-                    .collect();
-                (0..registers)
-                    .map(|i| {
-                        let (row, column) = ([&sa0, &sa1][(i / 2) % 2], &columns[(i / 4) * 2 + i % 2]);
-                        g.line(format!("llvm.fmul {row}, {column} : f32"))
-                    })
-                    .collect()
-            } else {
-                // The block's columns lie in at most two 128-column scale blocks: from n0's, the
-                // second (where the tile is wider than 128) from the group of 8 columns that crosses
-                // into it (its index clamped to the last block: past N nothing is stored).
-                let row_blocks = padded_row(g, k_blocks);
-                let block_scale = |g: &mut Lines, n_block: &str| {
-                    let sb_row = g.op("mul", n_block, &row_blocks);
-                    let sb_at = g.op("add", &sb_row, &kb);
-                    let block = scale(g, sb, &sb_at);
-                    [&sa0, &sa1].map(|s| g.line(format!("llvm.fmul {s}, {block} : f32")))
-                };
-                // Indices clamped to the last block: a cluster's block past N reads a real scale.
-                let up = g.op_c("add", &n, 127);
-                let blocks = g.op_c("udiv", &up, 128);
-                let last = g.op_c("sub", &blocks, 1);
-                let n_block = g.op_c("udiv", &n0, 128);
-                let n_block = clamp(g, &n_block, &last);
-                let first = block_scale(g, &n_block);
-                if tile_n <= 128 {
-                    (0..registers).map(|i| first[(i / 2) % 2].clone()).collect()
+                    }));
                 } else {
-                    let next = g.op_c("add", &n_block, 1);
-                    let next = clamp(g, &next, &last);
-                    let second = block_scale(g, &next);
+                    // Block indices clamped to the last: a cluster's block past N reads a real
+                    // scale, and past N nothing is stored.
+                    let row_blocks = padded_row(g, k_blocks);
+                    let up = g.op_c("add", &n, 127);
+                    let blocks = g.op_c("udiv", &up, 128);
+                    let last = g.op_c("sub", &blocks, 1);
+                    let n_block = g.op_c("udiv", &n0, 128);
+                    let first = clamp(g, &n_block, &last);
+                    let mut n_blocks = vec![first.clone()];
+                    if tile_n > 128 {
+                        let next = g.op_c("add", &first, 1);
+                        n_blocks.push(clamp(g, &next, &last));
+                    }
+                    loaded.extend(n_blocks.iter().map(|n_block| {
+                        let sb_row = g.op("mul", n_block, &row_blocks);
+                        let sb_at = g.op("add", &sb_row, kb);
+                        scale(g, sb, &sb_at)
+                    }));
+                }
+                loaded
+            };
+            // Each accumulator's scale from the loaded ones: its row's times its column's or
+            // its block's (the second block's from the group of 8 columns that crosses into it).
+            let accumulator_scales = |g: &mut Lines, loaded: &[String]| -> Vec<String> {
+                let (rows, columns) = loaded.split_at(2);
+                let column_of = |i: usize| if form == Form::Wgrad { (i / 4) * 2 + i % 2 } else { 0 };
+                let mut products: Vec<String> = (0..registers)
+                    .map(|i| g.line(format!("llvm.fmul {}, {} : f32", rows[(i / 2) % 2], columns[column_of(i)])))
+                    .collect();
+                if form != Form::Wgrad && tile_n > 128 {
                     let within = g.op_c("urem", &n0, 128);
                     let block_end = g.i64(128);
-                    (0..registers)
-                        .map(|i| {
-                            let column = g.op_c("add", &within, (i as u64 / 4) * 8);
-                            let crossed = g.line(format!("llvm.icmp \"uge\" {column}, {block_end} : i64"));
-                            let (a, b) = (&second[(i / 2) % 2], &first[(i / 2) % 2]);
-                            g.line(format!("llvm.select {crossed}, {a}, {b} : i1, f32"))
-                        })
-                        .collect()
+                    let second: Vec<String> =
+                        rows.iter().map(|r| g.line(format!("llvm.fmul {r}, {} : f32", columns[1]))).collect();
+                    for (i, product) in products.iter_mut().enumerate() {
+                        let column = g.op_c("add", &within, (i as u64 / 4) * 8);
+                        let crossed = g.line(format!("llvm.icmp \"uge\" {column}, {block_end} : i64"));
+                        *product =
+                            g.line(format!("llvm.select {crossed}, {}, {product} : i1, f32", second[(i / 2) % 2]));
+                    }
                 }
+                products
             };
+            // Block kb's scales are loaded in iteration kb - 1 (the first before the loop) and
+            // carried: loaded where they were used, their latency stood between the products and
+            // the promotion (ncu: 37% and 42% of the grouped and Wgrad consumers' stalls).
+            let none = g.i64(0);
+            let any = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {none} : i64"));
+            let loaded_count = if form == Form::Wgrad { 2 + registers / 2 } else { 2 + tile_n.div_ceil(128) as usize };
+            let types = vec!["f32"; loaded_count].join(", ");
+            let first_loaded = g.fresh();
+            g.stmt(format!("{first_loaded}:{loaded_count} = scf.if {any} -> ({types}) {{"));
+            let loaded = load_scales(g, &none);
+            g.stmt(format!("scf.yield {} : {types}", loaded.join(", ")));
+            g.stmt("} else {");
+            g.stmt(format!("scf.yield {} : {types}", vec![zero.as_str(); loaded_count].join(", ")));
+            g.stmt("}");
+            let (first, one) = (g.i64(0), g.i64(1));
+            let carried: Vec<(String, &str)> = (0..registers)
+                .map(|_| (zero.clone(), "f32"))
+                .chain((0..loaded_count).map(|i| (format!("{first_loaded}#{i}"), "f32")))
+                .collect();
+            let k_loop = g.open_for(&first, k_blocks, &one, &carried);
+            let (kb, sums) = (k_loop.index.clone(), k_loop.results.clone());
+            let last_kb = g.op_c("sub", k_blocks, 1);
+            let next_kb = g.op_c("add", &kb, 1);
+            let next_kb = clamp(g, &next_kb, &last_kb);
+            let next_loaded = load_scales(g, &next_kb);
+            let scales = accumulator_scales(g, &k_loop.carried[registers..]);
             let position = g.op("add", &passed, &kb);
             let (stage, parity) = stage_of(g, &position);
             let full = barrier(g, 0, &stage);
@@ -443,7 +471,12 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     g.line(format!("llvm.intr.fma({x}, {}, {}) : (f32, f32, f32) -> f32", scales[i], k_loop.carried[i]))
                 })
                 .collect();
-            g.stmt(format!("scf.yield {} : {}", promoted.join(", "), vec!["f32"; registers].join(", ")));
+            let yielded: Vec<&String> = promoted.iter().chain(&next_loaded).collect();
+            let types = vec!["f32"; registers + loaded_count].join(", ");
+            g.stmt(format!(
+                "scf.yield {} : {types}",
+                yielded.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+            ));
             g.stmt("}");
             // Each of this thread's two rows, if the block has it (an expert's last block may not).
             let c_col = g.op("add", &n0, &col);
