@@ -229,7 +229,8 @@ def e4m3(v):
 
 def quantized(x, rows, cols):
     """x [m, n] quantised in rows x cols groups as DeepSeek-V3 does (scale = amax / 448 in f32,
-    1 where 0; elements the E4M3 value nearest the f32 quotient), dequantised."""
+    1 where 0; elements the E4M3 value nearest the f32 product with the scale's f32 reciprocal),
+    dequantised."""
     m, n = x.shape
     gm, gn = -(-m // rows), -(-n // cols)
     padded = xp.zeros((gm * rows, gn * cols))
@@ -237,7 +238,8 @@ def quantized(x, rows, cols):
     scale = (padded.reshape(gm, rows, gn, cols).max(axis=(1, 3)) / 448).astype(xp.float32).astype(xp.float64)
     scale[scale == 0] = 1
     full = xp.repeat(xp.repeat(scale, rows, axis=0), cols, axis=1)[:m, :n]
-    return e4m3((x / full).astype(xp.float32).astype(xp.float64)) * full
+    inverse = (1 / full).astype(xp.float32).astype(xp.float64)
+    return e4m3((x * inverse).astype(xp.float32).astype(xp.float64)) * full
 
 
 def route(scores, bias, groups, keep, k, scale):

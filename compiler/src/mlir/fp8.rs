@@ -9,8 +9,9 @@
 //! order DeepGEMM and cuBLASLt's block-scaled GEMM read them ([`scale_index`]): groups of one
 //! row (activation tiles) group column by group column (M-major), taller groups (weight
 //! blocks) group row by group row, each row padded to 4 scales. A group's scale is amax / 448 rounded to
-//! f32 (1 where that is 0), and an element is `cvt.rn.satfinite.e4m3` of the f32 quotient
-//! x / scale (a true division): what the CPU reference's `quantize` computes.
+//! f32 (1 where that is 0), and an element is `cvt.rn.satfinite.e4m3` of the f32 product
+//! x · (1 / scale), the reciprocal rounded to f32 once per group (as DeepSeek's own casts
+//! multiply): what the CPU reference's `quantize` computes.
 
 use super::emit::{warp_reduce, Body, Emitted, TARGET};
 use crate::graph::ir::{ExpertRows, Node, Op};
@@ -86,14 +87,17 @@ fn magnitude(b: &mut Body, x: &str) -> String {
     b.line(format!("arith.maximumf {x}, {negated} : f32"))
 }
 
-/// A group's scale from its amax.
-fn scale(b: &mut Body, amax: &str) -> String {
+/// A group's scale from its amax, and its reciprocal, which the elements are multiplied by
+/// (a division per element took most of a quantize kernel's instructions).
+fn scale(b: &mut Body, amax: &str) -> (String, String) {
     let max = b.constant(448.0);
     let s = b.line(format!("arith.divf {amax}, {max} : f32"));
     let zero = b.constant(0.0);
     let one = b.constant(1.0);
     let is_zero = b.line(format!("arith.cmpf oeq, {s}, {zero} : f32"));
-    b.line(format!("arith.select {is_zero}, {one}, {s} : f32"))
+    let s = b.line(format!("arith.select {is_zero}, {one}, {s} : f32"));
+    let inverse = b.line(format!("arith.divf {one}, {s} : f32"));
+    (s, inverse)
 }
 
 /// Two E4M3 bytes as an i16, `low` in the low byte.
@@ -145,8 +149,8 @@ pub(super) fn store_row_group(
         amax = b.line(format!("arith.maximumf {amax}, {r} : f32"));
         offset /= 2;
     }
-    let s = scale(b, &amax);
-    let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.divf {v}, {s} : f32"))).collect();
+    let (s, inverse) = scale(b, &amax);
+    let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.mulf {v}, {inverse} : f32"))).collect();
     let word = encode_word(b, &q);
     let at = b.line("arith.muli %row, %n : index".into());
     let at = b.line(format!("arith.addi {at}, {col} : index"));
@@ -190,7 +194,7 @@ const STAGE_BYTES: usize = 32 * 1024;
 /// `quantize` of x into [m, n] (x is [m, n], or [n, m] when transposed; a stack of such, each
 /// transposed) in `rows × cols` groups, or `quantize_by_expert` of x [r, m] into [m, n]
 /// (`offsets` its second argument): a block per group reads it twice (its amax, then the
-/// quotients) along x's contiguous axis, 32 lanes apart and the warps taking turns along the
+/// scaled elements) along x's contiguous axis, 32 lanes apart and the warps taking turns along the
 /// other, each lane storing four E4M3 bytes of a row as one word; the warps' maxima meet in
 /// shared memory.
 ///
@@ -364,7 +368,7 @@ pub fn quantize_kernel(name: &str, node: &Node, inputs: &[u32], width: usize, ou
         let x = b.line(format!("memref.load %shared[{at}] : memref<{WARPS}xf32, #gpu.address_space<workgroup>>"));
         amax = b.line(format!("arith.maximumf {amax}, {x} : f32"));
     }
-    let s = scale(&mut b, &amax);
+    let (s, inverse) = scale(&mut b, &amax);
     // Transposed, the lanes' words would go to 32 result rows apart (a word of each written
     // sector); they go to the group's tile in shared memory instead, whose rows then go out
     // whole. Its rows are one word longer than the group's so that the lanes' words of a
@@ -372,7 +376,7 @@ pub fn quantize_kernel(name: &str, node: &Node, inputs: &[u32], width: usize, ou
     let pitch = cols / 4 + 1;
     let staged = transpose && unit == 4 && 4 * rows * pitch <= STAGE_BYTES;
     each(&mut b, None, &|b, i, j, _| {
-        let q: Vec<String> = load(b, i, j).iter().map(|x| b.line(format!("arith.divf {x}, {s} : f32"))).collect();
+        let q: Vec<String> = load(b, i, j).iter().map(|x| b.line(format!("arith.mulf {x}, {inverse} : f32"))).collect();
         if staged {
             let word = encode_word(b, &q);
             let row = b.line(format!("arith.subi {i}, %i0 : index"));
@@ -545,10 +549,10 @@ fn block_tiles_kernel(name: &str, layout: Layout, rows: usize, x: u32, out: u32)
             b.line(format!("memref.load %shared[{at}] : memref<{TILE_WARPS}xf32, #gpu.address_space<workgroup>>"));
         amax = b.line(format!("arith.maximumf {amax}, {other} : f32"));
     }
-    let s = scale(&mut b, &amax);
+    let (s, inverse) = scale(&mut b, &amax);
     let stage_type = format!("memref<{}xi32, #gpu.address_space<workgroup>>", rows * pitch);
     for (local_row, local_col, i, j, row_in, values) in &units {
-        let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.divf {v}, {s} : f32"))).collect();
+        let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.mulf {v}, {inverse} : f32"))).collect();
         let word = encode_word(&mut b, &q);
         if transpose {
             let at = b.line(format!("arith.muli {local_row}, %c{pitch} : index"));

@@ -2,7 +2,7 @@
 //! groups of `rows × cols` elements (activations: 1×128 tiles, one token by 128 channels;
 //! weights: 128×128 blocks); groups at the bottom and right edges may be partial and use their
 //! own amax. Each group gets one scale, amax / 448 rounded to f32 (the kernels keep scales in
-//! FP32), and each element is stored as the E4M3 value nearest x / scale, so that
+//! FP32), and each element is stored as the E4M3 value nearest x · (1 / scale), so that
 //! value × scale approximates x and the group's largest element maps to ±448.
 
 use super::e4m3::{round_e4m3, E4M3_MAX};
@@ -121,11 +121,11 @@ impl Quantized {
 /// amax is at most 448 × 2⁻¹⁵⁰ so the f32 scale underflows) the scale is 1, under which every
 /// element of the group encodes as a signed zero. A NaN or infinity in a group makes its scale
 /// NaN or infinite, and the whole group then dequantises to NaN. An element is stored as
-/// `round_e4m3(f32(x / scale))`: a true division (a multiplication by a rounded reciprocal can
-/// move a quotient across an E4M3 rounding midpoint), with the quotient rounded to f32 as the
-/// kernel holds it (for f32 inputs this is exactly the kernel's correctly rounded f32 division),
-/// then to E4M3 to nearest-even with saturation, so a quotient just above 448 (the f32 scale may
-/// be rounded down) becomes 448.
+/// `round_e4m3(f32(x · f32(1 / scale)))`: multiplied by the scale's reciprocal rounded to f32,
+/// as the kernels do it (one division per group, not per element; DeepSeek's own casts
+/// multiply too), the product rounded to f32 as the kernel holds it (for f32 inputs exactly
+/// the kernel's correctly rounded f32 product), then to E4M3 to nearest-even with saturation,
+/// so a product just above 448 (the f32 scale may be rounded down) becomes 448.
 pub fn quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Quantized {
     assert_eq!(x.len(), m * n, "quantize: {} elements for a [{m}, {n}] matrix", x.len());
     assert!(tiling.rows > 0 && tiling.cols > 0, "quantize: empty scaling group {tiling:?}");
@@ -180,9 +180,12 @@ fn group_scale(amax: f64) -> f64 {
     }
 }
 
-/// The E4M3 value stored for `x` under `scale`: the quotient rounded to f32, then to E4M3.
+/// The E4M3 value stored for `x` under `scale`: x times the f32 reciprocal of the scale,
+/// rounded to f32, then to E4M3. (f64 holds the f32 reciprocal correctly rounded, 53 ≥ 2·24 + 2
+/// bits, and the product of two f32s exactly.)
 fn encode_scaled(x: f64, scale: f64) -> f64 {
-    round_e4m3(f64::from((x / scale) as f32))
+    let inverse = f64::from((1.0 / scale) as f32);
+    round_e4m3(f64::from((x * inverse) as f32))
 }
 
 #[cfg(test)]
@@ -300,31 +303,31 @@ mod tests {
         assert!(dq[4..].iter().all(|v| v.is_nan()));
     }
 
-    /// A hand-worked case where rounding the quotient to f32 first matters. The scale is
-    /// 1 + 2⁻²³ (amax = 448·(1 + 2⁻²³)); x = 1.8125 + 2⁻²² gives x / scale ≈ 1.8125 + 0.19·2⁻²³,
-    /// just above the E4M3 midpoint 1.8125 of 1.75 (mantissa 110) and 1.875 (111). In f32 the
-    /// quotient is the midpoint itself, which goes to the even 1.75; rounded straight from f64
-    /// it would be 1.875.
+    /// A hand-worked case where rounding the scaled element to f32 first matters. The scale is
+    /// 1 + 2⁻²³ (amax = 448·(1 + 2⁻²³)), its f32 reciprocal 1 − 2⁻²³; x = 1.8125 + 2⁻²² gives
+    /// x · (1 − 2⁻²³) ≈ 1.8125 + 0.19·2⁻²³, just above the E4M3 midpoint 1.8125 of 1.75
+    /// (mantissa 110) and 1.875 (111). In f32 the product is the midpoint itself, which goes to
+    /// the even 1.75; rounded straight from f64 it would be 1.875.
     #[test]
-    fn the_quotient_is_rounded_to_f32_before_e4m3() {
+    fn the_scaled_element_is_rounded_to_f32_before_e4m3() {
         let epsilon = 2f64.powi(-23);
         let x = [448.0 * (1.0 + epsilon), 1.8125 + 2.0 * epsilon];
         let q = quantize(&x, 1, 2, Tiling::ACTIVATION);
         assert_eq!(q.scales[0], 1.0 + epsilon);
-        assert_eq!(round_e4m3(x[1] / q.scales[0]), 1.875);
+        assert_eq!(round_e4m3(x[1] * (1.0 - epsilon)), 1.875);
         assert_eq!(q.values, vec![448.0, 1.75]);
     }
 
-    /// An exact quotient on a midpoint rounds to even: 3.1875 / 3 = 1.0625 → 1.0.
+    /// A scaled element on a midpoint rounds to even: 3.1875 · f32(1/3) is 1.0625 in f32 → 1.0.
     #[test]
-    fn an_exact_midpoint_quotient_rounds_to_even() {
+    fn a_midpoint_rounds_to_even() {
         let q = quantize(&[1344.0f32, 3.1875], 1, 2, Tiling::ACTIVATION);
         assert_eq!(q.scales[0], 3.0);
         assert_eq!(q.values, vec![448.0, 1.0]);
     }
 
     /// Each element is within half an E4M3 step of x / scale: 2⁻⁴ relative in the normal range,
-    /// 2⁻¹⁰ × scale absolute among the subnormals (slack 2⁻²⁰ for the f32 quotient).
+    /// 2⁻¹⁰ × scale absolute among the subnormals (slack 2⁻²⁰ for the f32 reciprocal and product).
     #[test]
     fn every_element_is_within_half_a_step() {
         let mut rng = Rng::new(2);
