@@ -33,6 +33,9 @@ use super::ptx::{Lines, Loop};
 
 /// Rows of C per block: one warpgroup's `wgmma` M.
 pub const TILE_M: u32 = 64;
+/// The most experts a grouped kernel takes (its table of their first tiles is in shared
+/// memory).
+pub const MAX_EXPERTS: u32 = 256;
 /// K per scale block, and per shared-memory stage: one 128-byte (swizzled) row of each
 /// operand's tile.
 pub const TILE_K: u32 = 128;
@@ -98,10 +101,11 @@ impl Tile {
         (self.m + self.n) * TILE_K
     }
 
-    /// Dynamic shared memory of a block (the stages, then two 8-byte mbarriers per stage): the
-    /// launch passes it (and raises the kernel's limit).
+    /// Dynamic shared memory of a block (the stages, then two 8-byte mbarriers per stage, then
+    /// the grouped form's table of the experts' first tiles): the launch passes it (and raises
+    /// the kernel's limit).
     pub fn shared_bytes(self) -> u32 {
-        self.stages * (self.stage_bytes() + 16)
+        self.stages * (self.stage_bytes() + 16) + 4 * (MAX_EXPERTS + 1)
     }
 
     /// Consumer warpgroups: one per 64 rows.
@@ -169,7 +173,12 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let mut g = Lines::new();
     let tid = g.index_i64("gpu.thread_id x");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
-    let dims = Dims { m: m.clone(), n: n.clone(), k: k.clone() };
+    let smem_base = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
+    let expert_tiles = g.line(format!(
+        "llvm.getelementptr {smem_base}[{}] : (!llvm.ptr<3>) -> !llvm.ptr<3>, i8",
+        tile.stages * (tile.stage_bytes() + 16)
+    ));
+    let dims = Dims { m: m.clone(), n: n.clone(), k: k.clone(), expert_tiles: expert_tiles.clone() };
     let last_row = g.op_c("sub", &m, 1);
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
@@ -206,6 +215,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         }
     }
     g.asm("fence.mbarrier_init.release.cluster;", &[]);
+    if form == Form::Grouped {
+        write_expert_tiles(&mut g, &expert_tiles, tile_m);
+    }
     g.stmt("}");
     // Every block's mbarriers ready before any copy or release reaches them.
     let cluster_barrier = |g: &mut Lines| {
@@ -641,6 +653,9 @@ struct Dims {
     m: String,
     n: String,
     k: String,
+    /// The grouped form's table in shared memory (`!llvm.ptr<3>`): i32 entry e the tiles of the
+    /// experts before e, entry E all of them ([`write_expert_tiles`]).
+    expert_tiles: String,
 }
 
 /// Rows of tiles a band of the schedule spans: a band's tiles go down its rows first, so that
@@ -711,7 +726,7 @@ fn each_tile(
 
 /// The operands of tile (`bx`, `by`) (and expert `expert` of a Wgrad).
 fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str, expert: Option<&str>) -> Setup {
-    let Dims { m, n, k } = dims;
+    let Dims { m, n, k, expert_tiles } = dims;
     let n0 = g.op_c("mul", bx, tile.n.into());
     let all_rows = g.i64(tile.m.into());
     let whole = g.op_c("udiv", k, TILE_K.into());
@@ -724,7 +739,7 @@ fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str,
             Setup { n0, m0, valid: all_rows, b_row, segments, c: "%c".into() }
         }
         (Form::Grouped, _) => {
-            let (expert, m0, valid, active) = expert_rows(g, by, tile.m);
+            let (expert, m0, valid, active) = expert_rows(g, expert_tiles, by, tile.m);
             // Past the experts' last tile: no block of K, no row.
             let none = g.i64(0);
             let valid = g.line(format!("llvm.select {active}, {valid}, {none} : i1, i64"));
@@ -818,16 +833,15 @@ fn offset(g: &mut Lines, at: &str) -> String {
     g.line(format!("llvm.zext {x} : i32 to i64"))
 }
 
-/// The expert and rows of grouped block `by`: walks the experts counting each one's tiles of
-/// `tile_m` rows until the block's; returns (expert, first row, rows it has, whether it has
-/// any: false past the last tile).
-fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String, String) {
+/// Writes the grouped form's table at `table` (one thread, once a block): entry e the tiles of
+/// `tile_m` rows of the experts before e, entry E all of them. Scanned per tile instead, the
+/// experts' offsets cost a chain of dependent loads at the start of every tile.
+fn write_expert_tiles(g: &mut Lines, table: &str, tile_m: u32) {
     let experts = g.line("llvm.zext %experts : i32 to i64");
-    let none = experts.clone();
     let (start, one) = (g.i64(0), g.i64(1));
-    let carried = [(none, "i64"), (start.clone(), "i64"), (start.clone(), "i64")];
-    let Loop { index: e, carried, results: found } = g.open_for(&start, &experts, &one, &carried);
-    let [chosen, found_tile, before] = [&carried[0], &carried[1], &carried[2]];
+    let Loop { index: e, carried, results: total } = g.open_for(&start, &experts, &one, &[(start.clone(), "i64")]);
+    let before = &carried[0];
+    store_entry(g, table, &e, before);
     let first = offset(g, &e);
     let next = g.op_c("add", &e, 1);
     let end = offset(g, &next);
@@ -835,21 +849,53 @@ fn expert_rows(g: &mut Lines, by: &str, tile_m: u32) -> (String, String, String,
     let rows_up = g.op_c("add", &rows, u64::from(tile_m - 1));
     let tiles = g.op_c("udiv", &rows_up, tile_m.into());
     let after = g.op("add", before, &tiles);
-    let from = g.line(format!("llvm.icmp \"uge\" {by}, {before} : i64"));
-    let until = g.line(format!("llvm.icmp \"ult\" {by}, {after} : i64"));
-    let inside = g.line(format!("llvm.and {from}, {until} : i1"));
-    let expert = g.line(format!("llvm.select {inside}, {e}, {chosen} : i1, i64"));
-    let local = g.op("sub", by, before);
-    let tile = g.line(format!("llvm.select {inside}, {local}, {found_tile} : i1, i64"));
-    g.stmt(format!("scf.yield {expert}, {tile}, {after} : i64, i64, i64"));
+    g.stmt(format!("scf.yield {after} : i64"));
     g.stmt("}");
-    let active = g.line(format!("llvm.icmp \"ult\" {found}#0, {experts} : i64"));
+    store_entry(g, table, &experts, &total);
+}
+
+/// Entry `at` of the table of experts' first tiles: `value`.
+fn store_entry(g: &mut Lines, table: &str, at: &str, value: &str) {
+    let p = g.line(format!("llvm.getelementptr {table}[{at}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, i32"));
+    let v = g.line(format!("llvm.trunc {value} : i64 to i32"));
+    g.stmt(format!("llvm.store {v}, {p} : i32, !llvm.ptr<3>"));
+}
+
+/// Entry `at` of the table of experts' first tiles.
+fn load_entry(g: &mut Lines, table: &str, at: &str) -> String {
+    let p = g.line(format!("llvm.getelementptr {table}[{at}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, i32"));
+    let v = g.line(format!("llvm.load {p} : !llvm.ptr<3> -> i32"));
+    g.line(format!("llvm.zext {v} : i32 to i64"))
+}
+
+/// The grouped form's row tile `by` (counted over every expert's tiles, each expert's rows
+/// starting a tile): its expert (the last whose first tile is at most `by`, found by bisecting
+/// the table), its first row, its valid rows, and whether it is any expert's (past the
+/// last tile: none).
+fn expert_rows(g: &mut Lines, table: &str, by: &str, tile_m: u32) -> (String, String, String, String) {
+    let experts = g.line("llvm.zext %experts : i32 to i64");
+    let (mut low, mut high) = (g.i64(0), experts.clone());
+    // Invariant: entry `low` ≤ by, and the answer is at most `high`.
+    for _ in 0..=MAX_EXPERTS.ilog2() {
+        let sum = g.op("add", &low, &high);
+        let sum = g.op_c("add", &sum, 1);
+        let middle = g.op_c("lshr", &sum, 1);
+        let first = load_entry(g, table, &middle);
+        let below = g.line(format!("llvm.icmp \"ule\" {first}, {by} : i64"));
+        let lower = g.op_c("sub", &middle, 1);
+        low = g.line(format!("llvm.select {below}, {middle}, {low} : i1, i64"));
+        high = g.line(format!("llvm.select {below}, {high}, {lower} : i1, i64"));
+    }
+    let active = g.line(format!("llvm.icmp \"ult\" {low}, {experts} : i64"));
     // Past the last tile the expert is E: read offsets[0] and [1] instead (unused).
-    let expert = g.line(format!("llvm.select {active}, {found}#0, {start} : i1, i64"));
+    let start = g.i64(0);
+    let expert = g.line(format!("llvm.select {active}, {low}, {start} : i1, i64"));
+    let first_tile = load_entry(g, table, &expert);
+    let local = g.op("sub", by, &first_tile);
     let first = offset(g, &expert);
     let next = g.op_c("add", &expert, 1);
     let end = offset(g, &next);
-    let tile_at = g.op_c("mul", &format!("{found}#1"), tile_m.into());
+    let tile_at = g.op_c("mul", &local, tile_m.into());
     let m0 = g.op("add", &first, &tile_at);
     let valid = g.op("sub", &end, &m0);
     (expert, m0, valid, active)

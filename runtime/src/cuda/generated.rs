@@ -12,7 +12,7 @@ use super::scaled::Fp8Operand;
 use super::{Gpu, GpuError};
 use cudarc::driver::sys::{self, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
-use dsc_compiler::mlir::gemm::{Form, TensorMap, Tile, TILE_K};
+use dsc_compiler::mlir::gemm::{Form, TensorMap, Tile, MAX_EXPERTS, TILE_K};
 use dsc_compiler::plan::tuning::{Tuning, LIBRARY};
 use dsc_compiler::plan::Plan;
 use std::collections::HashMap;
@@ -232,6 +232,14 @@ impl GeneratedGemm {
         );
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
+        if self.form == Form::Grouped && experts > MAX_EXPERTS {
+            return Err(GpuError::Unsupported(format!(
+                "{} experts in one grouped FP8 GEMM: the generated kernel takes at most {} (spread the experts over more \
+                 expert-parallel ranks)",
+                p.experts,
+                MAX_EXPERTS
+            )));
+        }
         // The tiles of C (`gemm::Form`), shared out by the blocks (a cluster of blocks takes
         // neighbouring tiles along N).
         let (tile_m, cluster) = (self.tile.m as usize, self.tile.cluster as usize);
