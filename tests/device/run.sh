@@ -121,6 +121,7 @@ while [ $# -gt 0 ]; do
       ncu --clock-control none -k "regex:${KERNELS:?ncu needs KERNELS, a regex of kernel names}" -c "${n:-1}" \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$' \
         "${run[@]}" > "$OUT/ncu-${NAME:-${RUN:-tune}}.txt" 2>&1
       grep -E '^  [a-z_0-9]+.*\(|Duration|Throughput|Pipe|Issue Slots|Warp Cycles|Stall|Registers|Achieved Occupancy' \
         "$OUT/ncu-${NAME:-${RUN:-tune}}.txt" | head -n 80
