@@ -173,14 +173,13 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let mut g = Lines::new();
     let tid = g.index_i64("gpu.thread_id x");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
-    let smem_base = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
+    let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let expert_tiles = g.line(format!(
-        "llvm.getelementptr {smem_base}[{}] : (!llvm.ptr<3>) -> !llvm.ptr<3>, i8",
+        "llvm.getelementptr {smem}[{}] : (!llvm.ptr<3>) -> !llvm.ptr<3>, i8",
         tile.stages * (tile.stage_bytes() + 16)
     ));
     let dims = Dims { m: m.clone(), n: n.clone(), k: k.clone(), expert_tiles: expert_tiles.clone() };
     let last_row = g.op_c("sub", &m, 1);
-    let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let smem_at = g.line(format!("llvm.ptrtoint {smem} : !llvm.ptr<3> to i64"));
     // Block kb's stage and the parity of that stage's round (kb / stages, mod 2).
     let stage_of = |g: &mut Lines, kb: &str| {
