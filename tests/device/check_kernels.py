@@ -132,7 +132,9 @@ def reference(function, kernel, inputs):
             r = (a[2] * a[1] * s_ * (1 + a[0] * (1 - s_)), a[2] * a[0] * s_)
         elif name == "rms_norm_quantize": r = quantized(rows(rms_norm(a[0], a[1], at["eps"])), 1, at["cols"])
         elif name == "swi_glu_quantize": r = quantized(rows(a[0] * sig(a[0]) * a[1]), 1, at["cols"])
-        elif name == "permute_quantize": r = quantized(a[0][a[1] // at["k"]], 1, at["cols"])
+        elif name == "permute_quantize":
+            x = a[0][a[1] // at["k"]] * (a[2][a[1]][:, None] if at.get("gated") else 1)
+            r = quantized(x, 1, at["cols"])
         elif name == "quantize":
             x = xp.swapaxes(a[0], -1, -2) if at["transpose"] else a[0]
             x = x.reshape(-1, x.shape[-1])
@@ -143,7 +145,8 @@ def reference(function, kernel, inputs):
             source = at.get("rows", "stored")
             if source == "swi_glu": x = a[0] * sig(a[0]) * a[2]
             elif source == "stored": x = a[0]
-            else: x = a[0][a[2] // source["permuted"]["k"]]
+            elif "permuted" in source: x = a[0][a[2] // source["permuted"]["k"]]
+            else: x = a[0][a[2] // source["unpermuted_grad"]["k"]] * a[3][a[2]][:, None]
             padded, start = xp.zeros((d, capacity)), 0
             for e in range(at["experts"]):
                 o0, o1 = int(a[1][e]), int(a[1][e + 1])

@@ -14,7 +14,9 @@
 //! become `grouped_matmul`s on them (`tb`); the Wgrad reads both operands `quantize_by_expert`
 //! (along tokens, each expert on whole groups of its own) and becomes `scaled_grouped_wgrad`.
 //! An operand that only Wgrads read and that is a permutation of rows or a SwiGLU is not
-//! stored: the quantisation makes its rows as it reads them (`ExpertRows`). The sum of two
+//! stored: the quantisation makes its rows as it reads them (`ExpertRows`); nor are the
+//! combine's row gradients (`unpermute_grad_rows`) that only Wgrads and the experts' Dgrads
+//! read: the Dgrad's rows are quantised as they are gathered (`permute_quantize`, gated). The sum of two
 //! grouped products that only it reads (the Dgrads of the gate and up projections) becomes one
 //! `concat_k_scaled_grouped_matmul`, which adds the second product to the first as the
 //! addition did. Here too the groups are those the GEMMs quantised inside, so nothing changes
@@ -92,7 +94,10 @@ impl Rewrite<'_> {
             _ if !self.read_through.contains(&x.0) => (ExpertRows::Stored, vec![self.map[x.index()], offsets]),
             Op::Permute { k } => (ExpertRows::Permuted { k }, vec![mapped(0), offsets, mapped(1)]),
             Op::SwiGlu => (ExpertRows::SwiGlu, vec![mapped(0), offsets, mapped(1)]),
-            _ => unreachable!("only permutations and SwiGLUs are read through (`read_by_expert`)"),
+            Op::UnpermuteGradRows { k } => {
+                (ExpertRows::UnpermutedGrad { k }, vec![mapped(0), offsets, mapped(1), mapped(2)])
+            }
+            _ => unreachable!("only permutations, SwiGLUs and row gradients are read through (`read_by_expert`)"),
         };
         let q = self.push(Op::QuantizeByExpert { experts, tile, rows }, args, shape, DType::F8e4m3);
         self.quantized.insert(key, q);
@@ -107,12 +112,23 @@ impl Rewrite<'_> {
     }
 
     /// The rows of a grouped GEMM quantised in `f`'s activation tiles (as they are when the
-    /// dispatch sent them quantised).
+    /// dispatch sent them quantised; row gradients read through quantised as they are made).
     fn grouped_rows(&mut self, xs: V, f: Fp8Gemm) -> V {
-        if self.old.node(xs).dtype == DType::F8e4m3 {
-            self.map[xs.index()]
-        } else {
-            self.quantize(xs, 1, f.a.k, false)
+        let node = self.old.node(xs);
+        match node.op {
+            _ if node.dtype == DType::F8e4m3 => self.map[xs.index()],
+            Op::UnpermuteGradRows { k } if self.read_through.contains(&xs.0) => {
+                let key = QuantizeKey::Blocks(xs.0, 1, f.a.k, false);
+                if let Some(&q) = self.quantized.get(&key) {
+                    return q;
+                }
+                let args = node.args.iter().map(|a| self.map[a.index()]).collect();
+                let (op, shape) = (Op::PermuteQuantize { k, cols: f.a.k, gated: true }, node.shape.clone());
+                let q = self.push(op, args, shape, DType::F8e4m3);
+                self.quantized.insert(key, q);
+                q
+            }
+            _ => self.quantize(xs, 1, f.a.k, false),
         }
     }
 
@@ -256,11 +272,38 @@ impl<'f> Readers<'f> {
 
 /// The permutations (the dispatch's rows, recomputed for the Wgrad) and SwiGLUs (the down
 /// projection's input) of `f` that only the experts' FP8 Wgrads read, as operands: their
-/// quantisation by expert reads them through (`ExpertRows`), so they are never stored.
+/// quantisation by expert reads them through (`ExpertRows`), so they are never stored. So are
+/// the combine's row gradients (the down projection's output gradient) that only those Wgrads
+/// and FP8 grouped products read, as the products' rows in whole activation tiles: those
+/// quantise them as they gather them.
 fn read_by_expert(f: &Function, readers: &Readers) -> HashSet<u32> {
     let wgrad = |r: &Node| matches!(r.op, Op::GroupedWgrad { fp8: Some(f), .. } if by_expert(f));
     (f.nodes.iter().enumerate())
-        .filter(|&(i, n)| matches!(n.op, Op::Permute { .. } | Op::SwiGlu) && readers.only(i, wgrad))
+        .filter(|&(i, n)| match n.op {
+            Op::Permute { .. } | Op::SwiGlu => readers.only(i, wgrad),
+            Op::UnpermuteGradRows { .. } => readers.only(i, |r| {
+                let d = *n.shape.last().unwrap_or(&0);
+                // A product the rewrite quantises (`Rewrite::replace`: whole weight blocks),
+                // reading it as its rows only.
+                let whole_blocks = |ws: &[V], tb: bool, g: Fp8Gemm| {
+                    ws.iter().all(|&w| {
+                        let s = &f.node(w).shape;
+                        (if tb { s[1] } else { s[2] }).is_multiple_of(g.b.outer)
+                    })
+                };
+                let product = match r.op {
+                    Op::GroupedMatMul { tb, fp8: Some(g) } => Some((g, tb, &r.args[1..2])),
+                    Op::ConcatGroupedMatMul { tb, fp8: Some(g) } => Some((g, tb, &r.args[1..3])),
+                    _ => None,
+                };
+                let rows_of_product = product
+                    .is_some_and(|(g, tb, ws)| g.a.outer == 1 && d.is_multiple_of(g.a.k) && whole_blocks(ws, tb, g))
+                    && r.args[0].index() == i
+                    && !r.args[1..].contains(&V(i as u32));
+                wgrad(r) || rows_of_product
+            }),
+            _ => false,
+        })
         .map(|(i, _)| i as u32)
         .collect()
 }
@@ -418,6 +461,54 @@ mod tests {
         assert_eq!(sources, [&stored, &permuted, &stored, &swiglu, &stored]);
         assert_eq!(by_expert[1].1, [tokens, offsets, order]);
         assert_eq!(by_expert[3].1, [h1, offsets, h2]);
+    }
+
+    /// The combine's row gradients, read only by the down projection's Wgrad and Dgrad, are
+    /// never stored: the Dgrad's rows are gathered, gated and quantised in one
+    /// `permute_quantize`, the Wgrad's quantisation by expert makes them as it reads them. Row
+    /// gradients that are also a result stay stored, and both read the stored ones.
+    #[test]
+    fn row_gradients_read_only_by_the_experts_gemms_are_made_where_they_are_quantised() {
+        let module = Module::default();
+        let mut b = FunctionBuilder::new(&module, "f");
+        let (tokens, k, d, n, experts) = (8, 6, 64, 32, 4);
+        let rows = tokens * k;
+        let wgrad = Fp8Gemm { a: Tiling { outer: 1, k: 32 }, b: Tiling { outer: 1, k: 32 }, promote: 32 };
+        let dgrad = Fp8Gemm { a: Tiling { outer: 1, k: 32 }, b: Tiling { outer: 32, k: 32 }, promote: 32 };
+        let g = b.arg("g", vec![tokens, d], DType::F32);
+        let order = b.arg("order", vec![rows], DType::I32);
+        let gates = b.arg("gates", vec![tokens, k], DType::F32);
+        let offsets = b.arg("offsets", vec![experts + 1], DType::I32);
+        let h = b.arg("h", vec![rows, n], DType::F32);
+        let w = b.arg("w", vec![experts, d, n], DType::F32);
+        let row_gradients = |b: &mut FunctionBuilder| {
+            b.push(Op::UnpermuteGradRows { k }, vec![g, order, gates], vec![rows, d], DType::F32)
+        };
+        let (read, kept) = (row_gradients(&mut b), row_gradients(&mut b));
+        for (name, dy) in [("read", read), ("kept", kept)] {
+            let dh = b.push(
+                Op::GroupedMatMul { tb: false, fp8: Some(dgrad) },
+                vec![dy, w, offsets],
+                vec![rows, n],
+                DType::F32,
+            );
+            let op = Op::GroupedWgrad { experts, fp8: Some(wgrad) };
+            let dw = b.push(op, vec![h, dy, offsets], vec![experts, d, n], DType::F32);
+            b.output(format!("dh_{name}"), dh);
+            b.output(format!("dw_{name}"), dw);
+        }
+        b.output("kept", kept);
+        let f = function(&b.finish());
+        assert_eq!(ops(&f).iter().filter(|&&o| o == "unpermute_grad_rows").count(), 1, "{:?}", ops(&f));
+        let gathered: Vec<&Node> = f.nodes.iter().filter(|n| matches!(n.op, Op::PermuteQuantize { .. })).collect();
+        assert_eq!(gathered.len(), 1, "{:?}", ops(&f));
+        assert_eq!(gathered[0].op, Op::PermuteQuantize { k, cols: 32, gated: true });
+        assert_eq!((&gathered[0].args[..], &gathered[0].shape[..]), (&[g, order, gates][..], &[rows, d][..]));
+        let read_through: Vec<&[V]> = (f.nodes.iter())
+            .filter(|n| matches!(n.op, Op::QuantizeByExpert { rows: ExpertRows::UnpermutedGrad { k: 6 }, .. }))
+            .map(|n| &n.args[..])
+            .collect();
+        assert_eq!(read_through, [&[g, offsets, order, gates][..]]);
     }
 
     /// The sum of two FP8 grouped products that only it reads (the experts' Dgrads of the

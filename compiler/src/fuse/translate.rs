@@ -189,7 +189,7 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
             else {
                 unreachable!("permute_quantize's attributes")
             };
-            (Op::PermuteQuantize { k, cols }, &children[2..])
+            (Op::PermuteQuantize { k, cols, gated: false }, &children[2..])
         }
         Fx::ConcatGroupedMatMul([attr, ..]) => {
             let Op::GroupedMatMul { tb, fp8 } = attr_op(egraph, *attr) else {

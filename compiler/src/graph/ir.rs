@@ -122,6 +122,9 @@ pub enum ExpertRows {
     Permuted { k: usize },
     /// (a [r, d], offsets, b [r, d]): `SwiGlu`'s, silu(a)·b.
     SwiGlu,
+    /// (g [t, d], offsets, order [r], gates [t·k]): `UnpermuteGradRows { k }`'s, row i =
+    /// gates[order[i]] · g[order[i] / k].
+    UnpermutedGrad { k: usize },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -423,10 +426,14 @@ pub enum Op {
         fp8: Option<Fp8Gemm>,
     },
     /// Fused: the MoE dispatch and the FP8 quantisation of what it sends, (x [t, d], order) →
-    /// F8E4M3 [t·k, d]: the rows of `Permute { k }` quantised in 1×`cols` tiles.
+    /// F8E4M3 [t·k, d]: the rows of `Permute { k }` quantised in 1×`cols` tiles; `gated`,
+    /// (x, order, gates [t·k]) → those of `UnpermuteGradRows { k }` (row i times
+    /// gates[order[i]]: the combine's row gradients, as the experts' Dgrad reads them).
     PermuteQuantize {
         k: usize,
         cols: usize,
+        #[serde(default)]
+        gated: bool,
     },
     /// Fused: the sum of two GEMMs with the same recipe, (a1, b1, a2, b2) → op(a1)·op(b1) +
     /// op(a2)·op(b2): one GEMM over K concatenated ([a1 | a2]·[b1; b2], operands read in

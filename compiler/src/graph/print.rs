@@ -108,12 +108,13 @@ fn attributes(m: &Module, op: &Op) -> String {
                 ExpertRows::Stored => String::new(),
                 ExpertRows::Permuted { k } => format!(", permuted k={k}"),
                 ExpertRows::SwiGlu => ", swiglu".into(),
+                ExpertRows::UnpermutedGrad { k } => format!(", unpermuted gradient k={k}"),
             };
             format!("experts {experts}, 1x{tile}{source}")
         }
         Op::RmsNormQuantize { eps, cols } => format!("eps {eps:e}, 1x{cols}"),
         Op::SwiGluQuantize { cols } => format!("1x{cols}"),
-        Op::PermuteQuantize { k, cols } => format!("k {k}, 1x{cols}"),
+        Op::PermuteQuantize { k, cols, gated } => format!("k {k}, 1x{cols}{}", if *gated { ", gated" } else { "" }),
         Op::MaskedSoftmax { scale } => format!("scale {scale:e}"),
         Op::Attention { scale, bf16 } | Op::AttentionGrad { scale, bf16 } => {
             format!("causal, scale {scale:e}{}", if *bf16 { ", bf16" } else { "" })

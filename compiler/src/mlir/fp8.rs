@@ -597,38 +597,42 @@ fn block_tiles_kernel(name: &str, layout: Layout, rows: usize, x: u32, out: u32)
 /// reads row 0).
 fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str, source: ExpertRows) -> String {
     let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
-    let row = match source {
-        ExpertRows::Permuted { k } => {
+    let (row, gate) = match source {
+        ExpertRows::Permuted { k } | ExpertRows::UnpermutedGrad { k } => {
             let position = b.line(format!("memref.load %a2[{row}] : memref<?xi32>"));
             let position = b.line(format!("arith.index_cast {position} : i32 to index"));
+            let gate = matches!(source, ExpertRows::UnpermutedGrad { .. })
+                .then(|| b.line(format!("memref.load %a3[{position}] : memref<?xf32>")));
             let k = b.line(format!("arith.constant {k} : index"));
-            b.line(format!("arith.divui {position}, {k} : index"))
+            (b.line(format!("arith.divui {position}, {k} : index")), gate)
         }
-        ExpertRows::Stored | ExpertRows::SwiGlu => row,
+        ExpertRows::Stored | ExpertRows::SwiGlu => (row, None),
     };
     let at = b.line(format!("arith.muli {row}, %m : index"));
     let at = b.line(format!("arith.addi {at}, {column} : index"));
     let x = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
-    let x = match source {
-        ExpertRows::SwiGlu => {
+    let x = match (source, gate) {
+        (ExpertRows::SwiGlu, _) => {
             let y = b.line(format!("memref.load %a2[{at}] : memref<?xf32>"));
             b.op(&Op::SwiGlu, &[x, y]).expect("swiglu is generated")
         }
-        ExpertRows::Stored | ExpertRows::Permuted { .. } => x,
+        (_, Some(gate)) => b.line(format!("arith.mulf {gate}, {x} : f32")),
+        _ => x,
     };
     let zero = b.constant(0.0);
     b.line(format!("arith.select {inside}, {x}, {zero} : f32"))
 }
 
 /// The element types of a quantisation's inputs: x, and by expert the offsets and what
-/// `source` reads beside x (the order, or SwiGLU's second operand).
+/// `source` reads beside x (the order and the gates, or SwiGLU's second operand).
 fn source_types(by_expert: bool, source: ExpertRows) -> Vec<&'static str> {
-    let also = match source {
-        ExpertRows::Stored => None,
-        ExpertRows::Permuted { .. } => Some("i32"),
-        ExpertRows::SwiGlu => Some("f32"),
+    let also: &[&str] = match source {
+        ExpertRows::Stored => &[],
+        ExpertRows::Permuted { .. } => &["i32"],
+        ExpertRows::UnpermutedGrad { .. } => &["i32", "f32"],
+        ExpertRows::SwiGlu => &["f32"],
     };
-    ["f32"].into_iter().chain(by_expert.then_some("i32")).chain(also).collect()
+    ["f32"].into_iter().chain(by_expert.then_some("i32")).chain(also.iter().copied()).collect()
 }
 
 /// The kernel's parameters: its inputs of element types `inputs`, then the FP8 output.

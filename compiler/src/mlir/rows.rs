@@ -559,18 +559,25 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                 ))],
             }
         }
-        Op::PermuteQuantize { k, cols } => Program {
-            n,
-            rows: node.shape[0],
-            inputs: vec![(arg(0)?, Rows::Picked { k: *k })],
-            order: Some(arg(1)?),
-            reductions: vec![],
-            outputs: vec![Output {
-                value: v,
-                write: Write::Fp8 { cols: *cols },
-                term: Box::new(|_, e, _| e[0].clone()),
-            }],
-        },
+        Op::PermuteQuantize { k, cols, gated } => {
+            let gated = *gated;
+            let mut inputs = vec![(arg(0)?, Rows::Picked { k: *k })];
+            if gated {
+                inputs.push((arg(2)?, Rows::PickedScalar));
+            }
+            Program {
+                n,
+                rows: node.shape[0],
+                inputs,
+                order: Some(arg(1)?),
+                reductions: vec![],
+                outputs: vec![Output {
+                    value: v,
+                    write: Write::Fp8 { cols: *cols },
+                    term: Box::new(move |b, e, _| if gated { bin(b, "mulf", &e[1], &e[0]) } else { e[0].clone() }),
+                }],
+            }
+        }
         op => unreachable!("`{}` is not a row op", op.name()),
     })
 }

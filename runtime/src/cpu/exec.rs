@@ -317,6 +317,9 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let x: Cow<[T]> = match rows {
                 ExpertRows::Stored => Cow::Borrowed(&r(0).data),
                 ExpertRows::Permuted { k } => Cow::Owned(index::permute(&r(0).data, d, &ix(2).data, *k)),
+                ExpertRows::UnpermutedGrad { k } => {
+                    Cow::Owned(index::unpermute_grad_rows(&r(0).data, d, &ix(2).data, &r(3).data, *k))
+                }
                 ExpertRows::SwiGlu => {
                     Cow::Owned(r(0).data.iter().zip(&r(2).data).map(|(&a, &b)| swiglu(a, b)).collect())
                 }
@@ -418,10 +421,14 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let logits = broadcast_zip(&node.shape, s, mask, |s, m| s * scale + m);
             real(&node.shape, rows::softmax(&logits.data, last(&node.shape)))
         }
-        Op::PermuteQuantize { k, cols } => {
+        Op::PermuteQuantize { k, cols, gated } => {
             let (x, order) = (r(0), &ix(1).data);
             let d = last(&x.shape);
-            let rows = index::permute(&x.data, d, order, *k);
+            let rows = if *gated {
+                index::unpermute_grad_rows(&x.data, d, order, &r(2).data, *k)
+            } else {
+                index::permute(&x.data, d, order, *k)
+            };
             quantized(&rows, order.len(), d, Tiling { rows: 1, cols: *cols })
         }
         Op::RopeConcat => Value::real(rope::rope_concat(r(0), r(1), r(2), r(3))),
