@@ -133,7 +133,7 @@ def reference(function, kernel, inputs):
         elif name == "rms_norm_quantize": r = quantized(rows(rms_norm(a[0], a[1], at["eps"])), 1, at["cols"])
         elif name == "swi_glu_quantize": r = quantized(rows(a[0] * sig(a[0]) * a[1]), 1, at["cols"])
         elif name == "permute_quantize":
-            x = a[0][a[1] // at["k"]] * (a[2][a[1]][:, None] if at.get("gated") else 1)
+            x = a[0][a[1] // at["k"]] * (a[2].reshape(-1)[a[1]][:, None] if at.get("gated") else 1)
             r = quantized(x, 1, at["cols"])
         elif name == "quantize":
             x = xp.swapaxes(a[0], -1, -2) if at["transpose"] else a[0]
@@ -146,7 +146,7 @@ def reference(function, kernel, inputs):
             if source == "swi_glu": x = a[0] * sig(a[0]) * a[2]
             elif source == "stored": x = a[0]
             elif "permuted" in source: x = a[0][a[2] // source["permuted"]["k"]]
-            else: x = a[0][a[2] // source["unpermuted_grad"]["k"]] * a[3][a[2]][:, None]
+            else: x = a[0][a[2] // source["unpermuted_grad"]["k"]] * a[3].reshape(-1)[a[2]][:, None]
             padded, start = xp.zeros((d, capacity)), 0
             for e in range(at["experts"]):
                 o0, o1 = int(a[1][e]), int(a[1][e + 1])
