@@ -16,10 +16,10 @@
 //! An operand that only Wgrads read and that is a permutation of rows or a SwiGLU is not
 //! stored: the quantisation makes its rows as it reads them (`ExpertRows`); nor are the
 //! combine's row gradients (`unpermute_grad_rows`) that only Wgrads and the experts' Dgrads
-//! read: the Dgrad's rows are quantised as they are gathered (`permute_quantize`, gated). The sum of two
-//! grouped products that only it reads (the Dgrads of the gate and up projections) becomes one
-//! `concat_k_scaled_grouped_matmul`, which adds the second product to the first as the
-//! addition did. Here too the groups are those the GEMMs quantised inside, so nothing changes
+//! read: the Dgrad's rows are quantised as they are gathered (`permute_quantize`, gated).
+//! The sum of two grouped products that only it reads (the Dgrads of the gate and up
+//! projections) becomes one `concat_k_scaled_grouped_matmul`, which adds the second product to
+//! the first as the addition did. Here too the groups are those the GEMMs quantised inside, so nothing changes
 //! numerically.
 
 use crate::graph::ir::{expert_capacity, DType, ExpertRows, Fp8Gemm, Function, Module, Node, Op, V};
