@@ -62,18 +62,32 @@ impl Rewrite<'_> {
 
     /// Old operand `x` (a matrix, or a stack of them) quantised in `rows` × `cols` groups of
     /// itself, or of its (each matrix's) transpose if `transpose`, its rows (along K) padded
-    /// with zeros to whole groups: cuBLASLt takes K in whole 128s (MLA's K = 576 is 640).
+    /// with zeros to whole groups: cuBLASLt takes K in whole 128s (MLA's K = 576 is 640). Row
+    /// gradients read through ([`read_by_expert`]: only as grouped products' rows) are
+    /// gathered, gated and quantised at once.
     fn quantize(&mut self, x: V, rows: usize, cols: usize, transpose: bool) -> V {
         if let Some(&q) = self.quantized.get(&QuantizeKey::Blocks(x.0, rows, cols, transpose)) {
             return q;
         }
-        let mut shape = self.old.node(x).shape.clone();
-        let rank = shape.len();
-        if transpose {
-            shape.swap(rank - 2, rank - 1);
-        }
-        shape[rank - 1] = shape[rank - 1].next_multiple_of(cols);
-        let q = self.push(Op::Quantize { rows, cols, transpose }, vec![self.map[x.index()]], shape, DType::F8e4m3);
+        let node = self.old.node(x);
+        let q = match node.op {
+            Op::UnpermuteGradRows { k } if self.read_through.contains(&x.0) => {
+                assert!(rows == 1 && !transpose, "row gradients read through are quantised as rows");
+                let args = node.args.iter().map(|a| self.map[a.index()]).collect();
+                let op = Op::PermuteQuantize { k, cols, gated: true };
+                self.push(op, args, node.shape.clone(), DType::F8e4m3)
+            }
+            _ => {
+                let mut shape = node.shape.clone();
+                let rank = shape.len();
+                if transpose {
+                    shape.swap(rank - 2, rank - 1);
+                }
+                shape[rank - 1] = shape[rank - 1].next_multiple_of(cols);
+                let op = Op::Quantize { rows, cols, transpose };
+                self.push(op, vec![self.map[x.index()]], shape, DType::F8e4m3)
+            }
+        };
         self.quantized.insert(QuantizeKey::Blocks(x.0, rows, cols, transpose), q);
         q
     }
@@ -112,32 +126,19 @@ impl Rewrite<'_> {
     }
 
     /// The rows of a grouped GEMM quantised in `f`'s activation tiles (as they are when the
-    /// dispatch sent them quantised; row gradients read through quantised as they are made).
+    /// dispatch sent them quantised).
     fn grouped_rows(&mut self, xs: V, f: Fp8Gemm) -> V {
-        let node = self.old.node(xs);
-        match node.op {
-            _ if node.dtype == DType::F8e4m3 => self.map[xs.index()],
-            Op::UnpermuteGradRows { k } if self.read_through.contains(&xs.0) => {
-                let key = QuantizeKey::Blocks(xs.0, 1, f.a.k, false);
-                if let Some(&q) = self.quantized.get(&key) {
-                    return q;
-                }
-                let args = node.args.iter().map(|a| self.map[a.index()]).collect();
-                let (op, shape) = (Op::PermuteQuantize { k, cols: f.a.k, gated: true }, node.shape.clone());
-                let q = self.push(op, args, shape, DType::F8e4m3);
-                self.quantized.insert(key, q);
-                q
-            }
-            _ => self.quantize(xs, 1, f.a.k, false),
+        if self.old.node(xs).dtype == DType::F8e4m3 {
+            self.map[xs.index()]
+        } else {
+            self.quantize(xs, 1, f.a.k, false)
         }
     }
 
     /// The experts' weights [experts, n, k] (`tb`) or [experts, k, n] quantised K-major in
     /// `f`'s weight blocks, or `None` where a block would straddle two experts.
     fn grouped_weights(&mut self, w: V, tb: bool, f: Fp8Gemm) -> Option<V> {
-        let s = &self.old.node(w).shape;
-        let n = if tb { s[1] } else { s[2] };
-        n.is_multiple_of(f.b.outer).then(|| self.quantize(w, f.b.outer, f.b.k, !tb))
+        whole_weight_blocks(&self.old.node(w).shape, tb, f).then(|| self.quantize(w, f.b.outer, f.b.k, !tb))
     }
 
     /// Whether old node `i` is a product that a sum of grouped products adds.
@@ -241,6 +242,12 @@ impl Rewrite<'_> {
     }
 }
 
+/// Whether the experts' weights of `shape` ([experts, n, k] if `tb`, else [experts, k, n]) are
+/// cut into whole weight blocks of `f` along n: none straddles two experts.
+fn whole_weight_blocks(shape: &[usize], tb: bool, f: Fp8Gemm) -> bool {
+    (if tb { shape[1] } else { shape[2] }).is_multiple_of(f.b.outer)
+}
+
 /// Whether an FP8 Wgrad of the experts quantises both operands by expert (one-row groups of
 /// one length along tokens).
 fn by_expert(f: Fp8Gemm) -> bool {
@@ -285,12 +292,8 @@ fn read_by_expert(f: &Function, readers: &Readers) -> HashSet<u32> {
                 let d = *n.shape.last().unwrap_or(&0);
                 // A product the rewrite quantises (`Rewrite::replace`: whole weight blocks),
                 // reading it as its rows only.
-                let whole_blocks = |ws: &[V], tb: bool, g: Fp8Gemm| {
-                    ws.iter().all(|&w| {
-                        let s = &f.node(w).shape;
-                        (if tb { s[1] } else { s[2] }).is_multiple_of(g.b.outer)
-                    })
-                };
+                let whole_blocks =
+                    |ws: &[V], tb: bool, g: Fp8Gemm| ws.iter().all(|&w| whole_weight_blocks(&f.node(w).shape, tb, g));
                 let product = match r.op {
                     Op::GroupedMatMul { tb, fp8: Some(g) } => Some((g, tb, &r.args[1..2])),
                     Op::ConcatGroupedMatMul { tb, fp8: Some(g) } => Some((g, tb, &r.args[1..3])),
@@ -317,7 +320,7 @@ fn summed_grouped_products(f: &Function, readers: &Readers) -> HashMap<u32, [u32
         Op::GroupedMatMul { tb, fp8: Some(g) } if g.a.outer == 1 => {
             let weights = &f.node(f.node(v).args[1]).shape;
             let n = if tb { weights[1] } else { weights[2] };
-            (n.is_multiple_of(g.b.outer) && n.is_multiple_of(2)).then_some(g)
+            (whole_weight_blocks(weights, tb, g) && n.is_multiple_of(2)).then_some(g)
         }
         _ => None,
     };

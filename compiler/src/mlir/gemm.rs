@@ -414,6 +414,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let first_loaded = g.fresh();
             g.stmt(format!("{first_loaded}:{loaded_count} = scf.if {any} -> ({types}) {{"));
             let loaded = load_scales(g, &none);
+            assert_eq!(loaded.len(), loaded_count, "the scales a block of K loads");
             g.stmt(format!("scf.yield {} : {types}", loaded.join(", ")));
             g.stmt("} else {");
             g.stmt(format!("scf.yield {} : {types}", vec![zero.as_str(); loaded_count].join(", ")));

@@ -539,12 +539,17 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             }
             program(vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Own), (arg(2)?, Rows::Own)], vec![], outputs)
         }
-        Op::Permute { .. } | Op::Gather | Op::UnpermuteGradRows { .. } => {
+        Op::Permute { .. } | Op::Gather | Op::UnpermuteGradRows { .. } | Op::PermuteQuantize { .. } => {
             // Rows for the experts (x[order[i] / k]), an embedding lookup (table[ids[i]]), or
-            // the combine's row gradient (gates(order[i]) · g[order[i] / k]).
-            let k = if let Op::Permute { k } | Op::UnpermuteGradRows { k } = node.op { k } else { 1 };
+            // the combine's row gradient (gates(order[i]) · g[order[i] / k]); the first or the
+            // last quantised as they are written.
+            let (k, gated, write) = match node.op {
+                Op::Permute { k } => (k, false, Write::Element),
+                Op::UnpermuteGradRows { k } => (k, true, Write::Element),
+                Op::PermuteQuantize { k, cols, gated } => (k, gated, Write::Fp8 { cols }),
+                _ => (1, false, Write::Element),
+            };
             let mut inputs = vec![(arg(0)?, Rows::Picked { k })];
-            let gated = matches!(node.op, Op::UnpermuteGradRows { .. });
             if gated {
                 inputs.push((arg(2)?, Rows::PickedScalar));
             }
@@ -554,26 +559,9 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                 inputs,
                 order: Some(arg(1)?),
                 reductions: vec![],
-                outputs: vec![element(Box::new(
-                    move |b, e, _| if gated { bin(b, "mulf", &e[1], &e[0]) } else { e[0].clone() },
-                ))],
-            }
-        }
-        Op::PermuteQuantize { k, cols, gated } => {
-            let gated = *gated;
-            let mut inputs = vec![(arg(0)?, Rows::Picked { k: *k })];
-            if gated {
-                inputs.push((arg(2)?, Rows::PickedScalar));
-            }
-            Program {
-                n,
-                rows: node.shape[0],
-                inputs,
-                order: Some(arg(1)?),
-                reductions: vec![],
                 outputs: vec![Output {
                     value: v,
-                    write: Write::Fp8 { cols: *cols },
+                    write,
                     term: Box::new(move |b, e, _| if gated { bin(b, "mulf", &e[1], &e[0]) } else { e[0].clone() }),
                 }],
             }

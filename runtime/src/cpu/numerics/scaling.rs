@@ -146,14 +146,17 @@ pub fn quantize<T: Real>(x: &[T], m: usize, n: usize, tiling: Tiling) -> Quantiz
         }
     });
     let scales: Vec<f64> = amax.into_iter().map(group_scale).collect();
+    // Each group's f32 reciprocal, which its elements are multiplied by (f64 holds it
+    // correctly rounded: 53 ≥ 2·24 + 2 bits).
+    let inverses: Vec<f64> = scales.iter().map(|&s| f64::from((1.0 / s) as f32)).collect();
     let mut values = vec![0.0; m * n];
     fill_rows(&mut values, n, n, |first, block| {
         for (r, row) in block.chunks_mut(n.max(1)).enumerate() {
             let i = first + r;
-            let band_scales = &scales[i / tiling.rows * group_cols..];
-            for (g, &scale) in band_scales[..group_cols].iter().enumerate() {
+            let band_inverses = &inverses[i / tiling.rows * group_cols..];
+            for (g, &inverse) in band_inverses[..group_cols].iter().enumerate() {
                 for j in columns(g) {
-                    row[j] = encode_scaled(x[i * n + j].to_f64(), scale);
+                    row[j] = encode_scaled(x[i * n + j].to_f64(), inverse);
                 }
             }
         }
@@ -180,11 +183,9 @@ fn group_scale(amax: f64) -> f64 {
     }
 }
 
-/// The E4M3 value stored for `x` under `scale`: x times the f32 reciprocal of the scale,
-/// rounded to f32, then to E4M3. (f64 holds the f32 reciprocal correctly rounded, 53 ≥ 2·24 + 2
-/// bits, and the product of two f32s exactly.)
-fn encode_scaled(x: f64, scale: f64) -> f64 {
-    let inverse = f64::from((1.0 / scale) as f32);
+/// The E4M3 value stored for `x` under a scale of f32 reciprocal `inverse`: their product
+/// (exact in f64 for an f32 x) rounded to f32, then to E4M3.
+fn encode_scaled(x: f64, inverse: f64) -> f64 {
     round_e4m3(f64::from((x * inverse) as f32))
 }
 
