@@ -558,10 +558,8 @@ impl Executor {
                         )));
                     }
                     let from = results.places(&self.gpu).at(out.0);
-                    match adds {
-                        true => self.add_into(from, to, want)?,
-                        false if from == to => {}
-                        false => places::copy(&self.gpu, from, to, want)?,
+                    if adds || from != to {
+                        self.move_bytes(&called.name, (from, to, want), adds)?;
                     }
                 }
             }
@@ -570,9 +568,24 @@ impl Executor {
         Ok(())
     }
 
+    /// Copies the `bytes` at device address `from` to `to`, or with `add` adds their f32s into
+    /// those there, in stream order; profiled as `what`'s copy or add.
+    pub(super) fn move_bytes(
+        &mut self,
+        what: &str,
+        (from, to, bytes): (u64, u64, usize),
+        add: bool,
+    ) -> Result<(), GpuError> {
+        let category = |_: &Self| format!("{what} {}", if add { "add" } else { "copy" });
+        self.timed(category, 0.0, |this| match add {
+            true => this.add_into(from, to, bytes),
+            false => places::copy(&this.gpu, from, to, bytes),
+        })
+    }
+
     /// Adds the f32s of the `bytes` at device address `from` into those at `to` (cuBLAS
     /// `saxpy`, in stream order).
-    pub(super) fn add_into(&self, from: u64, to: u64, bytes: usize) -> Result<(), GpuError> {
+    fn add_into(&self, from: u64, to: u64, bytes: usize) -> Result<(), GpuError> {
         let n = i32::try_from(bytes / 4)
             .map_err(|_| GpuError::Unsupported(format!("{} elements in one cuBLAS call", bytes / 4)))?;
         let one = 1.0f32;

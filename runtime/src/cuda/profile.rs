@@ -8,6 +8,9 @@
 //! is the warm-up (PTX compiled, GEMM algorithms found): its time is reported alone and its
 //! kernels are left out of the table. The report lists the categories by GPU time, with the
 //! calls' host time: what the kernels do not cover of it is the stream waiting for the host.
+//! It also times the gaps between one measured kernel's end and the next one's start (the
+//! stream idle, waiting for the host, or running what is not measured), each named by what
+//! follows it: the kernel's category, or the top-level call that ended before it.
 
 use super::GpuError;
 use cudarc::driver::sys::CUevent_flags;
@@ -20,10 +23,17 @@ use std::time::Instant;
 /// Kernels measured, not yet read back.
 struct Pending {
     category: String,
-    start: CudaEvent,
-    end: CudaEvent,
+    start: Arc<CudaEvent>,
+    end: Arc<CudaEvent>,
     host_s: f64,
     estimate_s: f64,
+}
+
+/// A gap between two measured kernels, not yet read back: `after`'s end to `before`'s start.
+struct Gap {
+    category: String,
+    after: Arc<CudaEvent>,
+    before: Arc<CudaEvent>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -48,6 +58,13 @@ pub struct Profile {
     pending: Vec<Pending>,
     totals: BTreeMap<String, Total>,
     calls: BTreeMap<String, Calls>,
+    gaps: Vec<Gap>,
+    /// The gaps' count and GPU seconds by what follows them.
+    gap_totals: BTreeMap<String, (usize, f64)>,
+    /// The last measured kernel's end, which the next one's gap starts from.
+    last_end: Option<Arc<CudaEvent>>,
+    /// The top-level call that ended since the last measured kernel, if one did.
+    ended_call: Option<String>,
 }
 
 impl Profile {
@@ -59,11 +76,19 @@ impl Profile {
         estimate_s: f64,
         launch: impl FnOnce() -> Result<R, GpuError>,
     ) -> Result<R, GpuError> {
-        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let start = Arc::new(stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
+        if let Some(after) = self.last_end.take() {
+            let follows = match self.ended_call.take() {
+                Some(call) => format!("after a call: {call}"),
+                None => category.clone(),
+            };
+            self.gaps.push(Gap { category: follows, after, before: start.clone() });
+        }
         let started = Instant::now();
         let result = launch()?;
         let host_s = started.elapsed().as_secs_f64();
-        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = Arc::new(stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
+        self.last_end = Some(end.clone());
         self.pending.push(Pending { category, start, end, host_s, estimate_s });
         Ok(result)
     }
@@ -71,10 +96,12 @@ impl Profile {
     /// Reads back what the kernels measured since the last time, and counts a top-level call
     /// of kind `call` that took `call_s` on the host (the first of its kind as the warm-up).
     pub fn settle(&mut self, call: &str, call_s: f64) -> Result<(), GpuError> {
+        self.ended_call = Some(call.to_string());
         let calls = self.calls.entry(call.to_string()).or_default();
         if calls.first_s.is_none() {
             calls.first_s = Some(call_s);
             self.pending.clear();
+            self.gaps.clear();
             return Ok(());
         }
         calls.count += 1;
@@ -86,6 +113,11 @@ impl Profile {
             total.gpu_s += gpu_s;
             total.host_s += p.host_s;
             total.estimate_s += p.estimate_s;
+        }
+        for gap in self.gaps.drain(..) {
+            let total = self.gap_totals.entry(gap.category).or_default();
+            total.0 += 1;
+            total.1 += f64::from(gap.after.elapsed_ms(&gap.before)?) / 1e3;
         }
         Ok(())
     }
@@ -132,6 +164,17 @@ impl Profile {
         }
         let covered = if host_s > 0.0 { all.gpu_s / host_s * 1e2 } else { 0.0 };
         let _ = writeln!(out, "the kernels' GPU time covers {covered:.1}% of the calls' host time");
+        let mut gaps: Vec<(&String, &(usize, f64))> = self.gap_totals.iter().collect();
+        gaps.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let (count, gap_s) = gaps.iter().fold((0, 0.0), |(n, s), (_, (m, t))| (n + m, s + t));
+        let _ = writeln!(
+            out,
+            "gaps between the kernels (the stream idle or running what is not measured): {count}, {:.2} ms; the largest by what follows them:",
+            gap_s * 1e3
+        );
+        for (follows, (n, s)) in gaps.iter().take(rows.min(8)) {
+            let _ = writeln!(out, "  {follows:<42} {n:>9} {:>11.2}", s * 1e3);
+        }
         out
     }
 }
@@ -156,6 +199,9 @@ mod tests {
             profile.totals.insert(name.into(), Total { launches: 2, gpu_s, host_s: 1e-4, estimate_s: 1e-3 });
         }
         profile.calls.insert("gradients".into(), Calls { count: 1, host_s: 10e-3, first_s: Some(20e-3) });
+        for (follows, gap_s) in [("a", 0.1e-3), ("after a call: gradients", 0.4e-3), ("b", 0.2e-3)] {
+            profile.gap_totals.insert(follows.into(), (3, gap_s));
+        }
         let report = profile.report(2);
         let lines: Vec<&str> = report.lines().collect();
         assert!(lines[1].starts_with("b ") && lines[2].starts_with("c "), "{report}");
@@ -163,5 +209,8 @@ mod tests {
         assert!(lines[4].starts_with("all kernels") && lines[4].contains("6.50"), "{report}");
         assert!(lines[5].starts_with("gradients: 1 calls after the first, 10.00 ms"), "{report}");
         assert!(lines[6].contains("covers 65.0%"), "{report}");
+        assert!(lines[7].starts_with("gaps between the kernels") && lines[7].contains(": 9, 0.70 ms"), "{report}");
+        assert!(lines[8].trim_start().starts_with("after a call: gradients") && lines[8].ends_with("0.40"), "{report}");
+        assert!(lines[9].trim_start().starts_with("b ") && lines.len() == 10, "{report}");
     }
 }

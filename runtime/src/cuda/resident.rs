@@ -99,7 +99,14 @@ impl Executor {
 
     /// Copies output `o` of `call` (of function `f`) to the `bytes` at address `to`, or adds
     /// it there (`add`).
-    fn take_output(&self, f: usize, o: V, call: &Call, (to, bytes): (u64, usize), add: bool) -> Result<(), GpuError> {
+    fn take_output(
+        &mut self,
+        f: usize,
+        o: V,
+        call: &Call,
+        (to, bytes): (u64, usize),
+        add: bool,
+    ) -> Result<(), GpuError> {
         let function = &self.plan.module.functions[f];
         let b = base(function, o);
         if let Op::Const(c) = function.node(b).op {
@@ -115,8 +122,7 @@ impl Executor {
         }
         match (add, x == to) {
             (false, true) => Ok(()), // an argument returned as it was: already there
-            (false, false) => places::copy(&self.gpu, x, to, bytes),
-            (true, _) => self.add_into(x, to, bytes),
+            _ => self.move_bytes(&function.name.clone(), (x, to, bytes), add),
         }
     }
 
