@@ -31,8 +31,9 @@ fn tensor(shape: &[usize], data: &[f64]) -> Value<f64> {
 }
 
 /// Runs one update of a [2, 2] matrix, a [2] norm scale and a [4] routing bias at step `t`,
-/// the whole model's gradient norm `grad_norm`.
-fn step(numerics: Numerics, grad_scale: f64, t: i32, grad_norm: f64) -> (Vec<Vec<f64>>, [f64; 5]) {
+/// their gradient `magnitude` times `G` and `NORM_G` given as its sum over `micro_batches`
+/// equal micro-batches, the whole model's gradient norm `grad_norm`.
+fn step(numerics: Numerics, magnitude: f64, micro_batches: f64, t: i32, grad_norm: f64) -> (Vec<Vec<f64>>, [f64; 5]) {
     let spec = spec();
     let params = vec![
         param("w", vec![2, 2], ParamGroup::Attention, true, false),
@@ -43,8 +44,8 @@ fn step(numerics: Numerics, grad_scale: f64, t: i32, grad_norm: f64) -> (Vec<Vec
     let f = optimizer::build(&module, &spec, &params, &[2], numerics);
     let f = module.add(f);
     let o = &spec.train.optimizer;
-    let g: Vec<f64> = G.iter().map(|x| x * grad_scale).collect();
-    let gn: Vec<f64> = NORM_G.iter().map(|x| x * grad_scale).collect();
+    let g: Vec<f64> = G.iter().map(|x| x * magnitude * micro_batches).collect();
+    let gn: Vec<f64> = NORM_G.iter().map(|x| x * magnitude * micro_batches).collect();
     let args = vec![
         tensor(&[2, 2], &W),
         tensor(&[2, 2], &g),
@@ -61,6 +62,7 @@ fn step(numerics: Numerics, grad_scale: f64, t: i32, grad_norm: f64) -> (Vec<Vec
         tensor(&[], &[1.0 - o.beta2.powi(t)]),
         tensor(&[], &[0.01]),
         tensor(&[], &[grad_norm]),
+        tensor(&[], &[1.0 / micro_batches]),
     ];
     let out = run(&module, f, args);
     let data: Vec<Vec<f64>> = out.iter().map(|v| v.as_real().data.clone()).collect();
@@ -105,12 +107,14 @@ fn assert_close(a: &[f64], b: &[f64], what: &str) {
 #[test]
 fn adamw_step_matches_a_hand_computation() {
     // The norm of these gradients (0.77 before scaling), and norms of a larger model whose
-    // other gradients live elsewhere (another rank's shard): below and above the clip of 1.
-    for (grad_scale, t, norm) in [(1.0, 1, None), (10.0, 3, None), (1.0, 2, Some(0.9)), (1.0, 2, Some(4.0))] {
-        let g = G.map(|x| x * grad_scale);
-        let gn = NORM_G.map(|x| x * grad_scale);
+    // other gradients live elsewhere (another rank's shard): below and above the clip of 1;
+    // the gradients summed over one micro-batch or several (the update reads their mean).
+    let cases = [(1.0, 1.0, 1, None), (10.0, 4.0, 3, None), (1.0, 3.0, 2, Some(0.9)), (1.0, 1.0, 2, Some(4.0))];
+    for (magnitude, micro_batches, t, norm) in cases {
+        let g = G.map(|x| x * magnitude);
+        let gn = NORM_G.map(|x| x * magnitude);
         let norm = norm.unwrap_or_else(|| (g.iter().chain(&gn).map(|x| x * x).sum::<f64>()).sqrt());
-        let (out, h) = step(Numerics::Exact, grad_scale, t, norm);
+        let (out, h) = step(Numerics::Exact, magnitude, micro_batches, t, norm);
         // Clipping to norm 1 only when the norm is larger.
         let factor = h[4] / norm.max(h[4]);
         let keep = |x: f64| x;
@@ -129,7 +133,7 @@ fn adamw_step_matches_a_hand_computation() {
 #[test]
 fn the_policy_keeps_adam_moments_in_bf16() {
     let norm = (G.iter().chain(&NORM_G).map(|x| x * x).sum::<f64>()).sqrt();
-    let (out, h) = step(Numerics::Policy, 1.0, 1, norm);
+    let (out, h) = step(Numerics::Policy, 1.0, 2.0, 1, norm);
     let factor = h[4] / norm.max(h[4]);
     let (p, m, v) = adamw(&W, &G, &M, &V, factor, 1, true, h, round_bf16);
     assert_close(&out[1], &m, "m in bf16");

@@ -3,18 +3,20 @@
 //! the policy's type, and the auxiliary-loss-free routing-bias update
 //! `b += γ·sign(mean_load − load)`. The gradient norm is an argument, not computed here: the
 //! caller sums the squares where the gradients are (on one rank, or over every rank's ZeRO-1
-//! shard), so that the same function updates the whole model or one shard of it.
+//! shard), so that the same function updates the whole model or one shard of it. The
+//! gradients come summed over the step's micro-batches, with the factor to their mean folded
+//! into the clipping factor (one pass over them fewer than scaling them first).
 
 use super::ir::{DType, Function, FunctionBuilder, Module, Op, V};
 use super::model::{Numerics, ParamInfo};
 use dsc_lang::{Dtype, ParamGroup, Spec};
 
 /// `adamw(p, g, m, v for each learned parameter…, bias, load for each MoE layer…, lr,
-/// bias_correction1, bias_correction2, bias_speed, grad_norm) -> (p', m', v' for each learned
-/// parameter…, bias' for each MoE layer…)`, m and v (in and out) of the policy's moment type.
-/// The bias corrections are 1 − βᵗ; `grad_norm` is
-/// the norm of the whole model's gradient, which clipping scales to at most the spec's
-/// `grad_clip`.
+/// bias_correction1, bias_correction2, bias_speed, grad_norm, grad_scale) -> (p', m', v' for
+/// each learned parameter…, bias' for each MoE layer…)`, m and v (in and out) of the policy's
+/// moment type. The bias corrections are 1 − βᵗ; the gradient is `grad_scale · g` (g summed
+/// over the micro-batches, `grad_scale` one over their count), whose norm `grad_norm`
+/// clipping scales to at most the spec's `grad_clip`.
 pub fn build(module: &Module, spec: &Spec, params: &[ParamInfo], moe_biases: &[usize], numerics: Numerics) -> Function {
     let opt = &spec.train.optimizer;
     let mut b = FunctionBuilder::new(module, "adamw");
@@ -52,10 +54,12 @@ pub fn build(module: &Module, spec: &Spec, params: &[ParamInfo], moe_biases: &[u
     let bc2 = b.arg("bias_correction2", vec![], DType::F32);
     let bias_speed = b.arg("bias_speed", vec![], DType::F32);
     let norm = b.arg("grad_norm", vec![], DType::F32);
-    // The clipping factor clip / max(norm, clip).
+    let grad_scale = b.arg("grad_scale", vec![], DType::F32);
+    // The clipping factor clip / max(norm, clip), times the factor to the mean.
     let clip = b.constant(spec.train.grad_clip);
     let limit = b.binary(Op::Maximum, norm, clip);
-    let factor = b.div(clip, limit);
+    let clipping = b.div(clip, limit);
+    let factor = b.mul(clipping, grad_scale);
     let mut outputs = Vec::new();
     for (p, [w, g, m, v]) in learned.iter().zip(&state) {
         let g = b.mul(*g, factor);

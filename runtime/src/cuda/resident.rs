@@ -11,9 +11,9 @@
 //! [`super::weights`]); its gradients are added into the
 //! sums with cuBLAS (the first micro-batch's copied, the next ones `saxpy`). Where the
 //! executor has joined data-parallel peers ([`Executor::join`]), NCCL reduce-scatters the sums
-//! so that each process holds its shard of the total; the shard is scaled by 1/micro-batches
-//! (`sscal`), its `snrm2` squared is the process's part of the gradient norm, and the
-//! process's optimizer function (over its shard's pieces and the routing biases) reads the
+//! so that each process holds its shard of the total; its `snrm2` squared is the process's
+//! part of the gradient norm (of the sum: the trainer scales it to the mean's, and the
+//! optimizer the sum to the mean), and the process's optimizer function (over its shard's pieces and the routing biases) reads the
 //! state in place and writes its results over it (those the plan cannot write in place are
 //! copied back: `memory::in_place`), and NCCL all-gathers the updated shards into
 //! every process's parameters. Alone, the shard is the whole layout and the function the
@@ -232,17 +232,11 @@ impl Executor {
         state: &mut DeviceState,
         biases: &[(usize, Value<f32>)],
         scalars: &[Value<f32>],
-        scale: f64,
     ) -> Result<(), GpuError> {
         let member = self.member()?.clone();
         let f = member.function;
         let gpu = &self.gpu;
-        let gradient = self.shard_gradient(state);
-        let (g, scale) = (address(gpu, gradient, 0), scale as f32);
-        // SAFETY: g holds the slice's f32s, on the handle's stream.
-        unsafe { sys::cublasSscal_v2(*self.blas.f32.handle(), count(gradient.len())?, &scale, g as *mut f32, 1) }
-            .result()
-            .map_err(|e| blas("sscal", e))?;
+        let g = address(gpu, self.shard_gradient(state), 0);
         // Per piece, its parameter, gradient, m and v: (address, bytes).
         let places: Vec<[(u64, usize); 4]> = member
             .pieces
@@ -383,10 +377,10 @@ impl Resident<f32> for Executor {
         square_sum.map_err(|e| e.to_string())
     }
 
-    fn update(&mut self, biases: &[(usize, Value<f32>)], scalars: Vec<Value<f32>>, scale: f64) -> Result<(), String> {
+    fn update(&mut self, biases: &[(usize, Value<f32>)], scalars: Vec<Value<f32>>) -> Result<(), String> {
         let started = std::time::Instant::now();
         let mut state = self.state_mut().map_err(|e| e.to_string())?;
-        let result = self.update_state(&mut state, biases, &scalars, scale);
+        let result = self.update_state(&mut state, biases, &scalars);
         self.state = Some(state);
         result.and_then(|()| self.settle_profile("optimizer update", started)).map_err(|e| e.to_string())
     }

@@ -43,11 +43,11 @@ pub trait Resident<T: Real> {
     /// whole); returns the sum of the squares of the shard's elements (not finite where one
     /// is not).
     fn reduce_gradients(&mut self) -> Result<f64, String>;
-    /// Scales the shard's gradient by `scale`, then runs this process's optimizer function
-    /// on (parameter, gradient, m, v) of each of the shard's pieces, (bias, `loads`) of each
-    /// of `biases`, then `scalars`; keeps its results (new parameters, moments and biases)
-    /// and shares the new parameters with the other processes.
-    fn update(&mut self, biases: &[(usize, Value<T>)], scalars: Vec<Value<T>>, scale: f64) -> Result<(), String>;
+    /// Runs this process's optimizer function on (parameter, gradient sum, m, v) of each of
+    /// the shard's pieces, (bias, `loads`) of each of `biases`, then `scalars`; keeps its
+    /// results (new parameters, moments and biases) and shares the new parameters with the
+    /// other processes.
+    fn update(&mut self, biases: &[(usize, Value<T>)], scalars: Vec<Value<T>>) -> Result<(), String>;
     /// The state: the parameters and the moments (every process's).
     fn state(&mut self) -> Result<(Vec<Value<T>>, Moments<T>), String>;
 }

@@ -400,7 +400,7 @@ impl Ranks {
         let scale = 1.0 / micro_batches as f64;
         let update = |sharing: Sharing, params: &mut [f32], gradient: &[f32], square_sum: f64| {
             let scalars = scalars(square_sum.sqrt() * scale);
-            optimizer.update(sharing, params, gradient, scale as f32, &scalars);
+            optimizer.update(sharing, params, gradient, &scalars);
         };
         let end = run_step(schedule, comm.as_ref(), place, replicas, &mut held, update).map_err(|e| e.0)?;
         let mut updated = Vec::new();

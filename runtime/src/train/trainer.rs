@@ -392,7 +392,7 @@ impl<T: Real> Trainer<T> {
         let grad_norm = square_sum.sqrt() / micro_batches as f64;
         let finite = grad_norm.is_finite() && losses.iter().all(|l| l.is_finite());
         if finite {
-            self.apply_optimizer(grads, &loads, micro_batches, [lr, bias_speed, grad_norm])?;
+            self.apply_optimizer(grads, &loads, [lr, bias_speed, grad_norm, 1.0 / micro_batches as f64])?;
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
             }
@@ -409,7 +409,8 @@ impl<T: Real> Trainer<T> {
         let micro_batches = batches.len();
         let ranks = self.ranks.as_ref().expect("on ranks");
         let (spec, progress) = (&self.spec, self.progress);
-        let scalars = |grad_norm: f64| optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm]);
+        let grad_scale = 1.0 / micro_batches as f64;
+        let scalars = |grad_norm: f64| optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm, grad_scale]);
         let step = ranks.step(&self.params, batches, mtp_weight as f32, &scalars)?;
         let losses = step.losses.map(|loss| loss / micro_batches as f64);
         let grad_norm = step.end.square_sum.sqrt() / micro_batches as f64;
@@ -423,7 +424,7 @@ impl<T: Real> Trainer<T> {
             ranks.move_biases(
                 &mut self.params,
                 &step.loads,
-                optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm]),
+                optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm, grad_scale]),
             );
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
@@ -486,8 +487,9 @@ impl<T: Real> Trainer<T> {
                 (b, Value::real(Tensor::new(info[b].shape.clone(), load.iter().map(|&x| T::from_f64(x)).collect())))
             })
             .collect();
-        let scalars = optimizer_scalars(&self.spec, self.progress, [lr, bias_speed, grad_norm]);
-        backend.update(&bias_loads, scalars, 1.0 / micro_batches as f64).map_err(StepError)?;
+        let grad_scale = 1.0 / micro_batches as f64;
+        let scalars = optimizer_scalars(&self.spec, self.progress, [lr, bias_speed, grad_norm, grad_scale]);
+        backend.update(&bias_loads, scalars).map_err(StepError)?;
         self.state.host_current = false;
         Ok(Update { losses, loads, grad_norm, finite })
     }
@@ -501,24 +503,16 @@ impl<T: Real> Trainer<T> {
         first_moe.map_or(0.0, |s| scheduled(s, self.progress))
     }
 
-    /// Averages the summed gradients, runs the optimizer function on them with the step's
-    /// `lr`, routing-bias speed and gradient norm, and stores its results.
-    fn apply_optimizer(
-        &mut self,
-        grads: Vec<Vec<T>>,
-        loads: &[Vec<f64>],
-        micro_batches: usize,
-        step: [f64; 3],
-    ) -> Result<(), StepError> {
+    /// Runs the optimizer function on the summed gradients with the step's `lr`, routing-bias
+    /// speed, gradient norm and factor from the sum to the mean, and stores its results.
+    fn apply_optimizer(&mut self, grads: Vec<Vec<T>>, loads: &[Vec<f64>], step: [f64; 4]) -> Result<(), StepError> {
         let info = &self.graph.forward.params;
-        let scale = T::from_f64(1.0 / micro_batches as f64);
         let mut args = Vec::new();
         let mut learned = Vec::new();
         for (i, (p, g)) in info.iter().zip(grads).enumerate() {
             if !p.learned {
                 continue;
             }
-            let g: Vec<T> = g.into_iter().map(|x| x * scale).collect();
             let (m, v) = &self.moments[learned.len()];
             args.extend([self.params[i].clone(), Value::real(Tensor::new(p.shape.clone(), g)), m.clone(), v.clone()]);
             learned.push(i);
@@ -553,16 +547,17 @@ fn from_f32s<T: Real>(shape: &[usize], data: &[f32]) -> Value<T> {
 }
 
 /// The optimizer function's scalar arguments after its tensors, for the step after
-/// `progress`, from the step's LR, routing-bias speed and gradient norm: the LR, both bias
-/// corrections, the bias speed and the norm.
+/// `progress`, from the step's LR, routing-bias speed, gradient norm and factor from the
+/// gradients' sum over the micro-batches to their mean: the LR, both bias corrections, the
+/// bias speed, the norm and the factor.
 pub(super) fn optimizer_scalars<T: Real>(
     spec: &Spec,
     progress: Progress,
-    [lr, bias_speed, grad_norm]: [f64; 3],
+    [lr, bias_speed, grad_norm, grad_scale]: [f64; 4],
 ) -> Vec<Value<T>> {
     let t = (progress.step + 1) as i32;
     let opt = &spec.train.optimizer;
-    [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed, grad_norm]
+    [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed, grad_norm, grad_scale]
         .into_iter()
         .map(|x| Value::real(Tensor::scalar(T::from_f64(x))))
         .collect()

@@ -72,17 +72,10 @@ impl ShardOptimizer {
     }
 
     /// Updates `params`, this rank's shard of one sharing's parameters, from `gradient`, the
-    /// shard of their gradient summed over the step's micro-batches, scaled by `scale` to
-    /// their mean; `scalars` are the optimizer function's (the LR, bias corrections, bias
-    /// speed and the whole model's gradient norm).
-    pub fn update(
-        &mut self,
-        sharing: Sharing,
-        params: &mut [f32],
-        gradient: &[f32],
-        scale: f32,
-        scalars: &[Value<f32>],
-    ) {
+    /// shard of their gradient summed over the step's micro-batches; `scalars` are the
+    /// optimizer function's (the LR, bias corrections, bias speed, the whole model's gradient
+    /// norm and the factor from the sum to the mean).
+    pub fn update(&mut self, sharing: Sharing, params: &mut [f32], gradient: &[f32], scalars: &[Value<f32>]) {
         let shard = &mut self.shards[sharing as usize];
         if shard.pieces.is_empty() {
             return;
@@ -93,7 +86,7 @@ impl ShardOptimizer {
             let range = piece.at..piece.at + piece.len;
             let flat = |data: Vec<f32>| Value::real(Tensor::new(vec![data.len()], data));
             args.push(flat(params[range.clone()].to_vec()));
-            args.push(flat(gradient[range].iter().map(|g| g * scale).collect()));
+            args.push(flat(gradient[range].to_vec()));
             args.extend([flat(std::mem::take(m)), flat(std::mem::take(v))]);
         }
         args.extend(scalars.iter().cloned());
@@ -220,7 +213,7 @@ mod tests {
                 .collect();
             let loads: Vec<Vec<f32>> = biases.iter().map(|&b| random(params[b].numel(), true)).collect();
             let value = |shape: Vec<usize>, data: &[f32]| Value::real(Tensor::new(shape, data.to_vec()));
-            let scalars: Vec<Value<f32>> = [3e-4, 0.1, 0.001, 1e-3, 5.0].map(|x| value(vec![], &[x])).to_vec();
+            let scalars: Vec<Value<f32>> = [3e-4, 0.1, 0.001, 1e-3, 5.0, 0.25].map(|x| value(vec![], &[x])).to_vec();
             let bias_args = biases.iter().zip(&loads).flat_map(|(&b, load)| {
                 let shape = params[b].shape.clone();
                 [value(shape.clone(), &state[b][0]), value(shape, load)]
