@@ -127,7 +127,9 @@ class Generated:
         shape = re.search(r"_m(\d+)_n(\d+)_s(\d+)(?:_c(\d+))?$", self.name).groups()
         self.tile_m, self.tile_n, self.stages = map(int, shape[:3])
         self.cluster = int(shape[3] or 1)
-        self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16)
+        # The stages with their two mbarriers, then the table of the experts' first tiles
+        # (`gemm::Tile::shared_bytes`; 257 entries).
+        self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16) + 4 * 257
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
 
@@ -147,6 +149,7 @@ class Generated:
         c = torch.full((m, n), float("nan"), device="cuda")
         keep = (tensor_map(qa, self.tile_m // self.cluster), tensor_map(qw, self.tile_n), scale_a, padded, c, qa, qw)
         args = tuple(np.uint64(t.data_ptr()) for t in keep[:5]) + (np.uint32(m), np.uint32(n), np.uint32(k))
+        args += (np.uint32(0),)  # accumulate: C is stored over, not added to
         rows = m // self.tile_m
         if self.grouped:
             experts = offsets.numel() - 1

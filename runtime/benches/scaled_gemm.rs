@@ -38,7 +38,7 @@ fn main() {
         let ((pa, _a), (pb, _b), (pd, _d)) =
             (da.device_ptr(&gpu.stream), db.device_ptr(&gpu.stream), dd.device_ptr(&gpu.stream));
         let (a, b) = (Fp8Operand::buffer(pa, m, k), Fp8Operand::buffer(pb, n, k));
-        let g = ScaledGemm { a, b, d: pd, m, n, k, b_groups: Groups::Blocks };
+        let g = ScaledGemm { a, b, d: pd, m, n, k, b_groups: Groups::Blocks, accumulate: false };
         let run = |times: usize| {
             let start = Instant::now();
             for _ in 0..times {

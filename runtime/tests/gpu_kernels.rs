@@ -155,8 +155,17 @@ fn generated_kernels_match_the_cpu_on_the_gpu() {
                 match blas {
                     None => kernels.launch(&gpu, function, kernel, &places, |v| bytes[&v]).expect("launch"),
                     Some(blas) => {
-                        gemm::run(&gpu, blas, function, &packed, kernel, &places, &mut Default::default())
-                            .expect("cuBLAS GEMM");
+                        gemm::run(
+                            &gpu,
+                            blas,
+                            function,
+                            &packed,
+                            kernel,
+                            &places,
+                            &mut Default::default(),
+                            &Default::default(),
+                        )
+                        .expect("cuBLAS GEMM");
                         gemms += 1;
                     }
                 }

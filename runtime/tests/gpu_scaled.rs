@@ -14,6 +14,7 @@ use dsc_runtime::cuda::places::Places;
 use dsc_runtime::cuda::scaled::{Fp8Operand, Groups, ScaledGemm};
 use dsc_runtime::cuda::Gpu;
 use dsc_runtime::rng::Rng;
+use std::collections::HashSet;
 
 fn relative_error(got: &[f64], want: &[f64]) -> f64 {
     let diff: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
@@ -83,7 +84,7 @@ fn fp8_gemms_on_cublaslt_match_the_cpu_reference() {
             let ((pa, _sa), (pb, _sb), (pd, _sd)) =
                 (da.device_ptr(&gpu.stream), db.device_ptr(&gpu.stream), dd.device_ptr(&gpu.stream));
             let (a, b) = (Fp8Operand::buffer(pa, m, k), Fp8Operand::buffer(pb, n, k));
-            let g = ScaledGemm { a, b, d: pd, m, n, k, b_groups };
+            let g = ScaledGemm { a, b, d: pd, m, n, k, b_groups, accumulate: false };
             blas.fp8.run(&gpu, &g).expect("cuBLASLt FP8 GEMM");
         }
         let got: Vec<f64> = gpu.stream.clone_dtoh(&dd).expect("download").into_iter().map(f64::from).collect();
@@ -143,7 +144,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
     let Some((gpu, plan, _)) = gpu_and_bench_plan() else { return };
     let blas = gpu.blas(false).expect("cuBLAS and cuBLASLt");
     let mut rng = Rng::new(11);
-    let (mut checked, mut worst) = (0, 0.0f64);
+    let (mut checked, mut worst, mut added) = (0, 0.0f64, 0);
     let mut seen = std::collections::HashSet::new();
     const ROWS: usize = 16;
     for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
@@ -175,21 +176,19 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
                 gpu.stream.memcpy_htod(&encoded, &mut arena.slice_mut(at..at + encoded.len())).expect("upload");
                 operands.push(q);
             }
-            gemm::run(
-                &gpu,
-                &blas,
-                function,
-                &packed,
-                kernel,
-                &Places::arena(&gpu, &arena, &layout),
-                &mut Default::default(),
-            )
-            .expect("the FP8 GEMM");
+            let places = Places::arena(&gpu, &arena, &layout);
+            let run = |adding: &HashSet<u32>| {
+                gemm::run(&gpu, &blas, function, &packed, kernel, &places, &mut Default::default(), adding)
+                    .expect("the FP8 GEMM")
+            };
+            run(&HashSet::new());
             // The results: the node's value, or each part of the concatenated form.
             let results: Vec<u32> = match node.op {
                 Op::ScaledMatMul { .. } => vec![v],
                 _ => (0..2).map(|part| function.part(V(v), part).expect("a read part").0).collect(),
             };
+            assert!(gemm::accumulates(function, kernel, &packed), "{} adds in place", kernel.name);
+            added += adds_in_place(&gpu, &arena, &layout, function, &results, run);
             let (Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote }) = node.op else { unreachable!() };
             let a = operands[0].rows(0..ROWS.min(operands[0].m));
             for (part, &r) in results.iter().enumerate() {
@@ -206,7 +205,7 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
             }
         }
     }
-    println!("{checked} FP8 GEMM results of the bench plan on cuBLASLt, worst relative error {worst:.2e}");
+    println!("{checked} FP8 GEMM results of the bench plan on cuBLASLt, worst relative error {worst:.2e}; {added} added in place");
     assert!(checked >= 10, "only {checked} FP8 GEMMs on cuBLASLt in the bench plan");
 }
 
@@ -251,7 +250,7 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
     use dsc_compiler::mlir::fp8;
     use dsc_runtime::cuda::gemm;
     let mut rng = Rng::new(13);
-    let (mut checked, mut worst) = (0, 0.0f64);
+    let (mut checked, mut worst, mut added) = (0, 0.0f64, 0);
     let mut seen = std::collections::HashSet::new();
     let read = |arena: &cudarc::driver::CudaSlice<u8>, at: usize, count: usize| -> Vec<f64> {
         let bytes = gpu.stream.clone_dtoh(&arena.slice(at..at + 4 * count)).expect("download");
@@ -307,16 +306,12 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
             let offsets_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
             let at = layout.offsets[&offsets_value] as usize;
             gpu.stream.memcpy_htod(&offsets_bytes, &mut arena.slice_mut(at..at + offsets_bytes.len())).expect("upload");
-            gemm::run(
-                gpu,
-                blas,
-                function,
-                &packed,
-                kernel,
-                &Places::arena(gpu, &arena, &layout),
-                &mut Default::default(),
-            )
-            .expect("the grouped FP8 GEMM");
+            let places = Places::arena(gpu, &arena, &layout);
+            let run = |adding: &HashSet<u32>| {
+                gemm::run(gpu, blas, function, &packed, kernel, &places, &mut Default::default(), adding)
+                    .expect("the grouped FP8 GEMM")
+            };
+            run(&HashSet::new());
             let with_rows: Vec<usize> = (0..experts).filter(|&e| offsets[e] < offsets[e + 1]).collect();
             let picked = [with_rows[0], with_rows[with_rows.len() / 2], with_rows[with_rows.len() - 1]];
             let mut compare = |got: Vec<f64>, want: Vec<f64>, what: String| {
@@ -347,6 +342,8 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
                             compare(read(&arena, out + 4 * row * k, k), want, format!("expert {e} row {row}"));
                         }
                     }
+                    assert!(gemm::accumulates(function, kernel, &packed), "{} adds in place", kernel.name);
+                    added += adds_in_place(gpu, &arena, &layout, function, &[v], run);
                 }
                 // The first and second pairs' products of a row, added.
                 Op::ConcatKScaledGroupedMatMul { fp8 } => {
@@ -394,8 +391,40 @@ fn grouped_rows_match(gpu: &Gpu, plan: &Plan, blas: &dsc_runtime::cuda::gemm::Bl
             }
         }
     }
-    println!("{checked} rows of the bench plan's grouped FP8 GEMMs ({path}), worst relative error {worst:.2e}");
+    println!(
+        "{checked} rows of the bench plan's grouped FP8 GEMMs ({path}), worst relative error {worst:.2e}; {added} Wgrads added in place"
+    );
     assert!(checked >= 30, "only {checked} rows of grouped FP8 GEMMs checked");
+    assert!(added >= 1, "no Wgrad added in place");
+}
+
+/// Runs a GEMM again (`run`, given the values it adds to) adding its `results` (values of
+/// `function` in `arena` at `layout`'s offsets) to what they hold, as a step's later
+/// micro-batches add their weight gradients to the first's: each comes out twice what it was
+/// (the same products added once, within f32 rounding should the library sum them in another
+/// order when it adds). How many were checked.
+fn adds_in_place(
+    gpu: &Gpu,
+    arena: &cudarc::driver::CudaSlice<u8>,
+    layout: &dsc_runtime::memory::Layout,
+    function: &dsc_compiler::graph::ir::Function,
+    results: &[u32],
+    run: impl FnOnce(&HashSet<u32>),
+) -> usize {
+    let read = |r: u32| {
+        let (at, count) = (layout.offsets[&r] as usize, function.nodes[r as usize].shape.iter().product::<usize>());
+        let bytes = gpu.stream.clone_dtoh(&arena.slice(at..at + 4 * count)).expect("download");
+        bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect::<Vec<f32>>()
+    };
+    let before: Vec<Vec<f32>> = results.iter().map(|&r| read(r)).collect();
+    run(&results.iter().copied().collect());
+    for (&r, before) in results.iter().zip(&before) {
+        let after: Vec<f64> = read(r).into_iter().map(f64::from).collect();
+        let twice: Vec<f64> = before.iter().map(|&x| 2.0 * f64::from(x)).collect();
+        let error = relative_error(&after, &twice);
+        assert!(error <= 1e-6, "%{r}: {error:.2e} off twice what it held");
+    }
+    results.len()
 }
 
 /// Without a GPU: every library GEMM of the bench plan (compiled here, without MLIR) runs on

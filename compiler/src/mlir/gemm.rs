@@ -23,8 +23,9 @@
 //! clusters of two ([`Tile::cluster`]) a pair of blocks takes neighbouring tiles along N and
 //! shares A: each producer loads half of A's rows and multicasts it to both blocks, and every
 //! consumer warp releases the stage in both (their `empty` barriers count the pair's warps).
-//! The grouped form may sum a second product over its own K into C (`Form::Grouped`); no
-//! other fused epilogue yet. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR
+//! The grouped form may sum a second product over its own K into C (`Form::Grouped`); and a
+//! launch may ask any form to add its products to what C holds (`accumulate`: a gradient summed
+//! over micro-batches where it lies) instead of storing over it. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR
 //! 22's NVVM ops for them need the struct plumbing this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
 //! a multiple of n times the cluster's blocks).
@@ -162,7 +163,8 @@ pub fn candidates(form: Form) -> &'static [Tile] {
 /// blocks of `tile` (checked by [`Tile::check`]). Launch: any number of blocks along x (each
 /// takes every so-many tile of [`Form`]'s; one per multiprocessor at most is best),
 /// `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
-/// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K (u32).
+/// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K and
+/// `accumulate` (u32: non-zero adds the products to C's values instead of storing over them).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check().expect("a valid tile");
     let Tile { m: tile_m, n: tile_n, stages, cluster } = tile;
@@ -173,6 +175,8 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let mut g = Lines::new();
     let tid = g.index_i64("gpu.thread_id x");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
+    let zero32 = g.i32(0);
+    let accumulating = g.line(format!("llvm.icmp \"ne\" %accumulate, {zero32} : i32"));
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let expert_tiles = g.line(format!(
         "llvm.getelementptr {smem}[{}] : (!llvm.ptr<3>) -> !llvm.ptr<3>, i8",
@@ -498,23 +502,41 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 // any is stored (one by one, each inside its row's and column's conditions,
                 // every load waited out memory's latency): from places clamped into the block's
                 // rows and C's columns, used only where stored.
-                let mut earlier = Vec::new();
-                if later {
+                // C's own sums come first where the launch accumulates into C (the values are
+                // the same loads, under a condition the whole block takes alike).
+                let load_earlier = |g: &mut Lines| {
                     let [last_row, last_column] = [g.op_c("sub", &valid, 1), g.op_c("sub", &n, 2)];
                     let row = clamp(g, row, &last_row);
                     let c_row = g.op("add", &m0, &row);
                     let row_at = g.op("mul", &c_row, &n);
+                    let mut loaded = Vec::new();
                     for i in pairs.clone() {
                         let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
                         let column = clamp(g, &column, &last_column);
                         let at = g.op("add", &row_at, &column);
                         let p =
                             g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-                        earlier.push(
+                        loaded.push(
                             g.line(format!("llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>")),
                         );
                     }
-                }
+                    loaded
+                };
+                let earlier = if later {
+                    load_earlier(g)
+                } else {
+                    let count = pairs.clone().count();
+                    let types = vec!["vector<2xf32>"; count].join(", ");
+                    let loaded = g.fresh();
+                    g.stmt(format!("{loaded}:{count} = scf.if {accumulating} -> ({types}) {{"));
+                    let values = load_earlier(g);
+                    g.stmt(format!("scf.yield {} : {types}", values.join(", ")));
+                    g.stmt("} else {");
+                    let none = g.line("llvm.mlir.zero : vector<2xf32>");
+                    g.stmt(format!("scf.yield {} : {types}", vec![none; count].join(", ")));
+                    g.stmt("}");
+                    (0..count).map(|i| format!("{loaded}#{i}")).collect()
+                };
                 let mut earlier = earlier.into_iter();
                 let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
                 g.stmt(format!("scf.if {here} {{"));
@@ -532,9 +554,12 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
                     let mut pair =
                         g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
-                    if let Some(earlier) = earlier.next() {
-                        pair = g.line(format!("llvm.fadd {earlier}, {pair} : vector<2xf32>"));
-                    }
+                    let sum =
+                        g.line(format!("llvm.fadd {}, {pair} : vector<2xf32>", earlier.next().expect("a load a pair")));
+                    pair = match later {
+                        true => sum,
+                        false => g.line(format!("llvm.select {accumulating}, {sum}, {pair} : i1, vector<2xf32>")),
+                    };
                     g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
                     g.stmt("}");
                 }
@@ -556,7 +581,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
          llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
          gpu.func @{name}(%ta: !llvm.ptr<1>, %tb: !llvm.ptr<1>, %sa: !llvm.ptr<1>, %sb: !llvm.ptr<1>, %c: !llvm.ptr<1>, \
-         %m: i32, %n: i32, %k: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>{clusters}}} {{\n{body}      \
+         %m: i32, %n: i32, %k: i32, %accumulate: i32{grouped}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>{clusters}}} {{\n{body}      \
          gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
         threads = tile.threads(),

@@ -129,17 +129,19 @@ pub(super) struct Call {
 /// (`delivered`, by node): the gradient function's results handed straight to the state
 /// ([`memory::delivered`]: each call result's address there), added to what is there (`add`:
 /// after a step's first micro-batch) or copied; a callee's results, written where its caller
-/// stores them.
+/// stores them, or added there by the GEMMs that make them (`adding`: a gradient summed over
+/// micro-batches in place, [`gemm::accumulates`]).
 pub(super) struct Binding {
     pub(super) origins: Vec<Option<usize>>,
     pub(super) delivered: HashMap<u32, u64>,
     pub(super) add: bool,
+    pub(super) adding: HashSet<u32>,
 }
 
 impl Binding {
     /// Arguments of their own, results in the arena.
     pub(super) fn none(args: usize) -> Binding {
-        Binding { origins: vec![None; args], delivered: HashMap::new(), add: false }
+        Binding { origins: vec![None; args], delivered: HashMap::new(), add: false, adding: HashSet::new() }
     }
 }
 
@@ -470,8 +472,11 @@ impl Executor {
                         }
                     }
                     let category = |this: &Self| format!("{} {}", this.plan.module.functions[f].name, kernel.ops[0]);
-                    self.timed(category, kernel.seconds, |this| this.launch(f, kernel, &places, &mut read_back))
-                        .map_err(|e| at(e, &kernel.name))?;
+                    let adding = &call.binding.adding;
+                    self.timed(category, kernel.seconds, |this| {
+                        this.launch(f, kernel, &places, &mut read_back, adding)
+                    })
+                    .map_err(|e| at(e, &kernel.name))?;
                     if self.checked {
                         self.gpu.stream.synchronize().map_err(|e| at(e.into(), &kernel.name))?;
                     }
@@ -531,16 +536,24 @@ impl Executor {
             })
             .collect();
         // The callee's kernels write its results straight into their part buffers (a part
-        // lives from the call on, so it shares no bytes with the call's arguments); the rest
-        // (arguments passed through, constants, sums into the state) are copied or written after.
-        let mut delivered = HashMap::new();
+        // lives from the call on, so it shares no bytes with the call's arguments), and its
+        // GEMMs that can add theirs into the state's sums there; the rest (arguments passed
+        // through, constants, other sums into the state) are copied, written or added after.
+        let (mut delivered, mut adding) = (HashMap::new(), HashSet::new());
         for &(g, _, out, adds) in &parts {
             let computed = !matches!(called.node(out).op, Op::Const(_) | Op::Arg(_));
-            if !adds && computed && self.bytes[callee].get(&out.0) == self.bytes[f].get(&g) {
+            if !computed || self.bytes[callee].get(&out.0) != self.bytes[f].get(&g) {
+                continue;
+            }
+            if adds && self.accumulates(callee, out.0) {
+                adding.insert(out.0);
+            }
+            if !adds || adding.contains(&out.0) {
                 delivered.insert(out.0, places.at(g));
             }
         }
-        let results = self.invoke(callee, &inputs, Binding { origins, delivered, add: false })?;
+        let binding = Binding { origins, delivered, add: false, adding };
+        let results = self.invoke(callee, &inputs, binding)?;
         for (g, part, out, adds) in parts {
             let (to, want) = (places.at(g), self.bytes[f][&g]);
             match called.node(out).op {
@@ -558,7 +571,7 @@ impl Executor {
                         )));
                     }
                     let from = results.places(&self.gpu).at(out.0);
-                    if adds || from != to {
+                    if !results.binding.adding.contains(&out.0) && (adds || from != to) {
                         self.move_bytes(&called.name, (from, to, want), adds)?;
                     }
                 }
@@ -605,13 +618,29 @@ impl Executor {
         .map_err(|e| GpuError::Unsupported(format!("cuBLAS saxpy: {e:?}")))
     }
 
-    /// Runs a kernel on its path: generated, library GEMM, or on the host.
+    /// Whether value `v` of function `f` is made by a library GEMM that can add it to what
+    /// its buffer holds ([`gemm::accumulates`]), and nothing in `f` reads it (which would read
+    /// the sum).
+    fn accumulates(&self, f: usize, v: u32) -> bool {
+        let function = &self.plan.module.functions[f];
+        let packed = &self.packed[f];
+        let read = function.nodes.iter().any(|n| n.args.iter().any(|&a| base(function, a).0 == v));
+        !read
+            && self.plan.functions[f].kernels.iter().find(|k| k.outputs.contains(&v)).is_some_and(|k| {
+                let attention = self.attention.as_ref().is_some_and(|a| a.runs(function, k, packed));
+                matches!(k.code, Code::Library) && !attention && gemm::accumulates(function, k, packed)
+            })
+    }
+
+    /// Runs a kernel on its path: generated, library GEMM (adding to their buffers the
+    /// results in `adding`), or on the host.
     fn launch(
         &mut self,
         f: usize,
         kernel: &Kernel,
         places: &Places,
         read_back: &mut gemm::ReadBack,
+        adding: &HashSet<u32>,
     ) -> Result<(), GpuError> {
         let function = &self.plan.module.functions[f];
         match kernel.code {
@@ -626,7 +655,7 @@ impl Executor {
                 self.counts.attention += 1;
             }
             Code::Library if gemm::runs(function, kernel, &self.packed[f]) => {
-                gemm::run(&self.gpu, &self.blas, function, &self.packed[f], kernel, places, read_back)?;
+                gemm::run(&self.gpu, &self.blas, function, &self.packed[f], kernel, places, read_back, adding)?;
                 self.counts.library += 1;
             }
             _ => {

@@ -49,6 +49,7 @@ pub struct Blas {
 
 /// One batched product: C = op(A)·op(B), plus what C held when `accumulate`; or in FP8
 /// (`b_groups` given) C = A·Bᵀ of quantised K-major operands.
+#[derive(Clone, Copy)]
 struct Product<'s> {
     a: (u32, &'s [usize]),
     b: (u32, &'s [usize]),
@@ -177,6 +178,7 @@ fn on_expert_gemms(
     places: &Places,
     name: &str,
     g: &Grouped,
+    adding: &HashSet<u32>,
 ) -> Result<bool, GpuError> {
     let offsets = places.at(g.offsets);
     let Some(form) = g.kind.expert_form() else { return Ok(false) };
@@ -191,9 +193,9 @@ fn on_expert_gemms(
                 let (count, n) = (w.1[0], w.1[1]);
                 let a = Fp8Operand::buffer(places.at(g.xs.0), rows, k);
                 let b = Fp8Operand::buffer(places.at(w.0), count * n, k);
-                let product =
-                    TiledProduct { a, b, out: places.at(out), offsets, rows, n, k, experts: count, plus: None };
-                kernel.run(gpu, &product)?;
+                let (plus, accumulate) = (None, adding.contains(&out));
+                let out = places.at(out);
+                kernel.run(gpu, &TiledProduct { a, b, out, offsets, rows, n, k, experts: count, plus, accumulate })?;
             }
             Ok(true)
         }
@@ -210,8 +212,9 @@ fn on_expert_gemms(
                 b: Fp8Operand::buffer(places.at(weight2.0), count * n, k2),
                 k: k2,
             };
+            let (plus, accumulate) = (Some(plus), adding.contains(out));
             let out = places.at(*out);
-            kernel.run(gpu, &TiledProduct { a, b, out, offsets, rows, n, k, experts: count, plus: Some(plus) })?;
+            kernel.run(gpu, &TiledProduct { a, b, out, offsets, rows, n, k, experts: count, plus, accumulate })?;
             Ok(true)
         }
         GroupedKind::ScaledWgrad { grad, out } => {
@@ -221,10 +224,9 @@ fn on_expert_gemms(
             }
             let a = Fp8Operand::buffer(places.at(grad.0), rows, capacity);
             let b = Fp8Operand::buffer(places.at(g.xs.0), n, capacity);
-            let count = function.nodes[*out as usize].shape[0];
-            let product =
-                TiledProduct { a, b, out: places.at(*out), offsets, rows, n, k: capacity, experts: count, plus: None };
-            kernel.run(gpu, &product)?;
+            let (count, accumulate) = (function.nodes[*out as usize].shape[0], adding.contains(out));
+            let (out, k, plus) = (places.at(*out), capacity, None);
+            kernel.run(gpu, &TiledProduct { a, b, out, offsets, rows, n, k, experts: count, plus, accumulate })?;
             Ok(true)
         }
         GroupedKind::Products { .. } | GroupedKind::Wgrad { .. } => Ok(false),
@@ -414,9 +416,22 @@ pub fn runs(function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> bool
     plan(function, kernel, packed).is_some()
 }
 
+/// Whether library GEMM `kernel` can add its results to what their buffers hold ([`run`]'s
+/// `adding`) instead of storing over it: its products (not onto an addend of its own), or
+/// the experts' weight gradients.
+pub fn accumulates(function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> bool {
+    match plan(function, kernel, packed) {
+        Some(Work::Products(plan)) => plan.addend.is_none(),
+        Some(Work::Grouped(g)) => matches!(g.kind, GroupedKind::Wgrad { .. } | GroupedKind::ScaledWgrad { .. }),
+        None => false,
+    }
+}
+
 /// Runs library GEMM `kernel` (of `function`, whose `packed` values are stored as bf16) on its
-/// buffers at `places`; a grouped GEMM takes its experts' row offsets from `read_back` (this
+/// buffers at `places`, adding to what they hold the results in `adding` (where it
+/// [`accumulates`]); a grouped GEMM takes its experts' row offsets from `read_back` (this
 /// call's).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,
     blas: &Blas,
@@ -425,15 +440,16 @@ pub fn run(
     kernel: &Kernel,
     places: &Places,
     read_back: &mut ReadBack,
+    adding: &HashSet<u32>,
 ) -> Result<(), GpuError> {
     let plan = match plan(function, kernel, packed) {
         Some(Work::Products(plan)) => plan,
         Some(Work::Grouped(g)) => {
-            if on_expert_gemms(gpu, &blas.generated, function, places, &kernel.name, &g)? {
+            if on_expert_gemms(gpu, &blas.generated, function, places, &kernel.name, &g, adding)? {
                 return Ok(());
             }
             let offsets = read_back.offsets(gpu, places, g.offsets, bytes_of(function, g.offsets))?;
-            return grouped(gpu, blas, function, places, &g, offsets);
+            return grouped(gpu, blas, function, places, &g, offsets, adding);
         }
         None => {
             let op = function.nodes[kernel.nodes[0] as usize].op.name();
@@ -441,22 +457,28 @@ pub fn run(
         }
     };
     if let Some((from, to)) = plan.addend {
+        assert!(!adding.contains(&to), "a product onto an addend of its own adds to nothing else");
         places::copy(gpu, places.at(from), places.at(to), bytes_of(function, to))?;
     }
     // A dense FP8 product with weight blocks runs on the generated tile its tuning chose.
     let generated = blas.generated.for_kernel(&kernel.name, Form::Dense);
     for p in &plan.products {
+        let accumulate = p.accumulate || adding.contains(&p.c);
         match p.b_groups {
-            None => product(&blas.f32, places, p)?,
+            None => product(&blas.f32, places, &Product { accumulate, ..*p })?,
             Some(b_groups) => {
                 let (m, k, n) = (p.a.1[0], p.a.1[1], p.b.1[0]);
                 let (a, b) = (Fp8Operand::buffer(places.at(p.a.0), m, k), Fp8Operand::buffer(places.at(p.b.0), n, k));
                 match generated.filter(|g| b_groups == Groups::Blocks && g.fits(m, n, k)) {
                     Some(tiled) => {
                         let (out, offsets, experts, plus) = (places.at(p.c), 0, 1, None);
-                        tiled.run(gpu, &TiledProduct { a, b, out, offsets, rows: m, n, k, experts, plus })?
+                        let product = TiledProduct { a, b, out, offsets, rows: m, n, k, experts, plus, accumulate };
+                        tiled.run(gpu, &product)?
                     }
-                    None => blas.fp8.run(gpu, &ScaledGemm { a, b, d: places.at(p.c), m, n, k, b_groups })?,
+                    None => {
+                        let d = places.at(p.c);
+                        blas.fp8.run(gpu, &ScaledGemm { a, b, d, m, n, k, b_groups, accumulate })?
+                    }
                 }
             }
         }
@@ -509,13 +531,21 @@ fn grouped(
     places: &Places,
     g: &Grouped,
     offsets: &[usize],
+    adding: &HashSet<u32>,
 ) -> Result<(), GpuError> {
+    // The weight gradients of experts without rows are zeros (or, adding, what is there).
+    let mut accumulate = false;
     if let GroupedKind::Wgrad { out, .. } | GroupedKind::ScaledWgrad { out, .. } = g.kind {
-        places::zero(gpu, places.at(out), bytes_of(function, out))?;
+        accumulate = adding.contains(&out);
+        if !accumulate {
+            places::zero(gpu, places.at(out), bytes_of(function, out))?;
+        }
     }
     match &g.kind {
         GroupedKind::ScaledProducts { weights } => return scaled_products(gpu, &blas.fp8, places, g, weights, offsets),
-        GroupedKind::ScaledWgrad { grad, out } => return scaled_wgrad(gpu, &blas.fp8, places, g, *grad, *out, offsets),
+        GroupedKind::ScaledWgrad { grad, out } => {
+            return scaled_wgrad(gpu, &blas.fp8, places, g, (*grad, *out), offsets, accumulate)
+        }
         GroupedKind::ScaledSum { .. } => {
             return Err(GpuError::Unsupported(
                 "the sum of two grouped FP8 products off the compiler's expert GEMM (the plan carries it)".into(),
@@ -565,7 +595,7 @@ fn grouped(
                     k: rows,
                     ta: true,
                     tb: false,
-                    accumulate: false,
+                    accumulate,
                     factors: g.factors,
                     batch: 1,
                     strides: [0, 0],
@@ -647,7 +677,7 @@ fn scaled_products(
                     ld: k,
                 };
                 let d = if p.in_place { places.at(out) + (4 * p.first * n) as u64 } else { out_at };
-                lt.run(gpu, &ScaledGemm { a, b, d, m: p.m, n, k, b_groups: Groups::Blocks })?;
+                lt.run(gpu, &ScaledGemm { a, b, d, m: p.m, n, k, b_groups: Groups::Blocks, accumulate: false })?;
                 if !p.in_place {
                     let bytes = 4 * p.rows * n;
                     copy_2d(gpu, out_at, bytes, places.at(out) + (4 * p.first * n) as u64, bytes, bytes, 1)?;
@@ -665,9 +695,9 @@ fn scaled_wgrad(
     lt: &Lt,
     places: &Places,
     g: &Grouped,
-    grad: Operand,
-    out: u32,
+    (grad, out): (Operand, u32),
     offsets: &[usize],
+    accumulate: bool,
 ) -> Result<(), GpuError> {
     let (n, k, capacity) = (grad.1[0], g.xs.1[0], grad.1[1]);
     let (qg, qx) =
@@ -683,7 +713,7 @@ fn scaled_wgrad(
         if tokens > 0 {
             let (a, b) = (columns(qg, n, start), columns(qx, k, start));
             let d = places.at(out) + (4 * e * n * k) as u64;
-            lt.run(gpu, &ScaledGemm { a, b, d, m: n, n: k, k: tokens, b_groups: Groups::Tiles })?;
+            lt.run(gpu, &ScaledGemm { a, b, d, m: n, n: k, k: tokens, b_groups: Groups::Tiles, accumulate })?;
         }
         start += tokens;
     }

@@ -197,6 +197,8 @@ pub struct TiledProduct {
     pub k: usize,
     pub experts: usize,
     pub plus: Option<Addend>,
+    /// Whether the products add to what `out` holds (else they are stored over it).
+    pub accumulate: bool,
 }
 
 /// A grouped product's second pair of operands, its product added to the first's: `a` [rows,
@@ -260,7 +262,8 @@ impl GeneratedGemm {
         let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, b_box)?;
         let mut launch = gpu.stream.launch_builder(&self.function);
         launch.arg(&a_map).arg(&b_map).arg(&p.a.scales).arg(&p.b.scales).arg(&p.out);
-        launch.arg(&rows).arg(&n).arg(&k);
+        let accumulate = u32::from(p.accumulate);
+        launch.arg(&rows).arg(&n).arg(&k).arg(&accumulate);
         if self.form != Form::Dense {
             launch.arg(&p.offsets).arg(&experts);
         }
@@ -277,7 +280,7 @@ impl GeneratedGemm {
             launch.arg(&second.0).arg(&second.1).arg(&second.2).arg(&second.3).arg(&second.4);
         }
         // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: the operands'
-        // tensor maps, three pointers, M, N, K, but for the dense form the offsets and E, and the grouped form's second
+        // tensor maps, three pointers, M, N, K, whether to accumulate, but for the dense form the offsets and E, and the grouped form's second
         // pair's maps, scales and K), each map of a live buffer of the plan and each pointer
         // the address of one, with the sizes given.
         unsafe { launch.launch(config) }?;

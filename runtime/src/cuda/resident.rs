@@ -34,7 +34,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use dsc_compiler::fuse::kernels::{base, packs};
 use dsc_compiler::graph::ir::{Op, V};
 use dsc_compiler::graph::zero::Member;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 /// Device memory left free beside the arenas for the libraries' workspaces.
@@ -185,7 +185,7 @@ impl Executor {
         let origins = (0..inputs.len()).map(|i| (i < info.len()).then_some(i)).collect();
         let delivered: HashMap<u32, u64> =
             self.delivered.iter().map(|(&part, &k)| (part, address(gpu, &state.grads, state.at[k - grads]))).collect();
-        let call = self.invoke(f, &inputs, Binding { origins, delivered, add: !first })?;
+        let call = self.invoke(f, &inputs, Binding { origins, delivered, add: !first, adding: HashSet::new() })?;
         let plan = self.plan.clone();
         let mut before = Vec::with_capacity(grads);
         let function = &plan.module.functions[f];

@@ -55,7 +55,8 @@ impl Fp8Operand {
     }
 }
 
-/// One FP8 GEMM: D [m, n] (f32, row-major, at `d`) = A [m, k] · B [n, k]ᵀ.
+/// One FP8 GEMM: D [m, n] (f32, row-major, at `d`) = A [m, k] · B [n, k]ᵀ, plus what D held
+/// where it `accumulate`s.
 pub struct ScaledGemm {
     pub a: Fp8Operand,
     pub b: Fp8Operand,
@@ -64,6 +65,7 @@ pub struct ScaledGemm {
     pub n: usize,
     pub k: usize,
     pub b_groups: Groups,
+    pub accumulate: bool,
 }
 
 /// What an algorithm is chosen for: (m rounded up to a power of two, n, k, a's and b's
@@ -125,7 +127,7 @@ impl Lt {
             )
             .map_err(lt)?;
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
         let (workspace, _sync) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &gpu.stream);
         // SAFETY: the descriptors are live until the end of this function; the operands, scales
         // and result lie in the caller's arena at the addresses given, sized by m, n and k as

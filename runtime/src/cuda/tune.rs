@@ -47,7 +47,7 @@ pub fn tune(
             let measure = |blas: &gemm::Blas| -> Result<_, GpuError> {
                 let run = |blas: &gemm::Blas| {
                     let places = Places::arena(gpu, &operands.arena, &operands.layout);
-                    gemm::run(gpu, blas, function, &packed, kernel, &places, &mut ReadBack::default())
+                    gemm::run(gpu, blas, function, &packed, kernel, &places, &mut ReadBack::default(), &HashSet::new())
                 };
                 // Its outputs poisoned (NaN) first: a result not written is never right.
                 operands.poison(gpu)?;
