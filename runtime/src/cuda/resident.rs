@@ -8,8 +8,9 @@
 //! step of the bench model moved and converted tens of GB).
 //!
 //! The gradient function reads the parameters in place (their FP8 copies made once a step:
-//! [`super::weights`]); its gradients are added into the
-//! sums with cuBLAS (the first micro-batch's copied, the next ones `saxpy`). Where the
+//! [`super::weights`]); its gradients go into the sums: the first micro-batch's written
+//! there (or copied), the next ones' added there by the GEMMs that make them where they can
+//! (`exec`'s `adding`), else with cuBLAS `saxpy`. Where the
 //! executor has joined data-parallel peers ([`Executor::join`]), NCCL reduce-scatters the sums
 //! so that each process holds its shard of the total; its `snrm2` squared is the process's
 //! part of the gradient norm (of the sum: the trainer scales it to the mean's, and the
