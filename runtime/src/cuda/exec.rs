@@ -582,14 +582,14 @@ impl Executor {
     }
 
     /// Copies the `bytes` at device address `from` to `to`, or with `add` adds their f32s into
-    /// those there, in stream order; profiled as `what`'s copy or add.
+    /// those there, in stream order; profiled as `what`'s result copy or add.
     pub(super) fn move_bytes(
         &mut self,
         what: &str,
         (from, to, bytes): (u64, u64, usize),
         add: bool,
     ) -> Result<(), GpuError> {
-        let category = |_: &Self| format!("{what} {}", if add { "add" } else { "copy" });
+        let category = |_: &Self| format!("{what} result {}", if add { "add" } else { "copy" });
         self.timed(category, 0.0, |this| match add {
             true => this.add_into(from, to, bytes),
             false => places::copy(&this.gpu, from, to, bytes),

@@ -10,7 +10,9 @@
 //! calls' host time: what the kernels do not cover of it is the stream waiting for the host.
 //! It also times the gaps between one measured kernel's end and the next one's start (the
 //! stream idle, waiting for the host, or running what is not measured), each named by what
-//! follows it: the kernel's category, or the top-level call that ended before it.
+//! follows it: the kernel's category, or the top-level call that ended before it. A gap after
+//! a call holds the profile's own reading back of the call's events, which the report gives
+//! beside them (without the profile the stream does not wait for it).
 
 use super::GpuError;
 use cudarc::driver::sys::CUevent_flags;
@@ -65,6 +67,8 @@ pub struct Profile {
     last_end: Option<Arc<CudaEvent>>,
     /// The top-level call that ended since the last measured kernel, if one did.
     ended_call: Option<String>,
+    /// Host seconds spent reading the events back.
+    readback_s: f64,
 }
 
 impl Profile {
@@ -96,6 +100,13 @@ impl Profile {
     /// Reads back what the kernels measured since the last time, and counts a top-level call
     /// of kind `call` that took `call_s` on the host (the first of its kind as the warm-up).
     pub fn settle(&mut self, call: &str, call_s: f64) -> Result<(), GpuError> {
+        let started = Instant::now();
+        let result = self.read_back(call, call_s);
+        self.readback_s += started.elapsed().as_secs_f64();
+        result
+    }
+
+    fn read_back(&mut self, call: &str, call_s: f64) -> Result<(), GpuError> {
         self.ended_call = Some(call.to_string());
         let calls = self.calls.entry(call.to_string()).or_default();
         if calls.first_s.is_none() {
@@ -169,8 +180,10 @@ impl Profile {
         let (count, gap_s) = gaps.iter().fold((0, 0.0), |(n, s), (_, (m, t))| (n + m, s + t));
         let _ = writeln!(
             out,
-            "gaps between the kernels (the stream idle or running what is not measured): {count}, {:.2} ms; the largest by what follows them:",
-            gap_s * 1e3
+            "gaps between the kernels (the stream idle or running what is not measured): {count}, {:.2} ms, {:.2} ms of it the \
+             profile reading its events back after the calls; the largest by what follows them:",
+            gap_s * 1e3,
+            self.readback_s * 1e3
         );
         for (follows, (n, s)) in gaps.iter().take(rows.min(8)) {
             let _ = writeln!(out, "  {follows:<42} {n:>9} {:>11.2}", s * 1e3);
@@ -202,6 +215,7 @@ mod tests {
         for (follows, gap_s) in [("a", 0.1e-3), ("after a call: gradients", 0.4e-3), ("b", 0.2e-3)] {
             profile.gap_totals.insert(follows.into(), (3, gap_s));
         }
+        profile.readback_s = 0.3e-3;
         let report = profile.report(2);
         let lines: Vec<&str> = report.lines().collect();
         assert!(lines[1].starts_with("b ") && lines[2].starts_with("c "), "{report}");
@@ -209,7 +223,10 @@ mod tests {
         assert!(lines[4].starts_with("all kernels") && lines[4].contains("6.50"), "{report}");
         assert!(lines[5].starts_with("gradients: 1 calls after the first, 10.00 ms"), "{report}");
         assert!(lines[6].contains("covers 65.0%"), "{report}");
-        assert!(lines[7].starts_with("gaps between the kernels") && lines[7].contains(": 9, 0.70 ms"), "{report}");
+        assert!(
+            lines[7].starts_with("gaps between the kernels") && lines[7].contains(": 9, 0.70 ms, 0.30 ms of it"),
+            "{report}"
+        );
         assert!(lines[8].trim_start().starts_with("after a call: gradients") && lines[8].ends_with("0.40"), "{report}");
         assert!(lines[9].trim_start().starts_with("b ") && lines.len() == 10, "{report}");
     }
