@@ -498,6 +498,7 @@ fn a_compiled_plan_trains_like_the_unfused_graph() {
         "quantize",
         "scaled_matmul",
         "concat_scaled_matmul",
+        "concat_k_scaled_matmul",
         // The experts' FP8 Wgrad reads its operands quantised per expert along tokens.
         "quantize_by_expert",
         "scaled_grouped_wgrad",

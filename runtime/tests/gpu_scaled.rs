@@ -134,7 +134,8 @@ fn gpu_and_bench_plan() -> Option<(Gpu, Plan, std::path::PathBuf)> {
 /// operands quantised in the groups their producers write): the first rows of each result
 /// (all of them would take the CPU minutes) match the CPU reference's FP8 GEMM within 1e-3.
 /// This checks the library GEMM's wiring: which operand is which, the K-major layouts, the
-/// scale groups, the parts of the concatenated form.
+/// scale groups, the parts of the concatenated form, the second product of the sum added to
+/// the first's. Then each runs again adding to its results ([`adds_in_place`]).
 #[test]
 fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
     use dsc_compiler::fuse::kernels::{base, Code};
@@ -155,7 +156,10 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
         for kernel in &pf.kernels {
             let v = kernel.nodes[0];
             let node = &function.nodes[v as usize];
-            let scaled = matches!(node.op, Op::ScaledMatMul { .. } | Op::ConcatScaledMatMul { .. });
+            let scaled = matches!(
+                node.op,
+                Op::ScaledMatMul { .. } | Op::ConcatScaledMatMul { .. } | Op::ConcatKScaledMatMul { .. }
+            );
             if !matches!(kernel.code, Code::Library) || !scaled || !gemm::runs(function, kernel, &packed) {
                 continue;
             }
@@ -182,18 +186,29 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
                     .expect("the FP8 GEMM")
             };
             run(&HashSet::new());
-            // The results: the node's value, or each part of the concatenated form.
+            // The results: the node's value (a product, or the sum of two), or each part of the
+            // concatenated form.
             let results: Vec<u32> = match node.op {
-                Op::ScaledMatMul { .. } => vec![v],
+                Op::ScaledMatMul { .. } | Op::ConcatKScaledMatMul { .. } => vec![v],
                 _ => (0..2).map(|part| function.part(V(v), part).expect("a read part").0).collect(),
             };
-            assert!(gemm::accumulates(function, kernel, &packed), "{} adds in place", kernel.name);
-            added += adds_in_place(&gpu, &arena, &layout, function, &results, run);
-            let (Op::ScaledMatMul { promote } | Op::ConcatScaledMatMul { promote }) = node.op else { unreachable!() };
-            let a = operands[0].rows(0..ROWS.min(operands[0].m));
+            let (Op::ScaledMatMul { promote }
+            | Op::ConcatScaledMatMul { promote }
+            | Op::ConcatKScaledMatMul { promote }) = node.op
+            else {
+                unreachable!()
+            };
+            let rows = ROWS.min(operands[0].m);
+            let product =
+                |a: usize, b: usize| matmul_fp8(&operands[a].rows(0..rows), &operands[b].transposed(), promote);
             for (part, &r) in results.iter().enumerate() {
-                let b = &operands[1 + part];
-                let want = matmul_fp8(&a, &b.transposed(), promote);
+                let want = match node.op {
+                    // Each product rounded to f32, then their sum.
+                    Op::ConcatKScaledMatMul { .. } => {
+                        product(0, 1).iter().zip(product(2, 3)).map(|(x, y)| f64::from(*x as f32 + y as f32)).collect()
+                    }
+                    _ => product(0, 1 + part),
+                };
                 let at = layout.offsets[&r] as usize;
                 let got = gpu.stream.clone_dtoh(&arena.slice(at..at + want.len() * 4)).expect("download");
                 let got: Vec<f64> =
@@ -203,6 +218,8 @@ fn the_bench_plans_fp8_gemms_run_on_cublaslt() {
                 worst = worst.max(error);
                 checked += 1;
             }
+            assert!(gemm::accumulates(function, kernel, &packed), "{} adds in place", kernel.name);
+            added += adds_in_place(&gpu, &arena, &layout, function, &results, run);
         }
     }
     println!("{checked} FP8 GEMM results of the bench plan on cuBLASLt, worst relative error {worst:.2e}; {added} added in place");
@@ -226,8 +243,8 @@ fn random_offsets(rng: &mut Rng, rows: usize, experts: usize) -> Vec<i32> {
 /// through `gemm::run` on random FP8 operands and random expert offsets (two experts empty, a
 /// ragged last one): the first and last rows of the first, a middle and the last expert with
 /// rows match the CPU reference's FP8 GEMM of those rows within 1e-3 (all of them would take
-/// the CPU minutes); rows of the Wgrad's result likewise, and an empty expert's gradient is 0.
-/// Twice: with cuBLASLt, one product per expert (not the sum, which only the compiler's GEMM
+/// the CPU minutes); rows of the Wgrad's result likewise, and an empty expert's gradient is 0,
+/// and the Wgrad run again adds to its result ([`adds_in_place`]). Twice: with cuBLASLt, one product per expert (not the sum, which only the compiler's GEMM
 /// adds), and with the compiler's expert GEMMs the plan carries (the offsets read on the
 /// device).
 #[test]

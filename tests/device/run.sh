@@ -59,6 +59,9 @@ bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weigh
 usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile tune quick table [N] long N fp8 N bf16 N gemm attention train N ncu [N] dp [N]"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The checks that failed, named again at the very end (a long call's first lines do not come
+# back), which then exits 1.
+failed=()
 while [ $# -gt 0 ]; do
   stage=$1
   shift
@@ -67,12 +70,14 @@ while [ $# -gt 0 ]; do
   case "$stage" in
     checks)
       DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 DSC_TEST_PLAN_STAGES=target/plan-tiny-stages \
-        target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tail -n 40
-      DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20
-      python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15
+        target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tail -n 40 || failed+=(gpu_kernels)
+      DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20 || failed+=(gpu_scaled)
+      python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15 \
+        || failed+=(check_kernels)
       ;;
     step)
-      DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench 2>&1 | tail -n 30
+      DSC_TEST_PLAN_BENCH_STEP=target/plan-bench-step target/gpu/gpu_kernels --nocapture a_bench 2>&1 | tail -n 30 \
+        || failed+=("gpu_kernels a_bench")
       ;;
     tune)
       target/gpu/dsc tune target/plan-bench 2>&1 | tee "$OUT/tune.txt"
@@ -80,7 +85,7 @@ while [ $# -gt 0 ]; do
       ;;
     quick)
       DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 DSC_TEST_PLAN_STAGES=target/plan-tiny-stages \
-        target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | grep -v '^seed' | tail -n 20
+        target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | grep -v '^seed' | tail -n 20 || failed+=(gpu_kernels)
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 4 --profile 2>&1 | tail -n 40
       ;;
     profile)
@@ -136,3 +141,7 @@ while [ $# -gt 0 ]; do
       ;;
   esac
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi

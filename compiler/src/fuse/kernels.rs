@@ -104,6 +104,7 @@ fn role(op: &Op) -> Role {
         | Op::ConcatRowsMatMul { .. }
         | Op::ScaledMatMul { .. }
         | Op::ConcatScaledMatMul { .. }
+        | Op::ConcatKScaledMatMul { .. }
         | Op::ConcatGroupedMatMul { .. }
         | Op::GroupedMatMul { .. }
         | Op::GroupedWgrad { .. }
@@ -488,6 +489,7 @@ fn peak(f: &Function, nodes: &[usize], kind: KernelKind, profile: &Profile) -> f
                 | Op::MatMulAdd { fp8: Some(_), .. }
                 | Op::ScaledMatMul { .. }
                 | Op::ConcatScaledMatMul { .. }
+                | Op::ConcatKScaledMatMul { .. }
                 | Op::GroupedMatMul { fp8: Some(_), .. }
                 | Op::ConcatGroupedMatMul { fp8: Some(_), .. }
                 | Op::GroupedWgrad { fp8: Some(_), .. }
@@ -521,6 +523,10 @@ fn flops(f: &Function, node: &Node) -> u64 {
             2 * numel(node) * (inner_dimension(f, node, *ta) + k2)
         }
         Op::ScaledMatMul { .. } => 2 * numel(node) * inner_dimension(f, node, false),
+        Op::ConcatKScaledMatMul { .. } => {
+            let k2 = inner_dimension_of(&f.node(node.args[2]).shape, false);
+            2 * numel(node) * (inner_dimension(f, node, false) + k2)
+        }
         Op::ConcatMatMul { ta, tb, .. } => concat_flops(f, node, *ta, *tb),
         Op::ConcatScaledMatMul { .. } => concat_flops(f, node, false, true),
         Op::RmsNormQuantize { .. }

@@ -4,9 +4,10 @@
 //! FP8 recipe and matrix operands) becomes `quantize` kernels for its operands and
 //! `scaled_matmul`s on them: op(a) quantised as [m, k] in the recipe's activation groups, op(b)ᵀ
 //! as [n, k] in its weight groups (an operand quantised the same way twice is quantised once).
-//! The epilogues come out as the additions they fused (`matmul_add`'s c + a·b, the two products
-//! of `concat_k_matmul`), so the function computes bit-identically what it did: the groups,
-//! scales and E4M3 values are the same whichever way round a group is read.
+//! `matmul_add`'s epilogue comes out as the addition it fused (c + a·b), and `concat_k_matmul`
+//! as one `concat_k_scaled_matmul` whose second product adds to the first's (no addition of
+//! its own), so the function computes bit-identically what it did: the groups, scales and E4M3
+//! values are the same whichever way round a group is read.
 //!
 //! The experts' grouped GEMMs in FP8 likewise: Fprop and Dgrad read their rows quantised in
 //! 1×tile groups (as the dispatch may send them already) and each expert's weight K-major in
@@ -120,9 +121,14 @@ impl Rewrite<'_> {
 
     /// op(a)·op(b) of old operands in FP8 as `scaled_matmul` of `shape`.
     fn product(&mut self, a: V, b: V, ta: bool, tb: bool, f: Fp8Gemm, shape: &[usize]) -> V {
-        let qa = self.quantize(a, f.a.outer, f.a.k, ta);
-        let qb = self.quantize(b, f.b.outer, f.b.k, !tb);
+        let (qa, qb) = self.operands(a, b, ta, tb, f);
         self.push(Op::ScaledMatMul { promote: f.promote }, vec![qa, qb], shape.to_vec(), DType::F32)
+    }
+
+    /// The operands of op(a)·op(b) in `f` quantised K-major: op(a) as [m, k] in its
+    /// activation groups, op(b)ᵀ as [n, k] in its weight groups.
+    fn operands(&mut self, a: V, b: V, ta: bool, tb: bool, f: Fp8Gemm) -> (V, V) {
+        (self.quantize(a, f.a.outer, f.a.k, ta), self.quantize(b, f.b.outer, f.b.k, !tb))
     }
 
     /// The rows of a grouped GEMM quantised in `f`'s activation tiles (as they are when the
@@ -196,10 +202,12 @@ impl Rewrite<'_> {
                 }
                 Some(self.add(self.map[a[2].index()], y, &node.shape))
             }
+            // One GEMM whose second product adds to the first's, as the addition did.
             Op::ConcatKMatMul { ta, tb, fp8: Some(f) } if matrices => {
-                let y1 = self.product(a[0], a[1], ta, tb, f, &node.shape);
-                let y2 = self.product(a[2], a[3], ta, tb, f, &node.shape);
-                Some(self.add(y1, y2, &node.shape))
+                let (qa1, qb1) = self.operands(a[0], a[1], ta, tb, f);
+                let (qa2, qb2) = self.operands(a[2], a[3], ta, tb, f);
+                let op = Op::ConcatKScaledMatMul { promote: f.promote };
+                Some(self.push(op, vec![qa1, qb1, qa2, qb2], node.shape.clone(), DType::F32))
             }
             Op::ConcatRowsMatMul { ta, tb, fp8: Some(f) } if matrices => {
                 let (s1, s2) = (self.shape_of(a[0], a[2], ta, tb), self.shape_of(a[1], a[2], ta, tb));

@@ -603,6 +603,7 @@ pub fn vjp_rule(b: &mut FunctionBuilder, y: V, g: V) -> Vec<(V, V)> {
         | Op::RmsNormQuantize { .. }
         | Op::SwiGluQuantize { .. }
         | Op::ConcatScaledMatMul { .. }
+        | Op::ConcatKScaledMatMul { .. }
         | Op::QuantizeByExpert { .. }
         | Op::ScaledGroupedWgrad { .. }
         | Op::ConcatKScaledGroupedMatMul { .. }) => {

@@ -391,6 +391,11 @@ pub enum Op {
     ConcatScaledMatMul {
         promote: usize,
     },
+    /// Fused: `ConcatKMatMul` on quantised operands (K-major as `ScaledMatMul`'s), (a1, b1,
+    /// a2, b2) → a1·b1ᵀ + a2·b2ᵀ (each product rounded to f32, then their sum).
+    ConcatKScaledMatMul {
+        promote: usize,
+    },
     /// Made explicit for the library: an operand of the experts' FP8 Wgrad quantised along
     /// tokens, (x [r, d], offsets [experts + 1]) → F8E4M3 [d, capacity] in 1×`tile` groups:
     /// expert e's rows of x, transposed, from column Σ_{e' < e} ⌈rows(e') / tile⌉·tile on (so
@@ -546,6 +551,7 @@ impl Op {
                 | Op::RmsNormQuantize { .. }
                 | Op::SwiGluQuantize { .. }
                 | Op::ConcatScaledMatMul { .. }
+                | Op::ConcatKScaledMatMul { .. }
                 | Op::QuantizeByExpert { .. }
                 | Op::ScaledGroupedWgrad { .. }
                 | Op::ConcatKScaledGroupedMatMul { .. }
@@ -629,6 +635,7 @@ impl Op {
             Op::RmsNormQuantize { .. } => "rmsnorm_quantize",
             Op::SwiGluQuantize { .. } => "swiglu_quantize",
             Op::ConcatScaledMatMul { .. } => "concat_scaled_matmul",
+            Op::ConcatKScaledMatMul { .. } => "concat_k_scaled_matmul",
             Op::QuantizeByExpert { .. } => "quantize_by_expert",
             Op::ScaledGroupedWgrad { .. } => "scaled_grouped_wgrad",
             Op::ConcatKScaledGroupedMatMul { .. } => "concat_k_scaled_grouped_matmul",

@@ -100,6 +100,7 @@ fn attributes(m: &Module, op: &Op) -> String {
         Op::ConcatKScaledGroupedMatMul { fp8: Fp8Gemm { promote, .. } }
         | Op::ScaledMatMul { promote }
         | Op::ConcatScaledMatMul { promote }
+        | Op::ConcatKScaledMatMul { promote }
         | Op::ScaledGroupedWgrad { promote } => {
             format!("promote {promote}")
         }

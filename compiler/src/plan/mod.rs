@@ -409,7 +409,9 @@ impl Plan {
             )
         });
         let wgrads = has(|op| matches!(op, Op::ScaledGroupedWgrad { .. }));
-        let dense = has(|op| matches!(op, Op::ScaledMatMul { .. } | Op::ConcatScaledMatMul { .. }));
+        let dense = has(|op| {
+            matches!(op, Op::ScaledMatMul { .. } | Op::ConcatScaledMatMul { .. } | Op::ConcatKScaledMatMul { .. })
+        });
         [(dense, gemm::Form::Dense), (products, gemm::Form::Grouped), (wgrads, gemm::Form::Wgrad)]
             .into_iter()
             .filter(|&(carried, _)| carried)

@@ -470,6 +470,12 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             let product = matmul_fp8(v[0].as_quantized(), &v[1].as_quantized().transposed(), *promote);
             real(&node.shape, product.into_iter().map(T::from_f64).collect())
         }
+        Op::ConcatKScaledMatMul { promote } => {
+            let product = |a: &Value<T>, b: &Value<T>| {
+                matmul_fp8(a.as_quantized(), &b.as_quantized().transposed(), *promote).into_iter().map(T::from_f64)
+            };
+            real(&node.shape, product(v[0], v[1]).zip(product(v[2], v[3])).map(|(a, b)| a + b).collect())
+        }
         Op::ConcatScaledMatMul { promote } => {
             let a = v[0].as_quantized();
             let product = |b: &Value<T>| {

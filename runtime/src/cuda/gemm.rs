@@ -5,7 +5,8 @@
 //! `concat_rows_matmul`, `concat_k_matmul`) as the products they stand for. Row-major
 //! C = op(A)·op(B) is computed as column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, batched over equal leading
 //! dimensions (a rank-2 operand is shared by every batch). The FP8 GEMMs on quantised operands
-//! (`scaled_matmul`, `concat_scaled_matmul`) run on cuBLASLt's block-scaled path ([`super::scaled`])
+//! (`scaled_matmul`, `concat_scaled_matmul`, `concat_k_scaled_matmul`: its second product
+//! accumulated on the first's) run on cuBLASLt's block-scaled path ([`super::scaled`])
 //! where their groups are DeepSeek-V3's (1×128 tiles, 128×128 blocks), or, with weight blocks,
 //! on the generated tile the plan's tuning chose ([`super::generated`], [`GemmSite`]).
 //!
@@ -362,6 +363,7 @@ fn plan<'s>(function: &'s Function, kernel: &Kernel, packed: &HashSet<u32>) -> O
         }
         Op::ScaledMatMul { .. } => (None, vec![fp8(0, 1, v)?]),
         Op::ConcatScaledMatMul { .. } => (None, vec![fp8(0, 1, part(0))?, fp8(0, 2, part(1))?]),
+        Op::ConcatKScaledMatMul { .. } => (None, vec![fp8(0, 1, v)?, Product { accumulate: true, ..fp8(2, 3, v)? }]),
         Op::GroupedMatMul { tb, fp8: None } => {
             let kind = GroupedKind::Products { tb, weights: vec![(arg(1), v)] };
             return Some(Work::Grouped(Grouped { xs: arg(0), offsets: arg(2).0, kind, factors }));
