@@ -24,9 +24,10 @@
 //! shares A: each producer loads half of A's rows and multicasts it to both blocks, and every
 //! consumer warp releases the stage in both (their `empty` barriers count the pair's warps).
 //! The grouped form may sum a second product over its own K into C (`Form::Grouped`); and a
-//! launch may ask any form to add its products to what C holds (`accumulate`: a gradient summed
-//! over micro-batches where it lies) instead of storing over it. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR
-//! 22's NVVM ops for them need the struct plumbing this gives directly).
+//! launch may ask any form to add its products to what C holds (`accumulate`: a gradient
+//! summed over micro-batches where it lies) instead of storing over it. The `wgmma`, TMA and
+//! mbarrier instructions are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing
+//! this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
 //! a multiple of n times the cluster's blocks).
 

@@ -97,6 +97,8 @@ pub struct Executor {
     profile: Option<Profile>,
     /// Where the MoE all-to-alls of an expert-parallel stage go ([`Executor::exchanging`]).
     exchange: Box<dyn Exchange>,
+    /// By (function, value), whether [`Executor::accumulates`] (asked once each).
+    accumulating: HashMap<(usize, u32), bool>,
 }
 
 /// An argument of a call: bytes on the host, or a device buffer (its address and length).
@@ -285,6 +287,7 @@ impl Executor {
             weights: None,
             profile: None,
             exchange: Box::new(Alone),
+            accumulating: HashMap::new(),
         })
     }
 
@@ -621,15 +624,20 @@ impl Executor {
     /// Whether value `v` of function `f` is made by a library GEMM that can add it to what
     /// its buffer holds ([`gemm::accumulates`]), and nothing in `f` reads it (which would read
     /// the sum).
-    fn accumulates(&self, f: usize, v: u32) -> bool {
+    fn accumulates(&mut self, f: usize, v: u32) -> bool {
+        if let Some(&known) = self.accumulating.get(&(f, v)) {
+            return known;
+        }
         let function = &self.plan.module.functions[f];
         let packed = &self.packed[f];
         let read = function.nodes.iter().any(|n| n.args.iter().any(|&a| base(function, a).0 == v));
-        !read
+        let accumulates = !read
             && self.plan.functions[f].kernels.iter().find(|k| k.outputs.contains(&v)).is_some_and(|k| {
                 let attention = self.attention.as_ref().is_some_and(|a| a.runs(function, k, packed));
                 matches!(k.code, Code::Library) && !attention && gemm::accumulates(function, k, packed)
-            })
+            });
+        self.accumulating.insert((f, v), accumulates);
+        accumulates
     }
 
     /// Runs a kernel on its path: generated, library GEMM (adding to their buffers the

@@ -280,9 +280,9 @@ impl GeneratedGemm {
             launch.arg(&second.0).arg(&second.1).arg(&second.2).arg(&second.3).arg(&second.4);
         }
         // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: the operands'
-        // tensor maps, three pointers, M, N, K, whether to accumulate, but for the dense form the offsets and E, and the grouped form's second
-        // pair's maps, scales and K), each map of a live buffer of the plan and each pointer
-        // the address of one, with the sizes given.
+        // tensor maps, three pointers, M, N, K, whether to accumulate, but for the dense form
+        // the offsets and E, and the grouped form's second pair's maps, scales and K), each map
+        // of a live buffer of the plan and each pointer the address of one, with the sizes given.
         unsafe { launch.launch(config) }?;
         Ok(())
     }
