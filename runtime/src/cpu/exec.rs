@@ -192,6 +192,11 @@ fn node_rows<T: Real>(xs: &Value<T>) -> usize {
     }
 }
 
+/// a·bᵀ of quantised K-major operands (`scaled_matmul`'s), each element rounded to T.
+fn scaled_product<T: Real>(a: &Value<T>, b: &Value<T>, promote: usize) -> Vec<T> {
+    matmul_fp8(a.as_quantized(), &b.as_quantized().transposed(), promote).into_iter().map(T::from_f64).collect()
+}
+
 /// The two results of a fused op.
 fn pair<T: Real>(first: Tensor<T>, second: Tensor<T>) -> Value<T> {
     Value::Tuple(vec![Value::real(first), Value::real(second)])
@@ -466,21 +471,14 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
                 .collect();
             quantized(&padded, padded.len() / n, n, Tiling { rows: *rows, cols: *cols })
         }
-        Op::ScaledMatMul { promote } => {
-            let product = matmul_fp8(v[0].as_quantized(), &v[1].as_quantized().transposed(), *promote);
-            real(&node.shape, product.into_iter().map(T::from_f64).collect())
-        }
+        Op::ScaledMatMul { promote } => real(&node.shape, scaled_product(v[0], v[1], *promote)),
         Op::ConcatKScaledMatMul { promote } => {
-            let product = |a: &Value<T>, b: &Value<T>| {
-                matmul_fp8(a.as_quantized(), &b.as_quantized().transposed(), *promote).into_iter().map(T::from_f64)
-            };
-            real(&node.shape, product(v[0], v[1]).zip(product(v[2], v[3])).map(|(a, b)| a + b).collect())
+            let (y1, y2) = (scaled_product(v[0], v[1], *promote), scaled_product(v[2], v[3], *promote));
+            real(&node.shape, y1.into_iter().zip(y2).map(|(a, b)| a + b).collect())
         }
         Op::ConcatScaledMatMul { promote } => {
-            let a = v[0].as_quantized();
             let product = |b: &Value<T>| {
-                let b = b.as_quantized().transposed();
-                Tensor::new(vec![a.m, b.n], matmul_fp8(a, &b, *promote).into_iter().map(T::from_f64).collect())
+                Tensor::new(vec![v[0].as_quantized().m, b.as_quantized().m], scaled_product(v[0], b, *promote))
             };
             pair(product(v[1]), product(v[2]))
         }

@@ -536,13 +536,14 @@ fn grouped(
     adding: &HashSet<u32>,
 ) -> Result<(), GpuError> {
     // The weight gradients of experts without rows are zeros (or, adding, what is there).
-    let mut accumulate = false;
-    if let GroupedKind::Wgrad { out, .. } | GroupedKind::ScaledWgrad { out, .. } = g.kind {
-        accumulate = adding.contains(&out);
-        if !accumulate {
+    let accumulate = match g.kind {
+        GroupedKind::Wgrad { out, .. } | GroupedKind::ScaledWgrad { out, .. } if !adding.contains(&out) => {
             places::zero(gpu, places.at(out), bytes_of(function, out))?;
+            false
         }
-    }
+        GroupedKind::Wgrad { .. } | GroupedKind::ScaledWgrad { .. } => true,
+        _ => false,
+    };
     match &g.kind {
         GroupedKind::ScaledProducts { weights } => return scaled_products(gpu, &blas.fp8, places, g, weights, offsets),
         GroupedKind::ScaledWgrad { grad, out } => {

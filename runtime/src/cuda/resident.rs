@@ -14,7 +14,8 @@
 //! executor has joined data-parallel peers ([`Executor::join`]), NCCL reduce-scatters the sums
 //! so that each process holds its shard of the total; its `snrm2` squared is the process's
 //! part of the gradient norm (of the sum: the trainer scales it to the mean's, and the
-//! optimizer the sum to the mean), and the process's optimizer function (over its shard's pieces and the routing biases) reads the
+//! optimizer the sum to the mean), and the process's optimizer function (over its shard's
+//! pieces and the routing biases) reads the
 //! state in place and writes its results over it (those the plan cannot write in place are
 //! copied back: `memory::in_place`), and NCCL all-gathers the updated shards into
 //! every process's parameters. Alone, the shard is the whole layout and the function the

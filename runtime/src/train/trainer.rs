@@ -392,7 +392,7 @@ impl<T: Real> Trainer<T> {
         let grad_norm = square_sum.sqrt() / micro_batches as f64;
         let finite = grad_norm.is_finite() && losses.iter().all(|l| l.is_finite());
         if finite {
-            self.apply_optimizer(grads, &loads, [lr, bias_speed, grad_norm, 1.0 / micro_batches as f64])?;
+            self.apply_optimizer(grads, &loads, [lr, bias_speed, grad_norm], micro_batches)?;
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
             }
@@ -409,8 +409,7 @@ impl<T: Real> Trainer<T> {
         let micro_batches = batches.len();
         let ranks = self.ranks.as_ref().expect("on ranks");
         let (spec, progress) = (&self.spec, self.progress);
-        let grad_scale = 1.0 / micro_batches as f64;
-        let scalars = |grad_norm: f64| optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm, grad_scale]);
+        let scalars = |grad_norm: f64| optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm], micro_batches);
         let step = ranks.step(&self.params, batches, mtp_weight as f32, &scalars)?;
         let losses = step.losses.map(|loss| loss / micro_batches as f64);
         let grad_norm = step.end.square_sum.sqrt() / micro_batches as f64;
@@ -424,7 +423,7 @@ impl<T: Real> Trainer<T> {
             ranks.move_biases(
                 &mut self.params,
                 &step.loads,
-                optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm, grad_scale]),
+                optimizer_scalars(spec, progress, [lr, bias_speed, grad_norm], micro_batches),
             );
             if let Some(ema) = &self.ema {
                 ema.update(self.params.clone());
@@ -487,8 +486,7 @@ impl<T: Real> Trainer<T> {
                 (b, Value::real(Tensor::new(info[b].shape.clone(), load.iter().map(|&x| T::from_f64(x)).collect())))
             })
             .collect();
-        let grad_scale = 1.0 / micro_batches as f64;
-        let scalars = optimizer_scalars(&self.spec, self.progress, [lr, bias_speed, grad_norm, grad_scale]);
+        let scalars = optimizer_scalars(&self.spec, self.progress, [lr, bias_speed, grad_norm], micro_batches);
         backend.update(&bias_loads, scalars).map_err(StepError)?;
         self.state.host_current = false;
         Ok(Update { losses, loads, grad_norm, finite })
@@ -503,9 +501,15 @@ impl<T: Real> Trainer<T> {
         first_moe.map_or(0.0, |s| scheduled(s, self.progress))
     }
 
-    /// Runs the optimizer function on the summed gradients with the step's `lr`, routing-bias
-    /// speed, gradient norm and factor from the sum to the mean, and stores its results.
-    fn apply_optimizer(&mut self, grads: Vec<Vec<T>>, loads: &[Vec<f64>], step: [f64; 4]) -> Result<(), StepError> {
+    /// Runs the optimizer function on the gradients summed over `micro_batches` with the step's
+    /// `lr`, routing-bias speed and gradient norm, and stores its results.
+    fn apply_optimizer(
+        &mut self,
+        grads: Vec<Vec<T>>,
+        loads: &[Vec<f64>],
+        step: [f64; 3],
+        micro_batches: usize,
+    ) -> Result<(), StepError> {
         let info = &self.graph.forward.params;
         let mut args = Vec::new();
         let mut learned = Vec::new();
@@ -521,7 +525,7 @@ impl<T: Real> Trainer<T> {
             args.push(self.params[b].clone());
             args.push(Value::real(Tensor::new(info[b].shape.clone(), load.iter().map(|&x| T::from_f64(x)).collect())));
         }
-        args.extend(optimizer_scalars(&self.spec, self.progress, step));
+        args.extend(optimizer_scalars(&self.spec, self.progress, step, micro_batches));
         let mut out = self.backend.run(self.graph.optimizer, args).map_err(StepError)?.into_iter();
         for (slot, &i) in learned.iter().enumerate() {
             self.params[i] = out.next().expect("param'");
@@ -547,14 +551,16 @@ fn from_f32s<T: Real>(shape: &[usize], data: &[f32]) -> Value<T> {
 }
 
 /// The optimizer function's scalar arguments after its tensors, for the step after
-/// `progress`, from the step's LR, routing-bias speed, gradient norm and factor from the
-/// gradients' sum over the micro-batches to their mean: the LR, both bias corrections, the
-/// bias speed, the norm and the factor.
+/// `progress`, from the step's LR, routing-bias speed and gradient norm, the gradients summed
+/// over `micro_batches`: the LR, both bias corrections, the bias speed, the norm and the factor
+/// from the sum to the mean.
 pub(super) fn optimizer_scalars<T: Real>(
     spec: &Spec,
     progress: Progress,
-    [lr, bias_speed, grad_norm, grad_scale]: [f64; 4],
+    [lr, bias_speed, grad_norm]: [f64; 3],
+    micro_batches: usize,
 ) -> Vec<Value<T>> {
+    let grad_scale = 1.0 / micro_batches as f64;
     let t = (progress.step + 1) as i32;
     let opt = &spec.train.optimizer;
     [lr, 1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t), bias_speed, grad_norm, grad_scale]
