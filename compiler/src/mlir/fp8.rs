@@ -711,6 +711,10 @@ fn expert_of_group(b: &mut Body, experts: usize, tile: usize) {
 /// Warps of the tile kernels' blocks.
 const TILE_WARPS: usize = 8;
 
+/// The most row blocks of a by-expert quantisation of gathered rows that run, over all column
+/// groups, before the next ones (see [`column_tiles_kernel`]).
+const GATHER_STRIPE: usize = 8;
+
 /// The kernel's MLIR around `body`, on x, the offsets if any, and the output (`%a0`, …), with
 /// shared memory as `workgroup`'s attributions say (none where it is empty).
 fn tile_module(name: &str, body: &str, inputs: Vec<&str>, workgroup: &str) -> String {
@@ -784,6 +788,18 @@ fn column_tiles_kernel(
     let slot = inputs.len();
     let source = by_expert.map_or(ExpertRows::Stored, |(_, source)| source);
     let (row_blocks, gn) = (m.div_ceil(32), n.div_ceil(cols));
+    // The order of the blocks: `stripe` row blocks (their result rows: x's columns) of every
+    // column group, then the next ones. Where x's rows are gathered (each token's row read by
+    // its k experts' groups, far apart), stripes of 8 blocks keep the x columns in use (1 KiB
+    // of each row) in L2 until every group has read them: column group by column group, each
+    // expert's pass over all of x missed L2 (a fifth of the copy's bandwidth). Stored rows are
+    // read once: all the row blocks of a group, then the next group.
+    let gathered = matches!(source, ExpertRows::Permuted { .. } | ExpertRows::UnpermutedGrad { .. });
+    let stripe = match gathered {
+        true => (1..=GATHER_STRIPE).rev().find(|s| row_blocks.is_multiple_of(*s)).unwrap_or(1),
+        false => row_blocks,
+    };
+    let stripe_blocks = stripe * gn;
     // The block's tile of the result, [32 rows][cols], each row one float longer than the
     // group so that the lanes' writes of a column fall in different banks.
     let pitch = cols + 1;
@@ -791,7 +807,7 @@ fn column_tiles_kernel(
     let mut b = Body::new();
     let _ = write!(
         b.text,
-        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %c32 : index\n      %i = arith.addi %i0, %lane : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane, %pitch : index\n"
+        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %stripe = arith.constant {stripe} : index\n      %stripe_blocks = arith.constant {stripe_blocks} : index\n      %in_stripe = arith.remui %bid, %stripe_blocks : index\n      %stripe_index = arith.divui %bid, %stripe_blocks : index\n      %stripe_first = arith.muli %stripe_index, %stripe : index\n      %rb_in = arith.remui %in_stripe, %stripe : index\n      %rb = arith.addi %stripe_first, %rb_in : index\n      %gc = arith.divui %in_stripe, %stripe : index\n      %i0 = arith.muli %rb, %c32 : index\n      %i = arith.addi %i0, %lane : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane, %pitch : index\n"
     );
     views(&mut b, slot, m, n, 1, cols);
     if let Some((experts, _)) = by_expert {
