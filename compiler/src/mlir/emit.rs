@@ -3,7 +3,8 @@
 //! instructions (`ex2`, `rsqrt`, `lg2`, `sqrt`) so that no CUDA libdevice is needed.
 //! Elementwise kernels give each thread 4 consecutive elements through 16-byte vector loads
 //! and stores (coalesced across the warp); a scalar argument is loaded once. Ops along rows
-//! are row programs (`super::rows`), `quantize` has its own kernel ([`super::fp8`]), and
+//! are row programs (`super::rows`), `quantize` has its own kernel ([`super::fp8`]; one for
+//! a value's row-wise and transposed quantisation together), and
 //! every other kernel is written by index (`super::indexed`); a kernel that none of them
 //! handles is reported with the reason.
 
@@ -66,6 +67,13 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
                 (&f.node(one.args[0]).shape, matches!(one.op, Op::Quantize { transpose: true, .. }));
             let width = shape[shape.len() - if transposed { 2 } else { 1 }];
             Ok(super::fp8::quantize_kernel(&kernel.name, one, &[x], width, kernel.nodes[0]))
+        }
+        [rows, columns] if super::fp8::quantizes_both_ways(rows, columns, f.node(rows.args[0])) => {
+            let x = kernel_input(f, kernel, rows.args[0])?;
+            let (m, n) = (rows.shape[0], rows.shape[1]);
+            let (w, Op::Quantize { cols, .. }) = (columns.shape[0], &rows.op) else { unreachable!("a quantize") };
+            let outputs = [kernel.nodes[0], kernel.nodes[1]];
+            Ok(super::fp8::both_ways_kernel(&kernel.name, m, w, n, *cols, x, outputs))
         }
         [one] if matches!(one.op, Op::QuantizeByExpert { .. }) => {
             let inputs = one.args.iter().map(|&a| kernel_input(f, kernel, a)).collect::<Result<Vec<u32>, String>>()?;

@@ -118,20 +118,21 @@ fn encode_word(b: &mut Body, q: &[String]) -> String {
     b.line(format!("arith.ori {low}, {high} : i32"))
 }
 
-/// Stores 4 consecutive elements of one row (`values`, at column `col` of row `%row`) of
-/// output `slot` quantised in 1×`cols` groups held by `lanes` lanes each: the group's amax
+/// Stores 4 consecutive elements of one row (`values`, at column `col` of row `row`) of
+/// output `slot` quantised in 1×`cols` groups held by cols / 4 lanes each: the group's amax
 /// through shuffles, one i32 word of E4M3 bytes per lane, the scale from the group's first
 /// lane. `inside`: whether the lane's elements are inside the row.
 pub(super) fn store_row_group(
     b: &mut Body,
     slot: usize,
     values: &[String],
+    row: &str,
     col: &str,
     inside: Option<&str>,
-    lanes: usize,
     cols: usize,
 ) {
     assert_eq!(values.len(), 4, "a lane stores one word of four elements");
+    let lanes = cols / 4;
     let mut amax = b.constant(0.0);
     for v in values {
         let m = magnitude(b, v);
@@ -152,7 +153,7 @@ pub(super) fn store_row_group(
     let (s, inverse) = scale(b, &amax);
     let q: Vec<String> = values.iter().map(|v| b.line(format!("arith.mulf {v}, {inverse} : f32"))).collect();
     let word = encode_word(b, &q);
-    let at = b.line("arith.muli %row, %n : index".into());
+    let at = b.line(format!("arith.muli {row}, %n : index"));
     let at = b.line(format!("arith.addi {at}, {col} : index"));
     let c4 = b.line("arith.constant 4 : index".into());
     let at = b.line(format!("arith.divui {at}, {c4} : index"));
@@ -162,7 +163,7 @@ pub(super) fn store_row_group(
     let width = b.line(format!("arith.constant {cols} : index"));
     let group_col = b.line(format!("arith.divui {col}, {width} : index"));
     let column_start = b.line(format!("arith.muli {group_col}, %rows : index"));
-    let scale_at = b.line(format!("arith.addi {column_start}, %row : index"));
+    let scale_at = b.line(format!("arith.addi {column_start}, {row} : index"));
     let guard = |b: &mut Body, cond: &str, body: &str| {
         let _ = writeln!(b.text, "        scf.if {cond} {{\n        {body}\n        }}");
     };
@@ -755,7 +756,7 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x
             b.line(format!("arith.select {in_x}, {v}, {zero} : f32"))
         })
         .collect();
-    store_row_group(&mut b, 1, &values, "%col", Some(&inside), cols / 4, cols);
+    store_row_group(&mut b, 1, &values, "%row", "%col", Some(&inside), cols);
     let _ = write!(b.text, "      }}\n      }}\n");
     let mlir = tile_module(name, &b.text, vec!["f32"], "");
     Emitted {
@@ -870,10 +871,142 @@ fn column_tiles_kernel(
             b.line(format!("memref.load %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>"))
         })
         .collect();
-    store_row_group(&mut b, slot, &values, &col, Some(&stores), cols / 4, cols);
+    store_row_group(&mut b, slot, &values, "%row", &col, Some(&stores), cols);
     let _ = writeln!(b.text, "      }}");
     let workgroup = format!("%shared : memref<{shared}xf32, #gpu.address_space<workgroup>>");
     let mlir = tile_module(name, &b.text, source_types(by_expert.is_some(), source), &workgroup);
     let args = inputs.iter().copied().chain([out]).collect();
     Emitted { mlir, grid: (row_blocks * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args, zeroed: false }
+}
+
+/// Rows of x each warp of [`both_ways_kernel`] keeps in registers (a block's warps: a tile).
+const BOTH_WAYS_ROWS: usize = BLOCK_COLS / TILE_WARPS;
+
+/// Whether `rows` (`quantize` of x in 1×`cols` tiles) and `columns` (`quantize` of xᵀ in
+/// 1×`cols` tiles) of the same x [m, w] are quantised by one [`both_ways_kernel`]: `cols` whole
+/// warps' rows dividing 128, the rows' result [m, n] at least as wide as x (the rest zero), m
+/// whole blocks of 128 rows, w and n whole words.
+pub fn quantizes_both_ways(rows: &Node, columns: &Node, x: &Node) -> bool {
+    let (m, n) = matrix(rows);
+    let w = *x.shape.last().unwrap_or(&0);
+    let tile = match (&rows.op, &columns.op) {
+        (
+            Op::Quantize { rows: 1, cols, transpose: false },
+            Op::Quantize { rows: 1, cols: columns_cols, transpose: true },
+        ) if cols == columns_cols => *cols,
+        _ => return false,
+    };
+    tile.is_multiple_of(BOTH_WAYS_ROWS)
+        && BLOCK_COLS.is_multiple_of(tile)
+        && rows.shape.len() == 2
+        && columns.shape == [w, m]
+        && m * w == x.shape.iter().product::<usize>()
+        && m.is_multiple_of(BLOCK_COLS)
+        && w.is_multiple_of(4)
+        && n.is_multiple_of(4)
+        && n >= w
+}
+
+/// `quantize` of x [m, w] in 1×`cols` tiles along its rows into [m, n] (past w zero) and of
+/// xᵀ along its columns into [w, m] (see [`quantizes_both_ways`]), reading x once (a kernel
+/// each read it twice). A block per 128 rows × 128 columns: warp v keeps rows 16v.. in
+/// registers, lane l the four columns from 4l (16-byte loads, all in flight together); each
+/// row's tiles go out as the row kernel's do (a tile's amax through shuffles, a word per lane);
+/// each column's amax meets over the warps of its tile in shared memory, and a lane stores its
+/// 16 rows of each of its columns as one 16-byte vector of xᵀ's row.
+pub fn both_ways_kernel(name: &str, m: usize, w: usize, n: usize, cols: usize, x: u32, outputs: [u32; 2]) -> Emitted {
+    let column_tiles = n.div_ceil(BLOCK_COLS);
+    let shared = TILE_WARPS * BLOCK_COLS;
+    let shared_type = format!("memref<{shared}xf32, #gpu.address_space<workgroup>>");
+    let warps_per_tile = cols / BOTH_WAYS_ROWS;
+    let mut b = Body::new();
+    let _ = write!(
+        b.text,
+        "      %column_tiles = arith.constant {column_tiles} : index\n      %tile = arith.constant {BLOCK_COLS} : index\n      %ct = arith.remui %bid, %column_tiles : index\n      %rt = arith.divui %bid, %column_tiles : index\n      %i0 = arith.muli %rt, %tile : index\n      %j0 = arith.muli %ct, %tile : index\n      %lane4 = arith.muli %lane, %c4 : index\n      %j = arith.addi %j0, %lane4 : index\n      %width = arith.constant {w} : index\n      %in_x = arith.cmpi ult, %j, %width : index\n      %x_column = arith.select %in_x, %j, %c0 : index\n      %n = arith.constant {n} : index\n      %rows = arith.constant {m} : index\n      %in_rows = arith.cmpi ult, %j, %n : index\n      %warp_rows = arith.constant {BOTH_WAYS_ROWS} : index\n      %warp_first = arith.muli %warp, %warp_rows : index\n      %first_row = arith.addi %i0, %warp_first : index\n      %warps_per_tile = arith.constant {warps_per_tile} : index\n      %in_tile = arith.remui %warp, %warps_per_tile : index\n      %tile_warp = arith.subi %warp, %in_tile : index\n      %leads = arith.cmpi eq, %in_tile, %c0 : index\n      %cols = arith.constant {cols} : index\n      %group_col = arith.divui %first_row, %cols : index\n"
+    );
+    views(&mut b, 1, m, n, 1, cols);
+    views(&mut b, 2, w, m, 1, cols);
+    // x's rows first_row + r, its columns j.. (zero past w): all loads before any use.
+    let zero = b.constant(0.0);
+    let mut rows = Vec::new();
+    for r in 0..BOTH_WAYS_ROWS {
+        let offset = b.line(format!("arith.constant {r} : index"));
+        let row = b.line(format!("arith.addi %first_row, {offset} : index"));
+        let at = b.line(format!("arith.muli {row}, %width : index"));
+        let at = b.line(format!("arith.addi {at}, %x_column : index"));
+        let v = b.line(format!("vector.load %a0[{at}] {{alignment = 16 : i64}} : memref<?xf32>, vector<4xf32>"));
+        rows.push((row, v));
+    }
+    let values: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(_, v)| {
+            (0..4)
+                .map(|c| {
+                    let e = b.line(format!("vector.extract {v}[{c}] : f32 from vector<4xf32>"));
+                    b.line(format!("arith.select %in_x, {e}, {zero} : f32"))
+                })
+                .collect()
+        })
+        .collect();
+    for ((row, _), row_values) in rows.iter().zip(&values) {
+        store_row_group(&mut b, 1, row_values, row, "%j", Some("%in_rows"), cols);
+    }
+    // Each column's amax over the warp's rows, then over the warps of its tile.
+    let _ = writeln!(
+        b.text,
+        "      %part_at = arith.muli %warp, %tile : index\n      %part_at_lane = arith.addi %part_at, %lane4 : index\n      %tile_parts = arith.muli %tile_warp, %tile : index\n      %tile_parts_lane = arith.addi %tile_parts, %lane4 : index"
+    );
+    for c in 0..4 {
+        let mut amax = b.constant(0.0);
+        for row_values in &values {
+            let m = magnitude(&mut b, &row_values[c]);
+            amax = b.line(format!("arith.maximumf {amax}, {m} : f32"));
+        }
+        let offset = b.line(format!("arith.constant {c} : index"));
+        let at = b.line(format!("arith.addi %part_at_lane, {offset} : index"));
+        let _ = writeln!(b.text, "      memref.store {amax}, %parts[{at}] : {shared_type}");
+    }
+    let _ = writeln!(b.text, "      gpu.barrier");
+    // xᵀ's rows j + c: this warp's 16 elements of each as four words, one vector store.
+    let _ = writeln!(
+        b.text,
+        "      %column_first_word = arith.divui %first_row, %c4 : index\n      %words_per_row = arith.constant {} : index\n      %scale_first = arith.muli %group_col, %width : index",
+        m / 4
+    );
+    for c in 0..4 {
+        let mut amax = b.constant(0.0);
+        for v in 0..warps_per_tile {
+            let at = b.line(format!("arith.constant {} : index", v * BLOCK_COLS + c));
+            let at = b.line(format!("arith.addi %tile_parts_lane, {at} : index"));
+            let part = b.line(format!("memref.load %parts[{at}] : {shared_type}"));
+            amax = b.line(format!("arith.maximumf {amax}, {part} : f32"));
+        }
+        let (s, inverse) = scale(&mut b, &amax);
+        let q: Vec<String> =
+            values.iter().map(|row_values| b.line(format!("arith.mulf {}, {inverse} : f32", row_values[c]))).collect();
+        let words: Vec<String> = q.chunks(4).map(|four| encode_word(&mut b, four)).collect();
+        let mut vector = b.line("arith.constant dense<0> : vector<4xi32>".into());
+        for (k, word) in words.iter().enumerate() {
+            vector = b.line(format!("vector.insert {word}, {vector} [{k}] : i32 into vector<4xi32>"));
+        }
+        let offset = b.line(format!("arith.constant {c} : index"));
+        let column = b.line(format!("arith.addi %j, {offset} : index"));
+        let at = b.line(format!("arith.muli {column}, %words_per_row : index"));
+        let at = b.line(format!("arith.addi {at}, %column_first_word : index"));
+        let scale_at = b.line(format!("arith.addi %scale_first, {column} : index"));
+        let leads = b.line("arith.andi %in_x, %leads : i1".into());
+        let _ = writeln!(
+            b.text,
+            "      scf.if %in_x {{\n        vector.store {vector}, %q2[{at}] {{alignment = 16 : i64}} : memref<?xi32>, vector<4xi32>\n      }}\n      scf.if {leads} {{\n        memref.store {s}, %s2[{scale_at}] : memref<?xf32>\n      }}"
+        );
+    }
+    let workgroup = format!("%parts : {shared_type}");
+    let mlir = tile_module(name, &b.text, vec!["f32", "i8"], &workgroup);
+    Emitted {
+        mlir,
+        grid: (m / BLOCK_COLS * column_tiles) as u32,
+        block: (32 * TILE_WARPS) as u32,
+        args: vec![x, outputs[0], outputs[1]],
+        zeroed: false,
+    }
 }

@@ -952,7 +952,7 @@ impl<'p, 'q> RowWriter<'p, 'q> {
                     }
                     Write::Fp8 { cols } => {
                         let inside = w.partial().then(|| w.b.line(format!("arith.cmpi ult, {col}, %n : index")));
-                        fp8::store_row_group(&mut w.b, slot, &values, col, inside.as_deref(), cols / W, cols);
+                        fp8::store_row_group(&mut w.b, slot, &values, "%row", col, inside.as_deref(), cols);
                     }
                     Write::ColumnSum => match chunk {
                         Some(c) => {

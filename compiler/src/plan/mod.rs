@@ -590,6 +590,75 @@ mod tests {
         assert!(concatenations >= 4, "{concatenations} RoPE concatenations");
     }
 
+    /// A slice or pad that one fusing op alone reads (the RoPE parts cut from the attention's
+    /// query and key gradients, the key and value gradients padded into one) is read through
+    /// by that op's kernel: it is in the kernel, and no kernel writes it.
+    #[test]
+    fn slices_and_pads_read_by_one_op_are_read_through() {
+        let plan = tiny_plan(&[]);
+        let mut read_through = 0;
+        for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
+            let written: HashSet<u32> = pf.kernels.iter().flat_map(|k| k.outputs.iter().copied()).collect();
+            let results: HashSet<u32> = f.outputs.iter().map(|&o| kernels::base(f, o).0).collect();
+            let is_view = |j: usize| kernels::base(f, V(j as u32)).index() != j;
+            for (i, node) in f.nodes.iter().enumerate() {
+                if !matches!(node.op, Op::Slice { .. } | Op::PadSlice { .. }) || results.contains(&(i as u32)) {
+                    continue;
+                }
+                let readers: Vec<usize> = (0..f.nodes.len())
+                    .filter(|&j| !is_view(j) && f.nodes[j].args.iter().any(|&a| kernels::base(f, a).index() == i))
+                    .collect();
+                let [reader] = readers[..] else { continue };
+                let op = &f.nodes[reader].op;
+                let layout =
+                    matches!(op, Op::Slice { .. } | Op::PadSlice { .. } | Op::Concat { .. } | Op::Transpose(_));
+                if !(op.is_elementwise() || layout || *op == Op::RopeConcat) {
+                    continue;
+                }
+                read_through += 1;
+                let kernel = pf.kernels.iter().find(|k| k.nodes.contains(&(i as u32))).expect("in a kernel");
+                assert!(kernel.nodes.contains(&(reader as u32)), "{}: %{i} outside %{reader}'s kernel", f.name);
+                assert!(!written.contains(&(i as u32)), "{}: %{i} written", f.name);
+            }
+        }
+        assert!(read_through >= 20, "{read_through} slices and pads read through");
+    }
+
+    /// A value's row-wise quantisation (for its input gradient) and its transposed one (for a
+    /// weight gradient) are one kernel, where the first ran, wherever one kernel can do both.
+    #[test]
+    fn a_values_two_quantisations_are_one_kernel() {
+        let plan = tiny_plan(&[]);
+        let mut pairs = 0;
+        for (f, pf) in plan.module.functions.iter().zip(&plan.functions) {
+            let quantize = |v: &u32| matches!(f.nodes[*v as usize].op, Op::Quantize { .. });
+            let alone: Vec<u32> = (pf.kernels.iter())
+                .filter_map(|k| match k.nodes[..] {
+                    [v] if quantize(&v) => Some(v),
+                    _ => None,
+                })
+                .collect();
+            for k in pf.kernels.iter().filter(|k| k.nodes.iter().filter(|v| quantize(v)).count() == 2) {
+                pairs += 1;
+                let [rows, columns] = k.nodes[..] else { panic!("{}: {:?}", k.name, k.ops) };
+                let (rows, columns) = (&f.nodes[rows as usize], &f.nodes[columns as usize]);
+                assert!(crate::mlir::fp8::quantizes_both_ways(rows, columns, f.node(rows.args[0])), "{}", k.name);
+                assert_eq!(kernels::base(f, rows.args[0]), kernels::base(f, columns.args[0]), "{}", k.name);
+                assert!(matches!(k.code, Code::Generated { .. }), "{}", k.name);
+            }
+            // No pair left apart.
+            for &c in &alone {
+                for &r in &alone {
+                    let (rows, columns) = (&f.nodes[r as usize], &f.nodes[c as usize]);
+                    let same = kernels::base(f, rows.args[0]) == kernels::base(f, columns.args[0]);
+                    let fits = crate::mlir::fp8::quantizes_both_ways(rows, columns, f.node(rows.args[0]));
+                    assert!(!(same && fits), "{}: %{r} and %{c} apart", f.name);
+                }
+            }
+        }
+        assert!(pairs >= 8, "{pairs} pairs");
+    }
+
     /// The BF16 GEMMs' operands are stored packed, 2 bytes an element: under the FP8 policy the
     /// head's (forward, Dgrad, Wgrad: the hidden states, the weight and the cotangent of the
     /// logits), under the BF16 policy every linear layer's and expert's too; each a cast written
