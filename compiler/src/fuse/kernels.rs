@@ -6,11 +6,11 @@
 //! same number of elements (loop fusion; a value other kernels read becomes one of the
 //! kernel's outputs), that kernel does not start with a scatter or a row op, and the op does
 //! not read a reduction of that kernel (every element would recompute it); a slice or pad
-//! that only such an op or a RoPE concatenation reads is read through by its kernel instead. Joining only the
-//! most recent kernel keeps the kernels in a valid launch order: nothing launched after it can
-//! feed it. A fused op with several results returns a tuple whose parts are read with `get`:
-//! the kernel writes every part. A value's row-wise and transposed quantisations are one
-//! kernel. Each kernel carries its bytes moved, FLOPs and roofline time.
+//! that only such an op or a RoPE concatenation reads is read through by its kernel instead.
+//! Joining only the most recent kernel keeps the kernels in a valid launch order: nothing
+//! launched after it can feed it. A fused op with several results returns a tuple whose parts
+//! are read with `get`: the kernel writes every part. A value's row-wise and transposed
+//! quantisations are one kernel. Each kernel carries its bytes moved, FLOPs and roofline time.
 
 use super::cost::Profile;
 use crate::graph::ir::{matmul_shape, DType, Function, Module, Node, Op, V};

@@ -4,9 +4,9 @@
 //! Elementwise kernels give each thread 4 consecutive elements through 16-byte vector loads
 //! and stores (coalesced across the warp); a scalar argument is loaded once. Ops along rows
 //! are row programs (`super::rows`), `quantize` has its own kernel ([`super::fp8`]; one for
-//! a value's row-wise and transposed quantisation together), and
-//! every other kernel is written by index (`super::indexed`); a kernel that none of them
-//! handles is reported with the reason.
+//! a value's row-wise and transposed quantisation together), and every other kernel is
+//! written by index (`super::indexed`); a kernel that none of them handles is reported with
+//! the reason.
 
 use crate::fuse::kernels::Kernel;
 use crate::graph::ir::{DType, Function, Node, Op, V};
@@ -70,10 +70,10 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
         }
         [rows, columns] if super::fp8::quantizes_both_ways(rows, columns, f.node(rows.args[0])) => {
             let x = kernel_input(f, kernel, rows.args[0])?;
-            let (m, n) = (rows.shape[0], rows.shape[1]);
-            let (w, Op::Quantize { cols, .. }) = (columns.shape[0], &rows.op) else { unreachable!("a quantize") };
+            let Op::Quantize { cols, .. } = rows.op else { unreachable!("a quantize") };
+            let (m, n, w) = (rows.shape[0], rows.shape[1], columns.shape[0]);
             let outputs = [kernel.nodes[0], kernel.nodes[1]];
-            Ok(super::fp8::both_ways_kernel(&kernel.name, m, w, n, *cols, x, outputs))
+            Ok(super::fp8::both_ways_kernel(&kernel.name, m, w, n, cols, x, outputs))
         }
         [one] if matches!(one.op, Op::QuantizeByExpert { .. }) => {
             let inputs = one.args.iter().map(|&a| kernel_input(f, kernel, a)).collect::<Result<Vec<u32>, String>>()?;

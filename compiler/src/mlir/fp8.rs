@@ -1,8 +1,9 @@
 //! FP8 E4M3 values in generated kernels: the layout of a quantised buffer, the encoding, and
 //! the kernels of `quantize` (any group shape, transposed or not, a stack of matrices each
-//! transposed) and `quantize_by_expert` (the same transposed quantisation, reading each
-//! column of the result from the row of x the expert offsets say; x's rows stored, or made
-//! as they are read: a permutation's, through its order, or a SwiGLU's of two operands).
+//! transposed; a value's row-wise and transposed 1×tile quantisations as one kernel) and
+//! `quantize_by_expert` (the same transposed quantisation, reading each column of the result
+//! from the row of x the expert offsets say; x's rows stored, or made as they are read: a
+//! permutation's, through its order, or a SwiGLU's of two operands).
 //!
 //! A value quantised in groups of `rows × cols` of its [m, n] matrix is one buffer: its m·n
 //! E4M3 bytes row-major, then, from the next 16-byte boundary, one f32 scale per group in the
