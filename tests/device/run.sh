@@ -90,7 +90,7 @@ while [ $# -gt 0 ]; do
       ;;
     profile)
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
-        --metrics "$OUT/profile.jsonl" 2>&1 | tail -n 60
+        --metrics "$OUT/profile.jsonl" 2>&1 | tail -n 80
       ;;
     table | long)
       bf16=()

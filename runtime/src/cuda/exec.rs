@@ -314,16 +314,18 @@ impl Executor {
         self
     }
 
-    /// Runs `run`, timed as `category` when profiled.
+    /// Runs `run`, timed as `category` (and as the plan's kernel `kernel`, if it is one) when
+    /// profiled.
     fn timed<R>(
         &mut self,
         category: impl FnOnce(&Self) -> String,
+        kernel: Option<&str>,
         estimate_s: f64,
         run: impl FnOnce(&mut Self) -> Result<R, GpuError>,
     ) -> Result<R, GpuError> {
         let Some(mut profile) = self.profile.take() else { return run(self) };
         let (stream, category) = (self.gpu.stream.clone(), category(self));
-        let result = profile.measure(&stream, category, estimate_s, || run(self));
+        let result = profile.measure(&stream, category, kernel.map(str::to_string), estimate_s, || run(self));
         self.profile = Some(profile);
         result
     }
@@ -476,7 +478,7 @@ impl Executor {
                     }
                     let category = |this: &Self| format!("{} {}", this.plan.module.functions[f].name, kernel.ops[0]);
                     let adding = &call.binding.adding;
-                    self.timed(category, kernel.seconds, |this| {
+                    self.timed(category, Some(&kernel.name), kernel.seconds, |this| {
                         this.launch(f, kernel, &places, &mut read_back, adding)
                     })
                     .map_err(|e| at(e, &kernel.name))?;
@@ -593,7 +595,7 @@ impl Executor {
         add: bool,
     ) -> Result<(), GpuError> {
         let category = |_: &Self| format!("{what} result {}", if add { "add" } else { "copy" });
-        self.timed(category, 0.0, |this| match add {
+        self.timed(category, None, 0.0, |this| match add {
             true => this.add_into(from, to, bytes),
             false => places::copy(&this.gpu, from, to, bytes),
         })

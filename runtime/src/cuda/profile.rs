@@ -12,7 +12,9 @@
 //! stream idle, waiting for the host, or running what is not measured), each named by what
 //! follows it: the kernel's category, or the top-level call that ended before it. A gap after
 //! a call holds the profile's own reading back of the call's events, which the report gives
-//! beside them (without the profile the stream does not wait for it).
+//! beside them (without the profile the stream does not wait for it). Last, the costliest
+//! kernels by name: a category's kernels apart (the five by-expert quantisations of a layer's
+//! backward are one category, and were not alike).
 
 use super::GpuError;
 use cudarc::driver::sys::CUevent_flags;
@@ -25,6 +27,7 @@ use std::time::Instant;
 /// Kernels measured, not yet read back.
 struct Pending {
     category: String,
+    kernel: Option<String>,
     start: Arc<CudaEvent>,
     end: Arc<CudaEvent>,
     host_s: f64,
@@ -59,6 +62,8 @@ struct Calls {
 pub struct Profile {
     pending: Vec<Pending>,
     totals: BTreeMap<String, Total>,
+    /// The plan's kernels by name (the executor's own passes are not kernels of the plan).
+    kernels: BTreeMap<String, Total>,
     calls: BTreeMap<String, Calls>,
     gaps: Vec<Gap>,
     /// The gaps' count and GPU seconds by what follows them.
@@ -72,11 +77,13 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Runs `launch` (which enqueues work on `stream`), timing it as `category`.
+    /// Runs `launch` (which enqueues work on `stream`), timing it as `category` and, where it
+    /// is a kernel of the plan, as that kernel.
     pub fn measure<R>(
         &mut self,
         stream: &Arc<CudaStream>,
         category: String,
+        kernel: Option<String>,
         estimate_s: f64,
         launch: impl FnOnce() -> Result<R, GpuError>,
     ) -> Result<R, GpuError> {
@@ -93,7 +100,7 @@ impl Profile {
         let host_s = started.elapsed().as_secs_f64();
         let end = Arc::new(stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
         self.last_end = Some(end.clone());
-        self.pending.push(Pending { category, start, end, host_s, estimate_s });
+        self.pending.push(Pending { category, kernel, start, end, host_s, estimate_s });
         Ok(result)
     }
 
@@ -119,11 +126,13 @@ impl Profile {
         calls.host_s += call_s;
         for p in self.pending.drain(..) {
             let gpu_s = f64::from(p.start.elapsed_ms(&p.end)?) / 1e3;
+            let one = Total { launches: 1, gpu_s, host_s: p.host_s, estimate_s: p.estimate_s };
             let total = self.totals.entry(p.category).or_default();
-            total.launches += 1;
-            total.gpu_s += gpu_s;
-            total.host_s += p.host_s;
-            total.estimate_s += p.estimate_s;
+            *total = add(*total, &one);
+            if let Some(kernel) = p.kernel {
+                let total = self.kernels.entry(kernel).or_default();
+                *total = add(*total, &one);
+            }
         }
         for gap in self.gaps.drain(..) {
             let total = self.gap_totals.entry(gap.category).or_default();
@@ -134,17 +143,18 @@ impl Profile {
     }
 
     /// The table: per category (the `rows` costliest, then the rest together) launches, GPU
-    /// time, its share, host time spent launching, the plan's estimate; then the totals.
+    /// time, its share, host time spent launching, the plan's estimate; then the totals, the
+    /// calls, the gaps, and the `rows / 2` costliest kernels in the same columns.
     pub fn report(&self, rows: usize) -> String {
-        let mut by_time: Vec<(&String, &Total)> = self.totals.iter().collect();
-        by_time.sort_by(|a, b| b.1.gpu_s.total_cmp(&a.1.gpu_s));
-        let all = by_time.iter().fold(Total::default(), |sum, (_, t)| add(sum, t));
-        let rest = by_time.iter().skip(rows).fold(Total::default(), |sum, (_, t)| add(sum, t));
-        let mut out = format!(
-            "{:<44} {:>9} {:>11} {:>6} {:>11} {:>12}\n",
-            "kernels (function, first op)", "launches", "GPU ms", "share", "launch ms", "roofline ms"
-        );
-        let mut line = |name: &str, t: &Total| {
+        let by_time = |totals: &BTreeMap<String, Total>| {
+            let mut by_time: Vec<(String, Total)> = totals.iter().map(|(name, t)| (name.clone(), *t)).collect();
+            by_time.sort_by(|a, b| b.1.gpu_s.total_cmp(&a.1.gpu_s));
+            by_time
+        };
+        let categories = by_time(&self.totals);
+        let all = categories.iter().fold(Total::default(), |sum, (_, t)| add(sum, t));
+        let rest = categories.iter().skip(rows).fold(Total::default(), |sum, (_, t)| add(sum, t));
+        let line = |out: &mut String, name: &str, t: &Total| {
             let share = if all.gpu_s > 0.0 { t.gpu_s / all.gpu_s } else { 0.0 };
             let _ = writeln!(
                 out,
@@ -156,13 +166,20 @@ impl Profile {
                 t.estimate_s * 1e3
             );
         };
-        for (name, total) in by_time.iter().take(rows) {
-            line(name, total);
+        let head = |what: &str| {
+            format!(
+                "{what:<44} {:>9} {:>11} {:>6} {:>11} {:>12}\n",
+                "launches", "GPU ms", "share", "launch ms", "roofline ms"
+            )
+        };
+        let mut out = head("kernels (function, first op)");
+        for (name, total) in categories.iter().take(rows) {
+            line(&mut out, name, total);
         }
         if rest.launches > 0 {
-            line(&format!("({} other categories)", by_time.len() - rows), &rest);
+            line(&mut out, &format!("({} other categories)", categories.len() - rows), &rest);
         }
-        line("all kernels", &all);
+        line(&mut out, "all kernels", &all);
         let host_s: f64 = self.calls.values().map(|c| c.host_s).sum();
         for (call, c) in &self.calls {
             let _ = writeln!(
@@ -187,6 +204,10 @@ impl Profile {
         );
         for (follows, (n, s)) in gaps.iter().take(rows.min(8)) {
             let _ = writeln!(out, "  {follows:<42} {n:>9} {:>11.2}", s * 1e3);
+        }
+        out.push_str(&head("the costliest kernels"));
+        for (name, total) in by_time(&self.kernels).iter().take(rows / 2) {
+            line(&mut out, name, total);
         }
         out
     }
@@ -216,6 +237,9 @@ mod tests {
             profile.gap_totals.insert(follows.into(), (3, gap_s));
         }
         profile.readback_s = 0.3e-3;
+        for (name, gpu_s) in [("b_1", 2e-3), ("b_2", 1e-3), ("c_1", 2.5e-3)] {
+            profile.kernels.insert(name.into(), Total { launches: 1, gpu_s, host_s: 1e-4, estimate_s: 1e-3 });
+        }
         let report = profile.report(2);
         let lines: Vec<&str> = report.lines().collect();
         assert!(lines[1].starts_with("b ") && lines[2].starts_with("c "), "{report}");
@@ -228,6 +252,9 @@ mod tests {
             "{report}"
         );
         assert!(lines[8].trim_start().starts_with("after a call: gradients") && lines[8].ends_with("0.40"), "{report}");
-        assert!(lines[9].trim_start().starts_with("b ") && lines.len() == 10, "{report}");
+        assert!(lines[9].trim_start().starts_with("b "), "{report}");
+        // The costliest kernels: rows / 2 of them, in the categories' columns.
+        assert!(lines[10].starts_with("the costliest kernels") && lines[10].contains("roofline ms"), "{report}");
+        assert!(lines[11].starts_with("c_1 ") && lines[11].contains("2.50") && lines.len() == 12, "{report}");
     }
 }
