@@ -244,9 +244,9 @@ fn random_offsets(rng: &mut Rng, rows: usize, experts: usize) -> Vec<i32> {
 /// ragged last one): the first and last rows of the first, a middle and the last expert with
 /// rows match the CPU reference's FP8 GEMM of those rows within 1e-3 (all of them would take
 /// the CPU minutes); rows of the Wgrad's result likewise, and an empty expert's gradient is 0,
-/// and the Wgrad run again adds to its result ([`adds_in_place`]). Twice: with cuBLASLt, one product per expert (not the sum, which only the compiler's GEMM
-/// adds), and with the compiler's expert GEMMs the plan carries (the offsets read on the
-/// device).
+/// and the Wgrad run again adds to its result ([`adds_in_place`]). Twice: with cuBLASLt, one
+/// product per expert (not the sum, which only the compiler's GEMM adds), and with the
+/// compiler's expert GEMMs the plan carries (the offsets read on the device).
 #[test]
 fn the_bench_plans_grouped_fp8_gemms_run_on_the_gpu() {
     use dsc_runtime::cuda::generated::GeneratedGemms;

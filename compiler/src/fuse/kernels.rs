@@ -394,7 +394,7 @@ fn with_read_through(i: usize, slices_of: &[Vec<usize>]) -> Vec<usize> {
 
 /// A value's transposed quantisation (for a weight gradient) joins the kernel of its row-wise
 /// one (for the input gradient, earlier) where one kernel does both
-/// ([`crate::mlir::fp8::quantizes_both_ways`]): the value is read once, and it is freed there.
+/// ([`crate::mlir::fp8::both_ways`]): the value is read once, and it is freed there.
 fn pair_quantizations(f: &Function, groups: &mut Vec<(KernelKind, Vec<usize>)>) {
     let mut j = 0;
     while j < groups.len() {
@@ -402,12 +402,10 @@ fn pair_quantizations(f: &Function, groups: &mut Vec<(KernelKind, Vec<usize>)>) 
             [columns] if matches!(f.nodes[columns].op, Op::Quantize { transpose: true, .. }) => {
                 let x = base(f, f.nodes[columns].args[0]);
                 groups[..j].iter().position(|(_, nodes)| match nodes[..] {
-                    [rows] => {
+                    [rows] if matches!(f.nodes[rows].op, Op::Quantize { .. }) => {
                         let (rows, columns) = (&f.nodes[rows], &f.nodes[columns]);
-                        let arg = rows.args.first().copied();
-                        arg.is_some_and(|a| {
-                            base(f, a) == x && crate::mlir::fp8::quantizes_both_ways(rows, columns, f.node(a))
-                        })
+                        let a = rows.args[0];
+                        base(f, a) == x && crate::mlir::fp8::both_ways(rows, columns, f.node(a)).is_some()
                     }
                     _ => false,
                 })

@@ -59,6 +59,12 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
     if reads && !crate::fuse::kernels::reads_packed(f, kernel) {
         return Err("row programs and quantisers do not read bf16-packed values".into());
     }
+    if let [rows, columns] = nodes.as_slice() {
+        if let Some(shape) = super::fp8::both_ways(rows, columns, f.node(rows.args[0])) {
+            let x = kernel_input(f, kernel, rows.args[0])?;
+            return Ok(super::fp8::both_ways_kernel(&kernel.name, shape, x, [kernel.nodes[0], kernel.nodes[1]]));
+        }
+    }
     match nodes.as_slice() {
         [one] if super::rows::is_row_program(&one.op) => super::rows::row_kernel(f, kernel, one, kernel.nodes[0]),
         [one] if matches!(one.op, Op::Quantize { .. }) => {
@@ -67,13 +73,6 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
                 (&f.node(one.args[0]).shape, matches!(one.op, Op::Quantize { transpose: true, .. }));
             let width = shape[shape.len() - if transposed { 2 } else { 1 }];
             Ok(super::fp8::quantize_kernel(&kernel.name, one, &[x], width, kernel.nodes[0]))
-        }
-        [rows, columns] if super::fp8::quantizes_both_ways(rows, columns, f.node(rows.args[0])) => {
-            let x = kernel_input(f, kernel, rows.args[0])?;
-            let Op::Quantize { cols, .. } = rows.op else { unreachable!("a quantize") };
-            let (m, n, w) = (rows.shape[0], rows.shape[1], columns.shape[0]);
-            let outputs = [kernel.nodes[0], kernel.nodes[1]];
-            Ok(super::fp8::both_ways_kernel(&kernel.name, m, w, n, cols, x, outputs))
         }
         [one] if matches!(one.op, Op::QuantizeByExpert { .. }) => {
             let inputs = one.args.iter().map(|&a| kernel_input(f, kernel, a)).collect::<Result<Vec<u32>, String>>()?;

@@ -867,39 +867,51 @@ fn column_tiles_kernel(
 /// Rows of x each warp of [`both_ways_kernel`] keeps in registers (a block's warps: a tile).
 const BOTH_WAYS_ROWS: usize = BLOCK_COLS / TILE_WARPS;
 
-/// Whether `rows` (`quantize` of x in 1×`cols` tiles) and `columns` (`quantize` of xᵀ in
-/// 1×`cols` tiles) of the same x [m, w] are quantised by one [`both_ways_kernel`]: `cols` whole
-/// warps' rows dividing 128, the rows' result [m, n] at least as wide as x (the rest zero), m
-/// whole blocks of 128 rows, w and n whole words.
-pub fn quantizes_both_ways(rows: &Node, columns: &Node, x: &Node) -> bool {
+/// One [`both_ways_kernel`]'s quantisations of x [m, w]: its rows into [m, n] (n ≥ w, the rest
+/// zero) and its columns into [w, m], both in 1×`cols` tiles.
+#[derive(Clone, Copy, Debug)]
+pub struct BothWays {
+    pub m: usize,
+    pub w: usize,
+    pub n: usize,
+    pub cols: usize,
+}
+
+/// The [`BothWays`] of `rows` (`quantize` of x in 1×`cols` tiles) and `columns` (`quantize`
+/// of xᵀ in 1×`cols` tiles) of the same x, where one kernel does both: `cols` whole warps'
+/// rows dividing 128, the rows' result [m, n] at least as wide as x, m whole blocks of 128
+/// rows, w and n whole words.
+pub fn both_ways(rows: &Node, columns: &Node, x: &Node) -> Option<BothWays> {
     let (m, n) = matrix(rows);
-    let w = *x.shape.last().unwrap_or(&0);
-    let tile = match (&rows.op, &columns.op) {
+    let w = *x.shape.last()?;
+    let cols = match (&rows.op, &columns.op) {
         (
             Op::Quantize { rows: 1, cols, transpose: false },
             Op::Quantize { rows: 1, cols: columns_cols, transpose: true },
         ) if cols == columns_cols => *cols,
-        _ => return false,
+        _ => return None,
     };
-    tile.is_multiple_of(BOTH_WAYS_ROWS)
-        && BLOCK_COLS.is_multiple_of(tile)
+    let fits = cols.is_multiple_of(BOTH_WAYS_ROWS)
+        && BLOCK_COLS.is_multiple_of(cols)
         && rows.shape.len() == 2
         && columns.shape == [w, m]
         && m * w == x.shape.iter().product::<usize>()
         && m.is_multiple_of(BLOCK_COLS)
         && w.is_multiple_of(4)
         && n.is_multiple_of(4)
-        && n >= w
+        && n >= w;
+    fits.then_some(BothWays { m, w, n, cols })
 }
 
 /// `quantize` of x [m, w] in 1×`cols` tiles along its rows into [m, n] (past w zero) and of
-/// xᵀ along its columns into [w, m] (see [`quantizes_both_ways`]), reading x once (a kernel
+/// xᵀ along its columns into [w, m] (see [`both_ways`]), reading x once (a kernel
 /// each read it twice). A block per 128 rows × 128 columns: warp v keeps rows 16v.. in
 /// registers, lane l the four columns from 4l (16-byte loads, all in flight together); each
 /// row's tiles go out as the row kernel's do (a tile's amax through shuffles, a word per lane);
 /// each column's amax meets over the warps of its tile in shared memory, and a lane stores its
 /// 16 rows of each of its columns as one 16-byte vector of xᵀ's row.
-pub fn both_ways_kernel(name: &str, m: usize, w: usize, n: usize, cols: usize, x: u32, outputs: [u32; 2]) -> Emitted {
+pub fn both_ways_kernel(name: &str, shape: BothWays, x: u32, outputs: [u32; 2]) -> Emitted {
+    let BothWays { m, w, n, cols } = shape;
     let column_tiles = n.div_ceil(BLOCK_COLS);
     let shared = TILE_WARPS * BLOCK_COLS;
     let shared_type = format!("memref<{shared}xf32, #gpu.address_space<workgroup>>");
@@ -955,7 +967,7 @@ pub fn both_ways_kernel(name: &str, m: usize, w: usize, n: usize, cols: usize, x
     // xᵀ's rows j + c: this warp's 16 elements of each as four words, one vector store.
     let _ = writeln!(
         b.text,
-        "      %column_first_word = arith.divui %first_row, %c4 : index\n      %words_per_row = arith.constant {} : index\n      %scale_first = arith.muli %group_col, %width : index",
+        "      %column_first_word = arith.divui %first_row, %c4 : index\n      %words_per_row = arith.constant {} : index\n      %scale_first = arith.muli %group_col, %width : index\n      %scales_here = arith.andi %in_x, %leads : i1",
         m / 4
     );
     for c in 0..4 {
@@ -979,10 +991,9 @@ pub fn both_ways_kernel(name: &str, m: usize, w: usize, n: usize, cols: usize, x
         let at = b.line(format!("arith.muli {column}, %words_per_row : index"));
         let at = b.line(format!("arith.addi {at}, %column_first_word : index"));
         let scale_at = b.line(format!("arith.addi %scale_first, {column} : index"));
-        let leads = b.line("arith.andi %in_x, %leads : i1".into());
         let _ = writeln!(
             b.text,
-            "      scf.if %in_x {{\n        vector.store {vector}, %q2[{at}] {{alignment = 16 : i64}} : memref<?xi32>, vector<4xi32>\n      }}\n      scf.if {leads} {{\n        memref.store {s}, %s2[{scale_at}] : memref<?xf32>\n      }}"
+            "      scf.if %in_x {{\n        vector.store {vector}, %q2[{at}] {{alignment = 16 : i64}} : memref<?xi32>, vector<4xi32>\n      }}\n      scf.if %scales_here {{\n        memref.store {s}, %s2[{scale_at}] : memref<?xf32>\n      }}"
         );
     }
     let workgroup = format!("%parts : {shared_type}");

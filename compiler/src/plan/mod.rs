@@ -642,7 +642,7 @@ mod tests {
                 pairs += 1;
                 let [rows, columns] = k.nodes[..] else { panic!("{}: {:?}", k.name, k.ops) };
                 let (rows, columns) = (&f.nodes[rows as usize], &f.nodes[columns as usize]);
-                assert!(crate::mlir::fp8::quantizes_both_ways(rows, columns, f.node(rows.args[0])), "{}", k.name);
+                assert!(crate::mlir::fp8::both_ways(rows, columns, f.node(rows.args[0])).is_some(), "{}", k.name);
                 assert_eq!(kernels::base(f, rows.args[0]), kernels::base(f, columns.args[0]), "{}", k.name);
                 assert!(matches!(k.code, Code::Generated { .. }), "{}", k.name);
             }
@@ -651,7 +651,7 @@ mod tests {
                 for &r in &alone {
                     let (rows, columns) = (&f.nodes[r as usize], &f.nodes[c as usize]);
                     let same = kernels::base(f, rows.args[0]) == kernels::base(f, columns.args[0]);
-                    let fits = crate::mlir::fp8::quantizes_both_ways(rows, columns, f.node(rows.args[0]));
+                    let fits = crate::mlir::fp8::both_ways(rows, columns, f.node(rows.args[0])).is_some();
                     assert!(!(same && fits), "{}: %{r} and %{c} apart", f.name);
                 }
             }

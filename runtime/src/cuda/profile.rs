@@ -146,12 +146,7 @@ impl Profile {
     /// time, its share, host time spent launching, the plan's estimate; then the totals, the
     /// calls, the gaps, and the `rows / 2` costliest kernels in the same columns.
     pub fn report(&self, rows: usize) -> String {
-        let by_time = |totals: &BTreeMap<String, Total>| {
-            let mut by_time: Vec<(String, Total)> = totals.iter().map(|(name, t)| (name.clone(), *t)).collect();
-            by_time.sort_by(|a, b| b.1.gpu_s.total_cmp(&a.1.gpu_s));
-            by_time
-        };
-        let categories = by_time(&self.totals);
+        let categories = by_gpu_time(&self.totals);
         let all = categories.iter().fold(Total::default(), |sum, (_, t)| add(sum, t));
         let rest = categories.iter().skip(rows).fold(Total::default(), |sum, (_, t)| add(sum, t));
         let line = |out: &mut String, name: &str, t: &Total| {
@@ -206,11 +201,18 @@ impl Profile {
             let _ = writeln!(out, "  {follows:<42} {n:>9} {:>11.2}", s * 1e3);
         }
         out.push_str(&head("the costliest kernels"));
-        for (name, total) in by_time(&self.kernels).iter().take(rows / 2) {
+        for (name, total) in by_gpu_time(&self.kernels).iter().take(rows / 2) {
             line(&mut out, name, total);
         }
         out
     }
+}
+
+/// `totals`, the costliest first.
+fn by_gpu_time(totals: &BTreeMap<String, Total>) -> Vec<(&String, &Total)> {
+    let mut by_time: Vec<(&String, &Total)> = totals.iter().collect();
+    by_time.sort_by(|a, b| b.1.gpu_s.total_cmp(&a.1.gpu_s));
+    by_time
 }
 
 fn add(sum: Total, t: &Total) -> Total {
