@@ -65,7 +65,7 @@ fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
         [m, n, stages, cluster] => gemm::Tile { m, n, stages, cluster },
         _ => return Err(format!("`{given}` is not [g]MxNxSTAGES[xCLUSTER]")),
     }
-    .check()?;
+    .check(form)?;
     let name = tile.name(form);
     Ok(vec![(name.clone(), gemm::fp8_gemm(&name, tile, form))])
 }

@@ -67,21 +67,21 @@ pub struct Tile {
 }
 
 impl Tile {
-    /// Why the tile cannot be generated, if it cannot.
-    pub fn check(self) -> Result<Self, String> {
+    /// Why the tile cannot be generated in `form`, if it cannot.
+    pub fn check(self, form: Form) -> Result<Self, String> {
         let Tile { m, n, stages, cluster } = self;
         let fits = matches!(m, 64 | 128)
             && matches!(cluster, 1 | 2)
             && matches!(n, 16 | 32 | 64 | 128 | 192)
             && (2..=8).contains(&stages)
-            && self.shared_bytes() <= 227 << 10;
+            && self.shared_bytes(form) <= 227 << 10;
         if fits {
             Ok(self)
         } else {
             Err(format!(
                 "tile {m}x{n} in {stages} stages, clusters of {cluster}: m is 64 or 128, n 16, 32, 64, 128 or 192 \
                  (its columns in at most two 128x128 weight-scale blocks), 2 to 8 stages of 128 x (m + n) bytes \
-                 within 227 KB, clusters of 1 or 2 blocks"
+                 (and the Wgrad's m + n scales) within 227 KB, clusters of 1 or 2 blocks"
             ))
         }
     }
@@ -103,11 +103,21 @@ impl Tile {
         (self.m + self.n) * TILE_K
     }
 
-    /// Dynamic shared memory of a block (the stages, then two 8-byte mbarriers per stage, then
-    /// the grouped form's table of the experts' first tiles): the launch passes it (and raises
-    /// the kernel's limit).
-    pub fn shared_bytes(self) -> u32 {
-        self.stages * (self.stage_bytes() + 16) + 4 * (MAX_EXPERTS + 1)
+    /// Bytes of one stage's scales in `form`: the Wgrad's A rows' and B columns' (f32, 1×128
+    /// tiles along K), copied with the operands' tiles; the other forms load theirs.
+    fn scale_bytes(self, form: Form) -> u32 {
+        if form == Form::Wgrad {
+            4 * (self.m + self.n)
+        } else {
+            0
+        }
+    }
+
+    /// Dynamic shared memory of a block of `form` (the stages' tiles, then their scales, then
+    /// two 8-byte mbarriers per stage, then the grouped form's table of the experts' first
+    /// tiles): the launch passes it (and raises the kernel's limit).
+    pub fn shared_bytes(self, form: Form) -> u32 {
+        self.stages * (self.stage_bytes() + self.scale_bytes(form) + 16) + 4 * (MAX_EXPERTS + 1)
     }
 
     /// Consumer warpgroups: one per 64 rows.
@@ -167,12 +177,15 @@ pub fn candidates(form: Form) -> &'static [Tile] {
 /// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K and
 /// `accumulate` (u32: non-zero adds the products to C's values instead of storing over them).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
-    let tile = tile.check().expect("a valid tile");
+    let tile = tile.check(form).expect("a valid tile");
     let Tile { m: tile_m, n: tile_n, stages, cluster } = tile;
     let consumers = tile.consumers();
     let registers = (tile_n / 2) as usize;
     let a_bytes = u64::from(tile_m * TILE_K);
     let stage_bytes = u64::from(tile.stage_bytes());
+    let scale_bytes = u64::from(tile.scale_bytes(form));
+    // The Wgrad's scales come with its stages (see the consumers).
+    let staged = scale_bytes > 0;
     let mut g = Lines::new();
     let tid = g.index_i64("gpu.thread_id x");
     let [m, n, k] = ["%m", "%n", "%k"].map(|x| g.line(format!("llvm.zext {x} : i32 to i64")));
@@ -181,7 +194,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let smem = g.line("llvm.mlir.addressof @tiles : !llvm.ptr<3>");
     let expert_tiles = g.line(format!(
         "llvm.getelementptr {smem}[{}] : (!llvm.ptr<3>) -> !llvm.ptr<3>, i8",
-        tile.stages * (tile.stage_bytes() + 16)
+        tile.shared_bytes(form) - 4 * (MAX_EXPERTS + 1)
     ));
     let dims = Dims { m: m.clone(), n: n.clone(), k: k.clone(), expert_tiles: expert_tiles.clone() };
     let last_row = g.op_c("sub", &m, 1);
@@ -197,8 +210,14 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         let at = g.op_c("mul", stage, stage_bytes);
         g.op("add", &smem_at, &at)
     };
+    // The stage's scales (Wgrad): A's rows', then B's columns'.
+    let scales_base = g.op_c("add", &smem_at, u64::from(stages) * stage_bytes);
+    let scales_at = |g: &mut Lines, stage: &str| {
+        let at = g.op_c("mul", stage, scale_bytes);
+        g.op("add", &scales_base, &at)
+    };
     // The stage's `full` (which 0) or `empty` (which 1) mbarrier, a 32-bit shared address.
-    let barriers = g.op_c("add", &smem_at, u64::from(stages) * stage_bytes);
+    let barriers = g.op_c("add", &smem_at, u64::from(stages) * (stage_bytes + scale_bytes));
     let barrier = |g: &mut Lines, which: u64, stage: &str| {
         let at = g.op_c("mul", stage, 8);
         let at = g.op_c("add", &at, which * 8 * u64::from(stages));
@@ -262,7 +281,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let empty = barrier(g, 1, &stage);
             wait(g, &empty, &released);
             let full = barrier(g, 0, &stage);
-            let bytes = g.i32(tile.stage_bytes());
+            let bytes = g.i32(tile.stage_bytes() + tile.scale_bytes(form));
             g.asm(
                 "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
                 &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
@@ -294,6 +313,28 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     g.asm(&format!("{copy}.multicast::cluster [$0], [$1, {{$2, $3}}], [$4], $5;"), &operands);
                 } else {
                     g.asm(&format!("{copy} [$0], [$1, {{$2, $3}}], [$4];"), &operands);
+                }
+            }
+            // The Wgrad's scales of this block of K: [K/128, M] and [K/128, N], the tile's rows
+            // and columns contiguous (16-byte aligned: M and N are multiples of the tile's).
+            if scale_bytes > 0 {
+                let kb_abs = g.op_c("udiv", &k_at, TILE_K.into());
+                let scales_first = scales_at(g, &stage);
+                let b_scales_to = g.op_c("add", &scales_first, u64::from(4 * tile_m));
+                for (scales, rows, first, to, count) in
+                    [(&segment.sa, &m, &m0, &scales_first, tile_m), (&segment.sb, &n, &b_row, &b_scales_to, tile_n)]
+                {
+                    let block_at = g.op("mul", &kb_abs, rows);
+                    let at = g.op("add", &block_at, first);
+                    let from =
+                        g.line(format!("llvm.getelementptr {scales}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+                    let from = g.line(format!("llvm.ptrtoint {from} : !llvm.ptr<1> to i64"));
+                    let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
+                    let size = g.i32(4 * count);
+                    g.asm(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+                        &[(to, "r", "i32"), (from, "l", "i64"), (size, "r", "i32"), (full.clone(), "r", "i32")],
+                    );
                 }
             }
             g.stmt("}");
@@ -338,9 +379,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 g.stmt(format!("scf.if {any} {{"));
             }
             let first_kb = g.op_c("udiv", k_from, TILE_K.into());
-            // The scales of block `kb` of K as loaded: the thread's two rows' (A's), then B's
-            // blocks' (Dense, Grouped: the tile's first 128-column block, and its second where
-            // the tile is wider) or its columns' (Wgrad: 8j + 2(l mod 4) + {0, 1}).
+            // The scales of block `kb` of K as loaded (Dense, Grouped): the thread's two rows'
+            // (A's), then B's blocks' (the tile's first 128-column block, and its second where
+            // the tile is wider).
             let load_scales = |g: &mut Lines, kb: &str| -> Vec<String> {
                 let scale = |g: &mut Lines, ptr: &str, at: &str| {
                     let p =
@@ -357,33 +398,45 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                         scale(g, sa, &at)
                     })
                     .into();
-                if form == Form::Wgrad {
-                    let sb_block = g.op("mul", &kb_at, &n);
-                    let c_col = g.op("add", &n0, &col);
-                    loaded.extend((0..registers / 2).map(|j| {
-                        let column = g.op_c("add", &c_col, (j as u64 / 2) * 8 + j as u64 % 2);
-                        let at = g.op("add", &sb_block, &column);
-                        scale(g, sb, &at)
-                    }));
-                } else {
-                    // Block indices clamped to the last: a cluster's block past N reads a real
-                    // scale, and past N nothing is stored.
-                    let row_blocks = padded_row(g, k_blocks);
-                    let up = g.op_c("add", &n, 127);
-                    let blocks = g.op_c("udiv", &up, 128);
-                    let last = g.op_c("sub", &blocks, 1);
-                    let n_block = g.op_c("udiv", &n0, 128);
-                    let first = clamp(g, &n_block, &last);
-                    let mut n_blocks = vec![first.clone()];
-                    if tile_n > 128 {
-                        let next = g.op_c("add", &first, 1);
-                        n_blocks.push(clamp(g, &next, &last));
+                // Block indices clamped to the last: a cluster's block past N reads a real
+                // scale, and past N nothing is stored.
+                let row_blocks = padded_row(g, k_blocks);
+                let up = g.op_c("add", &n, 127);
+                let blocks = g.op_c("udiv", &up, 128);
+                let last = g.op_c("sub", &blocks, 1);
+                let n_block = g.op_c("udiv", &n0, 128);
+                let first = clamp(g, &n_block, &last);
+                let mut n_blocks = vec![first.clone()];
+                if tile_n > 128 {
+                    let next = g.op_c("add", &first, 1);
+                    n_blocks.push(clamp(g, &next, &last));
+                }
+                loaded.extend(n_blocks.iter().map(|n_block| {
+                    let sb_row = g.op("mul", n_block, &row_blocks);
+                    let sb_at = g.op("add", &sb_row, kb);
+                    scale(g, sb, &sb_at)
+                }));
+                loaded
+            };
+            // The Wgrad's scales of the block in `stage`, read where its copies put them, in
+            // the order loaded above: the thread's two rows', then its columns' (8j + 2(l mod
+            // 4) + {0, 1}), in pairs.
+            let staged_scales = |g: &mut Lines, stage: &str| -> Vec<String> {
+                let at = scales_at(g, stage);
+                let read = |g: &mut Lines, offset: &str, ty: &str| {
+                    let offset = g.op_c("mul", offset, 4);
+                    let p = g.op("add", &at, &offset);
+                    let p = g.line(format!("llvm.inttoptr {p} : i64 to !llvm.ptr<3>"));
+                    g.line(format!("llvm.load {p} : !llvm.ptr<3> -> {ty}"))
+                };
+                let mut loaded: Vec<String> = [&row0, &row1].map(|r| read(g, r, "f32")).into();
+                for j in 0..registers / 4 {
+                    let column = g.op_c("add", &col, u64::from(tile_m) + j as u64 * 8);
+                    let pair = read(g, &column, "vector<2xf32>");
+                    for half in 0..2 {
+                        let half = g.i32(half);
+                        loaded.push(g.line(format!("llvm.extractelement {pair}[{half} : i32] : vector<2xf32>")));
                     }
-                    loaded.extend(n_blocks.iter().map(|n_block| {
-                        let sb_row = g.op("mul", n_block, &row_blocks);
-                        let sb_at = g.op("add", &sb_row, kb);
-                        scale(g, sb, &sb_at)
-                    }));
                 }
                 loaded
             };
@@ -409,21 +462,24 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 }
                 products
             };
-            // Block kb's scales are loaded in iteration kb - 1 (the first before the loop) and
-            // carried: loaded where they were used, their latency stood between the products and
-            // the promotion (ncu: 37% and 42% of the grouped and Wgrad consumers' stalls).
-            let none = g.i64(0);
-            let any = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {none} : i64"));
-            let loaded_count = if form == Form::Wgrad { 2 + registers / 2 } else { 2 + tile_n.div_ceil(128) as usize };
-            let types = vec!["f32"; loaded_count].join(", ");
+            // The Dense and Grouped forms load block kb's scales in iteration kb - 1 (the first
+            // before the loop) and carry them: loaded where they were used, their latency stood
+            // between the products and the promotion (ncu: 37% and 42% of the grouped and Wgrad
+            // consumers' stalls). The Wgrad's, a thread's 32 columns' of B, come with the stage.
+            let loaded_count = if staged { 0 } else { 2 + tile_n.div_ceil(128) as usize };
             let first_loaded = g.fresh();
-            g.stmt(format!("{first_loaded}:{loaded_count} = scf.if {any} -> ({types}) {{"));
-            let loaded = load_scales(g, &none);
-            assert_eq!(loaded.len(), loaded_count, "the scales a block of K loads");
-            g.stmt(format!("scf.yield {} : {types}", loaded.join(", ")));
-            g.stmt("} else {");
-            g.stmt(format!("scf.yield {} : {types}", vec![zero.as_str(); loaded_count].join(", ")));
-            g.stmt("}");
+            if loaded_count > 0 {
+                let none = g.i64(0);
+                let any = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {none} : i64"));
+                let types = vec!["f32"; loaded_count].join(", ");
+                g.stmt(format!("{first_loaded}:{loaded_count} = scf.if {any} -> ({types}) {{"));
+                let loaded = load_scales(g, &none);
+                assert_eq!(loaded.len(), loaded_count, "the scales a block of K loads");
+                g.stmt(format!("scf.yield {} : {types}", loaded.join(", ")));
+                g.stmt("} else {");
+                g.stmt(format!("scf.yield {} : {types}", vec![zero.as_str(); loaded_count].join(", ")));
+                g.stmt("}");
+            }
             let (first, one) = (g.i64(0), g.i64(1));
             let carried: Vec<(String, &str)> = (0..registers)
                 .map(|_| (zero.clone(), "f32"))
@@ -431,11 +487,15 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 .collect();
             let k_loop = g.open_for(&first, k_blocks, &one, &carried);
             let (kb, sums) = (k_loop.index.clone(), k_loop.results.clone());
-            let last_kb = g.op_c("sub", k_blocks, 1);
-            let next_kb = g.op_c("add", &kb, 1);
-            let next_kb = clamp(g, &next_kb, &last_kb);
-            let next_loaded = load_scales(g, &next_kb);
-            let scales = accumulator_scales(g, &k_loop.carried[registers..]);
+            let next_loaded = if staged {
+                Vec::new()
+            } else {
+                let last_kb = g.op_c("sub", k_blocks, 1);
+                let next_kb = g.op_c("add", &kb, 1);
+                let next_kb = clamp(g, &next_kb, &last_kb);
+                load_scales(g, &next_kb)
+            };
+            let carried_scales = (!staged).then(|| accumulator_scales(g, &k_loop.carried[registers..]));
             let position = g.op("add", &passed, &kb);
             let (stage, parity) = stage_of(g, &position);
             let full = barrier(g, 0, &stage);
@@ -443,6 +503,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let stage_at = stage_at(g, &stage);
             let a_at = g.op("add", &stage_at, &group_a_at);
             let b_at = g.op_c("add", &stage_at, a_bytes);
+            take_turn(g, consumers, &group, Turn::Issue);
             g.asm("wgmma.fence.sync.aligned;", &[]);
             let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
             let mut partial = vec![zero.clone(); registers];
@@ -465,6 +526,15 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
             }
             g.asm("wgmma.commit_group.sync.aligned;", &[]);
+            take_turn(g, consumers, &group, Turn::Issued);
+            // Read while the products run, before the stage is released.
+            let scales = match carried_scales {
+                Some(scales) => scales,
+                None => {
+                    let loaded = staged_scales(g, &stage);
+                    accumulator_scales(g, &loaded)
+                }
+            };
             // The accumulators pass through the wait so that nothing reads them before it.
             let block = g.asm_f32s("wgmma.wait_group.sync.aligned 0;", &partial, &[]);
             // The stage is read: each warp's first lane releases it.
@@ -488,6 +558,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     g.line(format!("llvm.intr.fma({x}, {}, {}) : (f32, f32, f32) -> f32", scales[i], k_loop.carried[i]))
                 })
                 .collect();
+            take_turn(g, consumers, &group, Turn::Promoted);
             let yielded: Vec<&String> = promoted.iter().chain(&next_loaded).collect();
             let types = vec!["f32"; registers + loaded_count].join(", ");
             g.stmt(format!(
@@ -597,6 +668,44 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         },
         body = g.text()
     )
+}
+
+/// Where a consumer is in a block of K, for [`take_turn`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// About to issue the block's products.
+    Issue,
+    /// Has issued them.
+    Issued,
+    /// Has promoted them.
+    Promoted,
+}
+
+/// Two consumers issue each block's products in turn, the second's after the first's and the
+/// first's next after the second's, through two named barriers of their 256 threads (1: the
+/// first has issued, 2: the second has): the tensor cores run one's products while the other
+/// promotes its own, where issued together both would finish together and both promote while
+/// the tensor cores wait. `group` is the consumer (i64); one consumer has no turns.
+fn take_turn(g: &mut Lines, consumers: u32, group: &str, at: Turn) {
+    if consumers < 2 {
+        return;
+    }
+    let first = g.i64(0);
+    let is_first = g.line(format!("llvm.icmp \"eq\" {group}, {first} : i64"));
+    let (if_first, if_second) = match at {
+        Turn::Issue => (None, Some("bar.sync 1, 256;")),
+        Turn::Issued => (Some("bar.arrive 1, 256;"), Some("bar.arrive 2, 256;")),
+        Turn::Promoted => (Some("bar.sync 2, 256;"), None),
+    };
+    g.stmt(format!("scf.if {is_first} {{"));
+    if let Some(text) = if_first {
+        g.asm(text, &[]);
+    }
+    g.stmt("} else {");
+    if let Some(text) = if_second {
+        g.asm(text, &[]);
+    }
+    g.stmt("}");
 }
 
 /// Spins until the mbarrier at shared address `barrier` (i32) has completed the phase of

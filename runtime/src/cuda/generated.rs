@@ -171,7 +171,7 @@ impl GeneratedGemms {
             return Err(GpuError::Plan(format!("the plan carries no kernel `{name}`")));
         };
         let (module, function) = super::load_kernel(gpu, &self.dir, name)?;
-        let bytes = i32::try_from(tile.shared_bytes()).expect("a tile's shared memory fits an i32");
+        let bytes = i32::try_from(tile.shared_bytes(form)).expect("a tile's shared memory fits an i32");
         function.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
         let multiprocessors = self.multiprocessors;
         let gemm =
@@ -253,7 +253,7 @@ impl GeneratedGemm {
         let config = LaunchConfig {
             grid_dim: (narrow(units.clamp(1, self.multiprocessors / cluster) * cluster)?, 1, 1),
             block_dim: (self.tile.threads(), 1, 1),
-            shared_mem_bytes: self.tile.shared_bytes(),
+            shared_mem_bytes: self.tile.shared_bytes(self.form),
         };
         // A's rows, and B's: all experts' weights (Grouped) or the tokens' columns (Wgrad).
         let b_rows = if self.form == Form::Grouped { p.experts * p.n } else { p.n };
