@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 /// Warps per block.
 const WARPS: usize = 4;
 /// Floats per lane a row may keep in registers (inputs, and the column sums carried).
-const REGISTER_FLOATS: usize = 128;
+const REGISTER_FLOATS: usize = 192;
 /// Chunks of a row written out one by one (longer rows loop).
 const MAX_UNROLLED_CHUNKS: usize = 32;
 /// Blocks of a kernel that sums over rows: enough to fill an H100 twice, few enough that the
@@ -46,6 +46,9 @@ const SUM_FLOATS: usize = WARPS * 32 * W;
 enum Rows {
     /// Row r of its own.
     Own,
+    /// Row r of its own that only the outputs read (a gradient added to): read in the pass
+    /// that writes, so never kept in registers for a later pass.
+    Addend,
     /// One row for every row (a weight over the last axis).
     Shared,
     /// Broadcast against the output's leading shape (an attention mask): the input's leading
@@ -319,7 +322,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
             let accumulates = node.args.len() == 4;
             let mut inputs = vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::Shared), (arg(2)?, Rows::Own)];
             if accumulates {
-                inputs.push((arg(3)?, Rows::Own));
+                inputs.push((arg(3)?, Rows::Addend));
             }
             let eps = *eps;
             let reductions = vec![
@@ -573,12 +576,19 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
 /// Elements per lane in a chunk.
 const W: usize = 4;
 
+/// Whether a row's elements of an input so read are kept in registers for the passes after
+/// the first (when they fit): not a shared row's (the same for every row, from the caches),
+/// nor an addend's (read once, by the outputs).
+fn kept(rows: &Rows) -> bool {
+    !matches!(rows, Rows::Shared | Rows::Addend)
+}
+
 /// Writes a program's kernel.
 fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
     let chunk = 32 * W;
     let chunks = p.n.div_ceil(chunk);
     let column_sums = p.outputs.iter().filter(|o| matches!(o.write, Write::ColumnSum)).count();
-    let cached = p.inputs.iter().filter(|(_, r)| !matches!(r, Rows::Shared)).count();
+    let cached = p.inputs.iter().filter(|(_, r)| kept(r)).count();
     // Unrolled over the chunks when the column sums fit in registers; the inputs kept there
     // too when they also fit.
     let registers = chunks <= MAX_UNROLLED_CHUNKS && chunks * W * column_sums <= REGISTER_FLOATS / 2;
@@ -802,7 +812,7 @@ impl<'p, 'q> RowWriter<'p, 'q> {
         };
         let e: Vec<String> =
             (0..W).map(|l| self.b.line(format!("vector.extract {vector}[{l}] : f32 from {ty}"))).collect();
-        if self.caching && !matches!(self.p.inputs[k].1, Rows::Shared) {
+        if self.caching && kept(&self.p.inputs[k].1) {
             self.cache.insert((k, col.to_string()), e.clone());
         }
         e
@@ -981,7 +991,7 @@ impl<'p, 'q> RowWriter<'p, 'q> {
     fn base(&mut self, k: usize) -> String {
         let b = &mut self.b;
         match &self.p.inputs[k].1 {
-            Rows::Own => b.line("arith.muli %row, %n : index".into()),
+            Rows::Own | Rows::Addend => b.line("arith.muli %row, %n : index".into()),
             Rows::Shared => "%c0".into(),
             Rows::Picked { k: per_token } => {
                 let order = self.p.inputs.len();
