@@ -1042,7 +1042,7 @@ mod tests {
 
     /// The kernels (every form, and the tiles the plans carry) lower through MLIR's pipeline to
     /// PTX with Hopper's FP8 `wgmma` fed by TMA through mbarriers (registers handed to two
-    /// consumers), and, where `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling
+    /// consumers, which take turns; the Wgrad's scales copied with the stages), and, where `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling
     /// registers, but for the grouped 128×192.
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
@@ -1068,6 +1068,10 @@ mod tests {
             assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 2 * segments, "A and B by TMA: {ptx}");
             assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"), "{ptx}");
             assert_eq!(ptx.contains("setmaxnreg"), m == 128, "{ptx}");
+            // Two consumers take turns; the Wgrad's scales come with the stages.
+            assert_eq!(ptx.contains("bar.sync 1, 256") && ptx.contains("bar.arrive 2, 256"), m == 128, "{ptx}");
+            let scale_copies = ptx.matches("cp.async.bulk.shared::cluster.global.mbarrier").count();
+            assert_eq!(scale_copies, if form == Form::Wgrad { 2 } else { 0 }, "{ptx}");
             assert_eq!(
                 ptx.contains(".multicast::cluster") && ptx.contains(".reqnctapercluster 2"),
                 cluster == 2,
