@@ -29,7 +29,10 @@ use std::fmt::Write as _;
 
 /// Warps per block.
 const WARPS: usize = 4;
-/// Floats per lane a row may keep in registers (inputs, and the column sums carried).
+/// Floats per lane a row may keep in registers (inputs, and the column sums carried): 192
+/// leaves the rest of a kernel within 255 registers (ptxas: RMSNorm's backward over 2,048
+/// columns, x and dy kept and the weight's column sums carried, 240 to 242, no spills; with
+/// 128 it read x and dy twice).
 const REGISTER_FLOATS: usize = 192;
 /// Chunks of a row written out one by one (longer rows loop).
 const MAX_UNROLLED_CHUNKS: usize = 32;
