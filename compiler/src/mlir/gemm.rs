@@ -35,8 +35,8 @@ use super::ptx::{Lines, Loop};
 
 /// Rows of C per block: one warpgroup's `wgmma` M.
 pub const TILE_M: u32 = 64;
-/// The most experts a grouped kernel takes (its table of their first tiles is in shared
-/// memory).
+/// The most experts a grouped or Wgrad kernel takes (its table of their first tiles is in
+/// shared memory).
 pub const MAX_EXPERTS: u32 = 256;
 /// K per scale block, and per shared-memory stage: one 128-byte (swizzled) row of each
 /// operand's tile.
@@ -238,8 +238,10 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         }
     }
     g.asm("fence.mbarrier_init.release.cluster;", &[]);
-    if form == Form::Grouped {
-        write_expert_tiles(&mut g, &expert_tiles, tile_m);
+    match form {
+        Form::Grouped => write_expert_tiles(&mut g, &expert_tiles, tile_m),
+        Form::Wgrad => write_expert_tiles(&mut g, &expert_tiles, TILE_K),
+        Form::Dense => {}
     }
     g.stmt("}");
     // Every block's mbarriers ready before any copy or release reaches them.
@@ -788,8 +790,9 @@ struct Dims {
     m: String,
     n: String,
     k: String,
-    /// The grouped form's table in shared memory (`!llvm.ptr<3>`): i32 entry e the tiles of the
-    /// experts before e, entry E all of them ([`write_expert_tiles`]).
+    /// The experts' forms' table in shared memory (`!llvm.ptr<3>`): i32 entry e the tiles (the
+    /// Wgrad's: blocks of K) of the experts before e, entry E all of them
+    /// ([`write_expert_tiles`]).
     expert_tiles: String,
 }
 
@@ -909,7 +912,7 @@ fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str,
         }
         (Form::Wgrad, expert) => {
             let expert = expert.expect("a Wgrad tile has its expert");
-            let (k_from, tokens) = expert_tokens(g, expert);
+            let (k_from, tokens) = expert_tokens(g, expert_tiles, expert);
             let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
             let m0 = g.op_c("mul", by, tile.m.into());
             let out = g.op("mul", m, n);
@@ -923,26 +926,15 @@ fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str,
 }
 
 /// Expert `expert`'s tokens in the Wgrad's operands: (its first column, its token count
-/// rounded up to 128), the columns of the earlier experts' rounded counts summed.
-fn expert_tokens(g: &mut Lines, expert: &str) -> (String, String) {
-    let rounded = |g: &mut Lines, e: &str| {
-        let first = offset(g, e);
-        let next = g.op_c("add", e, 1);
-        let end = offset(g, &next);
-        let tokens = g.op("sub", &end, &first);
-        let up = g.op_c("add", &tokens, u64::from(TILE_K - 1));
-        let blocks = g.op_c("udiv", &up, TILE_K.into());
-        g.op_c("mul", &blocks, TILE_K.into())
-    };
-    let (zero, one) = (g.i64(0), g.i64(1));
-    let Loop { index: e, carried, results: earlier } = g.open_for(&zero, expert, &one, &[(zero.clone(), "i64")]);
-    let columns = &carried[0];
-    let tokens = rounded(g, &e);
-    let sum = g.op("add", columns, &tokens);
-    g.stmt(format!("scf.yield {sum} : i64"));
-    g.stmt("}");
-    let tokens = rounded(g, expert);
-    (earlier, tokens)
+/// rounded up to 128), from the table of the experts' blocks of 128 tokens
+/// ([`write_expert_tiles`]): the columns of the earlier experts' rounded counts summed.
+fn expert_tokens(g: &mut Lines, table: &str, expert: &str) -> (String, String) {
+    let first = load_entry(g, table, expert);
+    let next = g.op_c("add", expert, 1);
+    let end = load_entry(g, table, &next);
+    let blocks = g.op("sub", &end, &first);
+    let [first, tokens] = [&first, &blocks].map(|x| g.op_c("mul", x, TILE_K.into()));
+    (first, tokens)
 }
 
 /// `x` if at most `last`, else `last`.
@@ -968,9 +960,10 @@ fn offset(g: &mut Lines, at: &str) -> String {
     g.line(format!("llvm.zext {x} : i32 to i64"))
 }
 
-/// Writes the grouped form's table at `table` (one thread, once a block): entry e the tiles of
-/// `tile_m` rows of the experts before e, entry E all of them. Scanned per tile instead, the
-/// experts' offsets cost a chain of dependent loads at the start of every tile.
+/// Writes the table of the experts' first tiles at `table` (one thread, once a block): entry e
+/// the tiles of `tile_m` rows (the grouped form's; the Wgrad's blocks of 128 tokens) of the
+/// experts before e, entry E all of them. Scanned per tile instead, the experts' offsets cost
+/// a chain of dependent loads at the start of every tile.
 fn write_expert_tiles(g: &mut Lines, table: &str, tile_m: u32) {
     let experts = g.line("llvm.zext %experts : i32 to i64");
     let (start, one) = (g.i64(0), g.i64(1));

@@ -234,10 +234,10 @@ impl GeneratedGemm {
         );
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (rows, n, k, experts) = (narrow(p.rows)?, narrow(p.n)?, narrow(p.k)?, narrow(p.experts)?);
-        if self.form == Form::Grouped && experts > MAX_EXPERTS {
+        if self.form != Form::Dense && experts > MAX_EXPERTS {
             return Err(GpuError::Unsupported(format!(
-                "{} experts in one grouped FP8 GEMM: the generated kernel takes at most {} (spread the experts over more \
-                 expert-parallel ranks)",
+                "{} experts in one grouped FP8 GEMM or weight gradient: the generated kernel takes at most {} (spread the \
+                 experts over more expert-parallel ranks)",
                 p.experts,
                 MAX_EXPERTS
             )));
