@@ -505,7 +505,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let stage_at = stage_at(g, &stage);
             let a_at = g.op("add", &stage_at, &group_a_at);
             let b_at = g.op_c("add", &stage_at, a_bytes);
-            take_turn(g, consumers, &group, Turn::Issue);
             g.asm("wgmma.fence.sync.aligned;", &[]);
             let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
             let mut partial = vec![zero.clone(); registers];
@@ -528,7 +527,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
             }
             g.asm("wgmma.commit_group.sync.aligned;", &[]);
-            take_turn(g, consumers, &group, Turn::Issued);
             // Read while the products run, before the stage is released.
             let scales = match carried_scales {
                 Some(scales) => scales,
@@ -560,7 +558,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     g.line(format!("llvm.intr.fma({x}, {}, {}) : (f32, f32, f32) -> f32", scales[i], k_loop.carried[i]))
                 })
                 .collect();
-            take_turn(g, consumers, &group, Turn::Promoted);
             let yielded: Vec<&String> = promoted.iter().chain(&next_loaded).collect();
             let types = vec!["f32"; registers + loaded_count].join(", ");
             g.stmt(format!(
@@ -670,44 +667,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         },
         body = g.text()
     )
-}
-
-/// Where a consumer is in a block of K, for [`take_turn`].
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Turn {
-    /// About to issue the block's products.
-    Issue,
-    /// Has issued them.
-    Issued,
-    /// Has promoted them.
-    Promoted,
-}
-
-/// Two consumers issue each block's products in turn, the second's after the first's and the
-/// first's next after the second's, through two named barriers of their 256 threads (1: the
-/// first has issued, 2: the second has): the tensor cores run one's products while the other
-/// promotes its own, where issued together both would finish together and both promote while
-/// the tensor cores wait. `group` is the consumer (i64); one consumer has no turns.
-fn take_turn(g: &mut Lines, consumers: u32, group: &str, at: Turn) {
-    if consumers < 2 {
-        return;
-    }
-    let first = g.i64(0);
-    let is_first = g.line(format!("llvm.icmp \"eq\" {group}, {first} : i64"));
-    let (if_first, if_second) = match at {
-        Turn::Issue => (None, Some("bar.sync 1, 256;")),
-        Turn::Issued => (Some("bar.arrive 1, 256;"), Some("bar.arrive 2, 256;")),
-        Turn::Promoted => (Some("bar.sync 2, 256;"), None),
-    };
-    g.stmt(format!("scf.if {is_first} {{"));
-    if let Some(text) = if_first {
-        g.asm(text, &[]);
-    }
-    g.stmt("} else {");
-    if let Some(text) = if_second {
-        g.asm(text, &[]);
-    }
-    g.stmt("}");
 }
 
 /// Spins until the mbarrier at shared address `barrier` (i32) has completed the phase of
@@ -1035,7 +994,7 @@ mod tests {
 
     /// The kernels (every form, and the tiles the plans carry) lower through MLIR's pipeline to
     /// PTX with Hopper's FP8 `wgmma` fed by TMA through mbarriers (registers handed to two
-    /// consumers, which take turns; the Wgrad's scales copied with the stages), and, where `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling
+    /// consumers; the Wgrad's scales copied with the stages), and, where `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling
     /// registers, but for the grouped 128×192.
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
@@ -1061,8 +1020,7 @@ mod tests {
             assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 2 * segments, "A and B by TMA: {ptx}");
             assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"), "{ptx}");
             assert_eq!(ptx.contains("setmaxnreg"), m == 128, "{ptx}");
-            // Two consumers take turns; the Wgrad's scales come with the stages.
-            assert_eq!(ptx.contains("bar.sync 1, 256") && ptx.contains("bar.arrive 2, 256"), m == 128, "{ptx}");
+            // The Wgrad's scales come with the stages.
             let scale_copies = ptx.matches("cp.async.bulk.shared::cluster.global.mbarrier").count();
             assert_eq!(scale_copies, if form == Form::Wgrad { 2 } else { 0 }, "{ptx}");
             assert_eq!(
