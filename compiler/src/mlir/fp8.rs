@@ -219,7 +219,7 @@ pub fn quantize_kernel(name: &str, node: &Node, inputs: &[u32], width: usize, ou
     if tiles && !transpose {
         return row_tiles_kernel(name, m, n, width, cols, x, out);
     }
-    if tiles && (experts.is_some() || batch_rows == m) {
+    if tiles && m.is_multiple_of(2) && (experts.is_some() || batch_rows == m) {
         return column_tiles_kernel(name, m, n, width, cols, inputs, experts.map(|e| (e, source)), out);
     }
     let blocks = cols == BLOCK_COLS && rows.is_multiple_of(32) && rows <= 128 && n.is_multiple_of(4);
@@ -332,7 +332,7 @@ pub fn quantize_kernel(name: &str, node: &Node, inputs: &[u32], width: usize, ou
                     let from = b.line(format!("arith.subi {jc}, %first_column : index"));
                     let row = b.line(format!("arith.addi {from}, %first_row : index"));
                     let inside = b.line(format!("arith.cmpi ult, {row}, %end_row : index"));
-                    return element_or_zero(b, &row, i, &inside, source);
+                    return elements_or_zero(b, &row, i, &inside, source, 1).remove(0);
                 }
                 // Element (jc, i mod batch_rows) of x's matrix i / batch_rows, [n, batch_rows].
                 let matrix_rows = b.line(format!("arith.constant {batch_rows} : index"));
@@ -595,9 +595,16 @@ fn block_tiles_kernel(name: &str, layout: Layout, rows: usize, x: u32, out: u32)
     Emitted { mlir, grid: (gm * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args: vec![x, out], zeroed: false }
 }
 
-/// x's element (`row`, `column`) of its rows of `%m` where `inside`, else 0 (the load then
-/// reads row 0).
-fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str, source: ExpertRows) -> String {
+/// x's `count` (1 or 2) elements from (`row`, `column`) of its rows of `%m` where `inside`,
+/// else 0 (the load then reads row 0): two as one 8-byte load.
+fn elements_or_zero(
+    b: &mut Body,
+    row: &str,
+    column: &str,
+    inside: &str,
+    source: ExpertRows,
+    count: usize,
+) -> Vec<String> {
     let row = b.line(format!("arith.select {inside}, {row}, %c0 : index"));
     let (row, gate) = match source {
         ExpertRows::Permuted { k } | ExpertRows::UnpermutedGrad { k } => {
@@ -612,17 +619,29 @@ fn element_or_zero(b: &mut Body, row: &str, column: &str, inside: &str, source: 
     };
     let at = b.line(format!("arith.muli {row}, %m : index"));
     let at = b.line(format!("arith.addi {at}, {column} : index"));
-    let x = b.line(format!("memref.load %a0[{at}] : memref<?xf32>"));
-    let x = match (source, gate) {
-        (ExpertRows::SwiGlu, _) => {
-            let y = b.line(format!("memref.load %a2[{at}] : memref<?xf32>"));
-            b.op(&Op::SwiGlu, &[x, y]).expect("swiglu is generated")
+    let load = |b: &mut Body, slot: usize| -> Vec<String> {
+        if count == 1 {
+            return vec![b.line(format!("memref.load %a{slot}[{at}] : memref<?xf32>"))];
         }
-        (_, Some(gate)) => b.line(format!("arith.mulf {gate}, {x} : f32")),
-        _ => x,
+        let v = b.line(format!(
+            "vector.load %a{slot}[{at}] {{alignment = {} : i64}} : memref<?xf32>, vector<{count}xf32>",
+            4 * count
+        ));
+        (0..count).map(|e| b.line(format!("vector.extract {v}[{e}] : f32 from vector<{count}xf32>"))).collect()
     };
+    let xs = load(b, 0);
+    let ys = matches!(source, ExpertRows::SwiGlu).then(|| load(b, 2));
     let zero = b.constant(0.0);
-    b.line(format!("arith.select {inside}, {x}, {zero} : f32"))
+    (0..count)
+        .map(|e| {
+            let x = match (&ys, &gate) {
+                (Some(ys), _) => b.op(&Op::SwiGlu, &[xs[e].clone(), ys[e].clone()]).expect("swiglu is generated"),
+                (_, Some(gate)) => b.line(format!("arith.mulf {gate}, {} : f32", xs[e])),
+                _ => xs[e].clone(),
+            };
+            b.line(format!("arith.select {inside}, {x}, {zero} : f32"))
+        })
+        .collect()
 }
 
 /// The element types of a quantisation's inputs: x, and by expert the offsets and what
@@ -713,6 +732,11 @@ fn expert_of_group(b: &mut Body, experts: usize, tile: usize) {
 /// Warps of the tile kernels' blocks.
 const TILE_WARPS: usize = 8;
 
+/// Result rows (x's columns) of a [`column_tiles_kernel`] block: two adjacent ones a lane (an
+/// 8-byte load). With 32 (a load a lane) its blocks waited on memory's latency more than they
+/// moved: a quarter of the copy's bandwidth where x's rows are gathered.
+const COLUMN_TILE_ROWS: usize = 64;
+
 /// The kernel's MLIR around `body`, on x, the offsets if any, and the output (`%a0`, …), with
 /// shared memory as `workgroup`'s attributions say (none where it is empty).
 fn tile_module(name: &str, body: &str, inputs: Vec<&str>, workgroup: &str) -> String {
@@ -766,10 +790,10 @@ fn row_tiles_kernel(name: &str, m: usize, n: usize, width: usize, cols: usize, x
 }
 
 /// `quantize` of xᵀ (x [n, m]) into [m, n] in 1×`cols` tiles along the result's rows (x's
-/// columns), or `quantize_by_expert` (`offsets`: its value and the experts): a block per 32
-/// result rows and one column group, transposed through shared memory. First the lanes read
-/// along x's contiguous columns (the result's rows), the warps taking turns along its rows, x
-/// read once; then each warp quantises whole result rows, a lane a word of four E4M3 bytes,
+/// columns), or `quantize_by_expert` (`offsets`: its value and the experts): a block per
+/// [`COLUMN_TILE_ROWS`] result rows (m even) and one column group, transposed through shared
+/// memory. First the lanes read along x's contiguous columns (the result's rows), two each,
+/// the warps taking turns along its rows, x read once; then each warp quantises whole result rows, a lane a word of four E4M3 bytes,
 /// so that a row's group goes out as one contiguous store (reading x's columns and storing
 /// words 32 result rows apart left 7 of 8 bytes of every written sector unused).
 #[allow(clippy::too_many_arguments)]
@@ -785,15 +809,16 @@ fn column_tiles_kernel(
 ) -> Emitted {
     let slot = inputs.len();
     let source = by_expert.map_or(ExpertRows::Stored, |(_, source)| source);
-    let (row_blocks, gn) = (m.div_ceil(32), n.div_ceil(cols));
-    // The block's tile of the result, [32 rows][cols], each row one float longer than the
+    let (row_blocks, gn) = (m.div_ceil(COLUMN_TILE_ROWS), n.div_ceil(cols));
+    // The block's tile of the result, [64 rows][cols], each row one float longer than the
     // group so that the lanes' writes of a column fall in different banks.
     let pitch = cols + 1;
-    let shared = 32 * pitch;
+    let shared = COLUMN_TILE_ROWS * pitch;
+    let per_lane = COLUMN_TILE_ROWS / 32;
     let mut b = Body::new();
     let _ = write!(
         b.text,
-        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %c32 : index\n      %i = arith.addi %i0, %lane : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane, %pitch : index\n"
+        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %tile_rows = arith.constant {COLUMN_TILE_ROWS} : index\n      %per_lane = arith.constant {per_lane} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %tile_rows : index\n      %lane_rows = arith.muli %lane, %per_lane : index\n      %i = arith.addi %i0, %lane_rows : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane_rows, %pitch : index\n"
     );
     views(&mut b, slot, m, n, 1, cols);
     if let Some((experts, _)) = by_expert {
@@ -821,22 +846,29 @@ fn column_tiles_kernel(
         };
         let inside = b.line(format!("arith.andi {inside}, %lane_in : i1"));
         let column = b.line(format!("arith.select {inside}, %i, %c0 : index"));
-        loaded.push((turn, local, element_or_zero(&mut b, &row, &column, &inside, source)));
+        loaded.push((turn, local, elements_or_zero(&mut b, &row, &column, &inside, source, per_lane)));
     }
-    for (turn, local, v) in loaded {
+    for (turn, local, values) in loaded {
         let at = b.line(format!("arith.addi %lane_at, {local} : index"));
-        let store = format!("memref.store {v}, %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>");
+        let stores: Vec<String> = (values.iter().enumerate())
+            .map(|(e, v)| {
+                let offset = b.line(format!("arith.constant {} : index", e * pitch));
+                let at = b.line(format!("arith.addi {at}, {offset} : index"));
+                format!("memref.store {v}, %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>")
+            })
+            .collect();
+        let stores = stores.join("\n        ");
         if (turn + 1) * TILE_WARPS > cols {
             // The last turn's columns may pass the group's.
             let fits = b.line(format!("arith.cmpi ult, {local}, %cols : index"));
-            let _ = writeln!(b.text, "        scf.if {fits} {{\n        {store}\n        }}");
+            let _ = writeln!(b.text, "        scf.if {fits} {{\n        {stores}\n        }}");
         } else {
-            let _ = writeln!(b.text, "        {store}");
+            let _ = writeln!(b.text, "        {stores}");
         }
     }
     let _ = writeln!(b.text, "      gpu.barrier");
     // Warp w quantises the tile's rows w, w + 8, …: lane l the four columns from 4l.
-    let _ = writeln!(b.text, "      scf.for %local_row = %warp to %c32 step %wpb {{");
+    let _ = writeln!(b.text, "      scf.for %local_row = %warp to %tile_rows step %wpb {{");
     let _ = writeln!(b.text, "        %row = arith.addi %i0, %local_row : index");
     let row_in = b.line("arith.cmpi ult, %row, %m : index".into());
     let local_col = b.line("arith.muli %lane, %c4 : index".into());
