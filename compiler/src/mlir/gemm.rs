@@ -14,7 +14,10 @@
 //! a consumer sums four `wgmma.m64nNk32` products into fresh tensor-core accumulators, which
 //! are then promoted into the f32 accumulators times the block's two scales: DeepSeek's
 //! promotion every 128 elements of K. A consumer loads each block's scales (from global memory)
-//! one block ahead, so that their latency is spent while the products of the block before run.
+//! one block ahead, so that their latency is spent while the products of the block before run;
+//! the Wgrad's, whose B has a scale per column (32 a thread), the producer copies into the
+//! stage with the operands' tiles (`cp.async.bulk` on the same `full` mbarrier), and the
+//! consumers read them from shared memory while the block's products run.
 //!
 //! The schedule is persistent: a block takes tile `blockIdx.x`, then every `gridDim.x`-th
 //! after it, its ring running on from tile to tile (the producer loads the next tile's blocks
@@ -114,8 +117,8 @@ impl Tile {
     }
 
     /// Dynamic shared memory of a block of `form` (the stages' tiles, then their scales, then
-    /// two 8-byte mbarriers per stage, then the grouped form's table of the experts' first
-    /// tiles): the launch passes it (and raises the kernel's limit).
+    /// two 8-byte mbarriers per stage, then the experts' forms' table of their first tiles): the
+    /// launch passes it (and raises the kernel's limit).
     pub fn shared_bytes(self, form: Form) -> u32 {
         self.stages * (self.stage_bytes() + self.scale_bytes(form) + 16) + 4 * (MAX_EXPERTS + 1)
     }
@@ -319,7 +322,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             }
             // The Wgrad's scales of this block of K: [K/128, M] and [K/128, N], the tile's rows
             // and columns contiguous (16-byte aligned: M and N are multiples of the tile's).
-            if scale_bytes > 0 {
+            if staged {
                 let kb_abs = g.op_c("udiv", &k_at, TILE_K.into());
                 let scales_first = scales_at(g, &stage);
                 let b_scales_to = g.op_c("add", &scales_first, u64::from(4 * tile_m));

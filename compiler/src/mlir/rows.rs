@@ -14,7 +14,8 @@
 //! Warps own rows (four warps per block, each looping over rows when the launch holds fewer
 //! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
 //! every chunk of 32·W elements. When a row's inputs fit in [`REGISTER_FLOATS`] registers per
-//! lane they are read once and kept there for every pass (one pass over memory); otherwise
+//! lane they are read once and kept there for every pass (one pass over memory; an addend,
+//! which only the writing pass reads, is not kept); otherwise
 //! each pass reads them again (from memory once rows outgrow the caches: a cross-entropy's rows
 //! of 32K logits). Reductions meet through warp shuffles; sums over
 //! rows are kept per lane across the warp's rows, added up over the block's warps in shared
