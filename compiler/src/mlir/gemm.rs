@@ -472,23 +472,25 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             // between the products and the promotion (ncu: 37% and 42% of the grouped and Wgrad
             // consumers' stalls). The Wgrad's, a thread's 32 columns' of B, come with the stage.
             let loaded_count = if staged { 0 } else { 2 + tile_n.div_ceil(128) as usize };
-            let first_loaded = g.fresh();
+            let mut first_loaded = Vec::new();
             if loaded_count > 0 {
+                let results = g.fresh();
                 let none = g.i64(0);
                 let any = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {none} : i64"));
                 let types = vec!["f32"; loaded_count].join(", ");
-                g.stmt(format!("{first_loaded}:{loaded_count} = scf.if {any} -> ({types}) {{"));
+                g.stmt(format!("{results}:{loaded_count} = scf.if {any} -> ({types}) {{"));
                 let loaded = load_scales(g, &none);
                 assert_eq!(loaded.len(), loaded_count, "the scales a block of K loads");
                 g.stmt(format!("scf.yield {} : {types}", loaded.join(", ")));
                 g.stmt("} else {");
                 g.stmt(format!("scf.yield {} : {types}", vec![zero.as_str(); loaded_count].join(", ")));
                 g.stmt("}");
+                first_loaded = (0..loaded_count).map(|i| format!("{results}#{i}")).collect();
             }
             let (first, one) = (g.i64(0), g.i64(1));
             let carried: Vec<(String, &str)> = (0..registers)
                 .map(|_| (zero.clone(), "f32"))
-                .chain((0..loaded_count).map(|i| (format!("{first_loaded}#{i}"), "f32")))
+                .chain(first_loaded.into_iter().map(|v| (v, "f32")))
                 .collect();
             let k_loop = g.open_for(&first, k_blocks, &one, &carried);
             let (kb, sums) = (k_loop.index.clone(), k_loop.results.clone());
