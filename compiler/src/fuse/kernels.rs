@@ -404,30 +404,20 @@ fn with_read_through(i: usize, slices_of: &[Vec<usize>]) -> Vec<usize> {
 /// one (for the input gradient, earlier) where one kernel does both
 /// ([`crate::mlir::fp8::both_ways`]): the value is read once, and it is freed there.
 fn pair_quantizations(f: &Function, groups: &mut Vec<(KernelKind, Vec<usize>)>) {
-    let mut j = 0;
-    while j < groups.len() {
-        let pair = match groups[j].1[..] {
-            [columns] if matches!(f.nodes[columns].op, Op::Quantize { transpose: true, .. }) => {
-                let x = base(f, f.nodes[columns].args[0]);
-                groups[..j].iter().position(|(_, nodes)| match nodes[..] {
-                    [rows] if matches!(f.nodes[rows].op, Op::Quantize { .. }) => {
-                        let (rows, columns) = (&f.nodes[rows], &f.nodes[columns]);
-                        let a = rows.args[0];
-                        base(f, a) == x && crate::mlir::fp8::both_ways(rows, columns, f.node(a)).is_some()
-                    }
-                    _ => false,
-                })
-            }
-            _ => None,
-        };
-        match pair {
-            Some(i) => {
-                let (_, columns) = groups.remove(j);
-                groups[i].1.extend(columns);
-            }
-            None => j += 1,
+    join_earlier(groups, |earlier, columns| {
+        if !matches!(f.nodes[columns].op, Op::Quantize { transpose: true, .. }) {
+            return None;
         }
-    }
+        let x = base(f, f.nodes[columns].args[0]);
+        earlier.iter().position(|(_, nodes)| match nodes[..] {
+            [rows] if matches!(f.nodes[rows].op, Op::Quantize { .. }) => {
+                let (rows, columns) = (&f.nodes[rows], &f.nodes[columns]);
+                let a = rows.args[0];
+                base(f, a) == x && crate::mlir::fp8::both_ways(rows, columns, f.node(a)).is_some()
+            }
+            _ => false,
+        })
+    });
 }
 
 /// A row op's result that only a cast to bf16 reads (the loss's gradient, the head's norm,
@@ -439,23 +429,35 @@ fn cast_row_outputs(
     results: &BTreeSet<usize>,
     groups: &mut Vec<(KernelKind, Vec<usize>)>,
 ) {
+    join_earlier(groups, |earlier, cast| {
+        if f.nodes[cast].op != Op::Cast(DType::Bf16) {
+            return None;
+        }
+        let x = base(f, f.nodes[cast].args[0]).index();
+        let casts_row = crate::mlir::rows::is_row_program(&f.nodes[x].op)
+            && f.nodes[x].dtype != DType::Tuple
+            && readers[x] == [cast]
+            && !results.contains(&x);
+        earlier.iter().position(|(_, nodes)| casts_row && nodes[..] == [x])
+    });
+}
+
+/// Moves each kernel of one node into the earlier kernel that `host` finds for it (given the
+/// kernels before it and the node).
+fn join_earlier(
+    groups: &mut Vec<(KernelKind, Vec<usize>)>,
+    host: impl Fn(&[(KernelKind, Vec<usize>)], usize) -> Option<usize>,
+) {
     let mut j = 0;
     while j < groups.len() {
-        let row = match groups[j].1[..] {
-            [cast] if f.nodes[cast].op == Op::Cast(DType::Bf16) => {
-                let x = base(f, f.nodes[cast].args[0]).index();
-                let casts_row = crate::mlir::rows::is_row_program(&f.nodes[x].op)
-                    && f.nodes[x].dtype != DType::Tuple
-                    && readers[x] == [cast]
-                    && !results.contains(&x);
-                groups[..j].iter().position(|(_, nodes)| casts_row && nodes[..] == [x])
-            }
+        let joins = match groups[j].1[..] {
+            [node] => host(&groups[..j], node),
             _ => None,
         };
-        match row {
+        match joins {
             Some(i) => {
-                let (_, cast) = groups.remove(j);
-                groups[i].1.extend(cast);
+                let (_, node) = groups.remove(j);
+                groups[i].1.extend(node);
             }
             None => j += 1,
         }
