@@ -116,9 +116,12 @@ def reference(function, kernel, inputs):
             onehot = (xp.arange(x.shape[-1]) == labels).astype(xp.float64)
             if name == "cross_entropy":
                 m = x.max(axis=-1, keepdims=True)
-                r = xp.log(xp.exp(x - m).sum(axis=-1, keepdims=True)) + m - (x * onehot).sum(axis=-1, keepdims=True)
+                z = xp.exp(x - m).sum(axis=-1, keepdims=True)
+                r = (xp.log(z) + m - (x * onehot).sum(axis=-1, keepdims=True), m, z)
             else:
-                r = (softmax(x) - onehot) * a[2]
+                # The row max and sum are the forward's, inputs here (random, as any input).
+                g, m, z = a[2], a[3], a[4]
+                r = g / z * xp.exp(x - m) - g * onehot
         elif name == "add_rms_norm":
             x = a[0] + a[1]
             r = (x, rms_norm(x, a[2], at["eps"]))

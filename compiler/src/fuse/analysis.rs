@@ -97,8 +97,8 @@ impl Analysis<Fx> for FusionAnalysis {
             | Fx::InvertOrder(x)
             | Fx::Softmax(x)
             | Fx::SoftmaxGrad([_, x]) => child(x),
-            Fx::CrossEntropyGrad([x, _, _]) => child(x),
-            Fx::CrossEntropy([x, labels]) => ClassData::value(shape(labels), child(x).dtype),
+            Fx::CrossEntropyGrad([x, ..]) => child(x),
+            Fx::CrossEntropy([x, labels]) => ClassData::tuple(vec![(shape(labels), child(x).dtype); 3]),
             Fx::RmsNorm([x, _, _]) => child(x),
             Fx::SumLast(x) | Fx::MaxLast(x) => {
                 let mut d = child(x);
@@ -240,6 +240,7 @@ impl Analysis<Fx> for FusionAnalysis {
             }
             Fx::Get0(t) => part(&child(t), 0),
             Fx::Get1(t) => part(&child(t), 1),
+            Fx::Get2(t) => part(&child(t), 2),
         }
     }
 

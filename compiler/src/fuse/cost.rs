@@ -43,7 +43,14 @@ pub fn node_seconds(egraph: &EGraph<Fx, FusionAnalysis>, class: Id, enode: &Fx, 
     let bytes = |id: Id| egraph[id].data.bytes();
     let moved: f64 = enode.children().iter().map(|&c| bytes(c)).sum::<f64>() + bytes(class);
     match enode {
-        Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) | Fx::Stop(_) | Fx::Reshape(_) | Fx::Get0(_) | Fx::Get1(_) => 0.0,
+        Fx::Const(_)
+        | Fx::Attr(_)
+        | Fx::Opaque(..)
+        | Fx::Stop(_)
+        | Fx::Reshape(_)
+        | Fx::Get0(_)
+        | Fx::Get1(_)
+        | Fx::Get2(_) => 0.0,
         Fx::MatMul([attr, a, _])
         | Fx::MatMulAdd([attr, a, ..])
         | Fx::ConcatKMatMul([attr, a, ..])

@@ -82,7 +82,7 @@ fn refine<N: Analysis<Fx>>(
     let mut readers: HashMap<Id, Vec<(Id, Fx)>> = HashMap::new();
     for &class in &alternatives {
         for node in &egraph[class].nodes {
-            if let Fx::Get0(t) | Fx::Get1(t) = node {
+            if let Fx::Get0(t) | Fx::Get1(t) | Fx::Get2(t) = node {
                 readers.entry(egraph.find(*t)).or_default().push((class, node.clone()));
             }
         }
@@ -96,7 +96,7 @@ fn refine<N: Analysis<Fx>>(
                     continue;
                 }
                 let switch = match node {
-                    Fx::Get0(t) | Fx::Get1(t) => readers[&egraph.find(*t)].clone(),
+                    Fx::Get0(t) | Fx::Get1(t) | Fx::Get2(t) => readers[&egraph.find(*t)].clone(),
                     _ => vec![(class, node.clone())],
                 };
                 let previous: Vec<(Id, Option<Fx>)> =

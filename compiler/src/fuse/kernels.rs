@@ -10,7 +10,8 @@
 //! Joining only the most recent kernel keeps the kernels in a valid launch order: nothing
 //! launched after it can feed it. A fused op with several results returns a tuple whose parts
 //! are read with `get`: the kernel writes every part. A value's row-wise and transposed
-//! quantisations are one kernel. Each kernel carries its bytes moved, FLOPs and roofline time.
+//! quantisations are one kernel, and a row op's result is cast to bf16 by its own kernel where
+//! the cast alone reads it. Each kernel carries its bytes moved, FLOPs and roofline time.
 
 use super::cost::Profile;
 use crate::graph::ir::{matmul_shape, DType, Function, Module, Node, Op, V};
@@ -184,9 +185,10 @@ fn numel(n: &Node) -> u64 {
 /// The values of `f` stored as packed bf16 (2 bytes an element) between kernels: its bf16
 /// arguments and results, state that a caller keeps in bf16 from call to call (Adam's moments
 /// under the policy), the bf16 results of its calls (stored packed by the callee); and its
-/// casts to bf16 computed by kernels by element whose readers all read them packed
-/// ([`packed_casts`]). Every other real is stored as f32: a bf16 value inside a function is
-/// rounded, not packed. Only generated kernels by element write packed values; those by
+/// casts to bf16 computed by kernels by element (or by the row kernel whose result they cast)
+/// whose readers all read them packed ([`packed_casts`]). Every other real is stored as f32: a
+/// bf16 value inside a function is rounded, not packed. Only those kernels ([`writes_packed`])
+/// write packed values; those by
 /// element or by index ([`reads_packed`]) and library GEMMs read them (`crate::mlir::emit`);
 /// the backends convert them where they cross to the host.
 pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
@@ -202,8 +204,8 @@ pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     packed
 }
 
-/// The casts to bf16, computed by kernels by element, that every reader reads packed:
-/// generated kernels that can ([`reads_packed`]), library products as factors and the fused
+/// The casts to bf16, computed by kernels that can write them packed, that every reader reads
+/// packed: generated kernels that can ([`reads_packed`]), library products as factors and the fused
 /// attention as queries, keys and values ([`staged_packed`]), each product's factors or
 /// attention's three all such casts (a product with one other factor leaves its casts
 /// unpacked: cuBLAS takes both factors in one type; the attention kernels take all three in
@@ -211,7 +213,7 @@ pub fn packed_bf16(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
 fn packed_casts(f: &Function, kernels: &[Kernel]) -> HashSet<u32> {
     let mut casts: HashSet<u32> = kernels
         .iter()
-        .filter(|k| k.kind == KernelKind::Generated && by_element(f, k))
+        .filter(|k| k.kind == KernelKind::Generated && writes_packed(f, k))
         .flat_map(|k| &k.outputs)
         .copied()
         .filter(|&v| f.nodes[v as usize].op == Op::Cast(DType::Bf16))
@@ -310,6 +312,12 @@ pub fn elementwise(f: &Function, kernel: &Kernel) -> bool {
             .all(|n| n.dtype != DType::I32 && (numel(n) == size || numel(n) == 1))
 }
 
+/// Whether generated kernel `kernel` can write bf16-packed values: one by element, or a row
+/// kernel casting its result ([`casts_row_output`]).
+pub fn writes_packed(f: &Function, kernel: &Kernel) -> bool {
+    by_element(f, kernel) || casts_row_output(f, kernel)
+}
+
 /// Whether `kernel` computes each of its elements at its own index: it is made of elementwise
 /// ops and layout ops (transposes, slices, pads, concatenations, broadcasts, RoPE's gather and
 /// concatenation). Such a kernel may read and write any of its values packed.
@@ -396,29 +404,75 @@ fn with_read_through(i: usize, slices_of: &[Vec<usize>]) -> Vec<usize> {
 /// one (for the input gradient, earlier) where one kernel does both
 /// ([`crate::mlir::fp8::both_ways`]): the value is read once, and it is freed there.
 fn pair_quantizations(f: &Function, groups: &mut Vec<(KernelKind, Vec<usize>)>) {
+    join_earlier(groups, |earlier, columns| {
+        if !matches!(f.nodes[columns].op, Op::Quantize { transpose: true, .. }) {
+            return None;
+        }
+        let x = base(f, f.nodes[columns].args[0]);
+        earlier.iter().position(|(_, nodes)| match nodes[..] {
+            [rows] if matches!(f.nodes[rows].op, Op::Quantize { .. }) => {
+                let (rows, columns) = (&f.nodes[rows], &f.nodes[columns]);
+                let a = rows.args[0];
+                base(f, a) == x && crate::mlir::fp8::both_ways(rows, columns, f.node(a)).is_some()
+            }
+            _ => false,
+        })
+    });
+}
+
+/// A row op's result that only a cast to bf16 reads (the loss's gradient, the head's norm,
+/// for a BF16 product) is cast by the row kernel as it writes it
+/// ([`crate::mlir::rows::row_kernel`]): the f32 value is never stored, nor read again.
+fn cast_row_outputs(
+    f: &Function,
+    readers: &[Vec<usize>],
+    results: &BTreeSet<usize>,
+    groups: &mut Vec<(KernelKind, Vec<usize>)>,
+) {
+    join_earlier(groups, |earlier, cast| {
+        if f.nodes[cast].op != Op::Cast(DType::Bf16) {
+            return None;
+        }
+        let x = base(f, f.nodes[cast].args[0]).index();
+        let casts_row = crate::mlir::rows::is_row_program(&f.nodes[x].op)
+            && f.nodes[x].dtype != DType::Tuple
+            && readers[x] == [cast]
+            && !results.contains(&x);
+        earlier.iter().position(|(_, nodes)| casts_row && nodes[..] == [x])
+    });
+}
+
+/// Moves each kernel of one node into the earlier kernel that `host` finds for it (given the
+/// kernels before it and the node).
+fn join_earlier(
+    groups: &mut Vec<(KernelKind, Vec<usize>)>,
+    host: impl Fn(&[(KernelKind, Vec<usize>)], usize) -> Option<usize>,
+) {
     let mut j = 0;
     while j < groups.len() {
-        let pair = match groups[j].1[..] {
-            [columns] if matches!(f.nodes[columns].op, Op::Quantize { transpose: true, .. }) => {
-                let x = base(f, f.nodes[columns].args[0]);
-                groups[..j].iter().position(|(_, nodes)| match nodes[..] {
-                    [rows] if matches!(f.nodes[rows].op, Op::Quantize { .. }) => {
-                        let (rows, columns) = (&f.nodes[rows], &f.nodes[columns]);
-                        let a = rows.args[0];
-                        base(f, a) == x && crate::mlir::fp8::both_ways(rows, columns, f.node(a)).is_some()
-                    }
-                    _ => false,
-                })
-            }
+        let joins = match groups[j].1[..] {
+            [node] => host(&groups[..j], node),
             _ => None,
         };
-        match pair {
+        match joins {
             Some(i) => {
-                let (_, columns) = groups.remove(j);
-                groups[i].1.extend(columns);
+                let (_, node) = groups.remove(j);
+                groups[i].1.extend(node);
             }
             None => j += 1,
         }
+    }
+}
+
+/// Whether `kernel` is a row kernel whose result is cast to bf16 as it is written
+/// ([`cast_row_outputs`]).
+pub fn casts_row_output(f: &Function, kernel: &Kernel) -> bool {
+    match kernel.nodes[..] {
+        [row, cast] => {
+            crate::mlir::rows::is_row_program(&f.nodes[row as usize].op)
+                && f.nodes[cast as usize].op == Op::Cast(DType::Bf16)
+        }
+        _ => false,
     }
 }
 
@@ -476,6 +530,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
         }
     }
     pair_quantizations(f, &mut groups);
+    cast_row_outputs(f, &readers, &output_bases, &mut groups);
     groups
         .into_iter()
         .enumerate()

@@ -47,10 +47,11 @@ define_language! {
         "swiglu" = SwiGlu([Id; 2]),
         // Backward twins: (x, dy) → dx of softmax.
         "softmax_grad" = SoftmaxGrad([Id; 2]),
-        // The loss: (x, labels) → each row's cross-entropy; its backward, (x, labels, dy) → dx.
+        // The loss: (x, labels) → (each row's cross-entropy, its max m, Σ e^(x − m)); its
+        // backward, (x, labels, dy, m, z) → dx.
         "cross_entropy" = CrossEntropy([Id; 2]),
-        "cross_entropy_grad" = CrossEntropyGrad([Id; 3]),
-        // Fused ops with two results (a tuple), read with `get0` / `get1`.
+        "cross_entropy_grad" = CrossEntropyGrad([Id; 5]),
+        // Fused ops with several results (a tuple), read with `get0`, `get1`, `get2`.
         "add_rmsnorm" = AddRmsNorm([Id; 4]),
         // (x, w, dy, eps) → (dx, dw); with an adjoint to add dx into, (x, w, dy, acc, eps);
         // (a, b, dy) → (da, db).
@@ -90,6 +91,7 @@ define_language! {
         "swiglu_quantize" = SwiGluQuantize([Id; 3]),
         "get0" = Get0(Id),
         "get1" = Get1(Id),
+        "get2" = Get2(Id),
         // A scalar constant, by its value's bits.
         Const(ConstBits),
         // An op's attributes: the op itself.

@@ -124,20 +124,24 @@ pub fn rules() -> Vec<Rewrite<Fx, FusionAnalysis>> {
         ),
         // The loss: with m = stop(max_last x), s = x − m, e = eˢ and z = Σ_last e, each row's
         // cross-entropy log z − s[label] is one pass over the logits (the max, z and the
-        // label's logit found together); its VJP for a row cotangent g,
+        // label's logit found together), which also writes m and z; its VJP for a row
+        // cotangent g,
         //   dx = (g/z)·e + put_along(label, −g) = (g/z)·e − g·onehot(label),
-        // recomputes m and z from x: two passes instead of the eight the primitives take, and
-        // no [rows, n] value kept between the forward and the backward.
+        // is then one more pass: two over the logits instead of the eight the primitives take
+        // (three if the backward recomputed m and z), and no [rows, n] value kept between the
+        // forward and the backward. Where the forward is not in the function, m and z are
+        // computed from their primitives.
         multi(
             "cross-entropy",
-            "?s = (sub ?x (stop (max_last ?x))), ?nll = (sub (log (sum_last (exp ?s))) (take_along ?s ?labels))",
-            "?nll = (cross_entropy ?x ?labels)",
+            "?m = (stop (max_last ?x)), ?s = (sub ?x ?m), ?z = (sum_last (exp ?s)),
+             ?nll = (sub (log ?z) (take_along ?s ?labels))",
+            "?t = (cross_entropy ?x ?labels), ?nll = (get0 ?t), ?m = (get1 ?t), ?z = (get2 ?t)",
         ),
         multi(
             "cross-entropy-grad",
-            "?e = (exp (sub ?x (stop (max_last ?x)))),
-             ?dx = (add (put_along ?n ?labels (neg ?g)) (mul (broadcast_to ?to (div ?g (sum_last ?e))) ?e))",
-            "?dx = (cross_entropy_grad ?x ?labels ?g)",
+            "?m = (stop (max_last ?x)), ?e = (exp (sub ?x ?m)), ?z = (sum_last ?e),
+             ?dx = (add (put_along ?n ?labels (neg ?g)) (mul (broadcast_to ?to (div ?g ?z)) ?e))",
+            "?dx = (cross_entropy_grad ?x ?labels ?g ?m ?z)",
         ),
         // SwiGLU, y = silu(a)·b with σ = sigmoid(a):
         //   db = g·silu(a),  da = (g·b)·σ·(1 + a·(1 − σ))

@@ -220,6 +220,7 @@ fn op_of<'a>(egraph: &EGraph<Fx, FusionAnalysis>, node: &'a Fx) -> (Op, &'a [Id]
         }
         Fx::Get0(_) => (Op::Get(0), children),
         Fx::Get1(_) => (Op::Get(1), children),
+        Fx::Get2(_) => (Op::Get(2), children),
         Fx::Const(_) | Fx::Attr(_) | Fx::Opaque(..) => unreachable!("leaves and opaque ops are decoded by the caller"),
     }
 }

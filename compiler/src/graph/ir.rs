@@ -326,10 +326,11 @@ pub enum Op {
     /// Fused backward of `SwiGlu`: (a, b, dy) → the tuple (da, db).
     SwiGluGrad,
     /// Fused: the cross-entropy of each row of logits against its label, (x [.., n], labels
-    /// [.., 1] i32) → log Σ_last e^(x − m) − (x[label] − m) [.., 1], m the row's max.
+    /// [.., 1] i32) → the tuple (log z − (x[label] − m), m, z), each [.., 1]: m the row's max,
+    /// z = Σ_last e^(x − m) (the backward reads them).
     CrossEntropy,
-    /// Fused backward of `CrossEntropy`, recomputing the softmax from the logits: (x, labels,
-    /// dy [.., 1]) → dx = (dy/z)·e^(x − m) − dy·onehot(label), z = Σ_last e^(x − m).
+    /// Fused backward of `CrossEntropy`: (x, labels, dy, m, z, each but x [.., 1]) →
+    /// dx = (dy/z)·e^(x − m) − dy·onehot(label).
     CrossEntropyGrad,
     /// Fused: a GEMM whose epilogue adds c (a residual, or an adjoint accumulating), (a, b, c)
     /// → c + op(a)·op(b), the product read in c's shape.

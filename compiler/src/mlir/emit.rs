@@ -53,8 +53,8 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
     let elementwise = crate::fuse::kernels::elementwise(f, kernel);
     let (reads, writes) =
         (kernel.inputs.iter().any(|v| packed.contains(v)), kernel.outputs.iter().any(|v| packed.contains(v)));
-    if writes && !crate::fuse::kernels::by_element(f, kernel) {
-        return Err("only kernels computing each element at its own index write bf16-packed values".into());
+    if writes && !crate::fuse::kernels::writes_packed(f, kernel) {
+        return Err("only kernels computing each element at its own index, or a row kernel casting its result, write bf16-packed values".into());
     }
     if reads && !crate::fuse::kernels::reads_packed(f, kernel) {
         return Err("row programs and quantisers do not read bf16-packed values".into());
@@ -66,7 +66,9 @@ pub fn emit(f: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> Result<Emit
         }
     }
     match nodes.as_slice() {
-        [one] if super::rows::is_row_program(&one.op) => super::rows::row_kernel(f, kernel, one, kernel.nodes[0]),
+        [row, ..] if super::rows::is_row_program(&row.op) => {
+            super::rows::row_kernel(f, kernel, row, kernel.nodes[0], packed)
+        }
         [one] if matches!(one.op, Op::Quantize { .. }) => {
             let x = kernel_input(f, kernel, one.args[0])?;
             let (shape, transposed) =

@@ -25,7 +25,7 @@ use super::emit::{kernel_input as input, Body, Emitted, TARGET};
 use super::fp8;
 use crate::fuse::kernels::Kernel;
 use crate::graph::ir::{Function, Node, Op};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 /// Warps per block.
@@ -163,6 +163,10 @@ fn rescaled(b: &mut Body, s: &str, from: &str, base: &str) -> String {
 
 enum Write {
     Element,
+    /// An element rounded to bf16: stored packed, or as the f32 of the rounded value.
+    Bf16 {
+        packed: bool,
+    },
     Fp8 {
         cols: usize,
     },
@@ -199,9 +203,24 @@ pub fn is_row_program(op: &Op) -> bool {
     op.works_along_rows() && !matches!(op, Op::Route { .. })
 }
 
-/// The row kernel of `node`, the one node of `kernel`.
-pub fn row_kernel(f: &Function, kernel: &Kernel, node: &Node, v: u32) -> Result<Emitted, String> {
-    let program = program(f, kernel, node, v)?;
+/// The row kernel of `node`, the first node of `kernel`; the second, where there is one,
+/// casts its result to bf16 (`crate::fuse::kernels::cast_row_outputs`), which the kernel
+/// writes instead, packed if it is in `packed`.
+pub fn row_kernel(
+    f: &Function,
+    kernel: &Kernel,
+    node: &Node,
+    v: u32,
+    packed: &HashSet<u32>,
+) -> Result<Emitted, String> {
+    let mut program = program(f, kernel, node, v)?;
+    if let [_, cast] = kernel.nodes[..] {
+        let output = (program.outputs.iter_mut())
+            .find(|o| o.value == v && matches!(o.write, Write::Element))
+            .ok_or_else(|| format!("`{}` writes no elements to cast", node.op.name()))?;
+        output.value = cast;
+        output.write = Write::Bf16 { packed: packed.contains(&cast) };
+    }
     if !program.n.is_multiple_of(W) {
         return Err(format!("rows of {} elements (not a multiple of {W}) are not generated", program.n));
     }
@@ -459,7 +478,7 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
         }
         Op::CrossEntropy => {
             // m = max x, z = Σ e^(x − m) and the label's logit x[label] = Σ [column = label]·x
-            // in one pass; log z − (x[label] − m).
+            // in one pass; log z − (x[label] − m), and m and z where they are read.
             let mut reductions = vec![softmax(|_, e| e[0].clone())];
             reductions.push(Reduction {
                 kind: Kind::Sum,
@@ -473,29 +492,43 @@ fn program<'p>(f: &'p Function, kernel: &Kernel, node: &'p Node, v: u32) -> Resu
                 }),
                 finish: Box::new(|_, _, t| t.to_vec()),
             });
+            let row_value = |value, term: Term<'p>| Output { value, write: Write::RowValue, term };
+            let [nll, max, sum] = parts(f, v, 3)[..] else { unreachable!("three parts") };
+            let outputs = [
+                nll.map(|nll| {
+                    row_value(
+                        nll,
+                        Box::new(|b, _, r| {
+                            let log_z = b.op(&Op::Log, &[r[1].clone()]).expect("log is generated");
+                            let picked = bin(b, "subf", &r[2], &r[0]);
+                            bin(b, "subf", &log_z, &picked)
+                        }),
+                    )
+                }),
+                max.map(|max| row_value(max, Box::new(|_, _, r| r[0].clone()))),
+                sum.map(|sum| row_value(sum, Box::new(|_, _, r| r[1].clone()))),
+            ];
             program(
                 vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::OneHot)],
                 reductions,
-                vec![Output {
-                    value: v,
-                    write: Write::RowValue,
-                    term: Box::new(|b, _, r| {
-                        let log_z = b.op(&Op::Log, &[r[1].clone()]).expect("log is generated");
-                        let picked = bin(b, "subf", &r[2], &r[0]);
-                        bin(b, "subf", &log_z, &picked)
-                    }),
-                }],
+                outputs.into_iter().flatten().collect(),
             )
         }
         Op::CrossEntropyGrad => {
-            // dx = onehot·(−dy) + (dy/z)·e^(x − m).
+            // dx = onehot·(−dy) + (dy/z)·e^(x − m), m and z the forward's.
             program(
-                vec![(arg(0)?, Rows::Own), (arg(1)?, Rows::OneHot), (arg(2)?, Rows::PerRow)],
-                vec![softmax(|_, e| e[0].clone())],
-                vec![element(Box::new(|b, e, r| {
-                    let d = bin(b, "subf", &e[0], &r[0]);
+                vec![
+                    (arg(0)?, Rows::Own),
+                    (arg(1)?, Rows::OneHot),
+                    (arg(2)?, Rows::PerRow),
+                    (arg(3)?, Rows::PerRow),
+                    (arg(4)?, Rows::PerRow),
+                ],
+                vec![],
+                vec![element(Box::new(|b, e, _| {
+                    let d = bin(b, "subf", &e[0], &e[3]);
                     let ex = b.exp(&d);
-                    let scale = bin(b, "divf", &e[2], &r[1]);
+                    let scale = bin(b, "divf", &e[2], &e[4]);
                     let t = bin(b, "mulf", &scale, &ex);
                     let minus = b.line(format!("arith.negf {} : f32", e[2]));
                     let put = bin(b, "mulf", &e[1], &minus);
@@ -605,8 +638,11 @@ fn emit(name: &str, p: &Program, is_index: impl Fn(u32) -> bool) -> Emitted {
         .iter()
         .enumerate()
         .map(|(slot, &v)| {
-            if slot >= first_output && matches!(p.outputs[slot - first_output].write, Write::Fp8 { .. }) {
+            let write = (slot >= first_output).then(|| &p.outputs[slot - first_output].write);
+            if let Some(Write::Fp8 { .. }) = write {
                 "i8"
+            } else if let Some(Write::Bf16 { packed: true }) = write {
+                "bf16"
             } else if is_index(v) {
                 "i32"
             } else {
@@ -951,16 +987,28 @@ impl<'p, 'q> RowWriter<'p, 'q> {
                 let slot = first_output + k;
                 let values: Vec<String> = elements.iter().map(|e| (o.term)(&mut w.b, e, &finished)).collect();
                 match o.write {
-                    Write::Element => {
+                    Write::Element | Write::Bf16 { .. } => {
+                        let (values, element) = match o.write {
+                            Write::Bf16 { packed } => {
+                                let rounded = values.iter().map(|x| w.b.line(format!("arith.truncf {x} : f32 to bf16")));
+                                let rounded: Vec<String> = rounded.collect();
+                                if packed {
+                                    (rounded, "bf16")
+                                } else {
+                                    (rounded.iter().map(|x| w.b.line(format!("arith.extf {x} : bf16 to f32"))).collect(), "f32")
+                                }
+                            }
+                            _ => (values, "f32"),
+                        };
                         let at = w.b.line("arith.muli %row, %n : index".into());
                         let at = w.b.line(format!("arith.addi {at}, {col} : index"));
-                        let ty = format!("vector<{W}xf32>");
+                        let ty = format!("vector<{W}x{element}>");
                         let v = w.b.line(format!("vector.from_elements {} : {ty}", values.join(", ")));
+                        let alignment = if element == "bf16" { 2 * W } else { 4 * W };
                         w.masked(col, |b| {
                             let _ = writeln!(
                                 b.text,
-                                "        vector.store {v}, %a{slot}[{at}] {{alignment = {} : i64}} : memref<?xf32>, {ty}",
-                                4 * W
+                                "        vector.store {v}, %a{slot}[{at}] {{alignment = {alignment} : i64}} : memref<?x{element}>, {ty}"
                             );
                         });
                     }

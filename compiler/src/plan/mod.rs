@@ -645,6 +645,33 @@ mod tests {
         assert!(kernels >= 2, "{kernels} RMSNorm backward kernels");
     }
 
+    /// The loss's backward reads each row's max and sum from its forward (no reductions: one
+    /// pass over the logits, not two) and writes the gradient of the BF16 head's logits packed, as the
+    /// head's products read it (no f32 gradient stored, then cast).
+    #[test]
+    fn the_loss_backward_reads_the_forward_statistics_and_writes_bf16() {
+        let plan = tiny_plan(&[]);
+        let (f, pf) = (plan.module.functions.iter().zip(&plan.functions))
+            .find(|(f, _)| f.name == "model.grad")
+            .expect("the model's gradient function");
+        let packed = pf.packed_set();
+        let mut kernels = 0;
+        for k in pf.kernels.iter().filter(|k| k.ops[0] == "cross_entropy_grad") {
+            kernels += 1;
+            let node = &f.nodes[k.nodes[0] as usize];
+            for (arg, part) in [(3, 1), (4, 2)] {
+                let stat = f.node(node.args[arg]);
+                assert_eq!(stat.op, Op::Get(part), "{}: argument {arg}", k.name);
+                assert_eq!(f.node(stat.args[0]).op, Op::CrossEntropy, "{}: argument {arg}", k.name);
+            }
+            let mlir = emit::emit(f, k, &packed).expect("emitted").mlir;
+            assert!(!mlir.contains("gpu.shuffle"), "{}: the row's max and sum found again", k.name);
+            let [_, cast] = k.nodes[..] else { panic!("{}: {:?}, not cast as it is written", k.name, k.ops) };
+            assert!(packed.contains(&cast) && mlir.contains("memref<?xbf16>"), "{}: the gradient not packed", k.name);
+        }
+        assert_eq!(kernels, 2, "the main and MTP losses' backward kernels");
+    }
+
     /// A value's row-wise quantisation (for its input gradient) and its transposed one (for a
     /// weight gradient) are one kernel, where the first ran, wherever one kernel can do both.
     #[test]
@@ -704,7 +731,7 @@ mod tests {
                     assert_eq!(bytes[&v], 2 * elements, "{policy} {}: %{v}", f.name);
                     let writer = pf.kernels.iter().find(|k| k.outputs.contains(&v)).expect("written");
                     assert!(matches!(writer.code, Code::Generated { .. }), "{policy}: {} writes %{v}", writer.name);
-                    assert!(kernels::by_element(f, writer), "{policy}: {} computes by element", writer.name);
+                    assert!(kernels::writes_packed(f, writer), "{policy}: {} writes packed values", writer.name);
                 }
                 for (i, node) in f.nodes.iter().enumerate() {
                     if kernels::base(f, V(i as u32)).index() != i {

@@ -374,9 +374,15 @@ pub fn eval<T: Real>(module: &Module, node: &Node, v: &[&Value<T>]) -> Value<T> 
             pair(Tensor::new(x.shape.clone(), dx), Tensor::new(w.shape.clone(), dw))
         }
         Op::SoftmaxGrad => real(&node.shape, grads::softmax_grad(&r(0).data, last(&r(0).shape), &r(1).data)),
-        Op::CrossEntropy => real(&node.shape, grads::cross_entropy(&r(0).data, last(&r(0).shape), &ix(1).data)),
+        Op::CrossEntropy => {
+            let (nll, maxima, sums) = grads::cross_entropy(&r(0).data, last(&r(0).shape), &ix(1).data);
+            let shape = &ix(1).shape;
+            let row_value = |data| Value::real(Tensor::new(shape.clone(), data));
+            Value::Tuple(vec![row_value(nll), row_value(maxima), row_value(sums)])
+        }
         Op::CrossEntropyGrad => {
-            real(&node.shape, grads::cross_entropy_grad(&r(0).data, last(&r(0).shape), &ix(1).data, &r(2).data))
+            let (x, dy, maxima, sums) = (&r(0).data, &r(2).data, &r(3).data, &r(4).data);
+            real(&node.shape, grads::cross_entropy_grad(x, last(&r(0).shape), &ix(1).data, dy, maxima, sums))
         }
         Op::ConcatMatMul { ta, tb, fp8 } => {
             let (a, b1, b2) = (r(0), r(1), r(2));

@@ -47,23 +47,27 @@ pub fn softmax_grad<T: Real>(x: &[T], n: usize, dy: &[T]) -> Vec<T> {
 }
 
 /// Each row's cross-entropy against its label, as the primitives compute it: with
-/// m = max x, s = x − m and z = Σ eˢ, log z − s[label].
-pub fn cross_entropy<T: Real>(x: &[T], n: usize, labels: &[i32]) -> Vec<T> {
-    x.chunks(n)
-        .zip(labels)
-        .map(|(row, &label)| {
-            let (max, z) = max_and_sum(row);
-            z.ln() - (row[label_index(label, n)] - max)
-        })
-        .collect()
+/// m = max x, s = x − m and z = Σ eˢ, log z − s[label]. Returns the losses, the maxima and
+/// the sums (the backward's statistics), a value a row each.
+pub fn cross_entropy<T: Real>(x: &[T], n: usize, labels: &[i32]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let rows = x.len() / n.max(1);
+    let (mut nll, mut maxima, mut sums) =
+        (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+    for (row, &label) in x.chunks(n).zip(labels) {
+        let (max, z) = max_and_sum(row);
+        nll.push(z.ln() - (row[label_index(label, n)] - max));
+        maxima.push(max);
+        sums.push(z);
+    }
+    (nll, maxima, sums)
 }
 
-/// The cross-entropy's VJP per row, recomputed from the logits x, for the row cotangent dy:
-/// with e = eˢ as above, dx = put_along(label, −dy) + (dy/z)·e, the put first as autodiff adds.
-pub fn cross_entropy_grad<T: Real>(x: &[T], n: usize, labels: &[i32], dy: &[T]) -> Vec<T> {
+/// The cross-entropy's VJP per row from the logits x and the forward's row maxima and sums,
+/// for the row cotangent dy: with e = e^(x − max), dx = put_along(label, −dy) + (dy/z)·e, the
+/// put first as autodiff adds.
+pub fn cross_entropy_grad<T: Real>(x: &[T], n: usize, labels: &[i32], dy: &[T], maxima: &[T], sums: &[T]) -> Vec<T> {
     let mut dx = Vec::with_capacity(x.len());
-    for ((row, &label), &g) in x.chunks(n).zip(labels).zip(dy) {
-        let (max, z) = max_and_sum(row);
+    for ((((row, &label), &g), &max), &z) in x.chunks(n).zip(labels).zip(dy).zip(maxima).zip(sums) {
         let label = label_index(label, n);
         let scale = g / z;
         dx.extend(row.iter().enumerate().map(|(j, &v)| {
