@@ -35,7 +35,8 @@ pub struct Kernel {
     pub name: String,
     pub kind: KernelKind,
     /// The function's nodes it computes, in order, except that the slices a kernel reads
-    /// through follow the op that reads them: the first node is where the kernel runs.
+    /// through follow the op that reads them, and a kernel folded into its reader follows the
+    /// reader's nodes: the first node is where the kernel runs.
     pub nodes: Vec<u32>,
     /// The ops of those nodes.
     pub ops: Vec<String>,
@@ -322,7 +323,13 @@ pub fn writes_packed(f: &Function, kernel: &Kernel) -> bool {
 /// ops and layout ops (transposes, slices, pads, concatenations, broadcasts, RoPE's gather and
 /// concatenation). Such a kernel may read and write any of its values packed.
 pub fn by_element(f: &Function, kernel: &Kernel) -> bool {
-    kernel.nodes.iter().map(|&n| &f.nodes[n as usize].op).all(|op| {
+    computes_by_element(f, kernel.nodes.iter().map(|&n| n as usize))
+}
+
+/// Whether `nodes` all compute each element at its own index ([`by_element`]).
+fn computes_by_element(f: &Function, mut nodes: impl Iterator<Item = usize>) -> bool {
+    nodes.all(|n| {
+        let op = &f.nodes[n].op;
         op.is_elementwise()
             || matches!(
                 op,
@@ -442,6 +449,46 @@ fn cast_row_outputs(
     });
 }
 
+/// A kernel by element whose values one later kernel by element alone reads, and without
+/// broadcasting them, is computed inside that kernel where it reads them (kernels by index
+/// recompute each value at the indices it is read at: `crate::mlir::indexed`), so its values
+/// are never stored: RoPE's backward over a head's two halves (products by the tables, a
+/// negation, pads and transposes) folds into the kernel that concatenates the halves. The
+/// reader runs where it ran, after everything the folded kernel read.
+fn fold_into_readers(
+    f: &Function,
+    readers: &[Vec<usize>],
+    results: &BTreeSet<usize>,
+    groups: &mut Vec<(KernelKind, Vec<usize>)>,
+) {
+    let generated_by_element = |(kind, nodes): &(KernelKind, Vec<usize>)| {
+        *kind == KernelKind::Generated && computes_by_element(f, nodes.iter().copied())
+    };
+    // From the last kernel back, so that a chain folds kernel by kernel into its last reader.
+    for j in (0..groups.len()).rev() {
+        let (_, nodes) = &groups[j];
+        if !generated_by_element(&groups[j]) || nodes.iter().any(|n| results.contains(n)) {
+            continue;
+        }
+        let outside = nodes.iter().flat_map(|&n| &readers[n]).filter(|r| !nodes.contains(r));
+        let mut reading: Vec<usize> =
+            outside.filter_map(|r| groups.iter().position(|(_, other)| other.contains(r))).collect();
+        reading.dedup();
+        let &[c] = &reading[..] else { continue };
+        // An elementwise reader as large as what it reads (else it broadcasts it), no
+        // broadcast anywhere in the kernel.
+        let broadcasts = groups[c].1.iter().any(|&r| {
+            let node = &f.nodes[r];
+            let reads_larger = |a: &V| nodes.contains(&base(f, *a).index()) && numel(f.node(*a)) != numel(node);
+            matches!(node.op, Op::BroadcastTo(_)) || (node.op.is_elementwise() && node.args.iter().any(reads_larger))
+        });
+        if c > j && generated_by_element(&groups[c]) && !broadcasts {
+            let (_, folded) = groups.remove(j);
+            groups[c - 1].1.extend(folded);
+        }
+    }
+}
+
 /// Moves each kernel of one node into the earlier kernel that `host` finds for it (given the
 /// kernels before it and the node).
 fn join_earlier(
@@ -531,6 +578,7 @@ pub fn kernels(f: &Function, profile: &Profile) -> Vec<Kernel> {
     }
     pair_quantizations(f, &mut groups);
     cast_row_outputs(f, &readers, &output_bases, &mut groups);
+    fold_into_readers(f, &readers, &output_bases, &mut groups);
     groups
         .into_iter()
         .enumerate()

@@ -249,8 +249,12 @@ fn elementwise_kernel(
             lane_values[0].insert(i, widen(&mut body, s, t));
         }
     }
+    // In the function's order: a kernel folded into this one follows its nodes
+    // (`fuse::kernels`), though it computes what they read.
+    let mut order: Vec<(u32, &Node)> = kernel.nodes.iter().copied().zip(nodes.iter().copied()).collect();
+    order.sort_by_key(|&(i, _)| i);
     for values in &mut lane_values {
-        for (&i, n) in kernel.nodes.iter().zip(nodes) {
+        for &(i, n) in &order {
             let a: Vec<String> = n.args.iter().map(|v| operand(f, *v, values, &mut body)).collect::<Result<_, _>>()?;
             let r = body.op(&n.op, &a)?;
             values.insert(i, r);
