@@ -672,6 +672,27 @@ mod tests {
         assert_eq!(kernels, 2, "the main and MTP losses' backward kernels");
     }
 
+    /// RoPE's backward (the gradient's products by the cos and sin tables, the negation of
+    /// one, the transposes back to interleaved pairs) is computed in the kernel that
+    /// concatenates the head's two halves of the gradient: none of its values is stored.
+    #[test]
+    fn the_rope_backward_folds_into_its_reader() {
+        let plan = tiny_plan(&[]);
+        let mut chains = 0;
+        for (f, pf) in plan.module.functions.iter().zip(&plan.functions).filter(|(f, _)| f.name.ends_with(".bwd")) {
+            let by_table = |n: &u32| {
+                let node = &f.nodes[*n as usize];
+                node.op == Op::Mul && node.args.iter().any(|a| matches!(f.node(kernels::base(f, *a)).op, Op::Table(_)))
+            };
+            for k in pf.kernels.iter().filter(|k| k.nodes.iter().any(by_table)) {
+                let has = |op: &str| k.ops.iter().any(|o| o == op);
+                assert!(has("neg") && has("transpose") && has("pad_slice"), "{}: {:?}", k.name, k.ops);
+                chains += 1;
+            }
+        }
+        assert!(chains >= 4, "{chains} RoPE backward kernels");
+    }
+
     /// A value's row-wise quantisation (for its input gradient) and its transposed one (for a
     /// weight gradient) are one kernel, where the first ran, wherever one kernel can do both.
     #[test]
