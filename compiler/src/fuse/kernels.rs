@@ -11,7 +11,9 @@
 //! launched after it can feed it. A fused op with several results returns a tuple whose parts
 //! are read with `get`: the kernel writes every part. A value's row-wise and transposed
 //! quantisations are one kernel, and a row op's result is cast to bf16 by its own kernel where
-//! the cast alone reads it. Each kernel carries its bytes moved, FLOPs and roofline time.
+//! the cast alone reads it. Last, a kernel by element that one later kernel by element alone
+//! reads (without broadcasting it) folds into that kernel, which computes its values where it
+//! reads them. Each kernel carries its bytes moved, FLOPs and roofline time.
 
 use super::cost::Profile;
 use crate::graph::ir::{matmul_shape, DType, Function, Module, Node, Op, V};
@@ -473,6 +475,7 @@ fn fold_into_readers(
         let outside = nodes.iter().flat_map(|&n| &readers[n]).filter(|r| !nodes.contains(r));
         let mut reading: Vec<usize> =
             outside.filter_map(|r| groups.iter().position(|(_, other)| other.contains(r))).collect();
+        reading.sort_unstable();
         reading.dedup();
         let &[c] = &reading[..] else { continue };
         // An elementwise reader as large as what it reads (else it broadcasts it), no

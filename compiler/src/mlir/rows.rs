@@ -5,11 +5,13 @@
 //! input is addressed (a row of its own, one row shared by all rows such as a norm weight, a
 //! broadcast row such as the attention mask, the row an index picks as the dispatch does, one
 //! value per row, or a row's label as a one-hot row), the reductions over the row it needs in
-//! order, and what it writes per element: a value, an FP8 value in 1×`cols` groups
-//! ([`super::fp8`]), or a sum over all rows (a norm weight's gradient); or one value per row
-//! from the reductions alone (a row's loss). Reductions that do not read one another share a
-//! pass over the row; a softmax's max and sum are one reduction (online, [`Kind::Softmax`]), so
-//! a cross-entropy reads its logits once and its backward twice.
+//! order, and what it writes per element: a value (or, where the kernel also holds the cast
+//! that alone reads it, the value rounded to bf16, packed where its readers read it packed),
+//! an FP8 value in 1×`cols` groups ([`super::fp8`]), or a sum over all rows (a norm weight's
+//! gradient); or values per row from the reductions alone (a row's loss, and its max and sum
+//! for the backward). Reductions that do not read one another share a pass over the row; a
+//! softmax's max and sum are one reduction (online, [`Kind::Softmax`]), so a cross-entropy
+//! reads its logits once, and its backward, given the forward's max and sum, once more.
 //!
 //! Warps own rows (four warps per block, each looping over rows when the launch holds fewer
 //! warps than rows); a lane holds W = 4 consecutive elements (16-byte loads and stores) of
