@@ -8,7 +8,8 @@
 //! quantised, and [`kernels`] groups the result into kernels.
 //!
 //! Fused ops with several results (the residual sum and its norm; dx and dw of a norm's
-//! backward; the two products of GEMMs sharing an input; the routed experts and their gates)
+//! backward; the two products of GEMMs sharing an input; the routed experts and their gates;
+//! the loss and its rows' max and sum, which its backward reads)
 //! return a tuple, read with `get` — the IR's existing form for a call's results, so the
 //! backends and the kernel accounting need no second mechanism. The alternatives were worse:
 //! a norm op taking the two addends and the sum recomputed by its other reader keeps the
