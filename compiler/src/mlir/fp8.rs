@@ -815,21 +815,10 @@ fn column_tiles_kernel(
     let pitch = cols + 1;
     let shared = COLUMN_TILE_ROWS * pitch;
     let per_lane = COLUMN_TILE_ROWS / 32;
-    // Which result rows (`%rb`, a block of x's columns) and which column group (`%gc`) a block
-    // takes. Where x's rows are gathered (a permutation's, the combine's gradient's), each row
-    // is read once for each of its k experts, far apart in the experts' order: blocks launched
-    // together then take one block of x's columns across the groups, a slice of x small enough
-    // to stay in L2 for its k readings, rather than a few groups' whole rows, which the groups
-    // after them read again from memory. Stored rows, read once, go group by group.
-    let order = if matches!(source, ExpertRows::Permuted { .. } | ExpertRows::UnpermutedGrad { .. }) {
-        "      %gc = arith.remui %bid, %groups : index\n      %rb = arith.divui %bid, %groups : index\n"
-    } else {
-        "      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n"
-    };
     let mut b = Body::new();
     let _ = write!(
         b.text,
-        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %tile_rows = arith.constant {COLUMN_TILE_ROWS} : index\n      %per_lane = arith.constant {per_lane} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %groups = arith.constant {gn} : index\n{order}      %i0 = arith.muli %rb, %tile_rows : index\n      %lane_rows = arith.muli %lane, %per_lane : index\n      %i = arith.addi %i0, %lane_rows : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane_rows, %pitch : index\n"
+        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %tile_rows = arith.constant {COLUMN_TILE_ROWS} : index\n      %per_lane = arith.constant {per_lane} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %tile_rows : index\n      %lane_rows = arith.muli %lane, %per_lane : index\n      %i = arith.addi %i0, %lane_rows : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane_rows, %pitch : index\n"
     );
     views(&mut b, slot, m, n, 1, cols);
     if let Some((experts, _)) = by_expert {
