@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Issue 5's benchmark table in one device call: the bench model trained by dsc under the FP8
-policy, by dsc under the BF16 policy, and by plain PyTorch (benches/torch_bench.py, BF16
-autocast, torch.compile), one after the other on the same GPU.
+policy, by dsc under the FP8 policy launching every kernel from the host (`--no-cuda-graphs`:
+what the step's CUDA graphs save), by dsc under the BF16 policy, and by plain PyTorch
+(benches/torch_bench.py, BF16 autocast, torch.compile), one after the other on the same GPU.
 
 For each: tokens/s (median of the steps after the warm-up), model TFLOP/s and MFU against the
 BF16 dense peak (FLOPs per token as torch_bench.py counts them: 6 x active parameters + causal
@@ -11,7 +12,7 @@ Ratios are against PyTorch measured in the same call. With both dsc runs, it als
 relative gap between their mean losses over the last 10 steps (same data and seed).
 
 With --keep DIR each dsc run's metrics (JSONL, one line per step) stay in DIR as
-dsc-fp8.jsonl and dsc-bf16.jsonl, and each run's loss and expert load (max/mean) over its first
+dsc-fp8.jsonl, dsc-fp8-no-cuda-graphs.jsonl and dsc-bf16.jsonl, and each run's loss and expert load (max/mean) over its first
 and last 10 steps are printed. Runs too long for one call (300 steps of both policies) take two:
 the table with the FP8 run, then the BF16 run alone (the same `dsc train` line as below), and
 `--gap FP8.jsonl BF16.jsonl [BF16-OTHER-SEED.jsonl]` prints the gap from the files (and, with
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -110,11 +112,11 @@ def measured(name, command, metrics):
     return {"impl": name, "tokens_per_s": statistics.median(timed), "peak_gib": peak / 1024, "rows": rows}
 
 
-def dsc_run(dsc, plan, steps, name, keep, sets=()):
+def dsc_run(dsc, plan, steps, name, keep, sets=(), flags=()):
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = os.path.join(keep or tmp, name.replace(" ", "-") + ".jsonl")
+        metrics = os.path.join(keep or tmp, re.sub(r"[^a-z0-9]+", "-", name.lower()) + ".jsonl")
         command = [dsc, "train", SPEC, *DATA, *sets, "--plan", plan, "--backend", "cuda", "--steps", str(steps),
-                   "--metrics", metrics]
+                   "--metrics", metrics, *flags]
         return measured(name, command, metrics)
 
 
@@ -153,9 +155,11 @@ def main():
     if not (args.dsc and args.fp8_plan):
         ap.error("--dsc and --fp8-plan are needed for the table")
 
-    rows = [dsc_run(args.dsc, args.fp8_plan, args.steps, "dsc fp8", args.keep)]
-    if args.bf16_plan:
-        rows.append(dsc_run(args.dsc, args.bf16_plan, args.steps, "dsc bf16", args.keep, BF16))
+    fp8 = dsc_run(args.dsc, args.fp8_plan, args.steps, "dsc fp8", args.keep)
+    eager = dsc_run(args.dsc, args.fp8_plan, args.steps, "dsc fp8, no CUDA graphs", args.keep,
+                    flags=["--no-cuda-graphs"])
+    bf16 = dsc_run(args.dsc, args.bf16_plan, args.steps, "dsc bf16", args.keep, BF16) if args.bf16_plan else None
+    rows = [fp8, eager, bf16]
     torch = torch_run(args.torch_steps, not args.no_compile)
     if torch is None:
         sys.exit("no PyTorch baseline, so no table")
@@ -170,7 +174,6 @@ def main():
         tflops = row["tokens_per_s"] * flops_per_token / 1e12
         print(f"| {row['impl']} | {row['tokens_per_s']:,.0f} | {tflops:.0f} | {tflops * 1e12 / BF16_PEAK:.1%} "
               f"| {row['peak_gib']:.1f} GiB | {row['tokens_per_s'] / baseline['tokens_per_s']:.2f}x |")
-    fp8, bf16 = rows[0], rows[1] if args.bf16_plan else None
     if fp8 and bf16:
         gap(fp8["rows"], bf16["rows"])
 

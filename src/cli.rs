@@ -193,9 +193,14 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_bad_steps: u64,
     /// Time every kernel on the GPU and print at the end where the time went, by function and
-    /// op (the CUDA backend; one more synchronisation per call).
+    /// op (the CUDA backend; one more synchronisation per call; kernels launched one by one,
+    /// without CUDA graphs).
     #[arg(long)]
     pub profile: bool,
+    /// Launch every kernel of the step from the host (the CUDA backend; by default the step's
+    /// calls are captured in CUDA graphs at the second step and replayed from then on).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 #[derive(Args)]

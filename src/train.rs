@@ -63,6 +63,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if args.profile && !on_gpus && (world.is_some() || is_parallel(&spec)) {
         bail!("{PROFILE_NEEDS_A_GPU}");
     }
+    let launching = Launching { profile: args.profile, graphs: !args.no_cuda_graphs };
     let stages_on = |gpu: Option<usize>| -> anyhow::Result<Option<StageRunners>> {
         let cuda = args.backend == Some(Backend::Cuda);
         match plan.as_ref().zip(args.plan.as_deref()) {
@@ -79,7 +80,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let (on, backend, replicas) = match &world {
         Some(world) if on_gpus => {
             let (plan, dir) = plan.zip(args.plan.as_deref()).expect("checked above");
-            let (on, backend, replicas) = launched(plan, dir, world, args.profile)?;
+            let (on, backend, replicas) = launched(plan, dir, world, launching)?;
             (Some(on), Some(backend), Some(replicas))
         }
         Some(world) => {
@@ -95,7 +96,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             (None, None, None)
         }
         None => {
-            let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()), args.profile)?;
+            let (on, backend) = backend(args.backend, plan.zip(args.plan.as_deref()), launching)?;
             (Some(on), backend, None)
         }
     };
@@ -305,20 +306,31 @@ const DATA_PARALLEL_ON_GPUS: &str =
 const PROFILE_NEEDS_A_GPU: &str =
     "`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)";
 
+/// How the CUDA backend launches a plan's kernels: timed one by one (`--profile`), or the
+/// step's calls replayed from CUDA graphs (unless `--no-cuda-graphs`).
+#[derive(Clone, Copy)]
+struct Launching {
+    profile: bool,
+    graphs: bool,
+}
+
 /// `--backend cuda` needs a plan and a GPU; by default the GPU is taken when a plan is given,
 /// this dsc has the `cuda` feature and a GPU is found.
-fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, profile: bool) -> anyhow::Result<Chosen> {
+fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, launching: Launching) -> anyhow::Result<Chosen> {
     let cpu = || {
-        if profile {
+        if launching.profile {
             bail!("{PROFILE_NEEDS_A_GPU}");
+        }
+        if !launching.graphs {
+            bail!("`--no-cuda-graphs` is for the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)");
         }
         Ok(("the CPU".to_string(), None))
     };
     match (choice, plan) {
         (Some(Backend::Cpu), _) => cpu(),
         (Some(Backend::Cuda), None) => bail!("{CUDA_NEEDS_A_PLAN}"),
-        (Some(Backend::Cuda), Some((plan, dir))) => cuda(plan, dir, profile),
-        (None, Some((plan, dir))) if cfg!(feature = "cuda") => cuda(plan, dir, profile).or_else(|e| {
+        (Some(Backend::Cuda), Some((plan, dir))) => cuda(plan, dir, launching),
+        (None, Some((plan, dir))) if cfg!(feature = "cuda") => cuda(plan, dir, launching).or_else(|e| {
             eprintln!("note: training on the CPU: {e:#}");
             cpu()
         }),
@@ -327,7 +339,7 @@ fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, profile: bool) 
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(plan: Plan, dir: &Path, profile: bool) -> anyhow::Result<Chosen> {
+fn cuda(plan: Plan, dir: &Path, launching: Launching) -> anyhow::Result<Chosen> {
     use dsc_runtime::cuda::Gpu;
     let gpu = Gpu::open()?;
     let name = gpu.name()?;
@@ -340,23 +352,27 @@ fn cuda(plan: Plan, dir: &Path, profile: bool) -> anyhow::Result<Chosen> {
         None => String::new(),
     };
     let on = format!("{name} (CUDA, plan `{}`{tuned})", dir.display());
-    Ok((on, Some(Box::new(executor(plan, dir, gpu, profile)?))))
+    Ok((on, Some(Box::new(executor(plan, dir, gpu, launching)?))))
 }
 
-/// The executor of `plan` on `gpu`, timing its kernels when `profile`.
+/// The executor of `plan` on `gpu`, launching its kernels as `launching` says.
 #[cfg(feature = "cuda")]
 fn executor(
     plan: Plan,
     dir: &Path,
     gpu: dsc_runtime::cuda::Gpu,
-    profile: bool,
+    launching: Launching,
 ) -> anyhow::Result<dsc_runtime::cuda::exec::Executor> {
     let executor = dsc_runtime::cuda::exec::Executor::new(plan, dir, gpu, false)?;
-    Ok(if profile { executor.profiled() } else { executor })
+    Ok(match launching {
+        Launching { profile: true, .. } => executor.profiled(),
+        Launching { graphs: false, .. } => executor.eager(),
+        _ => executor,
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: Plan, _: &Path, _: bool) -> anyhow::Result<Chosen> {
+fn cuda(_: Plan, _: &Path, _: Launching) -> anyhow::Result<Chosen> {
     bail!("this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 
@@ -406,7 +422,7 @@ type Launched = (String, Box<dyn TrainBackend<f32>>, Box<dyn DataParallel>);
 /// One process of a launched run: the plan on its GPU (`LOCAL_RANK`), joined to the others
 /// over NCCL.
 #[cfg(feature = "cuda")]
-fn launched(plan: Plan, dir: &Path, world: &World, profile: bool) -> anyhow::Result<Launched> {
+fn launched(plan: Plan, dir: &Path, world: &World, launching: Launching) -> anyhow::Result<Launched> {
     use dsc_runtime::cuda::{nccl::Nccl, Gpu};
     let gpu = Gpu::open_on(world.local_rank)?;
     let nccl = std::rc::Rc::new(Nccl::new(&gpu, world, PEER_TIMEOUT)?);
@@ -417,13 +433,13 @@ fn launched(plan: Plan, dir: &Path, world: &World, profile: bool) -> anyhow::Res
         world.rank,
         world.size
     );
-    let mut executor = executor(plan, dir, gpu, profile)?;
+    let mut executor = executor(plan, dir, gpu, launching)?;
     executor.join(std::rc::Rc::clone(&nccl));
     Ok((on, Box::new(executor), Box::new(nccl)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn launched(_: Plan, _: &Path, _: &World, _: bool) -> anyhow::Result<Launched> {
+fn launched(_: Plan, _: &Path, _: &World, _: Launching) -> anyhow::Result<Launched> {
     bail!("a launched run trains on GPUs over NCCL, and this dsc was built without the `cuda` feature (build it with `--features cuda`)")
 }
 

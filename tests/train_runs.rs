@@ -558,8 +558,8 @@ fn runs_killed_at_any_moment_resume_from_their_last_good_checkpoint() {
 
 /// `--plan DIR` trains a compiled plan's fused graph (on the CPU here: no GPU), with the same
 /// losses as the spec's own graph (a fused plan trains bitwise like it); a plan of another
-/// spec (the differing settings named), `--numerics exact` with a plan, and `--backend cuda`
-/// without one are refused with what to do instead.
+/// spec (the differing settings named), `--numerics exact` with a plan, `--backend cuda`
+/// without one, and the GPU's flags on the CPU are refused with what to do instead.
 #[test]
 fn a_compiled_plan_trains_and_mismatches_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -583,6 +583,7 @@ fn a_compiled_plan_trains_and_mismatches_are_refused() {
     refused(train(&["--backend", "cuda"]), "give `--plan DIR`");
     refused(train(&["--profile"]), "`--profile` times the GPU's kernels");
     refused(train(&eight_ranks(&["--profile"])), "`--profile` times the GPU's kernels");
+    refused(train(&["--no-cuda-graphs"]), "`--no-cuda-graphs` is for the GPU's kernels");
 }
 
 /// A process started by a launcher (torchrun's or SLURM's variables) trains a compiled plan on

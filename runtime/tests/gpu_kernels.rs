@@ -16,6 +16,7 @@ use dsc_compiler::graph::ir::{DType, Op, V};
 use dsc_compiler::graph::model::LOSS_OUTPUTS;
 use dsc_compiler::graph::Numerics;
 use dsc_compiler::plan::Plan;
+use dsc_lang::spec::{LrPhase, LrShape};
 use dsc_runtime::checkpoint::{Checkpoint, SpecRecord};
 use dsc_runtime::comm::rendezvous::World;
 use dsc_runtime::cpu::{run, run_observed, Tensor, Value};
@@ -24,11 +25,13 @@ use dsc_runtime::cuda::nccl::Nccl;
 use dsc_runtime::cuda::places::Places;
 use dsc_runtime::cuda::{gemm, stage, Gpu, Kernels};
 use dsc_runtime::rng::Rng;
+use dsc_runtime::train::backend::Moments;
 use dsc_runtime::train::graph_stage::plan_stages;
 use dsc_runtime::train::init::init_params;
 use dsc_runtime::train::metrics::StepMetrics;
 use dsc_runtime::train::parallel::Here;
-use dsc_runtime::train::Trainer;
+use dsc_runtime::train::{Backend, Resident, Trainer};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -399,6 +402,110 @@ fn training_steps_on_the_gpu_match_the_cpu() {
             }
         }
     }
+}
+
+/// An executor the test holds while a trainer runs it (to read its counts after).
+struct Held(Rc<RefCell<Executor>>);
+
+impl Backend<f32> for Held {
+    fn run(&mut self, f: usize, args: Vec<Value<f32>>) -> Result<Vec<Value<f32>>, String> {
+        Backend::run(&mut *self.0.borrow_mut(), f, args)
+    }
+
+    fn resident(&mut self) -> Option<&mut dyn Resident<f32>> {
+        Some(self)
+    }
+}
+
+impl Resident<f32> for Held {
+    fn load(&mut self, params: &[Value<f32>], moments: &[(Value<f32>, Value<f32>)]) -> Result<(), String> {
+        self.0.borrow_mut().load(params, moments)
+    }
+
+    fn gradients(
+        &mut self,
+        f: usize,
+        rest: Vec<Value<f32>>,
+        grads: usize,
+        first: bool,
+    ) -> Result<Vec<Value<f32>>, String> {
+        self.0.borrow_mut().gradients(f, rest, grads, first)
+    }
+
+    fn reduce_gradients(&mut self) -> Result<f64, String> {
+        self.0.borrow_mut().reduce_gradients()
+    }
+
+    fn update(&mut self, biases: &[(usize, Value<f32>)], scalars: Vec<Value<f32>>) -> Result<(), String> {
+        self.0.borrow_mut().update(biases, scalars)
+    }
+
+    fn state(&mut self) -> Result<(Vec<Value<f32>>, Moments<f32>), String> {
+        self.0.borrow_mut().state()
+    }
+}
+
+/// The bench plan (`DSC_TEST_PLAN_BENCH`, default `target/plan-bench`) trained three steps
+/// at a constant learning rate of 3e-4 with the step's calls in CUDA graphs (captured at the
+/// second step, replayed at the third), and twice launched kernel by kernel, from one seed:
+/// the gradient function's two graphs (first micro-batch and the others) are replayed, and
+/// every step's loss and gradient norm and the parameters after the third agree with the
+/// first eager run as closely as the two eager runs agree (4× their difference, at least
+/// 1e-6 relative: the kernels that add with atomics may sum in another order).
+#[test]
+fn the_step_replayed_from_cuda_graphs_trains_as_launched_kernels() {
+    let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_BENCH", "plan-bench") else { return };
+    let mut spec = plan.spec.clone();
+    spec.train.lr = vec![LrPhase { shape: LrShape::Constant, end: None, to: 3e-4 }];
+    let train = |executor: Executor| {
+        let executor = Rc::new(RefCell::new(executor));
+        let mut trainer = Trainer::<f32>::with_graph(&spec, plan.training_graph(), 7).expect("trainable");
+        trainer.set_backend(Box::new(Held(Rc::clone(&executor))));
+        let steps: Vec<StepMetrics> = (0..3).map(|_| trainer.step().expect("a GPU step")).collect();
+        trainer.sync().expect("the state read back from the GPU");
+        let counts = executor.borrow().counts();
+        (steps, trainer.params().to_vec(), counts)
+    };
+    let executor = |gpu| Executor::new(plan.clone(), &dir, gpu, false).expect("the plan loads");
+    let graphed = train(executor(gpu));
+    let eager = train(executor(Gpu::open().expect("the GPU")).eager());
+    let again = train(executor(Gpu::open().expect("the GPU")).eager());
+    eprintln!("kernels launched and calls replayed with graphs: {:?}; eagerly: {:?}", graphed.2, eager.2);
+    assert!(graphed.2.graphs >= 2, "the gradient function's graphs were not replayed: {:?}", graphed.2);
+    assert_eq!(eager.2.graphs, 0, "an eager executor replayed graphs");
+    let relative = |a: f64, b: f64| (a - b).abs() / b.abs();
+    for (step, ((g, e), a)) in graphed.0.iter().zip(&eager.0).zip(&again.0).enumerate() {
+        eprintln!(
+            "step {}: loss graphs {:.9} eager {:.9} again {:.9}; grad norm graphs {:.9} eager {:.9} again {:.9}",
+            step + 1,
+            g.loss,
+            e.loss,
+            a.loss,
+            g.grad_norm,
+            e.grad_norm,
+            a.grad_norm
+        );
+        assert!(!g.skipped && !e.skipped && !a.skipped, "step {} skipped", step + 1);
+        for (what, g, e, a) in [("loss", g.loss, e.loss, a.loss), ("grad norm", g.grad_norm, e.grad_norm, a.grad_norm)]
+        {
+            let bound = 1e-6f64.max(4.0 * relative(a, e));
+            assert!(
+                relative(g, e) <= bound,
+                "step {}: {what} with graphs {g}, eager {e} (bound {bound:.1e})",
+                step + 1
+            );
+        }
+    }
+    let reals = |v: &Value<f32>| -> Vec<f64> { v.as_real().data.iter().map(|&x| f64::from(x)).collect() };
+    let mut failures = Vec::new();
+    for (i, ((g, e), a)) in graphed.1.iter().zip(&eager.1).zip(&again.1).enumerate() {
+        let (e, error) = (reals(e), relative_error(&reals(g), &reals(e)));
+        let bound = 1e-6f64.max(4.0 * relative_error(&reals(a), &e));
+        if error > bound {
+            failures.push(format!("{}: {error:.2e} (bound {bound:.2e})", plan.params[i].name));
+        }
+    }
+    assert!(failures.is_empty(), "parameters after three steps differ:\n{}", failures.join("\n"));
 }
 
 /// A plan of pipeline stages with expert and data parallelism (`DSC_TEST_PLAN_STAGES`,

@@ -5,7 +5,9 @@
 # changing the backend, about 8 minutes of one call; device time is counted):
 #   checks    the GPU test suites (every kernel kind against the CPU reference; the bench
 #             plan's FP8 and grouped FP8 GEMMs; training steps of the tiny plans against the
-#             CPU) and every generated kernel of the bench plan against float64 (CuPy)
+#             CPU; the bench plan's steps from CUDA graphs against its kernels launched one by
+#             one; gpu_kernels' whole output in $OUT/gpu-kernels.txt) and every generated
+#             kernel of the bench plan against float64 (CuPy)
 #   step      that plan's attention and backward on the fused kernels against float64, and
 #             one step of a bench-shaped plan on the GPU against two CPU steps (about 4
 #             minutes of a call on its own: the CPU's are 415M-parameter FP8 steps)
@@ -16,8 +18,8 @@
 #   quick     for little device time (about 2 minutes): the tiny plans' GPU tests (every
 #             kernel against the CPU, whole functions and training steps) and the bench model
 #             4 steps with `--profile`
-#   table N   issue 5's table: dsc FP8, dsc BF16 and PyTorch, N steps each (default 20;
-#             benches/bench_model.py), each dsc run's metrics kept in $OUT
+#   table N   issue 5's table: dsc FP8 (with CUDA graphs, and without), dsc BF16 and PyTorch,
+#             N steps each (default 20; benches/bench_model.py), each dsc run's metrics in $OUT
 #   long N    the same without BF16, for a run too long to take both policies in one call
 #             (N = 300 takes most of a call)
 #   fp8 N, bf16 N   one policy's run alone, its metrics in $OUT/dsc-fp8.jsonl or
@@ -70,7 +72,8 @@ while [ $# -gt 0 ]; do
   case "$stage" in
     checks)
       DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 DSC_TEST_PLAN_STAGES=target/plan-tiny-stages \
-        target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tail -n 40 || failed+=(gpu_kernels)
+        DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tee "$OUT/gpu-kernels.txt" | tail -n 40 \
+        || failed+=(gpu_kernels)
       DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20 || failed+=(gpu_scaled)
       python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15 \
         || failed+=(check_kernels)

@@ -57,6 +57,12 @@ impl FusedAttention {
 
     /// Whether `kernel` (of `function`, whose `packed` values are stored as bf16) is attention
     /// or its backward that these kernels run.
+    /// Where its scratch memory is (it grows where a call needs more: a CUDA graph captured on
+    /// the old one is replayed no more).
+    pub fn scratch(&self, gpu: &Gpu) -> Option<u64> {
+        self.scratch.as_ref().map(|scratch| scratch.device_ptr(&gpu.stream).0)
+    }
+
     pub fn runs(&self, function: &Function, kernel: &Kernel, packed: &HashSet<u32>) -> bool {
         attention::fused(function, &function.nodes[kernel.nodes[0] as usize], packed) == Some(self.heads)
     }

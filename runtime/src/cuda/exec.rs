@@ -50,6 +50,34 @@ pub struct Counts {
     pub attention: usize,
     /// Kernels run on the host (FP8 and grouped GEMMs, for now).
     pub host: usize,
+    /// Calls replayed from CUDA graphs ([`super::graphs`]; their kernels are counted above).
+    pub graphs: usize,
+}
+
+impl std::ops::Add for Counts {
+    type Output = Counts;
+    fn add(self, other: Counts) -> Counts {
+        Counts {
+            generated: self.generated + other.generated,
+            library: self.library + other.library,
+            attention: self.attention + other.attention,
+            host: self.host + other.host,
+            graphs: self.graphs + other.graphs,
+        }
+    }
+}
+
+impl std::ops::Sub for Counts {
+    type Output = Counts;
+    fn sub(self, other: Counts) -> Counts {
+        Counts {
+            generated: self.generated - other.generated,
+            library: self.library - other.library,
+            attention: self.attention - other.attention,
+            host: self.host - other.host,
+            graphs: self.graphs - other.graphs,
+        }
+    }
 }
 
 /// A function's arena against the sum of its buffers.
@@ -66,7 +94,7 @@ pub struct Executor {
     pub(super) plan: Arc<Plan>,
     kernels: Kernels,
     /// The plan's fused attention kernels, where it carries them.
-    attention: Option<FusedAttention>,
+    pub(super) attention: Option<FusedAttention>,
     /// Per function, its arena's layout ([`memory::layouts`]: it holds no argument).
     pub(super) layouts: Vec<Arc<Layout>>,
     /// Per function, the results it writes over its arguments ([`memory::in_place`]).
@@ -78,9 +106,14 @@ pub struct Executor {
     pub(super) bytes: Vec<HashMap<u32, usize>>,
     /// Per function, the values stored as packed bf16 (the plan's).
     packed: Vec<HashSet<u32>>,
-    counts: Counts,
+    pub(super) counts: Counts,
     /// Synchronise after every kernel, so that a fault names it.
     checked: bool,
+    /// The step's calls captured as CUDA graphs, unless launched eagerly ([`super::graphs`]).
+    pub(super) graphs: Option<super::graphs::Graphs>,
+    /// By (function, argument), the device buffer its values from the host are written into
+    /// for each call ([`Executor::staged`]).
+    staging: HashMap<(usize, usize), CudaSlice<u8>>,
     /// Per function, the arena of its last call, kept for the next (every buffer is written
     /// before it is read within a call, and `zeroed` outputs are cleared at their kernel).
     pub(super) spare: Vec<Option<CudaSlice<u8>>>,
@@ -101,10 +134,12 @@ pub struct Executor {
     accumulating: HashMap<(usize, u32), bool>,
 }
 
-/// An argument of a call: bytes on the host, or a device buffer (its address and length).
+/// An argument of a call: bytes on the host (uploaded for the call), a device buffer (its
+/// address and length), or a scalar constant (written into a buffer kept for the argument).
 pub(super) enum Input {
     Host(Vec<u8>),
     Device(u64, usize),
+    Scalar(f32),
 }
 
 impl Input {
@@ -112,6 +147,7 @@ impl Input {
         match self {
             Input::Host(bytes) => bytes.len(),
             Input::Device(_, len) => *len,
+            Input::Scalar(_) => 4,
         }
     }
 }
@@ -120,10 +156,10 @@ impl Input {
 /// uploads holding its host arguments (freed in stream order with the call).
 pub(super) struct Call {
     pub(super) arena: CudaSlice<u8>,
-    layout: Arc<Layout>,
-    outside: HashMap<u32, u64>,
-    uploads: Vec<CudaSlice<u8>>,
-    binding: Binding,
+    pub(super) layout: Arc<Layout>,
+    pub(super) outside: HashMap<u32, u64>,
+    pub(super) uploads: Vec<CudaSlice<u8>>,
+    pub(super) binding: Binding,
 }
 
 /// What a call is bound to beyond its arguments: the parameter of the training state each
@@ -133,6 +169,7 @@ pub(super) struct Call {
 /// after a step's first micro-batch) or copied; a callee's results, written where its caller
 /// stores them, or added there by the GEMMs that make them (`adding`: a gradient summed over
 /// micro-batches in place, [`gemm::accumulates`]).
+#[derive(Clone)]
 pub(super) struct Binding {
     pub(super) origins: Vec<Option<usize>>,
     pub(super) delivered: HashMap<u32, u64>,
@@ -246,7 +283,8 @@ pub fn decode(node: &Node, shape: &[usize], bytes: &[u8], packed: bool) -> Value
 
 impl Executor {
     /// An executor of `plan` (compiled into `dir`, whose `kernels/` holds the PTX) on `gpu`.
-    /// With `checked`, it synchronises after every kernel (slower; a fault names its kernel).
+    /// With `checked`, it synchronises after every kernel (slower; a fault names its kernel);
+    /// without, it replays the training step's calls from CUDA graphs ([`super::graphs`]).
     /// Products of BF16 values (the head, the BF16 policy's linears, expanded attention's
     /// scores) run on BF16 tensor cores; the other f32 products of a lower-precision policy
     /// (the routers', expanded attention's others) on TF32 tensor cores, finer than the BF16
@@ -267,6 +305,7 @@ impl Executor {
         let spare = plan.functions.iter().map(|_| None).collect();
         let tables = plan.module.constants.iter().map(|_| None).collect();
         let counts = Counts::default();
+        let graphs = (!checked).then(|| super::graphs::Graphs::new(&plan));
         Ok(Executor {
             gpu,
             blas,
@@ -280,6 +319,8 @@ impl Executor {
             packed,
             counts,
             checked,
+            graphs,
+            staging: HashMap::new(),
             spare,
             tables,
             state: None,
@@ -307,11 +348,37 @@ impl Executor {
         Ok(self)
     }
 
-    /// Times every kernel and copy from now on ([`super::profile`]); `Backend::profile`
-    /// reports them.
+    /// Times every kernel and copy from now on ([`super::profile`]), each launched from the
+    /// host (no CUDA graphs); `Backend::profile` reports them.
     pub fn profiled(mut self) -> Self {
         self.profile = Some(Profile::default());
+        self.eager()
+    }
+
+    /// Launches every kernel from the host: no CUDA graphs.
+    pub fn eager(mut self) -> Self {
+        self.graphs = None;
         self
+    }
+
+    /// Host `bytes` for argument `a` of function `f`, written into the device buffer kept for
+    /// it (made at its first call: the same one from call to call, as a captured graph needs).
+    pub(super) fn staged(&mut self, f: usize, a: usize, bytes: &[u8]) -> Result<Input, GpuError> {
+        let at = self.staging_buffer(f, a, bytes.len())?;
+        places::write(&self.gpu, bytes, at)?;
+        Ok(Input::Device(at, bytes.len()))
+    }
+
+    /// The address of the buffer of `bytes` kept for argument `a` of function `f`.
+    fn staging_buffer(&mut self, f: usize, a: usize, bytes: usize) -> Result<u64, GpuError> {
+        let buffer = match self.staging.entry((f, a)) {
+            std::collections::hash_map::Entry::Occupied(kept) if kept.get().len() == bytes => kept.into_mut(),
+            entry => {
+                let buffer = self.gpu.stream.alloc_zeros::<u8>(bytes)?;
+                entry.insert_entry(buffer).into_mut()
+            }
+        };
+        Ok(buffer.device_ptr(&self.gpu.stream).0)
     }
 
     /// Runs `run`, timed as `category` (and as the plan's kernel `kernel`, if it is one) when
@@ -444,6 +511,11 @@ impl Executor {
                                 call.uploads.push(upload);
                                 place
                             }
+                            Input::Scalar(x) => {
+                                let place = self.staging_buffer(f, a, 4)?;
+                                places::fill_words(&self.gpu, place, 1, x.to_bits())?;
+                                place
+                            }
                         };
                         call.outside.insert(i, place);
                         if let Some(&result) = self.in_place[f].get(&a) {
@@ -521,7 +593,7 @@ impl Executor {
             .map(|&a| {
                 let b = base(function, a);
                 match function.node(b).op {
-                    Op::Const(c) => Input::Host((c as f32).to_le_bytes().to_vec()),
+                    Op::Const(c) => Input::Scalar(c as f32),
                     _ => Input::Device(places.at(b.0), self.bytes[f][&b.0]),
                 }
             })
@@ -566,7 +638,7 @@ impl Executor {
                 Op::Const(c) if adds => {
                     return Err(GpuError::Unsupported(format!("a constant {c} added into the state")));
                 }
-                Op::Const(c) => places::write(&self.gpu, &words(&vec![c as f32; want / 4], f32::to_le_bytes), to)?,
+                Op::Const(c) => places::fill_words(&self.gpu, to, want / 4, (c as f32).to_bits())?,
                 _ => {
                     let given = self.bytes[callee][&out.0];
                     if given != want {

@@ -14,12 +14,14 @@
 //! the training state on the GPU ([`weights`]: its FP8 weights quantised once a step), [`nccl`]
 //! joins data-parallel processes (step sums, ZeRO-1's collectives), [`stage`] runs a plan's
 //! pipeline stages for the ranks of a parallel plan, and
-//! [`profile`] times the kernels when asked. Not here yet (issue 5): CUDA graphs.
+//! [`graphs`] captures the training step's calls into CUDA graphs and replays them, and
+//! [`profile`] times the kernels when asked.
 
 pub mod attention;
 pub mod exec;
 pub mod gemm;
 pub mod generated;
+pub mod graphs;
 pub mod nccl;
 pub mod places;
 pub mod profile;
@@ -35,6 +37,7 @@ use dsc_compiler::graph::ir::{DType, Function};
 use places::Places;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Why the GPU cannot be used.
@@ -78,10 +81,15 @@ impl From<DriverError> for GpuError {
     }
 }
 
-/// A GPU and its default stream.
+/// A GPU and the stream everything of an executor runs on, in order: a stream of its own
+/// (the legacy default stream cannot be captured into a CUDA graph), its buffers untracked by
+/// cudarc's events (one stream needs none, and a captured call must record none).
 pub struct Gpu {
     context: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// How many times data moved between the host and the device between kernels
+    /// ([`places::read`], [`places::write`]): a call that moves none can be captured.
+    transfers: AtomicU64,
 }
 
 impl Gpu {
@@ -109,8 +117,16 @@ impl Gpu {
             return Err(GpuError::Unsupported(format!("GPU {ordinal}: the driver sees {count}")));
         }
         let context = CudaContext::new(ordinal)?;
-        let stream = context.default_stream();
-        Ok(Gpu { context, stream })
+        // SAFETY: every buffer of this context is used on the one stream made below, so no
+        // event need order its uses.
+        unsafe { context.disable_event_tracking() };
+        let stream = context.new_stream()?;
+        Ok(Gpu { context, stream, transfers: AtomicU64::new(0) })
+    }
+
+    /// How many times data has moved between the host and the device between kernels.
+    pub fn transfers(&self) -> u64 {
+        self.transfers.load(Ordering::Relaxed)
     }
 
     /// cuBLAS and cuBLASLt on this GPU's stream; with `tensor_cores`, cuBLAS's f32 products

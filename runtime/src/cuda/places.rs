@@ -63,9 +63,17 @@ pub fn fill(gpu: &Gpu, at: u64, bytes: usize, byte: u8) -> Result<(), GpuError> 
     Ok(())
 }
 
+/// Sets `count` 4-byte words at device address `at` to `word` (an f32's bits), in stream order.
+pub fn fill_words(gpu: &Gpu, at: u64, count: usize, word: u32) -> Result<(), GpuError> {
+    // SAFETY: as for `copy`.
+    unsafe { cudarc::driver::sys::cuMemsetD32Async(at, word, count, gpu.stream.cu_stream()) }.result()?;
+    Ok(())
+}
+
 /// Writes host `bytes` at device address `at`, in stream order (the bytes are staged before
 /// this returns).
 pub fn write(gpu: &Gpu, bytes: &[u8], at: u64) -> Result<(), GpuError> {
+    gpu.transfers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // SAFETY: as for `copy`; pageable host memory is copied out before the call returns.
     unsafe { result::memcpy_htod_async(at, bytes, gpu.stream.cu_stream()) }?;
     Ok(())
@@ -73,6 +81,7 @@ pub fn write(gpu: &Gpu, bytes: &[u8], at: u64) -> Result<(), GpuError> {
 
 /// Reads `bytes` bytes at device address `at` back to the host, after the work before it.
 pub fn read(gpu: &Gpu, at: u64, bytes: usize) -> Result<Vec<u8>, GpuError> {
+    gpu.transfers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut host = vec![0u8; bytes];
     // SAFETY: as for `copy`; the stream is synchronised before the host reads `host`.
     unsafe { result::memcpy_dtoh_async(&mut host, at, gpu.stream.cu_stream()) }?;

@@ -170,25 +170,25 @@ impl Executor {
         grads: usize,
         first: bool,
     ) -> Result<Vec<Value<f32>>, GpuError> {
-        let info = &self.plan.params;
-        let gpu = &self.gpu;
+        let plan = self.plan.clone();
+        let info = &plan.params;
         let mut inputs: Vec<Input> = state
             .at
             .iter()
             .zip(info)
-            .map(|(&at, p)| Input::Device(address(gpu, &state.params, at), 4 * p.numel()))
+            .map(|(&at, p)| Input::Device(address(&self.gpu, &state.params, at), 4 * p.numel()))
             .collect();
-        let arg_types = &self.plan.module.functions[f].args[info.len()..];
+        let arg_types = &plan.module.functions[f].args[info.len()..];
         for (value, (_, _, dtype)) in rest.iter().zip(arg_types) {
-            inputs.push(Input::Host(encode(value, packs(*dtype))?));
+            inputs.push(self.staged(f, inputs.len(), &encode(value, packs(*dtype))?)?);
         }
         // The parameters come first and stay as they are until the update; the gradients
         // the calls yield go straight into the sums.
         let origins = (0..inputs.len()).map(|i| (i < info.len()).then_some(i)).collect();
+        let gpu = &self.gpu;
         let delivered: HashMap<u32, u64> =
             self.delivered.iter().map(|(&part, &k)| (part, address(gpu, &state.grads, state.at[k - grads]))).collect();
-        let call = self.invoke(f, &inputs, Binding { origins, delivered, add: !first, adding: HashSet::new() })?;
-        let plan = self.plan.clone();
+        let call = self.invoke_step(f, &inputs, Binding { origins, delivered, add: !first, adding: HashSet::new() })?;
         let mut before = Vec::with_capacity(grads);
         let function = &plan.module.functions[f];
         for (i, &o) in function.outputs.iter().enumerate() {
@@ -256,11 +256,12 @@ impl Executor {
             .collect();
         let mut inputs: Vec<Input> = places.iter().flatten().map(|&(at, bytes)| Input::Device(at, bytes)).collect();
         for (b, load) in biases {
-            let bias = Input::Device(address(gpu, &state.params, state.at[*b]), 4 * self.plan.params[*b].numel());
-            inputs.extend([bias, Input::Host(encode(load, false)?)]);
+            let bias = address(&self.gpu, &state.params, state.at[*b]);
+            inputs.push(Input::Device(bias, 4 * self.plan.params[*b].numel()));
+            inputs.push(self.staged(f, inputs.len(), &encode(load, false)?)?);
         }
         for value in scalars {
-            inputs.push(Input::Host(encode(value, false)?));
+            inputs.push(self.staged(f, inputs.len(), &encode(value, false)?)?);
         }
         // Where the optimizer's arena fits beside the other functions' arenas all are kept
         // from step to step; where it does not, the others go first and its own after it.
@@ -269,7 +270,7 @@ impl Executor {
             self.spare.iter_mut().for_each(|arena| *arena = None);
             self.gpu.release_unused()?;
         }
-        let call = self.invoke(f, &inputs, Binding::none(inputs.len()))?;
+        let call = self.invoke_step(f, &inputs, Binding::none(inputs.len()))?;
         // The parameters change: their FP8 copies are out of date.
         if let Some(cache) = &mut self.weights {
             cache.stale();

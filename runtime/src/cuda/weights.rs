@@ -41,6 +41,20 @@ impl WeightCache {
         self.entries.values_mut().for_each(|entry| entry.fresh = false);
     }
 
+    /// The quantisations that hold the parameters as they are now.
+    pub fn fresh(&self) -> Vec<WeightKey> {
+        self.entries.iter().filter(|(_, entry)| entry.fresh).map(|(key, _)| key.clone()).collect()
+    }
+
+    /// Marks `keys` as holding the parameters as they are now (a CUDA graph wrote them).
+    pub fn refresh(&mut self, keys: &[WeightKey]) {
+        for key in keys {
+            if let Some(entry) = self.entries.get_mut(key) {
+                entry.fresh = true;
+            }
+        }
+    }
+
     /// Where `kernel` of `function` (whose arguments are the parameters `origins` says, where
     /// they are) keeps its result, if it quantises a parameter; the buffer is made at the first
     /// call (`bytes` long) and counts as fresh from this call on.
