@@ -17,6 +17,9 @@ $dsc compile models/deepseek-v3-tiny.dsc -o target/plan-tiny-f32 --set precision
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" -o target/plan-bench
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2 --set 'model.ffn.1.layers=1..2' \
   --set train.seq_len=128 --set train.batch=1 --set train.micro_batch=1 -o target/plan-bench-step
+# The bench model cut down, two micro-batches a step (`run.sh checks`: its steps from CUDA graphs).
+$dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set model.layers=2 --set 'model.ffn.1.layers=1..2' \
+  --set train.seq_len=128 --set train.batch=4 --set train.micro_batch=2 -o target/plan-bench-small
 $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set precision.gemm=bf16 -o target/plan-bench-bf16
 # The f32 tiny model on 4 ranks: 2 pipeline stages (DualPipe) × 2 replicas, the routed experts
 # split over 2 (`run.sh checks`: its stages on the GPU against the CPU).

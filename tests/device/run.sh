@@ -5,8 +5,8 @@
 # changing the backend, about 8 minutes of one call; device time is counted):
 #   checks    the GPU test suites (every kernel kind against the CPU reference; the bench
 #             plan's FP8 and grouped FP8 GEMMs; training steps of the tiny plans against the
-#             CPU; the bench plan's steps from CUDA graphs against its kernels launched one by
-#             one; gpu_kernels' whole output in $OUT/gpu-kernels.txt) and every generated
+#             CPU; a cut-down bench plan's steps from CUDA graphs against its kernels launched
+#             one by one; gpu_kernels' whole output in $OUT/gpu-kernels.txt) and every generated
 #             kernel of the bench plan against float64 (CuPy)
 #   step      that plan's attention and backward on the fused kernels against float64, and
 #             one step of a bench-shaped plan on the GPU against two CPU steps (about 4
@@ -45,7 +45,7 @@
 #             GPUs or more), both runs' metrics in $OUT
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
 # carried (64 MiB in all: `checks step profile` fit together): checks: target/gpu/gpu_kernels,
-# target/gpu/gpu_scaled and the plans tiny, tiny-f32, tiny-stages, bench; step: target/gpu/gpu_kernels and
+# target/gpu/gpu_scaled and the plans tiny, tiny-f32, tiny-stages, bench, bench-small; step: target/gpu/gpu_kernels and
 # target/plan-bench-step; profile, tune and train:
 # target/gpu/dsc and target/plan-bench; quick: target/gpu/gpu_kernels, target/gpu/dsc and the plans
 # tiny, tiny-f32, tiny-stages, bench; table: target/gpu/dsc, target/plan-bench and
@@ -72,7 +72,7 @@ while [ $# -gt 0 ]; do
   case "$stage" in
     checks)
       DSC_TEST_PLAN=target/plan-tiny DSC_TEST_PLAN_F32=target/plan-tiny-f32 DSC_TEST_PLAN_STAGES=target/plan-tiny-stages \
-        DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tee "$OUT/gpu-kernels.txt" | tail -n 40 \
+        DSC_TEST_PLAN_BENCH_SMALL=target/plan-bench-small target/gpu/gpu_kernels --nocapture --skip a_bench 2>&1 | tee "$OUT/gpu-kernels.txt" | tail -n 40 \
         || failed+=(gpu_kernels)
       DSC_TEST_PLAN_BENCH=target/plan-bench target/gpu/gpu_scaled --nocapture 2>&1 | tail -n 20 || failed+=(gpu_scaled)
       python3 tests/device/check_kernels.py target/plan-bench --out "$OUT/bench-kernels.json" | tail -n 15 \
