@@ -7,15 +7,17 @@
 //! A graph holds the addresses it was captured on, so it is replayed only on the same ones
 //! ([`Signature`]: the call's arguments, the results it delivers, the arenas of its function
 //! and of every function it calls, the fused attention's scratch; its host inputs are written
-//! into buffers kept for them: [`Executor::staged`]). On other addresses the call runs eagerly, and is captured at the next
-//! call that finds its addresses as the eager one left them, where that eager call moved
-//! nothing between the host and the device between its kernels. What a call makes at its
-//! first run (its arenas, the constant tables, the FP8 weights' buffers, the attention's
-//! scratch, the GEMMs' tensor maps) a later call on the same addresses finds made, so nothing
-//! is allocated while capturing. A function whose calls do move data to or from the host
-//! (kernels on the host, grouped GEMMs whose expert offsets are read back) always runs
-//! eagerly: that is where the plan does not allow a graph. Profiled and checked executors
-//! launch eagerly (their events and synchronisations go between the kernels).
+//! into buffers kept for them: [`Executor::staged`]). On other addresses the call runs
+//! eagerly, and is captured at the next call that finds its addresses as the eager one left
+//! them, where that eager call moved nothing between the host and the device between its
+//! kernels. What a call makes at its first run (its arenas, the constant tables, the FP8
+//! weights' buffers, the attention's scratch, the GEMMs' tensor maps) a later call on the same
+//! addresses finds made, so nothing is allocated while capturing; the FP8 weights' buffers
+//! live as long as the training state, and a new state drops every graph. A function whose
+//! calls do move data to or from the host (kernels on the host, grouped GEMMs whose expert
+//! offsets are read back) always runs eagerly: that is where the plan does not allow a graph.
+//! Profiled and checked executors launch eagerly (their events and synchronisations go
+//! between the kernels).
 
 use super::exec::{Binding, Call, Counts, Executor, Input};
 use super::GpuError;
@@ -87,6 +89,12 @@ impl Graphs {
             })
             .collect();
         Graphs { trees, calls: HashMap::new() }
+    }
+
+    /// Drops every graph (the buffers outside the calls' signatures, the FP8 weights', are
+    /// made anew).
+    pub fn forget(&mut self) {
+        self.calls.clear();
     }
 }
 

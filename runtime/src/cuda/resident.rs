@@ -347,6 +347,10 @@ impl Resident<f32> for Executor {
     fn load(&mut self, params: &[Value<f32>], moments: &[(Value<f32>, Value<f32>)]) -> Result<(), String> {
         self.state = Some(self.load_state(params, moments).map_err(|e| e.to_string())?);
         self.weights = Some(WeightCache::default());
+        // The graphs captured on the old state's FP8 weights would write where they were.
+        if let Some(graphs) = &mut self.graphs {
+            graphs.forget();
+        }
         Ok(())
     }
 
