@@ -67,19 +67,6 @@ impl std::ops::Add for Counts {
     }
 }
 
-impl std::ops::Sub for Counts {
-    type Output = Counts;
-    fn sub(self, other: Counts) -> Counts {
-        Counts {
-            generated: self.generated - other.generated,
-            library: self.library - other.library,
-            attention: self.attention - other.attention,
-            host: self.host - other.host,
-            graphs: self.graphs - other.graphs,
-        }
-    }
-}
-
 /// A function's arena against the sum of its buffers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Arena {

@@ -154,7 +154,8 @@ impl Executor {
         binding: Binding,
         signature: Signature,
     ) -> Result<Call, GpuError> {
-        let (f, counts) = (key.0, self.counts);
+        // The graph's launches are counted apart, for its replays to add.
+        let (f, counts) = (key.0, std::mem::take(&mut self.counts));
         let fresh = self.weights.as_ref().map(|cache| cache.fresh()).unwrap_or_default();
         let stream = self.gpu.stream.clone();
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
@@ -189,8 +190,9 @@ impl Executor {
             None => Vec::new(),
         };
         tracing::info!("`{name}` captured in a CUDA graph (results added: {})", key.1);
-        let counts = self.counts - counts;
-        let outside = call.outside.clone();
+        let launched = self.counts;
+        self.counts = counts + launched;
+        let (counts, outside) = (launched, call.outside.clone());
         let captured = Captured { signature, graph, outside, counts, quantises };
         self.graphs.as_mut().expect("capturing").calls.insert(key, Entry::Captured(captured));
         Ok(call)
