@@ -351,7 +351,11 @@ fn cuda(plan: Plan, dir: &Path, launching: Launching) -> anyhow::Result<Chosen> 
         Some(_) => ", tuned".to_string(),
         None => String::new(),
     };
-    let on = format!("{name} (CUDA, plan `{}`{tuned})", dir.display());
+    let launches = match launching {
+        Launching { profile: false, graphs: true } => ", CUDA graphs where the plan allows",
+        _ => ", kernels launched one by one",
+    };
+    let on = format!("{name} (CUDA, plan `{}`{tuned}{launches})", dir.display());
     Ok((on, Some(Box::new(executor(plan, dir, gpu, launching)?))))
 }
 
