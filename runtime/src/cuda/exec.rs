@@ -4,8 +4,9 @@
 //! place, its caller's buffers, host values uploaded for the call, or written into buffers kept
 //! for them: the step's host inputs, [`Executor::staged`], and a callee's constant arguments;
 //! [`super::places`]), and the optimizer writes the results that replace them over them where
-//! that is safe ([`memory::in_place`]). The steps are the function's nodes in order: an argument is bound to its
-//! place, a constant table written into its buffer, a call runs the callee in an arena of its own
+//! that is safe ([`memory::in_place`]). The steps are the function's nodes in order: an
+//! argument is bound to its place, a constant table written into its buffer, a call runs the
+//! callee in an arena of its own
 //! (its kernels writing its results into the caller's part buffers, results it does not compute
 //! copied there, or added into the state's gradient sums: [`memory::delivered`]), and a kernel
 //! runs at its first node (a quantisation of a weight already made this step is read where
