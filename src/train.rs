@@ -60,10 +60,10 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     // CPUs.
     let staged = has_stages(&spec);
     let on_gpus = world.is_some() && plan.is_some() && args.backend != Some(Backend::Cpu) && !staged;
-    if args.profile && !on_gpus && (world.is_some() || is_parallel(&spec)) {
-        bail!("{PROFILE_NEEDS_A_GPU}");
-    }
     let launching = Launching { profile: args.profile, graphs: !args.no_cuda_graphs };
+    if let Some(why) = launching.off_the_gpu().filter(|_| !on_gpus && (world.is_some() || is_parallel(&spec))) {
+        bail!("{why}");
+    }
     let stages_on = |gpu: Option<usize>| -> anyhow::Result<Option<StageRunners>> {
         let cuda = args.backend == Some(Backend::Cuda);
         match plan.as_ref().zip(args.plan.as_deref()) {
@@ -302,10 +302,6 @@ const CUDA_NEEDS_A_PLAN: &str =
 const DATA_PARALLEL_ON_GPUS: &str =
     "data parallelism alone runs on GPUs as processes, one per GPU over NCCL (start them with torchrun, srun or mpirun)";
 
-/// Why `--profile` is refused off the GPU.
-const PROFILE_NEEDS_A_GPU: &str =
-    "`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)";
-
 /// How the CUDA backend launches a plan's kernels: timed one by one (`--profile`), or the
 /// step's calls replayed from CUDA graphs (unless `--no-cuda-graphs`).
 #[derive(Clone, Copy)]
@@ -314,15 +310,27 @@ struct Launching {
     graphs: bool,
 }
 
+impl Launching {
+    /// Why training off the GPU refuses these flags, where one of them is given.
+    fn off_the_gpu(self) -> Option<&'static str> {
+        match self {
+            Launching { profile: true, .. } => {
+                Some("`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)")
+            }
+            Launching { graphs: false, .. } => Some(
+                "`--no-cuda-graphs` is for the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)",
+            ),
+            _ => None,
+        }
+    }
+}
+
 /// `--backend cuda` needs a plan and a GPU; by default the GPU is taken when a plan is given,
 /// this dsc has the `cuda` feature and a GPU is found.
 fn backend(choice: Option<Backend>, plan: Option<(Plan, &Path)>, launching: Launching) -> anyhow::Result<Chosen> {
     let cpu = || {
-        if launching.profile {
-            bail!("{PROFILE_NEEDS_A_GPU}");
-        }
-        if !launching.graphs {
-            bail!("`--no-cuda-graphs` is for the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)");
+        if let Some(why) = launching.off_the_gpu() {
+            bail!("{why}");
         }
         Ok(("the CPU".to_string(), None))
     };
