@@ -14,9 +14,12 @@
 //! Per column block its threads stage the tiles it needs in shared memory, 128-byte swizzled as
 //! `wgmma` reads them: a tile is regions of 64 columns, 64 rows of 128 bytes each, the 16-byte
 //! chunks of row r permuted by r mod 8 ([`stage`]). The scores (`Block::products`: the block's rows
-//! tile times a column tile, both K-major, 64 × 64 per warpgroup) are turned into base-2 logits
-//! (the scale times log₂e folded in; `Block::logits`) and probabilities (the forward's running
-//! maximum and sum, or the saved log-sum-exp), and their product with a tile read along its rows
+//! tile times a column tile, both K-major, 64 × 64 per warpgroup) are turned into probabilities,
+//! each one fused multiply-add of the score by the scale times log₂e and the row's shift and one
+//! `ex2` (`Block::exp2_logit`; the shift from the forward's running maximum, or the saved
+//! log-sum-exp), masked (`Block::mask`) only in the loop over the row block's own diagonal
+//! column blocks (`column_loops`: the others, unmasked, in a loop of their own); their product
+//! with a tile read along its rows
 //! (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the instruction's transposed B)
 //! is added to the accumulators, P or dS rounded to BF16 as the A operand straight from the score
 //! registers (a warp's rows of the accumulator are its rows of A). The column tiles are
@@ -106,7 +109,7 @@ struct Block {
     minus_inf: String,
     /// The softmax scale times log₂e: scores to base-2 logits.
     log2_scale: String,
-    log2e: String,
+    minus_log2e: String,
     /// Shared memory's first byte (i64).
     smem: String,
     /// The blocks along x (i64: S / 128) and this one's index.
@@ -120,6 +123,7 @@ impl Block {
         let heads = heads.check().expect("valid head dims");
         let log2e = g.f32(std::f64::consts::LOG2_E);
         let log2_scale = g.line(format!("llvm.fmul %scale, {log2e} : f32"));
+        let minus_log2e = g.f32(-std::f64::consts::LOG2_E);
         let zero = g.f32(0.0);
         let minus_inf = g.line("llvm.mlir.constant(0xFF800000 : f32) : f32");
         let tid = g.index_i64("gpu.thread_id x");
@@ -160,7 +164,7 @@ impl Block {
             zero,
             minus_inf,
             log2_scale,
-            log2e,
+            minus_log2e,
             smem,
             blocks,
             block,
@@ -247,21 +251,12 @@ impl Block {
         acc.clone_from_slice(&completed(g, &d));
     }
 
-    /// Base-2 logits of `scores` (of column block `j` and the rows of tile `tile`), minus
-    /// `shift` per value, −∞ where `keep` drops the column: on the diagonal block the columns
-    /// past (or before) the row, all of a block past (or before) the diagonal (the loop's
-    /// last (or first) block for the warpgroup whose diagonal comes earlier (or later));
-    /// columns are 8n + 2t + {0, 1}, rows the thread's two.
-    #[allow(clippy::too_many_arguments)]
-    fn logits(
-        &self,
-        g: &mut Lines,
-        scores: &mut [Vec<String>],
-        j: &str,
-        tile: &str,
-        keep: Order,
-        shift: impl Fn(&mut Lines, usize, usize) -> Option<String>,
-    ) {
+    /// `scores` (of column block `j` and the rows of tile `tile`) set to −∞ where `keep` drops
+    /// the column: on the diagonal block the columns past (or before) the row, all of a block
+    /// past (or before) the diagonal (the last (or first) block of the masked loop for the
+    /// warpgroup whose diagonal comes earlier (or later)); columns are 8n + 2t + {0, 1}, rows
+    /// the thread's two. Only the [`column_loops`]' masked blocks call it.
+    fn mask(&self, g: &mut Lines, scores: &mut [Vec<String>], j: &str, tile: &str, keep: Order) {
         let diagonal = g.line(format!("llvm.icmp \"eq\" {j}, {tile} : i64"));
         let beyond = match keep {
             Order::ColumnsUpToRow => g.line(format!("llvm.icmp \"ugt\" {j}, {tile} : i64")),
@@ -270,10 +265,6 @@ impl Block {
         let col = g.op_c("mul", &self.quad_col, 2);
         for (n, tile) in scores.iter_mut().enumerate() {
             for (e, x) in tile.iter_mut().enumerate() {
-                let mut y = g.line(format!("llvm.fmul {x}, {} : f32", self.log2_scale));
-                if let Some(shift) = shift(g, n, e) {
-                    y = g.line(format!("llvm.fsub {y}, {shift} : f32"));
-                }
                 let column = g.op_c("add", &col, (8 * n + e % 2) as u64);
                 let row = &self.my_rows[e / 2];
                 let outside = match keep {
@@ -282,9 +273,16 @@ impl Block {
                 };
                 let masked = g.line(format!("llvm.and {diagonal}, {outside} : i1"));
                 let masked = g.line(format!("llvm.or {beyond}, {masked} : i1"));
-                *x = g.line(format!("llvm.select {masked}, {}, {y} : i1, f32", self.minus_inf));
+                *x = g.line(format!("llvm.select {masked}, {}, {x} : i1, f32", self.minus_inf));
             }
         }
+    }
+
+    /// 2 to the power of score `x`'s base-2 logit plus `shift` (a row's or column's negated
+    /// base-2 maximum or log-sum-exp): one fused multiply-add and `ex2`.
+    fn exp2_logit(&self, g: &mut Lines, x: &str, shift: &str) -> String {
+        let y = g.line(format!("llvm.intr.fma({x}, {}, {shift}) : (f32, f32, f32) -> f32", self.log2_scale));
+        exp2(g, &y)
     }
 
     /// Stores `acc` (the warp's 16 rows, times `factor`) at rows `row0 + r` of `dst` (of
@@ -326,10 +324,10 @@ impl Block {
         }
     }
 
-    /// The log-sum-exp of row `row0 + row`, base 2.
-    fn base2_lse(&self, g: &mut Lines, row0: &str, row: &str) -> String {
+    /// The log-sum-exp of row `row0 + row`, base 2, negated ([`Block::exp2_logit`]'s shift).
+    fn negated_base2_lse(&self, g: &mut Lines, row0: &str, row: &str) -> String {
         let lse = self.row_value(g, "%lse", row0, row);
-        g.line(format!("llvm.fmul {lse}, {} : f32", self.log2e))
+        g.line(format!("llvm.fmul {lse}, {} : f32", self.minus_log2e))
     }
 
     /// D = Σ dO ∘ O of the thread's row `row0 + row` (a quarter of the columns from each
@@ -525,12 +523,35 @@ fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
     g.asm_f32s("wgmma.wait_group.sync.aligned 0;", d, &[])
 }
 
-/// Opens `scf.for` over the column blocks `lower..upper` (i64) carrying the f32 values
-/// `initial`: the block index (i64), the carried values inside and the results' name.
-fn column_loop(g: &mut Lines, lower: &str, upper: &str, initial: &[String]) -> Loop {
-    let one = g.i64(1);
-    let carried: Vec<(String, &str)> = initial.iter().map(|x| (x.clone(), "f32")).collect();
-    g.open_for(lower, upper, &one, &carried)
+/// The column blocks of row block `row_block` (i64) in two `scf.for` loops carrying the f32
+/// values `initial`: those no row of the block masks, and the block's own [`WARPGROUPS`]
+/// (the warpgroups' diagonals), masked; in `order`'s direction (queries walk the keys up to
+/// their diagonal; keys the queries from theirs, up to `columns`, the blocks in all). `body`
+/// writes an iteration: of column block j (i64), on the carried values, masked or not; it
+/// returns the values carried on. The values after both loops.
+fn column_loops(
+    g: &mut Lines,
+    order: Order,
+    row_block: &str,
+    columns: &str,
+    initial: &[String],
+    mut body: impl FnMut(&mut Lines, &str, &[String], bool) -> Vec<String>,
+) -> Vec<String> {
+    let diagonal = g.op_c("mul", row_block, WARPGROUPS.into());
+    let past = g.op_c("add", &diagonal, WARPGROUPS.into());
+    let loops = match order {
+        Order::ColumnsUpToRow => [(g.i64(0), diagonal.clone(), false), (diagonal, past, true)],
+        Order::ColumnsFromRow => [(diagonal, past.clone(), true), (past, columns.to_string(), false)],
+    };
+    loops.into_iter().fold(initial.to_vec(), |state, (lower, upper, masked)| {
+        let one = g.i64(1);
+        let carried: Vec<(String, &str)> = state.iter().map(|x| (x.clone(), "f32")).collect();
+        let Loop { index, carried, results } = g.open_for(&lower, &upper, &one, &carried);
+        let next = body(g, &index, &carried, masked);
+        g.stmt(format!("scf.yield {} : {}", next.join(", "), vec!["f32"; next.len()].join(", ")));
+        g.stmt("}");
+        (0..next.len()).map(|i| format!("{results}#{i}")).collect()
+    })
 }
 
 /// The module of kernel `name` with arguments `args` and `body`.
@@ -605,57 +626,59 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let upper = g.op_c("add", &q_block, 1);
     let upper = g.op_c("mul", &upper, WARPGROUPS.into());
     columns.prefetch(&mut g, &b, &zero64);
-    let Loop { index: j, carried, results: state } = column_loop(&mut g, &zero64, &upper, &initial);
-    let carried = |i: usize| carried[i].clone();
-    let [sk, sv] = columns.stage(&mut g, &b, &j, &upper);
-    let mut scores = b.products(&mut g, &sq, &sk, heads.qk);
-    b.logits(&mut g, &mut scores, &j, &q_tile, Order::ColumnsUpToRow, |_, _, _| None);
-    // Per row: the new maximum (over the quad's four threads), the correction of the old sum
-    // and output, the probabilities and their sum.
-    let mut alphas = Vec::new();
-    let mut news = Vec::new();
-    for r in 0..2 {
-        let mut max = carried(o_count + r);
-        for tile in &scores {
-            for e in 0..2 {
-                max = g.line(format!("llvm.intr.maxnum({max}, {}) : (f32, f32) -> f32", tile[2 * r + e]));
+    let state = column_loops(&mut g, Order::ColumnsUpToRow, &q_block, &upper, &initial, |g, j, carried, masked| {
+        let [sk, sv] = columns.stage(g, &b, j, &upper);
+        let mut scores = b.products(g, &sq, &sk, heads.qk);
+        if masked {
+            b.mask(g, &mut scores, j, &q_tile, Order::ColumnsUpToRow);
+        }
+        // Per row: the new maximum score (over the quad's four threads), the correction of
+        // the old sum and output, the probabilities and their sum.
+        let mut alphas = Vec::new();
+        let mut news = Vec::new();
+        let mut shifts = Vec::new();
+        for r in 0..2 {
+            let mut max = carried[o_count + r].clone();
+            for tile in &scores {
+                for e in 0..2 {
+                    max = g.line(format!("llvm.intr.maxnum({max}, {}) : (f32, f32) -> f32", tile[2 * r + e]));
+                }
+            }
+            let new = quad_reduce(g, &max, Combine::Max);
+            let logit = g.line(format!("llvm.fmul {new}, {} : f32", b.log2_scale));
+            let shift = g.line(format!("llvm.fneg {logit} : f32"));
+            // Old maximum −∞ (no key yet): 2^−∞ = 0.
+            alphas.push(b.exp2_logit(g, &carried[o_count + r], &shift));
+            news.push(new);
+            shifts.push(shift);
+        }
+        for tile in scores.iter_mut() {
+            for (e, x) in tile.iter_mut().enumerate() {
+                *x = b.exp2_logit(g, x, &shifts[e / 2]);
             }
         }
-        let new = quad_reduce(&mut g, &max, Combine::Max);
-        // Old maximum −∞ (no key yet): the difference is −∞ and 2^−∞ = 0.
-        let drop = g.line(format!("llvm.fsub {}, {new} : f32", carried(o_count + r)));
-        alphas.push(exp2(&mut g, &drop));
-        news.push(new);
-    }
-    for tile in scores.iter_mut() {
-        for (e, x) in tile.iter_mut().enumerate() {
-            let d = g.line(format!("llvm.fsub {x}, {} : f32", news[e / 2]));
-            *x = exp2(&mut g, &d);
-        }
-    }
-    let mut sums = Vec::new();
-    for (r, alpha) in alphas.iter().enumerate() {
-        let mut sum = g.line(format!("llvm.fmul {}, {alpha} : f32", carried(o_count + 2 + r)));
-        for tile in &scores {
-            for e in 0..2 {
-                sum = g.line(format!("llvm.fadd {sum}, {} : f32", tile[2 * r + e]));
+        let mut sums = Vec::new();
+        for (r, alpha) in alphas.iter().enumerate() {
+            let mut sum = g.line(format!("llvm.fmul {}, {alpha} : f32", carried[o_count + 2 + r]));
+            for tile in &scores {
+                for e in 0..2 {
+                    sum = g.line(format!("llvm.fadd {sum}, {} : f32", tile[2 * r + e]));
+                }
             }
+            sums.push(sum);
         }
-        sums.push(sum);
-    }
-    let mut o: Vec<String> =
-        (0..o_count).map(|i| g.line(format!("llvm.fmul {}, {} : f32", carried(i), alphas[(i % 4) / 2]))).collect();
-    b.accumulate(&mut g, &mut o, &scores, &sv, heads.v);
-    let yielded: Vec<String> = o.iter().chain(&news).chain(&sums).cloned().collect();
-    g.stmt(format!("scf.yield {} : {}", yielded.join(", "), vec!["f32"; yielded.len()].join(", ")));
-    g.stmt("}");
+        let mut o: Vec<String> =
+            (0..o_count).map(|i| g.line(format!("llvm.fmul {}, {} : f32", carried[i], alphas[(i % 4) / 2]))).collect();
+        b.accumulate(g, &mut o, &scores, &sv, heads.v);
+        o.into_iter().chain(news).chain(sums).collect()
+    });
 
     // O / l for the thread's rows and columns; the log-sum-exp from the quad's first thread.
     let ln2 = g.f32(std::f64::consts::LN_2);
     let one = g.f32(1.0);
-    let mut out: Vec<String> = (0..o_count).map(|i| format!("{state}#{i}")).collect();
+    let mut out = state[..o_count].to_vec();
     for (r, my_row) in b.my_rows.iter().enumerate() {
-        let l = quad_reduce(&mut g, &format!("{state}#{}", o_count + 2 + r), Combine::Add);
+        let l = quad_reduce(&mut g, &state[o_count + 2 + r], Combine::Add);
         let inverse = g.line(format!("llvm.fdiv {one}, {l} : f32"));
         for n in 0..o_count / 4 {
             for e in 0..2 {
@@ -663,8 +686,10 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
                 *x = g.line(format!("llvm.fmul {x}, {inverse} : f32"));
             }
         }
+        // The row's base-2 logits' maximum plus log₂ of their sum, in natural log.
         let log = g.asm_f32("lg2.approx.ftz.f32 $0, $1;", &[(l, "f", "f32")]);
-        let lse = g.line(format!("llvm.fadd {state}#{}, {log} : f32", o_count + r));
+        let lse =
+            g.line(format!("llvm.intr.fma({}, {}, {log}) : (f32, f32, f32) -> f32", state[o_count + r], b.log2_scale));
         let lse = g.line(format!("llvm.fmul {lse}, {ln2} : f32"));
         let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero64} : i64", b.quad_col));
         g.stmt(format!("scf.if {leads} {{"));
@@ -745,75 +770,74 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Value => Layout::V,
     };
     let width = b.place(layout, heads).2;
-    // The query pass's rows: their log-sum-exp (base 2) and D, which it writes.
+    // The query pass's rows: their log-sum-exp (base 2, negated) and D, which it writes.
     let row_terms: Vec<(String, String)> = if pass == Pass::Query {
-        b.my_rows.iter().map(|row| (b.base2_lse(&mut g, &r0, row), b.delta(&mut g, heads, &r0, row))).collect()
+        b.my_rows.iter().map(|row| (b.negated_base2_lse(&mut g, &r0, row), b.delta(&mut g, heads, &r0, row))).collect()
     } else {
         Vec::new()
     };
     let count = (width / 8 * 4) as usize;
     // The column blocks up to the last warpgroup's diagonal (queries) or from the first's
     // (keys).
-    let (lower, upper) = match pass {
-        Pass::Query => (g.i64(0), g.op_c("add", &row_block, 1)),
-        Pass::Key | Pass::Value => (row_block.clone(), b.blocks.clone()),
+    let (order, lower, upper) = match pass {
+        Pass::Query => (Order::ColumnsUpToRow, g.i64(0), g.op_c("add", &row_block, 1)),
+        Pass::Key | Pass::Value => (Order::ColumnsFromRow, row_block.clone(), b.blocks.clone()),
     };
     let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
     columns.prefetch(&mut g, &b, &lower);
-    let Loop { index: j, carried, results: state } = column_loop(&mut g, &lower, &upper, &vec![b.zero.clone(); count]);
-    let c0 = g.op_c("mul", &j, TILE_ROWS.into());
-    let [s_cols, s_cols_v] = columns.stage(&mut g, &b, &j, &upper);
-    let t_tile = if layout == Layout::Qk { &s_cols } else { &s_cols_v };
-    let mut p = b.products(&mut g, &s_rows, &s_cols, heads.qk);
-    // The key passes' columns are queries: their log-sum-exps and (for dK) D, per column
-    // 8n + 2t + e, loaded after the scores' products (before them, they stay live across the
-    // products and spill).
-    let col_terms: Vec<(String, Option<String>)> = if pass == Pass::Query {
-        Vec::new()
-    } else {
-        let col = g.op_c("mul", &b.quad_col, 2);
-        (0..16u64)
-            .map(|i| {
-                let column = g.op_c("add", &col, 8 * (i / 2) + i % 2);
-                let delta = (pass == Pass::Key).then(|| b.row_value(&mut g, "%delta", &c0, &column));
-                (b.base2_lse(&mut g, &c0, &column), delta)
-            })
-            .collect()
-    };
-    let term = |n: usize, e: usize| -> (&str, Option<&str>) {
-        if row_terms.is_empty() {
-            let (lse, delta) = &col_terms[2 * n + e % 2];
-            (lse, delta.as_deref())
+    let initial = vec![b.zero.clone(); count];
+    let sums = column_loops(&mut g, order, &row_block, &upper, &initial, |g, j, carried, masked| {
+        let c0 = g.op_c("mul", j, TILE_ROWS.into());
+        let [s_cols, s_cols_v] = columns.stage(g, &b, j, &upper);
+        let t_tile = if layout == Layout::Qk { &s_cols } else { &s_cols_v };
+        let mut p = b.products(g, &s_rows, &s_cols, heads.qk);
+        // The key passes' columns are queries: their log-sum-exps and (for dK) D, per column
+        // 8n + 2t + e, loaded after the scores' products (before them, they stay live across
+        // the products and spill).
+        let col_terms: Vec<(String, Option<String>)> = if pass == Pass::Query {
+            Vec::new()
         } else {
-            let (lse, delta) = &row_terms[e / 2];
-            (lse, Some(delta))
+            let col = g.op_c("mul", &b.quad_col, 2);
+            (0..16u64)
+                .map(|i| {
+                    let column = g.op_c("add", &col, 8 * (i / 2) + i % 2);
+                    let delta = (pass == Pass::Key).then(|| b.row_value(g, "%delta", &c0, &column));
+                    (b.negated_base2_lse(g, &c0, &column), delta)
+                })
+                .collect()
+        };
+        let term = |n: usize, e: usize| -> (&str, Option<&str>) {
+            if row_terms.is_empty() {
+                let (lse, delta) = &col_terms[2 * n + e % 2];
+                (lse, delta.as_deref())
+            } else {
+                let (lse, delta) = &row_terms[e / 2];
+                (lse, Some(delta))
+            }
+        };
+        if masked {
+            b.mask(g, &mut p, j, &tile, order);
         }
-    };
-    let order = if pass == Pass::Query { Order::ColumnsUpToRow } else { Order::ColumnsFromRow };
-    b.logits(&mut g, &mut p, &j, &tile, order, |_, n, e| Some(term(n, e).0.to_string()));
-    for tile in p.iter_mut() {
-        for x in tile.iter_mut() {
-            *x = exp2(&mut g, x);
-        }
-    }
-    let mut acc = carried;
-    if pass == Pass::Value {
-        b.accumulate(&mut g, &mut acc, &p, t_tile, width);
-    } else {
-        // dS = P ∘ (dP − D), dP = dO·Vᵀ (query rows) or V·dOᵀ (key rows).
-        let dp = b.products(&mut g, &s_rows_v, &s_cols_v, heads.v);
         for (n, tile) in p.iter_mut().enumerate() {
             for (e, x) in tile.iter_mut().enumerate() {
-                let delta = term(n, e).1.expect("the dQ and dK passes read D");
-                let d = g.line(format!("llvm.fsub {}, {delta} : f32", dp[n][e]));
-                *x = g.line(format!("llvm.fmul {x}, {d} : f32"));
+                *x = b.exp2_logit(g, x, term(n, e).0);
             }
         }
-        b.accumulate(&mut g, &mut acc, &p, t_tile, width);
-    }
-    g.stmt(format!("scf.yield {} : {}", acc.join(", "), vec!["f32"; count].join(", ")));
-    g.stmt("}");
-    let sums: Vec<String> = (0..count).map(|i| format!("{state}#{i}")).collect();
+        let mut acc = carried.to_vec();
+        if pass != Pass::Value {
+            // dS = P ∘ (dP − D), dP = dO·Vᵀ (query rows) or V·dOᵀ (key rows).
+            let dp = b.products(g, &s_rows_v, &s_cols_v, heads.v);
+            for (n, tile) in p.iter_mut().enumerate() {
+                for (e, x) in tile.iter_mut().enumerate() {
+                    let delta = term(n, e).1.expect("the dQ and dK passes read D");
+                    let d = g.line(format!("llvm.fsub {}, {delta} : f32", dp[n][e]));
+                    *x = g.line(format!("llvm.fmul {x}, {d} : f32"));
+                }
+            }
+        }
+        b.accumulate(g, &mut acc, &p, t_tile, width);
+        acc
+    });
     let grad = match pass {
         Pass::Value => None,
         Pass::Query | Pass::Key => Some("%scale"),
@@ -948,8 +972,9 @@ mod tests {
             assert!(heads.shared_bytes().max(heads.backward_shared_bytes()) <= 227 * 1024);
             let scores = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16";
             let lowering = crate::mlir::lower::Lowering::default();
-            // Per column block: the scores 12 products over Dqk, dP 8 over Dv, then P·V, dS·K,
-            // dSᵀ·Q or Pᵀ·dO: 4 over the 64 columns, as wide as the tile they read.
+            // Per column block, in each of the two column loops (masked and not): the scores 12
+            // products over Dqk, dP 8 over Dv, then P·V, dS·K, dSᵀ·Q or Pᵀ·dO: 4 over the 64
+            // columns, as wide as the tile they read.
             let kernels = [
                 (attention_forward("attention", heads), 12, 128),
                 (attention_backward("attention", heads, Pass::Query), 12 + 8, 192),
@@ -958,9 +983,9 @@ mod tests {
             ];
             for (i, (mlir, score_products, width)) in kernels.into_iter().enumerate() {
                 let ptx = lowering.ptx(&mlir, false).expect("lowers");
-                assert_eq!(ptx.matches(scores).count(), score_products, "{ptx}");
+                assert_eq!(ptx.matches(scores).count(), 2 * score_products, "{ptx}");
                 let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
-                assert_eq!(ptx.matches(&accumulation).count(), 4, "{ptx}");
+                assert_eq!(ptx.matches(&accumulation).count(), 2 * 4, "{ptx}");
                 assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
                 assert_eq!(ptx.contains("cp.async.cg.shared.global"), bf16_inputs, "{ptx}");
