@@ -24,11 +24,14 @@
 //! is added to the accumulators, P or dS rounded to BF16 as the A operand straight from the score
 //! registers (a warp's rows of the accumulator are its rows of A). The column tiles are
 //! double-buffered ([`Columns`]): those stored as packed BF16 are copied for the next column
-//! block by `cp.async` while this block's products run (at MLA's dims a block takes 177 to 247
+//! block by `cp.async` while this block's products run (at MLA's dims a block takes 192 to 255
 //! registers a thread, one block a multiprocessor, so no other block hides the staging); f32
-//! tensors (dO) are staged where they are used. Not yet: TMA and warp specialisation
-//! (FlashAttention-3's machinery). The staging's thread layout keeps its addresses out of the
-//! loops' live registers.
+//! tensors (dO) are staged where they are used. The forward is software-pipelined within each
+//! warpgroup (FlashAttention-3's intra-warpgroup overlap): a key block's scores and the last
+//! block's P·V are issued together, and the tensor cores run that accumulation while the scores
+//! become probabilities (V's tiles trail K's by a block). Not yet: TMA, warp specialisation and
+//! the warpgroups' ping-pong. The staging's thread layout keeps its addresses out of the loops'
+//! live registers.
 
 use super::ptx::{Lines, Loop};
 use crate::fuse::kernels::base;
@@ -217,15 +220,7 @@ impl Block {
     /// each (its warp's rows g, g + 8; columns 2t, 2t + 1).
     fn products(&self, g: &mut Lines, rows: &str, cols: &str, width: u32) -> Vec<Vec<String>> {
         let d = g.asm_f32s("wgmma.fence.sync.aligned;", &vec![self.zero.clone(); 32], &[]);
-        let d = (0..u64::from(width / 16)).fold(d, |d, k| {
-            // 16 columns (32 bytes) a product, four to a region's 128-byte rows.
-            let offset = k / 4 * REGION + k % 4 * 32;
-            let [a, b] = [rows, cols].map(|tile| {
-                let at = g.op_c("add", tile, offset);
-                descriptor(g, &at, Major::K)
-            });
-            wgmma(g, 64, &d, Operand::Shared(a), &b, k > 0)
-        });
+        let d = issue_products(g, d, rows, cols, width);
         completed(g, &d).chunks(4).map(<[String]>::to_vec).collect()
     }
 
@@ -233,22 +228,54 @@ impl Block {
     /// [`Block::products`] gives, rounded to BF16: each warp's rows of it are its rows of A)
     /// times the staged 64-row tile at `tile`, read N-major (its rows along the product's K).
     fn accumulate(&self, g: &mut Lines, acc: &mut [String], p: &[Vec<String>], tile: &str, width: u32) {
-        let a: Vec<[String; 4]> = (0..4)
-            .map(|kk| {
-                let (t0, t1) = (&p[2 * kk], &p[2 * kk + 1]);
-                [pack(g, &t0[0], &t0[1]), pack(g, &t0[2], &t0[3]), pack(g, &t1[0], &t1[1]), pack(g, &t1[2], &t1[3])]
-            })
-            .collect();
-        // The fence after every write of the operands: they are its inputs.
-        let packed: Vec<(String, &str, &str)> = a.iter().flatten().map(|x| (x.clone(), "r", "i32")).collect();
-        let d = g.asm_f32s("wgmma.fence.sync.aligned;", acc, &packed);
-        let d = a.iter().enumerate().fold(d, |d, (kk, a)| {
-            // 16 rows of the tile a product.
-            let at = g.op_c("add", tile, kk as u64 * 16 * 128);
-            let b = descriptor(g, &at, Major::N);
-            wgmma(g, width, &d, Operand::Registers(a), &b, true)
-        });
+        let a = operands(g, p);
+        let d = fence(g, acc, &a);
+        let d = issue_accumulation(g, d, &a, tile, width);
         acc.clone_from_slice(&completed(g, &d));
+    }
+
+    /// The forward's online softmax of one column block: `scores` become their probabilities
+    /// against the rows' new maximum scores (over the quad's four threads, from the old
+    /// `maxima`); returns those maxima, the corrections of the old sums and outputs (2 to the
+    /// old maximum's logit minus the new's: 0 where the old is −∞, no key yet) and the new
+    /// sums (the old `sums` corrected plus the probabilities), each per thread's row.
+    fn softmax(
+        &self,
+        g: &mut Lines,
+        scores: &mut [Vec<String>],
+        maxima: &[String],
+        sums: &[String],
+    ) -> ([String; 2], [String; 2], [String; 2]) {
+        let mut row = |r: usize| {
+            let mut max = maxima[r].clone();
+            for tile in scores.iter() {
+                for e in 0..2 {
+                    max = g.line(format!("llvm.intr.maxnum({max}, {}) : (f32, f32) -> f32", tile[2 * r + e]));
+                }
+            }
+            let new = quad_reduce(g, &max, Combine::Max);
+            let logit = g.line(format!("llvm.fmul {new}, {} : f32", self.log2_scale));
+            let shift = g.line(format!("llvm.fneg {logit} : f32"));
+            let alpha = self.exp2_logit(g, &maxima[r], &shift);
+            (new, shift, alpha)
+        };
+        let rows = [row(0), row(1)];
+        for tile in scores.iter_mut() {
+            for (e, x) in tile.iter_mut().enumerate() {
+                *x = self.exp2_logit(g, x, &rows[e / 2].1);
+            }
+        }
+        let new_sums = [0, 1].map(|r| {
+            let mut sum = g.line(format!("llvm.fmul {}, {} : f32", sums[r], rows[r].2));
+            for tile in scores.iter() {
+                for e in 0..2 {
+                    sum = g.line(format!("llvm.fadd {sum}, {} : f32", tile[2 * r + e]));
+                }
+            }
+            sum
+        });
+        let [(m0, _, a0), (m1, _, a1)] = rows;
+        ([m0, m1], [a0, a1], new_sums)
     }
 
     /// `scores` (of column block `j` and the rows of tile `tile`) set to −∞ where `keep` drops
@@ -390,70 +417,120 @@ fn packed(heads: Heads, src: &str) -> bool {
 }
 
 /// The column loop's two staged tensors (of widths Dqk and Dv), double-buffered: the tiles of
-/// column block j lie in buffer j mod 2, and those stored packed (BF16 as staged) are copied
-/// for block j + 1 by `cp.async` while block j's products run; the others (f32, rounded as
-/// they are staged) are staged at block j's start.
+/// column block j lie in buffer j mod 2. Each tensor trails the loop by its lag (0 or 1): at
+/// the loop's block j its tile of block j − lag is read (the forward's V trails its K, the
+/// scores of block j computed beside the accumulation of block j − 1). Those stored packed
+/// (BF16 as staged) are copied for the next block by `cp.async` while this block's products
+/// run; the others (f32, rounded as they are staged) are staged at the block's start.
 struct Columns<'a> {
     heads: Heads,
     sources: [(&'a str, Layout); 2],
+    lags: [u64; 2],
     /// Each buffer's two tiles (shared bytes, i64).
     buffers: [[String; 2]; 2],
 }
 
 impl<'a> Columns<'a> {
-    fn new(g: &mut Lines, heads: Heads, sources: [(&'a str, Layout); 2], first: &str, second: &str) -> Self {
+    fn new(
+        g: &mut Lines,
+        heads: Heads,
+        sources: [(&'a str, Layout); 2],
+        lags: [u64; 2],
+        first: &str,
+        second: &str,
+    ) -> Self {
         let buffers = [first, second].map(|at| [at.to_string(), g.op_c("add", at, Heads::tile_bytes(heads.qk))]);
-        Columns { heads, sources, buffers }
+        Columns { heads, sources, lags, buffers }
     }
 
-    /// Block `block`'s buffer (i64 index).
-    fn buffer(&self, g: &mut Lines, block: &str) -> [String; 2] {
+    /// Where tensor `t`'s tile of column block `block` (i64) lies.
+    fn buffer(&self, g: &mut Lines, t: usize, block: &str) -> String {
         let parity = g.op_c("and", block, 1);
         let zero = g.i64(0);
         let odd = g.line(format!("llvm.icmp \"ne\" {parity}, {zero} : i64"));
-        [0, 1].map(|t| {
-            let [even, odd_at] = [&self.buffers[0][t], &self.buffers[1][t]];
-            g.line(format!("llvm.select {odd}, {odd_at}, {even} : i1, i64"))
-        })
+        let [even, odd_at] = [&self.buffers[0][t], &self.buffers[1][t]];
+        g.line(format!("llvm.select {odd}, {odd_at}, {even} : i1, i64"))
     }
 
-    /// Stages block `block`'s tiles of the sources that are (`packed`) or are not copied
-    /// asynchronously, into its buffer; returns the buffer.
-    fn copy(&self, g: &mut Lines, b: &Block, block: &str, packed_ones: bool) -> [String; 2] {
-        let at = self.buffer(g, block);
+    fn packed(&self, t: usize) -> bool {
+        packed(self.heads, self.sources[t].0)
+    }
+
+    /// Stages tensor `t`'s tile of column block `block` at `at`, its buffer.
+    fn stage_at(&self, g: &mut Lines, b: &Block, t: usize, block: &str, at: &str) {
         let c0 = g.op_c("mul", block, TILE_ROWS.into());
-        for ((src, layout), at) in self.sources.iter().zip(&at) {
-            if packed(self.heads, src) == packed_ones {
-                b.stage(g, src, *layout, self.heads, &c0, at, false);
-            }
-        }
+        let (src, layout) = self.sources[t];
+        b.stage(g, src, layout, self.heads, &c0, at, false);
+    }
+
+    /// Stages tensor `t`'s tile of column block `block` into its buffer; returns where.
+    fn copy(&self, g: &mut Lines, b: &Block, t: usize, block: &str) -> String {
+        let at = self.buffer(g, t, block);
+        self.stage_at(g, b, t, block, &at);
         at
     }
 
-    /// Before the loop: the asynchronous copies of the first block `block` (with the rows'
-    /// copies issued before them, one group).
-    fn prefetch(&self, g: &mut Lines, b: &Block, block: &str) {
-        self.copy(g, b, block, true);
+    /// Before the loop starting at block `first`: the asynchronous copies of its untrailing
+    /// packed tiles (with the rows' copies issued before them, one group).
+    fn prefetch(&self, g: &mut Lines, b: &Block, first: &str) {
+        for t in (0..2).filter(|&t| self.packed(t) && self.lags[t] == 0) {
+            self.copy(g, b, t, first);
+        }
         g.asm("cp.async.commit_group;", &[]);
     }
 
-    /// At the start of column block `j` (of blocks below `upper`): once every warpgroup has
-    /// read the last block's tiles, the copies of the next block are issued into their
-    /// buffer, the other tensors' tiles of this block staged, and this block's copies awaited
-    /// and fenced for the tensor cores; returns this block's tiles.
+    /// At the start of the loop's block `j` (of blocks below `upper`): once every warpgroup
+    /// has read the last block's tiles, the copies for the next block are issued into their
+    /// buffers, the other tensors' tiles of this block staged, and this block's copies awaited
+    /// and fenced for the tensor cores; returns the tiles read at this block.
     fn stage(&self, g: &mut Lines, b: &Block, j: &str, upper: &str) -> [String; 2] {
         g.stmt("gpu.barrier");
-        let next = g.op_c("add", j, 1);
-        let more = g.line(format!("llvm.icmp \"ult\" {next}, {upper} : i64"));
-        g.stmt(format!("scf.if {more} {{"));
-        self.copy(g, b, &next, true);
-        g.stmt("}");
+        for t in (0..2).filter(|&t| self.packed(t)) {
+            if self.lags[t] == 0 {
+                let next = g.op_c("add", j, 1);
+                let more = g.line(format!("llvm.icmp \"ult\" {next}, {upper} : i64"));
+                g.stmt(format!("scf.if {more} {{"));
+                self.copy(g, b, t, &next);
+                g.stmt("}");
+            } else {
+                self.copy(g, b, t, j);
+            }
+        }
         g.asm("cp.async.commit_group;", &[]);
-        let at = self.copy(g, b, j, false);
+        let tiles = [0, 1].map(|t| {
+            let block = g.op_c("sub", j, self.lags[t]);
+            let at = self.buffer(g, t, &block);
+            if !self.packed(t) {
+                // A trailing tensor has no tile before the loop's first block.
+                let lag = g.i64(self.lags[t]);
+                let exists = g.line(format!("llvm.icmp \"uge\" {j}, {lag} : i64"));
+                g.stmt(format!("scf.if {exists} {{"));
+                self.stage_at(g, b, t, &block, &at);
+                g.stmt("}");
+            }
+            at
+        });
         g.asm("cp.async.wait_group 1;", &[]);
         g.asm("fence.proxy.async.shared::cta;", &[]);
         g.stmt("gpu.barrier");
-        at
+        tiles
+    }
+
+    /// After the loop over blocks below `upper`: the trailing tensors' tiles of the last
+    /// block, awaited (or staged) and fenced; returns the tiles of that block.
+    fn drain(&self, g: &mut Lines, b: &Block, upper: &str) -> [String; 2] {
+        let last = g.op_c("sub", upper, 1);
+        let tiles = [0, 1].map(|t| {
+            if self.packed(t) || self.lags[t] == 0 {
+                self.buffer(g, t, &last)
+            } else {
+                self.copy(g, b, t, &last)
+            }
+        });
+        g.asm("cp.async.wait_group 0;", &[]);
+        g.asm("fence.proxy.async.shared::cta;", &[]);
+        g.stmt("gpu.barrier");
+        tiles
     }
 }
 
@@ -516,32 +593,90 @@ fn wgmma(g: &mut Lines, n: u32, d: &[String], a: Operand, b: &str, add: bool) ->
     g.asm_f32s(&text, d, &operands)
 }
 
-/// `d` once the products issued since the last commit are done (the accumulators pass through
-/// the wait, so nothing reads them before it).
-fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
-    g.asm("wgmma.commit_group.sync.aligned;", &[]);
-    g.asm_f32s("wgmma.wait_group.sync.aligned 0;", d, &[])
+/// The 64 × 64 products of the rows tile at `rows` (A) with the column tile at `cols` (B),
+/// both K-major over `width`, into `d` (32 fenced values, overwritten), issued, not awaited.
+fn issue_products(g: &mut Lines, d: Vec<String>, rows: &str, cols: &str, width: u32) -> Vec<String> {
+    (0..u64::from(width / 16)).fold(d, |d, k| {
+        // 16 columns (32 bytes) a product, four to a region's 128-byte rows.
+        let offset = k / 4 * REGION + k % 4 * 32;
+        let [a, b] = [rows, cols].map(|tile| {
+            let at = g.op_c("add", tile, offset);
+            descriptor(g, &at, Major::K)
+        });
+        wgmma(g, 64, &d, Operand::Shared(a), &b, k > 0)
+    })
 }
 
-/// The column blocks of row block `row_block` (i64) in two `scf.for` loops carrying the f32
-/// values `initial`: those no row of the block masks, and the block's own [`WARPGROUPS`]
-/// (the warpgroups' diagonals), masked; in `order`'s direction (queries walk the keys up to
-/// their diagonal; keys the queries from theirs, up to `columns`, the blocks in all). `body`
+/// `p` (64 × 64 scores per warpgroup, 8 tiles of 4 a thread) rounded to BF16 as the A of a
+/// product: per 16 of its K, four pairs.
+fn operands(g: &mut Lines, p: &[Vec<String>]) -> Vec<[String; 4]> {
+    (0..4)
+        .map(|kk| {
+            let (t0, t1) = (&p[2 * kk], &p[2 * kk + 1]);
+            [pack(g, &t0[0], &t0[1]), pack(g, &t0[2], &t0[3]), pack(g, &t1[0], &t1[1]), pack(g, &t1[2], &t1[3])]
+        })
+        .collect()
+}
+
+/// `wgmma.fence` before products that read accumulators `d` and A operands `a` written since
+/// the last (after every write of them: they are its inputs); `d` after it.
+fn fence(g: &mut Lines, d: &[String], a: &[[String; 4]]) -> Vec<String> {
+    let packed: Vec<(String, &str, &str)> = a.iter().flatten().map(|x| (x.clone(), "r", "i32")).collect();
+    g.asm_f32s("wgmma.fence.sync.aligned;", d, &packed)
+}
+
+/// `d` (fenced) + A `a` ([`operands`]) times the staged 64-row tile at `tile`, read N-major (its
+/// rows along the product's K), `width` wide: issued, not awaited.
+fn issue_accumulation(g: &mut Lines, d: Vec<String>, a: &[[String; 4]], tile: &str, width: u32) -> Vec<String> {
+    a.iter().enumerate().fold(d, |d, (kk, a)| {
+        // 16 rows of the tile a product.
+        let at = g.op_c("add", tile, kk as u64 * 16 * 128);
+        let b = descriptor(g, &at, Major::N);
+        wgmma(g, width, &d, Operand::Registers(a), &b, true)
+    })
+}
+
+/// Closes the group of the products issued since the last.
+fn commit(g: &mut Lines) {
+    g.asm("wgmma.commit_group.sync.aligned;", &[]);
+}
+
+/// `d` once at most `pending` of the committed groups are still running (the accumulators
+/// pass through the wait, so nothing reads them before it).
+fn awaited(g: &mut Lines, d: &[String], pending: u32) -> Vec<String> {
+    g.asm_f32s(&format!("wgmma.wait_group.sync.aligned {pending};"), d, &[])
+}
+
+/// `d` once the products issued since the last commit are done.
+fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
+    commit(g);
+    awaited(g, d, 0)
+}
+
+/// The column blocks from `first` to `last` (i64) of row block `row_block` in two `scf.for`
+/// loops carrying the f32 values `initial`: those no row of the block masks, and the block's
+/// own [`WARPGROUPS`] (the warpgroups' diagonals), masked; in `order`'s direction (queries
+/// walk the keys up to their diagonal, `last`; keys the queries from theirs, `first`). `body`
 /// writes an iteration: of column block j (i64), on the carried values, masked or not; it
 /// returns the values carried on. The values after both loops.
 fn column_loops(
     g: &mut Lines,
     order: Order,
     row_block: &str,
-    columns: &str,
+    [first, last]: [&str; 2],
     initial: &[String],
     mut body: impl FnMut(&mut Lines, &str, &[String], bool) -> Vec<String>,
 ) -> Vec<String> {
     let diagonal = g.op_c("mul", row_block, WARPGROUPS.into());
-    let past = g.op_c("add", &diagonal, WARPGROUPS.into());
     let loops = match order {
-        Order::ColumnsUpToRow => [(g.i64(0), diagonal.clone(), false), (diagonal, past, true)],
-        Order::ColumnsFromRow => [(diagonal, past.clone(), true), (past, columns.to_string(), false)],
+        Order::ColumnsUpToRow => {
+            let split = g.line(format!("llvm.intr.umax({first}, {diagonal}) : (i64, i64) -> i64"));
+            [(first.to_string(), split.clone(), false), (split, last.to_string(), true)]
+        }
+        Order::ColumnsFromRow => {
+            let past = g.op_c("add", &diagonal, WARPGROUPS.into());
+            [(first.to_string(), past.clone(), true), (past, last.to_string(), false)]
+        }
     };
     loops.into_iter().fold(initial.to_vec(), |state, (lower, upper, masked)| {
         let one = g.i64(1);
@@ -613,70 +748,74 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let queries = g.op_c("add", &b.smem, Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v));
     let sq = b.own_tile(&mut g, &queries, Heads::tile_bytes(heads.qk));
     let second = g.op_c("add", &queries, u64::from(WARPGROUPS) * Heads::tile_bytes(heads.qk));
-    let columns = Columns::new(&mut g, heads, [("%k", Layout::Qk), ("%v", Layout::V)], &b.smem, &second);
+    // V trails K by a block: block j's scores are computed beside block j − 1's accumulation.
+    let columns = Columns::new(&mut g, heads, [("%k", Layout::Qk), ("%v", Layout::V)], [0, 1], &b.smem, &second);
     // The warpgroup's 64 rows of Q, read by the products of every key block.
     b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq, true);
-    // The key blocks up to the diagonal, carrying the output accumulators (16 rows × Dv per
-    // warp) and each of the thread's two rows' running maximum and sum.
     let o_count = (heads.v / 8 * 4) as usize;
-    let mut initial = vec![b.zero.clone(); o_count];
-    initial.extend([b.minus_inf.clone(), b.minus_inf.clone(), b.zero.clone(), b.zero.clone()]);
     let zero64 = g.i64(0);
+    let one64 = g.i64(1);
     // Up to the last warpgroup's diagonal.
     let upper = g.op_c("add", &q_block, 1);
     let upper = g.op_c("mul", &upper, WARPGROUPS.into());
     columns.prefetch(&mut g, &b, &zero64);
-    let state = column_loops(&mut g, Order::ColumnsUpToRow, &q_block, &upper, &initial, |g, j, carried, masked| {
-        let [sk, sv] = columns.stage(g, &b, j, &upper);
-        let mut scores = b.products(g, &sq, &sk, heads.qk);
-        if masked {
-            b.mask(g, &mut scores, j, &q_tile, Order::ColumnsUpToRow);
-        }
-        // Per row: the new maximum score (over the quad's four threads), the correction of
-        // the old sum and output, the probabilities and their sum.
-        let mut alphas = Vec::new();
-        let mut news = Vec::new();
-        let mut shifts = Vec::new();
-        for r in 0..2 {
-            let mut max = carried[o_count + r].clone();
-            for tile in &scores {
-                for e in 0..2 {
-                    max = g.line(format!("llvm.intr.maxnum({max}, {}) : (f32, f32) -> f32", tile[2 * r + e]));
-                }
+    // Key block 0's probabilities (masked: the mask leaves a block below the diagonal as it is).
+    let [sk, _] = columns.stage(&mut g, &b, &zero64, &upper);
+    let mut scores = b.products(&mut g, &sq, &sk, heads.qk);
+    b.mask(&mut g, &mut scores, &zero64, &q_tile, Order::ColumnsUpToRow);
+    let minus_inf = [b.minus_inf.clone(), b.minus_inf.clone()];
+    let zeros = [b.zero.clone(), b.zero.clone()];
+    let (maxima, _, sums) = b.softmax(&mut g, &mut scores, &minus_inf, &zeros);
+    // The key blocks after it, carrying the output accumulators (16 rows × Dv per warp), each
+    // of the thread's two rows' running maximum score and sum, and the last block's
+    // probabilities as the accumulation's A (BF16 pairs, carried as f32 bits).
+    let mut initial = vec![b.zero.clone(); o_count];
+    initial.extend(maxima.into_iter().chain(sums));
+    initial
+        .extend(operands(&mut g, &scores).iter().flatten().map(|x| g.line(format!("llvm.bitcast {x} : i32 to f32"))));
+    let carried_a = |g: &mut Lines, carried: &[String]| -> Vec<[String; 4]> {
+        let bits: Vec<String> =
+            carried[o_count + 4..].iter().map(|x| g.line(format!("llvm.bitcast {x} : f32 to i32"))).collect();
+        bits.chunks(4).map(|c| [c[0].clone(), c[1].clone(), c[2].clone(), c[3].clone()]).collect()
+    };
+    let state =
+        column_loops(&mut g, Order::ColumnsUpToRow, &q_block, [&one64, &upper], &initial, |g, j, carried, masked| {
+            let [sk, sv] = columns.stage(g, &b, j, &upper);
+            // This block's scores, then the last block's probabilities times its V, both issued
+            // before either is awaited: the tensor cores run the accumulation while the
+            // scores become probabilities.
+            let a = carried_a(g, carried);
+            let fenced = fence(g, &[&carried[..o_count], &vec![b.zero.clone(); 32][..]].concat(), &a);
+            let (o, scores) = fenced.split_at(o_count);
+            let scores = issue_products(g, scores.to_vec(), &sq, &sk, heads.qk);
+            commit(g);
+            let o = issue_accumulation(g, o.to_vec(), &a, &sv, heads.v);
+            commit(g);
+            let mut scores: Vec<Vec<String>> = awaited(g, &scores, 1).chunks(4).map(<[String]>::to_vec).collect();
+            if masked {
+                b.mask(g, &mut scores, j, &q_tile, Order::ColumnsUpToRow);
             }
-            let new = quad_reduce(g, &max, Combine::Max);
-            let logit = g.line(format!("llvm.fmul {new}, {} : f32", b.log2_scale));
-            let shift = g.line(format!("llvm.fneg {logit} : f32"));
-            // Old maximum −∞ (no key yet): 2^−∞ = 0.
-            alphas.push(b.exp2_logit(g, &carried[o_count + r], &shift));
-            news.push(new);
-            shifts.push(shift);
-        }
-        for tile in scores.iter_mut() {
-            for (e, x) in tile.iter_mut().enumerate() {
-                *x = b.exp2_logit(g, x, &shifts[e / 2]);
-            }
-        }
-        let mut sums = Vec::new();
-        for (r, alpha) in alphas.iter().enumerate() {
-            let mut sum = g.line(format!("llvm.fmul {}, {alpha} : f32", carried[o_count + 2 + r]));
-            for tile in &scores {
-                for e in 0..2 {
-                    sum = g.line(format!("llvm.fadd {sum}, {} : f32", tile[2 * r + e]));
-                }
-            }
-            sums.push(sum);
-        }
-        let mut o: Vec<String> =
-            (0..o_count).map(|i| g.line(format!("llvm.fmul {}, {} : f32", carried[i], alphas[(i % 4) / 2]))).collect();
-        b.accumulate(g, &mut o, &scores, &sv, heads.v);
-        o.into_iter().chain(news).chain(sums).collect()
-    });
+            let (maxima, alphas, sums) =
+                b.softmax(g, &mut scores, &carried[o_count..o_count + 2], &carried[o_count + 2..o_count + 4]);
+            let o = awaited(g, &o, 0);
+            let o = o.iter().enumerate().map(|(i, x)| g.line(format!("llvm.fmul {x}, {} : f32", alphas[(i % 4) / 2])));
+            let o: Vec<String> = o.collect();
+            let a = operands(g, &scores);
+            let a = a.iter().flatten().map(|x| g.line(format!("llvm.bitcast {x} : i32 to f32")));
+            let a: Vec<String> = a.collect();
+            o.into_iter().chain(maxima).chain(sums).chain(a).collect()
+        });
+    // The last key block's accumulation.
+    let [_, sv] = columns.drain(&mut g, &b, &upper);
+    let a = carried_a(&mut g, &state);
+    let o = fence(&mut g, &state[..o_count], &a);
+    let o = issue_accumulation(&mut g, o, &a, &sv, heads.v);
+    let out = completed(&mut g, &o);
 
     // O / l for the thread's rows and columns; the log-sum-exp from the quad's first thread.
     let ln2 = g.f32(std::f64::consts::LN_2);
     let one = g.f32(1.0);
-    let mut out = state[..o_count].to_vec();
+    let mut out = out;
     for (r, my_row) in b.my_rows.iter().enumerate() {
         let l = quad_reduce(&mut g, &state[o_count + 2 + r], Combine::Add);
         let inverse = g.line(format!("llvm.fdiv {one}, {l} : f32"));
@@ -759,7 +898,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Key | Pass::Value => ("%k", "%v", "%q", "%do"),
     };
     let second = g.op_c("add", &rows, u64::from(WARPGROUPS) * both);
-    let columns = Columns::new(&mut g, heads, [(cols_qk, Layout::Qk), (cols_v, Layout::V)], &b.smem, &second);
+    let columns = Columns::new(&mut g, heads, [(cols_qk, Layout::Qk), (cols_v, Layout::V)], [0, 0], &b.smem, &second);
     b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows, true);
     if pass != Pass::Value {
         b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v, true);
@@ -786,7 +925,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
     columns.prefetch(&mut g, &b, &lower);
     let initial = vec![b.zero.clone(); count];
-    let sums = column_loops(&mut g, order, &row_block, &upper, &initial, |g, j, carried, masked| {
+    let sums = column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
         let c0 = g.op_c("mul", j, TILE_ROWS.into());
         let [s_cols, s_cols_v] = columns.stage(g, &b, j, &upper);
         let t_tile = if layout == Layout::Qk { &s_cols } else { &s_cols_v };
@@ -963,8 +1102,7 @@ mod tests {
     /// scores 64 × 64 from shared memory, the accumulations' A from registers and B N-major),
     /// after the staged tiles are fenced for the tensor cores (the inputs copied as they are
     /// where packed, 16 bytes a store), within a multiprocessor's shared memory, and, where
-    /// `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling (but for the dQ pass's few
-    /// bytes).
+    /// `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling.
     #[test]
     fn the_attention_kernels_lower_to_warpgroup_products_and_assemble() {
         for bf16_inputs in [false, true] {
@@ -974,25 +1112,26 @@ mod tests {
             let lowering = crate::mlir::lower::Lowering::default();
             // Per column block, in each of the two column loops (masked and not): the scores 12
             // products over Dqk, dP 8 over Dv, then P·V, dS·K, dSᵀ·Q or Pᵀ·dO: 4 over the 64
-            // columns, as wide as the tile they read.
+            // columns, as wide as the tile they read. The forward's first key block's scores
+            // come before its loops, its last block's P·V after them.
             let kernels = [
-                (attention_forward("attention", heads), 12, 128),
-                (attention_backward("attention", heads, Pass::Query), 12 + 8, 192),
-                (attention_backward("attention", heads, Pass::Key), 12 + 8, 192),
-                (attention_backward("attention", heads, Pass::Value), 12, 128),
+                (attention_forward("attention", heads), 12 + 2 * 12, 128, 2 * 4 + 4),
+                (attention_backward("attention", heads, Pass::Query), 2 * (12 + 8), 192, 2 * 4),
+                (attention_backward("attention", heads, Pass::Key), 2 * (12 + 8), 192, 2 * 4),
+                (attention_backward("attention", heads, Pass::Value), 2 * 12, 128, 2 * 4),
             ];
-            for (i, (mlir, score_products, width)) in kernels.into_iter().enumerate() {
+            for (i, (mlir, score_products, width, accumulations)) in kernels.into_iter().enumerate() {
                 let ptx = lowering.ptx(&mlir, false).expect("lowers");
-                assert_eq!(ptx.matches(scores).count(), 2 * score_products, "{ptx}");
+                assert_eq!(ptx.matches(scores).count(), score_products, "{ptx}");
                 let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
-                assert_eq!(ptx.matches(&accumulation).count(), 2 * 4, "{ptx}");
+                assert_eq!(ptx.matches(&accumulation).count(), accumulations, "{ptx}");
                 assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
                 assert_eq!(ptx.contains("cp.async.cg.shared.global"), bf16_inputs, "{ptx}");
                 if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
                     let spilled = crate::mlir::ptx::spilled_bytes(&report);
                     eprintln!("bf16 inputs {bf16_inputs}, pass {i}: {spilled} bytes spilled\n{report}");
-                    assert!(i == 1 || spilled == 0, "{report}");
+                    assert_eq!(spilled, 0, "{report}");
                 }
             }
         }
