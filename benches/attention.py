@@ -62,9 +62,10 @@ class Generated:
             kernel = cupy.RawModule(path=path).get_function(name)
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
             # As `Heads::shared_bytes` and `backward_shared_bytes`: each of the two warpgroups' row
-            # tiles and two column blocks' tiles (more than kernels before the double buffer need).
+            # tiles and two column blocks' tiles, and the backward's two blocks' column terms
+            # (2 × 512 bytes; more than earlier kernels need).
             shared = 4 * tile_bytes(self.qk) + 2 * tile_bytes(self.v) if kind == "fwd" else \
-                4 * (tile_bytes(self.qk) + tile_bytes(self.v))
+                4 * (tile_bytes(self.qk) + tile_bytes(self.v)) + 2 * 512
             kernel.max_dynamic_shared_size_bytes = shared
             self.kernels[kind] = (kernel, shared)
         self.backward = all(k in self.kernels for k in ("dq", "dk", "dv"))

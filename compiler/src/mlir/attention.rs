@@ -51,6 +51,9 @@ pub const THREADS: u32 = WARPGROUPS * 128;
 /// Bytes of a staged region: 64 rows of 64 BF16 values (128 bytes each, swizzled).
 const REGION: u64 = TILE_ROWS as u64 * 128;
 
+/// Bytes of a column block's staged terms ([`Columns`]): up to two f32 per column.
+const TERMS_BYTES: u64 = 2 * TILE_ROWS as u64 * 4;
+
 /// The head dimensions: `qk` of queries and keys (MLA: 128 nope + 64 rope), `v` of values;
 /// multiples of 64 (whole swizzled regions); and how queries, keys and values are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,9 +73,9 @@ impl Heads {
     }
 
     /// Dynamic shared memory a backward block needs: each warpgroup's rows' tiles of both
-    /// widths, and two column blocks' ([`Columns`]).
+    /// widths, and two column blocks' tiles and terms ([`Columns`]).
     pub fn backward_shared_bytes(self) -> u32 {
-        ((u64::from(WARPGROUPS) + 2) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))) as u32
+        ((u64::from(WARPGROUPS) + 2) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v)) + 2 * TERMS_BYTES) as u32
     }
 
     /// Dynamic shared memory a forward block needs: each warpgroup's Q tile, and two key
@@ -428,28 +431,81 @@ struct Columns<'a> {
     lags: [u64; 2],
     /// Each buffer's two tiles (shared bytes, i64).
     buffers: [[String; 2]; 2],
+    /// Per-column f32 tensors ([B, H, S]: the key passes' log-sum-exp and D) whose values for
+    /// the block's 64 columns are copied with the untrailing tiles, 256 bytes each, and each
+    /// buffer's place for them ([`TERMS_BYTES`]).
+    terms: Vec<&'a str>,
+    term_buffers: [String; 2],
 }
 
 impl<'a> Columns<'a> {
+    /// The columns' tensors `sources` (each trailing by its lag) in the two buffers at shared
+    /// bytes `first` and `second`, and their `terms`, if any, at `terms_at` (two buffers'
+    /// worth).
     fn new(
         g: &mut Lines,
         heads: Heads,
-        sources: [(&'a str, Layout); 2],
-        lags: [u64; 2],
-        first: &str,
-        second: &str,
+        (sources, lags): ([(&'a str, Layout); 2], [u64; 2]),
+        terms: Vec<&'a str>,
+        [first, second, terms_at]: [&str; 3],
     ) -> Self {
+        assert!(terms.len() as u64 * TILE_ROWS as u64 * 4 <= TERMS_BYTES, "terms fit their buffers");
         let buffers = [first, second].map(|at| [at.to_string(), g.op_c("add", at, Heads::tile_bytes(heads.qk))]);
-        Columns { heads, sources, lags, buffers }
+        let term_buffers = [terms_at.to_string(), g.op_c("add", terms_at, TERMS_BYTES)];
+        Columns { heads, sources, lags, buffers, terms, term_buffers }
+    }
+
+    /// Of the buffer of column block `block` (i64): the place `places` give it.
+    fn select(g: &mut Lines, places: [&String; 2], block: &str) -> String {
+        let parity = g.op_c("and", block, 1);
+        let zero = g.i64(0);
+        let odd = g.line(format!("llvm.icmp \"ne\" {parity}, {zero} : i64"));
+        g.line(format!("llvm.select {odd}, {}, {} : i1, i64", places[1], places[0]))
     }
 
     /// Where tensor `t`'s tile of column block `block` (i64) lies.
     fn buffer(&self, g: &mut Lines, t: usize, block: &str) -> String {
-        let parity = g.op_c("and", block, 1);
-        let zero = g.i64(0);
-        let odd = g.line(format!("llvm.icmp \"ne\" {parity}, {zero} : i64"));
-        let [even, odd_at] = [&self.buffers[0][t], &self.buffers[1][t]];
-        g.line(format!("llvm.select {odd}, {odd_at}, {even} : i1, i64"))
+        Self::select(g, [&self.buffers[0][t], &self.buffers[1][t]], block)
+    }
+
+    /// Where the terms of column block `block` (i64) lie: term k's value of the block's column
+    /// c at byte 256k + 4c.
+    fn terms(&self, g: &mut Lines, block: &str) -> String {
+        Self::select(g, [&self.term_buffers[0], &self.term_buffers[1]], block)
+    }
+
+    /// Copies the terms of column block `block` into its buffer: 16 bytes a thread, 16 threads a
+    /// term.
+    fn copy_terms(&self, g: &mut Lines, b: &Block, block: &str) {
+        if self.terms.is_empty() {
+            return;
+        }
+        let copying = g.op_c("udiv", &b.tid, 16);
+        let count = g.i64(self.terms.len() as u64);
+        let copies = g.line(format!("llvm.icmp \"ult\" {copying}, {count} : i64"));
+        g.stmt(format!("scf.if {copies} {{"));
+        let chunk = g.op_c("urem", &b.tid, 16);
+        let at = self.terms(g, block);
+        let to = g.op_c("mul", &copying, u64::from(TILE_ROWS) * 4);
+        let to = g.op("add", &at, &to);
+        let offset = g.op_c("mul", &chunk, 16);
+        let to = g.op("add", &to, &offset);
+        let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
+        let c0 = g.op_c("mul", block, TILE_ROWS.into());
+        let first = g.op("mul", &b.bh, &b.seq);
+        let first = g.op("add", &first, &c0);
+        let lane = g.op_c("mul", &chunk, 4);
+        let from = g.op("add", &first, &lane);
+        // The term this thread copies: the first unless it is the second's.
+        let source = self.terms.iter().skip(1).fold(self.terms[0].to_string(), |earlier, term| {
+            let one = g.i64(1);
+            let this = g.line(format!("llvm.icmp \"eq\" {copying}, {one} : i64"));
+            g.line(format!("llvm.select {this}, {term}, {earlier} : i1, !llvm.ptr<1>"))
+        });
+        let p = g.line(format!("llvm.getelementptr {source}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+        let from = g.line(format!("llvm.ptrtoint {p} : !llvm.ptr<1> to i64"));
+        g.asm("cp.async.cg.shared.global [$0], [$1], 16;", &[(to, "r", "i32"), (from, "l", "i64")]);
+        g.stmt("}");
     }
 
     fn packed(&self, t: usize) -> bool {
@@ -471,30 +527,31 @@ impl<'a> Columns<'a> {
     }
 
     /// Before the loop starting at block `first`: the asynchronous copies of its untrailing
-    /// packed tiles (with the rows' copies issued before them, one group).
+    /// packed tiles and its terms (with the rows' copies issued before them, one group).
     fn prefetch(&self, g: &mut Lines, b: &Block, first: &str) {
         for t in (0..2).filter(|&t| self.packed(t) && self.lags[t] == 0) {
             self.copy(g, b, t, first);
         }
+        self.copy_terms(g, b, first);
         g.asm("cp.async.commit_group;", &[]);
     }
 
     /// At the start of the loop's block `j` (of blocks below `upper`): once every warpgroup
-    /// has read the last block's tiles, the copies for the next block are issued into their
-    /// buffers, the other tensors' tiles of this block staged, and this block's copies awaited
+    /// has read the last block's tiles, the copies for the next block (and its terms) are
+    /// issued into their buffers, the other tensors' tiles of this block staged, and this block's copies awaited
     /// and fenced for the tensor cores; returns the tiles read at this block.
     fn stage(&self, g: &mut Lines, b: &Block, j: &str, upper: &str) -> [String; 2] {
         g.stmt("gpu.barrier");
-        for t in (0..2).filter(|&t| self.packed(t)) {
-            if self.lags[t] == 0 {
-                let next = g.op_c("add", j, 1);
-                let more = g.line(format!("llvm.icmp \"ult\" {next}, {upper} : i64"));
-                g.stmt(format!("scf.if {more} {{"));
-                self.copy(g, b, t, &next);
-                g.stmt("}");
-            } else {
-                self.copy(g, b, t, j);
-            }
+        let next = g.op_c("add", j, 1);
+        let more = g.line(format!("llvm.icmp \"ult\" {next}, {upper} : i64"));
+        g.stmt(format!("scf.if {more} {{"));
+        for t in (0..2).filter(|&t| self.packed(t) && self.lags[t] == 0) {
+            self.copy(g, b, t, &next);
+        }
+        self.copy_terms(g, b, &next);
+        g.stmt("}");
+        for t in (0..2).filter(|&t| self.packed(t) && self.lags[t] > 0) {
+            self.copy(g, b, t, j);
         }
         g.asm("cp.async.commit_group;", &[]);
         let tiles = [0, 1].map(|t| {
@@ -749,7 +806,8 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let sq = b.own_tile(&mut g, &queries, Heads::tile_bytes(heads.qk));
     let second = g.op_c("add", &queries, u64::from(WARPGROUPS) * Heads::tile_bytes(heads.qk));
     // V trails K by a block: block j's scores are computed beside block j − 1's accumulation.
-    let columns = Columns::new(&mut g, heads, [("%k", Layout::Qk), ("%v", Layout::V)], [0, 1], &b.smem, &second);
+    let sources = ([("%k", Layout::Qk), ("%v", Layout::V)], [0, 1]);
+    let columns = Columns::new(&mut g, heads, sources, Vec::new(), [&b.smem, &second, &second]);
     // The warpgroup's 64 rows of Q, read by the products of every key block.
     b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq, true);
     let o_count = (heads.v / 8 * 4) as usize;
@@ -898,7 +956,15 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Key | Pass::Value => ("%k", "%v", "%q", "%do"),
     };
     let second = g.op_c("add", &rows, u64::from(WARPGROUPS) * both);
-    let columns = Columns::new(&mut g, heads, [(cols_qk, Layout::Qk), (cols_v, Layout::V)], [0, 0], &b.smem, &second);
+    // The key passes' columns are queries: their log-sum-exps and (for dK) D staged with them.
+    let terms = match pass {
+        Pass::Query => vec![],
+        Pass::Key => vec!["%lse", "%delta"],
+        Pass::Value => vec!["%lse"],
+    };
+    let terms_at = g.op_c("add", &second, both);
+    let sources = ([(cols_qk, Layout::Qk), (cols_v, Layout::V)], [0, 0]);
+    let columns = Columns::new(&mut g, heads, sources, terms, [&b.smem, &second, &terms_at]);
     b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows, true);
     if pass != Pass::Value {
         b.stage(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v, true);
@@ -926,24 +992,31 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     columns.prefetch(&mut g, &b, &lower);
     let initial = vec![b.zero.clone(); count];
     let sums = column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
-        let c0 = g.op_c("mul", j, TILE_ROWS.into());
         let [s_cols, s_cols_v] = columns.stage(g, &b, j, &upper);
         let t_tile = if layout == Layout::Qk { &s_cols } else { &s_cols_v };
         let mut p = b.products(g, &s_rows, &s_cols, heads.qk);
-        // The key passes' columns are queries: their log-sum-exps and (for dK) D, per column
-        // 8n + 2t + e, loaded after the scores' products (before them, they stay live across
-        // the products and spill).
+        // The key passes' columns are queries: their log-sum-exps (base 2, negated) and (for
+        // dK) D, per column 8n + 2t + e, read from the staged terms after the scores' products
+        // (before them, they stay live across the products and spill).
         let col_terms: Vec<(String, Option<String>)> = if pass == Pass::Query {
             Vec::new()
         } else {
-            let col = g.op_c("mul", &b.quad_col, 2);
-            (0..16u64)
-                .map(|i| {
-                    let column = g.op_c("add", &col, 8 * (i / 2) + i % 2);
-                    let delta = (pass == Pass::Key).then(|| b.row_value(g, "%delta", &c0, &column));
-                    (b.negated_base2_lse(g, &c0, &column), delta)
-                })
-                .collect()
+            let terms = columns.terms(g, j);
+            let col = g.op_c("mul", &b.quad_col, 8);
+            let at = g.op("add", &terms, &col);
+            let pairs = |g: &mut Lines, term: u64| -> Vec<String> {
+                (0..8u64)
+                    .flat_map(|n| {
+                        let at = g.op_c("add", &at, term * u64::from(TILE_ROWS) * 4 + 32 * n);
+                        shared_pair(g, &at)
+                    })
+                    .collect()
+            };
+            let lse = pairs(g, 0).iter().map(|x| g.line(format!("llvm.fmul {x}, {} : f32", b.minus_log2e))).collect();
+            let lse: Vec<String> = lse;
+            let deltas: Vec<Option<String>> =
+                if pass == Pass::Key { pairs(g, 1).into_iter().map(Some).collect() } else { vec![None; 16] };
+            lse.into_iter().zip(deltas).collect()
         };
         let term = |n: usize, e: usize| -> (&str, Option<&str>) {
             if row_terms.is_empty() {
@@ -1065,6 +1138,16 @@ struct Source<'a> {
     packed: bool,
 }
 
+/// The two f32 at shared byte `at` (i64, 8-byte aligned).
+fn shared_pair(g: &mut Lines, at: &str) -> [String; 2] {
+    let p = g.line(format!("llvm.inttoptr {at} : i64 to !llvm.ptr<3>"));
+    let pair = g.line(format!("llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<3> -> vector<2xf32>"));
+    [0, 1].map(|k| {
+        let k = g.i32(k);
+        g.line(format!("llvm.extractelement {pair}[{k} : i32] : vector<2xf32>"))
+    })
+}
+
 /// Two f32 rounded to BF16 in one word, `low` in the low half.
 fn pack(g: &mut Lines, low: &str, high: &str) -> String {
     g.asm_i32("cvt.rn.bf16x2.f32 $0, $1, $2;", &[(high.to_string(), "f", "f32"), (low.to_string(), "f", "f32")])
@@ -1127,7 +1210,8 @@ mod tests {
                 assert_eq!(ptx.matches(&accumulation).count(), accumulations, "{ptx}");
                 assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
-                assert_eq!(ptx.contains("cp.async.cg.shared.global"), bf16_inputs, "{ptx}");
+                // Copied: packed inputs, and the key passes' terms.
+                assert_eq!(ptx.contains("cp.async.cg.shared.global"), bf16_inputs || i >= 2, "{ptx}");
                 if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
                     let spilled = crate::mlir::ptx::spilled_bytes(&report);
                     eprintln!("bf16 inputs {bf16_inputs}, pass {i}: {spilled} bytes spilled\n{report}");
