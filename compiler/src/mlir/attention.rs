@@ -710,6 +710,97 @@ fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
     awaited(g, d, 0)
 }
 
+/// A walk over the column blocks software-pipelined within each warpgroup (FlashAttention-3's
+/// intra-warpgroup overlap): a block's scores and the last block's probabilities times its
+/// trailing tile (the columns' second tensor, lag 1) are issued together, and the tensor cores
+/// run that accumulation while the scores become probabilities. The forward's walk over keys
+/// and the dV pass's over queries.
+struct Pipelined<'a> {
+    b: &'a Block,
+    columns: &'a Columns<'a>,
+    order: Order,
+    /// The row block (i64) and the warpgroup's tile of it, for the mask.
+    row_block: &'a str,
+    tile: &'a str,
+}
+
+impl Pipelined<'_> {
+    /// Walks column blocks `first..last` (i64): the scores of the rows tile `rows` (K-major,
+    /// `width` wide) with each block's first tile become probabilities by `probabilities` (of
+    /// block j, on the values carried beside the accumulators, `extra`: returns them anew and
+    /// the factors of the accumulators' two rows, if they change), which are accumulated
+    /// (`count` values a thread) with the block's trailing tile. Returns the accumulators and
+    /// the extra values after the last block.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        g: &mut Lines,
+        [first, last]: [&str; 2],
+        (rows, width, count): (&str, u32, usize),
+        extra: Vec<String>,
+        mut probabilities: impl FnMut(&mut Lines, &str, &mut [Vec<String>], &[String]) -> (Vec<String>, Option<[String; 2]>),
+    ) -> (Vec<String>, Vec<String>) {
+        let (b, columns) = (self.b, self.columns);
+        let trailing = columns.sources[1].1;
+        let trailing_width = b.place(trailing, columns.heads).2;
+        columns.prefetch(g, b, first);
+        // The first block's probabilities (masked: the mask leaves a block off the diagonal
+        // as it is).
+        let [s_cols, _] = columns.stage(g, b, first, last);
+        let mut scores = b.products(g, rows, &s_cols, width);
+        b.mask(g, &mut scores, first, self.tile, self.order);
+        let (extra, _) = probabilities(g, first, &mut scores, &extra);
+        let n_extra = extra.len();
+        // Carried: the accumulators, the extra values and the last block's probabilities as the
+        // accumulation's A (BF16 pairs, carried as f32 bits).
+        let mut initial = vec![b.zero.clone(); count];
+        initial.extend(extra);
+        initial.extend(carried_bits(g, &scores));
+        let carried_a = |g: &mut Lines, carried: &[String]| -> Vec<[String; 4]> {
+            let bits: Vec<String> =
+                carried[count + n_extra..].iter().map(|x| g.line(format!("llvm.bitcast {x} : f32 to i32"))).collect();
+            bits.chunks(4).map(|c| [c[0].clone(), c[1].clone(), c[2].clone(), c[3].clone()]).collect()
+        };
+        let second = g.op_c("add", first, 1);
+        let state = column_loops(g, self.order, self.row_block, [&second, last], &initial, |g, j, carried, masked| {
+            let [s_cols, trailing_tile] = columns.stage(g, b, j, last);
+            let a = carried_a(g, carried);
+            let fenced = fence(g, &[&carried[..count], &vec![b.zero.clone(); 32][..]].concat(), &a);
+            let (acc, scores) = fenced.split_at(count);
+            let scores = issue_products(g, scores.to_vec(), rows, &s_cols, width);
+            commit(g);
+            let acc = issue_accumulation(g, acc.to_vec(), &a, &trailing_tile, trailing_width);
+            commit(g);
+            let mut scores: Vec<Vec<String>> = awaited(g, &scores, 1).chunks(4).map(<[String]>::to_vec).collect();
+            if masked {
+                b.mask(g, &mut scores, j, self.tile, self.order);
+            }
+            let (extra, factors) = probabilities(g, j, &mut scores, &carried[count..count + n_extra]);
+            let mut acc = awaited(g, &acc, 0);
+            if let Some(factors) = factors {
+                for (i, x) in acc.iter_mut().enumerate() {
+                    *x = g.line(format!("llvm.fmul {x}, {} : f32", factors[(i % 4) / 2]));
+                }
+            }
+            let a = carried_bits(g, &scores);
+            acc.into_iter().chain(extra).chain(a).collect()
+        });
+        // The last block's accumulation.
+        let [_, trailing_tile] = columns.drain(g, b, last);
+        let a = carried_a(g, &state);
+        let acc = fence(g, &state[..count], &a);
+        let acc = issue_accumulation(g, acc, &a, &trailing_tile, trailing_width);
+        (completed(g, &acc), state[count..count + n_extra].to_vec())
+    }
+}
+
+/// Probabilities `p` as a product's A operands ([`operands`]), in f32 bits to be carried by a
+/// loop.
+fn carried_bits(g: &mut Lines, p: &[Vec<String>]) -> Vec<String> {
+    let a = operands(g, p);
+    a.iter().flatten().map(|x| g.line(format!("llvm.bitcast {x} : i32 to f32"))).collect()
+}
+
 /// The column blocks from `first` to `last` (i64) of row block `row_block` in two `scf.for`
 /// loops carrying the f32 values `initial`: those no row of the block masks, and the block's
 /// own [`WARPGROUPS`] (the warpgroups' diagonals), masked; in `order`'s direction (queries
@@ -812,70 +903,25 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     b.stage(&mut g, "%q", Layout::Qk, heads, &q0, &sq, true);
     let o_count = (heads.v / 8 * 4) as usize;
     let zero64 = g.i64(0);
-    let one64 = g.i64(1);
     // Up to the last warpgroup's diagonal.
     let upper = g.op_c("add", &q_block, 1);
     let upper = g.op_c("mul", &upper, WARPGROUPS.into());
-    columns.prefetch(&mut g, &b, &zero64);
-    // Key block 0's probabilities (masked: the mask leaves a block below the diagonal as it is).
-    let [sk, _] = columns.stage(&mut g, &b, &zero64, &upper);
-    let mut scores = b.products(&mut g, &sq, &sk, heads.qk);
-    b.mask(&mut g, &mut scores, &zero64, &q_tile, Order::ColumnsUpToRow);
-    let minus_inf = [b.minus_inf.clone(), b.minus_inf.clone()];
-    let zeros = [b.zero.clone(), b.zero.clone()];
-    let (maxima, _, sums) = b.softmax(&mut g, &mut scores, &minus_inf, &zeros);
-    // The key blocks after it, carrying the output accumulators (16 rows × Dv per warp), each
-    // of the thread's two rows' running maximum score and sum, and the last block's
-    // probabilities as the accumulation's A (BF16 pairs, carried as f32 bits).
-    let mut initial = vec![b.zero.clone(); o_count];
-    initial.extend(maxima.into_iter().chain(sums));
-    initial
-        .extend(operands(&mut g, &scores).iter().flatten().map(|x| g.line(format!("llvm.bitcast {x} : i32 to f32"))));
-    let carried_a = |g: &mut Lines, carried: &[String]| -> Vec<[String; 4]> {
-        let bits: Vec<String> =
-            carried[o_count + 4..].iter().map(|x| g.line(format!("llvm.bitcast {x} : f32 to i32"))).collect();
-        bits.chunks(4).map(|c| [c[0].clone(), c[1].clone(), c[2].clone(), c[3].clone()]).collect()
-    };
-    let state =
-        column_loops(&mut g, Order::ColumnsUpToRow, &q_block, [&one64, &upper], &initial, |g, j, carried, masked| {
-            let [sk, sv] = columns.stage(g, &b, j, &upper);
-            // This block's scores, then the last block's probabilities times its V, both issued
-            // before either is awaited: the tensor cores run the accumulation while the
-            // scores become probabilities.
-            let a = carried_a(g, carried);
-            let fenced = fence(g, &[&carried[..o_count], &vec![b.zero.clone(); 32][..]].concat(), &a);
-            let (o, scores) = fenced.split_at(o_count);
-            let scores = issue_products(g, scores.to_vec(), &sq, &sk, heads.qk);
-            commit(g);
-            let o = issue_accumulation(g, o.to_vec(), &a, &sv, heads.v);
-            commit(g);
-            let mut scores: Vec<Vec<String>> = awaited(g, &scores, 1).chunks(4).map(<[String]>::to_vec).collect();
-            if masked {
-                b.mask(g, &mut scores, j, &q_tile, Order::ColumnsUpToRow);
-            }
-            let (maxima, alphas, sums) =
-                b.softmax(g, &mut scores, &carried[o_count..o_count + 2], &carried[o_count + 2..o_count + 4]);
-            let o = awaited(g, &o, 0);
-            let o = o.iter().enumerate().map(|(i, x)| g.line(format!("llvm.fmul {x}, {} : f32", alphas[(i % 4) / 2])));
-            let o: Vec<String> = o.collect();
-            let a = operands(g, &scores);
-            let a = a.iter().flatten().map(|x| g.line(format!("llvm.bitcast {x} : i32 to f32")));
-            let a: Vec<String> = a.collect();
-            o.into_iter().chain(maxima).chain(sums).chain(a).collect()
+    // Carried beside the output accumulators (16 rows × Dv per warp): each of the thread's two
+    // rows' running maximum score and sum.
+    let walk = Pipelined { b: &b, columns: &columns, order: Order::ColumnsUpToRow, row_block: &q_block, tile: &q_tile };
+    let initial = [&b.minus_inf, &b.minus_inf, &b.zero, &b.zero].map(String::clone).to_vec();
+    let (out, state) =
+        walk.run(&mut g, [&zero64, &upper], (&sq, heads.qk, o_count), initial, |g, _, scores, carried| {
+            let (maxima, alphas, sums) = b.softmax(g, scores, &carried[..2], &carried[2..]);
+            (maxima.into_iter().chain(sums).collect(), Some(alphas))
         });
-    // The last key block's accumulation.
-    let [_, sv] = columns.drain(&mut g, &b, &upper);
-    let a = carried_a(&mut g, &state);
-    let o = fence(&mut g, &state[..o_count], &a);
-    let o = issue_accumulation(&mut g, o, &a, &sv, heads.v);
-    let out = completed(&mut g, &o);
 
     // O / l for the thread's rows and columns; the log-sum-exp from the quad's first thread.
     let ln2 = g.f32(std::f64::consts::LN_2);
     let one = g.f32(1.0);
     let mut out = out;
     for (r, my_row) in b.my_rows.iter().enumerate() {
-        let l = quad_reduce(&mut g, &state[o_count + 2 + r], Combine::Add);
+        let l = quad_reduce(&mut g, &state[2 + r], Combine::Add);
         let inverse = g.line(format!("llvm.fdiv {one}, {l} : f32"));
         for n in 0..o_count / 4 {
             for e in 0..2 {
@@ -885,8 +931,7 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
         }
         // The row's base-2 logits' maximum plus log₂ of their sum, in natural log.
         let log = g.asm_f32("lg2.approx.ftz.f32 $0, $1;", &[(l, "f", "f32")]);
-        let lse =
-            g.line(format!("llvm.intr.fma({}, {}, {log}) : (f32, f32, f32) -> f32", state[o_count + r], b.log2_scale));
+        let lse = g.line(format!("llvm.intr.fma({}, {}, {log}) : (f32, f32, f32) -> f32", state[r], b.log2_scale));
         let lse = g.line(format!("llvm.fmul {lse}, {ln2} : f32"));
         let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero64} : i64", b.quad_col));
         g.stmt(format!("scf.if {leads} {{"));
