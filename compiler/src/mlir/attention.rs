@@ -26,10 +26,12 @@
 //! double-buffered ([`Columns`]): those stored as packed BF16 are copied for the next column
 //! block by `cp.async` while this block's products run (at MLA's dims a block takes 192 to 255
 //! registers a thread, one block a multiprocessor, so no other block hides the staging); f32
-//! tensors (dO) are staged where they are used. The forward is software-pipelined within each
-//! warpgroup (FlashAttention-3's intra-warpgroup overlap): a key block's scores and the last
-//! block's P·V are issued together, and the tensor cores run that accumulation while the scores
-//! become probabilities (V's tiles trail K's by a block). Not yet: TMA, warp specialisation and
+//! tensors (dO) are staged where they are used. The forward and the dV pass are software-pipelined
+//! within each warpgroup (FlashAttention-3's intra-warpgroup overlap, [`Pipelined`]): a column
+//! block's scores and the last block's P·V (or Pᵀ·dO) are issued together, and the tensor cores
+//! run that accumulation while the scores become probabilities (V's or dO's tiles trail K's or
+//! Q's by a block). The key passes' per-column terms (log-sum-exp, D) are copied into shared
+//! memory with their column block. Not yet: TMA, warp specialisation and
 //! the warpgroups' ping-pong. The staging's thread layout keeps its addresses out of the loops'
 //! live registers.
 
@@ -536,11 +538,12 @@ impl<'a> Columns<'a> {
         g.asm("cp.async.commit_group;", &[]);
     }
 
-    /// At the start of the loop's block `j` (of blocks below `upper`): once every warpgroup
+    /// At the start of block `j` of a walk over blocks `first..upper`: once every warpgroup
     /// has read the last block's tiles, the copies for the next block (and its terms) are
-    /// issued into their buffers, the other tensors' tiles of this block staged, and this block's copies awaited
-    /// and fenced for the tensor cores; returns the tiles read at this block.
-    fn stage(&self, g: &mut Lines, b: &Block, j: &str, upper: &str) -> [String; 2] {
+    /// issued into their buffers, the other tensors' tiles read at this block staged, and this
+    /// block's copies awaited and fenced for the tensor cores; returns the tiles read at this
+    /// block (a trailing tensor's of block j − lag).
+    fn stage(&self, g: &mut Lines, b: &Block, j: &str, [first, upper]: [&str; 2]) -> [String; 2] {
         g.stmt("gpu.barrier");
         let next = g.op_c("add", j, 1);
         let more = g.line(format!("llvm.icmp \"ult\" {next}, {upper} : i64"));
@@ -558,9 +561,9 @@ impl<'a> Columns<'a> {
             let block = g.op_c("sub", j, self.lags[t]);
             let at = self.buffer(g, t, &block);
             if !self.packed(t) {
-                // A trailing tensor has no tile before the loop's first block.
-                let lag = g.i64(self.lags[t]);
-                let exists = g.line(format!("llvm.icmp \"uge\" {j}, {lag} : i64"));
+                // A trailing tensor has no tile before the walk's first block.
+                let earliest = g.op_c("add", first, self.lags[t]);
+                let exists = g.line(format!("llvm.icmp \"uge\" {j}, {earliest} : i64"));
                 g.stmt(format!("scf.if {exists} {{"));
                 self.stage_at(g, b, t, &block, &at);
                 g.stmt("}");
@@ -746,7 +749,7 @@ impl Pipelined<'_> {
         columns.prefetch(g, b, first);
         // The first block's probabilities (masked: the mask leaves a block off the diagonal
         // as it is).
-        let [s_cols, _] = columns.stage(g, b, first, last);
+        let [s_cols, _] = columns.stage(g, b, first, [first, last]);
         let mut scores = b.products(g, rows, &s_cols, width);
         b.mask(g, &mut scores, first, self.tile, self.order);
         let (extra, _) = probabilities(g, first, &mut scores, &extra);
@@ -763,7 +766,7 @@ impl Pipelined<'_> {
         };
         let second = g.op_c("add", first, 1);
         let state = column_loops(g, self.order, self.row_block, [&second, last], &initial, |g, j, carried, masked| {
-            let [s_cols, trailing_tile] = columns.stage(g, b, j, last);
+            let [s_cols, trailing_tile] = columns.stage(g, b, j, [first, last]);
             let a = carried_a(g, carried);
             let fenced = fence(g, &[&carried[..count], &vec![b.zero.clone(); 32][..]].concat(), &a);
             let (acc, scores) = fenced.split_at(count);
@@ -1008,7 +1011,9 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Value => vec!["%lse"],
     };
     let terms_at = g.op_c("add", &second, both);
-    let sources = ([(cols_qk, Layout::Qk), (cols_v, Layout::V)], [0, 0]);
+    // The dV pass's dO trails its Q by a block ([`Pipelined`]).
+    let lags = if pass == Pass::Value { [0, 1] } else { [0, 0] };
+    let sources = ([(cols_qk, Layout::Qk), (cols_v, Layout::V)], lags);
     let columns = Columns::new(&mut g, heads, sources, terms, [&b.smem, &second, &terms_at]);
     b.stage(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows, true);
     if pass != Pass::Value {
@@ -1021,8 +1026,8 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     };
     let width = b.place(layout, heads).2;
     // The query pass's rows: their log-sum-exp (base 2, negated) and D, which it writes.
-    let row_terms: Vec<(String, String)> = if pass == Pass::Query {
-        b.my_rows.iter().map(|row| (b.negated_base2_lse(&mut g, &r0, row), b.delta(&mut g, heads, &r0, row))).collect()
+    let row_terms: Vec<[String; 2]> = if pass == Pass::Query {
+        b.my_rows.iter().map(|row| [b.negated_base2_lse(&mut g, &r0, row), b.delta(&mut g, heads, &r0, row)]).collect()
     } else {
         Vec::new()
     };
@@ -1034,67 +1039,64 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Key | Pass::Value => (Order::ColumnsFromRow, row_block.clone(), b.blocks.clone()),
     };
     let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
-    columns.prefetch(&mut g, &b, &lower);
-    let initial = vec![b.zero.clone(); count];
-    let sums = column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
-        let [s_cols, s_cols_v] = columns.stage(g, &b, j, &upper);
-        let t_tile = if layout == Layout::Qk { &s_cols } else { &s_cols_v };
-        let mut p = b.products(g, &s_rows, &s_cols, heads.qk);
-        // The key passes' columns are queries: their log-sum-exps (base 2, negated) and (for
-        // dK) D, per column 8n + 2t + e, read from the staged terms after the scores' products
-        // (before them, they stay live across the products and spill).
-        let col_terms: Vec<(String, Option<String>)> = if pass == Pass::Query {
-            Vec::new()
-        } else {
-            let terms = columns.terms(g, j);
-            let col = g.op_c("mul", &b.quad_col, 8);
-            let at = g.op("add", &terms, &col);
-            let pairs = |g: &mut Lines, term: u64| -> Vec<String> {
-                (0..8u64)
-                    .flat_map(|n| {
-                        let at = g.op_c("add", &at, term * u64::from(TILE_ROWS) * 4 + 32 * n);
-                        shared_pair(g, &at)
-                    })
-                    .collect()
-            };
-            let lse = pairs(g, 0).iter().map(|x| g.line(format!("llvm.fmul {x}, {} : f32", b.minus_log2e))).collect();
-            let lse: Vec<String> = lse;
-            let deltas: Vec<Option<String>> =
-                if pass == Pass::Key { pairs(g, 1).into_iter().map(Some).collect() } else { vec![None; 16] };
-            lse.into_iter().zip(deltas).collect()
-        };
-        let term = |n: usize, e: usize| -> (&str, Option<&str>) {
-            if row_terms.is_empty() {
-                let (lse, delta) = &col_terms[2 * n + e % 2];
-                (lse, delta.as_deref())
-            } else {
-                let (lse, delta) = &row_terms[e / 2];
-                (lse, Some(delta))
-            }
-        };
-        if masked {
-            b.mask(g, &mut p, j, &tile, order);
-        }
-        for (n, tile) in p.iter_mut().enumerate() {
-            for (e, x) in tile.iter_mut().enumerate() {
-                *x = b.exp2_logit(g, x, term(n, e).0);
-            }
-        }
-        let mut acc = carried.to_vec();
-        if pass != Pass::Value {
-            // dS = P ∘ (dP − D), dP = dO·Vᵀ (query rows) or V·dOᵀ (key rows).
-            let dp = b.products(g, &s_rows_v, &s_cols_v, heads.v);
+    let sums = if pass == Pass::Value {
+        // dV = Σ Pᵀ·dO, pipelined: dO's tiles trail Q's.
+        let walk = Pipelined { b: &b, columns: &columns, order, row_block: &row_block, tile: &tile };
+        let walked = walk.run(&mut g, [&lower, &upper], (&s_rows, heads.qk, count), Vec::new(), |g, j, p, _| {
+            let lse = column_terms(g, &b, &columns, j, 0);
             for (n, tile) in p.iter_mut().enumerate() {
                 for (e, x) in tile.iter_mut().enumerate() {
-                    let delta = term(n, e).1.expect("the dQ and dK passes read D");
-                    let d = g.line(format!("llvm.fsub {}, {delta} : f32", dp[n][e]));
+                    let shift = g.line(format!("llvm.fmul {}, {} : f32", lse[2 * n + e % 2], b.minus_log2e));
+                    *x = b.exp2_logit(g, x, &shift);
+                }
+            }
+            (Vec::new(), None)
+        });
+        walked.0
+    } else {
+        columns.prefetch(&mut g, &b, &lower);
+        let initial = vec![b.zero.clone(); count];
+        column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
+            let [s_cols, s_cols_v] = columns.stage(g, &b, j, [&lower, &upper]);
+            let mut p = b.products(g, &s_rows, &s_cols, heads.qk);
+            // Per value (column 8n + 2t + e of row g or g + 8, at 4n + e): its row's or column's
+            // log-sum-exp (base 2, negated), then D; the key pass's columns' read from the staged
+            // terms after the products that precede their use (before, they stay live across
+            // the products and spill).
+            let per_value = |g: &mut Lines, term: usize, column_terms: &dyn Fn(&mut Lines) -> Vec<String>| {
+                if pass == Pass::Query {
+                    (0..32).map(|i| row_terms[(i % 4) / 2][term].clone()).collect::<Vec<String>>()
+                } else {
+                    let columns = column_terms(g);
+                    (0..32).map(|i| columns[2 * (i / 4) + i % 2].clone()).collect()
+                }
+            };
+            let shifts = per_value(g, 0, &|g| {
+                let lse = column_terms(g, &b, &columns, j, 0);
+                lse.iter().map(|x| g.line(format!("llvm.fmul {x}, {} : f32", b.minus_log2e))).collect()
+            });
+            if masked {
+                b.mask(g, &mut p, j, &tile, order);
+            }
+            for (n, tile) in p.iter_mut().enumerate() {
+                for (e, x) in tile.iter_mut().enumerate() {
+                    *x = b.exp2_logit(g, x, &shifts[4 * n + e]);
+                }
+            }
+            // dS = P ∘ (dP − D), dP = dO·Vᵀ (query rows) or V·dOᵀ (key rows).
+            let dp = b.products(g, &s_rows_v, &s_cols_v, heads.v);
+            let deltas = per_value(g, 1, &|g| column_terms(g, &b, &columns, j, 1));
+            for (n, tile) in p.iter_mut().enumerate() {
+                for (e, x) in tile.iter_mut().enumerate() {
+                    let d = g.line(format!("llvm.fsub {}, {} : f32", dp[n][e], deltas[4 * n + e]));
                     *x = g.line(format!("llvm.fmul {x}, {d} : f32"));
                 }
             }
-        }
-        b.accumulate(g, &mut acc, &p, t_tile, width);
-        acc
-    });
+            let mut acc = carried.to_vec();
+            b.accumulate(g, &mut acc, &p, &s_cols, width);
+            acc
+        })
+    };
     let grad = match pass {
         Pass::Value => None,
         Pass::Query | Pass::Key => Some("%scale"),
@@ -1183,6 +1185,20 @@ struct Source<'a> {
     packed: bool,
 }
 
+/// Staged term `term` ([`Columns`]) of the thread's 16 columns of block `j` (i64), column
+/// 8n + 2t + e at 2n + e.
+fn column_terms(g: &mut Lines, b: &Block, columns: &Columns, j: &str, term: u64) -> Vec<String> {
+    let terms = columns.terms(g, j);
+    let col = g.op_c("mul", &b.quad_col, 8);
+    let at = g.op("add", &terms, &col);
+    (0..8u64)
+        .flat_map(|n| {
+            let at = g.op_c("add", &at, term * u64::from(TILE_ROWS) * 4 + 32 * n);
+            shared_pair(g, &at)
+        })
+        .collect()
+}
+
 /// The two f32 at shared byte `at` (i64, 8-byte aligned).
 fn shared_pair(g: &mut Lines, at: &str) -> [String; 2] {
     let p = g.line(format!("llvm.inttoptr {at} : i64 to !llvm.ptr<3>"));
@@ -1240,13 +1256,14 @@ mod tests {
             let lowering = crate::mlir::lower::Lowering::default();
             // Per column block, in each of the two column loops (masked and not): the scores 12
             // products over Dqk, dP 8 over Dv, then P·V, dS·K, dSᵀ·Q or Pᵀ·dO: 4 over the 64
-            // columns, as wide as the tile they read. The forward's first key block's scores
-            // come before its loops, its last block's P·V after them.
+            // columns, as wide as the tile they read. The pipelined walks' (the forward's and
+            // dV's) first block's scores come before their loops, the last block's
+            // accumulation after them.
             let kernels = [
                 (attention_forward("attention", heads), 12 + 2 * 12, 128, 2 * 4 + 4),
                 (attention_backward("attention", heads, Pass::Query), 2 * (12 + 8), 192, 2 * 4),
                 (attention_backward("attention", heads, Pass::Key), 2 * (12 + 8), 192, 2 * 4),
-                (attention_backward("attention", heads, Pass::Value), 2 * 12, 128, 2 * 4),
+                (attention_backward("attention", heads, Pass::Value), 12 + 2 * 12, 128, 2 * 4 + 4),
             ];
             for (i, (mlir, score_products, width, accumulations)) in kernels.into_iter().enumerate() {
                 let ptx = lowering.ptx(&mlir, false).expect("lowers");
