@@ -450,10 +450,11 @@ impl Resident<f32> for Held {
 /// steps at a constant learning rate of 3e-4 with the step's calls in CUDA graphs (captured at
 /// the second step, replayed at the third), and twice launched kernel by kernel, from one
 /// seed: the graphs of the gradient function (first micro-batch and the other) and of the
-/// optimizer are replayed, and every step's loss and gradient norm and the parameters after the
-/// third agree with the first eager run as closely as the two eager runs agree (4× their
-/// difference, at least 1e-6 relative: kernels that add with atomics may sum in another
-/// order). The routing biases are held still (γ = 0): their sign updates would turn those
+/// optimizer are replayed, and every step's loss and gradient norm agree with the first eager
+/// run as closely as the two eager runs agree at any step (4× their largest difference over the
+/// steps, at least 1e-6 relative: kernels that add with atomics may sum in another order, the
+/// last bits grow step by step, and one pair of runs at one step samples their spread poorly),
+/// the parameters after the third step as closely as the eager runs' (4×, per tensor). The routing biases are held still (γ = 0): their sign updates would turn those
 /// last bits into whole steps of γ (the tiny plans' steps check them against the CPU).
 #[test]
 fn the_step_replayed_from_cuda_graphs_trains_as_launched_kernels() {
@@ -482,6 +483,11 @@ fn the_step_replayed_from_cuda_graphs_trains_as_launched_kernels() {
     assert_eq!(graphed.2.graphs, 3, "the step's three graphs were not replayed once each: {:?}", graphed.2);
     assert_eq!(eager.2.graphs, 0, "an eager executor replayed graphs");
     let relative = |a: f64, b: f64| (a - b).abs() / b.abs();
+    let spread = |of: fn(&StepMetrics) -> f64| {
+        let largest = eager.0.iter().zip(&again.0).map(|(e, a)| relative(of(a), of(e))).fold(0.0, f64::max);
+        1e-6f64.max(4.0 * largest)
+    };
+    let (loss_bound, norm_bound) = (spread(|m| m.loss), spread(|m| m.grad_norm));
     for (step, ((g, e), a)) in graphed.0.iter().zip(&eager.0).zip(&again.0).enumerate() {
         eprintln!(
             "step {}: loss graphs {:.9} eager {:.9} again {:.9}; grad norm graphs {:.9} eager {:.9} again {:.9}",
@@ -494,9 +500,9 @@ fn the_step_replayed_from_cuda_graphs_trains_as_launched_kernels() {
             a.grad_norm
         );
         assert!(!g.skipped && !e.skipped && !a.skipped, "step {} skipped", step + 1);
-        for (what, g, e, a) in [("loss", g.loss, e.loss, a.loss), ("grad norm", g.grad_norm, e.grad_norm, a.grad_norm)]
+        for (what, g, e, bound) in
+            [("loss", g.loss, e.loss, loss_bound), ("grad norm", g.grad_norm, e.grad_norm, norm_bound)]
         {
-            let bound = 1e-6f64.max(4.0 * relative(a, e));
             assert!(
                 relative(g, e) <= bound,
                 "step {}: {what} with graphs {g}, eager {e} (bound {bound:.1e})",
