@@ -32,9 +32,9 @@
 //! run that accumulation while the scores become probabilities (V's or dO's tiles trail K's or
 //! Q's by a block); the forward's outputs and sums are rescaled only when a row's maximum moves
 //! by more than [`LAZY_MAXIMUM`] (FlashAttention-4's lazy rescaling). The key passes'
-//! per-column terms (log-sum-exp, D) are copied into shared memory with their column block. Not yet: TMA, warp specialisation and
-//! the warpgroups' ping-pong. The staging's thread layout keeps its addresses out of the loops'
-//! live registers.
+//! per-column terms (log-sum-exp, D) are copied into shared memory with their column block.
+//! Not yet: TMA, warp specialisation and the warpgroups' ping-pong. The staging's thread layout
+//! keeps its addresses out of the loops' live registers.
 
 use super::ptx::{Lines, Loop};
 use crate::fuse::kernels::base;
