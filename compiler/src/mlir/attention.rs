@@ -17,22 +17,21 @@
 //! tile times a column tile, both K-major, 64 × 64 per warpgroup) are turned into probabilities,
 //! each one fused multiply-add of the score by the scale times log₂e and the row's shift and one
 //! `ex2` (`Block::exp2_logit`; the shift from the forward's running maximum, or the saved
-//! log-sum-exp), masked (`Block::mask`) only in the loop over the row block's own diagonal
-//! column blocks (`column_loops`: the others, unmasked, in a loop of their own); their product
-//! with a tile read along its rows
-//! (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the instruction's transposed B)
-//! is added to the accumulators, P or dS rounded to BF16 as the A operand straight from the score
-//! registers (a warp's rows of the accumulator are its rows of A). The column tiles are
-//! double-buffered ([`Columns`]): those stored as packed BF16 are copied for the next column
-//! block by `cp.async` while this block's products run (at MLA's dims a block takes 192 to 255
-//! registers a thread, one block a multiprocessor, so no other block hides the staging); f32
-//! tensors (dO) are staged where they are used. The forward and the dV pass are software-pipelined
-//! within each warpgroup (FlashAttention-3's intra-warpgroup overlap, [`Pipelined`]): a column
-//! block's scores and the last block's P·V (or Pᵀ·dO) are issued together, and the tensor cores
-//! run that accumulation while the scores become probabilities (V's or dO's tiles trail K's or
-//! Q's by a block); the forward's outputs and sums are rescaled only when a row's maximum moves
-//! by more than [`LAZY_MAXIMUM`] (FlashAttention-4's lazy rescaling). The key passes'
-//! per-column terms (log-sum-exp, D) are copied into shared memory with their column block.
+//! log-sum-exp), masked (`Block::mask`) only in the loop over the row block's own diagonal column
+//! blocks (`column_loops`: the others, unmasked, in a loop of their own); their product with a tile
+//! read along its rows (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the
+//! instruction's transposed B) is added to the accumulators, P or dS rounded to BF16 as the A
+//! operand straight from the score registers (a warp's rows of the accumulator are its rows of A).
+//! The column tiles are double-buffered ([`Columns`]): those stored as packed BF16 are copied for
+//! the next column block by `cp.async` while this block's products run (at MLA's dims a block takes
+//! 192 to 255 registers a thread, one block a multiprocessor, so no other block hides the staging);
+//! f32 tensors (dO) are staged where they are used. The forward and the dV pass are
+//! software-pipelined within each warpgroup (FlashAttention-3's intra-warpgroup overlap,
+//! [`Pipelined`]): a column block's scores and the last block's P·V (or Pᵀ·dO) are issued together,
+//! and the tensor cores run that accumulation while the scores become probabilities (V's or dO's
+//! tiles trail K's or Q's by a block); the forward's outputs and sums are rescaled only when a
+//! row's maximum moves by more than [`LAZY_MAXIMUM`] (FlashAttention-4's lazy rescaling). The key
+//! passes' per-column terms (log-sum-exp, D) are copied into shared memory with their column block.
 //! Not yet: TMA, warp specialisation and the warpgroups' ping-pong. The staging's thread layout
 //! keeps its addresses out of the loops' live registers.
 
