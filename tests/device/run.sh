@@ -32,7 +32,9 @@
 #             also in $OUT/gemm.jsonl, then issue 9's table of them (benches/gemm_table.py)
 #   attention the generated fused attention (target/attention/*.ptx) checked against float64
 #             and timed beside PyTorch's SDPA, every backend it has (benches/attention.py; under
-#             a minute), the results also in $OUT/attention.jsonl
+#             a minute), the results also in $OUT/attention.jsonl; with ATTENTION="DIR ..." in
+#             the environment, each folder's kernels in turn (e.g. a branch's PTX beside main's,
+#             written by kernel_ptx), the results in $OUT/<folder's name>.jsonl
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 #   ncu N     Nsight Compute's counters (speed of light, pipes, memory, warp stalls) for the
@@ -114,7 +116,10 @@ while [ $# -gt 0 ]; do
       python3 benches/gemm_table.py "$OUT/gemm.jsonl"
       ;;
     attention)
-      python3 benches/attention.py target/attention/*.ptx --out "$OUT/attention.jsonl" 2>&1 | grep -v Warning
+      for dir in ${ATTENTION:-target/attention}; do
+        echo "== $dir"
+        python3 benches/attention.py "$dir"/*.ptx --out "$OUT/$(basename "$dir").jsonl" 2>&1 | grep -v Warning
+      done
       ;;
     train)
       resume=()
