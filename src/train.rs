@@ -312,16 +312,13 @@ struct Launching {
 
 impl Launching {
     /// Why training off the GPU refuses these flags, where one of them is given.
-    fn off_the_gpu(self) -> Option<&'static str> {
-        match self {
-            Launching { profile: true, .. } => {
-                Some("`--profile` times the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)")
-            }
-            Launching { graphs: false, .. } => Some(
-                "`--no-cuda-graphs` is for the GPU's kernels: train a plan on the GPU (`--plan DIR --backend cuda`)",
-            ),
-            _ => None,
-        }
+    fn off_the_gpu(self) -> Option<String> {
+        let flag = match self {
+            Launching { profile: true, .. } => "`--profile` times the GPU's kernels",
+            Launching { graphs: false, .. } => "`--no-cuda-graphs` is for the GPU's kernels",
+            _ => return None,
+        };
+        Some(format!("{flag}: train a plan on the GPU (`--plan DIR --backend cuda`)"))
     }
 }
 

@@ -1,23 +1,22 @@
 //! Whole plan functions on the GPU: [`Executor::run`] takes a function's arguments on the host,
 //! runs its steps in plan order in one arena per call (placed by [`crate::memory`]), and returns
 //! its outputs on the host. A function reads its arguments where they are (the training state in
-//! place, its caller's buffers, host values uploaded for the call, or written into buffers kept
-//! for them: the step's host inputs, [`Executor::staged`], and a callee's constant arguments;
-//! [`super::places`]), and the optimizer writes the results that replace them over them where
-//! that is safe ([`memory::in_place`]). The steps are the function's nodes in order: an
-//! argument is bound to its place, a constant table written into its buffer, a call runs the
-//! callee in an arena of its own
-//! (its kernels writing its results into the caller's part buffers, results it does not compute
-//! copied there, or added into the state's gradient sums: [`memory::delivered`]), and a kernel
-//! runs at its first node (a quantisation of a weight already made this step is read where
-//! [`super::weights`] keeps it instead): generated kernels from their
-//! PTX, library GEMMs on cuBLAS and cuBLASLt ([`gemm`]), attention on the fused kernels
-//! ([`super::attention`]; a plan expands any attention they do not take), and what none covers (FP8
-//! GEMMs outside 128-element groups; an expert-parallel stage's all-to-alls, through the
-//! [`Exchange`] it was given) on the host through the CPU reference's own op, its inputs
-//! downloaded (FP8 buffers decoded) and its outputs uploaded. Values the plan packs as bf16 (Adam's
-//! moments under the policy) are converted where they cross to and from the host. A function's
-//! arena is kept for its next call. [`Counts`] says how many kernels took each path.
+//! place, its caller's buffers, host values uploaded for the call, or written into buffers kept for
+//! them: the step's host inputs, [`Executor::staged`], and a callee's constant arguments;
+//! [`super::places`]), and the optimizer writes the results that replace them over them where that
+//! is safe ([`memory::in_place`]). The steps are the function's nodes in order: an argument is
+//! bound to its place, a constant table written into its buffer, a call runs the callee in an arena
+//! of its own (its kernels writing its results into the caller's part buffers, results it does not
+//! compute copied there, or added into the state's gradient sums: [`memory::delivered`]), and a
+//! kernel runs at its first node (a quantisation of a weight already made this step is read where
+//! [`super::weights`] keeps it instead): generated kernels from their PTX, library GEMMs on cuBLAS
+//! and cuBLASLt ([`gemm`]), attention on the fused kernels ([`super::attention`]; a plan expands
+//! any attention they do not take), and what none covers (FP8 GEMMs outside 128-element groups; an
+//! expert-parallel stage's all-to-alls, through the [`Exchange`] it was given) on the host through
+//! the CPU reference's own op, its inputs downloaded (FP8 buffers decoded) and its outputs
+//! uploaded. Values the plan packs as bf16 (Adam's moments under the policy) are converted where
+//! they cross to and from the host. A function's arena is kept for its next call. [`Counts`] says
+//! how many kernels took each path.
 
 use super::attention::FusedAttention;
 use super::generated::GeneratedGemms;
