@@ -18,7 +18,11 @@ through TMA tensor maps (made here with the driver's cuTensorMapEncodeTiled). Th
 the experts' offsets read on the device) run on uneven experts against float64, then on issue
 9's grouped shapes beside cuBLASLt called once per expert.
 
-Usage (GPU machine): python3 benches/fp8_gemm.py [--generated PTX...]
+With `--profile N,K` it only launches each kernel once on that shape (M = 4096: cuBLASLt's
+F32-output product, then each generated kernel), between cudaProfilerStart and Stop, for
+Nsight Compute (`ncu --profile-from-start off`; `tests/device/run.sh ncu` with RUN=gemm).
+
+Usage (GPU machine): python3 benches/fp8_gemm.py [--generated PTX...] [--profile N,K]
 """
 import argparse
 import itertools
@@ -276,9 +280,9 @@ def timed(f):
     return statistics.median(samples)
 
 
-def bench(accepted, generated, m=4096):
+def bench(accepted, generated, shapes=SHAPES, profiled=False, m=4096):
     a_mn_major, w_n_contiguous, passed = accepted
-    for n, k in SHAPES:
+    for n, k in shapes:
         x = torch.randn(m, k, device="cuda")
         w = torch.randn(n, k, device="cuda")
         qa, sa = quantize(x, 1, 128)
@@ -286,6 +290,18 @@ def bench(accepted, generated, m=4096):
         qw = qw[:n]
         scale_a, scale_w = strided(sa, a_mn_major), strided(sw, w_n_contiguous)
         sb = scale_w if passed.startswith("scale_w [") else scale_w.t()
+        if profiled:
+            launches = [lambda: call(qa, qw.t(), scale_a, sb, torch.float32)]
+            launches += [g.prepare(qa, sa, qw, sw)[1] for g in generated if g.fits(m, n, k)]
+            for launch in launches:
+                launch()
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+            for launch in launches:
+                launch()
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            continue
         baseline = {}
         for out_dtype in (torch.bfloat16, torch.float32):
             try:
@@ -317,8 +333,15 @@ def bench(accepted, generated, m=4096):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--generated", nargs="*", default=[], metavar="PTX")
-    generated = [Generated(path) for path in ap.parse_args().generated]
+    ap.add_argument("--profile", metavar="N,K", help="launch each kernel once on this shape, for ncu")
+    args = ap.parse_args()
+    generated = [Generated(path) for path in args.generated]
     print(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}))
+    if args.profile:
+        accepted = probe()
+        if accepted:
+            bench(accepted, generated, [tuple(map(int, args.profile.split(",")))], profiled=True)
+        raise SystemExit(0 if accepted else 1)
     check_generated(generated)
     accepted = probe()
     if accepted:

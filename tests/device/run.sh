@@ -29,7 +29,8 @@
 #             dsc-bf16-seedS.jsonl: a third file for `--gap`, the gap's noise floor
 #   gemm      the generated FP8 GEMMs (target/gemm/*.ptx) checked against float64 and timed
 #             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute), the results
-#             also in $OUT/gemm.jsonl, then issue 9's table of them (benches/gemm_table.py)
+#             also in $OUT/gemm.jsonl, then issue 9's table of them (benches/gemm_table.py); with
+#             GEMM="DIR ...", each folder's kernels in turn, into $OUT/<folder's name>.jsonl
 #   attention the generated fused attention (target/attention/*.ptx) checked against float64
 #             and timed beside PyTorch's SDPA, every backend it has (benches/attention.py; under
 #             a minute), the results also in $OUT/attention.jsonl; with ATTENTION="DIR ..." in
@@ -37,10 +38,12 @@
 #             written by kernel_ptx), the results in $OUT/<folder's name>.jsonl
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
-#   ncu N     Nsight Compute's counters (speed of light, pipes, memory, warp stalls) for the
-#             first N launches (default 1) of the kernels whose names match the regex $KERNELS,
-#             in `dsc tune target/plan-bench` (the generated GEMMs) or, with RUN=train, in the
-#             bench model's first step: $OUT/ncu-$NAME.txt (NAME defaults to RUN)
+#   ncu N     Nsight Compute's counters (speed of light, pipes, memory, warp stalls, where the
+#             warps stall most) for the first N launches (default 1) of the kernels whose names
+#             match the regex $KERNELS, in `dsc tune target/plan-bench` (the generated GEMMs);
+#             with RUN=train, in the bench model's first step; with RUN=gemm, in
+#             benches/fp8_gemm.py --profile $SHAPE (default 7168,16384: cuBLASLt's product and
+#             target/gemm's kernels on issue 9's shape): $OUT/ncu-$NAME.txt (NAME defaults to RUN)
 #   dp N      issue 8's data parallelism: the bench model N steps (default 20) on one GPU, then
 #             on two as two processes with ZeRO-1 (torchrun), the same global batch: losses
 #             side by side, the scaling of tokens/s (benches/data_parallel.py; a kind with two
@@ -112,8 +115,11 @@ while [ $# -gt 0 ]; do
         --metrics "$OUT/dsc-$stage${SEED:+-seed$SEED}.jsonl" 2>&1 | tail -n 20
       ;;
     gemm)
-      python3 benches/fp8_gemm.py --generated target/gemm/*.ptx | tee "$OUT/gemm.jsonl" | grep -v '"probe"'
-      python3 benches/gemm_table.py "$OUT/gemm.jsonl"
+      for dir in ${GEMM:-target/gemm}; do
+        echo "== $dir"
+        python3 benches/fp8_gemm.py --generated "$dir"/*.ptx | tee "$OUT/$(basename "$dir").jsonl" | grep -v '"probe"'
+        python3 benches/gemm_table.py "$OUT/$(basename "$dir").jsonl"
+      done
       ;;
     attention)
       for dir in ${ATTENTION:-target/attention}; do
@@ -130,10 +136,16 @@ while [ $# -gt 0 ]; do
       ;;
     ncu)
       run=(target/gpu/dsc tune target/plan-bench --repeats 1)
+      from=on
       [ "${RUN:-tune}" = train ] && run=(target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 1)
-      ncu --clock-control none -k "regex:${KERNELS:?ncu needs KERNELS, a regex of kernel names}" -c "${n:-1}" \
+      if [ "${RUN:-tune}" = gemm ]; then
+        run=(python3 benches/fp8_gemm.py --generated target/gemm/*.ptx --profile "${SHAPE:-7168,16384}")
+        from=off
+      fi
+      ncu --clock-control none --profile-from-start "$from" -k "regex:${KERNELS:?ncu needs KERNELS, a regex of kernel names}" -c "${n:-1}" \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+        --section SourceCounters \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$' \
         "${run[@]}" > "$OUT/ncu-${NAME:-${RUN:-tune}}.txt" 2>&1
       grep -E '^  [a-z_0-9]+.*\(|Duration|Throughput|Pipe|Issue Slots|Warp Cycles|Stall|Registers|Achieved Occupancy' \
