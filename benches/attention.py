@@ -63,14 +63,29 @@ class Generated:
             name = os.path.splitext(os.path.basename(path))[0]
             kernel = cupy.RawModule(path=path).get_function(name)
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
-            # As `Heads::shared_bytes` and `backward_shared_bytes`: each of the two warpgroups' row
-            # tiles and two column blocks' tiles, and the backward's two blocks' column terms
-            # (2 × 512 bytes; more than earlier kernels need).
-            shared = 4 * tile_bytes(self.qk) + 2 * tile_bytes(self.v) if kind == "fwd" else \
-                4 * (tile_bytes(self.qk) + tile_bytes(self.v)) + 2 * 512
+            shared = self.forward_shared() if kind == "fwd" else self.backward_shared()
             kernel.max_dynamic_shared_size_bytes = shared
             self.kernels[kind] = (kernel, shared)
         self.backward = all(k in self.kernels for k in ("dq", "dk", "dv"))
+
+    def columns(self, qk_packed, v_packed, terms):
+        """Shared bytes of a kernel's column tensors (`attention::Columns::bytes`): a packed
+        tensor's two tiles, an f32 tensor's one and its raw buffer (as wide in f32), and two
+        blocks' terms (512 bytes each) where it has any."""
+        tiles = lambda width, packed: (2 if packed else 3) * tile_bytes(width)
+        return tiles(self.qk, qk_packed) + tiles(self.v, v_packed) + (2 * 512 if terms else 0)
+
+    def forward_shared(self):
+        """As `Heads::shared_bytes`: each warpgroup's Q tile, then K's and V's columns (earlier
+        kernels need no more)."""
+        return 2 * tile_bytes(self.qk) + self.columns(self.packed, self.packed, False)
+
+    def backward_shared(self):
+        """As `Heads::backward_shared_bytes`: each warpgroup's row tiles of both widths, then
+        the most of the passes' columns (K and V; Q and the f32 dO with their terms; earlier
+        kernels need no more)."""
+        rows = 2 * (tile_bytes(self.qk) + tile_bytes(self.v))
+        return rows + max(self.columns(self.packed, self.packed, False), self.columns(self.packed, False, True))
 
     def launch(self, kind, grid, args):
         kernel, shared = self.kernels[kind]
