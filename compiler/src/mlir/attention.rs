@@ -22,10 +22,10 @@
 //! read along its rows (`Block::accumulate`: P·V, dS·K, dSᵀ·Q, Pᵀ·dO; the tile N-major, the
 //! instruction's transposed B) is added to the accumulators, P or dS rounded to BF16 as the A
 //! operand straight from the score registers (a warp's rows of the accumulator are its rows of A).
-//! The column tiles are double-buffered ([`Columns`]): those stored as packed BF16 are copied for
-//! the next column block by `cp.async` while this block's products run (at MLA's dims a block takes
-//! 192 to 255 registers a thread, one block a multiprocessor, so no other block hides the staging);
-//! f32 tensors (dO) are staged where they are used. The forward and the dV pass are
+//! The column tiles are fetched for the next column block by `cp.async` while this block's
+//! products run ([`Columns`]; at MLA's dims a block takes 192 to 255 registers a thread, one block
+//! a multiprocessor, so no other block hides the staging): packed BF16 into a second tile, f32
+//! tensors (the backward's dO) as they are into a raw buffer, rounded into their tile where read. The forward and the dV pass are
 //! software-pipelined within each warpgroup (FlashAttention-3's intra-warpgroup overlap,
 //! [`Pipelined`]): a column block's scores and the last block's P·V (or Pᵀ·dO) are issued together,
 //! and the tensor cores run that accumulation while the scores become probabilities (V's or dO's
