@@ -1184,7 +1184,14 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         let initial = vec![b.zero.clone(); count];
         column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
             let [s_cols, s_cols_v] = columns.stage(g, &b, j, [&lower, &upper]);
-            let mut p = b.products(g, &s_rows, &s_cols, heads.qk);
+            // The scores' and dP's products issued together (dP = dO·Vᵀ for query rows, V·dOᵀ
+            // for key rows): the tensor cores run dP's while the scores become probabilities.
+            let fenced = g.asm_f32s("wgmma.fence.sync.aligned;", &vec![b.zero.clone(); 64], &[]);
+            let scores = issue_products(g, fenced[..32].to_vec(), &s_rows, &s_cols, heads.qk);
+            commit(g);
+            let dp = issue_products(g, fenced[32..].to_vec(), &s_rows_v, &s_cols_v, heads.v);
+            commit(g);
+            let mut p: Vec<Vec<String>> = awaited(g, &scores, 1).chunks(4).map(<[String]>::to_vec).collect();
             // Per value (column 8n + 2t + e of row g or g + 8, at 4n + e): its row's or column's
             // log-sum-exp (base 2, negated), then D; the key pass's columns' read from the staged
             // terms after the products that precede their use (before, they stay live across
@@ -1209,8 +1216,8 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
                     *x = b.exp2_logit(g, x, &shifts[4 * n + e]);
                 }
             }
-            // dS = P ∘ (dP − D), dP = dO·Vᵀ (query rows) or V·dOᵀ (key rows).
-            let dp = b.products(g, &s_rows_v, &s_cols_v, heads.v);
+            // dS = P ∘ (dP − D).
+            let dp: Vec<Vec<String>> = awaited(g, &dp, 0).chunks(4).map(<[String]>::to_vec).collect();
             let deltas = per_value(g, 1, &|g| column_terms(g, &b, &columns, j, 1));
             for (n, tile) in p.iter_mut().enumerate() {
                 for (e, x) in tile.iter_mut().enumerate() {
@@ -1455,13 +1462,9 @@ mod tests {
                 if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
                     let spilled = crate::mlir::ptx::spilled_bytes(&report);
                     eprintln!("bf16 inputs {bf16_inputs}, pass {i}: {spilled} bytes spilled\n{report}");
-                    // At the 255-register cap the dK pass parks a few values outside its loops
-                    // (packed inputs: 12 bytes). The f32 inputs (a test plans' policy) spill more.
-                    let allowed = match (bf16_inputs, i) {
-                        (true, 2) => 16,
-                        (true, _) => 0,
-                        (false, _) => 512,
-                    };
+                    // The f32 inputs (a test plans' policy) spill in the query and key passes,
+                    // their column tiles' raw buffers costing addresses.
+                    let allowed = if bf16_inputs { 0 } else { 512 };
                     assert!(spilled <= allowed, "{report}");
                 }
             }
