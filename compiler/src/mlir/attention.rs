@@ -25,13 +25,15 @@
 //! The column tiles are fetched for the next column block by `cp.async` while this block's
 //! products run ([`Columns`]; at MLA's dims a block takes 192 to 255 registers a thread, one block
 //! a multiprocessor, so no other block hides the staging): packed BF16 into a second tile, f32
-//! tensors (the backward's dO) as they are into a raw buffer, rounded into their tile where read. The forward and the dV pass are
-//! software-pipelined within each warpgroup (FlashAttention-3's intra-warpgroup overlap,
-//! [`Pipelined`]): a column block's scores and the last block's P·V (or Pᵀ·dO) are issued together,
-//! and the tensor cores run that accumulation while the scores become probabilities (V's or dO's
-//! tiles trail K's or Q's by a block); the forward's outputs and sums are rescaled only when a
-//! row's maximum moves by more than [`LAZY_MAXIMUM`] (FlashAttention-4's lazy rescaling). The key
-//! passes' per-column terms (log-sum-exp, D) are copied into shared memory with their column block.
+//! tensors (the backward's dO) as they are into a raw buffer, rounded into their tile where read.
+//! The forward and the dV pass are software-pipelined within each warpgroup (FlashAttention-3's
+//! intra-warpgroup overlap, [`Pipelined`]): a column block's scores and the last block's P·V (or
+//! Pᵀ·dO) are issued together, and the tensor cores run that accumulation while the scores become
+//! probabilities (V's or dO's tiles trail K's or Q's by a block); the query and key passes issue
+//! the scores' and dP's products together, dP's running while the scores become probabilities.
+//! The forward's outputs and sums are rescaled only when a row's maximum moves by more than
+//! [`LAZY_MAXIMUM`] (FlashAttention-4's lazy rescaling). The key passes' per-column terms
+//! (log-sum-exp, D) are copied into shared memory with their column block.
 //! Not yet: TMA, warp specialisation and the warpgroups' ping-pong. The staging's thread layout
 //! keeps its addresses out of the loops' live registers.
 
@@ -213,10 +215,11 @@ impl Block {
     /// The element offset of the head's first row of a tensor of `layout`, between its rows,
     /// and its width.
     fn place(&self, layout: Layout, heads: Heads) -> (&str, &str, u32) {
-        match layout {
-            Layout::Qk => (&self.qk_at, &self.qk_row, layout.width(heads)),
-            Layout::V => (&self.v_at, &self.v_row, layout.width(heads)),
-        }
+        let (first, row) = match layout {
+            Layout::Qk => (&self.qk_at, &self.qk_row),
+            Layout::V => (&self.v_at, &self.v_row),
+        };
+        (first, row, layout.width(heads))
     }
 
     /// Stages the 64 rows from `row0` of tensor `src` (of `layout`) at byte `at` of shared
