@@ -31,11 +31,9 @@
 //! Pᵀ·dO) are issued together, and the tensor cores run that accumulation while the scores become
 //! probabilities (V's or dO's tiles trail K's or Q's by a block); the query and key passes issue
 //! the scores' and dP's products together, dP's running while the scores become probabilities.
-//! The forward's outputs and sums are rescaled only when a row's maximum moves by more than
-//! [`LAZY_MAXIMUM`] (FlashAttention-4's lazy rescaling). The key passes' per-column terms
-//! (log-sum-exp, D) are copied into shared memory with their column block.
-//! Not yet: TMA, warp specialisation and the warpgroups' ping-pong. The staging's thread layout
-//! keeps its addresses out of the loops' live registers.
+//! The key passes' per-column terms (log-sum-exp, D) are copied into shared memory with their
+//! column block. Not yet: TMA, warp specialisation and the warpgroups' ping-pong. The staging's
+//! thread layout keeps its addresses out of the loops' live registers.
 
 use super::ptx::{Lines, Loop};
 use crate::fuse::kernels::base;
@@ -268,23 +266,17 @@ impl Block {
     }
 
     /// The forward's online softmax of one column block: `scores` become their probabilities
-    /// against the rows' reference maxima, which move only where the block's maximum score
-    /// (over the quad's four threads) passes the old `maxima` by more than [`LAZY_MAXIMUM`]
-    /// in base-2 logits (FlashAttention-4's lazy rescaling: a probability is then at most
-    /// 2^LAZY_MAXIMUM, and the outputs and sums are corrected only when a maximum moves). Returns
-    /// the reference maxima, the corrections of the old sums and outputs (2 to the old
-    /// maximum's logit minus the new's, 0 where the old is −∞, no key yet; 1 where it stays)
-    /// with whether any row of the warp moved, and the new sums (the old `sums` corrected plus
-    /// the probabilities), each per thread's row.
+    /// against the rows' new maximum scores (over the quad's four threads, from the old
+    /// `maxima`); returns those maxima, the corrections of the old sums and outputs (2 to the
+    /// old maximum's logit minus the new's: 0 where the old is −∞, no key yet) and the new
+    /// sums (the old `sums` corrected plus the probabilities), each per thread's row.
     fn softmax(
         &self,
         g: &mut Lines,
         scores: &mut [Vec<String>],
         maxima: &[String],
         sums: &[String],
-    ) -> ([String; 2], Rescale, [String; 2]) {
-        let lazy = g.f32(LAZY_MAXIMUM);
-        let one = g.f32(1.0);
+    ) -> ([String; 2], [String; 2], [String; 2]) {
         let mut row = |r: usize| {
             let mut max = maxima[r].clone();
             for tile in scores.iter() {
@@ -292,26 +284,13 @@ impl Block {
                     max = g.line(format!("llvm.intr.maxnum({max}, {}) : (f32, f32) -> f32", tile[2 * r + e]));
                 }
             }
-            let seen = quad_reduce(g, &max, Combine::Max);
-            let rise = g.line(format!("llvm.fsub {seen}, {} : f32", maxima[r]));
-            let rise = g.line(format!("llvm.fmul {rise}, {} : f32", self.log2_scale));
-            let moves = g.line(format!("llvm.fcmp \"ogt\" {rise}, {lazy} : f32"));
-            let new = g.line(format!("llvm.select {moves}, {seen}, {} : i1, f32", maxima[r]));
+            let new = quad_reduce(g, &max, Combine::Max);
             let logit = g.line(format!("llvm.fmul {new}, {} : f32", self.log2_scale));
             let shift = g.line(format!("llvm.fneg {logit} : f32"));
             let alpha = self.exp2_logit(g, &maxima[r], &shift);
-            let alpha = g.line(format!("llvm.select {moves}, {alpha}, {one} : i1, f32"));
-            (new, shift, alpha, moves)
+            (new, shift, alpha)
         };
         let rows = [row(0), row(1)];
-        let moved = g.line(format!("llvm.or {}, {} : i1", rows[0].3, rows[1].3));
-        let moved = g.line(format!("llvm.zext {moved} : i1 to i32"));
-        let any = g.asm_i32(
-            r"{\0A.reg .pred p;\0Asetp.ne.b32 p, $1, 0;\0Avote.sync.any.pred p, p, -1;\0Aselp.u32 $0, 1, 0, p;\0A}",
-            &[(moved, "r", "i32")],
-        );
-        let zero = g.i32(0);
-        let any = g.line(format!("llvm.icmp \"ne\" {any}, {zero} : i32"));
         for tile in scores.iter_mut() {
             for (e, x) in tile.iter_mut().enumerate() {
                 *x = self.exp2_logit(g, x, &rows[e / 2].1);
@@ -326,8 +305,8 @@ impl Block {
             }
             sum
         });
-        let [(m0, _, a0, _), (m1, _, a1, _)] = rows;
-        ([m0, m1], Rescale { factors: [a0, a1], any }, new_sums)
+        let [(m0, _, a0), (m1, _, a1)] = rows;
+        ([m0, m1], [a0, a1], new_sums)
     }
 
     /// `scores` (of column block `j` and the rows of tile `tile`) set to −∞ where `keep` drops
@@ -825,37 +804,6 @@ fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
     awaited(g, d, 0)
 }
 
-/// How far (in base-2 logits) a row's maximum score may pass its reference maximum before the
-/// forward moves it ([`Block::softmax`]): probabilities up to 2⁸, well within BF16 and f32.
-const LAZY_MAXIMUM: f64 = 8.0;
-
-/// The accumulators' correction after a column block: per row of the thread (`factors`), and
-/// whether any row of the warp has one other than 1 (`any`, i1: else the multiplications are
-/// skipped, the warp taking one branch).
-struct Rescale {
-    factors: [String; 2],
-    any: String,
-}
-
-impl Rescale {
-    /// `acc` (4 values per 8 columns: the thread's two rows, two each) corrected.
-    fn apply(&self, g: &mut Lines, acc: Vec<String>) -> Vec<String> {
-        let types = vec!["f32"; acc.len()].join(", ");
-        let results = g.fresh();
-        g.stmt(format!("{results}:{} = scf.if {} -> ({types}) {{", acc.len(), self.any));
-        let scaled: Vec<String> = acc
-            .iter()
-            .enumerate()
-            .map(|(i, x)| g.line(format!("llvm.fmul {x}, {} : f32", self.factors[(i % 4) / 2])))
-            .collect();
-        g.stmt(format!("scf.yield {} : {types}", scaled.join(", ")));
-        g.stmt("} else {");
-        g.stmt(format!("scf.yield {} : {types}", acc.join(", ")));
-        g.stmt("}");
-        (0..acc.len()).map(|i| format!("{results}#{i}")).collect()
-    }
-}
-
 /// A walk over the column blocks software-pipelined within each warpgroup (FlashAttention-3's
 /// intra-warpgroup overlap): a block's scores and the last block's probabilities times its
 /// trailing tile (the columns' second tensor, lag 1) are issued together, and the tensor cores
@@ -884,7 +832,7 @@ impl Pipelined<'_> {
         [first, last]: [&str; 2],
         (rows, width, count): (&str, u32, usize),
         extra: Vec<String>,
-        mut probabilities: impl FnMut(&mut Lines, &str, &mut [Vec<String>], &[String]) -> (Vec<String>, Option<Rescale>),
+        mut probabilities: impl FnMut(&mut Lines, &str, &mut [Vec<String>], &[String]) -> (Vec<String>, Option<[String; 2]>),
     ) -> (Vec<String>, Vec<String>) {
         let (b, columns) = (self.b, self.columns);
         let trailing = columns.sources[1].1;
@@ -921,12 +869,13 @@ impl Pipelined<'_> {
             if masked {
                 b.mask(g, &mut scores, j, self.tile, self.order);
             }
-            let (extra, rescale) = probabilities(g, j, &mut scores, &carried[count..count + n_extra]);
-            let acc = awaited(g, &acc, 0);
-            let acc = match rescale {
-                Some(rescale) => rescale.apply(g, acc),
-                None => acc,
-            };
+            let (extra, factors) = probabilities(g, j, &mut scores, &carried[count..count + n_extra]);
+            let mut acc = awaited(g, &acc, 0);
+            if let Some(factors) = factors {
+                for (i, x) in acc.iter_mut().enumerate() {
+                    *x = g.line(format!("llvm.fmul {x}, {} : f32", factors[(i % 4) / 2]));
+                }
+            }
             let a = carried_bits(g, &scores);
             acc.into_iter().chain(extra).chain(a).collect()
         });
@@ -1055,8 +1004,8 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let initial = [&b.minus_inf, &b.minus_inf, &b.zero, &b.zero].map(String::clone).to_vec();
     let (out, state) =
         walk.run(&mut g, [&zero64, &upper], (&sq, heads.qk, o_count), initial, |g, _, scores, carried| {
-            let (maxima, rescale, sums) = b.softmax(g, scores, &carried[..2], &carried[2..]);
-            (maxima.into_iter().chain(sums).collect(), Some(rescale))
+            let (maxima, alphas, sums) = b.softmax(g, scores, &carried[..2], &carried[2..]);
+            (maxima.into_iter().chain(sums).collect(), Some(alphas))
         });
 
     // O / l for the thread's rows and columns; the log-sum-exp from the quad's first thread.
