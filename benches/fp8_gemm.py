@@ -280,28 +280,39 @@ def timed(f):
     return statistics.median(samples)
 
 
-def bench(accepted, generated, shapes=SHAPES, profiled=False, m=4096):
+def operands(accepted, n, k, m):
+    """Random A [m, k] and B [n, k] quantised: (qa, sa, qw, sw) as the generated kernels take
+    them and the scales (A's, B's) as `scaled_mm` takes them in the accepted layout."""
     a_mn_major, w_n_contiguous, passed = accepted
-    for n, k in shapes:
-        x = torch.randn(m, k, device="cuda")
-        w = torch.randn(n, k, device="cuda")
-        qa, sa = quantize(x, 1, 128)
-        qw, sw = quantize(w, 128, 128) if n % 128 == 0 else quantize(torch.nn.functional.pad(w, (0, 0, 0, -n % 128)), 128, 128)
-        qw = qw[:n]
-        scale_a, scale_w = strided(sa, a_mn_major), strided(sw, w_n_contiguous)
-        sb = scale_w if passed.startswith("scale_w [") else scale_w.t()
-        if profiled:
-            launches = [lambda: call(qa, qw.t(), scale_a, sb, torch.float32)]
-            launches += [g.prepare(qa, sa, qw, sw)[1] for g in generated if g.fits(m, n, k)]
-            for launch in launches:
-                launch()
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-            for launch in launches:
-                launch()
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
-            continue
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda")
+    qa, sa = quantize(x, 1, 128)
+    qw, sw = quantize(w, 128, 128) if n % 128 == 0 else quantize(torch.nn.functional.pad(w, (0, 0, 0, -n % 128)), 128, 128)
+    qw = qw[:n]
+    scale_a, scale_w = strided(sa, a_mn_major), strided(sw, w_n_contiguous)
+    sb = scale_w if passed.startswith("scale_w [") else scale_w.t()
+    return (qa, sa, qw, sw), (scale_a, sb)
+
+
+def profile(accepted, generated, n, k, m=4096):
+    """cuBLASLt's F32-output product and each fitting generated kernel on one shape, each run
+    once to warm up, then once between cudaProfilerStart and Stop."""
+    (qa, sa, qw, sw), (scale_a, sb) = operands(accepted, n, k, m)
+    launches = [lambda: call(qa, qw.t(), scale_a, sb, torch.float32)]
+    launches += [g.prepare(qa, sa, qw, sw)[1] for g in generated if g.fits(m, n, k)]
+    for launch in launches:
+        launch()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for launch in launches:
+        launch()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+def bench(accepted, generated, m=4096):
+    for n, k in SHAPES:
+        (qa, sa, qw, sw), (scale_a, sb) = operands(accepted, n, k, m)
         baseline = {}
         for out_dtype in (torch.bfloat16, torch.float32):
             try:
@@ -337,13 +348,13 @@ if __name__ == "__main__":
     args = ap.parse_args()
     generated = [Generated(path) for path in args.generated]
     print(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}))
-    if args.profile:
-        accepted = probe()
-        if accepted:
-            bench(accepted, generated, [tuple(map(int, args.profile.split(",")))], profiled=True)
-        raise SystemExit(0 if accepted else 1)
-    check_generated(generated)
+    if not args.profile:
+        check_generated(generated)
     accepted = probe()
-    if accepted:
+    if args.profile:
+        if not accepted:
+            raise SystemExit(1)
+        profile(accepted, generated, *map(int, args.profile.split(",")))
+    elif accepted:
         bench(accepted, generated)
         bench_grouped(accepted, generated)

@@ -135,13 +135,12 @@ while [ $# -gt 0 ]; do
         --metrics "$OUT/train.jsonl" 2>&1 | tail -n 20
       ;;
     ncu)
-      run=(target/gpu/dsc tune target/plan-bench --repeats 1)
-      from=on
-      [ "${RUN:-tune}" = train ] && run=(target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 1)
-      if [ "${RUN:-tune}" = gemm ]; then
-        run=(python3 benches/fp8_gemm.py --generated target/gemm/*.ptx --profile "${SHAPE:-7168,16384}")
-        from=off
-      fi
+      # What runs under ncu, and whether profiling starts with it or where the run asks for it.
+      case "${RUN:-tune}" in
+        train) run=(target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 1) from=on ;;
+        gemm) run=(python3 benches/fp8_gemm.py --generated target/gemm/*.ptx --profile "${SHAPE:-7168,16384}") from=off ;;
+        *) run=(target/gpu/dsc tune target/plan-bench --repeats 1) from=on ;;
+      esac
       ncu --clock-control none --profile-from-start "$from" -k "regex:${KERNELS:?ncu needs KERNELS, a regex of kernel names}" -c "${n:-1}" \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
