@@ -87,6 +87,8 @@ impl Tile {
         let fits = matches!(m, 64 | 128)
             && matches!(cluster, 1 | 2)
             && matches!(n, 16 | 32 | 64 | 128 | 192)
+            // The dense form's stores alternate between two buffers, an even number a tile.
+            && (form != Form::Dense || n.is_multiple_of(64))
             && (2..=8).contains(&stages)
             && self.shared_bytes(form) <= 227 << 10;
         if fits {
@@ -94,8 +96,9 @@ impl Tile {
         } else {
             Err(format!(
                 "tile {m}x{n} in {stages} stages, clusters of {cluster}: m is 64 or 128, n 16, 32, 64, 128 or 192 \
-                 (its columns in at most two 128x128 weight-scale blocks), 2 to 8 stages of 128 x (m + n) bytes \
-                 (and the Wgrad's m + n scales) within 227 KB, clusters of 1 or 2 blocks"
+                 (its columns in at most two 128x128 weight-scale blocks; dense: 64, 128 or 192), 2 to 8 stages of \
+                 128 x (m + n) bytes (and the Wgrad's m + n scales, the dense form's buffers of C) within 227 KB, \
+                 clusters of 1 or 2 blocks"
             ))
         }
     }
