@@ -103,8 +103,9 @@ def rel(y, ref):
 def tensor_map(t, box_rows, box_columns=128):
     """A `CUtensorMap` on the GPU (128 bytes, 64-aligned) for t (row-major [..., columns], all
     leading dimensions as rows): an E4M3 operand as a 2-D u8 tensor (what
-    `compiler::mlir::gemm::TensorMap` says a launch passes), or the dense form's f32 output;
-    box box_columns x box_rows elements, 128-byte swizzle, zeros out of bounds."""
+    `compiler::mlir::gemm::TensorMap` says a launch passes), or the dense form's f32 output as
+    a 3-D tensor of one layer (what `compiler::mlir::gemm::fp8_gemm` says); box box_columns x
+    box_rows elements (x 1 layer), 128-byte swizzle, zeros out of bounds."""
     import ctypes
     columns = t.shape[-1]
     rows = t.numel() // columns
@@ -112,10 +113,13 @@ def tensor_map(t, box_rows, box_columns=128):
     raw = (ctypes.c_uint8 * 192)()
     at = ctypes.addressof(raw) + (-ctypes.addressof(raw)) % 64
     driver = ctypes.CDLL("libcuda.so.1")
-    kind = 7 if t.dtype == torch.float32 else 0  # CU_TENSOR_MAP_DATA_TYPE_FLOAT32 or _UINT8
+    output = t.dtype == torch.float32
+    kind, rank = (7, 3) if output else (0, 2)  # CU_TENSOR_MAP_DATA_TYPE_FLOAT32 or _UINT8
+    size = t.element_size()
     result = driver.cuTensorMapEncodeTiled(
-        ctypes.c_void_p(at), kind, 2, ctypes.c_void_p(t.data_ptr()), (u64 * 2)(columns, rows),
-        (u64 * 1)(columns * t.element_size()), (u32 * 2)(box_columns, box_rows), (u32 * 2)(1, 1), 0, 3, 2, 0)
+        ctypes.c_void_p(at), kind, rank, ctypes.c_void_p(t.data_ptr()), (u64 * 3)(columns, rows, 1),
+        (u64 * 2)(columns * size, rows * columns * size), (u32 * 3)(box_columns, box_rows, 1), (u32 * 3)(1, 1, 1),
+        0, 3, 2, 0)
     assert result == 0, f"cuTensorMapEncodeTiled: CUresult {result}"
     return torch.tensor(list(ctypes.string_at(at, 128)), dtype=torch.uint8, device="cuda")
 

@@ -28,15 +28,15 @@
 //! consumer warp releases the stage in both (their `empty` barriers count the pair's warps).
 //! The grouped form may sum a second product over its own K into C (`Form::Grouped`); and a
 //! launch may ask any form to add its products to what C holds (`accumulate`: a gradient
-//! summed over micro-batches where it lies) instead of storing over it. The dense form's C
-//! leaves through shared memory ([`Stores`]): a consumer writes 32 columns of its rows into a
-//! buffer swizzled as C's tensor map's box, and one TMA copy stores them (or adds them to C,
-//! `cp.reduce.async.bulk`) while it fills its other buffer and goes on to its next tile (ncu,
-//! session 34: the store-bound shapes' memory pipes were 86–90% busy with the consumers' own
-//! 8-byte stores, DRAM at 60–64%). The experts' forms store from registers: an expert's last
-//! tile may end inside the box's rows, where the next expert's rows lie, and the Wgrad's C
-//! is per expert. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR 22's NVVM
-//! ops for them need the struct plumbing this gives directly).
+//! summed over micro-batches where it lies) instead of storing over it. The dense and Wgrad
+//! forms' C leaves through shared memory ([`Stores`]): a consumer writes 32 columns of its rows
+//! into a buffer swizzled as C's tensor map's box, and one TMA copy stores them (or adds them
+//! to C, `cp.reduce.async.bulk`, where the consumer loaded C before) while it fills its other
+//! buffer and goes on to its next tile (ncu, session 34: the store-bound shapes' memory pipes
+//! were 86–90% busy with the consumers' own 8-byte stores, DRAM at 60–64%). The grouped form
+//! stores from registers: an expert's last tile may end inside a box's rows, where the next
+//! expert's rows lie. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR 22's
+//! NVVM ops for them need the struct plumbing this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
 //! a multiple of n times the cluster's blocks; Dense: a multiple of 4, C's rows 16-byte
 //! aligned for its tensor map).
@@ -53,8 +53,8 @@ pub const MAX_EXPERTS: u32 = 256;
 pub const TILE_K: u32 = 128;
 /// Bytes between 8-row groups of a swizzled tile (the descriptors' stride offset).
 const ROW_GROUP: u64 = 8 * TILE_K as u64;
-/// Columns of C (f32) per TMA store of the dense form: one 128-byte swizzled row of its box,
-/// [`TILE_M`] rows (C's tensor map: see [`fp8_gemm`]).
+/// Columns of C (f32) per TMA store of the dense and Wgrad forms: one 128-byte swizzled row
+/// of its box, [`TILE_M`] rows (C's tensor map: see [`fp8_gemm`]).
 pub const STORE_COLUMNS: u32 = 32;
 const STORE_BYTES: u32 = TILE_M * STORE_COLUMNS * 4;
 /// Registers a thread keeps when the producer warpgroup gives its own to two consumers. They
@@ -87,8 +87,9 @@ impl Tile {
         let fits = matches!(m, 64 | 128)
             && matches!(cluster, 1 | 2)
             && matches!(n, 16 | 32 | 64 | 128 | 192)
-            // The dense form's stores alternate between two buffers, an even number a tile.
-            && (form != Form::Dense || n.is_multiple_of(64))
+            // The stores through shared memory (the dense and Wgrad forms') alternate between two
+            // buffers, an even number a tile.
+            && (form == Form::Grouped || n.is_multiple_of(64))
             && (2..=8).contains(&stages)
             && self.shared_bytes(form) <= 227 << 10;
         if fits {
@@ -96,9 +97,9 @@ impl Tile {
         } else {
             Err(format!(
                 "tile {m}x{n} in {stages} stages, clusters of {cluster}: m is 64 or 128, n 16, 32, 64, 128 or 192 \
-                 (its columns in at most two 128x128 weight-scale blocks; dense: 64, 128 or 192), 2 to 8 stages of \
-                 128 x (m + n) bytes (and the Wgrad's m + n scales, the dense form's buffers of C) within 227 KB, \
-                 clusters of 1 or 2 blocks"
+                 (its columns in at most two 128x128 weight-scale blocks; but for the grouped form a multiple of \
+                 64), 2 to 8 stages of 128 x (m + n) bytes (the Wgrad's with m + n scales) within 227 KB with, but \
+                 for the grouped form, two 8 KB buffers of C per 64 rows, clusters of 1 or 2 blocks"
             ))
         }
     }
@@ -130,11 +131,11 @@ impl Tile {
         }
     }
 
-    /// Bytes of the dense form's buffers of C on its way out: two [`STORE_BYTES`] a consumer
-    /// (one filled while the other's TMA store reads it). The experts' forms store from
-    /// registers (see the module doc).
+    /// Bytes of the buffers of C on its way out: two [`STORE_BYTES`] a consumer (one filled
+    /// while the other's TMA store reads it). The grouped form stores from registers (see the
+    /// module doc).
     fn store_bytes(self, form: Form) -> u32 {
-        if form == Form::Dense {
+        if form != Form::Grouped {
             self.consumers() * 2 * STORE_BYTES
         } else {
             0
@@ -191,7 +192,8 @@ pub fn candidates(form: Form) -> &'static [Tile] {
         Tile { m, n, stages, cluster: 1 }
     }
     const GROUPED: [Tile; 4] = [tile(128, 128, 4), tile(128, 192, 4), tile(128, 128, 6), tile(128, 64, 8)];
-    const WGRAD: [Tile; 4] = [tile(128, 128, 4), tile(128, 128, 6), tile(128, 64, 8), tile(64, 128, 6)];
+    // With its buffers of C, the Wgrad's 128-row tiles take a stage fewer than the experts'.
+    const WGRAD: [Tile; 4] = [tile(128, 128, 4), tile(128, 128, 5), tile(128, 64, 7), tile(64, 128, 6)];
     const DENSE: [Tile; 3] = [tile(128, 192, 4), tile(128, 128, 4), tile(128, 64, 8)];
     match form {
         Form::Grouped => &GROUPED,
@@ -206,9 +208,10 @@ pub fn candidates(form: Form) -> &'static [Tile] {
 /// `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
 /// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K and
 /// `accumulate` (u32: non-zero adds the products to C's values instead of storing over them).
-/// The dense form takes C ([M, N] f32, row-major) as a tensor map too, in place of its
-/// pointer: the address of a `CUtensorMap` of C as a 2-D f32 tensor (N innermost), a box of
-/// [`STORE_COLUMNS`] × [`TILE_M`], 128-byte swizzle (the consumers' [`Stores`]).
+/// The dense and Wgrad forms take C (f32, row-major [M, N], the Wgrad's one per expert) as a
+/// tensor map too, in place of its pointer: the address of a `CUtensorMap` of C as a 3-D f32
+/// tensor (N innermost, then M, then the experts; one for the dense form), a box of
+/// [`STORE_COLUMNS`] × [`TILE_M`] × 1, 128-byte swizzle (the consumers' [`Stores`]).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check(form).expect("a valid tile");
     let Tile { m: tile_m, n: tile_n, stages, cluster } = tile;
@@ -244,8 +247,8 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         g.op("add", &smem_at, &at)
     };
     // The stage's scales (Wgrad): A's rows', then B's columns'.
-    // The dense form's buffers of C, after the stages (1,024-byte aligned: their swizzle
-    // follows the address bits as the stages' does).
+    // The buffers of C, after the stages (1,024-byte aligned: their swizzle follows the
+    // address bits as the stages' does).
     let stores_base = g.op_c("add", &smem_at, u64::from(stages) * stage_bytes);
     let scales_base = g.op_c("add", &stores_base, tile.store_bytes(form).into());
     let scales_at = |g: &mut Lines, stage: &str| {
@@ -399,7 +402,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let lane_col = g.op_c("urem", &lane, 4);
     let col = g.op_c("mul", &lane_col, 2);
     let lane_leads = g.line(format!("llvm.icmp \"eq\" {lane}, {zero64} : i64"));
-    let stores = (form == Form::Dense).then(|| Stores {
+    let stores = (form != Form::Grouped).then(|| Stores {
         base: stores_base.clone(),
         group: group.clone(),
         in_group: in_group.clone(),
@@ -413,7 +416,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let layout = super::ptx::swizzled_layout(&mut g, 16, ROW_GROUP);
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
     each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
-        let Setup { n0, m0, valid, segments, c, .. } = at;
+        let Setup { n0, m0, valid, segments, layer, .. } = at;
         let mut passed = done.to_string();
         for (later, segment) in segments.iter().enumerate().map(|(s, segment)| (s > 0, segment)) {
             let Segment { sa, sb, k_from, k_blocks, .. } = segment;
@@ -616,8 +619,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             ));
             g.stmt("}");
             if let Some(stores) = &stores {
-                stores.store(g, &sums, registers, (&m0, &n0), &c, &accumulating);
+                stores.store(g, &sums, registers, [&n0, &m0, &layer], &accumulating);
             } else {
+                let c = "%c";
                 // Each of this thread's two rows, if the block has it (an expert's last block may not).
                 let c_col = g.op("add", &n0, &col);
                 for (half, row) in [&row0, &row1].into_iter().enumerate() {
@@ -733,11 +737,12 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     )
 }
 
-/// The dense form's way out for C: a consumer's 64 rows of a tile, [`STORE_COLUMNS`] columns
-/// at a time, written into one of its two shared buffers as C's tensor map's box lies there
-/// (64 rows of 128 bytes, 128-byte swizzle: row r's 16-byte chunks permuted by r mod 8), then
-/// stored by one TMA copy (or added to C's values, where the launch accumulates), which reads
-/// the buffer while the consumer fills the other and goes on to its next tile.
+/// The dense and Wgrad forms' way out for C: a consumer's 64 rows of a tile,
+/// [`STORE_COLUMNS`] columns at a time, written into one of its two shared buffers as C's
+/// tensor map's box lies there (64 rows of 128 bytes, 128-byte swizzle: row r's 16-byte chunks
+/// permuted by r mod 8), then stored by one TMA copy (or added to C's values, where the launch
+/// accumulates), which reads the buffer while the consumer fills the other and goes on to its
+/// next tile.
 struct Stores {
     /// The block's buffers of C (i64, a shared address), two per consumer.
     base: String,
@@ -778,19 +783,12 @@ impl Stores {
 
     /// The tile's `sums` (the accumulators' `registers` values: register i holds row
     /// 8((i/2) mod 2) + the thread's first, column 8(i/4) + 2(l mod 4) + i mod 2) stored at
-    /// C's row and column `(m0, n0)` through the tensor map at `map`, or added where
-    /// `accumulating` (i1).
-    fn store(
-        &self,
-        g: &mut Lines,
-        sums: &str,
-        registers: usize,
-        (m0, n0): (&str, &str),
-        map: &str,
-        accumulating: &str,
-    ) {
+    /// the tile's column, row and layer of C (`[n0, m0, layer]`, i64) through C's tensor map,
+    /// or added where `accumulating` (i1).
+    fn store(&self, g: &mut Lines, sums: &str, registers: usize, [n0, m0, layer]: [&str; 3], accumulating: &str) {
         let per_store = STORE_COLUMNS as usize / 2;
-        let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
+        let map = g.line("llvm.ptrtoint %c : !llvm.ptr<1> to i64");
+        let layer = g.line(format!("llvm.trunc {layer} : i64 to i32"));
         let first_row = g.op_c("mul", &self.group, TILE_M.into());
         let row = g.op("add", m0, &first_row);
         let row = g.line(format!("llvm.trunc {row} : i64 to i32"));
@@ -824,15 +822,20 @@ impl Stores {
             let column = g.op_c("add", n0, (store as u64) * u64::from(STORE_COLUMNS));
             let column = g.line(format!("llvm.trunc {column} : i64 to i32"));
             let from = g.line(format!("llvm.trunc {buffer} : i64 to i32"));
-            let operands =
-                [(map.clone(), "l", "i64"), (column, "r", "i32"), (row.clone(), "r", "i32"), (from, "r", "i32")];
+            let operands = [
+                (map.clone(), "l", "i64"),
+                (column, "r", "i32"),
+                (row.clone(), "r", "i32"),
+                (layer.clone(), "r", "i32"),
+                (from, "r", "i32"),
+            ];
             g.stmt(format!("scf.if {accumulating} {{"));
             g.asm(
-                "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [$0, {$1, $2}], [$3];",
+                "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [$0, {$1, $2, $3}], [$4];",
                 &operands,
             );
             g.stmt("} else {");
-            g.asm("cp.async.bulk.tensor.2d.global.shared::cta.tile.bulk_group [$0, {$1, $2}], [$3];", &operands);
+            g.asm("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [$0, {$1, $2, $3}], [$4];", &operands);
             g.stmt("}");
             g.asm("cp.async.bulk.commit_group;", &[]);
             g.stmt("}");
@@ -895,15 +898,15 @@ pub enum Form {
 }
 
 /// Where a block's operands are: its first row of A and C (`m0`) and how many it has
-/// (`valid`), its first row of B (in B's tensor maps), the segments of K it sums, and C
-/// (pointer).
+/// (`valid`), its first row of B (in B's tensor maps), the segments of K it sums, and C's
+/// layer (i64: the Wgrad's expert, in C's tensor map; 0).
 struct Setup {
     n0: String,
     m0: String,
     valid: String,
     b_row: String,
     segments: Vec<Segment>,
-    c: String,
+    layer: String,
 }
 
 /// A pair of operands a block multiplies over K: their tensor maps and scales (pointers; B's at
@@ -1004,7 +1007,7 @@ fn each_tile(
 
 /// The operands of tile (`bx`, `by`) (and expert `expert` of a Wgrad).
 fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str, expert: Option<&str>) -> Setup {
-    let Dims { m, n, k, expert_tiles } = dims;
+    let Dims { n, k, expert_tiles, .. } = dims;
     let n0 = g.op_c("mul", bx, tile.n.into());
     let all_rows = g.i64(tile.m.into());
     let whole = g.op_c("udiv", k, TILE_K.into());
@@ -1014,7 +1017,7 @@ fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str,
             let m0 = g.op_c("mul", by, tile.m.into());
             let b_row = n0.clone();
             let segments = vec![Segment::first("%sb".into(), k_from, whole)];
-            Setup { n0, m0, valid: all_rows, b_row, segments, c: "%c".into() }
+            Setup { n0, m0, valid: all_rows, b_row, segments, layer: g.i64(0) }
         }
         (Form::Grouped, _) => {
             let (expert, m0, valid, active) = expert_rows(g, expert_tiles, by, tile.m);
@@ -1048,19 +1051,16 @@ fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str,
                 k_blocks: k_blocks2,
             };
             let segments = vec![Segment::first(sb, k_from, k_blocks), second];
-            Setup { n0, m0, valid, b_row, segments, c: "%c".into() }
+            Setup { n0, m0, valid, b_row, segments, layer: g.i64(0) }
         }
         (Form::Wgrad, expert) => {
             let expert = expert.expect("a Wgrad tile has its expert");
             let (k_from, tokens) = expert_tokens(g, expert_tiles, expert);
             let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
             let m0 = g.op_c("mul", by, tile.m.into());
-            let out = g.op("mul", m, n);
-            let out_at = g.op("mul", expert, &out);
-            let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
             let b_row = n0.clone();
             let segments = vec![Segment::first("%sb".into(), k_from, k_blocks)];
-            Setup { n0, m0, valid: all_rows, b_row, segments, c }
+            Setup { n0, m0, valid: all_rows, b_row, segments, layer: expert.to_string() }
         }
     }
 }
@@ -1175,7 +1175,7 @@ mod tests {
 
     /// The kernels (every form, and the tiles the plans carry) lower through MLIR's pipeline to
     /// PTX with Hopper's FP8 `wgmma` fed by TMA through mbarriers (registers handed to two
-    /// consumers; the Wgrad's scales copied with the stages; the dense form's C stored by TMA),
+    /// consumers; the Wgrad's scales copied with the stages; the dense and Wgrad forms' C stored by TMA),
     /// and, where `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling registers, but
     /// for the 128×192 tiles.
     #[test]
@@ -1201,10 +1201,10 @@ mod tests {
             assert_eq!(ptx.matches(&wgmma).count(), 4 * segments, "{ptx}");
             let loads = ptx.matches("cp.async.bulk.tensor.2d.shared::cluster.global").count();
             assert_eq!(loads, 2 * segments, "A and B by TMA: {ptx}");
-            // The dense form's C by TMA, stored or added, from shared memory.
-            let stores = if form == Form::Dense { n as usize / STORE_COLUMNS as usize } else { 0 };
-            let stored = ptx.matches("cp.async.bulk.tensor.2d.global.shared::cta.tile.bulk_group").count();
-            let added = ptx.matches("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group").count();
+            // The dense and Wgrad forms' C by TMA, stored or added, from shared memory.
+            let stores = if form == Form::Grouped { 0 } else { n as usize / STORE_COLUMNS as usize };
+            let stored = ptx.matches("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group").count();
+            let added = ptx.matches("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group").count();
             assert_eq!((stored, added), (stores, stores), "C by TMA: {ptx}");
             assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"), "{ptx}");
             assert_eq!(ptx.contains("setmaxnreg"), m == 128, "{ptx}");

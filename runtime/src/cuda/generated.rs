@@ -40,37 +40,45 @@ struct TensorMaps(Mutex<HashMap<Encoded, CudaSlice<u8>>>);
 type Encoded = (u64, usize, usize, Mapped);
 
 /// What a tensor map is of: an E4M3 operand read in boxes of 128 bytes of K × `rows`
-/// (`gemm::TensorMap`), or the dense form's f32 C written in boxes of `gemm::STORE_COLUMNS`
-/// × `gemm::TILE_M`.
+/// (`gemm::TensorMap`), or C of the dense and Wgrad forms, f32, in `layers` (the Wgrad's
+/// experts; 1) of [rows, columns], written in boxes of `gemm::STORE_COLUMNS` × `gemm::TILE_M`
+/// of a layer.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Mapped {
     Operand(u32),
-    Output,
+    Output(usize),
 }
 
 impl TensorMaps {
-    /// The device address of the map of the row-major [rows, columns] tensor at `data` (an
-    /// operand: E4M3 bytes, K its columns; the output: f32).
+    /// The device address of the map of the row-major [rows, columns] tensor (or [layers,
+    /// rows, columns]) at `data` (an operand: E4M3 bytes, K its columns; the output: f32).
     fn at(&self, gpu: &Gpu, data: u64, rows: usize, columns: usize, mapped: Mapped) -> Result<u64, GpuError> {
         let mut maps = self.0.lock().expect("no launch panicked holding the tensor maps");
         let key = (data, rows, columns, mapped);
         if let std::collections::hash_map::Entry::Vacant(slot) = maps.entry(key) {
             let mut encoded = sys::CUtensorMap { opaque: [0; 16] };
-            let (kind, bytes, boxes) = match mapped {
-                Mapped::Operand(rows) => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, [TILE_K, rows]),
-                Mapped::Output => {
-                    (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, [STORE_COLUMNS, TILE_M])
+            let (kind, rank, bytes, layers, boxes) = match mapped {
+                Mapped::Operand(rows) => {
+                    (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, 1, 1, [TILE_K, rows, 1])
                 }
+                Mapped::Output(layers) => (
+                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                    3,
+                    4,
+                    layers,
+                    [STORE_COLUMNS, TILE_M, 1],
+                ),
             };
-            let (dims, strides) = ([columns as u64, rows as u64], [(columns * bytes) as u64]);
-            let steps = [1u32, 1];
+            let dims = [columns, rows, layers].map(|d| d as u64);
+            let strides = [columns * bytes, rows * columns * bytes].map(|s| s as u64);
+            let steps = [1u32; 3];
             // SAFETY: `encoded` is a CUtensorMap (64-byte aligned by its type) and every array
-            // has the rank's length (strides one less); the driver only writes `encoded`.
+            // has at least the rank's length (strides one less); the driver only writes `encoded`.
             unsafe {
                 sys::cuTensorMapEncodeTiled(
                     &mut encoded,
                     kind,
-                    2,
+                    rank,
                     data as *mut std::ffi::c_void,
                     dims.as_ptr(),
                     strides.as_ptr(),
@@ -277,10 +285,11 @@ impl GeneratedGemm {
         let (a_box, b_box) = self.tile.boxes();
         let a_map = self.maps.at(gpu, p.a.data, p.rows, p.k, Mapped::Operand(a_box.rows))?;
         let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, Mapped::Operand(b_box.rows))?;
-        // The dense form stores C through its tensor map (`gemm::fp8_gemm`).
+        // The dense and Wgrad forms store C through its tensor map (`gemm::fp8_gemm`).
         let out = match self.form {
-            Form::Dense => self.maps.at(gpu, p.out, p.rows, p.n, Mapped::Output)?,
-            Form::Grouped | Form::Wgrad => p.out,
+            Form::Dense => self.maps.at(gpu, p.out, p.rows, p.n, Mapped::Output(1))?,
+            Form::Wgrad => self.maps.at(gpu, p.out, p.rows, p.n, Mapped::Output(p.experts))?,
+            Form::Grouped => p.out,
         };
         let mut launch = gpu.stream.launch_builder(&self.function);
         launch.arg(&a_map).arg(&b_map).arg(&p.a.scales).arg(&p.b.scales).arg(&out);
