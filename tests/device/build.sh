@@ -34,6 +34,8 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set parallel.gpus_
   -o target/plan-bench-dp2
 # The generated FP8 GEMMs' PTX for `run.sh gemm` (benches/fp8_gemm.py --generated) and the
 # fused attention's for `run.sh attention` (benches/attention.py).
+# (Afresh: a kernel a tile list no longer names would be timed as if it were this build's.)
+rm -rf target/gemm target/attention
 mkdir -p target/gemm target/attention
 cargo run --release --locked -p dsc-compiler --features mlir --example kernel_ptx -- target/gemm 128x128x4 128x192x4 128x64x8 128x192x4x2 128x128x6x2 g128x128x4 g128x192x4 g128x192x4x2
 cargo run --release --locked -p dsc-compiler --features mlir --example kernel_ptx -- target/attention attention:192x128 attention:bf16:192x128
