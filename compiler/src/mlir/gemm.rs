@@ -1038,6 +1038,9 @@ mod tests {
                 cluster == 2,
                 "{ptx}"
             );
+            // A pair's consumers release the stages at the CTA's scope: a release at the
+            // cluster's fences every access in flight (session 34: 2–3 times the kernel's time).
+            assert!(!ptx.contains("arrive.release.cluster"), "{ptx}");
             let Some(report) = crate::mlir::ptx::assemble(&ptx) else { continue };
             // The grouped 128×192's second pair spills (see `candidates`); `dsc tune` weighs it.
             let spills = form == Form::Grouped && n == 192;
