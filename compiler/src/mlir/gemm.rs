@@ -1219,6 +1219,9 @@ mod tests {
                 cluster == 2,
                 "{ptx}"
             );
+            // A pair's consumers release the stages at the CTA's scope: a release at the
+            // cluster's fences every access in flight (session 34: 2–3 times the kernel's time).
+            assert!(!ptx.contains("arrive.release.cluster"), "{ptx}");
             let Some(report) = crate::mlir::ptx::assemble(&ptx) else { continue };
             // The grouped 128×192's second pair spills (see `candidates`); `dsc tune` weighs it.
             // The dense 128×192 parks a value in local memory outside the loop of K (ptxas
