@@ -31,8 +31,8 @@
 //! summed over micro-batches where it lies) instead of storing over it. The dense and Wgrad
 //! forms' C leaves through shared memory ([`Stores`]): a consumer writes 32 columns of its rows
 //! into a buffer swizzled as C's tensor map's box, and one TMA copy stores them (or adds them
-//! to C, `cp.reduce.async.bulk`, where the consumer loaded C before) while it fills its other
-//! buffer and goes on to its next tile (ncu, session 34: the store-bound shapes' memory pipes
+//! to C's values, `cp.reduce.async.bulk`, where the launch accumulates: no load of C) while it
+//! fills its other buffer and goes on to its next tile (ncu, session 34: the store-bound shapes' memory pipes
 //! were 86–90% busy with the consumers' own 8-byte stores, DRAM at 60–64%). The grouped form
 //! stores from registers: an expert's last tile may end inside a box's rows, where the next
 //! expert's rows lie. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR 22's
