@@ -148,9 +148,10 @@ class Generated:
     def fits(self, m, n, k):
         return not self.grouped and m % self.tile_m == 0 and n % 4 == 0 and k % 128 == 0
 
-    def prepare(self, qa, sa, qw, sw, offsets=None):
-        """The kernel's operands, and a launch writing C. Grouped: qw [E, N, K] and sw [E, N/128,
-        K/128], expert e's rows of qa offsets[e]..offsets[e + 1]."""
+    def prepare(self, qa, sa, qw, sw, offsets=None, c=None):
+        """The kernel's operands, and a launch writing C (a new one), or adding to c where given.
+        Grouped: qw [E, N, K] and sw [E, N/128, K/128], expert e's rows of qa
+        offsets[e]..offsets[e + 1]."""
         import numpy as np
         m, k = qa.shape
         n = qw.shape[-2]
@@ -158,12 +159,13 @@ class Generated:
         padded = torch.zeros(*sw.shape[:-1], -(-blocks // 4) * 4, device="cuda")
         padded[..., :blocks] = sw
         scale_a = sa.t().contiguous()
-        c = torch.full((m, n), float("nan"), device="cuda")
+        accumulate = c is not None
+        c = c if accumulate else torch.full((m, n), float("nan"), device="cuda")
         # The dense form stores C through its tensor map (32 f32 x 64 rows a box).
         out = c if self.grouped else tensor_map(c, 64, 32)
         keep = (tensor_map(qa, self.tile_m // self.cluster), tensor_map(qw, self.tile_n), scale_a, padded, out, qa, qw, c)
         args = tuple(np.uint64(t.data_ptr()) for t in keep[:5]) + (np.uint32(m), np.uint32(n), np.uint32(k))
-        args += (np.uint32(0),)  # accumulate: C is stored over, not added to
+        args += (np.uint32(accumulate),)  # add to C's values, else store over them
         rows = m // self.tile_m
         if self.grouped:
             experts = offsets.numel() - 1
@@ -193,13 +195,16 @@ def check_generated(generated):
         qw, sw = quantize(w, 128, 128)
         ref = exact(qa, sa, qw, sw, m)
         for g in (g for g in generated if not g.grouped):
-            c, run = g.prepare(qa, sa, qw, sw)
-            run()
-            torch.cuda.synchronize()
-            err = rel(c, ref)
-            worst = ((c.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).argmax().item()
-            print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}", "ok": err < 1e-3, "rel_error": err,
-                              "worst at": [worst // n, worst % n]}), flush=True)
+            # Stored, then the same product added to it by a launch that accumulates: 2·A·Bᵀ.
+            c, store = g.prepare(qa, sa, qw, sw)
+            _, add = g.prepare(qa, sa, qw, sw, c=c)
+            for launch, check, want in ((store, "", ref), (add, ", added", 2 * ref)):
+                launch()
+                torch.cuda.synchronize()
+                err = rel(c, want)
+                worst = ((c.double() - want).abs() / want.abs().amax(dim=1, keepdim=True)).argmax().item()
+                print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}{check}", "ok": err < 1e-3,
+                                  "rel_error": err, "worst at": [worst // n, worst % n]}), flush=True)
 
 
 def grouped_operands(rows, n, k, seed=2):
