@@ -137,10 +137,14 @@ class Generated:
         shape = re.search(r"_m(\d+)_n(\d+)_s(\d+)(?:_c(\d+))?$", self.name).groups()
         self.tile_m, self.tile_n, self.stages = map(int, shape[:3])
         self.cluster = int(shape[3] or 1)
-        # The stages with their two mbarriers, the dense form's buffers of C (two of 64 rows x
-        # 128 bytes a consumer), then the table of the experts' first tiles
+        # Whether C leaves by TMA stores, through its tensor map (the dense form since session
+        # 34; an earlier build's kernels, timed beside these, take C's pointer).
+        with open(path) as ptx:
+            self.stores_by_map = "cp.async.bulk.tensor.3d.global.shared::cta" in ptx.read()
+        # The stages with their two mbarriers, the buffers of C those stores go through (two of
+        # 64 rows x 128 bytes a consumer), then the table of the experts' first tiles
         # (`gemm::Tile::shared_bytes`; 257 entries).
-        stores = 0 if self.grouped else (self.tile_m // 64) * 2 * 64 * 128
+        stores = (self.tile_m // 64) * 2 * 64 * 128 if self.stores_by_map else 0
         self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16) + stores + 4 * 257
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
@@ -161,8 +165,8 @@ class Generated:
         scale_a = sa.t().contiguous()
         accumulate = c is not None
         c = c if accumulate else torch.full((m, n), float("nan"), device="cuda")
-        # The dense form stores C through its tensor map (32 f32 x 64 rows a box).
-        out = c if self.grouped else tensor_map(c, 64, 32)
+        # C's tensor map (32 f32 x 64 rows a box) where the kernel stores through one.
+        out = tensor_map(c, 64, 32) if self.stores_by_map else c
         keep = (tensor_map(qa, self.tile_m // self.cluster), tensor_map(qw, self.tile_n), scale_a, padded, out, qa, qw, c)
         args = tuple(np.uint64(t.data_ptr()) for t in keep[:5]) + (np.uint32(m), np.uint32(n), np.uint32(k))
         args += (np.uint32(accumulate),)  # add to C's values, else store over them
