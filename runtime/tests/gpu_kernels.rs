@@ -454,8 +454,9 @@ impl Resident<f32> for Held {
 /// run as closely as the two eager runs agree at any step (4× their largest difference over the
 /// steps, at least 1e-6 relative: kernels that add with atomics may sum in another order, the
 /// last bits grow step by step, and one pair of runs at one step samples their spread poorly),
-/// the parameters after the third step as closely as the eager runs' (4×, per tensor). The routing biases are held still (γ = 0): their sign updates would turn those
-/// last bits into whole steps of γ (the tiny plans' steps check them against the CPU).
+/// the parameters after the third step as closely as the eager runs' (4×, per tensor). The
+/// routing biases are held still (γ = 0): their sign updates would turn those last bits into
+/// whole steps of γ (the tiny plans' steps check them against the CPU).
 #[test]
 fn the_step_replayed_from_cuda_graphs_trains_as_launched_kernels() {
     let Some((gpu, dir, plan)) = setup("DSC_TEST_PLAN_BENCH_SMALL", "plan-bench-small") else { return };

@@ -578,10 +578,10 @@ impl<'a> Columns<'a> {
         let first = g.op("add", &first, &c0);
         let lane = g.op_c("mul", &chunk, 4);
         let from = g.op("add", &first, &lane);
-        // The term this thread copies: the first unless it is the second's.
-        let source = self.terms.iter().skip(1).fold(self.terms[0].to_string(), |earlier, term| {
-            let one = g.i64(1);
-            let this = g.line(format!("llvm.icmp \"eq\" {copying}, {one} : i64"));
+        // The term this thread copies: the k-th where `copying` is k.
+        let source = self.terms.iter().enumerate().skip(1).fold(self.terms[0].to_string(), |earlier, (k, term)| {
+            let k = g.i64(k as u64);
+            let this = g.line(format!("llvm.icmp \"eq\" {copying}, {k} : i64"));
             g.line(format!("llvm.select {this}, {term}, {earlier} : i1, !llvm.ptr<1>"))
         });
         let p = g.line(format!("llvm.getelementptr {source}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
@@ -1002,7 +1002,7 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     // rows' running maximum score and sum.
     let walk = Pipelined { b: &b, columns: &columns, order: Order::ColumnsUpToRow, row_block: &q_block, tile: &q_tile };
     let initial = [&b.minus_inf, &b.minus_inf, &b.zero, &b.zero].map(String::clone).to_vec();
-    let (out, state) =
+    let (mut out, state) =
         walk.run(&mut g, [&zero64, &upper], (&sq, heads.qk, o_count), initial, |g, _, scores, carried| {
             let (maxima, alphas, sums) = b.softmax(g, scores, &carried[..2], &carried[2..]);
             (maxima.into_iter().chain(sums).collect(), Some(alphas))
@@ -1011,7 +1011,6 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     // O / l for the thread's rows and columns; the log-sum-exp from the quad's first thread.
     let ln2 = g.f32(std::f64::consts::LN_2);
     let one = g.f32(1.0);
-    let mut out = out;
     for (r, my_row) in b.my_rows.iter().enumerate() {
         let l = quad_reduce(&mut g, &state[2 + r], Combine::Add);
         let inverse = g.line(format!("llvm.fdiv {one}, {l} : f32"));
@@ -1121,11 +1120,10 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         // dV = Σ Pᵀ·dO, pipelined: dO's tiles trail Q's.
         let walk = Pipelined { b: &b, columns: &columns, order, row_block: &row_block, tile: &tile };
         let walked = walk.run(&mut g, [&lower, &upper], (&s_rows, heads.qk, count), Vec::new(), |g, j, p, _| {
-            let lse = column_terms(g, &b, &columns, j, 0);
+            let shifts = column_shifts(g, &b, &columns, j);
             for (n, tile) in p.iter_mut().enumerate() {
                 for (e, x) in tile.iter_mut().enumerate() {
-                    let shift = g.line(format!("llvm.fmul {}, {} : f32", lse[2 * n + e % 2], b.minus_log2e));
-                    *x = b.exp2_logit(g, x, &shift);
+                    *x = b.exp2_logit(g, x, &shifts[2 * n + e % 2]);
                 }
             }
             (Vec::new(), None)
@@ -1156,10 +1154,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
                     (0..32).map(|i| columns[2 * (i / 4) + i % 2].clone()).collect()
                 }
             };
-            let shifts = per_value(g, 0, &|g| {
-                let lse = column_terms(g, &b, &columns, j, 0);
-                lse.iter().map(|x| g.line(format!("llvm.fmul {x}, {} : f32", b.minus_log2e))).collect()
-            });
+            let shifts = per_value(g, 0, &|g| column_shifts(g, &b, &columns, j));
             if masked {
                 b.mask(g, &mut p, j, &tile, order);
             }
@@ -1328,6 +1323,13 @@ fn column_terms(g: &mut Lines, b: &Block, columns: &Columns, j: &str, term: u64)
             shared_pair(g, &at)
         })
         .collect()
+}
+
+/// The key passes' shifts of the thread's 16 columns of block `j` ([`Block::exp2_logit`]'s):
+/// their staged log-sum-exps ([`column_terms`]' first), base 2, negated.
+fn column_shifts(g: &mut Lines, b: &Block, columns: &Columns, j: &str) -> Vec<String> {
+    let lse = column_terms(g, b, columns, j, 0);
+    lse.iter().map(|x| g.line(format!("llvm.fmul {x}, {} : f32", b.minus_log2e))).collect()
 }
 
 /// The two f32 at shared byte `at` (i64, 8-byte aligned).
