@@ -100,20 +100,26 @@ def rel(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def tensor_map(t, box_rows):
-    """A `CUtensorMap` on the GPU (128 bytes, 64-aligned) for E4M3 operand t (row-major [..., K],
-    all leading dimensions as rows): a 2-D u8 tensor, box 128 bytes x box_rows, 128-byte swizzle,
-    zeros out of bounds (what `compiler::mlir::gemm::TensorMap` says a launch passes)."""
+def tensor_map(t, box_rows, box_columns=128):
+    """A `CUtensorMap` on the GPU (128 bytes, 64-aligned) for t (row-major [..., columns], all
+    leading dimensions as rows): an E4M3 operand as a 2-D u8 tensor (what
+    `compiler::mlir::gemm::TensorMap` says a launch passes), or the dense form's f32 output as
+    a 3-D tensor of one layer (what `compiler::mlir::gemm::fp8_gemm` says); box box_columns x
+    box_rows elements (x 1 layer), 128-byte swizzle, zeros out of bounds."""
     import ctypes
-    k = t.shape[-1]
-    rows = t.numel() // k
+    columns = t.shape[-1]
+    rows = t.numel() // columns
     u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     raw = (ctypes.c_uint8 * 192)()
     at = ctypes.addressof(raw) + (-ctypes.addressof(raw)) % 64
     driver = ctypes.CDLL("libcuda.so.1")
+    output = t.dtype == torch.float32
+    kind, rank = (7, 3) if output else (0, 2)  # CU_TENSOR_MAP_DATA_TYPE_FLOAT32 or _UINT8
+    size = t.element_size()
     result = driver.cuTensorMapEncodeTiled(
-        ctypes.c_void_p(at), 0, 2, ctypes.c_void_p(t.data_ptr()), (u64 * 2)(k, rows), (u64 * 1)(k),
-        (u32 * 2)(128, box_rows), (u32 * 2)(1, 1), 0, 3, 2, 0)
+        ctypes.c_void_p(at), kind, rank, ctypes.c_void_p(t.data_ptr()), (u64 * 3)(columns, rows, 1),
+        (u64 * 2)(columns * size, rows * columns * size), (u32 * 3)(box_columns, box_rows, 1), (u32 * 3)(1, 1, 1),
+        0, 3, 2, 0)
     assert result == 0, f"cuTensorMapEncodeTiled: CUresult {result}"
     return torch.tensor(list(ctypes.string_at(at, 128)), dtype=torch.uint8, device="cuda")
 
@@ -131,18 +137,25 @@ class Generated:
         shape = re.search(r"_m(\d+)_n(\d+)_s(\d+)(?:_c(\d+))?$", self.name).groups()
         self.tile_m, self.tile_n, self.stages = map(int, shape[:3])
         self.cluster = int(shape[3] or 1)
-        # The stages with their two mbarriers, then the table of the experts' first tiles
+        # Whether C leaves by TMA stores, through its tensor map (the dense form since session
+        # 34; an earlier build's kernels, timed beside these, take C's pointer).
+        with open(path) as ptx:
+            self.stores_by_map = "cp.async.bulk.tensor.3d.global.shared::cta" in ptx.read()
+        # The stages with their two mbarriers, the buffers of C those stores go through (two of
+        # 64 rows x 128 bytes a consumer), then the table of the experts' first tiles
         # (`gemm::Tile::shared_bytes`; 257 entries).
-        self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16) + 4 * 257
+        stores = (self.tile_m // 64) * 2 * 64 * 128 if self.stores_by_map else 0
+        self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16) + stores + 4 * 257
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
 
     def fits(self, m, n, k):
-        return not self.grouped and m % self.tile_m == 0 and k % 128 == 0
+        return not self.grouped and m % self.tile_m == 0 and n % 4 == 0 and k % 128 == 0
 
-    def prepare(self, qa, sa, qw, sw, offsets=None):
-        """The kernel's operands, and a launch writing C. Grouped: qw [E, N, K] and sw [E, N/128,
-        K/128], expert e's rows of qa offsets[e]..offsets[e + 1]."""
+    def prepare(self, qa, sa, qw, sw, offsets=None, c=None):
+        """The kernel's operands, and a launch writing C (a new one), or adding to c where given.
+        Grouped: qw [E, N, K] and sw [E, N/128, K/128], expert e's rows of qa
+        offsets[e]..offsets[e + 1]."""
         import numpy as np
         m, k = qa.shape
         n = qw.shape[-2]
@@ -150,10 +163,13 @@ class Generated:
         padded = torch.zeros(*sw.shape[:-1], -(-blocks // 4) * 4, device="cuda")
         padded[..., :blocks] = sw
         scale_a = sa.t().contiguous()
-        c = torch.full((m, n), float("nan"), device="cuda")
-        keep = (tensor_map(qa, self.tile_m // self.cluster), tensor_map(qw, self.tile_n), scale_a, padded, c, qa, qw)
+        accumulate = c is not None
+        c = c if accumulate else torch.full((m, n), float("nan"), device="cuda")
+        # C's tensor map (32 f32 x 64 rows a box) where the kernel stores through one.
+        out = tensor_map(c, 64, 32) if self.stores_by_map else c
+        keep = (tensor_map(qa, self.tile_m // self.cluster), tensor_map(qw, self.tile_n), scale_a, padded, out, qa, qw, c)
         args = tuple(np.uint64(t.data_ptr()) for t in keep[:5]) + (np.uint32(m), np.uint32(n), np.uint32(k))
-        args += (np.uint32(0),)  # accumulate: C is stored over, not added to
+        args += (np.uint32(accumulate),)  # add to C's values, else store over them
         rows = m // self.tile_m
         if self.grouped:
             experts = offsets.numel() - 1
@@ -183,13 +199,16 @@ def check_generated(generated):
         qw, sw = quantize(w, 128, 128)
         ref = exact(qa, sa, qw, sw, m)
         for g in (g for g in generated if not g.grouped):
-            c, run = g.prepare(qa, sa, qw, sw)
-            run()
-            torch.cuda.synchronize()
-            err = rel(c, ref)
-            worst = ((c.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).argmax().item()
-            print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}", "ok": err < 1e-3, "rel_error": err,
-                              "worst at": [worst // n, worst % n]}), flush=True)
+            # Stored, then the same product added to it by a launch that accumulates: 2·A·Bᵀ.
+            c, store = g.prepare(qa, sa, qw, sw)
+            _, add = g.prepare(qa, sa, qw, sw, c=c)
+            for launch, check, want in ((store, "", ref), (add, ", added", 2 * ref)):
+                launch()
+                torch.cuda.synchronize()
+                err = rel(c, want)
+                worst = ((c.double() - want).abs() / want.abs().amax(dim=1, keepdim=True)).argmax().item()
+                print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}{check}", "ok": err < 1e-3,
+                                  "rel_error": err, "worst at": [worst // n, worst % n]}), flush=True)
 
 
 def grouped_operands(rows, n, k, seed=2):

@@ -28,11 +28,18 @@
 //! consumer warp releases the stage in both (their `empty` barriers count the pair's warps).
 //! The grouped form may sum a second product over its own K into C (`Form::Grouped`); and a
 //! launch may ask any form to add its products to what C holds (`accumulate`: a gradient
-//! summed over micro-batches where it lies) instead of storing over it. The `wgmma`, TMA and
-//! mbarrier instructions are inline PTX (MLIR 22's NVVM ops for them need the struct plumbing
-//! this gives directly).
+//! summed over micro-batches where it lies) instead of storing over it. The dense and Wgrad
+//! forms' C leaves through shared memory ([`Stores`]): a consumer writes 32 columns of its rows
+//! into a buffer swizzled as C's tensor map's box, and one TMA copy stores them (or adds them
+//! to C's values, `cp.reduce.async.bulk`, where the launch accumulates: no load of C) while it
+//! fills its other buffer and goes on to its next tile (ncu, session 34: the store-bound shapes' memory pipes
+//! were 86–90% busy with the consumers' own 8-byte stores, DRAM at 60–64%). The grouped form
+//! stores from registers: an expert's last tile may end inside a box's rows, where the next
+//! expert's rows lie. The `wgmma`, TMA and mbarrier instructions are inline PTX (MLIR 22's
+//! NVVM ops for them need the struct plumbing this gives directly).
 //! M must be a multiple of the tile's m (Dense and Wgrad), K of 128; N any even number (Wgrad:
-//! a multiple of n times the cluster's blocks).
+//! a multiple of n times the cluster's blocks; Dense: a multiple of 4, C's rows 16-byte
+//! aligned for its tensor map).
 
 use super::ptx::{Lines, Loop};
 
@@ -46,6 +53,10 @@ pub const MAX_EXPERTS: u32 = 256;
 pub const TILE_K: u32 = 128;
 /// Bytes between 8-row groups of a swizzled tile (the descriptors' stride offset).
 const ROW_GROUP: u64 = 8 * TILE_K as u64;
+/// Columns of C (f32) per TMA store of the dense and Wgrad forms: one 128-byte swizzled row
+/// of its box, [`TILE_M`] rows (C's tensor map: see [`fp8_gemm`]).
+pub const STORE_COLUMNS: u32 = 32;
+const STORE_BYTES: u32 = TILE_M * STORE_COLUMNS * 4;
 /// Registers a thread keeps when the producer warpgroup gives its own to two consumers. They
 /// must fit what the block was given at launch: 384 threads at most 168 registers each (the
 /// 65,536 of a multiprocessor over 384, in steps of 8), 64,512, not the whole file, or
@@ -76,6 +87,9 @@ impl Tile {
         let fits = matches!(m, 64 | 128)
             && matches!(cluster, 1 | 2)
             && matches!(n, 16 | 32 | 64 | 128 | 192)
+            // The stores through shared memory (the dense and Wgrad forms') alternate between two
+            // buffers, an even number a tile.
+            && (form == Form::Grouped || n.is_multiple_of(64))
             && (2..=8).contains(&stages)
             && self.shared_bytes(form) <= 227 << 10;
         if fits {
@@ -83,8 +97,9 @@ impl Tile {
         } else {
             Err(format!(
                 "tile {m}x{n} in {stages} stages, clusters of {cluster}: m is 64 or 128, n 16, 32, 64, 128 or 192 \
-                 (its columns in at most two 128x128 weight-scale blocks), 2 to 8 stages of 128 x (m + n) bytes \
-                 (and the Wgrad's m + n scales) within 227 KB, clusters of 1 or 2 blocks"
+                 (its columns in at most two 128x128 weight-scale blocks; but for the grouped form a multiple of \
+                 64), 2 to 8 stages of 128 x (m + n) bytes (the Wgrad's with m + n scales) within 227 KB with, but \
+                 for the grouped form, two 8 KB buffers of C per 64 rows, clusters of 1 or 2 blocks"
             ))
         }
     }
@@ -116,11 +131,24 @@ impl Tile {
         }
     }
 
-    /// Dynamic shared memory of a block of `form` (the stages' tiles, then their scales, then
-    /// two 8-byte mbarriers per stage, then the experts' forms' table of their first tiles): the
-    /// launch passes it (and raises the kernel's limit).
+    /// Bytes of the buffers of C on its way out: two [`STORE_BYTES`] a consumer (one filled
+    /// while the other's TMA store reads it). The grouped form stores from registers (see the
+    /// module doc).
+    fn store_bytes(self, form: Form) -> u32 {
+        if form != Form::Grouped {
+            self.consumers() * 2 * STORE_BYTES
+        } else {
+            0
+        }
+    }
+
+    /// Dynamic shared memory of a block of `form` (the stages' tiles, then the buffers of C,
+    /// then the stages' scales, then two 8-byte mbarriers per stage, then the experts' forms'
+    /// table of their first tiles): the launch passes it (and raises the kernel's limit).
     pub fn shared_bytes(self, form: Form) -> u32 {
-        self.stages * (self.stage_bytes() + self.scale_bytes(form) + 16) + 4 * (MAX_EXPERTS + 1)
+        self.stages * (self.stage_bytes() + self.scale_bytes(form) + 16)
+            + self.store_bytes(form)
+            + 4 * (MAX_EXPERTS + 1)
     }
 
     /// Consumer warpgroups: one per 64 rows.
@@ -163,9 +191,13 @@ pub fn candidates(form: Form) -> &'static [Tile] {
     const fn tile(m: u32, n: u32, stages: u32) -> Tile {
         Tile { m, n, stages, cluster: 1 }
     }
-    const GROUPED: [Tile; 4] = [tile(128, 128, 4), tile(128, 192, 4), tile(128, 128, 6), tile(128, 64, 8)];
-    const WGRAD: [Tile; 4] = [tile(128, 128, 4), tile(128, 128, 6), tile(128, 64, 8), tile(64, 128, 6)];
-    const DENSE: [Tile; 3] = [tile(128, 192, 4), tile(128, 128, 4), tile(128, 64, 8)];
+    /// A pair of blocks sharing A (session 34: 128×192 in pairs the fastest dense tile on three
+    /// of issue 9's six shapes, the grouped within 10% of 128×128 alone).
+    const PAIR: Tile = Tile { m: 128, n: 192, stages: 4, cluster: 2 };
+    const GROUPED: [Tile; 5] = [tile(128, 128, 4), tile(128, 192, 4), tile(128, 128, 6), tile(128, 64, 8), PAIR];
+    // With its buffers of C, the Wgrad's 128-row tiles take a stage fewer than the experts'.
+    const WGRAD: [Tile; 4] = [tile(128, 128, 4), tile(128, 128, 5), tile(128, 64, 7), tile(64, 128, 6)];
+    const DENSE: [Tile; 4] = [tile(128, 192, 4), tile(128, 128, 4), tile(128, 64, 8), PAIR];
     match form {
         Form::Grouped => &GROUPED,
         Form::Wgrad => &WGRAD,
@@ -179,6 +211,10 @@ pub fn candidates(form: Form) -> &'static [Tile] {
 /// `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
 /// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K and
 /// `accumulate` (u32: non-zero adds the products to C's values instead of storing over them).
+/// The dense and Wgrad forms take C (f32, row-major [M, N], the Wgrad's one per expert) as a
+/// tensor map too, in place of its pointer: the address of a `CUtensorMap` of C as a 3-D f32
+/// tensor (N innermost, then M, then the experts; one for the dense form), a box of
+/// [`STORE_COLUMNS`] × [`TILE_M`] × 1, 128-byte swizzle (the consumers' [`Stores`]).
 pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let tile = tile.check(form).expect("a valid tile");
     let Tile { m: tile_m, n: tile_n, stages, cluster } = tile;
@@ -214,13 +250,16 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         g.op("add", &smem_at, &at)
     };
     // The stage's scales (Wgrad): A's rows', then B's columns'.
-    let scales_base = g.op_c("add", &smem_at, u64::from(stages) * stage_bytes);
+    // The buffers of C, after the stages (1,024-byte aligned: their swizzle follows the
+    // address bits as the stages' does).
+    let stores_base = g.op_c("add", &smem_at, u64::from(stages) * stage_bytes);
+    let scales_base = g.op_c("add", &stores_base, tile.store_bytes(form).into());
     let scales_at = |g: &mut Lines, stage: &str| {
         let at = g.op_c("mul", stage, scale_bytes);
         g.op("add", &scales_base, &at)
     };
     // The stage's `full` (which 0) or `empty` (which 1) mbarrier, a 32-bit shared address.
-    let barriers = g.op_c("add", &smem_at, u64::from(stages) * (stage_bytes + scale_bytes));
+    let barriers = g.op_c("add", &scales_base, u64::from(stages) * scale_bytes);
     let barrier = |g: &mut Lines, which: u64, stage: &str| {
         let at = g.op_c("mul", stage, 8);
         let at = g.op_c("add", &at, which * 8 * u64::from(stages));
@@ -366,6 +405,13 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let lane_col = g.op_c("urem", &lane, 4);
     let col = g.op_c("mul", &lane_col, 2);
     let lane_leads = g.line(format!("llvm.icmp \"eq\" {lane}, {zero64} : i64"));
+    let stores = (form != Form::Grouped).then(|| Stores {
+        base: stores_base.clone(),
+        group: group.clone(),
+        in_group: in_group.clone(),
+        warp: warp.clone(),
+        lane: lane.clone(),
+    });
     // The consumer's A rows: 64 rows of 128 bytes in.
     let group_a_at = g.op_c("mul", &group, u64::from(TILE_M * TILE_K));
     // Descriptors: 128-byte swizzle (bits 62–63), stride offset 1,024 bytes between 8-row
@@ -373,7 +419,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let layout = super::ptx::swizzled_layout(&mut g, 16, ROW_GROUP);
     let zero = g.line("llvm.mlir.constant(0.0 : f32) : f32");
     each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
-        let Setup { n0, m0, valid, segments, c, .. } = at;
+        let Setup { n0, m0, valid, segments, layer, .. } = at;
         let mut passed = done.to_string();
         for (later, segment) in segments.iter().enumerate().map(|(s, segment)| (s > 0, segment)) {
             let Segment { sa, sb, k_from, k_blocks, .. } = segment;
@@ -575,76 +621,88 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 yielded.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
             ));
             g.stmt("}");
-            // Each of this thread's two rows, if the block has it (an expert's last block may not).
-            let c_col = g.op("add", &n0, &col);
-            for (half, row) in [&row0, &row1].into_iter().enumerate() {
-                let pairs = (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half);
-                // A later segment's sums add to the earlier's, the row's loaded together before
-                // any is stored (one by one, each inside its row's and column's conditions,
-                // every load waited out memory's latency): from places clamped into the block's
-                // rows and C's columns, used only where stored.
-                // C's own sums come first where the launch accumulates into C (the values are
-                // the same loads, under a condition the whole block takes alike).
-                let load_earlier = |g: &mut Lines| {
-                    let [last_row, last_column] = [g.op_c("sub", &valid, 1), g.op_c("sub", &n, 2)];
-                    let row = clamp(g, row, &last_row);
-                    let c_row = g.op("add", &m0, &row);
+            if let Some(stores) = &stores {
+                stores.store(g, &sums, registers, [&n0, &m0, &layer], &accumulating);
+            } else {
+                let c = "%c";
+                // Each of this thread's two rows, if the block has it (an expert's last block may not).
+                let c_col = g.op("add", &n0, &col);
+                for (half, row) in [&row0, &row1].into_iter().enumerate() {
+                    let pairs = (0..registers).step_by(2).filter(|i| (i / 2) % 2 == half);
+                    // A later segment's sums add to the earlier's, the row's loaded together before
+                    // any is stored (one by one, each inside its row's and column's conditions,
+                    // every load waited out memory's latency): from places clamped into the block's
+                    // rows and C's columns, used only where stored.
+                    // C's own sums come first where the launch accumulates into C (the values are
+                    // the same loads, under a condition the whole block takes alike).
+                    let load_earlier = |g: &mut Lines| {
+                        let [last_row, last_column] = [g.op_c("sub", &valid, 1), g.op_c("sub", &n, 2)];
+                        let row = clamp(g, row, &last_row);
+                        let c_row = g.op("add", &m0, &row);
+                        let row_at = g.op("mul", &c_row, &n);
+                        let mut loaded = Vec::new();
+                        for i in pairs.clone() {
+                            let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
+                            let column = clamp(g, &column, &last_column);
+                            let at = g.op("add", &row_at, &column);
+                            let p = g.line(format!(
+                                "llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"
+                            ));
+                            loaded.push(g.line(format!(
+                                "llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>"
+                            )));
+                        }
+                        loaded
+                    };
+                    let earlier = if later {
+                        load_earlier(g)
+                    } else {
+                        let count = pairs.clone().count();
+                        let types = vec!["vector<2xf32>"; count].join(", ");
+                        let loaded = g.fresh();
+                        g.stmt(format!("{loaded}:{count} = scf.if {accumulating} -> ({types}) {{"));
+                        let values = load_earlier(g);
+                        g.stmt(format!("scf.yield {} : {types}", values.join(", ")));
+                        g.stmt("} else {");
+                        let none = g.line("llvm.mlir.zero : vector<2xf32>");
+                        g.stmt(format!("scf.yield {} : {types}", vec![none; count].join(", ")));
+                        g.stmt("}");
+                        (0..count).map(|i| format!("{loaded}#{i}")).collect()
+                    };
+                    let mut earlier = earlier.into_iter();
+                    let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
+                    g.stmt(format!("scf.if {here} {{"));
+                    let c_row = g.op("add", &m0, row);
                     let row_at = g.op("mul", &c_row, &n);
-                    let mut loaded = Vec::new();
-                    for i in pairs.clone() {
+                    for i in pairs {
                         let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
-                        let column = clamp(g, &column, &last_column);
+                        // A block past N's last column (N not a multiple of the tile's n) stores nothing there.
+                        let inside = g.line(format!("llvm.icmp \"ult\" {column}, {n} : i64"));
+                        g.stmt(format!("scf.if {inside} {{"));
                         let at = g.op("add", &row_at, &column);
                         let p =
                             g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-                        loaded.push(
-                            g.line(format!("llvm.load {p} {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>")),
-                        );
+                        let pair = g.line("llvm.mlir.poison : vector<2xf32>");
+                        let [first, second] = [g.i32(0), g.i32(1)];
+                        let pair =
+                            g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
+                        let mut pair = g.line(format!(
+                            "llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>",
+                            i + 1
+                        ));
+                        let sum = g.line(format!(
+                            "llvm.fadd {}, {pair} : vector<2xf32>",
+                            earlier.next().expect("a load a pair")
+                        ));
+                        pair = match later {
+                            true => sum,
+                            false => g.line(format!("llvm.select {accumulating}, {sum}, {pair} : i1, vector<2xf32>")),
+                        };
+                        g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
+                        g.stmt("}");
                     }
-                    loaded
-                };
-                let earlier = if later {
-                    load_earlier(g)
-                } else {
-                    let count = pairs.clone().count();
-                    let types = vec!["vector<2xf32>"; count].join(", ");
-                    let loaded = g.fresh();
-                    g.stmt(format!("{loaded}:{count} = scf.if {accumulating} -> ({types}) {{"));
-                    let values = load_earlier(g);
-                    g.stmt(format!("scf.yield {} : {types}", values.join(", ")));
-                    g.stmt("} else {");
-                    let none = g.line("llvm.mlir.zero : vector<2xf32>");
-                    g.stmt(format!("scf.yield {} : {types}", vec![none; count].join(", ")));
-                    g.stmt("}");
-                    (0..count).map(|i| format!("{loaded}#{i}")).collect()
-                };
-                let mut earlier = earlier.into_iter();
-                let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
-                g.stmt(format!("scf.if {here} {{"));
-                let c_row = g.op("add", &m0, row);
-                let row_at = g.op("mul", &c_row, &n);
-                for i in pairs {
-                    let column = g.op_c("add", &c_col, (i as u64 / 4) * 8);
-                    // A block past N's last column (N not a multiple of the tile's n) stores nothing there.
-                    let inside = g.line(format!("llvm.icmp \"ult\" {column}, {n} : i64"));
-                    g.stmt(format!("scf.if {inside} {{"));
-                    let at = g.op("add", &row_at, &column);
-                    let p = g.line(format!("llvm.getelementptr {c}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-                    let pair = g.line("llvm.mlir.poison : vector<2xf32>");
-                    let [first, second] = [g.i32(0), g.i32(1)];
-                    let pair = g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
-                    let mut pair =
-                        g.line(format!("llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>", i + 1));
-                    let sum =
-                        g.line(format!("llvm.fadd {}, {pair} : vector<2xf32>", earlier.next().expect("a load a pair")));
-                    pair = match later {
-                        true => sum,
-                        false => g.line(format!("llvm.select {accumulating}, {sum}, {pair} : i1, vector<2xf32>")),
-                    };
-                    g.stmt(format!("llvm.store {pair}, {p} {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>"));
                     g.stmt("}");
                 }
-                g.stmt("}");
             }
             if later {
                 g.stmt("}");
@@ -653,6 +711,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         }
         g.op("sub", &passed, done)
     });
+    if let Some(stores) = &stores {
+        stores.finish(&mut g);
+    }
     g.stmt("}");
     // No block leaves while its pair may still release its stages.
     if cluster > 1 {
@@ -677,6 +738,122 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         },
         body = g.text()
     )
+}
+
+/// The dense and Wgrad forms' way out for C: a consumer's 64 rows of a tile,
+/// [`STORE_COLUMNS`] columns at a time, written into one of its two shared buffers as C's
+/// tensor map's box lies there (64 rows of 128 bytes, 128-byte swizzle: row r's 16-byte chunks
+/// permuted by r mod 8), then stored by one TMA copy (or added to C's values, where the launch
+/// accumulates), which reads the buffer while the consumer fills the other and goes on to its
+/// next tile.
+struct Stores {
+    /// The block's buffers of C (i64, a shared address), two per consumer.
+    base: String,
+    /// The thread's consumer, place in it, warp in it and lane (i64): where it writes and
+    /// whether it issues the consumer's copies are worked out where it stores, not kept live
+    /// through the loop of K.
+    group: String,
+    in_group: String,
+    warp: String,
+    lane: String,
+}
+
+impl Stores {
+    /// The thread's places in a buffer (i64 bytes): per row of its two (r and r + 8), the row's
+    /// first byte and the thread's 8 bytes within a 16-byte chunk; and per 8 columns of the 32
+    /// (j), its swizzled chunk's byte: column 8j + 2(l mod 4) lies in chunk 2j + (l mod 4)/2 of
+    /// its row, XOR the row mod 8, which is l/4 for both rows.
+    fn places(&self, g: &mut Lines) -> ([String; 2], [String; 4]) {
+        let warp_rows = g.op_c("mul", &self.warp, 16);
+        let quad = g.op_c("udiv", &self.lane, 4);
+        let row = g.op("add", &warp_rows, &quad);
+        let half_chunk = g.op_c("urem", &self.lane, 2);
+        let half_chunk = g.op_c("mul", &half_chunk, 8);
+        let rows = [0, 8].map(|plus| {
+            let row = g.op_c("add", &row, plus);
+            let at = g.op_c("mul", &row, 128);
+            g.op("add", &at, &half_chunk)
+        });
+        let pair = g.op_c("urem", &self.lane, 4);
+        let pair = g.op_c("udiv", &pair, 2);
+        let chunks = [0, 1, 2, 3].map(|j| {
+            let chunk = g.op_c("add", &pair, 2 * j);
+            let chunk = g.op("xor", &chunk, &quad);
+            g.op_c("mul", &chunk, 16)
+        });
+        (rows, chunks)
+    }
+
+    /// The tile's `sums` (the accumulators' `registers` values: register i holds row
+    /// 8((i/2) mod 2) + the thread's first, column 8(i/4) + 2(l mod 4) + i mod 2) stored at
+    /// the tile's column, row and layer of C (`[n0, m0, layer]`, i64) through C's tensor map,
+    /// or added where `accumulating` (i1).
+    fn store(&self, g: &mut Lines, sums: &str, registers: usize, [n0, m0, layer]: [&str; 3], accumulating: &str) {
+        let per_store = STORE_COLUMNS as usize / 2;
+        let map = g.line("llvm.ptrtoint %c : !llvm.ptr<1> to i64");
+        let layer = g.line(format!("llvm.trunc {layer} : i64 to i32"));
+        let first_row = g.op_c("mul", &self.group, TILE_M.into());
+        let row = g.op("add", m0, &first_row);
+        let row = g.line(format!("llvm.trunc {row} : i64 to i32"));
+        let buffers = g.op_c("mul", &self.group, u64::from(2 * STORE_BYTES));
+        let buffers = g.op("add", &self.base, &buffers);
+        let zero = g.i64(0);
+        let storer = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", self.in_group));
+        let barrier = g.op_c("add", &self.group, 1);
+        let barrier = g.line(format!("llvm.trunc {barrier} : i64 to i32"));
+        let (rows, chunks) = self.places(g);
+        for store in 0..registers / per_store {
+            let buffer = g.op_c("add", &buffers, (store as u64 % 2) * u64::from(STORE_BYTES));
+            // The buffer's last store has read it (the other's may still be reading).
+            g.stmt(format!("scf.if {storer} {{"));
+            g.asm("cp.async.bulk.wait_group.read 1;", &[]);
+            g.stmt("}");
+            g.asm("bar.sync $0, 128;", &[(barrier.clone(), "r", "i32")]);
+            for i in (store * per_store..(store + 1) * per_store).step_by(2) {
+                let at = g.op("add", &buffer, &rows[(i / 2) % 2]);
+                let at = g.op("add", &at, &chunks[(i / 4) % 4]);
+                let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
+                g.asm(
+                    "st.shared.v2.f32 [$0], {$1, $2};",
+                    &[(at, "r", "i32"), (format!("{sums}#{i}"), "f", "f32"), (format!("{sums}#{}", i + 1), "f", "f32")],
+                );
+            }
+            // The threads' writes seen by the copy (the async proxy), all of them written.
+            g.asm("fence.proxy.async.shared::cta;", &[]);
+            g.asm("bar.sync $0, 128;", &[(barrier.clone(), "r", "i32")]);
+            g.stmt(format!("scf.if {storer} {{"));
+            let column = g.op_c("add", n0, (store as u64) * u64::from(STORE_COLUMNS));
+            let column = g.line(format!("llvm.trunc {column} : i64 to i32"));
+            let from = g.line(format!("llvm.trunc {buffer} : i64 to i32"));
+            let operands = [
+                (map.clone(), "l", "i64"),
+                (column, "r", "i32"),
+                (row.clone(), "r", "i32"),
+                (layer.clone(), "r", "i32"),
+                (from, "r", "i32"),
+            ];
+            g.stmt(format!("scf.if {accumulating} {{"));
+            g.asm(
+                "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [$0, {$1, $2, $3}], [$4];",
+                &operands,
+            );
+            g.stmt("} else {");
+            g.asm("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [$0, {$1, $2, $3}], [$4];", &operands);
+            g.stmt("}");
+            g.asm("cp.async.bulk.commit_group;", &[]);
+            g.stmt("}");
+        }
+    }
+
+    /// The consumer's last stores done before the block ends (their buffers are its shared
+    /// memory).
+    fn finish(&self, g: &mut Lines) {
+        let zero = g.i64(0);
+        let storer = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", self.in_group));
+        g.stmt(format!("scf.if {storer} {{"));
+        g.asm("cp.async.bulk.wait_group 0;", &[]);
+        g.stmt("}");
+    }
 }
 
 /// Spins until the mbarrier at shared address `barrier` (i32) has completed the phase of
@@ -724,15 +901,15 @@ pub enum Form {
 }
 
 /// Where a block's operands are: its first row of A and C (`m0`) and how many it has
-/// (`valid`), its first row of B (in B's tensor maps), the segments of K it sums, and C
-/// (pointer).
+/// (`valid`), its first row of B (in B's tensor maps), the segments of K it sums, and C's
+/// layer (i64: the Wgrad's expert, in C's tensor map; 0).
 struct Setup {
     n0: String,
     m0: String,
     valid: String,
     b_row: String,
     segments: Vec<Segment>,
-    c: String,
+    layer: String,
 }
 
 /// A pair of operands a block multiplies over K: their tensor maps and scales (pointers; B's at
@@ -833,7 +1010,7 @@ fn each_tile(
 
 /// The operands of tile (`bx`, `by`) (and expert `expert` of a Wgrad).
 fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str, expert: Option<&str>) -> Setup {
-    let Dims { m, n, k, expert_tiles } = dims;
+    let Dims { n, k, expert_tiles, .. } = dims;
     let n0 = g.op_c("mul", bx, tile.n.into());
     let all_rows = g.i64(tile.m.into());
     let whole = g.op_c("udiv", k, TILE_K.into());
@@ -843,7 +1020,7 @@ fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str,
             let m0 = g.op_c("mul", by, tile.m.into());
             let b_row = n0.clone();
             let segments = vec![Segment::first("%sb".into(), k_from, whole)];
-            Setup { n0, m0, valid: all_rows, b_row, segments, c: "%c".into() }
+            Setup { n0, m0, valid: all_rows, b_row, segments, layer: g.i64(0) }
         }
         (Form::Grouped, _) => {
             let (expert, m0, valid, active) = expert_rows(g, expert_tiles, by, tile.m);
@@ -877,19 +1054,16 @@ fn setup(g: &mut Lines, tile: Tile, form: Form, dims: &Dims, bx: &str, by: &str,
                 k_blocks: k_blocks2,
             };
             let segments = vec![Segment::first(sb, k_from, k_blocks), second];
-            Setup { n0, m0, valid, b_row, segments, c: "%c".into() }
+            Setup { n0, m0, valid, b_row, segments, layer: g.i64(0) }
         }
         (Form::Wgrad, expert) => {
             let expert = expert.expect("a Wgrad tile has its expert");
             let (k_from, tokens) = expert_tokens(g, expert_tiles, expert);
             let k_blocks = g.op_c("udiv", &tokens, TILE_K.into());
             let m0 = g.op_c("mul", by, tile.m.into());
-            let out = g.op("mul", m, n);
-            let out_at = g.op("mul", expert, &out);
-            let c = g.line(format!("llvm.getelementptr %c[{out_at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
             let b_row = n0.clone();
             let segments = vec![Segment::first("%sb".into(), k_from, k_blocks)];
-            Setup { n0, m0, valid: all_rows, b_row, segments, c }
+            Setup { n0, m0, valid: all_rows, b_row, segments, layer: expert.to_string() }
         }
     }
 }
@@ -1004,8 +1178,9 @@ mod tests {
 
     /// The kernels (every form, and the tiles the plans carry) lower through MLIR's pipeline to
     /// PTX with Hopper's FP8 `wgmma` fed by TMA through mbarriers (registers handed to two
-    /// consumers; the Wgrad's scales copied with the stages), and, where `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling
-    /// registers, but for the grouped 128×192.
+    /// consumers; the Wgrad's scales copied with the stages; the dense and Wgrad forms' C stored by TMA),
+    /// and, where `DSC_PTXAS` names ptxas, assemble for sm_90a without spilling registers, but
+    /// for the 128×192 tiles.
     #[test]
     fn the_fp8_gemm_lowers_to_wgmma_and_assembles() {
         let forms = [
@@ -1027,7 +1202,13 @@ mod tests {
             // The grouped form's second pair of operands has its loop of K and its copies.
             let segments = if form == Form::Grouped { 2 } else { 1 };
             assert_eq!(ptx.matches(&wgmma).count(), 4 * segments, "{ptx}");
-            assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 2 * segments, "A and B by TMA: {ptx}");
+            let loads = ptx.matches("cp.async.bulk.tensor.2d.shared::cluster.global").count();
+            assert_eq!(loads, 2 * segments, "A and B by TMA: {ptx}");
+            // The dense and Wgrad forms' C by TMA, stored or added, from shared memory.
+            let stores = if form == Form::Grouped { 0 } else { n as usize / STORE_COLUMNS as usize };
+            let stored = ptx.matches("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group").count();
+            let added = ptx.matches("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group").count();
+            assert_eq!((stored, added), (stores, stores), "C by TMA: {ptx}");
             assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"), "{ptx}");
             assert_eq!(ptx.contains("setmaxnreg"), m == 128, "{ptx}");
             // The Wgrad's scales come with the stages.
@@ -1043,7 +1224,9 @@ mod tests {
             assert!(!ptx.contains("arrive.release.cluster"), "{ptx}");
             let Some(report) = crate::mlir::ptx::assemble(&ptx) else { continue };
             // The grouped 128×192's second pair spills (see `candidates`); `dsc tune` weighs it.
-            let spills = form == Form::Grouped && n == 192;
+            // The dense 128×192 parks a value in local memory outside the loop of K (ptxas
+            // 13.0: one register, stored before the tile's products, loaded at its stores).
+            let spills = form != Form::Wgrad && n == 192;
             assert_eq!(crate::mlir::ptx::spilled_bytes(&report) > 0, spills, "{report}");
         }
     }

@@ -12,7 +12,7 @@ use super::scaled::Fp8Operand;
 use super::{Gpu, GpuError};
 use cudarc::driver::sys::{self, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
-use dsc_compiler::mlir::gemm::{Form, TensorMap, Tile, MAX_EXPERTS, TILE_K};
+use dsc_compiler::mlir::gemm::{Form, Tile, MAX_EXPERTS, STORE_COLUMNS, TILE_K, TILE_M};
 use dsc_compiler::plan::tuning::{Tuning, LIBRARY};
 use dsc_compiler::plan::Plan;
 use std::collections::HashMap;
@@ -30,32 +30,55 @@ pub struct GeneratedGemm {
     _module: Arc<CudaModule>,
 }
 
-/// Tensor maps on the device by what they encode (address, rows, K, box rows): the plan's
-/// buffers keep their places from call to call, so each is encoded and uploaded once, and a
-/// map found here is right for whatever buffer now lies at its address.
+/// Tensor maps on the device by what they encode: the plan's buffers keep their places from
+/// call to call, so each is encoded and uploaded once, and a map found here is right for
+/// whatever buffer now lies at its address.
 #[derive(Default)]
 struct TensorMaps(Mutex<HashMap<Encoded, CudaSlice<u8>>>);
 
-/// What a tensor map encodes: the operand's address, rows and K, and the box's rows.
-type Encoded = (u64, usize, usize, u32);
+/// What a tensor map encodes: the tensor's address, rows and columns, and what it is of.
+type Encoded = (u64, usize, usize, Mapped);
+
+/// What a tensor map is of: an E4M3 operand read in boxes of 128 bytes of K × `rows`
+/// (`gemm::TensorMap`), or C of the dense and Wgrad forms, f32, in `layers` (the Wgrad's
+/// experts; 1) of [rows, columns], written in boxes of `gemm::STORE_COLUMNS` × `gemm::TILE_M`
+/// of a layer.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Mapped {
+    Operand(u32),
+    Output(usize),
+}
 
 impl TensorMaps {
-    /// The device address of the map of the E4M3 operand at `data` ([rows, k] bytes) with
-    /// `map`'s box.
-    fn at(&self, gpu: &Gpu, data: u64, rows: usize, k: usize, map: TensorMap) -> Result<u64, GpuError> {
+    /// The device address of the map of the row-major [rows, columns] tensor (or [layers,
+    /// rows, columns]) at `data` (an operand: E4M3 bytes, K its columns; the output: f32).
+    fn at(&self, gpu: &Gpu, data: u64, rows: usize, columns: usize, mapped: Mapped) -> Result<u64, GpuError> {
         let mut maps = self.0.lock().expect("no launch panicked holding the tensor maps");
-        let key = (data, rows, k, map.rows);
+        let key = (data, rows, columns, mapped);
         if let std::collections::hash_map::Entry::Vacant(slot) = maps.entry(key) {
             let mut encoded = sys::CUtensorMap { opaque: [0; 16] };
-            let (dims, strides) = ([k as u64, rows as u64], [k as u64]);
-            let (boxes, steps) = ([TILE_K, map.rows], [1u32, 1]);
+            let (kind, rank, bytes, layers, boxes) = match mapped {
+                Mapped::Operand(rows) => {
+                    (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, 1, 1, [TILE_K, rows, 1])
+                }
+                Mapped::Output(layers) => (
+                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                    3,
+                    4,
+                    layers,
+                    [STORE_COLUMNS, TILE_M, 1],
+                ),
+            };
+            let dims = [columns, rows, layers].map(|d| d as u64);
+            let strides = [columns * bytes, rows * columns * bytes].map(|s| s as u64);
+            let steps = [1u32; 3];
             // SAFETY: `encoded` is a CUtensorMap (64-byte aligned by its type) and every array
-            // has the rank's length (strides one less); the driver only writes `encoded`.
+            // has at least the rank's length (strides one less); the driver only writes `encoded`.
             unsafe {
                 sys::cuTensorMapEncodeTiled(
                     &mut encoded,
-                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
-                    2,
+                    kind,
+                    rank,
                     data as *mut std::ffi::c_void,
                     dims.as_ptr(),
                     strides.as_ptr(),
@@ -212,12 +235,14 @@ pub struct Addend {
 impl GeneratedGemm {
     /// Whether a product of `rows` × `n` over `k` fits the tile (the grouped form takes any
     /// number of rows: the experts' last blocks are partial, and any even n: blocks past it store
-    /// nothing, as the dense form's; the Wgrad form reads every column's scale of its blocks, so
-    /// its n is a multiple of theirs).
+    /// nothing; the dense form's n a multiple of 4, for C's tensor map, which stores nothing past
+    /// it either; the Wgrad form reads every column's scale of its blocks, so its n is a
+    /// multiple of theirs).
     pub fn fits(&self, rows: usize, n: usize, k: usize) -> bool {
         let (rows_fit, n_fits) = match self.form {
             Form::Grouped => (true, n.is_multiple_of(2)),
-            Form::Dense => (rows.is_multiple_of(self.tile.m as usize), n.is_multiple_of(2)),
+            // C's tensor map: its rows' bytes a multiple of 16.
+            Form::Dense => (rows.is_multiple_of(self.tile.m as usize), n.is_multiple_of(4)),
             Form::Wgrad => (
                 rows.is_multiple_of(self.tile.m as usize),
                 n.is_multiple_of((self.tile.n * self.tile.cluster) as usize),
@@ -258,10 +283,16 @@ impl GeneratedGemm {
         // A's rows, and B's: all experts' weights (Grouped) or the tokens' columns (Wgrad).
         let b_rows = if self.form == Form::Grouped { p.experts * p.n } else { p.n };
         let (a_box, b_box) = self.tile.boxes();
-        let a_map = self.maps.at(gpu, p.a.data, p.rows, p.k, a_box)?;
-        let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, b_box)?;
+        let a_map = self.maps.at(gpu, p.a.data, p.rows, p.k, Mapped::Operand(a_box.rows))?;
+        let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, Mapped::Operand(b_box.rows))?;
+        // The dense and Wgrad forms store C through its tensor map (`gemm::fp8_gemm`).
+        let out = match self.form {
+            Form::Dense => self.maps.at(gpu, p.out, p.rows, p.n, Mapped::Output(1))?,
+            Form::Wgrad => self.maps.at(gpu, p.out, p.rows, p.n, Mapped::Output(p.experts))?,
+            Form::Grouped => p.out,
+        };
         let mut launch = gpu.stream.launch_builder(&self.function);
-        launch.arg(&a_map).arg(&b_map).arg(&p.a.scales).arg(&p.b.scales).arg(&p.out);
+        launch.arg(&a_map).arg(&b_map).arg(&p.a.scales).arg(&p.b.scales).arg(&out);
         let accumulate = u32::from(p.accumulate);
         launch.arg(&rows).arg(&n).arg(&k).arg(&accumulate);
         if self.form != Form::Dense {
@@ -270,8 +301,8 @@ impl GeneratedGemm {
         // The grouped form's second pair (the first again, over no K, where there is none).
         let second = match &p.plus {
             Some(plus) => {
-                let a_map = self.maps.at(gpu, plus.a.data, p.rows, plus.k, a_box)?;
-                let b_map = self.maps.at(gpu, plus.b.data, b_rows, plus.k, b_box)?;
+                let a_map = self.maps.at(gpu, plus.a.data, p.rows, plus.k, Mapped::Operand(a_box.rows))?;
+                let b_map = self.maps.at(gpu, plus.b.data, b_rows, plus.k, Mapped::Operand(b_box.rows))?;
                 (a_map, b_map, plus.a.scales, plus.b.scales, narrow(plus.k)?)
             }
             None => (a_map, b_map, p.a.scales, p.b.scales, 0),
@@ -280,7 +311,8 @@ impl GeneratedGemm {
             launch.arg(&second.0).arg(&second.1).arg(&second.2).arg(&second.3).arg(&second.4);
         }
         // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: the operands'
-        // tensor maps, three pointers, M, N, K, whether to accumulate, but for the dense form
+        // tensor maps, three pointers (the dense form's C a tensor map too), M, N, K, whether
+        // to accumulate, but for the dense form
         // the offsets and E, and the grouped form's second pair's maps, scales and K), each map
         // of a live buffer of the plan and each pointer the address of one, with the sizes given.
         unsafe { launch.launch(config) }?;
