@@ -43,7 +43,8 @@
 #             match the regex $KERNELS, in `dsc tune target/plan-bench` (the generated GEMMs);
 #             with RUN=train, in the bench model's first step; with RUN=gemm, in
 #             benches/fp8_gemm.py --profile $SHAPE (default 7168,16384: cuBLASLt's product and
-#             target/gemm's kernels on issue 9's shape): $OUT/ncu-$NAME.txt (NAME defaults to RUN)
+#             target/gemm's kernels on issue 9's shape): $OUT/ncu-$NAME.txt (NAME defaults to RUN),
+#             and each SASS instruction's executions and warp stall samples in $OUT/ncu-$NAME-sass.csv
 #   dp N      issue 8's data parallelism: the bench model N steps (default 20) on one GPU, then
 #             on two as two processes with ZeRO-1 (torchrun), the same global batch: losses
 #             side by side, the scaling of tokens/s (benches/data_parallel.py; a kind with two
@@ -141,14 +142,20 @@ while [ $# -gt 0 ]; do
         gemm) run=(python3 benches/fp8_gemm.py --generated target/gemm/*.ptx --profile "${SHAPE:-7168,16384}") from=off ;;
         *) run=(target/gpu/dsc tune target/plan-bench --repeats 1) from=on ;;
       esac
+      name="$OUT/ncu-${NAME:-${RUN:-tune}}"
       ncu --clock-control none --profile-from-start "$from" -k "regex:${KERNELS:?ncu needs KERNELS, a regex of kernel names}" -c "${n:-1}" \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
         --section SourceCounters \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$' \
-        "${run[@]}" > "$OUT/ncu-${NAME:-${RUN:-tune}}.txt" 2>&1
+        -f -o "$name" "${run[@]}" > "$name.txt" 2>&1
+      ncu -i "$name.ncu-rep" --page details >> "$name.txt" 2>&1
+      # Per SASS instruction: executions and the warps' stall samples by reason (the report
+      # itself is not kept: it can be tens of MB).
+      ncu -i "$name.ncu-rep" --page source --print-source sass --csv > "$name-sass.csv" 2>&1
+      rm -f "$name.ncu-rep"
       grep -E '^  [a-z_0-9]+.*\(|Duration|Throughput|Pipe|Issue Slots|Warp Cycles|Stall|Registers|Achieved Occupancy' \
-        "$OUT/ncu-${NAME:-${RUN:-tune}}.txt" | head -n 80
+        "$name.txt" | head -n 80
       ;;
     dp)
       python3 benches/data_parallel.py --dsc target/gpu/dsc --plan target/plan-bench --dp-plan target/plan-bench-dp2 \
