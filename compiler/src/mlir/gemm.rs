@@ -173,7 +173,7 @@ impl Tile {
 /// `cuTensorMapEncodeTiled` wrote for the operand as a 2-D u8 tensor (K innermost, rows
 /// outer; for the grouped B, all experts' rows), with a box of 128 × `rows`, 128-byte
 /// swizzle and zeros out of bounds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorMap {
     pub rows: u32,
 }
@@ -797,8 +797,7 @@ impl Stores {
         let row = g.line(format!("llvm.trunc {row} : i64 to i32"));
         let buffers = g.op_c("mul", &self.group, u64::from(2 * STORE_BYTES));
         let buffers = g.op("add", &self.base, &buffers);
-        let zero = g.i64(0);
-        let storer = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", self.in_group));
+        let storer = self.storer(g);
         let barrier = g.op_c("add", &self.group, 1);
         let barrier = g.line(format!("llvm.trunc {barrier} : i64 to i32"));
         let (rows, chunks) = self.places(g);
@@ -845,11 +844,16 @@ impl Stores {
         }
     }
 
+    /// Whether the thread issues its consumer's copies (i1): the consumer's first thread.
+    fn storer(&self, g: &mut Lines) -> String {
+        let zero = g.i64(0);
+        g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", self.in_group))
+    }
+
     /// The consumer's last stores done before the block ends (their buffers are its shared
     /// memory).
     fn finish(&self, g: &mut Lines) {
-        let zero = g.i64(0);
-        let storer = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", self.in_group));
+        let storer = self.storer(g);
         g.stmt(format!("scf.if {storer} {{"));
         g.asm("cp.async.bulk.wait_group 0;", &[]);
         g.stmt("}");

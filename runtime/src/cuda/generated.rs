@@ -12,7 +12,7 @@ use super::scaled::Fp8Operand;
 use super::{Gpu, GpuError};
 use cudarc::driver::sys::{self, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
-use dsc_compiler::mlir::gemm::{Form, Tile, MAX_EXPERTS, STORE_COLUMNS, TILE_K, TILE_M};
+use dsc_compiler::mlir::gemm::{Form, TensorMap, Tile, MAX_EXPERTS, STORE_COLUMNS, TILE_K, TILE_M};
 use dsc_compiler::plan::tuning::{Tuning, LIBRARY};
 use dsc_compiler::plan::Plan;
 use std::collections::HashMap;
@@ -39,13 +39,13 @@ struct TensorMaps(Mutex<HashMap<Encoded, CudaSlice<u8>>>);
 /// What a tensor map encodes: the tensor's address, rows and columns, and what it is of.
 type Encoded = (u64, usize, usize, Mapped);
 
-/// What a tensor map is of: an E4M3 operand read in boxes of 128 bytes of K × `rows`
-/// (`gemm::TensorMap`), or C of the dense and Wgrad forms, f32, in `layers` (the Wgrad's
+/// What a tensor map is of: an E4M3 operand read in its [`TensorMap`]'s boxes (128 bytes of
+/// K × its rows), or C of the dense and Wgrad forms, f32, in `layers` (the Wgrad's
 /// experts; 1) of [rows, columns], written in boxes of `gemm::STORE_COLUMNS` × `gemm::TILE_M`
 /// of a layer.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Mapped {
-    Operand(u32),
+    Operand(TensorMap),
     Output(usize),
 }
 
@@ -58,8 +58,8 @@ impl TensorMaps {
         if let std::collections::hash_map::Entry::Vacant(slot) = maps.entry(key) {
             let mut encoded = sys::CUtensorMap { opaque: [0; 16] };
             let (kind, rank, bytes, layers, boxes) = match mapped {
-                Mapped::Operand(rows) => {
-                    (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, 1, 1, [TILE_K, rows, 1])
+                Mapped::Operand(map) => {
+                    (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, 1, 1, [TILE_K, map.rows, 1])
                 }
                 Mapped::Output(layers) => (
                     sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
@@ -283,8 +283,8 @@ impl GeneratedGemm {
         // A's rows, and B's: all experts' weights (Grouped) or the tokens' columns (Wgrad).
         let b_rows = if self.form == Form::Grouped { p.experts * p.n } else { p.n };
         let (a_box, b_box) = self.tile.boxes();
-        let a_map = self.maps.at(gpu, p.a.data, p.rows, p.k, Mapped::Operand(a_box.rows))?;
-        let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, Mapped::Operand(b_box.rows))?;
+        let a_map = self.maps.at(gpu, p.a.data, p.rows, p.k, Mapped::Operand(a_box))?;
+        let b_map = self.maps.at(gpu, p.b.data, b_rows, p.k, Mapped::Operand(b_box))?;
         // The dense and Wgrad forms store C through its tensor map (`gemm::fp8_gemm`).
         let out = match self.form {
             Form::Dense => self.maps.at(gpu, p.out, p.rows, p.n, Mapped::Output(1))?,
@@ -301,8 +301,8 @@ impl GeneratedGemm {
         // The grouped form's second pair (the first again, over no K, where there is none).
         let second = match &p.plus {
             Some(plus) => {
-                let a_map = self.maps.at(gpu, plus.a.data, p.rows, plus.k, Mapped::Operand(a_box.rows))?;
-                let b_map = self.maps.at(gpu, plus.b.data, b_rows, plus.k, Mapped::Operand(b_box.rows))?;
+                let a_map = self.maps.at(gpu, plus.a.data, p.rows, plus.k, Mapped::Operand(a_box))?;
+                let b_map = self.maps.at(gpu, plus.b.data, b_rows, plus.k, Mapped::Operand(b_box))?;
                 (a_map, b_map, plus.a.scales, plus.b.scales, narrow(plus.k)?)
             }
             None => (a_map, b_map, p.a.scales, p.b.scales, 0),
@@ -311,10 +311,10 @@ impl GeneratedGemm {
             launch.arg(&second.0).arg(&second.1).arg(&second.2).arg(&second.3).arg(&second.4);
         }
         // SAFETY: the arguments follow the kernel's signature (`gemm::fp8_gemm`: the operands'
-        // tensor maps, three pointers (the dense form's C a tensor map too), M, N, K, whether
-        // to accumulate, but for the dense form
-        // the offsets and E, and the grouped form's second pair's maps, scales and K), each map
-        // of a live buffer of the plan and each pointer the address of one, with the sizes given.
+        // tensor maps, three pointers (C a tensor map too, but in the grouped form), M, N, K,
+        // whether to accumulate, but for the dense form the offsets and E, and the grouped
+        // form's second pair's maps, scales and K), each map of a live buffer of the plan and
+        // each pointer the address of one, with the sizes given.
         unsafe { launch.launch(config) }?;
         Ok(())
     }
