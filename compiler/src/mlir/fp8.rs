@@ -810,15 +810,19 @@ fn column_tiles_kernel(
     let slot = inputs.len();
     let source = by_expert.map_or(ExpertRows::Stored, |(_, source)| source);
     let (row_blocks, gn) = (m.div_ceil(COLUMN_TILE_ROWS), n.div_ceil(cols));
-    // The block's tile of the result, [64 rows][cols], each row one float longer than the
-    // group so that the lanes' writes of a column fall in different banks.
-    let pitch = cols + 1;
+    // The block's tile of the result, [64 rows][cols], skewed so that neither side meets a
+    // bank twice: element (r, c) at r·pitch + ⌊r/32⌋ + c + ⌊c/32⌋, the pitch odd. The writes
+    // (a column, the lanes' rows 2l and 2l + 1) then differ in r·pitch mod 32 or, 16 lanes
+    // apart, by ⌊r/32⌋; the reads (a row, lane l's columns 4l + k) differ in 4l mod 32 or,
+    // 8 lanes apart, by ⌊c/32⌋. (A pitch of cols + 1 alone left two lanes to a bank in the
+    // writes and four in the reads: ncu, session 35.)
+    let pitch = (cols + cols.div_ceil(32)) | 1;
     let shared = COLUMN_TILE_ROWS * pitch;
     let per_lane = COLUMN_TILE_ROWS / 32;
     let mut b = Body::new();
     let _ = write!(
         b.text,
-        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %tile_rows = arith.constant {COLUMN_TILE_ROWS} : index\n      %per_lane = arith.constant {per_lane} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %tile_rows : index\n      %lane_rows = arith.muli %lane, %per_lane : index\n      %i = arith.addi %i0, %lane_rows : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_at = arith.muli %lane_rows, %pitch : index\n"
+        "      %m = arith.constant {m} : index\n      %rows = arith.constant {m} : index\n      %n = arith.constant {n} : index\n      %cols = arith.constant {cols} : index\n      %pitch = arith.constant {pitch} : index\n      %wpb = arith.constant {TILE_WARPS} : index\n      %tile_rows = arith.constant {COLUMN_TILE_ROWS} : index\n      %per_lane = arith.constant {per_lane} : index\n      %row_blocks = arith.constant {row_blocks} : index\n      %rb = arith.remui %bid, %row_blocks : index\n      %gc = arith.divui %bid, %row_blocks : index\n      %i0 = arith.muli %rb, %tile_rows : index\n      %lane_rows = arith.muli %lane, %per_lane : index\n      %i = arith.addi %i0, %lane_rows : index\n      %lane_in = arith.cmpi ult, %i, %m : index\n      %j0 = arith.muli %gc, %cols : index\n      %je = arith.addi %j0, %cols : index\n      %j1 = arith.minui %je, %n : index\n      %lane_row_at = arith.muli %lane_rows, %pitch : index\n      %lane_skew = arith.divui %lane_rows, %c32 : index\n      %lane_at = arith.addi %lane_row_at, %lane_skew : index\n"
     );
     views(&mut b, slot, m, n, 1, cols);
     if let Some((experts, _)) = by_expert {
@@ -850,9 +854,12 @@ fn column_tiles_kernel(
     }
     for (turn, local, values) in loaded {
         let at = b.line(format!("arith.addi %lane_at, {local} : index"));
+        // The lane's rows 2l + e share ⌊r/32⌋ (lane_at's), the turn's columns ⌊c/32⌋ (the warp
+        // adds less than 8 to a multiple of 8).
+        let column_skew = turn * TILE_WARPS / 32;
         let stores: Vec<String> = (values.iter().enumerate())
             .map(|(e, v)| {
-                let offset = b.line(format!("arith.constant {} : index", e * pitch));
+                let offset = b.line(format!("arith.constant {} : index", e * pitch + column_skew));
                 let at = b.line(format!("arith.addi {at}, {offset} : index"));
                 format!("memref.store {v}, %shared[{at}] : memref<{shared}xf32, #gpu.address_space<workgroup>>")
             })
@@ -875,8 +882,14 @@ fn column_tiles_kernel(
     let col = b.line(format!("arith.addi %j0, {local_col} : index"));
     let col_in = b.line(format!("arith.cmpi ult, {col}, %j1 : index"));
     let stores = b.line(format!("arith.andi {row_in}, {col_in} : i1"));
-    let base = b.line("arith.muli %local_row, %pitch : index".into());
-    let base = b.line(format!("arith.addi {base}, {local_col} : index"));
+    // Row r's start r·pitch + ⌊r/32⌋, lane l's columns 4l.. at 4l + ⌊l/8⌋ past it.
+    let row_at = b.line("arith.muli %local_row, %pitch : index".into());
+    let row_skew = b.line("arith.divui %local_row, %c32 : index".into());
+    let eight = b.line("arith.constant 8 : index".into());
+    let column_skew = b.line(format!("arith.divui %lane, {eight} : index"));
+    let base = [row_skew, local_col.clone(), column_skew]
+        .iter()
+        .fold(row_at, |at, part| b.line(format!("arith.addi {at}, {part} : index")));
     let values: Vec<String> = (0..4)
         .map(|c| {
             let offset = b.line(format!("arith.constant {c} : index"));

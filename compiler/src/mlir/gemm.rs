@@ -559,14 +559,12 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             g.asm("wgmma.fence.sync.aligned;", &[]);
             let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
             let mut partial = vec![zero.clone(); registers];
+            let [a_tile, b_tile] = [&a_at, &b_at].map(|at| super::ptx::descriptor(g, &layout, at));
             for step in 0..TILE_K / 32 {
                 // 32 bytes of K per product, within the swizzled rows.
-                let descriptor = |g: &mut Lines, base: &str| {
-                    let at = g.op_c("add", base, u64::from(step * 32));
-                    super::ptx::descriptor(g, &layout, &at)
-                };
-                let a = descriptor(g, &a_at);
-                let b = descriptor(g, &b_at);
+                let offset = u64::from(step * 32);
+                let a = super::ptx::descriptor_past(g, &a_tile, offset);
+                let b = super::ptx::descriptor_past(g, &b_tile, offset);
                 let keep = g.i32(u32::from(step > 0));
                 let text = format!(
                     r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",

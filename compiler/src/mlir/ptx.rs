@@ -174,6 +174,17 @@ pub fn descriptor(g: &mut Lines, layout: &str, at: &str) -> String {
     g.op("or", layout, &address)
 }
 
+/// The descriptor of the tile `offset` bytes past the one `descriptor` ([`descriptor`])
+/// describes: one add to its address field (bytes / 16). Shared addresses are below 2^18, so
+/// the field (the address's bits 4–17) never carries into the bits above it.
+pub fn descriptor_past(g: &mut Lines, descriptor: &str, offset: u64) -> String {
+    assert_eq!(offset % 16, 0, "descriptors address 16-byte units");
+    if offset == 0 {
+        return descriptor.to_string();
+    }
+    g.op_c("add", descriptor, offset >> 4)
+}
+
 /// Bytes of registers spilled to local memory, as `report` (ptxas -v) gives them: the stores'
 /// count of every function it lists.
 #[cfg(all(test, feature = "mlir"))]
