@@ -816,7 +816,7 @@ fn column_tiles_kernel(
     // apart, by ⌊r/32⌋; the reads (a row, lane l's columns 4l + k) differ in 4l mod 32 or,
     // 8 lanes apart, by ⌊c/32⌋. (A pitch of cols + 1 alone left two lanes to a bank in the
     // writes and four in the reads: ncu, session 35.)
-    let pitch = (cols + cols.div_ceil(32)) | 1;
+    let pitch = column_tile_pitch(cols);
     let shared = COLUMN_TILE_ROWS * pitch;
     let per_lane = COLUMN_TILE_ROWS / 32;
     let mut b = Body::new();
@@ -907,6 +907,12 @@ fn column_tiles_kernel(
     let mlir = tile_module(name, &b.text, source_types(by_expert.is_some(), source), &workgroup);
     let args = inputs.iter().copied().chain([out]).collect();
     Emitted { mlir, grid: (row_blocks * gn).max(1) as u32, block: (32 * TILE_WARPS) as u32, args, zeroed: false }
+}
+
+/// The row pitch (in floats) of [`column_tiles_kernel`]'s skewed tile `cols` wide: odd, and
+/// room for each row's ⌊c/32⌋.
+fn column_tile_pitch(cols: usize) -> usize {
+    (cols + cols.div_ceil(32)) | 1
 }
 
 /// Rows of x each warp of [`both_ways_kernel`] keeps in registers (a block's warps: a tile).
@@ -1049,5 +1055,39 @@ pub fn both_ways_kernel(name: &str, shape: BothWays, x: u32, outputs: [u32; 2]) 
         block: (32 * TILE_WARPS) as u32,
         args: vec![x, outputs[0], outputs[1]],
         zeroed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`column_tiles_kernel`]'s skewed tile (element (r, c) at r·pitch + ⌊r/32⌋ + c + ⌊c/32⌋)
+    /// fits its shared memory, and each warp's access meets 32 distinct banks: its writes (a
+    /// column; lane l's rows 2l and 2l + 1, one at a time) and its reads (a row; lane l's
+    /// columns 4l + k, one k at a time), for every row, column and k.
+    #[test]
+    fn the_column_tile_is_free_of_bank_conflicts() {
+        for cols in [32, 64, 128] {
+            let pitch = column_tile_pitch(cols);
+            let at = |r: usize, c: usize| r * pitch + r / 32 + c + c / 32;
+            assert!(at(COLUMN_TILE_ROWS - 1, cols - 1) < COLUMN_TILE_ROWS * pitch);
+            let distinct = |addresses: Vec<usize>| {
+                let banks: std::collections::HashSet<usize> = addresses.iter().map(|a| a % 32).collect();
+                banks.len() == addresses.len()
+            };
+            let per_lane = COLUMN_TILE_ROWS / 32;
+            for c in 0..cols {
+                for e in 0..per_lane {
+                    assert!(distinct((0..32).map(|l| at(per_lane * l + e, c)).collect()), "cols {cols}, column {c}");
+                }
+            }
+            for r in 0..COLUMN_TILE_ROWS {
+                for k in 0..4 {
+                    let lanes = (0..32).filter(|l| 4 * l + k < cols);
+                    assert!(distinct(lanes.map(|l| at(r, 4 * l + k)).collect()), "cols {cols}, row {r}");
+                }
+            }
+        }
     }
 }
