@@ -37,9 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fp8_gemm import tensor_map  # noqa: E402
+
 TILE_ROWS = 64  # a warpgroup's rows; two warpgroups a block
 BLOCK_ROWS = 128
-THREADS = 256
+RING_SLOTS = 3  # attention::ring::SLOTS
 
 
 def tile_bytes(width):
@@ -59,13 +62,20 @@ class Generated:
         self.qk, self.v, self.packed = int(qk), int(v), packed is not None
         self.name = f"attention_{self.shape}"
         self.kernels = {}
+        self.streams = False
         for path in paths:
             name = os.path.splitext(os.path.basename(path))[0]
+            text = open(path).read()
             kernel = cupy.RawModule(path=path).get_function(name)
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
+            if kind == "fwd":
+                # The forward streams Q, K and V by TMA from a producer warp where its PTX
+                # copies tensors (`Heads::streams`; earlier kernels stage them).
+                self.streams = "cp.async.bulk.tensor" in text
             shared = self.forward_shared() if kind == "fwd" else self.backward_shared()
             kernel.max_dynamic_shared_size_bytes = shared
-            self.kernels[kind] = (kernel, shared)
+            threads = int(re.search(r"\.maxntid (\d+),", text).group(1))
+            self.kernels[kind] = (kernel, shared, threads)
         self.backward = all(k in self.kernels for k in ("dq", "dk", "dv"))
 
     def columns(self, qk_packed, v_packed, terms):
@@ -76,9 +86,14 @@ class Generated:
         return tiles(self.qk, qk_packed) + tiles(self.v, v_packed) + (2 * 512 if terms else 0)
 
     def forward_shared(self):
-        """As `Heads::shared_bytes`: each warpgroup's Q tile, then K's and V's columns (earlier
-        kernels need no more)."""
-        return 2 * tile_bytes(self.qk) + self.columns(self.packed, self.packed, False)
+        """As `Heads::shared_bytes`: each warpgroup's Q tile, then K's and V's columns or,
+        streamed, their ring (`attention::ring::Ring::bytes`: the slots and 8-byte mbarriers)
+        (earlier kernels need no more)."""
+        if self.streams:
+            columns = RING_SLOTS * (tile_bytes(self.qk) + tile_bytes(self.v)) + (4 * RING_SLOTS + 1) * 8
+        else:
+            columns = self.columns(self.packed, self.packed, False)
+        return 2 * tile_bytes(self.qk) + columns
 
     def backward_shared(self):
         """As `Heads::backward_shared_bytes`: each warpgroup's row tiles of both widths, then
@@ -88,8 +103,8 @@ class Generated:
         return rows + max(self.columns(self.packed, self.packed, False), self.columns(self.packed, False, True))
 
     def launch(self, kind, grid, args):
-        kernel, shared = self.kernels[kind]
-        kernel(grid, (THREADS, 1, 1), args, shared_mem=shared)
+        kernel, shared, threads = self.kernels[kind]
+        kernel(grid, (threads, 1, 1), args, shared_mem=shared)
 
     def stored(self, x):
         """Q, K or V as the kernels read it: BF16 where they read it packed."""
@@ -102,8 +117,13 @@ class Generated:
         lse = torch.full((b, h, s), float("nan"), device="cuda")
         args = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (
             np.uint32(s), np.uint32(h), np.float32(scale))
+        maps = []
+        if self.streams:
+            # Q, K and V as [B·S, H·D] BF16 tensors in boxes of 64 x 64 (`attention::MAP_BOX`).
+            maps = [tensor_map(x.view(b * s, -1), 64, 64) for x in (q, k, v)]
+            args += tuple(np.uint64(m.data_ptr()) for m in maps)
         # The launches keep the tensors whose addresses they pass (here and in `grads`).
-        return o, lse, lambda kept=(q, k, v): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
+        return o, lse, lambda kept=(q, k, v, maps): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
 
     def grads(self, q, k, v, o, do, lse, scale):
         b, s, h, _ = q.shape

@@ -103,8 +103,9 @@ def rel(y, ref):
 def tensor_map(t, box_rows, box_columns=128):
     """A `CUtensorMap` on the GPU (128 bytes, 64-aligned) for t (row-major [..., columns], all
     leading dimensions as rows): an E4M3 operand as a 2-D u8 tensor (what
-    `compiler::mlir::gemm::TensorMap` says a launch passes), or the dense form's f32 output as
-    a 3-D tensor of one layer (what `compiler::mlir::gemm::fp8_gemm` says); box box_columns x
+    `compiler::mlir::gemm::TensorMap` says a launch passes), the dense form's f32 output as
+    a 3-D tensor of one layer (what `compiler::mlir::gemm::fp8_gemm` says), or the attention's
+    BF16 inputs as 2-D tensors (`compiler::mlir::attention::MAP_ARGS`); box box_columns x
     box_rows elements (x 1 layer), 128-byte swizzle, zeros out of bounds."""
     import ctypes
     columns = t.shape[-1]
@@ -113,8 +114,8 @@ def tensor_map(t, box_rows, box_columns=128):
     raw = (ctypes.c_uint8 * 192)()
     at = ctypes.addressof(raw) + (-ctypes.addressof(raw)) % 64
     driver = ctypes.CDLL("libcuda.so.1")
-    output = t.dtype == torch.float32
-    kind, rank = (7, 3) if output else (0, 2)  # CU_TENSOR_MAP_DATA_TYPE_FLOAT32 or _UINT8
+    # CU_TENSOR_MAP_DATA_TYPE_FLOAT32, _BFLOAT16 or _UINT8.
+    kind, rank = {torch.float32: (7, 3), torch.bfloat16: (9, 2)}.get(t.dtype, (0, 2))
     size = t.element_size()
     result = driver.cuTensorMapEncodeTiled(
         ctypes.c_void_p(at), kind, rank, ctypes.c_void_p(t.data_ptr()), (u64 * 3)(columns, rows, 1),

@@ -35,9 +35,13 @@
 //! column block. Not yet: TMA, warp specialisation and the warpgroups' ping-pong. The staging's
 //! thread layout keeps its addresses out of the loops' live registers.
 
+mod ring;
+
 use super::ptx::{Lines, Loop};
 use crate::fuse::kernels::base;
 use crate::graph::ir::{Function, Node, Op};
+use ring::Ring;
+pub use ring::{MAP_ARGS, MAP_BOX};
 use std::collections::HashSet;
 
 /// Rows of a warpgroup's tile (its products' M: 16 per warp), and columns (keys or queries)
@@ -84,9 +88,23 @@ impl Heads {
         u64::from(WARPGROUPS) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))
     }
 
+    /// Whether the forward streams its tiles by TMA from a producer warp ([`ring`]): where Q,
+    /// K and V are packed BF16. It then takes the tensor maps [`MAP_ARGS`] after its other
+    /// arguments.
+    pub fn streams(self) -> bool {
+        self.bf16_inputs
+    }
+
+    /// Threads of a forward block: the warpgroups, and the producer warp where it
+    /// [`Heads::streams`]. (The backward's: [`THREADS`].)
+    pub fn forward_threads(self) -> u32 {
+        THREADS + if self.streams() { 32 } else { 0 }
+    }
+
     /// Dynamic shared memory a forward block needs.
     pub fn shared_bytes(self) -> u32 {
-        (self.forward_rows_bytes() + Columns::bytes(self, &column_sources(None))) as u32
+        let columns = if self.streams() { Ring::bytes(self) } else { Columns::bytes(self, &column_sources(None)) };
+        (self.forward_rows_bytes() + columns) as u32
     }
 
     /// Dynamic shared memory a backward block needs: the most of its three passes'.
@@ -118,6 +136,10 @@ struct Block {
     seq: String,
     /// batch · H + head: the blocks' y.
     bh: String,
+    /// The head, and its sequence's first row among the B·S (batch · S): the tensor maps'
+    /// coordinates ([`ring`]).
+    head: String,
+    sequence_row: String,
     qk_at: String,
     v_at: String,
     qk_row: String,
@@ -174,6 +196,8 @@ impl Block {
             my_rows,
             seq,
             bh,
+            head,
+            sequence_row: token0,
             qk_at,
             v_at,
             qk_row,
@@ -809,7 +833,7 @@ fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
 /// and the dV pass's over queries.
 struct Pipelined<'a> {
     b: &'a Block,
-    columns: &'a Columns<'a>,
+    feed: Feed<'a>,
     order: Order,
     /// The row block (i64) and the warpgroup's tile of it, for the mask.
     row_block: &'a str,
@@ -832,14 +856,14 @@ impl Pipelined<'_> {
         extra: Vec<String>,
         mut probabilities: impl FnMut(&mut Lines, &str, &mut [Vec<String>], &[String]) -> (Vec<String>, Option<[String; 2]>),
     ) -> (Vec<String>, Vec<String>) {
-        let (b, columns) = (self.b, self.columns);
-        let trailing = columns.sources[1].1;
-        let trailing_width = b.place(trailing, columns.heads).2;
-        columns.prefetch(g, b, first);
+        let (b, feed) = (self.b, &self.feed);
+        let trailing_width = feed.trailing_width();
+        feed.prefetch(g, b, first);
         // The first block's probabilities (masked: the mask leaves a block off the diagonal
         // as it is).
-        let [s_cols, _] = columns.stage(g, b, first, [first, last]);
+        let [s_cols, _] = feed.stage(g, b, first, [first, last]);
         let mut scores = b.products(g, rows, &s_cols, width);
+        feed.release(g, b, 0, first);
         b.mask(g, &mut scores, first, self.tile, self.order);
         let (extra, _) = probabilities(g, first, &mut scores, &extra);
         let n_extra = extra.len();
@@ -855,7 +879,7 @@ impl Pipelined<'_> {
         };
         let second = g.op_c("add", first, 1);
         let state = column_loops(g, self.order, self.row_block, [&second, last], &initial, |g, j, carried, masked| {
-            let [s_cols, trailing_tile] = columns.stage(g, b, j, [first, last]);
+            let [s_cols, trailing_tile] = feed.stage(g, b, j, [first, last]);
             let a = carried_a(g, carried);
             let fenced = fence(g, &[&carried[..count], &vec![b.zero.clone(); 32][..]].concat(), &a);
             let (acc, scores) = fenced.split_at(count);
@@ -864,11 +888,13 @@ impl Pipelined<'_> {
             let acc = issue_accumulation(g, acc.to_vec(), &a, &trailing_tile, trailing_width);
             commit(g);
             let mut scores: Vec<Vec<String>> = awaited(g, &scores, 1).chunks(4).map(<[String]>::to_vec).collect();
+            feed.release(g, b, 0, j);
             if masked {
                 b.mask(g, &mut scores, j, self.tile, self.order);
             }
             let (extra, factors) = probabilities(g, j, &mut scores, &carried[count..count + n_extra]);
             let mut acc = awaited(g, &acc, 0);
+            feed.release(g, b, 1, j);
             if let Some(factors) = factors {
                 for (i, x) in acc.iter_mut().enumerate() {
                     *x = g.line(format!("llvm.fmul {x}, {} : f32", factors[(i % 4) / 2]));
@@ -878,11 +904,63 @@ impl Pipelined<'_> {
             acc.into_iter().chain(extra).chain(a).collect()
         });
         // The last block's accumulation.
-        let [_, trailing_tile] = columns.drain(g, b, [first, last]);
+        let trailing_tile = feed.drain(g, b, [first, last]);
         let a = carried_a(g, &state);
         let acc = fence(g, &state[..count], &a);
         let acc = issue_accumulation(g, acc, &a, &trailing_tile, trailing_width);
         (completed(g, &acc), state[count..count + n_extra].to_vec())
+    }
+}
+
+/// Where a [`Pipelined`] walk's column tiles come from: staged by the block's threads
+/// ([`Columns`]; block-wide barriers between column blocks) or streamed by the producer warp
+/// ([`Ring`]; each warpgroup waits for its tiles and releases them).
+enum Feed<'a> {
+    Staged(&'a Columns<'a>),
+    Streamed(&'a Ring),
+}
+
+impl Feed<'_> {
+    /// The width of the trailing tensor (the accumulations' B).
+    fn trailing_width(&self) -> u32 {
+        match self {
+            Feed::Staged(columns) => columns.sources[1].1.width(columns.heads),
+            Feed::Streamed(ring) => ring.width(1),
+        }
+    }
+
+    /// Before the walk from block `first`: [`Columns::prefetch`].
+    fn prefetch(&self, g: &mut Lines, b: &Block, first: &str) {
+        if let Feed::Staged(columns) = self {
+            columns.prefetch(g, b, first);
+        }
+    }
+
+    /// The tiles read at block `j` of the walk over `first..upper`, ready.
+    fn stage(&self, g: &mut Lines, b: &Block, j: &str, walk: [&str; 2]) -> [String; 2] {
+        match self {
+            Feed::Staged(columns) => columns.stage(g, b, j, walk),
+            Feed::Streamed(ring) => ring.stage(g, j),
+        }
+    }
+
+    /// After the products reading tensor `t`'s tile at block `j` are done: its release
+    /// (staged tiles are released by the next block's barrier).
+    fn release(&self, g: &mut Lines, b: &Block, t: usize, j: &str) {
+        if let Feed::Streamed(ring) = self {
+            ring.release(g, b, t, j);
+        }
+    }
+
+    /// After the walk over `first..upper`: the trailing tensor's tile of its last block, ready.
+    fn drain(&self, g: &mut Lines, b: &Block, [first, upper]: [&str; 2]) -> String {
+        match self {
+            Feed::Staged(columns) => {
+                let [_, trailing] = columns.drain(g, b, [first, upper]);
+                trailing
+            }
+            Feed::Streamed(ring) => ring.drain(g, upper),
+        }
     }
 }
 
@@ -930,11 +1008,11 @@ fn column_loops(
 }
 
 /// The module of kernel `name` with arguments `args` and `body`.
-fn module(name: &str, args: &str, body: &str) -> String {
+fn module(name: &str, args: &str, body: &str, threads: u32) -> String {
     format!(
         "module attributes {{gpu.container_module}} {{\n  gpu.module @{name} [{target}] {{\n    \
          llvm.mlir.global external @tiles() {{addr_space = 3 : i32, alignment = 1024 : i64}} : !llvm.array<0 x i8>\n    \
-         gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{\n\
+         gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n\
          {body}      gpu.return\n    }}\n  }}\n}}\n",
         target = super::emit::TARGET,
     )
@@ -988,17 +1066,32 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     // The warpgroups' tiles of Q, then the columns'.
     let sq = b.own_tile(&mut g, &b.smem, Heads::tile_bytes(heads.qk));
     let columns_at = g.op_c("add", &b.smem, Heads::forward_rows_bytes(heads));
-    let columns = Columns::new(&mut g, heads, column_sources(None), &columns_at);
-    // The warpgroup's 64 rows of Q, read by the products of every key block.
-    b.stage_own(&mut g, "%q", Layout::Qk, heads, &q0, &sq);
     let o_count = (heads.v / 8 * 4) as usize;
     let zero64 = g.i64(0);
     // Up to the last warpgroup's diagonal.
     let upper = g.op_c("add", &q_block, 1);
     let upper = g.op_c("mul", &upper, WARPGROUPS.into());
+    let sources = column_sources(None);
+    let (ring, columns);
+    let feed = if heads.streams() {
+        // The producer warp streams Q, K and V; the warpgroups wait for them.
+        ring = Ring::new(&mut g, &b, heads, sources.1, &columns_at);
+        g.stmt("gpu.barrier");
+        ring.produce(&mut g, &b, &q_block, &b.smem, [&zero64, &upper]);
+        let threads = g.i64(THREADS.into());
+        let consumes = g.line(format!("llvm.icmp \"ult\" {}, {threads} : i64", b.tid));
+        g.stmt(format!("scf.if {consumes} {{"));
+        ring.await_q(&mut g);
+        Feed::Streamed(&ring)
+    } else {
+        columns = Columns::new(&mut g, heads, sources, &columns_at);
+        // The warpgroup's 64 rows of Q, read by the products of every key block.
+        b.stage_own(&mut g, "%q", Layout::Qk, heads, &q0, &sq);
+        Feed::Staged(&columns)
+    };
     // Carried beside the output accumulators (16 rows × Dv per warp): each of the thread's two
     // rows' running maximum score and sum.
-    let walk = Pipelined { b: &b, columns: &columns, order: Order::ColumnsUpToRow, row_block: &q_block, tile: &q_tile };
+    let walk = Pipelined { b: &b, feed, order: Order::ColumnsUpToRow, row_block: &q_block, tile: &q_tile };
     let initial = [&b.minus_inf, &b.minus_inf, &b.zero, &b.zero].map(String::clone).to_vec();
     let (mut out, state) =
         walk.run(&mut g, [&zero64, &upper], (&sq, heads.qk, o_count), initial, |g, _, scores, carried| {
@@ -1032,12 +1125,14 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
         g.stmt("}");
     }
     b.store(&mut g, "%o", Layout::V, heads, &out, &q0, None);
-    module(
-        name,
-        "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %lse: !llvm.ptr<1>, \
-         %seq: i32, %heads: i32, %scale: f32",
-        g.text(),
-    )
+    let mut args = "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %lse: !llvm.ptr<1>, \
+                    %seq: i32, %heads: i32, %scale: f32"
+        .to_string();
+    if heads.streams() {
+        g.stmt("}");
+        args = format!("{args}, {MAP_ARGS}");
+    }
+    module(name, &args, g.text(), heads.forward_threads())
 }
 
 /// What a backward kernel computes; three kernels, launched in this order, because the
@@ -1116,7 +1211,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
     let sums = if pass == Pass::Value {
         // dV = Σ Pᵀ·dO, pipelined: dO's tiles trail Q's.
-        let walk = Pipelined { b: &b, columns: &columns, order, row_block: &row_block, tile: &tile };
+        let walk = Pipelined { b: &b, feed: Feed::Staged(&columns), order, row_block: &row_block, tile: &tile };
         let walked = walk.run(&mut g, [&lower, &upper], (&s_rows, heads.qk, count), Vec::new(), |g, j, p, _| {
             let shifts = column_shifts(g, &b, &columns, j);
             for (n, tile) in p.iter_mut().enumerate() {
@@ -1185,6 +1280,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %do: !llvm.ptr<1>, \
          %lse: !llvm.ptr<1>, %delta: !llvm.ptr<1>, %grad: !llvm.ptr<1>, %seq: i32, %heads: i32, %scale: f32",
         g.text(),
+        THREADS,
     )
 }
 
@@ -1376,7 +1472,8 @@ mod tests {
     /// MLA's forward and backward passes lower to PTX whose products are BF16 `wgmma`s (the
     /// scores 64 × 64 from shared memory, the accumulations' A from registers and B N-major),
     /// after the staged tiles are fenced for the tensor cores (the inputs copied as they are
-    /// where packed, 16 bytes a store), within a multiprocessor's shared memory, and, where
+    /// where packed, 16 bytes a store) or, in the forward on packed inputs, streamed by TMA
+    /// through mbarriers, within a multiprocessor's shared memory, and, where
     /// `DSC_PTXAS` names ptxas, assemble for sm_90a (spilling only where said).
     #[test]
     fn the_attention_kernels_lower_to_warpgroup_products_and_assemble() {
@@ -1401,16 +1498,29 @@ mod tests {
                 assert_eq!(ptx.matches(scores).count(), score_products, "{ptx}");
                 let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
                 assert_eq!(ptx.matches(&accumulation).count(), accumulations, "{ptx}");
-                assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
-                // Every column tile is fetched a block ahead by `cp.async` (f32 tensors' as they
-                // are): 16-byte f32 loads are only the warpgroups' own f32 row tiles' (staged
-                // once: 128 threads, 16 bytes each, 64 rows of 192 or 128) and, in the query
-                // pass, D's (dO and O, 32).
-                assert!(ptx.contains("cp.async.cg.shared.global"), "{ptx}");
-                let (q, k, v, d_o) = if bf16_inputs { (0, 0, 0, 16) } else { (24, 24, 16, 16) };
-                let rows = [q, q + d_o + 32, k + v, k][i];
-                assert_eq!(ptx.matches("ld.global.v4.b32").count(), rows, "{ptx}");
+                let tma = ptx.matches("cp.async.bulk.tensor.2d.shared::cluster.global").count();
+                if i == 0 && heads.streams() {
+                    // The producer warp's TMA copies: both warpgroups' Q tiles (3 boxes of 64
+                    // columns each), then per column block K's 3 and V's 2; no block-wide
+                    // barrier after the roles part.
+                    assert_eq!(tma, 2 * 3 + 3 + 2, "{ptx}");
+                    assert!(ptx.contains(".maxntid 288, 1, 1"), "{ptx}");
+                    assert_eq!(ptx.matches("bar.sync").count(), 1, "{ptx}");
+                    assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"));
+                    assert!(!ptx.contains("cp.async.cg.shared.global"), "{ptx}");
+                } else {
+                    assert_eq!(tma, 0, "{ptx}");
+                    assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
+                    // Every column tile is fetched a block ahead by `cp.async` (f32 tensors' as
+                    // they are): 16-byte f32 loads are only the warpgroups' own f32 row tiles'
+                    // (staged once: 128 threads, 16 bytes each, 64 rows of 192 or 128) and, in
+                    // the query pass, D's (dO and O, 32).
+                    assert!(ptx.contains("cp.async.cg.shared.global"), "{ptx}");
+                    let (q, k, v, d_o) = if bf16_inputs { (0, 0, 0, 16) } else { (24, 24, 16, 16) };
+                    let rows = [q, q + d_o + 32, k + v, k][i];
+                    assert_eq!(ptx.matches("ld.global.v4.b32").count(), rows, "{ptx}");
+                }
                 if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
                     let spilled = crate::mlir::ptx::spilled_bytes(&report);
                     eprintln!("bf16 inputs {bf16_inputs}, pass {i}: {spilled} bytes spilled\n{report}");

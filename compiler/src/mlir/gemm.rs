@@ -323,7 +323,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             // The stage's previous round released (a fresh barrier passes the wait for parity 1).
             let released = g.op_c("xor", &parity, 1);
             let empty = barrier(g, 1, &stage);
-            wait(g, &empty, &released);
+            super::ptx::mbarrier_wait(g, &empty, &released);
             let full = barrier(g, 0, &stage);
             let bytes = g.i32(tile.stage_bytes() + tile.scale_bytes(form));
             g.asm(
@@ -342,22 +342,8 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let b_to = g.op_c("add", &stage_first, a_bytes);
             for (map, to, row, shared) in [(&segment.ta, a_to, &a_row, cluster > 1), (&segment.tb, b_to, &b_row, false)]
             {
-                let [to, k_at, row] = [&to, &k_at, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
-                let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
-                let mut operands = vec![
-                    (to, "r", "i32"),
-                    (map, "l", "i64"),
-                    (k_at, "r", "i32"),
-                    (row, "r", "i32"),
-                    (full.clone(), "r", "i32"),
-                ];
-                let copy = "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes";
-                if shared {
-                    operands.push((g.line("llvm.mlir.constant(3 : i16) : i16"), "h", "i16"));
-                    g.asm(&format!("{copy}.multicast::cluster [$0], [$1, {{$2, $3}}], [$4], $5;"), &operands);
-                } else {
-                    g.asm(&format!("{copy} [$0], [$1, {{$2, $3}}], [$4];"), &operands);
-                }
+                let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
+                super::ptx::tma_load(g, &to, map, [&k_at, row], &full, shared);
             }
             // The Wgrad's scales of this block of K: [K/128, M] and [K/128, N], the tile's rows
             // and columns contiguous (16-byte aligned: M and N are multiples of the tile's).
@@ -552,7 +538,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let position = g.op("add", &passed, &kb);
             let (stage, parity) = stage_of(g, &position);
             let full = barrier(g, 0, &stage);
-            wait(g, &full, &parity);
+            super::ptx::mbarrier_wait(g, &full, &parity);
             let stage_at = stage_at(g, &stage);
             let a_at = g.op("add", &stage_at, &group_a_at);
             let b_at = g.op_c("add", &stage_at, a_bytes);
@@ -856,23 +842,6 @@ impl Stores {
         g.asm("cp.async.bulk.wait_group 0;", &[]);
         g.stmt("}");
     }
-}
-
-/// Spins until the mbarrier at shared address `barrier` (i32) has completed the phase of
-/// parity `parity` (i64, 0 or 1).
-fn wait(g: &mut Lines, barrier: &str, parity: &str) {
-    let parity = g.line(format!("llvm.trunc {parity} : i64 to i32"));
-    g.stmt("scf.while : () -> () {");
-    let done = g.asm_i32(
-        r"{\0A.reg .pred p;\0Ambarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\0Aselp.u32 $0, 1, 0, p;\0A}",
-        &[(barrier.to_string(), "r", "i32"), (parity, "r", "i32")],
-    );
-    let zero = g.i32(0);
-    let waiting = g.line(format!("llvm.icmp \"eq\" {done}, {zero} : i32"));
-    g.stmt(format!("scf.condition({waiting})"));
-    g.stmt("} do {");
-    g.stmt("scf.yield");
-    g.stmt("}");
 }
 
 /// What a kernel multiplies: one A by one B, or the experts' rows by their own weights.

@@ -185,6 +185,46 @@ pub fn descriptor_past(g: &mut Lines, descriptor: &str, offset: u64) -> String {
     g.op_c("add", descriptor, offset >> 4)
 }
 
+/// Spins until the mbarrier at shared address `barrier` (i32) has completed the phase of
+/// parity `parity` (i64, 0 or 1).
+pub fn mbarrier_wait(g: &mut Lines, barrier: &str, parity: &str) {
+    let parity = g.line(format!("llvm.trunc {parity} : i64 to i32"));
+    g.stmt("scf.while : () -> () {");
+    let done = g.asm_i32(
+        r"{\0A.reg .pred p;\0Ambarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\0Aselp.u32 $0, 1, 0, p;\0A}",
+        &[(barrier.to_string(), "r", "i32"), (parity, "r", "i32")],
+    );
+    let zero = g.i32(0);
+    let waiting = g.line(format!("llvm.icmp \"eq\" {done}, {zero} : i32"));
+    g.stmt(format!("scf.condition({waiting})"));
+    g.stmt("} do {");
+    g.stmt("scf.yield");
+    g.stmt("}");
+}
+
+/// Copies the box at element coordinates `[column, row]` (i64) of the 2-D tensor map at `map`
+/// (a global pointer to it) into shared byte `to` (i32) by TMA, its bytes completing on the
+/// mbarrier at `barrier` (i32); with `multicast`, into the same place of both blocks of the
+/// cluster (each barrier there counting them).
+pub fn tma_load(g: &mut Lines, to: &str, map: &str, [column, row]: [&str; 2], barrier: &str, multicast: bool) {
+    let [column, row] = [column, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
+    let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
+    let mut operands = vec![
+        (to.to_string(), "r", "i32"),
+        (map, "l", "i64"),
+        (column, "r", "i32"),
+        (row, "r", "i32"),
+        (barrier.to_string(), "r", "i32"),
+    ];
+    let copy = "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes";
+    if multicast {
+        operands.push((g.line("llvm.mlir.constant(3 : i16) : i16"), "h", "i16"));
+        g.asm(&format!("{copy}.multicast::cluster [$0], [$1, {{$2, $3}}], [$4], $5;"), &operands);
+    } else {
+        g.asm(&format!("{copy} [$0], [$1, {{$2, $3}}], [$4];"), &operands);
+    }
+}
+
 /// Bytes of registers spilled to local memory, as `report` (ptxas -v) gives them: the stores'
 /// count of every function it lists.
 #[cfg(all(test, feature = "mlir"))]

@@ -5,6 +5,7 @@
 //! of a forward that is not differentiated, and D) goes to scratch memory kept here.
 
 use super::places::Places;
+use super::tensor_maps::{Mapped, TensorMaps};
 use super::{Gpu, GpuError};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -29,6 +30,8 @@ pub struct FusedAttention {
     forward: Loaded,
     backward: [Loaded; 3],
     scratch: Option<CudaSlice<u8>>,
+    /// The tensor maps of the forward's inputs, where it streams them (`Heads::streams`).
+    maps: TensorMaps,
 }
 
 impl FusedAttention {
@@ -52,6 +55,7 @@ impl FusedAttention {
                 load(Some(Pass::Value), backward)?,
             ],
             scratch: None,
+            maps: TensorMaps::default(),
         }))
     }
 
@@ -80,10 +84,10 @@ impl FusedAttention {
         let (batch, seq, heads) = (q[0], q[1], q[2]);
         let narrow = |x: usize| u32::try_from(x).map_err(|_| GpuError::Unsupported(format!("{x} exceeds u32")));
         let (seq_arg, heads_arg) = (narrow(seq)?, narrow(heads)?);
-        let config = |loaded: &Loaded| -> Result<LaunchConfig, GpuError> {
+        let config = |loaded: &Loaded, threads: u32| -> Result<LaunchConfig, GpuError> {
             Ok(LaunchConfig {
                 grid_dim: (narrow(seq / BLOCK_ROWS as usize)?, narrow(batch * heads)?, 1),
-                block_dim: (THREADS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: loaded.shared,
             })
         };
@@ -123,10 +127,23 @@ impl FusedAttention {
                 launch.arg(pointer);
             }
             launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
+            // Q, K and V as [B·S, H·D] BF16 tensors, where the kernel streams them.
+            let maps: Vec<u64> = if self.heads.streams() {
+                let widths = [self.heads.qk, self.heads.qk, self.heads.v];
+                (inputs.iter().zip(widths))
+                    .map(|(&at, width)| self.maps.at(gpu, at, batch * seq, heads * width as usize, Mapped::Heads))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            };
+            for map in &maps {
+                launch.arg(map);
+            }
             // SAFETY: the arguments follow `attention_forward`'s signature (Q, K, V, O, LSE
-            // pointers to live buffers of the shapes the node gives, S, H, the scale), S a
+            // pointers to live buffers of the shapes the node gives, S, H, the scale, and where
+            // it streams, the maps of Q, K and V: live on the device in `self.maps`), S a
             // multiple of the block's rows (`runs`).
-            unsafe { launch.launch(config(&self.forward)?) }?;
+            unsafe { launch.launch(config(&self.forward, self.heads.forward_threads())?) }?;
         } else {
             for (pass, grad) in self.backward.iter().zip(&parts) {
                 let mut launch = gpu.stream.launch_builder(&pass.function);
@@ -137,7 +154,7 @@ impl FusedAttention {
                 // SAFETY: the arguments follow `attention_backward`'s signature (Q, K, V, O, dO,
                 // LSE, D, the gradient: pointers to live buffers of the node's shapes; S, H, the
                 // scale); the query pass writes D before the others read it.
-                unsafe { launch.launch(config(pass)?) }?;
+                unsafe { launch.launch(config(pass, THREADS)?) }?;
             }
         }
         Ok(())

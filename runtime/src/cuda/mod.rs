@@ -28,6 +28,7 @@ pub mod profile;
 pub mod resident;
 pub mod scaled;
 pub mod stage;
+pub mod tensor_maps;
 pub mod tune;
 pub mod weights;
 

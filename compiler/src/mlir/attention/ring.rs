@@ -1,0 +1,209 @@
+//! The forward's tiles streamed by TMA (FlashAttention-3's warp specialisation), where Q, K
+//! and V are packed BF16: a producer warp (the block's ninth; its first thread) copies each
+//! warpgroup's Q tile once, then every column block's K and V tiles, into a ring of
+//! [`SLOTS`] slots per tensor, each box 64 rows × 64 columns of one head (128 bytes, TMA's
+//! 128-byte swizzle: the layout [`super::stage`] writes and the products read). Each slot has
+//! two mbarriers: `full` (the producer's expected bytes, completed by the copies) and `empty`
+//! (one arrival per consumer warp once its products have read the slot). The consumer
+//! warpgroups meet no block-wide barrier in the column loop: each waits for the tiles it reads
+//! and releases them as soon as its products are done with them, so neither waits for the
+//! other, and the copies run up to [`SLOTS`] blocks ahead of both.
+//!
+//! The launch passes three tensor maps ([`MAP_ARGS`]): Q's, K's and V's, each the 2-D BF16
+//! tensor [B·S rows, H·D columns] (the packed [B, S, H, D] as it lies), boxes of 64 × 64.
+
+use super::{Block, Heads, Lines, REGION, TILE_ROWS, WARPGROUPS};
+
+/// A tensor map's box: 64 columns (128 bytes of BF16) × 64 rows.
+pub const MAP_BOX: [u32; 2] = [64, TILE_ROWS];
+
+/// Slots of each tensor's ring.
+pub const SLOTS: u64 = 3;
+
+/// The tensor maps a streaming forward takes after its other arguments.
+pub const MAP_ARGS: &str = "%q_map: !llvm.ptr<1>, %k_map: !llvm.ptr<1>, %v_map: !llvm.ptr<1>";
+
+/// Warps that read the ring (each arrives once at a slot's `empty`).
+const CONSUMER_WARPS: u32 = WARPGROUPS * 4;
+
+/// The ring of the forward's K (tensor 0) and V (tensor 1) tiles, V trailing K by a block
+/// (`lags`, as [`super::Columns`]' are), and the mbarriers after them.
+pub(super) struct Ring {
+    heads: Heads,
+    lags: [u64; 2],
+    /// Each tensor's first slot (shared byte, i64).
+    slots: [String; 2],
+    /// The mbarriers' first (shared byte, i64): each tensor's `full` then `empty` per slot,
+    /// then Q's `full`.
+    barriers: String,
+}
+
+impl Ring {
+    /// Shared bytes the ring takes at `heads`: the slots and their mbarriers.
+    pub fn bytes(heads: Heads) -> u64 {
+        SLOTS * (Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v)) + (4 * SLOTS + 1) * 8
+    }
+
+    /// The ring from shared byte `at` (1,024-byte aligned), its mbarriers initialised by the
+    /// block's first thread; the caller's block-wide barrier follows, before any role reads them.
+    pub fn new(g: &mut Lines, b: &Block, heads: Heads, lags: [u64; 2], at: &str) -> Ring {
+        let k_bytes = SLOTS * Heads::tile_bytes(heads.qk);
+        let v_at = g.op_c("add", at, k_bytes);
+        let barriers = g.op_c("add", &v_at, SLOTS * Heads::tile_bytes(heads.v));
+        let ring = Ring { heads, lags, slots: [at.to_string(), v_at], barriers };
+        let zero = g.i64(0);
+        let first = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.tid));
+        g.stmt(format!("scf.if {first} {{"));
+        for index in 0..4 * SLOTS + 1 {
+            // `empty` (the odd sets) takes an arrival from every consumer warp.
+            let count = if index < 4 * SLOTS && (index / SLOTS) % 2 == 1 { CONSUMER_WARPS } else { 1 };
+            let at = g.op_c("add", &ring.barriers, 8 * index);
+            let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
+            let count = g.i32(count);
+            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", &[(at, "r", "i32"), (count, "r", "i32")]);
+        }
+        g.asm("fence.mbarrier_init.release.cluster;", &[]);
+        g.stmt("}");
+        ring
+    }
+
+    /// Tensor `t`'s width.
+    pub fn width(&self, t: usize) -> u32 {
+        [self.heads.qk, self.heads.v][t]
+    }
+
+    /// Column block `block`'s (i64) slot and the parity of its round through the ring.
+    fn slot(g: &mut Lines, block: &str) -> (String, String) {
+        let slot = g.op_c("urem", block, SLOTS);
+        let round = g.op_c("udiv", block, SLOTS);
+        (slot, g.op_c("and", &round, 1))
+    }
+
+    /// Tensor `t`'s `full` (`empty`: 1) mbarrier of `slot` (i64), a 32-bit shared address.
+    fn barrier(&self, g: &mut Lines, t: usize, empty: u64, slot: &str) -> String {
+        let set = g.i64(8 * (2 * t as u64 + empty) * SLOTS);
+        let at = g.op_c("mul", slot, 8);
+        let at = g.op("add", &at, &set);
+        let at = g.op("add", &self.barriers, &at);
+        g.line(format!("llvm.trunc {at} : i64 to i32"))
+    }
+
+    fn q_full(&self, g: &mut Lines) -> String {
+        let at = g.op_c("add", &self.barriers, 8 * 4 * SLOTS);
+        g.line(format!("llvm.trunc {at} : i64 to i32"))
+    }
+
+    /// Tensor `t`'s tile in `slot` (shared byte, i64).
+    fn tile_at(&self, g: &mut Lines, t: usize, slot: &str) -> String {
+        let offset = g.op_c("mul", slot, Heads::tile_bytes(self.width(t)));
+        g.op("add", &self.slots[t], &offset)
+    }
+
+    /// The producer (the first thread of the warp after the consumers): the warpgroups' Q tiles
+    /// at `q_tiles` (shared byte, i64: each warpgroup's after the other's) of row block
+    /// `row_block`, then K's and V's tiles of column blocks `first..upper` (i64), each into its
+    /// slot once the consumers have released the slot's last round.
+    pub fn produce(&self, g: &mut Lines, b: &Block, row_block: &str, q_tiles: &str, [first, upper]: [&str; 2]) {
+        let producer = g.i64(u64::from(CONSUMER_WARPS) * 32);
+        let is_producer = g.line(format!("llvm.icmp \"eq\" {}, {producer} : i64", b.tid));
+        g.stmt(format!("scf.if {is_producer} {{"));
+        let q_full = self.q_full(g);
+        let q_row = g.op_c("mul", row_block, u64::from(TILE_ROWS * WARPGROUPS));
+        let q_bytes = u64::from(WARPGROUPS) * Heads::tile_bytes(self.heads.qk);
+        self.copy(g, b, "%q_map", self.heads.qk, &q_row, WARPGROUPS.into(), q_tiles, &q_full, q_bytes);
+        let one = g.i64(1);
+        let j = g.open_for(first, upper, &one, &[]).index;
+        let (slot, parity) = Self::slot(g, &j);
+        let released = g.op_c("xor", &parity, 1);
+        let row = g.op_c("mul", &j, TILE_ROWS.into());
+        for (t, map) in ["%k_map", "%v_map"].into_iter().enumerate() {
+            let empty = self.barrier(g, t, 1, &slot);
+            super::super::ptx::mbarrier_wait(g, &empty, &released);
+            let full = self.barrier(g, t, 0, &slot);
+            let to = self.tile_at(g, t, &slot);
+            let width = self.width(t);
+            self.copy(g, b, map, width, &row, 1, &to, &full, Heads::tile_bytes(width));
+        }
+        g.stmt("}");
+        g.stmt("}");
+    }
+
+    /// Expects `bytes` on mbarrier `full`, then copies `tiles` 64-row tiles of tensor `map`
+    /// (`width` wide) from the head's row `row` (i64, within its sequence) into shared byte
+    /// `to` on, one box per 64 columns.
+    #[allow(clippy::too_many_arguments)]
+    fn copy(
+        &self,
+        g: &mut Lines,
+        b: &Block,
+        map: &str,
+        width: u32,
+        row: &str,
+        tiles: u64,
+        to: &str,
+        full: &str,
+        bytes: u64,
+    ) {
+        let bytes = g.i32(u32::try_from(bytes).expect("a stage's bytes fit an i32"));
+        g.asm(
+            "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+            &[(full.to_string(), "r", "i32"), (bytes, "r", "i32")],
+        );
+        let row = g.op("add", &b.sequence_row, row);
+        let column = g.op_c("mul", &b.head, width.into());
+        for tile in 0..tiles {
+            let row = g.op_c("add", &row, tile * u64::from(TILE_ROWS));
+            for region in 0..u64::from(width / MAP_BOX[0]) {
+                let column = g.op_c("add", &column, region * u64::from(MAP_BOX[0]));
+                let at = g.op_c("add", to, tile * Heads::tile_bytes(width) + region * REGION);
+                let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
+                super::super::ptx::tma_load(g, &at, map, [&column, &row], full, false);
+            }
+        }
+    }
+
+    /// Waits for the warpgroups' Q tiles.
+    pub fn await_q(&self, g: &mut Lines) {
+        let q_full = self.q_full(g);
+        let zero = g.i64(0);
+        super::super::ptx::mbarrier_wait(g, &q_full, &zero);
+    }
+
+    /// Waits for tensor `t`'s tile of column block `block` (i64); where it lies.
+    pub fn acquire(&self, g: &mut Lines, t: usize, block: &str) -> String {
+        let (slot, parity) = Self::slot(g, block);
+        let full = self.barrier(g, t, 0, &slot);
+        super::super::ptx::mbarrier_wait(g, &full, &parity);
+        self.tile_at(g, t, &slot)
+    }
+
+    /// At block `j` of the walk: the tiles read there (a trailing tensor's of block j − lag),
+    /// awaited.
+    pub fn stage(&self, g: &mut Lines, j: &str) -> [String; 2] {
+        [0, 1].map(|t| {
+            let block = g.op_c("sub", j, self.lags[t]);
+            self.acquire(g, t, &block)
+        })
+    }
+
+    /// After the walk up to block `upper` (i64, exclusive): the trailing tensor's tile of the
+    /// last block, awaited.
+    pub fn drain(&self, g: &mut Lines, upper: &str) -> String {
+        let block = g.op_c("sub", upper, self.lags[1]);
+        self.acquire(g, 1, &block)
+    }
+
+    /// After the products that read tensor `t`'s tile of the walk's block `j` (a trailing
+    /// tensor's of j − lag) are done: the warp's release of its slot (its first lane's).
+    pub fn release(&self, g: &mut Lines, b: &Block, t: usize, j: &str) {
+        let block = g.op_c("sub", j, self.lags[t]);
+        let (slot, _) = Self::slot(g, &block);
+        let empty = self.barrier(g, t, 1, &slot);
+        let lane = g.op_c("urem", &b.tid, 32);
+        let zero = g.i64(0);
+        let leads = g.line(format!("llvm.icmp \"eq\" {lane}, {zero} : i64"));
+        g.stmt(format!("scf.if {leads} {{"));
+        g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(empty, "r", "i32")]);
+        g.stmt("}");
+    }
+}
