@@ -61,17 +61,18 @@ class Generated:
         packed, qk, v = re.search(r"(bf16_)?qk(\d+)_v(\d+)", self.shape).groups()
         self.qk, self.v, self.packed = int(qk), int(v), packed is not None
         self.name = f"attention_{self.shape}"
-        self.kernels = {}
-        self.streams = False
+        texts = {}
         for path in paths:
             name = os.path.splitext(os.path.basename(path))[0]
-            text = open(path).read()
-            kernel = cupy.RawModule(path=path).get_function(name)
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
-            if kind == "fwd":
-                # The forward streams Q, K and V by TMA from a producer warp where its PTX
-                # copies tensors (`Heads::streams`; earlier kernels stage them).
-                self.streams = "cp.async.bulk.tensor" in text
+            texts[kind] = (path, name, open(path).read())
+        # The kernels that stream Q, K and V by TMA from a producer warpgroup, taking their
+        # tensor maps (`Heads::streams`: the forward and dQ on packed inputs, where their PTX
+        # copies tensors; earlier kernels stage them).
+        self.streams = {kind: "cp.async.bulk.tensor" in text for kind, (_, _, text) in texts.items()}
+        self.kernels = {}
+        for kind, (path, name, text) in texts.items():
+            kernel = cupy.RawModule(path=path).get_function(name)
             shared = self.forward_shared() if kind == "fwd" else self.backward_shared()
             kernel.max_dynamic_shared_size_bytes = shared
             threads = int(re.search(r"\.maxntid (\d+),", text).group(1))
@@ -85,22 +86,31 @@ class Generated:
         tiles = lambda width, packed: (2 if packed else 3) * tile_bytes(width)
         return tiles(self.qk, qk_packed) + tiles(self.v, v_packed) + (2 * 512 if terms else 0)
 
+    def key_values(self, kind):
+        """Shared bytes of K's and V's columns in kernel `kind`: staged, or streamed into a ring
+        (`attention::ring::Ring::bytes`: the slots and 8-byte mbarriers)."""
+        if self.streams.get(kind):
+            return RING_SLOTS * (tile_bytes(self.qk) + tile_bytes(self.v)) + (4 * RING_SLOTS + 1) * 8
+        return self.columns(self.packed, self.packed, False)
+
     def forward_shared(self):
-        """As `Heads::shared_bytes`: each warpgroup's Q tile, then K's and V's columns or,
-        streamed, their ring (`attention::ring::Ring::bytes`: the slots and 8-byte mbarriers)
-        (earlier kernels need no more)."""
-        if self.streams:
-            columns = RING_SLOTS * (tile_bytes(self.qk) + tile_bytes(self.v)) + (4 * RING_SLOTS + 1) * 8
-        else:
-            columns = self.columns(self.packed, self.packed, False)
-        return 2 * tile_bytes(self.qk) + columns
+        """As `Heads::shared_bytes`: each warpgroup's Q tile, then K's and V's columns (earlier
+        kernels need no more)."""
+        return 2 * tile_bytes(self.qk) + self.key_values("fwd")
 
     def backward_shared(self):
         """As `Heads::backward_shared_bytes`: each warpgroup's row tiles of both widths, then
         the most of the passes' columns (K and V; Q and the f32 dO with their terms; earlier
         kernels need no more)."""
         rows = 2 * (tile_bytes(self.qk) + tile_bytes(self.v))
-        return rows + max(self.columns(self.packed, self.packed, False), self.columns(self.packed, False, True))
+        return rows + max(self.key_values("dq"), self.columns(self.packed, False, True))
+
+    def maps(self, kind, b, s, tensors):
+        """The tensor maps kernel `kind` takes after its other arguments where it streams: Q,
+        K and V as [B·S, H·D] BF16 tensors in boxes of 64 x 64 (`attention::MAP_BOX`)."""
+        if not self.streams.get(kind):
+            return []
+        return [tensor_map(x.view(b * s, -1), 64, 64) for x in tensors]
 
     def launch(self, kind, grid, args):
         kernel, shared, threads = self.kernels[kind]
@@ -117,11 +127,8 @@ class Generated:
         lse = torch.full((b, h, s), float("nan"), device="cuda")
         args = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (
             np.uint32(s), np.uint32(h), np.float32(scale))
-        maps = []
-        if self.streams:
-            # Q, K and V as [B·S, H·D] BF16 tensors in boxes of 64 x 64 (`attention::MAP_BOX`).
-            maps = [tensor_map(x.view(b * s, -1), 64, 64) for x in (q, k, v)]
-            args += tuple(np.uint64(m.data_ptr()) for m in maps)
+        maps = self.maps("fwd", b, s, (q, k, v))
+        args += tuple(np.uint64(m.data_ptr()) for m in maps)
         # The launches keep the tensors whose addresses they pass (here and in `grads`).
         return o, lse, lambda kept=(q, k, v, maps): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
 
@@ -133,10 +140,12 @@ class Generated:
         grid = (s // BLOCK_ROWS, b * h, 1)
         common = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, do, lse, delta))
         tail = (np.uint32(s), np.uint32(h), np.float32(scale))
+        maps = {kind: self.maps(kind, b, s, (q, k, v)) for kind in ("dq", "dk", "dv")}
 
-        def run(kept=(q, k, v, delta)):
+        def run(kept=(q, k, v, delta, maps)):
             for kind, grad in zip(("dq", "dk", "dv"), grads):
-                self.launch(kind, grid, common + (np.uint64(grad.data_ptr()),) + tail)
+                streamed = tuple(np.uint64(m.data_ptr()) for m in maps[kind])
+                self.launch(kind, grid, common + (np.uint64(grad.data_ptr()),) + tail + streamed)
 
         return grads, run
 

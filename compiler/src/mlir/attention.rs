@@ -88,28 +88,41 @@ impl Heads {
         u64::from(WARPGROUPS) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))
     }
 
-    /// Whether the forward streams its tiles by TMA from a producer warp ([`ring`]): where Q,
-    /// K and V are packed BF16. It then takes the tensor maps [`MAP_ARGS`] after its other
-    /// arguments.
-    pub fn streams(self) -> bool {
-        self.bf16_inputs
+    /// Whether the forward (`None`) or a backward pass streams its tiles by TMA from a
+    /// producer warpgroup ([`ring`]): the forward and the query pass, whose column tensors are K and
+    /// V, where Q, K and V are packed BF16. It then takes the tensor maps [`MAP_ARGS`] after
+    /// its other arguments.
+    pub fn streams(self, pass: Option<Pass>) -> bool {
+        self.bf16_inputs && matches!(pass, None | Some(Pass::Query))
     }
 
-    /// Threads of a forward block: the warpgroups, and the producer warp where it
-    /// [`Heads::streams`]. (The backward's: [`THREADS`].)
-    pub fn forward_threads(self) -> u32 {
-        THREADS + if self.streams() { 32 } else { 0 }
+    /// Threads of a block of the forward (`None`) or a backward pass: the warpgroups, and the
+    /// producer's where it [`Heads::streams`].
+    pub fn threads(self, pass: Option<Pass>) -> u32 {
+        if self.streams(pass) {
+            ring::STREAMING_THREADS
+        } else {
+            THREADS
+        }
+    }
+
+    /// Shared bytes of the columns of the forward (`None`) or a backward pass.
+    fn columns_bytes(self, pass: Option<Pass>) -> u64 {
+        if self.streams(pass) {
+            Ring::bytes(self)
+        } else {
+            Columns::bytes(self, &column_sources(pass))
+        }
     }
 
     /// Dynamic shared memory a forward block needs.
     pub fn shared_bytes(self) -> u32 {
-        let columns = if self.streams() { Ring::bytes(self) } else { Columns::bytes(self, &column_sources(None)) };
-        (self.forward_rows_bytes() + columns) as u32
+        (self.forward_rows_bytes() + self.columns_bytes(None)) as u32
     }
 
     /// Dynamic shared memory a backward block needs: the most of its three passes'.
     pub fn backward_shared_bytes(self) -> u32 {
-        let columns = Pass::ALL.map(|pass| Columns::bytes(self, &column_sources(Some(pass))));
+        let columns = Pass::ALL.map(|pass| self.columns_bytes(Some(pass)));
         (self.backward_rows_bytes() + columns.into_iter().max().unwrap_or(0)) as u32
     }
 
@@ -225,6 +238,14 @@ impl Block {
         let tile = g.op("add", &tile, &self.warpgroup);
         let row0 = g.op_c("mul", &tile, TILE_ROWS.into());
         (tile, row0)
+    }
+
+    /// Waits for the warpgroup's threads (named barrier 1 + its index: the block's others go
+    /// on).
+    fn warpgroup_barrier(&self, g: &mut Lines) {
+        let id = g.op_c("add", &self.warpgroup, 1);
+        let id = g.line(format!("llvm.trunc {id} : i64 to i32"));
+        g.asm("bar.sync $0, 128;", &[(id, "r", "i32")]);
     }
 
     /// The warpgroup's own tile of `bytes` from shared byte `at`, the tiles of the block's
@@ -913,7 +934,7 @@ impl Pipelined<'_> {
 }
 
 /// Where a [`Pipelined`] walk's column tiles come from: staged by the block's threads
-/// ([`Columns`]; block-wide barriers between column blocks) or streamed by the producer warp
+/// ([`Columns`]; block-wide barriers between column blocks) or streamed by the producer warpgroup
 /// ([`Ring`]; each warpgroup waits for its tiles and releases them).
 enum Feed<'a> {
     Staged(&'a Columns<'a>),
@@ -1073,14 +1094,10 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let upper = g.op_c("mul", &upper, WARPGROUPS.into());
     let sources = column_sources(None);
     let (ring, columns);
-    let feed = if heads.streams() {
-        // The producer warp streams Q, K and V; the warpgroups wait for them.
-        ring = Ring::new(&mut g, &b, heads, sources.1, &columns_at);
-        g.stmt("gpu.barrier");
-        ring.produce(&mut g, &b, &q_block, &b.smem, [&zero64, &upper]);
-        let threads = g.i64(THREADS.into());
-        let consumes = g.line(format!("llvm.icmp \"ult\" {}, {threads} : i64", b.tid));
-        g.stmt(format!("scf.if {consumes} {{"));
+    let feed = if heads.streams(None) {
+        // The producer warpgroup streams Q, K and V; the others wait for them.
+        let q_tiles = (b.smem.as_str(), Heads::tile_bytes(heads.qk));
+        ring = Ring::start(&mut g, &b, heads, sources.1, &columns_at, &q_block, q_tiles, [&zero64, &upper]);
         ring.await_q(&mut g);
         Feed::Streamed(&ring)
     } else {
@@ -1128,11 +1145,11 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let mut args = "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %lse: !llvm.ptr<1>, \
                     %seq: i32, %heads: i32, %scale: f32"
         .to_string();
-    if heads.streams() {
+    if heads.streams(None) {
         g.stmt("}");
         args = format!("{args}, {MAP_ARGS}");
     }
-    module(name, &args, g.text(), heads.forward_threads())
+    module(name, &args, g.text(), heads.threads(None))
 }
 
 /// What a backward kernel computes; three kernels, launched in this order, because the
@@ -1184,11 +1201,32 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Key | Pass::Value => ("%k", "%v"),
     };
     let columns_at = g.op_c("add", &b.smem, Heads::backward_rows_bytes(heads));
-    let columns = Columns::new(&mut g, heads, column_sources(Some(pass)), &columns_at);
-    b.stage_own(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows);
-    if pass != Pass::Value {
+    // The column blocks up to the last warpgroup's diagonal (queries) or from the first's
+    // (keys).
+    let (order, lower, upper) = match pass {
+        Pass::Query => (Order::ColumnsUpToRow, g.i64(0), g.op_c("add", &row_block, 1)),
+        Pass::Key | Pass::Value => (Order::ColumnsFromRow, row_block.clone(), b.blocks.clone()),
+    };
+    let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
+    let sources = column_sources(Some(pass));
+    let (ring, columns);
+    let feed = if heads.streams(Some(pass)) {
+        // The producer warpgroup streams Q (the rows), K and V (the columns); each consumer
+        // stages its dO (f32) itself.
+        let q_tiles = (b.smem.as_str(), Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v));
+        ring = Ring::start(&mut g, &b, heads, sources.1, &columns_at, &row_block, q_tiles, [&lower, &upper]);
         b.stage_own(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v);
-    }
+        b.warpgroup_barrier(&mut g);
+        ring.await_q(&mut g);
+        Feed::Streamed(&ring)
+    } else {
+        columns = Columns::new(&mut g, heads, sources, &columns_at);
+        b.stage_own(&mut g, rows_qk, Layout::Qk, heads, &r0, &s_rows);
+        if pass != Pass::Value {
+            b.stage_own(&mut g, rows_v, Layout::V, heads, &r0, &s_rows_v);
+        }
+        Feed::Staged(&columns)
+    };
     // The accumulation reads a column tile N-major: K for dQ, Q for dK, dO for dV.
     let layout = match pass {
         Pass::Query | Pass::Key => Layout::Qk,
@@ -1202,18 +1240,17 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Vec::new()
     };
     let count = (width / 8 * 4) as usize;
-    // The column blocks up to the last warpgroup's diagonal (queries) or from the first's
-    // (keys).
-    let (order, lower, upper) = match pass {
-        Pass::Query => (Order::ColumnsUpToRow, g.i64(0), g.op_c("add", &row_block, 1)),
-        Pass::Key | Pass::Value => (Order::ColumnsFromRow, row_block.clone(), b.blocks.clone()),
+    // The key passes' columns, staged (their per-column terms with them).
+    let staged = match feed {
+        Feed::Staged(columns) => Some(columns),
+        Feed::Streamed(_) => None,
     };
-    let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
+    let staged = || staged.expect("the key passes stage their columns");
     let sums = if pass == Pass::Value {
         // dV = Σ Pᵀ·dO, pipelined: dO's tiles trail Q's.
-        let walk = Pipelined { b: &b, feed: Feed::Staged(&columns), order, row_block: &row_block, tile: &tile };
+        let walk = Pipelined { b: &b, feed, order, row_block: &row_block, tile: &tile };
         let walked = walk.run(&mut g, [&lower, &upper], (&s_rows, heads.qk, count), Vec::new(), |g, j, p, _| {
-            let shifts = column_shifts(g, &b, &columns, j);
+            let shifts = column_shifts(g, &b, staged(), j);
             for (n, tile) in p.iter_mut().enumerate() {
                 for (e, x) in tile.iter_mut().enumerate() {
                     *x = b.exp2_logit(g, x, &shifts[2 * n + e % 2]);
@@ -1223,10 +1260,10 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         });
         walked.0
     } else {
-        columns.prefetch(&mut g, &b, &lower);
+        feed.prefetch(&mut g, &b, &lower);
         let initial = vec![b.zero.clone(); count];
         column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
-            let [s_cols, s_cols_v] = columns.stage(g, &b, j, [&lower, &upper]);
+            let [s_cols, s_cols_v] = feed.stage(g, &b, j, [&lower, &upper]);
             // The scores' and dP's products issued together (dP = dO·Vᵀ for query rows, V·dOᵀ
             // for key rows): the tensor cores run dP's while the scores become probabilities.
             let fenced = g.asm_f32s("wgmma.fence.sync.aligned;", &vec![b.zero.clone(); 64], &[]);
@@ -1247,7 +1284,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
                     (0..32).map(|i| columns[2 * (i / 4) + i % 2].clone()).collect()
                 }
             };
-            let shifts = per_value(g, 0, &|g| column_shifts(g, &b, &columns, j));
+            let shifts = per_value(g, 0, &|g| column_shifts(g, &b, staged(), j));
             if masked {
                 b.mask(g, &mut p, j, &tile, order);
             }
@@ -1258,7 +1295,8 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
             }
             // dS = P ∘ (dP − D).
             let dp: Vec<Vec<String>> = awaited(g, &dp, 0).chunks(4).map(<[String]>::to_vec).collect();
-            let deltas = per_value(g, 1, &|g| column_terms(g, &b, &columns, j, 1));
+            feed.release(g, &b, 1, j);
+            let deltas = per_value(g, 1, &|g| column_terms(g, &b, staged(), j, 1));
             for (n, tile) in p.iter_mut().enumerate() {
                 for (e, x) in tile.iter_mut().enumerate() {
                     let d = g.line(format!("llvm.fsub {}, {} : f32", dp[n][e], deltas[4 * n + e]));
@@ -1267,6 +1305,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
             }
             let mut acc = carried.to_vec();
             b.accumulate(g, &mut acc, &p, &s_cols, width);
+            feed.release(g, &b, 0, j);
             acc
         })
     };
@@ -1275,13 +1314,14 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         Pass::Query | Pass::Key => Some("%scale"),
     };
     b.store(&mut g, "%grad", layout, heads, &sums, &r0, grad);
-    module(
-        name,
-        "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %do: !llvm.ptr<1>, \
-         %lse: !llvm.ptr<1>, %delta: !llvm.ptr<1>, %grad: !llvm.ptr<1>, %seq: i32, %heads: i32, %scale: f32",
-        g.text(),
-        THREADS,
-    )
+    let mut args = "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %do: !llvm.ptr<1>, \
+         %lse: !llvm.ptr<1>, %delta: !llvm.ptr<1>, %grad: !llvm.ptr<1>, %seq: i32, %heads: i32, %scale: f32"
+        .to_string();
+    if heads.streams(Some(pass)) {
+        g.stmt("}");
+        args = format!("{args}, {MAP_ARGS}");
+    }
+    module(name, &args, g.text(), heads.threads(Some(pass)))
 }
 
 /// How a thread's pieces of a staged tile move ([`stage`]): 16 bytes of the source each.
@@ -1500,26 +1540,28 @@ mod tests {
                 assert_eq!(ptx.matches(&accumulation).count(), accumulations, "{ptx}");
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
                 let tma = ptx.matches("cp.async.bulk.tensor.2d.shared::cluster.global").count();
-                if i == 0 && heads.streams() {
-                    // The producer warp's TMA copies: both warpgroups' Q tiles (3 boxes of 64
+                // 16-byte f32 loads are only the warpgroups' own f32 row tiles' (staged once: 128
+                // threads, 16 bytes each, 64 rows of 192 or 128) and, in the query pass, D's (dO
+                // and O, 32).
+                let (q, k, v, d_o) = if bf16_inputs { (0, 0, 0, 16) } else { (24, 24, 16, 16) };
+                let rows = [q, q + d_o + 32, k + v, k][i];
+                assert_eq!(ptx.matches("ld.global.v4.b32").count(), rows, "{ptx}");
+                if heads.streams([None, Some(Pass::Query), Some(Pass::Key), Some(Pass::Value)][i]) {
+                    // The producer's TMA copies: both warpgroups' Q tiles (3 boxes of 64
                     // columns each), then per column block K's 3 and V's 2; no block-wide
-                    // barrier after the roles part.
+                    // barrier after the roles part (the query pass's warpgroups each wait for
+                    // their own dO's staging).
                     assert_eq!(tma, 2 * 3 + 3 + 2, "{ptx}");
-                    assert!(ptx.contains(".maxntid 288, 1, 1"), "{ptx}");
-                    assert_eq!(ptx.matches("bar.sync").count(), 1, "{ptx}");
+                    assert!(ptx.contains(".maxntid 384, 1, 1") && ptx.contains("setmaxnreg.inc"), "{ptx}");
+                    assert_eq!(ptx.matches("bar.sync").count(), 1 + i, "{ptx}");
                     assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"));
                     assert!(!ptx.contains("cp.async.cg.shared.global"), "{ptx}");
                 } else {
                     assert_eq!(tma, 0, "{ptx}");
                     assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
                     // Every column tile is fetched a block ahead by `cp.async` (f32 tensors' as
-                    // they are): 16-byte f32 loads are only the warpgroups' own f32 row tiles'
-                    // (staged once: 128 threads, 16 bytes each, 64 rows of 192 or 128) and, in
-                    // the query pass, D's (dO and O, 32).
+                    // they are).
                     assert!(ptx.contains("cp.async.cg.shared.global"), "{ptx}");
-                    let (q, k, v, d_o) = if bf16_inputs { (0, 0, 0, 16) } else { (24, 24, 16, 16) };
-                    let rows = [q, q + d_o + 32, k + v, k][i];
-                    assert_eq!(ptx.matches("ld.global.v4.b32").count(), rows, "{ptx}");
                 }
                 if let Some(report) = crate::mlir::ptx::assemble(&ptx) {
                     let spilled = crate::mlir::ptx::spilled_bytes(&report);

@@ -11,7 +11,7 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use dsc_compiler::fuse::kernels::{base, Kernel};
 use dsc_compiler::graph::ir::{Function, Op, V};
-use dsc_compiler::mlir::attention::{self, kernel_name, Heads, Pass, BLOCK_ROWS, THREADS};
+use dsc_compiler::mlir::attention::{self, kernel_name, Heads, Pass, BLOCK_ROWS};
 use dsc_compiler::plan::Plan;
 use std::collections::HashSet;
 use std::path::Path;
@@ -121,21 +121,24 @@ impl FusedAttention {
                 }
             })
             .collect();
+        // Q, K and V as [B·S, H·D] BF16 tensors, for the kernels that stream them.
+        let (heads_dims, maps) = (self.heads, &self.maps);
+        let maps = |pass: Option<Pass>| -> Result<Vec<u64>, GpuError> {
+            if !heads_dims.streams(pass) {
+                return Ok(Vec::new());
+            }
+            let widths = [heads_dims.qk, heads_dims.qk, heads_dims.v];
+            (inputs.iter().zip(widths))
+                .map(|(&at, width)| maps.at(gpu, at, batch * seq, heads * width as usize, Mapped::Heads))
+                .collect()
+        };
         if forward {
             let mut launch = gpu.stream.launch_builder(&self.forward.function);
             for pointer in inputs.iter().chain(&parts) {
                 launch.arg(pointer);
             }
             launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
-            // Q, K and V as [B·S, H·D] BF16 tensors, where the kernel streams them.
-            let maps: Vec<u64> = if self.heads.streams() {
-                let widths = [self.heads.qk, self.heads.qk, self.heads.v];
-                (inputs.iter().zip(widths))
-                    .map(|(&at, width)| self.maps.at(gpu, at, batch * seq, heads * width as usize, Mapped::Heads))
-                    .collect::<Result<_, _>>()?
-            } else {
-                Vec::new()
-            };
+            let maps = maps(None)?;
             for map in &maps {
                 launch.arg(map);
             }
@@ -143,18 +146,23 @@ impl FusedAttention {
             // pointers to live buffers of the shapes the node gives, S, H, the scale, and where
             // it streams, the maps of Q, K and V: live on the device in `self.maps`), S a
             // multiple of the block's rows (`runs`).
-            unsafe { launch.launch(config(&self.forward, self.heads.forward_threads())?) }?;
+            unsafe { launch.launch(config(&self.forward, self.heads.threads(None))?) }?;
         } else {
-            for (pass, grad) in self.backward.iter().zip(&parts) {
-                let mut launch = gpu.stream.launch_builder(&pass.function);
+            for ((loaded, pass), grad) in self.backward.iter().zip(Pass::ALL).zip(&parts) {
+                let mut launch = gpu.stream.launch_builder(&loaded.function);
                 for pointer in inputs.iter().chain([&delta, grad]) {
                     launch.arg(pointer);
                 }
                 launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
+                let maps = maps(Some(pass))?;
+                for map in &maps {
+                    launch.arg(map);
+                }
                 // SAFETY: the arguments follow `attention_backward`'s signature (Q, K, V, O, dO,
                 // LSE, D, the gradient: pointers to live buffers of the node's shapes; S, H, the
-                // scale); the query pass writes D before the others read it.
-                unsafe { launch.launch(config(pass, THREADS)?) }?;
+                // scale; where the pass streams, the maps of Q, K and V, live in `self.maps`);
+                // the query pass writes D before the others read it.
+                unsafe { launch.launch(config(loaded, self.heads.threads(Some(pass)))?) }?;
             }
         }
         Ok(())

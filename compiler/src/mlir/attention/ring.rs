@@ -1,13 +1,17 @@
-//! The forward's tiles streamed by TMA (FlashAttention-3's warp specialisation), where Q, K
-//! and V are packed BF16: a producer warp (the block's ninth; its first thread) copies each
-//! warpgroup's Q tile once, then every column block's K and V tiles, into a ring of
+//! The tiles of the forward and the query pass streamed by TMA (FlashAttention-3's warp
+//! specialisation), where Q, K and V are packed BF16: a producer warpgroup (the block's third;
+//! its first thread) copies each warpgroup's Q tile once, then every column block's K and V tiles,
+//! into a ring of
 //! [`SLOTS`] slots per tensor, each box 64 rows × 64 columns of one head (128 bytes, TMA's
 //! 128-byte swizzle: the layout [`super::stage`] writes and the products read). Each slot has
 //! two mbarriers: `full` (the producer's expected bytes, completed by the copies) and `empty`
 //! (one arrival per consumer warp once its products have read the slot). The consumer
 //! warpgroups meet no block-wide barrier in the column loop: each waits for the tiles it reads
 //! and releases them as soon as its products are done with them, so neither waits for the
-//! other, and the copies run up to [`SLOTS`] blocks ahead of both.
+//! other, and the copies run up to [`SLOTS`] blocks ahead of both. The producer gives its
+//! registers to the consumers (`setmaxnreg`): a ninth warp alone would cost them as many (the
+//! register file is split among the four schedulers, whose warps share it: 3 warps on one of
+//! them caps a thread at 168 registers, which the query pass exceeds).
 //!
 //! The launch passes three tensor maps ([`MAP_ARGS`]): Q's, K's and V's, each the 2-D BF16
 //! tensor [B·S rows, H·D columns] (the packed [B, S, H, D] as it lies), boxes of 64 × 64.
@@ -26,8 +30,22 @@ pub const MAP_ARGS: &str = "%q_map: !llvm.ptr<1>, %k_map: !llvm.ptr<1>, %v_map: 
 /// Warps that read the ring (each arrives once at a slot's `empty`).
 const CONSUMER_WARPS: u32 = WARPGROUPS * 4;
 
-/// The ring of the forward's K (tensor 0) and V (tensor 1) tiles, V trailing K by a block
-/// (`lags`, as [`super::Columns`]' are), and the mbarriers after them.
+/// Threads of a streaming block: the consumer warpgroups and the producer's.
+pub const STREAMING_THREADS: u32 = (WARPGROUPS + 1) * 128;
+
+/// Registers a producer thread keeps and a consumer's take (`setmaxnreg`). They must fit what
+/// the block was given at launch: 384 threads at most 168 registers each (the file over 384,
+/// in steps of 8), or `setmaxnreg.inc` waits for registers that never come.
+const PRODUCER_REGISTERS: u32 = 24;
+const CONSUMER_REGISTERS: u32 = 240;
+const _: () = assert!(
+    PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * WARPGROUPS
+        <= (65_536 / STREAMING_THREADS) / 8 * 8 * STREAMING_THREADS
+);
+
+/// The ring of the column blocks' K (tensor 0) and V (tensor 1) tiles, each trailing the walk
+/// by its lag (`lags`, as [`super::Columns`]' do: the forward's V by a block), and the
+/// mbarriers after them.
 pub(super) struct Ring {
     heads: Heads,
     lags: [u64; 2],
@@ -44,9 +62,37 @@ impl Ring {
         SLOTS * (Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v)) + (4 * SLOTS + 1) * 8
     }
 
-    /// The ring from shared byte `at` (1,024-byte aligned), its mbarriers initialised by the
-    /// block's first thread; the caller's block-wide barrier follows, before any role reads them.
-    pub fn new(g: &mut Lines, b: &Block, heads: Heads, lags: [u64; 2], at: &str) -> Ring {
+    /// The ring from shared byte `at` (1,024-byte aligned) for the walk over column blocks
+    /// `walk` (i64) of row block `row_block`, the warpgroups' Q tiles at `q_tiles` (shared
+    /// byte, i64), `q_stride` bytes apart: its mbarriers initialised, then the roles part. The
+    /// producer's code ([`Ring::produce`]) is written here; the consumers' follows, in the
+    /// `else` branch the caller closes (`}`) after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        g: &mut Lines,
+        b: &Block,
+        heads: Heads,
+        lags: [u64; 2],
+        at: &str,
+        row_block: &str,
+        (q_tiles, q_stride): (&str, u64),
+        walk: [&str; 2],
+    ) -> Ring {
+        let ring = Ring::new(g, b, heads, lags, at);
+        g.stmt("gpu.barrier");
+        let threads = g.i64(u64::from(CONSUMER_WARPS) * 32);
+        let produces = g.line(format!("llvm.icmp \"uge\" {}, {threads} : i64", b.tid));
+        g.stmt(format!("scf.if {produces} {{"));
+        g.asm(&format!("setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"), &[]);
+        ring.produce(g, b, row_block, (q_tiles, q_stride), walk);
+        g.stmt("} else {");
+        g.asm(&format!("setmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGISTERS};"), &[]);
+        ring
+    }
+
+    /// The ring from shared byte `at`, its mbarriers initialised by the block's first thread;
+    /// the caller's block-wide barrier follows, before any role reads them.
+    fn new(g: &mut Lines, b: &Block, heads: Heads, lags: [u64; 2], at: &str) -> Ring {
         let k_bytes = SLOTS * Heads::tile_bytes(heads.qk);
         let v_at = g.op_c("add", at, k_bytes);
         let barriers = g.op_c("add", &v_at, SLOTS * Heads::tile_bytes(heads.v));
@@ -100,17 +146,19 @@ impl Ring {
     }
 
     /// The producer (the first thread of the warp after the consumers): the warpgroups' Q tiles
-    /// at `q_tiles` (shared byte, i64: each warpgroup's after the other's) of row block
-    /// `row_block`, then K's and V's tiles of column blocks `first..upper` (i64), each into its
-    /// slot once the consumers have released the slot's last round.
-    pub fn produce(&self, g: &mut Lines, b: &Block, row_block: &str, q_tiles: &str, [first, upper]: [&str; 2]) {
+    /// of row block `row_block` at `q_tiles` (shared byte, i64), `q_stride` bytes apart, then
+    /// K's and V's tiles of column blocks `first..upper` (i64), each into its slot once the
+    /// consumers have released the slot's last round.
+    fn produce(&self, g: &mut Lines, b: &Block, row_block: &str, (q_tiles, q_stride): (&str, u64), walk: [&str; 2]) {
+        let [first, upper] = walk;
         let producer = g.i64(u64::from(CONSUMER_WARPS) * 32);
         let is_producer = g.line(format!("llvm.icmp \"eq\" {}, {producer} : i64", b.tid));
         g.stmt(format!("scf.if {is_producer} {{"));
         let q_full = self.q_full(g);
         let q_row = g.op_c("mul", row_block, u64::from(TILE_ROWS * WARPGROUPS));
         let q_bytes = u64::from(WARPGROUPS) * Heads::tile_bytes(self.heads.qk);
-        self.copy(g, b, "%q_map", self.heads.qk, &q_row, WARPGROUPS.into(), q_tiles, &q_full, q_bytes);
+        let q_tiles = (q_tiles, WARPGROUPS.into(), q_stride);
+        self.copy(g, b, "%q_map", self.heads.qk, &q_row, q_tiles, &q_full, q_bytes);
         let one = g.i64(1);
         let j = g.open_for(first, upper, &one, &[]).index;
         let (slot, parity) = Self::slot(g, &j);
@@ -122,7 +170,8 @@ impl Ring {
             let full = self.barrier(g, t, 0, &slot);
             let to = self.tile_at(g, t, &slot);
             let width = self.width(t);
-            self.copy(g, b, map, width, &row, 1, &to, &full, Heads::tile_bytes(width));
+            let bytes = Heads::tile_bytes(width);
+            self.copy(g, b, map, width, &row, (&to, 1, bytes), &full, bytes);
         }
         g.stmt("}");
         g.stmt("}");
@@ -130,7 +179,7 @@ impl Ring {
 
     /// Expects `bytes` on mbarrier `full`, then copies `tiles` 64-row tiles of tensor `map`
     /// (`width` wide) from the head's row `row` (i64, within its sequence) into shared byte
-    /// `to` on, one box per 64 columns.
+    /// `to` on, `stride` bytes apart, one box per 64 columns.
     #[allow(clippy::too_many_arguments)]
     fn copy(
         &self,
@@ -139,8 +188,7 @@ impl Ring {
         map: &str,
         width: u32,
         row: &str,
-        tiles: u64,
-        to: &str,
+        (to, tiles, stride): (&str, u64, u64),
         full: &str,
         bytes: u64,
     ) {
@@ -155,7 +203,7 @@ impl Ring {
             let row = g.op_c("add", &row, tile * u64::from(TILE_ROWS));
             for region in 0..u64::from(width / MAP_BOX[0]) {
                 let column = g.op_c("add", &column, region * u64::from(MAP_BOX[0]));
-                let at = g.op_c("add", to, tile * Heads::tile_bytes(width) + region * REGION);
+                let at = g.op_c("add", to, tile * stride + region * REGION);
                 let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
                 super::super::ptx::tma_load(g, &at, map, [&column, &row], full, false);
             }
