@@ -961,7 +961,7 @@ impl Feed<'_> {
     fn stage(&self, g: &mut Lines, b: &Block, j: &str, walk: [&str; 2]) -> [String; 2] {
         match self {
             Feed::Staged(columns) => columns.stage(g, b, j, walk),
-            Feed::Streamed(ring) => ring.stage(g, j),
+            Feed::Streamed(ring) => ring.stage(g, j, walk[0]),
         }
     }
 

@@ -218,19 +218,35 @@ impl Ring {
     }
 
     /// Waits for tensor `t`'s tile of column block `block` (i64); where it lies.
-    pub fn acquire(&self, g: &mut Lines, t: usize, block: &str) -> String {
+    fn acquire(&self, g: &mut Lines, t: usize, block: &str) -> String {
         let (slot, parity) = Self::slot(g, block);
-        let full = self.barrier(g, t, 0, &slot);
-        super::super::ptx::mbarrier_wait(g, &full, &parity);
+        self.await_full(g, t, &slot, &parity);
         self.tile_at(g, t, &slot)
     }
 
-    /// At block `j` of the walk: the tiles read there (a trailing tensor's of block j − lag),
-    /// awaited.
-    pub fn stage(&self, g: &mut Lines, j: &str) -> [String; 2] {
+    /// Waits for the round of parity `parity` of tensor `t`'s `slot` to be filled.
+    fn await_full(&self, g: &mut Lines, t: usize, slot: &str, parity: &str) {
+        let full = self.barrier(g, t, 0, slot);
+        super::super::ptx::mbarrier_wait(g, &full, parity);
+    }
+
+    /// At block `j` of the walk from block `first`: where the tiles read there lie (a trailing
+    /// tensor's of block j − lag), each awaited where it exists (a trailing tensor has none
+    /// before `first + lag`).
+    pub fn stage(&self, g: &mut Lines, j: &str, first: &str) -> [String; 2] {
         [0, 1].map(|t| {
-            let block = g.op_c("sub", j, self.lags[t]);
-            self.acquire(g, t, &block)
+            let lag = self.lags[t];
+            let block = g.op_c("sub", j, lag);
+            if lag == 0 {
+                return self.acquire(g, t, &block);
+            }
+            let earliest = g.op_c("add", first, lag);
+            let exists = g.line(format!("llvm.icmp \"uge\" {j}, {earliest} : i64"));
+            let (slot, parity) = Self::slot(g, &block);
+            g.stmt(format!("scf.if {exists} {{"));
+            self.await_full(g, t, &slot, &parity);
+            g.stmt("}");
+            self.tile_at(g, t, &slot)
         })
     }
 
