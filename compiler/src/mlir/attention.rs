@@ -32,8 +32,11 @@
 //! probabilities (V's or dO's tiles trail K's or Q's by a block); the query and key passes issue
 //! the scores' and dP's products together, dP's running while the scores become probabilities.
 //! The key passes' per-column terms (log-sum-exp, D) are copied into shared memory with their
-//! column block. Not yet: TMA, warp specialisation and the warpgroups' ping-pong. The staging's
-//! thread layout keeps its addresses out of the loops' live registers.
+//! column block. The staging's thread layout keeps its addresses out of the loops' live
+//! registers. Where Q, K and V are packed BF16, the forward and the query pass instead stream
+//! their tiles by TMA from a producer warpgroup into a ring ([`ring`]: warp specialisation, no
+//! block-wide barrier in the column loop); the key passes, whose dO is f32, stage theirs. Not
+//! yet: the warpgroups' ping-pong.
 
 mod ring;
 
