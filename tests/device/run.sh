@@ -12,6 +12,7 @@
 #             one step of a bench-shaped plan on the GPU against two CPU steps (about 4
 #             minutes of a call on its own: the CPU's are 415M-parameter FP8 steps)
 #   profile   the bench model trained 6 steps with `--profile`: where the GPU's time goes
+#             (the report also in $OUT/profile.txt)
 #   tune      `dsc tune target/plan-bench`: its expert GEMMs on every tile it carries and on
 #             cuBLASLt, the fastest recorded in target/plan-bench/tuning.json (copied to $OUT),
 #             which the stages after it train with (`profile tune profile`: before and after)
@@ -98,8 +99,10 @@ while [ $# -gt 0 ]; do
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 4 --profile 2>&1 | tail -n 40
       ;;
     profile)
+      # The whole report also in $OUT/profile.txt, as it comes (a call's time limit cut the
+      # tail's, printed at the end, in session 36).
       target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 6 --profile \
-        --metrics "$OUT/profile.jsonl" 2>&1 | tail -n 80
+        --metrics "$OUT/profile.jsonl" 2>&1 | tee "$OUT/profile.txt" | tail -n 80
       ;;
     table | long)
       bf16=()
