@@ -30,7 +30,8 @@ pub struct FusedAttention {
     forward: Loaded,
     backward: [Loaded; 3],
     scratch: Option<CudaSlice<u8>>,
-    /// The tensor maps of the forward's inputs, where it streams them (`Heads::streams`).
+    /// The tensor maps of Q, K and V for the kernels that stream them (`Heads::streams`: the
+    /// forward and the query pass on packed inputs).
     maps: TensorMaps,
 }
 
@@ -122,14 +123,14 @@ impl FusedAttention {
             })
             .collect();
         // Q, K and V as [B·S, H·D] BF16 tensors, for the kernels that stream them.
-        let (heads_dims, maps) = (self.heads, &self.maps);
-        let maps = |pass: Option<Pass>| -> Result<Vec<u64>, GpuError> {
-            if !heads_dims.streams(pass) {
+        let (dims, encoded) = (self.heads, &self.maps);
+        let maps_for = |pass: Option<Pass>| -> Result<Vec<u64>, GpuError> {
+            if !dims.streams(pass) {
                 return Ok(Vec::new());
             }
-            let widths = [heads_dims.qk, heads_dims.qk, heads_dims.v];
+            let widths = [dims.qk, dims.qk, dims.v];
             (inputs.iter().zip(widths))
-                .map(|(&at, width)| maps.at(gpu, at, batch * seq, heads * width as usize, Mapped::Heads))
+                .map(|(&at, width)| encoded.at(gpu, at, batch * seq, heads * width as usize, Mapped::Heads))
                 .collect()
         };
         if forward {
@@ -138,7 +139,7 @@ impl FusedAttention {
                 launch.arg(pointer);
             }
             launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
-            let maps = maps(None)?;
+            let maps = maps_for(None)?;
             for map in &maps {
                 launch.arg(map);
             }
@@ -154,7 +155,7 @@ impl FusedAttention {
                     launch.arg(pointer);
                 }
                 launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
-                let maps = maps(Some(pass))?;
+                let maps = maps_for(Some(pass))?;
                 for map in &maps {
                     launch.arg(map);
                 }

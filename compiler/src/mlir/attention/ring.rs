@@ -1,9 +1,9 @@
 //! The tiles of the forward and the query pass streamed by TMA (FlashAttention-3's warp
 //! specialisation), where Q, K and V are packed BF16: a producer warpgroup (the block's third;
-//! its first thread) copies each warpgroup's Q tile once, then every column block's K and V tiles,
-//! into a ring of
-//! [`SLOTS`] slots per tensor, each box 64 rows × 64 columns of one head (128 bytes, TMA's
-//! 128-byte swizzle: the layout [`super::stage`] writes and the products read). Each slot has
+//! its first thread) copies each consumer warpgroup's Q tile once, then every column block's K
+//! and V tiles, into a ring of [`SLOTS`] slots per tensor, each box 64 rows × 64 columns of one
+//! head (128 bytes, TMA's 128-byte swizzle: the layout [`super::stage`] writes and the products
+//! read). Each slot has
 //! two mbarriers: `full` (the producer's expected bytes, completed by the copies) and `empty`
 //! (one arrival per consumer warp once its products have read the slot). The consumer
 //! warpgroups meet no block-wide barrier in the column loop: each waits for the tiles it reads
@@ -24,7 +24,8 @@ pub const MAP_BOX: [u32; 2] = [64, TILE_ROWS];
 /// Slots of each tensor's ring.
 pub const SLOTS: u64 = 3;
 
-/// The tensor maps a streaming forward takes after its other arguments.
+/// The tensor maps a streaming kernel (the forward, the query pass) takes after its other
+/// arguments.
 pub const MAP_ARGS: &str = "%q_map: !llvm.ptr<1>, %k_map: !llvm.ptr<1>, %v_map: !llvm.ptr<1>";
 
 /// Warps that read the ring (each arrives once at a slot's `empty`).
@@ -134,6 +135,7 @@ impl Ring {
         g.line(format!("llvm.trunc {at} : i64 to i32"))
     }
 
+    /// Q's `full` mbarrier, a 32-bit shared address.
     fn q_full(&self, g: &mut Lines) -> String {
         let at = g.op_c("add", &self.barriers, 8 * 4 * SLOTS);
         g.line(format!("llvm.trunc {at} : i64 to i32"))
@@ -145,7 +147,7 @@ impl Ring {
         g.op("add", &self.slots[t], &offset)
     }
 
-    /// The producer (the first thread of the warp after the consumers): the warpgroups' Q tiles
+    /// The producer (the producer warpgroup's first thread): the consumer warpgroups' Q tiles
     /// of row block `row_block` at `q_tiles` (shared byte, i64), `q_stride` bytes apart, then
     /// K's and V's tiles of column blocks `first..upper` (i64), each into its slot once the
     /// consumers have released the slot's last round.
