@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds, on this machine, what tests/device/run.sh runs on the GPU machine (which has no
 # Rust): the plans (target/plan-*), the runtime-only dsc and the GPU test binaries
-# (target/gpu), the generated FP8 GEMM's and attention's PTX (target/gemm, target/attention). Send them with the device tool's `carry`: target/gpu and the plans a stage needs
-# (64 MiB in all).
+# (target/gpu), the generated FP8 GEMM's and attention's PTX (target/gemm, target/attention),
+# and all of them packed in target/device-pack.tar.xz. Send them with the device tool's
+# `carry`: the pack (then `tar -xJf target/device-pack.tar.xz` there), or target/gpu and the
+# plans a stage needs (64 MiB in all).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export MLIR_SYS_220_PREFIX=${MLIR_SYS_220_PREFIX:-/usr/lib/llvm-22} TABLEGEN_220_PREFIX=${TABLEGEN_220_PREFIX:-/usr/lib/llvm-22}
@@ -52,3 +54,7 @@ for line in sys.stdin:
         print(m["executable"])' | tail -n 1 | xargs -I{} cp {} "target/gpu/$test"
 done
 du -sh target/gpu target/gemm target/attention target/plan-*
+# All of it in one file to carry (about 9 MB: the plans' buffers compress well), which
+# `tar -xJf target/device-pack.tar.xz` puts back on the GPU machine.
+tar -cJf target/device-pack.tar.xz target/gpu target/gemm target/attention target/plan-*
+du -sh target/device-pack.tar.xz

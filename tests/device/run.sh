@@ -51,7 +51,8 @@
 #             side by side, the scaling of tokens/s (benches/data_parallel.py; a kind with two
 #             GPUs or more), both runs' metrics in $OUT
 # Outputs that matter go to $OUT (the device tool brings them back). What each stage needs
-# carried (64 MiB in all: `checks step profile` fit together): checks: target/gpu/gpu_kernels,
+# carried (64 MiB in all; or carry target/device-pack.tar.xz, which build.sh packs with all of
+# it, and run `tar -xJf target/device-pack.tar.xz` first): checks: target/gpu/gpu_kernels,
 # target/gpu/gpu_scaled and the plans tiny, tiny-f32, tiny-stages, bench, bench-small; step: target/gpu/gpu_kernels and
 # target/plan-bench-step; profile, tune and train:
 # target/gpu/dsc and target/plan-bench; quick: target/gpu/gpu_kernels, target/gpu/dsc and the plans
