@@ -275,8 +275,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
         // producers both write every stage (A's halves).
         for (which, count) in [(0, 1), (1, 4 * consumers * cluster)] {
             let at = barrier(&mut g, which, &stage);
-            let count = g.i32(count);
-            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", &[(at, "r", "i32"), (count, "r", "i32")]);
+            super::ptx::mbarrier_init(&mut g, &at, count);
         }
     }
     g.asm("fence.mbarrier_init.release.cluster;", &[]);
@@ -325,11 +324,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let empty = barrier(g, 1, &stage);
             super::ptx::mbarrier_wait(g, &empty, &released);
             let full = barrier(g, 0, &stage);
-            let bytes = g.i32(tile.stage_bytes() + tile.scale_bytes(form));
-            g.asm(
-                "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
-                &[(full.clone(), "r", "i32"), (bytes, "r", "i32")],
-            );
+            super::ptx::mbarrier_expect_bytes(g, &full, tile.stage_bytes() + tile.scale_bytes(form));
             let k_at = g.op_c("mul", &kb, TILE_K.into());
             let k_at = g.op("add", &segment.k_from, &k_at);
             let stage_first = stage_at(g, &stage);
@@ -342,7 +337,6 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             let b_to = g.op_c("add", &stage_first, a_bytes);
             for (map, to, row, shared) in [(&segment.ta, a_to, &a_row, cluster > 1), (&segment.tb, b_to, &b_row, false)]
             {
-                let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
                 super::ptx::tma_load(g, &to, map, [&k_at, row], &full, shared);
             }
             // The Wgrad's scales of this block of K: [K/128, M] and [K/128, N], the tile's rows
@@ -588,7 +582,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     );
                 }
             } else {
-                g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(empty, "r", "i32")]);
+                super::ptx::mbarrier_arrive(g, &empty);
             }
             g.stmt("}");
             let promoted: Vec<String> = block

@@ -202,15 +202,37 @@ pub fn mbarrier_wait(g: &mut Lines, barrier: &str, parity: &str) {
     g.stmt("}");
 }
 
+/// Initialises the mbarrier at shared address `barrier` (i32) to expect `count` arrivals a
+/// phase.
+pub fn mbarrier_init(g: &mut Lines, barrier: &str, count: u32) {
+    let count = g.i32(count);
+    g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", &[(barrier.to_string(), "r", "i32"), (count, "r", "i32")]);
+}
+
+/// Arrives at the mbarrier at shared address `barrier` (i32), its phase also to wait for
+/// `bytes` of copies (TMA's `complete_tx`).
+pub fn mbarrier_expect_bytes(g: &mut Lines, barrier: &str, bytes: u32) {
+    let bytes = g.i32(bytes);
+    g.asm(
+        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+        &[(barrier.to_string(), "r", "i32"), (bytes, "r", "i32")],
+    );
+}
+
+/// Arrives at the mbarrier at shared address `barrier` (i32) of the thread's own block.
+pub fn mbarrier_arrive(g: &mut Lines, barrier: &str) {
+    g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(barrier.to_string(), "r", "i32")]);
+}
+
 /// Copies the box at element coordinates `[column, row]` (i64) of the 2-D tensor map at `map`
-/// (a global pointer to it) into shared byte `to` (i32) by TMA, its bytes completing on the
+/// (a global pointer to it) into shared byte `to` (i64) by TMA, its bytes completing on the
 /// mbarrier at `barrier` (i32); with `multicast`, into the same place of both blocks of the
 /// cluster (each barrier there counting them).
 pub fn tma_load(g: &mut Lines, to: &str, map: &str, [column, row]: [&str; 2], barrier: &str, multicast: bool) {
-    let [column, row] = [column, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
+    let [to, column, row] = [to, column, row].map(|x| g.line(format!("llvm.trunc {x} : i64 to i32")));
     let map = g.line(format!("llvm.ptrtoint {map} : !llvm.ptr<1> to i64"));
     let mut operands = vec![
-        (to.to_string(), "r", "i32"),
+        (to, "r", "i32"),
         (map, "l", "i64"),
         (column, "r", "i32"),
         (row, "r", "i32"),

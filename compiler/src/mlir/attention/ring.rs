@@ -17,6 +17,7 @@
 //! tensor [B·S rows, H·D columns] (the packed [B, S, H, D] as it lies), boxes of 64 × 64.
 
 use super::{Block, Heads, Lines, REGION, TILE_ROWS, WARPGROUPS};
+use crate::mlir::ptx;
 
 /// A tensor map's box: 64 columns (128 bytes of BF16) × 64 rows.
 pub const MAP_BOX: [u32; 2] = [64, TILE_ROWS];
@@ -106,8 +107,7 @@ impl Ring {
             let count = if index < 4 * SLOTS && (index / SLOTS) % 2 == 1 { CONSUMER_WARPS } else { 1 };
             let at = g.op_c("add", &ring.barriers, 8 * index);
             let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
-            let count = g.i32(count);
-            g.asm("mbarrier.init.shared::cta.b64 [$0], $1;", &[(at, "r", "i32"), (count, "r", "i32")]);
+            ptx::mbarrier_init(g, &at, count);
         }
         g.asm("fence.mbarrier_init.release.cluster;", &[]);
         g.stmt("}");
@@ -168,7 +168,7 @@ impl Ring {
         let row = g.op_c("mul", &j, TILE_ROWS.into());
         for (t, map) in ["%k_map", "%v_map"].into_iter().enumerate() {
             let empty = self.barrier(g, t, 1, &slot);
-            super::super::ptx::mbarrier_wait(g, &empty, &released);
+            ptx::mbarrier_wait(g, &empty, &released);
             let full = self.barrier(g, t, 0, &slot);
             let to = self.tile_at(g, t, &slot);
             let width = self.width(t);
@@ -194,11 +194,8 @@ impl Ring {
         full: &str,
         bytes: u64,
     ) {
-        let bytes = g.i32(u32::try_from(bytes).expect("a stage's bytes fit an i32"));
-        g.asm(
-            "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
-            &[(full.to_string(), "r", "i32"), (bytes, "r", "i32")],
-        );
+        let bytes = u32::try_from(bytes).expect("a stage's bytes fit a u32");
+        ptx::mbarrier_expect_bytes(g, full, bytes);
         let row = g.op("add", &b.sequence_row, row);
         let column = g.op_c("mul", &b.head, width.into());
         for tile in 0..tiles {
@@ -206,8 +203,7 @@ impl Ring {
             for region in 0..u64::from(width / MAP_BOX[0]) {
                 let column = g.op_c("add", &column, region * u64::from(MAP_BOX[0]));
                 let at = g.op_c("add", to, tile * stride + region * REGION);
-                let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
-                super::super::ptx::tma_load(g, &at, map, [&column, &row], full, false);
+                ptx::tma_load(g, &at, map, [&column, &row], full, false);
             }
         }
     }
@@ -216,7 +212,7 @@ impl Ring {
     pub fn await_q(&self, g: &mut Lines) {
         let q_full = self.q_full(g);
         let zero = g.i64(0);
-        super::super::ptx::mbarrier_wait(g, &q_full, &zero);
+        ptx::mbarrier_wait(g, &q_full, &zero);
     }
 
     /// Waits for tensor `t`'s tile of column block `block` (i64); where it lies.
@@ -229,7 +225,7 @@ impl Ring {
     /// Waits for the round of parity `parity` of tensor `t`'s `slot` to be filled.
     fn await_full(&self, g: &mut Lines, t: usize, slot: &str, parity: &str) {
         let full = self.barrier(g, t, 0, slot);
-        super::super::ptx::mbarrier_wait(g, &full, parity);
+        ptx::mbarrier_wait(g, &full, parity);
     }
 
     /// At block `j` of the walk from block `first`: where the tiles read there lie (a trailing
@@ -269,7 +265,7 @@ impl Ring {
         let zero = g.i64(0);
         let leads = g.line(format!("llvm.icmp \"eq\" {lane}, {zero} : i64"));
         g.stmt(format!("scf.if {leads} {{"));
-        g.asm("mbarrier.arrive.shared::cta.b64 _, [$0];", &[(empty, "r", "i32")]);
+        ptx::mbarrier_arrive(g, &empty);
         g.stmt("}");
     }
 }
