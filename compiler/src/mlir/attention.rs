@@ -294,13 +294,45 @@ impl Block {
         self.stage(g, src, how, layout, heads, row0, at, true);
     }
 
-    /// The warpgroup's 64 × 64 products of the rows tile at `rows` (A) with the column tile at
-    /// `cols` (B), both K-major over `width`: for the thread, 8 tiles of 8 columns, 4 values
-    /// each (its warp's rows g, g + 8; columns 2t, 2t + 1).
-    fn products(&self, g: &mut Lines, rows: &str, cols: &str, width: u32) -> Vec<Vec<String>> {
-        let d = g.asm_f32s("wgmma.fence.sync.aligned;", &vec![self.zero.clone(); 32], &[]);
+    /// The warpgroup's 64 × 64 products of the `rows` (A) with the column tile at `cols` (B),
+    /// both K-major over `width`: for the thread, 8 tiles of 8 columns, 4 values each (its
+    /// warp's rows g, g + 8; columns 2t, 2t + 1).
+    fn products(&self, g: &mut Lines, rows: &Rows, cols: &str, width: u32) -> Vec<Vec<String>> {
+        let held = match rows {
+            Rows::Staged(_) => &[][..],
+            Rows::Held(fragments) => fragments,
+        };
+        let d = fence(g, &vec![self.zero.clone(); 32], held);
         let d = issue_products(g, d, rows, cols, width);
         completed(g, &d).chunks(4).map(<[String]>::to_vec).collect()
+    }
+
+    /// The warpgroup's 64 rows of the tile staged at `tile` (`width` wide), read into registers
+    /// as the A of products ([`Rows::Held`]): per 16 columns k, the thread's four BF16 pairs,
+    /// (row, column) = (g, 16k + 2t), (g + 8, 16k + 2t), (g, 16k + 2t + 8), (g + 8, 16k + 2t + 8)
+    /// of its warp's 16, each 4 bytes of the swizzled tile (its 16-byte chunk c of row r at
+    /// chunk c ⊕ (r mod 8); conflict-free: a warp's eight rows g take eight chunks, its four
+    /// t the chunk's four words).
+    fn hold(&self, g: &mut Lines, tile: &str, width: u32) -> Vec<[String; 4]> {
+        let rows = self.my_rows.clone().map(|row| {
+            let at = g.op_c("mul", &row, 128);
+            g.op("add", tile, &at)
+        });
+        let group_row = g.op_c("urem", &self.my_rows[0], 8);
+        let word = g.op_c("mul", &self.quad_col, 4);
+        (0..u64::from(width / 16))
+            .map(|k| {
+                std::array::from_fn(|i| {
+                    let chunk = g.op_c("xor", &group_row, 2 * (k % 4) + (i / 2) as u64);
+                    let chunk = g.op_c("mul", &chunk, 16);
+                    let at = g.op_c("add", &rows[i % 2], k / 4 * REGION);
+                    let at = g.op("add", &at, &chunk);
+                    let at = g.op("add", &at, &word);
+                    let p = g.line(format!("llvm.inttoptr {at} : i64 to !llvm.ptr<3>"));
+                    g.line(format!("llvm.load {p} : !llvm.ptr<3> -> i32"))
+                })
+            })
+            .collect()
     }
 
     /// `acc` (64 rows × `width` per warpgroup; per 8 columns 4 values) += `p` (the 64 × 64
@@ -761,25 +793,29 @@ fn descriptor(g: &mut Lines, at: &str, major: Major) -> String {
     super::ptx::descriptor(g, &layout, at)
 }
 
-/// A product's A: a staged tile (its descriptor) or four BF16 pairs per thread.
+/// A product's A: a staged tile (its descriptor, K-major) or four BF16 pairs per thread.
 enum Operand<'a> {
     Shared(String),
     Registers(&'a [String; 4]),
 }
 
 /// `d` (the warpgroup's 64 × `n` f32 accumulators, `n / 2` a thread) + A · B over 16 of K:
-/// one `wgmma.mma_async` on BF16 (B K-major for a shared A, N-major for A in registers); `add`
+/// one `wgmma.mma_async` on BF16, B read `b_major` (N-major only beside A in registers); `add`
 /// false starts from zero.
-fn wgmma(g: &mut Lines, n: u32, d: &[String], a: Operand, b: &str, add: bool) -> Vec<String> {
+fn wgmma(g: &mut Lines, n: u32, d: &[String], a: Operand, (b, b_major): (&str, Major), add: bool) -> Vec<String> {
     let count = d.len();
     let accumulators: Vec<String> = (0..count).map(|i| format!("${i}")).collect();
     let next = 2 * count;
+    let transposed_b = match b_major {
+        Major::K => "0",
+        Major::N => "1",
+    };
     let (a_text, mut operands, transposed) = match a {
-        Operand::Shared(desc) => (format!("${next}"), vec![(desc, "l", "i64")], "0, 0"),
+        Operand::Shared(desc) => (format!("${next}"), vec![(desc, "l", "i64")], format!("0, {transposed_b}")),
         Operand::Registers(regs) => (
             format!("{{${next}, ${}, ${}, ${}}}", next + 1, next + 2, next + 3),
             regs.iter().map(|r| (r.clone(), "r", "i32")).collect(),
-            "1",
+            transposed_b.to_string(),
         ),
     };
     let (b_at, add_at) = (next + operands.len(), next + operands.len() + 1);
@@ -792,15 +828,34 @@ fn wgmma(g: &mut Lines, n: u32, d: &[String], a: Operand, b: &str, add: bool) ->
     g.asm_f32s(&text, d, &operands)
 }
 
-/// The 64 × 64 products of the rows tile at `rows` (A) with the column tile at `cols` (B),
-/// both K-major over `width`, into `d` (32 fenced values, overwritten), issued, not awaited.
-fn issue_products(g: &mut Lines, d: Vec<String>, rows: &str, cols: &str, width: u32) -> Vec<String> {
-    let [rows, cols] = [rows, cols].map(|tile| descriptor(g, tile, Major::K));
+/// The rows of the scores' products (their A, K-major): a staged tile's `wgmma` descriptor
+/// ([`Rows::staged`]), or the warpgroup's 64 rows held in registers ([`Block::hold`]: per 16
+/// columns, four BF16 pairs a thread).
+enum Rows<'a> {
+    Staged(String),
+    Held(&'a [[String; 4]]),
+}
+
+impl Rows<'_> {
+    /// The rows staged at shared byte `at` (i64).
+    fn staged(g: &mut Lines, at: &str) -> Self {
+        Rows::Staged(descriptor(g, at, Major::K))
+    }
+}
+
+/// The 64 × 64 products of the `rows` (A) with the column tile at `cols` (B), both K-major
+/// over `width`, into `d` (32 fenced values, overwritten), issued, not awaited.
+fn issue_products(g: &mut Lines, d: Vec<String>, rows: &Rows, cols: &str, width: u32) -> Vec<String> {
+    let cols = descriptor(g, cols, Major::K);
     (0..u64::from(width / 16)).fold(d, |d, k| {
         // 16 columns (32 bytes) a product, four to a region's 128-byte rows.
         let offset = k / 4 * REGION + k % 4 * 32;
-        let [a, b] = [&rows, &cols].map(|tile| super::ptx::descriptor_past(g, tile, offset));
-        wgmma(g, 64, &d, Operand::Shared(a), &b, k > 0)
+        let b = super::ptx::descriptor_past(g, &cols, offset);
+        let a = match rows {
+            Rows::Staged(tile) => Operand::Shared(super::ptx::descriptor_past(g, tile, offset)),
+            Rows::Held(fragments) => Operand::Registers(&fragments[k as usize]),
+        };
+        wgmma(g, 64, &d, a, (&b, Major::K), k > 0)
     })
 }
 
@@ -829,7 +884,7 @@ fn issue_accumulation(g: &mut Lines, d: Vec<String>, a: &[[String; 4]], tile: &s
     a.iter().enumerate().fold(d, |d, (kk, a)| {
         // 16 rows of the tile a product.
         let b = super::ptx::descriptor_past(g, &tile, kk as u64 * 16 * 128);
-        wgmma(g, width, &d, Operand::Registers(a), &b, true)
+        wgmma(g, width, &d, Operand::Registers(a), (&b, Major::N), true)
     })
 }
 
@@ -862,6 +917,9 @@ struct Pipelined<'a> {
     /// The row block (i64) and the warpgroup's tile of it, for the mask.
     row_block: &'a str,
     tile: &'a str,
+    /// Whether the rows are read into registers once ([`Block::hold`]), the scores' products
+    /// then reading only their column tiles from shared memory: the streamed forward's Q.
+    hold_rows: bool,
 }
 
 impl Pipelined<'_> {
@@ -886,7 +944,12 @@ impl Pipelined<'_> {
         // The first block's probabilities (masked: the mask leaves a block off the diagonal
         // as it is).
         let [s_cols, _] = feed.stage(g, b, first, [first, last]);
-        let mut scores = b.products(g, rows, &s_cols, width);
+        let held = self.hold_rows.then(|| b.hold(g, rows, width));
+        let rows = match &held {
+            Some(fragments) => Rows::Held(fragments),
+            None => Rows::staged(g, rows),
+        };
+        let mut scores = b.products(g, &rows, &s_cols, width);
         feed.release(g, b, 0, first);
         b.mask(g, &mut scores, first, self.tile, self.order);
         let (extra, _) = probabilities(g, first, &mut scores, &extra);
@@ -907,7 +970,7 @@ impl Pipelined<'_> {
             let a = carried_a(g, carried);
             let fenced = fence(g, &[&carried[..count], &vec![b.zero.clone(); 32][..]].concat(), &a);
             let (acc, scores) = fenced.split_at(count);
-            let scores = issue_products(g, scores.to_vec(), rows, &s_cols, width);
+            let scores = issue_products(g, scores.to_vec(), &rows, &s_cols, width);
             commit(g);
             let acc = issue_accumulation(g, acc.to_vec(), &a, &trailing_tile, trailing_width);
             commit(g);
@@ -1111,7 +1174,14 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     };
     // Carried beside the output accumulators (16 rows × Dv per warp): each of the thread's two
     // rows' running maximum score and sum.
-    let walk = Pipelined { b: &b, feed, order: Order::ColumnsUpToRow, row_block: &q_block, tile: &q_tile };
+    let walk = Pipelined {
+        b: &b,
+        feed,
+        order: Order::ColumnsUpToRow,
+        row_block: &q_block,
+        tile: &q_tile,
+        hold_rows: heads.streams(None),
+    };
     let initial = [&b.minus_inf, &b.minus_inf, &b.zero, &b.zero].map(String::clone).to_vec();
     let (mut out, state) =
         walk.run(&mut g, [&zero64, &upper], (&sq, heads.qk, o_count), initial, |g, _, scores, carried| {
@@ -1251,7 +1321,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let staged = || staged.expect("the key passes stage their columns");
     let sums = if pass == Pass::Value {
         // dV = Σ Pᵀ·dO, pipelined: dO's tiles trail Q's.
-        let walk = Pipelined { b: &b, feed, order, row_block: &row_block, tile: &tile };
+        let walk = Pipelined { b: &b, feed, order, row_block: &row_block, tile: &tile, hold_rows: false };
         let walked = walk.run(&mut g, [&lower, &upper], (&s_rows, heads.qk, count), Vec::new(), |g, j, p, _| {
             let shifts = column_shifts(g, &b, staged(), j);
             for (n, tile) in p.iter_mut().enumerate() {
@@ -1264,15 +1334,16 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         walked.0
     } else {
         feed.prefetch(&mut g, &b, &lower);
+        let [score_rows, dp_rows] = [&s_rows, &s_rows_v].map(|tile| Rows::staged(&mut g, tile));
         let initial = vec![b.zero.clone(); count];
         column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
             let [s_cols, s_cols_v] = feed.stage(g, &b, j, [&lower, &upper]);
             // The scores' and dP's products issued together (dP = dO·Vᵀ for query rows, V·dOᵀ
             // for key rows): the tensor cores run dP's while the scores become probabilities.
             let fenced = g.asm_f32s("wgmma.fence.sync.aligned;", &vec![b.zero.clone(); 64], &[]);
-            let scores = issue_products(g, fenced[..32].to_vec(), &s_rows, &s_cols, heads.qk);
+            let scores = issue_products(g, fenced[..32].to_vec(), &score_rows, &s_cols, heads.qk);
             commit(g);
-            let dp = issue_products(g, fenced[32..].to_vec(), &s_rows_v, &s_cols_v, heads.v);
+            let dp = issue_products(g, fenced[32..].to_vec(), &dp_rows, &s_cols_v, heads.v);
             commit(g);
             let mut p: Vec<Vec<String>> = awaited(g, &scores, 1).chunks(4).map(<[String]>::to_vec).collect();
             // Per value (column 8n + 2t + e of row g or g + 8, at 4n + e): its row's or column's
@@ -1559,6 +1630,12 @@ mod tests {
                     assert_eq!(ptx.matches("bar.sync").count(), 1 + i, "{ptx}");
                     assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"));
                     assert!(!ptx.contains("cp.async.cg.shared.global"), "{ptx}");
+                    // The forward's scores read Q from registers (each thread's 4 words per 16
+                    // of Dqk, read once), the query pass's from its staged tile.
+                    let held = ptx.lines().filter(|line| line.contains(scores) && line.contains("}, {%r")).count();
+                    let loads = ptx.matches("ld.shared.b32").count();
+                    let (held_products, held_loads) = if i == 0 { (score_products, 4 * 12) } else { (0, 0) };
+                    assert_eq!((held, loads), (held_products, held_loads), "{ptx}");
                 } else {
                     assert_eq!(tma, 0, "{ptx}");
                     assert!(ptx.contains("fence.proxy.async.shared::cta"), "{ptx}");
