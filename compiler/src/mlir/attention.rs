@@ -35,8 +35,12 @@
 //! column block. The staging's thread layout keeps its addresses out of the loops' live
 //! registers. Where Q, K and V are packed BF16, the forward and the query pass instead stream
 //! their tiles by TMA from a producer warpgroup into a ring ([`ring`]: warp specialisation, no
-//! block-wide barrier in the column loop); the key passes, whose dO is f32, stage theirs. Not
-//! yet: the warpgroups' ping-pong.
+//! block-wide barrier in the column loop); the key passes, whose dO is f32, stage theirs. The
+//! streamed forward's warpgroups hold their Q in registers ([`Block::hold`]): its scores'
+//! products then read only K's tile from shared memory (an m64n64k16 product reading both
+//! operands there takes 4 KB in the about 32 cycles the tensor cores spend on it: all of shared
+//! memory's 128 bytes a cycle). Not yet: the warpgroups' ping-pong (measured on the held Q:
+//! no gain).
 
 mod ring;
 
@@ -917,9 +921,6 @@ struct Pipelined<'a> {
     /// The row block (i64) and the warpgroup's tile of it, for the mask.
     row_block: &'a str,
     tile: &'a str,
-    /// Whether the rows are read into registers once ([`Block::hold`]), the scores' products
-    /// then reading only their column tiles from shared memory: the streamed forward's Q.
-    hold_rows: bool,
 }
 
 impl Pipelined<'_> {
@@ -944,7 +945,10 @@ impl Pipelined<'_> {
         // The first block's probabilities (masked: the mask leaves a block off the diagonal
         // as it is).
         let [s_cols, _] = feed.stage(g, b, first, [first, last]);
-        let held = self.hold_rows.then(|| b.hold(g, rows, width));
+        // A streamed walk's rows are read into registers once ([`Block::hold`]), its scores'
+        // products then reading only their column tiles from shared memory (a staged walk's
+        // staging takes those registers).
+        let held = matches!(feed, Feed::Streamed(_)).then(|| b.hold(g, rows, width));
         let rows = match &held {
             Some(fragments) => Rows::Held(fragments),
             None => Rows::staged(g, rows),
@@ -1174,14 +1178,7 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     };
     // Carried beside the output accumulators (16 rows × Dv per warp): each of the thread's two
     // rows' running maximum score and sum.
-    let walk = Pipelined {
-        b: &b,
-        feed,
-        order: Order::ColumnsUpToRow,
-        row_block: &q_block,
-        tile: &q_tile,
-        hold_rows: heads.streams(None),
-    };
+    let walk = Pipelined { b: &b, feed, order: Order::ColumnsUpToRow, row_block: &q_block, tile: &q_tile };
     let initial = [&b.minus_inf, &b.minus_inf, &b.zero, &b.zero].map(String::clone).to_vec();
     let (mut out, state) =
         walk.run(&mut g, [&zero64, &upper], (&sq, heads.qk, o_count), initial, |g, _, scores, carried| {
@@ -1321,7 +1318,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let staged = || staged.expect("the key passes stage their columns");
     let sums = if pass == Pass::Value {
         // dV = Σ Pᵀ·dO, pipelined: dO's tiles trail Q's.
-        let walk = Pipelined { b: &b, feed, order, row_block: &row_block, tile: &tile, hold_rows: false };
+        let walk = Pipelined { b: &b, feed, order, row_block: &row_block, tile: &tile };
         let walked = walk.run(&mut g, [&lower, &upper], (&s_rows, heads.qk, count), Vec::new(), |g, j, p, _| {
             let shifts = column_shifts(g, &b, staged(), j);
             for (n, tile) in p.iter_mut().enumerate() {
