@@ -32,11 +32,14 @@
 #             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute), the results
 #             also in $OUT/gemm.jsonl, then issue 9's table of them (benches/gemm_table.py); with
 #             GEMM="DIR ...", each folder's kernels in turn, into $OUT/<folder's name>.jsonl
-#   attention the generated fused attention (target/attention/*.ptx) checked against float64
-#             and timed beside PyTorch's SDPA, every backend it has (benches/attention.py; under
-#             a minute), the results also in $OUT/attention.jsonl; with ATTENTION="DIR ..." in
-#             the environment, each folder's kernels in turn (e.g. a branch's PTX beside main's,
-#             written by kernel_ptx), the results in $OUT/<folder's name>.jsonl
+#   attention the generated fused attention on packed BF16 inputs (target/attention/*bf16_*.ptx:
+#             the plans' kernels) checked against float64 and timed beside PyTorch's SDPA, every
+#             backend it has (benches/attention.py; a few minutes a folder), the results also
+#             in $OUT/attention.jsonl; with ATTENTION="DIR ..." in the environment, each folder's
+#             kernels in turn (e.g. a branch's PTX beside main's, written by kernel_ptx), the
+#             results in $OUT/<folder's name>.jsonl; with ATTENTION_F32=1, the kernels on f32
+#             inputs too (a test policy's, timed as long again: session 37's three folders of
+#             both forms took most of a call)
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 #   ncu N     Nsight Compute's counters (speed of light, pipes, memory, warp stalls, where the
@@ -129,7 +132,9 @@ while [ $# -gt 0 ]; do
     attention)
       for dir in ${ATTENTION:-target/attention}; do
         echo "== $dir"
-        python3 benches/attention.py "$dir"/*.ptx --out "$OUT/$(basename "$dir").jsonl" 2>&1 | grep -v Warning
+        kernels=("$dir"/*bf16_*.ptx)
+        [ -n "${ATTENTION_F32:-}" ] && kernels=("$dir"/*.ptx)
+        python3 benches/attention.py "${kernels[@]}" --out "$OUT/$(basename "$dir").jsonl" 2>&1 | grep -v Warning
       done
       ;;
     train)
