@@ -39,7 +39,8 @@
 #             kernels in turn (e.g. a branch's PTX beside main's, written by kernel_ptx), the
 #             results in $OUT/<folder's name>.jsonl; with ATTENTION_F32=1, the kernels on f32
 #             inputs too (a test policy's, timed as long again: session 37's three folders of
-#             both forms took most of a call)
+#             both forms took most of a call); each folder within ATTENTION_TIMEOUT seconds
+#             (default 300: a kernel that hangs fails its folder, not the call)
 #   train N   the bench model trained to step N with checkpoints in target/run-bench, resuming
 #             from there (so a long run takes several calls)
 #   ncu N     Nsight Compute's counters (speed of light, pipes, memory, warp stalls, where the
@@ -134,7 +135,8 @@ while [ $# -gt 0 ]; do
         echo "== $dir"
         kernels=("$dir"/*bf16_*.ptx)
         [ -n "${ATTENTION_F32:-}" ] && kernels=("$dir"/*.ptx)
-        python3 benches/attention.py "${kernels[@]}" --out "$OUT/$(basename "$dir").jsonl" 2>&1 | grep -v Warning
+        timeout "${ATTENTION_TIMEOUT:-300}" python3 benches/attention.py "${kernels[@]}" \
+          --out "$OUT/$(basename "$dir").jsonl" 2>&1 | grep -v Warning || failed+=("attention $dir")
       done
       ;;
     train)
