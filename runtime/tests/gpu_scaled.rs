@@ -444,6 +444,18 @@ fn adds_in_place(
     results.len()
 }
 
+/// The bench spec: from the checkout this test was built in, or, where that is not here (the
+/// GPU machine runs the binary built elsewhere, from its copy's root), from the current
+/// directory.
+fn bench_spec() -> std::path::PathBuf {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-bench.dsc");
+    if built.exists() {
+        built
+    } else {
+        std::path::PathBuf::from("models/deepseek-v3-bench.dsc")
+    }
+}
+
 /// Without a GPU: every library GEMM of the bench plan (compiled here, without MLIR) runs on
 /// the GPU backend, none on the host (MLA's K = 576 padded to 640, the attention output's
 /// residual added after a reshape).
@@ -451,8 +463,7 @@ fn adds_in_place(
 fn every_library_gemm_of_the_bench_plan_runs_on_the_gpu() {
     use dsc_compiler::fuse::kernels::{Code, KernelKind};
     use dsc_runtime::cuda::gemm;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-bench.dsc");
-    let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the bench spec").clone();
+    let spec = dsc_lang::load(&bench_spec(), &[]).checked_spec().expect("the bench spec").clone();
     let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
     let (mut library, mut host) = (0, Vec::new());
     for (function, pf) in plan.module.functions.iter().zip(&plan.functions) {
@@ -478,8 +489,7 @@ fn the_bench_plans_fp8_gemms_are_what_tuning_measures() {
     use dsc_compiler::mlir::gemm::Form;
     use dsc_runtime::cuda::gemm::GemmSite;
     use dsc_runtime::cuda::tune::uneven_offsets;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3-bench.dsc");
-    let spec = dsc_lang::load(&path, &[]).checked_spec().expect("the bench spec").clone();
+    let spec = dsc_lang::load(&bench_spec(), &[]).checked_spec().expect("the bench spec").clone();
     let plan = dsc_compiler::plan::compile(&spec, dsc_compiler::fuse::Limits::default());
     let moe = spec
         .model
