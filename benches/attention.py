@@ -23,7 +23,12 @@ FLOPs counted as causal attention is: 2·B·H·(S²/2)·(Dqk + Dv) for the forwa
 (3·Dqk + 2·Dv) for the backward (its five products, the recomputed scores among them). SDPA's
 backward is timed as `out.backward(dO)` of one forward.
 
-Usage (GPU machine): python3 benches/attention.py PTX... [--out FILE]; one JSON line per result.
+With `--profile S,H` it only launches each kernel set's forward and backward, and cuDNN
+SDPA's, once on that shape (B = 32K / S), between cudaProfilerStart and Stop, for Nsight
+Compute (`ncu --profile-from-start off`; `tests/device/run.sh ncu` with RUN=attention).
+
+Usage (GPU machine): python3 benches/attention.py PTX... [--out FILE] [--profile S,H]; one JSON
+line per result.
 """
 import argparse
 import json
@@ -322,6 +327,38 @@ def bench(g, emit):
         torch.cuda.empty_cache()
 
 
+def profile(generated, s, h):
+    """Each kernel set's forward and backward and cuDNN SDPA's on one shape, each run once to
+    warm up (the backward reads the forward's O and log-sum-exp), then once between
+    cudaProfilerStart and Stop."""
+    b = max(1, 32768 // s)
+    launches = []
+    for g in generated:
+        q, k, v = inputs(b, s, h, g, seed=1)
+        do = torch.randn(b, s, h, g.v, device="cuda")
+        scale = 1 / math.sqrt(g.qk)
+        o, lse, run = g.forward(q, k, v, scale)
+        launches.append(run)
+        if g.backward:
+            run()
+            launches.append(g.grads(q, k, v, o, do, lse, scale)[1])
+    call = sdpa("cudnn", q, k, v, scale)
+    if call is not None:
+        launches.append(call)
+        with sdpa_kernel([BACKENDS["cudnn"]]):
+            out = call_with_grad(q, k, v, scale)
+        dout = heads_major(do)
+        launches.append(lambda: out.backward(dout, retain_graph=True))
+    for launch in launches:
+        launch()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for launch in launches:
+        launch()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def call_with_grad(q, k, v, scale):
     qh, kh, vh = (heads_major(x).requires_grad_() for x in (q, k, v))
     return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
@@ -331,6 +368,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("ptx", nargs="+")
     ap.add_argument("--out")
+    ap.add_argument("--profile", metavar="S,H", help="launch each kernel once on this shape, for ncu")
     args = ap.parse_args()
     out = open(args.out, "w") if args.out else None
 
@@ -346,6 +384,9 @@ def main():
     shapes = {}
     for path in args.ptx:
         shapes.setdefault(re.search(r"_((?:bf16_)?qk\d+_v\d+)\.ptx$", path).group(1), []).append(path)
+    if args.profile:
+        profile([Generated(paths) for paths in shapes.values()], *map(int, args.profile.split(",")))
+        return
     for paths in shapes.values():
         g = Generated(paths)
         if check(g, emit):

@@ -48,7 +48,9 @@
 #             match the regex $KERNELS, in `dsc tune target/plan-bench` (the generated GEMMs);
 #             with RUN=train, in the bench model's first step; with RUN=gemm, in
 #             benches/fp8_gemm.py --profile $SHAPE (default 7168,16384: cuBLASLt's product and
-#             target/gemm's kernels on issue 9's shape): $OUT/ncu-$NAME.txt (NAME defaults to RUN),
+#             target/gemm's kernels on issue 9's shape); with RUN=attention, in benches/attention.py
+#             --profile $SHAPE (S,H; default 4096,16: target/attention's packed forward and
+#             backward passes and cuDNN SDPA's): $OUT/ncu-$NAME.txt (NAME defaults to RUN),
 #             and each SASS instruction's executions and warp stall samples in $OUT/ncu-$NAME-sass.csv
 #   dp N      issue 8's data parallelism: the bench model N steps (default 20) on one GPU, then
 #             on two as two processes with ZeRO-1 (torchrun), the same global batch: losses
@@ -151,6 +153,7 @@ while [ $# -gt 0 ]; do
       case "${RUN:-tune}" in
         train) run=(target/gpu/dsc train "${bench[@]}" --plan target/plan-bench --backend cuda --steps 1) from=on ;;
         gemm) run=(python3 benches/fp8_gemm.py --generated target/gemm/*.ptx --profile "${SHAPE:-7168,16384}") from=off ;;
+        attention) run=(python3 benches/attention.py target/attention/*bf16_*.ptx --profile "${SHAPE:-4096,16}") from=off ;;
         *) run=(target/gpu/dsc tune target/plan-bench --repeats 1) from=on ;;
       esac
       name="$OUT/ncu-${NAME:-${RUN:-tune}}"
