@@ -332,13 +332,16 @@ def profile(generated, s, h):
     warm up (the backward reads the forward's O and log-sum-exp), then once between
     cudaProfilerStart and Stop."""
     b = max(1, 32768 // s)
-    launches = []
+    # The launches, and the outputs they write (kept alive while the launches hold their
+    # addresses).
+    launches, outputs = [], []
     for g in generated:
         q, k, v = inputs(b, s, h, g, seed=1)
         do = torch.randn(b, s, h, g.v, device="cuda")
         scale = 1 / math.sqrt(g.qk)
         o, lse, run = g.forward(q, k, v, scale)
         launches.append(run)
+        outputs += [o, lse]
         if g.backward:
             run()
             launches.append(g.grads(q, k, v, o, do, lse, scale)[1])
