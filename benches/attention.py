@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fp8_gemm import tensor_map  # noqa: E402
+from fp8_gemm import profiled, tensor_map  # noqa: E402
 
 TILE_ROWS = 64  # a warpgroup's rows; two warpgroups a block
 BLOCK_ROWS = 128
@@ -328,12 +328,10 @@ def bench(g, emit):
 
 
 def profile(generated, s, h):
-    """Each kernel set's forward and backward and cuDNN SDPA's on one shape, each run once to
-    warm up (the backward reads the forward's O and log-sum-exp), then once between
-    cudaProfilerStart and Stop."""
+    """Each kernel set's forward and backward and cuDNN SDPA's on one shape, `profiled` (each
+    backward after its forward, whose O and log-sum-exp it reads)."""
     b = max(1, 32768 // s)
-    # The launches, and the outputs they write (kept alive while the launches hold their
-    # addresses).
+    # The launches, and the tensors whose addresses they hold that nothing else keeps alive.
     launches, outputs = [], []
     for g in generated:
         q, k, v = inputs(b, s, h, g, seed=1)
@@ -341,9 +339,8 @@ def profile(generated, s, h):
         scale = 1 / math.sqrt(g.qk)
         o, lse, run = g.forward(q, k, v, scale)
         launches.append(run)
-        outputs += [o, lse]
+        outputs += [o, lse, do]
         if g.backward:
-            run()
             launches.append(g.grads(q, k, v, o, do, lse, scale)[1])
     call = sdpa("cudnn", q, k, v, scale)
     if call is not None:
@@ -352,14 +349,7 @@ def profile(generated, s, h):
             out = call_with_grad(q, k, v, scale)
         dout = heads_major(do)
         launches.append(lambda: out.backward(dout, retain_graph=True))
-    for launch in launches:
-        launch()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for launch in launches:
-        launch()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    profiled(launches)
 
 
 def call_with_grad(q, k, v, scale):

@@ -320,6 +320,12 @@ def profile(accepted, generated, n, k, m=4096):
     (qa, sa, qw, sw), (scale_a, sb) = operands(accepted, n, k, m)
     launches = [lambda: call(qa, qw.t(), scale_a, sb, torch.float32)]
     launches += [g.prepare(qa, sa, qw, sw)[1] for g in generated if g.fits(m, n, k)]
+    profiled(launches)
+
+
+def profiled(launches):
+    """Runs each of `launches` once to warm up, then once between cudaProfilerStart and Stop
+    (what `ncu --profile-from-start off` measures; benches/attention.py's too)."""
     for launch in launches:
         launch()
     torch.cuda.synchronize()
