@@ -135,7 +135,7 @@ class Generated:
         maps = self.maps("fwd", b, s, (q, k, v))
         args += tuple(np.uint64(m.data_ptr()) for m in maps)
         # The launches keep the tensors whose addresses they pass (here and in `grads`).
-        return o, lse, lambda kept=(q, k, v, maps): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
+        return o, lse, lambda kept=(q, k, v, o, lse, maps): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
 
     def grads(self, q, k, v, o, do, lse, scale):
         b, s, h, _ = q.shape
@@ -147,7 +147,7 @@ class Generated:
         tail = (np.uint32(s), np.uint32(h), np.float32(scale))
         maps = {kind: self.maps(kind, b, s, (q, k, v)) for kind in ("dq", "dk", "dv")}
 
-        def run(kept=(q, k, v, delta, maps)):
+        def run(kept=(q, k, v, o, do, lse, delta, maps)):
             for kind, grad in zip(("dq", "dk", "dv"), grads):
                 streamed = tuple(np.uint64(m.data_ptr()) for m in maps[kind])
                 self.launch(kind, grid, common + (np.uint64(grad.data_ptr()),) + tail + streamed)
@@ -331,15 +331,13 @@ def profile(generated, s, h):
     """Each kernel set's forward and backward and cuDNN SDPA's on one shape, `profiled` (each
     backward after its forward, whose O and log-sum-exp it reads)."""
     b = max(1, 32768 // s)
-    # The launches, and the tensors whose addresses they hold that nothing else keeps alive.
-    launches, outputs = [], []
+    launches = []
     for g in generated:
         q, k, v = inputs(b, s, h, g, seed=1)
         do = torch.randn(b, s, h, g.v, device="cuda")
         scale = 1 / math.sqrt(g.qk)
         o, lse, run = g.forward(q, k, v, scale)
         launches.append(run)
-        outputs += [o, lse, do]
         if g.backward:
             launches.append(g.grads(q, k, v, o, do, lse, scale)[1])
     call = sdpa("cudnn", q, k, v, scale)
