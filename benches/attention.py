@@ -72,9 +72,12 @@ class Generated:
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
             texts[kind] = (path, name, open(path).read())
         # The kernels that stream Q, K and V by TMA from a producer warpgroup, taking their
-        # tensor maps (`Heads::streams`: the forward and dQ on packed inputs, where their PTX
-        # copies tensors; earlier kernels stage them).
+        # tensor maps (`Heads::streams`: on packed inputs, where their PTX copies tensors;
+        # earlier kernels stage them, and earlier backwards stream in dQ alone). Where the dQ
+        # pass stores its dO rows into a packed copy (`ring::store_rows`), every backward pass
+        # also takes that copy's map, and the key passes stream it.
         self.streams = {kind: "cp.async.bulk.tensor" in text for kind, (_, _, text) in texts.items()}
+        self.do_copy = "dq" in texts and "cp.async.bulk.tensor.2d.global.shared" in texts["dq"][2]
         self.kernels = {}
         for kind, (path, name, text) in texts.items():
             kernel = cupy.RawModule(path=path).get_function(name)
@@ -91,11 +94,17 @@ class Generated:
         tiles = lambda width, packed: (2 if packed else 3) * tile_bytes(width)
         return tiles(self.qk, qk_packed) + tiles(self.v, v_packed) + (2 * 512 if terms else 0)
 
+    def ring(self, terms):
+        """Shared bytes of a ring (`attention::ring::Ring::bytes`): the slots of a Dqk-wide and a
+        Dv-wide tensor, `terms` terms of 256 bytes per slot, and the 8-byte mbarriers."""
+        slot = tile_bytes(self.qk) + tile_bytes(self.v) + 256 * terms
+        return RING_SLOTS * slot + (4 * RING_SLOTS + 1) * 8
+
     def key_values(self, kind):
-        """Shared bytes of K's and V's columns in kernel `kind`: staged, or streamed into a ring
-        (`attention::ring::Ring::bytes`: the slots and 8-byte mbarriers)."""
+        """Shared bytes of K's and V's columns in kernel `kind`: staged, or streamed into a
+        ring."""
         if self.streams.get(kind):
-            return RING_SLOTS * (tile_bytes(self.qk) + tile_bytes(self.v)) + (4 * RING_SLOTS + 1) * 8
+            return self.ring(0)
         return self.columns(self.packed, self.packed, False)
 
     def forward_shared(self):
@@ -108,11 +117,13 @@ class Generated:
         the most of the passes' columns (K and V; Q and the f32 dO with their terms; earlier
         kernels need no more)."""
         rows = 2 * (tile_bytes(self.qk) + tile_bytes(self.v))
-        return rows + max(self.key_values("dq"), self.columns(self.packed, False, True))
+        queries = self.ring(2) if self.do_copy else self.columns(self.packed, False, True)
+        return rows + max(self.key_values("dq"), queries)
 
     def maps(self, kind, b, s, tensors):
         """The tensor maps kernel `kind` takes after its other arguments where it streams: Q,
-        K and V as [B·S, H·D] BF16 tensors in boxes of 64 x 64 (`attention::MAP_BOX`)."""
+        K and V (and dO's copy) as [B·S, H·D] BF16 tensors in boxes of 64 x 64
+        (`attention::MAP_BOX`)."""
         if not self.streams.get(kind):
             return []
         return [tensor_map(x.view(b * s, -1), 64, 64) for x in tensors]
@@ -145,9 +156,12 @@ class Generated:
         grid = (s // BLOCK_ROWS, b * h, 1)
         common = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, do, lse, delta))
         tail = (np.uint32(s), np.uint32(h), np.float32(scale))
-        maps = {kind: self.maps(kind, b, s, (q, k, v)) for kind in ("dq", "dk", "dv")}
+        # dO's packed copy, which the dQ pass writes and the key passes stream.
+        do_copy = torch.full_like(do, float("nan"), dtype=torch.bfloat16) if self.do_copy else None
+        streamed = (q, k, v, do_copy) if self.do_copy else (q, k, v)
+        maps = {kind: self.maps(kind, b, s, streamed) for kind in ("dq", "dk", "dv")}
 
-        def run(kept=(q, k, v, o, do, lse, delta, maps)):
+        def run(kept=(q, k, v, o, do, lse, delta, do_copy, maps)):
             for kind, grad in zip(("dq", "dk", "dv"), grads):
                 streamed = tuple(np.uint64(m.data_ptr()) for m in maps[kind])
                 self.launch(kind, grid, common + (np.uint64(grad.data_ptr()),) + tail + streamed)

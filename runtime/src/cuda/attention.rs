@@ -2,7 +2,8 @@
 //! (`Plan::attention_heads`): `attention` on its forward kernel, `attention_grad` on its three
 //! backward passes (dq, which also writes each row's D = Σ dO∘O, then dk and dv), on the plan's
 //! buffers as they are. What the plan stores nowhere (an unread part, such as the log-sum-exp
-//! of a forward that is not differentiated, and D) goes to scratch memory kept here.
+//! of a forward that is not differentiated, D, and the packed BF16 copy of dO that the dq pass
+//! writes for the others where they stream) goes to scratch memory kept here.
 
 use super::places::Places;
 use super::tensor_maps::{Mapped, TensorMaps};
@@ -30,8 +31,8 @@ pub struct FusedAttention {
     forward: Loaded,
     backward: [Loaded; 3],
     scratch: Option<CudaSlice<u8>>,
-    /// The tensor maps of Q, K and V for the kernels that stream them (`Heads::streams`: the
-    /// forward and the query pass on packed inputs).
+    /// The tensor maps of Q, K and V (and dO's copy) for the kernels that stream them
+    /// (`Heads::streams`: on packed inputs).
     maps: TensorMaps,
 }
 
@@ -95,8 +96,14 @@ impl FusedAttention {
         // The kernels take the backward's operands as Q, K, V, O, dO, LSE.
         let order: &[usize] = if forward { &[0, 1, 2] } else { &[0, 1, 2, 3, 5, 4] };
         let inputs: Vec<u64> = order.iter().map(|&i| places.at(base(function, node.args[i]).0)).collect();
-        // Each part's buffer, or a scratch region after D ([b, h, s] f32) for a part no one reads.
+        // Each part's buffer, or a scratch region after D ([b, h, s] f32) and dO's packed copy
+        // (where the passes stream) for a part no one reads.
         let row_bytes = batch * heads * seq * 4;
+        let copy_bytes = if !forward && self.heads.streams(Some(Pass::Query)) {
+            batch * seq * heads * self.heads.v as usize * 2
+        } else {
+            0
+        };
         // The parts: o and lse, or dq, dk and dv.
         let part_count = if forward { 2 } else { 3 };
         let stored: Vec<Option<u32>> = (0..part_count).map(|i| function.part(V(at), i).map(|g| g.0)).collect();
@@ -105,13 +112,15 @@ impl FusedAttention {
             (true, _) => function.node(node.args[2]).shape.iter().product::<usize>() * 4,
             (false, i) => function.node(node.args[i]).shape.iter().product::<usize>() * 4,
         };
-        let scratch_bytes = row_bytes + (0..part_count).filter(|&i| stored[i].is_none()).map(part_bytes).sum::<usize>();
+        let scratch_bytes =
+            row_bytes + copy_bytes + (0..part_count).filter(|&i| stored[i].is_none()).map(part_bytes).sum::<usize>();
         if self.scratch.as_ref().is_none_or(|s| s.len() < scratch_bytes) {
             self.scratch = Some(gpu.stream.alloc_zeros::<u8>(scratch_bytes)?);
         }
         let (scratch, _sync) = self.scratch.as_ref().expect("allocated above").device_ptr(&gpu.stream);
         let delta = scratch;
-        let mut spare = scratch + row_bytes as u64;
+        let do_copy = scratch + row_bytes as u64;
+        let mut spare = do_copy + copy_bytes as u64;
         let parts: Vec<u64> = (0..part_count)
             .map(|i| match stored[i] {
                 Some(g) => places.at(g),
@@ -122,15 +131,19 @@ impl FusedAttention {
                 }
             })
             .collect();
-        // Q, K and V as [B·S, H·D] BF16 tensors, for the kernels that stream them.
+        // Q, K and V (and in the backward dO's copy) as [B·S, H·D] BF16 tensors, for the
+        // kernels that stream them.
         let (dims, encoded) = (self.heads, &self.maps);
         let maps_for = |pass: Option<Pass>| -> Result<Vec<u64>, GpuError> {
             if !dims.streams(pass) {
                 return Ok(Vec::new());
             }
-            let widths = [dims.qk, dims.qk, dims.v];
-            (inputs.iter().zip(widths))
-                .map(|(&at, width)| encoded.at(gpu, at, batch * seq, heads * width as usize, Mapped::Heads))
+            let mut tensors = vec![(inputs[0], dims.qk), (inputs[1], dims.qk), (inputs[2], dims.v)];
+            if pass.is_some() {
+                tensors.push((do_copy, dims.v));
+            }
+            (tensors.into_iter())
+                .map(|(at, width)| encoded.at(gpu, at, batch * seq, heads * width as usize, Mapped::Heads))
                 .collect()
         };
         if forward {
@@ -161,8 +174,9 @@ impl FusedAttention {
                 }
                 // SAFETY: the arguments follow `attention_backward`'s signature (Q, K, V, O, dO,
                 // LSE, D, the gradient: pointers to live buffers of the node's shapes; S, H, the
-                // scale; where the pass streams, the maps of Q, K and V, live in `self.maps`);
-                // the query pass writes D before the others read it.
+                // scale; where the pass streams, the maps of Q, K, V and dO's copy in scratch,
+                // live in `self.maps`); the query pass writes D and dO's copy before the others
+                // read them.
                 unsafe { launch.launch(config(loaded, self.heads.threads(Some(pass)))?) }?;
             }
         }

@@ -22,7 +22,7 @@ type Encoded = (u64, usize, usize, Mapped);
 /// What a tensor map is of: an E4M3 operand read in its [`TensorMap`]'s boxes (128 bytes of
 /// K × its rows); C of the dense and Wgrad forms, f32, in `layers` (the Wgrad's experts; 1) of
 /// [rows, columns], written in boxes of `gemm::STORE_COLUMNS` × `gemm::TILE_M` of a layer; or
-/// the attention's packed BF16 Q, K or V ([B·S, H·D]) read in boxes of `attention::MAP_BOX`.
+/// the attention's packed BF16 Q, K or V or copy of dO ([B·S, H·D]) in boxes of `attention::MAP_BOX`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mapped {
     Operand(TensorMap),

@@ -1,22 +1,27 @@
-//! The tiles of the forward and the query pass streamed by TMA (FlashAttention-3's warp
-//! specialisation), where Q, K and V are packed BF16: a producer warpgroup (the block's third;
-//! its first thread) copies each consumer warpgroup's Q tile once, then every column block's K
-//! and V tiles, into a ring of [`SLOTS`] slots per tensor, each box 64 rows × 64 columns of one
-//! head (128 bytes, TMA's 128-byte swizzle: the layout [`super::stage`] writes and the products
-//! read). Each slot has
-//! two mbarriers: `full` (the producer's expected bytes, completed by the copies) and `empty`
-//! (one arrival per consumer warp once its products have read the slot). The consumer
+//! The tiles of a pass streamed by TMA (FlashAttention-3's warp specialisation), where Q, K
+//! and V are packed BF16: a producer warpgroup (the block's third; its first thread) copies
+//! each consumer warpgroup's row tiles once (the packed ones of [`super::row_sources`]: Q in
+//! the forward and the query pass, K and V in the key passes), then every column block's tiles
+//! of the two column tensors (K and V, or Q and dO) and, with the first's, the block's
+//! per-column terms (the key passes' log-sum-exp and D, 256 bytes each: `cp.async.bulk`), into a
+//! ring of [`SLOTS`] slots per tensor, each box 64 rows × 64 columns of one head (128 bytes,
+//! TMA's 128-byte swizzle: the layout [`super::stage`] writes and the products read). Each slot
+//! has two mbarriers: `full` (the producer's expected bytes, completed by the copies) and
+//! `empty` (one arrival per consumer warp once its products have read the slot). The consumer
 //! warpgroups meet no block-wide barrier in the column loop: each waits for the tiles it reads
-//! and releases them as soon as its products are done with them, so neither waits for the
-//! other, and the copies run up to [`SLOTS`] blocks ahead of both. The producer gives its
-//! registers to the consumers (`setmaxnreg`): a ninth warp alone would cost them as many (the
-//! register file is split among the four schedulers, whose warps share it: 3 warps on one of
-//! them caps a thread at 168 registers, which the query pass exceeds).
+//! and releases them as soon as it is done with them, so neither waits for the other, and the
+//! copies run up to [`SLOTS`] blocks ahead of both. The producer gives its registers to the
+//! consumers (`setmaxnreg`): a ninth warp alone would cost them as many (the register file is
+//! split among the four schedulers, whose warps share it: 3 warps on one of them caps a thread
+//! at 168 registers, which the query pass exceeds).
 //!
-//! The launch passes three tensor maps ([`MAP_ARGS`]): Q's, K's and V's, each the 2-D BF16
-//! tensor [B·S rows, H·D columns] (the packed [B, S, H, D] as it lies), boxes of 64 × 64.
+//! The launch passes the tensor maps [`map_args`] names: Q's, K's and V's, and in the backward
+//! dO's, each the 2-D BF16 tensor [B·S rows, H·D columns] (the packed [B, S, H, D] as it lies),
+//! boxes of 64 × 64. The backward's dO is f32: the query pass, which stages its rows of it
+//! rounded to BF16, stores them through dO's map into a packed copy ([`store_rows`]), which
+//! the key passes stream.
 
-use super::{Block, Heads, Lines, REGION, TILE_ROWS, WARPGROUPS};
+use super::{Block, ColumnSources, Heads, Layout, Lines, Pass, REGION, TILE_ROWS, WARPGROUPS};
 use crate::mlir::ptx;
 
 /// A tensor map's box: 64 columns (128 bytes of BF16) × 64 rows.
@@ -25,9 +30,20 @@ pub const MAP_BOX: [u32; 2] = [64, TILE_ROWS];
 /// Slots of each tensor's ring.
 pub const SLOTS: u64 = 3;
 
-/// The tensor maps a streaming kernel (the forward, the query pass) takes after its other
-/// arguments.
-pub const MAP_ARGS: &str = "%q_map: !llvm.ptr<1>, %k_map: !llvm.ptr<1>, %v_map: !llvm.ptr<1>";
+/// Bytes of a column block's term: 64 f32.
+const TERM_BYTES: u64 = TILE_ROWS as u64 * 4;
+
+/// The tensor maps a streaming kernel takes after its other arguments: the forward's (`None`)
+/// Q's, K's and V's; a backward pass's also dO's (its packed copy).
+pub fn map_args(pass: Option<Pass>) -> String {
+    let tensors: &[&str] = if pass.is_some() { &["q", "k", "v", "do"] } else { &["q", "k", "v"] };
+    tensors.iter().map(|t| format!("%{t}_map: !llvm.ptr<1>")).collect::<Vec<_>>().join(", ")
+}
+
+/// The map of tensor `src` (`%q`, `%k`, `%v`, `%do`).
+fn map(src: &str) -> String {
+    format!("{src}_map")
+}
 
 /// Warps that read the ring (each arrives once at a slot's `empty`).
 const CONSUMER_WARPS: u32 = WARPGROUPS * 4;
@@ -45,48 +61,58 @@ const _: () = assert!(
         <= (65_536 / STREAMING_THREADS) / 8 * 8 * STREAMING_THREADS
 );
 
-/// The ring of the column blocks' K (tensor 0) and V (tensor 1) tiles, each trailing the walk
-/// by its lag (`lags`, as [`super::Columns`]' do: the forward's V by a block), and the
-/// mbarriers after them.
+/// The ring of the column blocks' tiles of two tensors (K and V, or Q and dO; `sources`),
+/// each trailing the walk by its lag (as [`super::Columns`]' do: the forward's V and the dV
+/// pass's dO by a block), with the first's per-column terms, and the mbarriers after them.
 pub(super) struct Ring {
     heads: Heads,
-    lags: [u64; 2],
-    /// Each tensor's first slot (shared byte, i64).
+    sources: ColumnSources,
+    /// Each tensor's first slot, the terms' (shared byte, i64).
     slots: [String; 2],
+    terms: String,
     /// The mbarriers' first (shared byte, i64): each tensor's `full` then `empty` per slot,
-    /// then Q's `full`.
+    /// then the row tiles' `full`.
     barriers: String,
 }
 
+/// The row tiles the producer copies: tensors (`%q`, `%k`, `%v`) of a layout, each at its
+/// offset within a warpgroup's row tiles, which lie from shared byte `at` (i64) `stride`
+/// bytes apart.
+pub(super) struct RowTiles<'a> {
+    pub tensors: Vec<(&'static str, Layout, u64)>,
+    pub at: &'a str,
+    pub stride: u64,
+}
+
 impl Ring {
-    /// Shared bytes the ring takes at `heads`: the slots and their mbarriers.
-    pub fn bytes(heads: Heads) -> u64 {
-        SLOTS * (Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v)) + (4 * SLOTS + 1) * 8
+    /// Shared bytes the ring of `sources` takes at `heads`: the slots, the terms and the
+    /// mbarriers.
+    pub fn bytes(heads: Heads, (tensors, _, terms): &ColumnSources) -> u64 {
+        let tiles: u64 = tensors.iter().map(|&(_, layout)| Heads::tile_bytes(layout.width(heads))).sum();
+        SLOTS * (tiles + terms.len() as u64 * TERM_BYTES) + (4 * SLOTS + 1) * 8
     }
 
-    /// The ring from shared byte `at` (1,024-byte aligned) for the walk over column blocks
-    /// `walk` (i64) of row block `row_block`, the warpgroups' Q tiles at `q_tiles` (shared
-    /// byte, i64), `q_stride` bytes apart: its mbarriers initialised, then the roles part. The
-    /// producer's code ([`Ring::produce`]) is written here; the consumers' follows, in the
-    /// `else` branch the caller closes (`}`) after it.
-    #[allow(clippy::too_many_arguments)]
+    /// The ring of `sources` from shared byte `at` (1,024-byte aligned) for the walk over
+    /// column blocks `walk` (i64) of row block `row_block`, its producer copying `rows`: its
+    /// mbarriers initialised, then the roles part. The producer's code ([`Ring::produce`]) is
+    /// written here; the consumers' follows, in the `else` branch the caller closes (`}`)
+    /// after it.
     pub fn start(
         g: &mut Lines,
         b: &Block,
-        heads: Heads,
-        lags: [u64; 2],
+        (heads, sources): (Heads, ColumnSources),
         at: &str,
         row_block: &str,
-        (q_tiles, q_stride): (&str, u64),
+        rows: &RowTiles,
         walk: [&str; 2],
     ) -> Ring {
-        let ring = Ring::new(g, b, heads, lags, at);
+        let ring = Ring::new(g, b, heads, sources, at);
         g.stmt("gpu.barrier");
         let threads = g.i64(u64::from(CONSUMER_WARPS) * 32);
         let produces = g.line(format!("llvm.icmp \"uge\" {}, {threads} : i64", b.tid));
         g.stmt(format!("scf.if {produces} {{"));
         g.asm(&format!("setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"), &[]);
-        ring.produce(g, b, row_block, (q_tiles, q_stride), walk);
+        ring.produce(g, b, row_block, rows, walk);
         g.stmt("} else {");
         g.asm(&format!("setmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGISTERS};"), &[]);
         ring
@@ -94,11 +120,12 @@ impl Ring {
 
     /// The ring from shared byte `at`, its mbarriers initialised by the block's first thread;
     /// the caller's block-wide barrier follows, before any role reads them.
-    fn new(g: &mut Lines, b: &Block, heads: Heads, lags: [u64; 2], at: &str) -> Ring {
-        let k_bytes = SLOTS * Heads::tile_bytes(heads.qk);
-        let v_at = g.op_c("add", at, k_bytes);
-        let barriers = g.op_c("add", &v_at, SLOTS * Heads::tile_bytes(heads.v));
-        let ring = Ring { heads, lags, slots: [at.to_string(), v_at], barriers };
+    fn new(g: &mut Lines, b: &Block, heads: Heads, sources: ColumnSources, at: &str) -> Ring {
+        let [first, second] = sources.0.map(|(_, layout)| SLOTS * Heads::tile_bytes(layout.width(heads)));
+        let second_at = g.op_c("add", at, first);
+        let terms = g.op_c("add", &second_at, second);
+        let barriers = g.op_c("add", &terms, SLOTS * sources.2.len() as u64 * TERM_BYTES);
+        let ring = Ring { heads, sources, slots: [at.to_string(), second_at], terms, barriers };
         let zero = g.i64(0);
         let first = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.tid));
         g.stmt(format!("scf.if {first} {{"));
@@ -116,7 +143,7 @@ impl Ring {
 
     /// Tensor `t`'s width.
     pub fn width(&self, t: usize) -> u32 {
-        [self.heads.qk, self.heads.v][t]
+        self.sources.0[t].1.width(self.heads)
     }
 
     /// Column block `block`'s (i64) slot and the parity of its round through the ring.
@@ -135,8 +162,8 @@ impl Ring {
         g.line(format!("llvm.trunc {at} : i64 to i32"))
     }
 
-    /// Q's `full` mbarrier, a 32-bit shared address.
-    fn q_full(&self, g: &mut Lines) -> String {
+    /// The row tiles' `full` mbarrier, a 32-bit shared address.
+    fn rows_full(&self, g: &mut Lines) -> String {
         let at = g.op_c("add", &self.barriers, 8 * 4 * SLOTS);
         g.line(format!("llvm.trunc {at} : i64 to i32"))
     }
@@ -147,41 +174,85 @@ impl Ring {
         g.op("add", &self.slots[t], &offset)
     }
 
-    /// The producer (the producer warpgroup's first thread): the consumer warpgroups' Q tiles
-    /// of row block `row_block` at `q_tiles` (shared byte, i64), `q_stride` bytes apart, then
-    /// K's and V's tiles of column blocks `first..upper` (i64), each into its slot once the
-    /// consumers have released the slot's last round.
-    fn produce(&self, g: &mut Lines, b: &Block, row_block: &str, (q_tiles, q_stride): (&str, u64), walk: [&str; 2]) {
+    /// Where the terms of column block `block` (i64) lie: term k's value of the block's column
+    /// c at byte 256k + 4c (as [`super::Columns::terms`]).
+    pub fn terms(&self, g: &mut Lines, block: &str) -> String {
+        let (slot, _) = Self::slot(g, block);
+        let offset = g.op_c("mul", &slot, self.sources.2.len() as u64 * TERM_BYTES);
+        g.op("add", &self.terms, &offset)
+    }
+
+    /// The producer (the producer warpgroup's first thread): the consumer warpgroups' `rows`
+    /// of row block `row_block`, then the column tensors' tiles (and the first's terms) of
+    /// column blocks `first..upper` (i64), each into its slot once the consumers have released
+    /// the slot's last round.
+    fn produce(&self, g: &mut Lines, b: &Block, row_block: &str, rows: &RowTiles, walk: [&str; 2]) {
         let [first, upper] = walk;
         let producer = g.i64(u64::from(CONSUMER_WARPS) * 32);
         let is_producer = g.line(format!("llvm.icmp \"eq\" {}, {producer} : i64", b.tid));
         g.stmt(format!("scf.if {is_producer} {{"));
-        let q_full = self.q_full(g);
-        let q_row = g.op_c("mul", row_block, u64::from(TILE_ROWS * WARPGROUPS));
-        let q_bytes = u64::from(WARPGROUPS) * Heads::tile_bytes(self.heads.qk);
-        let q_tiles = (q_tiles, WARPGROUPS.into(), q_stride);
-        self.copy(g, b, "%q_map", self.heads.qk, &q_row, q_tiles, &q_full, q_bytes);
+        let rows_full = self.rows_full(g);
+        let row = g.op_c("mul", row_block, u64::from(TILE_ROWS * WARPGROUPS));
+        let tile_bytes = |layout: Layout| Heads::tile_bytes(layout.width(self.heads));
+        let bytes = u64::from(WARPGROUPS) * rows.tensors.iter().map(|&(_, layout, _)| tile_bytes(layout)).sum::<u64>();
+        ptx::mbarrier_expect_bytes(g, &rows_full, u32::try_from(bytes).expect("row tiles' bytes fit a u32"));
+        for &(src, layout, offset) in &rows.tensors {
+            let to = g.op_c("add", rows.at, offset);
+            self.copy(
+                g,
+                b,
+                &map(src),
+                layout.width(self.heads),
+                &row,
+                (&to, WARPGROUPS.into(), rows.stride),
+                &rows_full,
+            );
+        }
         let one = g.i64(1);
         let j = g.open_for(first, upper, &one, &[]).index;
         let (slot, parity) = Self::slot(g, &j);
         let released = g.op_c("xor", &parity, 1);
         let row = g.op_c("mul", &j, TILE_ROWS.into());
-        for (t, map) in ["%k_map", "%v_map"].into_iter().enumerate() {
+        for (t, &(src, layout)) in self.sources.0.iter().enumerate() {
             let empty = self.barrier(g, t, 1, &slot);
             ptx::mbarrier_wait(g, &empty, &released);
             let full = self.barrier(g, t, 0, &slot);
             let to = self.tile_at(g, t, &slot);
-            let width = self.width(t);
-            let bytes = Heads::tile_bytes(width);
-            self.copy(g, b, map, width, &row, (&to, 1, bytes), &full, bytes);
+            let width = layout.width(self.heads);
+            let terms = if t == 0 { self.sources.2 } else { &[] };
+            let bytes = Heads::tile_bytes(width) + terms.len() as u64 * TERM_BYTES;
+            ptx::mbarrier_expect_bytes(g, &full, u32::try_from(bytes).expect("a slot's bytes fit a u32"));
+            self.copy(g, b, &map(src), width, &row, (&to, 1, 0), &full);
+            if !terms.is_empty() {
+                self.copy_terms(g, b, &j, &full);
+            }
         }
         g.stmt("}");
         g.stmt("}");
     }
 
-    /// Expects `bytes` on mbarrier `full`, then copies `tiles` 64-row tiles of tensor `map`
-    /// (`width` wide) from the head's row `row` (i64, within its sequence) into shared byte
-    /// `to` on, `stride` bytes apart, one box per 64 columns.
+    /// Copies the terms of column block `block` (i64) into its slot's, completing on `full`.
+    fn copy_terms(&self, g: &mut Lines, b: &Block, block: &str, full: &str) {
+        let to = self.terms(g, block);
+        let c0 = g.op_c("mul", block, TILE_ROWS.into());
+        let from = g.op("mul", &b.bh, &b.seq);
+        let from = g.op("add", &from, &c0);
+        for (k, term) in self.sources.2.iter().enumerate() {
+            let to = g.op_c("add", &to, k as u64 * TERM_BYTES);
+            let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
+            let p = g.line(format!("llvm.getelementptr {term}[{from}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
+            let p = g.line(format!("llvm.ptrtoint {p} : !llvm.ptr<1> to i64"));
+            let bytes = g.i32(TERM_BYTES as u32);
+            g.asm(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+                &[(to, "r", "i32"), (p, "l", "i64"), (bytes, "r", "i32"), (full.to_string(), "r", "i32")],
+            );
+        }
+    }
+
+    /// Copies `tiles` 64-row tiles of the tensor of `map` (`width` wide) from the head's row
+    /// `row` (i64, within its sequence) into shared byte `to` on, `stride` bytes apart, one box
+    /// per 64 columns, completing on mbarrier `full` (which expects their bytes).
     #[allow(clippy::too_many_arguments)]
     fn copy(
         &self,
@@ -192,10 +263,7 @@ impl Ring {
         row: &str,
         (to, tiles, stride): (&str, u64, u64),
         full: &str,
-        bytes: u64,
     ) {
-        let bytes = u32::try_from(bytes).expect("a stage's bytes fit a u32");
-        ptx::mbarrier_expect_bytes(g, full, bytes);
         let row = g.op("add", &b.sequence_row, row);
         let column = g.op_c("mul", &b.head, width.into());
         for tile in 0..tiles {
@@ -208,11 +276,11 @@ impl Ring {
         }
     }
 
-    /// Waits for the warpgroups' Q tiles.
-    pub fn await_q(&self, g: &mut Lines) {
-        let q_full = self.q_full(g);
+    /// Waits for the warpgroups' row tiles.
+    pub fn await_rows(&self, g: &mut Lines) {
+        let rows_full = self.rows_full(g);
         let zero = g.i64(0);
-        ptx::mbarrier_wait(g, &q_full, &zero);
+        ptx::mbarrier_wait(g, &rows_full, &zero);
     }
 
     /// Waits for tensor `t`'s tile of column block `block` (i64); where it lies.
@@ -233,7 +301,7 @@ impl Ring {
     /// before `first + lag`).
     pub fn stage(&self, g: &mut Lines, j: &str, first: &str) -> [String; 2] {
         [0, 1].map(|t| {
-            let lag = self.lags[t];
+            let lag = self.sources.1[t];
             let block = g.op_c("sub", j, lag);
             if lag == 0 {
                 return self.acquire(g, t, &block);
@@ -251,14 +319,14 @@ impl Ring {
     /// After the walk up to block `upper` (i64, exclusive): the trailing tensor's tile of the
     /// last block, awaited.
     pub fn drain(&self, g: &mut Lines, upper: &str) -> String {
-        let block = g.op_c("sub", upper, self.lags[1]);
+        let block = g.op_c("sub", upper, self.sources.1[1]);
         self.acquire(g, 1, &block)
     }
 
     /// After the products that read tensor `t`'s tile of the walk's block `j` (a trailing
     /// tensor's of j − lag) are done: the warp's release of its slot (its first lane's).
     pub fn release(&self, g: &mut Lines, b: &Block, t: usize, j: &str) {
-        let block = g.op_c("sub", j, self.lags[t]);
+        let block = g.op_c("sub", j, self.sources.1[t]);
         let (slot, _) = Self::slot(g, &block);
         let empty = self.barrier(g, t, 1, &slot);
         let lane = g.op_c("urem", &b.tid, 32);
@@ -268,4 +336,40 @@ impl Ring {
         ptx::mbarrier_arrive(g, &empty);
         g.stmt("}");
     }
+}
+
+/// The query pass's store of the warpgroup's dO rows (staged at shared byte `at`, i64, rounded
+/// to BF16 and fenced for the async proxy; the warpgroup past its barrier): rows `row0` on
+/// (i64, within the sequence) of the head, into dO's packed copy through its map, one box per
+/// 64 columns, by the warpgroup's first thread; [`await_stores`] before the block ends.
+pub(super) fn store_rows(g: &mut Lines, b: &Block, heads: Heads, at: &str, row0: &str) {
+    let zero = g.i64(0);
+    let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.group_tid));
+    g.stmt(format!("scf.if {leads} {{"));
+    let row = g.op("add", &b.sequence_row, row0);
+    let row = g.line(format!("llvm.trunc {row} : i64 to i32"));
+    let columns = g.op_c("mul", &b.head, heads.v.into());
+    let map = g.line(format!("llvm.ptrtoint {} : !llvm.ptr<1> to i64", map("%do")));
+    for region in 0..u64::from(heads.v / MAP_BOX[0]) {
+        let column = g.op_c("add", &columns, region * u64::from(MAP_BOX[0]));
+        let column = g.line(format!("llvm.trunc {column} : i64 to i32"));
+        let from = g.op_c("add", at, region * REGION);
+        let from = g.line(format!("llvm.trunc {from} : i64 to i32"));
+        g.asm(
+            "cp.async.bulk.tensor.2d.global.shared::cta.tile.bulk_group [$0, {$1, $2}], [$3];",
+            &[(map.clone(), "l", "i64"), (column, "r", "i32"), (row.clone(), "r", "i32"), (from, "r", "i32")],
+        );
+    }
+    g.asm("cp.async.bulk.commit_group;", &[]);
+    g.stmt("}");
+}
+
+/// The warpgroup's stores ([`store_rows`]) done reading its shared memory, before the block
+/// ends.
+pub(super) fn await_stores(g: &mut Lines, b: &Block) {
+    let zero = g.i64(0);
+    let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.group_tid));
+    g.stmt(format!("scf.if {leads} {{"));
+    g.asm("cp.async.bulk.wait_group.read 0;", &[]);
+    g.stmt("}");
 }
