@@ -33,14 +33,14 @@
 //! the scores' and dP's products together, dP's running while the scores become probabilities.
 //! The key passes' per-column terms (log-sum-exp, D) are copied into shared memory with their
 //! column block. The staging's thread layout keeps its addresses out of the loops' live
-//! registers. Where Q, K and V are packed BF16, the forward and the query pass instead stream
-//! their tiles by TMA from a producer warpgroup into a ring ([`ring`]: warp specialisation, no
-//! block-wide barrier in the column loop); the key passes, whose dO is f32, stage theirs. The
-//! streamed forward's warpgroups hold their Q in registers ([`Block::hold`]): its scores'
-//! products then read only K's tile from shared memory (an m64n64k16 product reading both
-//! operands there takes 4 KB in the about 32 cycles the tensor cores spend on it: all of shared
-//! memory's 128 bytes a cycle). Not yet: the warpgroups' ping-pong (measured on the held Q:
-//! no gain).
+//! registers. Where Q, K and V are packed BF16, every pass instead streams its tiles by TMA
+//! from a producer warpgroup into a ring ([`ring`]: warp specialisation, no block-wide barrier
+//! in the column loop; the key passes' dO from a packed BF16 copy that the query pass stores as
+//! it stages its own rows of it), and the pipelined walks hold their rows (the forward's Q, the
+//! dV pass's K) in registers ([`Block::hold`]): their scores' products then read only the
+//! column tile from shared memory (an m64n64k16 product reading both operands there takes 4 KB
+//! in the about 32 cycles the tensor cores spend on it: all of shared memory's 128 bytes a
+//! cycle). Not yet: the warpgroups' ping-pong (measured on the forward's held Q: no gain).
 
 mod ring;
 
@@ -1245,7 +1245,7 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
 
 /// What a backward kernel computes; three kernels, launched in this order, because the
 /// thread's accumulators of dK and dV together would not fit its registers beside the
-/// recomputed scores.
+/// recomputed scores (one key pass writing both spilled 436 bytes a thread).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
     /// dQ, blocks of query rows walking the keys up to the diagonal; it also writes each
