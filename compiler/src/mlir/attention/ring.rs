@@ -67,6 +67,8 @@ const _: () = assert!(
 pub(super) struct Ring {
     heads: Heads,
     sources: ColumnSources,
+    /// The walk's first column block (i64): its rounds through the ring count from there.
+    first: String,
     /// Each tensor's first slot, the terms' (shared byte, i64).
     slots: [String; 2],
     terms: String,
@@ -106,7 +108,7 @@ impl Ring {
         rows: &RowTiles,
         walk: [&str; 2],
     ) -> Ring {
-        let ring = Ring::new(g, b, heads, sources, at);
+        let ring = Ring::new(g, b, (heads, sources), at, walk[0]);
         g.stmt("gpu.barrier");
         let threads = g.i64(u64::from(CONSUMER_WARPS) * 32);
         let produces = g.line(format!("llvm.icmp \"uge\" {}, {threads} : i64", b.tid));
@@ -120,15 +122,16 @@ impl Ring {
 
     /// The ring from shared byte `at`, its mbarriers initialised by the block's first thread;
     /// the caller's block-wide barrier follows, before any role reads them.
-    fn new(g: &mut Lines, b: &Block, heads: Heads, sources: ColumnSources, at: &str) -> Ring {
-        let [first, second] = sources.0.map(|(_, layout)| SLOTS * Heads::tile_bytes(layout.width(heads)));
-        let second_at = g.op_c("add", at, first);
-        let terms = g.op_c("add", &second_at, second);
+    fn new(g: &mut Lines, b: &Block, (heads, sources): (Heads, ColumnSources), at: &str, first: &str) -> Ring {
+        let [first_bytes, second_bytes] = sources.0.map(|(_, layout)| SLOTS * Heads::tile_bytes(layout.width(heads)));
+        let second_at = g.op_c("add", at, first_bytes);
+        let terms = g.op_c("add", &second_at, second_bytes);
         let barriers = g.op_c("add", &terms, SLOTS * sources.2.len() as u64 * TERM_BYTES);
-        let ring = Ring { heads, sources, slots: [at.to_string(), second_at], terms, barriers };
+        let ring =
+            Ring { heads, sources, first: first.to_string(), slots: [at.to_string(), second_at], terms, barriers };
         let zero = g.i64(0);
-        let first = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.tid));
-        g.stmt(format!("scf.if {first} {{"));
+        let initialises = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.tid));
+        g.stmt(format!("scf.if {initialises} {{"));
         for index in 0..4 * SLOTS + 1 {
             // `empty` (the odd sets) takes an arrival from every consumer warp.
             let count = if index < 4 * SLOTS && (index / SLOTS) % 2 == 1 { CONSUMER_WARPS } else { 1 };
@@ -146,10 +149,13 @@ impl Ring {
         self.sources.0[t].1.width(self.heads)
     }
 
-    /// Column block `block`'s (i64) slot and the parity of its round through the ring.
-    fn slot(g: &mut Lines, block: &str) -> (String, String) {
-        let slot = g.op_c("urem", block, SLOTS);
-        let round = g.op_c("udiv", block, SLOTS);
+    /// Column block `block`'s (i64) slot and the parity of its round through the ring, counted
+    /// from the walk's first block (the key passes' walks start at their diagonal: a slot's first
+    /// round must be round 0, whose `empty` the producer passes without waiting).
+    fn slot(&self, g: &mut Lines, block: &str) -> (String, String) {
+        let position = g.op("sub", block, &self.first);
+        let slot = g.op_c("urem", &position, SLOTS);
+        let round = g.op_c("udiv", &position, SLOTS);
         (slot, g.op_c("and", &round, 1))
     }
 
@@ -177,7 +183,7 @@ impl Ring {
     /// Where the terms of column block `block` (i64) lie: term k's value of the block's column
     /// c at byte 256k + 4c (as [`super::Columns::terms`]).
     pub fn terms(&self, g: &mut Lines, block: &str) -> String {
-        let (slot, _) = Self::slot(g, block);
+        let (slot, _) = self.slot(g, block);
         let offset = g.op_c("mul", &slot, self.sources.2.len() as u64 * TERM_BYTES);
         g.op("add", &self.terms, &offset)
     }
@@ -210,7 +216,7 @@ impl Ring {
         }
         let one = g.i64(1);
         let j = g.open_for(first, upper, &one, &[]).index;
-        let (slot, parity) = Self::slot(g, &j);
+        let (slot, parity) = self.slot(g, &j);
         let released = g.op_c("xor", &parity, 1);
         let row = g.op_c("mul", &j, TILE_ROWS.into());
         for (t, &(src, layout)) in self.sources.0.iter().enumerate() {
@@ -285,7 +291,7 @@ impl Ring {
 
     /// Waits for tensor `t`'s tile of column block `block` (i64); where it lies.
     fn acquire(&self, g: &mut Lines, t: usize, block: &str) -> String {
-        let (slot, parity) = Self::slot(g, block);
+        let (slot, parity) = self.slot(g, block);
         self.await_full(g, t, &slot, &parity);
         self.tile_at(g, t, &slot)
     }
@@ -308,7 +314,7 @@ impl Ring {
             }
             let earliest = g.op_c("add", first, lag);
             let exists = g.line(format!("llvm.icmp \"uge\" {j}, {earliest} : i64"));
-            let (slot, parity) = Self::slot(g, &block);
+            let (slot, parity) = self.slot(g, &block);
             g.stmt(format!("scf.if {exists} {{"));
             self.await_full(g, t, &slot, &parity);
             g.stmt("}");
@@ -327,7 +333,7 @@ impl Ring {
     /// tensor's of j − lag) are done: the warp's release of its slot (its first lane's).
     pub fn release(&self, g: &mut Lines, b: &Block, t: usize, j: &str) {
         let block = g.op_c("sub", j, self.sources.1[t]);
-        let (slot, _) = Self::slot(g, &block);
+        let (slot, _) = self.slot(g, &block);
         let empty = self.barrier(g, t, 1, &slot);
         let lane = g.op_c("urem", &b.tid, 32);
         let zero = g.i64(0);
