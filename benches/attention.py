@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """dsc's generated fused causal attention (compiler::mlir::attention: `attention_fwd_*.ptx` and
-the backward's `attention_bwd_{dq,dk,dv}_*.ptx`)
+the backward's `attention_bwd_{dq,dkv}_*.ptx`, or earlier builds' `attention_bwd_{dq,dk,dv}_*.ptx`)
 beside PyTorch's scaled_dot_product_attention on the same GPU, for MLA's head dims.
 
 The generated kernel reads Q, K [B, S, H, Dqk] and V [B, S, H, Dv] in f32 (the plan's
@@ -56,8 +56,8 @@ def tile_bytes(width):
 
 
 class Generated:
-    """One head shape's generated kernels: the forward, and the backward's three passes
-    (dQ and D first, then dK, dV) where their PTX is given."""
+    """One head shape's generated kernels: the forward, and the backward's passes (dQ and D
+    first, then dK and dV in one pass, or earlier builds' two) where their PTX is given."""
 
     def __init__(self, paths):
         import cupy
@@ -85,7 +85,10 @@ class Generated:
             kernel.max_dynamic_shared_size_bytes = shared
             threads = int(re.search(r"\.maxntid (\d+),", text).group(1))
             self.kernels[kind] = (kernel, shared, threads)
-        self.backward = all(k in self.kernels for k in ("dq", "dk", "dv"))
+        # Each backward pass and the gradients it writes (of Q, K, V: 0, 1, 2).
+        passes = [("dq", (0,)), ("dkv", (1, 2))] if "dkv" in texts else [("dq", (0,)), ("dk", (1,)), ("dv", (2,))]
+        self.backward = all(kind in self.kernels for kind, _ in passes)
+        self.passes = passes if self.backward else []
 
     def columns(self, qk_packed, v_packed, terms):
         """Shared bytes of a kernel's column tensors (`attention::Columns::bytes`): a packed
@@ -159,12 +162,13 @@ class Generated:
         # dO's packed copy, which the dQ pass writes and the key passes stream.
         do_copy = torch.full_like(do, float("nan"), dtype=torch.bfloat16) if self.do_copy else None
         streamed = (q, k, v, do_copy) if self.do_copy else (q, k, v)
-        maps = {kind: self.maps(kind, b, s, streamed) for kind in ("dq", "dk", "dv")}
+        maps = {kind: self.maps(kind, b, s, streamed) for kind, _ in self.passes}
 
         def run(kept=(q, k, v, o, do, lse, delta, do_copy, maps)):
-            for kind, grad in zip(("dq", "dk", "dv"), grads):
+            for kind, written in self.passes:
+                pointers = tuple(np.uint64(grads[i].data_ptr()) for i in written)
                 streamed = tuple(np.uint64(m.data_ptr()) for m in maps[kind])
-                self.launch(kind, grid, common + (np.uint64(grad.data_ptr()),) + tail + streamed)
+                self.launch(kind, grid, common + pointers + tail + streamed)
 
         return grads, run
 

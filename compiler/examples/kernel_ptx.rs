@@ -6,7 +6,7 @@
 //! - `attention:QKxV` or `attention:bf16:QKxV`: the fused attention
 //!   (`compiler::mlir::attention`) for those head dims, Q, K and V read as f32 or packed
 //!   BF16, the forward to `attention_fwd_[bf16_]qk{QK}_v{V}.ptx` and the backward's passes to
-//!   `attention_bwd_{dq,dk,dv}_[bf16_]qk{QK}_v{V}.ptx` (`benches/attention.py`).
+//!   `attention_bwd_{dq,dkv}_[bf16_]qk{QK}_v{V}.ptx` (`benches/attention.py`).
 //!
 //! Each file's entry has its name.
 //!

@@ -707,15 +707,15 @@ fn flops(f: &Function, node: &Node) -> u64 {
 
 /// FLOPs of causal attention's products, 2 per multiply-add over the s(s + 1)/2 pairs of each
 /// (batch, head): the forward's two (q·kᵀ, p·v); the backward's as its kernels run them, the
-/// scores recomputed in each of its three passes (dq: q·kᵀ, d_o·vᵀ, ds·k; dk: the same with
-/// dsᵀ·q; dv: q·kᵀ, pᵀ·d_o).
+/// scores and dP recomputed in each of its two passes (dq: q·kᵀ, d_o·vᵀ, ds·k; dk and dv: the
+/// same two, dsᵀ·q and pᵀ·d_o).
 fn attention_flops(f: &Function, node: &Node) -> u64 {
     let (q, v) = (&f.node(node.args[0]).shape, &f.node(node.args[2]).shape);
     let (heads, seq, dqk, dv) = ((q[0] * q[2]) as u64, q[1] as u64, q[3] as u64, v[3] as u64);
     let pairs = heads * seq * (seq + 1) / 2;
     match node.op {
         Op::Attention { .. } => 2 * pairs * (dqk + dv),
-        _ => 2 * pairs * (5 * dqk + 3 * dv),
+        _ => 2 * pairs * (4 * dqk + 3 * dv),
     }
 }
 

@@ -5,11 +5,11 @@
 //! staged in shared memory, the recipe keeping attention in BF16; or packed BF16 where the
 //! plan casts them where they are made, [`Heads::bf16_inputs`]), O [B, S, H, Dv] in
 //! f32 (the layout the output projection reads), and the rows' log-sum-exp [B, H, S] (natural
-//! log, of the scaled scores). Backward: three passes ([`Pass`]) that recompute the
-//! probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), dK, dV.
+//! log, of the scaled scores). Backward: two passes ([`Pass`]) that recompute the
+//! probabilities from the log-sum-exp: dQ (and D = Σ dO∘O per row), then dK and dV.
 //!
 //! A block takes [`BLOCK_ROWS`] rows of one (batch, head) (queries in the forward and the dQ pass,
-//! keys in the dK and dV passes), each of its warpgroups 64 of them and a warp 16, and walks the
+//! keys in the key pass), each of its warpgroups 64 of them and a warp 16, and walks the
 //! other side in blocks of 64 up to or from the diagonal (the block with most work starts first).
 //! Per column block its threads stage the tiles it needs in shared memory, 128-byte swizzled as
 //! `wgmma` reads them: a tile is regions of 64 columns, 64 rows of 128 bytes each, the 16-byte
@@ -26,18 +26,20 @@
 //! products run ([`Columns`]; at MLA's dims a block takes 192 to 255 registers a thread, one block
 //! a multiprocessor, so no other block hides the staging): packed BF16 into a second tile, f32
 //! tensors (the backward's dO) as they are into a raw buffer, rounded into their tile where read.
-//! The forward and the dV pass are software-pipelined within each warpgroup (FlashAttention-3's
-//! intra-warpgroup overlap, [`Pipelined`]): a column block's scores and the last block's P·V (or
-//! Pᵀ·dO) are issued together, and the tensor cores run that accumulation while the scores become
-//! probabilities (V's or dO's tiles trail K's or Q's by a block); the query and key passes issue
-//! the scores' and dP's products together, dP's running while the scores become probabilities.
-//! The key passes' per-column terms (log-sum-exp, D) are copied into shared memory with their
+//! The forward is software-pipelined within each warpgroup (FlashAttention-3's intra-warpgroup
+//! overlap, [`Pipelined`]): a column block's scores and the last block's P·V are issued
+//! together, and the tensor cores run that accumulation while the scores become probabilities
+//! (V's tiles trail K's by a block); the query pass issues the scores' and dP's products
+//! together, dP's running while the scores become probabilities; the key pass, whose two
+//! accumulators (dK and dV: 160 registers a thread) leave room for the scores or dP but not
+//! both, issues dV's accumulation and dP's products together once the scores are probabilities.
+//! The key pass's per-column terms (log-sum-exp, D) are copied into shared memory with their
 //! column block. The staging's thread layout keeps its addresses out of the loops' live
 //! registers. Where Q, K and V are packed BF16, every pass instead streams its tiles by TMA
 //! from a producer warpgroup into a ring ([`ring`]: warp specialisation, no block-wide barrier
-//! in the column loop; the key passes' dO from a packed BF16 copy that the query pass stores as
-//! it stages its own rows of it), and the pipelined walks hold their rows (the forward's Q, the
-//! dV pass's K) in registers ([`Block::hold`]): their scores' products then read only the
+//! in the column loop; the key pass's dO from a packed BF16 copy that the query pass stores as
+//! it stages its own rows of it), and the forward holds its Q in registers ([`Block::hold`]):
+//! its scores' products then read only the
 //! column tile from shared memory (an m64n64k16 product reading both operands there takes 4 KB
 //! in the about 32 cycles the tensor cores spend on it: all of shared memory's 128 bytes a
 //! cycle). Not yet: the warpgroups' ping-pong (measured on the forward's held Q: no gain).
@@ -127,7 +129,7 @@ impl Heads {
         (self.forward_rows_bytes() + self.columns_bytes(None)) as u32
     }
 
-    /// Dynamic shared memory a backward block needs: the most of its three passes'.
+    /// Dynamic shared memory a backward block needs: the most of its two passes'.
     pub fn backward_shared_bytes(self) -> u32 {
         let columns = Pass::ALL.map(|pass| self.columns_bytes(Some(pass)));
         (self.backward_rows_bytes() + columns.into_iter().max().unwrap_or(0)) as u32
@@ -541,13 +543,12 @@ fn packed(heads: Heads, src: &str) -> bool {
 }
 
 /// A kernel's row tensors, each warpgroup's 64 rows staged once: the forward's (`None`) Q, the
-/// query pass's Q and dO, the dK pass's K and V, the dV pass's K.
+/// query pass's Q and dO, the key pass's K and V.
 fn row_sources(pass: Option<Pass>) -> &'static [(&'static str, Layout)] {
     match pass {
         None => &[("%q", Layout::Qk)],
         Some(Pass::Query) => &[("%q", Layout::Qk), ("%do", Layout::V)],
         Some(Pass::Key) => &[("%k", Layout::Qk), ("%v", Layout::V)],
-        Some(Pass::Value) => &[("%k", Layout::Qk)],
     }
 }
 
@@ -560,10 +561,8 @@ fn column_sources(pass: Option<Pass>) -> ColumnSources {
         // V trails K by a block: block j's scores are computed beside block j − 1's accumulation.
         None => ([("%k", Layout::Qk), ("%v", Layout::V)], [0, 1], &[]),
         Some(Pass::Query) => ([("%k", Layout::Qk), ("%v", Layout::V)], [0, 0], &[]),
-        // The key passes' columns are queries: their log-sum-exps and (for dK) D staged with them.
+        // The key pass's columns are queries: their log-sum-exps and D staged with them.
         Some(Pass::Key) => ([("%q", Layout::Qk), ("%do", Layout::V)], [0, 0], &["%lse", "%delta"]),
-        // The dV pass's dO trails its Q by a block ([`Pipelined`]).
-        Some(Pass::Value) => ([("%q", Layout::Qk), ("%do", Layout::V)], [0, 1], &["%lse"]),
     }
 }
 
@@ -583,7 +582,7 @@ struct Columns<'a> {
     /// for an f32 tensor), and an f32 tensor's raw buffer.
     tiles: [[String; 2]; 2],
     raw: [Option<String>; 2],
-    /// Per-column f32 tensors ([B, H, S]: the key passes' log-sum-exp and D) whose values for
+    /// Per-column f32 tensors ([B, H, S]: the key pass's log-sum-exp and D) whose values for
     /// the block's 64 columns are copied with the untrailing tiles, 256 bytes each, and each
     /// buffer's place for them ([`TERMS_BYTES`]).
     terms: &'a [&'a str],
@@ -781,7 +780,7 @@ impl<'a> Columns<'a> {
 }
 
 /// Which columns of the diagonal block a row keeps: the forward's and the query pass's rows
-/// are queries (keys up to the row), the key passes' rows are keys (queries from the row).
+/// are queries (keys up to the row), the key pass's rows are keys (queries from the row).
 #[derive(Clone, Copy)]
 enum Order {
     ColumnsUpToRow,
@@ -858,6 +857,13 @@ impl Rows<'_> {
     }
 }
 
+/// `value` (i64) as this loop iteration's own (an opaque move): what is computed from it stays
+/// in the loop. The row tiles' descriptors: hoisted, their products' 20 per-step descriptors
+/// stay live across the key pass's loop and spill; a few adds an iteration instead.
+fn in_iteration(g: &mut Lines, value: &str) -> String {
+    g.asm_i64("mov.b64 $0, $1;", &[(value.to_string(), "l", "i64")])
+}
+
 /// The 64 × 64 products of the `rows` (A) with the column tile at `cols` (B), both K-major
 /// over `width`, into `d` (32 fenced values, overwritten), issued, not awaited.
 fn issue_products(g: &mut Lines, d: Vec<String>, rows: &Rows, cols: &str, width: u32) -> Vec<String> {
@@ -923,8 +929,7 @@ fn completed(g: &mut Lines, d: &[String]) -> Vec<String> {
 /// A walk over the column blocks software-pipelined within each warpgroup (FlashAttention-3's
 /// intra-warpgroup overlap): a block's scores and the last block's probabilities times its
 /// trailing tile (the columns' second tensor, lag 1) are issued together, and the tensor cores
-/// run that accumulation while the scores become probabilities. The forward's walk over keys
-/// and the dV pass's over queries.
+/// run that accumulation while the scores become probabilities: the forward's walk over keys.
 struct Pipelined<'a> {
     b: &'a Block,
     feed: Feed<'a>,
@@ -967,7 +972,7 @@ impl Pipelined<'_> {
         let mut scores = b.products(g, &rows, &s_cols, width);
         b.mask(g, &mut scores, first, self.tile, self.order);
         let (extra, _) = probabilities(g, first, &mut scores, &extra);
-        // Released once the probabilities have read the block's terms (the dV pass's).
+        // Released once the scores are read.
         feed.release(g, b, 0, first);
         let n_extra = extra.len();
         // Carried: the accumulators, the extra values and the last block's probabilities as the
@@ -1143,8 +1148,8 @@ pub fn fused(f: &Function, node: &Node, packed: &HashSet<u32>) -> Option<Heads> 
     (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
 }
 
-/// The four kernels for `heads` in launch order, each (name, MLIR): the forward
-/// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dk,dv}_qk{QK}_v{V}`
+/// The three kernels for `heads` in launch order, each (name, MLIR): the forward
+/// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dkv}_qk{QK}_v{V}`
 /// (`bf16_qk{QK}` where the inputs are packed).
 pub fn kernels(heads: Heads) -> Vec<(String, String)> {
     let forward = kernel_name(heads, None);
@@ -1243,37 +1248,34 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     module(name, &args, g.text(), heads.threads(None))
 }
 
-/// What a backward kernel computes; three kernels, launched in this order, because the
-/// thread's accumulators of dK and dV together would not fit its registers beside the
-/// recomputed scores (one key pass writing both spilled 436 bytes a thread).
+/// What a backward kernel computes; two kernels, launched in this order. dQ has a pass of its
+/// own: the key pass would add each block's to dQ rows other blocks add to as well (by atomics,
+/// whose order, and so the sum's bits, vary from run to run).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
     /// dQ, blocks of query rows walking the keys up to the diagonal; it also writes each
-    /// row's D = Σ dO ∘ O, which the key passes read.
+    /// row's D = Σ dO ∘ O, which the key pass reads.
     Query,
-    /// dK, blocks of key rows walking the queries from the diagonal.
+    /// dK and dV, blocks of key rows walking the queries from the diagonal.
     Key,
-    /// dV, the same way.
-    Value,
 }
 
 impl Pass {
-    pub const ALL: [Pass; 3] = [Pass::Query, Pass::Key, Pass::Value];
+    pub const ALL: [Pass; 2] = [Pass::Query, Pass::Key];
 
     pub fn label(self) -> &'static str {
         match self {
             Pass::Query => "dq",
-            Pass::Key => "dk",
-            Pass::Value => "dv",
+            Pass::Key => "dkv",
         }
     }
 }
 
 /// The MLIR module of backward kernel `name` (`pass`) for `heads`. Launch: grid (S /
 /// [`BLOCK_ROWS`], B·H), [`THREADS`] threads, [`Heads::backward_shared_bytes`]; arguments Q, K, V,
-/// O, dO, LSE (the forward's), D ([B, H, S]: written by the query pass, read by the others), the
-/// gradient it writes (dQ, dK or dV; every element written), S, H (u32) and the softmax scale
-/// (f32).
+/// O, dO, LSE (the forward's), D ([B, H, S]: written by the query pass, read by the key pass),
+/// the gradients it writes (dQ, or dK and dV; every element written), S, H (u32) and the
+/// softmax scale (f32).
 pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let mut g = Lines::new();
     let b = Block::new(&mut g, heads);
@@ -1281,7 +1283,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     // the most queries.
     let row_block = match pass {
         Pass::Query => b.reversed_block(&mut g),
-        Pass::Key | Pass::Value => b.block.clone(),
+        Pass::Key => b.block.clone(),
     };
     let (tile, r0) = b.tile(&mut g, &row_block);
     // The warpgroups' row tiles (both widths), then the columns'.
@@ -1295,7 +1297,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     // (keys).
     let (order, lower, upper) = match pass {
         Pass::Query => (Order::ColumnsUpToRow, g.i64(0), g.op_c("add", &row_block, 1)),
-        Pass::Key | Pass::Value => (Order::ColumnsFromRow, row_block.clone(), b.blocks.clone()),
+        Pass::Key => (Order::ColumnsFromRow, row_block.clone(), b.blocks.clone()),
     };
     let [lower, upper] = [lower, upper].map(|x| g.op_c("mul", &x, WARPGROUPS.into()));
     let sources = column_sources(Some(pass));
@@ -1304,7 +1306,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let feed = if heads.streams(Some(pass)) {
         // The producer warpgroup streams the packed row tensors and the columns; each consumer
         // stages its f32 rows (the query pass's dO) itself, and stores them, rounded, into dO's
-        // packed copy, which the key passes stream.
+        // packed copy, which the key pass streams.
         let streamed = rows.iter().filter(|(src, _)| packed(heads, src));
         let tensors = streamed.map(|&(src, layout)| (src, layout, place_of(layout).1)).collect();
         let stride = Heads::tile_bytes(heads.qk) + Heads::tile_bytes(heads.v);
@@ -1325,59 +1327,41 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
         }
         Feed::Staged(&columns)
     };
-    // The accumulation reads a column tile N-major: K for dQ, Q for dK, dO for dV.
-    let layout = match pass {
-        Pass::Query | Pass::Key => Layout::Qk,
-        Pass::Value => Layout::V,
-    };
-    let width = b.place(layout, heads).2;
     // The query pass's rows: their log-sum-exp (base 2, negated) and D, which it writes.
     let row_terms: Vec<[String; 2]> = if pass == Pass::Query {
         b.my_rows.iter().map(|row| [b.negated_base2_lse(&mut g, &r0, row), b.delta(&mut g, heads, &r0, row)]).collect()
     } else {
         Vec::new()
     };
-    let count = (width / 8 * 4) as usize;
-    let sums = if pass == Pass::Value {
-        // dV = Σ Pᵀ·dO, pipelined: dO's tiles trail Q's.
-        let walk = Pipelined { b: &b, feed, order, row_block: &row_block, tile: &tile };
-        let walked = walk.run(&mut g, [&lower, &upper], (&s_rows, heads.qk, count), Vec::new(), |g, j, p, _| {
-            let shifts = column_shifts(g, &b, &feed, j);
-            for (n, tile) in p.iter_mut().enumerate() {
-                for (e, x) in tile.iter_mut().enumerate() {
-                    *x = b.exp2_logit(g, x, &shifts[2 * n + e % 2]);
-                }
-            }
-            (Vec::new(), None)
-        });
-        walked.0
-    } else {
-        feed.prefetch(&mut g, &b, &lower);
-        let [score_rows, dp_rows] = [&s_rows, &s_rows_v].map(|tile| Rows::staged(&mut g, tile));
-        let initial = vec![b.zero.clone(); count];
-        column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
-            let [s_cols, s_cols_v] = feed.stage(g, &b, j, [&lower, &upper]);
-            // The scores' and dP's products issued together (dP = dO·Vᵀ for query rows, V·dOᵀ
-            // for key rows): the tensor cores run dP's while the scores become probabilities.
-            let fenced = g.asm_f32s("wgmma.fence.sync.aligned;", &vec![b.zero.clone(); 64], &[]);
-            let scores = issue_products(g, fenced[..32].to_vec(), &score_rows, &s_cols, heads.qk);
-            commit(g);
-            let dp = issue_products(g, fenced[32..].to_vec(), &dp_rows, &s_cols_v, heads.v);
-            commit(g);
-            let mut p: Vec<Vec<String>> = awaited(g, &scores, 1).chunks(4).map(<[String]>::to_vec).collect();
-            // Per value (column 8n + 2t + e of row g or g + 8, at 4n + e): its row's or column's
-            // log-sum-exp (base 2, negated), then D; the key pass's columns' read from the staged
-            // terms after the products that precede their use (before, they stay live across
-            // the products and spill).
-            let per_value = |g: &mut Lines, term: usize, column_terms: &dyn Fn(&mut Lines) -> Vec<String>| {
-                if pass == Pass::Query {
-                    (0..32).map(|i| row_terms[(i % 4) / 2][term].clone()).collect::<Vec<String>>()
-                } else {
-                    let columns = column_terms(g);
-                    (0..32).map(|i| columns[2 * (i / 4) + i % 2].clone()).collect()
-                }
-            };
-            let shifts = per_value(g, 0, &|g| column_shifts(g, &b, &feed, j));
+    // Per value of the 64 × 64 scores (column 8n + 2t + e of row g or g + 8, at 4n + e): its
+    // row's (query pass) or column's (key pass) term: the log-sum-exp (base 2, negated), then
+    // D; the key pass's read from the staged terms after the products that precede their use
+    // (before, they stay live across the products and spill).
+    let per_value = |g: &mut Lines, term: usize, j: &str| -> Vec<String> {
+        if pass == Pass::Query {
+            return (0..32).map(|i| row_terms[(i % 4) / 2][term].clone()).collect();
+        }
+        let columns = match term {
+            0 => column_shifts(g, &b, &feed, j),
+            _ => column_terms(g, &b, &feed, j, 1),
+        };
+        (0..32).map(|i| columns[2 * (i / 4) + i % 2].clone()).collect()
+    };
+    // The accumulators: dQ (Dqk wide), or dK (Dqk) then dV (Dv).
+    let count_qk = (heads.qk / 8 * 4) as usize;
+    let count = match pass {
+        Pass::Query => count_qk,
+        Pass::Key => count_qk + (heads.v / 8 * 4) as usize,
+    };
+    feed.prefetch(&mut g, &b, &lower);
+    let row_descriptors = [&s_rows, &s_rows_v].map(|tile| descriptor(&mut g, tile, Major::K));
+    let initial = vec![b.zero.clone(); count];
+    let sums = column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
+        let [s_cols, s_cols_v] = feed.stage(g, &b, j, [&lower, &upper]);
+        let [score_rows, dp_rows] = row_descriptors.each_ref().map(|d| Rows::Staged(in_iteration(g, d)));
+        let probabilities = |g: &mut Lines, scores: &[String]| -> Vec<Vec<String>> {
+            let mut p: Vec<Vec<String>> = scores.chunks(4).map(<[String]>::to_vec).collect();
+            let shifts = per_value(g, 0, j);
             if masked {
                 b.mask(g, &mut p, j, &tile, order);
             }
@@ -1386,33 +1370,81 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
                     *x = b.exp2_logit(g, x, &shifts[4 * n + e]);
                 }
             }
-            // dS = P ∘ (dP − D).
-            let dp: Vec<Vec<String>> = awaited(g, &dp, 0).chunks(4).map(<[String]>::to_vec).collect();
-            feed.release(g, &b, 1, j);
-            let deltas = per_value(g, 1, &|g| column_terms(g, &b, &feed, j, 1));
+            p
+        };
+        // dS = P ∘ (dP − D), in place of P.
+        let score_grads = |g: &mut Lines, p: &mut [Vec<String>], dp: &[String]| {
+            let deltas = per_value(g, 1, j);
             for (n, tile) in p.iter_mut().enumerate() {
                 for (e, x) in tile.iter_mut().enumerate() {
-                    let d = g.line(format!("llvm.fsub {}, {} : f32", dp[n][e], deltas[4 * n + e]));
+                    let d = g.line(format!("llvm.fsub {}, {} : f32", dp[4 * n + e], deltas[4 * n + e]));
                     *x = g.line(format!("llvm.fmul {x}, {d} : f32"));
                 }
             }
-            let mut acc = carried.to_vec();
-            b.accumulate(g, &mut acc, &p, &s_cols, width);
-            feed.release(g, &b, 0, j);
-            acc
-        })
+        };
+        let zeros = vec![b.zero.clone(); 32];
+        match pass {
+            Pass::Query => {
+                // The scores' and dP's (dO·Vᵀ) products issued together: the tensor cores run
+                // dP's while the scores become probabilities; then dQ += dS·K.
+                let fenced = fence(g, &[&zeros[..], &zeros[..]].concat(), &[]);
+                let scores = issue_products(g, fenced[..32].to_vec(), &score_rows, &s_cols, heads.qk);
+                commit(g);
+                let dp = issue_products(g, fenced[32..].to_vec(), &dp_rows, &s_cols_v, heads.v);
+                commit(g);
+                let scores = awaited(g, &scores, 1);
+                let mut p = probabilities(g, &scores);
+                let dp = awaited(g, &dp, 0);
+                feed.release(g, &b, 1, j);
+                score_grads(g, &mut p, &dp);
+                let mut acc = carried.to_vec();
+                b.accumulate(g, &mut acc, &p, &s_cols, heads.qk);
+                feed.release(g, &b, 0, j);
+                acc
+            }
+            Pass::Key => {
+                // The scores (K·Qᵀ) become probabilities, rounded to BF16 as the A of dV +=
+                // Pᵀ·dO, issued with dP's (V·dOᵀ) products; dS from the rounded P (the f32 P,
+                // the scores and dP do not fit in the registers beside both accumulators: 160
+                // a thread); then dK += dSᵀ·Q.
+                let (acc_k, acc_v) = carried.split_at(count_qk);
+                let scores = fence(g, &zeros, &[]);
+                let scores = issue_products(g, scores, &score_rows, &s_cols, heads.qk);
+                let scores = completed(g, &scores);
+                let p = probabilities(g, &scores);
+                let p = operands(g, &p);
+                let fenced = fence(g, &[acc_v, &zeros[..]].concat(), &p);
+                let (acc_v, dp) = fenced.split_at(acc_v.len());
+                let acc_v = issue_accumulation(g, acc_v.to_vec(), &p, &s_cols_v, heads.v);
+                let dp = issue_products(g, dp.to_vec(), &dp_rows, &s_cols_v, heads.v);
+                let done = completed(g, &[acc_v, dp].concat());
+                feed.release(g, &b, 1, j);
+                let (acc_v, dp) = done.split_at(count - count_qk);
+                let mut ds = unpacked(g, &p);
+                score_grads(g, &mut ds, dp);
+                let mut acc = acc_k.to_vec();
+                b.accumulate(g, &mut acc, &ds, &s_cols, heads.qk);
+                feed.release(g, &b, 0, j);
+                acc.extend_from_slice(acc_v);
+                acc
+            }
+        }
+    });
+    b.store(&mut g, "%grad", Layout::Qk, heads, &sums[..count_qk], &r0, Some("%scale"));
+    let grads = match pass {
+        Pass::Query => "%grad: !llvm.ptr<1>",
+        Pass::Key => {
+            b.store(&mut g, "%grad_v", Layout::V, heads, &sums[count_qk..], &r0, None);
+            "%grad: !llvm.ptr<1>, %grad_v: !llvm.ptr<1>"
+        }
     };
-    let grad = match pass {
-        Pass::Value => None,
-        Pass::Query | Pass::Key => Some("%scale"),
-    };
-    b.store(&mut g, "%grad", layout, heads, &sums, &r0, grad);
     if heads.streams(Some(pass)) && pass == Pass::Query {
         ring::await_stores(&mut g, &b);
     }
-    let mut args = "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %do: !llvm.ptr<1>, \
-         %lse: !llvm.ptr<1>, %delta: !llvm.ptr<1>, %grad: !llvm.ptr<1>, %seq: i32, %heads: i32, %scale: f32"
-        .to_string();
+    let mut args = format!(
+        "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %do: !llvm.ptr<1>, \
+         %lse: !llvm.ptr<1>, %delta: !llvm.ptr<1>, {grads}, %seq: i32, %heads: i32, %scale: f32"
+    );
     if heads.streams(Some(pass)) {
         g.stmt("}");
         args = format!("{args}, {}", map_args(Some(pass)));
@@ -1555,7 +1587,7 @@ fn column_terms(g: &mut Lines, b: &Block, feed: &Feed, j: &str, term: u64) -> Ve
         .collect()
 }
 
-/// The key passes' shifts of the thread's 16 columns of block `j` ([`Block::exp2_logit`]'s):
+/// The key pass's shifts of the thread's 16 columns of block `j` ([`Block::exp2_logit`]'s):
 /// their staged log-sum-exps ([`column_terms`]' first), base 2, negated.
 fn column_shifts(g: &mut Lines, b: &Block, feed: &Feed, j: &str) -> Vec<String> {
     let lse = column_terms(g, b, feed, j, 0);
@@ -1570,6 +1602,22 @@ fn shared_pair(g: &mut Lines, at: &str) -> [String; 2] {
         let k = g.i32(k);
         g.line(format!("llvm.extractelement {pair}[{k} : i32] : vector<2xf32>"))
     })
+}
+
+/// [`operands`]' BF16 pairs back as f32, in the layout of the products they were rounded from.
+fn unpacked(g: &mut Lines, a: &[[String; 4]]) -> Vec<Vec<String>> {
+    let [shift, mask] = [16, -65536].map(|c| g.line(format!("llvm.mlir.constant({c} : i32) : i32")));
+    let mut halves = |word: &String| {
+        let low = g.line(format!("llvm.shl {word}, {shift} : i32"));
+        let high = g.line(format!("llvm.and {word}, {mask} : i32"));
+        [low, high].map(|x| g.line(format!("llvm.bitcast {x} : i32 to f32")))
+    };
+    a.iter()
+        .flat_map(|pairs| {
+            let [p0, p1, p2, p3] = pairs.each_ref().map(&mut halves);
+            [[p0, p1].concat(), [p2, p3].concat()]
+        })
+        .collect()
 }
 
 /// Two f32 rounded to BF16 in one word, `low` in the low half.
@@ -1619,53 +1667,51 @@ mod tests {
             let scores = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16";
             let lowering = crate::mlir::lower::Lowering::default();
             // Per column block, in each of the two column loops (masked and not): the scores 12
-            // products over Dqk, dP 8 over Dv, then P·V, dS·K, dSᵀ·Q or Pᵀ·dO: 4 over the 64
-            // columns, as wide as the tile they read. The pipelined walks' (the forward's and
-            // dV's) first block's scores come before their loops, the last block's
-            // accumulation after them.
+            // products over Dqk, dP 8 over Dv, then P·V, dS·K, or dSᵀ·Q and Pᵀ·dO: 4 over the
+            // 64 columns, as wide as the tile they read. The forward's (pipelined) first block's
+            // scores come before its loops, the last block's accumulation after them.
             let kernels = [
-                (attention_forward("attention", heads), 12 + 2 * 12, 128, 2 * 4 + 4),
-                (attention_backward("attention", heads, Pass::Query), 2 * (12 + 8), 192, 2 * 4),
-                (attention_backward("attention", heads, Pass::Key), 2 * (12 + 8), 192, 2 * 4),
-                (attention_backward("attention", heads, Pass::Value), 12 + 2 * 12, 128, 2 * 4 + 4),
+                (attention_forward("attention", heads), 12 + 2 * 12, &[(128, 2 * 4 + 4)][..]),
+                (attention_backward("attention", heads, Pass::Query), 2 * (12 + 8), &[(192, 2 * 4)]),
+                (attention_backward("attention", heads, Pass::Key), 2 * (12 + 8), &[(192, 2 * 4), (128, 2 * 4)]),
             ];
-            for (i, (mlir, score_products, width, accumulations)) in kernels.into_iter().enumerate() {
+            for (i, (mlir, score_products, accumulations)) in kernels.into_iter().enumerate() {
                 let ptx = lowering.ptx(&mlir, false).expect("lowers");
                 assert_eq!(ptx.matches(scores).count(), score_products, "{ptx}");
-                let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
-                assert_eq!(ptx.matches(&accumulation).count(), accumulations, "{ptx}");
+                for &(width, count) in accumulations {
+                    let accumulation = format!("wgmma.mma_async.sync.aligned.m64n{width}k16.f32.bf16.bf16");
+                    assert_eq!(ptx.matches(&accumulation).count(), count, "{ptx}");
+                }
                 assert!(ptx.contains("ex2.approx.ftz.f32"), "{ptx}");
                 let tma = ptx.matches("cp.async.bulk.tensor.2d.shared::cluster.global").count();
                 // 16-byte f32 loads are only the warpgroups' own f32 row tiles' (staged once: 128
                 // threads, 16 bytes each, 64 rows of 192 or 128) and, in the query pass, D's (dO
                 // and O, 32).
                 let (q, k, v, d_o) = if bf16_inputs { (0, 0, 0, 16) } else { (24, 24, 16, 16) };
-                let rows = [q, q + d_o + 32, k + v, k][i];
+                let rows = [q, q + d_o + 32, k + v][i];
                 assert_eq!(ptx.matches("ld.global.v4.b32").count(), rows, "{ptx}");
-                if heads.streams([None, Some(Pass::Query), Some(Pass::Key), Some(Pass::Value)][i]) {
+                if heads.streams([None, Some(Pass::Query), Some(Pass::Key)][i]) {
                     // The producer's TMA copies: both warpgroups' row tiles (3 boxes of 64
                     // columns for Q or K, 2 for V), then per column block the column tensors'
-                    // (K's 3 and V's 2, or Q's 3 and dO's 2) and, in the key passes, the terms
-                    // (the log-sum-exp, and D for dK: 256 bytes each). No block-wide barrier
+                    // (K's 3 and V's 2, or Q's 3 and dO's 2) and, in the key pass, the terms
+                    // (the log-sum-exp and D: 256 bytes each). No block-wide barrier
                     // after the roles part: the query pass's warpgroups each wait for their own
                     // dO's staging, then store it (2 boxes) into the packed copy.
-                    let rows = [2 * 3, 2 * 3, 2 * (3 + 2), 2 * 3][i];
+                    let rows = [2 * 3, 2 * 3, 2 * (3 + 2)][i];
                     assert_eq!(tma, rows + 3 + 2, "{ptx}");
                     let terms = ptx.matches("cp.async.bulk.shared::cluster.global.mbarrier").count();
-                    assert_eq!(terms, [0, 0, 2, 1][i], "{ptx}");
+                    assert_eq!(terms, [0, 0, 2][i], "{ptx}");
                     let stores = ptx.matches("cp.async.bulk.tensor.2d.global.shared::cta").count();
                     assert_eq!(stores, if i == 1 { 2 } else { 0 }, "{ptx}");
                     assert!(ptx.contains(".maxntid 384, 1, 1") && ptx.contains("setmaxnreg.inc"), "{ptx}");
                     assert_eq!(ptx.matches("bar.sync").count(), if i == 1 { 2 } else { 1 }, "{ptx}");
                     assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"));
                     assert!(!ptx.contains("cp.async.cg.shared.global"), "{ptx}");
-                    // The pipelined walks' (the forward's and dV's) scores read their rows (Q,
-                    // K) from registers (each thread's 4 words per 16 of Dqk, read once), the
-                    // others' from their tiles.
+                    // The forward's (pipelined) scores read Q from registers (each thread's 4
+                    // words per 16 of Dqk, read once), the backward's their rows from their tiles.
                     let held = ptx.lines().filter(|line| line.contains(scores) && line.contains("}, {%r")).count();
                     let loads = ptx.matches("ld.shared.b32").count();
-                    let pipelined = i == 0 || i == 3;
-                    let (held_products, held_loads) = if pipelined { (score_products, 4 * 12) } else { (0, 0) };
+                    let (held_products, held_loads) = if i == 0 { (score_products, 4 * 12) } else { (0, 0) };
                     assert_eq!((held, loads), (held_products, held_loads), "{ptx}");
                 } else {
                     assert_eq!(tma, 0, "{ptx}");

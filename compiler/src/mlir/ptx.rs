@@ -133,10 +133,19 @@ impl Lines {
 
     /// Inline PTX with one "=f" (f32) result, `$0`.
     pub fn asm_f32(&mut self, text: &str, operands: &[(String, &str, &str)]) -> String {
+        self.asm_one(text, ("=f", "f32"), operands)
+    }
+
+    /// Inline PTX with one "=l" (i64) result, `$0`.
+    pub fn asm_i64(&mut self, text: &str, operands: &[(String, &str, &str)]) -> String {
+        self.asm_one(text, ("=l", "i64"), operands)
+    }
+
+    fn asm_one(&mut self, text: &str, (constraint, ty): (&str, &str), operands: &[(String, &str, &str)]) -> String {
         let constraints: Vec<String> =
-            std::iter::once("=f").chain(operands.iter().map(|(_, c, _)| *c)).map(String::from).collect();
+            std::iter::once(constraint).chain(operands.iter().map(|(_, c, _)| *c)).map(String::from).collect();
         let call = Self::inline(text, &constraints, operands);
-        self.line(format!("{call}f32"))
+        self.line(format!("{call}{ty}"))
     }
 
     fn fields(&mut self, s: &str, ty: &str, count: usize) -> Vec<String> {

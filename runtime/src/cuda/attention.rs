@@ -1,9 +1,9 @@
 //! The compiler's fused attention (`compiler::mlir::attention`) where a plan carries it
-//! (`Plan::attention_heads`): `attention` on its forward kernel, `attention_grad` on its three
+//! (`Plan::attention_heads`): `attention` on its forward kernel, `attention_grad` on its two
 //! backward passes (dq, which also writes each row's D = Σ dO∘O, then dk and dv), on the plan's
 //! buffers as they are. What the plan stores nowhere (an unread part, such as the log-sum-exp
 //! of a forward that is not differentiated, D, and the packed BF16 copy of dO that the dq pass
-//! writes for the others where they stream) goes to scratch memory kept here.
+//! writes for the key pass where they stream) goes to scratch memory kept here.
 
 use super::places::Places;
 use super::tensor_maps::{Mapped, TensorMaps};
@@ -25,11 +25,11 @@ struct Loaded {
     _module: Arc<CudaModule>,
 }
 
-/// The plan's four attention kernels (forward, then the backward passes in launch order).
+/// The plan's three attention kernels (forward, then the backward passes in launch order).
 pub struct FusedAttention {
     heads: Heads,
     forward: Loaded,
-    backward: [Loaded; 3],
+    backward: [Loaded; 2],
     scratch: Option<CudaSlice<u8>>,
     /// The tensor maps of Q, K and V (and dO's copy) for the kernels that stream them
     /// (`Heads::streams`: on packed inputs).
@@ -51,11 +51,7 @@ impl FusedAttention {
         Ok(Some(FusedAttention {
             heads,
             forward: load(None, heads.shared_bytes())?,
-            backward: [
-                load(Some(Pass::Query), backward)?,
-                load(Some(Pass::Key), backward)?,
-                load(Some(Pass::Value), backward)?,
-            ],
+            backward: [load(Some(Pass::Query), backward)?, load(Some(Pass::Key), backward)?],
             scratch: None,
             maps: TensorMaps::default(),
         }))
@@ -162,9 +158,10 @@ impl FusedAttention {
             // multiple of the block's rows (`runs`).
             unsafe { launch.launch(config(&self.forward, self.heads.threads(None))?) }?;
         } else {
-            for ((loaded, pass), grad) in self.backward.iter().zip(Pass::ALL).zip(&parts) {
+            // dQ from the query pass, dK and dV from the key pass.
+            for ((loaded, pass), grads) in self.backward.iter().zip(Pass::ALL).zip([&parts[..1], &parts[1..]]) {
                 let mut launch = gpu.stream.launch_builder(&loaded.function);
-                for pointer in inputs.iter().chain([&delta, grad]) {
+                for pointer in inputs.iter().chain([&delta]).chain(grads) {
                     launch.arg(pointer);
                 }
                 launch.arg(&seq_arg).arg(&heads_arg).arg(&scale);
@@ -173,10 +170,10 @@ impl FusedAttention {
                     launch.arg(map);
                 }
                 // SAFETY: the arguments follow `attention_backward`'s signature (Q, K, V, O, dO,
-                // LSE, D, the gradient: pointers to live buffers of the node's shapes; S, H, the
+                // LSE, D, the gradients it writes: pointers to live buffers of the node's shapes; S, H, the
                 // scale; where the pass streams, the maps of Q, K, V and dO's copy in scratch,
-                // live in `self.maps`); the query pass writes D and dO's copy before the others
-                // read them.
+                // live in `self.maps`); the query pass writes D and dO's copy before the key pass
+                // reads them.
                 unsafe { launch.launch(config(loaded, self.heads.threads(Some(pass)))?) }?;
             }
         }

@@ -1,9 +1,9 @@
 //! The tiles of a pass streamed by TMA (FlashAttention-3's warp specialisation), where Q, K
 //! and V are packed BF16: a producer warpgroup (the block's third; its first thread) copies
 //! each consumer warpgroup's row tiles once (the packed ones of [`super::row_sources`]: Q in
-//! the forward and the query pass, K and V in the key passes), then every column block's tiles
+//! the forward and the query pass, K and V in the key pass), then every column block's tiles
 //! of the two column tensors (K and V, or Q and dO) and, with the first's, the block's
-//! per-column terms (the key passes' log-sum-exp and D, 256 bytes each: `cp.async.bulk`), into a
+//! per-column terms (the key pass's log-sum-exp and D, 256 bytes each: `cp.async.bulk`), into a
 //! ring of [`SLOTS`] slots per tensor, each box 64 rows × 64 columns of one head (128 bytes,
 //! TMA's 128-byte swizzle: the layout [`super::stage`] writes and the products read). Each slot
 //! has two mbarriers: `full` (the producer's expected bytes, completed by the copies) and
@@ -19,7 +19,7 @@
 //! dO's, each the 2-D BF16 tensor [B·S rows, H·D columns] (the packed [B, S, H, D] as it lies),
 //! boxes of 64 × 64. The backward's dO is f32: the query pass, which stages its rows of it
 //! rounded to BF16, stores them through dO's map into a packed copy ([`store_rows`]), which
-//! the key passes stream.
+//! the key pass streams.
 
 use super::{Block, ColumnSources, Heads, Layout, Lines, Pass, REGION, TILE_ROWS, WARPGROUPS};
 use crate::mlir::ptx;
@@ -62,8 +62,8 @@ const _: () = assert!(
 );
 
 /// The ring of the column blocks' tiles of two tensors (K and V, or Q and dO; `sources`),
-/// each trailing the walk by its lag (as [`super::Columns`]' do: the forward's V and the dV
-/// pass's dO by a block), with the first's per-column terms, and the mbarriers after them.
+/// each trailing the walk by its lag (as [`super::Columns`]' do: the forward's V by a block),
+/// with the first's per-column terms, and the mbarriers after them.
 pub(super) struct Ring {
     heads: Heads,
     sources: ColumnSources,
@@ -150,7 +150,7 @@ impl Ring {
     }
 
     /// Column block `block`'s (i64) slot and the parity of its round through the ring, counted
-    /// from the walk's first block (the key passes' walks start at their diagonal: a slot's first
+    /// from the walk's first block (the key pass's walks start at their diagonal: a slot's first
     /// round must be round 0, whose `empty` the producer passes without waiting).
     fn slot(&self, g: &mut Lines, block: &str) -> (String, String) {
         let position = g.op("sub", block, &self.first);
