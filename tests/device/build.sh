@@ -54,7 +54,13 @@ for line in sys.stdin:
         print(m["executable"])' | tail -n 1 | xargs -I{} cp {} "target/gpu/$test"
 done
 du -sh target/gpu target/gemm target/attention target/plan-*
+# What it was built from: the commit, and every tracked file's checksum, which run.sh checks
+# against the sources the GPU machine got (the device tool sends its session's own checkout,
+# whatever worktree built the pack: session 38 measured an older pack so).
+{ git describe --always --dirty; pwd; } > target/pack-built-from
+git ls-files -z | xargs -0 sha256sum > target/pack-sources.sha256
 # All of it in one file to carry (about 9 MB: the plans' buffers compress well), which
 # `tar -xJf target/device-pack.tar.xz` puts back on the GPU machine.
-tar -cJf target/device-pack.tar.xz target/gpu target/gemm target/attention target/plan-*
+tar -cJf target/device-pack.tar.xz target/gpu target/gemm target/attention target/plan-* target/pack-built-from \
+  target/pack-sources.sha256
 du -sh target/device-pack.tar.xz

@@ -75,6 +75,12 @@ bench=(models/deepseek-v3-bench.dsc --set 'train.data.sources=[synthetic { weigh
 usage="usage: tests/device/run.sh STAGE [N] [STAGE [N] ...]; stages: checks step profile tune quick table [N] long N fp8 N bf16 N gemm attention train N ncu [N] dp [N]"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# Which build runs, and whether it was built from these sources (build.sh's checksums).
+if [ -f target/pack-sources.sha256 ]; then
+  echo "pack built from $(paste -sd ' ' target/pack-built-from)"
+  differ=$(sha256sum --check --quiet target/pack-sources.sha256 2>/dev/null | cut -d: -f1)
+  [ -z "$differ" ] || echo "WARNING: the pack was built from other sources than these; they differ in: $(echo $differ | head -c 600)"
+fi
 # The checks that failed, named again at the very end (a long call's first lines do not come
 # back), which then exits 1.
 failed=()
