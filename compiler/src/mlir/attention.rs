@@ -114,18 +114,17 @@ impl Heads {
         u64::from(WARPGROUPS) * (Self::tile_bytes(self.qk) + Self::tile_bytes(self.v))
     }
 
-    /// Whether the forward (`None`) or a backward pass streams its tiles by TMA from a
-    /// producer warpgroup ([`ring`]): all of them where Q, K and V are packed BF16 (the key
-    /// passes' dO from the packed copy the query pass writes). It then takes the tensor maps
-    /// [`map_args`] names after its other arguments.
-    pub fn streams(self, _pass: Option<Pass>) -> bool {
+    /// Whether the kernels stream their tiles by TMA from a producer warpgroup ([`ring`]):
+    /// where Q, K and V are packed BF16 (the key pass's dO from the packed copy the query pass
+    /// writes). Each then takes the tensor maps [`map_args`] names after its other arguments.
+    pub fn streams(self) -> bool {
         self.bf16_inputs
     }
 
-    /// Threads of a block of the forward (`None`) or a backward pass: the warpgroups, and the
-    /// producer's where it [`Heads::streams`].
-    pub fn threads(self, pass: Option<Pass>) -> u32 {
-        if self.streams(pass) {
+    /// Threads of a kernel's block: the warpgroups, and the producer's where the kernels
+    /// [`Heads::streams`].
+    pub fn threads(self) -> u32 {
+        if self.streams() {
             ring::STREAMING_THREADS
         } else {
             THREADS
@@ -134,7 +133,7 @@ impl Heads {
 
     /// Shared bytes of the columns of the forward (`None`) or a backward pass.
     fn columns_bytes(self, pass: Option<Pass>) -> u64 {
-        if self.streams(pass) {
+        if self.streams() {
             Ring::bytes(self, &column_sources(pass))
         } else {
             Columns::bytes(self, &column_sources(pass))
@@ -318,7 +317,7 @@ mod tests {
                 let (q, k, v, d_o) = if bf16_inputs { (0, 0, 0, 16) } else { (24, 24, 16, 16) };
                 let rows = [q, q + d_o + 32, k + v][i];
                 assert_eq!(ptx.matches("ld.global.v4.b32").count(), rows, "{ptx}");
-                if heads.streams([None, Some(Pass::Query), Some(Pass::Key)][i]) {
+                if heads.streams() {
                     // The producer's TMA copies: both warpgroups' row tiles (3 boxes of 64
                     // columns for Q or K, 2 for V), then per column block the column tensors'
                     // (K's 3 and V's 2, or Q's 3 and dO's 2) and, in the key pass, the terms

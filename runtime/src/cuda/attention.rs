@@ -95,11 +95,8 @@ impl FusedAttention {
         // Each part's buffer, or a scratch region after D ([b, h, s] f32) and dO's packed copy
         // (where the passes stream) for a part no one reads.
         let row_bytes = batch * heads * seq * 4;
-        let copy_bytes = if !forward && self.heads.streams(Some(Pass::Query)) {
-            batch * seq * heads * self.heads.v as usize * 2
-        } else {
-            0
-        };
+        let copy_bytes =
+            if !forward && self.heads.streams() { batch * seq * heads * self.heads.v as usize * 2 } else { 0 };
         // The parts: o and lse, or dq, dk and dv.
         let part_count = if forward { 2 } else { 3 };
         let stored: Vec<Option<u32>> = (0..part_count).map(|i| function.part(V(at), i).map(|g| g.0)).collect();
@@ -131,7 +128,7 @@ impl FusedAttention {
         // kernels that stream them.
         let (dims, encoded) = (self.heads, &self.maps);
         let maps_for = |pass: Option<Pass>| -> Result<Vec<u64>, GpuError> {
-            if !dims.streams(pass) {
+            if !dims.streams() {
                 return Ok(Vec::new());
             }
             let mut tensors = vec![(inputs[0], dims.qk), (inputs[1], dims.qk), (inputs[2], dims.v)];
@@ -156,7 +153,7 @@ impl FusedAttention {
             // pointers to live buffers of the shapes the node gives, S, H, the scale, and where
             // it streams, the maps of Q, K and V: live on the device in `self.maps`), S a
             // multiple of the block's rows (`runs`).
-            unsafe { launch.launch(config(&self.forward, self.heads.threads(None))?) }?;
+            unsafe { launch.launch(config(&self.forward, self.heads.threads())?) }?;
         } else {
             // dQ from the query pass, dK and dV from the key pass.
             for ((loaded, pass), grads) in self.backward.iter().zip(Pass::ALL).zip([&parts[..1], &parts[1..]]) {
@@ -174,7 +171,7 @@ impl FusedAttention {
                 // scale; where the pass streams, the maps of Q, K, V and dO's copy in scratch,
                 // live in `self.maps`); the query pass writes D and dO's copy before the key pass
                 // reads them.
-                unsafe { launch.launch(config(loaded, self.heads.threads(Some(pass)))?) }?;
+                unsafe { launch.launch(config(loaded, self.heads.threads())?) }?;
             }
         }
         Ok(())

@@ -35,7 +35,7 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let sources = column_sources(Some(pass));
     let (ring, columns);
     let rows = row_sources(Some(pass));
-    let feed = if heads.streams(Some(pass)) {
+    let feed = if heads.streams() {
         // The producer warpgroup streams the packed row tensors and the columns; each consumer
         // stages its f32 rows (the query pass's dO) itself, and stores them, rounded, into dO's
         // packed copy, which the key pass streams.
@@ -170,16 +170,16 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
             "%grad: !llvm.ptr<1>, %grad_v: !llvm.ptr<1>"
         }
     };
-    if heads.streams(Some(pass)) && pass == Pass::Query {
+    if heads.streams() && pass == Pass::Query {
         ring::await_stores(&mut g, &b);
     }
     let mut args = format!(
         "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %do: !llvm.ptr<1>, \
          %lse: !llvm.ptr<1>, %delta: !llvm.ptr<1>, {grads}, %seq: i32, %heads: i32, %scale: f32"
     );
-    if heads.streams(Some(pass)) {
+    if heads.streams() {
         g.stmt("}");
         args = format!("{args}, {}", map_args(Some(pass)));
     }
-    module(name, &args, g.text(), heads.threads(Some(pass)))
+    module(name, &args, g.text(), heads.threads())
 }

@@ -21,7 +21,7 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let upper = g.op_c("mul", &upper, WARPGROUPS.into());
     let sources = column_sources(None);
     let (ring, columns);
-    let feed = if heads.streams(None) {
+    let feed = if heads.streams() {
         // The producer warpgroup streams Q, K and V; the others wait for them.
         let rows = RowTiles { tensors: vec![("%q", Layout::Qk, 0)], at: &b.smem, stride: Heads::tile_bytes(heads.qk) };
         ring = Ring::start(&mut g, &b, (heads, sources), &columns_at, &q_block, &rows, [&zero64, &upper]);
@@ -72,9 +72,9 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
     let mut args = "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %lse: !llvm.ptr<1>, \
                     %seq: i32, %heads: i32, %scale: f32"
         .to_string();
-    if heads.streams(None) {
+    if heads.streams() {
         g.stmt("}");
         args = format!("{args}, {}", map_args(None));
     }
-    module(name, &args, g.text(), heads.threads(None))
+    module(name, &args, g.text(), heads.threads())
 }
