@@ -66,6 +66,14 @@ impl Lines {
         self.op(op, a, &c)
     }
 
+    /// Opens `scf.if` for the threads whose `index` (i64: a thread's place among some threads)
+    /// is 0; the caller writes the body, then `}`.
+    pub fn open_if_first(&mut self, index: &str) {
+        let zero = self.i64(0);
+        let first = self.line(format!("llvm.icmp \"eq\" {index}, {zero} : i64"));
+        self.stmt(format!("scf.if {first} {{"));
+    }
+
     /// Opens `scf.for` over `lower..upper` by `step` (i64 values) carrying `carried` (each an
     /// initial value and its type); the caller writes the body, then `scf.yield` and `}`.
     pub fn open_for(&mut self, lower: &str, upper: &str, step: &str, carried: &[(String, &str)]) -> Loop {

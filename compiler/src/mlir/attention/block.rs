@@ -359,25 +359,31 @@ impl Block {
             }
         }
         let sum = quad_reduce(g, &sum, Combine::Add);
-        let zero = g.i64(0);
-        let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", self.quad_col));
-        g.stmt(format!("scf.if {leads} {{"));
-        let at = g.op("mul", &self.bh, &self.seq);
-        let at = g.op("add", &at, row0);
-        let at = g.op("add", &at, row);
-        let p = g.line(format!("llvm.getelementptr %delta[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-        g.stmt(format!("llvm.store {sum}, {p} : f32, !llvm.ptr<1>"));
-        g.stmt("}");
+        self.store_row_value(g, "%delta", row0, row, &sum);
         sum
     }
 
     /// A per-row f32 of [B, H, S] (`lse`, `delta`) at the block's row `row0 + row` (i64).
     pub(super) fn row_value(&self, g: &mut Lines, src: &str, row0: &str, row: &str) -> String {
+        let p = self.row_at(g, src, row0, row);
+        g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
+    }
+
+    /// Stores `value` (the row's, which its quad's four threads hold) at the block's row
+    /// `row0 + row` of the per-row f32 `dst` ([B, H, S]), by the quad's first thread.
+    pub(super) fn store_row_value(&self, g: &mut Lines, dst: &str, row0: &str, row: &str, value: &str) {
+        g.open_if_first(&self.quad_col);
+        let p = self.row_at(g, dst, row0, row);
+        g.stmt(format!("llvm.store {value}, {p} : f32, !llvm.ptr<1>"));
+        g.stmt("}");
+    }
+
+    /// Where row `row0 + row` of the head's per-row f32 `src` ([B, H, S]) lies.
+    fn row_at(&self, g: &mut Lines, src: &str, row0: &str, row: &str) -> String {
         let at = g.op("mul", &self.bh, &self.seq);
         let at = g.op("add", &at, row0);
         let at = g.op("add", &at, row);
-        let p = g.line(format!("llvm.getelementptr {src}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-        g.line(format!("llvm.load {p} : !llvm.ptr<1> -> f32"))
+        g.line(format!("llvm.getelementptr {src}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"))
     }
 }
 

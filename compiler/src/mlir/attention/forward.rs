@@ -59,14 +59,7 @@ pub fn attention_forward(name: &str, heads: Heads) -> String {
         let log = g.asm_f32("lg2.approx.ftz.f32 $0, $1;", &[(l, "f", "f32")]);
         let lse = g.line(format!("llvm.intr.fma({}, {}, {log}) : (f32, f32, f32) -> f32", state[r], b.log2_scale));
         let lse = g.line(format!("llvm.fmul {lse}, {ln2} : f32"));
-        let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero64} : i64", b.quad_col));
-        g.stmt(format!("scf.if {leads} {{"));
-        let at = g.op("mul", &b.bh, &b.seq);
-        let at = g.op("add", &at, &q0);
-        let at = g.op("add", &at, my_row);
-        let p = g.line(format!("llvm.getelementptr %lse[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
-        g.stmt(format!("llvm.store {lse}, {p} : f32, !llvm.ptr<1>"));
-        g.stmt("}");
+        b.store_row_value(&mut g, "%lse", &q0, my_row, &lse);
     }
     b.store(&mut g, "%o", Layout::V, heads, &out, &q0, None);
     let mut args = "%q: !llvm.ptr<1>, %k: !llvm.ptr<1>, %v: !llvm.ptr<1>, %o: !llvm.ptr<1>, %lse: !llvm.ptr<1>, \

@@ -129,9 +129,7 @@ impl Ring {
         let barriers = g.op_c("add", &terms, SLOTS * sources.2.len() as u64 * TERM_BYTES);
         let ring =
             Ring { heads, sources, first: first.to_string(), slots: [at.to_string(), second_at], terms, barriers };
-        let zero = g.i64(0);
-        let initialises = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.tid));
-        g.stmt(format!("scf.if {initialises} {{"));
+        g.open_if_first(&b.tid);
         for index in 0..4 * SLOTS + 1 {
             // `empty` (the odd sets) takes an arrival from every consumer warp.
             let count = if index < 4 * SLOTS && (index / SLOTS) % 2 == 1 { CONSUMER_WARPS } else { 1 };
@@ -336,9 +334,7 @@ impl Ring {
         let (slot, _) = self.slot(g, &block);
         let empty = self.barrier(g, t, 1, &slot);
         let lane = g.op_c("urem", &b.tid, 32);
-        let zero = g.i64(0);
-        let leads = g.line(format!("llvm.icmp \"eq\" {lane}, {zero} : i64"));
-        g.stmt(format!("scf.if {leads} {{"));
+        g.open_if_first(&lane);
         ptx::mbarrier_arrive(g, &empty);
         g.stmt("}");
     }
@@ -349,9 +345,7 @@ impl Ring {
 /// (i64, within the sequence) of the head, into dO's packed copy through its map, one box per
 /// 64 columns, by the warpgroup's first thread; [`await_stores`] before the block ends.
 pub(super) fn store_rows(g: &mut Lines, b: &Block, heads: Heads, at: &str, row0: &str) {
-    let zero = g.i64(0);
-    let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.group_tid));
-    g.stmt(format!("scf.if {leads} {{"));
+    g.open_if_first(&b.group_tid);
     let row = g.op("add", &b.sequence_row, row0);
     let row = g.line(format!("llvm.trunc {row} : i64 to i32"));
     let columns = g.op_c("mul", &b.head, heads.v.into());
@@ -373,9 +367,7 @@ pub(super) fn store_rows(g: &mut Lines, b: &Block, heads: Heads, at: &str, row0:
 /// The warpgroup's stores ([`store_rows`]) done reading its shared memory, before the block
 /// ends.
 pub(super) fn await_stores(g: &mut Lines, b: &Block) {
-    let zero = g.i64(0);
-    let leads = g.line(format!("llvm.icmp \"eq\" {}, {zero} : i64", b.group_tid));
-    g.stmt(format!("scf.if {leads} {{"));
+    g.open_if_first(&b.group_tid);
     g.asm("cp.async.bulk.wait_group.read 0;", &[]);
     g.stmt("}");
 }
