@@ -334,11 +334,12 @@ mod tests {
                     assert_eq!(ptx.matches("bar.sync").count(), if i == 1 { 2 } else { 1 }, "{ptx}");
                     assert!(ptx.contains("mbarrier.try_wait.parity") && ptx.contains("mbarrier.arrive.expect_tx"));
                     assert!(!ptx.contains("cp.async.cg.shared.global"), "{ptx}");
-                    // The forward's (pipelined) scores read Q from registers (each thread's 4
-                    // words per 16 of Dqk, read once), the backward's their rows from their tiles.
+                    // The forward's scores read Q from registers and the query pass's dP dO
+                    // (each thread's 4 words per 16 of the width, read once); the rest read
+                    // their rows from their tiles.
                     let held = ptx.lines().filter(|line| line.contains(scores) && line.contains("}, {%r")).count();
                     let loads = ptx.matches("ld.shared.b32").count();
-                    let (held_products, held_loads) = if i == 0 { (score_products, 4 * 12) } else { (0, 0) };
+                    let (held_products, held_loads) = [(score_products, 4 * 12), (2 * 8, 4 * 8), (0, 0)][i];
                     assert_eq!((held, loads), (held_products, held_loads), "{ptx}");
                 } else {
                     assert_eq!(tma, 0, "{ptx}");

@@ -87,6 +87,10 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     };
     feed.prefetch(&mut g, &b, &lower);
     let row_descriptors = [&s_rows, &s_rows_v].map(|tile| descriptor(&mut g, tile, Major::K));
+    // A streamed query pass holds its dO rows in registers (32 a thread; the key pass's
+    // accumulators leave no room for its V), its dP products then reading only V's tile from
+    // shared memory, as the forward's scores read only K's.
+    let held_do = (pass == Pass::Query && heads.streams()).then(|| b.hold(&mut g, &s_rows_v, heads.v));
     let initial = vec![b.zero.clone(); count];
     let sums = column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
         let [s_cols, s_cols_v] = feed.stage(g, &b, j, [&lower, &upper]);
@@ -122,6 +126,10 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
                 let fenced = fence(g, &[&zeros[..], &zeros[..]].concat(), &[]);
                 let scores = issue_products(g, fenced[..32].to_vec(), &score_rows, &s_cols, heads.qk);
                 commit(g);
+                let dp_rows = match &held_do {
+                    Some(fragments) => Rows::Held(fragments),
+                    None => dp_rows,
+                };
                 let dp = issue_products(g, fenced[32..].to_vec(), &dp_rows, &s_cols_v, heads.v);
                 commit(g);
                 let scores = awaited(g, &scores, 1);
