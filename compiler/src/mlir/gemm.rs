@@ -156,6 +156,15 @@ impl Tile {
         self.m / TILE_M
     }
 
+    /// Whether a consumer of `form` issues a block of K's products before it waits for the
+    /// block before's and promotes them, so that the promotion runs beside the tensor cores:
+    /// two blocks' products in flight beside the accumulators, 3 × n/2 registers a thread,
+    /// which fits the consumers' registers up to n = 128; not beside the Wgrad's scales, one a
+    /// column (ptxas: 968 bytes spilled at 128 × 128).
+    fn overlaps(self, form: Form) -> bool {
+        form != Form::Wgrad && self.n <= 128
+    }
+
     /// Threads of a block: the producer warpgroup and the consumers.
     pub fn threads(self) -> u32 {
         (self.consumers() + 1) * 128
@@ -493,112 +502,167 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 }
                 products
             };
-            // The Dense and Grouped forms load block kb's scales in iteration kb - 1 (the first
-            // before the loop) and carry them: loaded where they were used, their latency stood
-            // between the products and the promotion (ncu: 37% and 42% of the grouped and Wgrad
-            // consumers' stalls). The Wgrad's, a thread's 32 columns' of B, come with the stage.
-            let loaded_count = if staged { 0 } else { 2 + tile_n.div_ceil(128) as usize };
-            let mut first_loaded = Vec::new();
-            if loaded_count > 0 {
-                let results = g.fresh();
-                let none = g.i64(0);
-                let any = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {none} : i64"));
-                let types = vec!["f32"; loaded_count].join(", ");
-                g.stmt(format!("{results}:{loaded_count} = scf.if {any} -> ({types}) {{"));
-                let loaded = load_scales(g, &none);
-                assert_eq!(loaded.len(), loaded_count, "the scales a block of K loads");
-                g.stmt(format!("scf.yield {} : {types}", loaded.join(", ")));
-                g.stmt("} else {");
-                g.stmt(format!("scf.yield {} : {types}", vec![zero.as_str(); loaded_count].join(", ")));
-                g.stmt("}");
-                first_loaded = (0..loaded_count).map(|i| format!("{results}#{i}")).collect();
-            }
-            let (first, one) = (g.i64(0), g.i64(1));
-            let carried: Vec<(String, &str)> = (0..registers)
-                .map(|_| (zero.clone(), "f32"))
-                .chain(first_loaded.into_iter().map(|v| (v, "f32")))
-                .collect();
-            let k_loop = g.open_for(&first, k_blocks, &one, &carried);
-            let (kb, sums) = (k_loop.index.clone(), k_loop.results.clone());
-            let next_loaded = if staged {
-                Vec::new()
-            } else {
-                let last_kb = g.op_c("sub", k_blocks, 1);
-                let next_kb = g.op_c("add", &kb, 1);
-                let next_kb = clamp(g, &next_kb, &last_kb);
-                load_scales(g, &next_kb)
-            };
-            let carried_scales = (!staged).then(|| accumulator_scales(g, &k_loop.carried[registers..]));
-            let position = g.op("add", &passed, &kb);
-            let (stage, parity) = stage_of(g, &position);
-            let full = barrier(g, 0, &stage);
-            super::ptx::mbarrier_wait(g, &full, &parity);
-            let stage_at = stage_at(g, &stage);
-            let a_at = g.op("add", &stage_at, &group_a_at);
-            let b_at = g.op_c("add", &stage_at, a_bytes);
-            g.asm("wgmma.fence.sync.aligned;", &[]);
-            let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
-            let mut partial = vec![zero.clone(); registers];
-            let [a_tile, b_tile] = [&a_at, &b_at].map(|at| super::ptx::descriptor(g, &layout, at));
-            for step in 0..TILE_K / 32 {
-                // 32 bytes of K per product, within the swizzled rows.
-                let offset = u64::from(step * 32);
-                let a = super::ptx::descriptor_past(g, &a_tile, offset);
-                let b = super::ptx::descriptor_past(g, &b_tile, offset);
-                let keep = g.i32(u32::from(step > 0));
-                let text = format!(
-                    r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",
-                    2 * registers + 2,
-                    registers_ptx.join(", "),
-                    2 * registers,
-                    2 * registers + 1
-                );
-                partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
-            }
-            g.asm("wgmma.commit_group.sync.aligned;", &[]);
-            // Read while the products run, before the stage is released.
-            let scales = match carried_scales {
-                Some(scales) => scales,
-                None => {
-                    let loaded = staged_scales(g, &stage);
-                    accumulator_scales(g, &loaded)
-                }
-            };
-            // The accumulators pass through the wait so that nothing reads them before it.
-            let block = g.asm_f32s("wgmma.wait_group.sync.aligned 0;", &partial, &[]);
-            // The stage is read: each warp's first lane releases it.
-            g.stmt(format!("scf.if {lane_leads} {{"));
-            let empty = barrier(g, 1, &stage);
-            if cluster > 1 {
-                // Each block's barrier, at the default release of the CTA's scope: a release
-                // at the cluster's (`.release.cluster`) is a fence waiting on every memory
-                // access the thread has in flight (the next block's scales), which measured
-                // (ncu, session 34) as the clusters' main stall, 2 to 3 times their time.
-                for block in 0..cluster {
-                    let block = g.i32(block);
-                    g.asm(
-                        r"{\0A.reg .b32 at;\0Amapa.shared::cluster.u32 at, $0, $1;\0Ambarrier.arrive.shared::cluster.b64 _, [at];\0A}",
-                        &[(empty.clone(), "r", "i32"), (block, "r", "i32")],
+            // Block kb's scales as loaded (Dense, Grouped): A's two rows', then B's blocks'. The
+            // Wgrad's come with the stage and are read where they are used.
+            let load = |g: &mut Lines, kb: &str| if staged { Vec::new() } else { load_scales(g, kb) };
+            // Block kb's products into fresh tensor-core accumulators, issued and committed as
+            // one group once its stage is full.
+            let issue = |g: &mut Lines, kb: &str| -> Vec<String> {
+                let position = g.op("add", &passed, kb);
+                let (stage, parity) = stage_of(g, &position);
+                let full = barrier(g, 0, &stage);
+                super::ptx::mbarrier_wait(g, &full, &parity);
+                let stage_at = stage_at(g, &stage);
+                let a_at = g.op("add", &stage_at, &group_a_at);
+                let b_at = g.op_c("add", &stage_at, a_bytes);
+                g.asm("wgmma.fence.sync.aligned;", &[]);
+                let registers_ptx: Vec<String> = (0..registers).map(|i| format!("${i}")).collect();
+                let mut partial = vec![zero.clone(); registers];
+                let [a_tile, b_tile] = [&a_at, &b_at].map(|at| super::ptx::descriptor(g, &layout, at));
+                for step in 0..TILE_K / 32 {
+                    // 32 bytes of K per product, within the swizzled rows.
+                    let offset = u64::from(step * 32);
+                    let a = super::ptx::descriptor_past(g, &a_tile, offset);
+                    let b = super::ptx::descriptor_past(g, &b_tile, offset);
+                    let keep = g.i32(u32::from(step > 0));
+                    let text = format!(
+                        r"{{\0A.reg .pred p;\0Asetp.ne.b32 p, ${}, 0;\0Awgmma.mma_async.sync.aligned.m64n{tile_n}k32.f32.e4m3.e4m3 {{{}}}, ${}, ${}, p, 1, 1;\0A}}",
+                        2 * registers + 2,
+                        registers_ptx.join(", "),
+                        2 * registers,
+                        2 * registers + 1
                     );
+                    partial = g.asm_f32s(&text, &partial, &[(a, "l", "i64"), (b, "l", "i64"), (keep, "r", "i32")]);
                 }
-            } else {
-                super::ptx::mbarrier_arrive(g, &empty);
-            }
-            g.stmt("}");
-            let promoted: Vec<String> = block
-                .iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    g.line(format!("llvm.intr.fma({x}, {}, {}) : (f32, f32, f32) -> f32", scales[i], k_loop.carried[i]))
-                })
-                .collect();
-            let yielded: Vec<&String> = promoted.iter().chain(&next_loaded).collect();
-            let types = vec!["f32"; registers + loaded_count].join(", ");
-            g.stmt(format!(
-                "scf.yield {} : {types}",
-                yielded.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
-            ));
-            g.stmt("}");
+                g.asm("wgmma.commit_group.sync.aligned;", &[]);
+                partial
+            };
+            // Block kb's products (`partial`, issued) promoted into `sums` times its scales
+            // (`loaded`, or the stage's) once at most `pending` later groups are still running;
+            // its stage is released between. Returns the sums.
+            let settle = |g: &mut Lines,
+                          kb: &str,
+                          partial: &[String],
+                          loaded: &[String],
+                          pending: u32,
+                          sums: &[String]| {
+                let position = g.op("add", &passed, kb);
+                let (stage, _) = stage_of(g, &position);
+                // Read while the products run, before the stage is released.
+                let scales = match staged {
+                    false => accumulator_scales(g, loaded),
+                    true => {
+                        let loaded = staged_scales(g, &stage);
+                        accumulator_scales(g, &loaded)
+                    }
+                };
+                // The accumulators pass through the wait so that nothing reads them before it.
+                let block = g.asm_f32s(&format!("wgmma.wait_group.sync.aligned {pending};"), partial, &[]);
+                // The stage is read: each warp's first lane releases it.
+                g.stmt(format!("scf.if {lane_leads} {{"));
+                let empty = barrier(g, 1, &stage);
+                if cluster > 1 {
+                    // Each block's barrier, at the default release of the CTA's scope: a release
+                    // at the cluster's (`.release.cluster`) is a fence waiting on every memory
+                    // access the thread has in flight (the next block's scales), which measured
+                    // (ncu, session 34) as the clusters' main stall, 2 to 3 times their time.
+                    for block in 0..cluster {
+                        let block = g.i32(block);
+                        g.asm(
+                            r"{\0A.reg .b32 at;\0Amapa.shared::cluster.u32 at, $0, $1;\0Ambarrier.arrive.shared::cluster.b64 _, [at];\0A}",
+                            &[(empty.clone(), "r", "i32"), (block, "r", "i32")],
+                        );
+                    }
+                } else {
+                    super::ptx::mbarrier_arrive(g, &empty);
+                }
+                g.stmt("}");
+                block
+                    .iter()
+                    .zip(sums)
+                    .enumerate()
+                    .map(|(i, (x, sum))| {
+                        g.line(format!("llvm.intr.fma({x}, {}, {sum}) : (f32, f32, f32) -> f32", scales[i]))
+                    })
+                    .collect::<Vec<String>>()
+            };
+            let zeros = vec![zero.clone(); registers];
+            let f32s = |count: usize| vec!["f32"; count];
+            let none = g.i64(0);
+            let any = g.line(format!("llvm.icmp \"ugt\" {k_blocks}, {none} : i64"));
+            let sums = g.if_else(
+                &any,
+                &f32s(registers),
+                |g| {
+                    let (first, one) = (g.i64(0), g.i64(1));
+                    let loaded = load(g, &first);
+                    if !tile.overlaps(form) {
+                        // Each block's products waited for and promoted before the next block's
+                        // are issued; its scales loaded the block before.
+                        let carried: Vec<(String, &str)> =
+                            zeros.iter().chain(&loaded).map(|v| (v.clone(), "f32")).collect();
+                        let k_loop = g.open_for(&first, k_blocks, &one, &carried);
+                        let (sums, loaded) = k_loop.carried.split_at(registers);
+                        let kb = &k_loop.index;
+                        let last_kb = g.op_c("sub", k_blocks, 1);
+                        let next_kb = g.op_c("add", kb, 1);
+                        let next_kb = clamp(g, &next_kb, &last_kb);
+                        let next_loaded = load(g, &next_kb);
+                        let partial = issue(g, kb);
+                        let sums = settle(g, kb, &partial, loaded, 0, sums);
+                        let yielded: Vec<String> = sums.into_iter().chain(next_loaded).collect();
+                        g.stmt(format!("scf.yield {} : {}", yielded.join(", "), f32s(yielded.len()).join(", ")));
+                        g.stmt("}");
+                        return (0..registers).map(|i| format!("{}#{i}", k_loop.results)).collect();
+                    }
+                    let partial = issue(g, &first);
+                    // The products of block kb are issued before those of block kb - 1 are waited
+                    // for and promoted, so that the promotion runs beside the tensor cores' work.
+                    // Unrolled twice: the two blocks' accumulators stay in their registers.
+                    let pairs = g.op_c("sub", k_blocks, 1);
+                    let pairs = g.op_c("udiv", &pairs, 2);
+                    let carried: Vec<(String, &str)> =
+                        zeros.iter().chain(&partial).chain(&loaded).map(|v| (v.clone(), "f32")).collect();
+                    let pair_loop = g.open_for(&first, &pairs, &one, &carried);
+                    let (sums, rest) = pair_loop.carried.split_at(registers);
+                    let (partial, loaded) = rest.split_at(registers);
+                    let (mut sums, mut partial, mut loaded) = (sums.to_vec(), partial.to_vec(), loaded.to_vec());
+                    let twice = g.op_c("mul", &pair_loop.index, 2);
+                    let mut kb = g.op_c("add", &twice, 1);
+                    for _ in 0..2 {
+                        let next_loaded = load(g, &kb);
+                        let next = issue(g, &kb);
+                        let before = g.op_c("sub", &kb, 1);
+                        sums = settle(g, &before, &partial, &loaded, 1, &sums);
+                        (partial, loaded) = (next, next_loaded);
+                        kb = g.op_c("add", &kb, 1);
+                    }
+                    let yielded: Vec<String> = sums.iter().chain(&partial).chain(&loaded).cloned().collect();
+                    g.stmt(format!("scf.yield {} : {}", yielded.join(", "), f32s(yielded.len()).join(", ")));
+                    g.stmt("}");
+                    let results: Vec<String> =
+                        (0..yielded.len()).map(|i| format!("{}#{i}", pair_loop.results)).collect();
+                    let (sums, rest) = results.split_at(registers);
+                    let (partial, loaded) = rest.split_at(registers);
+                    // An even count of blocks leaves its last after the pairs.
+                    let last = g.op_c("sub", k_blocks, 1);
+                    let odd = g.op_c("urem", k_blocks, 2);
+                    let even = g.line(format!("llvm.icmp \"eq\" {odd}, {none} : i64"));
+                    g.if_else(
+                        &even,
+                        &f32s(registers),
+                        |g| {
+                            let last_loaded = load(g, &last);
+                            let last_partial = issue(g, &last);
+                            let before = g.op_c("sub", &last, 1);
+                            let sums = settle(g, &before, partial, loaded, 1, sums);
+                            settle(g, &last, &last_partial, &last_loaded, 0, &sums)
+                        },
+                        |g| settle(g, &last, partial, loaded, 0, sums),
+                    )
+                },
+                |_| zeros.clone(),
+            );
             if let Some(stores) = &stores {
                 stores.store(g, &sums, registers, [&n0, &m0, &layer], &accumulating);
             } else {
@@ -636,16 +700,9 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                         load_earlier(g)
                     } else {
                         let count = pairs.clone().count();
-                        let types = vec!["vector<2xf32>"; count].join(", ");
-                        let loaded = g.fresh();
-                        g.stmt(format!("{loaded}:{count} = scf.if {accumulating} -> ({types}) {{"));
-                        let values = load_earlier(g);
-                        g.stmt(format!("scf.yield {} : {types}", values.join(", ")));
-                        g.stmt("} else {");
-                        let none = g.line("llvm.mlir.zero : vector<2xf32>");
-                        g.stmt(format!("scf.yield {} : {types}", vec![none; count].join(", ")));
-                        g.stmt("}");
-                        (0..count).map(|i| format!("{loaded}#{i}")).collect()
+                        g.if_else(&accumulating, &vec!["vector<2xf32>"; count], load_earlier, |g| {
+                            vec![g.line("llvm.mlir.zero : vector<2xf32>"); count]
+                        })
                     };
                     let mut earlier = earlier.into_iter();
                     let here = g.line(format!("llvm.icmp \"ult\" {row}, {valid} : i64"));
@@ -663,10 +720,10 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                         let pair = g.line("llvm.mlir.poison : vector<2xf32>");
                         let [first, second] = [g.i32(0), g.i32(1)];
                         let pair =
-                            g.line(format!("llvm.insertelement {sums}#{i}, {pair}[{first} : i32] : vector<2xf32>"));
+                            g.line(format!("llvm.insertelement {}, {pair}[{first} : i32] : vector<2xf32>", sums[i]));
                         let mut pair = g.line(format!(
-                            "llvm.insertelement {sums}#{}, {pair}[{second} : i32] : vector<2xf32>",
-                            i + 1
+                            "llvm.insertelement {}, {pair}[{second} : i32] : vector<2xf32>",
+                            sums[i + 1]
                         ));
                         let sum = g.line(format!(
                             "llvm.fadd {}, {pair} : vector<2xf32>",
@@ -766,7 +823,7 @@ impl Stores {
     /// 8((i/2) mod 2) + the thread's first, column 8(i/4) + 2(l mod 4) + i mod 2) stored at
     /// the tile's column, row and layer of C (`[n0, m0, layer]`, i64) through C's tensor map,
     /// or added where `accumulating` (i1).
-    fn store(&self, g: &mut Lines, sums: &str, registers: usize, [n0, m0, layer]: [&str; 3], accumulating: &str) {
+    fn store(&self, g: &mut Lines, sums: &[String], registers: usize, [n0, m0, layer]: [&str; 3], accumulating: &str) {
         let per_store = STORE_COLUMNS as usize / 2;
         let map = g.line("llvm.ptrtoint %c : !llvm.ptr<1> to i64");
         let layer = g.line(format!("llvm.trunc {layer} : i64 to i32"));
@@ -792,7 +849,7 @@ impl Stores {
                 let at = g.line(format!("llvm.trunc {at} : i64 to i32"));
                 g.asm(
                     "st.shared.v2.f32 [$0], {$1, $2};",
-                    &[(at, "r", "i32"), (format!("{sums}#{i}"), "f", "f32"), (format!("{sums}#{}", i + 1), "f", "f32")],
+                    &[(at, "r", "i32"), (sums[i].clone(), "f", "f32"), (sums[i + 1].clone(), "f", "f32")],
                 );
             }
             // The threads' writes seen by the copy (the async proxy), all of them written.
@@ -1161,12 +1218,16 @@ mod tests {
             .into_iter()
             .flat_map(|form| candidates(form).iter().map(move |t| (t.m, t.n, t.stages, t.cluster, form)));
         for (m, n, stages, cluster, form) in forms.into_iter().chain(carried) {
-            let mlir = fp8_gemm("fp8_gemm", Tile { m, n, stages, cluster }, form);
+            let tile = Tile { m, n, stages, cluster };
+            let mlir = fp8_gemm("fp8_gemm", tile, form);
             let ptx = crate::mlir::lower::Lowering::default().ptx(&mlir, false).expect("lowers");
             let wgmma = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
             // The grouped form's second pair of operands has its loop of K and its copies.
             let segments = if form == Form::Grouped { 2 } else { 1 };
-            assert_eq!(ptx.matches(&wgmma).count(), 4 * segments, "{ptx}");
+            // An overlapping tile issues a block of K's products in four places: the first
+            // block, the loop's two (unrolled), the last of an even count.
+            let places = if tile.overlaps(form) { 4 } else { 1 };
+            assert_eq!(ptx.matches(&wgmma).count(), 4 * places * segments, "{ptx}");
             let loads = ptx.matches("cp.async.bulk.tensor.2d.shared::cluster.global").count();
             assert_eq!(loads, 2 * segments, "A and B by TMA: {ptx}");
             // The dense and Wgrad forms' C by TMA, stored or added, from shared memory.
@@ -1191,8 +1252,14 @@ mod tests {
             // The grouped 128×192's second pair spills (see `candidates`); `dsc tune` weighs it.
             // The dense 128×192 parks a value in local memory outside the loop of K (ptxas
             // 13.0: one register, stored before the tile's products, loaded at its stores).
-            let spills = form != Form::Wgrad && n == 192;
-            assert_eq!(crate::mlir::ptx::spilled_bytes(&report) > 0, spills, "{report}");
+            // The overlapping tiles, two blocks' products in flight, park up to 60 bytes of a
+            // tile's addresses outside the loop of K (SASS, ptxas 13.0).
+            let spilled = crate::mlir::ptx::spilled_bytes(&report);
+            if tile.overlaps(form) {
+                assert!(spilled <= 64, "{report}");
+            } else {
+                assert_eq!(spilled > 0, form != Form::Wgrad && n == 192, "{report}");
+            }
         }
     }
 }

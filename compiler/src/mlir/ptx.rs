@@ -95,6 +95,27 @@ impl Lines {
         Loop { index, carried: names, results }
     }
 
+    /// `scf.if` on `condition` with results of `types`: the values each branch's body returns
+    /// are its yield. Returns the results.
+    pub fn if_else(
+        &mut self,
+        condition: &str,
+        types: &[&str],
+        then: impl FnOnce(&mut Self) -> Vec<String>,
+        otherwise: impl FnOnce(&mut Self) -> Vec<String>,
+    ) -> Vec<String> {
+        let results = self.fresh();
+        let types_text = types.join(", ");
+        self.stmt(format!("{results}:{} = scf.if {condition} -> ({types_text}) {{", types.len()));
+        let values = then(self);
+        self.stmt(format!("scf.yield {} : {types_text}", values.join(", ")));
+        self.stmt("} else {");
+        let values = otherwise(self);
+        self.stmt(format!("scf.yield {} : {types_text}", values.join(", ")));
+        self.stmt("}");
+        (0..types.len()).map(|i| format!("{results}#{i}")).collect()
+    }
+
     /// An index-valued `gpu` op (`gpu.thread_id x`, …) as i64.
     pub fn index_i64(&mut self, rhs: &str) -> String {
         let i = self.line(rhs);
