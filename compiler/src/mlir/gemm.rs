@@ -13,7 +13,10 @@
 //! With two consumers the producer gives its registers to them (`setmaxnreg`). Per block of K,
 //! a consumer sums four `wgmma.m64nNk32` products into fresh tensor-core accumulators, which
 //! are then promoted into the f32 accumulators times the block's two scales: DeepSeek's
-//! promotion every 128 elements of K. A consumer loads each block's scales (from global memory)
+//! promotion every 128 elements of K. Tiles up to 128 wide (but the Wgrad's) issue a block's
+//! products before they wait for the block before's and promote them, so that the promotion
+//! runs beside the tensor cores (`Tile::overlaps`); wider ones wait for each block's products
+//! before issuing the next. A consumer loads each block's scales (from global memory)
 //! one block ahead, so that their latency is spent while the products of the block before run;
 //! the Wgrad's, whose B has a scale per column (32 a thread), the producer copies into the
 //! stage with the operands' tiles (`cp.async.bulk` on the same `full` mbarrier), and the
