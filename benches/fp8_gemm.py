@@ -106,7 +106,9 @@ def tensor_map(t, box_rows, box_columns=128):
     `compiler::mlir::gemm::TensorMap` says a launch passes), the dense form's f32 output as
     a 3-D tensor of one layer (what `compiler::mlir::gemm::fp8_gemm` says), or the attention's
     BF16 inputs as 2-D tensors (`compiler::mlir::attention::MAP_ARGS`); box box_columns x
-    box_rows elements (x 1 layer), 128-byte swizzle, zeros out of bounds."""
+    box_rows elements (x 1 layer), 128-byte swizzle, zeros out of bounds; L2 promotion of 128
+    bytes as the runtime encodes (`runtime::cuda::tensor_maps`), or 256 with DSC_L2_PROMOTION=256
+    in the environment (to measure the alternative)."""
     import ctypes
     columns = t.shape[-1]
     rows = t.numel() // columns
@@ -117,10 +119,12 @@ def tensor_map(t, box_rows, box_columns=128):
     # CU_TENSOR_MAP_DATA_TYPE_FLOAT32, _BFLOAT16 or _UINT8.
     kind, rank = {torch.float32: (7, 3), torch.bfloat16: (9, 2)}.get(t.dtype, (0, 2))
     size = t.element_size()
+    # CU_TENSOR_MAP_L2_PROMOTION_L2_128B or _L2_256B.
+    promotion = {"128": 2, "256": 3}[os.environ.get("DSC_L2_PROMOTION", "128")]
     result = driver.cuTensorMapEncodeTiled(
         ctypes.c_void_p(at), kind, rank, ctypes.c_void_p(t.data_ptr()), (u64 * 3)(columns, rows, 1),
         (u64 * 2)(columns * size, rows * columns * size), (u32 * 3)(box_columns, box_rows, 1), (u32 * 3)(1, 1, 1),
-        0, 3, 2, 0)
+        0, 3, promotion, 0)
     assert result == 0, f"cuTensorMapEncodeTiled: CUresult {result}"
     return torch.tensor(list(ctypes.string_at(at, 128)), dtype=torch.uint8, device="cuda")
 
