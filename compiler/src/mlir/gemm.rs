@@ -552,13 +552,8 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 let position = g.op("add", &passed, kb);
                 let (stage, _) = stage_of(g, &position);
                 // Read while the products run, before the stage is released.
-                let scales = match staged {
-                    false => accumulator_scales(g, loaded),
-                    true => {
-                        let loaded = staged_scales(g, &stage);
-                        accumulator_scales(g, &loaded)
-                    }
-                };
+                let staged_loaded = staged.then(|| staged_scales(g, &stage));
+                let scales = accumulator_scales(g, staged_loaded.as_deref().unwrap_or(loaded));
                 // The accumulators pass through the wait so that nothing reads them before it.
                 let block = g.asm_f32s(&format!("wgmma.wait_group.sync.aligned {pending};"), partial, &[]);
                 // The stage is read: each warp's first lane releases it.

@@ -94,7 +94,11 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
     let initial = vec![b.zero.clone(); count];
     let sums = column_loops(&mut g, order, &row_block, [&lower, &upper], &initial, |g, j, carried, masked| {
         let [s_cols, s_cols_v] = feed.stage(g, &b, j, [&lower, &upper]);
-        let [score_rows, dp_rows] = row_descriptors.each_ref().map(|d| Rows::Staged(in_iteration(g, d)));
+        let score_rows = Rows::Staged(in_iteration(g, &row_descriptors[0]));
+        let dp_rows = match &held_do {
+            Some(fragments) => Rows::Held(fragments),
+            None => Rows::Staged(in_iteration(g, &row_descriptors[1])),
+        };
         let probabilities = |g: &mut Lines, scores: &[String]| -> Vec<Vec<String>> {
             let mut p: Vec<Vec<String>> = scores.chunks(4).map(<[String]>::to_vec).collect();
             let shifts = per_value(g, 0, j);
@@ -126,10 +130,6 @@ pub fn attention_backward(name: &str, heads: Heads, pass: Pass) -> String {
                 let fenced = fence(g, &[&zeros[..], &zeros[..]].concat(), &[]);
                 let scores = issue_products(g, fenced[..32].to_vec(), &score_rows, &s_cols, heads.qk);
                 commit(g);
-                let dp_rows = match &held_do {
-                    Some(fragments) => Rows::Held(fragments),
-                    None => dp_rows,
-                };
                 let dp = issue_products(g, fenced[32..].to_vec(), &dp_rows, &s_cols_v, heads.v);
                 commit(g);
                 let scores = awaited(g, &scores, 1);
