@@ -21,7 +21,10 @@ race or an unwritten output).
 
 FLOPs counted as causal attention is: 2·B·H·(S²/2)·(Dqk + Dv) for the forward, 2·B·H·(S²/2)·
 (3·Dqk + 2·Dv) for the backward (its five products, the recomputed scores among them). SDPA's
-backward is timed as `out.backward(dO)` of one forward.
+backward is timed as `out.backward(dO)` of one forward, its inputs' gradients cleared before
+each (so that none is added to the last). Per shape, the kernels' passes and every backend's
+forward and backward are timed together: the median of 5 rounds, each running all of them in
+turn (the GPU's clocks drift with its power and heat over a run).
 
 With `--profile S,H` it only launches each kernel set's forward and backward, and cuDNN
 SDPA's, once on that shape (B = 32K / S), between cudaProfilerStart and Stop, for Nsight
@@ -202,9 +205,9 @@ BACKENDS = {
 }
 
 
-def sdpa(backend, q, k, v, scale):
-    """SDPA on BF16 [B, H, S, D] copies; the call, or None where the backend refuses."""
-    qh, kh, vh = (heads_major(x) for x in (q, k, v))
+def sdpa(backend, qh, kh, vh, scale):
+    """SDPA's forward on BF16 [B, H, S, D] tensors (`heads_major`); the call, or None where the
+    backend refuses."""
 
     def call():
         with sdpa_kernel([BACKENDS[backend]]):
@@ -218,18 +221,23 @@ def sdpa(backend, q, k, v, scale):
     return call
 
 
-def timed(f, reps=5):
-    f()
+def timed(*fs, reps=5):
+    """Each of `fs`'s microseconds a call (CUDA events): the median of `reps` rounds, each
+    calling every one of `fs` in turn, so that the GPU's clocks (which drift with its power and
+    heat over a run) weigh on each alike; after a call each to warm up."""
+    for f in fs:
+        f()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
+    times = [[] for _ in fs]
     for _ in range(reps):
-        start.record()
-        f()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+        for f, mine in zip(fs, times):
+            start.record()
+            f()
+            end.record()
+            end.synchronize()
+            mine.append(start.elapsed_time(end) * 1e3)
+    return [sorted(mine)[len(mine) // 2] for mine in times]
 
 
 def inputs(b, s, h, g, seed):
@@ -310,37 +318,33 @@ def bench(g, emit):
         # The backward's five products: S recomputed, dP, dV, dK, dQ.
         backward_flops = 2 * b * h * (s * s / 2) * (3 * g.qk + 2 * g.v)
         o, lse, run = g.forward(q, k, v, scale)
-        us = timed(run)
-        row = {"impl": g.name, "b": b, "s": s, "h": h, "fwd_us": round(us, 1),
-               "fwd_tflops": round(forward_flops / us / 1e6)}
+        # The kernels' passes and every SDPA backend's (but math: never the fastest, its S×S
+        # scores do not fit at these sizes), timed together.
+        calls = {("ours", "fwd"): run}
         if g.backward:
-            _, run_back = g.grads(q, k, v, o, do, lse, scale)
-            back = timed(run_back)
-            row.update(bwd_us=round(back, 1), bwd_tflops=round(backward_flops / back / 1e6))
-        best = {}
+            calls[("ours", "bwd")] = g.grads(q, k, v, o, do, lse, scale)[1]
+        qh, kh, vh, dout = (heads_major(x) for x in (q, k, v, do))
         for name in BACKENDS:
-            if name == "math":  # never the fastest; its S×S scores do not fit at these sizes
-                continue
-            call = sdpa(name, q, k, v, scale)
-            if call is None:
-                continue
-            t = timed(call)
-            result = {"impl": f"sdpa {name}", "b": b, "s": s, "h": h, "fwd_us": round(t, 1),
-                      "fwd_tflops": round(forward_flops / t / 1e6)}
-            best["fwd"] = min(best.get("fwd", t), t)
-            with sdpa_kernel([BACKENDS[name]]):
-                out = call_with_grad(q, k, v, scale)
-                dout = heads_major(do)
-                t = timed(lambda: out.backward(dout, retain_graph=True))
-            result.update(bwd_us=round(t, 1), bwd_tflops=round(backward_flops / t / 1e6))
-            best["bwd"] = min(best.get("bwd", t), t)
-            emit(result)
-            del out
-        if "fwd" in best:
-            row["fwd_vs_sdpa_best"] = round(best["fwd"] / us, 3)
-        if "bwd" in best and "bwd_us" in row:
-            row["bwd_vs_sdpa_best"] = round(best["bwd"] / row["bwd_us"], 3)
+            call = sdpa(name, qh, kh, vh, scale) if name != "math" else None
+            if call is not None:
+                calls[(name, "fwd")] = call
+                calls[(name, "bwd")] = sdpa_backward(name, qh, kh, vh, dout, scale)
+        us = dict(zip(calls, timed(*calls.values())))
+        flops = {"fwd": forward_flops, "bwd": backward_flops}
+
+        def timings(name):
+            return {f"{kind}_{unit}": value for kind in ("fwd", "bwd") if (name, kind) in us
+                    for unit, value in (("us", round(us[name, kind], 1)),
+                                        ("tflops", round(flops[kind] / us[name, kind] / 1e6)))}
+        row = {"impl": g.name, "b": b, "s": s, "h": h, **timings("ours")}
+        for name in dict.fromkeys(name for name, _ in calls if name != "ours"):
+            emit({"impl": f"sdpa {name}", "b": b, "s": s, "h": h, **timings(name)})
+        for kind in ("fwd", "bwd"):
+            best = [t for (name, timed_kind), t in us.items() if name != "ours" and timed_kind == kind]
+            if best and ("ours", kind) in us:
+                row[f"{kind}_vs_sdpa_best"] = round(min(best) / us["ours", kind], 3)
         emit(row)
+        del calls, qh, kh, vh, dout
         del q, k, v, o, lse, do
         torch.cuda.empty_cache()
 
@@ -358,19 +362,25 @@ def profile(generated, s, h):
         launches.append(run)
         if g.backward:
             launches.append(g.grads(q, k, v, o, do, lse, scale)[1])
-    call = sdpa("cudnn", q, k, v, scale)
+    qh, kh, vh, dout = (heads_major(x) for x in (q, k, v, do))
+    call = sdpa("cudnn", qh, kh, vh, scale)
     if call is not None:
-        launches.append(call)
-        with sdpa_kernel([BACKENDS["cudnn"]]):
-            out = call_with_grad(q, k, v, scale)
-        dout = heads_major(do)
-        launches.append(lambda: out.backward(dout, retain_graph=True))
+        launches += [call, sdpa_backward("cudnn", qh, kh, vh, dout, scale)]
     profiled(launches)
 
 
-def call_with_grad(q, k, v, scale):
-    qh, kh, vh = (heads_major(x).requires_grad_() for x in (q, k, v))
-    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+def sdpa_backward(backend, qh, kh, vh, dout, scale):
+    """SDPA's backward on BF16 [B, H, S, D] tensors (`heads_major`), after its forward once: a
+    call computing the gradients afresh (not added to the last call's)."""
+    leaves = [x.detach().requires_grad_() for x in (qh, kh, vh)]
+    with sdpa_kernel([BACKENDS[backend]]):
+        out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale)
+
+    def call():
+        for x in leaves:
+            x.grad = None
+        out.backward(dout, retain_graph=True)
+    return call
 
 
 def main():

@@ -13,7 +13,9 @@ written by `cargo run --release -p dsc-compiler --features mlir --example kernel
 MxNxSTAGES...`: entry `fp8_gemm_m{M}_n{N}_s{STAGES}` in a file of that name, loaded with CuPy) on the same
 operands: first on a small product with a float64 reference, then on each shape, where their
 relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and
-timed the same way; "ok": false marks a wrong result. A generated kernel reads its operands
+timed together with cuBLASLt, in turns (`timed`); "ok": false marks a wrong result. Kernels
+of the same name from several folders (two builds' `kernel_ptx` output) are told apart by
+their folder's name ("FOLDER/NAME") and timed together in the same turns. A generated kernel reads its operands
 through TMA tensor maps (made here with the driver's cuTensorMapEncodeTiled). The grouped kernels (`fp8_grouped_*`:
 the experts' offsets read on the device) run on uneven experts against float64, then on issue
 9's grouped shapes beside cuBLASLt called once per expert.
@@ -135,9 +137,12 @@ class Generated:
     `stages` shared-memory stages of 128 x (m + n) bytes, a producer warpgroup and one consumer
     per 64 rows) read from its name; A and B passed as tensor maps."""
 
-    def __init__(self, path):
+    def __init__(self, path, label=None):
         import cupy
         self.name = os.path.splitext(os.path.basename(path))[0]
+        # What its results are called: its name, or its folder's and its name where kernels of
+        # the same name from several folders (builds) are timed together.
+        self.label = label or self.name
         self.grouped = self.name.startswith("fp8_grouped_")
         shape = re.search(r"_m(\d+)_n(\d+)_s(\d+)(?:_c(\d+))?$", self.name).groups()
         self.tile_m, self.tile_n, self.stages = map(int, shape[:3])
@@ -212,7 +217,7 @@ def check_generated(generated):
                 torch.cuda.synchronize()
                 err = rel(c, want)
                 worst = ((c.double() - want).abs() / want.abs().amax(dim=1, keepdim=True)).argmax().item()
-                print(json.dumps({"impl": g.name, "check": f"m {m} n {n} k {k}{check}", "ok": err < 1e-3,
+                print(json.dumps({"impl": g.label, "check": f"m {m} n {n} k {k}{check}", "ok": err < 1e-3,
                                   "rel_error": err, "worst at": [worst // n, worst % n]}), flush=True)
 
 
@@ -266,42 +271,46 @@ def bench_grouped(accepted, generated):
                 out[lo:hi] = call(qa[lo:hi], qw[e].t(), strided(sa[lo:hi], a_mn_major), sb, torch.float32)
             return out
         base = {"m": m, "n": n, "k": k, "experts": len(rows)}
-        library_error = baseline_s = None
-        if time_it:
-            library_error = rel(per_expert(), ref)
-            baseline_s = timed(per_expert)
-            print(json.dumps({"impl": "torch scaled_mm per expert", **base, "rel_error": library_error,
-                              "us": round(baseline_s * 1e6, 1), "tflops": round(2 * m * n * k / baseline_s / 1e12)}),
-                  flush=True)
+        library_error = rel(per_expert(), ref) if time_it else None
+        results, runs = [], []
         for g in grouped:
-            if k % 128:
-                continue
             c, run = g.prepare(qa, sa, qw, sw, offsets)
             run()
             torch.cuda.synchronize()
             err = rel(c, ref)
             bound = 1.1 * library_error + 1e-7 if library_error is not None else 1e-3
-            result = {"impl": g.name, **base, "ok": bool(err <= bound and torch.isfinite(c).all().item()),
-                      "rel_error": err}
-            if time_it:
-                s = timed(run)
+            results.append({"impl": g.label, **base, "ok": bool(err <= bound and torch.isfinite(c).all().item()),
+                            "rel_error": err})
+            runs.append(run)
+        if time_it:
+            baseline_s, *seconds = timed(per_expert, *runs)
+            print(json.dumps({"impl": "torch scaled_mm per expert", **base, "rel_error": library_error,
+                              "us": round(baseline_s * 1e6, 1), "tflops": round(2 * m * n * k / baseline_s / 1e12)}),
+                  flush=True)
+            for result, s in zip(results, seconds):
                 result.update(us=round(s * 1e6, 1), tflops=round(2 * m * n * k / s / 1e12),
                               vs_per_expert_cublaslt=round(baseline_s / s, 3))
+        for result in results:
             print(json.dumps(result), flush=True)
 
 
-def timed(f):
-    for _ in range(5):
-        f()
-    samples = []
-    for _ in range(20):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(10):
+def timed(*fs):
+    """Each of `fs`'s seconds a call: the median of 20 rounds of 10 calls, synchronised, after 5
+    to warm up; the rounds go through all of `fs` in turn, so that the GPU's clocks (which drift
+    with its power and heat over a run) weigh on each alike."""
+    for f in fs:
+        for _ in range(5):
             f()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / 10)
-    return statistics.median(samples)
+    samples = [[] for _ in fs]
+    for _ in range(20):
+        for f, mine in zip(fs, samples):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                f()
+            torch.cuda.synchronize()
+            mine.append((time.perf_counter() - start) / 10)
+    return [statistics.median(mine) for mine in samples]
 
 
 def operands(accepted, n, k, m):
@@ -341,31 +350,36 @@ def profiled(launches):
 
 
 def bench(accepted, generated, m=4096):
+    """Per shape, cuBLASLt (BF16 and f32 output, where accepted) and each fitting generated
+    kernel (checked against float64 first), timed together (`timed`)."""
     for n, k in SHAPES:
         (qa, sa, qw, sw), (scale_a, sb) = operands(accepted, n, k, m)
-        baseline = {}
+        library = []
         for out_dtype in (torch.bfloat16, torch.float32):
             try:
-                s = timed(lambda: call(qa, qw.t(), scale_a, sb, out_dtype))
-                baseline[out_dtype] = s
-                print(json.dumps({"impl": "torch scaled_mm", "out": str(out_dtype), "m": m, "n": n, "k": k,
-                                  "us": round(s * 1e6, 1), "tflops": round(2 * m * n * k / s / 1e12)}), flush=True)
+                call(qa, qw.t(), scale_a, sb, out_dtype)
+                library.append((out_dtype, lambda out_dtype=out_dtype: call(qa, qw.t(), scale_a, sb, out_dtype)))
             except Exception as e:  # noqa: BLE001
                 print(json.dumps({"impl": "torch scaled_mm", "out": str(out_dtype), "n": n, "k": k,
                                   "error": str(e).splitlines()[0][:200]}), flush=True)
+        ours = []
         fitting = [g for g in generated if g.fits(m, n, k)]
-        if not fitting:
-            continue
-        ref = exact(qa, sa, qw, sw, 512)
-        library_error = rel(call(qa, qw.t(), scale_a, sb, torch.float32)[:512], ref)
+        if fitting:
+            ref = exact(qa, sa, qw, sw, 512)
+            library_error = rel(call(qa, qw.t(), scale_a, sb, torch.float32)[:512], ref)
         for g in fitting:
             c, run = g.prepare(qa, sa, qw, sw)
             run()
             torch.cuda.synchronize()
-            err = rel(c[:512], ref)
-            s = timed(run)
-            best = min(baseline.values()) if baseline else None
-            print(json.dumps({"impl": g.name, "m": m, "n": n, "k": k, "ok": err <= 1.1 * library_error + 1e-7,
+            ours.append((g, rel(c[:512], ref), run))
+        seconds = timed(*[f for _, f in library], *[run for _, _, run in ours])
+        baseline = dict(zip([out_dtype for out_dtype, _ in library], seconds))
+        for out_dtype, s in baseline.items():
+            print(json.dumps({"impl": "torch scaled_mm", "out": str(out_dtype), "m": m, "n": n, "k": k,
+                              "us": round(s * 1e6, 1), "tflops": round(2 * m * n * k / s / 1e12)}), flush=True)
+        best = min(baseline.values()) if baseline else None
+        for (g, err, _), s in zip(ours, seconds[len(library):]):
+            print(json.dumps({"impl": g.label, "m": m, "n": n, "k": k, "ok": err <= 1.1 * library_error + 1e-7,
                               "rel_error": err, "cublaslt_rel_error": library_error, "us": round(s * 1e6, 1),
                               "tflops": round(2 * m * n * k / s / 1e12),
                               "vs_cublaslt": round(best / s, 3) if best else None}), flush=True)
@@ -376,7 +390,9 @@ if __name__ == "__main__":
     ap.add_argument("--generated", nargs="*", default=[], metavar="PTX")
     ap.add_argument("--profile", metavar="N,K", help="launch each kernel once on this shape, for ncu")
     args = ap.parse_args()
-    generated = [Generated(path) for path in args.generated]
+    names = [os.path.basename(path) for path in args.generated]
+    generated = [Generated(path, f"{os.path.basename(os.path.dirname(path))}/{name[:-4]}" if names.count(name) > 1 else None)
+                 for path, name in zip(args.generated, names)]
     print(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}))
     if not args.profile:
         check_generated(generated)

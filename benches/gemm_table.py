@@ -13,18 +13,26 @@ import statistics
 import sys
 
 
-def tile(name):
-    """`fp8_gemm_m128_n192_s4_c2` -> `128×192, 4 st., ×2`."""
+def tile(label):
+    """`fp8_gemm_m128_n192_s4_c2` -> `128×192, 4 st., ×2`; a folder before the name (`main/fp8_…`:
+    builds timed together) stays before it (`main: 128×192, 4 st., ×2`)."""
+    folder, _, name = label.rpartition("/")
     fields = dict((part[0], part[1:]) for part in name.split("_")[2:])
     text = f"{fields['m']}×{fields['n']}, {fields['s']} st."
-    return text + (f", ×{fields['c']}" if "c" in fields else "")
+    text += f", ×{fields['c']}" if "c" in fields else ""
+    return f"{folder}: {text}" if folder else text
+
+
+def generated(label):
+    """Whether a result is a generated kernel's (`fp8_…`, perhaps after its folder)."""
+    return label.rpartition("/")[2].startswith("fp8_")
 
 
 def main(path):
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
     dense = [r for r in rows if "experts" not in r and "n" in r and "k" in r]
     shapes = list(dict.fromkeys((r["n"], r["k"]) for r in dense))
-    kernels = list(dict.fromkeys(r["impl"] for r in dense if r["impl"].startswith("fp8_")))
+    kernels = list(dict.fromkeys(r["impl"] for r in dense if generated(r["impl"])))
     print("| N, K | cuBLASLt BF16 out | cuBLASLt f32 out | " + " | ".join(map(tile, kernels))
           + " | fastest | / cuBLASLt f32 out | / cuBLASLt faster |")
     print("|" + "---|" * (6 + len(kernels)))
@@ -32,7 +40,7 @@ def main(path):
     for n, k in shapes:
         here = [r for r in dense if (r["n"], r["k"]) == (n, k)]
         library = {r["out"]: r["tflops"] for r in here if r["impl"] == "torch scaled_mm" and "tflops" in r}
-        ours = {r["impl"]: r for r in here if r["impl"].startswith("fp8_")}
+        ours = {r["impl"]: r for r in here if generated(r["impl"])}
         cells = [("wrong" if not ours[x]["ok"] else f"{ours[x]['tflops']:,}") if x in ours else "–" for x in kernels]
         right = {x: r["tflops"] for x, r in ours.items() if r["ok"]}
         bf16, f32 = library.get("torch.bfloat16"), library.get("torch.float32")
@@ -53,7 +61,7 @@ def main(path):
         print("\n| grouped (M, N, K, experts) | kernel | TFLOP/s | right |")
         print("|---|---|---|---|")
         for r in grouped:
-            name = tile(r["impl"]) if r["impl"].startswith("fp8_") else r["impl"]
+            name = tile(r["impl"]) if generated(r["impl"]) else r["impl"]
             print(f"| {r['m']}, {r['n']}, {r['k']}, {r['experts']} | {name} | {r['tflops']:,} | "
                   f"{'yes' if r.get('ok', True) else 'no'} |")
 

@@ -31,7 +31,8 @@
 #   gemm      the generated FP8 GEMMs (target/gemm/*.ptx) checked against float64 and timed
 #             beside cuBLASLt (benches/fp8_gemm.py --generated; under a minute), the results
 #             also in $OUT/gemm.jsonl, then issue 9's table of them (benches/gemm_table.py); with
-#             GEMM="DIR ...", each folder's kernels in turn, into $OUT/<folder's name>.jsonl
+#             GEMM="DIR ...", every folder's kernels (e.g. a branch's PTX beside main's), timed
+#             together in turns, those of the same name told apart by their folder's
 #   attention the generated fused attention on packed BF16 inputs (target/attention/*bf16_*.ptx:
 #             the plans' kernels) checked against float64 and timed beside PyTorch's SDPA, every
 #             backend it has (benches/attention.py; a few minutes a folder), the results also
@@ -132,11 +133,10 @@ while [ $# -gt 0 ]; do
         --metrics "$OUT/dsc-$stage${SEED:+-seed$SEED}.jsonl" 2>&1 | tail -n 20
       ;;
     gemm)
-      for dir in ${GEMM:-target/gemm}; do
-        echo "== $dir"
-        python3 benches/fp8_gemm.py --generated "$dir"/*.ptx | tee "$OUT/$(basename "$dir").jsonl" | grep -v '"probe"'
-        python3 benches/gemm_table.py "$OUT/$(basename "$dir").jsonl"
-      done
+      kernels=()
+      for dir in ${GEMM:-target/gemm}; do kernels+=("$dir"/*.ptx); done
+      python3 benches/fp8_gemm.py --generated "${kernels[@]}" | tee "$OUT/gemm.jsonl" | grep -v '"probe"'
+      python3 benches/gemm_table.py "$OUT/gemm.jsonl"
       ;;
     attention)
       for dir in ${ATTENTION:-target/attention}; do
