@@ -46,16 +46,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fp8_gemm import profiled, tensor_map  # noqa: E402
+from fp8_gemm import launch, profiled, tensor_map  # noqa: E402
 
-TILE_ROWS = 64  # a warpgroup's rows; two warpgroups a block
 BLOCK_ROWS = 128
-RING_SLOTS = 3  # attention::ring::SLOTS
-
-
-def tile_bytes(width):
-    """A staged 64-row tile: width / 64 swizzled regions of 64 rows of 128 bytes."""
-    return width // 64 * TILE_ROWS * 128
 
 
 class Generated:
@@ -84,47 +77,13 @@ class Generated:
         self.kernels = {}
         for kind, (path, name, text) in texts.items():
             kernel = cupy.RawModule(path=path).get_function(name)
-            shared = self.forward_shared() if kind == "fwd" else self.backward_shared()
+            threads, shared = launch(text)
             kernel.max_dynamic_shared_size_bytes = shared
-            threads = int(re.search(r"\.maxntid (\d+),", text).group(1))
             self.kernels[kind] = (kernel, shared, threads)
         # Each backward pass and the gradients it writes (of Q, K, V: 0, 1, 2).
         passes = [("dq", (0,)), ("dkv", (1, 2))] if "dkv" in texts else [("dq", (0,)), ("dk", (1,)), ("dv", (2,))]
         self.backward = all(kind in self.kernels for kind, _ in passes)
         self.passes = passes if self.backward else []
-
-    def columns(self, qk_packed, v_packed, terms):
-        """Shared bytes of a kernel's column tensors (`attention::Columns::bytes`): a packed
-        tensor's two tiles, an f32 tensor's one and its raw buffer (as wide in f32), and two
-        blocks' terms (512 bytes each) where it has any."""
-        tiles = lambda width, packed: (2 if packed else 3) * tile_bytes(width)
-        return tiles(self.qk, qk_packed) + tiles(self.v, v_packed) + (2 * 512 if terms else 0)
-
-    def ring(self, terms):
-        """Shared bytes of a ring (`attention::ring::Ring::bytes`): the slots of a Dqk-wide and a
-        Dv-wide tensor, `terms` terms of 256 bytes per slot, and the 8-byte mbarriers."""
-        slot = tile_bytes(self.qk) + tile_bytes(self.v) + 256 * terms
-        return RING_SLOTS * slot + (4 * RING_SLOTS + 1) * 8
-
-    def key_values(self, kind):
-        """Shared bytes of K's and V's columns in kernel `kind`: staged, or streamed into a
-        ring."""
-        if self.streams.get(kind):
-            return self.ring(0)
-        return self.columns(self.packed, self.packed, False)
-
-    def forward_shared(self):
-        """As `Heads::shared_bytes`: each warpgroup's Q tile, then K's and V's columns (earlier
-        kernels need no more)."""
-        return 2 * tile_bytes(self.qk) + self.key_values("fwd")
-
-    def backward_shared(self):
-        """As `Heads::backward_shared_bytes`: each warpgroup's row tiles of both widths, then
-        the most of the passes' columns (K and V; Q and the f32 dO with their terms; earlier
-        kernels need no more)."""
-        rows = 2 * (tile_bytes(self.qk) + tile_bytes(self.v))
-        queries = self.ring(2) if self.do_copy else self.columns(self.packed, False, True)
-        return rows + max(self.key_values("dq"), queries)
 
     def maps(self, kind, b, s, tensors):
         """The tensor maps kernel `kind` takes after its other arguments where it streams: Q,

@@ -10,7 +10,8 @@ with BF16 and, where accepted, FP32 output. One JSON line per result.
 
 With `--generated PTX...` it also runs dsc's generated FP8 GEMMs (`compiler::mlir::gemm`,
 written by `cargo run --release -p dsc-compiler --features mlir --example kernel_ptx -- DIR
-MxNxSTAGES...`: entry `fp8_gemm_m{M}_n{N}_s{STAGES}` in a file of that name, loaded with CuPy) on the same
+MxNxSTAGES...`: entry `fp8_gemm_m{M}_n{N}_s{STAGES}` in a file of that name, whose first line
+says how to launch it, loaded with CuPy) on the same
 operands: first on a small product with a float64 reference, then on each shape, where their
 relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and
 timed together with cuBLASLt, in turns (`timed`); "ok": false marks a wrong result. Kernels
@@ -131,11 +132,20 @@ def tensor_map(t, box_rows, box_columns=128):
     return torch.tensor(list(ctypes.string_at(at, 128)), dtype=torch.uint8, device="cuda")
 
 
+def launch(ptx):
+    """How a generated kernel is launched, from the first line of its PTX as `kernel_ptx` writes
+    it (what the runtime gives it): (threads a block, dynamic shared bytes)."""
+    found = re.match(r"// dsc launch: threads (\d+), shared bytes (\d+)\n", ptx)
+    if not found:
+        raise SystemExit("a generated kernel's PTX starts with `// dsc launch: …` (written by kernel_ptx)")
+    return int(found.group(1)), int(found.group(2))
+
+
 class Generated:
     """A generated FP8 GEMM: C = A·Bᵀ, A's 1x128 scales M-contiguous, B's 128x128 block scales
     with the K-blocks fastest, each row of them padded to 4, f32 output; its tile (m x n in
-    `stages` shared-memory stages of 128 x (m + n) bytes, a producer warpgroup and one consumer
-    per 64 rows) read from its name; A and B passed as tensor maps."""
+    `stages` shared-memory stages) read from its name, its launch from its PTX (`launch`); A and
+    B passed as tensor maps."""
 
     def __init__(self, path, label=None):
         import cupy
@@ -147,15 +157,12 @@ class Generated:
         shape = re.search(r"_m(\d+)_n(\d+)_s(\d+)(?:_c(\d+))?$", self.name).groups()
         self.tile_m, self.tile_n, self.stages = map(int, shape[:3])
         self.cluster = int(shape[3] or 1)
+        with open(path) as ptx:
+            text = ptx.read()
         # Whether C leaves by TMA stores, through its tensor map (the dense form since session
         # 34; an earlier build's kernels, timed beside these, take C's pointer).
-        with open(path) as ptx:
-            self.stores_by_map = "cp.async.bulk.tensor.3d.global.shared::cta" in ptx.read()
-        # The stages with their two mbarriers, the buffers of C those stores go through (two of
-        # 64 rows x 128 bytes a consumer), then the table of the experts' first tiles
-        # (`gemm::Tile::shared_bytes`; 257 entries).
-        stores = (self.tile_m // 64) * 2 * 64 * 128 if self.stores_by_map else 0
-        self.shared = self.stages * ((self.tile_m + self.tile_n) * 128 + 16) + stores + 4 * 257
+        self.stores_by_map = "cp.async.bulk.tensor.3d.global.shared::cta" in text
+        self.threads, self.shared = launch(text)
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
 
@@ -193,8 +200,7 @@ class Generated:
         units = -(-n // (self.tile_n * self.cluster)) * rows
         clusters = torch.cuda.get_device_properties(0).multi_processor_count // self.cluster
         grid = (min(units, clusters) * self.cluster, 1, 1)
-        block = ((self.tile_m // 64 + 1) * 128, 1, 1)
-        return c, lambda: (keep, self.kernel(grid, block, args, shared_mem=self.shared))
+        return c, lambda: (keep, self.kernel(grid, (self.threads, 1, 1), args, shared_mem=self.shared))
 
 
 def check_generated(generated):

@@ -8,7 +8,10 @@
 //!   BF16, the forward to `attention_fwd_[bf16_]qk{QK}_v{V}.ptx` and the backward's passes to
 //!   `attention_bwd_{dq,dkv}_[bf16_]qk{QK}_v{V}.ptx` (`benches/attention.py`).
 //!
-//! Each file's entry has its name.
+//! Each file's entry has its name, and its first line says how to launch it (what the
+//! runtime gives the kernel: `Tile::threads` and `Tile::shared_bytes`, or the attention's
+//! `Heads::threads` and its pass's shared bytes), for the benchmarks to read rather than
+//! work out: `// dsc launch: threads T, shared bytes S`.
 //!
 //! Usage: cargo run --release -p dsc-compiler --features mlir --example kernel_ptx -- DIR 128x128x4 g128x128x4 attention:192x128
 
@@ -33,10 +36,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        for (name, mlir) in kernels {
-            let written = lowering
-                .ptx(&mlir, false)
-                .and_then(|ptx| std::fs::write(format!("{dir}/{name}.ptx"), ptx).map_err(|e| format!("{dir}: {e}")));
+        for Kernel { name, mlir, threads, shared } in kernels {
+            let written = lowering.ptx(&mlir, false).and_then(|ptx| {
+                let text = format!("// dsc launch: threads {threads}, shared bytes {shared}\n{ptx}");
+                std::fs::write(format!("{dir}/{name}.ptx"), text).map_err(|e| format!("{dir}: {e}"))
+            });
             if let Err(e) = written {
                 eprintln!("{name}: {e}");
                 return ExitCode::FAILURE;
@@ -47,14 +51,28 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The kernels `given` names, each (name, MLIR).
-fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
+/// A kernel to write: its entry's name, its MLIR and how it is launched (threads a block,
+/// dynamic shared bytes).
+struct Kernel {
+    name: String,
+    mlir: String,
+    threads: u32,
+    shared: u32,
+}
+
+/// The kernels `given` names.
+fn kernels(given: &str) -> Result<Vec<Kernel>, String> {
     let numbers = |shape: &str| -> Vec<u32> { shape.split('x').map(|x| x.parse().unwrap_or(0)).collect() };
     if let Some(shape) = given.strip_prefix("attention:") {
         let (bf16_inputs, shape) = shape.strip_prefix("bf16:").map_or((false, shape), |shape| (true, shape));
         let [qk, v] = numbers(shape)[..] else { return Err(format!("`{given}` is not attention:[bf16:]QKxV")) };
-        let kernels = attention::kernels(attention::Heads { qk, v, bf16_inputs }.check()?);
-        return Ok(kernels);
+        let heads = attention::Heads { qk, v, bf16_inputs }.check()?;
+        let forward = attention::kernel_name(heads, None);
+        let kernels = attention::kernels(heads).into_iter().map(|(name, mlir)| {
+            let shared = if name == forward { heads.shared_bytes() } else { heads.backward_shared_bytes() };
+            Kernel { name, mlir, threads: heads.threads(), shared }
+        });
+        return Ok(kernels.collect());
     }
     let (form, shape) = match given.strip_prefix('g') {
         Some(shape) => (gemm::Form::Grouped, shape),
@@ -67,5 +85,6 @@ fn kernels(given: &str) -> Result<Vec<(String, String)>, String> {
     }
     .check(form)?;
     let name = tile.name(form);
-    Ok(vec![(name.clone(), gemm::fp8_gemm(&name, tile, form))])
+    let mlir = gemm::fp8_gemm(&name, tile, form);
+    Ok(vec![Kernel { name, mlir, threads: tile.threads(), shared: tile.shared_bytes(form) }])
 }
