@@ -16,8 +16,9 @@ operands: first on a small product with a float64 reference, then on each shape,
 relative error over the first 512 rows (against float64) must be at most 1.1x cuBLASLt's, and
 timed together with cuBLASLt, in turns (`timed`); "ok": false marks a wrong result. Kernels
 of the same name from several folders (two builds' `kernel_ptx` output) are told apart by
-their folder's name ("FOLDER/NAME") and timed together in the same turns. A generated kernel reads its operands
-through TMA tensor maps (made here with the driver's cuTensorMapEncodeTiled). The grouped kernels (`fp8_grouped_*`:
+their folder's name ("FOLDER/NAME") and timed together in the same turns. A generated kernel
+reads its operands through TMA tensor maps (made here with the driver's
+cuTensorMapEncodeTiled). The grouped kernels (`fp8_grouped_*`:
 the experts' offsets read on the device) run on uneven experts against float64, then on issue
 9's grouped shapes beside cuBLASLt called once per expert.
 
