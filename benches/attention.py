@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """dsc's generated fused causal attention (compiler::mlir::attention: `attention_fwd_*.ptx` and
-the backward's `attention_bwd_{dq,dkv}_*.ptx`, or earlier builds' `attention_bwd_{dq,dk,dv}_*.ptx`)
+the backward's `attention_bwd_{dq,dkv}_*.ptx`, as `kernel_ptx` writes them)
 beside PyTorch's scaled_dot_product_attention on the same GPU, for MLA's head dims.
 
 The generated kernel reads Q, K [B, S, H, Dqk] and V [B, S, H, Dv] in f32 (the plan's
@@ -53,7 +53,7 @@ BLOCK_ROWS = 128
 
 class Generated:
     """One head shape's generated kernels: the forward, and the backward's passes (dQ and D
-    first, then dK and dV in one pass, or earlier builds' two) where their PTX is given."""
+    first, then dK and dV in one pass) where their PTX is given."""
 
     def __init__(self, paths):
         import cupy
@@ -67,13 +67,6 @@ class Generated:
             name = os.path.splitext(os.path.basename(path))[0]
             kind = "fwd" if name.startswith("attention_fwd_") else name.split("_")[2]
             texts[kind] = (path, name, open(path).read())
-        # The kernels that stream Q, K and V by TMA from a producer warpgroup, taking their
-        # tensor maps (`Heads::streams`: on packed inputs, where their PTX copies tensors;
-        # earlier kernels stage them, and earlier backwards stream in dQ alone). Where the dQ
-        # pass stores its dO rows into a packed copy (`ring::store_rows`), every backward pass
-        # also takes that copy's map, and the key passes stream it.
-        self.streams = {kind: "cp.async.bulk.tensor" in text for kind, (_, _, text) in texts.items()}
-        self.do_copy = "dq" in texts and "cp.async.bulk.tensor.2d.global.shared" in texts["dq"][2]
         self.kernels = {}
         for kind, (path, name, text) in texts.items():
             kernel = cupy.RawModule(path=path).get_function(name)
@@ -81,15 +74,15 @@ class Generated:
             kernel.max_dynamic_shared_size_bytes = shared
             self.kernels[kind] = (kernel, shared, threads)
         # Each backward pass and the gradients it writes (of Q, K, V: 0, 1, 2).
-        passes = [("dq", (0,)), ("dkv", (1, 2))] if "dkv" in texts else [("dq", (0,)), ("dk", (1,)), ("dv", (2,))]
+        passes = [("dq", (0,)), ("dkv", (1, 2))]
         self.backward = all(kind in self.kernels for kind, _ in passes)
         self.passes = passes if self.backward else []
 
-    def maps(self, kind, b, s, tensors):
-        """The tensor maps kernel `kind` takes after its other arguments where it streams: Q,
-        K and V (and dO's copy) as [B·S, H·D] BF16 tensors in boxes of 64 x 64
-        (`attention::MAP_BOX`)."""
-        if not self.streams.get(kind):
+    def maps(self, b, s, tensors):
+        """The tensor maps a kernel takes after its other arguments where it streams its tiles
+        by TMA from a producer warpgroup (`Heads::streams`: on packed inputs): Q, K and V (and
+        dO's copy) as [B·S, H·D] BF16 tensors in boxes of 64 x 64 (`attention::MAP_BOX`)."""
+        if not self.packed:
             return []
         return [tensor_map(x.view(b * s, -1), 64, 64) for x in tensors]
 
@@ -108,7 +101,7 @@ class Generated:
         lse = torch.full((b, h, s), float("nan"), device="cuda")
         args = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (
             np.uint32(s), np.uint32(h), np.float32(scale))
-        maps = self.maps("fwd", b, s, (q, k, v))
+        maps = self.maps(b, s, (q, k, v))
         args += tuple(np.uint64(m.data_ptr()) for m in maps)
         # The launches keep the tensors whose addresses they pass (here and in `grads`).
         return o, lse, lambda kept=(q, k, v, o, lse, maps): self.launch("fwd", (s // BLOCK_ROWS, b * h, 1), args)
@@ -121,15 +114,16 @@ class Generated:
         grid = (s // BLOCK_ROWS, b * h, 1)
         common = tuple(np.uint64(t.data_ptr()) for t in (q, k, v, o, do, lse, delta))
         tail = (np.uint32(s), np.uint32(h), np.float32(scale))
-        # dO's packed copy, which the dQ pass writes and the key passes stream.
-        do_copy = torch.full_like(do, float("nan"), dtype=torch.bfloat16) if self.do_copy else None
-        streamed = (q, k, v, do_copy) if self.do_copy else (q, k, v)
-        maps = {kind: self.maps(kind, b, s, streamed) for kind, _ in self.passes}
+        # Where the passes stream (packed inputs), dO's packed copy, which the dQ pass writes
+        # (`ring::store_rows`) and the key pass streams: every pass takes its map with Q's, K's
+        # and V's.
+        do_copy = torch.full_like(do, float("nan"), dtype=torch.bfloat16) if self.packed else None
+        maps = self.maps(b, s, (q, k, v, do_copy))
+        streamed = tuple(np.uint64(m.data_ptr()) for m in maps)
 
         def run(kept=(q, k, v, o, do, lse, delta, do_copy, maps)):
             for kind, written in self.passes:
                 pointers = tuple(np.uint64(grads[i].data_ptr()) for i in written)
-                streamed = tuple(np.uint64(m.data_ptr()) for m in maps[kind])
                 self.launch(kind, grid, common + pointers + tail + streamed)
 
         return grads, run
@@ -292,9 +286,12 @@ def bench(g, emit):
         flops = {"fwd": forward_flops, "bwd": backward_flops}
 
         def timings(name):
-            return {f"{kind}_{unit}": value for kind in ("fwd", "bwd") if (name, kind) in us
-                    for unit, value in (("us", round(us[name, kind], 1)),
-                                        ("tflops", round(flops[kind] / us[name, kind] / 1e6)))}
+            row = {}
+            for kind in ("fwd", "bwd"):
+                if (name, kind) in us:
+                    row[f"{kind}_us"] = round(us[name, kind], 1)
+                    row[f"{kind}_tflops"] = round(flops[kind] / us[name, kind] / 1e6)
+            return row
         row = {"impl": g.name, "b": b, "s": s, "h": h, **timings("ours")}
         for name in dict.fromkeys(name for name, _ in calls if name != "ours"):
             emit({"impl": f"sdpa {name}", "b": b, "s": s, "h": h, **timings(name)})

@@ -159,11 +159,7 @@ class Generated:
         self.tile_m, self.tile_n, self.stages = map(int, shape[:3])
         self.cluster = int(shape[3] or 1)
         with open(path) as ptx:
-            text = ptx.read()
-        # Whether C leaves by TMA stores, through its tensor map (the dense form since session
-        # 34; an earlier build's kernels, timed beside these, take C's pointer).
-        self.stores_by_map = "cp.async.bulk.tensor.3d.global.shared::cta" in text
-        self.threads, self.shared = launch(text)
+            self.threads, self.shared = launch(ptx.read())
         self.kernel = cupy.RawModule(path=path).get_function(self.name)
         self.kernel.max_dynamic_shared_size_bytes = self.shared
 
@@ -183,8 +179,9 @@ class Generated:
         scale_a = sa.t().contiguous()
         accumulate = c is not None
         c = c if accumulate else torch.full((m, n), float("nan"), device="cuda")
-        # C's tensor map (32 f32 x 64 rows a box) where the kernel stores through one.
-        out = tensor_map(c, 64, 32) if self.stores_by_map else c
+        # C's tensor map (32 f32 x 64 rows a box) for the dense form, which stores through one;
+        # the grouped form stores from registers, through C's pointer.
+        out = c if self.grouped else tensor_map(c, 64, 32)
         keep = (tensor_map(qa, self.tile_m // self.cluster), tensor_map(qw, self.tile_n), scale_a, padded, out, qa, qw, c)
         args = tuple(np.uint64(t.data_ptr()) for t in keep[:5]) + (np.uint32(m), np.uint32(n), np.uint32(k))
         args += (np.uint32(accumulate),)  # add to C's values, else store over them
