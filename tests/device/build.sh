@@ -39,7 +39,7 @@ $dsc compile models/deepseek-v3-bench.dsc "${synthetic[@]}" --set parallel.gpus_
 # (Afresh: a kernel a tile list no longer names would be timed as if it were this build's.)
 rm -rf target/gemm target/attention
 mkdir -p target/gemm target/attention
-cargo run --release --locked -p dsc-compiler --features mlir --example kernel_ptx -- target/gemm 128x128x4 128x192x4 128x64x8 128x192x4x2 128x128x6x2 g128x128x4 g128x192x4 g128x192x4x2
+cargo run --release --locked -p dsc-compiler --features mlir --example kernel_ptx -- target/gemm 128x128x4 128x192x4 128x64x7 128x192x4x2 128x128x5x2 g128x128x4 g128x192x4 g128x192x4x2
 cargo run --release --locked -p dsc-compiler --features mlir --example kernel_ptx -- target/attention attention:192x128 attention:bf16:192x128
 # The runtime-only dsc (no MLIR) replaces the full one in target/release.
 cargo build --release --locked -p dsc --no-default-features --features cuda

@@ -16,11 +16,11 @@
 //! promotion every 128 elements of K. Tiles up to 128 wide (but the Wgrad's) issue a block's
 //! products before they wait for the block before's and promote them, so that the promotion
 //! runs beside the tensor cores (`Tile::overlaps`); wider ones wait for each block's products
-//! before issuing the next. A consumer loads each block's scales (from global memory)
-//! one block ahead, so that their latency is spent while the products of the block before run;
-//! the Wgrad's, whose B has a scale per column (32 a thread), the producer copies into the
-//! stage with the operands' tiles (`cp.async.bulk` on the same `full` mbarrier), and the
-//! consumers read them from shared memory while the block's products run.
+//! before issuing the next. The producer copies each block's scales into its stage with the
+//! operands' tiles (`cp.async.bulk` on the same `full` mbarrier: A's rows', and B's block's or,
+//! the Wgrad's, whose B has a scale per column, its columns'), and the consumers read them from
+//! shared memory while the block's products run; the grouped form's consumers load theirs
+//! from global memory one block ahead (see `Tile::scale_bytes`).
 //!
 //! The schedule is persistent: a block takes tile `blockIdx.x`, then every `gridDim.x`-th
 //! after it, its ring running on from tile to tile (the producer loads the next tile's blocks
@@ -124,13 +124,16 @@ impl Tile {
         (self.m + self.n) * TILE_K
     }
 
-    /// Bytes of one stage's scales in `form`: the Wgrad's A rows' and B columns' (f32, 1×128
-    /// tiles along K), copied with the operands' tiles; the other forms load theirs.
+    /// Bytes of one stage's scales in `form`, copied with the operands' tiles: A's rows' (f32,
+    /// 1×128 tiles along K), then the Wgrad's B columns', or the dense form's 16-byte group of
+    /// B's row of block scales that holds the block's, for each 128-column block the tile
+    /// touches. The grouped form loads its own (an expert's first row, where A's scales of a
+    /// block of K begin, need not be 16-byte aligned for a bulk copy).
     fn scale_bytes(self, form: Form) -> u32 {
-        if form == Form::Wgrad {
-            4 * (self.m + self.n)
-        } else {
-            0
+        match form {
+            Form::Wgrad => 4 * (self.m + self.n),
+            Form::Dense => 4 * self.m + 16 * self.n.div_ceil(128),
+            Form::Grouped => 0,
         }
     }
 
@@ -209,7 +212,7 @@ pub fn candidates(form: Form) -> &'static [Tile] {
     const GROUPED: [Tile; 5] = [tile(128, 128, 4), tile(128, 192, 4), tile(128, 128, 6), tile(128, 64, 8), PAIR];
     // With its buffers of C, the Wgrad's 128-row tiles take a stage fewer than the experts'.
     const WGRAD: [Tile; 4] = [tile(128, 128, 4), tile(128, 128, 5), tile(128, 64, 7), tile(64, 128, 6)];
-    const DENSE: [Tile; 4] = [tile(128, 192, 4), tile(128, 128, 4), tile(128, 64, 8), PAIR];
+    const DENSE: [Tile; 4] = [tile(128, 192, 4), tile(128, 128, 4), tile(128, 64, 7), PAIR];
     match form {
         Form::Grouped => &GROUPED,
         Form::Wgrad => &WGRAD,
@@ -324,7 +327,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
     let leader = g.line(format!("llvm.icmp \"eq\" {in_group}, {zero64} : i64"));
     g.stmt(format!("scf.if {leader} {{"));
     each_tile(&mut g, tile, form, &dims, &rank, |g, at, done| {
-        let Setup { m0, b_row, segments, .. } = at;
+        let Setup { n0, m0, b_row, segments, .. } = at;
         let mut passed = done.to_string();
         for segment in &segments {
             let (zero, one) = (g.i64(0), g.i64(1));
@@ -351,22 +354,35 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
             {
                 super::ptx::tma_load(g, &to, map, [&k_at, row], &full, shared);
             }
-            // The Wgrad's scales of this block of K: [K/128, M] and [K/128, N], the tile's rows
-            // and columns contiguous (16-byte aligned: M and N are multiples of the tile's).
+            // The stage's scales of this block of K (see `Tile::scale_bytes`): A's [K/128, M],
+            // the tile's rows contiguous (16-byte aligned: M is a multiple of the tile's m), then
+            // the Wgrad's B columns' ([K/128, N], likewise) or the dense form's groups of 4 block
+            // scales (B's rows of them padded to 16 bytes).
             if staged {
                 let kb_abs = g.op_c("udiv", &k_at, TILE_K.into());
                 let scales_first = scales_at(g, &stage);
-                let b_scales_to = g.op_c("add", &scales_first, u64::from(4 * tile_m));
-                for (scales, rows, first, to, count) in
-                    [(&segment.sa, &m, &m0, &scales_first, tile_m), (&segment.sb, &n, &b_row, &b_scales_to, tile_n)]
-                {
-                    let block_at = g.op("mul", &kb_abs, rows);
-                    let at = g.op("add", &block_at, first);
+                let a_block = g.op("mul", &kb_abs, &m);
+                let mut copies = vec![(segment.sa.clone(), g.op("add", &a_block, &m0), scales_first.clone(), 4 * tile_m)];
+                let b_first = g.op_c("add", &scales_first, u64::from(4 * tile_m));
+                if form == Form::Wgrad {
+                    let b_block = g.op("mul", &kb_abs, &n);
+                    copies.push((segment.sb.clone(), g.op("add", &b_block, &b_row), b_first, 4 * tile_n));
+                } else {
+                    let row_blocks = padded_row(g, &segment.k_blocks);
+                    let group = g.op_c("udiv", &kb_abs, 4);
+                    let group = g.op_c("mul", &group, 4);
+                    for (i, n_block) in scale_blocks(g, &n, &n0, tile_n).iter().enumerate() {
+                        let row = g.op("mul", n_block, &row_blocks);
+                        let to = g.op_c("add", &b_first, 16 * i as u64);
+                        copies.push((segment.sb.clone(), g.op("add", &row, &group), to, 16));
+                    }
+                }
+                for (scales, at, to, bytes) in copies {
                     let from =
                         g.line(format!("llvm.getelementptr {scales}[{at}] : (!llvm.ptr<1>, i64) -> !llvm.ptr<1>, f32"));
                     let from = g.line(format!("llvm.ptrtoint {from} : !llvm.ptr<1> to i64"));
                     let to = g.line(format!("llvm.trunc {to} : i64 to i32"));
-                    let size = g.i32(4 * count);
+                    let size = g.i32(bytes);
                     g.asm(
                         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
                         &[(to, "r", "i32"), (from, "l", "i64"), (size, "r", "i32"), (full.clone(), "r", "i32")],
@@ -422,7 +438,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 g.stmt(format!("scf.if {any} {{"));
             }
             let first_kb = g.op_c("udiv", k_from, TILE_K.into());
-            // The scales of block `kb` of K as loaded (Dense, Grouped): the thread's two rows'
+            // The scales of block `kb` of K as loaded (Grouped): the thread's two rows'
             // (A's), then B's blocks' (the tile's first 128-column block, and its second where
             // the tile is wider).
             let load_scales = |g: &mut Lines, kb: &str| -> Vec<String> {
@@ -441,30 +457,19 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                         scale(g, sa, &at)
                     })
                     .into();
-                // Block indices clamped to the last: a cluster's block past N reads a real
-                // scale, and past N nothing is stored.
                 let row_blocks = padded_row(g, k_blocks);
-                let up = g.op_c("add", &n, 127);
-                let blocks = g.op_c("udiv", &up, 128);
-                let last = g.op_c("sub", &blocks, 1);
-                let n_block = g.op_c("udiv", &n0, 128);
-                let first = clamp(g, &n_block, &last);
-                let mut n_blocks = vec![first.clone()];
-                if tile_n > 128 {
-                    let next = g.op_c("add", &first, 1);
-                    n_blocks.push(clamp(g, &next, &last));
-                }
-                loaded.extend(n_blocks.iter().map(|n_block| {
+                loaded.extend(scale_blocks(g, &n, &n0, tile_n).iter().map(|n_block| {
                     let sb_row = g.op("mul", n_block, &row_blocks);
                     let sb_at = g.op("add", &sb_row, kb);
                     scale(g, sb, &sb_at)
                 }));
                 loaded
             };
-            // The Wgrad's scales of the block in `stage`, read where its copies put them, in
-            // the order loaded above: the thread's two rows', then its columns' (8j + 2(l mod
-            // 4) + {0, 1}), in pairs.
-            let staged_scales = |g: &mut Lines, stage: &str| -> Vec<String> {
+            // The scales of block `kb` in `stage` (Dense, Wgrad), read where its copies put them,
+            // in the order loaded above: the thread's two rows', then the dense form's blocks'
+            // (word kb mod 4 of each group) or the Wgrad's columns' (8j + 2(l mod 4) + {0, 1}),
+            // in pairs.
+            let staged_scales = |g: &mut Lines, stage: &str, kb: &str| -> Vec<String> {
                 let at = scales_at(g, stage);
                 let read = |g: &mut Lines, offset: &str, ty: &str| {
                     let offset = g.op_c("mul", offset, 4);
@@ -473,12 +478,21 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                     g.line(format!("llvm.load {p} : !llvm.ptr<3> -> {ty}"))
                 };
                 let mut loaded: Vec<String> = [&row0, &row1].map(|r| read(g, r, "f32")).into();
-                for j in 0..registers / 4 {
-                    let column = g.op_c("add", &col, u64::from(tile_m) + j as u64 * 8);
-                    let pair = read(g, &column, "vector<2xf32>");
-                    for half in 0..2 {
-                        let half = g.i32(half);
-                        loaded.push(g.line(format!("llvm.extractelement {pair}[{half} : i32] : vector<2xf32>")));
+                if form == Form::Wgrad {
+                    for j in 0..registers / 4 {
+                        let column = g.op_c("add", &col, u64::from(tile_m) + j as u64 * 8);
+                        let pair = read(g, &column, "vector<2xf32>");
+                        for half in 0..2 {
+                            let half = g.i32(half);
+                            loaded.push(g.line(format!("llvm.extractelement {pair}[{half} : i32] : vector<2xf32>")));
+                        }
+                    }
+                } else {
+                    let kb_at = g.op("add", &first_kb, kb);
+                    let word = g.op_c("urem", &kb_at, 4);
+                    for i in 0..tile_n.div_ceil(128) {
+                        let offset = g.op_c("add", &word, u64::from(tile_m + 4 * i));
+                        loaded.push(read(g, &offset, "f32"));
                     }
                 }
                 loaded
@@ -505,8 +519,8 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 }
                 products
             };
-            // Block kb's scales as loaded (Dense, Grouped): A's two rows', then B's blocks'. The
-            // Wgrad's come with the stage and are read where they are used.
+            // Block kb's scales as loaded (Grouped): A's two rows', then B's blocks'. The other
+            // forms' come with the stage and are read where they are used.
             let load = |g: &mut Lines, kb: &str| if staged { Vec::new() } else { load_scales(g, kb) };
             // Block kb's products into fresh tensor-core accumulators, issued and committed as
             // one group once its stage is full.
@@ -552,7 +566,7 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 let position = g.op("add", &passed, kb);
                 let (stage, _) = stage_of(g, &position);
                 // Read while the products run, before the stage is released.
-                let staged_loaded = staged.then(|| staged_scales(g, &stage));
+                let staged_loaded = staged.then(|| staged_scales(g, &stage, kb));
                 let scales = accumulator_scales(g, staged_loaded.as_deref().unwrap_or(loaded));
                 // The accumulators pass through the wait so that nothing reads them before it.
                 let block = g.asm_f32s(&format!("wgmma.wait_group.sync.aligned {pending};"), partial, &[]);
@@ -1104,6 +1118,23 @@ fn expert_tokens(g: &mut Lines, table: &str, expert: &str) -> (String, String) {
 fn clamp(g: &mut Lines, x: &str, last: &str) -> String {
     let within = g.line(format!("llvm.icmp \"ule\" {x}, {last} : i64"));
     g.line(format!("llvm.select {within}, {x}, {last} : i1, i64"))
+}
+
+/// The 128-column blocks of B's scales a tile of `tile_n` columns from `n0` reads (i64): its
+/// first, and its second where it is wider than 128; clamped to N's last (a cluster's block
+/// past N reads a real scale, and stores nothing).
+fn scale_blocks(g: &mut Lines, n: &str, n0: &str, tile_n: u32) -> Vec<String> {
+    let up = g.op_c("add", n, 127);
+    let blocks = g.op_c("udiv", &up, 128);
+    let last = g.op_c("sub", &blocks, 1);
+    let n_block = g.op_c("udiv", n0, 128);
+    let first = clamp(g, &n_block, &last);
+    let mut n_blocks = vec![first.clone()];
+    if tile_n > 128 {
+        let next = g.op_c("add", &first, 1);
+        n_blocks.push(clamp(g, &next, &last));
+    }
+    n_blocks
 }
 
 /// 128×128 weight-scale blocks a row holds: `blocks` rounded up to 4 (16 bytes).
