@@ -362,7 +362,8 @@ pub fn fp8_gemm(name: &str, tile: Tile, form: Form) -> String {
                 let kb_abs = g.op_c("udiv", &k_at, TILE_K.into());
                 let scales_first = scales_at(g, &stage);
                 let a_block = g.op("mul", &kb_abs, &m);
-                let mut copies = vec![(segment.sa.clone(), g.op("add", &a_block, &m0), scales_first.clone(), 4 * tile_m)];
+                let mut copies =
+                    vec![(segment.sa.clone(), g.op("add", &a_block, &m0), scales_first.clone(), 4 * tile_m)];
                 let b_first = g.op_c("add", &scales_first, u64::from(4 * tile_m));
                 if form == Form::Wgrad {
                     let b_block = g.op("mul", &kb_abs, &n);
