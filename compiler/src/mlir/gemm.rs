@@ -71,8 +71,8 @@ const _: () = assert!(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 256 <= (65
 /// A block's shape: `m` rows of C (64 per consumer warpgroup: 64 or 128), `n` columns (a
 /// divisor of 128, or 192: a block's columns lie in at most two 128-column weight-scale blocks;
 /// 192 is the widest whose accumulators fit a consumer's registers twice), and the
-/// shared-memory `stages` (2 to 8) of 128 × (`m` + `n`) bytes each, 227 KB at most with the
-/// mbarriers.
+/// shared-memory `stages` (2 to 8) of 128 × (`m` + `n`) bytes each (and their scales:
+/// `Tile::scale_bytes`), 227 KB at most with the mbarriers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
     pub m: u32,
@@ -101,7 +101,7 @@ impl Tile {
             Err(format!(
                 "tile {m}x{n} in {stages} stages, clusters of {cluster}: m is 64 or 128, n 16, 32, 64, 128 or 192 \
                  (its columns in at most two 128x128 weight-scale blocks; but for the grouped form a multiple of \
-                 64), 2 to 8 stages of 128 x (m + n) bytes (the Wgrad's with m + n scales) within 227 KB with, but \
+                 64), 2 to 8 stages of 128 x (m + n) bytes and their scales within 227 KB with, but \
                  for the grouped form, two 8 KB buffers of C per 64 rows, clusters of 1 or 2 blocks"
             ))
         }
