@@ -224,8 +224,9 @@ pub fn candidates(form: Form) -> &'static [Tile] {
 /// blocks of `tile` (checked by [`Tile::check`]). Launch: any number of blocks along x (each
 /// takes every so-many tile of [`Form`]'s; one per multiprocessor at most is best),
 /// `tile.threads()` threads, `tile.shared_bytes()` of dynamic shared memory;
-/// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers), M, N, K and
-/// `accumulate` (u32: non-zero adds the products to C's values instead of storing over them).
+/// arguments A's and B's tensor maps ([`TensorMap`]), sa, sb, C (pointers; the scales 16-byte
+/// aligned, copied in bulk), M, N, K and `accumulate` (u32: non-zero adds the products to C's
+/// values instead of storing over them).
 /// The dense and Wgrad forms take C (f32, row-major [M, N], the Wgrad's one per expert) as a
 /// tensor map too, in place of its pointer: the address of a `CUtensorMap` of C as a 3-D f32
 /// tensor (N innermost, then M, then the experts; one for the dense form), a box of
