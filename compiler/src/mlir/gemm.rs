@@ -197,7 +197,8 @@ pub struct TensorMap {
 /// gradients (`Form::Wgrad`), and for its dense FP8 Fprop and Dgrad products (`Form::Dense`),
 /// `kernels/NAME.ptx` each ([`Tile::name`]); `dsc tune` measures them on the plan's shapes
 /// and records the fastest per GEMM. An untuned plan runs the experts' first tile, 128×128 in 4
-/// stages, and the dense products on cuBLASLt (faster on issue 9's shapes: benches/README.md).
+/// stages, and the dense products on cuBLASLt (no one tile beats it on all of issue 9's shapes:
+/// benches/README.md).
 /// The grouped products' second pair of operands makes 128×192 spill registers (ptxas: 120
 /// bytes, 440 with the sum's loads batched), though 128×192 is faster for one product; the
 /// Wgrad's N, the operands' widths, must be a multiple of the tile's (so no 192), and its M of
