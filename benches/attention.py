@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fp8_gemm import launch, profiled, tensor_map  # noqa: E402
+from fp8_gemm import launch, profiled, tensor_map, timed  # noqa: E402
 
 BLOCK_ROWS = 128
 
@@ -174,25 +174,6 @@ def sdpa(backend, qh, kh, vh, scale):
     return call
 
 
-def timed(*fs, reps=5):
-    """Each of `fs`'s microseconds a call (CUDA events): the median of `reps` rounds, each
-    calling every one of `fs` in turn, so that the GPU's clocks (which drift with its power and
-    heat over a run) weigh on each alike; after a call each to warm up."""
-    for f in fs:
-        f()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = [[] for _ in fs]
-    for _ in range(reps):
-        for f, mine in zip(fs, times):
-            start.record()
-            f()
-            end.record()
-            end.synchronize()
-            mine.append(start.elapsed_time(end) * 1e3)
-    return [sorted(mine)[len(mine) // 2] for mine in times]
-
-
 def inputs(b, s, h, g, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(b, s, h, g.qk, device="cuda", generator=gen)
@@ -282,7 +263,8 @@ def bench(g, emit):
             if call is not None:
                 calls[(name, "fwd")] = call
                 calls[(name, "bwd")] = sdpa_backward(name, qh, kh, vh, dout, scale)
-        us = dict(zip(calls, timed(*calls.values())))
+        # One call a round: a pass takes milliseconds.
+        us = dict(zip(calls, (1e6 * t for t in timed(*calls.values(), rounds=5, calls=1))))
         flops = {"fwd": forward_flops, "bwd": backward_flops}
 
         def timings(name):

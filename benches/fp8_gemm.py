@@ -298,22 +298,22 @@ def bench_grouped(accepted, generated):
             print(json.dumps(result), flush=True)
 
 
-def timed(*fs):
-    """Each of `fs`'s seconds a call: the median of 20 rounds of 10 calls, synchronised, after 5
-    to warm up; the rounds go through all of `fs` in turn, so that the GPU's clocks (which drift
-    with its power and heat over a run) weigh on each alike."""
+def timed(*fs, rounds=20, calls=10):
+    """Each of `fs`'s seconds a call: the median of `rounds` rounds of `calls` calls,
+    synchronised, after as many to warm up; the rounds go through all of `fs` in turn, so that
+    the GPU's clocks (which drift with its power and heat over a run) weigh on each alike."""
     for f in fs:
-        for _ in range(5):
+        for _ in range(calls):
             f()
     samples = [[] for _ in fs]
-    for _ in range(20):
+    for _ in range(rounds):
         for f, mine in zip(fs, samples):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            for _ in range(10):
+            for _ in range(calls):
                 f()
             torch.cuda.synchronize()
-            mine.append((time.perf_counter() - start) / 10)
+            mine.append((time.perf_counter() - start) / calls)
     return [statistics.median(mine) for mine in samples]
 
 

@@ -190,8 +190,8 @@ fn print_kernel(plan: &Plan, dir: &Path, function: &str, k: &Kernel) {
         }
         Code::Library if k.kind == KernelKind::Attention => {
             let heads = plan.attention_heads().expect("a plan with attention kernels carries them");
-            let names: Vec<String> =
-                dsc_compiler::mlir::attention::kernels(heads).into_iter().map(|(n, _)| n).collect();
+            let names = dsc_compiler::mlir::attention::LAUNCHES
+                .map(|pass| dsc_compiler::mlir::attention::kernel_name(heads, pass));
             println!("  runs on the fused attention kernels (`--kernel NAME` shows each): {}", names.join(", "));
         }
         Code::Library => println!("  runs in a library GEMM"),

@@ -67,12 +67,11 @@ fn kernels(given: &str) -> Result<Vec<Kernel>, String> {
         let (bf16_inputs, shape) = shape.strip_prefix("bf16:").map_or((false, shape), |shape| (true, shape));
         let [qk, v] = numbers(shape)[..] else { return Err(format!("`{given}` is not attention:[bf16:]QKxV")) };
         let heads = attention::Heads { qk, v, bf16_inputs }.check()?;
-        let forward = attention::kernel_name(heads, None);
-        let kernels = attention::kernels(heads).into_iter().map(|(name, mlir)| {
-            let shared = if name == forward { heads.shared_bytes() } else { heads.backward_shared_bytes() };
-            Kernel { name, mlir, threads: heads.threads(), shared }
+        let kernels = attention::LAUNCHES.map(|pass| {
+            let (name, mlir) = attention::kernel(heads, pass);
+            Kernel { name, mlir, threads: heads.threads(), shared: heads.launch_shared_bytes(pass) }
         });
-        return Ok(kernels.collect());
+        return Ok(kernels.into());
     }
     let (form, shape) = match given.strip_prefix('g') {
         Some(shape) => (gemm::Form::Grouped, shape),

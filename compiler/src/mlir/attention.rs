@@ -151,6 +151,14 @@ impl Heads {
         (self.backward_rows_bytes() + columns.into_iter().max().unwrap_or(0)) as u32
     }
 
+    /// Dynamic shared memory the forward kernel (`None`) or a backward pass's is launched with.
+    pub fn launch_shared_bytes(self, pass: Option<Pass>) -> u32 {
+        match pass {
+            None => self.shared_bytes(),
+            Some(_) => self.backward_shared_bytes(),
+        }
+    }
+
     pub fn check(self) -> Result<Self, String> {
         let fits = |d: u32| d > 0 && d.is_multiple_of(64) && d <= 256;
         if !fits(self.qk) || !fits(self.v) {
@@ -230,17 +238,24 @@ pub fn fused(f: &Function, node: &Node, packed: &HashSet<u32>) -> Option<Heads> 
     (q[1].is_multiple_of(BLOCK_ROWS as usize) && heads.check().is_ok()).then_some(heads)
 }
 
-/// The three kernels for `heads` in launch order, each (name, MLIR): the forward
+/// The kernels in launch order: the forward (`None`), then the backward's passes.
+pub const LAUNCHES: [Option<Pass>; 3] = [None, Some(Pass::Query), Some(Pass::Key)];
+
+/// The forward kernel (`None`) or a backward pass's for `heads`: (name, MLIR).
+pub fn kernel(heads: Heads, pass: Option<Pass>) -> (String, String) {
+    let name = kernel_name(heads, pass);
+    let mlir = match pass {
+        None => attention_forward(&name, heads),
+        Some(pass) => attention_backward(&name, heads, pass),
+    };
+    (name, mlir)
+}
+
+/// The three kernels for `heads` in launch order ([`LAUNCHES`]), each (name, MLIR): the forward
 /// `attention_fwd_qk{QK}_v{V}`, then the backward passes `attention_bwd_{dq,dkv}_qk{QK}_v{V}`
 /// (`bf16_qk{QK}` where the inputs are packed).
 pub fn kernels(heads: Heads) -> Vec<(String, String)> {
-    let forward = kernel_name(heads, None);
-    let mut kernels = vec![(forward.clone(), attention_forward(&forward, heads))];
-    for pass in Pass::ALL {
-        let name = kernel_name(heads, Some(pass));
-        kernels.push((name.clone(), attention_backward(&name, heads, pass)));
-    }
-    kernels
+    LAUNCHES.map(|pass| kernel(heads, pass)).into()
 }
 
 /// The name of the forward kernel (`None`) or of a backward pass's for `heads`.

@@ -40,18 +40,18 @@ impl FusedAttention {
     /// The plan's attention kernels from `dir/kernels/NAME.ptx`, if it carries them.
     pub fn load(gpu: &Gpu, plan: &Plan, dir: &Path) -> Result<Option<FusedAttention>, GpuError> {
         let Some(heads) = plan.attention_heads() else { return Ok(None) };
-        let load = |pass: Option<Pass>, shared: u32| -> Result<Loaded, GpuError> {
+        let load = |pass: Option<Pass>| -> Result<Loaded, GpuError> {
             let (module, function) = super::load_kernel(gpu, dir, &kernel_name(heads, pass))?;
+            let shared = heads.launch_shared_bytes(pass);
             let bytes = i32::try_from(shared).expect("a block's shared memory fits an i32");
             function
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
             Ok(Loaded { function, shared, _module: module })
         };
-        let backward = heads.backward_shared_bytes();
         Ok(Some(FusedAttention {
             heads,
-            forward: load(None, heads.shared_bytes())?,
-            backward: [load(Some(Pass::Query), backward)?, load(Some(Pass::Key), backward)?],
+            forward: load(None)?,
+            backward: [load(Some(Pass::Query))?, load(Some(Pass::Key))?],
             scratch: None,
             maps: TensorMaps::default(),
         }))
